@@ -1,0 +1,11 @@
+"""Imports every domain's ORM models, so ``Base.metadata`` knows every table.
+
+Alembic's autogenerate and the test fixtures use this; add each new domain's
+``models`` module here.
+"""
+
+from observatory.archive import models as archive_models
+from observatory.core import models as core_models
+from observatory.core.database import Base
+
+__all__ = ["Base", "archive_models", "core_models"]

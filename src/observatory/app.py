@@ -1,0 +1,54 @@
+"""The FastAPI application: one app mounting every service's router."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from observatory import __version__
+from observatory.archive.router import router as metadata_router
+from observatory.core.config import Settings, get_settings
+from observatory.core.database import make_engine, make_session_factory
+from observatory.core.errors import install_error_handlers
+from observatory.core.storage import Storage
+from observatory.telescope.site import ensure_astropy_offline
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the web application for ``settings`` (default: from the environment).
+
+    The database must already be migrated (``observatory db upgrade``; ``serve``
+    and ``demo`` do it themselves).
+    """
+    settings = settings or get_settings()
+    ensure_astropy_offline()
+    engine = make_engine(settings.resolved_database_url)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="observatory-services",
+        version=__version__,
+        description="Data services of an MWA-style radio observatory.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = make_session_factory(engine)
+    app.state.archive_storage = Storage(settings.archive_dir)
+    install_error_handlers(app)
+
+    @app.get("/healthz", tags=["operations"])
+    def healthz() -> dict[str, str]:
+        """Liveness: the process answers and can reach its database."""
+        with engine.connect() as connection:
+            connection.exec_driver_sql("SELECT 1")
+        return {"status": "ok", "version": __version__}
+
+    app.include_router(metadata_router)
+    return app

@@ -1,0 +1,1 @@
+"""Observations (the schedule) and their files; ingest; the /metadata service."""

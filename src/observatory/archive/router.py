@@ -1,0 +1,101 @@
+"""/metadata: observation information (JSON and HTML) and metafits files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
+from sqlalchemy.orm import Session
+
+from observatory.archive import service
+from observatory.archive.schemas import FileOut, ObservationDetail, ObservationOut
+from observatory.core.gpstime import gps_to_utc
+from observatory.core.storage import Storage
+from observatory.core.web import get_archive_storage, get_session, obsid_param, templates_for
+
+router = APIRouter(prefix="/metadata", tags=["metadata"])
+templates = templates_for(Path(__file__).parent)
+
+SessionDep = Annotated[Session, Depends(get_session)]
+StorageDep = Annotated[Storage, Depends(get_archive_storage)]
+
+
+def _detail(observation: service.Observation) -> ObservationDetail:
+    files = [FileOut.model_validate(f) for f in observation.files]
+    return ObservationDetail(
+        **ObservationOut.model_validate(observation).model_dump(),
+        files=files,
+        total_size_bytes=sum(f.size_bytes for f in files),
+    )
+
+
+@router.get("/obs", response_model=ObservationDetail)
+def observation_info(session: SessionDep, obs_id: Annotated[str, Query()]) -> ObservationDetail:
+    """An observation and its files, as JSON."""
+    return _detail(service.get_observation(session, obsid_param(obs_id)))
+
+
+@router.get("/fits", response_class=Response)
+def metafits_file(
+    session: SessionDep, storage: StorageDep, obs_id: Annotated[str, Query()]
+) -> Response:
+    """The observation's metafits file."""
+    obsid = obsid_param(obs_id)
+    key = service.metafits_key(session, obsid)
+    headers = {"Content-Disposition": f'attachment; filename="{obsid}_metafits.fits"'}
+    if storage.is_local:
+        return FileResponse(storage.local_path(key), media_type="application/fits", headers=headers)
+    return StreamingResponse(storage.open_read(key), media_type="application/fits", headers=headers)
+
+
+@router.get("/obs_page", response_class=HTMLResponse)
+def observation_page(
+    request: Request, session: SessionDep, obs_id: Annotated[str, Query()]
+) -> HTMLResponse:
+    """An observation's information page."""
+    observation = service.get_observation(session, obsid_param(obs_id))
+    return templates.TemplateResponse(
+        request,
+        "observation.html",
+        {
+            "obs": _detail(observation),
+            "start_utc": gps_to_utc(observation.obsid),
+            "stop_utc": gps_to_utc(observation.stoptime),
+        },
+    )
+
+
+@router.get("/find", response_model=list[ObservationOut])
+def find(
+    session: SessionDep,
+    response: Response,
+    mintime: int | None = None,
+    maxtime: int | None = None,
+    projectid: str | None = None,
+    mode: str | None = None,
+    obsname: str | None = None,
+    creator: str | None = None,
+    calibration: bool | None = None,
+    page: int = 1,
+    pagesize: int = 100,
+) -> list[ObservationOut]:
+    """Observations overlapping [mintime, maxtime] (GPS seconds), newest first, one page.
+
+    The number of matches over all pages is in the ``X-Total-Count`` header.
+    """
+    rows, total = service.find_observations(
+        session,
+        mintime=mintime,
+        maxtime=maxtime,
+        project_id=projectid,
+        mode=mode,
+        obsname=obsname,
+        creator=creator,
+        calibration=calibration,
+        page=page,
+        page_size=pagesize,
+    )
+    response.headers["X-Total-Count"] = str(total)
+    return [ObservationOut.model_validate(row) for row in rows]

@@ -1,0 +1,401 @@
+"""Observations and their files: ingest from disk, look up, search."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from astropy.io import fits
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, selectinload
+
+from observatory.archive.filenames import ParsedFileName, legacy_gpubox_channels, parse_file_name
+from observatory.archive.models import FileKind, Observation, ObservationFile, ObservationMode
+from observatory.core.errors import BadRequest, NotFound
+from observatory.core.storage import Storage, sha1_of_file
+
+#: Metafits keys mwalib refuses to open a file without.
+REQUIRED_METAFITS_KEYS = (
+    "ALTITUDE", "AZIMUTH", "BANDWDTH", "CHANNELS", "CREATOR", "DATE-OBS", "DEC", "DELAYS",
+    "EXPOSURE", "FILENAME", "FINECHAN", "FREQCENT", "GOODTIME", "GPSTIME", "HA", "INTTIME",
+    "LST", "MJD", "MODE", "NINPUTS", "PROJECT", "QUACKTIM", "RA", "RECVRS",
+)  # fmt: skip
+
+MAX_PAGE_SIZE = 1000
+
+
+class IngestError(BadRequest):
+    """Files that cannot be ingested; ``problems`` lists each as ``(path, problem)``."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  {path}: {problem}" for path, problem in problems)
+        super().__init__(f"nothing was ingested; {len(problems)} problem(s):\n{lines}")
+
+
+@dataclass
+class IngestReport:
+    """What an ingest did."""
+
+    observations_added: list[int] = field(default_factory=list)
+    files_added: list[str] = field(default_factory=list)
+    files_unchanged: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class _PlannedFile:
+    path: Path
+    parsed: ParsedFileName
+    size_bytes: int
+    sha1: str
+
+
+def metafits_observation_fields(path: Path) -> dict[str, Any]:
+    """Observation columns from a metafits primary header.
+
+    Raises
+    ------
+    ValueError
+        Naming the missing keys or the unreadable file.
+    """
+    try:
+        header = fits.getheader(path, 0)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"not a readable FITS file ({exc})") from exc
+    missing = [key for key in REQUIRED_METAFITS_KEYS if key not in header]
+    if missing:
+        raise ValueError(f"metafits is missing required key(s): {', '.join(missing)}")
+    try:
+        obsid = int(header["GPSTIME"])
+        channels = [int(c) for c in str(header["CHANNELS"]).split(",") if c.strip()]
+        delays = [int(d) for d in str(header["DELAYS"]).split(",") if d.strip()]
+        fields: dict[str, Any] = {
+            "obsid": obsid,
+            "stoptime": obsid + int(header["EXPOSURE"]),
+            "obsname": str(header["FILENAME"]),
+            "creator": str(header["CREATOR"]),
+            "project_id": str(header["PROJECT"]),
+            "mode": str(header["MODE"]),
+            "groupid": _optional_int(header.get("GROUPID")),
+            "ra_deg": float(header["RA"]),
+            "dec_deg": float(header["DEC"]),
+            "ra_phase_deg": _optional_float(header.get("RAPHASE")),
+            "dec_phase_deg": _optional_float(header.get("DECPHASE")),
+            "az_deg": float(header["AZIMUTH"]),
+            "el_deg": float(header["ALTITUDE"]),
+            "delays": delays,
+            "coarse_chans": channels,
+            "n_tiles": int(header["NINPUTS"]) // 2,
+            "freq_res_khz": float(header["FINECHAN"]),
+            "int_time_s": float(header["INTTIME"]),
+            "atten_db": _optional_float(header.get("ATTEN_DB")),
+            "calibration": bool(header.get("CALIBRAT", False)),
+            "calibrator_source": _optional_str(header.get("CALIBSRC")),
+        }
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"metafits has a malformed value ({exc})") from exc
+    if fields["mode"] not in ObservationMode.__members__:
+        raise ValueError(f"metafits MODE {fields['mode']!r} is not a known observing mode")
+    return fields
+
+
+def _optional_float(value: object) -> float | None:
+    return None if value is None or value == "" else float(value)  # type: ignore[arg-type]
+
+
+def _optional_int(value: object) -> int | None:
+    return None if value is None or value == "" else int(value)  # type: ignore[call-overload]
+
+
+def _optional_str(value: object) -> str | None:
+    return None if value is None or str(value).strip() == "" else str(value)
+
+
+def _check_data_file(path: Path, parsed: ParsedFileName) -> None:
+    """Raise ValueError if a data file is unreadable or belongs to another observation."""
+    if parsed.kind == FileKind.SIM_TRUTH:
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"not readable JSON ({exc})") from exc
+        return
+    if parsed.kind == FileKind.VOLTAGE:
+        if path.stat().st_size == 0:
+            raise ValueError("voltage file is empty")
+        return
+    try:
+        header = fits.getheader(path, 0)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"not a readable FITS file ({exc})") from exc
+    header_obsid = header.get("OBSID", header.get("GPSTIME"))
+    if header_obsid is not None and int(header_obsid) != parsed.obsid:
+        raise ValueError(f"header says obsid {header_obsid}, the name says {parsed.obsid}")
+
+
+def ingest_directory(session: Session, storage: Storage, directory: Path) -> IngestReport:
+    """Register the observations and files found under ``directory`` (recursively).
+
+    Every file is checked before anything is written: if any is bad, an
+    :class:`IngestError` lists them all and neither the database nor the
+    archive changes. Files are copied into ``storage`` under
+    ``<obsid>/<name>`` (in place if they are already there). Running it again
+    on the same files changes nothing.
+
+    Parameters
+    ----------
+    session
+        The caller commits (or rolls back) the transaction.
+    storage
+        The archive's storage.
+    directory
+        Where to look for metafits and data files.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise IngestError([(str(directory), "is not a directory")])
+    report = IngestReport()
+    problems: list[tuple[str, str]] = []
+    by_obsid: dict[int, list[tuple[Path, ParsedFileName]]] = defaultdict(list)
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        if path.name.startswith("."):
+            continue
+        parsed = parse_file_name(path.name)
+        if parsed is None:
+            report.skipped.append((str(path), "not an MWA observation file name"))
+            continue
+        by_obsid[parsed.obsid].append((path, parsed))
+
+    observations: dict[int, dict[str, Any] | Observation] = {}
+    planned: list[_PlannedFile] = []
+    for obsid, entries in sorted(by_obsid.items()):
+        existing = session.get(Observation, obsid)
+        metafits_fields = None
+        metafits_candidates = [p for p, parsed in entries if parsed.kind == FileKind.METAFITS]
+        metafits_candidates += [p for p, parsed in entries if parsed.kind == FileKind.PPDS]
+        for metafits_path in metafits_candidates:
+            try:
+                metafits_fields = metafits_observation_fields(metafits_path)
+            except ValueError as exc:
+                problems.append((str(metafits_path), str(exc)))
+                continue
+            if metafits_fields["obsid"] != obsid:
+                problems.append(
+                    (
+                        str(metafits_path),
+                        f"GPSTIME {metafits_fields['obsid']} does not match the name",
+                    )
+                )
+            break
+        if existing is not None:
+            observations[obsid] = existing
+        elif metafits_fields is not None:
+            observations[obsid] = metafits_fields
+        else:
+            if not metafits_candidates:
+                problems.append(
+                    (
+                        str(entries[0][0]),
+                        f"no metafits for observation {obsid} here or in the archive",
+                    )
+                )
+            continue
+        receiver_channels = (
+            existing.coarse_chans if existing is not None else metafits_fields["coarse_chans"]  # type: ignore[index]
+        )
+        gpubox_map = legacy_gpubox_channels(receiver_channels)
+        for path, parsed in entries:
+            if parsed.kind not in (FileKind.METAFITS, FileKind.PPDS):
+                try:
+                    _check_data_file(path, parsed)
+                except ValueError as exc:
+                    problems.append((str(path), str(exc)))
+                    continue
+            if parsed.gpubox_number is not None:
+                if not 1 <= parsed.gpubox_number <= len(gpubox_map):
+                    problems.append(
+                        (
+                            str(path),
+                            f"gpubox number {parsed.gpubox_number} is not in 1..{len(gpubox_map)}",
+                        )
+                    )
+                    continue
+                parsed = ParsedFileName(
+                    parsed.obsid,
+                    parsed.kind,
+                    coarse_chan=gpubox_map[parsed.gpubox_number - 1],
+                    gpubox_number=parsed.gpubox_number,
+                    batch=parsed.batch,
+                    note=parsed.note,
+                )
+            if parsed.note:
+                report.warnings.append((str(path), parsed.note))
+            planned.append(_PlannedFile(path, parsed, path.stat().st_size, sha1_of_file(path)))
+
+    for item in planned:
+        existing_file = session.scalar(
+            select(ObservationFile).where(
+                ObservationFile.obsid == item.parsed.obsid, ObservationFile.name == item.path.name
+            )
+        )
+        if existing_file is not None and existing_file.sha1 != item.sha1:
+            problems.append(
+                (
+                    str(item.path),
+                    f"already archived with different contents (sha1 {existing_file.sha1})",
+                )
+            )
+    if problems:
+        raise IngestError(problems)
+
+    for obsid, entry in observations.items():
+        if isinstance(entry, dict):
+            session.add(Observation(**entry, created_by="ingest"))
+            report.observations_added.append(obsid)
+    session.flush()
+
+    copied: list[str] = []
+    try:
+        for item in planned:
+            key = f"{item.parsed.obsid}/{item.path.name}"
+            already = session.scalar(
+                select(ObservationFile).where(
+                    ObservationFile.obsid == item.parsed.obsid,
+                    ObservationFile.name == item.path.name,
+                )
+            )
+            if already is not None:
+                report.files_unchanged.append(str(item.path))
+                continue
+            if not _is_same_file(storage, key, item.path):
+                storage.put_file(item.path, key)
+                copied.append(key)
+            session.add(
+                ObservationFile(
+                    obsid=item.parsed.obsid,
+                    name=item.path.name,
+                    kind=item.parsed.kind.value,
+                    size_bytes=item.size_bytes,
+                    sha1=item.sha1,
+                    storage_key=key,
+                    coarse_chan=item.parsed.coarse_chan,
+                    batch=item.parsed.batch,
+                )
+            )
+            report.files_added.append(str(item.path))
+        session.flush()
+    except BaseException:
+        # The database rolls back with the caller's transaction; take the copies back too.
+        for key in copied:
+            storage.delete(key)
+        raise
+    return report
+
+
+def _is_same_file(storage: Storage, key: str, path: Path) -> bool:
+    if not storage.is_local or not storage.exists(key):
+        return False
+    return os.path.samefile(storage.local_path(key), path)
+
+
+def get_observation(session: Session, obsid: int) -> Observation:
+    """The observation with its files.
+
+    Raises
+    ------
+    NotFound
+        If there is no such observation.
+    """
+    observation = session.scalar(
+        select(Observation)
+        .options(selectinload(Observation.files))
+        .where(Observation.obsid == obsid)
+    )
+    if observation is None:
+        raise NotFound(f"Observation {obsid} does not exist")
+    return observation
+
+
+def metafits_key(session: Session, obsid: int) -> str:
+    """Storage key of an observation's metafits (``<obsid>.metafits`` preferred over PPDS).
+
+    Raises
+    ------
+    NotFound
+        If the observation or its metafits is unknown.
+    """
+    observation = get_observation(session, obsid)
+    candidates = sorted(
+        (f for f in observation.files if f.kind in (FileKind.METAFITS, FileKind.PPDS)),
+        key=lambda f: f.kind != FileKind.METAFITS,
+    )
+    if not candidates:
+        raise NotFound(f"Observation {obsid} has no metafits file in the archive")
+    return candidates[0].storage_key
+
+
+def find_observations(
+    session: Session,
+    *,
+    mintime: int | None = None,
+    maxtime: int | None = None,
+    project_id: str | None = None,
+    mode: str | None = None,
+    obsname: str | None = None,
+    creator: str | None = None,
+    calibration: bool | None = None,
+    include_deleted: bool = False,
+    page: int = 1,
+    page_size: int = 100,
+) -> tuple[list[Observation], int]:
+    """Observations overlapping [mintime, maxtime] (GPS s) that match the filters, newest first.
+
+    Returns
+    -------
+    observations, total
+        One page of results and the number of matches over all pages.
+
+    Raises
+    ------
+    BadRequest
+        For an empty time range or paging outside its limits.
+    """
+    if page < 1:
+        raise BadRequest(f"page must be >= 1, not {page}")
+    if not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise BadRequest(f"pagesize must be 1..{MAX_PAGE_SIZE}, not {page_size}")
+    if mintime is not None and maxtime is not None and maxtime < mintime:
+        raise BadRequest(f"maxtime {maxtime} is before mintime {mintime}")
+    if mode is not None and mode not in ObservationMode.__members__:
+        raise BadRequest(f"mode {mode!r} is not one of {', '.join(ObservationMode.__members__)}")
+    conditions = []
+    if mintime is not None:
+        conditions.append(Observation.stoptime > mintime)
+    if maxtime is not None:
+        conditions.append(Observation.obsid <= maxtime)
+    if project_id:
+        conditions.append(Observation.project_id == project_id)
+    if mode:
+        conditions.append(Observation.mode == mode)
+    if obsname:
+        conditions.append(Observation.obsname.contains(obsname, autoescape=True))
+    if creator:
+        conditions.append(Observation.creator == creator)
+    if calibration is not None:
+        conditions.append(Observation.calibration.is_(calibration))
+    if not include_deleted:
+        conditions.append(Observation.deleted.is_(False))
+    total = session.scalar(select(func.count()).select_from(Observation).where(*conditions)) or 0
+    rows = session.scalars(
+        select(Observation)
+        .where(*conditions)
+        .order_by(Observation.obsid.desc())
+        .limit(page_size)
+        .offset((page - 1) * page_size)
+    ).all()
+    return list(rows), total

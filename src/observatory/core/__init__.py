@@ -1,0 +1,1 @@
+"""Shared ground: configuration, database, time, security, storage, errors."""

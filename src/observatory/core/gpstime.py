@@ -1,0 +1,70 @@
+"""GPS time, the observatory's clock. An obsid is the GPS second an observation starts.
+
+All conversions go through astropy, so leap seconds come from astropy's tables,
+never from a hand-written list.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from astropy.time import Time
+
+#: Largest GPS second we accept as an obsid (year ~2079); smaller than 2**32.
+MAX_GPS_SECONDS = 3_000_000_000
+
+
+def gps_to_utc(gps_seconds: float) -> datetime:
+    """UTC datetime (timezone-aware) of a GPS time in seconds.
+
+    ``datetime`` has no 23:59:60: a GPS second inside a leap second maps to the
+    following 00:00:00 (use :func:`gps_to_utc_iso` to see the leap second).
+    """
+    return Time(gps_seconds, format="gps").utc.to_datetime(
+        timezone=UTC, leap_second_strict="silent"
+    )
+
+
+def gps_to_utc_iso(gps_seconds: float) -> str:
+    """ISO UTC text of a GPS time (``2015-06-30T23:59:60.000`` inside a leap second)."""
+    return str(Time(gps_seconds, format="gps").utc.isot)
+
+
+def utc_to_gps(utc: datetime | str) -> float:
+    """GPS seconds of a UTC time (a datetime, naive meaning UTC, or an ISO string)."""
+    if isinstance(utc, datetime) and utc.tzinfo is not None:
+        utc = utc.astimezone(UTC).replace(tzinfo=None)
+    return float(Time(utc, scale="utc").gps)
+
+
+def gps_to_unix(gps_seconds: float) -> float:
+    """Unix seconds of a GPS time."""
+    return float(Time(gps_seconds, format="gps").unix)
+
+
+def unix_to_gps(unix_seconds: float) -> float:
+    """GPS seconds of a Unix time."""
+    return float(Time(unix_seconds, format="unix").gps)
+
+
+def now_gps() -> int:
+    """The current GPS second (floored)."""
+    return int(Time.now().gps)
+
+
+def parse_obsid(value: object) -> int:
+    """Validate an obsid (a GPS start second) given as text or a number.
+
+    Raises
+    ------
+    ValueError
+        With a message naming the bad value, if it is not a positive integer of
+        at most 10 digits.
+    """
+    text = str(value).strip()
+    if not text.isdigit():
+        raise ValueError(f"obsid {value!r} is not a positive integer GPS second")
+    obsid = int(text)
+    if obsid <= 0 or obsid >= MAX_GPS_SECONDS:
+        raise ValueError(f"obsid {value!r} is out of range (1 .. {MAX_GPS_SECONDS - 1})")
+    return obsid

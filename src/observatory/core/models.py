@@ -1,0 +1,37 @@
+"""Accounts shared by every service: users (with API keys) and projects."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Boolean, DateTime, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from observatory.core.database import Base, utcnow
+
+
+class User(Base):
+    """A person or robot that uses the services; authenticated by an API key."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    email: Mapped[str | None] = mapped_column(String(200))
+    # The key itself is never stored: a scrypt hash, and a short SHA-256 prefix to find the row.
+    api_key_hash: Mapped[str] = mapped_column(String(200))
+    api_key_fingerprint: Mapped[str] = mapped_column(String(16), index=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Project(Base):
+    """An observing project (e.g. ``G0055``): triggers are made on its behalf."""
+
+    __tablename__ = "projects"
+
+    id: Mapped[str] = mapped_column(String(20), primary_key=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    secure_key_hash: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,57 @@
+"""API keys and secrets: generated with ``secrets``, stored only as scrypt hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+# scrypt cost: interactive-login strength (about 16 MiB and tens of ms per check).
+_SCRYPT_N = 2**14
+_SCRYPT_R = 8
+_SCRYPT_P = 1
+_SCRYPT_DKLEN = 32
+
+
+def new_api_key() -> str:
+    """A fresh random API key (URL-safe text, 256 bits)."""
+    return secrets.token_urlsafe(32)
+
+
+def hash_secret(secret: str) -> str:
+    """Hash ``secret`` for storage: ``scrypt$N$r$p$<salt hex>$<hash hex>``."""
+    if not secret:
+        raise ValueError("a secret must not be empty")
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(
+        secret.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P, dklen=_SCRYPT_DKLEN
+    )
+    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${salt.hex()}${digest.hex()}"
+
+
+def verify_secret(secret: str, stored: str) -> bool:
+    """Whether ``secret`` matches a hash made by :func:`hash_secret` (constant-time compare)."""
+    try:
+        scheme, n, r, p, salt_hex, digest_hex = stored.split("$")
+    except ValueError:
+        return False
+    if scheme != "scrypt":
+        return False
+    candidate = hashlib.scrypt(
+        secret.encode(),
+        salt=bytes.fromhex(salt_hex),
+        n=int(n),
+        r=int(r),
+        p=int(p),
+        dklen=len(digest_hex) // 2,
+    )
+    return hmac.compare_digest(candidate.hex(), digest_hex)
+
+
+def key_fingerprint(secret: str) -> str:
+    """A non-secret lookup handle for a key (first 16 hex of its SHA-256).
+
+    Lets the server find the one row to verify with scrypt instead of trying
+    every user's hash.
+    """
+    return hashlib.sha256(secret.encode()).hexdigest()[:16]

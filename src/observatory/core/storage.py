@@ -1,0 +1,151 @@
+"""Where files live: a small interface over a directory or any fsspec filesystem.
+
+Keys are relative POSIX paths (``1131733552/1131733552.metafits``). A key can
+never escape the storage root, and every write is atomic: bytes go to a
+temporary name beside the target and are renamed into place, so a reader never
+sees half a file and a crash leaves nothing under the real name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+class StorageKeyError(ValueError):
+    """A storage key that is empty, absolute or climbs out of the root."""
+
+
+def clean_key(key: str) -> str:
+    """Normalise a storage key, refusing anything that could leave the root.
+
+    Raises
+    ------
+    StorageKeyError
+        For empty keys, absolute paths, ``..`` components, backslashes or NUL bytes.
+    """
+    if not key or "\x00" in key or "\\" in key:
+        raise StorageKeyError(f"invalid storage key {key!r}")
+    if key.startswith("/") or (len(key) > 1 and key[1] == ":"):
+        raise StorageKeyError(f"storage key {key!r} must be relative")
+    parts = key.split("/")
+    if any(part == ".." for part in parts):
+        raise StorageKeyError(f"storage key {key!r} may not contain '..'")
+    normalised = posixpath.normpath(key)
+    if normalised in {".", ""}:
+        raise StorageKeyError(f"invalid storage key {key!r}")
+    return normalised
+
+
+class Storage:
+    """Files under a root, on the local disk (default) or any fsspec filesystem.
+
+    Parameters
+    ----------
+    root
+        A directory path, or an fsspec URL such as ``s3://bucket/prefix``.
+    storage_options
+        Passed to fsspec (credentials, endpoint URL, ...).
+    """
+
+    def __init__(self, root: str | Path, **storage_options: object) -> None:
+        root_text = str(root)
+        protocol = fsspec.utils.get_protocol(root_text)
+        self.fs = fsspec.filesystem(protocol, **storage_options)
+        if isinstance(self.fs, LocalFileSystem):
+            local_root = Path(fsspec.utils.stringify_path(root_text).removeprefix("file://"))
+            local_root.mkdir(parents=True, exist_ok=True)
+            self.root = str(local_root.resolve())
+        else:
+            self.root = self.fs._strip_protocol(root_text).rstrip("/")
+        self.protocol = protocol
+
+    @property
+    def is_local(self) -> bool:
+        """Whether keys map to paths on this machine's disk."""
+        return isinstance(self.fs, LocalFileSystem)
+
+    def full_path(self, key: str) -> str:
+        """The filesystem path of ``key`` (validated)."""
+        return f"{self.root}/{clean_key(key)}"
+
+    def local_path(self, key: str) -> Path:
+        """The local path of ``key``; only for local storage."""
+        if not self.is_local:
+            raise RuntimeError("local_path() needs local storage")
+        return Path(self.full_path(key))
+
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` is stored."""
+        return bool(self.fs.exists(self.full_path(key)))
+
+    def size(self, key: str) -> int:
+        """Size of ``key`` in bytes."""
+        return int(self.fs.size(self.full_path(key)))
+
+    @contextmanager
+    def open_write(self, key: str) -> Iterator[IO[bytes]]:
+        """Open ``key`` for writing; it appears under its name only if the block succeeds."""
+        target = self.full_path(key)
+        parent = posixpath.dirname(target)
+        self.fs.makedirs(parent, exist_ok=True)
+        temporary = f"{parent}/.{posixpath.basename(target)}.tmp-{secrets.token_hex(4)}"
+        try:
+            with self.fs.open(temporary, "wb") as handle:
+                yield handle
+            self.fs.mv(temporary, target)
+        except BaseException:
+            if self.fs.exists(temporary):
+                self.fs.rm(temporary)
+            raise
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key`` atomically."""
+        with self.open_write(key) as handle:
+            handle.write(data)
+
+    def put_file(self, source: str | Path, key: str) -> None:
+        """Copy a local file into storage under ``key`` atomically."""
+        with open(source, "rb") as src, self.open_write(key) as dst:
+            shutil.copyfileobj(src, dst, length=4 * 1024 * 1024)
+
+    def read_bytes(self, key: str) -> bytes:
+        """The contents of ``key``."""
+        with self.fs.open(self.full_path(key), "rb") as handle:
+            return handle.read()
+
+    def open_read(self, key: str) -> IO[bytes]:
+        """A binary file object reading ``key``."""
+        return self.fs.open(self.full_path(key), "rb")
+
+    def delete(self, key: str) -> None:
+        """Remove ``key`` (no error if it is already gone)."""
+        path = self.full_path(key)
+        if self.fs.exists(path):
+            self.fs.rm(path)
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys under ``prefix`` (recursively), relative to the root, sorted."""
+        base = self.full_path(prefix) if prefix else self.root
+        if not self.fs.exists(base):
+            return []
+        found = self.fs.find(base)
+        return sorted(posixpath.relpath(self.fs._strip_protocol(p), self.root) for p in found)
+
+
+def sha1_of_file(path: str | Path, chunk_bytes: int = 4 * 1024 * 1024) -> str:
+    """Lowercase hex SHA-1 of a local file, read in chunks."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,46 @@
+"""What HTTP handlers share: the session dependency, the archive storage, obsid parsing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from fastapi import Request
+from fastapi.templating import Jinja2Templates
+from sqlalchemy.orm import Session
+
+from observatory.core.errors import BadRequest
+from observatory.core.gpstime import parse_obsid
+from observatory.core.storage import Storage
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """A database session per request: committed if the handler succeeds, else rolled back."""
+    session: Session = request.app.state.session_factory()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def get_archive_storage(request: Request) -> Storage:
+    """The storage holding observation files."""
+    storage: Storage = request.app.state.archive_storage
+    return storage
+
+
+def obsid_param(value: str) -> int:
+    """Parse an ``obs_id`` query value, answering 400 with the reason if it is malformed."""
+    try:
+        return parse_obsid(value)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from exc
+
+
+def templates_for(package_dir: Path) -> Jinja2Templates:
+    """Jinja2 templates from a domain's ``templates/`` directory."""
+    return Jinja2Templates(directory=str(package_dir / "templates"))

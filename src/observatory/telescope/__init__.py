@@ -1,0 +1,1 @@
+"""Instrument facts (site, tiles, channels, freqspecs, sources) and the telescope simulator."""

@@ -1,0 +1,96 @@
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect, text
+from sqlalchemy.orm import Session
+
+from observatory.core.accounts import (
+    authenticate_api_key,
+    check_project_key,
+    create_project,
+    create_user,
+    reset_api_key,
+)
+from observatory.core.config import Settings
+from observatory.core.database import make_engine
+from observatory.core.errors import Conflict, Unauthorized
+from observatory.core.migrate import current_revision, head_revision, upgrade
+
+
+def test_defaults(tmp_path: Path) -> None:
+    settings = Settings()
+    assert settings.data_dir == Path("./observatory-data")
+    assert settings.resolved_database_url.startswith("sqlite:///")
+    assert settings.resolved_database_url.endswith("observatory-data/observatory.sqlite3")
+    assert settings.dask_scheduler is None
+
+
+def test_environment_and_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "obs.toml"
+    config.write_text('data_dir = "/srv/from-toml"\ndask_scheduler = "tcp://127.0.0.1:8786"\n')
+    monkeypatch.setenv("OBSERVATORY_CONFIG", str(config))
+    settings = Settings()
+    assert settings.data_dir == Path("/srv/from-toml")
+    assert settings.dask_scheduler == "tcp://127.0.0.1:8786"
+    monkeypatch.setenv("OBSERVATORY_DATA_DIR", "/srv/from-env")
+    assert Settings().data_dir == Path("/srv/from-env")  # the environment wins
+
+
+def test_missing_toml_is_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("OBSERVATORY_CONFIG", str(tmp_path / "nope.toml"))
+    with pytest.raises(FileNotFoundError, match=r"nope\.toml"):
+        Settings()
+
+
+def test_migrations_from_empty(db_url: str) -> None:
+    engine = make_engine(db_url)
+    assert current_revision(engine) is None
+    upgrade(db_url)
+    assert current_revision(engine) == head_revision()
+    tables = set(inspect(engine).get_table_names())
+    assert {"users", "projects", "observations", "files", "alembic_version"} <= tables
+    upgrade(db_url)  # a second run is a no-op
+    assert current_revision(engine) == head_revision()
+    engine.dispose()
+
+
+def test_sqlite_pragmas(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'x' / 'db.sqlite3'}")
+    with engine.connect() as connection:
+        assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
+    engine.dispose()
+
+
+def test_users_and_keys(session: Session) -> None:
+    user, key = create_user(session, "alice")
+    session.commit()
+    assert user.api_key_hash != key
+    assert authenticate_api_key(session, key).name == "alice"
+    with pytest.raises(Unauthorized):
+        authenticate_api_key(session, "wrong-key-123")
+    with pytest.raises(Conflict):
+        create_user(session, "alice")
+    with pytest.raises(ValueError, match="user name"):
+        create_user(session, "bad name!")
+    _, chosen = create_user(session, "bob", api_key="chosen-key-1")
+    assert chosen == "chosen-key-1"
+    assert authenticate_api_key(session, "chosen-key-1").name == "bob"
+    new_key = reset_api_key(session, user)
+    assert authenticate_api_key(session, new_key).name == "alice"
+    with pytest.raises(Unauthorized):
+        authenticate_api_key(session, key)
+
+
+def test_projects(session: Session) -> None:
+    open_project = create_project(session, "G0001", priority=1)
+    secured = create_project(session, "D0009", priority=10, secure_key="s3cret-key")
+    session.commit()
+    assert check_project_key(open_project, None)
+    assert check_project_key(secured, "s3cret-key")
+    assert not check_project_key(secured, "wrong")
+    assert not check_project_key(secured, None)
+    with pytest.raises(Conflict):
+        create_project(session, "G0001", priority=1)
+    with pytest.raises(ValueError, match="project id"):
+        create_project(session, "bad id", priority=1)
