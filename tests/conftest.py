@@ -23,11 +23,6 @@ from observatory.core.database import make_engine, make_session_factory
 from observatory.core.migrate import upgrade
 from observatory.telescope.site import ensure_astropy_offline
 
-SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
-MWA_DATA = SHARED_DATA / "mwa"
-CALIB_DATA = SHARED_DATA / "calib"
-TRIGGER_DATA = SHARED_DATA / "trigger"
-
 ensure_astropy_offline()
 
 
