@@ -55,13 +55,18 @@ class Observation(Base):
     """One scheduled observation; its id is its GPS start second."""
 
     __tablename__ = "observations"
+    # (column, obsid) pairs let a filtered, newest-first page stop after one page of rows.
+    __table_args__ = (
+        Index("ix_observations_project_id_obsid", "project_id", "obsid"),
+        Index("ix_observations_mode_obsid", "mode", "obsid"),
+    )
 
     obsid: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     stoptime: Mapped[int] = mapped_column(BigInteger, index=True)
     obsname: Mapped[str] = mapped_column(String(200), default="")
     creator: Mapped[str] = mapped_column(String(100), default="")
-    project_id: Mapped[str] = mapped_column(String(20), default="", index=True)
-    mode: Mapped[str] = mapped_column(String(30), index=True)
+    project_id: Mapped[str] = mapped_column(String(20), default="")
+    mode: Mapped[str] = mapped_column(String(30))
     groupid: Mapped[int | None] = mapped_column(BigInteger, index=True)
     ra_deg: Mapped[float | None] = mapped_column(Float)
     dec_deg: Mapped[float | None] = mapped_column(Float)

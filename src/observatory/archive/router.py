@@ -78,14 +78,19 @@ def find(
     obsname: str | None = None,
     creator: str | None = None,
     calibration: bool | None = None,
+    before: int | None = None,
     page: int = 1,
     pagesize: int = 100,
+    count: bool = False,
 ) -> list[ObservationOut]:
     """Observations overlapping [mintime, maxtime] (GPS seconds), newest first, one page.
 
-    The number of matches over all pages is in the ``X-Total-Count`` header.
+    ``X-Has-More`` says whether a later page has more; with ``count=true`` the
+    number of matches over all pages is in ``X-Total-Count``. To walk far into
+    the archive pass ``before=<last obsid of the previous page>`` instead of a
+    large ``page``: it costs the same at any depth.
     """
-    rows, total = service.find_observations(
+    rows, has_more, total = service.find_observations(
         session,
         mintime=mintime,
         maxtime=maxtime,
@@ -94,8 +99,12 @@ def find(
         obsname=obsname,
         creator=creator,
         calibration=calibration,
+        before=before,
         page=page,
         page_size=pagesize,
+        with_total=count,
     )
-    response.headers["X-Total-Count"] = str(total)
+    response.headers["X-Has-More"] = "true" if has_more else "false"
+    if total is not None:
+        response.headers["X-Total-Count"] = str(total)
     return [ObservationOut.model_validate(row) for row in rows]

@@ -350,15 +350,25 @@ def find_observations(
     creator: str | None = None,
     calibration: bool | None = None,
     include_deleted: bool = False,
+    before: int | None = None,
     page: int = 1,
     page_size: int = 100,
-) -> tuple[list[Observation], int]:
+    with_total: bool = False,
+) -> tuple[list[Observation], bool, int | None]:
     """Observations overlapping [mintime, maxtime] (GPS s) that match the filters, newest first.
 
     Returns
     -------
-    observations, total
-        One page of results and the number of matches over all pages.
+    observations, has_more, total
+        One page of results; whether a later page has more; the number of
+        matches over all pages if ``with_total`` (counting scans every match,
+        so it is asked for, not done by default).
+
+    Notes
+    -----
+    ``page`` skips rows, which costs time in proportion to the rows skipped;
+    ``before`` (the last obsid of the previous page) jumps there through the
+    index, so walking deep into the archive stays as fast as the first page.
 
     Raises
     ------
@@ -378,6 +388,8 @@ def find_observations(
         conditions.append(Observation.stoptime > mintime)
     if maxtime is not None:
         conditions.append(Observation.obsid <= maxtime)
+    if before is not None:
+        conditions.append(Observation.obsid < before)
     if project_id:
         conditions.append(Observation.project_id == project_id)
     if mode:
@@ -390,12 +402,17 @@ def find_observations(
         conditions.append(Observation.calibration.is_(calibration))
     if not include_deleted:
         conditions.append(Observation.deleted.is_(False))
-    total = session.scalar(select(func.count()).select_from(Observation).where(*conditions)) or 0
-    rows = session.scalars(
-        select(Observation)
-        .where(*conditions)
-        .order_by(Observation.obsid.desc())
-        .limit(page_size)
-        .offset((page - 1) * page_size)
-    ).all()
-    return list(rows), total
+    total = None
+    if with_total:
+        total = session.scalar(select(func.count()).select_from(Observation).where(*conditions)) or 0
+    # One row more than the page tells whether there is a next page without counting.
+    rows = list(
+        session.scalars(
+            select(Observation)
+            .where(*conditions)
+            .order_by(Observation.obsid.desc())
+            .limit(page_size + 1)
+            .offset((page - 1) * page_size)
+        ).all()
+    )
+    return rows[:page_size], len(rows) > page_size, total

@@ -1,8 +1,8 @@
-"""initial schema: users, projects, observations, files
+"""initial schema
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-24 19:01:42.040021
+Create Date: 2026-11-24
 """
 
 from collections.abc import Sequence
@@ -47,9 +47,9 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("observations", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_observations_groupid"), ["groupid"], unique=False)
-        batch_op.create_index(batch_op.f("ix_observations_mode"), ["mode"], unique=False)
+        batch_op.create_index("ix_observations_mode_obsid", ["mode", "obsid"], unique=False)
         batch_op.create_index(
-            batch_op.f("ix_observations_project_id"), ["project_id"], unique=False
+            "ix_observations_project_id_obsid", ["project_id", "obsid"], unique=False
         )
         batch_op.create_index(batch_op.f("ix_observations_stoptime"), ["stoptime"], unique=False)
 
@@ -116,8 +116,8 @@ def downgrade() -> None:
     op.drop_table("projects")
     with op.batch_alter_table("observations", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_observations_stoptime"))
-        batch_op.drop_index(batch_op.f("ix_observations_project_id"))
-        batch_op.drop_index(batch_op.f("ix_observations_mode"))
+        batch_op.drop_index("ix_observations_project_id_obsid")
+        batch_op.drop_index("ix_observations_mode_obsid")
         batch_op.drop_index(batch_op.f("ix_observations_groupid"))
 
     op.drop_table("observations")
