@@ -8,24 +8,24 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rich.console import Console
+from sqlalchemy.orm import Session, sessionmaker
 
 from observatory.core.config import Settings, get_settings
 from observatory.core.database import make_engine, make_session_factory, session_scope
 from observatory.core.errors import ServiceError
 from observatory.core.migrate import upgrade
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    overrides: dict[str, object] = {}
     if getattr(args, "data_dir", None):
-        overrides["data_dir"] = args.data_dir
-    return Settings(**overrides) if overrides else get_settings()
+        return Settings(data_dir=args.data_dir)
+    return get_settings()
 
 
-def _session_factory(settings: Settings):  # type: ignore[no-untyped-def]
+def _session_factory(settings: Settings) -> sessionmaker[Session]:
     return make_session_factory(make_engine(settings.resolved_database_url))
 
 
@@ -42,7 +42,9 @@ def cmd_users_create(args: argparse.Namespace) -> int:
     settings = _settings(args)
     upgrade(settings.resolved_database_url)
     with session_scope(_session_factory(settings)) as session:
-        user, key = create_user(session, args.name, args.api_key, email=args.email, is_admin=args.admin)
+        user, key = create_user(
+            session, args.name, args.api_key, email=args.email, is_admin=args.admin
+        )
         console.print(f"created user {user.name} (id {user.id})", highlight=False)
     # The key goes to stdout alone on its line, so scripts can capture it.
     print(f"API key: {key}")
@@ -56,7 +58,10 @@ def cmd_projects_create(args: argparse.Namespace) -> int:
     upgrade(settings.resolved_database_url)
     with session_scope(_session_factory(settings)) as session:
         project = create_project(
-            session, args.id, priority=args.priority, secure_key=args.secure_key,
+            session,
+            args.id,
+            priority=args.priority,
+            secure_key=args.secure_key,
             description=args.description,
         )
         console.print(
@@ -140,10 +145,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.print(f"  health         : {base}/healthz", highlight=False)
     console.print(f"  API docs       : {base}/docs", highlight=False)
     console.print(f"  observations   : {base}/metadata/find", highlight=False)
-    console.print(f"  one observation: {base}/metadata/obs_page?obs_id={summary.obsids[0]}", highlight=False)
+    console.print(
+        f"  one observation: {base}/metadata/obs_page?obs_id={summary.obsids[0]}", highlight=False
+    )
     console.print(f"  demo user      : {summary.user_name}", highlight=False)
     print(f"API key: {summary.api_key}")
-    console.print(f"  trigger project: {summary.project_id} (secure key: {summary.project_key})", highlight=False)
+    console.print(
+        f"  trigger project: {summary.project_id} (secure key: {summary.project_key})",
+        highlight=False,
+    )
     sys.stdout.flush()
     if args.no_serve:
         return 0
@@ -159,16 +169,27 @@ def _comma_ints(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from exc
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers"
+        ) from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``observatory`` command."""
     parser = argparse.ArgumentParser(prog="observatory", description=__doc__)
-    parser.add_argument("--data-dir", type=Path, help="data directory (default: OBSERVATORY_DATA_DIR or ./observatory-data)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="data directory (default: OBSERVATORY_DATA_DIR or ./observatory-data)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str, parent=commands) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+    def add(
+        name: str,
+        handler: Callable[[argparse.Namespace], int],
+        help_text: str,
+        parent: argparse._SubParsersAction = commands,
+    ) -> argparse.ArgumentParser:
         sub = parent.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(handler=handler)
         return sub
@@ -188,38 +209,66 @@ def build_parser() -> argparse.ArgumentParser:
 
     users = add("users", lambda _a: 0, "user accounts")
     user_commands = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
-    create_user = add("create", cmd_users_create, "create a user and print its API key", user_commands)
+    create_user = add(
+        "create", cmd_users_create, "create a user and print its API key", user_commands
+    )
     create_user.add_argument("name")
     create_user.add_argument("--api-key", help="use this key instead of a random one")
     create_user.add_argument("--email")
     create_user.add_argument("--admin", action="store_true")
 
     projects = add("projects", lambda _a: 0, "observing projects")
-    project_commands = projects.add_subparsers(dest="projects_command", required=True, metavar="ACTION")
-    create_project = add("create", cmd_projects_create, "create an observing project", project_commands)
+    project_commands = projects.add_subparsers(
+        dest="projects_command", required=True, metavar="ACTION"
+    )
+    create_project = add(
+        "create", cmd_projects_create, "create an observing project", project_commands
+    )
     create_project.add_argument("id")
     create_project.add_argument("--priority", type=int, required=True)
     create_project.add_argument("--secure-key")
     create_project.add_argument("--description", default="")
 
     simulate = add("simulate", lambda _a: 0, "simulated telescope")
-    simulate_commands = simulate.add_subparsers(dest="simulate_command", required=True, metavar="WHAT")
-    observation = add("observation", cmd_simulate_observation, "simulate one observation into the archive", simulate_commands)
-    observation.add_argument("--obsid", type=int, required=True, help="GPS start second (a multiple of 8)")
+    simulate_commands = simulate.add_subparsers(
+        dest="simulate_command", required=True, metavar="WHAT"
+    )
+    observation = add(
+        "observation",
+        cmd_simulate_observation,
+        "simulate one observation into the archive",
+        simulate_commands,
+    )
+    observation.add_argument(
+        "--obsid", type=int, required=True, help="GPS start second (a multiple of 8)"
+    )
     observation.add_argument("--tiles", type=int, default=8)
-    observation.add_argument("--coarse-chans", type=_comma_ints, default=[133, 134], help="receiver channel numbers, comma separated")
+    observation.add_argument(
+        "--coarse-chans",
+        type=_comma_ints,
+        default=[133, 134],
+        help="receiver channel numbers, comma separated",
+    )
     observation.add_argument("--fine-chan-khz", type=float, default=40.0)
     observation.add_argument("--int-time", type=float, default=2.0, help="integration time (s)")
     observation.add_argument("--timesteps", type=int, default=4)
-    observation.add_argument("--calibrator", help="calibrator name from the source catalogue (e.g. HydA)")
+    observation.add_argument(
+        "--calibrator", help="calibrator name from the source catalogue (e.g. HydA)"
+    )
     observation.add_argument("--target", help="target name from the source catalogue")
-    observation.add_argument("--mode", default="MWAX_CORRELATOR", choices=["MWAX_CORRELATOR", "MWAX_VCS"])
+    observation.add_argument(
+        "--mode", default="MWAX_CORRELATOR", choices=["MWAX_CORRELATOR", "MWAX_VCS"]
+    )
     observation.add_argument("--project", default="D0000")
     observation.add_argument("--seed", type=int, default=0)
 
     archive = add("archive", lambda _a: 0, "the observation archive")
-    archive_commands = archive.add_subparsers(dest="archive_command", required=True, metavar="ACTION")
-    ingest = add("ingest", cmd_archive_ingest, "register real metafits and data files", archive_commands)
+    archive_commands = archive.add_subparsers(
+        dest="archive_command", required=True, metavar="ACTION"
+    )
+    ingest = add(
+        "ingest", cmd_archive_ingest, "register real metafits and data files", archive_commands
+    )
     ingest.add_argument("directory")
     return parser
 

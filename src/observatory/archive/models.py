@@ -101,7 +101,7 @@ class Observation(Base):
         """Plain-JSON form (without files)."""
         return {
             column.key: getattr(self, column.key)
-            for column in self.__table__.columns  # type: ignore[attr-defined]
+            for column in self.__table__.columns
         } | {"exposure_s": self.exposure_s}
 
 

@@ -1,0 +1,104 @@
+"""The observatory command, end to end in a temporary data directory."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from observatory.archive.models import Observation
+from observatory.cli import main
+from observatory.core.accounts import authenticate_api_key
+from observatory.core.config import Settings
+from observatory.core.database import make_engine, make_session_factory
+from observatory.core.models import Project
+from shared_data import MWA_DATA
+
+
+def _run(data_dir: Path, *args: str) -> int:
+    return main(["--data-dir", str(data_dir), *args])
+
+
+def _sessions(data_dir: Path):  # type: ignore[no-untyped-def]
+    return make_session_factory(make_engine(Settings(data_dir=data_dir).resolved_database_url))
+
+
+def test_console_script_installed(tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "observatory"
+    result = subprocess.run(
+        [str(script), "--data-dir", str(tmp_path / "d"), "db", "upgrade"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "up to date" in result.stdout
+    assert (tmp_path / "d" / "observatory.sqlite3").is_file()
+
+
+def test_users_and_projects(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    assert _run(data, "users", "create", "alice") == 0
+    key = re.search(r"^API key: (\S+)$", capsys.readouterr().out, re.M)
+    assert key is not None
+    assert _run(data, "users", "create", "bob", "--api-key", "bobs-key-123") == 0
+    assert "API key: bobs-key-123" in capsys.readouterr().out
+    with _sessions(data)() as session:
+        assert authenticate_api_key(session, key.group(1)).name == "alice"
+        assert authenticate_api_key(session, "bobs-key-123").name == "bob"
+    assert _run(data, "users", "create", "alice") == 2
+    assert "already exists" in capsys.readouterr().err
+
+    assert (
+        _run(data, "projects", "create", "G0055", "--priority", "3", "--secure-key", "k3y-G0055")
+        == 0
+    )
+    assert "secured by a key" in capsys.readouterr().out
+    with _sessions(data)() as session:
+        project = session.get(Project, "G0055")
+        assert project is not None and project.priority == 3
+        assert project.secure_key_hash is not None and "k3y" not in project.secure_key_hash
+    assert _run(data, "projects", "create", "bad id", "--priority", "1") == 2
+    assert "project id" in capsys.readouterr().err
+
+
+def test_archive_ingest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    assert _run(data, "archive", "ingest", str(MWA_DATA)) == 0
+    captured = capsys.readouterr()
+    assert "ingested 3 new observation(s), 10 new file(s)" in captured.out
+    assert "mwalib only accepts" in captured.err
+    assert _run(data, "archive", "ingest", str(MWA_DATA)) == 0
+    assert (
+        "0 new observation(s), 0 new file(s); 10 file(s) already archived"
+        in capsys.readouterr().out
+    )
+    with _sessions(data)() as session:
+        assert len(session.scalars(select(Observation)).all()) == 3
+    assert (data / "archive" / "1320409688" / "1320409688.metafits").is_file()
+
+
+def test_archive_ingest_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    shutil.copy(MWA_DATA / "1061315448.metafits", incoming)
+    (incoming / "1061315448_20130823175130_gpubox07_01.fits").write_bytes(b"truncated")
+    assert _run(tmp_path / "data", "archive", "ingest", str(incoming)) == 2
+    err = capsys.readouterr().err
+    assert "1061315448_20130823175130_gpubox07_01.fits" in err
+    assert "nothing was ingested" in err
+    assert not (tmp_path / "data" / "archive" / "1061315448").exists()
+
+
+def test_bad_arguments_exit_2(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as caught:
+        _run(tmp_path, "simulate", "observation", "--obsid", "abc")
+    assert caught.value.code == 2
