@@ -66,3 +66,19 @@ def test_put_file_and_sha1(tmp_path: Path) -> None:
     assert (
         sha1_of_file(storage.local_path("k/src.bin")) == "aaf4c61ddcc5e8a2dabede0f3b482cd9aea9434d"
     )
+
+
+def test_atomic_output(tmp_path: Path) -> None:
+    from observatory.core.storage import atomic_output
+
+    target = tmp_path / "sub" / "out.bin"
+    with atomic_output(target) as temporary:
+        assert temporary.parent == target.parent
+        temporary.write_bytes(b"done")
+        assert not target.exists()
+    assert target.read_bytes() == b"done"
+    with pytest.raises(RuntimeError), atomic_output(target) as temporary:
+        temporary.write_bytes(b"half")
+        raise RuntimeError("crash")
+    assert target.read_bytes() == b"done"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.bin"]

@@ -9,6 +9,7 @@ sees half a file and a crash leaves nothing under the real name.
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
 import secrets
 import shutil
@@ -149,3 +150,25 @@ def sha1_of_file(path: str | Path, chunk_bytes: int = 4 * 1024 * 1024) -> str:
         while chunk := handle.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` that is renamed to ``path`` if the block succeeds.
+
+    For writers that want a file name (astropy, casacore, numpy) rather than a
+    file object. On an exception the temporary is removed and ``path`` is
+    untouched.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        yield temporary
+        os.replace(temporary, target)
+    except BaseException:
+        if temporary.is_dir():
+            shutil.rmtree(temporary, ignore_errors=True)
+        else:
+            temporary.unlink(missing_ok=True)
+        raise

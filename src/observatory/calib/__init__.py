@@ -1,0 +1,1 @@
+"""Calibration: solution formats, the fit database, best-solution selection, fits and plots."""
