@@ -1,0 +1,1 @@
+"""Conversion engine: raw MWA visibilities to calibrated, averaged uvfits / measurement sets."""

@@ -1,0 +1,141 @@
+import pytest
+
+from observatory.preprocess.options import (
+    ConversionOptions,
+    OptionError,
+    OutputFormat,
+    PhaseCentre,
+    is_multiple,
+)
+
+
+def test_defaults() -> None:
+    options = ConversionOptions.from_params({})
+    assert options == ConversionOptions()
+    assert options.output == OutputFormat.UVFITS
+    assert options.centre == PhaseCentre.PHASE
+    assert not options.no_rfi and options.flag_dc is None
+
+
+def test_giant_squid_defaults_and_unknown_keys() -> None:
+    options = ConversionOptions.from_params(
+        {"output": "uvfits", "avg_freq_res": "80", "flag_edge_width": "80", "delivery": "acacia",
+         "obs_id": "1320409688", "job_type": "c", "something_new": "x"}
+    )  # fmt: skip
+    assert options.avg_freq_res_khz == 80.0
+    assert options.flag_edge_width_khz == 80.0
+
+
+def test_every_key() -> None:
+    options = ConversionOptions.from_params(
+        {
+            "output": "ms", "avg_time_res": "4", "avg_freq_res": "40", "flag_edge_width": "0",
+            "no_rfi": "true", "no_geometric_delay": "true", "no_cable_delay": "TRUE",
+            "no_digital_gains": "1", "no_passband_gains": "yes", "no_flag_dc": "true",
+            "apply_di_cal": "true", "centre": "custom", "phase_centre_ra": "10.5",
+            "phase_centre_dec": "-27.0",
+        }
+    )  # fmt: skip
+    assert options.output == OutputFormat.MS
+    assert (options.avg_time_res_s, options.avg_freq_res_khz, options.flag_edge_width_khz) == (
+        4,
+        40,
+        0,
+    )
+    assert options.no_rfi and options.no_geometric_delay and options.no_cable_delay
+    assert options.no_digital_gains and options.no_passband_gains and options.apply_di_cal
+    assert options.flag_dc is False
+    assert options.centre == PhaseCentre.CUSTOM
+    assert (options.phase_centre_ra_deg, options.phase_centre_dec_deg) == (10.5, -27.0)
+    assert ConversionOptions.from_params(options.to_params()) == options
+
+
+def test_legacy_guide_line() -> None:
+    # The example line of the mwa_client guide.
+    line = "obs_id=1110103576, job_type=c, timeres=8, freqres=40, edgewidth=80, conversion=ms, calibrate=true, allowmissing=true, flagdcchannels=true"
+    params = dict(cell.strip().split("=", 1) for cell in line.split(","))
+    options = ConversionOptions.from_params(params)
+    assert options.avg_time_res_s == 8 and options.avg_freq_res_khz == 40
+    assert options.flag_edge_width_khz == 80 and options.output == OutputFormat.MS
+    assert options.apply_di_cal and options.allow_missing and options.flag_dc is True
+
+
+@pytest.mark.parametrize(
+    ("params", "key", "fragment"),
+    [
+        ({"output": "fits"}, "output", "uvfits, ms or both"),
+        ({"avg_time_res": "abc"}, "avg_time_res", "expected a number"),
+        ({"avg_time_res": "100"}, "avg_time_res", "between 0.25 and 32"),
+        ({"avg_freq_res": "0"}, "avg_freq_res", "between 0.2 and 1280"),
+        ({"avg_freq_res": "nan"}, "avg_freq_res", "between"),
+        ({"flag_edge_width": "-1"}, "flag_edge_width", "between 0 and 640"),
+        ({"no_rfi": "maybe"}, "no_rfi", "true or false"),
+        ({"centre": "moon"}, "centre", "phase, pointing or custom"),
+        ({"centre": "custom"}, "phase_centre_ra", "required"),
+        ({"centre": "custom", "phase_centre_ra": "10"}, "phase_centre_dec", "required"),
+        (
+            {"phase_centre_ra": "400", "phase_centre_dec": "0"},
+            "phase_centre_ra",
+            "between 0 and 360",
+        ),
+        (
+            {"phase_centre_ra": "10", "phase_centre_dec": "-91"},
+            "phase_centre_dec",
+            "between -90 and 90",
+        ),
+        (
+            {"centre": "pointing", "phase_centre_ra": "10", "phase_centre_dec": "1"},
+            "centre",
+            "need centre=custom",
+        ),
+    ],
+)
+def test_bad_values_name_key_value_and_range(
+    params: dict[str, str], key: str, fragment: str
+) -> None:
+    with pytest.raises(OptionError) as caught:
+        ConversionOptions.from_params(params)
+    assert caught.value.key == key
+    assert str(caught.value).startswith(f"{key}=")
+    assert fragment in str(caught.value)
+
+
+def test_resolve_factors_and_edges() -> None:
+    resolved = ConversionOptions(avg_time_res_s=8, avg_freq_res_khz=80).resolve(2.0, 40.0, 32)
+    assert (resolved.time_factor, resolved.freq_factor, resolved.edge_chans) == (4, 2, 2)
+    native = ConversionOptions().resolve(0.5, 10.0, 128)
+    assert (native.time_factor, native.freq_factor, native.edge_chans) == (1, 1, 8)
+    # 640 kHz channels: the 80 kHz default cannot be honoured, so no edge flagging by default.
+    assert ConversionOptions().resolve(0.5, 640.0, 2).edge_chans == 0
+    assert ConversionOptions(flag_edge_width_khz=0).resolve(2.0, 40.0, 32).edge_chans == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "key", "fragment"),
+    [
+        (
+            ConversionOptions(avg_time_res_s=3),
+            "avg_time_res",
+            "whole multiple of the integration time 2 s",
+        ),
+        (ConversionOptions(avg_time_res_s=1), "avg_time_res", "whole multiple"),
+        (
+            ConversionOptions(avg_freq_res_khz=60),
+            "avg_freq_res",
+            "whole multiple of the fine channel width 40 kHz",
+        ),
+        (ConversionOptions(avg_freq_res_khz=120), "avg_freq_res", "divide the 32 fine channels"),
+        (ConversionOptions(flag_edge_width_khz=50), "flag_edge_width", "whole multiple"),
+        (ConversionOptions(flag_edge_width_khz=640), "flag_edge_width", "fewer than half"),
+    ],
+)
+def test_resolve_errors(options: ConversionOptions, key: str, fragment: str) -> None:
+    with pytest.raises(OptionError) as caught:
+        options.resolve(2.0, 40.0, 32)
+    assert caught.value.key == key and fragment in str(caught.value)
+
+
+def test_is_multiple() -> None:
+    assert is_multiple(80, 40) and is_multiple(40, 40) and is_multiple(0.5, 0.25)
+    assert not is_multiple(20, 40) and not is_multiple(60, 40)
+    assert is_multiple(1.0000000001, 0.5)
