@@ -102,3 +102,64 @@ def test_bad_arguments_exit_2(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as caught:
         _run(tmp_path, "simulate", "observation", "--obsid", "abc")
     assert caught.value.code == 2
+
+
+def test_simulate_observation_registers_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    args = ["simulate", "observation", "--obsid", "1320409696", "--tiles", "4", "--coarse-chans", "133,134",
+            "--fine-chan-khz", "160", "--timesteps", "2", "--source", "333.607,-17.027,60,-0.9,3C444",
+            "--calibrator", "3C444"]  # fmt: skip
+    assert _run(data, *args) == 0
+    assert "simulated observation 1320409696" in capsys.readouterr().out
+    with _sessions(data)() as session:
+        observation = session.get(Observation, 1320409696)
+        assert observation is not None
+        assert observation.created_by == "simulator"
+        assert observation.calibration and observation.calibrator_source == "3C444"
+        assert observation.coarse_chans == [133, 134] and observation.n_tiles == 4
+        kinds = sorted(f.kind for f in observation.files)
+        assert kinds == ["metafits", "mwax_vis", "mwax_vis", "sim_truth"]
+    assert _run(data, *args) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (
+        _run(data, "simulate", "observation", "--obsid", "1320409704", "--fine-chan-khz", "33") == 2
+    )
+    assert "33" in capsys.readouterr().err
+
+
+def test_demo_seeds_and_serves(tmp_path: Path) -> None:
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = Path(sys.executable).parent / "observatory"
+    process = subprocess.Popen(
+        [str(script), "--data-dir", str(tmp_path / "demo"), "demo", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        healthy = False
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    healthy = True
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert healthy, "the demo did not answer /healthz within 90 s"
+        found = httpx.get(f"http://127.0.0.1:{port}/metadata/find", timeout=10).json()
+        assert len(found) == 5
+        assert sum(o["calibration"] for o in found) == 2
+        assert all(o["obsname"].startswith("demo_") for o in found)
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+    assert re.search(r"^API key: \S+$", output, re.M), output
+    assert f"http://127.0.0.1:{port}/healthz" in output

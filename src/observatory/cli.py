@@ -109,8 +109,8 @@ def cmd_simulate_observation(args: argparse.Namespace) -> int:
             fine_chan_khz=args.fine_chan_khz,
             n_timesteps=args.timesteps,
             int_time_s=args.int_time,
+            sources=args.source,
             calibrator=args.calibrator,
-            target=args.target,
             mode=args.mode,
             project_id=args.project,
             seed=args.seed,
@@ -172,6 +172,20 @@ def _comma_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a comma-separated list of integers"
         ) from exc
+
+
+def _point_source(text: str) -> object:
+    from observatory.telescope.simulator import PointSource
+
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        ra_deg, dec_deg, flux_jy = (float(p) for p in parts[:3])
+        alpha = float(parts[3]) if len(parts) > 3 else -0.8
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"source {text!r}: expected RA_DEG,DEC_DEG,FLUX_JY[,SPECTRAL_INDEX][,NAME]"
+        ) from exc
+    return PointSource(ra_deg, dec_deg, flux_jy, alpha, parts[4] if len(parts) > 4 else "")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,9 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     observation.add_argument("--int-time", type=float, default=2.0, help="integration time (s)")
     observation.add_argument("--timesteps", type=int, default=4)
     observation.add_argument(
-        "--calibrator", help="calibrator name from the source catalogue (e.g. HydA)"
+        "--source", type=_point_source, action="append", default=[],
+        help="a point source RA_DEG,DEC_DEG,FLUX_JY_150MHZ[,SPECTRAL_INDEX][,NAME] (repeatable; the first is pointed at)",
+    )  # fmt: skip
+    observation.add_argument(
+        "--calibrator", help="mark the observation as of this calibrator (e.g. HydA)"
     )
-    observation.add_argument("--target", help="target name from the source catalogue")
     observation.add_argument(
         "--mode", default="MWAX_CORRELATOR", choices=["MWAX_CORRELATOR", "MWAX_VCS"]
     )
@@ -276,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``observatory`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
+    from observatory.telescope.site import ensure_astropy_offline
+
+    ensure_astropy_offline()
     try:
         return int(args.handler(args))
     except (ServiceError, ValueError, FileNotFoundError) as exc:

@@ -77,6 +77,7 @@ def sim8(tmp_path_factory: pytest.TempPathFactory) -> SimulatedObservation:
         gain_amplitudes=rng.uniform(0.5, 1.5, (8, 2, 2)),
         delay_errors_ns=rng.normal(0.0, 5.0, (8, 2)),
         flagged_antennas=[3],
+        calibrator="3C444",
         seed=11,
     )
 
@@ -397,7 +398,7 @@ def test_metafits_has_real_structure(sim8: SimulatedObservation) -> None:
         # LST at the midpoint, as in real MWAX metafits (3 integrations of 2 s).
         midpoint = Time(OBSID + 3.0, format="gps", location=mwa_location())
         assert header["LST"] == pytest.approx(midpoint.sidereal_time("apparent").deg, abs=1e-6)
-        assert header["CALIBSRC"] == "3C444"
+        assert header["CALIBSRC"] == "3C444" and header["CALIBRAT"]
 
 
 def test_vis_file_headers_have_real_keys(sim8: SimulatedObservation) -> None:

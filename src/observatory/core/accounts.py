@@ -117,3 +117,9 @@ def reset_api_key(session: Session, user: User, api_key: str | None = None) -> s
     user.api_key_fingerprint = key_fingerprint(key)
     session.flush()
     return key
+
+
+def set_project_key(session: Session, project: Project, secure_key: str | None) -> None:
+    """Protect ``project`` with ``secure_key`` (stored hashed), or open it with None."""
+    project.secure_key_hash = hash_secret(secure_key) if secure_key else None
+    session.flush()

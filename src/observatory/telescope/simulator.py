@@ -762,6 +762,7 @@ def _write_metafits(
     exposure_s: int,
     project_id: str,
     obs_name: str,
+    calibrator: str,
 ) -> None:
     from astropy.io import fits
 
@@ -770,7 +771,6 @@ def _write_metafits(
     n_fine = COARSE_CHAN_WIDTH_HZ // truth.fine_chan_width_hz
     quack_s = 0.0  # simulated data are good from the first integration
     n_scans = round(truth.n_timesteps * truth.timestep_duration_s / truth.int_time_s)
-    calibrator = next((s.name for s in truth.sources if s.name), "")
     primary = fits.PrimaryHDU()
     cards: list[tuple[str, Any, str]] = [
         ("GPSTIME", truth.obsid, "[s] GPS time of observation start"),
@@ -1144,6 +1144,7 @@ def simulate_observation(
     include_cable_delays: bool = True,
     project_id: str = "G0000",
     obs_name: str | None = None,
+    calibrator: str | None = None,
     file_size_limit_bytes: int = DEFAULT_FILE_SIZE_LIMIT_BYTES,
 ) -> SimulatedObservation:
     """Write a simulated MWA observation (metafits, data files and truth JSON).
@@ -1194,6 +1195,8 @@ def simulate_observation(
         Put the metafits cable-length phases into the raw data (as real data have them).
     project_id, obs_name
         metafits ``PROJECT`` and ``FILENAME``.
+    calibrator
+        Name of the calibrator this observation is of (metafits ``CALIBRAT``/``CALIBSRC``); None for a target.
     file_size_limit_bytes
         Start a new batch file at the next 8 s boundary once a file reaches this size.
 
@@ -1316,7 +1319,7 @@ def simulate_observation(
     try:
         metafits_name = f"{obsid}.metafits"
         with writer.atomic(metafits_name) as temp:
-            _write_metafits(temp, truth, epoch, beam_delays, exposure_s, project_id, name)
+            _write_metafits(temp, truth, epoch, beam_delays, exposure_s, project_id, name, calibrator or "")
         writer.record(metafits_name, "metafits")
 
         if mode == "MWAX_CORRELATOR":
