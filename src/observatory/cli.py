@@ -14,6 +14,7 @@ from observatory.core.config import Settings, get_settings
 from observatory.core.database import make_engine, make_session_factory, session_scope
 from observatory.core.errors import ServiceError
 from observatory.core.migrate import upgrade
+from observatory.telescope.simulator import PointSource
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -109,7 +110,7 @@ def cmd_simulate_observation(args: argparse.Namespace) -> int:
             fine_chan_khz=args.fine_chan_khz,
             n_timesteps=args.timesteps,
             int_time_s=args.int_time,
-            sources=args.source,
+            sources=args.source or _catalogue_sources(args.calibrator),
             calibrator=args.calibrator,
             mode=args.mode,
             project_id=args.project,
@@ -174,9 +175,25 @@ def _comma_ints(text: str) -> list[int]:
         ) from exc
 
 
-def _point_source(text: str) -> object:
-    from observatory.telescope.simulator import PointSource
+def _catalogue_sources(name: str | None) -> list[PointSource]:
+    """The calibrator named on the command line, as a point source from the catalogue."""
+    if name is None:
+        return []
+    from observatory.telescope.catalogue import lookup
 
+    entry = lookup(name)
+    return [
+        PointSource(
+            entry.ra_deg,
+            entry.dec_deg,
+            entry.flux_jy_150mhz or 1.0,
+            entry.spectral_index or -0.8,
+            entry.name,
+        )
+    ]
+
+
+def _point_source(text: str) -> PointSource:
     parts = [part.strip() for part in text.split(",")]
     try:
         ra_deg, dec_deg, flux_jy = (float(p) for p in parts[:3])
@@ -271,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="a point source RA_DEG,DEC_DEG,FLUX_JY_150MHZ[,SPECTRAL_INDEX][,NAME] (repeatable; the first is pointed at)",
     )  # fmt: skip
     observation.add_argument(
-        "--calibrator", help="mark the observation as of this calibrator (e.g. HydA)"
+        "--calibrator",
+        help="the calibrator observed (catalogue name, e.g. HydA); without --source it is the sky model",
     )
     observation.add_argument(
         "--mode", default="MWAX_CORRELATOR", choices=["MWAX_CORRELATOR", "MWAX_VCS"]
@@ -293,12 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``observatory`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
+    from observatory.telescope.catalogue import UnknownSourceError
     from observatory.telescope.site import ensure_astropy_offline
 
     ensure_astropy_offline()
     try:
         return int(args.handler(args))
-    except (ServiceError, ValueError, FileNotFoundError) as exc:
+    except (ServiceError, ValueError, FileNotFoundError, UnknownSourceError) as exc:
         message = exc.message if isinstance(exc, ServiceError) else str(exc)
         err_console.print(f"[red]error:[/red] {message}", highlight=False)
         return 2

@@ -18,19 +18,24 @@ from observatory.core.gpstime import now_gps
 from observatory.core.migrate import upgrade
 from observatory.core.models import Project, User
 from observatory.core.security import new_api_key
+from observatory.telescope.catalogue import lookup
 from observatory.telescope.simulator import PointSource
 from observatory.telescope.site import mwa_location
 
 DEMO_USER = "demo"
 DEMO_PROJECT = "D0000"
 
-# Approximate J2000 positions, 150 MHz flux densities (Jy) and spectral indices: enough for a demo sky.
-DEMO_SOURCES = {
-    "HydA": PointSource(139.5236, -12.0956, 350.0, -0.9, "HydA"),
-    "PicA": PointSource(79.9572, -45.7788, 450.0, -0.8, "PicA"),
-    "3C444": PointSource(333.6070, -17.0268, 60.0, -0.9, "3C444"),
-    "HerA": PointSource(252.7840, 4.9926, 380.0, -1.0, "HerA"),
-}
+#: Calibrators from the catalogue whose RAs are spread so that one is always well up.
+DEMO_SOURCE_NAMES = ("HydA", "PicA", "3C444", "HerA")
+
+
+def _demo_source(name: str) -> PointSource:
+    entry = lookup(name)
+    assert entry.flux_jy_150mhz is not None and entry.spectral_index is not None
+    return PointSource(
+        entry.ra_deg, entry.dec_deg, entry.flux_jy_150mhz, entry.spectral_index, entry.name
+    )
+
 
 #: (offset from the first observation in s, exposure in s, is a calibrator, obsname prefix)
 DEMO_SCHEDULE = (
@@ -44,15 +49,11 @@ DEMO_SCHEDULE = (
 
 def highest_source(gps_s: float) -> PointSource:
     """The demo source highest in the sky at ``gps_s`` (their RAs are spread so one is always up)."""
-    names = list(DEMO_SOURCES)
-    coords = SkyCoord(
-        [DEMO_SOURCES[n].ra_deg for n in names],
-        [DEMO_SOURCES[n].dec_deg for n in names],
-        unit="deg",
-    )
+    sources = [_demo_source(name) for name in DEMO_SOURCE_NAMES]
+    coords = SkyCoord([s.ra_deg for s in sources], [s.dec_deg for s in sources], unit="deg")
     frame = AltAz(obstime=Time(gps_s, format="gps"), location=mwa_location())
     altitudes = coords.transform_to(frame).alt.deg
-    return DEMO_SOURCES[names[int(np.argmax(altitudes))]]
+    return sources[int(np.argmax(altitudes))]
 
 
 @dataclass

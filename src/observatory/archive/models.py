@@ -99,10 +99,9 @@ class Observation(Base):
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (without files)."""
-        return {
-            column.key: getattr(self, column.key)
-            for column in self.__table__.columns
-        } | {"exposure_s": self.exposure_s}
+        return {column.key: getattr(self, column.key) for column in self.__table__.columns} | {
+            "exposure_s": self.exposure_s
+        }
 
 
 class ObservationFile(Base):

@@ -404,7 +404,9 @@ def find_observations(
         conditions.append(Observation.deleted.is_(False))
     total = None
     if with_total:
-        total = session.scalar(select(func.count()).select_from(Observation).where(*conditions)) or 0
+        total = (
+            session.scalar(select(func.count()).select_from(Observation).where(*conditions)) or 0
+        )
     # One row more than the page tells whether there is a next page without counting.
     rows = list(
         session.scalars(

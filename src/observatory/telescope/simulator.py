@@ -1319,7 +1319,9 @@ def simulate_observation(
     try:
         metafits_name = f"{obsid}.metafits"
         with writer.atomic(metafits_name) as temp:
-            _write_metafits(temp, truth, epoch, beam_delays, exposure_s, project_id, name, calibrator or "")
+            _write_metafits(
+                temp, truth, epoch, beam_delays, exposure_s, project_id, name, calibrator or ""
+            )
         writer.record(metafits_name, "metafits")
 
         if mode == "MWAX_CORRELATOR":
