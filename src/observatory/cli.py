@@ -27,6 +27,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _session_factory(settings: Settings) -> sessionmaker[Session]:
+    """Sessions on the installation's database, migrated to the newest revision first."""
+    upgrade(settings.resolved_database_url)
     return make_session_factory(make_engine(settings.resolved_database_url))
 
 
@@ -41,7 +43,6 @@ def cmd_users_create(args: argparse.Namespace) -> int:
     from observatory.core.accounts import create_user
 
     settings = _settings(args)
-    upgrade(settings.resolved_database_url)
     with session_scope(_session_factory(settings)) as session:
         user, key = create_user(
             session, args.name, args.api_key, email=args.email, is_admin=args.admin
@@ -56,7 +57,6 @@ def cmd_projects_create(args: argparse.Namespace) -> int:
     from observatory.core.accounts import create_project
 
     settings = _settings(args)
-    upgrade(settings.resolved_database_url)
     with session_scope(_session_factory(settings)) as session:
         project = create_project(
             session,
@@ -76,11 +76,7 @@ def cmd_projects_create(args: argparse.Namespace) -> int:
 def cmd_archive_ingest(args: argparse.Namespace) -> int:
     from observatory.archive.service import ingest_directory
     from observatory.core.storage import Storage
-    from observatory.telescope.site import ensure_astropy_offline
-
-    ensure_astropy_offline()
     settings = _settings(args)
-    upgrade(settings.resolved_database_url)
     with session_scope(_session_factory(settings)) as session:
         report = ingest_directory(session, Storage(settings.archive_dir), Path(args.directory))
     for path, note in report.warnings:
@@ -99,7 +95,6 @@ def cmd_simulate_observation(args: argparse.Namespace) -> int:
     from observatory.archive.simulated import simulate_and_register
 
     settings = _settings(args)
-    upgrade(settings.resolved_database_url)
     with session_scope(_session_factory(settings)) as session:
         obs = simulate_and_register(
             session,
