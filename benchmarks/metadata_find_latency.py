@@ -74,7 +74,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def timed_ms(client: httpx.Client, path: str, params: dict[str, object], repeats: int) -> list[float]:
+def timed_ms(
+    client: httpx.Client, path: str, params: dict[str, object], repeats: int
+) -> list[float]:
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -96,7 +98,9 @@ def main() -> None:
         first, last = fill(settings.resolved_database_url, args.observations)
         fill_s = time.perf_counter() - fill_start
         port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+        server = uvicorn.Server(
+            uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+        )
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         while not server.started:
@@ -108,7 +112,11 @@ def main() -> None:
             "project + mode": {"projectid": "G0009", "mode": "MWAX_CORRELATOR"},
             "deep page (before=obsid)": {"before": middle, "pagesize": 100},
             "deep page (page=500)": {"page": 500, "pagesize": 100},
-            "calibrators in a week": {"mintime": middle, "maxtime": middle + 7 * 86_400, "calibration": "true"},
+            "calibrators in a week": {
+                "mintime": middle,
+                "maxtime": middle + 7 * 86_400,
+                "calibration": "true",
+            },
         }
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             timed_ms(client, "/healthz", {}, 5)  # warm up
@@ -116,7 +124,9 @@ def main() -> None:
             medians = {}
             for name, params in queries.items():
                 timed_ms(client, "/metadata/find", params, 3)
-                medians[name] = statistics.median(timed_ms(client, "/metadata/find", params, args.repeats))
+                medians[name] = statistics.median(
+                    timed_ms(client, "/metadata/find", params, args.repeats)
+                )
         server.should_exit = True
         thread.join(timeout=10)
     overall = statistics.median(medians.values())
