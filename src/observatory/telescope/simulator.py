@@ -160,6 +160,22 @@ class WrittenFile:
     gps_time_s: int | None = None
 
 
+@dataclass(frozen=True)
+class RfiBurst:
+    """Narrow-band interference added to every cross-correlation.
+
+    A transmitter seen by all tiles: the same amplitude on every baseline with a
+    seeded random phase per baseline, in fine channels ``fine_chans`` of coarse
+    channel ``coarse_chan`` during integrations ``timesteps`` (index ranges,
+    stop exclusive), on XX and YY.
+    """
+
+    coarse_chan: int
+    fine_chans: tuple[int, int]
+    timesteps: tuple[int, int]
+    amplitude_jy: float
+
+
 @dataclass(frozen=True, eq=False)
 class SimulationTruth:
     """Everything injected into a simulated observation (``<obsid>_truth.json``).
@@ -188,6 +204,11 @@ class SimulationTruth:
     seed: int
     cable_delays_in_data: bool
     vcs_rms_counts: float = VCS_RMS_COUNTS
+    #: Receiver digital gains (1 = unity, in steps of 1/64 as the metafits stores them),
+    #: shape (n_tiles, 2, n_coarse); None means unity.
+    digital_gains: NDArray[np.float64] | None = None
+    quack_time_s: float = 0.0
+    rfi: tuple[RfiBurst, ...] = ()
     convention: str = _CONVENTION
 
     @property
@@ -293,6 +314,17 @@ class SimulationTruth:
             "cable_delays_in_data": self.cable_delays_in_data,
             "vcs_rms_counts": self.vcs_rms_counts,
             "convention": self.convention,
+            "digital_gains": None if self.digital_gains is None else self.digital_gains.tolist(),
+            "quack_time_s": self.quack_time_s,
+            "rfi": [
+                {
+                    "coarse_chan": b.coarse_chan,
+                    "fine_chans": list(b.fine_chans),
+                    "timesteps": list(b.timesteps),
+                    "amplitude_jy": b.amplitude_jy,
+                }
+                for b in self.rfi
+            ],
         }
 
     @classmethod
@@ -367,6 +399,21 @@ class SimulationTruth:
             cable_delays_in_data=data["cable_delays_in_data"],
             vcs_rms_counts=data.get("vcs_rms_counts", VCS_RMS_COUNTS),
             convention=data.get("convention", _CONVENTION),
+            digital_gains=None
+            if data.get("digital_gains") is None
+            else np.asarray(data["digital_gains"], dtype=np.float64).reshape(
+                len(tiles), 2, len(data["coarse_chans"])
+            ),
+            quack_time_s=data.get("quack_time_s", 0.0),
+            rfi=tuple(
+                RfiBurst(
+                    b["coarse_chan"],
+                    tuple(b["fine_chans"]),
+                    tuple(b["timesteps"]),
+                    b["amplitude_jy"],
+                )
+                for b in data.get("rfi", ())
+            ),
         )
 
 
@@ -508,6 +555,8 @@ class _VisibilityEngine:
         include_cable: bool,
         include_gains: bool = True,
         include_noise: bool = True,
+        include_digital_gains: bool = True,
+        include_rfi: bool = True,
     ) -> NDArray[np.complex64]:
         """Raw-file visibilities, shape (n_baselines, n_fine, 4 pols), C-contiguous complex64."""
         truth = self.truth
@@ -534,6 +583,8 @@ class _VisibilityEngine:
             amplitude = truth.gain_amplitudes[:, :, truth._coarse_index(coarse_chan)]
         else:
             amplitude = np.ones((truth.n_tiles, 2))
+        if include_digital_gains and truth.digital_gains is not None:
+            amplitude = amplitude * truth.digital_gains[:, :, truth._coarse_index(coarse_chan)]
         tile_factor = amplitude.T[:, None, :] * np.exp(
             -2j * np.pi * freqs_hz[None, :, None] * delay_s.T[:, None, :]
         )
@@ -553,6 +604,8 @@ class _VisibilityEngine:
                 upper = np.take(correlation.reshape(len(freqs_hz), -1), self.upper_flat, axis=1)
                 vis[:, :, vis_pol] += upper.T
 
+        if include_rfi:
+            self._add_rfi(vis, timestep, coarse_chan)
         # Autocorrelations are Hermitian: XX, YY real and YX = conj(XY).
         autos = vis[self.auto_rows]
         autos[:, :, 0].imag = 0.0
@@ -561,6 +614,18 @@ class _VisibilityEngine:
         vis[self.auto_rows] = autos
         vis[self.flagged_rows] = 0.0
         return vis
+
+    def _add_rfi(self, vis: NDArray[np.complex64], timestep: int, coarse_chan: int) -> None:
+        for number, burst in enumerate(self.truth.rfi):
+            start, stop = burst.timesteps
+            if burst.coarse_chan != coarse_chan or not start <= timestep < stop:
+                continue
+            seed = np.random.SeedSequence(self.truth.seed, spawn_key=(2, number))
+            phase = np.random.default_rng(seed).uniform(0, 2 * np.pi, self.n_baselines)
+            signal = (burst.amplitude_jy * np.exp(1j * phase)).astype(np.complex64)
+            chans = slice(*burst.fine_chans)
+            vis[:, chans, 0] += signal[:, None]
+            vis[:, chans, 3] += signal[:, None]
 
 
 def predict_visibilities(
@@ -572,6 +637,8 @@ def predict_visibilities(
     include_cable: bool | None = None,
     include_gains: bool = True,
     include_noise: bool = False,
+    include_digital_gains: bool = True,
+    include_rfi: bool = True,
 ) -> NDArray[np.complex64]:
     """Visibilities the simulator writes (or would write) for one integration and coarse channel.
 
@@ -591,6 +658,10 @@ def predict_visibilities(
         False to compare with pyuvdata read with ``correct_cable_len=True``.
     include_gains
         Include the injected amplitudes and delay errors.
+    include_digital_gains
+        Include the receivers' digital gains (as the metafits lists them).
+    include_rfi
+        Include the RFI bursts.
     include_noise
         Add the (seeded, reproducible) noise that the files contain.
 
@@ -614,6 +685,8 @@ def predict_visibilities(
         include_cable=truth.cable_delays_in_data if include_cable is None else include_cable,
         include_gains=include_gains,
         include_noise=include_noise,
+        include_digital_gains=include_digital_gains,
+        include_rfi=include_rfi,
     )
     return np.conj(vis) if domain == "uvdata" else vis
 
@@ -769,7 +842,7 @@ def _write_metafits(
     chans = truth.coarse_chans
     n_coarse = len(chans)
     n_fine = COARSE_CHAN_WIDTH_HZ // truth.fine_chan_width_hz
-    quack_s = 0.0  # simulated data are good from the first integration
+    quack_s = truth.quack_time_s
     n_scans = round(truth.n_timesteps * truth.timestep_duration_s / truth.int_time_s)
     primary = fits.PrimaryHDU()
     cards: list[tuple[str, Any, str]] = [
@@ -855,8 +928,8 @@ def _write_metafits(
         fits.Column("North", "E", unit="m", array=[t.north_m for t in rows_tile]),
         fits.Column("East", "E", unit="m", array=[t.east_m for t in rows_tile]),
         fits.Column("Height", "E", unit="m", array=[t.height_m for t in rows_tile]),
-        # Digital gains x 64; unity, so pyuvdata's remove_dig_gains changes nothing.
-        fits.Column("Gains", "24I", array=np.full((n_rows, 24), 64, dtype=np.int16)),
+        # Digital gains x 64, one per coarse channel in CHANNELS order, zero-padded to 24.
+        fits.Column("Gains", "24I", array=_gains_column(truth, rows_tile, pols)),
         fits.Column("BFTemps", "E", unit="degC", array=np.zeros(n_rows, dtype=np.float32)),
         fits.Column("Delays", "16I", array=np.tile(np.array(delays, dtype=np.int16), (n_rows, 1))),
         fits.Column("VCSOrder", "I", array=[instrument.vcs_order(int(i)) for i in inputs]),
@@ -1121,6 +1194,21 @@ def _check_int(name: str, value: int, minimum: int) -> int:
 # The entry point
 
 
+def _gains_column(
+    truth: SimulationTruth, rows_tile: Sequence[Tile], pols: Sequence[str]
+) -> NDArray[np.int16]:
+    """The metafits ``Gains`` column: per input, digital gain x 64 per coarse channel."""
+    column = np.zeros((len(rows_tile), 24), dtype=np.int16)
+    n_coarse = len(truth.coarse_chans)
+    if truth.digital_gains is None:
+        column[:, :n_coarse] = 64
+        return column
+    for row, (tile, pol) in enumerate(zip(rows_tile, pols, strict=True)):
+        antenna = next(i for i, t in enumerate(truth.tiles) if t.antenna == tile.antenna)
+        column[row, :n_coarse] = np.rint(64 * truth.digital_gains[antenna, "XY".index(pol)])
+    return column
+
+
 def simulate_observation(
     out_dir: str | os.PathLike[str],
     obsid: int,
@@ -1146,6 +1234,9 @@ def simulate_observation(
     obs_name: str | None = None,
     calibrator: str | None = None,
     file_size_limit_bytes: int = DEFAULT_FILE_SIZE_LIMIT_BYTES,
+    digital_gain_scatter: float = 0.0,
+    quack_time_s: float = 0.0,
+    rfi: Sequence[RfiBurst] = (),
 ) -> SimulatedObservation:
     """Write a simulated MWA observation (metafits, data files and truth JSON).
 
@@ -1309,6 +1400,9 @@ def simulate_observation(
         noise_sigma_jy=noise_sigma_jy,
         seed=seed,
         cable_delays_in_data=bool(include_cable_delays),
+        digital_gains=_digital_gains(seed, digital_gain_scatter, (n_ant, 2, n_coarse)),
+        quack_time_s=_check_number("quack_time_s", quack_time_s),
+        rfi=_checked_rfi(rfi, chans, fine_chan_width_hz, n_timesteps),
     )
     name = obs_name if obs_name is not None else f"sim_{obsid}"
 
@@ -1341,6 +1435,38 @@ def simulate_observation(
     return SimulatedObservation(
         obsid=obsid, out_dir=out_path, mode=mode, files=writer.files(), truth=truth
     )
+
+
+def _digital_gains(
+    seed: int, scatter: float, shape: tuple[int, int, int]
+) -> NDArray[np.float64] | None:
+    """Seeded digital gains around 1, in the metafits' steps of 1/64; None for unity."""
+    scatter = _check_number("digital_gain_scatter", scatter)
+    if scatter == 0.0:
+        return None
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(3,)))
+    gains = np.rint(64 * np.abs(1.0 + scatter * rng.standard_normal(shape))) / 64
+    return np.maximum(gains, 1 / 64)
+
+
+def _checked_rfi(
+    bursts: Sequence[RfiBurst], chans: Sequence[int], fine_chan_width_hz: int, n_timesteps: int
+) -> tuple[RfiBurst, ...]:
+    n_fine = COARSE_CHAN_WIDTH_HZ // fine_chan_width_hz
+    for burst in bursts:
+        start_chan, stop_chan = burst.fine_chans
+        start_t, stop_t = burst.timesteps
+        if (
+            burst.coarse_chan not in chans
+            or not 0 <= start_chan < stop_chan <= n_fine
+            or not 0 <= start_t < stop_t <= n_timesteps
+            or not math.isfinite(burst.amplitude_jy)
+        ):
+            raise ValueError(
+                f"rfi burst {burst!r} must lie in the simulated coarse channels {list(chans)}, "
+                f"fine channels 0..{n_fine}, integrations 0..{n_timesteps}"
+            )
+    return tuple(bursts)
 
 
 def _zenith_radec_deg(gps_s: float) -> tuple[float, float]:

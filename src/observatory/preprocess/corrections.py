@@ -1,0 +1,203 @@
+"""The numerical steps of a conversion, vectorised over times, baselines and channels.
+
+Every function works on arrays in the reader's chunk layout (see
+:mod:`observatory.preprocess.reader`): visibilities ``(n_times, n_baselines,
+n_chans, 4)`` with pols XX, XY, YX, YY, in pyuvdata's convention.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+
+import numpy as np
+from numpy.typing import NDArray
+
+from observatory.preprocess.reader import ObservationMeta
+from observatory.telescope.instrument import SPEED_OF_LIGHT_M_S
+
+#: For each output pol (XX, XY, YX, YY): the pol (0 = X, 1 = Y) of antenna p and of antenna q.
+POL_OF_P = np.array([0, 0, 1, 1])
+POL_OF_Q = np.array([0, 1, 0, 1])
+
+
+def cable_phasors(meta: ObservationMeta, freqs_hz: NDArray[np.float64]) -> NDArray[np.complex64]:
+    """Factors that remove the electrical cable lengths, shape (n_baselines, n_chans, 4).
+
+    Raw data carry ``exp(-2 pi i f (L_p - L_q) / c)`` per polarisation pair; in
+    pyuvdata's (conjugated) convention that is ``exp(+2 pi i f (L_p - L_q) / c)``,
+    which these factors cancel.
+    """
+    p, q = meta.baseline_antennas()
+    length_diff_m = (
+        meta.cable_length_m[p][:, POL_OF_P] - meta.cable_length_m[q][:, POL_OF_Q]
+    )  # (n_bl, 4)
+    phase = (
+        (-2.0 * np.pi / SPEED_OF_LIGHT_M_S) * freqs_hz[None, :, None] * length_diff_m[:, None, :]
+    )
+    return np.exp(1j * phase).astype(np.complex64)
+
+
+def digital_gain_factors(meta: ObservationMeta, coarse_chan: int) -> NDArray[np.float32]:
+    """Factors dividing out the receivers' digital gains, shape (n_baselines, 1, 4)."""
+    try:
+        column = meta.metafits_coarse_chans.index(coarse_chan)
+    except ValueError:
+        raise ValueError(f"coarse channel {coarse_chan} is not in the metafits") from None
+    gains = meta.digital_gains[:, :, column]  # (n_ants, 2)
+    p, q = meta.baseline_antennas()
+    product = gains[p][:, POL_OF_P] * gains[q][:, POL_OF_Q]
+    with np.errstate(divide="ignore"):
+        factors = np.where(product > 0, 1.0 / product, 0.0)
+    return factors[:, None, :].astype(np.float32)
+
+
+@cache
+def _passband_shape(name: str) -> NDArray[np.float64]:
+    import h5py
+
+    data = resources.files("pyuvdata") / "data" / "mwa_config_data" / f"{name}.h5"
+    with resources.as_file(data) as path, h5py.File(path, "r") as handle:
+        return np.asarray(handle["coarse_band"][:], dtype=np.float64)
+
+
+def passband_gains(meta: ObservationMeta, chan_index: NDArray[np.intp]) -> NDArray[np.float64]:
+    """The polyphase filterbank's response at each channel (1 at the coarse-channel centre).
+
+    The shapes are the ones pyuvdata ships: MWAX at 40 kHz (averaged for wider
+    channels, interpolated for narrower ones) and the legacy correlator's at 10 kHz.
+    """
+    n_chans = meta.fine_chans_per_coarse
+    width_hz = meta.fine_chan_width_hz
+    if meta.mwax:
+        shape = _passband_shape("mwax_pfb_bandpass_40kHz")
+        shape_width_hz = 40_000.0
+    else:
+        shape = _passband_shape("MWA_rev_cb_10khz_doubles")
+        shape_width_hz = 10_000.0
+    factor = width_hz / shape_width_hz
+    if factor >= 1 and abs(factor - round(factor)) < 1e-6 and len(shape) % round(factor) == 0:
+        gains = shape.reshape(-1, round(factor)).mean(axis=1)
+    else:
+        # Channel centres relative to the coarse-channel centre, in units of the shape's channels.
+        n_shape = len(shape)
+        centres = (np.arange(n_chans) - n_chans // 2) * factor + n_shape // 2
+        gains = np.interp(centres, np.arange(n_shape), shape)
+    if len(gains) != n_chans:
+        raise ValueError(f"passband of {len(gains)} channels for {n_chans} fine channels")
+    return gains[chan_index]
+
+
+def quack_timesteps(
+    meta: ObservationMeta, time_start_gps_s: NDArray[np.float64]
+) -> NDArray[np.bool_]:
+    """Integrations that start before the end of the quack time (flagged)."""
+    good_from_s = meta.sched_start_gps_s + meta.quack_time_s
+    return time_start_gps_s + meta.int_time_s / 2 < good_from_s
+
+
+def edge_and_dc_channels(
+    chan_index: NDArray[np.intp], chans_per_coarse: int, edge_chans: int, flag_dc: bool
+) -> NDArray[np.bool_]:
+    """Channels flagged for the coarse-channel edges and, when asked, the DC channel."""
+    flagged = (chan_index < edge_chans) | (chan_index >= chans_per_coarse - edge_chans)
+    if flag_dc:
+        flagged |= chan_index == chans_per_coarse // 2
+    return flagged
+
+
+def source_directions_enu(
+    radec_deg: tuple[float, float], time_centres_gps_s: NDArray[np.float64]
+) -> NDArray[np.float64]:
+    """Unit vectors (East, North, Up) towards an ICRS direction at each time, shape (n_times, 3).
+
+    Apparent place at the MWA through astropy (precession, nutation, aberration;
+    no refraction), the same geometry the simulator uses.
+    """
+    import astropy.units as u
+    from astropy.coordinates import AltAz, SkyCoord
+    from astropy.time import Time
+
+    from observatory.telescope.site import mwa_location
+
+    location = mwa_location()
+    times = Time(time_centres_gps_s, format="gps", location=location)
+    sky = SkyCoord(ra=radec_deg[0] * u.deg, dec=radec_deg[1] * u.deg, frame="icrs")
+    altaz = sky.transform_to(AltAz(obstime=times, location=location))
+    alt = altaz.alt.to_value(u.rad)
+    az = altaz.az.to_value(u.rad)
+    return np.stack([np.cos(alt) * np.sin(az), np.cos(alt) * np.cos(az), np.sin(alt)], axis=-1)
+
+
+def geometric_phasors(
+    meta: ObservationMeta,
+    directions_enu: NDArray[np.float64],
+    freqs_hz: NDArray[np.float64],
+) -> NDArray[np.complex64]:
+    """Factors that phase each baseline to a direction, shape (n_times, n_baselines, n_chans, 1).
+
+    A source in direction ``s`` carries ``exp(+2 pi i f w / c)`` with
+    ``w = (x_q - x_p) . s``; multiplying by ``exp(-2 pi i f w0 / c)`` for the
+    phase centre ``s0`` leaves a source at the phase centre with zero phase.
+    """
+    p, q = meta.baseline_antennas()
+    positions = meta.enu_m - meta.enu_m.mean(axis=0)
+    w_ant_m = directions_enu @ positions.T  # (n_times, n_ants)
+    w_m = w_ant_m[:, q] - w_ant_m[:, p]  # (n_times, n_bl)
+    phase = (-2.0 * np.pi / SPEED_OF_LIGHT_M_S) * w_m[:, :, None] * freqs_hz[None, None, :]
+    return np.exp(1j * phase).astype(np.complex64)[..., None]
+
+
+def apply_jones(
+    vis: NDArray[np.complex64],
+    jones: NDArray[np.complex128],
+    meta: ObservationMeta,
+) -> None:
+    """Apply direction-independent solutions in place: ``V <- J_p V J_q^H``.
+
+    ``jones`` has shape (n_ants, n_chans, 2, 2); a NaN anywhere in ``J_p`` or
+    ``J_q`` makes the result NaN, which the caller flags.
+    """
+    p, q = meta.baseline_antennas()
+    n_times, n_bl, n_chans, _ = vis.shape
+    matrices = vis.reshape(n_times, n_bl, n_chans, 2, 2)
+    jones64 = jones.astype(np.complex64)
+    left = jones64[p]  # (n_bl, n_chans, 2, 2)
+    right_h = np.conj(jones64[q]).swapaxes(-1, -2)
+    result = np.matmul(np.matmul(left[None], matrices), right_h[None])
+    vis[...] = result.reshape(vis.shape)
+
+
+def average(
+    vis: NDArray[np.complex64],
+    weights: NDArray[np.float32],
+    flags: NDArray[np.bool_],
+    time_factor: int,
+    freq_factor: int,
+) -> tuple[NDArray[np.complex64], NDArray[np.float32], NDArray[np.bool_]]:
+    """Weighted average over blocks of ``time_factor`` integrations and ``freq_factor`` channels.
+
+    Flagged samples carry no weight. An output sample whose inputs are all
+    flagged keeps the unweighted mean of its inputs (so the data stay finite and
+    meaningful) and is flagged. Returns (vis, summed weights, flags).
+
+    ``weights`` must have vis's shape; ``flags`` is broadcastable to it.
+    """
+    n_times, n_bl, n_chans, n_pols = vis.shape
+    if n_times % time_factor or n_chans % freq_factor:
+        raise ValueError(
+            f"{n_times} integrations x {n_chans} channels do not divide by "
+            f"{time_factor} x {freq_factor}"
+        )
+    effective = np.where(flags, np.float32(0.0), weights)
+    shape = (n_times // time_factor, time_factor, n_bl, n_chans // freq_factor, freq_factor, n_pols)
+    weight_sum = effective.reshape(shape).sum(axis=(1, 4))
+    weighted = (vis * effective).reshape(shape).sum(axis=(1, 4))
+    out_flags = weight_sum <= 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        averaged = np.where(
+            out_flags,
+            vis.reshape(shape).mean(axis=(1, 4)),
+            weighted / np.where(out_flags, np.float32(1.0), weight_sum),
+        )
+    return averaged.astype(np.complex64), weight_sum.astype(np.float32), out_flags

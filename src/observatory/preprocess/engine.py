@@ -1,0 +1,389 @@
+"""The conversion: raw correlator files to a calibrated, averaged uvfits and/or measurement set.
+
+Steps, in Birli's order, on chunks of one coarse channel and a block of
+integrations (so memory stays bounded), chunks in parallel threads:
+
+1. flags from the correlator weights, flagged tiles, the quack time, the
+   coarse-channel edges and (legacy data by default) the DC channel;
+2. cable-length correction (unless the correlator applied it);
+3. digital gains divided out;
+4. the polyphase filterbank passband divided out (unless DERIPPLE says it was);
+5. RFI flagging with AOFlagger;
+6. geometric correction: phasing to the chosen phase centre;
+7. direction-independent calibration solutions multiplied in (``J_p V J_q^H``);
+8. weighted averaging in time and frequency;
+
+then the whole (averaged) result is written through pyuvdata.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from observatory.calib.formats import CalSolutions, read_solutions
+from observatory.preprocess import corrections
+from observatory.preprocess.options import (
+    ConversionOptions,
+    OptionError,
+    OutputFormat,
+    PhaseCentre,
+    ResolvedOptions,
+)
+from observatory.preprocess.reader import (
+    ObservationMeta,
+    RawChunk,
+    ReadError,
+    VisibilityReader,
+    open_reader,
+)
+from observatory.preprocess.rfi import aoflagger_flags
+from observatory.preprocess.writer import ConvertedData, write_outputs
+from observatory.telescope.instrument import COARSE_CHAN_WIDTH_HZ
+
+log = logging.getLogger(__name__)
+
+#: progress(chunks done, chunks in all, what was just done)
+ProgressCallback = Callable[[int, int, str], None]
+
+#: Upper bound on the raw visibilities of one chunk; a few chunks are in flight at once.
+DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
+
+
+def output_paths(out: str | os.PathLike[str], output: OutputFormat) -> list[Path]:
+    """The files a conversion writes: ``out`` itself, or ``out`` with each format's suffix.
+
+    Raises
+    ------
+    OptionError
+        If ``out``'s suffix contradicts the requested format.
+    """
+    path = Path(out)
+    suffix = path.suffix.lower()
+    if output == OutputFormat.BOTH:
+        stem = path.with_suffix("") if suffix in {".uvfits", ".ms"} else path
+        return [stem.with_name(stem.name + ".uvfits"), stem.with_name(stem.name + ".ms")]
+    wanted = f".{output.value}"
+    if suffix == wanted:
+        return [path]
+    if suffix in {".uvfits", ".ms"}:
+        raise OptionError("output", output.value, f"the output path {path} ends in {suffix}")
+    return [path.with_name(path.name + wanted)]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything decided before the first chunk is read."""
+
+    meta: ObservationMeta
+    resolved: ResolvedOptions
+    coarse_chans: tuple[int, ...]
+    chans_per_coarse: int
+    n_times_padded: int
+    time_block: int
+    phase_centre: tuple[str, float, float]
+    flag_dc: bool
+    jones: NDArray[np.complex128] | None  # (n_ants, n_metafits_chans_total, 2, 2)
+
+
+def _phase_centre(meta: ObservationMeta, options: ConversionOptions) -> tuple[str, float, float]:
+    if options.centre == PhaseCentre.CUSTOM:
+        assert options.phase_centre_ra_deg is not None and options.phase_centre_dec_deg is not None
+        return ("custom", options.phase_centre_ra_deg, options.phase_centre_dec_deg)
+    name = meta.obs_name or str(meta.obsid)
+    if options.centre == PhaseCentre.PHASE and meta.phase_centre_radec_deg is not None:
+        return (name, *meta.phase_centre_radec_deg)
+    if meta.pointing_radec_deg is not None:
+        return (name, *meta.pointing_radec_deg)
+    raise OptionError(
+        "centre", options.centre.value, "the metafits gives no phase or pointing centre"
+    )
+
+
+def _solution_jones(meta: ObservationMeta, solutions: CalSolutions) -> NDArray[np.complex128]:
+    """Solutions as (n_ants, channel of the metafits band, 2, 2), first timeblock.
+
+    Chanblocks map onto the observation's band in frequency order: by their
+    frequencies when the file gives them, else evenly (hyperdrive's chanblocks
+    span the whole band).
+    """
+    if solutions.n_antennas != meta.n_ants:
+        raise OptionError(
+            "apply_di_cal", solutions.n_antennas,
+            f"the solutions are for {solutions.n_antennas} antennas, the observation has {meta.n_ants}",
+        )  # fmt: skip
+    band_chans = sorted(meta.metafits_coarse_chans)
+    n_total = len(band_chans) * meta.fine_chans_per_coarse
+    matrices = solutions.jones_matrices()[0]  # (n_ants, n_chanblocks, 2, 2)
+    freqs = solutions.chanblock_freqs_hz
+    if freqs is not None and np.all(np.isfinite(freqs)) and len(freqs) == solutions.n_chanblocks:
+        chan_freqs = np.concatenate([_band_freqs(meta, c) for c in band_chans])
+        block = np.abs(chan_freqs[:, None] - np.asarray(freqs)[None, :]).argmin(axis=1)
+    else:
+        block = np.arange(n_total) * solutions.n_chanblocks // n_total
+    return matrices[:, block]
+
+
+def _band_freqs(meta: ObservationMeta, coarse_chan: int) -> NDArray[np.float64]:
+    n = meta.fine_chans_per_coarse
+    return coarse_chan * COARSE_CHAN_WIDTH_HZ + (np.arange(n) - n // 2) * meta.fine_chan_width_hz
+
+
+def _plan(
+    reader: VisibilityReader,
+    options: ConversionOptions,
+    solutions: CalSolutions | None,
+    chunk_bytes: int,
+) -> _Plan:
+    meta = reader.meta
+    resolved = options.resolve(
+        meta.int_time_s, meta.fine_chan_width_hz / 1000.0, meta.fine_chans_per_coarse
+    )
+    if reader.chans_per_coarse % resolved.freq_factor:
+        raise OptionError(
+            "avg_freq_res", options.avg_freq_res_khz,
+            f"the files hold {reader.chans_per_coarse} channels per coarse channel, "
+            f"which do not divide by {resolved.freq_factor}",
+        )  # fmt: skip
+    missing = sorted(set(meta.metafits_coarse_chans) - set(reader.coarse_chans))
+    if missing and not options.allow_missing:
+        raise ReadError(
+            f"no files for coarse channels {', '.join(map(str, missing))} of the metafits; "
+            "give them, or set allow_missing=true"
+        )
+    unknown = sorted(set(reader.coarse_chans) - set(meta.metafits_coarse_chans))
+    if unknown:
+        raise ReadError(f"files hold coarse channels {unknown} that the metafits does not list")
+    if options.apply_di_cal and solutions is None:
+        raise OptionError(
+            "apply_di_cal", True, "needs a solutions file (AO-cal .bin or hyperdrive FITS)"
+        )
+    n_times = len(reader.time_start_gps_s)
+    factor = resolved.time_factor
+    n_times_padded = math.ceil(n_times / factor) * factor
+    bytes_per_time = meta.n_baselines * reader.chans_per_coarse * 4 * 8
+    blocks_per_chunk = max(1, chunk_bytes // (bytes_per_time * factor))
+    time_block = min(n_times_padded, blocks_per_chunk * factor)
+    return _Plan(
+        meta=meta,
+        resolved=resolved,
+        coarse_chans=reader.coarse_chans,
+        chans_per_coarse=reader.chans_per_coarse,
+        n_times_padded=n_times_padded,
+        time_block=time_block,
+        phase_centre=_phase_centre(meta, options),
+        flag_dc=(not meta.mwax) if options.flag_dc is None else options.flag_dc,
+        jones=None if solutions is None else _solution_jones(meta, solutions),
+    )
+
+
+def _padded(chunk: RawChunk, n_times: int, int_time_s: float) -> RawChunk:
+    """Extend a chunk to ``n_times`` integrations with empty (zero-weight) ones."""
+    extra = n_times - chunk.vis.shape[0]
+    if extra <= 0:
+        return chunk
+    vis = np.concatenate([chunk.vis, np.zeros((extra, *chunk.vis.shape[1:]), np.complex64)])
+    weights = np.broadcast_to(chunk.weights, chunk.vis.shape[:2] + chunk.weights.shape[2:])
+    weights = np.concatenate([weights, np.zeros((extra, *weights.shape[1:]), np.float32)])
+    last = chunk.time_start_gps_s[-1] if len(chunk.time_start_gps_s) else 0.0
+    times = np.concatenate([chunk.time_start_gps_s, last + int_time_s * np.arange(1, extra + 1)])
+    return RawChunk(chunk.coarse_chan, vis, weights, chunk.chan_index, chunk.freqs_hz, times)
+
+
+def _process(
+    chunk: RawChunk, plan: _Plan, options: ConversionOptions
+) -> tuple[NDArray[np.complex64], NDArray[np.float32], NDArray[np.bool_], int]:
+    """One chunk through steps 1-8; returns averaged (vis, weights, flags, RFI-flagged count)."""
+    meta = plan.meta
+    vis = chunk.vis
+    weights = np.broadcast_to(chunk.weights, vis.shape)
+    # 1. flags
+    flags = np.zeros(vis.shape, dtype=bool)
+    flags |= weights <= 0
+    p, q = meta.baseline_antennas()
+    bad_antenna = meta.flagged_antennas[p] | meta.flagged_antennas[q]
+    flags[:, bad_antenna] = True
+    flags[corrections.quack_timesteps(meta, chunk.time_start_gps_s)] = True
+    edge = corrections.edge_and_dc_channels(
+        chunk.chan_index, meta.fine_chans_per_coarse, plan.resolved.edge_chans, plan.flag_dc
+    )
+    flags[:, :, edge] = True
+    # 2-4. instrumental corrections
+    if not options.no_cable_delay and not meta.cable_delays_applied:
+        vis *= corrections.cable_phasors(meta, chunk.freqs_hz)[None]
+    if not options.no_digital_gains:
+        vis *= corrections.digital_gain_factors(meta, chunk.coarse_chan)[None]
+    if not options.no_passband_gains and not meta.deripple_applied:
+        passband = corrections.passband_gains(meta, chunk.chan_index)
+        vis *= (1.0 / passband).astype(np.float32)[None, None, :, None]
+    # 5. RFI
+    rfi_count = 0
+    if not options.no_rfi:
+        cross = np.flatnonzero((p != q) & ~flags.all(axis=(0, 2, 3)))
+        found = aoflagger_flags(vis, flags, cross)
+        rfi_count = int(np.count_nonzero(found[..., None] & ~flags))
+        flags |= found[..., None]
+    # 6. phasing
+    if not options.no_geometric_delay:
+        centres = chunk.time_start_gps_s + meta.int_time_s / 2
+        directions = corrections.source_directions_enu(plan.phase_centre[1:], centres)
+        vis *= corrections.geometric_phasors(meta, directions, chunk.freqs_hz)
+    # 7. calibration
+    if plan.jones is not None:
+        band = sorted(meta.metafits_coarse_chans).index(chunk.coarse_chan)
+        columns = band * meta.fine_chans_per_coarse + chunk.chan_index
+        corrections.apply_jones(vis, plan.jones[:, columns], meta)
+        unsolved = ~np.isfinite(vis)
+        flags |= unsolved.any(axis=-1, keepdims=True)
+        vis[unsolved] = 0
+    # 8. averaging
+    averaged, weight_sum, out_flags = corrections.average(
+        vis,
+        np.ascontiguousarray(weights),
+        flags,
+        plan.resolved.time_factor,
+        plan.resolved.freq_factor,
+    )
+    return averaged, weight_sum, out_flags, rfi_count
+
+
+def preprocess(
+    metafits: str | os.PathLike[str],
+    data_files: Sequence[str | os.PathLike[str]],
+    options: ConversionOptions,
+    out: str | os.PathLike[str],
+    *,
+    solutions: str | os.PathLike[str] | CalSolutions | None = None,
+    progress: ProgressCallback | None = None,
+    workers: int | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> list[Path]:
+    """Convert one observation's raw correlator files.
+
+    Parameters
+    ----------
+    metafits, data_files
+        The observation's metafits and its correlator FITS files (MWAX or legacy).
+    options
+        The conversion options (see :class:`ConversionOptions`).
+    out
+        Output path; its suffix (``.uvfits``/``.ms``) must agree with
+        ``options.output``, and is added when missing. With ``output=both`` the
+        two files share ``out``'s stem.
+    solutions
+        Direction-independent solutions to apply (AO-cal ``.bin`` or hyperdrive
+        FITS, or already read). Required by, and implies, ``apply_di_cal``.
+    progress
+        Called after each chunk with (chunks done, chunks in all, description).
+    workers
+        Threads processing chunks (default: the CPU count, at most the chunk count).
+    chunk_bytes
+        Upper bound of one chunk's raw visibilities.
+
+    Returns
+    -------
+    list of Path
+        The files written.
+
+    Raises
+    ------
+    OptionError
+        For options that do not fit the observation (naming key, value, allowed range).
+    ReadError
+        For missing or unreadable input files.
+    """
+    targets = output_paths(out, options.output)
+    if isinstance(solutions, (str, os.PathLike)):
+        solutions = read_solutions(solutions)
+    reader = open_reader(metafits, data_files)
+    plan = _plan(reader, options, solutions, chunk_bytes)
+    meta = plan.meta
+    resolved = plan.resolved
+    n_times_out = plan.n_times_padded // resolved.time_factor
+    chans_out = plan.chans_per_coarse // resolved.freq_factor
+    n_coarse = len(plan.coarse_chans)
+    out_shape = (n_times_out, meta.n_baselines, n_coarse * chans_out, 4)
+    out_vis = np.zeros(out_shape, dtype=np.complex64)
+    out_weights = np.zeros(out_shape, dtype=np.float32)
+    out_flags = np.ones(out_shape, dtype=bool)
+    out_freqs = np.zeros(n_coarse * chans_out)
+
+    n_times = len(reader.time_start_gps_s)
+    jobs = [
+        (coarse_index, coarse_chan, range(start, min(start + plan.time_block, plan.n_times_padded)))
+        for coarse_index, coarse_chan in enumerate(plan.coarse_chans)
+        for start in range(0, plan.n_times_padded, plan.time_block)
+    ]
+
+    def run(coarse_index: int, coarse_chan: int, block: range) -> int:
+        stored = range(block.start, min(block.stop, n_times))
+        chunk = _padded(reader.read(coarse_chan, stored), len(block), meta.int_time_s)
+        vis, weights, flags, rfi = _process(chunk, plan, options)
+        rows = slice(block.start // resolved.time_factor, block.stop // resolved.time_factor)
+        cols = slice(coarse_index * chans_out, (coarse_index + 1) * chans_out)
+        out_vis[rows, :, cols] = vis
+        out_weights[rows, :, cols] = weights
+        out_flags[rows, :, cols] = flags
+        out_freqs[cols] = chunk.freqs_hz.reshape(chans_out, resolved.freq_factor).mean(axis=1)
+        return rfi
+
+    n_workers = max(1, min(len(jobs), workers or os.cpu_count() or 1))
+    rfi_flagged = 0
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        pending: dict[Future[int], tuple[int, int, range]] = {}
+        queue = list(jobs)
+        done = 0
+        # At most two chunks per worker in flight: memory stays bounded by the chunk size.
+        while queue or pending:
+            while queue and len(pending) < 2 * n_workers:
+                job = queue.pop(0)
+                pending[pool.submit(run, *job)] = job
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                _, coarse_chan, block = pending.pop(future)
+                try:
+                    rfi_flagged += future.result()
+                except BaseException:
+                    for other in pending:
+                        other.cancel()
+                    raise
+                done += 1
+                if progress is not None:
+                    progress(
+                        done,
+                        len(jobs),
+                        f"coarse channel {coarse_chan}, integrations {block.start}-{block.stop - 1}",
+                    )
+
+    time_centres = (
+        reader.time_start_gps_s[0]
+        + (np.arange(n_times_out) + 0.5) * resolved.time_factor * meta.int_time_s
+    )
+    history = (
+        f"Converted by observatory-services preprocess from obsid {meta.obsid} with options "
+        f"{options.to_params() or 'default'}; AOFlagger flagged {rfi_flagged} samples."
+    )
+    if options.no_geometric_delay:
+        # As Birli: the phase centre and uvw are recorded, the data are left unrotated.
+        history += " No geometric correction: the data are not phased to the recorded phase centre."
+    data = ConvertedData(
+        meta=meta,
+        vis=out_vis,
+        weights=out_weights,
+        flags=out_flags,
+        time_centres_gps_s=time_centres,
+        freqs_hz=out_freqs,
+        channel_width_hz=meta.fine_chan_width_hz * resolved.freq_factor,
+        int_time_s=meta.int_time_s * resolved.time_factor,
+        phase_centre=plan.phase_centre,
+        history=history,
+    )
+    return write_outputs(data, targets)

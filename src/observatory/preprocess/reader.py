@@ -1,0 +1,381 @@
+"""Reading raw MWA correlator files in chunks of one coarse channel and a block of time.
+
+Two readers produce the same :class:`RawChunk`:
+
+* :class:`MwalibReader` (the normal path): mwalib's ``CorrelatorContext`` reads
+  MWAX and legacy files, undoing the legacy correlator's ordering and
+  conjugation in Rust, one (timestep, coarse channel) at a time.
+* :class:`PyuvdataReader` (the fallback): files that mwalib refuses, such as
+  the cut-down ``_mini`` files of pyuvdata's test data (renamed, and holding
+  fewer fine channels than their metafits), are read one coarse channel at a
+  time with pyuvdata's ``mwa_corr_fits`` reader, every correction turned off.
+
+Chunks are in pyuvdata's convention: baselines ``(p, q)`` with ``p <= q`` in
+metafits Antenna order (autocorrelations included), polarisations XX, XY, YX,
+YY, and visibilities conjugated relative to raw MWAX data so that a source in
+direction ``s`` carries ``exp(+2 pi i f (x_q - x_p) . s / c)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import mwalib
+import numpy as np
+from numpy.typing import NDArray
+
+from observatory.archive.filenames import parse_file_name
+from observatory.telescope.instrument import COARSE_CHAN_WIDTH_HZ
+
+log = logging.getLogger(__name__)
+
+
+class ReadError(ValueError):
+    """Input files that cannot be converted; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class ObservationMeta:
+    """What the conversion needs from the metafits, in metafits Antenna order.
+
+    Attributes
+    ----------
+    enu_m
+        Tile positions (East, North, Height), metres, shape (n_ants, 3).
+    cable_length_m
+        Electrical cable length of each tile's X and Y input, shape (n_ants, 2).
+    digital_gains
+        Digital gains (1 = unity) per tile, pol and metafits coarse channel,
+        shape (n_ants, 2, n_metafits_coarse_chans).
+    metafits_coarse_chans
+        Receiver channel numbers in metafits order (the digital gains' last axis).
+    """
+
+    obsid: int
+    obs_name: str
+    project_id: str
+    mwax: bool
+    antenna_names: tuple[str, ...]
+    antenna_numbers: tuple[int, ...]
+    enu_m: NDArray[np.float64]
+    cable_length_m: NDArray[np.float64]
+    flagged_antennas: NDArray[np.bool_]
+    digital_gains: NDArray[np.float64]
+    metafits_coarse_chans: tuple[int, ...]
+    int_time_s: float
+    fine_chan_width_hz: float
+    fine_chans_per_coarse: int
+    quack_time_s: float
+    sched_start_gps_s: float
+    phase_centre_radec_deg: tuple[float, float] | None
+    pointing_radec_deg: tuple[float, float] | None
+    cable_delays_applied: bool
+    geometric_delays_applied: bool
+    deripple_applied: bool
+
+    @property
+    def n_ants(self) -> int:
+        return len(self.antenna_names)
+
+    @property
+    def n_baselines(self) -> int:
+        return self.n_ants * (self.n_ants + 1) // 2
+
+    def baseline_antennas(self) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
+        """Antenna indices (p, q), p <= q, of every baseline in chunk order."""
+        return np.triu_indices(self.n_ants)
+
+
+def read_metadata(metafits: str | os.PathLike[str]) -> ObservationMeta:
+    """Read an observation's metadata through mwalib.
+
+    Raises
+    ------
+    ReadError
+        If mwalib cannot read the metafits (the message names the file).
+    """
+    path = Path(metafits)
+    try:
+        context = mwalib.MetafitsContext(str(path))
+    except Exception as exc:  # mwalib raises its own exception types
+        raise ReadError(f"{path}: not a readable metafits ({exc})") from exc
+    antennas = context.antennas
+    n_ants = len(antennas)
+    gains = np.ones((n_ants, 2, len(context.metafits_coarse_chans)))
+    cable = np.zeros((n_ants, 2))
+    flagged = np.zeros(n_ants, dtype=bool)
+    for index, antenna in enumerate(antennas):
+        for pol, rf_input in enumerate((antenna.rfinput_x, antenna.rfinput_y)):
+            cable[index, pol] = rf_input.electrical_length_m
+            gains[index, pol] = rf_input.digital_gains
+            flagged[index] |= bool(rf_input.flagged)
+    phase_ra, phase_dec = context.ra_phase_center_degrees, context.dec_phase_center_degrees
+    point_ra, point_dec = context.ra_tile_pointing_degrees, context.dec_tile_pointing_degrees
+    return ObservationMeta(
+        obsid=int(context.obs_id),
+        obs_name=str(context.obs_name),
+        project_id=str(context.project_id),
+        mwax=context.mwa_version is not None and "MWAX" in str(context.mwa_version),
+        antenna_names=tuple(str(a.tile_name) for a in antennas),
+        antenna_numbers=tuple(int(a.tile_id) for a in antennas),
+        enu_m=np.array([(a.east_m, a.north_m, a.height_m) for a in antennas], dtype=np.float64),
+        cable_length_m=cable,
+        flagged_antennas=flagged,
+        digital_gains=gains,
+        metafits_coarse_chans=tuple(int(c.rec_chan_number) for c in context.metafits_coarse_chans),
+        int_time_s=context.corr_int_time_ms / 1000.0,
+        fine_chan_width_hz=float(context.corr_fine_chan_width_hz),
+        fine_chans_per_coarse=int(context.num_corr_fine_chans_per_coarse),
+        quack_time_s=context.quack_time_duration_ms / 1000.0,
+        sched_start_gps_s=context.sched_start_gps_time_ms / 1000.0,
+        phase_centre_radec_deg=None if phase_ra is None else (float(phase_ra), float(phase_dec)),
+        pointing_radec_deg=None if point_ra is None else (float(point_ra), float(point_dec)),
+        cable_delays_applied="No" not in str(context.cable_delays_applied),
+        geometric_delays_applied="No" not in str(context.geometric_delays_applied),
+        deripple_applied=bool(context.deripple_applied),
+    )
+
+
+@dataclass
+class RawChunk:
+    """Visibilities of one coarse channel over a block of timesteps.
+
+    Attributes
+    ----------
+    vis
+        complex64, shape (n_times, n_baselines, n_chans, 4), pyuvdata's convention.
+    weights
+        float32, broadcastable to ``vis.shape``; 0 where the correlator had no data.
+    chan_index
+        Index of each channel within its coarse channel (0..fine_chans_per_coarse-1).
+    freqs_hz
+        Centre frequency of each channel.
+    time_start_gps_s
+        Start of each integration.
+    """
+
+    coarse_chan: int
+    vis: NDArray[np.complex64]
+    weights: NDArray[np.float32]
+    chan_index: NDArray[np.intp]
+    freqs_hz: NDArray[np.float64]
+    time_start_gps_s: NDArray[np.float64]
+
+
+class VisibilityReader(Protocol):
+    """What the engine reads through."""
+
+    meta: ObservationMeta
+    coarse_chans: tuple[int, ...]
+    time_start_gps_s: NDArray[np.float64]
+    chans_per_coarse: int
+
+    def read(self, coarse_chan: int, timesteps: range) -> RawChunk:
+        """Visibilities of ``coarse_chan`` for the given timestep indices."""
+        ...
+
+
+def _coarse_freqs_hz(
+    rec_chan: int, chan_index: NDArray[np.intp], width_hz: float, n: int
+) -> NDArray[np.float64]:
+    centre_hz = rec_chan * COARSE_CHAN_WIDTH_HZ
+    return centre_hz + (chan_index - n // 2) * width_hz
+
+
+class MwalibReader:
+    """Chunks read through mwalib's ``CorrelatorContext``."""
+
+    def __init__(self, metafits: Path, data_files: Sequence[Path], meta: ObservationMeta) -> None:
+        self.meta = meta
+        self.context = mwalib.CorrelatorContext(str(metafits), [str(p) for p in data_files])
+        context = self.context
+        self._coarse_index = {
+            int(context.coarse_chans[i].rec_chan_number): i
+            for i in context.provided_coarse_chan_indices
+        }
+        self.coarse_chans = tuple(sorted(self._coarse_index))
+        self._timestep_indices = list(context.provided_timestep_indices)
+        self.time_start_gps_s = np.array(
+            [context.timesteps[i].gps_time_ms / 1000.0 for i in self._timestep_indices]
+        )
+        self.chans_per_coarse = meta.fine_chans_per_coarse
+
+    def read(self, coarse_chan: int, timesteps: range) -> RawChunk:
+        meta = self.meta
+        n_chans = self.chans_per_coarse
+        coarse_index = self._coarse_index[coarse_chan]
+        vis = np.zeros((len(timesteps), meta.n_baselines, n_chans, 4), dtype=np.complex64)
+        weights = np.zeros((len(timesteps), meta.n_baselines, 1, 4), dtype=np.float32)
+        for row, t in enumerate(timesteps):
+            timestep_index = self._timestep_indices[t]
+            try:
+                floats = self.context.read_by_baseline(timestep_index, coarse_index)
+                weight = self.context.read_weights_by_baseline(timestep_index, coarse_index)
+            except Exception as exc:  # no data for this (timestep, coarse channel): flagged
+                log.debug("no data for timestep %d, channel %d: %s", t, coarse_chan, exc)
+                continue
+            np.conjugate(
+                floats.view(np.complex64).reshape(meta.n_baselines, n_chans, 4), out=vis[row]
+            )
+            weights[row, :, 0, :] = weight.reshape(meta.n_baselines, 4)
+        chan_index = np.arange(n_chans)
+        return RawChunk(
+            coarse_chan=coarse_chan,
+            vis=vis,
+            weights=weights,
+            chan_index=chan_index,
+            freqs_hz=_coarse_freqs_hz(coarse_chan, chan_index, meta.fine_chan_width_hz, n_chans),
+            time_start_gps_s=self.time_start_gps_s[timesteps.start : timesteps.stop],
+        )
+
+
+class PyuvdataReader:
+    """Chunks read through pyuvdata, for files mwalib refuses.
+
+    pyuvdata reads a whole coarse channel at once, so memory is bounded by one
+    coarse channel's files, not by the observation.
+    """
+
+    def __init__(self, metafits: Path, data_files: Sequence[Path], meta: ObservationMeta) -> None:
+        from pyuvdata import UVData
+
+        self.meta = meta
+        self.metafits = metafits
+        groups: dict[tuple[str, int], list[Path]] = {}
+        for path in data_files:
+            info = parse_file_name(path.name)
+            number = None if info is None else (info.coarse_chan or info.gpubox_number)
+            if info is None or number is None:
+                raise ReadError(f"{path}: not an MWA correlator file name")
+            groups.setdefault((info.kind, number), []).append(path)
+        # The receiver channel of a legacy gpubox file depends on the metafits channel
+        # order; pyuvdata knows it, so ask it (headers only) for each group's frequencies.
+        self._files: dict[int, list[Path]] = {}
+        time_axes = []
+        for group in groups.values():
+            header = UVData.from_file(
+                [str(metafits), *map(str, group)], file_type="mwa_corr_fits", read_data=False
+            )
+            rec_chan = _rec_chan_of(float(np.mean(header.freq_array)))
+            self._files[rec_chan] = group
+            time_axes.append(np.unique(header.time_array))
+            self.chans_per_coarse = int(header.Nfreqs)
+        self.coarse_chans = tuple(sorted(self._files))
+        all_times = np.unique(np.concatenate(time_axes))
+        self.time_start_gps_s = _jd_to_gps(all_times) - meta.int_time_s / 2
+        self._cache: tuple[int, RawChunk] | None = None
+
+    def _read_channel(self, coarse_chan: int) -> RawChunk:
+        from pyuvdata import UVData
+
+        meta = self.meta
+        uvd = UVData.from_file(
+            [str(self.metafits), *map(str, self._files[coarse_chan])],
+            file_type="mwa_corr_fits",
+            correct_cable_len=False,
+            correct_van_vleck=False,
+            remove_dig_gains=False,
+            remove_coarse_band=False,
+            remove_flagged_ants=False,
+            flag_init=False,
+            phase_to_pointing_center=False,
+            propagate_coarse_flags=False,
+            data_array_dtype=np.complex64,
+        )
+        times_gps = _jd_to_gps(uvd.time_array) - meta.int_time_s / 2
+        time_rows = np.searchsorted(self.time_start_gps_s, times_gps - 1e-3)
+        if np.any(np.abs(self.time_start_gps_s[time_rows] - times_gps) > 1e-3):
+            raise ReadError(f"coarse channel {coarse_chan}: integrations differ from the others'")
+        index_of_number = {n: i for i, n in enumerate(uvd.telescope.antenna_numbers)}
+        names = list(uvd.telescope.antenna_names)
+        name_to_meta = {name: i for i, name in enumerate(meta.antenna_names)}
+        try:
+            to_meta = np.array(
+                [name_to_meta[names[index_of_number[n]]] for n in uvd.telescope.antenna_numbers]
+            )
+        except KeyError as exc:
+            raise ReadError(f"antenna {exc} of the data is not in the metafits") from None
+        number_to_meta = dict(zip(uvd.telescope.antenna_numbers, to_meta, strict=True))
+        p = np.array([number_to_meta[a] for a in uvd.ant_1_array])
+        q = np.array([number_to_meta[a] for a in uvd.ant_2_array])
+        pols = [int(x) for x in uvd.polarization_array]
+        # XX, XY, YX, YY in AIPS numbers; pyuvdata keeps the file's order.
+        pol_order = [pols.index(code) for code in (-5, -7, -8, -6)]
+        data = uvd.data_array[:, :, pol_order]
+        weights = uvd.nsample_array[:, :, pol_order].astype(np.float32)
+        swapped = p > q  # keep p <= q: swap the antennas, conjugate, and swap XY with YX
+        data[swapped] = np.conj(data[swapped][:, :, [0, 2, 1, 3]])
+        weights[swapped] = weights[swapped][:, :, [0, 2, 1, 3]]
+        p, q = np.minimum(p, q), np.maximum(p, q)
+        n = meta.n_ants
+        baseline = p * n - p * (p - 1) // 2 + (q - p)  # row-major upper-triangle index
+        vis = np.zeros((len(self.time_start_gps_s), meta.n_baselines, uvd.Nfreqs, 4), np.complex64)
+        weight_out = np.zeros(vis.shape, dtype=np.float32)
+        vis[time_rows, baseline] = data
+        weight_out[time_rows, baseline] = weights
+        freqs_hz = np.asarray(uvd.freq_array, dtype=np.float64).ravel()
+        lower_edge_hz = (coarse_chan - 0.5) * COARSE_CHAN_WIDTH_HZ
+        chan_index = np.floor((freqs_hz - lower_edge_hz) / meta.fine_chan_width_hz).astype(np.intp)
+        return RawChunk(coarse_chan, vis, weight_out, chan_index, freqs_hz, self.time_start_gps_s)
+
+    def read(self, coarse_chan: int, timesteps: range) -> RawChunk:
+        if self._cache is None or self._cache[0] != coarse_chan:
+            self._cache = (coarse_chan, self._read_channel(coarse_chan))
+        whole = self._cache[1]
+        block = slice(timesteps.start, timesteps.stop)
+        return RawChunk(
+            coarse_chan,
+            whole.vis[block],
+            whole.weights[block],
+            whole.chan_index,
+            whole.freqs_hz,
+            whole.time_start_gps_s[block],
+        )
+
+
+def _rec_chan_of(freq_hz: float) -> int:
+    """Receiver channel whose 1.28 MHz band holds ``freq_hz`` (centred on n x 1.28 MHz)."""
+    return int(np.floor(freq_hz / COARSE_CHAN_WIDTH_HZ + 0.5))
+
+
+def _jd_to_gps(jd: NDArray[np.float64]) -> NDArray[np.float64]:
+    from astropy.time import Time
+
+    return np.asarray(Time(jd, format="jd", scale="utc").gps, dtype=np.float64)
+
+
+def open_reader(
+    metafits: str | os.PathLike[str], data_files: Sequence[str | os.PathLike[str]]
+) -> VisibilityReader:
+    """Open an observation for chunked reading: mwalib when it can, else pyuvdata.
+
+    Raises
+    ------
+    ReadError
+        If no data file is given, a file is missing, or neither reader accepts the files.
+    """
+    metafits_path = Path(metafits)
+    paths = [Path(p) for p in data_files]
+    if not paths:
+        raise ReadError("no correlator data files given")
+    for path in [metafits_path, *paths]:
+        if not path.is_file():
+            raise ReadError(f"{path}: no such file")
+    meta = read_metadata(metafits_path)
+    try:
+        return MwalibReader(metafits_path, paths, meta)
+    except Exception as mwalib_error:  # mwalib's own error types
+        log.info("mwalib refused the files (%s); reading them with pyuvdata", mwalib_error)
+        try:
+            return PyuvdataReader(metafits_path, paths, meta)
+        except ReadError:
+            raise
+        except Exception as exc:
+            raise ReadError(
+                f"cannot read the correlator files: mwalib says {mwalib_error}; pyuvdata says {exc}"
+            ) from exc

@@ -1,0 +1,63 @@
+"""RFI flagging with AOFlagger's MWA strategy, one baseline's time-frequency image at a time."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from numpy.typing import NDArray
+
+_local = threading.local()
+
+
+def _strategy():  # type: ignore[no-untyped-def]
+    """AOFlagger and its MWA default strategy, one per thread (they are not thread-safe)."""
+    if not hasattr(_local, "strategy"):
+        import aoflagger
+
+        flagger = aoflagger.AOFlagger()
+        _local.flagger = flagger
+        _local.strategy = flagger.load_strategy_file(
+            flagger.find_strategy_file(aoflagger.TelescopeId.MWA)
+        )
+    return _local.flagger, _local.strategy
+
+
+def aoflagger_flags(
+    vis: NDArray[np.complex64],
+    flags: NDArray[np.bool_],
+    baselines: NDArray[np.intp],
+) -> NDArray[np.bool_]:
+    """Flags AOFlagger raises on the given baselines of a chunk.
+
+    Parameters
+    ----------
+    vis
+        Visibilities, shape (n_times, n_baselines, n_chans, 4).
+    flags
+        Flags already set, same shape; AOFlagger takes them as input.
+    baselines
+        Indices of the baselines to flag (cross-correlations not already flagged).
+
+    Returns
+    -------
+    numpy.ndarray
+        bool, shape (n_times, n_baselines, n_chans): the new flags (all pols together).
+    """
+    n_times, _, n_chans, _ = vis.shape
+    flagger, strategy = _strategy()
+    found = np.zeros(vis.shape[:3], dtype=bool)
+    if n_times < 2 or len(baselines) == 0:
+        return found
+    images = flagger.make_image_set(n_times, n_chans, 8)
+    mask = flagger.make_flag_mask(n_times, n_chans, False)
+    for baseline in baselines:  # AOFlagger's interface takes one baseline's image set at a time
+        # (pols, chans, times): AOFlagger images are height = channels, width = times.
+        block = np.ascontiguousarray(vis[:, baseline].transpose(2, 1, 0))
+        for pol in range(4):
+            images.set_image_buffer(2 * pol, block[pol].real)
+            images.set_image_buffer(2 * pol + 1, block[pol].imag)
+        mask.set_buffer(np.ascontiguousarray(flags[:, baseline].any(axis=-1).T))
+        result = strategy.run(images, mask)
+        found[:, baseline] = result.get_buffer().T
+    return found
