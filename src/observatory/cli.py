@@ -76,6 +76,7 @@ def cmd_projects_create(args: argparse.Namespace) -> int:
 def cmd_archive_ingest(args: argparse.Namespace) -> int:
     from observatory.archive.service import ingest_directory
     from observatory.core.storage import Storage
+
     settings = _settings(args)
     with session_scope(_session_factory(settings)) as session:
         report = ingest_directory(session, Storage(settings.archive_dir), Path(args.directory))

@@ -168,6 +168,20 @@ def apply_jones(
     vis[...] = result.reshape(vis.shape)
 
 
+def make_autos_hermitian(vis: NDArray[np.complex64], meta: ObservationMeta) -> None:
+    """Drop the rounding residue that leaves autocorrelations not exactly Hermitian.
+
+    pyuvdata refuses to write autocorrelations whose XX/YY have an imaginary part.
+    """
+    p, q = meta.baseline_antennas()
+    autos = np.flatnonzero(p == q)
+    block = vis[:, autos]
+    block[..., 0].imag = 0.0
+    block[..., 3].imag = 0.0
+    block[..., 2] = np.conj(block[..., 1])
+    vis[:, autos] = block
+
+
 def average(
     vis: NDArray[np.complex64],
     weights: NDArray[np.float32],

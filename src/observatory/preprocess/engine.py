@@ -244,6 +244,7 @@ def _process(
         unsolved = ~np.isfinite(vis)
         flags |= unsolved.any(axis=-1, keepdims=True)
         vis[unsolved] = 0
+        corrections.make_autos_hermitian(vis, meta)
     # 8. averaging
     averaged, weight_sum, out_flags = corrections.average(
         vis,
@@ -385,5 +386,6 @@ def preprocess(
         int_time_s=meta.int_time_s * resolved.time_factor,
         phase_centre=plan.phase_centre,
         history=history,
+        calibrated=plan.jones is not None,
     )
     return write_outputs(data, targets)

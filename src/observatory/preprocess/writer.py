@@ -42,6 +42,7 @@ class ConvertedData:
     int_time_s: float
     phase_centre: tuple[str, float, float]
     history: str
+    calibrated: bool = False
 
 
 def to_uvdata(data: ConvertedData):  # type: ignore[no-untyped-def]
@@ -64,9 +65,10 @@ def to_uvdata(data: ConvertedData):  # type: ignore[no-untyped-def]
         location=location,
         antenna_positions=ecef - telescope_xyz,
         antenna_names=list(meta.antenna_names),
-        # 1-based antenna indices, as Birli writes them: real tile ids go past 255, which
-        # forces uvfits into 2048-baseline indexing that CASA's importuvfits cannot read.
-        antenna_numbers=list(range(1, meta.n_ants + 1)),
+        # Metafits Antenna indices (uvfits stores them 1-based, as Birli writes them): real
+        # tile ids go past 255, which forces uvfits into 2048-baseline indexing that
+        # CASA's importuvfits cannot read, and would leave empty MS ANTENNA rows.
+        antenna_numbers=list(range(meta.n_ants)),
         instrument="MWA",
         x_orientation="east",
         feeds=["x", "y"],
@@ -75,7 +77,7 @@ def to_uvdata(data: ConvertedData):  # type: ignore[no-untyped-def]
         update_from_known=False,
     )
     p, q = meta.baseline_antennas()
-    antpairs = np.stack([p + 1, q + 1], axis=1)
+    antpairs = np.stack([p, q], axis=1)
     name, ra_deg, dec_deg = data.phase_centre
     catalog = {
         0: {
@@ -126,7 +128,7 @@ def _new_uvdata(data: ConvertedData, telescope, antpairs, catalog, jd):  # type:
         phase_center_catalog=catalog,
         phase_center_id_array=np.zeros(n_times * n_bl, dtype=int),
         history=data.history,
-        vis_units="uncalib",
+        vis_units="Jy" if data.calibrated else "uncalib",
         flex_spw_id_array=_spectral_windows(data.freqs_hz, data.channel_width_hz),
     )
 

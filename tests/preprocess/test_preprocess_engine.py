@@ -1,0 +1,451 @@
+"""The conversion engine against the simulator's injected truth, and on the real MWA files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pyuvdata import UVData
+
+from observatory.calib.formats import CalSolutions, write_aocal, write_hyperdrive
+from observatory.preprocess.engine import output_paths, preprocess
+from observatory.preprocess.options import ConversionOptions, OptionError, OutputFormat
+from observatory.preprocess.reader import ReadError, open_reader
+from observatory.telescope.simulator import (
+    PointSource,
+    RfiBurst,
+    SimulatedObservation,
+    predict_visibilities,
+    simulate_observation,
+)
+from observatory.telescope.site import ensure_astropy_offline
+from shared_data import MWA_DATA
+
+OBSID = 1320409688
+SOURCE = PointSource(333.6069, -17.0288, 60.0, -0.8, "3C444")
+N_TILES = 8
+CHANS = (137, 138)
+N_TIMES = 4
+#: Everything off: the output must be the raw data, reordered.
+RAW = {
+    "no_rfi": "true",
+    "no_geometric_delay": "true",
+    "no_cable_delay": "true",
+    "no_digital_gains": "true",
+    "no_passband_gains": "true",
+    "flag_edge_width": "0",
+}
+PYUVDATA_OFF = {
+    "correct_cable_len": False,
+    "correct_van_vleck": False,
+    "remove_dig_gains": False,
+    "remove_coarse_band": False,
+    "remove_flagged_ants": False,
+    "flag_init": False,
+    "phase_to_pointing_center": False,
+    "propagate_coarse_flags": False,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline() -> None:
+    ensure_astropy_offline()
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory: pytest.TempPathFactory) -> SimulatedObservation:
+    """8 tiles, 2 coarse channels, 4 integrations; digital gains, quack time, no noise."""
+    return simulate_observation(
+        tmp_path_factory.mktemp("sim"),
+        OBSID,
+        n_tiles=N_TILES,
+        coarse_chans=CHANS,
+        n_timesteps=N_TIMES,
+        sources=[SOURCE, PointSource(336.0, -21.0, 12.0, -0.6)],
+        digital_gain_scatter=0.2,
+        quack_time_s=2.0,
+        flagged_antennas=[5],
+    )
+
+
+def convert(sim: SimulatedObservation, out: Path, **params: object) -> list[Path]:
+    options = ConversionOptions.from_params({k: str(v) for k, v in params.items()})
+    return preprocess(sim.metafits_path, sim.vis_paths, options, out)
+
+
+def cube(path: Path, n_ants: int = N_TILES) -> tuple[np.ndarray, np.ndarray, UVData]:
+    """Output as (times, baselines in chunk order, channels, XX XY YX YY) data and flags."""
+    kwargs = {"ignore_single_chan": False} if path.suffix == ".ms" else {}
+    uvd = UVData.from_file(str(path), **kwargs)
+    pols = [list(uvd.polarization_array).index(code) for code in (-5, -7, -8, -6)]
+    p, q = uvd.ant_1_array, uvd.ant_2_array
+    assert np.all(p <= q)
+    baseline = p * n_ants - p * (p - 1) // 2 + (q - p)
+    times = np.unique(uvd.time_array)
+    rows = np.searchsorted(times, uvd.time_array)
+    n_bl = n_ants * (n_ants + 1) // 2
+    data = np.zeros((len(times), n_bl, uvd.Nfreqs, 4), np.complex64)
+    flags = np.ones(data.shape, bool)
+    data[rows, baseline] = uvd.data_array[:, :, pols]
+    flags[rows, baseline] = uvd.flag_array[:, :, pols]
+    return data, flags, uvd
+
+
+def model(sim: SimulatedObservation, **kwargs: bool) -> np.ndarray:
+    """The simulator's visibilities, (times, baselines, all channels, pols), pyuvdata convention."""
+    return np.stack(
+        [
+            np.concatenate(
+                [predict_visibilities(sim.truth, t, c, domain="uvdata", **kwargs) for c in CHANS],
+                axis=1,
+            )
+            for t in range(N_TIMES)
+        ]
+    )
+
+
+def unflagged_baselines() -> np.ndarray:
+    p, q = np.triu_indices(N_TILES)
+    return (p != 5) & (q != 5)
+
+
+def test_with_everything_off_the_output_is_the_raw_data(
+    sim: SimulatedObservation, tmp_path: Path
+) -> None:
+    (out,) = convert(sim, tmp_path / "raw.uvfits", **RAW)
+    data, flags, uvd = cube(out)
+    np.testing.assert_array_equal(data, model(sim))
+    assert uvd.Ntimes == N_TIMES and uvd.Nfreqs == 64
+    # Quack time (2 s) flags the first integration; tile 5 is flagged in the metafits.
+    assert flags[0].all()
+    good = unflagged_baselines()
+    assert not flags[1:, good].any() and flags[:, ~good].all()
+
+
+def test_cable_and_digital_gain_corrections_undo_the_injected_values(
+    sim: SimulatedObservation, tmp_path: Path
+) -> None:
+    corrected = {**RAW, "no_cable_delay": "false", "no_digital_gains": "false"}
+    (out,) = convert(sim, tmp_path / "corrected.uvfits", **corrected)
+    data, _, _ = cube(out)
+    expected = model(sim, include_cable=False, include_digital_gains=False)
+    good = unflagged_baselines()
+    scale = np.abs(expected[:, good]).max()
+    np.testing.assert_allclose(data[:, good], expected[:, good], atol=2e-6 * scale)
+    # The injected gains are far from unity, so skipping the correction is visibly wrong.
+    (raw,) = convert(sim, tmp_path / "raw.uvfits", **RAW)
+    uncorrected, _, _ = cube(raw)
+    assert np.abs(uncorrected[:, good] - expected[:, good]).max() > 0.1 * scale
+
+
+def test_phasing_to_a_source_leaves_its_flux_with_zero_phase(tmp_path: Path) -> None:
+    single = simulate_observation(
+        tmp_path / "sim", OBSID, n_tiles=N_TILES, coarse_chans=CHANS, n_timesteps=N_TIMES,
+        sources=[SOURCE],
+    )  # fmt: skip
+    params = {
+        **RAW, "no_cable_delay": "false", "no_geometric_delay": "false",
+        "centre": "custom", "phase_centre_ra": SOURCE.ra_deg, "phase_centre_dec": SOURCE.dec_deg,
+    }  # fmt: skip
+    (out,) = convert(single, tmp_path / "phased.uvfits", **params)
+    data, _, uvd = cube(out)
+    p, q = np.triu_indices(N_TILES)
+    xx = data[:, p != q, :, 0]
+    assert np.abs(np.angle(xx)).max() < 1e-5
+    np.testing.assert_allclose(
+        np.abs(xx), np.broadcast_to(SOURCE.flux_jy(uvd.freq_array), xx.shape), rtol=1e-5
+    )
+    centre = uvd.phase_center_catalog[uvd.phase_center_id_array[0]]
+    assert np.degrees(centre["cat_lon"]) == pytest.approx(SOURCE.ra_deg)
+    assert np.degrees(centre["cat_lat"]) == pytest.approx(SOURCE.dec_deg)
+
+
+def test_averaging_is_the_weighted_mean_of_the_model(
+    sim: SimulatedObservation, tmp_path: Path
+) -> None:
+    (out,) = convert(sim, tmp_path / "avg.uvfits", **RAW, avg_time_res=4, avg_freq_res=160)
+    data, flags, uvd = cube(out)
+    assert (uvd.Ntimes, uvd.Nfreqs) == (2, 16)
+    full = model(sim)
+    good = unflagged_baselines()
+    # The first integration is quacked, so the first output is the second integration's
+    # channel average alone; the second output averages integrations 2 and 3.
+    first = full[1].reshape(-1, 16, 4, 4).mean(axis=2)
+    second = full[2:].reshape(2, -1, 16, 4, 4).mean(axis=(0, 3))
+    np.testing.assert_allclose(data[0, good], first[good], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(data[1, good], second[good], rtol=1e-5, atol=1e-4)
+    assert not flags[:, good].any() and flags[:, ~good].all()
+    assert uvd.integration_time == pytest.approx(4.0)
+    assert uvd.channel_width == pytest.approx(160e3)
+    assert np.all(uvd.nsample_array[uvd.ant_1_array == 0][0] > 0)
+
+
+def test_edge_and_dc_flags_fall_exactly_where_the_rules_say(
+    sim: SimulatedObservation, tmp_path: Path
+) -> None:
+    params = {k: v for k, v in RAW.items() if k != "flag_edge_width"}
+    (out,) = convert(sim, tmp_path / "edges.uvfits", **params)  # default: 80 kHz = 2 channels
+    _, flags, _ = cube(out)
+    good = unflagged_baselines()
+    per_chan = flags[1:, good].all(axis=(0, 1, 3))
+    expected = np.zeros(64, bool)
+    for start in (0, 32):
+        expected[start : start + 2] = expected[start + 30 : start + 32] = True
+    np.testing.assert_array_equal(per_chan, expected)
+    assert not flags[1:, good][:, :, ~expected].any()
+
+    (out,) = convert(
+        sim, tmp_path / "dc.uvfits", **{**RAW, "flag_edge_width": 120, "flagdcchannels": "true"}
+    )
+    _, flags, _ = cube(out)
+    per_chan = flags[1:, good].all(axis=(0, 1, 3))
+    expected = np.zeros(64, bool)
+    for start in (0, 32):
+        expected[start : start + 3] = expected[start + 29 : start + 32] = True
+        expected[start + 16] = True  # the DC channel (MWAX data: only when asked)
+    np.testing.assert_array_equal(per_chan, expected)
+
+
+def test_true_gains_as_ao_cal_solutions_give_the_gain_free_sky(tmp_path: Path) -> None:
+    noise_jy = 0.05
+    gained = simulate_observation(
+        tmp_path / "sim", OBSID, n_tiles=N_TILES, coarse_chans=CHANS, n_timesteps=N_TIMES,
+        sources=[SOURCE], gain_amplitude_scatter=0.2, delay_error_scatter_ns=3.0,
+        noise_sigma_jy=noise_jy, seed=3,
+    )  # fmt: skip
+    truth = gained.truth
+    # Solutions are the inverse of the gains (pyuvdata's convention), one chanblock per channel.
+    gains = np.concatenate([truth.complex_gains(c, "uvdata") for c in CHANS], axis=2)  # (A, 2, C)
+    jones = np.zeros((1, N_TILES, 64, 4), np.complex128)
+    jones[0, :, :, 0] = 1 / gains[:, 0]
+    jones[0, :, :, 3] = 1 / gains[:, 1]
+    jones[0, 2, 10, :] = np.nan  # one unsolved channel of tile 2
+    solutions_path = tmp_path / "solutions.bin"
+    write_aocal(solutions_path, CalSolutions(jones=jones))
+
+    options = ConversionOptions.from_params(
+        {**RAW, "no_cable_delay": "false", "apply_di_cal": "true"}
+    )
+    (out,) = preprocess(
+        gained.metafits_path,
+        gained.vis_paths,
+        options,
+        tmp_path / "cal.uvfits",
+        solutions=solutions_path,
+    )
+    data, flags, _ = cube(out)
+    expected = model(gained, include_cable=False, include_gains=False)
+    p, q = np.triu_indices(N_TILES)
+    with_tile_2 = (p == 2) | (q == 2)
+    assert flags[:, with_tile_2, 10].all()
+    ok = ~flags
+    residual = (data - expected)[ok]
+    worst_scale = 1 / np.abs(gains).min() ** 2
+    assert np.abs(residual).max() < 6 * noise_jy * worst_scale
+    assert np.std(residual.real) < 2 * noise_jy * worst_scale
+    # Without the solutions the gains stay in.
+    (raw,) = convert(gained, tmp_path / "uncal.uvfits", **{**RAW, "no_cable_delay": "false"})
+    uncal, _, _ = cube(raw)
+    assert np.abs((uncal - expected)[ok]).max() > 20 * noise_jy * worst_scale
+
+
+def test_hyperdrive_solutions_apply_like_ao_cal(tmp_path: Path, sim: SimulatedObservation) -> None:
+    jones = np.zeros((1, N_TILES, 16, 4), np.complex128)
+    jones[..., 0] = 2.0
+    jones[..., 3] = 0.5j
+    write_hyperdrive(tmp_path / "hyp.fits", CalSolutions(jones=jones))
+    options = ConversionOptions.from_params(RAW)
+    (out,) = preprocess(
+        sim.metafits_path,
+        sim.vis_paths,
+        options,
+        tmp_path / "h.uvfits",
+        solutions=tmp_path / "hyp.fits",
+    )
+    data, _, _ = cube(out)
+    raw = model(sim)
+    np.testing.assert_allclose(data[..., 0], 4 * raw[..., 0], rtol=1e-5, atol=1e-3)  # 2 x 2*
+    np.testing.assert_allclose(data[..., 1], 2 * -0.5j * raw[..., 1], rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(data[..., 3], 0.25 * raw[..., 3], rtol=1e-5, atol=1e-3)
+
+
+def test_aoflagger_flags_an_rfi_burst_and_little_else(tmp_path: Path) -> None:
+    burst = RfiBurst(coarse_chan=137, fine_chans=(12, 14), timesteps=(6, 9), amplitude_jy=300.0)
+    noisy = simulate_observation(
+        tmp_path / "sim", OBSID, n_tiles=16, coarse_chans=[137], n_timesteps=16,
+        sources=[SOURCE], noise_sigma_jy=2.0, rfi=[burst], seed=4,
+    )  # fmt: skip
+    params = {k: v for k, v in RAW.items() if k != "no_rfi"}
+    (out,) = convert(noisy, tmp_path / "rfi.uvfits", **params)
+    _, flags, _ = cube(out, 16)
+    p, q = np.triu_indices(16)
+    cross = flags[:, p != q]
+    in_burst = np.zeros(cross.shape, bool)
+    in_burst[6:9, :, 12:14] = True
+    burst_fraction = cross[in_burst].mean()
+    clean_fraction = cross[~in_burst].mean()
+    print(
+        f"AOFlagger: {burst_fraction:.1%} of the burst flagged, {clean_fraction:.1%} of clean data"
+    )
+    assert burst_fraction > 0.95
+    assert clean_fraction < 0.05
+    # Without AOFlagger nothing is flagged.
+    (out,) = convert(noisy, tmp_path / "norfi.uvfits", **RAW)
+    assert not cube(out, 16)[1][:, p != q].any()
+
+
+def test_measurement_set_is_consistent_in_casacore_and_pyuvdata(
+    sim: SimulatedObservation, tmp_path: Path
+) -> None:
+    from casacore.tables import table
+
+    uvfits_path, ms_path = convert(sim, tmp_path / "both", **RAW, output="both")
+    assert (uvfits_path.name, ms_path.name) == ("both.uvfits", "both.ms")
+    from_ms, ms_flags, _ = cube(ms_path)
+    from_uvfits, uvfits_flags, _ = cube(uvfits_path)
+    np.testing.assert_array_equal(from_ms, from_uvfits)
+    np.testing.assert_array_equal(ms_flags, uvfits_flags)
+    with table(str(ms_path / "ANTENNA"), ack=False) as antennas:
+        assert antennas.nrows() == N_TILES
+        assert list(antennas.getcol("NAME")) == [t.tile_name for t in sim.truth.tiles]
+    with table(str(ms_path / "SPECTRAL_WINDOW"), ack=False) as windows:
+        assert windows.nrows() == 1
+        assert windows.getcol("NUM_CHAN")[0] == 64
+        freqs = windows.getcol("CHAN_FREQ")[0]
+        assert freqs[0] == pytest.approx(sim.truth.fine_chan_freqs_hz(137)[0])
+    with table(str(ms_path / "FIELD"), ack=False) as fields:
+        assert fields.nrows() == 1
+        ra, dec = fields.getcol("PHASE_DIR")[0, 0]
+        assert np.degrees(ra) % 360 == pytest.approx(SOURCE.ra_deg, abs=1e-6)
+        assert np.degrees(dec) == pytest.approx(SOURCE.dec_deg, abs=1e-6)
+    with table(str(ms_path), ack=False) as main:
+        assert main.nrows() == N_TIMES * N_TILES * (N_TILES + 1) // 2
+        assert main.getcol("DATA").shape[1:] == (64, 4)
+        assert main.getcol("ANTENNA1").max() < N_TILES
+
+
+def test_small_chunks_give_the_same_result(sim: SimulatedObservation, tmp_path: Path) -> None:
+    options = ConversionOptions.from_params({**RAW, "no_cable_delay": "false", "avg_time_res": 4})
+    calls: list[tuple[int, int]] = []
+    (whole,) = preprocess(sim.metafits_path, sim.vis_paths, options, tmp_path / "a.uvfits")
+    (chunked,) = preprocess(
+        sim.metafits_path, sim.vis_paths, options, tmp_path / "b.uvfits",
+        chunk_bytes=1, workers=2, progress=lambda done, total, _: calls.append((done, total)),
+    )  # fmt: skip
+    np.testing.assert_array_equal(cube(whole)[0], cube(chunked)[0])
+    # One chunk per coarse channel and pair of integrations.
+    assert calls == [(n, 4) for n in range(1, 5)]
+
+
+@pytest.mark.parametrize(
+    ("metafits", "files", "n_chans"),
+    [
+        ("1320409688.metafits", ["1320409688_20211108122750_mini_ch137_000.fits"], 1),
+        (
+            "1131733552.metafits",
+            [
+                "1131733552_20151116182537_mini_gpubox01_00.fits",
+                "1131733552_20151116182637_mini_gpubox06_01.fits",
+            ],
+            2,
+        ),
+        ("1061315448.metafits", ["1061315448_20130823175130_mini_gpubox07_01.fits"], 1),
+    ],
+)
+def test_real_observations_convert_to_uvfits_and_ms(
+    tmp_path: Path, metafits: str, files: list[str], n_chans: int
+) -> None:
+    paths = [MWA_DATA / f for f in files]
+    options = ConversionOptions.from_params({**RAW, "output": "both", "allow_missing": "true"})
+    outputs = preprocess(MWA_DATA / metafits, paths, options, tmp_path / "real")
+    direct = UVData.from_file(
+        [str(MWA_DATA / metafits), *map(str, paths)], file_type="mwa_corr_fits", **PYUVDATA_OFF
+    )
+    for path in outputs:
+        data, _, uvd = cube(path, 128)
+        assert uvd.Nfreqs == n_chans and uvd.Nbls == 8256
+        # Same visibilities as pyuvdata's own reading of the files (it orders
+        # antennas by tile number; compare one cross-correlation by tile name).
+        names = list(direct.telescope.antenna_names)
+        ant1, ant2 = (
+            direct.telescope.antenna_numbers[names.index(uvd.telescope.antenna_names[0])],
+            direct.telescope.antenna_numbers[names.index(uvd.telescope.antenna_names[1])],
+        )
+        theirs = direct.get_data(ant1, ant2, "xx")
+        ours = data[:, 1, :, 0]
+        present = np.abs(ours).sum(axis=1) > 0
+        assert present.any()
+        np.testing.assert_allclose(
+            np.sort_complex(ours[present].ravel()),
+            np.sort_complex(theirs[np.abs(theirs).sum(axis=1) > 0].ravel()),
+            rtol=1e-6,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize(
+    ("params", "key", "fragment"),
+    [
+        ({"avg_time_res": 3}, "avg_time_res", "whole multiple of the integration time 2 s"),
+        ({"avg_freq_res": 50}, "avg_freq_res", "whole multiple of the fine channel width 40 kHz"),
+        ({"avg_freq_res": 120}, "avg_freq_res", "divide the 32 fine channels"),
+        ({"flag_edge_width": 60}, "flag_edge_width", "whole multiple of the fine channel width"),
+        ({"flag_edge_width": 640}, "flag_edge_width", "fewer than half"),
+        ({"apply_di_cal": "true"}, "apply_di_cal", "needs a solutions file"),
+    ],
+)
+def test_options_that_do_not_fit_the_observation(
+    sim: SimulatedObservation, tmp_path: Path, params: dict[str, object], key: str, fragment: str
+) -> None:
+    with pytest.raises(OptionError) as error:
+        convert(sim, tmp_path / "x.uvfits", **params)
+    assert error.value.key == key and fragment in str(error.value)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_missing_coarse_channels_need_allow_missing(
+    sim: SimulatedObservation, tmp_path: Path
+) -> None:
+    only_137 = [p for p in sim.vis_paths if "_ch137_" in p.name]
+    options = ConversionOptions.from_params(RAW)
+    with pytest.raises(ReadError, match="no files for coarse channels 138"):
+        preprocess(sim.metafits_path, only_137, options, tmp_path / "x.uvfits")
+    options = ConversionOptions.from_params({**RAW, "allow_missing": "true"})
+    (out,) = preprocess(sim.metafits_path, only_137, options, tmp_path / "x.uvfits")
+    assert cube(out)[2].Nfreqs == 32
+
+
+def test_solutions_for_another_array_are_refused(sim: SimulatedObservation, tmp_path: Path) -> None:
+    write_aocal(tmp_path / "s.bin", CalSolutions(jones=np.ones((1, 3, 64, 4), np.complex128)))
+    options = ConversionOptions.from_params(RAW)
+    with pytest.raises(OptionError, match="solutions are for 3 antennas, the observation has 8"):
+        preprocess(
+            sim.metafits_path,
+            sim.vis_paths,
+            options,
+            tmp_path / "x.uvfits",
+            solutions=tmp_path / "s.bin",
+        )
+
+
+def test_unreadable_inputs_name_the_file(sim: SimulatedObservation, tmp_path: Path) -> None:
+    with pytest.raises(ReadError, match="no correlator data files"):
+        open_reader(sim.metafits_path, [])
+    with pytest.raises(ReadError, match=r"nothing\.fits: no such file"):
+        open_reader(sim.metafits_path, [tmp_path / "nothing.fits"])
+    garbage = tmp_path / f"{OBSID}.metafits"
+    garbage.write_bytes(b"not fits")
+    with pytest.raises(ReadError, match="not a readable metafits"):
+        open_reader(garbage, sim.vis_paths)
+
+
+def test_output_paths_follow_the_format() -> None:
+    assert output_paths("x/obs.uvfits", OutputFormat.UVFITS) == [Path("x/obs.uvfits")]
+    assert output_paths("x/obs", OutputFormat.MS) == [Path("x/obs.ms")]
+    assert output_paths("x/obs.ms", OutputFormat.BOTH) == [Path("x/obs.uvfits"), Path("x/obs.ms")]
+    with pytest.raises(OptionError, match=r"ends in \.ms"):
+        output_paths("x/obs.ms", OutputFormat.UVFITS)
