@@ -120,6 +120,93 @@ def cmd_simulate_observation(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``observatory preprocess`` flags that carry an ASVO conversion key's value.
+PREPROCESS_VALUE_OPTIONS = {
+    "output": "uvfits, ms or both (default: from --out's suffix, else uvfits)",
+    "avg_time_res": "average to this time resolution (s; a multiple of the integration time)",
+    "avg_freq_res": "average to this frequency resolution (kHz; a multiple of the fine channel width)",
+    "flag_edge_width": "flag this much at each coarse-channel edge (kHz; 0 disables; default 80)",
+    "centre": "phase centre: phase (the metafits phase centre, default), pointing or custom",
+    "phase_centre_ra": "custom phase centre RA (degrees, ICRS)",
+    "phase_centre_dec": "custom phase centre Dec (degrees, ICRS)",
+}
+#: ``observatory preprocess`` switches, each setting an ASVO conversion key to true.
+PREPROCESS_SWITCHES = {
+    "no_rfi": "skip AOFlagger RFI flagging",
+    "no_geometric_delay": "do not phase the data (the phase centre is still recorded)",
+    "no_cable_delay": "do not correct cable lengths",
+    "no_digital_gains": "do not divide out the digital gains",
+    "no_passband_gains": "do not divide out the coarse-channel passband",
+    "no_flag_dc": "do not flag the DC fine channel (flagged by default on legacy data)",
+    "flag_dc": "flag the DC fine channel (also on MWAX data)",
+    "allow_missing": "convert even if coarse channels of the metafits have no files",
+}
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from observatory.preprocess.engine import preprocess
+    from observatory.preprocess.options import ConversionOptions
+    from observatory.preprocess.reader import ReadError
+
+    params: dict[str, object] = {}
+    for key in PREPROCESS_VALUE_OPTIONS:
+        if getattr(args, key) is not None:
+            params[key] = getattr(args, key)
+    for key in PREPROCESS_SWITCHES:
+        if getattr(args, key):
+            params["flagdcchannels" if key == "flag_dc" else key] = "true"
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--option {item!r} is not KEY=VALUE")
+        params[key.strip()] = value.strip()
+    suffix = args.out.suffix.lower()
+    if "output" not in params and suffix in {".uvfits", ".ms"}:
+        params["output"] = suffix[1:]
+    if args.solutions is not None:
+        params["apply_di_cal"] = "true"
+    options = ConversionOptions.from_params(params)
+
+    if args.obsid is not None:
+        if args.metafits or args.files:
+            raise ValueError("give either --obsid or --metafits with data files, not both")
+        from observatory.archive.service import correlator_inputs
+        from observatory.core.storage import Storage
+
+        settings = _settings(args)
+        with session_scope(_session_factory(settings)) as session:
+            metafits, files = correlator_inputs(session, Storage(settings.archive_dir), args.obsid)
+    elif args.metafits is None:
+        raise ValueError("give --metafits and the correlator data files, or --obsid")
+    else:
+        metafits, files = args.metafits, args.files
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err_console, transient=False) as bar:
+        task = bar.add_task("converting", total=None)
+
+        def report(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"converted {what}")
+
+        try:
+            written = preprocess(
+                metafits, files, options, args.out,
+                solutions=args.solutions, progress=report, workers=args.workers,
+            )  # fmt: skip
+        except ReadError as exc:
+            raise ValueError(str(exc)) from None
+    for path in written:
+        console.print(f"wrote {path}", highlight=False)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -292,6 +379,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     observation.add_argument("--project", default="D0000")
     observation.add_argument("--seed", type=int, default=0)
+
+    convert = add(
+        "preprocess",
+        cmd_preprocess,
+        "convert raw correlator files to uvfits and/or a measurement set (as an ASVO conversion job)",
+    )
+    convert.add_argument(
+        "files", nargs="*", type=Path, help="correlator data files (with --metafits)"
+    )
+    convert.add_argument("--metafits", type=Path, help="the observation's metafits")
+    convert.add_argument("--obsid", type=int, help="convert this archived observation instead")
+    convert.add_argument(
+        "--out", type=Path, required=True, help="OUT.uvfits, OUT.ms, or a stem with --output both"
+    )
+    convert.add_argument(
+        "--solutions", type=Path, help="apply these DI solutions (AO-cal .bin or hyperdrive FITS)"
+    )
+    convert.add_argument("--workers", type=int, help="threads (default: one per CPU)")
+    for key, text in PREPROCESS_VALUE_OPTIONS.items():
+        convert.add_argument(f"--{key.replace('_', '-')}", dest=key, help=text)
+    for key, text in PREPROCESS_SWITCHES.items():
+        convert.add_argument(f"--{key.replace('_', '-')}", dest=key, action="store_true", help=text)
+    convert.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE",
+        help="any ASVO conversion key, as in an mwa_client CSV (repeatable)",
+    )  # fmt: skip
 
     archive = add("archive", lambda _a: 0, "the observation archive")
     archive_commands = archive.add_subparsers(

@@ -339,6 +339,32 @@ def metafits_key(session: Session, obsid: int) -> str:
     return candidates[0].storage_key
 
 
+def correlator_inputs(session: Session, storage: Storage, obsid: int) -> tuple[Path, list[Path]]:
+    """Local paths of an archived observation's metafits and correlator data files.
+
+    Raises
+    ------
+    NotFound
+        If the observation, its metafits or its correlator files are not archived.
+    BadRequest
+        If the archive is not on local disk (conversion reads files in place).
+    """
+    if not storage.is_local:
+        raise BadRequest("converting archived observations needs the archive on local disk")
+    observation = get_observation(session, obsid)
+    data_keys = sorted(
+        f.storage_key
+        for f in observation.files
+        if f.kind in (FileKind.MWAX_VIS, FileKind.LEGACY_GPUBOX)
+    )
+    if not data_keys:
+        raise NotFound(
+            f"Observation {obsid} has no correlator data files in the archive (mode {observation.mode})"
+        )
+    metafits = storage.local_path(metafits_key(session, obsid))
+    return metafits, [storage.local_path(key) for key in data_keys]
+
+
 def find_observations(
     session: Session,
     *,

@@ -146,7 +146,10 @@ def write_outputs(data: ConvertedData, outputs: list[Path]) -> list[Path]:
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
             temporary = Path(tmp) / path.name
             if path.suffix.lower() == ".ms":
-                uvd.write_ms(str(temporary), clobber=True)
+                with warnings.catch_warnings():
+                    # Uncalibrated data are labelled so; pyuvdata warns that CASA may ignore it.
+                    warnings.filterwarnings("ignore", message="Writing in the MS file that the units")
+                    uvd.write_ms(str(temporary), clobber=True)
                 if path.exists():
                     shutil.rmtree(path)
             else:

@@ -1,0 +1,106 @@
+"""``observatory preprocess``: files or an archived obsid in, uvfits / MS out, errors with exit 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pyuvdata import UVData
+
+from observatory.cli import main
+from observatory.telescope.simulator import PointSource, SimulatedObservation, simulate_observation
+
+OBSID = 1320409688
+SOURCE_ARG = "333.6069,-17.0288,60"
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> SimulatedObservation:
+    return simulate_observation(
+        tmp_path / "sim", OBSID, n_tiles=4, coarse_chans=[137], n_timesteps=4,
+        sources=[PointSource(333.6069, -17.0288, 60.0)],
+    )  # fmt: skip
+
+
+def run(tmp_path: Path, *args: str) -> int:
+    return main(["--data-dir", str(tmp_path / "data"), "preprocess", *args])
+
+
+def test_files_to_uvfits_with_averaging(
+    sim: SimulatedObservation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out.uvfits"
+    files = [str(p) for p in sim.vis_paths]
+    code = run(tmp_path, "--metafits", str(sim.metafits_path), *files, "--out", str(out),
+               "--avg-time-res", "4", "--avg-freq-res", "160", "--no-rfi")  # fmt: skip
+    assert code == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    uvd = UVData.from_file(str(out))
+    assert (uvd.Ntimes, uvd.Nfreqs) == (2, 8)
+
+
+def test_legacy_csv_keys_through_option(sim: SimulatedObservation, tmp_path: Path) -> None:
+    out = tmp_path / "legacy"
+    files = [str(p) for p in sim.vis_paths]
+    code = run(tmp_path, "--metafits", str(sim.metafits_path), *files, "--out", str(out),
+               "--option", "timeres=8", "--option", "conversion=ms", "--option", "norfi=true")  # fmt: skip
+    assert code == 0
+    uvd = UVData.from_file(str(tmp_path / "legacy.ms"))
+    assert uvd.Ntimes == 1
+
+
+def test_archived_obsid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = ["--data-dir", str(tmp_path / "data")]
+    assert main([*data, "simulate", "observation", "--obsid", str(OBSID), "--tiles", "4",
+                 "--coarse-chans", "137,138", "--source", SOURCE_ARG]) == 0  # fmt: skip
+    out = tmp_path / "archived.uvfits"
+    assert run(tmp_path, "--obsid", str(OBSID), "--out", str(out), "--no-rfi") == 0
+    assert UVData.from_file(str(out)).Nfreqs == 64
+    assert run(tmp_path, "--obsid", "1320409696", "--out", str(out)) == 2
+    assert "Observation 1320409696 does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--avg-time-res", "3"], "avg_time_res=3.0 is not valid: must be a whole multiple"),
+        (["--centre", "custom"], "phase_centre_ra=None is not valid: required"),
+        (
+            ["--phase-centre-dec", "95", "--centre", "custom", "--phase-centre-ra", "1"],
+            "phase_centre_dec",
+        ),
+        (["--option", "avg_freq_res"], "is not KEY=VALUE"),
+        (["--output", "ms"], "ends in .uvfits"),
+    ],
+)
+def test_bad_options_exit_2_naming_the_key(
+    sim: SimulatedObservation,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+) -> None:
+    files = [str(p) for p in sim.vis_paths]
+    out = tmp_path / "x.uvfits"
+    assert (
+        run(tmp_path, "--metafits", str(sim.metafits_path), *files, "--out", str(out), *args) == 2
+    )
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_inputs_must_be_named(
+    sim: SimulatedObservation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(tmp_path, "--out", str(tmp_path / "x.uvfits")) == 2
+    assert "give --metafits and the correlator data files, or --obsid" in capsys.readouterr().err
+    assert (
+        run(tmp_path, "--metafits", str(sim.metafits_path), "--out", str(tmp_path / "x.uvfits"))
+        == 2
+    )
+    assert "no correlator data files given" in capsys.readouterr().err
+    assert (
+        run(tmp_path, "--metafits", str(sim.metafits_path), "--obsid", "1", "--out", "x.uvfits")
+        == 2
+    )
+    assert "not both" in capsys.readouterr().err
