@@ -319,6 +319,35 @@ def test_measurement_set_is_consistent_in_casacore_and_pyuvdata(
         ra, dec = fields.getcol("PHASE_DIR")[0, 0]
         assert np.degrees(ra) % 360 == pytest.approx(SOURCE.ra_deg, abs=1e-6)
         assert np.degrees(dec) == pytest.approx(SOURCE.dec_deg, abs=1e-6)
+    # The streamed uvfits carries the metadata pyuvdata itself would write for the same data.
+    reference_path = tmp_path / "reference.uvfits"
+    UVData.from_file(str(ms_path)).write_uvfits(str(reference_path))
+    ours, reference = UVData.from_file(str(uvfits_path)), UVData.from_file(str(reference_path))
+    for uvd in (ours, reference):
+        uvd.reorder_blts("time", minor_order="baseline")
+    np.testing.assert_allclose(ours.uvw_array, reference.uvw_array, atol=1e-6)
+    np.testing.assert_allclose(ours.time_array, reference.time_array, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(ours.lst_array, reference.lst_array, atol=1e-9)
+    np.testing.assert_allclose(ours.phase_center_app_ra, reference.phase_center_app_ra, atol=1e-9)
+    np.testing.assert_allclose(
+        ours.phase_center_frame_pa, reference.phase_center_frame_pa, atol=1e-9
+    )
+    np.testing.assert_allclose(
+        ours.telescope.antenna_positions, reference.telescope.antenna_positions, atol=1e-6
+    )
+    assert list(ours.telescope.antenna_names) == list(reference.telescope.antenna_names)
+    np.testing.assert_array_equal(
+        ours.telescope.antenna_numbers, reference.telescope.antenna_numbers
+    )
+    np.testing.assert_allclose(ours.freq_array, reference.freq_array)
+    np.testing.assert_allclose(ours.channel_width, reference.channel_width)
+    np.testing.assert_allclose(ours.integration_time, reference.integration_time)
+    np.testing.assert_array_equal(ours.data_array, reference.data_array)
+    np.testing.assert_array_equal(ours.flag_array, reference.flag_array)
+    np.testing.assert_array_equal(ours.nsample_array, reference.nsample_array)
+    assert ours.phase_center_catalog == reference.phase_center_catalog
+    assert ours.telescope.mount_type == reference.telescope.mount_type
+    np.testing.assert_allclose(ours.telescope.feed_angle, reference.telescope.feed_angle)
     with table(str(ms_path), ack=False) as main:
         assert main.nrows() == N_TIMES * N_TILES * (N_TILES + 1) // 2
         assert main.getcol("DATA").shape[1:] == (64, 4)

@@ -18,6 +18,7 @@ then the whole (averaged) result is written through pyuvdata.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -25,8 +26,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+from astropy.time import Time
 from numpy.typing import NDArray
 
 from observatory.calib.formats import CalSolutions, read_solutions
@@ -46,6 +49,7 @@ from observatory.preprocess.reader import (
     open_reader,
 )
 from observatory.preprocess.rfi import aoflagger_flags
+from observatory.preprocess.uvfits import UvfitsStream
 from observatory.preprocess.writer import ConvertedData, write_outputs
 from observatory.telescope.instrument import COARSE_CHAN_WIDTH_HZ
 
@@ -308,84 +312,142 @@ def preprocess(
     plan = _plan(reader, options, solutions, chunk_bytes)
     meta = plan.meta
     resolved = plan.resolved
+    n_times = len(reader.time_start_gps_s)
     n_times_out = plan.n_times_padded // resolved.time_factor
     chans_out = plan.chans_per_coarse // resolved.freq_factor
     n_coarse = len(plan.coarse_chans)
-    out_shape = (n_times_out, meta.n_baselines, n_coarse * chans_out, 4)
-    out_vis = np.zeros(out_shape, dtype=np.complex64)
-    out_weights = np.zeros(out_shape, dtype=np.float32)
-    out_flags = np.ones(out_shape, dtype=bool)
-    out_freqs = np.zeros(n_coarse * chans_out)
-
-    n_times = len(reader.time_start_gps_s)
-    jobs = [
-        (coarse_index, coarse_chan, range(start, min(start + plan.time_block, plan.n_times_padded)))
-        for coarse_index, coarse_chan in enumerate(plan.coarse_chans)
-        for start in range(0, plan.n_times_padded, plan.time_block)
-    ]
-
-    def run(coarse_index: int, coarse_chan: int, block: range) -> int:
-        stored = range(block.start, min(block.stop, n_times))
-        chunk = _padded(reader.read(coarse_chan, stored), len(block), meta.int_time_s)
-        vis, weights, flags, rfi = _process(chunk, plan, options)
-        rows = slice(block.start // resolved.time_factor, block.stop // resolved.time_factor)
-        cols = slice(coarse_index * chans_out, (coarse_index + 1) * chans_out)
-        out_vis[rows, :, cols] = vis
-        out_weights[rows, :, cols] = weights
-        out_flags[rows, :, cols] = flags
-        out_freqs[cols] = chunk.freqs_hz.reshape(chans_out, resolved.freq_factor).mean(axis=1)
-        return rfi
-
-    n_workers = max(1, min(len(jobs), workers or os.cpu_count() or 1))
-    rfi_flagged = 0
-    with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        pending: dict[Future[int], tuple[int, int, range]] = {}
-        queue = list(jobs)
-        done = 0
-        # At most two chunks per worker in flight: memory stays bounded by the chunk size.
-        while queue or pending:
-            while queue and len(pending) < 2 * n_workers:
-                job = queue.pop(0)
-                pending[pool.submit(run, *job)] = job
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                _, coarse_chan, block = pending.pop(future)
-                try:
-                    rfi_flagged += future.result()
-                except BaseException:
-                    for other in pending:
-                        other.cancel()
-                    raise
-                done += 1
-                if progress is not None:
-                    progress(
-                        done,
-                        len(jobs),
-                        f"coarse channel {coarse_chan}, integrations {block.start}-{block.stop - 1}",
-                    )
-
-    time_centres = (
+    out_freqs = np.concatenate(
+        [
+            reader.channel_freqs_hz(c).reshape(chans_out, resolved.freq_factor).mean(axis=1)
+            for c in plan.coarse_chans
+        ]
+    )
+    time_centres_gps = (
         reader.time_start_gps_s[0]
         + (np.arange(n_times_out) + 0.5) * resolved.time_factor * meta.int_time_s
     )
     history = (
         f"Converted by observatory-services preprocess from obsid {meta.obsid} with options "
-        f"{options.to_params() or 'default'}; AOFlagger flagged {rfi_flagged} samples."
+        f"{options.to_params() or 'default'}."
     )
     if options.no_geometric_delay:
         # As Birli: the phase centre and uvw are recorded, the data are left unrotated.
         history += " No geometric correction: the data are not phased to the recorded phase centre."
-    data = ConvertedData(
-        meta=meta,
-        vis=out_vis,
-        weights=out_weights,
-        flags=out_flags,
-        time_centres_gps_s=time_centres,
-        freqs_hz=out_freqs,
-        channel_width_hz=meta.fine_chan_width_hz * resolved.freq_factor,
-        int_time_s=meta.int_time_s * resolved.time_factor,
-        phase_centre=plan.phase_centre,
-        history=history,
-        calibrated=plan.jones is not None,
-    )
-    return write_outputs(data, targets)
+    blocks = [
+        range(start, min(start + plan.time_block, plan.n_times_padded))
+        for start in range(0, plan.n_times_padded, plan.time_block)
+    ]
+    jobs = [(b, c) for b in range(len(blocks)) for c in range(n_coarse)]
+
+    def run(block_index: int, coarse_index: int) -> tuple[_Averaged, int]:
+        block = blocks[block_index]
+        stored = range(block.start, min(block.stop, n_times))
+        chunk = reader.read(plan.coarse_chans[coarse_index], stored)
+        vis, weights, flags, rfi = _process(
+            _padded(chunk, len(block), meta.int_time_s), plan, options
+        )
+        return _Averaged(vis, weights, flags), rfi
+
+    uvfits_targets = [t for t in targets if t.suffix.lower() == ".uvfits"]
+    ms_targets = [t for t in targets if t.suffix.lower() == ".ms"]
+    collected: ConvertedData | None = None
+    if ms_targets:
+        # pyuvdata writes a measurement set from a whole object: the output is kept in memory.
+        out_shape = (n_times_out, meta.n_baselines, n_coarse * chans_out, 4)
+        collected = ConvertedData(
+            meta=meta,
+            vis=np.zeros(out_shape, dtype=np.complex64),
+            weights=np.zeros(out_shape, dtype=np.float32),
+            flags=np.ones(out_shape, dtype=bool),
+            time_centres_gps_s=time_centres_gps,
+            freqs_hz=out_freqs,
+            channel_width_hz=meta.fine_chan_width_hz * resolved.freq_factor,
+            int_time_s=meta.int_time_s * resolved.time_factor,
+            phase_centre=plan.phase_centre,
+            history=history,
+            calibrated=plan.jones is not None,
+        )
+    time_centres_jd = Time(time_centres_gps, format="gps").utc.jd
+    rfi_flagged = 0
+    with contextlib.ExitStack() as stack:
+        streams = [
+            stack.enter_context(
+                UvfitsStream(
+                    path,
+                    meta,
+                    n_times=n_times_out,
+                    first_time_jd=float(time_centres_jd[0]),
+                    freqs_hz=out_freqs,
+                    channel_width_hz=meta.fine_chan_width_hz * resolved.freq_factor,
+                    int_time_s=meta.int_time_s * resolved.time_factor,
+                    phase_centre=plan.phase_centre,
+                    history=history,
+                    vis_units="Jy" if plan.jones is not None else "uncalib",
+                )
+            )
+            for path in uvfits_targets
+        ]
+        assembling: dict[int, dict[int, _Averaged]] = {}
+        next_block = 0
+
+        def finish_ready_blocks() -> None:
+            nonlocal next_block
+            while len(assembling.get(next_block, {})) == n_coarse:
+                parts = assembling.pop(next_block)
+                block = blocks[next_block]
+                rows = slice(
+                    block.start // resolved.time_factor, block.stop // resolved.time_factor
+                )
+                joined = [
+                    np.concatenate([parts[c][i] for c in range(n_coarse)], axis=2) for i in range(3)
+                ]
+                for stream in streams:
+                    stream.write(time_centres_jd[rows], *joined)
+                if collected is not None:
+                    collected.vis[rows], collected.weights[rows], collected.flags[rows] = joined
+                next_block += 1
+
+        n_workers = max(1, min(len(jobs), workers or os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=n_workers) as pool:
+            pending: dict[Future[tuple[_Averaged, int]], tuple[int, int]] = {}
+            queue = list(jobs)
+            done = 0
+            # At most two chunks per worker in flight: memory stays bounded by the chunk size.
+            while queue or pending:
+                while queue and len(pending) < 2 * n_workers:
+                    job = queue.pop(0)
+                    pending[pool.submit(run, *job)] = job
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    block_index, coarse_index = pending.pop(future)
+                    try:
+                        averaged, rfi = future.result()
+                    except BaseException:
+                        for other in pending:
+                            other.cancel()
+                        raise
+                    rfi_flagged += rfi
+                    assembling.setdefault(block_index, {})[coarse_index] = averaged
+                    finish_ready_blocks()
+                    done += 1
+                    if progress is not None:
+                        block = blocks[block_index]
+                        progress(
+                            done,
+                            len(jobs),
+                            f"coarse channel {plan.coarse_chans[coarse_index]}, "
+                            f"integrations {block.start}-{block.stop - 1}",
+                        )
+    if not options.no_rfi:
+        log.info("AOFlagger flagged %d samples of obsid %d", rfi_flagged, meta.obsid)
+    if collected is not None:
+        write_outputs(collected, ms_targets)
+    return targets
+
+
+class _Averaged(NamedTuple):
+    """One chunk's averaged output."""
+
+    vis: NDArray[np.complex64]
+    weights: NDArray[np.float32]
+    flags: NDArray[np.bool_]

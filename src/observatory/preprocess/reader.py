@@ -179,6 +179,10 @@ class VisibilityReader(Protocol):
         """Visibilities of ``coarse_chan`` for the given timestep indices."""
         ...
 
+    def channel_freqs_hz(self, coarse_chan: int) -> NDArray[np.float64]:
+        """Centre frequencies of the channels :meth:`read` returns for ``coarse_chan``."""
+        ...
+
 
 def _coarse_freqs_hz(
     rec_chan: int, chan_index: NDArray[np.intp], width_hz: float, n: int
@@ -204,6 +208,12 @@ class MwalibReader:
             [context.timesteps[i].gps_time_ms / 1000.0 for i in self._timestep_indices]
         )
         self.chans_per_coarse = meta.fine_chans_per_coarse
+
+    def channel_freqs_hz(self, coarse_chan: int) -> NDArray[np.float64]:
+        n_chans = self.chans_per_coarse
+        return _coarse_freqs_hz(
+            coarse_chan, np.arange(n_chans), self.meta.fine_chan_width_hz, n_chans
+        )
 
     def read(self, coarse_chan: int, timesteps: range) -> RawChunk:
         meta = self.meta
@@ -256,6 +266,7 @@ class PyuvdataReader:
         # The receiver channel of a legacy gpubox file depends on the metafits channel
         # order; pyuvdata knows it, so ask it (headers only) for each group's frequencies.
         self._files: dict[int, list[Path]] = {}
+        self._freqs_hz: dict[int, NDArray[np.float64]] = {}
         time_axes = []
         for group in groups.values():
             header = UVData.from_file(
@@ -263,6 +274,7 @@ class PyuvdataReader:
             )
             rec_chan = _rec_chan_of(float(np.mean(header.freq_array)))
             self._files[rec_chan] = group
+            self._freqs_hz[rec_chan] = np.asarray(header.freq_array, dtype=np.float64).ravel()
             time_axes.append(np.unique(header.time_array))
             self.chans_per_coarse = int(header.Nfreqs)
         self.coarse_chans = tuple(sorted(self._files))
@@ -322,6 +334,9 @@ class PyuvdataReader:
         lower_edge_hz = (coarse_chan - 0.5) * COARSE_CHAN_WIDTH_HZ
         chan_index = np.floor((freqs_hz - lower_edge_hz) / meta.fine_chan_width_hz).astype(np.intp)
         return RawChunk(coarse_chan, vis, weight_out, chan_index, freqs_hz, self.time_start_gps_s)
+
+    def channel_freqs_hz(self, coarse_chan: int) -> NDArray[np.float64]:
+        return self._freqs_hz[coarse_chan]
 
     def read(self, coarse_chan: int, timesteps: range) -> RawChunk:
         if self._cache is None or self._cache[0] != coarse_chan:

@@ -148,7 +148,9 @@ def write_outputs(data: ConvertedData, outputs: list[Path]) -> list[Path]:
             if path.suffix.lower() == ".ms":
                 with warnings.catch_warnings():
                     # Uncalibrated data are labelled so; pyuvdata warns that CASA may ignore it.
-                    warnings.filterwarnings("ignore", message="Writing in the MS file that the units")
+                    warnings.filterwarnings(
+                        "ignore", message="Writing in the MS file that the units"
+                    )
                     uvd.write_ms(str(temporary), clobber=True)
                 if path.exists():
                     shutil.rmtree(path)
