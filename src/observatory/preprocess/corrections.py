@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import cache
 from importlib import resources
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -26,16 +27,26 @@ def cable_phasors(meta: ObservationMeta, freqs_hz: NDArray[np.float64]) -> NDArr
 
     Raw data carry ``exp(-2 pi i f (L_p - L_q) / c)`` per polarisation pair; in
     pyuvdata's (conjugated) convention that is ``exp(+2 pi i f (L_p - L_q) / c)``,
-    which these factors cancel.
+    which ``e_p conj(e_q)`` with ``e = exp(-2 pi i f L / c)`` cancels.
+    """
+    phase = (-2.0 * np.pi / SPEED_OF_LIGHT_M_S) * meta.cable_length_m[:, :, None] * freqs_hz
+    per_input = np.exp(1j * phase).astype(np.complex64)  # (n_ants, 2 pols, n_chans)
+    return baseline_products(meta, per_input)
+
+
+def baseline_products(
+    meta: ObservationMeta, per_input: NDArray[np.complex64]
+) -> NDArray[np.complex64]:
+    """``a_p conj(a_q)`` for every baseline and pol pair, shape (n_baselines, n_chans, 4).
+
+    ``per_input`` is indexed (antenna, pol X/Y, channel). Forming baseline factors
+    from per-antenna ones costs one complex multiply per sample instead of an
+    exponential.
     """
     p, q = meta.baseline_antennas()
-    length_diff_m = (
-        meta.cable_length_m[p][:, POL_OF_P] - meta.cable_length_m[q][:, POL_OF_Q]
-    )  # (n_bl, 4)
-    phase = (
-        (-2.0 * np.pi / SPEED_OF_LIGHT_M_S) * freqs_hz[None, :, None] * length_diff_m[:, None, :]
-    )
-    return np.exp(1j * phase).astype(np.complex64)
+    left = per_input[p][:, POL_OF_P]  # (n_bl, 4, n_chans)
+    right = per_input[q][:, POL_OF_Q]
+    return np.ascontiguousarray((left * np.conj(right)).transpose(0, 2, 1))
 
 
 def digital_gain_factors(meta: ObservationMeta, coarse_chan: int) -> NDArray[np.float32]:
@@ -88,6 +99,34 @@ def passband_gains(meta: ObservationMeta, chan_index: NDArray[np.intp]) -> NDArr
     return gains[chan_index]
 
 
+def instrument_factors(
+    meta: ObservationMeta,
+    coarse_chan: int,
+    freqs_hz: NDArray[np.float64],
+    chan_index: NDArray[np.intp],
+    *,
+    cable: bool,
+    digital_gains: bool,
+    passband: bool,
+) -> NDArray[np.complex64] | None:
+    """Cable, digital-gain and passband corrections as one factor, shape (n_baselines, n_chans, 4).
+
+    Multiplying once by the product costs one pass over the data instead of three.
+    None when no correction is asked for.
+    """
+    if not (cable or digital_gains or passband):
+        return None
+    n_chans = len(freqs_hz)
+    factors = np.ones((meta.n_baselines, n_chans, 4), dtype=np.complex64)
+    if cable:
+        factors *= cable_phasors(meta, freqs_hz)
+    if digital_gains:
+        factors *= digital_gain_factors(meta, coarse_chan)
+    if passband:
+        factors *= (1.0 / passband_gains(meta, chan_index)).astype(np.float32)[None, :, None]
+    return factors
+
+
 def quack_timesteps(
     meta: ObservationMeta, time_start_gps_s: NDArray[np.float64]
 ) -> NDArray[np.bool_]:
@@ -138,14 +177,15 @@ def geometric_phasors(
 
     A source in direction ``s`` carries ``exp(+2 pi i f w / c)`` with
     ``w = (x_q - x_p) . s``; multiplying by ``exp(-2 pi i f w0 / c)`` for the
-    phase centre ``s0`` leaves a source at the phase centre with zero phase.
+    phase centre ``s0`` leaves a source at the phase centre with zero phase. The
+    factor is ``conj(d_p) d_q`` with the per-antenna ``d = exp(-2 pi i f (x . s0) / c)``.
     """
     p, q = meta.baseline_antennas()
     positions = meta.enu_m - meta.enu_m.mean(axis=0)
     w_ant_m = directions_enu @ positions.T  # (n_times, n_ants)
-    w_m = w_ant_m[:, q] - w_ant_m[:, p]  # (n_times, n_bl)
-    phase = (-2.0 * np.pi / SPEED_OF_LIGHT_M_S) * w_m[:, :, None] * freqs_hz[None, None, :]
-    return np.exp(1j * phase).astype(np.complex64)[..., None]
+    phase = (-2.0 * np.pi / SPEED_OF_LIGHT_M_S) * w_ant_m[:, :, None] * freqs_hz
+    per_antenna = np.exp(1j * phase).astype(np.complex64)  # (n_times, n_ants, n_chans)
+    return (np.conj(per_antenna[:, p]) * per_antenna[:, q])[..., None]
 
 
 def apply_jones(
@@ -182,6 +222,24 @@ def make_autos_hermitian(vis: NDArray[np.complex64], meta: ObservationMeta) -> N
     vis[:, autos] = block
 
 
+def _sum_blocks(values: NDArray[Any], time_factor: int, freq_factor: int) -> NDArray[Any]:
+    """Sums over blocks of ``time_factor`` x ``freq_factor`` of a (times, bl, chans, pols) array.
+
+    Adding the few slices of each block is several times faster than numpy's
+    reduction over a short middle axis; the loops run over the factors only.
+    """
+    n_times, n_bl, n_chans, n_pols = values.shape
+    by_chan = values.reshape(n_times, n_bl, n_chans // freq_factor, freq_factor, n_pols)
+    chan_sum = by_chan[:, :, :, 0].copy()
+    for offset in range(1, freq_factor):
+        chan_sum += by_chan[:, :, :, offset]
+    by_time = chan_sum.reshape(n_times // time_factor, time_factor, *chan_sum.shape[1:])
+    total = by_time[:, 0].copy()
+    for offset in range(1, time_factor):
+        total += by_time[:, offset]
+    return total
+
+
 def average(
     vis: NDArray[np.complex64],
     weights: NDArray[np.float32],
@@ -195,23 +253,23 @@ def average(
     flagged keeps the unweighted mean of its inputs (so the data stay finite and
     meaningful) and is flagged. Returns (vis, summed weights, flags).
 
-    ``weights`` must have vis's shape; ``flags`` is broadcastable to it.
+    ``weights`` and ``flags`` must broadcast to ``vis.shape``.
     """
-    n_times, n_bl, n_chans, n_pols = vis.shape
+    n_times, _, n_chans, _ = vis.shape
     if n_times % time_factor or n_chans % freq_factor:
         raise ValueError(
             f"{n_times} integrations x {n_chans} channels do not divide by "
             f"{time_factor} x {freq_factor}"
         )
     effective = np.where(flags, np.float32(0.0), weights)
-    shape = (n_times // time_factor, time_factor, n_bl, n_chans // freq_factor, freq_factor, n_pols)
-    weight_sum = effective.reshape(shape).sum(axis=(1, 4))
-    weighted = (vis * effective).reshape(shape).sum(axis=(1, 4))
+    weight_sum = _sum_blocks(effective, time_factor, freq_factor)
+    weighted_sum = _sum_blocks(vis * effective, time_factor, freq_factor)
     out_flags = weight_sum <= 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        averaged = np.where(
-            out_flags,
-            vis.reshape(shape).mean(axis=(1, 4)),
-            weighted / np.where(out_flags, np.float32(1.0), weight_sum),
+        averaged = weighted_sum / np.where(out_flags, np.float32(1.0), weight_sum)
+    if out_flags.any():
+        plain_mean = _sum_blocks(vis, time_factor, freq_factor) / np.float32(
+            time_factor * freq_factor
         )
-    return averaged.astype(np.complex64), weight_sum.astype(np.float32), out_flags
+        averaged[out_flags] = plain_mean[out_flags]
+    return averaged.astype(np.complex64, copy=False), weight_sum, out_flags

@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int, str], None]
 
 #: Upper bound on the raw visibilities of one chunk; a few chunks are in flight at once.
-DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
+DEFAULT_CHUNK_BYTES = 32 * 1024 * 1024
 
 
 def output_paths(out: str | os.PathLike[str], output: OutputFormat) -> list[Path]:
@@ -203,15 +203,21 @@ def _padded(chunk: RawChunk, n_times: int, int_time_s: float) -> RawChunk:
 
 
 def _process(
-    chunk: RawChunk, plan: _Plan, options: ConversionOptions
+    chunk: RawChunk,
+    plan: _Plan,
+    options: ConversionOptions,
+    phase_directions: Callable[[], NDArray[np.float64]],
 ) -> tuple[NDArray[np.complex64], NDArray[np.float32], NDArray[np.bool_], int]:
-    """One chunk through steps 1-8; returns averaged (vis, weights, flags, RFI-flagged count)."""
+    """One chunk through steps 1-8; returns averaged (vis, weights, flags, RFI-flagged count).
+
+    ``phase_directions`` gives the phase centre's (East, North, Up) direction at
+    each of the chunk's integrations (only called when phasing).
+    """
     meta = plan.meta
     vis = chunk.vis
-    weights = np.broadcast_to(chunk.weights, vis.shape)
-    # 1. flags
-    flags = np.zeros(vis.shape, dtype=bool)
-    flags |= weights <= 0
+    # 1. flags, the same for all pols: (times, baselines, channels)
+    flags = np.zeros(vis.shape[:3], dtype=bool)
+    flags |= (chunk.weights <= 0).any(axis=-1)
     p, q = meta.baseline_antennas()
     bad_antenna = meta.flagged_antennas[p] | meta.flagged_antennas[q]
     flags[:, bad_antenna] = True
@@ -220,40 +226,43 @@ def _process(
         chunk.chan_index, meta.fine_chans_per_coarse, plan.resolved.edge_chans, plan.flag_dc
     )
     flags[:, :, edge] = True
-    # 2-4. instrumental corrections
-    if not options.no_cable_delay and not meta.cable_delays_applied:
-        vis *= corrections.cable_phasors(meta, chunk.freqs_hz)[None]
-    if not options.no_digital_gains:
-        vis *= corrections.digital_gain_factors(meta, chunk.coarse_chan)[None]
-    if not options.no_passband_gains and not meta.deripple_applied:
-        passband = corrections.passband_gains(meta, chunk.chan_index)
-        vis *= (1.0 / passband).astype(np.float32)[None, None, :, None]
+    # 2-4. instrumental corrections, combined into one factor per (baseline, channel, pol)
+    factors = corrections.instrument_factors(
+        meta,
+        chunk.coarse_chan,
+        chunk.freqs_hz,
+        chunk.chan_index,
+        cable=not options.no_cable_delay and not meta.cable_delays_applied,
+        digital_gains=not options.no_digital_gains,
+        passband=not options.no_passband_gains and not meta.deripple_applied,
+    )
+    if factors is not None:
+        vis *= factors[None]
     # 5. RFI
     rfi_count = 0
     if not options.no_rfi:
-        cross = np.flatnonzero((p != q) & ~flags.all(axis=(0, 2, 3)))
+        cross = np.flatnonzero((p != q) & ~flags.all(axis=(0, 2)))
         found = aoflagger_flags(vis, flags, cross)
-        rfi_count = int(np.count_nonzero(found[..., None] & ~flags))
-        flags |= found[..., None]
+        rfi_count = int(np.count_nonzero(found & ~flags))
+        flags |= found
     # 6. phasing
     if not options.no_geometric_delay:
-        centres = chunk.time_start_gps_s + meta.int_time_s / 2
-        directions = corrections.source_directions_enu(plan.phase_centre[1:], centres)
-        vis *= corrections.geometric_phasors(meta, directions, chunk.freqs_hz)
+        vis *= corrections.geometric_phasors(meta, phase_directions(), chunk.freqs_hz)
     # 7. calibration
     if plan.jones is not None:
         band = sorted(meta.metafits_coarse_chans).index(chunk.coarse_chan)
         columns = band * meta.fine_chans_per_coarse + chunk.chan_index
         corrections.apply_jones(vis, plan.jones[:, columns], meta)
         unsolved = ~np.isfinite(vis)
-        flags |= unsolved.any(axis=-1, keepdims=True)
+        flags |= unsolved.any(axis=-1)
         vis[unsolved] = 0
-        corrections.make_autos_hermitian(vis, meta)
+    # Float32 rounding in the products above leaves autocorrelations a hair off Hermitian.
+    corrections.make_autos_hermitian(vis, meta)
     # 8. averaging
     averaged, weight_sum, out_flags = corrections.average(
         vis,
-        np.ascontiguousarray(weights),
-        flags,
+        chunk.weights,
+        flags[..., None],
         plan.resolved.time_factor,
         plan.resolved.freq_factor,
     )
@@ -344,7 +353,10 @@ def preprocess(
         stored = range(block.start, min(block.stop, n_times))
         chunk = reader.read(plan.coarse_chans[coarse_index], stored)
         vis, weights, flags, rfi = _process(
-            _padded(chunk, len(block), meta.int_time_s), plan, options
+            _padded(chunk, len(block), meta.int_time_s),
+            plan,
+            options,
+            lambda: directions[block.start : block.stop],
         )
         return _Averaged(vis, weights, flags), rfi
 
@@ -398,16 +410,27 @@ def preprocess(
                 rows = slice(
                     block.start // resolved.time_factor, block.stop // resolved.time_factor
                 )
-                joined = [
-                    np.concatenate([parts[c][i] for c in range(n_coarse)], axis=2) for i in range(3)
-                ]
+                in_order = [parts[c] for c in range(n_coarse)]
                 for stream in streams:
-                    stream.write(time_centres_jd[rows], *joined)
+                    stream.write(time_centres_jd[rows], in_order)
                 if collected is not None:
-                    collected.vis[rows], collected.weights[rows], collected.flags[rows] = joined
+                    for c, part in enumerate(in_order):
+                        cols = slice(c * chans_out, (c + 1) * chans_out)
+                        collected.vis[rows, :, cols] = part.vis
+                        collected.weights[rows, :, cols] = part.weights
+                        collected.flags[rows, :, cols] = part.flags
                 next_block += 1
 
         n_workers = max(1, min(len(jobs), workers or os.cpu_count() or 1))
+        # Before the workers start: the first apparent-place computation in a process
+        # parses astropy's IERS table, which takes three times as long when it competes
+        # with the workers for the GIL.
+        native_starts = reader.time_start_gps_s[0] + meta.int_time_s * np.arange(
+            plan.n_times_padded
+        )
+        directions = corrections.source_directions_enu(
+            plan.phase_centre[1:], native_starts + meta.int_time_s / 2
+        )
         with ThreadPoolExecutor(max_workers=n_workers) as pool:
             pending: dict[Future[tuple[_Averaged, int]], tuple[int, int]] = {}
             queue = list(jobs)

@@ -35,7 +35,7 @@ def aoflagger_flags(
     vis
         Visibilities, shape (n_times, n_baselines, n_chans, 4).
     flags
-        Flags already set, same shape; AOFlagger takes them as input.
+        Flags already set, shape (n_times, n_baselines, n_chans); AOFlagger takes them as input.
     baselines
         Indices of the baselines to flag (cross-correlations not already flagged).
 
@@ -57,7 +57,7 @@ def aoflagger_flags(
         for pol in range(4):
             images.set_image_buffer(2 * pol, block[pol].real)
             images.set_image_buffer(2 * pol + 1, block[pol].imag)
-        mask.set_buffer(np.ascontiguousarray(flags[:, baseline].any(axis=-1).T))
+        mask.set_buffer(np.ascontiguousarray(flags[:, baseline].T))
         result = strategy.run(images, mask)
         found[:, baseline] = result.get_buffer().T
     return found

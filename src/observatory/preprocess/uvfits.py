@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -155,18 +156,21 @@ class UvfitsStream:
     def write(
         self,
         times_jd: NDArray[np.float64],
-        vis: NDArray[np.complex64],
-        weights: NDArray[np.float32],
-        flags: NDArray[np.bool_],
+        parts: Sequence[tuple[NDArray[np.complex64], NDArray[np.float32], NDArray[np.bool_]]],
     ) -> None:
-        """Append integrations: arrays of shape (n_times, n_baselines, n_chans, 4), chunk order."""
+        """Append integrations, given as consecutive channel ranges in frequency order.
+
+        Each part is (vis, weights, flags) of shape (n_times, n_baselines, n_chans, 4)
+        in chunk order (pols XX, XY, YX, YY).
+        """
         assert self._handle is not None
-        n_times, n_bl, n_chans, _ = vis.shape
+        n_times, n_bl = parts[0][0].shape[:2]
+        n_chans = sum(part[0].shape[2] for part in parts)
         lst, app_ra, app_dec, uvw_m = self._geometry(np.asarray(times_jd, dtype=np.float64))
         self.app_radec_deg.extend(zip(np.degrees(app_ra), np.degrees(app_dec), strict=True))
         n_params = len(_PARAMETERS)
-        n_values = n_chans * 4 * 3
-        record = np.empty((n_times, n_bl, n_params + n_values), dtype=">f4")
+        # Built in native float32, swapped to FITS's big-endian order in place at the end.
+        record = np.empty((n_times, n_bl, n_params + n_chans * 4 * 3), dtype=np.float32)
         # uvfits' convention is the conjugate of pyuvdata's, with uvw negated (in seconds).
         uvw_s = -uvw_m / SPEED_OF_LIGHT_M_S
         uvw_hi = uvw_s.astype(np.float32)
@@ -187,12 +191,17 @@ class UvfitsStream:
         record[..., 14] = lst_hi
         record[..., 15] = (lst_deg - lst_hi.astype(np.float64)).astype(np.float32)
         values = record[..., n_params:].reshape(n_times, n_bl, n_chans, 4, 3)
-        ordered = vis[..., _POLS_FROM_CHUNK]
-        values[..., 0] = ordered.real
-        values[..., 1] = -ordered.imag
-        values[..., 2] = (
-            np.where(flags[..., _POLS_FROM_CHUNK], -1.0, 1.0) * weights[..., _POLS_FROM_CHUNK]
-        )
+        first = 0
+        for vis, weights, flags in parts:
+            chans = slice(first, first + vis.shape[2])
+            first = chans.stop
+            for out_pol, pol in enumerate(_POLS_FROM_CHUNK):
+                target = values[:, :, chans, out_pol]
+                target[..., 0] = vis[..., pol].real
+                np.negative(vis[..., pol].imag, out=target[..., 1])
+                np.copyto(target[..., 2], weights[..., pol])
+                target[..., 2][flags[..., pol]] *= -1.0
+        record.byteswap(inplace=True)
         self._handle.write(record.data)
         self._bytes_written += record.nbytes
         self.times_written += n_times
