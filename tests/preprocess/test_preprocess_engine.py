@@ -478,3 +478,71 @@ def test_output_paths_follow_the_format() -> None:
     assert output_paths("x/obs.ms", OutputFormat.BOTH) == [Path("x/obs.uvfits"), Path("x/obs.ms")]
     with pytest.raises(OptionError, match=r"ends in \.ms"):
         output_paths("x/obs.ms", OutputFormat.UVFITS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Passband and DC channel on real data
+
+
+def _real_inputs(obsid: str) -> tuple[Path, list[Path]]:
+    names = {
+        "1320409688": ["1320409688_20211108122750_mini_ch137_000.fits"],
+        "1131733552": [
+            "1131733552_20151116182537_mini_gpubox01_00.fits",
+            "1131733552_20151116182637_mini_gpubox06_01.fits",
+        ],
+    }[obsid]
+    return MWA_DATA / f"{obsid}.metafits", [MWA_DATA / n for n in names]
+
+
+@pytest.mark.parametrize(
+    ("obsid", "shape_file", "per_channel"),
+    [("1320409688", "mwax_pfb_bandpass_40kHz", 1), ("1131733552", "MWA_rev_cb_10khz_doubles", 4)],
+)
+def test_passband_is_divided_out_of_real_data(
+    tmp_path: Path, obsid: str, shape_file: str, per_channel: int
+) -> None:
+    import h5py
+    from pyuvdata.data import DATA_PATH
+
+    metafits, files = _real_inputs(obsid)
+    common = {**RAW, "allow_missing": "true", "no_flag_dc": "true"}
+    outputs = {}
+    for passband in ("true", "false"):
+        options = ConversionOptions.from_params({**common, "no_passband_gains": passband})
+        (out,) = preprocess(metafits, files, options, tmp_path / f"pb_{passband}.uvfits")
+        outputs[passband] = cube(out, 128)[0]
+    with h5py.File(f"{DATA_PATH}/mwa_config_data/{shape_file}.h5", "r") as handle:
+        shape = handle["coarse_band"][:]
+    # The files hold the first fine channel of each coarse channel: the band edge.
+    edge_gain = shape[:per_channel].mean()
+    assert 0.4 < edge_gain < 0.6
+    present = np.abs(outputs["true"]) > 0
+    np.testing.assert_allclose(
+        outputs["false"][present], outputs["true"][present] / edge_gain, rtol=1e-5
+    )
+
+
+def test_simulated_data_say_their_passband_is_flat(
+    sim: SimulatedObservation, tmp_path: Path
+) -> None:
+    # DERIPPLE = 1 in the simulator's metafits: dividing a PFB shape out would be wrong.
+    (with_default,) = convert(
+        sim, tmp_path / "a.uvfits", **{k: v for k, v in RAW.items() if k != "no_passband_gains"}
+    )
+    (without,) = convert(sim, tmp_path / "b.uvfits", **RAW)
+    np.testing.assert_array_equal(cube(with_default)[0], cube(without)[0])
+
+
+def test_dc_channel_flagging_defaults_to_legacy_data_only(
+    tmp_path: Path, sim: SimulatedObservation
+) -> None:
+    from observatory.preprocess.engine import _plan
+
+    options = ConversionOptions.from_params({"allow_missing": "true"})
+    legacy = _plan(open_reader(*_real_inputs("1131733552")), options, None, 1 << 20)
+    mwax = _plan(open_reader(*_real_inputs("1320409688")), options, None, 1 << 20)
+    simulated = _plan(open_reader(sim.metafits_path, sim.vis_paths), options, None, 1 << 20)
+    assert (legacy.flag_dc, mwax.flag_dc, simulated.flag_dc) == (True, False, False)
+    no_dc = ConversionOptions.from_params({"allow_missing": "true", "no_flag_dc": "true"})
+    assert _plan(open_reader(*_real_inputs("1131733552")), no_dc, None, 1 << 20).flag_dc is False

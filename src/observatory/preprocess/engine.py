@@ -60,6 +60,8 @@ ProgressCallback = Callable[[int, int, str], None]
 
 #: Upper bound on the raw visibilities of one chunk; a few chunks are in flight at once.
 DEFAULT_CHUNK_BYTES = 32 * 1024 * 1024
+#: With RFI flagging on, chunks may be this many times larger (longer in time).
+RFI_CHUNK_FACTOR = 8
 
 
 def output_paths(out: str | os.PathLike[str], output: OutputFormat) -> list[Path]:
@@ -174,6 +176,10 @@ def _plan(
     factor = resolved.time_factor
     n_times_padded = math.ceil(n_times / factor) * factor
     bytes_per_time = meta.n_baselines * reader.chans_per_coarse * 4 * 8
+    if not options.no_rfi:
+        # AOFlagger judges each sample against its neighbours in time: give it long
+        # stretches (the whole observation when it fits in RFI_CHUNK_FACTOR chunks).
+        chunk_bytes *= RFI_CHUNK_FACTOR
     blocks_per_chunk = max(1, chunk_bytes // (bytes_per_time * factor))
     time_block = min(n_times_padded, blocks_per_chunk * factor)
     return _Plan(
