@@ -46,12 +46,12 @@ from observatory.preprocess.reader import (
     RawChunk,
     ReadError,
     VisibilityReader,
+    coarse_channel_freqs_hz,
     open_reader,
 )
 from observatory.preprocess.rfi import aoflagger_flags
 from observatory.preprocess.uvfits import UvfitsStream
 from observatory.preprocess.writer import ConvertedData, write_outputs
-from observatory.telescope.instrument import COARSE_CHAN_WIDTH_HZ
 
 log = logging.getLogger(__name__)
 
@@ -131,16 +131,17 @@ def _solution_jones(meta: ObservationMeta, solutions: CalSolutions) -> NDArray[n
     matrices = solutions.jones_matrices()[0]  # (n_ants, n_chanblocks, 2, 2)
     freqs = solutions.chanblock_freqs_hz
     if freqs is not None and np.all(np.isfinite(freqs)) and len(freqs) == solutions.n_chanblocks:
-        chan_freqs = np.concatenate([_band_freqs(meta, c) for c in band_chans])
+        n = meta.fine_chans_per_coarse
+        chan_freqs = np.concatenate(
+            [
+                coarse_channel_freqs_hz(c, np.arange(n), meta.fine_chan_width_hz, n)
+                for c in band_chans
+            ]
+        )
         block = np.abs(chan_freqs[:, None] - np.asarray(freqs)[None, :]).argmin(axis=1)
     else:
         block = np.arange(n_total) * solutions.n_chanblocks // n_total
-    return matrices[:, block]
-
-
-def _band_freqs(meta: ObservationMeta, coarse_chan: int) -> NDArray[np.float64]:
-    n = meta.fine_chans_per_coarse
-    return coarse_chan * COARSE_CHAN_WIDTH_HZ + (np.arange(n) - n // 2) * meta.fine_chan_width_hz
+    return np.asarray(matrices[:, block], dtype=np.complex128)
 
 
 def _plan(
@@ -322,7 +323,7 @@ def preprocess(
     """
     targets = output_paths(out, options.output)
     if isinstance(solutions, (str, os.PathLike)):
-        solutions = read_solutions(solutions)
+        solutions = read_solutions(Path(solutions))
     reader = open_reader(metafits, data_files)
     plan = _plan(reader, options, solutions, chunk_bytes)
     meta = plan.meta

@@ -133,8 +133,8 @@ def read_metadata(metafits: str | os.PathLike[str]) -> ObservationMeta:
         fine_chans_per_coarse=int(context.num_corr_fine_chans_per_coarse),
         quack_time_s=context.quack_time_duration_ms / 1000.0,
         sched_start_gps_s=context.sched_start_gps_time_ms / 1000.0,
-        phase_centre_radec_deg=None if phase_ra is None else (float(phase_ra), float(phase_dec)),
-        pointing_radec_deg=None if point_ra is None else (float(point_ra), float(point_dec)),
+        phase_centre_radec_deg=_radec_or_none(phase_ra, phase_dec),
+        pointing_radec_deg=_radec_or_none(point_ra, point_dec),
         cable_delays_applied="No" not in str(context.cable_delays_applied),
         geometric_delays_applied="No" not in str(context.geometric_delays_applied),
         deripple_applied=bool(context.deripple_applied),
@@ -184,11 +184,20 @@ class VisibilityReader(Protocol):
         ...
 
 
-def _coarse_freqs_hz(
-    rec_chan: int, chan_index: NDArray[np.intp], width_hz: float, n: int
+def _radec_or_none(ra_deg: float | None, dec_deg: float | None) -> tuple[float, float] | None:
+    return None if ra_deg is None or dec_deg is None else (float(ra_deg), float(dec_deg))
+
+
+def coarse_channel_freqs_hz(
+    rec_chan: int, chan_index: NDArray[np.intp], width_hz: float, n_chans: int
 ) -> NDArray[np.float64]:
+    """Centre frequencies of fine channels ``chan_index`` of a coarse channel split in ``n_chans``.
+
+    The channel with index ``n_chans // 2`` is centred on the coarse channel (MWAX
+    and mwalib's convention).
+    """
     centre_hz = rec_chan * COARSE_CHAN_WIDTH_HZ
-    return centre_hz + (chan_index - n // 2) * width_hz
+    return np.asarray(centre_hz + (chan_index - n_chans // 2) * width_hz, dtype=np.float64)
 
 
 class MwalibReader:
@@ -211,7 +220,7 @@ class MwalibReader:
 
     def channel_freqs_hz(self, coarse_chan: int) -> NDArray[np.float64]:
         n_chans = self.chans_per_coarse
-        return _coarse_freqs_hz(
+        return coarse_channel_freqs_hz(
             coarse_chan, np.arange(n_chans), self.meta.fine_chan_width_hz, n_chans
         )
 
@@ -239,7 +248,9 @@ class MwalibReader:
             vis=vis,
             weights=weights,
             chan_index=chan_index,
-            freqs_hz=_coarse_freqs_hz(coarse_chan, chan_index, meta.fine_chan_width_hz, n_chans),
+            freqs_hz=coarse_channel_freqs_hz(
+                coarse_chan, chan_index, meta.fine_chan_width_hz, n_chans
+            ),
             time_start_gps_s=self.time_start_gps_s[timesteps.start : timesteps.stop],
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -10,7 +11,7 @@ from numpy.typing import NDArray
 _local = threading.local()
 
 
-def _strategy():  # type: ignore[no-untyped-def]
+def _strategy() -> tuple[Any, Any]:
     """AOFlagger and its MWA default strategy, one per thread (they are not thread-safe)."""
     if not hasattr(_local, "strategy"):
         import aoflagger

@@ -17,14 +17,15 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from numpy.typing import NDArray
 
 from observatory.core.storage import atomic_output
 from observatory.preprocess.reader import ObservationMeta
-from observatory.telescope.instrument import COARSE_CHAN_WIDTH_HZ, SPEED_OF_LIGHT_M_S
+from observatory.preprocess.writer import spectral_window_ids
+from observatory.telescope.instrument import SPEED_OF_LIGHT_M_S
 
 _BLOCK = 2880
 #: Random-group parameters in pyuvdata's order (DATE, UU, VV, WW written twice: float32 pairs).
@@ -208,7 +209,7 @@ class UvfitsStream:
 
     # -- headers ------------------------------------------------------------------------------
 
-    def _primary_header(self):  # type: ignore[no-untyped-def]
+    def _primary_header(self) -> Any:
         from astropy.io import fits
         from astropy.time import Time
 
@@ -370,13 +371,11 @@ class UvfitsStream:
 
 
 def _n_spws(freqs_hz: NDArray[np.float64], channel_width_hz: float) -> int:
-    """One window when the channels are contiguous, else one per coarse channel."""
-    if len(freqs_hz) < 2 or np.allclose(np.diff(freqs_hz), channel_width_hz):
-        return 1
-    return len(np.unique(np.floor(freqs_hz / COARSE_CHAN_WIDTH_HZ + 0.5)))
+    window_ids = spectral_window_ids(freqs_hz, channel_width_hz)
+    return 1 if window_ids is None else len(np.unique(window_ids))
 
 
-def _antenna_positions_ecef(meta: ObservationMeta, location) -> NDArray[np.float64]:  # type: ignore[no-untyped-def]
+def _antenna_positions_ecef(meta: ObservationMeta, location: Any) -> NDArray[np.float64]:
     """Antenna positions relative to the array centre, ECEF metres (pyuvdata's convention)."""
     from pyuvdata.utils import ECEF_from_ENU
 

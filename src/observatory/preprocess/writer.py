@@ -7,6 +7,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -45,7 +46,7 @@ class ConvertedData:
     calibrated: bool = False
 
 
-def to_uvdata(data: ConvertedData):  # type: ignore[no-untyped-def]
+def to_uvdata(data: ConvertedData) -> Any:
     """A pyuvdata ``UVData`` holding the converted data (uvw from the antenna positions)."""
     import astropy.units as u
     from astropy.time import Time
@@ -99,7 +100,7 @@ def to_uvdata(data: ConvertedData):  # type: ignore[no-untyped-def]
     return uvd
 
 
-def _spectral_windows(
+def spectral_window_ids(
     freqs_hz: NDArray[np.float64], channel_width_hz: float
 ) -> NDArray[np.intp] | None:
     """One window when the channels are contiguous, else one per coarse channel (None: one)."""
@@ -108,7 +109,7 @@ def _spectral_windows(
     return np.floor(freqs_hz / COARSE_CHAN_WIDTH_HZ + 0.5).astype(np.intp)
 
 
-def _new_uvdata(data: ConvertedData, telescope, antpairs, catalog, jd):  # type: ignore[no-untyped-def]
+def _new_uvdata(data: ConvertedData, telescope: Any, antpairs: Any, catalog: Any, jd: Any) -> Any:
     from pyuvdata import UVData
 
     n_times, n_bl, n_chans, n_pols = data.vis.shape
@@ -129,7 +130,7 @@ def _new_uvdata(data: ConvertedData, telescope, antpairs, catalog, jd):  # type:
         phase_center_id_array=np.zeros(n_times * n_bl, dtype=int),
         history=data.history,
         vis_units="Jy" if data.calibrated else "uncalib",
-        flex_spw_id_array=_spectral_windows(data.freqs_hz, data.channel_width_hz),
+        flex_spw_id_array=spectral_window_ids(data.freqs_hz, data.channel_width_hz),
     )
 
 

@@ -929,7 +929,7 @@ def _write_metafits(
         fits.Column("East", "E", unit="m", array=[t.east_m for t in rows_tile]),
         fits.Column("Height", "E", unit="m", array=[t.height_m for t in rows_tile]),
         # Digital gains x 64, one per coarse channel in CHANNELS order, zero-padded to 24.
-        fits.Column("Gains", "24I", array=_gains_column(truth, rows_tile, pols)),
+        fits.Column("Gains", "24I", array=_gains_column(truth, rows_tile, list(pols))),
         fits.Column("BFTemps", "E", unit="degC", array=np.zeros(n_rows, dtype=np.float32)),
         fits.Column("Delays", "16I", array=np.tile(np.array(delays, dtype=np.int16), (n_rows, 1))),
         fits.Column("VCSOrder", "I", array=[instrument.vcs_order(int(i)) for i in inputs]),
