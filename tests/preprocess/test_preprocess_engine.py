@@ -277,7 +277,10 @@ def test_aoflagger_flags_an_rfi_burst_and_little_else(tmp_path: Path) -> None:
         sources=[SOURCE], noise_sigma_jy=2.0, rfi=[burst], seed=4,
     )  # fmt: skip
     params = {k: v for k, v in RAW.items() if k != "no_rfi"}
-    (out,) = convert(noisy, tmp_path / "rfi.uvfits", **params)
+    options = ConversionOptions.from_params(params)
+    (out,) = preprocess(
+        noisy.metafits_path, noisy.vis_paths, options, tmp_path / "rfi.uvfits", workers=1
+    )
     _, flags, _ = cube(out, 16)
     p, q = np.triu_indices(16)
     cross = flags[:, p != q]
@@ -290,6 +293,14 @@ def test_aoflagger_flags_an_rfi_burst_and_little_else(tmp_path: Path) -> None:
     )
     assert burst_fraction > 0.95
     assert clean_fraction < 0.05
+    # Flagging runs in a process pool when there are several workers: the same flags.
+    eight_integrations = 136 * 32 * 4 * 8  # baselines x channels x pols x bytes: 8 per RFI chunk
+    halves = [
+        preprocess(noisy.metafits_path, noisy.vis_paths, options, tmp_path / f"rfi{n}.uvfits",
+                   workers=n, chunk_bytes=eight_integrations)[0]
+        for n in (1, 2)
+    ]  # fmt: skip
+    np.testing.assert_array_equal(cube(halves[0], 16)[1], cube(halves[1], 16)[1])
     # Without AOFlagger nothing is flagged.
     (out,) = convert(noisy, tmp_path / "norfi.uvfits", **RAW)
     assert not cube(out, 16)[1][:, p != q].any()

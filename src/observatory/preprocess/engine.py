@@ -21,9 +21,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import multiprocessing
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -328,7 +336,6 @@ def preprocess(
     plan = _plan(reader, options, solutions, chunk_bytes)
     meta = plan.meta
     resolved = plan.resolved
-    n_times = len(reader.time_start_gps_s)
     n_times_out = plan.n_times_padded // resolved.time_factor
     chans_out = plan.chans_per_coarse // resolved.freq_factor
     n_coarse = len(plan.coarse_chans)
@@ -349,23 +356,8 @@ def preprocess(
     if options.no_geometric_delay:
         # As Birli: the phase centre and uvw are recorded, the data are left unrotated.
         history += " No geometric correction: the data are not phased to the recorded phase centre."
-    blocks = [
-        range(start, min(start + plan.time_block, plan.n_times_padded))
-        for start in range(0, plan.n_times_padded, plan.time_block)
-    ]
+    blocks = _time_blocks(plan)
     jobs = [(b, c) for b in range(len(blocks)) for c in range(n_coarse)]
-
-    def run(block_index: int, coarse_index: int) -> tuple[_Averaged, int]:
-        block = blocks[block_index]
-        stored = range(block.start, min(block.stop, n_times))
-        chunk = reader.read(plan.coarse_chans[coarse_index], stored)
-        vis, weights, flags, rfi = _process(
-            _padded(chunk, len(block), meta.int_time_s),
-            plan,
-            options,
-            lambda: directions[block.start : block.stop],
-        )
-        return _Averaged(vis, weights, flags), rfi
 
     uvfits_targets = [t for t in targets if t.suffix.lower() == ".uvfits"]
     ms_targets = [t for t in targets if t.suffix.lower() == ".ms"]
@@ -438,7 +430,28 @@ def preprocess(
         directions = corrections.source_directions_enu(
             plan.phase_centre[1:], native_starts + meta.int_time_s / 2
         )
-        with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        pool: Executor
+        if options.no_rfi or n_workers == 1:
+            # numpy releases the GIL: threads share the work without copying chunks around.
+            runner = _ChunkRunner(reader, plan, options, directions)
+            pool, run = ThreadPoolExecutor(max_workers=n_workers), runner.run
+        else:
+            # AOFlagger's binding holds the GIL: flag in processes, each reading its own chunks.
+            pool = ProcessPoolExecutor(
+                max_workers=n_workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
+                initargs=(
+                    Path(metafits),
+                    [Path(f) for f in data_files],
+                    options,
+                    solutions,
+                    chunk_bytes,
+                    directions,
+                ),
+            )
+            run = _run_in_worker
+        with pool:
             pending: dict[Future[tuple[_Averaged, int]], tuple[int, int]] = {}
             queue = list(jobs)
             done = 0
@@ -473,6 +486,70 @@ def preprocess(
     if collected is not None:
         write_outputs(collected, ms_targets)
     return targets
+
+
+def _time_blocks(plan: _Plan) -> list[range]:
+    """The blocks of integrations processed together (each a multiple of the time factor)."""
+    return [
+        range(start, min(start + plan.time_block, plan.n_times_padded))
+        for start in range(0, plan.n_times_padded, plan.time_block)
+    ]
+
+
+class _ChunkRunner:
+    """Reads and processes one chunk (a block of integrations of one coarse channel)."""
+
+    def __init__(
+        self,
+        reader: VisibilityReader,
+        plan: _Plan,
+        options: ConversionOptions,
+        directions_enu: NDArray[np.float64],
+    ) -> None:
+        self.reader = reader
+        self.plan = plan
+        self.options = options
+        self.directions_enu = directions_enu
+        self.blocks = _time_blocks(plan)
+        self.n_times = len(reader.time_start_gps_s)
+
+    def run(self, block_index: int, coarse_index: int) -> tuple[_Averaged, int]:
+        block = self.blocks[block_index]
+        stored = range(block.start, min(block.stop, self.n_times))
+        chunk = self.reader.read(self.plan.coarse_chans[coarse_index], stored)
+        vis, weights, flags, rfi = _process(
+            _padded(chunk, len(block), self.plan.meta.int_time_s),
+            self.plan,
+            self.options,
+            lambda: self.directions_enu[block.start : block.stop],
+        )
+        return _Averaged(vis, weights, flags), rfi
+
+
+_worker_runner: _ChunkRunner | None = None
+
+
+def _start_worker(
+    metafits: Path,
+    data_files: list[Path],
+    options: ConversionOptions,
+    solutions: CalSolutions | None,
+    chunk_bytes: int,
+    directions_enu: NDArray[np.float64],
+) -> None:
+    """Process-pool initializer: open the files and plan as the parent did."""
+    global _worker_runner
+    from observatory.telescope.site import ensure_astropy_offline
+
+    ensure_astropy_offline()
+    reader = open_reader(metafits, data_files)
+    plan = _plan(reader, options, solutions, chunk_bytes)
+    _worker_runner = _ChunkRunner(reader, plan, options, directions_enu)
+
+
+def _run_in_worker(block_index: int, coarse_index: int) -> tuple[_Averaged, int]:
+    assert _worker_runner is not None, "worker not initialised"
+    return _worker_runner.run(block_index, coarse_index)
 
 
 class _Averaged(NamedTuple):
