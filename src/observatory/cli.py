@@ -189,11 +189,13 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=err_console, transient=False) as bar:
+    # No refresh thread: the conversion may fork worker processes.
+    with Progress(*columns, console=err_console, transient=False, auto_refresh=False) as bar:
         task = bar.add_task("converting", total=None)
 
         def report(done: int, total: int, what: str) -> None:
             bar.update(task, completed=done, total=total, description=f"converted {what}")
+            bar.refresh()
 
         try:
             written = preprocess(

@@ -431,15 +431,18 @@ def preprocess(
             plan.phase_centre[1:], native_starts + meta.int_time_s / 2
         )
         pool: Executor
-        if options.no_rfi or n_workers == 1:
+        if options.no_rfi or n_workers == 1 or multiprocessing.current_process().daemon:
             # numpy releases the GIL: threads share the work without copying chunks around.
+            # (Daemonic processes, such as some Dask workers, may not start processes.)
             runner = _ChunkRunner(reader, plan, options, directions)
             pool, run = ThreadPoolExecutor(max_workers=n_workers), runner.run
         else:
-            # AOFlagger's binding holds the GIL: flag in processes, each reading its own chunks.
+            # AOFlagger's binding holds the GIL: flag in processes, each reading its own
+            # chunks. Forked, not spawned, so that scripts calling preprocess() need no
+            # ``if __name__ == "__main__"`` guard; this process runs no threads of its own here.
             pool = ProcessPoolExecutor(
                 max_workers=n_workers,
-                mp_context=multiprocessing.get_context("spawn"),
+                mp_context=multiprocessing.get_context("fork"),
                 initializer=_start_worker,
                 initargs=(
                     Path(metafits),
