@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from observatory import __version__
 from observatory.archive.router import router as metadata_router
+from observatory.asvo.router import router as asvo_router
 from observatory.core.config import Settings, get_settings
 from observatory.core.database import make_engine, make_session_factory
 from observatory.core.errors import install_error_handlers
@@ -51,4 +52,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok", "version": __version__}
 
     app.include_router(metadata_router)
+    app.include_router(asvo_router)
     return app

@@ -8,6 +8,7 @@ variables win over the file.
 from __future__ import annotations
 
 import os
+import secrets
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,18 @@ class Settings(BaseSettings):
     database_url: str | None = None
     dask_scheduler: str | None = None
     config: Path | None = None
+    #: Key that signs cookies and download URLs; by default a random key kept in the data dir.
+    secret_key: str | None = None
+    #: Oldest client accepted at ASVO login, by the prefix of its version string.
+    asvo_min_client_versions: dict[str, str] = Field(
+        default_factory=lambda: {"mantaray-clientv": "1.2", "giant-squidv": "2.0.0"}
+    )
+    #: ``none``, ``partial`` (no acacia delivery) or ``full`` (no submissions): the real messages.
+    asvo_outage: str = "none"
+    #: Jobs a user may have queued or running at once.
+    asvo_max_active_jobs: int = 100
+    #: Days a product stays downloadable.
+    asvo_product_ttl_days: float = 7.0
 
     @classmethod
     def settings_customise_sources(
@@ -56,6 +69,23 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'observatory.sqlite3').resolve()}"
+
+    def secret_key_bytes(self) -> bytes:
+        """The signing key: ``secret_key``, else a random one created once in the data dir."""
+        if self.secret_key:
+            return self.secret_key.encode()
+        path = self.data_dir / "secret_key"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            # O_EXCL: two processes starting at once must not write two different keys.
+            try:
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(descriptor, "w") as handle:
+                    handle.write(secrets.token_urlsafe(48))
+        return path.read_text().strip().encode()
 
     @property
     def archive_dir(self) -> Path:

@@ -18,11 +18,19 @@ class ServiceError(Exception):
     status_code = 400
     error_code = 1
 
-    def __init__(self, message: str, *, error_code: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        error_code: int | None = None,
+        extra: dict[str, object] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         if error_code is not None:
             self.error_code = error_code
+        #: More keys for the JSON body (e.g. the ASVO's ``job_id`` of a duplicate job).
+        self.extra = extra or {}
 
 
 class BadRequest(ServiceError):
@@ -65,7 +73,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.error_code), status_code=exc.status_code)
+        body = {**error_body(exc.message, exc.error_code), **exc.extra}
+        return JSONResponse(body, status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,0 +1,93 @@
+"""ASVO jobs: what a user ordered, the state it is in, and the product it made."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import IntEnum, StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from observatory.core.database import Base, utcnow
+
+
+class JobType(IntEnum):
+    """Job types as the clients number them (``row.job_type``)."""
+
+    CONVERSION = 0
+    DOWNLOAD_VISIBILITIES = 1
+    DOWNLOAD_METADATA = 2
+    DOWNLOAD_VOLTAGE = 3
+    CANCEL_JOB = 4
+    DOWNLOAD_BEAMFORMER = 5
+    IMAGING = 6
+
+
+class JobState(StrEnum):
+    """The only job states the clients accept (giant-squid panics on any other)."""
+
+    QUEUED = "queued"
+    WAITCAL = "waitcal"
+    STAGING = "staging"
+    STAGED = "staged"
+    DOWNLOADING = "downloading"
+    PREPARING = "preparing"
+    PREPROCESSING = "preprocessing"
+    IMAGING = "imaging"
+    DELIVERING = "delivering"
+    COMPLETED = "completed"
+    ERROR = "error"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+
+#: States a job never leaves (except completed -> expired).
+TERMINAL_STATES = frozenset(
+    {JobState.COMPLETED, JobState.ERROR, JobState.EXPIRED, JobState.CANCELLED}
+)
+
+
+class Job(Base):
+    """One ASVO job of one user."""
+
+    __tablename__ = "asvo_jobs"
+    __table_args__ = (
+        Index("ix_asvo_jobs_user_id_id", "user_id", "id"),
+        Index("ix_asvo_jobs_user_id_request_key", "user_id", "request_key"),
+        Index("ix_asvo_jobs_state_priority_id", "state", "priority", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    job_type: Mapped[int] = mapped_column(Integer)
+    obs_id: Mapped[int] = mapped_column(BigInteger, index=True)
+    state: Mapped[str] = mapped_column(String(20), default=JobState.QUEUED.value)
+    #: What the user asked for, normalised: ``row.job_params`` in get_jobs.
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    #: SHA-256 of the job type and normalised parameters: finds duplicates.
+    request_key: Mapped[str] = mapped_column(String(64))
+    delivery: Mapped[str] = mapped_column(String(10))
+    priority: Mapped[int] = mapped_column(Integer, default=1)
+    error_code: Mapped[int | None] = mapped_column(Integer)
+    error_text: Mapped[str | None] = mapped_column(Text)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completed: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: ``{"files": [...]}`` once completed (the get_jobs ``product``), else None.
+    product: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: Storage key of the product tar (acacia) or the delivered directory (scratch, dug).
+    product_location: Mapped[str | None] = mapped_column(String(500))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -1,0 +1,376 @@
+"""ASVO job logic: client login, submission with the real service's validation and
+messages, listing in the clients' row format, cancellation.
+
+The protocol is specified in ../shared/specs/asvo.md (sections 1-3 and the
+compatibility checklist); the comments name the section a rule comes from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from observatory.archive.models import Observation, ObservationMode
+from observatory.asvo.models import TERMINAL_STATES, Job, JobState, JobType
+from observatory.core.accounts import authenticate_api_key
+from observatory.core.config import Settings
+from observatory.core.database import utcnow
+from observatory.core.errors import BadRequest, Forbidden, NotFound, ServiceError
+from observatory.preprocess.options import ConversionOptions, OptionError, parse_bool
+
+#: Error codes the clients act on (section 2.2): 0 invalid input, 2 duplicate job.
+ERROR_CODE_INVALID = 0
+ERROR_CODE_DUPLICATE = 2
+
+DELIVERIES = ("acacia", "scratch", "dug")
+#: Correlator modes whose visibilities can be downloaded or converted.
+CORRELATOR_MODES = frozenset(
+    {ObservationMode.HW_LFILES, ObservationMode.MWAX_CORRELATOR, ObservationMode.MWAX_CORR_BF}
+)
+VOLTAGE_MODES = frozenset(
+    {ObservationMode.VOLTAGE_START, ObservationMode.VOLTAGE_BUFFER, ObservationMode.MWAX_VCS,
+     ObservationMode.MWAX_BUFFER}
+)  # fmt: skip
+#: ``row.job_params.job_type`` per job type (section 3: "download" and "conversion" are
+#: the values seen; the others are our choice, the field being free text to the clients).
+PARAMS_JOB_TYPE = {
+    JobType.CONVERSION: "conversion",
+    JobType.DOWNLOAD_VISIBILITIES: "download",
+    JobType.DOWNLOAD_METADATA: "download",
+    JobType.DOWNLOAD_VOLTAGE: "download_voltage",
+}
+OUTAGE_MESSAGES = {
+    "full": "Your job cannot be submitted as there is a full outage in progress.",
+    "partial": (
+        "Your job cannot be submitted as there is a partial outage, "
+        "please use a delivery location other than acacia."
+    ),
+}
+
+
+class AsvoError(BadRequest):
+    """A refused submission: HTTP 400 with ``{"error", "error_code"[, "job_id"]}``."""
+
+    def __init__(
+        self, message: str, *, error_code: int = ERROR_CODE_INVALID, job_id: int | None = None
+    ) -> None:
+        super().__init__(
+            message, error_code=error_code, extra={} if job_id is None else {"job_id": job_id}
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Login (section 1.2)
+
+_CLIENT_VERSION = re.compile(
+    r"^(?P<prefix>mantaray-clientv|giant-squidv)(?P<version>\d+(?:\.\d+)*)$"
+)
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def check_client_version(client: str, minimums: Mapping[str, str]) -> None:
+    """Accept ``mantaray-clientvX.Y`` and ``giant-squidvX.Y.Z`` at or above the configured minimum.
+
+    Raises
+    ------
+    BadRequest
+        If ``client`` is not a known client's version string.
+    Forbidden
+        If the client is older than the minimum.
+    """
+    match = _CLIENT_VERSION.match(client.strip())
+    if match is None:
+        raise BadRequest(
+            f"Unrecognised client {client!r}: use mwa_client (mantaray-clientvX.Y) or "
+            "giant-squid (giant-squidvX.Y.Z)",
+            error_code=ERROR_CODE_INVALID,
+        )
+    minimum = minimums.get(match["prefix"])
+    if minimum is not None and _version_tuple(match["version"]) < _version_tuple(minimum):
+        raise Forbidden(
+            f"Client version {match['version']} is too old; please upgrade to "
+            f"{match['prefix'].removesuffix('v')} {minimum} or newer",
+            error_code=ERROR_CODE_INVALID,
+        )
+
+
+def login(session: Session, settings: Settings, client: str, api_key: str) -> int:
+    """Check the client version and the API key; returns the user id.
+
+    Raises
+    ------
+    BadRequest, Forbidden
+        For an unknown or too old client.
+    Unauthorized
+        For a wrong API key.
+    """
+    check_client_version(client, settings.asvo_min_client_versions)
+    return authenticate_api_key(session, api_key).id
+
+
+# ----------------------------------------------------------------------------------------------
+# Submission (sections 2.1-2.3)
+
+
+def _required(form: Mapping[str, str], key: str, label: str) -> str:
+    value = form.get(key, "").strip()
+    if not value:
+        raise AsvoError(f"{label}: Expected not None")
+    return value
+
+
+def _observation(session: Session, form: Mapping[str, str]) -> Observation:
+    text = _required(form, "obs_id", "Obs Id")
+    if not re.fullmatch(r"\d{10}", text):
+        raise AsvoError(f"Obs Id: {text!r} is not a 10-digit observation id")
+    observation = session.get(Observation, int(text))
+    if observation is None or observation.deleted:
+        raise AsvoError(f"Observation {text} does not exist")
+    return observation
+
+
+def _int_field(form: Mapping[str, str], key: str, label: str, low: int, high: int) -> int:
+    text = _required(form, key, label)
+    try:
+        value = int(text)
+    except ValueError:
+        raise AsvoError(f"{label}: {text!r} is not a whole number") from None
+    if not low <= value <= high:
+        raise AsvoError(f"{label}: {value} is outside {low}..{high}")
+    return value
+
+
+def _bool_field(form: Mapping[str, str], key: str) -> bool:
+    try:
+        return parse_bool(key, form.get(key, "false"))
+    except OptionError as exc:
+        raise AsvoError(str(exc)) from None
+
+
+def _common(form: Mapping[str, str], settings: Settings, job_type: JobType) -> dict[str, Any]:
+    delivery = form.get("delivery", "").strip().lower() or "acacia"
+    if delivery not in DELIVERIES:
+        raise AsvoError(f"Delivery: {delivery!r} is not one of {', '.join(DELIVERIES)}")
+    if settings.asvo_outage == "partial" and delivery == "acacia":
+        raise AsvoError(OUTAGE_MESSAGES["partial"])
+    delivery_format = form.get("delivery_format", "").strip().lower()
+    if delivery_format not in ("", "tar"):
+        raise AsvoError(f"Delivery Format: {delivery_format!r} is not supported (only tar)")
+    return {"delivery": delivery, "job_type": PARAMS_JOB_TYPE[job_type], "priority": 1}
+
+
+def _conversion_params(form: Mapping[str, str], observation: Observation) -> dict[str, Any]:
+    if observation.mode not in CORRELATOR_MODES:
+        raise AsvoError(
+            f"Observation {observation.obsid} is a {observation.mode} observation: it has no "
+            "visibilities to convert"
+        )
+    try:
+        options = ConversionOptions.from_params(form)
+        if observation.int_time_s and observation.freq_res_khz:
+            options.resolve(
+                observation.int_time_s,
+                observation.freq_res_khz,
+                round(1280 / observation.freq_res_khz),
+            )
+    except OptionError as exc:
+        raise AsvoError(str(exc)) from None
+    return options.to_params()
+
+
+def _voltage_params(form: Mapping[str, str], observation: Observation) -> dict[str, Any]:
+    if observation.mode not in VOLTAGE_MODES:
+        raise AsvoError(
+            f"Observation {observation.obsid} is a {observation.mode} observation: it has no "
+            "voltages"
+        )
+    length_s = observation.stoptime - observation.obsid
+    offset = _int_field(form, "offset", "Offset", 0, max(length_s - 1, 0))
+    duration = _int_field(form, "duration", "Duration", 1, length_s - offset)
+    params: dict[str, Any] = {"offset": offset, "duration": duration, "download_type": "volt"}
+    if _bool_field(form, "channel_range"):
+        low = _int_field(form, "from_channel", "From Channel", 0, 255)
+        high = _int_field(form, "to_channel", "To Channel", low, 255)
+        observed = set(observation.coarse_chans)
+        if observed and not observed & set(range(low, high + 1)):
+            raise AsvoError(
+                f"Channels {low}-{high} hold none of the observation's coarse channels "
+                f"({', '.join(map(str, sorted(observed)))})"
+            )
+        params.update(channel_range=True, from_channel=low, to_channel=high)
+    return params
+
+
+def _request_key(user_id: int, job_type: JobType, obs_id: int, params: Mapping[str, Any]) -> str:
+    canonical = json.dumps([user_id, int(job_type), obs_id, params], sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def submit_job(
+    session: Session,
+    settings: Settings,
+    user_id: int,
+    job_type: JobType,
+    form: Mapping[str, str],
+) -> Job:
+    """Validate a submission and queue the job.
+
+    ``form`` holds the posted form fields (strings); unknown keys are ignored.
+
+    Raises
+    ------
+    AsvoError
+        Naming the bad key (error_code 0), or for a duplicate (error_code 2 with its job_id).
+    """
+    if settings.asvo_outage == "full":
+        raise AsvoError(OUTAGE_MESSAGES["full"])
+    params = _common(form, settings, job_type)
+    if job_type == JobType.DOWNLOAD_VISIBILITIES:
+        download_type = _required(form, "download_type", "Download Type").lower()
+        if download_type not in ("vis", "vis_meta"):
+            raise AsvoError(f"Download Type: {download_type!r} is not one of vis, vis_meta")
+        if download_type == "vis_meta":
+            job_type = JobType.DOWNLOAD_METADATA
+        observation = _observation(session, form)
+        if download_type == "vis" and observation.mode not in CORRELATOR_MODES:
+            raise AsvoError(
+                f"Observation {observation.obsid} is a {observation.mode} observation: it has no "
+                "visibilities to download"
+            )
+        params["download_type"] = download_type
+    else:
+        observation = _observation(session, form)
+        if job_type == JobType.CONVERSION:
+            params.update(_conversion_params(form, observation))
+        elif job_type == JobType.DOWNLOAD_VOLTAGE:
+            params.update(_voltage_params(form, observation))
+    allow_resubmit = _bool_field(form, "allow_resubmit")
+    key = _request_key(user_id, job_type, observation.obsid, params)
+    _refuse_duplicate(session, user_id, key, allow_resubmit)
+    active = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.user_id == user_id, Job.state.not_in([s.value for s in TERMINAL_STATES]))
+    )
+    if (active or 0) >= settings.asvo_max_active_jobs:
+        raise AsvoError(
+            f"You already have {active} jobs queued or running (the limit is "
+            f"{settings.asvo_max_active_jobs}); wait for some to finish"
+        )
+    params["obs_id"] = str(observation.obsid)
+    job = Job(
+        user_id=user_id,
+        job_type=int(job_type),
+        obs_id=observation.obsid,
+        state=JobState.QUEUED.value,
+        params=params,
+        request_key=key,
+        delivery=params["delivery"],
+        priority=params["priority"],
+        cancel_requested=False,
+        deleted=False,
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def _refuse_duplicate(session: Session, user_id: int, key: str, allow_resubmit: bool) -> None:
+    """Section 2.3: the same request as an existing job is refused with error_code 2."""
+    same = session.scalars(
+        select(Job)
+        .where(Job.user_id == user_id, Job.request_key == key, Job.deleted.is_(False))
+        .order_by(Job.id.desc())
+    ).all()
+    for job in same:
+        running = job.state not in TERMINAL_STATES
+        if running:
+            message = (
+                "Job already queued or processing."
+                if allow_resubmit
+                else "Job already queued, processing or complete"
+            )
+            raise AsvoError(message, error_code=ERROR_CODE_DUPLICATE, job_id=job.id)
+        if job.state == JobState.COMPLETED and not allow_resubmit:
+            raise AsvoError(
+                "Job already queued, processing or complete",
+                error_code=ERROR_CODE_DUPLICATE,
+                job_id=job.id,
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# Listing (section 3) and cancelling (section 2.4)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.replace(tzinfo=None).isoformat()
+
+
+def job_row(job: Job, action: str = "INSERT") -> dict[str, Any]:
+    """The change-feed envelope the clients read (get_jobs element, websocket frame)."""
+    return {
+        "action": action,
+        "table": "jobs",
+        "row": {
+            "id": job.id,
+            "job_type": job.job_type,
+            "job_state": job.state,
+            "user_id": job.user_id,
+            "job_params": dict(job.params),
+            "error_code": job.error_code,
+            "error_text": job.error_text,
+            "created": _iso(job.created),
+            "started": _iso(job.started),
+            "completed": _iso(job.completed),
+            "product": job.product if job.state == JobState.COMPLETED else None,
+        },
+    }
+
+
+def list_jobs(session: Session, user_id: int) -> list[dict[str, Any]]:
+    """Every job of the user that is not deleted, oldest first, as get_jobs rows."""
+    jobs = session.scalars(
+        select(Job).where(Job.user_id == user_id, Job.deleted.is_(False)).order_by(Job.id)
+    )
+    return [job_row(job) for job in jobs]
+
+
+def cancel_job(session: Session, user_id: int, job_text: str) -> Job:
+    """Cancel a job of the user (its running work stops at the next stage boundary).
+
+    Raises
+    ------
+    BadRequest
+        For a malformed id, or a job that has already finished.
+    NotFound
+        If the user has no such job.
+    """
+    try:
+        job_id = int(job_text)
+    except (TypeError, ValueError):
+        raise AsvoError(f"Job Id: {job_text!r} is not a job id") from None
+    job = session.get(Job, job_id)
+    if job is None or job.user_id != user_id or job.deleted:
+        raise NotFound(f"Job Id {job_id} not found", error_code=ERROR_CODE_INVALID)
+    if job.state in TERMINAL_STATES:
+        raise AsvoError(f"Job {job_id} is {job.state} and cannot be cancelled")
+    job.state = JobState.CANCELLED.value
+    job.cancel_requested = True
+    job.completed = utcnow()
+    return job
+
+
+def unsupported(kind: str) -> ServiceError:
+    """The refusal for job kinds this server does not run."""
+    return AsvoError(f"{kind} jobs are not offered by this server")

@@ -1,0 +1,344 @@
+"""The ASVO /api as mwa_client and giant-squid use it (specs/asvo.md sections 1-3, checklist 2-8)."""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from observatory.app import create_app
+from observatory.archive.models import Observation
+from observatory.archive.service import ingest_directory
+from observatory.asvo.models import Job
+from observatory.core.accounts import create_user
+from observatory.core.config import Settings
+from observatory.core.database import make_engine, make_session_factory
+from observatory.core.storage import Storage
+from shared_data import MWA_DATA
+
+MWAX_OBS = "1320409688"
+LEGACY_OBS = "1131733552"
+VCS_OBS = 1320412440
+API_KEY = "test-key-of-alice"
+STATES = {
+    "queued", "waitcal", "staging", "staged", "downloading", "preparing", "preprocessing",
+    "imaging", "delivering", "completed", "error", "expired", "cancelled",
+}  # fmt: skip
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+@pytest.fixture
+def app_settings(settings: Settings) -> Settings:
+    engine = make_engine(settings.resolved_database_url)
+    with make_session_factory(engine)() as session:
+        ingest_directory(session, Storage(settings.archive_dir), MWA_DATA)
+        # A voltage observation: the API only needs its schedule row.
+        session.add(
+            Observation(
+                obsid=VCS_OBS, stoptime=VCS_OBS + 16, obsname="vcs_test", creator="test",
+                project_id="D0000", mode="MWAX_VCS", delays=[0] * 16, coarse_chans=[133, 134],
+            )
+        )  # fmt: skip
+        create_user(session, "alice", API_KEY)
+        create_user(session, "bob", "test-key-of-bob")
+        session.commit()
+    engine.dispose()
+    return settings
+
+
+@pytest.fixture
+def client(app_settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(app_settings)) as client:
+        reply = client.post("/api/api_login", headers=basic("mantaray-clientv2.0", API_KEY))
+        assert reply.status_code == 200, reply.text
+        yield client
+
+
+def submit(client: TestClient, endpoint: str, **form: Any) -> Any:
+    return client.post(f"/api/{endpoint}", data={k: str(v) for k, v in form.items()})
+
+
+def check_giant_squid_row(element: dict[str, Any]) -> None:
+    """Every rule of specs/asvo.md section 3's table, as giant-squid's serde decodes a row."""
+    assert element["action"] in ("INSERT", "UPDATE", "DELETE") and element["table"] == "jobs"
+    row = element["row"]
+    assert isinstance(row["id"], int) and 0 <= row["id"] < 1_000_000_000
+    assert isinstance(row["job_type"], int) and 0 <= row["job_type"] <= 6
+    assert row["job_state"] in STATES
+    assert "error_text" in row
+    if row["job_state"] == "error":
+        assert isinstance(row["error_text"], str)
+    params = row["job_params"]
+    assert isinstance(params["obs_id"], str) and re.fullmatch(r"\d{10}", params["obs_id"])
+    assert isinstance(params["delivery"], str)
+    assert isinstance(params["job_type"], str)
+    assert isinstance(params["priority"], int) and 0 <= params["priority"] < 65536
+    for optional in ("download_type", "user_pawsey_group"):
+        assert params.get(optional) is None or isinstance(params[optional], str)
+    if row["product"] is not None:
+        assert row["job_state"] == "completed"
+        for file in row["product"]["files"]:
+            assert file["type"] in ("acacia", "dug", "scratch")
+            assert isinstance(file["size"], int) and file["size"] >= 0
+            if file["type"] == "acacia":
+                assert isinstance(file["url"], str) and re.fullmatch(r"[0-9a-f]{40}", file["sha1"])
+            else:
+                assert isinstance(file["path"], str)
+    else:
+        assert row["job_state"] != "completed"
+
+
+# ----------------------------------------------------------------------------------------------
+# Login
+
+
+def test_login_sets_the_signed_cookie_without_domain(app_settings: Settings) -> None:
+    with TestClient(create_app(app_settings)) as client:
+        reply = client.post("/api/api_login", headers=basic("giant-squidv2.5.1", API_KEY))
+        assert reply.status_code == 200
+        cookie = reply.headers["set-cookie"]
+        assert cookie.startswith("MWA_JOB_COOKIE=")
+        assert "httponly" in cookie.lower()
+        assert "domain" not in cookie.lower()
+        assert "secure" not in cookie.lower()  # served over http here
+        assert client.get("/api/get_jobs").status_code == 200
+
+
+def test_login_over_https_marks_the_cookie_secure(app_settings: Settings) -> None:
+    with TestClient(create_app(app_settings), base_url="https://testserver") as client:
+        reply = client.post("/api/api_login", headers=basic("giant-squidv2.5.1", API_KEY))
+        assert "secure" in reply.headers["set-cookie"].lower()
+
+
+@pytest.mark.parametrize(
+    ("user", "password", "status", "fragment"),
+    [
+        ("mantaray-clientv2.0", "wrong-key", 401, "invalid API key"),
+        ("curl/8.0", API_KEY, 400, "Unrecognised client"),
+        ("mantaray-clientv1.1", API_KEY, 403, "too old"),
+        ("giant-squidv1.9.9", API_KEY, 403, "too old"),
+    ],
+)
+def test_login_refusals_are_json(
+    app_settings: Settings, user: str, password: str, status: int, fragment: str
+) -> None:
+    with TestClient(create_app(app_settings)) as client:
+        reply = client.post("/api/api_login", headers=basic(user, password))
+        assert reply.status_code == status
+        assert fragment in reply.json()["error"]
+        assert "set-cookie" not in reply.headers
+
+
+def test_calls_without_the_cookie_are_401(app_settings: Settings) -> None:
+    with TestClient(create_app(app_settings)) as client:
+        assert client.get("/api/get_jobs").status_code == 401
+        client.cookies.set("MWA_JOB_COOKIE", "user:1.1700000000.forged")
+        reply = client.get("/api/get_jobs")
+        assert reply.status_code == 401 and "api_login" in reply.json()["error"]
+        assert client.post("/api/api_login").status_code == 401
+
+
+# ----------------------------------------------------------------------------------------------
+# Submission
+
+
+def test_each_job_type_is_queued_and_listed(client: TestClient) -> None:
+    replies = [
+        submit(client, "conversion_job", obs_id=MWAX_OBS, output="uvfits", avg_freq_res=80,
+               flag_edge_width=80, delivery="acacia", allow_resubmit="false", unknown_key="x"),
+        submit(client, "download_vis_job", obs_id=MWAX_OBS, download_type="vis", delivery="acacia"),
+        submit(client, "download_vis_job", obs_id=LEGACY_OBS, download_type="vis_meta"),
+        submit(client, "voltage_job", obs_id=VCS_OBS, offset=0, duration=8, delivery="scratch"),
+        submit(client, "voltage_job", obs_id=VCS_OBS, offset=8, duration=8, channel_range="true",
+               from_channel=130, to_channel=133),
+    ]  # fmt: skip
+    for reply in replies:
+        assert reply.status_code == 200, reply.text
+        assert set(reply.json()) == {"job_id"}
+    ids = [reply.json()["job_id"] for reply in replies]
+    listing = client.get("/api/get_jobs").json()
+    assert [e["row"]["id"] for e in listing] == ids
+    assert [e["row"]["job_type"] for e in listing] == [0, 1, 2, 3, 3]
+    for element in listing:
+        check_giant_squid_row(element)
+        assert element["row"]["job_state"] == "queued"
+    conversion = listing[0]["row"]["job_params"]
+    assert conversion["obs_id"] == MWAX_OBS and conversion["job_type"] == "conversion"
+    assert conversion["avg_freq_res"] == "80.0" and "unknown_key" not in conversion
+    assert listing[2]["row"]["job_params"]["download_type"] == "vis_meta"
+    assert listing[3]["row"]["job_params"]["delivery"] == "scratch"
+    assert listing[4]["row"]["job_params"]["from_channel"] == 130
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "form", "message"),
+    [
+        ("download_vis_job", {"obs_id": MWAX_OBS}, "Download Type: Expected not None"),
+        ("download_vis_job", {"obs_id": MWAX_OBS, "download_type": "raw"}, "Download Type: 'raw'"),
+        ("download_vis_job", {"download_type": "vis"}, "Obs Id: Expected not None"),
+        ("download_vis_job", {"obs_id": "12345", "download_type": "vis"}, "not a 10-digit"),
+        ("download_vis_job", {"obs_id": "1000000000", "download_type": "vis"}, "Observation 1000000000 does not exist"),
+        ("download_vis_job", {"obs_id": str(VCS_OBS), "download_type": "vis"}, "no visibilities to download"),
+        ("download_vis_job", {"obs_id": MWAX_OBS, "download_type": "vis", "delivery": "ftp"}, "Delivery: 'ftp'"),
+        ("download_vis_job", {"obs_id": MWAX_OBS, "download_type": "vis", "delivery_format": "zip"}, "only tar"),
+        ("download_vis_job", {"obs_id": MWAX_OBS, "download_type": "vis", "allow_resubmit": "maybe"}, "allow_resubmit='maybe'"),
+        ("conversion_job", {"obs_id": MWAX_OBS, "avg_time_res": "3"}, "avg_time_res=3.0 is not valid"),
+        ("conversion_job", {"obs_id": MWAX_OBS, "avg_freq_res": "50"}, "avg_freq_res=50.0 is not valid"),
+        ("conversion_job", {"obs_id": MWAX_OBS, "output": "fits"}, "output='fits' is not valid"),
+        ("conversion_job", {"obs_id": MWAX_OBS, "centre": "custom"}, "phase_centre_ra"),
+        ("conversion_job", {"obs_id": str(VCS_OBS)}, "no visibilities to convert"),
+        ("voltage_job", {"obs_id": MWAX_OBS, "offset": "0", "duration": "8"}, "has no voltages"),
+        ("voltage_job", {"obs_id": str(VCS_OBS), "duration": "8"}, "Offset: Expected not None"),
+        ("voltage_job", {"obs_id": str(VCS_OBS), "offset": "0", "duration": "999"}, "Duration: 999 is outside 1..16"),
+        ("voltage_job", {"obs_id": str(VCS_OBS), "offset": "x", "duration": "8"}, "Offset: 'x' is not a whole number"),
+        ("voltage_job", {"obs_id": str(VCS_OBS), "offset": "0", "duration": "8", "channel_range": "true",
+                         "from_channel": "200", "to_channel": "210"}, "none of the observation's coarse channels"),
+        ("beamformer_job", {"obs_id": MWAX_OBS}, "Beamformer jobs are not offered"),
+        ("imaging_job", {"obs_id": MWAX_OBS}, "Imaging jobs are not offered"),
+    ],
+)  # fmt: skip
+def test_bad_submissions_are_400_with_error_code_0(
+    client: TestClient, endpoint: str, form: dict[str, str], message: str
+) -> None:
+    reply = submit(client, endpoint, **form)
+    assert reply.status_code == 400
+    body = reply.json()
+    assert body["error_code"] == 0 and message in body["error"], body
+    assert "job_id" not in body
+    assert client.get("/api/get_jobs").json() == []
+
+
+def test_unknown_observation_message_lets_giant_squid_skip_it(client: TestClient) -> None:
+    body = submit(client, "download_vis_job", obs_id="1000000000", download_type="vis").json()
+    assert body == {"error": "Observation 1000000000 does not exist", "error_code": 0}
+    assert body["error"].startswith("Observation ") and body["error"].endswith(" does not exist")
+
+
+def _set_state(app_settings: Settings, job_id: int, state: str) -> None:
+    engine = make_engine(app_settings.resolved_database_url)
+    with make_session_factory(engine)() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.state = state
+        if state == "error":
+            job.error_text = "failed"
+        if state == "completed":  # as the pipeline leaves a completed job: with its product
+            job.product = {"files": [{"type": "acacia", "url": "https://testserver/p.tar",
+                                      "size": 10240, "sha1": "0" * 40}]}  # fmt: skip
+        session.commit()
+    engine.dispose()
+
+
+def test_duplicates_and_allow_resubmit(client: TestClient, app_settings: Settings) -> None:
+    form = {"obs_id": MWAX_OBS, "download_type": "vis", "delivery": "acacia"}
+    first = submit(client, "download_vis_job", **form).json()["job_id"]
+    # A queued duplicate is refused with or without allow_resubmit (section 2.3).
+    reply = submit(client, "download_vis_job", **form, allow_resubmit="false")
+    assert reply.status_code == 400
+    assert reply.json() == {
+        "error": "Job already queued, processing or complete",
+        "error_code": 2,
+        "job_id": first,
+    }
+    reply = submit(client, "download_vis_job", **form, allow_resubmit="true")
+    assert reply.json() == {
+        "error": "Job already queued or processing.",
+        "error_code": 2,
+        "job_id": first,
+    }
+    # A different delivery is a different job.
+    dug = submit(client, "download_vis_job", **{**form, "delivery": "dug"}).json()["job_id"]
+    # Completed: refused unless allow_resubmit.
+    _set_state(app_settings, first, "completed")
+    assert submit(client, "download_vis_job", **form).json()["error_code"] == 2
+    second = submit(client, "download_vis_job", **form, allow_resubmit="true").json()["job_id"]
+    assert second != first
+    # Errored and cancelled jobs never block a new one.
+    for state in ("error", "cancelled"):
+        _set_state(app_settings, dug, state)
+        reply = submit(client, "download_vis_job", **{**form, "delivery": "dug"})
+        assert set(reply.json()) == {"job_id"}
+        dug = reply.json()["job_id"]
+    # Another user's identical job is not a duplicate.
+    with TestClient(create_app(app_settings)) as bob:
+        bob.post("/api/api_login", headers=basic("giant-squidv2.5.1", "test-key-of-bob"))
+        assert submit(bob, "download_vis_job", **form).status_code == 200
+        assert len(bob.get("/api/get_jobs").json()) == 1
+    for element in client.get("/api/get_jobs").json():
+        check_giant_squid_row(element)
+
+
+def test_outage_modes_return_the_real_messages(app_settings: Settings) -> None:
+    for outage, delivery, expected in (
+        ("full", "scratch", "Your job cannot be submitted as there is a full outage in progress."),
+        ("partial", "acacia", "Your job cannot be submitted as there is a partial outage, please use a delivery location other than acacia."),
+    ):  # fmt: skip
+        settings = app_settings.model_copy(update={"asvo_outage": outage})
+        with TestClient(create_app(settings)) as client:
+            client.post("/api/api_login", headers=basic("mantaray-clientv2.0", API_KEY))
+            reply = submit(
+                client, "download_vis_job", obs_id=MWAX_OBS, download_type="vis", delivery=delivery
+            )
+            assert reply.status_code == 400
+            assert reply.json() == {"error": expected, "error_code": 0}
+    settings = app_settings.model_copy(update={"asvo_outage": "partial"})
+    with TestClient(create_app(settings)) as client:
+        client.post("/api/api_login", headers=basic("mantaray-clientv2.0", API_KEY))
+        reply = submit(
+            client, "download_vis_job", obs_id=MWAX_OBS, download_type="vis", delivery="scratch"
+        )
+        assert reply.status_code == 200
+
+
+def test_active_job_cap(app_settings: Settings) -> None:
+    settings = app_settings.model_copy(update={"asvo_max_active_jobs": 2})
+    with TestClient(create_app(settings)) as client:
+        client.post("/api/api_login", headers=basic("mantaray-clientv2.0", API_KEY))
+        for delivery in ("acacia", "scratch"):
+            assert (
+                submit(
+                    client,
+                    "download_vis_job",
+                    obs_id=MWAX_OBS,
+                    download_type="vis",
+                    delivery=delivery,
+                ).status_code
+                == 200
+            )
+        reply = submit(
+            client, "download_vis_job", obs_id=MWAX_OBS, download_type="vis", delivery="dug"
+        )
+        assert reply.status_code == 400
+        assert "the limit is 2" in reply.json()["error"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Cancel
+
+
+def test_cancel_answers_200_400_404(client: TestClient, app_settings: Settings) -> None:
+    job_id = submit(client, "download_vis_job", obs_id=MWAX_OBS, download_type="vis").json()[
+        "job_id"
+    ]
+    reply = client.get("/api/cancel_job", params={"job_id": job_id})
+    assert reply.status_code == 200
+    (element,) = client.get("/api/get_jobs").json()
+    assert element["row"]["job_state"] == "cancelled"
+    check_giant_squid_row(element)
+    # Already cancelled: 400; malformed: 400; unknown or another user's: 404.
+    assert client.get("/api/cancel_job", params={"job_id": job_id}).status_code == 400
+    assert client.get("/api/cancel_job", params={"job_id": "abc"}).status_code == 400
+    reply = client.get("/api/cancel_job", params={"job_id": 999_999})
+    assert reply.status_code == 404
+    assert reply.json()["error"] == "Job Id 999999 not found"
+    with TestClient(create_app(app_settings)) as bob:
+        bob.post("/api/api_login", headers=basic("giant-squidv2.5.1", "test-key-of-bob"))
+        assert bob.get("/api/cancel_job", params={"job_id": job_id}).status_code == 404
