@@ -17,20 +17,33 @@ from observatory.core.storage import Storage
 from observatory.telescope.site import ensure_astropy_offline
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, run_jobs: bool = False) -> FastAPI:
     """Build the web application for ``settings`` (default: from the environment).
 
     The database must already be migrated (``observatory db upgrade``; ``serve``
-    and ``demo`` do it themselves).
+    and ``demo`` do it themselves). With ``run_jobs`` the app also runs the ASVO
+    job dispatcher (on ``OBSERVATORY_DASK_SCHEDULER`` or an in-process cluster)
+    while it serves.
     """
     settings = settings or get_settings()
     ensure_astropy_offline()
     engine = make_engine(settings.resolved_database_url)
+    session_factory = make_session_factory(engine)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        yield
-        engine.dispose()
+        dispatcher = None
+        if run_jobs:
+            from observatory.asvo.dispatcher import Dispatcher
+
+            dispatcher = Dispatcher(settings, session_factory)
+            dispatcher.start()
+        try:
+            yield
+        finally:
+            if dispatcher is not None:
+                dispatcher.stop()
+            engine.dispose()
 
     app = FastAPI(
         title="observatory-services",
@@ -40,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.engine = engine
-    app.state.session_factory = make_session_factory(engine)
+    app.state.session_factory = session_factory
     app.state.archive_storage = Storage(settings.archive_dir)
     install_error_handlers(app)
 

@@ -216,7 +216,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     upgrade(settings.resolved_database_url)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(create_app(settings, run_jobs=True), host=args.host, port=args.port, log_level="info")
     return 0
 
 
@@ -247,7 +247,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from observatory.app import create_app
 
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(create_app(settings, run_jobs=True), host=args.host, port=args.port, log_level="info")
     return 0
 
 

@@ -66,6 +66,7 @@ class Job(Base):
         Index("ix_asvo_jobs_user_id_id", "user_id", "id"),
         Index("ix_asvo_jobs_user_id_request_key", "user_id", "request_key"),
         Index("ix_asvo_jobs_state_priority_id", "state", "priority", "id"),
+        Index("ix_asvo_jobs_user_id_updated", "user_id", "updated"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -91,3 +92,7 @@ class Job(Base):
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Last change of any kind: the websocket sends rows changed since it last looked.
+    updated: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )

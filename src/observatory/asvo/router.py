@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import re
 from typing import Annotated, Any
+from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Request, Response, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 
 from observatory.asvo import service
-from observatory.asvo.models import JobType
+from observatory.asvo.models import Job, JobType
 from observatory.asvo.schemas import JobEnvelope, SubmitResponse
 from observatory.core.config import Settings
-from observatory.core.errors import Unauthorized
+from observatory.core.errors import Forbidden, Unauthorized
 from observatory.core.security import sign_value, unsign_value
 from observatory.core.web import get_session
 
@@ -21,6 +29,8 @@ router = APIRouter(prefix="/api", tags=["asvo"])
 COOKIE_NAME = "MWA_JOB_COOKIE"
 #: How long a login lasts (giant-squid logs in for every command; mwa_client per run).
 COOKIE_MAX_AGE_S = 7 * 86_400
+#: How often the websocket looks for changed jobs.
+WEBSOCKET_POLL_S = 0.1
 
 _basic = HTTPBasic(auto_error=False)
 
@@ -123,10 +133,90 @@ def preprocessed_imaging_job(_user_id: UserDep) -> dict[str, int]:
     raise service.unsupported("Imaging")
 
 
+def _url_builder(request: Request) -> service.UrlBuilder:
+    """Signed, expiring download URLs on the host the client reached (they need no cookie)."""
+    settings = _settings(request)
+    key = settings.secret_key_bytes()
+    base = str(request.base_url).rstrip("/")
+
+    def url_for(job: Job, entry: dict[str, Any]) -> str:
+        token = sign_value(f"{job.id}/{entry['name']}", key)
+        return f"{base}/api/download/{job.id}/{quote(entry['name'])}?token={token}"
+
+    return url_for
+
+
 @router.get("/get_jobs", response_model=list[JobEnvelope])
-def get_jobs(session: SessionDep, user_id: UserDep) -> list[dict[str, Any]]:
+def get_jobs(request: Request, session: SessionDep, user_id: UserDep) -> list[dict[str, Any]]:
     """Every job of the user, as change-feed envelopes ``{action, table, row}``."""
-    return service.list_jobs(session, user_id)
+    return service.list_jobs(session, user_id, _url_builder(request))
+
+
+class _LenientRangeFileResponse(FileResponse):
+    """A file response that also understands giant-squid's ``Range: Range: bytes=N-SIZE``.
+
+    giant-squid (``--keep-tar``) sends the header value with the header name in
+    front and an end offset one past the last byte (specs/asvo.md section 4.1).
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [
+            (name, _normalise_range(value, self.stat_result.st_size) if name == b"range" else value)
+            for name, value in scope["headers"]
+        ] if self.stat_result is not None else scope["headers"]  # fmt: skip
+        await super().__call__({**scope, "headers": headers}, receive, send)
+
+
+def _normalise_range(value: bytes, size: int) -> bytes:
+    text = value.decode("latin-1").strip()
+    if text.lower().startswith("range:"):
+        text = text[len("range:") :].strip()
+    match = re.fullmatch(r"bytes=(\d+)-(\d+)", text)
+    if match and int(match[2]) >= size:
+        text = f"bytes={match[1]}-{size - 1}"
+    return text.encode("latin-1")
+
+
+@router.api_route("/download/{job_id}/{name}", methods=["GET", "HEAD"])
+def download(
+    request: Request, session: SessionDep, job_id: int, name: str, token: str = ""
+) -> FileResponse:
+    """A product, by the signed URL get_jobs gave (no cookie needed); Range supported."""
+    settings = _settings(request)
+    max_age_s = settings.asvo_product_ttl_days * 86_400 + 3_600
+    if unsign_value(token, settings.secret_key_bytes(), max_age_s=max_age_s) != f"{job_id}/{name}":
+        raise Forbidden("This download link is not valid (or has expired)")
+    path = service.product_file(session, job_id, name, settings.products_dir)
+    response = _LenientRangeFileResponse(path, media_type="application/x-tar", filename=name)
+    response.stat_result = os.stat(path)
+    return response
+
+
+@router.websocket("/job_results")
+async def job_results(websocket: WebSocket) -> None:
+    """Job rows as they change: every current row on connect, then one frame per change."""
+    settings: Settings = websocket.app.state.settings
+    token = websocket.cookies.get(COOKIE_NAME)
+    value = (
+        None
+        if token is None
+        else unsign_value(token, settings.secret_key_bytes(), max_age_s=COOKIE_MAX_AGE_S)
+    )
+    if value is None or not value.startswith("user:"):
+        await websocket.close(code=4401, reason="not logged in")
+        return
+    user_id = int(value.removeprefix("user:"))
+    await websocket.accept()
+    session_factory = websocket.app.state.session_factory
+    seen: dict[int, tuple[str, str | None]] = {}
+    try:
+        while True:
+            frames = await run_in_threadpool(service.changed_rows, session_factory, user_id, seen)
+            for frame in frames:
+                await websocket.send_text(json.dumps(frame))
+            await asyncio.sleep(WEBSOCKET_POLL_S)
+    except (WebSocketDisconnect, RuntimeError):
+        return
 
 
 @router.get("/cancel_job")

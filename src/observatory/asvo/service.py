@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from observatory.archive.models import Observation, ObservationMode
 from observatory.asvo.models import TERMINAL_STATES, Job, JobState, JobType
@@ -317,8 +318,29 @@ def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.replace(tzinfo=None).isoformat()
 
 
-def job_row(job: Job, action: str = "INSERT") -> dict[str, Any]:
-    """The change-feed envelope the clients read (get_jobs element, websocket frame)."""
+#: Builds a product file's download URL: (job, product file entry) -> URL.
+UrlBuilder = Callable[[Job, dict[str, Any]], str]
+
+
+def _product(job: Job, url_for: UrlBuilder | None) -> dict[str, Any] | None:
+    if job.state != JobState.COMPLETED or not job.product:
+        return None
+    files = []
+    for entry in job.product.get("files", []):
+        entry = dict(entry)
+        name = entry.pop("name", None)
+        if entry.get("type") == "acacia" and url_for is not None and name is not None:
+            entry["url"] = url_for(job, {**entry, "name": name})
+        files.append(entry)
+    return {"files": files}
+
+
+def job_row(job: Job, action: str = "INSERT", url_for: UrlBuilder | None = None) -> dict[str, Any]:
+    """The change-feed envelope the clients read (get_jobs element, websocket frame).
+
+    ``url_for`` makes the signed download URL of acacia products (it depends on
+    the host the client reached).
+    """
     return {
         "action": action,
         "table": "jobs",
@@ -333,17 +355,39 @@ def job_row(job: Job, action: str = "INSERT") -> dict[str, Any]:
             "created": _iso(job.created),
             "started": _iso(job.started),
             "completed": _iso(job.completed),
-            "product": job.product if job.state == JobState.COMPLETED else None,
+            "product": _product(job, url_for),
         },
     }
 
 
-def list_jobs(session: Session, user_id: int) -> list[dict[str, Any]]:
+def list_jobs(
+    session: Session, user_id: int, url_for: UrlBuilder | None = None
+) -> list[dict[str, Any]]:
     """Every job of the user that is not deleted, oldest first, as get_jobs rows."""
     jobs = session.scalars(
         select(Job).where(Job.user_id == user_id, Job.deleted.is_(False)).order_by(Job.id)
     )
-    return [job_row(job) for job in jobs]
+    return [job_row(job, url_for=url_for) for job in jobs]
+
+
+def product_file(session: Session, job_id: int, name: str, products_dir: Path) -> Path:
+    """The product file a (verified) download URL names.
+
+    Raises
+    ------
+    NotFound
+        If the job has no such product, or it has expired.
+    """
+    job = session.get(Job, job_id)
+    names = [f.get("name") for f in (job.product or {}).get("files", [])] if job else []
+    if job is None or job.deleted or name not in names:
+        raise NotFound(f"Product {name} does not exist")
+    if job.state != JobState.COMPLETED:
+        raise NotFound(f"Product {name} no longer exists; it may have expired")
+    path = products_dir / str(job.id) / name
+    if not path.is_file():
+        raise NotFound(f"Product {name} no longer exists; it may have expired")
+    return path
 
 
 def cancel_job(session: Session, user_id: int, job_text: str) -> Job:
@@ -374,3 +418,31 @@ def cancel_job(session: Session, user_id: int, job_text: str) -> Job:
 def unsupported(kind: str) -> ServiceError:
     """The refusal for job kinds this server does not run."""
     return AsvoError(f"{kind} jobs are not offered by this server")
+
+
+def changed_rows(
+    session_factory: sessionmaker[Session], user_id: int, seen: dict[int, tuple[str, str | None]]
+) -> list[dict[str, Any]]:
+    """Websocket frames for the user's jobs that changed since ``seen`` (updated in place).
+
+    ``seen`` maps job id to the (state, error_text) last sent; a job that disappears
+    (deleted) gets a DELETE frame. The first call sends every current row.
+    """
+    frames = []
+    with session_factory() as session:
+        jobs = session.scalars(select(Job).where(Job.user_id == user_id).order_by(Job.id)).all()
+        present = set()
+        for job in jobs:
+            if job.deleted:
+                if job.id in seen:
+                    frames.append(job_row(job, action="DELETE"))
+                    del seen[job.id]
+                continue
+            present.add(job.id)
+            signature = (job.state, job.error_text)
+            if seen.get(job.id) != signature:
+                frames.append(job_row(job, action="INSERT" if job.id not in seen else "UPDATE"))
+                seen[job.id] = signature
+        for job_id in set(seen) - present:
+            del seen[job_id]
+    return frames

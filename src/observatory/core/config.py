@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     asvo_max_active_jobs: int = 100
     #: Days a product stays downloadable.
     asvo_product_ttl_days: float = 7.0
+    #: Shared file systems for ``scratch`` and ``dug`` delivery (default: inside the data dir);
+    #: products land in ``<root>/<group>/asvo/<job_id>``.
+    asvo_scratch_root: Path | None = None
+    asvo_dug_root: Path | None = None
 
     @classmethod
     def settings_customise_sources(
@@ -86,6 +90,21 @@ class Settings(BaseSettings):
                 with os.fdopen(descriptor, "w") as handle:
                     handle.write(secrets.token_urlsafe(48))
         return path.read_text().strip().encode()
+
+    @property
+    def products_dir(self) -> Path:
+        """Where ASVO products (tars for acacia delivery) are kept until they expire."""
+        return self.data_dir / "products"
+
+    @property
+    def work_dir(self) -> Path:
+        """Scratch space of running jobs (one sub-directory per job)."""
+        return self.data_dir / "work"
+
+    def delivery_root(self, delivery: str) -> Path:
+        """The shared file system of a ``scratch`` or ``dug`` delivery."""
+        configured = {"scratch": self.asvo_scratch_root, "dug": self.asvo_dug_root}[delivery]
+        return configured if configured is not None else self.data_dir / delivery
 
     @property
     def archive_dir(self) -> Path:

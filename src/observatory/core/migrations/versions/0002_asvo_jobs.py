@@ -38,6 +38,7 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("cancel_requested", sa.Boolean(), nullable=False),
         sa.Column("deleted", sa.Boolean(), nullable=False),
+        sa.Column("updated", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["user_id"], ["users.id"], name=op.f("fk_asvo_jobs_user_id_users"), ondelete="CASCADE"
         ),
@@ -51,9 +52,13 @@ def upgrade() -> None:
     op.create_index(
         "ix_asvo_jobs_state_priority_id", "asvo_jobs", ["state", "priority", "id"], unique=False
     )
+    op.create_index(
+        "ix_asvo_jobs_user_id_updated", "asvo_jobs", ["user_id", "updated"], unique=False
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_asvo_jobs_user_id_updated", table_name="asvo_jobs")
     op.drop_index("ix_asvo_jobs_state_priority_id", table_name="asvo_jobs")
     op.drop_index("ix_asvo_jobs_user_id_request_key", table_name="asvo_jobs")
     op.drop_index("ix_asvo_jobs_user_id_id", table_name="asvo_jobs")

@@ -1,0 +1,127 @@
+"""The dispatcher: hands queued jobs to Dask, cancels, expires and resumes.
+
+One dispatcher runs beside the web server (``observatory serve``). It keeps no
+state of its own that matters: every loop reads the jobs table, so after a crash
+or restart it simply finds the jobs that are not finished and runs them again
+(their stages are idempotent).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from observatory.asvo.models import TERMINAL_STATES, Job, JobState
+from observatory.asvo.pipeline import run_job
+from observatory.core.config import Settings
+from observatory.core.database import utcnow
+
+log = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    """Runs ASVO jobs on a Dask cluster (``OBSERVATORY_DASK_SCHEDULER``) or an in-process one."""
+
+    def __init__(
+        self, settings: Settings, session_factory: sessionmaker[Session], poll_s: float = 0.2
+    ) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.poll_s = poll_s
+        self.futures: dict[int, Any] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client: Any = None
+        self._cluster: Any = None
+
+    def start(self) -> None:
+        """Connect to (or start) the Dask cluster and begin the loop in a thread."""
+        from distributed import Client, LocalCluster
+
+        if self.settings.dask_scheduler:
+            self._client = Client(self.settings.dask_scheduler)
+        else:
+            # In-process: worker threads in this process (the demo and the tests).
+            self._cluster = LocalCluster(
+                processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None
+            )
+            self._client = Client(self._cluster)
+        self._thread = threading.Thread(target=self._loop, name="asvo-dispatcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop and disconnect; running jobs resume at the next start."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self._client is not None:
+            self._client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.step()
+            except Exception:  # the loop must survive a failed database round trip
+                log.exception("ASVO dispatcher step failed")
+            self._stop.wait(self.poll_s)
+
+    def step(self) -> None:
+        """One pass: submit new or orphaned jobs, cancel, reap finished futures, expire."""
+        with self.session_factory() as session:
+            unfinished = session.scalars(
+                select(Job)
+                .where(Job.state.not_in([s.value for s in TERMINAL_STATES]), Job.deleted.is_(False))
+                .order_by(Job.priority.desc(), Job.id)
+            ).all()
+            for job in unfinished:
+                if job.id not in self.futures:
+                    self.futures[job.id] = self._client.submit(
+                        run_job,
+                        self.settings.model_dump(),
+                        job.id,
+                        key=f"asvo-job-{job.id}-{utcnow().timestamp()}",
+                        priority=job.priority,
+                        pure=False,
+                        retries=2,
+                    )
+            active_ids = {job.id for job in unfinished}
+            for job_id, future in list(self.futures.items()):
+                if job_id not in active_ids:
+                    # Cancelled (or finished): a queued task need not start at all.
+                    if not future.done():
+                        future.cancel()
+                    del self.futures[job_id]
+                elif future.done():
+                    # The task ended without leaving the job finished (its worker died and
+                    # retries ran out, or it was cancelled by Dask): run it again.
+                    if future.status == "error":
+                        log.warning(
+                            "ASVO job %d: task failed (%s); resubmitting",
+                            job_id,
+                            future.exception(),
+                        )
+                    del self.futures[job_id]
+            self._expire(session)
+            session.commit()
+
+    def _expire(self, session: Session) -> None:
+        """Completed jobs past their expiry lose their product and become ``expired``."""
+        now = utcnow()
+        due = session.scalars(
+            select(Job).where(Job.state == JobState.COMPLETED.value, Job.expires_at < now)
+        ).all()
+        for job in due:
+            if job.product_location:
+                location = job.product_location
+                if job.delivery == "acacia":
+                    shutil.rmtree(self.settings.products_dir / str(job.id), ignore_errors=True)
+                else:
+                    shutil.rmtree(location, ignore_errors=True)
+            job.state = JobState.EXPIRED.value

@@ -1,0 +1,311 @@
+"""What an ASVO job does, stage by stage; runs as one task on a Dask worker.
+
+Every state change is committed to the database at once (the database is the
+truth: the websocket and get_jobs read it, and a restarted dispatcher resumes
+from it). Stages are idempotent and the product is written atomically under a
+fixed name, so a job that runs twice (a worker died, the server restarted) still
+ends with exactly one correct product.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import IO, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from observatory.archive.models import FileKind, Observation, ObservationFile
+from observatory.asvo.models import TERMINAL_STATES, Job, JobState, JobType
+from observatory.core.config import Settings
+from observatory.core.database import make_engine, make_session_factory, utcnow
+from observatory.core.storage import Storage, atomic_output
+
+log = logging.getLogger(__name__)
+
+#: Product kinds by job type: the last part of ``<obsid>_<jobid>_<kind>.tar``.
+PRODUCT_KIND = {
+    JobType.CONVERSION: "conversion",
+    JobType.DOWNLOAD_VISIBILITIES: "vis",
+    JobType.DOWNLOAD_METADATA: "vis_meta",
+    JobType.DOWNLOAD_VOLTAGE: "volt",
+}
+
+
+class JobCancelled(Exception):
+    """The user cancelled the job while it ran."""
+
+
+class JobFailed(Exception):
+    """The job cannot be done; the message becomes the job's ``error_text``."""
+
+
+class _Tracker:
+    """Records the job's progress in the database, and notices cancellation."""
+
+    def __init__(self, session_factory: sessionmaker[Session], job_id: int) -> None:
+        self.session_factory = session_factory
+        self.job_id = job_id
+
+    def load(self) -> Job:
+        with self.session_factory() as session:
+            job = session.get(Job, self.job_id)
+            if job is None:
+                raise JobFailed(f"job {self.job_id} no longer exists")
+            session.expunge(job)
+            return job
+
+    def check_cancelled(self) -> None:
+        if self.load().cancel_requested:
+            raise JobCancelled
+
+    def move(self, state: JobState, **fields: Any) -> None:
+        """Set the state (unless the job was cancelled meanwhile) and other columns."""
+        with self.session_factory() as session:
+            job = session.get(Job, self.job_id, with_for_update=True)
+            if job is None or job.cancel_requested:
+                raise JobCancelled
+            job.state = state.value
+            for name, value in fields.items():
+                setattr(job, name, value)
+            session.commit()
+
+
+def run_job(settings_values: dict[str, Any], job_id: int) -> str:
+    """Run one job to a terminal state; returns that state.
+
+    ``settings_values`` is ``Settings.model_dump()`` (settings travel to Dask
+    workers as plain data).
+    """
+    settings = Settings(**settings_values)
+    engine = make_engine(settings.resolved_database_url)
+    session_factory = make_session_factory(engine)
+    tracker = _Tracker(session_factory, job_id)
+    work_dir = settings.work_dir / str(job_id)
+    try:
+        job = tracker.load()
+        if job.state in TERMINAL_STATES:
+            return job.state
+        tracker.move(JobState.STAGING, started=job.started or utcnow())
+        with session_factory() as session:
+            inputs = _inputs(session, Storage(settings.archive_dir), job)
+        tracker.move(JobState.STAGED)
+        tracker.move(JobState.DOWNLOADING)
+        if job.job_type == JobType.CONVERSION:
+            tracker.move(JobState.PREPROCESSING)
+            members = _convert(settings, job, inputs, work_dir, tracker)
+        else:
+            members = [(path, path.name) for path in inputs]
+        tracker.check_cancelled()
+        tracker.move(JobState.DELIVERING)
+        product, location = _deliver(settings, job, members)
+        tracker.move(
+            JobState.COMPLETED,
+            product=product,
+            product_location=location,
+            completed=utcnow(),
+            expires_at=utcnow() + timedelta(days=settings.asvo_product_ttl_days),
+        )
+        return JobState.COMPLETED.value
+    except JobCancelled:
+        _remove_product(settings, tracker.load())
+        return JobState.CANCELLED.value
+    except Exception as exc:  # any failure ends the job in error, with a message for the user
+        message = str(exc) if isinstance(exc, JobFailed) else f"{type(exc).__name__}: {exc}"
+        log.exception("ASVO job %d failed", job_id)
+        try:
+            tracker.move(JobState.ERROR, error_code=1, error_text=message, completed=utcnow())
+        except JobCancelled:
+            return JobState.CANCELLED.value
+        return JobState.ERROR.value
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        engine.dispose()
+
+
+def _inputs(session: Session, storage: Storage, job: Job) -> list[Path]:
+    """The archived files a job needs, as local paths."""
+    observation = session.get(Observation, job.obs_id)
+    if observation is None or observation.deleted:
+        raise JobFailed(f"Observation {job.obs_id} does not exist")
+    files = session.scalars(
+        select(ObservationFile)
+        .where(ObservationFile.obsid == job.obs_id)
+        .order_by(ObservationFile.name)
+    ).all()
+    params = job.params
+    if job.job_type in (JobType.DOWNLOAD_VISIBILITIES, JobType.CONVERSION):
+        kinds = {FileKind.METAFITS, FileKind.MWAX_VIS, FileKind.LEGACY_GPUBOX, FileKind.MWAF}
+        chosen = [f for f in files if f.kind in kinds]
+        if not any(f.kind in (FileKind.MWAX_VIS, FileKind.LEGACY_GPUBOX) for f in chosen):
+            raise JobFailed(f"Observation {job.obs_id} has no visibility files in the archive")
+    elif job.job_type == JobType.DOWNLOAD_METADATA:
+        chosen = [f for f in files if f.kind in (FileKind.METAFITS, FileKind.PPDS, FileKind.MWAF)]
+    elif job.job_type == JobType.DOWNLOAD_VOLTAGE:
+        start_s = job.obs_id + int(params["offset"])
+        stop_s = start_s + int(params["duration"])
+        low, high = (
+            (params["from_channel"], params["to_channel"])
+            if params.get("channel_range")
+            else (0, 255)
+        )
+        chosen = [
+            f
+            for f in files
+            if f.kind == FileKind.METAFITS
+            or (
+                f.kind == FileKind.VOLTAGE
+                and f.coarse_chan is not None
+                and low <= f.coarse_chan <= high
+                and _subfile_overlaps(f.name, start_s, stop_s)
+            )
+        ]
+        if not any(f.kind == FileKind.VOLTAGE for f in chosen):
+            raise JobFailed(
+                f"Observation {job.obs_id} has no voltage files for seconds {start_s}-{stop_s} "
+                f"in channels {low}-{high}"
+            )
+    else:
+        raise JobFailed(f"job type {job.job_type} is not run by this server")
+    paths = []
+    for record in chosen:
+        path = storage.local_path(record.storage_key)
+        if not path.is_file():
+            raise JobFailed(
+                f"{record.name} of observation {job.obs_id} is missing from the archive"
+            )
+        paths.append(path)
+    return paths
+
+
+def _subfile_overlaps(name: str, start_s: int, stop_s: int) -> bool:
+    """Whether an MWAX sub-file (8 s from the GPS second in its name) overlaps [start, stop)."""
+    try:
+        gps_s = int(name.split("_")[1])
+    except (IndexError, ValueError):
+        return True
+    return gps_s < stop_s and gps_s + 8 > start_s
+
+
+def _convert(
+    settings: Settings, job: Job, inputs: list[Path], work_dir: Path, tracker: _Tracker
+) -> list[tuple[Path, str]]:
+    """Run the preprocessing engine; returns the outputs as (path, name in the product)."""
+    from observatory.preprocess.engine import preprocess
+    from observatory.preprocess.options import ConversionOptions
+
+    options = ConversionOptions.from_params(job.params)
+    if options.apply_di_cal:
+        raise JobFailed(
+            "apply_di_cal: no calibration solution is available for this observation "
+            "(the calibration service does not provide solutions yet)"
+        )
+    metafits = [p for p in inputs if p.name.endswith(".metafits")]
+    data = [p for p in inputs if p.suffix == ".fits" and not p.name.endswith(".metafits")]
+    if not metafits:
+        raise JobFailed(f"Observation {job.obs_id} has no metafits in the archive")
+    last_check = [0]
+
+    def progress(done: int, total: int, _what: str) -> None:
+        # Cancellation is noticed between chunks; the database is read at most every 4 chunks.
+        if done - last_check[0] >= 4 or done == total:
+            last_check[0] = done
+            tracker.check_cancelled()
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    outputs = preprocess(metafits[0], data, options, work_dir / str(job.obs_id), progress=progress)
+    return [(path, path.name) for path in outputs]
+
+
+def _product_name(job: Job) -> str:
+    return f"{job.obs_id}_{job.id}_{PRODUCT_KIND[JobType(job.job_type)]}.tar"
+
+
+class _HashingWriter:
+    """A write-only file object that hashes and counts what passes through."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self.handle = handle
+        self.sha1 = hashlib.sha1()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha1.update(data)
+        self.size += len(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _deliver(
+    settings: Settings, job: Job, members: list[tuple[Path, str]]
+) -> tuple[dict[str, Any], str]:
+    """Write the product; returns (get_jobs ``product``, its location)."""
+    if job.delivery == "acacia":
+        name = _product_name(job)
+        path = settings.products_dir / str(job.id) / name
+        with atomic_output(path) as temporary, open(temporary, "wb") as raw:
+            writer = _HashingWriter(raw)
+            # Uncompressed: giant-squid untars the stream as it downloads.
+            with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+                for source, arcname in members:
+                    tar.add(source, arcname=arcname)
+        product = {
+            "files": [
+                {
+                    "type": "acacia",
+                    "name": name,
+                    "size": writer.size,
+                    "sha1": writer.sha1.hexdigest(),
+                }
+            ]
+        }
+        return product, str(path)
+    target = settings.delivery_root(job.delivery) / _group(job) / "asvo" / str(job.id)
+    with _replaced_directory(target) as temporary:
+        for source, arcname in members:
+            destination = temporary / arcname
+            if source.is_dir():
+                shutil.copytree(source, destination)
+            else:
+                shutil.copy2(source, destination)
+    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    return {"files": [{"type": job.delivery, "path": str(target), "size": size}]}, str(target)
+
+
+def _group(job: Job) -> str:
+    return str(job.params.get("user_pawsey_group") or f"user{job.user_id}")
+
+
+@contextmanager
+def _replaced_directory(target: Path) -> Iterator[Path]:
+    """A temporary directory beside ``target`` that replaces it when the block succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        yield temporary
+        shutil.rmtree(target, ignore_errors=True)
+        temporary.rename(target)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def _remove_product(settings: Settings, job: Job) -> None:
+    """Delete a job's product (cancelled or expired); nothing is left half-written."""
+    if job.delivery == "acacia":
+        shutil.rmtree(settings.products_dir / str(job.id), ignore_errors=True)
+    else:
+        target = settings.delivery_root(job.delivery) / _group(job) / "asvo" / str(job.id)
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.rmtree(target.with_name(f".{target.name}.partial"), ignore_errors=True)

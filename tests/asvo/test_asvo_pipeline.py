@@ -1,0 +1,251 @@
+"""ASVO jobs end to end on the in-process Dask cluster: submit, watch the websocket,
+download the signed product (with ranges), cancel, expire."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from observatory.app import create_app
+from observatory.archive.service import ingest_directory
+from observatory.archive.simulated import simulate_and_register
+from observatory.core.accounts import create_user
+from observatory.core.config import Settings
+from observatory.core.database import make_engine, make_session_factory
+from observatory.core.storage import Storage
+from observatory.telescope.simulator import PointSource, _zenith_radec_deg
+from shared_data import MWA_DATA
+
+API_KEY = "pipeline-test-key"
+CORR_OBS = 1320409688  # real MWAX mini file
+SIM_OBS = 1320412440  # simulated correlator observation (conversion)
+VCS_OBS = 1320416040  # simulated voltage observation
+STATE_ORDER = [
+    "queued",
+    "staging",
+    "staged",
+    "downloading",
+    "preprocessing",
+    "delivering",
+    "completed",
+]
+
+
+def overhead(obsid: int) -> PointSource:
+    """A 20 Jy source at the zenith in the middle of the observation."""
+    ra_deg, dec_deg = _zenith_radec_deg(obsid + 8.0)
+    return PointSource(ra_deg, dec_deg, 20.0)
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+@pytest.fixture
+def archive_settings(settings: Settings) -> Settings:
+    engine = make_engine(settings.resolved_database_url)
+    with make_session_factory(engine)() as session:
+        ingest_directory(session, Storage(settings.archive_dir), MWA_DATA)
+        simulate_and_register(
+            session, settings, obsid=SIM_OBS, sources=[overhead(SIM_OBS)], n_tiles=4, n_timesteps=4
+        )
+        simulate_and_register(
+            session, settings, obsid=VCS_OBS, sources=[overhead(VCS_OBS)], n_tiles=1, coarse_chans=(133,),
+            n_timesteps=2, mode="MWAX_VCS",
+        )  # fmt: skip
+        create_user(session, "carol", API_KEY)
+        session.commit()
+    engine.dispose()
+    return settings
+
+
+@pytest.fixture
+def client(archive_settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(archive_settings, run_jobs=True)) as client:
+        assert (
+            client.post("/api/api_login", headers=basic("giant-squidv2.5.1", API_KEY)).status_code
+            == 200
+        )
+        yield client
+
+
+def submit(client: TestClient, endpoint: str, **form: Any) -> int:
+    reply = client.post(f"/api/{endpoint}", data={k: str(v) for k, v in form.items()})
+    assert reply.status_code == 200, reply.text
+    return int(reply.json()["job_id"])
+
+
+def watch(client: TestClient, job_ids: set[int], timeout_s: float = 120) -> dict[int, list[str]]:
+    """States each job passes through, from the websocket, until all are terminal."""
+    seen: dict[int, list[str]] = {job_id: [] for job_id in job_ids}
+    cookie = client.cookies["MWA_JOB_COOKIE"]
+    deadline = time.monotonic() + timeout_s
+    with client.websocket_connect(
+        "/api/job_results", headers={"cookie": f"MWA_JOB_COOKIE={cookie}"}
+    ) as socket:
+        while any(not s or s[-1] not in ("completed", "error", "cancelled") for s in seen.values()):
+            assert time.monotonic() < deadline, f"jobs did not finish: {seen}"
+            frame = json.loads(socket.receive_text())
+            row = frame["row"]
+            if row["id"] in seen and (
+                not seen[row["id"]] or seen[row["id"]][-1] != row["job_state"]
+            ):
+                seen[row["id"]].append(row["job_state"])
+    return seen
+
+
+def rows_by_id(client: TestClient) -> dict[int, dict[str, Any]]:
+    return {e["row"]["id"]: e["row"] for e in client.get("/api/get_jobs").json()}
+
+
+def download(url: str, app_settings: Settings, headers: dict[str, str] | None = None) -> Any:
+    # A fresh client: the signed URL must work without the login cookie.
+    with TestClient(create_app(app_settings)) as anonymous:
+        return anonymous.get(url, headers=headers or {})
+
+
+def test_every_job_type_completes_with_a_checksummed_product(
+    client: TestClient, archive_settings: Settings
+) -> None:
+    jobs = {
+        "vis": submit(client, "download_vis_job", obs_id=CORR_OBS, download_type="vis"),
+        "vis_meta": submit(client, "download_vis_job", obs_id=1131733552, download_type="vis_meta"),
+        "volt": submit(client, "voltage_job", obs_id=VCS_OBS, offset=8, duration=8),
+        "conversion": submit(
+            client, "conversion_job", obs_id=SIM_OBS, no_rfi="true", avg_time_res=4
+        ),
+    }
+    seen = watch(client, set(jobs.values()))
+    for kind, job_id in jobs.items():
+        states = seen[job_id]
+        assert states[-1] == "completed", (kind, states)
+        assert states == sorted(states, key=STATE_ORDER.index), (kind, states)
+    rows = rows_by_id(client)
+    expected_members = {
+        "vis": {"1320409688.metafits", "1320409688_20211108122750_mini_ch137_000.fits"},
+        "vis_meta": {"1131733552.metafits", "1131733552_metafits_ppds.fits", "1131733552_mini_01.mwaf", "1131733552_mini_06.mwaf"},
+        "volt": {f"{VCS_OBS}.metafits", f"{VCS_OBS}_{VCS_OBS + 8}_133.sub"},
+        "conversion": {f"{SIM_OBS}.uvfits"},
+    }  # fmt: skip
+    for kind, job_id in jobs.items():
+        (file,) = rows[job_id]["product"]["files"]
+        assert file["type"] == "acacia"
+        assert (
+            file["url"]
+            .split("?")[0]
+            .endswith(f"/{rows[job_id]['job_params']['obs_id']}_{job_id}_{kind}.tar")
+        )
+        reply = download(file["url"], archive_settings)
+        assert reply.status_code == 200
+        body = reply.content
+        assert len(body) == file["size"]
+        assert hashlib.sha1(body).hexdigest() == file["sha1"]
+        with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+            assert set(tar.getnames()) == expected_members[kind]
+    # The converted file is a uvfits of the averaged observation.
+    conversion_url = rows[jobs["conversion"]]["product"]["files"][0]["url"]
+    with tarfile.open(
+        fileobj=io.BytesIO(download(conversion_url, archive_settings).content)
+    ) as tar:
+        member = tar.extractfile(f"{SIM_OBS}.uvfits")
+        assert member is not None and member.read(6) == b"SIMPLE"
+
+
+def test_ranges_resume_to_identical_bytes(client: TestClient, archive_settings: Settings) -> None:
+    job_id = submit(client, "download_vis_job", obs_id=CORR_OBS, download_type="vis")
+    watch(client, {job_id})
+    (file,) = rows_by_id(client)[job_id]["product"]["files"]
+    whole = download(file["url"], archive_settings).content
+    size = len(whole)
+    normal = download(file["url"], archive_settings, {"Range": "bytes=1000-"})
+    assert normal.status_code == 206
+    assert normal.headers["content-range"] == f"bytes 1000-{size - 1}/{size}"
+    assert whole[:1000] + normal.content == whole
+    # giant-squid --keep-tar: the value repeats the header name and ends one past the last byte.
+    quirky = download(file["url"], archive_settings, {"Range": f"Range: bytes=5000-{size}"})
+    assert quirky.status_code == 206
+    assert whole[:5000] + quirky.content == whole
+
+
+def test_download_links_are_signed(client: TestClient, archive_settings: Settings) -> None:
+    job_id = submit(client, "download_vis_job", obs_id=CORR_OBS, download_type="vis")
+    watch(client, {job_id})
+    (file,) = rows_by_id(client)[job_id]["product"]["files"]
+    url = file["url"]
+    assert download(url.replace("token=", "token=x"), archive_settings).status_code == 403
+    assert download(url.split("?")[0], archive_settings).status_code == 403
+    other = url.replace(f"/download/{job_id}/", f"/download/{job_id + 1}/")
+    assert download(other, archive_settings).status_code == 403
+
+
+def test_cancel_during_preprocessing_leaves_nothing(archive_settings: Settings) -> None:
+    engine = make_engine(archive_settings.resolved_database_url)
+    with make_session_factory(engine)() as session:
+        # Big enough that AOFlagger takes a few seconds.
+        simulate_and_register(
+            session, archive_settings, obsid=1320419640, sources=[overhead(1320419640)],
+            n_tiles=48, coarse_chans=(133, 134, 135, 136), n_timesteps=16,
+        )  # fmt: skip
+        session.commit()
+    engine.dispose()
+    with TestClient(create_app(archive_settings, run_jobs=True)) as client:
+        client.post("/api/api_login", headers=basic("giant-squidv2.5.1", API_KEY))
+        job_id = submit(client, "conversion_job", obs_id=1320419640)
+        deadline = time.monotonic() + 60
+        while rows_by_id(client)[job_id]["job_state"] != "preprocessing":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert client.get("/api/cancel_job", params={"job_id": job_id}).status_code == 200
+        # The task notices at its next chunk and cleans up.
+        deadline = time.monotonic() + 60
+        while (archive_settings.work_dir / str(job_id)).exists():
+            assert time.monotonic() < deadline, "the cancelled job's work directory was not removed"
+            time.sleep(0.1)
+        row = rows_by_id(client)[job_id]
+        assert row["job_state"] == "cancelled" and row["product"] is None
+        assert not (archive_settings.products_dir / str(job_id)).exists()
+
+
+def test_products_expire(archive_settings: Settings) -> None:
+    settings = archive_settings.model_copy(update={"asvo_product_ttl_days": 2 / 86_400})
+    with TestClient(create_app(settings, run_jobs=True)) as client:
+        client.post("/api/api_login", headers=basic("giant-squidv2.5.1", API_KEY))
+        job_id = submit(
+            client, "download_vis_job", obs_id=CORR_OBS, download_type="vis", delivery="acacia"
+        )
+        watch(client, {job_id})
+        (file,) = rows_by_id(client)[job_id]["product"]["files"]
+        deadline = time.monotonic() + 30
+        while rows_by_id(client)[job_id]["job_state"] != "expired":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert not (settings.products_dir / str(job_id)).exists()
+        reply = download(file["url"], settings)
+        assert reply.status_code == 404
+        assert "may have expired" in reply.json()["error"]
+
+
+def test_scratch_delivery_is_a_directory(client: TestClient, archive_settings: Settings) -> None:
+    job_id = submit(
+        client, "download_vis_job", obs_id=CORR_OBS, download_type="vis", delivery="scratch"
+    )
+    watch(client, {job_id})
+    (file,) = rows_by_id(client)[job_id]["product"]["files"]
+    assert file["type"] == "scratch" and file.get("url") is None
+    path = Path(file["path"])
+    assert path.is_dir() and path.name == str(job_id)
+    assert {p.name for p in path.iterdir()} == {
+        "1320409688.metafits",
+        "1320409688_20211108122750_mini_ch137_000.fits",
+    }
+    assert file["size"] == sum(p.stat().st_size for p in path.iterdir())
