@@ -210,14 +210,29 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
 
     from observatory.app import create_app
 
     settings = _settings(args)
     upgrade(settings.resolved_database_url)
-    uvicorn.run(create_app(settings, run_jobs=True), host=args.host, port=args.port, log_level="info")
+    _run_server(create_app(settings, run_jobs=True), args)
     return 0
+
+
+def _run_server(app: object, args: argparse.Namespace) -> None:
+    """uvicorn on the chosen address, with TLS when a certificate is given (giant-squid is https-only)."""
+    import uvicorn
+
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise ValueError("--ssl-certfile and --ssl-keyfile go together")
+    uvicorn.run(
+        app,  # type: ignore[arg-type]
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -243,11 +258,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     if args.no_serve:
         return 0
-    import uvicorn
-
     from observatory.app import create_app
 
-    uvicorn.run(create_app(settings, run_jobs=True), host=args.host, port=args.port, log_level="info")
+    _run_server(create_app(settings, run_jobs=True), args)
     return 0
 
 
@@ -310,13 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    serve = add("serve", cmd_serve, "run the web services")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-
+    serve = add("serve", cmd_serve, "run the web services (and the ASVO job dispatcher)")
     demo = add("demo", cmd_demo, "seed a demo archive, print URLs and an API key, then serve")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8000)
+    for server in (serve, demo):
+        server.add_argument("--host", default="127.0.0.1")
+        server.add_argument("--port", type=int, default=8000)
+        server.add_argument("--ssl-certfile", help="serve https with this certificate (PEM)")
+        server.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
     demo.add_argument("--no-serve", action="store_true", help="seed and print, but do not serve")
 
     db = add("db", lambda _a: 0, "database administration")

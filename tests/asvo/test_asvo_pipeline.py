@@ -249,3 +249,21 @@ def test_scratch_delivery_is_a_directory(client: TestClient, archive_settings: S
         "1320409688_20211108122750_mini_ch137_000.fits",
     }
     assert file["size"] == sum(p.stat().st_size for p in path.iterdir())
+
+
+def test_a_task_that_keeps_breaking_ends_the_job_in_error(
+    archive_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import observatory.asvo.dispatcher as dispatcher_module
+
+    def broken(_settings: dict[str, Any], _job_id: int) -> str:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(dispatcher_module, "run_job", broken)
+    with TestClient(create_app(archive_settings, run_jobs=True)) as client:
+        client.post("/api/api_login", headers=basic("giant-squidv2.5.1", API_KEY))
+        job_id = submit(client, "download_vis_job", obs_id=CORR_OBS, download_type="vis")
+        states = watch(client, {job_id}, timeout_s=60)[job_id]
+        assert states[-1] == "error"
+        row = rows_by_id(client)[job_id]
+        assert row["error_text"] == "internal error: disk on fire"

@@ -23,6 +23,9 @@ from observatory.core.database import utcnow
 
 log = logging.getLogger(__name__)
 
+#: Broken tasks (beyond Dask's own retries) before a job is given up as an error.
+MAX_TASK_FAILURES = 3
+
 
 class Dispatcher:
     """Runs ASVO jobs on a Dask cluster (``OBSERVATORY_DASK_SCHEDULER``) or an in-process one."""
@@ -34,6 +37,7 @@ class Dispatcher:
         self.session_factory = session_factory
         self.poll_s = poll_s
         self.futures: dict[int, Any] = {}
+        self.failures: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client: Any = None
@@ -100,16 +104,26 @@ class Dispatcher:
                     del self.futures[job_id]
                 elif future.done():
                     # The task ended without leaving the job finished (its worker died and
-                    # retries ran out, or it was cancelled by Dask): run it again.
-                    if future.status == "error":
-                        log.warning(
-                            "ASVO job %d: task failed (%s); resubmitting",
-                            job_id,
-                            future.exception(),
-                        )
+                    # Dask's retries ran out, or the task itself broke): run it again, a
+                    # few times, then give the job up with the reason.
                     del self.futures[job_id]
+                    if future.status == "error":
+                        self._record_failure(session, job_id, future.exception())
             self._expire(session)
             session.commit()
+
+    def _record_failure(self, session: Session, job_id: int, reason: object) -> None:
+        failures = self.failures.get(job_id, 0) + 1
+        self.failures[job_id] = failures
+        log.warning("ASVO job %d: task failed (%s)", job_id, reason)
+        if failures < MAX_TASK_FAILURES:
+            return
+        job = session.get(Job, job_id)
+        if job is not None and job.state not in TERMINAL_STATES:
+            job.state = JobState.ERROR.value
+            job.error_code = 1
+            job.error_text = f"internal error: {reason}"
+            job.completed = utcnow()
 
     def _expire(self, session: Session) -> None:
         """Completed jobs past their expiry lose their product and become ``expired``."""

@@ -22,6 +22,9 @@ from typing import IO, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+# A Dask worker process imports only this module: every table must be known to the ORM
+# (the jobs table's foreign key names users).
+import observatory.all_models  # noqa: F401
 from observatory.archive.models import FileKind, Observation, ObservationFile
 from observatory.asvo.models import TERMINAL_STATES, Job, JobState, JobType
 from observatory.core.config import Settings
@@ -93,6 +96,8 @@ def run_job(settings_values: dict[str, Any], job_id: int) -> str:
         job = tracker.load()
         if job.state in TERMINAL_STATES:
             return job.state
+        # A previous run of this job may have died half-way (worker or server killed).
+        shutil.rmtree(work_dir, ignore_errors=True)
         tracker.move(JobState.STAGING, started=job.started or utcnow())
         with session_factory() as session:
             inputs = _inputs(session, Storage(settings.archive_dir), job)
@@ -252,6 +257,8 @@ def _deliver(
     if job.delivery == "acacia":
         name = _product_name(job)
         path = settings.products_dir / str(job.id) / name
+        # Only the finished product may be left: not the temporaries of a run that died.
+        shutil.rmtree(path.parent, ignore_errors=True)
         with atomic_output(path) as temporary, open(temporary, "wb") as raw:
             writer = _HashingWriter(raw)
             # Uncompressed: giant-squid untars the stream as it downloads.

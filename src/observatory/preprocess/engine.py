@@ -23,6 +23,7 @@ import logging
 import math
 import multiprocessing
 import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import (
     FIRST_COMPLETED,
@@ -431,9 +432,15 @@ def preprocess(
             plan.phase_centre[1:], native_starts + meta.int_time_s / 2
         )
         pool: Executor
-        if options.no_rfi or n_workers == 1 or multiprocessing.current_process().daemon:
+        if (
+            options.no_rfi
+            or n_workers == 1
+            or multiprocessing.current_process().daemon
+            or threading.current_thread() is not threading.main_thread()
+        ):
             # numpy releases the GIL: threads share the work without copying chunks around.
-            # (Daemonic processes, such as some Dask workers, may not start processes.)
+            # Processes are forked only from a program's main thread: inside a service
+            # (a Dask worker thread, a daemonic worker process) forking is not safe.
             runner = _ChunkRunner(reader, plan, options, directions)
             pool, run = ThreadPoolExecutor(max_workers=n_workers), runner.run
         else:

@@ -1,0 +1,209 @@
+"""The ASVO service as a real server: TLS, kill -9 and restart, and a real Dask cluster."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from observatory.cli import main
+from observatory.core.config import Settings
+from servers import Process, free_port, observatory_server, self_signed_certificate, wait_for
+
+API_KEY = "server-test-key"
+TERMINAL = {"completed", "error", "cancelled", "expired"}
+
+
+def seed(data_dir: Path, database_url: str | None, obsids: list[int], tiles: int = 16) -> None:
+    """A user and simulated correlator observations, through the CLI."""
+    env_url = {"OBSERVATORY_DATABASE_URL": database_url} if database_url else {}
+    old = {k: os.environ.get(k) for k in env_url}
+    os.environ.update(env_url)
+    try:
+        assert (
+            main(["--data-dir", str(data_dir), "users", "create", "dave", "--api-key", API_KEY])
+            == 0
+        )
+        for obsid in obsids:
+            assert main(["--data-dir", str(data_dir), "simulate", "observation", "--obsid", str(obsid),
+                         "--tiles", str(tiles), "--coarse-chans", "133,134,135,136", "--timesteps", "16",
+                         "--source", "0,-27,20"]) == 0  # fmt: skip
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def login(base: str, verify: bool | str = True) -> httpx.Client:
+    client = httpx.Client(base_url=base, verify=verify, timeout=30)
+    reply = client.post("/api/api_login", auth=("mantaray-clientv2.0", API_KEY))
+    assert reply.status_code == 200, reply.text
+    return client
+
+
+def jobs(client: httpx.Client) -> dict[int, dict[str, Any]]:
+    return {e["row"]["id"]: e["row"] for e in client.get("/api/get_jobs").json()}
+
+
+def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def check_products(client: httpx.Client, data_dir: Path) -> None:
+    """Every job completed with exactly one product file whose bytes match its sha1."""
+    rows = jobs(client)
+    assert all(row["job_state"] == "completed" for row in rows.values()), rows
+    for job_id, row in rows.items():
+        (file,) = row["product"]["files"]
+        assert [p.name for p in (data_dir / "products" / str(job_id)).iterdir()] == [
+            file["url"].split("?")[0].rsplit("/", 1)[1]
+        ]
+        body = httpx.get(file["url"], timeout=60).content
+        assert hashlib.sha1(body).hexdigest() == file["sha1"] and len(body) == file["size"]
+
+
+def test_https_login_sets_a_secure_cookie(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    seed(data_dir, None, [])
+    cert, key = self_signed_certificate(tmp_path)
+    port = free_port()
+    server = observatory_server(
+        data_dir, port, None, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)
+    )
+    try:
+        wait_for(f"https://127.0.0.1:{port}/healthz", verify=str(cert))
+        client = httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=str(cert))
+        reply = client.post("/api/api_login", auth=("giant-squidv2.5.1", API_KEY))
+        assert reply.status_code == 200
+        assert "secure" in reply.headers["set-cookie"].lower()
+        assert client.get("/api/get_jobs").json() == []
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+    finally:
+        server.stop()
+
+
+def test_jobs_finish_after_the_server_is_killed_and_restarted(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    obsids = [1320409688, 1320409704]
+    seed(data_dir, None, obsids, tiles=32)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = observatory_server(data_dir, port)
+    try:
+        wait_for(f"{base}/healthz")
+        client = login(base)
+        for obsid in obsids:
+            client.post("/api/conversion_job", data={"obs_id": str(obsid)}).raise_for_status()
+            client.post(
+                "/api/download_vis_job", data={"obs_id": str(obsid), "download_type": "vis"}
+            ).raise_for_status()
+        wait_until(
+            lambda: any(r["job_state"] in ("preprocessing", "completed") for r in jobs(client).values()),
+            60, "a job to start",
+        )  # fmt: skip
+        server.kill(signal.SIGKILL)
+        assert any(r["job_state"] not in TERMINAL for r in _rows_offline(data_dir).values())
+        server = observatory_server(data_dir, port)
+        wait_for(f"{base}/healthz")
+        client = login(base)
+        wait_until(
+            lambda: all(r["job_state"] in TERMINAL for r in jobs(client).values()), 180, "all jobs"
+        )
+        check_products(client, data_dir)
+    finally:
+        server.stop()
+
+
+def _rows_offline(data_dir: Path) -> dict[int, dict[str, Any]]:
+    from observatory.asvo.models import Job
+    from observatory.core.database import make_engine, make_session_factory
+
+    engine = make_engine(Settings(data_dir=data_dir).resolved_database_url)
+    with make_session_factory(engine)() as session:
+        rows = {job.id: {"job_state": job.state} for job in session.query(Job)}
+    engine.dispose()
+    return rows
+
+
+def test_cluster_mode_survives_a_killed_worker(tmp_path: Path, migrated_db_url: str) -> None:
+    if not migrated_db_url.startswith("postgresql"):
+        pytest.skip(
+            "cluster mode runs on PostgreSQL (the SQLite variant of this test is not meaningful)"
+        )
+    from distributed import Client
+
+    data_dir = tmp_path / "data"
+    seed(data_dir, migrated_db_url, [1320409688], tiles=48)
+    scheduler_port, port = free_port(), free_port()
+    scheduler_address = f"tcp://127.0.0.1:{scheduler_port}"
+    bin_dir = Path(sys.executable).parent
+    env = {
+        "OBSERVATORY_DATABASE_URL": migrated_db_url,
+        "OBSERVATORY_DASK_SCHEDULER": scheduler_address,
+    }
+    scheduler = Process([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(scheduler_port),
+                         "--no-dashboard"], tmp_path / "scheduler.log")  # fmt: skip
+    workers = [
+        Process(
+            [
+                str(bin_dir / "dask"),
+                "worker",
+                scheduler_address,
+                "--host",
+                "127.0.0.1",
+                "--nthreads",
+                "1",
+                "--no-dashboard",
+                "--name",
+                f"w{n}",
+            ],
+            tmp_path / f"worker{n}.log",
+            env,
+        )
+        for n in range(2)
+    ]
+    server = None
+    try:
+        with Client(scheduler_address, timeout=60) as dask_client:
+            dask_client.wait_for_workers(2, timeout=60)
+            server = observatory_server(data_dir, port, env)
+            base = f"http://127.0.0.1:{port}"
+            wait_for(f"{base}/healthz")
+            client = login(base)
+            client.post("/api/conversion_job", data={"obs_id": "1320409688"}).raise_for_status()
+            # Find the worker running the job and kill -9 it mid-way.
+            busy: dict[str, Any] = {}
+            wait_until(lambda: busy.update({w: k for w, k in dask_client.processing().items() if k}) or busy,
+                       60, "the job to be running on a worker")  # fmt: skip
+            wait_until(
+                lambda: any(r["job_state"] == "preprocessing" for r in jobs(client).values()),
+                60,
+                "preprocessing",
+            )
+            (address,) = list(busy)
+            pid = dask_client.run(os.getpid, workers=[address])[address]
+            os.kill(pid, signal.SIGKILL)
+            wait_until(
+                lambda: all(r["job_state"] in TERMINAL for r in jobs(client).values()),
+                240,
+                "the job",
+            )
+            check_products(client, data_dir)
+    finally:
+        for process in [server, *workers, scheduler]:
+            if process is not None:
+                process.stop()
