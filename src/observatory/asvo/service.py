@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -335,6 +335,13 @@ def _product(job: Job, url_for: UrlBuilder | None) -> dict[str, Any] | None:
     return {"files": files}
 
 
+#: The columns a get_jobs row is made of.
+ROW_COLUMNS = (
+    Job.id, Job.job_type, Job.state, Job.user_id, Job.params, Job.error_code, Job.error_text,
+    Job.created, Job.started, Job.completed, Job.product,
+)  # fmt: skip
+
+
 def job_row(job: Job, action: str = "INSERT", url_for: UrlBuilder | None = None) -> dict[str, Any]:
     """The change-feed envelope the clients read (get_jobs element, websocket frame).
 
@@ -364,10 +371,11 @@ def list_jobs(
     session: Session, user_id: int, url_for: UrlBuilder | None = None
 ) -> list[dict[str, Any]]:
     """Every job of the user that is not deleted, oldest first, as get_jobs rows."""
-    jobs = session.scalars(
-        select(Job).where(Job.user_id == user_id, Job.deleted.is_(False)).order_by(Job.id)
+    # Plain rows, not ORM objects: a user may have tens of thousands of jobs.
+    rows = session.execute(
+        select(*ROW_COLUMNS).where(Job.user_id == user_id, Job.deleted.is_(False)).order_by(Job.id)
     )
-    return [job_row(job, url_for=url_for) for job in jobs]
+    return [job_row(row, url_for=url_for) for row in rows]  # type: ignore[arg-type]
 
 
 def product_file(session: Session, job_id: int, name: str, products_dir: Path) -> Path:
@@ -420,29 +428,37 @@ def unsupported(kind: str) -> ServiceError:
     return AsvoError(f"{kind} jobs are not offered by this server")
 
 
-def changed_rows(
-    session_factory: sessionmaker[Session], user_id: int, seen: dict[int, tuple[str, str | None]]
-) -> list[dict[str, Any]]:
-    """Websocket frames for the user's jobs that changed since ``seen`` (updated in place).
+class JobWatch:
+    """What a websocket has sent: the (state, error_text) per job, and when it last looked."""
 
-    ``seen`` maps job id to the (state, error_text) last sent; a job that disappears
-    (deleted) gets a DELETE frame. The first call sends every current row.
+    def __init__(self) -> None:
+        self.sent: dict[int, tuple[str, str | None]] = {}
+        self.since: datetime | None = None
+
+
+def changed_rows(
+    session_factory: sessionmaker[Session], user_id: int, watch: JobWatch
+) -> list[dict[str, Any]]:
+    """Websocket frames for the user's jobs that changed since the last call.
+
+    The first call sends every current row; later calls read only jobs updated
+    since the previous look (with a second of overlap, so a commit that raced the
+    look is not missed). A deleted job gets a DELETE frame.
     """
     frames = []
+    now = utcnow()
+    query = select(Job).where(Job.user_id == user_id).order_by(Job.id)
+    if watch.since is not None:
+        query = query.where(Job.updated >= watch.since - timedelta(seconds=1))
     with session_factory() as session:
-        jobs = session.scalars(select(Job).where(Job.user_id == user_id).order_by(Job.id)).all()
-        present = set()
-        for job in jobs:
+        for job in session.scalars(query):
             if job.deleted:
-                if job.id in seen:
+                if watch.sent.pop(job.id, None) is not None:
                     frames.append(job_row(job, action="DELETE"))
-                    del seen[job.id]
                 continue
-            present.add(job.id)
             signature = (job.state, job.error_text)
-            if seen.get(job.id) != signature:
-                frames.append(job_row(job, action="INSERT" if job.id not in seen else "UPDATE"))
-                seen[job.id] = signature
-        for job_id in set(seen) - present:
-            del seen[job_id]
+            if watch.sent.get(job.id) != signature:
+                frames.append(job_row(job, action="UPDATE" if job.id in watch.sent else "INSERT"))
+                watch.sent[job.id] = signature
+    watch.since = now
     return frames
