@@ -92,6 +92,8 @@ def conversion_job(
 ) -> dict[str, int]:
     """Queue a conversion (Birli options as form fields; unknown keys ignored)."""
     job = service.submit_job(session, _settings(request), user_id, JobType.CONVERSION, form)
+    # Committed before the reply: a client that lists its jobs next must see this one.
+    session.commit()
     return {"job_id": job.id}
 
 
@@ -103,6 +105,8 @@ def download_vis_job(
     job = service.submit_job(
         session, _settings(request), user_id, JobType.DOWNLOAD_VISIBILITIES, form
     )
+    # Committed before the reply: a client that lists its jobs next must see this one.
+    session.commit()
     return {"job_id": job.id}
 
 
@@ -112,6 +116,8 @@ def voltage_job(
 ) -> dict[str, int]:
     """Queue a voltage download (``offset``, ``duration``, optional channel range)."""
     job = service.submit_job(session, _settings(request), user_id, JobType.DOWNLOAD_VOLTAGE, form)
+    # Committed before the reply: a client that lists its jobs next must see this one.
+    session.commit()
     return {"job_id": job.id}
 
 
@@ -228,4 +234,5 @@ async def job_results(websocket: WebSocket) -> None:
 def cancel_job(session: SessionDep, user_id: UserDep, job_id: str = "") -> dict[str, Any]:
     """Cancel a job: 200, 400 (malformed or already finished) or 404 (no such job)."""
     job = service.cancel_job(session, user_id, job_id)
+    session.commit()
     return {"job_id": job.id, "job_state": job.state}
