@@ -33,6 +33,7 @@ from sqlalchemy import insert, update
 from observatory.app import create_app
 from observatory.archive.service import ingest_directory
 from observatory.asvo.models import Job
+from observatory.asvo.service import row_members_json
 from observatory.core.accounts import create_user
 from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory, utcnow
@@ -73,6 +74,8 @@ def fill_jobs(database_url: str, user_id: int, n_jobs: int) -> None:
                 "cancel_requested": False, "deleted": False, "updated": now,
             }
         )  # fmt: skip
+    for row in rows:  # as the ORM would store them (bulk insert bypasses its events)
+        row["row_json"] = row_members_json(Job(**row))
     engine = make_engine(database_url)
     with engine.begin() as connection:
         for start in range(0, len(rows), 5_000):

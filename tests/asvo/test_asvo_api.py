@@ -342,3 +342,24 @@ def test_cancel_answers_200_400_404(client: TestClient, app_settings: Settings) 
     with TestClient(create_app(app_settings)) as bob:
         bob.post("/api/api_login", headers=basic("giant-squidv2.5.1", "test-key-of-bob"))
         assert bob.get("/api/cancel_job", params={"job_id": job_id}).status_code == 404
+
+
+def test_rows_written_outside_the_orm_are_listed(
+    client: TestClient, app_settings: Settings
+) -> None:
+    from sqlalchemy import insert
+
+    job_id = submit(client, "download_vis_job", obs_id=MWAX_OBS, download_type="vis").json()[
+        "job_id"
+    ]
+    engine = make_engine(app_settings.resolved_database_url)
+    with engine.begin() as connection:
+        row = connection.execute(Job.__table__.select().where(Job.id == job_id)).mappings().one()
+        copy = {**row, "id": job_id + 1, "request_key": "other", "row_json": ""}
+        connection.execute(insert(Job), [copy])
+    engine.dispose()
+    listing = client.get("/api/get_jobs").json()
+    assert [e["row"]["id"] for e in listing] == [job_id, job_id + 1]
+    assert listing[0]["row"] | {"id": 0} == listing[1]["row"] | {"id": 0}
+    for element in listing:
+        check_giant_squid_row(element)

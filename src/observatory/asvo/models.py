@@ -92,6 +92,9 @@ class Job(Base):
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: The get_jobs row without ``id`` and ``product`` (JSON members, no braces), kept
+    #: up to date on every change so that listing thousands of jobs is string joining.
+    row_json: Mapped[str] = mapped_column(Text, default="")
     #: Last change of any kind: the websocket sends rows changed since it last looked.
     updated: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from observatory.archive.models import Observation, ObservationMode
@@ -319,10 +319,10 @@ def _iso(moment: datetime | None) -> str | None:
 
 
 #: Builds a product file's download URL: (job, product file entry) -> URL.
-UrlBuilder = Callable[[Job, dict[str, Any]], str]
+UrlBuilder = Callable[[Any, dict[str, Any]], str]
 
 
-def _product(job: Job, url_for: UrlBuilder | None) -> dict[str, Any] | None:
+def _product(job: Job | _ProductView, url_for: UrlBuilder | None) -> dict[str, Any] | None:
     if job.state != JobState.COMPLETED or not job.product:
         return None
     files = []
@@ -333,13 +333,6 @@ def _product(job: Job, url_for: UrlBuilder | None) -> dict[str, Any] | None:
             entry["url"] = url_for(job, {**entry, "name": name})
         files.append(entry)
     return {"files": files}
-
-
-#: The columns a get_jobs row is made of.
-ROW_COLUMNS = (
-    Job.id, Job.job_type, Job.state, Job.user_id, Job.params, Job.error_code, Job.error_text,
-    Job.created, Job.started, Job.completed, Job.product,
-)  # fmt: skip
 
 
 def job_row(job: Job, action: str = "INSERT", url_for: UrlBuilder | None = None) -> dict[str, Any]:
@@ -367,15 +360,50 @@ def job_row(job: Job, action: str = "INSERT", url_for: UrlBuilder | None = None)
     }
 
 
-def list_jobs(
-    session: Session, user_id: int, url_for: UrlBuilder | None = None
-) -> list[dict[str, Any]]:
-    """Every job of the user that is not deleted, oldest first, as get_jobs rows."""
-    # Plain rows, not ORM objects: a user may have tens of thousands of jobs.
+def row_members_json(job: Job) -> str:
+    """The row's members except ``id`` and ``product``, as JSON text without braces."""
+    row = job_row(job)["row"]
+    del row["id"], row["product"]
+    return json.dumps(row, separators=(",", ":"))[1:-1]
+
+
+@event.listens_for(Job, "before_insert")
+@event.listens_for(Job, "before_update")
+def _keep_row_json(_mapper: Any, _connection: Any, job: Job) -> None:
+    job.created = job.created or utcnow()
+    job.row_json = row_members_json(job)
+
+
+def list_jobs_json(session: Session, user_id: int, url_for: UrlBuilder | None = None) -> str:
+    """Every job of the user that is not deleted, oldest first: the get_jobs body as JSON text.
+
+    Joins each job's stored row text, adding the id and the product (whose signed
+    URL depends on the host the client reached).
+    """
     rows = session.execute(
-        select(*ROW_COLUMNS).where(Job.user_id == user_id, Job.deleted.is_(False)).order_by(Job.id)
+        select(Job.id, Job.state, Job.product, Job.row_json)
+        .where(Job.user_id == user_id, Job.deleted.is_(False))
+        .order_by(Job.id)
     )
-    return [job_row(row, url_for=url_for) for row in rows]  # type: ignore[arg-type]
+    parts = []
+    for job_id, state, product, members in rows:
+        if not members:  # written outside the ORM: build it the long way
+            job = session.get(Job, job_id)
+            assert job is not None
+            members = row_members_json(job)
+        files = _product(_ProductView(job_id, state, product), url_for)
+        parts.append(
+            f'{{"action":"INSERT","table":"jobs","row":{{"id":{job_id},{members},'
+            f'"product":{json.dumps(files, separators=(",", ":"))}}}}}'
+        )
+    return "[" + ",".join(parts) + "]"
+
+
+class _ProductView:
+    """The columns :func:`_product` reads, without loading the job."""
+
+    def __init__(self, job_id: int, state: str, product: dict[str, Any] | None) -> None:
+        self.id, self.state, self.product = job_id, state, product
 
 
 def product_file(session: Session, job_id: int, name: str, products_dir: Path) -> Path:
