@@ -16,6 +16,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    event,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -99,3 +100,17 @@ class Job(Base):
     updated: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
     )
+
+
+@event.listens_for(Job, "before_insert")
+@event.listens_for(Job, "before_update")
+def _keep_row_json(_mapper: Any, _connection: Any, job: Job) -> None:
+    """Refresh the stored get_jobs row on every ORM write, in whichever process writes.
+
+    Registered here, with the model, so that a Dask worker (which never imports
+    the service module) keeps the row current too.
+    """
+    from observatory.asvo.service import row_members_json
+
+    job.created = job.created or utcnow()
+    job.row_json = row_members_json(job)

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from observatory.archive.models import Observation, ObservationMode
@@ -365,13 +365,6 @@ def row_members_json(job: Job) -> str:
     row = job_row(job)["row"]
     del row["id"], row["product"]
     return json.dumps(row, separators=(",", ":"))[1:-1]
-
-
-@event.listens_for(Job, "before_insert")
-@event.listens_for(Job, "before_update")
-def _keep_row_json(_mapper: Any, _connection: Any, job: Job) -> None:
-    job.created = job.created or utcnow()
-    job.row_json = row_members_json(job)
 
 
 def list_jobs_json(session: Session, user_id: int, url_for: UrlBuilder | None = None) -> str:
