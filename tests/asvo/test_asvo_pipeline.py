@@ -267,3 +267,49 @@ def test_a_task_that_keeps_breaking_ends_the_job_in_error(
         assert states[-1] == "error"
         row = rows_by_id(client)[job_id]
         assert row["error_text"] == "internal error: disk on fire"
+
+
+def test_apply_di_cal_fails_clearly_until_solutions_exist(client: TestClient) -> None:
+    job_id = submit(client, "conversion_job", obs_id=SIM_OBS, apply_di_cal="true", no_rfi="true")
+    assert watch(client, {job_id})[job_id][-1] == "error"
+    text = rows_by_id(client)[job_id]["error_text"]
+    assert text.startswith("apply_di_cal: no calibration solution is available")
+
+
+def test_dispatch_follows_priority_then_age(archive_settings: Settings) -> None:
+    from observatory.asvo.dispatcher import Dispatcher
+    from observatory.asvo.models import Job
+
+    engine = make_engine(archive_settings.resolved_database_url)
+    session_factory = make_session_factory(engine)
+    with session_factory() as session:
+        for priority in (1, 5, 3, 5):
+            session.add(Job(user_id=1, job_type=1, obs_id=CORR_OBS, state="queued", priority=priority,
+                            params={"delivery": "acacia", "job_type": "download", "priority": priority,
+                                    "download_type": "vis", "obs_id": str(CORR_OBS)},
+                            request_key=f"p{priority}-{len(session.new)}", delivery="acacia",
+                            cancel_requested=False, deleted=False))  # fmt: skip
+        session.commit()
+
+    class RecordingClient:
+        """Stands in for the Dask client: records what is submitted, in order."""
+
+        def __init__(self) -> None:
+            self.order: list[tuple[int, int]] = []
+
+        def submit(self, _function: Any, _settings: Any, job_id: int, **options: Any) -> Any:
+            self.order.append((job_id, options["priority"]))
+            return _Pending()
+
+    class _Pending:
+        def done(self) -> bool:
+            return False
+
+    dispatcher = Dispatcher(archive_settings, session_factory)
+    recorder = RecordingClient()
+    dispatcher._client = recorder
+    dispatcher.step()
+    assert recorder.order == [(2, 5), (4, 5), (3, 3), (1, 1)]
+    dispatcher.step()  # running jobs are not submitted twice
+    assert len(recorder.order) == 4
+    engine.dispose()
