@@ -97,6 +97,12 @@ def watch(client: TestClient, job_ids: set[int], timeout_s: float = 120) -> dict
             assert time.monotonic() < deadline, f"jobs did not finish: {seen}"
             frame = json.loads(socket.receive_text())
             row = frame["row"]
+            if row["job_state"] == "completed":
+                # mwa_client downloads from the frame itself: the signed URL must be in it.
+                for file in row["product"]["files"]:
+                    assert file["type"] != "acacia" or file["url"].startswith(
+                        "http://testserver/api/download/"
+                    )
             if row["id"] in seen and (
                 not seen[row["id"]] or seen[row["id"]][-1] != row["job_state"]
             ):

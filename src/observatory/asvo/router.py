@@ -14,6 +14,7 @@ from fastapi.responses import FileResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import HTTPConnection
 from starlette.types import Receive, Scope, Send
 
 from observatory.asvo import service
@@ -139,11 +140,16 @@ def preprocessed_imaging_job(_user_id: UserDep) -> dict[str, int]:
     raise service.unsupported("Imaging")
 
 
-def _url_builder(request: Request) -> service.UrlBuilder:
-    """Signed, expiring download URLs on the host the client reached (they need no cookie)."""
-    settings = _settings(request)
+def _url_builder(connection: HTTPConnection) -> service.UrlBuilder:
+    """Signed, expiring download URLs on the host the client reached (they need no cookie).
+
+    From a websocket (``ws[s]://``) the URLs are the matching ``http[s]://`` ones.
+    """
+    settings: Settings = connection.app.state.settings
     key = settings.secret_key_bytes()
-    base = str(request.base_url).rstrip("/")
+    base = str(connection.base_url).rstrip("/")
+    if base.startswith("ws"):
+        base = "http" + base[2:]
 
     def url_for(job: Job, entry: dict[str, Any]) -> str:
         token = sign_value(f"{job.id}/{entry['name']}", key)
@@ -221,9 +227,12 @@ async def job_results(websocket: WebSocket) -> None:
     await websocket.accept()
     session_factory = websocket.app.state.session_factory
     watch = service.JobWatch()
+    url_for = _url_builder(websocket)
     try:
         while True:
-            frames = await run_in_threadpool(service.changed_rows, session_factory, user_id, watch)
+            frames = await run_in_threadpool(
+                service.changed_rows, session_factory, user_id, watch, url_for
+            )
             for frame in frames:
                 await websocket.send_text(json.dumps(frame))
             await asyncio.sleep(WEBSOCKET_POLL_S)

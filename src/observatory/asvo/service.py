@@ -458,7 +458,10 @@ class JobWatch:
 
 
 def changed_rows(
-    session_factory: sessionmaker[Session], user_id: int, watch: JobWatch
+    session_factory: sessionmaker[Session],
+    user_id: int,
+    watch: JobWatch,
+    url_for: UrlBuilder | None = None,
 ) -> list[dict[str, Any]]:
     """Websocket frames for the user's jobs that changed since the last call.
 
@@ -479,7 +482,8 @@ def changed_rows(
                 continue
             signature = (job.state, job.error_text)
             if watch.sent.get(job.id) != signature:
-                frames.append(job_row(job, action="UPDATE" if job.id in watch.sent else "INSERT"))
+                action = "UPDATE" if job.id in watch.sent else "INSERT"
+                frames.append(job_row(job, action=action, url_for=url_for))
                 watch.sent[job.id] = signature
     watch.since = now
     return frames
