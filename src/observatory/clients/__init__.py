@@ -1,0 +1,1 @@
+"""Clients of the ASVO service: ``mwa_client`` and its Python API."""

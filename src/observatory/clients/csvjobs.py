@@ -1,0 +1,83 @@
+"""The mwa_client CSV job file: one job per line, ``key=value`` cells.
+
+The format of manta-ray-client's ``mwa_client`` (its README and ``parse_csv``):
+cells separated by commas, spaces anywhere ignored, blank lines and lines whose
+first cell starts with ``#`` skipped, ``job_type`` ``c`` / ``d`` / ``v`` choosing
+the endpoint, a cell with an empty key or value ignored, ``allow_resubmit`` added
+from the command line unless the line sets it. The cotter-era keys of older job
+files (``timeres``, ``freqres``, ``edgewidth``, ``conversion``, ``norfi``, ...) are
+renamed to the current ones, so old files keep working.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+
+from observatory.preprocess.options import LEGACY_KEYS
+
+#: ``job_type`` cell value -> ASVO endpoint.
+ENDPOINTS = {"c": "conversion_job", "d": "download_vis_job", "v": "voltage_job"}
+
+
+class CsvJobError(ValueError):
+    """A line of the job file that cannot be read; names the line number and the cell."""
+
+    def __init__(self, line_number: int, cell: str | None, problem: str) -> None:
+        where = f"line {line_number}" + (f", cell {cell!r}" if cell is not None else "")
+        super().__init__(f"{where}: {problem}")
+        self.line_number = line_number
+        self.cell = cell
+
+
+@dataclass(frozen=True)
+class CsvJob:
+    """One job of the file: where to post it and its form fields."""
+
+    line_number: int
+    endpoint: str
+    params: dict[str, str] = field(default_factory=dict)
+
+
+def parse_job_csv(text: str, *, allow_resubmit: bool = False) -> list[CsvJob]:
+    """The jobs of a job file's text.
+
+    Raises
+    ------
+    CsvJobError
+        For the first malformed line: a cell without exactly one ``=``, an unknown
+        ``job_type``, or a line without one.
+    """
+    jobs = []
+    reader = csv.reader(io.StringIO(text))
+    for row in reader:
+        line_number = reader.line_num
+        if not row or not "".join(row).strip() or row[0].strip().startswith("#"):
+            continue
+        endpoint = None
+        params: dict[str, str] = {}
+        for raw_cell in row:
+            cell = raw_cell.replace(" ", "").replace("\t", "")
+            if not cell:
+                continue
+            parts = cell.split("=")
+            if len(parts) != 2:
+                raise CsvJobError(line_number, raw_cell.strip(), "a cell must be key=value")
+            key, value = parts
+            if not key or not value:
+                continue
+            if key == "job_type":
+                endpoint = ENDPOINTS.get(value)
+                if endpoint is None:
+                    raise CsvJobError(
+                        line_number, raw_cell.strip(), "job_type must be c (conversion), "
+                        "d (visibility download) or v (voltage download)",
+                    )  # fmt: skip
+                continue
+            params[LEGACY_KEYS.get(key, key)] = value
+        if endpoint is None:
+            raise CsvJobError(line_number, None, "no job_type cell (job_type=c, d or v)")
+        params.setdefault("allow_resubmit", str(allow_resubmit).lower())
+        jobs.append(CsvJob(line_number, endpoint, params))
+    return jobs

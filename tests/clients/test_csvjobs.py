@@ -1,0 +1,58 @@
+"""The mwa_client CSV job file."""
+
+from __future__ import annotations
+
+import pytest
+
+from observatory.clients.csvjobs import CsvJob, CsvJobError, parse_job_csv
+
+
+def test_current_and_legacy_lines() -> None:
+    text = (
+        "# my jobs\n"
+        "\n"
+        "obs_id=1320409688, job_type=c, avg_time_res=4, output = ms, unknown_key=1\n"
+        "  obs_id = 1131733552 ,job_type=d, download_type=vis_meta\n"
+        "obs_id=1320412440, job_type=v, offset=0, duration=8, allow_resubmit=true\n"
+        "obs_id=1061315448, job_type=c, timeres=2, freqres=40, edgewidth=80, conversion=uvfits, norfi=true\n"
+        ",,\n"
+    )
+    jobs = parse_job_csv(text)
+    assert jobs == [
+        CsvJob(3, "conversion_job", {"obs_id": "1320409688", "avg_time_res": "4", "output": "ms",
+                                     "unknown_key": "1", "allow_resubmit": "false"}),
+        CsvJob(4, "download_vis_job", {"obs_id": "1131733552", "download_type": "vis_meta",
+                                       "allow_resubmit": "false"}),
+        CsvJob(5, "voltage_job", {"obs_id": "1320412440", "offset": "0", "duration": "8",
+                                  "allow_resubmit": "true"}),
+        CsvJob(6, "conversion_job", {"obs_id": "1061315448", "avg_time_res": "2", "avg_freq_res": "40",
+                                     "flag_edge_width": "80", "output": "uvfits", "no_rfi": "true",
+                                     "allow_resubmit": "false"}),
+    ]  # fmt: skip
+    assert (
+        parse_job_csv("obs_id=1, job_type=d", allow_resubmit=True)[0].params["allow_resubmit"]
+        == "true"
+    )
+
+
+def test_empty_keys_and_values_are_ignored_as_mwa_client_does() -> None:
+    (job,) = parse_job_csv("obs_id=1320409688, job_type=d, download_type=vis, avg_time_res=, =5\n")
+    assert job.params == {"obs_id": "1320409688", "download_type": "vis", "allow_resubmit": "false"}
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "cell", "fragment"),
+    [
+        ("obs_id=1, job_type=d\nobs_id=2, job_type=x\n", 2, "job_type=x", "job_type must be c"),
+        ("obs_id=1, job_type=d\n\n# c\nobs_id=2, download_type=vis\n", 4, None, "no job_type cell"),
+        ("obs_id=1, job_type=d, avg_time_res\n", 1, "avg_time_res", "must be key=value"),
+        ("obs_id=1=2, job_type=d\n", 1, "obs_id=1=2", "must be key=value"),
+    ],
+)
+def test_errors_name_the_line_and_the_cell(
+    text: str, line: int, cell: str | None, fragment: str
+) -> None:
+    with pytest.raises(CsvJobError) as error:
+        parse_job_csv(text)
+    assert error.value.line_number == line and error.value.cell == cell
+    assert str(error.value).startswith(f"line {line}") and fragment in str(error.value)
