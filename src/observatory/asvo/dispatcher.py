@@ -9,7 +9,6 @@ or restart it simply finds the jobs that are not finished and runs them again
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 from typing import Any
 
@@ -17,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from observatory.asvo.models import TERMINAL_STATES, Job, JobState
-from observatory.asvo.pipeline import run_job
+from observatory.asvo.pipeline import remove_product, run_job
 from observatory.core.config import Settings
 from observatory.core.database import utcnow
 
@@ -132,10 +131,5 @@ class Dispatcher:
             select(Job).where(Job.state == JobState.COMPLETED.value, Job.expires_at < now)
         ).all()
         for job in due:
-            if job.product_location:
-                location = job.product_location
-                if job.delivery == "acacia":
-                    shutil.rmtree(self.settings.products_dir / str(job.id), ignore_errors=True)
-                else:
-                    shutil.rmtree(location, ignore_errors=True)
+            remove_product(self.settings, job)
             job.state = JobState.EXPIRED.value

@@ -120,7 +120,7 @@ def run_job(settings_values: dict[str, Any], job_id: int) -> str:
         )
         return JobState.COMPLETED.value
     except JobCancelled:
-        _remove_product(settings, tracker.load())
+        remove_product(settings, tracker.load())
         return JobState.CANCELLED.value
     except Exception as exc:  # any failure ends the job in error, with a message for the user
         message = str(exc) if isinstance(exc, JobFailed) else f"{type(exc).__name__}: {exc}"
@@ -308,7 +308,7 @@ def _replaced_directory(target: Path) -> Iterator[Path]:
         raise
 
 
-def _remove_product(settings: Settings, job: Job) -> None:
+def remove_product(settings: Settings, job: Job) -> None:
     """Delete a job's product (cancelled or expired); nothing is left half-written."""
     if job.delivery == "acacia":
         shutil.rmtree(settings.products_dir / str(job.id), ignore_errors=True)

@@ -41,14 +41,23 @@ def _settings(request: Request) -> Settings:
     return settings
 
 
-def current_user_id(request: Request) -> int:
-    """The user the ``MWA_JOB_COOKIE`` was issued to (401 without a valid one)."""
-    token = request.cookies.get(COOKIE_NAME)
-    key = _settings(request).secret_key_bytes()
+def _cookie_user(connection: HTTPConnection) -> int | None:
+    """The user the ``MWA_JOB_COOKIE`` of a request or websocket was issued to, if valid."""
+    token = connection.cookies.get(COOKIE_NAME)
+    settings: Settings = connection.app.state.settings
+    key = settings.secret_key_bytes()
     value = None if token is None else unsign_value(token, key, max_age_s=COOKIE_MAX_AGE_S)
     if value is None or not value.startswith("user:"):
-        raise Unauthorized("Not logged in: POST /api/api_login with your API key first")
+        return None
     return int(value.removeprefix("user:"))
+
+
+def current_user_id(request: Request) -> int:
+    """The user the ``MWA_JOB_COOKIE`` was issued to (401 without a valid one)."""
+    user_id = _cookie_user(request)
+    if user_id is None:
+        raise Unauthorized("Not logged in: POST /api/api_login with your API key first")
+    return user_id
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
@@ -87,15 +96,21 @@ async def _form(request: Request) -> dict[str, str]:
 FormDep = Annotated[dict[str, str], Depends(_form)]
 
 
+def _submit(
+    request: Request, session: Session, user_id: int, job_type: JobType, form: dict[str, str]
+) -> dict[str, int]:
+    job = service.submit_job(session, _settings(request), user_id, job_type, form)
+    # Committed before the reply: a client that lists its jobs next must see this one.
+    session.commit()
+    return {"job_id": job.id}
+
+
 @router.post("/conversion_job", response_model=SubmitResponse)
 def conversion_job(
     request: Request, session: SessionDep, user_id: UserDep, form: FormDep
 ) -> dict[str, int]:
     """Queue a conversion (Birli options as form fields; unknown keys ignored)."""
-    job = service.submit_job(session, _settings(request), user_id, JobType.CONVERSION, form)
-    # Committed before the reply: a client that lists its jobs next must see this one.
-    session.commit()
-    return {"job_id": job.id}
+    return _submit(request, session, user_id, JobType.CONVERSION, form)
 
 
 @router.post("/download_vis_job", response_model=SubmitResponse)
@@ -103,12 +118,7 @@ def download_vis_job(
     request: Request, session: SessionDep, user_id: UserDep, form: FormDep
 ) -> dict[str, int]:
     """Queue a visibility (``download_type=vis``) or metadata (``vis_meta``) download."""
-    job = service.submit_job(
-        session, _settings(request), user_id, JobType.DOWNLOAD_VISIBILITIES, form
-    )
-    # Committed before the reply: a client that lists its jobs next must see this one.
-    session.commit()
-    return {"job_id": job.id}
+    return _submit(request, session, user_id, JobType.DOWNLOAD_VISIBILITIES, form)
 
 
 @router.post("/voltage_job", response_model=SubmitResponse)
@@ -116,10 +126,7 @@ def voltage_job(
     request: Request, session: SessionDep, user_id: UserDep, form: FormDep
 ) -> dict[str, int]:
     """Queue a voltage download (``offset``, ``duration``, optional channel range)."""
-    job = service.submit_job(session, _settings(request), user_id, JobType.DOWNLOAD_VOLTAGE, form)
-    # Committed before the reply: a client that lists its jobs next must see this one.
-    session.commit()
-    return {"job_id": job.id}
+    return _submit(request, session, user_id, JobType.DOWNLOAD_VOLTAGE, form)
 
 
 @router.post("/beamformer_job")
@@ -213,17 +220,10 @@ def download(
 @router.websocket("/job_results")
 async def job_results(websocket: WebSocket) -> None:
     """Job rows as they change: every current row on connect, then one frame per change."""
-    settings: Settings = websocket.app.state.settings
-    token = websocket.cookies.get(COOKIE_NAME)
-    value = (
-        None
-        if token is None
-        else unsign_value(token, settings.secret_key_bytes(), max_age_s=COOKIE_MAX_AGE_S)
-    )
-    if value is None or not value.startswith("user:"):
+    user_id = _cookie_user(websocket)
+    if user_id is None:
         await websocket.close(code=4401, reason="not logged in")
         return
-    user_id = int(value.removeprefix("user:"))
     await websocket.accept()
     session_factory = websocket.app.state.session_factory
     watch = service.JobWatch()

@@ -21,6 +21,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+#: Signing keys read from data directories, by path.
+_KEY_CACHE: dict[Path, bytes] = {}
+
 
 class Settings(BaseSettings):
     """Configuration of one observatory-services installation."""
@@ -75,12 +78,21 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.data_dir / 'observatory.sqlite3').resolve()}"
 
     def secret_key_bytes(self) -> bytes:
-        """The signing key: ``secret_key``, else a random one created once in the data dir."""
+        """The signing key: ``secret_key``, else a random one created once in the data dir.
+
+        Read from disk once per process (every request checks a cookie with it).
+        """
         if self.secret_key:
             return self.secret_key.encode()
-        path = self.data_dir / "secret_key"
+        path = (self.data_dir / "secret_key").resolve()
+        if path not in _KEY_CACHE:
+            _KEY_CACHE[path] = self._read_or_create_key(path)
+        return _KEY_CACHE[path]
+
+    @staticmethod
+    def _read_or_create_key(path: Path) -> bytes:
         if not path.exists():
-            self.data_dir.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             # O_EXCL: two processes starting at once must not write two different keys.
             try:
                 descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 
 from observatory.core.storage import atomic_output
 from observatory.preprocess.reader import ObservationMeta
-from observatory.preprocess.writer import spectral_window_ids
+from observatory.preprocess.writer import antenna_positions_ecef, spectral_window_ids
 from observatory.telescope.instrument import SPEED_OF_LIGHT_M_S
 
 _BLOCK = 2880
@@ -74,7 +74,7 @@ class UvfitsStream:
         self.first_time_jd = first_time_jd
         self.n_spws = _n_spws(self.freqs_hz, channel_width_hz)
         self.p, self.q = meta.baseline_antennas()
-        self.antenna_positions_m = _antenna_positions_ecef(meta, self.location)
+        self.antenna_positions_m = antenna_positions_ecef(meta, self.location)
         self.times_written = 0
         self.app_radec_deg: list[tuple[float, float]] = []
         self._context = atomic_output(self.path)
@@ -373,12 +373,3 @@ class UvfitsStream:
 def _n_spws(freqs_hz: NDArray[np.float64], channel_width_hz: float) -> int:
     window_ids = spectral_window_ids(freqs_hz, channel_width_hz)
     return 1 if window_ids is None else len(np.unique(window_ids))
-
-
-def _antenna_positions_ecef(meta: ObservationMeta, location: Any) -> NDArray[np.float64]:
-    """Antenna positions relative to the array centre, ECEF metres (pyuvdata's convention)."""
-    from pyuvdata.utils import ECEF_from_ENU
-
-    ecef = ECEF_from_ENU(meta.enu_m, center_loc=location)
-    centre = np.array([c.to_value("m") for c in location.geocentric])
-    return np.asarray(ecef - centre, dtype=np.float64)

@@ -48,23 +48,17 @@ class ConvertedData:
 
 def to_uvdata(data: ConvertedData) -> Any:
     """A pyuvdata ``UVData`` holding the converted data (uvw from the antenna positions)."""
-    import astropy.units as u
     from astropy.time import Time
     from pyuvdata import Telescope
-    from pyuvdata.utils import ECEF_from_ENU
 
     from observatory.telescope.site import mwa_location
 
     meta = data.meta
     location = mwa_location()
-    ecef = ECEF_from_ENU(meta.enu_m, center_loc=location)
-    telescope_xyz = np.array(
-        [location.x.to_value(u.m), location.y.to_value(u.m), location.z.to_value(u.m)]
-    )
     telescope = Telescope.new(
         name="MWA",
         location=location,
-        antenna_positions=ecef - telescope_xyz,
+        antenna_positions=antenna_positions_ecef(meta, location),
         antenna_names=list(meta.antenna_names),
         # Metafits Antenna indices (uvfits stores them 1-based, as Birli writes them): real
         # tile ids go past 255, which forces uvfits into 2048-baseline indexing that
@@ -160,3 +154,12 @@ def write_outputs(data: ConvertedData, outputs: list[Path]) -> list[Path]:
             temporary.replace(path)
         written.append(path)
     return written
+
+
+def antenna_positions_ecef(meta: ObservationMeta, location: Any) -> NDArray[np.float64]:
+    """Antenna positions relative to the array centre, ECEF metres (pyuvdata's convention)."""
+    from pyuvdata.utils import ECEF_from_ENU
+
+    ecef = ECEF_from_ENU(meta.enu_m, center_loc=location)
+    centre = np.array([c.to_value("m") for c in location.geocentric])
+    return np.asarray(ecef - centre, dtype=np.float64)
