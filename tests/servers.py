@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -89,3 +92,119 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
         check=True, capture_output=True,
     )  # fmt: skip
     return cert, key
+
+
+def seed(
+    data_dir: Path,
+    database_url: str | None,
+    obsids: list[int],
+    *,
+    api_key: str,
+    tiles: int = 16,
+    timesteps: int = 16,
+    user: str = "dave",
+) -> None:
+    """A user with ``api_key`` and simulated correlator observations, through the CLI."""
+    from observatory.cli import main
+
+    env_url = {"OBSERVATORY_DATABASE_URL": database_url} if database_url else {}
+    old = {k: os.environ.get(k) for k in env_url}
+    os.environ.update(env_url)
+    try:
+        created = main(["--data-dir", str(data_dir), "users", "create", user, "--api-key", api_key])
+        assert created == 0
+        for obsid in obsids:
+            assert main(["--data-dir", str(data_dir), "simulate", "observation", "--obsid", str(obsid),
+                         "--tiles", str(tiles), "--coarse-chans", "133,134,135,136",
+                         "--timesteps", str(timesteps), "--source", "0,-27,20"]) == 0  # fmt: skip
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def wait_until(predicate: Callable[[], object], timeout_s: float, what: str) -> None:
+    """Until ``predicate()`` is true (AssertionError naming ``what`` after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+class StallingProxy:
+    """A loopback TCP proxy in a thread that can freeze product downloads part-way.
+
+    Each connection is piped to ``127.0.0.1:target_port``. When ``stall_after_bytes``
+    is set, a connection whose first request is a product download
+    (``GET /api/download/...``) passes that many response bytes and then nothing
+    more, so a client can be killed in the middle of a file. The request heads of
+    downloads are kept in ``download_requests``.
+    """
+
+    def __init__(self, target_port: int, stall_after_bytes: int | None = None) -> None:
+        self.target_port = target_port
+        self.stall_after_bytes = stall_after_bytes
+        self.download_requests: list[str] = []
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(
+            asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        )
+        self._ready.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            server.close()
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        first = await client_r.read(65536)
+        is_download = first.startswith(b"GET /api/download/")
+        if is_download:
+            self.download_requests.append(first.split(b"\r\n\r\n")[0].decode("latin-1"))
+        server_w.write(first)
+        limit = self.stall_after_bytes if is_download else None
+
+        async def pipe(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limit: int | None
+        ) -> None:
+            sent = 0
+            try:
+                while data := await reader.read(65536):
+                    if limit is not None:
+                        data = data[: max(0, limit - sent)]
+                        if not data:
+                            await asyncio.sleep(3600)  # stalled: hold the connection open
+                    writer.write(data)
+                    sent += len(data)
+                    await writer.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                writer.close()
+
+        await asyncio.gather(pipe(client_r, server_w, None), pipe(server_r, client_w, limit))
+
+    def close(self) -> None:
+        """Stop the proxy (open connections are dropped)."""
+
+        async def cancel_connections() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(cancel_connections(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()

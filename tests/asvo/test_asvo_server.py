@@ -6,41 +6,25 @@ import hashlib
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from observatory.cli import main
 from observatory.core.config import Settings
-from servers import Process, free_port, observatory_server, self_signed_certificate, wait_for
+from servers import (
+    Process,
+    free_port,
+    observatory_server,
+    seed,
+    self_signed_certificate,
+    wait_for,
+    wait_until,
+)
 
 API_KEY = "server-test-key"
 TERMINAL = {"completed", "error", "cancelled", "expired"}
-
-
-def seed(data_dir: Path, database_url: str | None, obsids: list[int], tiles: int = 16) -> None:
-    """A user and simulated correlator observations, through the CLI."""
-    env_url = {"OBSERVATORY_DATABASE_URL": database_url} if database_url else {}
-    old = {k: os.environ.get(k) for k in env_url}
-    os.environ.update(env_url)
-    try:
-        assert (
-            main(["--data-dir", str(data_dir), "users", "create", "dave", "--api-key", API_KEY])
-            == 0
-        )
-        for obsid in obsids:
-            assert main(["--data-dir", str(data_dir), "simulate", "observation", "--obsid", str(obsid),
-                         "--tiles", str(tiles), "--coarse-chans", "133,134,135,136", "--timesteps", "16",
-                         "--source", "0,-27,20"]) == 0  # fmt: skip
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def login(base: str, verify: bool | str = True) -> httpx.Client:
@@ -52,14 +36,6 @@ def login(base: str, verify: bool | str = True) -> httpx.Client:
 
 def jobs(client: httpx.Client) -> dict[int, dict[str, Any]]:
     return {e["row"]["id"]: e["row"] for e in client.get("/api/get_jobs").json()}
-
-
-def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def check_products(client: httpx.Client, data_dir: Path) -> None:
@@ -77,7 +53,7 @@ def check_products(client: httpx.Client, data_dir: Path) -> None:
 
 def test_https_login_sets_a_secure_cookie(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    seed(data_dir, None, [])
+    seed(data_dir, None, [], api_key=API_KEY)
     cert, key = self_signed_certificate(tmp_path)
     port = free_port()
     server = observatory_server(
@@ -99,7 +75,7 @@ def test_https_login_sets_a_secure_cookie(tmp_path: Path) -> None:
 def test_jobs_finish_after_the_server_is_killed_and_restarted(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     obsids = [1320409688, 1320409704]
-    seed(data_dir, None, obsids, tiles=32)
+    seed(data_dir, None, obsids, tiles=32, api_key=API_KEY)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = observatory_server(data_dir, port)
@@ -147,7 +123,7 @@ def test_cluster_mode_survives_a_killed_worker(tmp_path: Path, migrated_db_url: 
     from distributed import Client
 
     data_dir = tmp_path / "data"
-    seed(data_dir, migrated_db_url, [1320409688], tiles=48)
+    seed(data_dir, migrated_db_url, [1320409688], tiles=48, api_key=API_KEY)
     scheduler_port, port = free_port(), free_port()
     scheduler_address = f"tcp://127.0.0.1:{scheduler_port}"
     bin_dir = Path(sys.executable).parent

@@ -1,0 +1,738 @@
+"""Python API of the ASVO data-job service (what ``mwa_client`` is built on).
+
+It speaks the protocol of manta-ray-client's ``mantaray.api`` (specs/asvo.md):
+HTTP Basic login with the client version and the API key, the ``MWA_JOB_COOKIE``
+session cookie, form-encoded submissions, ``get_jobs`` change-feed envelopes and
+the ``/api/job_results`` websocket. It adds what that API lacks: typed results,
+exceptions carrying the server's ``error_code`` and ``job_id``, a ``watch()``
+iterator that falls back to polling when the websocket is unavailable, and
+downloads that resume with HTTP ``Range`` and verify each file's SHA-1.
+
+Example
+-------
+>>> session = Session.login("my-api-key", host="asvo.example.org")  # doctest: +SKIP
+>>> job_id = session.submit_download_job(1104585920, download_type="vis_meta")  # doctest: +SKIP
+>>> for update in session.watch():  # doctest: +SKIP
+...     if update.job.id == job_id and update.job.state == "completed":
+...         session.download_product(update.job, "out")
+...         break
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import ssl
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import websockets.exceptions
+import websockets.sync.client
+
+from observatory import __version__
+
+log = logging.getLogger(__name__)
+
+#: What we send as the Basic-auth user name. The server checks it for compatibility;
+#: we speak manta-ray-client 2.0's protocol, so we identify as that protocol version.
+CLIENT_VERSION = "mantaray-clientv2.0"
+USER_AGENT = f"observatory-mwa_client/{__version__}"
+
+#: ``row.job_type`` -> description (mwa_client's names, plus the newer job types).
+JOB_TYPE_NAMES = {
+    0: "conversion",
+    1: "download visibilities",
+    2: "download metadata",
+    3: "download voltage",
+    4: "cancel job",
+    5: "download beamformer",
+    6: "imaging",
+}
+#: States after which a job never changes again (except to be deleted).
+TERMINAL_STATES = frozenset({"completed", "error", "cancelled", "expired"})
+#: Job states as users know them from the ASVO web site and the clients.
+STATE_LABELS = {
+    "queued": "Queued",
+    "waitcal": "Waiting for calibration",
+    "staging": "Staging",
+    "staged": "Staged",
+    "downloading": "Retrieving Files from Archive",
+    "preparing": "Preparing",
+    "preprocessing": "Preprocessing",
+    "imaging": "Imaging",
+    "delivering": "Delivering",
+    "completed": "Ready",
+    "error": "Error",
+    "expired": "Expired",
+    "cancelled": "Cancelled",
+}
+
+#: Bytes read from the network or the disk at a time.
+CHUNK_BYTES = 1024 * 1024
+#: Attempts per file: transient network errors resume, a checksum mismatch restarts.
+DOWNLOAD_ATTEMPTS = 3
+
+
+class AsvoError(Exception):
+    """The server refused a request, or a request or download failed.
+
+    Attributes
+    ----------
+    status_code
+        HTTP status of the reply (None when no reply came).
+    error_code
+        The server's ``error_code`` (0 invalid request, 2 duplicate job), if any.
+    job_id
+        The job the error is about, if known (for a duplicate: the existing job).
+    response_text
+        The body of the reply, as the server sent it.
+    detail
+        The server's own message (its ``error``), or the whole message.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        error_code: int | None = None,
+        job_id: int | None = None,
+        response_text: str = "",
+        detail: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail or message
+        self.status_code = status_code
+        self.error_code = error_code
+        self.job_id = job_id
+        self.response_text = response_text
+
+
+class ChecksumError(AsvoError):
+    """A downloaded file's SHA-1 does not match the one the server published."""
+
+
+@dataclass(frozen=True)
+class ProductFile:
+    """One file of a completed job's product.
+
+    ``type`` is the delivery: ``acacia`` files have a ``url`` (a signed download
+    link), ``size`` and ``sha1``; ``scratch`` and ``dug`` files have a ``path`` on
+    the facility's file system.
+    """
+
+    type: str
+    size_bytes: int
+    url: str | None = None
+    sha1: str | None = None
+    path: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The local file or directory name: the last segment of the URL path or of the path."""
+        if self.url:
+            return os.path.basename(urlsplit(self.url).path)
+        return os.path.basename((self.path or "").rstrip("/"))
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job as ``get_jobs`` and the websocket describe it."""
+
+    id: int
+    obs_id: int
+    job_type: int
+    state: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    error_text: str | None = None
+    created: str | None = None
+    started: str | None = None
+    completed: str | None = None
+    files: tuple[ProductFile, ...] = ()
+
+    @property
+    def type_name(self) -> str:
+        """The job type in words (``conversion``, ``download visibilities``, ...)."""
+        return JOB_TYPE_NAMES.get(self.job_type, f"type {self.job_type}")
+
+    @property
+    def size_bytes(self) -> int:
+        """Total size of the product's files (0 before completion)."""
+        return sum(f.size_bytes for f in self.files)
+
+    @property
+    def state_label(self) -> str:
+        """The state as users know it; an error carries its text."""
+        if self.state == "error":
+            return f"Error: {self.error_text}"
+        return STATE_LABELS.get(self.state, self.state)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Job:
+        """Read one ``row`` of a get_jobs or websocket envelope."""
+        params = row.get("job_params") or {}
+        product = row.get("product") or {}
+        files = tuple(
+            ProductFile(
+                type=str(f.get("type")),
+                size_bytes=int(f.get("size") or 0),
+                url=f.get("url"),
+                sha1=f.get("sha1"),
+                path=f.get("path"),
+            )
+            for f in product.get("files") or ()
+        )
+        return cls(
+            id=int(row["id"]),
+            obs_id=int(params.get("obs_id") or 0),
+            job_type=int(row.get("job_type", -1)),
+            state=str(row["job_state"]),
+            params=params,
+            error_text=row.get("error_text"),
+            created=row.get("created"),
+            started=row.get("started"),
+            completed=row.get("completed"),
+            files=files,
+        )
+
+
+@dataclass(frozen=True)
+class JobUpdate:
+    """One change of a job: ``action`` is ``DELETE`` for a removed job, else ``UPDATE``."""
+
+    action: str
+    job: Job
+
+
+#: Called while a file downloads: (file, bytes on disk, total bytes).
+ProgressCallback = Callable[[ProductFile, int, int], None]
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    """What ``download_product`` did with one file of a product."""
+
+    file: ProductFile
+    local_path: Path | None
+    #: ``downloaded``, ``resumed``, ``verified`` (already complete), ``copied``
+    #: (scratch/dug copied from a local path), ``exists`` (copied before) or
+    #: ``remote`` (scratch/dug path not on this machine).
+    outcome: str
+    bytes_transferred: int = 0
+    #: Whether a file on disk failed verification and was fetched again.
+    redownloaded: bool = False
+
+
+def base_url_from_environment(environ: Mapping[str, str] | None = None) -> str:
+    """``{http|https}://{MWA_ASVO_HOST}:{MWA_ASVO_PORT}`` as mwa_client builds it.
+
+    Defaults: ``asvo.mwatelescope.org``, port 443, ``MWA_ASVO_HTTPS=1`` (any other
+    value means plain http).
+    """
+    env = os.environ if environ is None else environ
+    host = env.get("MWA_ASVO_HOST", "asvo.mwatelescope.org")
+    port = env.get("MWA_ASVO_PORT", "443")
+    if not host:
+        raise AsvoError("MWA_ASVO_HOST is set but empty")
+    if not port or not port.isdigit():
+        raise AsvoError(f"MWA_ASVO_PORT must be a port number, not {port!r}")
+    scheme = "https" if env.get("MWA_ASVO_HTTPS", "1") == "1" else "http"
+    return f"{scheme}://{host}:{port}"
+
+
+def _raise_for_reply(reply: httpx.Response, what: str) -> None:
+    """An ``AsvoError`` with the server's message and codes for a non-2xx reply."""
+    if reply.is_success:
+        return
+    text = reply.text
+    message, error_code, job_id = text.strip() or reply.reason_phrase, None, None
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        message = str(body.get("error") or body.get("detail") or message)
+        error_code = body.get("error_code")
+        job_id = body.get("job_id")
+    raise AsvoError(
+        f"{what}: HTTP {reply.status_code}: {message}",
+        status_code=reply.status_code,
+        error_code=error_code if isinstance(error_code, int) else None,
+        job_id=job_id if isinstance(job_id, int) else None,
+        response_text=text,
+        detail=message,
+    )
+
+
+def _sha1_of_file(path: Path, length: int | None = None) -> Any:
+    """The SHA-1 (a ``hashlib`` object) of the first ``length`` bytes of ``path`` (default all)."""
+    digest = hashlib.sha1()
+    remaining = path.stat().st_size if length is None else length
+    with path.open("rb") as stream:
+        while remaining > 0:
+            block = stream.read(min(CHUNK_BYTES, remaining))
+            if not block:
+                break
+            digest.update(block)
+            remaining -= len(block)
+    return digest
+
+
+class Session:
+    """A logged-in connection to an ASVO server.
+
+    Use ``Session.login`` (or ``Session.from_environment``) rather than the constructor.
+    """
+
+    def __init__(self, base_url: str, client: httpx.Client, *, verify: bool | str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._client = client
+        self._verify = verify
+
+    # -- connection ---------------------------------------------------------------
+
+    @classmethod
+    def login(
+        cls,
+        api_key: str,
+        *,
+        host: str = "asvo.mwatelescope.org",
+        port: int = 443,
+        https: bool = True,
+        base_url: str | None = None,
+        verify: bool | str = True,
+        timeout_s: float = 60.0,
+    ) -> Session:
+        """Log in with an API key (from the ASVO web site's profile page).
+
+        Parameters
+        ----------
+        api_key
+            The user's API key.
+        host, port, https
+            Where the server is (ignored when ``base_url`` is given).
+        base_url
+            ``http[s]://host:port`` of the server.
+        verify
+            Check the server's TLS certificate (True), not (False), or against the
+            CA bundle at this path.
+        timeout_s
+            Timeout of each API call.
+
+        Raises
+        ------
+        AsvoError
+            When the server refuses the key or the client version, or cannot be reached.
+        """
+        if not api_key:
+            raise AsvoError("An API key is required")
+        url = base_url or f"{'https' if https else 'http'}://{host}:{port}"
+        client = httpx.Client(
+            base_url=url, verify=_tls_context(verify), timeout=timeout_s,
+            headers={"User-Agent": USER_AGENT},
+        )  # fmt: skip
+        session = cls(url, client, verify=verify)
+        try:
+            reply = client.post("/api/api_login", auth=(CLIENT_VERSION, api_key))
+        except httpx.HTTPError as exc:
+            client.close()
+            raise AsvoError(f"Cannot reach the MWA ASVO server at {url}: {exc}") from exc
+        if not reply.is_success:
+            client.close()
+        _raise_for_reply(reply, "Login failed")
+        if "MWA_JOB_COOKIE" not in client.cookies:
+            client.close()
+            raise AsvoError(f"The server at {url} did not start a session (no MWA_JOB_COOKIE)")
+        return session
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> Session:
+        """Log in as mwa_client does: ``MWA_ASVO_API_KEY``, ``MWA_ASVO_HOST``/``PORT``/``HTTPS``.
+
+        ``SSL_VERIFY=0`` turns certificate checks off; otherwise they are on, with the
+        CA bundle of ``SSL_CERT_FILE`` or ``REQUESTS_CA_BUNDLE`` when one is set.
+        """
+        env = os.environ if environ is None else environ
+        return cls.login(
+            env.get("MWA_ASVO_API_KEY", ""),
+            base_url=base_url_from_environment(env),
+            verify=verify_from_environment(env),
+        )
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._client.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- jobs -----------------------------------------------------------------------
+
+    def submit(self, endpoint: str, params: Mapping[str, Any]) -> int:
+        """Post a job to ``/api/<endpoint>`` with form fields; returns the new job id.
+
+        Raises
+        ------
+        AsvoError
+            With ``error_code`` 0 for an invalid request, 2 (and ``job_id``) when the
+            same job is already queued, running or complete.
+        """
+        form = {key: _form_value(value) for key, value in params.items() if value is not None}
+        try:
+            reply = self._client.post(f"/api/{endpoint}", data=form)
+        except httpx.HTTPError as exc:
+            raise AsvoError(f"Could not submit the job: {exc}") from exc
+        _raise_for_reply(reply, "Job refused")
+        return int(reply.json()["job_id"])
+
+    def submit_conversion_job(
+        self,
+        obs_id: int,
+        *,
+        delivery: str = "acacia",
+        allow_resubmit: bool = False,
+        **options: Any,
+    ) -> int:
+        """Submit a conversion (preprocessing) job; ``options`` are the Birli keys.
+
+        For example ``avg_time_res=10, avg_freq_res=80, output="ms", no_rfi=True``.
+        """
+        return self.submit(
+            "conversion_job",
+            {"obs_id": obs_id, "delivery": delivery, "allow_resubmit": allow_resubmit, **options},
+        )
+
+    def submit_download_job(
+        self,
+        obs_id: int,
+        *,
+        download_type: str = "vis",
+        delivery: str = "acacia",
+        allow_resubmit: bool = False,
+    ) -> int:
+        """Submit a raw visibility (``vis``) or metadata (``vis_meta``) download."""
+        return self.submit(
+            "download_vis_job",
+            {"obs_id": obs_id, "download_type": download_type, "delivery": delivery,
+             "allow_resubmit": allow_resubmit},
+        )  # fmt: skip
+
+    def submit_voltage_job(
+        self,
+        obs_id: int,
+        *,
+        offset_s: int,
+        duration_s: int,
+        from_channel: int | None = None,
+        to_channel: int | None = None,
+        delivery: str = "scratch",
+        allow_resubmit: bool = False,
+    ) -> int:
+        """Submit a voltage download of ``duration_s`` from ``offset_s`` after the start.
+
+        ``from_channel`` / ``to_channel`` (receiver channels, inclusive) limit it to a
+        channel range.
+        """
+        params: dict[str, Any] = {
+            "obs_id": obs_id, "download_type": "volt", "offset": offset_s,
+            "duration": duration_s, "delivery": delivery, "allow_resubmit": allow_resubmit,
+        }  # fmt: skip
+        if from_channel is not None or to_channel is not None:
+            params.update(channel_range=True, from_channel=from_channel, to_channel=to_channel)
+        return self.submit("voltage_job", params)
+
+    def get_jobs(self) -> list[Job]:
+        """Every job of the user, newest last."""
+        try:
+            reply = self._client.get("/api/get_jobs")
+        except httpx.HTTPError as exc:
+            raise AsvoError(f"Could not obtain the jobs list from the server: {exc}") from exc
+        _raise_for_reply(reply, "Could not obtain the jobs list from the server")
+        return [Job.from_row(envelope["row"]) for envelope in reply.json()]
+
+    def get_job(self, job_id: int) -> Job | None:
+        """One job of the user, or None if there is no such job."""
+        return next((job for job in self.get_jobs() if job.id == job_id), None)
+
+    def cancel_job(self, job_id: int) -> None:
+        """Cancel a job that has not finished.
+
+        Raises
+        ------
+        AsvoError
+            404 for an unknown job, 400 for one that already finished.
+        """
+        try:
+            reply = self._client.get("/api/cancel_job", params={"job_id": str(job_id)})
+        except httpx.HTTPError as exc:
+            raise AsvoError(f"Could not cancel job {job_id}: {exc}") from exc
+        _raise_for_reply(reply, f"Could not cancel job {job_id}")
+
+    # -- watching -------------------------------------------------------------------
+
+    def watch(
+        self, *, poll_interval_s: float = 10.0, resync_interval_s: float = 60.0
+    ) -> Iterator[JobUpdate]:
+        """Job changes as they happen, for as long as the caller iterates.
+
+        Updates come over the ``/api/job_results`` websocket (the server first sends
+        every current job, then each change). When the socket cannot be opened or
+        drops, this polls ``get_jobs`` every ``poll_interval_s`` and yields the jobs
+        that changed, trying the socket again now and then; while the socket is
+        quiet for ``resync_interval_s``, it also checks ``get_jobs`` so that nothing
+        is missed. An unchanged job is never yielded twice in a row.
+        """
+        last: dict[int, Job] = {}
+
+        def changes(jobs: list[Job]) -> Iterator[JobUpdate]:
+            current = {job.id: job for job in jobs}
+            for job_id in sorted(set(last) - set(current)):
+                yield JobUpdate("DELETE", last.pop(job_id))
+            for job in jobs:
+                if last.get(job.id) != job:
+                    last[job.id] = job
+                    yield JobUpdate("UPDATE", job)
+
+        retry_socket_at = 0.0
+        while True:
+            if time.monotonic() >= retry_socket_at:
+                try:
+                    with self._open_websocket() as socket:
+                        log.info("watching jobs over the websocket")
+                        while True:
+                            try:
+                                message = socket.recv(timeout=resync_interval_s)
+                            except TimeoutError:
+                                yield from changes(self.get_jobs())
+                                continue
+                            if not message:
+                                raise websockets.exceptions.ConnectionClosedError(None, None)
+                            envelope = json.loads(message)
+                            job = Job.from_row(envelope["row"])
+                            if envelope.get("action") == "DELETE":
+                                last.pop(job.id, None)
+                                yield JobUpdate("DELETE", job)
+                            elif last.get(job.id) != job:
+                                last[job.id] = job
+                                yield JobUpdate("UPDATE", job)
+                except (OSError, websockets.exceptions.WebSocketException, ValueError) as exc:
+                    log.warning("job notifications unavailable (%s); polling instead", exc)
+                    retry_socket_at = time.monotonic() + max(30.0, 3 * poll_interval_s)
+            yield from changes(self.get_jobs())
+            time.sleep(poll_interval_s)
+
+    def _open_websocket(self) -> websockets.sync.client.ClientConnection:
+        parts = urlsplit(self.base_url)
+        scheme = "wss" if parts.scheme == "https" else "ws"
+        cookie = self._client.cookies.get("MWA_JOB_COOKIE")
+        return websockets.sync.client.connect(
+            f"{scheme}://{parts.netloc}/api/job_results",
+            additional_headers={"Cookie": f"MWA_JOB_COOKIE={cookie}", "User-Agent": USER_AGENT},
+            ssl=_tls_context(self._verify) if scheme == "wss" else None,
+            open_timeout=30,
+            max_size=None,
+        )
+
+    # -- downloads ------------------------------------------------------------------
+
+    def download_product(
+        self,
+        job: Job,
+        dest: str | os.PathLike[str],
+        *,
+        resume: bool = True,
+        progress: ProgressCallback | None = None,
+    ) -> list[DownloadResult]:
+        """Fetch every file of a completed job's product into the directory ``dest``.
+
+        Acacia files are downloaded by their signed URL into ``<name>.part`` and
+        renamed to ``<name>`` only once their SHA-1 matches the server's. An
+        interrupted download resumes from the ``.part`` file with an HTTP Range
+        request (``resume=False`` starts again). A file already at ``<name>`` is
+        verified and skipped; if it does not verify it is fetched again. Scratch and
+        dug products are copied from their path when it exists on this machine.
+
+        Raises
+        ------
+        AsvoError
+            If the job is not completed, or a file cannot be fetched or never verifies
+            (``ChecksumError``) after ``DOWNLOAD_ATTEMPTS`` attempts.
+        """
+        if job.state != "completed":
+            raise AsvoError(
+                f"Job {job.id} is not ready for download (it is {job.state})", job_id=job.id
+            )
+        dest_dir = Path(dest)
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        results = []
+        for file in job.files:
+            if file.type == "acacia" or file.url:
+                results.append(self._download_file(job, file, dest_dir, resume, progress))
+            else:
+                results.append(_copy_delivered_directory(file, dest_dir))
+        return results
+
+    def _download_file(
+        self,
+        job: Job,
+        file: ProductFile,
+        dest_dir: Path,
+        resume: bool,
+        progress: ProgressCallback | None,
+    ) -> DownloadResult:
+        if not file.url or not file.sha1:
+            raise AsvoError(f"Job {job.id}: product file without url or sha1", job_id=job.id)
+        target = dest_dir / file.name
+        partial = target.with_name(target.name + ".part")
+        expected_sha1 = file.sha1.lower()
+        redownloaded = False
+        if target.exists():
+            if (
+                target.stat().st_size == file.size_bytes
+                and _sha1_of_file(target).hexdigest() == expected_sha1
+            ):
+                if progress:
+                    progress(file, file.size_bytes, file.size_bytes)
+                return DownloadResult(file, target, "verified")
+            log.warning("%s does not match the server's sha1: downloading it again", target)
+            target.unlink()
+            redownloaded = True
+        if not resume:
+            partial.unlink(missing_ok=True)
+
+        transferred = 0
+        resumed = False
+        last_error: Exception | None = None
+        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+            try:
+                sent, was_resumed, digest = self._fetch_into(file, partial, progress)
+                transferred += sent
+                resumed = resumed or was_resumed
+            except (httpx.TransportError, AsvoError) as exc:
+                if isinstance(exc, AsvoError) and exc.status_code in (401, 403, 404, 410):
+                    raise AsvoError(
+                        f"Job {job.id}: {file.name} can no longer be downloaded ({exc.message}); "
+                        "the product may have expired",
+                        status_code=exc.status_code, job_id=job.id,
+                    ) from exc  # fmt: skip
+                last_error = exc
+                log.warning("download of %s interrupted (%s); attempt %d", file.name, exc, attempt)
+                time.sleep(min(2.0**attempt, 10.0) * 0.25)
+                continue
+            if partial.stat().st_size == file.size_bytes and digest == expected_sha1:
+                os.replace(partial, target)
+                outcome = "resumed" if resumed else "downloaded"
+                return DownloadResult(file, target, outcome, transferred, redownloaded)
+            last_error = ChecksumError(
+                f"Job {job.id}: {file.name} has sha1 {digest}, the server says {expected_sha1}",
+                job_id=job.id,
+            )
+            log.warning("%s; deleting it and downloading again", last_error)
+            partial.unlink(missing_ok=True)
+            redownloaded = True
+        if isinstance(last_error, ChecksumError):
+            raise last_error
+        raise AsvoError(
+            f"Job {job.id}: download of {file.name} failed after {DOWNLOAD_ATTEMPTS} attempts: "
+            f"{last_error}",
+            job_id=job.id,
+        )
+
+    def _fetch_into(
+        self, file: ProductFile, partial: Path, progress: ProgressCallback | None
+    ) -> tuple[int, bool, str]:
+        """Append the missing bytes of ``file`` to ``partial``.
+
+        Returns the bytes received, whether the download resumed, and the SHA-1 of the
+        whole file (hashed as it is written; a resumed file's first part is read once).
+        """
+        have = partial.stat().st_size if partial.exists() else 0
+        if have > file.size_bytes:
+            partial.unlink()
+            have = 0
+        if have == file.size_bytes:
+            return 0, False, _sha1_of_file(partial).hexdigest()
+        headers = {"User-Agent": USER_AGENT}
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        assert file.url is not None
+        # A fresh client: the signed URL carries its own authorisation (no cookie), and
+        # may be on another host (object storage).
+        with (
+            httpx.Client(verify=_tls_context(self._verify), timeout=60.0) as client,
+            client.stream("GET", file.url, headers=headers) as reply,
+        ):
+            if reply.status_code == 200:
+                have = 0  # the server sent the whole file: start again
+            elif reply.status_code == 206:
+                start = int(reply.headers.get("content-range", "bytes 0-").split()[1].split("-")[0])
+                if start != have:
+                    raise AsvoError(f"the server resumed at byte {start}, not {have}")
+            else:
+                reply.read()
+                _raise_for_reply(reply, f"Download of {file.name}")
+            resumed = have > 0
+            digest = _sha1_of_file(partial, have) if resumed else hashlib.sha1()
+            received = 0
+            with partial.open("r+b" if resumed else "wb") as stream:
+                stream.seek(have)
+                stream.truncate()
+                for block in reply.iter_bytes(CHUNK_BYTES):
+                    stream.write(block)
+                    digest.update(block)
+                    received += len(block)
+                    if progress:
+                        progress(file, have + received, file.size_bytes)
+        return received, resumed, digest.hexdigest()
+
+
+def _copy_delivered_directory(file: ProductFile, dest_dir: Path) -> DownloadResult:
+    """Copy a scratch/dug product into ``dest_dir`` when its path is on this machine."""
+    source = Path(file.path or "")
+    if not file.path or not source.is_dir():
+        return DownloadResult(file, None, "remote")
+    target = dest_dir / source.name
+    if target.is_dir():
+        return DownloadResult(file, target, "exists")
+    # Copied under a temporary name, so an interrupted copy is never taken for a finished one.
+    staging = dest_dir / f".{source.name}.copying"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    os.replace(staging, target)
+    return DownloadResult(file, target, "copied")
+
+
+def verify_from_environment(environ: Mapping[str, str] | None = None) -> bool | str:
+    """TLS verification from ``SSL_VERIFY`` (``0`` off) and ``SSL_CERT_FILE`` / ``REQUESTS_CA_BUNDLE``."""
+    env = os.environ if environ is None else environ
+    if env.get("SSL_VERIFY", "1") == "0":
+        return False
+    return env.get("SSL_CERT_FILE") or env.get("REQUESTS_CA_BUNDLE") or True
+
+
+def _tls_context(verify: bool | str) -> ssl.SSLContext:
+    """A TLS context that checks certificates (against the CA file ``verify`` names) or not."""
+    context = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+    if verify is False:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _form_value(value: Any) -> str:
+    """Form fields as the server reads them: booleans as ``true``/``false``."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)

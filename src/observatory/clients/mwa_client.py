@@ -1,0 +1,545 @@
+"""``mwa_client``: submit ASVO jobs from a CSV file, watch them, download the products.
+
+The options, messages, CSV format, error file and exit codes are those of
+manta-ray-client's ``mwa_client`` (../shared/sources/asvo-mwa_client-guide.txt);
+downloads additionally resume, verify SHA-1 checksums and show progress bars.
+
+Exit codes: 0 success, 1 any other error (usage included), 2 an HTTP error (the
+server's reply is printed), 3 a CSV parse error, 4 some jobs ended in error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from observatory import __version__
+from observatory.clients.asvo import (
+    AsvoError,
+    DownloadResult,
+    Job,
+    ProductFile,
+    Session,
+    base_url_from_environment,
+    verify_from_environment,
+)
+from observatory.clients.csvjobs import CsvJob, CsvJobError, parse_job_csv
+
+EXIT_OK, EXIT_OTHER, EXIT_HTTP, EXIT_CSV, EXIT_JOB_ERRORS = 0, 1, 2, 3, 4
+DEFAULT_PARALLEL_DOWNLOADS = 4
+
+VERSION_STRING = f"mwa_client (observatory-services {__version__}; manta-ray-client 2.0 protocol)"
+
+DESCRIPTION = f"""{VERSION_STRING}
+==============================
+
+The mwa_client is a command-line tool for submitting, monitoring and
+downloading jobs from the MWA ASVO. Please see docs/mwa_client.md for the
+csv file format and other details."""
+
+EPILOG = """
+Examples:
+mwa_client -c csvfile -d destdir           Submit jobs in the csv file, monitor them, then download the files, then exit
+mwa_client -c csvfile -s                   Submit jobs in the csv file, then exit
+mwa_client -d destdir -w JOBID             Download the job id (assuming it is ready to download), then exit
+mwa_client -d destdir -w all               Download any ready to download jobs, then exit
+mwa_client -d destdir -w all -e error_file Download any ready to download jobs, then exit, writing any errors to error_file
+mwa_client -l                              List all of your jobs and their status, then exit
+
+Environment: MWA_ASVO_API_KEY (required), MWA_ASVO_HOST, MWA_ASVO_PORT,
+MWA_ASVO_HTTPS (1 https, 0 http), SSL_VERIFY (0 skips certificate checks).
+Exit codes: 0 success, 1 other error, 2 HTTP error, 3 CSV parse error,
+4 some jobs ended in error."""
+
+API_KEY_MISSING = (
+    "[ERROR] MWA_ASVO_API_KEY env variable not defined. Log in to the MWA ASVO web site "
+    "and open Your Profile page to obtain your API KEY, then place the following into your "
+    ".profile/.bashrc/startup scripts (where xxx is your API key):\n   export MWA_ASVO_API_KEY=xxx\n"
+)
+OBSOLETE_VARIABLE = (
+    "[WARNING] {0} environment variable is no longer used by the mwa_client- you should "
+    "remove it from your .profile/.bashrc/startup scripts."
+)
+
+
+class UsageError(Exception):
+    """A command line that cannot run (exit 1)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors exit 1 ("other error"), keeping 2 for HTTP errors."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_OTHER, f"{self.prog}: error: {message}\n")
+
+
+def _download_job_id(value: str) -> int:
+    """``-w`` value: a job id, or ``all`` / ``0`` for every ready job (0)."""
+    if value.lower() == "all":
+        return 0
+    if value.isdigit():
+        return int(value)
+    raise argparse.ArgumentTypeError(
+        f"'{value}' is not valid for -w / --download-only. Try a Job Id, or 'all' for all jobs."
+    )
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"'{value}' must be a whole number of at least 1")
+    return int(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of the guide, plus ``--parallel``."""
+    parser = _Parser(
+        prog="mwa_client",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument(
+        "-s", "--submit-only", action="store_true", dest="submit_only",
+        help="submit job(s) from csv file then exit (-d is ignored)",
+    )  # fmt: skip
+    modes.add_argument(
+        "-l", "--list-only", action="store_true", dest="list_only",
+        help="List the user's active job(s) and exit immediately (-s, -c & -d are ignored)",
+    )  # fmt: skip
+    modes.add_argument(
+        "-w", "--download-only", type=_download_job_id, dest="download_job_id",
+        metavar="DOWNLOAD_JOB_ID",
+        help="Download the job id (-w DOWNLOAD_JOB_ID), if it is ready; or all downloadable "
+        "jobs (-w all | -w 0), then exit (-s, -c & -l are ignored)",
+    )  # fmt: skip
+    parser.add_argument("-c", "--csv", dest="csvfile", metavar="FILE", help="csv job file")
+    parser.add_argument("-d", "--dir", dest="outdir", metavar="DIR", help="download directory")
+    parser.add_argument(
+        "-e", "--error-file", "--errfile", dest="errfile", metavar="ERRFILE",
+        help="Write errors in json format to an error file",
+    )  # fmt: skip
+    parser.add_argument("-v", "--verbose", action="store_true", help="verbose output")
+    parser.add_argument(
+        "-ar", "--allow-resubmit", action="store_true", dest="allow_resubmit",
+        help="Will allow a job with the same parameters and an existing job in your queue in "
+        "Completed, Error or Cancelled status to be resubmitted. Default is to not allow "
+        "resubmission if the new job matches the parameters of an existing job in your queue.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--parallel", type=_positive, default=DEFAULT_PARALLEL_DOWNLOADS, metavar="N",
+        help=f"download N files at once (default {DEFAULT_PARALLEL_DOWNLOADS})",
+    )  # fmt: skip
+    return parser
+
+
+@dataclass(frozen=True)
+class JobError:
+    """One entry of the error file."""
+
+    job_id: int | None
+    obs_id: str | None
+    result: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "obs_id": self.obs_id, "result": self.result}
+
+
+class Reporter:
+    """Status lines, and progress bars when stdout is a terminal (plain lines otherwise)."""
+
+    def __init__(self, stream: TextIO, verbose: bool) -> None:
+        self.verbose = verbose
+        self.interactive = stream.isatty()
+        self.console = Console(
+            file=stream, highlight=False, soft_wrap=True,
+            force_terminal=self.interactive, no_color=not self.interactive,
+        )  # fmt: skip
+        self._lock = threading.Lock()
+        self._progress: Progress | None = None
+        self._overall: TaskID | None = None
+        self._file_tasks: dict[tuple[int, str], TaskID] = {}
+
+    def say(self, message: str) -> None:
+        """One status line (above the progress bars when there are some)."""
+        with self._lock:
+            if self._progress is not None:
+                self._progress.console.print(message, markup=False)
+            else:
+                self.console.print(message, markup=False)
+
+    def job_line(self, job: Job) -> str:
+        """``Job id: N Obs id: M type: T`` (with params when verbose)."""
+        line = f"Job id: {job.id} Obs id: {job.obs_id} type: {job.type_name}"
+        if self.verbose:
+            line += f" typeid: {job.job_type} params: {dict(job.params)}"
+        return line
+
+    def job_status(self, job: Job, action: str = "UPDATE") -> str:
+        """The status message of a job, as mwa_client words it."""
+        if action == "DELETE":
+            return f"Deleted: {self.job_line(job)}"
+        if job.state == "completed":
+            first = job.files[0] if job.files else None
+            if first is not None and first.type in ("dug", "scratch"):
+                return (f"Ready on /{first.type}: {self.job_line(job)} path: {first.path}, "
+                        f"size: {first.size_bytes} bytes")  # fmt: skip
+            return f"Ready for Download: {self.job_line(job)} size: {job.size_bytes} bytes"
+        if job.state == "error":
+            return f"Error: {job.error_text} {self.job_line(job)}"
+        return f"{job.state_label}: {self.job_line(job)}"
+
+    # -- download progress ------------------------------------------------------------
+
+    def start_downloads(self) -> None:
+        if self.interactive and self._progress is None:
+            self._progress = Progress(
+                TextColumn("{task.description}", markup=False),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._overall = self._progress.add_task("all downloads", total=0)
+            self._progress.start()
+
+    def file_queued(self, job: Job, file: ProductFile) -> None:
+        if self._progress is not None and self._overall is not None:
+            with self._lock:
+                task = self._progress.add_task(f"{job.id} {file.name}", total=file.size_bytes)
+                self._file_tasks[(job.id, file.name)] = task
+                total = self._progress.tasks[self._overall].total or 0
+                self._progress.update(self._overall, total=total + file.size_bytes)
+
+    def file_progress(self, job: Job, file: ProductFile, done: int, total: int) -> None:
+        if self._progress is None or self._overall is None:
+            return
+        with self._lock:
+            task = self._file_tasks.get((job.id, file.name))
+            if task is None:
+                return
+            before = self._progress.tasks[task].completed
+            self._progress.update(task, completed=done)
+            self._progress.advance(self._overall, done - before)
+
+    def stop_downloads(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+class _DownloadCancelled(Exception):
+    """Raised inside a download thread to stop it."""
+
+
+class Downloads:
+    """Product downloads, ``parallel`` files at a time, recording errors."""
+
+    def __init__(
+        self, session: Session, outdir: Path, parallel: int, reporter: Reporter,
+        errors: list[JobError],
+    ) -> None:  # fmt: skip
+        self._session = session
+        self._outdir = outdir
+        self._reporter = reporter
+        self._errors = errors
+        self._errors_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="download")
+        self._futures: list[Future[None]] = []
+        self._started: set[int] = set()
+        self._cancelled = threading.Event()
+
+    def start(self, job: Job) -> None:
+        """Queue the files of a completed job (once per job)."""
+        if job.id in self._started:
+            return
+        self._started.add(job.id)
+        self._reporter.start_downloads()
+        for file in job.files:
+            self._reporter.file_queued(job, file)
+            self._futures.append(self._pool.submit(self._download, job, file))
+
+    def wait(self) -> None:
+        """Block until every queued download has finished or failed."""
+        try:
+            for future in self._futures:
+                future.result()
+        except BaseException:
+            # Interrupted (Ctrl-C): stop the running downloads at their next block; the
+            # .part files stay, and the next run resumes them.
+            self._cancelled.set()
+            raise
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._reporter.stop_downloads()
+
+    def _progress(self, job: Job, file: ProductFile, done: int, total: int) -> None:
+        if self._cancelled.is_set():
+            raise _DownloadCancelled
+        self._reporter.file_progress(job, file, done, total)
+
+    def _download(self, job: Job, file: ProductFile) -> None:
+        say = self._reporter.say
+        single = dataclasses.replace(job, files=(file,))
+        if file.url:
+            say(f"Downloading: Job id: {job.id} file: {file.name} size: {file.size_bytes} bytes")
+        try:
+            (result,) = self._session.download_product(
+                single, self._outdir,
+                progress=lambda f, done, total: self._progress(job, f, done, total),
+            )  # fmt: skip
+        except _DownloadCancelled:
+            return
+        except AsvoError as exc:
+            say(f"Download Failed: Job id: {job.id} file: {file.name}: {exc.message}")
+            with self._errors_lock:
+                self._errors.append(JobError(job.id, str(job.obs_id), f"Error: {exc.message}"))
+            return
+        say(_describe_download(job, result))
+
+
+def _describe_download(job: Job, result: DownloadResult) -> str:
+    file = result.file
+    if result.outcome == "remote":
+        return f"Ready on /{file.type}: Job id: {job.id} file: {file.path}"
+    if result.outcome in ("copied", "exists"):
+        return f"Download Complete: Job id: {job.id} file: {result.local_path}"
+    how = {
+        "verified": "already downloaded, sha1 verified",
+        "resumed": f"resumed, {result.bytes_transferred} bytes fetched, sha1 verified",
+        "downloaded": "sha1 verified",
+    }[result.outcome]
+    if result.redownloaded:
+        how = "the copy on disk was corrupt and was downloaded again, " + how
+    return (f"Download complete: Job id: {job.id} file: {result.local_path} "
+            f"server-sha1: {file.sha1} ({how})")  # fmt: skip
+
+
+def _submit_jobs(
+    session: Session, jobs: Sequence[CsvJob], reporter: Reporter, errors: list[JobError]
+) -> list[int]:
+    """Submit the CSV's jobs; returns the ids to follow (new, or adopted duplicates)."""
+    existing = {job.id for job in session.get_jobs()}
+    tracked: list[int] = []
+    for number, job in enumerate(jobs, start=1):
+        obs_id = job.params.get("obs_id")
+        try:
+            job_id = session.submit(job.endpoint, job.params)
+        except AsvoError as exc:
+            if exc.status_code is None or exc.error_code not in (0, 2):
+                reporter.say(f"Error submitting job #{number} (line {job.line_number}) from csvfile.")
+                raise
+            error_text = exc.detail
+            if exc.error_code == 2 and exc.job_id is not None:
+                if exc.job_id in existing and exc.job_id not in tracked:
+                    tracked.append(exc.job_id)
+                reporter.say(f"Skipping: {exc.job_id} already running or complete.")
+                continue
+            reporter.say(f"Skipping: job #{number} (line {job.line_number}) - {error_text}.")
+            errors.append(JobError(None, obs_id, f"Error: {error_text}"))
+            continue
+        reporter.say(f"Submitted job: {job_id} ")
+        tracked.append(job_id)
+    return tracked
+
+
+def _follow(
+    session: Session, tracked: list[int], downloads: Downloads, reporter: Reporter,
+    errors: list[JobError],
+) -> None:  # fmt: skip
+    """Watch the tracked jobs until each has finished; download each as it completes."""
+    pending = set(tracked)
+    if not pending:
+        return
+    reporter.say("Connecting to MWA ASVO Notifier...")
+    for update in session.watch():
+        job = update.job
+        if job.id not in pending:
+            continue
+        reporter.say(reporter.job_status(job, update.action))
+        if update.action == "DELETE":
+            pending.discard(job.id)
+        elif job.state == "completed":
+            downloads.start(job)
+            pending.discard(job.id)
+        elif job.state in ("error", "expired"):
+            text = job.error_text if job.state == "error" else "the job expired"
+            errors.append(JobError(job.id, str(job.obs_id), f"Error: {text}"))
+            pending.discard(job.id)
+        elif job.state == "cancelled":
+            pending.discard(job.id)
+        if not pending:
+            break
+
+
+def _list_jobs(session: Session, reporter: Reporter) -> None:
+    jobs = session.get_jobs()
+    if not jobs:
+        reporter.say("You have no jobs.")
+        return
+    table = Table("Job id", "Obs id", "Type", "State", "Size (bytes)", "Error", box=None)
+    for job in jobs:
+        table.add_row(
+            str(job.id), str(job.obs_id), job.type_name,
+            "Ready" if job.state == "completed" else job.state_label.split(":")[0],
+            str(job.size_bytes) if job.files else "", job.error_text or "",
+        )  # fmt: skip
+    if not reporter.interactive:
+        reporter.console.width = 250
+    reporter.console.print(table)
+    if reporter.verbose:
+        for job in jobs:
+            reporter.say(reporter.job_status(job))
+
+
+def _ready_jobs(
+    session: Session, job_id: int, reporter: Reporter, errors: list[JobError]
+) -> list[Job]:
+    """The jobs ``-w`` downloads: every completed one (0), or the one asked for."""
+    jobs = session.get_jobs()
+    if job_id == 0:
+        ready = [job for job in jobs if job.state == "completed"]
+        for job in ready:
+            reporter.say(reporter.job_status(job))
+        if not ready:
+            reporter.say("You have no jobs that are ready to download.")
+        return ready
+    job = next((j for j in jobs if j.id == job_id), None)
+    if job is None:
+        errors.append(JobError(job_id, "N/A", f"Error: Job Id {job_id} is not a valid job, "
+                                              "has expired or is not owned by you."))  # fmt: skip
+        return []
+    if job.state != "completed":
+        errors.append(JobError(job_id, str(job.obs_id),
+                               "Error: Invalid job state- job not ready for download"))  # fmt: skip
+        return []
+    return [job]
+
+
+def _write_error_file(path: str | None, errors: Sequence[JobError]) -> None:
+    if path:
+        Path(path).write_text(json.dumps([e.as_json() for e in errors], indent=4) + "\n")
+
+
+def run(
+    argv: Sequence[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    stdout: TextIO | None = None,
+) -> int:
+    """Run mwa_client with these arguments; returns the exit code."""
+    env = os.environ if environ is None else environ
+    out = stdout or sys.stdout
+    args = build_parser().parse_args(argv)
+    reporter = Reporter(out, args.verbose)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="mwa_client: %(message)s", stream=sys.stderr,
+    )  # fmt: skip
+    errors: list[JobError] = []
+    reporter.say(VERSION_STRING)
+    try:
+        code = _run(args, env, reporter, errors)
+    except CsvJobError as exc:
+        message = f"Error: {args.csvfile} {exc}"
+        code = EXIT_CSV
+    except AsvoError as exc:
+        # An HTTP error prints what the server said; anything else its description.
+        message = exc.response_text if exc.status_code is not None else str(exc)
+        code = EXIT_HTTP if exc.status_code is not None else EXIT_OTHER
+    except (UsageError, OSError) as exc:
+        message, code = str(exc), EXIT_OTHER
+    except KeyboardInterrupt:
+        message, code = "Interrupted! Exiting...", EXIT_OTHER
+    else:
+        message = ""
+    if code in (EXIT_OK, EXIT_JOB_ERRORS):
+        _write_error_file(args.errfile, errors)
+    else:
+        reporter.say(message)
+        _write_error_file(args.errfile, [*errors, JobError(None, None, message.strip())])
+        return code
+    if errors:
+        reporter.say("There were errors:")
+        for error in errors:
+            reporter.say(f"Job id: {error.job_id} Obs id: {error.obs_id}: {error.result}")
+        return EXIT_JOB_ERRORS
+    reporter.say("mwa_client finished successfully")
+    return EXIT_OK
+
+
+def _run(
+    args: argparse.Namespace, env: Mapping[str, str], reporter: Reporter, errors: list[JobError]
+) -> int:
+    download_only = args.download_job_id is not None
+    full = not (args.submit_only or args.list_only or download_only)
+    if args.csvfile is None and (args.submit_only or full):
+        raise UsageError("Error: csvfile not specified (-c FILE)")
+    outdir = Path(args.outdir or ".")
+    if args.outdir and not outdir.is_dir():
+        raise UsageError(f"Error: Output directory {args.outdir} is invalid.")
+    for variable in ("ASVO_USER", "ASVO_PASS"):
+        if env.get(variable):
+            reporter.say(OBSOLETE_VARIABLE.format(variable))
+    api_key = env.get("MWA_ASVO_API_KEY", "")
+    if not api_key:
+        raise UsageError(API_KEY_MISSING)
+
+    jobs_to_submit: list[CsvJob] = []
+    if args.submit_only or full:
+        text = Path(args.csvfile).read_text()
+        jobs_to_submit = parse_job_csv(text, allow_resubmit=args.allow_resubmit)
+        if not jobs_to_submit:
+            raise UsageError(f"Error: No jobs to submit in {args.csvfile}")
+
+    base_url = base_url_from_environment(env)
+    reporter.say(f"Connecting to MWA ASVO ({base_url})...")
+    session = Session.login(api_key, base_url=base_url, verify=verify_from_environment(env))
+    with session:
+        reporter.say("Connected to MWA ASVO")
+        if args.list_only:
+            _list_jobs(session, reporter)
+            return EXIT_OK
+        if args.submit_only:
+            _submit_jobs(session, jobs_to_submit, reporter, errors)
+            return EXIT_OK
+        downloads = Downloads(session, outdir, args.parallel, reporter, errors)
+        try:
+            if download_only:
+                for job in _ready_jobs(session, args.download_job_id, reporter, errors):
+                    downloads.start(job)
+            else:
+                tracked = _submit_jobs(session, jobs_to_submit, reporter, errors)
+                _follow(session, tracked, downloads, reporter, errors)
+        finally:
+            downloads.wait()
+    return EXIT_OK
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(run())

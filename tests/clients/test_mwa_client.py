@@ -1,0 +1,508 @@
+"""mwa_client against a live ASVO server: the guide's example file, modes, resume, checksums, exit codes."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from observatory.clients import asvo
+from observatory.clients.mwa_client import run
+from servers import BIN, StallingProxy, free_port, observatory_server, seed, wait_for, wait_until
+
+API_KEY = "client-test-key"
+OBSID = 1104585920
+OTHER_OBSID = 1104586000
+
+#: The guide's example job file (example.csv of manta-ray-client): conversion to uvfits,
+#: conversion to a measurement set with calibration, metadata download, visibility download.
+GUIDE_EXAMPLE_CSV = f"""\
+# MWA ASVO Example CSV file
+#
+# Example 1: Conversion Job (uvfits output)
+obs_id={OBSID}, job_type=c, avg_time_res=10, avg_freq_res=80, flag_edge_width=80, output=uvfits, no_rfi=true
+
+# Example 2: Conversion Job (CASA measurement set output), calibrated
+obs_id={OBSID}, job_type=c, avg_time_res=10, avg_freq_res=80, flag_edge_width=80, output=ms, no_rfi=true, apply_di_cal=true
+
+# Example 3: Download Job (metadata files)
+obs_id={OBSID}, job_type=d, download_type=vis_meta
+
+# Example 4: Download Job (raw visibility files)
+obs_id={OBSID}, job_type=d, download_type=vis
+"""
+
+
+@dataclass
+class Server:
+    port: int
+    data_dir: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def environ(self, port: int | None = None, **extra: str) -> dict[str, str]:
+        return {
+            "MWA_ASVO_API_KEY": API_KEY,
+            "MWA_ASVO_HOST": "127.0.0.1",
+            "MWA_ASVO_PORT": str(port or self.port),
+            "MWA_ASVO_HTTPS": "0",
+            **extra,
+        }
+
+    def session(self) -> asvo.Session:
+        return asvo.Session.login(API_KEY, base_url=self.base_url)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("asvo")
+    data_dir = root / "data"
+    seed(data_dir, None, [OBSID, OTHER_OBSID], api_key=API_KEY)
+    seed_other_user(data_dir)
+    port = free_port()
+    process = observatory_server(data_dir, port)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz")
+        yield Server(port, data_dir)
+    finally:
+        process.stop()
+
+
+def seed_other_user(data_dir: Path) -> None:
+    from observatory.cli import main
+
+    assert main(["--data-dir", str(data_dir), "users", "create", "erin",
+                 "--api-key", "other-user-key"]) == 0  # fmt: skip
+
+
+def mwa_client(*args: str, environ: dict[str, str]) -> tuple[int, str]:
+    out = io.StringIO()
+    code = run(list(args), environ=environ, stdout=out)
+    return code, out.getvalue()
+
+
+def sha1(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def completed_job(session: asvo.Session, job_id: int, timeout_s: float = 120) -> asvo.Job:
+    def done() -> bool:
+        job = session.get_job(job_id)
+        return job is not None and job.state in asvo.TERMINAL_STATES
+
+    wait_until(done, timeout_s, f"job {job_id}")
+    job = session.get_job(job_id)
+    assert job is not None
+    return job
+
+
+# -- the guide's example, end to end ---------------------------------------------------
+
+
+def test_guide_example_csv_runs_end_to_end(server: Server, tmp_path: Path) -> None:
+    (tmp_path / "example.csv").write_text(GUIDE_EXAMPLE_CSV)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    error_file = tmp_path / "errors.json"
+    code, output = mwa_client(
+        "-c", str(tmp_path / "example.csv"), "-d", str(out_dir), "-e", str(error_file),
+        environ=server.environ(),
+    )  # fmt: skip
+    assert code == 4, output  # the calibrated line: no calibration solution exists yet
+    errors = json.loads(error_file.read_text())
+    assert len(errors) == 1
+    (error,) = errors
+    assert set(error) == {"job_id", "obs_id", "result"}
+    assert error["obs_id"] == str(OBSID) and isinstance(error["job_id"], int)
+    assert error["result"].startswith("Error: ") and "calibration" in error["result"]
+    assert "There were errors:" in output
+
+    with server.session() as session:
+        jobs = {job.id: job for job in session.get_jobs()}
+    assert jobs[error["job_id"]].state == "error"
+    assert jobs[error["job_id"]].params["apply_di_cal"] == "true"
+    completed = [job for job in jobs.values() if job.state == "completed"]
+    assert sorted(job.params.get("download_type") or job.params.get("output", "uvfits") for job in completed) == [
+        "uvfits", "vis", "vis_meta",
+    ]  # fmt: skip
+    for job in completed:
+        (file,) = job.files
+        local = out_dir / file.name
+        assert local.stat().st_size == file.size_bytes
+        assert sha1(local) == file.sha1
+        assert f"Download complete: Job id: {job.id}" in output
+    assert not list(out_dir.glob("*.part"))
+    assert re.search(r"Queued: Job id: \d+ Obs id: 1104585920 type: conversion", output)
+
+
+def test_submit_only_then_list_then_download_only(server: Server, tmp_path: Path) -> None:
+    csv_path = tmp_path / "jobs.csv"
+    csv_path.write_text(f"obs_id={OTHER_OBSID}, job_type=d, download_type=vis_meta\n")
+    code, output = mwa_client("-c", str(csv_path), "-s", environ=server.environ())
+    assert code == 0, output
+    job_id = int(re.search(r"Submitted job: (\d+)", output)[1])  # type: ignore[index]
+
+    # The same line again is a duplicate: skipped, not an error.
+    code, output = mwa_client("-c", str(csv_path), "-s", environ=server.environ())
+    assert code == 0 and f"Skipping: {job_id} already running or complete." in output
+
+    with server.session() as session:
+        job = completed_job(session, job_id)
+    code, output = mwa_client("-l", environ=server.environ())
+    assert code == 0
+    header = next(line for line in output.splitlines() if "Job id" in line)
+    assert header.split() == ["Job", "id", "Obs", "id", "Type", "State", "Size", "(bytes)", "Error"]
+    row = next(line for line in output.splitlines() if line.split()[:1] == [str(job_id)])
+    assert row.split() == [str(job_id), str(OTHER_OBSID), "download", "metadata", "Ready",
+                           str(job.size_bytes)]  # fmt: skip
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    error_file = tmp_path / "errors.json"
+    code, output = mwa_client(
+        "-w", str(job_id), "-d", str(out_dir), "-e", str(error_file), environ=server.environ()
+    )
+    assert code == 0, output
+    assert json.loads(error_file.read_text()) == []  # written, empty, when nothing failed
+    assert sha1(out_dir / job.files[0].name) == job.files[0].sha1
+    assert output.rstrip().endswith("mwa_client finished successfully")
+
+
+def test_download_only_reports_jobs_it_cannot_download(server: Server, tmp_path: Path) -> None:
+    error_file = tmp_path / "errors.json"
+    code, _ = mwa_client("-w", "999999", "-e", str(error_file), "-d", str(tmp_path),
+                         environ=server.environ())  # fmt: skip
+    assert code == 4
+    assert json.loads(error_file.read_text()) == [{
+        "job_id": 999999, "obs_id": "N/A",
+        "result": "Error: Job Id 999999 is not a valid job, has expired or is not owned by you.",
+    }]  # fmt: skip
+
+    with server.session() as session:
+        job_id = session.submit_conversion_job(OBSID, apply_di_cal=True, avg_time_res=4)
+        assert completed_job(session, job_id).state == "error"
+    code, _ = mwa_client("-w", str(job_id), "-e", str(error_file), "-d", str(tmp_path),
+                         environ=server.environ())  # fmt: skip
+    assert code == 4
+    assert json.loads(error_file.read_text()) == [{
+        "job_id": job_id, "obs_id": str(OBSID),
+        "result": "Error: Invalid job state- job not ready for download",
+    }]  # fmt: skip
+
+
+def test_another_users_jobs_are_neither_listed_nor_downloadable(server: Server, tmp_path: Path) -> None:
+    with server.session() as session:
+        mine = [job.id for job in session.get_jobs()]
+    other = server.environ(MWA_ASVO_API_KEY="other-user-key")
+    code, output = mwa_client("-l", environ=other)
+    assert code == 0 and "You have no jobs." in output
+    if mine:
+        code, _ = mwa_client("-w", str(mine[0]), "-d", str(tmp_path), environ=other)
+        assert code == 4 and not any(tmp_path.iterdir())
+
+
+def test_scratch_products_are_copied_when_the_path_is_local(server: Server, tmp_path: Path) -> None:
+    csv_path = tmp_path / "jobs.csv"
+    csv_path.write_text(f"obs_id={OBSID}, job_type=d, download_type=vis_meta, delivery=scratch\n")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    code, output = mwa_client("-c", str(csv_path), "-d", str(out_dir), "-ar",
+                              environ=server.environ())  # fmt: skip
+    assert code == 0, output
+    (copied,) = out_dir.iterdir()
+    with server.session() as session:
+        (job,) = [j for j in session.get_jobs() if j.id == int(copied.name)]
+    (file,) = job.files
+    assert file.type == "scratch" and Path(file.path or "").is_dir()
+    source_files = sorted(p.relative_to(file.path) for p in Path(file.path).rglob("*"))  # type: ignore[arg-type]
+    assert sorted(p.relative_to(copied) for p in copied.rglob("*")) == source_files
+    assert f"Ready on /scratch: Job id: {job.id}" in output
+
+
+# -- resume and verification -------------------------------------------------------------
+
+
+def test_a_killed_download_resumes_and_a_corrupt_file_is_fetched_again(
+    server: Server, tmp_path: Path
+) -> None:
+    with server.session() as session:
+        job_id = session.submit_download_job(OBSID, download_type="vis", allow_resubmit=True)
+        job = completed_job(session, job_id)
+    (file,) = job.files
+    assert file.size_bytes > 4_000_000
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    partial = out_dir / (file.name + ".part")
+
+    proxy = StallingProxy(server.port, stall_after_bytes=3_000_000)
+    try:
+        client = subprocess.Popen(
+            [str(BIN / "mwa_client"), "-w", str(job_id), "-d", str(out_dir)],
+            env={**os.environ, **server.environ(port=proxy.port)},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            wait_until(lambda: partial.exists() and partial.stat().st_size >= 2**20, 60,
+                       "part of the file")  # fmt: skip
+        finally:
+            os.killpg(client.pid, signal.SIGKILL)
+            client.wait(30)
+        have = partial.stat().st_size
+        assert 0 < have < file.size_bytes
+        assert not (out_dir / file.name).exists()
+
+        proxy.stall_after_bytes = None
+        code, output = mwa_client("-w", "all", "-d", str(out_dir),
+                                  environ=server.environ(port=proxy.port))  # fmt: skip
+        assert code == 0, output
+        assert f"resumed, {file.size_bytes - have} bytes fetched, sha1 verified" in output
+        assert f"range: bytes={have}-" in proxy.download_requests[-1].lower()
+    finally:
+        proxy.close()
+    assert sha1(out_dir / file.name) == file.sha1
+    assert not partial.exists()
+
+    # Corrupt the finished file (same size): the next run finds out and fetches it again.
+    target = out_dir / file.name
+    with target.open("r+b") as stream:
+        stream.seek(file.size_bytes // 2)
+        stream.write(b"\x00corrupted\x00")
+    code, output = mwa_client("-w", str(job_id), "-d", str(out_dir), environ=server.environ())
+    assert code == 0, output
+    assert "was corrupt and was downloaded again" in output
+    assert sha1(target) == file.sha1
+
+
+def test_a_file_that_never_verifies_is_reported(server: Server, tmp_path: Path) -> None:
+    """A product whose bytes change on the server after its sha1 was published."""
+    with server.session() as session:
+        job_id = session.submit_download_job(OTHER_OBSID, download_type="vis", allow_resubmit=True)
+        job = completed_job(session, job_id)
+    (file,) = job.files
+    on_server = server.data_dir / "products" / str(job_id) / file.name
+    original = on_server.read_bytes()
+    try:
+        on_server.write_bytes(original[:-10] + b"tampered!!")
+        error_file = tmp_path / "errors.json"
+        code, _ = mwa_client("-w", str(job_id), "-d", str(tmp_path), "-e", str(error_file),
+                                  environ=server.environ())  # fmt: skip
+    finally:
+        on_server.write_bytes(original)
+    assert code == 4
+    (error,) = json.loads(error_file.read_text())
+    assert error["job_id"] == job_id and "sha1" in error["result"]
+    assert not (tmp_path / file.name).exists() and not (tmp_path / (file.name + ".part")).exists()
+
+
+# -- exit codes and the command line --------------------------------------------------------
+
+
+def test_exit_codes_and_messages(server: Server, tmp_path: Path) -> None:
+    env = server.environ()
+    error_file = tmp_path / "errors.json"
+
+    # 3: a CSV parse error names the line and the cell.
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"# jobs\n\nobs_id={OBSID}, job_type=d, download_type=vis\nobs_id={OBSID}, job_type=x\n")
+    code, output = mwa_client("-c", str(bad), "-s", "-e", str(error_file), environ=env)
+    assert code == 3
+    assert "line 4, cell 'job_type=x'" in output
+    assert json.loads(error_file.read_text())[0]["result"].startswith("Error: ")
+
+    # 2: an HTTP error prints the server's reply.
+    code, output = mwa_client("-l", environ={**env, "MWA_ASVO_API_KEY": "not-the-right-key"})
+    assert code == 2
+    assert '{"error":"invalid API key","error_code":1}' in output
+
+    # 1: anything else.
+    code, output = mwa_client("-l", environ={k: v for k, v in env.items() if k != "MWA_ASVO_API_KEY"})
+    assert code == 1 and "MWA_ASVO_API_KEY env variable not defined" in output
+    assert "export MWA_ASVO_API_KEY=xxx" in output
+    code, output = mwa_client("-s", environ=env)
+    assert code == 1 and "csvfile not specified" in output
+    code, output = mwa_client("-w", "all", "-d", str(tmp_path / "missing"), environ=env)
+    assert code == 1 and "Output directory" in output and "is invalid" in output
+    empty = tmp_path / "empty.csv"
+    empty.write_text("# nothing\n\n")
+    code, output = mwa_client("-c", str(empty), "-s", environ=env)
+    assert code == 1 and "No jobs to submit" in output
+    code, output = mwa_client("-l", environ={**env, "MWA_ASVO_PORT": str(free_port())})
+    assert code == 1 and "Cannot reach" in output
+    for args in (["-s", "-l"], ["-l", "-w", "all"], ["-w", "yesterday"], ["--parallel", "0"]):
+        with pytest.raises(SystemExit) as exited:
+            mwa_client(*args, environ=env)
+        assert exited.value.code == 1
+
+    # 4 and 0 are checked by the end-to-end tests above; obsolete variables warn.
+    code, output = mwa_client("-l", environ={**env, "ASVO_USER": "me", "ASVO_PASS": "pw"})
+    assert code == 0
+    assert "[WARNING] ASVO_USER environment variable is no longer used" in output
+    assert "[WARNING] ASVO_PASS environment variable is no longer used" in output
+
+
+def test_exit_code_of_the_installed_script_for_a_bad_csv(server: Server, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("obs_id=1104585920 job_type=c\n")  # a missing comma
+    result = subprocess.run(
+        [str(BIN / "mwa_client"), "-c", str(bad), "-s"], env={**os.environ, **server.environ()},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "line 1" in result.stdout
+
+
+#: The option list of the guide (asvo-mwa_client-guide.txt, "Command Line Options").
+GUIDE_OPTIONS = """
+  -h, --help            show this help message and exit
+  -s, --submit-only     submit job(s) from csv file then exit (-d is ignored)
+  -l, --list-only       List the user's active job(s) and exit immediately
+                        (-s, -c & -d are ignored)
+  -w DOWNLOAD_JOB_ID, --download-only DOWNLOAD_JOB_ID
+                        Download the job id (-w DOWNLOAD_JOB_ID), if it is ready;
+                        or all downloadable jobs (-w all | -w 0), then exit (-s, -c & -l are ignored)
+  -c FILE, --csv FILE   csv job file
+  -d DIR, --dir DIR     download directory
+  -e ERRFILE, --error-file ERRFILE, --errfile ERRFILE
+                        Write errors in json format to an error file
+  -v, --verbose         verbose output
+"""
+GUIDE_EXAMPLES = """
+mwa_client -c csvfile -d destdir           Submit jobs in the csv file, monitor them, then download the files, then exit
+mwa_client -c csvfile -s                   Submit jobs in the csv file, then exit
+mwa_client -d destdir -w JOBID             Download the job id (assuming it is ready to download), then exit
+mwa_client -d destdir -w all               Download any ready to download jobs, then exit
+mwa_client -d destdir -w all -e error_file Download any ready to download jobs, then exit, writing any errors to error_file
+mwa_client -l                              List all of your jobs and their status, then exit
+"""
+
+
+def test_help_matches_the_guide() -> None:
+    result = subprocess.run([str(BIN / "mwa_client"), "--help"], capture_output=True, text=True,
+                            env={**os.environ, "COLUMNS": "200"}, timeout=60)  # fmt: skip
+    assert result.returncode == 0
+
+    def words(text: str) -> str:
+        return " ".join(text.split())
+
+    help_text = words(result.stdout)
+    # Each option with its help, in the guide's order.
+    entries = re.split(r"\n  (?=-)", GUIDE_OPTIONS.strip("\n"))
+    positions = [help_text.find(words(entry)) for entry in entries]
+    assert all(p >= 0 for p in positions), [e for e, p in zip(entries, positions, strict=True) if p < 0]
+    assert positions == sorted(positions)
+    assert "-ar, --allow-resubmit" in help_text
+    for line in GUIDE_EXAMPLES.strip().splitlines():
+        assert line in result.stdout
+
+
+# -- the Python API -------------------------------------------------------------------------
+
+
+def test_python_api(server: Server, tmp_path: Path) -> None:
+    with pytest.raises(asvo.AsvoError) as refused:
+        asvo.Session.login("wrong-key-here", base_url=server.base_url)
+    assert refused.value.status_code in (401, 403)
+
+    with server.session() as session:
+        job_id = session.submit_download_job(OTHER_OBSID, download_type="vis_meta",
+                                             allow_resubmit=True)  # fmt: skip
+        with pytest.raises(asvo.AsvoError) as duplicate:
+            session.submit_download_job(OTHER_OBSID, download_type="vis_meta")
+        assert duplicate.value.error_code == 2 and duplicate.value.job_id is not None
+        with pytest.raises(asvo.AsvoError) as invalid:
+            session.submit_download_job(OTHER_OBSID, download_type="everything")
+        assert invalid.value.error_code == 0 and invalid.value.status_code == 400
+        assert invalid.value.detail.startswith("Download Type: ")
+
+        seen = []
+        for update in session.watch():
+            if update.job.id == job_id:
+                seen.append(update.job.state)
+                if update.job.state in asvo.TERMINAL_STATES:
+                    break
+        assert seen[-1] == "completed" and len(seen) == len(set(seen))
+        job = session.get_job(job_id)
+        assert job is not None and job.type_name == "download metadata"
+        (result,) = session.download_product(job, tmp_path)
+        assert result.outcome == "downloaded" and result.local_path is not None
+        assert sha1(result.local_path) == job.files[0].sha1
+        (again,) = session.download_product(job, tmp_path)
+        assert again.outcome == "verified" and again.bytes_transferred == 0
+
+        slow = session.submit_conversion_job(OBSID, avg_time_res=2, avg_freq_res=40,
+                                             allow_resubmit=True)  # fmt: skip
+        session.cancel_job(slow)
+        cancelled = completed_job(session, slow)
+        assert cancelled.state == "cancelled"
+        with pytest.raises(asvo.AsvoError) as missing:
+            session.cancel_job(987654)
+        assert missing.value.status_code == 404
+        with pytest.raises(asvo.AsvoError, match="not ready for download"):
+            session.download_product(cancelled, tmp_path)
+
+
+def test_watch_polls_when_the_websocket_is_unavailable(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_websocket(_self: asvo.Session) -> None:
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(asvo.Session, "_open_websocket", no_websocket)
+    with server.session() as session:
+        job_id = session.submit_download_job(OBSID, download_type="vis_meta", allow_resubmit=True)
+        states = []
+        for update in session.watch(poll_interval_s=0.2):
+            if update.job.id == job_id:
+                states.append(update.job.state)
+                if update.job.state in asvo.TERMINAL_STATES:
+                    break
+    assert states[-1] == "completed"
+
+
+def test_downloads_resume_over_https_with_a_private_ca(tmp_path: Path) -> None:
+    """TLS: the CA bundle of SSL_CERT_FILE is trusted; SSL_VERIFY=0 skips the check."""
+    from servers import self_signed_certificate
+
+    data_dir = tmp_path / "data"
+    seed(data_dir, None, [OBSID], api_key=API_KEY)
+    cert, key = self_signed_certificate(tmp_path)
+    port = free_port()
+    process = observatory_server(
+        data_dir, port, None, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)
+    )
+    try:
+        wait_for(f"https://127.0.0.1:{port}/healthz", verify=str(cert))
+        csv_path = tmp_path / "jobs.csv"
+        csv_path.write_text(f"obs_id={OBSID}, job_type=d, download_type=vis_meta\n")
+        env = {"MWA_ASVO_API_KEY": API_KEY, "MWA_ASVO_HOST": "127.0.0.1",
+               "MWA_ASVO_PORT": str(port)}  # fmt: skip
+        code, output = mwa_client("-l", environ=env)
+        assert code == 1 and "certificate" in output.lower()
+        out_dir = tmp_path / "out"
+        out_dir.mkdir()
+        code, output = mwa_client("-c", str(csv_path), "-d", str(out_dir),
+                                  environ={**env, "SSL_CERT_FILE": str(cert)})  # fmt: skip
+        assert code == 0, output
+        code, output = mwa_client("-w", "all", "-d", str(out_dir),
+                                  environ={**env, "SSL_VERIFY": "0"})  # fmt: skip
+        assert code == 0 and "already downloaded, sha1 verified" in output
+    finally:
+        process.stop()
+    assert len(list(out_dir.glob("*.tar"))) == 1
+
+
+def test_verbose_shows_job_parameters(server: Server) -> None:
+    code, output = mwa_client("-l", "-v", environ=server.environ())
+    assert code == 0 and "params: {" in output
+
