@@ -28,6 +28,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 import websockets
+from bench_common import free_port
 from sqlalchemy import insert, update
 
 from observatory.app import create_app
@@ -43,14 +44,6 @@ from observatory.core.storage import Storage
 MWA_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mwa"
 API_KEY = "benchmark-key"
 OBS_ID = 1320409688
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def fill_jobs(database_url: str, user_id: int, n_jobs: int) -> None:

@@ -15,17 +15,14 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
+from bench_common import add_completed_product, curl_mb_s, free_port, observatory_serve, wait_for
 
-from observatory.asvo.models import Job
 from observatory.core.accounts import create_user
 from observatory.core.config import Settings
-from observatory.core.database import make_engine, make_session_factory, utcnow
+from observatory.core.database import make_engine, make_session_factory
 from observatory.core.migrate import upgrade
 from observatory.core.security import sign_value
 
@@ -53,36 +50,6 @@ http {{
 """
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(url: str) -> None:
-    for _ in range(300):
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(url)
-
-
-def curl_mb_s(url: str) -> float:
-    result = subprocess.run(
-        ["curl", "-s", "-o", "/dev/null", "-w", "%{speed_download} %{http_code}", url],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    speed, code = result.stdout.split()
-    if code != "200":
-        raise RuntimeError(f"{url} answered {code}")
-    return float(speed) / 1e6
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--megabytes", type=int, default=512)
@@ -97,31 +64,18 @@ def main() -> int:
         settings = Settings(data_dir=root / "data")
         upgrade(settings.resolved_database_url)
         engine = make_engine(settings.resolved_database_url)
-        name = "1320409688_1_vis.tar"
         with make_session_factory(engine)() as session:
             user, _ = create_user(session, "bench", "bench-key")
-            job = Job(user_id=user.id, job_type=1, obs_id=1320409688, state="completed", params={},
-                      request_key="bench", delivery="acacia", priority=1, cancel_requested=False,
-                      deleted=False, completed=utcnow(),
-                      product={"files": [{"type": "acacia", "name": name, "size": 0, "sha1": ""}]})  # fmt: skip
-            session.add(job)
             session.commit()
-            job_id = job.id
+            user_id = user.id
         engine.dispose()
+        job = add_completed_product(settings, user_id, 1320409688, args.megabytes)
+        job_id, name = job.id, job.product["files"][0]["name"]
         product = settings.products_dir / str(job_id) / name
-        product.parent.mkdir(parents=True)
-        with open(product, "wb") as handle:
-            block = os.urandom(1 << 20)
-            for _ in range(args.megabytes):
-                handle.write(block)
         token = sign_value(f"{job_id}/{name}", settings.secret_key_bytes())
 
         ours_port, nginx_port = free_port(), free_port()
-        server = subprocess.Popen(
-            [str(Path(sys.executable).parent / "observatory"), "--data-dir", str(settings.data_dir),
-             "serve", "--port", str(ours_port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        server = observatory_serve(settings.data_dir, ours_port)
         prefix = root / "nginx"
         prefix.mkdir()
         conf = prefix / "nginx.conf"

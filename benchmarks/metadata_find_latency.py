@@ -12,7 +12,6 @@ Run: .venv/bin/python benchmarks/metadata_find_latency.py [--observations N]
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import tempfile
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import uvicorn
+from bench_common import free_port
 from sqlalchemy import insert
 
 from observatory.app import create_app
@@ -66,12 +66,6 @@ def fill(database_url: str, n_observations: int) -> tuple[int, int]:
             connection.execute(insert(Observation), rows[start : start + 10_000])
     engine.dispose()
     return int(obsids[0]), int(obsids[-1])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def timed_ms(

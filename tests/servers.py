@@ -6,12 +6,14 @@ import asyncio
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -56,6 +58,8 @@ class Process:
 def wait_for(url: str, timeout_s: float = 60, verify: bool | str = True) -> None:
     """Until ``url`` answers 200."""
     deadline = time.monotonic() + timeout_s
+    if isinstance(verify, str):
+        verify = ssl.create_default_context(cafile=verify)
     while time.monotonic() < deadline:
         try:
             if httpx.get(url, timeout=2, verify=verify).status_code == 200:
@@ -134,20 +138,30 @@ def wait_until(predicate: Callable[[], object], timeout_s: float, what: str) -> 
         time.sleep(0.2)
 
 
-class StallingProxy:
-    """A loopback TCP proxy in a thread that can freeze product downloads part-way.
+async def _pipe(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limit: int | None = None
+) -> None:
+    """Copy ``reader`` to ``writer``; after ``limit`` bytes hold the connection open, silent."""
+    sent = 0
+    try:
+        while data := await reader.read(65536):
+            if limit is not None:
+                data = data[: max(0, limit - sent)]
+                if not data:
+                    await asyncio.sleep(3600)  # stalled
+            writer.write(data)
+            sent += len(data)
+            await writer.drain()
+    except (ConnectionError, asyncio.CancelledError):
+        pass
+    finally:
+        writer.close()
 
-    Each connection is piped to ``127.0.0.1:target_port``. When ``stall_after_bytes``
-    is set, a connection whose first request is a product download
-    (``GET /api/download/...``) passes that many response bytes and then nothing
-    more, so a client can be killed in the middle of a file. The request heads of
-    downloads are kept in ``download_requests``.
-    """
 
-    def __init__(self, target_port: int, stall_after_bytes: int | None = None) -> None:
-        self.target_port = target_port
-        self.stall_after_bytes = stall_after_bytes
-        self.download_requests: list[str] = []
+class _LoopbackProxy:
+    """A proxy on 127.0.0.1 in a thread of its own; ``_handle`` serves a connection."""
+
+    def __init__(self) -> None:
         self.port = free_port()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -166,34 +180,8 @@ class StallingProxy:
         finally:
             server.close()
 
-    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
-        first = await client_r.read(65536)
-        is_download = first.startswith(b"GET /api/download/")
-        if is_download:
-            self.download_requests.append(first.split(b"\r\n\r\n")[0].decode("latin-1"))
-        server_w.write(first)
-        limit = self.stall_after_bytes if is_download else None
-
-        async def pipe(
-            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limit: int | None
-        ) -> None:
-            sent = 0
-            try:
-                while data := await reader.read(65536):
-                    if limit is not None:
-                        data = data[: max(0, limit - sent)]
-                        if not data:
-                            await asyncio.sleep(3600)  # stalled: hold the connection open
-                    writer.write(data)
-                    sent += len(data)
-                    await writer.drain()
-            except (ConnectionError, asyncio.CancelledError):
-                pass
-            finally:
-                writer.close()
-
-        await asyncio.gather(pipe(client_r, server_w, None), pipe(server_r, client_w, limit))
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
         """Stop the proxy (open connections are dropped)."""
@@ -208,3 +196,65 @@ class StallingProxy:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
+
+
+class StallingProxy(_LoopbackProxy):
+    """A TCP proxy to ``127.0.0.1:target_port`` that can freeze product downloads part-way.
+
+    When ``stall_after_bytes`` is set, a connection whose first request is a product
+    download (``GET /api/download/...``) passes that many response bytes and then
+    nothing more, so a client can be killed in the middle of a file. The request
+    heads of downloads are kept in ``download_requests``.
+    """
+
+    def __init__(self, target_port: int, stall_after_bytes: int | None = None) -> None:
+        self.target_port = target_port
+        self.stall_after_bytes = stall_after_bytes
+        self.download_requests: list[str] = []
+        super().__init__()
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        first = await client_r.read(65536)
+        is_download = first.startswith(b"GET /api/download/")
+        if is_download:
+            self.download_requests.append(first.split(b"\r\n\r\n")[0].decode("latin-1"))
+        server_w.write(first)
+        limit = self.stall_after_bytes if is_download else None
+        await asyncio.gather(_pipe(client_r, server_w), _pipe(server_r, client_w, limit))
+
+
+class ForwardProxy(_LoopbackProxy):
+    """An HTTP forward proxy (what ``http_proxy`` / ``https_proxy`` point to), loopback only.
+
+    Plain requests arrive with an absolute URL and are forwarded (one request per
+    connection: ``Connection: close`` is added); ``CONNECT host:port`` opens a tunnel.
+    The request lines seen are kept in ``request_lines``.
+    """
+
+    def __init__(self) -> None:
+        self.request_lines: list[str] = []
+        super().__init__()
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        head = await client_r.readuntil(b"\r\n\r\n")
+        request_line, *header_lines = head.decode("latin-1").split("\r\n")
+        self.request_lines.append(request_line)
+        method, target, version = request_line.split(" ")
+        if method == "CONNECT":
+            host, port = target.rsplit(":", 1)
+            assert host in ("127.0.0.1", "localhost"), "loopback only"
+            server_r, server_w = await asyncio.open_connection(host, int(port))
+            client_w.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            await client_w.drain()
+        else:
+            url = urlsplit(target)
+            assert url.hostname in ("127.0.0.1", "localhost"), "loopback only"
+            server_r, server_w = await asyncio.open_connection(url.hostname, url.port or 80)
+            path = url.path + (f"?{url.query}" if url.query else "")
+            kept = [
+                h for h in header_lines if h and not h.lower().startswith(("connection:", "proxy-"))
+            ]
+            forwarded = "\r\n".join([f"{method} {path} {version}", *kept, "Connection: close"])
+            server_w.write(forwarded.encode("latin-1") + b"\r\n\r\n")
+        await asyncio.gather(_pipe(client_r, server_w), _pipe(server_r, client_w))

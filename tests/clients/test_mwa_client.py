@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import pty
 import re
 import signal
 import subprocess
@@ -17,7 +18,16 @@ import pytest
 
 from observatory.clients import asvo
 from observatory.clients.mwa_client import run
-from servers import BIN, StallingProxy, free_port, observatory_server, seed, wait_for, wait_until
+from servers import (
+    BIN,
+    ForwardProxy,
+    StallingProxy,
+    free_port,
+    observatory_server,
+    seed,
+    wait_for,
+    wait_until,
+)
 
 API_KEY = "client-test-key"
 OBSID = 1104585920
@@ -143,6 +153,7 @@ def test_guide_example_csv_runs_end_to_end(server: Server, tmp_path: Path) -> No
         assert sha1(local) == file.sha1
         assert f"Download complete: Job id: {job.id}" in output
     assert not list(out_dir.glob("*.part"))
+    assert "\x1b" not in output  # plain lines when stdout is not a terminal
     assert re.search(r"Queued: Job id: \d+ Obs id: 1104585920 type: conversion", output)
 
 
@@ -201,7 +212,9 @@ def test_download_only_reports_jobs_it_cannot_download(server: Server, tmp_path:
     }]  # fmt: skip
 
 
-def test_another_users_jobs_are_neither_listed_nor_downloadable(server: Server, tmp_path: Path) -> None:
+def test_another_users_jobs_are_neither_listed_nor_downloadable(
+    server: Server, tmp_path: Path
+) -> None:
     with server.session() as session:
         mine = [job.id for job in session.get_jobs()]
     other = server.environ(MWA_ASVO_API_KEY="other-user-key")
@@ -314,7 +327,9 @@ def test_exit_codes_and_messages(server: Server, tmp_path: Path) -> None:
 
     # 3: a CSV parse error names the line and the cell.
     bad = tmp_path / "bad.csv"
-    bad.write_text(f"# jobs\n\nobs_id={OBSID}, job_type=d, download_type=vis\nobs_id={OBSID}, job_type=x\n")
+    bad.write_text(
+        f"# jobs\n\nobs_id={OBSID}, job_type=d, download_type=vis\nobs_id={OBSID}, job_type=x\n"
+    )
     code, output = mwa_client("-c", str(bad), "-s", "-e", str(error_file), environ=env)
     assert code == 3
     assert "line 4, cell 'job_type=x'" in output
@@ -326,7 +341,9 @@ def test_exit_codes_and_messages(server: Server, tmp_path: Path) -> None:
     assert '{"error":"invalid API key","error_code":1}' in output
 
     # 1: anything else.
-    code, output = mwa_client("-l", environ={k: v for k, v in env.items() if k != "MWA_ASVO_API_KEY"})
+    code, output = mwa_client(
+        "-l", environ={k: v for k, v in env.items() if k != "MWA_ASVO_API_KEY"}
+    )
     assert code == 1 and "MWA_ASVO_API_KEY env variable not defined" in output
     assert "export MWA_ASVO_API_KEY=xxx" in output
     code, output = mwa_client("-s", environ=env)
@@ -399,7 +416,9 @@ def test_help_matches_the_guide() -> None:
     # Each option with its help, in the guide's order.
     entries = re.split(r"\n  (?=-)", GUIDE_OPTIONS.strip("\n"))
     positions = [help_text.find(words(entry)) for entry in entries]
-    assert all(p >= 0 for p in positions), [e for e, p in zip(entries, positions, strict=True) if p < 0]
+    assert all(p >= 0 for p in positions), [
+        e for e, p in zip(entries, positions, strict=True) if p < 0
+    ]
     assert positions == sorted(positions)
     assert "-ar, --allow-resubmit" in help_text
     for line in GUIDE_EXAMPLES.strip().splitlines():
@@ -470,8 +489,43 @@ def test_watch_polls_when_the_websocket_is_unavailable(
     assert states[-1] == "completed"
 
 
-def test_downloads_resume_over_https_with_a_private_ca(tmp_path: Path) -> None:
-    """TLS: the CA bundle of SSL_CERT_FILE is trusted; SSL_VERIFY=0 skips the check."""
+def without_proxy_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+def test_downloads_go_through_the_http_proxy_of_the_environment(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    without_proxy_settings(monkeypatch)
+    proxy = ForwardProxy()
+    try:
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.port}")
+        with server.session() as session:
+            job_id = session.submit_download_job(
+                OBSID, download_type="vis_meta", allow_resubmit=True
+            )
+            job = completed_job(session, job_id)
+            (result,) = session.download_product(job, tmp_path)
+    finally:
+        proxy.close()
+    assert (
+        result.outcome == "downloaded" and sha1(tmp_path / job.files[0].name) == job.files[0].sha1
+    )
+    assert any(line.startswith(f"GET {server.base_url}/api/download/{job_id}/")
+               for line in proxy.request_lines)  # fmt: skip
+    assert any(
+        line.startswith(f"POST {server.base_url}/api/api_login") for line in proxy.request_lines
+    )
+
+
+def test_downloads_over_https_with_a_private_ca(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TLS: the CA bundle of SSL_CERT_FILE is trusted; SSL_VERIFY=0 skips the check;
+    an ``https_proxy`` is used as a CONNECT tunnel."""
+    without_proxy_settings(monkeypatch)
     from servers import self_signed_certificate
 
     data_dir = tmp_path / "data"
@@ -497,12 +551,52 @@ def test_downloads_resume_over_https_with_a_private_ca(tmp_path: Path) -> None:
         code, output = mwa_client("-w", "all", "-d", str(out_dir),
                                   environ={**env, "SSL_VERIFY": "0"})  # fmt: skip
         assert code == 0 and "already downloaded, sha1 verified" in output
+
+        (tmp_path / "proxied").mkdir()
+        proxy = ForwardProxy()
+        monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{proxy.port}")
+        try:
+            code, output = mwa_client("-w", "all", "-d", str(tmp_path / "proxied"),
+                                      environ={**env, "SSL_CERT_FILE": str(cert)})  # fmt: skip
+        finally:
+            proxy.close()
+        assert code == 0, output
+        assert f"CONNECT 127.0.0.1:{port} HTTP/1.1" in proxy.request_lines
     finally:
         process.stop()
     assert len(list(out_dir.glob("*.tar"))) == 1
+    assert len(list((tmp_path / "proxied").glob("*.tar"))) == 1
 
 
 def test_verbose_shows_job_parameters(server: Server) -> None:
     code, output = mwa_client("-l", "-v", environ=server.environ())
     assert code == 0 and "params: {" in output
 
+
+def test_progress_bars_on_a_terminal(server: Server, tmp_path: Path) -> None:
+    """On a terminal (a pty here) downloads show rich progress bars, per file and overall."""
+    with server.session() as session:
+        job_id = session.submit_download_job(OBSID, download_type="vis", allow_resubmit=True)
+        job = completed_job(session, job_id)
+    controller, terminal = pty.openpty()
+    client = subprocess.Popen(
+        [str(BIN / "mwa_client"), "-w", str(job_id), "-d", str(tmp_path)],
+        stdin=terminal, stdout=terminal, stderr=terminal,
+        env={**os.environ, **server.environ(), "COLUMNS": "120", "TERM": "xterm"},
+    )  # fmt: skip
+    os.close(terminal)
+    output = b""
+    while True:
+        try:
+            data = os.read(controller, 65536)
+        except OSError:  # the terminal closes when the client exits
+            break
+        if not data:
+            break
+        output += data
+    os.close(controller)
+    assert client.wait(60) == 0
+    text = output.decode("utf-8", "replace")
+    assert "all downloads" in text and f"{job_id} {job.files[0].name}" in text
+    assert "\u2501" in text  # the bar
+    assert "mwa_client finished successfully" in text

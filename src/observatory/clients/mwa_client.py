@@ -306,7 +306,8 @@ class Downloads:
         say = self._reporter.say
         single = dataclasses.replace(job, files=(file,))
         if file.url:
-            say(f"Downloading: Job id: {job.id} file: {file.name} size: {file.size_bytes} bytes")
+            verb = "Verifying" if (self._outdir / file.name).exists() else "Downloading"
+            say(f"{verb}: Job id: {job.id} file: {file.name} size: {file.size_bytes} bytes")
         try:
             (result,) = self._session.download_product(
                 single, self._outdir,
@@ -351,7 +352,9 @@ def _submit_jobs(
             job_id = session.submit(job.endpoint, job.params)
         except AsvoError as exc:
             if exc.status_code is None or exc.error_code not in (0, 2):
-                reporter.say(f"Error submitting job #{number} (line {job.line_number}) from csvfile.")
+                reporter.say(
+                    f"Error submitting job #{number} (line {job.line_number}) from csvfile."
+                )
                 raise
             error_text = exc.detail
             if exc.error_code == 2 and exc.job_id is not None:
@@ -423,21 +426,21 @@ def _ready_jobs(
     jobs = session.get_jobs()
     if job_id == 0:
         ready = [job for job in jobs if job.state == "completed"]
-        for job in ready:
-            reporter.say(reporter.job_status(job))
+        for ready_job in ready:
+            reporter.say(reporter.job_status(ready_job))
         if not ready:
             reporter.say("You have no jobs that are ready to download.")
         return ready
-    job = next((j for j in jobs if j.id == job_id), None)
-    if job is None:
+    wanted = next((j for j in jobs if j.id == job_id), None)
+    if wanted is None:
         errors.append(JobError(job_id, "N/A", f"Error: Job Id {job_id} is not a valid job, "
                                               "has expired or is not owned by you."))  # fmt: skip
         return []
-    if job.state != "completed":
-        errors.append(JobError(job_id, str(job.obs_id),
+    if wanted.state != "completed":
+        errors.append(JobError(job_id, str(wanted.obs_id),
                                "Error: Invalid job state- job not ready for download"))  # fmt: skip
         return []
-    return [job]
+    return [wanted]
 
 
 def _write_error_file(path: str | None, errors: Sequence[JobError]) -> None:

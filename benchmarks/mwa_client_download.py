@@ -1,0 +1,110 @@
+"""mwa_client download throughput: four products in parallel against one curl of one product.
+
+Registers four completed jobs whose products are ``--megabytes`` MiB each (random
+bytes, real sha1), starts ``observatory serve`` on loopback, and times
+``mwa_client -w all`` (login, listing, four parallel downloads written to disk and
+sha1-verified) against ``curl`` fetching one of the products from the same server
+(one stream, written to the same disk; to /dev/null too, the loopback limit). Runs interleaved. Goal: the client's
+aggregate throughput >= 0.8x the single curl.
+
+Run: .venv/bin/python benchmarks/mwa_client_download.py [--megabytes 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from bench_common import (
+    BIN,
+    add_completed_product,
+    curl_mb_s,
+    free_port,
+    observatory_serve,
+    wait_for,
+)
+
+from observatory.core.accounts import create_user
+from observatory.core.config import Settings
+from observatory.core.database import make_engine, make_session_factory
+from observatory.core.migrate import upgrade
+
+API_KEY = "benchmark-client-key"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--megabytes", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="clientbench-") as tmp:
+        root = Path(tmp)
+        settings = Settings(data_dir=root / "data")
+        upgrade(settings.resolved_database_url)
+        engine = make_engine(settings.resolved_database_url)
+        with make_session_factory(engine)() as session:
+            user, _ = create_user(session, "bench", API_KEY)
+            session.commit()
+            user_id = user.id
+        engine.dispose()
+        jobs = [
+            add_completed_product(settings, user_id, 1320409688 + 8 * i, args.megabytes)
+            for i in range(4)
+        ]
+        total_bytes = sum(job.product["files"][0]["size"] for job in jobs)
+        port = free_port()
+        server = observatory_serve(settings.data_dir, port)
+        base = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "MWA_ASVO_API_KEY": API_KEY, "MWA_ASVO_HOST": "127.0.0.1",
+               "MWA_ASVO_PORT": str(port), "MWA_ASVO_HTTPS": "0"}  # fmt: skip
+        out_dir = root / "out"
+        try:
+            wait_for(f"{base}/healthz")
+            client = httpx.Client(base_url=base)
+            client.post("/api/api_login", auth=("mantaray-clientv2.0", API_KEY)).raise_for_status()
+            one_url = client.get("/api/get_jobs").json()[0]["row"]["product"]["files"][0]["url"]
+            curl_mb_s(one_url)  # warm the page cache and the server
+            single, single_null, parallel = [], [], []
+            for _ in range(args.repeats):
+                shutil.rmtree(out_dir, ignore_errors=True)
+                out_dir.mkdir()
+                # Each timing starts with no dirty pages: the disk's writeback of an
+                # earlier run would otherwise slow down whichever run came next.
+                os.sync()
+                single_null.append(curl_mb_s(one_url))
+                single.append(curl_mb_s(one_url, str(out_dir / "curl.tar")))
+                (out_dir / "curl.tar").unlink()
+                os.sync()
+                started = time.perf_counter()
+                subprocess.run(
+                    [str(BIN / "mwa_client"), "-w", "all", "-d", str(out_dir)],
+                    env=env, check=True, stdout=subprocess.DEVNULL,
+                )  # fmt: skip
+                parallel.append(total_bytes / (time.perf_counter() - started) / 1e6)
+                assert sum(p.stat().st_size for p in out_dir.iterdir()) == total_bytes
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    single_mb_s, parallel_mb_s = statistics.median(single), statistics.median(parallel)
+    ratio = parallel_mb_s / single_mb_s
+    print(
+        f"4 products of {args.megabytes} MiB, {args.repeats} runs, loopback, {os.cpu_count()} CPUs"
+    )
+    null_mb_s = statistics.median(single_null)
+    print(f"mwa_client_download: mwa_client -w all (4 parallel, written, sha1-verified) "
+          f"{parallel_mb_s:.0f} MB/s vs one curl writing the product to the same disk "
+          f"{single_mb_s:.0f} MB/s, ratio {ratio:.2f} ({'meets' if ratio >= 0.8 else 'MISSES'} "
+          f"goal >= 0.8); vs one curl to /dev/null (the loopback limit) {null_mb_s:.0f} MB/s, "
+          f"ratio {parallel_mb_s / null_mb_s:.2f}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
