@@ -297,6 +297,29 @@ def test_a_killed_download_resumes_and_a_corrupt_file_is_fetched_again(
     assert sha1(target) == file.sha1
 
 
+def test_ctrl_c_stops_at_once_and_keeps_the_partial_file(server: Server, tmp_path: Path) -> None:
+    with server.session() as session:
+        job_id = session.submit_download_job(OBSID, download_type="vis", allow_resubmit=True)
+        (file,) = completed_job(session, job_id).files
+    partial = tmp_path / (file.name + ".part")
+    proxy = StallingProxy(server.port, stall_after_bytes=2_500_000)
+    try:
+        client = subprocess.Popen(
+            [str(BIN / "mwa_client"), "-w", "all", "-d", str(tmp_path), "-e", str(tmp_path / "e.json")],
+            env={**os.environ, **server.environ(port=proxy.port)},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        wait_until(lambda: partial.exists() and partial.stat().st_size >= 2**20, 60, "part of it")
+        client.send_signal(signal.SIGINT)  # the download is stalled: no more bytes will come
+        output, _ = client.communicate(timeout=10)
+    finally:
+        proxy.close()
+    assert client.returncode == 1, output
+    assert "Interrupted! Exiting..." in output
+    assert 0 < partial.stat().st_size < file.size_bytes
+    assert json.loads((tmp_path / "e.json").read_text())[0]["result"] == "Error: Interrupted! Exiting..."
+
+
 def test_a_file_that_never_verifies_is_reported(server: Server, tmp_path: Path) -> None:
     """A product whose bytes change on the server after its sha1 was published."""
     with server.session() as session:

@@ -15,10 +15,10 @@ import dataclasses
 import json
 import logging
 import os
+import queue
 import sys
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
@@ -252,12 +252,13 @@ class Reporter:
             self._progress = None
 
 
-class _DownloadCancelled(Exception):
-    """Raised inside a download thread to stop it."""
-
-
 class Downloads:
-    """Product downloads, ``parallel`` files at a time, recording errors."""
+    """Product downloads, ``parallel`` files at a time, recording errors.
+
+    The workers are daemon threads: an interrupted client exits at once, even with a
+    download waiting on a silent connection, and its ``.part`` files hold exactly
+    the bytes received, so the next run resumes them.
+    """
 
     def __init__(
         self, session: Session, outdir: Path, parallel: int, reporter: Reporter,
@@ -268,10 +269,12 @@ class Downloads:
         self._reporter = reporter
         self._errors = errors
         self._errors_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="download")
-        self._futures: list[Future[None]] = []
+        self._queue: queue.Queue[tuple[Job, ProductFile]] = queue.Queue()
+        self._workers = [
+            threading.Thread(target=self._work, name=f"download-{i}", daemon=True)
+            for i in range(parallel)
+        ]
         self._started: set[int] = set()
-        self._cancelled = threading.Event()
 
     def start(self, job: Job) -> None:
         """Queue the files of a completed job (once per job)."""
@@ -279,28 +282,27 @@ class Downloads:
             return
         self._started.add(job.id)
         self._reporter.start_downloads()
+        for worker in self._workers:
+            if not worker.is_alive():
+                worker.start()
         for file in job.files:
             self._reporter.file_queued(job, file)
-            self._futures.append(self._pool.submit(self._download, job, file))
+            self._queue.put((job, file))
 
     def wait(self) -> None:
         """Block until every queued download has finished or failed."""
-        try:
-            for future in self._futures:
-                future.result()
-        except BaseException:
-            # Interrupted (Ctrl-C): stop the running downloads at their next block; the
-            # .part files stay, and the next run resumes them.
-            self._cancelled.set()
-            raise
-        finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._reporter.stop_downloads()
+        # Queue.join() in short waits, so that Ctrl-C is handled at once.
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                self._queue.all_tasks_done.wait(0.2)
 
-    def _progress(self, job: Job, file: ProductFile, done: int, total: int) -> None:
-        if self._cancelled.is_set():
-            raise _DownloadCancelled
-        self._reporter.file_progress(job, file, done, total)
+    def _work(self) -> None:
+        while True:
+            job, file = self._queue.get()
+            try:
+                self._download(job, file)
+            finally:
+                self._queue.task_done()
 
     def _download(self, job: Job, file: ProductFile) -> None:
         say = self._reporter.say
@@ -311,14 +313,13 @@ class Downloads:
         try:
             (result,) = self._session.download_product(
                 single, self._outdir,
-                progress=lambda f, done, total: self._progress(job, f, done, total),
+                progress=lambda f, done, total: self._reporter.file_progress(job, f, done, total),
             )  # fmt: skip
-        except _DownloadCancelled:
-            return
-        except AsvoError as exc:
-            say(f"Download Failed: Job id: {job.id} file: {file.name}: {exc.message}")
+        except (AsvoError, OSError) as exc:  # OSError: the local disk (full, not writable)
+            message = exc.message if isinstance(exc, AsvoError) else f"{file.name}: {exc}"
+            say(f"Download Failed: Job id: {job.id} file: {file.name}: {message}")
             with self._errors_lock:
-                self._errors.append(JobError(job.id, str(job.obs_id), f"Error: {exc.message}"))
+                self._errors.append(JobError(job.id, str(job.obs_id), f"Error: {message}"))
             return
         say(_describe_download(job, result))
 
@@ -484,7 +485,9 @@ def run(
         _write_error_file(args.errfile, errors)
     else:
         reporter.say(message)
-        _write_error_file(args.errfile, [*errors, JobError(None, None, message.strip())])
+        result = message.strip()
+        result = result if result.startswith("Error") else f"Error: {result}"
+        _write_error_file(args.errfile, [*errors, JobError(None, None, result)])
         return code
     if errors:
         reporter.say("There were errors:")
@@ -538,8 +541,10 @@ def _run(
             else:
                 tracked = _submit_jobs(session, jobs_to_submit, reporter, errors)
                 _follow(session, tracked, downloads, reporter, errors)
-        finally:
             downloads.wait()
+        finally:
+            # On an error or Ctrl-C the downloads are abandoned, not awaited.
+            reporter.stop_downloads()
     return EXIT_OK
 
 
