@@ -15,6 +15,7 @@ from observatory.core.database import make_engine, make_session_factory
 from observatory.core.errors import install_error_handlers
 from observatory.core.storage import Storage
 from observatory.telescope.site import ensure_astropy_offline
+from observatory.trigger.router import router as trigger_router
 
 
 def create_app(settings: Settings | None = None, *, run_jobs: bool = False) -> FastAPI:
@@ -66,4 +67,5 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool = False) -> F
 
     app.include_router(metadata_router)
     app.include_router(asvo_router)
+    app.include_router(trigger_router)
     return app

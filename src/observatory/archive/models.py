@@ -82,6 +82,10 @@ class Observation(Base):
     atten_db: Mapped[float | None] = mapped_column(Float)
     calibration: Mapped[bool] = mapped_column(Boolean, default=False)
     calibrator_source: Mapped[str | None] = mapped_column(String(100))
+    #: False for observations no trigger may interrupt, whatever its project's priority.
+    interruptible: Mapped[bool] = mapped_column(Boolean, default=True)
+    #: With subarrays: each subarray's target and pointing (JSON list), else null.
+    subarray_pointings: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
     created_by: Mapped[str] = mapped_column(String(100), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -50,6 +50,19 @@ class Settings(BaseSettings):
     #: products land in ``<root>/<group>/asvo/<job_id>``.
     asvo_scratch_root: Path | None = None
     asvo_dug_root: Path | None = None
+    #: Triggered targets must be at least this high at each observation's midpoint.
+    trigger_min_elevation_deg: float = 0.0
+    #: Automatically chosen calibrators: at least this high, this far from a risen Sun.
+    trigger_calibrator_min_elevation_deg: float = 30.0
+    trigger_sun_exclusion_deg: float = 20.0
+    #: ``avoidsun``: the Sun's zenith-normalised beam power must fall below this.
+    trigger_sun_threshold: float = 1e-3
+    #: Voltage capture: disk for VCS data, and its rate per coarse channel (128 tiles,
+    #: 2 polarisations, 1.28 Msample/s of 8+8-bit samples).
+    trigger_vcs_capacity_bytes: float = 200e12
+    trigger_vcs_bytes_per_s_per_chan: float = 655.36e6
+    #: How much of the past the MWAX voltage buffer holds (triggerbuffer), seconds.
+    trigger_buffer_s: int = 240
 
     @classmethod
     def settings_customise_sources(

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
 import time
+from collections import OrderedDict
 
 # scrypt cost: interactive-login strength (about 16 MiB and tens of ms per check).
 _SCRYPT_N = 2**14
@@ -30,8 +32,35 @@ def hash_secret(secret: str) -> str:
     return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${salt.hex()}${digest.hex()}"
 
 
+#: Secrets that verified recently, as keyed digests of (stored hash, secret): scrypt is
+#: deliberately slow, and a robot that triggers or logs in often should pay for it once.
+_VERIFIED: OrderedDict[bytes, None] = OrderedDict()
+_VERIFIED_MAX = 1024
+_VERIFIED_KEY = secrets.token_bytes(32)
+_VERIFIED_LOCK = threading.Lock()
+
+
 def verify_secret(secret: str, stored: str) -> bool:
-    """Whether ``secret`` matches a hash made by :func:`hash_secret` (constant-time compare)."""
+    """Whether ``secret`` matches a hash made by :func:`hash_secret` (constant-time compare).
+
+    Successful checks are remembered in this process (a keyed digest, never the
+    secret), so repeating one costs microseconds; a changed hash is a new entry.
+    """
+    remembered = hmac.new(_VERIFIED_KEY, f"{stored}\0{secret}".encode(), "sha256").digest()
+    with _VERIFIED_LOCK:
+        if remembered in _VERIFIED:
+            _VERIFIED.move_to_end(remembered)
+            return True
+    if not _verify_scrypt(secret, stored):
+        return False
+    with _VERIFIED_LOCK:
+        _VERIFIED[remembered] = None
+        if len(_VERIFIED) > _VERIFIED_MAX:
+            _VERIFIED.popitem(last=False)
+    return True
+
+
+def _verify_scrypt(secret: str, stored: str) -> bool:
     try:
         scheme, n, r, p, salt_hex, digest_hex = stored.split("$")
     except ValueError:

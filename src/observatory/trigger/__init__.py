@@ -1,0 +1,1 @@
+"""Triggering web services (``/trigger``): interrupt the schedule with new observations."""

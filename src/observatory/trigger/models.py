@@ -1,0 +1,61 @@
+"""Trigger records and the schedule lock.
+
+The schedule itself is the ``observations`` table (archive.models.Observation):
+a row per observation, scheduled or observed, keyed by its GPS start second.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Index, Integer, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from observatory.core.database import Base, utcnow
+
+
+class TriggerMode(enum.StrEnum):
+    """What a trigger asked for, as ``find`` filters it."""
+
+    MWAX_CORRELATOR = "MWAX_CORRELATOR"
+    MWAX_VCS = "MWAX_VCS"
+    BUFFER = "BUFFER"
+
+
+class Trigger(Base):
+    """One call of triggerobs, triggervcs or triggerbuffer: successful, refused or pretend."""
+
+    __tablename__ = "triggers"
+    __table_args__ = (Index("ix_triggers_project_id_id", "project_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[str] = mapped_column(String(20), default="")
+    pretend: Mapped[bool] = mapped_column(Boolean, default=True)
+    success: Mapped[bool] = mapped_column(Boolean, default=False)
+    creator: Mapped[str] = mapped_column(String(100), default="")
+    obsname: Mapped[str] = mapped_column(String(200), default="")
+    trigger_mode: Mapped[str] = mapped_column(String(20))
+    obsids: Mapped[list[int]] = mapped_column(JSON, default=list)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    errors: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    #: The reply the caller got, whole.
+    result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )
+
+
+class ScheduleLock(Base):
+    """One row; every schedule change updates it first, so changes happen one at a time.
+
+    An UPDATE takes PostgreSQL's row lock and SQLite's write lock alike, so the
+    check "may this project override what is there?" and the write that follows
+    cannot interleave with another trigger's.
+    """
+
+    __tablename__ = "schedule_lock"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    changes: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -1,0 +1,333 @@
+"""Where triggered observations point: the sweet-spot grid, the tile beam, the Sun, calibrators.
+
+MWA beams point at "sweet spots": directions where whole 435 ps delay steps
+cancel the geometric path exactly. They are the integer delay gradients
+(dx, dy), in steps per dipole spacing east and south, with dx^2 + dy^2 <= 65
+(elevation above about 17 deg) and |dx| + |dy| <= 10 (every delay within 0..30),
+numbered by elevation (descending) then azimuth: the 197 points of the MWA's
+``sweet`` grid (specs/trigger.md section 3.1; checked against the real table in
+the tests).
+
+The beam is mwa-hyperbeam's analytic tile beam. Its dipole rows run south to
+north, the reverse of the M&C order of metafits ``DELAYS`` (row 0 north), so
+delays are flipped north-south before they go to it (verified with the grid:
+flipped, every sweet spot's own direction gets the full 16-dipole gain).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache, lru_cache
+from typing import Any
+
+import erfa
+import numpy as np
+from astropy.coordinates import get_body
+from astropy.time import Time
+from numpy.typing import NDArray
+
+from observatory.core.gpstime import gps_to_unix
+from observatory.telescope.catalogue import Source, calibrators
+from observatory.telescope.instrument import (
+    DIPOLE_DELAY_STEP_S,
+    DIPOLE_SEPARATION_M,
+    SPEED_OF_LIGHT_M_S,
+)
+from observatory.telescope.site import MWA_LATITUDE_DEG, MWA_LONGITUDE_DEG, ensure_astropy_offline
+
+#: sin(zenith angle) per delay step of gradient.
+_STEP_SIN = DIPOLE_DELAY_STEP_S * SPEED_OF_LIGHT_M_S / DIPOLE_SEPARATION_M
+_COL = np.tile(np.arange(4), 4)
+_ROW = np.repeat(np.arange(4), 4)
+#: Solar-system bodies a ``source`` may name (positions from astropy's built-in ephemeris).
+BODIES = ("sun", "moon", "mercury", "venus", "mars", "jupiter", "saturn", "uranus", "neptune")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The sweet-spot pointings: ``number``, ``az_deg``, ``el_deg`` and ``delays`` (n x 16)."""
+
+    number: NDArray[np.int64]
+    az_deg: NDArray[np.float64]
+    el_deg: NDArray[np.float64]
+    delays: NDArray[np.int64]
+
+    @property
+    def unit_vectors(self) -> NDArray[np.float64]:
+        """East, north, up unit vectors of the pointings (n x 3)."""
+        return azel_to_enu(self.az_deg, self.el_deg)
+
+
+@cache
+def sweet_grid() -> Grid:
+    """The MWA's 197 ``sweet`` grid pointings, numbered as the MWA numbers them."""
+    gradients = [
+        (dx, dy)
+        for dx in range(-10, 11)
+        for dy in range(-10, 11)
+        if dx * dx + dy * dy <= 65 and abs(dx) + abs(dy) <= 10
+    ]
+    dx, dy = np.array(gradients).T
+    east, north = dx * _STEP_SIN, -dy * _STEP_SIN
+    az_deg = np.degrees(np.arctan2(east, north)) % 360.0
+    az_deg[(dx == 0) & (dy == 0)] = 0.0
+    el_deg = np.degrees(np.arccos(np.hypot(east, north)))
+    delays = dx[:, None] * _COL + dy[:, None] * _ROW
+    delays -= delays.min(axis=1, keepdims=True)
+    order = np.lexsort((np.round(az_deg, 6), -np.round(el_deg, 6)))
+    return Grid(np.arange(len(order)), az_deg[order], el_deg[order], delays[order])
+
+
+def azel_to_enu(
+    az_deg: NDArray[np.float64] | float, el_deg: NDArray[np.float64] | float
+) -> NDArray[np.float64]:
+    """East-north-up unit vectors (... x 3) of directions (azimuth from north through east)."""
+    az, el = np.radians(az_deg), np.radians(el_deg)
+    return np.stack(
+        [np.cos(el) * np.sin(az), np.cos(el) * np.cos(az), np.sin(el) * np.ones_like(az)], axis=-1
+    )
+
+
+def nearest_grid_point(az_deg: float, el_deg: float, *, min_el_deg: float = 0.0) -> int:
+    """Index (in ``sweet_grid()``) of the pointing closest to a direction."""
+    grid = sweet_grid()
+    cosines = grid.unit_vectors @ azel_to_enu(az_deg, el_deg)
+    cosines[grid.el_deg < min_el_deg] = -2.0
+    return int(np.argmax(cosines))
+
+
+def beam_power(
+    delays: NDArray[np.int64] | list[int],
+    az_deg: NDArray[np.float64],
+    el_deg: NDArray[np.float64],
+    freq_hz: float,
+) -> NDArray[np.float64]:
+    """Zenith-normalised tile power, (XX + YY) / 2, of a pointing towards directions.
+
+    Directions below the horizon get 0.
+    """
+    az = np.radians(np.atleast_1d(np.asarray(az_deg, dtype=np.float64)))
+    el = np.atleast_1d(np.asarray(el_deg, dtype=np.float64))
+    hyperbeam_delays = np.asarray(delays).reshape(4, 4)[::-1].ravel()
+    jones = np.asarray(
+        _analytic_beam().calc_jones_array(
+            az, np.radians(90.0 - np.clip(el, 0.0, 90.0)), float(freq_hz),
+            [int(d) for d in hyperbeam_delays], [1.0] * 16, math.radians(MWA_LATITUDE_DEG), True,
+        )
+    ).reshape(-1, 4)  # fmt: skip
+    power = 0.5 * np.sum(np.abs(jones) ** 2, axis=1)
+    power[el <= 0.0] = 0.0
+    return power
+
+
+@cache
+def _analytic_beam() -> Any:
+    import mwa_hyperbeam
+
+    return mwa_hyperbeam.AnalyticBeam()
+
+
+#: GPS time 0 (1980-01-06 00:00 UTC) as a Julian date, and TT - GPS (constant), seconds.
+_GPS_EPOCH_JD = 2444244.5
+_TT_MINUS_GPS_S = 51.184
+
+
+def _julian_dates(
+    gps_seconds: NDArray[np.float64] | list[float] | float,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """(UTC, TT) Julian dates; UTC stands in for UT1 (offline: |UT1 - UTC| < 0.9 s)."""
+    gps = np.atleast_1d(np.asarray(gps_seconds, dtype=np.float64))
+    leap_s = gps_to_unix(float(gps[0])) - float(gps[0])  # constant within a trigger
+    jd_utc = (gps + leap_s) / 86400.0 + 2440587.5
+    jd_tt = _GPS_EPOCH_JD + (gps + _TT_MINUS_GPS_S) / 86400.0
+    return jd_utc, jd_tt
+
+
+def local_apparent_sidereal_deg(
+    gps_seconds: NDArray[np.float64] | list[float],
+) -> NDArray[np.float64]:
+    """Local apparent sidereal time at the MWA, degrees (IAU 2006/2000A, via ERFA)."""
+    jd_utc, jd_tt = _julian_dates(gps_seconds)
+    gast = erfa.gst06a(jd_utc, 0.0, jd_tt, 0.0)
+    return (np.degrees(gast) + MWA_LONGITUDE_DEG) % 360.0
+
+
+def apparent_radec(
+    ra_deg: NDArray[np.float64], dec_deg: NDArray[np.float64], gps_seconds: float
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """RA and Dec on the true equator and equinox of date (precession-nutation, no aberration).
+
+    Aberration (20 arcsec at most) is far below the grid spacing and the beam width.
+    """
+    _, jd_tt = _julian_dates(gps_seconds)
+    matrix = erfa.pnm06a(jd_tt[0], 0.0)
+    ra, dec = np.radians(np.atleast_1d(ra_deg)), np.radians(np.atleast_1d(dec_deg))
+    vectors = np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], -1)
+    x, y, z = (vectors @ matrix.T).T
+    return np.degrees(np.arctan2(y, x)) % 360.0, np.degrees(np.arcsin(np.clip(z, -1.0, 1.0)))
+
+
+def hadec_to_azel(
+    ha_deg: NDArray[np.float64], dec_deg: NDArray[np.float64]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Azimuth and elevation (degrees, no refraction) at the MWA's latitude."""
+    ha, dec, lat = np.radians(ha_deg), np.radians(dec_deg), math.radians(MWA_LATITUDE_DEG)
+    sin_el = np.sin(dec) * math.sin(lat) + np.cos(dec) * math.cos(lat) * np.cos(ha)
+    el = np.arcsin(np.clip(sin_el, -1.0, 1.0))
+    az = np.arctan2(
+        -np.cos(dec) * np.sin(ha),
+        np.sin(dec) * math.cos(lat) - np.cos(dec) * math.sin(lat) * np.cos(ha),
+    )
+    return np.degrees(az) % 360.0, np.degrees(el)
+
+
+def azel_at(
+    ra_deg: NDArray[np.float64], dec_deg: NDArray[np.float64], gps_seconds: NDArray[np.float64]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Azimuth and elevation of J2000 positions at times (arrays of one length, or broadcast).
+
+    Precession-nutation at the first time, hour angles from each time's sidereal
+    time: within a trigger (hours) the apparent place moves by far less than the
+    grid spacing. Agrees with astropy's AltAz (no refraction) to about 1 arcsec.
+    """
+    times = np.atleast_1d(np.asarray(gps_seconds, dtype=np.float64))
+    ra_app, dec_app = apparent_radec(ra_deg, dec_deg, float(times.min()))
+    return hadec_to_azel(local_apparent_sidereal_deg(times) - ra_app, dec_app)
+
+
+def radec_of_azel(
+    az_deg: NDArray[np.float64], el_deg: NDArray[np.float64], gps_seconds: NDArray[np.float64]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """J2000 RA and Dec of directions at times (the inverse of ``azel_at``)."""
+    lat = math.radians(MWA_LATITUDE_DEG)
+    az, el = np.radians(np.atleast_1d(az_deg)), np.radians(np.atleast_1d(el_deg))
+    times = np.atleast_1d(np.asarray(gps_seconds, dtype=np.float64))
+    sin_dec = np.sin(el) * math.sin(lat) + np.cos(el) * math.cos(lat) * np.cos(az)
+    dec = np.arcsin(np.clip(sin_dec, -1.0, 1.0))
+    ha = np.arctan2(
+        -np.sin(az) * np.cos(el),
+        np.sin(el) * math.cos(lat) - np.cos(el) * math.sin(lat) * np.cos(az),
+    )
+    ra_app = np.radians(local_apparent_sidereal_deg(times)) - ha
+    _, jd_tt = _julian_dates(float(times.min()))
+    apparent = np.stack(
+        [np.cos(dec) * np.cos(ra_app), np.cos(dec) * np.sin(ra_app), np.sin(dec)], -1
+    )
+    x, y, z = (apparent @ erfa.pnm06a(jd_tt[0], 0.0)).T
+    return np.degrees(np.arctan2(y, x)) % 360.0, np.degrees(np.arcsin(np.clip(z, -1.0, 1.0)))
+
+
+def body_radec(name: str, gps_seconds: float) -> tuple[float, float]:
+    """J2000 (GCRS) RA and Dec of a solar-system body, from astropy's built-in ephemeris.
+
+    Cached per body and ten minutes (the Moon moves 0.1 deg in that time).
+    """
+    return _body_radec(name.lower(), int(gps_seconds // 600) * 600 + 300)
+
+
+@lru_cache(maxsize=256)
+def _body_radec(name: str, gps_seconds: int) -> tuple[float, float]:
+    ensure_astropy_offline()
+    when = Time(gps_to_unix(gps_seconds), format="unix", scale="utc")
+    body = get_body(name, when)
+    return float(body.ra.deg), float(body.dec.deg)
+
+
+@dataclass(frozen=True)
+class SunAvoidance:
+    """The pointing chosen to put the Sun in a null, and what it achieves."""
+
+    grid_number: int
+    az_deg: float
+    el_deg: float
+    delays: tuple[int, ...]
+    target_power: float
+    sun_power: float
+    nearest_grid_number: int
+    nearest_sun_power: float
+    nearest_target_power: float
+
+    @property
+    def sun_attenuation_db(self) -> float:
+        """How much weaker the Sun is than with the nearest grid point (dB)."""
+        if self.sun_power <= 0.0:
+            return math.inf
+        return 10.0 * math.log10(max(self.nearest_sun_power, 1e-300) / self.sun_power)
+
+
+def avoid_sun(
+    target_az_deg: float,
+    target_el_deg: float,
+    sun_az_deg: float,
+    sun_el_deg: float,
+    freq_hz: float,
+    *,
+    threshold: float,
+    search_radius_deg: float = 30.0,
+    min_el_deg: float = 20.0,
+) -> SunAvoidance:
+    """The grid pointing near a target whose beam best keeps the Sun out.
+
+    Among grid points within ``search_radius_deg`` of the target and above
+    ``min_el_deg`` (the nearest point always included), keep those whose power
+    towards the Sun is below ``threshold`` (zenith-normalised) and take the one
+    with the most power towards the target; if none is below it, the one with
+    the smallest Sun-to-target power ratio.
+    """
+    grid = sweet_grid()
+    nearest = nearest_grid_point(target_az_deg, target_el_deg)
+    separation = np.degrees(
+        np.arccos(np.clip(grid.unit_vectors @ azel_to_enu(target_az_deg, target_el_deg), -1.0, 1.0))
+    )
+    candidates = np.flatnonzero((separation <= search_radius_deg) & (grid.el_deg >= min_el_deg))
+    candidates = np.union1d(candidates, [nearest])
+    directions_az = np.array([target_az_deg, sun_az_deg])
+    directions_el = np.array([target_el_deg, sun_el_deg])
+    powers = np.array(
+        [beam_power(grid.delays[i], directions_az, directions_el, freq_hz) for i in candidates]
+    )
+    target_power, sun_power = powers[:, 0], powers[:, 1]
+    quiet = sun_power < threshold
+    if quiet.any():
+        best = int(np.argmax(np.where(quiet, target_power, -1.0)))
+    else:
+        best = int(np.argmin(sun_power / np.maximum(target_power, 1e-12)))
+    chosen = int(candidates[best])
+    at_nearest = int(np.flatnonzero(candidates == nearest)[0])
+    return SunAvoidance(
+        grid_number=int(grid.number[chosen]),
+        az_deg=float(grid.az_deg[chosen]),
+        el_deg=float(grid.el_deg[chosen]),
+        delays=tuple(int(d) for d in grid.delays[chosen]),
+        target_power=float(target_power[best]),
+        sun_power=float(sun_power[best]),
+        nearest_grid_number=int(grid.number[nearest]),
+        nearest_sun_power=float(sun_power[at_nearest]),
+        nearest_target_power=float(target_power[at_nearest]),
+    )
+
+
+def best_calibrator(
+    gps_seconds: float, *, min_el_deg: float, sun_exclusion_deg: float
+) -> tuple[Source, float, float] | None:
+    """The standard calibrator highest in the sky at a time, with its az and el.
+
+    Calibrators below ``min_el_deg``, or within ``sun_exclusion_deg`` of the Sun
+    while the Sun is up, are not chosen. None if no calibrator qualifies.
+    """
+    sources = calibrators()
+    az, el = azel_at(
+        np.array([s.ra_deg for s in sources]), np.array([s.dec_deg for s in sources]),
+        np.full(len(sources), gps_seconds),
+    )  # fmt: skip
+    sun_ra, sun_dec = body_radec("sun", gps_seconds)
+    sun_az, sun_el = azel_at(np.array([sun_ra]), np.array([sun_dec]), np.array([gps_seconds]))
+    allowed = el >= min_el_deg
+    if sun_el[0] > 0.0:
+        cos_sep = azel_to_enu(az, el) @ azel_to_enu(sun_az[0], sun_el[0])
+        allowed &= np.degrees(np.arccos(np.clip(cos_sep, -1.0, 1.0))) > sun_exclusion_deg
+    if not allowed.any():
+        return None
+    best = int(np.argmax(np.where(allowed, el, -np.inf)))
+    return sources[best], float(az[best]), float(el[best])

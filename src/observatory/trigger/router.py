@@ -1,0 +1,130 @@
+"""/trigger: busy, obslist, vcsfree, triggerobs, triggervcs, triggerbuffer, find, show.
+
+Every endpoint takes its parameters from the query string, a form body, or a
+JSON body (merged), answers GET and POST, and has no trailing-slash redirect
+(urllib turns a redirected POST into a bodyless GET). Trigger calls always
+answer 200 with ``success`` and ``errors``: triggerservice.py turns any 4xx or
+5xx into None and would lose the message.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from sqlalchemy.orm import Session
+
+from observatory.core.config import Settings
+from observatory.core.errors import BadRequest, NotFound
+from observatory.core.web import get_session, templates_for
+from observatory.trigger import service
+from observatory.trigger.models import Trigger
+from observatory.trigger.params import (
+    ParameterError,
+    as_bool,
+    as_number,
+    merge_request_parameters,
+    present,
+)
+
+router = APIRouter(prefix="/trigger", tags=["trigger"])
+templates = templates_for(Path(__file__).parent)
+
+
+async def _parameters(request: Request) -> dict[str, Any]:
+    try:
+        return merge_request_parameters(
+            list(request.query_params.multi_items()), await request.body()
+        )
+    except ParameterError as exc:
+        raise BadRequest(str(exc)) from exc
+
+
+ParamsDep = Annotated[dict[str, Any], Depends(_parameters)]
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def _json(value: Any, params: dict[str, Any]) -> Response:
+    """JSON as the clients decode it (UTF-8 declared, ASCII-safe); indented with ``pretty``."""
+    pretty = False
+    if present(params, "pretty"):
+        try:
+            pretty = as_bool("pretty", params["pretty"])
+        except ParameterError:
+            pretty = True
+    body = json.dumps(value, indent=2 if pretty else None, default=str)
+    return Response(body, media_type="application/json; charset=utf-8")
+
+
+def _number(params: dict[str, Any], name: str, default: float | None = None) -> float:
+    if not present(params, name):
+        if default is None:
+            raise BadRequest(f"{name} is required")
+        return default
+    try:
+        value = as_number(name, params[name])
+    except ParameterError as exc:
+        raise BadRequest(str(exc)) from exc
+    if value < 0:
+        raise BadRequest(f"{name}: {value} must not be negative")
+    return value
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+@router.api_route("/busy", methods=["GET", "POST"])
+def busy(session: SessionDep, params: ParamsDep) -> Response:
+    """``true`` if ``project_id`` may not override the schedule between now and now + obstime."""
+    if not present(params, "project_id"):
+        raise BadRequest("project_id is required")
+    return _json(
+        service.is_busy(session, str(params["project_id"]), _number(params, "obstime")), params
+    )
+
+
+@router.api_route("/obslist", methods=["GET", "POST"])
+def obslist(session: SessionDep, params: ParamsDep) -> Response:
+    """Observations from now to now + obstime: [start, stop, obsname, creator, project_id, mode, groupid]."""
+    current = False
+    if present(params, "current"):
+        try:
+            current = as_bool("current", params["current"])
+        except ParameterError as exc:
+            raise BadRequest(str(exc)) from exc
+    obstime = _number(params, "obstime", 0.0 if current else None)
+    return _json(service.obslist(session, obstime, current=current), params)
+
+
+@router.api_route("/vcsfree", methods=["GET", "POST"])
+def vcsfree(request: Request, session: SessionDep, params: ParamsDep) -> Response:
+    """Seconds of voltage capture the VCS disk can still take."""
+    return _json(service.vcs_free_s(session, _settings(request)), params)
+
+
+@router.api_route("/triggerobs", methods=["GET", "POST"])
+def triggerobs(request: Request, session: SessionDep, params: ParamsDep) -> Response:
+    """Trigger correlator observations (pretend by default)."""
+    result = service.trigger_observations(session, _settings(request), params, vcs=False)
+    return _json(result, params)
+
+
+@router.api_route("/triggervcs", methods=["GET", "POST"])
+def triggervcs(request: Request, session: SessionDep, params: ParamsDep) -> Response:
+    """Trigger voltage-capture observations (pretend by default; all-sky with no target)."""
+    result = service.trigger_observations(session, _settings(request), params, vcs=True)
+    return _json(result, params)
+
+
+@router.api_route("/show", methods=["GET", "POST"])
+def show(session: SessionDep, params: ParamsDep) -> Response:
+    """One past trigger call."""
+    trigger_id = int(_number(params, "trigger_id"))
+    trigger = session.get(Trigger, trigger_id)
+    if trigger is None:
+        raise NotFound(f"no trigger with trigger_id {trigger_id}")
+    return _json(service.trigger_summary(trigger), params)

@@ -1,0 +1,835 @@
+"""Triggering: who may interrupt the schedule, and the observations a trigger puts in it.
+
+The schedule is the ``observations`` table. A trigger is read and planned first
+(targets, pointings, calibrators: no locks held), then, unless it is pretend,
+the schedule is locked, the override policy checked against what is there, the
+overridden observations truncated or deleted and the new ones inserted, and the
+trigger recorded, in one transaction. Every call is recorded, refused and
+pretend ones too (``find`` / ``show``), and every handled outcome is a JSON
+reply with ``success`` and ``errors`` (specs/trigger.md sections 4 and 7).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cache
+from typing import Any
+
+import numpy as np
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from observatory.archive.models import FileKind, Observation, ObservationFile
+from observatory.core.accounts import check_project_key
+from observatory.core.config import Settings
+from observatory.core.gpstime import gps_to_utc_iso, now_gps
+from observatory.core.models import Project
+from observatory.telescope import catalogue
+from observatory.telescope.freqspec import FreqspecError, coarse_channel_centre_mhz, parse_freqspec
+from observatory.telescope.instrument import (
+    tile_layout,
+    validate_fine_chan_width_hz,
+    validate_int_time_ms,
+)
+from observatory.trigger import pointing
+from observatory.trigger.models import ScheduleLock, Trigger, TriggerMode
+from observatory.trigger.params import (
+    ParameterError,
+    as_bool,
+    as_float_list,
+    as_number,
+    as_str_list,
+    decode_value,
+    is_bool_word,
+    present,
+)
+
+#: Observations start and stop on multiples of this many GPS seconds...
+BOUNDARY_S = 8
+#: ...and no sooner than this after the request (M&C sends configurations ahead).
+LEAD_S = 4
+#: A VCS observation followed by a correlator one needs a gap for the mode change.
+MODE_CHANGE_GAP_S = 8
+VCS_MODES = frozenset({"MWAX_VCS", "VOLTAGE_START", "VOLTAGE_BUFFER", "MWAX_BUFFER"})
+SUBARRAYS = (
+    "all_north",
+    "all_south",
+    "all_east",
+    "all_west",
+    "all_ne",
+    "all_nw",
+    "all_se",
+    "all_sw",
+)
+#: All-sky voltage capture: one dipole per tile (a delay of 32 switches a dipole off).
+ALL_SKY_DELAYS = (0,) + (32,) * 15
+MAX_ATTEN_DB = 31.75
+
+DEFAULTS: dict[str, Any] = {
+    "project_id": "C001",
+    "pretend": True,
+    "calibrator": False,
+    "calexptime": 120,
+    "freqspecs": "145,24",
+    "creator": "djmwa/trigger",
+    "freqres": 10.0,
+    "inttime": 0.5,
+    "avoidsun": False,
+    "obsname": "trigger",
+    "exptime": 120,
+    "nobs": 15,
+    "atten": 1.0,
+}
+
+
+# -- reading a request ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """Something to point at: J2000 RA/Dec, a fixed alt/az, or nothing (all-sky VCS)."""
+
+    kind: str  # "radec" | "azel" | "allsky"
+    label: str
+    ra_deg: float | None = None
+    dec_deg: float | None = None
+    az_deg: float | None = None
+    el_deg: float | None = None
+
+
+@dataclass
+class TriggerRequest:
+    """A trigger call, read and checked; ``errors`` lists everything wrong with it."""
+
+    vcs: bool
+    project_id: str = "C001"
+    secure_key: str | None = None
+    pretend: bool = True
+    targets: list[Target] = field(default_factory=list)
+    subarrays: list[str] = field(default_factory=list)
+    freqspecs: list[tuple[str, list[int]]] = field(default_factory=list)
+    nobs: int = 15
+    exptime_s: int = 120
+    calibrator: bool | str = False
+    calexptime_s: int = 120
+    freq_res_khz: float | None = 10.0
+    int_time_s: float | None = 0.5
+    avoidsun: bool = False
+    obsname: str = "trigger"
+    creator: str = "djmwa/trigger"
+    atten_db: float = 1.0
+    groupid: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def mode(self) -> str:
+        return "MWAX_VCS" if self.vcs else "MWAX_CORRELATOR"
+
+
+def read_trigger_request(raw: Mapping[str, Any], *, vcs: bool, when_gps: int) -> TriggerRequest:
+    """Parse triggerobs / triggervcs parameters, collecting every error (never raising)."""
+    request = TriggerRequest(vcs=vcs)
+    errors = request.errors
+
+    def get(name: str) -> Any:
+        return raw[name] if present(raw, name) else DEFAULTS.get(name)
+
+    def attempt(name: str, parse: Any) -> Any:
+        try:
+            return parse()
+        except (ParameterError, FreqspecError, catalogue.UnknownSourceError, ValueError) as exc:
+            errors.append(str(exc) if str(exc).startswith(name) else f"{name}: {exc}")
+            return None
+
+    request.project_id = str(get("project_id")).strip()
+    request.secure_key = str(raw["secure_key"]) if present(raw, "secure_key") else None
+    request.pretend = attempt("pretend", lambda: as_bool("pretend", get("pretend"))) is not False
+    request.obsname = str(get("obsname"))[:200]
+    request.creator = str(get("creator"))[:100]
+    request.avoidsun = bool(attempt("avoidsun", lambda: as_bool("avoidsun", get("avoidsun"))))
+    nobs = attempt("nobs", lambda: as_number("nobs", get("nobs"), integer=True))
+    if nobs is not None and nobs < 1:
+        errors.append(f"nobs: {nobs} is not at least 1 observation")
+    request.nobs = int(nobs or 1)
+    request.exptime_s = _exposure("exptime", get("exptime"), errors)
+    request.calexptime_s = _exposure("calexptime", get("calexptime"), errors)
+    atten = attempt("atten", lambda: as_number("atten", get("atten")))
+    if atten is not None and not 0.0 <= atten <= MAX_ATTEN_DB:
+        errors.append(f"atten: {atten} dB is outside 0..{MAX_ATTEN_DB} dB")
+    request.atten_db = float(atten if atten is not None else 1.0)
+    if present(raw, "groupid"):
+        groupid = attempt("groupid", lambda: as_number("groupid", raw["groupid"], integer=True))
+        request.groupid = int(groupid) if groupid else None
+
+    # freqres and inttime: both or neither (the client's rule); defaults when neither.
+    if present(raw, "freqres") != present(raw, "inttime"):
+        errors.append("freqres and inttime must be given together (or neither, for the defaults)")
+    freqres = attempt("freqres", lambda: as_number("freqres", get("freqres")))
+    inttime = attempt("inttime", lambda: as_number("inttime", get("inttime")))
+    if freqres is not None:
+        attempt("freqres", lambda: validate_fine_chan_width_hz(freqres * 1000.0))
+    if inttime is not None:
+        attempt("inttime", lambda: validate_int_time_ms(inttime * 1000.0))
+    request.freq_res_khz, request.int_time_s = freqres, inttime
+
+    specs = attempt("freqspecs", lambda: as_str_list("freqspecs", get("freqspecs")))
+    for spec in specs or []:
+        channels = attempt("freqspecs", lambda spec=spec: parse_freqspec(spec))
+        if channels is not None:
+            request.freqspecs.append((spec, channels))
+    if specs == []:
+        errors.append("freqspecs: no frequency specification given")
+
+    request.targets = _read_targets(raw, errors, when_gps)
+    if not request.targets and not vcs:
+        errors.append("no target: give ra and dec, alt and az, or source")
+    if not request.targets and vcs:
+        request.targets = [Target("allsky", "all sky", az_deg=0.0, el_deg=90.0)]
+    if present(raw, "subarrays"):
+        names = attempt("subarrays", lambda: as_str_list("subarrays", raw["subarrays"])) or []
+        unknown = [name for name in names if name not in SUBARRAYS]
+        if unknown:
+            errors.append(f"subarrays: unknown subarray {', '.join(map(repr, unknown))} "
+                          f"(known: {', '.join(SUBARRAYS)})")  # fmt: skip
+        elif names and len(names) != len(request.targets):
+            errors.append(f"subarrays: {len(names)} subarrays for {len(request.targets)} targets "
+                          "(give one subarray per target)")  # fmt: skip
+        request.subarrays = names
+
+    calibrator = get("calibrator")
+    if is_bool_word(calibrator):
+        request.calibrator = bool(attempt("calibrator", lambda: as_bool("calibrator", calibrator)))
+    else:
+        name = str(decode_value(calibrator)).strip()
+        if attempt("calibrator", lambda: catalogue.resolve(name)) is not None:
+            request.calibrator = catalogue.resolve(name).name
+
+    request.params = {
+        "project_id": request.project_id, "pretend": request.pretend,
+        "ralist": [t.ra_deg for t in request.targets if t.kind == "radec"],
+        "declist": [t.dec_deg for t in request.targets if t.kind == "radec"],
+        "altlist": [t.el_deg for t in request.targets if t.kind == "azel"],
+        "azlist": [t.az_deg for t in request.targets if t.kind == "azel"],
+        "sourcelist": as_str_list("source", raw.get("source")) if present(raw, "source") else [],
+        "subarrays": request.subarrays, "freqspecs": [spec for spec, _ in request.freqspecs],
+        "creator": request.creator, "obsname": request.obsname, "nobs": request.nobs,
+        "exptime": request.exptime_s, "calibrator": request.calibrator,
+        "calexptime": request.calexptime_s, "freqres": request.freq_res_khz,
+        "inttime": request.int_time_s, "avoidsun": request.avoidsun, "atten": request.atten_db,
+        "groupid": request.groupid, "vcsmode": vcs,
+    }  # fmt: skip
+    return request
+
+
+def _exposure(name: str, value: Any, errors: list[str]) -> int:
+    try:
+        seconds = as_number(name, value, integer=True)
+    except ParameterError as exc:
+        errors.append(str(exc))
+        return BOUNDARY_S
+    if seconds < BOUNDARY_S or seconds % BOUNDARY_S:
+        errors.append(f"{name}: {value} s is not a positive multiple of {BOUNDARY_S} s")
+        return BOUNDARY_S
+    return int(seconds)
+
+
+def _read_targets(raw: Mapping[str, Any], errors: list[str], when_gps: int) -> list[Target]:
+    """RA/Dec targets first, then alt/az, then named sources (triggerservice.py's order)."""
+    targets: list[Target] = []
+    for first, second, kind in (("ra", "dec", "radec"), ("alt", "az", "azel")):
+        if not (present(raw, first) or present(raw, second)):
+            continue
+        if not (present(raw, first) and present(raw, second)):
+            errors.append(f"{first} and {second} must be given together")
+            continue
+        try:
+            firsts = as_float_list(first, raw[first])
+            seconds = as_float_list(second, raw[second])
+        except ParameterError as exc:
+            errors.append(str(exc))
+            continue
+        # One value is broadcast against a list, as triggerservice.py documents.
+        if len(firsts) == 1 and len(seconds) > 1:
+            firsts *= len(seconds)
+        if len(seconds) == 1 and len(firsts) > 1:
+            seconds *= len(firsts)
+        if len(firsts) != len(seconds):
+            errors.append(f"{first} and {second} must have the same number of values "
+                          f"({len(firsts)} {first}, {len(seconds)} {second})")  # fmt: skip
+            continue
+        for a, b in zip(firsts, seconds, strict=True):
+            if kind == "radec":
+                if not (0.0 <= a < 360.0 and -90.0 <= b <= 90.0):
+                    errors.append(f"ra/dec ({a}, {b}): RA must be 0..360 and Dec -90..90 degrees")
+                    continue
+                targets.append(Target("radec", f"RA {a:.4f} Dec {b:.4f}", ra_deg=a, dec_deg=b))
+            else:
+                if not 0.0 <= a <= 90.0:
+                    errors.append(f"alt {a}: must be 0..90 degrees")
+                    continue
+                targets.append(
+                    Target("azel", f"Alt {a:.4f} Az {b % 360:.4f}", az_deg=b % 360, el_deg=a)
+                )
+    if present(raw, "source"):
+        try:
+            names = as_str_list("source", raw["source"])
+        except ParameterError as exc:
+            errors.append(str(exc))
+            names = []
+        for name in names:
+            if name.lower() in pointing.BODIES:
+                ra, dec = pointing.body_radec(name, when_gps)
+                targets.append(Target("radec", name, ra_deg=ra, dec_deg=dec))
+                continue
+            try:
+                source = catalogue.resolve(name)
+            except catalogue.UnknownSourceError as exc:
+                errors.append(f"source: {exc} (and the online name resolver is not enabled)")
+                continue
+            targets.append(
+                Target("radec", source.name, ra_deg=source.ra_deg, dec_deg=source.dec_deg)
+            )
+    return targets
+
+
+# -- planning -------------------------------------------------------------------------------
+
+
+def first_start_gps(now: float) -> int:
+    """The earliest start a trigger can have: an 8-s boundary at least 4 s after now."""
+    return int(math.ceil((now + LEAD_S) / BOUNDARY_S) * BOUNDARY_S)
+
+
+@dataclass
+class PlannedObservation:
+    """An observation a trigger will insert."""
+
+    obsid: int
+    stoptime: int
+    obsname: str
+    mode: str
+    spec: str
+    coarse_chans: list[int]
+    target: Target
+    calibration: bool = False
+    calibrator_source: str | None = None
+    pointings: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def midpoint_gps(self) -> float:
+        return (self.obsid + self.stoptime) / 2.0
+
+
+@cache
+def subarray_sizes() -> dict[str, int]:
+    """Tiles in each named subarray (halves and quarters about the array's median position)."""
+    tiles = tile_layout()
+    north = np.array([t.north_m for t in tiles])
+    east = np.array([t.east_m for t in tiles])
+    is_north, is_east = north > np.median(north), east > np.median(east)
+    members = {
+        "all_north": is_north, "all_south": ~is_north, "all_east": is_east, "all_west": ~is_east,
+        "all_ne": is_north & is_east, "all_nw": is_north & ~is_east,
+        "all_se": ~is_north & is_east, "all_sw": ~is_north & ~is_east,
+    }  # fmt: skip
+    return {name: int(mask.sum()) for name, mask in members.items()}
+
+
+def plan(request: TriggerRequest, start_gps: int, settings: Settings) -> list[PlannedObservation]:
+    """The observations of a trigger, back to back from ``start_gps``, pointed.
+
+    Without subarrays each target is observed in turn, at each freqspec, ``nobs``
+    times; with subarrays all targets are observed at once. Calibrators follow,
+    one per freqspec (after a mode-change gap when the targets were VCS).
+    Problems (a target below the horizon, no calibrator up) go to
+    ``request.errors``, or to ``request.warnings`` in pretend mode.
+    """
+    planned: list[PlannedObservation] = []
+    clock = start_gps
+
+    def add(target: Target, spec: str, channels: list[int], seconds: int, **extra: Any) -> None:
+        nonlocal clock
+        mode = extra.pop("mode", request.mode)
+        planned.append(PlannedObservation(clock, clock + seconds, extra.pop("obsname", request.obsname),
+                                          mode, spec, channels, target, **extra))  # fmt: skip
+        clock += seconds
+
+    if request.subarrays:
+        for spec, channels in request.freqspecs:
+            for _ in range(request.nobs):
+                add(request.targets[0], spec, channels, request.exptime_s)
+    else:
+        for target in request.targets:
+            for spec, channels in request.freqspecs:
+                for _ in range(request.nobs):
+                    add(target, spec, channels, request.exptime_s)
+    if request.calibrator:
+        if request.vcs:
+            clock += MODE_CHANGE_GAP_S
+        for spec, channels in request.freqspecs:
+            midpoint = clock + request.calexptime_s / 2.0
+            if request.calibrator is True:
+                best = pointing.best_calibrator(
+                    midpoint, min_el_deg=settings.trigger_calibrator_min_elevation_deg,
+                    sun_exclusion_deg=settings.trigger_sun_exclusion_deg,
+                )  # fmt: skip
+                if best is None:
+                    _problem(request, f"no standard calibrator is above "
+                             f"{settings.trigger_calibrator_min_elevation_deg} deg at "
+                             f"{gps_to_utc_iso(midpoint)}")  # fmt: skip
+                    continue
+                source = best[0]
+            else:
+                source = catalogue.lookup(str(request.calibrator))
+            target = Target("radec", source.name, ra_deg=source.ra_deg, dec_deg=source.dec_deg)
+            add(target, spec, channels, request.calexptime_s, mode="MWAX_CORRELATOR",
+                obsname=f"{request.obsname} Cal: {source.name} at {spec}",
+                calibration=True, calibrator_source=source.name)  # fmt: skip
+    _point(request, planned, settings)
+    return planned
+
+
+def _problem(request: TriggerRequest, message: str) -> None:
+    (request.warnings if request.pretend else request.errors).append(message)
+
+
+def _point(request: TriggerRequest, planned: list[PlannedObservation], settings: Settings) -> None:
+    """Give every observation (and subarray) its grid pointing, checking the horizon."""
+    if not planned:
+        return
+    jobs: list[tuple[PlannedObservation, Target, str | None]] = []
+    for observation in planned:
+        if request.subarrays and not observation.calibration:
+            jobs += [
+                (observation, t, s) for t, s in zip(request.targets, request.subarrays, strict=True)
+            ]
+        else:
+            jobs.append((observation, observation.target, None))
+    radec = [(i, j) for i, j in enumerate(jobs) if j[1].kind == "radec"]
+    az = np.array([j[1].az_deg or 0.0 for j in jobs])
+    el = np.array([j[1].el_deg or 0.0 for j in jobs])
+    if radec:
+        az_r, el_r = pointing.azel_at(
+            np.array([j[1].ra_deg for _, j in radec]), np.array([j[1].dec_deg for _, j in radec]),
+            np.array([j[0].midpoint_gps for _, j in radec]),
+        )  # fmt: skip
+        az[[i for i, _ in radec]], el[[i for i, _ in radec]] = az_r, el_r
+    sun_azel: tuple[float, float] | None = None
+    if request.avoidsun:
+        sun_ra, sun_dec = pointing.body_radec("sun", planned[0].obsid)
+        sun_az, sun_el = pointing.azel_at(
+            np.array([sun_ra]), np.array([sun_dec]), np.array([planned[0].midpoint_gps])
+        )
+        sun_azel = (float(sun_az[0]), float(sun_el[0]))
+    grid = pointing.sweet_grid()
+    entries: list[dict[str, Any]] = []
+    below_horizon: set[str] = set()
+    for index, (observation, target, subarray) in enumerate(jobs):
+        low = target.kind != "allsky" and el[index] < settings.trigger_min_elevation_deg
+        if low and target.label not in below_horizon:
+            below_horizon.add(target.label)
+            _problem(request, f"{target.label} is below the horizon ({el[index]:.1f} deg) at "
+                     f"{gps_to_utc_iso(observation.midpoint_gps)}")  # fmt: skip
+        entry: dict[str, Any] = {"target": target.label, "target_az_deg": round(float(az[index]), 4),
+                                 "target_el_deg": round(float(el[index]), 4)}  # fmt: skip
+        if subarray:
+            entry |= {"subarray": subarray, "n_tiles": subarray_sizes()[subarray]}
+        if target.kind == "allsky":
+            entry |= {
+                "grid_number": None,
+                "az_deg": 0.0,
+                "el_deg": 90.0,
+                "delays": list(ALL_SKY_DELAYS),
+            }
+        elif request.avoidsun and target.kind == "radec" and sun_azel and sun_azel[1] > 0.0:
+            freq_hz = (
+                float(np.mean([coarse_channel_centre_mhz(c) for c in observation.coarse_chans]))
+                * 1e6
+            )
+            choice = pointing.avoid_sun(float(az[index]), float(el[index]), *sun_azel, freq_hz,
+                                        threshold=settings.trigger_sun_threshold)  # fmt: skip
+            entry |= {"grid_number": choice.grid_number, "az_deg": choice.az_deg, "el_deg": choice.el_deg,
+                      "delays": list(choice.delays), "sun_power": choice.sun_power,
+                      "target_power": choice.target_power,
+                      "nearest_grid_number": choice.nearest_grid_number,
+                      "sun_attenuation_db": round(choice.sun_attenuation_db, 2)}  # fmt: skip
+        else:
+            number = pointing.nearest_grid_point(float(az[index]), float(max(el[index], 0.0)))
+            entry |= {"grid_number": int(grid.number[number]), "az_deg": float(grid.az_deg[number]),
+                      "el_deg": float(grid.el_deg[number]), "delays": [int(d) for d in grid.delays[number]]}  # fmt: skip
+        if target.kind == "radec":
+            entry |= {"ra_phase_deg": target.ra_deg, "dec_phase_deg": target.dec_deg}
+        observation.pointings.append(entry)
+        entries.append(entry)
+    # Where each beam centre is on the sky (metafits RA/DEC), at the observation's midpoint.
+    ra_beam, dec_beam = pointing.radec_of_azel(
+        np.array([e["az_deg"] for e in entries]), np.array([e["el_deg"] for e in entries]),
+        np.array([j[0].midpoint_gps for j in jobs]),
+    )  # fmt: skip
+    for entry, ra, dec in zip(entries, ra_beam, dec_beam, strict=True):
+        entry["ra_deg"], entry["dec_deg"] = round(float(ra), 5), round(float(dec), 5)
+
+
+def observation_rows(
+    request: TriggerRequest, planned: Sequence[PlannedObservation], groupid: int
+) -> list[dict[str, Any]]:
+    """The ``observations`` rows of a plan."""
+    rows = []
+    for observation in planned:
+        first = observation.pointings[0]
+        rows.append({
+            "obsid": observation.obsid, "stoptime": observation.stoptime,
+            "obsname": observation.obsname, "creator": request.creator,
+            "project_id": request.project_id, "mode": observation.mode, "groupid": groupid,
+            "ra_deg": first.get("ra_deg"), "dec_deg": first.get("dec_deg"),
+            "ra_phase_deg": first.get("ra_phase_deg"), "dec_phase_deg": first.get("dec_phase_deg"),
+            "az_deg": first["az_deg"], "el_deg": first["el_deg"], "delays": first["delays"],
+            "coarse_chans": observation.coarse_chans,
+            "freq_res_khz": request.freq_res_khz, "int_time_s": request.int_time_s,
+            "atten_db": request.atten_db, "calibration": observation.calibration,
+            "calibrator_source": observation.calibrator_source, "interruptible": True,
+            "subarray_pointings": observation.pointings if request.subarrays else None,
+            "deleted": False, "created_by": "trigger", "created_at": datetime.now(UTC),
+        })  # fmt: skip
+    return rows
+
+
+# -- the schedule: who may override what ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """What a new block of observations does to the schedule between ``start`` and ``end``."""
+
+    truncated: Observation | None
+    deleted: list[Observation]
+    blockers: list[str]
+
+
+def _live() -> Any:
+    return Observation.deleted.is_(False)
+
+
+def overlapping(session: Session, since: float, until: float) -> list[Observation]:
+    """Observations overlapping [since, until), in time order.
+
+    The schedule never overlaps, so only the last observation to start at or
+    before ``since`` can still be running then: two primary-key range reads.
+    """
+    latest = session.scalars(
+        select(Observation)
+        .where(Observation.obsid <= since, _live())
+        .order_by(Observation.obsid.desc())
+        .limit(1)
+    ).first()
+    later = session.scalars(
+        select(Observation)
+        .where(Observation.obsid > since, Observation.obsid < until, _live())
+        .order_by(Observation.obsid)
+    )
+    return ([latest] if latest is not None and latest.stoptime > since else []) + list(later)
+
+
+def schedule_window(
+    session: Session, start: int, end: int
+) -> tuple[Observation | None, list[Observation]]:
+    """What a block [start, end) replaces: the observation to truncate, and those to delete."""
+    found = overlapping(session, start, end)
+    if found and found[0].obsid < start:
+        return found[0], found[1:]
+    return None, found
+
+
+def _priorities(session: Session, project_ids: set[str]) -> dict[str, int]:
+    if not project_ids:
+        return {}
+    rows = session.execute(select(Project.id, Project.priority).where(Project.id.in_(project_ids)))
+    return {row.id: row.priority for row in rows}
+
+
+def blockers(
+    session: Session, project: Project, observations: Sequence[Observation], now: float
+) -> list[str]:
+    """Why ``project`` may not interrupt ``observations`` (empty: it may).
+
+    A project may always replace its own observations; others only when they
+    belong to a project of lower priority and are interruptible. A voltage
+    capture in progress is never interrupted.
+    """
+    owners = _priorities(session, {o.project_id for o in observations} - {project.id})
+    reasons = []
+    for observation in observations:
+        what = f"observation {observation.obsid} ({observation.obsname!r}, project {observation.project_id})"
+        if observation.mode in VCS_MODES and observation.obsid <= now < observation.stoptime:
+            reasons.append(f"{what} is a voltage capture in progress and cannot be interrupted")
+        elif observation.project_id == project.id:
+            continue
+        elif not observation.interruptible:
+            reasons.append(f"{what} is marked as not interruptible")
+        elif owners.get(observation.project_id, 0) >= project.priority:
+            reasons.append(
+                f"{what}: project {project.id} (priority {project.priority}) may not interrupt "
+                f"project {observation.project_id} (priority {owners.get(observation.project_id, 0)})"
+            )
+    return reasons
+
+
+def is_busy(session: Session, project_id: str, obstime_s: float, now: float | None = None) -> bool:
+    """True if ``project_id`` may not override everything scheduled in [now, now + obstime)."""
+    now = now_gps() if now is None else now
+    observations = overlapping(session, now, now + obstime_s)
+    if not observations:
+        return False
+    project = session.get(Project, project_id)
+    return project is None or bool(blockers(session, project, observations, now))
+
+
+def obslist(
+    session: Session, obstime_s: float, *, current: bool = False, now: float | None = None
+) -> list[list[Any]]:
+    """Scheduled observations overlapping [now, now + obstime), as the 7-element rows clients read.
+
+    With ``current``: only the observation in progress, or else the last one to have started.
+    """
+    now = now_gps() if now is None else now
+    if current:
+        latest = session.scalars(
+            select(Observation)
+            .where(Observation.obsid <= now, _live())
+            .order_by(Observation.obsid.desc())
+            .limit(1)
+        ).first()
+        found = [latest] if latest is not None else []
+    else:
+        found = overlapping(session, now, now + obstime_s)
+    return [
+        [o.obsid, o.stoptime, o.obsname, o.creator, o.project_id, o.mode, o.groupid] for o in found
+    ]
+
+
+def vcs_free_s(session: Session, settings: Settings, now: float | None = None) -> int:
+    """Seconds of 24-channel voltage capture the VCS disk can still take.
+
+    Capacity less the voltage files on disk and the voltage observations still to run.
+    """
+    now = now_gps() if now is None else now
+    rate_per_chan = settings.trigger_vcs_bytes_per_s_per_chan
+    on_disk = (
+        session.scalar(
+            select(func.coalesce(func.sum(ObservationFile.size_bytes), 0)).where(
+                ObservationFile.kind == FileKind.VOLTAGE
+            )
+        )
+        or 0
+    )
+    to_come = 0.0
+    scheduled = session.execute(
+        select(Observation.obsid, Observation.stoptime, Observation.coarse_chans)
+        .where(Observation.stoptime > now, Observation.mode.in_(VCS_MODES), _live())
+    )  # fmt: skip
+    for obsid, stoptime, chans in scheduled:
+        to_come += (stoptime - max(obsid, now)) * len(chans or [None] * 24) * rate_per_chan
+    free = settings.trigger_vcs_capacity_bytes - on_disk - to_come
+    return max(0, int(free // (24 * rate_per_chan)))
+
+
+# -- triggering -----------------------------------------------------------------------------
+
+
+def authenticate(
+    session: Session, project_id: str, secure_key: str | None
+) -> tuple[Project | None, str | None]:
+    """The project if ``secure_key`` opens it, else None and why (checked in pretend mode too)."""
+    project = session.get(Project, project_id)
+    if project is None:
+        return None, f"project_id {project_id!r} is not a known project"
+    if project.secure_key_hash is None:
+        return None, f"project {project_id} has no secure key set: it cannot trigger"
+    if not secure_key:
+        return None, "secure_key is missing"
+    if not check_project_key(project, secure_key):
+        return None, f"secure_key is not the key of project {project_id}"
+    return project, None
+
+
+def trigger_observations(
+    session: Session,
+    settings: Settings,
+    raw: Mapping[str, Any],
+    *,
+    vcs: bool,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """triggerobs / triggervcs: plan, check, and (unless pretend) change the schedule.
+
+    Returns the reply (also recorded): success, errors, params, clear, schedule,
+    trigger_id, obsid_list. ``session`` should hold no open transaction.
+    """
+    now = float(now_gps() if now is None else now)
+    request = read_trigger_request(raw, vcs=vcs, when_gps=int(now))
+    project, auth_error = authenticate(session, request.project_id, request.secure_key)
+    if auth_error:
+        request.errors.insert(0, auth_error)
+    start = first_start_gps(now)
+    planned: list[PlannedObservation] = []
+    if not request.errors:
+        planned = plan(request, start, settings)
+    if planned and vcs and not request.errors:
+        needed = sum(o.stoptime - o.obsid for o in planned if o.mode == "MWAX_VCS")
+        free = vcs_free_s(session, settings, now)
+        if needed > free:
+            request.errors.append(
+                f"the voltage capture needs {needed} s; the VCS disk has room for {free} s"
+            )
+    mode = TriggerMode.MWAX_VCS if vcs else TriggerMode.MWAX_CORRELATOR
+    if request.errors or not planned:
+        session.rollback()
+        return record(session, request, mode, success=False, obsids=[])
+    assert project is not None
+    end = planned[-1].stoptime
+    groupid = request.groupid or planned[0].obsid
+    request.params |= {"groupid": groupid, "starttime": start, "stoptime": end,
+                       "calname": next((o.calibrator_source for o in planned if o.calibration), None),
+                       "warnings": request.warnings}  # fmt: skip
+    session.commit()  # end the read transaction: the lock must be the write transaction's first step
+    if not request.pretend:
+        session.execute(
+            update(ScheduleLock)
+            .where(ScheduleLock.id == 1)
+            .values(changes=ScheduleLock.changes + 1)
+        )
+    running, inside = schedule_window(session, start, end)
+    refused = blockers(session, project, [o for o in (running, *inside) if o is not None], now)
+    if refused:
+        session.rollback()
+        request.errors += refused
+        return record(session, request, mode, success=False, obsids=[])
+    clear = _clear_report(request, start, end, running, inside)
+    if not request.pretend:
+        if running is not None:
+            running.stoptime = start
+        if inside:
+            session.execute(
+                delete(ObservationFile).where(ObservationFile.obsid.in_([o.obsid for o in inside]))
+            )
+            session.execute(
+                delete(Observation).where(Observation.obsid.in_([o.obsid for o in inside]))
+            )
+        session.flush()
+        session.execute(insert(Observation), observation_rows(request, planned, groupid))
+    return record(session, request, mode, success=True, obsids=[o.obsid for o in planned],
+                  clear=clear, schedule=_schedule_report(request, planned, groupid))  # fmt: skip
+
+
+def _clear_report(
+    request: TriggerRequest,
+    start: int,
+    end: int,
+    running: Observation | None,
+    inside: Sequence[Observation],
+) -> dict[str, Any]:
+    command = f"clear_schedule.py --starttime={start} --stoptime={end} --force"
+    lines = []
+    if running is not None:
+        lines.append(
+            f"Truncated {running.obsid} ({running.obsname}, {running.project_id}) to stop at {start}"
+        )
+    lines += [f"Deleted {o.obsid} ({o.obsname}, {o.project_id})" for o in inside]
+    stdout = "\n".join(lines) or "No observations cleared"
+    if request.pretend:
+        stdout = "Pretending: command not run\n" + stdout.replace(
+            "Truncated", "Would truncate"
+        ).replace("Deleted", "Would delete")
+    return {"command": command, "commands": command, "retcode": 0, "stdout": stdout,
+            "stderr": "Pretending: command not run" if request.pretend else ""}  # fmt: skip
+
+
+def _schedule_report(
+    request: TriggerRequest, planned: Sequence[PlannedObservation], groupid: int
+) -> dict[str, Any]:
+    """The equivalent schedule_observation.py command lines, and one INFO line per obsid."""
+    lines, info = [], []
+    for o in planned:
+        target = o.pointings[0]
+        parts = [f"schedule_observation.py --starttime={o.obsid} --stoptime=++{o.stoptime - o.obsid}s",
+                 f'--freq="{o.spec}"']  # fmt: skip
+        if request.freq_res_khz is not None and o.mode == "MWAX_CORRELATOR":
+            parts.append(f"--freqres={request.freq_res_khz:g} --inttime={request.int_time_s:g}")
+        parts += [f'--obsname="{o.obsname}"', f'--creator="{request.creator}"']
+        if o.mode != "MWAX_CORRELATOR":
+            parts.append(f"--mode={o.mode}")
+        parts += [f"--project={request.project_id}", f"--groupid={groupid}"]
+        parts.append(f"--alt={target['el_deg']:.6f} --az={target['az_deg']:.6f}")
+        if o.target.kind == "radec":
+            parts.append(f"--ra={o.target.ra_deg:.6f} --dec={o.target.dec_deg:.6f}")
+        if o.calibration:
+            parts.append(
+                f'--calibration --calibrators={o.calibrator_source} --source="{o.calibrator_source}"'
+            )
+        if request.atten_db is not None:
+            parts.append(f"--atten={request.atten_db:g}")
+        parts.append("--verbose --ut")
+        lines.append(" ".join(parts))
+        info.append(f"INFO:Schedule metadata for {o.obsid}: {o.obsname} {o.mode} {o.spec} "
+                    f"grid {target.get('grid_number')} az {target['az_deg']:.4f} el {target['el_deg']:.4f}")  # fmt: skip
+    command = " ;\n".join(lines)
+    stdout = (
+        "Pretending: commands not run"
+        if request.pretend
+        else f"Scheduled {len(planned)} observations"
+    )
+    return {
+        "command": command,
+        "commands": command,
+        "retcode": 0,
+        "stdout": stdout,
+        "stderr": "\n".join(info),
+    }
+
+
+def record(
+    session: Session,
+    request: TriggerRequest,
+    mode: TriggerMode,
+    *,
+    success: bool,
+    obsids: list[int],
+    clear: dict[str, Any] | None = None,
+    schedule: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Store the call (in the session's transaction) and commit; returns the reply."""
+    errors = {str(i): message for i, message in enumerate(request.errors)}
+    params = json.loads(json.dumps(request.params, default=str))  # plain JSON, never the key
+    trigger = Trigger(project_id=request.project_id[:20], pretend=request.pretend, success=success,
+                      creator=request.creator, obsname=request.obsname, trigger_mode=mode.value,
+                      obsids=obsids, params=params, errors=errors)  # fmt: skip
+    session.add(trigger)
+    session.flush()
+    result = {"success": success, "errors": errors, "params": params, "clear": clear or {},
+              "schedule": schedule or {}, "trigger_id": trigger.id, "obsid_list": obsids}  # fmt: skip
+    trigger.result = result
+    session.commit()
+    return result
+
+
+# -- past triggers -----------------------------------------------------------------------------
+
+
+def trigger_summary(trigger: Trigger) -> dict[str, Any]:
+    """``show``'s record of a trigger."""
+    created = trigger.created_at
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=UTC)
+    return {
+        "trigger_id": trigger.id, "project_id": trigger.project_id, "pretend": trigger.pretend,
+        "success": trigger.success, "creator": trigger.creator, "obsname": trigger.obsname,
+        "trigger_mode": trigger.trigger_mode, "obsids": trigger.obsids, "params": trigger.params,
+        "errors": trigger.errors,
+        "created_datetime": created.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds"),
+    }  # fmt: skip

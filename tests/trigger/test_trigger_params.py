@@ -1,0 +1,66 @@
+"""Trigger parameters as the real clients send them."""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+import pytest
+
+from observatory.trigger.params import (
+    ParameterError,
+    as_bool,
+    as_float_list,
+    as_number,
+    as_str_list,
+    decode_value,
+    merge_request_parameters,
+)
+
+
+def test_triggerservice_form_body_labelled_json_merges_with_the_query() -> None:
+    # What triggerservice.py sends: urlencode(postdict) of str() values, project_id in the query.
+    body = urlencode({"secure_key": "k", "ra": str([10.5, 20.0]), "source": str(["Sun", "Moon"]),
+                      "freqspecs": '["121,24", "145,24"]', "pretend": "True", "group_id": "1234567896"})  # fmt: skip
+    merged = merge_request_parameters([("project_id", "G0055"), ("obsname", "grb")], body.encode())
+    assert merged["project_id"] == "G0055" and merged["obsname"] == "grb"
+    assert as_float_list("ra", merged["ra"]) == [10.5, 20.0]
+    assert as_str_list("source", merged["source"]) == ["Sun", "Moon"]
+    assert as_str_list("freqspecs", merged["freqspecs"]) == ["121,24", "145,24"]
+    assert merged["groupid"] == "1234567896" and "group_id" not in merged
+
+
+def test_json_bodies_repeated_keys_and_numpy_reprs() -> None:
+    merged = merge_request_parameters([("ra", "1"), ("ra", "2")], b'{"dec": [-30, -40], "nobs": 2}')
+    assert as_float_list("ra", merged["ra"]) == [1.0, 2.0]
+    assert as_float_list("dec", merged["dec"]) == [-30.0, -40.0]
+    assert as_number("nobs", merged["nobs"], integer=True) == 2
+    assert as_float_list("ra", "[np.float64(12.5), np.float64(13.0)]") == [12.5, 13.0]
+    with pytest.raises(ParameterError, match="not valid JSON"):
+        merge_request_parameters([], b"{not json")
+    with pytest.raises(ParameterError, match="object"):
+        merge_request_parameters([], b"[1, 2]")
+
+
+@pytest.mark.parametrize("word", ["true", "True", "TRUE", "1", "y", "Yes", "on", "ON", "t"])
+def test_true_words(word: str) -> None:
+    assert as_bool("pretend", word) is True
+
+
+@pytest.mark.parametrize("word", ["false", "False", "0", "n", "NO", "off", "f"])
+def test_false_words(word: str) -> None:
+    assert as_bool("pretend", word) is False
+
+
+def test_bad_values_are_named() -> None:
+    with pytest.raises(ParameterError, match="pretend: 'maybe' is not a boolean"):
+        as_bool("pretend", "maybe")
+    with pytest.raises(ParameterError, match="ra: 'abc' is not a number"):
+        as_float_list("ra", "['abc']")
+    with pytest.raises(ParameterError, match="nobs: '2.5' is not a whole number"):
+        as_number("nobs", "2.5", integer=True)
+
+
+def test_python_literals_are_parsed_never_evaluated() -> None:
+    assert decode_value("['Sun', 'Moon']") == ["Sun", "Moon"]
+    # Not a literal: kept as text, nothing runs.
+    assert decode_value("__import__('os').system('false')") == "__import__('os').system('false')"
