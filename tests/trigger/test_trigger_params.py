@@ -56,7 +56,7 @@ def test_bad_values_are_named() -> None:
         as_bool("pretend", "maybe")
     with pytest.raises(ParameterError, match="ra: 'abc' is not a number"):
         as_float_list("ra", "['abc']")
-    with pytest.raises(ParameterError, match="nobs: '2.5' is not a whole number"):
+    with pytest.raises(ParameterError, match=r"nobs: '2\.5' is not a whole number"):
         as_number("nobs", "2.5", integer=True)
 
 

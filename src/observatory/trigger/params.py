@@ -65,7 +65,7 @@ def _add_pairs(merged: dict[str, Any], pairs: Sequence[tuple[str, str]]) -> None
 
 
 def decode_value(value: Any) -> Any:
-    """A parameter's value: JSON, then a Python literal (never eval), then the text itself.
+    """A parameter's value: JSON, then a Python list literal (never eval), then the text itself.
 
     ``np.float64(1.5)`` (numpy >= 2's repr of a float) is read as 1.5.
     """
@@ -76,6 +76,8 @@ def decode_value(value: Any) -> Any:
         return json.loads(text)
     except ValueError:
         pass
+    if not text.startswith("["):
+        return text  # "145,24" is a freqspec, not a Python tuple
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, MemoryError, RecursionError):

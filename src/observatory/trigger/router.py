@@ -10,6 +10,7 @@ answer 200 with ``success`` and ``errors``: triggerservice.py turns any 4xx or
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -40,6 +41,16 @@ async def _parameters(request: Request) -> dict[str, Any]:
         )
     except ParameterError as exc:
         raise BadRequest(str(exc)) from exc
+
+
+def _endpoint(path: str) -> Callable[[Callable[..., Response]], Callable[..., Response]]:
+    """GET and POST at ``path`` and ``path/``: a redirect would turn a client's POST into a GET."""
+
+    def register(handler: Callable[..., Response]) -> Callable[..., Response]:
+        router.api_route(path + "/", methods=["GET", "POST"], include_in_schema=False)(handler)
+        return router.api_route(path, methods=["GET", "POST"])(handler)
+
+    return register
 
 
 ParamsDep = Annotated[dict[str, Any], Depends(_parameters)]
@@ -77,7 +88,7 @@ def _settings(request: Request) -> Settings:
     return settings
 
 
-@router.api_route("/busy", methods=["GET", "POST"])
+@_endpoint("/busy")
 def busy(session: SessionDep, params: ParamsDep) -> Response:
     """``true`` if ``project_id`` may not override the schedule between now and now + obstime."""
     if not present(params, "project_id"):
@@ -87,7 +98,7 @@ def busy(session: SessionDep, params: ParamsDep) -> Response:
     )
 
 
-@router.api_route("/obslist", methods=["GET", "POST"])
+@_endpoint("/obslist")
 def obslist(session: SessionDep, params: ParamsDep) -> Response:
     """Observations from now to now + obstime: [start, stop, obsname, creator, project_id, mode, groupid]."""
     current = False
@@ -100,27 +111,27 @@ def obslist(session: SessionDep, params: ParamsDep) -> Response:
     return _json(service.obslist(session, obstime, current=current), params)
 
 
-@router.api_route("/vcsfree", methods=["GET", "POST"])
+@_endpoint("/vcsfree")
 def vcsfree(request: Request, session: SessionDep, params: ParamsDep) -> Response:
     """Seconds of voltage capture the VCS disk can still take."""
     return _json(service.vcs_free_s(session, _settings(request)), params)
 
 
-@router.api_route("/triggerobs", methods=["GET", "POST"])
+@_endpoint("/triggerobs")
 def triggerobs(request: Request, session: SessionDep, params: ParamsDep) -> Response:
     """Trigger correlator observations (pretend by default)."""
     result = service.trigger_observations(session, _settings(request), params, vcs=False)
     return _json(result, params)
 
 
-@router.api_route("/triggervcs", methods=["GET", "POST"])
+@_endpoint("/triggervcs")
 def triggervcs(request: Request, session: SessionDep, params: ParamsDep) -> Response:
     """Trigger voltage-capture observations (pretend by default; all-sky with no target)."""
     result = service.trigger_observations(session, _settings(request), params, vcs=True)
     return _json(result, params)
 
 
-@router.api_route("/show", methods=["GET", "POST"])
+@_endpoint("/show")
 def show(session: SessionDep, params: ParamsDep) -> Response:
     """One past trigger call."""
     trigger_id = int(_number(params, "trigger_id"))

@@ -1,0 +1,404 @@
+"""The /trigger endpoints over HTTP: parameters, defaults, errors, override rules, pretend."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from observatory.app import create_app
+from observatory.archive.models import Observation
+from observatory.core.accounts import create_project
+from observatory.core.config import Settings
+from observatory.core.gpstime import now_gps
+from observatory.trigger import pointing, service
+
+KEYS = {
+    "G0055": "grb-key-123",
+    "D0009": "director-key",
+    "C001": "c001-key-12",
+    "G0008": "eor-key-123",
+}
+PRIORITIES = {"G0055": 5, "D0009": 10, "C001": 1, "G0008": 2}
+
+
+@pytest.fixture
+def client(settings: Settings, session_factory: sessionmaker[Session]) -> Iterator[TestClient]:
+    with session_factory() as session:
+        for project_id, key in KEYS.items():
+            create_project(session, project_id, priority=PRIORITIES[project_id], secure_key=key)
+        create_project(session, "G0001", priority=0)  # no key: may not trigger
+        session.commit()
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def zenith_radec(offset_deg: float = 0.0) -> tuple[float, float]:
+    """A position near the zenith now (RA = local sidereal time, Dec = latitude)."""
+    lst = float(pointing.local_apparent_sidereal_deg([now_gps()])[0])
+    return round((lst + offset_deg) % 360.0, 4), -26.7
+
+
+def trigger(client: TestClient, endpoint: str = "triggerobs", **params: Any) -> dict[str, Any]:
+    params.setdefault("project_id", "G0055")
+    params.setdefault("secure_key", KEYS.get(params["project_id"], ""))
+    reply = client.post(f"/trigger/{endpoint}", data={k: str(v) for k, v in params.items()})
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["content-type"] == "application/json; charset=utf-8"
+    return reply.json()
+
+
+def schedule(session_factory: sessionmaker[Session]) -> list[dict[str, Any]]:
+    with session_factory() as session:
+        return [
+            {c: v for c, v in o.to_dict().items() if c != "created_at"}
+            for o in session.scalars(select(Observation).order_by(Observation.obsid))
+        ]
+
+
+def add_observation(
+    session_factory: sessionmaker[Session], start: int, stop: int, project_id: str, **fields: Any
+) -> None:
+    with session_factory() as session:
+        session.add(Observation(obsid=start, stoptime=stop, project_id=project_id,
+                                mode=fields.pop("mode", "MWAX_CORRELATOR"), obsname=f"{project_id} obs",
+                                **fields))  # fmt: skip
+        session.commit()
+
+
+# -- the result and its defaults ----------------------------------------------------------------
+
+
+def test_defaults_and_the_result_structure(
+    client: TestClient, session_factory: sessionmaker[Session]
+) -> None:
+    ra, dec = zenith_radec()
+    before = now_gps()
+    result = trigger(client, ra=ra, dec=dec)
+    assert result["success"] is True, result["errors"]
+    assert result["errors"] == {}
+    params = result["params"]
+    assert params["pretend"] is True  # the default
+    assert (params["nobs"], params["exptime"], params["calexptime"]) == (15, 120, 120)
+    assert (params["freqspecs"], params["creator"], params["obsname"]) == (
+        ["145,24"],
+        "djmwa/trigger",
+        "trigger",
+    )
+    assert (params["freqres"], params["inttime"], params["atten"]) == (10.0, 0.5, 1.0)
+    assert params["avoidsun"] is False and params["calibrator"] is False
+    assert "secure_key" not in json.dumps(result)
+    obsids = result["obsid_list"]
+    assert len(obsids) == 15 and obsids[0] % 8 == 0 and obsids[0] >= before + 4
+    assert obsids[0] - now_gps() <= 4 + 8 + 1
+    assert all(b - a == 120 for a, b in itertools.pairwise(obsids))
+    assert params["groupid"] == obsids[0]
+    for part in ("clear", "schedule"):
+        assert set(result[part]) >= {"command", "commands", "retcode", "stdout", "stderr"}
+    assert result["schedule"]["stdout"] == "Pretending: commands not run"
+    assert result["schedule"]["command"].count("schedule_observation.py") == 15
+    info = [
+        line
+        for line in result["schedule"]["stderr"].splitlines()
+        if line.startswith("INFO:Schedule metadata for ")
+    ]
+    assert [int(line.split(" for ")[1].split(":")[0]) for line in info] == obsids
+    assert isinstance(result["trigger_id"], int) and result["trigger_id"] > 0
+    assert schedule(session_factory) == []  # pretend
+
+
+def test_a_real_trigger_schedules_back_to_back_observations(
+    client: TestClient, session_factory: sessionmaker[Session]
+) -> None:
+    ra, dec = zenith_radec()
+    result = trigger(client, ra=json.dumps([ra, (ra + 10) % 360]), dec=dec, nobs=2, exptime=16,
+                     freqspecs='["121,24", "145,24"]', pretend="false", calibrator="HydA",
+                     obsname="grb123", creator="tester", group_id=1234567896)  # fmt: skip
+    assert result["success"] is True, result["errors"]
+    rows = schedule(session_factory)
+    assert [r["obsid"] for r in rows] == result["obsid_list"]
+    assert len(rows) == 2 * 2 * 2 + 2
+    assert all(a["stoptime"] == b["obsid"] for a, b in itertools.pairwise(rows))
+    targets, calibrators = rows[:8], rows[8:]
+    assert [r["coarse_chans"][0] for r in targets] == [109, 109, 133, 133] * 2
+    assert all(r["groupid"] == 1234567896 and r["project_id"] == "G0055" for r in rows)
+    assert all(r["creator"] == "tester" and r["obsname"] == "grb123" for r in targets)
+    assert all(r["stoptime"] - r["obsid"] == 16 for r in targets)
+    assert [r["obsname"] for r in calibrators] == [
+        "grb123 Cal: HydA at 121,24",
+        "grb123 Cal: HydA at 145,24",
+    ]
+    assert all(r["calibration"] and r["calibrator_source"] == "HydA" for r in calibrators)
+    assert all(r["stoptime"] - r["obsid"] == 120 for r in calibrators)
+    assert result["params"]["calname"] == "HydA"
+    grid = pointing.sweet_grid()
+    for row in targets:
+        number = int(
+            next(i for i in range(len(grid.number)) if list(grid.delays[i]) == row["delays"])
+        )
+        assert (row["az_deg"], row["el_deg"]) == (
+            pytest.approx(grid.az_deg[number]),
+            pytest.approx(grid.el_deg[number]),
+        )
+        assert row["ra_phase_deg"] in (pytest.approx(ra), pytest.approx((ra + 10) % 360))
+    shown = client.get("/trigger/show", params={"trigger_id": result["trigger_id"]}).json()
+    assert shown["success"] is True and shown["obsids"] == result["obsid_list"]
+    assert shown["trigger_mode"] == "MWAX_CORRELATOR" and shown["pretend"] is False
+    assert shown["created_datetime"].count("T") == 1 and "+" not in shown["created_datetime"]
+
+
+def test_parameters_in_the_url_in_json_and_in_a_mislabelled_form(client: TestClient) -> None:
+    ra, dec = zenith_radec()
+    query = urlencode(
+        {"project_id": "G0055", "secure_key": KEYS["G0055"], "ra": ra, "dec": dec, "nobs": 1}
+    )
+    by_url = client.get(f"/trigger/triggerobs?{query}").json()
+    by_json = client.post("/trigger/triggerobs", json={"project_id": "G0055", "secure_key": KEYS["G0055"],
+                                                       "ra": [ra], "dec": [dec], "nobs": 1}).json()  # fmt: skip
+    # triggerservice.py: project_id and obsname in the query, the rest urlencoded, labelled JSON.
+    body = urlencode({"secure_key": KEYS["G0055"], "ra": str([ra]), "dec": str([dec]), "nobs": 1,
+                      "pretend": True, "vcsmode": False})  # fmt: skip
+    mislabelled = client.post("/trigger/triggerobs?project_id=G0055&obsname=x", content=body,
+                              headers={"Content-Type": "application/json", "Accept": "application/json"}).json()  # fmt: skip
+    for result in (by_url, by_json, mislabelled):
+        assert result["success"] is True, result["errors"]
+        assert len(result["obsid_list"]) == 1
+    assert mislabelled["params"]["obsname"] == "x"
+    # A trailing slash is served, not redirected (urllib would turn a redirected POST into a GET).
+    slash = client.post("/trigger/triggerobs/", content=body, follow_redirects=False,
+                        params={"project_id": "G0055"})  # fmt: skip
+    assert slash.status_code == 200 and slash.json()["success"] is True
+    pretty = client.get("/trigger/obslist?obstime=60&pretty=1").text
+    assert pretty == json.dumps([], indent=2)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"ra": "[10, 20]", "dec": "[1, 2, 3]"}, "ra and dec must have the same number of values"),
+        ({"freqspecs": "121,300"}, "freqspecs"),
+        ({"exptime": 100}, "exptime: 100 s is not a positive multiple of 8 s"),
+        ({"calexptime": 7}, "calexptime: 7 s is not a positive multiple of 8 s"),
+        ({"source": "NoSuchThing"}, "NoSuchThing"),
+        ({"subarrays": '["all_up"]'}, "unknown subarray 'all_up'"),
+        ({"subarrays": '["all_ne", "all_nw"]'}, "2 subarrays for 1 targets"),
+        ({"freqres": 10}, "freqres and inttime must be given together"),
+        ({"freqres": 7, "inttime": 0.5}, "freqres"),
+        ({"freqres": 10, "inttime": 0.1}, "inttime"),
+        ({"nobs": 0}, "nobs: 0 is not at least 1"),
+        ({"dec": 95}, "Dec -90..90"),
+        ({"secure_key": "wrong"}, "secure_key is not the key of project G0055"),
+        ({"secure_key": ""}, "secure_key is missing"),
+        ({"project_id": "Z9999"}, "project_id 'Z9999' is not a known project"),
+        ({"project_id": "G0001"}, "G0001 has no secure key set"),
+        ({"ra": "", "dec": ""}, "no target"),
+        ({"pretend": "perhaps"}, "pretend: 'perhaps' is not a boolean"),
+        ({"calibrator": "NotACalibrator"}, "calibrator"),
+    ],
+)
+def test_errors_are_reported_and_change_nothing(
+    client: TestClient, session_factory: sessionmaker[Session], params: dict[str, Any], message: str
+) -> None:
+    ra, dec = zenith_radec()
+    request = {"ra": ra, "dec": dec, "pretend": "false", **params}
+    result = trigger(client, **request)
+    assert result["success"] is False
+    assert any(message in text for text in result["errors"].values()), result["errors"]
+    assert result["obsid_list"] == [] and result["clear"] == {} and result["schedule"] == {}
+    assert schedule(session_factory) == []
+    shown = client.get("/trigger/show", params={"trigger_id": result["trigger_id"]}).json()
+    assert shown["success"] is False and shown["errors"] == result["errors"]
+
+
+def test_trigger_ids_are_unique_for_every_call(client: TestClient) -> None:
+    ra, dec = zenith_radec()
+    ids = {trigger(client, ra=ra, dec=dec, nobs=1)["trigger_id"] for _ in range(3)}
+    ids.add(trigger(client, ra=ra, dec=dec, secure_key="wrong")["trigger_id"])
+    assert len(ids) == 4
+
+
+# -- who may override what -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("owner", "fields", "running", "requester", "allowed"),
+    [
+        ("C001", {}, False, "G0055", True),  # lower priority
+        ("G0055", {}, False, "G0055", True),  # its own
+        ("G0055", {}, False, "C001", False),  # higher priority
+        ("G0008", {}, False, "G0008", True),
+        ("G0055", {}, False, "G0055", True),
+        ("D0009", {}, False, "G0055", False),
+        ("C001", {"interruptible": False}, False, "D0009", False),  # marked non-interruptible
+        ("C001", {"mode": "MWAX_VCS"}, True, "D0009", False),  # voltage capture in progress
+        ("G0055", {"mode": "MWAX_VCS"}, True, "G0055", False),  # ... even one's own
+        ("C001", {"mode": "MWAX_VCS"}, False, "D0009", True),  # a future capture may go
+        ("C001", {}, True, "G0055", True),  # a running observation is truncated
+        ("UNLISTED", {}, False, "C001", True),  # unknown projects rank lowest
+    ],
+)
+def test_override_rules(
+    client: TestClient,
+    session_factory: sessionmaker[Session],
+    owner: str,
+    fields: dict[str, Any],
+    running: bool,
+    requester: str,
+    allowed: bool,
+) -> None:
+    now = now_gps()
+    start = (now // 8) * 8 - 8 if running else service.first_start_gps(now) + 8
+    add_observation(session_factory, start, start + 600, owner, **fields)
+    before = schedule(session_factory)
+    ra, dec = zenith_radec()
+    result = trigger(client, project_id=requester, ra=ra, dec=dec, nobs=1, exptime=32, pretend="no")
+    assert result["success"] is allowed, result["errors"]
+    rows = {r["obsid"]: r for r in schedule(session_factory)}
+    if not allowed:
+        assert list(rows.values()) == before
+        assert (
+            "may not" in " ".join(result["errors"].values())
+            or "cannot" in " ".join(result["errors"].values())
+            or "not interruptible" in " ".join(result["errors"].values())
+        )
+        return
+    new = result["obsid_list"][0]
+    if running:
+        assert rows[start]["stoptime"] == new  # truncated at the new start
+        assert "Truncated" in result["clear"]["stdout"]
+    else:
+        assert start not in rows  # deleted
+        assert f"Deleted {start}" in result["clear"]["stdout"]
+    assert rows[new]["project_id"] == requester
+
+
+def test_pretend_never_changes_the_schedule(
+    client: TestClient, session_factory: sessionmaker[Session]
+) -> None:
+    start = service.first_start_gps(now_gps()) + 8
+    add_observation(session_factory, start, start + 240, "C001")
+    before = schedule(session_factory)
+    ra, dec = zenith_radec()
+    result = trigger(client, ra=ra, dec=dec, nobs=3, exptime=120)
+    assert result["success"] is True and result["params"]["pretend"] is True
+    assert f"Would delete {start}" in result["clear"]["stdout"]
+    assert len(result["obsid_list"]) == 3
+    assert schedule(session_factory) == before
+    refused = trigger(
+        client, project_id="C001", ra=ra, dec=dec, nobs=1, exptime=8
+    )  # equal priority
+    assert refused["success"] is True  # its own observation
+    add_observation(session_factory, start + 240, start + 480, "D0009")
+    refused = trigger(client, ra=ra, dec=dec, nobs=4, exptime=120)
+    assert refused["success"] is False and "D0009" in " ".join(refused["errors"].values())
+
+
+# -- busy, obslist, vcsfree ----------------------------------------------------------------------
+
+
+def test_busy_obslist_and_current(
+    client: TestClient, session_factory: sessionmaker[Session]
+) -> None:
+    now = now_gps()
+    assert (
+        client.get("/trigger/busy", params={"project_id": "C001", "obstime": 600}).json() is False
+    )
+    assert client.get("/trigger/obslist", params={"obstime": 600}).json() == []
+    running_start = (now // 8) * 8 - 64
+    add_observation(
+        session_factory, running_start, running_start + 128, "G0055", groupid=running_start
+    )
+    later = running_start + 128 + 64
+    add_observation(session_factory, later, later + 120, "C001")
+    assert client.get("/trigger/busy", params={"project_id": "C001", "obstime": 30}).json() is True
+    assert (
+        client.get("/trigger/busy", params={"project_id": "D0009", "obstime": 600}).json() is False
+    )
+    assert (
+        client.get("/trigger/busy", params={"project_id": "G0055", "obstime": 600}).json() is False
+    )
+    assert (
+        client.get("/trigger/busy", params={"project_id": "Z9999", "obstime": 600}).json() is True
+    )
+    rows = client.get("/trigger/obslist", params={"obstime": 600}).json()
+    assert rows == [
+        [
+            running_start,
+            running_start + 128,
+            "G0055 obs",
+            "",
+            "G0055",
+            "MWAX_CORRELATOR",
+            running_start,
+        ],
+        [later, later + 120, "C001 obs", "", "C001", "MWAX_CORRELATOR", None],
+    ]
+    assert client.get("/trigger/obslist", params={"obstime": 10}).json() == rows[:1]
+    assert client.get("/trigger/obslist", params={"current": 1}).json() == rows[:1]
+    bad = client.get("/trigger/busy", params={"project_id": "C001", "obstime": "soon"})
+    assert bad.status_code == 400 and "obstime" in bad.json()["error"]
+    assert client.get("/trigger/busy", params={"obstime": 5}).status_code == 400
+
+
+def test_vcsfree_and_voltage_triggers(
+    client: TestClient, settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    free = client.get("/trigger/vcsfree").json()
+    rate = 24 * settings.trigger_vcs_bytes_per_s_per_chan
+    assert free == int(settings.trigger_vcs_capacity_bytes // rate)
+    result = trigger(
+        client, "triggervcs", nobs=1, exptime=96, pretend="false"
+    )  # all-sky: no target
+    assert result["success"] is True, result["errors"]
+    (row,) = schedule(session_factory)
+    assert row["mode"] == "MWAX_VCS" and row["delays"] == [0] + [32] * 15
+    assert client.get("/trigger/vcsfree").json() == pytest.approx(free - 96, abs=1)
+    too_long = trigger(client, "triggervcs", nobs=1, exptime=(free + 8) // 8 * 8, pretend="true")
+    assert too_long["success"] is False
+    assert "VCS disk" in " ".join(too_long["errors"].values())
+    assert (
+        client.get("/trigger/show", params={"trigger_id": result["trigger_id"]}).json()[
+            "trigger_mode"
+        ]
+        == "MWAX_VCS"
+    )
+
+
+def test_subarrays_observe_targets_at_once(
+    client: TestClient, session_factory: sessionmaker[Session]
+) -> None:
+    ra, dec = zenith_radec()
+    ras = [ra, (ra + 5) % 360, (ra + 10) % 360, (ra + 15) % 360]
+    result = trigger(client, ra=json.dumps(ras), dec=dec, nobs=2, exptime=64, pretend=0,
+                     subarrays='["all_ne", "all_nw", "all_se", "all_sw"]')  # fmt: skip
+    assert result["success"] is True, result["errors"]
+    rows = schedule(session_factory)
+    assert len(rows) == 2
+    for row in rows:
+        pointings = row["subarray_pointings"]
+        assert [p["subarray"] for p in pointings] == ["all_ne", "all_nw", "all_se", "all_sw"]
+        assert sum(p["n_tiles"] for p in pointings) == 128
+        assert [p["ra_phase_deg"] for p in pointings] == pytest.approx(ras)
+
+
+def test_automatic_calibrator_and_vcs_mode_change_gap(
+    client: TestClient, session_factory: sessionmaker[Session]
+) -> None:
+    ra, dec = zenith_radec()
+    result = trigger(client, "triggervcs", ra=ra, dec=dec, nobs=1, exptime=64, calibrator="true",
+                     calexptime=120, pretend="false")  # fmt: skip
+    if not result["success"]:  # no calibrator up at this hour: said so
+        assert "no standard calibrator" in " ".join(result["errors"].values())
+        return
+    target, cal = schedule(session_factory)
+    assert target["mode"] == "MWAX_VCS" and cal["mode"] == "MWAX_CORRELATOR"
+    assert cal["obsid"] == target["stoptime"] + 8  # the mode change
+    assert cal["calibration"] and cal["calibrator_source"] == result["params"]["calname"]
+    assert cal["el_deg"] >= 17.0
