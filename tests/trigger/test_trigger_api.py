@@ -402,3 +402,55 @@ def test_automatic_calibrator_and_vcs_mode_change_gap(
     assert cal["obsid"] == target["stoptime"] + 8  # the mode change
     assert cal["calibration"] and cal["calibrator_source"] == result["params"]["calname"]
     assert cal["el_deg"] >= 17.0
+
+
+# -- find and show -----------------------------------------------------------------------------
+
+
+def test_find_filters_pages_and_html(client: TestClient) -> None:
+    ra, dec = zenith_radec()
+    made = [
+        trigger(client, ra=ra, dec=dec, nobs=1, obsname="GRB 1", creator="robot/grb"),
+        trigger(
+            client, ra=ra, dec=dec, nobs=1, obsname="GRB 2", creator="robot/grb", pretend="false"
+        ),
+        trigger(
+            client, "triggervcs", ra=ra, dec=dec, nobs=1, exptime=8, obsname="FRB 1", creator="me"
+        ),
+        trigger(client, ra=ra, dec=dec, secure_key="wrong", obsname="GRB 3", creator="robot/grb"),
+        trigger(client, project_id="D0009", ra=ra, dec=dec, nobs=1, obsname="flare", creator="me"),
+    ]
+    ids = [m["trigger_id"] for m in made]
+
+    def find(**params: Any) -> list[int]:
+        reply = client.get("/trigger/find", params=params)
+        assert reply.status_code == 200, reply.text
+        return [t["trigger_id"] for t in reply.json()]
+
+    assert find(pagesize=200) == ids
+    assert find(desc=1) == ids[::-1]
+    assert find(obsname="GRB%") == ids[:2] + ids[3:4]
+    assert find(creator="robot/%", success="true") == ids[:2]
+    assert find(success="0") == [ids[3]]
+    assert find(pretend="on") == [ids[0], ids[2], ids[3], ids[4]]
+    assert find(pretend="false") == [ids[1]]
+    assert find(trigger_mode="MWAX_VCS") == [ids[2]]
+    assert find(project_id="D0009") == [ids[4]]
+    assert find(trigger_id=ids[2]) == [ids[2]]
+    assert find(pagesize=2, page=2) == ids[2:4]
+    assert find(mintime_utc="2000-01-01T00:00:00", maxtime_utc="2100-01-01T00:00:00") == ids
+    assert find(maxtime_utc="2000-01-01T00:00:00") == []
+    # TraceT's link: every filter present, most of them empty.
+    tracet = client.get(f"/trigger/find/?search=search&html=1&pagesize=100&trigger_id={ids[1]}&trigger_mode="
+                        "&pretend=&success=&mintime_utc=&maxtime_utc=&project_id=&obsname=&creator=")  # fmt: skip
+    assert tracet.status_code == 200 and tracet.headers["content-type"].startswith("text/html")
+    assert f"show?trigger_id={ids[1]}" in tracet.text
+    assert f"obs_page?obs_id={made[1]['obsid_list'][0]}" in tracet.text
+    form = client.get("/trigger/find")
+    assert form.status_code == 200 and "<form" in form.text and 'id="results"' not in form.text
+    paged = client.get("/trigger/find", params={"html": 1, "pagesize": 2})
+    assert 'id="next"' in paged.text and 'id="previous"' not in paged.text
+    for bad in ({"trigger_mode": "SOMETHING"}, {"mintime_utc": "yesterday"}, {"pagesize": 0}):
+        reply = client.get("/trigger/find", params=bad)
+        assert reply.status_code == 400 and reply.json()["error"]
+    assert client.get("/trigger/show", params={"trigger_id": 999999}).status_code == 404

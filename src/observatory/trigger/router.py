@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Request, Response
 from sqlalchemy.orm import Session
@@ -139,3 +140,40 @@ def show(session: SessionDep, params: ParamsDep) -> Response:
     if trigger is None:
         raise NotFound(f"no trigger with trigger_id {trigger_id}")
     return _json(service.trigger_summary(trigger), params)
+
+
+@_endpoint("/find")
+def find(request: Request, session: SessionDep, params: ParamsDep) -> Response:
+    """Past trigger calls: a search form without parameters; JSON, or HTML with ``html``."""
+    given = {k: v for k, v in params.items() if k not in ("search", "html", "pretty")}
+    if (
+        not any(present(given, k) for k in given)
+        and "html" not in params
+        and "search" not in params
+    ):
+        return templates.TemplateResponse(request, "find.html", {"query": None, "values": {}})
+    try:
+        query = service.read_find_query(params)
+    except ParameterError as exc:
+        raise BadRequest(str(exc)) from exc
+    triggers, has_more = service.find_triggers(session, query)
+    summaries = [service.trigger_summary(t) for t in triggers]
+    if "html" not in params:
+        return _json(summaries, params)
+    values = {k: str(params.get(k) or "") for k in (*service.FIND_FILTERS, "pagesize")}
+    return templates.TemplateResponse(
+        request, "find.html",
+        {"query": query, "values": values, "triggers": summaries, "has_more": has_more,
+         "page_links": _page_links(params, query.page, has_more)},
+    )  # fmt: skip
+
+
+def _page_links(params: dict[str, Any], page: int, has_more: bool) -> dict[str, str]:
+    """Query strings of the previous and next pages (same filters)."""
+    links = {}
+    for label, number in (("previous", page - 1), ("next", page + 1)):
+        if (label == "previous" and page > 1) or (label == "next" and has_more):
+            links[label] = urlencode(
+                {**{k: str(v) for k, v in params.items()}, "page": number, "html": 1}
+            )
+    return links

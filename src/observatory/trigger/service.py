@@ -833,3 +833,95 @@ def trigger_summary(trigger: Trigger) -> dict[str, Any]:
         "errors": trigger.errors,
         "created_datetime": created.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds"),
     }  # fmt: skip
+
+
+#: find's filters, in the order of its form.
+FIND_FILTERS = ("trigger_id", "trigger_mode", "pretend", "success", "mintime_utc", "maxtime_utc",
+                "project_id", "obsname", "creator")  # fmt: skip
+DEFAULT_PAGE_SIZE = 200
+MAX_PAGE_SIZE = 10_000
+
+
+@dataclass(frozen=True)
+class FindQuery:
+    """find's parameters, read: empty values mean "no filter"."""
+
+    filters: dict[str, Any]
+    page: int = 1
+    pagesize: int = DEFAULT_PAGE_SIZE
+    descending: bool = False
+
+
+def read_find_query(raw: Mapping[str, Any]) -> FindQuery:
+    """Read find's parameters.
+
+    Raises
+    ------
+    ParameterError
+        Naming a malformed value (a bad number, time or mode).
+    """
+    filters: dict[str, Any] = {}
+    for name in FIND_FILTERS:
+        if not present(raw, name):
+            continue
+        value = str(raw[name]).strip()
+        if name == "trigger_id":
+            filters[name] = int(as_number(name, value, integer=True))
+        elif name == "trigger_mode":
+            if value.upper() not in TriggerMode.__members__:
+                raise ParameterError(
+                    f"trigger_mode: {value!r} is not one of {', '.join(TriggerMode.__members__)}"
+                )
+            filters[name] = value.upper()
+        elif name in ("pretend", "success"):
+            # The wiki's rule: 'on', 'true' or a non-zero integer mean true; anything else false.
+            filters[name] = value.lower() in ("on", "true") or (
+                value.lstrip("-").isdigit() and int(value) != 0
+            )
+        elif name in ("mintime_utc", "maxtime_utc"):
+            try:
+                when = datetime.fromisoformat(value)
+            except ValueError:
+                raise ParameterError(
+                    f"{name}: {value!r} is not an ISOT time (e.g. 2026-11-29T12:00:00)"
+                ) from None
+            filters[name] = when if when.tzinfo else when.replace(tzinfo=UTC)
+        else:
+            filters[name] = value
+    page = int(as_number("page", raw["page"], integer=True)) if present(raw, "page") else 1
+    pagesize = (
+        int(as_number("pagesize", raw["pagesize"], integer=True))
+        if present(raw, "pagesize")
+        else DEFAULT_PAGE_SIZE
+    )
+    if page < 1 or not 1 <= pagesize <= MAX_PAGE_SIZE:
+        raise ParameterError(f"page must be at least 1 and pagesize 1..{MAX_PAGE_SIZE}")
+    return FindQuery(filters, page, pagesize, descending="desc" in raw)
+
+
+def find_triggers(session: Session, query: FindQuery) -> tuple[list[Trigger], bool]:
+    """One page of past triggers matching the filters, and whether more follow."""
+    statement = select(Trigger)
+    f = query.filters
+    if "trigger_id" in f:
+        statement = statement.where(Trigger.id == f["trigger_id"])
+    if "trigger_mode" in f:
+        statement = statement.where(Trigger.trigger_mode == f["trigger_mode"])
+    if "pretend" in f:
+        statement = statement.where(Trigger.pretend.is_(f["pretend"]))
+    if "success" in f:
+        statement = statement.where(Trigger.success.is_(f["success"]))
+    if "mintime_utc" in f:
+        statement = statement.where(Trigger.created_at >= f["mintime_utc"])
+    if "maxtime_utc" in f:
+        statement = statement.where(Trigger.created_at <= f["maxtime_utc"])
+    if "project_id" in f:
+        statement = statement.where(Trigger.project_id == f["project_id"])
+    for name, column in (("obsname", Trigger.obsname), ("creator", Trigger.creator)):
+        if name in f:
+            statement = statement.where(column.like(f[name]))
+    order = Trigger.id.desc() if query.descending else Trigger.id
+    rows = list(session.scalars(
+        statement.order_by(order).offset((query.page - 1) * query.pagesize).limit(query.pagesize + 1)
+    ))  # fmt: skip
+    return rows[: query.pagesize], len(rows) > query.pagesize
