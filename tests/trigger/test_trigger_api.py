@@ -454,3 +454,60 @@ def test_find_filters_pages_and_html(client: TestClient) -> None:
         reply = client.get("/trigger/find", params=bad)
         assert reply.status_code == 400 and reply.json()["error"]
     assert client.get("/trigger/show", params={"trigger_id": 999999}).status_code == 404
+
+
+# -- triggerbuffer ----------------------------------------------------------------------------------
+
+
+def test_triggerbuffer(
+    client: TestClient, session_factory: sessionmaker[Session], settings: Settings
+) -> None:
+    now = now_gps()
+    refused = trigger(client, "triggerbuffer", obstime=120, pretend="false")
+    assert (
+        refused["success"] is False
+        and "no current or previous observation" in refused["errors"]["0"]
+    )
+    buffer_start = (now // 8) * 8 - 64
+    add_observation(session_factory, buffer_start, buffer_start + 640, "G0055", mode="MWAX_BUFFER",
+                    coarse_chans=list(range(109, 133)), delays=[0] * 16, az_deg=0.0, el_deg=90.0)  # fmt: skip
+    before = schedule(session_factory)
+
+    null = trigger(client, "triggerbuffer", start_time=0, end_time=0, pretend="false")
+    assert null["success"] is True and null["obsid_list"] == [buffer_start]
+    assert null["schedule"]["command"].endswith("--start=0 --end=0")
+    past = trigger(
+        client, "triggerbuffer", start_time=now - 100, end_time=now - 50, pretend="false"
+    )
+    assert past["success"] is True and past["obsid_list"] == [buffer_start]
+    pretend = trigger(client, "triggerbuffer", obstime=120)
+    assert (
+        pretend["success"] is True
+        and pretend["schedule"]["stdout"] == "Pretending: trigger command not run"
+    )
+    assert schedule(session_factory) == before
+
+    result = trigger(client, "triggerbuffer", obstime=120, pretend="false")
+    assert result["success"] is True, result["errors"]
+    params = result["params"]
+    assert params["capture_start"] == pytest.approx(now - settings.trigger_buffer_s, abs=3)
+    assert params["capture_end"] == pytest.approx(now + 120, abs=3)
+    rows = {r["obsid"]: r for r in schedule(session_factory)}
+    new_start = result["obsid_list"][-1]
+    assert result["obsid_list"] == [buffer_start, new_start]
+    assert rows[buffer_start]["stoptime"] == new_start  # buffering gave way to the capture
+    capture = rows[new_start]
+    assert capture["mode"] == "VOLTAGE_BUFFER" and capture["stoptime"] >= now + 120
+    assert capture["coarse_chans"] == list(range(109, 133))  # settings inherited
+    shown = client.get("/trigger/show", params={"trigger_id": result["trigger_id"]}).json()
+    assert shown["trigger_mode"] == "BUFFER" and shown["obsids"] == result["obsid_list"]
+    # A capture in progress is not interrupted, not even by a higher priority.
+    blocked = trigger(
+        client, project_id="D0009", ra=zenith_radec()[0], dec=-26.7, nobs=1, pretend="no"
+    )
+    assert blocked["success"] is False and "voltage capture in progress" in " ".join(
+        blocked["errors"].values()
+    )
+    assert trigger(client, "triggerbuffer", start_time="x", obstime=5)["errors"]["0"].startswith(
+        "start_time"
+    )

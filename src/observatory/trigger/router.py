@@ -132,6 +132,12 @@ def triggervcs(request: Request, session: SessionDep, params: ParamsDep) -> Resp
     return _json(result, params)
 
 
+@_endpoint("/triggerbuffer")
+def triggerbuffer(request: Request, session: SessionDep, params: ParamsDep) -> Response:
+    """Dump the voltage buffer and keep capturing (pretend by default)."""
+    return _json(service.trigger_buffer(session, _settings(request), params), params)
+
+
 @_endpoint("/show")
 def show(session: SessionDep, params: ParamsDep) -> Response:
     """One past trigger call."""

@@ -54,7 +54,10 @@ BOUNDARY_S = 8
 LEAD_S = 4
 #: A VCS observation followed by a correlator one needs a gap for the mode change.
 MODE_CHANGE_GAP_S = 8
-VCS_MODES = frozenset({"MWAX_VCS", "VOLTAGE_START", "VOLTAGE_BUFFER", "MWAX_BUFFER"})
+#: Modes that write voltages to the VCS disk (a capture in progress is never interrupted).
+VCS_MODES = frozenset({"MWAX_VCS", "VOLTAGE_START", "VOLTAGE_BUFFER"})
+#: Modes that hold voltages in memory, ready for triggerbuffer to dump.
+BUFFER_MODES = frozenset({"MWAX_BUFFER", "VOLTAGE_BUFFER"})
 SUBARRAYS = (
     "all_north",
     "all_south",
@@ -560,13 +563,16 @@ def blockers(
 
     A project may always replace its own observations; others only when they
     belong to a project of lower priority and are interruptible. A voltage
-    capture in progress is never interrupted.
+    capture in progress (a triggerbuffer capture from the moment it is made) is
+    never interrupted.
     """
     owners = _priorities(session, {o.project_id for o in observations} - {project.id})
     reasons = []
     for observation in observations:
         what = f"observation {observation.obsid} ({observation.obsname!r}, project {observation.project_id})"
-        if observation.mode in VCS_MODES and observation.obsid <= now < observation.stoptime:
+        capturing = observation.obsid <= now < observation.stoptime
+        # A buffer dump's capture runs from the moment of the trigger, before its own start.
+        if observation.mode in VCS_MODES and (capturing or observation.mode == "VOLTAGE_BUFFER"):
             reasons.append(f"{what} is a voltage capture in progress and cannot be interrupted")
         elif observation.project_id == project.id:
             continue
@@ -925,3 +931,137 @@ def find_triggers(session: Session, query: FindQuery) -> tuple[list[Trigger], bo
         statement.order_by(order).offset((query.page - 1) * query.pagesize).limit(query.pagesize + 1)
     ))  # fmt: skip
     return rows[: query.pagesize], len(rows) > query.pagesize
+
+
+# -- triggerbuffer -------------------------------------------------------------------------------
+
+
+def trigger_buffer(
+    session: Session, settings: Settings, raw: Mapping[str, Any], *, now: float | None = None
+) -> dict[str, Any]:
+    """Dump the voltage buffer from ``start_time`` and keep capturing until ``end_time``.
+
+    ``start_time`` 0 (the default), or earlier than the buffer holds, means as far
+    back as the buffer goes (``trigger_buffer_s``); ``end_time`` may be in the
+    past; without it capture runs until now + ``obstime``. ``start_time`` and
+    ``end_time`` both 0 is a null operation. Future observations up to the end of
+    capture are deleted (or truncated); the capture into the future becomes a
+    VOLTAGE_BUFFER observation with the settings of the observation in progress
+    (or the last one), which must be buffering voltages.
+    """
+    now = float(now_gps() if now is None else now)
+    request = TriggerRequest(vcs=True)
+    errors = request.errors
+    request.project_id = str(raw["project_id"]).strip() if present(raw, "project_id") else "C001"
+    request.secure_key = str(raw["secure_key"]) if present(raw, "secure_key") else None
+    try:
+        request.pretend = as_bool("pretend", raw["pretend"]) if present(raw, "pretend") else True
+    except ParameterError as exc:
+        errors.append(str(exc))
+    times: dict[str, float | None] = {}
+    for name in ("start_time", "end_time", "obstime"):
+        try:
+            times[name] = as_number(name, raw[name]) if present(raw, name) else None
+        except ParameterError as exc:
+            errors.append(str(exc))
+            times[name] = None
+    start_time = times["start_time"] or 0.0
+    end_time, obstime = times["end_time"], times["obstime"]
+    request.params = {"project_id": request.project_id, "start_time": start_time, "end_time": end_time,
+                      "obstime": obstime, "pretend": request.pretend}  # fmt: skip
+    if end_time is None and obstime is None and not errors:
+        errors.append("give end_time, or obstime (seconds to keep capturing from now)")
+    if obstime is not None and obstime < 0:
+        errors.append(f"obstime: {obstime} must not be negative")
+    project, auth_error = authenticate(session, request.project_id, request.secure_key)
+    if auth_error:
+        errors.insert(0, auth_error)
+    source = session.scalars(
+        select(Observation)
+        .where(Observation.obsid <= now, _live())
+        .order_by(Observation.obsid.desc())
+        .limit(1)
+    ).first()
+    if source is None:
+        errors.append("there is no current or previous observation to take the settings from")
+    elif source.mode not in BUFFER_MODES:
+        errors.append(f"the telescope is not buffering voltages: observation {source.obsid} is "
+                      f"{source.mode}, not {' or '.join(sorted(BUFFER_MODES))}")  # fmt: skip
+    if errors:
+        session.rollback()
+        return record(session, request, TriggerMode.BUFFER, success=False, obsids=[])
+    assert project is not None and source is not None
+    null = start_time == 0 and end_time == 0
+    buffer_start = now - settings.trigger_buffer_s
+    capture_start = max(start_time, buffer_start) if start_time else buffer_start
+    capture_end = float(end_time) if end_time is not None else now + float(obstime or 0.0)
+    if not null and capture_end < capture_start:
+        errors.append(f"end_time {capture_end:.0f} is before the start of capture {capture_start:.0f} "
+                      f"(the buffer holds the last {settings.trigger_buffer_s} s)")  # fmt: skip
+    if not null and capture_end - capture_start > vcs_free_s(session, settings, now):
+        errors.append(f"the capture needs {capture_end - capture_start:.0f} s; the VCS disk has room for "
+                      f"{vcs_free_s(session, settings, now)} s")  # fmt: skip
+    if errors:
+        session.rollback()
+        return record(session, request, TriggerMode.BUFFER, success=False, obsids=[])
+    new_start = first_start_gps(now)
+    new_stop = int(math.ceil(capture_end / BOUNDARY_S) * BOUNDARY_S)
+    into_future = not null and new_stop > new_start
+    request.params |= {"capture_start": None if null else capture_start, "capture_end": None if null else capture_end,
+                       "buffer_s": settings.trigger_buffer_s, "settings_from": source.obsid}  # fmt: skip
+    session.commit()  # the lock must be the write transaction's first step
+    if not request.pretend:
+        session.execute(
+            update(ScheduleLock)
+            .where(ScheduleLock.id == 1)
+            .values(changes=ScheduleLock.changes + 1)
+        )
+    running, inside = schedule_window(session, new_start, new_stop) if into_future else (None, [])
+    refused = blockers(session, project, [o for o in (running, *inside) if o is not None], now)
+    if refused:
+        session.rollback()
+        errors += refused
+        return record(session, request, TriggerMode.BUFFER, success=False, obsids=[])
+    past = (
+        []
+        if null
+        else [o.obsid for o in overlapping(session, capture_start, min(capture_end, new_start))]
+    )
+    obsids = past + ([new_start] if into_future else [])
+    if not obsids:
+        obsids = [source.obsid]  # nothing captured (the null operation): the settings' observation
+    clear = _clear_report(request, new_start, new_stop, running, inside) if into_future else {
+        "command": "", "commands": "", "retcode": None, "stdout": "No observations cleared", "stderr": ""}  # fmt: skip
+    if not request.pretend and into_future:
+        if running is not None:
+            running.stoptime = new_start
+        if inside:
+            session.execute(
+                delete(ObservationFile).where(ObservationFile.obsid.in_([o.obsid for o in inside]))
+            )
+            session.execute(
+                delete(Observation).where(Observation.obsid.in_([o.obsid for o in inside]))
+            )
+        session.flush()
+        inherited = {c.key: getattr(source, c.key) for c in Observation.__table__.columns}
+        inherited |= {"obsid": new_start, "stoptime": new_stop, "mode": "VOLTAGE_BUFFER",
+                      "obsname": f"{source.obsname} buffer dump", "creator": "triggerbuffer",
+                      "project_id": request.project_id, "groupid": source.groupid or source.obsid,
+                      "interruptible": True, "deleted": False, "created_by": "trigger",
+                      "created_at": datetime.now(UTC)}  # fmt: skip
+        session.execute(insert(Observation), [inherited])
+    command = "triggerbuffer.py --start=0 --end=0" if null else (
+        f"triggerbuffer.py --start={capture_start:.0f} --end={capture_end:.0f}")  # fmt: skip
+    schedule = {"command": command, "commands": command, "retcode": 0,
+                "stdout": "Pretending: trigger command not run" if request.pretend else
+                ("Null capture: nothing saved" if null else f"Capturing {capture_start:.0f} to {capture_end:.0f}"),
+                "stderr": "\n".join(f"INFO:Schedule metadata for {obsid}:" for obsid in obsids)}  # fmt: skip
+    return record(
+        session,
+        request,
+        TriggerMode.BUFFER,
+        success=True,
+        obsids=obsids,
+        clear=clear,
+        schedule=schedule,
+    )
