@@ -511,3 +511,32 @@ def test_triggerbuffer(
     assert trigger(client, "triggerbuffer", start_time="x", obstime=5)["errors"]["0"].startswith(
         "start_time"
     )
+
+
+def test_avoidsun_puts_the_sun_in_a_null(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """At local noon, a target 15 deg from the Sun: the Sun ends up below the threshold."""
+    noon = 1_450_324_818  # 2025-12-21 04:00 UTC, the Sun near the zenith at the MWA
+    sun_ra, sun_dec = pointing.body_radec("sun", noon)
+    with session_factory() as session:
+        create_project(session, "G0055", priority=5, secure_key=KEYS["G0055"])
+        session.commit()
+        raw = {"project_id": "G0055", "secure_key": KEYS["G0055"], "ra": (sun_ra + 15.0) % 360,
+               "dec": sun_dec, "nobs": 1, "exptime": 120, "avoidsun": "yes", "freqspecs": "121,24"}  # fmt: skip
+        plain = service.trigger_observations(
+            session, settings, {**raw, "avoidsun": "no"}, vcs=False, now=noon
+        )
+        result = service.trigger_observations(session, settings, raw, vcs=False, now=noon)
+    assert result["success"] is True, result["errors"]
+    (chosen,) = result["params"]["pointings"]
+    (nearest,) = plain["params"]["pointings"]
+    assert chosen["sun_power"] < settings.trigger_sun_threshold
+    assert chosen["nearest_grid_number"] == nearest["grid_number"]
+    sun_az, sun_el = pointing.azel_at([sun_ra], [sun_dec], [noon + 60])
+    freq_hz = 1.28e6 * 121
+    at_nearest = pointing.beam_power(nearest["delays"], sun_az, sun_el, freq_hz)[0]
+    at_chosen = pointing.beam_power(chosen["delays"], sun_az, sun_el, freq_hz)[0]
+    assert at_chosen < settings.trigger_sun_threshold < at_nearest
+    assert chosen["sun_attenuation_db"] > 10
+    assert chosen["target_power"] > 0.2  # the target stays in the main lobe

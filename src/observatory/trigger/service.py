@@ -479,6 +479,22 @@ def _point(request: TriggerRequest, planned: list[PlannedObservation], settings:
         entry["ra_deg"], entry["dec_deg"] = round(float(ra), 5), round(float(dec), 5)
 
 
+def first_pointings(planned: Sequence[PlannedObservation]) -> list[dict[str, Any]]:
+    """The pointing chosen for each target (and calibrator) at its first observation.
+
+    With ``avoidsun`` these carry the Sun's and the target's beam power and the
+    Sun's attenuation against the nearest grid point.
+    """
+    seen: dict[str, dict[str, Any]] = {}
+    for observation in planned:
+        for entry in observation.pointings:
+            key = f"{entry['target']}|{entry.get('subarray')}"
+            seen.setdefault(
+                key, {**entry, "obsid": observation.obsid, "freqspec": observation.spec}
+            )
+    return list(seen.values())
+
+
 def observation_rows(
     request: TriggerRequest, planned: Sequence[PlannedObservation], groupid: int
 ) -> list[dict[str, Any]]:
@@ -702,7 +718,7 @@ def trigger_observations(
     groupid = request.groupid or planned[0].obsid
     request.params |= {"groupid": groupid, "starttime": start, "stoptime": end,
                        "calname": next((o.calibrator_source for o in planned if o.calibration), None),
-                       "warnings": request.warnings}  # fmt: skip
+                       "warnings": request.warnings, "pointings": first_pointings(planned)}  # fmt: skip
     session.commit()  # end the read transaction: the lock must be the write transaction's first step
     if not request.pretend:
         session.execute(
