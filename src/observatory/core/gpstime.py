@@ -6,7 +6,9 @@ never from a hand-written list.
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
+from functools import lru_cache
 
 from astropy.time import Time
 
@@ -48,8 +50,20 @@ def unix_to_gps(unix_seconds: float) -> float:
 
 
 def now_gps() -> int:
-    """The current GPS second (floored)."""
-    return int(Time.now().gps)
+    """The current GPS second (floored).
+
+    Asked on every trigger and busy call: the system clock plus GPS - Unix for
+    the current UTC day (leap seconds only ever come at the end of a day), which
+    astropy works out once a day.
+    """
+    now = time.time()
+    return int(now + _gps_minus_unix_s(int(now // 86400)))
+
+
+@lru_cache(maxsize=4)
+def _gps_minus_unix_s(unix_day: int) -> float:
+    start = unix_day * 86400.0
+    return round(unix_to_gps(start) - start, 3)
 
 
 def parse_obsid(value: object) -> int:

@@ -17,10 +17,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import Table, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from observatory.archive.models import FileKind, Observation, ObservationFile
@@ -431,6 +431,7 @@ def _point(request: TriggerRequest, planned: list[PlannedObservation], settings:
         )
         sun_azel = (float(sun_az[0]), float(sun_el[0]))
     grid = pointing.sweet_grid()
+    nearest = pointing.nearest_grid_points(az, np.maximum(el, 0.0))
     entries: list[dict[str, Any]] = []
     below_horizon: set[str] = set()
     for index, (observation, target, subarray) in enumerate(jobs):
@@ -463,7 +464,7 @@ def _point(request: TriggerRequest, planned: list[PlannedObservation], settings:
                       "nearest_grid_number": choice.nearest_grid_number,
                       "sun_attenuation_db": round(choice.sun_attenuation_db, 2)}  # fmt: skip
         else:
-            number = pointing.nearest_grid_point(float(az[index]), float(max(el[index], 0.0)))
+            number = int(nearest[index])
             entry |= {"grid_number": int(grid.number[number]), "az_deg": float(grid.az_deg[number]),
                       "el_deg": float(grid.el_deg[number]), "delays": [int(d) for d in grid.delays[number]]}  # fmt: skip
         if target.kind == "radec":
@@ -535,29 +536,36 @@ def _live() -> Any:
     return Observation.deleted.is_(False)
 
 
-def overlapping(session: Session, since: float, until: float) -> list[Observation]:
-    """Observations overlapping [since, until), in time order.
+#: The observations table itself: inserting through Core skips the ORM's per-row bookkeeping.
+_OBSERVATIONS = cast(Table, Observation.__table__)
+#: What the schedule checks read of an observation (rows, not ORM objects: cheaper).
+_SCHEDULE_COLUMNS = (
+    Observation.obsid, Observation.stoptime, Observation.obsname, Observation.creator,
+    Observation.project_id, Observation.mode, Observation.groupid, Observation.interruptible,
+)  # fmt: skip
+
+
+def overlapping(session: Session, since: float, until: float) -> list[Any]:
+    """Observations overlapping [since, until), in time order, as rows of ``_SCHEDULE_COLUMNS``.
 
     The schedule never overlaps, so only the last observation to start at or
     before ``since`` can still be running then: two primary-key range reads.
     """
-    latest = session.scalars(
-        select(Observation)
+    latest = session.execute(
+        select(*_SCHEDULE_COLUMNS)
         .where(Observation.obsid <= since, _live())
         .order_by(Observation.obsid.desc())
         .limit(1)
     ).first()
-    later = session.scalars(
-        select(Observation)
+    later = session.execute(
+        select(*_SCHEDULE_COLUMNS)
         .where(Observation.obsid > since, Observation.obsid < until, _live())
         .order_by(Observation.obsid)
     )
     return ([latest] if latest is not None and latest.stoptime > since else []) + list(later)
 
 
-def schedule_window(
-    session: Session, start: int, end: int
-) -> tuple[Observation | None, list[Observation]]:
+def schedule_window(session: Session, start: int, end: int) -> tuple[Any | None, list[Any]]:
     """What a block [start, end) replaces: the observation to truncate, and those to delete."""
     found = overlapping(session, start, end)
     if found and found[0].obsid < start:
@@ -573,7 +581,7 @@ def _priorities(session: Session, project_ids: set[str]) -> dict[str, int]:
 
 
 def blockers(
-    session: Session, project: Project, observations: Sequence[Observation], now: float
+    session: Session, project: Project, observations: Sequence[Any], now: float
 ) -> list[str]:
     """Why ``project`` may not interrupt ``observations`` (empty: it may).
 
@@ -621,8 +629,8 @@ def obslist(
     """
     now = now_gps() if now is None else now
     if current:
-        latest = session.scalars(
-            select(Observation)
+        latest = session.execute(
+            select(*_SCHEDULE_COLUMNS)
             .where(Observation.obsid <= now, _live())
             .order_by(Observation.obsid.desc())
             .limit(1)
@@ -735,7 +743,9 @@ def trigger_observations(
     clear = _clear_report(request, start, end, running, inside)
     if not request.pretend:
         if running is not None:
-            running.stoptime = start
+            session.execute(
+                update(Observation).where(Observation.obsid == running.obsid).values(stoptime=start)
+            )
         if inside:
             session.execute(
                 delete(ObservationFile).where(ObservationFile.obsid.in_([o.obsid for o in inside]))
@@ -744,7 +754,7 @@ def trigger_observations(
                 delete(Observation).where(Observation.obsid.in_([o.obsid for o in inside]))
             )
         session.flush()
-        session.execute(insert(Observation), observation_rows(request, planned, groupid))
+        session.execute(_OBSERVATIONS.insert(), observation_rows(request, planned, groupid))
     return record(session, request, mode, success=True, obsids=[o.obsid for o in planned],
                   clear=clear, schedule=_schedule_report(request, planned, groupid))  # fmt: skip
 
@@ -1050,7 +1060,11 @@ def trigger_buffer(
         "command": "", "commands": "", "retcode": None, "stdout": "No observations cleared", "stderr": ""}  # fmt: skip
     if not request.pretend and into_future:
         if running is not None:
-            running.stoptime = new_start
+            session.execute(
+                update(Observation)
+                .where(Observation.obsid == running.obsid)
+                .values(stoptime=new_start)
+            )
         if inside:
             session.execute(
                 delete(ObservationFile).where(ObservationFile.obsid.in_([o.obsid for o in inside]))
@@ -1065,7 +1079,7 @@ def trigger_buffer(
                       "project_id": request.project_id, "groupid": source.groupid or source.obsid,
                       "interruptible": True, "deleted": False, "created_by": "trigger",
                       "created_at": datetime.now(UTC)}  # fmt: skip
-        session.execute(insert(Observation), [inherited])
+        session.execute(_OBSERVATIONS.insert(), [inherited])
     command = "triggerbuffer.py --start=0 --end=0" if null else (
         f"triggerbuffer.py --start={capture_start:.0f} --end={capture_end:.0f}")  # fmt: skip
     schedule = {"command": command, "commands": command, "retcode": 0,
