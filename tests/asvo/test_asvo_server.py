@@ -62,7 +62,10 @@ def test_https_login_sets_a_secure_cookie(tmp_path: Path) -> None:
     )
     try:
         wait_for(f"https://127.0.0.1:{port}/healthz", verify=str(cert))
-        client = httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=ssl.create_default_context(cafile=str(cert)))
+        client = httpx.Client(
+            base_url=f"https://127.0.0.1:{port}",
+            verify=ssl.create_default_context(cafile=str(cert)),
+        )
         reply = client.post("/api/api_login", auth=("giant-squidv2.5.1", API_KEY))
         assert reply.status_code == 200
         assert "secure" in reply.headers["set-cookie"].lower()

@@ -317,7 +317,10 @@ def test_ctrl_c_stops_at_once_and_keeps_the_partial_file(server: Server, tmp_pat
     assert client.returncode == 1, output
     assert "Interrupted! Exiting..." in output
     assert 0 < partial.stat().st_size < file.size_bytes
-    assert json.loads((tmp_path / "e.json").read_text())[0]["result"] == "Error: Interrupted! Exiting..."
+    assert (
+        json.loads((tmp_path / "e.json").read_text())[0]["result"]
+        == "Error: Interrupted! Exiting..."
+    )
 
 
 def test_a_file_that_never_verifies_is_reported(server: Server, tmp_path: Path) -> None:

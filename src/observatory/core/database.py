@@ -54,7 +54,10 @@ def make_engine(database_url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _configure_sqlite)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # As many pooled connections as requests can run at once (Starlette's thread pool runs
+    # 40): with SQLAlchemy's default 5, busy servers open and close a connection per
+    # request, and PostgreSQL forks a backend for each.
+    return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=20)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -50,14 +50,19 @@ def unix_to_gps(unix_seconds: float) -> float:
 
 
 def now_gps() -> int:
-    """The current GPS second (floored).
+    """The current GPS second (floored)."""
+    return int(now_gps_precise())
+
+
+def now_gps_precise() -> float:
+    """The current GPS time in seconds, with its fraction.
 
     Asked on every trigger and busy call: the system clock plus GPS - Unix for
     the current UTC day (leap seconds only ever come at the end of a day), which
     astropy works out once a day.
     """
     now = time.time()
-    return int(now + _gps_minus_unix_s(int(now // 86400)))
+    return now + _gps_minus_unix_s(int(now // 86400))
 
 
 @lru_cache(maxsize=4)

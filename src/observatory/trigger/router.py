@@ -10,16 +10,19 @@ answer 200 with ``success`` and ``errors``: triggerservice.py turns any 4xx or
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from observatory.core.config import Settings
 from observatory.core.errors import BadRequest, NotFound
+from observatory.core.gpstime import now_gps
 from observatory.core.web import get_session, templates_for
 from observatory.trigger import service
 from observatory.trigger.models import Trigger
@@ -32,6 +35,7 @@ from observatory.trigger.params import (
 )
 
 router = APIRouter(prefix="/trigger", tags=["trigger"])
+_ANSWERS_LOCK = threading.Lock()
 templates = templates_for(Path(__file__).parent)
 
 
@@ -44,10 +48,10 @@ async def _parameters(request: Request) -> dict[str, Any]:
         raise BadRequest(str(exc)) from exc
 
 
-def _endpoint(path: str) -> Callable[[Callable[..., Response]], Callable[..., Response]]:
+def _endpoint(path: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """GET and POST at ``path`` and ``path/``: a redirect would turn a client's POST into a GET."""
 
-    def register(handler: Callable[..., Response]) -> Callable[..., Response]:
+    def register(handler: Callable[..., Any]) -> Callable[..., Any]:
         router.api_route(path + "/", methods=["GET", "POST"], include_in_schema=False)(handler)
         return router.api_route(path, methods=["GET", "POST"])(handler)
 
@@ -84,23 +88,63 @@ def _number(params: dict[str, Any], name: str, default: float | None = None) -> 
     return value
 
 
+def _answers(request: Request) -> service.RecentAnswers:
+    """This app's recent busy/obslist/vcsfree answers (one set per app: one per database)."""
+    state = request.app.state
+    with _ANSWERS_LOCK:
+        if not hasattr(state, "trigger_answers"):
+            state.trigger_answers = service.RecentAnswers()
+    answers: service.RecentAnswers = state.trigger_answers
+    return answers
+
+
+def _changed(request: Request, result: dict[str, Any]) -> dict[str, Any]:
+    """Forget recent answers when a trigger changed the schedule."""
+    if result["success"] and not result["params"].get("pretend", True):
+        _answers(request).invalidate()
+    return result
+
+
 def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
+async def _answer(
+    request: Request, key: tuple[Any, ...], compute: Callable[[Session, int], Any]
+) -> Any:
+    """A recent answer from memory, or worked out in a worker thread with a session of its own.
+
+    Polling robots mostly get the answer of this second without a thread hop or a
+    database round trip.
+    """
+    answers, second = _answers(request), now_gps()
+    found, answer = answers.known(key, second)
+    if found:
+        return answer
+
+    def work() -> Any:
+        with request.app.state.session_factory() as session:
+            return answers.get(key, second, lambda: compute(session, second))
+
+    return await run_in_threadpool(work)
+
+
 @_endpoint("/busy")
-def busy(session: SessionDep, params: ParamsDep) -> Response:
+async def busy(request: Request, params: ParamsDep) -> Response:
     """``true`` if ``project_id`` may not override the schedule between now and now + obstime."""
     if not present(params, "project_id"):
         raise BadRequest("project_id is required")
-    return _json(
-        service.is_busy(session, str(params["project_id"]), _number(params, "obstime")), params
-    )
+    project_id, obstime = str(params["project_id"]), _number(params, "obstime")
+    answer = await _answer(
+        request, ("busy", project_id, obstime),
+        lambda session, second: service.is_busy(session, project_id, obstime, now=second),
+    )  # fmt: skip
+    return _json(answer, params)
 
 
 @_endpoint("/obslist")
-def obslist(session: SessionDep, params: ParamsDep) -> Response:
+async def obslist(request: Request, params: ParamsDep) -> Response:
     """Observations from now to now + obstime: [start, stop, obsname, creator, project_id, mode, groupid]."""
     current = False
     if present(params, "current"):
@@ -109,33 +153,45 @@ def obslist(session: SessionDep, params: ParamsDep) -> Response:
         except ParameterError as exc:
             raise BadRequest(str(exc)) from exc
     obstime = _number(params, "obstime", 0.0 if current else None)
-    return _json(service.obslist(session, obstime, current=current), params)
+    answer = await _answer(
+        request, ("obslist", obstime, current),
+        lambda session, second: service.obslist(session, obstime, current=current, now=second),
+    )  # fmt: skip
+    return _json(answer, params)
 
 
 @_endpoint("/vcsfree")
-def vcsfree(request: Request, session: SessionDep, params: ParamsDep) -> Response:
+async def vcsfree(request: Request, params: ParamsDep) -> Response:
     """Seconds of voltage capture the VCS disk can still take."""
-    return _json(service.vcs_free_s(session, _settings(request)), params)
+    settings = _settings(request)
+    answer = await _answer(
+        request,
+        ("vcsfree",),
+        lambda session, second: service.vcs_free_s(session, settings, now=second),
+    )
+    return _json(answer, params)
 
 
 @_endpoint("/triggerobs")
 def triggerobs(request: Request, session: SessionDep, params: ParamsDep) -> Response:
     """Trigger correlator observations (pretend by default)."""
     result = service.trigger_observations(session, _settings(request), params, vcs=False)
-    return _json(result, params)
+    return _json(_changed(request, result), params)
 
 
 @_endpoint("/triggervcs")
 def triggervcs(request: Request, session: SessionDep, params: ParamsDep) -> Response:
     """Trigger voltage-capture observations (pretend by default; all-sky with no target)."""
     result = service.trigger_observations(session, _settings(request), params, vcs=True)
-    return _json(result, params)
+    return _json(_changed(request, result), params)
 
 
 @_endpoint("/triggerbuffer")
 def triggerbuffer(request: Request, session: SessionDep, params: ParamsDep) -> Response:
     """Dump the voltage buffer and keep capturing (pretend by default)."""
-    return _json(service.trigger_buffer(session, _settings(request), params), params)
+    return _json(
+        _changed(request, service.trigger_buffer(session, _settings(request), params)), params
+    )
 
 
 @_endpoint("/show")

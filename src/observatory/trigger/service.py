@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 from sqlalchemy import Table, delete, func, select, update
@@ -26,7 +27,7 @@ from sqlalchemy.orm import Session
 from observatory.archive.models import FileKind, Observation, ObservationFile
 from observatory.core.accounts import check_project_key
 from observatory.core.config import Settings
-from observatory.core.gpstime import gps_to_utc_iso, now_gps
+from observatory.core.gpstime import gps_to_utc_iso, now_gps_precise
 from observatory.core.models import Project
 from observatory.telescope import catalogue
 from observatory.telescope.freqspec import FreqspecError, coarse_channel_centre_mhz, parse_freqspec
@@ -47,6 +48,8 @@ from observatory.trigger.params import (
     is_bool_word,
     present,
 )
+
+T = TypeVar("T")
 
 #: Observations start and stop on multiples of this many GPS seconds...
 BOUNDARY_S = 8
@@ -546,23 +549,27 @@ _SCHEDULE_COLUMNS = (
 
 
 def overlapping(session: Session, since: float, until: float) -> list[Any]:
-    """Observations overlapping [since, until), in time order, as rows of ``_SCHEDULE_COLUMNS``.
+    """Observations overlapping [since, until), in time order, with their owner's priority.
 
+    Rows of ``_SCHEDULE_COLUMNS`` plus ``owner_priority`` (0 for an unknown project).
     The schedule never overlaps, so only the last observation to start at or
-    before ``since`` can still be running then: two primary-key range reads.
+    before ``since`` can still be running then: one query, on the primary key.
     """
-    latest = session.execute(
-        select(*_SCHEDULE_COLUMNS)
-        .where(Observation.obsid <= since, _live())
-        .order_by(Observation.obsid.desc())
-        .limit(1)
-    ).first()
-    later = session.execute(
-        select(*_SCHEDULE_COLUMNS)
-        .where(Observation.obsid > since, Observation.obsid < until, _live())
+    # Whole seconds: compared with a fractional number, PostgreSQL casts the bigint key
+    # to numeric and cannot use its index (a sequential scan of the whole schedule).
+    first_second, last_second = math.floor(since), math.ceil(until)
+    latest_start = (
+        select(func.coalesce(func.max(Observation.obsid), -1))
+        .where(Observation.obsid <= first_second, _live())
+        .scalar_subquery()
+    )
+    rows = session.execute(
+        select(*_SCHEDULE_COLUMNS, func.coalesce(Project.priority, 0).label("owner_priority"))
+        .outerjoin(Project, Project.id == Observation.project_id)
+        .where(Observation.obsid >= latest_start, Observation.obsid < last_second, _live())
         .order_by(Observation.obsid)
     )
-    return ([latest] if latest is not None and latest.stoptime > since else []) + list(later)
+    return [row for row in rows if row.stoptime > since]
 
 
 def schedule_window(session: Session, start: int, end: int) -> tuple[Any | None, list[Any]]:
@@ -573,16 +580,7 @@ def schedule_window(session: Session, start: int, end: int) -> tuple[Any | None,
     return None, found
 
 
-def _priorities(session: Session, project_ids: set[str]) -> dict[str, int]:
-    if not project_ids:
-        return {}
-    rows = session.execute(select(Project.id, Project.priority).where(Project.id.in_(project_ids)))
-    return {row.id: row.priority for row in rows}
-
-
-def blockers(
-    session: Session, project: Project, observations: Sequence[Any], now: float
-) -> list[str]:
+def blockers(project: Project, observations: Sequence[Any], now: float) -> list[str]:
     """Why ``project`` may not interrupt ``observations`` (empty: it may).
 
     A project may always replace its own observations; others only when they
@@ -590,34 +588,33 @@ def blockers(
     capture in progress (a triggerbuffer capture from the moment it is made) is
     never interrupted.
     """
-    owners = _priorities(session, {o.project_id for o in observations} - {project.id})
     reasons = []
-    for observation in observations:
-        what = f"observation {observation.obsid} ({observation.obsname!r}, project {observation.project_id})"
-        capturing = observation.obsid <= now < observation.stoptime
+    for o in observations:
         # A buffer dump's capture runs from the moment of the trigger, before its own start.
-        if observation.mode in VCS_MODES and (capturing or observation.mode == "VOLTAGE_BUFFER"):
-            reasons.append(f"{what} is a voltage capture in progress and cannot be interrupted")
-        elif observation.project_id == project.id:
+        capturing = o.obsid <= now < o.stoptime or o.mode == "VOLTAGE_BUFFER"
+        if o.mode in VCS_MODES and capturing:
+            reason = "is a voltage capture in progress and cannot be interrupted"
+        elif o.project_id == project.id:
             continue
-        elif not observation.interruptible:
-            reasons.append(f"{what} is marked as not interruptible")
-        elif owners.get(observation.project_id, 0) >= project.priority:
-            reasons.append(
-                f"{what}: project {project.id} (priority {project.priority}) may not interrupt "
-                f"project {observation.project_id} (priority {owners.get(observation.project_id, 0)})"
-            )
+        elif not o.interruptible:
+            reason = "is marked as not interruptible"
+        elif o.owner_priority >= project.priority:
+            reason = (f"belongs to project {o.project_id} (priority {o.owner_priority}), which project "
+                      f"{project.id} (priority {project.priority}) may not interrupt")  # fmt: skip
+        else:
+            continue
+        reasons.append(f"observation {o.obsid} ({o.obsname!r}, project {o.project_id}) {reason}")
     return reasons
 
 
 def is_busy(session: Session, project_id: str, obstime_s: float, now: float | None = None) -> bool:
     """True if ``project_id`` may not override everything scheduled in [now, now + obstime)."""
-    now = now_gps() if now is None else now
+    now = now_gps_precise() if now is None else now
     observations = overlapping(session, now, now + obstime_s)
     if not observations:
         return False
     project = session.get(Project, project_id)
-    return project is None or bool(blockers(session, project, observations, now))
+    return project is None or bool(blockers(project, observations, now))
 
 
 def obslist(
@@ -627,11 +624,11 @@ def obslist(
 
     With ``current``: only the observation in progress, or else the last one to have started.
     """
-    now = now_gps() if now is None else now
+    now = now_gps_precise() if now is None else now
     if current:
         latest = session.execute(
             select(*_SCHEDULE_COLUMNS)
-            .where(Observation.obsid <= now, _live())
+            .where(Observation.obsid <= math.floor(now), _live())
             .order_by(Observation.obsid.desc())
             .limit(1)
         ).first()
@@ -648,7 +645,7 @@ def vcs_free_s(session: Session, settings: Settings, now: float | None = None) -
 
     Capacity less the voltage files on disk and the voltage observations still to run.
     """
-    now = now_gps() if now is None else now
+    now = now_gps_precise() if now is None else now
     rate_per_chan = settings.trigger_vcs_bytes_per_s_per_chan
     on_disk = (
         session.scalar(
@@ -658,12 +655,21 @@ def vcs_free_s(session: Session, settings: Settings, now: float | None = None) -
         )
         or 0
     )
+    columns = (Observation.obsid, Observation.stoptime, Observation.coarse_chans, Observation.mode)
+    running = session.execute(
+        select(*columns).where(Observation.obsid <= math.floor(now), _live())
+        .order_by(Observation.obsid.desc()).limit(1)
+    ).first()  # fmt: skip
+    future = session.execute(  # the (mode, obsid) index
+        select(*columns).where(
+            Observation.mode.in_(VCS_MODES), Observation.obsid > math.floor(now), _live()
+        )
+    )
     to_come = 0.0
-    scheduled = session.execute(
-        select(Observation.obsid, Observation.stoptime, Observation.coarse_chans)
-        .where(Observation.stoptime > now, Observation.mode.in_(VCS_MODES), _live())
-    )  # fmt: skip
-    for obsid, stoptime, chans in scheduled:
+    scheduled = [row for row in [running, *future] if row is not None and row.mode in VCS_MODES]
+    for obsid, stoptime, chans, _mode in scheduled:
+        if stoptime <= now:
+            continue
         to_come += (stoptime - max(obsid, now)) * len(chans or [None] * 24) * rate_per_chan
     free = settings.trigger_vcs_capacity_bytes - on_disk - to_come
     return max(0, int(free // (24 * rate_per_chan)))
@@ -701,7 +707,7 @@ def trigger_observations(
     Returns the reply (also recorded): success, errors, params, clear, schedule,
     trigger_id, obsid_list. ``session`` should hold no open transaction.
     """
-    now = float(now_gps() if now is None else now)
+    now = float(now_gps_precise() if now is None else now)
     request = read_trigger_request(raw, vcs=vcs, when_gps=int(now))
     project, auth_error = authenticate(session, request.project_id, request.secure_key)
     if auth_error:
@@ -735,7 +741,7 @@ def trigger_observations(
             .values(changes=ScheduleLock.changes + 1)
         )
     running, inside = schedule_window(session, start, end)
-    refused = blockers(session, project, [o for o in (running, *inside) if o is not None], now)
+    refused = blockers(project, [o for o in (running, *inside) if o is not None], now)
     if refused:
         session.rollback()
         request.errors += refused
@@ -975,7 +981,7 @@ def trigger_buffer(
     VOLTAGE_BUFFER observation with the settings of the observation in progress
     (or the last one), which must be buffering voltages.
     """
-    now = float(now_gps() if now is None else now)
+    now = float(now_gps_precise() if now is None else now)
     request = TriggerRequest(vcs=True)
     errors = request.errors
     request.project_id = str(raw["project_id"]).strip() if present(raw, "project_id") else "C001"
@@ -1004,7 +1010,7 @@ def trigger_buffer(
         errors.insert(0, auth_error)
     source = session.scalars(
         select(Observation)
-        .where(Observation.obsid <= now, _live())
+        .where(Observation.obsid <= math.floor(now), _live())
         .order_by(Observation.obsid.desc())
         .limit(1)
     ).first()
@@ -1043,7 +1049,7 @@ def trigger_buffer(
             .values(changes=ScheduleLock.changes + 1)
         )
     running, inside = schedule_window(session, new_start, new_stop) if into_future else (None, [])
-    refused = blockers(session, project, [o for o in (running, *inside) if o is not None], now)
+    refused = blockers(project, [o for o in (running, *inside) if o is not None], now)
     if refused:
         session.rollback()
         errors += refused
@@ -1095,3 +1101,51 @@ def trigger_buffer(
         clear=clear,
         schedule=schedule,
     )
+
+
+# -- answers to the read-only questions ----------------------------------------------------------
+
+
+class RecentAnswers:
+    """busy / obslist / vcsfree answers, worked out at most once per GPS second per question.
+
+    Robots poll these; within one second the answer can only change if the
+    schedule does. A schedule change made through this process (``invalidate``)
+    takes effect at once; one made elsewhere (another server process, the CLI) is
+    seen within a second. A trigger never relies on these answers: it checks the
+    schedule again under the lock.
+    """
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[Any, ...], tuple[tuple[int, int], Any]] = {}
+        self._generation = 0
+        self._max_entries = max_entries
+
+    def known(self, key: tuple[Any, ...], second: int) -> tuple[bool, Any]:
+        """(True, answer) if ``key`` was answered in ``second`` since the last change, else (False, None)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] == (second, self._generation):
+                return True, entry[1]
+        return False, None
+
+    def get(self, key: tuple[Any, ...], second: int, compute: Callable[[], T]) -> T:
+        """The answer to ``key`` in GPS second ``second``, computed if not known yet."""
+        with self._lock:
+            stamp = (second, self._generation)
+            known = self._entries.get(key)
+            if known is not None and known[0] == stamp:
+                return cast(T, known[1])
+        value = compute()
+        with self._lock:
+            if len(self._entries) >= self._max_entries:
+                self._entries.clear()
+            self._entries[key] = (stamp, value)
+        return value
+
+    def invalidate(self) -> None:
+        """Forget every answer (the schedule just changed)."""
+        with self._lock:
+            self._generation += 1
+            self._entries.clear()
