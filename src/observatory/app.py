@@ -24,7 +24,7 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool = False) -> F
     The database must already be migrated (``observatory db upgrade``; ``serve``
     and ``demo`` do it themselves). With ``run_jobs`` the app also runs the ASVO
     job dispatcher (on ``OBSERVATORY_DASK_SCHEDULER`` or an in-process cluster)
-    while it serves.
+    and, unless ``telescope_runner`` is off, the simulated telescope, while it serves.
     """
     settings = settings or get_settings()
     ensure_astropy_offline()
@@ -33,15 +33,21 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool = False) -> F
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        dispatcher = None
+        dispatcher = telescope = None
         if run_jobs:
+            from observatory.archive.runner import TelescopeRunner
             from observatory.asvo.dispatcher import Dispatcher
 
             dispatcher = Dispatcher(settings, session_factory)
             dispatcher.start()
+            if settings.telescope_runner:
+                telescope = TelescopeRunner(settings, session_factory)
+                telescope.start()
         try:
             yield
         finally:
+            if telescope is not None:
+                telescope.stop()
             if dispatcher is not None:
                 dispatcher.stop()
             engine.dispose()

@@ -93,7 +93,7 @@ def cmd_archive_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate_observation(args: argparse.Namespace) -> int:
-    from observatory.archive.simulated import simulate_and_register
+    from observatory.archive.simulated import catalogue_point_source, simulate_and_register
 
     settings = _settings(args)
     with session_scope(_session_factory(settings)) as session:
@@ -106,7 +106,8 @@ def cmd_simulate_observation(args: argparse.Namespace) -> int:
             fine_chan_khz=args.fine_chan_khz,
             n_timesteps=args.timesteps,
             int_time_s=args.int_time,
-            sources=args.source or _catalogue_sources(args.calibrator),
+            sources=args.source
+            or ([catalogue_point_source(args.calibrator)] if args.calibrator else []),
             calibrator=args.calibrator,
             mode=args.mode,
             project_id=args.project,
@@ -215,8 +216,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     upgrade(settings.resolved_database_url)
-    _run_server(create_app(settings, run_jobs=True), args)
+    _run_server(create_app(_serving(settings, args), run_jobs=True), args)
     return 0
+
+
+def _serving(settings: Settings, args: argparse.Namespace) -> Settings:
+    """The settings a server runs with (``--no-telescope`` switches the telescope off)."""
+    return (
+        settings.model_copy(update={"telescope_runner": False}) if args.no_telescope else settings
+    )
 
 
 def _run_server(app: object, args: argparse.Namespace) -> None:
@@ -246,6 +254,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.print(f"  health         : {base}/healthz", highlight=False)
     console.print(f"  API docs       : {base}/docs", highlight=False)
     console.print(f"  observations   : {base}/metadata/find", highlight=False)
+    console.print(f"  triggers       : {base}/trigger/find", highlight=False)
     console.print(
         f"  one observation: {base}/metadata/obs_page?obs_id={summary.obsids[0]}", highlight=False
     )
@@ -260,7 +269,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     from observatory.app import create_app
 
-    _run_server(create_app(settings, run_jobs=True), args)
+    _run_server(create_app(_serving(settings, args), run_jobs=True), args)
     return 0
 
 
@@ -271,24 +280,6 @@ def _comma_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a comma-separated list of integers"
         ) from exc
-
-
-def _catalogue_sources(name: str | None) -> list[PointSource]:
-    """The calibrator named on the command line, as a point source from the catalogue."""
-    if name is None:
-        return []
-    from observatory.telescope.catalogue import lookup
-
-    entry = lookup(name)
-    return [
-        PointSource(
-            entry.ra_deg,
-            entry.dec_deg,
-            entry.flux_jy_150mhz or 1.0,
-            entry.spectral_index or -0.8,
-            entry.name,
-        )
-    ]
 
 
 def _point_source(text: str) -> PointSource:
@@ -330,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
         server.add_argument("--port", type=int, default=8000)
         server.add_argument("--ssl-certfile", help="serve https with this certificate (PEM)")
         server.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
+        server.add_argument(
+            "--no-telescope", action="store_true",
+            help="do not run the simulated telescope (it records scheduled observations as they end)",
+        )  # fmt: skip
     demo.add_argument("--no-serve", action="store_true", help="seed and print, but do not serve")
 
     db = add("db", lambda _a: 0, "database administration")

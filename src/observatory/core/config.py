@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     trigger_vcs_bytes_per_s_per_chan: float = 655.36e6
     #: How much of the past the MWAX voltage buffer holds (triggerbuffer), seconds.
     trigger_buffer_s: int = 240
+    #: The simulated telescope of ``observatory serve``: it records each scheduled
+    #: correlator observation once it has ended, with this many tiles, no finer than this.
+    telescope_runner: bool = True
+    telescope_tiles: int = 16
+    telescope_min_fine_chan_khz: float = 40.0
+    telescope_min_int_time_s: float = 2.0
 
     @classmethod
     def settings_customise_sources(

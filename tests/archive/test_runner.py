@@ -1,0 +1,83 @@
+"""The simulated telescope records triggered observations once they end; ASVO can then serve them."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from astropy.io import fits
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from observatory.app import create_app
+from observatory.archive.models import Observation
+from observatory.archive.runner import observe_due
+from observatory.core.accounts import create_project, create_user
+from observatory.core.config import Settings
+from observatory.trigger import pointing, service
+
+NOON = 1_450_324_818  # a fixed time, so the pointing is the same on every run
+
+
+def test_triggered_observations_are_recorded_and_can_be_ordered(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    lst = float(pointing.local_apparent_sidereal_deg([NOON])[0])
+    with session_factory() as session:
+        create_project(session, "G0055", priority=5, secure_key="runner-key-1")
+        create_user(session, "dora", "runner-api-key")
+        session.commit()
+        result = service.trigger_observations(session, settings, {
+            "project_id": "G0055", "secure_key": "runner-key-1", "pretend": "false", "ra": lst,
+            "dec": -26.7, "nobs": 1, "exptime": 8, "freqspecs": "121,2", "calibrator": "true",
+            "calexptime": 8, "obsname": "runner test",
+        }, vcs=False, now=NOON)  # fmt: skip
+    assert result["success"] is True, result["errors"]
+    target_id, calibrator_id = result["obsid_list"]
+
+    settings = settings.model_copy(update={"telescope_tiles": 4})
+    assert (
+        observe_due(session_factory, settings, now=target_id + 4, limit=10) == []
+    )  # still observing
+    assert observe_due(session_factory, settings, now=calibrator_id + 8, limit=10) == [
+        target_id,
+        calibrator_id,
+    ]
+    assert (
+        observe_due(session_factory, settings, now=calibrator_id + 8, limit=10) == []
+    )  # once only
+
+    with session_factory() as session:
+        target = session.get(Observation, target_id)
+        calibrator = session.get(Observation, calibrator_id)
+        assert target is not None and calibrator is not None
+        kinds = sorted(f.kind for f in target.files)
+        assert kinds.count("mwax_vis") == 2 and "metafits" in kinds
+        assert (target.n_tiles, target.freq_res_khz, target.int_time_s) == (4, 40.0, 2.0)
+        assert target.obsname == "runner test" and target.project_id == "G0055"
+        metafits = Path(settings.archive_dir) / str(calibrator_id) / f"{calibrator_id}.metafits"
+        header = fits.getheader(metafits)
+        assert header["GPSTIME"] == calibrator_id and header["CALIBRAT"]
+        assert header["CALIBSRC"] == result["params"]["calname"] == calibrator.calibrator_source
+
+    # The recorded observation is an archive observation like any other: ASVO delivers it.
+    with TestClient(create_app(settings, run_jobs=True)) as client:
+        assert (
+            client.post(
+                "/api/api_login", auth=("mantaray-clientv2.0", "runner-api-key")
+            ).status_code
+            == 200
+        )
+        job = client.post(
+            "/api/download_vis_job", data={"obs_id": str(target_id), "download_type": "vis"}
+        )
+        assert job.status_code == 200, job.text
+        deadline = time.monotonic() + 120
+        while True:
+            (row,) = [e["row"] for e in client.get("/api/get_jobs").json()]
+            if row["job_state"] in ("completed", "error"):
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    assert row["job_state"] == "completed", row["error_text"]
+    assert row["product"]["files"][0]["size"] > 0
