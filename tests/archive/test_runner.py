@@ -81,3 +81,29 @@ def test_triggered_observations_are_recorded_and_can_be_ordered(
             time.sleep(0.2)
     assert row["job_state"] == "completed", row["error_text"]
     assert row["product"]["files"][0]["size"] > 0
+
+
+def test_voltage_captures_are_recorded_within_the_size_limit(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    with session_factory() as session:
+        create_project(session, "G0055", priority=5, secure_key="runner-key-1")
+        session.commit()
+        small = service.trigger_observations(session, settings, {
+            "project_id": "G0055", "secure_key": "runner-key-1", "pretend": "false", "nobs": 1,
+            "exptime": 16, "freqspecs": "121,2"}, vcs=True, now=NOON)  # fmt: skip
+        large = service.trigger_observations(session, settings, {
+            "project_id": "G0055", "secure_key": "runner-key-1", "pretend": "false", "nobs": 1,
+            "exptime": 64, "freqspecs": "145,24"}, vcs=True, now=NOON + 100)  # fmt: skip
+    assert small["success"] and large["success"], (small["errors"], large["errors"])
+    (small_id,), (large_id,) = small["obsid_list"], large["obsid_list"]
+    limited = settings.model_copy(update={"telescope_max_voltage_bytes": 200 * 2**20})
+    assert observe_due(session_factory, limited, now=NOON + 1000, limit=5) == [small_id]
+    with session_factory() as session:
+        recorded = session.get(Observation, small_id)
+        assert recorded is not None
+        voltages = [f for f in recorded.files if f.kind == "voltage"]
+        assert len(voltages) == 2 * 2  # 2 sub-files x 2 coarse channels
+        assert recorded.mode == "MWAX_VCS" and recorded.n_tiles == 1
+        too_large = session.get(Observation, large_id)
+        assert too_large is not None and not too_large.files  # 64 s x 24 channels: left alone

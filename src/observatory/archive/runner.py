@@ -3,27 +3,32 @@
 When a scheduled correlator observation (one a trigger put in the schedule) has
 ended and has no files yet, the simulator records it into the archive under its
 own obsid, so it can be ordered through ASVO like any other observation.
-Voltage captures (MWAX_VCS, VOLTAGE_BUFFER) are not recorded: a simulated
-voltage capture is gigabytes per second of data.
+Voltage captures (MWAX_VCS, VOLTAGE_BUFFER) are recorded as MWAX_VCS sub-files
+of a few tiles, unless they would exceed ``telescope_max_voltage_bytes`` (a
+voltage capture is 41 MB per tile, coarse channel and 8 s): those are left
+unrecorded, and said so once.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import defaultdict
 
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from observatory.archive.models import Observation, ObservationFile
-from observatory.archive.simulated import observe_scheduled
+from observatory.archive.simulated import VOLTAGE_MODES, observe_scheduled, voltage_bytes
 from observatory.core.config import Settings
 from observatory.core.gpstime import now_gps
 
 log = logging.getLogger(__name__)
 
 #: Modes the simulated telescope records.
-RECORDED_MODES = ("MWAX_CORRELATOR",)
+RECORDED_MODES = ("MWAX_CORRELATOR", *sorted(VOLTAGE_MODES))
+#: Per database: observations this process will not try (again): too large, or failed once.
+_SKIPPED: dict[str, set[int]] = defaultdict(set)
 
 
 def due_observations(session: Session, now: float, limit: int) -> list[Observation]:
@@ -50,23 +55,36 @@ def observe_due(
     """Record up to ``limit`` ended observations; returns their obsids.
 
     Each is simulated and registered in a transaction of its own; one that fails
-    is logged and left for the next pass.
+    is logged and not tried again by this process.
     """
     now = now_gps() if now is None else now
+    skipped = _SKIPPED[settings.resolved_database_url]
     with session_factory() as session:
-        due = [o.obsid for o in due_observations(session, now, limit)]
+        due = []
+        for observation in due_observations(session, now, limit + len(skipped)):
+            size = voltage_bytes(observation, settings.telescope_vcs_tiles)
+            if observation.obsid in skipped:
+                continue
+            if observation.mode in VOLTAGE_MODES and size > settings.telescope_max_voltage_bytes:
+                skipped.add(observation.obsid)
+                log.warning("not recording voltage capture %s: %d bytes is more than "
+                            "telescope_max_voltage_bytes", observation.obsid, size)  # fmt: skip
+                continue
+            due.append(observation.obsid)
+        due = due[:limit]
     recorded = []
     for obsid in due:
         with session_factory() as session:
-            observation = session.get(Observation, obsid)
-            if observation is None:
+            scheduled = session.get(Observation, obsid)
+            if scheduled is None:
                 continue
             try:
-                observe_scheduled(session, settings, observation)
+                observe_scheduled(session, settings, scheduled)
                 session.commit()
-            except Exception:  # keep the telescope running; the next pass retries
+            except Exception:  # keep the telescope running, without retrying this one
                 session.rollback()
-                log.exception("could not record observation %s", obsid)
+                skipped.add(obsid)
+                log.exception("could not record observation %s; not trying again", obsid)
                 continue
         recorded.append(obsid)
         log.info("recorded observation %s", obsid)

@@ -11,8 +11,16 @@ from observatory.archive.service import get_observation, ingest_directory
 from observatory.core.config import Settings
 from observatory.core.storage import Storage
 from observatory.telescope.catalogue import lookup
+from observatory.telescope.instrument import (
+    MWAX_SUBOBS_S,
+    VCS_BLOCKS_PER_SUBOBS,
+    VCS_SAMPLES_PER_BLOCK,
+    VCS_SUBFILE_HEADER_BYTES,
+)
 from observatory.telescope.simulator import PointSource, simulate_observation
 
+#: Scheduled modes recorded as voltages (MWAX_VCS sub-files).
+VOLTAGE_MODES = frozenset({"MWAX_VCS", "VOLTAGE_BUFFER"})
 #: Brightness given to a triggered target (not in the catalogue), Jy at 150 MHz.
 TARGET_FLUX_JY = 10.0
 
@@ -85,14 +93,18 @@ def observe_scheduled(
 
     The simulated telescope records ``settings.telescope_tiles`` tiles at no finer
     than ``telescope_min_fine_chan_khz`` and ``telescope_min_int_time_s`` (a real
-    128-tile, 10 kHz, 0.5 s observation is tens of GB); the observation's record
-    is updated to what was recorded, so it agrees with its metafits. The source is
+    128-tile, 10 kHz, 0.5 s observation is tens of GB), and voltage captures
+    (``MWAX_VCS``, ``VOLTAGE_BUFFER``) as MWAX_VCS sub-files of
+    ``telescope_vcs_tiles`` tiles; the observation's record is updated to what was
+    recorded, so it agrees with its metafits. The source is
     the calibrator of a calibrator observation, else a 10 Jy point source at the
     phase centre.
     """
     exposure_s = observation.stoptime - observation.obsid
+    voltages = observation.mode in VOLTAGE_MODES
     int_time_s = max(observation.int_time_s or 0.0, settings.telescope_min_int_time_s)
     fine_chan_khz = max(observation.freq_res_khz or 0.0, settings.telescope_min_fine_chan_khz)
+    n_tiles = settings.telescope_vcs_tiles if voltages else settings.telescope_tiles
     if observation.calibration and observation.calibrator_source:
         sources = [catalogue_point_source(observation.calibrator_source)]
     else:
@@ -114,14 +126,15 @@ def observe_scheduled(
     simulate_observation(
         out_dir,
         observation.obsid,
-        n_tiles=settings.telescope_tiles,
+        n_tiles=n_tiles,
         coarse_chans=observation.coarse_chans,
         fine_chan_khz=fine_chan_khz,
         int_time_s=int_time_s,
-        n_timesteps=max(1, int(exposure_s // int_time_s)),
+        # Correlator: integrations; voltages: 8-s sub-files.
+        n_timesteps=max(1, int(exposure_s // (MWAX_SUBOBS_S if voltages else int_time_s))),
         sources=sources,
         pointing_radec_deg=pointing,  # type: ignore[arg-type]
-        mode="MWAX_CORRELATOR",
+        mode="MWAX_VCS" if voltages else "MWAX_CORRELATOR",
         gain_amplitude_scatter=0.1,
         delay_error_scatter_ns=2.0,
         noise_sigma_jy=1.0,
@@ -131,8 +144,19 @@ def observe_scheduled(
         calibrator=observation.calibrator_source if observation.calibration else None,
     )
     ingest_directory(session, Storage(settings.archive_dir), out_dir)
-    observation.n_tiles = settings.telescope_tiles
-    observation.freq_res_khz = fine_chan_khz
-    observation.int_time_s = int_time_s
+    observation.n_tiles = n_tiles
+    if not voltages:
+        observation.freq_res_khz = fine_chan_khz
+        observation.int_time_s = int_time_s
     session.flush()
     return observation
+
+
+def voltage_bytes(observation: Observation, n_tiles: int) -> int:
+    """Bytes of MWAX_VCS sub-files recording ``observation`` with ``n_tiles`` tiles."""
+    n_subfiles = max(1, (observation.stoptime - observation.obsid) // MWAX_SUBOBS_S)
+    # Two inputs per tile, 8-bit real + 8-bit imaginary samples.
+    per_subfile = (
+        VCS_SUBFILE_HEADER_BYTES + VCS_BLOCKS_PER_SUBOBS * 2 * n_tiles * VCS_SAMPLES_PER_BLOCK * 2
+    )
+    return int(n_subfiles * len(observation.coarse_chans or [0]) * per_subfile)

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     telescope_tiles: int = 16
     telescope_min_fine_chan_khz: float = 40.0
     telescope_min_int_time_s: float = 2.0
+    #: Voltage captures: tiles recorded, and the largest capture recorded at all (bytes).
+    telescope_vcs_tiles: int = 1
+    telescope_max_voltage_bytes: int = 4 * 2**30
 
     @classmethod
     def settings_customise_sources(
