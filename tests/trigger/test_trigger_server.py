@@ -79,9 +79,10 @@ def test_the_client_library_calls(server: tuple[str, str]) -> None:
     refused = ts.trigger(project_id=project, secure_key="wrong", ra=0.0, dec=0.0, base_url=base)
     assert refused is not None and refused["success"] is False and refused["errors"]
     # TraceT's credential check: pretend VCS at RA 0 Dec 0 for 900 s with a calibrator.
-    check = ts.trigger(project_id=project, secure_key=key, ra=0.0, dec=0.0, nobs=1, exptime=896,
+    check = ts.trigger(project_id=project, secure_key=key, ra=0.0, dec=0.0, nobs=1, exptime=900,
                        freqspecs="121,24", calibrator=True, vcsmode=True, pretend=True, base_url=base)  # fmt: skip
     assert check is not None and check["success"] is True, check["errors"]
+    assert any("exptime: 900 s" in w for w in check["params"]["warnings"])
     buffer = ts.trigger(project_id=project, secure_key=key, vcsmode=True, buffered=True, nobs=1, exptime=8,
                         pretend=True, base_url=base)  # fmt: skip
     assert buffer is not None and buffer["success"] is False  # nothing is buffering

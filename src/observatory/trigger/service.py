@@ -163,8 +163,8 @@ def read_trigger_request(raw: Mapping[str, Any], *, vcs: bool, when_gps: int) ->
     if nobs is not None and nobs < 1:
         errors.append(f"nobs: {nobs} is not at least 1 observation")
     request.nobs = int(nobs or 1)
-    request.exptime_s = _exposure("exptime", get("exptime"), errors)
-    request.calexptime_s = _exposure("calexptime", get("calexptime"), errors)
+    request.exptime_s = _exposure(request, "exptime", get("exptime"))
+    request.calexptime_s = _exposure(request, "calexptime", get("calexptime"))
     atten = attempt("atten", lambda: as_number("atten", get("atten")))
     if atten is not None and not 0.0 <= atten <= MAX_ATTEN_DB:
         errors.append(f"atten: {atten} dB is outside 0..{MAX_ATTEN_DB} dB")
@@ -233,16 +233,24 @@ def read_trigger_request(raw: Mapping[str, Any], *, vcs: bool, when_gps: int) ->
     return request
 
 
-def _exposure(name: str, value: Any, errors: list[str]) -> int:
+def _exposure(request: TriggerRequest, name: str, value: Any) -> int:
+    """An exposure in seconds, a positive multiple of 8.
+
+    Another length is an error, except in pretend mode, where it is planned
+    rounded up and reported as a warning: TraceT checks a project's key with a
+    pretend call of ``exptime=900``, which must succeed.
+    """
     try:
         seconds = as_number(name, value, integer=True)
     except ParameterError as exc:
-        errors.append(str(exc))
+        request.errors.append(str(exc))
         return BOUNDARY_S
-    if seconds < BOUNDARY_S or seconds % BOUNDARY_S:
-        errors.append(f"{name}: {value} s is not a positive multiple of {BOUNDARY_S} s")
-        return BOUNDARY_S
-    return int(seconds)
+    if seconds >= BOUNDARY_S and seconds % BOUNDARY_S == 0:
+        return int(seconds)
+    rounded = max(BOUNDARY_S, math.ceil(seconds / BOUNDARY_S) * BOUNDARY_S)
+    message = f"{name}: {value} s is not a positive multiple of {BOUNDARY_S} s"
+    _problem(request, message if not request.pretend else f"{message} (planned as {rounded} s)")
+    return rounded
 
 
 def _read_targets(raw: Mapping[str, Any], errors: list[str], when_gps: int) -> list[Target]:
