@@ -126,6 +126,11 @@ class Settings(BaseSettings):
         return path.read_text().strip().encode()
 
     @property
+    def calib_dir(self) -> Path:
+        """Calibration solution files (one sub-directory per fit)."""
+        return self.data_dir / "calib"
+
+    @property
     def products_dir(self) -> Path:
         """Where ASVO products (tars for acacia delivery) are kept until they expire."""
         return self.data_dir / "products"

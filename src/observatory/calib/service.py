@@ -1,0 +1,345 @@
+"""Calibration fits: storing them, choosing the best one for a target, packaging it.
+
+The choice (specs/calib.md section 5 DESIGN, with the source document's
+defaults): fits of calibrator observations with the target's coarse channels and,
+when both are known, its analogue attenuation; within ``max_time_separation``
+(86400 s) of the target, after it too unless ``allow_after=0`` (the source
+document's default is 1); the smallest time separation, ties going to the newest
+fit. ``prefer_fitid`` names a fit to use instead.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from observatory.archive.models import Observation
+from observatory.calib.formats import CalSolutions, read_aocal, write_aocal, write_hyperdrive
+from observatory.calib.models import CalibrationFit, CalibrationSolution
+from observatory.core.config import Settings
+from observatory.core.errors import BadRequest, NotFound
+from observatory.telescope.instrument import SPEED_OF_LIGHT_M_S, fine_chan_freqs_hz, tile_layout
+
+DEFAULT_MAX_TIME_SEPARATION_S = 86_400
+#: Chanblock width of solutions rebuilt from the table (calvin's Birli setting).
+REBUILT_CHANBLOCK_HZ = 40_000
+OUTPUT_FORMATS = ("aocal", "auto", "hyperdrive")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A fit that may calibrate a target: its calibrator and how far in time it is."""
+
+    fitid: int
+    calid: int
+    offset_s: int
+    filename: str | None
+
+
+def new_fitid() -> int:
+    """A fit id: the Unix time now in microseconds (calvin's convention)."""
+    return time.time_ns() // 1000
+
+
+def target_observation(session: Session, obsid: int) -> Observation:
+    """The observation to calibrate.
+
+    Raises
+    ------
+    BadRequest
+        If it is not in the schedule database.
+    """
+    observation = session.get(Observation, obsid)
+    if observation is None or observation.deleted:
+        raise BadRequest(f"obs_id {obsid} does not exist in the schedule database")
+    return observation
+
+
+def compatible(target: Observation, calibrator: Observation) -> bool:
+    """Same coarse channels, and the same attenuation when both are known."""
+    if sorted(target.coarse_chans or []) != sorted(calibrator.coarse_chans or []):
+        return False
+    return (
+        target.atten_db is None
+        or calibrator.atten_db is None
+        or target.atten_db == calibrator.atten_db
+    )
+
+
+def candidate_fits(
+    session: Session,
+    target: Observation,
+    *,
+    max_time_separation_s: int = DEFAULT_MAX_TIME_SEPARATION_S,
+    allow_after: bool = True,
+) -> list[Candidate]:
+    """Every fit that may calibrate ``target``, best first."""
+    latest = target.obsid + (max_time_separation_s if allow_after else 0)
+    rows = session.execute(
+        select(CalibrationFit.fitid, CalibrationFit.solution_file, Observation)
+        .join(Observation, Observation.obsid == CalibrationFit.obsid)
+        .where(
+            CalibrationFit.obsid >= target.obsid - max_time_separation_s,
+            CalibrationFit.obsid <= latest,
+            Observation.calibration.is_(True),
+            Observation.deleted.is_(False),
+        )
+    )
+    found = [
+        Candidate(fitid, calibrator.obsid, abs(calibrator.obsid - target.obsid), filename)
+        for fitid, filename, calibrator in rows
+        if compatible(target, calibrator)
+    ]
+    return sorted(found, key=lambda c: (c.offset_s, -c.fitid))
+
+
+def best_fit(
+    session: Session,
+    obsid: int,
+    *,
+    max_time_separation_s: int = DEFAULT_MAX_TIME_SEPARATION_S,
+    allow_after: bool = True,
+    prefer_fitid: int | None = None,
+) -> tuple[Observation, CalibrationFit]:
+    """The target observation and the fit to calibrate it with.
+
+    Raises
+    ------
+    BadRequest
+        For an unknown obsid.
+    NotFound
+        When ``prefer_fitid`` does not exist, or no fit is within range.
+    """
+    target = target_observation(session, obsid)
+    if prefer_fitid is not None:
+        preferred = session.get(CalibrationFit, prefer_fitid)
+        if preferred is None:
+            raise NotFound(f"prefer_fitid {prefer_fitid} is not a calibration fit")
+        return target, preferred
+    candidates = candidate_fits(
+        session, target, max_time_separation_s=max_time_separation_s, allow_after=allow_after
+    )
+    if not candidates:
+        raise NotFound(
+            f"no calibration fit for obs_id {obsid} within {max_time_separation_s} s"
+            f"{'' if allow_after else ' before it'} (a calibrator with the same coarse channels "
+            "and attenuation)"
+        )
+    fit = session.get(CalibrationFit, candidates[0].fitid)
+    assert fit is not None
+    return target, fit
+
+
+# -- the solution files ------------------------------------------------------------------------
+
+
+def solution_path(settings: Settings, fit: CalibrationFit) -> Path | None:
+    """The fit's cached AO-cal file, if it has one on disk."""
+    if not fit.solution_file:
+        return None
+    path = settings.calib_dir / fit.solution_file
+    return path if path.is_file() else None
+
+
+def solutions_from_table(session: Session, fit: CalibrationFit) -> CalSolutions:
+    """AO-cal solutions rebuilt from the fit's per-tile rows (``nocache``).
+
+    Per tile and polarisation the Jones element is ``exp(i(2 pi nu L / c + b)) / a(nu)``
+    with L = -delay_m (the stored convention), b the intercept and a(nu) the
+    fitted inverse amplitude ``pol0 + pol1 nu`` of the coarse channel (its mean gain
+    where the line is missing): the phase fit and the gain fit, on 40 kHz
+    chanblocks of the calibrator's coarse channels. Cross terms are 0; a tile that
+    did not calibrate is NaN.
+    """
+    calibrator = session.get(Observation, fit.obsid)
+    if calibrator is None:
+        raise NotFound(
+            f"calibrator observation {fit.obsid} of fit {fit.fitid} is not in the archive"
+        )
+    chans = sorted(calibrator.coarse_chans or [])
+    freqs = np.concatenate([fine_chan_freqs_hz(c, REBUILT_CHANBLOCK_HZ) for c in chans])
+    per_coarse = len(freqs) // max(len(chans), 1)
+    coarse_index = np.repeat(np.arange(len(chans)), per_coarse)
+    rows = sorted(fit.solutions, key=lambda r: r.antenna)
+    n_ant = max((r.antenna for r in rows), default=-1) + 1
+    jones = np.full((1, n_ant, len(freqs), 4), np.nan, dtype=np.complex128)
+    for row in rows:
+        for pol, element in (("x", 0), ("y", 3)):
+            delay_m, intercept = getattr(row, f"{pol}_delay_m"), getattr(row, f"{pol}_intercept")
+            if delay_m is None or intercept is None or not math.isfinite(delay_m):
+                continue
+            pol0 = _floats(getattr(row, f"{pol}_gains_pol0"), len(chans))
+            pol1 = _floats(getattr(row, f"{pol}_gains_pol1"), len(chans))
+            mean = _floats(getattr(row, f"{pol}_gains"), len(chans))
+            line = pol0[coarse_index] + pol1[coarse_index] * freqs
+            inverse_amplitude = np.where(np.isfinite(line) & (line > 0), line, mean[coarse_index])
+            phase = 2.0 * np.pi * freqs * (-delay_m) / SPEED_OF_LIGHT_M_S + intercept
+            jones[0, row.antenna, :, element] = np.exp(1j * phase) / inverse_amplitude
+        if np.isfinite(jones[0, row.antenna][:, [0, 3]]).any():
+            jones[0, row.antenna, :, 1:3] = 0.0
+    exposure = (calibrator.stoptime - calibrator.obsid) if calibrator.stoptime else 0
+    return CalSolutions(
+        jones=jones, start_gps=float(calibrator.obsid), end_gps=float(calibrator.obsid + exposure),
+        chanblock_freqs_hz=freqs, obsid=calibrator.obsid,
+    )  # fmt: skip
+
+
+def _floats(values: Sequence[float | None] | None, n: int) -> np.ndarray:
+    array = np.full(n, np.nan)
+    for i, value in enumerate((values or [])[:n]):
+        array[i] = np.nan if value is None else float(value)
+    return array
+
+
+def flagged_tiles(fit: CalibrationFit) -> list[int]:
+    """Tile ids of the tiles that did not calibrate (no delay fit in either polarisation)."""
+
+    def failed(value: float | None) -> bool:
+        return value is None or not math.isfinite(value)
+
+    return sorted(r.tileid for r in fit.solutions if failed(r.x_delay_m) and failed(r.y_delay_m))
+
+
+FLAGS_SCRIPT = '''#!/usr/bin/env python
+"""Flag the tiles of observation {obsid} that did not calibrate (fit {fitid} of {calid}).
+
+In CASA:        casa -c {obsid}_flags.py {obsid}.ms
+With casatasks: python {obsid}_flags.py {obsid}.ms
+"""
+
+import sys
+
+FLAGGED_TILE_IDS = {tile_ids!r}
+FLAGGED_TILE_NAMES = {tile_names!r}
+
+
+def main(vis):
+    if not FLAGGED_TILE_NAMES:
+        print("no tiles to flag")
+        return
+    task = globals().get("flagdata")  # CASA's own session provides it
+    if task is None:
+        from casatasks import flagdata as task
+    task(vis=vis, mode="manual", antenna=",".join(FLAGGED_TILE_NAMES), flagbackup=True)
+    print("flagged", len(FLAGGED_TILE_NAMES), "tiles in", vis)
+
+
+if __name__ == "__main__":
+    main(sys.argv[-1])
+'''
+
+
+def solution_zip(
+    session: Session,
+    settings: Settings,
+    target: Observation,
+    fit: CalibrationFit,
+    *,
+    output_format: str = "aocal",
+    nocache: bool = False,
+) -> bytes:
+    """The zip ``get_cal_solution`` answers: solutions, flagged tiles, CASA flag script.
+
+    ``<calid>.bin`` (AO-cal; ``output_format=hyperdrive`` gives
+    ``<calid>_solutions.fits``), ``<obsid>_flagged_tiles.txt`` (one tile id a line)
+    and ``<obsid>_flags.py``. The cached file of the fit is used unless ``nocache``
+    or there is none; then the solutions are rebuilt from the table.
+
+    Raises
+    ------
+    BadRequest
+        For an unknown ``output_format``.
+    """
+    if output_format not in OUTPUT_FORMATS:
+        raise BadRequest(
+            f"output_format {output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}"
+        )
+    cached = None if nocache else solution_path(settings, fit)
+    solutions = read_aocal(cached) if cached is not None else solutions_from_table(session, fit)
+    scratch = io.BytesIO()
+    with zipfile.ZipFile(scratch, "w", zipfile.ZIP_DEFLATED) as archive:
+        if output_format == "hyperdrive":
+            archive.writestr(
+                f"{fit.obsid}_solutions.fits", _file_bytes(write_hyperdrive, solutions, ".fits")
+            )
+        elif cached is not None:
+            archive.write(cached, f"{fit.obsid}.bin")
+        else:
+            archive.writestr(f"{fit.obsid}.bin", _file_bytes(write_aocal, solutions, ".bin"))
+        tiles = flagged_tiles(fit)
+        names = {t.tile_id: t.tile_name for t in tile_layout()}
+        archive.writestr(f"{target.obsid}_flagged_tiles.txt", "".join(f"{t}\n" for t in tiles))
+        archive.writestr(f"{target.obsid}_flags.py", FLAGS_SCRIPT.format(
+            obsid=target.obsid, fitid=fit.fitid, calid=fit.obsid, tile_ids=tiles,
+            tile_names=[names.get(t, f"Tile{t:03d}") for t in tiles],
+        ))  # fmt: skip
+    return scratch.getvalue()
+
+
+def _file_bytes(writer: object, solutions: CalSolutions, suffix: str) -> bytes:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"solutions{suffix}"
+        writer(path, solutions)  # type: ignore[operator]
+        return path.read_bytes()
+
+
+def store_fit(
+    session: Session,
+    settings: Settings,
+    obsid: int,
+    solutions: CalSolutions,
+    tile_rows: Sequence[dict[str, object]],
+    *,
+    creator: str = "calvin",
+    code_version: str = "",
+    fit_niter: int | None = None,
+    source_list: str | None = None,
+    num_sources: int | None = None,
+    calibration_command: str = "",
+    gain_max_cutoff: float | None = None,
+) -> CalibrationFit:
+    """Record a fit: its AO-cal file in the calibration store, its row and one row per tile.
+
+    ``tile_rows`` hold ``calibration_solutions`` columns (``tileid``, ``antenna``,
+    ``x_delay_m``, ...); NaN becomes NULL.
+    """
+    fitid = new_fitid()
+    while session.get(CalibrationFit, fitid) is not None:
+        fitid += 1
+    relative = f"{fitid}/{obsid}.bin"
+    path = settings.calib_dir / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_aocal(path, solutions)
+    fit = CalibrationFit(
+        fitid=fitid, obsid=obsid, creator=creator, code_version=code_version, fit_niter=fit_niter,
+        source_list=source_list, num_sources=num_sources, calibration_command=calibration_command,
+        gain_max_cutoff=gain_max_cutoff, solution_file=relative,
+    )  # fmt: skip
+    fit.solutions = [CalibrationSolution(obsid=obsid, **_nulls(row)) for row in tile_rows]
+    session.add(fit)
+    session.flush()
+    return fit
+
+
+def _nulls(row: dict[str, object]) -> dict[str, object]:
+    """NaN (scalars and list items) to None: JSON and SQL have no NaN."""
+
+    def clean(value: object) -> object:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, list | tuple | np.ndarray):
+            return [clean(float(v)) for v in value]
+        return value
+
+    return {key: clean(value) for key, value in row.items()}

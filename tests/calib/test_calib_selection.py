@@ -1,0 +1,228 @@
+"""Choosing the best calibration fit for an observation, and the zip get_cal_solution answers."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from observatory.app import create_app
+from observatory.archive.models import Observation
+from observatory.calib import service
+from observatory.calib.formats import CalSolutions, read_aocal, read_hyperdrive
+from observatory.core.config import Settings
+from observatory.telescope.instrument import SPEED_OF_LIGHT_M_S, fine_chan_freqs_hz, tile_layout
+
+TARGET = 1_400_000_000
+CHANS = list(range(109, 133))
+OTHER_CHANS = list(range(133, 157))
+TILES = [t.tile_id for t in tile_layout()[:4]]
+
+
+def add_obs(session: Session, obsid: int, *, calibration: bool = True, chans: list[int] = CHANS,
+            atten: float | None = 1.0) -> None:  # fmt: skip
+    session.add(Observation(obsid=obsid, stoptime=obsid + 120, mode="MWAX_CORRELATOR", obsname=f"obs {obsid}",
+                            coarse_chans=chans, atten_db=atten, calibration=calibration,
+                            calibrator_source="HydA" if calibration else None))  # fmt: skip
+
+
+def tile_rows(delays_m: list[float], flagged: set[int] = frozenset()) -> list[dict[str, Any]]:  # type: ignore[assignment]
+    rows = []
+    for antenna, (tileid, delay) in enumerate(zip(TILES, delays_m, strict=True)):
+        bad = tileid in flagged
+        value = float("nan") if bad else delay
+        rows.append({
+            "tileid": tileid, "antenna": antenna,
+            "x_delay_m": value, "x_intercept": float("nan") if bad else 0.3,
+            "y_delay_m": value, "y_intercept": float("nan") if bad else -0.2,
+            "x_gains": [float("nan") if bad else 0.5] * 24, "y_gains": [float("nan") if bad else 0.25] * 24,
+            "x_gains_pol0": [float("nan") if bad else 0.5] * 24, "x_gains_pol1": [0.0] * 24,
+            "y_gains_pol0": [float("nan") if bad else 0.25] * 24, "y_gains_pol1": [0.0] * 24,
+        })  # fmt: skip
+    return rows
+
+
+def add_fit(
+    session: Session, settings: Settings, calid: int, flagged: set[int] = frozenset()
+) -> int:  # type: ignore[assignment]
+    jones = np.ones((1, len(TILES), 8, 4), dtype=np.complex128)
+    jones[:, :, :, 1:3] = 0
+    for tile in flagged:
+        jones[:, TILES.index(tile)] = np.nan
+    fit = service.store_fit(session, settings, calid, CalSolutions(jones=jones, obsid=calid),
+                            tile_rows([0.1, -0.2, 0.3, 0.0], flagged), code_version="test")  # fmt: skip
+    return fit.fitid
+
+
+@pytest.fixture
+def fits(settings: Settings, session_factory: sessionmaker[Session]) -> dict[str, int]:
+    """A target and calibrators around it, with fits."""
+    with session_factory() as session:
+        add_obs(session, TARGET, calibration=False)
+        layout = {
+            "before": TARGET - 3600,
+            "after": TARGET + 1800,
+            "other_chans": TARGET - 600,
+            "other_atten": TARGET - 300,
+            "far": TARGET - 100_000,
+            "not_a_calibrator": TARGET - 60,
+        }
+        for name, obsid in layout.items():
+            add_obs(session, obsid, calibration=name != "not_a_calibrator",
+                    chans=OTHER_CHANS if name == "other_chans" else CHANS,
+                    atten=2.0 if name == "other_atten" else 1.0)  # fmt: skip
+        session.flush()
+        ids = {
+            name: add_fit(session, settings, obsid, flagged={TILES[1]})
+            for name, obsid in layout.items()
+        }
+        ids["before_newer"] = add_fit(session, settings, layout["before"])
+        session.commit()
+    return ids
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({}, "after"),  # the nearest, after the target allowed (the default)
+        ({"allow_after": False}, "before_newer"),  # before it: the newest of two fits
+        ({"max_time_separation_s": 1000}, None),  # nothing that near with the same settings
+        ({"max_time_separation_s": 200_000, "allow_after": False}, "before_newer"),
+    ],
+)
+def test_selection_rule(
+    fits: dict[str, int],
+    session_factory: sessionmaker[Session],
+    params: dict[str, Any],
+    expected: str | None,
+) -> None:
+    with session_factory() as session:
+        if expected is None:
+            with pytest.raises(service.NotFound, match="no calibration fit"):
+                service.best_fit(session, TARGET, **params)
+            return
+        _, fit = service.best_fit(session, TARGET, **params)
+        assert fit.fitid == fits[expected]
+
+
+def test_what_is_never_chosen(fits: dict[str, int], session_factory: sessionmaker[Session]) -> None:
+    with session_factory() as session:
+        target = session.get(Observation, TARGET)
+        assert target is not None
+        chosen = {
+            c.fitid for c in service.candidate_fits(session, target, max_time_separation_s=10**6)
+        }
+        assert fits["other_chans"] not in chosen and fits["other_atten"] not in chosen
+        assert fits["not_a_calibrator"] not in chosen and fits["far"] in chosen
+        target.atten_db = None  # unknown attenuation: not a criterion
+        chosen = {c.fitid for c in service.candidate_fits(session, target)}
+        assert fits["other_atten"] in chosen
+        # A calibrator asking for its own fit: its start time and no separation.
+        _, own = service.best_fit(session, TARGET - 3600, max_time_separation_s=0)
+        assert own.fitid == fits["before_newer"]
+        _, preferred = service.best_fit(session, TARGET, prefer_fitid=fits["far"])
+        assert preferred.fitid == fits["far"]
+        with pytest.raises(service.NotFound, match="prefer_fitid"):
+            service.best_fit(session, TARGET, prefer_fitid=12345)
+        with pytest.raises(service.BadRequest, match="does not exist"):
+            service.best_fit(session, 1_399_999_992)
+
+
+@pytest.fixture
+def client(settings: Settings, fits: dict[str, int]) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def test_get_cal_solution_zip(client: TestClient, fits: dict[str, int], tmp_path: Path) -> None:
+    reply = client.get("/calib/get_cal_solution", params={"obs_id": TARGET})
+    assert reply.status_code == 200 and reply.headers["content-type"] == "application/zip"
+    calid = TARGET + 1800
+    with zipfile.ZipFile(io.BytesIO(reply.content)) as archive:
+        assert sorted(archive.namelist()) == sorted(
+            [f"{calid}.bin", f"{TARGET}_flagged_tiles.txt", f"{TARGET}_flags.py"]
+        )
+        assert archive.read(f"{TARGET}_flagged_tiles.txt").decode() == f"{TILES[1]}\n"
+        (tmp_path / "sol.bin").write_bytes(archive.read(f"{calid}.bin"))
+        script = archive.read(f"{TARGET}_flags.py").decode()
+    assert read_aocal(tmp_path / "sol.bin").n_antennas == len(TILES)
+    # The flag script runs: CASA's flagdata gets the failed tile's name.
+    calls: list[dict[str, Any]] = []
+    namespace = {"__name__": "__main__", "flagdata": lambda **kw: calls.append(kw)}
+    import sys
+
+    argv, sys.argv = sys.argv, ["flags.py", "target.ms"]
+    try:
+        exec(compile(script, "flags.py", "exec"), namespace)
+    finally:
+        sys.argv = argv
+    name = next(t.tile_name for t in tile_layout() if t.tile_id == TILES[1])
+    assert calls == [{"vis": "target.ms", "mode": "manual", "antenna": name, "flagbackup": True}]
+
+    assert (
+        client.get("/calib/get_cal_solution", params={"obs_id": 1_399_999_992}).status_code == 400
+    )
+    assert client.get("/calib/get_cal_solution", params={"obs_id": "abc"}).status_code == 400
+    far = client.get(
+        "/calib/get_cal_solution", params={"obs_id": TARGET, "max_time_separation": 100}
+    )
+    assert far.status_code == 404 and "no calibration fit" in far.json()["error"]
+    assert (
+        client.get(
+            "/calib/get_cal_solution", params={"obs_id": TARGET, "allow_after": "yes"}
+        ).status_code
+        == 400
+    )
+    assert (
+        client.get(
+            "/calib/get_cal_solution", params={"obs_id": TARGET, "output_format": "csv"}
+        ).status_code
+        == 400
+    )
+    before = client.get("/calib/get_cal_solution", params={"obs_id": TARGET, "allow_after": 0})
+    assert before.headers["x-calibration-fit-id"] == str(fits["before_newer"])
+
+
+def test_nocache_rebuilds_the_solutions_from_the_fits(client: TestClient, tmp_path: Path) -> None:
+    reply = client.get("/calib/get_cal_solution", params={"obs_id": TARGET, "nocache": 1})
+    calid = TARGET + 1800
+    with zipfile.ZipFile(io.BytesIO(reply.content)) as archive:
+        (tmp_path / "rebuilt.bin").write_bytes(archive.read(f"{calid}.bin"))
+    rebuilt = read_aocal(tmp_path / "rebuilt.bin")
+    freqs = np.concatenate([fine_chan_freqs_hz(c, 40_000) for c in CHANS])
+    assert rebuilt.n_chanblocks == len(freqs) == 24 * 32
+    jones = rebuilt.jones[0]
+    assert np.isnan(jones[1]).all()  # the tile that failed
+    # Tile 0: delay_m 0.1 (length -0.1 m), intercept 0.3, gain line 0.5 -> |J| = 2.
+    expected_phase = 2 * np.pi * freqs * (-0.1) / SPEED_OF_LIGHT_M_S + 0.3
+    assert np.allclose(np.abs(jones[0, :, 0]), 2.0) and np.allclose(np.abs(jones[0, :, 3]), 4.0)
+    assert np.allclose(np.angle(jones[0, :, 0] * np.exp(-1j * expected_phase)), 0.0, atol=1e-9)
+    assert np.all(jones[0, :, 1:3] == 0)
+    hyperdrive = client.get(
+        "/calib/get_cal_solution", params={"obs_id": TARGET, "output_format": "hyperdrive"}
+    )
+    with zipfile.ZipFile(io.BytesIO(hyperdrive.content)) as archive:
+        (tmp_path / "h.fits").write_bytes(archive.read(f"{calid}_solutions.fits"))
+    assert read_hyperdrive(tmp_path / "h.fits").n_antennas == len(TILES)
+
+
+def test_get_cal_fits(client: TestClient, fits: dict[str, int]) -> None:
+    reply = client.get("/calib/get_cal_fits", params={"obs_id": TARGET})
+    assert reply.status_code == 200
+    body = reply.json()
+    assert next(iter(body)) == str(fits["after"])
+    assert body[str(fits["before_newer"])] == [TARGET - 3600, 3600, f"{TARGET - 3600}.bin"]
+    assert str(fits["other_chans"]) not in body
+    assert (
+        client.get(
+            "/calib/get_cal_fits", params={"obs_id": TARGET, "max_time_separation": 10}
+        ).status_code
+        == 404
+    )
