@@ -35,12 +35,16 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool = False) -> F
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         dispatcher = telescope = None
+        callbacks = None
         if run_jobs:
             from observatory.archive.runner import TelescopeRunner
             from observatory.asvo.dispatcher import Dispatcher
+            from observatory.calib.requests import CallbackSender
 
             dispatcher = Dispatcher(settings, session_factory)
             dispatcher.start()
+            callbacks = CallbackSender(settings, session_factory)
+            callbacks.start()
             if settings.telescope_runner:
                 telescope = TelescopeRunner(settings, session_factory)
                 telescope.start()
@@ -49,6 +53,8 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool = False) -> F
         finally:
             if telescope is not None:
                 telescope.stop()
+            if callbacks is not None:
+                callbacks.stop()
             if dispatcher is not None:
                 dispatcher.stop()
             engine.dispose()

@@ -97,5 +97,6 @@ class CalibrationRequest(Base):
     calibration_error_datetime: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     calibration_error_message: Mapped[str | None] = mapped_column(Text)
     callback_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    callback_last_attempt_datetime: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     callback_delivered_datetime: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     callback_error_message: Mapped[str | None] = mapped_column(Text)

@@ -1,13 +1,14 @@
-"""/calib: the best calibration solution for an observation, and the fits that could calibrate it."""
+"""/calib: the best calibration solution for an observation, the fits that could calibrate it, fit requests."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
-from observatory.calib import service
+from observatory.calib import requests, service
 from observatory.core.config import Settings
 from observatory.core.errors import BadRequest, NotFound
 from observatory.core.web import get_session, obsid_param
@@ -86,3 +87,29 @@ def get_cal_fits(
         str(c.fitid): [c.calid, c.offset_s, c.filename.rsplit("/", 1)[-1] if c.filename else None]
         for c in candidates
     }
+
+
+@router.api_route("/add_cal_request", methods=["GET", "POST"], response_class=Response)
+async def add_cal_request(request: Request) -> Response:
+    """File a request to fit the best calibrator for ``obs_id``; 200 with no data."""
+    params = dict(request.query_params)
+    if request.method == "POST":
+        params |= {k: str(v) for k, v in (await request.form()).items()}
+    if "obs_id" not in params:
+        raise BadRequest("obs_id is required")
+    obsid = obsid_param(params["obs_id"])
+    job = params.get("asvo_job_id") or None
+    if job is not None and not job.isdigit():
+        raise BadRequest(f"asvo_job_id must be a job number, not {job!r}")
+    settings = _settings(request)
+
+    def file_request() -> None:
+        with request.app.state.session_factory() as session:
+            requests.add_cal_request(
+                session, settings, obsid, asvo_job_id=int(job) if job else None,
+                max_time_separation_s=_seconds(params.get("max_time_separation")),
+                callback_url=params.get("callback_url") or None,
+            )  # fmt: skip
+
+    await run_in_threadpool(file_request)
+    return Response(status_code=200)

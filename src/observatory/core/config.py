@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     trigger_vcs_bytes_per_s_per_chan: float = 655.36e6
     #: How much of the past the MWAX voltage buffer holds (triggerbuffer), seconds.
     trigger_buffer_s: int = 240
+    #: Hosts that calibration callbacks may be sent to (empty: any host); never URLs with
+    #: credentials, only http(s).
+    calib_callback_hosts: list[str] = Field(default_factory=list)
+    #: Callback delivery: attempts before giving up, first retry delay (doubling), seconds.
+    calib_callback_attempts: int = 8
+    calib_callback_backoff_s: float = 30.0
     #: The simulated telescope of ``observatory serve``: it records each scheduled
     #: correlator observation once it has ended, with this many tiles, no finer than this.
     telescope_runner: bool = True

@@ -51,6 +51,7 @@ def upgrade() -> None:
         sa.Column("calibration_error_datetime", sa.DateTime(timezone=True), nullable=True),
         sa.Column("calibration_error_message", sa.Text(), nullable=True),
         sa.Column("callback_attempts", sa.Integer(), nullable=False),
+        sa.Column("callback_last_attempt_datetime", sa.DateTime(timezone=True), nullable=True),
         sa.Column("callback_delivered_datetime", sa.DateTime(timezone=True), nullable=True),
         sa.Column("callback_error_message", sa.Text(), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_calibration_requests")),
