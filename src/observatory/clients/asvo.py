@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import ssl
 import time
 import urllib.request
@@ -82,6 +83,8 @@ STATE_LABELS = {
 CHUNK_BYTES = 1024 * 1024
 #: Attempts per file: transient network errors resume, a checksum mismatch restarts.
 DOWNLOAD_ATTEMPTS = 3
+#: Seconds to connect and upgrade the job-notification websocket.
+WEBSOCKET_OPEN_TIMEOUT_S = 30.0
 
 
 class AsvoError(Exception):
@@ -540,16 +543,36 @@ class Session:
             time.sleep(poll_interval_s)
 
     def _open_websocket(self) -> websockets.sync.client.ClientConnection:
+        """The ``/api/job_results`` websocket, over a socket this client opened itself.
+
+        The socket (TLS included) has a timeout until the upgrade is done: if the
+        upgrade fails, the websockets library closes the socket and waits for its
+        reader thread, which a TLS read with no timeout can block for ever.
+        """
         parts = urlsplit(self.base_url)
-        scheme = "wss" if parts.scheme == "https" else "ws"
+        secure = parts.scheme == "https"
+        host = parts.hostname or "localhost"
+        port = parts.port or (443 if secure else 80)
         cookie = self._client.cookies.get("MWA_JOB_COOKIE")
-        return websockets.sync.client.connect(
-            f"{scheme}://{parts.netloc}/api/job_results",
-            additional_headers={"Cookie": f"MWA_JOB_COOKIE={cookie}", "User-Agent": USER_AGENT},
-            ssl=_tls_context(self._verify) if scheme == "wss" else None,
-            open_timeout=30,
-            max_size=None,
+        sock: socket.socket = socket.create_connection(
+            (host, port), timeout=WEBSOCKET_OPEN_TIMEOUT_S
         )
+        try:
+            if secure:
+                sock = _tls_context(self._verify).wrap_socket(sock, server_hostname=host)
+            connection = websockets.sync.client.connect(
+                # The socket is already TLS: a ws:// URI keeps the library from wrapping it again.
+                f"ws://{parts.netloc}/api/job_results",
+                sock=sock,
+                additional_headers={"Cookie": f"MWA_JOB_COOKIE={cookie}", "User-Agent": USER_AGENT},
+                open_timeout=WEBSOCKET_OPEN_TIMEOUT_S,
+                max_size=None,
+            )
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(None)  # open: frames may be minutes apart
+        return connection
 
     # -- downloads ------------------------------------------------------------------
 
