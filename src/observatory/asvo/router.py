@@ -202,7 +202,8 @@ def _normalise_range(value: bytes, size: int) -> bytes:
     return text.encode("latin-1")
 
 
-@router.api_route("/download/{job_id}/{name}", methods=["GET", "HEAD"])
+@router.head("/download/{job_id}/{name}", operation_id="asvo_download_head")
+@router.get("/download/{job_id}/{name}", operation_id="asvo_download_get")
 def download(
     request: Request, session: SessionDep, job_id: int, name: str, token: str = ""
 ) -> FileResponse:

@@ -89,7 +89,8 @@ def get_cal_fits(
     }
 
 
-@router.api_route("/add_cal_request", methods=["GET", "POST"], response_class=Response)
+@router.post("/add_cal_request", response_class=Response, operation_id="calib_add_cal_request_post")
+@router.get("/add_cal_request", response_class=Response, operation_id="calib_add_cal_request_get")
 async def add_cal_request(request: Request) -> Response:
     """File a request to fit the best calibrator for ``obs_id``; 200 with no data."""
     params = dict(request.query_params)

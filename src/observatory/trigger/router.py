@@ -53,7 +53,9 @@ def _endpoint(path: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
     def register(handler: Callable[..., Any]) -> Callable[..., Any]:
         router.api_route(path + "/", methods=["GET", "POST"], include_in_schema=False)(handler)
-        return router.api_route(path, methods=["GET", "POST"])(handler)
+        # One route per method: each gets its own OpenAPI operation id.
+        router.get(path, operation_id=f"trigger_{handler.__name__}_get")(handler)
+        return router.post(path, operation_id=f"trigger_{handler.__name__}_post")(handler)
 
     return register
 
