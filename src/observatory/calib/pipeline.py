@@ -1,0 +1,168 @@
+"""Fitting a calibrator observation from the archive: solve, fit delays and gains, store.
+
+The data go through the conversion engine's instrumental corrections (cable
+lengths, digital gains, passband unless flat) with the coarse-channel edges
+(80 kHz) and flagged tiles weighted out. The model is the calibrator's
+catalogue point source, unphased, in the same (pyuvdata) convention:
+``M_pq = S(f) exp(2 pi i f (tau_p - tau_q))`` with ``tau_p = -(x_p . s) / c``.
+StEFCal gives each tile's gains per fine channel; the AO-cal solutions are their
+inverse; calvin's fits on them give ``x_delay_m`` (minus the fitted length of the
+solutions referenced to the lowest unflagged Tile ID) and the gains per coarse
+channel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+from sqlalchemy.orm import Session
+
+from observatory import __version__
+from observatory.archive.models import Observation
+from observatory.archive.service import correlator_inputs
+from observatory.calib.fitting import fit_gain, fit_phase_line
+from observatory.calib.formats import CalSolutions
+from observatory.calib.models import CalibrationFit
+from observatory.calib.service import store_fit
+from observatory.calib.solver import Solution, normal_matrices, stefcal
+from observatory.core.config import Settings
+from observatory.core.errors import BadRequest
+from observatory.core.storage import Storage
+from observatory.preprocess import corrections
+from observatory.preprocess.reader import ObservationMeta, open_reader
+from observatory.telescope.catalogue import lookup
+from observatory.telescope.instrument import SPEED_OF_LIGHT_M_S
+
+#: calvin's settings (specs/calib.md 3.1): edges flagged, phase-fit iterations.
+EDGE_WIDTH_HZ = 80_000
+PHASE_FIT_NITER = 3
+
+
+@dataclass(frozen=True)
+class SolvedObservation:
+    """What the solve produced, before the fits."""
+
+    meta: ObservationMeta
+    freqs_hz: NDArray[np.float64]
+    solution: Solution
+    chanblocks_per_coarse: int
+
+
+def solve_observation(
+    metafits: Path, data_files: list[Path], source_name: str
+) -> SolvedObservation:
+    """Solve one timeblock (the whole observation) against a catalogue point source."""
+    reader = open_reader(metafits, data_files)
+    meta = reader.meta
+    source = lookup(source_name)
+    p, q = meta.baseline_antennas()
+    positions = meta.enu_m - meta.enu_m.mean(axis=0)
+    edge_chans = round(EDGE_WIDTH_HZ / meta.fine_chan_width_hz)
+    blocks_a, blocks_b, all_freqs = [], [], []
+    for coarse_chan in reader.coarse_chans:
+        chunk = reader.read(coarse_chan, range(len(reader.time_start_gps_s)))
+        factors = corrections.instrument_factors(
+            meta, coarse_chan, chunk.freqs_hz, chunk.chan_index,
+            cable=not meta.cable_delays_applied, digital_gains=True, passband=not meta.deripple_applied,
+        )  # fmt: skip
+        vis = chunk.vis * factors[None] if factors is not None else chunk.vis
+        weights = (np.asarray(chunk.weights) > 0).all(axis=-1).astype(np.float64)
+        weights = np.broadcast_to(weights, vis.shape[:3]).copy()
+        weights[:, meta.flagged_antennas[p] | meta.flagged_antennas[q]] = 0.0
+        weights[:, :, corrections.edge_and_dc_channels(chunk.chan_index, meta.fine_chans_per_coarse,
+                                                       edge_chans, False)] = 0.0  # fmt: skip
+        centres = chunk.time_start_gps_s + meta.int_time_s / 2.0
+        directions = corrections.source_directions_enu((source.ra_deg, source.dec_deg), centres)
+        tau = -(directions @ positions.T) / SPEED_OF_LIGHT_M_S  # (time, antenna)
+        delay = tau[:, p] - tau[:, q]  # (time, baseline)
+        flux = np.array([source.flux_jy(f / 1e6) for f in chunk.freqs_hz])
+        model = flux[None, None, :] * np.exp(
+            2j * np.pi * chunk.freqs_hz[None, None, :] * delay[:, :, None]
+        )
+        data = vis[..., [0, 3]]
+        two_pol_model = np.repeat(model[..., None], 2, axis=-1)
+        two_pol_weights = np.repeat(weights[..., None], 2, axis=-1)
+        big_a, big_b = normal_matrices(data, two_pol_model, p, q, meta.n_ants, two_pol_weights)
+        blocks_a.append(big_a)
+        blocks_b.append(big_b)
+        all_freqs.append(chunk.freqs_hz)
+    solution = stefcal(np.concatenate(blocks_a), np.concatenate(blocks_b))
+    return SolvedObservation(meta, np.concatenate(all_freqs), solution, meta.fine_chans_per_coarse)
+
+
+def tile_fits(solved: SolvedObservation, n_coarse_metafits: int) -> list[dict[str, object]]:
+    """One ``calibration_solutions`` row per tile, calvin's way (NaN rows for failed tiles)."""
+    meta, freqs = solved.meta, solved.freqs_hz
+    jones = solved.solution.jones()  # (chan, antenna, 4): the AO-cal (inverse) solutions
+    tile_ids = np.array(meta.antenna_numbers)
+    usable = ~meta.flagged_antennas & np.isfinite(jones[:, :, 0]).any(axis=0)
+    reference = int(np.flatnonzero(usable)[np.argmin(tile_ids[usable])]) if usable.any() else 0
+    rows = []
+    for antenna, tileid in enumerate(tile_ids):
+        row: dict[str, object] = {"tileid": int(tileid), "antenna": antenna}
+        for pol, element in (("x", 0), ("y", 3)):
+            raw = jones[:, antenna, element]
+            with np.errstate(invalid="ignore", divide="ignore"):  # flagged chanblocks are NaN
+                referenced = raw / jones[:, reference, element]
+            weights = np.isfinite(referenced).astype(np.float64)
+            nan = [math.nan] * n_coarse_metafits
+            row |= {f"{pol}_delay_m": math.nan, f"{pol}_intercept": math.nan, f"{pol}_gains": nan,
+                    f"{pol}_gains_pol0": nan, f"{pol}_gains_pol1": nan, f"{pol}_gains_sigma_resid": nan}  # fmt: skip
+            if not usable[antenna]:
+                continue
+            try:
+                phase = fit_phase_line(freqs, referenced, weights, PHASE_FIT_NITER)
+            except ValueError:
+                continue
+            gain = fit_gain(
+                freqs, raw, np.isfinite(raw).astype(np.float64), solved.chanblocks_per_coarse
+            )
+            row |= {
+                f"{pol}_delay_m": -phase.length_m,  # calvin stores minus the length
+                f"{pol}_intercept": phase.intercept,
+                f"{pol}_phase_sigma_resid": phase.sigma_resid, f"{pol}_phase_chi2dof": phase.chi2dof,
+                f"{pol}_phase_fit_quality": phase.quality,
+                f"{pol}_gains": _pad(gain.gains, n_coarse_metafits), f"{pol}_gains_pol0": _pad(gain.pol0, n_coarse_metafits),
+                f"{pol}_gains_pol1": _pad(gain.pol1, n_coarse_metafits),
+                f"{pol}_gains_sigma_resid": _pad(gain.sigma_resid, n_coarse_metafits),
+                f"{pol}_gains_fit_quality": gain.quality,
+            }  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def _pad(values: NDArray[np.float64], n: int) -> list[float]:
+    padded = [math.nan] * n
+    padded[: min(n, len(values))] = [float(v) for v in values[:n]]
+    return padded
+
+
+def fit_observation(session: Session, settings: Settings, obsid: int) -> CalibrationFit:
+    """Solve and fit an archived calibrator observation, and store the fit (flushed, not committed).
+
+    Raises
+    ------
+    BadRequest
+        If the observation is not a calibrator observation with files in the archive.
+    """
+    observation = session.get(Observation, obsid)
+    if observation is None or not observation.calibration or not observation.calibrator_source:
+        raise BadRequest(f"observation {obsid} is not a calibrator observation in the archive")
+    metafits, files = correlator_inputs(session, Storage(settings.archive_dir), obsid)
+    solved = solve_observation(metafits, files, observation.calibrator_source)
+    jones = solved.solution.jones()  # (chanblock, antenna, 4)
+    solutions = CalSolutions(
+        jones=jones.transpose(1, 0, 2)[None], start_gps=float(observation.obsid), end_gps=float(observation.stoptime),
+        chanblock_freqs_hz=solved.freqs_hz, obsid=obsid, tile_names=list(solved.meta.antenna_names),
+        tile_flags=solved.meta.flagged_antennas.copy(),
+    )  # fmt: skip
+    rows = tile_fits(solved, len(solved.meta.metafits_coarse_chans))
+    return store_fit(
+        session, settings, obsid, solutions, rows, creator="calvin", code_version=__version__,
+        fit_niter=PHASE_FIT_NITER, source_list=observation.calibrator_source, num_sources=1,
+        calibration_command=f"StEFCal against the catalogue point source {observation.calibrator_source}",
+    )  # fmt: skip

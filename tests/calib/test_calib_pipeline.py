@@ -1,0 +1,60 @@
+"""Fitting a simulated calibrator observation recovers the injected cable delays and gains."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from observatory.archive.simulated import catalogue_point_source, simulate_and_register
+from observatory.calib.formats import read_aocal
+from observatory.calib.pipeline import fit_observation
+from observatory.calib.service import solution_path
+from observatory.core.config import Settings
+from observatory.telescope.instrument import SPEED_OF_LIGHT_M_S
+from observatory.telescope.simulator import load_truth
+from observatory.trigger import pointing
+
+CAL_OBS = 1_450_324_816  # 2025-12-21 04:00 UTC: 3C353 is 60 deg up
+
+
+def test_fit_recovers_injected_delays_and_gains(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    best = pointing.best_calibrator(CAL_OBS + 8, min_el_deg=30.0, sun_exclusion_deg=20.0)
+    assert best is not None
+    source = best[0]
+    with session_factory() as session:
+        simulate_and_register(
+            session, settings, obsid=CAL_OBS, sources=[catalogue_point_source(source.name)], n_tiles=16,
+            coarse_chans=tuple(range(109, 133)), fine_chan_khz=40.0, int_time_s=2.0, n_timesteps=4,
+            calibrator=source.name,
+        )  # fmt: skip
+        session.commit()
+        fit = fit_observation(session, settings, CAL_OBS)
+        session.commit()
+        rows = {row.tileid: row for row in fit.solutions}
+        cached = solution_path(settings, fit)
+    assert cached is not None and read_aocal(cached).n_antennas == 16
+    truth = load_truth(settings.archive_dir / str(CAL_OBS) / f"{CAL_OBS}_truth.json")
+    tile_ids = [t.tile_id for t in truth.tiles]
+    reference = int(np.argmin(tile_ids))
+    for antenna, tileid in enumerate(tile_ids):
+        row = rows[tileid]
+        for pol, name in ((0, "x"), (1, "y")):
+            injected_m = (
+                (truth.delay_errors_ns[antenna, pol] - truth.delay_errors_ns[reference, pol])
+                * 1e-9
+                * SPEED_OF_LIGHT_M_S
+            )
+            assert getattr(row, f"{name}_delay_m") == pytest.approx(injected_m, abs=0.02), (
+                tileid,
+                name,
+            )
+            gains = np.array(getattr(row, f"{name}_gains"), dtype=float)
+            assert np.allclose(gains, truth.gain_amplitudes[antenna, pol], rtol=0.02), (
+                tileid,
+                name,
+            )
+            assert getattr(row, f"{name}_phase_fit_quality") > 0.5
+    assert fit.creator == "calvin" and fit.obsid == CAL_OBS and fit.source_list == source.name
