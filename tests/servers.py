@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -12,7 +13,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -258,3 +261,27 @@ class ForwardProxy(_LoopbackProxy):
             forwarded = "\r\n".join([f"{method} {path} {version}", *kept, "Connection: close"])
             server_w.write(forwarded.encode("latin-1") + b"\r\n\r\n")
         await asyncio.gather(_pipe(client_r, server_w), _pipe(server_r, client_w))
+
+
+class CallbackReceiver:
+    """A loopback HTTP receiver of JSON POSTs that answers 500 to its first ``failures`` calls."""
+
+    def __init__(self, failures: int) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.failures = failures
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                receiver.bodies.append(body)
+                status = 500 if len(receiver.bodies) <= receiver.failures else 200
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/calibrated"

@@ -58,3 +58,52 @@ def test_fit_recovers_injected_delays_and_gains(
             )
             assert getattr(row, f"{name}_phase_fit_quality") > 0.5
     assert fit.creator == "calvin" and fit.obsid == CAL_OBS and fit.source_list == source.name
+
+
+def test_a_request_is_fitted_and_called_back(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """add_cal_request -> the dispatcher fits on Dask -> the callback arrives -> get_cal_solution serves it."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from observatory.app import create_app
+    from observatory.archive.models import Observation
+    from servers import CallbackReceiver
+
+    best = pointing.best_calibrator(CAL_OBS + 8, min_el_deg=30.0, sun_exclusion_deg=20.0)
+    assert best is not None
+    target = CAL_OBS + 600
+    with session_factory() as session:
+        simulate_and_register(session, settings, obsid=CAL_OBS, sources=[catalogue_point_source(best[0].name)],
+                              n_tiles=8, coarse_chans=tuple(range(109, 133)), fine_chan_khz=40.0, int_time_s=2.0,
+                              n_timesteps=2, calibrator=best[0].name)  # fmt: skip
+        calibrator = session.get(Observation, CAL_OBS)
+        assert calibrator is not None
+        session.add(Observation(obsid=target, stoptime=target + 120, mode="MWAX_CORRELATOR",
+                                coarse_chans=calibrator.coarse_chans, atten_db=calibrator.atten_db))  # fmt: skip
+        session.commit()
+    receiver = CallbackReceiver(failures=0)
+    app_settings = settings.model_copy(update={"calib_callback_backoff_s": 1.0})
+    with TestClient(create_app(app_settings, run_jobs=True)) as client:
+        assert client.get("/calib/get_cal_solution", params={"obs_id": target}).status_code == 404
+        reply = client.get("/calib/add_cal_request", params={"obs_id": target, "asvo_job_id": 5,
+                                                            "callback_url": receiver.url})  # fmt: skip
+        assert reply.status_code == 200
+        deadline = time.monotonic() + 120
+        while not receiver.bodies:
+            assert time.monotonic() < deadline, "no callback"
+            time.sleep(0.5)
+        (body,) = receiver.bodies
+        assert (
+            body["success"] is True
+            and body["cal_id"] == CAL_OBS
+            and body["target_obs_id"] == target
+        )
+        assert body["asvo_job_id"] == 5
+        solution = client.get("/calib/get_cal_solution", params={"obs_id": target})
+        assert solution.status_code == 200 and solution.headers["x-calibrator-obs-id"] == str(
+            CAL_OBS
+        )
+    receiver.server.shutdown()

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -19,7 +15,7 @@ from observatory.archive.models import Observation
 from observatory.calib.models import CalibrationRequest
 from observatory.calib.requests import deliver_callbacks, finish_request
 from observatory.core.config import Settings
-from servers import free_port
+from servers import CallbackReceiver
 
 TARGET = 1_400_000_000
 CHANS = list(range(109, 133))
@@ -74,34 +70,10 @@ def test_add_cal_request(client: TestClient, session_factory: sessionmaker[Sessi
     assert len(requests_in(session_factory)) == 2
 
 
-class Receiver:
-    """A loopback HTTP receiver that answers 500 to its first ``failures`` calls."""
-
-    def __init__(self, failures: int) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        self.failures = failures
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                receiver.bodies.append(body)
-                status = 500 if len(receiver.bodies) <= receiver.failures else 200
-                self.send_response(status)
-                self.end_headers()
-
-            def log_message(self, *_args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/calibrated"
-
-
 def test_callback_is_delivered_once_after_a_failing_receiver(
     client: TestClient, settings: Settings, session_factory: sessionmaker[Session]
 ) -> None:
-    receiver = Receiver(failures=2)
+    receiver = CallbackReceiver(failures=2)
     settings = settings.model_copy(
         update={"calib_callback_hosts": ["127.0.0.1"], "calib_callback_backoff_s": 10.0}
     )

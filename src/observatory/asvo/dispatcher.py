@@ -1,4 +1,4 @@
-"""The dispatcher: hands queued jobs to Dask, cancels, expires and resumes.
+"""The dispatcher: hands queued jobs (and calibration fit requests) to Dask, cancels, expires, resumes.
 
 One dispatcher runs beside the web server (``observatory serve``). It keeps no
 state of its own that matters: every loop reads the jobs table, so after a crash
@@ -17,6 +17,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from observatory.asvo.models import TERMINAL_STATES, Job, JobState
 from observatory.asvo.pipeline import remove_product, run_job
+from observatory.calib.models import CalibrationRequest
+from observatory.calib.pipeline import run_request
 from observatory.core.config import Settings
 from observatory.core.database import utcnow
 
@@ -37,6 +39,7 @@ class Dispatcher:
         self.poll_s = poll_s
         self.futures: dict[int, Any] = {}
         self.failures: dict[int, int] = {}
+        self.calibration_futures: dict[int, Any] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client: Any = None
@@ -110,6 +113,25 @@ class Dispatcher:
                         self._record_failure(session, job_id, future.exception())
             self._expire(session)
             session.commit()
+            self._calibration_requests(session)
+
+    def _calibration_requests(self, session: Session) -> None:
+        """Submit calibration fit requests that have not finished (once each per process)."""
+        pending = session.scalars(
+            select(CalibrationRequest.id).where(
+                CalibrationRequest.calibration_completed_datetime.is_(None),
+                CalibrationRequest.calibration_error_datetime.is_(None),
+            ).order_by(CalibrationRequest.bulk_request, CalibrationRequest.request_added_datetime)
+        ).all()  # fmt: skip
+        for request_id in pending:
+            if request_id not in self.calibration_futures:
+                self.calibration_futures[request_id] = self._client.submit(
+                    run_request, self.settings.model_dump(), request_id,
+                    key=f"calibration-request-{request_id}-{utcnow().timestamp()}", pure=False, retries=2,
+                )  # fmt: skip
+        for request_id, future in list(self.calibration_futures.items()):
+            if future.done():  # finished, or broke before finishing: then submitted again
+                del self.calibration_futures[request_id]
 
     def _record_failure(self, session: Session, job_id: int, reason: object) -> None:
         failures = self.failures.get(job_id, 0) + 1

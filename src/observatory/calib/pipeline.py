@@ -166,3 +166,41 @@ def fit_observation(session: Session, settings: Settings, obsid: int) -> Calibra
         fit_niter=PHASE_FIT_NITER, source_list=observation.calibrator_source, num_sources=1,
         calibration_command=f"StEFCal against the catalogue point source {observation.calibrator_source}",
     )  # fmt: skip
+
+
+def run_request(settings_values: dict[str, object], request_id: int) -> str:
+    """A Dask task: fit a request's calibrator and finish the request; returns ``completed``/``error``.
+
+    Idempotent: a request that already finished is left as it is. A fit that fails
+    finishes the request with the reason (its callback reports it).
+    """
+    from observatory.calib.models import CalibrationRequest
+    from observatory.calib.requests import finish_request
+    from observatory.core.database import make_engine, make_session_factory, utcnow
+
+    settings = Settings(**settings_values)  # type: ignore[arg-type]
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            request = session.get(CalibrationRequest, request_id)
+            if request is None:
+                return "error"
+            if request.calibration_completed_datetime or request.calibration_error_datetime:
+                return "completed" if request.calibration_fit_id else "error"
+            request.assigned_datetime = request.assigned_datetime or utcnow()
+            request.calibration_started_datetime = utcnow()
+            session.commit()
+            try:
+                fit = fit_observation(session, settings, request.cal_id)
+            except Exception as exc:  # recorded: the requester is told why
+                session.rollback()
+                request = session.get(CalibrationRequest, request_id)
+                assert request is not None
+                finish_request(session, request, error=f"{exc.__class__.__name__}: {exc}")
+                session.commit()
+                return "error"
+            finish_request(session, request, fit_id=fit.fitid)
+            session.commit()
+            return "completed"
+    finally:
+        engine.dispose()
