@@ -275,11 +275,12 @@ def test_a_task_that_keeps_breaking_ends_the_job_in_error(
         assert row["error_text"] == "internal error: disk on fire"
 
 
-def test_apply_di_cal_fails_clearly_until_solutions_exist(client: TestClient) -> None:
+def test_apply_di_cal_fails_clearly_without_a_calibrator_in_range(client: TestClient) -> None:
     job_id = submit(client, "conversion_job", obs_id=SIM_OBS, apply_di_cal="true", no_rfi="true")
     assert watch(client, {job_id})[job_id][-1] == "error"
     text = rows_by_id(client)[job_id]["error_text"]
     assert text.startswith("apply_di_cal: no calibration solution is available")
+    assert "no calibrator observation within 86400 s" in text
 
 
 def test_dispatch_follows_priority_then_age(archive_settings: Settings) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from observatory.archive.simulated import catalogue_point_source, simulate_and_register
@@ -107,3 +108,60 @@ def test_a_request_is_fitted_and_called_back(
             CAL_OBS
         )
     receiver.server.shutdown()
+
+
+def test_conversion_with_apply_di_cal_waits_for_calibration(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """No fit yet, a calibrator in range: the job files a request, waits (waitcal), then completes."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from observatory.app import create_app
+    from observatory.calib.models import CalibrationRequest
+    from observatory.core.accounts import create_user
+    from observatory.telescope.simulator import PointSource
+
+    best = pointing.best_calibrator(CAL_OBS + 8, min_el_deg=30.0, sun_exclusion_deg=20.0)
+    assert best is not None
+    target = CAL_OBS + 600
+    chans = tuple(range(109, 133))
+    with session_factory() as session:
+        simulate_and_register(session, settings, obsid=CAL_OBS, sources=[catalogue_point_source(best[0].name)],
+                              n_tiles=8, coarse_chans=chans, fine_chan_khz=40.0, int_time_s=2.0, n_timesteps=2,
+                              calibrator=best[0].name)  # fmt: skip
+        simulate_and_register(session, settings, obsid=target, sources=[PointSource(best[0].ra_deg, best[0].dec_deg, 50.0)],
+                              n_tiles=8, coarse_chans=chans, fine_chan_khz=40.0, int_time_s=2.0, n_timesteps=2)  # fmt: skip
+        create_user(session, "cal-user", "waitcal-api-key")
+        session.commit()
+    with TestClient(create_app(settings, run_jobs=True)) as client:
+        assert (
+            client.post(
+                "/api/api_login", auth=("mantaray-clientv2.0", "waitcal-api-key")
+            ).status_code
+            == 200
+        )
+        reply = client.post("/api/conversion_job", data={"obs_id": str(target), "apply_di_cal": "true",
+                                                         "no_rfi": "true", "output": "uvfits"})  # fmt: skip
+        assert reply.status_code == 200, reply.text
+        job_id = reply.json()["job_id"]
+        seen: list[str] = []
+        deadline = time.monotonic() + 240
+        while not seen or seen[-1] not in ("completed", "error"):
+            assert time.monotonic() < deadline, seen
+            (row,) = [
+                e["row"] for e in client.get("/api/get_jobs").json() if e["row"]["id"] == job_id
+            ]
+            if not seen or seen[-1] != row["job_state"]:
+                seen.append(row["job_state"])
+            time.sleep(0.1)
+    assert seen[-1] == "completed", (seen, row["error_text"])
+    assert "waitcal" in seen
+    with session_factory() as session:
+        (request,) = session.scalars(select(CalibrationRequest)).all()
+        assert (
+            request.asvo_job_id == job_id
+            and request.cal_id == CAL_OBS
+            and request.calibration_fit_id
+        )

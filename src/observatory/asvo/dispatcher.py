@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from observatory.asvo.models import TERMINAL_STATES, Job, JobState
-from observatory.asvo.pipeline import remove_product, run_job
+from observatory.asvo.pipeline import calibration_pending, remove_product, run_job
 from observatory.calib.models import CalibrationRequest
 from observatory.calib.pipeline import run_request
 from observatory.core.config import Settings
@@ -87,6 +87,8 @@ class Dispatcher:
                 .order_by(Job.priority.desc(), Job.id)
             ).all()
             for job in unfinished:
+                if job.state == JobState.WAITCAL.value and calibration_pending(session, job.id):
+                    continue  # resumed once its calibration request has finished
                 if job.id not in self.futures:
                     self.futures[job.id] = self._client.submit(
                         run_job,

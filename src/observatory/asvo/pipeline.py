@@ -27,8 +27,10 @@ from sqlalchemy.orm import Session, sessionmaker
 import observatory.all_models  # noqa: F401
 from observatory.archive.models import FileKind, Observation, ObservationFile
 from observatory.asvo.models import TERMINAL_STATES, Job, JobState, JobType
+from observatory.calib.formats import CalSolutions
 from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory, utcnow
+from observatory.core.errors import NotFound
 from observatory.core.storage import Storage, atomic_output
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,12 @@ def run_job(settings_values: dict[str, Any], job_id: int) -> str:
             expires_at=utcnow() + timedelta(days=settings.asvo_product_ttl_days),
         )
         return JobState.COMPLETED.value
+    except WaitForCalibration:
+        try:
+            tracker.move(JobState.WAITCAL)
+        except JobCancelled:
+            return JobState.CANCELLED.value
+        return JobState.WAITCAL.value
     except JobCancelled:
         remove_product(settings, tracker.load())
         return JobState.CANCELLED.value
@@ -207,11 +215,7 @@ def _convert(
     from observatory.preprocess.options import ConversionOptions
 
     options = ConversionOptions.from_params(job.params)
-    if options.apply_di_cal:
-        raise JobFailed(
-            "apply_di_cal: no calibration solution is available for this observation "
-            "(the calibration service does not provide solutions yet)"
-        )
+    solutions = _calibration_solutions(settings, job, tracker) if options.apply_di_cal else None
     metafits = [p for p in inputs if p.name.endswith(".metafits")]
     data = [p for p in inputs if p.suffix == ".fits" and not p.name.endswith(".metafits")]
     if not metafits:
@@ -225,8 +229,73 @@ def _convert(
             tracker.check_cancelled()
 
     work_dir.mkdir(parents=True, exist_ok=True)
-    outputs = preprocess(metafits[0], data, options, work_dir / str(job.obs_id), progress=progress)
+    outputs = preprocess(
+        metafits[0],
+        data,
+        options,
+        work_dir / str(job.obs_id),
+        solutions=solutions,
+        progress=progress,
+    )
     return [(path, path.name) for path in outputs]
+
+
+class WaitForCalibration(Exception):
+    """The job needs a calibration fit that has been requested and is not ready yet."""
+
+
+def _calibration_solutions(settings: Settings, job: Job, tracker: _Tracker) -> CalSolutions:
+    """The best calibration solution for the job's observation, or a request for one.
+
+    Raises
+    ------
+    WaitForCalibration
+        When a fit has been requested (now, or earlier for this job) and has not finished.
+    JobFailed
+        When there is no calibrator observation in range, or the requested fit failed.
+    """
+    from observatory.calib.models import CalibrationRequest
+    from observatory.calib.requests import add_cal_request
+    from observatory.calib.service import best_fit, fit_solutions
+
+    with tracker.session_factory() as session:
+        try:
+            _, fit = best_fit(session, job.obs_id)
+            return fit_solutions(session, settings, fit)
+        except NotFound:
+            pass
+        previous = session.scalars(
+            select(CalibrationRequest).where(CalibrationRequest.asvo_job_id == job.id)
+            .order_by(CalibrationRequest.id.desc()).limit(1)
+        ).first()  # fmt: skip
+        if previous is not None and previous.calibration_error_datetime is not None:
+            raise JobFailed(f"apply_di_cal: the calibration fit of observation {previous.cal_id} failed: "
+                            f"{previous.calibration_error_message}")  # fmt: skip
+        if previous is not None and previous.calibration_completed_datetime is not None:
+            raise JobFailed(f"apply_di_cal: the calibration fit of observation {previous.cal_id} finished "
+                            "but does not apply to this observation")  # fmt: skip
+        if previous is None:
+            try:
+                add_cal_request(session, settings, job.obs_id, asvo_job_id=job.id)
+            except NotFound as exc:
+                raise JobFailed(f"apply_di_cal: no calibration solution is available for observation "
+                                f"{job.obs_id}, and {exc.message}") from None  # fmt: skip
+    raise WaitForCalibration
+
+
+def calibration_pending(session: Session, job_id: int) -> bool:
+    """Whether a job in ``waitcal`` still waits for its calibration request."""
+    from observatory.calib.models import CalibrationRequest
+
+    latest = session.scalars(
+        select(CalibrationRequest).where(CalibrationRequest.asvo_job_id == job_id)
+        .order_by(CalibrationRequest.id.desc()).limit(1)
+    ).first()  # fmt: skip
+    return (
+        latest is not None
+        and latest.calibration_completed_datetime is None
+        and (latest.calibration_error_datetime is None)
+    )
 
 
 def _product_name(job: Job) -> str:

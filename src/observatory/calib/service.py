@@ -193,6 +193,14 @@ def solutions_from_table(session: Session, fit: CalibrationFit) -> CalSolutions:
     )  # fmt: skip
 
 
+def fit_solutions(
+    session: Session, settings: Settings, fit: CalibrationFit, *, nocache: bool = False
+) -> CalSolutions:
+    """A fit's solutions: its cached AO-cal file, or rebuilt from its rows (``nocache`` or no file)."""
+    cached = None if nocache else solution_path(settings, fit)
+    return read_aocal(cached) if cached is not None else solutions_from_table(session, fit)
+
+
 def _floats(values: Sequence[float | None] | None, n: int) -> np.ndarray:
     array = np.full(n, np.nan)
     for i, value in enumerate((values or [])[:n]):
@@ -264,7 +272,7 @@ def solution_zip(
             f"output_format {output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}"
         )
     cached = None if nocache else solution_path(settings, fit)
-    solutions = read_aocal(cached) if cached is not None else solutions_from_table(session, fit)
+    solutions = fit_solutions(session, settings, fit, nocache=nocache)
     scratch = io.BytesIO()
     with zipfile.ZipFile(scratch, "w", zipfile.ZIP_DEFLATED) as archive:
         if output_format == "hyperdrive":
