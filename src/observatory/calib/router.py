@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
-from observatory.calib import requests, service
+from observatory.calib import grafana, requests, service
 from observatory.core.config import Settings
 from observatory.core.errors import BadRequest, NotFound
 from observatory.core.web import get_session, obsid_param
@@ -114,3 +115,46 @@ async def add_cal_request(request: Request) -> Response:
 
     await run_in_threadpool(file_request)
     return Response(status_code=200)
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise BadRequest(f"the request body is not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+JsonBody = Annotated[dict[str, Any], Depends(_json_body)]
+
+
+@router.get("/grafana/", operation_id="calib_grafana_test")
+@router.get("/grafana", include_in_schema=False)
+def grafana_test() -> dict[str, str]:
+    """Grafana's "test connection": 200 means the datasource works."""
+    return {"status": "ok"}
+
+
+@router.post("/grafana/metrics")
+def grafana_metrics(_body: JsonBody) -> list[dict[str, Any]]:
+    """The targets a query may name: ``recNN`` per receiver, and ``sources``."""
+    return grafana.metrics()
+
+
+@router.post("/grafana/metric-payload-options")
+def grafana_payload_options(session: SessionDep, body: JsonBody) -> list[dict[str, Any]]:
+    """The choices of one payload option (``name``: channel, source, style or clip)."""
+    if "name" not in body:
+        raise BadRequest("metric-payload-options needs the payload's name")
+    return grafana.payload_options(session, str(body["name"]))
+
+
+@router.post("/grafana/query")
+def grafana_query(session: SessionDep, body: JsonBody) -> list[dict[str, Any]]:
+    """Data frames for Grafana's targets over its time range."""
+    return grafana.query(session, body)

@@ -1,0 +1,181 @@
+"""Calibration data for Grafana's JSON datasource (simPod/grafana-json-datasource; specs/calib.md 6).
+
+Targets are the receivers (``rec01`` ... ``recNN``: the cable-length residuals of
+their tiles over time) and ``sources`` (the calibrators observed). Payload
+options: ``channel`` (ANY, or a coarse channel the calibrator observation must
+include), ``source`` (ANY, or a calibrator), ``style`` (``full``: X and Y per tile;
+``Y-X``; ``recmean``: the receiver's mean; ``tilemean``: each tile's mean of X and
+Y; ``quality``: the phase-fit quality) and ``clip`` (None, or drop values beyond
+it). Frames are Grafana data frames in JSON: ``{"schema": {...}, "data": {"values":
+[times, values]}}``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from observatory.archive.models import Observation
+from observatory.calib.models import CalibrationFit, CalibrationSolution
+from observatory.core.errors import BadRequest
+from observatory.core.gpstime import gps_to_unix, utc_to_gps
+from observatory.telescope.instrument import tile_layout
+
+STYLES = (
+    ("Full", "full"), ("Y-X", "Y-X"), ("Receiver Mean", "recmean"), ("Tile Mean", "tilemean"),
+    ("Phase Fit Quality", "quality"),
+)  # fmt: skip
+PAYLOADS = ("channel", "source", "style", "clip")
+
+
+def receivers() -> list[int]:
+    """Receiver numbers of the array."""
+    return sorted({tile.rx for tile in tile_layout()})
+
+
+def metrics() -> list[dict[str, Any]]:
+    """What ``/metrics`` offers: one metric per receiver, and ``sources``."""
+    payloads = [
+        {"name": "channel", "label": "Coarse channel", "type": "select", "reloadMetric": False},
+        {"name": "source", "label": "Calibrator", "type": "select"},
+        {"name": "style", "label": "Style", "type": "select"},
+        {"name": "clip", "label": "Clip (m)", "type": "input", "placeholder": "None"},
+    ]
+    found = [
+        {"value": f"rec{rx:02d}", "label": f"Receiver {rx:02d}", "payloads": payloads}
+        for rx in receivers()
+    ]
+    return [*found, {"value": "sources", "label": "Calibrator sources", "payloads": []}]
+
+
+def payload_options(session: Session, name: str) -> list[dict[str, Any]]:
+    """The choices of one payload (``/metric-payload-options``)."""
+    if name == "style":
+        return [{"label": label, "value": value} for label, value in STYLES]
+    if name == "clip":
+        return [{"label": "None", "value": "None"}] + [
+            {"label": f"{c} m", "value": str(c)} for c in (0.5, 1, 2, 5)
+        ]
+    calibrators = session.execute(
+        select(Observation.calibrator_source, Observation.coarse_chans)
+        .join(CalibrationFit, CalibrationFit.obsid == Observation.obsid)
+    ).all()  # fmt: skip
+    if name == "source":
+        names = sorted({source for source, _ in calibrators if source})
+        return [{"label": "Any", "value": "ANY"}] + [{"label": n, "value": n} for n in names]
+    if name == "channel":
+        chans = sorted({c for _, coarse in calibrators for c in coarse or []})
+        return [{"label": "Any", "value": "ANY"}] + [
+            {"label": str(c), "value": str(c)} for c in chans
+        ]
+    raise BadRequest(f"payload {name!r} is not one of {', '.join(PAYLOADS)}")
+
+
+def _time_range(body: Mapping[str, Any]) -> tuple[float, float]:
+    try:
+        span = body["range"]
+        start, stop = (
+            datetime.fromisoformat(str(span[k]).replace("Z", "+00:00")) for k in ("from", "to")
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadRequest("query needs range.from and range.to as ISO-8601 times") from exc
+    return utc_to_gps(start), utc_to_gps(stop)
+
+
+def _frame(name: str, ref_id: str, times_ms: list[float], values: list[Any], kind: str = "number",
+           labels: Mapping[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    return {
+        "schema": {"name": name, "refId": ref_id, "fields": [
+            {"name": "time", "type": "time"},
+            {"name": name, "type": kind, "labels": dict(labels or {})},
+        ]},
+        "data": {"values": [times_ms, values]},
+    }  # fmt: skip
+
+
+def query(session: Session, body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Answer ``/query``: frames for every (visible) target."""
+    first_gps, last_gps = _time_range(body)
+    rows = session.execute(
+        select(Observation.obsid, Observation.calibrator_source, Observation.coarse_chans, CalibrationFit.fitid)
+        .join(CalibrationFit, CalibrationFit.obsid == Observation.obsid)
+        .where(Observation.obsid >= first_gps, Observation.obsid <= last_gps)
+        .order_by(Observation.obsid, CalibrationFit.fitid)
+    ).all()  # fmt: skip
+    frames: list[dict[str, Any]] = []
+    for target in body.get("targets") or []:
+        if target.get("hide") or not target.get("target"):
+            continue
+        name, ref_id = str(target["target"]), str(target.get("refId", "A"))
+        payload = target.get("payload") or {}
+        if name == "sources":
+            frames.append(_frame("sources", ref_id, [gps_to_unix(r.obsid) * 1000 for r in rows],
+                                 [r.calibrator_source or "" for r in rows], kind="string"))  # fmt: skip
+            continue
+        if not (name.startswith("rec") and name[3:].isdigit()):
+            raise BadRequest(f"target {name!r} is not recNN or sources")
+        frames += _receiver_frames(session, int(name[3:]), ref_id, rows, payload)
+    return frames
+
+
+def _receiver_frames(
+    session: Session, rx: int, ref_id: str, rows: Sequence[Any], payload: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    tiles = {t.tile_id: t.tile_name for t in tile_layout() if t.rx == rx}
+    if not tiles:
+        raise BadRequest(f"receiver {rx} is not in the array")
+    channel, source = str(payload.get("channel", "ANY")), str(payload.get("source", "ANY"))
+    style = str(payload.get("style", "full"))
+    if style not in {value for _, value in STYLES}:
+        raise BadRequest(f"style {style!r} is not one of {', '.join(v for _, v in STYLES)}")
+    clip_text = str(payload.get("clip", "None") or "None")
+    try:
+        clip = None if clip_text in ("None", "") else float(clip_text)
+    except ValueError:
+        raise BadRequest(f"clip {clip_text!r} is not a number or None") from None
+    chosen = [r for r in rows if (channel == "ANY" or (channel.isdigit() and int(channel) in (r.coarse_chans or [])))
+              and (source == "ANY" or r.calibrator_source == source)]  # fmt: skip
+    fits = {r.fitid: gps_to_unix(r.obsid) * 1000 for r in chosen}
+    solutions = session.scalars(
+        select(CalibrationSolution).where(CalibrationSolution.fitid.in_(fits), CalibrationSolution.tileid.in_(tiles))
+    ).all() if fits else []  # fmt: skip
+    series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    per_fit: dict[float, list[float]] = defaultdict(list)
+    for s in sorted(solutions, key=lambda s: (fits[s.fitid], s.tileid)):
+        when, label = fits[s.fitid], tiles[s.tileid]
+        x, y = _number(s.x_delay_m), _number(s.y_delay_m)
+        if style == "full":
+            series[f"{label} X"].append((when, x))
+            series[f"{label} Y"].append((when, y))
+        elif style == "Y-X":
+            series[f"{label} Y-X"].append((when, y - x))
+        elif style == "tilemean":
+            series[label].append(
+                (when, float(np.nanmean([x, y])) if np.isfinite([x, y]).any() else math.nan)
+            )
+        elif style == "quality":
+            series[f"{label} quality"].append((when, float(np.nanmean([_number(s.x_phase_fit_quality),
+                                                                       _number(s.y_phase_fit_quality)]))))  # fmt: skip
+        else:  # recmean
+            per_fit[when] += [v for v in (x, y) if math.isfinite(v)]
+    if style == "recmean":
+        series[f"rec{rx:02d} mean"] = [
+            (when, float(np.mean(v))) for when, v in sorted(per_fit.items()) if v
+        ]
+    frames = []
+    for label, points in series.items():
+        kept = [(t, v) for t, v in points if math.isfinite(v) and (clip is None or abs(v) <= clip)]
+        frames.append(_frame(label, ref_id, [t for t, _ in kept], [v for _, v in kept],
+                             labels={"receiver": f"rec{rx:02d}", "style": style}))  # fmt: skip
+    return frames
+
+
+def _number(value: float | None) -> float:
+    return math.nan if value is None else float(value)

@@ -1,0 +1,134 @@
+"""The Grafana JSON datasource endpoints, checked against the protocol (specs/calib.md section 6)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from observatory.app import create_app
+from observatory.archive.models import Observation
+from observatory.calib import service
+from observatory.calib.formats import CalSolutions
+from observatory.core.config import Settings
+from observatory.core.gpstime import gps_to_unix, gps_to_utc_iso
+from observatory.telescope.instrument import tile_layout
+
+RX = 1
+TILES = [t for t in tile_layout() if t.rx == RX][:3]
+FIT_TIMES = [1_400_000_000, 1_400_003_600]
+
+
+@pytest.fixture
+def client(settings: Settings, session_factory: sessionmaker[Session]) -> Iterator[TestClient]:
+    with session_factory() as session:
+        for number, obsid in enumerate(FIT_TIMES):
+            session.add(Observation(obsid=obsid, stoptime=obsid + 120, mode="MWAX_CORRELATOR", calibration=True,
+                                    calibrator_source=("HydA", "PicA")[number], coarse_chans=list(range(109, 133))))  # fmt: skip
+            session.flush()
+            rows = [{"tileid": t.tile_id, "antenna": i, "x_delay_m": 0.1 * (i + 1) + number,
+                     "y_delay_m": -0.2 * (i + 1) + number, "x_phase_fit_quality": 0.8, "y_phase_fit_quality": 0.6}
+                    for i, t in enumerate(TILES)]  # fmt: skip
+            service.store_fit(
+                session, settings, obsid, CalSolutions(jones=np.ones((1, 3, 4, 4), complex)), rows
+            )
+        session.commit()
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def query(client: TestClient, target: str, **payload: Any) -> list[dict[str, Any]]:
+    body = {"range": {"from": gps_to_utc_iso(FIT_TIMES[0] - 10) + "Z", "to": gps_to_utc_iso(FIT_TIMES[1] + 10) + "Z"},
+            "targets": [{"target": target, "refId": "A", "payload": payload}], "intervalMs": 30000}  # fmt: skip
+    reply = client.post("/calib/grafana/query", json=body)
+    assert reply.status_code == 200, reply.text
+    frames = reply.json()
+    for frame in frames:  # Grafana's DataFrameJSON: a time field, then values of the same length
+        fields = frame["schema"]["fields"]
+        assert fields[0]["type"] == "time" and len(fields) == 2
+        assert len(frame["data"]["values"]) == 2 and len(frame["data"]["values"][0]) == len(
+            frame["data"]["values"][1]
+        )
+    return frames
+
+
+def test_test_connection_metrics_and_payload_options(client: TestClient) -> None:
+    assert client.get("/calib/grafana/").status_code == 200
+    assert client.get("/calib/grafana").status_code == 200
+    metrics = client.post("/calib/grafana/metrics", json={}).json()
+    values = [m["value"] for m in metrics]
+    assert values[0] == "rec01" and values[-1] == "sources" and len(values) == 17
+    assert [p["name"] for p in metrics[0]["payloads"]] == ["channel", "source", "style", "clip"]
+    assert all(set(p) >= {"name", "type"} for p in metrics[0]["payloads"])
+    style = client.post("/calib/grafana/metric-payload-options", json={
+        "metric": "rec01", "payload": {"channel": "ANY", "source": "ANY", "style": "tilemean", "clip": "None"},
+        "name": "style"}).json()  # fmt: skip
+    assert style == [{"label": "Full", "value": "full"}, {"label": "Y-X", "value": "Y-X"},
+                     {"label": "Receiver Mean", "value": "recmean"}, {"label": "Tile Mean", "value": "tilemean"},
+                     {"label": "Phase Fit Quality", "value": "quality"}]  # fmt: skip
+    sources = client.post(
+        "/calib/grafana/metric-payload-options", json={"metric": "rec01", "name": "source"}
+    ).json()
+    assert sources == [{"label": "Any", "value": "ANY"}, {"label": "HydA", "value": "HydA"},
+                       {"label": "PicA", "value": "PicA"}]  # fmt: skip
+    channels = client.post("/calib/grafana/metric-payload-options", json={"name": "channel"}).json()
+    assert channels[0]["value"] == "ANY" and len(channels) == 25
+    assert (
+        client.post("/calib/grafana/metric-payload-options", json={"name": "colour"}).status_code
+        == 400
+    )
+    assert client.post("/calib/grafana/metric-payload-options", json={}).status_code == 400
+    assert client.post("/calib/grafana/metrics", content=b"not json").status_code == 400
+
+
+def test_query_styles_and_filters(client: TestClient) -> None:
+    times = [gps_to_unix(t) * 1000 for t in FIT_TIMES]
+    full = {
+        f["schema"]["name"]: f["data"]["values"]
+        for f in query(client, f"rec{RX:02d}", style="full")
+    }
+    first = TILES[0].tile_name
+    assert full[f"{first} X"] == [times, [pytest.approx(0.1), pytest.approx(1.1)]]
+    assert full[f"{first} Y"] == [times, [pytest.approx(-0.2), pytest.approx(0.8)]]
+    assert len(full) == 2 * len(TILES)
+    y_minus_x = {
+        f["schema"]["name"]: f["data"]["values"][1]
+        for f in query(client, f"rec{RX:02d}", style="Y-X")
+    }
+    assert y_minus_x[f"{first} Y-X"] == [pytest.approx(-0.3), pytest.approx(-0.3)]
+    (mean,) = query(client, f"rec{RX:02d}", style="recmean")
+    assert mean["data"]["values"][1][0] == pytest.approx(np.mean([0.1, 0.2, 0.3, -0.2, -0.4, -0.6]))
+    tilemean = {
+        f["schema"]["name"]: f["data"]["values"][1]
+        for f in query(client, f"rec{RX:02d}", style="tilemean")
+    }
+    assert tilemean[first] == [pytest.approx(-0.05), pytest.approx(0.95)]
+    quality = query(client, f"rec{RX:02d}", style="quality")
+    assert quality[0]["data"]["values"][1] == [pytest.approx(0.7), pytest.approx(0.7)]
+    clipped = {
+        f["schema"]["name"]: f["data"]["values"][1]
+        for f in query(client, f"rec{RX:02d}", style="full", clip="0.5")
+    }
+    assert clipped[f"{first} X"] == [pytest.approx(0.1)]  # 1.1 m is beyond the clip
+    only_pica = query(client, f"rec{RX:02d}", style="full", source="PicA")
+    assert all(f["data"]["values"][0] == times[1:] for f in only_pica)
+    assert query(client, f"rec{RX:02d}", style="full", channel="60") == []
+    (sources,) = query(client, "sources")
+    assert sources["data"]["values"] == [times, ["HydA", "PicA"]]
+    hidden = client.post("/calib/grafana/query", json={"range": {"from": "2020-01-01T00:00:00Z", "to": "2030-01-01T00:00:00Z"},
+                                                      "targets": [{"target": "rec01", "hide": True}]})  # fmt: skip
+    assert hidden.json() == []
+    assert (
+        client.post("/calib/grafana/query", json={"targets": [{"target": "rec01"}]}).status_code
+        == 400
+    )
+    unknown = client.post("/calib/grafana/query", json={"range": {"from": "2020-01-01T00:00:00Z", "to": "2030-01-01T00:00:00Z"},
+                                                       "targets": [{"target": "tile7"}]})  # fmt: skip
+    assert unknown.status_code == 400
+    bad_style = client.post("/calib/grafana/query", json={"range": {"from": "2020-01-01T00:00:00Z", "to": "2030-01-01T00:00:00Z"},
+                                                         "targets": [{"target": "rec01", "payload": {"style": "fancy"}}]})  # fmt: skip
+    assert bad_style.status_code == 400
