@@ -165,3 +165,63 @@ def test_conversion_with_apply_di_cal_waits_for_calibration(
             and request.cal_id == CAL_OBS
             and request.calibration_fit_id
         )
+
+
+def test_calibdata_metafits_and_the_deprecated_services(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    import io
+    import zipfile
+
+    from astropy.io import fits
+    from fastapi.testclient import TestClient
+
+    from observatory.app import create_app
+
+    best = pointing.best_calibrator(CAL_OBS + 8, min_el_deg=30.0, sun_exclusion_deg=20.0)
+    assert best is not None
+    target = CAL_OBS + 600
+    chans = tuple(range(109, 133))
+    with session_factory() as session:
+        for obsid, calibrator in ((CAL_OBS, best[0].name), (target, None)):
+            simulate_and_register(session, settings, obsid=obsid, sources=[catalogue_point_source(best[0].name)],
+                                  n_tiles=8, coarse_chans=chans, fine_chan_khz=40.0, int_time_s=2.0, n_timesteps=2,
+                                  calibrator=calibrator)  # fmt: skip
+        session.commit()
+        fit = fit_observation(session, settings, CAL_OBS)
+        session.commit()
+        x_delays = {row.tileid: row.x_delay_m for row in fit.solutions}
+    with TestClient(create_app(settings)) as client:
+        reply = client.get("/metadata/fits", params={"obs_id": target, "include_calib": 1})
+        assert reply.status_code == 200
+        with fits.open(io.BytesIO(reply.content)) as hdus:
+            table = hdus["CALIBDATA"]
+            assert table.header["CALFITID"] == fit.fitid and table.header["CALOBSID"] == CAL_OBS
+            assert table.header["TAROBSID"] == target and table.header["CALCRTR"] == "calvin"
+            assert table.header["CALDTIME"].endswith("+08:00")
+            data = table.data
+            assert len(data) == 16 and list(data["Pol"][:2]) == ["X", "Y"]
+            for row in data[data["Pol"] == "X"]:
+                assert row["delay_m"] == pytest.approx(x_delays[int(row["Tile"])], abs=1e-6)
+            assert data["gains"].shape == (16, 24)
+            assert "TILEDATA" in [h.name for h in hdus]  # the rest of the metafits is kept
+        plain = client.get("/metadata/fits", params={"obs_id": target})
+        with fits.open(io.BytesIO(plain.content)) as hdus:
+            assert "CALIBDATA" not in [h.name for h in hdus]
+
+        old = client.get("/calib/get_calfile_for_obsid", params={"obs_id": target})
+        assert old.status_code == 200
+        with zipfile.ZipFile(io.BytesIO(old.content)) as archive:
+            assert sorted(archive.namelist()) == sorted([f"{CAL_OBS}.bin", f"{target}_flagged_tiles.txt",
+                                                         f"{target}_flags.py", f"{target}.metafits"])  # fmt: skip
+        by_calid = client.get("/calib/get_calfile_for_calid", params={"cal_id": CAL_OBS})
+        with zipfile.ZipFile(io.BytesIO(by_calid.content)) as archive:
+            assert (
+                f"{CAL_OBS}.bin" in archive.namelist()
+                and f"{CAL_OBS}_flags.py" in archive.namelist()
+            )
+        assert (
+            client.get("/calib/get_calfile_for_calid", params={"cal_id": target}).status_code == 400
+        )
+        far = client.get("/calib/get_calfile_for_obsid", params={"obs_id": CAL_OBS + 200_000})
+        assert far.status_code == 400

@@ -39,12 +39,24 @@ def observation_info(session: SessionDep, obs_id: Annotated[str, Query()]) -> Ob
 
 @router.get("/fits", response_class=Response)
 def metafits_file(
-    session: SessionDep, storage: StorageDep, obs_id: Annotated[str, Query()]
+    session: SessionDep,
+    storage: StorageDep,
+    obs_id: Annotated[str, Query()],
+    include_calib: str = "0",
 ) -> Response:
-    """The observation's metafits file."""
+    """The observation's metafits file; with ``include_calib=1``, with its best calibration fit.
+
+    The fit is added as the ``CALIBDATA`` table mwalib reads (404 when there is none).
+    """
     obsid = obsid_param(obs_id)
     key = service.metafits_key(session, obsid)
     headers = {"Content-Disposition": f'attachment; filename="{obsid}_metafits.fits"'}
+    if include_calib == "1":
+        from observatory.calib.service import best_fit, metafits_with_calibdata
+
+        _, fit = best_fit(session, obsid)
+        body = metafits_with_calibdata(storage.local_path(key), fit, obsid)
+        return Response(body, media_type="application/fits", headers=headers)
     if storage.is_local:
         return FileResponse(storage.local_path(key), media_type="application/fits", headers=headers)
     return StreamingResponse(storage.open_read(key), media_type="application/fits", headers=headers)

@@ -7,11 +7,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from observatory.archive import service as archive_service
 from observatory.calib import grafana, requests, service
 from observatory.core.config import Settings
 from observatory.core.errors import BadRequest, NotFound
+from observatory.core.storage import Storage
 from observatory.core.web import get_session, obsid_param
 
 router = APIRouter(prefix="/calib", tags=["calibration"])
@@ -158,3 +161,57 @@ def grafana_payload_options(session: SessionDep, body: JsonBody) -> list[dict[st
 def grafana_query(session: SessionDep, body: JsonBody) -> list[dict[str, Any]]:
     """Data frames for Grafana's targets over its time range."""
     return grafana.query(session, body)
+
+
+def _latest_fit_of(session: Session, cal_id: int) -> service.CalibrationFit:
+    fit = session.scalars(
+        select(service.CalibrationFit).where(service.CalibrationFit.obsid == cal_id)
+        .order_by(service.CalibrationFit.fitid.desc()).limit(1)
+    ).first()  # fmt: skip
+    if fit is None:
+        raise BadRequest(f"cal_id {cal_id} is not found in the calibration solution database")
+    return fit
+
+
+@router.get("/get_calfile_for_obsid", response_class=Response, deprecated=True)
+def get_calfile_for_obsid(
+    request: Request,
+    session: SessionDep,
+    obs_id: Annotated[str, Query()],
+    any_gain: str | None = None,
+    add_request: str | None = None,
+) -> Response:
+    """Deprecated: the best solution for ``obs_id`` as a zip, with its metafits carrying CALIBDATA.
+
+    ``any_gain`` ignores the attenuation. With ``add_request=1`` and no fit, a fit is
+    requested and the reply is empty (what older clients read as "requested").
+    """
+    settings = _settings(request)
+    obsid = obsid_param(obs_id)
+    try:
+        target, fit = service.best_fit(session, obsid, match_attenuation=any_gain is None)
+    except NotFound as exc:
+        if add_request == "1":
+            requests.add_cal_request(session, settings, obsid)
+            return Response(status_code=200)
+        raise BadRequest(exc.message) from exc
+    metafits = Storage(settings.archive_dir).local_path(
+        archive_service.metafits_key(session, obsid)
+    )
+    body = service.solution_zip(session, settings, target, fit, extra_files={
+        f"{obsid}.metafits": service.metafits_with_calibdata(metafits, fit, obsid)})  # fmt: skip
+    return Response(body, media_type="application/zip",
+                    headers={"Content-Disposition": f'attachment; filename="{obsid}_calibration.zip"'})  # fmt: skip
+
+
+@router.get("/get_calfile_for_calid", response_class=Response, deprecated=True)
+def get_calfile_for_calid(
+    request: Request, session: SessionDep, cal_id: Annotated[str, Query()]
+) -> Response:
+    """Deprecated: the newest fit of calibrator observation ``cal_id`` as a zip."""
+    calid = obsid_param(cal_id)
+    fit = _latest_fit_of(session, calid)
+    calibrator = service.target_observation(session, calid)
+    body = service.solution_zip(session, _settings(request), calibrator, fit)
+    return Response(body, media_type="application/zip",
+                    headers={"Content-Disposition": f'attachment; filename="{calid}_calibration.zip"'})  # fmt: skip

@@ -16,9 +16,11 @@ import time
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
+from astropy.io import fits
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -33,6 +35,8 @@ DEFAULT_MAX_TIME_SEPARATION_S = 86_400
 #: Chanblock width of solutions rebuilt from the table (calvin's Birli setting).
 REBUILT_CHANBLOCK_HZ = 40_000
 OUTPUT_FORMATS = ("aocal", "auto", "hyperdrive")
+#: Australian Western Standard Time (the MWA's; no daylight saving).
+AWST = timezone(timedelta(hours=8), "AWST")
 
 
 @dataclass(frozen=True)
@@ -64,15 +68,15 @@ def target_observation(session: Session, obsid: int) -> Observation:
     return observation
 
 
-def compatible(target: Observation, calibrator: Observation) -> bool:
-    """Same coarse channels, and the same attenuation when both are known."""
+def compatible(
+    target: Observation, calibrator: Observation, *, match_attenuation: bool = True
+) -> bool:
+    """Same coarse channels, and the same attenuation when both are known (and asked for)."""
     if sorted(target.coarse_chans or []) != sorted(calibrator.coarse_chans or []):
         return False
-    return (
-        target.atten_db is None
-        or calibrator.atten_db is None
-        or target.atten_db == calibrator.atten_db
-    )
+    if not match_attenuation or target.atten_db is None or calibrator.atten_db is None:
+        return True
+    return target.atten_db == calibrator.atten_db
 
 
 def candidate_fits(
@@ -81,6 +85,7 @@ def candidate_fits(
     *,
     max_time_separation_s: int = DEFAULT_MAX_TIME_SEPARATION_S,
     allow_after: bool = True,
+    match_attenuation: bool = True,
 ) -> list[Candidate]:
     """Every fit that may calibrate ``target``, best first."""
     latest = target.obsid + (max_time_separation_s if allow_after else 0)
@@ -97,7 +102,7 @@ def candidate_fits(
     found = [
         Candidate(fitid, calibrator.obsid, abs(calibrator.obsid - target.obsid), filename)
         for fitid, filename, calibrator in rows
-        if compatible(target, calibrator)
+        if compatible(target, calibrator, match_attenuation=match_attenuation)
     ]
     return sorted(found, key=lambda c: (c.offset_s, -c.fitid))
 
@@ -109,6 +114,7 @@ def best_fit(
     max_time_separation_s: int = DEFAULT_MAX_TIME_SEPARATION_S,
     allow_after: bool = True,
     prefer_fitid: int | None = None,
+    match_attenuation: bool = True,
 ) -> tuple[Observation, CalibrationFit]:
     """The target observation and the fit to calibrate it with.
 
@@ -126,8 +132,9 @@ def best_fit(
             raise NotFound(f"prefer_fitid {prefer_fitid} is not a calibration fit")
         return target, preferred
     candidates = candidate_fits(
-        session, target, max_time_separation_s=max_time_separation_s, allow_after=allow_after
-    )
+        session, target, max_time_separation_s=max_time_separation_s, allow_after=allow_after,
+        match_attenuation=match_attenuation,
+    )  # fmt: skip
     if not candidates:
         raise NotFound(
             f"no calibration fit for obs_id {obsid} within {max_time_separation_s} s"
@@ -254,6 +261,7 @@ def solution_zip(
     *,
     output_format: str = "aocal",
     nocache: bool = False,
+    extra_files: dict[str, bytes] | None = None,
 ) -> bytes:
     """The zip ``get_cal_solution`` answers: solutions, flagged tiles, CASA flag script.
 
@@ -290,6 +298,8 @@ def solution_zip(
             obsid=target.obsid, fitid=fit.fitid, calid=fit.obsid, tile_ids=tiles,
             tile_names=[names.get(t, f"Tile{t:03d}") for t in tiles],
         ))  # fmt: skip
+        for name, data in (extra_files or {}).items():
+            archive.writestr(name, data)
     return scratch.getvalue()
 
 
@@ -351,3 +361,60 @@ def _nulls(row: dict[str, object]) -> dict[str, object]:
         return value
 
     return {key: clean(value) for key, value in row.items()}
+
+
+#: Coarse channels a CALIBDATA row holds (the receivers' maximum).
+CALIBDATA_COARSE = 24
+
+
+def calibdata_hdu(fit: CalibrationFit, target_obsid: int) -> fits.BinTableHDU:
+    """The fit as a metafits ``CALIBDATA`` table (specs/calib.md 3.6): one row per tile and pol."""
+    names = {t.tile_id: t.tile_name for t in tile_layout()}
+    rows = sorted(fit.solutions, key=lambda r: r.antenna)
+    n = 2 * len(rows)
+
+    def column(row: CalibrationSolution, pol: str, name: str) -> np.ndarray:
+        return _floats(getattr(row, f"{pol}_{name}"), CALIBDATA_COARSE)
+
+    def scalar(row: CalibrationSolution, pol: str, name: str) -> float:
+        value = getattr(row, f"{pol}_{name}")
+        return math.nan if value is None else float(value)
+
+    pols = [(row, pol) for row in rows for pol in ("x", "y")]
+    table = fits.BinTableHDU.from_columns([
+        fits.Column("Antenna", "I", array=np.array([r.antenna for r, _ in pols], np.int16)),
+        fits.Column("Tile", "I", array=np.array([r.tileid for r, _ in pols], np.int16)),
+        fits.Column("TileName", "8A", array=[names.get(r.tileid, f"Tile{r.tileid:03d}")[:8] for r, _ in pols]),
+        fits.Column("Pol", "A", array=[p.upper() for _, p in pols]),
+        fits.Column("delay_m", "E", unit="m", array=np.array([scalar(r, p, "delay_m") for r, p in pols])),
+        fits.Column("intercept", "E", unit="m", array=np.array([scalar(r, p, "intercept") for r, p in pols])),
+        fits.Column("gains", "24E", array=np.array([column(r, p, "gains") for r, p in pols]).reshape(n, 24)),
+        fits.Column("gains_pol1", "24E", array=np.array([column(r, p, "gains_pol1") for r, p in pols]).reshape(n, 24)),
+        fits.Column("gains_pol0", "24E", array=np.array([column(r, p, "gains_pol0") for r, p in pols]).reshape(n, 24)),
+        fits.Column("phase_fit_quality", "E", array=np.array([scalar(r, p, "phase_fit_quality") for r, p in pols])),
+        fits.Column("gains_fit_quality", "E", array=np.array([scalar(r, p, "gains_fit_quality") for r, p in pols])),
+    ], name="CALIBDATA")  # fmt: skip
+    header = table.header
+    header["CALFITID"] = (fit.fitid, "calibration fit id")
+    header["CALOBSID"] = (fit.obsid, "calibrator observation")
+    header["TAROBSID"] = (target_obsid, "target observation")
+    header["FILENAME"] = (Path(fit.solution_file or f"{fit.obsid}.bin").name, "solutions file")
+    header["CALCDVER"] = (fit.code_version or "", "fit code version")
+    fitted = fit.fit_time if fit.fit_time.tzinfo else fit.fit_time.replace(tzinfo=UTC)
+    header["CALDTIME"] = (fitted.astimezone(AWST).isoformat(timespec="seconds"), "fit time (AWST)")
+    header["CALCRTR"] = (fit.creator, "fit creator")
+    header["CALITERS"] = (
+        fit.fit_niter if fit.fit_niter is not None else -1,
+        "phase fit iterations",
+    )
+    header["CALITLIM"] = (fit.fit_limit if fit.fit_limit is not None else -1.0, "fit limit")
+    return table
+
+
+def metafits_with_calibdata(metafits: Path, fit: CalibrationFit, target_obsid: int) -> bytes:
+    """A metafits file with the fit's ``CALIBDATA`` table added (replacing one already there)."""
+    with fits.open(metafits) as hdus:
+        kept = [hdu.copy() for hdu in hdus if hdu.name != "CALIBDATA"]
+    output = io.BytesIO()
+    fits.HDUList([*kept, calibdata_hdu(fit, target_obsid)]).writeto(output)
+    return output.getvalue()
