@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from observatory.archive.simulated import catalogue_point_source, simulate_and_register
-from observatory.calib.formats import read_aocal
+from observatory.calib.formats import read_aocal, read_hyperdrive
 from observatory.calib.pipeline import fit_observation
 from observatory.calib.service import solution_path
 from observatory.core.config import Settings
@@ -29,7 +29,7 @@ def test_fit_recovers_injected_delays_and_gains(
         simulate_and_register(
             session, settings, obsid=CAL_OBS, sources=[catalogue_point_source(source.name)], n_tiles=16,
             coarse_chans=tuple(range(109, 133)), fine_chan_khz=40.0, int_time_s=2.0, n_timesteps=4,
-            calibrator=source.name,
+            calibrator=source.name, flagged_antennas=(5,),
         )  # fmt: skip
         session.commit()
         fit = fit_observation(session, settings, CAL_OBS)
@@ -37,10 +37,17 @@ def test_fit_recovers_injected_delays_and_gains(
         rows = {row.tileid: row for row in fit.solutions}
         cached = solution_path(settings, fit)
     assert cached is not None and read_aocal(cached).n_antennas == 16
+    hyperdrive = read_hyperdrive(cached.with_name(f"{CAL_OBS}_solutions.fits"))
+    assert hyperdrive.n_antennas == 16 and hyperdrive.chanblock_freqs_hz is not None
     truth = load_truth(settings.archive_dir / str(CAL_OBS) / f"{CAL_OBS}_truth.json")
     tile_ids = [t.tile_id for t in truth.tiles]
     reference = int(np.argmin(tile_ids))
+    flagged = tile_ids[5]
+    assert all(getattr(rows[flagged], f"{p}_delay_m") is None for p in ("x", "y"))  # NaN -> NULL
+    assert all(g is None for g in rows[flagged].x_gains)
     for antenna, tileid in enumerate(tile_ids):
+        if tileid == flagged:
+            continue
         row = rows[tileid]
         for pol, name in ((0, "x"), (1, "y")):
             injected_m = (

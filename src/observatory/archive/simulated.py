@@ -51,6 +51,7 @@ def simulate_and_register(
     obsname: str | None = None,
     noise_sigma_jy: float = 1.0,
     seed: int = 0,
+    flagged_antennas: Sequence[int] = (),
 ) -> Observation:
     """Simulate an observation into ``<archive>/<obsid>/`` and register it like an ingest.
 
@@ -78,6 +79,7 @@ def simulate_and_register(
         project_id=project_id,
         obs_name=obsname,
         calibrator=calibrator,
+        flagged_antennas=flagged_antennas,
     )
     ingest_directory(session, Storage(settings.archive_dir), out_dir)
     observation = get_observation(session, obsid)

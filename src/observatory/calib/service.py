@@ -339,6 +339,8 @@ def store_fit(
     path = settings.calib_dir / relative
     path.parent.mkdir(parents=True, exist_ok=True)
     write_aocal(path, solutions)
+    # hyperdrive's FITS beside it: the same solutions, with frequencies and tile flags.
+    write_hyperdrive(path.with_name(f"{obsid}_solutions.fits"), solutions)
     fit = CalibrationFit(
         fitid=fitid, obsid=obsid, creator=creator, code_version=code_version, fit_niter=fit_niter,
         source_list=source_list, num_sources=num_sources, calibration_command=calibration_command,
