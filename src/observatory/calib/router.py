@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from observatory.archive import service as archive_service
-from observatory.calib import grafana, requests, service
+from observatory.calib import grafana, plots, requests, service
 from observatory.core.config import Settings
 from observatory.core.errors import BadRequest, NotFound
+from observatory.core.gpstime import gps_to_utc_iso, now_gps, utc_to_gps
 from observatory.core.storage import Storage
-from observatory.core.web import get_session, obsid_param
+from observatory.core.web import get_session, obsid_param, templates_for
 
 router = APIRouter(prefix="/calib", tags=["calibration"])
+templates = templates_for(Path(__file__).parent)
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
@@ -215,3 +219,58 @@ def get_calfile_for_calid(
     body = service.solution_zip(session, _settings(request), calibrator, fit)
     return Response(body, media_type="application/zip",
                     headers={"Content-Disposition": f'attachment; filename="{calid}_calibration.zip"'})  # fmt: skip
+
+
+def _gps(name: str, value: str | None, default: float) -> float:
+    if value is None or not value.strip():
+        return default
+    text = value.strip()
+    if text.replace(".", "", 1).isdigit():
+        return float(text)
+    try:
+        return utc_to_gps(text)
+    except ValueError as exc:
+        raise BadRequest(f"{name} {value!r} is not an ISO time or GPS seconds") from exc
+
+
+@router.get("/summary", response_class=HTMLResponse)
+def summary(
+    request: Request, session: SessionDep, mintime: str | None = None, maxtime: str | None = None
+) -> HTMLResponse:
+    """The fits of observations in a time range (default: the last 7 days)."""
+    now = now_gps()
+    first = _gps("mintime", mintime, now - 7 * 86400)
+    last = _gps("maxtime", maxtime, now)
+    return templates.TemplateResponse(request, "summary.html", {
+        "fits": service.fits_between(session, first, last), "kinds": plots.KINDS,
+        "mintime": mintime or gps_to_utc_iso(first)[:19], "maxtime": maxtime or gps_to_utc_iso(last)[:19],
+    })  # fmt: skip
+
+
+def _fit(session: Session, fitid: str) -> service.CalibrationFit:
+    if not fitid.isdigit():
+        raise BadRequest(f"fitid {fitid!r} is not a fit id")
+    fit = session.get(service.CalibrationFit, int(fitid))
+    if fit is None:
+        raise NotFound(f"no calibration fit {fitid}")
+    return fit
+
+
+@router.get("/fit", response_class=HTMLResponse)
+def fit_page(request: Request, session: SessionDep, fitid: Annotated[str, Query()]) -> HTMLResponse:
+    """One fit: median residual per receiver and per tile, and its plots."""
+    fit = _fit(session, fitid)
+    tiles, receivers = service.fit_residuals(fit)
+    return templates.TemplateResponse(request, "fit.html", {
+        "fit": fit, "tiles": tiles, "receivers": receivers, "kinds": plots.KINDS,
+        "fit_time": service.awst_time(fit),
+    })  # fmt: skip
+
+
+@router.get("/plot/{kind}.png", response_class=Response)
+def plot(
+    request: Request, session: SessionDep, kind: str, fitid: Annotated[str, Query()]
+) -> Response:
+    """A plot of a fit (tilediff, timediff, xydiff, gains, gaintimes) as PNG."""
+    image = plots.plot_png(session, _settings(request), _fit(session, fitid), kind)
+    return Response(image, media_type="image/png", headers={"Cache-Control": "max-age=86400"})

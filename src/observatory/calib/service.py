@@ -420,3 +420,70 @@ def metafits_with_calibdata(metafits: Path, fit: CalibrationFit, target_obsid: i
     output = io.BytesIO()
     fits.HDUList([*kept, calibdata_hdu(fit, target_obsid)]).writeto(output)
     return output.getvalue()
+
+
+# -- the summary pages -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FitSummary:
+    """A row of the summary table."""
+
+    fit: CalibrationFit
+    obsname: str
+    fit_time_awst: str
+
+
+def fits_between(
+    session: Session, first_gps: float, last_gps: float, limit: int = 1000
+) -> list[FitSummary]:
+    """Fits of observations that started between two GPS times, newest first."""
+    rows = session.execute(
+        select(CalibrationFit, Observation.obsname)
+        .join(Observation, Observation.obsid == CalibrationFit.obsid, isouter=True)
+        .where(CalibrationFit.obsid >= first_gps, CalibrationFit.obsid <= last_gps)
+        .order_by(CalibrationFit.obsid.desc(), CalibrationFit.fitid.desc())
+        .limit(limit)
+    ).all()  # fmt: skip
+    return [FitSummary(fit, obsname or "", awst_time(fit)) for fit, obsname in rows]
+
+
+def awst_time(fit: CalibrationFit) -> str:
+    """When the fit ran, in AWST (the MWA's time zone)."""
+    fitted = fit.fit_time if fit.fit_time.tzinfo else fit.fit_time.replace(tzinfo=UTC)
+    return fitted.astimezone(AWST).strftime("%Y-%m-%d %H:%M:%S AWST")
+
+
+@dataclass(frozen=True)
+class TileResidual:
+    """A tile's residuals in a fit."""
+
+    tileid: int
+    name: str
+    receiver: int
+    x_delay_m: float | None
+    y_delay_m: float | None
+    quality: float | None
+
+
+def fit_residuals(fit: CalibrationFit) -> tuple[list[TileResidual], dict[int, float | None]]:
+    """Per tile, and the median residual (X and Y together) per receiver."""
+    layout = {t.tile_id: t for t in tile_layout()}
+    tiles: list[TileResidual] = []
+    for row in sorted(fit.solutions, key=lambda r: r.tileid):
+        tile = layout.get(row.tileid)
+        qualities = [q for q in (row.x_phase_fit_quality, row.y_phase_fit_quality) if q is not None]
+        tiles.append(TileResidual(
+            row.tileid, tile.tile_name if tile else f"Tile{row.tileid:03d}", tile.rx if tile else 0,
+            row.x_delay_m, row.y_delay_m, float(np.mean(qualities)) if qualities else None,
+        ))  # fmt: skip
+    receivers: dict[int, list[float]] = {}
+    for residual in tiles:
+        values = [
+            v
+            for v in (residual.x_delay_m, residual.y_delay_m)
+            if v is not None and math.isfinite(v)
+        ]
+        receivers.setdefault(residual.receiver, []).extend(values)
+    medians = {rx: (float(np.median(v)) if v else None) for rx, v in sorted(receivers.items())}
+    return tiles, medians

@@ -1,0 +1,125 @@
+"""The calibration summary pages and plots, over HTTP and in headless Chromium."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from browser import browser_page, screenshot
+from observatory.app import create_app
+from observatory.archive.models import Observation
+from observatory.calib import plots, service
+from observatory.calib.formats import CalSolutions
+from observatory.calib.models import CalibrationFit
+from observatory.cli import main
+from observatory.core.config import Settings
+from observatory.core.database import make_engine, make_session_factory, utcnow
+from observatory.core.gpstime import now_gps
+from observatory.telescope.instrument import tile_layout
+from servers import free_port, observatory_server, wait_for
+
+TILES = tile_layout()[:16]
+
+
+def seed_fits(
+    settings: Settings, session_factory: sessionmaker[Session], days: int = 5
+) -> list[int]:
+    """One calibrator observation and fit a day, newest last; calvin and mwa creators."""
+    rng = np.random.default_rng(4)
+    now = (now_gps() // 8) * 8
+    fitids = []
+    with session_factory() as session:
+        for day in range(days, 0, -1):
+            obsid = now - day * 86400
+            session.add(Observation(obsid=obsid, stoptime=obsid + 120, mode="MWAX_CORRELATOR", calibration=True,
+                                    calibrator_source="HydA", obsname=f"HydA_day{day}",
+                                    coarse_chans=list(range(109, 133))))  # fmt: skip
+            session.flush()
+            rows = [{"tileid": t.tile_id, "antenna": i, "x_delay_m": float(rng.normal(0, 0.2)),
+                     "y_delay_m": float(rng.normal(0, 0.2)), "x_gains": list(rng.uniform(0.9, 1.1, 24)),
+                     "y_gains": list(rng.uniform(0.9, 1.1, 24)), "x_phase_fit_quality": 0.8,
+                     "y_phase_fit_quality": 0.7} for i, t in enumerate(TILES)]  # fmt: skip
+            fit = service.store_fit(session, settings, obsid, CalSolutions(jones=np.ones((1, 16, 2, 4), complex)),
+                                    rows, creator="calvin" if day % 2 else "mwa", code_version="1.7.30",
+                                    fit_niter=3)  # fmt: skip
+            fit.fit_time = utcnow() - timedelta(days=day)
+            fitids.append(fit.fitid)
+        session.commit()
+    return fitids
+
+
+def test_summary_fit_page_and_plots(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    fitids = seed_fits(settings, session_factory)
+    with TestClient(create_app(settings)) as client:
+        page = client.get("/calib/summary")
+        assert page.status_code == 200
+        for fitid in fitids:
+            assert f"fit?fitid={fitid}" in page.text
+        assert '=<a href="../metadata/obs_page?obs_id=' in page.text and "HydA_day1" in page.text
+        assert "AWST" in page.text and "calvin" in page.text and "mwa" in page.text
+        narrow = client.get("/calib/summary", params={"mintime": now_gps() - 2 * 86400 - 60})
+        assert (
+            f"fit?fitid={fitids[-1]}" in narrow.text and f"fit?fitid={fitids[0]}" not in narrow.text
+        )
+        assert client.get("/calib/summary", params={"mintime": "last tuesday"}).status_code == 400
+        fit_page = client.get("/calib/fit", params={"fitid": fitids[-1]})
+        assert (
+            fit_page.status_code == 200
+            and 'id="receivers"' in fit_page.text
+            and 'id="tiles"' in fit_page.text
+        )
+        assert "rx01" in fit_page.text and TILES[0].tile_name in fit_page.text
+        for kind in plots.KINDS:
+            image = client.get(f"/calib/plot/{kind}.png", params={"fitid": fitids[-1]})
+            assert image.status_code == 200 and image.content.startswith(b"\x89PNG"), kind
+            cached = settings.calib_dir / str(fitids[-1]) / "plots" / f"{kind}.png"
+            assert cached.read_bytes() == image.content  # drawn once, then read
+        assert client.get("/calib/plot/pie.png", params={"fitid": fitids[-1]}).status_code == 400
+        assert client.get("/calib/fit", params={"fitid": 123}).status_code == 404
+    with session_factory() as session:
+        fit = session.get(CalibrationFit, fitids[-1])
+        assert fit is not None
+        residuals, medians = service.fit_residuals(fit)
+        expected = np.median(
+            [v for r in residuals if r.receiver == 1 for v in (r.x_delay_m, r.y_delay_m)]
+        )
+        assert medians[1] == expected
+
+
+def test_pages_in_chromium(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    assert main(["--data-dir", str(data_dir), "db", "upgrade"]) == 0
+    settings = Settings(data_dir=data_dir)
+    engine = make_engine(settings.resolved_database_url)
+    fitids = seed_fits(settings, make_session_factory(engine), days=3)
+    engine.dispose()
+    port = free_port()
+    server = observatory_server(data_dir, port, None, "--no-telescope")
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz")
+        with browser_page() as page:
+            page.goto(f"http://127.0.0.1:{port}/calib/summary")
+            assert page.title() == "Calibration fits"
+            assert page.get_by_label("From (UTC, ISO time or GPS seconds)").count() == 1
+            rows = page.locator("#fits tr")
+            assert rows.count() == 1 + len(fitids)
+            screenshot(page, "calib-summary", tmp_path)
+            page.get_by_role("link", name=str(fitids[-1])).click()
+            page.wait_for_selector("#tiles")
+            images = page.locator("img")
+            assert images.count() == len(plots.KINDS)
+            page.wait_for_function(
+                "Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)"
+            )
+            widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.naturalWidth)")
+            assert all(w > 300 for w in widths)
+            assert page.locator("#receivers tr").count() >= 2
+            assert screenshot(page, "calib-fit", tmp_path).stat().st_size > 10_000
+    finally:
+        server.stop()
