@@ -27,6 +27,7 @@ from observatory.archive.service import correlator_inputs
 from observatory.calib.fitting import fit_gain, fit_phase_line
 from observatory.calib.formats import CalSolutions
 from observatory.calib.models import CalibrationFit
+from observatory.calib.plots import draw_all
 from observatory.calib.service import store_fit
 from observatory.calib.solver import Solution, normal_matrices, stefcal
 from observatory.core.config import Settings
@@ -161,11 +162,13 @@ def fit_observation(session: Session, settings: Settings, obsid: int) -> Calibra
         tile_flags=solved.meta.flagged_antennas.copy(),
     )  # fmt: skip
     rows = tile_fits(solved, len(solved.meta.metafits_coarse_chans))
-    return store_fit(
+    fit = store_fit(
         session, settings, obsid, solutions, rows, creator="calvin", code_version=__version__,
         fit_niter=PHASE_FIT_NITER, source_list=observation.calibrator_source, num_sources=1,
         calibration_command=f"StEFCal against the catalogue point source {observation.calibrator_source}",
     )  # fmt: skip
+    draw_all(session, settings, fit)  # the summary pages never wait for a plot
+    return fit
 
 
 def run_request(settings_values: dict[str, object], request_id: int) -> str:

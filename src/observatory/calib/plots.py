@@ -20,12 +20,14 @@ from __future__ import annotations
 import io
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.colors import to_rgba
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -47,6 +49,12 @@ def _colours(creator: str) -> tuple[str, str]:
 
 def _value(value: float | None) -> float:
     return np.nan if value is None else float(value)
+
+
+def _mean(values: list[float | None] | None) -> float:
+    array = np.array(values or [np.nan], dtype=float)  # None becomes NaN
+    finite = array[np.isfinite(array)]
+    return float(finite.mean()) if finite.size else np.nan
 
 
 def _history(session: Session, fit: CalibrationFit, days: int) -> list[CalibrationFit]:
@@ -78,39 +86,61 @@ def draw(session: Session, fit: CalibrationFit, kind: str) -> bytes:
     if kind == "tilediff":
         everything = np.concatenate([x, y])
         everything = everything[np.isfinite(everything)]
-        for i in index:
-            axes.plot(np.full(len(everything), i), everything, ".", color="0.75", ms=2)
+        columns = np.repeat(index, len(everything))
+        axes.scatter(columns, np.tile(everything, len(index)), s=3, color="0.75", lw=0)
         axes.plot(index, x, "o", color=colour_x, ms=7, label="X")
         axes.plot(index, y, "o", color=colour_y, ms=7, mfc="none", label="Y")
         axes.set_ylabel("cable length residual (m)")
-    elif kind in ("timediff", "xydiff"):
-        days = 7 if kind == "timediff" else 30
-        earlier = _history(session, fit, days)
-        solutions = session.scalars(
-            select(CalibrationSolution).where(CalibrationSolution.fitid.in_([f.fitid for f in earlier]))
+    elif kind in ("timediff", "xydiff", "gaintimes"):
+        days = 30 if kind == "xydiff" else 7
+        earlier = {f.fitid: f for f in _history(session, fit, days)}
+        wanted: list[Any] = [CalibrationSolution.fitid, CalibrationSolution.tileid, CalibrationSolution.x_delay_m,
+                  CalibrationSolution.y_delay_m]  # fmt: skip
+        if kind == "gaintimes":  # only this one needs the gain arrays (JSON: the costly part)
+            wanted += [CalibrationSolution.x_gains, CalibrationSolution.y_gains]
+        found = session.execute(
+            select(*wanted).where(CalibrationSolution.fitid.in_(earlier), CalibrationSolution.tileid.in_(position))
         ).all() if earlier else []  # fmt: skip
-        by_fit = {f.fitid: f for f in earlier}
-        for s in solutions:
-            if s.tileid not in position:
-                continue
-            other = by_fit[s.fitid]
-            alpha = _age_alpha(fit, other, days)
-            ox, oy = _colours(other.creator)
-            column = position[s.tileid]
+        if found:
+            # Arrays, not per-point calls: a month of hourly fits is ~100,000 points.
+            alpha_of = {f: _age_alpha(fit, other, days) for f, other in earlier.items()}
+            column = np.array([position[r.tileid] for r in found])
+            alpha = np.array([alpha_of[r.fitid] for r in found])
+            creator = np.array([earlier[r.fitid].creator for r in found])
             if kind == "timediff":
-                axes.plot(column, _value(s.x_delay_m), ".", color=ox, alpha=alpha, ms=4)
-                axes.plot(column, _value(s.y_delay_m), ".", color=oy, alpha=alpha, ms=4)
+                series = [(np.array([_value(r.x_delay_m) for r in found]), 0),
+                          (np.array([_value(r.y_delay_m) for r in found]), 1)]  # fmt: skip
+            elif kind == "xydiff":
+                series = [(np.array([_value(r.y_delay_m) - _value(r.x_delay_m) for r in found]), 0)]
             else:
-                difference = _value(s.y_delay_m) - _value(s.x_delay_m)
-                axes.plot(column, difference, ".", color=ox, alpha=alpha, ms=4)
+                series = [(np.array([_mean(r.x_gains) for r in found]), 0),
+                          (np.array([_mean(r.y_gains) for r in found]), 1)]  # fmt: skip
+            for values, pol in series:
+                rgba = np.zeros((len(found), 4))
+                for name in np.unique(creator):
+                    rgba[creator == name, :3] = to_rgba(_colours(str(name))[pol])[:3]
+                rgba[:, 3] = alpha
+                axes.scatter(column, values, s=10, c=rgba, lw=0)
         if kind == "timediff":
             axes.plot(index, x, "o", color=colour_x, ms=7, label="X (this fit)")
             axes.plot(index, y, "o", color=colour_y, ms=7, mfc="none", label="Y (this fit)")
             axes.set_ylabel("cable length residual (m)")
-        else:
+        elif kind == "xydiff":
             axes.plot(index, y - x, "o", color=colour_x, ms=7, label="Y - X (this fit)")
             axes.set_ylabel("Y - X residual (m)")
-    elif kind == "gains":
+        else:
+            axes.plot(
+                index,
+                [_mean(r.x_gains) for r in rows],
+                "o",
+                color=colour_x,
+                ms=7,
+                label="X (this fit)",
+            )
+            axes.plot(index, [_mean(r.y_gains) for r in rows], "o", color=colour_y, ms=7, mfc="none",
+                      label="Y (this fit)")  # fmt: skip
+            axes.set_ylabel("gain (mean over channels)")
+    else:  # gains
         for r in rows:
             gx = np.array([_value(v) for v in r.x_gains])
             gy = np.array([_value(v) for v in r.y_gains])
@@ -120,27 +150,6 @@ def draw(session: Session, fit: CalibrationFit, kind: str) -> bytes:
         axes.plot([], [], "--", color=colour_y, label="Y")
         axes.set_xlabel("coarse channel (index in the observation)")
         axes.set_ylabel("gain")
-    else:  # gaintimes
-        earlier = _history(session, fit, 7)
-        solutions = session.scalars(
-            select(CalibrationSolution).where(CalibrationSolution.fitid.in_([f.fitid for f in earlier]))
-        ).all() if earlier else []  # fmt: skip
-        by_fit = {f.fitid: f for f in earlier}
-        for s in solutions:
-            if s.tileid not in position:
-                continue
-            other = by_fit[s.fitid]
-            ox, oy = _colours(other.creator)
-            alpha = _age_alpha(fit, other, 7)
-            axes.plot(position[s.tileid], np.nanmean([_value(v) for v in s.x_gains] or [np.nan]), ".",
-                      color=ox, alpha=alpha, ms=4)  # fmt: skip
-            axes.plot(position[s.tileid], np.nanmean([_value(v) for v in s.y_gains] or [np.nan]), ".",
-                      color=oy, alpha=alpha, ms=4)  # fmt: skip
-        mean_x = [np.nanmean([_value(v) for v in r.x_gains] or [np.nan]) for r in rows]
-        mean_y = [np.nanmean([_value(v) for v in r.y_gains] or [np.nan]) for r in rows]
-        axes.plot(index, mean_x, "o", color=colour_x, ms=7, label="X (this fit)")
-        axes.plot(index, mean_y, "o", color=colour_y, ms=7, mfc="none", label="Y (this fit)")
-        axes.set_ylabel("gain (mean over channels)")
     if kind != "gains":
         axes.set_xticks(index[:: max(1, len(index) // 32)])
         axes.set_xticklabels(
@@ -171,3 +180,9 @@ def plot_png(session: Session, settings: Settings, fit: CalibrationFit, kind: st
     temporary.write_bytes(image)
     temporary.replace(path)
     return image
+
+
+def draw_all(session: Session, settings: Settings, fit: CalibrationFit) -> None:
+    """Draw every plot of a new fit into the cache, so that no page view waits for one."""
+    for kind in KINDS:
+        plot_png(session, settings, fit, kind)
