@@ -1,0 +1,1 @@
+"""Delivery packages: the QA2 packager."""
