@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from observatory.packaging.manifest import manifest_path, validate_manifest
 from observatory.packaging.qa2 import PackagingError, QA_Packager, package
 
 X8C = "uid___A002_X3c9295_X8c"
@@ -30,15 +36,46 @@ EXPECTED = {
 
 
 def measurement_set(path: Path) -> None:
-    """A directory shaped like a CASA table (enough for fake and copy modes)."""
-    path.mkdir(parents=True)
-    for name in ("table.dat", "table.f0", "table.info"):
-        (path / name).write_bytes(os.urandom(64))
-    (path / "ANTENNA").mkdir()
-    (path / "ANTENNA" / "table.dat").write_bytes(os.urandom(32))
+    """A small real measurement set (python-casacore) with DATA=1, CORRECTED_DATA=2, MODEL_DATA=3."""
+    import numpy as np
+    from casacore import tables
+
+    columns = [
+        tables.makearrcoldesc(name, 0j, ndim=2, shape=[4, 2], valuetype="complex")
+        for name in ("DATA", "CORRECTED_DATA", "MODEL_DATA")
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tables.default_ms(str(path), tables.maketabdesc(columns)) as ms:
+        ms.addrows(6)
+        for value, name in enumerate(("DATA", "CORRECTED_DATA", "MODEL_DATA"), start=1):
+            ms.putcol(name, np.full((6, 4, 2), value, dtype=complex))
 
 
-def build_sb(root: Path) -> Path:
+@pytest.fixture(scope="session")
+def example_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """project229 with both SBs, built once (casacore writes are the slow part)."""
+    root = tmp_path_factory.mktemp("example")
+    _write_sb(root)
+    second = root / "project229" / "IRC10216_setup4_b6_run_x2" / "X3c9295_X1e0"
+    uid = "uid___A002_X3c9295_X1e0"
+    measurement_set(second / f"{uid}.ms.split")
+    measurement_set(second / f"{uid}.ms.split.cal")
+    (second / f"{uid}.ms.scriptForCalibration.py").write_text("# calibration\n")
+    return root / "project229"
+
+
+@pytest.fixture
+def build_sb(example_project: Path) -> Callable[[Path], Path]:
+    """Copies the example project under a directory; returns its IRC10216_setup3_b6_run_x2."""
+
+    def build(root: Path) -> Path:
+        shutil.copytree(example_project, root / "project229", symlinks=True)
+        return root / "project229" / "IRC10216_setup3_b6_run_x2"
+
+    return build
+
+
+def _write_sb(root: Path) -> Path:
     """The document's example reduction directory for IRC10216_setup3_b6_run_x2."""
     sb = root / "project229" / "IRC10216_setup3_b6_run_x2"
     logs = {X8C: ["casapy-20120502-102144.log", "ipython.log", "ipython-20120502-102151.log"],
@@ -83,9 +120,38 @@ def readme(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("mode", ["fake", "copy"])
-def test_the_documents_example_file_for_file(tmp_path: Path, readme: Path, mode: str) -> None:
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def origin_digests(sb: Path) -> dict[Path, str]:
+    """Every file of the reduction directory (symlinks followed) and its hash.
+
+    ``table.lock`` files are left out: every casacore reader, CASA included, rewrites them.
+    """
+    return {p: sha256(p) for p in sb.rglob("*") if p.is_file() and p.name != "table.lock"}
+
+
+def data_columns(path: Path) -> dict[str, complex]:
+    from casacore import tables
+
+    with tables.table(str(path), ack=False) as ms:
+        return {
+            name: complex(ms.getcol(name)[0, 0, 0])
+            for name in ms.colnames()
+            if name.endswith("DATA")
+        }
+
+
+MODES = ["fake", "copy", "hard", "move", "ticket"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_documents_example_file_for_file(
+    tmp_path: Path, readme: Path, mode: str, build_sb: Callable[[Path], Path]
+) -> None:
     sb = build_sb(tmp_path)
+    before = origin_digests(sb)
     packpath = tmp_path / "2011.0.00229.S"
     QA_Packager(origpath=str(sb), readme=str(readme), packpath=str(packpath), append="", mode=mode)
     member = packpath / "sg_ouss_id" / "group_ouss_id" / "member_ouss_id"
@@ -97,39 +163,220 @@ def test_the_documents_example_file_for_file(tmp_path: Path, readme: Path, mode:
         and "Imaging notes for the PI." in readme_text
     )
     assert "|-- 2011.0.00229.S/" in readme_text and f"|-- {X8C}.ms.split/" in readme_text
-    split = member / "raw" / f"{X8C}.ms.split"
-    if mode == "fake":
-        assert (split / "table.dat").stat().st_size == 0 and (
-            split / "ANTENNA" / "table.dat"
-        ).exists()
-        assert all(
-            p.stat().st_size == 0 for p in member.rglob("*") if p.is_file() and p.name != "README"
-        )
-    else:
-        original = sb / "X8c" / f"{X8C}.ms.split" / "table.dat"
-        assert (split / "table.dat").read_bytes() == original.read_bytes()
-        assert (split / "table.dat").stat().st_ino != original.stat().st_ino
     tables = member / "calibration" / f"{X8C}.calibration"
     assert sorted(p.name for p in tables.iterdir()) == [f"{X8C}.ms.antpos", f"{X8C}.ms.split.ap_pre_bandpass",
                                                         f"{X8C}.ms.split.bandpass"]  # fmt: skip
     assert not any(p.name == "calibrated.ms" or p.name == f"{X8C}.ms" for p in member.rglob("*"))
+    split = member / "raw" / f"{X8C}.ms.split"
+    script = member / "script" / "scriptForImaging.py"
+    origin_split = sb / "X8c" / f"{X8C}.ms.split"
+    if mode in ("fake", "ticket"):
+        assert (split / "table.dat").stat().st_size == 0 and (
+            split / "ANTENNA" / "table.dat"
+        ).exists()
+        for path in member.rglob("*"):
+            if path.is_file() and path.name != "README":
+                linked = mode == "ticket" and path.relative_to(member).parts[0] in ("qa", "script")
+                assert (path.stat().st_size > 0) == linked, path
+        assert not manifest_path(packpath).exists()
+    else:
+        assert not validate_manifest(packpath)
+        listed = manifest_path(packpath).read_text()
+        assert "  2011.0.00229.S/sg_ouss_id/group_ouss_id/member_ouss_id/README\n" in listed
+        checked = subprocess.run(["sha256sum", "--quiet", "-c", manifest_path(packpath).name],
+                                 cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+    if mode == "copy":
+        assert (split / "table.dat").read_bytes() == (origin_split / "table.dat").read_bytes()
+        assert (split / "table.dat").stat().st_ino != (origin_split / "table.dat").stat().st_ino
+        assert data_columns(split) == {"DATA": 1, "CORRECTED_DATA": 2, "MODEL_DATA": 3}
+    if mode in ("hard", "ticket"):
+        assert os.path.samefile(script, sb / "scriptForImaging.py")
+    if mode == "hard":
+        antpos = tables / f"{X8C}.ms.antpos"
+        assert os.path.samefile(antpos, sb / "X8c" / f"{X8C}.ms.antpos")
+        assert antpos.stat().st_nlink == 2
+        assert data_columns(split) == {"DATA": 1}
+        assert data_columns(member / "calibrated" / f"{X8C}.ms.split.cal") == {"DATA": 2}
+        assert (split / "ANTENNA" / "table.dat").is_file()  # subtables come along
+    if mode == "move":
+        moved = [p for p in before if p.is_symlink()]
+        assert moved and all(sha256(p) == before[p] for p in moved)
+        assert all(Path(os.readlink(p)).is_relative_to(member) for p in moved)
+        assert not any(p.is_symlink() for p in sb.rglob("*") if p.is_dir())  # never a folder
+        assert not (sb / "X8c" / f"{X8C}.ms").is_symlink()  # not packaged, not moved
+        assert (sb / "calibrated.ms" / "table.dat").is_file() and not (
+            sb / "calibrated.ms" / "table.dat"
+        ).is_symlink()
+        assert not (tmp_path / "2011.0.00229.S.move-journal.json").exists()
+    if mode != "move":
+        assert origin_digests(sb) == before  # the origin is untouched
 
 
-def test_append_member_and_group_never_touch_what_exists(tmp_path: Path, readme: Path) -> None:
+def test_dry_run_prints_what_the_run_does(
+    tmp_path: Path,
+    readme: Path,
+    capsys: pytest.CaptureFixture[str],
+    build_sb: Callable[[Path], Path],
+) -> None:
+    from observatory.packaging.cli import main
+
+    sb = build_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    arguments = ["--origpath", str(sb), "--readme", str(readme), "--packpath", str(packpath)]
+    for mode in MODES:
+        assert main([*arguments, "--mode", mode, "--dry-run"]) == 0
+        printed = capsys.readouterr().out.splitlines()
+        assert not packpath.exists() and not list(tmp_path.glob("2011.0.00229.S.*"))
+        done = package(sb, readme, packpath, mode=mode)
+        member = packpath / done.member
+        assert printed[:-1] == [action.describe(member) for action in done.actions]
+        if mode == "move":
+            break  # the origin is now links; the other modes ran on the original
+        shutil.rmtree(packpath)
+        for leftover in tmp_path.glob("2011.0.00229.S.*"):
+            leftover.unlink()
+    assert any(line.startswith("move ") for line in printed)
+    hard = package(sb, readme, tmp_path / "x" / "2011.0.00229.S", mode="hard", dry_run=True)
+    assert {a.kind for a in hard.actions} == {"mkdir", "link", "split-ms"}
+
+
+class Crash(BaseException):
+    """Stands for a kill: nothing after it runs, no cleanup."""
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_move_interrupted_anywhere_is_finished_by_a_rerun(
+    tmp_path: Path, readme: Path, seed: int, monkeypatch: pytest.MonkeyPatch,
+    build_sb: Callable[[Path], Path],
+) -> None:  # fmt: skip
+    import random
+
+    sb = build_sb(tmp_path)
+    before = origin_digests(sb)
+    packpath = tmp_path / "2011.0.00229.S"
+    calls = {"n": 0}
+    crash_at = random.Random(seed).randrange(1, 1500)  # a run makes ~1,600 such calls
+    for name in ("link", "symlink", "replace", "unlink", "mkdir"):
+        real = getattr(os, name)
+
+        def failing(*args: object, _real: Callable[..., object] = real, **kwargs: object) -> object:
+            calls["n"] += 1
+            if calls["n"] == crash_at:
+                raise Crash
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, failing)
+    with pytest.raises(Crash):
+        package(sb, readme, packpath, mode="move")
+    monkeypatch.undo()
+    for path, digest in before.items():  # at every point: the file, or a link to its copy
+        assert path.exists() and sha256(path) == digest, path
+    with pytest.raises(PackagingError, match="interrupted move"):
+        package(sb, readme, packpath, mode="copy")  # must not clear the half-moved package
+    package(sb, readme, packpath, mode="move")
+    member = packpath / "sg_ouss_id" / "group_ouss_id" / "member_ouss_id"
+    assert listing(member) == EXPECTED
+    moved = [p for p in before if p.is_symlink()]
+    assert len(moved) > 40 and all(sha256(p) == before[p] for p in moved)
+    assert not validate_manifest(packpath)
+    with pytest.raises(PackagingError, match="links into"):
+        package(sb, readme, packpath, mode="copy")  # clearing would strand the links
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_move_killed_for_real_is_finished_by_a_rerun(
+    tmp_path: Path, readme: Path, seed: int, build_sb: Callable[[Path], Path]
+) -> None:
+    import random
+    import signal
+    import time
+
+    sb = build_sb(tmp_path)
+    before = origin_digests(sb)
+    packpath = tmp_path / "2011.0.00229.S"
+    code = (
+        "import sys, time\n"
+        "from observatory.packaging.qa2 import package\n"
+        "print('ready', flush=True)\n"
+        "package(sys.argv[1], sys.argv[2], sys.argv[3], mode='move',"
+        " progress=lambda action: time.sleep(0.002))\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", code, str(sb), str(readme), str(packpath)],
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert process.stdout is not None and process.stdout.readline() == "ready\n"
+    time.sleep(random.Random(seed).uniform(0.02, 0.3))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    for path, digest in before.items():
+        assert path.exists() and sha256(path) == digest, path
+    package(sb, readme, packpath, mode="move")
+    assert all(p.is_symlink() and sha256(p) == before[p] for p in before if p.name == "table.dat"
+               and "calibrated.ms" not in str(p) and f"{X8C}.ms/" not in str(p) and f"{X528}.ms/" not in str(p))  # fmt: skip
+    assert not validate_manifest(packpath)
+
+
+def test_manifest_catches_a_changed_byte(
+    tmp_path: Path,
+    readme: Path,
+    build_sb: Callable[[Path], Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from observatory.packaging.cli import main
+
+    sb = build_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb, readme, packpath, mode="copy")
+    assert main(["verify", str(packpath)]) == 0
+    target = packpath / "sg_ouss_id" / "group_ouss_id" / "member_ouss_id" / "product"
+    fits = target / "calibrated_all_setup3_b6.clean.fits"
+    content = bytearray(fits.read_bytes())
+    content[3] ^= 1  # same size, one bit
+    fits.write_bytes(bytes(content))
+    (target / "extra.fits").write_bytes(b"x")
+    problems = validate_manifest(packpath)
+    assert len(problems) == 2 and problems[0].startswith("changed: 2011.0.00229.S/")
+    assert "not in the manifest" in problems[1]
+    assert main(["verify", str(packpath)]) == 1
+    assert "changed:" in capsys.readouterr().err
+
+
+def test_modern_layout(tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]) -> None:
+    sb = build_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    uids = ("uid://A001/X1284/X1ef0", "uid___A001_X1284_X1ef1", "uid://A001/X1284/X1ef2")
+    plan = package(sb, readme, packpath, mode="copy", style="modern", uids=uids)
+    assert plan.member == Path("science_goal.uid___A001_X1284_X1ef0/group.uid___A001_X1284_X1ef1/"
+                               "member.uid___A001_X1284_X1ef2")  # fmt: skip
+    member = packpath / plan.member
+    assert listing(member) == EXPECTED
+    assert sorted(p.name for p in member.iterdir() if p.is_file()) == [
+        "member.uid___A001_X1284_X1ef2.README.txt"
+    ]
+    assert not validate_manifest(packpath)
+    with pytest.raises(PackagingError, match="not an ALMA uid"):
+        package(sb, readme, packpath, style="modern", uids=("uid://A001/X1", *uids[1:]))
+    with pytest.raises(PackagingError, match="needs the science goal"):
+        package(sb, readme, packpath, style="modern")
+
+
+def test_append_member_and_group_never_touch_what_exists(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
     sb = build_sb(tmp_path)
     second = tmp_path / "project229" / "IRC10216_setup4_b6_run_x2"
-    eb = second / "X3c9295_X1e0"
     uid = "uid___A002_X3c9295_X1e0"
-    measurement_set(eb / f"{uid}.ms.split")
-    (eb / f"{uid}.ms.scriptForCalibration.py").write_text("# calibration\n")
     packpath = tmp_path / "2011.0.00229.S"
-    package(sb, readme, packpath, mode="fake")
+    package(sb, readme, packpath, mode="copy")
     first = packpath / "sg_ouss_id" / "group_ouss_id" / "member_ouss_id"
-    before = sorted(str(p) for p in first.rglob("*"))
-    package(second, readme, packpath, append="member", mode="fake")
+    before = {str(p): p.stat().st_mtime_ns for p in first.rglob("*")}
+    package(second, readme, packpath, append="member", mode="copy")
     assert sorted(p.name for p in (packpath / "sg_ouss_id" / "group_ouss_id").iterdir()) == [
         "member_ouss_id", "member_ouss_id2"]  # fmt: skip
-    assert sorted(str(p) for p in first.rglob("*")) == before
+    assert {str(p): p.stat().st_mtime_ns for p in first.rglob("*")} == before
+    assert not validate_manifest(packpath)  # the manifest covers both members
+    manifest = manifest_path(packpath).read_text()
+    assert "/member_ouss_id/README" in manifest and "/member_ouss_id2/README" in manifest
     package(second, readme, packpath, append="group", mode="fake")
     assert sorted(p.name for p in (packpath / "sg_ouss_id").iterdir()) == [
         "group_ouss_id",
@@ -142,54 +389,110 @@ def test_append_member_and_group_never_touch_what_exists(tmp_path: Path, readme:
     assert sorted(p.name for p in (packpath / "sg_ouss_id").iterdir()) == ["group_ouss_id"]
 
 
-def test_refusals(tmp_path: Path, readme: Path) -> None:
+def test_refusals(tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]) -> None:
     sb = build_sb(tmp_path)
+    before = origin_digests(sb)
+    packpath = tmp_path / "2011.0.00229.S"
     with pytest.raises(PackagingError, match="project code"):
         package(sb, readme, tmp_path / "my_package")
     with pytest.raises(PackagingError, match="must not end in /"):
-        QA_Packager(str(sb) + "/", str(readme), str(tmp_path / "2011.0.00229.S"))
-    inside = tmp_path / "2011.0.00229.S" / "reduction"
-    build_sb(inside)
-    with pytest.raises(PackagingError, match="would contain the reduction directory"):
-        package(
-            inside / "project229" / "IRC10216_setup3_b6_run_x2", readme, tmp_path / "2011.0.00229.S"
-        )
-    assert (inside / "project229").is_dir()  # nothing was removed
-    with pytest.raises(PackagingError, match="mode 'hard' is not available here"):
-        package(sb, readme, tmp_path / "2011.0.00229.S", mode="hard")
+        QA_Packager(str(sb) + "/", str(readme), str(packpath))
+    with pytest.raises(PackagingError, match="must not end in /"):
+        QA_Packager(str(sb), str(readme), str(packpath) + "/")
+    with pytest.raises(PackagingError, match=r"readme .* is not a file"):
+        package(sb, tmp_path / "no-readme.txt", packpath)
+    with pytest.raises(PackagingError, match="mode 'shred' is not one of"):
+        package(sb, readme, packpath, mode="shred")
     with pytest.raises(PackagingError, match="append"):
-        package(sb, readme, tmp_path / "2011.0.00229.S", append="everything")
+        package(sb, readme, packpath, append="everything")
     empty = tmp_path / "empty_sb"
     empty.mkdir()
     with pytest.raises(PackagingError, match="no execution block"):
-        package(empty, readme, tmp_path / "2011.0.00229.S")
-    assert sb.is_dir() and (sb / "X8c" / f"{X8C}.ms.split" / "table.dat").stat().st_size == 64
+        package(empty, readme, packpath)
+    broken = tmp_path / "broken"
+    shutil.copytree(sb, broken / "IRC10216_setup3_b6_run_x2")
+    (broken / "IRC10216_setup3_b6_run_x2" / "X8c" / f"{X8C}.ms.split" / "table.dat").write_bytes(
+        b"?"
+    )
+    with pytest.raises(PackagingError, match="cannot be read as a measurement set"):
+        package(broken / "IRC10216_setup3_b6_run_x2", readme, packpath, mode="hard")
+    assert not packpath.exists() and not list(tmp_path.glob("2011.0.00229.S.*"))  # nothing written
+    inside = packpath / "reduction"
+    shutil.copytree(sb, inside / "IRC10216_setup3_b6_run_x2")
+    with pytest.raises(PackagingError, match="would contain the reduction directory"):
+        package(inside / "IRC10216_setup3_b6_run_x2", readme, packpath)
+    assert (inside / "IRC10216_setup3_b6_run_x2").is_dir()  # nothing was removed
+    assert origin_digests(sb) == before
 
 
-def test_command_line(tmp_path: Path, readme: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_hard_mode_across_file_systems_fails_before_writing(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system here")
+    sb = build_sb(tmp_path)
+    other = Path(__import__("tempfile").mkdtemp(dir=shm))
+    try:
+        with pytest.raises(PackagingError, match="different file systems"):
+            package(sb, readme, other / "2011.0.00229.S", mode="hard")
+        assert not list(other.iterdir())
+    finally:
+        shutil.rmtree(other)
+
+
+def test_command_line(
+    tmp_path: Path,
+    readme: Path,
+    capsys: pytest.CaptureFixture[str],
+    build_sb: Callable[[Path], Path],
+) -> None:
     from observatory.packaging.cli import main
 
     sb = build_sb(tmp_path)
     packpath = tmp_path / "2011.0.00229.S"
-    assert (
-        main(
-            [
-                "--origpath",
-                str(sb),
-                "--readme",
-                str(readme),
-                "--packpath",
-                str(packpath),
-                "--mode",
-                "copy",
-            ]
-        )
-        == 0
-    )
+    arguments = ["--origpath", str(sb), "--readme", str(readme), "--packpath", str(packpath)]
+    assert main([*arguments, "--mode", "copy"]) == 0
     assert "member_ouss_id (copy mode)" in capsys.readouterr().out
     assert (packpath / "sg_ouss_id" / "group_ouss_id" / "member_ouss_id" / "product").is_dir()
-    assert (
-        main(["--origpath", str(sb), "--readme", str(readme), "--packpath", str(tmp_path / "nope")])
-        == 1
-    )
+    assert main([*arguments[:-1], str(tmp_path / "nope")]) == 1
     assert "project code" in capsys.readouterr().err
+    modern = [*arguments, "--style", "modern", "--sg-uid", "uid://A001/X1/X2"]
+    with pytest.raises(SystemExit):
+        main(modern)
+    assert "needs --sg-uid, --group-uid and --member-uid" in capsys.readouterr().err
+
+
+def test_ticket_files(tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]) -> None:
+    import tarfile
+    import zipfile
+
+    sb = build_sb(tmp_path)
+    copied = package(sb, readme, tmp_path / "copy" / "2011.0.00229.S", mode="copy")
+    member = tmp_path / "copy" / "2011.0.00229.S" / copied.member
+    real_size = sum(p.stat().st_size for p in member.rglob("*") if p.is_file())
+    assert copied.expected_size_bytes == real_size
+
+    faked = package(sb, readme, tmp_path / "fake" / "2011.0.00229.S", mode="fake")
+    assert faked.expected_size_bytes == real_size  # the same record in every mode
+    assert (tmp_path / "fake" / "2011.0.00229.S.ticket.tar").stat().st_size == 0  # dummies
+    assert (tmp_path / "fake" / "2011.0.00229.S.ticket.zip").stat().st_size == 0
+
+    ticket = package(sb, readme, tmp_path / "ticket" / "2011.0.00229.S", mode="ticket")
+    assert ticket.expected_size_bytes == real_size
+    with tarfile.open(tmp_path / "ticket" / "2011.0.00229.S.ticket.tar") as archive:
+        names = set(archive.getnames())
+        size_record = archive.extractfile("2011.0.00229.S/expected_size.txt").read()  # type: ignore[union-attr]
+        qa_file = archive.extractfile(f"2011.0.00229.S/{ticket.member}/qa/X8c.checklist.txt").read()  # type: ignore[union-attr]
+    prefix = f"2011.0.00229.S/{ticket.member}"
+    expected = {f"{prefix}/README", "2011.0.00229.S/expected_size.txt"}
+    expected |= {f"{prefix}/qa/{name}" for name in EXPECTED["qa"]}
+    expected |= {f"{prefix}/script/{name}" for name in EXPECTED["script"]}
+    assert names == expected  # nothing from raw/, calibrated/ or product/
+    assert int(size_record) == real_size and qa_file == b"all checked\n"  # real content
+    with zipfile.ZipFile(tmp_path / "ticket" / "2011.0.00229.S.ticket.zip") as archive:
+        assert set(archive.namelist()) == expected
+        assert (
+            archive.read(f"{prefix}/README")
+            == (tmp_path / "ticket" / "2011.0.00229.S" / ticket.member / "README").read_bytes()
+        )

@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
-from observatory.packaging.qa2 import APPENDS, MODES, PackagingError, package
+from observatory.packaging.qa2 import APPENDS, MODES, Action, PackagingError, package
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the packager; 0 on success, 1 with the reason otherwise."""
+    """Run the packager (or ``qa-packager tarsplit|verify ...``); 0 on success, 1 otherwise."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["tarsplit"]:
+        from observatory.packaging.tarsplit import main as tarsplit_main
+
+        return tarsplit_main(arguments[1:])
+    if arguments[:1] == ["verify"]:
+        return _verify(arguments[1:])
     parser = argparse.ArgumentParser(
-        prog="qa-packager", description="Turn a QA2 reduction directory into a delivery package."
+        prog="qa-packager",
+        description="Turn a QA2 reduction directory into a delivery package. "
+        "Also: 'qa-packager tarsplit -n NAME PACKAGE' (delivery tars) and "
+        "'qa-packager verify PACKAGE' (check the package against its manifest).",
     )
     parser.add_argument(
         "--origpath", required=True, help="the reduction directory of one scheduling block"
@@ -27,21 +39,85 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--mode", default="fake", choices=MODES, help="fake (default), copy, hard, move, ticket"
     )
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print what the run would do; change nothing"
+    )
+    parser.add_argument(
+        "--style",
+        default="legacy",
+        choices=("legacy", "modern"),
+        help="legacy: sg_ouss_id/group_ouss_id/member_ouss_id; "
+        "modern: science_goal.<uid>/group.<uid>/member.<uid>",
+    )
+    parser.add_argument("--sg-uid", help="science goal OUS uid (modern style)")
+    parser.add_argument("--group-uid", help="group OUS uid (modern style)")
+    parser.add_argument("--member-uid", help="member OUS uid (modern style)")
+    args = parser.parse_args(arguments)
+    given = (args.sg_uid, args.group_uid, args.member_uid)
+    if args.style == "modern" and not all(given):
+        parser.error("--style modern needs --sg-uid, --group-uid and --member-uid")
+    uids = (args.sg_uid, args.group_uid, args.member_uid) if all(given) else None
     try:
-        plan = package(
-            args.origpath, args.readme, args.packpath, append=args.append, mode=args.mode
-        )
-    except PackagingError as exc:
+        with _progress_bar(enabled=sys.stderr.isatty() and not args.dry_run) as progress:
+            plan = package(
+                args.origpath,
+                args.readme,
+                args.packpath,
+                append=args.append,
+                mode=args.mode,
+                dry_run=args.dry_run,
+                style=args.style,
+                uids=uids,
+                progress=progress,
+            )
+    except (PackagingError, OSError) as exc:
         print(f"qa-packager: {exc}", file=sys.stderr)
         return 1
-    print(
-        f"packaged {len(plan.steps)} entries into {args.packpath}/{plan.member} ({args.mode} mode)"
-    )
+    member = Path(args.packpath) / plan.member
+    if args.dry_run:
+        for action in plan.actions:
+            print(action.describe(member))
+        print(f"{len(plan.actions)} actions; package size {plan.expected_size_bytes} bytes")
+        return 0
+    print(f"packaged {len(plan.steps)} entries into {member} ({args.mode} mode)")
     for note in plan.notes:
         if note.startswith("not packaged:"):
             print(note)
     return 0
+
+
+@contextmanager
+def _progress_bar(*, enabled: bool) -> Iterator[Callable[[Action], None] | None]:
+    """A rich progress bar over the run's actions when stderr is a terminal."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("packaging", total=None)
+
+        def advance(action: Action) -> None:
+            bar.update(task, advance=1, description=f"{action.kind} {action.destination}")
+
+        yield advance
+
+
+def _verify(arguments: list[str]) -> int:
+    from observatory.packaging.manifest import validate_manifest
+
+    parser = argparse.ArgumentParser(
+        prog="qa-packager verify",
+        description="Re-hash a package against its manifest (<package>.manifest-sha256.txt).",
+    )
+    parser.add_argument("package", type=Path)
+    parser.add_argument("--workers", type=int, default=2, help="hashing threads")
+    args = parser.parse_args(arguments)
+    problems = validate_manifest(args.package, workers=args.workers)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    print(f"{args.package}: {'valid' if not problems else f'{len(problems)} problems'}")
+    return 1 if problems else 0
 
 
 def console_main() -> None:

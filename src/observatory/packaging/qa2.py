@@ -17,12 +17,21 @@ The plan (every source -> destination) is made first; the modes then carry it ou
 
 from __future__ import annotations
 
+import errno
 import fnmatch
+import io
+import json
 import os
 import re
 import shutil
+import tarfile
+import time
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import bagit
 
 #: A project code, e.g. ``2011.0.00229.S``.
 PROJECT_CODE = re.compile(r"^\d{4}\.[0-9A-Z]\.\d{5}\.[A-Z]+$")
@@ -62,9 +71,23 @@ class Plan:
     member: Path  # relative to packpath
     steps: list[Step] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # text for the PI found in the reduction
+    #: Bytes of the package with real files (README included), whatever the mode.
+    expected_size_bytes: int = 0
+    #: What the run does (or, in a dry run, would do), in order.
+    actions: list[Action] = field(default_factory=list)
 
     def add(self, source: Path, *destination: str) -> None:
         self.steps.append(Step(source, Path(*destination), source.is_dir()))
+
+
+#: Suffixes of the names a move makes for an instant (left behind only by a crash).
+TEMPORARY_SUFFIXES = (".qa-packager-link", ".qa-packager-partial")
+
+
+def _entries(directory: Path, *, recursive: bool = False) -> list[Path]:
+    """A directory's entries, sorted, without the packager's own temporary names."""
+    found = directory.rglob("*") if recursive else directory.iterdir()
+    return sorted(p for p in found if not p.name.endswith(TEMPORARY_SUFFIXES))
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -87,10 +110,10 @@ def unique_name(name: str, uid: str) -> str:
 
 def _classify_eb(plan: Plan, directory: Path, uid: str) -> None:
     """An execution block's entries (and its ``qa2`` directory) into the plan."""
-    for entry in sorted(directory.iterdir()):
+    for entry in _entries(directory):
         name = entry.name
         if entry.is_dir() and name == "qa2":
-            for item in sorted(entry.iterdir()):
+            for item in _entries(entry):
                 if item.is_file():
                     plan.add(item, "qa", unique_name(item.name, uid))
         elif name == f"{uid}.ms.split":
@@ -120,7 +143,7 @@ def _classify_sb_file(plan: Plan, entry: Path) -> None:
     if name == "calibrated.ms" or name.endswith(".ms"):
         return  # the combined measurement set is not packaged
     if entry.is_dir():
-        for item in sorted(entry.rglob("*")):  # products kept beside the EB directories
+        for item in _entries(entry, recursive=True):  # products kept beside the EB directories
             if item.is_file() and not any(
                 p.endswith(".ms") for p in item.relative_to(entry).parts[:-1]
             ):
@@ -147,7 +170,7 @@ def plan_package(origpath: Path, member: Path) -> Plan:
     if own_uid is not None:  # a single execution block given directly
         _classify_eb(plan, origpath, own_uid)
         return plan
-    for entry in sorted(origpath.iterdir()):
+    for entry in _entries(origpath):
         uid = eb_uid(entry) if entry.is_dir() else None
         if uid is not None:
             _classify_eb(plan, entry, uid)
@@ -195,6 +218,60 @@ def _next_member(packpath: Path, append: str) -> Path:
     return sg / "group_ouss_id" / "member_ouss_id"
 
 
+#: An ALMA uid in either form: ``uid://A001/X1284/X1ef2`` or ``uid___A001_X1284_X1ef2``.
+_ANY_UID = re.compile(r"^uid(?:://|___)([A-Za-z0-9]+)[/_](X[0-9a-fA-F]+)[/_](X[0-9a-fA-F]+)$")
+
+
+def file_safe_uid(uid: str) -> str:
+    """``uid://A002/X3c9295/X8c`` -> ``uid___A002_X3c9295_X8c`` (the file-safe form kept as is)."""
+    match = _ANY_UID.match(uid)
+    if match is None:
+        raise PackagingError(f"{uid!r} is not an ALMA uid (uid://A001/X1284/X1ef2)")
+    return "uid___" + "_".join(match.groups())
+
+
+def _member_path(
+    packpath: Path, append: str, style: str, uids: tuple[str, str, str] | None
+) -> Path:
+    """The member directory of this run, relative to packpath."""
+    if style == "legacy":
+        if uids is not None:
+            raise PackagingError("uids are for style='modern'; the legacy layout uses placeholders")
+        return _next_member(packpath, append)
+    if style != "modern":
+        raise PackagingError(f"style {style!r} is not 'legacy' or 'modern'")
+    if uids is None:
+        raise PackagingError("style='modern' needs the science goal, group and member uids")
+    sg, group, member = (file_safe_uid(uid) for uid in uids)
+    return Path(f"science_goal.{sg}", f"group.{group}", f"member.{member}")
+
+
+def _refuse_if_linked_from(origin: Path, packpath: Path) -> None:
+    """Clearing packpath must not strand the symlinks an earlier move left at the origin."""
+    inside = packpath.resolve()
+    for directory, dirnames, filenames in os.walk(origin):
+        for name in dirnames + filenames:
+            path = Path(directory, name)
+            if path.is_symlink() and Path(os.path.realpath(path)).is_relative_to(inside):
+                raise PackagingError(
+                    f"{path} links into {packpath} (moved there by an earlier run): "
+                    "clearing the package would lose that data; refused"
+                )
+
+
+def _read_journal(journal: Path, origin: Path, mode: str) -> Path | None:
+    """The member of an interrupted move into this package, or None when there is none."""
+    if not journal.exists():
+        return None
+    recorded = json.loads(journal.read_text())
+    if mode != "move" or recorded["origpath"] != str(origin.absolute()):
+        raise PackagingError(
+            f"an interrupted move of {recorded['origpath']} into this package is recorded in "
+            f"{journal}: run the same move again to finish it first"
+        )
+    return Path(recorded["member"])
+
+
 def _index(path: Path) -> int:
     """``group_ouss_id`` is 1, ``group_ouss_id2`` is 2, ..."""
     digits = re.search(r"(\d+)$", path.name)
@@ -207,7 +284,7 @@ def _tree(root: Path) -> str:
 
     def walk(directory: Path, depth: int) -> None:
         for entry in sorted(directory.iterdir()):
-            if entry.name == "README" and depth > 1:
+            if depth > 1 and (entry.name == "README" or entry.name.endswith(".README.txt")):
                 continue
             is_package_dir = entry.is_dir() and not entry.name.endswith(
                 (".split", ".cal", ".calibration", ".plots")
@@ -220,28 +297,268 @@ def _tree(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fake(step: Step, target: Path) -> None:
-    """A 0-byte stand-in (a directory gets the same tree of 0-byte files)."""
-    if not step.is_directory:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.touch()
-        return
-    for item in sorted(step.source.rglob("*")):
-        destination = target / item.relative_to(step.source)
-        if item.is_dir():
-            destination.mkdir(parents=True, exist_ok=True)
+@dataclass(frozen=True)
+class Action:
+    """One filesystem operation of a run, as ``--dry-run`` prints it and the run performs it.
+
+    ``kind`` is ``mkdir``, ``touch`` (a 0-byte stand-in), ``copy``, ``link`` (a hard link),
+    ``split-ms`` (a measurement set rewritten with only its relevant data column) or ``move``
+    (moved, then a symlink to the destination left at the origin).
+    """
+
+    kind: str
+    source: Path | None
+    destination: Path  # relative to the member directory
+
+    def describe(self, member: Path) -> str:
+        target = member / self.destination
+        return (
+            f"{self.kind:8} {self.source} -> {target}" if self.source else f"{self.kind:8} {target}"
+        )
+
+
+#: Sections whose files go into the ticket tar/zip (with the README and the size record).
+TICKET_SECTIONS = ("qa", "script")
+_FILE_ACTION = {"fake": "touch", "copy": "copy", "hard": "link", "move": "move"}
+
+
+def _is_table(directory: Path) -> bool:
+    return (directory / "table.dat").is_file()
+
+
+def plan_actions(plan: Plan, mode: str) -> list[Action]:
+    """Every operation ``mode`` performs for ``plan``, in order (the same list a dry run prints)."""
+    actions: list[Action] = []
+    made: set[Path] = set()
+
+    def mkdir(directory: Path) -> None:
+        for parent in (*reversed(directory.parents[:-1]), directory):
+            if parent not in made:
+                made.add(parent)
+                actions.append(Action("mkdir", None, parent))
+
+    for section in SECTIONS:
+        if any(step.destination.parts[0] == section for step in plan.steps):
+            mkdir(Path(section))
+    for step in plan.steps:
+        section = step.destination.parts[0]
+        if mode == "ticket":
+            file_kind = "link" if section in TICKET_SECTIONS else "touch"
         else:
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            destination.touch()
-    target.mkdir(parents=True, exist_ok=True)
+            file_kind = _FILE_ACTION[mode]
+        mkdir(step.destination.parent)
+        if not step.is_directory:
+            actions.append(Action(file_kind, step.source, step.destination))
+        elif mode == "hard" and section in ("raw", "calibrated") and _is_table(step.source):
+            actions.append(Action("split-ms", step.source, step.destination))
+        else:
+            mkdir(step.destination)
+            for item in _entries(step.source, recursive=True):
+                relative = step.destination / item.relative_to(step.source)
+                if item.is_dir():
+                    mkdir(relative)
+                else:
+                    actions.append(Action(file_kind, item, relative))
+    return actions
 
 
-def _copy(step: Step, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if step.is_directory:
-        shutil.copytree(step.source, target, symlinks=False)
+def package_size_bytes(plan: Plan) -> int:
+    """Apparent bytes of every file the plan packages (the README not included)."""
+    total = 0
+    for step in plan.steps:
+        if step.is_directory:
+            total += sum(
+                p.stat().st_size for p in _entries(step.source, recursive=True) if p.is_file()
+            )
+        else:
+            total += step.source.stat().st_size
+    return total
+
+
+def relevant_data_column(source: Path, *, calibrated: bool) -> str:
+    """The data column a packaged measurement set keeps (see :func:`split_measurement_set`)."""
+    from casacore import tables
+
+    try:
+        table = tables.table(str(source), ack=False)
+    except RuntimeError as exc:
+        raise PackagingError(f"{source} cannot be read as a measurement set: {exc}") from exc
+    with table:
+        names = table.colnames()
+    keep = "CORRECTED_DATA" if calibrated and "CORRECTED_DATA" in names else "DATA"
+    if keep not in names:
+        raise PackagingError(f"{source} has no DATA column")
+    return keep
+
+
+def split_measurement_set(source: Path, destination: Path, *, calibrated: bool) -> None:
+    """Write ``source`` to ``destination`` with only its relevant data column (python-casacore).
+
+    A raw ``.ms.split`` keeps ``DATA``; a calibrated ``.ms.split.cal`` keeps ``CORRECTED_DATA``,
+    renamed ``DATA`` as CASA's ``split(datacolumn='corrected')`` does (or its ``DATA`` when it has
+    no corrected column). ``MODEL_DATA`` and the other data column are left out; subtables are
+    copied.
+    """
+    from casacore import tables
+
+    keep = relevant_data_column(source, calibrated=calibrated)
+    data_columns = ("DATA", "CORRECTED_DATA", "MODEL_DATA")
+    with tables.table(str(source), ack=False) as table:
+        columns = [name for name in table.colnames() if name not in data_columns or name == keep]
+        with table.query(columns=",".join(columns)) as selection:
+            selection.copy(str(destination), deep=True, valuecopy=True).close()
+    if keep != "DATA":
+        with tables.table(str(destination), ack=False, readonly=False) as written:
+            written.renamecol(keep, "DATA")
+
+
+def _check_hard_mode(plan: Plan, origin: Path, packpath: Path) -> None:
+    """Refuse before writing anything what hard mode would fail on half-way."""
+    existing = next(p for p in (packpath, *packpath.parents) if p.exists())
+    if os.stat(existing).st_dev != os.stat(origin).st_dev:
+        raise PackagingError(
+            f"hard mode cannot link {origin} into {packpath}: they are on different file "
+            "systems (use mode='copy')"
+        )
+    for action in plan.actions:
+        if action.kind == "split-ms" and action.source is not None:
+            relevant_data_column(
+                action.source, calibrated=action.destination.parts[0] == "calibrated"
+            )
+
+
+def _copy_file(source: Path, destination: Path) -> None:
+    shutil.copy2(source, destination)
+
+
+def _hard_link(source: Path, destination: Path) -> None:
+    try:
+        os.link(source, destination)
+    except OSError as exc:
+        if exc.errno == errno.EXDEV:
+            raise PackagingError(
+                f"hard mode cannot link {source} into {destination.parent}: they are on different "
+                "file systems (use mode='copy')"
+            ) from exc
+        raise
+
+
+def _execute(action: Action, member: Path, mode: str) -> None:
+    target = member / action.destination
+    source = action.source
+    if action.kind == "mkdir":
+        target.mkdir(parents=True, exist_ok=True)
+    elif action.kind == "touch":
+        target.touch()
+    elif source is None:
+        raise AssertionError(f"{action.kind} needs a source")
+    elif action.kind == "copy":
+        _copy_file(source, target)
+    elif action.kind == "link" and mode == "ticket":
+        try:  # the ticket's files are small: a copy is fine where a link cannot be made
+            os.link(source, target)
+        except OSError:
+            _copy_file(source, target)
+    elif action.kind == "link":
+        _hard_link(source, target)
+    elif action.kind == "split-ms":
+        split_measurement_set(
+            source, target, calibrated=action.destination.parts[0] == "calibrated"
+        )
+    elif action.kind == "move":
+        move_with_symlink(source, target)
     else:
-        shutil.copy2(step.source, target)
+        raise AssertionError(f"unknown action {action.kind}")
+
+
+def move_with_symlink(source: Path, destination: Path) -> None:
+    """Move one file and leave a symlink to it at the origin; safe to repeat after a crash.
+
+    The origin path always exists: first the destination is made (a hard link on the same
+    file system, else a verified copy under a temporary name), then a symlink made under a
+    temporary name atomically replaces the origin file. Whatever point a crash interrupts,
+    running this again finishes the move.
+    """
+    destination = destination.absolute()
+    if source.is_symlink():
+        if os.readlink(source) == str(destination) and destination.is_file():
+            return  # moved by an earlier run
+        raise PackagingError(f"{source} is a symlink already (not to {destination}): refused")
+    if (
+        destination.exists()
+        and not os.path.samefile(source, destination)
+        and file_sha256(destination) != file_sha256(source)
+    ):
+        destination.unlink()  # a partial copy left by an interrupted run
+    if not destination.exists():
+        try:
+            os.link(source, destination)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            partial = destination.with_name(destination.name + ".qa-packager-partial")
+            shutil.copy2(source, partial)
+            if file_sha256(partial) != file_sha256(source):
+                partial.unlink()
+                raise PackagingError(f"copy of {source} does not match it: not moved") from exc
+            os.replace(partial, destination)
+    link = source.with_name(f".{source.name}.qa-packager-link")
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    os.symlink(destination, link)
+    os.replace(link, source)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's content (bagit's hashing, the manifest's algorithm)."""
+    return str(bagit.generate_manifest_lines(str(path), algorithms=["sha256"])[0][1])
+
+
+def write_tickets(plan: Plan, packpath: Path, member: Path, *, real: bool) -> tuple[Path, Path]:
+    """``<packpath>.ticket.tar`` and ``.ticket.zip``: README, QA files, scripts, expected size.
+
+    In fake mode (``real=False``) both are 0-byte dummies, as the source document says.
+    """
+    tar_path = packpath.parent / f"{packpath.name}.ticket.tar"
+    zip_path = packpath.parent / f"{packpath.name}.ticket.zip"
+    if not real:
+        for path in (tar_path, zip_path):
+            path.write_bytes(b"")
+        return tar_path, zip_path
+    prefix = Path(packpath.name) / plan.member
+    entries: list[tuple[str, bytes]] = [
+        (str(prefix / _readme_name(plan.member)), (member / _readme_name(plan.member)).read_bytes())
+    ]
+    for step in plan.steps:
+        if step.destination.parts[0] in TICKET_SECTIONS and not step.is_directory:
+            entries.append(
+                (str(prefix / step.destination), (member / step.destination).read_bytes())
+            )
+    entries.append((f"{packpath.name}/expected_size.txt", f"{plan.expected_size_bytes}\n".encode()))
+    for path, write in ((tar_path, _write_tar), (zip_path, _write_zip)):
+        partial = path.with_name(path.name + ".partial")
+        write(partial, entries)
+        os.replace(partial, path)
+    return tar_path, zip_path
+
+
+def _write_tar(path: Path, entries: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as archive:
+        for name, content in entries:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(content), int(time.time()), 0o644
+            archive.addfile(info, io.BytesIO(content))
+
+
+def _write_zip(path: Path, entries: list[tuple[str, bytes]]) -> None:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, content in entries:
+            archive.writestr(name, content)
+
+
+def _readme_name(member: Path) -> str:
+    """``README`` in the legacy layout, ``member.<uid>.README.txt`` in the modern one."""
+    return f"{member.name}.README.txt" if member.name.startswith("member.") else "README"
 
 
 def package(
@@ -251,19 +568,36 @@ def package(
     *,
     append: str = "",
     mode: str = "fake",
+    dry_run: bool = False,
+    style: str = "legacy",
+    uids: tuple[str, str, str] | None = None,
+    progress: Callable[[Action], None] | None = None,
+    hash_workers: int = 2,
 ) -> Plan:
     """Package one reduction directory (see the module docstring); returns what was done.
+
+    Parameters
+    ----------
+    origpath, readme, packpath, append, mode
+        As the source document's ``QA_Packager``.
+    dry_run
+        Plan only: ``Plan.actions`` lists what the run would do; nothing is written.
+    style, uids
+        ``legacy`` (``sg_ouss_id/group_ouss_id/member_ouss_id``) or ``modern``
+        (``science_goal.<uid>/group.<uid>/member.<uid>`` from ``uids`` = (science goal, group,
+        member) uids, ``uid://A001/X1/X2`` or ``uid___A001_X1_X2``).
+    progress
+        Called after each action (the command line draws a progress bar with it).
+    hash_workers
+        Threads hashing files for the manifest.
 
     Raises
     ------
     PackagingError
         For a bad path, mode or append mode, or a reduction directory that cannot be packaged.
     """
-    if mode not in ("fake", "copy"):
-        known = ", ".join(MODES)
-        raise PackagingError(
-            f"mode {mode!r} is not available here (modes: {known}; implemented: fake, copy)"
-        )
+    if mode not in MODES:
+        raise PackagingError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     if append not in APPENDS:
         raise PackagingError(f"append {append!r} is not one of '', 'group', 'member'")
     for name, given in (("origpath", origpath), ("packpath", packpath)):
@@ -274,23 +608,44 @@ def package(
     _check_paths(origin, pack)
     if not header.is_file():
         raise PackagingError(f"readme {header} is not a file")
-    if append == "" and pack.exists():
-        shutil.rmtree(pack)  # only inside packpath, checked above
-    member_relative = _next_member(pack, append)
+    journal = pack.parent / f"{pack.name}.move-journal.json"
+    resumed = _read_journal(journal, origin, mode)
+    member_relative = resumed if resumed is not None else _member_path(pack, append, style, uids)
     plan = plan_package(origin, member_relative)
+    plan.expected_size_bytes = package_size_bytes(plan)
+    plan.actions = plan_actions(plan, mode)
     member = pack / member_relative
-    if member.exists():
-        raise PackagingError(f"{member} exists already: nothing is changed")
-    member.mkdir(parents=True)
-    for section in SECTIONS:
-        if any(step.destination.parts[0] == section for step in plan.steps):
-            (member / section).mkdir()
-    for step in plan.steps:
-        (_fake if mode == "fake" else _copy)(step, member / step.destination)
+    if mode == "hard":
+        _check_hard_mode(plan, origin, pack)
+    if dry_run:
+        return plan
+    if resumed is None:
+        if append == "" and pack.exists():
+            _refuse_if_linked_from(origin, pack)
+            shutil.rmtree(pack)  # only inside packpath, checked above
+        if member.exists():
+            raise PackagingError(f"{member} exists already: nothing is changed")
+        if mode == "move":
+            journal.write_text(
+                json.dumps({"origpath": str(origin.absolute()), "member": str(member_relative)})
+            )
+    member.mkdir(parents=True, exist_ok=True)
+    for action in plan.actions:
+        _execute(action, member, mode)
+        if progress is not None:
+            progress(action)
     notes = "".join(f"\n{note}" for note in plan.notes if not note.startswith("not packaged:"))
-    (member / "README").write_text(
-        header.read_text() + notes + "\n\nPackage contents:\n" + _tree(pack)
-    )
+    readme_path = member / _readme_name(member_relative)
+    readme_path.write_text(header.read_text() + notes + "\n\nPackage contents:\n" + _tree(pack))
+    plan.expected_size_bytes += readme_path.stat().st_size
+    write_tickets(plan, pack, member, real=mode != "fake")
+    if mode in ("copy", "hard", "move"):
+        from observatory.packaging.manifest import verify_against_sources, write_manifest
+
+        write_manifest(pack, member_relative, workers=hash_workers)
+        verify_against_sources(plan, pack, workers=hash_workers)
+    if mode == "move":
+        journal.unlink()
     return plan
 
 
