@@ -12,9 +12,12 @@ the GIL on large blocks).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import bagit
 
 if TYPE_CHECKING:
     from observatory.packaging.qa2 import Plan
@@ -25,12 +28,32 @@ def manifest_path(packpath: Path) -> Path:
     return packpath.parent / f"{packpath.name}.manifest-sha256.txt"
 
 
-def hash_files(paths: list[Path], *, workers: int = 2) -> list[str]:
-    """SHA-256 hex digests of ``paths``, in order, hashed by ``workers`` threads."""
-    from observatory.packaging.qa2 import file_sha256
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's content (bagit's hashing routine, the manifest's algorithm)."""
+    return str(bagit.generate_manifest_lines(os.fspath(path), algorithms=["sha256"])[0][1])
 
+
+#: Files this big are hashed in threads (hashlib releases the GIL on their blocks); smaller
+#: ones are cheaper to hash in turn than to hand over.
+THREADED_HASH_BYTES = 1 << 20
+
+
+def hash_files(paths: Sequence[str | os.PathLike[str]], *, workers: int = 2) -> list[str]:
+    """SHA-256 hex digests of ``paths``, in order.
+
+    Large files are shared among ``workers`` threads while the calling thread hashes the
+    small ones: for small files the per-file cost is Python's, which threads only contend for.
+    """
+    digests = [""] * len(paths)
+    large = [i for i, path in enumerate(paths) if os.stat(path).st_size >= THREADED_HASH_BYTES]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(file_sha256, paths))
+        futures = {i: pool.submit(file_sha256, paths[i]) for i in large}
+        for i, path in enumerate(paths):
+            if i not in futures:
+                digests[i] = file_sha256(path)
+        for i, future in futures.items():
+            digests[i] = future.result()
+    return digests
 
 
 def read_manifest(path: Path) -> dict[str, str]:
@@ -59,10 +82,15 @@ def write_manifest(packpath: Path, member: Path, *, workers: int = 2) -> Path:
         for name, digest in read_manifest(path).items()
         if not Path(name).is_relative_to(prefix) and (packpath.parent / name).is_file()
     }
-    files = sorted(p for p in (packpath / member).rglob("*") if p.is_file())
-    digests = hash_files(files, workers=workers)
-    for file, digest in zip(files, digests, strict=True):
-        kept[str(file.relative_to(packpath.parent))] = digest
+    # Plain strings, not Paths: with tens of thousands of files pathlib costs more than hashing.
+    base = len(os.fspath(packpath.parent)) + 1
+    files = sorted(
+        os.path.join(directory, name)
+        for directory, _, names in os.walk(packpath / member)
+        for name in names
+    )
+    for file, digest in zip(files, hash_files(files, workers=workers), strict=True):
+        kept[file[base:]] = digest
     partial = path.with_name(path.name + ".partial")
     partial.write_text("".join(f"{digest}  {name}\n" for name, digest in sorted(kept.items())))
     os.replace(partial, path)
@@ -91,13 +119,14 @@ def validate_manifest(packpath: Path, *, workers: int = 2) -> list[str]:
     return problems
 
 
-def verify_against_sources(plan: Plan, packpath: Path, *, workers: int = 2) -> None:
+def verify_against_sources(plan: Plan, packpath: Path, origin_digests: list[str]) -> None:
     """Check every packaged file against its origin: same content, link or symlink.
 
-    Copied origins are hashed and compared with the manifest (written just before from the
-    package's files, so both sides are read in full); hard links must be the origin's inode; moved files must
-    be symlinked from the origin. Measurement sets rewritten with one data column have no
-    origin to compare with (the manifest covers them).
+    ``origin_digests`` are the hashes of the copied origins (the ``copy`` actions' sources, in
+    order), compared with the manifest written just before from the package's files, so both
+    sides are read in full. Hard links must be the origin's inode; moved files must be
+    symlinked from the origin. Measurement sets rewritten with one data column have no origin
+    to compare with (the manifest covers them).
 
     Raises
     ------
@@ -118,13 +147,9 @@ def verify_against_sources(plan: Plan, packpath: Path, *, workers: int = 2) -> N
             problems.append(f"{target} is not a hard link of {source}")
         if action.kind == "move" and not (source.is_symlink() and os.path.samefile(source, target)):
             problems.append(f"{source} is not a symlink to {target}")
-    if copies:
-        sources = hash_files(
-            [source for source, _ in copies if source is not None], workers=workers
-        )
-        targets = [recorded.get(str(t.relative_to(packpath.parent)), "missing") for _, t in copies]
-        for (source, target), left, right in zip(copies, sources, targets, strict=True):
-            if left != right:
-                problems.append(f"{target} differs from {source} (sha256 {right} != {left})")
+    for (source, target), digest in zip(copies, origin_digests, strict=True):
+        packaged = recorded.get(str(target.relative_to(packpath.parent)), "missing")
+        if packaged != digest:
+            problems.append(f"{target} differs from {source} (sha256 {packaged} != {digest})")
     if problems:
         raise PackagingError("the package does not match its origin: " + "; ".join(problems))
