@@ -496,3 +496,32 @@ def test_ticket_files(tmp_path: Path, readme: Path, build_sb: Callable[[Path], P
             archive.read(f"{prefix}/README")
             == (tmp_path / "ticket" / "2011.0.00229.S" / ticket.member / "README").read_bytes()
         )
+
+
+def test_other_layouts_of_the_document(tmp_path: Path, readme: Path, example_project: Path) -> None:
+    """A single-asdm SB (images kept with the EB) and a project of EB directories."""
+    single = tmp_path / "project123" / "SB1" / "Xab1"
+    shutil.copytree(example_project / "IRC10216_setup3_b6_run_x2" / "X8c", single)
+    (single / "scriptForImaging.py").write_text("# imaging\n")
+    (single / "target.clean.fits").write_bytes(b"SIMPLE")
+    plan = package(single.parent, readme, tmp_path / "a" / "2011.0.00123.S", mode="fake")
+    member = tmp_path / "a" / "2011.0.00123.S" / plan.member
+    assert listing(member)["product"] == {"target.clean.fits"}
+    assert "scriptForImaging.py" in listing(member)["script"]
+    assert listing(member)["raw"] == {f"{X8C}.ms.split/"}
+    project = tmp_path / "project229-ebs"
+    for eb in ("X8c", "X528"):
+        shutil.copytree(example_project / "IRC10216_setup3_b6_run_x2" / eb, project / eb)
+    plan = package(project, readme, tmp_path / "b" / "2011.0.00229.S", mode="fake")
+    member = tmp_path / "b" / "2011.0.00229.S" / plan.member
+    assert listing(member)["raw"] == EXPECTED["raw"]
+    assert listing(member)["calibration"] == EXPECTED["calibration"]
+
+
+def test_copy_without_verification_still_writes_the_manifest(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    sb = build_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb, readme, packpath, mode="copy", verify=False)
+    assert not validate_manifest(packpath)

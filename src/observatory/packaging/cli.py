@@ -43,6 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--dry-run", action="store_true", help="print what the run would do; change nothing"
     )
     parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip checking the package against its origin after copy/hard/move "
+        "(the sha256 manifest is still written)",
+    )
+    parser.add_argument(
         "--style",
         default="legacy",
         choices=("legacy", "modern"),
@@ -69,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 style=args.style,
                 uids=uids,
                 progress=progress,
+                verify=not args.no_verify,
             )
     except (PackagingError, OSError) as exc:
         print(f"qa-packager: {exc}", file=sys.stderr)

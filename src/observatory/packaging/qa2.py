@@ -130,6 +130,8 @@ def _classify_eb(plan: Plan, directory: Path, uid: str) -> None:
             continue  # the raw measurement set is not delivered
         elif name.endswith(".py"):
             plan.add(entry, "script", name)
+        elif name.endswith(".fits"):  # a single-asdm SB keeps its images with the EB
+            plan.add(entry, "product", name)
         elif _matches(name, CHECKLIST_PATTERNS):
             plan.add(entry, "qa", f"{directory.name}.checklist.txt")
         elif _matches(name, QA2_PATTERNS):
@@ -587,6 +589,7 @@ def package(
     uids: tuple[str, str, str] | None = None,
     progress: Callable[[Action], None] | None = None,
     hash_workers: int = 2,
+    verify: bool = True,
 ) -> Plan:
     """Package one reduction directory (see the module docstring); returns what was done.
 
@@ -604,6 +607,9 @@ def package(
         Called after each action (the command line draws a progress bar with it).
     hash_workers
         Threads hashing files for the manifest.
+    verify
+        After copy, hard and move, check the package against its origin (copies hashed on
+        both sides). ``False`` skips that check (the manifest is written all the same).
 
     Raises
     ------
@@ -646,7 +652,9 @@ def package(
     member.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=1) as background:
         # Copies are checked against their origins: hash the origins while the copy runs.
-        copied = [a.source for a in plan.actions if a.kind == "copy" and a.source is not None]
+        copied = [
+            a.source for a in plan.actions if verify and a.kind == "copy" and a.source is not None
+        ]
         origin_digests = background.submit(hash_files, copied, workers=1)
         for action in plan.actions:
             _execute(action, member, mode)
@@ -659,7 +667,8 @@ def package(
     write_tickets(plan, pack, member, real=mode != "fake")
     if mode in ("copy", "hard", "move"):
         write_manifest(pack, member_relative, workers=hash_workers)
-        verify_against_sources(plan, pack, origin_digests.result())
+        if verify:
+            verify_against_sources(plan, pack, origin_digests.result())
     if mode == "move":
         journal.unlink()
     return plan
