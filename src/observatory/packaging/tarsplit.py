@@ -1,0 +1,653 @@
+"""Split a QA2 delivery package into tar files of bounded size, with md5 sidecars.
+
+The packaging document asks for ``tarsplit.py -n 2012-06-20 2011.01234.S``: the
+package directory (named after its project code) becomes tar files in chunks that
+transfer well, named ``<project code>_<NAME>_<NNN>_of_<MMM>.tar`` (1-based, zero
+padded to 3 digits), each with a ``<tar>.md5sum`` sidecar in ``md5sum`` output
+format. Every member's name starts with the project directory, and each piece
+repeats the directory entries its files need, so any piece extracts on its own.
+
+Design choices (ours, not the document's):
+
+* default ``--max-size`` is 20 GiB (K/M/G/T are powers of 1024);
+* a piece is cut on member boundaries only: a single file that does not fit in
+  ``max_size_bytes`` (with its directories and the tar's end blocks) gets a piece
+  of its own, which is then larger than the limit;
+* every regular file is stored as a regular file, never as a hard link (the
+  packager's hard mode links package files to the reduction directory, and a
+  hard-link member would point into another piece); symlinks are stored as
+  symlinks;
+* all pieces are written under temporary names in the output directory and renamed
+  into place only once every piece is complete, so an interrupted run leaves no
+  tar (truncated or not) under a final name;
+* the md5 is computed from the bytes as they are written (the tar is never read
+  back). md5 runs at about 700 MB/s on one core, slower than copying from the page
+  cache, so a helper thread hashes each piece while its writer copies, and several
+  pieces are written at once (each has its own digest); see
+  ``benchmarks/qa2_tarsplit.py`` for the comparison with GNU ``tar -cf``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import hashlib
+import os
+import pwd
+import queue
+import re
+import secrets
+import stat
+import sys
+import tarfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import NoReturn
+
+from observatory.packaging.qa2 import PROJECT_CODE
+
+#: What NAME (the tag between project code and piece number) may contain.
+TAG = re.compile(r"^[A-Za-z0-9._-]+$")
+#: Our default largest tar: 20 GiB.
+DEFAULT_MAX_SIZE_BYTES = 20 * 1024**3
+BLOCK_BYTES = tarfile.BLOCKSIZE  # 512
+RECORD_BYTES = tarfile.RECORDSIZE  # 10240: tarfile pads every archive to a whole record
+END_OF_ARCHIVE_BYTES = 2 * BLOCK_BYTES
+#: Copy chunk: large enough that syscalls and md5 calls cost little per byte.
+COPY_CHUNK_BYTES = 1 << 20
+#: Writes smaller than this are gathered so that headers and small files cost one syscall.
+_SMALL_WRITE_BYTES = 64 << 10
+_MAX_WORKERS = 4
+_ENCODING = tarfile.ENCODING
+_ERRORS = "surrogateescape"
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+
+
+class TarsplitError(ValueError):
+    """A tarsplit request that cannot be carried out; the message says why."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One tar member: its source path, its header and the bytes it takes in a tar."""
+
+    source: Path
+    info: tarfile.TarInfo
+    # The encoded header (with its PAX extended header, if any), kept from planning
+    # because encoding it is most of the per-file cost in Python.
+    header: bytes
+
+    @property
+    def tar_bytes(self) -> int:
+        """Header block(s) + data rounded up to whole blocks."""
+        return len(self.header) + _round_up(self.info.size, BLOCK_BYTES)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One tar file of a split package.
+
+    ``size_bytes`` is the exact size of the tar that ``write_pieces`` writes (as long
+    as the package does not change in between); ``oversized`` marks a piece holding
+    a single file larger than the limit.
+    """
+
+    project: str
+    index: int  # 1-based
+    count: int
+    members: tuple[Member, ...]
+    size_bytes: int
+    oversized: bool
+
+    def tar_name(self, name: str) -> str:
+        """``<project>_<name>_<NNN>_of_<MMM>.tar``."""
+        return piece_name(self.project, name, self.index, self.count)
+
+
+def piece_name(project: str, name: str, index: int, count: int) -> str:
+    """The tar name of piece ``index`` of ``count`` (1-based).
+
+    Parameters
+    ----------
+    project : str
+        The project code, e.g. ``2011.0.00229.S``.
+    name : str
+        The tag between project code and piece number (a delivery date or a MOUS uid).
+    index, count : int
+        The piece number (1-based) and the number of pieces; zero padded to 3 digits
+        (more if there are over 999 pieces).
+
+    Returns
+    -------
+    str
+        E.g. ``2011.0.00229.S_2012-06-20_001_of_003.tar``.
+    """
+    width = max(3, len(str(count)))
+    return f"{project}_{name}_{index:0{width}d}_of_{count:0{width}d}.tar"
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``500M``, ``20G``, ``1.5G`` or plain bytes (K/M/G/T are powers of 1024).
+
+    Parameters
+    ----------
+    text : str
+        A number with an optional K, M, G or T suffix (case-insensitive, optionally
+        followed by ``B`` or ``iB``).
+
+    Returns
+    -------
+    int
+        The size in bytes (fractions of a byte dropped).
+
+    Raises
+    ------
+    TarsplitError
+        If ``text`` is not such a size, or is smaller than one tar record (10240 bytes).
+    """
+    match = _SIZE.match(text)
+    if match is None:
+        raise TarsplitError(
+            f"--max-size {text!r}: expected a number of bytes with an optional K, M, G or T "
+            "suffix (powers of 1024), e.g. 500M, 20G or 1.5G"
+        )
+    size_bytes = int(Fraction(match.group(1)) * _UNITS[match.group(2).upper()])
+    if size_bytes < RECORD_BYTES:
+        raise TarsplitError(
+            f"--max-size {text!r}: must be at least {RECORD_BYTES} bytes (one tar record)"
+        )
+    return size_bytes
+
+
+def _round_up(value: int, unit: int) -> int:
+    return -(-value // unit) * unit
+
+
+def _tar_file_bytes(members_bytes: int) -> int:
+    return _round_up(members_bytes + END_OF_ARCHIVE_BYTES, RECORD_BYTES)
+
+
+class _Owners:
+    """uid/gid -> user/group names, looked up once each (as tarfile.gettarinfo does)."""
+
+    def __init__(self) -> None:
+        self._users: dict[int, str] = {}
+        self._groups: dict[int, str] = {}
+
+    def user(self, uid: int) -> str:
+        if uid not in self._users:
+            try:
+                self._users[uid] = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                self._users[uid] = ""
+        return self._users[uid]
+
+    def group(self, gid: int) -> str:
+        if gid not in self._groups:
+            try:
+                self._groups[gid] = grp.getgrgid(gid).gr_name
+            except KeyError:
+                self._groups[gid] = ""
+        return self._groups[gid]
+
+
+def _member(source: Path, arcname: str, st: os.stat_result, owners: _Owners) -> Member:
+    info = tarfile.TarInfo(arcname)
+    # Not tarfile.gettarinfo: it turns the second path of an inode into a LNKTYPE member,
+    # which would point into another piece (hard mode makes st_nlink > 1 normal).
+    if stat.S_ISREG(st.st_mode):
+        info.type = tarfile.REGTYPE
+        info.size = st.st_size
+    elif stat.S_ISDIR(st.st_mode):
+        info.type = tarfile.DIRTYPE
+    elif stat.S_ISLNK(st.st_mode):
+        info.type = tarfile.SYMTYPE
+        info.linkname = os.readlink(source)
+    else:
+        raise TarsplitError(f"{source}: not a file, directory or symlink; cannot be delivered")
+    info.mode = stat.S_IMODE(st.st_mode)
+    info.uid, info.gid = st.st_uid, st.st_gid
+    info.uname, info.gname = owners.user(st.st_uid), owners.group(st.st_gid)
+    # Whole seconds as GNU tar stores them: a float mtime would cost a PAX header per member.
+    info.mtime = int(st.st_mtime)
+    return Member(source, info, info.tobuf(tarfile.PAX_FORMAT, _ENCODING, _ERRORS))
+
+
+def _walk(package: Path) -> Iterator[Member]:
+    """Every entry of ``package`` (itself first), depth first, sorted by name, as tar members."""
+    owners = _Owners()
+    project = package.name
+    yield _member(package, project, package.stat(), owners)
+    stack: list[tuple[Path, str, Iterator[os.DirEntry[str]]]] = []
+
+    def listing(directory: Path) -> Iterator[os.DirEntry[str]]:
+        with os.scandir(directory) as entries:
+            return iter(sorted(entries, key=lambda entry: entry.name))
+
+    stack.append((package, project, listing(package)))
+    while stack:
+        directory, arcdir, entries = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
+            continue
+        source = directory / entry.name
+        arcname = f"{arcdir}/{entry.name}"
+        yield _member(source, arcname, entry.stat(follow_symlinks=False), owners)
+        if entry.is_dir(follow_symlinks=False):
+            stack.append((source, arcname, listing(source)))
+
+
+def _check_package(package: Path) -> Path:
+    # abspath, not resolve: "." and a trailing slash must work, a symlinked package keeps its name.
+    package = Path(os.path.abspath(package))
+    if not PROJECT_CODE.match(package.name):
+        raise TarsplitError(
+            f"package {str(package)!r}: its name {package.name!r} is not a project code "
+            "(expected e.g. 2011.0.00229.S: ^\\d{4}\\.[0-9A-Z]\\.\\d{5}\\.[A-Z]+$)"
+        )
+    if not package.is_dir():
+        raise TarsplitError(f"package {str(package)!r}: no such directory")
+    return package
+
+
+def plan_pieces(package: Path, max_size_bytes: int) -> list[Piece]:
+    """Split a package into pieces of at most ``max_size_bytes`` each.
+
+    Members are taken in a deterministic order (depth first, sorted by name,
+    directories included) and cut into consecutive pieces on member boundaries
+    only. Each piece starts with the directory entries its first members need, so
+    it extracts on its own. Sizes are those in a PAX tar as ``write_pieces`` writes
+    it: header (plus PAX extended-header blocks where a name is longer than 100
+    bytes), data rounded up to 512 bytes, 1024 bytes of end-of-archive and padding
+    to the 10240-byte record.
+
+    Parameters
+    ----------
+    package : Path
+        The package directory, named after its project code.
+    max_size_bytes : int
+        The largest tar file. A file that does not fit (with its directories) gets a
+        piece of its own, which is then larger (``Piece.oversized``).
+
+    Returns
+    -------
+    list[Piece]
+        The pieces in order, numbered 1..N.
+
+    Raises
+    ------
+    TarsplitError
+        If the package's name is not a project code, it is not a directory, or it holds
+        something that is not a file, directory or symlink.
+    """
+    package = _check_package(package)
+    groups = list(_groups(package, max_size_bytes))
+    return [_piece(package.name, index, len(groups), group, max_size_bytes)
+            for index, group in enumerate(groups, start=1)]  # fmt: skip
+
+
+def _piece(project: str, index: int, count: int, group: list[Member], max_size_bytes: int) -> Piece:
+    size_bytes = _tar_file_bytes(sum(m.tar_bytes for m in group))
+    return Piece(project, index, count, tuple(group), size_bytes, size_bytes > max_size_bytes)
+
+
+def _groups(package: Path, max_size_bytes: int) -> Iterator[list[Member]]:
+    """The members of each piece, each list as soon as it is complete."""
+    directories: dict[str, Member] = {}
+    current: list[Member] = []
+    current_bytes = 0
+    # The walk is depth first, so a member's directories are already in the current
+    # piece; only a new piece needs them repeated.
+    for member in _walk(package):
+        if current and _tar_file_bytes(current_bytes + member.tar_bytes) > max_size_bytes:
+            yield current
+            parts = member.info.name.split("/")[:-1]
+            current = [directories["/".join(parts[: n + 1])] for n in range(len(parts))]
+            current_bytes = sum(m.tar_bytes for m in current)
+        current.append(member)
+        current_bytes += member.tar_bytes
+        if member.info.type == tarfile.DIRTYPE:
+            directories[member.info.name] = member
+    yield current  # never empty: the package directory itself is a member
+
+
+class _Cancelled(Exception):
+    """Another piece failed or the run was interrupted: stop this one."""
+
+
+class _HashingWriter:
+    """Write to a raw file while a helper thread updates an md5 with the same bytes.
+
+    The md5 trails the writes through a queue (the order of a queue is the order of
+    the writes), so one piece keeps two cores busy: one copying, one hashing; hashlib
+    releases the GIL for large buffers. Copy buffers come from a small pool and go
+    back to it once hashed. Small writes (headers, small files, padding) are gathered
+    so that they cost one syscall and one queue item per ``COPY_CHUNK_BYTES``.
+    """
+
+    def __init__(self, fd: int, n_buffers: int = 4) -> None:
+        self._fd = fd
+        self._md5 = hashlib.md5()
+        self._pending = bytearray()
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(n_buffers):
+            self._free.put(bytearray(COPY_CHUNK_BYTES))
+        self._todo: queue.SimpleQueue[tuple[memoryview, bytearray | None] | None] = (
+            queue.SimpleQueue()
+        )
+        self._hasher = threading.Thread(target=self._hash, name="tarsplit-md5", daemon=True)
+        self._hasher.start()
+        self.bytes_written = 0  # reached the file
+
+    def _hash(self) -> None:
+        while (item := self._todo.get()) is not None:
+            view, buffer = item
+            self._md5.update(view)
+            view.release()
+            if buffer is not None:
+                self._free.put(buffer)
+
+    def tell(self) -> int:
+        """Bytes written so far, including those gathered but not yet flushed."""
+        return self.bytes_written + len(self._pending)
+
+    def take_buffer(self) -> bytearray:
+        """A copy buffer of ``COPY_CHUNK_BYTES``; hand it back with ``write_buffer``."""
+        while True:
+            try:
+                return self._free.get(timeout=1.0)
+            except queue.Empty:
+                # Only a dead hasher keeps buffers forever; do not wait for it.
+                if not self._hasher.is_alive():
+                    raise RuntimeError("tarsplit: the md5 thread stopped") from None
+
+    def write_buffer(self, buffer: bytearray, n_bytes: int) -> None:
+        """Write the first ``n_bytes`` of a buffer from ``take_buffer``, which goes back to the pool."""
+        if n_bytes < _SMALL_WRITE_BYTES:
+            self.write(memoryview(buffer)[:n_bytes])
+            self._free.put(buffer)
+            return
+        self.flush()
+        self._write(memoryview(buffer)[:n_bytes], buffer)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Write bytes that the caller may reuse at once (they are gathered or copied)."""
+        self._pending += data
+        if len(self._pending) >= COPY_CHUNK_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            # A new bytearray each time: the hasher still reads the old one.
+            self._write(memoryview(self._pending), None)
+            self._pending = bytearray()
+
+    def _write(self, view: memoryview, buffer: bytearray | None) -> None:
+        remaining = view
+        while remaining:
+            written = os.write(self._fd, remaining)
+            remaining = remaining[written:]
+            self.bytes_written += written
+        self._todo.put((view, buffer))
+
+    def hexdigest(self) -> str:
+        """Flush, wait for the hasher and return the md5 of everything written."""
+        self.flush()
+        self.close()
+        return self._md5.hexdigest()
+
+    def close(self) -> None:
+        """Stop the hasher (idempotent); the digest is final only after ``hexdigest``."""
+        if self._hasher.is_alive():
+            self._todo.put(None)
+            self._hasher.join()
+
+
+def _copy_data(member: Member, out: _HashingWriter, cancel: threading.Event) -> None:
+    """Append a regular file's data, padded to whole blocks, to ``out``."""
+    expected = member.info.size
+    with open(member.source, "rb", buffering=0) as source:
+        fd = source.fileno()
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        remaining = expected
+        while remaining:
+            if cancel.is_set():  # checked per chunk too: a single file may take minutes
+                raise _Cancelled
+            buffer = out.take_buffer()
+            n = source.readinto(memoryview(buffer)[: min(remaining, COPY_CHUNK_BYTES)])
+            if not n:
+                raise TarsplitError(f"{member.source}: shrank while being archived")
+            out.write_buffer(buffer, n)
+            remaining -= n
+        if os.fstat(fd).st_size != expected:
+            raise TarsplitError(f"{member.source}: changed size while being archived")
+    if expected % BLOCK_BYTES:
+        out.write(bytes(BLOCK_BYTES - expected % BLOCK_BYTES))
+
+
+def _write_piece(members: Sequence[Member], path: Path, cancel: threading.Event) -> str:
+    """Write ``members`` as a tar at ``path`` (which must not exist); its md5 hex digest."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    out = _HashingWriter(fd)
+    try:
+        for member in members:
+            if cancel.is_set():
+                raise _Cancelled
+            out.write(member.header)
+            if member.info.type == tarfile.REGTYPE and member.info.size:
+                _copy_data(member, out, cancel)
+        out.write(bytes(_tar_file_bytes(out.tell()) - out.tell()))
+        digest = out.hexdigest()
+    finally:
+        out.close()
+        os.close(fd)
+    planned_bytes = _tar_file_bytes(sum(m.tar_bytes for m in members))
+    if out.bytes_written != planned_bytes:
+        raise TarsplitError(
+            f"{path}: wrote {out.bytes_written} bytes, planned {planned_bytes}; "
+            "did the package change while being archived?"
+        )
+    return digest
+
+
+def _existing(output_dir: Path, project: str, name: str) -> list[str]:
+    pattern = re.compile(rf"^{re.escape(project)}_{re.escape(name)}_\d+_of_\d+\.tar(\.md5sum)?$")
+    return sorted(p.name for p in output_dir.iterdir() if pattern.match(p.name))
+
+
+def _check_request(package: Path, name: str, output_dir: Path | None) -> tuple[Path, Path]:
+    package = _check_package(package)
+    if not TAG.match(name):
+        raise TarsplitError(
+            f"NAME {name!r}: must be non-empty and hold only letters, digits, '.', '_' and '-' "
+            "(e.g. a delivery date 2012-06-20 or a MOUS uid uid___A001_X1284_X1ef2)"
+        )
+    output_dir = Path(os.path.abspath(package.parent if output_dir is None else output_dir))
+    if not output_dir.is_dir():
+        raise TarsplitError(f"output directory {str(output_dir)!r}: no such directory")
+    real_package, real_output = package.resolve(), output_dir.resolve()
+    if real_output == real_package or real_package in real_output.parents:
+        raise TarsplitError(
+            f"output directory {str(output_dir)!r} is inside the package {str(package)!r}; "
+            "the tars would archive themselves"
+        )
+    existing = _existing(output_dir, package.name, name)
+    if existing:
+        raise TarsplitError(
+            f"{output_dir} already holds tars of {package.name} named {name!r} "
+            f"({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); "
+            "remove them or choose another NAME"
+        )
+    return package, output_dir
+
+
+def _default_workers() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, _MAX_WORKERS))
+
+
+def write_pieces(
+    package: Path,
+    name: str,
+    output_dir: Path | None,
+    max_size_bytes: int,
+    *,
+    progress: Callable[[Path, Piece, str], None] | None = None,
+    workers: int | None = None,
+) -> list[Path]:
+    """Write a package as tars of at most ``max_size_bytes``, each with an md5 sidecar.
+
+    The tars are uncompressed PAX archives named ``<project>_<name>_<NNN>_of_<MMM>.tar``
+    (see ``plan_pieces`` for how members are split); each member's name starts with
+    the project directory. Each md5 is computed from the bytes as they are written
+    and stored in ``<tar>.md5sum`` as ``md5sum`` prints it, so ``md5sum -c`` in the
+    output directory checks it. Every piece is written under a temporary hidden name
+    in the output directory; only when all are complete are they renamed into place,
+    so a failure or interruption leaves no tar under a final name.
+
+    Parameters
+    ----------
+    package : Path
+        The package directory, named after its project code.
+    name : str
+        The tag between project code and piece number: a delivery date such as
+        ``2012-06-20`` or a MOUS uid; letters, digits, '.', '_' and '-' only.
+    output_dir : Path or None
+        Where the tars go; None for the package's parent directory. Must not be inside
+        the package, and must not already hold tars of this project and ``name``.
+    max_size_bytes : int
+        The largest tar file (see ``plan_pieces`` for a file larger than that).
+    progress : callable, optional
+        Called as ``progress(tar_path, piece, md5_hex)`` for each tar, in order, once it
+        is in place under its final name.
+    workers : int, optional
+        How many pieces to write at once (default: the CPUs available, at most 4).
+
+    Returns
+    -------
+    list[Path]
+        The tars written, in order.
+
+    Raises
+    ------
+    TarsplitError
+        If the request is invalid (see the parameters) or the package changed while it
+        was being archived.
+    OSError
+        If reading the package or writing the output fails.
+    """
+    package, output_dir = _check_request(package, name, output_dir)
+    project, token = package.name, secrets.token_hex(4)
+    groups: list[list[Member]] = []
+    temps: list[Path] = []
+    futures: list[Future[str]] = []
+    placed: list[Path] = []
+    cancel = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=workers or _default_workers())
+    try:
+        # Each piece is written as soon as it is planned; its final name (which holds the
+        # number of pieces) is given when all are done.
+        for group in _groups(package, max_size_bytes):
+            groups.append(group)
+            temps.append(output_dir / f".{project}_{name}_{len(groups)}.{token}.partial")
+            futures.append(pool.submit(_write_piece, group, temps[-1], cancel))
+        digests = [future.result() for future in futures]
+        pieces = [_piece(project, index, len(groups), group, max_size_bytes)
+                  for index, group in enumerate(groups, start=1)]  # fmt: skip
+        finals = [output_dir / piece.tar_name(name) for piece in pieces]
+        for final, temp, digest in zip(finals, temps, digests, strict=True):
+            Path(f"{temp}.md5sum").write_text(f"{digest}  {final.name}\n", encoding="utf-8")
+        for piece, final, temp, digest in zip(pieces, finals, temps, digests, strict=True):
+            os.replace(temp, final)
+            placed.append(final)
+            os.replace(f"{temp}.md5sum", f"{final}.md5sum")
+            placed.append(Path(f"{final}.md5sum"))
+            if progress is not None:
+                progress(final, piece, digest)
+    except BaseException:
+        cancel.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        for path in [*temps, *(Path(f"{t}.md5sum") for t in temps), *placed]:
+            path.unlink(missing_ok=True)
+        raise
+    pool.shutdown(wait=True)
+    return finals
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise TarsplitError(message)
+
+
+def main(argv: Sequence[str]) -> int:
+    """``qa-packager tarsplit``: split a package into tars; 0 on success, 1 with the reason.
+
+    Parameters
+    ----------
+    argv : Sequence[str]
+        The arguments after ``tarsplit``.
+
+    Returns
+    -------
+    int
+        The exit code.
+    """
+    parser = _ArgumentParser(
+        prog="qa-packager tarsplit",
+        description="Split a delivery package into tar files of bounded size "
+        "(<project>_<NAME>_NNN_of_MMM.tar, each with a .md5sum sidecar).",
+    )
+    parser.add_argument(
+        "-n", "--name", required=True,
+        help="the tag between project code and piece number: a delivery date "
+        "(e.g. 2012-06-20) or the MOUS uid",
+    )  # fmt: skip
+    parser.add_argument(
+        "package", type=Path, help="the package directory, named after its project code"
+    )
+    parser.add_argument(
+        "--max-size",
+        help="largest tar, e.g. 500M, 20G, 1.5G or plain bytes; K/M/G/T are powers of 1024 "
+        "(default 20G, our choice); a single larger file gets a tar of its own",
+    )  # fmt: skip
+    parser.add_argument(
+        "--output-dir", type=Path, help="where the tars go (default: the package's parent)"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="list the tars, write nothing")
+    try:
+        args = parser.parse_args(list(argv))
+        max_size_bytes = (
+            DEFAULT_MAX_SIZE_BYTES if args.max_size is None else parse_size(args.max_size)
+        )
+        if args.dry_run:
+            package, _ = _check_request(args.package, args.name, args.output_dir)
+            pieces = plan_pieces(package, max_size_bytes)
+            for piece in pieces:
+                note = "  (one file larger than --max-size)" if piece.oversized else ""
+                print(f"{piece.tar_name(args.name)}  {len(piece.members)} members  "
+                      f"{piece.size_bytes} bytes{note}")  # fmt: skip
+            total = sum(piece.size_bytes for piece in pieces)
+            print(f"dry run: {len(pieces)} tars, {total} bytes; nothing written")
+            return 0
+
+        def report(path: Path, piece: Piece, digest: str) -> None:
+            print(f"{path}  {len(piece.members)} members  {piece.size_bytes} bytes  md5 {digest}")
+
+        write_pieces(args.package, args.name, args.output_dir, max_size_bytes, progress=report)
+    except (TarsplitError, OSError) as exc:
+        print(f"qa-packager tarsplit: {exc}", file=sys.stderr)
+        return 1
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+    return 0
