@@ -21,6 +21,8 @@ class User(Base):
     # The key itself is never stored: a scrypt hash, and a short SHA-256 prefix to find the row.
     api_key_hash: Mapped[str] = mapped_column(String(200))
     api_key_fingerprint: Mapped[str] = mapped_column(String(16), index=True)
+    #: scrypt hash of the portal password; None until ``observatory users set-password``.
+    password_hash: Mapped[str | None] = mapped_column(String(200), default=None)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
