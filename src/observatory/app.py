@@ -15,6 +15,7 @@ from observatory.core.config import Settings, get_settings
 from observatory.core.database import make_engine, make_session_factory
 from observatory.core.errors import install_error_handlers
 from observatory.core.storage import Storage
+from observatory.portal.router import router as portal_router
 from observatory.telescope.site import ensure_astropy_offline
 from observatory.trigger.router import router as trigger_router
 
@@ -82,4 +83,5 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool = False) -> F
     app.include_router(asvo_router)
     app.include_router(trigger_router)
     app.include_router(calib_router)
+    app.include_router(portal_router)
     return app

@@ -47,9 +47,41 @@ def cmd_users_create(args: argparse.Namespace) -> int:
         user, key = create_user(
             session, args.name, args.api_key, email=args.email, is_admin=args.admin
         )
+        if args.password:
+            from observatory.core.accounts import set_password
+
+            set_password(session, user, _read_password(args.name))
         console.print(f"created user {user.name} (id {user.id})", highlight=False)
     # The key goes to stdout alone on its line, so scripts can capture it.
     print(f"API key: {key}")
+    return 0
+
+
+def _read_password(name: str) -> str:
+    """A password from the terminal (asked twice) or, when piped, the first line of stdin."""
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\n")
+    import getpass
+
+    first = getpass.getpass(f"password for {name}: ")
+    if getpass.getpass("again: ") != first:
+        raise ValueError("the two passwords differ")
+    return first
+
+
+def cmd_users_set_password(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from observatory.core.accounts import set_password
+    from observatory.core.models import User
+
+    settings = _settings(args)
+    with session_scope(_session_factory(settings)) as session:
+        user = session.scalar(select(User).where(User.name == args.name))
+        if user is None:
+            raise ValueError(f"no user named {args.name!r}")
+        set_password(session, user, _read_password(args.name))
+    console.print(f"password set for {args.name}: they can sign in to the portal", highlight=False)
     return 0
 
 
@@ -340,6 +372,18 @@ def build_parser() -> argparse.ArgumentParser:
     create_user.add_argument("--api-key", help="use this key instead of a random one")
     create_user.add_argument("--email")
     create_user.add_argument("--admin", action="store_true")
+    create_user.add_argument(
+        "--password",
+        action="store_true",
+        help="also set a portal password (asked for; or the first line of stdin when piped)",
+    )
+    set_password = add(
+        "set-password",
+        cmd_users_set_password,
+        "set a user's portal password (asked for; or the first line of stdin when piped)",
+        user_commands,
+    )
+    set_password.add_argument("name")
 
     projects = add("projects", lambda _a: 0, "observing projects")
     project_commands = projects.add_subparsers(

@@ -123,3 +123,38 @@ def set_project_key(session: Session, project: Project, secure_key: str | None) 
     """Protect ``project`` with ``secure_key`` (stored hashed), or open it with None."""
     project.secure_key_hash = hash_secret(secure_key) if secure_key else None
     session.flush()
+
+
+#: The shortest portal password accepted.
+MIN_PASSWORD_LENGTH = 8
+
+
+def set_password(session: Session, user: User, password: str) -> None:
+    """Give ``user`` a portal password (stored as a scrypt hash).
+
+    Raises
+    ------
+    ValueError
+        If the password is shorter than :data:`MIN_PASSWORD_LENGTH` characters.
+    """
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise ValueError(f"a password must be at least {MIN_PASSWORD_LENGTH} characters long")
+    user.password_hash = hash_secret(password)
+    session.flush()
+
+
+def authenticate_password(session: Session, name: str, password: str) -> User:
+    """The user signing in to the portal with ``name`` and ``password``.
+
+    Raises
+    ------
+    Unauthorized
+        For an unknown name, a user without a password or a wrong password (one message
+        for all three, so the reply does not tell which names exist).
+    """
+    user = session.scalar(select(User).where(User.name == name))
+    if user is None or user.password_hash is None:
+        hash_secret(password)  # the same time as a real check, for unknown names too
+    elif verify_secret(password, user.password_hash):
+        return user
+    raise Unauthorized("unknown user name or wrong password")

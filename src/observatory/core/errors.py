@@ -1,14 +1,17 @@
 """Errors the services raise, and how they become HTTP answers.
 
 Every error reply is JSON ``{"error": <message>, "error_code": <int>}``, the shape
-the MWA ASVO clients expect; other services use it too so there is one shape.
+the MWA ASVO clients expect; other services use it too so there is one shape. A browser
+(a request that asks for ``text/html``) gets the same message as a small page instead.
 """
 
 from __future__ import annotations
 
+import html
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
@@ -68,11 +71,30 @@ def error_body(message: str, error_code: int) -> dict[str, object]:
     return {"error": message, "error_code": error_code}
 
 
+def _wants_html(request: Request) -> bool:
+    """A browser navigating or posting a form (it asks for HTML); clients ask for JSON or */*."""
+    return "text/html" in request.headers.get("accept", "")
+
+
+def _error_page(message: str, status_code: int) -> HTMLResponse:
+    """The error as a small page, for people in a browser."""
+    text = html.escape(message)
+    return HTMLResponse(
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Error {status_code}'
+        f'</title></head><body style="font-family:system-ui,sans-serif;margin:2em"><h1>Error '
+        f'{status_code}</h1><p role="alert" id="error-message">{text}</p>'
+        '<p><a href="javascript:history.back()">Back</a> · <a href="/">Home</a></p></body></html>',
+        status_code=status_code,
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Make every error reply of ``app`` JSON in the one shape."""
+    """Make every error reply of ``app`` JSON in the one shape (a page for browsers)."""
 
     @app.exception_handler(ServiceError)
-    async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
+    async def _service_error(request: Request, exc: ServiceError) -> Response:
+        if _wants_html(request):
+            return _error_page(exc.message, exc.status_code)
         body = {**error_body(exc.message, exc.error_code), **exc.extra}
         return JSONResponse(body, status_code=exc.status_code)
 

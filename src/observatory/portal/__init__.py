@@ -1,0 +1,1 @@
+"""The web portal: sign-in, profile (API key), jobs, submission, observations."""

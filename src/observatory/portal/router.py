@@ -1,0 +1,234 @@
+"""The portal's pages (``/``): sign-in, profile and API key, jobs, submission, observations.
+
+Signing in sets the same signed session cookie as ``/api/api_login`` (``MWA_JOB_COOKIE``:
+HttpOnly, SameSite=Lax, Secure over https), so the jobs page's websocket and product links
+work as they do for the clients. Every form carries a forgery token (an HMAC of a separate
+HttpOnly anti-forgery cookie) that the POST handlers check.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy.orm import Session
+
+from observatory.asvo import service as asvo_service
+from observatory.asvo.router import COOKIE_MAX_AGE_S, COOKIE_NAME, _cookie_user, _url_builder
+from observatory.core.accounts import authenticate_password, reset_api_key
+from observatory.core.config import Settings
+from observatory.core.errors import ServiceError
+from observatory.core.models import User
+from observatory.core.security import key_fingerprint, sign_value
+from observatory.core.web import get_session, templates_for
+from observatory.portal import service
+
+router = APIRouter(tags=["portal"], include_in_schema=False)
+templates = templates_for(Path(__file__).parent)
+FORGERY_COOKIE = "portal_csrf"
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _signed_in(request: Request, session: Session) -> User | None:
+    user_id = _cookie_user(request)
+    return None if user_id is None else session.get(User, user_id)
+
+
+def _secure(request: Request) -> bool:
+    return request.url.scheme == "https"
+
+
+def _page(
+    request: Request, name: str, context: dict[str, Any], *, status_code: int = 200
+) -> HTMLResponse:
+    """Render a page with a forgery token for its forms (setting the cookie it derives from)."""
+    cookie = request.cookies.get(FORGERY_COOKIE)
+    fresh = cookie is None
+    if cookie is None:
+        cookie = service.new_forgery_secret()
+    token = service.forgery_token(_settings(request).secret_key_bytes(), cookie)
+    response = templates.TemplateResponse(
+        request, name, {"csrf_token": token, **context}, status_code=status_code
+    )
+    response.headers["Cache-Control"] = "no-store"  # pages hold keys and tokens
+    if fresh:
+        response.set_cookie(
+            FORGERY_COOKIE, cookie, httponly=True, samesite="strict", secure=_secure(request)
+        )
+    return response
+
+
+async def _checked_form(request: Request) -> dict[str, str]:
+    """The posted form, once its forgery token matches the anti-forgery cookie."""
+    form = {key: str(value) for key, value in (await request.form()).items()}
+    service.check_forgery_token(
+        _settings(request).secret_key_bytes(),
+        request.cookies.get(FORGERY_COOKIE),
+        form.pop("csrf_token", None),
+    )
+    return form
+
+
+FormDep = Annotated[dict[str, str], Depends(_checked_form)]
+
+
+def _to_login(request: Request) -> RedirectResponse:
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
+
+
+def _local_target(target: str) -> str:
+    """Only paths on this site (never ``//host`` or ``http://``): no open redirect."""
+    return target if target.startswith("/") and not target.startswith("//") else "/jobs"
+
+
+@router.get("/", response_class=HTMLResponse)
+def home(request: Request, session: SessionDep) -> Response:
+    """Where each service's pages are."""
+    return _page(request, "home.html", {"user": _signed_in(request, session)})
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_page(request: Request, next: str = "/jobs") -> Response:
+    """The sign-in form."""
+    return _page(request, "login.html", {"user": None, "next": _local_target(next), "error": None})
+
+
+@router.post("/login", response_class=HTMLResponse)
+def login(request: Request, session: SessionDep, form: FormDep) -> Response:
+    """Check the name and password; set the session cookie and go on to ``next``."""
+    target = _local_target(form.get("next", "/jobs"))
+    try:
+        user = authenticate_password(session, form.get("username", ""), form.get("password", ""))
+    except ServiceError as exc:
+        context = {"user": None, "next": target, "error": exc.message}
+        return _page(request, "login.html", context, status_code=401)
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(
+        COOKIE_NAME,
+        sign_value(f"user:{user.id}", _settings(request).secret_key_bytes()),
+        max_age=COOKIE_MAX_AGE_S,
+        httponly=True,
+        secure=_secure(request),
+        samesite="lax",
+    )
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request, _form: FormDep) -> Response:
+    """Forget the session cookie."""
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(COOKIE_NAME, httponly=True, secure=_secure(request), samesite="lax")
+    return response
+
+
+@router.get("/profile", response_class=HTMLResponse)
+def profile(request: Request, session: SessionDep) -> Response:
+    """Name, e-mail, API key fingerprint, and the button that makes a new key."""
+    user = _signed_in(request, session)
+    if user is None:
+        return _to_login(request)
+    return _page(request, "profile.html", {"user": user, "new_key": None})
+
+
+@router.post("/profile/api-key", response_class=HTMLResponse)
+def new_api_key(request: Request, session: SessionDep, _form: FormDep) -> Response:
+    """Make a new API key (the old one stops working) and show it, this once."""
+    user = _signed_in(request, session)
+    if user is None:
+        return _to_login(request)
+    key = reset_api_key(session, user)
+    session.commit()
+    return _page(
+        request,
+        "profile.html",
+        {"user": user, "new_key": key, "fingerprint": key_fingerprint(key)},
+    )
+
+
+@router.get("/jobs", response_class=HTMLResponse)
+def jobs(request: Request, session: SessionDep, submitted: int | None = None) -> Response:
+    """The user's jobs; states and product links update live over the websocket."""
+    user = _signed_in(request, session)
+    if user is None:
+        return _to_login(request)
+    views = service.job_views(session, user.id, _url_builder(request))
+    return _page(request, "jobs.html", {"user": user, "jobs": views, "submitted": submitted})
+
+
+@router.post("/jobs/{job_id}/cancel")
+def cancel(request: Request, session: SessionDep, job_id: int, _form: FormDep) -> Response:
+    """Cancel one of the user's jobs, then back to the jobs page."""
+    user = _signed_in(request, session)
+    if user is None:
+        return _to_login(request)
+    asvo_service.cancel_job(session, user.id, str(job_id))
+    session.commit()
+    return RedirectResponse("/jobs", status_code=303)
+
+
+@router.get("/submit", response_class=HTMLResponse)
+def submit_page(request: Request, session: SessionDep, obs_id: str = "") -> Response:
+    """The job submission form."""
+    user = _signed_in(request, session)
+    if user is None:
+        return _to_login(request)
+    context = {"user": user, "form": {"obs_id": obs_id, "job_type": "conversion"}, "error": None}
+    return _page(request, "submit.html", context)
+
+
+@router.post("/submit", response_class=HTMLResponse)
+def submit(request: Request, session: SessionDep, form: FormDep) -> Response:
+    """Submit a job with the API's validation; the form comes back with its message if refused."""
+    user = _signed_in(request, session)
+    if user is None:
+        return _to_login(request)
+    job_type = service.SUBMITTABLE.get(form.get("job_type", ""))
+    try:
+        if job_type is None:
+            raise asvo_service.AsvoError(
+                f"Job Type: {form.get('job_type', '')!r} is not one of conversion, download_vis, "
+                "voltage"
+            )
+        job = asvo_service.submit_job(session, _settings(request), user.id, job_type, form)
+    except ServiceError as exc:
+        session.rollback()
+        context = {"user": user, "form": form, "error": exc.message}
+        return _page(request, "submit.html", context, status_code=400)
+    session.commit()
+    return RedirectResponse(f"/jobs?submitted={job.id}", status_code=303)
+
+
+@router.get("/observations", response_class=HTMLResponse)
+def observations(
+    request: Request,
+    session: SessionDep,
+    mintime: str = "",
+    maxtime: str = "",
+    projectid: str = "",
+    mode: str = "",
+    page: int = 1,
+) -> Response:
+    """Search the archive by time, project and mode; each observation links to its page."""
+    user = _signed_in(request, session)
+    query = {"mintime": mintime, "maxtime": maxtime, "projectid": projectid, "mode": mode}
+    try:
+        rows, has_more = service.search_observations(
+            session, mintime=mintime, maxtime=maxtime, project_id=projectid, mode=mode, page=page
+        )
+        error = None
+    except ServiceError as exc:
+        rows, has_more, error = [], False, exc.message
+    context = {"user": user, "rows": rows, "has_more": has_more, "page": page, "query": query,
+               "error": error}  # fmt: skip
+    return _page(request, "observations.html", context, status_code=400 if error else 200)

@@ -1,0 +1,190 @@
+"""What the portal's pages show and do, apart from HTTP: forgery tokens, job rows, searches."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from observatory.archive import service as archive_service
+from observatory.asvo.models import TERMINAL_STATES, Job, JobType
+from observatory.asvo.service import UrlBuilder
+from observatory.core.errors import BadRequest
+from observatory.core.gpstime import gps_to_utc, utc_to_gps
+
+#: The job types a user submits from the portal, as the form names them.
+SUBMITTABLE = {
+    "conversion": JobType.CONVERSION,
+    "download_vis": JobType.DOWNLOAD_VISIBILITIES,
+    "voltage": JobType.DOWNLOAD_VOLTAGE,
+}
+JOB_TYPE_LABELS = {
+    JobType.CONVERSION: "conversion",
+    JobType.DOWNLOAD_VISIBILITIES: "visibility download",
+    JobType.DOWNLOAD_METADATA: "metadata download",
+    JobType.DOWNLOAD_VOLTAGE: "voltage download",
+    JobType.CANCEL_JOB: "cancel",
+    JobType.DOWNLOAD_BEAMFORMER: "beamformer",
+    JobType.IMAGING: "imaging",
+}
+
+
+def new_forgery_secret() -> str:
+    """A random value for the anti-forgery cookie."""
+    return secrets.token_urlsafe(24)
+
+
+def forgery_token(key: bytes, cookie_value: str) -> str:
+    """The token forms must carry: an HMAC of the anti-forgery cookie (signed double submit).
+
+    A page on another site can make the browser send the cookie but can neither read it nor
+    compute its HMAC without the server's key.
+    """
+    return hmac.new(key, b"csrf:" + cookie_value.encode(), hashlib.sha256).hexdigest()
+
+
+def check_forgery_token(key: bytes, cookie_value: str | None, token: str | None) -> None:
+    """Raise ``BadRequest`` unless ``token`` matches the anti-forgery cookie.
+
+    Raises
+    ------
+    BadRequest
+        When the cookie or the token is missing or they do not match.
+    """
+    if (
+        not cookie_value
+        or not token
+        or not hmac.compare_digest(forgery_token(key, cookie_value), token)
+    ):
+        raise BadRequest(
+            "the form's security token is missing or out of date: reload the page and try again"
+        )
+
+
+@dataclass(frozen=True)
+class JobView:
+    """One row of the jobs page."""
+
+    job_id: int
+    obs_id: int
+    job_type: str
+    state: str
+    created_utc: str
+    error_text: str | None
+    files: list[dict[str, Any]]
+    cancellable: bool
+
+
+def _utc_text(moment: datetime | None) -> str:
+    return "" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def job_views(session: Session, user_id: int, url_for: UrlBuilder) -> list[JobView]:
+    """The user's jobs, newest first, with their product download links."""
+    rows = session.execute(
+        select(
+            Job.id, Job.obs_id, Job.job_type, Job.state, Job.created, Job.error_text, Job.product
+        )
+        .where(Job.user_id == user_id, Job.deleted.is_(False))
+        .order_by(Job.id.desc())
+    )
+    views = []
+    terminal = {state.value for state in TERMINAL_STATES}
+    for job_id, obs_id, job_type, state, created, error_text, product in rows:
+        files = []
+        if state == "completed" and product:
+            reference = _JobReference(job_id)
+            for entry in product.get("files", []):
+                if entry.get("type") == "acacia":
+                    files.append({**entry, "url": url_for(reference, entry)})
+                else:
+                    files.append(dict(entry))
+        views.append(
+            JobView(
+                job_id=job_id,
+                obs_id=obs_id,
+                job_type=JOB_TYPE_LABELS.get(JobType(job_type), str(job_type)),
+                state=state,
+                created_utc=_utc_text(created),
+                error_text=error_text,
+                files=files,
+                cancellable=state not in terminal,
+            )
+        )
+    return views
+
+
+class _JobReference:
+    """What a download URL builder reads of a job: its id."""
+
+    def __init__(self, job_id: int) -> None:
+        self.id = job_id
+
+
+def parse_time(text: str, label: str) -> int | None:
+    """GPS seconds from a form field holding GPS seconds or an ISO UTC time (blank: None).
+
+    Raises
+    ------
+    BadRequest
+        Naming the field when the text is neither.
+    """
+    text = text.strip()
+    if not text:
+        return None
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise BadRequest(
+            f"{label}: {text!r} is neither GPS seconds nor a UTC time like 2026-11-30T12:00"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(utc_to_gps(moment))
+
+
+@dataclass(frozen=True)
+class ObservationView:
+    """One row of the observations page."""
+
+    obsid: int
+    obsname: str
+    start_utc: str
+    duration_s: int
+    project_id: str | None
+    mode: str
+
+
+def search_observations(
+    session: Session, *, mintime: str, maxtime: str, project_id: str, mode: str, page: int
+) -> tuple[list[ObservationView], bool]:
+    """Observations for the browser's form (newest first, 100 a page) and whether more follow."""
+    rows, has_more, _ = archive_service.find_observations(
+        session,
+        mintime=parse_time(mintime, "From"),
+        maxtime=parse_time(maxtime, "To"),
+        project_id=project_id.strip() or None,
+        mode=mode.strip() or None,
+        page=max(page, 1),
+        page_size=100,
+    )
+    views = [
+        ObservationView(
+            obsid=row.obsid,
+            obsname=row.obsname,
+            start_utc=gps_to_utc(row.obsid).strftime("%Y-%m-%d %H:%M:%S"),
+            duration_s=row.stoptime - row.obsid,
+            project_id=row.project_id,
+            mode=row.mode,
+        )
+        for row in rows
+    ]
+    return views, has_more
