@@ -9,11 +9,13 @@ from fastapi import FastAPI
 
 from observatory import __version__
 from observatory.archive.router import router as metadata_router
+from observatory.asvo.models import JobState
 from observatory.asvo.router import router as asvo_router
 from observatory.calib.router import router as calib_router
 from observatory.core.config import Settings, get_settings
 from observatory.core.database import make_engine, make_session_factory
 from observatory.core.errors import install_error_handlers
+from observatory.core.observability import install_observability
 from observatory.core.storage import Storage
 from observatory.portal.router import router as portal_router
 from observatory.telescope.site import ensure_astropy_offline
@@ -44,6 +46,7 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool = False) -> F
 
             dispatcher = Dispatcher(settings, session_factory)
             dispatcher.start()
+            _app.state.dispatcher = dispatcher  # /readyz asks its Dask scheduler
             callbacks = CallbackSender(settings, session_factory)
             callbacks.start()
             if settings.telescope_runner:
@@ -71,6 +74,7 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool = False) -> F
     app.state.session_factory = session_factory
     app.state.archive_storage = Storage(settings.archive_dir)
     install_error_handlers(app)
+    install_observability(app, [state.value for state in JobState])  # /metrics, /readyz, ids
 
     @app.get("/healthz", tags=["operations"])
     def healthz() -> dict[str, str]:

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from sqlalchemy.orm import Session, sessionmaker
@@ -248,7 +249,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     upgrade(settings.resolved_database_url)
-    _run_server(create_app(_serving(settings, args), run_jobs=True), args)
+    _run_server(
+        create_app(_serving(settings, args), run_jobs=True), args, log_format=settings.log_format
+    )
     return 0
 
 
@@ -259,12 +262,21 @@ def _serving(settings: Settings, args: argparse.Namespace) -> Settings:
     )
 
 
-def _run_server(app: object, args: argparse.Namespace) -> None:
-    """uvicorn on the chosen address, with TLS when a certificate is given (giant-squid is https-only)."""
+def _run_server(app: object, args: argparse.Namespace, log_format: str = "text") -> None:
+    """uvicorn on the chosen address, with TLS when a certificate is given (giant-squid is https-only).
+
+    ``log_format`` ``json`` (``OBSERVATORY_LOG_FORMAT``): every log line a JSON object with
+    the request id, and the app's access line instead of uvicorn's.
+    """
     import uvicorn
 
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise ValueError("--ssl-certfile and --ssl-keyfile go together")
+    log_options: dict[str, Any] = {}
+    if log_format == "json":
+        from observatory.core.observability import json_log_config
+
+        log_options = {"log_config": json_log_config(), "access_log": False}
     uvicorn.run(
         app,  # type: ignore[arg-type]
         host=args.host,
@@ -272,6 +284,7 @@ def _run_server(app: object, args: argparse.Namespace) -> None:
         log_level="info",
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
+        **log_options,
     )
 
 

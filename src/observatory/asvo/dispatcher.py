@@ -40,6 +40,8 @@ class Dispatcher:
         self.futures: dict[int, Any] = {}
         self.failures: dict[int, int] = {}
         self.calibration_futures: dict[int, Any] = {}
+        #: Calibration requests seen finishing with a fit stored (the metric of that name).
+        self.calibration_fits_stored = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client: Any = None
@@ -53,12 +55,24 @@ class Dispatcher:
             self._client = Client(self.settings.dask_scheduler)
         else:
             # In-process: worker threads in this process (the demo and the tests).
+            # Its HTTP servers start even without a dashboard, on every interface unless
+            # given an address: loopback only.
             self._cluster = LocalCluster(
-                processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None
+                processes=False,
+                n_workers=1,
+                threads_per_worker=2,
+                dashboard_address=None,
+                scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+                worker_dashboard_address="127.0.0.1:0",
             )
             self._client = Client(self._cluster)
         self._thread = threading.Thread(target=self._loop, name="asvo-dispatcher", daemon=True)
         self._thread.start()
+
+    @property
+    def client(self) -> Any:
+        """The Dask client (None before ``start``); readiness checks ask its scheduler."""
+        return self._client
 
     def stop(self) -> None:
         """Stop the loop and disconnect; running jobs resume at the next start."""
@@ -134,6 +148,8 @@ class Dispatcher:
         for request_id, future in list(self.calibration_futures.items()):
             if future.done():  # finished, or broke before finishing: then submitted again
                 del self.calibration_futures[request_id]
+                if future.status == "finished" and future.result() == "completed":
+                    self.calibration_fits_stored += 1
 
     def _record_failure(self, session: Session, job_id: int, reason: object) -> None:
         failures = self.failures.get(job_id, 0) + 1

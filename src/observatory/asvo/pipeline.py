@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 # A Dask worker process imports only this module: every table must be known to the ORM
@@ -72,11 +72,22 @@ class _Tracker:
             raise JobCancelled
 
     def move(self, state: JobState, **fields: Any) -> None:
-        """Set the state (unless the job was cancelled meanwhile) and other columns."""
+        """Set the state (unless the job was cancelled meanwhile) and other columns.
+
+        The row is claimed first by an UPDATE that matches only an uncancelled job, in the
+        transaction that then writes the state: a cancel cannot land between the check and
+        the write (a plain read-then-write lost cancels on SQLite, whose reads take no lock).
+        """
         with self.session_factory() as session:
-            job = session.get(Job, self.job_id, with_for_update=True)
-            if job is None or job.cancel_requested:
+            claim = session.execute(
+                update(Job)
+                .where(Job.id == self.job_id, Job.cancel_requested.is_(False))
+                .values(cancel_requested=False)
+            )
+            if claim.rowcount == 0:  # type: ignore[attr-defined]
                 raise JobCancelled
+            job = session.get(Job, self.job_id, populate_existing=True)
+            assert job is not None
             job.state = state.value
             for name, value in fields.items():
                 setattr(job, name, value)

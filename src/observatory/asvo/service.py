@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from observatory.archive.models import Observation, ObservationMode
@@ -433,10 +433,22 @@ def cancel_job(session: Session, user_id: int, job_text: str) -> Job:
         job_id = int(job_text)
     except (TypeError, ValueError):
         raise AsvoError(f"Job Id: {job_text!r} is not a job id") from None
-    job = session.get(Job, job_id)
+    # Claimed by one UPDATE that matches only an unfinished job, so a job finishing at the same
+    # moment is either cancelled or completed, never completed and then marked cancelled.
+    claim = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.user_id == user_id,
+            Job.deleted.is_(False),
+            Job.state.not_in([state.value for state in TERMINAL_STATES]),
+        )
+        .values(cancel_requested=True)
+    )
+    job = session.get(Job, job_id, populate_existing=True)
     if job is None or job.user_id != user_id or job.deleted:
         raise NotFound(f"Job Id {job_id} not found", error_code=ERROR_CODE_INVALID)
-    if job.state in TERMINAL_STATES:
+    if claim.rowcount == 0:  # type: ignore[attr-defined]
         raise AsvoError(f"Job {job_id} is {job.state} and cannot be cancelled")
     job.state = JobState.CANCELLED.value
     job.cancel_requested = True

@@ -11,7 +11,7 @@ import os
 import secrets
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import (
@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     config: Path | None = None
     #: Key that signs cookies and download URLs; by default a random key kept in the data dir.
     secret_key: str | None = None
+    #: Log lines of ``observatory serve``: uvicorn's ``text``, or ``json`` (one object per
+    #: line, with request ids; see docs/deploy.md).
+    log_format: Literal["text", "json"] = "text"
     #: Oldest client accepted at ASVO login, by the prefix of its version string.
     asvo_min_client_versions: dict[str, str] = Field(
         default_factory=lambda: {"mantaray-clientv": "1.2", "giant-squidv": "2.0.0"}

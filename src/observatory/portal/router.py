@@ -110,7 +110,8 @@ def login(request: Request, session: SessionDep, form: FormDep) -> Response:
     try:
         user = authenticate_password(session, form.get("username", ""), form.get("password", ""))
     except ServiceError as exc:
-        context = {"user": None, "next": target, "error": exc.message}
+        context = {"user": None, "next": target, "error": exc.message,
+                   "username": form.get("username", "")}  # fmt: skip
         return _page(request, "login.html", context, status_code=401)
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(

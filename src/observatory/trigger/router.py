@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from observatory.core.config import Settings
 from observatory.core.errors import BadRequest, NotFound
 from observatory.core.gpstime import now_gps
+from observatory.core.observability import trigger_timer
 from observatory.core.web import get_session, templates_for
 from observatory.trigger import service
 from observatory.trigger.models import Trigger
@@ -177,23 +178,25 @@ async def vcsfree(request: Request, params: ParamsDep) -> Response:
 @_endpoint("/triggerobs")
 def triggerobs(request: Request, session: SessionDep, params: ParamsDep) -> Response:
     """Trigger correlator observations (pretend by default)."""
-    result = service.trigger_observations(session, _settings(request), params, vcs=False)
+    with trigger_timer(request, "triggerobs"):
+        result = service.trigger_observations(session, _settings(request), params, vcs=False)
     return _json(_changed(request, result), params)
 
 
 @_endpoint("/triggervcs")
 def triggervcs(request: Request, session: SessionDep, params: ParamsDep) -> Response:
     """Trigger voltage-capture observations (pretend by default; all-sky with no target)."""
-    result = service.trigger_observations(session, _settings(request), params, vcs=True)
+    with trigger_timer(request, "triggervcs"):
+        result = service.trigger_observations(session, _settings(request), params, vcs=True)
     return _json(_changed(request, result), params)
 
 
 @_endpoint("/triggerbuffer")
 def triggerbuffer(request: Request, session: SessionDep, params: ParamsDep) -> Response:
     """Dump the voltage buffer and keep capturing (pretend by default)."""
-    return _json(
-        _changed(request, service.trigger_buffer(session, _settings(request), params)), params
-    )
+    with trigger_timer(request, "triggerbuffer"):
+        result = service.trigger_buffer(session, _settings(request), params)
+    return _json(_changed(request, result), params)
 
 
 @_endpoint("/show")

@@ -1,0 +1,119 @@
+"""The portal in headless Chromium against a live server that runs jobs on Dask.
+
+Sign in, read a new API key, submit a job and watch it reach ``completed`` without a
+reload, download its product, cancel another job, sign out; screenshots of every page.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import httpx
+import pytest
+
+from browser import browser_page, screenshot
+from servers import free_port, observatory_server, seed, wait_for
+
+OBSID = 1320409688
+PASSWORD = "portal-password-1"
+
+
+def set_password(data_dir: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from observatory.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORD + "\n"))
+    assert main(["--data-dir", str(data_dir), "users", "set-password", name]) == 0
+
+
+def test_portal_in_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data_dir = tmp_path / "data"
+    seed(data_dir, None, [OBSID], api_key="first-key-of-dave", timesteps=8)
+    set_password(data_dir, "dave", monkeypatch)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = observatory_server(data_dir, port, None, "--no-telescope")
+    try:
+        wait_for(f"{base}/healthz")
+        with browser_page() as page:
+            page.goto(f"{base}/jobs")  # not signed in: the sign-in form, then back here
+            assert page.url.startswith(f"{base}/login?next=")
+            assert page.get_by_label("User name").is_visible()
+            screenshot(page, "portal-login", tmp_path)
+            page.get_by_label("User name").fill("dave")
+            page.get_by_label("Password").fill("wrong-password")
+            page.click("#sign-in")
+            assert "wrong password" in page.inner_text("#login-error")
+            assert page.get_by_label("User name").input_value() == "dave"  # kept
+            page.get_by_label("Password").fill(PASSWORD)
+            page.click("#sign-in")
+            page.wait_for_url(f"{base}/jobs")
+            assert page.inner_text("#signed-in-user") == "dave"
+
+            page.get_by_role("link", name="Profile").click()
+            page.wait_for_url(f"{base}/profile")
+            assert page.is_visible("#key-fingerprint")
+            page.click("#regenerate-key")
+            key = page.inner_text("#api-key").strip()
+            screenshot(page, "portal-profile-new-key", tmp_path)
+            login = httpx.post(f"{base}/api/api_login", auth=("mantaray-clientv2.0", key))
+            assert login.status_code == 200  # the key shown works for the clients
+
+            page.get_by_role("link", name="Submit a job").click()
+            page.select_option("#job_type", "download_vis")
+            assert page.is_hidden("#conversion-options") and page.is_visible("#download-options")
+            page.get_by_label("Observation ID").fill(str(OBSID))
+            page.select_option("#download_type", "vis")
+            screenshot(page, "portal-submit", tmp_path)
+            page.click("#submit-job")
+            page.wait_for_url(f"{base}/jobs?submitted=*")
+            job_id = int(page.url.rsplit("=", 1)[1])
+            page.evaluate("window.notReloaded = true")
+            state = page.locator(f"#job-{job_id} td.state")
+            state.filter(has_text="completed").wait_for(timeout=120_000)
+            assert page.evaluate("window.notReloaded === true")  # live, no reload
+            assert "is now completed" in page.inner_text("#live-status")
+            screenshot(page, "portal-jobs-completed", tmp_path)
+            link = page.locator(f"#job-{job_id} td.product a").first
+            with page.expect_download() as waiting:
+                link.click()
+            download = waiting.value
+            saved = tmp_path / download.suggested_filename
+            download.save_as(saved)
+            jobs = httpx.get(f"{base}/api/get_jobs", cookies=login.cookies).json()
+            product = next(j["row"]["product"] for j in jobs if j["row"]["id"] == job_id)
+            assert hashlib.sha1(saved.read_bytes()).hexdigest() == product["files"][0]["sha1"]
+
+            page.get_by_role("link", name="Submit a job").click()
+            page.select_option("#job_type", "conversion")
+            page.get_by_label("Observation ID").fill(str(OBSID))
+            page.get_by_label("Time resolution (s)").fill("4")
+            page.click("#submit-job")
+            page.wait_for_url(f"{base}/jobs?submitted=*")
+            other = int(page.url.rsplit("=", 1)[1])
+            page.get_by_role("button", name=f"Cancel job {other}").click()
+            page.wait_for_url(f"{base}/jobs")
+            page.locator(f"#job-{other} td.state").filter(has_text="cancelled").wait_for(
+                timeout=60_000
+            )
+            assert page.locator(f"#job-{other} button").count() == 0
+            screenshot(page, "portal-jobs-cancelled", tmp_path)
+
+            page.get_by_role("link", name="Observations").click()
+            page.get_by_label("Mode").fill("MWAX_CORRELATOR")
+            page.get_by_role("button", name="Search").click()
+            page.wait_for_url("**/observations?*mode=MWAX_CORRELATOR*")
+            observation = page.locator(f"#observations a[href='/metadata/obs_page?obs_id={OBSID}']")
+            assert observation.count() == 1
+            screenshot(page, "portal-observations", tmp_path)
+            for name, path in (("Triggers", "/trigger/find"), ("Calibration", "/calib/summary")):
+                assert page.get_by_role("link", name=name).get_attribute("href") == path
+
+            page.click("#sign-out")
+            page.wait_for_url(f"{base}/login")
+            page.goto(f"{base}/jobs")
+            assert page.url.startswith(f"{base}/login")
+            screenshot(page, "portal-signed-out", tmp_path)
+    finally:
+        server.stop()
