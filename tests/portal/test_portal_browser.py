@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -27,6 +28,20 @@ def set_password(data_dir: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> 
     assert main(["--data-dir", str(data_dir), "users", "set-password", name]) == 0
 
 
+UNLABELLED = """() => [...document.querySelectorAll('input:not([type=hidden]), select, button')]
+    .filter(el => el.offsetParent !== null)
+    .filter(el => el.tagName === 'BUTTON' ? !(el.getAttribute('aria-label') || el.textContent.trim())
+                                           : el.labels.length === 0)
+    .map(el => el.outerHTML)"""
+
+
+def check_page(page: Any, heading: str) -> None:
+    """The page's key elements: its heading, the navigation, every control labelled."""
+    assert page.locator("h1").first.inner_text().startswith(heading)
+    assert page.locator("nav[aria-label='Main'] a").count() == 6
+    assert page.evaluate(UNLABELLED) == []
+
+
 def test_portal_in_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data_dir = tmp_path / "data"
     seed(data_dir, None, [OBSID], api_key="first-key-of-dave", timesteps=8)
@@ -40,6 +55,7 @@ def test_portal_in_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
             page.goto(f"{base}/jobs")  # not signed in: the sign-in form, then back here
             assert page.url.startswith(f"{base}/login?next=")
             assert page.get_by_label("User name").is_visible()
+            check_page(page, "Sign in")
             screenshot(page, "portal-login", tmp_path)
             page.get_by_label("User name").fill("dave")
             page.get_by_label("Password").fill("wrong-password")
@@ -50,12 +66,16 @@ def test_portal_in_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
             page.click("#sign-in")
             page.wait_for_url(f"{base}/jobs")
             assert page.inner_text("#signed-in-user") == "dave"
+            check_page(page, "Your jobs")
+            page.keyboard.press("Tab")  # the first stop is the skip link
+            assert page.evaluate("document.activeElement.textContent") == "Skip to the content"
 
             page.get_by_role("link", name="Profile").click()
             page.wait_for_url(f"{base}/profile")
             assert page.is_visible("#key-fingerprint")
             page.click("#regenerate-key")
             key = page.inner_text("#api-key").strip()
+            check_page(page, "Your profile")
             screenshot(page, "portal-profile-new-key", tmp_path)
             login = httpx.post(f"{base}/api/api_login", auth=("mantaray-clientv2.0", key))
             assert login.status_code == 200  # the key shown works for the clients
@@ -65,6 +85,7 @@ def test_portal_in_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
             assert page.is_hidden("#conversion-options") and page.is_visible("#download-options")
             page.get_by_label("Observation ID").fill(str(OBSID))
             page.select_option("#download_type", "vis")
+            check_page(page, "Submit a job")
             screenshot(page, "portal-submit", tmp_path)
             page.click("#submit-job")
             page.wait_for_url(f"{base}/jobs?submitted=*")
@@ -106,6 +127,7 @@ def test_portal_in_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
             page.wait_for_url("**/observations?*mode=MWAX_CORRELATOR*")
             observation = page.locator(f"#observations a[href='/metadata/obs_page?obs_id={OBSID}']")
             assert observation.count() == 1
+            check_page(page, "Observations")
             screenshot(page, "portal-observations", tmp_path)
             for name, path in (("Triggers", "/trigger/find"), ("Calibration", "/calib/summary")):
                 assert page.get_by_role("link", name=name).get_attribute("href") == path
