@@ -11,6 +11,7 @@ from observatory import __version__
 from observatory.archive.router import router as metadata_router
 from observatory.asvo.models import JobState
 from observatory.asvo.router import router as asvo_router
+from observatory.asvo.uws_router import router as uws_router
 from observatory.calib.router import router as calib_router
 from observatory.core.config import Settings, get_settings
 from observatory.core.database import make_engine, make_session_factory
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool = False) -> F
 
     app.include_router(metadata_router)
     app.include_router(asvo_router)
+    app.include_router(uws_router)
     app.include_router(trigger_router)
     app.include_router(calib_router)
     app.include_router(portal_router)

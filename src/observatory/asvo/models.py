@@ -114,3 +114,36 @@ def _keep_row_json(_mapper: Any, _connection: Any, job: Job) -> None:
 
     job.created = job.created or utcnow()
     job.row_json = row_members_json(job)
+
+
+class UwsJob(Base):
+    """A job made through the UWS interface (``/uws/asvo``), or a UWS-side mark on an ASVO job.
+
+    A UWS job is PENDING until ``PHASE=RUN``; while it is, it is no ASVO job (the
+    clients' get_jobs and websocket must never show a state they do not know), only
+    this row. At RUN it is submitted as an ASVO job and ``asvo_job_id`` links to it;
+    its UWS id (``u<id>``) stays the same. A row may also only hide an ASVO job made
+    through ``/api`` from the UWS interface (``deleted`` with ``asvo_job_id``).
+    """
+
+    __tablename__ = "asvo_uws_jobs"
+    __table_args__ = (Index("ix_asvo_uws_jobs_user_id_created", "user_id", "created"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    #: The ASVO job parameters as posted (``job_type`` and the /api form fields).
+    params: Mapped[dict[str, str]] = mapped_column(JSON)
+    #: The client's ``RUNID``, returned as given.
+    run_id: Mapped[str | None] = mapped_column(String(200))
+    #: The UWS phase while no ASVO job exists (PENDING, ERROR, ABORTED); None once linked.
+    phase: Mapped[str | None] = mapped_column(String(12))
+    #: Why RUN could not submit the job (the ASVO refusal), for ``errorSummary``.
+    error_text: Mapped[str | None] = mapped_column(Text)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: When the job ended without becoming an ASVO job (ERROR at RUN, ABORT while PENDING).
+    ended: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    asvo_job_id: Mapped[int | None] = mapped_column(
+        ForeignKey("asvo_jobs.id", ondelete="CASCADE"), unique=True
+    )
+    #: Destroyed through UWS (DELETE): hidden from ``/uws/asvo``, the ASVO job untouched.
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)

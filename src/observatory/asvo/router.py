@@ -41,7 +41,7 @@ def _settings(request: Request) -> Settings:
     return settings
 
 
-def _cookie_user(connection: HTTPConnection) -> int | None:
+def cookie_user_id(connection: HTTPConnection) -> int | None:
     """The user the ``MWA_JOB_COOKIE`` of a request or websocket was issued to, if valid."""
     token = connection.cookies.get(COOKIE_NAME)
     settings: Settings = connection.app.state.settings
@@ -54,7 +54,7 @@ def _cookie_user(connection: HTTPConnection) -> int | None:
 
 def current_user_id(request: Request) -> int:
     """The user the ``MWA_JOB_COOKIE`` was issued to (401 without a valid one)."""
-    user_id = _cookie_user(request)
+    user_id = cookie_user_id(request)
     if user_id is None:
         raise Unauthorized("Not logged in: POST /api/api_login with your API key first")
     return user_id
@@ -147,7 +147,7 @@ def preprocessed_imaging_job(_user_id: UserDep) -> dict[str, int]:
     raise service.unsupported("Imaging")
 
 
-def _url_builder(connection: HTTPConnection) -> service.UrlBuilder:
+def download_url_builder(connection: HTTPConnection) -> service.UrlBuilder:
     """Signed, expiring download URLs on the host the client reached (they need no cookie).
 
     From a websocket (``ws[s]://``) the URLs are the matching ``http[s]://`` ones.
@@ -170,7 +170,7 @@ def get_jobs(request: Request, session: SessionDep, user_id: UserDep) -> list[di
     """Every job of the user, as change-feed envelopes ``{action, table, row}``."""
     # Returned as text: each job keeps its serialised row, and validating 10,000 rows
     # against the response model would cost more than building them (it documents the shape).
-    body = service.list_jobs_json(session, user_id, _url_builder(request))
+    body = service.list_jobs_json(session, user_id, download_url_builder(request))
     return Response(body, media_type="application/json")  # type: ignore[return-value]
 
 
@@ -221,14 +221,14 @@ def download(
 @router.websocket("/job_results")
 async def job_results(websocket: WebSocket) -> None:
     """Job rows as they change: every current row on connect, then one frame per change."""
-    user_id = _cookie_user(websocket)
+    user_id = cookie_user_id(websocket)
     if user_id is None:
         await websocket.close(code=4401, reason="not logged in")
         return
     await websocket.accept()
     session_factory = websocket.app.state.session_factory
     watch = service.JobWatch()
-    url_for = _url_builder(websocket)
+    url_for = download_url_builder(websocket)
     try:
         while True:
             frames = await run_in_threadpool(

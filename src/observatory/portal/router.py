@@ -17,7 +17,12 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.orm import Session
 
 from observatory.asvo import service as asvo_service
-from observatory.asvo.router import COOKIE_MAX_AGE_S, COOKIE_NAME, _cookie_user, _url_builder
+from observatory.asvo.router import (
+    COOKIE_MAX_AGE_S,
+    COOKIE_NAME,
+    cookie_user_id,
+    download_url_builder,
+)
 from observatory.core.accounts import authenticate_password, reset_api_key
 from observatory.core.config import Settings
 from observatory.core.errors import ServiceError
@@ -39,7 +44,7 @@ def _settings(request: Request) -> Settings:
 
 
 def _signed_in(request: Request, session: Session) -> User | None:
-    user_id = _cookie_user(request)
+    user_id = cookie_user_id(request)
     return None if user_id is None else session.get(User, user_id)
 
 
@@ -163,7 +168,7 @@ def jobs(request: Request, session: SessionDep, submitted: int | None = None) ->
     user = _signed_in(request, session)
     if user is None:
         return _to_login(request)
-    views = service.job_views(session, user.id, _url_builder(request))
+    views = service.job_views(session, user.id, download_url_builder(request))
     return _page(request, "jobs.html", {"user": user, "jobs": views, "submitted": submitted})
 
 
