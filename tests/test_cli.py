@@ -143,7 +143,14 @@ def test_demo_seeds_and_serves(tmp_path: Path) -> None:
         [str(script), "--data-dir", str(tmp_path / "demo"), "demo", "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
+    printed: list[str] = []
     try:
+        assert process.stdout is not None
+        while not printed or not printed[-1].startswith("API key:"):  # printed before serving
+            line = process.stdout.readline()
+            assert line, "the demo ended before printing its keys: " + "".join(printed)
+            printed.append(line)
+        password = next(t.split(":", 1)[1].strip() for t in printed if "portal password:" in t)
         deadline = time.monotonic() + 90
         healthy = False
         while time.monotonic() < deadline and process.poll() is None:
@@ -158,8 +165,17 @@ def test_demo_seeds_and_serves(tmp_path: Path) -> None:
         assert len(found) == 5
         assert sum(o["calibration"] for o in found) == 2
         assert all(o["obsname"].startswith("demo_") for o in found)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", follow_redirects=True) as portal:
+            token = re.search(r'name="csrf_token" value="([0-9a-f]+)"', portal.get("/login").text)
+            assert token is not None
+            form = {"username": "demo", "password": password, "csrf_token": token.group(1)}
+            jobs = portal.post("/login", data=form)
+            assert (
+                jobs.status_code == 200 and "Your jobs" in jobs.text
+            )  # the printed password works
     finally:
         process.terminate()
         output, _ = process.communicate(timeout=30)
+    output = "".join(printed) + output
     assert re.search(r"^API key: \S+$", output, re.M), output
     assert f"http://127.0.0.1:{port}/healthz" in output

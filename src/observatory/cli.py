@@ -296,6 +296,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     base = f"http://{args.host}:{args.port}"
     console.print("\n[bold]observatory-services demo[/bold]")
     console.print(f"  data directory : {settings.data_dir.resolve()}", highlight=False)
+    console.print(f"  portal         : {base}/  (sign in below)", highlight=False)
     console.print(f"  health         : {base}/healthz", highlight=False)
     console.print(f"  API docs       : {base}/docs", highlight=False)
     console.print(f"  observations   : {base}/metadata/find", highlight=False)
@@ -304,6 +305,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"  one observation: {base}/metadata/obs_page?obs_id={summary.obsids[0]}", highlight=False
     )
     console.print(f"  demo user      : {summary.user_name}", highlight=False)
+    console.print(f"  portal password: {summary.password}", highlight=False)
     print(f"API key: {summary.api_key}")
     console.print(
         f"  trigger project: {summary.project_id} (secure key: {summary.project_key})",

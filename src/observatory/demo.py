@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,7 +12,13 @@ from rich.console import Console
 from sqlalchemy import select
 
 from observatory.archive.models import Observation
-from observatory.core.accounts import create_project, create_user, reset_api_key, set_project_key
+from observatory.core.accounts import (
+    create_project,
+    create_user,
+    reset_api_key,
+    set_password,
+    set_project_key,
+)
 from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory, session_scope
 from observatory.core.gpstime import now_gps
@@ -62,6 +69,7 @@ class DemoSummary:
 
     user_name: str
     api_key: str
+    password: str  # for the portal
     project_id: str
     project_key: str
     obsids: list[int]
@@ -70,8 +78,8 @@ class DemoSummary:
 def seed_demo(settings: Settings, console: Console | None = None) -> DemoSummary:
     """Create (or refresh) the demo installation in ``settings.data_dir``.
 
-    Makes the database, a demo user and a demo trigger project (each with a new
-    key, printed once), and simulates a few small observations over the last
+    Makes the database, a demo user (with a new API key and portal password) and a
+    demo trigger project (with a new key), all printed once, and simulates a few small observations over the last
     few hours: calibrators and targets, 4 tiles, 2 coarse channels. Running it
     again keeps the observations and issues new keys.
     """
@@ -82,12 +90,14 @@ def seed_demo(settings: Settings, console: Console | None = None) -> DemoSummary
     engine = make_engine(settings.resolved_database_url)
     factory = make_session_factory(engine)
     project_key = new_api_key()
+    password = secrets.token_urlsafe(12)
     with session_scope(factory) as session:
         user = session.scalar(select(User).where(User.name == DEMO_USER))
         if user is None:
             user, api_key = create_user(session, DEMO_USER, email="demo@example.org")
         else:
             api_key = reset_api_key(session, user)
+        set_password(session, user, password)
         project = session.get(Project, DEMO_PROJECT)
         if project is None:
             create_project(
@@ -121,4 +131,4 @@ def seed_demo(settings: Settings, console: Console | None = None) -> DemoSummary
             if console is not None:
                 console.print(f"simulated {observation.obsid} {obsname}", highlight=False)
     engine.dispose()
-    return DemoSummary(DEMO_USER, api_key, DEMO_PROJECT, project_key, obsids)
+    return DemoSummary(DEMO_USER, api_key, password, DEMO_PROJECT, project_key, obsids)
