@@ -375,3 +375,34 @@ def test_progress_reports_each_tar_in_order(package: Path, out_dir: Path) -> Non
     assert [s[0] for s in seen] == tars
     assert [s[1] for s in seen] == list(range(1, len(tars) + 1))
     assert all(hashlib.md5(p.read_bytes()).hexdigest() == md5 for p, _, md5 in seen)
+
+
+@pytest.mark.parametrize("change", ["grow", "shrink", "rewrite"])
+def test_a_file_changed_while_being_copied_fails_and_writes_nothing(
+    monkeypatch: pytest.MonkeyPatch, package: Path, out_dir: Path, change: str
+) -> None:
+    # The change lands after the file is opened and checked, before its data is read.
+    fadvise = os.posix_fadvise
+    target = package / BIG_FILE
+
+    def changing(fd: int, offset: int, length: int, advice: int) -> None:
+        fadvise(fd, offset, length, advice)
+        st = os.fstat(fd)
+        if st.st_ino != target.stat().st_ino:
+            return
+        with open(target, "r+b") as handle:
+            if change == "grow":
+                handle.seek(0, os.SEEK_END)
+                handle.write(b"more")
+            elif change == "shrink":
+                handle.truncate(10)
+            else:  # same size, new bytes, a later mtime (as an editor's save)
+                handle.write(bytes(st.st_size))
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+    monkeypatch.setattr(tarsplit.os, "posix_fadvise", changing)
+    with pytest.raises(
+        tarsplit.TarsplitError, match=r"cube\.fits: (changed|shrank) while being archived"
+    ):
+        write_pieces(package, NAME, out_dir, MAX_BYTES, workers=2)
+    assert list(out_dir.iterdir()) == []

@@ -21,10 +21,19 @@ Design choices (ours, not the document's):
   into place only once every piece is complete, so an interrupted run leaves no
   tar (truncated or not) under a final name;
 * the md5 is computed from the bytes as they are written (the tar is never read
-  back). md5 runs at about 700 MB/s on one core, slower than copying from the page
-  cache, so a helper thread hashes each piece while its writer copies, and several
-  pieces are written at once (each has its own digest); see
-  ``benchmarks/qa2_tarsplit.py`` for the comparison with GNU ``tar -cf``.
+  back): the writer reads each file into a buffer, writes the buffer and hands it to
+  a helper thread that hashes it, so the digest is that of the tar's bytes whatever
+  happens to the package meanwhile. md5 runs at about 700 MB/s on one core, slower
+  than copying from the page cache, so several pieces are written at once, one more
+  than there are CPUs: the last pieces then share the CPUs instead of one piece's md5
+  running alone. Kernel copies (``os.sendfile``, ``os.copy_file_range``) with the
+  hasher reading each file again were measured slower: the hasher still needs its
+  own copy, and a splice costs more CPU than ``read`` + ``write``;
+* a file that changes while it is read (its device, inode, size, mtime or ctime
+  differ between opening and the last byte, which is when GNU tar warns "file
+  changed as we read it") fails the run, since its copy may mix old and new bytes.
+
+See ``benchmarks/qa2_tarsplit.py`` for the comparison with GNU ``tar -cf``.
 """
 
 from __future__ import annotations
@@ -409,11 +418,23 @@ class _HashingWriter:
             self._hasher.join()
 
 
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file is replaced or modified: device, inode, size, mtime, ctime."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _changed(path: Path) -> TarsplitError:
+    return TarsplitError(f"{path}: changed while being archived")
+
+
 def _copy_data(member: Member, out: _HashingWriter, cancel: threading.Event) -> None:
     """Append a regular file's data, padded to whole blocks, to ``out``."""
     expected = member.info.size
     with open(member.source, "rb", buffering=0) as source:
         fd = source.fileno()
+        identity = _identity(os.fstat(fd))
+        if identity[2] != expected:
+            raise _changed(member.source)
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         remaining = expected
@@ -426,8 +447,9 @@ def _copy_data(member: Member, out: _HashingWriter, cancel: threading.Event) -> 
                 raise TarsplitError(f"{member.source}: shrank while being archived")
             out.write_buffer(buffer, n)
             remaining -= n
-        if os.fstat(fd).st_size != expected:
-            raise TarsplitError(f"{member.source}: changed size while being archived")
+        # As GNU tar warns "file changed as we read it": the copy may mix old and new bytes.
+        if _identity(os.fstat(fd)) != identity:
+            raise _changed(member.source)
     if expected % BLOCK_BYTES:
         out.write(bytes(BLOCK_BYTES - expected % BLOCK_BYTES))
 
@@ -493,7 +515,9 @@ def _default_workers() -> int:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
-    return max(1, min(cpus, _MAX_WORKERS))
+    # One more piece than CPUs: the last pieces then share the CPUs, instead of one
+    # piece's md5 running alone on one CPU while the others idle.
+    return min(cpus + 1, _MAX_WORKERS)
 
 
 def write_pieces(
@@ -531,7 +555,8 @@ def write_pieces(
         Called as ``progress(tar_path, piece, md5_hex)`` for each tar, in order, once it
         is in place under its final name.
     workers : int, optional
-        How many pieces to write at once (default: the CPUs available, at most 4).
+        How many pieces to write at once (default: one more than the CPUs available,
+        at most 4).
 
     Returns
     -------
