@@ -123,6 +123,31 @@ def login(session: Session, settings: Settings, client: str, api_key: str) -> in
 # Submission (sections 2.1-2.3)
 
 
+#: The job types a user submits by name (the portal's form, UWS's ``job_type``), and the
+#: ASVO endpoint each stands for.
+JOB_TYPES_BY_NAME = {
+    "conversion": JobType.CONVERSION,
+    "download_vis": JobType.DOWNLOAD_VISIBILITIES,
+    "voltage": JobType.DOWNLOAD_VOLTAGE,
+}
+
+
+def job_type_named(name: str) -> JobType:
+    """The job type a ``job_type`` field names (``conversion``, ``download_vis``, ``voltage``).
+
+    Raises
+    ------
+    AsvoError
+        For a missing or unknown name, in the API's words.
+    """
+    text = name.strip().lower()
+    if not text:
+        raise AsvoError("Job Type: Expected not None")
+    if text not in JOB_TYPES_BY_NAME:
+        raise AsvoError(f"Job Type: {text!r} is not one of {', '.join(JOB_TYPES_BY_NAME)}")
+    return JOB_TYPES_BY_NAME[text]
+
+
 def _required(form: Mapping[str, str], key: str, label: str) -> str:
     value = form.get(key, "").strip()
     if not value:

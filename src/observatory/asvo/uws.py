@@ -88,12 +88,6 @@ PHASE_OF_STATE: dict[str, Phase] = {
 #: Phases a ``WAIT`` may block in (the standard's "active" phases).
 ACTIVE_PHASES = frozenset({Phase.PENDING, Phase.QUEUED, Phase.EXECUTING})
 
-#: ``job_type`` values a UWS job is created with, and the ASVO endpoint each stands for.
-JOB_TYPES = {
-    "conversion": JobType.CONVERSION,
-    "download_vis": JobType.DOWNLOAD_VISIBILITIES,
-    "voltage": JobType.DOWNLOAD_VOLTAGE,
-}
 #: The ``job_type`` shown for a job made through ``/api``.
 UWS_JOB_TYPE = {
     JobType.CONVERSION: "conversion",
@@ -254,12 +248,7 @@ def split_fields(fields: Mapping[str, str]) -> tuple[dict[str, str], dict[str, s
 
 
 def _job_type(params: Mapping[str, str]) -> JobType:
-    text = params.get("job_type", "").strip().lower()
-    if not text:
-        raise service.AsvoError("Job Type: Expected not None")
-    if text not in JOB_TYPES:
-        raise service.AsvoError(f"Job Type: {text!r} is not one of {', '.join(JOB_TYPES)}")
-    return JOB_TYPES[text]
+    return service.job_type_named(params.get("job_type", ""))
 
 
 def _run_id(control: Mapping[str, str]) -> str | None:

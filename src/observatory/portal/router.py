@@ -199,13 +199,8 @@ def submit(request: Request, session: SessionDep, form: FormDep) -> Response:
     user = _signed_in(request, session)
     if user is None:
         return _to_login(request)
-    job_type = service.SUBMITTABLE.get(form.get("job_type", ""))
     try:
-        if job_type is None:
-            raise asvo_service.AsvoError(
-                f"Job Type: {form.get('job_type', '')!r} is not one of conversion, download_vis, "
-                "voltage"
-            )
+        job_type = asvo_service.job_type_named(form.get("job_type", ""))
         job = asvo_service.submit_job(session, _settings(request), user.id, job_type, form)
     except ServiceError as exc:
         session.rollback()

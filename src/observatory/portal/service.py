@@ -18,12 +18,6 @@ from observatory.asvo.service import UrlBuilder
 from observatory.core.errors import BadRequest
 from observatory.core.gpstime import gps_to_utc, utc_to_gps
 
-#: The job types a user submits from the portal, as the form names them.
-SUBMITTABLE = {
-    "conversion": JobType.CONVERSION,
-    "download_vis": JobType.DOWNLOAD_VISIBILITIES,
-    "voltage": JobType.DOWNLOAD_VOLTAGE,
-}
 JOB_TYPE_LABELS = {
     JobType.CONVERSION: "conversion",
     JobType.DOWNLOAD_VISIBILITIES: "visibility download",
