@@ -525,3 +525,24 @@ def test_copy_without_verification_still_writes_the_manifest(
     packpath = tmp_path / "2011.0.00229.S"
     package(sb, readme, packpath, mode="copy", verify=False)
     assert not validate_manifest(packpath)
+
+
+def test_a_bad_copy_is_caught(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from observatory.packaging import qa2
+
+    sb = build_sb(tmp_path)
+    real_copy = qa2._copy_file
+
+    def flaky_copy(source: Path, destination: Path) -> None:
+        real_copy(source, destination)
+        if source.name == "calibrated_all_setup3_b6.clean.fits":  # one byte flipped on the way
+            content = bytearray(destination.read_bytes())
+            content[0] ^= 1
+            destination.write_bytes(bytes(content))
+
+    monkeypatch.setattr(qa2, "_copy_file", flaky_copy)
+    with pytest.raises(PackagingError, match=r"calibrated_all_setup3_b6.clean.fits differs from"):
+        package(sb, readme, tmp_path / "2011.0.00229.S", mode="copy")
+    assert not manifest_path(tmp_path / "2011.0.00229.S").exists()  # no manifest vouches for it

@@ -28,13 +28,13 @@ import tarfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from observatory.packaging.manifest import (
+    compare_and_hash,
     file_sha256,
-    hash_files,
     verify_against_sources,
     write_manifest,
 )
@@ -608,8 +608,9 @@ def package(
     hash_workers
         Threads hashing files for the manifest.
     verify
-        After copy, hard and move, check the package against its origin (copies hashed on
-        both sides). ``False`` skips that check (the manifest is written all the same).
+        After copy, hard and move, check the package against its origin (copies compared
+        byte for byte, links and symlinks checked). ``False`` skips that check (the manifest
+        is written all the same).
 
     Raises
     ------
@@ -650,25 +651,38 @@ def package(
                 json.dumps({"origpath": str(origin.absolute()), "member": str(member_relative)})
             )
     member.mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(max_workers=1) as background:
-        # Copies are checked against their origins: hash the origins while the copy runs.
-        copied = [
-            a.source for a in plan.actions if verify and a.kind == "copy" and a.source is not None
-        ]
-        origin_digests = background.submit(hash_files, copied, workers=1)
+    checks: list[tuple[Path, Future[str]]] = []
+    with ThreadPoolExecutor(max_workers=max(1, hash_workers)) as background:
         for action in plan.actions:
             _execute(action, member, mode)
+            if action.kind == "copy" and action.source is not None:
+                # Compared with its origin (or only hashed) while the next files copy.
+                copy = member / action.destination
+                check = (
+                    background.submit(compare_and_hash, action.source, copy)
+                    if verify
+                    else background.submit(file_sha256, copy)
+                )
+                checks.append((copy, check))
             if progress is not None:
                 progress(action)
+    known, problems = {}, []
+    for copy, check in checks:
+        try:
+            known[os.fspath(copy)] = check.result()
+        except ValueError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise PackagingError("the package does not match its origin: " + "; ".join(problems))
     notes = "".join(f"\n{note}" for note in plan.notes if not note.startswith("not packaged:"))
     readme_path = member / _readme_name(member_relative)
     readme_path.write_text(header.read_text() + notes + "\n\nPackage contents:\n" + _tree(pack))
     plan.expected_size_bytes += readme_path.stat().st_size
     write_tickets(plan, pack, member, real=mode != "fake")
     if mode in ("copy", "hard", "move"):
-        write_manifest(pack, member_relative, workers=hash_workers)
+        write_manifest(pack, member_relative, workers=hash_workers, known=known)
         if verify:
-            verify_against_sources(plan, pack, origin_digests.result())
+            verify_against_sources(plan, pack)
     if mode == "move":
         journal.unlink()
     return plan
