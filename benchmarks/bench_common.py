@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import blake3
 import httpx
 
 from observatory.asvo.models import Job
@@ -65,14 +66,17 @@ def add_completed_product(settings: Settings, user_id: int, obsid: int, megabyte
             name = f"{obsid}_{job.id}_vis.tar"
             path = settings.products_dir / str(job.id) / name
             path.parent.mkdir(parents=True)
-            digest = hashlib.sha1()
+            sha1, blake3_digest = hashlib.sha1(), blake3.blake3()
             with open(path, "wb") as handle:
                 for _ in range(megabytes):
                     block = os.urandom(1 << 20)
-                    digest.update(block)
+                    sha1.update(block)
+                    blake3_digest.update(block)
                     handle.write(block)
+            # Both checksums, as the pipeline publishes them (mwa_client verifies BLAKE3).
             job.product = {"files": [{"type": "acacia", "name": name, "size": path.stat().st_size,
-                                      "sha1": digest.hexdigest()}]}  # fmt: skip
+                                      "sha1": sha1.hexdigest(),
+                                      "blake3": blake3_digest.hexdigest()}]}  # fmt: skip
             session.commit()
             session.refresh(job)
             session.expunge(job)

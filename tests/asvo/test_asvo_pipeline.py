@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 from fastapi.testclient import TestClient
 
@@ -156,6 +157,7 @@ def test_every_job_type_completes_with_a_checksummed_product(
         body = reply.content
         assert len(body) == file["size"]
         assert hashlib.sha1(body).hexdigest() == file["sha1"]
+        assert blake3.blake3(body).hexdigest() == file["blake3"]
         with tarfile.open(fileobj=io.BytesIO(body)) as tar:
             assert set(tar.getnames()) == expected_members[kind]
     # The converted file is a uvfits of the averaged observation.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import blake3
 import pytest
 
 from observatory.clients import asvo
@@ -104,6 +106,10 @@ def mwa_client(*args: str, environ: dict[str, str]) -> tuple[int, str]:
 
 def sha1(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def blake3_hex(path: Path) -> str:
+    return blake3.blake3(path.read_bytes()).hexdigest()
 
 
 def completed_job(session: asvo.Session, job_id: int, timeout_s: float = 120) -> asvo.Job:
@@ -280,7 +286,7 @@ def test_a_killed_download_resumes_and_a_corrupt_file_is_fetched_again(
         code, output = mwa_client("-w", "all", "-d", str(out_dir),
                                   environ=server.environ(port=proxy.port))  # fmt: skip
         assert code == 0, output
-        assert f"resumed, {file.size_bytes - have} bytes fetched, sha1 verified" in output
+        assert f"resumed, {file.size_bytes - have} bytes fetched, blake3 verified" in output
         assert f"range: bytes={have}-" in proxy.download_requests[-1].lower()
     finally:
         proxy.close()
@@ -341,7 +347,7 @@ def test_a_file_that_never_verifies_is_reported(server: Server, tmp_path: Path) 
         on_server.write_bytes(original)
     assert code == 4
     (error,) = json.loads(error_file.read_text())
-    assert error["job_id"] == job_id and "sha1" in error["result"]
+    assert error["job_id"] == job_id and "blake3" in error["result"]
     assert not (tmp_path / file.name).exists() and not (tmp_path / (file.name + ".part")).exists()
 
 
@@ -577,7 +583,7 @@ def test_downloads_over_https_with_a_private_ca(
         assert code == 0, output
         code, output = mwa_client("-w", "all", "-d", str(out_dir),
                                   environ={**env, "SSL_VERIFY": "0"})  # fmt: skip
-        assert code == 0 and "already downloaded, sha1 verified" in output
+        assert code == 0 and "already downloaded, blake3 verified" in output
 
         (tmp_path / "proxied").mkdir()
         proxy = ForwardProxy()
@@ -627,3 +633,31 @@ def test_progress_bars_on_a_terminal(server: Server, tmp_path: Path) -> None:
     assert "all downloads" in text and f"{job_id} {job.files[0].name}" in text
     assert "\u2501" in text  # the bar
     assert "mwa_client finished successfully" in text
+
+
+def test_downloads_verify_blake3_and_fall_back_to_sha1(server: Server, tmp_path: Path) -> None:
+    """Our server publishes BLAKE3 beside SHA-1; the MWA's servers publish only SHA-1."""
+    with server.session() as session:
+        job_id = session.submit_download_job(OBSID, download_type="vis_meta", allow_resubmit=True)
+        job = completed_job(session, job_id)
+        (file,) = job.files
+        assert file.checksum == ("blake3", file.blake3) and file.sha1
+        (result,) = session.download_product(job, tmp_path / "ours")
+        assert result.outcome == "downloaded" and result.local_path is not None
+        assert blake3_hex(result.local_path) == file.blake3
+        assert sha1(result.local_path) == file.sha1
+
+        sha1_only = dataclasses.replace(file, blake3=None)
+        assert sha1_only.checksum == ("sha1", file.sha1)
+        (result,) = session.download_product(
+            dataclasses.replace(job, files=(sha1_only,)), tmp_path / "mwa"
+        )
+        assert result.outcome == "downloaded" and result.local_path is not None
+        assert sha1(result.local_path) == file.sha1
+
+        wrong_sha1 = dataclasses.replace(sha1_only, sha1="0" * 40)
+        with pytest.raises(asvo.ChecksumError, match=r"has sha1 .* the server says 0{40}"):
+            session.download_product(
+                dataclasses.replace(job, files=(wrong_sha1,)), tmp_path / "bad"
+            )
+        assert not list((tmp_path / "bad").iterdir())  # neither the file nor its .part

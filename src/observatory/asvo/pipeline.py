@@ -19,6 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
 
+import blake3
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -314,15 +315,21 @@ def _product_name(job: Job) -> str:
 
 
 class _HashingWriter:
-    """A write-only file object that hashes and counts what passes through."""
+    """A write-only file object that hashes and counts what passes through.
+
+    SHA-1 is what the MWA's clients verify; BLAKE3 (three times faster to check) is
+    what ours verify when the server publishes it.
+    """
 
     def __init__(self, handle: IO[bytes]) -> None:
         self.handle = handle
         self.sha1 = hashlib.sha1()
+        self.blake3 = blake3.blake3()
         self.size = 0
 
     def write(self, data: bytes) -> int:
         self.sha1.update(data)
+        self.blake3.update(data)
         self.size += len(data)
         return self.handle.write(data)
 
@@ -352,6 +359,7 @@ def _deliver(
                     "name": name,
                     "size": writer.size,
                     "sha1": writer.sha1.hexdigest(),
+                    "blake3": writer.blake3.hexdigest(),
                 }
             ]
         }

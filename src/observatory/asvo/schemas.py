@@ -24,6 +24,7 @@ class ProductFile(BaseModel):
     size: int
     url: str | None = None
     sha1: str | None = None
+    blake3: str | None = None
     path: str | None = None
 
 

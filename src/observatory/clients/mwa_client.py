@@ -330,10 +330,11 @@ def _describe_download(job: Job, result: DownloadResult) -> str:
         return f"Ready on /{file.type}: Job id: {job.id} file: {file.path}"
     if result.outcome in ("copied", "exists"):
         return f"Download Complete: Job id: {job.id} file: {result.local_path}"
+    algorithm = file.checksum[0] if file.checksum else "checksum"
     how = {
-        "verified": "already downloaded, sha1 verified",
-        "resumed": f"resumed, {result.bytes_transferred} bytes fetched, sha1 verified",
-        "downloaded": "sha1 verified",
+        "verified": f"already downloaded, {algorithm} verified",
+        "resumed": f"resumed, {result.bytes_transferred} bytes fetched, {algorithm} verified",
+        "downloaded": f"{algorithm} verified",
     }[result.outcome]
     if result.redownloaded:
         how = "the copy on disk was corrupt and was downloaded again, " + how
