@@ -52,8 +52,14 @@ def curl_mb_s(url: str, output: str = "/dev/null") -> float:
     return float(speed) / 1e6
 
 
-def add_completed_product(settings: Settings, user_id: int, obsid: int, megabytes: int) -> Job:
-    """A completed acacia job whose product is ``megabytes`` MiB of random bytes (real sha1)."""
+def add_completed_product(
+    settings: Settings, user_id: int, obsid: int, megabytes: int, blake3_published: bool = True
+) -> Job:
+    """A completed acacia job whose product is ``megabytes`` MiB of random bytes.
+
+    Its real sha1 is published, and its blake3 unless ``blake3_published`` is false (as
+    the MWA's servers do, so that clients verify sha1).
+    """
     engine = make_engine(settings.resolved_database_url)
     try:
         with make_session_factory(engine)() as session:
@@ -74,9 +80,11 @@ def add_completed_product(settings: Settings, user_id: int, obsid: int, megabyte
                     blake3_digest.update(block)
                     handle.write(block)
             # Both checksums, as the pipeline publishes them (mwa_client verifies BLAKE3).
-            job.product = {"files": [{"type": "acacia", "name": name, "size": path.stat().st_size,
-                                      "sha1": sha1.hexdigest(),
-                                      "blake3": blake3_digest.hexdigest()}]}  # fmt: skip
+            file = {"type": "acacia", "name": name, "size": path.stat().st_size,
+                    "sha1": sha1.hexdigest()}  # fmt: skip
+            if blake3_published:
+                file["blake3"] = blake3_digest.hexdigest()
+            job.product = {"files": [file]}
             session.commit()
             session.refresh(job)
             session.expunge(job)
