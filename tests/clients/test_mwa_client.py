@@ -287,6 +287,7 @@ def test_a_killed_download_resumes_and_a_corrupt_file_is_fetched_again(
                                   environ=server.environ(port=proxy.port))  # fmt: skip
         assert code == 0, output
         assert f"resumed, {file.size_bytes - have} bytes fetched, blake3 verified" in output
+        assert f"server-blake3: {file.blake3}" in output
         assert f"range: bytes={have}-" in proxy.download_requests[-1].lower()
     finally:
         proxy.close()

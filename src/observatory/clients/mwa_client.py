@@ -330,7 +330,7 @@ def _describe_download(job: Job, result: DownloadResult) -> str:
         return f"Ready on /{file.type}: Job id: {job.id} file: {file.path}"
     if result.outcome in ("copied", "exists"):
         return f"Download Complete: Job id: {job.id} file: {result.local_path}"
-    algorithm = file.checksum[0] if file.checksum else "checksum"
+    algorithm, digest = file.checksum or ("checksum", "")
     how = {
         "verified": f"already downloaded, {algorithm} verified",
         "resumed": f"resumed, {result.bytes_transferred} bytes fetched, {algorithm} verified",
@@ -339,7 +339,7 @@ def _describe_download(job: Job, result: DownloadResult) -> str:
     if result.redownloaded:
         how = "the copy on disk was corrupt and was downloaded again, " + how
     return (f"Download complete: Job id: {job.id} file: {result.local_path} "
-            f"server-sha1: {file.sha1} ({how})")  # fmt: skip
+            f"server-{algorithm}: {digest} ({how})")  # fmt: skip
 
 
 def _submit_jobs(
