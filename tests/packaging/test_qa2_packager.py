@@ -527,22 +527,48 @@ def test_copy_without_verification_still_writes_the_manifest(
     assert not validate_manifest(packpath)
 
 
+def test_copies_keep_mode_and_times_and_report_progress(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    """As shutil.copy2 (and the document's copy mode) would; progress for every action."""
+    from observatory.packaging import manifest
+
+    sb = build_sb(tmp_path)
+    script = next(sb.rglob("*.scriptForCalibration.py"))
+    script.chmod(0o750)
+    os.utime(script, ns=(1_300_000_000_123_456_789, 1_300_000_000_987_654_321))
+    big = next(p for p in sb.rglob("*") if p.is_file() and p.stat().st_size > 0)
+    big.write_bytes(os.urandom(3 * manifest.COPY_BLOCK_BYTES + 17))  # blocks and a remainder
+    done = []
+    packpath = tmp_path / "2011.0.00229.S"
+    plan = package(sb, readme, packpath, mode="copy", progress=done.append)
+    assert sorted(map(str, done)) == sorted(map(str, plan.actions))
+    copies = {a.source: packpath / plan.member / a.destination for a in plan.actions if a.source}
+    for source in (script, big):
+        copy, origin = copies[source].stat(), source.stat()
+        assert copy.st_mode == origin.st_mode and copy.st_mtime_ns == origin.st_mtime_ns
+        assert copies[source].read_bytes() == source.read_bytes()
+    assert not validate_manifest(packpath)
+
+
 def test_a_bad_copy_is_caught(
     tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from observatory.packaging import qa2
+    from observatory.packaging import manifest
 
     sb = build_sb(tmp_path)
-    real_copy = qa2._copy_file
+    real_copy_block = manifest._copy_block
 
-    def flaky_copy(source: Path, destination: Path) -> None:
-        real_copy(source, destination)
-        if source.name == "calibrated_all_setup3_b6.clean.fits":  # one byte flipped on the way
-            content = bytearray(destination.read_bytes())
-            content[0] ^= 1
-            destination.write_bytes(bytes(content))
+    def flaky_copy_block(source_fd: int, copy_fd: int, offset: int, count: int) -> int:
+        copied = real_copy_block(source_fd, copy_fd, offset, count)
+        if copied and os.readlink(f"/proc/self/fd/{copy_fd}").endswith(
+            "calibrated_all_setup3_b6.clean.fits"
+        ):  # one byte flipped on the way to the disk
+            (byte,) = os.pread(copy_fd, 1, offset)
+            os.pwrite(copy_fd, bytes([byte ^ 1]), offset)
+        return copied
 
-    monkeypatch.setattr(qa2, "_copy_file", flaky_copy)
+    monkeypatch.setattr(manifest, "_copy_block", flaky_copy_block)
     with pytest.raises(PackagingError, match=r"calibrated_all_setup3_b6.clean.fits differs from"):
         package(sb, readme, tmp_path / "2011.0.00229.S", mode="copy")
     assert not manifest_path(tmp_path / "2011.0.00229.S").exists()  # no manifest vouches for it

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import functools
 import io
 import json
 import os
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from observatory.packaging.manifest import (
-    compare_and_hash,
+    copy_and_hash,
     file_sha256,
     verify_against_sources,
     write_manifest,
@@ -448,10 +449,6 @@ def _check_hard_mode(plan: Plan, origin: Path, packpath: Path) -> None:
             )
 
 
-def _copy_file(source: Path, destination: Path) -> None:
-    shutil.copy2(source, destination)
-
-
 def _hard_link(source: Path, destination: Path) -> None:
     try:
         os.link(source, destination)
@@ -465,6 +462,7 @@ def _hard_link(source: Path, destination: Path) -> None:
 
 
 def _execute(action: Action, member: Path, mode: str) -> None:
+    """Perform one action other than ``copy`` (see ``_copy_all``)."""
     target = member / action.destination
     source = action.source
     if action.kind == "mkdir":
@@ -473,13 +471,11 @@ def _execute(action: Action, member: Path, mode: str) -> None:
         target.touch()
     elif source is None:
         raise AssertionError(f"{action.kind} needs a source")
-    elif action.kind == "copy":
-        _copy_file(source, target)
     elif action.kind == "link" and mode == "ticket":
         try:  # the ticket's files are small: a copy is fine where a link cannot be made
             os.link(source, target)
         except OSError:
-            _copy_file(source, target)
+            shutil.copy2(source, target)
     elif action.kind == "link":
         _hard_link(source, target)
     elif action.kind == "split-ms":
@@ -490,6 +486,59 @@ def _execute(action: Action, member: Path, mode: str) -> None:
         move_with_symlink(source, target)
     else:
         raise AssertionError(f"unknown action {action.kind}")
+
+
+def _report_done(progress: Callable[[Action], None], action: Action, _: Future[str]) -> None:
+    progress(action)
+
+
+def _copy_all(
+    copies: list[Action],
+    member: Path,
+    *,
+    workers: int,
+    verify: bool,
+    progress: Callable[[Action], None] | None,
+) -> dict[str, str]:
+    """Run the ``copy`` actions ``workers`` at a time; ``{copy path: sha256}``.
+
+    Each file is copied, compared with its origin and hashed block by block
+    (``copy_and_hash``). They run in the plan's order, which mixes small files with big
+    ones: creating a file costs the kernel about 0.7 ms here whatever its size, and those
+    creations overlap the big files' copying and hashing; largest first left the small
+    files for the end, contending for their directories' locks (1.36-1.45 s against
+    1.23-1.27 s for 2 GB in 807 files). Their directories exist already.
+
+    Raises
+    ------
+    PackagingError
+        Naming every copy that does not hold its origin's bytes (after all have run).
+    OSError
+        At the first copy that fails (the copies not yet started are not made).
+    """
+    known: dict[str, str] = {}
+    problems: list[str] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = []
+        for action in copies:
+            assert action.source is not None
+            future = pool.submit(
+                copy_and_hash, action.source, member / action.destination, verify=verify
+            )
+            if progress is not None:
+                future.add_done_callback(functools.partial(_report_done, progress, action))
+            futures.append(future)
+        for action, future in zip(copies, futures, strict=True):
+            try:
+                known[os.fspath(member / action.destination)] = future.result()
+            except ValueError as exc:
+                problems.append(str(exc))
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    if problems:
+        raise PackagingError("the package does not match its origin: " + "; ".join(problems))
+    return known
 
 
 def move_with_symlink(source: Path, destination: Path) -> None:
@@ -651,29 +700,13 @@ def package(
                 json.dumps({"origpath": str(origin.absolute()), "member": str(member_relative)})
             )
     member.mkdir(parents=True, exist_ok=True)
-    checks: list[tuple[Path, Future[str]]] = []
-    with ThreadPoolExecutor(max_workers=max(1, hash_workers)) as background:
-        for action in plan.actions:
+    for action in plan.actions:
+        if action.kind != "copy":
             _execute(action, member, mode)
-            if action.kind == "copy" and action.source is not None:
-                # Compared with its origin (or only hashed) while the next files copy.
-                copy = member / action.destination
-                check = (
-                    background.submit(compare_and_hash, action.source, copy)
-                    if verify
-                    else background.submit(file_sha256, copy)
-                )
-                checks.append((copy, check))
             if progress is not None:
                 progress(action)
-    known, problems = {}, []
-    for copy, check in checks:
-        try:
-            known[os.fspath(copy)] = check.result()
-        except ValueError as exc:
-            problems.append(str(exc))
-    if problems:
-        raise PackagingError("the package does not match its origin: " + "; ".join(problems))
+    copies = [action for action in plan.actions if action.kind == "copy"]
+    known = _copy_all(copies, member, workers=hash_workers, verify=verify, progress=progress)
     notes = "".join(f"\n{note}" for note in plan.notes if not note.startswith("not packaged:"))
     readme_path = member / _readme_name(member_relative)
     readme_path.write_text(header.read_text() + notes + "\n\nPackage contents:\n" + _tree(pack))
