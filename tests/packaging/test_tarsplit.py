@@ -229,6 +229,9 @@ def test_no_hard_link_members_and_pax_long_names(
     assert script.type == tarfile.REGTYPE and script.size == len("# imaging\n" * 200)
     long = [m for m in members if m.name.endswith(LONG_NAME)]
     assert len(long[0].name) > 100 and long[0].pax_headers["path"] == long[0].name
+    # Paths over 100 bytes whose last part is shorter fit ustar's prefix field: no PAX.
+    split = [m for m in members if len(m.name) > 100 and len(m.name.rsplit("/", 1)[-1]) < 90]
+    assert split and not any(m.pax_headers for m in split)
     link = by_name[f"{PROJECT}/sg_ouss_id/group_ouss_id/member_ouss_id/product/latest.fits"]
     assert link.type == tarfile.SYMTYPE and link.linkname == LONG_NAME
     assert all(m.name == PROJECT or m.name.startswith(f"{PROJECT}/") for m in members)

@@ -21,14 +21,17 @@ Design choices (ours, not the document's):
   into place only once every piece is complete, so an interrupted run leaves no
   tar (truncated or not) under a final name;
 * the md5 is computed from the bytes as they are written (the tar is never read
-  back): the writer reads each file into a buffer, writes the buffer and hands it to
-  a helper thread that hashes it, so the digest is that of the tar's bytes whatever
-  happens to the package meanwhile. md5 runs at about 700 MB/s on one core, slower
-  than copying from the page cache, so several pieces are written at once, one more
-  than there are CPUs: the last pieces then share the CPUs instead of one piece's md5
-  running alone. Kernel copies (``os.sendfile``, ``os.copy_file_range``) with the
-  hasher reading each file again were measured slower: the hasher still needs its
-  own copy, and a splice costs more CPU than ``read`` + ``write``;
+  back): the writer reads each file into a buffer, writes the buffer and hashes it
+  (in a helper thread when the package is a single piece), so the digest is that of
+  the tar's bytes whatever happens to the package meanwhile. md5 runs at about
+  700 MB/s on one core, slower than copying from the page cache, so several pieces
+  are written at once, one more than there are CPUs: the last pieces then share the
+  CPUs instead of one piece's md5 running alone. Kernel copies (``os.sendfile``,
+  ``os.copy_file_range``) with the hasher reading each file again were measured
+  slower: the hasher still needs its own copy, and a splice costs more CPU than
+  ``read`` + ``write``;
+* members have ustar headers when ustar can hold them (ASCII names of up to 255
+  bytes, sizes below 8 GiB), PAX headers otherwise;
 * a file that changes while it is read (its device, inode, size, mtime or ctime
   differ between opening and the last byte, which is when GNU tar warns "file
   changed as we read it") fails the run, since its copy may mix old and new bytes.
@@ -41,6 +44,7 @@ from __future__ import annotations
 import argparse
 import grp
 import hashlib
+import itertools
 import os
 import pwd
 import queue
@@ -224,7 +228,23 @@ def _member(source: Path, arcname: str, st: os.stat_result, owners: _Owners) -> 
     info.uname, info.gname = owners.user(st.st_uid), owners.group(st.st_gid)
     # Whole seconds as GNU tar stores them: a float mtime would cost a PAX header per member.
     info.mtime = int(st.st_mtime)
-    return Member(source, info, info.tobuf(tarfile.PAX_FORMAT, _ENCODING, _ERRORS))
+    return Member(source, info, _header(info))
+
+
+def _header(info: tarfile.TarInfo) -> bytes:
+    """The member's header: ustar when it can hold it, else PAX (a superset of ustar).
+
+    ustar holds ASCII names of up to 255 bytes (split at a '/' into its prefix and name
+    fields), link names of up to 100, sizes below 8 GiB: most package members, whose
+    paths are often over 100 bytes. One block instead of a PAX header's three, and
+    half the encoding time, which is most of the walk's.
+    """
+    if all(text.isascii() for text in (info.name, info.linkname, info.uname, info.gname)):
+        try:
+            return info.tobuf(tarfile.USTAR_FORMAT, _ENCODING, _ERRORS)
+        except ValueError:  # a name or link name too long, or a number too large
+            pass
+    return info.tobuf(tarfile.PAX_FORMAT, _ENCODING, _ERRORS)
 
 
 def _walk(package: Path) -> Iterator[Member]:
@@ -331,30 +351,36 @@ class _Cancelled(Exception):
 
 
 class _HashingWriter:
-    """Write to a raw file while a helper thread updates an md5 with the same bytes.
+    """Write to a raw file and update an md5 with the same bytes.
 
-    The md5 trails the writes through a queue (the order of a queue is the order of
-    the writes), so one piece keeps two cores busy: one copying, one hashing; hashlib
-    releases the GIL for large buffers. Copy buffers come from a small pool and go
-    back to it once hashed. Small writes (headers, small files, padding) are gathered
-    so that they cost one syscall and one queue item per ``COPY_CHUNK_BYTES``.
+    With ``threaded``, a helper thread hashes: the md5 trails the writes through a
+    queue (the order of a queue is the order of the writes), so one piece keeps two
+    cores busy, one copying, one hashing (hashlib releases the GIL for large buffers);
+    copy buffers come from a small pool and go back to it once hashed. That is for a
+    piece written alone. When several pieces are written at once they keep the CPUs
+    busy between them, and each hashes a buffer right after writing it, while it is in
+    the CPU's cache: 5% faster than handing it to another thread (1.93 s against
+    2.04 s for 2 GB in five pieces). Small writes (headers, small files, padding) are
+    gathered so that they cost one syscall and one md5 call per ``COPY_CHUNK_BYTES``.
     """
 
-    def __init__(self, fd: int, n_buffers: int = 4) -> None:
+    def __init__(self, fd: int, *, threaded: bool) -> None:
         self._fd = fd
         self._md5 = hashlib.md5()
         self._pending = bytearray()
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-        for _ in range(n_buffers):
+        for _ in range(4 if threaded else 1):
             self._free.put(bytearray(COPY_CHUNK_BYTES))
-        self._todo: queue.SimpleQueue[tuple[memoryview, bytearray | None] | None] = (
-            queue.SimpleQueue()
-        )
-        self._hasher = threading.Thread(target=self._hash, name="tarsplit-md5", daemon=True)
-        self._hasher.start()
+        self._todo: queue.SimpleQueue[tuple[memoryview, bytearray | None] | None] | None = None
+        self._hasher: threading.Thread | None = None
+        if threaded:
+            self._todo = queue.SimpleQueue()
+            self._hasher = threading.Thread(target=self._hash, name="tarsplit-md5", daemon=True)
+            self._hasher.start()
         self.bytes_written = 0  # reached the file
 
     def _hash(self) -> None:
+        assert self._todo is not None
         while (item := self._todo.get()) is not None:
             view, buffer = item
             self._md5.update(view)
@@ -373,7 +399,7 @@ class _HashingWriter:
                 return self._free.get(timeout=1.0)
             except queue.Empty:
                 # Only a dead hasher keeps buffers forever; do not wait for it.
-                if not self._hasher.is_alive():
+                if self._hasher is None or not self._hasher.is_alive():
                     raise RuntimeError("tarsplit: the md5 thread stopped") from None
 
     def write_buffer(self, buffer: bytearray, n_bytes: int) -> None:
@@ -403,7 +429,12 @@ class _HashingWriter:
             written = os.write(self._fd, remaining)
             remaining = remaining[written:]
             self.bytes_written += written
-        self._todo.put((view, buffer))
+        if self._todo is None:
+            self._md5.update(view)
+            if buffer is not None:
+                self._free.put(buffer)
+        else:
+            self._todo.put((view, buffer))
 
     def hexdigest(self) -> str:
         """Flush, wait for the hasher and return the md5 of everything written."""
@@ -413,7 +444,7 @@ class _HashingWriter:
 
     def close(self) -> None:
         """Stop the hasher (idempotent); the digest is final only after ``hexdigest``."""
-        if self._hasher.is_alive():
+        if self._hasher is not None and self._todo is not None and self._hasher.is_alive():
             self._todo.put(None)
             self._hasher.join()
 
@@ -454,10 +485,15 @@ def _copy_data(member: Member, out: _HashingWriter, cancel: threading.Event) -> 
         out.write(bytes(BLOCK_BYTES - expected % BLOCK_BYTES))
 
 
-def _write_piece(members: Sequence[Member], path: Path, cancel: threading.Event) -> str:
-    """Write ``members`` as a tar at ``path`` (which must not exist); its md5 hex digest."""
+def _write_piece(
+    members: Sequence[Member], path: Path, cancel: threading.Event, *, alone: bool
+) -> str:
+    """Write ``members`` as a tar at ``path`` (which must not exist); its md5 hex digest.
+
+    ``alone``: no other piece is written meanwhile, so the md5 gets a thread of its own.
+    """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-    out = _HashingWriter(fd)
+    out = _HashingWriter(fd, threaded=alone)
     try:
         for member in members:
             if cancel.is_set():
@@ -580,12 +616,18 @@ def write_pieces(
     cancel = threading.Event()
     pool = ThreadPoolExecutor(max_workers=workers or _default_workers())
     try:
-        # Each piece is written as soon as it is planned; its final name (which holds the
-        # number of pieces) is given when all are done.
-        for group in _groups(package, max_size_bytes):
+        # Each piece is written as soon as it is planned (the first once the second is, to
+        # know whether it is alone); its final name (which holds the number of pieces) is
+        # given when all are done.
+        planned = _groups(package, max_size_bytes)
+        first, second = next(planned), next(planned, None)
+        following = [] if second is None else [second]
+        for group in itertools.chain([first], following, planned):
             groups.append(group)
             temps.append(output_dir / f".{project}_{name}_{len(groups)}.{token}.partial")
-            futures.append(pool.submit(_write_piece, group, temps[-1], cancel))
+            futures.append(
+                pool.submit(_write_piece, group, temps[-1], cancel, alone=second is None)
+            )
         digests = [future.result() for future in futures]
         pieces = [_piece(project, index, len(groups), group, max_size_bytes)
                   for index, group in enumerate(groups, start=1)]  # fmt: skip
