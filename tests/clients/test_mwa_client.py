@@ -314,12 +314,17 @@ def test_ctrl_c_stops_at_once_and_keeps_the_partial_file(server: Server, tmp_pat
     try:
         client = subprocess.Popen(
             [str(BIN / "mwa_client"), "-w", "all", "-d", str(tmp_path), "-e", str(tmp_path / "e.json")],
-            env={**os.environ, **server.environ(port=proxy.port)},
+            # faulthandler: a client that does not stop shows where each thread is (SIGABRT).
+            env={**os.environ, **server.environ(port=proxy.port), "PYTHONFAULTHANDLER": "1"},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         wait_until(lambda: partial.exists() and partial.stat().st_size >= 2**20, 60, "part of it")
         client.send_signal(signal.SIGINT)  # the download is stalled: no more bytes will come
-        output, _ = client.communicate(timeout=10)
+        try:
+            output, _ = client.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            client.send_signal(signal.SIGABRT)
+            pytest.fail(f"mwa_client still running 10 s after Ctrl-C:\n{client.communicate()[0]}")
     finally:
         proxy.close()
     assert client.returncode == 1, output
