@@ -551,4 +551,12 @@ def _run(
 
 def main() -> None:
     """Console-script entry point."""
-    sys.exit(run())
+    code = run()
+    if any(thread.daemon and thread.is_alive() for thread in threading.enumerate()):
+        # Downloads abandoned by Ctrl-C or an error: daemon threads blocked on the network,
+        # their .part files complete up to the last block written. Leave at once rather
+        # than let the interpreter's shutdown (atexit, logging, stdio) meet them.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
