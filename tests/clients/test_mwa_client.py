@@ -317,6 +317,9 @@ def test_ctrl_c_stops_at_once_and_keeps_the_partial_file(server: Server, tmp_pat
             # faulthandler: a client that does not stop shows where each thread is (SIGABRT).
             env={**os.environ, **server.environ(port=proxy.port), "PYTHONFAULTHANDLER": "1"},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            # A test run started in the background (`cmd &` in a script) has SIGINT ignored,
+            # and children inherit that: give the client the terminal's default back.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )  # fmt: skip
         wait_until(lambda: partial.exists() and partial.stat().st_size >= 2**20, 60, "part of it")
         client.send_signal(signal.SIGINT)  # the download is stalled: no more bytes will come
