@@ -11,6 +11,7 @@ server's reply is printed), 3 a CSV parse error, 4 some jobs ended in error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -556,7 +557,8 @@ def main() -> None:
         # Downloads abandoned by Ctrl-C or an error: daemon threads blocked on the network,
         # their .part files complete up to the last block written. Leave at once rather
         # than let the interpreter's shutdown (atexit, logging, stdio) meet them.
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # a closed pipe (| head)
+                stream.flush()
         os._exit(code)
     sys.exit(code)
