@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from observatory.app import create_app
-from observatory.archive.models import Observation
-from observatory.archive.service import ingest_directory
 from observatory.asvo.models import Job
-from observatory.core.accounts import create_user
 from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory
-from observatory.core.storage import Storage
-from shared_data import MWA_DATA
 
 MWAX_OBS = "1320409688"
 LEGACY_OBS = "1131733552"
@@ -36,22 +31,8 @@ def basic(user: str, password: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def app_settings(settings: Settings) -> Settings:
-    engine = make_engine(settings.resolved_database_url)
-    with make_session_factory(engine)() as session:
-        ingest_directory(session, Storage(settings.archive_dir), MWA_DATA)
-        # A voltage observation: the API only needs its schedule row.
-        session.add(
-            Observation(
-                obsid=VCS_OBS, stoptime=VCS_OBS + 16, obsname="vcs_test", creator="test",
-                project_id="D0000", mode="MWAX_VCS", delays=[0] * 16, coarse_chans=[133, 134],
-            )
-        )  # fmt: skip
-        create_user(session, "alice", API_KEY)
-        create_user(session, "bob", "test-key-of-bob")
-        session.commit()
-    engine.dispose()
-    return settings
+def app_settings(seed_archive: Callable[[int, Mapping[str, str]], Settings]) -> Settings:
+    return seed_archive(VCS_OBS, {"alice": API_KEY, "bob": "test-key-of-bob"})
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import io
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -22,16 +22,11 @@ import xmlschema
 from fastapi.testclient import TestClient
 
 from observatory.app import create_app
-from observatory.archive.models import Observation
-from observatory.archive.service import ingest_directory
 from observatory.asvo.models import Job, UwsJob
 from observatory.asvo.uws import PHASE_OF_STATE
-from observatory.core.accounts import create_user
 from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory
-from observatory.core.storage import Storage
 from servers import free_port, wait_until
-from shared_data import MWA_DATA
 
 MWAX_OBS = "1320409688"
 LEGACY_OBS = "1131733552"
@@ -61,21 +56,8 @@ def bearer(key: str = API_KEY) -> dict[str, str]:
 
 
 @pytest.fixture
-def app_settings(settings: Settings) -> Settings:
-    engine = make_engine(settings.resolved_database_url)
-    with make_session_factory(engine)() as session:
-        ingest_directory(session, Storage(settings.archive_dir), MWA_DATA)
-        session.add(
-            Observation(
-                obsid=VCS_OBS, stoptime=VCS_OBS + 16, obsname="vcs_test", creator="test",
-                project_id="D0000", mode="MWAX_VCS", delays=[0] * 16, coarse_chans=[133, 134],
-            )
-        )  # fmt: skip
-        create_user(session, "alice", API_KEY)
-        create_user(session, "bob", BOB_KEY)
-        session.commit()
-    engine.dispose()
-    return settings
+def app_settings(seed_archive: Callable[[int, Mapping[str, str]], Settings]) -> Settings:
+    return seed_archive(VCS_OBS, {"alice": API_KEY, "bob": BOB_KEY})
 
 
 @pytest.fixture
