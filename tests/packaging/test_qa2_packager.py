@@ -35,15 +35,19 @@ EXPECTED = {
 }  # fmt: skip
 
 
-def measurement_set(path: Path) -> None:
-    """A small real measurement set (python-casacore) with DATA=1, CORRECTED_DATA=2, MODEL_DATA=3."""
+def measurement_set(path: Path, *, tiled: bool = False) -> None:
+    """A small real measurement set (python-casacore) with DATA=1, CORRECTED_DATA=2, MODEL_DATA=3,
+    in the main table's storage manager or (``tiled``) each in its own, as CASA writes them."""
     import numpy as np
     from casacore import tables
 
     columns = [
-        tables.makearrcoldesc(name, 0j, ndim=2, shape=[4, 2], valuetype="complex")
+        tables.makearrcoldesc(
+            name, 0j, ndim=2, shape=[4, 2], valuetype="complex",
+            **({"datamanagertype": "TiledColumnStMan", "datamanagergroup": f"Tiled{name}"} if tiled else {}),
+        )
         for name in ("DATA", "CORRECTED_DATA", "MODEL_DATA")
-    ]
+    ]  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     with tables.default_ms(str(path), tables.maketabdesc(columns)) as ms:
         ms.addrows(6)
@@ -572,3 +576,108 @@ def test_a_bad_copy_is_caught(
     with pytest.raises(PackagingError, match=r"calibrated_all_setup3_b6.clean.fits differs from"):
         package(sb, readme, tmp_path / "2011.0.00229.S", mode="copy")
     assert not manifest_path(tmp_path / "2011.0.00229.S").exists()  # no manifest vouches for it
+
+
+def _table_contents(path: Path) -> dict[str, object]:
+    """What a reader of a table sees: columns and their values, keywords, info, storage
+    managers, and the same of its subtables (read through the keywords)."""
+    import numpy as np
+    from casacore import tables
+
+    with tables.table(str(path), ack=False) as table:
+        keywords = table.getkeywords()
+        contents: dict[str, object] = {
+            "info": table.info(),
+            "storage": sorted(
+                (manager["TYPE"], tuple(manager["COLUMNS"]))
+                for manager in table.getdminfo().values()
+            ),
+            "keywords": {
+                name: value
+                for name, value in keywords.items()
+                if not str(value).startswith("Table: ")
+            },
+        }
+        for name in table.colnames():
+            cells = [
+                np.asarray(table.getcell(name, row)).tolist()
+                if table.iscelldefined(name, row)
+                else None
+                for row in range(table.nrows())
+            ]
+            contents[name] = (_plain(table.getcolkeywords(name)), cells)
+        for name, value in keywords.items():
+            if str(value).startswith("Table: "):
+                contents[f"subtable {name}"] = _table_contents(Path(value.removeprefix("Table: ")))
+    return contents
+
+
+@pytest.mark.parametrize(("calibrated", "tiled"), [(False, False), (True, False), (True, True)])
+def test_split_measurement_set_reads_as_casacores_deep_copy(
+    tmp_path: Path, calibrated: bool, tiled: bool
+) -> None:
+    """The split writes the main table itself and links the subtables; a reader sees what
+    casacore's deep copy of the same columns gives, and the origin is not written to."""
+    from casacore import tables
+
+    from observatory.packaging.qa2 import split_measurement_set
+
+    origin = tmp_path / "origin.ms"
+    measurement_set(origin, tiled=tiled)
+    with tables.table(str(origin / "ANTENNA"), ack=False, readonly=False) as antennas:
+        antennas.addrows(3)
+        antennas.putcol("NAME", ["DV01", "DV02", "PM03"])
+    keep = "CORRECTED_DATA" if calibrated else "DATA"
+    with tables.table(str(origin), ack=False) as table:
+        columns = [c for c in table.colnames() if c not in ("DATA", "CORRECTED_DATA", "MODEL_DATA")]
+        with table.query(columns=",".join([*columns, keep])) as selection:
+            selection.copy(str(tmp_path / "deep.ms"), deep=True, valuecopy=True).close()
+    if calibrated:
+        with tables.table(str(tmp_path / "deep.ms"), ack=False, readonly=False) as deep:
+            deep.renamecol(keep, "DATA")
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in origin.rglob("*") if p.is_file()}
+
+    split_measurement_set(origin, tmp_path / "split.ms", calibrated=calibrated)
+
+    assert after_mtimes_and_bytes(origin) == before
+    assert _table_contents(tmp_path / "split.ms") == _table_contents(tmp_path / "deep.ms")
+    assert data_columns(tmp_path / "split.ms") == {"DATA": 2 if calibrated else 1}
+    assert os.path.samefile(
+        tmp_path / "split.ms" / "ANTENNA" / "table.f0", origin / "ANTENNA" / "table.f0"
+    )
+    (tmp_path / "split.ms").rename(tmp_path / "moved.ms")  # subtables are found where it is
+    assert _table_contents(tmp_path / "moved.ms") == _table_contents(tmp_path / "deep.ms")
+
+
+def _plain(value: object) -> object:
+    """Keyword values with numpy arrays as lists, so that they compare with ==."""
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def after_mtimes_and_bytes(directory: Path) -> dict[Path, tuple[int, bytes]]:
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in directory.rglob("*") if p.is_file()}
+
+
+def test_split_of_a_table_whose_columns_name_tables_is_casacores_deep_copy(tmp_path: Path) -> None:
+    from casacore import tables
+
+    from observatory.packaging.qa2 import split_measurement_set
+
+    origin = tmp_path / "origin.ms"
+    measurement_set(origin)
+    with tables.table(str(origin), ack=False, readonly=False) as table:
+        table.putcolkeyword("DATA", "SOURCE_TABLE", f"Table: {origin / 'FIELD'}")
+    split_measurement_set(origin, tmp_path / "split.ms", calibrated=False)
+    with tables.table(str(tmp_path / "split.ms"), ack=False) as split:
+        assert (
+            split.getcolkeyword("DATA", "SOURCE_TABLE")
+            == f"Table: {tmp_path / 'split.ms' / 'FIELD'}"
+        )
+    assert data_columns(tmp_path / "split.ms") == {"DATA": 1}
+    assert not os.path.samefile(
+        tmp_path / "split.ms" / "FIELD" / "table.dat", origin / "FIELD" / "table.dat"
+    )

@@ -418,8 +418,15 @@ def split_measurement_set(source: Path, destination: Path, *, calibrated: bool) 
 
     A raw ``.ms.split`` keeps ``DATA``; a calibrated ``.ms.split.cal`` keeps ``CORRECTED_DATA``,
     renamed ``DATA`` as CASA's ``split(datacolumn='corrected')`` does (or its ``DATA`` when it has
-    no corrected column). ``MODEL_DATA`` and the other data column are left out; subtables are
-    copied.
+    no corrected column). ``MODEL_DATA`` and the other data column are left out.
+
+    The main table is written anew (its description, storage managers, rows, keywords and
+    info, as casacore's deep copy writes them); the subtables inside the measurement set,
+    which hold no data column, are hard-linked like the rest of a hard-mode package.
+    casacore's own deep copy copies each subtable by running ``cp -r`` and ``chmod -Rf u+w``
+    through ``system()``: 24 process starts per measurement set, 0.09 s of the 0.1 s a
+    small one took. A measurement set whose column keywords or nested keywords name
+    tables (not seen in measurement sets) is deep-copied by casacore instead.
     """
     from casacore import tables
 
@@ -428,10 +435,59 @@ def split_measurement_set(source: Path, destination: Path, *, calibrated: bool) 
     with tables.table(str(source), ack=False) as table:
         columns = [name for name in table.colnames() if name not in data_columns or name == keep]
         with table.query(columns=",".join(columns)) as selection:
-            selection.copy(str(destination), deep=True, valuecopy=True).close()
+            description = selection.getdesc()
+            keywords = description["_keywords_"]
+            subtables = {
+                name: Path(value.removeprefix("Table: "))
+                for name, value in keywords.items()
+                if isinstance(value, str) and value.startswith("Table: ")
+            }
+            inside = {
+                name: path
+                for name, path in subtables.items()
+                if path.resolve().parent == source.resolve()
+            }
+            if _names_tables({**description, "_keywords_": {}}) or any(
+                _names_tables(value) for name, value in keywords.items() if name not in subtables
+            ):
+                selection.copy(str(destination), deep=True, valuecopy=True).close()
+            else:
+                for name in inside:
+                    del keywords[name]
+                storage = {
+                    key: {**manager, "COLUMNS": kept}
+                    for key, manager in selection.getdminfo().items()
+                    if (kept := [name for name in manager["COLUMNS"] if name in columns])
+                }
+                with tables.table(
+                    str(destination), tabledesc=description, dminfo=storage, nrow=0, ack=False
+                ) as written:
+                    selection.copyrows(written)
+                    info = selection.info()  # casacore adds a newline to the readme it is given
+                    written.putinfo({**info, "readme": info["readme"].removesuffix("\n")})
+                    for name, path in inside.items():
+                        _link_tree(path, destination / name)
+                        written.putkeyword(name, f"Table: {destination.absolute() / name}")
     if keep != "DATA":
         with tables.table(str(destination), ack=False, readonly=False) as written:
             written.renamecol(keep, "DATA")
+
+
+def _names_tables(value: object) -> bool:
+    """Whether a casacore keyword value (or a record of them) refers to a table."""
+    if isinstance(value, dict):
+        return any(_names_tables(item) for item in value.values())
+    return isinstance(value, str) and value.startswith("Table: ")
+
+
+def _link_tree(source: Path, destination: Path) -> None:
+    """Hard-link every file below ``source`` at the same place below ``destination``."""
+    destination.mkdir()
+    for relative, is_directory, _ in _walk(source):
+        if is_directory:
+            (destination / relative).mkdir()
+        else:
+            _hard_link(source / relative, destination / relative)
 
 
 def _check_hard_mode(plan: Plan, origin: Path, packpath: Path) -> None:
