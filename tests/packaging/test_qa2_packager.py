@@ -578,6 +578,33 @@ def test_a_bad_copy_is_caught(
     assert not manifest_path(tmp_path / "2011.0.00229.S").exists()  # no manifest vouches for it
 
 
+def test_a_link_that_is_not_the_origins_inode_is_caught(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hard link is checked through the descriptor its hash reads (here the file system
+    is made to give a copy of one file instead of a link)."""
+    from observatory.packaging import qa2
+
+    sb = build_sb(tmp_path)
+    real_hard_link = qa2._hard_link
+
+    def copying_hard_link(
+        source: str | os.PathLike[str], destination: str | os.PathLike[str]
+    ) -> None:
+        if os.fspath(destination).endswith("scriptForImaging.py"):
+            shutil.copy2(source, destination)
+        else:
+            real_hard_link(source, destination)
+
+    monkeypatch.setattr(qa2, "_hard_link", copying_hard_link)
+    with pytest.raises(
+        PackagingError,
+        match=r"script/scriptForImaging.py is not a hard link of .*scriptForImaging.py",
+    ):
+        package(sb, readme, tmp_path / "2011.0.00229.S", mode="hard")
+    assert not manifest_path(tmp_path / "2011.0.00229.S").exists()
+
+
 def _table_contents(path: Path) -> dict[str, object]:
     """What a reader of a table sees: columns and their values, keywords, info, storage
     managers, and the same of its subtables (read through the keywords)."""
