@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from observatory.packaging.manifest import (
     copy_and_hash,
@@ -435,42 +436,48 @@ def split_measurement_set(source: Path, destination: Path, *, calibrated: bool) 
     with tables.table(str(source), ack=False) as table:
         columns = [name for name in table.colnames() if name not in data_columns or name == keep]
         with table.query(columns=",".join(columns)) as selection:
-            description = selection.getdesc()
-            keywords = description["_keywords_"]
-            subtables = {
-                name: Path(value.removeprefix("Table: "))
-                for name, value in keywords.items()
-                if isinstance(value, str) and value.startswith("Table: ")
-            }
-            inside = {
-                name: path
-                for name, path in subtables.items()
-                if path.resolve().parent == source.resolve()
-            }
-            if _names_tables({**description, "_keywords_": {}}) or any(
-                _names_tables(value) for name, value in keywords.items() if name not in subtables
-            ):
-                selection.copy(str(destination), deep=True, valuecopy=True).close()
-            else:
-                for name in inside:
-                    del keywords[name]
-                storage = {
-                    key: {**manager, "COLUMNS": kept}
-                    for key, manager in selection.getdminfo().items()
-                    if (kept := [name for name in manager["COLUMNS"] if name in columns])
-                }
-                with tables.table(
-                    str(destination), tabledesc=description, dminfo=storage, nrow=0, ack=False
-                ) as written:
-                    selection.copyrows(written)
-                    info = selection.info()  # casacore adds a newline to the readme it is given
-                    written.putinfo({**info, "readme": info["readme"].removesuffix("\n")})
-                    for name, path in inside.items():
-                        _link_tree(path, destination / name)
-                        written.putkeyword(name, f"Table: {destination.absolute() / name}")
+            _write_selection(selection, source, destination, columns)
     if keep != "DATA":
         with tables.table(str(destination), ack=False, readonly=False) as written:
             written.renamecol(keep, "DATA")
+
+
+def _write_selection(selection: Any, source: Path, destination: Path, columns: list[str]) -> None:
+    """Write the column ``selection`` of the table ``source`` as a new table at ``destination``,
+    its subtables hard-linked (see :func:`split_measurement_set`)."""
+    from casacore import tables
+
+    description = selection.getdesc()
+    keywords = description["_keywords_"]
+    subtables = {
+        name: Path(value.removeprefix("Table: "))
+        for name, value in keywords.items()
+        if isinstance(value, str) and value.startswith("Table: ")
+    }
+    if _names_tables({**description, "_keywords_": {}}) or any(
+        _names_tables(value) for name, value in keywords.items() if name not in subtables
+    ):
+        selection.copy(str(destination), deep=True, valuecopy=True).close()
+        return
+    inside = {
+        name: path for name, path in subtables.items() if path.resolve().parent == source.resolve()
+    }
+    for name in inside:
+        del keywords[name]  # made again below, naming the linked copies
+    storage = {
+        key: {**manager, "COLUMNS": kept}
+        for key, manager in selection.getdminfo().items()
+        if (kept := [name for name in manager["COLUMNS"] if name in columns])
+    }
+    with tables.table(
+        str(destination), tabledesc=description, dminfo=storage, nrow=0, ack=False
+    ) as written:
+        selection.copyrows(written)
+        info = selection.info()  # casacore adds a newline to the readme it is given
+        written.putinfo({**info, "readme": info["readme"].removesuffix("\n")})
+        for name, path in inside.items():
+            _link_tree(path, destination / name)
+            written.putkeyword(name, f"Table: {destination.absolute() / name}")
 
 
 def _names_tables(value: object) -> bool:
