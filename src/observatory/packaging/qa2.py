@@ -762,7 +762,8 @@ def package(
     progress
         Called after each action (the command line draws a progress bar with it).
     hash_workers
-        Threads hashing files for the manifest.
+        Threads copying and hashing files (copy mode) and hashing the files not hashed as
+        they were made (hard links are made and hashed in the calling thread).
     verify
         After copy and move, check the package against its origin (copies compared byte
         for byte, symlinks checked). ``False`` skips that check (the manifest is written all
