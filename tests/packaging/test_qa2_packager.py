@@ -37,7 +37,8 @@ EXPECTED = {
 
 def measurement_set(path: Path, *, tiled: bool = False) -> None:
     """A small real measurement set (python-casacore) with DATA=1, CORRECTED_DATA=2, MODEL_DATA=3,
-    in the main table's storage manager or (``tiled``) each in its own, as CASA writes them."""
+    in the main table's storage manager or (``tiled``) each in its own tiled storage manager
+    and hypercolumn, as CASA writes them."""
     import numpy as np
     from casacore import tables
 
@@ -48,8 +49,12 @@ def measurement_set(path: Path, *, tiled: bool = False) -> None:
         )
         for name in ("DATA", "CORRECTED_DATA", "MODEL_DATA")
     ]  # fmt: skip
+    description = tables.maketabdesc(columns)
+    if tiled:
+        for name in ("DATA", "CORRECTED_DATA", "MODEL_DATA"):
+            tables.tabledefinehypercolumn(description, f"Tiled{name}", 3, [name])
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tables.default_ms(str(path), tables.maketabdesc(columns)) as ms:
+    with tables.default_ms(str(path), description) as ms:
         ms.addrows(6)
         for value, name in enumerate(("DATA", "CORRECTED_DATA", "MODEL_DATA"), start=1):
             ms.putcol(name, np.full((6, 4, 2), value, dtype=complex))
@@ -615,6 +620,7 @@ def _table_contents(path: Path) -> dict[str, object]:
         keywords = table.getkeywords()
         contents: dict[str, object] = {
             "info": table.info(),
+            "hypercolumns": _plain(table.getdesc()["_define_hypercolumn_"]),
             "storage": sorted(
                 (manager["TYPE"], tuple(manager["COLUMNS"]))
                 for manager in table.getdminfo().values()
@@ -708,3 +714,65 @@ def test_split_of_a_table_whose_columns_name_tables_is_casacores_deep_copy(tmp_p
     assert not os.path.samefile(
         tmp_path / "split.ms" / "FIELD" / "table.dat", origin / "FIELD" / "table.dat"
     )
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_split_of_a_measurement_set_written_by_pyuvdata(tmp_path: Path, calibrated: bool) -> None:
+    """Our own conversions write measurement sets with pyuvdata: 23 storage managers, tiled
+    data columns, a SOURCE subtable, and units ``uncalib`` on DATA, which TaQL refuses."""
+    import warnings
+
+    import numpy as np
+    from astropy import units
+    from astropy.coordinates import EarthLocation
+    from casacore import tables
+    from pyuvdata import Telescope, UVData
+
+    from observatory.packaging.qa2 import split_measurement_set
+
+    origin = tmp_path / "origin.ms"
+    with warnings.catch_warnings():  # pyuvdata's notes on what it fills in for the MWA
+        warnings.simplefilter("ignore")
+        mwa = Telescope.new(
+            name="MWA",
+            location=EarthLocation.from_geodetic(
+                116.67 * units.deg, -26.70 * units.deg, 377.8 * units.m
+            ),
+            antenna_positions={index: [index * 10.0, 0.0, 0.0] for index in range(4)},
+            instrument="MWA",
+            mount_type="phased",
+            antenna_diameters=np.full(4, 4.0),
+        )
+        uvd = UVData.new(
+            freq_array=np.linspace(150e6, 151e6, 8),
+            polarization_array=np.array([-5, -6, -7, -8]),
+            telescope=mwa,
+            times=2459000.5 + np.arange(3) / 86400,
+            antpairs=[(0, 1), (0, 2), (1, 3)],
+            channel_width=125e3,
+            integration_time=1.0,
+            do_blt_outer=True,
+            empty=True,
+        )
+        uvd.data_array = np.random.default_rng(1).normal(size=uvd.data_array.shape).astype(complex)
+        uvd.write_ms(str(origin), force_phase=True)
+    with tables.table(str(origin), ack=False, readonly=False) as table:
+        storage = table.getdminfo("DATA")
+        table.addcols(
+            tables.makecoldesc("CORRECTED_DATA", table.getcoldesc("DATA")),
+            {**storage, "NAME": "TiledCorrected", "COLUMNS": ["CORRECTED_DATA"]},
+        )
+        table.putcol("CORRECTED_DATA", table.getcol("DATA") * 2)
+        table.copy(str(tmp_path / "deep.ms"), deep=True, valuecopy=True).close()
+    with tables.table(str(tmp_path / "deep.ms"), ack=False, readonly=False) as deep:
+        deep.removecols(["DATA"] if calibrated else ["CORRECTED_DATA"])
+        if calibrated:
+            deep.renamecol("CORRECTED_DATA", "DATA")
+
+    split_measurement_set(origin, tmp_path / "split.ms", calibrated=calibrated)
+
+    assert _table_contents(tmp_path / "split.ms") == _table_contents(tmp_path / "deep.ms")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = UVData.from_file(str(tmp_path / "split.ms"))
+    assert np.allclose(back.data_array, uvd.data_array * (2 if calibrated else 1))

@@ -432,22 +432,28 @@ def split_measurement_set(source: Path, destination: Path, *, calibrated: bool) 
     from casacore import tables
 
     keep = relevant_data_column(source, calibrated=calibrated)
-    data_columns = ("DATA", "CORRECTED_DATA", "MODEL_DATA")
     with tables.table(str(source), ack=False) as table:
-        columns = [name for name in table.colnames() if name not in data_columns or name == keep]
-        with table.query(columns=",".join(columns)) as selection:
-            _write_selection(selection, source, destination, columns)
+        left_out = [
+            name
+            for name in ("DATA", "CORRECTED_DATA", "MODEL_DATA")
+            if name != keep and name in table.colnames()
+        ]
+        _write_without(table, source, destination, left_out)
     if keep != "DATA":
         with tables.table(str(destination), ack=False, readonly=False) as written:
             written.renamecol(keep, "DATA")
 
 
-def _write_selection(selection: Any, source: Path, destination: Path, columns: list[str]) -> None:
-    """Write the column ``selection`` of the table ``source`` as a new table at ``destination``,
-    its subtables hard-linked (see :func:`split_measurement_set`)."""
+def _write_without(table: Any, source: Path, destination: Path, left_out: list[str]) -> None:
+    """Write the casacore ``table`` (at ``source``) without the columns ``left_out`` as a new
+    table at ``destination``, its subtables hard-linked (see :func:`split_measurement_set`).
+
+    No TaQL column selection: TaQL refuses a column whose unit casacore does not know, and
+    pyuvdata labels uncalibrated data ``uncalib``.
+    """
     from casacore import tables
 
-    description = selection.getdesc()
+    description = table.getdesc()
     keywords = description["_keywords_"]
     subtables = {
         name: Path(value.removeprefix("Table: "))
@@ -457,8 +463,19 @@ def _write_selection(selection: Any, source: Path, destination: Path, columns: l
     if _names_tables({**description, "_keywords_": {}}) or any(
         _names_tables(value) for name, value in keywords.items() if name not in subtables
     ):
-        selection.copy(str(destination), deep=True, valuecopy=True).close()
+        table.copy(str(destination), deep=True, valuecopy=True).close()
+        with tables.table(str(destination), ack=False, readonly=False) as written:
+            written.removecols(left_out)
         return
+    for name in left_out:
+        del description[name]
+    hypercolumns = description.get("_define_hypercolumn_", {})
+    for name, hypercolumn in list(hypercolumns.items()):
+        hypercolumn["HCdatanames"] = [
+            column for column in hypercolumn.get("HCdatanames", []) if column not in left_out
+        ]
+        if not hypercolumn["HCdatanames"]:
+            del hypercolumns[name]
     inside = {
         name: path for name, path in subtables.items() if path.resolve().parent == source.resolve()
     }
@@ -466,14 +483,14 @@ def _write_selection(selection: Any, source: Path, destination: Path, columns: l
         del keywords[name]  # made again below, naming the linked copies
     storage = {
         key: {**manager, "COLUMNS": kept}
-        for key, manager in selection.getdminfo().items()
-        if (kept := [name for name in manager["COLUMNS"] if name in columns])
+        for key, manager in table.getdminfo().items()
+        if (kept := [name for name in manager["COLUMNS"] if name not in left_out])
     }
     with tables.table(
         str(destination), tabledesc=description, dminfo=storage, nrow=0, ack=False
     ) as written:
-        selection.copyrows(written)
-        info = selection.info()  # casacore adds a newline to the readme it is given
+        table.copyrows(written)
+        info = table.info()  # casacore adds a newline to the readme it is given
         written.putinfo({**info, "readme": info["readme"].removesuffix("\n")})
         for name, path in inside.items():
             _link_tree(path, destination / name)
