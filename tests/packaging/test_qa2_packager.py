@@ -610,6 +610,30 @@ def test_a_link_that_is_not_the_origins_inode_is_caught(
     assert not manifest_path(tmp_path / "2011.0.00229.S").exists()
 
 
+def test_hard_mode_hashes_big_files_in_threads_beside_the_small_ones(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    """Files of a MiB or more are linked and hashed by the worker threads, the small ones by
+    the calling thread: both end up linked, checked and in the manifest."""
+    sb = build_sb(tmp_path)
+    big = [sb / "calibrated_all_setup3_b6.clean.fits", sb / "X8c" / f"{X8C}.ms.antpos"]
+    for number, path in enumerate(big):
+        path.write_bytes(os.urandom((3 << 20) + number))
+    packpath = tmp_path / "2011.0.00229.S"
+    done = package(sb, readme, packpath, mode="hard")
+    member = packpath / done.member
+    linked = {
+        action.source: member / action.destination
+        for action in done.actions
+        if action.kind == "link"
+    }
+    assert all(os.path.samefile(source, target) for source, target in linked.items())
+    assert set(big) <= set(linked) and len(linked) > 20
+    assert not validate_manifest(packpath)
+    listed = manifest_path(packpath).read_text()
+    assert all(f"{sha256(path)}  " in listed for path in big)
+
+
 def _table_contents(path: Path) -> dict[str, object]:
     """What a reader of a table sees: columns and their values, keywords, info, storage
     managers, and the same of its subtables (read through the keywords)."""
