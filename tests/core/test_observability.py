@@ -117,7 +117,9 @@ def test_metrics_label_routes_by_template_and_count_the_database(
     assert "/api/download/{job_id}/{name}" in routes
     assert "unmatched" in routes and "/healthz" in routes and "/trigger/triggerobs" in routes
     assert not any(re.search(r"12345|777|4711|some_file", route) for route in routes)
-    assert client.request("BREW", "/healthz").status_code == 405
+    refused = client.request("BREW", "/healthz")
+    assert refused.status_code == 405 and refused.headers["allow"] == "GET"
+    assert refused.json()["error"] == "Method Not Allowed"
     count = "observatory_http_request_duration_seconds_count"
     assert {labels["method"] for labels, _ in scrape(client)[count]} == {"GET", "POST", "other"}
     download = value(

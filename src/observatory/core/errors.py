@@ -108,6 +108,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Its headers too: a 405 must say which methods are allowed (RFC 9110 section 15.5.6).
         return JSONResponse(
-            error_body(str(exc.detail), exc.status_code), status_code=exc.status_code
+            error_body(str(exc.detail), exc.status_code),
+            status_code=exc.status_code,
+            headers=exc.headers,
         )
