@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tarfile
 import time
 import zipfile
@@ -422,13 +423,14 @@ def split_measurement_set(source: Path, destination: Path, *, calibrated: bool) 
     renamed ``DATA`` as CASA's ``split(datacolumn='corrected')`` does (or its ``DATA`` when it has
     no corrected column). ``MODEL_DATA`` and the other data column are left out.
 
-    The main table is written anew (its description, storage managers, rows, keywords and
-    info, as casacore's deep copy writes them); the subtables inside the measurement set,
-    which hold no data column, are hard-linked like the rest of a hard-mode package.
-    casacore's own deep copy copies each subtable by running ``cp -r`` and ``chmod -Rf u+w``
-    through ``system()``: 24 process starts per measurement set, 0.09 s of the 0.1 s a
-    small one took. A measurement set whose column keywords or nested keywords name
-    tables (not seen in measurement sets) is deep-copied by casacore instead.
+    The result is a new measurement set, independent of its origin as CASA's ``split`` makes
+    one (CASA tasks that open it for update write its ``HISTORY``): the main table is
+    written anew (its description, storage managers, rows, keywords and info, as casacore's
+    deep copy writes them) and the subtables inside it are copied, made writable by their
+    owner. casacore's own deep copy copies each subtable by running ``cp -r`` and
+    ``chmod -Rf u+w`` through ``system()``: 24 process starts per measurement set, 0.09 s of
+    the 0.1 s a small one took. A measurement set whose column keywords or nested keywords
+    name tables (not seen in measurement sets) is deep-copied by casacore instead.
     """
     from casacore import tables
 
@@ -447,7 +449,7 @@ def split_measurement_set(source: Path, destination: Path, *, calibrated: bool) 
 
 def _write_without(table: Any, source: Path, destination: Path, left_out: list[str]) -> None:
     """Write the casacore ``table`` (at ``source``) without the columns ``left_out`` as a new
-    table at ``destination``, its subtables hard-linked (see :func:`split_measurement_set`).
+    table at ``destination``, its subtables copied (see :func:`split_measurement_set`).
 
     No TaQL column selection: TaQL refuses a column whose unit casacore does not know, and
     pyuvdata labels uncalibrated data ``uncalib``.
@@ -481,7 +483,7 @@ def _write_without(table: Any, source: Path, destination: Path, left_out: list[s
         name: path for name, path in subtables.items() if path.resolve().parent == source.resolve()
     }
     for name in inside:
-        del keywords[name]  # made again below, naming the linked copies
+        del keywords[name]  # made again below, naming the copies
     storage = {
         key: {**manager, "COLUMNS": kept}
         for key, manager in table.getdminfo().items()
@@ -494,7 +496,7 @@ def _write_without(table: Any, source: Path, destination: Path, left_out: list[s
         info = table.info()  # casacore adds a newline to the readme it is given
         written.putinfo({**info, "readme": info["readme"].removesuffix("\n")})
         for name, path in inside.items():
-            _link_tree(path, destination / name)
+            shutil.copytree(path, destination / name, copy_function=_copy_writable)
             written.putkeyword(name, f"Table: {destination.absolute() / name}")
 
 
@@ -505,14 +507,10 @@ def _names_tables(value: object) -> bool:
     return isinstance(value, str) and value.startswith("Table: ")
 
 
-def _link_tree(source: Path, destination: Path) -> None:
-    """Hard-link every file below ``source`` at the same place below ``destination``."""
-    destination.mkdir()
-    for relative, is_directory, _ in _walk(source):
-        if is_directory:
-            (destination / relative).mkdir()
-        else:
-            _hard_link(source / relative, destination / relative)
+def _copy_writable(source: str, destination: str) -> None:
+    """``shutil.copy2``, then writable by its owner, as casacore's table copies are."""
+    shutil.copy2(source, destination)
+    os.chmod(destination, os.stat(destination).st_mode | stat.S_IWUSR)
 
 
 def _check_hard_mode(plan: Plan, origin: Path, packpath: Path) -> None:
