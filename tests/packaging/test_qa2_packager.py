@@ -687,6 +687,7 @@ def test_split_measurement_set_reads_as_casacores_deep_copy(
         antennas.putcol("NAME", ["DV01", "DV02", "PM03"])
     for path in (origin / "ANTENNA").iterdir():  # an archived origin may be read-only
         path.chmod(0o444)
+    (origin / "ANTENNA" / ".table.f0.qa-packager-partial").write_bytes(b"left by a crash")
     keep = "CORRECTED_DATA" if calibrated else "DATA"
     with tables.table(str(origin), ack=False) as table:
         columns = [c for c in table.colnames() if c not in ("DATA", "CORRECTED_DATA", "MODEL_DATA")]
@@ -702,6 +703,7 @@ def test_split_measurement_set_reads_as_casacores_deep_copy(
     assert after_mtimes_and_bytes(origin) == before
     assert _table_contents(tmp_path / "split.ms") == _table_contents(tmp_path / "deep.ms")
     assert data_columns(tmp_path / "split.ms") == {"DATA": 2 if calibrated else 1}
+    assert not (tmp_path / "split.ms" / "ANTENNA" / ".table.f0.qa-packager-partial").exists()
     (tmp_path / "split.ms").rename(tmp_path / "moved.ms")  # subtables are found where it is
     assert _table_contents(tmp_path / "moved.ms") == _table_contents(tmp_path / "deep.ms")
     with tables.table(str(tmp_path / "moved.ms" / "ANTENNA"), ack=False, readonly=False) as copy:

@@ -496,7 +496,12 @@ def _write_without(table: Any, source: Path, destination: Path, left_out: list[s
         info = table.info()  # casacore adds a newline to the readme it is given
         written.putinfo({**info, "readme": info["readme"].removesuffix("\n")})
         for name, path in inside.items():
-            shutil.copytree(path, destination / name, copy_function=_copy_writable)
+            shutil.copytree(
+                path,
+                destination / name,
+                copy_function=_copy_writable,
+                ignore=shutil.ignore_patterns(*(f"*{suffix}" for suffix in TEMPORARY_SUFFIXES)),
+            )
             written.putkeyword(name, f"Table: {destination.absolute() / name}")
 
 
