@@ -56,3 +56,14 @@ def test_errors_name_the_line_and_the_cell(
         parse_job_csv(text)
     assert error.value.line_number == line and error.value.cell == cell
     assert str(error.value).startswith(f"line {line}") and fragment in str(error.value)
+
+
+def test_any_line_ending_is_a_line_end() -> None:
+    """Text given to the API with old Mac (CR) or Windows (CRLF) line ends reads as a file
+    opened in text mode does (csv alone refuses a bare CR inside a field)."""
+    for end in ("\r", "\r\n", "\n"):
+        text = f"obs_id=1, job_type=d{end}obs_id=2, job_type=c, output=ms{end}"
+        assert [(job.line_number, job.params["obs_id"]) for job in parse_job_csv(text)] == [
+            (1, "1"),
+            (2, "2"),
+        ]

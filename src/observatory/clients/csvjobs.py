@@ -50,7 +50,9 @@ def parse_job_csv(text: str, *, allow_resubmit: bool = False) -> list[CsvJob]:
         ``job_type``, or a line without one.
     """
     jobs = []
-    reader = csv.reader(io.StringIO(text))
+    # Universal newlines, as reading the file in text mode gives: a bare \r is a line end
+    # (csv would refuse it inside a field).
+    reader = csv.reader(io.StringIO(text, newline=None))
     for row in reader:
         line_number = reader.line_num
         if not row or not "".join(row).strip() or row[0].strip().startswith("#"):
