@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from observatory.archive.filenames import ParsedFileName, legacy_gpubox_channels, parse_file_name
 from observatory.archive.models import FileKind, Observation, ObservationFile, ObservationMode
+from observatory.core.database import MAX_SQL_INTEGER
 from observatory.core.errors import BadRequest, NotFound
 from observatory.core.storage import Storage, sha1_of_file
 
@@ -401,10 +402,13 @@ def find_observations(
     BadRequest
         For an empty time range or paging outside its limits.
     """
-    if page < 1:
-        raise BadRequest(f"page must be >= 1, not {page}")
+    if not 1 <= page <= MAX_SQL_INTEGER // MAX_PAGE_SIZE:
+        raise BadRequest(f"page must be 1..{MAX_SQL_INTEGER // MAX_PAGE_SIZE}, not {page}")
     if not 1 <= page_size <= MAX_PAGE_SIZE:
         raise BadRequest(f"pagesize must be 1..{MAX_PAGE_SIZE}, not {page_size}")
+    for name, seconds in (("mintime", mintime), ("maxtime", maxtime), ("before", before)):
+        if seconds is not None and not 0 <= seconds <= MAX_SQL_INTEGER:
+            raise BadRequest(f"{name} must be GPS seconds 0..{MAX_SQL_INTEGER}, not {seconds}")
     if mintime is not None and maxtime is not None and maxtime < mintime:
         raise BadRequest(f"maxtime {maxtime} is before mintime {mintime}")
     if mode is not None and mode not in ObservationMode.__members__:

@@ -253,7 +253,7 @@ def post_execution_duration(
     """Accepted and ignored (the server keeps 0, unlimited, as the standard allows): 303."""
     canonical = uws.canonical_id(session, user_id, job_id)
     value = _one(fields, "EXECUTIONDURATION") or ""
-    if not value.strip().lstrip("-").isdigit():
+    if not value.strip().lstrip("-").isdecimal():
         raise BadRequest(f"EXECUTIONDURATION: {value!r} is not a whole number of seconds")
     return _see_other(f"{_jobs_url(request)}/{canonical}")
 

@@ -184,7 +184,7 @@ def read_hyperdrive(path: str | Path) -> CalSolutions:
         obsid_text = str(primary.get("OBSID", "")).strip()
         solutions = CalSolutions(
             jones=jones,
-            obsid=int(obsid_text) if obsid_text.isdigit() else None,
+            obsid=int(obsid_text) if obsid_text.isdecimal() else None,
             header={
                 key: primary[key]
                 for key in ("SOFTWARE", "CMDLINE", "MAXITER", "S_THRESH", "M_THRESH", "UVW_MIN", "UVW_MAX",

@@ -119,7 +119,7 @@ def query(session: Session, body: Mapping[str, Any]) -> list[dict[str, Any]]:
             frames.append(_frame("sources", ref_id, [gps_to_unix(r.obsid) * 1000 for r in rows],
                                  [r.calibrator_source or "" for r in rows], kind="string"))  # fmt: skip
             continue
-        if not (name.startswith("rec") and name[3:].isdigit()):
+        if not (name.startswith("rec") and name[3:].isdecimal()):
             raise BadRequest(f"target {name!r} is not recNN or sources")
         frames += _receiver_frames(session, int(name[3:]), ref_id, rows, payload)
     return frames
@@ -140,7 +140,7 @@ def _receiver_frames(
         clip = None if clip_text in ("None", "") else float(clip_text)
     except ValueError:
         raise BadRequest(f"clip {clip_text!r} is not a number or None") from None
-    chosen = [r for r in rows if (channel == "ANY" or (channel.isdigit() and int(channel) in (r.coarse_chans or [])))
+    chosen = [r for r in rows if (channel == "ANY" or (channel.isdecimal() and int(channel) in (r.coarse_chans or [])))
               and (source == "ANY" or r.calibrator_source == source)]  # fmt: skip
     fits = {r.fitid: gps_to_unix(r.obsid) * 1000 for r in chosen}
     solutions = session.scalars(

@@ -15,10 +15,11 @@ from sqlalchemy.orm import Session
 from observatory.archive import service as archive_service
 from observatory.calib import grafana, plots, requests, service
 from observatory.core.config import Settings
+from observatory.core.database import MAX_SQL_INTEGER
 from observatory.core.errors import BadRequest, NotFound
 from observatory.core.gpstime import gps_to_utc_iso, now_gps, utc_to_gps
 from observatory.core.storage import Storage
-from observatory.core.web import get_session, obsid_param, templates_for
+from observatory.core.web import get_session, obsid_param, templates_for, whole_number_param
 
 router = APIRouter(prefix="/calib", tags=["calibration"])
 templates = templates_for(Path(__file__).parent)
@@ -36,9 +37,7 @@ def _flag(name: str, value: str | None, default: bool) -> bool:
 def _seconds(value: str | None) -> int:
     if value is None or value == "":
         return service.DEFAULT_MAX_TIME_SEPARATION_S
-    if not value.isdigit():
-        raise BadRequest(f"max_time_separation must be a whole number of seconds, not {value!r}")
-    return int(value)
+    return whole_number_param("max_time_separation", value, what="a whole number of seconds")
 
 
 def _settings(request: Request) -> Settings:
@@ -58,13 +57,16 @@ def get_cal_solution(
     output_format: str = "aocal",
 ) -> Response:
     """A zip with the best solution for ``obs_id``: ``<calid>.bin``, flagged tiles, a CASA flag script."""
-    if prefer_fitid is not None and not prefer_fitid.isdigit():
-        raise BadRequest(f"prefer_fitid must be a fit id (an integer), not {prefer_fitid!r}")
+    preferred = (
+        whole_number_param("prefer_fitid", prefer_fitid, what="a fit id (an integer)")
+        if prefer_fitid
+        else None
+    )
     target, fit = service.best_fit(
         session, obsid_param(obs_id),
         max_time_separation_s=_seconds(max_time_separation),
         allow_after=_flag("allow_after", allow_after, True),
-        prefer_fitid=int(prefer_fitid) if prefer_fitid else None,
+        prefer_fitid=preferred,
     )  # fmt: skip
     body = service.solution_zip(
         session, _settings(request), target, fit, output_format=output_format,
@@ -108,8 +110,8 @@ async def add_cal_request(request: Request) -> Response:
         raise BadRequest("obs_id is required")
     obsid = obsid_param(params["obs_id"])
     job = params.get("asvo_job_id") or None
-    if job is not None and not job.isdigit():
-        raise BadRequest(f"asvo_job_id must be a job number, not {job!r}")
+    if job is not None:
+        whole_number_param("asvo_job_id", job, what="a job number")
     settings = _settings(request)
 
     def file_request() -> None:
@@ -225,8 +227,11 @@ def _gps(name: str, value: str | None, default: float) -> float:
     if value is None or not value.strip():
         return default
     text = value.strip()
-    if text.replace(".", "", 1).isdigit():
-        return float(text)
+    if text.replace(".", "", 1).isdecimal():
+        seconds = float(text)
+        if seconds > MAX_SQL_INTEGER:
+            raise BadRequest(f"{name} {value!r} is out of range")
+        return seconds
     try:
         return utc_to_gps(text)
     except ValueError as exc:
@@ -248,9 +253,7 @@ def summary(
 
 
 def _fit(session: Session, fitid: str) -> service.CalibrationFit:
-    if not fitid.isdigit():
-        raise BadRequest(f"fitid {fitid!r} is not a fit id")
-    fit = session.get(service.CalibrationFit, int(fitid))
+    fit = session.get(service.CalibrationFit, whole_number_param("fitid", fitid, what="a fit id"))
     if fit is None:
         raise NotFound(f"no calibration fit {fitid}")
     return fit

@@ -268,7 +268,7 @@ def base_url_from_environment(environ: Mapping[str, str] | None = None) -> str:
     port = env.get("MWA_ASVO_PORT", "443")
     if not host:
         raise AsvoError("MWA_ASVO_HOST is set but empty")
-    if not port or not port.isdigit():
+    if not port or not port.isdecimal():
         raise AsvoError(f"MWA_ASVO_PORT must be a port number, not {port!r}")
     scheme = "https" if env.get("MWA_ASVO_HTTPS", "1") == "1" else "http"
     return f"{scheme}://{host}:{port}"

@@ -81,7 +81,7 @@ def parse_obsid(value: object) -> int:
         at most 10 digits.
     """
     text = str(value).strip()
-    if not text.isdigit():
+    if not text.isdecimal():
         raise ValueError(f"obsid {value!r} is not a positive integer GPS second")
     obsid = int(text)
     if obsid <= 0 or obsid >= MAX_GPS_SECONDS:

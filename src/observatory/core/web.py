@@ -1,4 +1,4 @@
-"""What HTTP handlers share: the session dependency, the archive storage, obsid parsing."""
+"""What HTTP handlers share: the session dependency, the archive storage, obsid and number parsing."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from fastapi import Request
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
+from observatory.core.database import MAX_SQL_INTEGER
 from observatory.core.errors import BadRequest
 from observatory.core.gpstime import parse_obsid
 from observatory.core.storage import Storage
@@ -39,6 +40,23 @@ def obsid_param(value: str) -> int:
         return parse_obsid(value)
     except ValueError as exc:
         raise BadRequest(str(exc)) from exc
+
+
+def whole_number_param(
+    name: str, value: str, *, what: str = "a whole number", high: int = MAX_SQL_INTEGER
+) -> int:
+    """Parse a query value that must be a whole number 0..``high``, answering 400 naming ``name``.
+
+    Decimal digits only (``str.isdigit`` also takes superscripts, which ``int`` refuses),
+    and never above what a database column holds.
+    """
+    text = value.strip()
+    if not text.isdecimal():
+        raise BadRequest(f"{name} must be {what}, not {value!r}")
+    number = int(text)
+    if number > high:
+        raise BadRequest(f"{name} {value!r} is out of range (0 .. {high})")
+    return number
 
 
 def templates_for(package_dir: Path) -> Jinja2Templates:

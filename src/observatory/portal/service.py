@@ -17,6 +17,7 @@ from observatory.asvo.models import TERMINAL_STATES, Job, JobType
 from observatory.asvo.service import UrlBuilder
 from observatory.core.errors import BadRequest
 from observatory.core.gpstime import gps_to_utc, utc_to_gps
+from observatory.core.web import whole_number_param
 
 JOB_TYPE_LABELS = {
     JobType.CONVERSION: "conversion",
@@ -132,8 +133,8 @@ def parse_time(text: str, label: str) -> int | None:
     text = text.strip()
     if not text:
         return None
-    if text.isdigit():
-        return int(text)
+    if text.isdecimal():
+        return whole_number_param(label, text)
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:

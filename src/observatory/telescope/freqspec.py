@@ -28,7 +28,7 @@ def coarse_channel_centre_mhz(channel: int) -> float:
 
 def _integer(spec: str, token: str) -> int:
     text = token.strip()
-    if not text.lstrip("-").isdigit():
+    if not text.lstrip("-").isdecimal():  # isdigit() also takes '¹', which int() refuses
         raise FreqspecError(f"freqspec {spec!r}: token {token!r} is not an integer")
     return int(text)
 

@@ -20,6 +20,9 @@ from urllib.parse import parse_qsl
 TRUE_WORDS = frozenset({"true", "1", "y", "yes", "on", "t"})
 FALSE_WORDS = frozenset({"false", "0", "n", "no", "off", "f", "", "none"})
 _NUMPY_SCALAR = re.compile(r"np\.(?:float|int)\d*\(([^()]*)\)")
+#: No trigger parameter is meaningful beyond this (2**53, the largest whole number a float
+#: holds exactly); it keeps times and ids computed from them inside a database integer.
+LARGEST_NUMBER = 2.0**53
 
 
 class ParameterError(ValueError):
@@ -125,6 +128,8 @@ def as_float_list(name: str, value: Any) -> list[float]:
         decoded = decode_value(item)
         if isinstance(decoded, bool) or not isinstance(decoded, int | float):
             raise ParameterError(f"{name}: {item!r} is not a number")
+        if not abs(decoded) <= LARGEST_NUMBER:  # json reads NaN and Infinity
+            raise ParameterError(f"{name}: {item!r} is out of range")
         numbers.append(float(decoded))
     return numbers
 
@@ -164,6 +169,8 @@ def as_number(name: str, value: Any, *, integer: bool = False) -> float:
     decoded = decode_value(value) if not isinstance(value, list) else value
     if isinstance(decoded, bool) or not isinstance(decoded, int | float):
         raise ParameterError(f"{name}: {value!r} is not a number")
+    if not abs(decoded) <= LARGEST_NUMBER:  # json reads NaN and Infinity
+        raise ParameterError(f"{name}: {value!r} is out of range")
     if integer and float(decoded) != int(decoded):
         raise ParameterError(f"{name}: {value!r} is not a whole number")
     return int(decoded) if integer else float(decoded)

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from observatory.archive.models import FileKind, Observation, ObservationFile
 from observatory.core.accounts import check_project_key
 from observatory.core.config import Settings
+from observatory.core.database import MAX_SQL_INTEGER
 from observatory.core.gpstime import gps_to_utc_iso, now_gps_precise
 from observatory.core.models import Project
 from observatory.telescope import catalogue
@@ -922,7 +923,7 @@ def read_find_query(raw: Mapping[str, Any]) -> FindQuery:
         elif name in ("pretend", "success"):
             # The wiki's rule: 'on', 'true' or a non-zero integer mean true; anything else false.
             filters[name] = value.lower() in ("on", "true") or (
-                value.lstrip("-").isdigit() and int(value) != 0
+                value.lstrip("-").isdecimal() and int(value) != 0
             )
         elif name in ("mintime_utc", "maxtime_utc"):
             try:
@@ -940,8 +941,10 @@ def read_find_query(raw: Mapping[str, Any]) -> FindQuery:
         if present(raw, "pagesize")
         else DEFAULT_PAGE_SIZE
     )
-    if page < 1 or not 1 <= pagesize <= MAX_PAGE_SIZE:
-        raise ParameterError(f"page must be at least 1 and pagesize 1..{MAX_PAGE_SIZE}")
+    if not 1 <= page <= MAX_SQL_INTEGER // MAX_PAGE_SIZE or not 1 <= pagesize <= MAX_PAGE_SIZE:
+        raise ParameterError(
+            f"page must be 1..{MAX_SQL_INTEGER // MAX_PAGE_SIZE} and pagesize 1..{MAX_PAGE_SIZE}"
+        )
     return FindQuery(filters, page, pagesize, descending="desc" in raw)
 
 

@@ -1,0 +1,85 @@
+"""Numbers no database column holds, not-a-numbers and digits int() refuses: a clear 400 (or,
+for trigger calls, an error in the answer), never a server error. Found by probing every
+endpoint's parameters with such values against a running demo."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from observatory.app import create_app
+from observatory.core.accounts import create_user
+from observatory.core.config import Settings
+from observatory.core.database import make_engine, make_session_factory
+
+HUGE = "99999999999999999999999"  # more than 2**63
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    engine = make_engine(settings.resolved_database_url)
+    with make_session_factory(engine)() as session:
+        create_user(session, "alice", "key-of-alice")
+        session.commit()
+    engine.dispose()
+    with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "named"),
+    [
+        ("/trigger/busy", {"project_id": "D0000", "obstime": "NaN"}, "obstime"),
+        ("/trigger/busy", {"project_id": "D0000", "obstime": "1e300"}, "obstime"),
+        ("/trigger/obslist", {"obstime": HUGE}, "obstime"),
+        ("/trigger/show", {"trigger_id": "1e300"}, "trigger_id"),
+        ("/trigger/find", {"page": "1e300"}, "page"),
+        ("/trigger/find", {"trigger_id": "-1e300"}, "trigger_id"),
+        ("/metadata/find", {"mintime": HUGE}, "mintime"),
+        ("/metadata/find", {"before": HUGE}, "before"),
+        ("/metadata/find", {"page": HUGE}, "page"),
+        ("/calib/fit", {"fitid": HUGE}, "fitid"),
+        ("/calib/fit", {"fitid": "\u00b9"}, "fitid"),  # superscript one: isdigit() but not int()
+        ("/calib/plot/gains.png", {"fitid": HUGE}, "fitid"),
+        ("/calib/get_cal_solution", {"obs_id": "1", "prefer_fitid": HUGE}, "prefer_fitid"),
+        ("/calib/get_cal_solution", {"obs_id": "\u00b9"}, "obsid"),
+        ("/calib/summary", {"mintime": HUGE}, "mintime"),
+    ],
+)
+def test_out_of_range_numbers_are_a_clear_400(
+    client: TestClient, path: str, params: dict[str, str], named: str
+) -> None:
+    reply = client.get(path, params=params, headers={"Accept": "application/json"})
+    assert reply.status_code == 400, reply.text
+    assert named in reply.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        ({"exptime": "NaN"}, "exptime"),
+        ({"exptime": "Infinity"}, "exptime"),
+        ({"ra": "NaN"}, "ra"),
+        ({"nobs": "1e300"}, "nobs"),
+        ({"freqspecs": "\u00b9,24"}, "freqspec"),
+    ],
+)
+def test_trigger_calls_name_a_bad_number_in_their_answer(
+    client: TestClient, params: dict[str, str], named: str
+) -> None:
+    """Trigger calls answer 200 with ``success`` and ``errors`` (their clients drop 4xx bodies)."""
+    reply = client.post(
+        "/trigger/triggerobs", data={"project_id": "D0000", "ra": "10", "dec": "-30", **params}
+    )
+    assert reply.status_code == 200, reply.text
+    answer = reply.json()
+    assert answer["success"] is False
+    assert any(named in error for error in answer["errors"].values()), answer["errors"]
+
+
+def test_cancelling_a_job_id_beyond_any_database_integer(client: TestClient) -> None:
+    assert client.post("/api/api_login", auth=("mantaray-clientv2.0", "key-of-alice")).is_success
+    reply = client.get("/api/cancel_job", params={"job_id": HUGE})
+    assert reply.status_code == 400 and "is not a job id" in reply.json()["error"]
