@@ -46,6 +46,9 @@ def client(settings: Settings) -> Iterator[TestClient]:
         ("/calib/get_cal_solution", {"obs_id": "1", "prefer_fitid": HUGE}, "prefer_fitid"),
         ("/calib/get_cal_solution", {"obs_id": "\u00b9"}, "obsid"),
         ("/calib/summary", {"mintime": HUGE}, "mintime"),
+        # Ids of INTEGER columns: PostgreSQL refuses to compare with more than 2**31 - 1.
+        ("/trigger/find", {"trigger_id": "3000000000"}, "trigger_id"),
+        ("/calib/add_cal_request", {"obs_id": "1", "asvo_job_id": "3000000000"}, "asvo_job_id"),
     ],
 )
 def test_out_of_range_numbers_are_a_clear_400(
@@ -64,6 +67,8 @@ def test_out_of_range_numbers_are_a_clear_400(
         ({"ra": "NaN"}, "ra"),
         ({"nobs": "1e300"}, "nobs"),
         ({"freqspecs": "\u00b9,24"}, "freqspec"),
+        # Planning three billion observations would take the server's memory and time.
+        ({"nobs": "3000000000"}, "more than the 172800 s (2 days) one trigger may take"),
     ],
 )
 def test_trigger_calls_name_a_bad_number_in_their_answer(
@@ -79,7 +84,13 @@ def test_trigger_calls_name_a_bad_number_in_their_answer(
     assert any(named in error for error in answer["errors"].values()), answer["errors"]
 
 
-def test_cancelling_a_job_id_beyond_any_database_integer(client: TestClient) -> None:
+@pytest.mark.parametrize("job_id", [HUGE, "3000000000"])
+def test_cancelling_a_job_id_beyond_any_database_integer(client: TestClient, job_id: str) -> None:
     assert client.post("/api/api_login", auth=("mantaray-clientv2.0", "key-of-alice")).is_success
-    reply = client.get("/api/cancel_job", params={"job_id": HUGE})
+    reply = client.get("/api/cancel_job", params={"job_id": job_id})
     assert reply.status_code == 400 and "is not a job id" in reply.json()["error"]
+
+
+def test_showing_a_trigger_id_no_row_can_have_is_not_found(client: TestClient) -> None:
+    reply = client.get("/trigger/show", params={"trigger_id": "3000000000"})
+    assert reply.status_code == 404 and "no trigger with trigger_id" in reply.json()["error"]

@@ -22,7 +22,7 @@ from observatory.archive.models import Observation, ObservationMode
 from observatory.asvo.models import TERMINAL_STATES, Job, JobState, JobType
 from observatory.core.accounts import authenticate_api_key
 from observatory.core.config import Settings
-from observatory.core.database import MAX_SQL_INTEGER, utcnow
+from observatory.core.database import MAX_SQL_ID, utcnow
 from observatory.core.errors import BadRequest, Forbidden, NotFound, ServiceError
 from observatory.preprocess.options import ConversionOptions, OptionError, parse_bool
 
@@ -458,7 +458,7 @@ def cancel_job(session: Session, user_id: int, job_text: str) -> Job:
         job_id = int(job_text)
     except (TypeError, ValueError):
         raise AsvoError(f"Job Id: {job_text!r} is not a job id") from None
-    if not 0 < job_id <= MAX_SQL_INTEGER:
+    if not 0 < job_id <= MAX_SQL_ID:
         raise AsvoError(f"Job Id: {job_text!r} is not a job id")
     # Claimed by one UPDATE that matches only an unfinished job, so a job finishing at the same
     # moment is either cancelled or completed, never completed and then marked cancelled.

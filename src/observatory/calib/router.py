@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from observatory.archive import service as archive_service
 from observatory.calib import grafana, plots, requests, service
 from observatory.core.config import Settings
-from observatory.core.database import MAX_SQL_INTEGER
+from observatory.core.database import MAX_SQL_ID, MAX_SQL_INTEGER
 from observatory.core.errors import BadRequest, NotFound
 from observatory.core.gpstime import gps_to_utc_iso, now_gps, utc_to_gps
 from observatory.core.storage import Storage
@@ -111,7 +111,7 @@ async def add_cal_request(request: Request) -> Response:
     obsid = obsid_param(params["obs_id"])
     job = params.get("asvo_job_id") or None
     if job is not None:
-        whole_number_param("asvo_job_id", job, what="a job number")
+        whole_number_param("asvo_job_id", job, what="a job number", high=MAX_SQL_ID)
     settings = _settings(request)
 
     def file_request() -> None:

@@ -16,6 +16,9 @@ from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 #: The largest integer an SQLite INTEGER or a PostgreSQL BIGINT holds: numbers from a request
 #: above it must be refused before they reach a query (the drivers raise OverflowError).
 MAX_SQL_INTEGER = 2**63 - 1
+#: The largest id of a row whose id column is an INTEGER (PostgreSQL's 32-bit integer): jobs,
+#: triggers, calibration requests. A larger id names no row.
+MAX_SQL_ID = 2**31 - 1
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",

@@ -21,6 +21,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from observatory.core.config import Settings
+from observatory.core.database import MAX_SQL_ID
 from observatory.core.errors import BadRequest, NotFound
 from observatory.core.gpstime import now_gps
 from observatory.core.observability import trigger_timer
@@ -203,7 +204,7 @@ def triggerbuffer(request: Request, session: SessionDep, params: ParamsDep) -> R
 def show(session: SessionDep, params: ParamsDep) -> Response:
     """One past trigger call."""
     trigger_id = int(_number(params, "trigger_id"))
-    trigger = session.get(Trigger, trigger_id)
+    trigger = session.get(Trigger, trigger_id) if 0 < trigger_id <= MAX_SQL_ID else None
     if trigger is None:
         raise NotFound(f"no trigger with trigger_id {trigger_id}")
     return _json(service.trigger_summary(trigger), params)

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from observatory.archive.models import FileKind, Observation, ObservationFile
 from observatory.core.accounts import check_project_key
 from observatory.core.config import Settings
-from observatory.core.database import MAX_SQL_INTEGER
+from observatory.core.database import MAX_SQL_ID, MAX_SQL_INTEGER
 from observatory.core.gpstime import gps_to_utc_iso, now_gps_precise
 from observatory.core.models import Project
 from observatory.telescope import catalogue
@@ -75,6 +75,10 @@ SUBARRAYS = (
 #: All-sky voltage capture: one dipole per tile (a delay of 32 switches a dipole off).
 ALL_SKY_DELAYS = (0,) + (32,) * 15
 MAX_ATTEN_DB = 31.75
+
+#: DESIGN: the longest a trigger may observe (targets, repeats, freqspecs and calibrators in
+#: all); nothing in the real system's documents says, and a longer one only blocks the schedule.
+MAX_TRIGGER_S = 2 * 86400
 
 DEFAULTS: dict[str, Any] = {
     "project_id": "C001",
@@ -216,6 +220,15 @@ def read_trigger_request(raw: Mapping[str, Any], *, vcs: bool, when_gps: int) ->
         name = str(decode_value(calibrator)).strip()
         if attempt("calibrator", lambda: catalogue.resolve(name)) is not None:
             request.calibrator = catalogue.resolve(name).name
+
+    targets_in_turn = 1 if request.subarrays else len(request.targets)
+    total_s = len(request.freqspecs) * (
+        targets_in_turn * request.nobs * request.exptime_s
+        + (request.calexptime_s if request.calibrator else 0)
+    )
+    if total_s > MAX_TRIGGER_S:
+        errors.append(f"the trigger would observe for {total_s} s, more than the "
+                      f"{MAX_TRIGGER_S} s (2 days) one trigger may take")  # fmt: skip
 
     request.params = {
         "project_id": request.project_id, "pretend": request.pretend,
@@ -914,6 +927,8 @@ def read_find_query(raw: Mapping[str, Any]) -> FindQuery:
         value = str(raw[name]).strip()
         if name == "trigger_id":
             filters[name] = int(as_number(name, value, integer=True))
+            if not 0 <= filters[name] <= MAX_SQL_ID:
+                raise ParameterError(f"trigger_id: {value!r} is out of range (0..{MAX_SQL_ID})")
         elif name == "trigger_mode":
             if value.upper() not in TriggerMode.__members__:
                 raise ParameterError(
