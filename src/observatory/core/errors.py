@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class ServiceError(Exception):
@@ -88,8 +89,62 @@ def _error_page(message: str, status_code: int) -> HTMLResponse:
     )
 
 
+class RefuseNulParameters:
+    """ASGI middleware: a NUL character (``%00``) in the query string or in a form body is
+    answered 400.
+
+    No parameter of ours may hold one, and PostgreSQL refuses NUL in text, so such a value
+    would otherwise fail deep in a query as a server error. Form bodies are read here and
+    handed on unchanged; other bodies (JSON, uploads) pass untouched.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if b"%00" in scope.get("query_string", b""):
+            await self._refuse(scope, receive, send)
+            return
+        content_type = dict(scope["headers"]).get(b"content-type", b"")
+        if not content_type.startswith(b"application/x-www-form-urlencoded"):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        message = await receive()
+        while message["type"] == "http.request":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+            message = await receive()
+        body = b"".join(chunks)
+        if b"%00" in body or b"\x00" in body:
+            await self._refuse(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            if message["type"] != "http.request":
+                return message  # the client went away while sending
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send) -> None:
+        message = "request parameters must not contain NUL characters (%00)"
+        await JSONResponse(error_body(message, 1), status_code=400)(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Make every error reply of ``app`` JSON in the one shape (a page for browsers)."""
+    app.add_middleware(RefuseNulParameters)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> Response:

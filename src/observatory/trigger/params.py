@@ -56,7 +56,19 @@ def merge_request_parameters(query: Sequence[tuple[str, str]], body: bytes) -> d
         _add_pairs(merged, parse_qsl(text, keep_blank_values=True))
     if "group_id" in merged:
         merged.setdefault("groupid", merged.pop("group_id"))
+    if _holds_nul(merged):  # PostgreSQL refuses NUL in text
+        raise ParameterError("parameters must not contain NUL characters")
     return merged
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(key) or _holds_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(item) for item in value)
+    return False
 
 
 def _add_pairs(merged: dict[str, Any], pairs: Sequence[tuple[str, str]]) -> None:

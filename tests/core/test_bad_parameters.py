@@ -1,6 +1,7 @@
-"""Numbers no database column holds, not-a-numbers and digits int() refuses: a clear 400 (or,
-for trigger calls, an error in the answer), never a server error. Found by probing every
-endpoint's parameters with such values against a running demo."""
+"""Numbers no database column holds, not-a-numbers, digits int() refuses and NUL characters
+(which PostgreSQL refuses in text): a clear 400 (or, for trigger calls, an error in the answer),
+never a server error. Found by probing every endpoint's parameters with such values against a
+running demo, on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -94,3 +95,44 @@ def test_cancelling_a_job_id_beyond_any_database_integer(client: TestClient, job
 def test_showing_a_trigger_id_no_row_can_have_is_not_found(client: TestClient) -> None:
     reply = client.get("/trigger/show", params={"trigger_id": "3000000000"})
     assert reply.status_code == 404 and "no trigger with trigger_id" in reply.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("/metadata/find", {"obsname": "\x00"}),
+        ("/metadata/find", {"projectid": "G\x000001"}),
+        ("/trigger/find", {"project_id": "\x00"}),
+        ("/calib/summary", {"mintime": "\x00"}),
+    ],
+)
+def test_a_nul_character_in_the_query_is_a_clear_400(
+    client: TestClient, path: str, params: dict[str, str]
+) -> None:
+    reply = client.get(path, params=params)
+    assert reply.status_code == 400 and "NUL" in reply.json()["error"]
+
+
+@pytest.mark.parametrize("field", ["obsname", "creator"])
+def test_a_nul_character_in_a_trigger_body_is_a_clear_400(client: TestClient, field: str) -> None:
+    data = {"project_id": "D0000", "ra": "10", "dec": "-30", field: "GRB\x00"}
+    reply = client.post("/trigger/triggerobs", data=data)
+    assert reply.status_code == 400 and "NUL" in reply.json()["error"]
+    reply = client.post("/trigger/triggerobs", json=data)
+    assert reply.status_code == 400 and "NUL" in reply.json()["error"]
+
+
+def test_a_nul_character_in_a_form_is_a_clear_400_and_other_forms_pass(
+    client: TestClient,
+) -> None:
+    """The sign-in form looked the name up in the database: PostgreSQL refused the NUL."""
+    page = client.get("/login")
+    token = page.text.split('name="csrf_token" value="')[1].split('"')[0]
+    refused = client.post("/login", data={"username": "\x00", "password": "x", "csrf_token": token})
+    assert refused.status_code == 400 and "NUL" in refused.json()["error"]
+    wrong = client.post("/login", data={"username": "alice", "password": "x", "csrf_token": token})
+    assert wrong.status_code == 401  # the form still reaches the handler whole
+    logged_in = client.post(
+        "/api/api_login", auth=("mantaray-clientv2.0", "key-of-alice"), data={"note": "a b&c"}
+    )
+    assert logged_in.status_code == 200
