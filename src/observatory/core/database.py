@@ -12,7 +12,6 @@ from sqlalchemy import MetaData, create_engine, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
-# Stable constraint names, so Alembic migrations are the same on SQLite and PostgreSQL.
 #: The largest integer an SQLite INTEGER or a PostgreSQL BIGINT holds: numbers from a request
 #: above it must be refused before they reach a query (the drivers raise OverflowError).
 MAX_SQL_INTEGER = 2**63 - 1
@@ -20,6 +19,7 @@ MAX_SQL_INTEGER = 2**63 - 1
 #: triggers, calibration requests. A larger id names no row.
 MAX_SQL_ID = 2**31 - 1
 
+# Stable constraint names, so Alembic migrations are the same on SQLite and PostgreSQL.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
