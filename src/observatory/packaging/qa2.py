@@ -409,7 +409,10 @@ def relevant_data_column(source: Path, *, calibrated: bool) -> str:
     except RuntimeError as exc:
         raise PackagingError(f"{source} cannot be read as a measurement set: {exc}") from exc
     with table:
-        names = table.colnames()
+        return _column_to_keep(source, table.colnames(), calibrated=calibrated)
+
+
+def _column_to_keep(source: Path, names: list[str], *, calibrated: bool) -> str:
     keep = "CORRECTED_DATA" if calibrated and "CORRECTED_DATA" in names else "DATA"
     if keep not in names:
         raise PackagingError(f"{source} has no DATA column")
@@ -434,12 +437,13 @@ def split_measurement_set(source: Path, destination: Path, *, calibrated: bool) 
     """
     from casacore import tables
 
-    keep = relevant_data_column(source, calibrated=calibrated)
     with tables.table(str(source), ack=False) as table:
+        names = table.colnames()
+        keep = _column_to_keep(source, names, calibrated=calibrated)
         left_out = [
             name
             for name in ("DATA", "CORRECTED_DATA", "MODEL_DATA")
-            if name != keep and name in table.colnames()
+            if name != keep and name in names
         ]
         _write_without(table, source, destination, left_out)
     if keep != "DATA":
@@ -660,23 +664,19 @@ def _copy_or_link_all(
         if action.kind != "link" or action.size_bytes >= THREADED_HASH_BYTES
     ]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [
-            pool.submit(_copy_or_link_chunk, chunk, member, verify, progress)
-            for chunk in _chunks(threaded)
-        ]
         try:
+            futures = [
+                pool.submit(_copy_or_link_chunk, chunk, member, verify, progress)
+                for chunk in _chunks(threaded)
+            ]
             known, problems = _copy_or_link_chunk(inline, member, verify, progress)
+            for future in futures:
+                chunk_known, chunk_problems = future.result()
+                known.update(chunk_known)
+                problems += chunk_problems
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
-        for future in futures:
-            try:
-                chunk_known, chunk_problems = future.result()
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-            known.update(chunk_known)
-            problems += chunk_problems
     if problems:
         raise PackagingError("the package does not match its origin: " + "; ".join(problems))
     return known

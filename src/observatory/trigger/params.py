@@ -134,16 +134,7 @@ def as_float_list(name: str, value: Any) -> list[float]:
     ParameterError
         Naming the value that is not a number.
     """
-    items = _as_list(value)
-    numbers = []
-    for item in items:
-        decoded = decode_value(item)
-        if isinstance(decoded, bool) or not isinstance(decoded, int | float):
-            raise ParameterError(f"{name}: {item!r} is not a number")
-        if not abs(decoded) <= LARGEST_NUMBER:  # json reads NaN and Infinity
-            raise ParameterError(f"{name}: {item!r} is out of range")
-        numbers.append(float(decoded))
-    return numbers
+    return [float(as_number(name, item)) for item in _as_list(value)]
 
 
 def as_str_list(name: str, value: Any) -> list[str]:
