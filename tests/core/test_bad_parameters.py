@@ -136,3 +136,20 @@ def test_a_nul_character_in_a_form_is_a_clear_400_and_other_forms_pass(
         "/api/api_login", auth=("mantaray-clientv2.0", "key-of-alice"), data={"note": "a b&c"}
     )
     assert logged_in.status_code == 200
+
+
+def test_a_time_parameter_takes_gps_seconds_or_an_iso_time_in_any_zone() -> None:
+    from observatory.core.errors import BadRequest
+    from observatory.core.gpstime import utc_to_gps
+    from observatory.core.web import gps_time_param
+
+    noon_gps = utc_to_gps("2026-11-30T12:00:00")
+    assert gps_time_param("mintime", None) is None
+    assert gps_time_param("mintime", "  ") is None
+    assert gps_time_param("mintime", "1448539218.5") == 1448539218.5
+    assert gps_time_param("mintime", "2026-11-30T12:00") == noon_gps
+    assert gps_time_param("mintime", "2026-11-30T12:00:00Z") == noon_gps
+    assert gps_time_param("mintime", "2026-11-30T20:00:00+08:00") == noon_gps
+    for bad in ("last tuesday", "1.2.3", HUGE, "-5"):
+        with pytest.raises(BadRequest, match="mintime"):
+            gps_time_param("mintime", bad)

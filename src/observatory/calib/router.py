@@ -15,11 +15,17 @@ from sqlalchemy.orm import Session
 from observatory.archive import service as archive_service
 from observatory.calib import grafana, plots, requests, service
 from observatory.core.config import Settings
-from observatory.core.database import MAX_SQL_ID, MAX_SQL_INTEGER
+from observatory.core.database import MAX_SQL_ID
 from observatory.core.errors import BadRequest, NotFound
-from observatory.core.gpstime import gps_to_utc_iso, now_gps, utc_to_gps
+from observatory.core.gpstime import gps_to_utc_iso, now_gps
 from observatory.core.storage import Storage
-from observatory.core.web import get_session, obsid_param, templates_for, whole_number_param
+from observatory.core.web import (
+    get_session,
+    gps_time_param,
+    obsid_param,
+    templates_for,
+    whole_number_param,
+)
 
 router = APIRouter(prefix="/calib", tags=["calibration"])
 templates = templates_for(Path(__file__).parent)
@@ -223,29 +229,16 @@ def get_calfile_for_calid(
                     headers={"Content-Disposition": f'attachment; filename="{calid}_calibration.zip"'})  # fmt: skip
 
 
-def _gps(name: str, value: str | None, default: float) -> float:
-    if value is None or not value.strip():
-        return default
-    text = value.strip()
-    if text.replace(".", "", 1).isdecimal():
-        seconds = float(text)
-        if seconds > MAX_SQL_INTEGER:
-            raise BadRequest(f"{name} {value!r} is out of range")
-        return seconds
-    try:
-        return utc_to_gps(text)
-    except ValueError as exc:
-        raise BadRequest(f"{name} {value!r} is not an ISO time or GPS seconds") from exc
-
-
 @router.get("/summary", response_class=HTMLResponse)
 def summary(
     request: Request, session: SessionDep, mintime: str | None = None, maxtime: str | None = None
 ) -> HTMLResponse:
     """The fits of observations in a time range (default: the last 7 days)."""
     now = now_gps()
-    first = _gps("mintime", mintime, now - 7 * 86400)
-    last = _gps("maxtime", maxtime, now)
+    first = gps_time_param("mintime", mintime)
+    last = gps_time_param("maxtime", maxtime)
+    first = now - 7 * 86400 if first is None else first
+    last = now if last is None else last
     return templates.TemplateResponse(request, "summary.html", {
         "fits": service.fits_between(session, first, last), "kinds": plots.KINDS,
         "mintime": mintime or gps_to_utc_iso(first)[:19], "maxtime": maxtime or gps_to_utc_iso(last)[:19],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 from fastapi import Request
@@ -11,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from observatory.core.database import MAX_SQL_INTEGER
 from observatory.core.errors import BadRequest
-from observatory.core.gpstime import parse_obsid
+from observatory.core.gpstime import parse_obsid, utc_to_gps
 from observatory.core.storage import Storage
 
 
@@ -57,6 +58,35 @@ def whole_number_param(
     if number > high:
         raise BadRequest(f"{name} {value!r} is out of range (0 .. {high})")
     return number
+
+
+def gps_time_param(name: str, value: str | None) -> float | None:
+    """GPS seconds from a value holding GPS seconds or an ISO time (blank or absent: None).
+
+    An ISO time without a zone is UTC; one with a zone (``Z``, ``+08:00``) is converted.
+
+    Raises
+    ------
+    BadRequest
+        Naming ``name`` when the value is neither, or beyond what a database column holds.
+    """
+    text = (value or "").strip()
+    if not text:
+        return None
+    if text.replace(".", "", 1).isdecimal():
+        seconds = float(text)
+        if seconds > MAX_SQL_INTEGER:
+            raise BadRequest(f"{name} {value!r} is out of range (0 .. {MAX_SQL_INTEGER})")
+        return seconds
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise BadRequest(
+            f"{name}: {value!r} is neither GPS seconds nor a UTC time like 2026-11-30T12:00"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return utc_to_gps(moment)
 
 
 def templates_for(package_dir: Path) -> Jinja2Templates:

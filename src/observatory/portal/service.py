@@ -6,7 +6,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -16,8 +16,8 @@ from observatory.archive import service as archive_service
 from observatory.asvo.models import TERMINAL_STATES, Job, JobType
 from observatory.asvo.service import UrlBuilder
 from observatory.core.errors import BadRequest
-from observatory.core.gpstime import gps_to_utc, utc_to_gps
-from observatory.core.web import whole_number_param
+from observatory.core.gpstime import gps_to_utc
+from observatory.core.web import gps_time_param
 
 JOB_TYPE_LABELS = {
     JobType.CONVERSION: "conversion",
@@ -122,30 +122,6 @@ class _JobReference:
         self.id = job_id
 
 
-def parse_time(text: str, label: str) -> int | None:
-    """GPS seconds from a form field holding GPS seconds or an ISO UTC time (blank: None).
-
-    Raises
-    ------
-    BadRequest
-        Naming the field when the text is neither.
-    """
-    text = text.strip()
-    if not text:
-        return None
-    if text.isdecimal():
-        return whole_number_param(label, text)
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise BadRequest(
-            f"{label}: {text!r} is neither GPS seconds nor a UTC time like 2026-11-30T12:00"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return int(utc_to_gps(moment))
-
-
 @dataclass(frozen=True)
 class ObservationView:
     """One row of the observations page."""
@@ -162,10 +138,11 @@ def search_observations(
     session: Session, *, mintime: str, maxtime: str, project_id: str, mode: str, page: int
 ) -> tuple[list[ObservationView], bool]:
     """Observations for the browser's form (newest first, 100 a page) and whether more follow."""
+    first, last = gps_time_param("From", mintime), gps_time_param("To", maxtime)
     rows, has_more, _ = archive_service.find_observations(
         session,
-        mintime=parse_time(mintime, "From"),
-        maxtime=parse_time(maxtime, "To"),
+        mintime=None if first is None else int(first),
+        maxtime=None if last is None else int(last),
         project_id=project_id.strip() or None,
         mode=mode.strip() or None,
         page=max(page, 1),
