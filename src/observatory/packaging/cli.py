@@ -105,7 +105,7 @@ def _progress_bar(*, enabled: bool) -> Iterator[Callable[[Action], None] | None]
         task = bar.add_task("packaging", total=None)
 
         def advance(action: Action) -> None:
-            bar.update(task, advance=1, description=f"{action.kind} {action.destination}")
+            bar.update(task, advance=1, description=f"{action.kind} {action.destination_text}")
 
         yield advance
 

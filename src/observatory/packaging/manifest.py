@@ -266,10 +266,10 @@ def verify_against_sources(plan: Plan, packpath: Path) -> None:
     member = packpath / plan.member
     problems: list[str] = []
     for action in plan.actions:
-        source = action.source
-        if action.kind != "move" or source is None:
+        if action.kind != "move" or action.source is None:
             continue
-        target = member / action.destination
+        source = action.source
+        target = member / action.destination_text
         if not (source.is_symlink() and os.path.samefile(source, target)):
             problems.append(f"{source} is not a symlink to {target}")
     if problems:

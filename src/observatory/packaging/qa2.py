@@ -309,25 +309,42 @@ def _tree(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Action:
     """One filesystem operation of a run, as ``--dry-run`` prints it and the run performs it.
 
     ``kind`` is ``mkdir``, ``touch`` (a 0-byte stand-in), ``copy``, ``link`` (a hard link),
     ``split-ms`` (a measurement set rewritten with only its relevant data column) or ``move``
-    (moved, then a symlink to the destination left at the origin).
+    (moved, then a symlink to the destination left at the origin). The paths are kept as
+    text (``source``/``destination`` give them as Paths): a plan holds an action per file,
+    and building two Paths each cost as much as linking a small file.
     """
 
     kind: str
-    source: Path | None
-    destination: Path  # relative to the member directory
+    source_text: str | None
+    destination_text: str  # relative to the member directory
     #: Bytes of the origin (a file, or a whole measurement set for ``split-ms``).
     size_bytes: int = 0
 
+    @property
+    def source(self) -> Path | None:
+        return None if self.source_text is None else Path(self.source_text)
+
+    @property
+    def destination(self) -> Path:
+        return Path(self.destination_text)
+
+    @property
+    def section(self) -> str:
+        """The package section (``raw``, ``calibrated``, ``qa``...) the action writes in."""
+        return self.destination_text.partition("/")[0]
+
     def describe(self, member: Path) -> str:
-        target = member / self.destination
+        target = member / self.destination_text
         return (
-            f"{self.kind:8} {self.source} -> {target}" if self.source else f"{self.kind:8} {target}"
+            f"{self.kind:8} {self.source_text} -> {target}"
+            if self.source_text
+            else f"{self.kind:8} {target}"
         )
 
 
@@ -370,7 +387,7 @@ def plan_actions(plan: Plan, mode: str) -> list[Action]:
         for parent in (*reversed(directory.parents[:-1]), directory):
             if parent not in made:
                 made.add(parent)
-                actions.append(Action("mkdir", None, parent))
+                actions.append(Action("mkdir", None, str(parent)))
 
     for section in SECTIONS:
         if any(step.destination.parts[0] == section for step in plan.steps):
@@ -382,12 +399,13 @@ def plan_actions(plan: Plan, mode: str) -> list[Action]:
         else:
             file_kind = _FILE_ACTION[mode]
         mkdir(step.destination.parent)
+        source, destination = str(step.source), str(step.destination)
         if not step.is_directory:
             size = step.source.stat().st_size
-            actions.append(Action(file_kind, step.source, step.destination, size))
+            actions.append(Action(file_kind, source, destination, size))
         elif mode == "hard" and section in ("raw", "calibrated") and _is_table(step.source):
             size = sum(size for _, _, size in _walk(step.source))
-            actions.append(Action("split-ms", step.source, step.destination, size))
+            actions.append(Action("split-ms", source, destination, size))
         else:
             mkdir(step.destination)
             for relative, is_directory, size in _walk(step.source):
@@ -395,7 +413,7 @@ def plan_actions(plan: Plan, mode: str) -> list[Action]:
                     mkdir(step.destination / relative)
                 else:
                     actions.append(
-                        Action(file_kind, step.source / relative, step.destination / relative, size)
+                        Action(file_kind, f"{source}/{relative}", f"{destination}/{relative}", size)
                     )
     return actions
 
@@ -532,9 +550,7 @@ def _check_hard_mode(plan: Plan, origin: Path, packpath: Path) -> None:
         )
     for action in plan.actions:
         if action.kind == "split-ms" and action.source is not None:
-            relevant_data_column(
-                action.source, calibrated=action.destination.parts[0] == "calibrated"
-            )
+            relevant_data_column(action.source, calibrated=action.section == "calibrated")
 
 
 def _hard_link(source: str | os.PathLike[str], destination: str | os.PathLike[str]) -> None:
@@ -551,7 +567,7 @@ def _hard_link(source: str | os.PathLike[str], destination: str | os.PathLike[st
 
 def _execute(action: Action, member: Path, mode: str) -> None:
     """Perform one action other than ``copy`` and hard-mode ``link`` (``_copy_or_link_all``)."""
-    target = member / action.destination
+    target = member / action.destination_text
     source = action.source
     if action.kind == "mkdir":
         target.mkdir(parents=True, exist_ok=True)
@@ -565,9 +581,7 @@ def _execute(action: Action, member: Path, mode: str) -> None:
         except OSError:
             shutil.copy2(source, target)
     elif action.kind == "split-ms":
-        split_measurement_set(
-            source, target, calibrated=action.destination.parts[0] == "calibrated"
-        )
+        split_measurement_set(source, target, calibrated=action.section == "calibrated")
     elif action.kind == "move":
         move_with_symlink(source, target)
     else:
@@ -605,14 +619,15 @@ def _copy_or_link_chunk(
     problems: list[str] = []
     member_path = os.fspath(member)
     for action in chunk:
-        assert action.source is not None
+        source = action.source_text
+        assert source is not None
         # Strings, not Paths: pathlib's joins cost as much as linking a small file.
-        target = os.path.join(member_path, action.destination)
+        target = f"{member_path}/{action.destination_text}"
         try:
             if action.kind == "copy":
-                digest = copy_and_hash(action.source, target, verify=verify)
+                digest = copy_and_hash(source, target, verify=verify)
             else:
-                digest = link_and_hash(action.source, target, make_link=_hard_link)
+                digest = link_and_hash(source, target, make_link=_hard_link)
             known[target] = digest
         except PackagingError:
             raise
