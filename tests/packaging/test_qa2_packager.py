@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from observatory.packaging.manifest import manifest_path, validate_manifest
-from observatory.packaging.qa2 import PackagingError, QA_Packager, package
+from observatory.packaging.manifest import manifest_path, read_manifest, validate_manifest
+from observatory.packaging.qa2 import Action, PackagingError, QA_Packager, package
 
 X8C = "uid___A002_X3c9295_X8c"
 X528 = "uid___A002_X3dc0e7_X528"
@@ -247,7 +248,31 @@ def test_dry_run_prints_what_the_run_does(
             leftover.unlink()
     assert any(line.startswith("move ") for line in printed)
     hard = package(sb, readme, tmp_path / "x" / "2011.0.00229.S", mode="hard", dry_run=True)
-    assert {a.kind for a in hard.actions} == {"mkdir", "link", "split-ms"}
+    assert {a.kind for a in hard.actions} == {"mkdir", "link", "split-ms", "write"}
+
+
+def test_dry_run_shows_the_package_it_would_clear_and_the_files_it_writes(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    sb = build_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    first = package(sb, readme, packpath, mode="copy")
+    written = [Path(a.destination_text) for a in first.actions if a.kind == "write"]
+    assert written == [
+        packpath / first.member / "README",
+        tmp_path / "2011.0.00229.S.ticket.tar",
+        tmp_path / "2011.0.00229.S.ticket.zip",
+        tmp_path / "2011.0.00229.S.manifest-sha256.txt",
+    ]
+    assert all(path.is_file() for path in written)
+    assert first.actions[0].kind == "mkdir"  # nothing to clear the first time
+    again = package(sb, readme, packpath, mode="copy", dry_run=True)  # append='': start again
+    assert again.actions[0] == Action("remove", None, str(packpath))
+    assert again.actions[0].describe(packpath / again.member) == f"remove   {packpath}"
+    fake = package(sb, readme, packpath, mode="fake", dry_run=True)
+    assert [Path(a.destination_text).name for a in fake.actions if a.kind == "write"] == [
+        "README", "2011.0.00229.S.ticket.tar", "2011.0.00229.S.ticket.zip",
+    ]  # fmt: skip
 
 
 class Crash(BaseException):
@@ -551,7 +576,8 @@ def test_copies_keep_mode_and_times_and_report_progress(
     done = []
     packpath = tmp_path / "2011.0.00229.S"
     plan = package(sb, readme, packpath, mode="copy", progress=done.append)
-    assert sorted(map(str, done)) == sorted(map(str, plan.actions))
+    planned = [a for a in plan.actions if a.kind != "write"]  # the README etc. are not progress
+    assert sorted(map(str, done)) == sorted(map(str, planned))
     copies = {a.source: packpath / plan.member / a.destination for a in plan.actions if a.source}
     for source in (script, big):
         copy, origin = copies[source].stat(), source.stat()
@@ -594,12 +620,12 @@ def test_a_link_that_is_not_the_origins_inode_is_caught(
     real_hard_link = qa2._hard_link
 
     def copying_hard_link(
-        source: str | os.PathLike[str], destination: str | os.PathLike[str]
+        source: str | os.PathLike[str], destination: str | os.PathLike[str], *, cwd_fd: int
     ) -> None:
         if os.fspath(destination).endswith("scriptForImaging.py"):
             shutil.copy2(source, destination)
         else:
-            real_hard_link(source, destination)
+            real_hard_link(source, destination, cwd_fd=cwd_fd)
 
     monkeypatch.setattr(qa2, "_hard_link", copying_hard_link)
     with pytest.raises(
@@ -805,3 +831,248 @@ def test_split_of_a_measurement_set_written_by_pyuvdata(tmp_path: Path, calibrat
         warnings.simplefilter("ignore")
         back = UVData.from_file(str(tmp_path / "split.ms"))
     assert np.allclose(back.data_array, uvd.data_array * (2 if calibrated else 1))
+
+
+# What a data reducer gets wrong (found by using the packager as one): each either packages
+# what the reducer meant or is refused before anything is written, with a clear reason.
+
+
+def member_files(member: Path) -> int:
+    return sum(p.stat().st_size for p in member.rglob("*") if p.is_file())
+
+
+def test_a_stray_uid_file_beside_the_execution_blocks_does_not_hide_them(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    sb = build_sb(tmp_path)
+    (sb / f"{X8C}.ms.listobs.txt").write_text("listobs output\n")
+    plan = package(sb, readme, tmp_path / "2011.0.00229.S", mode="fake")
+    assert listing(tmp_path / "2011.0.00229.S" / plan.member)["raw"] == EXPECTED["raw"]
+
+
+def test_every_execution_block_needs_its_split_and_its_calibration_script(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    sb = build_sb(tmp_path)
+    (sb / "X8c" / f"{X8C}.ms.scriptForCalibration.py").unlink()
+    shutil.rmtree(sb / "X528" / f"{X528}.ms.split")
+    with pytest.raises(PackagingError) as refused:
+        package(sb, readme, tmp_path / "2011.0.00229.S", mode="copy")
+    assert f"missing: {X8C}.ms.scriptForCalibration.py, {X528}.ms.split" in str(refused.value)
+    assert not (tmp_path / "2011.0.00229.S").exists()
+
+
+def test_hard_mode_links_the_file_a_symlink_names(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    sb = build_sb(tmp_path)
+    images = sb.parent / "images"
+    images.mkdir()
+    (images / "cube.fits").write_bytes(b"SIMPLE  = T cube")
+    (sb / "cube.fits").symlink_to("../images/cube.fits")  # relative: dangling if linked as is
+    packpath = tmp_path / "2011.0.00229.S"
+    plan = package(sb, readme, packpath, mode="hard")
+    packaged = packpath / plan.member / "product" / "cube.fits"
+    assert not packaged.is_symlink()
+    assert os.stat(packaged).st_ino == os.stat(images / "cube.fits").st_ino
+    assert not validate_manifest(packpath)
+
+
+def test_the_manifest_of_a_package_in_the_current_directory(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The document's own call: ``packpath='./2011.0.00229.S'``."""
+    sb = build_sb(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    QA_Packager(str(sb), str(readme), "./2011.0.00229.S", mode="copy")
+    names = read_manifest(tmp_path / "2011.0.00229.S.manifest-sha256.txt")
+    assert all(name.startswith("2011.0.00229.S/sg_ouss_id/") for name in names)
+    assert not validate_manifest(Path("2011.0.00229.S"))
+    package(sb.parent / "IRC10216_setup4_b6_run_x2", readme, "2011.0.00229.S", append="member", mode="copy")  # fmt: skip
+    assert not validate_manifest(Path("2011.0.00229.S"))
+    assert len(read_manifest(tmp_path / "2011.0.00229.S.manifest-sha256.txt")) > len(names)
+
+
+def test_move_refuses_symlinks_before_moving_anything(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    sb = build_sb(tmp_path)
+    shared = tmp_path / "shared.py"
+    shared.write_text("# shared\n")
+    (sb / "scriptForImaging.py").unlink()
+    (sb / "scriptForImaging.py").symlink_to(shared)
+    before = origin_digests(sb)
+    packpath = tmp_path / "2011.0.00229.S"
+    with pytest.raises(PackagingError, match=r"cannot move symlinks .*scriptForImaging.py"):
+        package(sb, readme, packpath, mode="move")
+    assert origin_digests(sb) == before and not any(
+        p.is_symlink() for p in sb.rglob("*") if p.name != "scriptForImaging.py"
+    )
+    assert not (tmp_path / "2011.0.00229.S.move-journal.json").exists()
+    (sb / "scriptForImaging.py").unlink()
+    (sb / "scriptForImaging.py").write_text("# imaging\n")
+    package(sb, readme, packpath, mode="move")
+    with pytest.raises(PackagingError, match="moved by an earlier run"):  # the same SB again
+        package(sb, readme, packpath, append="member", mode="move")
+    assert not (packpath / "sg_ouss_id" / "group_ouss_id" / "member_ouss_id2").exists()
+    assert not (tmp_path / "2011.0.00229.S.move-journal.json").exists()
+    assert not validate_manifest(packpath)
+
+
+def test_an_interrupted_move_resumes_under_another_spelling_of_origpath(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from observatory.packaging import qa2
+
+    sb = build_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    real_move, moved = qa2.move_with_symlink, []
+
+    def crash_after_three(source: Path, destination: Path) -> None:
+        if len(moved) == 3:
+            raise Crash
+        real_move(source, destination)
+        moved.append(source)
+
+    monkeypatch.setattr(qa2, "move_with_symlink", crash_after_three)
+    with pytest.raises(Crash):
+        package(sb, readme, packpath, mode="move")
+    monkeypatch.setattr(qa2, "move_with_symlink", real_move)
+    package(sb.parent / ".." / sb.parent.name / sb.name, readme, packpath, mode="move")
+    assert not validate_manifest(packpath)
+
+
+def test_a_readme_header_inside_the_package_is_read_before_it_is_cleared(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    sb = build_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb, readme, packpath, mode="fake")
+    header = packpath / "README.header.txt"
+    header.write_text("header kept in the package\n")
+    plan = package(sb, header, packpath, mode="copy")
+    assert (packpath / plan.member / "README").read_text().startswith("header kept in the package")
+    assert not header.exists()  # cleared with the rest: append='' starts again
+
+
+def test_packpath_refusals(tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]) -> None:
+    sb = build_sb(tmp_path)
+    with pytest.raises(PackagingError, match="inside the reduction directory"):
+        package(sb, readme, sb / "2011.0.00229.S")
+    assert not (sb / "2011.0.00229.S").exists()
+    as_file = tmp_path / "a" / "2011.0.00229.S"
+    as_file.parent.mkdir()
+    as_file.write_text("not a package")
+    with pytest.raises(PackagingError, match="exists and is not a directory"):
+        package(sb, readme, as_file, dry_run=True)
+    linked = tmp_path / "b" / "2011.0.00229.S"
+    linked.parent.mkdir()
+    (tmp_path / "real").mkdir()
+    linked.symlink_to(tmp_path / "real")
+    with pytest.raises(PackagingError, match="is a symlink"):
+        package(sb, readme, linked)
+    assert as_file.read_text() == "not a package" and linked.is_symlink()
+
+
+def test_appending_in_the_other_layout_is_refused(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    sb = build_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    uids = ("uid://A001/X1/X2", "uid://A001/X1/X3", "uid://A001/X1/X4")
+    package(sb, readme, packpath, style="modern", uids=uids)
+    second = sb.parent / "IRC10216_setup4_b6_run_x2"
+    with pytest.raises(PackagingError, match="in the modern layout"):
+        package(second, readme, packpath, append="member")
+    assert not (packpath / "sg_ouss_id").exists()
+    package(second, readme, packpath / ".." / "2012.1.00001.S")
+    with pytest.raises(PackagingError, match="in the legacy layout"):
+        package(sb, readme, tmp_path / "2012.1.00001.S", append="group", style="modern", uids=uids)
+
+
+def test_a_failed_append_leaves_no_member_behind(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from observatory.packaging import qa2
+
+    sb = build_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb, readme, packpath, mode="copy")
+    second = sb.parent / "IRC10216_setup4_b6_run_x2"
+    real_copy = qa2.copy_and_hash
+
+    def failing_copy(origin: str, copy: str, *, verify: bool = True) -> str:
+        if origin.endswith("scriptForCalibration.py"):
+            raise OSError(5, "Input/output error", origin)
+        return real_copy(origin, copy, verify=verify)
+
+    monkeypatch.setattr(qa2, "copy_and_hash", failing_copy)
+    for append, made in (("member", "group_ouss_id/member_ouss_id2"), ("group", "group_ouss_id2")):
+        with pytest.raises(OSError, match="Input/output error"):
+            package(second, readme, packpath, append=append, mode="copy")
+        assert not (packpath / "sg_ouss_id" / made).exists()
+    monkeypatch.setattr(qa2, "copy_and_hash", real_copy)
+    plan = package(second, readme, packpath, append="member", mode="copy")
+    assert plan.member.name == "member_ouss_id2"
+    assert not validate_manifest(packpath)
+
+
+def test_an_unreadable_file_is_found_before_anything_is_written(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sb = build_sb(tmp_path)
+    unreadable = str(next(sb.rglob("*.scriptForCalibration.py")))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: path != unreadable and real_access(path, mode))  # fmt: skip
+    packpath = tmp_path / "2011.0.00229.S"
+    for mode in ("copy", "hard", "move", "ticket"):
+        with pytest.raises(PackagingError, match=f"cannot read {unreadable}"):
+            package(sb, readme, packpath, mode=mode, dry_run=mode == "copy")
+    assert not packpath.exists()
+    package(sb, readme, packpath, mode="fake")  # fake mode reads nothing
+
+
+def test_a_name_with_a_line_break_is_refused(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    sb = build_sb(tmp_path)
+    (sb / "X8c" / "qa2" / "bad\nname_qa2.txt").write_text("qa2")
+    with pytest.raises(PackagingError, match="has a line break in its name"):
+        package(sb, readme, tmp_path / "2011.0.00229.S", mode="copy", dry_run=True)
+
+
+def test_the_size_record_is_the_size_of_the_package_made(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    """In hard mode too, where the split measurement sets are smaller than their origins."""
+    sb = build_sb(tmp_path)
+    for mode in ("copy", "hard"):
+        packpath = tmp_path / mode / "2011.0.00229.S"
+        plan = package(sb, readme, packpath, mode=mode)
+        assert plan.expected_size_bytes == member_files(packpath / plan.member), mode
+
+
+def test_a_split_keeps_no_read_only_directory(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    """A read-only subtable copied as it is could not be cleared by the next run (as a user)."""
+    sb = build_sb(tmp_path)
+    antenna = sb / "X8c" / f"{X8C}.ms.split" / "ANTENNA"
+    antenna.chmod(0o555)
+    packpath = tmp_path / "2011.0.00229.S"
+    try:
+        plan = package(sb, readme, packpath, mode="hard")
+    finally:
+        antenna.chmod(0o755)
+    split_antenna = packpath / plan.member / "raw" / f"{X8C}.ms.split" / "ANTENNA"
+    assert split_antenna.stat().st_mode & stat.S_IWUSR
+
+
+def test_clearing_a_package_removes_its_manifest(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    sb = build_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb, readme, packpath, mode="copy")
+    package(sb, readme, packpath, mode="fake")
+    assert not manifest_path(packpath).exists()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from observatory.packaging.qa2 import APPENDS, MODES, Action, PackagingError, package
+from observatory.packaging.qa2 import APPENDS, MODES, Action, package
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,14 +78,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress=progress,
                 verify=not args.no_verify,
             )
-    except (PackagingError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # PackagingError, or a malformed earlier manifest
         print(f"qa-packager: {exc}", file=sys.stderr)
         return 1
     member = Path(args.packpath) / plan.member
     if args.dry_run:
-        for action in plan.actions:
-            print(action.describe(member))
-        print(f"{len(plan.actions)} actions; package size {plan.expected_size_bytes} bytes")
+        try:
+            for action in plan.actions:
+                print(action.describe(member))
+            print(f"{len(plan.actions)} actions; package size {plan.expected_size_bytes} bytes")
+        except BrokenPipeError:  # ``qa-packager --dry-run ... | head``: the reader has enough
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     print(f"packaged {len(plan.steps)} entries into {member} ({args.mode} mode)")
     for note in plan.notes:
@@ -120,7 +124,11 @@ def _verify(arguments: list[str]) -> int:
     parser.add_argument("package", type=Path)
     parser.add_argument("--workers", type=int, default=2, help="hashing threads")
     args = parser.parse_args(arguments)
-    problems = validate_manifest(args.package, workers=args.workers)
+    try:
+        problems = validate_manifest(args.package, workers=args.workers)
+    except (ValueError, OSError) as exc:  # an unreadable or malformed manifest
+        print(f"qa-packager verify: {exc}", file=sys.stderr)
+        return 1
     for problem in problems:
         print(problem, file=sys.stderr)
     print(f"{args.package}: {'valid' if not problems else f'{len(problems)} problems'}")

@@ -213,17 +213,17 @@ def write_manifest(
         if not Path(name).is_relative_to(prefix) and (packpath.parent / name).is_file()
     }
     # Plain strings, not Paths: with tens of thousands of files pathlib costs more than hashing.
-    base = len(os.fspath(packpath.parent)) + 1
+    # Names are the member's name in the manifest followed by the path below the member
+    # (cutting the parent's text off would not do: a packpath in "." has the parent ".").
+    root = os.fspath(packpath / member)
     files = sorted(
-        os.path.join(directory, name)
-        for directory, _, names in os.walk(packpath / member)
-        for name in names
+        os.path.join(directory, name) for directory, _, names in os.walk(root) for name in names
     )
     known = known or {}
     unknown = [file for file in files if file not in known]
     digests = dict(zip(unknown, hash_files(unknown, workers=workers), strict=True))
     for file in files:
-        kept[file[base:]] = known.get(file) or digests[file]
+        kept[f"{prefix}{file[len(root) :]}"] = known.get(file) or digests[file]
     partial = path.with_name(path.name + ".partial")
     partial.write_text("".join(f"{digest}  {name}\n" for name, digest in sorted(kept.items())))
     os.replace(partial, path)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import functools
 import io
 import json
 import os
@@ -39,6 +40,7 @@ from observatory.packaging.manifest import (
     copy_and_hash,
     file_sha256,
     link_and_hash,
+    manifest_path,
     verify_against_sources,
     write_manifest,
 )
@@ -178,23 +180,55 @@ def _classify_sb_file(plan: Plan, entry: Path) -> None:
 def plan_package(origpath: Path, member: Path) -> Plan:
     """The plan for one reduction directory (a scheduling block, or a project of EB directories)."""
     plan = Plan(member=member)
-    own_uid = eb_uid(origpath)
-    if own_uid is not None:  # a single execution block given directly
+    entries = _entries(origpath)
+    execution_blocks = {
+        entry: uid for entry in entries if entry.is_dir() and (uid := eb_uid(entry)) is not None
+    }
+    # A directory of execution blocks is a scheduling block even when a stray uid-named file
+    # lies beside them; only one without any is an execution block given directly.
+    own_uid = None if execution_blocks else eb_uid(origpath)
+    if own_uid is not None:
         _classify_eb(plan, origpath, own_uid)
-        return plan
-    for entry in _entries(origpath):
-        uid = eb_uid(entry) if entry.is_dir() else None
-        if uid is not None:
-            _classify_eb(plan, entry, uid)
-        else:
-            _classify_sb_file(plan, entry)
-    if not any(step.destination.parts[0] == "raw" for step in plan.steps):
-        raise PackagingError(f"{origpath} holds no execution block (no uid___*.ms.split found)")
+    else:
+        for entry in entries:
+            if entry in execution_blocks:
+                _classify_eb(plan, entry, execution_blocks[entry])
+            else:
+                _classify_sb_file(plan, entry)
+    _check_execution_blocks(plan, origpath)
     destinations = [step.destination for step in plan.steps]
     clashes = {str(d) for d in destinations if destinations.count(d) > 1}
     if clashes:
         raise PackagingError(f"two files would be packaged as {', '.join(sorted(clashes))}")
     return plan
+
+
+def _check_execution_blocks(plan: Plan, origpath: Path) -> None:
+    """Every execution block delivered has its raw data and its calibration script.
+
+    The later ALMA packager fails when the execution blocks in ``script/`` and ``raw/``
+    differ: a package without one of them cannot be recalibrated by the PI.
+    """
+    raw = {
+        _UID.match(step.destination.name).group(1)  # type: ignore[union-attr]
+        for step in plan.steps
+        if step.destination.parts[0] == "raw"
+    }
+    if not raw:
+        raise PackagingError(f"{origpath} holds no execution block (no uid___*.ms.split found)")
+    scripted = {
+        step.destination.name.removesuffix(".ms.scriptForCalibration.py")
+        for step in plan.steps
+        if step.destination.parts[0] == "script"
+        and step.destination.name.endswith(".ms.scriptForCalibration.py")
+    }
+    missing = [f"{uid}.ms.scriptForCalibration.py" for uid in sorted(raw - scripted)]
+    missing += [f"{uid}.ms.split" for uid in sorted(scripted - raw)]
+    if missing:
+        raise PackagingError(
+            f"{origpath}: each execution block needs its .ms.split and its calibration script; "
+            f"missing: {', '.join(missing)}"
+        )
 
 
 def _check_paths(origpath: Path, packpath: Path) -> None:
@@ -207,8 +241,17 @@ def _check_paths(origpath: Path, packpath: Path) -> None:
         raise PackagingError(
             f"packpath {packpath} would contain the reduction directory or more: refused"
         )
+    if resolved.is_relative_to(origin):
+        raise PackagingError(
+            f"packpath {packpath} is inside the reduction directory {origpath}: the package "
+            "would be packaged into itself by the next run; refused"
+        )
     if not origpath.is_dir():
         raise PackagingError(f"origpath {origpath} is not a directory")
+    if packpath.is_symlink():
+        raise PackagingError(f"packpath {packpath} is a symlink: give the directory it names")
+    if packpath.exists() and not packpath.is_dir():
+        raise PackagingError(f"packpath {packpath} exists and is not a directory")
 
 
 def _next_member(packpath: Path, append: str) -> Path:
@@ -246,6 +289,13 @@ def _member_path(
     packpath: Path, append: str, style: str, uids: tuple[str, str, str] | None
 ) -> Path:
     """The member directory of this run, relative to packpath."""
+    if append and packpath.is_dir():
+        other_layout = "science_goal.*" if style == "legacy" else "sg_ouss_id"
+        if any(packpath.glob(other_layout)):
+            raise PackagingError(
+                f"{packpath} holds a package in the {'modern' if style == 'legacy' else 'legacy'} "
+                f"layout: append to it with that style (a package has one layout)"
+            )
     if style == "legacy":
         if uids is not None:
             raise PackagingError("uids are for style='modern'; the legacy layout uses placeholders")
@@ -276,7 +326,7 @@ def _read_journal(journal: Path, origin: Path, mode: str) -> Path | None:
     if not journal.exists():
         return None
     recorded = json.loads(journal.read_text())
-    if mode != "move" or recorded["origpath"] != str(origin.absolute()):
+    if mode != "move" or os.path.realpath(recorded["origpath"]) != os.path.realpath(origin):
         raise PackagingError(
             f"an interrupted move of {recorded['origpath']} into this package is recorded in "
             f"{journal}: run the same move again to finish it first"
@@ -400,6 +450,7 @@ def plan_actions(plan: Plan, mode: str) -> list[Action]:
             file_kind = _FILE_ACTION[mode]
         mkdir(step.destination.parent)
         source, destination = str(step.source), str(step.destination)
+        _refuse_line_breaks(source)
         if not step.is_directory:
             size = step.source.stat().st_size
             actions.append(Action(file_kind, source, destination, size))
@@ -409,6 +460,7 @@ def plan_actions(plan: Plan, mode: str) -> list[Action]:
         else:
             mkdir(step.destination)
             for relative, is_directory, size in _walk(step.source):
+                _refuse_line_breaks(relative, step.source)
                 if is_directory:
                     mkdir(step.destination / relative)
                 else:
@@ -416,6 +468,13 @@ def plan_actions(plan: Plan, mode: str) -> list[Action]:
                         Action(file_kind, f"{source}/{relative}", f"{destination}/{relative}", size)
                     )
     return actions
+
+
+def _refuse_line_breaks(name: str, directory: Path | None = None) -> None:
+    """A name with a line break cannot be a line of the manifest (nor of ``sha256sum``'s)."""
+    if "\n" in name or "\r" in name:
+        where = name if directory is None else f"{directory}/{name}"
+        raise PackagingError(f"{where!r} has a line break in its name: rename it to package it")
 
 
 def relevant_data_column(source: Path, *, calibrated: bool) -> str:
@@ -524,6 +583,7 @@ def _write_without(table: Any, source: Path, destination: Path, left_out: list[s
                 copy_function=_copy_writable,
                 ignore=shutil.ignore_patterns(*(f"*{suffix}" for suffix in TEMPORARY_SUFFIXES)),
             )
+            _make_directories_writable(destination / name)
             written.putkeyword(name, f"Table: {destination.absolute() / name}")
 
 
@@ -540,6 +600,15 @@ def _copy_writable(source: str, destination: str) -> None:
     os.chmod(destination, os.stat(destination).st_mode | stat.S_IWUSR)
 
 
+def _make_directories_writable(root: Path) -> None:
+    """``chmod -R u+w`` for directories: ``copytree`` gives copies their origin's modes, and a
+    read-only directory in the package could not be cleared by the next run."""
+    for directory, _, _ in os.walk(root):
+        mode = os.stat(directory).st_mode
+        if not mode & stat.S_IWUSR:
+            os.chmod(directory, mode | stat.S_IWUSR)
+
+
 def _check_hard_mode(plan: Plan, origin: Path, packpath: Path) -> None:
     """Refuse before writing anything what hard mode would fail on half-way."""
     existing = next(p for p in (packpath, *packpath.parents) if p.exists())
@@ -553,9 +622,54 @@ def _check_hard_mode(plan: Plan, origin: Path, packpath: Path) -> None:
             relevant_data_column(action.source, calibrated=action.section == "calibrated")
 
 
-def _hard_link(source: str | os.PathLike[str], destination: str | os.PathLike[str]) -> None:
+def _check_movable(plan: Plan, packpath: Path) -> None:
+    """Refuse before moving anything a file move mode could not leave a symlink for.
+
+    A symlink at the origin is either a file moved by an earlier run (into this package or
+    another) or a link to something outside the reduction: moving it would move or strand
+    what it points at. Checked before the journal is written, so a refused run leaves nothing
+    to finish.
+    """
+    linked = [
+        action.source_text
+        for action in plan.actions
+        if action.kind == "move" and action.source_text and os.path.islink(action.source_text)
+    ]
+    if linked:
+        shown = ", ".join(linked[:5]) + (f" and {len(linked) - 5} more" if len(linked) > 5 else "")
+        raise PackagingError(
+            f"move mode cannot move symlinks (moved by an earlier run, or links to files "
+            f"elsewhere): {shown}; package them with mode='copy', or move the files they name"
+        )
+
+
+def _check_readable(plan: Plan, mode: str) -> None:
+    """Refuse before writing anything when a file the run must read cannot be read."""
+    reads = ("link",) if mode == "ticket" else ("copy", "link", "move")
+    unreadable = [
+        action.source_text
+        for action in plan.actions
+        if action.kind in reads
+        and action.source_text
+        and not os.access(action.source_text, os.R_OK)
+    ]
+    if unreadable:
+        shown = ", ".join(unreadable[:5])
+        more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
+        raise PackagingError(f"cannot read {shown}{more}: nothing was written")
+
+
+def _hard_link(
+    source: str | os.PathLike[str], destination: str | os.PathLike[str], *, cwd_fd: int
+) -> None:
+    """Hard-link ``source`` (a symlink: the file it names) at ``destination``.
+
+    ``os.link`` on Linux links a symlink itself, and a symlink in the package would be
+    dangling (relative) or outside it (absolute); ``linkat`` with ``AT_SYMLINK_FOLLOW``, which
+    Python uses only when given a directory descriptor, links the file.
+    """
     try:
-        os.link(source, destination)
+        os.link(source, destination, src_dir_fd=cwd_fd, follow_symlinks=True)
     except OSError as exc:
         if exc.errno == errno.EXDEV:
             raise PackagingError(
@@ -613,11 +727,13 @@ def _copy_or_link_chunk(
     member: Path,
     verify: bool,
     progress: Callable[[Action], None] | None,
+    cwd_fd: int,
 ) -> tuple[dict[str, str], list[str]]:
     """Copy or hard-link each file of ``chunk``, hashing it; ``({path: sha256}, problems)``."""
     known: dict[str, str] = {}
     problems: list[str] = []
     member_path = os.fspath(member)
+    make_link = functools.partial(_hard_link, cwd_fd=cwd_fd)
     for action in chunk:
         source = action.source_text
         assert source is not None
@@ -627,7 +743,7 @@ def _copy_or_link_chunk(
             if action.kind == "copy":
                 digest = copy_and_hash(source, target, verify=verify)
             else:
-                digest = link_and_hash(source, target, make_link=_hard_link)
+                digest = link_and_hash(source, target, make_link=make_link)
             known[target] = digest
         except PackagingError:
             raise
@@ -678,13 +794,14 @@ def _copy_or_link_all(
         for action in actions
         if action.kind != "link" or action.size_bytes >= THREADED_HASH_BYTES
     ]
+    cwd_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)  # relative sources for ``linkat``
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         try:
             futures = [
-                pool.submit(_copy_or_link_chunk, chunk, member, verify, progress)
+                pool.submit(_copy_or_link_chunk, chunk, member, verify, progress, cwd_fd)
                 for chunk in _chunks(threaded)
             ]
-            known, problems = _copy_or_link_chunk(inline, member, verify, progress)
+            known, problems = _copy_or_link_chunk(inline, member, verify, progress, cwd_fd)
             for future in futures:
                 chunk_known, chunk_problems = future.result()
                 known.update(chunk_known)
@@ -692,6 +809,8 @@ def _copy_or_link_all(
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+        finally:
+            os.close(cwd_fd)
     if problems:
         raise PackagingError("the package does not match its origin: " + "; ".join(problems))
     return known
@@ -735,13 +854,20 @@ def move_with_symlink(source: Path, destination: Path) -> None:
     os.replace(link, source)
 
 
+def _ticket_paths(packpath: Path) -> tuple[Path, Path]:
+    """``<packpath>.ticket.tar`` and ``<packpath>.ticket.zip``."""
+    return (
+        packpath.parent / f"{packpath.name}.ticket.tar",
+        packpath.parent / f"{packpath.name}.ticket.zip",
+    )
+
+
 def write_tickets(plan: Plan, packpath: Path, member: Path, *, real: bool) -> tuple[Path, Path]:
     """``<packpath>.ticket.tar`` and ``.ticket.zip``: README, QA files, scripts, expected size.
 
     In fake mode (``real=False``) both are 0-byte dummies, as the source document says.
     """
-    tar_path = packpath.parent / f"{packpath.name}.ticket.tar"
-    zip_path = packpath.parent / f"{packpath.name}.ticket.zip"
+    tar_path, zip_path = _ticket_paths(packpath)
     if not real:
         for path in (tar_path, zip_path):
             path.write_bytes(b"")
@@ -836,6 +962,7 @@ def package(
     _check_paths(origin, pack)
     if not header.is_file():
         raise PackagingError(f"readme {header} is not a file")
+    header_text = header.read_text()  # now: it may lie inside packpath, which is cleared
     journal = pack.parent / f"{pack.name}.move-journal.json"
     resumed = _read_journal(journal, origin, mode)
     member_relative = resumed if resumed is not None else _member_path(pack, append, style, uids)
@@ -845,25 +972,75 @@ def package(
     member = pack / member_relative
     if mode == "hard":
         _check_hard_mode(plan, origin, pack)
+    if mode == "move" and resumed is None:
+        _check_movable(plan, pack)
+    if mode != "fake":
+        _check_readable(plan, mode)
+    clearing = resumed is None and append == "" and pack.exists()
+    plan.actions = [
+        *([Action("remove", None, os.path.abspath(pack))] if clearing else []),
+        *plan.actions,
+        *(Action("write", None, os.path.abspath(path)) for path in _written(plan, pack, mode)),
+    ]
     if dry_run:
         return plan
-    if resumed is None:
-        if append == "" and pack.exists():
-            _refuse_if_linked_from(origin, pack)
-            shutil.rmtree(pack)  # only inside packpath, checked above
-        if member.exists():
-            raise PackagingError(f"{member} exists already: nothing is changed")
-        if mode == "move":
-            journal.write_text(
-                json.dumps({"origpath": str(origin.absolute()), "member": str(member_relative)})
-            )
+    if clearing:
+        _refuse_if_linked_from(origin, pack)
+        shutil.rmtree(pack)  # only inside packpath, checked above
+        manifest_path(pack).unlink(missing_ok=True)  # it described what was cleared
+    if resumed is None and member.exists():
+        raise PackagingError(f"{member} exists already: nothing is changed")
+    made_here = next(
+        (d for d in (*reversed((member_relative.parents[:-1])), member_relative)
+         if not (pack / d).exists()),
+        None,
+    )  # fmt: skip
+    if mode == "move" and resumed is None:
+        journal.write_text(
+            json.dumps({"origpath": str(origin.absolute()), "member": str(member_relative)})
+        )
+    try:
+        _carry_out(plan, pack, member, header_text, mode, progress, hash_workers, verify)
+    except BaseException:
+        # A member this run started and could not finish is removed (its origin is untouched):
+        # left, the next ``append`` would number past it. An interrupted move is finished by
+        # running it again instead (its journal).
+        if mode != "move" and made_here is not None:
+            shutil.rmtree(pack / made_here, ignore_errors=True)
+        raise
+    if mode == "move":
+        journal.unlink()
+    return plan
+
+
+def _written(plan: Plan, pack: Path, mode: str) -> list[Path]:
+    """The files a run writes besides the plan's (README, ticket files, manifest), in order."""
+    written = [pack / plan.member / _readme_name(plan.member), *_ticket_paths(pack)]
+    return written + ([manifest_path(pack)] if mode in ("copy", "hard", "move") else [])
+
+
+def _carry_out(
+    plan: Plan,
+    pack: Path,
+    member: Path,
+    header_text: str,
+    mode: str,
+    progress: Callable[[Action], None] | None,
+    hash_workers: int,
+    verify: bool,
+) -> None:
+    """Do the plan's actions, then write the README, ticket files and manifest."""
     member.mkdir(parents=True, exist_ok=True)
     parallel = ("copy", "link") if mode == "hard" else ("copy",)
     for action in plan.actions:
-        if action.kind not in parallel:
-            _execute(action, member, mode)
-            if progress is not None:
-                progress(action)
+        if action.kind in ("remove", "write", *parallel):
+            continue  # removal done before, writes after; copies and links below, in threads
+        _execute(action, member, mode)
+        if action.kind == "split-ms":  # the package holds the split, smaller than its origin
+            written = sum(size for _, _, size in _walk(member / action.destination_text))
+            plan.expected_size_bytes += written - action.size_bytes
+        if progress is not None:
+            progress(action)
     known = _copy_or_link_all(
         [action for action in plan.actions if action.kind in parallel],
         member,
@@ -872,17 +1049,14 @@ def package(
         progress=progress,
     )
     notes = "".join(f"\n{note}" for note in plan.notes if not note.startswith("not packaged:"))
-    readme_path = member / _readme_name(member_relative)
-    readme_path.write_text(header.read_text() + notes + "\n\nPackage contents:\n" + _tree(pack))
+    readme_path = member / _readme_name(plan.member)
+    readme_path.write_text(header_text + notes + "\n\nPackage contents:\n" + _tree(pack))
     plan.expected_size_bytes += readme_path.stat().st_size
     write_tickets(plan, pack, member, real=mode != "fake")
     if mode in ("copy", "hard", "move"):
-        write_manifest(pack, member_relative, workers=hash_workers, known=known)
+        write_manifest(pack, plan.member, workers=hash_workers, known=known)
         if verify:
             verify_against_sources(plan, pack)
-    if mode == "move":
-        journal.unlink()
-    return plan
 
 
 def QA_Packager(  # noqa: N802 (the source document's name)
