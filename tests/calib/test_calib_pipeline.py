@@ -232,3 +232,42 @@ def test_calibdata_metafits_and_the_deprecated_services(
         )
         far = client.get("/calib/get_calfile_for_obsid", params={"obs_id": CAL_OBS + 200_000})
         assert far.status_code == 400
+
+
+def test_a_second_fit_within_a_week_draws_its_history_plots(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """Two calibrators an hour apart, each fitted in its own session (as the dispatcher does).
+
+    The second fit's time-history plots read the first fit back from the database; its
+    ``fit_time`` must compare with the new fit's (SQLite used to give it back naive, and
+    drawing failed with "can't subtract offset-naive and offset-aware datetimes").
+    """
+    from datetime import UTC, timedelta
+
+    from observatory.calib import plots
+    from observatory.calib.models import CalibrationFit
+
+    later = CAL_OBS + 3600
+    fitids = []
+    for obsid in (CAL_OBS, later):
+        best = pointing.best_calibrator(obsid + 8, min_el_deg=30.0, sun_exclusion_deg=20.0)
+        assert best is not None
+        with session_factory() as session:
+            simulate_and_register(session, settings, obsid=obsid, sources=[catalogue_point_source(best[0].name)],
+                                  n_tiles=8, coarse_chans=tuple(range(109, 133)), fine_chan_khz=40.0,
+                                  int_time_s=2.0, n_timesteps=2, calibrator=best[0].name)  # fmt: skip
+            session.commit()
+            fitids.append(fit_observation(session, settings, obsid).fitid)  # draws every plot
+            session.commit()
+    first_id, second_id = fitids
+    for kind in plots.KINDS:
+        assert (settings.calib_dir / str(second_id) / "plots" / f"{kind}.png").is_file(), kind
+    with session_factory() as session:
+        first = session.get(CalibrationFit, first_id)
+        second = session.get(CalibrationFit, second_id)
+        assert first is not None and second is not None
+        for fit in (first, second):  # aware UTC on every backend
+            assert fit.fit_time.utcoffset() == timedelta(0) and fit.fit_time.tzinfo is UTC
+        assert timedelta(0) < second.fit_time - first.fit_time < timedelta(days=7)
+        assert [f.fitid for f in plots._history(session, second, 7)] == [first_id]

@@ -10,7 +10,6 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
-    DateTime,
     Float,
     ForeignKey,
     Index,
@@ -20,7 +19,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from observatory.core.database import Base, utcnow
+from observatory.core.database import Base, UTCDateTime, utcnow
 
 
 class ObservationMode(enum.StrEnum):
@@ -88,7 +87,7 @@ class Observation(Base):
     subarray_pointings: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
     created_by: Mapped[str] = mapped_column(String(100), default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     files: Mapped[list[ObservationFile]] = relationship(
         back_populates="observation",
@@ -128,7 +127,7 @@ class ObservationFile(Base):
     storage_key: Mapped[str] = mapped_column(String(500))
     coarse_chan: Mapped[int | None] = mapped_column(Integer)
     batch: Mapped[int | None] = mapped_column(Integer)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     observation: Mapped[Observation] = relationship(back_populates="files")
 

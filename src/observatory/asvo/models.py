@@ -10,7 +10,6 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
-    DateTime,
     ForeignKey,
     Index,
     Integer,
@@ -20,7 +19,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from observatory.core.database import Base, utcnow
+from observatory.core.database import Base, UTCDateTime, utcnow
 
 
 class JobType(IntEnum):
@@ -83,23 +82,21 @@ class Job(Base):
     priority: Mapped[int] = mapped_column(Integer, default=1)
     error_code: Mapped[int | None] = mapped_column(Integer)
     error_text: Mapped[str | None] = mapped_column(Text)
-    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    started: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    completed: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    completed: Mapped[datetime | None] = mapped_column(UTCDateTime)
     #: ``{"files": [...]}`` once completed (the get_jobs ``product``), else None.
     product: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     #: Storage key of the product tar (acacia) or the delivered directory (scratch, dug).
     product_location: Mapped[str | None] = mapped_column(String(500))
-    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
     #: The get_jobs row without ``id`` and ``product`` (JSON members, no braces), kept
     #: up to date on every change so that listing thousands of jobs is string joining.
     row_json: Mapped[str] = mapped_column(Text, default="")
     #: Last change of any kind: the websocket sends rows changed since it last looked.
-    updated: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow, onupdate=utcnow
-    )
+    updated: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
 @event.listens_for(Job, "before_insert")
@@ -139,9 +136,9 @@ class UwsJob(Base):
     phase: Mapped[str | None] = mapped_column(String(12))
     #: Why RUN could not submit the job (the ASVO refusal), for ``errorSummary``.
     error_text: Mapped[str | None] = mapped_column(Text)
-    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     #: When the job ended without becoming an ASVO job (ERROR at RUN, ABORT while PENDING).
-    ended: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    ended: Mapped[datetime | None] = mapped_column(UTCDateTime)
     asvo_job_id: Mapped[int | None] = mapped_column(
         ForeignKey("asvo_jobs.id", ondelete="CASCADE"), unique=True
     )

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from observatory.core.database import Base, utcnow
+from observatory.core.database import Base, UTCDateTime, utcnow
 
 
 class CalibrationFit(Base):
@@ -19,7 +19,7 @@ class CalibrationFit(Base):
     obsid: Mapped[int] = mapped_column(BigInteger, index=True)
     creator: Mapped[str] = mapped_column(String(50), default="calvin")
     code_version: Mapped[str] = mapped_column(String(50), default="")
-    fit_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    fit_time: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     fit_niter: Mapped[int | None] = mapped_column(Integer)
     fit_limit: Mapped[float | None] = mapped_column(Float)
     source_list: Mapped[str | None] = mapped_column(String(200))
@@ -87,16 +87,14 @@ class CalibrationRequest(Base):
     callback_url: Mapped[str | None] = mapped_column(String(2000))
     realtime: Mapped[bool] = mapped_column(Boolean, default=False)
     bulk_request: Mapped[bool] = mapped_column(Boolean, default=False)
-    request_added_datetime: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow
-    )
-    assigned_datetime: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    calibration_started_datetime: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    calibration_completed_datetime: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    request_added_datetime: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    assigned_datetime: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    calibration_started_datetime: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    calibration_completed_datetime: Mapped[datetime | None] = mapped_column(UTCDateTime)
     calibration_fit_id: Mapped[int | None] = mapped_column(BigInteger)
-    calibration_error_datetime: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    calibration_error_datetime: Mapped[datetime | None] = mapped_column(UTCDateTime)
     calibration_error_message: Mapped[str | None] = mapped_column(Text)
     callback_attempts: Mapped[int] = mapped_column(Integer, default=0)
-    callback_last_attempt_datetime: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    callback_delivered_datetime: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    callback_last_attempt_datetime: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    callback_delivered_datetime: Mapped[datetime | None] = mapped_column(UTCDateTime)
     callback_error_message: Mapped[str | None] = mapped_column(Text)

@@ -189,7 +189,7 @@ def deliver_callbacks(
                 wait = timedelta(
                     seconds=settings.calib_callback_backoff_s * 2 ** (request.callback_attempts - 1)
                 )
-                if (last if last.tzinfo else last.replace(tzinfo=UTC)) + wait > now:
+                if last + wait > now:
                     continue
             request.callback_attempts += 1
             request.callback_last_attempt_datetime = now

@@ -16,7 +16,7 @@ import time
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, timedelta, timezone
+from datetime import timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -402,8 +402,10 @@ def calibdata_hdu(fit: CalibrationFit, target_obsid: int) -> fits.BinTableHDU:
     header["TAROBSID"] = (target_obsid, "target observation")
     header["FILENAME"] = (Path(fit.solution_file or f"{fit.obsid}.bin").name, "solutions file")
     header["CALCDVER"] = (fit.code_version or "", "fit code version")
-    fitted = fit.fit_time if fit.fit_time.tzinfo else fit.fit_time.replace(tzinfo=UTC)
-    header["CALDTIME"] = (fitted.astimezone(AWST).isoformat(timespec="seconds"), "fit time (AWST)")
+    header["CALDTIME"] = (
+        fit.fit_time.astimezone(AWST).isoformat(timespec="seconds"),
+        "fit time (AWST)",
+    )
     header["CALCRTR"] = (fit.creator, "fit creator")
     header["CALITERS"] = (
         fit.fit_niter if fit.fit_niter is not None else -1,
@@ -450,8 +452,7 @@ def fits_between(
 
 def awst_time(fit: CalibrationFit) -> str:
     """When the fit ran, in AWST (the MWA's time zone)."""
-    fitted = fit.fit_time if fit.fit_time.tzinfo else fit.fit_time.replace(tzinfo=UTC)
-    return fitted.astimezone(AWST).strftime("%Y-%m-%d %H:%M:%S AWST")
+    return fit.fit_time.astimezone(AWST).strftime("%Y-%m-%d %H:%M:%S AWST")
 
 
 @dataclass(frozen=True)

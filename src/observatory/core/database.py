@@ -8,9 +8,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import MetaData, create_engine, event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import DateTime, MetaData, create_engine, event
+from sqlalchemy.engine import Dialect, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.types import TypeDecorator
 
 #: The largest integer an SQLite INTEGER or a PostgreSQL BIGINT holds: numbers from a request
 #: above it must be refused before they reach a query (the drivers raise OverflowError).
@@ -38,6 +39,33 @@ class Base(DeclarativeBase):
 def utcnow() -> datetime:
     """Timezone-aware current UTC time (the default of every timestamp column)."""
     return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A ``DateTime(timezone=True)`` column that is an aware UTC datetime on every backend.
+
+    The type of every timestamp column. PostgreSQL's ``timestamptz`` reads back aware (in the
+    connection's zone); SQLite keeps text without an offset and reads back naive, which then
+    cannot be compared with an aware ``utcnow()`` made in this process (a new calibration fit
+    against earlier ones failed so), and drops the offset of a non-UTC value it is given (a
+    search from ``12:00+08:00`` compared as 12:00 UTC). Written as UTC (naive taken as UTC),
+    read as aware UTC. The database column is ``DateTime(timezone=True)``: no migration.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        # SQLite writes the wall time and drops the offset: make it the UTC wall time.
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        moment: datetime = value
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
