@@ -103,3 +103,38 @@ def test_migrations_match_models(migrated_db_url: str) -> None:
     from observatory.core.migrate import alembic_config
 
     command.check(alembic_config(migrated_db_url))
+
+
+def test_sqlite_savepoint_transactions_wait_for_other_writers(tmp_path: Path) -> None:
+    """Read-then-write under a savepoint (as a job submission's duplicate check) while another
+    connection keeps committing: each waits for the lock instead of 'database is locked'."""
+    import threading
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'busy.db'}")
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE jobs (id INTEGER PRIMARY KEY, owner TEXT)"))
+    failures: list[BaseException] = []
+
+    def keep_writing() -> None:
+        try:
+            for _ in range(300):
+                with engine.begin() as connection:
+                    connection.execute(text("INSERT INTO jobs (owner) VALUES ('dispatcher')"))
+        except BaseException as exc:  # reported by the test
+            failures.append(exc)
+
+    writer = threading.Thread(target=keep_writing)
+    writer.start()
+    try:
+        for _ in range(300):
+            with Session(engine) as session:
+                with session.begin_nested():
+                    session.execute(text("SELECT count(*) FROM jobs")).scalar()
+                    session.execute(text("INSERT INTO jobs (owner) VALUES ('submitter')"))
+                session.commit()
+    finally:
+        writer.join()
+    assert not failures
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM jobs")).scalar() == 600
+    engine.dispose()

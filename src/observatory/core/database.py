@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import DateTime, MetaData, create_engine, event
-from sqlalchemy.engine import Dialect, Engine, make_url
+from sqlalchemy.engine import Connection, Dialect, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -77,6 +77,21 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _sqlite_savepoint_as_writer(connection: Connection, _name: str | None) -> None:
+    """A savepoint that starts a SQLite transaction starts it as a writer (``BEGIN IMMEDIATE``).
+
+    pysqlite begins a transaction at the first write, or at a savepoint. Begun at a
+    savepoint, the transaction reads (a duplicate check, say) from a snapshot, and when it
+    then writes after another connection has committed, SQLite answers "database is locked"
+    at once (its snapshot is stale: the busy timeout cannot help). Taking the write lock
+    first waits for the other writer instead. Found submitting jobs while the dispatcher
+    wrote, on a loaded machine.
+    """
+    dbapi_connection = connection.connection.dbapi_connection
+    if dbapi_connection is not None and not dbapi_connection.in_transaction:
+        dbapi_connection.execute("BEGIN IMMEDIATE")
+
+
 def make_engine(database_url: str) -> Engine:
     """Create an engine for ``database_url``; SQLite gets WAL mode and foreign keys.
 
@@ -88,6 +103,7 @@ def make_engine(database_url: str) -> Engine:
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _configure_sqlite)
+        event.listen(engine, "savepoint", _sqlite_savepoint_as_writer)
         return engine
     # As many pooled connections as requests can run at once (Starlette's thread pool runs
     # 40): with SQLAlchemy's default 5, busy servers open and close a connection per
