@@ -6,12 +6,14 @@ import itertools
 import json
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import urlencode
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from observatory.app import create_app
@@ -461,6 +463,12 @@ def test_find_filters_pages_and_html(client: TestClient) -> None:
     assert find(pagesize=2, page=2) == ids[2:4]
     assert find(mintime_utc="2000-01-01T00:00:00", maxtime_utc="2100-01-01T00:00:00") == ids
     assert find(maxtime_utc="2000-01-01T00:00:00") == []
+    # A time with a zone is that instant (SQLite once compared its wall time as UTC).
+    made_at = datetime.fromisoformat(client.get("/trigger/show", params={"trigger_id": ids[0]}).json()["created_datetime"]).replace(tzinfo=UTC)  # fmt: skip
+    in_perth = (made_at - timedelta(minutes=1)).astimezone(timezone(timedelta(hours=8)))
+    assert find(mintime_utc=in_perth.isoformat()) == ids
+    in_perth = (made_at + timedelta(hours=1)).astimezone(timezone(timedelta(hours=8)))
+    assert find(mintime_utc=in_perth.isoformat()) == []
     # TraceT's link: every filter present, most of them empty.
     tracet = client.get(f"/trigger/find/?search=search&html=1&pagesize=100&trigger_id={ids[1]}&trigger_mode="
                         "&pretend=&success=&mintime_utc=&maxtime_utc=&project_id=&obsname=&creator=")  # fmt: skip
@@ -511,7 +519,8 @@ def test_triggerbuffer(
     result = trigger(client, "triggerbuffer", obstime=120, pretend="false")
     assert result["success"] is True, result["errors"]
     params = result["params"]
-    assert params["capture_start"] == pytest.approx(now - settings.trigger_buffer_s, abs=3)
+    # Buffering began 64 s before the call: the buffer holds nothing older than that.
+    assert params["capture_start"] == buffer_start and params["buffering_since"] == buffer_start
     assert params["capture_end"] == pytest.approx(now + 120, abs=3)
     rows = {r["obsid"]: r for r in schedule(session_factory)}
     new_start = result["obsid_list"][-1]
@@ -561,3 +570,237 @@ def test_avoidsun_puts_the_sun_in_a_null(
     assert at_chosen < settings.trigger_sun_threshold < at_nearest
     assert chosen["sun_attenuation_db"] > 10
     assert chosen["target_power"] > 0.2  # the target stays in the main lobe
+
+
+def _service_projects(session: Session) -> None:
+    for project_id, key in KEYS.items():
+        create_project(session, project_id, priority=PRIORITIES[project_id], secure_key=key)
+    session.commit()
+
+
+def _zenith_at(gps: float) -> tuple[float, float]:
+    return round(float(pointing.local_apparent_sidereal_deg([gps])[0]), 4), -26.7
+
+
+@pytest.mark.parametrize("pretend", ["0", "1"])
+def test_a_voltage_capture_about_to_start_is_not_cut(
+    settings: Settings, session_factory: sessionmaker[Session], pretend: str
+) -> None:
+    """A capture starting at T, triggered over at T - 3.4 s: it would be running at the cut (T + 8)."""
+    capture_start = 1_450_324_816  # a multiple of 8
+    now = capture_start - 3.4
+    ra, dec = _zenith_at(now)
+    with session_factory() as session:
+        _service_projects(session)
+        session.add(Observation(obsid=capture_start, stoptime=capture_start + 600, project_id="C001",
+                                mode="MWAX_VCS", obsname="vcs capture"))  # fmt: skip
+        session.commit()
+        assert service.first_start_gps(now) == capture_start + 8
+        assert service.is_busy(session, "D0009", 60, now=now) is True
+        result = service.trigger_observations(
+            session, settings, {"project_id": "D0009", "secure_key": KEYS["D0009"], "ra": ra,
+                                "dec": dec, "nobs": 1, "exptime": 32, "pretend": pretend},
+            vcs=False, now=now,
+        )  # fmt: skip
+        assert result["success"] is False
+        assert "voltage capture in progress" in " ".join(result["errors"].values())
+        (row,) = session.scalars(select(Observation)).all()
+        assert (row.obsid, row.stoptime) == (capture_start, capture_start + 600)
+        # A capture that would not have started by the cut may still be replaced.
+        row.obsid, row.stoptime = capture_start + 8, capture_start + 608
+        session.commit()
+        assert service.is_busy(session, "D0009", 60, now=now) is False
+        replaced = service.trigger_observations(
+            session, settings, {"project_id": "D0009", "secure_key": KEYS["D0009"], "ra": ra,
+                                "dec": dec, "nobs": 1, "exptime": 32, "pretend": "1"},
+            vcs=False, now=now,
+        )  # fmt: skip
+        assert replaced["success"] is True, replaced["errors"]
+        assert f"Would delete {capture_start + 8}" in replaced["clear"]["stdout"]
+
+
+def test_avoidsun_follows_the_sun_through_an_hour_long_trigger(settings: Settings) -> None:
+    """Each observation is pointed for where the Sun is at its own midpoint, not at the start."""
+    noon = 1_450_324_818
+    sun_ra, sun_dec = pointing.body_radec("sun", noon)
+    raw = {"ra": (sun_ra + 15.0) % 360, "dec": sun_dec, "nobs": 30, "exptime": 120,
+           "avoidsun": "yes", "freqspecs": "121,24", "pretend": "1"}  # fmt: skip
+    request = service.read_trigger_request(raw, vcs=False, when_gps=noon)
+    assert request.errors == []
+    planned = service.plan(request, service.first_start_gps(noon), settings)
+    assert len(planned) == 30 and planned[-1].stoptime - planned[0].obsid == 3600
+    freq_hz = 1.28e6 * 120.5  # the middle of channels 109..132
+    midpoints = np.array([o.midpoint_gps for o in planned])
+    sun_ras, sun_decs = pointing.bodies_radec("sun", midpoints)
+    sun_az, sun_el = pointing.azel_at(sun_ras, sun_decs, midpoints)
+    assert (sun_el > 0).all()
+    for i, observation in enumerate(planned):
+        (entry,) = observation.pointings
+        expected = pointing.avoid_sun(entry["target_az_deg"], entry["target_el_deg"], sun_az[i],
+                                      sun_el[i], freq_hz, threshold=settings.trigger_sun_threshold)  # fmt: skip
+        assert entry["grid_number"] == expected.grid_number, observation.obsid
+        at_sun = pointing.beam_power(entry["delays"], sun_az[i : i + 1], sun_el[i : i + 1], freq_hz)
+        assert at_sun[0] == pytest.approx(entry["sun_power"], rel=1e-6, abs=1e-12)
+        if expected.sun_power < settings.trigger_sun_threshold:
+            assert at_sun[0] < settings.trigger_sun_threshold, observation.obsid
+    # The Sun moves across the sky in an hour: the pointing has to change with it.
+    assert len({o.pointings[0]["grid_number"] for o in planned}) > 1
+
+
+def test_avoidsun_checks_whether_the_sun_is_up_at_each_observation(settings: Settings) -> None:
+    """A trigger starting before sunrise: observations after sunrise avoid the Sun."""
+    day = 1_450_324_818
+    times = day - np.arange(0, 12 * 3600, 60.0)
+    ras, decs = pointing.bodies_radec("sun", times)
+    _, els = pointing.azel_at(ras, decs, times)
+    sunrise = float(times[np.flatnonzero(els < 0)[0]])  # the last minute the Sun was down
+    start = int(sunrise - 1800) // 8 * 8
+    sun_ra, sun_dec = pointing.body_radec("sun", sunrise + 1800)
+    raw = {"ra": (sun_ra + 15.0) % 360, "dec": sun_dec, "nobs": 30, "exptime": 120,
+           "avoidsun": "yes", "freqspecs": "121,24", "pretend": "1"}  # fmt: skip
+    request = service.read_trigger_request(raw, vcs=False, when_gps=start)
+    planned = service.plan(request, start, settings)
+    avoided = ["sun_power" in o.pointings[0] for o in planned]
+    before = [o.midpoint_gps < sunrise for o in planned]
+    assert any(before) and not all(before)
+    assert not any(a for a, b in zip(avoided, before, strict=True) if b)
+    assert any(a for a, b in zip(avoided, before, strict=True) if not b)
+
+
+def test_integers_other_than_0_and_1_are_booleans(client: TestClient) -> None:
+    """current=2, pretend=2, avoidsun=2, calibrator=2: a non-zero integer is true."""
+    reply = client.get("/trigger/obslist", params={"current": 2})
+    assert reply.status_code == 200 and reply.json() == []
+    ra, dec = zenith_radec()
+    result = trigger(client, ra=ra, dec=dec, nobs=1, pretend=2, avoidsun=2, calibrator=2)
+    assert result["params"]["pretend"] is True and result["params"]["avoidsun"] is True
+    assert result["params"]["calibrator"] is True
+    assert not any("is not in the catalogue" in e for e in result["errors"].values())
+    assert result["success"] is True, result["errors"]
+    # A calibrator was chosen, or (pretend) a warning says none is up at this hour.
+    assert result["params"]["calname"] or "no standard calibrator" in " ".join(
+        result["params"]["warnings"]
+    )
+    off = trigger(client, ra=ra, dec=dec, nobs=1, avoidsun=0, calibrator="00")
+    assert off["params"]["avoidsun"] is False and off["params"]["calibrator"] is False
+    refused = trigger(client, ra=ra, dec=dec, nobs=1, pretend="99999999999999999999999")
+    assert refused["success"] is False and "pretend" in refused["errors"]["0"]
+
+
+def test_find_with_only_desc_or_pretty_gives_results(client: TestClient) -> None:
+    """The wiki: desc, "if supplied, with any value", reverses the order."""
+    ra, dec = zenith_radec()
+    ids = [trigger(client, ra=ra, dec=dec, nobs=1)["trigger_id"] for _ in range(2)]
+    for query in ("desc", "desc=", "desc=0"):
+        reply = client.get(f"/trigger/find?{query}")
+        assert reply.status_code == 200 and reply.headers["content-type"].startswith(
+            "application/json"
+        ), query
+        assert [t["trigger_id"] for t in reply.json()] == ids[::-1], query
+    pretty = client.get("/trigger/find?pretty=1")
+    assert pretty.status_code == 200 and pretty.text.startswith("[\n")
+    assert [t["trigger_id"] for t in pretty.json()] == ids
+    assert [t["trigger_id"] for t in client.get("/trigger/find?trigger_id=").json()] == ids
+    form = client.get("/trigger/find")
+    assert "<form" in form.text and 'id="results"' not in form.text
+
+
+def test_subarray_quarters_and_halves_are_even() -> None:
+    """The wiki: halves hold about half the tiles, quarters about a quarter."""
+    tiles = service.subarray_tiles()
+    sizes = service.subarray_sizes()
+    assert [sizes[q] for q in ("all_ne", "all_nw", "all_se", "all_sw")] == [32] * 4
+    assert [sizes[h] for h in ("all_north", "all_south", "all_east", "all_west")] == [64] * 4
+    quarters = [set(tiles[q]) for q in ("all_ne", "all_nw", "all_se", "all_sw")]
+    assert set().union(*quarters) == set(range(128)) and sum(map(len, quarters)) == 128
+    assert set(tiles["all_ne"]) | set(tiles["all_nw"]) == set(tiles["all_north"])
+    assert set(tiles["all_se"]) | set(tiles["all_sw"]) == set(tiles["all_south"])
+    assert set(tiles["all_north"]).isdisjoint(tiles["all_south"])
+    assert set(tiles["all_east"]).isdisjoint(tiles["all_west"])
+
+
+def test_subarray_schedule_commands_name_every_subarray_pointing(client: TestClient) -> None:
+    ra, dec = zenith_radec()
+    ras = [ra, (ra + 5) % 360, (ra + 10) % 360, (ra + 15) % 360]
+    names = ["all_ne", "all_nw", "all_se", "all_sw"]
+    result = trigger(client, ra=json.dumps(ras), dec=dec, nobs=2, exptime=64,
+                     subarrays=json.dumps(names))  # fmt: skip
+    assert result["success"] is True, result["errors"]
+    lines = result["schedule"]["command"].split(" ;\n")
+    assert len(lines) == 2
+    for line in lines:
+        for name, target_ra in zip(names, ras, strict=True):
+            assert f"--subarray={name} --alt=" in line
+            assert f"--ra={target_ra:.6f} --dec={dec:.6f}" in line
+    info = [x for x in result["schedule"]["stderr"].splitlines() if x.startswith("INFO:")]
+    assert len(info) == 2 and all(all(name in x for name in names) for x in info)
+    pointings = result["params"]["pointings"]
+    assert [p["n_tiles"] for p in pointings] == [32] * 4
+
+
+def _buffer_call(session: Session, settings: Settings, now: float, **params: Any) -> dict[str, Any]:
+    raw = {"project_id": "G0055", "secure_key": KEYS["G0055"], "pretend": "0", **params}
+    return service.trigger_buffer(session, settings, raw, now=now)
+
+
+def test_triggerbuffer_claims_no_data_from_before_buffering_began(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    now = 1_450_324_816 + 0.5
+    buffering = 1_450_324_816 - 96  # 96 s of buffer, less than the 240 s it can hold
+    with session_factory() as session:
+        _service_projects(session)
+        session.add(Observation(obsid=buffering - 400, stoptime=buffering, project_id="C001",
+                                mode="MWAX_CORRELATOR", obsname="correlating"))  # fmt: skip
+        session.add(Observation(obsid=buffering, stoptime=buffering + 800, project_id="C001",
+                                mode="MWAX_BUFFER", obsname="buffering"))  # fmt: skip
+        session.commit()
+        for start_time in (0, now - 200):  # as much as possible; earlier than the buffer holds
+            result = _buffer_call(session, settings, now, start_time=start_time, obstime=16,
+                                  pretend="1")  # fmt: skip
+            assert result["success"] is True, result["errors"]
+            assert result["params"]["capture_start"] == buffering
+            assert result["schedule"]["command"].startswith(
+                f"triggerbuffer.py --start={buffering} "
+            )
+            assert result["obsid_list"][0] == buffering  # not the correlator observation before it
+        later = _buffer_call(session, settings, now, start_time=now - 50, obstime=16, pretend="1")
+        assert later["params"]["capture_start"] == now - 50
+        # Buffering in two observations back to back: the buffer runs across both.
+        session.add(Observation(obsid=buffering - 400 + 8, stoptime=buffering, project_id="C001",
+                                mode="MWAX_BUFFER", obsname="buffering before"))  # fmt: skip
+        session.execute(delete(Observation).where(Observation.obsid == buffering - 400))
+        session.commit()
+        chained = _buffer_call(session, settings, now, obstime=16, pretend="1")
+        assert chained["params"]["capture_start"] == now - settings.trigger_buffer_s
+
+
+def test_triggerbuffer_is_refused_once_the_dump_capture_has_ended(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    now = 1_450_324_816 + 0.5
+    with session_factory() as session:
+        _service_projects(session)
+        session.add(Observation(obsid=int(now) - 96, stoptime=int(now) + 800,
+                                project_id="C001", mode="MWAX_BUFFER", obsname="buffering"))  # fmt: skip
+        session.commit()
+        dump = _buffer_call(session, settings, now, obstime=30)
+        assert dump["success"] is True, dump["errors"]
+        capture = session.scalars(
+            select(Observation).where(Observation.mode == "VOLTAGE_BUFFER")
+        ).one()
+        # While the capture runs, a null dump (the settings of the capture) is still accepted...
+        during = _buffer_call(session, settings, capture.obsid + 8.0, start_time=0, end_time=0)
+        assert during["success"] is True, during["errors"]
+        # ...but once it has ended nothing is buffering: the dump took the buffer.
+        after = capture.stoptime + 20.0
+        for params in ({"obstime": 30}, {"start_time": 0, "end_time": 0}):
+            refused = _buffer_call(session, settings, after, pretend="1", **params)
+            assert refused["success"] is False
+            assert "not buffering" in " ".join(refused["errors"].values())
+        # An ordinary observation in progress is not buffering either.
+        session.add(Observation(obsid=capture.stoptime + 8, stoptime=capture.stoptime + 400,
+                                project_id="C001", mode="MWAX_CORRELATOR", obsname="next"))  # fmt: skip
+        session.commit()
+        refused = _buffer_call(session, settings, capture.stoptime + 20.0, obstime=30)
+        assert refused["success"] is False and "MWAX_CORRELATOR" in refused["errors"]["0"]

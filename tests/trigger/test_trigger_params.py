@@ -13,6 +13,7 @@ from observatory.trigger.params import (
     as_number,
     as_str_list,
     decode_value,
+    is_bool_word,
     merge_request_parameters,
 )
 
@@ -64,3 +65,26 @@ def test_python_literals_are_parsed_never_evaluated() -> None:
     assert decode_value("['Sun', 'Moon']") == ["Sun", "Moon"]
     # Not a literal: kept as text, nothing runs.
     assert decode_value("__import__('os').system('false')") == "__import__('os').system('false')"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("2", True), ("-1", True), ("+7", True), ("00", False), (2, True), (0, False), (-3, True)],
+)
+def test_integers_are_booleans_non_zero_is_true(value: object, expected: bool) -> None:
+    # The wiki: current is true for "a non-zero integer"; pretend, avoidsun and calibrator
+    # take "Boolean, integer, or string".
+    assert as_bool("current", value) is expected
+    assert is_bool_word(value)
+
+
+@pytest.mark.parametrize(
+    "value", [float("nan"), float("inf"), 1e300, "99999999999999999999999", "1e300", "NaN", "2.5"]
+)
+def test_non_finite_huge_and_fractional_booleans_are_refused(value: object) -> None:
+    with pytest.raises(ParameterError, match="pretend"):
+        as_bool("pretend", value)
+
+
+def test_source_names_are_not_booleans() -> None:
+    assert not is_bool_word("3C444") and not is_bool_word("HydA")

@@ -107,3 +107,27 @@ def test_best_calibrator_is_the_highest_one_up() -> None:
     source, _, el = cal
     assert el >= 30.0 and source.is_calibrator
     assert pointing.best_calibrator(GPS, min_el_deg=89.9, sun_exclusion_deg=20.0) is None
+
+
+def test_avoid_sun_many_matches_one_at_a_time() -> None:
+    target_az, target_el = np.array([30.0, 200.0, 10.0]), np.array([70.0, 50.0, 85.0])
+    sun_az, sun_el = np.array([80.0, 210.0, 300.0]), np.array([65.0, 40.0, 60.0])
+    freqs = np.array([150e6, 120e6, 150e6])
+    many = pointing.avoid_sun_many(target_az, target_el, sun_az, sun_el, freqs, threshold=1e-3)
+    for i, choice in enumerate(many):
+        grid = pointing.sweet_grid()
+        power = pointing.beam_power(
+            grid.delays[choice.grid_number], target_az[i : i + 1], target_el[i : i + 1], freqs[i]
+        )
+        assert power[0] == pytest.approx(choice.target_power)
+        assert choice.sun_power < 1e-3 or choice.sun_power == pytest.approx(
+            pointing.avoid_sun(target_az[i], target_el[i], sun_az[i], sun_el[i], freqs[i],
+                               threshold=1e-3).sun_power
+        )  # fmt: skip
+
+
+def test_bodies_radec_agrees_with_body_radec() -> None:
+    times = np.array([GPS, GPS + 3600.0, GPS + 7200.0])
+    ra, dec = pointing.bodies_radec("sun", times)
+    for t, r, d in zip(times, ra, dec, strict=True):
+        assert (r, d) == pytest.approx(pointing.body_radec("sun", float(t)))

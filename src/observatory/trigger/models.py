@@ -10,10 +10,10 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Index, Integer, String
+from sqlalchemy import JSON, BigInteger, Boolean, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from observatory.core.database import Base, utcnow
+from observatory.core.database import Base, UTCDateTime, utcnow
 
 
 class TriggerMode(enum.StrEnum):
@@ -42,9 +42,7 @@ class Trigger(Base):
     errors: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     #: The reply the caller got, whole.
     result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow, index=True
-    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 
 class ScheduleLock(Base):

@@ -19,6 +19,8 @@ from urllib.parse import parse_qsl
 
 TRUE_WORDS = frozenset({"true", "1", "y", "yes", "on", "t"})
 FALSE_WORDS = frozenset({"false", "0", "n", "no", "off", "f", "", "none"})
+#: An integer written out (ASCII digits only: int() also reads other scripts' digits).
+_INTEGER = re.compile(r"[+-]?[0-9]+")
 _NUMPY_SCALAR = re.compile(r"np\.(?:float|int)\d*\(([^()]*)\)")
 #: No trigger parameter is meaningful beyond this (2**53, the largest whole number a float
 #: holds exactly); it keeps times and ids computed from them inside a database integer.
@@ -100,30 +102,45 @@ def decode_value(value: Any) -> Any:
 
 
 def as_bool(name: str, value: Any) -> bool:
-    """true/false, 1/0, y/n, yes/no, on/off in any case (and real booleans).
+    """A boolean, an integer (non-zero is true) or a word: true/false, y/n, yes/no, on/off, t/f.
+
+    The wiki's rule for ``current`` ("true: a non-zero integer") and for ``pretend``,
+    ``avoidsun`` and ``calibrator`` ("Boolean, integer, or string").
 
     Raises
     ------
     ParameterError
-        For anything else.
+        For anything else, and for a number that is not finite or is beyond 2**53.
     """
     if isinstance(value, bool):
         return value
     if isinstance(value, int | float):
+        if not abs(value) <= LARGEST_NUMBER:  # NaN, infinities, huge
+            raise ParameterError(f"{name}: {value!r} is out of range")
         return value != 0
     text = str(value).strip().lower()
     if text in TRUE_WORDS:
         return True
     if text in FALSE_WORDS:
         return False
-    raise ParameterError(f"{name}: {value!r} is not a boolean (use true/false, 1/0, y/n, on/off)")
+    if _INTEGER.fullmatch(text):
+        if abs(int(text)) > LARGEST_NUMBER:
+            raise ParameterError(f"{name}: {value!r} is out of range")
+        return int(text) != 0
+    raise ParameterError(
+        f"{name}: {value!r} is not a boolean (use true/false, an integer, y/n, on/off)"
+    )
 
 
 def is_bool_word(value: Any) -> bool:
-    """Whether ``value`` reads as a boolean (``calibrator`` is a boolean or a source name)."""
+    """Whether ``value`` is meant as a boolean (``calibrator`` is a boolean or a source name).
+
+    Booleans, numbers, integers written out and the words ``as_bool`` knows.
+    """
     if isinstance(value, bool | int | float):
         return True
-    return str(value).strip().lower() in TRUE_WORDS | FALSE_WORDS
+    text = str(value).strip().lower()
+    return text in TRUE_WORDS | FALSE_WORDS or bool(_INTEGER.fullmatch(text))
 
 
 def as_float_list(name: str, value: Any) -> list[float]:

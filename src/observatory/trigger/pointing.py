@@ -261,6 +261,33 @@ def _body_radec(name: str, gps_seconds: int) -> tuple[float, float]:
     return float(body.ra.deg), float(body.dec.deg)
 
 
+def bodies_radec(
+    name: str, gps_seconds: NDArray[np.float64] | list[float]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """``body_radec`` at many times: one astropy ephemeris call for all of them.
+
+    Positions are taken at the middle of each time's ten minutes (as ``body_radec``).
+    """
+    gps = np.atleast_1d(np.asarray(gps_seconds, dtype=np.float64))
+    buckets = (gps // 600).astype(np.int64) * 600 + 300
+    unique, index = np.unique(buckets, return_inverse=True)
+    ra, dec = _bodies_radec(name.lower(), tuple(int(b) for b in unique))
+    return ra[index.ravel()], dec[index.ravel()]
+
+
+@lru_cache(maxsize=64)
+def _bodies_radec(
+    name: str, gps_seconds: tuple[int, ...]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    if len(gps_seconds) == 1:
+        ra, dec = _body_radec(name, gps_seconds[0])
+        return np.array([ra]), np.array([dec])
+    ensure_astropy_offline()
+    unix = [gps_to_unix(float(g)) for g in gps_seconds]
+    body = get_body(name, Time(unix, format="unix", scale="utc"))
+    return np.asarray(body.ra.deg, dtype=np.float64), np.asarray(body.dec.deg, dtype=np.float64)
+
+
 @dataclass(frozen=True)
 class SunAvoidance:
     """The pointing chosen to put the Sun in a null, and what it achieves."""
@@ -294,45 +321,90 @@ def avoid_sun(
     search_radius_deg: float = 30.0,
     min_el_deg: float = 20.0,
 ) -> SunAvoidance:
-    """The grid pointing near a target whose beam best keeps the Sun out.
+    """The grid pointing near a target whose beam best keeps the Sun out (see ``avoid_sun_many``)."""
+    (choice,) = avoid_sun_many(
+        np.array([target_az_deg]), np.array([target_el_deg]), np.array([sun_az_deg]),
+        np.array([sun_el_deg]), np.array([freq_hz]), threshold=threshold,
+        search_radius_deg=search_radius_deg, min_el_deg=min_el_deg,
+    )  # fmt: skip
+    return choice
+
+
+def avoid_sun_many(
+    target_az_deg: NDArray[np.float64],
+    target_el_deg: NDArray[np.float64],
+    sun_az_deg: NDArray[np.float64],
+    sun_el_deg: NDArray[np.float64],
+    freq_hz: NDArray[np.float64],
+    *,
+    threshold: float,
+    search_radius_deg: float = 30.0,
+    min_el_deg: float = 20.0,
+) -> list[SunAvoidance]:
+    """For each (target, Sun, frequency), the grid pointing whose beam best keeps the Sun out.
 
     Among grid points within ``search_radius_deg`` of the target and above
     ``min_el_deg`` (the nearest point always included), keep those whose power
     towards the Sun is below ``threshold`` (zenith-normalised) and take the one
     with the most power towards the target; if none is below it, the one with
     the smallest Sun-to-target power ratio.
+
+    Vectorised over the cases: the beam of each candidate grid point is worked
+    out once per frequency, towards every target and Sun position at once.
     """
     grid = sweet_grid()
-    nearest = nearest_grid_point(target_az_deg, target_el_deg)
-    separation = np.degrees(
-        np.arccos(np.clip(grid.unit_vectors @ azel_to_enu(target_az_deg, target_el_deg), -1.0, 1.0))
+    target_az, target_el = np.atleast_1d(target_az_deg), np.atleast_1d(target_el_deg)
+    sun_az, sun_el = np.atleast_1d(sun_az_deg), np.atleast_1d(sun_el_deg)
+    freqs = np.broadcast_to(np.atleast_1d(np.asarray(freq_hz, dtype=np.float64)), target_az.shape)
+    n = len(target_az)
+    if n == 0:
+        return []
+    nearest = nearest_grid_points(target_az, target_el)
+    cos_separation = azel_to_enu(target_az, target_el) @ grid.unit_vectors.T  # cases x grid
+    candidate = (cos_separation >= math.cos(math.radians(search_radius_deg))) & (
+        grid.el_deg >= min_el_deg
     )
-    candidates = np.flatnonzero((separation <= search_radius_deg) & (grid.el_deg >= min_el_deg))
-    candidates = np.union1d(candidates, [nearest])
-    directions_az = np.array([target_az_deg, sun_az_deg])
-    directions_el = np.array([target_el_deg, sun_el_deg])
-    powers = np.array(
-        [beam_power(grid.delays[i], directions_az, directions_el, freq_hz) for i in candidates]
+    candidate[np.arange(n), nearest] = True
+    target_power = np.zeros(candidate.shape)
+    sun_power = np.zeros(candidate.shape)
+    for freq in np.unique(freqs):
+        cases = np.flatnonzero(freqs == freq)
+        directions_az = np.concatenate([target_az[cases], sun_az[cases]])
+        directions_el = np.concatenate([target_el[cases], sun_el[cases]])
+        for point in np.flatnonzero(candidate[cases].any(axis=0)):
+            power = beam_power(grid.delays[point], directions_az, directions_el, float(freq))
+            target_power[cases, point] = power[: len(cases)]
+            sun_power[cases, point] = power[len(cases) :]
+    quiet = candidate & (sun_power < threshold)
+    ratio = np.where(candidate, sun_power / np.maximum(target_power, 1e-12), np.inf)
+    best = np.where(
+        quiet.any(axis=1),
+        np.argmax(np.where(quiet, target_power, -1.0), axis=1),
+        np.argmin(ratio, axis=1),
     )
-    target_power, sun_power = powers[:, 0], powers[:, 1]
-    quiet = sun_power < threshold
-    if quiet.any():
-        best = int(np.argmax(np.where(quiet, target_power, -1.0)))
-    else:
-        best = int(np.argmin(sun_power / np.maximum(target_power, 1e-12)))
-    chosen = int(candidates[best])
-    at_nearest = int(np.flatnonzero(candidates == nearest)[0])
-    return SunAvoidance(
-        grid_number=int(grid.number[chosen]),
-        az_deg=float(grid.az_deg[chosen]),
-        el_deg=float(grid.el_deg[chosen]),
-        delays=tuple(int(d) for d in grid.delays[chosen]),
-        target_power=float(target_power[best]),
-        sun_power=float(sun_power[best]),
-        nearest_grid_number=int(grid.number[nearest]),
-        nearest_sun_power=float(sun_power[at_nearest]),
-        nearest_target_power=float(target_power[at_nearest]),
-    )
+    rows = np.arange(n)
+    return [
+        SunAvoidance(
+            grid_number=int(grid.number[chosen]),
+            az_deg=float(grid.az_deg[chosen]),
+            el_deg=float(grid.el_deg[chosen]),
+            delays=tuple(int(d) for d in grid.delays[chosen]),
+            target_power=float(tp),
+            sun_power=float(sp),
+            nearest_grid_number=int(grid.number[near]),
+            nearest_sun_power=float(nsp),
+            nearest_target_power=float(ntp),
+        )
+        for chosen, near, tp, sp, ntp, nsp in zip(
+            best,
+            nearest,
+            target_power[rows, best],
+            sun_power[rows, best],
+            target_power[rows, nearest],
+            sun_power[rows, nearest],
+            strict=True,
+        )
+    ]
 
 
 def best_calibrator(

@@ -212,13 +212,12 @@ def show(session: SessionDep, params: ParamsDep) -> Response:
 
 @_endpoint("/find")
 def find(request: Request, session: SessionDep, params: ParamsDep) -> Response:
-    """Past trigger calls: a search form without parameters; JSON, or HTML with ``html``."""
-    given = {k: v for k, v in params.items() if k not in ("search", "html", "pretty")}
-    if (
-        not any(present(given, k) for k in given)
-        and "html" not in params
-        and "search" not in params
-    ):
+    """Past trigger calls: a search form without parameters; JSON, or HTML with ``html``.
+
+    Any parameter, even one without a value (``find?desc``, ``find?pretty=1``), asks
+    for results; empty filters mean "no filter".
+    """
+    if not params:
         return templates.TemplateResponse(request, "find.html", {"query": None, "values": {}})
     try:
         query = service.read_find_query(params)

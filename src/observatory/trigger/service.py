@@ -21,6 +21,7 @@ from functools import cache
 from typing import Any, TypeVar, cast
 
 import numpy as np
+from numpy.typing import NDArray
 from sqlalchemy import Table, delete, func, select, update
 from sqlalchemy.orm import Session
 
@@ -355,18 +356,37 @@ class PlannedObservation:
 
 
 @cache
-def subarray_sizes() -> dict[str, int]:
-    """Tiles in each named subarray (halves and quarters about the array's median position)."""
+def subarray_tiles() -> dict[str, tuple[int, ...]]:
+    """The antennas (tile_layout() indices) of each named subarray.
+
+    Halves: the northern / eastern 64 tiles and the rest. Quarters: each half
+    north and south split again into its eastern and western halves, so every
+    quarter has a quarter of the tiles (32 of 128), as the wiki says; two
+    independent median splits would not (the array is not symmetric).
+    """
     tiles = tile_layout()
     north = np.array([t.north_m for t in tiles])
     east = np.array([t.east_m for t in tiles])
-    is_north, is_east = north > np.median(north), east > np.median(east)
-    members = {
-        "all_north": is_north, "all_south": ~is_north, "all_east": is_east, "all_west": ~is_east,
-        "all_ne": is_north & is_east, "all_nw": is_north & ~is_east,
-        "all_se": ~is_north & is_east, "all_sw": ~is_north & ~is_east,
-    }  # fmt: skip
-    return {name: int(mask.sum()) for name, mask in members.items()}
+
+    def split(indices: NDArray[np.int64], key: NDArray[np.float64]) -> tuple[set[int], set[int]]:
+        """(the upper half, the lower half) of ``indices`` by ``key`` (upper gets the odd one)."""
+        ordered = indices[np.argsort(-key[indices], kind="stable")]
+        upper = (len(ordered) + 1) // 2
+        return {int(i) for i in ordered[:upper]}, {int(i) for i in ordered[upper:]}
+
+    everything = np.arange(len(tiles))
+    northern, southern = split(everything, north)
+    eastern, western = split(everything, east)
+    ne, nw = split(np.array(sorted(northern)), east)
+    se, sw = split(np.array(sorted(southern)), east)
+    members = {"all_north": northern, "all_south": southern, "all_east": eastern,
+               "all_west": western, "all_ne": ne, "all_nw": nw, "all_se": se, "all_sw": sw}  # fmt: skip
+    return {name: tuple(sorted(tiles_)) for name, tiles_ in members.items()}
+
+
+def subarray_sizes() -> dict[str, int]:
+    """Tiles in each named subarray."""
+    return {name: len(tiles) for name, tiles in subarray_tiles().items()}
 
 
 def plan(request: TriggerRequest, start_gps: int, settings: Settings) -> list[PlannedObservation]:
@@ -448,13 +468,22 @@ def _point(request: TriggerRequest, planned: list[PlannedObservation], settings:
             np.array([j[0].midpoint_gps for _, j in radec]),
         )  # fmt: skip
         az[[i for i, _ in radec]], el[[i for i, _ in radec]] = az_r, el_r
-    sun_azel: tuple[float, float] | None = None
-    if request.avoidsun:
-        sun_ra, sun_dec = pointing.body_radec("sun", planned[0].obsid)
-        sun_az, sun_el = pointing.azel_at(
-            np.array([sun_ra]), np.array([sun_dec]), np.array([planned[0].midpoint_gps])
-        )
-        sun_azel = (float(sun_az[0]), float(sun_el[0]))
+    # avoidsun: the Sun where it is at each observation's own midpoint; jobs whose Sun is up.
+    avoiding: dict[int, pointing.SunAvoidance] = {}
+    if request.avoidsun and radec:
+        midpoints = np.array([j[0].midpoint_gps for j in jobs])
+        sun_ra, sun_dec = pointing.bodies_radec("sun", midpoints)
+        sun_az, sun_el = pointing.azel_at(sun_ra, sun_dec, midpoints)
+        chosen = [i for i, _ in radec if sun_el[i] > 0.0]
+        centre_hz = {  # one per freqspec
+            o.spec: float(np.mean([coarse_channel_centre_mhz(c) for c in o.coarse_chans])) * 1e6
+            for o in planned
+        }
+        freq_hz = np.array([centre_hz[jobs[i][0].spec] for i in chosen])
+        avoiding = dict(zip(chosen, pointing.avoid_sun_many(
+            az[chosen], el[chosen], sun_az[chosen], sun_el[chosen], freq_hz,
+            threshold=settings.trigger_sun_threshold,
+        ), strict=True))  # fmt: skip
     grid = pointing.sweet_grid()
     nearest = pointing.nearest_grid_points(az, np.maximum(el, 0.0))
     entries: list[dict[str, Any]] = []
@@ -476,13 +505,8 @@ def _point(request: TriggerRequest, planned: list[PlannedObservation], settings:
                 "el_deg": 90.0,
                 "delays": list(ALL_SKY_DELAYS),
             }
-        elif request.avoidsun and target.kind == "radec" and sun_azel and sun_azel[1] > 0.0:
-            freq_hz = (
-                float(np.mean([coarse_channel_centre_mhz(c) for c in observation.coarse_chans]))
-                * 1e6
-            )
-            choice = pointing.avoid_sun(float(az[index]), float(el[index]), *sun_azel, freq_hz,
-                                        threshold=settings.trigger_sun_threshold)  # fmt: skip
+        elif index in avoiding:
+            choice = avoiding[index]
             entry |= {"grid_number": choice.grid_number, "az_deg": choice.az_deg, "el_deg": choice.el_deg,
                       "delays": list(choice.delays), "sun_power": choice.sun_power,
                       "target_power": choice.target_power,
@@ -602,18 +626,25 @@ def schedule_window(session: Session, start: int, end: int) -> tuple[Any | None,
     return None, found
 
 
-def blockers(project: Project, observations: Sequence[Any], now: float) -> list[str]:
+def blockers(
+    project: Project, observations: Sequence[Any], now: float, cut: float | None = None
+) -> list[str]:
     """Why ``project`` may not interrupt ``observations`` (empty: it may).
 
     A project may always replace its own observations; others only when they
     belong to a project of lower priority and are interruptible. A voltage
-    capture in progress (a triggerbuffer capture from the moment it is made) is
-    never interrupted.
+    capture in progress is never interrupted: one running now, or one that will
+    be running at ``cut``, the time the new observations start and existing ones
+    are truncated (``cut`` defaults to the earliest start a trigger made now can
+    have). A triggerbuffer capture is protected from the moment it is made.
     """
+    cut = first_start_gps(now) if cut is None else cut
     reasons = []
     for o in observations:
         # A buffer dump's capture runs from the moment of the trigger, before its own start.
-        capturing = o.obsid <= now < o.stoptime or o.mode == "VOLTAGE_BUFFER"
+        capturing = (
+            o.obsid <= now < o.stoptime or o.obsid < cut < o.stoptime or o.mode == "VOLTAGE_BUFFER"
+        )
         if o.mode in VCS_MODES and capturing:
             reason = "is a voltage capture in progress and cannot be interrupted"
         elif o.project_id == project.id:
@@ -763,7 +794,7 @@ def trigger_observations(
             .values(changes=ScheduleLock.changes + 1)
         )
     running, inside = schedule_window(session, start, end)
-    refused = blockers(project, [o for o in (running, *inside) if o is not None], now)
+    refused = blockers(project, [o for o in (running, *inside) if o is not None], now, start)
     if refused:
         session.rollback()
         request.errors += refused
@@ -825,9 +856,17 @@ def _schedule_report(
         if o.mode != "MWAX_CORRELATOR":
             parts.append(f"--mode={o.mode}")
         parts += [f"--project={request.project_id}", f"--groupid={groupid}"]
-        parts.append(f"--alt={target['el_deg']:.6f} --az={target['az_deg']:.6f}")
-        if o.target.kind == "radec":
-            parts.append(f"--ra={o.target.ra_deg:.6f} --dec={o.target.dec_deg:.6f}")
+        subarrays = [p for p in o.pointings if p.get("subarray")]
+        for p in subarrays:  # all targets at once: one pointing per subarray
+            parts.append(
+                f"--subarray={p['subarray']} --alt={p['el_deg']:.6f} --az={p['az_deg']:.6f}"
+            )
+            if p.get("ra_phase_deg") is not None:
+                parts.append(f"--ra={p['ra_phase_deg']:.6f} --dec={p['dec_phase_deg']:.6f}")
+        if not subarrays:
+            parts.append(f"--alt={target['el_deg']:.6f} --az={target['az_deg']:.6f}")
+            if o.target.kind == "radec":
+                parts.append(f"--ra={o.target.ra_deg:.6f} --dec={o.target.dec_deg:.6f}")
         if o.calibration:
             parts.append(
                 f'--calibration --calibrators={o.calibrator_source} --source="{o.calibrator_source}"'
@@ -836,8 +875,12 @@ def _schedule_report(
             parts.append(f"--atten={request.atten_db:g}")
         parts.append("--verbose --ut")
         lines.append(" ".join(parts))
-        info.append(f"INFO:Schedule metadata for {o.obsid}: {o.obsname} {o.mode} {o.spec} "
-                    f"grid {target.get('grid_number')} az {target['az_deg']:.4f} el {target['el_deg']:.4f}")  # fmt: skip
+        beams = "; ".join(
+            (f"{p['subarray']} " if p.get("subarray") else "")
+            + f"grid {p.get('grid_number')} az {p['az_deg']:.4f} el {p['el_deg']:.4f}"
+            for p in (subarrays or [target])
+        )
+        info.append(f"INFO:Schedule metadata for {o.obsid}: {o.obsname} {o.mode} {o.spec} {beams}")
     command = " ;\n".join(lines)
     stdout = (
         "Pretending: commands not run"
@@ -883,15 +926,13 @@ def record(
 
 def trigger_summary(trigger: Trigger) -> dict[str, Any]:
     """``show``'s record of a trigger."""
-    created = trigger.created_at
-    if created.tzinfo is None:
-        created = created.replace(tzinfo=UTC)
+    created = trigger.created_at  # aware UTC (UTCDateTime)
     return {
         "trigger_id": trigger.id, "project_id": trigger.project_id, "pretend": trigger.pretend,
         "success": trigger.success, "creator": trigger.creator, "obsname": trigger.obsname,
         "trigger_mode": trigger.trigger_mode, "obsids": trigger.obsids, "params": trigger.params,
         "errors": trigger.errors,
-        "created_datetime": created.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds"),
+        "created_datetime": created.replace(tzinfo=None).isoformat(timespec="seconds"),
     }  # fmt: skip
 
 
@@ -1040,17 +1081,20 @@ def trigger_buffer(
         .order_by(Observation.obsid.desc())
         .limit(1)
     ).first()
+    buffering_since = None
     if source is None:
         errors.append("there is no current or previous observation to take the settings from")
-    elif source.mode not in BUFFER_MODES:
-        errors.append(f"the telescope is not buffering voltages: observation {source.obsid} is "
-                      f"{source.mode}, not {' or '.join(sorted(BUFFER_MODES))}")  # fmt: skip
+    else:
+        problem, buffering_since = _buffering(session, source, now, settings.trigger_buffer_s)
+        if problem:
+            errors.append(f"the telescope is not buffering voltages: {problem}")
     if errors:
         session.rollback()
         return record(session, request, TriggerMode.BUFFER, success=False, obsids=[])
-    assert project is not None and source is not None
+    assert project is not None and source is not None and buffering_since is not None
     null = start_time == 0 and end_time == 0
-    buffer_start = now - settings.trigger_buffer_s
+    # The buffer holds the last trigger_buffer_s seconds, and nothing from before buffering began.
+    buffer_start = max(now - settings.trigger_buffer_s, float(buffering_since))
     capture_start = max(start_time, buffer_start) if start_time else buffer_start
     capture_end = float(end_time) if end_time is not None else now + float(obstime or 0.0)
     if not null and capture_end < capture_start:
@@ -1066,7 +1110,8 @@ def trigger_buffer(
     new_stop = int(math.ceil(capture_end / BOUNDARY_S) * BOUNDARY_S)
     into_future = not null and new_stop > new_start
     request.params |= {"capture_start": None if null else capture_start, "capture_end": None if null else capture_end,
-                       "buffer_s": settings.trigger_buffer_s, "settings_from": source.obsid}  # fmt: skip
+                       "buffer_s": settings.trigger_buffer_s, "buffering_since": buffering_since,
+                       "settings_from": source.obsid}  # fmt: skip
     session.commit()  # the lock must be the write transaction's first step
     if not request.pretend:
         session.execute(
@@ -1075,7 +1120,7 @@ def trigger_buffer(
             .values(changes=ScheduleLock.changes + 1)
         )
     running, inside = schedule_window(session, new_start, new_stop) if into_future else (None, [])
-    refused = blockers(project, [o for o in (running, *inside) if o is not None], now)
+    refused = blockers(project, [o for o in (running, *inside) if o is not None], now, new_start)
     if refused:
         session.rollback()
         errors += refused
@@ -1127,6 +1172,43 @@ def trigger_buffer(
         clear=clear,
         schedule=schedule,
     )
+
+
+def _buffering(
+    session: Session, source: Observation, now: float, buffer_s: float
+) -> tuple[str | None, int | None]:
+    """Whether the telescope is buffering voltages, judged from ``source``.
+
+    ``source`` is the observation in progress, or else the last one (the wiki:
+    a dump inherits their settings). It must be an ``MWAX_BUFFER`` observation
+    (in progress, or ended so recently that the buffer still holds some of it),
+    or a buffer dump's capture (``VOLTAGE_BUFFER``) still in progress. A
+    capture that has ended is not buffering: the dump took the buffer, and
+    nothing has buffered since.
+
+    Returns (why not, None), or (None, the start of the unbroken run of
+    buffering observations that ends with ``source``: the earliest data the
+    buffer can hold).
+    """
+    in_progress = source.obsid <= now < source.stoptime
+    if source.mode not in BUFFER_MODES:
+        return (f"observation {source.obsid} is {source.mode}, not "
+                f"{' or '.join(sorted(BUFFER_MODES))}", None)  # fmt: skip
+    if not in_progress and source.mode == "VOLTAGE_BUFFER":
+        return (f"the last observation, {source.obsid}, was a buffer dump's capture "
+                f"(VOLTAGE_BUFFER), which ended at {source.stoptime}; nothing has buffered "
+                "since", None)  # fmt: skip
+    if not in_progress and source.stoptime <= now - buffer_s:
+        return (f"the last observation, {source.obsid} ({source.mode}), ended at "
+                f"{source.stoptime}, longer ago than the buffer holds ({buffer_s:g} s)", None)  # fmt: skip
+    since = source.obsid
+    for earlier in reversed(overlapping(session, now - buffer_s, source.obsid)):
+        if earlier.obsid >= since:
+            continue
+        if earlier.stoptime != since or earlier.mode not in BUFFER_MODES:
+            break
+        since = earlier.obsid
+    return None, since
 
 
 # -- answers to the read-only questions ----------------------------------------------------------
