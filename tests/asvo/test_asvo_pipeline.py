@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import blake3
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from observatory.app import create_app
 from observatory.archive.service import ingest_directory
 from observatory.archive.simulated import simulate_and_register
+from observatory.clients.csvjobs import parse_job_csv
 from observatory.core.accounts import create_user
 from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory
@@ -169,6 +171,47 @@ def test_every_job_type_completes_with_a_checksummed_product(
         assert member is not None and member.read(6) == b"SIMPLE"
 
 
+def _converted(client: TestClient, settings: Settings, job_id: int, tmp_path: Path) -> Any:
+    """The uvfits of a completed conversion job, read by pyuvdata."""
+    from pyuvdata import UVData
+
+    (file,) = rows_by_id(client)[job_id]["product"]["files"]
+    with tarfile.open(fileobj=io.BytesIO(download(file["url"], settings).content)) as tar:
+        tar.extractall(tmp_path / str(job_id), filter="data")
+    return UVData.from_file(str(tmp_path / str(job_id) / f"{SIM_OBS}.uvfits"))
+
+
+def test_csv_dc_flag_and_phase_centre_reach_the_converted_file(
+    client: TestClient, archive_settings: Settings, tmp_path: Path
+) -> None:
+    # Cotter-era keys, as an old mwa_client CSV line has them (the stored params are what the
+    # pipeline rebuilds the options from).
+    (legacy,) = parse_job_csv(
+        f"obs_id={SIM_OBS}, job_type=c, norfi=true, edgewidth=0, flagdcchannels=true, "
+        "phasecentre=01h00m00s -27d30m00s\n"
+    )
+    flagged = submit(client, legacy.endpoint, **legacy.params)
+    plain = submit(client, "conversion_job", obs_id=SIM_OBS, no_rfi="true", flag_edge_width=0)
+    seen = watch(client, {flagged, plain})
+    assert seen[flagged][-1] == seen[plain][-1] == "completed", seen
+    chans_per_coarse = 32  # 40 kHz fine channels
+    for job_id, dc_flagged in ((flagged, True), (plain, False)):
+        uvd = _converted(client, archive_settings, job_id, tmp_path)
+        assert uvd.Nfreqs == 2 * chans_per_coarse
+        by_channel = uvd.flag_array.all(axis=(0, 2))
+        dc = [chans_per_coarse // 2, chans_per_coarse + chans_per_coarse // 2]
+        # MWAX data: the DC channel is flagged only when asked (Birli's default).
+        assert list(by_channel[dc]) == [dc_flagged, dc_flagged], job_id
+        others = np.delete(by_channel, dc)
+        assert not others.any(), job_id
+        centre = uvd.phase_center_catalog[uvd.phase_center_id_array[0]]
+        if dc_flagged:
+            assert np.degrees(centre["cat_lon"]) == pytest.approx(15.0)
+            assert np.degrees(centre["cat_lat"]) == pytest.approx(-27.5)
+        else:
+            assert np.degrees(centre["cat_lat"]) != pytest.approx(-27.5)
+
+
 def test_ranges_resume_to_identical_bytes(client: TestClient, archive_settings: Settings) -> None:
     job_id = submit(client, "download_vis_job", obs_id=CORR_OBS, download_type="vis")
     watch(client, {job_id})
@@ -183,6 +226,29 @@ def test_ranges_resume_to_identical_bytes(client: TestClient, archive_settings: 
     quirky = download(file["url"], archive_settings, {"Range": f"Range: bytes=5000-{size}"})
     assert quirky.status_code == 206
     assert whole[:5000] + quirky.content == whole
+
+
+def test_downloads_carry_size_date_and_etag(client: TestClient, archive_settings: Settings) -> None:
+    job_id = submit(client, "download_vis_job", obs_id=CORR_OBS, download_type="vis")
+    watch(client, {job_id})
+    (file,) = rows_by_id(client)[job_id]["product"]["files"]
+    with TestClient(create_app(archive_settings)) as anonymous:
+        whole = anonymous.get(file["url"])
+        head = anonymous.head(file["url"])
+        part = anonymous.get(file["url"], headers={"Range": "bytes=100-"})
+    size = file["size"]
+    for reply in (whole, head):
+        assert reply.status_code == 200
+        assert reply.headers["content-length"] == str(size)
+        assert "chunked" not in reply.headers.get("transfer-encoding", "")
+        assert reply.headers["last-modified"] and reply.headers["etag"]
+        assert reply.headers["accept-ranges"] == "bytes"
+    assert head.content == b"" and len(whole.content) == size
+    assert head.headers["etag"] == whole.headers["etag"]
+    assert part.status_code == 206
+    assert part.headers["content-length"] == str(size - 100)
+    assert part.headers["content-range"] == f"bytes 100-{size - 1}/{size}"
+    assert part.content == whole.content[100:]
 
 
 def test_download_links_are_signed(client: TestClient, archive_settings: Settings) -> None:
@@ -257,6 +323,26 @@ def test_scratch_delivery_is_a_directory(client: TestClient, archive_settings: S
         "1320409688_20211108122750_mini_ch137_000.fits",
     }
     assert file["size"] == sum(p.stat().st_size for p in path.iterdir())
+
+
+def test_scratch_paths_are_absolute_when_the_data_dir_is_relative(
+    archive_settings: Settings, tmp_path: Path
+) -> None:
+    # The default data dir is ./observatory-data: relative to the server's directory, which
+    # means nothing to a client elsewhere. (The tests run in tmp_path.)
+    settings = archive_settings.model_copy(update={"asvo_dug_root": Path("relative-dug")})
+    assert Settings(data_dir=Path("observatory-data")).delivery_root("scratch") == (
+        tmp_path / "observatory-data" / "scratch"
+    )
+    with TestClient(create_app(settings, run_jobs=True)) as client:
+        client.post("/api/api_login", headers=basic("giant-squidv2.5.1", API_KEY))
+        job_id = submit(
+            client, "download_vis_job", obs_id=CORR_OBS, download_type="vis", delivery="dug"
+        )
+        assert watch(client, {job_id})[job_id][-1] == "completed"
+        (file,) = rows_by_id(client)[job_id]["product"]["files"]
+    assert file["path"] == str(tmp_path / "relative-dug" / "user1" / "asvo" / str(job_id))
+    assert Path(file["path"]).is_dir()
 
 
 def test_a_task_that_keeps_breaking_ends_the_job_in_error(

@@ -76,6 +76,39 @@ def test_https_login_sets_a_secure_cookie(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_the_server_stops_on_sigterm_after_a_websocket_came_and_went(tmp_path: Path) -> None:
+    import subprocess
+
+    import websockets.sync.client
+
+    data_dir = tmp_path / "data"
+    seed(data_dir, None, [], api_key=API_KEY)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = observatory_server(data_dir, port)
+    try:
+        wait_for(f"{base}/healthz")
+        cookie = login(base).cookies["MWA_JOB_COOKIE"]
+        for _ in range(3):
+            with (
+                websockets.sync.client.connect(
+                    f"ws://127.0.0.1:{port}/api/job_results",
+                    additional_headers={"Cookie": f"MWA_JOB_COOKIE={cookie}"},
+                ) as socket,
+                pytest.raises(TimeoutError),
+            ):
+                socket.recv(timeout=0.5)  # no jobs: nothing is sent, the handler polls
+        # Each handler must notice its client left: uvicorn waits for them before it exits.
+        os.killpg(server.process.pid, signal.SIGTERM)
+        try:
+            server.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the server did not stop on SIGTERM:\n{server.output()[-2000:]}")
+        assert "Waiting for background tasks" not in server.output()
+    finally:
+        server.stop()
+
+
 def test_jobs_finish_after_the_server_is_killed_and_restarted(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     obsids = [1320409688, 1320409704]

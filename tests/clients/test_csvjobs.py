@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from observatory.clients.csvjobs import CsvJob, CsvJobError, parse_job_csv
+from observatory.clients.csvjobs import CsvJob, CsvJobError, decode_job_csv, parse_job_csv
 
 
 def test_current_and_legacy_lines() -> None:
@@ -67,3 +67,26 @@ def test_any_line_ending_is_a_line_end() -> None:
             (1, "1"),
             (2, "2"),
         ]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_key() -> None:
+    # Excel's "CSV UTF-8" writes one.
+    data = "obs_id=1320409688, job_type=d, download_type=vis\n".encode("utf-8-sig")
+    assert data.startswith(b"\xef\xbb\xbf")
+    for text in (decode_job_csv(data), data.decode("utf-8")):
+        (job,) = parse_job_csv(text)
+        assert job.params["obs_id"] == "1320409688"
+        assert "\ufeffobs_id" not in job.params
+
+
+def test_a_file_that_is_not_utf8_names_the_line() -> None:
+    data = "# my jobs\n# café run\nobs_id=1320409688, job_type=d, download_type=vis\n".encode(
+        "latin-1"
+    )
+    with pytest.raises(CsvJobError) as caught:
+        decode_job_csv(data)
+    assert caught.value.line_number == 2
+    assert str(caught.value) == (
+        "line 2: byte 0xe9 at column 6 is not UTF-8 text: save the file as UTF-8"
+    )
+    assert decode_job_csv("# café\n".encode()) == "# café\n"

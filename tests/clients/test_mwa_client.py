@@ -305,6 +305,21 @@ def test_a_killed_download_resumes_and_a_corrupt_file_is_fetched_again(
     assert sha1(target) == file.sha1
 
 
+def test_a_corrupt_part_file_is_fetched_again_and_reported_as_such(
+    server: Server, tmp_path: Path
+) -> None:
+    with server.session() as session:
+        job_id = session.submit_download_job(OBSID, download_type="vis", allow_resubmit=True)
+        (file,) = completed_job(session, job_id).files
+    # A .part whose bytes are wrong: resuming it can never verify.
+    (tmp_path / (file.name + ".part")).write_bytes(b"\xff" * 1000)
+    code, output = mwa_client("-w", str(job_id), "-d", str(tmp_path), environ=server.environ())
+    assert code == 0, output
+    assert "the copy on disk was corrupt and was downloaded again, blake3 verified" in output
+    assert "resumed" not in output  # the file that verified was fetched whole
+    assert blake3_hex(tmp_path / file.name) == file.blake3
+
+
 def test_ctrl_c_stops_at_once_and_keeps_the_partial_file(server: Server, tmp_path: Path) -> None:
     with server.session() as session:
         job_id = session.submit_download_job(OBSID, download_type="vis", allow_resubmit=True)
@@ -408,6 +423,56 @@ def test_exit_codes_and_messages(server: Server, tmp_path: Path) -> None:
     assert code == 0
     assert "[WARNING] ASVO_USER environment variable is no longer used" in output
     assert "[WARNING] ASVO_PASS environment variable is no longer used" in output
+
+
+def offline_environ() -> dict[str, str]:
+    """A client set up for a server that is not there: only what fails before login runs."""
+    return {"MWA_ASVO_API_KEY": API_KEY, "MWA_ASVO_HOST": "127.0.0.1",
+            "MWA_ASVO_PORT": str(free_port()), "MWA_ASVO_HTTPS": "0"}  # fmt: skip
+
+
+def test_a_csv_that_is_not_utf8_is_a_csv_error(tmp_path: Path) -> None:
+    latin1 = tmp_path / "jobs.csv"
+    latin1.write_bytes(
+        f"# jobs\n# pour l'équipe\nobs_id={OBSID}, job_type=d, download_type=vis\n".encode(
+            "latin-1"
+        )
+    )
+    error_file = tmp_path / "errors.json"
+    code, output = mwa_client(
+        "-c", str(latin1), "-s", "-e", str(error_file), environ=offline_environ()
+    )
+    assert code == 3, output
+    assert f"Error: {latin1} line 2: byte 0xe9 at column 10 is not UTF-8 text" in output
+    (error,) = json.loads(error_file.read_text())
+    assert error["result"].startswith(f"Error: {latin1} line 2")
+
+
+@pytest.mark.parametrize("where", ["missing-dir/errors.json", "a-directory"])
+def test_an_error_file_that_cannot_be_written_stops_before_any_work(
+    tmp_path: Path, where: str
+) -> None:
+    (tmp_path / "a-directory").mkdir()
+    csv_file = tmp_path / "jobs.csv"
+    csv_file.write_text(f"obs_id={OBSID}, job_type=d, download_type=vis\n")
+    code, output = mwa_client("-c", str(csv_file), "-e", str(tmp_path / where),
+                              environ=offline_environ())  # fmt: skip
+    assert code == 1, output
+    assert f"the error file {tmp_path / where}" in output
+    assert "Connecting" not in output and "Traceback" not in output
+
+
+def test_usage_errors_write_the_error_file(tmp_path: Path) -> None:
+    error_file = tmp_path / "e.json"
+    with pytest.raises(SystemExit) as exited:
+        mwa_client("-w", "abc", "-e", str(error_file), environ=offline_environ())
+    assert exited.value.code == 1
+    (error,) = json.loads(error_file.read_text())
+    assert error["job_id"] is None
+    assert error["result"].startswith("Error: argument -w/--download-only: 'abc' is not valid")
+    with pytest.raises(SystemExit):
+        mwa_client("-s", "-l", f"--errfile={error_file}", environ=offline_environ())
+    assert "not allowed with argument" in json.loads(error_file.read_text())[0]["result"]
 
 
 def test_exit_code_of_the_installed_script_for_a_bad_csv(server: Server, tmp_path: Path) -> None:

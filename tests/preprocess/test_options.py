@@ -1,3 +1,5 @@
+from dataclasses import fields
+
 import pytest
 
 from observatory.preprocess.options import (
@@ -139,3 +141,101 @@ def test_is_multiple() -> None:
     assert is_multiple(80, 40) and is_multiple(40, 40) and is_multiple(0.5, 0.25)
     assert not is_multiple(20, 40) and not is_multiple(60, 40)
     assert is_multiple(1.0000000001, 0.5)
+
+
+NON_DEFAULT = {
+    "output": [OutputFormat.MS, OutputFormat.BOTH],
+    "avg_time_res_s": [4.0, 0.5],
+    "avg_freq_res_khz": [80.0, 0.2],
+    "flag_edge_width_khz": [0.0, 160.0],
+    "no_rfi": [True],
+    "no_geometric_delay": [True],
+    "no_cable_delay": [True],
+    "no_digital_gains": [True],
+    "no_passband_gains": [True],
+    "flag_dc": [True, False],
+    "apply_di_cal": [True],
+    "centre": [PhaseCentre.POINTING],
+    "allow_missing": [True],
+}
+
+
+def test_the_table_covers_every_option() -> None:
+    names = {spec.name for spec in fields(ConversionOptions)}
+    assert names - set(NON_DEFAULT) == {"phase_centre_ra_deg", "phase_centre_dec_deg"}
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [(name, value) for name, values in NON_DEFAULT.items() for value in values]
+)
+def test_every_option_survives_to_params_and_back(name: str, value: object) -> None:
+    # The pipeline rebuilds a job's options from the params stored at submission.
+    options = ConversionOptions(**{name: value})  # type: ignore[arg-type]
+    params = options.to_params()
+    assert ConversionOptions.from_params(params) == options
+    # As the database gives them back (JSON strings), and as mwa_client sends them.
+    assert ConversionOptions.from_params({k: str(v) for k, v in params.items()}) == options
+
+
+def test_all_options_at_once_and_a_custom_centre_survive_to_params_and_back() -> None:
+    options = ConversionOptions(
+        **{name: values[0] for name, values in NON_DEFAULT.items() if name != "centre"},  # type: ignore[arg-type]
+        centre=PhaseCentre.CUSTOM, phase_centre_ra_deg=278.5, phase_centre_dec_deg=-3.25,
+    )  # fmt: skip
+    assert ConversionOptions.from_params(options.to_params()) == options
+
+
+@pytest.mark.parametrize(
+    ("params", "flag_dc"),
+    [
+        ({"flagdcchannels": "true"}, True),
+        ({"flagdcchannels": "false"}, False),
+        ({"flag_dc": "true"}, True),
+        ({"flag_dc": "false"}, False),
+        ({"no_flag_dc": "true"}, False),
+        ({"no_flag_dc": "false"}, None),
+    ],
+)
+def test_dc_flagging_keys(params: dict[str, str], flag_dc: bool | None) -> None:
+    options = ConversionOptions.from_params(params)
+    assert options.flag_dc is flag_dc
+    assert ConversionOptions.from_params(options.to_params()).flag_dc is flag_dc
+
+
+@pytest.mark.parametrize(
+    ("text", "ra_deg", "dec_deg"),
+    [
+        # cotter's -centre form; the mwa_client CSV reader removes the space.
+        ("18h33m41.89s -03d39m04.25s", 278.42454, -3.65118),
+        ("18h33m41.89s-03d39m04.25s", 278.42454, -3.65118),
+        ("18h33m41.89s03d39m04.25s", 278.42454, 3.65118),
+        ("18:33:41.89 -03:39:04.25", 278.42454, -3.65118),
+        ("278.42 -3.65", 278.42, -3.65),
+        ("278.42-3.65", 278.42, -3.65),
+        ("0 +89.5", 0.0, 89.5),
+    ],
+)
+def test_legacy_phasecentre_is_a_custom_centre(text: str, ra_deg: float, dec_deg: float) -> None:
+    for key in ("phasecentre", "centre_custom"):
+        options = ConversionOptions.from_params({key: text})
+        assert options.centre == PhaseCentre.CUSTOM
+        assert options.phase_centre_ra_deg == pytest.approx(ra_deg, abs=1e-5)
+        assert options.phase_centre_dec_deg == pytest.approx(dec_deg, abs=1e-5)
+        assert ConversionOptions.from_params(options.to_params()) == options
+
+
+@pytest.mark.parametrize(
+    ("params", "fragment"),
+    [
+        ({"phasecentre": "true"}, "expected 'RA Dec'"),
+        ({"phasecentre": "10.527.0"}, "expected 'RA Dec'"),  # spaces removed: ambiguous
+        ({"centre_custom": "25h00m00s -10d00m00s"}, "RA must be in 0..24 h"),
+        ({"phasecentre": "10 -95"}, "Dec in -90..90"),
+        ({"phasecentre": "10 -9", "phase_centre_ra": "10"}, "not both"),
+        ({"phasecentre": "10 -9", "centre": "pointing"}, "need centre=custom"),
+        ({"phasecentre": "10 -9", "usepcentre": "true"}, "need centre=custom"),
+    ],
+)
+def test_bad_phasecentre_is_refused(params: dict[str, str], fragment: str) -> None:
+    with pytest.raises(OptionError, match=fragment):
+        ConversionOptions.from_params(params)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 from urllib.parse import quote
 
+import anyio
 from fastapi import APIRouter, Depends, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
@@ -213,14 +216,21 @@ def download(
     if unsign_value(token, settings.secret_key_bytes(), max_age_s=max_age_s) != f"{job_id}/{name}":
         raise Forbidden("This download link is not valid (or has expired)")
     path = service.product_file(session, job_id, name, settings.products_dir)
-    response = _LenientRangeFileResponse(path, media_type="application/x-tar", filename=name)
-    response.stat_result = os.stat(path)
-    return response
+    # stat_result given to the constructor, which sets Content-Length, Last-Modified and ETag
+    # from it (set afterwards, GET replies were chunked and HEAD replies had no size).
+    return _LenientRangeFileResponse(
+        path, media_type="application/x-tar", filename=name, stat_result=os.stat(path)
+    )
 
 
 @router.websocket("/job_results")
 async def job_results(websocket: WebSocket) -> None:
-    """Job rows as they change: every current row on connect, then one frame per change."""
+    """Job rows as they change: every current row on connect, then one frame per change.
+
+    The rows are sent by one task while another receives: only a receive notices that
+    the client has gone (a send finds out only when a row changes, which may be never),
+    and a handler that outlives its client polls for ever and holds up server shutdown.
+    """
     user_id = cookie_user_id(websocket)
     if user_id is None:
         await websocket.close(code=4401, reason="not logged in")
@@ -229,7 +239,8 @@ async def job_results(websocket: WebSocket) -> None:
     session_factory = websocket.app.state.session_factory
     watch = service.JobWatch()
     url_for = download_url_builder(websocket)
-    try:
+
+    async def send_changes() -> None:
         while True:
             frames = await run_in_threadpool(
                 service.changed_rows, session_factory, user_id, watch, url_for
@@ -237,8 +248,24 @@ async def job_results(websocket: WebSocket) -> None:
             for frame in frames:
                 await websocket.send_text(json.dumps(frame))
             await asyncio.sleep(WEBSOCKET_POLL_S)
-    except (WebSocketDisconnect, RuntimeError):
-        return
+
+    async def wait_for_disconnect() -> None:
+        # Whatever the client sends is ignored; its disconnect (or server shutdown) ends this.
+        while (await websocket.receive())["type"] != "websocket.disconnect":
+            pass
+
+    # anyio, not bare asyncio tasks: the server's (or test client's) cancellation of the
+    # handler then reaches both halves.
+    async with anyio.create_task_group() as group:
+
+        async def until_done(half: Callable[[], Awaitable[None]]) -> None:
+            # A send or receive on a closed socket raises: the client went.
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+                await half()
+            group.cancel_scope.cancel()
+
+        group.start_soon(until_done, send_changes)
+        group.start_soon(until_done, wait_for_disconnect)
 
 
 @router.get("/cancel_job")

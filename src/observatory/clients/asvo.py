@@ -88,6 +88,11 @@ CHUNK_BYTES = 1024 * 1024
 DOWNLOAD_ATTEMPTS = 3
 #: Seconds to connect and upgrade the job-notification websocket.
 WEBSOCKET_OPEN_TIMEOUT_S = 30.0
+#: ``watch``: how long an unreachable server is waited for before giving up, and the
+#: first and longest wait between attempts meanwhile (doubling from the first).
+WATCH_OUTAGE_LIMIT_S = 600.0
+WATCH_BACKOFF_FIRST_S = 1.0
+WATCH_BACKOFF_MAX_S = 60.0
 
 
 class AsvoError(Exception):
@@ -252,6 +257,7 @@ class DownloadResult:
     #: (scratch/dug copied from a local path), ``exists`` (copied before) or
     #: ``remote`` (scratch/dug path not on this machine).
     outcome: str
+    #: Bytes fetched for the file as it now is (not those of a copy that failed verification).
     bytes_transferred: int = 0
     #: Whether a file on disk failed verification and was fetched again.
     redownloaded: bool = False
@@ -517,7 +523,11 @@ class Session:
     # -- watching -------------------------------------------------------------------
 
     def watch(
-        self, *, poll_interval_s: float = 10.0, resync_interval_s: float = 60.0
+        self,
+        *,
+        poll_interval_s: float = 10.0,
+        resync_interval_s: float = 60.0,
+        outage_limit_s: float = WATCH_OUTAGE_LIMIT_S,
     ) -> Iterator[JobUpdate]:
         """Job changes as they happen, for as long as the caller iterates.
 
@@ -527,8 +537,44 @@ class Session:
         that changed, trying the socket again now and then; while the socket is
         quiet for ``resync_interval_s``, it also checks ``get_jobs`` so that nothing
         is missed. An unchanged job is never yielded twice in a row.
+
+        A server that cannot be reached (or answers 502, 503 or 504: restarting, or
+        behind a proxy) is asked again, at growing intervals up to
+        ``WATCH_BACKOFF_MAX_S``; the jobs go on running on the server meanwhile.
+
+        Raises
+        ------
+        AsvoError
+            When the server has been unreachable for ``outage_limit_s``, or refuses
+            the request (e.g. 401 when the session is no longer valid).
         """
         last: dict[int, Job] = {}
+        outage: dict[str, float] = {}  # "since": first failure, "failures": how many in a row
+
+        def poll() -> list[Job] | None:
+            """``get_jobs``, or None while the server is unreachable (within the limit)."""
+            try:
+                jobs = self.get_jobs()
+            except AsvoError as exc:
+                if exc.status_code not in (None, 502, 503, 504):
+                    raise
+                now = time.monotonic()
+                since = outage.setdefault("since", now)
+                outage["failures"] = outage.get("failures", 0) + 1
+                if now - since >= outage_limit_s:
+                    raise AsvoError(
+                        f"The MWA ASVO server at {self.base_url} has not answered for "
+                        f"{(now - since) / 60:.0f} minutes ({exc.message}); giving up. Your "
+                        "jobs carry on on the server: download them later with -w all.",
+                        status_code=None,
+                    ) from exc
+                if outage["failures"] == 1:
+                    log.warning("%s; trying again (the jobs carry on on the server)", exc)
+                return None
+            if outage:
+                log.warning("the server answers again")
+                outage.clear()
+            return jobs
 
         def changes(jobs: list[Job]) -> Iterator[JobUpdate]:
             current = {job.id: job for job in jobs}
@@ -552,7 +598,8 @@ class Session:
                             try:
                                 message = socket.recv(timeout=resync_interval_s)
                             except TimeoutError:
-                                yield from changes(self.get_jobs())
+                                if (jobs := poll()) is not None:
+                                    yield from changes(jobs)
                                 continue
                             if not message:
                                 raise websockets.exceptions.ConnectionClosedError(None, None)
@@ -567,8 +614,12 @@ class Session:
                 except (OSError, websockets.exceptions.WebSocketException, ValueError) as exc:
                     log.warning("job notifications unavailable (%s); polling instead", exc)
                     retry_socket_at = time.monotonic() + max(30.0, 3 * poll_interval_s)
-            yield from changes(self.get_jobs())
-            time.sleep(poll_interval_s)
+            if (jobs := poll()) is not None:
+                yield from changes(jobs)
+                time.sleep(poll_interval_s)
+            else:  # unreachable: try again sooner at first, then less and less often
+                failures = int(outage["failures"])
+                time.sleep(min(WATCH_BACKOFF_MAX_S, WATCH_BACKOFF_FIRST_S * 2 ** (failures - 1)))
 
     def _open_websocket(self) -> websockets.sync.client.ClientConnection:
         """The ``/api/job_results`` websocket, over a socket this client opened itself.
@@ -707,6 +758,8 @@ class Session:
             log.warning("%s; deleting it and downloading again", last_error)
             partial.unlink(missing_ok=True)
             redownloaded = True
+            # What is reported is the fetch that ends with the file: a fresh one now.
+            transferred, resumed = 0, False
         if isinstance(last_error, ChecksumError):
             raise last_error
         raise AsvoError(

@@ -40,8 +40,32 @@ class CsvJob:
     params: dict[str, str] = field(default_factory=dict)
 
 
+def decode_job_csv(data: bytes) -> str:
+    """A job file's bytes as text: UTF-8, with or without a byte-order mark.
+
+    Excel's "CSV UTF-8" starts the file with a byte-order mark, which would otherwise
+    become part of the first key (``\\ufeffobs_id``).
+
+    Raises
+    ------
+    CsvJobError
+        Naming the line and column of the first byte that is not UTF-8 (a file saved
+        as Latin-1 or Windows-1252, say).
+    """
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        line_number = data.count(b"\n", 0, exc.start) + 1
+        raise CsvJobError(
+            line_number, None,
+            f"byte 0x{data[exc.start]:02x} at column {exc.start - line_start + 1} is not UTF-8 "
+            "text: save the file as UTF-8",
+        ) from None  # fmt: skip
+
+
 def parse_job_csv(text: str, *, allow_resubmit: bool = False) -> list[CsvJob]:
-    """The jobs of a job file's text.
+    """The jobs of a job file's text (a leading byte-order mark is ignored).
 
     Raises
     ------
@@ -49,6 +73,7 @@ def parse_job_csv(text: str, *, allow_resubmit: bool = False) -> list[CsvJob]:
         For the first malformed line: a cell without exactly one ``=``, an unknown
         ``job_type``, or a line without one.
     """
+    text = text.removeprefix("\ufeff")
     jobs = []
     # Universal newlines, as reading the file in text mode gives: a bare \r is a line end
     # (csv would refuse it inside a field).

@@ -46,7 +46,7 @@ from observatory.clients.asvo import (
     base_url_from_environment,
     verify_from_environment,
 )
-from observatory.clients.csvjobs import CsvJob, CsvJobError, parse_job_csv
+from observatory.clients.csvjobs import CsvJob, CsvJobError, decode_job_csv, parse_job_csv
 
 EXIT_OK, EXIT_OTHER, EXIT_HTTP, EXIT_CSV, EXIT_JOB_ERRORS = 0, 1, 2, 3, 4
 DEFAULT_PARALLEL_DOWNLOADS = 4
@@ -92,9 +92,30 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors exit 1 ("other error"), keeping 2 for HTTP errors."""
 
+    #: The message of the last usage error (written to the error file).
+    error_message: str | None = None
+
     def error(self, message: str) -> NoReturn:
+        self.error_message = message
         self.print_usage(sys.stderr)
         self.exit(EXIT_OTHER, f"{self.prog}: error: {message}\n")
+
+
+class _ErrorFileParser(argparse.ArgumentParser):
+    """Finds ``-e FILE`` in a command line that the full parser refused."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ValueError(message)
+
+
+def _error_file_of(argv: Sequence[str] | None) -> str | None:
+    parser = _ErrorFileParser(add_help=False)
+    parser.add_argument("-e", "--error-file", "--errfile", dest="errfile")
+    try:
+        known, _ = parser.parse_known_args(argv)
+    except ValueError:
+        return None
+    return known.errfile if isinstance(known.errfile, str) else None
 
 
 def _download_job_id(value: str) -> int:
@@ -451,6 +472,31 @@ def _write_error_file(path: str | None, errors: Sequence[JobError]) -> None:
         Path(path).write_text(json.dumps([e.as_json() for e in errors], indent=4) + "\n")
 
 
+def _check_error_file(path: str | None) -> None:
+    """Make sure the error file can be written, before any work is done.
+
+    Raises
+    ------
+    UsageError
+        Naming the file and why not.
+    """
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"Error: the error file {path} is a directory")
+    existed = target.exists()
+    try:
+        with target.open("a"):
+            pass
+    except OSError as exc:
+        raise UsageError(
+            f"Error: cannot write the error file {path}: {exc.strerror or exc}"
+        ) from None
+    if not existed:
+        target.unlink(missing_ok=True)
+
+
 def run(
     argv: Sequence[str] | None = None,
     *,
@@ -460,7 +506,17 @@ def run(
     """Run mwa_client with these arguments; returns the exit code."""
     env = os.environ if environ is None else environ
     out = stdout or sys.stdout
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        # A usage error: the error file is written all the same (scripts always read it).
+        message = getattr(parser, "error_message", None)
+        errfile = _error_file_of(argv)
+        if exc.code not in (0, None) and message and errfile:
+            with contextlib.suppress(OSError):
+                _write_error_file(errfile, [JobError(None, None, f"Error: {message}")])
+        raise
     reporter = Reporter(out, args.verbose)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -468,6 +524,11 @@ def run(
     )  # fmt: skip
     errors: list[JobError] = []
     reporter.say(VERSION_STRING)
+    try:
+        _check_error_file(args.errfile)
+    except UsageError as exc:
+        reporter.say(str(exc))
+        return EXIT_OTHER
     try:
         code = _run(args, env, reporter, errors)
     except CsvJobError as exc:
@@ -483,13 +544,19 @@ def run(
         message, code = "Interrupted! Exiting...", EXIT_OTHER
     else:
         message = ""
-    if code in (EXIT_OK, EXIT_JOB_ERRORS):
-        _write_error_file(args.errfile, errors)
-    else:
+    if code not in (EXIT_OK, EXIT_JOB_ERRORS):
         reporter.say(message)
         result = message.strip()
         result = result if result.startswith("Error") else f"Error: {result}"
-        _write_error_file(args.errfile, [*errors, JobError(None, None, result)])
+    try:
+        if code in (EXIT_OK, EXIT_JOB_ERRORS):
+            _write_error_file(args.errfile, errors)
+        else:
+            _write_error_file(args.errfile, [*errors, JobError(None, None, result)])
+    except OSError as exc:  # checked at the start, but it may have gone since (disk full...)
+        reporter.say(f"Error: cannot write the error file {args.errfile}: {exc.strerror or exc}")
+        return code if code != EXIT_OK else EXIT_OTHER
+    if code not in (EXIT_OK, EXIT_JOB_ERRORS):
         return code
     if errors:
         reporter.say("There were errors:")
@@ -519,7 +586,7 @@ def _run(
 
     jobs_to_submit: list[CsvJob] = []
     if args.submit_only or full:
-        text = Path(args.csvfile).read_text()
+        text = decode_job_csv(Path(args.csvfile).read_bytes())
         jobs_to_submit = parse_job_csv(text, allow_resubmit=args.allow_resubmit)
         if not jobs_to_submit:
             raise UsageError(f"Error: No jobs to submit in {args.csvfile}")

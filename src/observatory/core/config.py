@@ -150,9 +150,14 @@ class Settings(BaseSettings):
         return self.data_dir / "work"
 
     def delivery_root(self, delivery: str) -> Path:
-        """The shared file system of a ``scratch`` or ``dug`` delivery."""
+        """The shared file system of a ``scratch`` or ``dug`` delivery, as an absolute path.
+
+        Absolute because get_jobs reports the product's path to clients, which run in
+        other directories (a relative data dir is relative to the server's).
+        """
         configured = {"scratch": self.asvo_scratch_root, "dug": self.asvo_dug_root}[delivery]
-        return configured if configured is not None else self.data_dir / delivery
+        root = configured if configured is not None else self.data_dir / delivery
+        return root.expanduser().absolute()
 
     @property
     def archive_dir(self) -> Path:

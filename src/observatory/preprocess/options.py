@@ -11,6 +11,7 @@ Unknown keys are ignored, as the ASVO clients send extra ones.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from enum import StrEnum
@@ -69,6 +70,50 @@ def parse_bool(key: str, value: object) -> bool:
     if text in {"false", "0", "no", "n", "f", "off", ""}:
         return False
     raise OptionError(key, value, "expected true or false")
+
+
+_RA_TEXT = r"\d+(?:\.\d*)?|\d{1,2}h\d{1,2}m\d{1,2}(?:\.\d*)?s?|\d{1,2}:\d{1,2}:\d{1,2}(?:\.\d*)?"
+_DEC_TEXT = r"\d+(?:\.\d*)?|\d{1,2}d\d{1,2}m\d{1,2}(?:\.\d*)?s?|\d{1,2}:\d{1,2}:\d{1,2}(?:\.\d*)?"
+#: ``RA Dec``: separated by spaces, or by nothing before a signed Dec or after ``s`` (the
+#: mwa_client CSV removes spaces: ``18h33m41.89s -03d39m04.25s`` arrives without them).
+_CENTRE = re.compile(
+    rf"\s*(?P<ra>{_RA_TEXT})(?:\s+|(?=[+-])|(?<=s)(?=\d))(?P<dec>[+-]?(?:{_DEC_TEXT}))\s*"
+)
+_CENTRE_FORMS = (
+    "expected 'RA Dec' as cotter's -centre takes it: 18h33m41.89s -03d39m04.25s, "
+    "18:33:41.89 -03:39:04.25 (hours, degrees) or 278.42 -3.65 (degrees, ICRS)"
+)
+
+
+def _sexagesimal(text: str) -> float:
+    """``12h34m56.7s`` / ``-12d34m56.7s`` / ``12:34:56.7`` / ``12.5`` as a number of units."""
+    parts = [float(part) for part in re.split(r"[hdm:]", text.rstrip("s").lstrip("+-")) if part]
+    value = sum(part / 60.0**index for index, part in enumerate(parts))
+    return -value if text.startswith("-") else value
+
+
+def parse_centre(value: object) -> tuple[float, float]:
+    """A custom phase centre ``RA Dec`` (the legacy ``phasecentre`` key) as degrees.
+
+    Sexagesimal RA (``h``/``m``/``s`` or colons) is in hours, a plain number in degrees.
+
+    Raises
+    ------
+    OptionError
+        If the value is not one of those forms or is out of range.
+    """
+    text = str(value).strip()
+    match = _CENTRE.fullmatch(text)
+    if match is None:
+        raise OptionError("phasecentre", value, _CENTRE_FORMS)
+    ra_text, dec_text = match["ra"], match["dec"]
+    ra_deg = _sexagesimal(ra_text) * (15.0 if any(c in ra_text for c in "h:") else 1.0)
+    dec_deg = _sexagesimal(dec_text)
+    if not 0.0 <= ra_deg < 360.0 or not -90.0 <= dec_deg <= 90.0:
+        raise OptionError(
+            "phasecentre", value, "RA must be in 0..24 h (0..360 degrees), Dec in -90..90 degrees"
+        )
+    return ra_deg, dec_deg
 
 
 def _parse_float(key: str, value: object, low: float, high: float, unit: str) -> float:
@@ -170,6 +215,10 @@ class ConversionOptions:
                     "no_passband_gains", "apply_di_cal", "allow_missing"):  # fmt: skip
             if key in normalised:
                 values[key] = parse_bool(key, normalised[key])
+        # Three spellings: Birli's --flag-dc (what to_params stores), its --no-flag-dc (the
+        # ASVO key) and cotter's flagdcchannels (old mwa_client CSVs).
+        if _given(normalised, "flag_dc"):
+            values["flag_dc"] = parse_bool("flag_dc", normalised["flag_dc"])
         if "no_flag_dc" in normalised and parse_bool("no_flag_dc", normalised["no_flag_dc"]):
             values["flag_dc"] = False
         if "flagdcchannels" in normalised:
@@ -190,6 +239,14 @@ class ConversionOptions:
             values["phase_centre_dec_deg"] = _parse_float(
                 "phase_centre_dec", normalised["phase_centre_dec"], -90.0, 90.0, "degrees"
             )
+        if _given(normalised, "centre_custom"):
+            if "phase_centre_ra_deg" in values or "phase_centre_dec_deg" in values:
+                raise OptionError(
+                    "phasecentre", normalised["centre_custom"],
+                    "give either phasecentre or phase_centre_ra/phase_centre_dec, not both",
+                )  # fmt: skip
+            ra_deg, dec_deg = parse_centre(normalised["centre_custom"])
+            values["phase_centre_ra_deg"], values["phase_centre_dec_deg"] = ra_deg, dec_deg
         if "phase_centre_ra_deg" in values or "phase_centre_dec_deg" in values:
             values.setdefault("centre", PhaseCentre.CUSTOM)
         options = cls(**values)  # type: ignore[arg-type]
@@ -232,7 +289,7 @@ class ConversionOptions:
             value = getattr(self, spec.name)
             if value == getattr(defaults, spec.name):
                 continue
-            if spec.name == "flag_dc":
+            if spec.name == "flag_dc":  # the ASVO key when off; from_params reads both
                 params["no_flag_dc" if value is False else "flag_dc"] = "true"
                 continue
             key = names.get(spec.name, spec.name)

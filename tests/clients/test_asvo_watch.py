@@ -1,0 +1,106 @@
+"""``Session.watch`` when the server goes away for a while: it waits, then gives up clearly."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from observatory.clients import asvo
+
+ROW = {"id": 7, "job_type": 1, "job_state": "completed", "job_params": {"obs_id": "1104585920"}}
+
+
+class FakeClock:
+    """``time`` for the asvo module: sleeping moves the clock on at once."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(asvo, "time", fake)
+    return fake
+
+
+@pytest.fixture
+def session(monkeypatch: pytest.MonkeyPatch) -> Iterator[asvo.Session]:
+    def websocket_gone(_self: asvo.Session) -> None:
+        raise ConnectionRefusedError("connection refused")
+
+    monkeypatch.setattr(asvo.Session, "_open_websocket", websocket_gone)
+    with asvo.Session("http://127.0.0.1:9", httpx.Client(), verify=True) as session:
+        yield session
+
+
+def refused(what: str = "Could not obtain the jobs list from the server") -> asvo.AsvoError:
+    return asvo.AsvoError(f"{what}: [Errno 111] Connection refused")
+
+
+def test_watch_keeps_polling_while_the_server_is_down(
+    session: asvo.Session, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    replies: list[object] = [
+        refused(),
+        refused(),
+        asvo.AsvoError("... HTTP 503: restarting", status_code=503),
+        refused(),
+        [asvo.Job.from_row(ROW)],
+    ]
+
+    def get_jobs(_self: asvo.Session) -> list[asvo.Job]:
+        reply = replies.pop(0)
+        if isinstance(reply, Exception):
+            raise reply
+        assert isinstance(reply, list)
+        return reply
+
+    monkeypatch.setattr(asvo.Session, "get_jobs", get_jobs)
+    update = next(session.watch(poll_interval_s=10))
+    assert update.job.id == 7 and update.job.state == "completed"
+    assert not replies
+    # Backing off: each wait at least as long as the one before, none longer than the cap.
+    assert clock.sleeps == sorted(clock.sleeps) and len(clock.sleeps) == 4
+    assert clock.sleeps[0] < clock.sleeps[-1] <= asvo.WATCH_BACKOFF_MAX_S
+
+
+def test_watch_gives_up_after_the_outage_limit_with_a_clear_message(
+    session: asvo.Session, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+
+    def get_jobs(_self: asvo.Session) -> list[asvo.Job]:
+        calls.append(clock.now)
+        raise refused()
+
+    monkeypatch.setattr(asvo.Session, "get_jobs", get_jobs)
+    with pytest.raises(asvo.AsvoError) as caught:
+        next(session.watch(poll_interval_s=10, outage_limit_s=300))
+    message = str(caught.value)
+    assert "has not answered for 5 minutes" in message and "Connection refused" in message
+    assert "-w all" in message and caught.value.status_code is None
+    assert calls[-1] - calls[0] >= 300 and len(calls) > 3
+    assert max(clock.sleeps) <= asvo.WATCH_BACKOFF_MAX_S
+
+
+def test_watch_does_not_retry_a_refusal(
+    session: asvo.Session, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def get_jobs(_self: asvo.Session) -> list[asvo.Job]:
+        raise asvo.AsvoError("... HTTP 401: Not logged in", status_code=401)
+
+    monkeypatch.setattr(asvo.Session, "get_jobs", get_jobs)
+    with pytest.raises(asvo.AsvoError, match="401"):
+        next(session.watch())
+    assert clock.sleeps == []
