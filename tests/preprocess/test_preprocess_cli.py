@@ -9,6 +9,7 @@ from pyuvdata import UVData
 
 from observatory.cli import main
 from observatory.telescope.simulator import PointSource, SimulatedObservation, simulate_observation
+from shared_data import CALIB_DATA, MWA_DATA
 
 OBSID = 1320409688
 SOURCE_ARG = "333.6069,-17.0288,60"
@@ -104,3 +105,35 @@ def test_inputs_must_be_named(
         == 2
     )
     assert "not both" in capsys.readouterr().err
+
+
+def test_data_files_of_another_observation_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = [
+        str(MWA_DATA / "1131733552_20151116182537_mini_gpubox01_00.fits"),
+        str(MWA_DATA / "1131733552_20151116182637_mini_gpubox06_01.fits"),
+    ]
+    out = tmp_path / "l.uvfits"
+    code = run(tmp_path, "--metafits", str(MWA_DATA / "1320409688.metafits"), *files,
+               "--out", str(out), "--option", "allow_missing=true")  # fmt: skip
+    assert code == 2
+    error = capsys.readouterr().err
+    (line,) = [line for line in error.splitlines() if "does not match" in line]
+    assert "from obsid 1131733552, which does not match the metafits 1320409688.metafits" in line
+    assert not out.exists()
+
+
+def test_solutions_for_another_array_name_the_file(
+    sim: SimulatedObservation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    solutions = CALIB_DATA / "1450212840_ch101_solutions.bin"  # 256 antennas
+    out = tmp_path / "c.uvfits"
+    code = run(tmp_path, "--metafits", str(sim.metafits_path), *map(str, sim.vis_paths),
+               "--out", str(out), "--solutions", str(solutions), "--option", "apply_di_cal=true",
+               "--no-rfi")  # fmt: skip
+    assert code == 2
+    error = capsys.readouterr().err
+    assert f"solutions file {solutions}: the solutions are for 256 antennas" in error
+    assert f"obsid {OBSID} has 4" in error
+    assert "apply_di_cal=" not in error and not out.exists()

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from astropy.time import Time
 from pyuvdata import UVData
 
 from observatory.calib.formats import CalSolutions, write_aocal, write_hyperdrive
 from observatory.preprocess.engine import output_paths, preprocess
 from observatory.preprocess.options import ConversionOptions, OptionError, OutputFormat
-from observatory.preprocess.reader import ReadError, open_reader
+from observatory.preprocess.reader import ReadError, open_reader, regular_time_grid
 from observatory.telescope.simulator import (
     PointSource,
     RfiBurst,
@@ -462,7 +463,9 @@ def test_missing_coarse_channels_need_allow_missing(
 def test_solutions_for_another_array_are_refused(sim: SimulatedObservation, tmp_path: Path) -> None:
     write_aocal(tmp_path / "s.bin", CalSolutions(jones=np.ones((1, 3, 64, 4), np.complex128)))
     options = ConversionOptions.from_params(RAW)
-    with pytest.raises(OptionError, match="solutions are for 3 antennas, the observation has 8"):
+    # The message names the solutions file and the mismatch, not an option the user never set.
+    message = rf"solutions file {tmp_path / 's.bin'}: the solutions are for 3 antennas, but obsid {OBSID} has 8"
+    with pytest.raises(ReadError, match=message):
         preprocess(
             sim.metafits_path,
             sim.vis_paths,
@@ -470,6 +473,25 @@ def test_solutions_for_another_array_are_refused(sim: SimulatedObservation, tmp_
             tmp_path / "x.uvfits",
             solutions=tmp_path / "s.bin",
         )
+
+
+def test_data_files_of_another_observation_are_refused(tmp_path: Path) -> None:
+    legacy = [MWA_DATA / f for f in LEGACY_FILES]
+    other = MWA_DATA / "1320409688.metafits"
+    options = ConversionOptions.from_params({**RAW, "allow_missing": "true"})
+    message = (
+        r"1131733552_20151116182537_mini_gpubox01_00\.fits \(and 1 more file\(s\)\): the data "
+        r"files are from obsid 1131733552, which does not match the metafits "
+        r"1320409688\.metafits \(obsid 1320409688\)"
+    )
+    with pytest.raises(ReadError, match=message):
+        preprocess(other, legacy, options, tmp_path / "x.uvfits")
+    assert not list(tmp_path.iterdir())
+    # Renamed to the metafits' obsid, the file's header still says where it is from.
+    renamed = tmp_path / "1320409688_20151116182537_mini_gpubox01_00.fits"
+    renamed.symlink_to(legacy[0])
+    with pytest.raises(ReadError, match="from obsid 1131733552, which does not match"):
+        open_reader(other, [renamed])
 
 
 def test_unreadable_inputs_name_the_file(sim: SimulatedObservation, tmp_path: Path) -> None:
@@ -557,3 +579,176 @@ def test_dc_channel_flagging_defaults_to_legacy_data_only(
     assert (legacy.flag_dc, mwax.flag_dc, simulated.flag_dc) == (True, False, False)
     no_dc = ConversionOptions.from_params({"allow_missing": "true", "no_flag_dc": "true"})
     assert _plan(open_reader(*_real_inputs("1131733552")), no_dc, None, 1 << 20).flag_dc is False
+
+
+# ----------------------------------------------------------------------------------------------
+# Files that start at different times: every integration keeps its own time
+
+
+LEGACY_FILES = [
+    "1131733552_20151116182537_mini_gpubox01_00.fits",  # coarse channel 153, 18:25:37
+    "1131733552_20151116182637_mini_gpubox06_01.fits",  # coarse channel 149, 18:26:37
+]
+
+
+def _as_cube(uvd: UVData, antenna_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """pyuvdata's reading as (times, baselines in chunk order, channels, pols): data, nsamples.
+
+    pyuvdata numbers antennas by tile; the chunk order is the metafits order (``antenna_names``).
+    """
+    index_of = {name: i for i, name in enumerate(antenna_names)}
+    names = list(uvd.telescope.antenna_names)
+    ours = {number: index_of[names[i]] for i, number in enumerate(uvd.telescope.antenna_numbers)}
+    p = np.array([ours[a] for a in uvd.ant_1_array])
+    q = np.array([ours[a] for a in uvd.ant_2_array])
+    pols = [list(uvd.polarization_array).index(code) for code in (-5, -7, -8, -6)]
+    data = uvd.data_array[:, :, pols]
+    nsamples = uvd.nsample_array[:, :, pols]
+    swapped = p > q
+    data[swapped] = np.conj(data[swapped][:, :, [0, 2, 1, 3]])
+    nsamples[swapped] = nsamples[swapped][:, :, [0, 2, 1, 3]]
+    p, q = np.minimum(p, q), np.maximum(p, q)
+    n = len(antenna_names)
+    baseline = p * n - p * (p - 1) // 2 + (q - p)
+    times = np.unique(uvd.time_array)
+    rows = np.searchsorted(times, uvd.time_array)
+    out = np.zeros((len(times), n * (n + 1) // 2, uvd.Nfreqs, 4), np.complex128)
+    weights = np.zeros(out.shape, np.float64)
+    out[rows, baseline] = data
+    weights[rows, baseline] = nsamples
+    return out, weights
+
+
+def test_files_starting_at_different_times_keep_their_times_as_pyuvdata_reads_them(
+    tmp_path: Path,
+) -> None:
+    """The legacy files start a minute apart: each channel's data stay at their own time.
+
+    pyuvdata (as Birli) puts the integrations on a regular grid from the first to the
+    last, the slots a file does not cover empty and flagged; the conversion, phased to
+    the pointing centre, must give the same times and (phased the same way) the same
+    visibilities.
+    """
+    metafits = MWA_DATA / "1131733552.metafits"
+    paths = [MWA_DATA / f for f in LEGACY_FILES]
+    params = {k: v for k, v in RAW.items() if k != "no_geometric_delay"}
+    options = ConversionOptions.from_params(
+        {**params, "allow_missing": "true", "no_flag_dc": "true", "centre": "pointing"}
+    )
+    outputs = preprocess(metafits, paths, options, tmp_path / "legacy.uvfits")
+    direct = UVData.from_file(
+        [str(metafits), *map(str, paths)], file_type="mwa_corr_fits", **PYUVDATA_OFF
+    )
+    reader = open_reader(metafits, paths)
+    assert reader.meta.pointing_radec_deg is not None
+    ra_deg, dec_deg = reader.meta.pointing_radec_deg
+    direct.phase(lon=np.radians(ra_deg), lat=np.radians(dec_deg), epoch="J2000", cat_name="p")
+    names = list(reader.meta.antenna_names)
+    theirs, their_weights = _as_cube(direct, names)
+    for path in outputs:
+        data, flags, uvd = cube(path, 128)
+        # The same times: 121 integrations of 0.5 s from 18:25:37.25 to 18:26:37.25.
+        np.testing.assert_allclose(
+            np.unique(uvd.time_array), np.unique(direct.time_array), rtol=0, atol=1e-3 / 86400
+        )
+        assert data.shape == theirs.shape
+        # Each channel has data at the times pyuvdata has them (channel 149, from the _01
+        # file, only in the last integration; channel 153 only in the first) ...
+        present = np.abs(data) > 0
+        np.testing.assert_array_equal(present, np.abs(theirs) > 0)
+        by_channel = present.any(axis=(1, 3))
+        np.testing.assert_array_equal(np.flatnonzero(by_channel[:, 0]), [120])
+        np.testing.assert_array_equal(np.flatnonzero(by_channel[:, 1]), [0])
+        # ... and is flagged where the files hold none.
+        assert flags[their_weights == 0].all()
+        # Phased for their own time, the visibilities are pyuvdata's.
+        np.testing.assert_allclose(data[present], theirs[present], rtol=1e-5)
+
+
+def test_time_averaging_never_merges_integrations_a_minute_apart(tmp_path: Path) -> None:
+    metafits = MWA_DATA / "1131733552.metafits"
+    paths = [MWA_DATA / f for f in LEGACY_FILES]
+    common = {**RAW, "allow_missing": "true", "no_flag_dc": "true"}
+    (native,) = preprocess(
+        metafits, paths, ConversionOptions.from_params(common), tmp_path / "n.uvfits"
+    )
+    (averaged,) = preprocess(
+        metafits,
+        paths,
+        ConversionOptions.from_params({**common, "avg_time_res": 1}),
+        tmp_path / "a.uvfits",
+    )
+    full, full_flags, full_uvd = cube(native, 128)
+    data, flags, uvd = cube(averaged, 128)
+    # Pairs of 0.5 s integrations on the grid from the first: 121 padded to 122, 61 outputs,
+    # each centred on its pair.
+    times = np.unique(full_uvd.time_array)
+    pairs = np.concatenate([times, [2 * times[-1] - times[-2]]]).reshape(61, 2).mean(axis=1)
+    np.testing.assert_allclose(np.unique(uvd.time_array), pairs, rtol=0, atol=1e-3 / 86400)
+    # Each channel's one integration is averaged with empty slots only: it comes out unchanged.
+    present = np.abs(data) > 0
+    np.testing.assert_array_equal(np.flatnonzero(present.any(axis=(1, 2, 3))), [0, 60])
+    # (Samples flagged anyway, such as flagged tiles', keep the plain mean of their inputs.)
+    first, last = ~full_flags[0, :, 1], ~full_flags[120, :, 0]
+    assert first.any() and last.any()
+    np.testing.assert_allclose(data[0, :, 1][first], full[0, :, 1][first], rtol=1e-6)
+    np.testing.assert_allclose(data[60, :, 0][last], full[120, :, 0][last], rtol=1e-6)
+    assert not flags[0, :, 1][first].any() and not flags[60, :, 0][last].any()
+    assert flags[1:60].all() and flags[0, :, 0].all() and flags[60, :, 1].all()
+
+
+def _keep_timesteps(path: Path, steps: list[int]) -> None:
+    """Rewrite an MWAX file with only the given timesteps (a data and a weights HDU each)."""
+    from astropy.io import fits
+
+    with fits.open(path) as hdus:
+        kept = [hdus[0].copy()] + [h.copy() for i in steps for h in hdus[1 + 2 * i : 3 + 2 * i]]
+    fits.HDUList(kept).writeto(path, overwrite=True)
+
+
+def test_a_gap_in_the_data_is_flagged_and_the_rest_keeps_its_time(tmp_path: Path) -> None:
+    """mwalib reads files that hold integrations 0 (channel 137) and 3 (channel 138) only."""
+    single = simulate_observation(
+        tmp_path / "sim", OBSID, n_tiles=N_TILES, coarse_chans=CHANS, n_timesteps=N_TIMES,
+        sources=[SOURCE],
+    )  # fmt: skip
+    expected = np.stack(
+        [
+            np.concatenate(
+                [predict_visibilities(single.truth, t, c, domain="uvdata") for c in CHANS],
+                axis=1,
+            )
+            for t in range(N_TIMES)
+        ]
+    )
+    _keep_timesteps(single.vis_paths[0], [0])
+    _keep_timesteps(single.vis_paths[1], [3])
+    (raw,) = convert(single, tmp_path / "raw.uvfits", **RAW)
+    data, flags, uvd = cube(raw)
+    assert uvd.Ntimes == N_TIMES
+    np.testing.assert_allclose(
+        np.unique(uvd.time_array),
+        Time(single.truth.timestep_centres_gps(), format="gps").utc.jd,
+        rtol=0,
+        atol=1e-3 / 86400,
+    )
+    np.testing.assert_array_equal(data[0, :, :32], expected[0, :, :32])
+    np.testing.assert_array_equal(data[3, :, 32:], expected[3, :, 32:])
+    assert flags[1:3].all() and flags[0, :, 32:].all() and flags[3, :, :32].all()
+    # Phased for the right times, the source sits at zero phase in both integrations.
+    params = {
+        **RAW, "no_cable_delay": "false", "no_geometric_delay": "false",
+        "centre": "custom", "phase_centre_ra": SOURCE.ra_deg, "phase_centre_dec": SOURCE.dec_deg,
+    }  # fmt: skip
+    (phased,) = convert(single, tmp_path / "phased.uvfits", **params)
+    data, _, _ = cube(phased)
+    p, q = np.triu_indices(N_TILES)
+    assert np.abs(np.angle(data[0, p != q, :32, 0])).max() < 1e-5
+    assert np.abs(np.angle(data[3, p != q, 32:, 0])).max() < 1e-5
+
+
+def test_time_grid_fills_gaps_and_refuses_times_off_the_grid() -> None:
+    grid = regular_time_grid(np.array([100.0, 103.0, 101.0, 103.0]), 1.0)
+    np.testing.assert_array_equal(grid, [100.0, 101.0, 102.0, 103.0])
+    with pytest.raises(ReadError, match="not a whole number of 2 s integrations apart"):
+        regular_time_grid(np.array([100.0, 103.0]), 2.0)

@@ -51,6 +51,7 @@ from observatory.preprocess.options import (
     ResolvedOptions,
 )
 from observatory.preprocess.reader import (
+    TIME_TOLERANCE_S,
     ObservationMeta,
     RawChunk,
     ReadError,
@@ -123,18 +124,25 @@ def _phase_centre(meta: ObservationMeta, options: ConversionOptions) -> tuple[st
     )
 
 
-def _solution_jones(meta: ObservationMeta, solutions: CalSolutions) -> NDArray[np.complex128]:
+def _solution_jones(
+    meta: ObservationMeta, solutions: CalSolutions, solutions_name: str
+) -> NDArray[np.complex128]:
     """Solutions as (n_ants, channel of the metafits band, 2, 2), first timeblock.
 
     Chanblocks map onto the observation's band in frequency order: by their
     frequencies when the file gives them, else evenly (hyperdrive's chanblocks
     span the whole band).
+
+    Raises
+    ------
+    ReadError
+        If the solutions are for another number of antennas (naming ``solutions_name``).
     """
     if solutions.n_antennas != meta.n_ants:
-        raise OptionError(
-            "apply_di_cal", solutions.n_antennas,
-            f"the solutions are for {solutions.n_antennas} antennas, the observation has {meta.n_ants}",
-        )  # fmt: skip
+        raise ReadError(
+            f"{solutions_name}: the solutions are for {solutions.n_antennas} antennas, "
+            f"but obsid {meta.obsid} has {meta.n_ants}; give solutions for this array"
+        )
     band_chans = sorted(meta.metafits_coarse_chans)
     n_total = len(band_chans) * meta.fine_chans_per_coarse
     matrices = solutions.jones_matrices()[0]  # (n_ants, n_chanblocks, 2, 2)
@@ -158,6 +166,7 @@ def _plan(
     options: ConversionOptions,
     solutions: CalSolutions | None,
     chunk_bytes: int,
+    solutions_name: str = "the calibration solutions",
 ) -> _Plan:
     meta = reader.meta
     resolved = options.resolve(
@@ -183,6 +192,12 @@ def _plan(
             "apply_di_cal", True, "needs a solutions file (AO-cal .bin or hyperdrive FITS)"
         )
     n_times = len(reader.time_start_gps_s)
+    steps = np.diff(reader.time_start_gps_s)
+    if np.any(np.abs(steps - meta.int_time_s) > TIME_TOLERANCE_S):
+        # The readers give a regular grid; averaging and phasing rely on it.
+        raise ReadError(
+            f"the integrations of obsid {meta.obsid} are not {meta.int_time_s:g} s apart"
+        )
     factor = resolved.time_factor
     n_times_padded = math.ceil(n_times / factor) * factor
     bytes_per_time = meta.n_baselines * reader.chans_per_coarse * 4 * 8
@@ -201,8 +216,17 @@ def _plan(
         time_block=time_block,
         phase_centre=_phase_centre(meta, options),
         flag_dc=(not meta.mwax) if options.flag_dc is None else options.flag_dc,
-        jones=None if solutions is None else _solution_jones(meta, solutions),
+        jones=None if solutions is None else _solution_jones(meta, solutions, solutions_name),
     )
+
+
+def _padded_starts(
+    time_start_gps_s: NDArray[np.float64], n_times: int, int_time_s: float
+) -> NDArray[np.float64]:
+    """``time_start_gps_s`` continued to ``n_times`` integrations, ``int_time_s`` apart."""
+    extra = n_times - len(time_start_gps_s)
+    last = time_start_gps_s[-1]
+    return np.concatenate([time_start_gps_s, last + int_time_s * np.arange(1, extra + 1)])
 
 
 def _padded(chunk: RawChunk, n_times: int, int_time_s: float) -> RawChunk:
@@ -213,8 +237,7 @@ def _padded(chunk: RawChunk, n_times: int, int_time_s: float) -> RawChunk:
     vis = np.concatenate([chunk.vis, np.zeros((extra, *chunk.vis.shape[1:]), np.complex64)])
     weights = np.broadcast_to(chunk.weights, chunk.vis.shape[:2] + chunk.weights.shape[2:])
     weights = np.concatenate([weights, np.zeros((extra, *weights.shape[1:]), np.float32)])
-    last = chunk.time_start_gps_s[-1] if len(chunk.time_start_gps_s) else 0.0
-    times = np.concatenate([chunk.time_start_gps_s, last + int_time_s * np.arange(1, extra + 1)])
+    times = _padded_starts(chunk.time_start_gps_s, n_times, int_time_s)
     return RawChunk(chunk.coarse_chan, vis, weights, chunk.chan_index, chunk.freqs_hz, times)
 
 
@@ -328,13 +351,16 @@ def preprocess(
     OptionError
         For options that do not fit the observation (naming key, value, allowed range).
     ReadError
-        For missing or unreadable input files.
+        For missing or unreadable input files, data files of another observation than
+        the metafits, or solutions for another array (naming the file).
     """
     targets = output_paths(out, options.output)
+    solutions_name = "the calibration solutions"
     if isinstance(solutions, (str, os.PathLike)):
+        solutions_name = f"solutions file {solutions}"
         solutions = read_solutions(Path(solutions))
     reader = open_reader(metafits, data_files)
-    plan = _plan(reader, options, solutions, chunk_bytes)
+    plan = _plan(reader, options, solutions, chunk_bytes, solutions_name)
     meta = plan.meta
     resolved = plan.resolved
     n_times_out = plan.n_times_padded // resolved.time_factor
@@ -346,9 +372,11 @@ def preprocess(
             for c in plan.coarse_chans
         ]
     )
+    # Each integration's own start (the reader's regular grid, with the padding that
+    # fills the last averaging block): phasing and output times both come from these.
+    native_starts = _padded_starts(reader.time_start_gps_s, plan.n_times_padded, meta.int_time_s)
     time_centres_gps = (
-        reader.time_start_gps_s[0]
-        + (np.arange(n_times_out) + 0.5) * resolved.time_factor * meta.int_time_s
+        native_starts.reshape(n_times_out, resolved.time_factor).mean(axis=1) + meta.int_time_s / 2
     )
     history = (
         f"Converted by observatory-services preprocess from obsid {meta.obsid} with options "
@@ -425,9 +453,6 @@ def preprocess(
         # Before the workers start: the first apparent-place computation in a process
         # parses astropy's IERS table, which takes three times as long when it competes
         # with the workers for the GIL.
-        native_starts = reader.time_start_gps_s[0] + meta.int_time_s * np.arange(
-            plan.n_times_padded
-        )
         directions = corrections.source_directions_enu(
             plan.phase_centre[1:], native_starts + meta.int_time_s / 2
         )

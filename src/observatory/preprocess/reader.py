@@ -14,10 +14,17 @@ Chunks are in pyuvdata's convention: baselines ``(p, q)`` with ``p <= q`` in
 metafits Antenna order (autocorrelations included), polarisations XX, XY, YX,
 YY, and visibilities conjugated relative to raw MWAX data so that a source in
 direction ``s`` carries ``exp(+2 pi i f (x_q - x_p) . s / c)``.
+
+Both readers give the integrations on a regular grid of the integration time,
+from the earliest integration any file holds to the latest (as pyuvdata and
+Birli do): files that start at different times, or a gap in the data, leave
+integrations for which some coarse channels have no data; those read as zeros
+with zero weight (flagged).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -212,9 +219,13 @@ class MwalibReader:
             for i in context.provided_coarse_chan_indices
         }
         self.coarse_chans = tuple(sorted(self._coarse_index))
-        self._timestep_indices = list(context.provided_timestep_indices)
-        self.time_start_gps_s = np.array(
-            [context.timesteps[i].gps_time_ms / 1000.0 for i in self._timestep_indices]
+        provided = list(context.provided_timestep_indices)
+        # Every timestep from the first with data to the last: mwalib's timesteps are a
+        # regular grid, and one that no file holds for a channel reads as flagged.
+        self._timestep_indices = list(range(min(provided), max(provided) + 1))
+        self.time_start_gps_s = regular_time_grid(
+            np.array([context.timesteps[i].gps_time_ms / 1000.0 for i in self._timestep_indices]),
+            meta.int_time_s,
         )
         self.chans_per_coarse = meta.fine_chans_per_coarse
 
@@ -290,7 +301,10 @@ class PyuvdataReader:
             self.chans_per_coarse = int(header.Nfreqs)
         self.coarse_chans = tuple(sorted(self._files))
         all_times = np.unique(np.concatenate(time_axes))
-        self.time_start_gps_s = _jd_to_gps(all_times) - meta.int_time_s / 2
+        # Times arrive as Julian dates (tens of microseconds of rounding); MWA integrations
+        # start on whole milliseconds.
+        starts = np.round(_jd_to_gps(all_times) - meta.int_time_s / 2, 3)
+        self.time_start_gps_s = regular_time_grid(starts, meta.int_time_s)
         self._cache: tuple[int, RawChunk] | None = None
 
     def _read_channel(self, coarse_chan: int) -> RawChunk:
@@ -311,8 +325,10 @@ class PyuvdataReader:
             data_array_dtype=np.complex64,
         )
         times_gps = _jd_to_gps(uvd.time_array) - meta.int_time_s / 2
-        time_rows = np.searchsorted(self.time_start_gps_s, times_gps - 1e-3)
-        if np.any(np.abs(self.time_start_gps_s[time_rows] - times_gps) > 1e-3):
+        grid = self.time_start_gps_s
+        time_rows = np.clip(np.rint((times_gps - grid[0]) / meta.int_time_s), 0, len(grid) - 1)
+        time_rows = time_rows.astype(np.intp)
+        if np.any(np.abs(grid[time_rows] - times_gps) > TIME_TOLERANCE_S):
             raise ReadError(f"coarse channel {coarse_chan}: integrations differ from the others'")
         index_of_number = {n: i for i, n in enumerate(uvd.telescope.antenna_numbers)}
         names = list(uvd.telescope.antenna_names)
@@ -364,6 +380,34 @@ class PyuvdataReader:
         )
 
 
+#: Largest difference between a time and its grid slot (MWA times are whole milliseconds).
+TIME_TOLERANCE_S = 1e-3
+
+
+def regular_time_grid(
+    time_start_gps_s: NDArray[np.float64], int_time_s: float
+) -> NDArray[np.float64]:
+    """Every integration from the first of ``time_start_gps_s`` to the last, ``int_time_s`` apart.
+
+    Raises
+    ------
+    ReadError
+        If a time is not a whole number of integrations after the first.
+    """
+    times = np.unique(np.asarray(time_start_gps_s, dtype=np.float64))
+    if len(times) == 0:
+        raise ReadError("the correlator files hold no integrations")
+    offsets = (times - times[0]) / int_time_s
+    slots = np.rint(offsets)
+    off_grid = np.abs(offsets - slots) * int_time_s > TIME_TOLERANCE_S
+    if off_grid.any():
+        raise ReadError(
+            f"integrations starting at GPS {times[0]:.3f} s and {times[off_grid][0]:.3f} s "
+            f"are not a whole number of {int_time_s:g} s integrations apart"
+        )
+    return np.asarray(times[0] + int_time_s * np.arange(int(slots[-1]) + 1), dtype=np.float64)
+
+
 def _rec_chan_of(freq_hz: float) -> int:
     """Receiver channel whose 1.28 MHz band holds ``freq_hz`` (centred on n x 1.28 MHz)."""
     return int(np.floor(freq_hz / COARSE_CHAN_WIDTH_HZ + 0.5))
@@ -383,7 +427,8 @@ def open_reader(
     Raises
     ------
     ReadError
-        If no data file is given, a file is missing, or neither reader accepts the files.
+        If no data file is given, a file is missing, a file is from another observation
+        than the metafits, or neither reader accepts the files.
     """
     metafits_path = Path(metafits)
     paths = [Path(p) for p in data_files]
@@ -393,6 +438,7 @@ def open_reader(
         if not path.is_file():
             raise ReadError(f"{path}: no such file")
     meta = read_metadata(metafits_path)
+    _check_obsids(metafits_path, meta.obsid, paths)
     try:
         return MwalibReader(metafits_path, paths, meta)
     except Exception as mwalib_error:  # mwalib's own error types
@@ -405,3 +451,41 @@ def open_reader(
             raise ReadError(
                 f"cannot read the correlator files: mwalib says {mwalib_error}; pyuvdata says {exc}"
             ) from exc
+
+
+def _file_obsids(path: Path) -> set[int]:
+    """The obsids a correlator file's name and primary header (``OBSID``) give."""
+    from astropy.io import fits
+
+    found = set()
+    info = parse_file_name(path.name)
+    if info is not None:
+        found.add(info.obsid)
+    try:
+        value = fits.getheader(path, 0).get("OBSID")
+    except Exception:  # not FITS: the readers say so
+        return found
+    with contextlib.suppress(TypeError, ValueError):
+        if value is not None:
+            found.add(int(value))
+    return found
+
+
+def _check_obsids(metafits: Path, obsid: int, data_files: Sequence[Path]) -> None:
+    """Refuse data files whose name or header says they are from another observation.
+
+    Raises
+    ------
+    ReadError
+        Naming the first such file, its obsid and the metafits'.
+    """
+    foreign = {path: _file_obsids(path) - {obsid} for path in data_files}
+    foreign = {path: others for path, others in foreign.items() if others}
+    if not foreign:
+        return
+    path, others = next(iter(foreign.items()))
+    more = f" (and {len(foreign) - 1} more file(s))" if len(foreign) > 1 else ""
+    raise ReadError(
+        f"{path}{more}: the data files are from obsid {min(others)}, "
+        f"which does not match the metafits {metafits.name} (obsid {obsid})"
+    )
