@@ -9,11 +9,15 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from observatory.app import create_app
 from observatory.asvo.models import Job
+from observatory.core.accounts import reset_api_key
 from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory
+from observatory.core.models import User
+from observatory.core.security import sign_value
 
 MWAX_OBS = "1320409688"
 LEGACY_OBS = "1131733552"
@@ -125,6 +129,38 @@ def test_calls_without_the_cookie_are_401(app_settings: Settings) -> None:
         reply = client.get("/api/get_jobs")
         assert reply.status_code == 401 and "api_login" in reply.json()["error"]
         assert client.post("/api/api_login").status_code == 401
+        # Validly signed, but tied to no key (the old format, which nothing could end) or a
+        # portal sign-in (which must not open cancel_job): refused.
+        key = app_settings.secret_key_bytes()
+        for value in ("user:1", "portal:1:0", "api:1:0000000000000000"):
+            client.cookies.set("MWA_JOB_COOKIE", sign_value(value, key))
+            assert client.get("/api/get_jobs").status_code == 401
+            assert client.get("/api/cancel_job", params={"job_id": "1"}).status_code == 401
+
+
+def test_a_login_ends_when_the_api_key_changes(client: TestClient, app_settings: Settings) -> None:
+    """A cookie from /api/api_login names the key it was made with: a new key ends it."""
+    job_id = submit(client, "download_vis_job", obs_id=MWAX_OBS, download_type="vis").json()[
+        "job_id"
+    ]
+    engine = make_engine(app_settings.resolved_database_url)
+    with make_session_factory(engine)() as session:
+        alice = session.scalar(select(User).where(User.name == "alice"))
+        assert alice is not None
+        reset_api_key(session, alice, "the-new-key-of-alice")
+        session.commit()
+    engine.dispose()
+    assert client.get("/api/get_jobs").status_code == 401
+    assert client.get("/api/cancel_job", params={"job_id": job_id}).status_code == 401
+    assert (
+        submit(client, "download_vis_job", obs_id=MWAX_OBS, download_type="vis_meta").status_code
+        == 401
+    )
+    relogin = client.post(
+        "/api/api_login", headers=basic("giant-squidv2.5.1", "the-new-key-of-alice")
+    )
+    assert relogin.status_code == 200
+    assert client.get("/api/cancel_job", params={"job_id": job_id}).status_code == 200
 
 
 # ----------------------------------------------------------------------------------------------

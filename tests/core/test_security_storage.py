@@ -1,8 +1,27 @@
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy.orm import Session
 
-from observatory.core.security import hash_secret, key_fingerprint, new_api_key, verify_secret
+from observatory.core.accounts import (
+    SESSION_MAX_AGE_S,
+    api_session_token,
+    create_user,
+    end_portal_sessions,
+    portal_session_token,
+    reset_api_key,
+    session_user,
+    set_password,
+)
+from observatory.core.database import utcnow
+from observatory.core.security import (
+    hash_secret,
+    key_fingerprint,
+    new_api_key,
+    sign_value,
+    verify_secret,
+)
 from observatory.core.storage import Storage, StorageKeyError, clean_key, sha1_of_file
 
 
@@ -16,6 +35,49 @@ def test_hash_and_verify() -> None:
     assert hash_secret(key) != stored  # salted
     assert not verify_secret(key, "garbage")
     assert len(key_fingerprint(key)) == 16
+
+
+def test_session_tokens_end_with_the_key_and_with_signing_out(session: Session) -> None:
+    """The cookies of /api/api_login and of the portal: signed, of one kind each, and
+    revocable (a new API key ends the first; signing out or a new password the second)."""
+    key = b"k" * 32
+    alice, _ = create_user(session, "alice", "api-key-of-alice")
+    bob, _ = create_user(session, "bob", "api-key-of-bob")
+    api, portal = api_session_token(alice, key), portal_session_token(alice, key)
+    assert session_user(session, api, key, "api") is alice
+    assert session_user(session, portal, key, "portal") is alice
+    assert session_user(session, api, key, "portal") is None  # one kind each
+    assert session_user(session, portal, key, "api") is None
+    for bad in (None, "", "garbage", api + "0", api.replace(str(alice.id), str(bob.id), 1)):
+        assert session_user(session, bad, key, "api") is None
+    assert session_user(session, api, b"another key" * 3, "api") is None
+    assert session_user(session, sign_value(f"user:{alice.id}", key), key, "api") is None
+    stale = sign_value(f"api:{alice.id}:{alice.api_key_fingerprint}", key, now_s=0)
+    assert session_user(session, stale, key, "api") is None  # older than SESSION_MAX_AGE_S
+    assert SESSION_MAX_AGE_S == 7 * 86_400
+
+    reset_api_key(session, alice, "api-key-of-alice")  # the same key: nothing ends
+    assert session_user(session, api, key, "api") is alice
+    reset_api_key(session, alice)
+    assert session_user(session, api, key, "api") is None
+    assert session_user(session, api_session_token(alice, key), key, "api") is alice
+    assert session_user(session, portal, key, "portal") is alice  # a password session
+
+    moment = utcnow()
+    before = portal_session_token(alice, key, now=moment - timedelta(microseconds=1))
+    after = portal_session_token(alice, key, now=moment)
+    bobs = portal_session_token(bob, key)
+    end_portal_sessions(session, alice, now=moment)
+    assert session_user(session, portal, key, "portal") is None
+    assert session_user(session, before, key, "portal") is None
+    assert session_user(session, after, key, "portal") is alice  # signed in again at once
+    assert session_user(session, bobs, key, "portal") is bob  # only alice's sessions end
+    set_password(session, bob, "a new password")
+    assert session_user(session, bobs, key, "portal") is None
+    session.commit()
+    session.expire_all()  # read back from the database (UTC and microseconds on both backends)
+    assert session_user(session, after, key, "portal") is alice
+    assert session_user(session, before, key, "portal") is None
 
 
 def test_empty_secret_refused() -> None:

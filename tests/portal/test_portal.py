@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 from collections.abc import Iterator
 
@@ -10,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from markupsafe import escape
 from sqlalchemy import select
+from starlette.websockets import WebSocketDisconnect
 
 from observatory.app import create_app
 from observatory.archive.models import Observation
@@ -54,6 +56,14 @@ def token_of(page: str) -> str:
     return match.group(1)
 
 
+def api_client(client: TestClient, name: str, key: str | None = None) -> TestClient:
+    """Another client of the same app, logged in as mwa_client does (the MWA_JOB_COOKIE)."""
+    api = TestClient(client.app)
+    auth = ("mantaray-clientv2.0", key or f"api-key-of-{name}")
+    assert api.post("/api/api_login", auth=auth).status_code == 200
+    return api
+
+
 def sign_in(client: TestClient, name: str) -> None:
     token = token_of(client.get("/login").text)
     reply = client.post(
@@ -86,10 +96,11 @@ def test_sign_in_sets_a_safe_session_cookie(client: TestClient) -> None:
     reply = client.post("/login", data={**form, "csrf_token": token}, follow_redirects=False)
     assert reply.status_code == 303 and reply.headers["location"] == "/profile"
     session_cookie = reply.headers["set-cookie"]
-    assert session_cookie.startswith("MWA_JOB_COOKIE=")
+    # The portal's own cookie, not the clients' MWA_JOB_COOKIE (see the cross-site test).
+    assert session_cookie.startswith("portal_session=") and "MWA_JOB_COOKIE" not in session_cookie
     assert "HttpOnly" in session_cookie and "SameSite=lax" in session_cookie
     assert ">alice<" in client.get("/profile").text
-    # The same cookie serves the API (and the jobs page's websocket).
+    # It also opens the API calls that only read (the jobs page's websocket uses one).
     assert client.get("/api/get_jobs").status_code == 200
 
 
@@ -138,7 +149,7 @@ def test_submit_validates_like_the_api_and_jobs_are_private(client: TestClient) 
     bad = {"csrf_token": token, "job_type": "conversion", "obs_id": "1320409688",
            "avg_time_res": "0.01", "output": "uvfits"}  # fmt: skip
     refused = client.post("/submit", data=bad)
-    api = client.post(
+    api = api_client(client, "alice").post(
         "/api/conversion_job", data={k: v for k, v in bad.items() if k != "csrf_token"}
     )
     assert refused.status_code == 400 and api.status_code == 400
@@ -171,8 +182,111 @@ def test_sign_out(client: TestClient) -> None:
     page = client.get("/jobs").text
     assert 'id="sign-out"' in page
     reply = client.post("/logout", data={"csrf_token": token_of(page)}, follow_redirects=False)
-    assert reply.status_code == 303 and 'MWA_JOB_COOKIE=""' in reply.headers["set-cookie"]
+    assert reply.status_code == 303 and 'portal_session=""' in reply.headers["set-cookie"]
     assert client.get("/jobs", follow_redirects=False).status_code == 303
+
+
+def test_sign_out_ends_the_session_in_every_browser(client: TestClient) -> None:
+    """A cookie saved before signing out (a copy, another browser) stops working at once."""
+    sign_in(client, "alice")
+    saved = client.cookies["portal_session"]
+    laptop = TestClient(client.app)
+    sign_in(laptop, "alice")
+    api = api_client(client, "alice")  # a client's login (API key) is another matter
+    page = client.get("/jobs").text
+    client.post("/logout", data={"csrf_token": token_of(page)})
+    replayed = TestClient(client.app, cookies={"portal_session": saved})
+    assert replayed.get("/profile", follow_redirects=False).status_code == 303  # to /login
+    assert replayed.get("/jobs", follow_redirects=False).status_code == 303
+    assert replayed.get("/api/get_jobs").status_code == 401
+    with (
+        pytest.raises(WebSocketDisconnect),
+        replayed.websocket_connect(
+            "/api/job_results", headers={"cookie": f"portal_session={saved}"}
+        ) as socket,
+    ):
+        socket.receive_text()
+    assert laptop.get("/profile", follow_redirects=False).status_code == 303  # every browser
+    assert api.get("/api/get_jobs").status_code == 200
+    sign_in(client, "alice")  # signing in again works at once, and revives no old cookie
+    assert ">alice<" in client.get("/profile").text
+    assert replayed.get("/profile", follow_redirects=False).status_code == 303
+
+
+def test_a_new_password_ends_portal_sessions(client: TestClient, app_settings: Settings) -> None:
+    sign_in(client, "alice")
+    engine = make_engine(app_settings.resolved_database_url)
+    with make_session_factory(engine)() as session:
+        alice = session.scalar(select(User).where(User.name == "alice"))
+        assert alice is not None
+        set_password(session, alice, "an entirely new password")
+        session.commit()
+    engine.dispose()
+    assert client.get("/profile", follow_redirects=False).status_code == 303
+
+
+def test_a_new_api_key_ends_the_logins_made_with_the_old_one(client: TestClient) -> None:
+    """docs/portal.md: "the old key stops working", and so do the cookies it bought."""
+    old_login = api_client(client, "alice")
+    bob = api_client(client, "bob")
+    assert old_login.get("/api/get_jobs").status_code == 200
+    sign_in(client, "alice")
+    page = client.get("/profile").text
+    reply = client.post("/profile/api-key", data={"csrf_token": token_of(page)})
+    key = re.search(r'id="api-key">([^<]+)<', reply.text).group(1)  # type: ignore[union-attr]
+    refused = old_login.get("/api/get_jobs")
+    assert refused.status_code == 401 and "api_login" in refused.json()["error"]
+    assert old_login.get("/api/cancel_job", params={"job_id": "1"}).status_code == 401
+    with pytest.raises(WebSocketDisconnect):
+        cookie = old_login.cookies["MWA_JOB_COOKIE"]
+        with old_login.websocket_connect(
+            "/api/job_results", headers={"cookie": f"MWA_JOB_COOKIE={cookie}"}
+        ) as socket:
+            socket.receive_text()
+    assert bob.get("/api/get_jobs").status_code == 200  # only alice's logins end
+    assert api_client(client, "alice", key).get("/api/get_jobs").status_code == 200
+    assert ">alice<" in client.get("/profile").text  # the browser that asked stays signed in
+
+
+def test_a_link_from_another_site_cannot_cancel_a_job(client: TestClient) -> None:
+    """GET /api/cancel_job changes a job (the clients' protocol), and a browser sends the
+    portal's SameSite=Lax cookie on a top-level navigation from any site: the portal cookie
+    must not open it. The portal's own cancel (a POST with the forgery token) works."""
+    sign_in(client, "alice")
+    page = client.get("/submit").text
+    form = {"csrf_token": token_of(page), "job_type": "download_vis", "obs_id": str(OBS),
+            "download_type": "vis"}  # fmt: skip
+    reply = client.post("/submit", data=form, follow_redirects=False)
+    job_id = int(reply.headers["location"].rsplit("=", 1)[1])
+    navigation = {"Accept": "text/html", "Sec-Fetch-Site": "cross-site"}
+    forged = client.get("/api/cancel_job", params={"job_id": job_id}, headers=navigation)
+    assert forged.status_code == 401
+    # Nothing else of /api or /uws that changes something opens with it either.
+    submitted = client.post("/api/download_vis_job", data={"obs_id": OBS, "download_type": "vis",
+                                                          "allow_resubmit": "true"})  # fmt: skip
+    assert submitted.status_code == 401
+    assert client.post(f"/uws/asvo/{job_id}/phase", data={"PHASE": "ABORT"}).status_code == 401
+    assert client.get("/jobs/1/cancel").status_code == 405  # the portal's cancel is a POST
+    (row,) = [e["row"] for e in client.get("/api/get_jobs").json()]  # reading still works
+    assert row["id"] == job_id and row["job_state"] == "queued"
+    cookie = client.cookies["portal_session"]
+    with client.websocket_connect(
+        "/api/job_results", headers={"cookie": f"portal_session={cookie}"}
+    ) as socket:  # the jobs page's live updates
+        frame = json.loads(socket.receive_text())
+        rows = [e["row"] for e in (frame if isinstance(frame, list) else [frame])]
+        assert rows[0]["id"] == job_id
+    # The clients' login cookie still cancels by GET, as the protocol has it.
+    other = client.post("/submit", data={**form, "download_type": "vis_meta"},
+                        follow_redirects=False)  # fmt: skip
+    other_id = int(other.headers["location"].rsplit("=", 1)[1])
+    api = api_client(client, "alice")
+    assert api.get("/api/cancel_job", params={"job_id": other_id}).status_code == 200
+    # And the portal's own cancel.
+    cancelled = client.post(f"/jobs/{job_id}/cancel", data={"csrf_token": form["csrf_token"]})
+    assert cancelled.status_code == 200
+    states = {e["row"]["id"]: e["row"]["job_state"] for e in api.get("/api/get_jobs").json()}
+    assert states == {job_id: "cancelled", other_id: "cancelled"}
 
 
 def test_observations_browser(client: TestClient) -> None:
@@ -227,3 +341,58 @@ def test_every_job_state_is_shown(client: TestClient, app_settings: Settings) ->
     assert page.count('aria-label="Cancel job') == 2  # only the unfinished ones
     assert "error: it broke" in page
     assert re.search(r'href="http://testserver/api/download/\d+/1320409688_ms.tar\?token=', page)
+
+
+def test_malformed_parameters_get_an_error_page(client: TestClient) -> None:
+    """docs/portal.md: errors reach a browser as a small page; API clients keep the JSON."""
+    page = {"Accept": "text/html"}
+    for path in ("/observations?page=abc", "/jobs?submitted=abc"):
+        reply = client.get(path, headers=page)
+        assert reply.status_code == 400 and reply.headers["content-type"].startswith("text/html")
+        assert 'id="error-message"' in reply.text and "invalid request" in reply.text
+    sign_in(client, "alice")
+    token = token_of(client.get("/jobs").text)
+    reply = client.post("/jobs/abc/cancel", data={"csrf_token": token}, headers=page)
+    assert reply.status_code == 400 and 'id="error-message"' in reply.text
+    as_json = client.get("/observations?page=abc")
+    assert as_json.status_code == 400 and "page" in as_json.json()["error"]
+
+
+def test_live_rows_are_named_with_the_server_labels(
+    client: TestClient, app_settings: Settings
+) -> None:
+    """A job the websocket adds to /jobs is labelled from the same table as a reload shows
+    (its job_params.job_type says "download" for a metadata download)."""
+    from observatory.portal.service import JOB_TYPE_LABELS
+
+    sign_in(client, "alice")
+    page = client.get("/jobs").text
+    match = re.search(r"const JOB_TYPE_LABELS = (\{.*?\});", page)
+    assert match, "the jobs page's script has no label table"
+    assert json.loads(match.group(1)) == {str(int(k)): v for k, v in JOB_TYPE_LABELS.items()}
+    assert "job.job_params.job_type" not in page
+    token = token_of(page)
+    form = {"csrf_token": token, "job_type": "download_vis", "obs_id": str(OBS),
+            "download_type": "vis_meta"}  # fmt: skip
+    client.post("/submit", data=form)
+    assert "<td>metadata download</td>" in client.get("/jobs").text
+
+
+def test_the_submit_form_offers_allow_missing(client: TestClient, app_settings: Settings) -> None:
+    """A conversion that fails for missing files says "or set allow_missing=true": the form
+    has that field."""
+    from observatory.preprocess.options import ConversionOptions
+
+    sign_in(client, "alice")
+    page = client.get("/submit").text
+    assert 'name="allow_missing"' in page and 'for="allow_missing"' in page
+    assert "allow_missing" in page.split('for="allow_missing"')[1].split("</label>")[0]
+    form = {"csrf_token": token_of(page), "job_type": "conversion", "obs_id": str(OBS),
+            "output": "uvfits", "allow_missing": "true"}  # fmt: skip
+    reply = client.post("/submit", data=form, follow_redirects=False)
+    assert reply.status_code == 303, reply.text
+    engine = make_engine(app_settings.resolved_database_url)
+    with make_session_factory(engine)() as session:
+        (job,) = session.scalars(select(Job)).all()
+        assert ConversionOptions.from_params(job.params).allow_missing is True
+    engine.dispose()

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +19,8 @@ import httpx
 import pytest
 
 from browser import browser_page, screenshot
-from servers import free_port, observatory_server, seed, wait_for
+from observatory.core.config import Settings
+from servers import free_port, observatory_server, seed, wait_for, wait_until
 
 OBSID = 1320409688
 PASSWORD = "portal-password-1"
@@ -139,3 +144,140 @@ def test_portal_in_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
             screenshot(page, "portal-signed-out", tmp_path)
     finally:
         server.stop()
+
+
+@contextmanager
+def app_server(settings: Settings) -> Iterator[str]:
+    """The app without its job dispatcher (jobs stay queued), by uvicorn in a thread."""
+    import uvicorn
+
+    from observatory.app import create_app
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 60, "the server to start")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+@contextmanager
+def another_site(pages: dict[str, str]) -> Iterator[str]:
+    """Pages served at ``http://localhost:<port>``: another site than ``127.0.0.1``."""
+
+    class Pages(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = pages.get(self.path, "").encode()
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Pages)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://localhost:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_another_site_cannot_use_the_portal_session(settings: Settings) -> None:
+    """A signed-in user visits a page on another site that navigates to GET
+    /api/cancel_job (the browser sends the SameSite=Lax session cookie along), posts the
+    portal's cancel form and opens the jobs websocket: the job stays queued and nothing is
+    read. The portal itself still shows jobs live (named as after a reload) and cancels."""
+    from sqlalchemy import select
+
+    from observatory.archive.models import Observation
+    from observatory.asvo import service as asvo_service
+    from observatory.asvo.models import Job, JobType
+    from observatory.core.accounts import create_user
+    from observatory.core.accounts import set_password as store_password
+    from observatory.core.database import make_engine, make_session_factory
+
+    engine = make_engine(settings.resolved_database_url)
+    sessions = make_session_factory(engine)
+    with sessions() as session:
+        session.add(
+            Observation(
+                obsid=OBSID, stoptime=OBSID + 16, obsname="csrf_test", creator="test",
+                project_id="G0001", mode="MWAX_CORRELATOR", delays=[0] * 16,
+                coarse_chans=[133, 134], int_time_s=2.0, freq_res_khz=40.0,
+            )
+        )  # fmt: skip
+        user, _ = create_user(session, "erin", "api-key-of-erin")
+        store_password(session, user, PASSWORD)
+        job_id = asvo_service.submit_job(
+            session, settings, user.id, JobType.DOWNLOAD_VISIBILITIES,
+            {"obs_id": str(OBSID), "download_type": "vis"},
+        ).id  # fmt: skip
+        session.commit()
+
+    def state() -> str:
+        with sessions() as session:
+            return str(session.scalar(select(Job.state).where(Job.id == job_id)))
+
+    try:
+        with app_server(settings) as base, browser_page() as page:
+            page.goto(f"{base}/login")
+            page.get_by_label("User name").fill("erin")
+            page.get_by_label("Password").fill(PASSWORD)
+            page.click("#sign-in")
+            page.wait_for_url(f"{base}/jobs")
+            assert page.locator(f"#job-{job_id} td.state").inner_text() == "queued"
+            ws_base = "ws" + base.removeprefix("http")
+            attack = {
+                "/navigate": f'<script>location = "{base}/api/cancel_job?job_id={job_id}";</script>',
+                "/post": f'''<form method="post" action="{base}/jobs/{job_id}/cancel"></form>
+                    <script>document.forms[0].submit();</script>''',
+                "/socket": f'''<p id="result">waiting</p><script>
+                    const socket = new WebSocket("{ws_base}/api/job_results");
+                    const result = document.getElementById("result");
+                    socket.onmessage = (event) => {{ result.textContent = "read: " + event.data; }};
+                    socket.onclose = () => {{
+                      if (result.textContent === "waiting") result.textContent = "refused";
+                    }};
+                    </script>''',
+            }  # fmt: skip
+            with another_site(attack) as evil:
+                page.goto(f"{evil}/navigate")
+                page.wait_for_url(f"{base}/api/cancel_job?job_id={job_id}")
+                assert "Not logged in" in page.content()
+                assert state() == "queued"
+                page.goto(f"{evil}/post")
+                page.wait_for_url(f"{base}/jobs/{job_id}/cancel")
+                assert state() == "queued"
+                page.goto(f"{evil}/socket")
+                page.locator("#result").filter(has_not_text="waiting").wait_for(timeout=10_000)
+                assert page.inner_text("#result") == "refused"
+
+            page.goto(f"{base}/jobs")  # the portal itself: live rows, then its own cancel
+            page.evaluate("window.notReloaded = true")
+            with httpx.Client(base_url=base) as api:  # a client submits a job meanwhile
+                login = api.post("/api/api_login", auth=("mantaray-clientv2.0", "api-key-of-erin"))
+                assert login.status_code == 200
+                form = {"obs_id": OBSID, "download_type": "vis_meta"}
+                live = api.post("/api/download_vis_job", data=form).json()["job_id"]
+            page.locator(f"#job-{live}").wait_for(timeout=10_000)
+            assert page.evaluate("window.notReloaded === true")
+            live_label = page.locator(f"#job-{live} td").nth(2).inner_text()
+            page.reload()
+            assert live_label == page.locator(f"#job-{live} td").nth(2).inner_text()
+            assert live_label == "metadata download"
+            page.get_by_role("button", name=f"Cancel job {job_id}").click()
+            page.wait_for_url(f"{base}/jobs")
+            assert state() == "cancelled"
+    finally:
+        engine.dispose()

@@ -23,16 +23,24 @@ from starlette.types import Receive, Scope, Send
 from observatory.asvo import service
 from observatory.asvo.models import Job, JobType
 from observatory.asvo.schemas import JobEnvelope, SubmitResponse
+from observatory.core.accounts import SESSION_MAX_AGE_S, api_session_token, session_user
 from observatory.core.config import Settings
 from observatory.core.errors import Forbidden, Unauthorized
+from observatory.core.models import User
 from observatory.core.security import sign_value, unsign_value
 from observatory.core.web import get_session
 
 router = APIRouter(prefix="/api", tags=["asvo"])
 
+#: The cookie ``/api/api_login`` sets (an ``api`` session: it ends when the API key changes).
 COOKIE_NAME = "MWA_JOB_COOKIE"
+#: The portal's sign-in cookie (a ``portal`` session, set by ``POST /login``). A browser sends
+#: it on top-level navigations from other sites too (SameSite=Lax), so besides the portal's
+#: pages it opens only the ``/api`` calls that change nothing: ``get_jobs`` and the
+#: ``job_results`` websocket; never ``cancel_job``, a GET that changes a job.
+PORTAL_COOKIE_NAME = "portal_session"
 #: How long a login lasts (giant-squid logs in for every command; mwa_client per run).
-COOKIE_MAX_AGE_S = 7 * 86_400
+COOKIE_MAX_AGE_S = SESSION_MAX_AGE_S
 #: How often the websocket looks for changed jobs.
 WEBSOCKET_POLL_S = 0.1
 
@@ -44,27 +52,47 @@ def _settings(request: Request) -> Settings:
     return settings
 
 
-def cookie_user_id(connection: HTTPConnection) -> int | None:
-    """The user the ``MWA_JOB_COOKIE`` of a request or websocket was issued to, if valid."""
-    token = connection.cookies.get(COOKIE_NAME)
+def cookie_user_id(
+    connection: HTTPConnection, session: Session | None = None, *, portal: bool = False
+) -> int | None:
+    """The user of a request's or websocket's ``MWA_JOB_COOKIE`` (from ``/api/api_login``),
+    while it is valid; with ``portal``, else of the portal's sign-in cookie.
+
+    Looks the user up (a new key or a sign-out ends a cookie), in ``session`` or, without
+    one, in a session of its own.
+    """
     settings: Settings = connection.app.state.settings
     key = settings.secret_key_bytes()
-    value = None if token is None else unsign_value(token, key, max_age_s=COOKIE_MAX_AGE_S)
-    if value is None or not value.startswith("user:"):
-        return None
-    return int(value.removeprefix("user:"))
+    with contextlib.ExitStack() as stack:
+        if session is None:
+            session = stack.enter_context(connection.app.state.session_factory())
+        user = session_user(session, connection.cookies.get(COOKIE_NAME), key, "api")
+        if user is None and portal:
+            user = session_user(session, connection.cookies.get(PORTAL_COOKIE_NAME), key, "portal")
+        return None if user is None else user.id
 
 
-def current_user_id(request: Request) -> int:
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def current_user_id(request: Request, session: SessionDep) -> int:
     """The user the ``MWA_JOB_COOKIE`` was issued to (401 without a valid one)."""
-    user_id = cookie_user_id(request)
+    user_id = cookie_user_id(request, session)
     if user_id is None:
         raise Unauthorized("Not logged in: POST /api/api_login with your API key first")
     return user_id
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+def reading_user_id(request: Request, session: SessionDep) -> int:
+    """For calls that change nothing: the ``MWA_JOB_COOKIE``'s user, or the portal's (401)."""
+    user_id = cookie_user_id(request, session, portal=True)
+    if user_id is None:
+        raise Unauthorized("Not logged in: POST /api/api_login with your API key first")
+    return user_id
+
+
 UserDep = Annotated[int, Depends(current_user_id)]
+ReaderDep = Annotated[int, Depends(reading_user_id)]
 
 
 @router.post("/api_login")
@@ -79,9 +107,12 @@ def api_login(
         raise Unauthorized("HTTP Basic credentials required: client version and API key")
     settings = _settings(request)
     user_id = service.login(session, settings, credentials.username, credentials.password)
+    user = session.get(User, user_id)
+    if user is None:  # removed since it was authenticated a moment ago
+        raise Unauthorized("invalid API key")
     response.set_cookie(
         COOKIE_NAME,
-        sign_value(f"user:{user_id}", settings.secret_key_bytes()),
+        api_session_token(user, settings.secret_key_bytes()),
         max_age=COOKIE_MAX_AGE_S,
         httponly=True,
         # No Domain (cookie jars and localhost); Secure only where the client will send it back.
@@ -169,8 +200,11 @@ def download_url_builder(connection: HTTPConnection) -> service.UrlBuilder:
 
 
 @router.get("/get_jobs", response_model=list[JobEnvelope])
-def get_jobs(request: Request, session: SessionDep, user_id: UserDep) -> list[dict[str, Any]]:
-    """Every job of the user, as change-feed envelopes ``{action, table, row}``."""
+def get_jobs(request: Request, session: SessionDep, user_id: ReaderDep) -> list[dict[str, Any]]:
+    """Every job of the user, as change-feed envelopes ``{action, table, row}``.
+
+    Changes nothing, so the portal's sign-in cookie also opens it.
+    """
     # Returned as text: each job keeps its serialised row, and validating 10,000 rows
     # against the response model would cost more than building them (it documents the shape).
     body = service.list_jobs_json(session, user_id, download_url_builder(request))
@@ -230,8 +264,9 @@ async def job_results(websocket: WebSocket) -> None:
     The rows are sent by one task while another receives: only a receive notices that
     the client has gone (a send finds out only when a row changes, which may be never),
     and a handler that outlives its client polls for ever and holds up server shutdown.
+    The portal's jobs page uses it with its sign-in cookie (it only reads).
     """
-    user_id = cookie_user_id(websocket)
+    user_id = await run_in_threadpool(cookie_user_id, websocket, None, portal=True)
     if user_id is None:
         await websocket.close(code=4401, reason="not logged in")
         return
@@ -270,7 +305,12 @@ async def job_results(websocket: WebSocket) -> None:
 
 @router.get("/cancel_job")
 def cancel_job(session: SessionDep, user_id: UserDep, job_id: str = "") -> dict[str, Any]:
-    """Cancel a job: 200, 400 (malformed or already finished) or 404 (no such job)."""
+    """Cancel a job: 200, 400 (malformed or already finished) or 404 (no such job).
+
+    A GET that changes a job (the clients' protocol), so only the ``/api/api_login`` cookie
+    opens it: a browser's portal cookie would come along with a link from any site. The
+    portal cancels with a POST that carries its forgery token.
+    """
     job = service.cancel_job(session, user_id, job_id)
     session.commit()
     return {"job_id": job.id, "job_state": job.state}

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import hmac
 import re
+from datetime import UTC, datetime, timedelta
+from typing import Literal
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from observatory.core.database import utcnow
 from observatory.core.errors import Conflict, Unauthorized
 from observatory.core.models import Project, User
-from observatory.core.security import hash_secret, key_fingerprint, new_api_key, verify_secret
+from observatory.core.security import (
+    hash_secret,
+    key_fingerprint,
+    new_api_key,
+    sign_value,
+    unsign_value,
+    verify_secret,
+)
 
 _USER_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,100}$")
 _PROJECT_ID = re.compile(r"^[A-Za-z0-9_]{1,20}$")
@@ -109,7 +120,10 @@ def check_project_key(project: Project, secure_key: str | None) -> bool:
 
 
 def reset_api_key(session: Session, user: User, api_key: str | None = None) -> str:
-    """Give ``user`` a new API key (the old one stops working) and return it."""
+    """Give ``user`` a new API key and return it.
+
+    The old key stops working, and so do the logins made with it (:func:`api_session_token`).
+    """
     key = api_key if api_key is not None else new_api_key()
     if len(key) < 8:
         raise ValueError("an API key must be at least 8 characters long")
@@ -130,7 +144,7 @@ MIN_PASSWORD_LENGTH = 8
 
 
 def set_password(session: Session, user: User, password: str) -> None:
-    """Give ``user`` a portal password (stored as a scrypt hash).
+    """Give ``user`` a portal password (stored as a scrypt hash); their portal sessions end.
 
     Raises
     ------
@@ -140,7 +154,7 @@ def set_password(session: Session, user: User, password: str) -> None:
     if len(password) < MIN_PASSWORD_LENGTH:
         raise ValueError(f"a password must be at least {MIN_PASSWORD_LENGTH} characters long")
     user.password_hash = hash_secret(password)
-    session.flush()
+    end_portal_sessions(session, user)
 
 
 def authenticate_password(session: Session, name: str, password: str) -> User:
@@ -158,3 +172,72 @@ def authenticate_password(session: Session, name: str, password: str) -> User:
     elif verify_secret(password, user.password_hash):
         return user
     raise Unauthorized("unknown user name or wrong password")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sessions: the signed cookies of /api/api_login and of the portal's sign-in.
+
+#: How long a sign-in lasts (giant-squid logs in for every command; mwa_client per run).
+SESSION_MAX_AGE_S = 7 * 86_400
+
+#: ``api``: made by ``/api/api_login`` from an API key; it authenticates every ``/api`` call.
+#: ``portal``: made by the portal's sign-in from a password; a browser sends it on other
+#: sites' top-level navigations too (SameSite=Lax), so it only opens pages and the ``/api``
+#: calls that change nothing.
+SessionKind = Literal["api", "portal"]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _microseconds(moment: datetime) -> int:
+    """Whole microseconds since 1970 (exact: no float rounding)."""
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def api_session_token(user: User, key: bytes) -> str:
+    """The signed value of the cookie ``/api/api_login`` sets.
+
+    It names the user and the fingerprint of the API key it was made with, so it stops
+    working when the key changes (:func:`reset_api_key`).
+    """
+    return sign_value(f"api:{user.id}:{user.api_key_fingerprint}", key)
+
+
+def portal_session_token(user: User, key: bytes, *, now: datetime | None = None) -> str:
+    """The signed value of the portal's sign-in cookie.
+
+    It names the user and the moment of signing in (microseconds), so
+    :func:`end_portal_sessions` ends it.
+    """
+    return sign_value(f"portal:{user.id}:{_microseconds(now or utcnow())}", key)
+
+
+def session_user(session: Session, token: str | None, key: bytes, kind: SessionKind) -> User | None:
+    """The user a session cookie of ``kind`` was issued to, while it is valid.
+
+    None for a missing, forged, malformed or expired (older than :data:`SESSION_MAX_AGE_S`)
+    token, one of another kind, one of a user who is gone, an ``api`` token made with a key
+    the user no longer has, and a ``portal`` token made before the user's portal sessions
+    were ended.
+    """
+    value = None if not token else unsign_value(token, key, max_age_s=SESSION_MAX_AGE_S)
+    if value is None:
+        return None
+    parts = value.split(":")
+    if len(parts) != 3 or parts[0] != kind or not parts[1].isdecimal():
+        return None
+    user = session.get(User, int(parts[1]))
+    if user is None:
+        return None
+    if kind == "api":
+        current = hmac.compare_digest(parts[2], user.api_key_fingerprint)
+    else:
+        ended = user.portal_sessions_valid_after
+        current = parts[2].isdecimal() and (ended is None or int(parts[2]) >= _microseconds(ended))
+    return user if current else None
+
+
+def end_portal_sessions(session: Session, user: User, *, now: datetime | None = None) -> None:
+    """End every portal session of ``user`` made until now, in every browser."""
+    user.portal_sessions_valid_after = now or utcnow()
+    session.flush()

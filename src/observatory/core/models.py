@@ -25,6 +25,9 @@ class User(Base):
     password_hash: Mapped[str | None] = mapped_column(String(200), default=None)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    #: Portal sign-ins made before this moment no longer count (set by signing out and by a
+    #: new password: it ends the user's sessions in every browser); None: all count.
+    portal_sessions_valid_after: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
 
 
 class Project(Base):

@@ -1,37 +1,65 @@
 """The portal's pages (``/``): sign-in, profile and API key, jobs, submission, observations.
 
-Signing in sets the same signed session cookie as ``/api/api_login`` (``MWA_JOB_COOKIE``:
-HttpOnly, SameSite=Lax, Secure over https), so the jobs page's websocket and product links
-work as they do for the clients. Every form carries a forgery token (an HMAC of a separate
-HttpOnly anti-forgery cookie) that the POST handlers check.
+Signing in sets the portal's own signed session cookie (``portal_session``: HttpOnly,
+SameSite=Lax, Secure over https). Besides these pages it opens only the ``/api`` calls that
+change nothing (the jobs page's ``job_results`` websocket, ``get_jobs``): a browser sends it
+on top-level navigations from other sites too, so it must not open ``GET /api/cancel_job``.
+Signing out ends the user's portal sessions in every browser. Every form carries a forgery
+token (an HMAC of a separate HttpOnly anti-forgery cookie) that the POST handlers check.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session
 
 from observatory.asvo import service as asvo_service
-from observatory.asvo.router import (
-    COOKIE_MAX_AGE_S,
-    COOKIE_NAME,
-    cookie_user_id,
-    download_url_builder,
+from observatory.asvo.router import COOKIE_MAX_AGE_S, PORTAL_COOKIE_NAME, download_url_builder
+from observatory.core.accounts import (
+    authenticate_password,
+    end_portal_sessions,
+    portal_session_token,
+    reset_api_key,
+    session_user,
 )
-from observatory.core.accounts import authenticate_password, reset_api_key
 from observatory.core.config import Settings
-from observatory.core.errors import ServiceError
+from observatory.core.errors import BadRequest, ServiceError
 from observatory.core.models import User
-from observatory.core.security import key_fingerprint, sign_value
+from observatory.core.security import key_fingerprint
 from observatory.core.web import get_session, templates_for
 from observatory.portal import service
 
-router = APIRouter(tags=["portal"], include_in_schema=False)
+
+class _PageRoute(APIRoute):
+    """A portal route whose malformed parameters (``?page=abc``) are refused as any other
+    error is: a small page for a browser, the JSON shape otherwise (the app's handler for
+    validation errors answers JSON only)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def page_errors(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                problems = "; ".join(
+                    f"{'.'.join(str(part) for part in error['loc'][1:])}: {error['msg']}"
+                    for error in exc.errors()
+                )
+                raise BadRequest(f"invalid request: {problems}") from None
+
+        return page_errors
+
+
+router = APIRouter(tags=["portal"], include_in_schema=False, route_class=_PageRoute)
 templates = templates_for(Path(__file__).parent)
 FORGERY_COOKIE = "portal_csrf"
 
@@ -44,8 +72,9 @@ def _settings(request: Request) -> Settings:
 
 
 def _signed_in(request: Request, session: Session) -> User | None:
-    user_id = cookie_user_id(request)
-    return None if user_id is None else session.get(User, user_id)
+    """The user of the portal's sign-in cookie, while it is valid (not signed out since)."""
+    key = _settings(request).secret_key_bytes()
+    return session_user(session, request.cookies.get(PORTAL_COOKIE_NAME), key, "portal")
 
 
 def _secure(request: Request) -> bool:
@@ -110,7 +139,7 @@ def login_page(request: Request, next: str = "/jobs") -> Response:
 
 @router.post("/login", response_class=HTMLResponse)
 def login(request: Request, session: SessionDep, form: FormDep) -> Response:
-    """Check the name and password; set the session cookie and go on to ``next``."""
+    """Check the name and password; set the portal's session cookie and go on to ``next``."""
     target = _local_target(form.get("next", "/jobs"))
     try:
         user = authenticate_password(session, form.get("username", ""), form.get("password", ""))
@@ -120,8 +149,8 @@ def login(request: Request, session: SessionDep, form: FormDep) -> Response:
         return _page(request, "login.html", context, status_code=401)
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(
-        COOKIE_NAME,
-        sign_value(f"user:{user.id}", _settings(request).secret_key_bytes()),
+        PORTAL_COOKIE_NAME,
+        portal_session_token(user, _settings(request).secret_key_bytes()),
         max_age=COOKIE_MAX_AGE_S,
         httponly=True,
         secure=_secure(request),
@@ -131,10 +160,17 @@ def login(request: Request, session: SessionDep, form: FormDep) -> Response:
 
 
 @router.post("/logout")
-def logout(request: Request, _form: FormDep) -> Response:
-    """Forget the session cookie."""
+def logout(request: Request, session: SessionDep, _form: FormDep) -> Response:
+    """End the user's portal sessions (in every browser: a copied cookie stops working too)
+    and delete this browser's cookie."""
+    user = _signed_in(request, session)
+    if user is not None:
+        end_portal_sessions(session, user)
+        session.commit()
     response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(COOKIE_NAME, httponly=True, secure=_secure(request), samesite="lax")
+    response.delete_cookie(
+        PORTAL_COOKIE_NAME, httponly=True, secure=_secure(request), samesite="lax"
+    )
     return response
 
 
@@ -149,7 +185,8 @@ def profile(request: Request, session: SessionDep) -> Response:
 
 @router.post("/profile/api-key", response_class=HTMLResponse)
 def new_api_key(request: Request, session: SessionDep, _form: FormDep) -> Response:
-    """Make a new API key (the old one stops working) and show it, this once."""
+    """Make a new API key and show it, this once. The old key stops working, and so do the
+    clients' logins made with it; this browser stays signed in (a password session)."""
     user = _signed_in(request, session)
     if user is None:
         return _to_login(request)
@@ -169,7 +206,9 @@ def jobs(request: Request, session: SessionDep, submitted: int | None = None) ->
     if user is None:
         return _to_login(request)
     views = service.job_views(session, user.id, download_url_builder(request))
-    return _page(request, "jobs.html", {"user": user, "jobs": views, "submitted": submitted})
+    context = {"user": user, "jobs": views, "submitted": submitted,
+               "job_type_labels": service.job_type_labels()}  # fmt: skip
+    return _page(request, "jobs.html", context)
 
 
 @router.post("/jobs/{job_id}/cancel")

@@ -30,6 +30,19 @@ JOB_TYPE_LABELS = {
 }
 
 
+def job_type_label(job_type: int) -> str:
+    """What the jobs page calls a job type (the number itself for one it does not know)."""
+    try:
+        return JOB_TYPE_LABELS[JobType(job_type)]
+    except (ValueError, KeyError):
+        return str(job_type)
+
+
+def job_type_labels() -> dict[int, str]:
+    """Every label by job type number: the jobs page's script names live rows with these."""
+    return {int(job_type): label for job_type, label in JOB_TYPE_LABELS.items()}
+
+
 def new_forgery_secret() -> str:
     """A random value for the anti-forgery cookie."""
     return secrets.token_urlsafe(24)
@@ -104,7 +117,7 @@ def job_views(session: Session, user_id: int, url_for: UrlBuilder) -> list[JobVi
             JobView(
                 job_id=job_id,
                 obs_id=obs_id,
-                job_type=JOB_TYPE_LABELS.get(JobType(job_type), str(job_type)),
+                job_type=job_type_label(job_type),
                 state=state,
                 created_utc=_utc_text(created),
                 error_text=error_text,
