@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
@@ -123,3 +124,119 @@ def test_pages_in_chromium(tmp_path: Path) -> None:
             assert screenshot(page, "calib-fit", tmp_path).stat().st_size > 10_000
     finally:
         server.stop()
+
+
+def _store(
+    session: Session, settings: Settings, obsid: int, delay: float, gains: list[float]
+) -> CalibrationFit:
+    rows = [{"tileid": t.tile_id, "antenna": a, "x_delay_m": delay, "y_delay_m": delay + 0.5,
+             "x_intercept": 0.0, "y_intercept": 0.0, "x_gains": gains, "y_gains": [2 * g for g in gains]}
+            for a, t in enumerate(TILES[:2])]  # fmt: skip
+    jones = np.ones((1, 2, 8, 4), complex)
+    return service.store_fit(session, settings, obsid, CalSolutions(jones=jones, obsid=obsid), rows)
+
+
+def _add_calibrator(session: Session, obsid: int, chans: list[int]) -> None:
+    session.add(Observation(obsid=obsid, stoptime=obsid + 120, mode="MWAX_CORRELATOR", calibration=True,
+                            calibrator_source="HydA", obsname=f"c{obsid}", coarse_chans=chans))  # fmt: skip
+    session.flush()
+
+
+def test_history_plots_go_by_observation_time(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """timediff (7 days) and xydiff (30 days) show the fits of the observations before this one,
+    whenever those fits ran: a bulk refit of old observations joins their own history, and a
+    new fit of an earlier observation is drawn into the later fits' cached history plots."""
+    now = 1_450_000_000
+    old, old_before, old_after = now - 90 * 86400, now - 90 * 86400 - 3600, now - 90 * 86400 + 3600
+    month_before = old - 20 * 86400
+    with session_factory() as session:
+        for obsid in (now, old, old_before, old_after, month_before):
+            _add_calibrator(session, obsid, [109, 110])
+        recent = _store(session, settings, now, 1.0, [1.0, 1.0])  # fitted first
+        plots.draw_all(session, settings, recent)
+        later_obs = _store(session, settings, old_after, 0.5, [1.0, 1.0])
+        plots.draw_all(session, settings, later_obs)
+        cached = settings.calib_dir / str(later_obs.fitid) / "plots"
+        assert (cached / "timediff.png").is_file()
+        # Bulk reprocessing, months later: fitted after ``recent``, observed long before.
+        earlier_month = _store(session, settings, month_before, -2.0, [1.0, 1.0])
+        earlier = _store(session, settings, old_before, -1.0, [1.0, 1.0])
+        this = _store(session, settings, old, 0.0, [1.0, 1.0])
+        plots.draw_all(session, settings, this)
+        session.commit()
+        assert [f.fitid for f in plots._history(session, this, 7)] == [earlier.fitid]
+        assert [f.fitid for f in plots._history(session, this, 30)] == [
+            earlier_month.fitid,
+            earlier.fitid,
+        ]
+        assert plots._history(session, recent, 7) == []  # nothing observed in the week before
+        assert [f.fitid for f in plots._history(session, later_obs, 7)] == [
+            earlier.fitid,
+            this.fitid,
+        ]
+        # The later observation's history plots were dropped, to be drawn with the new fit in them.
+        assert not (cached / "timediff.png").exists() and not (cached / "xydiff.png").exists()
+        assert (cached / "tilediff.png").is_file()
+        assert (settings.calib_dir / str(recent.fitid) / "plots" / "timediff.png").is_file()
+        figure = plots.figure_of(session, this, "timediff")
+        try:
+            points = np.concatenate([c.get_offsets()[:, 1] for c in figure.axes[0].collections])
+        finally:
+            plt.close(figure)
+        assert sorted(points.tolist()) == [-1.0, -1.0, -0.5, -0.5]  # the fit 1 h before, X and Y
+
+
+def test_gaintimes_plots_each_channel_against_the_same_channel_before(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """Per tile and coarse channel, matched by channel number with earlier fits (not a mean)."""
+    now = 1_450_000_000
+    with session_factory() as session:
+        _add_calibrator(session, now - 3600, [110, 111, 112])  # shares channels 110 and 111
+        _add_calibrator(session, now, [109, 110, 111])
+        _store(session, settings, now - 3600, 0.0, [5.0, 6.0, 7.0])
+        fit = _store(session, settings, now, 0.0, [0.5, 1.0, 3.0])
+        session.commit()
+        figure = plots.figure_of(session, fit, "gaintimes")
+        try:
+            axes = figure.axes[0]
+            lines = {line.get_label(): line for line in axes.lines}
+            this_x = lines["X (this fit)"]
+            history = [c.get_offsets() for c in axes.collections]
+        finally:
+            plt.close(figure)
+    assert list(this_x.get_ydata()) == [0.5, 1.0, 3.0, 0.5, 1.0, 3.0]  # tile 0's channels, tile 1's
+    columns = np.asarray(this_x.get_xdata(), dtype=float)
+    assert np.all(np.diff(columns) > 0) and np.all(np.diff(columns[:3]) < 0.5)
+    x_points, y_points = history
+    # The earlier fit's channel 110 (5.0) and 111 (6.0) sit at this fit's 110 and 111; 112 nowhere.
+    assert sorted(map(tuple, x_points.tolist())) == sorted(
+        [(columns[1], 5.0), (columns[2], 6.0), (columns[4], 5.0), (columns[5], 6.0)]
+    )
+    assert sorted(y_points[:, 1].tolist()) == [10.0, 10.0, 12.0, 12.0]
+
+
+def test_summary_obsid_link_downloads_that_rows_fit(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """Two fits of one observation: each row's obsid downloads its own fit, not the newest."""
+    import html
+    import re
+
+    obsid = int(now_gps()) - 3600
+    with session_factory() as session:
+        _add_calibrator(session, obsid, [109, 110])
+        fitids = [_store(session, settings, obsid, d, [1.0, 1.0]).fitid for d in (0.1, 0.2)]
+        session.commit()
+    with TestClient(create_app(settings)) as client:
+        page = client.get("/calib/summary").text
+        for fitid in fitids:
+            row = re.search(
+                rf'fitid={fitid}">{fitid}</a>.*?<a href="([^"]*)"[^>]*>{obsid}</a>', page, re.S
+            )
+            assert row is not None, fitid
+            reply = client.get("/calib/" + html.unescape(row.group(1)))
+            assert reply.status_code == 200 and reply.headers["x-calibration-fit-id"] == str(fitid)
+            assert reply.headers["content-type"] == "application/zip"

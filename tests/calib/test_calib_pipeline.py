@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from sqlalchemy import select
@@ -271,3 +273,98 @@ def test_a_second_fit_within_a_week_draws_its_history_plots(
             assert fit.fit_time.utcoffset() == timedelta(0) and fit.fit_time.tzinfo is UTC
         assert timedelta(0) < second.fit_time - first.fit_time < timedelta(days=7)
         assert [f.fitid for f in plots._history(session, second, 7)] == [first_id]
+
+
+def test_a_calibrator_in_which_no_tile_calibrates_is_a_failed_fit(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """Every tile but one flagged: nothing to solve. No fit is stored; the request fails, saying why."""
+    from observatory.calib.models import CalibrationFit, CalibrationRequest
+    from observatory.calib.pipeline import CalibrationFailed, run_request
+    from observatory.calib.requests import callback_body
+
+    best = pointing.best_calibrator(CAL_OBS + 8, min_el_deg=30.0, sun_exclusion_deg=20.0)
+    assert best is not None
+    with session_factory() as session:
+        simulate_and_register(session, settings, obsid=CAL_OBS, sources=[catalogue_point_source(best[0].name)],
+                              n_tiles=8, coarse_chans=(109, 110), n_timesteps=2, calibrator=best[0].name,
+                              flagged_antennas=tuple(range(7)))  # fmt: skip
+        session.commit()
+        with pytest.raises(CalibrationFailed, match=r"no tile of observation \d+ calibrated"):
+            fit_observation(session, settings, CAL_OBS)
+        session.rollback()
+        assert session.scalars(select(CalibrationFit)).all() == []
+        request = CalibrationRequest(cal_id=CAL_OBS, target_obs_id=CAL_OBS + 600, asvo_job_id=7)
+        session.add(request)
+        session.commit()
+        request_id = request.id
+    assert run_request(settings.model_dump(), request_id) == "error"
+    with session_factory() as session:
+        request = session.get(CalibrationRequest, request_id)
+        assert request is not None and request.calibration_fit_id is None
+        body = callback_body(request)
+        assert body["success"] is False
+        assert "no tile of observation" in str(body["message"])
+        assert "7 of 8 tiles flagged" in str(body["message"])
+        assert session.scalars(select(CalibrationFit)).all() == []
+
+
+def test_a_missing_coarse_channel_file_is_nan_at_its_own_channel(tmp_path: Path) -> None:
+    """Channel 110's file is missing: its gains are NaN, and 111 and 112 keep their own (spec 3.4)."""
+    from observatory.calib.pipeline import solve_observation, tile_fits
+    from observatory.telescope.simulator import simulate_observation
+
+    best = pointing.best_calibrator(CAL_OBS + 8, min_el_deg=30.0, sun_exclusion_deg=20.0)
+    assert best is not None
+    chans = (109, 110, 111, 112)
+    sim = simulate_observation(tmp_path, CAL_OBS, n_tiles=8, coarse_chans=chans, n_timesteps=2,
+                               sources=[catalogue_point_source(best[0].name)], gain_amplitude_scatter=0.1,
+                               delay_error_scatter_ns=2.0, noise_sigma_jy=1.0, calibrator=best[0].name)  # fmt: skip
+    files = [f for f in sim.vis_paths if "_ch110_" not in f.name]
+    assert len(files) < len(sim.vis_paths)
+    solved = solve_observation(sim.metafits_path, files, best[0].name)
+    assert list(solved.meta.metafits_coarse_chans) == list(chans)
+    rows = tile_fits(solved, len(chans))
+    truth = sim.truth
+    for row in rows:
+        antenna = int(row["antenna"])  # type: ignore[call-overload]
+        for pol, name in ((0, "x"), (1, "y")):
+            gains = np.array(row[f"{name}_gains"], dtype=float)
+            assert gains.shape == (4,) and np.isnan(gains[1]), (row["tileid"], name, gains)
+            for key in ("gains_pol0", "gains_pol1", "gains_sigma_resid"):
+                assert np.isnan(row[f"{name}_{key}"][1])  # type: ignore[index]
+            expected = truth.gain_amplitudes[antenna, pol, [0, 2, 3]]
+            assert np.allclose(gains[[0, 2, 3]], expected, rtol=0.02), (row["tileid"], name, gains)
+
+
+def test_solution_times_are_centroids_and_get_cal_fits_names_the_hyperdrive_file(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """Two 2 s timesteps from the obsid: start obsid+1, end obsid+3 (spec 1.3, as hyperdrive writes)."""
+    from fastapi.testclient import TestClient
+
+    from observatory.app import create_app
+
+    best = pointing.best_calibrator(CAL_OBS + 8, min_el_deg=30.0, sun_exclusion_deg=20.0)
+    assert best is not None
+    with session_factory() as session:
+        simulate_and_register(session, settings, obsid=CAL_OBS, sources=[catalogue_point_source(best[0].name)],
+                              n_tiles=8, coarse_chans=(109, 110), int_time_s=2.0, n_timesteps=2,
+                              calibrator=best[0].name)  # fmt: skip
+        session.commit()
+        fit = fit_observation(session, settings, CAL_OBS)
+        session.commit()
+        fitid = fit.fitid
+        cached = solution_path(settings, fit)
+    assert cached is not None
+    aocal = read_aocal(cached)
+    assert (aocal.start_gps, aocal.end_gps) == (CAL_OBS + 1.0, CAL_OBS + 3.0)
+    hyperdrive = read_hyperdrive(cached.with_name(f"{CAL_OBS}_solutions.fits"))
+    assert hyperdrive.timeblocks_gps is not None
+    assert hyperdrive.timeblocks_gps.tolist() == [[CAL_OBS + 1.0, CAL_OBS + 3.0, CAL_OBS + 2.0]]
+    with TestClient(create_app(settings)) as client:
+        body = client.get(
+            "/calib/get_cal_fits", params={"obs_id": CAL_OBS, "max_time_separation": 0}
+        ).json()
+    assert body == {str(fitid): [CAL_OBS, 0, f"{CAL_OBS}_solutions.fits"]}
+    assert cached.with_name(body[str(fitid)][2]).is_file()

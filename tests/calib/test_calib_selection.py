@@ -218,7 +218,11 @@ def test_get_cal_fits(client: TestClient, fits: dict[str, int]) -> None:
     assert reply.status_code == 200
     body = reply.json()
     assert next(iter(body)) == str(fits["after"])
-    assert body[str(fits["before_newer"])] == [TARGET - 3600, 3600, f"{TARGET - 3600}.bin"]
+    assert body[str(fits["before_newer"])] == [
+        TARGET - 3600,
+        3600,
+        f"{TARGET - 3600}_solutions.fits",
+    ]
     assert str(fits["other_chans"]) not in body
     assert (
         client.get(
@@ -226,3 +230,84 @@ def test_get_cal_fits(client: TestClient, fits: dict[str, int]) -> None:
         ).status_code
         == 404
     )
+
+
+def test_a_fit_in_which_no_tile_calibrated_is_never_chosen(
+    settings: Settings, fits: dict[str, int], session_factory: sessionmaker[Session]
+) -> None:
+    """The newest fit of the nearest calibrator, but every tile failed: not a solution (404 otherwise)."""
+    with session_factory() as session:
+        failed = add_fit(session, settings, TARGET + 1800, flagged=set(TILES))
+        session.commit()
+        target = session.get(Observation, TARGET)
+        assert target is not None
+        assert failed not in {c.fitid for c in service.candidate_fits(session, target)}
+        _, fit = service.best_fit(session, TARGET)
+        assert fit.fitid == fits["after"]  # the older fit of the same calibrator, which calibrated
+        with pytest.raises(service.NotFound, match="no tile of it calibrated"):
+            service.best_fit(session, TARGET, prefer_fitid=failed)
+        # A calibrator whose only fit failed has no solution.
+        add_obs(session, TARGET + 7200)
+        session.flush()
+        add_fit(session, settings, TARGET + 7200, flagged=set(TILES))
+        session.commit()
+        with pytest.raises(service.NotFound, match="no calibration fit"):
+            service.best_fit(session, TARGET + 7200, max_time_separation_s=0)
+    with TestClient(create_app(settings)) as client:
+        reply = client.get("/calib/get_cal_solution", params={"obs_id": TARGET})
+        assert reply.headers["x-calibration-fit-id"] == str(fits["after"])
+        assert (
+            str(failed) not in client.get("/calib/get_cal_fits", params={"obs_id": TARGET}).json()
+        )
+        own = client.get(
+            "/calib/get_cal_solution", params={"obs_id": TARGET + 7200, "max_time_separation": 0}
+        )
+        assert own.status_code == 404
+        preferred = client.get(
+            "/calib/get_cal_solution", params={"obs_id": TARGET, "prefer_fitid": failed}
+        )
+        assert (
+            preferred.status_code == 404 and "no tile of it calibrated" in preferred.json()["error"]
+        )
+        by_calid = client.get("/calib/get_calfile_for_calid", params={"cal_id": TARGET + 1800})
+        assert by_calid.status_code == 200
+        with zipfile.ZipFile(io.BytesIO(by_calid.content)) as archive:
+            assert f"fit {fits['after']} of" in archive.read(f"{TARGET + 1800}_flags.py").decode()
+
+
+def test_hyperdrive_output_is_the_fits_the_fit_stored(
+    settings: Settings, session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """output_format=hyperdrive serves the fit's own FITS: obsid, frequencies, tile names and flags."""
+    calid = TARGET - 1200
+    freqs = np.concatenate([fine_chan_freqs_hz(c, 40_000) for c in CHANS[:1]])
+    jones = np.ones((1, len(TILES), len(freqs), 4), dtype=np.complex128)
+    jones[:, 2] = np.nan
+    names = [t.tile_name for t in tile_layout()[:4]]
+    with session_factory() as session:
+        add_obs(session, TARGET, calibration=False)
+        add_obs(session, calid)
+        session.flush()
+        solutions = CalSolutions(jones=jones, obsid=calid, chanblock_freqs_hz=freqs, tile_names=names,
+                                 tile_flags=np.array([False, False, True, False]),
+                                 start_gps=calid + 1.0, end_gps=calid + 119.0)  # fmt: skip
+        fit = service.store_fit(
+            session, settings, calid, solutions, tile_rows([0.1, -0.2, 0.3, 0.0], {TILES[2]})
+        )
+        session.commit()
+        cached = service.solution_path(settings, fit)
+        assert cached is not None
+        stored = cached.with_name(f"{calid}_solutions.fits")
+    with TestClient(create_app(settings)) as client:
+        reply = client.get(
+            "/calib/get_cal_solution", params={"obs_id": TARGET, "output_format": "hyperdrive"}
+        )
+        assert reply.status_code == 200
+        with zipfile.ZipFile(io.BytesIO(reply.content)) as archive:
+            served = archive.read(f"{calid}_solutions.fits")
+    assert served == stored.read_bytes()
+    (tmp_path / "served.fits").write_bytes(served)
+    got = read_hyperdrive(tmp_path / "served.fits")
+    assert got.obsid == calid and got.tile_names == names
+    assert got.tile_flags is not None and list(got.tile_flags) == [False, False, True, False]
+    assert got.chanblock_freqs_hz is not None and np.allclose(got.chanblock_freqs_hz, freqs)

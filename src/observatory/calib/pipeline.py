@@ -43,6 +43,10 @@ EDGE_WIDTH_HZ = 80_000
 PHASE_FIT_NITER = 3
 
 
+class CalibrationFailed(Exception):
+    """A calibrator observation in which no tile calibrated: no fit is stored."""
+
+
 @dataclass(frozen=True)
 class SolvedObservation:
     """What the solve produced, before the fits."""
@@ -51,6 +55,10 @@ class SolvedObservation:
     freqs_hz: NDArray[np.float64]
     solution: Solution
     chanblocks_per_coarse: int
+    #: The receiver channel numbers solved, in the order of ``freqs_hz`` (those with data files).
+    coarse_chans: tuple[int, ...] = ()
+    #: Centroid GPS times of the timesteps solved (hyperdrive's timeblock times).
+    time_centroids_gps: NDArray[np.float64] | None = None
 
 
 def solve_observation(
@@ -92,12 +100,22 @@ def solve_observation(
         blocks_b.append(big_b)
         all_freqs.append(chunk.freqs_hz)
     solution = stefcal(np.concatenate(blocks_a), np.concatenate(blocks_b))
-    return SolvedObservation(meta, np.concatenate(all_freqs), solution, meta.fine_chans_per_coarse)
+    return SolvedObservation(
+        meta, np.concatenate(all_freqs), solution, meta.fine_chans_per_coarse,
+        coarse_chans=tuple(int(c) for c in reader.coarse_chans),
+        time_centroids_gps=np.asarray(reader.time_start_gps_s, np.float64) + meta.int_time_s / 2.0,
+    )  # fmt: skip
 
 
 def tile_fits(solved: SolvedObservation, n_coarse_metafits: int) -> list[dict[str, object]]:
-    """One ``calibration_solutions`` row per tile, calvin's way (NaN rows for failed tiles)."""
+    """One ``calibration_solutions`` row per tile, calvin's way (NaN rows for failed tiles).
+
+    The per-coarse-channel arrays have ``n_coarse_metafits`` values in the metafits'
+    coarse-channel order, each channel's at its place: a channel with no data file is NaN
+    (specs/calib.md 3.4).
+    """
     meta, freqs = solved.meta, solved.freqs_hz
+    places = _channel_places(solved, n_coarse_metafits)
     jones = solved.solution.jones()  # (chan, antenna, 4): the AO-cal (inverse) solutions
     tile_ids = np.array(meta.antenna_numbers)
     usable = ~meta.flagged_antennas & np.isfinite(jones[:, :, 0]).any(axis=0)
@@ -127,28 +145,49 @@ def tile_fits(solved: SolvedObservation, n_coarse_metafits: int) -> list[dict[st
                 f"{pol}_intercept": phase.intercept,
                 f"{pol}_phase_sigma_resid": phase.sigma_resid, f"{pol}_phase_chi2dof": phase.chi2dof,
                 f"{pol}_phase_fit_quality": phase.quality,
-                f"{pol}_gains": _pad(gain.gains, n_coarse_metafits), f"{pol}_gains_pol0": _pad(gain.pol0, n_coarse_metafits),
-                f"{pol}_gains_pol1": _pad(gain.pol1, n_coarse_metafits),
-                f"{pol}_gains_sigma_resid": _pad(gain.sigma_resid, n_coarse_metafits),
+                f"{pol}_gains": _pad(gain.gains, places, n_coarse_metafits),
+                f"{pol}_gains_pol0": _pad(gain.pol0, places, n_coarse_metafits),
+                f"{pol}_gains_pol1": _pad(gain.pol1, places, n_coarse_metafits),
+                f"{pol}_gains_sigma_resid": _pad(gain.sigma_resid, places, n_coarse_metafits),
                 f"{pol}_gains_fit_quality": gain.quality,
             }  # fmt: skip
         rows.append(row)
     return rows
 
 
-def _pad(values: NDArray[np.float64], n: int) -> list[float]:
-    padded = [math.nan] * n
-    padded[: min(n, len(values))] = [float(v) for v in values[:n]]
-    return padded
+def _channel_places(solved: SolvedObservation, n: int) -> NDArray[np.int64]:
+    """Where each solved coarse channel goes in the metafits' coarse-channel order (-1: nowhere)."""
+    n_solved = len(solved.freqs_hz) // max(solved.chanblocks_per_coarse, 1)
+    if not solved.coarse_chans:  # channel numbers unknown: in order
+        return np.arange(n_solved, dtype=np.int64)
+    metafits = np.asarray(solved.meta.metafits_coarse_chans, dtype=np.int64)
+    solved_chans = np.asarray(solved.coarse_chans[:n_solved], dtype=np.int64)
+    match = metafits[None, :] == solved_chans[:, None]  # (solved, metafits)
+    places = np.where(match.any(axis=1), match.argmax(axis=1), -1)
+    return np.where(places < n, places, -1).astype(np.int64)
+
+
+def _pad(values: NDArray[np.float64], places: NDArray[np.int64], n: int) -> list[float]:
+    """``values`` (one per solved coarse channel) at their ``places`` among ``n``; NaN elsewhere."""
+    padded = np.full(n, np.nan)
+    k = min(len(values), len(places))
+    keep = places[:k] >= 0
+    padded[places[:k][keep]] = np.asarray(values[:k], dtype=np.float64)[keep]
+    return [float(v) for v in padded]
 
 
 def fit_observation(session: Session, settings: Settings, obsid: int) -> CalibrationFit:
     """Solve and fit an archived calibrator observation, and store the fit (flushed, not committed).
 
+    A solve in which no tile calibrated (no finite delay in either polarisation, e.g.
+    every tile but one flagged) stores nothing: it is not a solution for any target.
+
     Raises
     ------
     BadRequest
         If the observation is not a calibrator observation with files in the archive.
+    CalibrationFailed
+        If no tile calibrated.
     """
     observation = session.get(Observation, obsid)
     if observation is None or not observation.calibration or not observation.calibrator_source:
@@ -156,12 +195,29 @@ def fit_observation(session: Session, settings: Settings, obsid: int) -> Calibra
     metafits, files = correlator_inputs(session, Storage(settings.archive_dir), obsid)
     solved = solve_observation(metafits, files, observation.calibrator_source)
     jones = solved.solution.jones()  # (chanblock, antenna, 4)
+    # One timeblock: hyperdrive's times are centroids, the first timestep's and the last's
+    # (specs/calib.md 1.3: obsid + half an integration, ...).
+    centroids = solved.time_centroids_gps
+    if centroids is None or len(centroids) == 0:
+        half = solved.meta.int_time_s / 2.0
+        centroids = np.array(
+            [observation.obsid + half, (observation.stoptime or observation.obsid) - half]
+        )
+    start, end = float(centroids[0]), float(centroids[-1])
     solutions = CalSolutions(
-        jones=jones.transpose(1, 0, 2)[None], start_gps=float(observation.obsid), end_gps=float(observation.stoptime),
+        jones=jones.transpose(1, 0, 2)[None], start_gps=start, end_gps=end,
+        timeblocks_gps=np.array([[start, end, float(np.mean(centroids))]]),
         chanblock_freqs_hz=solved.freqs_hz, obsid=obsid, tile_names=list(solved.meta.antenna_names),
         tile_flags=solved.meta.flagged_antennas.copy(),
     )  # fmt: skip
     rows = tile_fits(solved, len(solved.meta.metafits_coarse_chans))
+    delays = np.array([[row["x_delay_m"], row["y_delay_m"]] for row in rows], dtype=float)
+    if not np.isfinite(delays).any():
+        n_flagged = int(solved.meta.flagged_antennas.sum())
+        raise CalibrationFailed(
+            f"no tile of observation {obsid} calibrated ({n_flagged} of {len(rows)} tiles flagged "
+            "in the metafits); no fit was stored"
+        )
     fit = store_fit(
         session, settings, obsid, solutions, rows, creator="calvin", code_version=__version__,
         fit_niter=PHASE_FIT_NITER, source_list=observation.calibrator_source, num_sources=1,

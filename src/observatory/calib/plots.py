@@ -5,20 +5,23 @@ As the source document describes them:
 - ``tilediff``: each tile's X and Y cable-length residuals (large circles) over the
   residuals of all the other tiles of the same observation (small points);
 - ``timediff``: each tile's residuals over that tile's residuals in the fits of the
-  previous 7 days, older ones more transparent;
-- ``xydiff``: each tile's Y - X residual, over the previous 30 days;
+  observations of the previous 7 days, older ones more transparent;
+- ``xydiff``: each tile's Y - X residual, over the previous 30 days before that observation;
 - ``gains``: each tile's X and Y gain over the coarse channels of the fit;
-- ``gaintimes``: the gains per tile and channel against the previous 7 days' fits.
+- ``gaintimes``: each tile's X and Y gain for each coarse channel of the fit, over the
+  same tile and channel in the fits of the previous 7 days' observations.
 
 Colours follow the page's legend: ``mwa``/``msok`` fits blue (X) and green (Y),
-``calvin`` fits red (X) and orange (Y). A fit's plots depend only on it and on
-fits before it, so once drawn they never change.
+``calvin`` fits red (X) and orange (Y). The history plots take the fits of the
+observations before this fit's observation (by obsid, not by when the fits ran).
+A fit's plots are drawn once and cached; a new fit of an earlier observation drops
+the cached history plots of the later fits it belongs in.
 """
 
 from __future__ import annotations
 
 import io
-from datetime import timedelta
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +30,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.colors import to_rgba
+from matplotlib.figure import Figure
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from observatory.archive.models import Observation
 from observatory.calib.models import CalibrationFit, CalibrationSolution
 from observatory.core.config import Settings
 from observatory.core.errors import BadRequest
 
+SECONDS_PER_DAY = 86_400
 KINDS = ("tilediff", "timediff", "xydiff", "gains", "gaintimes")
 COLOURS = {
     "calvin": ("tab:red", "tab:orange"),
@@ -51,28 +58,44 @@ def _value(value: float | None) -> float:
     return np.nan if value is None else float(value)
 
 
-def _mean(values: list[float | None] | None) -> float:
-    array = np.array(values or [np.nan], dtype=float)  # None becomes NaN
-    finite = array[np.isfinite(array)]
-    return float(finite.mean()) if finite.size else np.nan
-
-
 def _history(session: Session, fit: CalibrationFit, days: int) -> list[CalibrationFit]:
-    """Fits of the ``days`` before this one (by fit time), oldest first."""
-    since = fit.fit_time - timedelta(days=days)
+    """Fits of the observations of the ``days`` before this fit's observation, oldest first.
+
+    By observation time (the obsid), not by when the fits ran: a calibrator fitted
+    again later, or observations reprocessed in bulk, keep their place in time.
+    """
+    since = fit.obsid - days * SECONDS_PER_DAY
     return list(session.scalars(
-        select(CalibrationFit).where(CalibrationFit.fit_time >= since, CalibrationFit.fit_time < fit.fit_time)
-        .order_by(CalibrationFit.fit_time)
+        select(CalibrationFit).where(CalibrationFit.obsid >= since, CalibrationFit.obsid < fit.obsid)
+        .order_by(CalibrationFit.obsid, CalibrationFit.fitid)
     ))  # fmt: skip
 
 
 def _age_alpha(fit: CalibrationFit, other: CalibrationFit, days: int) -> float:
-    age = (fit.fit_time - other.fit_time).total_seconds() / 86400.0
+    age = (fit.obsid - other.obsid) / SECONDS_PER_DAY
     return float(np.clip(0.8 * (1.0 - age / days), 0.08, 0.8))
 
 
-def draw(session: Session, fit: CalibrationFit, kind: str) -> bytes:
-    """The PNG of one plot of ``fit``."""
+def _gain_matrix(values: Sequence[list[float | None] | None], width: int) -> np.ndarray:
+    """Per-channel gain lists as a (rows, width) float array, NaN for None and missing values."""
+    return np.array(
+        [list((v or [])[:width]) + [None] * (width - len(v or [])) for v in values],
+        dtype=float,
+    ).reshape(len(values), width)
+
+
+def _coarse_chans(session: Session, obsids: set[int]) -> dict[int, list[int]]:
+    """The coarse channels of observations (sorted: the order of a fit's per-channel arrays)."""
+    if not obsids:
+        return {}
+    found = session.execute(
+        select(Observation.obsid, Observation.coarse_chans).where(Observation.obsid.in_(obsids))
+    ).all()
+    return {int(obsid): sorted(chans or []) for obsid, chans in found}
+
+
+def figure_of(session: Session, fit: CalibrationFit, kind: str) -> Figure:
+    """The matplotlib figure of one plot of ``fit`` (the caller closes it)."""
     if kind not in KINDS:
         raise BadRequest(f"plot {kind!r} is not one of {', '.join(KINDS)}")
     rows = sorted(fit.solutions, key=lambda r: r.tileid)
@@ -91,13 +114,11 @@ def draw(session: Session, fit: CalibrationFit, kind: str) -> bytes:
         axes.plot(index, x, "o", color=colour_x, ms=7, label="X")
         axes.plot(index, y, "o", color=colour_y, ms=7, mfc="none", label="Y")
         axes.set_ylabel("cable length residual (m)")
-    elif kind in ("timediff", "xydiff", "gaintimes"):
+    elif kind in ("timediff", "xydiff"):
         days = 30 if kind == "xydiff" else 7
         earlier = {f.fitid: f for f in _history(session, fit, days)}
         wanted: list[Any] = [CalibrationSolution.fitid, CalibrationSolution.tileid, CalibrationSolution.x_delay_m,
                   CalibrationSolution.y_delay_m]  # fmt: skip
-        if kind == "gaintimes":  # only this one needs the gain arrays (JSON: the costly part)
-            wanted += [CalibrationSolution.x_gains, CalibrationSolution.y_gains]
         found = session.execute(
             select(*wanted).where(CalibrationSolution.fitid.in_(earlier), CalibrationSolution.tileid.in_(position))
         ).all() if earlier else []  # fmt: skip
@@ -107,39 +128,20 @@ def draw(session: Session, fit: CalibrationFit, kind: str) -> bytes:
             column = np.array([position[r.tileid] for r in found])
             alpha = np.array([alpha_of[r.fitid] for r in found])
             creator = np.array([earlier[r.fitid].creator for r in found])
-            if kind == "timediff":
-                series = [(np.array([_value(r.x_delay_m) for r in found]), 0),
-                          (np.array([_value(r.y_delay_m) for r in found]), 1)]  # fmt: skip
-            elif kind == "xydiff":
-                series = [(np.array([_value(r.y_delay_m) - _value(r.x_delay_m) for r in found]), 0)]
-            else:
-                series = [(np.array([_mean(r.x_gains) for r in found]), 0),
-                          (np.array([_mean(r.y_gains) for r in found]), 1)]  # fmt: skip
+            old_x = np.array([r.x_delay_m for r in found], dtype=float)  # None becomes NaN
+            old_y = np.array([r.y_delay_m for r in found], dtype=float)
+            series = [(old_x, 0), (old_y, 1)] if kind == "timediff" else [(old_y - old_x, 0)]
             for values, pol in series:
-                rgba = np.zeros((len(found), 4))
-                for name in np.unique(creator):
-                    rgba[creator == name, :3] = to_rgba(_colours(str(name))[pol])[:3]
-                rgba[:, 3] = alpha
-                axes.scatter(column, values, s=10, c=rgba, lw=0)
+                axes.scatter(column, values, s=10, c=_rgba(creator, pol, alpha), lw=0)
         if kind == "timediff":
             axes.plot(index, x, "o", color=colour_x, ms=7, label="X (this fit)")
             axes.plot(index, y, "o", color=colour_y, ms=7, mfc="none", label="Y (this fit)")
             axes.set_ylabel("cable length residual (m)")
-        elif kind == "xydiff":
+        else:
             axes.plot(index, y - x, "o", color=colour_x, ms=7, label="Y - X (this fit)")
             axes.set_ylabel("Y - X residual (m)")
-        else:
-            axes.plot(
-                index,
-                [_mean(r.x_gains) for r in rows],
-                "o",
-                color=colour_x,
-                ms=7,
-                label="X (this fit)",
-            )
-            axes.plot(index, [_mean(r.y_gains) for r in rows], "o", color=colour_y, ms=7, mfc="none",
-                      label="Y (this fit)")  # fmt: skip
-            axes.set_ylabel("gain (mean over channels)")
+    elif kind == "gaintimes":
+        _gaintimes(session, fit, rows, axes)
     else:  # gains
         for r in rows:
             gx = np.array([_value(v) for v in r.x_gains])
@@ -160,6 +162,85 @@ def draw(session: Session, fit: CalibrationFit, kind: str) -> bytes:
     axes.grid(alpha=0.3)
     axes.legend(loc="upper right", fontsize=8)
     figure.tight_layout()
+    return figure
+
+
+def _rgba(creator: np.ndarray, pol: int, alpha: np.ndarray) -> np.ndarray:
+    """Per point: the colour of its fit's creator and polarisation, with its age's alpha."""
+    rgba = np.zeros((len(creator), 4))
+    for name in np.unique(creator):
+        rgba[creator == name, :3] = to_rgba(_colours(str(name))[pol])[:3]
+    rgba[:, 3] = alpha
+    return rgba
+
+
+def _gaintimes(
+    session: Session, fit: CalibrationFit, rows: list[CalibrationSolution], axes: Axes
+) -> None:
+    """Each tile's X and Y gain per coarse channel, over the same tile and channel in the last 7 days.
+
+    A tile's column holds its channels side by side (lowest channel left). Earlier fits
+    are matched by receiver channel number, so a fit with other channels adds only the
+    channels this one has.
+    """
+    days = 7
+    earlier = {f.fitid: f for f in _history(session, fit, days)}
+    chans_of = _coarse_chans(session, {fit.obsid} | {f.obsid for f in earlier.values()})
+    width = max((len(r.x_gains or []) for r in rows), default=0)
+    width = max([width, *(len(r.y_gains or []) for r in rows)])
+    channels = np.array(chans_of.get(fit.obsid) or range(width), dtype=np.int64)[:width]
+    n_chan = max(len(channels), 1)
+    offsets = (np.arange(n_chan) - (n_chan - 1) / 2.0) * (0.8 / n_chan)
+    index = np.arange(len(rows))
+    columns = (index[:, None] + offsets[None, :]).ravel()  # (tile, channel) flattened
+    position = {r.tileid: i for i, r in enumerate(rows)}
+    found = session.execute(
+        select(CalibrationSolution.fitid, CalibrationSolution.tileid, CalibrationSolution.x_gains,
+               CalibrationSolution.y_gains)
+        .where(CalibrationSolution.fitid.in_(earlier), CalibrationSolution.tileid.in_(position))
+    ).all() if earlier and len(channels) else []  # fmt: skip
+    if found:
+        # Arrays, not per-point calls: a week of hourly fits of 128 tiles is ~500,000 gains.
+        widest = max(len(r.x_gains or []) for r in found) or 1
+        widest = max([widest, *(len(r.y_gains or []) for r in found)])
+        # The channel numbers of each row's values (position order if the observation is unknown).
+        chan_rows = {f: np.full(widest, -1, np.int64) for f in earlier}
+        for fitid, other in earlier.items():
+            known = np.array(chans_of.get(other.obsid) or range(widest), dtype=np.int64)[:widest]
+            chan_rows[fitid][: len(known)] = known
+        numbers = np.stack([chan_rows[r.fitid] for r in found])  # (rows, widest)
+        order = np.argsort(channels)
+        slot = np.clip(np.searchsorted(channels[order], numbers), 0, len(channels) - 1)
+        place = order[slot]  # where each value goes among this fit's channels
+        matched = channels[place] == numbers
+        column = (
+            np.array([position[r.tileid] for r in found], dtype=float)[:, None] + offsets[place]
+        )
+        alpha_of = {f: _age_alpha(fit, other, days) for f, other in earlier.items()}
+        alpha = np.repeat(np.array([alpha_of[r.fitid] for r in found]), widest).reshape(
+            numbers.shape
+        )
+        creator = np.repeat(np.array([earlier[r.fitid].creator for r in found]), widest).reshape(
+            numbers.shape
+        )
+        for values, pol in ((_gain_matrix([r.x_gains for r in found], widest), 0),
+                            (_gain_matrix([r.y_gains for r in found], widest), 1)):  # fmt: skip
+            keep = matched & np.isfinite(values)
+            axes.scatter(
+                column[keep], values[keep], s=6, c=_rgba(creator[keep], pol, alpha[keep]), lw=0
+            )
+    colour_x, colour_y = _colours(fit.creator)
+    gains_x = _gain_matrix([r.x_gains for r in rows], n_chan).ravel()
+    gains_y = _gain_matrix([r.y_gains for r in rows], n_chan).ravel()
+    axes.plot(columns, gains_x, "o", color=colour_x, ms=4, label="X (this fit)")
+    axes.plot(columns, gains_y, "o", color=colour_y, ms=4, mfc="none", label="Y (this fit)")
+    axes.set_ylabel(f"gain per coarse channel ({int(channels[0])}-{int(channels[-1])} left to right)"
+                    if len(channels) else "gain per coarse channel")  # fmt: skip
+
+
+def draw(session: Session, fit: CalibrationFit, kind: str) -> bytes:
+    """The PNG of one plot of ``fit``."""
+    figure = figure_of(session, fit, kind)
     output = io.BytesIO()
     with np.errstate(all="ignore"):
         figure.savefig(output, format="png")
@@ -182,7 +263,33 @@ def plot_png(session: Session, settings: Settings, fit: CalibrationFit, kind: st
     return image
 
 
+#: The plots that show earlier observations' fits, and how many days back they look.
+HISTORY_KINDS = {"timediff": 7, "gaintimes": 7, "xydiff": 30}
+
+
+def forget_later_history(session: Session, settings: Settings, fit: CalibrationFit) -> None:
+    """Drop the cached history plots that a new fit of an earlier observation belongs in.
+
+    The fits of observations up to 30 days after ``fit``'s get their timediff, xydiff
+    and gaintimes plots drawn again when next asked for.
+    """
+    later = session.scalars(
+        select(CalibrationFit.fitid).where(
+            CalibrationFit.obsid > fit.obsid,
+            CalibrationFit.obsid <= fit.obsid + max(HISTORY_KINDS.values()) * SECONDS_PER_DAY,
+        )
+    ).all()
+    for fitid in later:
+        for kind in HISTORY_KINDS:
+            (settings.calib_dir / str(fitid) / "plots" / f"{kind}.png").unlink(missing_ok=True)
+
+
 def draw_all(session: Session, settings: Settings, fit: CalibrationFit) -> None:
-    """Draw every plot of a new fit into the cache, so that no page view waits for one."""
+    """Draw every plot of a new fit into the cache, so that no page view waits for one.
+
+    The history plots of fits of later observations that the new fit belongs in are
+    dropped from the cache (drawn again when next asked for).
+    """
+    forget_later_history(session, settings, fit)
     for kind in KINDS:
         plot_png(session, settings, fit, kind)

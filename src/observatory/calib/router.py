@@ -91,7 +91,10 @@ def get_cal_fits(
     max_time_separation: str | None = None,
     allow_after: str | None = None,
 ) -> dict[str, list[object]]:
-    """Every fit that could calibrate ``obs_id``: ``{fitid: [calid, offset, filename]}``, best first."""
+    """Every fit that could calibrate ``obs_id``: ``{fitid: [calid, offset, filename]}``, best first.
+
+    ``filename`` is the fit's hyperdrive FITS (``<calid>_solutions.fits``).
+    """
     target = service.target_observation(session, obsid_param(obs_id))
     candidates = service.candidate_fits(
         session, target, max_time_separation_s=_seconds(max_time_separation),
@@ -99,10 +102,7 @@ def get_cal_fits(
     )  # fmt: skip
     if not candidates:
         raise NotFound(f"no calibration fits for obs_id {target.obsid}")
-    return {
-        str(c.fitid): [c.calid, c.offset_s, c.filename.rsplit("/", 1)[-1] if c.filename else None]
-        for c in candidates
-    }
+    return {str(c.fitid): [c.calid, c.offset_s, c.filename] for c in candidates}
 
 
 @router.post("/add_cal_request", response_class=Response, operation_id="calib_add_cal_request_post")
@@ -177,7 +177,8 @@ def grafana_query(session: SessionDep, body: JsonBody) -> list[dict[str, Any]]:
 
 def _latest_fit_of(session: Session, cal_id: int) -> service.CalibrationFit:
     fit = session.scalars(
-        select(service.CalibrationFit).where(service.CalibrationFit.obsid == cal_id)
+        select(service.CalibrationFit)
+        .where(service.CalibrationFit.obsid == cal_id, service.has_calibrated_tile())
         .order_by(service.CalibrationFit.fitid.desc()).limit(1)
     ).first()  # fmt: skip
     if fit is None:

@@ -5,7 +5,9 @@ defaults): fits of calibrator observations with the target's coarse channels and
 when both are known, its analogue attenuation; within ``max_time_separation``
 (86400 s) of the target, after it too unless ``allow_after=0`` (the source
 document's default is 1); the smallest time separation, ties going to the newest
-fit. ``prefer_fitid`` names a fit to use instead.
+fit. ``prefer_fitid`` names a fit to use instead. A fit in which no tile calibrated
+(every ``x_delay_m`` and ``y_delay_m`` NULL) is never a solution: it is not a candidate,
+and naming it is a 404 (the source document's "no valid calibration fit").
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, exists, or_, select
 from sqlalchemy.orm import Session
 
 from observatory.archive.models import Observation
@@ -41,7 +43,11 @@ AWST = timezone(timedelta(hours=8), "AWST")
 
 @dataclass(frozen=True)
 class Candidate:
-    """A fit that may calibrate a target: its calibrator and how far in time it is."""
+    """A fit that may calibrate a target: its calibrator and how far in time it is.
+
+    ``filename`` is the name of the fit's hyperdrive FITS (``<calid>_solutions.fits``,
+    what the source document's ``get_cal_fits`` reports), None for a fit with no files.
+    """
 
     fitid: int
     calid: int
@@ -79,6 +85,22 @@ def compatible(
     return target.atten_db == calibrator.atten_db
 
 
+def has_calibrated_tile() -> ColumnElement[bool]:
+    """SQL: the fit has a tile that calibrated (a delay in either polarisation).
+
+    ``store_fit`` stores NaN as NULL, so a tile that failed has NULL delays.
+    """
+    return exists().where(
+        CalibrationSolution.fitid == CalibrationFit.fitid,
+        or_(CalibrationSolution.x_delay_m.is_not(None), CalibrationSolution.y_delay_m.is_not(None)),
+    )
+
+
+def calibrated(fit: CalibrationFit) -> bool:
+    """Whether any tile of ``fit`` calibrated (a finite delay in either polarisation)."""
+    return len(flagged_tiles(fit)) < len(fit.solutions)
+
+
 def candidate_fits(
     session: Session,
     target: Observation,
@@ -87,7 +109,7 @@ def candidate_fits(
     allow_after: bool = True,
     match_attenuation: bool = True,
 ) -> list[Candidate]:
-    """Every fit that may calibrate ``target``, best first."""
+    """Every fit that may calibrate ``target``, best first (fits with no calibrated tile left out)."""
     latest = target.obsid + (max_time_separation_s if allow_after else 0)
     rows = session.execute(
         select(CalibrationFit.fitid, CalibrationFit.solution_file, Observation)
@@ -97,10 +119,16 @@ def candidate_fits(
             CalibrationFit.obsid <= latest,
             Observation.calibration.is_(True),
             Observation.deleted.is_(False),
+            has_calibrated_tile(),
         )
     )
     found = [
-        Candidate(fitid, calibrator.obsid, abs(calibrator.obsid - target.obsid), filename)
+        Candidate(
+            fitid,
+            calibrator.obsid,
+            abs(calibrator.obsid - target.obsid),
+            f"{calibrator.obsid}_solutions.fits" if filename else None,
+        )
         for fitid, filename, calibrator in rows
         if compatible(target, calibrator, match_attenuation=match_attenuation)
     ]
@@ -123,13 +151,17 @@ def best_fit(
     BadRequest
         For an unknown obsid.
     NotFound
-        When ``prefer_fitid`` does not exist, or no fit is within range.
+        When ``prefer_fitid`` does not exist or has no calibrated tile, or no fit is within range.
     """
     target = target_observation(session, obsid)
     if prefer_fitid is not None:
         preferred = session.get(CalibrationFit, prefer_fitid)
         if preferred is None:
             raise NotFound(f"prefer_fitid {prefer_fitid} is not a calibration fit")
+        if not calibrated(preferred):
+            raise NotFound(
+                f"prefer_fitid {prefer_fitid} is not a valid calibration fit: no tile of it calibrated"
+            )
         return target, preferred
     candidates = candidate_fits(
         session, target, max_time_separation_s=max_time_separation_s, allow_after=allow_after,
@@ -154,6 +186,14 @@ def solution_path(settings: Settings, fit: CalibrationFit) -> Path | None:
     if not fit.solution_file:
         return None
     path = settings.calib_dir / fit.solution_file
+    return path if path.is_file() else None
+
+
+def hyperdrive_path(settings: Settings, fit: CalibrationFit) -> Path | None:
+    """The fit's cached hyperdrive FITS (``<calid>_solutions.fits`` beside its AO-cal file), if on disk."""
+    if not fit.solution_file:
+        return None
+    path = (settings.calib_dir / fit.solution_file).with_name(f"{fit.obsid}_solutions.fits")
     return path if path.is_file() else None
 
 
@@ -267,8 +307,10 @@ def solution_zip(
 
     ``<calid>.bin`` (AO-cal; ``output_format=hyperdrive`` gives
     ``<calid>_solutions.fits``), ``<obsid>_flagged_tiles.txt`` (one tile id a line)
-    and ``<obsid>_flags.py``. The cached file of the fit is used unless ``nocache``
-    or there is none; then the solutions are rebuilt from the table.
+    and ``<obsid>_flags.py``. The cached file of the fit in the format asked for
+    (its AO-cal ``.bin`` or its hyperdrive FITS, with the obsid, chanblock frequencies,
+    tile names and flags the solver wrote) is used unless ``nocache`` or there is none;
+    then the solutions are rebuilt from the table.
 
     Raises
     ------
@@ -279,18 +321,18 @@ def solution_zip(
         raise BadRequest(
             f"output_format {output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}"
         )
-    cached = None if nocache else solution_path(settings, fit)
-    solutions = fit_solutions(session, settings, fit, nocache=nocache)
+    hyperdrive = output_format == "hyperdrive"
+    finder = hyperdrive_path if hyperdrive else solution_path
+    cached = None if nocache else finder(settings, fit)
+    name = f"{fit.obsid}_solutions.fits" if hyperdrive else f"{fit.obsid}.bin"
     scratch = io.BytesIO()
     with zipfile.ZipFile(scratch, "w", zipfile.ZIP_DEFLATED) as archive:
-        if output_format == "hyperdrive":
-            archive.writestr(
-                f"{fit.obsid}_solutions.fits", _file_bytes(write_hyperdrive, solutions, ".fits")
-            )
-        elif cached is not None:
-            archive.write(cached, f"{fit.obsid}.bin")
+        if cached is not None:
+            archive.write(cached, name)
         else:
-            archive.writestr(f"{fit.obsid}.bin", _file_bytes(write_aocal, solutions, ".bin"))
+            solutions = fit_solutions(session, settings, fit, nocache=nocache)
+            writer, suffix = (write_hyperdrive, ".fits") if hyperdrive else (write_aocal, ".bin")
+            archive.writestr(name, _file_bytes(writer, solutions, suffix))
         tiles = flagged_tiles(fit)
         names = {t.tile_id: t.tile_name for t in tile_layout()}
         archive.writestr(f"{target.obsid}_flagged_tiles.txt", "".join(f"{t}\n" for t in tiles))
