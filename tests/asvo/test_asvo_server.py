@@ -220,3 +220,65 @@ def test_cluster_mode_survives_a_killed_worker(tmp_path: Path, migrated_db_url: 
         for process in [server, *workers, scheduler]:
             if process is not None:
                 process.stop()
+
+
+def test_cluster_mode_runs_a_job_once_across_a_second_runner_and_a_restart(
+    tmp_path: Path, migrated_db_url: str
+) -> None:
+    # The operator's reproduction: a second `observatory serve` on the same database, then
+    # SIGTERM of the first while its job preprocesses; its task keeps running on its Dask
+    # worker. Before, both runners submitted the job (a key per submission, no lock) and
+    # the two runs deleted each other's files: the job ended in error.
+    if not migrated_db_url.startswith("postgresql"):
+        pytest.skip("cluster mode runs on PostgreSQL")
+    from distributed import Client
+
+    data_dir = tmp_path / "data"
+    seed(data_dir, migrated_db_url, [1320409688], tiles=48, api_key=API_KEY)
+    scheduler_port, port, second_port = free_port(), free_port(), free_port()
+    scheduler_address = f"tcp://127.0.0.1:{scheduler_port}"
+    bin_dir = Path(sys.executable).parent
+    env = {
+        "OBSERVATORY_DATABASE_URL": migrated_db_url,
+        "OBSERVATORY_DASK_SCHEDULER": scheduler_address,
+    }
+    scheduler = Process([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(scheduler_port),
+                         "--no-dashboard"], tmp_path / "scheduler.log")  # fmt: skip
+    workers = [
+        Process([str(bin_dir / "dask"), "worker", scheduler_address, "--host", "127.0.0.1",
+                 "--nthreads", "1", "--no-dashboard", "--name", f"w{n}"], tmp_path / f"worker{n}.log", env)
+        for n in range(2)
+    ]  # fmt: skip
+    servers: list[Process] = []
+    try:
+        with Client(scheduler_address, timeout=60) as dask_client:
+            dask_client.wait_for_workers(2, timeout=60)
+            first = observatory_server(data_dir, port, env)
+            servers.append(first)
+            wait_for(f"http://127.0.0.1:{port}/healthz")
+            client = login(f"http://127.0.0.1:{port}")
+            client.post("/api/conversion_job", data={"obs_id": "1320409688"}).raise_for_status()
+            wait_until(
+                lambda: any(r["job_state"] == "preprocessing" for r in jobs(client).values()),
+                60,
+                "preprocessing",
+            )
+            second = observatory_server(data_dir, second_port, env)
+            servers.append(second)
+            base = f"http://127.0.0.1:{second_port}"
+            wait_for(f"{base}/healthz")
+            wait_until(
+                lambda: "another dispatcher holds" in second.output(), 60, "the standby line"
+            )
+            first.stop()  # SIGTERM mid-job: its task runs on
+            wait_until(lambda: "dispatching" in second.output(), 60, "the second to take over")
+            client = login(base)
+            wait_until(
+                lambda: all(r["job_state"] in TERMINAL for r in jobs(client).values()),
+                240,
+                "the job",
+            )
+            check_products(client, data_dir)
+    finally:
+        for process in [*servers, *workers, scheduler]:
+            process.stop()

@@ -1,18 +1,34 @@
 """The dispatcher: hands queued jobs (and calibration fit requests) to Dask, cancels, expires, resumes.
 
-One dispatcher runs beside the web server (``observatory serve``). It keeps no
-state of its own that matters: every loop reads the jobs table, so after a crash
-or restart it simply finds the jobs that are not finished and runs them again
-(their stages are idempotent).
+One dispatcher runs beside the web server (``observatory serve``), and only one per
+database: it holds a lock (:class:`DispatcherLock`; a PostgreSQL advisory lock, or a
+lock file beside a SQLite database) while it dispatches, and a second ``observatory
+serve`` on the same database waits (standby) until that lock is free. It keeps no
+state of its own that matters: every loop reads the jobs table, so after a crash or
+restart it finds the jobs that are not finished and submits them again, under the
+same Dask keys (``asvo-job-<id>-<n>``); a job's task takes a lock of its own
+(``pipeline.run_job``), so a run still going from before the restart finishes and
+the new one then finds the job done.
+
+The loop outlives outages: a failed step (database or scheduler unreachable) is
+logged once, with its traceback, and retried with exponential back-off; its end is
+logged once too. A Dask client that gave up on its scheduler (Dask closes it after
+``distributed.comm.timeouts.connect``, 30 s) is replaced by a new one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
 import threading
-from typing import Any
+import time
+from pathlib import Path
+from typing import IO, Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from observatory.asvo.models import TERMINAL_STATES, Job, JobState
@@ -20,40 +36,187 @@ from observatory.asvo.pipeline import calibration_pending, remove_product, run_j
 from observatory.calib.models import CalibrationRequest
 from observatory.calib.pipeline import run_request
 from observatory.core.config import Settings
-from observatory.core.database import utcnow
+from observatory.core.database import make_engine, utcnow
 
 log = logging.getLogger(__name__)
 
 #: Broken tasks (beyond Dask's own retries) before a job is given up as an error.
 MAX_TASK_FAILURES = 3
 
+#: Client states in which a Dask client will never talk to its scheduler again.
+_DEAD_CLIENT = frozenset({"closing", "closed"})
+
+
+def job_task_key(job_id: int, generation: int = 0) -> str:
+    """The Dask key of a job's task: the same in every dispatcher process.
+
+    ``generation`` counts the job's earlier tasks that this dispatcher saw end without
+    finishing the job (waitcal, a broken task): Dask may still hold such a task's result
+    under its key, and a new task under the same key would return that result unrun.
+    """
+    return f"asvo-job-{job_id}-{generation}"
+
+
+class DispatcherLock:
+    """Only one dispatcher per database.
+
+    PostgreSQL: a session-level advisory lock (keyed by the database and the schema) on
+    a connection of its own; the server frees it when the holder's connection ends,
+    however the process ended. SQLite: an exclusive ``flock`` on
+    ``<database>.dispatcher-lock`` beside the database file, freed when the process ends.
+    """
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+        url = make_url(database_url)
+        self._postgres = url.get_backend_name() == "postgresql"
+        self._lock_path: Path | None = None
+        if not self._postgres and url.database and url.database != ":memory:":
+            self._lock_path = (
+                Path(url.database).resolve().with_name(Path(url.database).name + ".dispatcher-lock")
+            )
+        self._engine: Any = None
+        self._connection: Connection | None = None
+        self._file: IO[str] | None = None
+        self.held = False
+
+    @property
+    def description(self) -> str:
+        """What is locked, for log lines."""
+        if self._postgres:
+            return f"a PostgreSQL advisory lock on {make_url(self.database_url).render_as_string()}"
+        return (
+            f"the lock file {self._lock_path}"
+            if self._lock_path
+            else "nothing (in-memory database)"
+        )
+
+    def acquire(self) -> bool:
+        """Whether this process holds the lock (taking it if free; never blocks).
+
+        Raises when the database cannot be reached. On PostgreSQL a held lock is
+        checked first: if its connection broke, the lock is gone and taken again if free.
+        """
+        if self._postgres:
+            return self._acquire_postgres()
+        if self._lock_path is None:
+            self.held = True
+            return True
+        if self._file is None:
+            self._lock_path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self._lock_path, "a+")  # noqa: SIM115 (kept open while held)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                return False
+            handle.truncate(0)
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            self._file = handle
+        self.held = True
+        return True
+
+    def _acquire_postgres(self) -> bool:
+        if self._connection is not None:
+            try:
+                self._connection.execute(text("SELECT 1"))
+                self._connection.rollback()  # not idle in a transaction between checks
+                return True
+            except Exception:
+                log.error("ASVO dispatcher: lost its database connection, and with it %s",
+                          self.description)  # fmt: skip
+                self._drop_connection()
+        if self._engine is None:
+            self._engine = make_engine(self.database_url)
+        connection = self._engine.connect()
+        try:
+            got = connection.execute(
+                text(
+                    "SELECT pg_try_advisory_lock(hashtextextended("
+                    "'observatory.asvo.dispatcher:' || current_database() || ':' || current_schema(), 0))"
+                )
+            ).scalar_one()
+            connection.commit()  # the lock is the session's, not the transaction's
+        except Exception:
+            connection.invalidate()
+            connection.close()
+            raise
+        if not got:
+            connection.close()
+            return False
+        self._connection = connection
+        self.held = True
+        return True
+
+    def _drop_connection(self) -> None:
+        self.held = False
+        if self._connection is not None:
+            try:
+                self._connection.invalidate()  # never back to the pool: it may hold the lock
+                self._connection.close()
+            except Exception:
+                pass
+            self._connection = None
+
+    def release(self) -> None:
+        """Free the lock (and its connection or file)."""
+        self._drop_connection()
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+        self.held = False
+
 
 class Dispatcher:
     """Runs ASVO jobs on a Dask cluster (``OBSERVATORY_DASK_SCHEDULER``) or an in-process one."""
 
     def __init__(
-        self, settings: Settings, session_factory: sessionmaker[Session], poll_s: float = 0.2
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        poll_s: float = 0.2,
+        *,
+        max_backoff_s: float = 30.0,
+        dask_connect_timeout_s: float = 10.0,
     ) -> None:
         self.settings = settings
         self.session_factory = session_factory
         self.poll_s = poll_s
+        #: Longest wait between steps while they fail (and between lock attempts on standby).
+        self.max_backoff_s = max_backoff_s
+        #: How long one attempt to connect a new Dask client to the scheduler may take.
+        self.dask_connect_timeout_s = dask_connect_timeout_s
         self.futures: dict[int, Any] = {}
         self.failures: dict[int, int] = {}
+        self.generations: dict[int, int] = {}
         self.calibration_futures: dict[int, Any] = {}
+        self.calibration_generations: dict[int, int] = {}
         #: Calibration requests seen finishing with a fit stored (the metric of that name).
         self.calibration_fits_stored = 0
+        self.lock = DispatcherLock(settings.resolved_database_url)
+        #: Whether this dispatcher waits for another one (on the same database) to stop.
+        self.standby = False
+        self._failed_steps = 0
+        self._outage_started = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client: Any = None
         self._cluster: Any = None
 
     def start(self) -> None:
-        """Connect to (or start) the Dask cluster and begin the loop in a thread."""
-        from distributed import Client, LocalCluster
+        """Start the in-process cluster (without a scheduler address) and the loop in a thread.
 
-        if self.settings.dask_scheduler:
-            self._client = Client(self.settings.dask_scheduler)
-        else:
+        The client of an external scheduler is connected by the loop, which keeps
+        trying (with back-off) while the scheduler cannot be reached.
+        """
+        from distributed import LocalCluster
+
+        if not self.settings.dask_scheduler:
             # In-process: worker threads in this process (the demo and the tests).
             # Its HTTP servers start even without a dashboard, on every interface unless
             # given an address: loopback only.
@@ -65,14 +228,31 @@ class Dispatcher:
                 scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                 worker_dashboard_address="127.0.0.1:0",
             )
-            self._client = Client(self._cluster)
+            self._connect()
         self._thread = threading.Thread(target=self._loop, name="asvo-dispatcher", daemon=True)
         self._thread.start()
 
     @property
     def client(self) -> Any:
-        """The Dask client (None before ``start``); readiness checks ask its scheduler."""
+        """The Dask client (None before it connects); readiness checks ask its scheduler."""
         return self._client
+
+    def dask_status(self, timeout_s: float = 2.0) -> str:
+        """``ok``, or why this dispatcher's Dask cluster cannot run jobs now (for readiness).
+
+        Blocking (a scheduler round trip): call it off the event loop.
+        """
+        client = self._client
+        if client is None or client.status != "running":
+            return f"unreachable (client {getattr(client, 'status', 'not connected')})"
+        try:
+            identity = client.sync(client.scheduler.identity, n_workers=-1,
+                                   callback_timeout=timeout_s)  # fmt: skip
+        except Exception as exc:
+            return f"unreachable ({exc.__class__.__name__})"
+        if not identity.get("workers"):
+            return "no workers (the scheduler has no Dask worker connected: jobs wait)"
+        return "ok"
 
     def stop(self) -> None:
         """Stop the loop and disconnect; running jobs resume at the next start."""
@@ -83,14 +263,73 @@ class Dispatcher:
             self._client.close()
         if self._cluster is not None:
             self._cluster.close()
+        self.lock.release()
+
+    def _connect(self) -> None:
+        from distributed import Client
+
+        if self._cluster is not None:
+            self._client = Client(self._cluster)
+        else:
+            self._client = Client(self.settings.dask_scheduler, timeout=self.dask_connect_timeout_s)
+
+    def _ensure_client(self) -> None:
+        """Connect a client, or replace one that gave up on its scheduler."""
+        if self._client is not None and self._client.status not in _DEAD_CLIENT:
+            return
+        if self._client is not None:
+            log.warning("ASVO dispatcher: the Dask client is %s (scheduler lost); reconnecting",
+                        self._client.status)  # fmt: skip
+            with contextlib.suppress(Exception):
+                self._client.close()
+            self._client = None
+            # Their tasks were cancelled with the connection; submitted again below.
+            self.futures.clear()
+            self.calibration_futures.clear()
+        self._connect()
+        log.info("ASVO dispatcher: connected to the Dask scheduler %s",
+                 self.settings.dask_scheduler or "(in-process)")  # fmt: skip
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                self.step()
-            except Exception:  # the loop must survive a failed database round trip
-                log.exception("ASVO dispatcher step failed")
-            self._stop.wait(self.poll_s)
+            self._stop.wait(self.tick())
+
+    def tick(self) -> float:
+        """One turn of the loop: returns how long to wait before the next.
+
+        Takes (or checks) the dispatcher lock and the Dask client, then runs a
+        ``step``. A failure is logged once per outage (with its traceback) and the
+        wait doubles, up to ``max_backoff_s``; the first success after it is logged.
+        """
+        try:
+            self._ensure_client()
+            if not self._hold_lock():
+                return min(self.max_backoff_s, max(self.poll_s, 5.0))
+            self.step()
+        except Exception:
+            self._failed_steps += 1
+            if self._failed_steps == 1:
+                self._outage_started = time.monotonic()
+                log.exception("ASVO dispatcher step failed; retrying with back-off (up to %g s), "
+                              "silently until it succeeds", self.max_backoff_s)  # fmt: skip
+            else:
+                log.debug("ASVO dispatcher step failed again", exc_info=True)
+            return float(min(self.max_backoff_s, self.poll_s * 2 ** min(self._failed_steps, 30)))
+        if self._failed_steps:
+            log.warning("ASVO dispatcher recovered after %d failed steps (%.0f s)",
+                        self._failed_steps, time.monotonic() - self._outage_started)  # fmt: skip
+            self._failed_steps = 0
+        return self.poll_s
+
+    def _hold_lock(self) -> bool:
+        held = self.lock.acquire()
+        if not held and not self.standby:
+            log.warning("ASVO dispatcher: another dispatcher holds %s; this one dispatches "
+                        "nothing and waits until that one stops", self.lock.description)  # fmt: skip
+        elif held and self.standby:
+            log.warning("ASVO dispatcher: took %s; dispatching", self.lock.description)
+        self.standby = not held
+        return held
 
     def step(self) -> None:
         """One pass: submit new or orphaned jobs, cancel, reap finished futures, expire."""
@@ -108,7 +347,7 @@ class Dispatcher:
                         run_job,
                         self.settings.model_dump(),
                         job.id,
-                        key=f"asvo-job-{job.id}-{utcnow().timestamp()}",
+                        key=job_task_key(job.id, self.generations.get(job.id, 0)),
                         priority=job.priority,
                         pure=False,
                         retries=2,
@@ -120,13 +359,17 @@ class Dispatcher:
                     if not future.done():
                         future.cancel()
                     del self.futures[job_id]
+                    self.generations.pop(job_id, None)
                 elif future.done():
                     # The task ended without leaving the job finished (its worker died and
-                    # Dask's retries ran out, or the task itself broke): run it again, a
-                    # few times, then give the job up with the reason.
+                    # Dask's retries ran out, the task itself broke, or it waits for a
+                    # calibration): run it again, under the next key, a few times, then
+                    # give the job up with the reason.
                     del self.futures[job_id]
+                    self.generations[job_id] = self.generations.get(job_id, 0) + 1
                     if future.status == "error":
                         self._record_failure(session, job_id, future.exception())
+                    future.release()
             self._expire(session)
             session.commit()
             self._calibration_requests(session)
@@ -141,15 +384,20 @@ class Dispatcher:
         ).all()  # fmt: skip
         for request_id in pending:
             if request_id not in self.calibration_futures:
+                generation = self.calibration_generations.get(request_id, 0)
                 self.calibration_futures[request_id] = self._client.submit(
                     run_request, self.settings.model_dump(), request_id,
-                    key=f"calibration-request-{request_id}-{utcnow().timestamp()}", pure=False, retries=2,
+                    key=f"calibration-request-{request_id}-{generation}", pure=False, retries=2,
                 )  # fmt: skip
         for request_id, future in list(self.calibration_futures.items()):
             if future.done():  # finished, or broke before finishing: then submitted again
                 del self.calibration_futures[request_id]
+                self.calibration_generations[request_id] = (
+                    self.calibration_generations.get(request_id, 0) + 1
+                )
                 if future.status == "finished" and future.result() == "completed":
                     self.calibration_fits_stored += 1
+                future.release()
 
     def _record_failure(self, session: Session, job_id: int, reason: object) -> None:
         failures = self.failures.get(job_id, 0) + 1

@@ -4,23 +4,29 @@ Every state change is committed to the database at once (the database is the
 truth: the websocket and get_jobs read it, and a restarted dispatcher resumes
 from it). Stages are idempotent and the product is written atomically under a
 fixed name, so a job that runs twice (a worker died, the server restarted) still
-ends with exactly one correct product.
+ends with exactly one correct product. Two runs of one job never overlap: a run
+holds the job's lock (:func:`job_lock`) from its first look at the job to its
+last write, and works in a directory of its own (``work/<job>/<attempt>``); a
+run that finds the lock taken waits for it, then finds the job finished.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
+import secrets
 import shutil
 import tarfile
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
 
 import blake3
-from sqlalchemy import select, update
+from sqlalchemy import Engine, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 # A Dask worker process imports only this module: every table must be known to the ORM
@@ -103,15 +109,88 @@ def run_job(settings_values: dict[str, Any], job_id: int) -> str:
     """
     settings = Settings(**settings_values)
     engine = make_engine(settings.resolved_database_url)
+    try:
+        with job_lock(settings, engine, job_id):
+            return _run_locked(settings, engine, job_id)
+    finally:
+        engine.dispose()
+
+
+#: Seconds between attempts to take a job's lock that another run holds.
+JOB_LOCK_POLL_S = 1.0
+
+#: A job's advisory lock key: per database and schema (the test suite runs one per schema).
+_JOB_LOCK_KEY = "hashtextextended(current_database() || ':' || current_schema() || ':' || :name, 0)"
+_TRY_JOB_LOCK = text(f"SELECT pg_try_advisory_lock({_JOB_LOCK_KEY})")
+_JOB_UNLOCK = text(f"SELECT pg_advisory_unlock({_JOB_LOCK_KEY})")
+
+
+@contextmanager
+def job_lock(settings: Settings, engine: Engine, job_id: int) -> Iterator[None]:
+    """Hold job ``job_id``'s lock for the block, waiting while another run holds it.
+
+    PostgreSQL: a session-level advisory lock (keyed by database, schema and job) on a
+    connection of its own, freed by the server if the holder dies. SQLite (one host):
+    an exclusive ``flock`` on ``work/.locks/<job>``, freed when the holder's process ends.
+    Waits as long as the other run lasts (a run left from before a restart finishes
+    the job, and this one then returns at once).
+    """
+    announced = False
+
+    def waiting() -> None:
+        nonlocal announced
+        if not announced:
+            log.warning("ASVO job %d: another run of it holds its lock; waiting", job_id)
+            announced = True
+        time.sleep(JOB_LOCK_POLL_S)
+
+    if engine.dialect.name == "postgresql":
+        key = {"name": f"observatory.asvo.job:{job_id}"}
+        connection = engine.connect()
+        try:
+            while True:
+                taken = connection.execute(_TRY_JOB_LOCK, key).scalar_one()
+                connection.commit()  # a session lock: no transaction left open while waiting
+                if taken:
+                    break
+                waiting()
+            yield
+            with suppress(Exception):  # a broken connection has freed the lock already
+                connection.execute(_JOB_UNLOCK, key)
+                connection.commit()
+        finally:
+            connection.invalidate()  # never back to the pool holding a lock
+            connection.close()
+        return
+    path = settings.work_dir / ".locks" / str(job_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waiting()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _run_locked(settings: Settings, engine: Engine, job_id: int) -> str:
+    """``run_job`` while holding the job's lock."""
     session_factory = make_session_factory(engine)
     tracker = _Tracker(session_factory, job_id)
-    work_dir = settings.work_dir / str(job_id)
+    job_dir = settings.work_dir / str(job_id)
+    # This run's own scratch: a run that outlived its lock never loses files to this one.
+    work_dir = job_dir / f"attempt-{secrets.token_hex(6)}"
     try:
         job = tracker.load()
         if job.state in TERMINAL_STATES:
             return job.state
-        # A previous run of this job may have died half-way (worker or server killed).
-        shutil.rmtree(work_dir, ignore_errors=True)
+        # A previous run of this job may have died half-way (worker or server killed); its
+        # lock is free, so nothing of it runs any more.
+        shutil.rmtree(job_dir, ignore_errors=True)
         tracker.move(JobState.STAGING, started=job.started or utcnow())
         with session_factory() as session:
             inputs = _inputs(session, Storage(settings.archive_dir), job)
@@ -152,7 +231,8 @@ def run_job(settings_values: dict[str, Any], job_id: int) -> str:
         return JobState.ERROR.value
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-        engine.dispose()
+        with suppress(OSError):
+            job_dir.rmdir()  # only if empty
 
 
 def _inputs(session: Session, storage: Storage, job: Job) -> list[Path]:

@@ -1,0 +1,242 @@
+"""The dispatcher under restarts, outages and a second runner: one run per job, and it recovers.
+
+What an operator reproduced: a job run twice at once (a restarted or second job runner)
+failed both runs; after a scheduler outage the runner never reconnected; a scheduler
+without workers looked ready; an outage logged a traceback five times a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from observatory.archive.simulated import simulate_and_register
+from observatory.asvo.dispatcher import Dispatcher, job_task_key
+from observatory.asvo.models import Job, JobType
+from observatory.asvo.pipeline import run_job
+from observatory.asvo.service import submit_job
+from observatory.core.config import Settings
+from observatory.core.database import make_engine, make_session_factory
+from observatory.telescope.simulator import PointSource, _zenith_radec_deg
+from servers import Process, free_port, wait_until
+
+CORR_OBS = 1320409688  # the real MWAX mini file (seed_archive)
+VCS_OBS = 1320416040
+BIG_OBS = 1320419640  # simulated: big enough that preprocessing takes a few seconds
+BIN = Path(sys.executable).parent
+
+
+class RecordingClient:
+    """Stands in for a connected Dask client: records the keys submitted."""
+
+    status = "running"
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+
+    def submit(self, _function: Any, _settings: Any, _job_id: int, **options: Any) -> Any:
+        self.keys.append(options["key"])
+        return _Pending()
+
+
+class _Pending:
+    def done(self) -> bool:
+        return False
+
+
+@pytest.fixture
+def seeded(seed_archive: Callable[[int, Mapping[str, str]], Settings]) -> Settings:
+    return seed_archive(VCS_OBS, {"carol": "dispatcher-test-key"})
+
+
+@pytest.fixture
+def factory(seeded: Settings) -> Any:
+    engine = make_engine(seeded.resolved_database_url)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def queue_job(
+    factory: sessionmaker[Session], settings: Settings, job_type: JobType, form: dict[str, str]
+) -> int:
+    with factory() as session:
+        job = submit_job(session, settings, 1, job_type, form)
+        session.commit()
+        return job.id
+
+
+def job_state(factory: sessionmaker[Session], job_id: int) -> str:
+    with factory() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job.state
+
+
+def test_only_one_dispatcher_per_database_submits_jobs(
+    seeded: Settings, factory: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    job_id = queue_job(factory, seeded, JobType.DOWNLOAD_VISIBILITIES,
+                       {"obs_id": str(CORR_OBS), "download_type": "vis"})  # fmt: skip
+    first, second = Dispatcher(seeded, factory), Dispatcher(seeded, factory)
+    first._client, second._client = RecordingClient(), RecordingClient()
+    try:
+        first.tick()
+        with caplog.at_level(logging.WARNING, logger="observatory.asvo.dispatcher"):
+            second.tick()
+            second.tick()
+        assert first._client.keys == [job_task_key(job_id)]
+        assert second._client.keys == [] and second.standby
+        waiting = [r for r in caplog.records if "another dispatcher holds" in r.getMessage()]
+        assert len(waiting) == 1  # said once, clearly
+        # The first one stops (its process ends): the second takes over, under the same key,
+        # so a Dask task still running from the first is the one it waits for.
+        first.lock.release()
+        second.tick()
+        assert second._client.keys == [job_task_key(job_id)] and not second.standby
+    finally:
+        first.lock.release()
+        second.lock.release()
+
+
+def test_two_runs_of_one_job_at_once_complete_it_once(
+    seeded: Settings, factory: sessionmaker[Session]
+) -> None:
+    # The old task of a restarted runner keeps running on its worker while the new
+    # runner's task starts: before, each deleted the other's work files and both failed.
+    with factory() as session:
+        ra_deg, dec_deg = _zenith_radec_deg(BIG_OBS + 8.0)
+        simulate_and_register(
+            session, seeded, obsid=BIG_OBS, sources=[PointSource(ra_deg, dec_deg, 20.0)],
+            n_tiles=48, coarse_chans=(133, 134, 135, 136), n_timesteps=16,
+        )  # fmt: skip
+        session.commit()
+    job_id = queue_job(factory, seeded, JobType.CONVERSION, {"obs_id": str(BIG_OBS)})
+    values = seeded.model_dump()
+    results: dict[str, str | BaseException] = {}
+
+    def run(name: str) -> None:
+        try:
+            results[name] = run_job(values, job_id)
+        except BaseException as exc:  # reported below
+            results[name] = exc
+
+    old = threading.Thread(target=run, args=("old",))
+    old.start()
+    wait_until(lambda: job_state(factory, job_id) == "preprocessing" or not old.is_alive(),
+               120, "the first run to preprocess")  # fmt: skip
+    new = threading.Thread(target=run, args=("new",))
+    new.start()
+    old.join(300)
+    new.join(300)
+    assert results == {"old": "completed", "new": "completed"}
+    with factory() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.state == "completed" and job.error_text is None
+        (product,) = job.product["files"] if job.product else [None]
+    assert [p.name for p in (seeded.products_dir / str(job_id)).iterdir()] == [product["name"]]
+    assert not (seeded.work_dir / str(job_id)).exists()
+
+
+def test_an_outage_is_logged_once_and_retried_with_back_off(
+    seeded: Settings, factory: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A database that cannot be reached (its directory does not exist).
+    broken = make_engine(f"sqlite:///{seeded.data_dir / 'gone' / 'x.sqlite3'}")
+    (seeded.data_dir / "gone").rmdir()
+    dispatcher = Dispatcher(seeded, make_session_factory(broken), poll_s=0.2, max_backoff_s=30)
+    dispatcher._client = RecordingClient()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="observatory.asvo.dispatcher"):
+            delays = [dispatcher.tick() for _ in range(25)]
+            dispatcher.session_factory = factory  # the database is back
+            recovered = dispatcher.tick()
+    finally:
+        dispatcher.lock.release()
+        broken.dispose()
+    assert delays == sorted(delays) and delays[0] > 0.2 and max(delays) == 30
+    assert recovered == 0.2
+    loud = [
+        r
+        for r in caplog.records
+        if r.name == "observatory.asvo.dispatcher" and r.levelno >= logging.INFO
+    ]
+    assert [(r.levelname, r.exc_info is not None) for r in loud] == [
+        ("ERROR", True),  # the outage starts: one line, one traceback
+        ("WARNING", False),  # and ends
+    ]
+    assert "recovered after 25 failed steps" in loud[1].getMessage()
+
+
+def test_readiness_names_a_scheduler_without_workers(tmp_path: Path) -> None:
+    from distributed import LocalCluster
+
+    cluster = LocalCluster(
+        processes=False, n_workers=0, dashboard_address=None,
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+    )  # fmt: skip
+    settings = Settings(data_dir=tmp_path / "data", dask_scheduler=cluster.scheduler_address)
+    dispatcher = Dispatcher(settings, make_session_factory(make_engine("sqlite://")))
+    try:
+        assert dispatcher.dask_status().startswith("unreachable")  # not connected yet
+        dispatcher._connect()
+        assert dispatcher.dask_status().startswith("no workers")
+        cluster.scale(1)
+        dispatcher.client.wait_for_workers(1, timeout=60)
+        assert dispatcher.dask_status() == "ok"
+    finally:
+        if dispatcher.client is not None:
+            dispatcher.client.close()
+        cluster.close()
+
+
+def _scheduler(port: int, log: Path) -> Process:
+    return Process([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                    "--no-dashboard"], log)  # fmt: skip
+
+
+def _worker(address: str, log: Path) -> Process:
+    return Process([str(BIN / "dask"), "worker", address, "--host", "127.0.0.1",
+                    "--nthreads", "1", "--no-dashboard"], log)  # fmt: skip
+
+
+def test_the_dispatcher_reconnects_after_a_long_scheduler_outage(
+    seeded: Settings, factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    processes = [
+        _scheduler(port, tmp_path / "scheduler1.log"),
+        _worker(address, tmp_path / "w1.log"),
+    ]
+    settings = seeded.model_copy(update={"dask_scheduler": address})
+    # A client gives up on a lost scheduler after its timeout (30 s by default; 2 s here).
+    dispatcher = Dispatcher(settings, factory, max_backoff_s=1, dask_connect_timeout_s=2)
+    try:
+        dispatcher.start()
+        wait_until(lambda: dispatcher.client is not None and dispatcher.client.status == "running",
+                   60, "the dispatcher to connect")  # fmt: skip
+        first_client = dispatcher.client
+        for process in processes:
+            process.kill(signal.SIGKILL)
+            process.stop()
+        wait_until(lambda: first_client.status == "closed", 60, "the client to give up")
+        processes = [_scheduler(port, tmp_path / "scheduler2.log"),
+                     _worker(address, tmp_path / "w2.log")]  # fmt: skip
+        job_id = queue_job(factory, settings, JobType.DOWNLOAD_VISIBILITIES,
+                           {"obs_id": str(CORR_OBS), "download_type": "vis"})  # fmt: skip
+        wait_until(
+            lambda: job_state(factory, job_id) == "completed", 180, "the job after the outage"
+        )
+        assert dispatcher.client is not first_client and dispatcher.client.status == "running"
+    finally:
+        dispatcher.stop()
+        for process in processes:
+            process.stop()
