@@ -8,11 +8,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from rich.console import Console
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from observatory.core.config import Settings, get_settings
-from observatory.core.database import make_engine, make_session_factory, session_scope
+from observatory.core.database import (
+    MAX_SQL_ID,
+    MAX_SQL_INTEGER,
+    describe_database_error,
+    make_engine,
+    make_session_factory,
+    mask_url,
+    session_scope,
+)
 from observatory.core.errors import ServiceError
 from observatory.core.migrate import upgrade
 from observatory.telescope.simulator import PointSource
@@ -36,7 +46,9 @@ def _session_factory(settings: Settings) -> sessionmaker[Session]:
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     settings = _settings(args)
     upgrade(settings.resolved_database_url)
-    console.print(f"database at {settings.resolved_database_url} is up to date")
+    console.print(
+        f"database at {mask_url(settings.resolved_database_url)} is up to date", highlight=False
+    )
     return 0
 
 
@@ -249,10 +261,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     upgrade(settings.resolved_database_url)
+    _warn_if_no_data_dir(settings)
     _run_server(
         create_app(_serving(settings, args), run_jobs=True), args, log_format=settings.log_format
     )
     return 0
+
+
+def _warn_if_no_data_dir(settings: Settings) -> None:
+    """Say so at start when the data directory is missing (an unmounted share), naming it.
+
+    Serving does not create it (``demo`` does; with the default SQLite database the
+    migration has), and ``/readyz`` answers 503 naming it until it is there.
+    """
+    path = settings.data_dir.absolute()
+    if not path.is_dir():
+        err_console.print(
+            f"[yellow]warning:[/yellow] data directory {path} does not exist (is the shared "
+            "file system mounted?); /readyz reports not ready until it does",
+            highlight=False,
+        )
 
 
 def _serving(settings: Settings, args: argparse.Namespace) -> Settings:
@@ -260,6 +288,13 @@ def _serving(settings: Settings, args: argparse.Namespace) -> Settings:
     return (
         settings.model_copy(update={"telescope_runner": False}) if args.no_telescope else settings
     )
+
+
+#: Seconds ``serve``/``demo`` wait for running requests after SIGTERM (uvicorn
+#: ``--timeout-graceful-shutdown``, as deploy/observatory-web@.service).
+GRACEFUL_SHUTDOWN_S = 30
+#: Seconds after that for the app's own shutdown before the process exits regardless.
+SHUTDOWN_MARGIN_S = 15
 
 
 def _run_server(app: object, args: argparse.Namespace, log_format: str = "text") -> None:
@@ -277,15 +312,61 @@ def _run_server(app: object, args: argparse.Namespace, log_format: str = "text")
         from observatory.core.observability import json_log_config
 
         log_options = {"log_config": json_log_config(), "access_log": False}
-    uvicorn.run(
+    config = uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=args.host,
         port=args.port,
         log_level="info",
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
+        # On SIGTERM, requests still running after this long are cancelled (as in the web
+        # workers' unit): one hung on the database must not keep the process alive.
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         **log_options,
     )
+    server = _server_with_exit_deadline(config)
+    server.run()
+    if not server.started:
+        raise SystemExit(3)  # as uvicorn.run: it could not start (the port is taken, ...)
+
+
+def _server_with_exit_deadline(config: Any) -> Any:
+    """A uvicorn server that, once told to stop, exits at the latest after a deadline.
+
+    uvicorn's graceful-shutdown timeout cancels request tasks, but a handler running in a
+    thread (a query on a database that stopped answering) cannot be cancelled, and the
+    job runner's shutdown (dispatcher, callbacks) may wait on the same database. So the
+    first SIGTERM/SIGINT also starts a timer: ``GRACEFUL_SHUTDOWN_S + SHUTDOWN_MARGIN_S``
+    seconds later the process exits (status 1), logging why.
+    """
+    import threading
+
+    import uvicorn
+
+    class DeadlineServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not self.should_exit:
+                deadline = GRACEFUL_SHUTDOWN_S + SHUTDOWN_MARGIN_S
+                timer = threading.Timer(deadline, _exit_after_deadline, args=(deadline,))
+                timer.daemon = True
+                timer.start()
+            super().handle_exit(sig, frame)
+
+    return DeadlineServer(config)
+
+
+def _exit_after_deadline(deadline_s: float) -> None:
+    import logging
+    import os
+
+    logging.getLogger("observatory.cli").error(
+        "shutdown did not finish within %g s of the stop signal (a request or background task "
+        "is stuck, e.g. on the database): exiting now",
+        deadline_s,
+    )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -318,6 +399,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     _run_server(create_app(_serving(settings, args), run_jobs=True), args)
     return 0
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high`` (what the database holds)."""
+
+    def parse(text: str) -> int:
+        try:
+            number = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"{text} is out of range ({low} .. {high})")
+        return number
+
+    return parse
 
 
 def _comma_ints(text: str) -> list[int]:
@@ -408,7 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
         "create", cmd_projects_create, "create an observing project", project_commands
     )
     create_project.add_argument("id")
-    create_project.add_argument("--priority", type=int, required=True)
+    create_project.add_argument(
+        "--priority", type=_int_in(-MAX_SQL_ID - 1, MAX_SQL_ID), required=True
+    )
     create_project.add_argument("--secure-key")
     create_project.add_argument("--description", default="")
 
@@ -423,7 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
         simulate_commands,
     )
     observation.add_argument(
-        "--obsid", type=int, required=True, help="GPS start second (a multiple of 8)"
+        "--obsid",
+        type=_int_in(0, MAX_SQL_INTEGER),
+        required=True,
+        help="GPS start second (a multiple of 8)",
     )
     observation.add_argument("--tiles", type=int, default=8)
     observation.add_argument(
@@ -495,10 +596,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     ensure_astropy_offline()
     try:
         return int(args.handler(args))
-    except (ServiceError, ValueError, FileNotFoundError, UnknownSourceError) as exc:
-        message = exc.message if isinstance(exc, ServiceError) else str(exc)
-        err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    except (
+        ServiceError, ValueError, FileNotFoundError, UnknownSourceError, SQLAlchemyError,
+        OverflowError,
+    ) as exc:  # fmt: skip
+        err_console.print(f"[red]error:[/red] {_one_line(exc, args)}", highlight=False)
         return 2
+
+
+def _one_line(exc: BaseException, args: argparse.Namespace) -> str:
+    """What went wrong, in one line for the operator (no traceback, no password)."""
+    if isinstance(exc, ServiceError):
+        return exc.message
+    if isinstance(exc, ValidationError) and exc.title == Settings.__name__:
+        problems = "; ".join(
+            f"{_setting_name(error['loc'])}: {error['msg']}{_given(error)}"
+            for error in exc.errors()
+        )
+        return f"invalid settings: {problems}"
+    if isinstance(exc, SQLAlchemyError):
+        try:
+            url = _settings(args).resolved_database_url
+        except Exception:
+            url = "the database"
+        return describe_database_error(exc, url) or str(exc).splitlines()[0]
+    return str(exc) or exc.__class__.__name__
+
+
+def _given(error: Any) -> str:
+    """`` (got 'Full')``: the value given, unless it may hold a secret."""
+    name = str(error["loc"][0]) if error["loc"] else ""
+    if "secret" in name or "url" in name or "key" in name:
+        return ""
+    return f" (got {error['input']!r})"
+
+
+def _setting_name(loc: tuple[int | str, ...]) -> str:
+    """``OBSERVATORY_ASVO_OUTAGE`` for a pydantic error location ``("asvo_outage",)``."""
+    name = str(loc[0]) if loc else "?"
+    return f"OBSERVATORY_{name.upper()} (or {name} in the OBSERVATORY_CONFIG file)"
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def app(settings: Settings) -> FastAPI:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     return create_app(settings)
 
 
@@ -249,14 +250,20 @@ def test_serve_uses_json_logs_when_asked(tmp_path: Path, monkeypatch: pytest.Mon
 
     from observatory import cli
 
-    seen: dict[str, Any] = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(kwargs))
+    seen: list[uvicorn.Config] = []
+
+    def run(server: uvicorn.Server) -> None:
+        seen.append(server.config)
+        server.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
     serve = ["--data-dir", str(tmp_path / "d"), "serve", "--port", "1", "--no-telescope"]
     assert cli.main(serve) == 0
-    assert "log_config" not in seen and "access_log" not in seen  # text: uvicorn's own
+    assert seen[-1].log_config == uvicorn.config.LOGGING_CONFIG  # text: uvicorn's own
+    assert seen[-1].access_log is True
     monkeypatch.setenv("OBSERVATORY_LOG_FORMAT", "json")
     assert cli.main(serve) == 0
-    assert seen["log_config"] == json_log_config() and seen["access_log"] is False
+    assert seen[-1].log_config == json_log_config() and seen[-1].access_log is False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,16 +273,23 @@ def test_serve_uses_json_logs_when_asked(tmp_path: Path, monkeypatch: pytest.Mon
 def test_readyz_without_jobs(client: TestClient) -> None:
     reply = client.get("/readyz")
     assert reply.status_code == 200
-    assert reply.json() == {"status": "ready", "database": "ok", "dask": "not used"}
+    assert reply.json() == {
+        "status": "ready",
+        "database": "ok",
+        "dask": "not used",
+        "data_dir": "ok",
+    }
 
 
 def test_readyz_names_an_unreachable_database(
-    app: FastAPI, client: TestClient, monkeypatch: pytest.MonkeyPatch
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from observatory.core import observability
+
     def refuse(*_args: object, **_kwargs: object) -> None:
         raise OSError("database host unreachable")
 
-    monkeypatch.setattr(app.state.engine, "connect", refuse)
+    monkeypatch.setattr(observability, "_database_state", refuse)
     reply = client.get("/readyz")
     assert reply.status_code == 503
     body = reply.json()
@@ -293,10 +307,11 @@ def test_readyz_names_an_unreachable_scheduler(app: FastAPI, client: TestClient)
 
 def test_readyz_and_metrics_with_the_dispatcher(settings: Settings) -> None:
     serving = settings.model_copy(update={"telescope_runner": False})
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     with TestClient(create_app(serving, run_jobs=True)) as client:
         reply = client.get("/readyz")
         assert reply.status_code == 200, reply.text
-        assert reply.json() == {"status": "ready", "database": "ok", "dask": "ok"}
+        assert reply.json() == {"status": "ready", "database": "ok", "dask": "ok", "data_dir": "ok"}
         samples = scrape(client)
         assert value(samples, "observatory_dispatcher_tasks", kind="asvo_job") == 0
         assert value(samples, "observatory_calibration_fits_stored_total") == 0

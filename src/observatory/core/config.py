@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tomllib
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,11 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+
+class ConfigFileError(ValueError):
+    """The file named by ``OBSERVATORY_CONFIG`` cannot be read as settings."""
+
 
 #: Signing keys read from data directories, by path.
 _KEY_CACHE: dict[Path, bytes] = {}
@@ -44,7 +50,8 @@ class Settings(BaseSettings):
         default_factory=lambda: {"mantaray-clientv": "1.2", "giant-squidv": "2.0.0"}
     )
     #: ``none``, ``partial`` (no acacia delivery) or ``full`` (no submissions): the real messages.
-    asvo_outage: str = "none"
+    #: Anything else is refused at start (a typo must not mean "no outage").
+    asvo_outage: Literal["none", "partial", "full"] = "none"
     #: Jobs a user may have queued or running at once.
     asvo_max_active_jobs: int = 100
     #: Days a product stays downloadable.
@@ -98,7 +105,12 @@ class Settings(BaseSettings):
                 raise FileNotFoundError(
                     f"OBSERVATORY_CONFIG names {toml_path}, which does not exist"
                 )
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+            try:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigFileError(
+                    f"config file {toml_path} (OBSERVATORY_CONFIG) is not valid TOML: {exc}"
+                ) from None
         return tuple(sources)
 
     @property
@@ -123,7 +135,9 @@ class Settings(BaseSettings):
     @staticmethod
     def _read_or_create_key(path: Path) -> bytes:
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            # The data directory, but never its parents: a data directory on a share that is
+            # not mounted must not grow on the local disk below the mount point.
+            path.parent.mkdir(exist_ok=True)
             # O_EXCL: two processes starting at once must not write two different keys.
             try:
                 descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

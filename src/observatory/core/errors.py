@@ -8,12 +8,17 @@ the MWA ASVO clients expect; other services use it too so there is one shape. A 
 from __future__ import annotations
 
 import html
+import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from observatory.core.observability import current_request_id
+
+log = logging.getLogger(__name__)
 
 
 class ServiceError(Exception):
@@ -142,8 +147,64 @@ class RefuseNulParameters:
         await JSONResponse(error_body(message, 1), status_code=400)(scope, receive, send)
 
 
+class CatchUnhandledErrors:
+    """ASGI middleware: an exception no handler took is logged and answered 500 in the one shape.
+
+    Without it Starlette's outermost middleware answers ``text/plain`` "Internal Server
+    Error" and uvicorn logs the traceback after the request's context has ended, so the
+    line has no request id. Installed inside the request-id middleware, this logs the
+    traceback (logger ``observatory.core.errors``) with the request's id and answers
+    ``{"error": ..., "error_code": 500}`` naming the id (a page for browsers). When the
+    response had already started, the error is logged and re-raised: the server then
+    drops the connection, the only honest end of a half-sent body.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:
+            request_id = current_request_id()
+            log.exception(
+                "unhandled error answering %s %s",
+                scope.get("method"),
+                scope.get("path"),
+                extra={"method": scope.get("method"), "path": scope.get("path")},
+            )
+            if started:
+                raise
+            message = "internal server error" + (
+                f" (request id {request_id})" if request_id else ""
+            )
+            response: Response
+            if _wants_html(Request(scope)):
+                response = _error_page(message, 500)
+            else:
+                response = JSONResponse(error_body(message, 500), status_code=500)
+            await response(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Make every error reply of ``app`` JSON in the one shape (a page for browsers)."""
+    """Make every error reply of ``app`` JSON in the one shape (a page for browsers).
+
+    Call it before :func:`~observatory.core.observability.install_observability`, so that
+    unhandled errors are caught inside the request-id middleware (their log line and
+    reply carry the request's id).
+    """
+    app.add_middleware(CatchUnhandledErrors)
     app.add_middleware(RefuseNulParameters)
 
     @app.exception_handler(ServiceError)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from functools import cache
+
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy.engine import Engine
+from alembic.util.exc import CommandError
+from sqlalchemy.engine import Connection, Engine
 
-from observatory.core.database import make_engine
+from observatory.core.database import make_engine, mask_url
 
 
 def alembic_config(database_url: str) -> Config:
@@ -21,23 +24,47 @@ def alembic_config(database_url: str) -> Config:
 
 
 def upgrade(database_url: str, revision: str = "head") -> None:
-    """Bring the database at ``database_url`` up to ``revision`` (creating it if empty)."""
+    """Bring the database at ``database_url`` up to ``revision`` (creating it if empty).
+
+    Raises
+    ------
+    UnknownRevisionError
+        When the database is at a revision this version does not ship (a newer version
+        migrated it, or it belongs to something else).
+    """
     engine = make_engine(database_url)
     try:
         with engine.begin() as connection:
             config = alembic_config(database_url)
             config.attributes["connection"] = connection
-            command.upgrade(config, revision)
+            try:
+                command.upgrade(config, revision)
+            except CommandError as exc:
+                raise UnknownRevisionError(
+                    f"cannot migrate the database at {mask_url(database_url)}: {exc} (this "
+                    f"version's newest revision is {head_revision()}; was the database "
+                    "migrated by a newer version of observatory-services?)"
+                ) from None
     finally:
         engine.dispose()
+
+
+class UnknownRevisionError(ValueError):
+    """The database is at a migration revision this version does not know."""
 
 
 def current_revision(engine: Engine) -> str | None:
     """The revision the database is at (None for an empty database)."""
     with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+        return current_revision_on(connection)
 
 
+def current_revision_on(connection: Connection) -> str | None:
+    """The revision of the database ``connection`` is on (None for an empty database)."""
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+@cache
 def head_revision() -> str | None:
     """The newest revision shipped with the package."""
     return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()

@@ -10,7 +10,8 @@ Everything here is wired into an app by :func:`install_observability`:
 - ``GET /metrics``: the app's own :class:`~prometheus_client.CollectorRegistry`
   (never the global one, so several apps in one process do not clash), including
   gauges read from the database at scrape time (:class:`DatabaseCollector`);
-- ``GET /readyz``: readiness (database, and the Dask scheduler when this app runs jobs).
+- ``GET /readyz``: readiness (the database at the newest schema revision, the data
+  directory, and the Dask scheduler when this app runs jobs), bounded in time.
 
 The JSON log format (:class:`JsonFormatter`, :func:`json_log_config`) is chosen
 with ``OBSERVATORY_LOG_FORMAT=json``.
@@ -20,13 +21,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -44,6 +49,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from sqlalchemy import Boolean, Engine, column, func, select, table
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from observatory.core.database import make_probe_engine
+from observatory.core.migrate import current_revision_on, head_revision
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("observatory.access")
@@ -324,12 +332,94 @@ class RequestContextMiddleware:
 # Readiness
 
 
-def check_readiness(
-    engine: Engine, dispatcher: Any, dask_timeout_s: float = 2.0
-) -> tuple[bool, dict[str, str]]:
-    """Whether the app can serve: its database answers, and its Dask scheduler if it runs jobs.
+#: Seconds readiness waits for the database (a fresh connection, the schema revision).
+DATABASE_CHECK_TIMEOUT_S = 5.0
+#: Database checks still running, by engine: one at a time, so a database that hangs holds
+#: one thread, not one per probe.
+_RUNNING_CHECKS: weakref.WeakKeyDictionary[Engine, threading.Thread] = weakref.WeakKeyDictionary()
+_RUNNING_CHECKS_LOCK = threading.Lock()
+_PROBE_ENGINES: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
 
-    Blocking (a database round trip, a scheduler round trip): call it off the event loop.
+
+def _probe_engine(engine: Engine, timeout_s: float) -> Engine:
+    with _RUNNING_CHECKS_LOCK:
+        probe = _PROBE_ENGINES.get(engine)
+        if probe is None:
+            probe = _PROBE_ENGINES[engine] = make_probe_engine(engine, timeout_s)
+        return probe
+
+
+def _database_state(engine: Engine, timeout_s: float) -> str:
+    """``ok``, or why not: the database answers and its schema is at the newest revision.
+
+    A fresh connection (never a pooled one, whose pre-ping of a hung server never returns),
+    with PostgreSQL's ``statement_timeout`` on the queries (a migration holding a lock).
+    """
+    probe = _probe_engine(engine, timeout_s)
+    with probe.connect() as connection:
+        if probe.dialect.name == "postgresql":
+            connection.exec_driver_sql(f"SET LOCAL statement_timeout = {int(timeout_s * 1000)}")
+        revision = current_revision_on(connection)
+        connection.rollback()
+    head = head_revision()
+    if revision != head:
+        return (
+            f"not migrated (at revision {revision or 'none: empty'}, this version needs "
+            f"{head}: run observatory db upgrade)"
+        )
+    return "ok"
+
+
+def _bounded_database_state(engine: Engine, timeout_s: float) -> str:
+    """:func:`_database_state`, waited for at most ``timeout_s`` (in a daemon thread)."""
+    result: list[str] = []
+
+    def run() -> None:
+        try:
+            result.append(_database_state(engine, timeout_s))
+        except Exception as exc:
+            log.warning("readiness: database unreachable", exc_info=True)
+            result.append(f"unreachable ({exc.__class__.__name__})")
+
+    with _RUNNING_CHECKS_LOCK:
+        running = _RUNNING_CHECKS.get(engine)
+        if running is not None and running.is_alive():
+            log.warning("readiness: the previous database check is still waiting for an answer")
+            return f"unreachable (no answer within {timeout_s:g} s)"
+        thread = threading.Thread(target=run, name="observatory-readiness-db", daemon=True)
+        _RUNNING_CHECKS[engine] = thread
+        thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive() or not result:
+        log.warning("readiness: the database did not answer within %g s", timeout_s)
+        return f"unreachable (no answer within {timeout_s:g} s)"
+    return result[0]
+
+
+def data_dir_state(data_dir: Path) -> str:
+    """``ok``, or why the data directory cannot be used (naming it)."""
+    path = data_dir.absolute()
+    if not path.is_dir():
+        return f"missing: {path} (is the shared file system mounted?)"
+    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        return f"not writable: {path}"
+    return "ok"
+
+
+def check_readiness(
+    engine: Engine,
+    dispatcher: Any,
+    dask_timeout_s: float = 2.0,
+    *,
+    data_dir: Path | None = None,
+    database_timeout_s: float = DATABASE_CHECK_TIMEOUT_S,
+) -> tuple[bool, dict[str, str]]:
+    """Whether the app can serve: its database answers with the newest schema, its data
+    directory is there, and its Dask scheduler answers if it runs jobs.
+
+    Blocking (a database round trip, a scheduler round trip), but bounded: the database
+    check is given ``database_timeout_s``, the scheduler ``dask_timeout_s``. Call it off
+    the event loop.
 
     Returns
     -------
@@ -337,23 +427,21 @@ def check_readiness(
         ``(ready, body)``; ``body`` names each part ``ok``, ``not used`` or what failed.
     """
     body = {"status": "ready", "database": "ok", "dask": "not used"}
-    try:
-        with engine.connect() as connection:
-            connection.exec_driver_sql("SELECT 1")
-    except Exception as exc:
-        log.warning("readiness: database unreachable", exc_info=True)
-        body["database"] = f"unreachable ({exc.__class__.__name__})"
+    body["database"] = _bounded_database_state(engine, database_timeout_s)
+    if data_dir is not None:
+        body["data_dir"] = data_dir_state(data_dir)
+        if body["data_dir"] != "ok":
+            log.warning("readiness: data directory %s", body["data_dir"])
     if dispatcher is not None:
-        client = getattr(dispatcher, "client", None)
-        try:
-            if client is None or client.status != "running":
-                raise ConnectionError(f"client {getattr(client, 'status', 'not started')}")
-            client.sync(client.scheduler.identity, n_workers=0, callback_timeout=dask_timeout_s)
-            body["dask"] = "ok"
-        except Exception as exc:
-            log.warning("readiness: Dask scheduler unreachable", exc_info=True)
-            body["dask"] = f"unreachable ({exc.__class__.__name__})"
-    failing = [part for part in ("database", "dask") if body[part] not in ("ok", "not used")]
+        # Reachable is not enough: a scheduler without workers leaves every job queued.
+        body["dask"] = dispatcher.dask_status(dask_timeout_s)
+        if body["dask"] != "ok":
+            log.warning("readiness: Dask %s", body["dask"])
+    failing = [
+        part
+        for part in ("database", "data_dir", "dask")
+        if body.get(part, "ok") not in ("ok", "not used")
+    ]
     if failing:
         body["status"] = "not ready: " + ", ".join(failing)
     return not failing, body
@@ -385,9 +473,17 @@ def install_observability(app: FastAPI, job_states: Sequence[str] = ()) -> Metri
         responses={503: {"description": "not ready; the failing part is named"}},
     )
     async def readyz(request: Request) -> JSONResponse:
-        """Readiness: the database answers, and the Dask scheduler when this app runs jobs."""
+        """Readiness: the database answers (within 5 s) at the schema revision this version
+        needs, the data directory is there, and the Dask scheduler answers when this app
+        runs jobs."""
         state = request.app.state
-        ready, body = await run_in_threadpool(check_readiness, state.engine, state.dispatcher)
+        settings = getattr(state, "settings", None)
+        ready, body = await run_in_threadpool(
+            check_readiness,
+            state.engine,
+            state.dispatcher,
+            data_dir=settings.data_dir if settings is not None else None,
+        )
         return JSONResponse(body, status_code=200 if ready else 503)
 
     return metrics

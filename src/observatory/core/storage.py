@@ -14,7 +14,7 @@ import posixpath
 import secrets
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
 
@@ -50,6 +50,9 @@ def clean_key(key: str) -> str:
 class Storage:
     """Files under a root, on the local disk (default) or any fsspec filesystem.
 
+    A local root is created if its parent directory exists; a missing parent is not
+    created until something is written.
+
     Parameters
     ----------
     root
@@ -64,7 +67,12 @@ class Storage:
         self.fs = fsspec.filesystem(protocol, **storage_options)
         if isinstance(self.fs, LocalFileSystem):
             local_root = Path(fsspec.utils.stringify_path(root_text).removeprefix("file://"))
-            local_root.mkdir(parents=True, exist_ok=True)
+            # The root, but not its missing parents: the root is usually DATA_DIR/archive,
+            # and a data directory on a share that is not mounted must not be made on the
+            # local disk below the mount point (readiness reports it missing instead).
+            # Writes still make what they need.
+            with suppress(FileNotFoundError):
+                local_root.mkdir(exist_ok=True)
             self.root = str(local_root.resolve())
         else:
             self.root = self.fs._strip_protocol(root_text).rstrip("/")
