@@ -10,7 +10,6 @@ import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -298,7 +297,10 @@ def test_readyz_names_an_unreachable_database(
 
 
 def test_readyz_names_an_unreachable_scheduler(app: FastAPI, client: TestClient) -> None:
-    app.state.dispatcher = SimpleNamespace(client=None, futures={}, calibration_futures={})
+    from observatory.asvo.dispatcher import Dispatcher
+
+    # A job runner whose dispatcher has not (or no longer) a scheduler connection.
+    app.state.dispatcher = Dispatcher(app.state.settings, app.state.session_factory)
     reply = client.get("/readyz")
     assert reply.status_code == 503
     assert reply.json()["dask"].startswith("unreachable") and reply.json()["database"] == "ok"
