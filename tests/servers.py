@@ -12,7 +12,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,38 @@ class Process:
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def dask_scheduler(port: int, log: Path) -> Process:
+    """A real ``dask scheduler`` on 127.0.0.1:``port`` (no dashboard)."""
+    return Process([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                    "--no-dashboard"], log)  # fmt: skip
+
+
+def dask_worker(
+    address: str, log: Path, env: dict[str, str] | None = None, name: str | None = None
+) -> Process:
+    """A real one-thread ``dask worker`` of the scheduler at ``address``."""
+    named = ["--name", name] if name is not None else []
+    return Process([str(BIN / "dask"), "worker", address, "--host", "127.0.0.1",
+                    "--nthreads", "1", "--no-dashboard", *named], log, env)  # fmt: skip
+
+
+@contextmanager
+def threaded_app_server(app: Any) -> Iterator[str]:
+    """``app`` served by uvicorn on 127.0.0.1 in a thread of this process; yields its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 60, "the server to start")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
 
 
 def wait_for(url: str, timeout_s: float = 60, verify: bool | str = True) -> None:

@@ -26,7 +26,7 @@ from observatory.asvo.service import submit_job
 from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory
 from observatory.telescope.simulator import PointSource, _zenith_radec_deg
-from servers import Process, free_port, wait_until
+from servers import dask_scheduler, dask_worker, free_port, wait_until
 
 CORR_OBS = 1320409688  # the real MWAX mini file (seed_archive)
 VCS_OBS = 1320416040
@@ -197,24 +197,14 @@ def test_readiness_names_a_scheduler_without_workers(tmp_path: Path) -> None:
         cluster.close()
 
 
-def _scheduler(port: int, log: Path) -> Process:
-    return Process([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                    "--no-dashboard"], log)  # fmt: skip
-
-
-def _worker(address: str, log: Path) -> Process:
-    return Process([str(BIN / "dask"), "worker", address, "--host", "127.0.0.1",
-                    "--nthreads", "1", "--no-dashboard"], log)  # fmt: skip
-
-
 def test_the_dispatcher_reconnects_after_a_long_scheduler_outage(
     seeded: Settings, factory: sessionmaker[Session], tmp_path: Path
 ) -> None:
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     processes = [
-        _scheduler(port, tmp_path / "scheduler1.log"),
-        _worker(address, tmp_path / "w1.log"),
+        dask_scheduler(port, tmp_path / "scheduler1.log"),
+        dask_worker(address, tmp_path / "w1.log"),
     ]
     settings = seeded.model_copy(update={"dask_scheduler": address})
     # A client gives up on a lost scheduler after its timeout (30 s by default; 2 s here).
@@ -228,8 +218,8 @@ def test_the_dispatcher_reconnects_after_a_long_scheduler_outage(
             process.kill(signal.SIGKILL)
             process.stop()
         wait_until(lambda: first_client.status == "closed", 60, "the client to give up")
-        processes = [_scheduler(port, tmp_path / "scheduler2.log"),
-                     _worker(address, tmp_path / "w2.log")]  # fmt: skip
+        processes = [dask_scheduler(port, tmp_path / "scheduler2.log"),
+                     dask_worker(address, tmp_path / "w2.log")]  # fmt: skip
         job_id = queue_job(factory, settings, JobType.DOWNLOAD_VISIBILITIES,
                            {"obs_id": str(CORR_OBS), "download_type": "vis"})  # fmt: skip
         wait_until(

@@ -6,7 +6,6 @@ import hashlib
 import os
 import signal
 import ssl
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,8 @@ import pytest
 from observatory.core.config import Settings
 from servers import (
     Process,
+    dask_scheduler,
+    dask_worker,
     free_port,
     observatory_server,
     seed,
@@ -163,30 +164,13 @@ def test_cluster_mode_survives_a_killed_worker(tmp_path: Path, migrated_db_url: 
     seed(data_dir, migrated_db_url, [1320409688], tiles=48, api_key=API_KEY)
     scheduler_port, port = free_port(), free_port()
     scheduler_address = f"tcp://127.0.0.1:{scheduler_port}"
-    bin_dir = Path(sys.executable).parent
     env = {
         "OBSERVATORY_DATABASE_URL": migrated_db_url,
         "OBSERVATORY_DASK_SCHEDULER": scheduler_address,
     }
-    scheduler = Process([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(scheduler_port),
-                         "--no-dashboard"], tmp_path / "scheduler.log")  # fmt: skip
+    scheduler = dask_scheduler(scheduler_port, tmp_path / "scheduler.log")
     workers = [
-        Process(
-            [
-                str(bin_dir / "dask"),
-                "worker",
-                scheduler_address,
-                "--host",
-                "127.0.0.1",
-                "--nthreads",
-                "1",
-                "--no-dashboard",
-                "--name",
-                f"w{n}",
-            ],
-            tmp_path / f"worker{n}.log",
-            env,
-        )
+        dask_worker(scheduler_address, tmp_path / f"worker{n}.log", env, name=f"w{n}")
         for n in range(2)
     ]
     server = None
@@ -237,18 +221,15 @@ def test_cluster_mode_runs_a_job_once_across_a_second_runner_and_a_restart(
     seed(data_dir, migrated_db_url, [1320409688], tiles=48, api_key=API_KEY)
     scheduler_port, port, second_port = free_port(), free_port(), free_port()
     scheduler_address = f"tcp://127.0.0.1:{scheduler_port}"
-    bin_dir = Path(sys.executable).parent
     env = {
         "OBSERVATORY_DATABASE_URL": migrated_db_url,
         "OBSERVATORY_DASK_SCHEDULER": scheduler_address,
     }
-    scheduler = Process([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(scheduler_port),
-                         "--no-dashboard"], tmp_path / "scheduler.log")  # fmt: skip
+    scheduler = dask_scheduler(scheduler_port, tmp_path / "scheduler.log")
     workers = [
-        Process([str(bin_dir / "dask"), "worker", scheduler_address, "--host", "127.0.0.1",
-                 "--nthreads", "1", "--no-dashboard", "--name", f"w{n}"], tmp_path / f"worker{n}.log", env)
+        dask_worker(scheduler_address, tmp_path / f"worker{n}.log", env, name=f"w{n}")
         for n in range(2)
-    ]  # fmt: skip
+    ]
     servers: list[Process] = []
     try:
         with Client(scheduler_address, timeout=60) as dask_client:

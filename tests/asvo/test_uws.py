@@ -26,7 +26,7 @@ from observatory.asvo.models import Job, UwsJob
 from observatory.asvo.uws import PHASE_OF_STATE
 from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory
-from servers import free_port, wait_until
+from servers import threaded_app_server
 
 MWAX_OBS = "1320409688"
 LEGACY_OBS = "1131733552"
@@ -520,20 +520,8 @@ def test_the_schema_is_strict() -> None:
 @contextmanager
 def live_server(settings: Settings) -> Iterator[str]:
     """The app with its job dispatcher, served by uvicorn on 127.0.0.1 in a thread."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, run_jobs=True), host="127.0.0.1", port=port, log_level="warning")
-    )  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started, 60, "the server to start")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(60)
+    with threaded_app_server(create_app(settings, run_jobs=True)) as base:
+        yield base
 
 
 def test_pyvo_round_trip(app_settings: Settings) -> None:

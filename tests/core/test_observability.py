@@ -25,7 +25,6 @@ from observatory.core.accounts import create_user
 from observatory.core.config import Settings
 from observatory.core.observability import (
     JsonFormatter,
-    RequestIdFilter,
     json_log_config,
     request_id_var,
 )
@@ -43,22 +42,6 @@ def app(settings: Settings) -> FastAPI:
 def client(app: FastAPI) -> Iterator[TestClient]:
     with TestClient(app) as test_client:
         yield test_client
-
-
-@pytest.fixture
-def json_lines() -> Iterator[io.StringIO]:
-    """Everything logged (INFO and up) during the test, as the JSON formatter writes it."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    handler.addFilter(RequestIdFilter())
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    yield stream
-    root.removeHandler(handler)
-    root.setLevel(level)
 
 
 def scrape(client: TestClient) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import socket
 import threading
@@ -30,7 +29,7 @@ from observatory.app import create_app
 from observatory.core import observability
 from observatory.core.config import Settings
 from observatory.core.database import make_engine
-from observatory.core.observability import JsonFormatter, RequestIdFilter, check_readiness
+from observatory.core.observability import check_readiness
 from observatory.core.storage import Storage
 
 #: Long enough for anything bounded here; a hang is anything longer.
@@ -423,21 +422,6 @@ def test_a_value_the_database_refuses_is_described(migrated_db_url: str) -> None
 
 # ----------------------------------------------------------------------------------------------
 # 5. Unhandled errors: JSON 500 and a log line with the request id
-
-
-@pytest.fixture
-def json_lines() -> Iterator[io.StringIO]:
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    handler.addFilter(RequestIdFilter())
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    yield stream
-    root.removeHandler(handler)
-    root.setLevel(level)
 
 
 def test_an_unhandled_error_is_json_and_logged_with_the_request_id(

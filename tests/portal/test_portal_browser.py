@@ -20,7 +20,7 @@ import pytest
 
 from browser import browser_page, screenshot
 from observatory.core.config import Settings
-from servers import free_port, observatory_server, seed, wait_for, wait_until
+from servers import free_port, observatory_server, seed, threaded_app_server, wait_for
 
 OBSID = 1320409688
 PASSWORD = "portal-password-1"
@@ -149,22 +149,10 @@ def test_portal_in_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 @contextmanager
 def app_server(settings: Settings) -> Iterator[str]:
     """The app without its job dispatcher (jobs stay queued), by uvicorn in a thread."""
-    import uvicorn
-
     from observatory.app import create_app
 
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started, 60, "the server to start")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(60)
+    with threaded_app_server(create_app(settings)) as base:
+        yield base
 
 
 @contextmanager
