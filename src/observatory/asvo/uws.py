@@ -169,7 +169,8 @@ class ListFilter:
 
 
 def _utc(moment: datetime) -> datetime:
-    """``moment`` as an aware UTC time (SQLite gives naive UTC times back)."""
+    """``moment`` as an aware UTC time (naive taken as UTC): for times clients send; the
+    database's are aware UTC already (``UTCDateTime``)."""
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
@@ -365,7 +366,7 @@ def get_job(session: Session, user_id: int, job_id: str, url_for: service.UrlBui
         phase=Phase.UNKNOWN,
         owner=_owner(session, user_id),
         run_id=None if row is None else row.run_id,
-        created=_utc(row.created if row is not None else _asvo(job).created),
+        created=row.created if row is not None else _asvo(job).created,
     )
     if row is not None:
         view.parameters = dict(row.params)
@@ -377,15 +378,15 @@ def get_job(session: Session, user_id: int, job_id: str, url_for: service.UrlBui
     if job is None:
         assert row is not None
         view.phase = Phase(row.phase or Phase.UNKNOWN)
-        view.ended = None if row.ended is None else _utc(row.ended)
+        view.ended = row.ended
         view.error = row.error_text if view.phase == Phase.ERROR else None
         return view
     view.phase = PHASE_OF_STATE.get(job.state, Phase.UNKNOWN)
     view.asvo_job_id, view.asvo_state = job.id, job.state
-    view.started = None if job.started is None else _utc(job.started)
+    view.started = job.started
     if job.state in TERMINAL_STATES and job.completed is not None:
-        view.ended = _utc(job.completed)
-    view.destruction = None if job.expires_at is None else _utc(job.expires_at)
+        view.ended = job.completed
+    view.destruction = job.expires_at
     if view.phase == Phase.ERROR:
         view.error = job.error_text or "The job failed"
     view.results = _results(job, url_for)
@@ -433,7 +434,7 @@ def list_jobs(session: Session, user_id: int, filters: ListFilter) -> list[JobRe
             if row.asvo_job_id is None
             else PHASE_OF_STATE.get(state, Phase.UNKNOWN)
         )
-        refs.append(JobRef(f"u{row.id}", phase, owner, row.run_id, _utc(row.created)))
+        refs.append(JobRef(f"u{row.id}", phase, owner, row.run_id, row.created))
     query = select(Job.id, Job.state, Job.created).where(
         Job.user_id == user_id,
         Job.deleted.is_(False),
@@ -450,7 +451,7 @@ def list_jobs(session: Session, user_id: int, filters: ListFilter) -> list[JobRe
         query = query.order_by(Job.created.desc(), Job.id.desc()).limit(filters.last)
     for job_id, state, created in session.execute(query):
         phase = PHASE_OF_STATE.get(state, Phase.UNKNOWN)
-        refs.append(JobRef(str(job_id), phase, owner, None, _utc(created)))
+        refs.append(JobRef(str(job_id), phase, owner, None, created))
     refs = [ref for ref in refs if filters.accepts(ref)]
     refs.sort(key=lambda ref: ref.created, reverse=True)
     return refs if filters.last is None else refs[: filters.last]

@@ -988,7 +988,7 @@ def read_find_query(raw: Mapping[str, Any]) -> FindQuery:
                 raise ParameterError(
                     f"{name}: {value!r} is not an ISOT time (e.g. 2026-11-29T12:00:00)"
                 ) from None
-            filters[name] = when if when.tzinfo else when.replace(tzinfo=UTC)
+            filters[name] = when  # UTCDateTime takes naive as UTC, converts zones
         else:
             filters[name] = value
     page = int(as_number("page", raw["page"], integer=True)) if present(raw, "page") else 1
