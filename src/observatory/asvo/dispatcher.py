@@ -36,7 +36,7 @@ from observatory.asvo.pipeline import calibration_pending, remove_product, run_j
 from observatory.calib.models import CalibrationRequest
 from observatory.calib.pipeline import run_request
 from observatory.core.config import Settings
-from observatory.core.database import make_engine, utcnow
+from observatory.core.database import make_engine, mask_url, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class DispatcherLock:
     def description(self) -> str:
         """What is locked, for log lines."""
         if self._postgres:
-            return f"a PostgreSQL advisory lock on {make_url(self.database_url).render_as_string()}"
+            return f"a PostgreSQL advisory lock on {mask_url(self.database_url)}"
         return (
             f"the lock file {self._lock_path}"
             if self._lock_path

@@ -127,7 +127,7 @@ class DatabaseURLError(ValueError):
 def mask_url(database_url: str | URL) -> str:
     """The URL with its password replaced by ``***``: the only form a URL may be printed in."""
     try:
-        url = database_url if isinstance(database_url, URL) else make_url(database_url)
+        url = make_url(database_url)  # a URL is returned as it is
     except ArgumentError:
         # Not a URL at all: print nothing after a scheme's credentials.
         text = str(database_url)
@@ -139,7 +139,7 @@ def mask_url(database_url: str | URL) -> str:
 def where(database_url: str | URL) -> str:
     """Where a database is, for messages: ``host:port/db``, or a SQLite file's path."""
     try:
-        url = database_url if isinstance(database_url, URL) else make_url(database_url)
+        url = make_url(database_url)  # a URL is returned as it is
     except ArgumentError:
         return mask_url(database_url)
     if url.get_backend_name() == "sqlite":
@@ -150,7 +150,7 @@ def where(database_url: str | URL) -> str:
 
 def _parse_url(database_url: str | URL) -> URL:
     try:
-        url = database_url if isinstance(database_url, URL) else make_url(database_url)
+        url = make_url(database_url)  # a URL is returned as it is
         url.get_dialect()
     except NoSuchModuleError:  # (an ArgumentError too)
         raise DatabaseURLError(
