@@ -8,7 +8,9 @@ state of its own that matters: every loop reads the jobs table, so after a crash
 restart it finds the jobs that are not finished and submits them again, under the
 same Dask keys (``asvo-job-<id>-<n>``); a job's task takes a lock of its own
 (``pipeline.run_job``), so a run still going from before the restart finishes and
-the new one then finds the job done.
+the new one then finds the job done. Calibration fit requests are resubmitted the
+same way (``calibration-request-<id>-<n>``) and their task takes the request's lock
+(``calib.pipeline.run_request``; both locks are ``core.locks.resource_lock``).
 
 The loop outlives outages: a failed step (database or scheduler unreachable) is
 logged once, with its traceback, and retried with exponential back-off; its end is

@@ -5,20 +5,18 @@ truth: the websocket and get_jobs read it, and a restarted dispatcher resumes
 from it). Stages are idempotent and the product is written atomically under a
 fixed name, so a job that runs twice (a worker died, the server restarted) still
 ends with exactly one correct product. Two runs of one job never overlap: a run
-holds the job's lock (:func:`job_lock`) from its first look at the job to its
+holds the job's lock (:func:`~observatory.core.locks.resource_lock`) from its first look at the job to its
 last write, and works in a directory of its own (``work/<job>/<attempt>``); a
 run that finds the lock taken waits for it, then finds the job finished.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import secrets
 import shutil
 import tarfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from datetime import timedelta
@@ -26,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import blake3
-from sqlalchemy import Engine, select, text, update
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 # A Dask worker process imports only this module: every table must be known to the ORM
@@ -38,6 +36,7 @@ from observatory.calib.formats import CalSolutions
 from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory, utcnow
 from observatory.core.errors import NotFound
+from observatory.core.locks import resource_lock
 from observatory.core.storage import Storage, atomic_output
 
 log = logging.getLogger(__name__)
@@ -49,6 +48,10 @@ PRODUCT_KIND = {
     JobType.DOWNLOAD_METADATA: "vis_meta",
     JobType.DOWNLOAD_VOLTAGE: "volt",
 }
+
+
+#: The lock kind of ASVO jobs (:func:`~observatory.core.locks.resource_lock`).
+JOB_LOCK_KIND = "asvo.job"
 
 
 class JobCancelled(Exception):
@@ -102,7 +105,7 @@ class _Tracker:
 
 
 def run_job(settings_values: dict[str, Any], job_id: int) -> str:
-    """Run one job to a terminal state; returns that state.
+    """Run one job to a terminal state under the job's lock; returns that state.
 
     ``settings_values`` is ``Settings.model_dump()`` (settings travel to Dask
     workers as plain data).
@@ -110,71 +113,10 @@ def run_job(settings_values: dict[str, Any], job_id: int) -> str:
     settings = Settings(**settings_values)
     engine = make_engine(settings.resolved_database_url)
     try:
-        with job_lock(settings, engine, job_id):
+        with resource_lock(settings, engine, JOB_LOCK_KIND, job_id):
             return _run_locked(settings, engine, job_id)
     finally:
         engine.dispose()
-
-
-#: Seconds between attempts to take a job's lock that another run holds.
-JOB_LOCK_POLL_S = 1.0
-
-#: A job's advisory lock key: per database and schema (the test suite runs one per schema).
-_JOB_LOCK_KEY = "hashtextextended(current_database() || ':' || current_schema() || ':' || :name, 0)"
-_TRY_JOB_LOCK = text(f"SELECT pg_try_advisory_lock({_JOB_LOCK_KEY})")
-_JOB_UNLOCK = text(f"SELECT pg_advisory_unlock({_JOB_LOCK_KEY})")
-
-
-@contextmanager
-def job_lock(settings: Settings, engine: Engine, job_id: int) -> Iterator[None]:
-    """Hold job ``job_id``'s lock for the block, waiting while another run holds it.
-
-    PostgreSQL: a session-level advisory lock (keyed by database, schema and job) on a
-    connection of its own, freed by the server if the holder dies. SQLite (one host):
-    an exclusive ``flock`` on ``work/.locks/<job>``, freed when the holder's process ends.
-    Waits as long as the other run lasts (a run left from before a restart finishes
-    the job, and this one then returns at once).
-    """
-    announced = False
-
-    def waiting() -> None:
-        nonlocal announced
-        if not announced:
-            log.warning("ASVO job %d: another run of it holds its lock; waiting", job_id)
-            announced = True
-        time.sleep(JOB_LOCK_POLL_S)
-
-    if engine.dialect.name == "postgresql":
-        key = {"name": f"observatory.asvo.job:{job_id}"}
-        connection = engine.connect()
-        try:
-            while True:
-                taken = connection.execute(_TRY_JOB_LOCK, key).scalar_one()
-                connection.commit()  # a session lock: no transaction left open while waiting
-                if taken:
-                    break
-                waiting()
-            yield
-            with suppress(Exception):  # a broken connection has freed the lock already
-                connection.execute(_JOB_UNLOCK, key)
-                connection.commit()
-        finally:
-            connection.invalidate()  # never back to the pool holding a lock
-            connection.close()
-        return
-    path = settings.work_dir / ".locks" / str(job_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                waiting()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _run_locked(settings: Settings, engine: Engine, job_id: int) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from observatory import __version__
@@ -32,11 +33,15 @@ from observatory.calib.service import store_fit
 from observatory.calib.solver import Solution, normal_matrices, stefcal
 from observatory.core.config import Settings
 from observatory.core.errors import BadRequest
+from observatory.core.locks import resource_lock
 from observatory.core.storage import Storage
 from observatory.preprocess import corrections
 from observatory.preprocess.reader import ObservationMeta, open_reader
 from observatory.telescope.catalogue import lookup
 from observatory.telescope.instrument import SPEED_OF_LIGHT_M_S
+
+#: The lock kind of calibration fit requests (:func:`~observatory.core.locks.resource_lock`).
+REQUEST_LOCK_KIND = "calib.request"
 
 #: calvin's settings (specs/calib.md 3.1): edges flagged, phase-fit iterations.
 EDGE_WIDTH_HZ = 80_000
@@ -231,35 +236,46 @@ def run_request(settings_values: dict[str, object], request_id: int) -> str:
     """A Dask task: fit a request's calibrator and finish the request; returns ``completed``/``error``.
 
     Idempotent: a request that already finished is left as it is. A fit that fails
-    finishes the request with the reason (its callback reports it).
+    finishes the request with the reason (its callback reports it). Two runs of one
+    request never overlap: a run holds the request's lock from its first look at the
+    request until its result is stored, so a run resubmitted by a restarted dispatcher
+    waits for one still going from before, then finds the request finished.
     """
-    from observatory.calib.models import CalibrationRequest
-    from observatory.calib.requests import finish_request
-    from observatory.core.database import make_engine, make_session_factory, utcnow
+    from observatory.core.database import make_engine
 
     settings = Settings(**settings_values)  # type: ignore[arg-type]
     engine = make_engine(settings.resolved_database_url)
     try:
-        with make_session_factory(engine)() as session:
-            request = session.get(CalibrationRequest, request_id)
-            if request is None:
-                return "error"
-            if request.calibration_completed_datetime or request.calibration_error_datetime:
-                return "completed" if request.calibration_fit_id else "error"
-            request.assigned_datetime = request.assigned_datetime or utcnow()
-            request.calibration_started_datetime = utcnow()
-            session.commit()
-            try:
-                fit = fit_observation(session, settings, request.cal_id)
-            except Exception as exc:  # recorded: the requester is told why
-                session.rollback()
-                request = session.get(CalibrationRequest, request_id)
-                assert request is not None
-                finish_request(session, request, error=f"{exc.__class__.__name__}: {exc}")
-                session.commit()
-                return "error"
-            finish_request(session, request, fit_id=fit.fitid)
-            session.commit()
-            return "completed"
+        with resource_lock(settings, engine, REQUEST_LOCK_KIND, request_id):
+            return _run_request_locked(settings, engine, request_id)
     finally:
         engine.dispose()
+
+
+def _run_request_locked(settings: Settings, engine: Engine, request_id: int) -> str:
+    """``run_request`` while holding the request's lock."""
+    from observatory.calib.models import CalibrationRequest
+    from observatory.calib.requests import finish_request
+    from observatory.core.database import make_session_factory, utcnow
+
+    with make_session_factory(engine)() as session:
+        request = session.get(CalibrationRequest, request_id)
+        if request is None:
+            return "error"
+        if request.calibration_completed_datetime or request.calibration_error_datetime:
+            return "completed" if request.calibration_fit_id else "error"
+        request.assigned_datetime = request.assigned_datetime or utcnow()
+        request.calibration_started_datetime = utcnow()
+        session.commit()
+        try:
+            fit = fit_observation(session, settings, request.cal_id)
+        except Exception as exc:  # recorded: the requester is told why
+            session.rollback()
+            request = session.get(CalibrationRequest, request_id)
+            assert request is not None
+            finish_request(session, request, error=f"{exc.__class__.__name__}: {exc}")
+            session.commit()
+            return "error"
+        finish_request(session, request, fit_id=fit.fitid)
+        session.commit()
+        return "completed"
