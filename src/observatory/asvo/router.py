@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 import anyio
-from fastapi import APIRouter, Depends, Request, Response, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Depends, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from sqlalchemy.orm import Session
@@ -22,7 +22,14 @@ from starlette.types import Receive, Scope, Send
 
 from observatory.asvo import service
 from observatory.asvo.models import Job, JobType
-from observatory.asvo.schemas import JobEnvelope, SubmitResponse
+from observatory.asvo.schemas import (
+    CONVERSION_FIELDS,
+    DOWNLOAD_VIS_FIELDS,
+    VOLTAGE_FIELDS,
+    JobEnvelope,
+    SubmitResponse,
+    submission_openapi,
+)
 from observatory.core.accounts import SESSION_MAX_AGE_S, api_session_token, session_user
 from observatory.core.config import Settings
 from observatory.core.errors import Forbidden, Unauthorized
@@ -127,6 +134,8 @@ async def _form(request: Request) -> dict[str, str]:
     return {key: str(value) for key, value in form.items()}
 
 
+# The form is read whole, unknown keys and all (the clients send extra ones), so /docs
+# learns its fields from the schemas' declarations instead.
 FormDep = Annotated[dict[str, str], Depends(_form)]
 
 
@@ -139,7 +148,11 @@ def _submit(
     return {"job_id": job.id}
 
 
-@router.post("/conversion_job", response_model=SubmitResponse)
+@router.post(
+    "/conversion_job",
+    response_model=SubmitResponse,
+    openapi_extra=submission_openapi(CONVERSION_FIELDS),
+)
 def conversion_job(
     request: Request, session: SessionDep, user_id: UserDep, form: FormDep
 ) -> dict[str, int]:
@@ -147,7 +160,11 @@ def conversion_job(
     return _submit(request, session, user_id, JobType.CONVERSION, form)
 
 
-@router.post("/download_vis_job", response_model=SubmitResponse)
+@router.post(
+    "/download_vis_job",
+    response_model=SubmitResponse,
+    openapi_extra=submission_openapi(DOWNLOAD_VIS_FIELDS),
+)
 def download_vis_job(
     request: Request, session: SessionDep, user_id: UserDep, form: FormDep
 ) -> dict[str, int]:
@@ -155,7 +172,11 @@ def download_vis_job(
     return _submit(request, session, user_id, JobType.DOWNLOAD_VISIBILITIES, form)
 
 
-@router.post("/voltage_job", response_model=SubmitResponse)
+@router.post(
+    "/voltage_job",
+    response_model=SubmitResponse,
+    openapi_extra=submission_openapi(VOLTAGE_FIELDS),
+)
 def voltage_job(
     request: Request, session: SessionDep, user_id: UserDep, form: FormDep
 ) -> dict[str, int]:
@@ -304,7 +325,11 @@ async def job_results(websocket: WebSocket) -> None:
 
 
 @router.get("/cancel_job")
-def cancel_job(session: SessionDep, user_id: UserDep, job_id: str = "") -> dict[str, Any]:
+def cancel_job(
+    session: SessionDep,
+    user_id: UserDep,
+    job_id: Annotated[str, Query(description="The job's id, as its submission answered.")] = "",
+) -> dict[str, Any]:
     """Cancel a job: 200, 400 (malformed or already finished) or 404 (no such job).
 
     A GET that changes a job (the clients' protocol), so only the ``/api/api_login`` cookie

@@ -26,7 +26,7 @@ from observatory.core.errors import BadRequest, NotFound
 from observatory.core.gpstime import now_gps
 from observatory.core.observability import trigger_timer
 from observatory.core.web import get_session, templates_for
-from observatory.trigger import service
+from observatory.trigger import schemas, service
 from observatory.trigger.models import Trigger
 from observatory.trigger.params import (
     ParameterError,
@@ -51,13 +51,26 @@ async def _parameters(request: Request) -> dict[str, Any]:
 
 
 def _endpoint(path: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """GET and POST at ``path`` and ``path/``: a redirect would turn a client's POST into a GET."""
+    """GET and POST at ``path`` and ``path/``: a redirect would turn a client's POST into a GET.
+
+    The handlers read their parameters by hand, so /docs learns them from
+    ``schemas.ENDPOINT_PARAMETERS``: in the query string for GET, as a body for POST.
+    """
+    endpoint = path.removeprefix("/")
 
     def register(handler: Callable[..., Any]) -> Callable[..., Any]:
         router.api_route(path + "/", methods=["GET", "POST"], include_in_schema=False)(handler)
         # One route per method: each gets its own OpenAPI operation id.
-        router.get(path, operation_id=f"trigger_{handler.__name__}_get")(handler)
-        return router.post(path, operation_id=f"trigger_{handler.__name__}_post")(handler)
+        router.get(
+            path,
+            operation_id=f"trigger_{handler.__name__}_get",
+            openapi_extra=schemas.get_openapi(endpoint),
+        )(handler)
+        return router.post(
+            path,
+            operation_id=f"trigger_{handler.__name__}_post",
+            openapi_extra=schemas.post_openapi(endpoint),
+        )(handler)
 
     return register
 
