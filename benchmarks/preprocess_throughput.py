@@ -17,7 +17,12 @@ physical floor, reading the files raw (``cat > /dev/null``, from the page cache
 as both conversions read them), is reported as well.
 Goal: ours >= 3x faster than the anchor, peak RSS <= 0.5x.
 
+``--rfi`` turns AOFlagger on in ours (the anchor has no RFI flagging: then the
+times are not comparable, the peak RSS is what to read), ``--in-thread`` runs ours
+from a worker thread as the services do (chunks in threads rather than processes).
+
 Run: .venv/bin/python benchmarks/preprocess_throughput.py [--tiles 128] [--coarse-chans 4]
+     [--fine-chan-khz 10] [--rfi] [--in-thread]
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -46,7 +52,7 @@ def simulate(out_dir: Path, args: argparse.Namespace) -> tuple[Path, list[Path]]
         OBSID,
         n_tiles=args.tiles,
         coarse_chans=contiguous_coarse_chans(137, args.coarse_chans),
-        fine_chan_khz=40.0,
+        fine_chan_khz=args.fine_chan_khz,
         int_time_s=2.0,
         n_timesteps=args.timesteps,
         sources=[PointSource(333.6069, -17.0288, 60.0, -0.8, "3C444")],
@@ -58,17 +64,33 @@ def simulate(out_dir: Path, args: argparse.Namespace) -> tuple[Path, list[Path]]
     return sim.metafits_path, list(sim.vis_paths)
 
 
-def run_ours(metafits: Path, files: list[Path], out: Path) -> None:
+def run_ours(metafits: Path, files: list[Path], out: Path, rfi: bool, in_thread: bool) -> None:
     from observatory.preprocess.engine import preprocess
     from observatory.preprocess.options import ConversionOptions
 
-    options = ConversionOptions.from_params(
-        {"avg_time_res": "4", "avg_freq_res": "80", "no_rfi": "true"}
-    )
-    preprocess(metafits, files, options, out)
+    params = {"avg_time_res": "4", "avg_freq_res": "80"}
+    if not rfi:
+        params["no_rfi"] = "true"
+    options = ConversionOptions.from_params(params)
+    if not in_thread:
+        preprocess(metafits, files, options, out)
+        return
+    failures: list[BaseException] = []
+
+    def convert() -> None:
+        try:
+            preprocess(metafits, files, options, out)
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    worker = threading.Thread(target=convert)
+    worker.start()
+    worker.join()
+    if failures:
+        raise failures[0]
 
 
-def run_pyuvdata(metafits: Path, files: list[Path], out: Path) -> None:
+def run_pyuvdata(metafits: Path, files: list[Path], out: Path, fine_chan_khz: float) -> None:
     from pyuvdata import UVData
 
     uvd = UVData.from_file(
@@ -76,12 +98,14 @@ def run_pyuvdata(metafits: Path, files: list[Path], out: Path) -> None:
         file_type="mwa_corr_fits",
         phase_to_pointing_center=True,
     )
-    uvd.frequency_average(n_chan_to_avg=2)
+    uvd.frequency_average(n_chan_to_avg=round(80 / fine_chan_khz))  # to 80 kHz, as ours
     uvd.downsample_in_time(n_times_to_avg=2)
     uvd.write_uvfits(str(out))
 
 
-def child(which: str, metafits: Path, files: list[Path], out: Path) -> None:
+def child(
+    which: str, metafits: Path, files: list[Path], out: Path, args: argparse.Namespace
+) -> None:
     """Run one conversion in this process and print its time and peak RSS as JSON."""
     from observatory.telescope.site import ensure_astropy_offline
 
@@ -92,13 +116,18 @@ def child(which: str, metafits: Path, files: list[Path], out: Path) -> None:
     import observatory.preprocess.engine  # noqa: F401
 
     start = time.perf_counter()
-    (run_ours if which == "ours" else run_pyuvdata)(metafits, files, out)
+    if which == "ours":
+        run_ours(metafits, files, out, args.rfi, args.in_thread)
+    else:
+        run_pyuvdata(metafits, files, out, args.fine_chan_khz)
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb}))
 
 
-def measure(which: str, metafits: Path, files: list[Path], out: Path) -> dict[str, float]:
+def measure(
+    which: str, metafits: Path, files: list[Path], out: Path, args: argparse.Namespace
+) -> dict[str, float]:
     command = [
         sys.executable,
         __file__,
@@ -108,6 +137,8 @@ def measure(which: str, metafits: Path, files: list[Path], out: Path) -> dict[st
         str(metafits),
         "--out",
         str(out),
+        *(["--rfi"] if args.rfi else []),
+        *(["--in-thread"] if args.in_thread else []),
     ]
     result = subprocess.run(
         [*command, *map(str, files)], capture_output=True, text=True, check=True
@@ -127,14 +158,17 @@ def main() -> int:
     parser.add_argument("--tiles", type=int, default=128)
     parser.add_argument("--coarse-chans", type=int, default=8)
     parser.add_argument("--timesteps", type=int, default=16)
+    parser.add_argument("--fine-chan-khz", type=float, default=40.0, help="10, 20 or 40")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rfi", action="store_true", help="AOFlagger on in ours")
+    parser.add_argument("--in-thread", action="store_true", help="ours from a worker thread")
     parser.add_argument("--child", choices=["ours", "pyuvdata"])
     parser.add_argument("--metafits", type=Path)
     parser.add_argument("--out", type=Path)
     parser.add_argument("files", nargs="*", type=Path)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.metafits, args.files, args.out)
+        child(args.child, args.metafits, args.files, args.out, args)
         return 0
 
     from observatory.telescope.site import ensure_astropy_offline
@@ -148,7 +182,7 @@ def main() -> int:
         for repeat in range(args.repeats):
             order = ("ours", "pyuvdata") if repeat % 2 == 0 else ("pyuvdata", "ours")
             for which in order:
-                result = measure(which, metafits, files, root / f"{which}.uvfits")
+                result = measure(which, metafits, files, root / f"{which}.uvfits", args)
                 (ours if which == "ours" else anchor).append(result)
             raw.append(raw_read_seconds(files))
 
@@ -160,8 +194,10 @@ def main() -> int:
     speedup = anchor_s / ours_s
     rss_ratio = ours_rss / anchor_rss
     print(
-        f"observation: {args.tiles} tiles, {args.coarse_chans} coarse channels x 32 fine, "
-        f"{args.timesteps} x 2 s, {input_mb:.0f} MB of correlator files; {args.repeats} runs each"
+        f"observation: {args.tiles} tiles, {args.coarse_chans} coarse channels of "
+        f"{args.fine_chan_khz:g} kHz channels, {args.timesteps} x 2 s, {input_mb:.0f} MB of "
+        f"correlator files; {args.repeats} runs each; ours with RFI flagging "
+        f"{'on' if args.rfi else 'off'}, {'in a thread' if args.in_thread else 'from the main thread'}"
     )
     print(f"ours: median {ours_s:.2f} s ({input_mb / ours_s:.0f} MB/s), peak RSS {ours_rss:.0f} MB")
     print(

@@ -752,3 +752,46 @@ def test_time_grid_fills_gaps_and_refuses_times_off_the_grid() -> None:
     np.testing.assert_array_equal(grid, [100.0, 101.0, 102.0, 103.0])
     with pytest.raises(ReadError, match="not a whole number of 2 s integrations apart"):
         regular_time_grid(np.array([100.0, 103.0]), 2.0)
+
+
+def test_memory_follows_the_chunk_size_not_the_band(tmp_path: Path) -> None:
+    """Finished coarse channels wait on disk for their block, which is written a buffer at a time.
+
+    Before, a block's coarse channels were all held in memory, and the uvfits record of
+    the whole band built at once: the peak grew with the number of coarse channels.
+    """
+    import tracemalloc
+
+    n_tiles, n_chans, n_times = 16, 64, 8
+    four_integrations = (n_tiles * (n_tiles + 1) // 2) * n_chans * 4 * 8 * 4
+    options = ConversionOptions.from_params(RAW)
+    peaks = {}
+    for n_coarse in (2, 16):
+        obs = simulate_observation(
+            tmp_path / f"band{n_coarse}",
+            OBSID,
+            n_tiles=n_tiles,
+            coarse_chans=tuple(range(131, 131 + n_coarse)),
+            fine_chan_khz=1280 / n_chans,
+            n_timesteps=n_times,
+            sources=[SOURCE],
+        )
+
+        def convert_once(name: str, obs: SimulatedObservation = obs) -> Path:
+            return preprocess(
+                obs.metafits_path, obs.vis_paths, options, tmp_path / name,
+                workers=1, chunk_bytes=four_integrations,
+            )[0]  # fmt: skip
+
+        first = convert_once(f"warm{n_coarse}.uvfits")  # libraries load their tables once
+        tracemalloc.start()
+        try:
+            second = convert_once(f"measured{n_coarse}.uvfits")
+            peaks[n_coarse] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert first.read_bytes() == second.read_bytes()
+    band_block_bytes = 16 * four_integrations
+    print({n: f"{peak / 2**20:.1f} MiB" for n, peak in peaks.items()})
+    assert peaks[16] < 1.5 * peaks[2]
+    assert peaks[16] < band_block_bytes

@@ -225,14 +225,21 @@ def make_autos_hermitian(vis: NDArray[np.complex64], meta: ObservationMeta) -> N
 def _sum_blocks(values: NDArray[Any], time_factor: int, freq_factor: int) -> NDArray[Any]:
     """Sums over blocks of ``time_factor`` x ``freq_factor`` of a (times, bl, chans, pols) array.
 
-    Adding the few slices of each block is several times faster than numpy's
-    reduction over a short middle axis; the loops run over the factors only.
+    With both factors 1 this is ``values`` itself, not a copy. Adding the few
+    slices of each block is several times faster than numpy's reduction over a
+    short middle axis; the loops run over the factors only.
     """
+    if time_factor == 1 and freq_factor == 1:
+        return values
     n_times, n_bl, n_chans, n_pols = values.shape
-    by_chan = values.reshape(n_times, n_bl, n_chans // freq_factor, freq_factor, n_pols)
-    chan_sum = by_chan[:, :, :, 0].copy()
-    for offset in range(1, freq_factor):
-        chan_sum += by_chan[:, :, :, offset]
+    chan_sum = values
+    if freq_factor > 1:
+        by_chan = values.reshape(n_times, n_bl, n_chans // freq_factor, freq_factor, n_pols)
+        chan_sum = by_chan[:, :, :, 0].copy()
+        for offset in range(1, freq_factor):
+            chan_sum += by_chan[:, :, :, offset]
+    if time_factor == 1:
+        return chan_sum
     by_time = chan_sum.reshape(n_times // time_factor, time_factor, *chan_sum.shape[1:])
     total = by_time[:, 0].copy()
     for offset in range(1, time_factor):
@@ -253,6 +260,9 @@ def average(
     flagged keeps the unweighted mean of its inputs (so the data stay finite and
     meaningful) and is flagged. Returns (vis, summed weights, flags).
 
+    ``vis`` is used as scratch space and overwritten (with both factors 1 it
+    becomes the averaged vis): chunks are large (with RFI flagging, hundreds of
+    MB) and this keeps the full-size temporaries to the weights.
     ``weights`` and ``flags`` must broadcast to ``vis.shape``.
     """
     n_times, _, n_chans, _ = vis.shape
@@ -263,13 +273,14 @@ def average(
         )
     effective = np.where(flags, np.float32(0.0), weights)
     weight_sum = _sum_blocks(effective, time_factor, freq_factor)
-    weighted_sum = _sum_blocks(vis * effective, time_factor, freq_factor)
     out_flags = weight_sum <= 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        averaged = weighted_sum / np.where(out_flags, np.float32(1.0), weight_sum)
-    if out_flags.any():
-        plain_mean = _sum_blocks(vis, time_factor, freq_factor) / np.float32(
-            time_factor * freq_factor
-        )
-        averaged[out_flags] = plain_mean[out_flags]
-    return averaged.astype(np.complex64, copy=False), weight_sum, out_flags
+    # Only the all-flagged outputs need the plain mean: taken before vis is weighted.
+    plain_mean = _sum_blocks(vis, time_factor, freq_factor)[out_flags] / np.float32(
+        time_factor * freq_factor
+    )
+    np.multiply(vis, effective, out=vis)
+    del effective
+    averaged = _sum_blocks(vis, time_factor, freq_factor)
+    np.divide(averaged, weight_sum, out=averaged, where=~out_flags)
+    averaged[out_flags] = plain_mean
+    return averaged, weight_sum, out_flags

@@ -13,7 +13,8 @@ integrations (so memory stays bounded), chunks in parallel threads:
 7. direction-independent calibration solutions multiplied in (``J_p V J_q^H``);
 8. weighted averaging in time and frequency;
 
-then the whole (averaged) result is written through pyuvdata.
+then each block of integrations is streamed to the uvfits, and a measurement set written
+through pyuvdata from the whole (averaged) result.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import logging
 import math
 import multiprocessing
 import os
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import (
@@ -35,7 +37,6 @@ from concurrent.futures import (
 )
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 from astropy.time import Time
@@ -427,7 +428,16 @@ def preprocess(
             )
             for path in uvfits_targets
         ]
-        assembling: dict[int, dict[int, _Averaged]] = {}
+        # A block is written once all its coarse channels are done; until then the
+        # finished ones wait on disk, not in memory (a block of the whole band can be
+        # many times a chunk: with RFI flagging, the whole observation).
+        targets[0].parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(
+            stack.enter_context(
+                tempfile.TemporaryDirectory(dir=targets[0].parent, prefix=f".{targets[0].name}.")
+            )
+        )
+        assembling: dict[int, dict[int, _SpilledPart]] = {}
         next_block = 0
 
         def finish_ready_blocks() -> None:
@@ -440,13 +450,18 @@ def preprocess(
                 )
                 in_order = [parts[c] for c in range(n_coarse)]
                 for stream in streams:
-                    stream.write(time_centres_jd[rows], in_order)
+                    stream.write(time_centres_jd[rows], in_order, buffer_bytes=chunk_bytes)
                 if collected is not None:
                     for c, part in enumerate(in_order):
                         cols = slice(c * chans_out, (c + 1) * chans_out)
-                        collected.vis[rows, :, cols] = part.vis
-                        collected.weights[rows, :, cols] = part.weights
-                        collected.flags[rows, :, cols] = part.flags
+                        n_rows = rows.stop - rows.start
+                        arrays = part.groups(0, n_rows * meta.n_baselines)
+                        for target, values in zip(
+                            (collected.vis, collected.weights, collected.flags), arrays, strict=True
+                        ):
+                            target[rows, :, cols] = values.reshape(n_rows, meta.n_baselines, -1, 4)
+                for part in in_order:
+                    part.path.unlink()
                 next_block += 1
 
         n_workers = max(1, min(len(jobs), workers or os.cpu_count() or 1))
@@ -466,7 +481,7 @@ def preprocess(
             # numpy releases the GIL: threads share the work without copying chunks around.
             # Processes are forked only from a program's main thread: inside a service
             # (a Dask worker thread, a daemonic worker process) forking is not safe.
-            runner = _ChunkRunner(reader, plan, options, directions)
+            runner = _ChunkRunner(reader, plan, options, directions, scratch)
             pool, run = ThreadPoolExecutor(max_workers=n_workers), runner.run
         else:
             # AOFlagger's binding holds the GIL: flag in processes, each reading its own
@@ -483,11 +498,12 @@ def preprocess(
                     solutions,
                     chunk_bytes,
                     directions,
+                    scratch,
                 ),
             )
             run = _run_in_worker
         with pool:
-            pending: dict[Future[tuple[_Averaged, int]], tuple[int, int]] = {}
+            pending: dict[Future[tuple[_SpilledPart, int]], tuple[int, int]] = {}
             queue = list(jobs)
             done = 0
             # At most two chunks per worker in flight: memory stays bounded by the chunk size.
@@ -499,13 +515,13 @@ def preprocess(
                 for future in finished:
                     block_index, coarse_index = pending.pop(future)
                     try:
-                        averaged, rfi = future.result()
+                        part, rfi = future.result()
                     except BaseException:
                         for other in pending:
                             other.cancel()
                         raise
                     rfi_flagged += rfi
-                    assembling.setdefault(block_index, {})[coarse_index] = averaged
+                    assembling.setdefault(block_index, {})[coarse_index] = part
                     finish_ready_blocks()
                     done += 1
                     if progress is not None:
@@ -540,15 +556,17 @@ class _ChunkRunner:
         plan: _Plan,
         options: ConversionOptions,
         directions_enu: NDArray[np.float64],
+        scratch: Path,
     ) -> None:
         self.reader = reader
+        self.scratch = scratch
         self.plan = plan
         self.options = options
         self.directions_enu = directions_enu
         self.blocks = _time_blocks(plan)
         self.n_times = len(reader.time_start_gps_s)
 
-    def run(self, block_index: int, coarse_index: int) -> tuple[_Averaged, int]:
+    def run(self, block_index: int, coarse_index: int) -> tuple[_SpilledPart, int]:
         block = self.blocks[block_index]
         stored = range(block.start, min(block.stop, self.n_times))
         chunk = self.reader.read(self.plan.coarse_chans[coarse_index], stored)
@@ -558,7 +576,9 @@ class _ChunkRunner:
             self.options,
             lambda: self.directions_enu[block.start : block.stop],
         )
-        return _Averaged(vis, weights, flags), rfi
+        # Parked on disk here, in the worker: no copy of it travels to the caller.
+        part = _SpilledPart(self.scratch / f"{block_index}-{coarse_index}", vis, weights, flags)
+        return part, rfi
 
 
 _worker_runner: _ChunkRunner | None = None
@@ -571,6 +591,7 @@ def _start_worker(
     solutions: CalSolutions | None,
     chunk_bytes: int,
     directions_enu: NDArray[np.float64],
+    scratch: Path,
 ) -> None:
     """Process-pool initializer: open the files and plan as the parent did."""
     global _worker_runner
@@ -579,17 +600,57 @@ def _start_worker(
     ensure_astropy_offline()
     reader = open_reader(metafits, data_files)
     plan = _plan(reader, options, solutions, chunk_bytes)
-    _worker_runner = _ChunkRunner(reader, plan, options, directions_enu)
+    _worker_runner = _ChunkRunner(reader, plan, options, directions_enu, scratch)
 
 
-def _run_in_worker(block_index: int, coarse_index: int) -> tuple[_Averaged, int]:
+def _run_in_worker(block_index: int, coarse_index: int) -> tuple[_SpilledPart, int]:
     assert _worker_runner is not None, "worker not initialised"
     return _worker_runner.run(block_index, coarse_index)
 
 
-class _Averaged(NamedTuple):
-    """One chunk's averaged output."""
+class _SpilledPart:
+    """A chunk's averaged output parked in a scratch file, read back a range of groups at a time.
 
-    vis: NDArray[np.complex64]
-    weights: NDArray[np.float32]
-    flags: NDArray[np.bool_]
+    A :class:`~observatory.preprocess.uvfits.GroupSource`: groups are the chunk's
+    (time, baseline) pairs, time slowest. The file holds vis, weights and flags one
+    after the other, each in (time, baseline, channel, pol) order.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        vis: NDArray[np.complex64],
+        weights: NDArray[np.float32],
+        flags: NDArray[np.bool_],
+    ) -> None:
+        self.path = path
+        n_times, n_baselines, self.n_chans, self._n_pols = vis.shape
+        self._n_groups = n_times * n_baselines
+        with open(path, "wb") as handle:
+            for array in (vis, weights, flags):
+                np.ascontiguousarray(array).tofile(handle)
+
+    def groups(
+        self, start: int, stop: int
+    ) -> tuple[NDArray[np.complex64], NDArray[np.float32], NDArray[np.bool_]]:
+        """(vis, weights, flags) of groups ``start`` to ``stop``, shape (groups, chans, pols)."""
+        values_per_group = self.n_chans * self._n_pols
+        arrays = []
+        array_offset = 0
+        for dtype in (np.dtype(np.complex64), np.dtype(np.float32), np.dtype(np.bool_)):
+            arrays.append(
+                np.fromfile(
+                    self.path,
+                    dtype=dtype,
+                    count=(stop - start) * values_per_group,
+                    offset=array_offset + start * values_per_group * dtype.itemsize,
+                ).reshape(stop - start, self.n_chans, self._n_pols)
+            )
+            array_offset += self._n_groups * values_per_group * dtype.itemsize
+        vis, weights, flags = arrays
+        # (already of these types: astype without a copy only tells the type checker)
+        return (
+            vis.astype(np.complex64, copy=False),
+            weights.astype(np.float32, copy=False),
+            flags.astype(np.bool_, copy=False),
+        )

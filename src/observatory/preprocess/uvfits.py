@@ -17,7 +17,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -33,8 +33,29 @@ _PARAMETERS = [
     "UU", "VV", "WW", "DATE", "DATE", "UU", "VV", "WW",
     "BASELINE", "SOURCE", "ANTENNA1", "ANTENNA2", "SUBARRAY", "INTTIM", "LST", "LST",
 ]  # fmt: skip
+#: Bytes of groups built in memory at a time by :meth:`UvfitsStream.write`.
+DEFAULT_BUFFER_BYTES = 32 * 1024 * 1024
 #: Storage order of pols in uvfits (increasing |AIPS code|: XX YY XY YX) from chunk order.
 _POLS_FROM_CHUNK = [0, 3, 1, 2]
+
+
+class GroupSource(Protocol):
+    """A range of channels of a block of integrations, read a range of groups at a time.
+
+    Groups are (time, baseline) pairs of the block, time slowest, as uvfits stores them.
+    """
+
+    @property
+    def n_chans(self) -> int:
+        """Channels in the range."""
+        ...
+
+    def groups(
+        self, start: int, stop: int
+    ) -> tuple[NDArray[np.complex64], NDArray[np.float32], NDArray[np.bool_]]:
+        """(vis, weights, flags) of groups ``start`` to ``stop``: shape (groups, n_chans, 4),
+        pols in chunk order (XX, XY, YX, YY)."""
+        ...
 
 
 class UvfitsStream:
@@ -157,54 +178,57 @@ class UvfitsStream:
     def write(
         self,
         times_jd: NDArray[np.float64],
-        parts: Sequence[tuple[NDArray[np.complex64], NDArray[np.float32], NDArray[np.bool_]]],
+        parts: Sequence[GroupSource],
+        *,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     ) -> None:
-        """Append integrations, given as consecutive channel ranges in frequency order.
+        """Append a block of integrations, given as consecutive channel ranges in frequency order.
 
-        Each part is (vis, weights, flags) of shape (n_times, n_baselines, n_chans, 4)
-        in chunk order (pols XX, XY, YX, YY).
+        The block's groups (one per time and baseline, time slowest) are built and
+        written ``buffer_bytes`` at a time (at least one group), each part reading
+        only the groups of that buffer: the block as a whole never sits in memory.
         """
         assert self._handle is not None
-        n_times, n_bl = parts[0][0].shape[:2]
-        n_chans = sum(part[0].shape[2] for part in parts)
+        n_times, n_bl = len(times_jd), len(self.p)
+        n_chans = sum(part.n_chans for part in parts)
         lst, app_ra, app_dec, uvw_m = self._geometry(np.asarray(times_jd, dtype=np.float64))
         self.app_radec_deg.extend(zip(np.degrees(app_ra), np.degrees(app_dec), strict=True))
         n_params = len(_PARAMETERS)
-        # Built in native float32, swapped to FITS's big-endian order in place at the end.
-        record = np.empty((n_times, n_bl, n_params + n_chans * 4 * 3), dtype=np.float32)
         # uvfits' convention is the conjugate of pyuvdata's, with uvw negated (in seconds).
-        uvw_s = -uvw_m / SPEED_OF_LIGHT_M_S
-        uvw_hi = uvw_s.astype(np.float32)
-        record[..., 0:3] = uvw_hi
-        record[..., 5:8] = (uvw_s - uvw_hi.astype(np.float64)).astype(np.float32)
-        date = (np.asarray(times_jd) - self.jd_midnight)[:, None]
-        date_hi = date.astype(np.float32)
-        record[..., 3] = date_hi
-        record[..., 4] = (date - date_hi.astype(np.float64)).astype(np.float32)
-        record[..., 8] = 256 * (self.p + 1) + (self.q + 1)
-        record[..., 9] = 1  # SOURCE: the one phase centre
-        record[..., 10] = self.p
-        record[..., 11] = self.q
-        record[..., 12] = 1
-        record[..., 13] = self.int_time_s
-        lst_deg = np.degrees(lst)[:, None]
-        lst_hi = lst_deg.astype(np.float32)
-        record[..., 14] = lst_hi
-        record[..., 15] = (lst_deg - lst_hi.astype(np.float64)).astype(np.float32)
-        values = record[..., n_params:].reshape(n_times, n_bl, n_chans, 4, 3)
-        first = 0
-        for vis, weights, flags in parts:
-            chans = slice(first, first + vis.shape[2])
-            first = chans.stop
-            for out_pol, pol in enumerate(_POLS_FROM_CHUNK):
-                target = values[:, :, chans, out_pol]
-                target[..., 0] = vis[..., pol].real
-                np.negative(vis[..., pol].imag, out=target[..., 1])
-                np.copyto(target[..., 2], weights[..., pol])
-                target[..., 2][flags[..., pol]] *= -1.0
-        record.byteswap(inplace=True)
-        self._handle.write(record.data)
-        self._bytes_written += record.nbytes
+        uvw_s = (-uvw_m / SPEED_OF_LIGHT_M_S).reshape(n_times * n_bl, 3)
+        date = np.asarray(times_jd) - self.jd_midnight
+        lst_deg = np.degrees(lst)
+        group_floats = n_params + n_chans * 4 * 3
+        step = max(1, buffer_bytes // (group_floats * 4))
+        for start in range(0, n_times * n_bl, step):
+            stop = min(start + step, n_times * n_bl)
+            time_index, baseline_index = np.divmod(np.arange(start, stop), n_bl)
+            # Built in native float32, swapped to FITS's big-endian order in place at the end.
+            record = np.empty((stop - start, group_floats), dtype=np.float32)
+            record[:, 0:3], record[:, 5:8] = _float32_pair(uvw_s[start:stop])
+            record[:, 3], record[:, 4] = _float32_pair(date[time_index])
+            record[:, 8] = 256 * (self.p[baseline_index] + 1) + (self.q[baseline_index] + 1)
+            record[:, 9] = 1  # SOURCE: the one phase centre
+            record[:, 10] = self.p[baseline_index]
+            record[:, 11] = self.q[baseline_index]
+            record[:, 12] = 1
+            record[:, 13] = self.int_time_s
+            record[:, 14], record[:, 15] = _float32_pair(lst_deg[time_index])
+            values = record[:, n_params:].reshape(stop - start, n_chans, 4, 3)
+            first = 0
+            for part in parts:
+                vis, weights, flags = part.groups(start, stop)
+                chans = slice(first, first + part.n_chans)
+                first = chans.stop
+                for out_pol, pol in enumerate(_POLS_FROM_CHUNK):
+                    target = values[:, chans, out_pol]
+                    target[..., 0] = vis[..., pol].real
+                    np.negative(vis[..., pol].imag, out=target[..., 1])
+                    np.copyto(target[..., 2], weights[..., pol])
+                    target[..., 2][flags[..., pol]] *= -1.0
+            record.byteswap(inplace=True)
+            self._handle.write(record.data)
+            self._bytes_written += record.nbytes
         self.times_written += n_times
 
     # -- headers ------------------------------------------------------------------------------
@@ -368,6 +392,12 @@ class UvfitsStream:
         buffer = io.BytesIO()
         fits.HDUList([fits.PrimaryHDU(), *tables]).writeto(buffer)
         self._handle.write(buffer.getbuffer()[_BLOCK:])
+
+
+def _float32_pair(values: NDArray[np.float64]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """``values`` as a float32 and the float32 of what it leaves (pyuvdata's double parameters)."""
+    high = values.astype(np.float32)
+    return high, (values - high.astype(np.float64)).astype(np.float32)
 
 
 def _n_spws(freqs_hz: NDArray[np.float64], channel_width_hz: float) -> int:
