@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
 from observatory.archive.models import Observation
-from observatory.cli import main
+from observatory.cli import build_parser, main
 from observatory.core.accounts import authenticate_api_key
 from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory
-from observatory.core.models import Project
+from observatory.core.models import Project, User
 from shared_data import MWA_DATA
 
 
@@ -96,6 +98,21 @@ def test_archive_ingest_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "1061315448_20130823175130_gpubox07_01.fits" in err
     assert "nothing was ingested" in err
     assert not (tmp_path / "data" / "archive" / "1061315448").exists()
+
+
+def test_users_create_has_no_admin_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing grants or checks administrator rights, so no option pretends to set them."""
+    data = tmp_path / "data"
+    with pytest.raises(SystemExit) as caught:
+        _run(data, "users", "create", "carol", "--admin")
+    assert caught.value.code == 2
+    assert "unrecognized arguments: --admin" in capsys.readouterr().err
+    assert _run(data, "users", "create", "carol", "--email", "carol@example.org") == 0
+    with _sessions(data)() as session:
+        user = session.scalar(select(User).where(User.name == "carol"))
+        assert user is not None and user.email == "carol@example.org"
 
 
 def test_bad_arguments_exit_2(tmp_path: Path) -> None:
@@ -179,3 +196,33 @@ def test_demo_seeds_and_serves(tmp_path: Path) -> None:
     output = "".join(printed) + output
     assert re.search(r"^API key: \S+$", output, re.M), output
     assert f"http://127.0.0.1:{port}/healthz" in output
+
+
+def _commands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every runnable command of ``parser`` (a path of subcommand names) with its parser."""
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subparsers:
+        yield path, parser
+    for action in subparsers:
+        for name, sub in action.choices.items():
+            yield from _commands(sub, (*path, name))
+
+
+def test_the_readme_lists_every_command_and_option() -> None:
+    """README.md's command list agrees with every ``observatory ... --help``."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## The `observatory` command") : readme.index("## HTTP")]
+    for path, parser in _commands(build_parser()):
+        command = " ".join(("observatory", *path))
+        assert re.search(rf"^{re.escape(command)}\b", section, re.M), command
+        options = [
+            option
+            for action in parser._actions
+            for option in action.option_strings
+            if option.startswith("--") and option != "--help"
+        ]
+        missing = [option for option in options if option not in section]
+        assert not missing, f"{command}: {missing} not in README.md"
+    assert "--data-dir" in section

@@ -57,9 +57,7 @@ def cmd_users_create(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     with session_scope(_session_factory(settings)) as session:
-        user, key = create_user(
-            session, args.name, args.api_key, email=args.email, is_admin=args.admin
-        )
+        user, key = create_user(session, args.name, args.api_key, email=args.email)
         if args.password:
             from observatory.core.accounts import set_password
 
@@ -460,8 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = add("serve", cmd_serve, "run the web services (and the ASVO job dispatcher)")
     demo = add("demo", cmd_demo, "seed a demo archive, print URLs and an API key, then serve")
     for server in (serve, demo):
-        server.add_argument("--host", default="127.0.0.1")
-        server.add_argument("--port", type=int, default=8000)
+        server.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+        server.add_argument("--port", type=int, default=8000, help="port to listen on (8000)")
         server.add_argument("--ssl-certfile", help="serve https with this certificate (PEM)")
         server.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
         server.add_argument(
@@ -479,10 +477,11 @@ def build_parser() -> argparse.ArgumentParser:
     create_user = add(
         "create", cmd_users_create, "create a user and print its API key", user_commands
     )
-    create_user.add_argument("name")
+    create_user.add_argument("name", help="user name (A-Z a-z 0-9 _ . @ -)")
     create_user.add_argument("--api-key", help="use this key instead of a random one")
-    create_user.add_argument("--email")
-    create_user.add_argument("--admin", action="store_true")
+    create_user.add_argument(
+        "--email", help="the user's e-mail address (shown on their portal profile)"
+    )
     create_user.add_argument(
         "--password",
         action="store_true",
@@ -494,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
         "set a user's portal password (asked for; or the first line of stdin when piped)",
         user_commands,
     )
-    set_password.add_argument("name")
+    set_password.add_argument("name", help="user name")
 
     projects = add("projects", lambda _a: 0, "observing projects")
     project_commands = projects.add_subparsers(
@@ -503,12 +502,15 @@ def build_parser() -> argparse.ArgumentParser:
     create_project = add(
         "create", cmd_projects_create, "create an observing project", project_commands
     )
-    create_project.add_argument("id")
+    create_project.add_argument("id", help="project id, e.g. G0055 (A-Z a-z 0-9 _)")
     create_project.add_argument(
-        "--priority", type=_int_in(-MAX_SQL_ID - 1, MAX_SQL_ID), required=True
+        "--priority", type=_int_in(-MAX_SQL_ID - 1, MAX_SQL_ID), required=True,
+        help="a trigger may interrupt observations of projects of lower priority",
+    )  # fmt: skip
+    create_project.add_argument(
+        "--secure-key", help="the key its triggers must carry (without one it cannot trigger)"
     )
-    create_project.add_argument("--secure-key")
-    create_project.add_argument("--description", default="")
+    create_project.add_argument("--description", default="", help="free text")
 
     simulate = add("simulate", lambda _a: 0, "simulated telescope")
     simulate_commands = simulate.add_subparsers(
@@ -526,16 +528,18 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="GPS start second (a multiple of 8)",
     )
-    observation.add_argument("--tiles", type=int, default=8)
+    observation.add_argument("--tiles", type=int, default=8, help="number of tiles (8)")
     observation.add_argument(
         "--coarse-chans",
         type=_comma_ints,
         default=[133, 134],
-        help="receiver channel numbers, comma separated",
+        help="receiver channel numbers, comma separated (133,134)",
     )
-    observation.add_argument("--fine-chan-khz", type=float, default=40.0)
-    observation.add_argument("--int-time", type=float, default=2.0, help="integration time (s)")
-    observation.add_argument("--timesteps", type=int, default=4)
+    observation.add_argument(
+        "--fine-chan-khz", type=float, default=40.0, help="fine channel width (kHz; 40)"
+    )
+    observation.add_argument("--int-time", type=float, default=2.0, help="integration time (s; 2)")
+    observation.add_argument("--timesteps", type=int, default=4, help="integrations (4)")
     observation.add_argument(
         "--source", type=_point_source, action="append", default=[],
         help="a point source RA_DEG,DEC_DEG,FLUX_JY_150MHZ[,SPECTRAL_INDEX][,NAME] (repeatable; the first is pointed at)",
@@ -545,10 +549,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the calibrator observed (catalogue name, e.g. HydA); without --source it is the sky model",
     )
     observation.add_argument(
-        "--mode", default="MWAX_CORRELATOR", choices=["MWAX_CORRELATOR", "MWAX_VCS"]
-    )
-    observation.add_argument("--project", default="D0000")
-    observation.add_argument("--seed", type=int, default=0)
+        "--mode", default="MWAX_CORRELATOR", choices=["MWAX_CORRELATOR", "MWAX_VCS"],
+        help="correlator visibilities (default) or voltage subfiles",
+    )  # fmt: skip
+    observation.add_argument("--project", default="D0000", help="project id (D0000)")
+    observation.add_argument(
+        "--seed", type=int, default=0,
+        help="random seed of the noise and the injected gain and delay errors (0)",
+    )  # fmt: skip
 
     convert = add(
         "preprocess",
@@ -583,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = add(
         "ingest", cmd_archive_ingest, "register real metafits and data files", archive_commands
     )
-    ingest.add_argument("directory")
+    ingest.add_argument("directory", help="searched for metafits and their data files")
     return parser
 
 

@@ -368,3 +368,72 @@ def test_solution_times_are_centroids_and_get_cal_fits_names_the_hyperdrive_file
         ).json()
     assert body == {str(fitid): [CAL_OBS, 0, f"{CAL_OBS}_solutions.fits"]}
     assert cached.with_name(body[str(fitid)][2]).is_file()
+
+
+def test_a_fit_records_its_iteration_limit_and_the_summary_shows_niter_over_limit(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """fit_limit is the solver's iteration limit (calvin: hyperdrive --max-iterations 500)."""
+    import re
+
+    from fastapi.testclient import TestClient
+
+    from observatory.app import create_app
+    from observatory.calib.pipeline import PHASE_FIT_NITER, SOLVER_MAX_ITERATIONS
+    from observatory.calib.service import calibdata_hdu
+
+    best = pointing.best_calibrator(CAL_OBS + 8, min_el_deg=30.0, sun_exclusion_deg=20.0)
+    assert best is not None
+    with session_factory() as session:
+        simulate_and_register(session, settings, obsid=CAL_OBS, sources=[catalogue_point_source(best[0].name)],
+                              n_tiles=8, coarse_chans=(109, 110), int_time_s=2.0, n_timesteps=2,
+                              calibrator=best[0].name)  # fmt: skip
+        session.commit()
+        fit = fit_observation(session, settings, CAL_OBS)
+        session.commit()
+        assert (
+            (fit.fit_niter, fit.fit_limit) == (PHASE_FIT_NITER, SOLVER_MAX_ITERATIONS) == (3, 500)
+        )
+        header = calibdata_hdu(fit, CAL_OBS).header
+        assert (header["CALITERS"], header["CALITLIM"]) == (3, 500.0)
+        fitid = fit.fitid
+    with TestClient(create_app(settings)) as client:
+        page = client.get(
+            "/calib/summary", params={"mintime": CAL_OBS - 60, "maxtime": CAL_OBS + 60}
+        )
+    assert page.status_code == 200 and f"fit?fitid={fitid}" in page.text
+    assert re.findall(r'<td class="niter">([^<]*)</td>', page.text) == ["3/500"]
+
+
+def test_status_codes_of_get_cal_fits_and_the_deprecated_get_calfile_for_obsid(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """As the MWA's documentation says (../shared/sources/calibration-web-services.txt)."""
+    from fastapi.testclient import TestClient
+
+    from observatory.app import create_app
+
+    best = pointing.best_calibrator(CAL_OBS + 8, min_el_deg=30.0, sun_exclusion_deg=20.0)
+    assert best is not None
+    with session_factory() as session:
+        simulate_and_register(session, settings, obsid=CAL_OBS, sources=[catalogue_point_source(best[0].name)],
+                              n_tiles=4, coarse_chans=(109,), n_timesteps=1)  # fmt: skip
+        session.commit()
+    with TestClient(create_app(settings)) as client:
+        unknown = CAL_OBS + 8
+        for path in ("get_cal_fits", "get_cal_solution", "get_calfile_for_obsid"):
+            reply = client.get(f"/calib/{path}", params={"obs_id": unknown})
+            assert reply.status_code == 400, (path, reply.text)
+        reply = client.get("/calib/get_cal_fits", params={"obs_id": CAL_OBS})
+        assert reply.status_code == 404
+        assert reply.json() == {
+            "error": f"no calibration fits for obs_id {CAL_OBS}",
+            "error_code": 1,
+        }
+        solution = client.get("/calib/get_cal_solution", params={"obs_id": CAL_OBS})
+        assert solution.status_code == 404
+        # The deprecated service answers 400 for "no fit", as the MWA's did ("400 if the
+        # cal_id is not found in the calibration solution database"), with the same message.
+        old = client.get("/calib/get_calfile_for_obsid", params={"obs_id": CAL_OBS})
+        assert old.status_code == 400
+        assert old.json()["error"] == solution.json()["error"]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
+import logging
 import os
 import pty
 import re
@@ -96,6 +98,20 @@ def seed_other_user(data_dir: Path) -> None:
 
     assert main(["--data-dir", str(data_dir), "users", "create", "erin",
                  "--api-key", "other-user-key"]) == 0  # fmt: skip
+
+
+_fresh_users = itertools.count(1)
+
+
+def fresh_user_environ(server: Server) -> dict[str, str]:
+    """The environment of a new user with no jobs (so a submission is never a duplicate)."""
+    from observatory.cli import main
+
+    number = next(_fresh_users)
+    key = f"fresh-user-key-{number}"
+    assert main(["--data-dir", str(server.data_dir), "users", "create", f"fresh{number}",
+                 "--api-key", key]) == 0  # fmt: skip
+    return server.environ(MWA_ASVO_API_KEY=key)
 
 
 def mwa_client(*args: str, environ: dict[str, str]) -> tuple[int, str]:
@@ -195,6 +211,43 @@ def test_submit_only_then_list_then_download_only(server: Server, tmp_path: Path
     assert json.loads(error_file.read_text()) == []  # written, empty, when nothing failed
     assert sha1(out_dir / job.files[0].name) == job.files[0].sha1
     assert output.rstrip().endswith("mwa_client finished successfully")
+
+
+def test_submit_only_and_list_only_ignore_the_download_directory(
+    server: Server, tmp_path: Path
+) -> None:
+    """-s and -l never look at -d (their help and the guide say it is ignored)."""
+    environ = fresh_user_environ(server)
+    csv_path = tmp_path / "jobs.csv"
+    csv_path.write_text(f"obs_id={OTHER_OBSID}, job_type=d, download_type=vis_meta\n")
+    missing = tmp_path / "nonexistent"
+    code, output = mwa_client("-c", str(csv_path), "-s", "-d", str(missing), environ=environ)
+    assert code == 0, output
+    assert "is invalid" not in output
+    job_id = int(re.search(r"Submitted job: (\d+)", output)[1])  # type: ignore[index]
+    code, output = mwa_client("-l", "-d", str(missing), environ=environ)
+    assert code == 0, output
+    assert any(line.split()[:1] == [str(job_id)] for line in output.splitlines())
+    assert not missing.exists()
+    # The modes that download still refuse a missing directory.
+    code, output = mwa_client("-c", str(csv_path), "-d", str(missing), environ=environ)
+    assert code == 1 and f"Error: Output directory {missing} is invalid." in output
+
+
+def test_verbose_submit_only_shows_the_submitted_parameters(server: Server, tmp_path: Path) -> None:
+    environ = fresh_user_environ(server)
+    csv_path = tmp_path / "jobs.csv"
+    # An old (cotter-era) key: what is shown is what was sent, renamed.
+    csv_path.write_text(f"obs_id={OTHER_OBSID}, job_type=c, timeres=4, output=uvfits\n")
+    code, output = mwa_client("-c", str(csv_path), "-s", "-v", environ=environ)
+    assert code == 0, output
+    line = next(line for line in output.splitlines() if line.startswith("Submitted job:"))
+    assert re.fullmatch(r"Submitted job: \d+ params: \{.*\}", line), line
+    assert f"'obs_id': '{OTHER_OBSID}'" in line and "'avg_time_res': '4'" in line
+    # Without -v the line stays the MWA client's.
+    csv_path.write_text(f"obs_id={OTHER_OBSID}, job_type=d, download_type=vis_meta\n")
+    code, output = mwa_client("-c", str(csv_path), "-s", environ=environ)
+    assert code == 0 and re.search(r"^Submitted job: \d+ $", output, re.MULTILINE), output
 
 
 def test_download_only_reports_jobs_it_cannot_download(server: Server, tmp_path: Path) -> None:
@@ -375,6 +428,54 @@ def test_a_file_that_never_verifies_is_reported(server: Server, tmp_path: Path) 
     assert not (tmp_path / file.name).exists() and not (tmp_path / (file.name + ".part")).exists()
 
 
+def test_a_checksum_that_never_matches_promises_no_download_after_the_last_attempt(
+    server: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with server.session() as session:
+        job_id = session.submit_download_job(OBSID, download_type="vis_meta", allow_resubmit=True)
+        job = completed_job(session, job_id)
+        (file,) = job.files
+        wrong = dataclasses.replace(file, blake3="0" * 64)
+        caplog.set_level(logging.WARNING, logger="observatory.clients.asvo")
+        with pytest.raises(asvo.ChecksumError):
+            session.download_product(dataclasses.replace(job, files=(wrong,)), tmp_path)
+    lines = [r.getMessage() for r in caplog.records if r.name == "observatory.clients.asvo"]
+    assert len(lines) == asvo.DOWNLOAD_ATTEMPTS, lines
+    for attempt, line in enumerate(lines[:-1], start=1):
+        assert line.endswith(
+            f"deleting it and downloading again (attempt {attempt} of {asvo.DOWNLOAD_ATTEMPTS})"
+        ), line
+    assert "downloading again" not in lines[-1]
+    assert lines[-1].endswith(
+        f"deleted it (attempt {asvo.DOWNLOAD_ATTEMPTS} of {asvo.DOWNLOAD_ATTEMPTS}, giving up)"
+    ), lines[-1]
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_interrupted_download_neither_waits_nor_promises_a_retry_after_the_last_attempt(
+    server: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    with server.session() as session:
+        job_id = session.submit_download_job(OBSID, download_type="vis_meta", allow_resubmit=True)
+        job = completed_job(session, job_id)
+
+        def dropped(*_args: object) -> None:
+            raise ConnectionResetError("connection reset by peer")
+
+        waits: list[float] = []
+        monkeypatch.setattr(asvo.Session, "_fetch_into", dropped)
+        monkeypatch.setattr(asvo.time, "sleep", waits.append)
+        caplog.set_level(logging.WARNING, logger="observatory.clients.asvo")
+        with pytest.raises(asvo.AsvoError, match="failed after 3 attempts"):
+            session.download_product(job, tmp_path)
+    lines = [r.getMessage() for r in caplog.records if r.name == "observatory.clients.asvo"]
+    assert len(lines) == asvo.DOWNLOAD_ATTEMPTS == 3, lines
+    assert all(line.endswith("trying again") for line in lines[:-1]), lines
+    assert "giving up" in lines[-1] and "trying again" not in lines[-1]
+    assert len(waits) == asvo.DOWNLOAD_ATTEMPTS - 1  # no pause before giving up
+
+
 # -- exit codes and the command line --------------------------------------------------------
 
 
@@ -413,7 +514,8 @@ def test_exit_codes_and_messages(server: Server, tmp_path: Path) -> None:
     assert code == 1 and "No jobs to submit" in output
     code, output = mwa_client("-l", environ={**env, "MWA_ASVO_PORT": str(free_port())})
     assert code == 1 and "Cannot reach" in output
-    for args in (["-s", "-l"], ["-l", "-w", "all"], ["-w", "yesterday"], ["--parallel", "0"]):
+    for args in (["-s", "-l"], ["-l", "-w", "all"], ["-w", "all", "-s"], ["-w", "yesterday"],
+                 ["--parallel", "0"]):  # fmt: skip
         with pytest.raises(SystemExit) as exited:
             mwa_client(*args, environ=env)
         assert exited.value.code == 1
@@ -448,17 +550,25 @@ def test_a_csv_that_is_not_utf8_is_a_csv_error(tmp_path: Path) -> None:
     assert error["result"].startswith(f"Error: {latin1} line 2")
 
 
-@pytest.mark.parametrize("where", ["missing-dir/errors.json", "a-directory"])
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("missing-dir/errors.json",
+         "Error: cannot write the error file {path}: No such file or directory"),
+        ("a-directory", "Error: the error file {path} is a directory"),
+    ],
+)  # fmt: skip
 def test_an_error_file_that_cannot_be_written_stops_before_any_work(
-    tmp_path: Path, where: str
+    tmp_path: Path, where: str, message: str
 ) -> None:
+    """The messages docs/mwa_client.md quotes, word for word."""
     (tmp_path / "a-directory").mkdir()
     csv_file = tmp_path / "jobs.csv"
     csv_file.write_text(f"obs_id={OBSID}, job_type=d, download_type=vis\n")
     code, output = mwa_client("-c", str(csv_file), "-e", str(tmp_path / where),
                               environ=offline_environ())  # fmt: skip
     assert code == 1, output
-    assert f"the error file {tmp_path / where}" in output
+    assert message.format(path=tmp_path / where) in output.splitlines()
     assert "Connecting" not in output and "Traceback" not in output
 
 
@@ -486,15 +596,18 @@ def test_exit_code_of_the_installed_script_for_a_bad_csv(server: Server, tmp_pat
     assert "line 1" in result.stdout
 
 
-#: The option list of the guide (asvo-mwa_client-guide.txt, "Command Line Options").
+#: The option list of the guide (asvo-mwa_client-guide.txt, "Command Line Options"), with
+#: the help of -l and -w saying what the client does: the guide's "(-s, -c & -l are
+#: ignored)" and "active job(s)" are not true of it (the modes exclude each other, and -l
+#: lists jobs in every state).
 GUIDE_OPTIONS = """
   -h, --help            show this help message and exit
   -s, --submit-only     submit job(s) from csv file then exit (-d is ignored)
-  -l, --list-only       List the user's active job(s) and exit immediately
-                        (-s, -c & -d are ignored)
+  -l, --list-only       List all of the user's job(s), in any state, and exit immediately
+                        (-c & -d are ignored; not with -s or -w)
   -w DOWNLOAD_JOB_ID, --download-only DOWNLOAD_JOB_ID
                         Download the job id (-w DOWNLOAD_JOB_ID), if it is ready;
-                        or all downloadable jobs (-w all | -w 0), then exit (-s, -c & -l are ignored)
+                        or all downloadable jobs (-w all | -w 0), then exit (-c is ignored; not with -s or -l)
   -c FILE, --csv FILE   csv job file
   -d DIR, --dir DIR     download directory
   -e ERRFILE, --error-file ERRFILE, --errfile ERRFILE
@@ -527,9 +640,25 @@ def test_help_matches_the_guide() -> None:
         e for e, p in zip(entries, positions, strict=True) if p < 0
     ]
     assert positions == sorted(positions)
+    assert "are ignored" in help_text and "-s, -c & -l" not in help_text
+    assert "-s, -c & -d" not in help_text and "active job" not in help_text
     assert "-ar, --allow-resubmit" in help_text
     for line in GUIDE_EXAMPLES.strip().splitlines():
         assert line in result.stdout
+
+
+def test_the_guide_describes_every_option() -> None:
+    """docs/mwa_client.md's option table has a row for every option of the parser."""
+    from observatory.clients.mwa_client import build_parser
+
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "mwa_client.md").read_text()
+    rows = [line for line in guide.splitlines() if line.startswith("| `-")]
+    for action in build_parser()._actions:
+        if "--help" in action.option_strings:
+            continue
+        assert any(all(f"`{o}" in row for o in action.option_strings) for row in rows), (
+            action.option_strings
+        )
 
 
 # -- the Python API -------------------------------------------------------------------------

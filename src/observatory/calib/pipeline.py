@@ -46,6 +46,9 @@ REQUEST_LOCK_KIND = "calib.request"
 #: calvin's settings (specs/calib.md 3.1): edges flagged, phase-fit iterations.
 EDGE_WIDTH_HZ = 80_000
 PHASE_FIT_NITER = 3
+#: The solver's iteration limit: calvin runs hyperdrive with ``--max-iterations 500``.
+#: Each fit records it as its ``fit_limit`` (the summary's "Niter/Limit" column).
+SOLVER_MAX_ITERATIONS = 500
 
 
 class CalibrationFailed(Exception):
@@ -64,12 +67,27 @@ class SolvedObservation:
     coarse_chans: tuple[int, ...] = ()
     #: Centroid GPS times of the timesteps solved (hyperdrive's timeblock times).
     time_centroids_gps: NDArray[np.float64] | None = None
+    #: The iteration limit StEFCal ran with.
+    max_iterations: int = SOLVER_MAX_ITERATIONS
 
 
 def solve_observation(
-    metafits: Path, data_files: list[Path], source_name: str
+    metafits: Path,
+    data_files: list[Path],
+    source_name: str,
+    max_iterations: int = SOLVER_MAX_ITERATIONS,
 ) -> SolvedObservation:
-    """Solve one timeblock (the whole observation) against a catalogue point source."""
+    """Solve one timeblock (the whole observation) against a catalogue point source.
+
+    Parameters
+    ----------
+    metafits, data_files
+        The observation's metafits and correlator files.
+    source_name
+        The calibrator: a catalogue name, the point-source model.
+    max_iterations
+        StEFCal's iteration limit per channel and polarisation (recorded in the result).
+    """
     reader = open_reader(metafits, data_files)
     meta = reader.meta
     source = lookup(source_name)
@@ -104,11 +122,14 @@ def solve_observation(
         blocks_a.append(big_a)
         blocks_b.append(big_b)
         all_freqs.append(chunk.freqs_hz)
-    solution = stefcal(np.concatenate(blocks_a), np.concatenate(blocks_b))
+    solution = stefcal(
+        np.concatenate(blocks_a), np.concatenate(blocks_b), max_iterations=max_iterations
+    )
     return SolvedObservation(
         meta, np.concatenate(all_freqs), solution, meta.fine_chans_per_coarse,
         coarse_chans=tuple(int(c) for c in reader.coarse_chans),
         time_centroids_gps=np.asarray(reader.time_start_gps_s, np.float64) + meta.int_time_s / 2.0,
+        max_iterations=max_iterations,
     )  # fmt: skip
 
 
@@ -225,7 +246,8 @@ def fit_observation(session: Session, settings: Settings, obsid: int) -> Calibra
         )
     fit = store_fit(
         session, settings, obsid, solutions, rows, creator="calvin", code_version=__version__,
-        fit_niter=PHASE_FIT_NITER, source_list=observation.calibrator_source, num_sources=1,
+        fit_niter=PHASE_FIT_NITER, fit_limit=solved.max_iterations,
+        source_list=observation.calibrator_source, num_sources=1,
         calibration_command=f"StEFCal against the catalogue point source {observation.calibrator_source}",
     )  # fmt: skip
     draw_all(session, settings, fit)  # the summary pages never wait for a plot

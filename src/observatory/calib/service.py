@@ -364,6 +364,7 @@ def store_fit(
     creator: str = "calvin",
     code_version: str = "",
     fit_niter: int | None = None,
+    fit_limit: float | None = None,
     source_list: str | None = None,
     num_sources: int | None = None,
     calibration_command: str = "",
@@ -372,7 +373,9 @@ def store_fit(
     """Record a fit: its AO-cal file in the calibration store, its row and one row per tile.
 
     ``tile_rows`` hold ``calibration_solutions`` columns (``tileid``, ``antenna``,
-    ``x_delay_m``, ...); NaN becomes NULL.
+    ``x_delay_m``, ...); NaN becomes NULL. ``fit_niter`` and ``fit_limit`` are the fit's
+    parameters the summary shows as "Niter/Limit" (our pipeline: the phase-fit iterations
+    and the solver's iteration limit).
     """
     fitid = new_fitid()
     while session.get(CalibrationFit, fitid) is not None:
@@ -385,8 +388,9 @@ def store_fit(
     write_hyperdrive(path.with_name(f"{obsid}_solutions.fits"), solutions)
     fit = CalibrationFit(
         fitid=fitid, obsid=obsid, creator=creator, code_version=code_version, fit_niter=fit_niter,
-        source_list=source_list, num_sources=num_sources, calibration_command=calibration_command,
-        gain_max_cutoff=gain_max_cutoff, solution_file=relative,
+        fit_limit=fit_limit, source_list=source_list, num_sources=num_sources,
+        calibration_command=calibration_command, gain_max_cutoff=gain_max_cutoff,
+        solution_file=relative,
     )  # fmt: skip
     fit.solutions = [CalibrationSolution(obsid=obsid, **_nulls(row)) for row in tile_rows]
     session.add(fit)

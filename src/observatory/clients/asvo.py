@@ -743,7 +743,17 @@ class Session:
                         status_code=exc.status_code, job_id=job.id,
                     ) from exc  # fmt: skip
                 last_error = exc
-                log.warning("download of %s interrupted (%s); attempt %d", file.name, exc, attempt)
+                if attempt == DOWNLOAD_ATTEMPTS:  # no retry follows: say so, and do not wait
+                    log.warning(
+                        "download of %s interrupted (%s); attempt %d of %d, giving up "
+                        "(the .part file is kept: the next run resumes it)",
+                        file.name, exc, attempt, DOWNLOAD_ATTEMPTS,
+                    )  # fmt: skip
+                    break
+                log.warning(
+                    "download of %s interrupted (%s); attempt %d of %d, trying again",
+                    file.name, exc, attempt, DOWNLOAD_ATTEMPTS,
+                )  # fmt: skip
                 time.sleep(min(2.0**attempt, 10.0) * 0.25)
                 continue
             if partial.stat().st_size == file.size_bytes and digest == expected_digest:
@@ -755,8 +765,17 @@ class Session:
                 f"the server says {expected_digest}",
                 job_id=job.id,
             )
-            log.warning("%s; deleting it and downloading again", last_error)
             partial.unlink(missing_ok=True)
+            if attempt == DOWNLOAD_ATTEMPTS:  # no download follows: do not promise one
+                log.warning(
+                    "%s; deleted it (attempt %d of %d, giving up)",
+                    last_error, attempt, DOWNLOAD_ATTEMPTS,
+                )  # fmt: skip
+                break
+            log.warning(
+                "%s; deleting it and downloading again (attempt %d of %d)",
+                last_error, attempt, DOWNLOAD_ATTEMPTS,
+            )  # fmt: skip
             redownloaded = True
             # What is reported is the fetch that ends with the file: a fresh one now.
             transferred, resumed = 0, False

@@ -148,15 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
         "-s", "--submit-only", action="store_true", dest="submit_only",
         help="submit job(s) from csv file then exit (-d is ignored)",
     )  # fmt: skip
+    # The guide's help says -l and -w ignore the other modes; here they exclude each other
+    # (a usage error), and -l lists jobs in every state: the help says what the client does.
     modes.add_argument(
         "-l", "--list-only", action="store_true", dest="list_only",
-        help="List the user's active job(s) and exit immediately (-s, -c & -d are ignored)",
+        help="List all of the user's job(s), in any state, and exit immediately "
+        "(-c & -d are ignored; not with -s or -w)",
     )  # fmt: skip
     modes.add_argument(
         "-w", "--download-only", type=_download_job_id, dest="download_job_id",
         metavar="DOWNLOAD_JOB_ID",
         help="Download the job id (-w DOWNLOAD_JOB_ID), if it is ready; or all downloadable "
-        "jobs (-w all | -w 0), then exit (-s, -c & -l are ignored)",
+        "jobs (-w all | -w 0), then exit (-c is ignored; not with -s or -l)",
     )  # fmt: skip
     parser.add_argument("-c", "--csv", dest="csvfile", metavar="FILE", help="csv job file")
     parser.add_argument("-d", "--dir", dest="outdir", metavar="DIR", help="download directory")
@@ -164,7 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
         "-e", "--error-file", "--errfile", dest="errfile", metavar="ERRFILE",
         help="Write errors in json format to an error file",
     )  # fmt: skip
-    parser.add_argument("-v", "--verbose", action="store_true", help="verbose output")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="verbose output (with each job's parameters, when submitting too)",
+    )  # fmt: skip
     parser.add_argument(
         "-ar", "--allow-resubmit", action="store_true", dest="allow_resubmit",
         help="Will allow a job with the same parameters and an existing job in your queue in "
@@ -389,7 +395,11 @@ def _submit_jobs(
             reporter.say(f"Skipping: job #{number} (line {job.line_number}) - {error_text}.")
             errors.append(JobError(None, obs_id, f"Error: {error_text}"))
             continue
-        reporter.say(f"Submitted job: {job_id} ")
+        if reporter.verbose:
+            # What was sent (the csv line, old keys renamed): with -s no status line follows.
+            reporter.say(f"Submitted job: {job_id} params: {dict(job.params)}")
+        else:
+            reporter.say(f"Submitted job: {job_id} ")
         tracked.append(job_id)
     return tracked
 
@@ -464,6 +474,8 @@ def _ready_jobs(
         errors.append(JobError(job_id, str(wanted.obs_id),
                                "Error: Invalid job state- job not ready for download"))  # fmt: skip
         return []
+    # The status line -w all prints for each job (with its parameters under -v).
+    reporter.say(reporter.job_status(wanted))
     return [wanted]
 
 
@@ -575,7 +587,9 @@ def _run(
     if args.csvfile is None and (args.submit_only or full):
         raise UsageError("Error: csvfile not specified (-c FILE)")
     outdir = Path(args.outdir or ".")
-    if args.outdir and not outdir.is_dir():
+    # Only the modes that download use -d: -s and -l ignore it, as their help says.
+    downloads_anything = full or download_only
+    if downloads_anything and args.outdir and not outdir.is_dir():
         raise UsageError(f"Error: Output directory {args.outdir} is invalid.")
     for variable in ("ASVO_USER", "ASVO_PASS"):
         if env.get(variable):

@@ -32,7 +32,6 @@ def create_user(
     api_key: str | None = None,
     *,
     email: str | None = None,
-    is_admin: bool = False,
 ) -> tuple[User, str]:
     """Create a user and return it with its API key (the only time the key is seen in clear).
 
@@ -55,7 +54,6 @@ def create_user(
         email=email,
         api_key_hash=hash_secret(key),
         api_key_fingerprint=key_fingerprint(key),
-        is_admin=is_admin,
     )
     session.add(user)
     session.flush()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Boolean, Integer, String, Text
+from sqlalchemy import Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from observatory.core.database import Base, UTCDateTime, utcnow
@@ -23,7 +23,6 @@ class User(Base):
     api_key_fingerprint: Mapped[str] = mapped_column(String(16), index=True)
     #: scrypt hash of the portal password; None until ``observatory users set-password``.
     password_hash: Mapped[str | None] = mapped_column(String(200), default=None)
-    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     #: Portal sign-ins made before this moment no longer count (set by signing out and by a
     #: new password: it ends the user's sessions in every browser); None: all count.

@@ -46,8 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-verify",
         action="store_true",
-        help="skip checking the package against its origin after copy/hard/move "
-        "(the sha256 manifest is still written)",
+        help="skip the checks against the origin: copies compared byte for byte (copy), "
+        "origin symlinks checked (move); hard links are always checked and the sha256 "
+        "manifest is still written",
     )
     parser.add_argument(
         "--style",
@@ -121,8 +122,8 @@ def _verify(arguments: list[str]) -> int:
         prog="qa-packager verify",
         description="Re-hash a package against its manifest (<package>.manifest-sha256.txt).",
     )
-    parser.add_argument("package", type=Path)
-    parser.add_argument("--workers", type=int, default=2, help="hashing threads")
+    parser.add_argument("package", type=Path, help="the package directory (its project code)")
+    parser.add_argument("--workers", type=int, default=2, help="hashing threads (default 2)")
     args = parser.parse_args(arguments)
     try:
         problems = validate_manifest(args.package, workers=args.workers)
