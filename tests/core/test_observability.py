@@ -263,6 +263,19 @@ def test_readyz_without_jobs(client: TestClient) -> None:
     }
 
 
+def test_healthz_stays_alive_while_the_database_is_away(
+    app: FastAPI, client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Liveness is the process's: restarting it would not bring the database back."""
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise OSError("database host unreachable")
+
+    monkeypatch.setattr(app.state.engine, "connect", refuse)
+    reply = client.get("/healthz")
+    assert reply.status_code == 200 and reply.json()["status"] == "ok"
+
+
 def test_readyz_names_an_unreachable_database(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
