@@ -795,3 +795,41 @@ def test_memory_follows_the_chunk_size_not_the_band(tmp_path: Path) -> None:
     print({n: f"{peak / 2**20:.1f} MiB" for n, peak in peaks.items()})
     assert peaks[16] < 1.5 * peaks[2]
     assert peaks[16] < band_block_bytes
+
+
+def test_a_measurement_set_too_big_for_memory_is_refused_before_any_work(
+    sim: SimulatedObservation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pyuvdata writes an MS from memory: refused at once, naming what to do, nothing written."""
+    from observatory.preprocess import engine
+
+    options = ConversionOptions.from_params({**RAW, "output": "ms"})
+    monkeypatch.setattr(engine, "memory_limit_bytes", lambda: 100_000)
+    with pytest.raises(OptionError, match=r"output='ms' .* would need about [\d.]+ MB, more than "
+                       r"the 0\.1 MB .*\(avg_time_res, avg_freq_res\) or ask for uvfits"):  # fmt: skip
+        preprocess(sim.metafits_path, sim.vis_paths, options, tmp_path / "big.ms")
+    assert list(tmp_path.iterdir()) == []
+    # uvfits is streamed: the same limit does not stop it.
+    uvfits = ConversionOptions.from_params(RAW)
+    assert preprocess(sim.metafits_path, sim.vis_paths, uvfits, tmp_path / "ok.uvfits")[0].exists()
+
+
+def test_the_memory_limit_inside_a_dask_worker_is_the_workers() -> None:
+    from distributed import Client, LocalCluster
+
+    from observatory.preprocess.engine import memory_limit_bytes
+
+    outside = memory_limit_bytes()
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=False,
+            memory_limit="300MiB",
+            dashboard_address=None,
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        inside = client.submit(memory_limit_bytes, pure=False).result(timeout=30)
+    assert inside == 300 * 2**20 < outside

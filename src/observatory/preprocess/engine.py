@@ -393,6 +393,9 @@ def preprocess(
     ms_targets = [t for t in targets if t.suffix.lower() == ".ms"]
     collected: ConvertedData | None = None
     if ms_targets:
+        _check_measurement_set_fits(
+            options.output, n_times_out * meta.n_baselines * n_coarse * chans_out * 4
+        )
         # pyuvdata writes a measurement set from a whole object: the output is kept in memory.
         out_shape = (n_times_out, meta.n_baselines, n_coarse * chans_out, 4)
         collected = ConvertedData(
@@ -537,6 +540,50 @@ def preprocess(
     if collected is not None:
         write_outputs(collected, ms_targets)
     return targets
+
+
+#: Peak bytes of writing a measurement set through pyuvdata, per visibility sample of the
+#: output (a complex64 per pol): the collected output and pyuvdata's copies; measured
+#: 3.8-4.7 times the visibilities' 8 bytes (docs/preprocess.md).
+MS_PEAK_BYTES_PER_SAMPLE = 5 * 8
+
+
+def memory_limit_bytes() -> int:
+    """The memory this process may use: the least of the machine's, its cgroup's and,
+    inside a Dask worker, the worker's ``memory_limit``."""
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    for cgroup_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):  # absent, or "max": no cgroup limit
+            limits.append(int(Path(cgroup_file).read_text().strip()))
+    with contextlib.suppress(ImportError, ValueError, AttributeError):  # not in a Dask worker
+        from distributed import get_worker
+
+        worker_limit = get_worker().memory_manager.memory_limit
+        if worker_limit:
+            limits.append(int(worker_limit))
+    return min(limits)
+
+
+def _check_measurement_set_fits(output: OutputFormat, n_samples: int) -> None:
+    """Refuse, before any work, a measurement set that cannot be written in this memory.
+
+    pyuvdata writes a measurement set from the whole output in memory: better one line
+    saying so now than the process killed for its memory at the end of a long run.
+
+    Raises
+    ------
+    OptionError
+        Naming the memory needed and the limit, and what to do instead.
+    """
+    needed = n_samples * MS_PEAK_BYTES_PER_SAMPLE
+    limit = memory_limit_bytes()
+    if needed > limit:
+        raise OptionError(
+            "output", output.value,
+            f"a measurement set is written from memory, and this one would need about "
+            f"{needed / 1e6:,.1f} MB, more than the {limit / 1e6:,.1f} MB this process may use; "
+            "average in time or frequency (avg_time_res, avg_freq_res) or ask for uvfits",
+        )  # fmt: skip
 
 
 def _time_blocks(plan: _Plan) -> list[range]:
