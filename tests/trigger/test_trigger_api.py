@@ -636,8 +636,10 @@ def test_avoidsun_follows_the_sun_through_an_hour_long_trigger(settings: Setting
     assert (sun_el > 0).all()
     for i, observation in enumerate(planned):
         (entry,) = observation.pointings
-        expected = pointing.avoid_sun(entry["target_az_deg"], entry["target_el_deg"], sun_az[i],
-                                      sun_el[i], freq_hz, threshold=settings.trigger_sun_threshold)  # fmt: skip
+        (expected,) = pointing.avoid_sun_many(
+            np.array([entry["target_az_deg"]]), np.array([entry["target_el_deg"]]), sun_az[i : i + 1],
+            sun_el[i : i + 1], np.array([freq_hz]), threshold=settings.trigger_sun_threshold,
+        )  # fmt: skip
         assert entry["grid_number"] == expected.grid_number, observation.obsid
         at_sun = pointing.beam_power(entry["delays"], sun_az[i : i + 1], sun_el[i : i + 1], freq_hz)
         assert at_sun[0] == pytest.approx(entry["sun_power"], rel=1e-6, abs=1e-12)

@@ -89,7 +89,9 @@ def test_azel_agrees_with_astropy() -> None:
 def test_avoid_sun_puts_the_sun_below_the_threshold() -> None:
     # A target 15 deg from the Sun, both high: the nearest grid point sees the Sun strongly.
     target_az, target_el, sun_az, sun_el = 30.0, 70.0, 80.0, 65.0
-    choice = pointing.avoid_sun(target_az, target_el, sun_az, sun_el, 150e6, threshold=1e-3)
+    (choice,) = pointing.avoid_sun_many(
+        *np.array([[target_az], [target_el], [sun_az], [sun_el], [150e6]]), threshold=1e-3
+    )
     assert choice.sun_power < 1e-3
     assert choice.sun_power < choice.nearest_sun_power
     assert choice.target_power > 0.3  # the target is still in the main lobe
@@ -121,8 +123,8 @@ def test_avoid_sun_many_matches_one_at_a_time() -> None:
         )
         assert power[0] == pytest.approx(choice.target_power)
         assert choice.sun_power < 1e-3 or choice.sun_power == pytest.approx(
-            pointing.avoid_sun(target_az[i], target_el[i], sun_az[i], sun_el[i], freqs[i],
-                               threshold=1e-3).sun_power
+            pointing.avoid_sun_many(target_az[i : i + 1], target_el[i : i + 1], sun_az[i : i + 1],
+                                    sun_el[i : i + 1], freqs[i : i + 1], threshold=1e-3)[0].sun_power
         )  # fmt: skip
 
 

@@ -310,26 +310,6 @@ class SunAvoidance:
         return 10.0 * math.log10(max(self.nearest_sun_power, 1e-300) / self.sun_power)
 
 
-def avoid_sun(
-    target_az_deg: float,
-    target_el_deg: float,
-    sun_az_deg: float,
-    sun_el_deg: float,
-    freq_hz: float,
-    *,
-    threshold: float,
-    search_radius_deg: float = 30.0,
-    min_el_deg: float = 20.0,
-) -> SunAvoidance:
-    """The grid pointing near a target whose beam best keeps the Sun out (see ``avoid_sun_many``)."""
-    (choice,) = avoid_sun_many(
-        np.array([target_az_deg]), np.array([target_el_deg]), np.array([sun_az_deg]),
-        np.array([sun_el_deg]), np.array([freq_hz]), threshold=threshold,
-        search_radius_deg=search_radius_deg, min_el_deg=min_el_deg,
-    )  # fmt: skip
-    return choice
-
-
 def avoid_sun_many(
     target_az_deg: NDArray[np.float64],
     target_el_deg: NDArray[np.float64],
