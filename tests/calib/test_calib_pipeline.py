@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from observatory.archive.simulated import catalogue_point_source, simulate_and_register
 from observatory.calib.formats import read_aocal, read_hyperdrive
+from observatory.calib.models import CalibrationFit
 from observatory.calib.pipeline import fit_observation
 from observatory.calib.service import solution_path
 from observatory.core.config import Settings
@@ -248,7 +249,6 @@ def test_a_second_fit_within_a_week_draws_its_history_plots(
     from datetime import UTC, timedelta
 
     from observatory.calib import plots
-    from observatory.calib.models import CalibrationFit
 
     later = CAL_OBS + 3600
     fitids = []
@@ -279,7 +279,7 @@ def test_a_calibrator_in_which_no_tile_calibrates_is_a_failed_fit(
     settings: Settings, session_factory: sessionmaker[Session]
 ) -> None:
     """Every tile but one flagged: nothing to solve. No fit is stored; the request fails, saying why."""
-    from observatory.calib.models import CalibrationFit, CalibrationRequest
+    from observatory.calib.models import CalibrationRequest
     from observatory.calib.pipeline import CalibrationFailed, run_request
     from observatory.calib.requests import callback_body
 
@@ -337,6 +337,19 @@ def test_a_missing_coarse_channel_file_is_nan_at_its_own_channel(tmp_path: Path)
             assert np.allclose(gains[[0, 2, 3]], expected, rtol=0.02), (row["tileid"], name, gains)
 
 
+def fit_small_calibrator(session: Session, settings: Settings) -> CalibrationFit:
+    """Simulate and fit the best calibrator up at CAL_OBS: 8 tiles, 2 coarse channels, 2 x 2 s."""
+    best = pointing.best_calibrator(CAL_OBS + 8, min_el_deg=30.0, sun_exclusion_deg=20.0)
+    assert best is not None
+    simulate_and_register(session, settings, obsid=CAL_OBS, sources=[catalogue_point_source(best[0].name)],
+                          n_tiles=8, coarse_chans=(109, 110), int_time_s=2.0, n_timesteps=2,
+                          calibrator=best[0].name)  # fmt: skip
+    session.commit()
+    fit = fit_observation(session, settings, CAL_OBS)
+    session.commit()
+    return fit
+
+
 def test_solution_times_are_centroids_and_get_cal_fits_names_the_hyperdrive_file(
     settings: Settings, session_factory: sessionmaker[Session]
 ) -> None:
@@ -345,15 +358,8 @@ def test_solution_times_are_centroids_and_get_cal_fits_names_the_hyperdrive_file
 
     from observatory.app import create_app
 
-    best = pointing.best_calibrator(CAL_OBS + 8, min_el_deg=30.0, sun_exclusion_deg=20.0)
-    assert best is not None
     with session_factory() as session:
-        simulate_and_register(session, settings, obsid=CAL_OBS, sources=[catalogue_point_source(best[0].name)],
-                              n_tiles=8, coarse_chans=(109, 110), int_time_s=2.0, n_timesteps=2,
-                              calibrator=best[0].name)  # fmt: skip
-        session.commit()
-        fit = fit_observation(session, settings, CAL_OBS)
-        session.commit()
+        fit = fit_small_calibrator(session, settings)
         fitid = fit.fitid
         cached = solution_path(settings, fit)
     assert cached is not None
@@ -382,15 +388,8 @@ def test_a_fit_records_its_iteration_limit_and_the_summary_shows_niter_over_limi
     from observatory.calib.pipeline import PHASE_FIT_NITER, SOLVER_MAX_ITERATIONS
     from observatory.calib.service import calibdata_hdu
 
-    best = pointing.best_calibrator(CAL_OBS + 8, min_el_deg=30.0, sun_exclusion_deg=20.0)
-    assert best is not None
     with session_factory() as session:
-        simulate_and_register(session, settings, obsid=CAL_OBS, sources=[catalogue_point_source(best[0].name)],
-                              n_tiles=8, coarse_chans=(109, 110), int_time_s=2.0, n_timesteps=2,
-                              calibrator=best[0].name)  # fmt: skip
-        session.commit()
-        fit = fit_observation(session, settings, CAL_OBS)
-        session.commit()
+        fit = fit_small_calibrator(session, settings)
         assert (
             (fit.fit_niter, fit.fit_limit) == (PHASE_FIT_NITER, SOLVER_MAX_ITERATIONS) == (3, 500)
         )
