@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -757,14 +758,15 @@ def test_time_grid_fills_gaps_and_refuses_times_off_the_grid() -> None:
 def test_memory_follows_the_chunk_size_not_the_band(tmp_path: Path) -> None:
     """Finished coarse channels wait on disk for their block, which is written a buffer at a time.
 
-    Before, a block's coarse channels were all held in memory, and the uvfits record of
-    the whole band built at once: the peak grew with the number of coarse channels.
+    Before, a block's coarse channels were all held in memory, the uvfits record of the
+    whole band built at once, and a measurement set written from the whole output: the
+    peak grew with the number of coarse channels (and the observation's length).
     """
     import tracemalloc
 
     n_tiles, n_chans, n_times = 16, 64, 8
     four_integrations = (n_tiles * (n_tiles + 1) // 2) * n_chans * 4 * 8 * 4
-    options = ConversionOptions.from_params(RAW)
+    options = ConversionOptions.from_params({**RAW, "output": "both"})
     peaks = {}
     for n_coarse in (2, 16):
         obs = simulate_observation(
@@ -779,14 +781,18 @@ def test_memory_follows_the_chunk_size_not_the_band(tmp_path: Path) -> None:
 
         def convert_once(name: str, obs: SimulatedObservation = obs) -> Path:
             return preprocess(
-                obs.metafits_path, obs.vis_paths, options, tmp_path / name,
-                workers=1, chunk_bytes=four_integrations,
-            )[0]  # fmt: skip
+                obs.metafits_path,
+                obs.vis_paths,
+                options,
+                tmp_path / name,
+                workers=1,
+                chunk_bytes=four_integrations,
+            )[0]  # fmt: skip (the uvfits; the measurement set is written beside it)
 
-        first = convert_once(f"warm{n_coarse}.uvfits")  # libraries load their tables once
+        first = convert_once(f"warm{n_coarse}")  # libraries load their tables once
         tracemalloc.start()
         try:
-            second = convert_once(f"measured{n_coarse}.uvfits")
+            second = convert_once(f"measured{n_coarse}")
             peaks[n_coarse] = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -797,39 +803,103 @@ def test_memory_follows_the_chunk_size_not_the_band(tmp_path: Path) -> None:
     assert peaks[16] < band_block_bytes
 
 
-def test_a_measurement_set_too_big_for_memory_is_refused_before_any_work(
-    sim: SimulatedObservation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+class ArrayPart:
+    """A channel range of a block held in memory, read as groups (a ``GroupSource``)."""
+
+    def __init__(self, vis: np.ndarray, weights: np.ndarray, flags: np.ndarray) -> None:
+        self.n_chans = vis.shape[2]
+        self.arrays = [a.reshape(-1, self.n_chans, 4) for a in (vis, weights, flags)]
+
+    def groups(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        vis, weights, flags = (a[start:stop] for a in self.arrays)
+        return vis, weights, flags
+
+
+def table_contents(path: Path) -> dict[str, dict[str, list[object]]]:
+    """Every table of a measurement set: its keywords and every column's cells."""
+    from casacore.tables import table
+
+    contents = {}
+    with table(str(path), ack=False) as main:
+        names = ["", *(k for k, v in main.getkeywords().items() if str(v).startswith("Table: "))]
+    for name in names:
+        with table(str(path / name) if name else str(path), ack=False) as tab:
+            keywords = {  # subtables are named by path: keep only their names
+                key: value.replace(str(path), "") if isinstance(value, str) else value
+                for key, value in tab.getkeywords().items()
+            }
+            columns: dict[str, list[object]] = {"keywords": [keywords]}
+            for column in tab.colnames():
+                columns[column] = [
+                    tab.getcell(column, row) if tab.iscelldefined(column, row) else None
+                    for row in range(tab.nrows())
+                ]
+            contents[name or "MAIN"] = columns
+    return contents
+
+
+@pytest.mark.parametrize("coarse_chans", [(137, 138), (137, 140)], ids=["contiguous", "picket"])
+def test_the_streamed_measurement_set_is_what_pyuvdata_writes(
+    tmp_path: Path, coarse_chans: tuple[int, int]
 ) -> None:
-    """pyuvdata writes an MS from memory: refused at once, naming what to do, nothing written."""
-    from observatory.preprocess import engine
+    """Every table and column as pyuvdata's write_ms of the whole output, written in pieces."""
+    from observatory.preprocess.corrections import make_autos_hermitian
+    from observatory.preprocess.measurement_set import MeasurementSetStream
+    from observatory.preprocess.reader import coarse_channel_freqs_hz, read_metadata
+    from observatory.preprocess.writer import OutputDescription, to_uvdata
 
-    options = ConversionOptions.from_params({**RAW, "output": "ms"})
-    monkeypatch.setattr(engine, "memory_limit_bytes", lambda: 100_000)
-    with pytest.raises(OptionError, match=r"output='ms' .* would need about [\d.]+ MB, more than "
-                       r"the 0\.1 MB .*\(avg_time_res, avg_freq_res\) or ask for uvfits"):  # fmt: skip
-        preprocess(sim.metafits_path, sim.vis_paths, options, tmp_path / "big.ms")
-    assert list(tmp_path.iterdir()) == []
-    # uvfits is streamed: the same limit does not stop it.
-    uvfits = ConversionOptions.from_params(RAW)
-    assert preprocess(sim.metafits_path, sim.vis_paths, uvfits, tmp_path / "ok.uvfits")[0].exists()
-
-
-def test_the_memory_limit_inside_a_dask_worker_is_the_workers() -> None:
-    from distributed import Client, LocalCluster
-
-    from observatory.preprocess.engine import memory_limit_bytes
-
-    outside = memory_limit_bytes()
-    with (
-        LocalCluster(
-            n_workers=1,
-            threads_per_worker=1,
-            processes=False,
-            memory_limit="300MiB",
-            dashboard_address=None,
-            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        inside = client.submit(memory_limit_bytes, pure=False).result(timeout=30)
-    assert inside == 300 * 2**20 < outside
+    obs = simulate_observation(tmp_path / "obs", OBSID, n_tiles=4, coarse_chans=coarse_chans,
+                               fine_chan_khz=320, n_timesteps=2, sources=[SOURCE])  # fmt: skip
+    meta = read_metadata(obs.metafits_path)
+    n_times, n_bl, n_chans = 6, meta.n_baselines, 4
+    freqs = np.concatenate([coarse_channel_freqs_hz(c, np.arange(n_chans), 320e3, n_chans)
+                            for c in coarse_chans])  # fmt: skip
+    description = OutputDescription(
+        meta=meta, time_centres_gps_s=OBSID + 1.0 + 2.0 * np.arange(n_times), freqs_hz=freqs,
+        channel_width_hz=320e3, int_time_s=2.0, phase_centre=("3C444", SOURCE.ra_deg, SOURCE.dec_deg),
+        history="a history line", calibrated=False,
+    )  # fmt: skip
+    rng = np.random.default_rng(5)
+    shape = (n_times, n_bl, 2 * n_chans, 4)
+    vis = (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
+    make_autos_hermitian(vis, meta)  # as the engine leaves them: pyuvdata checks
+    weights = rng.uniform(0.5, 2.0, size=shape).astype(np.float32)
+    flags = rng.uniform(size=shape) < 0.2
+    weights[1, 2] = 0.0  # a baseline-time with no weight: SIGMA is 0 there (see below)
+    reference_path = tmp_path / "reference.ms"
+    to_uvdata(description, vis, weights, flags).write_ms(str(reference_path))
+    streamed_path = tmp_path / "streamed.ms"
+    with MeasurementSetStream(streamed_path, description) as stream:
+        jd = Time(description.time_centres_gps_s, format="gps").utc.jd
+        for rows in (slice(0, 4), slice(4, 6)):  # two blocks, each in buffers of 5 groups
+            parts = [ArrayPart(vis[rows, :, c], weights[rows, :, c], flags[rows, :, c])
+                     for c in (slice(0, n_chans), slice(n_chans, 2 * n_chans))]  # fmt: skip
+            stream.write(jd[rows], parts, buffer_bytes=5 * 2 * n_chans * 4 * 21)
+    ours, theirs = table_contents(streamed_path), table_contents(reference_path)
+    assert ours.keys() == theirs.keys()
+    # Written at different moments; and pyuvdata leaves SIGMA uninitialised where WEIGHT is 0.
+    for contents in (ours, theirs):
+        contents["HISTORY"].pop("TIME")
+        contents["HISTORY"]["MESSAGE"] = [
+            re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+", "(written at)", str(message))
+            for message in contents["HISTORY"]["MESSAGE"]
+        ]
+        main = contents["MAIN"]
+        main["SIGMA"] = [
+            np.where(w == 0, 0.0, s) for w, s in zip(main["WEIGHT"], main["SIGMA"], strict=True)
+        ]
+    for table_name, columns in theirs.items():
+        assert ours[table_name].keys() == columns.keys(), table_name
+        for column, cells in columns.items():
+            assert len(ours[table_name][column]) == len(cells), (table_name, column)
+            for row, (mine, reference) in enumerate(
+                zip(ours[table_name][column], cells, strict=True)
+            ):
+                if isinstance(reference, np.ndarray):
+                    np.testing.assert_array_equal(
+                        mine, reference, err_msg=f"{table_name}.{column}[{row}]"
+                    )
+                else:
+                    assert repr(mine) == repr(reference), (table_name, column, row)
+    assert any((w == 0).all() for w in ours["MAIN"]["WEIGHT"])
+    assert len(ours["SPECTRAL_WINDOW"]["NUM_CHAN"]) == (1 if coarse_chans == (137, 138) else 2)

@@ -13,8 +13,7 @@ integrations (so memory stays bounded), chunks in parallel threads:
 7. direction-independent calibration solutions multiplied in (``J_p V J_q^H``);
 8. weighted averaging in time and frequency;
 
-then each block of integrations is streamed to the uvfits, and a measurement set written
-through pyuvdata from the whole (averaged) result.
+then each block of integrations is streamed to the uvfits and/or measurement set.
 """
 
 from __future__ import annotations
@@ -44,6 +43,7 @@ from numpy.typing import NDArray
 
 from observatory.calib.formats import CalSolutions, read_solutions
 from observatory.preprocess import corrections
+from observatory.preprocess.measurement_set import MeasurementSetStream
 from observatory.preprocess.options import (
     ConversionOptions,
     OptionError,
@@ -62,7 +62,7 @@ from observatory.preprocess.reader import (
 )
 from observatory.preprocess.rfi import aoflagger_flags
 from observatory.preprocess.uvfits import UvfitsStream
-from observatory.preprocess.writer import ConvertedData, write_outputs
+from observatory.preprocess.writer import OutputDescription
 
 log = logging.getLogger(__name__)
 
@@ -389,47 +389,24 @@ def preprocess(
     blocks = _time_blocks(plan)
     jobs = [(b, c) for b in range(len(blocks)) for c in range(n_coarse)]
 
-    uvfits_targets = [t for t in targets if t.suffix.lower() == ".uvfits"]
-    ms_targets = [t for t in targets if t.suffix.lower() == ".ms"]
-    collected: ConvertedData | None = None
-    if ms_targets:
-        _check_measurement_set_fits(
-            options.output, n_times_out * meta.n_baselines * n_coarse * chans_out * 4
-        )
-        # pyuvdata writes a measurement set from a whole object: the output is kept in memory.
-        out_shape = (n_times_out, meta.n_baselines, n_coarse * chans_out, 4)
-        collected = ConvertedData(
-            meta=meta,
-            vis=np.zeros(out_shape, dtype=np.complex64),
-            weights=np.zeros(out_shape, dtype=np.float32),
-            flags=np.ones(out_shape, dtype=bool),
-            time_centres_gps_s=time_centres_gps,
-            freqs_hz=out_freqs,
-            channel_width_hz=meta.fine_chan_width_hz * resolved.freq_factor,
-            int_time_s=meta.int_time_s * resolved.time_factor,
-            phase_centre=plan.phase_centre,
-            history=history,
-            calibrated=plan.jones is not None,
-        )
+    description = OutputDescription(
+        meta=meta,
+        time_centres_gps_s=time_centres_gps,
+        freqs_hz=out_freqs,
+        channel_width_hz=meta.fine_chan_width_hz * resolved.freq_factor,
+        int_time_s=meta.int_time_s * resolved.time_factor,
+        phase_centre=plan.phase_centre,
+        history=history,
+        calibrated=plan.jones is not None,
+    )
     time_centres_jd = Time(time_centres_gps, format="gps").utc.jd
     rfi_flagged = 0
     with contextlib.ExitStack() as stack:
-        streams = [
-            stack.enter_context(
-                UvfitsStream(
-                    path,
-                    meta,
-                    n_times=n_times_out,
-                    first_time_jd=float(time_centres_jd[0]),
-                    freqs_hz=out_freqs,
-                    channel_width_hz=meta.fine_chan_width_hz * resolved.freq_factor,
-                    int_time_s=meta.int_time_s * resolved.time_factor,
-                    phase_centre=plan.phase_centre,
-                    history=history,
-                    vis_units="Jy" if plan.jones is not None else "uncalib",
-                )
-            )
-            for path in uvfits_targets
+        streams: list[UvfitsStream | MeasurementSetStream] = [
+            stack.enter_context(UvfitsStream(path, description))
+            if path.suffix.lower() == ".uvfits"
+            else stack.enter_context(MeasurementSetStream(path, description))
+            for path in targets
         ]
         # A block is written once all its coarse channels are done; until then the
         # finished ones wait on disk, not in memory (a block of the whole band can be
@@ -454,15 +431,6 @@ def preprocess(
                 in_order = [parts[c] for c in range(n_coarse)]
                 for stream in streams:
                     stream.write(time_centres_jd[rows], in_order, buffer_bytes=chunk_bytes)
-                if collected is not None:
-                    for c, part in enumerate(in_order):
-                        cols = slice(c * chans_out, (c + 1) * chans_out)
-                        n_rows = rows.stop - rows.start
-                        arrays = part.groups(0, n_rows * meta.n_baselines)
-                        for target, values in zip(
-                            (collected.vis, collected.weights, collected.flags), arrays, strict=True
-                        ):
-                            target[rows, :, cols] = values.reshape(n_rows, meta.n_baselines, -1, 4)
                 for part in in_order:
                     part.path.unlink()
                 next_block += 1
@@ -537,53 +505,7 @@ def preprocess(
                         )
     if not options.no_rfi:
         log.info("AOFlagger flagged %d samples of obsid %d", rfi_flagged, meta.obsid)
-    if collected is not None:
-        write_outputs(collected, ms_targets)
     return targets
-
-
-#: Peak bytes of writing a measurement set through pyuvdata, per visibility sample of the
-#: output (a complex64 per pol): the collected output and pyuvdata's copies; measured
-#: 3.8-4.7 times the visibilities' 8 bytes (docs/preprocess.md).
-MS_PEAK_BYTES_PER_SAMPLE = 5 * 8
-
-
-def memory_limit_bytes() -> int:
-    """The memory this process may use: the least of the machine's, its cgroup's and,
-    inside a Dask worker, the worker's ``memory_limit``."""
-    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
-    for cgroup_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        with contextlib.suppress(OSError, ValueError):  # absent, or "max": no cgroup limit
-            limits.append(int(Path(cgroup_file).read_text().strip()))
-    with contextlib.suppress(ImportError, ValueError, AttributeError):  # not in a Dask worker
-        from distributed import get_worker
-
-        worker_limit = get_worker().memory_manager.memory_limit
-        if worker_limit:
-            limits.append(int(worker_limit))
-    return min(limits)
-
-
-def _check_measurement_set_fits(output: OutputFormat, n_samples: int) -> None:
-    """Refuse, before any work, a measurement set that cannot be written in this memory.
-
-    pyuvdata writes a measurement set from the whole output in memory: better one line
-    saying so now than the process killed for its memory at the end of a long run.
-
-    Raises
-    ------
-    OptionError
-        Naming the memory needed and the limit, and what to do instead.
-    """
-    needed = n_samples * MS_PEAK_BYTES_PER_SAMPLE
-    limit = memory_limit_bytes()
-    if needed > limit:
-        raise OptionError(
-            "output", output.value,
-            f"a measurement set is written from memory, and this one would need about "
-            f"{needed / 1e6:,.1f} MB, more than the {limit / 1e6:,.1f} MB this process may use; "
-            "average in time or frequency (avg_time_res, avg_freq_res) or ask for uvfits",
-        )  # fmt: skip
 
 
 def _time_blocks(plan: _Plan) -> list[range]:

@@ -23,8 +23,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 from observatory.core.storage import atomic_output
-from observatory.preprocess.reader import ObservationMeta
-from observatory.preprocess.writer import antenna_positions_ecef, spectral_window_ids
+from observatory.preprocess.writer import (
+    OutputDescription,
+    antenna_positions_ecef,
+    spectral_window_ids,
+)
 from observatory.telescope.instrument import SPEED_OF_LIGHT_M_S
 
 _BLOCK = 2880
@@ -62,38 +65,29 @@ class UvfitsStream:
     """Writes one uvfits file, a block of integrations at a time, atomically.
 
     Use as a context manager; call :meth:`write` with consecutive blocks of
-    integrations until ``n_times`` have been written.
+    integrations until all of the description's integrations have been written.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        meta: ObservationMeta,
-        *,
-        n_times: int,
-        first_time_jd: float,
-        freqs_hz: NDArray[np.float64],
-        channel_width_hz: float,
-        int_time_s: float,
-        phase_centre: tuple[str, float, float],
-        history: str,
-        vis_units: str,
-    ) -> None:
+    def __init__(self, path: str | os.PathLike[str], description: OutputDescription) -> None:
+        from astropy.time import Time
+
         from observatory.telescope.site import mwa_location
 
+        meta = description.meta
         self.path = Path(path)
         self.meta = meta
-        self.n_times = n_times
-        self.freqs_hz = np.asarray(freqs_hz, dtype=np.float64)
-        self.channel_width_hz = channel_width_hz
-        self.int_time_s = int_time_s
-        self.phase_centre = phase_centre
-        self.history = history
-        self.vis_units = vis_units
+        self.n_times = len(description.time_centres_gps_s)
+        self.freqs_hz = np.asarray(description.freqs_hz, dtype=np.float64)
+        self.channel_width_hz = description.channel_width_hz
+        self.int_time_s = description.int_time_s
+        self.phase_centre = description.phase_centre
+        self.history = description.history
+        self.vis_units = "Jy" if description.calibrated else "uncalib"
+        first_time_jd = float(Time(description.time_centres_gps_s[0], format="gps").utc.jd)
         self.location = mwa_location()
         self.jd_midnight = np.floor(first_time_jd - 0.5) + 0.5
         self.first_time_jd = first_time_jd
-        self.n_spws = _n_spws(self.freqs_hz, channel_width_hz)
+        self.n_spws = _n_spws(self.freqs_hz, self.channel_width_hz)
         self.p, self.q = meta.baseline_antennas()
         self.antenna_positions_m = antenna_positions_ecef(meta, self.location)
         self.times_written = 0

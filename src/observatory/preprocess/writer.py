@@ -1,12 +1,9 @@
-"""Writing converted visibilities as uvfits or a CASA measurement set, through pyuvdata."""
+"""What the streaming writers share: the output's description as pyuvdata sees it."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,14 +16,12 @@ from observatory.telescope.instrument import COARSE_CHAN_WIDTH_HZ
 POLARIZATION_CODES = [-5, -7, -8, -6]
 
 
-@dataclass
-class ConvertedData:
-    """The whole output of a conversion, ready to write.
+@dataclass(frozen=True)
+class OutputDescription:
+    """What a conversion's output holds, apart from the visibilities.
 
     Attributes
     ----------
-    vis, weights, flags
-        Shape (n_times, n_baselines, n_chans, 4), baselines in chunk order.
     time_centres_gps_s
         Centre of each output integration.
     phase_centre
@@ -34,9 +29,6 @@ class ConvertedData:
     """
 
     meta: ObservationMeta
-    vis: NDArray[np.complex64]
-    weights: NDArray[np.float32]
-    flags: NDArray[np.bool_]
     time_centres_gps_s: NDArray[np.float64]
     freqs_hz: NDArray[np.float64]
     channel_width_hz: float
@@ -46,14 +38,25 @@ class ConvertedData:
     calibrated: bool = False
 
 
-def to_uvdata(data: ConvertedData) -> Any:
-    """A pyuvdata ``UVData`` holding the converted data (uvw from the antenna positions)."""
+def to_uvdata(
+    description: OutputDescription,
+    vis: NDArray[np.complex64] | None = None,
+    weights: NDArray[np.float32] | None = None,
+    flags: NDArray[np.bool_] | None = None,
+) -> Any:
+    """A pyuvdata ``UVData`` of the output (uvw from the antenna positions).
+
+    With ``vis``, ``weights`` and ``flags`` (each of shape (n_times, n_baselines,
+    n_chans, 4), baselines in chunk order) it holds the data; without, it is
+    metadata-only (what the streaming writers need: every baseline-time's
+    coordinates, none of the visibilities).
+    """
     from astropy.time import Time
-    from pyuvdata import Telescope
+    from pyuvdata import Telescope, UVData
 
     from observatory.telescope.site import mwa_location
 
-    meta = data.meta
+    meta = description.meta
     location = mwa_location()
     telescope = Telescope.new(
         name="MWA",
@@ -72,8 +75,7 @@ def to_uvdata(data: ConvertedData) -> Any:
         update_from_known=False,
     )
     p, q = meta.baseline_antennas()
-    antpairs = np.stack([p, q], axis=1)
-    name, ra_deg, dec_deg = data.phase_centre
+    name, ra_deg, dec_deg = description.phase_centre
     catalog = {
         0: {
             "cat_name": name,
@@ -84,11 +86,37 @@ def to_uvdata(data: ConvertedData) -> Any:
             "cat_epoch": 2000.0,
         }
     }
-    jd = Time(data.time_centres_gps_s, format="gps").utc.jd
+    n_blts = len(description.time_centres_gps_s) * meta.n_baselines
+    arrays = {}
+    if vis is not None and weights is not None and flags is not None:
+        n_chans = vis.shape[2]
+        arrays = {
+            "data_array": vis.reshape(n_blts, n_chans, 4),
+            "flag_array": flags.reshape(n_blts, n_chans, 4),
+            "nsample_array": weights.reshape(n_blts, n_chans, 4),
+        }
     with warnings.catch_warnings():
         # UVData.new computes uvw from the antenna positions, and says so.
         warnings.filterwarnings("ignore", message="Recalculating uvw_array")
-        uvd = _new_uvdata(data, telescope, antpairs, catalog, jd)
+        uvd = UVData.new(
+            freq_array=description.freqs_hz,
+            polarization_array=POLARIZATION_CODES,
+            times=Time(description.time_centres_gps_s, format="gps").utc.jd,
+            telescope=telescope,
+            antpairs=np.stack([p, q], axis=1),
+            do_blt_outer=True,
+            time_axis_faster_than_bls=False,
+            integration_time=description.int_time_s,
+            channel_width=description.channel_width_hz,
+            phase_center_catalog=catalog,
+            phase_center_id_array=np.zeros(n_blts, dtype=int),
+            history=description.history,
+            vis_units="Jy" if description.calibrated else "uncalib",
+            flex_spw_id_array=spectral_window_ids(
+                description.freqs_hz, description.channel_width_hz
+            ),
+            **arrays,
+        )
     uvd.object_name = meta.obs_name or str(meta.obsid)
     uvd.extra_keywords["OBSID"] = meta.obsid
     return uvd
@@ -101,59 +129,6 @@ def spectral_window_ids(
     if len(freqs_hz) < 2 or np.allclose(np.diff(freqs_hz), channel_width_hz):
         return None
     return np.floor(freqs_hz / COARSE_CHAN_WIDTH_HZ + 0.5).astype(np.intp)
-
-
-def _new_uvdata(data: ConvertedData, telescope: Any, antpairs: Any, catalog: Any, jd: Any) -> Any:
-    from pyuvdata import UVData
-
-    n_times, n_bl, n_chans, n_pols = data.vis.shape
-    return UVData.new(
-        freq_array=data.freqs_hz,
-        polarization_array=POLARIZATION_CODES,
-        times=jd,
-        telescope=telescope,
-        antpairs=antpairs,
-        do_blt_outer=True,
-        time_axis_faster_than_bls=False,
-        integration_time=data.int_time_s,
-        channel_width=data.channel_width_hz,
-        data_array=data.vis.reshape(n_times * n_bl, n_chans, n_pols),
-        flag_array=data.flags.reshape(n_times * n_bl, n_chans, n_pols),
-        nsample_array=data.weights.reshape(n_times * n_bl, n_chans, n_pols),
-        phase_center_catalog=catalog,
-        phase_center_id_array=np.zeros(n_times * n_bl, dtype=int),
-        history=data.history,
-        vis_units="Jy" if data.calibrated else "uncalib",
-        flex_spw_id_array=spectral_window_ids(data.freqs_hz, data.channel_width_hz),
-    )
-
-
-def write_outputs(data: ConvertedData, outputs: list[Path]) -> list[Path]:
-    """Write ``data`` to each path (``.uvfits`` or ``.ms``), each atomically.
-
-    A measurement set is a directory: it is written beside the target under a
-    temporary name and renamed into place, so a failed write leaves nothing.
-    """
-    uvd = to_uvdata(data)
-    written = []
-    for path in outputs:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
-            temporary = Path(tmp) / path.name
-            if path.suffix.lower() == ".ms":
-                with warnings.catch_warnings():
-                    # Uncalibrated data are labelled so; pyuvdata warns that CASA may ignore it.
-                    warnings.filterwarnings(
-                        "ignore", message="Writing in the MS file that the units"
-                    )
-                    uvd.write_ms(str(temporary), clobber=True)
-                if path.exists():
-                    shutil.rmtree(path)
-            else:
-                uvd.write_uvfits(str(temporary))
-            temporary.replace(path)
-        written.append(path)
-    return written
 
 
 def antenna_positions_ecef(meta: ObservationMeta, location: Any) -> NDArray[np.float64]:
