@@ -105,6 +105,26 @@ def test_find(client: TestClient) -> None:
     )
 
 
+def test_find_text_filters_ignore_case(client: TestClient) -> None:
+    """Astronomers type "g0009" for G0009, "djacobs" for DJacobs, "eorsls" for EoRSLS."""
+
+    def obsids(**params: object) -> list[int]:
+        reply = client.get("/metadata/find", params=params)
+        assert reply.status_code == 200, reply.text
+        return [o["obsid"] for o in reply.json()]
+
+    everything = [1320409688, 1131733552, 1061315448]
+    assert obsids(projectid="g0009") == obsids(projectid="G0009") == everything
+    counted = client.get("/metadata/find", params={"projectid": "g0009", "count": True})
+    assert counted.headers["x-total-count"] == "3"
+    assert obsids(creator="djacobs") == obsids(creator="DJACOBS") == [1061315448]
+    assert obsids(creator="djacob") == []  # a whole value, not a substring
+    assert obsids(obsname="EORSLS") == [1131733552]
+    assert obsids(obsname="3c444") == [1320409688]
+    assert obsids(mode="mwax_correlator") == [1320409688]
+    assert obsids(projectid="g0009", mode="hw_lfiles", creator="jline") == [1131733552]
+
+
 @pytest.mark.parametrize(
     ("params", "message"),
     [
@@ -113,6 +133,7 @@ def test_find(client: TestClient) -> None:
         ({"pagesize": 0}, "pagesize"),
         ({"page": 0}, "page"),
         ({"mode": "BOGUS"}, "mode"),
+        ({"mode": "bogus"}, "'bogus'"),
     ],
 )
 def test_find_bad_input(client: TestClient, params: dict[str, object], message: str) -> None:

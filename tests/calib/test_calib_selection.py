@@ -311,3 +311,61 @@ def test_hyperdrive_output_is_the_fits_the_fit_stored(
     assert got.obsid == calid and got.tile_names == names
     assert got.tile_flags is not None and list(got.tile_flags) == [False, False, True, False]
     assert got.chanblock_freqs_hz is not None and np.allclose(got.chanblock_freqs_hz, freqs)
+
+
+def test_prefer_fitid_must_have_the_targets_coarse_channels(
+    settings: Settings, fits: dict[str, int], session_factory: sessionmaker[Session]
+) -> None:
+    """The preferred fit is used however far, but not for other frequencies (400 naming both)."""
+    with session_factory() as session:
+        # The user's choice wins over time and attenuation ...
+        for name in ("far", "other_atten", "before"):
+            _, preferred = service.best_fit(
+                session, TARGET, prefer_fitid=fits[name], max_time_separation_s=0
+            )
+            assert preferred.fitid == fits[name]
+        # ... and a fit of the target's own observation is always its own frequencies.
+        own = add_fit(session, settings, TARGET)
+        session.commit()
+        _, preferred = service.best_fit(session, TARGET, prefer_fitid=own)
+        assert preferred.fitid == own
+        _, preferred = service.best_fit(session, TARGET - 600, prefer_fitid=fits["other_chans"])
+        assert preferred.fitid == fits["other_chans"]
+        with pytest.raises(service.BadRequest, match="coarse channels") as refused:
+            service.best_fit(session, TARGET, prefer_fitid=fits["other_chans"])
+        assert refused.value.extra == {
+            "obs_id_coarse_chans": CHANS,
+            "fit_coarse_chans": OTHER_CHANS,
+        }
+        # A superset is not the same frequency setup either: the default choice's rule.
+        add_obs(session, TARGET - 900, chans=CHANS + OTHER_CHANS)
+        session.flush()
+        wider = add_fit(session, settings, TARGET - 900)
+        # A fit whose calibrator is not in the archive: its channels cannot be checked.
+        orphan = add_fit(session, settings, TARGET - 1500)
+        session.commit()
+        with pytest.raises(service.BadRequest, match="coarse channels"):
+            service.best_fit(session, TARGET, prefer_fitid=wider)
+        with pytest.raises(service.NotFound, match="not in the archive"):
+            service.best_fit(session, TARGET, prefer_fitid=orphan)
+    with TestClient(create_app(settings)) as client:
+        reply = client.get(
+            "/calib/get_cal_solution",
+            params={"obs_id": TARGET, "prefer_fitid": fits["other_chans"]},
+        )
+        assert reply.status_code == 400
+        body = reply.json()
+        assert body["error_code"] == 1
+        assert str(fits["other_chans"]) in body["error"] and str(TARGET) in body["error"]
+        assert body["obs_id_coarse_chans"] == CHANS and body["fit_coarse_chans"] == OTHER_CHANS
+        far = client.get(
+            "/calib/get_cal_solution",
+            params={"obs_id": TARGET, "prefer_fitid": fits["far"], "max_time_separation": 0},
+        )
+        assert far.status_code == 200 and far.headers["x-calibration-fit-id"] == str(fits["far"])
+        with zipfile.ZipFile(io.BytesIO(far.content)) as archive:
+            assert f"{TARGET - 100_000}.bin" in archive.namelist()
+        orphaned = client.get(
+            "/calib/get_cal_solution", params={"obs_id": TARGET, "prefer_fitid": orphan}
+        )
+        assert orphaned.status_code == 404 and "not in the archive" in orphaned.json()["error"]

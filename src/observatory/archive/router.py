@@ -97,6 +97,9 @@ def find(
 ) -> list[ObservationOut]:
     """Observations overlapping [mintime, maxtime] (GPS seconds), newest first, one page.
 
+    The text filters ignore case (``projectid``: the code as typed, in upper or in lower
+    case); ``obsname`` is a substring, the others whole values.
+
     ``X-Has-More`` says whether a later page has more; with ``count=true`` the
     number of matches over all pages is in ``X-Total-Count``. To walk far into
     the archive pass ``before=<last obsid of the previous page>`` instead of a

@@ -384,6 +384,12 @@ def find_observations(
 ) -> tuple[list[Observation], bool, int | None]:
     """Observations overlapping [mintime, maxtime] (GPS s) that match the filters, newest first.
 
+    The text filters ignore case. ``creator`` is a whole value and ``obsname`` a
+    substring (``%`` and ``_`` in it are literal), compared in lower case; ``mode`` is an
+    observing mode's name in any case. ``project_id`` matches a code stored as typed, in
+    upper case or in lower case: every case of the upper-case codes the MWA writes, through
+    the (project_id, obsid) index; only a code stored in mixed case must be typed as stored.
+
     Returns
     -------
     observations, has_more, total
@@ -411,8 +417,14 @@ def find_observations(
             raise BadRequest(f"{name} must be GPS seconds 0..{MAX_SQL_INTEGER}, not {seconds}")
     if mintime is not None and maxtime is not None and maxtime < mintime:
         raise BadRequest(f"maxtime {maxtime} is before mintime {mintime}")
-    if mode is not None and mode not in ObservationMode.__members__:
-        raise BadRequest(f"mode {mode!r} is not one of {', '.join(ObservationMode.__members__)}")
+    if mode is not None:
+        if mode.upper() not in ObservationMode.__members__:
+            raise BadRequest(
+                f"mode {mode!r} is not one of {', '.join(ObservationMode.__members__)}"
+            )
+        # The modes are upper-case names: comparing the canonical form keeps the
+        # (mode, obsid) index, which lower(mode) would not.
+        mode = mode.upper()
     conditions = []
     if mintime is not None:
         conditions.append(Observation.stoptime > mintime)
@@ -421,13 +433,20 @@ def find_observations(
     if before is not None:
         conditions.append(Observation.obsid < before)
     if project_id:
-        conditions.append(Observation.project_id == project_id)
+        # Project codes are written in upper case (G0009). Matching the spellings a code
+        # comes in, not lower(project_id), keeps the (project_id, obsid) index: without it a
+        # rare or mistyped code scans the whole table (0.1 ms became 40-80 ms at 100,000 rows).
+        spellings = {project_id, project_id.upper(), project_id.lower()}
+        conditions.append(Observation.project_id.in_(sorted(spellings)))
     if mode:
         conditions.append(Observation.mode == mode)
     if obsname:
-        conditions.append(Observation.obsname.contains(obsname, autoescape=True))
+        conditions.append(Observation.obsname.icontains(obsname, autoescape=True))
     if creator:
-        conditions.append(Observation.creator == creator)
+        # No index on creator to keep. The database's lower() on both sides, not Python's:
+        # SQLite's folds only A-Z, so a value lowered in Python ("É" to "é") would no longer
+        # equal the stored text even when typed exactly; it is also what ilike does there.
+        conditions.append(func.lower(Observation.creator) == func.lower(creator))
     if calibration is not None:
         conditions.append(Observation.calibration.is_(calibration))
     if not include_deleted:

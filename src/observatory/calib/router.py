@@ -62,7 +62,11 @@ def get_cal_solution(
     nocache: str | None = None,
     output_format: str = "aocal",
 ) -> Response:
-    """A zip with the best solution for ``obs_id``: ``<calid>.bin``, flagged tiles, a CASA flag script."""
+    """A zip with the best solution for ``obs_id``: ``<calid>.bin``, flagged tiles, a CASA flag script.
+
+    ``prefer_fitid`` names the fit, at any time separation; one for other coarse channels
+    than ``obs_id``'s is a 400 listing both (``obs_id_coarse_chans``, ``fit_coarse_chans``).
+    """
     preferred = (
         whole_number_param("prefer_fitid", prefer_fitid, what="a fit id (an integer)")
         if prefer_fitid

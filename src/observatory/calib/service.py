@@ -5,9 +5,11 @@ defaults): fits of calibrator observations with the target's coarse channels and
 when both are known, its analogue attenuation; within ``max_time_separation``
 (86400 s) of the target, after it too unless ``allow_after=0`` (the source
 document's default is 1); the smallest time separation, ties going to the newest
-fit. ``prefer_fitid`` names a fit to use instead. A fit in which no tile calibrated
-(every ``x_delay_m`` and ``y_delay_m`` NULL) is never a solution: it is not a candidate,
-and naming it is a 404 (the source document's "no valid calibration fit").
+fit. ``prefer_fitid`` names a fit to use instead, however far in time (the user chose
+it), but only one of a calibrator with the target's coarse channels: another's
+solutions are for other frequencies, so naming it is a 400. A fit in which no tile
+calibrated (every ``x_delay_m`` and ``y_delay_m`` NULL) is never a solution: it is not a
+candidate, and naming it is a 404 (the source document's "no valid calibration fit").
 """
 
 from __future__ import annotations
@@ -146,12 +148,18 @@ def best_fit(
 ) -> tuple[Observation, CalibrationFit]:
     """The target observation and the fit to calibrate it with.
 
+    ``prefer_fitid`` is used whatever its time separation and attenuation, as long as it
+    calibrated and its calibrator has the target's coarse channels.
+
     Raises
     ------
     BadRequest
-        For an unknown obsid.
+        For an unknown obsid, or a ``prefer_fitid`` whose calibrator has other coarse
+        channels than the target (the body's ``obs_id_coarse_chans`` and
+        ``fit_coarse_chans`` list both).
     NotFound
-        When ``prefer_fitid`` does not exist or has no calibrated tile, or no fit is within range.
+        When ``prefer_fitid`` does not exist, has no calibrated tile or its calibrator
+        observation is not in the archive, or no fit is within range.
     """
     target = target_observation(session, obsid)
     if prefer_fitid is not None:
@@ -161,6 +169,25 @@ def best_fit(
         if not calibrated(preferred):
             raise NotFound(
                 f"prefer_fitid {prefer_fitid} is not a valid calibration fit: no tile of it calibrated"
+            )
+        calibrator = session.get(Observation, preferred.obsid)
+        if calibrator is None:
+            # Without its observation the fit's channels are unknown: it cannot be checked.
+            raise NotFound(
+                f"prefer_fitid {prefer_fitid} is not a valid calibration fit: its calibrator "
+                f"observation {preferred.obsid} is not in the archive"
+            )
+        # The default choice's channel rule, without its attenuation one: the user chose this
+        # fit, and another attenuation scales the gains, while other channels are solutions
+        # for frequencies the target does not have (a zip that silently does not apply).
+        if not compatible(target, calibrator, match_attenuation=False):
+            fit_chans = sorted(calibrator.coarse_chans or [])
+            obs_chans = sorted(target.coarse_chans or [])
+            raise BadRequest(
+                f"prefer_fitid {prefer_fitid} is a fit of calibrator observation {calibrator.obsid}"
+                f", whose coarse channels {fit_chans} are not those of obs_id {target.obsid} "
+                f"{obs_chans}: its solutions cannot calibrate it",
+                extra={"obs_id_coarse_chans": obs_chans, "fit_coarse_chans": fit_chans},
             )
         return target, preferred
     candidates = candidate_fits(
