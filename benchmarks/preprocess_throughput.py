@@ -17,12 +17,13 @@ physical floor, reading the files raw (``cat > /dev/null``, from the page cache
 as both conversions read them), is reported as well.
 Goal: ours >= 3x faster than the anchor, peak RSS <= 0.5x.
 
+``--output ms`` writes measurement sets on both sides (pyuvdata's ``write_ms``).
 ``--rfi`` turns AOFlagger on in ours (the anchor has no RFI flagging: then the
 times are not comparable, the peak RSS is what to read), ``--in-thread`` runs ours
 from a worker thread as the services do (chunks in threads rather than processes).
 
 Run: .venv/bin/python benchmarks/preprocess_throughput.py [--tiles 128] [--coarse-chans 4]
-     [--fine-chan-khz 10] [--rfi] [--in-thread]
+     [--fine-chan-khz 10] [--output ms] [--rfi] [--in-thread]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -68,7 +70,7 @@ def run_ours(metafits: Path, files: list[Path], out: Path, rfi: bool, in_thread:
     from observatory.preprocess.engine import preprocess
     from observatory.preprocess.options import ConversionOptions
 
-    params = {"avg_time_res": "4", "avg_freq_res": "80"}
+    params = {"avg_time_res": "4", "avg_freq_res": "80", "output": out.suffix.lstrip(".")}
     if not rfi:
         params["no_rfi"] = "true"
     options = ConversionOptions.from_params(params)
@@ -100,7 +102,10 @@ def run_pyuvdata(metafits: Path, files: list[Path], out: Path, fine_chan_khz: fl
     )
     uvd.frequency_average(n_chan_to_avg=round(80 / fine_chan_khz))  # to 80 kHz, as ours
     uvd.downsample_in_time(n_times_to_avg=2)
-    uvd.write_uvfits(str(out))
+    if out.suffix == ".ms":
+        uvd.write_ms(str(out))
+    else:
+        uvd.write_uvfits(str(out))
 
 
 def child(
@@ -137,12 +142,16 @@ def measure(
         str(metafits),
         "--out",
         str(out),
+        "--fine-chan-khz",
+        str(args.fine_chan_khz),
         *(["--rfi"] if args.rfi else []),
         *(["--in-thread"] if args.in_thread else []),
     ]
     result = subprocess.run(
         [*command, *map(str, files)], capture_output=True, text=True, check=True
     )
+    if out.is_dir():
+        shutil.rmtree(out)
     out.unlink(missing_ok=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -160,6 +169,7 @@ def main() -> int:
     parser.add_argument("--timesteps", type=int, default=16)
     parser.add_argument("--fine-chan-khz", type=float, default=40.0, help="10, 20 or 40")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output", choices=["uvfits", "ms"], default="uvfits")
     parser.add_argument("--rfi", action="store_true", help="AOFlagger on in ours")
     parser.add_argument("--in-thread", action="store_true", help="ours from a worker thread")
     parser.add_argument("--child", choices=["ours", "pyuvdata"])
@@ -182,7 +192,8 @@ def main() -> int:
         for repeat in range(args.repeats):
             order = ("ours", "pyuvdata") if repeat % 2 == 0 else ("pyuvdata", "ours")
             for which in order:
-                result = measure(which, metafits, files, root / f"{which}.uvfits", args)
+                out = root / f"{which}.{args.output}"
+                result = measure(which, metafits, files, out, args)
                 (ours if which == "ours" else anchor).append(result)
             raw.append(raw_read_seconds(files))
 
@@ -196,7 +207,7 @@ def main() -> int:
     print(
         f"observation: {args.tiles} tiles, {args.coarse_chans} coarse channels of "
         f"{args.fine_chan_khz:g} kHz channels, {args.timesteps} x 2 s, {input_mb:.0f} MB of "
-        f"correlator files; {args.repeats} runs each; ours with RFI flagging "
+        f"correlator files, to {args.output}; {args.repeats} runs each; ours with RFI flagging "
         f"{'on' if args.rfi else 'off'}, {'in a thread' if args.in_thread else 'from the main thread'}"
     )
     print(f"ours: median {ours_s:.2f} s ({input_mb / ours_s:.0f} MB/s), peak RSS {ours_rss:.0f} MB")
