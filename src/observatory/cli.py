@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -241,6 +242,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
             bar.update(task, completed=done, total=total, description=f"converted {what}")
             bar.refresh()
 
+        # A stop signal (a batch system's time limit, systemd) ends the conversion as
+        # Ctrl-C does: through its cleanup, so no partial output or scratch files are left.
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             written = preprocess(
                 metafits, files, options, args.out,
@@ -248,9 +252,16 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
             )  # fmt: skip
         except ReadError as exc:
             raise ValueError(str(exc)) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     for path in written:
         console.print(f"wrote {path}", highlight=False)
     return 0
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    """Leave through the ``finally`` blocks and context managers, as ``KeyboardInterrupt``."""
+    raise SystemExit(128 + signum)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -137,3 +137,31 @@ def test_solutions_for_another_array_name_the_file(
     assert f"solutions file {solutions}: the solutions are for 256 antennas" in error
     assert f"obsid {OBSID} has 4" in error
     assert "apply_di_cal=" not in error and not out.exists()
+
+
+def test_a_stop_signal_leaves_no_partial_output_or_scratch(tmp_path: Path) -> None:
+    """SIGTERM (a batch system's time limit) ends the run through its cleanup, as Ctrl-C."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    obs = simulate_observation(
+        tmp_path / "big", OBSID, n_tiles=32, coarse_chans=[137, 138, 139, 140], n_timesteps=16,
+        fine_chan_khz=10, sources=[PointSource(333.6069, -17.0288, 60.0)],
+    )  # fmt: skip
+    out_dir = tmp_path / "out"
+    command = [sys.executable, "-m", "observatory.cli", "preprocess", "--metafits",
+               str(obs.metafits_path), *map(str, obs.vis_paths), "--out", str(out_dir / "o.uvfits"),
+               "--workers", "2"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not out_dir.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)  # the output directory appears when the conversion starts writing
+    time.sleep(0.5)
+    assert process.poll() is None, process.communicate()
+    os.kill(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr.decode()
+    assert list(out_dir.iterdir()) == []  # no temporary output, no hidden scratch directory

@@ -803,18 +803,6 @@ def test_memory_follows_the_chunk_size_not_the_band(tmp_path: Path) -> None:
     assert peaks[16] < band_block_bytes
 
 
-class ArrayPart:
-    """A channel range of a block held in memory, read as groups (a ``GroupSource``)."""
-
-    def __init__(self, vis: np.ndarray, weights: np.ndarray, flags: np.ndarray) -> None:
-        self.n_chans = vis.shape[2]
-        self.arrays = [a.reshape(-1, self.n_chans, 4) for a in (vis, weights, flags)]
-
-    def groups(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        vis, weights, flags = (a[start:stop] for a in self.arrays)
-        return vis, weights, flags
-
-
 def table_contents(path: Path) -> dict[str, dict[str, list[object]]]:
     """Every table of a measurement set: its keywords and every column's cells."""
     from casacore.tables import table
@@ -844,6 +832,7 @@ def test_the_streamed_measurement_set_is_what_pyuvdata_writes(
 ) -> None:
     """Every table and column as pyuvdata's write_ms of the whole output, written in pieces."""
     from observatory.preprocess.corrections import make_autos_hermitian
+    from observatory.preprocess.engine import _HeldPart
     from observatory.preprocess.measurement_set import MeasurementSetStream
     from observatory.preprocess.reader import coarse_channel_freqs_hz, read_metadata
     from observatory.preprocess.writer import OutputDescription, to_uvdata
@@ -872,7 +861,7 @@ def test_the_streamed_measurement_set_is_what_pyuvdata_writes(
     with MeasurementSetStream(streamed_path, description) as stream:
         jd = Time(description.time_centres_gps_s, format="gps").utc.jd
         for rows in (slice(0, 4), slice(4, 6)):  # two blocks, each in buffers of 5 groups
-            parts = [ArrayPart(vis[rows, :, c], weights[rows, :, c], flags[rows, :, c])
+            parts = [_HeldPart(vis[rows, :, c], weights[rows, :, c], flags[rows, :, c])
                      for c in (slice(0, n_chans), slice(n_chans, 2 * n_chans))]  # fmt: skip
             stream.write(jd[rows], parts, buffer_bytes=5 * 2 * n_chans * 4 * 21)
     ours, theirs = table_contents(streamed_path), table_contents(reference_path)
@@ -903,3 +892,40 @@ def test_the_streamed_measurement_set_is_what_pyuvdata_writes(
                     assert repr(mine) == repr(reference), (table_name, column, row)
     assert any((w == 0).all() for w in ours["MAIN"]["WEIGHT"])
     assert len(ours["SPECTRAL_WINDOW"]["NUM_CHAN"]) == (1 if coarse_chans == (137, 138) else 2)
+
+
+def test_finished_chunks_wait_in_memory_up_to_the_budget_then_on_disk(
+    sim: SimulatedObservation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small outputs never touch the disk twice; large ones spill, with the same result."""
+    from observatory.preprocess import engine
+
+    spilled: list[Path] = []
+    original = engine._SpilledPart.__init__
+
+    def counting(self: object, path: Path, *arrays: np.ndarray) -> None:
+        spilled.append(path)
+        original(self, path, *arrays)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine._SpilledPart, "__init__", counting)
+    options = ConversionOptions.from_params(RAW)
+    held = preprocess(sim.metafits_path, sim.vis_paths, options, tmp_path / "held.uvfits")[0]
+    assert spilled == []
+    one_integration = 36 * 64 * 4 * 8  # raw bytes of one integration of one coarse channel
+    spilling = preprocess(sim.metafits_path, sim.vis_paths, options, tmp_path / "spilled.uvfits",
+                          workers=1, chunk_bytes=one_integration)[0]  # fmt: skip
+    assert spilled and all(not path.exists() for path in spilled)
+    assert held.read_bytes() == spilling.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["held.uvfits", "spilled.uvfits"]
+
+
+def test_a_full_disk_names_the_scratch_file(tmp_path: Path) -> None:
+    from observatory.preprocess.engine import _SpilledPart
+
+    shape = (2, 3, 4, 4)
+    arrays = (np.zeros(shape, np.complex64), np.zeros(shape, np.float32), np.zeros(shape, bool))
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    with pytest.raises(OSError, match=r"cannot write the conversion's scratch file /dev/full "
+                       r"\(No space left on device\); it needs free space beside the output"):  # fmt: skip
+        _SpilledPart(Path("/dev/full"), *arrays)

@@ -408,20 +408,27 @@ def preprocess(
             else stack.enter_context(MeasurementSetStream(path, description))
             for path in targets
         ]
-        # A block is written once all its coarse channels are done; until then the
-        # finished ones wait on disk, not in memory (a block of the whole band can be
-        # many times a chunk: with RFI flagging, the whole observation).
+        # A block is written once all its coarse channels are done. Until then the
+        # finished ones wait in memory up to HELD_PARTS_FACTOR chunks' worth, beyond that
+        # on disk (a block of the whole band can be many times a chunk: with RFI
+        # flagging, the whole observation).
         targets[0].parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(
             stack.enter_context(
                 tempfile.TemporaryDirectory(dir=targets[0].parent, prefix=f".{targets[0].name}.")
             )
         )
-        assembling: dict[int, dict[int, _SpilledPart]] = {}
+        assembling: dict[int, dict[int, _HeldPart | _SpilledPart]] = {}
         next_block = 0
+        hold_budget_bytes = HELD_PARTS_FACTOR * chunk_bytes
+        held_bytes = 0  # reserved for the parts asked to come back in memory
+
+        def part_bytes(block_index: int) -> int:
+            n_rows = len(blocks[block_index]) // resolved.time_factor
+            return n_rows * meta.n_baselines * chans_out * 4 * _BYTES_PER_AVERAGED_SAMPLE
 
         def finish_ready_blocks() -> None:
-            nonlocal next_block
+            nonlocal next_block, held_bytes
             while len(assembling.get(next_block, {})) == n_coarse:
                 parts = assembling.pop(next_block)
                 block = blocks[next_block]
@@ -432,7 +439,10 @@ def preprocess(
                 for stream in streams:
                     stream.write(time_centres_jd[rows], in_order, buffer_bytes=chunk_bytes)
                 for part in in_order:
-                    part.path.unlink()
+                    if isinstance(part, _SpilledPart):
+                        part.path.unlink()
+                    else:
+                        held_bytes -= part_bytes(next_block)
                 next_block += 1
 
         n_workers = max(1, min(len(jobs), workers or os.cpu_count() or 1))
@@ -474,14 +484,17 @@ def preprocess(
             )
             run = _run_in_worker
         with pool:
-            pending: dict[Future[tuple[_SpilledPart, int]], tuple[int, int]] = {}
+            pending: dict[Future[tuple[_HeldPart | _SpilledPart, int]], tuple[int, int]] = {}
             queue = list(jobs)
             done = 0
             # At most two chunks per worker in flight: memory stays bounded by the chunk size.
             while queue or pending:
                 while queue and len(pending) < 2 * n_workers:
                     job = queue.pop(0)
-                    pending[pool.submit(run, *job)] = job
+                    spill = held_bytes + part_bytes(job[0]) > hold_budget_bytes
+                    if not spill:
+                        held_bytes += part_bytes(job[0])
+                    pending[pool.submit(run, *job, spill)] = job
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
                     block_index, coarse_index = pending.pop(future)
@@ -535,7 +548,11 @@ class _ChunkRunner:
         self.blocks = _time_blocks(plan)
         self.n_times = len(reader.time_start_gps_s)
 
-    def run(self, block_index: int, coarse_index: int) -> tuple[_SpilledPart, int]:
+    def run(
+        self, block_index: int, coarse_index: int, spill: bool
+    ) -> tuple[_HeldPart | _SpilledPart, int]:
+        """Process one chunk; its averaged output comes back in memory, or in a scratch file
+        (written here, in the worker: then no copy of it travels to the caller)."""
         block = self.blocks[block_index]
         stored = range(block.start, min(block.stop, self.n_times))
         chunk = self.reader.read(self.plan.coarse_chans[coarse_index], stored)
@@ -545,9 +562,11 @@ class _ChunkRunner:
             self.options,
             lambda: self.directions_enu[block.start : block.stop],
         )
-        # Parked on disk here, in the worker: no copy of it travels to the caller.
-        part = _SpilledPart(self.scratch / f"{block_index}-{coarse_index}", vis, weights, flags)
-        return part, rfi
+        if not spill:
+            return _HeldPart(vis, weights, flags), rfi
+        return _SpilledPart(
+            self.scratch / f"{block_index}-{coarse_index}", vis, weights, flags
+        ), rfi
 
 
 _worker_runner: _ChunkRunner | None = None
@@ -572,9 +591,36 @@ def _start_worker(
     _worker_runner = _ChunkRunner(reader, plan, options, directions_enu, scratch)
 
 
-def _run_in_worker(block_index: int, coarse_index: int) -> tuple[_SpilledPart, int]:
+def _run_in_worker(
+    block_index: int, coarse_index: int, spill: bool
+) -> tuple[_HeldPart | _SpilledPart, int]:
     assert _worker_runner is not None, "worker not initialised"
-    return _worker_runner.run(block_index, coarse_index)
+    return _worker_runner.run(block_index, coarse_index, spill)
+
+
+#: Finished chunks wait for the rest of their block in memory up to this many times
+#: ``chunk_bytes`` of averaged output, beyond that in scratch files.
+HELD_PARTS_FACTOR = 4
+#: Bytes per averaged visibility sample kept until written: complex64, float32 weight, flag.
+_BYTES_PER_AVERAGED_SAMPLE = 8 + 4 + 1
+
+
+class _HeldPart:
+    """A chunk's averaged output held in memory (a ``GroupSource``, as :class:`_SpilledPart`)."""
+
+    def __init__(
+        self, vis: NDArray[np.complex64], weights: NDArray[np.float32], flags: NDArray[np.bool_]
+    ) -> None:
+        self.n_chans = vis.shape[2]
+        self._vis = vis.reshape(-1, self.n_chans, vis.shape[3])
+        self._weights = weights.reshape(self._vis.shape)
+        self._flags = flags.reshape(self._vis.shape)
+
+    def groups(
+        self, start: int, stop: int
+    ) -> tuple[NDArray[np.complex64], NDArray[np.float32], NDArray[np.bool_]]:
+        """(vis, weights, flags) of groups ``start`` to ``stop``, shape (groups, chans, pols)."""
+        return self._vis[start:stop], self._weights[start:stop], self._flags[start:stop]
 
 
 class _SpilledPart:
@@ -595,9 +641,17 @@ class _SpilledPart:
         self.path = path
         n_times, n_baselines, self.n_chans, self._n_pols = vis.shape
         self._n_groups = n_times * n_baselines
-        with open(path, "wb") as handle:
-            for array in (vis, weights, flags):
-                np.ascontiguousarray(array).tofile(handle)
+        try:
+            with open(path, "wb") as handle:
+                for array in (vis, weights, flags):
+                    # write() rather than tofile(): a full disk then says so (errno ENOSPC)
+                    handle.write(np.ascontiguousarray(array).data)
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"cannot write the conversion's scratch file {path} "
+                f"({exc.strerror or exc}); it needs free space beside the output",
+            ) from exc
 
     def groups(
         self, start: int, stop: int
