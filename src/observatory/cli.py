@@ -585,7 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--solutions", type=Path, help="apply these DI solutions (AO-cal .bin or hyperdrive FITS)"
     )
-    convert.add_argument("--workers", type=int, help="threads (default: one per CPU)")
+    convert.add_argument(
+        "--workers", type=int,
+        help="chunks processed at once (default: one per CPU, fewer if memory would not hold them)",
+    )  # fmt: skip
     for key, text in PREPROCESS_VALUE_OPTIONS.items():
         convert.add_argument(f"--{key.replace('_', '-')}", dest=key, help=text)
     for key, text in PREPROCESS_SWITCHES.items():

@@ -350,7 +350,10 @@ def test_a_task_that_keeps_breaking_ends_the_job_in_error(
 ) -> None:
     import observatory.asvo.dispatcher as dispatcher_module
 
-    def broken(_settings: dict[str, Any], _job_id: int) -> str:
+    def broken(_settings: dict[str, Any], job_id: int) -> str:
+        # As a run killed mid-conversion leaves its attempt directory behind.
+        leftover = archive_settings.work_dir / str(job_id) / "attempt-dead" / ".o.uvfits.scratch"
+        leftover.mkdir(parents=True, exist_ok=True)
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(dispatcher_module, "run_job", broken)
@@ -361,6 +364,7 @@ def test_a_task_that_keeps_breaking_ends_the_job_in_error(
         assert states[-1] == "error"
         row = rows_by_id(client)[job_id]
         assert row["error_text"] == "internal error: disk on fire"
+    assert not (archive_settings.work_dir / str(job_id)).exists()  # given up: nothing left
 
 
 def test_apply_di_cal_fails_clearly_without_a_calibrator_in_range(client: TestClient) -> None:

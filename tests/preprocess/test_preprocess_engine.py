@@ -929,3 +929,33 @@ def test_a_full_disk_names_the_scratch_file(tmp_path: Path) -> None:
     with pytest.raises(OSError, match=r"cannot write the conversion's scratch file /dev/full "
                        r"\(No space left on device\); it needs free space beside the output"):  # fmt: skip
         _SpilledPart(Path("/dev/full"), *arrays)
+
+
+def test_default_workers_fit_a_dask_workers_memory() -> None:
+    """One per CPU, unless the memory (here a Dask worker's limit, shared by its 2 threads)
+    holds fewer: the conversion that took a 4 GiB worker past its limit."""
+    import os
+
+    from distributed import Client, LocalCluster
+
+    from observatory.preprocess.engine import (
+        PROCESS_BASE_BYTES,
+        default_workers,
+        memory_limit_bytes,
+    )
+
+    rfi_chunk, held = 256 * 2**20, 128 * 2**20
+    cpus = os.cpu_count() or 1
+    if memory_limit_bytes() > cpus * 2 * rfi_chunk + held + PROCESS_BASE_BYTES:
+        assert default_workers(rfi_chunk, held) == cpus  # memory enough for one per CPU
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, memory_limit="3GiB",
+            dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+        ) as cluster,
+        Client(cluster) as client,
+    ):  # fmt: skip
+        share = client.submit(memory_limit_bytes, pure=False).result(timeout=30)
+        inside = client.submit(default_workers, rfi_chunk, held, pure=False).result(timeout=30)
+    assert share == 3 * 2**30 // 2
+    assert inside == max(1, (share - held - PROCESS_BASE_BYTES) // (2 * rfi_chunk)) == 1

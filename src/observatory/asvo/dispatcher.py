@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -413,6 +414,9 @@ class Dispatcher:
             job.error_code = 1
             job.error_text = f"internal error: {reason}"
             job.completed = utcnow()
+        # Runs that died (a worker killed for its memory, say) cleaned nothing up: their
+        # attempt directories, conversion scratch included, would stay in work/ for good.
+        shutil.rmtree(self.settings.work_dir / str(job_id), ignore_errors=True)
 
     def _expire(self, session: Session) -> None:
         """Completed jobs past their expiry lose their product and become ``expired``."""

@@ -106,6 +106,9 @@ class _Plan:
     chans_per_coarse: int
     n_times_padded: int
     time_block: int
+    #: Upper bound of one chunk's raw visibilities (with RFI flagging, RFI_CHUNK_FACTOR times
+    #: what was asked).
+    chunk_bytes: int
     phase_centre: tuple[str, float, float]
     flag_dc: bool
     jones: NDArray[np.complex128] | None  # (n_ants, n_metafits_chans_total, 2, 2)
@@ -215,6 +218,7 @@ def _plan(
         chans_per_coarse=reader.chans_per_coarse,
         n_times_padded=n_times_padded,
         time_block=time_block,
+        chunk_bytes=chunk_bytes,
         phase_centre=_phase_centre(meta, options),
         flag_dc=(not meta.mwax) if options.flag_dc is None else options.flag_dc,
         jones=None if solutions is None else _solution_jones(meta, solutions, solutions_name),
@@ -338,7 +342,8 @@ def preprocess(
     progress
         Called after each chunk with (chunks done, chunks in all, description).
     workers
-        Threads processing chunks (default: the CPU count, at most the chunk count).
+        Chunks processed at once, in threads or processes (default: :func:`default_workers`,
+        one per CPU as far as the memory allows; at most the chunk count).
     chunk_bytes
         Upper bound of one chunk's raw visibilities.
 
@@ -445,7 +450,9 @@ def preprocess(
                         held_bytes -= part_bytes(next_block)
                 next_block += 1
 
-        n_workers = max(1, min(len(jobs), workers or os.cpu_count() or 1))
+        n_workers = max(
+            1, min(len(jobs), workers or default_workers(plan.chunk_bytes, hold_budget_bytes))
+        )
         # Before the workers start: the first apparent-place computation in a process
         # parses astropy's IERS table, which takes three times as long when it competes
         # with the workers for the GIL.
@@ -519,6 +526,37 @@ def preprocess(
     if not options.no_rfi:
         log.info("AOFlagger flagged %d samples of obsid %d", rfi_flagged, meta.obsid)
     return targets
+
+
+def memory_limit_bytes() -> int:
+    """The memory one task of this process may use.
+
+    The least of the machine's memory, its cgroup's limit and, inside a Dask worker,
+    the worker's ``memory_limit`` shared by the tasks its threads run at once.
+    """
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    for cgroup_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):  # absent, or "max": no cgroup limit
+            limits.append(int(Path(cgroup_file).read_text().strip()))
+    with contextlib.suppress(ImportError, ValueError, AttributeError):  # not in a Dask worker
+        from distributed import get_worker
+
+        worker = get_worker()
+        if worker.memory_manager.memory_limit:
+            limits.append(int(worker.memory_manager.memory_limit) // max(1, worker.state.nthreads))
+    return min(limits)
+
+
+def default_workers(chunk_bytes: int, held_bytes: int) -> int:
+    """Chunks processed at once when the caller does not say: one per CPU, as many as fit.
+
+    Each worker needs about twice a chunk (``chunk_bytes`` of raw visibilities, RFI
+    factor included), beside the process itself and the ``held_bytes`` of finished
+    chunks waiting for their block. Inside a 4 GiB Dask worker on a big node, one per
+    CPU would not fit.
+    """
+    allowance = memory_limit_bytes() - held_bytes - PROCESS_BASE_BYTES
+    return max(1, min(os.cpu_count() or 1, allowance // (2 * chunk_bytes)))
 
 
 def _time_blocks(plan: _Plan) -> list[range]:
@@ -598,6 +636,9 @@ def _run_in_worker(
     return _worker_runner.run(block_index, coarse_index, spill)
 
 
+#: What a conversion process takes before any chunk: numpy, astropy, pyuvdata, mwalib,
+#: AOFlagger and astropy's IERS table (measured 0.4 GB).
+PROCESS_BASE_BYTES = 400 * 1024 * 1024
 #: Finished chunks wait for the rest of their block in memory up to this many times
 #: ``chunk_bytes`` of averaged output, beyond that in scratch files.
 HELD_PARTS_FACTOR = 4
