@@ -165,3 +165,22 @@ def test_a_stop_signal_leaves_no_partial_output_or_scratch(tmp_path: Path) -> No
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, stderr.decode()
     assert list(out_dir.iterdir()) == []  # no temporary output, no hidden scratch directory
+
+
+def test_a_truncated_data_file_is_refused_not_flagged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A damaged file is an error (exit 2) naming it; only missing integrations are flagged."""
+    obs = simulate_observation(
+        tmp_path / "obs", OBSID, n_tiles=4, coarse_chans=[137, 138], n_timesteps=8,
+        sources=[PointSource(333.6069, -17.0288, 60.0)],
+    )  # fmt: skip
+    damaged = obs.vis_paths[-1]
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size * 2 // 3])
+    out = tmp_path / "out" / "o.uvfits"
+    code = run(tmp_path, "--metafits", str(obs.metafits_path), *map(str, obs.vis_paths),
+               "--out", str(out), "--no-rfi")  # fmt: skip
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "truncated or damaged correlator file" in error and damaged.name in error
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []

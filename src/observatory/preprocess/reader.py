@@ -246,9 +246,15 @@ class MwalibReader:
             try:
                 floats = self.context.read_by_baseline(timestep_index, coarse_index)
                 weight = self.context.read_weights_by_baseline(timestep_index, coarse_index)
-            except Exception as exc:  # no data for this (timestep, coarse channel): flagged
+            except mwalib.GpuboxErrorNoDataForTimeStepCoarseChannel as exc:
+                # No file holds this (timestep, coarse channel): written empty and flagged.
                 log.debug("no data for timestep %d, channel %d: %s", t, coarse_chan, exc)
                 continue
+            except Exception as exc:  # mwalib's error types: a truncated or corrupt file
+                raise ReadError(
+                    f"cannot read integration {t} of coarse channel {coarse_chan} "
+                    f"(a truncated or damaged correlator file?): {exc}"
+                ) from exc
             np.conjugate(
                 floats.view(np.complex64).reshape(meta.n_baselines, n_chans, 4), out=vis[row]
             )
