@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -23,7 +22,7 @@ from astropy.time import Time
 from numpy.typing import NDArray
 
 from observatory.core.storage import atomic_output
-from observatory.preprocess.uvfits import DEFAULT_BUFFER_BYTES, GroupSource
+from observatory.preprocess.uvfits import DEFAULT_BUFFER_BYTES, AtomicStream, GroupSource
 from observatory.preprocess.writer import OutputDescription, spectral_window_ids, to_uvdata
 
 #: Bytes per visibility sample held while a buffer is written (complex64 data and its
@@ -31,7 +30,7 @@ from observatory.preprocess.writer import OutputDescription, spectral_window_ids
 _BYTES_PER_SAMPLE = 8 + 8 + 4 + 1
 
 
-class MeasurementSetStream:
+class MeasurementSetStream(AtomicStream):
     """Writes one measurement set, a block of integrations at a time, atomically.
 
     Use as a context manager; call :meth:`write` with consecutive blocks of
@@ -81,23 +80,9 @@ class MeasurementSetStream:
         self._table.addrows(self.n_blts * len(self.windows))
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        try:
-            if exc_type is None:
-                if self.times_written != self.n_times:
-                    raise RuntimeError(
-                        f"{self.times_written} of {self.n_times} integrations were written"
-                    )
-                self._finish()
-        finally:
-            if self._table is not None:
-                self._table.close()
-            self._context.__exit__(exc_type, exc, traceback)
+    def _close(self) -> None:
+        if self._table is not None:
+            self._table.close()
 
     def write(
         self,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Protocol
@@ -61,7 +62,43 @@ class GroupSource(Protocol):
         ...
 
 
-class UvfitsStream:
+class AtomicStream:
+    """An output written a block of integrations at a time, through ``atomic_output``.
+
+    Subclasses set ``n_times``, ``times_written`` and ``_context`` and define ``_finish``
+    (what follows the last block) and ``_close``: the output appears only when every
+    integration was written and finished; otherwise nothing is left.
+    """
+
+    n_times: int
+    times_written: int
+    _context: AbstractContextManager[Path]
+
+    def _finish(self) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            if exc_type is None:
+                if self.times_written != self.n_times:
+                    raise RuntimeError(
+                        f"{self.times_written} of {self.n_times} integrations were written"
+                    )
+                self._finish()
+        finally:
+            self._close()
+            self._context.__exit__(exc_type, exc, traceback)
+
+
+class UvfitsStream(AtomicStream):
     """Writes one uvfits file, a block of integrations at a time, atomically.
 
     Use as a context manager; call :meth:`write` with consecutive blocks of
@@ -103,24 +140,14 @@ class UvfitsStream:
         self._handle.write(header.tostring().encode("ascii"))
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def _finish(self) -> None:
         assert self._handle is not None
-        try:
-            if exc_type is None:
-                if self.times_written != self.n_times:
-                    raise RuntimeError(
-                        f"{self.times_written} of {self.n_times} integrations were written"
-                    )
-                self._handle.write(b"\0" * (-self._bytes_written % _BLOCK))
-                self._write_tables()
-        finally:
+        self._handle.write(b"\0" * (-self._bytes_written % _BLOCK))
+        self._write_tables()
+
+    def _close(self) -> None:
+        if self._handle is not None:
             self._handle.close()
-            self._context.__exit__(exc_type, exc, traceback)
 
     # -- geometry -------------------------------------------------------------------------
 
