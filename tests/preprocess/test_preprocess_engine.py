@@ -959,3 +959,37 @@ def test_default_workers_fit_a_dask_workers_memory() -> None:
         inside = client.submit(default_workers, rfi_chunk, held, pure=False).result(timeout=30)
     assert share == 3 * 2**30 // 2
     assert inside == max(1, (share - held - PROCESS_BASE_BYTES) // (2 * rfi_chunk)) == 1
+
+
+@pytest.mark.parametrize("output", ["uvfits", "ms"])
+def test_a_failure_while_finishing_publishes_nothing(
+    sim: SimulatedObservation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output: str
+) -> None:
+    """The last tables written after the data (a full disk, a stop signal there) fail the run
+    and leave no half-written output at the target."""
+    from pyuvdata.utils.io import ms as ms_utils
+
+    from observatory.preprocess.uvfits import UvfitsStream
+
+    def full_disk(*_args: object, **_kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    if output == "ms":
+        monkeypatch.setattr(ms_utils, "write_ms_source", full_disk)
+    else:
+        monkeypatch.setattr(UvfitsStream, "_write_tables", full_disk)
+    out_dir = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        convert(sim, out_dir / f"o.{output}", **RAW, output=output)
+    assert list(out_dir.iterdir()) == []
+
+
+def test_converting_again_replaces_a_measurement_set(
+    sim: SimulatedObservation, tmp_path: Path
+) -> None:
+    (first,) = convert(sim, tmp_path / "again.ms", **RAW, output="ms")
+    (first / "stale-file").write_text("from an older run")
+    (second,) = convert(sim, tmp_path / "again.ms", **RAW, avg_time_res=4, output="ms")
+    assert second == first and not (second / "stale-file").exists()
+    assert UVData.from_file(str(second), ignore_single_chan=False).Ntimes == N_TIMES // 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.ms"]

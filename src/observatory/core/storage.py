@@ -166,14 +166,22 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
 
     For writers that want a file name (astropy, casacore, numpy) rather than a
     file object. On an exception the temporary is removed and ``path`` is
-    untouched.
+    untouched. A directory (a measurement set) replaces an existing one: the old one
+    is renamed aside first and removed after, as ``os.replace`` cannot replace a
+    directory that is not empty.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
     try:
         yield temporary
-        os.replace(temporary, target)
+        if temporary.is_dir() and target.is_dir() and not target.is_symlink():
+            previous = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
+            os.replace(target, previous)
+            os.replace(temporary, target)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.replace(temporary, target)
     except BaseException:
         if temporary.is_dir():
             shutil.rmtree(temporary, ignore_errors=True)

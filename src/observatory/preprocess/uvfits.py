@@ -86,16 +86,21 @@ class AtomicStream:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        try:
-            if exc_type is None:
+        if exc_type is None:
+            try:
                 if self.times_written != self.n_times:
                     raise RuntimeError(
                         f"{self.times_written} of {self.n_times} integrations were written"
                     )
                 self._finish()
-        finally:
-            self._close()
-            self._context.__exit__(exc_type, exc, traceback)
+            except BaseException as failure:
+                # A failed or interrupted finish (a full disk, a stop signal) must not
+                # publish what it left half-written: the temporary goes, the error stays.
+                self._close()
+                self._context.__exit__(type(failure), failure, failure.__traceback__)
+                raise
+        self._close()
+        self._context.__exit__(exc_type, exc, traceback)
 
 
 class UvfitsStream(AtomicStream):
