@@ -993,3 +993,33 @@ def test_converting_again_replaces_a_measurement_set(
     assert second == first and not (second / "stale-file").exists()
     assert UVData.from_file(str(second), ignore_single_chan=False).Ntimes == N_TIMES // 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again.ms"]
+
+
+def test_leftovers_of_killed_runs_are_removed_and_nothing_else(
+    sim: SimulatedObservation, tmp_path: Path
+) -> None:
+    """kill -9 leaves temporaries beside the output: the next run on this host removes those
+    whose process is gone, never a live run's or another host's."""
+    import os
+    import socket
+    import subprocess
+
+    dead_pid = subprocess.Popen(["true"]).pid
+    os.waitpid(dead_pid, 0)
+    host = socket.gethostname()
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    dead = [out_dir / f".o.uvfits.tmp-{host}-{dead_pid}-0badc0de",
+            out_dir / f".o.uvfits.scratch-{host}-{dead_pid}-k3x_9zq1"]  # fmt: skip
+    kept = [out_dir / f".o.uvfits.tmp-{host}-{os.getpid()}-11ve0000",
+            out_dir / f".o.uvfits.tmp-another-node-{dead_pid}-0badc0de",
+            out_dir / "notes.txt"]  # fmt: skip
+    dead[0].write_bytes(b"half a uvfits")
+    (dead[1] / "0-0").parent.mkdir()
+    (dead[1] / "0-0").write_bytes(b"a chunk")
+    for path in kept:
+        path.write_bytes(b"keep")
+    convert(sim, out_dir / "o.uvfits", **RAW)
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+        ["o.uvfits", *(p.name for p in kept)]
+    )

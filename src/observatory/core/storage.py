@@ -8,11 +8,13 @@ sees half a file and a crash leaves nothing under the real name.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import posixpath
 import secrets
 import shutil
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -160,6 +162,54 @@ def sha1_of_file(path: str | Path, chunk_bytes: int = 4 * 1024 * 1024) -> str:
     return digest.hexdigest()
 
 
+def temporary_name(target_name: str, kind: str) -> str:
+    """The start of a hidden temporary's name beside ``target_name``, marked with its owner.
+
+    ``.<target>.<kind>-<host>-<pid>-`` (the caller adds a random ending): if the process
+    dies without cleaning up (``kill -9``, the OOM killer), a later run on the same host
+    can tell the leftover from a temporary still in use (:func:`remove_leftover_temporaries`).
+    """
+    return f".{target_name}.{kind}-{socket.gethostname()}-{os.getpid()}-"
+
+
+def remove_leftover_temporaries(target: str | Path) -> list[Path]:
+    """Remove the temporaries beside ``target`` left by processes of this host that are gone.
+
+    Only names made by :func:`temporary_name` are considered; those of live processes,
+    and of other hosts (a shared file system), are kept.
+
+    Returns
+    -------
+    list of Path
+        What was removed.
+    """
+    target = Path(target)
+    host = socket.gethostname()
+    removed = []
+    for candidate in target.parent.glob(f".{glob.escape(target.name)}.*-{glob.escape(host)}-*-*"):
+        # <kind>-<host>-<pid>-<random ending>; host names may hold dashes, the rest do not
+        owner = candidate.name[len(f".{target.name}.") :].split("-", 1)[1].rpartition("-")[0]
+        owner_host, _, pid_text = owner.rpartition("-")
+        if owner_host != host or not pid_text.isdigit() or _process_alive(int(pid_text)):
+            continue
+        if candidate.is_dir() and not candidate.is_symlink():
+            shutil.rmtree(candidate, ignore_errors=True)
+        else:
+            candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 @contextmanager
 def atomic_output(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path`` that is renamed to ``path`` if the block succeeds.
@@ -172,7 +222,7 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
+    temporary = target.with_name(temporary_name(target.name, "tmp") + secrets.token_hex(4))
     try:
         yield temporary
         if temporary.is_dir() and target.is_dir() and not target.is_symlink():

@@ -42,6 +42,7 @@ from astropy.time import Time
 from numpy.typing import NDArray
 
 from observatory.calib.formats import CalSolutions, read_solutions
+from observatory.core.storage import remove_leftover_temporaries, temporary_name
 from observatory.preprocess import corrections
 from observatory.preprocess.measurement_set import MeasurementSetStream
 from observatory.preprocess.options import (
@@ -361,6 +362,9 @@ def preprocess(
         the metafits, or solutions for another array (naming the file).
     """
     targets = output_paths(out, options.output)
+    for target in targets:  # what runs killed outright (kill -9, the OOM killer) left
+        for leftover in remove_leftover_temporaries(target):
+            log.warning("removed %s, left by a conversion that was killed", leftover)
     solutions_name = "the calibration solutions"
     if isinstance(solutions, (str, os.PathLike)):
         solutions_name = f"solutions file {solutions}"
@@ -420,7 +424,9 @@ def preprocess(
         targets[0].parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(
             stack.enter_context(
-                tempfile.TemporaryDirectory(dir=targets[0].parent, prefix=f".{targets[0].name}.")
+                tempfile.TemporaryDirectory(
+                    dir=targets[0].parent, prefix=temporary_name(targets[0].name, "scratch")
+                )
             )
         )
         assembling: dict[int, dict[int, _HeldPart | _SpilledPart]] = {}
