@@ -828,9 +828,12 @@ def table_contents(path: Path) -> dict[str, dict[str, list[object]]]:
 
 @pytest.mark.parametrize("coarse_chans", [(137, 138), (137, 140)], ids=["contiguous", "picket"])
 def test_the_streamed_measurement_set_is_what_pyuvdata_writes(
-    tmp_path: Path, coarse_chans: tuple[int, int]
+    tmp_path: Path, coarse_chans: tuple[int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every table and column as pyuvdata's write_ms of the whole output, written in pieces."""
+    from observatory.preprocess import measurement_set
+
+    monkeypatch.setattr(measurement_set, "_ROWS_PER_PUT", 7)  # per-row columns in pieces too
     from observatory.preprocess.corrections import make_autos_hermitian
     from observatory.preprocess.engine import _HeldPart
     from observatory.preprocess.measurement_set import MeasurementSetStream

@@ -25,6 +25,8 @@ from observatory.core.storage import atomic_output
 from observatory.preprocess.uvfits import DEFAULT_BUFFER_BYTES, AtomicStream, GroupSource
 from observatory.preprocess.writer import OutputDescription, spectral_window_ids, to_uvdata
 
+#: Rows of the per-row columns written at a time when the set is finished.
+_ROWS_PER_PUT = 1 << 20
 #: Bytes per visibility sample held while a buffer is written (complex64 data and its
 #: conjugate, float32 weight, bool flag).
 _BYTES_PER_SAMPLE = 8 + 8 + 4 + 1
@@ -63,10 +65,7 @@ class MeasurementSetStream(AtomicStream):
         # WEIGHT: per row and pol, the median weight over the row's channels; SIGMA follows
         # from it. write_ms keeps the medians in float32 with one window, float64 with
         # several (which rounds SIGMA differently): the same here.
-        self._row_weights = np.zeros(
-            (self.n_blts * len(self.windows), 4),
-            dtype=np.float32 if len(self.windows) == 1 else np.float64,
-        )
+        self._row_weight_dtype = np.float32 if len(self.windows) == 1 else np.float64
         self.times_written = 0
         self._context = atomic_output(self.path)
         self._temporary: Path | None = None
@@ -115,7 +114,11 @@ class MeasurementSetStream(AtomicStream):
                 self._table.putcol("DATA", data[:, window], row, n_rows)
                 self._table.putcol("WEIGHT_SPECTRUM", weights[:, window], row, n_rows)
                 self._table.putcol("FLAG", flags[:, window], row, n_rows)
-                self._row_weights[row : row + n_rows] = np.median(weights[:, window], axis=1)
+                row_weights = np.median(weights[:, window], axis=1).astype(self._row_weight_dtype)
+                sigma = np.zeros_like(row_weights)
+                np.power(row_weights, -0.5, where=row_weights != 0, out=sigma)
+                self._table.putcol("WEIGHT", row_weights, row, n_rows)
+                self._table.putcol("SIGMA", sigma, row, n_rows)
         self.times_written += len(times_jd)
 
     def _finish(self) -> None:
@@ -123,27 +126,30 @@ class MeasurementSetStream(AtomicStream):
         from pyuvdata.utils.io import ms as ms_utils
 
         uvd, table = self.uvd, self._table
-        n_windows = len(self.windows)
-        # Rows are window-major: every baseline-time of the first window, then the next.
-        blt_of_row = np.tile(np.arange(self.n_blts), n_windows)
         unique_jd, time_index = np.unique(uvd.time_array, return_inverse=True)
         time_mjd_s = (Time(unique_jd, format="jd", scale="utc").mjd * 86400.0)[time_index]
         uvd._set_scan_numbers()
         table.putcolkeyword("DATA", "QuantumUnits", uvd.vis_units)
-        table.putcol("WEIGHT", self._row_weights)
-        sigma = np.zeros_like(self._row_weights)
-        np.power(self._row_weights, -0.5, where=self._row_weights != 0, out=sigma)
-        table.putcol("SIGMA", sigma)
-        table.putcol("ANTENNA1", uvd.ant_1_array[blt_of_row])
-        table.putcol("ANTENNA2", uvd.ant_2_array[blt_of_row])
-        table.putcol("INTERVAL", uvd.integration_time[blt_of_row])
-        table.putcol("EXPOSURE", uvd.integration_time[blt_of_row])
-        table.putcol("DATA_DESC_ID", np.repeat(np.arange(n_windows), self.n_blts))
-        table.putcol("SCAN_NUMBER", uvd.scan_number_array[blt_of_row])
-        table.putcol("TIME", time_mjd_s[blt_of_row])
-        table.putcol("TIME_CENTROID", time_mjd_s[blt_of_row])
-        table.putcol("UVW", -uvd.uvw_array[blt_of_row])  # flip_conj negates uvw too
-        table.putcol("FIELD_ID", np.zeros(len(blt_of_row), dtype=int))  # the one phase centre
+        # Rows are window-major: every baseline-time of the first window, then the next.
+        # Written a slice of baseline-times at a time: nothing here is sized to every row.
+        for window_index in range(len(self.windows)):
+            for start in range(0, self.n_blts, _ROWS_PER_PUT):
+                blts = slice(start, min(start + _ROWS_PER_PUT, self.n_blts))
+                row, n_rows = window_index * self.n_blts + start, blts.stop - start
+                columns = {
+                    "ANTENNA1": uvd.ant_1_array[blts],
+                    "ANTENNA2": uvd.ant_2_array[blts],
+                    "INTERVAL": uvd.integration_time[blts],
+                    "EXPOSURE": uvd.integration_time[blts],
+                    "DATA_DESC_ID": np.full(n_rows, window_index),
+                    "SCAN_NUMBER": uvd.scan_number_array[blts],
+                    "TIME": time_mjd_s[blts],
+                    "TIME_CENTROID": time_mjd_s[blts],
+                    "UVW": -uvd.uvw_array[blts],  # flip_conj negates uvw too
+                    "FIELD_ID": np.zeros(n_rows, dtype=int),  # the one phase centre
+                }
+                for name, values in columns.items():
+                    table.putcol(name, values, row, n_rows)
         if uvd.extra_keywords:
             table.putkeyword("pyuvdata_extra", uvd.extra_keywords)
         if uvd.pol_convention is not None:
