@@ -6,6 +6,8 @@ import hashlib
 import os
 import signal
 import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -153,19 +155,21 @@ def _rows_offline(data_dir: Path) -> dict[int, dict[str, Any]]:
     return rows
 
 
-def test_cluster_mode_survives_a_killed_worker(tmp_path: Path, migrated_db_url: str) -> None:
-    if not migrated_db_url.startswith("postgresql"):
-        pytest.skip(
-            "cluster mode runs on PostgreSQL (the SQLite variant of this test is not meaningful)"
-        )
+@contextmanager
+def seeded_cluster(tmp_path: Path, database_url: str) -> Iterator[tuple[Path, dict[str, str], Any]]:
+    """A seeded data directory, a real scheduler with two workers, and a Dask client.
+
+    Yields (data directory, environment for ``observatory serve``, client); the
+    scheduler and workers are stopped at the end.
+    """
     from distributed import Client
 
     data_dir = tmp_path / "data"
-    seed(data_dir, migrated_db_url, [1320409688], tiles=48, api_key=API_KEY)
-    scheduler_port, port = free_port(), free_port()
+    seed(data_dir, database_url, [1320409688], tiles=48, api_key=API_KEY)
+    scheduler_port = free_port()
     scheduler_address = f"tcp://127.0.0.1:{scheduler_port}"
     env = {
-        "OBSERVATORY_DATABASE_URL": migrated_db_url,
+        "OBSERVATORY_DATABASE_URL": database_url,
         "OBSERVATORY_DASK_SCHEDULER": scheduler_address,
     }
     scheduler = dask_scheduler(scheduler_port, tmp_path / "scheduler.log")
@@ -173,10 +177,24 @@ def test_cluster_mode_survives_a_killed_worker(tmp_path: Path, migrated_db_url: 
         dask_worker(scheduler_address, tmp_path / f"worker{n}.log", env, name=f"w{n}")
         for n in range(2)
     ]
-    server = None
     try:
         with Client(scheduler_address, timeout=60) as dask_client:
             dask_client.wait_for_workers(2, timeout=60)
+            yield data_dir, env, dask_client
+    finally:
+        for process in [*workers, scheduler]:
+            process.stop()
+
+
+def test_cluster_mode_survives_a_killed_worker(tmp_path: Path, migrated_db_url: str) -> None:
+    if not migrated_db_url.startswith("postgresql"):
+        pytest.skip(
+            "cluster mode runs on PostgreSQL (the SQLite variant of this test is not meaningful)"
+        )
+    port = free_port()
+    server = None
+    with seeded_cluster(tmp_path, migrated_db_url) as (data_dir, env, dask_client):
+        try:
             server = observatory_server(data_dir, port, env)
             base = f"http://127.0.0.1:{port}"
             wait_for(f"{base}/healthz")
@@ -200,10 +218,9 @@ def test_cluster_mode_survives_a_killed_worker(tmp_path: Path, migrated_db_url: 
                 "the job",
             )
             check_products(client, data_dir)
-    finally:
-        for process in [server, *workers, scheduler]:
-            if process is not None:
-                process.stop()
+        finally:
+            if server is not None:
+                server.stop()
 
 
 def test_cluster_mode_runs_a_job_once_across_a_second_runner_and_a_restart(
@@ -215,25 +232,10 @@ def test_cluster_mode_runs_a_job_once_across_a_second_runner_and_a_restart(
     # the two runs deleted each other's files: the job ended in error.
     if not migrated_db_url.startswith("postgresql"):
         pytest.skip("cluster mode runs on PostgreSQL")
-    from distributed import Client
-
-    data_dir = tmp_path / "data"
-    seed(data_dir, migrated_db_url, [1320409688], tiles=48, api_key=API_KEY)
-    scheduler_port, port, second_port = free_port(), free_port(), free_port()
-    scheduler_address = f"tcp://127.0.0.1:{scheduler_port}"
-    env = {
-        "OBSERVATORY_DATABASE_URL": migrated_db_url,
-        "OBSERVATORY_DASK_SCHEDULER": scheduler_address,
-    }
-    scheduler = dask_scheduler(scheduler_port, tmp_path / "scheduler.log")
-    workers = [
-        dask_worker(scheduler_address, tmp_path / f"worker{n}.log", env, name=f"w{n}")
-        for n in range(2)
-    ]
+    port, second_port = free_port(), free_port()
     servers: list[Process] = []
-    try:
-        with Client(scheduler_address, timeout=60) as dask_client:
-            dask_client.wait_for_workers(2, timeout=60)
+    with seeded_cluster(tmp_path, migrated_db_url) as (data_dir, env, _dask_client):
+        try:
             first = observatory_server(data_dir, port, env)
             servers.append(first)
             wait_for(f"http://127.0.0.1:{port}/healthz")
@@ -260,6 +262,6 @@ def test_cluster_mode_runs_a_job_once_across_a_second_runner_and_a_restart(
                 "the job",
             )
             check_products(client, data_dir)
-    finally:
-        for process in [*servers, *workers, scheduler]:
-            process.stop()
+        finally:
+            for process in servers:
+                process.stop()
