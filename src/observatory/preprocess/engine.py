@@ -420,8 +420,7 @@ def preprocess(
         # A block is written once all its coarse channels are done. Until then the
         # finished ones wait in memory up to HELD_PARTS_FACTOR chunks' worth, beyond that
         # on disk (a block of the whole band can be many times a chunk: with RFI
-        # flagging, the whole observation).
-        targets[0].parent.mkdir(parents=True, exist_ok=True)
+        # flagging, the whole observation). (The streams made the output's directory.)
         scratch = Path(
             stack.enter_context(
                 tempfile.TemporaryDirectory(
