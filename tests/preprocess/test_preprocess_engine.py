@@ -303,6 +303,14 @@ def test_aoflagger_flags_an_rfi_burst_and_little_else(tmp_path: Path) -> None:
         for n in (1, 2)
     ]  # fmt: skip
     np.testing.assert_array_equal(cube(halves[0], 16)[1], cube(halves[1], 16)[1])
+    # The worker processes write their chunks into the uvfits themselves; with a measurement
+    # set beside it they send them to this process, which writes both: the same data.
+    assert halves[0].read_bytes() == halves[1].read_bytes()
+    both = preprocess(noisy.metafits_path, noisy.vis_paths,
+                      ConversionOptions.from_params({**params, "output": "both"}),
+                      tmp_path / "both", workers=2, chunk_bytes=eight_integrations)  # fmt: skip
+    for ours, reference in zip(cube(both[0], 16), cube(halves[0], 16)[:2], strict=False):
+        np.testing.assert_array_equal(ours, reference)
     # Without AOFlagger nothing is flagged.
     (out,) = convert(noisy, tmp_path / "norfi.uvfits", **RAW)
     assert not cube(out, 16)[1][:, p != q].any()
@@ -756,11 +764,11 @@ def test_time_grid_fills_gaps_and_refuses_times_off_the_grid() -> None:
 
 
 def test_memory_follows_the_chunk_size_not_the_band(tmp_path: Path) -> None:
-    """Finished coarse channels wait on disk for their block, which is written a buffer at a time.
+    """Each finished chunk goes straight into its place in the outputs.
 
-    Before, a block's coarse channels were all held in memory, the uvfits record of the
-    whole band built at once, and a measurement set written from the whole output: the
-    peak grew with the number of coarse channels (and the observation's length).
+    Before, a block's coarse channels were all held in memory (later: on disk), the uvfits
+    record of the whole band built at once, and a measurement set written from the whole
+    output: the peak grew with the number of coarse channels (and the observation's length).
     """
     import tracemalloc
 
@@ -803,6 +811,19 @@ def test_memory_follows_the_chunk_size_not_the_band(tmp_path: Path) -> None:
     assert peaks[16] < band_block_bytes
 
 
+def chunks_out_of_order(n_times: int, n_chans: int) -> list[tuple[slice, slice]]:
+    """Uneven chunks covering (n_times, n_chans) once, in a scrambled order (for the streams)."""
+    time_edges = [0, 1, n_times - 2, n_times]
+    chan_edges = [0, n_chans // 2 - 1, n_chans // 2 + 1, n_chans]
+    chunks = [
+        (slice(t0, t1), slice(c0, c1))
+        for t0, t1 in zip(time_edges, time_edges[1:], strict=False)
+        for c0, c1 in zip(chan_edges, chan_edges[1:], strict=False)
+    ]
+    order = np.random.default_rng(3).permutation(len(chunks))
+    return [chunks[i] for i in order]
+
+
 def table_contents(path: Path) -> dict[str, dict[str, list[object]]]:
     """Every table of a measurement set: its keywords and every column's cells."""
     from casacore.tables import table
@@ -835,7 +856,6 @@ def test_the_streamed_measurement_set_is_what_pyuvdata_writes(
 
     monkeypatch.setattr(measurement_set, "_ROWS_PER_PUT", 7)  # per-row columns in pieces too
     from observatory.preprocess.corrections import make_autos_hermitian
-    from observatory.preprocess.engine import _HeldPart
     from observatory.preprocess.measurement_set import MeasurementSetStream
     from observatory.preprocess.reader import coarse_channel_freqs_hz, read_metadata
     from observatory.preprocess.writer import OutputDescription, to_uvdata
@@ -858,17 +878,23 @@ def test_the_streamed_measurement_set_is_what_pyuvdata_writes(
     weights = rng.uniform(0.5, 2.0, size=shape).astype(np.float32)
     flags = rng.uniform(size=shape) < 0.2
     weights[1, 2] = 0.0  # a baseline-time with no weight: SIGMA is 0 there (see below)
+    flags[2, 3] = True  # a baseline-time all flagged: FLAG_ROW (below)
     reference_path = tmp_path / "reference.ms"
     to_uvdata(description, vis, weights, flags).write_ms(str(reference_path))
     streamed_path = tmp_path / "streamed.ms"
-    with MeasurementSetStream(streamed_path, description) as stream:
-        jd = Time(description.time_centres_gps_s, format="gps").utc.jd
-        for rows in (slice(0, 4), slice(4, 6)):  # two blocks, each in buffers of 5 groups
-            parts = [_HeldPart(vis[rows, :, c], weights[rows, :, c], flags[rows, :, c])
-                     for c in (slice(0, n_chans), slice(n_chans, 2 * n_chans))]  # fmt: skip
-            stream.write(jd[rows], parts, buffer_bytes=5 * 2 * n_chans * 4 * 21)
+    # Chunks in an order of their own, each written in buffers of 5 rows.
+    with MeasurementSetStream(
+        streamed_path, description, buffer_bytes=5 * n_chans * 4 * 21, chunk_chans=3
+    ) as stream:  # tiles of 3 channels, not the chunks' widths: any tiling holds the same data
+        for times, chans in chunks_out_of_order(n_times, 2 * n_chans):  # across both windows
+            stream.write(times.start, chans.start, vis[times, :, chans], weights[times, :, chans],
+                         flags[times, :, chans])  # fmt: skip
     ours, theirs = table_contents(streamed_path), table_contents(reference_path)
     assert ours.keys() == theirs.keys()
+    # FLAG_ROW where every sample of the row is flagged; write_ms leaves it false.
+    all_flagged = [bool(np.all(cell)) for cell in ours["MAIN"]["FLAG"]]
+    assert ours["MAIN"].pop("FLAG_ROW") == all_flagged and any(all_flagged)
+    assert not any(theirs["MAIN"].pop("FLAG_ROW"))
     # Written at different moments; and pyuvdata leaves SIGMA uninitialised where WEIGHT is 0.
     for contents in (ours, theirs):
         contents["HISTORY"].pop("TIME")
@@ -897,41 +923,90 @@ def test_the_streamed_measurement_set_is_what_pyuvdata_writes(
     assert len(ours["SPECTRAL_WINDOW"]["NUM_CHAN"]) == (1 if coarse_chans == (137, 138) else 2)
 
 
-def test_finished_chunks_wait_in_memory_up_to_the_budget_then_on_disk(
+def stream_description(tmp_path: Path) -> tuple[object, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """A small output's description and its data (6 integrations, 8 channels)."""
+    from observatory.preprocess.reader import coarse_channel_freqs_hz, read_metadata
+    from observatory.preprocess.writer import OutputDescription
+
+    obs = simulate_observation(tmp_path / "obs", OBSID, n_tiles=4, coarse_chans=(137, 138),
+                               fine_chan_khz=320, n_timesteps=2, sources=[SOURCE])  # fmt: skip
+    meta = read_metadata(obs.metafits_path)
+    freqs = np.concatenate([coarse_channel_freqs_hz(c, np.arange(4), 320e3, 4) for c in (137, 138)])
+    description = OutputDescription(
+        meta=meta, time_centres_gps_s=OBSID + 1.0 + 2.0 * np.arange(6), freqs_hz=freqs,
+        channel_width_hz=320e3, int_time_s=2.0, phase_centre=("3C444", SOURCE.ra_deg, SOURCE.dec_deg),
+        history="a history line", calibrated=False,
+    )  # fmt: skip
+    rng = np.random.default_rng(6)
+    shape = (6, meta.n_baselines, 8, 4)
+    vis = (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
+    weights = rng.uniform(0.5, 2.0, size=shape).astype(np.float32)
+    return description, (vis, weights, rng.uniform(size=shape) < 0.2)
+
+
+def test_the_uvfits_stream_takes_chunks_in_any_order(tmp_path: Path) -> None:
+    """Chunks written in a scrambled order, into mappings of a few groups, give the bytes of
+    the whole output written at once; pyuvdata reads the data back."""
+    from observatory.preprocess.uvfits import UvfitsStream
+
+    description, (vis, weights, flags) = stream_description(tmp_path)
+    with UvfitsStream(tmp_path / "whole.uvfits", description) as stream:
+        stream.write(0, 0, vis, weights, flags)
+    group_bytes = (16 + 8 * 4 * 3) * 4
+    with UvfitsStream(tmp_path / "chunks.uvfits", description, buffer_bytes=5 * group_bytes) as stream:
+        for times, chans in chunks_out_of_order(6, 8):
+            stream.write(times.start, chans.start, vis[times, :, chans], weights[times, :, chans],
+                         flags[times, :, chans])  # fmt: skip
+    assert (tmp_path / "chunks.uvfits").read_bytes() == (tmp_path / "whole.uvfits").read_bytes()
+    uvd = UVData.from_file(str(tmp_path / "chunks.uvfits"))
+    assert uvd.Ntimes == 6 and uvd.Nfreqs == 8
+    assert np.count_nonzero(uvd.flag_array) == np.count_nonzero(flags)
+
+
+@pytest.mark.parametrize("stream_class", ["UvfitsStream", "MeasurementSetStream"])
+def test_a_stream_refuses_a_chunk_twice_or_outside_and_publishes_nothing_incomplete(
+    tmp_path: Path, stream_class: str
+) -> None:
+    from observatory.preprocess import measurement_set, uvfits
+
+    stream_type = getattr(uvfits, stream_class, None) or getattr(measurement_set, stream_class)
+    description, (vis, weights, flags) = stream_description(tmp_path)
+    out = tmp_path / "out" / "o.data"
+    with pytest.raises(ValueError, match="integrations 0-1, channels 0-3 were written already"):
+        with stream_type(out, description) as stream:
+            stream.write(0, 0, vis[:2, :, :4], weights[:2, :, :4], flags[:2, :, :4])
+            stream.write(0, 0, vis[:2, :, :4], weights[:2, :, :4], flags[:2, :, :4])
+    with pytest.raises(ValueError, match="integrations 5-6, channels 0-7 are outside the "
+                       "output's 6 integrations and 8 channels"):  # fmt: skip
+        with stream_type(out, description) as stream:
+            stream.write(5, 0, vis[:2], weights[:2], flags[:2])
+    with pytest.raises(RuntimeError, match="16 of 48 .integration, channel. cells were not written"):
+        with stream_type(out, description) as stream:
+            stream.write(0, 0, vis[:4], weights[:4], flags[:4])
+    assert list(out.parent.iterdir()) == []
+
+
+def test_a_full_disk_fails_at_the_start_naming_what_the_output_needs(
     sim: SimulatedObservation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Small outputs never touch the disk twice; large ones spill, with the same result."""
+    """The uvfits is reserved on disk before any work: no chunk is processed for nothing,
+    and no write through the file's mapping can meet a full disk."""
+    import errno
+    import os
+
     from observatory.preprocess import engine
 
-    spilled: list[Path] = []
-    original = engine._SpilledPart.__init__
+    def full_disk(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    def counting(self: object, path: Path, *arrays: np.ndarray) -> None:
-        spilled.append(path)
-        original(self, path, *arrays)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(engine._SpilledPart, "__init__", counting)
-    options = ConversionOptions.from_params(RAW)
-    held = preprocess(sim.metafits_path, sim.vis_paths, options, tmp_path / "held.uvfits")[0]
-    assert spilled == []
-    one_integration = 36 * 64 * 4 * 8  # raw bytes of one integration of one coarse channel
-    spilling = preprocess(sim.metafits_path, sim.vis_paths, options, tmp_path / "spilled.uvfits",
-                          workers=1, chunk_bytes=one_integration)[0]  # fmt: skip
-    assert spilled and all(not path.exists() for path in spilled)
-    assert held.read_bytes() == spilling.read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["held.uvfits", "spilled.uvfits"]
-
-
-def test_a_full_disk_names_the_scratch_file(tmp_path: Path) -> None:
-    from observatory.preprocess.engine import _SpilledPart
-
-    shape = (2, 3, 4, 4)
-    arrays = (np.zeros(shape, np.complex64), np.zeros(shape, np.float32), np.zeros(shape, bool))
-    if not Path("/dev/full").exists():
-        pytest.skip("no /dev/full here")
-    with pytest.raises(OSError, match=r"cannot write the conversion's scratch file /dev/full "
-                       r"\(No space left on device\); it needs free space beside the output"):  # fmt: skip
-        _SpilledPart(Path("/dev/full"), *arrays)
+    processed: list[int] = []
+    monkeypatch.setattr(os, "posix_fallocate", full_disk)
+    monkeypatch.setattr(engine, "_process", lambda *args: processed.append(1))
+    out_dir = tmp_path / "out"
+    with pytest.raises(OSError, match=r"cannot write .*o\.uvfits: it needs 0\.\d\d GB "
+                       r"\(No space left on device\)"):  # fmt: skip
+        convert(sim, out_dir / "o.uvfits", **RAW)
+    assert processed == [] and list(out_dir.iterdir()) == []
 
 
 def test_default_workers_fit_a_dask_workers_memory() -> None:
@@ -947,21 +1022,21 @@ def test_default_workers_fit_a_dask_workers_memory() -> None:
         memory_limit_bytes,
     )
 
-    rfi_chunk, held = 256 * 2**20, 128 * 2**20
+    rfi_chunk = 256 * 2**20
     cpus = os.cpu_count() or 1
-    if memory_limit_bytes() > cpus * 2 * rfi_chunk + held + PROCESS_BASE_BYTES:
-        assert default_workers(rfi_chunk, held) == cpus  # memory enough for one per CPU
+    if memory_limit_bytes() > cpus * 2 * rfi_chunk + PROCESS_BASE_BYTES:
+        assert default_workers(rfi_chunk) == cpus  # memory enough for one per CPU
     with (
         LocalCluster(
-            n_workers=1, threads_per_worker=2, processes=False, memory_limit="3GiB",
+            n_workers=1, threads_per_worker=2, processes=False, memory_limit="2GiB",
             dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
         ) as cluster,
         Client(cluster) as client,
     ):  # fmt: skip
         share = client.submit(memory_limit_bytes, pure=False).result(timeout=30)
-        inside = client.submit(default_workers, rfi_chunk, held, pure=False).result(timeout=30)
-    assert share == 3 * 2**30 // 2
-    assert inside == max(1, (share - held - PROCESS_BASE_BYTES) // (2 * rfi_chunk)) == 1
+        inside = client.submit(default_workers, rfi_chunk, pure=False).result(timeout=30)
+    assert share == 2 * 2**30 // 2
+    assert inside == max(1, (share - PROCESS_BASE_BYTES) // (2 * rfi_chunk)) == 1
 
 
 @pytest.mark.parametrize("output", ["uvfits", "ms"])

@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from astropy.time import Time
 from numpy.typing import NDArray
 
 from observatory.calib.formats import CalSolutions, read_solutions
@@ -62,7 +61,7 @@ from observatory.preprocess.reader import (
     open_reader,
 )
 from observatory.preprocess.rfi import aoflagger_flags
-from observatory.preprocess.uvfits import UvfitsStream
+from observatory.preprocess.uvfits import UvfitsGroups, UvfitsStream
 from observatory.preprocess.writer import OutputDescription
 
 log = logging.getLogger(__name__)
@@ -408,62 +407,37 @@ def preprocess(
         history=history,
         calibrated=plan.jones is not None,
     )
-    time_centres_jd = Time(time_centres_gps, format="gps").utc.jd
     rfi_flagged = 0
     with contextlib.ExitStack() as stack:
-        streams: list[UvfitsStream | MeasurementSetStream] = [
-            stack.enter_context(UvfitsStream(path, description))
-            if path.suffix.lower() == ".uvfits"
-            else stack.enter_context(MeasurementSetStream(path, description))
+        # Each finished chunk goes straight into its place in the outputs: nothing waits
+        # for the rest of its integrations (with RFI flagging a block is the whole
+        # observation). (The streams make the output's directory.)
+        uvfits_streams = [
+            stack.enter_context(UvfitsStream(path, description, buffer_bytes=chunk_bytes))
             for path in targets
+            if path.suffix.lower() == ".uvfits"
         ]
-        # A block is written once all its coarse channels are done. Until then the
-        # finished ones wait in memory up to HELD_PARTS_FACTOR chunks' worth, beyond that
-        # on disk (a block of the whole band can be many times a chunk: with RFI
-        # flagging, the whole observation). (The streams made the output's directory.)
-        scratch = Path(
+        ms_streams = [
             stack.enter_context(
-                tempfile.TemporaryDirectory(
-                    dir=targets[0].parent, prefix=temporary_name(targets[0].name, "scratch")
+                MeasurementSetStream(
+                    path, description, buffer_bytes=chunk_bytes, chunk_chans=chans_out
                 )
             )
-        )
-        assembling: dict[int, dict[int, _HeldPart | _SpilledPart]] = {}
-        next_block = 0
-        hold_budget_bytes = HELD_PARTS_FACTOR * chunk_bytes
-        held_bytes = 0  # reserved for the parts asked to come back in memory
-
-        def part_bytes(block_index: int) -> int:
-            n_rows = len(blocks[block_index]) // resolved.time_factor
-            return n_rows * meta.n_baselines * chans_out * 4 * _BYTES_PER_AVERAGED_SAMPLE
-
-        def finish_ready_blocks() -> None:
-            nonlocal next_block, held_bytes
-            while len(assembling.get(next_block, {})) == n_coarse:
-                parts = assembling.pop(next_block)
-                block = blocks[next_block]
-                rows = slice(
-                    block.start // resolved.time_factor, block.stop // resolved.time_factor
-                )
-                in_order = [parts[c] for c in range(n_coarse)]
-                for stream in streams:
-                    stream.write(time_centres_jd[rows], in_order, buffer_bytes=chunk_bytes)
-                for part in in_order:
-                    if isinstance(part, _SpilledPart):
-                        part.path.unlink()
-                    else:
-                        held_bytes -= part_bytes(next_block)
-                next_block += 1
-
-        n_workers = max(
-            1, min(len(jobs), workers or default_workers(plan.chunk_bytes, hold_budget_bytes))
-        )
+            for path in targets
+            if path.suffix.lower() != ".uvfits"
+        ]
+        n_workers = max(1, min(len(jobs), workers or default_workers(plan.chunk_bytes)))
         # Before the workers start: the first apparent-place computation in a process
         # parses astropy's IERS table, which takes three times as long when it competes
         # with the workers for the GIL.
         directions = corrections.source_directions_enu(
             plan.phase_centre[1:], native_starts + meta.int_time_s / 2
         )
+        # The workers write their chunks into the uvfits themselves (any process may write
+        # its groups). A measurement set has one writer, this process: chunks come to it
+        # in memory from threads, or from processes through a scratch file each (the
+        # pickled copies cost each side the chunk's size again), removed once written.
+        writers = [stream.groups for stream in uvfits_streams]
         pool: Executor
         if (
             options.no_rfi
@@ -474,12 +448,21 @@ def preprocess(
             # numpy releases the GIL: threads share the work without copying chunks around.
             # Processes are forked only from a program's main thread: inside a service
             # (a Dask worker thread, a daemonic worker process) forking is not safe.
-            runner = _ChunkRunner(reader, plan, options, directions, scratch)
+            runner = _ChunkRunner(reader, plan, options, directions, writers, bool(ms_streams))
             pool, run = ThreadPoolExecutor(max_workers=n_workers), runner.run
         else:
             # AOFlagger's binding holds the GIL: flag in processes, each reading its own
             # chunks. Forked, not spawned, so that scripts calling preprocess() need no
             # ``if __name__ == "__main__"`` guard; this process runs no threads of its own here.
+            scratch = None
+            if ms_streams:
+                scratch = Path(
+                    stack.enter_context(
+                        tempfile.TemporaryDirectory(
+                            dir=targets[0].parent, prefix=temporary_name(targets[0].name, "scratch")
+                        )
+                    )
+                )
             pool = ProcessPoolExecutor(
                 max_workers=n_workers,
                 mp_context=multiprocessing.get_context("fork"),
@@ -491,37 +474,46 @@ def preprocess(
                     solutions,
                     chunk_bytes,
                     directions,
+                    writers,
                     scratch,
                 ),
             )
             run = _run_in_worker
         with pool:
-            pending: dict[Future[tuple[_HeldPart | _SpilledPart, int]], tuple[int, int]] = {}
+            pending: dict[Future[_ChunkResult], tuple[int, int]] = {}
             queue = list(jobs)
             done = 0
             # At most two chunks per worker in flight: memory stays bounded by the chunk size.
             while queue or pending:
                 while queue and len(pending) < 2 * n_workers:
                     job = queue.pop(0)
-                    spill = held_bytes + part_bytes(job[0]) > hold_budget_bytes
-                    if not spill:
-                        held_bytes += part_bytes(job[0])
-                    pending[pool.submit(run, *job, spill)] = job
+                    pending[pool.submit(run, *job)] = job
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
                     block_index, coarse_index = pending.pop(future)
                     try:
-                        part, rfi = future.result()
+                        output, rfi = future.result()
                     except BaseException:
                         for other in pending:
                             other.cancel()
                         raise
                     rfi_flagged += rfi
-                    assembling.setdefault(block_index, {})[coarse_index] = part
-                    finish_ready_blocks()
+                    block = blocks[block_index]
+                    first_time = block.start // resolved.time_factor
+                    first_chan = coarse_index * chans_out
+                    n_times_out = len(block) // resolved.time_factor
+                    for uvfits_stream in uvfits_streams:
+                        uvfits_stream.mark_written(first_time, first_chan, n_times_out, chans_out)
+                    if output is not None:
+                        arrays = _load_scratch(output) if isinstance(output, Path) else output
+                        for ms_stream in ms_streams:
+                            ms_stream.write(first_time, first_chan, *arrays)
+                        del arrays
+                        if isinstance(output, Path):
+                            output.unlink()
+                    del output
                     done += 1
                     if progress is not None:
-                        block = blocks[block_index]
                         progress(
                             done,
                             len(jobs),
@@ -552,15 +544,15 @@ def memory_limit_bytes() -> int:
     return min(limits)
 
 
-def default_workers(chunk_bytes: int, held_bytes: int) -> int:
+def default_workers(chunk_bytes: int) -> int:
     """Chunks processed at once when the caller does not say: one per CPU, as many as fit.
 
     Each worker needs about twice a chunk (``chunk_bytes`` of raw visibilities, RFI
-    factor included), beside the process itself and the ``held_bytes`` of finished
-    chunks waiting for their block. Inside a 4 GiB Dask worker on a big node, one per
+    factor included: the chunk it processes and the result of one waiting to be
+    written), beside the process itself. Inside a 4 GiB Dask worker on a big node, one per
     CPU would not fit.
     """
-    allowance = memory_limit_bytes() - held_bytes - PROCESS_BASE_BYTES
+    allowance = memory_limit_bytes() - PROCESS_BASE_BYTES
     return max(1, min(os.cpu_count() or 1, allowance // (2 * chunk_bytes)))
 
 
@@ -572,8 +564,19 @@ def _time_blocks(plan: _Plan) -> list[range]:
     ]
 
 
+#: A chunk's averaged (vis, weights, flags), each (times, baselines, channels, 4).
+_ChunkArrays = tuple[NDArray[np.complex64], NDArray[np.float32], NDArray[np.bool_]]
+#: What a worker returns for a chunk: for the measurement sets its arrays (in memory, or
+#: in a scratch file), None without one; and the count of samples AOFlagger flagged.
+_ChunkResult = tuple[_ChunkArrays | Path | None, int]
+
+
 class _ChunkRunner:
-    """Reads and processes one chunk (a block of integrations of one coarse channel)."""
+    """Reads and processes one chunk (a block of integrations of one coarse channel).
+
+    It writes the chunk into the uvfits outputs itself (``writers``); for measurement
+    sets (``for_ms``) it returns the arrays, or saves them in a file in ``scratch``.
+    """
 
     def __init__(
         self,
@@ -581,21 +584,22 @@ class _ChunkRunner:
         plan: _Plan,
         options: ConversionOptions,
         directions_enu: NDArray[np.float64],
-        scratch: Path,
+        writers: Sequence[UvfitsGroups],
+        for_ms: bool,
+        scratch: Path | None = None,
     ) -> None:
         self.reader = reader
-        self.scratch = scratch
         self.plan = plan
         self.options = options
         self.directions_enu = directions_enu
+        self.writers = writers
+        self.for_ms = for_ms
+        self.scratch = scratch
         self.blocks = _time_blocks(plan)
         self.n_times = len(reader.time_start_gps_s)
 
-    def run(
-        self, block_index: int, coarse_index: int, spill: bool
-    ) -> tuple[_HeldPart | _SpilledPart, int]:
-        """Process one chunk; its averaged output comes back in memory, or in a scratch file
-        (written here, in the worker: then no copy of it travels to the caller)."""
+    def run(self, block_index: int, coarse_index: int) -> _ChunkResult:
+        """Process one chunk and write it into the uvfits outputs."""
         block = self.blocks[block_index]
         stored = range(block.start, min(block.stop, self.n_times))
         chunk = self.reader.read(self.plan.coarse_chans[coarse_index], stored)
@@ -605,11 +609,40 @@ class _ChunkRunner:
             self.options,
             lambda: self.directions_enu[block.start : block.stop],
         )
-        if not spill:
-            return _HeldPart(vis, weights, flags), rfi
-        return _SpilledPart(
+        first_time = block.start // self.plan.resolved.time_factor
+        for writer in self.writers:
+            writer.write_data(first_time, coarse_index * vis.shape[2], vis, weights, flags)
+        if not self.for_ms:
+            return None, rfi
+        if self.scratch is None:
+            return (vis, weights, flags), rfi
+        return _save_scratch(
             self.scratch / f"{block_index}-{coarse_index}", vis, weights, flags
         ), rfi
+
+
+def _save_scratch(
+    path: Path, vis: NDArray[np.complex64], weights: NDArray[np.float32], flags: NDArray[np.bool_]
+) -> Path:
+    """Save a chunk's arrays for the process writing the measurement set."""
+    try:
+        with open(path, "wb") as handle:
+            for array in (vis, weights, flags):
+                np.lib.format.write_array(handle, np.ascontiguousarray(array))
+    except OSError as exc:
+        raise OSError(
+            exc.errno,
+            f"cannot write the conversion's scratch file {path} "
+            f"({exc.strerror or exc}); it needs free space beside the output",
+        ) from exc
+    return path
+
+
+def _load_scratch(path: Path) -> _ChunkArrays:
+    """A chunk's arrays saved by :func:`_save_scratch`."""
+    with open(path, "rb") as handle:
+        vis, weights, flags = (np.lib.format.read_array(handle) for _ in range(3))
+    return vis, weights, flags
 
 
 _worker_runner: _ChunkRunner | None = None
@@ -622,7 +655,8 @@ def _start_worker(
     solutions: CalSolutions | None,
     chunk_bytes: int,
     directions_enu: NDArray[np.float64],
-    scratch: Path,
+    writers: list[UvfitsGroups],
+    scratch: Path | None,
 ) -> None:
     """Process-pool initializer: open the files and plan as the parent did."""
     global _worker_runner
@@ -631,95 +665,16 @@ def _start_worker(
     ensure_astropy_offline()
     reader = open_reader(metafits, data_files)
     plan = _plan(reader, options, solutions, chunk_bytes)
-    _worker_runner = _ChunkRunner(reader, plan, options, directions_enu, scratch)
+    _worker_runner = _ChunkRunner(
+        reader, plan, options, directions_enu, writers, scratch is not None, scratch
+    )
 
 
-def _run_in_worker(
-    block_index: int, coarse_index: int, spill: bool
-) -> tuple[_HeldPart | _SpilledPart, int]:
+def _run_in_worker(block_index: int, coarse_index: int) -> _ChunkResult:
     assert _worker_runner is not None, "worker not initialised"
-    return _worker_runner.run(block_index, coarse_index, spill)
+    return _worker_runner.run(block_index, coarse_index)
 
 
 #: What a conversion process takes before any chunk: numpy, astropy, pyuvdata, mwalib,
 #: AOFlagger and astropy's IERS table (measured 0.4 GB).
 PROCESS_BASE_BYTES = 400 * 1024 * 1024
-#: Finished chunks wait for the rest of their block in memory up to this many times
-#: ``chunk_bytes`` of averaged output, beyond that in scratch files.
-HELD_PARTS_FACTOR = 4
-#: Bytes per averaged visibility sample kept until written: complex64, float32 weight, flag.
-_BYTES_PER_AVERAGED_SAMPLE = 8 + 4 + 1
-
-
-class _HeldPart:
-    """A chunk's averaged output held in memory (a ``GroupSource``, as :class:`_SpilledPart`)."""
-
-    def __init__(
-        self, vis: NDArray[np.complex64], weights: NDArray[np.float32], flags: NDArray[np.bool_]
-    ) -> None:
-        self.n_chans = vis.shape[2]
-        self._vis = vis.reshape(-1, self.n_chans, vis.shape[3])
-        self._weights = weights.reshape(self._vis.shape)
-        self._flags = flags.reshape(self._vis.shape)
-
-    def groups(
-        self, start: int, stop: int
-    ) -> tuple[NDArray[np.complex64], NDArray[np.float32], NDArray[np.bool_]]:
-        """(vis, weights, flags) of groups ``start`` to ``stop``, shape (groups, chans, pols)."""
-        return self._vis[start:stop], self._weights[start:stop], self._flags[start:stop]
-
-
-class _SpilledPart:
-    """A chunk's averaged output parked in a scratch file, read back a range of groups at a time.
-
-    A :class:`~observatory.preprocess.uvfits.GroupSource`: groups are the chunk's
-    (time, baseline) pairs, time slowest. The file holds vis, weights and flags one
-    after the other, each in (time, baseline, channel, pol) order.
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        vis: NDArray[np.complex64],
-        weights: NDArray[np.float32],
-        flags: NDArray[np.bool_],
-    ) -> None:
-        self.path = path
-        n_times, n_baselines, self.n_chans, self._n_pols = vis.shape
-        self._n_groups = n_times * n_baselines
-        try:
-            with open(path, "wb") as handle:
-                for array in (vis, weights, flags):
-                    # write() rather than tofile(): a full disk then says so (errno ENOSPC)
-                    handle.write(np.ascontiguousarray(array).data)
-        except OSError as exc:
-            raise OSError(
-                exc.errno,
-                f"cannot write the conversion's scratch file {path} "
-                f"({exc.strerror or exc}); it needs free space beside the output",
-            ) from exc
-
-    def groups(
-        self, start: int, stop: int
-    ) -> tuple[NDArray[np.complex64], NDArray[np.float32], NDArray[np.bool_]]:
-        """(vis, weights, flags) of groups ``start`` to ``stop``, shape (groups, chans, pols)."""
-        values_per_group = self.n_chans * self._n_pols
-        arrays = []
-        array_offset = 0
-        for dtype in (np.dtype(np.complex64), np.dtype(np.float32), np.dtype(np.bool_)):
-            arrays.append(
-                np.fromfile(
-                    self.path,
-                    dtype=dtype,
-                    count=(stop - start) * values_per_group,
-                    offset=array_offset + start * values_per_group * dtype.itemsize,
-                ).reshape(stop - start, self.n_chans, self._n_pols)
-            )
-            array_offset += self._n_groups * values_per_group * dtype.itemsize
-        vis, weights, flags = arrays
-        # (already of these types: astype without a copy only tells the type checker)
-        return (
-            vis.astype(np.complex64, copy=False),
-            weights.astype(np.float32, copy=False),
-            flags.astype(np.bool_, copy=False),
-        )

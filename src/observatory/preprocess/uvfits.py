@@ -1,24 +1,27 @@
-"""A uvfits writer that streams integrations to disk, so the output need not fit in memory.
+"""A uvfits writer that takes each chunk of the data straight into its place in the file.
 
 pyuvdata writes uvfits only from a complete ``UVData`` object in memory, which
 for an unaveraged observation is as large as the raw data. This writer lays out
 the file exactly as pyuvdata's ``write_uvfits`` does (random groups of float32
 with the same parameters, conventions and AIPS AN / FQ / SU tables; the tests
-compare the two), but takes the data a block of integrations at a time: the
-primary header (whose group count is known in advance) first, then each
-block's groups, then the padding and the tables. The geometry (apparent
-coordinates, LST, uvw) comes from pyuvdata's own phasing functions.
+compare the two), but takes the data a chunk at a time, in any order: a block of
+integrations of a range of channels. The file is reserved on disk at the start
+(its size is known: a full disk fails then, naming what it needs), the groups'
+parameters are written first, and each chunk goes straight to its columns of its
+groups: nothing waits for the rest of its integrations, in memory or on disk. The
+geometry (apparent coordinates, LST, uvw) comes from pyuvdata's own phasing functions.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
-from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO
 
 import numpy as np
 from numpy.typing import NDArray
@@ -37,42 +40,58 @@ _PARAMETERS = [
     "UU", "VV", "WW", "DATE", "DATE", "UU", "VV", "WW",
     "BASELINE", "SOURCE", "ANTENNA1", "ANTENNA2", "SUBARRAY", "INTTIM", "LST", "LST",
 ]  # fmt: skip
-#: Bytes of groups built in memory at a time by :meth:`UvfitsStream.write`.
+#: Bytes of the file mapped (uvfits) or of samples built (measurement set) at a time.
 DEFAULT_BUFFER_BYTES = 32 * 1024 * 1024
 #: Storage order of pols in uvfits (increasing |AIPS code|: XX YY XY YX) from chunk order.
 _POLS_FROM_CHUNK = [0, 3, 1, 2]
 
 
-class GroupSource(Protocol):
-    """A range of channels of a block of integrations, read a range of groups at a time.
-
-    Groups are (time, baseline) pairs of the block, time slowest, as uvfits stores them.
-    """
-
-    @property
-    def n_chans(self) -> int:
-        """Channels in the range."""
-        ...
-
-    def groups(
-        self, start: int, stop: int
-    ) -> tuple[NDArray[np.complex64], NDArray[np.float32], NDArray[np.bool_]]:
-        """(vis, weights, flags) of groups ``start`` to ``stop``: shape (groups, n_chans, 4),
-        pols in chunk order (XX, XY, YX, YY)."""
-        ...
-
-
 class AtomicStream:
-    """An output written a block of integrations at a time, through ``atomic_output``.
+    """An output written a chunk at a time, in any order, through ``atomic_output``.
 
-    Subclasses set ``n_times``, ``times_written`` and ``_context`` and define ``_finish``
-    (what follows the last block) and ``_close``: the output appears only when every
-    integration was written and finished; otherwise nothing is left.
+    A chunk is a block of consecutive integrations of a range of consecutive channels.
+    Subclasses set ``n_times``, ``n_chans`` and ``_context``, call ``_record`` for each
+    chunk and define ``_finish`` (what follows the data) and ``_close``: the output
+    appears only when every (integration, channel) was written once and the output
+    finished; otherwise nothing is left.
     """
 
     n_times: int
-    times_written: int
+    n_chans: int
     _context: AbstractContextManager[Path]
+    _written: NDArray[np.bool_] | None = None
+
+    def _record(self, first_time: int, first_chan: int, n_times: int, n_chans: int) -> None:
+        """Check that a chunk of ``n_times`` integrations and ``n_chans`` channels fits and
+        is new, and count it as written."""
+        if self._written is None:
+            self._written = np.zeros((self.n_times, self.n_chans), dtype=bool)
+        cells = self._written[first_time : first_time + n_times, first_chan : first_chan + n_chans]
+        if first_time < 0 or first_chan < 0 or cells.shape != (n_times, n_chans):
+            raise ValueError(
+                f"integrations {first_time}-{first_time + n_times - 1}, channels "
+                f"{first_chan}-{first_chan + n_chans - 1} are outside the output's "
+                f"{self.n_times} integrations and {self.n_chans} channels"
+            )
+        if cells.any():
+            raise ValueError(
+                f"integrations {first_time}-{first_time + n_times - 1}, channels "
+                f"{first_chan}-{first_chan + n_chans - 1} were written already"
+            )
+        cells[...] = True
+
+    def write(
+        self,
+        first_time: int,
+        first_chan: int,
+        vis: NDArray[np.complex64],
+        weights: NDArray[np.float32],
+        flags: NDArray[np.bool_],
+    ) -> None:
+        """Write a chunk into its place: output integrations ``first_time`` on, channels
+        ``first_chan`` on; each array of shape (times, baselines, channels, 4), pols in
+        chunk order (XX, XY, YX, YY)."""
+        raise NotImplementedError
 
     def _finish(self) -> None:
         raise NotImplementedError
@@ -88,9 +107,15 @@ class AtomicStream:
     ) -> None:
         if exc_type is None:
             try:
-                if self.times_written != self.n_times:
+                missing = (
+                    self.n_times * self.n_chans
+                    if self._written is None
+                    else int(np.count_nonzero(~self._written))
+                )
+                if missing:
                     raise RuntimeError(
-                        f"{self.times_written} of {self.n_times} integrations were written"
+                        f"{missing} of {self.n_times * self.n_chans} (integration, channel) "
+                        "cells were not written"
                     )
                 self._finish()
             except BaseException as failure:
@@ -103,14 +128,85 @@ class AtomicStream:
         self._context.__exit__(exc_type, exc, traceback)
 
 
-class UvfitsStream(AtomicStream):
-    """Writes one uvfits file, a block of integrations at a time, atomically.
+@dataclass(frozen=True)
+class UvfitsGroups:
+    """Where a uvfits file's random groups are, to write chunks into them from any process.
 
-    Use as a context manager; call :meth:`write` with consecutive blocks of
-    integrations until all of the description's integrations have been written.
+    Picklable: a conversion's worker processes write their chunks' data themselves, and
+    the process holding the :class:`UvfitsStream` counts them (``mark_written``).
     """
 
-    def __init__(self, path: str | os.PathLike[str], description: OutputDescription) -> None:
+    path: Path
+    data_offset: int
+    n_chans: int
+    n_baselines: int
+    #: Bytes of the file mapped at a time.
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES
+
+    @property
+    def group_bytes(self) -> int:
+        """Bytes of one group: its parameters, then (real, imag, weight) per channel and pol."""
+        return (len(_PARAMETERS) + self.n_chans * 4 * 3) * 4
+
+    def mapped(self, start: int, stop: int) -> np.memmap[Any, np.dtype[Any]]:
+        """Groups ``start`` to ``stop`` of the file, mapped (big-endian float32)."""
+        return np.memmap(
+            self.path,
+            dtype=">f4",
+            mode="r+",
+            offset=self.data_offset + start * self.group_bytes,
+            shape=(stop - start, self.group_bytes // 4),
+        )
+
+    def write_data(
+        self,
+        first_time: int,
+        first_chan: int,
+        vis: NDArray[np.complex64],
+        weights: NDArray[np.float32],
+        flags: NDArray[np.bool_],
+    ) -> None:
+        """Write a chunk's data (as :meth:`UvfitsStream.write`) into its groups' columns,
+        ``buffer_bytes`` of the file mapped at a time (the pages written stay few in the
+        process's memory)."""
+        n_times, n_bl, n_chans, _ = vis.shape
+        vis = vis.reshape(n_times * n_bl, n_chans, 4)
+        weights = weights.reshape(vis.shape)
+        flags = flags.reshape(vis.shape)
+        columns = slice(
+            len(_PARAMETERS) + first_chan * 12, len(_PARAMETERS) + (first_chan + n_chans) * 12
+        )
+        first_group = first_time * self.n_baselines
+        step = max(1, self.buffer_bytes // self.group_bytes)
+        for start in range(first_group, first_group + len(vis), step):
+            stop = min(start + step, first_group + len(vis))
+            mapped = self.mapped(start, stop)
+            values = mapped[:, columns].reshape(stop - start, n_chans, 4, 3)
+            rows = slice(start - first_group, stop - first_group)
+            for out_pol, pol in enumerate(_POLS_FROM_CHUNK):
+                # Assigned to the mapped big-endian floats: numpy swaps the bytes.
+                values[..., out_pol, 0] = vis[rows, :, pol].real
+                values[..., out_pol, 1] = -vis[rows, :, pol].imag
+                values[..., out_pol, 2] = np.where(
+                    flags[rows, :, pol], -weights[rows, :, pol], weights[rows, :, pol]
+                )
+            del values, mapped  # unmapped: the pages go to the page cache
+
+
+class UvfitsStream(AtomicStream):
+    """Writes one uvfits file, a chunk at a time in any order, atomically.
+
+    Use as a context manager; call :meth:`write` with chunks until every integration
+    of every channel of the description has been written once.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        description: OutputDescription,
+        *,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    ) -> None:
         from astropy.time import Time
 
         from observatory.telescope.site import mwa_location
@@ -119,35 +215,71 @@ class UvfitsStream(AtomicStream):
         self.path = Path(path)
         self.meta = meta
         self.n_times = len(description.time_centres_gps_s)
+        self.times_jd = np.asarray(
+            Time(description.time_centres_gps_s, format="gps").utc.jd, dtype=np.float64
+        )
         self.freqs_hz = np.asarray(description.freqs_hz, dtype=np.float64)
+        self.n_chans = len(self.freqs_hz)
         self.channel_width_hz = description.channel_width_hz
         self.int_time_s = description.int_time_s
         self.phase_centre = description.phase_centre
         self.history = description.history
         self.vis_units = "Jy" if description.calibrated else "uncalib"
-        first_time_jd = float(Time(description.time_centres_gps_s[0], format="gps").utc.jd)
+        self.buffer_bytes = buffer_bytes
+        first_time_jd = float(self.times_jd[0])
         self.location = mwa_location()
         self.jd_midnight = np.floor(first_time_jd - 0.5) + 0.5
         self.first_time_jd = first_time_jd
         self.n_spws = _n_spws(self.freqs_hz, self.channel_width_hz)
         self.p, self.q = meta.baseline_antennas()
         self.antenna_positions_m = antenna_positions_ecef(meta, self.location)
-        self.times_written = 0
-        self.app_radec_deg: list[tuple[float, float]] = []
+        #: Apparent (RA, Dec) of the phase centre at each integration, as its groups are made.
+        self.app_radec_deg = np.full((self.n_times, 2), np.nan)
+        self._parameters_written = np.zeros(self.n_times, dtype=bool)
         self._context = atomic_output(self.path)
         self._handle: BinaryIO | None = None
-        self._bytes_written = 0
+        #: Where the groups are in the file (set on entering).
+        self.groups = UvfitsGroups(Path(), 0, self.n_chans, len(self.p), buffer_bytes)
 
     def __enter__(self) -> UvfitsStream:
         temporary = self._context.__enter__()
-        self._handle = open(temporary, "wb")
-        header = self._primary_header()
-        self._handle.write(header.tostring().encode("ascii"))
+        try:
+            self._handle = open(temporary, "w+b")
+            header = self._primary_header().tostring().encode("ascii")
+            self._handle.write(header)
+            self._handle.flush()
+            self.groups = UvfitsGroups(
+                temporary, len(header), self.n_chans, len(self.p), self.buffer_bytes
+            )
+            data_bytes = self.n_times * len(self.p) * self.groups.group_bytes
+            self._reserve(len(header) + data_bytes + (-data_bytes % _BLOCK))
+        except BaseException as failure:
+            self._close()
+            self._context.__exit__(type(failure), failure, failure.__traceback__)
+            raise
         return self
+
+    def _reserve(self, size_bytes: int) -> None:
+        """Allocate the file's header and groups on disk now: a full disk fails here, before
+        any work, and never while the groups are written through a memory map (where it
+        could not be reported)."""
+        assert self._handle is not None
+        try:
+            os.posix_fallocate(self._handle.fileno(), 0, size_bytes)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise OSError(
+                exc.errno,
+                f"cannot write {self.path}: it needs {size_bytes / 1e9:.2f} GB "
+                f"({exc.strerror or exc})",
+            ) from exc
 
     def _finish(self) -> None:
         assert self._handle is not None
-        self._handle.write(b"\0" * (-self._bytes_written % _BLOCK))
+        data_bytes = self.n_times * len(self.p) * self.groups.group_bytes
+        self._handle.seek(self.groups.data_offset + data_bytes)
+        self._handle.write(b"\0" * (-data_bytes % _BLOCK))
         self._write_tables()
 
     def _close(self) -> None:
@@ -201,61 +333,66 @@ class UvfitsStream(AtomicStream):
 
     # -- data -------------------------------------------------------------------------------
 
+    def _write_parameters(self, first_time: int, stop_time: int) -> None:
+        """The random parameters (coordinates, baseline, time, LST) of the groups of
+        integrations ``first_time`` to ``stop_time`` not written yet."""
+        n_bl = len(self.p)
+        n_params = len(_PARAMETERS)
+        missing = first_time + np.flatnonzero(~self._parameters_written[first_time:stop_time])
+        if len(missing) == 0:
+            return
+        times_per_step = max(1, self.buffer_bytes // (self.groups.group_bytes * n_bl))
+        for step_times in np.array_split(missing, -(-len(missing) // times_per_step)):
+            # Runs of consecutive integrations: their groups are consecutive in the file.
+            for times in np.split(step_times, np.flatnonzero(np.diff(step_times) != 1) + 1):
+                times_jd = self.times_jd[times]
+                lst, app_ra, app_dec, uvw_m = self._geometry(times_jd)
+                self.app_radec_deg[times] = np.degrees(np.stack([app_ra, app_dec], axis=1))
+                # uvfits' convention is the conjugate of pyuvdata's, uvw negated (in seconds).
+                uvw_s = (-uvw_m / SPEED_OF_LIGHT_M_S).reshape(len(times) * n_bl, 3)
+                time_index, baseline_index = np.divmod(np.arange(len(times) * n_bl), n_bl)
+                parameters = np.empty((len(times) * n_bl, n_params), dtype=np.float32)
+                parameters[:, 0:3], parameters[:, 5:8] = _float32_pair(uvw_s)
+                parameters[:, 3], parameters[:, 4] = _float32_pair(
+                    (times_jd - self.jd_midnight)[time_index]
+                )
+                parameters[:, 8] = 256 * (self.p[baseline_index] + 1) + (self.q[baseline_index] + 1)
+                parameters[:, 9] = 1  # SOURCE: the one phase centre
+                parameters[:, 10] = self.p[baseline_index]
+                parameters[:, 11] = self.q[baseline_index]
+                parameters[:, 12] = 1
+                parameters[:, 13] = self.int_time_s
+                parameters[:, 14], parameters[:, 15] = _float32_pair(np.degrees(lst)[time_index])
+                first_group = int(times[0]) * n_bl
+                mapped = self.groups.mapped(first_group, first_group + len(parameters))
+                mapped[:, :n_params] = parameters
+                del mapped  # unmapped: the pages go to the page cache, out of this process
+        self._parameters_written[first_time:stop_time] = True
+
     def write(
         self,
-        times_jd: NDArray[np.float64],
-        parts: Sequence[GroupSource],
-        *,
-        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+        first_time: int,
+        first_chan: int,
+        vis: NDArray[np.complex64],
+        weights: NDArray[np.float32],
+        flags: NDArray[np.bool_],
     ) -> None:
-        """Append a block of integrations, given as consecutive channel ranges in frequency order.
+        """Write a chunk into its place: output integrations ``first_time`` on, channels
+        ``first_chan`` on.
 
-        The block's groups (one per time and baseline, time slowest) are built and
-        written ``buffer_bytes`` at a time (at least one group), each part reading
-        only the groups of that buffer: the block as a whole never sits in memory.
+        ``vis``, ``weights`` and ``flags`` have shape (times, baselines, channels, 4), pols
+        in chunk order (XX, XY, YX, YY); a flagged sample is stored with a negative weight.
         """
-        assert self._handle is not None
-        n_times, n_bl = len(times_jd), len(self.p)
-        n_chans = sum(part.n_chans for part in parts)
-        lst, app_ra, app_dec, uvw_m = self._geometry(np.asarray(times_jd, dtype=np.float64))
-        self.app_radec_deg.extend(zip(np.degrees(app_ra), np.degrees(app_dec), strict=True))
-        n_params = len(_PARAMETERS)
-        # uvfits' convention is the conjugate of pyuvdata's, with uvw negated (in seconds).
-        uvw_s = (-uvw_m / SPEED_OF_LIGHT_M_S).reshape(n_times * n_bl, 3)
-        date = np.asarray(times_jd) - self.jd_midnight
-        lst_deg = np.degrees(lst)
-        group_floats = n_params + n_chans * 4 * 3
-        step = max(1, buffer_bytes // (group_floats * 4))
-        for start in range(0, n_times * n_bl, step):
-            stop = min(start + step, n_times * n_bl)
-            time_index, baseline_index = np.divmod(np.arange(start, stop), n_bl)
-            # Built in native float32, swapped to FITS's big-endian order in place at the end.
-            record = np.empty((stop - start, group_floats), dtype=np.float32)
-            record[:, 0:3], record[:, 5:8] = _float32_pair(uvw_s[start:stop])
-            record[:, 3], record[:, 4] = _float32_pair(date[time_index])
-            record[:, 8] = 256 * (self.p[baseline_index] + 1) + (self.q[baseline_index] + 1)
-            record[:, 9] = 1  # SOURCE: the one phase centre
-            record[:, 10] = self.p[baseline_index]
-            record[:, 11] = self.q[baseline_index]
-            record[:, 12] = 1
-            record[:, 13] = self.int_time_s
-            record[:, 14], record[:, 15] = _float32_pair(lst_deg[time_index])
-            values = record[:, n_params:].reshape(stop - start, n_chans, 4, 3)
-            first = 0
-            for part in parts:
-                vis, weights, flags = part.groups(start, stop)
-                chans = slice(first, first + part.n_chans)
-                first = chans.stop
-                for out_pol, pol in enumerate(_POLS_FROM_CHUNK):
-                    target = values[:, chans, out_pol]
-                    target[..., 0] = vis[..., pol].real
-                    np.negative(vis[..., pol].imag, out=target[..., 1])
-                    np.copyto(target[..., 2], weights[..., pol])
-                    target[..., 2][flags[..., pol]] *= -1.0
-            record.byteswap(inplace=True)
-            self._handle.write(record.data)
-            self._bytes_written += record.nbytes
-        self.times_written += n_times
+        n_times, _, n_chans, _ = vis.shape
+        self.mark_written(first_time, first_chan, n_times, n_chans)
+        self.groups.write_data(first_time, first_chan, vis, weights, flags)
+
+    def mark_written(self, first_time: int, first_chan: int, n_times: int, n_chans: int) -> None:
+        """Count a chunk written through :attr:`groups` in another process, and write its
+        groups' parameters if it is their first."""
+        self._record(first_time, first_chan, n_times, n_chans)
+        # The geometry is computed here, while the conversion's workers make the next chunks.
+        self._write_parameters(first_time, first_time + n_times)
 
     # -- headers ------------------------------------------------------------------------------
 
@@ -386,7 +523,7 @@ class UvfitsStream(AtomicStream):
             frequencies.header["NO_IF"] = self.n_spws
             tables.append(frequencies)
         name, ra_deg, dec_deg = self.phase_centre
-        app = np.array(self.app_radec_deg)
+        app = self.app_radec_deg
         zeros = np.zeros(spw_shape)
         source = fits.BinTableHDU.from_columns(
             [
