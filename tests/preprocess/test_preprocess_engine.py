@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
@@ -817,8 +818,8 @@ def chunks_out_of_order(n_times: int, n_chans: int) -> list[tuple[slice, slice]]
     chan_edges = [0, n_chans // 2 - 1, n_chans // 2 + 1, n_chans]
     chunks = [
         (slice(t0, t1), slice(c0, c1))
-        for t0, t1 in zip(time_edges, time_edges[1:], strict=False)
-        for c0, c1 in zip(chan_edges, chan_edges[1:], strict=False)
+        for t0, t1 in itertools.pairwise(time_edges)
+        for c0, c1 in itertools.pairwise(chan_edges)
     ]
     order = np.random.default_rng(3).permutation(len(chunks))
     return [chunks[i] for i in order]
@@ -953,7 +954,9 @@ def test_the_uvfits_stream_takes_chunks_in_any_order(tmp_path: Path) -> None:
     with UvfitsStream(tmp_path / "whole.uvfits", description) as stream:
         stream.write(0, 0, vis, weights, flags)
     group_bytes = (16 + 8 * 4 * 3) * 4
-    with UvfitsStream(tmp_path / "chunks.uvfits", description, buffer_bytes=5 * group_bytes) as stream:
+    with UvfitsStream(
+        tmp_path / "chunks.uvfits", description, buffer_bytes=5 * group_bytes
+    ) as stream:
         for times, chans in chunks_out_of_order(6, 8):
             stream.write(times.start, chans.start, vis[times, :, chans], weights[times, :, chans],
                          flags[times, :, chans])  # fmt: skip
@@ -972,17 +975,18 @@ def test_a_stream_refuses_a_chunk_twice_or_outside_and_publishes_nothing_incompl
     stream_type = getattr(uvfits, stream_class, None) or getattr(measurement_set, stream_class)
     description, (vis, weights, flags) = stream_description(tmp_path)
     out = tmp_path / "out" / "o.data"
-    with pytest.raises(ValueError, match="integrations 0-1, channels 0-3 were written already"):
-        with stream_type(out, description) as stream:
-            stream.write(0, 0, vis[:2, :, :4], weights[:2, :, :4], flags[:2, :, :4])
-            stream.write(0, 0, vis[:2, :, :4], weights[:2, :, :4], flags[:2, :, :4])
-    with pytest.raises(ValueError, match="integrations 5-6, channels 0-7 are outside the "
-                       "output's 6 integrations and 8 channels"):  # fmt: skip
-        with stream_type(out, description) as stream:
-            stream.write(5, 0, vis[:2], weights[:2], flags[:2])
-    with pytest.raises(RuntimeError, match="16 of 48 .integration, channel. cells were not written"):
-        with stream_type(out, description) as stream:
-            stream.write(0, 0, vis[:4], weights[:4], flags[:4])
+    twice = "integrations 0-1, channels 0-3 were written already"
+    with pytest.raises(ValueError, match=twice), stream_type(out, description) as stream:
+        stream.write(0, 0, vis[:2, :, :4], weights[:2, :, :4], flags[:2, :, :4])
+        stream.write(0, 0, vis[:2, :, :4], weights[:2, :, :4], flags[:2, :, :4])
+    outside = (
+        "integrations 5-6, channels 0-7 are outside the output's 6 integrations and 8 channels"
+    )
+    with pytest.raises(ValueError, match=outside), stream_type(out, description) as stream:
+        stream.write(5, 0, vis[:2], weights[:2], flags[:2])
+    missing = re.escape("16 of 48 (integration, channel) cells were not written")
+    with pytest.raises(RuntimeError, match=missing), stream_type(out, description) as stream:
+        stream.write(0, 0, vis[:4], weights[:4], flags[:4])
     assert list(out.parent.iterdir()) == []
 
 
