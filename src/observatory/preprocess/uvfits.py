@@ -264,6 +264,9 @@ class UvfitsStream(AtomicStream):
         any work, and never while the groups are written through a memory map (where it
         could not be reported)."""
         assert self._handle is not None
+        if not hasattr(os, "posix_fallocate"):  # macOS: sized, not reserved
+            os.ftruncate(self._handle.fileno(), size_bytes)
+            return
         try:
             os.posix_fallocate(self._handle.fileno(), 0, size_bytes)
         except OSError as exc:
