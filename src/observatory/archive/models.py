@@ -16,6 +16,7 @@ from sqlalchemy import (
     Integer,
     String,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -55,8 +56,9 @@ class Observation(Base):
 
     __tablename__ = "observations"
     # (column, obsid) pairs let a filtered, newest-first page stop after one page of rows.
+    # Project codes are found in any case: the index is of lower(project_id).
     __table_args__ = (
-        Index("ix_observations_project_id_obsid", "project_id", "obsid"),
+        Index("ix_observations_lower_project_id_obsid", text("lower(project_id)"), "obsid"),
         Index("ix_observations_mode_obsid", "mode", "obsid"),
     )
 
