@@ -238,13 +238,26 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     with Progress(*columns, console=err_console, transient=False, auto_refresh=False) as bar:
         task = bar.add_task("converting", total=None)
 
+        stop_signals: list[int] = []
+
         def report(done: int, total: int, what: str) -> None:
+            if stop_signals:  # its SystemExit was swallowed (see exit_on_sigterm)
+                raise SystemExit(128 + stop_signals[0])
             bar.update(task, completed=done, total=total, description=f"converted {what}")
             bar.refresh()
 
+        def exit_on_sigterm(signum: int, _frame: object) -> None:
+            """Leave through the ``finally`` blocks and context managers, as ``KeyboardInterrupt``.
+
+            Raised inside a callback from C (numba's compiler), the ``SystemExit`` is only
+            printed and dropped: the next chunk's progress report raises it again.
+            """
+            stop_signals.append(signum)
+            raise SystemExit(128 + signum)
+
         # A stop signal (a batch system's time limit, systemd) ends the conversion as
         # Ctrl-C does: through its cleanup, so no partial output or scratch files are left.
-        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
         try:
             written = preprocess(
                 metafits, files, options, args.out,
@@ -257,11 +270,6 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     for path in written:
         console.print(f"wrote {path}", highlight=False)
     return 0
-
-
-def _exit_on_sigterm(signum: int, _frame: object) -> None:
-    """Leave through the ``finally`` blocks and context managers, as ``KeyboardInterrupt``."""
-    raise SystemExit(128 + signum)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

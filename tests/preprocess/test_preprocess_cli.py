@@ -167,6 +167,36 @@ def test_a_stop_signal_leaves_no_partial_output_or_scratch(tmp_path: Path) -> No
     assert list(out_dir.iterdir()) == []  # no temporary output, no hidden scratch directory
 
 
+def test_a_stop_signal_swallowed_by_a_callback_from_c_still_stops_the_run(
+    sim: SimulatedObservation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SystemExit raised in a callback from C (numba's compiler) is printed and dropped:
+    the next progress report raises it again, and the run ends with 143 and no output."""
+    import contextlib
+    import os
+    import signal
+
+    from observatory.preprocess import engine
+
+    original = engine._process
+    calls: list[int] = []
+
+    def signalled_during_a_callback(*args: object, **kwargs: object) -> object:
+        if not calls:
+            with contextlib.suppress(SystemExit):  # as ctypes does in a callback
+                os.kill(os.getpid(), signal.SIGTERM)
+        calls.append(1)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine, "_process", signalled_during_a_callback)
+    out_dir = tmp_path / "out"
+    with pytest.raises(SystemExit) as stopped:
+        run(tmp_path, "--metafits", str(sim.metafits_path), *map(str, sim.vis_paths),
+            "--out", str(out_dir / "o.uvfits"), "--no-rfi", "--workers", "1")  # fmt: skip
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert len(calls) == 1 and list(out_dir.iterdir()) == []
+
+
 def test_a_truncated_data_file_is_refused_not_flagged(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -945,21 +945,33 @@ def stream_description(tmp_path: Path) -> tuple[object, tuple[np.ndarray, np.nda
     return description, (vis, weights, rng.uniform(size=shape) < 0.2)
 
 
-def test_the_uvfits_stream_takes_chunks_in_any_order(tmp_path: Path) -> None:
+def test_the_uvfits_stream_takes_chunks_in_any_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Chunks written in a scrambled order, into mappings of a few groups, give the bytes of
     the whole output written at once; pyuvdata reads the data back."""
-    from observatory.preprocess.uvfits import UvfitsStream
+    from observatory.preprocess.uvfits import UvfitsGroups, UvfitsStream
 
     description, (vis, weights, flags) = stream_description(tmp_path)
     with UvfitsStream(tmp_path / "whole.uvfits", description) as stream:
         stream.write(0, 0, vis, weights, flags)
     group_bytes = (16 + 8 * 4 * 3) * 4
+    mapped_groups: list[int] = []
+    original = UvfitsGroups.mapped
+
+    def recording(self: UvfitsGroups, start: int, stop: int) -> object:
+        mapped_groups.append(stop - start)
+        return original(self, start, stop)
+
+    monkeypatch.setattr(UvfitsGroups, "mapped", recording)
     with UvfitsStream(
         tmp_path / "chunks.uvfits", description, buffer_bytes=5 * group_bytes
     ) as stream:
         for times, chans in chunks_out_of_order(6, 8):
             stream.write(times.start, chans.start, vis[times, :, chans], weights[times, :, chans],
                          flags[times, :, chans])  # fmt: skip
+    # Parameters and data alike: no more of the file mapped at a time than buffer_bytes.
+    assert mapped_groups and max(mapped_groups) == 5
     assert (tmp_path / "chunks.uvfits").read_bytes() == (tmp_path / "whole.uvfits").read_bytes()
     uvd = UVData.from_file(str(tmp_path / "chunks.uvfits"))
     assert uvd.Ntimes == 6 and uvd.Nfreqs == 8
@@ -988,6 +1000,45 @@ def test_a_stream_refuses_a_chunk_twice_or_outside_and_publishes_nothing_incompl
     with pytest.raises(RuntimeError, match=missing), stream_type(out, description) as stream:
         stream.write(0, 0, vis[:4], weights[:4], flags[:4])
     assert list(out.parent.iterdir()) == []
+
+
+def test_a_failure_while_a_measurement_set_starts_leaves_nothing(
+    sim: SimulatedObservation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Zeroing a large set's rows takes a while (a stop signal may land there): its table
+    is closed and its directory removed. Left open, casacore aborted the process later,
+    when the table was destroyed after its files."""
+    import gc
+
+    from observatory.preprocess.measurement_set import MeasurementSetStream
+
+    def interrupted(self: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MeasurementSetStream, "_shape_cells", interrupted)
+    out_dir = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        convert(sim, out_dir / "o.ms", **RAW, output="both")
+    gc.collect()  # where the abort came (the process would end here)
+    assert list(out_dir.iterdir()) == []
+
+
+def test_a_measurement_set_the_disk_cannot_hold_is_refused_at_the_start(
+    sim: SimulatedObservation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """casacore aborts the process on a full disk (a C++ terminate, nothing to catch): the
+    free space is checked before the set is made."""
+    import os
+    from types import SimpleNamespace
+
+    real_statvfs = os.statvfs
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(
+        f_bavail=10, f_frsize=real_statvfs(path).f_frsize))  # fmt: skip
+    out_dir = tmp_path / "out"
+    with pytest.raises(OSError, match=r"cannot write .*o\.ms: it needs about 0\.\d\d GB and "
+                       r"0\.00 GB are free \(No space left on device\)"):  # fmt: skip
+        convert(sim, out_dir / "o.ms", **RAW, output="ms")
+    assert list(out_dir.iterdir()) == []
 
 
 def test_a_full_disk_fails_at_the_start_naming_what_the_output_needs(
@@ -1043,7 +1094,7 @@ def test_default_workers_fit_a_dask_workers_memory() -> None:
     assert inside == max(1, (share - PROCESS_BASE_BYTES) // (2 * rfi_chunk)) == 1
 
 
-@pytest.mark.parametrize("output", ["uvfits", "ms"])
+@pytest.mark.parametrize("output", ["uvfits", "ms", "both"])
 def test_a_failure_while_finishing_publishes_nothing(
     sim: SimulatedObservation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output: str
 ) -> None:
@@ -1086,8 +1137,9 @@ def test_leftovers_of_killed_runs_are_removed_and_nothing_else(
     import socket
     import subprocess
 
-    dead_pid = subprocess.Popen(["true"]).pid
-    os.waitpid(dead_pid, 0)
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # reaped by Popen itself (its pid is then free, no process of ours)
+    dead_pid = finished.pid
     host = socket.gethostname()
     out_dir = tmp_path / "out"
     out_dir.mkdir()

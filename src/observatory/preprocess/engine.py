@@ -520,6 +520,10 @@ def preprocess(
                             f"coarse channel {plan.coarse_chans[coarse_index]}, "
                             f"integrations {block.start}-{block.stop - 1}",
                         )
+        # Every output finished before any is published: a failure while finishing one
+        # (a full disk, a stop signal) then publishes none.
+        for stream in (*uvfits_streams, *ms_streams):
+            stream.finish()
     if not options.no_rfi:
         log.info("AOFlagger flagged %d samples of obsid %d", rfi_flagged, meta.obsid)
     return targets

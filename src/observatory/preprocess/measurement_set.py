@@ -14,6 +14,7 @@ a row, are made from the weights written when the set is finished.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -88,11 +89,37 @@ class MeasurementSetStream(AtomicStream):
         from pyuvdata.utils.io import ms as ms_utils
 
         self._temporary = self._context.__enter__()
-        self._table = ms_utils.init_ms_file(str(self._temporary))
-        self._tile_by_chunk()
-        self._table.addrows(self.n_blts * len(self.windows))
-        self._shape_cells()
+        try:
+            self._check_free_space()
+            self._table = ms_utils.init_ms_file(str(self._temporary))
+            self._tile_by_chunk()
+            self._table.addrows(self.n_blts * len(self.windows))
+            self._shape_cells()
+        except BaseException as failure:
+            # Closed before its directory goes: casacore aborts the process when a table
+            # whose files were removed is destroyed later.
+            self._abandon(failure)
+            raise
         return self
+
+    def _check_free_space(self) -> None:
+        """Refuse to start a set the file system cannot hold.
+
+        casacore cannot reserve space, and a write it cannot make when it flushes its
+        cache at the end aborts the process (C++ ``terminate``) instead of raising; so the
+        free space is checked first (another writer can still take it meanwhile).
+        """
+        n_pols = len(self.uvd.polarization_array)
+        # Per sample: DATA 8 bytes, WEIGHT_SPECTRUM 4, FLAG a bit; per row about 150 bytes.
+        needed_bytes = self.n_blts * (self.n_chans * n_pols * (8 + 4 + 1 / 8) + 150)
+        stats = os.statvfs(self._temporary.parent if self._temporary else self.path.parent)
+        free_bytes = stats.f_bavail * stats.f_frsize
+        if needed_bytes > free_bytes:
+            raise OSError(
+                errno.ENOSPC,
+                f"cannot write {self.path}: it needs about {needed_bytes / 1e9:.2f} GB and "
+                f"{free_bytes / 1e9:.2f} GB are free (No space left on device)",
+            )
 
     def _tile_by_chunk(self) -> None:
         """Store DATA, FLAG and WEIGHT_SPECTRUM in tiles one chunk's channels wide.
@@ -143,7 +170,8 @@ class MeasurementSetStream(AtomicStream):
 
     def _close(self) -> None:
         if self._table is not None:
-            self._table.close()
+            table, self._table = self._table, None
+            table.close()
 
     def write(
         self,

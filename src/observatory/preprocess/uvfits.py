@@ -60,6 +60,7 @@ class AtomicStream:
     n_chans: int
     _context: AbstractContextManager[Path]
     _written: NDArray[np.bool_] | None = None
+    _finished = False
 
     def _record(self, first_time: int, first_chan: int, n_times: int, n_chans: int) -> None:
         """Check that a chunk of ``n_times`` integrations and ``n_chans`` channels fits and
@@ -99,33 +100,51 @@ class AtomicStream:
     def _close(self) -> None:
         raise NotImplementedError
 
+    def finish(self) -> None:
+        """Write what follows the data (tables, padding), once every cell was written.
+
+        Called by ``__exit__`` when not called before. Several outputs of one conversion
+        are all finished first and then published, so that a failure while finishing one
+        publishes none (``__exit__`` with the exception).
+        """
+        if self._finished:
+            return
+        missing = (
+            self.n_times * self.n_chans
+            if self._written is None
+            else int(np.count_nonzero(~self._written))
+        )
+        if missing:
+            raise RuntimeError(
+                f"{missing} of {self.n_times * self.n_chans} (integration, channel) "
+                "cells were not written"
+            )
+        self._finish()
+        self._finished = True
+
+    def _abandon(self, failure: BaseException) -> None:
+        """Close and remove the temporary output after ``failure``."""
+        self._close()
+        self._context.__exit__(type(failure), failure, failure.__traceback__)
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if exc_type is None:
+        if exc is None:
             try:
-                missing = (
-                    self.n_times * self.n_chans
-                    if self._written is None
-                    else int(np.count_nonzero(~self._written))
-                )
-                if missing:
-                    raise RuntimeError(
-                        f"{missing} of {self.n_times * self.n_chans} (integration, channel) "
-                        "cells were not written"
-                    )
-                self._finish()
+                self.finish()
             except BaseException as failure:
                 # A failed or interrupted finish (a full disk, a stop signal) must not
                 # publish what it left half-written: the temporary goes, the error stays.
-                self._close()
-                self._context.__exit__(type(failure), failure, failure.__traceback__)
+                self._abandon(failure)
                 raise
-        self._close()
-        self._context.__exit__(exc_type, exc, traceback)
+            self._close()
+            self._context.__exit__(None, None, None)
+        else:
+            self._abandon(exc)
 
 
 @dataclass(frozen=True)
@@ -254,8 +273,7 @@ class UvfitsStream(AtomicStream):
             data_bytes = self.n_times * len(self.p) * self.groups.group_bytes
             self._reserve(len(header) + data_bytes + (-data_bytes % _BLOCK))
         except BaseException as failure:
-            self._close()
-            self._context.__exit__(type(failure), failure, failure.__traceback__)
+            self._abandon(failure)
             raise
         return self
 
@@ -367,9 +385,12 @@ class UvfitsStream(AtomicStream):
                 parameters[:, 13] = self.int_time_s
                 parameters[:, 14], parameters[:, 15] = _float32_pair(np.degrees(lst)[time_index])
                 first_group = int(times[0]) * n_bl
-                mapped = self.groups.mapped(first_group, first_group + len(parameters))
-                mapped[:, :n_params] = parameters
-                del mapped  # unmapped: the pages go to the page cache, out of this process
+                step = max(1, self.buffer_bytes // self.groups.group_bytes)
+                for start in range(0, len(parameters), step):
+                    stop = min(start + step, len(parameters))
+                    mapped = self.groups.mapped(first_group + start, first_group + stop)
+                    mapped[:, :n_params] = parameters[start:stop]
+                    del mapped  # unmapped: the pages go to the page cache
         self._parameters_written[first_time:stop_time] = True
 
     def write(
