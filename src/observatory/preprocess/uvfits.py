@@ -81,19 +81,6 @@ class AtomicStream:
             )
         cells[...] = True
 
-    def write(
-        self,
-        first_time: int,
-        first_chan: int,
-        vis: NDArray[np.complex64],
-        weights: NDArray[np.float32],
-        flags: NDArray[np.bool_],
-    ) -> None:
-        """Write a chunk into its place: output integrations ``first_time`` on, channels
-        ``first_chan`` on; each array of shape (times, baselines, channels, 4), pols in
-        chunk order (XX, XY, YX, YY)."""
-        raise NotImplementedError
-
     def _finish(self) -> None:
         raise NotImplementedError
 
