@@ -132,3 +132,19 @@ def test_query_styles_and_filters(client: TestClient) -> None:
     bad_style = client.post("/calib/grafana/query", json={"range": {"from": "2020-01-01T00:00:00Z", "to": "2030-01-01T00:00:00Z"},
                                                          "targets": [{"target": "rec01", "payload": {"style": "fancy"}}]})  # fmt: skip
     assert bad_style.status_code == 400
+    # Hand-written queries: a payload as JSON text is read; other shapes are 400, not 500.
+    span = {"from": "2020-01-01T00:00:00Z", "to": "2030-01-01T00:00:00Z"}
+    as_text = client.post("/calib/grafana/query", json={"range": span, "targets": [
+        {"target": f"rec{RX:02d}", "payload": '{"style": "recmean"}'}]})  # fmt: skip
+    assert as_text.status_code == 200
+    assert [f["schema"]["name"] for f in as_text.json()] == [f"rec{RX:02d} mean"]
+    for targets, named in (
+        ([{"target": "rec01", "payload": [1]}], "payload"),
+        ([{"target": "rec01", "payload": "{not json"}], "payload"),
+        ("rec01", "targets"),
+        (["rec01"], "targets"),
+        ([{"target": "rec01", "payload": {"clip": "-1"}}], "clip"),
+        ([{"target": "rec01", "payload": {"channel": "abc"}}], "channel"),
+    ):
+        reply = client.post("/calib/grafana/query", json={"range": span, "targets": targets})
+        assert reply.status_code == 400 and named in reply.json()["error"], (targets, reply.text)

@@ -76,6 +76,12 @@ def test_summary_fit_page_and_plots(
             and 'id="tiles"' in fit_page.text
         )
         assert "rx01" in fit_page.text and TILES[0].tile_name in fit_page.text
+        # Its download link gives this fit, not the calibrator's newest.
+        with session_factory() as session:
+            shown = session.get(CalibrationFit, fitids[-1])
+            assert shown is not None
+        link = f'get_cal_solution?obs_id={shown.obsid}&amp;prefer_fitid={shown.fitid}"'
+        assert link in fit_page.text and "get_calfile_for_calid" not in fit_page.text
         for kind in plots.KINDS:
             image = client.get(f"/calib/plot/{kind}.png", params={"fitid": fitids[-1]})
             assert image.status_code == 200 and image.content.startswith(b"\x89PNG"), kind

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from observatory.app import create_app
-from observatory.archive.models import Observation
+from observatory.archive.models import FileKind, Observation, ObservationFile
 from observatory.calib.models import CalibrationRequest
 from observatory.calib.requests import deliver_callbacks, finish_request
 from observatory.core.config import Settings
@@ -24,10 +24,18 @@ CHANS = list(range(109, 133))
 @pytest.fixture
 def client(settings: Settings, session_factory: sessionmaker[Session]) -> Iterator[TestClient]:
     with session_factory() as session:
-        for obsid, calibration, chans in ((TARGET, False, CHANS), (TARGET - 7200, True, CHANS),
-                                          (TARGET + 3000, True, CHANS), (TARGET - 100, True, [1, 2])):  # fmt: skip
+        # TARGET + 1000 is the nearest calibrator but has no visibilities archived: never chosen.
+        for obsid, calibration, chans, archived in (
+            (TARGET, False, CHANS, True), (TARGET - 7200, True, CHANS, True),
+            (TARGET + 3000, True, CHANS, True), (TARGET - 100, True, [1, 2], True),
+            (TARGET + 1000, True, CHANS, False),
+        ):  # fmt: skip
             session.add(Observation(obsid=obsid, stoptime=obsid + 120, mode="MWAX_CORRELATOR",
                                     coarse_chans=chans, calibration=calibration, atten_db=1.0))  # fmt: skip
+            if archived:
+                session.add(ObservationFile(obsid=obsid, name=f"{obsid}_ch{chans[0]}_000.fits",
+                                            kind=FileKind.MWAX_VIS, size_bytes=1, sha1="0" * 40,
+                                            storage_key=f"{obsid}/{obsid}_ch{chans[0]}_000.fits"))  # fmt: skip
         session.commit()
     with TestClient(create_app(settings)) as test_client:
         yield test_client
@@ -58,6 +66,7 @@ def test_add_cal_request(client: TestClient, session_factory: sessionmaker[Sessi
         "http://user:pw@127.0.0.1/x",
         "not a url",
         "http://169.254.1.1/x",
+        "http://127.0.0.1:99999/x",
     ):
         reply = client.get("/calib/add_cal_request", params={"obs_id": TARGET, "callback_url": bad})
         assert reply.status_code == 400, bad
@@ -68,6 +77,11 @@ def test_add_cal_request(client: TestClient, session_factory: sessionmaker[Sessi
         == 400
     )
     assert len(requests_in(session_factory)) == 2
+    # A calibrator without visibilities cannot be fitted: not even for its own fit.
+    no_data = client.get(
+        "/calib/add_cal_request", params={"obs_id": TARGET + 1000, "max_time_separation": 0}
+    )
+    assert no_data.status_code == 404 and "correlator data" in no_data.json()["error"]
 
 
 def test_callback_is_delivered_once_after_a_failing_receiver(

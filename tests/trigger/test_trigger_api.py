@@ -219,6 +219,12 @@ def test_parameters_in_the_url_in_json_and_in_a_mislabelled_form(client: TestCli
         ({"ra": "", "dec": ""}, "no target"),
         ({"pretend": "perhaps"}, "pretend: 'perhaps' is not a boolean"),
         ({"calibrator": "NotACalibrator"}, "calibrator"),
+        # Never schedulable: errors even in pretend mode, where other lengths only warn.
+        ({"exptime": 0, "pretend": "true"}, "exptime: 0 s must be a positive multiple of 8 s"),
+        ({"calexptime": -8, "calibrator": "true", "pretend": "true"}, "calexptime: -8 s must be"),
+        # All targets are observed at once: two cannot share tiles.
+        ({"ra": "[10, 20]", "dec": "[-26.7, -26.7]", "subarrays": '["all_north", "all_north"]'},
+         "all_north and all_north share tiles"),
     ],
 )
 def test_errors_are_reported_and_change_nothing(
@@ -233,6 +239,14 @@ def test_errors_are_reported_and_change_nothing(
     assert schedule(session_factory) == []
     shown = client.get("/trigger/show", params={"trigger_id": result["trigger_id"]}).json()
     assert shown["success"] is False and shown["errors"] == result["errors"]
+
+
+def test_a_target_below_the_horizon_at_the_start_is_refused(client: TestClient) -> None:
+    """Rising: below the horizon when the observation starts, well up at its middle."""
+    ra, dec = zenith_radec(offset_deg=110.0)  # hour angle -110 deg: about 4 deg below
+    result = trigger(client, ra=ra, dec=dec, nobs=1, exptime=4 * 3600, pretend="false")
+    assert result["success"] is False
+    assert any("below the horizon (-" in text for text in result["errors"].values())
 
 
 def test_trigger_ids_are_unique_for_every_call(client: TestClient) -> None:
@@ -473,8 +487,12 @@ def test_find_filters_pages_and_html(client: TestClient) -> None:
     tracet = client.get(f"/trigger/find/?search=search&html=1&pagesize=100&trigger_id={ids[1]}&trigger_mode="
                         "&pretend=&success=&mintime_utc=&maxtime_utc=&project_id=&obsname=&creator=")  # fmt: skip
     assert tracet.status_code == 200 and tracet.headers["content-type"].startswith("text/html")
-    assert f"show?trigger_id={ids[1]}" in tracet.text
-    assert f"obs_page?obs_id={made[1]['obsid_list'][0]}" in tracet.text
+    # Its links resolve from /trigger/find/ to /trigger/show, /metadata/obs_page, /trigger/find.
+    assert f'href="../show?trigger_id={ids[1]}' in tracet.text
+    first_obsid = made[1]["obsid_list"][0]
+    assert f'href="../../metadata/obs_page?obs_id={first_obsid}"' in tracet.text
+    assert 'action="../find"' in tracet.text
+    assert 'action="find"' in client.get("/trigger/find").text  # without the slash: as it was
     form = client.get("/trigger/find")
     assert form.status_code == 200 and "<form" in form.text and 'id="results"' not in form.text
     paged = client.get("/trigger/find", params={"html": 1, "pagesize": 2})
@@ -768,6 +786,12 @@ def test_triggerbuffer_claims_no_data_from_before_buffering_began(
             assert result["obsid_list"][0] == buffering  # not the correlator observation before it
         later = _buffer_call(session, settings, now, start_time=now - 50, obstime=16, pretend="1")
         assert later["params"]["capture_start"] == now - 50
+        backwards = _buffer_call(session, settings, now, start_time=int(now) - 50,
+                                 end_time=int(now) - 80, pretend="1")  # fmt: skip
+        assert backwards["success"] is False
+        assert f"end_time {int(now) - 80} is before start_time {int(now) - 50}" in str(
+            backwards["errors"]
+        )
         # Buffering in two observations back to back: the buffer runs across both.
         session.add(Observation(obsid=buffering - 400 + 8, stoptime=buffering, project_id="C001",
                                 mode="MWAX_BUFFER", obsname="buffering before"))  # fmt: skip

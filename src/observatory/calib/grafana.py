@@ -12,6 +12,7 @@ it). Frames are Grafana data frames in JSON: ``{"schema": {...}, "data": {"value
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -110,11 +111,16 @@ def query(session: Session, body: Mapping[str, Any]) -> list[dict[str, Any]]:
         .order_by(Observation.obsid, CalibrationFit.fitid)
     ).all()  # fmt: skip
     frames: list[dict[str, Any]] = []
-    for target in body.get("targets") or []:
+    targets = body.get("targets") or []
+    if not isinstance(targets, list):
+        raise BadRequest("targets must be a list of objects with a target name")
+    for target in targets:
+        if not isinstance(target, Mapping):
+            raise BadRequest(f"each of targets must be an object, not {target!r}")
         if target.get("hide") or not target.get("target"):
             continue
         name, ref_id = str(target["target"]), str(target.get("refId", "A"))
-        payload = target.get("payload") or {}
+        payload = _payload(target.get("payload"))
         if name == "sources":
             frames.append(_frame("sources", ref_id, [gps_to_unix(r.obsid) * 1000 for r in rows],
                                  [r.calibrator_source or "" for r in rows], kind="string"))  # fmt: skip
@@ -123,6 +129,20 @@ def query(session: Session, body: Mapping[str, Any]) -> list[dict[str, Any]]:
             raise BadRequest(f"target {name!r} is not recNN or sources")
         frames += _receiver_frames(session, int(name[3:]), ref_id, rows, payload)
     return frames
+
+
+def _payload(value: object) -> Mapping[str, Any]:
+    """A target's payload: an object, or the JSON text of one (as Grafana's editor sends it)."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise BadRequest(f"payload {value!r} is not a JSON object") from None
+    if not isinstance(value, Mapping):
+        raise BadRequest(f"payload {value!r} is not an object")
+    return value
 
 
 def _receiver_frames(
@@ -140,6 +160,10 @@ def _receiver_frames(
         clip = None if clip_text in ("None", "") else float(clip_text)
     except ValueError:
         raise BadRequest(f"clip {clip_text!r} is not a number or None") from None
+    if clip is not None and not clip >= 0:
+        raise BadRequest(f"clip {clip_text!r} must be a number of metres >= 0, or None")
+    if channel != "ANY" and not channel.isdecimal():
+        raise BadRequest(f"channel {channel!r} is not a coarse channel number or ANY")
     chosen = [r for r in rows if (channel == "ANY" or (channel.isdecimal() and int(channel) in (r.coarse_chans or [])))
               and (source == "ANY" or r.calibrator_source == source)]  # fmt: skip
     fits = {r.fitid: gps_to_unix(r.obsid) * 1000 for r in chosen}

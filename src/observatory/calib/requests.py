@@ -22,7 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from observatory.archive.models import Observation
+from observatory.archive.models import FileKind, Observation, ObservationFile
 from observatory.calib.models import CalibrationRequest
 from observatory.calib.service import DEFAULT_MAX_TIME_SEPARATION_S, compatible, target_observation
 from observatory.core.config import Settings
@@ -46,6 +46,10 @@ def check_callback_url(url: str, settings: Settings) -> str:
         raise BadRequest(f"callback_url {url!r} must be an http or https URL")
     if parts.username is not None or parts.password is not None:
         raise BadRequest("callback_url must not carry credentials")
+    try:
+        parts.port  # noqa: B018 (urlsplit checks the port only when it is read)
+    except ValueError as exc:
+        raise BadRequest(f"callback_url {url!r} has an invalid port: {exc}") from None
     allowed = settings.calib_callback_hosts
     if allowed and parts.hostname not in allowed:
         raise BadRequest(
@@ -66,20 +70,28 @@ def check_callback_url(url: str, settings: Settings) -> str:
 def best_calibrator(
     session: Session, target: Observation, max_time_separation_s: int
 ) -> Observation:
-    """The calibrator observation nearest ``target`` with its settings.
+    """The calibrator observation nearest ``target`` with its settings and correlator data
+    in the archive (one without cannot be fitted).
 
     Raises
     ------
     NotFound
         If there is none within ``max_time_separation_s``.
     """
-    if target.calibration and max_time_separation_s == 0:
-        return target
+    has_visibilities = (
+        select(ObservationFile.id)
+        .where(
+            ObservationFile.obsid == Observation.obsid,
+            ObservationFile.kind.in_([FileKind.MWAX_VIS, FileKind.LEGACY_GPUBOX]),
+        )
+        .exists()
+    )
     found = session.scalars(
         select(Observation).where(
             Observation.calibration.is_(True), Observation.deleted.is_(False),
             Observation.obsid >= target.obsid - max_time_separation_s,
             Observation.obsid <= target.obsid + max_time_separation_s,
+            has_visibilities,
         )
     )  # fmt: skip
     matches = sorted(
@@ -89,7 +101,8 @@ def best_calibrator(
     if not matches:
         raise NotFound(
             f"no calibrator observation within {max_time_separation_s} s of obs_id {target.obsid} "
-            "with the same coarse channels and attenuation: no fit can be calculated"
+            "with the same coarse channels and attenuation and its correlator data in the "
+            "archive: no fit can be calculated"
         )
     return matches[0]
 

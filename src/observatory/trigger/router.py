@@ -230,8 +230,12 @@ def find(request: Request, session: SessionDep, params: ParamsDep) -> Response:
     Any parameter, even one without a value (``find?desc``, ``find?pretty=1``), asks
     for results; empty filters mean "no filter".
     """
+    # Links are relative to /trigger/: from /trigger/find/ (where TraceT links) one level up.
+    up = "../" if request.url.path.endswith("/") else ""
     if not params:
-        return templates.TemplateResponse(request, "find.html", {"query": None, "values": {}})
+        return templates.TemplateResponse(
+            request, "find.html", {"query": None, "values": {}, "up": up}
+        )
     try:
         query = service.read_find_query(params)
     except ParameterError as exc:
@@ -244,7 +248,7 @@ def find(request: Request, session: SessionDep, params: ParamsDep) -> Response:
     return templates.TemplateResponse(
         request, "find.html",
         {"query": query, "values": values, "triggers": summaries, "has_more": has_more,
-         "page_links": _page_links(params, query.page, has_more)},
+         "page_links": _page_links(params, query.page, has_more), "up": up},
     )  # fmt: skip
 
 

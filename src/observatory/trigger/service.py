@@ -212,6 +212,17 @@ def read_trigger_request(raw: Mapping[str, Any], *, vcs: bool, when_gps: int) ->
         elif names and len(names) != len(request.targets):
             errors.append(f"subarrays: {len(names)} subarrays for {len(request.targets)} targets "
                           "(give one subarray per target)")  # fmt: skip
+        else:
+            # All targets are observed at once: no tile can point at two of them.
+            tiles = subarray_tiles()
+            shared = [
+                (a, b) for i, a in enumerate(names) for b in names[i + 1 :]
+                if set(tiles[a]) & set(tiles[b])
+            ]  # fmt: skip
+            if shared:
+                errors.append("subarrays: " + "; ".join(
+                    f"{a} and {b} share tiles" for a, b in shared
+                ) + " (the targets are observed at once, each by its own tiles)")  # fmt: skip
         request.subarrays = names
 
     calibrator = get("calibrator")
@@ -262,6 +273,9 @@ def _exposure(request: TriggerRequest, name: str, value: Any) -> int:
         return BOUNDARY_S
     if seconds >= BOUNDARY_S and seconds % BOUNDARY_S == 0:
         return int(seconds)
+    if seconds <= 0:  # never schedulable: an error in pretend mode too
+        request.errors.append(f"{name}: {value} s must be a positive multiple of {BOUNDARY_S} s")
+        return BOUNDARY_S
     rounded = max(BOUNDARY_S, math.ceil(seconds / BOUNDARY_S) * BOUNDARY_S)
     message = f"{name}: {value} s is not a positive multiple of {BOUNDARY_S} s"
     _problem(request, message if not request.pretend else f"{message} (planned as {rounded} s)")
@@ -487,13 +501,25 @@ def _point(request: TriggerRequest, planned: list[PlannedObservation], settings:
     grid = pointing.sweet_grid()
     nearest = pointing.nearest_grid_points(az, np.maximum(el, 0.0))
     entries: list[dict[str, Any]] = []
+    # The horizon is checked at the start, middle and end: a target may set or rise meanwhile.
+    lowest_el, lowest_gps = el.copy(), np.array([j[0].midpoint_gps for j in jobs])
+    if radec:
+        for edge in ("obsid", "stoptime"):
+            edge_gps = np.array([float(getattr(j[0], edge)) for _, j in radec])
+            _, edge_el = pointing.azel_at(
+                np.array([j[1].ra_deg for _, j in radec]),
+                np.array([j[1].dec_deg for _, j in radec]), edge_gps,
+            )  # fmt: skip
+            rows = np.array([i for i, _ in radec])
+            lower = edge_el < lowest_el[rows]
+            lowest_el[rows[lower]], lowest_gps[rows[lower]] = edge_el[lower], edge_gps[lower]
     below_horizon: set[str] = set()
     for index, (observation, target, subarray) in enumerate(jobs):
-        low = target.kind != "allsky" and el[index] < settings.trigger_min_elevation_deg
+        low = target.kind != "allsky" and lowest_el[index] < settings.trigger_min_elevation_deg
         if low and target.label not in below_horizon:
             below_horizon.add(target.label)
-            _problem(request, f"{target.label} is below the horizon ({el[index]:.1f} deg) at "
-                     f"{gps_to_utc_iso(observation.midpoint_gps)}")  # fmt: skip
+            _problem(request, f"{target.label} is below the horizon ({lowest_el[index]:.1f} deg) "
+                     f"at {gps_to_utc_iso(float(lowest_gps[index]))}")  # fmt: skip
         entry: dict[str, Any] = {"target": target.label, "target_az_deg": round(float(az[index]), 4),
                                  "target_el_deg": round(float(el[index]), 4)}  # fmt: skip
         if subarray:
@@ -997,10 +1023,10 @@ def read_find_query(raw: Mapping[str, Any]) -> FindQuery:
         if present(raw, "pagesize")
         else DEFAULT_PAGE_SIZE
     )
-    if not 1 <= page <= MAX_SQL_INTEGER // MAX_PAGE_SIZE or not 1 <= pagesize <= MAX_PAGE_SIZE:
-        raise ParameterError(
-            f"page must be 1..{MAX_SQL_INTEGER // MAX_PAGE_SIZE} and pagesize 1..{MAX_PAGE_SIZE}"
-        )
+    if not 1 <= pagesize <= MAX_PAGE_SIZE:
+        raise ParameterError(f"pagesize must be 1..{MAX_PAGE_SIZE}, not {pagesize}")
+    if not 1 <= page <= MAX_SQL_INTEGER // MAX_PAGE_SIZE:
+        raise ParameterError(f"page must be 1..{MAX_SQL_INTEGER // MAX_PAGE_SIZE}, not {page}")
     return FindQuery(filters, page, pagesize, descending="desc" in raw)
 
 
@@ -1097,7 +1123,9 @@ def trigger_buffer(
     buffer_start = max(now - settings.trigger_buffer_s, float(buffering_since))
     capture_start = max(start_time, buffer_start) if start_time else buffer_start
     capture_end = float(end_time) if end_time is not None else now + float(obstime or 0.0)
-    if not null and capture_end < capture_start:
+    if not null and start_time and end_time is not None and end_time < start_time:
+        errors.append(f"end_time {end_time:.0f} is before start_time {start_time:.0f}")
+    elif not null and capture_end < capture_start:
         errors.append(f"end_time {capture_end:.0f} is before the start of capture {capture_start:.0f} "
                       f"(the buffer holds the last {settings.trigger_buffer_s} s)")  # fmt: skip
     if not null and capture_end - capture_start > vcs_free_s(session, settings, now):
