@@ -223,8 +223,10 @@ def test_parameters_in_the_url_in_json_and_in_a_mislabelled_form(client: TestCli
         ({"exptime": 0, "pretend": "true"}, "exptime: 0 s must be a positive multiple of 8 s"),
         ({"calexptime": -8, "calibrator": "true", "pretend": "true"}, "calexptime: -8 s must be"),
         # All targets are observed at once: two cannot share tiles.
-        ({"ra": "[10, 20]", "dec": "[-26.7, -26.7]", "subarrays": '["all_north", "all_north"]'},
-         "all_north and all_north share tiles"),
+        (
+            {"ra": "[10, 20]", "dec": "[-26.7, -26.7]", "subarrays": '["all_north", "all_north"]'},
+            "all_north and all_north share tiles",
+        ),
     ],
 )
 def test_errors_are_reported_and_change_nothing(
