@@ -453,6 +453,8 @@ def test_an_unhandled_error_is_json_and_logged_with_the_request_id(
     assert tracebacks, lines
     assert all(line["request_id"] in ("crash-1", "c2") for line in tracebacks)
     assert any(line["request_id"] == "crash-1" and line["level"] == "ERROR" for line in tracebacks)
+    # The message itself names it too: text logs (the default) have no request_id field.
+    assert any("(request id crash-1)" in line["message"] for line in tracebacks)
     access = [line for line in lines if line["logger"] == "observatory.access"]
     assert any(line["request_id"] == "crash-1" and line["status"] == 500 for line in access)
 

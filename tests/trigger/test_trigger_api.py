@@ -195,6 +195,18 @@ def test_parameters_in_the_url_in_json_and_in_a_mislabelled_form(client: TestCli
     assert slash.status_code == 200 and slash.json()["success"] is True
     pretty = client.get("/trigger/obslist?obstime=60&pretty=1").text
     assert pretty == json.dumps([], indent=2)
+    # pretty defaults to true for a web browser, false for a script (the source's rule).
+    browser = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    shown = client.get("/trigger/show", params={"trigger_id": mislabelled["trigger_id"]},
+                       headers=browser)  # fmt: skip
+    assert shown.text.startswith("{\n  ") and shown.headers["content-type"].startswith(
+        "application/json"
+    )
+    assert not client.get(
+        "/trigger/show", params={"trigger_id": mislabelled["trigger_id"]}
+    ).text.startswith("{\n")
+    assert client.get("/trigger/show", params={"trigger_id": mislabelled["trigger_id"], "pretty": 0},
+                      headers=browser).text.startswith('{"')  # fmt: skip
 
 
 @pytest.mark.parametrize(

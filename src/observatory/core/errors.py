@@ -179,9 +179,10 @@ class CatchUnhandledErrors:
         except Exception:
             request_id = current_request_id()
             log.exception(
-                "unhandled error answering %s %s",
+                "unhandled error answering %s %s (request id %s)",
                 scope.get("method"),
                 scope.get("path"),
+                request_id or "-",
                 extra={"method": scope.get("method"), "path": scope.get("path")},
             )
             if started:

@@ -79,9 +79,10 @@ ParamsDep = Annotated[dict[str, Any], Depends(_parameters)]
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def _json(value: Any, params: dict[str, Any]) -> Response:
-    """JSON as the clients decode it (UTF-8 declared, ASCII-safe); indented with ``pretty``."""
-    pretty = False
+def _json(value: Any, params: dict[str, Any], request: Request) -> Response:
+    """JSON as the clients decode it (UTF-8 declared, ASCII-safe); indented with ``pretty``,
+    which defaults to true for a web browser (it asks for HTML) and false for a script."""
+    pretty = "text/html" in request.headers.get("accept", "")
     if present(params, "pretty"):
         try:
             pretty = as_bool("pretty", params["pretty"])
@@ -157,7 +158,7 @@ async def busy(request: Request, params: ParamsDep) -> Response:
         request, ("busy", project_id, obstime),
         lambda session, second: service.is_busy(session, project_id, obstime, now=second),
     )  # fmt: skip
-    return _json(answer, params)
+    return _json(answer, params, request)
 
 
 @_endpoint("/obslist")
@@ -174,7 +175,7 @@ async def obslist(request: Request, params: ParamsDep) -> Response:
         request, ("obslist", obstime, current),
         lambda session, second: service.obslist(session, obstime, current=current, now=second),
     )  # fmt: skip
-    return _json(answer, params)
+    return _json(answer, params, request)
 
 
 @_endpoint("/vcsfree")
@@ -186,7 +187,7 @@ async def vcsfree(request: Request, params: ParamsDep) -> Response:
         ("vcsfree",),
         lambda session, second: service.vcs_free_s(session, settings, now=second),
     )
-    return _json(answer, params)
+    return _json(answer, params, request)
 
 
 @_endpoint("/triggerobs")
@@ -194,7 +195,7 @@ def triggerobs(request: Request, session: SessionDep, params: ParamsDep) -> Resp
     """Trigger correlator observations (pretend by default)."""
     with trigger_timer(request, "triggerobs"):
         result = service.trigger_observations(session, _settings(request), params, vcs=False)
-    return _json(_changed(request, result), params)
+    return _json(_changed(request, result), params, request)
 
 
 @_endpoint("/triggervcs")
@@ -202,7 +203,7 @@ def triggervcs(request: Request, session: SessionDep, params: ParamsDep) -> Resp
     """Trigger voltage-capture observations (pretend by default; all-sky with no target)."""
     with trigger_timer(request, "triggervcs"):
         result = service.trigger_observations(session, _settings(request), params, vcs=True)
-    return _json(_changed(request, result), params)
+    return _json(_changed(request, result), params, request)
 
 
 @_endpoint("/triggerbuffer")
@@ -210,17 +211,17 @@ def triggerbuffer(request: Request, session: SessionDep, params: ParamsDep) -> R
     """Dump the voltage buffer and keep capturing (pretend by default)."""
     with trigger_timer(request, "triggerbuffer"):
         result = service.trigger_buffer(session, _settings(request), params)
-    return _json(_changed(request, result), params)
+    return _json(_changed(request, result), params, request)
 
 
 @_endpoint("/show")
-def show(session: SessionDep, params: ParamsDep) -> Response:
+def show(request: Request, session: SessionDep, params: ParamsDep) -> Response:
     """One past trigger call."""
     trigger_id = int(_number(params, "trigger_id"))
     trigger = session.get(Trigger, trigger_id) if 0 < trigger_id <= MAX_SQL_ID else None
     if trigger is None:
         raise NotFound(f"no trigger with trigger_id {trigger_id}")
-    return _json(service.trigger_summary(trigger), params)
+    return _json(service.trigger_summary(trigger), params, request)
 
 
 @_endpoint("/find")
@@ -243,7 +244,7 @@ def find(request: Request, session: SessionDep, params: ParamsDep) -> Response:
     triggers, has_more = service.find_triggers(session, query)
     summaries = [service.trigger_summary(t) for t in triggers]
     if "html" not in params:
-        return _json(summaries, params)
+        return _json(summaries, params, request)
     values = {k: str(params.get(k) or "") for k in (*service.FIND_FILTERS, "pagesize")}
     return templates.TemplateResponse(
         request, "find.html",
