@@ -69,6 +69,13 @@ def test_summary_fit_page_and_plots(
             f"fit?fitid={fitids[-1]}" in narrow.text and f"fit?fitid={fitids[0]}" not in narrow.text
         )
         assert client.get("/calib/summary", params={"mintime": "last tuesday"}).status_code == 400
+        backwards = client.get(
+            "/calib/summary", params={"mintime": 1480080000, "maxtime": 1480060000}
+        )
+        assert (
+            backwards.status_code == 400
+            and "maxtime 1480060000 is before mintime" in backwards.text
+        )
         fit_page = client.get("/calib/fit", params={"fitid": fitids[-1]})
         assert (
             fit_page.status_code == 200

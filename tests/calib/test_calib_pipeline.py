@@ -436,3 +436,8 @@ def test_status_codes_of_get_cal_fits_and_the_deprecated_get_calfile_for_obsid(
         old = client.get("/calib/get_calfile_for_obsid", params={"obs_id": CAL_OBS})
         assert old.status_code == 400
         assert old.json()["error"] == solution.json()["error"]
+        # add_request is 0 or 1: another value is not silently "no request".
+        bad = client.get(
+            "/calib/get_calfile_for_obsid", params={"obs_id": CAL_OBS, "add_request": 2}
+        )
+        assert bad.status_code == 400 and "add_request must be 0 or 1" in bad.json()["error"]

@@ -205,10 +205,11 @@ def get_calfile_for_obsid(
     """
     settings = _settings(request)
     obsid = obsid_param(obs_id)
+    _flag("add_request", add_request, False)  # a bad value is a 400 whether or not a fit exists
     try:
         target, fit = service.best_fit(session, obsid, match_attenuation=any_gain is None)
     except NotFound as exc:
-        if add_request == "1":
+        if _flag("add_request", add_request, False):
             requests.add_cal_request(session, settings, obsid)
             return Response(status_code=200)
         raise BadRequest(exc.message) from exc
@@ -244,6 +245,8 @@ def summary(
     last = gps_time_param("maxtime", maxtime)
     first = now - 7 * 86400 if first is None else first
     last = now if last is None else last
+    if last < first:
+        raise BadRequest(f"maxtime {maxtime or last} is before mintime {mintime or first}")
     return templates.TemplateResponse(request, "summary.html", {
         "fits": service.fits_between(session, first, last), "kinds": plots.KINDS,
         "mintime": mintime or gps_to_utc_iso(first)[:19], "maxtime": maxtime or gps_to_utc_iso(last)[:19],
