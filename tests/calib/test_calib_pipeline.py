@@ -210,7 +210,7 @@ def test_calibdata_metafits_and_the_deprecated_services(
             assert table.header["TAROBSID"] == target and table.header["CALCRTR"] == "calvin"
             assert table.header["CALDTIME"].endswith("+08:00")
             data = table.data
-            assert len(data) == 16 and list(data["Pol"][:2]) == ["X", "Y"]
+            assert len(data) == 16 and list(data["Pol"][:2]) == ["Y", "X"]  # as the MWA's tables
             for row in data[data["Pol"] == "X"]:
                 assert row["delay_m"] == pytest.approx(x_delays[int(row["Tile"])], abs=1e-6)
             assert data["gains"].shape == (16, 24)

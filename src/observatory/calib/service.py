@@ -455,7 +455,9 @@ def calibdata_hdu(fit: CalibrationFit, target_obsid: int) -> fits.BinTableHDU:
         value = getattr(row, f"{pol}_{name}")
         return math.nan if value is None else float(value)
 
-    pols = [(row, pol) for row in rows for pol in ("x", "y")]
+    # Y before X for each tile, as in the MWA's own CALIBDATA tables (mwalib matches the
+    # rows by Antenna and Pol).
+    pols = [(row, pol) for row in rows for pol in ("y", "x")]
     table = fits.BinTableHDU.from_columns([
         fits.Column("Antenna", "I", array=np.array([r.antenna for r, _ in pols], np.int16)),
         fits.Column("Tile", "I", array=np.array([r.tileid for r, _ in pols], np.int16)),
