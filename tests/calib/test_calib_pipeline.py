@@ -178,7 +178,7 @@ def test_conversion_with_apply_di_cal_waits_for_calibration(
 
 
 def test_calibdata_metafits_and_the_deprecated_services(
-    settings: Settings, session_factory: sessionmaker[Session]
+    settings: Settings, session_factory: sessionmaker[Session], tmp_path: Path
 ) -> None:
     import io
     import zipfile
@@ -210,11 +210,30 @@ def test_calibdata_metafits_and_the_deprecated_services(
             assert table.header["TAROBSID"] == target and table.header["CALCRTR"] == "calvin"
             assert table.header["CALDTIME"].endswith("+08:00")
             data = table.data
+            tiledata = hdus["TILEDATA"].data  # row for row, as mwalib 3.0 reads it
+            assert list(zip(data["Antenna"], data["Pol"], strict=True)) == list(
+                zip(tiledata["Antenna"], tiledata["Pol"], strict=True)
+            )
             assert len(data) == 16 and list(data["Pol"][:2]) == ["Y", "X"]  # as the MWA's tables
             for row in data[data["Pol"] == "X"]:
                 assert row["delay_m"] == pytest.approx(x_delays[int(row["Tile"])], abs=1e-6)
             assert data["gains"].shape == (16, 24)
             assert "TILEDATA" in [h.name for h in hdus]  # the rest of the metafits is kept
+        # mwalib reads the table, each row matched to its rf input, the delays as fitted.
+        # (mwalib 3.0 parses CALFITID as a 32-bit number: the MWA's fit ids, Unix
+        # microseconds like ours, need a later mwalib; the copy read here has seconds.)
+        import mwalib
+
+        with_calib = tmp_path / f"{target}_with_calib.metafits"
+        with fits.open(io.BytesIO(reply.content)) as hdus:
+            hdus["CALIBDATA"].header["CALFITID"] = fit.fitid // 1_000_000
+            hdus.writeto(with_calib)
+        context = mwalib.MetafitsContext(str(with_calib), None)
+        assert context.num_calibration_fits == 16
+        for calibration in context.calibration_fits:
+            if calibration.rf_input.pol == mwalib.Pol.X:
+                expected = x_delays[calibration.rf_input.tile_id]
+                assert calibration.delay_metres == pytest.approx(expected, abs=1e-6)
         plain = client.get("/metadata/fits", params={"obs_id": target})
         with fits.open(io.BytesIO(plain.content)) as hdus:
             assert "CALIBDATA" not in [h.name for h in hdus]

@@ -442,11 +442,21 @@ def _nulls(row: dict[str, object]) -> dict[str, object]:
 CALIBDATA_COARSE = 24
 
 
-def calibdata_hdu(fit: CalibrationFit, target_obsid: int) -> fits.BinTableHDU:
-    """The fit as a metafits ``CALIBDATA`` table (specs/calib.md 3.6): one row per tile and pol."""
+def calibdata_hdu(
+    fit: CalibrationFit, target_obsid: int, inputs: Sequence[tuple[int, str]] | None = None
+) -> fits.BinTableHDU:
+    """The fit as a metafits ``CALIBDATA`` table (specs/calib.md 3.6): one row per tile and pol.
+
+    ``inputs`` are the metafits' TILEDATA rows as (Antenna, Pol): the table's rows then
+    follow them, as mwalib 3.0 requires (it reads row i as TILEDATA's row i). Without
+    them, by antenna, Y before X.
+    """
     names = {t.tile_id: t.tile_name for t in tile_layout()}
-    rows = sorted(fit.solutions, key=lambda r: r.antenna)
-    n = 2 * len(rows)
+    by_antenna = {r.antenna: r for r in fit.solutions}
+    if inputs is None:
+        inputs = [(antenna, pol) for antenna in sorted(by_antenna) for pol in ("Y", "X")]
+    pols = [(by_antenna[a], pol.strip().lower()) for a, pol in inputs if a in by_antenna]
+    n = len(pols)
 
     def column(row: CalibrationSolution, pol: str, name: str) -> np.ndarray:
         return _floats(getattr(row, f"{pol}_{name}"), CALIBDATA_COARSE)
@@ -455,9 +465,6 @@ def calibdata_hdu(fit: CalibrationFit, target_obsid: int) -> fits.BinTableHDU:
         value = getattr(row, f"{pol}_{name}")
         return math.nan if value is None else float(value)
 
-    # Y before X for each tile, as in the MWA's own CALIBDATA tables (mwalib matches the
-    # rows by Antenna and Pol).
-    pols = [(row, pol) for row in rows for pol in ("y", "x")]
     table = fits.BinTableHDU.from_columns([
         fits.Column("Antenna", "I", array=np.array([r.antenna for r, _ in pols], np.int16)),
         fits.Column("Tile", "I", array=np.array([r.tileid for r, _ in pols], np.int16)),
@@ -470,6 +477,9 @@ def calibdata_hdu(fit: CalibrationFit, target_obsid: int) -> fits.BinTableHDU:
         fits.Column("gains_pol0", "24E", array=np.array([column(r, p, "gains_pol0") for r, p in pols]).reshape(n, 24)),
         fits.Column("phase_fit_quality", "E", array=np.array([scalar(r, p, "phase_fit_quality") for r, p in pols])),
         fits.Column("gains_fit_quality", "E", array=np.array([scalar(r, p, "gains_fit_quality") for r, p in pols])),
+        # The delays and gains again under the names mwalib 3.0 reads (the older layout's).
+        fits.Column("Calib_Delay", "E", unit="m", array=np.array([scalar(r, p, "delay_m") for r, p in pols])),
+        fits.Column("Calib_Gains", "24E", array=np.array([column(r, p, "gains") for r, p in pols]).reshape(n, 24)),
     ], name="CALIBDATA")  # fmt: skip
     header = table.header
     header["CALFITID"] = (fit.fitid, "calibration fit id")
@@ -494,8 +504,10 @@ def metafits_with_calibdata(metafits: Path, fit: CalibrationFit, target_obsid: i
     """A metafits file with the fit's ``CALIBDATA`` table added (replacing one already there)."""
     with fits.open(metafits) as hdus:
         kept = [hdu.copy() for hdu in hdus if hdu.name != "CALIBDATA"]
+        tiles = hdus["TILEDATA"].data
+        inputs = [(int(a), str(p)) for a, p in zip(tiles["Antenna"], tiles["Pol"], strict=True)]
     output = io.BytesIO()
-    fits.HDUList([*kept, calibdata_hdu(fit, target_obsid)]).writeto(output)
+    fits.HDUList([*kept, calibdata_hdu(fit, target_obsid, inputs)]).writeto(output)
     return output.getvalue()
 
 
