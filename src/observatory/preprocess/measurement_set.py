@@ -112,7 +112,7 @@ class MeasurementSetStream(AtomicStream):
         n_pols = len(self.uvd.polarization_array)
         # Per sample: DATA 8 bytes, WEIGHT_SPECTRUM 4, FLAG a bit; per row about 150 bytes.
         needed_bytes = self.n_blts * (self.n_chans * n_pols * (8 + 4 + 1 / 8) + 150)
-        stats = os.statvfs(self._temporary.parent if self._temporary else self.path.parent)
+        stats = os.statvfs(self.path.parent)  # the temporary is made beside the target
         free_bytes = stats.f_bavail * stats.f_frsize
         if needed_bytes > free_bytes:
             raise OSError(
