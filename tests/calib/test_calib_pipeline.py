@@ -460,3 +460,57 @@ def test_status_codes_of_get_cal_fits_and_the_deprecated_get_calfile_for_obsid(
             "/calib/get_calfile_for_obsid", params={"obs_id": CAL_OBS, "add_request": 2}
         )
         assert bad.status_code == 400 and "add_request must be 0 or 1" in bad.json()["error"]
+
+
+def test_nocache_rebuilds_a_file_laid_out_as_the_cached_one(
+    settings: Settings, session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """``nocache=1``: the solutions from the table rows, with the cached file's chanblocks, times, tiles."""
+    import io
+    import zipfile
+
+    from fastapi.testclient import TestClient
+
+    from observatory.app import create_app
+
+    with session_factory() as session:
+        fit = fit_small_calibrator(session, settings)
+        fitid, cached = fit.fitid, solution_path(settings, fit)
+    assert cached is not None
+    cached_aocal = read_aocal(cached)
+    cached_hyperdrive = read_hyperdrive(cached.with_name(f"{CAL_OBS}_solutions.fits"))
+    rebuilt: dict[str, Path] = {}
+    with TestClient(create_app(settings)) as client:
+        for output_format, name in (
+            ("aocal", f"{CAL_OBS}.bin"),
+            ("hyperdrive", f"{CAL_OBS}_solutions.fits"),
+        ):
+            reply = client.get("/calib/get_cal_solution", params={
+                "obs_id": CAL_OBS, "prefer_fitid": fitid, "nocache": 1, "output_format": output_format,
+            })  # fmt: skip
+            assert reply.status_code == 200, reply.text
+            with zipfile.ZipFile(io.BytesIO(reply.content)) as archive:
+                rebuilt[output_format] = tmp_path / name
+                rebuilt[output_format].write_bytes(archive.read(name))
+    aocal = read_aocal(rebuilt["aocal"])
+    hyperdrive = read_hyperdrive(rebuilt["hyperdrive"])
+    assert (aocal.start_gps, aocal.end_gps) == (cached_aocal.start_gps, cached_aocal.end_gps)
+    assert aocal.jones.shape == cached_aocal.jones.shape
+    assert hyperdrive.timeblocks_gps is not None and cached_hyperdrive.timeblocks_gps is not None
+    assert hyperdrive.timeblocks_gps.tolist() == cached_hyperdrive.timeblocks_gps.tolist()
+    assert (
+        hyperdrive.chanblock_freqs_hz is not None
+        and cached_hyperdrive.chanblock_freqs_hz is not None
+    )
+    assert np.allclose(hyperdrive.chanblock_freqs_hz, cached_hyperdrive.chanblock_freqs_hz)
+    assert hyperdrive.tile_names == cached_hyperdrive.tile_names
+    assert hyperdrive.tile_flags is not None and cached_hyperdrive.tile_flags is not None
+    assert hyperdrive.tile_flags.tolist() == cached_hyperdrive.tile_flags.tolist()
+    # The fits describe the solved solutions: phase and amplitude agree where both are finite
+    # (a simulated sky of one point source, so the lines fit it closely).
+    both = np.isfinite(aocal.jones) & np.isfinite(cached_aocal.jones)
+    diagonal = both[..., [0, 3]]
+    ratio = aocal.jones[..., [0, 3]][diagonal] / cached_aocal.jones[..., [0, 3]][diagonal]
+    assert diagonal.sum() > 0.5 * diagonal.size
+    assert np.median(np.abs(np.angle(ratio))) < 0.05
+    assert np.median(np.abs(np.abs(ratio) - 1)) < 0.05

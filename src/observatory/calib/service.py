@@ -33,7 +33,12 @@ from observatory.calib.formats import CalSolutions, read_aocal, write_aocal, wri
 from observatory.calib.models import CalibrationFit, CalibrationSolution
 from observatory.core.config import Settings
 from observatory.core.errors import BadRequest, NotFound
-from observatory.telescope.instrument import SPEED_OF_LIGHT_M_S, fine_chan_freqs_hz, tile_layout
+from observatory.telescope.instrument import (
+    COARSE_CHAN_WIDTH_HZ,
+    SPEED_OF_LIGHT_M_S,
+    fine_chan_freqs_hz,
+    tile_layout,
+)
 
 DEFAULT_MAX_TIME_SEPARATION_S = 86_400
 #: Chanblock width of solutions rebuilt from the table (calvin's Birli setting).
@@ -230,9 +235,13 @@ def solutions_from_table(session: Session, fit: CalibrationFit) -> CalSolutions:
     Per tile and polarisation the Jones element is ``exp(i(2 pi nu L / c + b)) / a(nu)``
     with L = -delay_m (the stored convention), b the intercept and a(nu) the
     fitted inverse amplitude ``pol0 + pol1 nu`` of the coarse channel (its mean gain
-    where the line is missing): the phase fit and the gain fit, on 40 kHz
-    chanblocks of the calibrator's coarse channels. Cross terms are 0; a tile that
-    did not calibrate is NaN.
+    where the line is missing): the phase fit and the gain fit. Cross terms are 0; a
+    tile that did not calibrate is NaN (and flagged).
+
+    The layout is the cached file's, from the calibrator's archive record: one
+    chanblock per fine channel of its coarse channels (40 kHz when its resolution is
+    not recorded), times the centroids of its first and last integrations, and the
+    tiles' names.
     """
     calibrator = session.get(Observation, fit.obsid)
     if calibrator is None:
@@ -240,7 +249,7 @@ def solutions_from_table(session: Session, fit: CalibrationFit) -> CalSolutions:
             f"calibrator observation {fit.obsid} of fit {fit.fitid} is not in the archive"
         )
     chans = sorted(calibrator.coarse_chans or [])
-    freqs = np.concatenate([fine_chan_freqs_hz(c, REBUILT_CHANBLOCK_HZ) for c in chans])
+    freqs = np.concatenate([fine_chan_freqs_hz(c, _chanblock_width_hz(calibrator)) for c in chans])
     per_coarse = len(freqs) // max(len(chans), 1)
     coarse_index = np.repeat(np.arange(len(chans)), per_coarse)
     rows = sorted(fit.solutions, key=lambda r: r.antenna)
@@ -260,11 +269,44 @@ def solutions_from_table(session: Session, fit: CalibrationFit) -> CalSolutions:
             jones[0, row.antenna, :, element] = np.exp(1j * phase) / inverse_amplitude
         if np.isfinite(jones[0, row.antenna][:, [0, 3]]).any():
             jones[0, row.antenna, :, 1:3] = 0.0
-    exposure = (calibrator.stoptime - calibrator.obsid) if calibrator.stoptime else 0
+    start_gps, end_gps = _centroid_range_gps(calibrator)
+    names = tile_names([row.tileid for row in rows])
+    antenna_names = [""] * n_ant  # an antenna without a row has no known tile
+    for row, name in zip(rows, names, strict=True):
+        antenna_names[row.antenna] = name
     return CalSolutions(
-        jones=jones, start_gps=float(calibrator.obsid), end_gps=float(calibrator.obsid + exposure),
-        chanblock_freqs_hz=freqs, obsid=calibrator.obsid,
+        jones=jones, start_gps=start_gps, end_gps=end_gps,
+        timeblocks_gps=np.array([[start_gps, end_gps, (start_gps + end_gps) / 2.0]]),
+        chanblock_freqs_hz=freqs, obsid=calibrator.obsid, tile_names=antenna_names,
+        tile_flags=~np.isfinite(jones[0]).any(axis=(1, 2)),
     )  # fmt: skip
+
+
+def _chanblock_width_hz(calibrator: Observation) -> int:
+    """The calibrator's fine-channel width (the solver's chanblocks), 40 kHz when unknown."""
+    if calibrator.freq_res_khz:
+        width_hz = round(calibrator.freq_res_khz * 1000)
+        if COARSE_CHAN_WIDTH_HZ % width_hz == 0:
+            return width_hz
+    return REBUILT_CHANBLOCK_HZ
+
+
+def _centroid_range_gps(calibrator: Observation) -> tuple[float, float]:
+    """Centroids of the calibrator's first and last integrations (the solver's timeblock).
+
+    Without a recorded integration time, the observation's start and end.
+    """
+    stop = float(calibrator.stoptime or calibrator.obsid)
+    half_s = (calibrator.int_time_s or 0.0) / 2.0
+    if stop - calibrator.obsid < 2 * half_s:
+        return float(calibrator.obsid), stop
+    return calibrator.obsid + half_s, stop - half_s
+
+
+def tile_names(tile_ids: Sequence[int]) -> list[str]:
+    """The names of tiles, by tile id (the MWA's ``TileNNN`` for an id not in the layout)."""
+    names = {tile.tile_id: tile.tile_name for tile in tile_layout()}
+    return [names.get(tile_id, f"Tile{tile_id:03d}") for tile_id in tile_ids]
 
 
 def fit_solutions(
@@ -361,11 +403,10 @@ def solution_zip(
             writer, suffix = (write_hyperdrive, ".fits") if hyperdrive else (write_aocal, ".bin")
             archive.writestr(name, _file_bytes(writer, solutions, suffix))
         tiles = flagged_tiles(fit)
-        names = {t.tile_id: t.tile_name for t in tile_layout()}
         archive.writestr(f"{target.obsid}_flagged_tiles.txt", "".join(f"{t}\n" for t in tiles))
         archive.writestr(f"{target.obsid}_flags.py", FLAGS_SCRIPT.format(
             obsid=target.obsid, fitid=fit.fitid, calid=fit.obsid, tile_ids=tiles,
-            tile_names=[names.get(t, f"Tile{t:03d}") for t in tiles],
+            tile_names=tile_names(tiles),
         ))  # fmt: skip
         for name, data in (extra_files or {}).items():
             archive.writestr(name, data)
@@ -451,7 +492,6 @@ def calibdata_hdu(
     follow them, as mwalib 3.0 requires (it reads row i as TILEDATA's row i). Without
     them, by antenna, Y before X.
     """
-    names = {t.tile_id: t.tile_name for t in tile_layout()}
     by_antenna = {r.antenna: r for r in fit.solutions}
     if inputs is None:
         inputs = [(antenna, pol) for antenna in sorted(by_antenna) for pol in ("Y", "X")]
@@ -468,7 +508,7 @@ def calibdata_hdu(
     table = fits.BinTableHDU.from_columns([
         fits.Column("Antenna", "I", array=np.array([r.antenna for r, _ in pols], np.int16)),
         fits.Column("Tile", "I", array=np.array([r.tileid for r, _ in pols], np.int16)),
-        fits.Column("TileName", "8A", array=[names.get(r.tileid, f"Tile{r.tileid:03d}")[:8] for r, _ in pols]),
+        fits.Column("TileName", "8A", array=[name[:8] for name in tile_names([r.tileid for r, _ in pols])]),
         fits.Column("Pol", "A", array=[p.upper() for _, p in pols]),
         fits.Column("delay_m", "E", unit="m", array=np.array([scalar(r, p, "delay_m") for r, p in pols])),
         fits.Column("intercept", "E", unit="m", array=np.array([scalar(r, p, "intercept") for r, p in pols])),
