@@ -253,3 +253,23 @@ def test_summary_obsid_link_downloads_that_rows_fit(
             reply = client.get("/calib/" + html.unescape(row.group(1)))
             assert reply.status_code == 200 and reply.headers["x-calibration-fit-id"] == str(fitid)
             assert reply.headers["content-type"] == "application/zip"
+
+
+def test_the_gains_plot_is_against_the_receiver_channel_number(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """Each tile's gains at the calibrator's coarse channels (picket fence: not contiguous)."""
+    with session_factory() as session:
+        _add_calibrator(session, 1_450_000_000, [140, 62, 100])
+        fit = _store(session, settings, 1_450_000_000, 0.0, [1.0, 2.0, 3.0])
+        figure = plots.figure_of(session, fit, "gains")
+        try:
+            axes = figure.axes[0]
+            drawn = [line for line in axes.get_lines() if len(line.get_xdata())]
+            assert "receiver channel number" in axes.get_xlabel()
+        finally:
+            plt.close(figure)
+    assert len(drawn) == 4  # two tiles, X and Y
+    for line in drawn:
+        assert list(line.get_xdata()) == [62, 100, 140]
+    assert sorted(list(line.get_ydata()) for line in drawn) == [[1, 2, 3]] * 2 + [[2, 4, 6]] * 2

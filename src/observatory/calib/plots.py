@@ -143,15 +143,7 @@ def figure_of(session: Session, fit: CalibrationFit, kind: str) -> Figure:
     elif kind == "gaintimes":
         _gaintimes(session, fit, rows, axes)
     else:  # gains
-        for r in rows:
-            gx = np.array([_value(v) for v in r.x_gains])
-            gy = np.array([_value(v) for v in r.y_gains])
-            axes.plot(np.arange(len(gx)), gx, "-", color=colour_x, alpha=0.5, lw=1)
-            axes.plot(np.arange(len(gy)), gy, "--", color=colour_y, alpha=0.5, lw=1)
-        axes.plot([], [], "-", color=colour_x, label="X")
-        axes.plot([], [], "--", color=colour_y, label="Y")
-        axes.set_xlabel("coarse channel (index in the observation)")
-        axes.set_ylabel("gain")
+        _gains(session, fit, rows, axes)
     if kind != "gains":
         axes.set_xticks(index[:: max(1, len(index) // 32)])
         axes.set_xticklabels(
@@ -163,6 +155,34 @@ def figure_of(session: Session, fit: CalibrationFit, kind: str) -> Figure:
     axes.legend(loc="upper right", fontsize=8)
     figure.tight_layout()
     return figure
+
+
+def _gains(
+    session: Session, fit: CalibrationFit, rows: list[CalibrationSolution], axes: Axes
+) -> None:
+    """Each tile's X and Y gain against the receiver channel number (one line per tile and pol).
+
+    The per-channel values follow the calibrator's coarse channels in ascending order;
+    when the observation is not in the archive, the axis is the position among them.
+    """
+    width = max([0, *(len(r.x_gains or []) for r in rows), *(len(r.y_gains or []) for r in rows)])
+    known = _coarse_chans(session, {fit.obsid}).get(fit.obsid, [])
+    by_number = len(known) >= width > 0
+    channels = np.array(known[:width] if by_number else range(width), dtype=float)
+    colour_x, colour_y = _colours(fit.creator)
+    if width:
+        # One call per polarisation: matplotlib draws a line per column of a 2-D array.
+        axes.plot(channels, _gain_matrix([r.x_gains for r in rows], width).T, "-",
+                  color=colour_x, alpha=0.5, lw=1, marker="." if width < 4 else None)  # fmt: skip
+        axes.plot(channels, _gain_matrix([r.y_gains for r in rows], width).T, "--",
+                  color=colour_y, alpha=0.5, lw=1, marker="." if width < 4 else None)  # fmt: skip
+    axes.plot([], [], "-", color=colour_x, label="X")
+    axes.plot([], [], "--", color=colour_y, label="Y")
+    axes.set_xlabel(
+        "coarse channel (receiver channel number; x 1.28 MHz is its centre frequency)"
+        if by_number else "coarse channel (position in the fit)"
+    )  # fmt: skip
+    axes.set_ylabel("gain")
 
 
 def _rgba(creator: np.ndarray, pol: int, alpha: np.ndarray) -> np.ndarray:
