@@ -218,7 +218,7 @@ def test_the_documents_example_file_for_file(
         assert (sb / "calibrated.ms" / "table.dat").is_file() and not (
             sb / "calibrated.ms" / "table.dat"
         ).is_symlink()
-        assert not (tmp_path / "2011.0.00229.S.move-journal.json").exists()
+        assert not (tmp_path / "2011.0.00229.S.qa-packager-journal.json").exists()
     if mode != "move":
         assert origin_digests(sb) == before  # the origin is untouched
 
@@ -908,14 +908,14 @@ def test_move_refuses_symlinks_before_moving_anything(
     assert origin_digests(sb) == before and not any(
         p.is_symlink() for p in sb.rglob("*") if p.name != "scriptForImaging.py"
     )
-    assert not (tmp_path / "2011.0.00229.S.move-journal.json").exists()
+    assert not (tmp_path / "2011.0.00229.S.qa-packager-journal.json").exists()
     (sb / "scriptForImaging.py").unlink()
     (sb / "scriptForImaging.py").write_text("# imaging\n")
     package(sb, readme, packpath, mode="move")
     with pytest.raises(PackagingError, match="moved by an earlier run"):  # the same SB again
         package(sb, readme, packpath, append="member", mode="move")
     assert not (packpath / "sg_ouss_id" / "group_ouss_id" / "member_ouss_id2").exists()
-    assert not (tmp_path / "2011.0.00229.S.move-journal.json").exists()
+    assert not (tmp_path / "2011.0.00229.S.qa-packager-journal.json").exists()
     assert not validate_manifest(packpath)
 
 
@@ -1076,3 +1076,293 @@ def test_clearing_a_package_removes_its_manifest(
     package(sb, readme, packpath, mode="copy")
     package(sb, readme, packpath, mode="fake")
     assert not manifest_path(packpath).exists()
+
+
+def package_state(tmp_path: Path, packpath: Path) -> dict[str, str]:
+    """Every file of the package and beside it (manifest, tickets), hashed; symlinks by target."""
+    files = [p for p in tmp_path.iterdir() if p.name.startswith(packpath.name) and p.is_file()]
+    files += [p for p in packpath.rglob("*") if p.is_file()]
+    return {str(p.relative_to(tmp_path)): sha256(p) for p in files}
+
+
+def test_clearing_never_deletes_what_an_earlier_move_put_in_the_package(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    """SB1 moved in, then SB2 packaged without ``append``: the package holds SB1's only copy."""
+    sb = build_sb(tmp_path)
+    second = sb.parent / "IRC10216_setup4_b6_run_x2"
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb, readme, packpath, mode="move")
+    before = package_state(tmp_path, packpath)
+    for mode, dry_run in (("copy", True), ("copy", False), ("fake", False), ("hard", False)):
+        with pytest.raises(
+            PackagingError, match=r"links into .* \(moved there by an earlier run\)"
+        ):
+            package(second, readme, packpath, mode=mode, dry_run=dry_run)
+    assert package_state(tmp_path, packpath) == before
+    assert all(p.exists() for p in sb.rglob("*"))  # no dangling link at SB1
+    package(second, readme, packpath, append="member", mode="copy")  # what was meant
+    assert not validate_manifest(packpath)
+    # Once SB1's files are back at their origin, clearing is allowed again.
+    for link in [p for p in sb.rglob("*") if p.is_symlink()]:
+        target = link.resolve()
+        link.unlink()
+        shutil.copy2(target, link)
+    package(second, readme, packpath, mode="copy")
+    assert [p.name for p in (packpath / "sg_ouss_id" / "group_ouss_id").iterdir()] == [
+        "member_ouss_id"
+    ]
+
+
+def test_a_run_that_fails_after_clearing_puts_the_package_back(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    """A damaged measurement set found only while splitting: the earlier package is intact."""
+    sb = build_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb, readme, packpath, mode="copy")
+    before = package_state(tmp_path, packpath)
+    (sb / "X8c" / f"{X8C}.ms.split.cal" / "table.f0").write_bytes(b"garbage")
+    with pytest.raises(PackagingError, match=rf"{X8C}.ms.split.cal cannot be split"):
+        package(sb, readme, packpath, mode="hard")
+    assert package_state(tmp_path, packpath) == before
+    assert not validate_manifest(packpath)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("2011")) == [
+        "2011.0.00229.S", "2011.0.00229.S.manifest-sha256.txt", "2011.0.00229.S.ticket.tar",
+        "2011.0.00229.S.ticket.zip",
+    ]  # fmt: skip
+
+
+def test_hard_mode_refuses_a_symlink_to_another_file_system_before_writing(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system here")
+    sb = build_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb, readme, packpath, mode="copy")
+    before = package_state(tmp_path, packpath)
+    other = Path(__import__("tempfile").mkdtemp(dir=shm))
+    try:
+        (other / "remote.fits").write_bytes(b"SIMPLE")
+        (sb / "remote.fits").symlink_to(other / "remote.fits")
+        for dry_run in (True, False):
+            with pytest.raises(
+                PackagingError, match=r"cannot link .*remote.fits.* another file system"
+            ):
+                package(sb, readme, packpath, mode="hard", dry_run=dry_run)
+    finally:
+        shutil.rmtree(other)
+    assert package_state(tmp_path, packpath) == before
+
+
+def test_a_killed_run_is_undone_by_the_next(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    """A copy ``append`` killed part-way: the next run removes its member and numbers it again."""
+    import signal
+    import time
+
+    sb = build_sb(tmp_path)
+    second = sb.parent / "IRC10216_setup4_b6_run_x2"
+    packpath = tmp_path / "2011.0.00229.S"
+    package(second, readme, packpath, mode="copy")
+    before = package_state(tmp_path, packpath)
+    code = (
+        "import sys, time\n"
+        "from observatory.packaging.qa2 import package\n"
+        "def slow(action):\n"
+        "    if action.kind == 'copy':\n"
+        "        print('copying', flush=True); time.sleep(60)\n"
+        "package(sys.argv[1], sys.argv[2], sys.argv[3], mode='copy', append='member', progress=slow)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", code, str(sb), str(readme), str(packpath)],
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert process.stdout is not None and process.stdout.readline() == "copying\n"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    member2 = packpath / "sg_ouss_id" / "group_ouss_id" / "member_ouss_id2"
+    assert member2.is_dir() and (tmp_path / "2011.0.00229.S.qa-packager-journal.json").exists()
+    plan = package(sb, readme, packpath, mode="copy", append="member", dry_run=True)
+    assert plan.member.name == "member_ouss_id2" and plan.actions[0].kind == "undo"
+    time.sleep(0.01)
+    plan = package(sb, readme, packpath, mode="copy", append="member")
+    assert plan.member.name == "member_ouss_id2"
+    assert plan.undone and "removed" in plan.undone[0]
+    assert not validate_manifest(packpath)
+    assert listing(member2) == EXPECTED
+    after = package_state(tmp_path, packpath)
+    assert {k: v for k, v in after.items() if "member_ouss_id2" not in k and "S." not in k} == {
+        k: v for k, v in before.items() if "S." not in k
+    }
+    assert not list(tmp_path.glob(".*qa-packager-previous*"))
+
+
+@pytest.mark.parametrize("crash_in", ["_carry_out", "_commit"])
+def test_a_run_killed_after_clearing_is_undone_or_committed_by_the_next(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path], monkeypatch: pytest.MonkeyPatch,
+    crash_in: str,
+) -> None:  # fmt: skip
+    """Killed (no clean-up ran) while copying over a cleared package, or while committing."""
+    from observatory.packaging import qa2
+
+    sb = build_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb, readme, packpath, mode="hard")
+    before = package_state(tmp_path, packpath)
+    real = getattr(qa2, crash_in)
+
+    def killed(*args: object, **kwargs: object) -> None:
+        if crash_in == "_commit":  # killed after marking the journal committed
+            journal = args[1]
+            assert isinstance(journal, qa2.Journal)
+            journal.committed = True
+            journal.save()
+        raise Crash
+
+    monkeypatch.setattr(qa2, crash_in, killed)
+    monkeypatch.setattr(qa2, "_undo", lambda *args: "")  # a kill runs no clean-up
+    with pytest.raises(Crash):
+        package(sb, readme, packpath, mode="copy")
+    monkeypatch.undo()
+    assert real is getattr(qa2, crash_in)
+    assert (tmp_path / ".2011.0.00229.S.qa-packager-previous").is_dir()
+    if crash_in == "_carry_out":
+        plan = package(sb, readme, packpath, mode="copy", append="member")
+        assert plan.undone and "restored the package it cleared" in plan.undone[0]
+        after = package_state(tmp_path, packpath)
+        inside = f"{packpath.name}/"  # the package (its manifest and tickets now list member 2)
+        assert {
+            k: v for k, v in after.items() if k.startswith(inside) and "member_ouss_id2" not in k
+        } == {k: v for k, v in before.items() if k.startswith(inside)}
+        assert not validate_manifest(packpath)
+    else:  # the copy finished: it stays, and what it set aside goes
+        assert not validate_manifest(packpath)
+        package(sb, readme, packpath, mode="copy", append="member")
+        assert not (tmp_path / "2011.0.00229.S.qa-packager-journal.json").exists()
+    assert not list(tmp_path.glob(".*qa-packager-previous*"))
+
+
+def test_one_run_at_a_time(tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]) -> None:
+    import fcntl
+
+    sb = build_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb, readme, packpath, mode="fake")
+    with open(tmp_path / ".2011.0.00229.S.qa-packager-lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(PackagingError, match="another qa-packager run is writing"):
+            package(sb, readme, packpath, mode="copy")
+        package(sb, readme, packpath, mode="copy", dry_run=True)  # reading needs no lock
+    package(sb, readme, packpath, mode="copy")
+
+
+def test_classification_of_the_reviewers_trees(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    """qa2 subdirectories, EB files of one name, SB checklists, the header kept in the SB."""
+    sb = build_sb(tmp_path)
+    (sb / "X8c" / "qa2" / "plots").mkdir()
+    (sb / "X8c" / "qa2" / "plots" / "qa2_part5.png").write_bytes(b"png")
+    for eb in ("X8c", "X528"):
+        (sb / eb / "scriptForPolCalibration.py").write_text(f"# {eb}\n")
+    (sb / "IRC10216_setup3.checklist.txt").write_text("SB checked\n")
+    header = sb / "README.header.txt"
+    header.write_text("ALMA header in the SB\n")
+    packpath = tmp_path / "2011.0.00229.S"
+    plan = package(sb, header, packpath, mode="copy")
+    member = packpath / plan.member
+    found = listing(member)
+    assert f"{X8C}__qa2_part5.png" in found["qa"]
+    assert {f"{X8C}__scriptForPolCalibration.py", f"{X528}__scriptForPolCalibration.py"} <= found[
+        "script"
+    ]
+    assert (member / "script" / f"{X528}__scriptForPolCalibration.py").read_text() == "# X528\n"
+    assert (member / "qa" / "IRC10216_setup3_b6_run_x2.checklist.txt").read_text() == "SB checked\n"
+    readme_text = (member / "README").read_text()
+    assert readme_text.count("ALMA header in the SB") == 1 and "SB checked" not in readme_text
+    assert any("README header" in note for note in plan.notes)
+    # The same name twice at the SB level cannot be told apart by a uid: refused, naming both.
+    (sb / "Combined").mkdir()
+    (sb / "Combined" / "calibrated_all_setup3_b6.clean.fits").write_bytes(b"SIMPLE")
+    with pytest.raises(
+        PackagingError, match=r"two files would be packaged as product/calibrated_all.*Combined"
+    ):
+        package(sb, header, packpath, mode="fake", dry_run=True)
+
+
+def test_an_execution_block_without_its_split_and_script_is_refused(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    sb = build_sb(tmp_path)
+    uid = "uid___A002_X9aa_X1f"
+    measurement_set(sb / "X1f" / f"{uid}.ms")
+    (sb / "X1f" / f"{uid}.ms.bandpass").write_text("table")
+    (sb / "X1f" / "checklist.txt").write_text("checked\n")
+    with pytest.raises(
+        PackagingError, match=rf"missing: {uid}.ms.scriptForCalibration.py, {uid}.ms.split"
+    ):
+        package(sb, readme, tmp_path / "2011.0.00229.S", mode="copy")
+    assert not (tmp_path / "2011.0.00229.S").exists()
+
+
+def test_move_refuses_an_origin_it_cannot_write_before_moving_anything(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sb = build_sb(tmp_path)
+    fixed = str(sb / "X528" / "qa2")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: not (str(path) == fixed and mode & os.W_OK)
+                        and real_access(path, mode))  # fmt: skip
+    before = origin_digests(sb)
+    with pytest.raises(PackagingError, match=rf"cannot write in {fixed}: nothing was moved"):
+        package(sb, readme, tmp_path / "2011.0.00229.S", mode="move")
+    assert origin_digests(sb) == before and not any(p.is_symlink() for p in sb.rglob("*"))
+    assert not (tmp_path / "2011.0.00229.S").exists()
+    assert not (tmp_path / "2011.0.00229.S.qa-packager-journal.json").exists()
+
+
+def test_moved_files_are_linked_by_their_real_path(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--origpath . --packpath ../P``: renaming the reduction afterwards breaks no link."""
+    sb = build_sb(tmp_path)
+    monkeypatch.chdir(sb)
+    package(".", readme, "../2011.0.00229.S", mode="move")
+    targets = [os.readlink(p) for p in sb.rglob("*") if p.is_symlink()]
+    assert targets and all(t == os.path.realpath(t) and ".." not in t for t in targets)
+    monkeypatch.chdir(tmp_path)
+    renamed = sb.with_name("IRC10216_setup3_done")
+    sb.rename(renamed)
+    assert all(p.exists() for p in renamed.rglob("*"))
+
+
+def test_clear_errors_for_a_dangling_symlink_and_a_readme_that_is_not_utf8(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    sb = build_sb(tmp_path)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Observación\n".encode("latin-1"))
+    with pytest.raises(PackagingError, match=r"readme .*latin1.txt is not UTF-8 text \(byte 0xf3"):
+        package(sb, latin1, tmp_path / "2011.0.00229.S", mode="fake")
+    (sb / "X8c" / "gone.log").symlink_to(tmp_path / "nowhere.log")
+    with pytest.raises(
+        PackagingError, match=r"gone.log is a symlink to .*nowhere.log, which does not exist"
+    ):
+        package(sb, readme, tmp_path / "2011.0.00229.S", mode="fake")
+    assert not (tmp_path / "2011.0.00229.S").exists()
+
+
+def test_dry_run_refuses_what_the_run_refuses(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    sb = build_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    uids = ("uid://A001/X1/X2", "uid://A001/X1/X3", "uid://A001/X1/X4")
+    package(sb, readme, packpath, style="modern", uids=uids)
+    for dry_run in (True, False):
+        with pytest.raises(PackagingError, match="exists already"):
+            package(
+                sb, readme, packpath, append="member", style="modern", uids=uids, dry_run=dry_run
+            )

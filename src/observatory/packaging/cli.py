@@ -83,11 +83,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qa-packager: {exc}", file=sys.stderr)
         return 1
     member = Path(args.packpath) / plan.member
+    for note in plan.undone:
+        print(note)
     if args.dry_run:
         try:
             for action in plan.actions:
                 print(action.describe(member))
-            print(f"{len(plan.actions)} actions; package size {plan.expected_size_bytes} bytes")
+            estimate = " before the README" + (
+                " (measurement sets split in hard mode will be smaller)"
+                if args.mode == "hard"
+                else ""
+            )
+            print(
+                f"{len(plan.actions)} actions; package size {plan.expected_size_bytes} bytes{estimate}"
+            )
         except BrokenPipeError:  # ``qa-packager --dry-run ... | head``: the reader has enough
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -17,7 +17,10 @@ The plan (every source -> destination) is made first; the modes then carry it ou
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
+import fcntl
 import fnmatch
 import functools
 import io
@@ -29,6 +32,7 @@ import stat
 import tarfile
 import time
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -69,11 +73,17 @@ class PackagingError(ValueError):
 
 @dataclass(frozen=True)
 class Step:
-    """One entry of the plan: copy ``source`` (a file or a directory) to ``destination``."""
+    """One entry of the plan: copy ``source`` (a file or a directory) to ``destination``.
+
+    ``uid`` is the execution block of a file kept under its own name in its block's
+    directory (a script or FITS file): given the uid prefix if another file would be
+    packaged under the same name (the document: names that are not unique get the uid).
+    """
 
     source: Path
     destination: Path  # relative to the member directory
     is_directory: bool
+    uid: str | None = None
 
 
 @dataclass
@@ -83,13 +93,17 @@ class Plan:
     member: Path  # relative to packpath
     steps: list[Step] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # text for the PI found in the reduction
+    #: What the run undid first: a run on this package that did not finish (see Journal).
+    undone: list[str] = field(default_factory=list)
+    #: The execution blocks found: uid -> their directory.
+    execution_blocks: dict[str, Path] = field(default_factory=dict)
     #: Bytes of the package with real files (README included), whatever the mode.
     expected_size_bytes: int = 0
     #: What the run does (or, in a dry run, would do), in order.
     actions: list[Action] = field(default_factory=list)
 
-    def add(self, source: Path, *destination: str) -> None:
-        self.steps.append(Step(source, Path(*destination), source.is_dir()))
+    def add(self, source: Path, *destination: str, uid: str | None = None) -> None:
+        self.steps.append(Step(source, Path(*destination), source.is_dir(), uid))
 
 
 #: Suffixes of the names a move makes for an instant (left behind only by a crash).
@@ -121,12 +135,13 @@ def unique_name(name: str, uid: str) -> str:
 
 
 def _classify_eb(plan: Plan, directory: Path, uid: str) -> None:
-    """An execution block's entries (and its ``qa2`` directory) into the plan."""
+    """An execution block's entries (and its ``qa2`` directory, at any depth) into the plan."""
+    plan.execution_blocks[uid] = directory
     for entry in _entries(directory):
         name = entry.name
         if entry.is_dir() and name == "qa2":
-            for item in _entries(entry):
-                if item.is_file():
+            for item in _entries(entry, recursive=True):
+                if not item.is_dir():
                     plan.add(item, "qa", unique_name(item.name, uid))
         elif name == f"{uid}.ms.split":
             plan.add(entry, "raw", name)
@@ -135,9 +150,9 @@ def _classify_eb(plan: Plan, directory: Path, uid: str) -> None:
         elif name in (f"{uid}.ms", f"{uid}.ms.flagversions"):
             continue  # the raw measurement set is not delivered
         elif name.endswith(".py"):
-            plan.add(entry, "script", name)
+            plan.add(entry, "script", name, uid=uid)
         elif name.endswith(".fits"):  # a single-asdm SB keeps its images with the EB
-            plan.add(entry, "product", name)
+            plan.add(entry, "product", name, uid=uid)
         elif _matches(name, CHECKLIST_PATTERNS):
             plan.add(entry, "qa", f"{directory.name}.checklist.txt")
         elif _matches(name, QA2_PATTERNS):
@@ -152,33 +167,66 @@ def _classify_eb(plan: Plan, directory: Path, uid: str) -> None:
             plan.notes.append(f"not packaged: {entry}")
 
 
-def _classify_sb_file(plan: Plan, entry: Path) -> None:
+def _classify_sb_file(plan: Plan, entry: Path, sb: Path, header: Path | None) -> None:
+    """A scheduling block's file (or a directory of its products) into the plan.
+
+    A checklist becomes ``qa/<SB dir>.checklist.txt`` (as an execution block's is named
+    after its directory); other text files are notes for the PI, put in the README; the
+    README header itself, kept in the reduction, is not packaged (it heads the README).
+    """
     name = entry.name
     if name == "calibrated.ms" or name.endswith(".ms"):
         return  # the combined measurement set is not packaged
     if entry.is_dir():
         for item in _entries(entry, recursive=True):  # products kept beside the EB directories
-            if item.is_file() and not any(
+            if not item.is_dir() and not any(
                 p.endswith(".ms") for p in item.relative_to(entry).parts[:-1]
             ):
-                _classify_sb_file(plan, item)
+                _classify_sb_file(plan, item, sb, header)
         return
-    if name.endswith(".fits"):
+    if header is not None and _same_file(entry, header):
+        plan.notes.append(f"not packaged: {entry} (the README header)")
+    elif name.endswith(".fits"):
         plan.add(entry, "product", name)
     elif name.endswith(".py"):
         plan.add(entry, "script", name)
     elif name.endswith(".log"):
         plan.add(entry, "log", name)
+    elif _matches(name, CHECKLIST_PATTERNS):
+        plan.add(entry, "qa", f"{sb.name}.checklist.txt")
     elif _matches(name, QA2_PATTERNS):
         plan.add(entry, "qa", name)
     elif name.endswith(".txt"):
-        plan.notes.append(entry.read_text(errors="replace"))  # notes for the PI: into the README
+        plan.notes.append(_read_text(entry, "notes file"))  # notes for the PI: into the README
     else:
         plan.notes.append(f"not packaged: {entry}")
 
 
-def plan_package(origpath: Path, member: Path) -> Plan:
-    """The plan for one reduction directory (a scheduling block, or a project of EB directories)."""
+def _same_file(path: Path, other: Path) -> bool:
+    try:
+        return os.path.samefile(path, other)
+    except OSError:
+        return False
+
+
+def _read_text(path: Path, what: str) -> str:
+    """A text file the README includes; a clear error when it is not UTF-8 text."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PackagingError(
+            f"{what} {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+            f"{exc.start}): save it as UTF-8 (or ASCII)"
+        ) from exc
+    except OSError as exc:
+        raise PackagingError(f"cannot read {what} {path}: {exc.strerror}") from exc
+
+
+def plan_package(origpath: Path, member: Path, header: Path | None = None) -> Plan:
+    """The plan for one reduction directory (a scheduling block, or a project of EB directories).
+
+    ``header`` is the README header file, not packaged when it lies in the reduction.
+    """
     plan = Plan(member=member)
     entries = _entries(origpath)
     execution_blocks = {
@@ -194,27 +242,56 @@ def plan_package(origpath: Path, member: Path) -> Plan:
             if entry in execution_blocks:
                 _classify_eb(plan, entry, execution_blocks[entry])
             else:
-                _classify_sb_file(plan, entry)
+                _classify_sb_file(plan, entry, origpath, header)
     _check_execution_blocks(plan, origpath)
-    destinations = [step.destination for step in plan.steps]
-    clashes = {str(d) for d in destinations if destinations.count(d) > 1}
-    if clashes:
-        raise PackagingError(f"two files would be packaged as {', '.join(sorted(clashes))}")
+    _prefix_clashing_names(plan)
     return plan
 
 
+def _prefix_clashing_names(plan: Plan) -> None:
+    """Files of execution blocks kept under their own names get their uid when two would clash.
+
+    Raises
+    ------
+    PackagingError
+        When files would still be packaged under one name, naming them.
+    """
+    count = Counter(step.destination for step in plan.steps)
+    plan.steps = [
+        dataclasses.replace(
+            step,
+            destination=step.destination.with_name(unique_name(step.destination.name, step.uid)),
+        )
+        if step.uid is not None and count[step.destination] > 1
+        else step
+        for step in plan.steps
+    ]
+    by_destination: dict[Path, list[str]] = {}
+    for step in plan.steps:
+        by_destination.setdefault(step.destination, []).append(str(step.source))
+    clashes = [
+        f"{destination} ({' and '.join(sources)})"
+        for destination, sources in sorted(by_destination.items())
+        if len(sources) > 1
+    ]
+    if clashes:
+        raise PackagingError(f"two files would be packaged as {'; '.join(clashes)}: rename one")
+
+
 def _check_execution_blocks(plan: Plan, origpath: Path) -> None:
-    """Every execution block delivered has its raw data and its calibration script.
+    """Every execution block found has its raw data and its calibration script.
 
     The later ALMA packager fails when the execution blocks in ``script/`` and ``raw/``
-    differ: a package without one of them cannot be recalibrated by the PI.
+    differ: a package without one of them cannot be recalibrated by the PI. An execution
+    block's directory without either (its raw ``.ms`` and tables only) would be packaged
+    half-way, so it is refused too.
     """
     raw = {
         _UID.match(step.destination.name).group(1)  # type: ignore[union-attr]
         for step in plan.steps
         if step.destination.parts[0] == "raw"
     }
-    if not raw:
+    if not raw and not plan.execution_blocks:
         raise PackagingError(f"{origpath} holds no execution block (no uid___*.ms.split found)")
     scripted = {
         step.destination.name.removesuffix(".ms.scriptForCalibration.py")
@@ -222,8 +299,9 @@ def _check_execution_blocks(plan: Plan, origpath: Path) -> None:
         if step.destination.parts[0] == "script"
         and step.destination.name.endswith(".ms.scriptForCalibration.py")
     }
-    missing = [f"{uid}.ms.scriptForCalibration.py" for uid in sorted(raw - scripted)]
-    missing += [f"{uid}.ms.split" for uid in sorted(scripted - raw)]
+    found = set(plan.execution_blocks)
+    missing = [f"{uid}.ms.scriptForCalibration.py" for uid in sorted((raw | found) - scripted)]
+    missing += [f"{uid}.ms.split" for uid in sorted((scripted | found) - raw)]
     if missing:
         raise PackagingError(
             f"{origpath}: each execution block needs its .ms.split and its calibration script; "
@@ -254,18 +332,22 @@ def _check_paths(origpath: Path, packpath: Path) -> None:
         raise PackagingError(f"packpath {packpath} exists and is not a directory")
 
 
-def _next_member(packpath: Path, append: str) -> Path:
-    """The member directory this run writes (legacy layout), per the append mode."""
+def _next_member(packpath: Path, append: str, ignored: Path | None = None) -> Path:
+    """The member directory this run writes (legacy layout), per the append mode.
+
+    ``ignored``: a directory an unfinished run made, which its undo will remove.
+    """
+
+    def present(paths: Iterator[Path]) -> list[Path]:
+        return sorted((p for p in paths if ignored is None or not p.is_relative_to(ignored)),
+                      key=_index)  # fmt: skip
+
     sg = Path("sg_ouss_id")
-    groups = (
-        sorted((packpath / sg).glob("group_ouss_id*"), key=_index)
-        if (packpath / sg).is_dir()
-        else []
-    )
+    groups = present((packpath / sg).glob("group_ouss_id*")) if (packpath / sg).is_dir() else []
     if append == "group" and groups:
         return sg / f"group_ouss_id{_index(groups[-1]) + 1}" / "member_ouss_id"
     if append == "member" and groups:
-        members = sorted(groups[-1].glob("member_ouss_id*"), key=_index)
+        members = present(groups[-1].glob("member_ouss_id*"))
         number = _index(members[-1]) + 1 if members else 1
         return (
             sg / groups[-1].name / ("member_ouss_id" if number == 1 else f"member_ouss_id{number}")
@@ -286,9 +368,14 @@ def file_safe_uid(uid: str) -> str:
 
 
 def _member_path(
-    packpath: Path, append: str, style: str, uids: tuple[str, str, str] | None
+    packpath: Path,
+    append: str,
+    style: str,
+    uids: tuple[str, str, str] | None,
+    *,
+    ignored: Path | None = None,
 ) -> Path:
-    """The member directory of this run, relative to packpath."""
+    """The member directory of this run, relative to packpath (``ignored``: see _next_member)."""
     if append and packpath.is_dir():
         other_layout = "science_goal.*" if style == "legacy" else "sg_ouss_id"
         if any(packpath.glob(other_layout)):
@@ -299,7 +386,7 @@ def _member_path(
     if style == "legacy":
         if uids is not None:
             raise PackagingError("uids are for style='modern'; the legacy layout uses placeholders")
-        return _next_member(packpath, append)
+        return _next_member(packpath, append, ignored)
     if style != "modern":
         raise PackagingError(f"style {style!r} is not 'legacy' or 'modern'")
     if uids is None:
@@ -308,30 +395,151 @@ def _member_path(
     return Path(f"science_goal.{sg}", f"group.{group}", f"member.{member}")
 
 
-def _refuse_if_linked_from(origin: Path, packpath: Path) -> None:
-    """Clearing packpath must not strand the symlinks an earlier move left at the origin."""
+def _moved_origins_path(packpath: Path) -> Path:
+    """``<packpath>.moved-origins.json``: the reductions moved into the package (a list)."""
+    return packpath.parent / f"{packpath.name}.moved-origins.json"
+
+
+def _moved_origins(packpath: Path) -> list[str]:
+    path = _moved_origins_path(packpath)
+    return list(json.loads(path.read_text())) if path.exists() else []
+
+
+def _refuse_if_linked_from(origins: list[Path], packpath: Path) -> None:
+    """Clearing packpath must not strand the symlinks an earlier move left at an origin.
+
+    ``origins`` are this run's reduction and every one an earlier run moved into the
+    package (``<packpath>.moved-origins.json``): appending another SB after a move and
+    then forgetting ``--append`` must not delete the only copy of the first.
+    """
     inside = packpath.resolve()
-    for directory, dirnames, filenames in os.walk(origin):
-        for name in dirnames + filenames:
-            path = Path(directory, name)
-            if path.is_symlink() and Path(os.path.realpath(path)).is_relative_to(inside):
-                raise PackagingError(
-                    f"{path} links into {packpath} (moved there by an earlier run): "
-                    "clearing the package would lose that data; refused"
-                )
+    for origin in origins:
+        for directory, dirnames, filenames in os.walk(origin):
+            for name in dirnames + filenames:
+                path = Path(directory, name)
+                if path.is_symlink() and Path(os.path.realpath(path)).is_relative_to(inside):
+                    raise PackagingError(
+                        f"{path} links into {packpath} (moved there by an earlier run): "
+                        "clearing the package would lose that data; refused (to add to the "
+                        "package, use append='member' or 'group')"
+                    )
 
 
-def _read_journal(journal: Path, origin: Path, mode: str) -> Path | None:
-    """The member of an interrupted move into this package, or None when there is none."""
-    if not journal.exists():
-        return None
-    recorded = json.loads(journal.read_text())
-    if mode != "move" or os.path.realpath(recorded["origpath"]) != os.path.realpath(origin):
-        raise PackagingError(
-            f"an interrupted move of {recorded['origpath']} into this package is recorded in "
-            f"{journal}: run the same move again to finish it first"
-        )
-    return Path(recorded["member"])
+@dataclass
+class Journal:
+    """What a run records beside the package before it changes anything.
+
+    ``<packpath>.qa-packager-journal.json``. Before a run changes the package it sets aside
+    what it may replace: the files beside the package (manifest, ticket files) are
+    hard-linked to hidden ``.<name>.qa-packager-previous`` names, and a package that
+    ``append=''`` clears is renamed to one. A run that fails, or is killed, is undone by
+    itself or by the next run: the directory it made is removed and what was set aside is
+    put back. A run that finishes is committed: what was set aside is deleted. An
+    interrupted move is not undone but finished, by running it again.
+    """
+
+    path: Path
+    origpath: str
+    member: str  # relative to packpath
+    mode: str
+    #: The directory this run made (removed by an undo); None when it cleared the package.
+    made: str | None
+    #: Names of the files beside the package that existed before the run.
+    existed: list[str]
+    cleared: bool
+    committed: bool = False
+
+    @classmethod
+    def of(cls, packpath: Path) -> Journal | None:
+        path = _journal_path(packpath)
+        if not path.exists():
+            return None
+        return cls(path=path, **json.loads(path.read_text()))
+
+    def save(self) -> None:
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "path"}
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(json.dumps(fields))
+        os.replace(partial, self.path)
+
+
+def _journal_path(packpath: Path) -> Path:
+    return packpath.parent / f"{packpath.name}.qa-packager-journal.json"
+
+
+def _beside(packpath: Path) -> list[Path]:
+    """The files a run writes beside the package: manifest and ticket files."""
+    return [manifest_path(packpath), *_ticket_paths(packpath)]
+
+
+def _set_aside(path: Path) -> Path:
+    """Where a run keeps ``path`` as it was until the run is committed or undone."""
+    return path.with_name(f".{path.name}.qa-packager-previous")
+
+
+def _begin(packpath: Path, origin: Path, member: Path, mode: str, *, clearing: bool) -> Journal:
+    """Record the run, set aside what it may replace (and clear the package); the journal."""
+    made = None
+    if not clearing:
+        made = next(
+            (str(d) for d in (packpath, *(packpath / p for p in reversed(member.parents[:-1])),
+                              packpath / member) if not d.exists()),
+            None,
+        )  # fmt: skip
+    packpath.parent.mkdir(parents=True, exist_ok=True)
+    journal = Journal(
+        path=_journal_path(packpath), origpath=str(origin.absolute()), member=str(member),
+        mode=mode, made=made, existed=[p.name for p in _beside(packpath) if p.exists()],
+        cleared=clearing,
+    )  # fmt: skip
+    journal.save()
+    for path in _beside(packpath):
+        if path.name in journal.existed:
+            _set_aside(path).unlink(missing_ok=True)
+            os.link(path, _set_aside(path))
+    if clearing:
+        os.rename(packpath, _set_aside(packpath))
+        manifest_path(packpath).unlink(missing_ok=True)  # it described what was cleared
+    return journal
+
+
+def _undo(packpath: Path, journal: Journal) -> str:
+    """Put the package back as it was before ``journal``'s run; what was done, for the user.
+
+    Safe to repeat, and to interrupt: each step checks what is there.
+    """
+    removed = journal.made if journal.made and os.path.lexists(journal.made) else None
+    if removed:
+        shutil.rmtree(removed)
+    previous = _set_aside(packpath)
+    if journal.cleared and previous.exists():
+        if packpath.exists():
+            shutil.rmtree(packpath)
+        os.rename(previous, packpath)
+        removed = str(packpath)
+    for path in _beside(packpath):
+        if path.name in journal.existed:
+            if _set_aside(path).exists():
+                os.replace(_set_aside(path), path)
+        else:
+            path.unlink(missing_ok=True)
+    journal.path.unlink(missing_ok=True)
+    what = f"removed {removed}, " if removed and not journal.cleared else ""
+    return (
+        f"undid an unfinished {journal.mode} run of {journal.origpath}: {what}"
+        f"{'restored the package it cleared' if journal.cleared else 'put back the files beside the package'}"
+    )
+
+
+def _commit(packpath: Path, journal: Journal) -> None:
+    """The run is complete: delete what it set aside, then its journal."""
+    if not journal.committed:
+        journal.committed = True
+        journal.save()
+    shutil.rmtree(_set_aside(packpath), ignore_errors=True)
+    for path in _beside(packpath):
+        _set_aside(path).unlink(missing_ok=True)
+    journal.path.unlink(missing_ok=True)
 
 
 def _index(path: Path) -> int:
@@ -375,6 +583,8 @@ class Action:
     destination_text: str  # relative to the member directory
     #: Bytes of the origin (a file, or a whole measurement set for ``split-ms``).
     size_bytes: int = 0
+    #: The file system of the origin's file (``st_dev``; -1 when not a file).
+    device: int = -1
 
     @property
     def source(self) -> Path | None:
@@ -407,12 +617,17 @@ def _is_table(directory: Path) -> bool:
     return (directory / "table.dat").is_file()
 
 
-def _walk(directory: str | os.PathLike[str]) -> Iterator[tuple[str, bool, int]]:
-    """``(relative path, is a directory, bytes)`` below ``directory``, depth first, sorted.
+def _walk(directory: str | os.PathLike[str]) -> Iterator[tuple[str, bool, int, int]]:
+    """``(relative path, is a directory, bytes, st_dev)`` below ``directory``, depth first, sorted.
 
     Symlinks are followed (a moved file is packaged as what it points at); the packager's
     own temporary names are skipped. ``os.scandir`` and plain strings give the type and
     size without the per-path cost of pathlib, which matters with tens of thousands of files.
+
+    Raises
+    ------
+    PackagingError
+        At a symlink to nothing (what it named has gone: the package would miss it).
     """
     with os.scandir(directory) as scan:
         entries = sorted(
@@ -421,11 +636,25 @@ def _walk(directory: str | os.PathLike[str]) -> Iterator[tuple[str, bool, int]]:
         )
     for entry in entries:
         if entry.is_dir():
-            yield entry.name, True, 0
-            for relative, is_directory, size in _walk(entry.path):
-                yield f"{entry.name}/{relative}", is_directory, size
+            yield entry.name, True, 0, -1
+            for relative, is_directory, size, device in _walk(entry.path):
+                yield f"{entry.name}/{relative}", is_directory, size, device
         else:
-            yield entry.name, False, entry.stat().st_size
+            found = _stat(entry.path)
+            yield entry.name, False, found.st_size, found.st_dev
+
+
+def _stat(path: str | os.PathLike[str]) -> os.stat_result:
+    """``os.stat`` (symlinks followed); a clear error for a symlink whose file has gone."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError as exc:
+        if os.path.islink(path):
+            raise PackagingError(
+                f"{path} is a symlink to {os.readlink(path)}, which does not exist: restore "
+                "the file or remove the link"
+            ) from exc
+        raise
 
 
 def plan_actions(plan: Plan, mode: str) -> list[Action]:
@@ -452,21 +681,24 @@ def plan_actions(plan: Plan, mode: str) -> list[Action]:
         source, destination = str(step.source), str(step.destination)
         _refuse_line_breaks(source)
         if not step.is_directory:
-            size = step.source.stat().st_size
-            actions.append(Action(file_kind, source, destination, size))
+            found = _stat(source)
+            actions.append(Action(file_kind, source, destination, found.st_size, found.st_dev))
         elif mode == "hard" and section in ("raw", "calibrated") and _is_table(step.source):
-            size = sum(size for _, _, size in _walk(step.source))
+            size = sum(size for _, _, size, _ in _walk(step.source))
             actions.append(Action("split-ms", source, destination, size))
         else:
             mkdir(step.destination)
-            for relative, is_directory, size in _walk(step.source):
+            for relative, is_directory, size, device in _walk(step.source):
                 _refuse_line_breaks(relative, step.source)
                 if is_directory:
                     mkdir(step.destination / relative)
                 else:
                     actions.append(
-                        Action(file_kind, f"{source}/{relative}", f"{destination}/{relative}", size)
-                    )
+                        Action(
+                            file_kind, f"{source}/{relative}", f"{destination}/{relative}", size,
+                            device,
+                        )
+                    )  # fmt: skip
     return actions
 
 
@@ -514,18 +746,21 @@ def split_measurement_set(source: Path, destination: Path, *, calibrated: bool) 
     """
     from casacore import tables
 
-    with tables.table(str(source), ack=False) as table:
-        names = table.colnames()
-        keep = _column_to_keep(source, names, calibrated=calibrated)
-        left_out = [
-            name
-            for name in ("DATA", "CORRECTED_DATA", "MODEL_DATA")
-            if name != keep and name in names
-        ]
-        _write_without(table, source, destination, left_out)
-    if keep != "DATA":
-        with tables.table(str(destination), ack=False, readonly=False) as written:
-            written.renamecol(keep, "DATA")
+    try:
+        with tables.table(str(source), ack=False) as table:
+            names = table.colnames()
+            keep = _column_to_keep(source, names, calibrated=calibrated)
+            left_out = [
+                name
+                for name in ("DATA", "CORRECTED_DATA", "MODEL_DATA")
+                if name != keep and name in names
+            ]
+            _write_without(table, source, destination, left_out)
+        if keep != "DATA":
+            with tables.table(str(destination), ack=False, readonly=False) as written:
+                written.renamecol(keep, "DATA")
+    except RuntimeError as exc:  # casacore's errors (an unreadable or damaged table file)
+        raise PackagingError(f"{source} cannot be split (python-casacore): {exc}") from exc
 
 
 def _write_without(table: Any, source: Path, destination: Path, left_out: list[str]) -> None:
@@ -610,16 +845,44 @@ def _make_directories_writable(root: Path) -> None:
 
 
 def _check_hard_mode(plan: Plan, origin: Path, packpath: Path) -> None:
-    """Refuse before writing anything what hard mode would fail on half-way."""
+    """Refuse before writing anything what hard mode would fail on half-way: a file on
+    another file system than the package (a symlink may name one), a measurement set that
+    cannot be opened or has a file that cannot be read."""
     existing = next(p for p in (packpath, *packpath.parents) if p.exists())
-    if os.stat(existing).st_dev != os.stat(origin).st_dev:
+    package_device = os.stat(existing).st_dev
+    if os.stat(origin).st_dev != package_device:
         raise PackagingError(
             f"hard mode cannot link {origin} into {packpath}: they are on different file "
             "systems (use mode='copy')"
         )
+    elsewhere = [
+        action.source_text
+        for action in plan.actions
+        if action.kind == "link"
+        and action.source_text
+        and action.device not in (-1, package_device)
+    ]
+    if elsewhere:
+        raise PackagingError(
+            f"hard mode cannot link {_some(elsewhere)} into {packpath}: on another file system "
+            "than the package (a symlink in the reduction names them; use mode='copy')"
+        )
     for action in plan.actions:
         if action.kind == "split-ms" and action.source is not None:
+            unreadable = [
+                f"{action.source_text}/{relative}"
+                for relative, is_directory, _, _ in _walk(action.source)
+                if not is_directory and not os.access(f"{action.source_text}/{relative}", os.R_OK)
+            ]
+            if unreadable:
+                raise PackagingError(f"cannot read {_some(unreadable)}: nothing was written")
             relevant_data_column(action.source, calibrated=action.section == "calibrated")
+
+
+def _some(paths: list[str]) -> str:
+    """The first five of ``paths`` and how many more, for a message."""
+    more = f" and {len(paths) - 5} more" if len(paths) > 5 else ""
+    return ", ".join(paths[:5]) + more
 
 
 def _check_movable(plan: Plan, packpath: Path) -> None:
@@ -636,10 +899,24 @@ def _check_movable(plan: Plan, packpath: Path) -> None:
         if action.kind == "move" and action.source_text and os.path.islink(action.source_text)
     ]
     if linked:
-        shown = ", ".join(linked[:5]) + (f" and {len(linked) - 5} more" if len(linked) > 5 else "")
         raise PackagingError(
             f"move mode cannot move symlinks (moved by an earlier run, or links to files "
-            f"elsewhere): {shown}; package them with mode='copy', or move the files they name"
+            f"elsewhere): {_some(linked)}; package them with mode='copy', or move the files "
+            "they name"
+        )
+    # Each origin file is replaced by a symlink made beside it: its directory must be writable.
+    directories = sorted(
+        {
+            os.path.dirname(a.source_text) or "."
+            for a in plan.actions
+            if a.kind == "move" and a.source_text
+        }
+    )
+    fixed = [d for d in directories if not os.access(d, os.W_OK | os.X_OK)]
+    if fixed:
+        raise PackagingError(
+            f"move mode must replace each moved file by a symlink, and cannot write in "
+            f"{_some(fixed)}: nothing was moved (make them writable, or use mode='copy')"
         )
 
 
@@ -654,9 +931,7 @@ def _check_readable(plan: Plan, mode: str) -> None:
         and not os.access(action.source_text, os.R_OK)
     ]
     if unreadable:
-        shown = ", ".join(unreadable[:5])
-        more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
-        raise PackagingError(f"cannot read {shown}{more}: nothing was written")
+        raise PackagingError(f"cannot read {_some(unreadable)}: nothing was written")
 
 
 def _hard_link(
@@ -824,9 +1099,11 @@ def move_with_symlink(source: Path, destination: Path) -> None:
     temporary name atomically replaces the origin file. Whatever point a crash interrupts,
     running this again finishes the move.
     """
-    destination = destination.absolute()
+    # The link names the destination by its real path: one spelled through the origin
+    # (``--origpath . --packpath ../P``) would break when the reduction is renamed.
+    destination = Path(os.path.realpath(destination.parent), destination.name)
     if source.is_symlink():
-        if os.readlink(source) == str(destination) and destination.is_file():
+        if os.path.realpath(source) == str(destination) and destination.is_file():
             return  # moved by an earlier run
         raise PackagingError(f"{source} is a symlink already (not to {destination}): refused")
     if (
@@ -962,55 +1239,138 @@ def package(
     _check_paths(origin, pack)
     if not header.is_file():
         raise PackagingError(f"readme {header} is not a file")
-    header_text = header.read_text()  # now: it may lie inside packpath, which is cleared
-    journal = pack.parent / f"{pack.name}.move-journal.json"
-    resumed = _read_journal(journal, origin, mode)
-    member_relative = resumed if resumed is not None else _member_path(pack, append, style, uids)
-    plan = plan_package(origin, member_relative)
-    plan.actions = plan_actions(plan, mode)
-    plan.expected_size_bytes = sum(action.size_bytes for action in plan.actions)
-    member = pack / member_relative
-    if mode == "hard":
-        _check_hard_mode(plan, origin, pack)
-    if mode == "move" and resumed is None:
-        _check_movable(plan, pack)
-    if mode != "fake":
-        _check_readable(plan, mode)
-    clearing = resumed is None and append == "" and pack.exists()
-    plan.actions = [
-        *([Action("remove", None, os.path.abspath(pack))] if clearing else []),
-        *plan.actions,
-        *(Action("write", None, os.path.abspath(path)) for path in _written(plan, pack, mode)),
-    ]
-    if dry_run:
-        return plan
-    if clearing:
-        _refuse_if_linked_from(origin, pack)
-        shutil.rmtree(pack)  # only inside packpath, checked above
-        manifest_path(pack).unlink(missing_ok=True)  # it described what was cleared
-    if resumed is None and member.exists():
-        raise PackagingError(f"{member} exists already: nothing is changed")
-    made_here = next(
-        (d for d in (*reversed((member_relative.parents[:-1])), member_relative)
-         if not (pack / d).exists()),
-        None,
-    )  # fmt: skip
-    if mode == "move" and resumed is None:
-        journal.write_text(
-            json.dumps({"origpath": str(origin.absolute()), "member": str(member_relative)})
+    header_text = _read_text(header, "readme")  # now: it may lie inside packpath, cleared below
+    with contextlib.ExitStack() as stack:
+        locked: list[bool] = []
+
+        def lock() -> Journal | None:
+            """Take the package's lock before the first write; the journal, read again."""
+            if not locked:
+                stack.enter_context(_lock(pack))
+                locked.append(True)
+            return Journal.of(pack)
+
+        journal = Journal.of(pack)
+        undone: list[str] = []
+        if journal is not None and journal.committed and not dry_run:
+            journal = lock()
+            if journal is not None and journal.committed:
+                _commit(pack, journal)  # a finished run killed while deleting what it set aside
+            journal = Journal.of(pack)
+        resumed = None
+        if journal is not None and journal.mode == "move" and not journal.committed:
+            if mode != "move" or os.path.realpath(journal.origpath) != os.path.realpath(origin):
+                raise PackagingError(
+                    f"an interrupted move of {journal.origpath} into this package is recorded in "
+                    f"{journal.path}: run the same move again to finish it first"
+                )
+            resumed = Path(journal.member)
+        elif journal is not None and not journal.committed:
+            if dry_run:  # planned as the package will be once the unfinished run is undone
+                undone.append(str(journal.path))
+            else:
+                journal = lock()
+                if journal is not None and journal.mode != "move" and not journal.committed:
+                    undone.append(_undo(pack, journal))
+                journal = None
+        pending = journal if undone and dry_run else None
+        ignored = Path(pending.made) if pending is not None and pending.made else None
+        pack_exists = (
+            _set_aside(pack).exists() or (pack.exists() and ignored != pack)
+            if pending is not None and pending.cleared
+            else pack.exists() and ignored != pack
         )
+        if resumed is not None:
+            member_relative = resumed
+        else:
+            member_relative = _member_path(pack, append, style, uids, ignored=ignored)
+        plan = plan_package(origin, member_relative, header)
+        plan.undone = [] if dry_run else undone
+        plan.actions = plan_actions(plan, mode)
+        plan.expected_size_bytes = sum(action.size_bytes for action in plan.actions)
+        member = pack / member_relative
+        clearing = resumed is None and append == "" and pack_exists
+        if clearing:
+            recorded = [Path(o) for o in _moved_origins(pack)]
+            _refuse_if_linked_from([origin, *(o for o in recorded if o.is_dir())], pack)
+        elif (
+            resumed is None and member.exists() and not (ignored and member.is_relative_to(ignored))
+        ):
+            raise PackagingError(f"{member} exists already: nothing is changed")
+        if mode == "hard":
+            _check_hard_mode(plan, origin, pack)
+        if mode == "move" and resumed is None:
+            _check_movable(plan, pack)
+        if mode != "fake":
+            _check_readable(plan, mode)
+        plan.actions = [
+            *(Action("undo", None, path) for path in (undone if dry_run else [])),
+            *([Action("remove", None, os.path.abspath(pack))] if clearing else []),
+            *plan.actions,
+            *(Action("write", None, os.path.abspath(path)) for path in _written(plan, pack, mode)),
+        ]
+        if dry_run:
+            return plan
+        seen = None if journal is None else dataclasses.asdict(journal)
+        journal = lock()
+        if (None if journal is None else dataclasses.asdict(journal)) != seen:
+            raise PackagingError(
+                f"another qa-packager run changed {pack} while this one was planning: run again"
+            )
+        if resumed is None:
+            if clearing:
+                _moved_origins_path(pack).unlink(missing_ok=True)  # none links in: checked
+            journal = _begin(pack, origin, member_relative, mode, clearing=clearing)
+            if mode == "move":
+                _record_moved_origin(pack, origin)
+        assert journal is not None
+        try:
+            _carry_out(plan, pack, member, header_text, mode, progress, hash_workers, verify)
+        except BaseException:
+            # A run that cannot finish is undone: the package is as it was, and the next
+            # ``append`` gets the same number. An interrupted move is finished by running it
+            # again instead (its journal).
+            if mode != "move":
+                _undo(pack, journal)
+            raise
+        _commit(pack, journal)
+        return plan
+
+
+def _record_moved_origin(packpath: Path, origin: Path) -> None:
+    """Add ``origin`` to the reductions moved into the package (before anything moves)."""
+    origins = _moved_origins(packpath)
+    absolute = os.path.realpath(origin)
+    if absolute not in origins:
+        path = _moved_origins_path(packpath)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps([*origins, absolute]))
+        os.replace(partial, path)
+
+
+@contextlib.contextmanager
+def _lock(packpath: Path) -> Iterator[None]:
+    """One run at a time on a package (``flock`` of a hidden lock file beside it).
+
+    Raises
+    ------
+    PackagingError
+        When another run holds the package.
+    """
+    if not packpath.parent.is_dir():  # made by the run: no other run can be in it yet
+        yield
+        return
+    fd = os.open(packpath.parent / f".{packpath.name}.qa-packager-lock", os.O_RDWR | os.O_CREAT)
     try:
-        _carry_out(plan, pack, member, header_text, mode, progress, hash_workers, verify)
-    except BaseException:
-        # A member this run started and could not finish is removed (its origin is untouched):
-        # left, the next ``append`` would number past it. An interrupted move is finished by
-        # running it again instead (its journal).
-        if mode != "move" and made_here is not None:
-            shutil.rmtree(pack / made_here, ignore_errors=True)
-        raise
-    if mode == "move":
-        journal.unlink()
-    return plan
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise PackagingError(
+                f"another qa-packager run is writing {packpath}: wait for it to finish"
+            ) from exc
+        yield
+    finally:
+        os.close(fd)
 
 
 def _written(plan: Plan, pack: Path, mode: str) -> list[Path]:
@@ -1037,7 +1397,7 @@ def _carry_out(
             continue  # removal done before, writes after; copies and links below, in threads
         _execute(action, member, mode)
         if action.kind == "split-ms":  # the package holds the split, smaller than its origin
-            written = sum(size for _, _, size in _walk(member / action.destination_text))
+            written = sum(size for _, _, size, _ in _walk(member / action.destination_text))
             plan.expected_size_bytes += written - action.size_bytes
         if progress is not None:
             progress(action)
