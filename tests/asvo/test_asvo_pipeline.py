@@ -288,6 +288,50 @@ def test_cancel_during_preprocessing_leaves_nothing(archive_settings: Settings) 
         row = rows_by_id(client)[job_id]
         assert row["job_state"] == "cancelled" and row["product"] is None
         assert not (archive_settings.products_dir / str(job_id)).exists()
+        assert not _conversion_processes()  # stopped, not left running
+
+
+def _conversion_processes() -> list[Any]:
+    """This process's children running ``observatory preprocess`` (a job's conversion)."""
+    import psutil
+
+    return [
+        child
+        for child in psutil.Process().children(recursive=True)
+        if "preprocess" in " ".join(child.cmdline())
+    ]
+
+
+def test_a_conversion_that_crashes_fails_its_job_and_not_the_server(
+    archive_settings: Settings,
+) -> None:
+    """A native abort (casacore's ``terminate``, a Rust panic) kills only the conversion."""
+    import signal
+
+    engine = make_engine(archive_settings.resolved_database_url)
+    with make_session_factory(engine)() as session:
+        simulate_and_register(
+            session, archive_settings, obsid=1320419640, sources=[overhead(1320419640)],
+            n_tiles=48, coarse_chans=(133, 134, 135, 136), n_timesteps=16,
+        )  # fmt: skip
+        session.commit()
+    engine.dispose()
+    with TestClient(create_app(archive_settings, run_jobs=True)) as client:
+        client.post("/api/api_login", headers=basic("giant-squidv2.5.1", API_KEY))
+        job_id = submit(client, "conversion_job", obs_id=1320419640, conversion="ms")
+        deadline = time.monotonic() + 60
+        while not (processes := _conversion_processes()):
+            assert time.monotonic() < deadline, "no conversion process started"
+            time.sleep(0.05)
+        processes[0].send_signal(signal.SIGABRT)
+        assert watch(client, {job_id})[job_id][-1] == "error"
+        text = rows_by_id(client)[job_id]["error_text"]
+        assert text.startswith("the conversion process died of SIGABRT"), text
+        # The server and its workers carry on: the next conversion completes.
+        second = submit(client, "conversion_job", obs_id=SIM_OBS, no_rfi="true")
+        assert watch(client, {second})[second][-1] == "completed"
+        assert not _conversion_processes()
+        assert not (archive_settings.work_dir / str(job_id)).exists()
 
 
 def test_products_expire(archive_settings: Settings) -> None:

@@ -16,6 +16,9 @@ import hashlib
 import logging
 import secrets
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -241,11 +244,24 @@ def _subfile_overlaps(name: str, start_s: int, stop_s: int) -> bool:
     return gps_s < stop_s and gps_s + 8 > start_s
 
 
+#: How often a running conversion looks for the job's cancellation.
+CANCEL_POLL_S = 1.0
+#: How long a cancelled conversion has to clean up after SIGTERM before it is killed.
+STOP_GRACE_S = 30.0
+
+
 def _convert(
     settings: Settings, job: Job, inputs: list[Path], work_dir: Path, tracker: _Tracker
 ) -> list[tuple[Path, str]]:
-    """Run the preprocessing engine; returns the outputs as (path, name in the product)."""
-    from observatory.preprocess.engine import preprocess
+    """Run the preprocessing engine; returns the outputs as (path, name in the product).
+
+    The conversion runs as ``observatory preprocess`` in a process of its own, as the MWA's
+    ASVO runs Birli: a native library that aborts the process (casacore's C++ ``terminate``
+    on an I/O error, a Rust panic in mwalib on a damaged file) then fails this job, not the
+    server or Dask worker running every other job. Cancellation stops it with SIGTERM,
+    which it handles by removing its partial output.
+    """
+    from observatory.calib.formats import write_aocal, write_hyperdrive
     from observatory.preprocess.options import ConversionOptions
 
     options = ConversionOptions.from_params(job.params)
@@ -254,24 +270,76 @@ def _convert(
     data = [p for p in inputs if p.suffix == ".fits" and not p.name.endswith(".metafits")]
     if not metafits:
         raise JobFailed(f"Observation {job.obs_id} has no metafits in the archive")
-    last_check = [0]
-
-    def progress(done: int, total: int, _what: str) -> None:
-        # Cancellation is noticed between chunks; the database is read at most every 4 chunks.
-        if done - last_check[0] >= 4 or done == total:
-            last_check[0] = done
-            tracker.check_cancelled()
-
     work_dir.mkdir(parents=True, exist_ok=True)
-    outputs = preprocess(
-        metafits[0],
-        data,
-        options,
-        work_dir / str(job.obs_id),
-        solutions=solutions,
-        progress=progress,
-    )
-    return [(path, path.name) for path in outputs]
+    command = [
+        sys.executable, "-m", "observatory", "preprocess", "--metafits", str(metafits[0]),
+        *(str(p) for p in data), "--out", str(work_dir / str(job.obs_id)),
+        *(f"--option={key}={value}" for key, value in options.to_params().items()),
+    ]  # fmt: skip
+    if solutions is not None:
+        # hyperdrive's FITS keeps the chanblock frequencies and timeblocks; AO-cal has neither.
+        with_freqs = solutions.chanblock_freqs_hz is not None
+        path = work_dir / ("solutions.fits" if with_freqs else "solutions.bin")
+        (write_hyperdrive if with_freqs else write_aocal)(path, solutions)
+        command += ["--solutions", str(path)]
+    errors = work_dir / "preprocess.stderr"
+    with open(errors, "w+b") as stderr:
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, cwd=work_dir
+        )
+        try:
+            while True:
+                try:
+                    stdout, _ = process.communicate(timeout=CANCEL_POLL_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    tracker.check_cancelled()
+        except BaseException:
+            _stop(process)
+            raise
+        stderr.seek(0)
+        message = _last_error_line(stderr.read().decode(errors="replace"))
+    if process.returncode != 0:
+        if process.returncode < 0:
+            name = signal.Signals(-process.returncode).name
+            raise JobFailed(
+                f"the conversion process died of {name}"
+                + (
+                    f" ({message})"
+                    if message
+                    else " (a crash in a native library, or out of memory)"
+                )
+            )
+        raise JobFailed(message or f"the conversion failed (exit status {process.returncode})")
+    written = [
+        Path(line.removeprefix("wrote ").strip())
+        for line in stdout.decode().splitlines()
+        if line.startswith("wrote ")
+    ]
+    if not written or not all(path.exists() for path in written):
+        raise JobFailed(f"the conversion reported no output ({stdout.decode()!r})")
+    return [(path, path.name) for path in written]
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the conversion removes its partial output), then SIGKILL if it lingers."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _last_error_line(stderr: str) -> str:
+    """The conversion's one-line error (``error: ...``), else the last line it printed."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("error:"):
+            return line.removeprefix("error:").strip()
+    return lines[-1] if lines else ""
 
 
 class WaitForCalibration(Exception):

@@ -1,0 +1,7 @@
+"""``python -m observatory``: the ``observatory`` command."""
+
+import sys
+
+from observatory.cli import main
+
+sys.exit(main())
