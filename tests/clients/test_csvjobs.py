@@ -47,6 +47,19 @@ def test_empty_keys_and_values_are_ignored_as_mwa_client_does() -> None:
         ("obs_id=1, job_type=d\n\n# c\nobs_id=2, download_type=vis\n", 4, None, "no job_type cell"),
         ("obs_id=1, job_type=d, avg_time_res\n", 1, "avg_time_res", "must be key=value"),
         ("obs_id=1=2, job_type=d\n", 1, "obs_id=1=2", "must be key=value"),
+        (
+            "obs_id=1, job_type=d, download_type=vis, obs_id=2\n",
+            1,
+            "obs_id=2",
+            "obs_id is given twice on this line (also as obs_id=1)",
+        ),
+        (
+            "obs_id=1, job_type=c, timeres=16, avg_time_res=8\n",
+            1,
+            "avg_time_res=8",
+            "avg_time_res is given twice on this line (also as timeres=16)",
+        ),
+        ("obs_id=1, job_type=c, job_type=d\n", 1, "job_type=d", "job_type is given twice"),
     ],
 )
 def test_errors_name_the_line_and_the_cell(

@@ -533,6 +533,34 @@ def offline_environ() -> dict[str, str]:
             "MWA_ASVO_PORT": str(free_port()), "MWA_ASVO_HTTPS": "0"}  # fmt: skip
 
 
+def test_a_job_cancelled_while_the_client_waits_is_an_error(server: Server, tmp_path: Path) -> None:
+    """Nothing of it is downloaded: exit 4 and an error entry, not "finished successfully"."""
+    import threading
+
+    environ = fresh_user_environ(server)
+    csv_path = tmp_path / "jobs.csv"
+    csv_path.write_text(f"obs_id={OBSID}, job_type=c, avg_time_res=2, avg_freq_res=40\n")
+    error_file = tmp_path / "errors.json"
+    result: list[tuple[int, str]] = []
+    client = threading.Thread(target=lambda: result.append(mwa_client(
+        "-c", str(csv_path), "-d", str(tmp_path), "-e", str(error_file), environ=environ,
+    )))  # fmt: skip
+    client.start()
+    session = asvo.Session.login(
+        environ["MWA_ASVO_API_KEY"], base_url=server.base_url, verify=False
+    )
+    wait_until(lambda: bool(session.get_jobs()), 30, "the submission")
+    (job,) = session.get_jobs()
+    session.cancel_job(job.id)
+    client.join(timeout=60)
+    ((code, output),) = result
+    assert code == 4, output
+    assert "finished successfully" not in output
+    assert json.loads(error_file.read_text()) == [
+        {"job_id": job.id, "obs_id": str(OBSID), "result": "Error: the job was cancelled"}
+    ]
+
+
 def test_a_csv_that_is_not_utf8_is_a_csv_error(tmp_path: Path) -> None:
     latin1 = tmp_path / "jobs.csv"
     latin1.write_bytes(
@@ -787,6 +815,16 @@ def test_downloads_over_https_with_a_private_ca(
         code, output = mwa_client("-w", "all", "-d", str(out_dir),
                                   environ={**env, "SSL_VERIFY": "0"})  # fmt: skip
         assert code == 0 and "already downloaded, blake3 verified" in output
+        # An HPC module's global SSL_CERT_FILE (the system's CAs) with the user's own bundle
+        # in REQUESTS_CA_BUNDLE: both are trusted.
+        import ssl
+
+        system = (
+            ssl.get_default_verify_paths().cafile or ssl.get_default_verify_paths().openssl_cafile
+        )
+        code, output = mwa_client("-l", environ={**env, "SSL_CERT_FILE": system,
+                                                 "REQUESTS_CA_BUNDLE": str(cert)})  # fmt: skip
+        assert code == 0, output
 
         (tmp_path / "proxied").mkdir()
         proxy = ForwardProxy()

@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: TLS verification: on (the system's CAs), off, or the CA bundle files to trust.
+Verify = bool | str | tuple[str, ...]
+
 #: What we send as the Basic-auth user name. The server checks it for compatibility;
 #: we speak manta-ray-client 2.0's protocol, so we identify as that protocol version.
 CLIENT_VERSION = "mantaray-clientv2.0"
@@ -332,7 +335,7 @@ class Session:
     Use ``Session.login`` (or ``Session.from_environment``) rather than the constructor.
     """
 
-    def __init__(self, base_url: str, client: httpx.Client, *, verify: bool | str) -> None:
+    def __init__(self, base_url: str, client: httpx.Client, *, verify: Verify) -> None:
         self.base_url = base_url.rstrip("/")
         self._client = client
         self._verify = verify
@@ -348,7 +351,7 @@ class Session:
         port: int = 443,
         https: bool = True,
         base_url: str | None = None,
-        verify: bool | str = True,
+        verify: Verify = True,
         timeout_s: float = 60.0,
     ) -> Session:
         """Log in with an API key (from the ASVO web site's profile page).
@@ -842,7 +845,7 @@ class Session:
 
 @contextmanager
 def _http_get(
-    url: str, headers: Mapping[str, str], verify: bool | str, redirects: int = 5
+    url: str, headers: Mapping[str, str], verify: Verify, redirects: int = 5
 ) -> Iterator[http.client.HTTPResponse]:
     """GET ``url`` with http.client, following redirects and the ``*_proxy`` variables.
 
@@ -908,17 +911,27 @@ def _copy_delivered_directory(file: ProductFile, dest_dir: Path) -> DownloadResu
     return DownloadResult(file, target, "copied")
 
 
-def verify_from_environment(environ: Mapping[str, str] | None = None) -> bool | str:
-    """TLS verification from ``SSL_VERIFY`` (``0`` off) and ``SSL_CERT_FILE`` / ``REQUESTS_CA_BUNDLE``."""
+def verify_from_environment(environ: Mapping[str, str] | None = None) -> Verify:
+    """TLS verification from ``SSL_VERIFY`` (``0`` off) and the CA bundles of
+    ``SSL_CERT_FILE`` and ``REQUESTS_CA_BUNDLE``: both are trusted when both are set (HPC
+    modules and conda often set one for everyone, and the user the other)."""
     env = os.environ if environ is None else environ
     if env.get("SSL_VERIFY", "1") == "0":
         return False
-    return env.get("SSL_CERT_FILE") or env.get("REQUESTS_CA_BUNDLE") or True
+    bundles = tuple(dict.fromkeys(
+        env[name] for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE") if env.get(name)
+    ))  # fmt: skip
+    if not bundles:
+        return True
+    return bundles[0] if len(bundles) == 1 else bundles
 
 
-def _tls_context(verify: bool | str) -> ssl.SSLContext:
-    """A TLS context that checks certificates (against the CA file ``verify`` names) or not."""
-    context = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+def _tls_context(verify: Verify) -> ssl.SSLContext:
+    """A TLS context that checks certificates (against the CA files ``verify`` names) or not."""
+    bundles = (verify,) if isinstance(verify, str) else verify if isinstance(verify, tuple) else ()
+    context = ssl.create_default_context(cafile=bundles[0] if bundles else None)
+    for bundle in bundles[1:]:
+        context.load_verify_locations(cafile=bundle)
     if verify is False:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE

@@ -70,8 +70,8 @@ def parse_job_csv(text: str, *, allow_resubmit: bool = False) -> list[CsvJob]:
     Raises
     ------
     CsvJobError
-        For the first malformed line: a cell without exactly one ``=``, an unknown
-        ``job_type``, or a line without one.
+        For the first malformed line: a cell without exactly one ``=``, a key given twice (also under its older name: ``timeres`` and ``avg_time_res``),
+        an unknown ``job_type``, or a line without one.
     """
     text = text.removeprefix("\ufeff")
     jobs = []
@@ -84,6 +84,7 @@ def parse_job_csv(text: str, *, allow_resubmit: bool = False) -> list[CsvJob]:
             continue
         endpoint = None
         params: dict[str, str] = {}
+        given: dict[str, str] = {}  # key (after renaming) -> the cell that gave it
         for raw_cell in row:
             cell = raw_cell.replace(" ", "").replace("\t", "")
             if not cell:
@@ -93,8 +94,12 @@ def parse_job_csv(text: str, *, allow_resubmit: bool = False) -> list[CsvJob]:
                 raise CsvJobError(line_number, raw_cell.strip(), "a cell must be key=value")
             key, value = parts
             if not key or not value:
-                continue
+                continue  # an option not given (as mwa_client reads it)
             if key == "job_type":
+                if endpoint is not None:
+                    raise CsvJobError(
+                        line_number, raw_cell.strip(), "job_type is given twice on this line"
+                    )
                 endpoint = ENDPOINTS.get(value)
                 if endpoint is None:
                     raise CsvJobError(
@@ -102,7 +107,14 @@ def parse_job_csv(text: str, *, allow_resubmit: bool = False) -> list[CsvJob]:
                         "d (visibility download) or v (voltage download)",
                     )  # fmt: skip
                 continue
-            params[LEGACY_KEYS.get(key, key)] = value
+            name = LEGACY_KEYS.get(key, key)
+            if name in given:
+                raise CsvJobError(
+                    line_number, raw_cell.strip(),
+                    f"{name} is given twice on this line (also as {given[name]}): keep one",
+                )  # fmt: skip
+            given[name] = raw_cell.strip()
+            params[name] = value
         if endpoint is None:
             raise CsvJobError(line_number, None, "no job_type cell (job_type=c, d or v)")
         params.setdefault("allow_resubmit", str(allow_resubmit).lower())

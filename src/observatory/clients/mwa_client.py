@@ -428,6 +428,9 @@ def _follow(
             errors.append(JobError(job.id, str(job.obs_id), f"Error: {text}"))
             pending.discard(job.id)
         elif job.state == "cancelled":
+            # Cancelled elsewhere (the web page, another client) while this run waited for
+            # it: nothing of it will be downloaded, which exit 0 would deny.
+            errors.append(JobError(job.id, str(job.obs_id), "Error: the job was cancelled"))
             pending.discard(job.id)
         if not pending:
             break
