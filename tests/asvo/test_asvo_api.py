@@ -176,6 +176,9 @@ def test_each_job_type_is_queued_and_listed(client: TestClient) -> None:
         submit(client, "voltage_job", obs_id=VCS_OBS, offset=0, duration=8, delivery="scratch"),
         submit(client, "voltage_job", obs_id=VCS_OBS, offset=8, duration=8, channel_range="true",
                from_channel=130, to_channel=133),
+        # An mwa_client CSV row may give the channels without channel_range: still a range.
+        submit(client, "voltage_job", obs_id=VCS_OBS, offset=0, duration=4, from_channel=133,
+               to_channel=133),
     ]  # fmt: skip
     for reply in replies:
         assert reply.status_code == 200, reply.text
@@ -183,7 +186,7 @@ def test_each_job_type_is_queued_and_listed(client: TestClient) -> None:
     ids = [reply.json()["job_id"] for reply in replies]
     listing = client.get("/api/get_jobs").json()
     assert [e["row"]["id"] for e in listing] == ids
-    assert [e["row"]["job_type"] for e in listing] == [0, 1, 2, 3, 3]
+    assert [e["row"]["job_type"] for e in listing] == [0, 1, 2, 3, 3, 3]
     for element in listing:
         check_giant_squid_row(element)
         assert element["row"]["job_state"] == "queued"
@@ -193,6 +196,12 @@ def test_each_job_type_is_queued_and_listed(client: TestClient) -> None:
     assert listing[2]["row"]["job_params"]["download_type"] == "vis_meta"
     assert listing[3]["row"]["job_params"]["delivery"] == "scratch"
     assert listing[4]["row"]["job_params"]["from_channel"] == 130
+    implied = listing[5]["row"]["job_params"]
+    assert (implied["channel_range"], implied["from_channel"], implied["to_channel"]) == (
+        True,
+        133,
+        133,
+    )
 
 
 @pytest.mark.parametrize(
@@ -218,6 +227,12 @@ def test_each_job_type_is_queued_and_listed(client: TestClient) -> None:
         ("voltage_job", {"obs_id": str(VCS_OBS), "offset": "x", "duration": "8"}, "Offset: 'x' is not a whole number"),
         ("voltage_job", {"obs_id": str(VCS_OBS), "offset": "0", "duration": "8", "channel_range": "true",
                          "from_channel": "200", "to_channel": "210"}, "none of the observation's coarse channels"),
+        ("voltage_job", {"obs_id": str(VCS_OBS), "offset": "0", "duration": "8",
+                         "from_channel": "140", "to_channel": "150"}, "none of the observation's coarse channels"),
+        ("voltage_job", {"obs_id": str(VCS_OBS), "offset": "0", "duration": "8", "channel_range": "false",
+                         "from_channel": "133", "to_channel": "133"}, "with channel_range=false"),
+        ("voltage_job", {"obs_id": str(VCS_OBS), "offset": "0", "duration": "8",
+                         "from_channel": "133"}, "To Channel"),
         ("beamformer_job", {"obs_id": MWAX_OBS}, "Beamformer jobs are not offered"),
         ("imaging_job", {"obs_id": MWAX_OBS}, "Imaging jobs are not offered"),
     ],
@@ -380,3 +395,13 @@ def test_rows_written_outside_the_orm_are_listed(
     assert listing[0]["row"] | {"id": 0} == listing[1]["row"] | {"id": 0}
     for element in listing:
         check_giant_squid_row(element)
+
+
+def test_a_conversion_that_names_no_output_is_a_measurement_set(client: TestClient) -> None:
+    """The ASVO's default (specs/asvo.md section 5); ``conversion=`` (cotter's name) counts."""
+    for form in ({}, {"conversion": "uvfits"}, {"output": "both"}):
+        assert submit(client, "conversion_job", obs_id=MWAX_OBS, **form).status_code == 200
+    outputs = [
+        e["row"]["job_params"].get("output", "uvfits") for e in client.get("/api/get_jobs").json()
+    ]
+    assert outputs == ["ms", "uvfits", "both"]

@@ -131,7 +131,7 @@ def test_every_job_type_completes_with_a_checksummed_product(
         "vis_meta": submit(client, "download_vis_job", obs_id=1131733552, download_type="vis_meta"),
         "volt": submit(client, "voltage_job", obs_id=VCS_OBS, offset=8, duration=8),
         "conversion": submit(
-            client, "conversion_job", obs_id=SIM_OBS, no_rfi="true", avg_time_res=4
+            client, "conversion_job", obs_id=SIM_OBS, no_rfi="true", avg_time_res=4, output="uvfits"
         ),
     }
     seen = watch(client, set(jobs.values()))
@@ -172,13 +172,14 @@ def test_every_job_type_completes_with_a_checksummed_product(
 
 
 def _converted(client: TestClient, settings: Settings, job_id: int, tmp_path: Path) -> Any:
-    """The uvfits of a completed conversion job, read by pyuvdata."""
+    """The output (uvfits or measurement set) of a completed conversion job, read by pyuvdata."""
     from pyuvdata import UVData
 
     (file,) = rows_by_id(client)[job_id]["product"]["files"]
     with tarfile.open(fileobj=io.BytesIO(download(file["url"], settings).content)) as tar:
         tar.extractall(tmp_path / str(job_id), filter="data")
-    return UVData.from_file(str(tmp_path / str(job_id) / f"{SIM_OBS}.uvfits"))
+    (output,) = (tmp_path / str(job_id)).glob(f"{SIM_OBS}.*")
+    return UVData.from_file(str(output))
 
 
 def test_csv_dc_flag_and_phase_centre_reach_the_converted_file(

@@ -195,12 +195,20 @@ def _common(form: Mapping[str, str], settings: Settings, job_type: JobType) -> d
     return {"delivery": delivery, "job_type": PARAMS_JOB_TYPE[job_type], "priority": 1}
 
 
+#: The ASVO's output of a conversion that names none (specs/asvo.md section 5; giant-squid
+#: always names one, uvfits by default).
+DEFAULT_CONVERSION_OUTPUT = "ms"
+
+
 def _conversion_params(form: Mapping[str, str], observation: Observation) -> dict[str, Any]:
     if observation.mode not in CORRELATOR_MODES:
         raise AsvoError(
             f"Observation {observation.obsid} is a {observation.mode} observation: it has no "
             "visibilities to convert"
         )
+    if not any(key.strip().lower() in ("output", "conversion") and str(value).strip()
+               for key, value in form.items()):  # fmt: skip
+        form = {**form, "output": DEFAULT_CONVERSION_OUTPUT}
     try:
         options = ConversionOptions.from_params(form)
         if observation.int_time_s and observation.freq_res_khz:
@@ -224,7 +232,12 @@ def _voltage_params(form: Mapping[str, str], observation: Observation) -> dict[s
     offset = _int_field(form, "offset", "Offset", 0, max(length_s - 1, 0))
     duration = _int_field(form, "duration", "Duration", 1, length_s - offset)
     params: dict[str, Any] = {"offset": offset, "duration": duration, "download_type": "volt"}
-    if _bool_field(form, "channel_range"):
+    # giant-squid sends channel_range=true with the channels; a CSV row may give the channels
+    # alone, which must not quietly become every channel (terabytes of voltages).
+    given_channels = any(str(form.get(key, "")).strip() for key in ("from_channel", "to_channel"))
+    if "channel_range" in form and not _bool_field(form, "channel_range") and given_channels:
+        raise AsvoError("from_channel/to_channel were given with channel_range=false: drop one")
+    if _bool_field(form, "channel_range") or given_channels:
         low = _int_field(form, "from_channel", "From Channel", 0, 255)
         high = _int_field(form, "to_channel", "To Channel", low, 255)
         observed = set(observation.coarse_chans)
