@@ -632,6 +632,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as exc:  # fmt: skip
         err_console.print(f"[red]error:[/red] {_one_line(exc, args)}", highlight=False)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the work was cleaned up on the way out
+        err_console.print("interrupted", highlight=False)
+        return 130
 
 
 def _one_line(exc: BaseException, args: argparse.Namespace) -> str:

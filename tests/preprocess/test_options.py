@@ -239,3 +239,36 @@ def test_legacy_phasecentre_is_a_custom_centre(text: str, ra_deg: float, dec_deg
 def test_bad_phasecentre_is_refused(params: dict[str, str], fragment: str) -> None:
     with pytest.raises(OptionError, match=fragment):
         ConversionOptions.from_params(params)
+
+
+def test_cotter_era_switches_are_honoured_or_refused() -> None:
+    """nogeom and nosbgains are today's switches; the others are what we always do."""
+    options = ConversionOptions.from_params({"nogeom": "true", "nosbgains": "true"})
+    assert options.no_geometric_delay and options.no_digital_gains
+    assert (
+        options.to_params()
+        == ConversionOptions.from_params(
+            {"no_geometric_delay": "true", "no_digital_gains": "true"}
+        ).to_params()
+    )
+    for key in ("noflagautos", "noantennapruning", "nostats"):
+        assert ConversionOptions.from_params({key: "true"}) == ConversionOptions()
+        with pytest.raises(OptionError, match=rf"{key}='false' is not valid: not offered"):
+            ConversionOptions.from_params({key: "false"})
+    with pytest.raises(OptionError, match="missing coarse channels are always flagged"):
+        ConversionOptions.from_params({"noflagmissings": "true"})
+
+
+@pytest.mark.parametrize(
+    ("params", "fragment"),
+    [
+        ({"timeres": "16", "avg_time_res": "8"}, "contradicts timeres=16"),
+        ({"conversion": "ms", "output": "uvfits"}, "contradicts conversion=ms"),
+        ({"nogeom": "true", "no_geometric_delay": "false"}, "contradicts nogeom=true"),
+    ],
+)
+def test_an_option_given_under_two_names_must_agree(params: dict[str, str], fragment: str) -> None:
+    with pytest.raises(OptionError, match=fragment):
+        ConversionOptions.from_params(params)
+    agreeing = {key: next(iter(params.values())) for key in params}
+    ConversionOptions.from_params(agreeing)

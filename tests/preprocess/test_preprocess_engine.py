@@ -254,7 +254,7 @@ def test_true_gains_as_ao_cal_solutions_give_the_gain_free_sky(tmp_path: Path) -
 
 
 def test_hyperdrive_solutions_apply_like_ao_cal(tmp_path: Path, sim: SimulatedObservation) -> None:
-    jones = np.zeros((1, N_TILES, 16, 4), np.complex128)
+    jones = np.zeros((1, N_TILES, 64, 4), np.complex128)  # one chanblock per channel
     jones[..., 0] = 2.0
     jones[..., 3] = 0.5j
     write_hyperdrive(tmp_path / "hyp.fits", CalSolutions(jones=jones))
@@ -1017,6 +1017,7 @@ def test_a_failure_while_a_measurement_set_starts_leaves_nothing(
 
     monkeypatch.setattr(MeasurementSetStream, "_shape_cells", interrupted)
     out_dir = tmp_path / "out"
+    out_dir.mkdir()  # an output directory is not made
     with pytest.raises(KeyboardInterrupt):
         convert(sim, out_dir / "o.ms", **RAW, output="both")
     gc.collect()  # where the abort came (the process would end here)
@@ -1035,6 +1036,7 @@ def test_a_measurement_set_the_disk_cannot_hold_is_refused_at_the_start(
     monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(
         f_bavail=10, f_frsize=real_statvfs(path).f_frsize))  # fmt: skip
     out_dir = tmp_path / "out"
+    out_dir.mkdir()  # an output directory is not made
     with pytest.raises(OSError, match=r"cannot write .*o\.ms: it needs about 0\.\d\d GB and "
                        r"0\.00 GB are free \(No space left on device\)"):  # fmt: skip
         convert(sim, out_dir / "o.ms", **RAW, output="ms")
@@ -1058,6 +1060,7 @@ def test_a_full_disk_fails_at_the_start_naming_what_the_output_needs(
     monkeypatch.setattr(os, "posix_fallocate", full_disk)
     monkeypatch.setattr(engine, "_process", lambda *args: processed.append(1))
     out_dir = tmp_path / "out"
+    out_dir.mkdir()  # an output directory is not made
     with pytest.raises(OSError, match=r"cannot write .*o\.uvfits: it needs 0\.\d\d GB "
                        r"\(No space left on device\)"):  # fmt: skip
         convert(sim, out_dir / "o.uvfits", **RAW)
@@ -1112,6 +1115,7 @@ def test_a_failure_while_finishing_publishes_nothing(
     else:
         monkeypatch.setattr(UvfitsStream, "_write_tables", full_disk)
     out_dir = tmp_path / "out"
+    out_dir.mkdir()  # an output directory is not made
     with pytest.raises(OSError, match="No space left"):
         convert(sim, out_dir / f"o.{output}", **RAW, output=output)
     assert list(out_dir.iterdir()) == []

@@ -13,6 +13,7 @@ from observatory.asvo.models import JobState
 from observatory.asvo.service import DELIVERIES
 from observatory.core.openapi import DeclaredParameter, body_openapi
 from observatory.preprocess.options import (
+    COTTER_SWITCHES,
     DEFAULT_FLAG_EDGE_WIDTH_KHZ,
     LEGACY_KEYS,
     ConversionOptions,
@@ -230,6 +231,17 @@ CONVERSION_FIELDS = (
     *(
         replace(_BY_NAME[name], name=legacy, description=f"Older name of {name}.")
         for legacy, name in LEGACY_KEYS.items()
+    ),
+    # cotter's switches for what every conversion does or never offers (options.py).
+    *(
+        DeclaredParameter(
+            key,
+            _BOOLEAN,
+            f"cotter's switch: {'only true' if supported else 'only false'} is accepted "
+            f"({behaviour}).",
+            default=False,
+        )
+        for key, (supported, behaviour) in COTTER_SWITCHES.items()
     ),
 )
 

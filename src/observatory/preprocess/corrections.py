@@ -190,7 +190,7 @@ def geometric_phasors(
 
 def apply_jones(
     vis: NDArray[np.complex64],
-    jones: NDArray[np.complex128],
+    jones: NDArray[np.complex64] | NDArray[np.complex128],
     meta: ObservationMeta,
 ) -> None:
     """Apply direction-independent solutions in place: ``V <- J_p V J_q^H``.
@@ -201,7 +201,7 @@ def apply_jones(
     p, q = meta.baseline_antennas()
     n_times, n_bl, n_chans, _ = vis.shape
     matrices = vis.reshape(n_times, n_bl, n_chans, 2, 2)
-    jones64 = jones.astype(np.complex64)
+    jones64 = jones.astype(np.complex64, copy=False)
     left = jones64[p]  # (n_bl, n_chans, 2, 2)
     right_h = np.conj(jones64[q]).swapaxes(-1, -2)
     result = np.matmul(np.matmul(left[None], matrices), right_h[None])

@@ -19,10 +19,14 @@ then each block of integrations is streamed to the uvfits and/or measurement set
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import logging
 import math
 import multiprocessing
 import os
+import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -34,6 +38,7 @@ from concurrent.futures import (
     ThreadPoolExecutor,
     wait,
 )
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +62,7 @@ from observatory.preprocess.reader import (
     RawChunk,
     ReadError,
     VisibilityReader,
-    coarse_channel_freqs_hz,
+    fine_channel_indices,
     open_reader,
 )
 from observatory.preprocess.rfi import aoflagger_flags
@@ -96,6 +101,58 @@ def output_paths(out: str | os.PathLike[str], output: OutputFormat) -> list[Path
     return [path.with_name(path.name + wanted)]
 
 
+class WorkerKilled(RuntimeError, ValueError):
+    """A worker process died without a word (the OOM killer, ``kill -9``); a ``ValueError``
+    so that the command line reports it in one line (exit 2)."""
+
+
+class OutputError(OSError, ValueError):
+    """An output that cannot be written; the message names the output path and the reason.
+
+    An ``OSError`` (what failed) and a ``ValueError`` (what the caller can fix: the
+    command line reports it in one line, exit 2).
+    """
+
+
+def _output_error(target: Path, exc: OSError) -> OutputError:
+    """``exc``, raised while writing ``target`` or its hidden temporary, as an :class:`OutputError`."""
+    if isinstance(exc, OutputError):
+        return exc
+    reason = exc.strerror or str(exc)
+    if reason.startswith("cannot write"):  # the streams' own messages name the target
+        error = OutputError(reason)
+    else:
+        error = OutputError(f"cannot write {target}: {reason}")
+    error.errno = exc.errno
+    return error
+
+
+def check_writable(target: Path) -> None:
+    """Refuse an output whose directory is missing or takes no new files, before any work.
+
+    A missing directory is not made (as Birli: a mistyped path is not turned into a new
+    tree). Whether the directory takes files is tried with a hidden temporary (removed at
+    once), as the conversion writes: permissions, a read-only or immutable mount, or a
+    pseudo file system (``/proc``, ``/sys``) each refuse it in their own way.
+
+    Raises
+    ------
+    OutputError
+        Naming ``target`` and the reason.
+    """
+    parent = target.parent
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise OutputError(f"cannot write {target}: the directory {parent} {what}")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=temporary_name(target.name, "probe")):
+            pass
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:  # /proc: the directory exists but takes no files
+            exc = OSError(exc.errno, f"{parent} does not take new files")
+        raise _output_error(target, exc) from None
+
+
 @dataclass(frozen=True)
 class _Plan:
     """Everything decided before the first chunk is read."""
@@ -111,7 +168,7 @@ class _Plan:
     chunk_bytes: int
     phase_centre: tuple[str, float, float]
     flag_dc: bool
-    jones: NDArray[np.complex128] | None  # (n_ants, n_metafits_chans_total, 2, 2)
+    calibration: _Calibration | None
 
 
 def _phase_centre(meta: ObservationMeta, options: ConversionOptions) -> tuple[str, float, float]:
@@ -128,41 +185,152 @@ def _phase_centre(meta: ObservationMeta, options: ConversionOptions) -> tuple[st
     )
 
 
-def _solution_jones(
-    meta: ObservationMeta, solutions: CalSolutions, solutions_name: str
-) -> NDArray[np.complex128]:
-    """Solutions as (n_ants, channel of the metafits band, 2, 2), first timeblock.
+@dataclass(frozen=True)
+class _Calibration:
+    """Solutions laid out for the data: the timeblocks the data use, per antenna and channel.
 
-    Chanblocks map onto the observation's band in frequency order: by their
-    frequencies when the file gives them, else evenly (hyperdrive's chanblocks
-    span the whole band).
+    Attributes
+    ----------
+    jones
+        complex64, (timeblocks, n_ants, channels of the metafits band, 2, 2); channels
+        without data hold an arbitrary chanblock (they are never read).
+    bounds_gps
+        (timeblocks, 2): the GPS interval of integration centres each timeblock covers.
+    """
+
+    jones: NDArray[np.complex64]
+    bounds_gps: NDArray[np.float64]
+
+    def timeblocks(self, centres_gps: NDArray[np.float64]) -> NDArray[np.intp]:
+        """Each integration's timeblock: the one covering its centre, else the nearest."""
+        centres = np.asarray(centres_gps, dtype=np.float64)[:, None]
+        early = self.bounds_gps[None, :, 0] - centres
+        late = centres - self.bounds_gps[None, :, 1]
+        return np.asarray(np.maximum(np.maximum(early, late), 0.0).argmin(axis=1), np.intp)
+
+
+def _timeblock_bounds(solutions: CalSolutions, solutions_name: str) -> NDArray[np.float64]:
+    """The GPS interval each timeblock of ``solutions`` covers, (timeblocks, 2).
+
+    hyperdrive's TIMEBLOCKS table gives each timeblock's first and last centroid; an
+    AO-cal file only the start and end of them all, which its timeblocks share evenly
+    (as ``calibrate -t`` makes them).
 
     Raises
     ------
     ReadError
-        If the solutions are for another number of antennas (naming ``solutions_name``).
+        For several timeblocks without the times to tell them apart.
     """
+    n_blocks = solutions.n_timeblocks
+    if solutions.timeblocks_gps is not None and len(solutions.timeblocks_gps) == n_blocks:
+        return np.asarray(solutions.timeblocks_gps[:, :2], dtype=np.float64)
+    if n_blocks == 1:
+        return np.array([[-np.inf, np.inf]])
+    start, end = solutions.start_gps, solutions.end_gps
+    if start is None or end is None or not end > start:
+        raise ReadError(
+            f"{solutions_name}: it has {n_blocks} timeblocks but no start and end times to "
+            "place them; give solutions with one timeblock, or with their times"
+        )
+    edges = np.linspace(start, end, n_blocks + 1)
+    return np.column_stack([edges[:-1], edges[1:]])
+
+
+def _band_chanblocks(
+    reader: VisibilityReader, solutions: CalSolutions, solutions_name: str
+) -> NDArray[np.intp]:
+    """The chanblock of the solutions for each channel of the metafits band.
+
+    With chanblock frequencies (hyperdrive), a channel takes the chanblock whose
+    frequency is within half a chanblock width of its own; without them (AO-cal), the
+    solutions must have one chanblock per fine channel, of the whole band or of the
+    channels the data hold, in frequency order (Birli's rule).
+
+    Raises
+    ------
+    ReadError
+        If a channel of the data has no chanblock (naming ``solutions_name``).
+    """
+    meta = reader.meta
+    band = sorted(meta.metafits_coarse_chans)
+    n_band = len(band) * meta.fine_chans_per_coarse
+    # The band columns and frequencies of the channels the data hold, in frequency order.
+    columns, freqs = [], []
+    for coarse_chan in reader.coarse_chans:
+        chan_freqs = reader.channel_freqs_hz(coarse_chan)
+        index = fine_channel_indices(coarse_chan, chan_freqs, meta.fine_chan_width_hz)
+        columns.append(band.index(coarse_chan) * meta.fine_chans_per_coarse + index)
+        freqs.append(chan_freqs)
+    data_columns, data_freqs = np.concatenate(columns), np.concatenate(freqs)
+    n_blocks = solutions.n_chanblocks
+    block = np.zeros(n_band, dtype=np.intp)
+    block_freqs = solutions.chanblock_freqs_hz
+    if block_freqs is not None and len(block_freqs) == n_blocks and np.isfinite(block_freqs).all():
+        block_freqs = np.asarray(block_freqs, dtype=np.float64)
+        # A chanblock's width is their spacing (one chanblock: a fine channel of the data).
+        spacing = np.diff(np.unique(block_freqs))
+        width = float(np.min(spacing)) if len(spacing) else meta.fine_chan_width_hz
+        nearest = np.abs(data_freqs[:, None] - block_freqs[None, :]).argmin(axis=1)
+        offset = np.abs(data_freqs - block_freqs[nearest])
+        uncovered = offset >= width / 2 * (1 - 1e-6)
+        if uncovered.any():
+            missing = sorted(
+                {int(c) for c in data_columns[uncovered] // meta.fine_chans_per_coarse}
+            )
+            raise ReadError(
+                f"{solutions_name}: its {n_blocks} chanblocks "
+                f"({block_freqs.min() / 1e6:.3f}-{block_freqs.max() / 1e6:.3f} MHz) do not cover "
+                f"{int(uncovered.sum())} of the data's {len(data_freqs)} channels (coarse "
+                f"channel(s) {', '.join(str(band[i]) for i in missing)}); give solutions for "
+                "this observation's frequencies"
+            )
+        block[data_columns] = nearest
+    elif n_blocks == n_band:
+        block[:] = np.arange(n_band)
+    elif n_blocks == len(data_columns):
+        block[data_columns] = np.arange(n_blocks)
+    else:
+        whole = f" ({len(data_columns)} with data)" if len(data_columns) != n_band else ""
+        raise ReadError(
+            f"{solutions_name}: the calibration solution has {n_blocks} channels, but the data "
+            f"has {n_band} channels{whole} ({len(band)} coarse channels of "
+            f"{meta.fine_chans_per_coarse}); without chanblock frequencies the solutions need "
+            "one channel per fine channel"
+        )
+    return block
+
+
+def _calibration(
+    reader: VisibilityReader,
+    solutions: CalSolutions,
+    solutions_name: str,
+    centres_gps: NDArray[np.float64],
+) -> _Calibration:
+    """The solutions for the data read by ``reader``, whose integrations are centred at ``centres_gps``.
+
+    Raises
+    ------
+    ReadError
+        If the solutions are for another number of antennas, do not cover the data's
+        channels, or have timeblocks they give no times for (naming ``solutions_name``).
+    """
+    meta = reader.meta
     if solutions.n_antennas != meta.n_ants:
         raise ReadError(
             f"{solutions_name}: the solutions are for {solutions.n_antennas} antennas, "
             f"but obsid {meta.obsid} has {meta.n_ants}; give solutions for this array"
         )
-    band_chans = sorted(meta.metafits_coarse_chans)
-    n_total = len(band_chans) * meta.fine_chans_per_coarse
-    matrices = solutions.jones_matrices()[0]  # (n_ants, n_chanblocks, 2, 2)
-    freqs = solutions.chanblock_freqs_hz
-    if freqs is not None and np.all(np.isfinite(freqs)) and len(freqs) == solutions.n_chanblocks:
-        n = meta.fine_chans_per_coarse
-        chan_freqs = np.concatenate(
-            [
-                coarse_channel_freqs_hz(c, np.arange(n), meta.fine_chan_width_hz, n)
-                for c in band_chans
-            ]
-        )
-        block = np.abs(chan_freqs[:, None] - np.asarray(freqs)[None, :]).argmin(axis=1)
-    else:
-        block = np.arange(n_total) * solutions.n_chanblocks // n_total
-    return np.asarray(matrices[:, block], dtype=np.complex128)
+    chanblocks = _band_chanblocks(reader, solutions, solutions_name)
+    bounds = _timeblock_bounds(solutions, solutions_name)
+    # Only the timeblocks some integration uses: memory follows the data, not the file.
+    used = np.unique(_Calibration(np.empty(0, np.complex64), bounds).timeblocks(centres_gps))
+    if solutions.n_timeblocks > 1:
+        log.info(
+            "%s: applying timeblock(s) %s of %d to the integrations they cover",
+            solutions_name, ", ".join(map(str, used)), solutions.n_timeblocks,
+        )  # fmt: skip
+    matrices = solutions.jones_matrices()[used][:, :, chanblocks]
+    return _Calibration(np.asarray(matrices, dtype=np.complex64), bounds[used])
 
 
 def _plan(
@@ -221,7 +389,15 @@ def _plan(
         chunk_bytes=chunk_bytes,
         phase_centre=_phase_centre(meta, options),
         flag_dc=(not meta.mwax) if options.flag_dc is None else options.flag_dc,
-        jones=None if solutions is None else _solution_jones(meta, solutions, solutions_name),
+        calibration=None
+        if solutions is None
+        else _calibration(
+            reader,
+            solutions,
+            solutions_name,
+            _padded_starts(reader.time_start_gps_s, n_times_padded, meta.int_time_s)
+            + meta.int_time_s / 2,
+        ),
     )
 
 
@@ -293,10 +469,19 @@ def _process(
     if not options.no_geometric_delay:
         vis *= corrections.geometric_phasors(meta, phase_directions(), chunk.freqs_hz)
     # 7. calibration
-    if plan.jones is not None:
+    if plan.calibration is not None:
         band = sorted(meta.metafits_coarse_chans).index(chunk.coarse_chan)
         columns = band * meta.fine_chans_per_coarse + chunk.chan_index
-        corrections.apply_jones(vis, plan.jones[:, columns], meta)
+        timeblocks = plan.calibration.timeblocks(chunk.time_start_gps_s + meta.int_time_s / 2)
+        for timeblock in np.unique(timeblocks):
+            rows = np.flatnonzero(timeblocks == timeblock)
+            jones = plan.calibration.jones[timeblock][:, columns]
+            if rows[-1] - rows[0] + 1 == len(rows):  # consecutive (the usual): in place
+                corrections.apply_jones(vis[rows[0] : rows[-1] + 1], jones, meta)
+            else:
+                part = vis[rows]
+                corrections.apply_jones(part, jones, meta)
+                vis[rows] = part
         unsolved = ~np.isfinite(vis)
         flags |= unsolved.any(axis=-1)
         vis[unsolved] = 0
@@ -360,7 +545,11 @@ def preprocess(
         For missing or unreadable input files, data files of another observation than
         the metafits, or solutions for another array (naming the file).
     """
+    if workers is not None and (isinstance(workers, bool) or workers < 1):
+        raise OptionError("workers", workers, "must be a positive whole number")
     targets = output_paths(out, options.output)
+    for target in targets:
+        check_writable(target)
     for target in targets:  # what runs killed outright (kill -9, the OOM killer) left
         for leftover in remove_leftover_temporaries(target):
             log.warning("removed %s, left by a conversion that was killed", leftover)
@@ -405,27 +594,33 @@ def preprocess(
         int_time_s=meta.int_time_s * resolved.time_factor,
         phase_centre=plan.phase_centre,
         history=history,
-        calibrated=plan.jones is not None,
+        calibrated=plan.calibration is not None,
     )
     rfi_flagged = 0
     with contextlib.ExitStack() as stack:
         # Each finished chunk goes straight into its place in the outputs: nothing waits
         # for the rest of its integrations (with RFI flagging a block is the whole
-        # observation). (The streams make the output's directory.)
-        uvfits_streams = [
-            stack.enter_context(UvfitsStream(path, description, buffer_bytes=chunk_bytes))
-            for path in targets
-            if path.suffix.lower() == ".uvfits"
-        ]
-        ms_streams = [
-            stack.enter_context(
-                MeasurementSetStream(
-                    path, description, buffer_bytes=chunk_bytes, chunk_chans=chans_out
-                )
-            )
-            for path in targets
-            if path.suffix.lower() != ".uvfits"
-        ]
+        # observation).
+        uvfits_streams: list[UvfitsStream] = []
+        ms_streams: list[MeasurementSetStream] = []
+        for path in targets:
+            try:  # a full disk is found here, before any work
+                if path.suffix.lower() == ".uvfits":
+                    uvfits_streams.append(
+                        stack.enter_context(
+                            UvfitsStream(path, description, buffer_bytes=chunk_bytes)
+                        )
+                    )
+                else:
+                    ms_streams.append(
+                        stack.enter_context(
+                            MeasurementSetStream(
+                                path, description, buffer_bytes=chunk_bytes, chunk_chans=chans_out
+                            )
+                        )
+                    )
+            except OSError as exc:
+                raise _output_error(path, exc) from exc
         n_workers = max(1, min(len(jobs), workers or default_workers(plan.chunk_bytes)))
         # Before the workers start: the first apparent-place computation in a process
         # parses astropy's IERS table, which takes three times as long when it competes
@@ -468,6 +663,7 @@ def preprocess(
                 mp_context=multiprocessing.get_context("fork"),
                 initializer=_start_worker,
                 initargs=(
+                    os.getpid(),
                     Path(metafits),
                     [Path(f) for f in data_files],
                     options,
@@ -493,9 +689,15 @@ def preprocess(
                     block_index, coarse_index = pending.pop(future)
                     try:
                         output, rfi = future.result()
-                    except BaseException:
+                    except BaseException as failure:
                         for other in pending:
                             other.cancel()
+                        if isinstance(failure, BrokenProcessPool):
+                            # The OOM killer, or a kill -9: the worker can say nothing.
+                            # The pool fails every chunk in flight, not only the killed one's.
+                            raise WorkerKilled(
+                                "a worker process was killed (out of memory?); nothing was written"
+                            ) from failure
                         raise
                     rfi_flagged += rfi
                     block = blocks[block_index]
@@ -523,7 +725,10 @@ def preprocess(
         # Every output finished before any is published: a failure while finishing one
         # (a full disk, a stop signal) then publishes none.
         for stream in (*uvfits_streams, *ms_streams):
-            stream.finish()
+            try:
+                stream.finish()
+            except OSError as exc:
+                raise _output_error(stream.path, exc) from exc
     if not options.no_rfi:
         log.info("AOFlagger flagged %d samples of obsid %d", rfi_flagged, meta.obsid)
     return targets
@@ -652,7 +857,34 @@ def _load_scratch(path: Path) -> _ChunkArrays:
 _worker_runner: _ChunkRunner | None = None
 
 
+#: prctl(2) option: the signal this process gets when its parent dies (linux/prctl.h).
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel kill this worker when the converting process dies (Linux only).
+
+    Without it a worker outlives a parent killed outright (``kill -9``, the OOM killer),
+    holding its memory, asleep on the pipe to the parent forever. The kernel sends the
+    signal when the *thread* that forked the worker ends: the pool's workers are forked
+    by the thread that submits the chunks, which is the conversion's (main) thread.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            log.debug("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+            return
+    except (OSError, AttributeError):  # no C library or no prctl: nothing to set
+        return
+    if os.getppid() != parent_pid:
+        # The parent died before the signal was set: nothing would send it now.
+        os._exit(1)
+
+
 def _start_worker(
+    parent_pid: int,
     metafits: Path,
     data_files: list[Path],
     options: ConversionOptions,
@@ -662,8 +894,9 @@ def _start_worker(
     writers: list[UvfitsGroups],
     scratch: Path | None,
 ) -> None:
-    """Process-pool initializer: open the files and plan as the parent did."""
+    """Process-pool initializer: die with the parent; open the files and plan as it did."""
     global _worker_runner
+    _die_with_parent(parent_pid)
     from observatory.telescope.site import ensure_astropy_offline
 
     ensure_astropy_offline()

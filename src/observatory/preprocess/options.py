@@ -57,6 +57,16 @@ LEGACY_KEYS = {
     "norfi": "no_rfi",
     "usepcentre": "centre_pointing",
     "phasecentre": "centre_custom",
+    "nogeom": "no_geometric_delay",
+    "nosbgains": "no_digital_gains",
+}
+#: cotter's switches for what our conversions always do (true) or never offer: a value
+#: asking for the other behaviour is refused rather than silently not honoured.
+COTTER_SWITCHES = {
+    "noflagautos": (True, "autocorrelations are never flagged"),
+    "noantennapruning": (True, "flagged antennas are always kept (flagged)"),
+    "nostats": (True, "no statistics are collected"),
+    "noflagmissings": (False, "missing coarse channels are always flagged"),
 }
 
 
@@ -187,9 +197,20 @@ class ConversionOptions:
             Naming the first bad key, its value and the allowed range.
         """
         values: dict[str, object] = {}
-        normalised = {
-            LEGACY_KEYS.get(k.strip().lower(), k.strip().lower()): v for k, v in params.items()
-        }
+        normalised: dict[str, object] = {}
+        spelled: dict[str, str] = {}  # key -> how the request spelled it
+        for raw_key, value in params.items():
+            given = raw_key.strip().lower()
+            key = LEGACY_KEYS.get(given, given)
+            if key in normalised and str(normalised[key]).strip() != str(value).strip():
+                raise OptionError(
+                    key, value, f"contradicts {spelled[key]}={normalised[key]} (the same option "
+                    "under another name); give one",
+                )  # fmt: skip
+            normalised[key], spelled[key] = value, raw_key.strip()
+        for key, (supported, behaviour) in COTTER_SWITCHES.items():
+            if key in normalised and parse_bool(key, normalised[key]) != supported:
+                raise OptionError(key, normalised[key], f"not offered: {behaviour}")
         if "output" in normalised:
             text = str(normalised["output"]).strip().lower()
             try:
@@ -216,13 +237,27 @@ class ConversionOptions:
             if key in normalised:
                 values[key] = parse_bool(key, normalised[key])
         # Three spellings: Birli's --flag-dc (what to_params stores), its --no-flag-dc (the
-        # ASVO key) and cotter's flagdcchannels (old mwa_client CSVs).
-        if _given(normalised, "flag_dc"):
-            values["flag_dc"] = parse_bool("flag_dc", normalised["flag_dc"])
+        # ASVO key) and cotter's flagdcchannels (old mwa_client CSVs). no_flag_dc=false
+        # asks for nothing (the default); spellings that disagree are refused, as no
+        # order between them is more right than another.
+        dc_choices: dict[str, bool] = {}
+        for key in ("flag_dc", "flagdcchannels"):
+            if _given(normalised, key):
+                dc_choices[key] = parse_bool(key, normalised[key])
         if "no_flag_dc" in normalised and parse_bool("no_flag_dc", normalised["no_flag_dc"]):
-            values["flag_dc"] = False
-        if "flagdcchannels" in normalised:
-            values["flag_dc"] = parse_bool("flagdcchannels", normalised["flagdcchannels"])
+            dc_choices["no_flag_dc"] = False
+        if len(set(dc_choices.values())) > 1:
+            given = ", ".join(
+                f"{key}={'true' if key == 'no_flag_dc' else str(flag).lower()}"
+                for key, flag in dc_choices.items()
+            )
+            raise OptionError(
+                "no_flag_dc" if "no_flag_dc" in dc_choices else "flag_dc",
+                normalised.get("no_flag_dc", normalised.get("flag_dc")),
+                f"contradicts the other DC-channel options ({given}); give one",
+            )
+        if dc_choices:
+            values["flag_dc"] = next(iter(dc_choices.values()))
         centre = normalised.get("centre")
         if centre is not None and str(centre).strip():
             try:

@@ -27,10 +27,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Sequence
+import re
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import mwalib
 import numpy as np
@@ -207,6 +210,18 @@ def coarse_channel_freqs_hz(
     return np.asarray(centre_hz + (chan_index - n_chans // 2) * width_hz, dtype=np.float64)
 
 
+def fine_channel_indices(
+    rec_chan: int, freqs_hz: NDArray[np.float64], width_hz: float
+) -> NDArray[np.intp]:
+    """Index within coarse channel ``rec_chan`` of the fine channels centred at ``freqs_hz``.
+
+    The inverse of :func:`coarse_channel_freqs_hz` (for fine channels that split the
+    coarse channel evenly), also for the frequencies pyuvdata gives cut-down files.
+    """
+    lower_edge_hz = (rec_chan - 0.5) * COARSE_CHAN_WIDTH_HZ
+    return np.floor((np.asarray(freqs_hz) - lower_edge_hz) / width_hz).astype(np.intp)
+
+
 class MwalibReader:
     """Chunks read through mwalib's ``CorrelatorContext``."""
 
@@ -297,9 +312,13 @@ class PyuvdataReader:
         self._freqs_hz: dict[int, NDArray[np.float64]] = {}
         time_axes = []
         for group in groups.values():
-            header = UVData.from_file(
-                [str(metafits), *map(str, group)], file_type="mwa_corr_fits", read_data=False
-            )
+            with _expected_pyuvdata_warnings():
+                header = UVData.from_file(
+                    [str(metafits), *map(str, group)],
+                    file_type="mwa_corr_fits",
+                    read_data=False,
+                    remove_coarse_band=False,  # the engine's choice, not pyuvdata's (DERIPPLE)
+                )
             rec_chan = _rec_chan_of(float(np.mean(header.freq_array)))
             self._files[rec_chan] = group
             self._freqs_hz[rec_chan] = np.asarray(header.freq_array, dtype=np.float64).ravel()
@@ -313,11 +332,11 @@ class PyuvdataReader:
         self.time_start_gps_s = regular_time_grid(starts, meta.int_time_s)
         self._cache: tuple[int, RawChunk] | None = None
 
-    def _read_channel(self, coarse_chan: int) -> RawChunk:
+    def _read_uvdata(self, coarse_chan: int) -> Any:
+        """One coarse channel's files through pyuvdata, every correction off."""
         from pyuvdata import UVData
 
-        meta = self.meta
-        uvd = UVData.from_file(
+        return UVData.from_file(
             [str(self.metafits), *map(str, self._files[coarse_chan])],
             file_type="mwa_corr_fits",
             correct_cable_len=False,
@@ -330,6 +349,11 @@ class PyuvdataReader:
             propagate_coarse_flags=False,
             data_array_dtype=np.complex64,
         )
+
+    def _read_channel(self, coarse_chan: int) -> RawChunk:
+        meta = self.meta
+        with _expected_pyuvdata_warnings():
+            uvd = self._read_uvdata(coarse_chan)
         times_gps = _jd_to_gps(uvd.time_array) - meta.int_time_s / 2
         grid = self.time_start_gps_s
         time_rows = np.clip(np.rint((times_gps - grid[0]) / meta.int_time_s), 0, len(grid) - 1)
@@ -364,8 +388,7 @@ class PyuvdataReader:
         vis[time_rows, baseline] = data
         weight_out[time_rows, baseline] = weights
         freqs_hz = np.asarray(uvd.freq_array, dtype=np.float64).ravel()
-        lower_edge_hz = (coarse_chan - 0.5) * COARSE_CHAN_WIDTH_HZ
-        chan_index = np.floor((freqs_hz - lower_edge_hz) / meta.fine_chan_width_hz).astype(np.intp)
+        chan_index = fine_channel_indices(coarse_chan, freqs_hz, meta.fine_chan_width_hz)
         return RawChunk(coarse_chan, vis, weight_out, chan_index, freqs_hz, self.time_start_gps_s)
 
     def channel_freqs_hz(self, coarse_chan: int) -> NDArray[np.float64]:
@@ -384,6 +407,26 @@ class PyuvdataReader:
             whole.freqs_hz,
             whole.time_start_gps_s[block],
         )
+
+
+#: pyuvdata's warnings that say nothing to the user of a conversion: each coarse channel is
+#: read on its own (the others are "not submitted"), and raw autocorrelations carry a
+#: rounding residue of imaginary part (removed again after the corrections).
+_EXPECTED_PYUVDATA_WARNINGS = (
+    "some coarse channel files were not submitted",
+    "Fixing auto-correlations to be be real-only",
+)
+#: ``warnings.catch_warnings`` swaps process-wide filters: one reading thread at a time.
+_WARNINGS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _expected_pyuvdata_warnings() -> Iterator[None]:
+    """Silence :data:`_EXPECTED_PYUVDATA_WARNINGS` (only those) while pyuvdata reads."""
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        for message in _EXPECTED_PYUVDATA_WARNINGS:
+            warnings.filterwarnings("ignore", message=re.escape(message), category=UserWarning)
+        yield
 
 
 #: Largest difference between a time and its grid slot (MWA times are whole milliseconds).
@@ -433,18 +476,33 @@ def open_reader(
     Raises
     ------
     ReadError
-        If no data file is given, a file is missing, a file is from another observation
-        than the metafits, or neither reader accepts the files.
+        If no data file is given, a file is missing or is a ``.mwaf`` flag file, a file is
+        from another observation than the metafits or laid out for another array or
+        resolution, or neither reader accepts the files.
     """
     metafits_path = Path(metafits)
     paths = [Path(p) for p in data_files]
     if not paths:
         raise ReadError("no correlator data files given")
+    flag_files = [p for p in paths if p.suffix.lower() == ".mwaf"]
+    if flag_files:
+        # An ASVO download holds them beside the data: say why they are refused, rather
+        # than let the readers call the whole set unreadable.
+        more = f" (and {len(flag_files) - 1} more)" if len(flag_files) > 1 else ""
+        raise ReadError(
+            f"{flag_files[0]}{more}: .mwaf flag files are not used (the conversion flags RFI "
+            "with AOFlagger itself, unless no_rfi); give only the metafits and the correlator "
+            ".fits files"
+        )
     for path in [metafits_path, *paths]:
         if not path.is_file():
             raise ReadError(f"{path}: no such file")
     meta = read_metadata(metafits_path)
     _check_obsids(metafits_path, meta.obsid, paths)
+    for path in paths:
+        # Before mwalib sees them: a file laid out for another array or resolution makes
+        # it panic and abort the whole process (a Dask worker with it).
+        _check_layout(metafits_path, meta, path)
     try:
         return MwalibReader(metafits_path, paths, meta)
     except Exception as mwalib_error:  # mwalib's own error types
@@ -495,3 +553,97 @@ def _check_obsids(metafits: Path, obsid: int, data_files: Sequence[Path]) -> Non
         f"{path}{more}: the data files are from obsid {min(others)}, "
         f"which does not match the metafits {metafits.name} (obsid {obsid})"
     )
+
+
+#: Visibility values per baseline, fine channel and polarisation: real and imaginary.
+_VALUES_PER_POL = 2
+_N_POLS = 4
+
+
+def _check_layout(metafits: Path, meta: ObservationMeta, path: Path) -> None:
+    """Refuse a correlator file whose headers describe another array or resolution.
+
+    The primary header's ``NINPUTS``, ``INTTIME``, ``FINECHAN`` and ``NFINECHS`` (as far
+    as the file has them) and the first integration's HDU shapes must fit the metafits:
+    MWAX visibilities are (baselines) x (fine channels x 4 pols x 2) and its weights
+    (baselines) x (4 pols); legacy gpubox visibilities (fine channels) x (baselines x 4
+    pols x 2). Cut-down files (pyuvdata's ``_mini`` test files) may hold fewer fine
+    channels than the metafits says; a file that is not FITS is left to the readers.
+
+    Raises
+    ------
+    ReadError
+        Naming the file, what it holds and what the metafits says.
+    """
+    from astropy.io import fits
+
+    def mismatch(what: str, expected: str) -> ReadError:
+        return ReadError(
+            f"{path}: {what}, which does not match the metafits {metafits.name} ({expected})"
+        )
+
+    n_bl = meta.n_baselines
+    try:
+        hdus = fits.open(path, memmap=False)
+    except Exception:  # not FITS, or damaged: the readers say so
+        return
+    with hdus:
+        images = []  # the first integration's visibilities and (MWAX) weights
+        try:
+            primary = hdus[0].header
+            for index in (1, 2):
+                images.append(hdus[index].header)
+        except IndexError:
+            pass
+        except Exception:  # a damaged header: the readers say so
+            return
+        inputs = primary.get("NINPUTS")
+        if isinstance(inputs, int) and inputs != 2 * meta.n_ants:
+            raise mismatch(f"the file holds {inputs // 2} tiles", f"{meta.n_ants} tiles")
+        checks = (
+            ("INTTIME", meta.int_time_s, "s integrations"),
+            ("FINECHAN", meta.fine_chan_width_hz / 1000.0, "kHz fine channels"),
+            ("NFINECHS", meta.fine_chans_per_coarse, "fine channels per coarse channel"),
+        )
+        for key, expected, unit in checks:
+            value = primary.get(key)
+            if isinstance(value, (int, float)) and abs(value - expected) > 1e-6 * max(1, expected):
+                raise mismatch(f"the file holds {value:g} {unit}", f"{expected:g} {unit}")
+        if not images:
+            return  # no integrations: the readers say so
+        shapes = [(h.get("NAXIS"), h.get("NAXIS1") or 0, h.get("NAXIS2") or 0) for h in images]
+        naxis, axis1, axis2 = shapes[0]
+        if naxis != 2:
+            raise mismatch(
+                f"its first data HDU has {naxis} axes, not 2", "an image per integration"
+            )
+        mwax = primary.get("CORR_VER") == 2
+        if mwax:  # rows of baselines, each fine channels x pols x (re, im)
+            n_chans, rest = divmod(axis1, _N_POLS * _VALUES_PER_POL)
+            n_baselines = axis2
+        else:  # legacy: rows of fine channels, each baselines x pols x (re, im)
+            n_baselines, rest = divmod(axis1, _N_POLS * _VALUES_PER_POL)
+            n_chans = axis2
+        if rest or n_baselines != n_bl:
+            raise mismatch(
+                f"its first data HDU is {axis1} x {axis2} values, {_tiles_of(n_baselines, rest)}",
+                f"{meta.n_ants} tiles, {n_bl} baselines x {_N_POLS} pols",
+            )
+        if not 0 < n_chans <= meta.fine_chans_per_coarse:
+            raise mismatch(
+                f"its first data HDU holds {n_chans} fine channels",
+                f"{meta.fine_chans_per_coarse} fine channels per coarse channel",
+            )
+        if mwax and len(shapes) > 1 and shapes[1][1:] != (_N_POLS, n_bl):
+            raise mismatch(
+                f"its first weights HDU is {shapes[1][1]} x {shapes[1][2]} values",
+                f"{_N_POLS} pols x {n_bl} baselines",
+            )
+
+
+def _tiles_of(n_baselines: int, rest: int) -> str:
+    """``16 tiles`` for 136 baselines, or how many baselines when no tile count gives them."""
+    n_tiles = round((np.sqrt(8 * n_baselines + 1) - 1) / 2)
+    if rest == 0 and n_tiles * (n_tiles + 1) // 2 == n_baselines:
+        return f"{n_tiles} tiles ({n_baselines} baselines)"
+    return f"not a whole number of baselines x {_N_POLS} pols"

@@ -56,6 +56,8 @@ class AtomicStream:
     finished; otherwise nothing is left.
     """
 
+    #: The output's path (its target, not the hidden temporary).
+    path: Path
     n_times: int
     n_chans: int
     _context: AbstractContextManager[Path]

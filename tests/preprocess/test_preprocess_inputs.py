@@ -1,0 +1,282 @@
+"""Inputs and outputs that do not fit: mismatched files, unwritable outputs, bad worker
+counts, contradictory options, killed processes; each a one-line error (exit 2)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from astropy.io import fits
+
+from observatory.cli import main
+from observatory.preprocess import engine
+from observatory.preprocess.engine import preprocess
+from observatory.preprocess.options import ConversionOptions, OptionError
+from observatory.preprocess.reader import ReadError, open_reader
+from observatory.telescope.simulator import PointSource, SimulatedObservation, simulate_observation
+from shared_data import MWA_DATA
+
+OBSID = 1300000000
+SOURCE = PointSource(30.0, -27.0, 50.0)
+
+
+def simulate(path: Path, **kwargs: object) -> SimulatedObservation:
+    settings: dict[str, object] = {
+        "n_tiles": 4, "coarse_chans": (133, 134), "n_timesteps": 2, "sources": [SOURCE],
+    }  # fmt: skip
+    return simulate_observation(path, OBSID, **{**settings, **kwargs})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory: pytest.TempPathFactory) -> SimulatedObservation:
+    """4 tiles, 2 coarse channels of 32 x 40 kHz, 2 integrations of 2 s."""
+    return simulate(tmp_path_factory.mktemp("sim"))
+
+
+def run(tmp_path: Path, *args: str) -> int:
+    return main(["--data-dir", str(tmp_path / "data"), "preprocess", *args])
+
+
+def cli_in_subprocess(*args: str) -> subprocess.CompletedProcess[str]:
+    """The command in its own process: a crash inside mwalib aborts only that one."""
+    command = [sys.executable, "-m", "observatory.cli", "preprocess", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+
+
+def without_layout_keys(source: Path, target: Path) -> Path:
+    """A copy of a data file without the primary header's NINPUTS, NFINECHS, FINECHAN and
+    INTTIME: only the HDU shapes tell what it holds."""
+    with fits.open(source) as hdus:
+        for key in ("NINPUTS", "NFINECHS", "FINECHAN", "INTTIME"):
+            del hdus[0].header[key]
+        hdus.writeto(target)
+    return target
+
+
+def test_a_data_file_for_another_array_is_refused_before_mwalib(
+    sim: SimulatedObservation, tmp_path: Path
+) -> None:
+    """mwalib panics (SIGABRT) on a file with more tiles than the metafits: the file's
+    header, or else its HDU shapes, are checked first."""
+    eight_tiles = simulate(tmp_path / "eight", n_tiles=8, coarse_chans=(133,))
+    (by_header,) = eight_tiles.vis_paths
+    by_shape = without_layout_keys(by_header, tmp_path / by_header.name)
+    for data, message in (
+        (by_header, "the file holds 8 tiles"),
+        (by_shape, "its first data HDU is 256 x 36 values, 8 tiles (36 baselines)"),
+    ):
+        out = tmp_path / "x.uvfits"
+        done = cli_in_subprocess("--metafits", str(sim.metafits_path), str(data), "--out",
+                                 str(out), "--no-rfi", "--allow-missing")  # fmt: skip
+        assert done.returncode == 2, done.stderr[-2000:]
+        (line,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert f"{data}: {message}, which does not match the metafits" in line
+        assert "(4 tiles" in line
+        assert not out.exists()
+
+
+def test_files_at_another_resolution_are_refused_naming_the_file(
+    sim: SimulatedObservation, tmp_path: Path
+) -> None:
+    fine = simulate(tmp_path / "fine", int_time_s=1.0, fine_chan_khz=20.0)
+    with pytest.raises(ReadError, match=r"_ch133_000\.fits: the file holds 1 s integrations, "
+                       r"which does not match the metafits .*\(2 s integrations\)"):  # fmt: skip
+        open_reader(sim.metafits_path, fine.vis_paths)
+    bare = [without_layout_keys(p, tmp_path / p.name) for p in fine.vis_paths]
+    with pytest.raises(ReadError, match="its first data HDU holds 64 fine channels, which does "
+                       r"not match the metafits .*\(32 fine channels per coarse channel\)"):  # fmt: skip
+        open_reader(sim.metafits_path, [sim.vis_paths[0], bare[1]])
+
+
+def test_the_real_files_pass_the_layout_check() -> None:
+    """Cut-down files hold fewer fine channels than their metafits: still read (pyuvdata)."""
+    for metafits, data in (
+        ("1320409688.metafits", ["1320409688_20211108122750_mini_ch137_000.fits"]),
+        ("1131733552.metafits", ["1131733552_20151116182537_mini_gpubox01_00.fits"]),
+    ):
+        reader = open_reader(MWA_DATA / metafits, [MWA_DATA / name for name in data])
+        assert len(reader.coarse_chans) == 1
+
+
+def test_mwaf_flag_files_are_refused_saying_they_are_not_used(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = [
+        MWA_DATA / "1131733552_20151116182537_mini_gpubox01_00.fits",
+        MWA_DATA / "1131733552_mini_01.mwaf",
+        MWA_DATA / "1131733552_mini_06.mwaf",
+    ]
+    out = tmp_path / "l.uvfits"
+    code = run(tmp_path, "--metafits", str(MWA_DATA / "1131733552.metafits"), *map(str, files),
+               "--out", str(out), "--allow-missing", "--no-rfi")  # fmt: skip
+    assert code == 2
+    error = capsys.readouterr().err
+    assert f"{files[1]} (and 1 more): .mwaf flag files are not used" in error
+    assert not out.exists()
+
+
+def test_an_output_directory_that_does_not_exist_is_an_error_not_made(
+    sim: SimulatedObservation, tmp_path: Path
+) -> None:
+    out = tmp_path / "typo" / "dir" / "o.uvfits"
+    options = ConversionOptions.from_params({"no_rfi": "true"})
+    message = f"cannot write {out}: the directory {out.parent} does not exist"
+    with pytest.raises(engine.OutputError, match=message):
+        preprocess(sim.metafits_path, sim.vis_paths, options, out)
+    assert not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize(
+    ("out", "reason"),
+    [("/sys/x.ms", "Permission denied"), ("/proc/x.uvfits", "/proc does not take new files")],
+)
+def test_outputs_where_no_file_can_be_made_exit_2_naming_the_output(
+    sim: SimulatedObservation,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    out: str,
+    reason: str,
+) -> None:
+    """Pseudo file systems refuse files even to root: the message names the output (not
+    its hidden temporary) and the reason (not a full disk)."""
+    code = run(tmp_path, "--metafits", str(sim.metafits_path), *map(str, sim.vis_paths),
+               "--out", out, "--no-rfi")  # fmt: skip
+    assert code == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert line == f"error: cannot write {out}: {reason}"
+
+
+@pytest.mark.parametrize("workers", ["0", "-3"])
+def test_workers_must_be_positive(
+    sim: SimulatedObservation, tmp_path: Path, capsys: pytest.CaptureFixture[str], workers: str
+) -> None:
+    out = tmp_path / "w.uvfits"
+    code = run(tmp_path, "--metafits", str(sim.metafits_path), *map(str, sim.vis_paths),
+               "--out", str(out), "--no-rfi", "--workers", workers)  # fmt: skip
+    assert code == 2
+    assert f"workers={workers} is not valid: must be a positive whole number" in (
+        capsys.readouterr().err
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"flag_dc": "true", "no_flag_dc": "true"},
+        {"flagdcchannels": "true", "no_flag_dc": "true"},
+        {"flag_dc": "false", "flagdcchannels": "true"},
+    ],
+)
+def test_contradictory_dc_options_are_refused(params: dict[str, str]) -> None:
+    with pytest.raises(OptionError, match="contradicts the other DC-channel options"):
+        ConversionOptions.from_params(params)
+
+
+def test_dc_options_that_agree_are_accepted(
+    sim: SimulatedObservation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        ConversionOptions.from_params({"flag_dc": "false", "no_flag_dc": "true"}).flag_dc is False
+    )
+    assert ConversionOptions.from_params({"flag_dc": "true", "no_flag_dc": "false"}).flag_dc is True
+    code = run(tmp_path, "--metafits", str(sim.metafits_path), *map(str, sim.vis_paths),
+               "--out", str(tmp_path / "d.uvfits"), "--flag-dc", "--no-flag-dc")  # fmt: skip
+    assert code == 2 and "contradicts the other DC-channel options" in capsys.readouterr().err
+
+
+def test_expected_pyuvdata_warnings_do_not_reach_the_user(tmp_path: Path) -> None:
+    """Reading the real cut-down files one coarse channel at a time through pyuvdata."""
+    files = [
+        MWA_DATA / "1131733552_20151116182537_mini_gpubox01_00.fits",
+        MWA_DATA / "1131733552_20151116182637_mini_gpubox06_01.fits",
+    ]
+    options = ConversionOptions.from_params({"no_rfi": "true", "allow_missing": "true"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        preprocess(MWA_DATA / "1131733552.metafits", files, options, tmp_path / "l.uvfits")
+        preprocess(
+            MWA_DATA / "1320409688.metafits",
+            [MWA_DATA / "1320409688_20211108122750_mini_ch137_000.fits"],
+            options,
+            tmp_path / "m.uvfits",
+        )
+    messages = [str(w.message) for w in caught]
+    for expected in ("some coarse channel files", "Fixing auto-correlations", "No coarse band"):
+        assert not [m for m in messages if expected in m], messages
+
+
+def test_a_killed_worker_exits_2_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A worker killed outright (the OOM killer's SIGKILL, here sent by the worker itself
+    to itself on its chunk of channel 134) breaks the pool: one line, exit 2, no output."""
+    obs = simulate(tmp_path / "obs", coarse_chans=(133, 134, 135, 136), n_timesteps=4)
+    original = engine._process
+
+    def killed_on_134(chunk: object, *args: object) -> object:
+        if getattr(chunk, "coarse_chan", None) == 134:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(chunk, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine, "_process", killed_on_134)  # forked workers inherit it
+    out = tmp_path / "out" / "o.uvfits"
+    out.parent.mkdir()
+    code = run(
+        tmp_path,
+        "--metafits",
+        str(obs.metafits_path),
+        *map(str, obs.vis_paths),
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+    )  # fmt: skip (RFI on: a process pool)
+    assert code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert errors == ["error: a worker process was killed (out of memory?); nothing was written"]
+    assert list(out.parent.iterdir()) == []
+
+
+def test_workers_die_with_a_killed_parent(tmp_path: Path) -> None:
+    """kill -9 of the converting process (the OOM killer's choice) takes its workers too."""
+    obs = simulate(tmp_path / "obs", coarse_chans=(133, 134, 135, 136), n_timesteps=4)
+    script = textwrap.dedent(
+        f"""
+        import time
+        from observatory.preprocess.engine import preprocess
+        from observatory.preprocess.options import ConversionOptions
+
+        def progress(done, total, what):
+            print("converting", flush=True)
+            time.sleep(600)  # held here, its workers alive, until killed
+
+        preprocess({str(obs.metafits_path)!r}, {[str(p) for p in obs.vis_paths]!r},
+                   ConversionOptions(), {str(tmp_path / "o.uvfits")!r}, progress=progress,
+                   workers=2)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    workers: list[psutil.Process] = []
+    try:
+        assert parent.stdout is not None and parent.stdout.readline() == "converting\n"
+        workers = psutil.Process(parent.pid).children()
+        assert len(workers) == 2
+        parent.kill()
+        parent.wait(timeout=60)
+        _, alive = psutil.wait_procs(workers, timeout=60)
+        assert alive == []
+    finally:
+        parent.kill()
+        for worker in workers:  # on failure: nothing left running
+            if worker.is_running():
+                worker.kill()
+    assert np.all([not w.is_running() for w in workers])
