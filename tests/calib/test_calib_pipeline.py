@@ -514,3 +514,37 @@ def test_nocache_rebuilds_a_file_laid_out_as_the_cached_one(
     assert diagonal.sum() > 0.5 * diagonal.size
     assert np.median(np.abs(np.angle(ratio))) < 0.05
     assert np.median(np.abs(np.abs(ratio) - 1)) < 0.05
+
+
+def test_a_fit_calibrates_a_target_at_another_frequency_resolution(
+    settings: Settings, session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """The cached hyperdrive FITS (chanblock frequencies) maps the calibrator's 40 kHz
+    chanblocks onto a 20 kHz target; its AO-cal file (no frequencies) cannot say how."""
+    from observatory.archive.service import correlator_inputs
+    from observatory.calib.service import fit_solutions
+    from observatory.core.storage import Storage
+    from observatory.preprocess.engine import preprocess
+    from observatory.preprocess.options import ConversionOptions
+    from observatory.preprocess.reader import ReadError
+
+    target_obs = CAL_OBS + 600
+    with session_factory() as session:
+        fit = fit_small_calibrator(session, settings)
+        simulate_and_register(session, settings, obsid=target_obs, sources=[catalogue_point_source("3C444")],
+                              n_tiles=8, coarse_chans=(109, 110), fine_chan_khz=20.0, int_time_s=2.0,
+                              n_timesteps=2)  # fmt: skip
+        session.commit()
+        solutions = fit_solutions(session, settings, fit)
+        metafits, files = correlator_inputs(session, Storage(settings.archive_dir), target_obs)
+        cached_aocal = solution_path(settings, fit)
+    assert solutions.chanblock_freqs_hz is not None and solutions.n_chanblocks == 2 * 32
+    options = ConversionOptions.from_params({"no_rfi": "true", "apply_di_cal": "true"})
+    (written,) = preprocess(metafits, files, options, tmp_path / "t.uvfits", solutions=solutions)
+    from pyuvdata import UVData
+
+    calibrated = UVData.from_file(str(written))
+    assert calibrated.Nfreqs == 2 * 64 and np.isfinite(calibrated.data_array).all()
+    assert cached_aocal is not None
+    with pytest.raises(ReadError, match="the calibration solution has 64 channels"):
+        preprocess(metafits, files, options, tmp_path / "u.uvfits", solutions=cached_aocal)

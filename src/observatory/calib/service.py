@@ -29,7 +29,13 @@ from sqlalchemy import ColumnElement, exists, or_, select
 from sqlalchemy.orm import Session
 
 from observatory.archive.models import Observation
-from observatory.calib.formats import CalSolutions, read_aocal, write_aocal, write_hyperdrive
+from observatory.calib.formats import (
+    CalSolutions,
+    read_aocal,
+    read_hyperdrive,
+    write_aocal,
+    write_hyperdrive,
+)
 from observatory.calib.models import CalibrationFit, CalibrationSolution
 from observatory.core.config import Settings
 from observatory.core.errors import BadRequest, NotFound
@@ -312,9 +318,18 @@ def tile_names(tile_ids: Sequence[int]) -> list[str]:
 def fit_solutions(
     session: Session, settings: Settings, fit: CalibrationFit, *, nocache: bool = False
 ) -> CalSolutions:
-    """A fit's solutions: its cached AO-cal file, or rebuilt from its rows (``nocache`` or no file)."""
-    cached = None if nocache else solution_path(settings, fit)
-    return read_aocal(cached) if cached is not None else solutions_from_table(session, fit)
+    """A fit's solutions: its cached files, or rebuilt from its rows (``nocache`` or no file).
+
+    The hyperdrive FITS first: it keeps the chanblock frequencies and times, which let a
+    conversion apply the solutions to data at another frequency resolution (by frequency);
+    the AO-cal file has neither.
+    """
+    if not nocache:
+        if (hyperdrive := hyperdrive_path(settings, fit)) is not None:
+            return read_hyperdrive(hyperdrive)
+        if (aocal := solution_path(settings, fit)) is not None:
+            return read_aocal(aocal)
+    return solutions_from_table(session, fit)
 
 
 def _floats(values: Sequence[float | None] | None, n: int) -> np.ndarray:

@@ -272,7 +272,9 @@ def _band_chanblocks(
         width = float(np.min(spacing)) if len(spacing) else meta.fine_chan_width_hz
         nearest = np.abs(data_freqs[:, None] - block_freqs[None, :]).argmin(axis=1)
         offset = np.abs(data_freqs - block_freqs[nearest])
-        uncovered = offset >= width / 2 * (1 - 1e-6)
+        # Inclusive: MWAX channels are centred on the coarse channel, so a finer channel
+        # can sit exactly halfway between two chanblocks (it takes the lower one).
+        uncovered = offset > width / 2 * (1 + 1e-6)
         if uncovered.any():
             missing = sorted(
                 {int(c) for c in data_columns[uncovered] // meta.fine_chans_per_coarse}
