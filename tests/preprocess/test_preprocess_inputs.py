@@ -280,3 +280,36 @@ def test_workers_die_with_a_killed_parent(tmp_path: Path) -> None:
             if worker.is_running():
                 worker.kill()
     assert np.all([not w.is_running() for w in workers])
+
+
+def test_conversions_in_threads_leak_none_of_the_expected_warnings(tmp_path: Path) -> None:
+    """The filters are not swapped per read (catch_warnings), which threads undo for each other."""
+    import threading
+    import warnings
+
+    from observatory.preprocess.engine import preprocess
+    from observatory.preprocess.options import ConversionOptions
+
+    obs = simulate_observation(tmp_path / "obs", 1320412440, n_tiles=8, coarse_chans=[133, 134],
+                               n_timesteps=4, sources=[PointSource(30.0, -27.0, 50.0)])  # fmt: skip
+    failures: list[BaseException] = []
+
+    def convert(name: str) -> None:
+        try:
+            (tmp_path / name).mkdir()
+            options = ConversionOptions.from_params({"no_rfi": "true", "output": "uvfits"})
+            preprocess(obs.metafits_path, obs.vis_paths, options, tmp_path / name / "o.uvfits")
+        except BaseException as exc:  # reported below, in the test's thread
+            failures.append(exc)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        threads = [threading.Thread(target=convert, args=(f"out{i}",)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not failures, failures
+    leaked = [str(w.message) for w in caught if "Recalculating uvw_array" in str(w.message)
+              or "not submitted" in str(w.message) or "Fixing auto-correlations" in str(w.message)]  # fmt: skip
+    assert not leaked

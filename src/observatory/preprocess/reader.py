@@ -28,9 +28,8 @@ import contextlib
 import logging
 import os
 import re
-import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -312,13 +311,13 @@ class PyuvdataReader:
         self._freqs_hz: dict[int, NDArray[np.float64]] = {}
         time_axes = []
         for group in groups.values():
-            with _expected_pyuvdata_warnings():
-                header = UVData.from_file(
-                    [str(metafits), *map(str, group)],
-                    file_type="mwa_corr_fits",
-                    read_data=False,
-                    remove_coarse_band=False,  # the engine's choice, not pyuvdata's (DERIPPLE)
-                )
+            silence_expected_pyuvdata_warnings()
+            header = UVData.from_file(
+                [str(metafits), *map(str, group)],
+                file_type="mwa_corr_fits",
+                read_data=False,
+                remove_coarse_band=False,  # the engine's choice, not pyuvdata's (DERIPPLE)
+            )
             rec_chan = _rec_chan_of(float(np.mean(header.freq_array)))
             self._files[rec_chan] = group
             self._freqs_hz[rec_chan] = np.asarray(header.freq_array, dtype=np.float64).ravel()
@@ -352,8 +351,8 @@ class PyuvdataReader:
 
     def _read_channel(self, coarse_chan: int) -> RawChunk:
         meta = self.meta
-        with _expected_pyuvdata_warnings():
-            uvd = self._read_uvdata(coarse_chan)
+        silence_expected_pyuvdata_warnings()
+        uvd = self._read_uvdata(coarse_chan)
         times_gps = _jd_to_gps(uvd.time_array) - meta.int_time_s / 2
         grid = self.time_start_gps_s
         time_rows = np.clip(np.rint((times_gps - grid[0]) / meta.int_time_s), 0, len(grid) - 1)
@@ -410,23 +409,33 @@ class PyuvdataReader:
 
 
 #: pyuvdata's warnings that say nothing to the user of a conversion: each coarse channel is
-#: read on its own (the others are "not submitted"), and raw autocorrelations carry a
-#: rounding residue of imaginary part (removed again after the corrections).
+#: read on its own (the others are "not submitted"), raw autocorrelations carry a rounding
+#: residue of imaginary part (removed again after the corrections), and the output's uvw
+#: are computed from the antenna positions on purpose.
 _EXPECTED_PYUVDATA_WARNINGS = (
     "some coarse channel files were not submitted",
     "Fixing auto-correlations to be be real-only",
+    "Recalculating uvw_array",
 )
-#: ``warnings.catch_warnings`` swaps process-wide filters: one reading thread at a time.
-_WARNINGS_LOCK = threading.Lock()
 
 
-@contextlib.contextmanager
-def _expected_pyuvdata_warnings() -> Iterator[None]:
-    """Silence :data:`_EXPECTED_PYUVDATA_WARNINGS` (only those) while pyuvdata reads."""
-    with _WARNINGS_LOCK, warnings.catch_warnings():
-        for message in _EXPECTED_PYUVDATA_WARNINGS:
+def silence_expected_pyuvdata_warnings() -> None:
+    """Ignore :data:`_EXPECTED_PYUVDATA_WARNINGS` (those only), process-wide.
+
+    Not ``warnings.catch_warnings``: it swaps the whole process's filters and puts the old
+    ones back on leaving, so conversions running in threads would undo each other's
+    filters (a warning leaks), or, behind a lock, read one at a time. An ignore filter for
+    each message is added when it is missing: repeatable, and a filter added twice by two
+    threads at once is harmless.
+    """
+    present = {
+        entry[1].pattern
+        for entry in warnings.filters
+        if entry[0] == "ignore" and entry[1] is not None
+    }
+    for message in _EXPECTED_PYUVDATA_WARNINGS:
+        if re.escape(message) not in present:
             warnings.filterwarnings("ignore", message=re.escape(message), category=UserWarning)
-        yield
 
 
 #: Largest difference between a time and its grid slot (MWA times are whole milliseconds).

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from observatory.preprocess.reader import ObservationMeta
+from observatory.preprocess.reader import ObservationMeta, silence_expected_pyuvdata_warnings
 from observatory.telescope.instrument import COARSE_CHAN_WIDTH_HZ
 
 #: AIPS polarisation codes of XX, XY, YX, YY (the chunk order).
@@ -95,28 +94,24 @@ def to_uvdata(
             "flag_array": flags.reshape(n_blts, n_chans, 4),
             "nsample_array": weights.reshape(n_blts, n_chans, 4),
         }
-    with warnings.catch_warnings():
-        # UVData.new computes uvw from the antenna positions, and says so.
-        warnings.filterwarnings("ignore", message="Recalculating uvw_array")
-        uvd = UVData.new(
-            freq_array=description.freqs_hz,
-            polarization_array=POLARIZATION_CODES,
-            times=Time(description.time_centres_gps_s, format="gps").utc.jd,
-            telescope=telescope,
-            antpairs=np.stack([p, q], axis=1),
-            do_blt_outer=True,
-            time_axis_faster_than_bls=False,
-            integration_time=description.int_time_s,
-            channel_width=description.channel_width_hz,
-            phase_center_catalog=catalog,
-            phase_center_id_array=np.zeros(n_blts, dtype=int),
-            history=description.history,
-            vis_units="Jy" if description.calibrated else "uncalib",
-            flex_spw_id_array=spectral_window_ids(
-                description.freqs_hz, description.channel_width_hz
-            ),
-            **arrays,
-        )
+    silence_expected_pyuvdata_warnings()  # UVData.new computes uvw, and says so
+    uvd = UVData.new(
+        freq_array=description.freqs_hz,
+        polarization_array=POLARIZATION_CODES,
+        times=Time(description.time_centres_gps_s, format="gps").utc.jd,
+        telescope=telescope,
+        antpairs=np.stack([p, q], axis=1),
+        do_blt_outer=True,
+        time_axis_faster_than_bls=False,
+        integration_time=description.int_time_s,
+        channel_width=description.channel_width_hz,
+        phase_center_catalog=catalog,
+        phase_center_id_array=np.zeros(n_blts, dtype=int),
+        history=description.history,
+        vis_units="Jy" if description.calibrated else "uncalib",
+        flex_spw_id_array=spectral_window_ids(description.freqs_hz, description.channel_width_hz),
+        **arrays,
+    )
     uvd.object_name = meta.obs_name or str(meta.obsid)
     uvd.extra_keywords["OBSID"] = meta.obsid
     return uvd
