@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -1366,3 +1367,188 @@ def test_dry_run_refuses_what_the_run_refuses(
             package(
                 sb, readme, packpath, append="member", style="modern", uids=uids, dry_run=dry_run
             )
+
+
+def test_a_second_run_is_refused_even_into_a_directory_the_first_made(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    """The lock is taken before anything is planned, the parent made first if need be: a run
+    started while another writes (or plans) is refused, whatever it would do."""
+    sb = build_sb(tmp_path)
+    second = sb.parent / "IRC10216_setup4_b6_run_x2"
+    packpath = tmp_path / "deliveries" / "new" / "2011.0.00229.S"
+    code = (
+        "import sys, time\n"
+        "from observatory.packaging.qa2 import package\n"
+        "def slow(action):\n"
+        "    print('working', flush=True); time.sleep(0.05)\n"
+        "package(sys.argv[1], sys.argv[2], sys.argv[3], mode='copy', progress=slow)\n"
+    )
+    first = subprocess.Popen([sys.executable, "-c", code, str(second), str(readme), str(packpath)],
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert first.stdout is not None and first.stdout.readline() == "working\n"
+        for append in ("", "member"):
+            with pytest.raises(PackagingError, match="another qa-packager run is writing"):
+                package(sb, readme, packpath, mode="move", append=append)
+    finally:
+        first.communicate(timeout=120)
+    assert first.returncode == 0
+    assert all(not p.is_symlink() for p in sb.rglob("*"))  # nothing of SB1 moved
+    assert not validate_manifest(packpath)
+    assert not (packpath.parent / ".2011.0.00229.S.qa-packager-lock").exists()
+    # A refused run into a new directory leaves no directory behind.
+    elsewhere = tmp_path / "other" / "place" / "2011.0.00229.S"
+    with pytest.raises(PackagingError):
+        package(sb, tmp_path / "no-such-readme", elsewhere)
+    (tmp_path / "bad").mkdir()
+    (sb / "X8c" / "bad\nname.log").write_text("x")
+    with pytest.raises(PackagingError, match="line break"):
+        package(sb, readme, tmp_path / "bad" / "new" / "2011.0.00229.S")
+    assert list((tmp_path / "bad").iterdir()) == []
+
+
+def test_clearing_is_refused_when_a_moved_from_reduction_is_gone(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    sb = build_sb(tmp_path)
+    second = sb.parent / "IRC10216_setup4_b6_run_x2"
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb, readme, packpath, mode="move")
+    done = sb.with_name("IRC10216_setup3_done")
+    sb.rename(done)
+    before = package_state(tmp_path, packpath)
+    with pytest.raises(
+        PackagingError, match=r"which no longer exists: the package may hold their only copy"
+    ):
+        package(second, readme, packpath, mode="copy")
+    assert package_state(tmp_path, packpath) == before
+    assert all(p.exists() for p in done.rglob("*"))
+
+
+def test_a_move_killed_before_its_first_write_is_still_recorded(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from observatory.packaging import qa2
+
+    sb = build_sb(tmp_path)
+    second = sb.parent / "IRC10216_setup4_b6_run_x2"
+    packpath = tmp_path / "2011.0.00229.S"
+    package(second, readme, packpath, mode="copy")
+    real_begin = qa2._begin
+
+    def killed_after_begin(*args: Any, **kwargs: Any) -> qa2.Journal:
+        real_begin(*args, **kwargs)
+        raise Crash
+
+    monkeypatch.setattr(qa2, "_begin", killed_after_begin)
+    with pytest.raises(Crash):
+        package(sb, readme, packpath, mode="move", append="member")
+    monkeypatch.undo()
+    package(sb, readme, packpath, mode="move", append="member")  # finishes it
+    with pytest.raises(PackagingError, match="links into"):
+        package(second, readme, packpath, mode="copy")
+
+
+def test_a_move_that_clears_killed_before_setting_the_old_package_aside(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finished by running it again: the old package goes, not mixed with the new one."""
+    sb = build_sb(tmp_path)
+    second = sb.parent / "IRC10216_setup4_b6_run_x2"
+    packpath = tmp_path / "2011.0.00229.S"
+    package(second, readme, packpath, mode="copy")
+    real_rename = os.rename
+
+    def killed(source: Any, destination: Any) -> None:
+        if str(destination).endswith("qa-packager-previous"):
+            raise Crash
+        real_rename(source, destination)
+
+    monkeypatch.setattr(os, "rename", killed)
+    with pytest.raises(Crash):
+        package(sb, readme, packpath, mode="move")
+    monkeypatch.undo()
+    package(sb, readme, packpath, mode="move")
+    member = packpath / "sg_ouss_id" / "group_ouss_id" / "member_ouss_id"
+    assert listing(member) == EXPECTED  # SB1 only
+    assert not validate_manifest(packpath)
+    assert not list(tmp_path.glob(".*qa-packager*"))
+
+
+def test_a_package_set_aside_that_cannot_be_deleted_is_never_put_back(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from observatory.packaging import qa2
+
+    sb = build_sb(tmp_path)
+    second = sb.parent / "IRC10216_setup4_b6_run_x2"
+    packpath = tmp_path / "2011.0.00229.S"
+    package(second, readme, packpath, mode="copy")
+    real_rmtree = shutil.rmtree
+
+    def refusing(path: Any, *args: Any, **kwargs: Any) -> None:
+        if str(path).endswith("qa-packager-previous"):
+            raise PermissionError(1, "Operation not permitted", str(path))
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(qa2.shutil, "rmtree", refusing)
+    with pytest.raises(PackagingError, match="is complete, but the package it replaced"):
+        package(sb, readme, packpath, mode="copy")
+    after = package_state(tmp_path, packpath)
+    for append in ("group", ""):  # the next runs try again, and never undo the finished one
+        with pytest.raises(PackagingError, match="could not be deleted"):
+            package(second, readme, packpath, mode="copy", append=append)
+        assert package_state(tmp_path, packpath) == after
+    monkeypatch.undo()
+    plan = package(second, readme, packpath, mode="copy", append="group")
+    assert plan.member.parts[1] == "group_ouss_id2"
+    assert listing(packpath / "sg_ouss_id" / "group_ouss_id" / "member_ouss_id") == EXPECTED
+    assert not list(tmp_path.glob(".*qa-packager*"))
+
+
+def test_undo_restores_real_tickets_after_a_fake_run(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from observatory.packaging import qa2
+
+    sb = build_sb(tmp_path)
+    second = sb.parent / "IRC10216_setup4_b6_run_x2"
+    packpath = tmp_path / "2011.0.00229.S"
+    package(second, readme, packpath, mode="copy")
+    tickets = {p: p.read_bytes() for p in tmp_path.glob("2011.0.00229.S.ticket.*")}
+    assert all(tickets.values())
+    monkeypatch.setattr(qa2, "_commit", lambda *args: (_ for _ in ()).throw(Crash()))
+    monkeypatch.setattr(qa2, "_undo", lambda *args: "")
+    (tmp_path / "2011.0.00229.S.manifest-sha256.txt.partial").write_text("half")
+    with pytest.raises(Crash):
+        package(sb, readme, packpath, mode="fake", append="member")
+    monkeypatch.undo()
+    plan = package(sb, readme, packpath, mode="copy", append="member", dry_run=True)
+    assert plan.actions[0].kind == "undo"
+    from observatory.packaging.cli import main as cli_main
+    from observatory.packaging.tarsplit import write_pieces
+
+    with pytest.raises(ValueError, match="did not finish"):
+        write_pieces(packpath, "2012-06-20", None, 1 << 30)
+    assert cli_main(["verify", str(packpath)]) == 1
+    journal = qa2.Journal.of(packpath)
+    assert journal is not None
+    qa2._undo(packpath, journal)  # what the next run does first
+    assert {p: p.read_bytes() for p in tickets} == tickets  # the real ones, not emptied
+    assert not list(tmp_path.glob("*.partial"))
+    assert not validate_manifest(packpath)
+
+
+def test_an_append_keeps_reporting_what_went_missing_from_earlier_members(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    sb = build_sb(tmp_path)
+    second = sb.parent / "IRC10216_setup4_b6_run_x2"
+    packpath = tmp_path / "2011.0.00229.S"
+    package(second, readme, packpath, mode="copy")
+    gone = next((packpath / "sg_ouss_id").rglob("table.f0"))
+    gone.unlink()
+    package(sb, readme, packpath, mode="copy", append="member")
+    problems = validate_manifest(packpath)
+    assert problems == [f"missing: {gone.relative_to(tmp_path)}"]

@@ -134,6 +134,11 @@ def _verify(arguments: list[str]) -> int:
     parser.add_argument("package", type=Path, help="the package directory (its project code)")
     parser.add_argument("--workers", type=int, default=2, help="hashing threads (default 2)")
     args = parser.parse_args(arguments)
+    from observatory.packaging.qa2 import unfinished_run
+
+    if (reason := unfinished_run(args.package)) is not None:
+        print(f"qa-packager verify: {reason}", file=sys.stderr)
+        return 1
     try:
         problems = validate_manifest(args.package, workers=args.workers)
     except (ValueError, OSError) as exc:  # an unreadable or malformed manifest

@@ -200,8 +200,10 @@ def write_manifest(
 ) -> Path:
     """Hash every file of ``packpath/member`` into the package's manifest.
 
-    Lines of other members are kept (they are never modified by a later run) when their file
-    still exists; this member's lines are replaced. The file is replaced atomically.
+    Lines of other members are kept as they are, whether or not their files are still
+    there (they are never modified by a later run: a file gone missing must still be
+    reported by the validation); this member's lines are replaced. The file is replaced
+    atomically.
     ``known`` maps files (``os.path.join`` strings under ``packpath/member``) to digests
     already computed, which are not hashed again.
     """
@@ -210,7 +212,7 @@ def write_manifest(
     kept = {
         name: digest
         for name, digest in read_manifest(path).items()
-        if not Path(name).is_relative_to(prefix) and (packpath.parent / name).is_file()
+        if not Path(name).is_relative_to(prefix)
     }
     # Plain strings, not Paths: with tens of thousands of files pathlib costs more than hashing.
     # Names are the member's name in the manifest followed by the path below the member

@@ -463,6 +463,30 @@ class Journal:
         os.replace(partial, self.path)
 
 
+def unfinished_run(packpath: Path) -> str | None:
+    """Why ``packpath`` cannot be read as a finished package now (for tarsplit and verify):
+    a run writing it, or one that did not finish; None when neither."""
+    journal = Journal.of(packpath)
+    if journal is not None and not journal.committed:
+        return (
+            f"a qa-packager {journal.mode} run on {packpath} did not finish ({journal.path}): "
+            + ("run the same move again" if journal.mode == "move" else "run it again (any run "
+               "on the package first undoes it)")
+            + " before reading the package"
+        )  # fmt: skip
+    try:
+        fd = os.open(packpath.parent / f".{packpath.name}.qa-packager-lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return f"a qa-packager run is writing {packpath}: wait for it to finish"
+    finally:
+        os.close(fd)
+    return None
+
+
 def _journal_path(packpath: Path) -> Path:
     return packpath.parent / f"{packpath.name}.qa-packager-journal.json"
 
@@ -523,6 +547,8 @@ def _undo(packpath: Path, journal: Journal) -> str:
                 os.replace(_set_aside(path), path)
         else:
             path.unlink(missing_ok=True)
+    for path in (*_beside(packpath), _moved_origins_path(packpath), journal.path):
+        path.with_name(path.name + ".partial").unlink(missing_ok=True)  # half-written by it
     journal.path.unlink(missing_ok=True)
     what = f"removed {removed}, " if removed and not journal.cleared else ""
     return (
@@ -532,13 +558,29 @@ def _undo(packpath: Path, journal: Journal) -> str:
 
 
 def _commit(packpath: Path, journal: Journal) -> None:
-    """The run is complete: delete what it set aside, then its journal."""
+    """The run is complete: delete what it set aside, then its journal.
+
+    Raises
+    ------
+    PackagingError
+        When the package set aside cannot be deleted: the journal stays (committed), so
+        the next run tries again, and nothing ever puts that package back.
+    """
     if not journal.committed:
         journal.committed = True
         journal.save()
-    shutil.rmtree(_set_aside(packpath), ignore_errors=True)
     for path in _beside(packpath):
         _set_aside(path).unlink(missing_ok=True)
+    previous = _set_aside(packpath)
+    try:
+        if os.path.lexists(previous):
+            shutil.rmtree(previous)
+    except OSError as exc:
+        raise PackagingError(
+            f"{packpath} is complete, but the package it replaced, set aside at {previous}, "
+            f"could not be deleted ({exc.strerror or exc}: {exc.filename}); delete it "
+            "yourself, or the next run tries again"
+        ) from exc
     journal.path.unlink(missing_ok=True)
 
 
@@ -1147,7 +1189,10 @@ def write_tickets(plan: Plan, packpath: Path, member: Path, *, real: bool) -> tu
     tar_path, zip_path = _ticket_paths(packpath)
     if not real:
         for path in (tar_path, zip_path):
-            path.write_bytes(b"")
+            # A new file, not the old one emptied: a run sets the old one aside as a hard link.
+            partial = path.with_name(path.name + ".partial")
+            partial.write_bytes(b"")
+            os.replace(partial, path)
         return tar_path, zip_path
     prefix = Path(packpath.name) / plan.member
     entries: list[tuple[str, bytes]] = [
@@ -1240,23 +1285,17 @@ def package(
     if not header.is_file():
         raise PackagingError(f"readme {header} is not a file")
     header_text = _read_text(header, "readme")  # now: it may lie inside packpath, cleared below
-    with contextlib.ExitStack() as stack:
-        locked: list[bool] = []
-
-        def lock() -> Journal | None:
-            """Take the package's lock before the first write; the journal, read again."""
-            if not locked:
-                stack.enter_context(_lock(pack))
-                locked.append(True)
-            return Journal.of(pack)
-
+    # A run holds the package's lock from its first look at the package to its last write:
+    # what it checks (another run's journal, what clearing would strand, the next member's
+    # number) cannot change under it. A dry run only reads.
+    with contextlib.nullcontext() if dry_run else _lock(pack):
         journal = Journal.of(pack)
         undone: list[str] = []
         if journal is not None and journal.committed and not dry_run:
-            journal = lock()
-            if journal is not None and journal.committed:
-                _commit(pack, journal)  # a finished run killed while deleting what it set aside
-            journal = Journal.of(pack)
+            _commit(pack, journal)  # a finished run killed while deleting what it set aside
+            journal = None
+        if journal is None and not dry_run:
+            _refuse_a_stale_set_aside(pack)
         resumed = None
         if journal is not None and journal.mode == "move" and not journal.committed:
             if mode != "move" or os.path.realpath(journal.origpath) != os.path.realpath(origin):
@@ -1269,9 +1308,7 @@ def package(
             if dry_run:  # planned as the package will be once the unfinished run is undone
                 undone.append(str(journal.path))
             else:
-                journal = lock()
-                if journal is not None and journal.mode != "move" and not journal.committed:
-                    undone.append(_undo(pack, journal))
+                undone.append(_undo(pack, journal))
                 journal = None
         pending = journal if undone and dry_run else None
         ignored = Path(pending.made) if pending is not None and pending.made else None
@@ -1291,8 +1328,7 @@ def package(
         member = pack / member_relative
         clearing = resumed is None and append == "" and pack_exists
         if clearing:
-            recorded = [Path(o) for o in _moved_origins(pack)]
-            _refuse_if_linked_from([origin, *(o for o in recorded if o.is_dir())], pack)
+            _refuse_to_clear_moved_data(pack, origin)
         elif (
             resumed is None and member.exists() and not (ignored and member.is_relative_to(ignored))
         ):
@@ -1311,37 +1347,75 @@ def package(
         ]
         if dry_run:
             return plan
-        seen = None if journal is None else dataclasses.asdict(journal)
-        journal = lock()
-        if (None if journal is None else dataclasses.asdict(journal)) != seen:
-            raise PackagingError(
-                f"another qa-packager run changed {pack} while this one was planning: run again"
-            )
-        if resumed is None:
-            if clearing:
-                _moved_origins_path(pack).unlink(missing_ok=True)  # none links in: checked
-            journal = _begin(pack, origin, member_relative, mode, clearing=clearing)
-            if mode == "move":
-                _record_moved_origin(pack, origin)
-        assert journal is not None
+        if mode == "move":  # first: a move killed at any later point is still recorded
+            _record_moved_origin(pack, origin, reset=clearing)
+        elif clearing:
+            _moved_origins_path(pack).unlink(missing_ok=True)  # none links in: checked
         try:
+            if resumed is None:
+                journal = _begin(pack, origin, member_relative, mode, clearing=clearing)
+            assert journal is not None
+            if journal.cleared and not _set_aside(pack).exists() and pack.exists():
+                # A move that clears, killed between its journal and setting the old package
+                # aside (nothing has moved yet): set it aside now.
+                os.rename(pack, _set_aside(pack))
             _carry_out(plan, pack, member, header_text, mode, progress, hash_workers, verify)
         except BaseException:
             # A run that cannot finish is undone: the package is as it was, and the next
             # ``append`` gets the same number. An interrupted move is finished by running it
             # again instead (its journal).
-            if mode != "move":
-                _undo(pack, journal)
+            pending = journal if journal is not None else Journal.of(pack)
+            if mode != "move" and pending is not None:
+                _undo(pack, pending)
             raise
         _commit(pack, journal)
         return plan
 
 
-def _record_moved_origin(packpath: Path, origin: Path) -> None:
-    """Add ``origin`` to the reductions moved into the package (before anything moves)."""
-    origins = _moved_origins(packpath)
+def _refuse_a_stale_set_aside(packpath: Path) -> None:
+    """Refuse to start while an earlier package set aside is still there without a journal.
+
+    A run that finished but could not delete the package it set aside (a file it may not
+    remove) leaves it; a run may only ever find the set-aside name holding what it put
+    there itself, so that undoing a run can never put such a remnant in place of a package.
+    """
+    previous = _set_aside(packpath)
+    if os.path.lexists(previous):
+        raise PackagingError(
+            f"{previous} holds a package an earlier run replaced but could not delete: delete "
+            "it (after checking nothing in it is needed) to go on"
+        )
+
+
+def _refuse_to_clear_moved_data(packpath: Path, origin: Path) -> None:
+    """Clearing must not delete data that a move put in the package (its only copy).
+
+    Every reduction moved in is recorded (``<packpath>.moved-origins.json``). Clearing is
+    refused while one still links into the package, and while one no longer exists (it
+    was renamed or deleted after its move: the package may hold its only copy).
+    """
+    recorded = [Path(o) for o in _moved_origins(packpath)]
+    gone = [str(o) for o in recorded if not o.is_dir()]
+    if gone:
+        raise PackagingError(
+            f"files were moved into {packpath} from {', '.join(gone)}, which no longer "
+            f"exist{'s' if len(gone) == 1 else ''}: the package may hold their only copy, and "
+            "clearing it would lose them; refused (add with append='member' or 'group'; if "
+            f"that data is safe elsewhere, delete {packpath} and {_moved_origins_path(packpath)} "
+            "yourself)"
+        )
+    _refuse_if_linked_from([origin, *recorded], packpath)
+
+
+def _record_moved_origin(packpath: Path, origin: Path, *, reset: bool = False) -> None:
+    """Add ``origin`` to the reductions moved into the package (before anything moves).
+
+    ``reset``: the package is being cleared (nothing moved in earlier still links in).
+    """
+    origins = [] if reset else _moved_origins(packpath)
     absolute = os.path.realpath(origin)
-    if absolute not in origins:
+    if absolute not in origins or reset:
+        packpath.parent.mkdir(parents=True, exist_ok=True)
         path = _moved_origins_path(packpath)
         partial = path.with_name(path.name + ".partial")
         partial.write_text(json.dumps([*origins, absolute]))
@@ -1350,27 +1424,53 @@ def _record_moved_origin(packpath: Path, origin: Path) -> None:
 
 @contextlib.contextmanager
 def _lock(packpath: Path) -> Iterator[None]:
-    """One run at a time on a package (``flock`` of a hidden lock file beside it).
+    """One run at a time on a package: ``flock`` of a hidden lock file beside it.
+
+    The package's parent directory is made first if need be (a run into a new directory
+    must be locked too); the directories made are removed again if the run leaves them
+    empty (a refused run), and so is the lock file, by its holder: a run that opens the
+    file just before it is removed finds, once it holds the lock, that the name no longer
+    leads to it, and takes the new file's lock instead.
 
     Raises
     ------
     PackagingError
         When another run holds the package.
     """
-    if not packpath.parent.is_dir():  # made by the run: no other run can be in it yet
-        yield
-        return
-    fd = os.open(packpath.parent / f".{packpath.name}.qa-packager-lock", os.O_RDWR | os.O_CREAT)
+    made: list[Path] = []
+    for directory in reversed((packpath.parent, *packpath.parent.parents)):
+        if not directory.exists():
+            with contextlib.suppress(FileExistsError):
+                directory.mkdir()
+                made.append(directory)
+    path = packpath.parent / f".{packpath.name}.qa-packager-lock"
+    fd: int | None = None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise PackagingError(
-                f"another qa-packager run is writing {packpath}: wait for it to finish"
-            ) from exc
+        while fd is None:
+            candidate = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(candidate, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                current = os.stat(path).st_ino
+            except (BlockingIOError, FileNotFoundError) as exc:
+                os.close(candidate)
+                if isinstance(exc, BlockingIOError):
+                    raise PackagingError(
+                        f"another qa-packager run is writing {packpath}: wait for it to finish"
+                    ) from exc
+                continue  # removed by the run that held it: take the new file's lock
+            if os.fstat(candidate).st_ino == current:
+                fd = candidate
+            else:
+                os.close(candidate)
         yield
     finally:
-        os.close(fd)
+        if fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # while holding it (see above)
+            os.close(fd)
+        for directory in reversed(made):
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only when empty
 
 
 def _written(plan: Plan, pack: Path, mode: str) -> list[Path]:

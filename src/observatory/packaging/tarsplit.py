@@ -521,7 +521,11 @@ def _existing(output_dir: Path, project: str, name: str) -> list[str]:
 
 
 def _check_request(package: Path, name: str, output_dir: Path | None) -> tuple[Path, Path]:
+    from observatory.packaging.qa2 import unfinished_run
+
     package = _check_package(package)
+    if (reason := unfinished_run(package)) is not None:
+        raise TarsplitError(reason)
     if not TAG.match(name):
         raise TarsplitError(
             f"NAME {name!r}: must be non-empty and hold only letters, digits, '.', '_' and '-' "
