@@ -263,19 +263,26 @@ def test_download_links_are_signed(client: TestClient, archive_settings: Setting
     assert download(other, archive_settings).status_code == 403
 
 
-def test_cancel_during_preprocessing_leaves_nothing(archive_settings: Settings) -> None:
-    engine = make_engine(archive_settings.resolved_database_url)
+BIG_OBS = 1320419640
+
+
+def register_big_observation(settings: Settings) -> None:
+    """An observation big enough that its conversion (with AOFlagger) takes a few seconds."""
+    engine = make_engine(settings.resolved_database_url)
     with make_session_factory(engine)() as session:
-        # Big enough that AOFlagger takes a few seconds.
         simulate_and_register(
-            session, archive_settings, obsid=1320419640, sources=[overhead(1320419640)],
-            n_tiles=48, coarse_chans=(133, 134, 135, 136), n_timesteps=16,
+            session, settings, obsid=BIG_OBS, sources=[overhead(BIG_OBS)], n_tiles=48,
+            coarse_chans=(133, 134, 135, 136), n_timesteps=16,
         )  # fmt: skip
         session.commit()
     engine.dispose()
+
+
+def test_cancel_during_preprocessing_leaves_nothing(archive_settings: Settings) -> None:
+    register_big_observation(archive_settings)
     with TestClient(create_app(archive_settings, run_jobs=True)) as client:
         client.post("/api/api_login", headers=basic("giant-squidv2.5.1", API_KEY))
-        job_id = submit(client, "conversion_job", obs_id=1320419640)
+        job_id = submit(client, "conversion_job", obs_id=BIG_OBS)
         deadline = time.monotonic() + 60
         while rows_by_id(client)[job_id]["job_state"] != "preprocessing":
             assert time.monotonic() < deadline
@@ -309,17 +316,10 @@ def test_a_conversion_that_crashes_fails_its_job_and_not_the_server(
     """A native abort (casacore's ``terminate``, a Rust panic) kills only the conversion."""
     import signal
 
-    engine = make_engine(archive_settings.resolved_database_url)
-    with make_session_factory(engine)() as session:
-        simulate_and_register(
-            session, archive_settings, obsid=1320419640, sources=[overhead(1320419640)],
-            n_tiles=48, coarse_chans=(133, 134, 135, 136), n_timesteps=16,
-        )  # fmt: skip
-        session.commit()
-    engine.dispose()
+    register_big_observation(archive_settings)
     with TestClient(create_app(archive_settings, run_jobs=True)) as client:
         client.post("/api/api_login", headers=basic("giant-squidv2.5.1", API_KEY))
-        job_id = submit(client, "conversion_job", obs_id=1320419640, conversion="ms")
+        job_id = submit(client, "conversion_job", obs_id=BIG_OBS, conversion="ms")
         deadline = time.monotonic() + 60
         while not (processes := _conversion_processes()):
             assert time.monotonic() < deadline, "no conversion process started"

@@ -1079,6 +1079,17 @@ def test_clearing_a_package_removes_its_manifest(
     assert not manifest_path(packpath).exists()
 
 
+def sb2_packaged(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> tuple[Path, Path, Path]:
+    """The example under ``tmp_path``, its second SB packaged by copy: (SB1, SB2, packpath)."""
+    sb = build_sb(tmp_path)
+    second = sb.parent / "IRC10216_setup4_b6_run_x2"
+    packpath = tmp_path / "2011.0.00229.S"
+    package(second, readme, packpath, mode="copy")
+    return sb, second, packpath
+
+
 def package_state(tmp_path: Path, packpath: Path) -> dict[str, str]:
     """Every file of the package and beside it (manifest, tickets), hashed; symlinks by target."""
     files = [p for p in tmp_path.iterdir() if p.name.startswith(packpath.name) and p.is_file()]
@@ -1165,10 +1176,7 @@ def test_a_killed_run_is_undone_by_the_next(
     import signal
     import time
 
-    sb = build_sb(tmp_path)
-    second = sb.parent / "IRC10216_setup4_b6_run_x2"
-    packpath = tmp_path / "2011.0.00229.S"
-    package(second, readme, packpath, mode="copy")
+    sb, _second, packpath = sb2_packaged(tmp_path, readme, build_sb)
     before = package_state(tmp_path, packpath)
     code = (
         "import sys, time\n"
@@ -1431,10 +1439,7 @@ def test_a_move_killed_before_its_first_write_is_still_recorded(
 ) -> None:
     from observatory.packaging import qa2
 
-    sb = build_sb(tmp_path)
-    second = sb.parent / "IRC10216_setup4_b6_run_x2"
-    packpath = tmp_path / "2011.0.00229.S"
-    package(second, readme, packpath, mode="copy")
+    sb, second, packpath = sb2_packaged(tmp_path, readme, build_sb)
     real_begin = qa2._begin
 
     def killed_after_begin(*args: Any, **kwargs: Any) -> qa2.Journal:
@@ -1454,10 +1459,7 @@ def test_a_move_that_clears_killed_before_setting_the_old_package_aside(
     tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Finished by running it again: the old package goes, not mixed with the new one."""
-    sb = build_sb(tmp_path)
-    second = sb.parent / "IRC10216_setup4_b6_run_x2"
-    packpath = tmp_path / "2011.0.00229.S"
-    package(second, readme, packpath, mode="copy")
+    sb, _second, packpath = sb2_packaged(tmp_path, readme, build_sb)
     real_rename = os.rename
 
     def killed(source: Any, destination: Any) -> None:
@@ -1481,10 +1483,7 @@ def test_a_package_set_aside_that_cannot_be_deleted_is_never_put_back(
 ) -> None:
     from observatory.packaging import qa2
 
-    sb = build_sb(tmp_path)
-    second = sb.parent / "IRC10216_setup4_b6_run_x2"
-    packpath = tmp_path / "2011.0.00229.S"
-    package(second, readme, packpath, mode="copy")
+    sb, second, packpath = sb2_packaged(tmp_path, readme, build_sb)
     real_rmtree = shutil.rmtree
 
     def refusing(path: Any, *args: Any, **kwargs: Any) -> None:
@@ -1512,10 +1511,7 @@ def test_undo_restores_real_tickets_after_a_fake_run(
 ) -> None:
     from observatory.packaging import qa2
 
-    sb = build_sb(tmp_path)
-    second = sb.parent / "IRC10216_setup4_b6_run_x2"
-    packpath = tmp_path / "2011.0.00229.S"
-    package(second, readme, packpath, mode="copy")
+    sb, _second, packpath = sb2_packaged(tmp_path, readme, build_sb)
     tickets = {p: p.read_bytes() for p in tmp_path.glob("2011.0.00229.S.ticket.*")}
     assert all(tickets.values())
     monkeypatch.setattr(qa2, "_commit", lambda *args: (_ for _ in ()).throw(Crash()))
@@ -1543,10 +1539,7 @@ def test_undo_restores_real_tickets_after_a_fake_run(
 def test_an_append_keeps_reporting_what_went_missing_from_earlier_members(
     tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
 ) -> None:
-    sb = build_sb(tmp_path)
-    second = sb.parent / "IRC10216_setup4_b6_run_x2"
-    packpath = tmp_path / "2011.0.00229.S"
-    package(second, readme, packpath, mode="copy")
+    sb, _second, packpath = sb2_packaged(tmp_path, readme, build_sb)
     gone = next((packpath / "sg_ouss_id").rglob("table.f0"))
     gone.unlink()
     package(sb, readme, packpath, mode="copy", append="member")
