@@ -390,6 +390,21 @@ def test_scratch_paths_are_absolute_when_the_data_dir_is_relative(
     assert Path(file["path"]).is_dir()
 
 
+def test_a_conversion_completes_when_the_data_dir_is_relative(
+    archive_settings: Settings, tmp_path: Path
+) -> None:
+    """As the demo's ./observatory-data: the conversion process runs in its work directory."""
+    assert Path.cwd() == tmp_path and archive_settings.data_dir.is_relative_to(tmp_path)
+    relative = archive_settings.model_copy(
+        update={"data_dir": archive_settings.data_dir.relative_to(tmp_path)}
+    )
+    with TestClient(create_app(relative, run_jobs=True)) as client:
+        client.post("/api/api_login", headers=basic("giant-squidv2.5.1", API_KEY))
+        job_id = submit(client, "conversion_job", obs_id=SIM_OBS, no_rfi="true")
+        states = watch(client, {job_id})[job_id]
+        assert states[-1] == "completed", rows_by_id(client)[job_id]["error_text"]
+
+
 def test_a_task_that_keeps_breaking_ends_the_job_in_error(
     archive_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -270,10 +270,13 @@ def _convert(
     data = [p for p in inputs if p.suffix == ".fits" and not p.name.endswith(".metafits")]
     if not metafits:
         raise JobFailed(f"Observation {job.obs_id} has no metafits in the archive")
+    # Absolute paths: the conversion runs in the work directory, and the data directory
+    # may be relative (the demo's ./observatory-data).
+    work_dir = work_dir.absolute()
     work_dir.mkdir(parents=True, exist_ok=True)
     command = [
-        sys.executable, "-m", "observatory", "preprocess", "--metafits", str(metafits[0]),
-        *(str(p) for p in data), "--out", str(work_dir / str(job.obs_id)),
+        sys.executable, "-m", "observatory", "preprocess", "--metafits", str(metafits[0].absolute()),
+        *(str(p.absolute()) for p in data), "--out", str(work_dir / str(job.obs_id)),
         *(f"--option={key}={value}" for key, value in options.to_params().items()),
     ]  # fmt: skip
     if solutions is not None:
