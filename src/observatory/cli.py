@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -188,6 +189,10 @@ PREPROCESS_SWITCHES = {
 }
 
 
+#: Set by an ASVO job for the conversion it starts: the process that waits for it.
+PARENT_PID_VARIABLE = "OBSERVATORY_CONVERSION_PARENT_PID"
+
+
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -258,6 +263,11 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         # A stop signal (a batch system's time limit, systemd) ends the conversion as
         # Ctrl-C does: through its cleanup, so no partial output or scratch files are left.
         previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
+        if parent := os.environ.get(PARENT_PID_VARIABLE):
+            # Started for an ASVO job: stop (through the cleanup) if that job's worker dies.
+            from observatory.preprocess.engine import die_with_parent
+
+            die_with_parent(int(parent), signal.SIGTERM)
         try:
             written = preprocess(
                 metafits, files, options, args.out,

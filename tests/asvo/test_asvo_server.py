@@ -144,6 +144,40 @@ def test_jobs_finish_after_the_server_is_killed_and_restarted(tmp_path: Path) ->
         server.stop()
 
 
+def test_a_jobs_conversion_stops_when_its_server_is_killed(tmp_path: Path) -> None:
+    """Killed outright (the OOM killer), the server takes its jobs' conversions with it: they
+    would otherwise run on for jobs the restarted server runs again."""
+    import psutil
+
+    data_dir = tmp_path / "data"
+    seed(data_dir, None, [1320409688], tiles=48, api_key=API_KEY)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = observatory_server(data_dir, port)
+    try:
+        wait_for(f"{base}/healthz")
+        client = login(base)
+        client.post("/api/conversion_job", data={"obs_id": "1320409688"}).raise_for_status()
+        conversions: list[psutil.Process] = []
+
+        def started() -> bool:
+            conversions[:] = [
+                child for child in psutil.Process(server.process.pid).children(recursive=True)
+                if "preprocess" in " ".join(child.cmdline())
+            ]  # fmt: skip
+            return bool(conversions)
+
+        wait_until(started, 60, "the conversion to start")
+        os.kill(server.process.pid, signal.SIGKILL)  # the server alone, not its process group
+        server.process.wait(timeout=30)
+        _, alive = psutil.wait_procs(conversions, timeout=120)
+        assert not alive
+        # Stopped, not run to its end: it wrote no output (and removed its temporaries).
+        assert not [p for p in (data_dir / "work").rglob("1320409688*")], "it ran on"
+    finally:
+        server.kill()
+
+
 def _rows_offline(data_dir: Path) -> dict[int, dict[str, Any]]:
     from observatory.asvo.models import Job
     from observatory.core.database import make_engine, make_session_factory

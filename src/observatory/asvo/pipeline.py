@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import secrets
 import shutil
 import signal
@@ -287,9 +288,12 @@ def _convert(
         command += ["--solutions", str(path)]
     errors = work_dir / "preprocess.stderr"
     with open(errors, "w+b") as stderr:
+        from observatory.cli import PARENT_PID_VARIABLE
+
         process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, cwd=work_dir
-        )
+            command, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, cwd=work_dir,
+            env={**os.environ, PARENT_PID_VARIABLE: str(os.getpid())},  # it dies with us
+        )  # fmt: skip
         try:
             while True:
                 try:

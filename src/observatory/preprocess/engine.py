@@ -863,26 +863,28 @@ _worker_runner: _ChunkRunner | None = None
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Have the kernel kill this worker when the converting process dies (Linux only).
+def die_with_parent(parent_pid: int, signum: int = signal.SIGKILL) -> None:
+    """Have the kernel send ``signum`` to this process when its parent dies (Linux only).
 
-    Without it a worker outlives a parent killed outright (``kill -9``, the OOM killer),
-    holding its memory, asleep on the pipe to the parent forever. The kernel sends the
-    signal when the *thread* that forked the worker ends: the pool's workers are forked
-    by the thread that submits the chunks, which is the conversion's (main) thread.
+    Without it a process outlives a parent killed outright (``kill -9``, the OOM killer):
+    a chunk worker holding its memory, asleep on the pipe to the parent forever, or an
+    ASVO job's conversion running on for a job its killed Dask worker will run again. The
+    kernel sends the signal when the *thread* that forked this process ends: the pool's
+    workers are forked by the thread that submits the chunks, the conversion's (main)
+    thread, and a job's conversion by the worker thread that waits for it.
     """
     if not sys.platform.startswith("linux"):
         return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        if libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
             log.debug("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
             return
     except (OSError, AttributeError):  # no C library or no prctl: nothing to set
         return
     if os.getppid() != parent_pid:
         # The parent died before the signal was set: nothing would send it now.
-        os._exit(1)
+        os.kill(os.getpid(), signum)
 
 
 def _start_worker(
@@ -898,7 +900,7 @@ def _start_worker(
 ) -> None:
     """Process-pool initializer: die with the parent; open the files and plan as it did."""
     global _worker_runner
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     from observatory.telescope.site import ensure_astropy_offline
 
     ensure_astropy_offline()
