@@ -24,7 +24,12 @@ from observatory.core.accounts import authenticate_api_key
 from observatory.core.config import Settings
 from observatory.core.database import MAX_SQL_ID, utcnow
 from observatory.core.errors import BadRequest, Forbidden, NotFound, ServiceError
-from observatory.preprocess.options import ConversionOptions, OptionError, parse_bool
+from observatory.preprocess.options import (
+    LEGACY_KEYS,
+    ConversionOptions,
+    OptionError,
+    parse_bool,
+)
 
 #: Error codes the clients act on (section 2.2): 0 invalid input, 2 duplicate job.
 ERROR_CODE_INVALID = 0
@@ -206,8 +211,8 @@ def _conversion_params(form: Mapping[str, str], observation: Observation) -> dic
             f"Observation {observation.obsid} is a {observation.mode} observation: it has no "
             "visibilities to convert"
         )
-    if not any(key.strip().lower() in ("output", "conversion") and str(value).strip()
-               for key, value in form.items()):  # fmt: skip
+    named = {LEGACY_KEYS.get(k.strip().lower(), k.strip().lower()): v for k, v in form.items()}
+    if not str(named.get("output", "")).strip():  # nor cotter's ``conversion``
         form = {**form, "output": DEFAULT_CONVERSION_OUTPUT}
     try:
         options = ConversionOptions.from_params(form)

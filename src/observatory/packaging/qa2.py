@@ -458,9 +458,7 @@ class Journal:
 
     def save(self) -> None:
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "path"}
-        partial = self.path.with_name(self.path.name + ".partial")
-        partial.write_text(json.dumps(fields))
-        os.replace(partial, self.path)
+        _replace_with(self.path, json.dumps(fields).encode())
 
 
 def unfinished_run(packpath: Path) -> str | None:
@@ -475,7 +473,7 @@ def unfinished_run(packpath: Path) -> str | None:
             + " before reading the package"
         )  # fmt: skip
     try:
-        fd = os.open(packpath.parent / f".{packpath.name}.qa-packager-lock", os.O_RDONLY)
+        fd = os.open(_lock_path(packpath), os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:
@@ -485,6 +483,19 @@ def unfinished_run(packpath: Path) -> str | None:
     finally:
         os.close(fd)
     return None
+
+
+def _replace_with(path: Path, content: bytes) -> None:
+    """Write ``path`` anew (a new file through ``<path>.partial``, renamed over it): a kill
+    leaves the old file whole, and the ``.partial`` that an undo removes."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(content)
+    os.replace(partial, path)
+
+
+def _lock_path(packpath: Path) -> Path:
+    """The hidden file whose ``flock`` a run holds (see :func:`_lock`)."""
+    return packpath.parent / f".{packpath.name}.qa-packager-lock"
 
 
 def _journal_path(packpath: Path) -> Path:
@@ -1190,9 +1201,7 @@ def write_tickets(plan: Plan, packpath: Path, member: Path, *, real: bool) -> tu
     if not real:
         for path in (tar_path, zip_path):
             # A new file, not the old one emptied: a run sets the old one aside as a hard link.
-            partial = path.with_name(path.name + ".partial")
-            partial.write_bytes(b"")
-            os.replace(partial, path)
+            _replace_with(path, b"")
         return tar_path, zip_path
     prefix = Path(packpath.name) / plan.member
     entries: list[tuple[str, bytes]] = [
@@ -1364,9 +1373,9 @@ def package(
             # A run that cannot finish is undone: the package is as it was, and the next
             # ``append`` gets the same number. An interrupted move is finished by running it
             # again instead (its journal).
-            pending = journal if journal is not None else Journal.of(pack)
-            if mode != "move" and pending is not None:
-                _undo(pack, pending)
+            unfinished = journal if journal is not None else Journal.of(pack)
+            if mode != "move" and unfinished is not None:
+                _undo(pack, unfinished)
             raise
         _commit(pack, journal)
         return plan
@@ -1416,10 +1425,7 @@ def _record_moved_origin(packpath: Path, origin: Path, *, reset: bool = False) -
     absolute = os.path.realpath(origin)
     if absolute not in origins or reset:
         packpath.parent.mkdir(parents=True, exist_ok=True)
-        path = _moved_origins_path(packpath)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps([*origins, absolute]))
-        os.replace(partial, path)
+        _replace_with(_moved_origins_path(packpath), json.dumps([*origins, absolute]).encode())
 
 
 @contextlib.contextmanager
@@ -1443,7 +1449,7 @@ def _lock(packpath: Path) -> Iterator[None]:
             with contextlib.suppress(FileExistsError):
                 directory.mkdir()
                 made.append(directory)
-    path = packpath.parent / f".{packpath.name}.qa-packager-lock"
+    path = _lock_path(packpath)
     fd: int | None = None
     try:
         while fd is None:
