@@ -22,7 +22,6 @@ from observatory.telescope.simulator import (
     predict_visibilities,
     simulate_observation,
 )
-from observatory.telescope.site import ensure_astropy_offline
 from shared_data import MWA_DATA
 
 OBSID = 1320409688
@@ -49,11 +48,6 @@ PYUVDATA_OFF = {
     "phase_to_pointing_center": False,
     "propagate_coarse_flags": False,
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def offline() -> None:
-    ensure_astropy_offline()
 
 
 @pytest.fixture(scope="module")

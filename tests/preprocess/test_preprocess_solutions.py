@@ -13,7 +13,6 @@ from observatory.preprocess.engine import preprocess
 from observatory.preprocess.options import ConversionOptions
 from observatory.preprocess.reader import ReadError, coarse_channel_freqs_hz
 from observatory.telescope.simulator import PointSource, SimulatedObservation, simulate_observation
-from observatory.telescope.site import ensure_astropy_offline
 
 OBSID = 1320409688
 N_TILES = 4
@@ -29,11 +28,6 @@ RAW = {
     "no_passband_gains": "true",
     "flag_edge_width": "0",
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def offline() -> None:
-    ensure_astropy_offline()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from observatory.telescope.simulator import (
     predict_visibilities,
     simulate_observation,
 )
-from observatory.telescope.site import ensure_astropy_offline, mwa_location
+from observatory.telescope.site import mwa_location
 from shared_data import MWA_DATA
 
 OBSID = 1320409688  # a real MWAX obsid (2021-11-08): IERS data cover it
@@ -45,7 +45,6 @@ CORRECTIONS_OFF = {
 def read_uvdata(sim: SimulatedObservation, **kwargs: object):
     from pyuvdata import UVData
 
-    ensure_astropy_offline()
     files = [str(sim.metafits_path), *map(str, sim.vis_paths)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pyuvdata's notes on DERIPPLE, missing channels...
@@ -156,7 +155,6 @@ def independent_visibility(
     from astropy.coordinates import AltAz, SkyCoord
     from astropy.time import Time
 
-    ensure_astropy_offline()
     truth = sim.truth
     site = mwa_location()
     centre = Time(OBSID + (timestep + 0.5) * truth.int_time_s, format="gps")

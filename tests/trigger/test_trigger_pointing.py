@@ -11,7 +11,7 @@ from astropy.time import Time
 
 from observatory.core.gpstime import gps_to_unix
 from observatory.telescope.instrument import beamformer_delays
-from observatory.telescope.site import ensure_astropy_offline, mwa_location
+from observatory.telescope.site import mwa_location
 from observatory.trigger import pointing
 from shared_data import TRIGGER_DATA
 
@@ -71,7 +71,6 @@ def test_hyperbeam_gets_every_sweet_spot_at_full_gain(real_grid: fits.FITS_rec) 
 
 
 def test_azel_agrees_with_astropy() -> None:
-    ensure_astropy_offline()
     ra, dec = np.array([10.0, 200.0, 83.6, 300.0]), np.array([-30.0, -45.0, 22.0, -80.0])
     az, el = pointing.azel_at(ra, dec, np.full(4, GPS))
     frame = AltAz(obstime=Time(gps_to_unix(GPS), format="unix"), location=mwa_location())

@@ -25,6 +25,7 @@ with zero weight (flagged).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -311,7 +312,7 @@ class PyuvdataReader:
         self._freqs_hz: dict[int, NDArray[np.float64]] = {}
         time_axes = []
         for group in groups.values():
-            silence_expected_pyuvdata_warnings()
+            prepare_pyuvdata()
             header = UVData.from_file(
                 [str(metafits), *map(str, group)],
                 file_type="mwa_corr_fits",
@@ -351,7 +352,7 @@ class PyuvdataReader:
 
     def _read_channel(self, coarse_chan: int) -> RawChunk:
         meta = self.meta
-        silence_expected_pyuvdata_warnings()
+        prepare_pyuvdata()
         uvd = self._read_uvdata(coarse_chan)
         times_gps = _jd_to_gps(uvd.time_array) - meta.int_time_s / 2
         grid = self.time_start_gps_s
@@ -419,14 +420,22 @@ _EXPECTED_PYUVDATA_WARNINGS = (
 )
 
 
-def silence_expected_pyuvdata_warnings() -> None:
-    """Ignore :data:`_EXPECTED_PYUVDATA_WARNINGS` (those only), process-wide.
+def prepare_pyuvdata() -> None:
+    """Get pyuvdata ready for a conversion: quiet where expected, compiled once per install.
 
-    Not ``warnings.catch_warnings``: it swaps the whole process's filters and puts the old
-    ones back on leaving, so conversions running in threads would undo each other's
-    filters (a warning leaks), or, behind a lock, read one at a time. An ignore filter for
-    each message is added when it is missing: repeatable, and a filter added twice by two
-    threads at once is harmless.
+    Two things, both process-wide and repeatable:
+
+    * Ignore :data:`_EXPECTED_PYUVDATA_WARNINGS` (those only). Not
+      ``warnings.catch_warnings``: it swaps the whole process's filters and puts the old
+      ones back on leaving, so conversions running in threads would undo each other's
+      filters (a warning leaks), or, behind a lock, read one at a time. An ignore filter
+      for each message is added when it is missing; one added twice by two threads at
+      once is harmless.
+    * Cache the numba compilation of pyuvdata's baseline-number functions, which pyuvdata
+      declares without ``cache=True``: compiling them took 1.5 s in every process (every
+      ASVO conversion, every worker). numba keeps the cache beside pyuvdata's sources, or
+      in the user's cache directory when those are read-only, and recompiles when they
+      change.
     """
     present = {
         entry[1].pattern
@@ -436,6 +445,17 @@ def silence_expected_pyuvdata_warnings() -> None:
     for message in _EXPECTED_PYUVDATA_WARNINGS:
         if re.escape(message) not in present:
             warnings.filterwarnings("ignore", message=re.escape(message), category=UserWarning)
+    _cache_pyuvdata_compilation()
+
+
+@functools.cache
+def _cache_pyuvdata_compilation() -> None:
+    from numba.core.dispatcher import Dispatcher
+    from pyuvdata.utils import bls_numba
+
+    for function in vars(bls_numba).values():
+        if isinstance(function, Dispatcher):
+            function.enable_caching()
 
 
 #: Largest difference between a time and its grid slot (MWA times are whole milliseconds).

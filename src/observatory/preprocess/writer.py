@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from observatory.preprocess.reader import ObservationMeta, silence_expected_pyuvdata_warnings
+from observatory.preprocess.reader import ObservationMeta, prepare_pyuvdata
 from observatory.telescope.instrument import COARSE_CHAN_WIDTH_HZ
 
 #: AIPS polarisation codes of XX, XY, YX, YY (the chunk order).
@@ -94,7 +94,7 @@ def to_uvdata(
             "flag_array": flags.reshape(n_blts, n_chans, 4),
             "nsample_array": weights.reshape(n_blts, n_chans, 4),
         }
-    silence_expected_pyuvdata_warnings()  # UVData.new computes uvw, and says so
+    prepare_pyuvdata()  # UVData.new computes uvw, and says so
     uvd = UVData.new(
         freq_array=description.freqs_hz,
         polarization_array=POLARIZATION_CODES,
