@@ -153,3 +153,23 @@ def test_a_time_parameter_takes_gps_seconds_or_an_iso_time_in_any_zone() -> None
     for bad in ("last tuesday", "1.2.3", HUGE, "-5"):
         with pytest.raises(BadRequest, match="mintime"):
             gps_time_param("mintime", bad)
+
+
+NESTED_JSON = "[" * 100_000  # json.loads raises RecursionError, not ValueError, for this
+
+
+@pytest.mark.parametrize(
+    "path", ["/trigger/busy", "/trigger/triggerobs", "/calib/grafana/metrics", "/calib/grafana/query"]
+)
+def test_a_body_nested_too_deeply_is_a_clear_400(client: TestClient, path: str) -> None:
+    reply = client.post(path, content=NESTED_JSON, headers={"Content-Type": "application/json"})
+    assert reply.status_code == 400, reply.text
+    assert "nested too deeply" in reply.json()["error"]
+
+
+def test_a_parameter_nested_too_deeply_is_named_in_the_trigger_answer(client: TestClient) -> None:
+    data = {"project_id": "D0000", "ra": "10", "dec": "-30", "freqspecs": NESTED_JSON}
+    reply = client.post("/trigger/triggerobs", data=data)
+    assert reply.status_code == 200, reply.text
+    assert "freqspecs" in str(reply.json()["errors"])
+    assert reply.json()["success"] is False

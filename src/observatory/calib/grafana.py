@@ -12,7 +12,6 @@ it). Frames are Grafana data frames in JSON: ``{"schema": {...}, "data": {"value
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -27,6 +26,7 @@ from observatory.archive.models import Observation
 from observatory.calib.models import CalibrationFit, CalibrationSolution
 from observatory.core.errors import BadRequest
 from observatory.core.gpstime import gps_to_unix, utc_to_gps
+from observatory.core.web import loads_request_json
 from observatory.telescope.instrument import tile_layout
 
 STYLES = (
@@ -137,7 +137,7 @@ def _payload(value: object) -> Mapping[str, Any]:
         return {}
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = loads_request_json(value)
         except ValueError:
             raise BadRequest(f"payload {value!r} is not a JSON object") from None
     if not isinstance(value, Mapping):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,6 +21,7 @@ from observatory.core.storage import Storage
 from observatory.core.web import (
     get_session,
     gps_time_param,
+    loads_request_json,
     obsid_param,
     templates_for,
     whole_number_param,
@@ -141,7 +141,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw)
+        body = loads_request_json(raw)
     except ValueError as exc:
         raise BadRequest(f"the request body is not JSON: {exc}") from exc
     if not isinstance(body, dict):

@@ -1,10 +1,12 @@
-"""What HTTP handlers share: the session dependency, the archive storage, obsid and number parsing."""
+"""What HTTP handlers share: the session dependency, the archive storage, obsid, number and JSON parsing."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from fastapi import Request
 from fastapi.templating import Jinja2Templates
@@ -14,6 +16,19 @@ from observatory.core.database import MAX_SQL_INTEGER
 from observatory.core.errors import BadRequest
 from observatory.core.gpstime import parse_obsid, utc_to_gps
 from observatory.core.storage import Storage
+
+
+def loads_request_json(text: str | bytes) -> Any:
+    """``json.loads`` for what a caller sent: every failure is a ``json.JSONDecodeError``.
+
+    ``json.loads`` raises ``RecursionError`` for deeply nested arrays (``[[[[...``), which
+    would otherwise escape the handlers' ``ValueError`` and become a 500.
+    """
+    try:
+        return json.loads(text)
+    except RecursionError:
+        document = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+        raise json.JSONDecodeError("nested too deeply", document, 0) from None
 
 
 def get_session(request: Request) -> Iterator[Session]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 
+from observatory.core.web import loads_request_json
+
 COARSE_CHAN_WIDTH_MHZ = 1.28
 MAX_CHANNEL = 255
 MAX_SELECTED = 24
@@ -122,7 +124,7 @@ def parse_freqspecs(value: str | Sequence[str]) -> list[list[int]]:
         text = value.strip()
         if text.startswith("["):
             try:
-                decoded = json.loads(text)
+                decoded = loads_request_json(text)
             except json.JSONDecodeError as exc:
                 raise FreqspecError(f"freqspecs {value!r} is not valid JSON ({exc.msg})") from exc
             if not isinstance(decoded, list) or not all(isinstance(item, str) for item in decoded):

@@ -11,11 +11,12 @@ the URL. All of these are merged here (specs/trigger.md section 4.1).
 from __future__ import annotations
 
 import ast
-import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl
+
+from observatory.core.web import loads_request_json
 
 TRUE_WORDS = frozenset({"true", "1", "y", "yes", "on", "t"})
 FALSE_WORDS = frozenset({"false", "0", "n", "no", "off", "f", "", "none"})
@@ -48,7 +49,7 @@ def merge_request_parameters(query: Sequence[tuple[str, str]], body: bytes) -> d
     text = body.decode("utf-8", "replace").strip()
     if text.startswith(("{", "[")):
         try:
-            document = json.loads(text)
+            document = loads_request_json(text)
         except ValueError as exc:
             raise ParameterError(f"the request body is not valid JSON: {exc}") from exc
         if not isinstance(document, dict):
@@ -90,7 +91,7 @@ def decode_value(value: Any) -> Any:
         return value
     text = _NUMPY_SCALAR.sub(r"\1", value.strip())
     try:
-        return json.loads(text)
+        return loads_request_json(text)
     except ValueError:
         pass
     if not text.startswith("["):
