@@ -49,10 +49,13 @@ def test_console_script_installed(tmp_path: Path) -> None:
 def test_users_and_projects(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "data"
     assert _run(data, "users", "create", "alice") == 0
-    key = re.search(r"^API key: (\S+)$", capsys.readouterr().out, re.M)
+    first = capsys.readouterr()
+    key = re.search(r"^API key: (\S+)$", first.out, re.M)
     assert key is not None
+    assert f"no installation at {data}: making a new, empty one" in first.err
     assert _run(data, "users", "create", "bob", "--api-key", "bobs-key-123") == 0
-    assert "API key: bobs-key-123" in capsys.readouterr().out
+    later = capsys.readouterr()
+    assert "API key: bobs-key-123" in later.out and "no installation" not in later.err
     with _sessions(data)() as session:
         assert authenticate_api_key(session, key.group(1)).name == "alice"
         assert authenticate_api_key(session, "bobs-key-123").name == "bob"

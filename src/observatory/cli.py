@@ -34,9 +34,18 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    if getattr(args, "data_dir", None):
-        return Settings(data_dir=args.data_dir)
-    return get_settings()
+    settings = (
+        Settings(data_dir=args.data_dir) if getattr(args, "data_dir", None) else get_settings()
+    )
+    if not settings.data_dir.exists():
+        # Run from the wrong directory, a command would otherwise work on a new, empty
+        # installation (a user created there, "observation does not exist") without a word.
+        err_console.print(
+            f"note: no installation at {settings.data_dir.resolve()}: making a new, empty one "
+            "(OBSERVATORY_DATA_DIR names another)",
+            highlight=False,
+        )
+    return settings
 
 
 def _session_factory(settings: Settings) -> sessionmaker[Session]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 from astropy.io import fits
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
@@ -58,6 +59,16 @@ def test_triggered_observations_are_recorded_and_can_be_ordered(
         metafits = Path(settings.archive_dir) / str(calibrator_id) / f"{calibrator_id}.metafits"
         header = fits.getheader(metafits)
         assert header["GPSTIME"] == calibrator_id and header["CALIBRAT"]
+        # Pointed at a beamformer sweet spot near the target, phased to the target itself;
+        # the metafits used to say the sweet spot (conversions were phased 3 degrees off).
+        target_header = fits.getheader(
+            Path(settings.archive_dir) / str(target_id) / f"{target_id}.metafits"
+        )
+        assert (target.ra_phase_deg, target.dec_phase_deg) == pytest.approx((lst, -26.7))
+        phase_centre = (target_header["RAPHASE"], target_header["DECPHASE"])
+        assert phase_centre == pytest.approx((lst, -26.7))
+        assert (target_header["RA"], target_header["DEC"]) != pytest.approx(phase_centre)
+        assert target_header["CREATOR"] == target.creator != "simulator"
         assert header["CALIBSRC"] == result["params"]["calname"] == calibrator.calibrator_source
 
     # The recorded observation is an archive observation like any other: ASVO delivers it.

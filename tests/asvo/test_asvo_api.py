@@ -401,7 +401,38 @@ def test_a_conversion_that_names_no_output_is_a_measurement_set(client: TestClie
     """The ASVO's default (specs/asvo.md section 5); ``conversion=`` (cotter's name) counts."""
     for form in ({}, {"conversion": "uvfits"}, {"output": "both"}):
         assert submit(client, "conversion_job", obs_id=MWAX_OBS, **form).status_code == 200
-    outputs = [
-        e["row"]["job_params"].get("output", "uvfits") for e in client.get("/api/get_jobs").json()
-    ]
+    outputs = [e["row"]["job_params"]["output"] for e in client.get("/api/get_jobs").json()]
     assert outputs == ["ms", "uvfits", "both"]
+
+
+FORM = "application/x-www-form-urlencoded"
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "message"),
+    [
+        # The last value used to win silently: this job was stored as ms.
+        ({"content": f"obs_id={MWAX_OBS}&output=uvfits&output=ms", "headers": {"Content-Type": FORM}},
+         "output is given more than once"),
+        ({"json": {"obs_id": MWAX_OBS}}, "not from a JSON body"),  # was "Obs Id: Expected not None"
+        ({"data": {"obs_id": MWAX_OBS}, "files": {"output": ("hostname", b"ms")}}, "output is a file"),
+        # A multipart text field passed the NUL check (which reads urlencoded bodies only).
+        ({"data": {"obs_id": MWAX_OBS}, "files": {"note": (None, b"a\x00b")}}, "note holds a control character"),
+        ({"data": {"obs_id": MWAX_OBS, "note": "a" * 10_001}}, "note is longer than 10000 characters"),
+    ],
+)  # fmt: skip
+def test_a_form_that_cannot_be_read_as_sent_is_a_clear_400(
+    client: TestClient, request_kwargs: dict[str, Any], message: str
+) -> None:
+    reply = client.post("/api/conversion_job", **request_kwargs)
+    assert reply.status_code == 400, reply.text
+    assert message in reply.json()["error"]
+    assert "UploadFile" not in reply.text
+    assert client.get("/api/get_jobs").json() == []
+
+
+def test_a_conversion_records_the_output_it_makes(client: TestClient) -> None:
+    """uvfits is our engine's default but not the ASVO's: a row without it would read as ms."""
+    assert submit(client, "conversion_job", obs_id=MWAX_OBS, output="uvfits").status_code == 200
+    [job] = client.get("/api/get_jobs").json()
+    assert job["row"]["job_params"]["output"] == "uvfits"

@@ -91,7 +91,7 @@ def test_the_documented_fields_are_there(client: TestClient) -> None:
             "no_geometric_delay", "no_cable_delay", "no_digital_gains", "no_passband_gains",
             "no_flag_dc", "apply_di_cal", "centre", "phase_centre_ra", "phase_centre_dec",
             "timeres", "freqres", "edgewidth", "conversion", "calibrate"} <= set(conversion)  # fmt: skip
-    assert conversion["output"]["default"] == "uvfits"
+    assert conversion["output"]["default"] == "ms"  # the ASVO's, not the engine's
     assert conversion["timeres"]["description"] == "Older name of avg_time_res."
     cancel = paths["/api/cancel_job"]["get"]["parameters"]
     assert [(p["name"], bool(p.get("description"))) for p in cancel] == [("job_id", True)]

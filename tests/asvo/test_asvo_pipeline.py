@@ -227,6 +227,13 @@ def test_ranges_resume_to_identical_bytes(client: TestClient, archive_settings: 
     quirky = download(file["url"], archive_settings, {"Range": f"Range: bytes=5000-{size}"})
     assert quirky.status_code == 206
     assert whole[:5000] + quirky.content == whole
+    # A unit other than bytes is ignored (RFC 9110 section 14.2): the whole file.
+    other_unit = download(file["url"], archive_settings, {"Range": "items=0-5"})
+    assert other_unit.status_code == 200 and other_unit.content == whole
+    for malformed in ("bytes=5-2", "bytes=abc"):  # a JSON error, as every other refusal
+        refused = download(file["url"], archive_settings, {"Range": malformed})
+        assert refused.status_code == 400
+        assert refused.json()["error"].startswith("Range header")
 
 
 def test_downloads_carry_size_date_and_etag(client: TestClient, archive_settings: Settings) -> None:

@@ -477,6 +477,11 @@ BAD_SUBMISSIONS = [
     ({"job_type": "conversion", "obs_id": MWAX_OBS, "avg_time_res": "3"}, "avg_time_res=3.0 is not valid"),
     ({"job_type": "voltage", "obs_id": str(VCS_OBS), "offset": "0", "duration": "999"}, "Duration: 999 is outside 1..16"),
     ({**VIS, "PHASE": "ABORT"}, "PHASE: 'ABORT' at creation can only be RUN"),
+    # An XML document cannot hold ESC: the job, and the user's whole job list, were unreadable.
+    ({**VIS, "RUNID": "x\x1bx"}, "RUNID holds a control character"),
+    # Unknown keys are kept with the job: not megabytes of them.
+    ({**VIS, "junk": "a" * 10_001}, "junk is longer than 10000 characters"),
+    ({**VIS, **{f"junk{index}": "a" for index in range(100)}}, "a form may hold at most 100 fields"),
 ]  # fmt: skip
 
 
@@ -567,3 +572,25 @@ def test_pyvo_round_trip(app_settings: Settings) -> None:
                 job.wait(timeout=10)
             url = job.url
         assert session.get(url).status_code == 404
+
+
+def test_a_parameter_given_twice_or_out_of_range_is_a_400(client: TestClient) -> None:
+    job_id = create(client, **VIS)
+    twice = client.post(
+        f"/uws/asvo/{job_id}/phase",
+        content="PHASE=RUN&PHASE=ABORT",  # the last used to win: the job was aborted
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        follow_redirects=False,
+    )
+    assert twice.status_code == 400 and twice.text == "PHASE is given more than once; give it once"
+    assert text(job_doc(client, job_id), "uws:phase") == "PENDING"
+    huge = client.get("/uws/asvo", params={"LAST": "99999999999999999999999"})  # was a 500
+    assert huge.status_code == 400 and huge.text.startswith("LAST")
+    bogus = client.get(f"/uws/asvo/{job_id}", params={"WAIT": "1", "PHASE": "BOGUS"})
+    assert bogus.status_code == 400 and bogus.text.startswith("PHASE: 'BOGUS' is not one of")
+    negative = client.post(
+        f"/uws/asvo/{job_id}/executionduration",
+        data={"EXECUTIONDURATION": "-1"},
+        follow_redirects=False,
+    )
+    assert negative.status_code == 400 and negative.text.startswith("EXECUTIONDURATION")

@@ -561,6 +561,19 @@ def test_a_job_cancelled_while_the_client_waits_is_an_error(server: Server, tmp_
     ]
 
 
+@pytest.mark.parametrize("name", ["missing.csv", "."])  # no such file; a directory
+def test_a_csv_file_that_cannot_be_read_is_a_csv_error(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    error_file = tmp_path / "errors.json"
+    code, output = mwa_client(
+        "-c", str(path), "-s", "-e", str(error_file), environ=offline_environ()
+    )
+    assert code == 3, output  # was 1, with Python's "[Errno 2] ..." alone
+    assert f"Error: cannot read the csv file {path}: " in output
+    (error,) = json.loads(error_file.read_text())
+    assert error["result"].startswith(f"Error: cannot read the csv file {path}")
+
+
 def test_a_csv_that_is_not_utf8_is_a_csv_error(tmp_path: Path) -> None:
     latin1 = tmp_path / "jobs.csv"
     latin1.write_bytes(

@@ -69,7 +69,7 @@ def test_legacy_guide_line() -> None:
         ({"avg_time_res": "abc"}, "avg_time_res", "expected a number"),
         ({"avg_time_res": "100"}, "avg_time_res", "between 0.25 and 32"),
         ({"avg_freq_res": "0"}, "avg_freq_res", "between 0.2 and 1280"),
-        ({"avg_freq_res": "nan"}, "avg_freq_res", "between"),
+        ({"avg_freq_res": "nan"}, "avg_freq_res", "expected a number of kHz in 0.2..1280"),
         ({"flag_edge_width": "-1"}, "flag_edge_width", "between 0 and 640"),
         ({"no_rfi": "maybe"}, "no_rfi", "true or false"),
         ({"centre": "moon"}, "centre", "phase, pointing or custom"),
@@ -90,6 +90,9 @@ def test_legacy_guide_line() -> None:
             "centre",
             "need centre=custom",
         ),
+        # float() reads these as 16 and 8: not numbers as anyone writes them.
+        ({"avg_time_res": "1_6"}, "avg_time_res", "expected a number"),
+        ({"avg_freq_res": "\u0668"}, "avg_freq_res", "expected a number"),
     ],
 )
 def test_bad_values_name_key_value_and_range(
@@ -272,3 +275,11 @@ def test_an_option_given_under_two_names_must_agree(params: dict[str, str], frag
         ConversionOptions.from_params(params)
     agreeing = {key: next(iter(params.values())) for key in params}
     ConversionOptions.from_params(agreeing)
+
+
+def test_one_value_spelled_two_ways_under_two_names_agrees() -> None:
+    options = ConversionOptions.from_params({"timeres": "16", "avg_time_res": "16.0"})
+    assert options.avg_time_res_s == 16.0
+    assert ConversionOptions.from_params(
+        {"nogeom": "TRUE", "no_geometric_delay": "true"}
+    ).no_geometric_delay

@@ -13,7 +13,13 @@ from observatory.archive import service
 from observatory.archive.schemas import FileOut, ObservationDetail, ObservationOut
 from observatory.core.gpstime import gps_to_utc
 from observatory.core.storage import Storage
-from observatory.core.web import get_archive_storage, get_session, obsid_param, templates_for
+from observatory.core.web import (
+    flag_param,
+    get_archive_storage,
+    get_session,
+    obsid_param,
+    templates_for,
+)
 
 router = APIRouter(prefix="/metadata", tags=["metadata"])
 templates = templates_for(Path(__file__).parent)
@@ -42,16 +48,17 @@ def metafits_file(
     session: SessionDep,
     storage: StorageDep,
     obs_id: Annotated[str, Query()],
-    include_calib: str = "0",
+    include_calib: str | None = None,
 ) -> Response:
     """The observation's metafits file; with ``include_calib=1``, with its best calibration fit.
 
     The fit is added as the ``CALIBDATA`` table mwalib reads (404 when there is none).
     """
     obsid = obsid_param(obs_id)
+    with_calib = flag_param("include_calib", include_calib, default=False)
     key = service.metafits_key(session, obsid)
     headers = {"Content-Disposition": f'attachment; filename="{obsid}_metafits.fits"'}
-    if include_calib == "1":
+    if with_calib:
         from observatory.calib.service import best_fit, metafits_with_calibdata
 
         _, fit = best_fit(session, obsid)

@@ -88,6 +88,15 @@ def simulate_and_register(
     return observation
 
 
+def _phase_centre(observation: Observation) -> tuple[float, float] | None:
+    """Where the observation is phased: its phase centre, else its pointing (RA, Dec)."""
+    ra = observation.ra_phase_deg if observation.ra_phase_deg is not None else observation.ra_deg
+    dec = (
+        observation.dec_phase_deg if observation.dec_phase_deg is not None else observation.dec_deg
+    )
+    return None if ra is None or dec is None else (ra, dec)
+
+
 def observe_scheduled(
     session: Session, settings: Settings, observation: Observation
 ) -> Observation:
@@ -107,22 +116,13 @@ def observe_scheduled(
     int_time_s = max(observation.int_time_s or 0.0, settings.telescope_min_int_time_s)
     fine_chan_khz = max(observation.freq_res_khz or 0.0, settings.telescope_min_fine_chan_khz)
     n_tiles = settings.telescope_vcs_tiles if voltages else settings.telescope_tiles
+    phase_centre = _phase_centre(observation)
     if observation.calibration and observation.calibrator_source:
         sources = [catalogue_point_source(observation.calibrator_source)]
+    elif phase_centre is None:
+        sources = []
     else:
-        ra = (
-            observation.ra_phase_deg if observation.ra_phase_deg is not None else observation.ra_deg
-        )
-        dec = (
-            observation.dec_phase_deg
-            if observation.dec_phase_deg is not None
-            else observation.dec_deg
-        )
-        sources = (
-            []
-            if ra is None or dec is None
-            else [PointSource(ra, dec, TARGET_FLUX_JY, -0.8, "target")]
-        )
+        sources = [PointSource(*phase_centre, TARGET_FLUX_JY, -0.8, "target")]
     out_dir = settings.archive_dir / str(observation.obsid)
     pointing = None if observation.ra_deg is None else (observation.ra_deg, observation.dec_deg)
     simulate_observation(
@@ -136,6 +136,7 @@ def observe_scheduled(
         n_timesteps=max(1, int(exposure_s // (MWAX_SUBOBS_S if voltages else int_time_s))),
         sources=sources,
         pointing_radec_deg=pointing,  # type: ignore[arg-type]
+        phase_centre_radec_deg=phase_centre,
         mode="MWAX_VCS" if voltages else "MWAX_CORRELATOR",
         gain_amplitude_scatter=0.1,
         delay_error_scatter_ns=2.0,
@@ -143,6 +144,7 @@ def observe_scheduled(
         seed=observation.obsid % 2**31,
         project_id=observation.project_id,
         obs_name=observation.obsname,
+        creator=observation.creator or "simulator",
         calibrator=observation.calibrator_source if observation.calibration else None,
     )
     ingest_directory(session, Storage(settings.archive_dir), out_dir)

@@ -13,11 +13,12 @@ from urllib.parse import quote
 
 import anyio
 from fastapi import APIRouter, Depends, Query, Request, Response, WebSocket, WebSocketDisconnect
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 from starlette.types import Receive, Scope, Send
 
 from observatory.asvo import service
@@ -32,10 +33,10 @@ from observatory.asvo.schemas import (
 )
 from observatory.core.accounts import SESSION_MAX_AGE_S, api_session_token, session_user
 from observatory.core.config import Settings
-from observatory.core.errors import Forbidden, Unauthorized
+from observatory.core.errors import Forbidden, Unauthorized, error_body
 from observatory.core.models import User
 from observatory.core.security import sign_value, unsign_value
-from observatory.core.web import get_session
+from observatory.core.web import get_session, read_form
 
 router = APIRouter(prefix="/api", tags=["asvo"])
 
@@ -129,14 +130,9 @@ def api_login(
     return {"message": "logged in"}
 
 
-async def _form(request: Request) -> dict[str, str]:
-    form = await request.form()
-    return {key: str(value) for key, value in form.items()}
-
-
 # The form is read whole, unknown keys and all (the clients send extra ones), so /docs
 # learns its fields from the schemas' declarations instead.
-FormDep = Annotated[dict[str, str], Depends(_form)]
+FormDep = Annotated[dict[str, str], Depends(read_form)]
 
 
 def _submit(
@@ -247,7 +243,26 @@ class _LenientRangeFileResponse(FileResponse):
             (name, _normalise_range(value, self.stat_result.st_size) if name == b"range" else value)
             for name, value in scope["headers"]
         ] if self.stat_result is not None else scope["headers"]  # fmt: skip
+        requested = dict(headers).get(b"range")
+        if requested is not None and self.stat_result is not None:
+            # Starlette answers a malformed Range in plain text; our errors are JSON.
+            try:
+                self._parse_range_header(requested.decode("latin-1"), self.stat_result.st_size)
+            except MalformedRangeHeader as exc:
+                reply = JSONResponse(error_body(f"Range header: {exc.content}", 1), status_code=400)
+                await reply(scope, receive, send)
+                return
+            except RangeNotSatisfiable:
+                pass  # Starlette's 416 names the size in Content-Range, as RFC 9110 asks
         await super().__call__({**scope, "headers": headers}, receive, send)
+
+    @classmethod
+    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        """As Starlette's, but a unit other than bytes is ignored (RFC 9110 section 14.2)."""
+        units = http_range.split("=", 1)[0] if "=" in http_range else None
+        if units is not None and units.strip().lower() != "bytes":
+            return []  # no ranges: the whole file, 200
+        return super()._parse_range_header(http_range, file_size)
 
 
 def _normalise_range(value: bytes, size: int) -> bytes:

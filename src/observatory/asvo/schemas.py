@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from observatory.asvo.models import JobState
-from observatory.asvo.service import DELIVERIES
+from observatory.asvo.service import DEFAULT_CONVERSION_OUTPUT, DELIVERIES
 from observatory.core.openapi import DeclaredParameter, body_openapi
 from observatory.preprocess.options import (
     COTTER_SWITCHES,
@@ -147,7 +147,7 @@ _CONVERSION_OPTIONS = (
         "output",
         {**_STRING, "enum": [output.value for output in OutputFormat]},
         "uvfits, ms, or both (two files).",
-        default=_CONVERSION_DEFAULTS.output.value,
+        default=DEFAULT_CONVERSION_OUTPUT,
     ),
     DeclaredParameter(
         "avg_time_res",

@@ -224,7 +224,9 @@ def _conversion_params(form: Mapping[str, str], observation: Observation) -> dic
             )
     except OptionError as exc:
         raise AsvoError(str(exc)) from None
-    return options.to_params()
+    # Always recorded: our engine's default (uvfits) is not the ASVO's (ms), so a job row
+    # without it would read as the other format.
+    return {**options.to_params(), "output": options.output.value}
 
 
 def _voltage_params(form: Mapping[str, str], observation: Observation) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from observatory.core.config import Settings
 from observatory.core.database import utcnow
 from observatory.core.errors import BadRequest, Forbidden, NotFound
 from observatory.core.models import User
+from observatory.core.web import whole_number_param
 
 UWS_NS = "http://www.ivoa.net/xml/UWS/v1.0"
 XLINK_NS = "http://www.w3.org/1999/xlink"
@@ -188,14 +189,13 @@ def parse_instant(text: str, name: str) -> datetime:
         raise BadRequest(f"{name}: {text!r} is not an ISO 8601 date and time") from None
 
 
-def parse_list_filter(phases: Iterable[str], after: str | None, last: str | None) -> ListFilter:
-    """The job list's filters from the query parameters.
+def parse_phases(phases: Iterable[str]) -> frozenset[Phase]:
+    """The phases named by ``PHASE`` parameters (in any case).
 
     Raises
     ------
     BadRequest
-        For an unknown phase, a malformed ``AFTER`` or a ``LAST`` that is not a
-        positive whole number.
+        For a name that is not a UWS phase.
     """
     chosen = set()
     for text in phases:
@@ -205,16 +205,25 @@ def parse_list_filter(phases: Iterable[str], after: str | None, last: str | None
             raise BadRequest(
                 f"PHASE: {text!r} is not one of {', '.join(p.value for p in Phase)}"
             ) from None
+    return frozenset(chosen)
+
+
+def parse_list_filter(phases: Iterable[str], after: str | None, last: str | None) -> ListFilter:
+    """The job list's filters from the query parameters.
+
+    Raises
+    ------
+    BadRequest
+        For an unknown phase, a malformed ``AFTER`` or a ``LAST`` that is not a
+        positive whole number a database can compare with.
+    """
     count = None
     if last is not None:
-        try:
-            count = int(last)
-        except ValueError:
-            count = 0
+        count = whole_number_param("LAST", last, what="a whole number greater than 0")
         if count < 1:
             raise BadRequest(f"LAST: {last!r} is not a whole number greater than 0")
     return ListFilter(
-        frozenset(chosen), None if after is None else parse_instant(after, "AFTER"), count
+        parse_phases(phases), None if after is None else parse_instant(after, "AFTER"), count
     )
 
 

@@ -25,7 +25,7 @@ from observatory.asvo.router import cookie_user_id, download_url_builder
 from observatory.core.accounts import authenticate_api_key
 from observatory.core.config import Settings
 from observatory.core.errors import BadRequest, ServiceError, Unauthorized
-from observatory.core.web import get_session
+from observatory.core.web import check_text_value, get_session, read_form
 
 XML = "text/xml"
 #: How often a blocking ``WAIT`` looks at the job's phase.
@@ -120,9 +120,8 @@ def _one(fields: dict[str, str], name: str) -> str | None:
 
 async def _fields(request: Request) -> dict[str, str]:
     """The query parameters and the posted form fields (the form wins)."""
-    fields = dict(request.query_params.items())
-    form = await request.form()
-    fields.update((key, str(value)) for key, value in form.items())
+    fields = {key: check_text_value(key, value) for key, value in request.query_params.items()}
+    fields.update(await read_form(request))
     return fields
 
 
@@ -160,7 +159,7 @@ async def job(request: Request, job_id: str, user_id: UserDep) -> Response:
     unchanged (and, with ``PHASE=P``, only while it is ``P``)."""
     waits = _query(request, "WAIT")
     wait_s = uws.parse_wait(waits[-1] if waits else None)
-    expected = [value.strip().upper() for value in _query(request, "PHASE")]
+    expected = uws.parse_phases(_query(request, "PHASE"))
     factory = request.app.state.session_factory
 
     def read_phase() -> uws.Phase:
@@ -253,8 +252,8 @@ def post_execution_duration(
     """Accepted and ignored (the server keeps 0, unlimited, as the standard allows): 303."""
     canonical = uws.canonical_id(session, user_id, job_id)
     value = _one(fields, "EXECUTIONDURATION") or ""
-    if not value.strip().lstrip("-").isdecimal():
-        raise BadRequest(f"EXECUTIONDURATION: {value!r} is not a whole number of seconds")
+    if not value.strip().isdecimal():  # 0 is "unlimited"; a negative duration means nothing
+        raise BadRequest(f"EXECUTIONDURATION: {value!r} is not a whole number of seconds (>= 0)")
     return _see_other(f"{_jobs_url(request)}/{canonical}")
 
 

@@ -89,6 +89,10 @@ class UsageError(Exception):
     """A command line that cannot run (exit 1)."""
 
 
+class CsvFileUnreadable(Exception):
+    """The csv job file cannot be opened or read (exit 3, as a csv error)."""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors exit 1 ("other error"), keeping 2 for HTTP errors."""
 
@@ -549,6 +553,8 @@ def run(
     except CsvJobError as exc:
         message = f"Error: {args.csvfile} {exc}"
         code = EXIT_CSV
+    except CsvFileUnreadable as exc:
+        message, code = str(exc), EXIT_CSV
     except AsvoError as exc:
         # An HTTP error prints what the server said; anything else its description.
         message = exc.response_text if exc.status_code is not None else str(exc)
@@ -603,7 +609,13 @@ def _run(
 
     jobs_to_submit: list[CsvJob] = []
     if args.submit_only or full:
-        text = decode_job_csv(Path(args.csvfile).read_bytes())
+        try:
+            data = Path(args.csvfile).read_bytes()
+        except OSError as exc:
+            raise CsvFileUnreadable(
+                f"Error: cannot read the csv file {args.csvfile}: {exc.strerror or exc}"
+            ) from None
+        text = decode_job_csv(data)
         jobs_to_submit = parse_job_csv(text, allow_resubmit=args.allow_resubmit)
         if not jobs_to_submit:
             raise UsageError(f"Error: No jobs to submit in {args.csvfile}")

@@ -1,8 +1,10 @@
-"""What HTTP handlers share: the session dependency, the archive storage, obsid, number and JSON parsing."""
+"""What HTTP handlers share: the session dependency, the archive storage, form, obsid, number and
+JSON parsing."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,6 +13,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from observatory.core.database import MAX_SQL_INTEGER
 from observatory.core.errors import BadRequest
@@ -29,6 +33,66 @@ def loads_request_json(text: str | bytes) -> Any:
     except RecursionError:
         document = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
         raise json.JSONDecodeError("nested too deeply", document, 0) from None
+
+
+#: Fields a form may hold, and characters a field's value may hold: no form of ours needs
+#: more, and a UWS job keeps fields it does not know (one request could otherwise store
+#: megabytes in the job's row).
+MAX_FORM_FIELDS = 100
+MAX_FORM_VALUE_CHARS = 10_000
+#: Control characters other than tab, line feed and carriage return: XML 1.0 (UWS job
+#: documents) cannot hold them, and PostgreSQL refuses NUL in text.
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_JSON_TYPE = re.compile(r"application/(?:[\w.+-]*\+)?json\b")
+
+
+def check_text_value(name: str, value: str) -> str:
+    """``value`` if a parameter may hold it: no control character, at most
+    :data:`MAX_FORM_VALUE_CHARS` characters.
+
+    Raises
+    ------
+    BadRequest
+        Naming ``name`` and what is wrong with its value.
+    """
+    if _CONTROL_CHARACTER.search(value):
+        raise BadRequest(f"{name} holds a control character (such as NUL or ESC)")
+    if len(value) > MAX_FORM_VALUE_CHARS:
+        raise BadRequest(f"{name} is longer than {MAX_FORM_VALUE_CHARS} characters")
+    return value
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """The fields of a posted form (urlencoded or multipart), each given once, as text.
+
+    Raises
+    ------
+    BadRequest
+        For a JSON body (the services take forms, as the MWA clients send them), a file
+        where text is expected, a field given twice (the last would silently win), more
+        than :data:`MAX_FORM_FIELDS` fields, or a value :func:`check_text_value` refuses.
+    """
+    if _JSON_TYPE.match(request.headers.get("content-type", "").strip().lower()):
+        raise BadRequest(
+            "parameters are read from a form (application/x-www-form-urlencoded or "
+            "multipart/form-data), not from a JSON body"
+        )
+    too_many = f"a form may hold at most {MAX_FORM_FIELDS} fields"
+    try:
+        form = await request.form(max_fields=MAX_FORM_FIELDS, max_files=MAX_FORM_FIELDS)
+    except HTTPException as exc:  # Starlette's, for a form it cannot parse within the limits
+        raise BadRequest(too_many if "Too many" in str(exc.detail) else str(exc.detail)) from None
+    if len(form) > MAX_FORM_FIELDS:  # max_fields counts text fields only, max_files files
+        raise BadRequest(too_many)
+    fields: dict[str, str] = {}
+    for key, value in form.multi_items():
+        check_text_value("a field name", key)
+        if isinstance(value, UploadFile):
+            raise BadRequest(f"{key} is a file; it must be a text value")
+        if key in fields:
+            raise BadRequest(f"{key} is given more than once; give it once")
+        fields[key] = check_text_value(key, value)
+    return fields
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -73,6 +137,21 @@ def whole_number_param(
     if number > high:
         raise BadRequest(f"{name} {value!r} is out of range (0 .. {high})")
     return number
+
+
+def flag_param(name: str, value: str | None, *, default: bool) -> bool:
+    """A switch given as 0 or 1, as the MWA's web services take them; blank or absent: ``default``.
+
+    Raises
+    ------
+    BadRequest
+        Naming ``name`` for any other value (``true`` was once silently read as 0).
+    """
+    if value is None or not value.strip():
+        return default
+    if value.strip() not in ("0", "1"):
+        raise BadRequest(f"{name} must be 0 or 1, not {value!r}")
+    return value.strip() == "1"
 
 
 def gps_time_param(name: str, value: str | None) -> float | None:

@@ -34,7 +34,7 @@ from observatory.core.config import Settings
 from observatory.core.errors import BadRequest, ServiceError
 from observatory.core.models import User
 from observatory.core.security import key_fingerprint
-from observatory.core.web import get_session, templates_for
+from observatory.core.web import get_session, read_form, templates_for
 from observatory.portal import service
 
 
@@ -103,7 +103,7 @@ def _page(
 
 async def _checked_form(request: Request) -> dict[str, str]:
     """The posted form, once its forgery token matches the anti-forgery cookie."""
-    form = {key: str(value) for key, value in (await request.form()).items()}
+    form = await read_form(request)
     service.check_forgery_token(
         _settings(request).secret_key_bytes(),
         request.cookies.get(FORGERY_COOKIE),

@@ -126,14 +126,29 @@ def parse_centre(value: object) -> tuple[float, float]:
     return ra_deg, dec_deg
 
 
+#: A number as people write one: ASCII digits, a point, an exponent (``float`` also reads
+#: ``1_6`` as 16 and other scripts' digits).
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def _parse_float(key: str, value: object, low: float, high: float, unit: str) -> float:
-    try:
-        number = float(str(value).strip())
-    except ValueError:
-        raise OptionError(key, value, f"expected a number of {unit} in {low:g}..{high:g}") from None
+    text = str(value).strip()
+    if not _NUMBER.fullmatch(text):
+        raise OptionError(key, value, f"expected a number of {unit} in {low:g}..{high:g}")
+    number = float(text)
     if not math.isfinite(number) or not low <= number <= high:
         raise OptionError(key, value, f"must be between {low:g} and {high:g} {unit}")
     return number
+
+
+def _same_value(first: object, second: object) -> bool:
+    """Whether two spellings of an option ask for one thing (``16`` and ``16.0`` do)."""
+    texts = [str(first).strip().lower(), str(second).strip().lower()]
+    if texts[0] == texts[1]:
+        return True
+    if all(_NUMBER.fullmatch(text) for text in texts):
+        return float(texts[0]) == float(texts[1])
+    return False
 
 
 def is_multiple(value: float, base: float) -> bool:
@@ -202,7 +217,7 @@ class ConversionOptions:
         for raw_key, value in params.items():
             given = raw_key.strip().lower()
             key = LEGACY_KEYS.get(given, given)
-            if key in normalised and str(normalised[key]).strip() != str(value).strip():
+            if key in normalised and not _same_value(normalised[key], value):
                 raise OptionError(
                     key, value, f"contradicts {spelled[key]}={normalised[key]} (the same option "
                     "under another name); give one",

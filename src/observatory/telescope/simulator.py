@@ -836,6 +836,8 @@ def _write_metafits(
     project_id: str,
     obs_name: str,
     calibrator: str,
+    phase_centre_radec_deg: tuple[float, float],
+    creator: str,
 ) -> None:
     from astropy.io import fits
 
@@ -857,8 +859,8 @@ def _write_metafits(
         ("ALTITUDE", round(epoch.alt_deg, 4), "[deg] Altitude of pointing center"),
         ("RA", truth.pointing_ra_deg, "[deg] RA of pointing center"),
         ("DEC", truth.pointing_dec_deg, "[deg] Dec of pointing center"),
-        ("RAPHASE", truth.pointing_ra_deg, "[deg] RA of desired phase center"),
-        ("DECPHASE", truth.pointing_dec_deg, "[deg] DEC of desired phase center"),
+        ("RAPHASE", phase_centre_radec_deg[0], "[deg] RA of desired phase center"),
+        ("DECPHASE", phase_centre_radec_deg[1], "[deg] DEC of desired phase center"),
         ("DELAYMOD", "NODELAYS", "MWAX correlator delay mode"),
         ("CABLEDEL", 0, ""),
         ("GEODEL", 0, ""),
@@ -870,7 +872,7 @@ def _write_metafits(
         ("JUP-DIST", epoch.jupiter_dist_deg, "[deg] Distance from pointing center to Jupiter"),
         ("GRIDNAME", "sim", "Pointing grid name"),
         ("GRIDNUM", 0, "Pointing grid number"),
-        ("CREATOR", "simulator", "Observation creator"),
+        ("CREATOR", creator, "Observation creator"),
         ("PROJECT", project_id, "Project ID"),
         ("MODE", truth.mode, "Observation mode"),
         ("RECVRS", ",".join(map(str, instrument.receivers_of(truth.tiles))), "Active receivers"),
@@ -1221,6 +1223,7 @@ def simulate_observation(
     n_timesteps: int = 2,
     sources: Sequence[PointSource | Sequence[float]] = (),
     pointing_radec_deg: tuple[float, float] | None = None,
+    phase_centre_radec_deg: tuple[float, float] | None = None,
     mode: str = "MWAX_CORRELATOR",
     gain_amplitudes: ArrayLike | None = None,
     delay_errors_ns: ArrayLike | None = None,
@@ -1232,6 +1235,7 @@ def simulate_observation(
     include_cable_delays: bool = True,
     project_id: str = "G0000",
     obs_name: str | None = None,
+    creator: str = "simulator",
     calibrator: str | None = None,
     file_size_limit_bytes: int = DEFAULT_FILE_SIZE_LIMIT_BYTES,
     digital_gain_scatter: float = 0.0,
@@ -1265,6 +1269,10 @@ def simulate_observation(
         Pointing centre (RA, Dec) in degrees; default the first source, or
         zenith at the midpoint when there are no sources. Alt/az, LST, HA and
         the beamformer delays are derived at the midpoint.
+    phase_centre_radec_deg
+        The desired phase centre (metafits ``RAPHASE``/``DECPHASE``) in degrees; default the
+        pointing centre. A triggered observation is pointed at a beamformer sweet spot near
+        its target and phased to the target itself.
     mode
         ``'MWAX_CORRELATOR'`` (visibility FITS) or ``'MWAX_VCS'`` (``.sub`` files).
         VCS voltages are seeded Gaussian noise (rms :data:`VCS_RMS_COUNTS` counts):
@@ -1284,8 +1292,8 @@ def simulate_observation(
         Seed of all random numbers (noise, scatter, voltages).
     include_cable_delays
         Put the metafits cable-length phases into the raw data (as real data have them).
-    project_id, obs_name
-        metafits ``PROJECT`` and ``FILENAME``.
+    project_id, obs_name, creator
+        metafits ``PROJECT``, ``FILENAME`` and ``CREATOR``.
     calibrator
         Name of the calibrator this observation is of (metafits ``CALIBRAT``/``CALIBSRC``); None for a target.
     file_size_limit_bytes
@@ -1414,8 +1422,9 @@ def simulate_observation(
         metafits_name = f"{obsid}.metafits"
         with writer.atomic(metafits_name) as temp:
             _write_metafits(
-                temp, truth, epoch, beam_delays, exposure_s, project_id, name, calibrator or ""
-            )
+                temp, truth, epoch, beam_delays, exposure_s, project_id, name, calibrator or "",
+                phase_centre_radec_deg or (ra_deg, dec_deg), creator,
+            )  # fmt: skip
         writer.record(metafits_name, "metafits")
 
         if mode == "MWAX_CORRELATOR":
