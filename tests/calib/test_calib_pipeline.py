@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,7 @@ def test_fit_recovers_injected_delays_and_gains(
 
 
 def test_a_request_is_fitted_and_called_back(
-    settings: Settings, session_factory: sessionmaker[Session]
+    settings: Settings, session_factory: sessionmaker[Session], asvo_job: Callable[[int], int]
 ) -> None:
     """add_cal_request -> the dispatcher fits on Dask -> the callback arrives -> get_cal_solution serves it."""
     import time
@@ -95,11 +96,12 @@ def test_a_request_is_fitted_and_called_back(
         session.add(Observation(obsid=target, stoptime=target + 120, mode="MWAX_CORRELATOR",
                                 coarse_chans=calibrator.coarse_chans, atten_db=calibrator.atten_db))  # fmt: skip
         session.commit()
+    job_id = asvo_job(target)
     receiver = CallbackReceiver(failures=0)
     app_settings = settings.model_copy(update={"calib_callback_backoff_s": 1.0})
     with TestClient(create_app(app_settings, run_jobs=True)) as client:
         assert client.get("/calib/get_cal_solution", params={"obs_id": target}).status_code == 404
-        reply = client.get("/calib/add_cal_request", params={"obs_id": target, "asvo_job_id": 5,
+        reply = client.get("/calib/add_cal_request", params={"obs_id": target, "asvo_job_id": job_id,
                                                             "callback_url": receiver.url})  # fmt: skip
         assert reply.status_code == 200
         deadline = time.monotonic() + 120
@@ -112,7 +114,7 @@ def test_a_request_is_fitted_and_called_back(
             and body["cal_id"] == CAL_OBS
             and body["target_obs_id"] == target
         )
-        assert body["asvo_job_id"] == 5
+        assert body["asvo_job_id"] == job_id
         solution = client.get("/calib/get_cal_solution", params={"obs_id": target})
         assert solution.status_code == 200 and solution.headers["x-calibrator-obs-id"] == str(
             CAL_OBS

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -46,15 +46,18 @@ def requests_in(session_factory: sessionmaker[Session]) -> list[CalibrationReque
         return list(session.scalars(select(CalibrationRequest).order_by(CalibrationRequest.id)))
 
 
-def test_add_cal_request(client: TestClient, session_factory: sessionmaker[Session]) -> None:
-    reply = client.get("/calib/add_cal_request", params={"obs_id": TARGET, "asvo_job_id": 42})
+def test_add_cal_request(
+    client: TestClient, session_factory: sessionmaker[Session], asvo_job: Callable[[int], int]
+) -> None:
+    job_id = asvo_job(TARGET)
+    reply = client.get("/calib/add_cal_request", params={"obs_id": TARGET, "asvo_job_id": job_id})
     assert reply.status_code == 200 and reply.content == b""
     reply = client.post(
         "/calib/add_cal_request", data={"obs_id": TARGET - 7200, "max_time_separation": 0}
     )
     assert reply.status_code == 200
     first, second = requests_in(session_factory)
-    assert (first.cal_id, first.target_obs_id, first.asvo_job_id) == (TARGET + 3000, TARGET, 42)
+    assert (first.cal_id, first.target_obs_id, first.asvo_job_id) == (TARGET + 3000, TARGET, job_id)
     assert second.cal_id == TARGET - 7200  # a calibrator asking for its own fit
     assert client.get("/calib/add_cal_request", params={"obs_id": 1_399_999_992}).status_code == 400
     none_near = client.get(
@@ -85,8 +88,12 @@ def test_add_cal_request(client: TestClient, session_factory: sessionmaker[Sessi
 
 
 def test_callback_is_delivered_once_after_a_failing_receiver(
-    client: TestClient, settings: Settings, session_factory: sessionmaker[Session]
+    client: TestClient,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    asvo_job: Callable[[int], int],
 ) -> None:
+    job_id = asvo_job(TARGET)
     receiver = CallbackReceiver(failures=2)
     settings = settings.model_copy(
         update={"calib_callback_hosts": ["127.0.0.1"], "calib_callback_backoff_s": 10.0}
@@ -95,7 +102,7 @@ def test_callback_is_delivered_once_after_a_failing_receiver(
         from observatory.calib.requests import add_cal_request
 
         request = add_cal_request(
-            session, settings, TARGET, asvo_job_id=7, callback_url=receiver.url
+            session, settings, TARGET, asvo_job_id=job_id, callback_url=receiver.url
         )
         elsewhere = settings.model_copy(update={"calib_callback_hosts": ["example.org"]})
         with pytest.raises(Exception, match="not allowed"):
@@ -129,10 +136,125 @@ def test_callback_is_delivered_once_after_a_failing_receiver(
     assert (
         body["cal_id"] == TARGET + 3000
         and body["target_obs_id"] == TARGET
-        and body["asvo_job_id"] == 7
+        and body["asvo_job_id"] == job_id
     )
     assert body["success"] is True and "finished" in body["message"]
     assert datetime.fromisoformat(body["finished_datetime"]).tzinfo is not None
     (stored,) = requests_in(session_factory)
     assert stored.callback_attempts == 3 and stored.callback_delivered_datetime is not None
+    receiver.server.shutdown()
+
+
+def assert_refused(
+    client: TestClient,
+    session_factory: sessionmaker[Session],
+    params: dict[str, object],
+    named: str,
+) -> str:
+    """The request is a 400 whose message names ``named``, and nothing is stored."""
+    reply = client.get("/calib/add_cal_request", params={"obs_id": TARGET, **params})
+    assert reply.status_code == 400, reply.text
+    message: str = reply.json()["error"]
+    assert named in message, message
+    assert requests_in(session_factory) == []
+    return message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8862/\r\nX:y",  # would inject a header line; httpx refuses to send it
+        "http://127.0.0.1:8862/a\tb",
+        "http://127.0.0.1:8862/\x7f",
+        "http://127.0.0.1:8862/\x85",  # a C1 control character
+        "http://xn--/x",  # a host httpx cannot encode (IDNA error)
+    ],
+)
+def test_a_callback_url_with_a_control_character_is_refused(
+    client: TestClient, session_factory: sessionmaker[Session], url: str
+) -> None:
+    assert_refused(client, session_factory, {"callback_url": url}, "callback_url")
+
+
+@pytest.mark.parametrize("url", ["http://[::1/", "http://[::1]x/", "http://[not-an-address]/"])
+def test_a_malformed_ipv6_callback_url_is_a_400_naming_it(
+    client: TestClient, session_factory: sessionmaker[Session], url: str
+) -> None:
+    assert_refused(client, session_factory, {"callback_url": url}, "callback_url")
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:0/", "http://127.0.0.1:65536/"])
+def test_a_callback_url_with_port_zero_or_out_of_range_is_refused(
+    client: TestClient, session_factory: sessionmaker[Session], url: str
+) -> None:
+    message = assert_refused(client, session_factory, {"callback_url": url}, "callback_url")
+    assert "port" in message
+
+
+def test_an_asvo_job_id_of_no_asvo_job_is_refused(
+    client: TestClient, session_factory: sessionmaker[Session]
+) -> None:
+    message = assert_refused(client, session_factory, {"asvo_job_id": 424242}, "asvo_job_id")
+    assert "424242" in message
+
+
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [({"output_format": "xml"}, "output_format"), ({"nocache": "yes"}, "nocache")],
+)
+def test_get_cal_solution_checks_its_parameters_before_looking_for_a_fit(
+    client: TestClient, params: dict[str, str], named: str
+) -> None:
+    # TARGET has no fit: a bad parameter is still a 400 naming it, not the 404 "no fit".
+    reply = client.get(
+        "/calib/get_cal_solution",
+        params={"obs_id": TARGET, "max_time_separation": 0, **params},
+    )
+    assert reply.status_code == 400, reply.text
+    assert named in reply.json()["error"]
+
+
+def test_a_callback_that_cannot_be_sent_fails_alone_and_is_counted(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """URLs httpx cannot send (stored before they were checked), or any other failure to send,
+    count as a failed attempt of that request only: the other requests are still called back."""
+    import observatory.calib.requests as calib_requests
+
+    receiver = CallbackReceiver(failures=0)
+    broken = receiver.url + "/broken"  # stands in for any unforeseen failure to send
+    real_post = calib_requests.httpx.post
+
+    def post(url: str, **kwargs: object) -> object:
+        if url == broken:
+            raise RuntimeError("something unforeseen")
+        return real_post(url, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(calib_requests.httpx, "post", post)
+    bad_urls = [receiver.url + "/\r\nX:y", "http://xn--/x", broken]
+    now = datetime.now(UTC)
+    with session_factory() as session:
+        for url in [*bad_urls, receiver.url]:  # the good one last: the bad ones come first
+            session.add(CalibrationRequest(
+                cal_id=TARGET + 3000, target_obs_id=TARGET, callback_url=url,
+                calibration_completed_datetime=now, calibration_fit_id=1,
+            ))  # fmt: skip
+        session.commit()
+    with caplog.at_level("WARNING", logger="observatory.calib.requests"):
+        assert deliver_callbacks(session_factory, settings, now=now) == 1
+    assert len(receiver.bodies) == 1
+    *failed, delivered = requests_in(session_factory)
+    assert delivered.callback_delivered_datetime is not None and delivered.callback_attempts == 1
+    for request, problem in zip(failed, ["InvalidURL", "IDNAError", "RuntimeError"], strict=True):
+        assert request.callback_attempts == 1 and request.callback_delivered_datetime is None
+        assert problem in (request.callback_error_message or "")
+        assert f"calibration request {request.id} failed" in caplog.text
+    # The next due pass tries the failed ones again (counted), and never the delivered one.
+    later = now + timedelta(seconds=settings.calib_callback_backoff_s + 1)
+    assert deliver_callbacks(session_factory, settings, now=later) == 0
+    assert [r.callback_attempts for r in requests_in(session_factory)] == [2, 2, 2, 1]
+    assert len(receiver.bodies) == 1
     receiver.server.shutdown()

@@ -46,10 +46,14 @@ def client(settings: Settings) -> Iterator[TestClient]:
         ("/calib/plot/gains.png", {"fitid": HUGE}, "fitid"),
         ("/calib/get_cal_solution", {"obs_id": "1", "prefer_fitid": HUGE}, "prefer_fitid"),
         ("/calib/get_cal_solution", {"obs_id": "\u00b9"}, "obsid"),
+        ("/calib/get_calfile_for_calid", {"cal_id": "abc"}, "cal_id"),
+        ("/calib/get_calfile_for_calid", {"cal_id": HUGE}, "cal_id"),
         ("/calib/summary", {"mintime": HUGE}, "mintime"),
         # Ids of INTEGER columns: PostgreSQL refuses to compare with more than 2**31 - 1.
         ("/trigger/find", {"trigger_id": "3000000000"}, "trigger_id"),
         ("/calib/add_cal_request", {"obs_id": "1", "asvo_job_id": "3000000000"}, "asvo_job_id"),
+        # Anything but 1 used to mean "without the calibration", silently.
+        ("/metadata/fits", {"obs_id": "1000000000", "include_calib": "true"}, "include_calib"),
     ],
 )
 def test_out_of_range_numbers_are_a_clear_400(

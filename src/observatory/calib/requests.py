@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import column, select, table
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -30,26 +30,64 @@ from observatory.core.errors import BadRequest, Conflict, NotFound
 
 log = logging.getLogger(__name__)
 CALLBACK_TIMEOUT_S = 30.0
+#: The ASVO jobs table, only for checking that a job exists (see ``check_asvo_job``).
+_ASVO_JOBS = table("asvo_jobs", column("id"))
 
 
 def check_callback_url(url: str, settings: Settings) -> str:
     """The callback URL, if it may be called.
 
+    Parameters
+    ----------
+    url
+        The URL as the caller gave it.
+    settings
+        Where ``calib_callback_hosts`` (the hosts allowed, when set) comes from.
+
+    Returns
+    -------
+    str
+        ``url``, unchanged.
+
     Raises
     ------
     BadRequest
-        For a URL that is not http(s), carries credentials, or names a host outside
-        ``calib_callback_hosts`` (when that list is set).
+        Naming ``callback_url``, for a URL that is malformed (control characters, an
+        unbalanced or invalid ``[IPv6]`` host, a host that cannot be encoded), is not
+        http(s), carries credentials, has a port outside 1..65535, or names a host
+        outside ``calib_callback_hosts`` (when that list is set).
     """
-    parts = urlsplit(url)
+    # Checked on the raw text: urlsplit silently drops CR, LF and tab, so the parts below
+    # would look clean while httpx refuses the URL (or a header is injected) at delivery.
+    bad = next((ch for ch in url if not ch.isprintable()), None)
+    if bad is not None:
+        raise BadRequest(
+            f"callback_url {url!r} must not contain control or other non-printable "
+            f"characters (found {bad!r} at position {url.index(bad)})"
+        )
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. "Invalid IPv6 URL" for an unclosed "[::1"
+        raise BadRequest(f"callback_url {url!r} is not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise BadRequest(f"callback_url {url!r} must be an http or https URL")
     if parts.username is not None or parts.password is not None:
         raise BadRequest("callback_url must not carry credentials")
     try:
-        parts.port  # noqa: B018 (urlsplit checks the port only when it is read)
+        port = parts.port  # urlsplit checks the port only when it is read
     except ValueError as exc:
-        raise BadRequest(f"callback_url {url!r} has an invalid port: {exc}") from None
+        raise BadRequest(
+            f"callback_url {url!r} has an invalid port ({exc}): use 1 to 65535"
+        ) from None
+    if port == 0:  # urlsplit takes 0, but nothing can be called on it
+        raise BadRequest(f"callback_url {url!r} has an invalid port (0): use 1 to 65535")
+    try:
+        # What delivery will send: a URL httpx cannot build (a bad [IPv6] host), or whose
+        # host it cannot decode (IDNA, read from .host when sending) would otherwise be
+        # stored and fail on every attempt.
+        httpx.URL(url).host  # noqa: B018
+    except (httpx.InvalidURL, ValueError) as exc:  # IDNAError is a ValueError
+        raise BadRequest(f"callback_url {url!r} is not a valid URL: {exc}") from None
     allowed = settings.calib_callback_hosts
     if allowed and parts.hostname not in allowed:
         raise BadRequest(
@@ -65,6 +103,35 @@ def check_callback_url(url: str, settings: Settings) -> str:
         ):
             raise BadRequest(f"callback_url host {parts.hostname!r} is not a usable address")
     return url
+
+
+def check_asvo_job(session: Session, asvo_job_id: int) -> int:
+    """The ASVO job id, if such a job exists.
+
+    Parameters
+    ----------
+    session
+        A database session.
+    asvo_job_id
+        The job a fit request is filed for.
+
+    Returns
+    -------
+    int
+        ``asvo_job_id``, unchanged.
+
+    Raises
+    ------
+    BadRequest
+        Naming ``asvo_job_id``, when there is no such ASVO job.
+    """
+    # An ASVO job waiting for calibration finds its fit request by this id: a request
+    # filed for a job that does not exist (yet) would later be taken as that job's own.
+    # The table is named rather than imported: calib must not depend on asvo.
+    found = session.scalar(select(_ASVO_JOBS.c.id).where(_ASVO_JOBS.c.id == asvo_job_id))
+    if found is None:
+        raise BadRequest(f"asvo_job_id {asvo_job_id} is not an ASVO job")
+    return asvo_job_id
 
 
 def best_calibrator(
@@ -121,7 +188,8 @@ def add_cal_request(
     Raises
     ------
     BadRequest
-        Unknown obsid, or a callback URL that may not be called.
+        Unknown obsid, a callback URL that may not be called, or an ``asvo_job_id``
+        that is no ASVO job.
     NotFound
         No calibrator observation within range.
     Conflict
@@ -129,6 +197,8 @@ def add_cal_request(
     """
     if callback_url:
         check_callback_url(callback_url, settings)
+    if asvo_job_id is not None:
+        check_asvo_job(session, asvo_job_id)
     target = target_observation(session, obsid)
     calibrator = best_calibrator(session, target, max_time_separation_s)
     request = CalibrationRequest(
@@ -183,6 +253,10 @@ def deliver_callbacks(
 
     A request is due when it has a callback URL, is not delivered, has attempts
     left, and its backoff (``calib_callback_backoff_s`` doubling per attempt) has passed.
+    Any failure to send one request's callback (an HTTP error, a URL httpx refuses,
+    anything else raised while building or sending it) is a failed attempt of that
+    request: counted, recorded in ``callback_error_message`` and logged; the other
+    requests are still called back.
     """
     now = now or datetime.now(UTC)
     accepted = 0
@@ -206,6 +280,7 @@ def deliver_callbacks(
                     continue
             request.callback_attempts += 1
             request.callback_last_attempt_datetime = now
+            unforeseen: Exception | None = None
             try:
                 reply = httpx.post(
                     request.callback_url or "",
@@ -215,13 +290,19 @@ def deliver_callbacks(
                 ok, problem = reply.is_success, f"HTTP {reply.status_code}"
             except httpx.HTTPError as exc:
                 ok, problem = False, f"{exc.__class__.__name__}: {exc}"
+            except Exception as exc:
+                # Anything else (a URL stored before it was checked, which httpx refuses
+                # with InvalidURL or an IDNA error; an unforeseen failure) is this request's
+                # failed attempt: counted, and never the end of the other requests' deliveries.
+                ok, problem, unforeseen = False, f"{exc.__class__.__name__}: {exc}", exc
             if ok:
                 request.callback_delivered_datetime, request.callback_error_message = now, None
                 accepted += 1
             else:
                 request.callback_error_message = problem
                 log.warning("callback for calibration request %s failed (%s), attempt %d",
-                            request.id, problem, request.callback_attempts)  # fmt: skip
+                            request.id, problem, request.callback_attempts,
+                            exc_info=unforeseen)  # fmt: skip
             session.commit()
     return accepted
 

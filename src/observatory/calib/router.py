@@ -19,6 +19,7 @@ from observatory.core.errors import BadRequest, NotFound
 from observatory.core.gpstime import gps_to_utc_iso, now_gps
 from observatory.core.storage import Storage
 from observatory.core.web import (
+    flag_param,
     get_session,
     gps_time_param,
     loads_request_json,
@@ -30,14 +31,6 @@ from observatory.core.web import (
 router = APIRouter(prefix="/calib", tags=["calibration"])
 templates = templates_for(Path(__file__).parent)
 SessionDep = Annotated[Session, Depends(get_session)]
-
-
-def _flag(name: str, value: str | None, default: bool) -> bool:
-    if value is None or value == "":
-        return default
-    if value not in ("0", "1"):
-        raise BadRequest(f"{name} must be 0 or 1, not {value!r}")
-    return value == "1"
 
 
 def _seconds(value: str | None) -> int:
@@ -72,16 +65,19 @@ def get_cal_solution(
         if prefer_fitid
         else None
     )
+    # Every parameter is checked before the fit is looked up: a bad one is a 400 whether
+    # or not a fit exists, not a 404 "no fit" that turns into a 400 once one does.
+    fmt = service.check_output_format(output_format)
+    rebuild = flag_param("nocache", nocache, default=False)
     target, fit = service.best_fit(
         session, obsid_param(obs_id),
         max_time_separation_s=_seconds(max_time_separation),
-        allow_after=_flag("allow_after", allow_after, True),
+        allow_after=flag_param("allow_after", allow_after, default=True),
         prefer_fitid=preferred,
     )  # fmt: skip
     body = service.solution_zip(
-        session, _settings(request), target, fit, output_format=output_format,
-        nocache=_flag("nocache", nocache, False),
-    )  # fmt: skip
+        session, _settings(request), target, fit, output_format=fmt, nocache=rebuild
+    )
     return Response(body, media_type="application/zip", headers={
         "Content-Disposition": f'attachment; filename="{target.obsid}_calibration.zip"',
         "X-Calibration-Fit-Id": str(fit.fitid), "X-Calibrator-Obs-Id": str(fit.obsid),
@@ -102,7 +98,7 @@ def get_cal_fits(
     target = service.target_observation(session, obsid_param(obs_id))
     candidates = service.candidate_fits(
         session, target, max_time_separation_s=_seconds(max_time_separation),
-        allow_after=_flag("allow_after", allow_after, True),
+        allow_after=flag_param("allow_after", allow_after, default=True),
     )  # fmt: skip
     if not candidates:
         raise NotFound(f"no calibration fits for obs_id {target.obsid}")
@@ -205,11 +201,13 @@ def get_calfile_for_obsid(
     """
     settings = _settings(request)
     obsid = obsid_param(obs_id)
-    _flag("add_request", add_request, False)  # a bad value is a 400 whether or not a fit exists
+    flag_param(
+        "add_request", add_request, default=False
+    )  # a bad value is a 400 whether or not a fit exists
     try:
         target, fit = service.best_fit(session, obsid, match_attenuation=any_gain is None)
     except NotFound as exc:
-        if _flag("add_request", add_request, False):
+        if flag_param("add_request", add_request, default=False):
             requests.add_cal_request(session, settings, obsid)
             return Response(status_code=200)
         raise BadRequest(exc.message) from exc
@@ -227,7 +225,7 @@ def get_calfile_for_calid(
     request: Request, session: SessionDep, cal_id: Annotated[str, Query()]
 ) -> Response:
     """Deprecated: the newest fit of calibrator observation ``cal_id`` as a zip."""
-    calid = obsid_param(cal_id)
+    calid = obsid_param(cal_id, name="cal_id")
     fit = _latest_fit_of(session, calid)
     calibrator = service.target_observation(session, calid)
     body = service.solution_zip(session, _settings(request), calibrator, fit)

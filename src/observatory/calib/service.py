@@ -377,6 +377,31 @@ if __name__ == "__main__":
 '''
 
 
+def check_output_format(output_format: str) -> str:
+    """The ``output_format`` of a solution, if it is one of ``OUTPUT_FORMATS``.
+
+    Parameters
+    ----------
+    output_format
+        As the caller gave it.
+
+    Returns
+    -------
+    str
+        ``output_format``, unchanged.
+
+    Raises
+    ------
+    BadRequest
+        Naming ``output_format`` and the formats there are.
+    """
+    if output_format not in OUTPUT_FORMATS:
+        raise BadRequest(
+            f"output_format {output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}"
+        )
+    return output_format
+
+
 def solution_zip(
     session: Session,
     settings: Settings,
@@ -401,10 +426,7 @@ def solution_zip(
     BadRequest
         For an unknown ``output_format``.
     """
-    if output_format not in OUTPUT_FORMATS:
-        raise BadRequest(
-            f"output_format {output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}"
-        )
+    check_output_format(output_format)
     hyperdrive = output_format == "hyperdrive"
     finder = hyperdrive_path if hyperdrive else solution_path
     cached = None if nocache else finder(settings, fit)

@@ -114,12 +114,13 @@ def get_archive_storage(request: Request) -> Storage:
     return storage
 
 
-def obsid_param(value: str) -> int:
-    """Parse an ``obs_id`` query value, answering 400 with the reason if it is malformed."""
+def obsid_param(value: str, *, name: str = "obsid") -> int:
+    """Parse an obsid-valued parameter, answering 400 with the reason (naming ``name``)."""
     try:
         return parse_obsid(value)
     except ValueError as exc:
-        raise BadRequest(str(exc)) from exc
+        reason = str(exc)  # parse_obsid's reasons begin with "obsid"
+        raise BadRequest(name + reason.removeprefix("obsid")) from exc
 
 
 def whole_number_param(
