@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi import Request
 from fastapi.testclient import TestClient
 
 from observatory.app import create_app
 from observatory.core.config import Settings
 from observatory.core.openapi import DeclaredParameter
 from observatory.trigger import router as trigger_router
-from observatory.trigger.params import merge_request_parameters
+from observatory.trigger.params import read_request_parameters
 from observatory.trigger.schemas import BODY_MEDIA_TYPES, ENDPOINT_PARAMETERS
 
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
@@ -225,10 +226,10 @@ def test_handlers_read_exactly_the_declared_parameters(
     """
     read: set[str] = set()
 
-    def recording_merge(query: list[tuple[str, str]], body: bytes) -> dict[str, Any]:
-        return RecordingParameters(merge_request_parameters(query, body), read)
+    async def recording_read(request: Request) -> dict[str, Any]:
+        return RecordingParameters(await read_request_parameters(request), read)
 
-    monkeypatch.setattr(trigger_router, "merge_request_parameters", recording_merge)
+    monkeypatch.setattr(trigger_router, "read_request_parameters", recording_read)
     for endpoint, declared in ENDPOINT_PARAMETERS.items():
         every = {parameter.name: sample(parameter) for parameter in declared}
         calls = [{}, every, *({name: value} for name, value in every.items())]

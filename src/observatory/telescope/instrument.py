@@ -89,6 +89,9 @@ MIN_REC_CHAN = 1
 MAX_REC_CHAN = 255
 #: The receivers send at most 24 coarse channels to the correlator.
 MAX_COARSE_CHANS = 24
+#: The longest observation name and project id the telescope records (metafits
+#: ``FILENAME`` and ``PROJECT``).
+MAX_METAFITS_NAME_CHARS = 60
 
 #: MWAX works in 8 s sub-observations; integrations must tile one exactly.
 MWAX_SUBOBS_S = 8

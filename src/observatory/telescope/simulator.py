@@ -1354,9 +1354,12 @@ def simulate_observation(
             f"flagged_antennas {flagged_antennas!r} must be distinct indices in 0..{n_ant - 1}"
         )
     for label, text in (("project_id", project_id), ("obs_name", obs_name)):
-        if text is not None and (not isinstance(text, str) or not text or len(text) > 60):
+        if text is not None and (
+            not isinstance(text, str) or not text or len(text) > instrument.MAX_METAFITS_NAME_CHARS
+        ):
             raise ValueError(
-                f"{label} {text!r} must be a non-empty string of at most 60 characters"
+                f"{label} {text!r} must be a non-empty string of at most "
+                f"{instrument.MAX_METAFITS_NAME_CHARS} characters"
             )
 
     timestep_s = instrument.MWAX_SUBOBS_S if mode == "MWAX_VCS" else int_time_ms / 1000.0

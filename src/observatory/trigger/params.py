@@ -5,21 +5,39 @@ in the query string and the rest in a form-encoded body that it labels
 ``Content-Type: application/json``; it writes Python lists with ``str()``, so
 source names arrive single-quoted (``['Sun', 'Moon']``) and numpy floats may
 arrive as ``np.float64(1.5)``. Other callers send real JSON, or everything in
-the URL. All of these are merged here (specs/trigger.md section 4.1).
+the URL, or a multipart form (``curl -F``). All of these are merged here
+(specs/trigger.md section 4.1). A body that is none of these is refused, never
+read as nothing: the caller would otherwise get errors about default values.
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_plus
+
+from fastapi import Request
+from starlette.exceptions import HTTPException
 
 from observatory.core.web import loads_request_json
 
 TRUE_WORDS = frozenset({"true", "1", "y", "yes", "on", "t"})
-FALSE_WORDS = frozenset({"false", "0", "n", "no", "off", "f", "", "none"})
+FALSE_WORDS = frozenset({"false", "0", "n", "no", "off", "f"})
+#: What a client writes for a value it did not set: Python's ``str(None)`` (a client that
+#: passes an unset argument on), JSON's null, nothing. They mean "the default", never false:
+#: ``pretend=None`` must not trigger for real.
+UNSET_WORDS = frozenset({"", "none", "null"})
+#: A form field's name (every trigger parameter is one); random bytes labelled JSON are not.
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+#: Characters a FITS header value may hold; a metafits carries obsname (FILENAME) and
+#: project_id (PROJECT), and a real one the creator.
+_NOT_PRINTABLE_ASCII = re.compile(r"[^\x20-\x7e]")
+_MULTIPART = "multipart/form-data"
+#: A trigger takes some 25 parameters; a multipart form is refused far beyond that.
+MAX_FORM_FIELDS = 1000
 #: An integer written out (ASCII digits only: int() also reads other scripts' digits).
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _NUMPY_SCALAR = re.compile(r"np\.(?:float|int)\d*\(([^()]*)\)")
@@ -32,35 +50,119 @@ class ParameterError(ValueError):
     """A parameter that cannot be read; the message names it."""
 
 
-def merge_request_parameters(query: Sequence[tuple[str, str]], body: bytes) -> dict[str, Any]:
-    """Query-string and body parameters in one dict (the body wins on a clash).
+async def read_request_parameters(request: Request) -> dict[str, Any]:
+    """The parameters of a request: its query string merged with its body.
 
-    The body is read as JSON when it is a JSON object, otherwise as a form
-    (whatever ``Content-Type`` says: triggerservice.py labels its forms JSON). A key given several times becomes a list.
-    ``group_id`` is renamed ``groupid``.
+    A ``multipart/form-data`` body (``curl -F``) is read as a form; any other body by
+    :func:`merge_request_parameters`, whatever its ``Content-Type`` says.
+
+    Parameters
+    ----------
+    request
+        The HTTP request.
+
+    Returns
+    -------
+    dict
+        Parameter name to value (a list for a key given several times).
 
     Raises
     ------
     ParameterError
-        If the body is neither a JSON object nor a form.
+        If the body cannot be read, or a multipart field is a file.
+    """
+    query = list(request.query_params.multi_items())
+    content_type = request.headers.get("content-type", "").strip().lower()
+    if not content_type.startswith(_MULTIPART):
+        return merge_request_parameters(query, await request.body())
+    try:
+        form = await request.form(max_files=MAX_FORM_FIELDS, max_fields=MAX_FORM_FIELDS)
+    except HTTPException as exc:  # starlette's answer to a malformed multipart body
+        raise ParameterError(f"the multipart/form-data body cannot be read: {exc.detail}") from exc
+    fields: list[tuple[str, str]] = []
+    for key, value in form.multi_items():
+        if not isinstance(value, str):
+            raise ParameterError(f"{key}: a file was uploaded; give the value as text")
+        fields.append((key, value))
+    return merge_request_parameters(query, b"", form=fields)
+
+
+def merge_request_parameters(
+    query: Sequence[tuple[str, str]], body: bytes, *, form: Sequence[tuple[str, str]] = ()
+) -> dict[str, Any]:
+    """Query-string and body parameters in one dict (the body wins on a clash).
+
+    The body is read as JSON when it is a JSON object, otherwise as a form
+    (whatever ``Content-Type`` says: triggerservice.py labels its forms JSON). A key given
+    several times becomes a list. ``group_id`` is renamed ``groupid``.
+
+    Parameters
+    ----------
+    query
+        The query string's (name, value) pairs.
+    body
+        The request body, unread.
+    form
+        Fields already read from a multipart body (then ``body`` is empty).
+
+    Returns
+    -------
+    dict
+        Parameter name to value.
+
+    Raises
+    ------
+    ParameterError
+        If the body is neither a JSON object nor a form (invalid JSON, another JSON
+        value, text that is not ``name=value&...``, bytes that are not UTF-8), or a
+        value holds NUL.
     """
     merged: dict[str, Any] = {}
     _add_pairs(merged, query)
-    text = body.decode("utf-8", "replace").strip()
-    if text.startswith(("{", "[")):
-        try:
-            document = loads_request_json(text)
-        except ValueError as exc:
-            raise ParameterError(f"the request body is not valid JSON: {exc}") from exc
-        if not isinstance(document, dict):
-            raise ParameterError("a JSON request body must be an object")
-        merged.update(document)
-    elif text:
-        _add_pairs(merged, parse_qsl(text, keep_blank_values=True))
+    _add_pairs(merged, form)
+    try:
+        text = body.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ParameterError(
+            "the request body is not UTF-8 text: neither a JSON object nor a form"
+        ) from None
+    if text:
+        merged.update(_read_body(text))
     if "group_id" in merged:
         merged.setdefault("groupid", merged.pop("group_id"))
     if _holds_nul(merged):  # PostgreSQL refuses NUL in text
         raise ParameterError("parameters must not contain NUL characters")
+    return merged
+
+
+def _read_body(text: str) -> dict[str, Any]:
+    """A body's parameters: a JSON object, or a form; anything else is refused."""
+    try:
+        document = loads_request_json(text)
+    except ValueError as exc:
+        if text.startswith(("{", "[")):
+            raise ParameterError(f"the request body is not valid JSON: {exc}") from exc
+    else:
+        # A JSON string or number is never a form either ('"project_id=D0000"').
+        if not isinstance(document, dict):
+            raise ParameterError("a JSON request body must be an object")
+        return document
+    pieces = [piece for piece in text.split("&") if piece]
+    for piece in pieces:
+        name, equals, _ = piece.partition("=")
+        if not equals or not _FIELD_NAME.fullmatch(unquote_plus(name)):
+            raise ParameterError(
+                f"the request body is neither a JSON object nor a form (name=value&...): "
+                f"{piece[:40]!r} is not a form field"
+            )
+    try:
+        pairs = parse_qsl(text, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise ParameterError(
+            "the request body is a form whose %-escapes are not UTF-8 text"
+        ) from None
+    merged: dict[str, Any] = {}
+    _add_pairs(merged, pairs)
     return merged
 
 
@@ -102,17 +204,31 @@ def decode_value(value: Any) -> Any:
         return text
 
 
-def as_bool(name: str, value: Any) -> bool:
+def as_bool(name: str, value: Any, *, default: bool | None = None) -> bool:
     """A boolean, an integer (non-zero is true) or a word: true/false, y/n, yes/no, on/off, t/f.
 
     The wiki's rule for ``current`` ("true: a non-zero integer") and for ``pretend``,
     ``avoidsun`` and ``calibrator`` ("Boolean, integer, or string").
+
+    Parameters
+    ----------
+    name
+        The parameter, for messages.
+    value
+        What was sent.
+    default
+        The value of an unset one: None, or empty, ``none`` or ``null`` in any case
+        (``UNSET_WORDS``). Without a default these are refused.
 
     Raises
     ------
     ParameterError
         For anything else, and for a number that is not finite or is beyond 2**53.
     """
+    if value is None or (isinstance(value, str) and value.strip().lower() in UNSET_WORDS):
+        if default is None:
+            raise ParameterError(f"{name}: {value!r} is not a boolean (use true or false)")
+        return default
     if isinstance(value, bool):
         return value
     if isinstance(value, int | float):
@@ -136,12 +252,64 @@ def as_bool(name: str, value: Any) -> bool:
 def is_bool_word(value: Any) -> bool:
     """Whether ``value`` is meant as a boolean (``calibrator`` is a boolean or a source name).
 
-    Booleans, numbers, integers written out and the words ``as_bool`` knows.
+    Booleans, numbers, integers written out, the words ``as_bool`` knows, and the
+    words of an unset value (``calibrator=None`` is the default, not a source named None).
     """
-    if isinstance(value, bool | int | float):
+    if value is None or isinstance(value, bool | int | float):
         return True
     text = str(value).strip().lower()
-    return text in TRUE_WORDS | FALSE_WORDS or bool(_INTEGER.fullmatch(text))
+    return text in TRUE_WORDS | FALSE_WORDS | UNSET_WORDS or bool(_INTEGER.fullmatch(text))
+
+
+def as_text(
+    name: str, value: Any, *, max_chars: int | None = None, printable_ascii: bool = False
+) -> str:
+    """One text value (a name), without the spaces around it.
+
+    Parameters
+    ----------
+    name
+        The parameter, for messages.
+    value
+        What was sent: a string, or a JSON number (written as JSON).
+    max_chars
+        The most characters it may have (a column's width, a metafits card's), if limited.
+    printable_ascii
+        Whether it ends up in a FITS header, which holds printable ASCII only.
+
+    Returns
+    -------
+    str
+        The value.
+
+    Raises
+    ------
+    ParameterError
+        For a list (several values, or a JSON list) or object, a character a FITS header
+        cannot hold, or more than ``max_chars`` characters. Never cut short in silence.
+    """
+    if isinstance(value, list | tuple):
+        raise ParameterError(f"{name}: given {len(value)} values ({echo_text(value)}); give one")
+    if isinstance(value, dict):
+        raise ParameterError(f"{name}: {echo_text(value)} is a JSON object, not one value")
+    text = (value if isinstance(value, str) else echo_text(value)).strip()
+    bad = _NOT_PRINTABLE_ASCII.search(text) if printable_ascii else None
+    if bad:
+        raise ParameterError(
+            f"{name}: {text!r} holds {bad.group()!r}, which a metafits header cannot hold "
+            "(use printable ASCII: letters, digits, spaces and punctuation)"
+        )
+    if max_chars is not None and len(text) > max_chars:
+        raise ParameterError(f"{name}: {len(text)} characters; at most {max_chars} are allowed")
+    return text
+
+
+def echo_text(value: Any) -> str:
+    """A value as text for the reply and the record: itself if a string, else its JSON.
+
+    Never a Python repr (``['D0000']``), which no client reads back.
+    """
+    return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
 def as_float_list(name: str, value: Any) -> list[float]:

@@ -1,10 +1,12 @@
 """/trigger: busy, obslist, vcsfree, triggerobs, triggervcs, triggerbuffer, find, show.
 
-Every endpoint takes its parameters from the query string, a form body, or a
-JSON body (merged), answers GET and POST, and has no trailing-slash redirect
-(urllib turns a redirected POST into a bodyless GET). Trigger calls always
-answer 200 with ``success`` and ``errors``: triggerservice.py turns any 4xx or
-5xx into None and would lose the message.
+Every endpoint takes its parameters from the query string, a form body
+(urlencoded or multipart), or a JSON body (merged), answers GET and POST, and has
+no trailing-slash redirect (urllib turns a redirected POST into a bodyless GET).
+Trigger calls answer 200 with ``success`` and ``errors`` for every parameter
+problem: triggerservice.py turns any 4xx or 5xx into None and would lose the
+message. Only a request that cannot be read at all (a body that is neither a
+form nor a JSON object, NUL characters) is a 400, which no such client sends.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from observatory.trigger.params import (
     ParameterError,
     as_bool,
     as_number,
-    merge_request_parameters,
+    as_text,
     present,
+    read_request_parameters,
 )
 
 router = APIRouter(prefix="/trigger", tags=["trigger"])
@@ -43,9 +46,7 @@ templates = templates_for(Path(__file__).parent)
 
 async def _parameters(request: Request) -> dict[str, Any]:
     try:
-        return merge_request_parameters(
-            list(request.query_params.multi_items()), await request.body()
-        )
+        return await read_request_parameters(request)
     except ParameterError as exc:
         raise BadRequest(str(exc)) from exc
 
@@ -85,7 +86,7 @@ def _json(value: Any, params: dict[str, Any], request: Request) -> Response:
     pretty = "text/html" in request.headers.get("accept", "")
     if present(params, "pretty"):
         try:
-            pretty = as_bool("pretty", params["pretty"])
+            pretty = as_bool("pretty", params["pretty"], default=pretty)
         except ParameterError:
             pretty = True
     body = json.dumps(value, indent=2 if pretty else None, default=str)
@@ -153,7 +154,11 @@ async def busy(request: Request, params: ParamsDep) -> Response:
     """``true`` if ``project_id`` may not override the schedule between now and now + obstime."""
     if not present(params, "project_id"):
         raise BadRequest("project_id is required")
-    project_id, obstime = str(params["project_id"]), _number(params, "obstime")
+    try:
+        project_id = as_text("project_id", params["project_id"])
+    except ParameterError as exc:
+        raise BadRequest(str(exc)) from exc
+    obstime = _number(params, "obstime")
     answer = await _answer(
         request, ("busy", project_id, obstime),
         lambda session, second: service.is_busy(session, project_id, obstime, now=second),
@@ -167,7 +172,7 @@ async def obslist(request: Request, params: ParamsDep) -> Response:
     current = False
     if present(params, "current"):
         try:
-            current = as_bool("current", params["current"])
+            current = as_bool("current", params["current"], default=False)
         except ParameterError as exc:
             raise BadRequest(str(exc)) from exc
     obstime = _number(params, "obstime", 0.0 if current else None)

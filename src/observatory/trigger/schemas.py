@@ -24,6 +24,8 @@ _NUMBER = {"type": "number"}
 _STRING = {"type": "string"}
 _NUMBERS = {"type": "array", "items": _NUMBER}
 _STRINGS = {"type": "array", "items": _STRING}
+#: What a FITS header (a metafits) can hold.
+_PRINTABLE_ASCII = "^[ -~]*$"
 #: The handlers refuse negative durations.
 _SECONDS = {**_NUMBER, "minimum": 0}
 
@@ -102,8 +104,17 @@ TRIGGER_CALL = (
     _call_parameter(
         "avoidsun", _BOOLEAN, "Point RA/Dec targets so that the Sun falls in a beam null."
     ),
-    _call_parameter("obsname", _STRING, "Name recorded with the observations."),
-    _call_parameter("creator", _STRING, "Creator recorded with the observations."),
+    _call_parameter(
+        "obsname",
+        {**_STRING, "maxLength": service.MAX_OBSNAME_CHARS, "pattern": _PRINTABLE_ASCII},
+        "Name recorded with the observations and in their metafits: printable ASCII, "
+        f"at most {service.MAX_OBSNAME_CHARS} characters (calibrator observations' names too).",
+    ),
+    _call_parameter(
+        "creator",
+        {**_STRING, "maxLength": service.MAX_CREATOR_CHARS, "pattern": _PRINTABLE_ASCII},
+        "Creator recorded with the observations: printable ASCII.",
+    ),
     _call_parameter(
         "atten",
         {**_NUMBER, "minimum": 0, "maximum": service.MAX_ATTEN_DB},
@@ -111,14 +122,13 @@ TRIGGER_CALL = (
     ),
     _call_parameter(
         "groupid",
-        _INTEGER,
+        {**_INTEGER, "minimum": 1},
         "Group id of the observations (group_id is read as groupid); default: the first obsid.",
     ),
     DeclaredParameter(
         "vcsmode",
         _BOOLEAN,
-        "Posted by triggerservice.py; the endpoint decides the mode.",
-        ignored=True,
+        "Posted by triggerservice.py; must agree with the endpoint (true for triggervcs).",
     ),
     PRETTY,
 )
@@ -233,9 +243,15 @@ ENDPOINT_PARAMETERS: dict[str, tuple[DeclaredParameter, ...]] = {
 BODY_DESCRIPTION = (
     "Form fields or one JSON object, merged with the query string (the body wins on a clash): "
     "triggerservice.py sends project_id and obsname in the query string. A body that is not a "
-    "JSON object is read as a form whatever its Content-Type says."
+    "JSON object is read as a form whatever its Content-Type says; one that is neither "
+    "(another JSON value, text that is not name=value&..., bytes that are not UTF-8) is "
+    "answered 400."
 )
-BODY_MEDIA_TYPES = ("application/x-www-form-urlencoded", "application/json")
+BODY_MEDIA_TYPES = (
+    "application/x-www-form-urlencoded",
+    "multipart/form-data",
+    "application/json",
+)
 
 
 def get_openapi(endpoint: str) -> dict[str, Any]:

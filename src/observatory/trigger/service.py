@@ -34,7 +34,9 @@ from observatory.core.models import Project
 from observatory.telescope import catalogue
 from observatory.telescope.freqspec import FreqspecError, coarse_channel_centre_mhz, parse_freqspec
 from observatory.telescope.instrument import (
+    MAX_METAFITS_NAME_CHARS,
     tile_layout,
+    validate_coarse_chans,
     validate_fine_chan_width_hz,
     validate_int_time_ms,
 )
@@ -46,7 +48,9 @@ from observatory.trigger.params import (
     as_float_list,
     as_number,
     as_str_list,
+    as_text,
     decode_value,
+    echo_text,
     is_bool_word,
     present,
 )
@@ -80,6 +84,15 @@ MAX_ATTEN_DB = 31.75
 #: DESIGN: the longest a trigger may observe (targets, repeats, freqspecs and calibrators in
 #: all); nothing in the real system's documents says, and a longer one only blocks the schedule.
 MAX_TRIGGER_S = 2 * 86400
+
+#: The longest observation name: the telescope writes it into the metafits (FILENAME),
+#: so an observation with a longer name could be scheduled but never recorded.
+#: Calibrator observations' and buffer dumps' names, made from it, must fit too.
+MAX_OBSNAME_CHARS = MAX_METAFITS_NAME_CHARS
+#: The width of the ``creator`` and ``project_id`` columns.
+MAX_CREATOR_CHARS = 100
+MAX_PROJECT_ID_CHARS = 20
+BUFFER_DUMP_SUFFIX = " buffer dump"
 
 DEFAULTS: dict[str, Any] = {
     "project_id": "C001",
@@ -138,6 +151,9 @@ class TriggerRequest:
     params: dict[str, Any] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: Whether ``project_id`` could be read at all (else its error says why, and no
+    #: second error about an unknown project ``["G0055"]`` is added).
+    project_readable: bool = True
 
     @property
     def mode(self) -> str:
@@ -159,12 +175,31 @@ def read_trigger_request(raw: Mapping[str, Any], *, vcs: bool, when_gps: int) ->
             errors.append(str(exc) if str(exc).startswith(name) else f"{name}: {exc}")
             return None
 
-    request.project_id = str(get("project_id")).strip()
-    request.secure_key = str(raw["secure_key"]) if present(raw, "secure_key") else None
-    request.pretend = attempt("pretend", lambda: as_bool("pretend", get("pretend"))) is not False
-    request.obsname = str(get("obsname"))[:200]
-    request.creator = str(get("creator"))[:100]
-    request.avoidsun = bool(attempt("avoidsun", lambda: as_bool("avoidsun", get("avoidsun"))))
+    _read_who(request, raw)
+    # A pretend that cannot be read stays pretend: an error must never trigger for real.
+    request.pretend = attempt(
+        "pretend", lambda: as_bool("pretend", get("pretend"), default=True)
+    ) is not False  # fmt: skip
+    # Names end up in the metafits: refused here, before anything changes, if it cannot
+    # hold them (a refused call records what was sent, as text).
+    request.obsname = attempt("obsname", lambda: as_text(
+        "obsname", get("obsname"), max_chars=MAX_OBSNAME_CHARS, printable_ascii=True
+    )) or echo_text(get("obsname"))  # fmt: skip
+    request.creator = attempt("creator", lambda: as_text(
+        "creator", get("creator"), max_chars=MAX_CREATOR_CHARS, printable_ascii=True
+    )) or echo_text(get("creator"))  # fmt: skip
+    if present(raw, "vcsmode"):  # triggerservice.py posts it; it must agree with the endpoint
+        vcsmode = attempt("vcsmode", lambda: as_bool("vcsmode", raw["vcsmode"], default=vcs))
+        if vcsmode is not None and vcsmode != vcs:
+            errors.append(
+                f"vcsmode: {raw['vcsmode']!r} asks for "
+                f"{'a voltage capture' if vcsmode else 'correlator observations'}, but this is "
+                f"{'triggervcs' if vcs else 'triggerobs'} "
+                f"(use {'triggervcs' if vcsmode else 'triggerobs'})"
+            )
+    request.avoidsun = bool(
+        attempt("avoidsun", lambda: as_bool("avoidsun", get("avoidsun"), default=False))
+    )
     nobs = attempt("nobs", lambda: as_number("nobs", get("nobs"), integer=True))
     if nobs is not None and nobs < 1:
         errors.append(f"nobs: {nobs} is not at least 1 observation")
@@ -177,7 +212,12 @@ def read_trigger_request(raw: Mapping[str, Any], *, vcs: bool, when_gps: int) ->
     request.atten_db = float(atten if atten is not None else 1.0)
     if present(raw, "groupid"):
         groupid = attempt("groupid", lambda: as_number("groupid", raw["groupid"], integer=True))
-        request.groupid = int(groupid) if groupid else None
+        # A group is named by the obsid (GPS start) of its first observation. It need not
+        # exist any more: a follow-up trigger may have replaced the first one's observations.
+        if groupid is not None and groupid < 1:
+            errors.append(f"groupid: {groupid} is not an obsid (the GPS start of the group's "
+                          "first observation, a positive number)")  # fmt: skip
+        request.groupid = int(groupid) if groupid and groupid > 0 else None
 
     # freqres and inttime: both or neither (the client's rule); defaults when neither.
     if present(raw, "freqres") != present(raw, "inttime"):
@@ -193,8 +233,16 @@ def read_trigger_request(raw: Mapping[str, Any], *, vcs: bool, when_gps: int) ->
     specs = attempt("freqspecs", lambda: as_str_list("freqspecs", get("freqspecs")))
     for spec in specs or []:
         channels = attempt("freqspecs", lambda spec=spec: parse_freqspec(spec))
-        if channels is not None:
-            request.freqspecs.append((spec, channels))
+        if channels is None:
+            continue
+        # A freqspec may name channel 0, which no receiver has: the telescope could not
+        # record the observation (its metafits and data), so it is refused now.
+        try:
+            validate_coarse_chans(channels)
+        except ValueError as exc:
+            errors.append(f"freqspecs: {spec!r} cannot be observed: {exc}")
+            continue
+        request.freqspecs.append((spec, channels))
     if specs == []:
         errors.append("freqspecs: no frequency specification given")
 
@@ -227,7 +275,9 @@ def read_trigger_request(raw: Mapping[str, Any], *, vcs: bool, when_gps: int) ->
 
     calibrator = get("calibrator")
     if is_bool_word(calibrator):
-        request.calibrator = bool(attempt("calibrator", lambda: as_bool("calibrator", calibrator)))
+        request.calibrator = bool(attempt(
+            "calibrator", lambda: as_bool("calibrator", calibrator, default=False)
+        ))  # fmt: skip
     else:
         name = str(decode_value(calibrator)).strip()
         if attempt("calibrator", lambda: catalogue.resolve(name)) is not None:
@@ -257,6 +307,52 @@ def read_trigger_request(raw: Mapping[str, Any], *, vcs: bool, when_gps: int) ->
         "groupid": request.groupid, "vcsmode": vcs,
     }  # fmt: skip
     return request
+
+
+def _read_who(request: TriggerRequest, raw: Mapping[str, Any]) -> None:
+    """``project_id`` (default C001) and ``secure_key``: one text value each, else an error.
+
+    A list or object is never turned into its repr and looked up as a project.
+    """
+    value = raw["project_id"] if present(raw, "project_id") else DEFAULTS["project_id"]
+    try:
+        request.project_id = as_text(
+            "project_id", value, max_chars=MAX_PROJECT_ID_CHARS, printable_ascii=True
+        )
+    except ParameterError as exc:
+        request.errors.append(str(exc))
+        request.project_id, request.project_readable = echo_text(value), False
+    if present(raw, "secure_key"):
+        key = raw["secure_key"]
+        if isinstance(key, list | tuple | dict):  # never echoed: it may hold the key
+            request.errors.append("secure_key: give one value, the project's key")
+        else:
+            request.secure_key = echo_text(key)
+
+
+def _authenticate_request(
+    session: Session, request: TriggerRequest
+) -> tuple[Project | None, str | None]:
+    """:func:`authenticate`, unless ``project_id`` could not be read (its error is there)."""
+    if not request.project_readable:
+        return None, None
+    return authenticate(session, request.project_id, request.secure_key)
+
+
+def _check_recordable_names(request: TriggerRequest, planned: Sequence[PlannedObservation]) -> None:
+    """Every planned name must fit the metafits, calibrator observations' too.
+
+    ``<obsname> Cal: <calibrator> at <freqspec>`` is longer than ``obsname``: an error
+    (in pretend mode too), never a name cut short or an observation never recorded.
+    """
+    for observation in planned:
+        if len(observation.obsname) > MAX_OBSNAME_CHARS:
+            request.errors.append(
+                f"obsname: {request.obsname!r} is too long for the name of observation "
+                f"{observation.obsid}, {observation.obsname!r} ({len(observation.obsname)} "
+                f"characters; a metafits holds at most {MAX_OBSNAME_CHARS}): shorten obsname"
+            )
+            return
 
 
 def _exposure(request: TriggerRequest, name: str, value: Any) -> int:
@@ -788,13 +884,14 @@ def trigger_observations(
     """
     now = float(now_gps_precise() if now is None else now)
     request = read_trigger_request(raw, vcs=vcs, when_gps=int(now))
-    project, auth_error = authenticate(session, request.project_id, request.secure_key)
+    project, auth_error = _authenticate_request(session, request)
     if auth_error:
         request.errors.insert(0, auth_error)
     start = first_start_gps(now)
     planned: list[PlannedObservation] = []
     if not request.errors:
         planned = plan(request, start, settings)
+        _check_recordable_names(request, planned)
     if planned and vcs and not request.errors:
         needed = sum(o.stoptime - o.obsid for o in planned if o.mode == "MWAX_VCS")
         free = vcs_free_s(session, settings, now)
@@ -935,8 +1032,11 @@ def record(
     """Store the call (in the session's transaction) and commit; returns the reply."""
     errors = {str(i): message for i, message in enumerate(request.errors)}
     params = json.loads(json.dumps(request.params, default=str))  # plain JSON, never the key
-    trigger = Trigger(project_id=request.project_id[:20], pretend=request.pretend, success=success,
-                      creator=request.creator, obsname=request.obsname, trigger_mode=mode.value,
+    # Only a refused call's values can exceed the columns (its errors say so, and params
+    # holds them whole); a successful call's were checked to fit.
+    trigger = Trigger(project_id=request.project_id[:MAX_PROJECT_ID_CHARS], pretend=request.pretend,
+                      success=success, creator=request.creator[:MAX_CREATOR_CHARS],
+                      obsname=request.obsname[:200], trigger_mode=mode.value,
                       obsids=obsids, params=params, errors=errors)  # fmt: skip
     session.add(trigger)
     session.flush()
@@ -1077,10 +1177,9 @@ def trigger_buffer(
     now = float(now_gps_precise() if now is None else now)
     request = TriggerRequest(vcs=True)
     errors = request.errors
-    request.project_id = str(raw["project_id"]).strip() if present(raw, "project_id") else "C001"
-    request.secure_key = str(raw["secure_key"]) if present(raw, "secure_key") else None
+    _read_who(request, raw)
     try:
-        request.pretend = as_bool("pretend", raw["pretend"]) if present(raw, "pretend") else True
+        request.pretend = as_bool("pretend", raw.get("pretend"), default=True)
     except ParameterError as exc:
         errors.append(str(exc))
     times: dict[str, float | None] = {}
@@ -1098,7 +1197,7 @@ def trigger_buffer(
         errors.append("give end_time, or obstime (seconds to keep capturing from now)")
     if obstime is not None and obstime < 0:
         errors.append(f"obstime: {obstime} must not be negative")
-    project, auth_error = authenticate(session, request.project_id, request.secure_key)
+    project, auth_error = _authenticate_request(session, request)
     if auth_error:
         errors.insert(0, auth_error)
     source = session.scalars(
@@ -1180,7 +1279,7 @@ def trigger_buffer(
         session.flush()
         inherited = {c.key: getattr(source, c.key) for c in Observation.__table__.columns}
         inherited |= {"obsid": new_start, "stoptime": new_stop, "mode": "VOLTAGE_BUFFER",
-                      "obsname": f"{source.obsname} buffer dump", "creator": "triggerbuffer",
+                      "obsname": buffer_dump_name(source.obsname), "creator": "triggerbuffer",
                       "project_id": request.project_id, "groupid": source.groupid or source.obsid,
                       "interruptible": True, "deleted": False, "created_by": "trigger",
                       "created_at": datetime.now(UTC)}  # fmt: skip
@@ -1200,6 +1299,15 @@ def trigger_buffer(
         clear=clear,
         schedule=schedule,
     )
+
+
+def buffer_dump_name(obsname: str) -> str:
+    """The name of a buffer dump's capture: the buffering observation's, marked as a dump.
+
+    Shortened as needed so that it fits the metafits like every name (a dump is never
+    refused for the length of a name it did not choose).
+    """
+    return obsname[: MAX_OBSNAME_CHARS - len(BUFFER_DUMP_SUFFIX)] + BUFFER_DUMP_SUFFIX
 
 
 def _buffering(

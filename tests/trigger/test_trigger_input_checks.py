@@ -1,0 +1,305 @@
+"""Trigger input the telescope, the database or the reply cannot hold is refused, and named.
+
+A real trigger changes the schedule at once, and the simulated telescope records its
+observations later: anything the metafits cannot hold must be refused before the
+schedule changes. A request body that cannot be read is refused as such, never
+read as nothing; values a client writes for "not set" mean the default.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from astropy.io import fits
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from observatory.app import create_app
+from observatory.archive.models import Observation
+from observatory.core.accounts import create_project
+from observatory.core.config import Settings
+from observatory.core.gpstime import now_gps
+from observatory.telescope.simulator import simulate_observation
+from observatory.trigger import pointing, service
+from observatory.trigger.params import ParameterError, as_bool
+
+KEY = "grb-key-123"
+
+
+@pytest.fixture
+def client(settings: Settings, session_factory: sessionmaker[Session]) -> Iterator[TestClient]:
+    with session_factory() as session:
+        create_project(session, "G0055", priority=5, secure_key=KEY)
+        session.commit()
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def zenith_radec() -> tuple[float, float]:
+    """A position near the zenith now: up whatever the hour."""
+    return round(float(pointing.local_apparent_sidereal_deg([now_gps()])[0]), 4), -26.7
+
+
+def real_trigger_params(**params: Any) -> dict[str, Any]:
+    """A valid real (pretend=0) trigger of one 8-s observation at the zenith, plus ``params``."""
+    ra, dec = zenith_radec()
+    return {"project_id": "G0055", "secure_key": KEY, "ra": ra, "dec": dec, "nobs": 1,
+            "exptime": 8, "pretend": "0", **params}  # fmt: skip
+
+
+def post(client: TestClient, endpoint: str = "triggerobs", **params: Any) -> dict[str, Any]:
+    reply = client.post(f"/trigger/{endpoint}", data={k: str(v) for k, v in params.items()})
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def schedule(session_factory: sessionmaker[Session]) -> list[tuple[int, int, str]]:
+    with session_factory() as session:
+        rows = session.scalars(select(Observation).order_by(Observation.obsid))
+        return [(o.obsid, o.stoptime, o.obsname) for o in rows]
+
+
+def add_running_observation(session_factory: sessionmaker[Session]) -> None:
+    """An observation of the triggering project running now: a real trigger would truncate it."""
+    now = now_gps()
+    with session_factory() as session:
+        session.add(Observation(obsid=now - 100, stoptime=now + 10_000, project_id="G0055",
+                                mode="MWAX_CORRELATOR", obsname="running"))  # fmt: skip
+        session.commit()
+
+
+def errors_of(result: dict[str, Any]) -> str:
+    return " | ".join(result["errors"].values())
+
+
+# -- H2: names the metafits cannot hold ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"obsname": "café"}, "obsname: 'café' holds 'é'"),
+        ({"obsname": "Größe☃"}, "obsname: 'Größe☃' holds 'ö'"),
+        ({"obsname": "grb\t123"}, "obsname: 'grb\\t123' holds '\\t'"),
+        ({"obsname": "x" * 61}, "obsname: 61 characters"),  # was recorded, never observed
+        ({"obsname": "x" * 201}, "obsname: 201 characters"),  # was cut to 200 without notice
+        ({"creator": "tëster"}, "creator: 'tëster' holds 'ë'"),
+        ({"creator": "c" * 101}, "creator: 101 characters"),  # was cut to 100 without notice
+        # Channel 0 is a valid freqspec, but no receiver channel: the telescope cannot record it.
+        ({"freqspecs": "12,24"}, "freqspecs: '12,24'"),
+    ],
+)
+def test_what_a_metafits_cannot_hold_is_refused_before_the_schedule_changes(
+    client: TestClient,
+    session_factory: sessionmaker[Session],
+    params: dict[str, Any],
+    message: str,
+) -> None:
+    add_running_observation(session_factory)
+    before = schedule(session_factory)
+    result = post(client, **real_trigger_params(**params))
+    assert result["success"] is False
+    assert message in errors_of(result), result["errors"]
+    assert result["obsid_list"] == [] and result["clear"] == {}
+    assert schedule(session_factory) == before  # nothing truncated, nothing inserted
+
+
+def test_calibrator_observation_names_must_fit_the_metafits_too(client: TestClient) -> None:
+    # "<obsname> Cal: <calibrator> at <freqspec>" is longer than obsname itself.
+    result = post(client, **real_trigger_params(obsname="n" * 50, calibrator="HydA", pretend="1"))
+    assert result["success"] is False
+    assert "obsname: 'nnnn" in errors_of(result) and "Cal: HydA at 145,24" in errors_of(result)
+    fits = post(client, **real_trigger_params(obsname="n" * 30, calibrator="HydA", pretend="1"))
+    assert fits["success"] is True, fits["errors"]
+
+
+@pytest.mark.filterwarnings("ignore:Card is too long, comment will be truncated")
+def test_the_longest_accepted_name_is_one_the_simulated_telescope_records(
+    tmp_path: Path,
+) -> None:
+    from observatory.trigger.params import as_text  # new with the fix
+
+    name = as_text("obsname", " " + "".join(map(chr, range(0x21, 0x7F)))[:60] + " ",
+                   max_chars=service.MAX_OBSNAME_CHARS, printable_ascii=True)  # fmt: skip
+    assert len(name) == service.MAX_OBSNAME_CHARS
+    simulate_observation(tmp_path, 1_450_000_000, n_tiles=1, coarse_chans=[133], n_timesteps=1,
+                         int_time_s=8, fine_chan_khz=1280, obs_name=name)  # fmt: skip
+    assert fits.getheader(tmp_path / "1450000000.metafits")["FILENAME"] == name
+    with pytest.raises(ParameterError, match="obsname: 61 characters"):
+        as_text("obsname", "x" * 61, max_chars=service.MAX_OBSNAME_CHARS)
+
+
+def test_a_buffer_dump_of_a_long_named_observation_gets_a_name_the_metafits_holds(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    now = 1_450_324_816 + 0.5
+    with session_factory() as session:
+        create_project(session, "G0055", priority=5, secure_key=KEY)
+        session.add(Observation(obsid=int(now) - 96, stoptime=int(now) + 800, project_id="C001",
+                                mode="MWAX_BUFFER", obsname="b" * 60))  # fmt: skip
+        session.commit()
+        raw = {"project_id": "G0055", "secure_key": KEY, "pretend": "0", "obstime": 30}
+        result = service.trigger_buffer(session, settings, raw, now=now)
+        assert result["success"] is True, result["errors"]
+        capture = session.scalars(
+            select(Observation).where(Observation.mode == "VOLTAGE_BUFFER")
+        ).one()
+        assert capture.obsname.endswith(" buffer dump")
+        assert len(capture.obsname) <= service.MAX_OBSNAME_CHARS
+
+
+# -- H3: "None" is not false --------------------------------------------------------------------
+
+
+def test_none_null_and_empty_booleans_mean_the_default(
+    client: TestClient, session_factory: sessionmaker[Session]
+) -> None:
+    add_running_observation(session_factory)
+    before = schedule(session_factory)
+    for value in ("None", "none", "NULL", "null", ""):
+        result = post(client, **real_trigger_params(pretend=value, calibrator=value,
+                                                    avoidsun=value))  # fmt: skip
+        assert result["success"] is True, result["errors"]
+        params = result["params"]
+        assert params["pretend"] is True, value  # the default: never a real trigger
+        assert params["calibrator"] is False and params["avoidsun"] is False
+        assert result["schedule"]["stdout"] == "Pretending: commands not run"
+    # A JSON null, too.
+    ra, dec = zenith_radec()
+    by_json = client.post("/trigger/triggerobs", json={"project_id": "G0055", "secure_key": KEY,
+                          "ra": ra, "dec": dec, "nobs": 1, "exptime": 8, "pretend": None}).json()  # fmt: skip
+    assert by_json["success"] is True and by_json["params"]["pretend"] is True
+    assert schedule(session_factory) == before
+    assert client.get("/trigger/obslist?obstime=60&current=None").status_code == 200
+
+
+def test_as_bool_gives_the_default_for_unset_words_and_refuses_them_without_one() -> None:
+    for word in ("None", "null", "", " NONE "):
+        assert as_bool("pretend", word, default=True) is True
+        assert as_bool("avoidsun", word, default=False) is False
+        with pytest.raises(ParameterError, match="vcsmode"):
+            as_bool("vcsmode", word)
+    assert as_bool("pretend", None, default=True) is True
+
+
+def test_triggerbuffer_pretend_none_is_pretend(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    now = 1_450_324_816 + 0.5
+    with session_factory() as session:
+        create_project(session, "G0055", priority=5, secure_key=KEY)
+        session.add(Observation(obsid=int(now) - 96, stoptime=int(now) + 800, project_id="C001",
+                                mode="MWAX_BUFFER", obsname="buffering"))  # fmt: skip
+        session.commit()
+        raw = {"project_id": "G0055", "secure_key": KEY, "pretend": "None", "obstime": 30}
+        result = service.trigger_buffer(session, settings, raw, now=now)
+        assert result["success"] is True, result["errors"]
+        assert result["params"]["pretend"] is True
+        modes = session.scalars(select(Observation.mode)).all()
+        assert modes == ["MWAX_BUFFER"]  # nothing captured, nothing cleared
+
+
+# -- M5: bodies that cannot be read -------------------------------------------------------------
+
+
+def test_multipart_forms_are_read(client: TestClient) -> None:
+    fields = {"project_id": (None, "G0055"), "obstime": (None, "60")}
+    busy = client.post("/trigger/busy", files=fields)
+    assert busy.status_code == 200, busy.text
+    assert busy.json() is False
+    ra, dec = zenith_radec()
+    form = {"project_id": "G0055", "secure_key": KEY, "ra": str(ra), "dec": str(dec), "nobs": "1",
+            "exptime": "8", "obsname": "multipart"}  # fmt: skip
+    result = client.post("/trigger/triggerobs", files={k: (None, v) for k, v in form.items()})
+    assert result.status_code == 200, result.text
+    assert result.json()["success"] is True, result.json()["errors"]
+    assert result.json()["params"]["obsname"] == "multipart"
+    upload = client.post("/trigger/busy", files={"project_id": ("id.txt", b"G0055"),
+                                                 "obstime": (None, "60")})  # fmt: skip
+    assert upload.status_code == 400
+    assert "project_id" in upload.text and "file" in upload.text
+    assert "UploadFile" not in upload.text
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'"project_id=G0055"', "a JSON request body must be an object"),
+        (b"42", "a JSON request body must be an object"),
+        (b"\x8f\xfe\x01abc\xff", "not UTF-8"),
+        (b"Qr7!x z", "neither a JSON object nor a form"),
+        (b"{not json", "not valid JSON"),
+    ],
+)
+def test_a_body_that_is_neither_a_json_object_nor_a_form_is_a_bad_request(
+    client: TestClient, body: bytes, message: str
+) -> None:
+    reply = client.post("/trigger/triggerobs?project_id=G0055", content=body,
+                        headers={"Content-Type": "application/json"})  # fmt: skip
+    assert reply.status_code == 400, reply.text
+    assert message in reply.json()["error"]
+
+
+# -- L5: values that were stored or ignored without a word ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "params", "message"),
+    [
+        ("triggerobs", {"groupid": "-1"}, "groupid: -1"),
+        ("triggerobs", {"group_id": "0"}, "groupid: 0"),
+        ("triggervcs", {"vcsmode": "maybe"}, "vcsmode: 'maybe' is not a boolean"),
+        ("triggerobs", {"vcsmode": "True"}, "vcsmode"),  # a voltage capture asked of triggerobs
+    ],
+)
+def test_group_ids_and_vcsmode_are_checked(
+    client: TestClient,
+    session_factory: sessionmaker[Session],
+    endpoint: str,
+    params: dict[str, Any],
+    message: str,
+) -> None:
+    result = post(client, endpoint, **real_trigger_params(**params))
+    assert result["success"] is False
+    assert message in errors_of(result), result["errors"]
+    assert schedule(session_factory) == []
+
+
+def test_vcsmode_as_triggerservice_sends_it_is_accepted(client: TestClient) -> None:
+    for endpoint, vcsmode in (("triggerobs", "False"), ("triggervcs", "True")):
+        params = real_trigger_params(vcsmode=vcsmode, pretend="1")
+        if endpoint == "triggervcs":
+            params.pop("ra"), params.pop("dec")  # all-sky
+        result = post(client, endpoint, **params)
+        assert result["success"] is True, result["errors"]
+        assert result["params"]["vcsmode"] is (vcsmode == "True")
+
+
+# -- L3: lists and objects where one value is expected ------------------------------------------
+
+
+def test_lists_and_objects_are_refused_where_one_text_value_is_expected(
+    client: TestClient,
+) -> None:
+    ra, dec = zenith_radec()
+    base = {"secure_key": KEY, "ra": ra, "dec": dec, "nobs": 1, "exptime": 8}
+    listed = client.post("/trigger/triggerobs", json={**base, "project_id": ["G0055"]}).json()
+    assert listed["success"] is False
+    assert "project_id: " in errors_of(listed)
+    assert "['G0055']" not in json.dumps(listed)  # no Python repr, echoed or stored
+    assert listed["params"]["project_id"] == '["G0055"]'
+    named = client.post("/trigger/triggerobs",
+                        json={**base, "project_id": "G0055", "obsname": {"x": 1}}).json()  # fmt: skip
+    assert named["success"] is False
+    assert "obsname: " in errors_of(named) and "{'x': 1}" not in json.dumps(named)
+    assert named["params"]["obsname"] == '{"x": 1}'
+    shown = client.get("/trigger/show", params={"trigger_id": named["trigger_id"]}).json()
+    assert shown["obsname"] == '{"x": 1}'
+    repeated = client.post("/trigger/triggerobs?obsname=a&obsname=b",
+                           data={**base, "project_id": "G0055"}).json()  # fmt: skip
+    assert repeated["success"] is False and "obsname: given 2 values" in errors_of(repeated)
