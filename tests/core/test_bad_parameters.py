@@ -163,7 +163,8 @@ NESTED_JSON = "[" * 100_000  # json.loads raises RecursionError, not ValueError,
 
 
 @pytest.mark.parametrize(
-    "path", ["/trigger/busy", "/trigger/triggerobs", "/calib/grafana/metrics", "/calib/grafana/query"]
+    "path",
+    ["/trigger/busy", "/trigger/triggerobs", "/calib/grafana/metrics", "/calib/grafana/query"],
 )
 def test_a_body_nested_too_deeply_is_a_clear_400(client: TestClient, path: str) -> None:
     reply = client.post(path, content=NESTED_JSON, headers={"Content-Type": "application/json"})
