@@ -12,10 +12,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from observatory.app import create_app
+from observatory.archive.models import Observation
 from observatory.asvo.models import Job
 from observatory.core.accounts import reset_api_key
 from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory
+from observatory.core.gpstime import now_gps
 from observatory.core.models import User
 from observatory.core.security import sign_value
 
@@ -436,3 +438,22 @@ def test_a_conversion_records_the_output_it_makes(client: TestClient) -> None:
     assert submit(client, "conversion_job", obs_id=MWAX_OBS, output="uvfits").status_code == 200
     [job] = client.get("/api/get_jobs").json()
     assert job["row"]["job_params"]["output"] == "uvfits"
+
+
+def test_an_observation_not_yet_observed_is_refused_at_submission(
+    client: TestClient, app_settings: Settings
+) -> None:
+    """It was accepted, and failed when it ran ("no visibility files in the archive")."""
+    future = (now_gps() + 86_400) // 8 * 8  # a day ahead
+    engine = make_engine(app_settings.resolved_database_url)
+    with make_session_factory(engine)() as session:
+        session.add(Observation(
+            obsid=future, stoptime=future + 120, obsname="later", creator="test",
+            project_id="D0000", mode="MWAX_CORRELATOR", delays=[0] * 16, coarse_chans=[133],
+        ))  # fmt: skip
+        session.commit()
+    engine.dispose()
+    reply = submit(client, "download_vis_job", obs_id=future, download_type="vis")
+    assert reply.status_code == 400
+    assert reply.json()["error"].startswith(f"Observation {future} has not been observed yet")
+    assert client.get("/api/get_jobs").json() == []

@@ -19,12 +19,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from observatory.app import create_app
+from observatory.archive.models import Observation
 from observatory.archive.service import ingest_directory
 from observatory.archive.simulated import simulate_and_register
 from observatory.clients.csvjobs import parse_job_csv
 from observatory.core.accounts import create_user
 from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory
+from observatory.core.gpstime import now_gps
 from observatory.core.storage import Storage
 from observatory.telescope.simulator import PointSource, _zenith_radec_deg
 from shared_data import MWA_DATA
@@ -440,6 +442,47 @@ def test_apply_di_cal_fails_clearly_without_a_calibrator_in_range(client: TestCl
     text = rows_by_id(client)[job_id]["error_text"]
     assert text.startswith("apply_di_cal: no calibration solution is available")
     assert "no calibrator observation within 86400 s" in text
+
+
+def test_apply_di_cal_waits_for_a_calibrator_still_to_be_recorded(
+    archive_settings: Settings,
+) -> None:
+    """A trigger schedules its calibrator after the target: a job for the target waits for
+    it (it failed at once), and fails once it can no longer come."""
+    target = (now_gps() - 1200) // 8 * 8
+    engine = make_engine(archive_settings.resolved_database_url)
+    sessions = make_session_factory(engine)
+    with sessions() as session:
+        simulate_and_register(session, archive_settings, obsid=target, sources=[overhead(target)],
+                              n_tiles=4, n_timesteps=2)  # fmt: skip
+        recorded = session.get(Observation, target)
+        assert recorded is not None
+        session.add(Observation(
+            obsid=target + 600, stoptime=target + 720, obsname="cal", creator="test",
+            project_id=recorded.project_id, mode="MWAX_CORRELATOR", calibration=True,
+            calibrator_source="3C444", delays=[0] * 16, coarse_chans=recorded.coarse_chans,
+        ))  # fmt: skip
+        session.commit()
+    with TestClient(create_app(archive_settings, run_jobs=True)) as client:
+        client.post("/api/api_login", headers=basic("giant-squidv2.5.1", API_KEY))
+        job_id = submit(client, "conversion_job", obs_id=target, apply_di_cal="true", no_rfi="true")
+        deadline = time.monotonic() + 60
+        while rows_by_id(client)[job_id]["job_state"] != "waitcal":
+            assert (
+                time.monotonic() < deadline and rows_by_id(client)[job_id]["job_state"] != "error"
+            )
+            time.sleep(0.1)
+        time.sleep(3)  # several dispatcher passes: it keeps waiting
+        assert rows_by_id(client)[job_id]["job_state"] == "waitcal"
+        with sessions() as session:  # the calibrator is taken off the schedule
+            calibrator = session.get(Observation, target + 600)
+            assert calibrator is not None
+            calibrator.deleted = True
+            session.commit()
+        assert watch(client, {job_id})[job_id][-1] == "error"
+        text = rows_by_id(client)[job_id]["error_text"]
+        assert text.startswith("apply_di_cal: no calibration solution is available")
+    engine.dispose()
 
 
 def test_dispatch_follows_priority_then_age(archive_settings: Settings) -> None:

@@ -19,6 +19,7 @@ from observatory.asvo.models import Job
 from observatory.core.accounts import create_user, set_password
 from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory
+from observatory.core.gpstime import now_gps
 from observatory.core.models import User
 
 OBS = 1320409688
@@ -299,6 +300,28 @@ def test_observations_browser(client: TestClient) -> None:
     assert "No observations match" in none.text
     bad = client.get("/observations", params={"mintime": "yesterday"})
     assert bad.status_code == 400 and "From: &#39;yesterday&#39; is neither GPS seconds" in bad.text
+
+
+def test_submission_links_fit_the_observation(client: TestClient, app_settings: Settings) -> None:
+    """No link to submit a job for an observation still to come (the ASVO refuses it), and a
+    voltage observation's form starts as a voltage download (a conversion is refused)."""
+    future, vcs = (now_gps() + 86_400) // 8 * 8, OBS + 800
+    engine = make_engine(app_settings.resolved_database_url)
+    with make_session_factory(engine)() as session:
+        for obsid, mode, name in ((future, "MWAX_CORRELATOR", "to_come"), (vcs, "MWAX_VCS", "vcs")):
+            session.add(Observation(
+                obsid=obsid, stoptime=obsid + 16, obsname=name, creator="test", project_id="G0001",
+                mode=mode, delays=[0] * 16, coarse_chans=[133, 134],
+            ))  # fmt: skip
+        session.commit()
+    engine.dispose()
+    sign_in(client, "alice")
+    listed = client.get("/observations").text
+    assert f"/submit?obs_id={OBS}" in listed and f"/submit?obs_id={future}" not in listed
+    assert "scheduled" in listed
+    form = client.get("/submit", params={"obs_id": str(vcs)}).text
+    assert '<option value="voltage" selected>' in form
+    assert '<option value="conversion" selected>' in client.get(f"/submit?obs_id={OBS}").text
 
 
 def test_users_set_password_command(

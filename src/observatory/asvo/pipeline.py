@@ -40,6 +40,7 @@ from observatory.calib.formats import CalSolutions
 from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory, utcnow
 from observatory.core.errors import NotFound
+from observatory.core.gpstime import now_gps
 from observatory.core.locks import resource_lock
 from observatory.core.storage import Storage, atomic_output
 
@@ -387,23 +388,34 @@ def _calibration_solutions(settings: Settings, job: Job, tracker: _Tracker) -> C
             try:
                 add_cal_request(session, settings, job.obs_id, asvo_job_id=job.id)
             except NotFound as exc:
+                if _awaited_calibrator(session, job.obs_id) is not None:
+                    raise WaitForCalibration from None  # its calibrator is yet to be recorded
                 raise JobFailed(f"apply_di_cal: no calibration solution is available for observation "
                                 f"{job.obs_id}, and {exc.message}") from None  # fmt: skip
     raise WaitForCalibration
 
 
+def _awaited_calibrator(session: Session, obsid: int) -> Observation | None:
+    from observatory.calib.requests import awaited_calibrator
+
+    target = session.get(Observation, obsid)
+    return None if target is None else awaited_calibrator(session, target, now_gps())
+
+
 def calibration_pending(session: Session, job_id: int) -> bool:
-    """Whether a job in ``waitcal`` still waits for its calibration request."""
+    """Whether a job in ``waitcal`` still waits: for its calibration request, or, before it
+    has one, for its calibrator observation to be recorded."""
     from observatory.calib.models import CalibrationRequest
 
     latest = session.scalars(
         select(CalibrationRequest).where(CalibrationRequest.asvo_job_id == job_id)
         .order_by(CalibrationRequest.id.desc()).limit(1)
     ).first()  # fmt: skip
+    if latest is None:
+        job = session.get(Job, job_id)
+        return job is not None and _awaited_calibrator(session, job.obs_id) is not None
     return (
-        latest is not None
-        and latest.calibration_completed_datetime is None
-        and (latest.calibration_error_datetime is None)
+        latest.calibration_completed_datetime is None and latest.calibration_error_datetime is None
     )
 
 

@@ -24,6 +24,7 @@ from observatory.core.accounts import authenticate_api_key
 from observatory.core.config import Settings
 from observatory.core.database import MAX_SQL_ID, utcnow
 from observatory.core.errors import BadRequest, Forbidden, NotFound, ServiceError
+from observatory.core.gpstime import gps_to_utc_iso, now_gps
 from observatory.preprocess.options import (
     LEGACY_KEYS,
     ConversionOptions,
@@ -167,6 +168,12 @@ def _observation(session: Session, form: Mapping[str, str]) -> Observation:
     observation = session.get(Observation, int(text))
     if observation is None or observation.deleted:
         raise AsvoError(f"Observation {text} does not exist")
+    if observation.stoptime > now_gps() and not observation.files:
+        # Scheduled, not yet recorded: the job would fail when it ran, finding no files.
+        raise AsvoError(
+            f"Observation {text} has not been observed yet: it ends at "
+            f"{gps_to_utc_iso(observation.stoptime)[:19]} UTC; submit the job after that"
+        )
     return observation
 
 

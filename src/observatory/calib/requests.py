@@ -134,17 +134,16 @@ def check_asvo_job(session: Session, asvo_job_id: int) -> int:
     return asvo_job_id
 
 
-def best_calibrator(
-    session: Session, target: Observation, max_time_separation_s: int
-) -> Observation:
-    """The calibrator observation nearest ``target`` with its settings and correlator data
-    in the archive (one without cannot be fitted).
+#: How long after a calibrator observation ends its data may still arrive in the archive
+#: (the telescope records an observation once it has ended; an operator may ingest later).
+RECORDING_GRACE_S = 3600
 
-    Raises
-    ------
-    NotFound
-        If there is none within ``max_time_separation_s``.
-    """
+
+def _calibrators_near(
+    session: Session, target: Observation, max_time_separation_s: int, *, recorded: bool
+) -> list[Observation]:
+    """Calibrator observations within range of ``target`` and compatible with it, nearest
+    first: those with correlator data in the archive (``recorded``), or those without."""
     has_visibilities = (
         select(ObservationFile.id)
         .where(
@@ -158,13 +157,27 @@ def best_calibrator(
             Observation.calibration.is_(True), Observation.deleted.is_(False),
             Observation.obsid >= target.obsid - max_time_separation_s,
             Observation.obsid <= target.obsid + max_time_separation_s,
-            has_visibilities,
+            has_visibilities if recorded else ~has_visibilities,
         )
     )  # fmt: skip
-    matches = sorted(
+    return sorted(
         (o for o in found if compatible(target, o)),
         key=lambda o: (abs(o.obsid - target.obsid), -o.obsid),
     )
+
+
+def best_calibrator(
+    session: Session, target: Observation, max_time_separation_s: int
+) -> Observation:
+    """The calibrator observation nearest ``target`` with its settings and correlator data
+    in the archive (one without cannot be fitted).
+
+    Raises
+    ------
+    NotFound
+        If there is none within ``max_time_separation_s``.
+    """
+    matches = _calibrators_near(session, target, max_time_separation_s, recorded=True)
     if not matches:
         raise NotFound(
             f"no calibrator observation within {max_time_separation_s} s of obs_id {target.obsid} "
@@ -172,6 +185,39 @@ def best_calibrator(
             "archive: no fit can be calculated"
         )
     return matches[0]
+
+
+def awaited_calibrator(
+    session: Session,
+    target: Observation,
+    now_gps_s: float,
+    max_time_separation_s: int = DEFAULT_MAX_TIME_SEPARATION_S,
+) -> Observation | None:
+    """A calibrator observation for ``target`` that is scheduled, or has just ended, and
+    whose data may still be recorded: a job waiting for calibration waits for it.
+
+    A trigger with ``calibrator=true`` schedules its calibrator after the target, so a
+    job for the target can be submitted before the calibrator has been observed.
+
+    Parameters
+    ----------
+    session
+        A database session.
+    target
+        The observation to be calibrated.
+    now_gps_s
+        The current GPS time.
+    max_time_separation_s
+        How far from the target a calibrator may be.
+
+    Returns
+    -------
+    Observation or None
+        The nearest such calibrator, or None when no calibrator is still to come
+        (none within range, or each ended more than :data:`RECORDING_GRACE_S` ago).
+    """
+    pending = _calibrators_near(session, target, max_time_separation_s, recorded=False)
+    return next((o for o in pending if o.stoptime + RECORDING_GRACE_S > now_gps_s), None)
 
 
 def add_cal_request(

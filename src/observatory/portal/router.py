@@ -228,7 +228,8 @@ def submit_page(request: Request, session: SessionDep, obs_id: str = "") -> Resp
     user = _signed_in(request, session)
     if user is None:
         return _to_login(request)
-    context = {"user": user, "form": {"obs_id": obs_id, "job_type": "conversion"}, "error": None}
+    job_type = service.job_type_for(session, obs_id)
+    context = {"user": user, "form": {"obs_id": obs_id, "job_type": job_type}, "error": None}
     return _page(request, "submit.html", context)
 
 

@@ -13,10 +13,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from observatory.archive import service as archive_service
+from observatory.archive.models import Observation
 from observatory.asvo.models import TERMINAL_STATES, Job, JobType
-from observatory.asvo.service import UrlBuilder
+from observatory.asvo.service import VOLTAGE_MODES, UrlBuilder
 from observatory.core.errors import BadRequest
-from observatory.core.gpstime import gps_to_utc
+from observatory.core.gpstime import gps_to_utc, now_gps
 from observatory.core.web import gps_time_param
 
 JOB_TYPE_LABELS = {
@@ -145,6 +146,8 @@ class ObservationView:
     duration_s: int
     project_id: str | None
     mode: str
+    #: Ended: its data can be asked for (the ASVO refuses a job for one still to come).
+    observed: bool
 
 
 def search_observations(
@@ -161,6 +164,7 @@ def search_observations(
         page=max(page, 1),
         page_size=100,
     )
+    now = now_gps()
     views = [
         ObservationView(
             obsid=row.obsid,
@@ -169,7 +173,17 @@ def search_observations(
             duration_s=row.stoptime - row.obsid,
             project_id=row.project_id,
             mode=row.mode,
+            observed=row.stoptime <= now,
         )
         for row in rows
     ]
     return views, has_more
+
+
+def job_type_for(session: Session, obs_id: str) -> str:
+    """The submission form's job type for an observation: a voltage download for a voltage
+    observation (a conversion would be refused), else a conversion."""
+    observation = session.get(Observation, int(obs_id)) if obs_id.strip().isdecimal() else None
+    if observation is not None and observation.mode in VOLTAGE_MODES:
+        return "voltage"
+    return "conversion"
