@@ -199,6 +199,12 @@ def test_demo_seeds_and_serves(tmp_path: Path) -> None:
     output = "".join(printed) + output
     assert re.search(r"^API key: \S+$", output, re.M), output
     assert f"http://127.0.0.1:{port}/healthz" in output
+    # Run again: the observations are kept, and said to be (users copy obsids from here).
+    again = subprocess.run(
+        [str(script), "--data-dir", str(tmp_path / "demo"), "demo", "--no-serve"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    assert len(re.findall(r"^kept \d{10} demo_", again.stdout, re.M)) == 5, again.stdout
 
 
 def _commands(

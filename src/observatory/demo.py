@@ -119,6 +119,8 @@ def seed_demo(settings: Settings, console: Console | None = None) -> DemoSummary
             )
             if existing is not None:
                 obsids.append(existing.obsid)
+                if console is not None:
+                    console.print(f"kept {existing.obsid} {existing.obsname}", highlight=False)
                 continue
             observation = simulate_and_register(
                 session, settings, obsid=obsid, n_tiles=4, coarse_chans=[133, 134],
