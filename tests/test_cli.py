@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from observatory.archive.models import Observation
 from observatory.cli import build_parser, main
-from observatory.core.accounts import authenticate_api_key
+from observatory.core.accounts import authenticate_api_key, check_project_key
 from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory
 from observatory.core.models import Project, User
@@ -73,6 +73,29 @@ def test_users_and_projects(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         assert project.secure_key_hash is not None and "k3y" not in project.secure_key_hash
     assert _run(data, "projects", "create", "bad id", "--priority", "1") == 2
     assert "project id" in capsys.readouterr().err
+
+    # Keys can be given, rotated and taken away after creation; projects can be listed.
+    assert _run(data, "projects", "create", "G0056", "--priority", "1") == 0
+    assert _run(data, "projects", "set-key", "G0056") == 0
+    new_key = re.search(r"^secure key: (\S+)$", capsys.readouterr().out, re.M)
+    assert new_key is not None
+    assert _run(data, "projects", "set-key", "G0055", "--secure-key", "rotated-key-55") == 0
+    assert _run(data, "projects", "set-key", "G0099") == 2
+    assert "no project 'G0099'" in capsys.readouterr().err
+    with _sessions(data)() as session:
+        for project_id, key, old in (
+            ("G0056", new_key.group(1), None),
+            ("G0055", "rotated-key-55", "k3y-G0055"),
+        ):
+            project = session.get(Project, project_id)
+            assert project is not None and check_project_key(project, key)
+            assert old is None or not check_project_key(project, old)
+    assert _run(data, "projects", "set-key", "G0056", "--remove") == 0
+    capsys.readouterr()
+    assert _run(data, "projects", "list") == 0
+    listed = capsys.readouterr().out
+    assert re.search(r"^G0055\tpriority 3\tkey set", listed, re.M), listed
+    assert re.search(r"^G0056\tpriority 1\tno key: cannot trigger", listed, re.M), listed
 
 
 def test_archive_ingest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -127,6 +127,48 @@ def cmd_projects_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_projects_list(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from observatory.core.models import Project
+
+    settings = _settings(args)
+    with session_scope(_session_factory(settings)) as session:
+        projects = session.scalars(select(Project).order_by(Project.priority.desc(), Project.id))
+        for project in projects:
+            key = "key set" if project.secure_key_hash else "no key: cannot trigger"
+            # Tab-separated on stdout as it is (rich would expand the tabs): for scripts too.
+            print(f"{project.id}\tpriority {project.priority}\t{key}\t{project.description}")
+    return 0
+
+
+def cmd_projects_set_key(args: argparse.Namespace) -> int:
+    from observatory.core.accounts import set_project_key
+    from observatory.core.models import Project
+    from observatory.core.security import new_api_key
+
+    settings = _settings(args)
+    with session_scope(_session_factory(settings)) as session:
+        project = session.get(Project, args.id)
+        if project is None:
+            raise ValueError(f"no project {args.id!r}")
+        if args.remove:
+            set_project_key(session, project, None)
+            console.print(
+                f"project {project.id} has no key now: it cannot trigger", highlight=False
+            )
+            return 0
+        key = args.secure_key or new_api_key()
+        set_project_key(session, project, key)
+        console.print(
+            f"project {project.id} has a new key; triggers with the old one are refused",
+            highlight=False,
+        )
+    # The key goes to stdout alone on its line, so scripts can capture it.
+    print(f"secure key: {key}")
+    return 0
+
+
 def cmd_archive_ingest(args: argparse.Namespace) -> int:
     from observatory.archive.service import ingest_directory
     from observatory.core.storage import Storage
@@ -549,6 +591,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--secure-key", help="the key its triggers must carry (without one it cannot trigger)"
     )
     create_project.add_argument("--description", default="", help="free text")
+    add("list", cmd_projects_list, "list the projects, their priorities and keys", project_commands)
+    set_key = add(
+        "set-key",
+        cmd_projects_set_key,
+        "give a project a new secure key (printed), or take its key away",
+        project_commands,
+    )
+    set_key.add_argument("id", help="project id")
+    key_choice = set_key.add_mutually_exclusive_group()
+    key_choice.add_argument("--secure-key", help="this key (default: a new random one)")
+    key_choice.add_argument(
+        "--remove", action="store_true", help="no key: the project can no longer trigger"
+    )
 
     simulate = add("simulate", lambda _a: 0, "simulated telescope")
     simulate_commands = simulate.add_subparsers(

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from backends import sqlite_only
 from observatory.app import create_app
 from observatory.archive.models import Observation
 from observatory.archive.service import ingest_directory
@@ -184,6 +185,7 @@ def _converted(client: TestClient, settings: Settings, job_id: int, tmp_path: Pa
     return UVData.from_file(str(output))
 
 
+@sqlite_only
 def test_csv_dc_flag_and_phase_centre_reach_the_converted_file(
     client: TestClient, archive_settings: Settings, tmp_path: Path
 ) -> None:
@@ -319,6 +321,7 @@ def _conversion_processes() -> list[Any]:
     ]
 
 
+@sqlite_only
 def test_a_conversion_that_crashes_fails_its_job_and_not_the_server(
     archive_settings: Settings,
 ) -> None:
@@ -399,6 +402,7 @@ def test_scratch_paths_are_absolute_when_the_data_dir_is_relative(
     assert Path(file["path"]).is_dir()
 
 
+@sqlite_only
 def test_a_conversion_completes_when_the_data_dir_is_relative(
     archive_settings: Settings, tmp_path: Path
 ) -> None:
@@ -444,6 +448,7 @@ def test_apply_di_cal_fails_clearly_without_a_calibrator_in_range(client: TestCl
     assert "no calibrator observation within 86400 s" in text
 
 
+@sqlite_only
 def test_apply_di_cal_waits_for_a_calibrator_still_to_be_recorded(
     archive_settings: Settings,
 ) -> None:

@@ -65,14 +65,16 @@ def test_https_login_sets_a_secure_cookie(tmp_path: Path) -> None:
     )
     try:
         wait_for(f"https://127.0.0.1:{port}/healthz", verify=str(cert))
-        client = httpx.Client(
+        # Closed before the server stops: asyncio's TLS shutdown waits for an idle
+        # keep-alive client's close_notify, and the stop took 20 s.
+        with httpx.Client(
             base_url=f"https://127.0.0.1:{port}",
             verify=ssl.create_default_context(cafile=str(cert)),
-        )
-        reply = client.post("/api/api_login", auth=("giant-squidv2.5.1", API_KEY))
-        assert reply.status_code == 200
-        assert "secure" in reply.headers["set-cookie"].lower()
-        assert client.get("/api/get_jobs").json() == []
+        ) as client:
+            reply = client.post("/api/api_login", auth=("giant-squidv2.5.1", API_KEY))
+            assert reply.status_code == 200
+            assert "secure" in reply.headers["set-cookie"].lower()
+            assert client.get("/api/get_jobs").json() == []
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
     finally:

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from backends import sqlite_only
 from observatory.archive.simulated import catalogue_point_source, simulate_and_register
 from observatory.calib.formats import read_aocal, read_hyperdrive
 from observatory.calib.models import CalibrationFit
@@ -122,6 +123,7 @@ def test_a_request_is_fitted_and_called_back(
     receiver.server.shutdown()
 
 
+@sqlite_only
 def test_conversion_with_apply_di_cal_waits_for_calibration(
     settings: Settings, session_factory: sessionmaker[Session]
 ) -> None:
@@ -179,6 +181,7 @@ def test_conversion_with_apply_di_cal_waits_for_calibration(
         )
 
 
+@sqlite_only
 def test_calibdata_metafits_and_the_deprecated_services(
     settings: Settings, session_factory: sessionmaker[Session], tmp_path: Path
 ) -> None:
@@ -258,6 +261,7 @@ def test_calibdata_metafits_and_the_deprecated_services(
         assert far.status_code == 400
 
 
+@sqlite_only
 def test_a_second_fit_within_a_week_draws_its_history_plots(
     settings: Settings, session_factory: sessionmaker[Session]
 ) -> None:
@@ -371,6 +375,7 @@ def fit_small_calibrator(session: Session, settings: Settings) -> CalibrationFit
     return fit
 
 
+@sqlite_only
 def test_solution_times_are_centroids_and_get_cal_fits_names_the_hyperdrive_file(
     settings: Settings, session_factory: sessionmaker[Session]
 ) -> None:
@@ -397,6 +402,7 @@ def test_solution_times_are_centroids_and_get_cal_fits_names_the_hyperdrive_file
     assert cached.with_name(body[str(fitid)][2]).is_file()
 
 
+@sqlite_only
 def test_a_fit_records_its_iteration_limit_and_the_summary_shows_niter_over_limit(
     settings: Settings, session_factory: sessionmaker[Session]
 ) -> None:
@@ -464,6 +470,7 @@ def test_status_codes_of_get_cal_fits_and_the_deprecated_get_calfile_for_obsid(
         assert bad.status_code == 400 and "add_request must be 0 or 1" in bad.json()["error"]
 
 
+@sqlite_only
 def test_nocache_rebuilds_a_file_laid_out_as_the_cached_one(
     settings: Settings, session_factory: sessionmaker[Session], tmp_path: Path
 ) -> None:
@@ -518,6 +525,7 @@ def test_nocache_rebuilds_a_file_laid_out_as_the_cached_one(
     assert np.median(np.abs(np.abs(ratio) - 1)) < 0.05
 
 
+@sqlite_only
 def test_a_fit_calibrates_a_target_at_another_frequency_resolution(
     settings: Settings, session_factory: sessionmaker[Session], tmp_path: Path
 ) -> None:

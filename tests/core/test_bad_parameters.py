@@ -178,3 +178,13 @@ def test_a_parameter_nested_too_deeply_is_named_in_the_trigger_answer(client: Te
     assert reply.status_code == 200, reply.text
     assert "freqspecs" in str(reply.json()["errors"])
     assert reply.json()["success"] is False
+
+
+def test_a_negative_time_separation_is_refused_with_the_rule(client: TestClient) -> None:
+    reply = client.get(
+        "/calib/get_cal_solution", params={"obs_id": "1", "max_time_separation": "-5"}
+    )
+    assert reply.status_code == 400
+    assert reply.json()["error"] == (
+        "max_time_separation must be a whole number of seconds, 0 or more, not '-5'"
+    )

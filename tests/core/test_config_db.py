@@ -83,10 +83,11 @@ def test_users_and_keys(session: Session) -> None:
 
 
 def test_projects(session: Session) -> None:
-    open_project = create_project(session, "G0001", priority=1)
+    keyless = create_project(session, "G0001", priority=1)
     secured = create_project(session, "D0009", priority=10, secure_key="s3cret-key")
     session.commit()
-    assert check_project_key(open_project, None)
+    # As the trigger services have it (docs/trigger.md): without a key it cannot trigger.
+    assert not check_project_key(keyless, None) and not check_project_key(keyless, "any")
     assert check_project_key(secured, "s3cret-key")
     assert not check_project_key(secured, "wrong")
     assert not check_project_key(secured, None)

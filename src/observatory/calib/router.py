@@ -36,7 +36,9 @@ SessionDep = Annotated[Session, Depends(get_session)]
 def _seconds(value: str | None) -> int:
     if value is None or value == "":
         return service.DEFAULT_MAX_TIME_SEPARATION_S
-    return whole_number_param("max_time_separation", value, what="a whole number of seconds")
+    return whole_number_param(
+        "max_time_separation", value, what="a whole number of seconds, 0 or more"
+    )
 
 
 def _settings(request: Request) -> Settings:

@@ -111,10 +111,10 @@ def create_project(
 
 
 def check_project_key(project: Project, secure_key: str | None) -> bool:
-    """Whether ``secure_key`` opens ``project`` (a project without a key is open to all)."""
-    if project.secure_key_hash is None:
-        return True
-    return bool(secure_key) and verify_secret(secure_key or "", project.secure_key_hash)
+    """Whether ``secure_key`` opens ``project`` (a project without a key opens to none)."""
+    if project.secure_key_hash is None or not secure_key:
+        return False
+    return verify_secret(secure_key, project.secure_key_hash)
 
 
 def reset_api_key(session: Session, user: User, api_key: str | None = None) -> str:
