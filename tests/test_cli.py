@@ -166,6 +166,11 @@ def test_simulate_observation_registers_it(
         assert kinds == ["metafits", "mwax_vis", "mwax_vis", "sim_truth"]
     assert _run(data, *args) == 2
     assert "already exists" in capsys.readouterr().err
+    # One observation at a time, on 8-second boundaries (both were accepted).
+    assert _run(data, "simulate", "observation", "--obsid", "1320409688", "--timesteps", "8") == 2
+    assert "would overlap observation 1320409696" in capsys.readouterr().err
+    assert _run(data, "simulate", "observation", "--obsid", "1320409690") == 2
+    assert "1320409690 is not a multiple of 8" in capsys.readouterr().err
     assert (
         _run(data, "simulate", "observation", "--obsid", "1320409704", "--fine-chan-khz", "33") == 2
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -191,8 +192,14 @@ def cmd_archive_ingest(args: argparse.Namespace) -> int:
 def cmd_simulate_observation(args: argparse.Namespace) -> int:
     from observatory.archive.simulated import catalogue_point_source, simulate_and_register
 
+    if args.obsid % 8:
+        raise ValueError(
+            f"--obsid {args.obsid} is not a multiple of 8: observations start on 8-second "
+            f"boundaries (e.g. {args.obsid // 8 * 8})"
+        )
     settings = _settings(args)
     with session_scope(_session_factory(settings)) as session:
+        _check_free_in_schedule(session, args)
         obs = simulate_and_register(
             session,
             settings,
@@ -215,6 +222,30 @@ def cmd_simulate_observation(args: argparse.Namespace) -> int:
         highlight=False,
     )
     return 0
+
+
+def _check_free_in_schedule(session: Session, args: argparse.Namespace) -> None:
+    """Refuse an observation overlapping one already in the schedule (the telescope makes
+    one at a time; /metadata/find would list both)."""
+    from sqlalchemy import select
+
+    from observatory.archive.models import Observation
+    from observatory.telescope.instrument import MWAX_SUBOBS_S
+
+    step_s = MWAX_SUBOBS_S if args.mode == "MWAX_VCS" else args.int_time
+    stop = args.obsid + math.ceil(args.timesteps * step_s)
+    other = session.scalars(
+        select(Observation).where(
+            Observation.deleted.is_(False),
+            Observation.obsid < stop,
+            Observation.stoptime > args.obsid,
+        )
+    ).first()
+    if other is not None and other.obsid != args.obsid:  # the same obsid: "already exists"
+        raise ValueError(
+            f"observation {args.obsid} (to {stop}) would overlap observation {other.obsid} "
+            f"({other.obsname}, {other.obsid} to {other.stoptime})"
+        )
 
 
 #: ``observatory preprocess`` flags that carry an ASVO conversion key's value.

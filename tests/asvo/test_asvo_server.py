@@ -116,7 +116,7 @@ def test_the_server_stops_on_sigterm_after_a_websocket_came_and_went(tmp_path: P
 
 def test_jobs_finish_after_the_server_is_killed_and_restarted(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    obsids = [1320409688, 1320409704]
+    obsids = [1320409688, 1320409720]  # 16 integrations of 2 s apart
     seed(data_dir, None, obsids, tiles=32, api_key=API_KEY)
     port = free_port()
     base = f"http://127.0.0.1:{port}"

@@ -134,15 +134,22 @@ def test_the_longest_accepted_name_is_one_the_simulated_telescope_records(
         as_text("obsname", "x" * 61, max_chars=service.MAX_OBSNAME_CHARS)
 
 
-def test_a_buffer_dump_of_a_long_named_observation_gets_a_name_the_metafits_holds(
-    settings: Settings, session_factory: sessionmaker[Session]
-) -> None:
+def buffering(session_factory: sessionmaker[Session], obsname: str) -> float:
+    """Project G0055 and an MWAX_BUFFER observation running at the time returned."""
     now = 1_450_324_816 + 0.5
     with session_factory() as session:
         create_project(session, "G0055", priority=5, secure_key=KEY)
         session.add(Observation(obsid=int(now) - 96, stoptime=int(now) + 800, project_id="C001",
-                                mode="MWAX_BUFFER", obsname="b" * 60))  # fmt: skip
+                                mode="MWAX_BUFFER", obsname=obsname))  # fmt: skip
         session.commit()
+    return now
+
+
+def test_a_buffer_dump_of_a_long_named_observation_gets_a_name_the_metafits_holds(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    now = buffering(session_factory, obsname="b" * 60)
+    with session_factory() as session:
         raw = {"project_id": "G0055", "secure_key": KEY, "pretend": "0", "obstime": 30}
         result = service.trigger_buffer(session, settings, raw, now=now)
         assert result["success"] is True, result["errors"]
@@ -190,12 +197,8 @@ def test_as_bool_gives_the_default_for_unset_words_and_refuses_them_without_one(
 def test_triggerbuffer_pretend_none_is_pretend(
     settings: Settings, session_factory: sessionmaker[Session]
 ) -> None:
-    now = 1_450_324_816 + 0.5
+    now = buffering(session_factory, obsname="buffering")
     with session_factory() as session:
-        create_project(session, "G0055", priority=5, secure_key=KEY)
-        session.add(Observation(obsid=int(now) - 96, stoptime=int(now) + 800, project_id="C001",
-                                mode="MWAX_BUFFER", obsname="buffering"))  # fmt: skip
-        session.commit()
         raw = {"project_id": "G0055", "secure_key": KEY, "pretend": "None", "obstime": 30}
         result = service.trigger_buffer(session, settings, raw, now=now)
         assert result["success"] is True, result["errors"]
