@@ -171,6 +171,14 @@ def test_simulate_observation_registers_it(
     assert "would overlap observation 1320409696" in capsys.readouterr().err
     assert _run(data, "simulate", "observation", "--obsid", "1320409690") == 2
     assert "1320409690 is not a multiple of 8" in capsys.readouterr().err
+    # An operator schedules a buffering observation from now on (for triggerbuffer).
+    buffering = ["schedule", "observation", "--duration", "600", "--mode", "MWAX_BUFFER"]
+    assert _run(data, *buffering) == 0
+    assert re.search(
+        r"^scheduled \d{10} mwax_buffer_\d{10} \(MWAX_BUFFER\)", capsys.readouterr().out, re.M
+    )
+    assert _run(data, *buffering) == 2
+    assert "overlaps observation" in capsys.readouterr().err
     assert (
         _run(data, "simulate", "observation", "--obsid", "1320409704", "--fine-chan-khz", "33") == 2
     )

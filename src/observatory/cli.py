@@ -227,25 +227,45 @@ def cmd_simulate_observation(args: argparse.Namespace) -> int:
 def _check_free_in_schedule(session: Session, args: argparse.Namespace) -> None:
     """Refuse an observation overlapping one already in the schedule (the telescope makes
     one at a time; /metadata/find would list both)."""
-    from sqlalchemy import select
-
-    from observatory.archive.models import Observation
+    from observatory.archive.service import overlapping_observation
     from observatory.telescope.instrument import MWAX_SUBOBS_S
 
     step_s = MWAX_SUBOBS_S if args.mode == "MWAX_VCS" else args.int_time
     stop = args.obsid + math.ceil(args.timesteps * step_s)
-    other = session.scalars(
-        select(Observation).where(
-            Observation.deleted.is_(False),
-            Observation.obsid < stop,
-            Observation.stoptime > args.obsid,
-        )
-    ).first()
+    other = overlapping_observation(session, args.obsid, stop)
     if other is not None and other.obsid != args.obsid:  # the same obsid: "already exists"
         raise ValueError(
             f"observation {args.obsid} (to {stop}) would overlap observation {other.obsid} "
             f"({other.obsname}, {other.obsid} to {other.stoptime})"
         )
+
+
+def cmd_schedule_observation(args: argparse.Namespace) -> int:
+    from observatory.archive.service import schedule_observation
+    from observatory.core.gpstime import now_gps_precise
+    from observatory.trigger.service import first_start_gps
+
+    settings = _settings(args)
+    now = now_gps_precise()
+    start = first_start_gps(now) if args.start == "now" else _gps_start(args.start)
+    with session_scope(_session_factory(settings)) as session:
+        observation = schedule_observation(
+            session, start_gps=start, duration_s=args.duration, mode=args.mode,
+            coarse_chans=args.coarse_chans, project_id=args.project,
+            obsname=args.obsname or f"{args.mode.lower()}_{start}", now_gps_s=now,
+        )  # fmt: skip
+        console.print(
+            f"scheduled {observation.obsid} {observation.obsname} ({observation.mode}) until "
+            f"{observation.stoptime}",
+            highlight=False,
+        )
+    return 0
+
+
+def _gps_start(text: str) -> int:
+    if not text.isdecimal():
+        raise ValueError(f"--start {text!r} must be now or a GPS second")
+    return int(text)
 
 
 #: ``observatory preprocess`` flags that carry an ASVO conversion key's value.
@@ -635,6 +655,35 @@ def build_parser() -> argparse.ArgumentParser:
     key_choice.add_argument(
         "--remove", action="store_true", help="no key: the project can no longer trigger"
     )
+
+    schedule = add("schedule", lambda _a: 0, "the observing schedule")
+    schedule_commands = schedule.add_subparsers(
+        dest="schedule_command", required=True, metavar="WHAT"
+    )
+    scheduled = add(
+        "observation",
+        cmd_schedule_observation,
+        "put an observation in the schedule (the simulated telescope records it once it ends; "
+        "MWAX_BUFFER holds voltages for triggerbuffer)",
+        schedule_commands,
+    )
+    scheduled.add_argument(
+        "--start", default="now", help="GPS second (a multiple of 8), or now (default: the next "
+        "8-second boundary at least 4 s away)",
+    )  # fmt: skip
+    scheduled.add_argument(
+        "--duration", type=_int_in(8, MAX_SQL_INTEGER), required=True,
+        help="seconds (a multiple of 8)",
+    )  # fmt: skip
+    scheduled.add_argument(
+        "--mode", choices=("MWAX_CORRELATOR", "MWAX_VCS", "MWAX_BUFFER"), default="MWAX_CORRELATOR"
+    )
+    scheduled.add_argument(
+        "--coarse-chans", type=_comma_ints, default=[133, 134],
+        help="receiver channel numbers, comma separated (133,134)",
+    )  # fmt: skip
+    scheduled.add_argument("--project", default="D0000", help="project id (D0000)")
+    scheduled.add_argument("--obsname", help="name (default: <mode>_<start>)")
 
     simulate = add("simulate", lambda _a: 0, "simulated telescope")
     simulate_commands = simulate.add_subparsers(

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from observatory.app import create_app
 from observatory.archive.models import Observation
 from observatory.archive.runner import observe_due
+from observatory.archive.service import schedule_observation
 from observatory.core.accounts import create_project, create_user
 from observatory.core.config import Settings
 from observatory.trigger import pointing, service
@@ -118,3 +119,40 @@ def test_voltage_captures_are_recorded_within_the_size_limit(
         assert recorded.mode == "MWAX_VCS" and recorded.n_tiles == 1
         too_large = session.get(Observation, large_id)
         assert too_large is not None and not too_large.files  # 64 s x 24 channels: left alone
+
+
+def test_an_operator_schedules_observations_the_telescope_records_and_triggerbuffer_dumps(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """Nothing could put an MWAX_BUFFER observation in the schedule: triggerbuffer could
+    only ever answer "not buffering"."""
+    start = NOON // 8 * 8 + 8
+    with session_factory() as session:
+        create_project(session, "G0055", priority=5, secure_key="runner-key-1")
+        correlator = schedule_observation(
+            session, start_gps=start, duration_s=8, mode="MWAX_CORRELATOR",
+            coarse_chans=[121, 122], project_id="G0055", obsname="by hand", now_gps_s=NOON,
+        )  # fmt: skip
+        buffering = schedule_observation(
+            session, start_gps=start + 8, duration_s=800, mode="MWAX_BUFFER",
+            coarse_chans=[121, 122], project_id="C001", obsname="buffering", now_gps_s=NOON,
+        )  # fmt: skip
+        for bad, message in (
+            ({"start_gps": start + 96}, "overlaps observation"),
+            ({"start_gps": start - 16}, "in the past"),
+            ({"start_gps": start + 1000, "duration_s": 10}, "multiples of 8"),
+            ({"start_gps": start + 1000, "mode": "HW_LFILES"}, "is not one of"),
+            ({"start_gps": start + 1000, "obsname": "café"}, "printable ASCII"),
+        ):
+            fields = {"start_gps": 0, "duration_s": 8, "mode": "MWAX_CORRELATOR",
+                      "coarse_chans": [121], "project_id": "G0055", "obsname": "x", **bad}  # fmt: skip
+            with pytest.raises(ValueError, match=message):
+                schedule_observation(session, now_gps_s=NOON, **fields)
+        session.commit()
+        assert (correlator.created_by, buffering.mode) == ("schedule", "MWAX_BUFFER")
+        dump = service.trigger_buffer(session, settings, {
+            "project_id": "G0055", "secure_key": "runner-key-1", "pretend": "false",
+            "obstime": 16}, now=NOON + 100)  # fmt: skip
+    assert dump["success"] is True, dump["errors"]
+    settings = settings.model_copy(update={"telescope_tiles": 4})
+    assert observe_due(session_factory, settings, now=start + 9, limit=10) == [start]

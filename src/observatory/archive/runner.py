@@ -1,7 +1,7 @@
 """The simulated telescope: observes the schedule as it runs.
 
-When a scheduled correlator observation (one a trigger put in the schedule) has
-ended and has no files yet, the simulator records it into the archive under its
+When a scheduled correlator observation (one a trigger or an operator put in the
+schedule) has ended and has no files yet, the simulator records it into the archive under its
 own obsid, so it can be ordered through ASVO like any other observation.
 Voltage captures (MWAX_VCS, VOLTAGE_BUFFER) are recorded as MWAX_VCS sub-files
 of a few tiles, unless they would exceed ``telescope_max_voltage_bytes`` (a
@@ -19,6 +19,7 @@ from sqlalchemy import exists, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from observatory.archive.models import Observation, ObservationFile
+from observatory.archive.service import SCHEDULED_BY_OPERATOR
 from observatory.archive.simulated import VOLTAGE_MODES, observe_scheduled, voltage_bytes
 from observatory.core.config import Settings
 from observatory.core.gpstime import now_gps
@@ -32,12 +33,14 @@ _SKIPPED: dict[str, set[int]] = defaultdict(set)
 
 
 def due_observations(session: Session, now: float, limit: int) -> list[Observation]:
-    """Scheduled correlator observations that have ended and have no files, oldest first."""
+    """Observations a trigger or an operator scheduled that have ended and have no files,
+    oldest first (what the telescope records)."""
     return list(session.scalars(
         select(Observation)
         .where(
             Observation.stoptime <= int(now), Observation.deleted.is_(False),
-            Observation.created_by == "trigger", Observation.mode.in_(RECORDED_MODES),
+            Observation.created_by.in_(["trigger", SCHEDULED_BY_OPERATOR]),
+            Observation.mode.in_(RECORDED_MODES),
             ~exists().where(ObservationFile.obsid == Observation.obsid),
         )
         .order_by(Observation.obsid)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from observatory.archive.models import FileKind, Observation, ObservationFile, O
 from observatory.core.database import MAX_SQL_INTEGER
 from observatory.core.errors import BadRequest, NotFound
 from observatory.core.storage import Storage, sha1_of_file
+from observatory.telescope.instrument import MAX_METAFITS_NAME_CHARS, validate_coarse_chans
 
 #: Metafits keys mwalib refuses to open a file without.
 REQUIRED_METAFITS_KEYS = (
@@ -464,3 +466,102 @@ def find_observations(
         ).all()
     )
     return rows[:page_size], len(rows) > page_size, total
+
+
+#: Modes an operator can put in the schedule by hand (``observatory schedule observation``):
+#: correlator and voltage observations the telescope records once they end, and voltage
+#: buffering, which records nothing until a ``triggerbuffer`` dumps it.
+SCHEDULABLE_MODES = ("MWAX_CORRELATOR", "MWAX_VCS", "MWAX_BUFFER")
+#: ``created_by`` of observations scheduled by hand (the simulated telescope records them).
+SCHEDULED_BY_OPERATOR = "schedule"
+
+
+def overlapping_observation(session: Session, start_gps: int, stop_gps: int) -> Observation | None:
+    """An observation of the schedule (not deleted) running at some time in
+    ``[start_gps, stop_gps)``, or None: the telescope makes one observation at a time."""
+    return session.scalars(
+        select(Observation)
+        .where(
+            Observation.deleted.is_(False),
+            Observation.obsid < stop_gps,
+            Observation.stoptime > start_gps,
+        )
+        .order_by(Observation.obsid)
+    ).first()
+
+
+def schedule_observation(
+    session: Session,
+    *,
+    start_gps: int,
+    duration_s: int,
+    mode: str,
+    coarse_chans: Sequence[int],
+    project_id: str,
+    obsname: str,
+    now_gps_s: float,
+) -> Observation:
+    """Put an observation in the schedule by hand, as an operator does.
+
+    Parameters
+    ----------
+    session
+        A database session.
+    start_gps, duration_s
+        When it starts (its obsid) and how long it lasts: whole multiples of 8 s, in the
+        future.
+    mode
+        One of :data:`SCHEDULABLE_MODES`.
+    coarse_chans
+        Receiver channels (1..255, at most 24).
+    project_id, obsname
+        Its project and name (the name as a metafits holds it: printable ASCII).
+    now_gps_s
+        The current GPS time.
+
+    Returns
+    -------
+    Observation
+        The new row, pointed at the zenith (delays 0), ``created_by``
+        :data:`SCHEDULED_BY_OPERATOR`.
+
+    Raises
+    ------
+    ValueError
+        Naming what is wrong: a start or duration off the 8-s grid, a start in the past,
+        an unknown mode, bad channels or name, or an overlap with the schedule.
+    """
+    if start_gps % 8 or duration_s <= 0 or duration_s % 8:
+        raise ValueError(
+            f"start {start_gps} and duration {duration_s} s must be whole multiples of 8 s "
+            "(observations start and stop on 8-second boundaries)"
+        )
+    if start_gps < now_gps_s:
+        raise ValueError(f"start {start_gps} is in the past (now {int(now_gps_s)})")
+    if mode not in SCHEDULABLE_MODES:
+        raise ValueError(f"mode {mode!r} is not one of {', '.join(SCHEDULABLE_MODES)}")
+    channels = list(validate_coarse_chans(coarse_chans))
+    if (
+        not obsname
+        or len(obsname) > MAX_METAFITS_NAME_CHARS
+        or not obsname.isprintable()
+        or not obsname.isascii()
+    ):
+        raise ValueError(
+            f"obsname {obsname!r} must be 1-{MAX_METAFITS_NAME_CHARS} printable ASCII characters"
+        )
+    stop_gps = start_gps + duration_s
+    other = overlapping_observation(session, start_gps, stop_gps)
+    if other is not None:
+        raise ValueError(
+            f"{start_gps} to {stop_gps} overlaps observation {other.obsid} ({other.obsname}, "
+            f"{other.obsid} to {other.stoptime})"
+        )
+    observation = Observation(
+        obsid=start_gps, stoptime=stop_gps, obsname=obsname, creator="operator",
+        project_id=project_id, mode=mode, delays=[0] * 16, coarse_chans=channels,
+        el_deg=90.0, az_deg=0.0, deleted=False, created_by=SCHEDULED_BY_OPERATOR,
+    )  # fmt: skip
+    session.add(observation)
+    session.flush()
+    return observation
