@@ -322,6 +322,9 @@ def test_submission_links_fit_the_observation(client: TestClient, app_settings: 
     form = client.get("/submit", params={"obs_id": str(vcs)}).text
     assert '<option value="voltage" selected>' in form
     assert '<option value="conversion" selected>' in client.get(f"/submit?obs_id={OBS}").text
+    for not_an_obsid in ("99999999999999999999999", "9223372036854775808", "abc"):
+        form = client.get("/submit", params={"obs_id": not_an_obsid})  # was a 500 (overflow)
+        assert form.status_code == 200 and '<option value="conversion" selected>' in form.text
 
 
 def test_users_set_password_command(

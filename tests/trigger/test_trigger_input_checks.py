@@ -109,13 +109,21 @@ def test_what_a_metafits_cannot_hold_is_refused_before_the_schedule_changes(
     assert schedule(session_factory) == before  # nothing truncated, nothing inserted
 
 
-def test_calibrator_observation_names_must_fit_the_metafits_too(client: TestClient) -> None:
-    # "<obsname> Cal: <calibrator> at <freqspec>" is longer than obsname itself.
-    result = post(client, **real_trigger_params(obsname="n" * 50, calibrator="HydA", pretend="1"))
-    assert result["success"] is False
-    assert "obsname: 'nnnn" in errors_of(result) and "Cal: HydA at 145,24" in errors_of(result)
-    fits = post(client, **real_trigger_params(obsname="n" * 30, calibrator="HydA", pretend="1"))
-    assert fits["success"] is True, fits["errors"]
+def test_calibrator_observation_names_are_shortened_to_fit_the_metafits(client: TestClient) -> None:
+    """Robots send calibrator=True with names of their own: the trigger must not be refused
+    for the length of "<obsname> Cal: <calibrator> at <freqspec>" (it was)."""
+    name = "SWIFT_Fermi_LVC_S230518h_0123456789ab"  # 37 characters
+    result = post(client, **real_trigger_params(obsname=name, calibrator="HydA", pretend="1",
+                                                freqspecs='["121:132;141:152"]'))  # fmt: skip
+    assert result["success"] is True, result["errors"]
+    for obsname, calibrator, spec in (
+        (name, "HydA", "121:132;141:152"),
+        ("n" * 60, "HydA", "145,24"),
+        ("x", "HydA", "1;" * 40),
+    ):
+        made = service.calibrator_observation_name(obsname, calibrator, spec)
+        assert len(made) <= service.MAX_OBSNAME_CHARS and " Cal: HydA" in made, made
+    assert service.calibrator_observation_name("GRB", "HydA", "145,24") == "GRB Cal: HydA at 145,24"
 
 
 @pytest.mark.filterwarnings("ignore:Card is too long, comment will be truncated")
@@ -306,3 +314,13 @@ def test_lists_and_objects_are_refused_where_one_text_value_is_expected(
     repeated = client.post("/trigger/triggerobs?obsname=a&obsname=b",
                            data={**base, "project_id": "G0055"}).json()  # fmt: skip
     assert repeated["success"] is False and "obsname: given 2 values" in errors_of(repeated)
+
+
+@pytest.mark.parametrize("source", ["[null]", "[1, [2]]", "['Sun', None]", '{"a": 1}'])
+def test_a_source_list_holding_no_name_is_an_error_in_the_answer(
+    client: TestClient, source: str
+) -> None:
+    """It was a 500: the reply's params parsed the list again, unguarded."""
+    result = post(client, **real_trigger_params(source=source, pretend="1"))
+    assert result["success"] is False
+    assert "source: " in errors_of(result) and "is not a name" in errors_of(result)

@@ -17,7 +17,7 @@ from observatory.archive.models import Observation
 from observatory.asvo.models import TERMINAL_STATES, Job, JobType
 from observatory.asvo.service import VOLTAGE_MODES, UrlBuilder
 from observatory.core.errors import BadRequest
-from observatory.core.gpstime import gps_to_utc, now_gps
+from observatory.core.gpstime import gps_to_utc, now_gps, parse_obsid
 from observatory.core.web import gps_time_param
 
 JOB_TYPE_LABELS = {
@@ -183,7 +183,10 @@ def search_observations(
 def job_type_for(session: Session, obs_id: str) -> str:
     """The submission form's job type for an observation: a voltage download for a voltage
     observation (a conversion would be refused), else a conversion."""
-    observation = session.get(Observation, int(obs_id)) if obs_id.strip().isdecimal() else None
+    try:
+        observation = session.get(Observation, parse_obsid(obs_id))
+    except ValueError:  # not an obsid (or beyond any): the form says so when submitted
+        observation = None
     if observation is not None and observation.mode in VOLTAGE_MODES:
         return "voltage"
     return "conversion"

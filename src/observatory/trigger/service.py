@@ -298,7 +298,7 @@ def read_trigger_request(raw: Mapping[str, Any], *, vcs: bool, when_gps: int) ->
         "declist": [t.dec_deg for t in request.targets if t.kind == "radec"],
         "altlist": [t.el_deg for t in request.targets if t.kind == "azel"],
         "azlist": [t.az_deg for t in request.targets if t.kind == "azel"],
-        "sourcelist": as_str_list("source", raw.get("source")) if present(raw, "source") else [],
+        "sourcelist": _names_given(raw),
         "subarrays": request.subarrays, "freqspecs": [spec for spec, _ in request.freqspecs],
         "creator": request.creator, "obsname": request.obsname, "nobs": request.nobs,
         "exptime": request.exptime_s, "calibrator": request.calibrator,
@@ -337,22 +337,6 @@ def _authenticate_request(
     if not request.project_readable:
         return None, None
     return authenticate(session, request.project_id, request.secure_key)
-
-
-def _check_recordable_names(request: TriggerRequest, planned: Sequence[PlannedObservation]) -> None:
-    """Every planned name must fit the metafits, calibrator observations' too.
-
-    ``<obsname> Cal: <calibrator> at <freqspec>`` is longer than ``obsname``: an error
-    (in pretend mode too), never a name cut short or an observation never recorded.
-    """
-    for observation in planned:
-        if len(observation.obsname) > MAX_OBSNAME_CHARS:
-            request.errors.append(
-                f"obsname: {request.obsname!r} is too long for the name of observation "
-                f"{observation.obsid}, {observation.obsname!r} ({len(observation.obsname)} "
-                f"characters; a metafits holds at most {MAX_OBSNAME_CHARS}): shorten obsname"
-            )
-            return
 
 
 def _exposure(request: TriggerRequest, name: str, value: Any) -> int:
@@ -547,7 +531,7 @@ def plan(request: TriggerRequest, start_gps: int, settings: Settings) -> list[Pl
                 source = catalogue.lookup(str(request.calibrator))
             target = Target("radec", source.name, ra_deg=source.ra_deg, dec_deg=source.dec_deg)
             add(target, spec, channels, request.calexptime_s, mode="MWAX_CORRELATOR",
-                obsname=f"{request.obsname} Cal: {source.name} at {spec}",
+                obsname=calibrator_observation_name(request.obsname, source.name, spec),
                 calibration=True, calibrator_source=source.name)  # fmt: skip
     _point(request, planned, settings)
     return planned
@@ -891,7 +875,6 @@ def trigger_observations(
     planned: list[PlannedObservation] = []
     if not request.errors:
         planned = plan(request, start, settings)
-        _check_recordable_names(request, planned)
     if planned and vcs and not request.errors:
         needed = sum(o.stoptime - o.obsid for o in planned if o.mode == "MWAX_VCS")
         free = vcs_free_s(session, settings, now)
@@ -1299,6 +1282,32 @@ def trigger_buffer(
         clear=clear,
         schedule=schedule,
     )
+
+
+def _names_given(raw: Mapping[str, Any]) -> list[str]:
+    """The ``source`` names as given, for the reply; [] when they cannot be read (the
+    parse of the targets has reported that among the errors)."""
+    if not present(raw, "source"):
+        return []
+    try:
+        return as_str_list("source", raw["source"])
+    except ParameterError:
+        return []
+
+
+def calibrator_observation_name(obsname: str, calibrator: str, freqspec: str) -> str:
+    """``<obsname> Cal: <calibrator> at <freqspec>``, shortened to fit the metafits.
+
+    The target's name gives way first, then the freqspec: a trigger is never refused for
+    the length of a name the service makes (robots send ``calibrator=True`` with names
+    of their own).
+    """
+    suffix = f" Cal: {calibrator} at {freqspec}"
+    if len(obsname) + len(suffix) <= MAX_OBSNAME_CHARS:
+        return obsname + suffix
+    if len(suffix) > MAX_OBSNAME_CHARS // 2:
+        suffix = f" Cal: {calibrator}"
+    return (obsname[: max(MAX_OBSNAME_CHARS - len(suffix), 0)] + suffix)[:MAX_OBSNAME_CHARS]
 
 
 def buffer_dump_name(obsname: str) -> str:
