@@ -11,7 +11,7 @@ from observatory.core.accounts import (
     create_user,
     reset_api_key,
 )
-from observatory.core.config import Settings
+from observatory.core.config import ConfigFileError, Settings
 from observatory.core.database import make_engine
 from observatory.core.errors import Conflict, Unauthorized
 from observatory.core.migrate import current_revision, head_revision, upgrade
@@ -39,6 +39,19 @@ def test_environment_and_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 def test_missing_toml_is_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("OBSERVATORY_CONFIG", str(tmp_path / "nope.toml"))
     with pytest.raises(FileNotFoundError, match=r"nope\.toml"):
+        Settings()
+
+
+def test_a_misspelled_setting_in_the_toml_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """It was ignored, and the default used without a word."""
+    config = tmp_path / "obs.toml"
+    config.write_text('data_dir = "/srv/x"\ndask_schedular = "tcp://127.0.0.1:8786"\n')
+    monkeypatch.setenv("OBSERVATORY_CONFIG", str(config))
+    with pytest.raises(
+        ConfigFileError, match=r"unknown setting dask_schedular \(did you mean dask_scheduler\?\)"
+    ):
         Settings()
 
 

@@ -7,6 +7,7 @@ variables win over the file.
 
 from __future__ import annotations
 
+import difflib
 import os
 import secrets
 import tomllib
@@ -29,6 +30,20 @@ class ConfigFileError(ValueError):
 
 #: Signing keys read from data directories, by path.
 _KEY_CACHE: dict[Path, bytes] = {}
+
+
+def _check_known_settings(path: str, document: dict[str, Any], known: set[str]) -> None:
+    """A misspelled key in the config file would be ignored, and its default used without
+    a word: refuse it, naming the nearest setting."""
+    unknown = sorted(set(document) - known)
+    if not unknown:
+        return
+    nearest = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+    hint = f" (did you mean {nearest[0]}?)" if nearest else ""
+    raise ConfigFileError(
+        f"config file {path} (OBSERVATORY_CONFIG): unknown setting {', '.join(unknown)}{hint}; "
+        "keys are the settings' names without the OBSERVATORY_ prefix, in lower case"
+    )
 
 
 class Settings(BaseSettings):
@@ -107,10 +122,12 @@ class Settings(BaseSettings):
                 )
             try:
                 sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+                document = tomllib.loads(Path(toml_path).read_text(encoding="utf-8"))
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigFileError(
                     f"config file {toml_path} (OBSERVATORY_CONFIG) is not valid TOML: {exc}"
                 ) from None
+            _check_known_settings(toml_path, document, set(settings_cls.model_fields))
         return tuple(sources)
 
     @property
