@@ -71,19 +71,19 @@ def _gps_minus_unix_s(unix_day: int) -> float:
     return round(unix_to_gps(start) - start, 3)
 
 
-def parse_obsid(value: object) -> int:
+def parse_obsid(value: object, name: str = "obsid") -> int:
     """Validate an obsid (a GPS start second) given as text or a number.
 
     Raises
     ------
     ValueError
-        With a message naming the bad value, if it is not a positive integer of
-        at most 10 digits.
+        With a message naming the parameter (``name``) and the bad value, if it is not
+        a positive integer of at most 10 digits.
     """
     text = str(value).strip()
     if not text.isdecimal():
-        raise ValueError(f"obsid {value!r} is not a positive integer GPS second")
+        raise ValueError(f"{name} {value!r} is not a positive integer GPS second")
     obsid = int(text)
     if obsid <= 0 or obsid >= MAX_GPS_SECONDS:
-        raise ValueError(f"obsid {value!r} is out of range (1 .. {MAX_GPS_SECONDS - 1})")
+        raise ValueError(f"{name} {value!r} is out of range (1 .. {MAX_GPS_SECONDS - 1})")
     return obsid

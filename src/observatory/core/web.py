@@ -117,10 +117,9 @@ def get_archive_storage(request: Request) -> Storage:
 def obsid_param(value: str, *, name: str = "obsid") -> int:
     """Parse an obsid-valued parameter, answering 400 with the reason (naming ``name``)."""
     try:
-        return parse_obsid(value)
+        return parse_obsid(value, name)
     except ValueError as exc:
-        reason = str(exc)  # parse_obsid's reasons begin with "obsid"
-        raise BadRequest(name + reason.removeprefix("obsid")) from exc
+        raise BadRequest(str(exc)) from exc
 
 
 def whole_number_param(
