@@ -143,6 +143,8 @@ def test_an_operator_schedules_observations_the_telescope_records_and_triggerbuf
             ({"start_gps": start + 1000, "duration_s": 10}, "multiples of 8"),
             ({"start_gps": start + 1000, "mode": "HW_LFILES"}, "is not one of"),
             ({"start_gps": start + 1000, "obsname": "café"}, "printable ASCII"),
+            ({"start_gps": start + 1000, "obsname": "x" * 61}, "at most 60"),
+            ({"start_gps": start + 1000, "obsname": ""}, "obsname is empty"),
         ):
             fields = {"start_gps": 0, "duration_s": 8, "mode": "MWAX_CORRELATOR",
                       "coarse_chans": [121], "project_id": "G0055", "obsname": "x", **bad}  # fmt: skip

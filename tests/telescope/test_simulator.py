@@ -490,6 +490,8 @@ def test_failed_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         ({"pointing_radec_deg": "zenith"}, "pointing_radec_deg"),
         ({"file_size_limit_bytes": 0}, "file_size_limit_bytes"),
         ({"project_id": ""}, "project_id"),
+        ({"obs_name": "caf\u00e9"}, "obs_name .* metafits header cannot hold"),
+        ({"obs_name": "x" * 61}, "obs_name 61 characters"),
     ],
 )
 def test_bad_parameters_raise_and_write_nothing(tmp_path: Path, kwargs: dict, named: str) -> None:

@@ -19,7 +19,7 @@ from observatory.archive.models import FileKind, Observation, ObservationFile, O
 from observatory.core.database import MAX_SQL_INTEGER
 from observatory.core.errors import BadRequest, NotFound
 from observatory.core.storage import Storage, sha1_of_file
-from observatory.telescope.instrument import MAX_METAFITS_NAME_CHARS, validate_coarse_chans
+from observatory.telescope.instrument import metafits_text_problem, validate_coarse_chans
 
 #: Metafits keys mwalib refuses to open a file without.
 REQUIRED_METAFITS_KEYS = (
@@ -541,15 +541,9 @@ def schedule_observation(
     if mode not in SCHEDULABLE_MODES:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(SCHEDULABLE_MODES)}")
     channels = list(validate_coarse_chans(coarse_chans))
-    if (
-        not obsname
-        or len(obsname) > MAX_METAFITS_NAME_CHARS
-        or not obsname.isprintable()
-        or not obsname.isascii()
-    ):
-        raise ValueError(
-            f"obsname {obsname!r} must be 1-{MAX_METAFITS_NAME_CHARS} printable ASCII characters"
-        )
+    problem = metafits_text_problem(obsname) if obsname else "is empty"
+    if problem:
+        raise ValueError(f"obsname {problem}")
     stop_gps = start_gps + duration_s
     other = overlapping_observation(session, start_gps, stop_gps)
     if other is not None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import cache
@@ -92,6 +93,38 @@ MAX_COARSE_CHANS = 24
 #: The longest observation name and project id the telescope records (metafits
 #: ``FILENAME`` and ``PROJECT``).
 MAX_METAFITS_NAME_CHARS = 60
+#: What a FITS header value cannot hold: anything but printable ASCII.
+_NOT_FITS_HEADER_TEXT = re.compile(r"[^\x20-\x7e]")
+
+
+def metafits_text_problem(text: str, max_chars: int = MAX_METAFITS_NAME_CHARS) -> str | None:
+    """Why a metafits header could not hold ``text`` (a name, a project id), if it could not.
+
+    The telescope writes observation names and project ids into every metafits; one it
+    cannot write would be scheduled but never recorded, so callers refuse it up front.
+
+    Parameters
+    ----------
+    text
+        The value.
+    max_chars
+        The most characters it may have.
+
+    Returns
+    -------
+    str or None
+        The problem, for a message after the value's name; None when the header can hold it.
+    """
+    bad = _NOT_FITS_HEADER_TEXT.search(text)
+    if bad:
+        return (
+            f"{text!r} holds {bad.group()!r}, which a metafits header cannot hold "
+            "(use printable ASCII: letters, digits, spaces and punctuation)"
+        )
+    if len(text) > max_chars:
+        return f"{len(text)} characters; at most {max_chars} are allowed"
+    return None
+
 
 #: MWAX works in 8 s sub-observations; integrations must tile one exactly.
 MWAX_SUBOBS_S = 8

@@ -1354,13 +1354,13 @@ def simulate_observation(
             f"flagged_antennas {flagged_antennas!r} must be distinct indices in 0..{n_ant - 1}"
         )
     for label, text in (("project_id", project_id), ("obs_name", obs_name)):
-        if text is not None and (
-            not isinstance(text, str) or not text or len(text) > instrument.MAX_METAFITS_NAME_CHARS
-        ):
-            raise ValueError(
-                f"{label} {text!r} must be a non-empty string of at most "
-                f"{instrument.MAX_METAFITS_NAME_CHARS} characters"
-            )
+        if text is None:
+            continue
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"{label} {text!r} must be a non-empty string")
+        problem = instrument.metafits_text_problem(text)
+        if problem:
+            raise ValueError(f"{label} {problem}")
 
     timestep_s = instrument.MWAX_SUBOBS_S if mode == "MWAX_VCS" else int_time_ms / 1000.0
     duration_s = n_timesteps * timestep_s

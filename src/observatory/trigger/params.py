@@ -23,6 +23,7 @@ from fastapi import Request
 from starlette.exceptions import HTTPException
 
 from observatory.core.web import loads_request_json
+from observatory.telescope.instrument import metafits_text_problem
 
 TRUE_WORDS = frozenset({"true", "1", "y", "yes", "on", "t"})
 FALSE_WORDS = frozenset({"false", "0", "n", "no", "off", "f"})
@@ -32,9 +33,6 @@ FALSE_WORDS = frozenset({"false", "0", "n", "no", "off", "f"})
 UNSET_WORDS = frozenset({"", "none", "null"})
 #: A form field's name (every trigger parameter is one); random bytes labelled JSON are not.
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
-#: Characters a FITS header value may hold; a metafits carries obsname (FILENAME) and
-#: project_id (PROJECT), and a real one the creator.
-_NOT_PRINTABLE_ASCII = re.compile(r"[^\x20-\x7e]")
 _MULTIPART = "multipart/form-data"
 #: A trigger takes some 25 parameters; a multipart form is refused far beyond that.
 MAX_FORM_FIELDS = 1000
@@ -293,14 +291,15 @@ def as_text(
     if isinstance(value, dict):
         raise ParameterError(f"{name}: {echo_text(value)} is a JSON object, not one value")
     text = (value if isinstance(value, str) else echo_text(value)).strip()
-    bad = _NOT_PRINTABLE_ASCII.search(text) if printable_ascii else None
-    if bad:
-        raise ParameterError(
-            f"{name}: {text!r} holds {bad.group()!r}, which a metafits header cannot hold "
-            "(use printable ASCII: letters, digits, spaces and punctuation)"
+    limit = len(text) if max_chars is None else max_chars
+    if printable_ascii:
+        problem = metafits_text_problem(text, limit)
+    else:
+        problem = (
+            f"{len(text)} characters; at most {limit} are allowed" if len(text) > limit else None
         )
-    if max_chars is not None and len(text) > max_chars:
-        raise ParameterError(f"{name}: {len(text)} characters; at most {max_chars} are allowed")
+    if problem:
+        raise ParameterError(f"{name}: {problem}")
     return text
 
 
