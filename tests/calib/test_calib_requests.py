@@ -191,6 +191,14 @@ def test_a_callback_url_with_port_zero_or_out_of_range_is_refused(
     assert "port" in message
 
 
+def test_a_callback_url_longer_than_its_column_is_a_400_not_a_database_error(
+    client: TestClient, session_factory: sessionmaker[Session]
+) -> None:
+    url = "http://127.0.0.1:8862/" + "a" * 1979  # 2,001 characters: PostgreSQL refuses it
+    message = assert_refused(client, session_factory, {"callback_url": url}, "callback_url")
+    assert "2001 characters" in message and "at most 2000" in message
+
+
 def test_an_asvo_job_id_of_no_asvo_job_is_refused(
     client: TestClient, session_factory: sessionmaker[Session]
 ) -> None:

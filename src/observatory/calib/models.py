@@ -9,6 +9,9 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from observatory.core.database import Base, UTCDateTime, utcnow
 
+#: The ``callback_url`` column's width.
+MAX_CALLBACK_URL_CHARS = 2000
+
 
 class CalibrationFit(Base):
     """One fit of a calibrator observation; ``fitid`` is the Unix time of the fit in microseconds."""
@@ -84,7 +87,7 @@ class CalibrationRequest(Base):
     cal_id: Mapped[int] = mapped_column(BigInteger, index=True)
     target_obs_id: Mapped[int | None] = mapped_column(BigInteger)
     asvo_job_id: Mapped[int | None] = mapped_column(Integer, index=True)
-    callback_url: Mapped[str | None] = mapped_column(String(2000))
+    callback_url: Mapped[str | None] = mapped_column(String(MAX_CALLBACK_URL_CHARS))
     realtime: Mapped[bool] = mapped_column(Boolean, default=False)
     bulk_request: Mapped[bool] = mapped_column(Boolean, default=False)
     request_added_datetime: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

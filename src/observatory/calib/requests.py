@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from observatory.archive.models import FileKind, Observation, ObservationFile
-from observatory.calib.models import CalibrationRequest
+from observatory.calib.models import MAX_CALLBACK_URL_CHARS, CalibrationRequest
 from observatory.calib.service import DEFAULT_MAX_TIME_SEPARATION_S, compatible, target_observation
 from observatory.core.config import Settings
 from observatory.core.errors import BadRequest, Conflict, NotFound
@@ -55,8 +55,14 @@ def check_callback_url(url: str, settings: Settings) -> str:
         Naming ``callback_url``, for a URL that is malformed (control characters, an
         unbalanced or invalid ``[IPv6]`` host, a host that cannot be encoded), is not
         http(s), carries credentials, has a port outside 1..65535, or names a host
-        outside ``calib_callback_hosts`` (when that list is set).
+        outside ``calib_callback_hosts`` (when that list is set), or is longer than
+        ``MAX_CALLBACK_URL_CHARS``.
     """
+    if len(url) > MAX_CALLBACK_URL_CHARS:  # the column's width: PostgreSQL would refuse it
+        raise BadRequest(
+            f"callback_url is {len(url)} characters long; at most {MAX_CALLBACK_URL_CHARS} "
+            "are allowed"
+        )
     # Checked on the raw text: urlsplit silently drops CR, LF and tab, so the parts below
     # would look clean while httpx refuses the URL (or a header is injected) at delivery.
     bad = next((ch for ch in url if not ch.isprintable()), None)
