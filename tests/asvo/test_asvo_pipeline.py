@@ -7,6 +7,7 @@ import base64
 import hashlib
 import io
 import json
+import logging
 import tarfile
 import time
 from collections.abc import Iterator
@@ -440,12 +441,19 @@ def test_a_task_that_keeps_breaking_ends_the_job_in_error(
     assert not (archive_settings.work_dir / str(job_id)).exists()  # given up: nothing left
 
 
-def test_apply_di_cal_fails_clearly_without_a_calibrator_in_range(client: TestClient) -> None:
+def test_apply_di_cal_fails_clearly_without_a_calibrator_in_range(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="observatory.asvo.pipeline")
     job_id = submit(client, "conversion_job", obs_id=SIM_OBS, apply_di_cal="true", no_rfi="true")
     assert watch(client, {job_id})[job_id][-1] == "error"
     text = rows_by_id(client)[job_id]["error_text"]
     assert text.startswith("apply_di_cal: no calibration solution is available")
     assert "no calibrator observation within 86400 s" in text
+    # A request that cannot be met is the user's, not the server's: one line, no traceback.
+    [record] = [r for r in caplog.records if f"ASVO job {job_id} failed" in r.getMessage()]
+    assert (record.levelno, record.exc_info) == (logging.INFO, None)
+    assert "no calibration solution is available" in record.getMessage()
 
 
 @sqlite_only

@@ -169,8 +169,12 @@ def _run_locked(settings: Settings, engine: Engine, job_id: int) -> str:
         remove_product(settings, tracker.load())
         return JobState.CANCELLED.value
     except Exception as exc:  # any failure ends the job in error, with a message for the user
-        message = str(exc) if isinstance(exc, JobFailed) else f"{type(exc).__name__}: {exc}"
-        log.exception("ASVO job %d failed", job_id)
+        if isinstance(exc, JobFailed):  # the user's request cannot be met: no server fault
+            message = str(exc)
+            log.info("ASVO job %d failed: %s", job_id, message)
+        else:
+            message = f"{type(exc).__name__}: {exc}"
+            log.exception("ASVO job %d failed", job_id)
         try:
             tracker.move(JobState.ERROR, error_code=1, error_text=message, completed=utcnow())
         except JobCancelled:
