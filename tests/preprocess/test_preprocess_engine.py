@@ -393,7 +393,7 @@ def test_small_chunks_give_the_same_result(sim: SimulatedObservation, tmp_path: 
                 "1131733552_20151116182537_mini_gpubox01_00.fits",
                 "1131733552_20151116182637_mini_gpubox06_01.fits",
             ],
-            2,
+            6,  # coarse channels 149 and 154, and the four between them, flagged (Birli's rule)
         ),
         ("1061315448.metafits", ["1061315448_20130823175130_mini_gpubox07_01.fits"], 1),
     ],
@@ -419,12 +419,9 @@ def test_real_observations_convert_to_uvfits_and_ms(
         )
         theirs = direct.get_data(ant1, ant2, "xx")
         ours = data[:, 1, :, 0]
-        present = np.abs(ours).sum(axis=1) > 0
-        assert present.any()
+        assert np.any(ours)
         np.testing.assert_allclose(
-            np.sort_complex(ours[present].ravel()),
-            np.sort_complex(theirs[np.abs(theirs).sum(axis=1) > 0].ravel()),
-            rtol=1e-6,
+            np.sort_complex(ours[ours != 0]), np.sort_complex(theirs[theirs != 0]), rtol=1e-6
         )
 
 
@@ -462,6 +459,36 @@ def test_missing_coarse_channels_need_allow_missing(
     options = ConversionOptions.from_params({**RAW, "allow_missing": "true"})
     (out,) = preprocess(sim.metafits_path, only_137, options, tmp_path / "x.uvfits")
     assert cube(out)[2].Nfreqs == 32
+
+
+@pytest.mark.parametrize("output", ["uvfits", "ms"])
+def test_a_coarse_channel_missing_inside_the_band_is_written_flagged(
+    tmp_path: Path, output: str
+) -> None:
+    """Birli's rule: from the lowest to the highest channel with files, one contiguous band
+    with the channels without files flagged; channels without files beyond the ends are
+    left out. (Missing channels had been dropped, splitting the band in two windows.)"""
+    three = simulate_observation(
+        tmp_path / "sim", OBSID, n_tiles=3, coarse_chans=[136, 137, 138], n_timesteps=2,
+        sources=[SOURCE],
+    )  # fmt: skip
+    options = ConversionOptions.from_params({**RAW, "allow_missing": "true", "output": output})
+    edges = [p for p in three.vis_paths if "_ch137_" not in p.name]
+    (out,) = preprocess(three.metafits_path, edges, options, tmp_path / f"gap.{output}")
+    data, flags, uvd = cube(out, n_ants=3)
+    assert (uvd.Nspws, uvd.Nfreqs) == (1, 96)
+    np.testing.assert_allclose(np.diff(uvd.freq_array.ravel()), 40e3)
+    assert uvd.freq_array.ravel()[0] == 136 * 1.28e6 - 16 * 40e3
+    assert flags[:, :, 32:64].all() and not np.any(data[:, :, 32:64])
+    assert not flags[:, :, :32].all() and not flags[:, :, 64:].all()
+    (whole,) = preprocess(
+        three.metafits_path, three.vis_paths, options, tmp_path / f"whole.{output}"
+    )
+    kept = np.r_[0:32, 64:96]
+    np.testing.assert_array_equal(data[:, :, kept], cube(whole, n_ants=3)[0][:, :, kept])
+    lower = [p for p in three.vis_paths if "_ch138_" not in p.name]
+    (out,) = preprocess(three.metafits_path, lower, options, tmp_path / f"lower.{output}")
+    assert cube(out, n_ants=3)[2].Nfreqs == 64
 
 
 def test_solutions_for_another_array_are_refused(sim: SimulatedObservation, tmp_path: Path) -> None:
@@ -651,6 +678,9 @@ def test_files_starting_at_different_times_keep_their_times_as_pyuvdata_reads_th
     theirs, their_weights = _as_cube(direct, names)
     for path in outputs:
         data, flags, uvd = cube(path, 128)
+        # Channels 150-153, between the two with files, are there, empty and flagged.
+        assert flags[:, :, 1:-1].all() and not np.any(data[:, :, 1:-1])
+        data, flags = data[:, :, [0, -1]], flags[:, :, [0, -1]]
         # The same times: 121 integrations of 0.5 s from 18:25:37.25 to 18:26:37.25.
         np.testing.assert_allclose(
             np.unique(uvd.time_array), np.unique(direct.time_array), rtol=0, atol=1e-3 / 86400
@@ -684,6 +714,9 @@ def test_time_averaging_never_merges_integrations_a_minute_apart(tmp_path: Path)
     )
     full, full_flags, full_uvd = cube(native, 128)
     data, flags, uvd = cube(averaged, 128)
+    # The two channels with files (149 and 154; those between them are empty and flagged).
+    full, full_flags = full[:, :, [0, -1]], full_flags[:, :, [0, -1]]
+    data, flags = data[:, :, [0, -1]], flags[:, :, [0, -1]]
     # Pairs of 0.5 s integrations on the grid from the first: 121 padded to 122, 61 outputs,
     # each centred on its pair.
     times = np.unique(full_uvd.time_array)

@@ -68,6 +68,7 @@ from observatory.preprocess.reader import (
 from observatory.preprocess.rfi import aoflagger_flags
 from observatory.preprocess.uvfits import UvfitsGroups, UvfitsStream
 from observatory.preprocess.writer import OutputDescription
+from observatory.telescope.instrument import COARSE_CHAN_WIDTH_HZ
 
 log = logging.getLogger(__name__)
 
@@ -361,6 +362,18 @@ def _plan(
     unknown = sorted(set(reader.coarse_chans) - set(meta.metafits_coarse_chans))
     if unknown:
         raise ReadError(f"files hold coarse channels {unknown} that the metafits does not list")
+    coarse_chans = converted_coarse_chans(meta.metafits_coarse_chans, reader.coarse_chans)
+    if missing:
+        flagged = sorted(set(coarse_chans) - set(reader.coarse_chans))
+        left_out = sorted(set(missing) - set(flagged))
+        log.warning(
+            "obsid %d: no files for coarse channels %s; %s", meta.obsid,
+            ", ".join(map(str, missing)),
+            "; ".join(part for part in (
+                f"{', '.join(map(str, flagged))} written flagged" if flagged else "",
+                f"{', '.join(map(str, left_out))} beyond the band's ends left out" if left_out else "",
+            ) if part),
+        )  # fmt: skip
     if options.apply_di_cal and solutions is None:
         raise OptionError(
             "apply_di_cal", True, "needs a solutions file (AO-cal .bin or hyperdrive FITS)"
@@ -384,7 +397,7 @@ def _plan(
     return _Plan(
         meta=meta,
         resolved=resolved,
-        coarse_chans=reader.coarse_chans,
+        coarse_chans=coarse_chans,
         chans_per_coarse=reader.chans_per_coarse,
         n_times_padded=n_times_padded,
         time_block=time_block,
@@ -400,6 +413,42 @@ def _plan(
             _padded_starts(reader.time_start_gps_s, n_times_padded, meta.int_time_s)
             + meta.int_time_s / 2,
         ),
+    )
+
+
+def converted_coarse_chans(
+    metafits_coarse_chans: Sequence[int], with_files: Sequence[int]
+) -> tuple[int, ...]:
+    """The coarse channels a conversion writes, in frequency order (Birli's rule).
+
+    Every channel of the metafits from the lowest to the highest that has files: one
+    without files in between is written, flagged, so that the band stays one contiguous
+    spectral window; channels without files beyond either end are left out.
+    """
+    low, high = min(with_files), max(with_files)
+    return tuple(c for c in sorted(metafits_coarse_chans) if low <= c <= high)
+
+
+def _channel_freqs_hz(reader: VisibilityReader, coarse_chan: int) -> NDArray[np.float64]:
+    """The centre frequencies of ``coarse_chan``'s channels, with files or without."""
+    if coarse_chan in reader.coarse_chans:
+        return reader.channel_freqs_hz(coarse_chan)
+    # No files: the channels the others hold, moved to its frequency.
+    reference = reader.coarse_chans[0]
+    return reader.channel_freqs_hz(reference) + (coarse_chan - reference) * COARSE_CHAN_WIDTH_HZ
+
+
+def _chunk_without_files(reader: VisibilityReader, coarse_chan: int, timesteps: range) -> RawChunk:
+    """A chunk of a coarse channel no file holds: no data, weight 0 (so flagged)."""
+    freqs_hz = _channel_freqs_hz(reader, coarse_chan)
+    shape = (len(timesteps), reader.meta.n_baselines)
+    return RawChunk(
+        coarse_chan,
+        np.zeros((*shape, len(freqs_hz), 4), dtype=np.complex64),
+        np.zeros((*shape, 1, 4), dtype=np.float32),
+        fine_channel_indices(coarse_chan, freqs_hz, reader.meta.fine_chan_width_hz),
+        freqs_hz,
+        reader.time_start_gps_s[timesteps.start : timesteps.stop],
     )
 
 
@@ -568,7 +617,7 @@ def preprocess(
     n_coarse = len(plan.coarse_chans)
     out_freqs = np.concatenate(
         [
-            reader.channel_freqs_hz(c).reshape(chans_out, resolved.freq_factor).mean(axis=1)
+            _channel_freqs_hz(reader, c).reshape(chans_out, resolved.freq_factor).mean(axis=1)
             for c in plan.coarse_chans
         ]
     )
@@ -813,7 +862,11 @@ class _ChunkRunner:
         """Process one chunk and write it into the uvfits outputs."""
         block = self.blocks[block_index]
         stored = range(block.start, min(block.stop, self.n_times))
-        chunk = self.reader.read(self.plan.coarse_chans[coarse_index], stored)
+        coarse_chan = self.plan.coarse_chans[coarse_index]
+        if coarse_chan in self.reader.coarse_chans:
+            chunk = self.reader.read(coarse_chan, stored)
+        else:
+            chunk = _chunk_without_files(self.reader, coarse_chan, stored)
         vis, weights, flags, rfi = _process(
             _padded(chunk, len(block), self.plan.meta.int_time_s),
             self.plan,
