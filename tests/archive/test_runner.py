@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from observatory.app import create_app
-from observatory.archive.models import Observation
+from observatory.archive.models import FileKind, Observation
 from observatory.archive.runner import observe_due
 from observatory.archive.service import schedule_observation
 from observatory.core.accounts import create_project, create_user
@@ -158,3 +158,45 @@ def test_an_operator_schedules_observations_the_telescope_records_and_triggerbuf
     assert dump["success"] is True, dump["errors"]
     settings = settings.model_copy(update={"telescope_tiles": 4})
     assert observe_due(session_factory, settings, now=start + 9, limit=10) == [start]
+    # The dump saved the buffer from when buffering began (start + 8) to the trigger, and
+    # goes on capturing for 16 s as an observation of its own: both reach the archive.
+    capture_obsid = dump["obsid_list"][-1]
+    assert dump["obsid_list"] == [start + 8, capture_obsid]
+    recorded = observe_due(session_factory, settings, now=capture_obsid + 17, limit=10)
+    assert recorded == [start + 8, capture_obsid]
+    with session_factory() as session:
+        buffered = session.get(Observation, start + 8)
+        assert buffered is not None and buffered.stoptime == capture_obsid
+        subfile_starts = sorted({int(f.name.split("_")[1]) for f in buffered.files
+                                 if f.kind == FileKind.VOLTAGE})  # fmt: skip
+        assert subfile_starts == list(range(start + 8, capture_obsid, 8))
+
+
+def test_a_buffering_observation_never_dumped_is_not_recorded_and_a_past_dump_is_at_once(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """The buffer is overwritten unless dumped; a dump of the past only (``end_time`` before
+    now) is saved at once, while the observation goes on buffering."""
+    start = NOON // 8 * 8 + 8
+    with session_factory() as session:
+        create_project(session, "G0055", priority=5, secure_key="runner-key-1")
+        for offset, name in ((0, "never dumped"), (800, "dumped")):
+            schedule_observation(
+                session, start_gps=start + offset, duration_s=800, mode="MWAX_BUFFER",
+                coarse_chans=[121], project_id="C001", obsname=name, now_gps_s=NOON,
+            )  # fmt: skip
+        session.commit()
+        dump = service.trigger_buffer(session, settings, {
+            "project_id": "G0055", "secure_key": "runner-key-1", "pretend": "false",
+            "start_time": start + 900, "end_time": start + 940}, now=start + 1000)  # fmt: skip
+    assert dump["success"] is True, dump["errors"]
+    assert dump["obsid_list"] == [start + 800]
+    assert observe_due(session_factory, settings, now=start + 1001, limit=10) == [start + 800]
+    with session_factory() as session:
+        dumped = session.get(Observation, start + 800)
+        assert dumped is not None and dumped.stoptime == start + 1600  # still buffering
+        subfile_starts = sorted({int(f.name.split("_")[1]) for f in dumped.files
+                                 if f.kind == FileKind.VOLTAGE})  # fmt: skip
+        assert subfile_starts == list(range(start + 896, start + 944, 8))
+        never = session.get(Observation, start)
+        assert never is not None and not never.files

@@ -492,6 +492,8 @@ def test_failed_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         ({"project_id": ""}, "project_id"),
         ({"obs_name": "caf\u00e9"}, "obs_name .* metafits header cannot hold"),
         ({"obs_name": "x" * 61}, "obs_name 61 characters"),
+        ({"voltage_span_gps": (OBSID, OBSID + 8)}, "voltage_span_gps"),  # not MWAX_VCS
+        ({"mode": "MWAX_VCS", "voltage_span_gps": (OBSID + 8, OBSID)}, "voltage_span_gps"),
     ],
 )
 def test_bad_parameters_raise_and_write_nothing(tmp_path: Path, kwargs: dict, named: str) -> None:

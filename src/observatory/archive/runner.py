@@ -6,23 +6,32 @@ own obsid, so it can be ordered through ASVO like any other observation.
 Voltage captures (MWAX_VCS, VOLTAGE_BUFFER) are recorded as MWAX_VCS sub-files
 of a few tiles, unless they would exceed ``telescope_max_voltage_bytes`` (a
 voltage capture is 41 MB per tile, coarse channel and 8 s): those are left
-unrecorded, and said so once.
+unrecorded, and said so once. A buffering observation (MWAX_BUFFER) holds only what
+``triggerbuffer`` dumped from the buffer: it is recorded, as those sub-files, once its
+dumps are over; one never dumped has nothing to record.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import defaultdict
 
-from sqlalchemy import exists, select
+from sqlalchemy import and_, exists, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from observatory.archive.models import Observation, ObservationFile
 from observatory.archive.service import SCHEDULED_BY_OPERATOR
-from observatory.archive.simulated import VOLTAGE_MODES, observe_scheduled, voltage_bytes
+from observatory.archive.simulated import (
+    BUFFER_MODE,
+    VOLTAGE_MODES,
+    observe_scheduled,
+    voltage_bytes,
+)
 from observatory.core.config import Settings
 from observatory.core.gpstime import now_gps
+from observatory.trigger.models import Trigger, TriggerMode
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +43,48 @@ _SKIPPED: dict[str, set[int]] = defaultdict(set)
 
 def due_observations(session: Session, now: float, limit: int) -> list[Observation]:
     """Observations a trigger or an operator scheduled that have ended and have no files,
-    oldest first (what the telescope records)."""
+    oldest first (what the telescope records); and buffering observations that have
+    begun and have no files (whose dumps may be over before they end)."""
     return list(session.scalars(
         select(Observation)
         .where(
-            Observation.stoptime <= int(now), Observation.deleted.is_(False),
+            or_(
+                and_(Observation.stoptime <= int(now), Observation.mode.in_(RECORDED_MODES)),
+                and_(Observation.obsid <= int(now), Observation.mode == BUFFER_MODE),
+            ),
+            Observation.deleted.is_(False),
             Observation.created_by.in_(["trigger", SCHEDULED_BY_OPERATOR]),
-            Observation.mode.in_(RECORDED_MODES),
             ~exists().where(ObservationFile.obsid == Observation.obsid),
         )
         .order_by(Observation.obsid)
         .limit(limit)
     ))  # fmt: skip
+
+
+def dumped_span_gps(session: Session, observation: Observation) -> tuple[int, int] | None:
+    """The GPS seconds [start, stop) of a buffering observation that buffer dumps saved.
+
+    From the first dump's start to the last one's end, cut to the observation (a dump's
+    capture into the future is an observation of its own); None if no successful,
+    real ``triggerbuffer`` dumped it.
+    """
+    dumps = session.scalars(
+        select(Trigger).where(
+            Trigger.trigger_mode == TriggerMode.BUFFER.value,
+            Trigger.success.is_(True),
+            Trigger.pretend.is_(False),
+        )
+    )
+    spans = [
+        (math.floor(dump.params["capture_start"]), math.ceil(dump.params["capture_end"]))
+        for dump in dumps
+        if observation.obsid in dump.obsids and dump.params.get("capture_start") is not None
+    ]
+    if not spans:
+        return None
+    start = max(observation.obsid, min(span[0] for span in spans))
+    stop = min(observation.stoptime, max(span[1] for span in spans))
+    return (start, stop) if start < stop else None
 
 
 def observe_due(
@@ -63,26 +102,36 @@ def observe_due(
     now = now_gps() if now is None else now
     skipped = _SKIPPED[settings.resolved_database_url]
     with session_factory() as session:
-        due = []
-        for observation in due_observations(session, now, limit + len(skipped)):
-            size = voltage_bytes(observation, settings.telescope_vcs_tiles)
+        due: list[tuple[int, tuple[int, int] | None]] = []
+        # Buffering observations still running come first in obsid order but may not be due.
+        for observation in due_observations(session, now, limit + len(skipped) + 8):
             if observation.obsid in skipped:
                 continue
-            if observation.mode in VOLTAGE_MODES and size > settings.telescope_max_voltage_bytes:
+            span = None
+            if observation.mode == BUFFER_MODE:
+                span = dumped_span_gps(session, observation)
+                ended = observation.stoptime <= now
+                if span is None and ended:
+                    skipped.add(observation.obsid)  # never dumped: the buffer kept nothing
+                if span is None or (span[1] > now and not ended):
+                    continue  # no dump yet, or one still saving
+            size = voltage_bytes(observation, settings.telescope_vcs_tiles, span)
+            voltages = observation.mode in VOLTAGE_MODES or span is not None
+            if voltages and size > settings.telescope_max_voltage_bytes:
                 skipped.add(observation.obsid)
                 log.warning("not recording voltage capture %s: %d bytes is more than "
                             "telescope_max_voltage_bytes", observation.obsid, size)  # fmt: skip
                 continue
-            due.append(observation.obsid)
+            due.append((observation.obsid, span))
         due = due[:limit]
     recorded = []
-    for obsid in due:
+    for obsid, span in due:
         with session_factory() as session:
             scheduled = session.get(Observation, obsid)
             if scheduled is None:
                 continue
             try:
-                observe_scheduled(session, settings, scheduled)
+                observe_scheduled(session, settings, scheduled, span)
                 session.commit()
             except Exception:  # keep the telescope running, without retrying this one
                 session.rollback()

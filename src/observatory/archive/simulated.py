@@ -21,6 +21,8 @@ from observatory.telescope.simulator import PointSource, simulate_observation
 
 #: Scheduled modes recorded as voltages (MWAX_VCS sub-files).
 VOLTAGE_MODES = frozenset({"MWAX_VCS", "VOLTAGE_BUFFER"})
+#: Buffering voltages: recorded only where a buffer dump saved them (as MWAX_VCS sub-files).
+BUFFER_MODE = "MWAX_BUFFER"
 #: Brightness given to a triggered target (not in the catalogue), Jy at 150 MHz.
 TARGET_FLUX_JY = 10.0
 
@@ -98,7 +100,10 @@ def _phase_centre(observation: Observation) -> tuple[float, float] | None:
 
 
 def observe_scheduled(
-    session: Session, settings: Settings, observation: Observation
+    session: Session,
+    settings: Settings,
+    observation: Observation,
+    dumped_span_gps: tuple[int, int] | None = None,
 ) -> Observation:
     """Simulate a scheduled observation that has ended, into the archive, under its own obsid.
 
@@ -110,9 +115,18 @@ def observe_scheduled(
     recorded, so it agrees with its metafits. The source is
     the calibrator of a calibrator observation, else a 10 Jy point source at the
     phase centre.
+
+    A buffering observation (``MWAX_BUFFER``) keeps only what a buffer dump saved:
+    its sub-files overlapping ``dumped_span_gps`` (GPS seconds [start, stop)).
     """
     exposure_s = observation.stoptime - observation.obsid
-    voltages = observation.mode in VOLTAGE_MODES
+    buffered = observation.mode == BUFFER_MODE
+    if buffered != (dumped_span_gps is not None):
+        raise ValueError(
+            f"observation {observation.obsid} ({observation.mode}): a dumped span is needed "
+            "for, and only for, a buffering observation"
+        )
+    voltages = observation.mode in VOLTAGE_MODES or buffered
     int_time_s = max(observation.int_time_s or 0.0, settings.telescope_min_int_time_s)
     fine_chan_khz = max(observation.freq_res_khz or 0.0, settings.telescope_min_fine_chan_khz)
     n_tiles = settings.telescope_vcs_tiles if voltages else settings.telescope_tiles
@@ -138,6 +152,7 @@ def observe_scheduled(
         pointing_radec_deg=pointing,  # type: ignore[arg-type]
         phase_centre_radec_deg=phase_centre,
         mode="MWAX_VCS" if voltages else "MWAX_CORRELATOR",
+        voltage_span_gps=dumped_span_gps,
         gain_amplitude_scatter=0.1,
         delay_error_scatter_ns=2.0,
         noise_sigma_jy=1.0,
@@ -156,9 +171,17 @@ def observe_scheduled(
     return observation
 
 
-def voltage_bytes(observation: Observation, n_tiles: int) -> int:
-    """Bytes of MWAX_VCS sub-files recording ``observation`` with ``n_tiles`` tiles."""
-    n_subfiles = max(1, (observation.stoptime - observation.obsid) // MWAX_SUBOBS_S)
+def voltage_bytes(
+    observation: Observation, n_tiles: int, span_gps: tuple[int, int] | None = None
+) -> int:
+    """Bytes of MWAX_VCS sub-files recording ``observation`` (or only the sub-files
+    overlapping ``span_gps``) with ``n_tiles`` tiles."""
+    start, stop = observation.obsid, observation.stoptime
+    if span_gps is not None:
+        # Whole sub-files: from the one holding the span's start to the one holding its end.
+        first = start + max(0, (span_gps[0] - start) // MWAX_SUBOBS_S) * MWAX_SUBOBS_S
+        start, stop = first, min(stop, span_gps[1])
+    n_subfiles = max(1, -(-(stop - start) // MWAX_SUBOBS_S))
     # Two inputs per tile, 8-bit real + 8-bit imaginary samples.
     per_subfile = (
         VCS_SUBFILE_HEADER_BYTES + VCS_BLOCKS_PER_SUBOBS * 2 * n_tiles * VCS_SAMPLES_PER_BLOCK * 2

@@ -1241,6 +1241,7 @@ def simulate_observation(
     digital_gain_scatter: float = 0.0,
     quack_time_s: float = 0.0,
     rfi: Sequence[RfiBurst] = (),
+    voltage_span_gps: tuple[int, int] | None = None,
 ) -> SimulatedObservation:
     """Write a simulated MWA observation (metafits, data files and truth JSON).
 
@@ -1296,6 +1297,9 @@ def simulate_observation(
         metafits ``PROJECT``, ``FILENAME`` and ``CREATOR``.
     calibrator
         Name of the calibrator this observation is of (metafits ``CALIBRAT``/``CALIBSRC``); None for a target.
+    voltage_span_gps
+        VCS only: write only the 8 s sub-files overlapping these GPS seconds [start, stop),
+        as a buffer dump saves only part of a buffering observation (default: all).
     file_size_limit_bytes
         Start a new batch file at the next 8 s boundary once a file reaches this size.
 
@@ -1312,6 +1316,15 @@ def simulate_observation(
     # --- check everything before writing anything
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    if voltage_span_gps is not None and (
+        mode != "MWAX_VCS"
+        or len(voltage_span_gps) != 2
+        or voltage_span_gps[0] >= voltage_span_gps[1]
+    ):
+        raise ValueError(
+            f"voltage_span_gps {voltage_span_gps!r} must be (start, stop), start < stop, "
+            "and only with mode 'MWAX_VCS'"
+        )
     obsid = _check_int("obsid", obsid, MIN_OBSID)
     if obsid >= 10**10:
         raise ValueError(f"obsid {obsid} has more than 10 digits")
@@ -1435,7 +1448,7 @@ def simulate_observation(
                 writer, truth, epoch, int_time_ms, project_id, file_size_limit_bytes
             )
         else:
-            _write_voltage_files(writer, truth, epoch, exposure_s, project_id)
+            _write_voltage_files(writer, truth, epoch, exposure_s, project_id, voltage_span_gps)
 
         truth_name = f"{obsid}_truth.json"
         with writer.atomic(truth_name) as temp:
@@ -1549,12 +1562,21 @@ def _pad_bytes_len(n_bytes: int) -> int:
 
 
 def _write_voltage_files(
-    writer: _Writer, truth: SimulationTruth, epoch: _Epoch, exposure_s: int, project_id: str
+    writer: _Writer,
+    truth: SimulationTruth,
+    epoch: _Epoch,
+    exposure_s: int,
+    project_id: str,
+    span_gps: tuple[int, int] | None = None,
 ) -> None:
     block_bytes = 2 * truth.n_tiles * VCS_SAMPLES_PER_BLOCK * 2
     utc_start = epoch.date_obs.replace("T", "-")
     for subobs_index in range(truth.n_timesteps):
         subobs_gps = truth.obsid + subobs_index * instrument.MWAX_SUBOBS_S
+        if span_gps is not None and not (
+            span_gps[0] < subobs_gps + instrument.MWAX_SUBOBS_S and subobs_gps < span_gps[1]
+        ):
+            continue
         for coarse_chan in truth.coarse_chans:
             header = _subfile_header(
                 truth,
