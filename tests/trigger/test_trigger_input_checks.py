@@ -193,6 +193,19 @@ def test_none_null_and_empty_booleans_mean_the_default(
     assert client.get("/trigger/obslist?obstime=60&current=None").status_code == 200
 
 
+def test_none_and_null_mean_the_default_for_every_parameter(client: TestClient) -> None:
+    """Not only the yes/no ones: ``exptime=None`` was "not a number", and ``obsname=None``
+    was stored as the name "None"."""
+    unset = {name: "None" for name in ("nobs", "atten", "calexptime", "groupid", "freqres",
+                                       "inttime", "source", "subarrays", "alt", "az")}  # fmt: skip
+    result = post(client, **real_trigger_params(pretend="true", exptime="null", obsname="None",
+                                                creator="NULL", **unset))  # fmt: skip
+    assert result["success"] is True, result["errors"]
+    params = result["params"]
+    assert (params["obsname"], params["creator"]) == ("trigger", "djmwa/trigger")
+    assert params["exptime"] == 120 and params["nobs"] == 15
+
+
 def test_as_bool_gives_the_default_for_unset_words_and_refuses_them_without_one() -> None:
     for word in ("None", "null", "", " NONE "):
         assert as_bool("pretend", word, default=True) is True

@@ -365,6 +365,10 @@ def as_number(name: str, value: Any, *, integer: bool = False) -> float:
 
 
 def present(params: Mapping[str, Any], name: str) -> bool:
-    """Whether ``name`` was given with a non-empty value (empty means "not given")."""
+    """Whether ``name`` was given with a value: empty, ``None`` or ``null``
+    (``UNSET_WORDS``, what a client sends for an argument it did not set) mean "not given",
+    so the parameter takes its default."""
     value = params.get(name)
-    return value is not None and not (isinstance(value, str) and not value.strip())
+    return value is not None and not (
+        isinstance(value, str) and value.strip().lower() in UNSET_WORDS
+    )
