@@ -414,6 +414,10 @@ def test_vcsfree_and_voltage_triggers(
     too_long = trigger(client, "triggervcs", nobs=1, exptime=(free + 8) // 8 * 8, pretend="true")
     assert too_long["success"] is False
     assert "VCS disk" in " ".join(too_long["errors"].values())
+    # vcsfree counts seconds of 24-channel capture: half the channels fit twice as long.
+    half_band = trigger(client, "triggervcs", nobs=1, exptime=(free + 8) // 8 * 8,
+                        freqspecs="121,12", pretend="true")  # fmt: skip
+    assert half_band["success"] is True, half_band["errors"]
     assert (
         client.get("/trigger/show", params={"trigger_id": result["trigger_id"]}).json()[
             "trigger_mode"
@@ -573,6 +577,11 @@ def test_triggerbuffer(
     assert trigger(client, "triggerbuffer", start_time="x", obstime=5)["errors"]["0"].startswith(
         "start_time"
     )
+    # The buffer holds the past: a start to come is refused; with end_time, obstime is unread.
+    future = trigger(client, "triggerbuffer", start_time=now + 50, end_time=now + 100)
+    assert future["success"] is False and "in the future" in future["errors"]["0"]
+    ignored = trigger(client, "triggerbuffer", start_time=0, end_time=now + 30, obstime=-5)
+    assert "obstime" not in " ".join(ignored["errors"].values())
 
 
 def test_avoidsun_puts_the_sun_in_a_null(
@@ -775,6 +784,14 @@ def test_subarray_schedule_commands_name_every_subarray_pointing(client: TestCli
 def _buffer_call(session: Session, settings: Settings, now: float, **params: Any) -> dict[str, Any]:
     raw = {"project_id": "G0055", "secure_key": KEYS["G0055"], "pretend": "0", **params}
     return service.trigger_buffer(session, settings, raw, now=now)
+
+
+def test_busy_and_obslist_take_obstime_0_when_it_is_left_out(client: TestClient) -> None:
+    """mwa_trigger's obslist() and busy() send obstime only when given one."""
+    assert client.get("/trigger/obslist").json() == []
+    assert client.get("/trigger/busy", params={"project_id": "C001"}).json() is False
+    fraction = client.get("/trigger/show", params={"trigger_id": "2.7"})
+    assert fraction.status_code == 400 and "trigger_id" in fraction.json()["error"]
 
 
 def test_triggerbuffer_claims_no_data_from_before_buffering_began(

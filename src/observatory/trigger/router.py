@@ -158,7 +158,8 @@ async def busy(request: Request, params: ParamsDep) -> Response:
         project_id = as_text("project_id", params["project_id"])
     except ParameterError as exc:
         raise BadRequest(str(exc)) from exc
-    obstime = _number(params, "obstime")
+    # mwa_trigger's busy() and obslist() may leave obstime out: now, then.
+    obstime = _number(params, "obstime", 0.0)
     answer = await _answer(
         request, ("busy", project_id, obstime),
         lambda session, second: service.is_busy(session, project_id, obstime, now=second),
@@ -175,7 +176,7 @@ async def obslist(request: Request, params: ParamsDep) -> Response:
             current = as_bool("current", params["current"], default=False)
         except ParameterError as exc:
             raise BadRequest(str(exc)) from exc
-    obstime = _number(params, "obstime", 0.0 if current else None)
+    obstime = _number(params, "obstime", 0.0)
     answer = await _answer(
         request, ("obslist", obstime, current),
         lambda session, second: service.obslist(session, obstime, current=current, now=second),
@@ -222,7 +223,12 @@ def triggerbuffer(request: Request, session: SessionDep, params: ParamsDep) -> R
 @_endpoint("/show")
 def show(request: Request, session: SessionDep, params: ParamsDep) -> Response:
     """One past trigger call."""
-    trigger_id = int(_number(params, "trigger_id"))
+    if not present(params, "trigger_id"):
+        raise BadRequest("trigger_id is required")
+    try:
+        trigger_id = int(as_number("trigger_id", params["trigger_id"], integer=True))
+    except ParameterError as exc:
+        raise BadRequest(str(exc)) from exc
     trigger = session.get(Trigger, trigger_id) if 0 < trigger_id <= MAX_SQL_ID else None
     if trigger is None:
         raise NotFound(f"no trigger with trigger_id {trigger_id}")

@@ -177,13 +177,19 @@ ENDPOINT_PARAMETERS: dict[str, tuple[DeclaredParameter, ...]] = {
             description="The project that would trigger, e.g. G0055.",
         ),
         DeclaredParameter(
-            "obstime", _SECONDS, "Seconds from now that the project would take.", required=True
+            "obstime",
+            _SECONDS,
+            "Seconds from now that the project would take (0: this instant).",
+            default=0,
         ),
         PRETTY,
     ),
     "obslist": (
         DeclaredParameter(
-            "obstime", _SECONDS, "Seconds from now to list (required unless current)."
+            "obstime",
+            _SECONDS,
+            "Seconds from now to list (0: the observation in progress).",
+            default=0,
         ),
         DeclaredParameter(
             "current", _BOOLEAN, "Only the observation in progress (or the last to have started)."

@@ -34,6 +34,7 @@ from observatory.core.models import Project
 from observatory.telescope import catalogue
 from observatory.telescope.freqspec import FreqspecError, coarse_channel_centre_mhz, parse_freqspec
 from observatory.telescope.instrument import (
+    MAX_COARSE_CHANS,
     MAX_METAFITS_NAME_CHARS,
     tile_layout,
     validate_coarse_chans,
@@ -799,6 +800,11 @@ def obslist(
     ]
 
 
+def full_band_vcs_s(duration_s: float, n_coarse_chans: int) -> float:
+    """A capture's size in seconds of 24-channel capture, the unit of ``vcsfree``."""
+    return duration_s * (n_coarse_chans or MAX_COARSE_CHANS) / MAX_COARSE_CHANS
+
+
 def vcs_free_s(session: Session, settings: Settings, now: float | None = None) -> int:
     """Seconds of 24-channel voltage capture the VCS disk can still take.
 
@@ -829,9 +835,10 @@ def vcs_free_s(session: Session, settings: Settings, now: float | None = None) -
     for obsid, stoptime, chans, _mode in scheduled:
         if stoptime <= now:
             continue
-        to_come += (stoptime - max(obsid, now)) * len(chans or [None] * 24) * rate_per_chan
-    free = settings.trigger_vcs_capacity_bytes - on_disk - to_come
-    return max(0, int(free // (24 * rate_per_chan)))
+        to_come += full_band_vcs_s(stoptime - max(obsid, now), len(chans or ()))
+    full_band_rate = MAX_COARSE_CHANS * rate_per_chan
+    free = settings.trigger_vcs_capacity_bytes - on_disk - to_come * full_band_rate
+    return max(0, int(free // full_band_rate))
 
 
 # -- triggering -----------------------------------------------------------------------------
@@ -876,11 +883,16 @@ def trigger_observations(
     if not request.errors:
         planned = plan(request, start, settings)
     if planned and vcs and not request.errors:
-        needed = sum(o.stoptime - o.obsid for o in planned if o.mode == "MWAX_VCS")
+        needed = sum(
+            full_band_vcs_s(o.stoptime - o.obsid, len(o.coarse_chans))
+            for o in planned
+            if o.mode == "MWAX_VCS"
+        )
         free = vcs_free_s(session, settings, now)
         if needed > free:
             request.errors.append(
-                f"the voltage capture needs {needed} s; the VCS disk has room for {free} s"
+                f"the voltage capture needs {needed:.0f} s of 24-channel capture; the VCS disk "
+                f"has room for {free} s"
             )
     mode = TriggerMode.MWAX_VCS if vcs else TriggerMode.MWAX_CORRELATOR
     if request.errors or not planned:
@@ -1178,8 +1190,11 @@ def trigger_buffer(
                       "obstime": obstime, "pretend": request.pretend}  # fmt: skip
     if end_time is None and obstime is None and not errors:
         errors.append("give end_time, or obstime (seconds to keep capturing from now)")
-    if obstime is not None and obstime < 0:
+    if end_time is None and obstime is not None and obstime < 0:  # with end_time, unread
         errors.append(f"obstime: {obstime} must not be negative")
+    if start_time > now:
+        errors.append(f"start_time {start_time:.0f} is in the future (now {now:.0f}): the buffer "
+                      "holds the past; 0 dumps all it holds")  # fmt: skip
     project, auth_error = _authenticate_request(session, request)
     if auth_error:
         errors.insert(0, auth_error)
@@ -1210,9 +1225,10 @@ def trigger_buffer(
     elif not null and capture_end < capture_start:
         errors.append(f"end_time {capture_end:.0f} is before the start of capture {capture_start:.0f} "
                       f"(the buffer holds the last {settings.trigger_buffer_s} s)")  # fmt: skip
-    if not null and capture_end - capture_start > vcs_free_s(session, settings, now):
-        errors.append(f"the capture needs {capture_end - capture_start:.0f} s; the VCS disk has room for "
-                      f"{vcs_free_s(session, settings, now)} s")  # fmt: skip
+    needed = full_band_vcs_s(capture_end - capture_start, len(source.coarse_chans or ()))
+    if not null and needed > (free := vcs_free_s(session, settings, now)):
+        errors.append(f"the capture needs {needed:.0f} s of 24-channel capture; the VCS disk has "
+                      f"room for {free} s")  # fmt: skip
     if errors:
         session.rollback()
         return record(session, request, TriggerMode.BUFFER, success=False, obsids=[])
