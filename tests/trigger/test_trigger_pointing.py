@@ -102,6 +102,22 @@ def test_avoid_sun_puts_the_sun_below_the_threshold() -> None:
     assert choice.sun_attenuation_db > 10
 
 
+def test_avoid_sun_never_points_away_from_the_target() -> None:
+    """The Sun as the target stayed in a null 35 deg away; a target 40 deg from the Sun
+    lost 5.8 dB while the Sun stayed brighter than it. Now: at most 6 dB, else the nearest."""
+    nearest = pointing.nearest_grid_points(np.array([26.6]), np.array([62.0]))[0]
+    (on_sun,) = pointing.avoid_sun_many(
+        *np.array([[26.6], [62.0], [26.6], [62.0], [150e6]]), threshold=1e-3
+    )
+    assert on_sun.grid_number == pointing.sweet_grid().number[nearest]
+    assert on_sun.target_power == on_sun.nearest_target_power
+    cases = np.array([[30.0, 200.0, 10.0, 100.0], [70.0, 50.0, 85.0, 45.0],
+                      [80.0, 210.0, 300.0, 140.0], [65.0, 40.0, 60.0, 40.0]])  # fmt: skip
+    for freq_hz in (70e6, 150e6, 200e6):
+        for choice in pointing.avoid_sun_many(*cases, np.full(4, freq_hz), threshold=1e-3):
+            assert choice.target_power >= 0.25 * choice.nearest_target_power
+
+
 def test_best_calibrator_is_the_highest_one_up() -> None:
     cal = pointing.best_calibrator(GPS, min_el_deg=30.0, sun_exclusion_deg=20.0)
     assert cal is not None
