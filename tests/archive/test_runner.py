@@ -32,7 +32,7 @@ def test_triggered_observations_are_recorded_and_can_be_ordered(
         result = service.trigger_observations(session, settings, {
             "project_id": "G0055", "secure_key": "runner-key-1", "pretend": "false", "ra": lst,
             "dec": -26.7, "nobs": 1, "exptime": 8, "freqspecs": "121,2", "calibrator": "true",
-            "calexptime": 8, "obsname": "runner test",
+            "calexptime": 8, "obsname": "runner test", "atten": 10,
         }, vcs=False, now=NOON)  # fmt: skip
     assert result["success"] is True, result["errors"]
     target_id, calibrator_id = result["obsid_list"]
@@ -70,6 +70,9 @@ def test_triggered_observations_are_recorded_and_can_be_ordered(
         assert phase_centre == pytest.approx((lst, -26.7))
         assert (target_header["RA"], target_header["DEC"]) != pytest.approx(phase_centre)
         assert target_header["CREATOR"] == target.creator != "simulator"
+        # The tiles as scheduled: the sweet spot's delays and the attenuation asked for.
+        assert target_header["DELAYS"] == ",".join(map(str, target.delays))
+        assert target_header["ATTEN_DB"] == target.atten_db == 10
         assert header["CALIBSRC"] == result["params"]["calname"] == calibrator.calibrator_source
 
     # The recorded observation is an archive observation like any other: ASVO delivers it.
@@ -108,6 +111,8 @@ def test_voltage_captures_are_recorded_within_the_size_limit(
             "project_id": "G0055", "secure_key": "runner-key-1", "pretend": "false", "nobs": 1,
             "exptime": 64, "freqspecs": "145,24"}, vcs=True, now=NOON + 100)  # fmt: skip
     assert small["success"] and large["success"], (small["errors"], large["errors"])
+    # All-sky voltage capture: one dipole per tile, in the metafits as in the schedule.
+    all_sky = ",".join(map(str, [0] + [32] * 15))
     (small_id,), (large_id,) = small["obsid_list"], large["obsid_list"]
     limited = settings.model_copy(update={"telescope_max_voltage_bytes": 200 * 2**20})
     assert observe_due(session_factory, limited, now=NOON + 1000, limit=5) == [small_id]
@@ -117,6 +122,8 @@ def test_voltage_captures_are_recorded_within_the_size_limit(
         voltages = [f for f in recorded.files if f.kind == "voltage"]
         assert len(voltages) == 2 * 2  # 2 sub-files x 2 coarse channels
         assert recorded.mode == "MWAX_VCS" and recorded.n_tiles == 1
+        metafits = Path(settings.archive_dir) / str(small_id) / f"{small_id}.metafits"
+        assert fits.getheader(metafits)["DELAYS"] == all_sky  # was 0,0,...: the whole tile
         too_large = session.get(Observation, large_id)
         assert too_large is not None and not too_large.files  # 64 s x 24 channels: left alone
 

@@ -494,6 +494,9 @@ def test_failed_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         ({"obs_name": "x" * 61}, "obs_name 61 characters"),
         ({"voltage_span_gps": (OBSID, OBSID + 8)}, "voltage_span_gps"),  # not MWAX_VCS
         ({"mode": "MWAX_VCS", "voltage_span_gps": (OBSID + 8, OBSID)}, "voltage_span_gps"),
+        ({"beamformer_delays": [0] * 15}, "beamformer_delays"),
+        ({"beamformer_delays": [33] * 16}, "beamformer_delays"),
+        ({"atten_db": -1.0}, "atten_db"),
     ],
 )
 def test_bad_parameters_raise_and_write_nothing(tmp_path: Path, kwargs: dict, named: str) -> None:

@@ -153,6 +153,9 @@ def observe_scheduled(
         phase_centre_radec_deg=phase_centre,
         mode="MWAX_VCS" if voltages else "MWAX_CORRELATOR",
         voltage_span_gps=dumped_span_gps,
+        # The tiles as scheduled (a sweet-spot pointing, all-sky's single dipole).
+        beamformer_delays=observation.delays if len(observation.delays or ()) == 16 else None,
+        atten_db=observation.atten_db if observation.atten_db is not None else 1.0,
         gain_amplitude_scatter=0.1,
         delay_error_scatter_ns=2.0,
         noise_sigma_jy=1.0,

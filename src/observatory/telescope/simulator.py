@@ -838,6 +838,7 @@ def _write_metafits(
     calibrator: str,
     phase_centre_radec_deg: tuple[float, float],
     creator: str,
+    atten_db: float,
 ) -> None:
     from astropy.io import fits
 
@@ -866,7 +867,7 @@ def _write_metafits(
         ("GEODEL", 0, ""),
         ("CALIBDEL", 0, ""),
         ("DELDESC", "No delays applied", ""),
-        ("ATTEN_DB", 1.0, "[dB] global analogue attenuation, in dB"),
+        ("ATTEN_DB", atten_db, "[dB] global analogue attenuation, in dB"),
         ("SUN-DIST", epoch.sun_dist_deg, "[deg] Distance from pointing center to Sun"),
         ("MOONDIST", epoch.moon_dist_deg, "[deg] Distance from pointing center to Moon"),
         ("JUP-DIST", epoch.jupiter_dist_deg, "[deg] Distance from pointing center to Jupiter"),
@@ -1242,6 +1243,8 @@ def simulate_observation(
     quack_time_s: float = 0.0,
     rfi: Sequence[RfiBurst] = (),
     voltage_span_gps: tuple[int, int] | None = None,
+    beamformer_delays: Sequence[int] | None = None,
+    atten_db: float = 1.0,
 ) -> SimulatedObservation:
     """Write a simulated MWA observation (metafits, data files and truth JSON).
 
@@ -1297,6 +1300,12 @@ def simulate_observation(
         metafits ``PROJECT``, ``FILENAME`` and ``CREATOR``.
     calibrator
         Name of the calibrator this observation is of (metafits ``CALIBRAT``/``CALIBSRC``); None for a target.
+    beamformer_delays
+        The 16 dipole delays the tiles were set to (metafits ``DELAYS``): a scheduled
+        observation's own, such as a sweet-spot pointing's or all-sky's; default those
+        pointing the tiles at ``pointing_radec_deg`` at the midpoint.
+    atten_db
+        The global analogue attenuation (metafits ``ATTEN_DB``).
     voltage_span_gps
         VCS only: write only the 8 s sub-files overlapping these GPS seconds [start, stop),
         as a buffer dump saves only part of a buffering observation (default: all).
@@ -1393,10 +1402,16 @@ def simulate_observation(
         raise ValueError(f"pointing_radec_deg {pointing_radec_deg!r} is not a valid (ra, dec)")
     ra_deg %= 360.0
     epoch = _epoch(obsid, duration_s, ra_deg, dec_deg)
-    try:
-        beam_delays = instrument.beamformer_delays(epoch.az_deg, epoch.alt_deg)
-    except ValueError as error:
-        raise ValueError(f"pointing_radec_deg {pointing_radec_deg!r}: {error}") from None
+    if beamformer_delays is not None:
+        beam_delays = tuple(int(d) for d in beamformer_delays)
+        if len(beam_delays) != 16 or any(not 0 <= d <= 32 for d in beam_delays):
+            raise ValueError(f"beamformer_delays {beamformer_delays!r} must be 16 values in 0..32")
+    else:
+        try:
+            beam_delays = instrument.beamformer_delays(epoch.az_deg, epoch.alt_deg)
+        except ValueError as error:
+            raise ValueError(f"pointing_radec_deg {pointing_radec_deg!r}: {error}") from None
+    atten_db = _check_number("atten_db", atten_db)
 
     if gain_amplitude_scatter > 0 or delay_error_scatter_ns > 0:
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
@@ -1439,7 +1454,7 @@ def simulate_observation(
         with writer.atomic(metafits_name) as temp:
             _write_metafits(
                 temp, truth, epoch, beam_delays, exposure_s, project_id, name, calibrator or "",
-                phase_centre_radec_deg or (ra_deg, dec_deg), creator,
+                phase_centre_radec_deg or (ra_deg, dec_deg), creator, atten_db,
             )  # fmt: skip
         writer.record(metafits_name, "metafits")
 
