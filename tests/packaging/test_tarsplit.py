@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from observatory.packaging import tarsplit
+from observatory.packaging.manifest import write_manifest
 from observatory.packaging.tarsplit import main, parse_size, plan_pieces, write_pieces
 
 PROJECT = "2011.0.00229.S"
@@ -63,6 +64,7 @@ def build_package(root: Path) -> Path:
     reduction.mkdir()
     (reduction / "scriptForImaging.py").write_text("# imaging\n" * 200)
     os.link(reduction / "scriptForImaging.py", member / "script" / "scriptForImaging.py")
+    write_manifest(package, member.relative_to(package))  # as the packager leaves it
     return package
 
 

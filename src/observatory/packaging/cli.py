@@ -21,11 +21,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return tarsplit_main(arguments[1:])
     if arguments[:1] == ["verify"]:
         return _verify(arguments[1:])
+    if arguments[:1] == ["undo-move"]:
+        return _undo_move(arguments[1:])
     parser = argparse.ArgumentParser(
         prog="qa-packager",
         description="Turn a QA2 reduction directory into a delivery package. "
-        "Also: 'qa-packager tarsplit -n NAME PACKAGE' (delivery tars) and "
-        "'qa-packager verify PACKAGE' (check the package against its manifest).",
+        "Also: 'qa-packager tarsplit -n NAME PACKAGE' (delivery tars), "
+        "'qa-packager verify PACKAGE' (check the package against its manifest) and "
+        "'qa-packager undo-move PACKAGE' (put back the files of an unfinished move).",
     )
     parser.add_argument(
         "--origpath", required=True, help="the reduction directory of one scheduling block"
@@ -61,10 +64,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--group-uid", help="group OUS uid (modern style)")
     parser.add_argument("--member-uid", help="member OUS uid (modern style)")
     args = parser.parse_args(arguments)
-    given = (args.sg_uid, args.group_uid, args.member_uid)
-    if args.style == "modern" and not all(given):
-        parser.error("--style modern needs --sg-uid, --group-uid and --member-uid")
-    uids = (args.sg_uid, args.group_uid, args.member_uid) if all(given) else None
+    given = {"--sg-uid": args.sg_uid, "--group-uid": args.group_uid,
+             "--member-uid": args.member_uid}  # fmt: skip
+    missing = [option for option, uid in given.items() if not uid]
+    if args.style == "modern" and missing:
+        parser.error(f"--style modern needs --sg-uid, --group-uid and --member-uid (missing: "
+                     f"{', '.join(missing)})")  # fmt: skip
+    if missing and len(missing) < len(given):  # never silently ignored
+        parser.error(f"{', '.join(o for o in given if o not in missing)} given without "
+                     f"{', '.join(missing)}: the modern layout needs all three uids (with "
+                     "--style modern)")  # fmt: skip
+    uids = None if missing else (args.sg_uid, args.group_uid, args.member_uid)
     try:
         with _progress_bar(enabled=sys.stderr.isatty() and not args.dry_run) as progress:
             plan = package(
@@ -80,7 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 verify=not args.no_verify,
             )
     except (ValueError, OSError) as exc:  # PackagingError, or a malformed earlier manifest
-        print(f"qa-packager: {exc}", file=sys.stderr)
+        print(_printable(f"qa-packager: {exc}"), file=sys.stderr)
+        for note in getattr(exc, "__notes__", []):  # e.g. what a failed move leaves
+            print(_printable(f"qa-packager: {note}"), file=sys.stderr)
         return 1
     member = Path(args.packpath) / plan.member
     for note in plan.undone:
@@ -103,8 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"packaged {len(plan.steps)} entries into {member} ({args.mode} mode)")
     for note in plan.notes:
         if note.startswith("not packaged:"):
-            print(note)
+            print(_printable(note))
     return 0
+
+
+def _printable(text: str) -> str:
+    """``text`` with the bytes of file names that are not UTF-8 shown as ``\\xe9``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 @contextmanager
@@ -136,11 +153,13 @@ def _verify(arguments: list[str]) -> int:
     args = parser.parse_args(arguments)
     from observatory.packaging.qa2 import unfinished_run
 
-    if (reason := unfinished_run(args.package)) is not None:
-        print(f"qa-packager verify: {reason}", file=sys.stderr)
-        return 1
+    # Absolute, as tarsplit takes it: the manifest of "." lies beside the directory "." names.
+    package = Path(os.path.abspath(args.package))
     try:
-        problems = validate_manifest(args.package, workers=args.workers)
+        if (reason := unfinished_run(package)) is not None:
+            print(f"qa-packager verify: {reason}", file=sys.stderr)
+            return 1
+        problems = validate_manifest(package, workers=args.workers)
     except (ValueError, OSError) as exc:  # an unreadable or malformed manifest
         print(f"qa-packager verify: {exc}", file=sys.stderr)
         return 1
@@ -148,6 +167,24 @@ def _verify(arguments: list[str]) -> int:
         print(problem, file=sys.stderr)
     print(f"{args.package}: {'valid' if not problems else f'{len(problems)} problems'}")
     return 1 if problems else 0
+
+
+def _undo_move(arguments: list[str]) -> int:
+    from observatory.packaging.qa2 import undo_move
+
+    parser = argparse.ArgumentParser(
+        prog="qa-packager undo-move",
+        description="Put back every file of an unfinished move into PACKAGE (one that cannot "
+        "be finished) and undo the run.",
+    )
+    parser.add_argument("package", type=Path, help="the package directory (its project code)")
+    args = parser.parse_args(arguments)
+    try:
+        print(_printable(undo_move(args.package)))
+    except (ValueError, OSError) as exc:
+        print(_printable(f"qa-packager undo-move: {exc}"), file=sys.stderr)
+        return 1
+    return 0
 
 
 def console_main() -> None:

@@ -32,6 +32,24 @@ def manifest_path(packpath: Path) -> Path:
     return packpath.parent / f"{packpath.name}.manifest-sha256.txt"
 
 
+def sync_file(path: str | os.PathLike[str]) -> None:
+    """``fsync`` a file: its bytes are on disk when this returns."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_directory(path: str | os.PathLike[str]) -> None:
+    """``fsync`` a directory: the names made or renamed in it are on disk when this returns."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """Hex SHA-256 of a file's content (bagit's hashing routine, the manifest's algorithm)."""
     return str(bagit.generate_manifest_lines(os.fspath(path), algorithms=["sha256"])[0][1])
@@ -228,7 +246,9 @@ def write_manifest(
         kept[f"{prefix}{file[len(root) :]}"] = known.get(file) or digests[file]
     partial = path.with_name(path.name + ".partial")
     partial.write_text("".join(f"{digest}  {name}\n" for name, digest in sorted(kept.items())))
+    sync_file(partial)  # one file per run: the record of what the package holds
     os.replace(partial, path)
+    sync_directory(path.parent)
     return path
 
 

@@ -2,10 +2,13 @@
 
 The packaging document asks for ``tarsplit.py -n 2012-06-20 2011.01234.S``: the
 package directory (named after its project code) becomes tar files in chunks that
-transfer well, named ``<project code>_<NAME>_<NNN>_of_<MMM>.tar`` (1-based, zero
+transfer well, named ``<project code>_<tag>_<NNN>_of_<MMM>.tar`` (1-based, zero
 padded to 3 digits), each with a ``<tar>.md5sum`` sidecar in ``md5sum`` output
-format. Every member's name starts with the project directory, and each piece
-repeats the directory entries its files need, so any piece extracts on its own.
+format. The tag is the delivery naming's MOUS uid in the modern layout (a tar set
+per member, ``<project>_<mous uid_>_<NNN>_of_<MMM>.tar``) and NAME in the legacy
+layout, whose members have no uid (see ``tar_sets``). Every member's name starts
+with the project directory, and each piece repeats the directory entries its files
+need, so any piece extracts on its own.
 
 Design choices (ours, not the document's):
 
@@ -247,8 +250,12 @@ def _header(info: tarfile.TarInfo) -> bytes:
     return info.tobuf(tarfile.PAX_FORMAT, _ENCODING, _ERRORS)
 
 
-def _walk(package: Path) -> Iterator[Member]:
-    """Every entry of ``package`` (itself first), depth first, sorted by name, as tar members."""
+def _walk(package: Path, within: Path | None = None) -> Iterator[Member]:
+    """Every entry of ``package`` (itself first), depth first, sorted by name, as tar members.
+
+    ``within``: only the directory at that path below the package (a member), after the
+    directories leading to it.
+    """
     owners = _Owners()
     project = package.name
     yield _member(package, project, package.stat(), owners)
@@ -258,7 +265,11 @@ def _walk(package: Path) -> Iterator[Member]:
         with os.scandir(directory) as entries:
             return iter(sorted(entries, key=lambda entry: entry.name))
 
-    stack.append((package, project, listing(package)))
+    top, arctop = package, project
+    for part in () if within is None else within.parts:
+        top, arctop = top / part, f"{arctop}/{part}"
+        yield _member(top, arctop, top.lstat(), owners)
+    stack.append((top, arctop, listing(top)))
     while stack:
         directory, arcdir, entries = stack[-1]
         entry = next(entries, None)
@@ -285,7 +296,76 @@ def _check_package(package: Path) -> Path:
     return package
 
 
-def plan_pieces(package: Path, max_size_bytes: int) -> list[Piece]:
+@dataclass(frozen=True)
+class TarSet:
+    """The tars of (part of) a package: ``<project>_<tag>_<NNN>_of_<MMM>.tar``."""
+
+    tag: str
+    #: The member directory they hold (relative to the package); None: the whole package.
+    member: Path | None = None
+
+
+def tar_sets(package: Path, name: str | None) -> list[TarSet]:
+    """The tar sets a package is cut into, per the delivery naming
+    ``<project>_<mous uid_>_<NNN>_of_<MMM>.tar``.
+
+    A package in the modern layout (``science_goal.<uid>/group.<uid>/member.<uid>``) gets a
+    set per member, tagged with the member's MOUS uid; ``name``, if given, must be one of
+    those uids and selects that member's set only. A package in the legacy layout, whose
+    members have no uid (``sg_ouss_id/group_ouss_id/member_ouss_id``), gets one set tagged
+    ``name`` (the source document's ``-n 2012-06-20``), which it then needs.
+
+    Raises
+    ------
+    TarsplitError
+        If ``name`` is missing for a legacy package or is not a member's uid of a modern
+        one, or a modern package holds something outside its members.
+    """
+    package = _check_package(package)
+    members = sorted(
+        d.relative_to(package)
+        for d in package.glob("science_goal.*/group.*/member.*")
+        if d.is_dir() and not d.is_symlink()
+    )
+    if not members:
+        if name is None:
+            raise TarsplitError(
+                f"-n/--name NAME is required for {package.name}: its members have no MOUS uid "
+                "(the legacy layout sg_ouss_id/group_ouss_id/member_ouss_id), so NAME tags its "
+                "tars (e.g. -n 2012-06-20, a delivery date)"
+            )
+        _check_tag(name)
+        return [TarSet(name, None)]
+    by_uid = {member.name.removeprefix("member."): member for member in members}
+    _refuse_outside_members(package, members)
+    if name is None:
+        return [TarSet(uid, member) for uid, member in by_uid.items()]
+    if name not in by_uid:
+        raise TarsplitError(
+            f"NAME {name!r}: {package.name} is in the modern layout, so its tars are named after "
+            f"each member's MOUS uid ({', '.join(by_uid)}); leave out -n to cut every member's, "
+            "or give one of those uids to cut only that member's"
+        )
+    return [TarSet(name, by_uid[name])]
+
+
+def _refuse_outside_members(package: Path, members: list[Path]) -> None:
+    """A modern package is its members: what lies outside them would be in no tar."""
+    leading = {parent for member in members for parent in member.parents}
+    outside = []
+    for directory, dirnames, filenames in os.walk(package):
+        relative = Path(directory).relative_to(package)
+        dirnames[:] = [d for d in dirnames if relative / d not in members]
+        outside += [str(relative / n) for n in dirnames + filenames if relative / n not in leading]
+    if outside:
+        raise TarsplitError(
+            f"{package} is in the modern layout, whose tars are cut per member, but holds "
+            f"{', '.join(sorted(outside)[:5])} outside its members: move or remove "
+            f"{'it' if len(outside) == 1 else 'them'}"
+        )
+
+
+def plan_pieces(package: Path, max_size_bytes: int, within: Path | None = None) -> list[Piece]:
     """Split a package into pieces of at most ``max_size_bytes`` each.
 
     Members are taken in a deterministic order (depth first, sorted by name,
@@ -303,6 +383,9 @@ def plan_pieces(package: Path, max_size_bytes: int) -> list[Piece]:
     max_size_bytes : int
         The largest tar file. A file that does not fit (with its directories) gets a
         piece of its own, which is then larger (``Piece.oversized``).
+    within : Path, optional
+        Only this member directory (relative to the package) and the directories leading
+        to it (see ``tar_sets``); None for the whole package.
 
     Returns
     -------
@@ -316,7 +399,7 @@ def plan_pieces(package: Path, max_size_bytes: int) -> list[Piece]:
         something that is not a file, directory or symlink.
     """
     package = _check_package(package)
-    groups = list(_groups(package, max_size_bytes))
+    groups = list(_groups(package, max_size_bytes, within))
     return [_piece(package.name, index, len(groups), group, max_size_bytes)
             for index, group in enumerate(groups, start=1)]  # fmt: skip
 
@@ -326,14 +409,16 @@ def _piece(project: str, index: int, count: int, group: list[Member], max_size_b
     return Piece(project, index, count, tuple(group), size_bytes, size_bytes > max_size_bytes)
 
 
-def _groups(package: Path, max_size_bytes: int) -> Iterator[list[Member]]:
+def _groups(
+    package: Path, max_size_bytes: int, within: Path | None = None
+) -> Iterator[list[Member]]:
     """The members of each piece, each list as soon as it is complete."""
     directories: dict[str, Member] = {}
     current: list[Member] = []
     current_bytes = 0
     # The walk is depth first, so a member's directories are already in the current
     # piece; only a new piece needs them repeated.
-    for member in _walk(package):
+    for member in _walk(package, within):
         if current and _tar_file_bytes(current_bytes + member.tar_bytes) > max_size_bytes:
             yield current
             parts = member.info.name.split("/")[:-1]
@@ -520,17 +605,30 @@ def _existing(output_dir: Path, project: str, name: str) -> list[str]:
     return sorted(p.name for p in output_dir.iterdir() if pattern.match(p.name))
 
 
-def _check_request(package: Path, name: str, output_dir: Path | None) -> tuple[Path, Path]:
-    from observatory.packaging.qa2 import unfinished_run
-
-    package = _check_package(package)
-    if (reason := unfinished_run(package)) is not None:
-        raise TarsplitError(reason)
+def _check_tag(name: str) -> None:
     if not TAG.match(name):
         raise TarsplitError(
             f"NAME {name!r}: must be non-empty and hold only letters, digits, '.', '_' and '-' "
             "(e.g. a delivery date 2012-06-20 or a MOUS uid uid___A001_X1284_X1ef2)"
         )
+
+
+def _check_request(
+    package: Path, name: str | None, output_dir: Path | None
+) -> tuple[Path, Path, list[TarSet]]:
+    """The package, the output directory and the tar sets of a valid request."""
+    from observatory.packaging.qa2 import PackagingError, unfinished_run
+
+    package = _check_package(package)
+    try:
+        reason = unfinished_run(package)
+    except PackagingError as exc:  # its journal is damaged
+        raise TarsplitError(str(exc)) from exc
+    if reason is not None:
+        raise TarsplitError(reason)
+    if name is not None:
+        _check_tag(name)
+    sets = tar_sets(package, name)
     output_dir = Path(os.path.abspath(package.parent if output_dir is None else output_dir))
     if not output_dir.is_dir():
         raise TarsplitError(f"output directory {str(output_dir)!r}: no such directory")
@@ -540,14 +638,78 @@ def _check_request(package: Path, name: str, output_dir: Path | None) -> tuple[P
             f"output directory {str(output_dir)!r} is inside the package {str(package)!r}; "
             "the tars would archive themselves"
         )
-    existing = _existing(output_dir, package.name, name)
-    if existing:
+    for tar_set in sets:
+        existing = _existing(output_dir, package.name, tar_set.tag)
+        if existing:
+            raise TarsplitError(
+                f"{output_dir} already holds tars of {package.name} named {tar_set.tag!r} "
+                f"({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); "
+                "remove them or choose another NAME"
+            )
+    return package, output_dir, sets
+
+
+def _temporary(output_dir: Path, project: str, tag: str, index: int, token: str) -> Path:
+    """The hidden name piece ``index`` is written under, marked with this process
+    (``core.storage.temporary_name``), so a later run can tell a dead run's leftover."""
+    from observatory.core.storage import temporary_name
+
+    return output_dir / (temporary_name(f"{project}_{tag}_{index}.tar", "partial") + token)
+
+
+def _remove_leftovers(output_dir: Path, project: str, tag: str) -> list[Path]:
+    """Remove the pieces (and md5 sidecars) of this package and tag left under their hidden
+    names by a run of this host that was killed; those of live runs are kept."""
+    from observatory.core.storage import remove_leftover_temporaries
+
+    pattern = re.compile(rf"^\.{re.escape(project)}_{re.escape(tag)}_(\d+)\.tar\.")
+    indices = {int(m.group(1)) for p in output_dir.iterdir() if (m := pattern.match(p.name))}
+    return [
+        removed
+        for index in sorted(indices)
+        for removed in remove_leftover_temporaries(output_dir / f"{project}_{tag}_{index}.tar")
+    ]
+
+
+def check_manifest_covers(package: Path) -> None:
+    """Refuse a package that its manifest (``<package>.manifest-sha256.txt``) does not cover.
+
+    A delivery tar must hold a real, verified package: one made in fake or ticket mode
+    (0-byte stand-ins) has no manifest, and a file the manifest does not list (or a listed
+    one that is gone) was never verified. Names only: ``qa-packager verify`` re-hashes.
+
+    Raises
+    ------
+    TarsplitError
+        Naming the manifest and what it does not cover.
+    """
+    from observatory.packaging.manifest import manifest_path, read_manifest
+
+    package = Path(os.path.abspath(package))
+    path = manifest_path(package)
+    if not path.is_file():
         raise TarsplitError(
-            f"{output_dir} already holds tars of {package.name} named {name!r} "
-            f"({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); "
-            "remove them or choose another NAME"
+            f"{package} has no manifest ({path}): only a package made in copy, hard or move "
+            "mode is delivered (fake and ticket mode make 0-byte stand-ins); package it in one "
+            "of those modes"
         )
-    return package, output_dir
+    try:
+        listed = set(read_manifest(path))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise TarsplitError(f"{path} cannot be read as a manifest: {exc}") from exc
+    on_disk = {
+        os.path.relpath(os.path.join(directory, name), package.parent)
+        for directory, _, names in os.walk(package)
+        for name in names
+    }
+    problems = [f"not in the manifest: {n}" for n in sorted(on_disk - listed)]
+    problems += [f"missing: {n}" for n in sorted(listed - on_disk)]
+    if problems:
+        raise TarsplitError(
+            f"the manifest {path} does not cover {package} ({len(problems)} problems: "
+            f"{'; '.join(problems[:5])}{'; ...' if len(problems) > 5 else ''}); package it "
+            "again (or see qa-packager verify)"
+        )
 
 
 def _default_workers() -> int:
@@ -562,7 +724,7 @@ def _default_workers() -> int:
 
 def write_pieces(
     package: Path,
-    name: str,
+    name: str | None,
     output_dir: Path | None,
     max_size_bytes: int,
     *,
@@ -571,21 +733,25 @@ def write_pieces(
 ) -> list[Path]:
     """Write a package as tars of at most ``max_size_bytes``, each with an md5 sidecar.
 
-    The tars are uncompressed PAX archives named ``<project>_<name>_<NNN>_of_<MMM>.tar``
-    (see ``plan_pieces`` for how members are split); each member's name starts with
-    the project directory. Each md5 is computed from the bytes as they are written
-    and stored in ``<tar>.md5sum`` as ``md5sum`` prints it, so ``md5sum -c`` in the
-    output directory checks it. Every piece is written under a temporary hidden name
-    in the output directory; only when all are complete are they renamed into place,
-    so a failure or interruption leaves no tar under a final name.
+    The tars are uncompressed PAX archives named ``<project>_<tag>_<NNN>_of_<MMM>.tar``,
+    a set per member tagged with its MOUS uid in the modern layout, one set tagged
+    ``name`` in the legacy layout (see ``tar_sets``; ``plan_pieces`` for how members
+    are split); each member's name starts with the project directory. Each md5 is
+    computed from the bytes as they are written and stored in ``<tar>.md5sum`` as
+    ``md5sum`` prints it, so ``md5sum -c`` in the output directory checks it. Every
+    piece is written under a temporary hidden name in the output directory (marked with
+    this process: the leftovers of a killed run of the same package and tag are removed
+    first); only when all are complete are they renamed into place, so a failure or
+    interruption leaves no tar under a final name.
 
     Parameters
     ----------
     package : Path
         The package directory, named after its project code.
-    name : str
-        The tag between project code and piece number: a delivery date such as
-        ``2012-06-20`` or a MOUS uid; letters, digits, '.', '_' and '-' only.
+    name : str or None
+        The legacy layout's tag between project code and piece number (a delivery date
+        such as ``2012-06-20``); letters, digits, '.', '_' and '-' only. In the modern
+        layout None (every member) or one member's MOUS uid (that member only).
     output_dir : Path or None
         Where the tars go; None for the package's parent directory. Must not be inside
         the package, and must not already hold tars of this project and ``name``.
@@ -611,31 +777,35 @@ def write_pieces(
     OSError
         If reading the package or writing the output fails.
     """
-    package, output_dir = _check_request(package, name, output_dir)
+    package, output_dir, sets = _check_request(package, name, output_dir)
     project, token = package.name, secrets.token_hex(4)
-    groups: list[list[Member]] = []
+    for tar_set in sets:
+        _remove_leftovers(output_dir, project, tar_set.tag)
     temps: list[Path] = []
     futures: list[Future[str]] = []
     placed: list[Path] = []
+    pieces: list[Piece] = []
+    finals: list[Path] = []
     cancel = threading.Event()
     pool = ThreadPoolExecutor(max_workers=workers or _default_workers())
     try:
         # Each piece is written as soon as it is planned (the first once the second is, to
-        # know whether it is alone); its final name (which holds the number of pieces) is
-        # given when all are done.
-        planned = _groups(package, max_size_bytes)
-        first, second = next(planned), next(planned, None)
-        following = [] if second is None else [second]
-        for group in itertools.chain([first], following, planned):
-            groups.append(group)
-            temps.append(output_dir / f".{project}_{name}_{len(groups)}.{token}.partial")
-            futures.append(
-                pool.submit(_write_piece, group, temps[-1], cancel, alone=second is None)
-            )
+        # know whether it is alone); its final name (which holds the number of pieces of
+        # its set) is given when all the sets' pieces are done.
+        for tar_set in sets:
+            groups: list[list[Member]] = []
+            planned = _groups(package, max_size_bytes, tar_set.member)
+            first, second = next(planned), next(planned, None)
+            following = [] if second is None else [second]
+            alone = second is None and len(sets) == 1
+            for group in itertools.chain([first], following, planned):
+                groups.append(group)
+                temps.append(_temporary(output_dir, project, tar_set.tag, len(groups), token))
+                futures.append(pool.submit(_write_piece, group, temps[-1], cancel, alone=alone))
+            for index, group in enumerate(groups, start=1):
+                pieces.append(_piece(project, index, len(groups), group, max_size_bytes))
+                finals.append(output_dir / pieces[-1].tar_name(tar_set.tag))
         digests = [future.result() for future in futures]
-        pieces = [_piece(project, index, len(groups), group, max_size_bytes)
-                  for index, group in enumerate(groups, start=1)]  # fmt: skip
-        finals = [output_dir / piece.tar_name(name) for piece in pieces]
         for final, temp, digest in zip(finals, temps, digests, strict=True):
             Path(f"{temp}.md5sum").write_text(f"{digest}  {final.name}\n", encoding="utf-8")
         for piece, final, temp, digest in zip(pieces, finals, temps, digests, strict=True):
@@ -677,12 +847,15 @@ def main(argv: Sequence[str]) -> int:
     parser = _ArgumentParser(
         prog="qa-packager tarsplit",
         description="Split a delivery package into tar files of bounded size "
-        "(<project>_<NAME>_NNN_of_MMM.tar, each with a .md5sum sidecar).",
+        "(<project>_<NAME or MOUS uid>_NNN_of_MMM.tar, each with a .md5sum sidecar); the "
+        "package must be covered by its manifest (<package>.manifest-sha256.txt).",
     )
     parser.add_argument(
-        "-n", "--name", required=True,
-        help="the tag between project code and piece number: a delivery date "
-        "(e.g. 2012-06-20) or the MOUS uid",
+        "-n", "--name",
+        help="legacy layout (sg_ouss_id/...; members without uid): the tag between project "
+        "code and piece number, e.g. a delivery date 2012-06-20 (required); modern layout "
+        "(member.uid___...): tars are cut per member and named after its MOUS uid, and "
+        "NAME, if given, is one member's uid, to cut only that member's tars",
     )  # fmt: skip
     parser.add_argument(
         "package", type=Path, help="the package directory, named after its project code"
@@ -701,15 +874,19 @@ def main(argv: Sequence[str]) -> int:
         max_size_bytes = (
             DEFAULT_MAX_SIZE_BYTES if args.max_size is None else parse_size(args.max_size)
         )
+        package, _, sets = _check_request(args.package, args.name, args.output_dir)
+        check_manifest_covers(package)
         if args.dry_run:
-            package, _ = _check_request(args.package, args.name, args.output_dir)
-            pieces = plan_pieces(package, max_size_bytes)
-            for piece in pieces:
-                note = "  (one file larger than --max-size)" if piece.oversized else ""
-                print(f"{piece.tar_name(args.name)}  {len(piece.members)} members  "
-                      f"{piece.size_bytes} bytes{note}")  # fmt: skip
-            total = sum(piece.size_bytes for piece in pieces)
-            print(f"dry run: {len(pieces)} tars, {total} bytes; nothing written")
+            total, count = 0, 0
+            for tar_set in sets:
+                pieces = plan_pieces(package, max_size_bytes, tar_set.member)
+                for piece in pieces:
+                    note = "  (one file larger than --max-size)" if piece.oversized else ""
+                    print(f"{piece.tar_name(tar_set.tag)}  {len(piece.members)} members  "
+                          f"{piece.size_bytes} bytes{note}")  # fmt: skip
+                total += sum(piece.size_bytes for piece in pieces)
+                count += len(pieces)
+            print(f"dry run: {count} tars, {total} bytes; nothing written")
             return 0
 
         def report(path: Path, piece: Piece, digest: str) -> None:

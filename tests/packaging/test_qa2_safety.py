@@ -1,0 +1,533 @@
+"""The packager's refusals and records that keep data safe, on a tiny reduction directory.
+
+No measurement sets here (no python-casacore writes): a directory named ``uid___<EB>.ms.split``
+with a file in it is packaged the same way in every mode but hard (where it is linked as a
+directory, not split), which keeps each test well under a second.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from observatory.packaging import cli, qa2
+from observatory.packaging.manifest import validate_manifest
+from observatory.packaging.qa2 import PackagingError, package
+
+UID = "uid___A002_X1_X1"
+MEMBER = Path("sg_ouss_id", "group_ouss_id", "member_ouss_id")
+
+
+def tiny_sb(root: Path, *, eb_elsewhere: Path | None = None) -> Path:
+    """A scheduling block with one execution block ``X1`` (a symlink to ``eb_elsewhere``
+    when given), its QA2 files and an imaging script."""
+    sb = root / "project" / "SB"
+    sb.mkdir(parents=True)
+    eb = sb / "X1" if eb_elsewhere is None else eb_elsewhere
+    (eb / f"{UID}.ms.split").mkdir(parents=True)
+    (eb / f"{UID}.ms.split" / "table.f0").write_bytes(b"visibilities")
+    (eb / f"{UID}.ms.scriptForCalibration.py").write_text("# calibration\n")
+    (eb / "qa2").mkdir()
+    (eb / "qa2" / "qa2_part1.png").write_bytes(b"png")
+    if eb_elsewhere is not None:
+        (sb / "X1").symlink_to(eb_elsewhere)
+    (sb / "scriptForImaging.py").write_text("# imaging\n")
+    return sb
+
+
+@pytest.fixture
+def readme(tmp_path: Path) -> Path:
+    path = tmp_path / "README.header.txt"
+    path.write_text("ALMA Cycle 0 data package\n")
+    return path
+
+
+def files_and_links(root: Path) -> dict[str, str]:
+    """Every path below ``root`` (symlinked directories followed): its bytes, or its link."""
+    found = {}
+    for directory, dirnames, filenames in os.walk(root, followlinks=True):
+        for name in dirnames + filenames:
+            path = Path(directory, name)
+            if path.is_symlink():
+                found[str(path)] = f"-> {os.readlink(path)}"
+            elif path.is_file():
+                found[str(path)] = path.read_bytes().hex()
+    return found
+
+
+# 1. move mode and symlinked directories
+
+
+def test_move_refuses_files_reached_through_a_symlinked_execution_block(
+    tmp_path: Path, readme: Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere" / "X1"
+    sb = tiny_sb(tmp_path, eb_elsewhere=elsewhere)
+    before = files_and_links(tmp_path / "elsewhere") | files_and_links(sb)
+    packpath = tmp_path / "2011.0.00229.S"
+    with pytest.raises(PackagingError, match=r"through a symlinked directory .*X1.*qa2_part1"):
+        package(sb, readme, packpath, mode="move")
+    assert files_and_links(tmp_path / "elsewhere") | files_and_links(sb) == before
+    assert (
+        not packpath.exists()
+        and not (tmp_path / f"{packpath.name}.qa-packager-journal.json").exists()
+    )
+    package(sb, readme, packpath, mode="copy")  # the other modes package it as before
+    assert (packpath / MEMBER / "qa" / f"{UID}__qa2_part1.png").read_bytes() == b"png"
+
+
+def test_move_refuses_a_symlinked_products_directory(tmp_path: Path, readme: Path) -> None:
+    sb = tiny_sb(tmp_path)
+    products = tmp_path / "products"
+    products.mkdir()
+    (products / "image.fits").write_bytes(b"SIMPLE")
+    (sb / "Combined").symlink_to(products)
+    with pytest.raises(PackagingError, match=r"symlinked directory .*Combined.*image.fits"):
+        package(sb, readme, tmp_path / "2011.0.00229.S", mode="move")
+    assert (products / "image.fits").read_bytes() == b"SIMPLE"
+    assert not any(p.is_symlink() for p in sb.rglob("*") if p.name != "Combined")
+
+
+def test_clearing_sees_links_left_inside_a_symlinked_directory(
+    tmp_path: Path, readme: Path
+) -> None:
+    """A move by an earlier version left its symlinks in a directory the reduction links to."""
+    elsewhere = tmp_path / "elsewhere" / "X1"
+    sb = tiny_sb(tmp_path, eb_elsewhere=elsewhere)
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb, readme, packpath, mode="copy")
+    moved = elsewhere / "qa2" / "qa2_part1.png"
+    moved.unlink()
+    moved.symlink_to(packpath / MEMBER / "qa" / f"{UID}__qa2_part1.png")
+    with pytest.raises(PackagingError, match=r"qa2_part1.png links into"):
+        package(sb, readme, packpath, mode="copy")
+    assert moved.read_bytes() == b"png"
+
+
+# 2. names that cannot work, refused before anything is written
+
+
+@pytest.mark.parametrize("mode", ["fake", "copy", "move", "ticket"])
+def test_a_packaged_name_too_long_for_the_file_system_is_refused_first(
+    tmp_path: Path, readme: Path, mode: str
+) -> None:
+    sb = tiny_sb(tmp_path)
+    long_name = "a" * 236 + "qa2.txt"  # 243 bytes; 261 with the "<uid>__" prefix
+    (sb / "X1" / long_name).write_text("notes")
+    before = files_and_links(sb)
+    packpath = tmp_path / "2011.0.00229.S"
+    for dry_run in (True, False):
+        with pytest.raises(
+            PackagingError, match=rf"names too long .*X1/{long_name} \(as qa/{UID}__"
+        ):
+            package(sb, readme, packpath, mode=mode, dry_run=dry_run)
+    assert files_and_links(sb) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.header.txt", "project"]
+
+
+def test_a_name_a_move_cannot_make_its_temporary_link_for_is_refused(
+    tmp_path: Path, readme: Path
+) -> None:
+    sb = tiny_sb(tmp_path)
+    name = "X" + "b" * 240 + ".log"  # fits the package, not ".<name>.qa-packager-link"
+    (sb / "X1" / name).write_text("log")
+    with pytest.raises(PackagingError, match="names too long"):
+        package(sb, readme, tmp_path / "2011.0.00229.S", mode="move")
+    assert not (sb / "X1" / name).is_symlink()
+
+
+@pytest.mark.parametrize("mode", ["fake", "copy", "move"])
+def test_a_name_that_is_not_utf8_is_refused_first(
+    tmp_path: Path, readme: Path, mode: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sb = tiny_sb(tmp_path)
+    (sb / os.fsdecode(b"donn\xe9es_qa2.txt")).write_text("qa2")
+    before = files_and_links(sb)
+    packpath = tmp_path / "2011.0.00229.S"
+    with pytest.raises(PackagingError, match=r"not UTF-8 .*donn\\xe9es_qa2.txt"):
+        package(sb, readme, packpath, mode=mode, dry_run=True)
+    code = cli.main(["--origpath", str(sb), "--readme", str(readme), "--packpath", str(packpath),
+                     "--mode", mode])  # fmt: skip
+    assert code == 1 and "donn\\xe9es_qa2.txt" in capsys.readouterr().err
+    assert files_and_links(sb) == before and not packpath.exists()
+
+
+def test_a_move_that_fails_says_what_state_the_reduction_is_in(
+    tmp_path: Path,
+    readme: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sb = tiny_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    real_move = qa2.move_with_symlink
+    calls = []
+
+    def failing(source: Path, destination: Path) -> None:
+        calls.append(source)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "Input/output error", str(source))
+        real_move(source, destination)
+
+    monkeypatch.setattr(qa2, "move_with_symlink", failing)
+    code = cli.main(["--origpath", str(sb), "--readme", str(readme), "--packpath", str(packpath),
+                     "--mode", "move"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and "Input/output error" in err
+    assert "stopped part-way; nothing is lost" in err and "run the same move again" in err
+    monkeypatch.undo()
+    package(sb, readme, packpath, mode="move")
+    assert not validate_manifest(packpath)
+
+
+# 3. ticket mode links the file a symlink names
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_ticket_mode_links_the_file_a_symlink_names(
+    tmp_path: Path, readme: Path, relative: bool
+) -> None:
+    sb = tiny_sb(tmp_path)
+    shared = sb / "shared.png"
+    shared.write_bytes(b"shared plot")
+    link = sb / "X1" / "qa2" / "qa2_part2.png"
+    link.symlink_to(os.path.relpath(shared, link.parent) if relative else shared)
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb, readme, packpath, mode="ticket")
+    packaged = packpath / MEMBER / "qa" / f"{UID}__qa2_part2.png"
+    assert not packaged.is_symlink() and packaged.read_bytes() == b"shared plot"
+    assert packaged.stat().st_ino == shared.stat().st_ino
+
+
+# 4. the modern layout's uids are all given or none
+
+
+def test_some_but_not_all_uids_is_an_error_naming_the_missing(
+    tmp_path: Path, readme: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sb = tiny_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    common = ["--origpath", str(sb), "--readme", str(readme), "--packpath", str(packpath)]
+    for style in ("legacy", "modern"):
+        with pytest.raises(SystemExit) as exited:
+            cli.main([*common, "--style", style, "--member-uid", "uid://A001/X1/X2"])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and "--sg-uid, --group-uid" in err.split("missing")[-1]
+    assert not packpath.exists()
+
+
+# 5. what append='' must not clear
+
+
+@pytest.mark.parametrize("inside", ["cwd", "cwd-below", "home-below"])
+def test_packpath_holding_the_current_or_home_directory_is_refused(
+    tmp_path: Path, readme: Path, monkeypatch: pytest.MonkeyPatch, inside: str
+) -> None:
+    sb = tiny_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb, readme, packpath, mode="copy")
+    held = packpath if inside == "cwd" else packpath / "work"
+    held.mkdir(exist_ok=True)
+    (held / "keep.txt").write_text("precious")
+    if inside.startswith("cwd"):
+        monkeypatch.chdir(held)
+    else:
+        monkeypatch.setenv("HOME", str(held))
+    what = "home" if inside.startswith("home") else "current"
+    for dry_run in (True, False):
+        with pytest.raises(PackagingError, match=rf"would contain the {what} directory"):
+            package(sb, readme, packpath, mode="copy", dry_run=dry_run)
+    assert (held / "keep.txt").read_text() == "precious"
+
+
+# 6. records that survive a power cut, and say so when they are damaged
+
+
+@pytest.mark.parametrize("record", ["qa-packager-journal.json", "moved-origins.json"])
+def test_a_damaged_record_is_an_error_naming_it(
+    tmp_path: Path, readme: Path, record: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sb = tiny_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb, readme, packpath, mode="copy")
+    damaged = tmp_path / f"{packpath.name}.{record}"
+    damaged.write_text("")
+    code = cli.main(["--origpath", str(sb), "--readme", str(readme), "--packpath", str(packpath),
+                     "--mode", "copy"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and f"{damaged} (" in err and "is damaged" in err
+    assert (packpath / MEMBER / "script" / "scriptForImaging.py").exists()
+
+
+def test_a_move_across_file_systems_syncs_each_copy_before_replacing_its_origin(
+    tmp_path: Path, readme: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sb = tiny_sb(tmp_path)
+    events: list[str] = []
+    real_link, real_replace, real_fsync = os.link, os.replace, os.fsync
+
+    def no_link(source: object, destination: object, **kwargs: object) -> None:
+        if str(destination).startswith(str(tmp_path / "2011.0.00229.S")):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_link(source, destination, **kwargs)  # type: ignore[arg-type]
+
+    def replace(source: str, destination: str) -> None:
+        events.append(f"replace {Path(source).name} {Path(destination).name}")
+        real_replace(source, destination)
+
+    def fsync(fd: int) -> None:
+        events.append(f"fsync {Path(os.readlink(f'/proc/self/fd/{fd}')).name}")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "link", no_link)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "fsync", fsync)
+    package(sb, readme, tmp_path / "2011.0.00229.S", mode="move")
+    name = "scriptForImaging.py"
+    copy_synced = events.index(f"fsync {name}.qa-packager-partial")
+    placed = events.index(f"replace {name}.qa-packager-partial {name}")
+    directory_synced = events.index("fsync script", placed)
+    origin_replaced = events.index(f"replace .{name}.qa-packager-link {name}")
+    assert copy_synced < placed < directory_synced < origin_replaced
+    journal = events.index("fsync 2011.0.00229.S.qa-packager-journal.json.partial")
+    assert events[journal + 1].startswith("replace 2011.0.00229.S.qa-packager-journal.json.partial")
+    assert json.loads((tmp_path / "2011.0.00229.S.moved-origins.json").read_text()) == [str(sb)]
+
+
+# 7, 8, 10. delivery tars of real packages
+
+
+def modern_package(tmp_path: Path, readme: Path) -> tuple[Path, list[str]]:
+    """A modern-layout package of two members (copy mode); the package and the members' uids."""
+    sb = tiny_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    members = ["uid___A001_X1_X2", "uid___A001_X1_X3"]
+    for append, member in zip(("", "member"), members, strict=True):
+        package(sb, readme, packpath, mode="copy", append=append, style="modern",
+                uids=("uid://A001/X1/X0", "uid://A001/X1/X1", member))  # fmt: skip
+    return packpath, members
+
+
+def tar_names(tar: Path) -> list[str]:
+    import tarfile
+
+    with tarfile.open(tar) as archive:
+        return archive.getnames()
+
+
+def test_a_modern_package_is_cut_per_member_named_after_its_mous_uid(
+    tmp_path: Path, readme: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import hashlib
+
+    from observatory.packaging.tarsplit import main as tarsplit
+
+    packpath, members = modern_package(tmp_path, readme)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert tarsplit([str(packpath), "--max-size", "10K", "--output-dir", str(out)]) == 0
+    tars = sorted(out.glob("*.tar"))
+    by_member = {
+        uid: [t for t in tars if t.name.startswith(f"{packpath.name}_{uid}_")] for uid in members
+    }
+    assert sum(len(t) for t in by_member.values()) == len(tars) > 2
+    union: set[str] = set()
+    for uid, own in by_member.items():
+        count = len(own)
+        assert [t.name for t in own] == [
+            f"{packpath.name}_{uid}_{n:03d}_of_{count:03d}.tar" for n in range(1, count + 1)
+        ]
+        for tar in own:
+            names = tar_names(tar)
+            assert all(n == packpath.name or n.startswith(f"{packpath.name}/") for n in names)
+            assert not [n for n in names if "/member." in n and f"/member.{uid}" not in n]
+            digest = hashlib.md5(tar.read_bytes()).hexdigest()
+            assert Path(f"{tar}.md5sum").read_text() == f"{digest}  {tar.name}\n"
+            union |= set(names)
+    on_disk = {packpath.name} | {
+        f"{packpath.name}/{p.relative_to(packpath)}" for p in packpath.rglob("*")
+    }
+    assert union == on_disk
+    # -n: one member's uid cuts only its tars; a date names no member of a modern package.
+    only = tmp_path / "only"
+    only.mkdir()
+    assert tarsplit(["-n", members[1], str(packpath), "--output-dir", str(only)]) == 0
+    assert [t.name for t in only.glob("*.tar")] == [f"{packpath.name}_{members[1]}_001_of_001.tar"]
+    capsys.readouterr()
+    assert tarsplit(["-n", "2012-06-20", str(packpath), "--output-dir", str(only)]) == 1
+    assert "modern layout" in capsys.readouterr().err
+
+
+def test_a_legacy_package_keeps_the_documents_name(
+    tmp_path: Path, readme: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from observatory.packaging.tarsplit import main as tarsplit
+
+    sb = tiny_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb, readme, packpath, mode="copy")
+    assert tarsplit([str(packpath)]) == 1
+    assert "-n/--name NAME is required" in capsys.readouterr().err
+    assert tarsplit(["-n", "2012-06-20", str(packpath)]) == 0
+    assert [t.name for t in tmp_path.glob("*_of_*.tar")] == [
+        "2011.0.00229.S_2012-06-20_001_of_001.tar"
+    ]
+
+
+@pytest.mark.parametrize("case", ["fake", "ticket", "unlisted", "missing"])
+def test_tarsplit_refuses_a_package_its_manifest_does_not_cover(
+    tmp_path: Path, readme: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    from observatory.packaging.tarsplit import main as tarsplit
+
+    sb = tiny_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb, readme, packpath, mode="copy" if case in ("unlisted", "missing") else case)
+    member = packpath / MEMBER
+    if case == "unlisted":
+        (member / "product").mkdir()
+        (member / "product" / "late.fits").write_bytes(b"SIMPLE")
+    elif case == "missing":
+        (member / "script" / "scriptForImaging.py").unlink()
+    before = sorted(tmp_path.iterdir())
+    for dry_run in ([], ["--dry-run"]):
+        assert tarsplit(["-n", "2012-06-20", str(packpath), *dry_run]) == 1
+        err = capsys.readouterr().err
+        expected = {"fake": "has no manifest", "ticket": "has no manifest",
+                    "unlisted": "not in the manifest: 2011.0.00229.S/sg_ouss_id/",
+                    "missing": "missing: 2011.0.00229.S/"}[case]  # fmt: skip
+        assert expected in err
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_tarsplit_removes_the_leftovers_of_a_killed_run(tmp_path: Path, readme: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from observatory.packaging.tarsplit import main as tarsplit
+
+    sb = tiny_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb, readme, packpath, mode="copy")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    host = socket.gethostname()
+    stem = ".2011.0.00229.S_2012-06-20_1.tar.partial"
+    left = [
+        tmp_path / f"{stem}-{host}-{dead}-0a1b2c3d",
+        tmp_path / f"{stem}-{host}-{dead}-0a1b2c3d.md5sum",
+    ]
+    live = tmp_path / f"{stem}-{host}-{os.getpid()}-0a1b2c3d"  # a run still writing it
+    for path in (*left, live):
+        path.write_bytes(b"half a tar")
+    assert tarsplit(["-n", "2012-06-20", str(packpath)]) == 0
+    assert not any(p.exists() for p in left) and live.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".2011") and p != live
+                and "lock" not in p.name]  # fmt: skip
+
+
+# 12. verify and tarsplit of ".", "/" as packpath, a run in progress
+
+
+def test_verify_of_the_current_directory_and_a_run_in_progress(
+    tmp_path: Path,
+    readme: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sb = tiny_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb, readme, packpath, mode="move")
+    monkeypatch.chdir(packpath)
+    assert cli.main(["verify", "."]) == 0
+    monkeypatch.chdir(tmp_path)
+    with qa2._lock(packpath):  # a move under way: its journal is there, not committed
+        qa2.Journal(path=qa2._journal_path(packpath), origpath=str(sb), member=str(MEMBER),
+                    mode="move", made=None, existed=[], cleared=False).save()  # fmt: skip
+        capsys.readouterr()
+        assert cli.main(["verify", str(packpath)]) == 1
+        err = capsys.readouterr().err
+        assert "is writing" in err and "did not finish" not in err
+        qa2._journal_path(packpath).unlink()
+    with pytest.raises(PackagingError, match=r"named after the project code .*not '/'"):
+        package(sb, readme, "/", mode="copy", dry_run=True)
+
+
+# 9. an undone run leaves nothing set aside
+
+
+def test_an_undone_run_leaves_no_set_aside_files(
+    tmp_path: Path, readme: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sb = tiny_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb, readme, packpath, mode="copy")
+    beside = {p.name: p.read_bytes() for p in tmp_path.glob("2011.0.00229.S.*")}
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(qa2, "write_tickets", full)
+    with pytest.raises(OSError, match="No space"):
+        package(sb, readme, packpath, mode="copy", append="member")
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("2011.0.00229.S.*")} == beside
+    assert not list(tmp_path.glob(".*qa-packager-previous"))
+
+
+# 11. two execution blocks in one directory
+
+
+def test_two_execution_blocks_in_one_directory_are_named(tmp_path: Path, readme: Path) -> None:
+    sb = tiny_sb(tmp_path)
+    other = "uid___A002_X2_X2"
+    (sb / "X1" / f"{other}.ms.split").mkdir()
+    (sb / "X1" / f"{other}.ms.scriptForCalibration.py").write_text("# calibration\n")
+    with pytest.raises(
+        PackagingError, match=rf"X1 holds the files of 2 execution blocks \({UID}, {other}\)"
+    ):
+        package(sb, readme, tmp_path / "2011.0.00229.S", dry_run=True)
+
+
+@pytest.mark.parametrize("cross_device", [False, True])
+def test_a_move_that_cannot_finish_is_undone_by_undo_move(
+    tmp_path: Path, readme: Path, monkeypatch: pytest.MonkeyPatch, cross_device: bool,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    sb = tiny_sb(tmp_path)
+    before = files_and_links(sb)
+    packpath = tmp_path / "2011.0.00229.S"
+    real_move = qa2.move_with_symlink
+    calls = []
+
+    def failing(source: Path, destination: Path) -> None:
+        calls.append(source)
+        if len(calls) == 3:
+            raise OSError(errno.EIO, "Input/output error", str(source))
+        real_move(source, destination)
+
+    def no_link(source: object, destination: object, **kwargs: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(qa2, "move_with_symlink", failing)
+    if cross_device:
+        monkeypatch.setattr(os, "link", no_link)
+    with pytest.raises(OSError, match="Input/output"):
+        package(sb, readme, packpath, mode="move")
+    assert sum(p.is_symlink() for p in sb.rglob("*")) == 2
+    assert cli.main(["undo-move", str(packpath)]) == 0
+    assert "put back 2 moved files" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert files_and_links(sb) == before
+    assert (
+        not packpath.exists()
+        and not (tmp_path / f"{packpath.name}.qa-packager-journal.json").exists()
+    )
+    assert cli.main(["undo-move", str(packpath)]) == 1  # nothing left to undo
+    assert "no unfinished move" in capsys.readouterr().err
+    package(sb, readme, packpath, mode="copy")  # the package takes other runs again
+    assert not validate_manifest(packpath)
