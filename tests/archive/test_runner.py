@@ -126,6 +126,12 @@ def test_voltage_captures_are_recorded_within_the_size_limit(
         assert fits.getheader(metafits)["DELAYS"] == all_sky  # was 0,0,...: the whole tile
         too_large = session.get(Observation, large_id)
         assert too_large is not None and not too_large.files  # 64 s x 24 channels: left alone
+        # Both captures stay on the VCS disk at the full array's size, recorded or not (the
+        # archive's sub-files hold one tile; vcsfree gave the space back once they ended).
+        full_band_rate = 24 * settings.trigger_vcs_bytes_per_s_per_chan
+        captured_bytes = (16 * 2 / 24 + 64) * full_band_rate
+        expected = int((settings.trigger_vcs_capacity_bytes - captured_bytes) // full_band_rate)
+        assert service.vcs_free_s(session, settings, now=NOON + 1000) == expected
 
 
 def test_an_operator_schedules_observations_the_telescope_records_and_triggerbuffer_dumps(

@@ -22,7 +22,7 @@ from typing import Any, TypeVar, cast
 
 import numpy as np
 from numpy.typing import NDArray
-from sqlalchemy import Table, delete, func, select, update
+from sqlalchemy import Table, delete, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from observatory.archive.models import FileKind, Observation, ObservationFile
@@ -36,6 +36,7 @@ from observatory.telescope.freqspec import FreqspecError, coarse_channel_centre_
 from observatory.telescope.instrument import (
     MAX_COARSE_CHANS,
     MAX_METAFITS_NAME_CHARS,
+    MWAX_SUBOBS_S,
     tile_layout,
     validate_coarse_chans,
     validate_fine_chan_width_hz,
@@ -808,17 +809,28 @@ def full_band_vcs_s(duration_s: float, n_coarse_chans: int) -> float:
 def vcs_free_s(session: Session, settings: Settings, now: float | None = None) -> int:
     """Seconds of 24-channel voltage capture the VCS disk can still take.
 
-    Capacity less the voltage files on disk and the voltage observations still to run.
+    Capacity less what was captured and what is still to capture, each at the full
+    array's rate (``trigger_vcs_bytes_per_s_per_chan``): every archived voltage sub-file
+    (8 s of one coarse channel), every voltage capture that has ended without files (not
+    recorded yet, or too large for the simulated telescope to record), and the voltage
+    observations still to run. The archive's own files hold a few tiles and cannot say
+    what the disk holds.
     """
     now = now_gps_precise() if now is None else now
     rate_per_chan = settings.trigger_vcs_bytes_per_s_per_chan
-    on_disk = (
-        session.scalar(
-            select(func.coalesce(func.sum(ObservationFile.size_bytes), 0)).where(
-                ObservationFile.kind == FileKind.VOLTAGE
-            )
+    subfiles = session.scalar(
+        select(func.count()).select_from(ObservationFile).where(
+            ObservationFile.kind == FileKind.VOLTAGE
         )
-        or 0
+    ) or 0  # fmt: skip
+    unrecorded = session.execute(
+        select(Observation.obsid, Observation.stoptime, Observation.coarse_chans).where(
+            Observation.mode.in_(VCS_MODES), Observation.stoptime <= math.floor(now), _live(),
+            ~exists().where(ObservationFile.obsid == Observation.obsid),
+        )
+    )  # fmt: skip
+    captured_s = subfiles * MWAX_SUBOBS_S / MAX_COARSE_CHANS + sum(
+        full_band_vcs_s(stoptime - obsid, len(chans or ())) for obsid, stoptime, chans in unrecorded
     )
     columns = (Observation.obsid, Observation.stoptime, Observation.coarse_chans, Observation.mode)
     running = session.execute(
@@ -837,7 +849,7 @@ def vcs_free_s(session: Session, settings: Settings, now: float | None = None) -
             continue
         to_come += full_band_vcs_s(stoptime - max(obsid, now), len(chans or ()))
     full_band_rate = MAX_COARSE_CHANS * rate_per_chan
-    free = settings.trigger_vcs_capacity_bytes - on_disk - to_come * full_band_rate
+    free = settings.trigger_vcs_capacity_bytes - (captured_s + to_come) * full_band_rate
     return max(0, int(free // full_band_rate))
 
 
