@@ -189,6 +189,10 @@ def cmd_archive_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``simulate observation``'s correlator integration time without ``--int-time``.
+DEFAULT_SIMULATED_INT_TIME_S = 2.0
+
+
 def cmd_simulate_observation(args: argparse.Namespace) -> int:
     from observatory.archive.simulated import catalogue_point_source, simulate_and_register
 
@@ -197,6 +201,14 @@ def cmd_simulate_observation(args: argparse.Namespace) -> int:
             f"--obsid {args.obsid} is not a multiple of 8: observations start on 8-second "
             f"boundaries (e.g. {args.obsid // 8 * 8})"
         )
+    if args.mode == "MWAX_VCS" and args.int_time is not None:
+        # VCS sub-files are always 8 s long: a given --int-time would be silently ignored.
+        raise ValueError(
+            "--int-time is for correlator observations: MWAX_VCS writes one 8 s sub-file per "
+            "coarse channel per --timesteps (about 41 MB per tile each)"
+        )
+    if args.int_time is None:
+        args.int_time = DEFAULT_SIMULATED_INT_TIME_S
     settings = _settings(args)
     with session_scope(_session_factory(settings)) as session:
         _check_free_in_schedule(session, args)
@@ -711,8 +723,16 @@ def build_parser() -> argparse.ArgumentParser:
     observation.add_argument(
         "--fine-chan-khz", type=float, default=40.0, help="fine channel width (kHz; 40)"
     )
-    observation.add_argument("--int-time", type=float, default=2.0, help="integration time (s; 2)")
-    observation.add_argument("--timesteps", type=int, default=4, help="integrations (4)")
+    observation.add_argument(
+        "--int-time", type=float, default=None,
+        help="correlator integration time (s; 2); not with --mode MWAX_VCS, whose sub-files "
+        "are always 8 s",
+    )  # fmt: skip
+    observation.add_argument(
+        "--timesteps", type=int, default=4,
+        help="integrations (4); with --mode MWAX_VCS, 8 s sub-files per coarse channel, each "
+        "about 41 MB per tile",
+    )  # fmt: skip
     observation.add_argument(
         "--source", type=_point_source, action="append", default=[],
         help="a point source RA_DEG,DEC_DEG,FLUX_JY_150MHZ[,SPECTRAL_INDEX][,NAME] (repeatable; the first is pointed at)",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 from collections.abc import Callable, Iterator, Mapping
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -16,7 +18,7 @@ from observatory.archive.models import Observation
 from observatory.asvo.models import Job
 from observatory.core.accounts import reset_api_key
 from observatory.core.config import Settings
-from observatory.core.database import make_engine, make_session_factory
+from observatory.core.database import make_engine, make_session_factory, utcnow
 from observatory.core.gpstime import now_gps
 from observatory.core.models import User
 from observatory.core.security import sign_value
@@ -421,6 +423,8 @@ FORM = "application/x-www-form-urlencoded"
         # A multipart text field passed the NUL check (which reads urlencoded bodies only).
         ({"data": {"obs_id": MWAX_OBS}, "files": {"note": (None, b"a\x00b")}}, "note holds a control character"),
         ({"data": {"obs_id": MWAX_OBS, "note": "a" * 10_001}}, "note is longer than 10000 characters"),
+        ({"data": {"obs_id": MWAX_OBS, "note": "a\x1bb"}}, "note holds a control character"),
+        ({"data": {f"k{i}": "1" for i in range(101)}}, "at most 100 fields"),
     ],
 )  # fmt: skip
 def test_a_form_that_cannot_be_read_as_sent_is_a_clear_400(
@@ -429,6 +433,9 @@ def test_a_form_that_cannot_be_read_as_sent_is_a_clear_400(
     reply = client.post("/api/conversion_job", **request_kwargs)
     assert reply.status_code == 400, reply.text
     assert message in reply.json()["error"]
+    # The ASVO's code for invalid input (it was the services' 1: mwa_client then dropped
+    # the job without a word, and giant-squid abandoned the rest of its batch).
+    assert reply.json()["error_code"] == 0
     assert "UploadFile" not in reply.text
     assert client.get("/api/get_jobs").json() == []
 
@@ -457,3 +464,40 @@ def test_an_observation_not_yet_observed_is_refused_at_submission(
     assert reply.status_code == 400
     assert reply.json()["error"].startswith(f"Observation {future} has not been observed yet")
     assert client.get("/api/get_jobs").json() == []
+
+
+def test_a_download_url_is_the_same_in_every_listing_and_ends_with_the_product(
+    client: TestClient, app_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Signed as of the job's completion: it was signed as of each listing, so a client
+    comparing rows (mwa_client's watch) saw the same completed job change at every poll."""
+    job_id = submit(client, "download_vis_job", obs_id=MWAX_OBS, download_type="vis").json()[
+        "job_id"
+    ]
+
+    def complete(ago: timedelta) -> None:
+        engine = make_engine(app_settings.resolved_database_url)
+        with make_session_factory(engine)() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            job.state, job.completed = "completed", utcnow() - ago
+            job.product = {"files": [{"type": "acacia", "name": "p.tar", "size": 10240,
+                                      "sha1": "0" * 40}]}  # fmt: skip
+            session.commit()
+        engine.dispose()
+
+    def url_at(now_s: float) -> str:
+        with monkeypatch.context() as patch:
+            patch.setattr(time, "time", lambda: now_s)
+            (file,) = client.get("/api/get_jobs").json()[0]["row"]["product"]["files"]
+        return str(file["url"])
+
+    complete(timedelta(minutes=5))
+    url = url_at(time.time())
+    assert url_at(time.time() + 60) == url_at(time.time() + 3600) == url
+    # The signature holds (no such file on disk: 404, not the 403 of a bad link) ...
+    assert client.get(url).status_code == 404
+    # ... until the product's lifetime (and an hour's grace) has passed since completion.
+    complete(timedelta(days=app_settings.asvo_product_ttl_days, hours=2))
+    reply = client.get(url_at(time.time()))
+    assert reply.status_code == 403 and "expired" in reply.json()["error"]

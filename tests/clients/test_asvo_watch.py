@@ -94,6 +94,19 @@ def test_watch_gives_up_after_the_outage_limit_with_a_clear_message(
     assert max(clock.sleeps) <= asvo.WATCH_BACKOFF_MAX_S
 
 
+def test_an_outage_limit_under_two_minutes_is_given_in_seconds(
+    session: asvo.Session, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It said "has not answered for 0 minutes"."""
+
+    def get_jobs(_self: asvo.Session) -> list[asvo.Job]:
+        raise refused()
+
+    monkeypatch.setattr(asvo.Session, "get_jobs", get_jobs)
+    with pytest.raises(asvo.AsvoError, match=r"has not answered for 3[0-9] seconds"):
+        next(session.watch(poll_interval_s=10, outage_limit_s=30))
+
+
 def test_watch_does_not_retry_a_refusal(
     session: asvo.Session, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:

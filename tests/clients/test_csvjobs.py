@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from observatory.clients.csvjobs import CsvJob, CsvJobError, decode_job_csv, parse_job_csv
+from observatory.preprocess.options import ConversionOptions
 
 
 def test_current_and_legacy_lines() -> None:
@@ -57,7 +58,14 @@ def test_empty_keys_and_values_are_ignored_as_mwa_client_does() -> None:
             "obs_id=1, job_type=c, timeres=16, avg_time_res=8\n",
             1,
             "avg_time_res=8",
-            "avg_time_res is given twice on this line (also as timeres=16)",
+            "avg_time_res=8 contradicts timeres=16 (the same option under another name)",
+        ),
+        # The key as written (it said "avg_time_res is given twice").
+        (
+            "obs_id=1, job_type=c, timeres=16, timeres=16\n",
+            1,
+            "timeres=16",
+            "timeres is given twice on this line (also as timeres=16): keep one",
         ),
         ("obs_id=1, job_type=c, job_type=d\n", 1, "job_type=d", "job_type is given twice"),
     ],
@@ -69,6 +77,21 @@ def test_errors_name_the_line_and_the_cell(
         parse_job_csv(text)
     assert error.value.line_number == line and error.value.cell == cell
     assert str(error.value).startswith(f"line {line}") and fragment in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "cells",
+    ["timeres=16, avg_time_res=16", "avg_time_res=16, timeres=16.0", "norfi=TRUE, no_rfi=true"],
+)
+def test_one_option_under_its_two_names_with_one_value_is_sent_once(cells: str) -> None:
+    """The server's rule (preprocess.options.same_value): the client refused these."""
+    (job,) = parse_job_csv(f"obs_id=1, job_type=c, {cells}\n")
+    assert len(job.params) == 3  # obs_id, the option under its current name, allow_resubmit
+    name = next(key for key in job.params if key not in ("obs_id", "allow_resubmit"))
+    assert name in ("avg_time_res", "no_rfi")
+    assert ConversionOptions.from_params(job.params) == ConversionOptions.from_params(
+        dict(cell.split("=") for cell in cells.replace(" ", "").split(","))
+    )
 
 
 def test_any_line_ending_is_a_line_end() -> None:

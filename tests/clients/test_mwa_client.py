@@ -173,7 +173,8 @@ def test_guide_example_csv_runs_end_to_end(server: Server, tmp_path: Path) -> No
         local = out_dir / file.name
         assert local.stat().st_size == file.size_bytes
         assert sha1(local) == file.sha1
-        assert f"Download complete: Job id: {job.id}" in output
+        assert (f"Download complete: Job id: {job.id} file: {local} server-sha1: {file.sha1} "
+                "(blake3 verified)") in output  # fmt: skip
     assert not list(out_dir.glob("*.part"))
     assert "\x1b" not in output  # plain lines when stdout is not a terminal
     # A status line per job (which states it sees depends on how fast the server runs them).
@@ -301,6 +302,25 @@ def test_scratch_products_are_copied_when_the_path_is_local(server: Server, tmp_
     source_files = sorted(p.relative_to(file.path) for p in Path(file.path).rglob("*"))  # type: ignore[arg-type]
     assert sorted(p.relative_to(copied) for p in copied.rglob("*")) == source_files
     assert f"Ready on /scratch: Job id: {job.id}" in output
+    assert f"Copying: Job id: {job.id} path: {file.path} size: {file.size_bytes} bytes" in output
+    assert (f"Download complete: Job id: {job.id} file: {copied} (copied from {file.path}, "
+            f"{file.size_bytes} bytes, sizes verified)") in output  # fmt: skip
+
+    # Again: the copy is checked, not taken on trust because a directory of its name exists.
+    code, output = mwa_client("-w", str(job.id), "-d", str(out_dir), environ=server.environ())
+    assert code == 0, output
+    assert f"Verifying: Job id: {job.id} path: {file.path}" in output
+    assert f"file: {copied} (already copied, file sizes verified)" in output
+    # An interrupted or altered copy (a file cut short) is copied again.
+    victim = max((p for p in copied.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    original = victim.read_bytes()
+    victim.write_bytes(original[: len(original) // 2])
+    code, output = mwa_client("-w", str(job.id), "-d", str(out_dir), environ=server.environ())
+    assert code == 0, output
+    assert "(the copy on disk did not match and was copied again, copied from" in output
+    assert victim.read_bytes() == original
+    assert "Download Complete" not in output  # one spelling for every delivery
+    assert not list(out_dir.glob(".*"))  # no staging directory left
 
 
 # -- resume and verification -------------------------------------------------------------
@@ -340,7 +360,8 @@ def test_a_killed_download_resumes_and_a_corrupt_file_is_fetched_again(
                                   environ=server.environ(port=proxy.port))  # fmt: skip
         assert code == 0, output
         assert f"resumed, {file.size_bytes - have} bytes fetched, blake3 verified" in output
-        assert f"server-blake3: {file.blake3}" in output
+        # The SHA-1 the guide's client prints, though BLAKE3 was the checksum verified.
+        assert f"server-sha1: {file.sha1} (resumed, " in output and "server-blake3" not in output
         assert f"range: bytes={have}-" in proxy.download_requests[-1].lower()
     finally:
         proxy.close()
@@ -371,6 +392,42 @@ def test_a_corrupt_part_file_is_fetched_again_and_reported_as_such(
     assert "the copy on disk was corrupt and was downloaded again, blake3 verified" in output
     assert "resumed" not in output  # the file that verified was fetched whole
     assert blake3_hex(tmp_path / file.name) == file.blake3
+
+
+def test_bytes_of_an_attempt_that_failed_part_way_are_counted(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second attempt resumes what the first wrote: the run fetched the whole file
+    (the count used to leave out the first attempt's bytes)."""
+    # A user of its own: the tests that stall "-w all" downloads expect few large products.
+    key = fresh_user_environ(server)["MWA_ASVO_API_KEY"]
+    with asvo.Session.login(key, base_url=server.base_url) as session:
+        job_id = session.submit_download_job(OBSID, download_type="vis")
+        job = completed_job(session, job_id)
+        (file,) = job.files
+        fetch_into = asvo.Session._fetch_into
+        attempts = 0
+
+        def dropped_after_a_mebibyte(
+            self: asvo.Session, file: asvo.ProductFile, algorithm: str, partial: Path,
+            progress: asvo.ProgressCallback | None, *rest: object,
+        ) -> object:  # fmt: skip
+            nonlocal attempts
+            attempts += 1
+
+            def drop(_file: asvo.ProductFile, done: int, _total: int) -> None:
+                if attempts == 1 and done >= 2**20:
+                    raise ConnectionResetError("connection reset by peer")
+
+            return fetch_into(self, file, algorithm, partial, drop, *rest)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(asvo.Session, "_fetch_into", dropped_after_a_mebibyte)
+        monkeypatch.setattr(asvo.time, "sleep", lambda _s: None)
+        (result,) = session.download_product(job, tmp_path)
+    assert attempts == 2
+    assert result.outcome == "resumed"
+    assert result.bytes_transferred == file.size_bytes
+    assert sha1(tmp_path / file.name) == file.sha1
 
 
 def test_ctrl_c_stops_at_once_and_keeps_the_partial_file(server: Server, tmp_path: Path) -> None:
@@ -493,17 +550,26 @@ def test_exit_codes_and_messages(server: Server, tmp_path: Path) -> None:
     assert "line 4, cell 'job_type=x'" in output
     assert json.loads(error_file.read_text())[0]["result"].startswith("Error: ")
 
-    # 2: an HTTP error prints the server's reply.
-    code, output = mwa_client("-l", environ={**env, "MWA_ASVO_API_KEY": "not-the-right-key"})
+    # 2: an HTTP error prints the server's message (its JSON "error", not the raw reply),
+    # and the error file has it as the guide shows: "Error: <message>".
+    code, output = mwa_client(
+        "-l", "-e", str(error_file), environ={**env, "MWA_ASVO_API_KEY": "not-the-right-key"}
+    )
     assert code == 2
-    assert '{"error":"invalid API key","error_code":1}' in output
+    assert "Error: Login failed: HTTP 401: invalid API key\n" in output
+    assert '{"error"' not in output
+    (entry,) = json.loads(error_file.read_text())
+    assert entry["result"] == "Error: Login failed: HTTP 401: invalid API key"
 
     # 1: anything else.
     code, output = mwa_client(
-        "-l", environ={k: v for k, v in env.items() if k != "MWA_ASVO_API_KEY"}
-    )
+        "-l", "-e", str(error_file),
+        environ={k: v for k, v in env.items() if k != "MWA_ASVO_API_KEY"},
+    )  # fmt: skip
     assert code == 1 and "MWA_ASVO_API_KEY env variable not defined" in output
     assert "export MWA_ASVO_API_KEY=xxx" in output
+    (entry,) = json.loads(error_file.read_text())
+    assert entry["result"].startswith("Error: MWA_ASVO_API_KEY env variable not defined. ")
     code, output = mwa_client("-s", environ=env)
     assert code == 1 and "csvfile not specified" in output
     code, output = mwa_client("-w", "all", "-d", str(tmp_path / "missing"), environ=env)
@@ -702,6 +768,24 @@ def test_the_guide_describes_every_option() -> None:
         )
 
 
+def test_the_guides_voltage_recipe_makes_one_small_sub_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The recipe said --timesteps 8 --int-time 1: --int-time was ignored and it wrote
+    16 sub-files of 8 s (5 GB); now --int-time with MWAX_VCS is refused."""
+    from observatory.cli import main
+
+    guide = (Path(__file__).parents[2] / "docs" / "mwa_client.md").read_text()
+    match = re.search(r"`observatory (simulate observation --obsid N --mode MWAX_VCS[^`]*)`", guide)
+    assert match is not None
+    args = match[1].replace("\n", " ").replace("--obsid N", "--obsid 1320411040").split()
+    assert main(["--data-dir", str(tmp_path), *args]) == 0
+    (sub_file,) = (tmp_path / "archive" / "1320411040").glob("*.sub")
+    assert sub_file.stat().st_size < 100_000_000
+    assert main(["--data-dir", str(tmp_path / "other"), *args, "--int-time", "1"]) == 2
+    assert "--int-time is for correlator observations" in capsys.readouterr().err
+
+
 # -- the Python API -------------------------------------------------------------------------
 
 
@@ -766,6 +850,45 @@ def test_watch_polls_when_the_websocket_is_unavailable(
     assert states[-1] == "completed"
 
 
+class _EnoughPolls(Exception):
+    """Ends a ``watch`` once it has resynchronised often enough."""
+
+
+@pytest.mark.parametrize("websocket", [True, False], ids=["websocket", "polling"])
+def test_watch_yields_an_unchanged_completed_job_once_over_many_resyncs(
+    server: Server, monkeypatch: pytest.MonkeyPatch, websocket: bool
+) -> None:
+    """Each get_jobs used to sign the download URL afresh (its token holds the second it
+    was made), so every resync a second or more after the last yielded the job again."""
+    if not websocket:
+        monkeypatch.setattr(asvo.Session, "_open_websocket", _websocket_refused)
+    key = fresh_user_environ(server)["MWA_ASVO_API_KEY"]
+    listings_after_completion = 0
+    get_jobs = asvo.Session.get_jobs
+
+    def counting_get_jobs(self: asvo.Session) -> list[asvo.Job]:
+        nonlocal listings_after_completion
+        jobs = get_jobs(self)
+        if all(job.state == "completed" for job in jobs):
+            listings_after_completion += 1
+            if listings_after_completion > 4:  # 4 resyncs at 0.4 s: over a second apart
+                raise _EnoughPolls
+        return jobs
+
+    monkeypatch.setattr(asvo.Session, "get_jobs", counting_get_jobs)
+    updates = []
+    with asvo.Session.login(key, base_url=server.base_url) as session:
+        job_id = session.submit_download_job(OBSID, download_type="vis_meta")
+        with pytest.raises(_EnoughPolls):
+            for update in session.watch(poll_interval_s=0.4, resync_interval_s=0.4):
+                updates.append((update.job.id, update.job.state))
+    assert updates.count((job_id, "completed")) == 1, updates
+
+
+def _websocket_refused(_self: asvo.Session) -> None:
+    raise OSError("connection refused")
+
+
 def without_proxy_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
@@ -797,6 +920,69 @@ def test_downloads_go_through_the_http_proxy_of_the_environment(
     )
 
 
+def test_the_websocket_goes_through_the_http_proxy_of_the_environment(
+    server: Server, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As the API calls and downloads do (the docs say proxies are used for everything):
+    a CONNECT tunnel. It used to connect directly, which a site that allows only its
+    proxy out refuses."""
+    without_proxy_settings(monkeypatch)
+    proxy = ForwardProxy()
+    caplog.set_level(logging.INFO, logger="observatory.clients.asvo")
+    try:
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.port}")
+        with server.session() as session:
+            job_id = session.submit_download_job(OBSID, download_type="vis_meta",
+                                                 allow_resubmit=True)  # fmt: skip
+            for update in session.watch():
+                if update.job.id == job_id:
+                    break
+    finally:
+        proxy.close()
+    assert "watching jobs over the websocket" in caplog.messages
+    # Plain-http API calls go to the proxy as absolute URLs: the one tunnel is the websocket's.
+    assert f"CONNECT 127.0.0.1:{server.port} HTTP/1.1" in proxy.request_lines
+
+
+@pytest.mark.parametrize(
+    ("environ", "base_url"),
+    [
+        ({}, "https://asvo.mwatelescope.org:443"),
+        ({"MWA_ASVO_HOST": "127.0.0.1", "MWA_ASVO_PORT": "8000", "MWA_ASVO_HTTPS": "0"},
+         "http://127.0.0.1:8000"),
+        # giant-squid's form: the scheme and the port in the host (it gave http://https://...).
+        ({"MWA_ASVO_HOST": "https://127.0.0.1:18231"}, "https://127.0.0.1:18231"),
+        ({"MWA_ASVO_HOST": "https://asvo.example.org"}, "https://asvo.example.org:443"),
+        ({"MWA_ASVO_HOST": "http://127.0.0.1:8000", "MWA_ASVO_HTTPS": "0",
+          "MWA_ASVO_PORT": "8000"}, "http://127.0.0.1:8000"),
+        ({"MWA_ASVO_HOST": "127.0.0.1:8000", "MWA_ASVO_HTTPS": "0"}, "http://127.0.0.1:8000"),
+    ],
+)  # fmt: skip
+def test_the_server_address_from_the_environment(environ: dict[str, str], base_url: str) -> None:
+    assert asvo.base_url_from_environment(environ) == base_url
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"MWA_ASVO_HOST": "https://127.0.0.1:18231", "MWA_ASVO_PORT": "8000"},
+         "MWA_ASVO_HOST='https://127.0.0.1:18231' contradicts MWA_ASVO_PORT='8000'; give one"),
+        ({"MWA_ASVO_HOST": "https://127.0.0.1:18231", "MWA_ASVO_HTTPS": "0"},
+         "MWA_ASVO_HOST='https://127.0.0.1:18231' contradicts MWA_ASVO_HTTPS='0'"),
+        ({"MWA_ASVO_HOST": "ftp://127.0.0.1"}, "the scheme must be http or https"),
+        ({"MWA_ASVO_HOST": "https://127.0.0.1/api"},
+         "is not a host name, host:port or http[s]://host[:port]"),
+        ({"MWA_ASVO_HOST": "127.0.0.1:port"}, "its port is not a port number"),
+        ({"MWA_ASVO_PORT": "https"}, "MWA_ASVO_PORT must be a port number, not 'https'"),
+    ],
+)  # fmt: skip
+def test_a_server_address_that_cannot_be_used_is_refused_naming_it(
+    environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(asvo.AsvoError, match=re.escape(message)):
+        asvo.base_url_from_environment(environ)
+
+
 def test_downloads_over_https_with_a_private_ca(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -819,7 +1005,16 @@ def test_downloads_over_https_with_a_private_ca(
         env = {"MWA_ASVO_API_KEY": API_KEY, "MWA_ASVO_HOST": "127.0.0.1",
                "MWA_ASVO_PORT": str(port)}  # fmt: skip
         code, output = mwa_client("-l", environ=env)
-        assert code == 1 and "certificate" in output.lower()
+        # A certificate problem, said so (it was "Cannot reach the MWA ASVO server").
+        assert code == 1 and "Cannot reach" not in output
+        assert f"Error: the TLS certificate of 127.0.0.1:{port} was not accepted (" in output
+        assert "set SSL_CERT_FILE (or REQUESTS_CA_BUNDLE) to its CA file" in output
+        assert "SSL_VERIFY=0" in output
+        # giant-squid's way of naming the server (it was http://https://127.0.0.1:P:P).
+        code, output = mwa_client("-l", environ={"MWA_ASVO_API_KEY": API_KEY,
+                                                 "MWA_ASVO_HOST": f"https://127.0.0.1:{port}",
+                                                 "SSL_CERT_FILE": str(cert)})  # fmt: skip
+        assert code == 0 and f"Connecting to MWA ASVO (https://127.0.0.1:{port})" in output
         out_dir = tmp_path / "out"
         out_dir.mkdir()
         code, output = mwa_client("-c", str(csv_path), "-d", str(out_dir),

@@ -87,8 +87,9 @@ def test_legacy_guide_line() -> None:
         ),
         (
             {"centre": "pointing", "phase_centre_ra": "10", "phase_centre_dec": "1"},
-            "centre",
-            "need centre=custom",
+            "phase_centre_ra",
+            "contradicts the other phase-centre options (centre=pointing, phase_centre_ra=10, "
+            "phase_centre_dec=1); give one",
         ),
         # float() reads these as 16 and 8: not numbers as anyone writes them.
         ({"avg_time_res": "1_6"}, "avg_time_res", "expected a number"),
@@ -235,13 +236,56 @@ def test_legacy_phasecentre_is_a_custom_centre(text: str, ra_deg: float, dec_deg
         ({"centre_custom": "25h00m00s -10d00m00s"}, "RA must be in 0..24 h"),
         ({"phasecentre": "10 -95"}, "Dec in -90..90"),
         ({"phasecentre": "10 -9", "phase_centre_ra": "10"}, "not both"),
-        ({"phasecentre": "10 -9", "centre": "pointing"}, "need centre=custom"),
-        ({"phasecentre": "10 -9", "usepcentre": "true"}, "need centre=custom"),
+        ({"phasecentre": "10 -9", "centre": "pointing"}, "contradicts the other phase-centre"),
+        ({"phasecentre": "10 -9", "usepcentre": "true"}, "contradicts the other phase-centre"),
     ],
 )
 def test_bad_phasecentre_is_refused(params: dict[str, str], fragment: str) -> None:
     with pytest.raises(OptionError, match=fragment):
         ConversionOptions.from_params(params)
+
+
+@pytest.mark.parametrize(
+    ("params", "key", "given"),
+    [
+        # Was stored as centre=pointing without a word.
+        ({"centre": "phase", "usepcentre": "true"}, "usepcentre", "centre=phase, usepcentre=true"),
+        # Was refused as "centre='pointing' is not valid: phase_centre_ra/dec need centre=custom",
+        # naming keys the request did not have.
+        ({"usepcentre": "true", "phasecentre": "278.42 -3.65"}, "phasecentre",
+         "usepcentre=true, phasecentre=278.42 -3.65"),
+        ({"centre_pointing": "true", "phase_centre_ra": "10", "phase_centre_dec": "1"},
+         "phase_centre_ra", "centre_pointing=true, phase_centre_ra=10, phase_centre_dec=1"),
+        ({"centre": "custom", "usepcentre": "true", "phasecentre": "10 -9"}, "usepcentre",
+         "centre=custom, usepcentre=true, phasecentre=10 -9"),
+    ],
+)  # fmt: skip
+def test_contradictory_phase_centres_are_refused_naming_the_keys_written(
+    params: dict[str, str], key: str, given: str
+) -> None:
+    with pytest.raises(OptionError) as caught:
+        ConversionOptions.from_params(params)
+    assert caught.value.key == key
+    assert str(caught.value) == (
+        f"{key}={params[key]!r} is not valid: contradicts the other phase-centre options "
+        f"({given}); give one"
+    )
+
+
+@pytest.mark.parametrize(
+    ("params", "centre"),
+    [
+        ({"centre": "pointing", "usepcentre": "true"}, PhaseCentre.POINTING),
+        ({"centre": "phase", "usepcentre": "false"}, PhaseCentre.PHASE),  # false asks for nothing
+        ({"usepcentre": "false", "phasecentre": "10 -9"}, PhaseCentre.CUSTOM),
+        ({"centre": "custom", "phasecentre": "10 -9"}, PhaseCentre.CUSTOM),
+        ({"centre": "", "usepcentre": "true"}, PhaseCentre.POINTING),
+    ],
+)
+def test_phase_centre_options_that_agree_are_accepted(
+    params: dict[str, str], centre: PhaseCentre
+) -> None:
+    assert ConversionOptions.from_params(params).centre == centre
 
 
 def test_cotter_era_switches_are_honoured_or_refused() -> None:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -33,7 +34,7 @@ from observatory.asvo.schemas import (
 )
 from observatory.core.accounts import SESSION_MAX_AGE_S, api_session_token, session_user
 from observatory.core.config import Settings
-from observatory.core.errors import Forbidden, Unauthorized, error_body
+from observatory.core.errors import BadRequest, Forbidden, Unauthorized, error_body
 from observatory.core.models import User
 from observatory.core.security import sign_value, unsign_value
 from observatory.core.web import get_session, read_form
@@ -130,9 +131,21 @@ def api_login(
     return {"message": "logged in"}
 
 
+async def read_submission_form(request: Request) -> dict[str, str]:
+    """The submitted form (``read_form``), its refusals with the ASVO's ``error_code`` 0.
+
+    0 is the clients' "invalid input" (specs/asvo.md section 2.2): with the services'
+    usual 1, mwa_client drops the job without a word and giant-squid abandons the batch.
+    """
+    try:
+        return await read_form(request)
+    except BadRequest as exc:
+        raise service.AsvoError(exc.message) from None
+
+
 # The form is read whole, unknown keys and all (the clients send extra ones), so /docs
 # learns its fields from the schemas' declarations instead.
-FormDep = Annotated[dict[str, str], Depends(read_form)]
+FormDep = Annotated[dict[str, str], Depends(read_submission_form)]
 
 
 def _submit(
@@ -201,6 +214,10 @@ def preprocessed_imaging_job(_user_id: UserDep) -> dict[str, int]:
 def download_url_builder(connection: HTTPConnection) -> service.UrlBuilder:
     """Signed, expiring download URLs on the host the client reached (they need no cookie).
 
+    The token is signed as issued when the job completed, not when it is listed: a
+    job's URL is then the same in every listing and websocket frame (clients that
+    compare rows see an unchanged job as unchanged), and it stops working with the
+    product, as the ASVO's own links do (their ``Expires`` is completion + 7 days).
     From a websocket (``ws[s]://``) the URLs are the matching ``http[s]://`` ones.
     """
     settings: Settings = connection.app.state.settings
@@ -209,8 +226,12 @@ def download_url_builder(connection: HTTPConnection) -> service.UrlBuilder:
     if base.startswith("ws"):
         base = "http" + base[2:]
 
-    def url_for(job: Job, entry: dict[str, Any]) -> str:
-        token = sign_value(f"{job.id}/{entry['name']}", key)
+    def url_for(job: Job | service.ProductView, entry: dict[str, Any]) -> str:
+        # Never later than now: a worker whose clock runs ahead of this server's would
+        # otherwise make a link that is refused as not yet valid.
+        now_s = time.time()
+        issued_s = min(job.completed.timestamp(), now_s) if job.completed else now_s
+        token = sign_value(f"{job.id}/{entry['name']}", key, now_s=issued_s)
         return f"{base}/api/download/{job.id}/{quote(entry['name'])}?token={token}"
 
     return url_for

@@ -374,7 +374,7 @@ def _iso(moment: datetime | None) -> str | None:
 UrlBuilder = Callable[[Any, dict[str, Any]], str]
 
 
-def _product(job: Job | _ProductView, url_for: UrlBuilder | None) -> dict[str, Any] | None:
+def _product(job: Job | ProductView, url_for: UrlBuilder | None) -> dict[str, Any] | None:
     if job.state != JobState.COMPLETED or not job.product:
         return None
     files = []
@@ -426,17 +426,17 @@ def list_jobs_json(session: Session, user_id: int, url_for: UrlBuilder | None = 
     URL depends on the host the client reached).
     """
     rows = session.execute(
-        select(Job.id, Job.state, Job.product, Job.row_json)
+        select(Job.id, Job.state, Job.product, Job.completed, Job.row_json)
         .where(Job.user_id == user_id, Job.deleted.is_(False))
         .order_by(Job.id)
     )
     parts = []
-    for job_id, state, product, members in rows:
+    for job_id, state, product, completed, members in rows:
         if not members:  # written outside the ORM: build it the long way
             job = session.get(Job, job_id)
             assert job is not None
             members = row_members_json(job)
-        files = _product(_ProductView(job_id, state, product), url_for)
+        files = _product(ProductView(job_id, state, product, completed), url_for)
         parts.append(
             f'{{"action":"INSERT","table":"jobs","row":{{"id":{job_id},{members},'
             f'"product":{json.dumps(files, separators=(",", ":"))}}}}}'
@@ -444,11 +444,17 @@ def list_jobs_json(session: Session, user_id: int, url_for: UrlBuilder | None = 
     return "[" + ",".join(parts) + "]"
 
 
-class _ProductView:
-    """The columns :func:`_product` reads, without loading the job."""
+class ProductView:
+    """The columns :func:`_product` and a ``UrlBuilder`` read, without loading the job."""
 
-    def __init__(self, job_id: int, state: str, product: dict[str, Any] | None) -> None:
-        self.id, self.state, self.product = job_id, state, product
+    def __init__(
+        self,
+        job_id: int,
+        state: str,
+        product: dict[str, Any] | None,
+        completed: datetime | None,
+    ) -> None:
+        self.id, self.state, self.product, self.completed = job_id, state, product, completed
 
 
 def product_file(session: Session, job_id: int, name: str, products_dir: Path) -> Path:

@@ -257,12 +257,13 @@ class DownloadResult:
     file: ProductFile
     local_path: Path | None
     #: ``downloaded``, ``resumed``, ``verified`` (already complete), ``copied``
-    #: (scratch/dug copied from a local path), ``exists`` (copied before) or
-    #: ``remote`` (scratch/dug path not on this machine).
+    #: (scratch/dug copied from a local path), ``exists`` (copied before, and its files'
+    #: names and sizes match) or ``remote`` (scratch/dug path not on this machine).
     outcome: str
-    #: Bytes fetched for the file as it now is (not those of a copy that failed verification).
+    #: Bytes fetched (or copied) for the file as it now is (not those of a copy that
+    #: failed verification).
     bytes_transferred: int = 0
-    #: Whether a file on disk failed verification and was fetched again.
+    #: Whether a file (or copied directory) on disk failed verification and was fetched again.
     redownloaded: bool = False
 
 
@@ -270,17 +271,59 @@ def base_url_from_environment(environ: Mapping[str, str] | None = None) -> str:
     """``{http|https}://{MWA_ASVO_HOST}:{MWA_ASVO_PORT}`` as mwa_client builds it.
 
     Defaults: ``asvo.mwatelescope.org``, port 443, ``MWA_ASVO_HTTPS=1`` (any other
-    value means plain http).
+    value means plain http). ``MWA_ASVO_HOST`` may also be written as giant-squid
+    takes it, ``https://host:port`` (the scheme and port then come from it; the port
+    defaults to the scheme's), or as ``host:port``.
+
+    Raises
+    ------
+    AsvoError
+        For a value that is none of these, or a port or scheme that contradicts
+        ``MWA_ASVO_PORT`` or ``MWA_ASVO_HTTPS``.
     """
     env = os.environ if environ is None else environ
-    host = env.get("MWA_ASVO_HOST", "asvo.mwatelescope.org")
-    port = env.get("MWA_ASVO_PORT", "443")
+    host = env.get("MWA_ASVO_HOST", "asvo.mwatelescope.org").strip()
+    port_text = env.get("MWA_ASVO_PORT")
+    https_text = env.get("MWA_ASVO_HTTPS")
     if not host:
         raise AsvoError("MWA_ASVO_HOST is set but empty")
-    if not port or not port.isdecimal():
-        raise AsvoError(f"MWA_ASVO_PORT must be a port number, not {port!r}")
-    scheme = "https" if env.get("MWA_ASVO_HTTPS", "1") == "1" else "http"
-    return f"{scheme}://{host}:{port}"
+    if port_text is not None and not port_text.isdecimal():
+        raise AsvoError(f"MWA_ASVO_PORT must be a port number, not {port_text!r}")
+    forms = "a host name, host:port or http[s]://host[:port]"
+    with_scheme = "://" in host
+    parts = urlsplit(host if with_scheme else f"//{host}")
+    try:
+        url_port = parts.port
+    except ValueError:
+        raise AsvoError(f"MWA_ASVO_HOST={host!r}: its port is not a port number") from None
+    if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise AsvoError(f"MWA_ASVO_HOST={host!r} is not {forms}")
+    if with_scheme:
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https"):
+            raise AsvoError(f"MWA_ASVO_HOST={host!r}: the scheme must be http or https")
+        if https_text is not None and (https_text == "1") != (scheme == "https"):
+            raise AsvoError(
+                f"MWA_ASVO_HOST={host!r} contradicts MWA_ASVO_HTTPS={https_text!r} "
+                "(1 https, anything else http); give one"
+            )
+    else:
+        scheme = "https" if (https_text or "1") == "1" else "http"
+    if url_port is not None and port_text is not None and int(port_text) != url_port:
+        raise AsvoError(f"MWA_ASVO_HOST={host!r} contradicts MWA_ASVO_PORT={port_text!r}; give one")
+    if url_port is not None:
+        port = url_port
+    elif port_text is not None:
+        port = int(port_text)
+    else:  # mwa_client's default port is 443 whatever the scheme; a URL's is its scheme's
+        port = (443 if scheme == "https" else 80) if with_scheme else 443
+    name = parts.hostname
+    return f"{scheme}://{f'[{name}]' if ':' in name else name}:{port}"
+
+
+def _duration_text(seconds: float) -> str:
+    """``45 seconds`` or, from two minutes, ``10 minutes``."""
+    return f"{seconds:.0f} seconds" if seconds < 120 else f"{seconds / 60:.0f} minutes"
 
 
 def _raise_for_reply(reply: httpx.Response, what: str) -> None:
@@ -388,6 +431,8 @@ class Session:
             reply = client.post("/api/api_login", auth=(CLIENT_VERSION, api_key))
         except httpx.HTTPError as exc:
             client.close()
+            if (refusal := _certificate_refusal(exc)) is not None:
+                raise AsvoError(_certificate_message(url, refusal)) from exc
             raise AsvoError(f"Cannot reach the MWA ASVO server at {url}: {exc}") from exc
         if not reply.is_success:
             client.close()
@@ -567,7 +612,7 @@ class Session:
                 if now - since >= outage_limit_s:
                     raise AsvoError(
                         f"The MWA ASVO server at {self.base_url} has not answered for "
-                        f"{(now - since) / 60:.0f} minutes ({exc.message}); giving up. Your "
+                        f"{_duration_text(now - since)} ({exc.message}); giving up. Your "
                         "jobs carry on on the server: download them later with -w all.",
                         status_code=None,
                     ) from exc
@@ -638,10 +683,15 @@ class Session:
         host = parts.hostname or "localhost"
         port = parts.port or (443 if secure else 80)
         cookie = self._client.cookies.get("MWA_JOB_COOKIE")
+        # Through the proxy of the environment, as the API calls and downloads go: a
+        # CONNECT tunnel (as browsers open websockets through a proxy).
+        proxy = _proxy_address(parts.scheme, host)
         sock: socket.socket = socket.create_connection(
-            (host, port), timeout=WEBSOCKET_OPEN_TIMEOUT_S
+            proxy or (host, port), timeout=WEBSOCKET_OPEN_TIMEOUT_S
         )
         try:
+            if proxy:
+                _open_tunnel(sock, host, port)
             if secure:
                 sock = _tls_context(self._verify).wrap_socket(sock, server_hostname=host)
             connection = websockets.sync.client.connect(
@@ -694,7 +744,7 @@ class Session:
             if file.type == "acacia" or file.url:
                 results.append(self._download_file(job, file, dest_dir, resume, progress))
             else:
-                results.append(_copy_delivered_directory(file, dest_dir))
+                results.append(_copy_delivered_directory(job, file, dest_dir, progress))
         return results
 
     def _download_file(
@@ -728,16 +778,21 @@ class Session:
         if not resume:
             partial.unlink(missing_ok=True)
 
-        transferred = 0
+        # Counted as the bytes are written, so those of an attempt that fails part-way (kept
+        # in the .part file, which the next attempt resumes) count too.
+        fetched = _Fetched()
         resumed = False
         last_error: Exception | None = None
         for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
             try:
-                sent, was_resumed, digest = self._fetch_into(file, algorithm, partial, progress)
-                transferred += sent
+                was_resumed, digest = self._fetch_into(file, algorithm, partial, progress, fetched)
                 resumed = resumed or was_resumed
             except ssl.SSLCertVerificationError as exc:
-                raise AsvoError(f"Job {job.id}: download of {file.name} refused: {exc}") from exc
+                raise AsvoError(
+                    f"Job {job.id}: download of {file.name} refused: "
+                    + _certificate_message(file.url, exc),
+                    job_id=job.id,
+                ) from exc
             except (OSError, http.client.HTTPException, AsvoError) as exc:
                 if isinstance(exc, AsvoError) and exc.status_code in (401, 403, 404, 410):
                     raise AsvoError(
@@ -762,7 +817,7 @@ class Session:
             if partial.stat().st_size == file.size_bytes and digest == expected_digest:
                 os.replace(partial, target)
                 outcome = "resumed" if resumed else "downloaded"
-                return DownloadResult(file, target, outcome, transferred, redownloaded)
+                return DownloadResult(file, target, outcome, fetched.bytes, redownloaded)
             last_error = ChecksumError(
                 f"Job {job.id}: {file.name} has {algorithm} {digest}, "
                 f"the server says {expected_digest}",
@@ -781,7 +836,7 @@ class Session:
             )  # fmt: skip
             redownloaded = True
             # What is reported is the fetch that ends with the file: a fresh one now.
-            transferred, resumed = 0, False
+            fetched.bytes, resumed = 0, False
         if isinstance(last_error, ChecksumError):
             raise last_error
         raise AsvoError(
@@ -791,20 +846,24 @@ class Session:
         )
 
     def _fetch_into(
-        self, file: ProductFile, algorithm: str, partial: Path, progress: ProgressCallback | None
-    ) -> tuple[int, bool, str]:
-        """Append the missing bytes of ``file`` to ``partial``.
+        self,
+        file: ProductFile,
+        algorithm: str,
+        partial: Path,
+        progress: ProgressCallback | None,
+        fetched: _Fetched,
+    ) -> tuple[bool, str]:
+        """Append the missing bytes of ``file`` to ``partial``, counting them in ``fetched``.
 
-        Returns the bytes received, whether the download resumed, and the ``algorithm``
-        digest of the whole file (hashed as it is written; a resumed file's first part
-        is read once).
+        Returns whether the download resumed, and the ``algorithm`` digest of the whole
+        file (hashed as it is written; a resumed file's first part is read once).
         """
         have = partial.stat().st_size if partial.exists() else 0
         if have > file.size_bytes:
             partial.unlink()
             have = 0
         if have == file.size_bytes:
-            return 0, False, _digest_of_file(partial, algorithm).hexdigest()
+            return False, _digest_of_file(partial, algorithm).hexdigest()
         headers = {"User-Agent": USER_AGENT}
         if have:
             headers["Range"] = f"bytes={have}-"
@@ -812,6 +871,7 @@ class Session:
         with _http_get(file.url, headers, self._verify) as reply:
             if reply.status == 200:
                 have = 0  # the server sent the whole file: start again
+                fetched.bytes = 0  # what was fetched before is overwritten
             elif reply.status == 206:
                 start = int(reply.getheader("content-range", "bytes 0-").split()[1].split("-")[0])
                 if start != have:
@@ -834,13 +894,21 @@ class Session:
                     stream.write(block)
                     digest.update(block)
                     received += count
+                    fetched.bytes += count
                     if progress:
                         progress(file, have + received, file.size_bytes)
         if have + received < file.size_bytes:
             raise AsvoError(
                 f"the connection closed after {have + received} of {file.size_bytes} bytes"
             )
-        return received, resumed, digest.hexdigest()
+        return resumed, digest.hexdigest()
+
+
+@dataclass
+class _Fetched:
+    """Bytes fetched for the copy of a file being downloaded, over all its attempts."""
+
+    bytes: int = 0
 
 
 @contextmanager
@@ -860,13 +928,9 @@ def _http_get(
         https = parts.scheme == "https"
         port = parts.port or (443 if https else 80)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
-        proxy = None if urllib.request.proxy_bypass(host) else urllib.request.getproxies().get(
-            parts.scheme
-        )  # fmt: skip
+        proxy_address = _proxy_address(parts.scheme, host)
         connection: http.client.HTTPConnection
-        if proxy:
-            proxy_parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-            proxy_address = (proxy_parts.hostname or "", proxy_parts.port or 80)
+        if proxy_address:
             if https:  # a CONNECT tunnel through the proxy, TLS end to end
                 connection = http.client.HTTPSConnection(
                     *proxy_address, timeout=60, context=_tls_context(verify)
@@ -895,20 +959,104 @@ def _http_get(
     raise AsvoError(f"too many redirects from {url}")
 
 
-def _copy_delivered_directory(file: ProductFile, dest_dir: Path) -> DownloadResult:
-    """Copy a scratch/dug product into ``dest_dir`` when its path is on this machine."""
+def _proxy_address(scheme: str, host: str) -> tuple[str, int] | None:
+    """The proxy (host, port) the ``*_proxy`` variables give for ``scheme`` URLs to ``host``."""
+    if urllib.request.proxy_bypass(host):
+        return None
+    proxy = urllib.request.getproxies().get(scheme)
+    if not proxy:
+        return None
+    parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    return parts.hostname or "", parts.port or 80
+
+
+def _open_tunnel(sock: socket.socket, host: str, port: int) -> None:
+    """Ask the proxy at the other end of ``sock`` for a tunnel to ``host:port`` (CONNECT).
+
+    Raises
+    ------
+    OSError
+        If the proxy refuses (its status line is in the message) or closes.
+    """
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        block = sock.recv(4096)
+        if not block or len(head) > 65536:
+            raise OSError(f"the proxy closed the tunnel to {authority} before answering")
+        head += block
+    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    if not status_line.split(" ")[1:2] or not status_line.split(" ")[1].startswith("2"):
+        raise OSError(f"the proxy refused a tunnel to {authority}: {status_line}")
+
+
+def _copy_delivered_directory(
+    job: Job, file: ProductFile, dest_dir: Path, progress: ProgressCallback | None
+) -> DownloadResult:
+    """Copy a scratch/dug product into ``dest_dir`` when its path is on this machine.
+
+    The server records only the product's total size, so a copy is checked by that
+    and by its files' names and sizes against the delivered directory's. A copy
+    already in ``dest_dir`` that passes is kept (``exists``); one that does not (an
+    interrupted or altered earlier copy, another job's directory of the same name)
+    is copied again.
+
+    Raises
+    ------
+    AsvoError
+        If the delivered directory does not hold what the server says it does.
+    """
     source = Path(file.path or "")
     if not file.path or not source.is_dir():
         return DownloadResult(file, None, "remote")
     target = dest_dir / source.name
-    if target.is_dir():
+    source_sizes = _file_sizes(source)
+    if sum(source_sizes.values()) != file.size_bytes:
+        raise AsvoError(
+            f"Job {job.id}: {source} holds {sum(source_sizes.values())} bytes, the server "
+            f"says {file.size_bytes}",
+            job_id=job.id,
+        )
+    recopied = False
+    if target.is_dir() and _file_sizes(target) == source_sizes:
+        if progress:
+            progress(file, file.size_bytes, file.size_bytes)
         return DownloadResult(file, target, "exists")
+    if target.exists():
+        log.warning("%s does not match %s: copying it again", target, source)
+        recopied = True
     # Copied under a temporary name, so an interrupted copy is never taken for a finished one.
     staging = dest_dir / f".{source.name}.copying"
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging)
+    copied = 0
+
+    def copy_reporting(from_path: str, to_path: str) -> None:
+        nonlocal copied
+        shutil.copy2(from_path, to_path)
+        copied += os.path.getsize(to_path)
+        if progress:
+            progress(file, copied, file.size_bytes)
+
+    shutil.copytree(source, staging, copy_function=copy_reporting)
+    if _file_sizes(staging) != source_sizes:  # the delivered directory changed meanwhile
+        shutil.rmtree(staging, ignore_errors=True)
+        raise AsvoError(f"Job {job.id}: {source} changed while it was copied", job_id=job.id)
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
     os.replace(staging, target)
-    return DownloadResult(file, target, "copied")
+    return DownloadResult(file, target, "copied", copied, recopied)
+
+
+def _file_sizes(root: Path) -> dict[str, int]:
+    """``{path relative to root: size}`` of every file under ``root``."""
+    return {
+        str(path.relative_to(root)): path.stat().st_size
+        for path in root.rglob("*")
+        if path.is_file()
+    }
 
 
 def verify_from_environment(environ: Mapping[str, str] | None = None) -> Verify:
@@ -924,6 +1072,26 @@ def verify_from_environment(environ: Mapping[str, str] | None = None) -> Verify:
     if not bundles:
         return True
     return bundles[0] if len(bundles) == 1 else bundles
+
+
+def _certificate_refusal(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate check that failed behind ``exc`` (httpx wraps it), if that is why."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _certificate_message(url: str, refusal: ssl.SSLCertVerificationError) -> str:
+    """Why a TLS connection was refused, and what the user can do about it."""
+    reason = refusal.verify_message or refusal.reason or str(refusal)
+    return (
+        f"the TLS certificate of {urlsplit(url).netloc} was not accepted ({reason}). For a "
+        "server with a private certificate authority, set SSL_CERT_FILE (or REQUESTS_CA_BUNDLE) "
+        "to its CA file; SSL_VERIFY=0 skips the check (for test servers only)"
+    )
 
 
 def _tls_context(verify: Verify) -> ssl.SSLContext:

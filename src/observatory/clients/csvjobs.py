@@ -15,7 +15,7 @@ import csv
 import io
 from dataclasses import dataclass, field
 
-from observatory.preprocess.options import LEGACY_KEYS
+from observatory.preprocess.options import LEGACY_KEYS, same_value
 
 #: ``job_type`` cell value -> ASVO endpoint.
 ENDPOINTS = {"c": "conversion_job", "d": "download_vis_job", "v": "voltage_job"}
@@ -70,8 +70,10 @@ def parse_job_csv(text: str, *, allow_resubmit: bool = False) -> list[CsvJob]:
     Raises
     ------
     CsvJobError
-        For the first malformed line: a cell without exactly one ``=``, a key given twice (also under its older name: ``timeres`` and ``avg_time_res``),
-        an unknown ``job_type``, or a line without one.
+        For the first malformed line: a cell without exactly one ``=``, a key given twice,
+        an option given under its two names with values that differ (``timeres=16,
+        avg_time_res=8``; the same value is sent once), an unknown ``job_type``, or a line
+        without one.
     """
     text = text.removeprefix("\ufeff")
     jobs = []
@@ -84,7 +86,7 @@ def parse_job_csv(text: str, *, allow_resubmit: bool = False) -> list[CsvJob]:
             continue
         endpoint = None
         params: dict[str, str] = {}
-        given: dict[str, str] = {}  # key (after renaming) -> the cell that gave it
+        given: dict[str, tuple[str, str]] = {}  # key (after renaming) -> (key, value) as written
         for raw_cell in row:
             cell = raw_cell.replace(" ", "").replace("\t", "")
             if not cell:
@@ -109,11 +111,23 @@ def parse_job_csv(text: str, *, allow_resubmit: bool = False) -> list[CsvJob]:
                 continue
             name = LEGACY_KEYS.get(key, key)
             if name in given:
-                raise CsvJobError(
-                    line_number, raw_cell.strip(),
-                    f"{name} is given twice on this line (also as {given[name]}): keep one",
-                )  # fmt: skip
-            given[name] = raw_cell.strip()
+                # The server's rules: a key twice is refused; one option under its two names
+                # (timeres and avg_time_res) must ask for one thing, and then is sent once.
+                first_key, first_value = given[name]
+                if first_key == key:
+                    raise CsvJobError(
+                        line_number, raw_cell.strip(),
+                        f"{key} is given twice on this line (also as {key}={first_value}): "
+                        "keep one",
+                    )  # fmt: skip
+                if not same_value(first_value, value):
+                    raise CsvJobError(
+                        line_number, raw_cell.strip(),
+                        f"{key}={value} contradicts {first_key}={first_value} (the same option "
+                        "under another name): keep one",
+                    )  # fmt: skip
+                continue
+            given[name] = (key, value)
             params[name] = value
         if endpoint is None:
             raise CsvJobError(line_number, None, "no job_type cell (job_type=c, d or v)")

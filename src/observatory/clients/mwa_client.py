@@ -5,7 +5,7 @@ manta-ray-client's ``mwa_client`` (../shared/sources/asvo-mwa_client-guide.txt);
 downloads additionally resume, verify SHA-1 checksums and show progress bars.
 
 Exit codes: 0 success, 1 any other error (usage included), 2 an HTTP error (the
-server's reply is printed), 3 a CSV parse error, 4 some jobs ended in error.
+server's message is printed), 3 a CSV parse error, 4 some jobs ended in error.
 """
 
 from __future__ import annotations
@@ -339,9 +339,13 @@ class Downloads:
     def _download(self, job: Job, file: ProductFile) -> None:
         say = self._reporter.say
         single = dataclasses.replace(job, files=(file,))
+        exists = (self._outdir / file.name).exists()
         if file.url:
-            verb = "Verifying" if (self._outdir / file.name).exists() else "Downloading"
+            verb = "Verifying" if exists else "Downloading"
             say(f"{verb}: Job id: {job.id} file: {file.name} size: {file.size_bytes} bytes")
+        elif file.path and Path(file.path).is_dir():  # a scratch/dug delivery on this machine
+            verb = "Verifying" if exists else "Copying"
+            say(f"{verb}: Job id: {job.id} path: {file.path} size: {file.size_bytes} bytes")
         try:
             (result,) = self._session.download_product(
                 single, self._outdir,
@@ -361,7 +365,13 @@ def _describe_download(job: Job, result: DownloadResult) -> str:
     if result.outcome == "remote":
         return f"Ready on /{file.type}: Job id: {job.id} file: {file.path}"
     if result.outcome in ("copied", "exists"):
-        return f"Download Complete: Job id: {job.id} file: {result.local_path}"
+        how = {
+            "exists": "already copied, file sizes verified",
+            "copied": f"copied from {file.path}, {result.bytes_transferred} bytes, sizes verified",
+        }[result.outcome]
+        if result.redownloaded:
+            how = "the copy on disk did not match and was copied again, " + how
+        return f"Download complete: Job id: {job.id} file: {result.local_path} ({how})"
     algorithm, digest = file.checksum or ("checksum", "")
     how = {
         "verified": f"already downloaded, {algorithm} verified",
@@ -370,8 +380,11 @@ def _describe_download(job: Job, result: DownloadResult) -> str:
     }[result.outcome]
     if result.redownloaded:
         how = "the copy on disk was corrupt and was downloaded again, " + how
+    # The SHA-1 every ASVO product carries, as the guide's client prints it (whichever
+    # checksum was verified: the parenthesis says which).
+    published = ("sha1", file.sha1.lower()) if file.sha1 else (algorithm, digest)
     return (f"Download complete: Job id: {job.id} file: {result.local_path} "
-            f"server-{algorithm}: {digest} ({how})")  # fmt: skip
+            f"server-{published[0]}: {published[1]} ({how})")  # fmt: skip
 
 
 def _submit_jobs(
@@ -516,6 +529,13 @@ def _check_error_file(path: str | None) -> None:
         target.unlink(missing_ok=True)
 
 
+def _error_result(message: str) -> str:
+    """An error file ``result``: ``Error: <message>``, as the guide shows it (a console
+    message tagged ``[ERROR]``, the old client's way, loses the tag rather than doubling it)."""
+    text = message.strip().removeprefix("[ERROR] ")
+    return text if text.startswith("Error") else f"Error: {text}"
+
+
 def run(
     argv: Sequence[str] | None = None,
     *,
@@ -556,8 +576,8 @@ def run(
     except CsvFileUnreadable as exc:
         message, code = str(exc), EXIT_CSV
     except AsvoError as exc:
-        # An HTTP error prints what the server said; anything else its description.
-        message = exc.response_text if exc.status_code is not None else str(exc)
+        # What failed and the server's own message (its JSON "error"), not the raw reply.
+        message = f"Error: {exc.message}"
         code = EXIT_HTTP if exc.status_code is not None else EXIT_OTHER
     except (UsageError, OSError) as exc:
         message, code = str(exc), EXIT_OTHER
@@ -567,8 +587,7 @@ def run(
         message = ""
     if code not in (EXIT_OK, EXIT_JOB_ERRORS):
         reporter.say(message)
-        result = message.strip()
-        result = result if result.startswith("Error") else f"Error: {result}"
+        result = _error_result(message)
     try:
         if code in (EXIT_OK, EXIT_JOB_ERRORS):
             _write_error_file(args.errfile, errors)

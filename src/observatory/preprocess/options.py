@@ -141,8 +141,12 @@ def _parse_float(key: str, value: object, low: float, high: float, unit: str) ->
     return number
 
 
-def _same_value(first: object, second: object) -> bool:
-    """Whether two spellings of an option ask for one thing (``16`` and ``16.0`` do)."""
+def same_value(first: object, second: object) -> bool:
+    """Whether two spellings of an option ask for one thing (``16`` and ``16.0`` do).
+
+    The rule for an option given under two names (``timeres`` and ``avg_time_res``), here
+    and in the mwa_client job file.
+    """
     texts = [str(first).strip().lower(), str(second).strip().lower()]
     if texts[0] == texts[1]:
         return True
@@ -217,7 +221,7 @@ class ConversionOptions:
         for raw_key, value in params.items():
             given = raw_key.strip().lower()
             key = LEGACY_KEYS.get(given, given)
-            if key in normalised and not _same_value(normalised[key], value):
+            if key in normalised and not same_value(normalised[key], value):
                 raise OptionError(
                     key, value, f"contradicts {spelled[key]}={normalised[key]} (the same option "
                     "under another name); give one",
@@ -273,14 +277,36 @@ class ConversionOptions:
             )
         if dc_choices:
             values["flag_dc"] = next(iter(dc_choices.values()))
-        centre = normalised.get("centre")
-        if centre is not None and str(centre).strip():
-            try:
-                values["centre"] = PhaseCentre(str(centre).strip().lower())
-            except ValueError:
-                raise OptionError("centre", centre, "expected phase, pointing or custom") from None
-        if parse_bool("usepcentre", normalised.get("centre_pointing", False)):
-            values["centre"] = PhaseCentre.POINTING
+        # Four ways to choose the phase centre: centre=..., usepcentre=true (cotter's
+        # pointing centre), phasecentre=RA Dec and phase_centre_ra/dec (a custom one).
+        # usepcentre=false asks for nothing; choices that disagree are refused, naming
+        # the keys as the request wrote them, rather than one silently winning.
+        asked: list[tuple[str, object, PhaseCentre]] = []  # (key as written, value, centre)
+        for key, value in normalised.items():
+            if key == "centre" and str(value).strip():
+                try:
+                    asked.append((spelled[key], value, PhaseCentre(str(value).strip().lower())))
+                except ValueError:
+                    raise OptionError(
+                        spelled[key], value, "expected phase, pointing or custom"
+                    ) from None
+            elif key == "centre_pointing" and parse_bool(spelled[key], value):
+                asked.append((spelled[key], value, PhaseCentre.POINTING))
+            elif key in ("centre_custom", "phase_centre_ra", "phase_centre_dec") and _given(
+                normalised, key
+            ):
+                asked.append((spelled[key], value, PhaseCentre.CUSTOM))
+        if asked:
+            first_centre = asked[0][2]
+            for key, value, centre in asked:
+                if centre != first_centre:
+                    given = ", ".join(f"{k}={str(v).strip()}" for k, v, _ in asked)
+                    raise OptionError(
+                        key,
+                        value,
+                        f"contradicts the other phase-centre options ({given}); give one",
+                    )
+            values["centre"] = first_centre
         if _given(normalised, "phase_centre_ra"):
             values["phase_centre_ra_deg"] = _parse_float(
                 "phase_centre_ra", normalised["phase_centre_ra"], 0.0, 360.0, "degrees"
@@ -297,8 +323,6 @@ class ConversionOptions:
                 )  # fmt: skip
             ra_deg, dec_deg = parse_centre(normalised["centre_custom"])
             values["phase_centre_ra_deg"], values["phase_centre_dec_deg"] = ra_deg, dec_deg
-        if "phase_centre_ra_deg" in values or "phase_centre_dec_deg" in values:
-            values.setdefault("centre", PhaseCentre.CUSTOM)
         options = cls(**values)  # type: ignore[arg-type]
         options.validate()
         return options
