@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from observatory.archive.runner import observe_due
 from observatory.archive.service import schedule_observation
 from observatory.core.accounts import create_project, create_user
 from observatory.core.config import Settings
+from observatory.telescope import instrument
 from observatory.trigger import pointing, service
 
 NOON = 1_450_324_818  # a fixed time, so the pointing is the same on every run
@@ -96,6 +98,37 @@ def test_triggered_observations_are_recorded_and_can_be_ordered(
             time.sleep(0.2)
     assert row["job_state"] == "completed", row["error_text"]
     assert row["product"]["files"][0]["size"] > 0
+
+
+def test_a_subarray_observation_records_each_tiles_own_pointing(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """The metafits showed the first subarray's pointing on every tile."""
+    lst = float(pointing.local_apparent_sidereal_deg([NOON])[0])
+    with session_factory() as session:
+        create_project(session, "G0055", priority=5, secure_key="runner-key-1")
+        session.commit()
+        result = service.trigger_observations(session, settings, {
+            "project_id": "G0055", "secure_key": "runner-key-1", "pretend": "false",
+            "ra": json.dumps([(lst + 20) % 360, (lst - 20) % 360]), "dec": -26.7, "nobs": 1,
+            "exptime": 8, "freqspecs": "121,1", "subarrays": '["all_north", "all_south"]',
+        }, vcs=False, now=NOON)  # fmt: skip
+    assert result["success"] is True, result["errors"]
+    (obsid,) = result["obsid_list"]
+    assert observe_due(session_factory, settings, now=obsid + 9, limit=5) == [obsid]
+    with session_factory() as session:
+        observation = session.get(Observation, obsid)
+        assert observation is not None and observation.subarray_pointings
+        scheduled = {p["subarray"]: p["delays"] for p in observation.subarray_pointings}
+    layout_index = {t.tile_id: i for i, t in enumerate(instrument.tile_layout())}
+    members = instrument.subarray_tiles()
+    tiledata = fits.getdata(Path(settings.archive_dir) / str(obsid) / f"{obsid}.metafits", 1)
+    seen = set()
+    for tile_id, delays in zip(tiledata["Tile"], tiledata["Delays"], strict=True):
+        (subarray,) = [n for n in scheduled if layout_index[int(tile_id)] in members[n]]
+        assert list(delays) == scheduled[subarray]
+        seen.add(subarray)
+    assert seen == {"all_north", "all_south"} and scheduled["all_north"] != scheduled["all_south"]
 
 
 def test_voltage_captures_are_recorded_within_the_size_limit(

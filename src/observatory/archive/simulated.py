@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+from numpy.typing import NDArray
 from sqlalchemy.orm import Session
 
 from observatory.archive.models import Observation
@@ -12,10 +14,14 @@ from observatory.core.config import Settings
 from observatory.core.storage import Storage
 from observatory.telescope.catalogue import lookup
 from observatory.telescope.instrument import (
+    DIPOLE_OFF_DELAY,
     MWAX_SUBOBS_S,
     VCS_BLOCKS_PER_SUBOBS,
     VCS_SAMPLES_PER_BLOCK,
     VCS_SUBFILE_HEADER_BYTES,
+    array_tiles,
+    subarray_tiles,
+    tile_layout,
 )
 from observatory.telescope.simulator import PointSource, simulate_observation
 
@@ -153,8 +159,7 @@ def observe_scheduled(
         phase_centre_radec_deg=phase_centre,
         mode="MWAX_VCS" if voltages else "MWAX_CORRELATOR",
         voltage_span_gps=dumped_span_gps,
-        # The tiles as scheduled (a sweet-spot pointing, all-sky's single dipole).
-        beamformer_delays=observation.delays if len(observation.delays or ()) == 16 else None,
+        beamformer_delays=_scheduled_delays(observation, n_tiles),
         atten_db=observation.atten_db if observation.atten_db is not None else 1.0,
         gain_amplitude_scatter=0.1,
         delay_error_scatter_ns=2.0,
@@ -172,6 +177,26 @@ def observe_scheduled(
         observation.int_time_s = int_time_s
     session.flush()
     return observation
+
+
+def _scheduled_delays(observation: Observation, n_tiles: int) -> NDArray[np.int64] | None:
+    """The dipole delays the recorded tiles were set to, one row per antenna (the
+    simulator's order: by tile id): the schedule's pointing (a sweet spot, all-sky's
+    single dipole), or with subarrays each tile's subarray's, a tile in none switched off.
+    None when the record has no delays (the simulator points at the RA/Dec then)."""
+    tiles = array_tiles(n_tiles=n_tiles)
+    if observation.subarray_pointings:
+        layout_index = {tile.tile_id: index for index, tile in enumerate(tile_layout())}
+        members = subarray_tiles()
+        delays = np.full((len(tiles), 16), DIPOLE_OFF_DELAY, dtype=np.int64)
+        for pointing in observation.subarray_pointings:
+            inside = set(members[pointing["subarray"]])
+            rows = [i for i, t in enumerate(tiles) if layout_index[t.tile_id] in inside]
+            delays[rows] = pointing["delays"]
+        return delays
+    if len(observation.delays or ()) == 16:
+        return np.broadcast_to(np.asarray(observation.delays, dtype=np.int64), (len(tiles), 16))
+    return None
 
 
 def voltage_bytes(

@@ -30,6 +30,7 @@ from functools import cache
 from importlib import resources
 
 import numpy as np
+from numpy.typing import NDArray
 
 from observatory.telescope.site import (
     MWA_HEIGHT_M,
@@ -90,6 +91,9 @@ MIN_REC_CHAN = 1
 MAX_REC_CHAN = 255
 #: The receivers send at most 24 coarse channels to the correlator.
 MAX_COARSE_CHANS = 24
+#: A beamformer delay of 32 switches the dipole off.
+DIPOLE_OFF_DELAY = 32
+
 #: The longest observation name and project id the telescope records (metafits
 #: ``FILENAME`` and ``PROJECT``).
 MAX_METAFITS_NAME_CHARS = 60
@@ -334,6 +338,35 @@ def array_tiles(
         )
         for i, t in enumerate(chosen)
     )
+
+
+@cache
+def subarray_tiles() -> dict[str, tuple[int, ...]]:
+    """The antennas (tile_layout() indices) of each named subarray.
+
+    Halves: the northern / eastern 64 tiles and the rest. Quarters: each half
+    north and south split again into its eastern and western halves, so every
+    quarter has a quarter of the tiles (32 of 128), as the wiki says; two
+    independent median splits would not (the array is not symmetric).
+    """
+    tiles = tile_layout()
+    north = np.array([t.north_m for t in tiles])
+    east = np.array([t.east_m for t in tiles])
+
+    def split(indices: NDArray[np.int64], key: NDArray[np.float64]) -> tuple[set[int], set[int]]:
+        """(the upper half, the lower half) of ``indices`` by ``key`` (upper gets the odd one)."""
+        ordered = indices[np.argsort(-key[indices], kind="stable")]
+        upper = (len(ordered) + 1) // 2
+        return {int(i) for i in ordered[:upper]}, {int(i) for i in ordered[upper:]}
+
+    everything = np.arange(len(tiles))
+    northern, southern = split(everything, north)
+    eastern, western = split(everything, east)
+    ne, nw = split(np.array(sorted(northern)), east)
+    se, sw = split(np.array(sorted(southern)), east)
+    members = {"all_north": northern, "all_south": southern, "all_east": eastern,
+               "all_west": western, "all_ne": ne, "all_nw": nw, "all_se": se, "all_sw": sw}  # fmt: skip
+    return {name: tuple(sorted(tiles_)) for name, tiles_ in members.items()}
 
 
 def validate_coarse_chans(coarse_chans: Iterable[int]) -> tuple[int, ...]:

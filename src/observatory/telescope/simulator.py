@@ -831,7 +831,7 @@ def _write_metafits(
     path: Path,
     truth: SimulationTruth,
     epoch: _Epoch,
-    delays: tuple[int, ...],
+    delays: NDArray[np.int64],
     exposure_s: int,
     project_id: str,
     obs_name: str,
@@ -877,7 +877,7 @@ def _write_metafits(
         ("PROJECT", project_id, "Project ID"),
         ("MODE", truth.mode, "Observation mode"),
         ("RECVRS", ",".join(map(str, instrument.receivers_of(truth.tiles))), "Active receivers"),
-        ("DELAYS", ",".join(map(str, delays)), "Beamformer delays"),
+        ("DELAYS", ",".join(map(str, delays[0])), "Beamformer delays"),
         ("CALIBRAT", bool(calibrator), "Intended for calibration"),
         ("CALIBSRC", calibrator, "Calibrator source"),
         ("CENTCHAN", chans[n_coarse // 2], "Center coarse channel"),
@@ -934,7 +934,7 @@ def _write_metafits(
         # Digital gains x 64, one per coarse channel in CHANNELS order, zero-padded to 24.
         fits.Column("Gains", "24I", array=_gains_column(truth, rows_tile, list(pols))),
         fits.Column("BFTemps", "E", unit="degC", array=np.zeros(n_rows, dtype=np.float32)),
-        fits.Column("Delays", "16I", array=np.tile(np.array(delays, dtype=np.int16), (n_rows, 1))),
+        fits.Column("Delays", "16I", array=delays[[t.antenna for t in rows_tile]].astype(np.int16)),
         fits.Column("VCSOrder", "I", array=[instrument.vcs_order(int(i)) for i in inputs]),
         fits.Column("Flavors", "10A", array=[t.flavor for t in rows_tile]),
         fits.Column("Calib_Delay", "E", unit="m", array=np.zeros(n_rows, dtype=np.float32)),
@@ -1243,7 +1243,7 @@ def simulate_observation(
     quack_time_s: float = 0.0,
     rfi: Sequence[RfiBurst] = (),
     voltage_span_gps: tuple[int, int] | None = None,
-    beamformer_delays: Sequence[int] | None = None,
+    beamformer_delays: ArrayLike | None = None,
     atten_db: float = 1.0,
 ) -> SimulatedObservation:
     """Write a simulated MWA observation (metafits, data files and truth JSON).
@@ -1302,8 +1302,10 @@ def simulate_observation(
         Name of the calibrator this observation is of (metafits ``CALIBRAT``/``CALIBSRC``); None for a target.
     beamformer_delays
         The 16 dipole delays the tiles were set to (metafits ``DELAYS``): a scheduled
-        observation's own, such as a sweet-spot pointing's or all-sky's; default those
-        pointing the tiles at ``pointing_radec_deg`` at the midpoint.
+        observation's own, such as a sweet-spot pointing's or all-sky's; or 16 per tile
+        (n_tiles x 16, in antenna order) when subarrays point apart (TILEDATA ``Delays``;
+        ``DELAYS`` then holds the first tile's); default those pointing the tiles at
+        ``pointing_radec_deg`` at the midpoint.
     atten_db
         The global analogue attenuation (metafits ``ATTEN_DB``).
     voltage_span_gps
@@ -1403,14 +1405,22 @@ def simulate_observation(
     ra_deg %= 360.0
     epoch = _epoch(obsid, duration_s, ra_deg, dec_deg)
     if beamformer_delays is not None:
-        beam_delays = tuple(int(d) for d in beamformer_delays)
-        if len(beam_delays) != 16 or any(not 0 <= d <= 32 for d in beam_delays):
-            raise ValueError(f"beamformer_delays {beamformer_delays!r} must be 16 values in 0..32")
+        try:
+            given = np.asarray(beamformer_delays, dtype=np.int64)
+            beam_delays = np.broadcast_to(given, (n_ant, 16))
+        except (TypeError, ValueError):
+            given, beam_delays = np.zeros(0, np.int64), np.full((n_ant, 16), -1)
+        if given.ndim not in (1, 2) or np.any((beam_delays < 0) | (beam_delays > 32)):
+            raise ValueError(
+                f"beamformer_delays {beamformer_delays!r} must be 16 values in 0..32, "
+                f"or 16 for each of the {n_ant} tiles"
+            )
     else:
         try:
-            beam_delays = instrument.beamformer_delays(epoch.az_deg, epoch.alt_deg)
+            pointed = instrument.beamformer_delays(epoch.az_deg, epoch.alt_deg)
         except ValueError as error:
             raise ValueError(f"pointing_radec_deg {pointing_radec_deg!r}: {error}") from None
+        beam_delays = np.broadcast_to(np.asarray(pointed, dtype=np.int64), (n_ant, 16))
     atten_db = _check_number("atten_db", atten_db)
 
     if gain_amplitude_scatter > 0 or delay_error_scatter_ns > 0:

@@ -21,7 +21,6 @@ from functools import cache
 from typing import Any, TypeVar, cast
 
 import numpy as np
-from numpy.typing import NDArray
 from sqlalchemy import Table, delete, exists, func, select, update
 from sqlalchemy.orm import Session
 
@@ -34,10 +33,11 @@ from observatory.core.models import Project
 from observatory.telescope import catalogue
 from observatory.telescope.freqspec import FreqspecError, coarse_channel_centre_mhz, parse_freqspec
 from observatory.telescope.instrument import (
+    DIPOLE_OFF_DELAY,
     MAX_COARSE_CHANS,
     MAX_METAFITS_NAME_CHARS,
     MWAX_SUBOBS_S,
-    tile_layout,
+    subarray_tiles,
     validate_coarse_chans,
     validate_fine_chan_width_hz,
     validate_int_time_ms,
@@ -79,8 +79,8 @@ SUBARRAYS = (
     "all_se",
     "all_sw",
 )
-#: All-sky voltage capture: one dipole per tile (a delay of 32 switches a dipole off).
-ALL_SKY_DELAYS = (0,) + (32,) * 15
+#: All-sky voltage capture: one dipole per tile, the others switched off.
+ALL_SKY_DELAYS = (0,) + (DIPOLE_OFF_DELAY,) * 15
 MAX_ATTEN_DB = 31.75
 
 #: DESIGN: the longest a trigger may observe (targets, repeats, freqspecs and calibrators in
@@ -452,34 +452,6 @@ class PlannedObservation:
 
 
 @cache
-def subarray_tiles() -> dict[str, tuple[int, ...]]:
-    """The antennas (tile_layout() indices) of each named subarray.
-
-    Halves: the northern / eastern 64 tiles and the rest. Quarters: each half
-    north and south split again into its eastern and western halves, so every
-    quarter has a quarter of the tiles (32 of 128), as the wiki says; two
-    independent median splits would not (the array is not symmetric).
-    """
-    tiles = tile_layout()
-    north = np.array([t.north_m for t in tiles])
-    east = np.array([t.east_m for t in tiles])
-
-    def split(indices: NDArray[np.int64], key: NDArray[np.float64]) -> tuple[set[int], set[int]]:
-        """(the upper half, the lower half) of ``indices`` by ``key`` (upper gets the odd one)."""
-        ordered = indices[np.argsort(-key[indices], kind="stable")]
-        upper = (len(ordered) + 1) // 2
-        return {int(i) for i in ordered[:upper]}, {int(i) for i in ordered[upper:]}
-
-    everything = np.arange(len(tiles))
-    northern, southern = split(everything, north)
-    eastern, western = split(everything, east)
-    ne, nw = split(np.array(sorted(northern)), east)
-    se, sw = split(np.array(sorted(southern)), east)
-    members = {"all_north": northern, "all_south": southern, "all_east": eastern,
-               "all_west": western, "all_ne": ne, "all_nw": nw, "all_se": se, "all_sw": sw}  # fmt: skip
-    return {name: tuple(sorted(tiles_)) for name, tiles_ in members.items()}
-
-
 def subarray_sizes() -> dict[str, int]:
     """Tiles in each named subarray."""
     return {name: len(tiles) for name, tiles in subarray_tiles().items()}
