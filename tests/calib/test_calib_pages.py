@@ -99,7 +99,7 @@ def test_summary_fit_page_and_plots(
     with session_factory() as session:
         fit = session.get(CalibrationFit, fitids[-1])
         assert fit is not None
-        residuals, medians = service.fit_residuals(fit)
+        residuals, medians = service.fit_residuals(fit, {})  # no metafits: the layout's receivers
         expected = np.median(
             [v for r in residuals if r.receiver == 1 for v in (r.x_delay_m, r.y_delay_m)]
         )
@@ -273,3 +273,78 @@ def test_the_gains_plot_is_against_the_receiver_channel_number(
     for line in drawn:
         assert list(line.get_xdata()) == [62, 100, 140]
     assert sorted(list(line.get_ydata()) for line in drawn) == [[1, 2, 3]] * 2 + [[2, 4, 6]] * 2
+
+
+def test_an_earlier_fit_of_noise_does_not_set_the_history_plots_axis(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """A stored fit of noise (delays of 3000 m) in the week before: the axis stays on the others."""
+    now = 1_450_000_000
+    with session_factory() as session:
+        history = [0.1, 0.2, -0.1, 3000.0, 0.3]
+        for hours, delay in enumerate(history, start=1):
+            _add_calibrator(session, now - hours * 3600, [109, 110])
+            _store(session, settings, now - hours * 3600, delay, [1.0, 1.0])
+        _add_calibrator(session, now, [109, 110])
+        this = _store(session, settings, now, 0.0, [1.0, 1.0])
+        session.commit()
+        for kind in ("timediff", "xydiff"):
+            figure = plots.figure_of(session, this, kind)
+            try:
+                low, high = figure.axes[0].get_ylim()
+                labels = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+            finally:
+                plt.close(figure)
+            assert -2.0 < low < high < 2.0, (kind, low, high)
+            if kind == "timediff":  # the noise fit's X and Y of both tiles
+                assert "4 earlier outliers off the axis" in labels
+
+
+def test_plots_label_every_tile_explain_creators_and_revalidate_history(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """144 tiles: 144 tick labels. Earlier fits' colours are in the legend by creator.
+    History plots carry an ETag and are revalidated (no-cache); a redraw changes the ETag."""
+    from observatory.calib.formats import CalSolutions as Solutions
+
+    now = 1_450_000_000
+    ids = list(range(1, 145))
+    with session_factory() as session:
+        fits_ = []
+        for obsid, creator in ((now - 3600, "mwa"), (now - 1800, "calvin"), (now, "calvin")):
+            _add_calibrator(session, obsid, [109])
+            rows = [
+                {"tileid": t, "antenna": a, "x_delay_m": 0.1, "y_delay_m": 0.2}
+                for a, t in enumerate(ids)
+            ]
+            fits_.append(service.store_fit(session, settings, obsid, Solutions(jones=np.ones((1, 144, 2, 4), complex)),
+                                           rows, creator=creator))  # fmt: skip
+        session.commit()
+        this = fits_[-1]
+        figure = plots.figure_of(session, this, "timediff")
+        try:
+            labels = [t.get_text() for t in figure.axes[0].get_xticklabels()]
+            legend = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+        finally:
+            plt.close(figure)
+        assert labels == [str(t) for t in ids]
+        assert {"earlier mwa fits, X", "earlier mwa fits, Y", "earlier calvin fits, X"} <= set(
+            legend
+        )
+        fitid, earlier_obs = this.fitid, now - 600
+    with TestClient(create_app(settings)) as client:
+        first = client.get("/calib/plot/timediff.png", params={"fitid": fitid})
+        assert first.headers["cache-control"] == "no-cache" and first.headers["etag"]
+        again = client.get("/calib/plot/timediff.png", params={"fitid": fitid},
+                           headers={"If-None-Match": first.headers["etag"]})  # fmt: skip
+        assert again.status_code == 304 and again.content == b""
+        still = client.get("/calib/plot/tilediff.png", params={"fitid": fitid})
+        assert still.headers["cache-control"] == "max-age=86400" and still.headers["etag"]
+        with session_factory() as session:  # a fit of an earlier observation joins the history
+            _add_calibrator(session, earlier_obs, [109])
+            new = _store(session, settings, earlier_obs, 3.0, [1.0])
+            plots.forget_later_history(session, settings, new)
+            session.commit()
+        redrawn = client.get("/calib/plot/timediff.png", params={"fitid": fitid},
+                             headers={"If-None-Match": first.headers["etag"]})  # fmt: skip
+        assert redrawn.status_code == 200 and redrawn.headers["etag"] != first.headers["etag"]

@@ -125,10 +125,14 @@ def test_a_request_is_fitted_and_called_back(
 
 @sqlite_only
 def test_conversion_with_apply_di_cal_waits_for_calibration(
-    settings: Settings, session_factory: sessionmaker[Session]
+    settings: Settings, session_factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No fit yet, a calibrator in range: the job files a request, waits (waitcal), then completes."""
     import time
+
+    # The job's own request is what is tested: the dispatcher's automatic request for the
+    # calibrator could otherwise fit it before the job asks.
+    monkeypatch.setattr("observatory.asvo.dispatcher.request_unfitted_calibrators", lambda _s: [])
 
     from fastapi.testclient import TestClient
 
@@ -211,7 +215,8 @@ def test_calibdata_metafits_and_the_deprecated_services(
         assert reply.status_code == 200
         with fits.open(io.BytesIO(reply.content)) as hdus:
             table = hdus["CALIBDATA"]
-            assert table.header["CALFITID"] == fit.fitid and table.header["CALOBSID"] == CAL_OBS
+            assert table.header["CALFITUS"] == fit.fitid and table.header["CALOBSID"] == CAL_OBS
+            assert table.header["CALFITID"] == fit.fitid // 1_000_000  # Unix seconds (mwalib)
             assert table.header["TAROBSID"] == target and table.header["CALCRTR"] == "calvin"
             assert table.header["CALDTIME"].endswith("+08:00")
             data = table.data
@@ -224,15 +229,12 @@ def test_calibdata_metafits_and_the_deprecated_services(
                 assert row["delay_m"] == pytest.approx(x_delays[int(row["Tile"])], abs=1e-6)
             assert data["gains"].shape == (16, 24)
             assert "TILEDATA" in [h.name for h in hdus]  # the rest of the metafits is kept
-        # mwalib reads the table, each row matched to its rf input, the delays as fitted.
-        # (mwalib 3.0 parses CALFITID as a 32-bit number: the MWA's fit ids, Unix
-        # microseconds like ours, need a later mwalib; the copy read here has seconds.)
+        # mwalib reads the metafits as served: each row matched to its rf input, the
+        # delays as fitted.
         import mwalib
 
         with_calib = tmp_path / f"{target}_with_calib.metafits"
-        with fits.open(io.BytesIO(reply.content)) as hdus:
-            hdus["CALIBDATA"].header["CALFITID"] = fit.fitid // 1_000_000
-            hdus.writeto(with_calib)
+        with_calib.write_bytes(reply.content)
         context = mwalib.MetafitsContext(str(with_calib), None)
         assert context.num_calibration_fits == 16
         for calibration in context.calibration_fits:
@@ -248,6 +250,9 @@ def test_calibdata_metafits_and_the_deprecated_services(
         with zipfile.ZipFile(io.BytesIO(old.content)) as archive:
             assert sorted(archive.namelist()) == sorted([f"{CAL_OBS}.bin", f"{target}_flagged_tiles.txt",
                                                          f"{target}_flags.py", f"{target}.metafits"])  # fmt: skip
+            (tmp_path / "zipped.metafits").write_bytes(archive.read(f"{target}.metafits"))
+        zipped = mwalib.MetafitsContext(str(tmp_path / "zipped.metafits"), None)
+        assert zipped.num_calibration_fits == 16
         by_calid = client.get("/calib/get_calfile_for_calid", params={"cal_id": CAL_OBS})
         with zipfile.ZipFile(io.BytesIO(by_calid.content)) as archive:
             assert (
@@ -349,7 +354,7 @@ def test_a_missing_coarse_channel_file_is_nan_at_its_own_channel(tmp_path: Path)
     assert len(files) < len(sim.vis_paths)
     solved = solve_observation(sim.metafits_path, files, best[0].name)
     assert list(solved.meta.metafits_coarse_chans) == list(chans)
-    rows = tile_fits(solved, len(chans))
+    rows = tile_fits(solved, len(chans)).rows
     truth = sim.truth
     for row in rows:
         antenna = int(row["antenna"])  # type: ignore[call-overload]

@@ -68,7 +68,7 @@ def test_two_runs_of_one_request_at_once_store_one_fit(
 
     def new_run_waits() -> bool:
         return any(
-            f"calib.request {request_id}: another run of it holds its lock" in r.getMessage()
+            f"calib.calibrator {CAL_OBS}: another run of it holds its lock" in r.getMessage()
             for r in caplog.records
         )
 

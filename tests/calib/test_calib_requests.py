@@ -266,3 +266,112 @@ def test_a_callback_that_cannot_be_sent_fails_alone_and_is_counted(
     assert [r.callback_attempts for r in requests_in(session_factory)] == [2, 2, 2, 1]
     assert len(receiver.bodies) == 1
     receiver.server.shutdown()
+
+
+def test_calibrator_observations_without_a_fit_are_requested_once_in_bulk(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """calvin's rule (spec 3.5): each archived calibrator observation with correlator data and
+    no fit and no request gets one bulk request, filed by the dispatcher's pass, once."""
+    from typing import Any
+
+    from observatory.asvo.dispatcher import BULK_PRIORITY, Dispatcher
+    from observatory.calib.models import CalibrationFit
+    from observatory.calib.requests import request_unfitted_calibrators
+
+    wanted, fitted, requested, sun, no_data, target, deleted = (TARGET + 8 * k for k in range(7))
+    with session_factory() as session:
+        for obsid in (wanted, fitted, requested, sun, no_data, target, deleted):
+            session.add(Observation(
+                obsid=obsid, stoptime=obsid + 8, mode="MWAX_CORRELATOR", coarse_chans=CHANS,
+                calibration=obsid != target, calibrator_source="Sun" if obsid == sun else "HydA",
+                deleted=obsid == deleted,
+            ))  # fmt: skip
+            if obsid != no_data:
+                session.add(ObservationFile(obsid=obsid, name=f"{obsid}_ch109_000.fits", kind=FileKind.MWAX_VIS,
+                                            size_bytes=1, sha1="0" * 40, storage_key=f"{obsid}/x.fits"))  # fmt: skip
+        session.add(CalibrationFit(fitid=1, obsid=fitted))
+        session.add(CalibrationRequest(cal_id=requested, target_obs_id=target))
+        session.commit()
+
+        dispatcher = Dispatcher(settings, session_factory)
+        submitted: list[tuple[int, int]] = []
+
+        class Client:
+            def submit(self, _task: object, _settings: object, request_id: int, **kw: Any) -> Any:
+                submitted.append((request_id, kw["priority"]))
+                return type("Future", (), {"done": lambda self: False})()
+
+        dispatcher._client = Client()
+        dispatcher._calibration_requests(session)
+        (auto,) = session.scalars(
+            select(CalibrationRequest).where(CalibrationRequest.cal_id == wanted)
+        ).all()
+        assert auto.bulk_request and not auto.realtime and auto.asvo_job_id is None
+        manual = session.scalars(
+            select(CalibrationRequest).where(CalibrationRequest.cal_id == requested)
+        ).one()
+        assert submitted == [(manual.id, 0)]  # the bulk request waits while another is in hand
+        manual.calibration_error_datetime = datetime.now(UTC)
+        session.commit()
+        dispatcher.futures[99] = object()  # ... or while an ASVO job's task is
+        dispatcher._calibration_requests(session)
+        assert submitted == [(manual.id, 0)]
+        del dispatcher.futures[99]
+        dispatcher._calibration_requests(session)
+        assert submitted == [(manual.id, 0), (auto.id, BULK_PRIORITY)]
+        assert request_unfitted_calibrators(session) == []  # once
+        auto.calibration_error_datetime = datetime.now(UTC)  # a failed request is not refiled
+        session.commit()
+        assert request_unfitted_calibrators(session) == []
+        assert len(session.scalars(select(CalibrationRequest)).all()) == 2
+
+
+def test_requests_for_one_calibrator_join_its_fit(
+    client: TestClient,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """add_cal_request three times: one fit, and each request (and its callback) finished by it."""
+    import numpy as np
+
+    from observatory.calib import pipeline, service
+    from observatory.calib.formats import CalSolutions
+    from observatory.calib.requests import callback_body
+
+    fitted: list[int] = []
+
+    def fake_fit(session: Session, settings: Settings, obsid: int) -> object:
+        fitted.append(obsid)
+        rows = [{"tileid": 11, "antenna": 0, "x_delay_m": 0.1, "y_delay_m": 0.1}]
+        solutions = CalSolutions(jones=np.ones((1, 1, 2, 4), complex), obsid=obsid)
+        return service.store_fit(session, settings, obsid, solutions, rows)
+
+    monkeypatch.setattr(pipeline, "fit_observation", fake_fit)
+    for n in range(3):
+        url = f"http://127.0.0.1:18150/done/{n}"
+        assert (
+            client.get(
+                "/calib/add_cal_request", params={"obs_id": TARGET, "callback_url": url}
+            ).status_code
+            == 200
+        )
+    first, second, third = requests_in(session_factory)
+    assert first.cal_id == second.cal_id == third.cal_id == TARGET + 3000
+    # The dispatcher runs each; the first fits, the others find their request finished.
+    results = [pipeline.run_request(settings.model_dump(), r.id) for r in (first, second, third)]
+    assert results == ["completed"] * 3 and fitted == [TARGET + 3000]
+    finished = requests_in(session_factory)
+    assert len({r.calibration_fit_id for r in finished}) == 1 and finished[0].calibration_fit_id
+    assert [r.callback_url for r in finished] == [
+        f"http://127.0.0.1:18150/done/{n}" for n in range(3)
+    ]
+    assert all(callback_body(r)["success"] for r in finished)
+    # A request filed after the fit finished is a new fit (a refit).
+    assert client.get("/calib/add_cal_request", params={"obs_id": TARGET}).status_code == 200
+    assert (
+        pipeline.run_request(settings.model_dump(), requests_in(session_factory)[-1].id)
+        == "completed"
+    )
+    assert fitted == [TARGET + 3000] * 2

@@ -369,3 +369,116 @@ def test_prefer_fitid_must_have_the_targets_coarse_channels(
             "/calib/get_cal_solution", params={"obs_id": TARGET, "prefer_fitid": orphan}
         )
         assert orphaned.status_code == 404 and "not in the archive" in orphaned.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "path", ["/calib/get_cal_solution", "/calib/get_cal_fits", "/calib/add_cal_request"]
+)
+def test_max_time_separation_beyond_the_archive_is_a_400_naming_the_limit(
+    client: TestClient, fits: dict[str, int], path: str
+) -> None:
+    """A separation past every GPS second (here 2**63 - 1) is a 400, not an SQL overflow."""
+    for huge in (str(2**63 - 1), str(service.MAX_TIME_SEPARATION_S + 1)):
+        reply = client.get(path, params={"obs_id": TARGET, "max_time_separation": huge})
+        assert reply.status_code == 400, reply.text
+        error = reply.json()["error"]
+        assert "max_time_separation" in error and str(service.MAX_TIME_SEPARATION_S) in error
+    if path.endswith("get_cal_fits"):  # the limit itself spans the whole archive
+        widest = client.get(
+            path, params={"obs_id": TARGET, "max_time_separation": service.MAX_TIME_SEPARATION_S}
+        )
+        assert widest.status_code == 200 and str(fits["far"]) in widest.json()
+
+
+def add_fit_of_tiles(
+    session: Session, settings: Settings, calid: int, n_tiles: int, n_calibrated: int | None = None
+) -> int:
+    """A fit of the first ``n_tiles`` tiles of the layout, the first ``n_calibrated`` (all) calibrated."""
+    tiles = [t.tile_id for t in tile_layout()[:n_tiles]]
+    jones = np.ones((1, n_tiles, 8, 4), dtype=np.complex128)
+    n_good = n_tiles if n_calibrated is None else n_calibrated
+    rows = [{"tileid": tile, "antenna": antenna, "x_delay_m": 0.1 if antenna < n_good else None,
+             "y_delay_m": 0.1 if antenna < n_good else None}
+            for antenna, tile in enumerate(tiles)]  # fmt: skip
+    return service.store_fit(
+        session, settings, calid, CalSolutions(jones=jones, obsid=calid), rows
+    ).fitid
+
+
+def test_a_fit_for_another_number_of_tiles_is_never_chosen(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """A 4-tile calibrator cannot calibrate an 8-tile target (AO-cal: one solution per antenna)."""
+    from observatory.archive.models import FileKind, ObservationFile
+    from observatory.calib import requests
+
+    target = TARGET + 500_000
+    with session_factory() as session:
+        add_obs(session, target, calibration=False)
+        for obsid in (target - 100, target + 600):  # 4 tiles near, 8 tiles farther
+            add_obs(session, obsid)
+            session.add(ObservationFile(obsid=obsid, name=f"{obsid}_ch109_000.fits", kind=FileKind.MWAX_VIS,
+                                        size_bytes=1, sha1="0" * 40, storage_key=f"{obsid}/x.fits"))  # fmt: skip
+        add_obs(session, target - 50)  # its tile count unknown: its fit's rows count
+        session.flush()
+        for obsid, n in ((target - 100, 4), (target + 600, 8), (target - 50, 4)):
+            observation = session.get(Observation, obsid)
+            assert observation is not None
+            observation.n_tiles = n if obsid != target - 50 else None
+        target_obs = session.get(Observation, target)
+        assert target_obs is not None
+        target_obs.n_tiles = 8
+        four = add_fit_of_tiles(session, settings, target - 100, 4)
+        unknown = add_fit_of_tiles(session, settings, target - 50, 4)
+        eight = add_fit_of_tiles(session, settings, target + 600, 8)
+        session.commit()
+
+        _, fit = service.best_fit(session, target)
+        assert fit.fitid == eight
+        assert [c.fitid for c in service.candidate_fits(session, target_obs)] == [eight]
+        with pytest.raises(service.NotFound, match="2 for another number of tiles"):
+            service.best_fit(session, target, max_time_separation_s=200)
+        for other in (four, unknown):
+            with pytest.raises(service.BadRequest, match="with 4 tiles") as refused:
+                service.best_fit(session, target, prefer_fitid=other)
+            assert refused.value.extra == {"obs_id_tiles": 8, "fit_tiles": 4}
+        # A fit request picks the 8-tile calibrator, though the 4-tile one is nearer.
+        assert requests.best_calibrator(session, target_obs, 86_400).obsid == target + 600
+        with pytest.raises(service.NotFound, match="1 for another number of tiles"):
+            requests.best_calibrator(session, target_obs, 200)
+
+
+def test_a_fit_in_which_few_tiles_calibrated_loses_to_a_full_one_a_little_further(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """1 of 8 tiles calibrated 400 s away, all 8 500 s away: the second (at least half needed)."""
+    target = TARGET + 700_000
+    with session_factory() as session:
+        add_obs(session, target, calibration=False)
+        for obsid in (target - 400, target + 500, target + 450):
+            add_obs(session, obsid)
+        session.flush()
+        one = add_fit_of_tiles(session, settings, target - 400, 8, n_calibrated=1)
+        full = add_fit_of_tiles(session, settings, target + 500, 8)
+        half = add_fit_of_tiles(session, settings, target + 450, 8, n_calibrated=4)
+        session.commit()
+        target_obs = session.get(Observation, target)
+        assert target_obs is not None
+        # Half of the tiles is enough: then the nearest in time.
+        assert [c.fitid for c in service.candidate_fits(session, target_obs)] == [half, full]
+        with pytest.raises(service.NotFound, match="1 with under half of their tiles calibrated"):
+            service.best_fit(session, target, max_time_separation_s=420)
+        # A fit named by the user is used as long as a tile of it calibrated.
+        _, chosen = service.best_fit(session, target, prefer_fitid=one)
+        assert chosen.fitid == one
+
+
+def test_zip_members_are_readable_by_all(client: TestClient, fits: dict[str, int]) -> None:
+    """rw-r--r--, cached solution files (written 0600) included."""
+    for params in ({}, {"nocache": 1}, {"output_format": "hyperdrive"}):
+        reply = client.get("/calib/get_cal_solution", params={"obs_id": TARGET, **params})
+        with zipfile.ZipFile(io.BytesIO(reply.content)) as archive:
+            modes = {
+                info.filename: (info.external_attr >> 16) & 0o777 for info in archive.infolist()
+            }
+        assert set(modes.values()) == {0o644}, (params, modes)

@@ -149,3 +149,22 @@ def test_bad_hyperdrive(tmp_path: Path) -> None:
 def test_shape_is_validated() -> None:
     with pytest.raises(ValueError, match="shape"):
         CalSolutions(jones=np.zeros((1, 2, 3), complex))
+
+
+def test_flagged_solutions_are_nan_in_both_doubles_and_flag_their_chanblock(tmp_path: Path) -> None:
+    """numpy's complex NaN is NaN+0j; the files hold NaN in both doubles (hyperdrive's, spec 1.2),
+    and a chanblock with no solution at all is flagged in CHANBLOCKS."""
+    jones = np.ones((1, 3, 4, 4), dtype=np.complex128)
+    jones[0, 1] = np.nan  # a flagged tile: NaN+0j
+    jones[0, :, 2] = np.nan  # a flagged chanblock
+    assert jones[0, 1, 0, 0].imag == 0.0
+    solutions = CalSolutions(jones=jones, obsid=1_400_000_000)
+    write_aocal(tmp_path / "s.bin", solutions)
+    doubles = np.frombuffer((tmp_path / "s.bin").read_bytes()[48:], "<f8").reshape(1, 3, 4, 4, 2)
+    assert np.isnan(doubles[0, 1]).all() and np.isnan(doubles[0, :, 2]).all()
+    assert np.isfinite(doubles[0, 0, [0, 1, 3]]).all()
+    write_hyperdrive(tmp_path / "s.fits", solutions)
+    with fits.open(tmp_path / "s.fits") as hdus:
+        raw = hdus["SOLUTIONS"].data
+        assert np.isnan(raw[0, 1]).all() and np.isnan(raw[0, :, 2]).all()
+        assert hdus["CHANBLOCKS"].data["Flag"].tolist() == [0, 0, 1, 0]

@@ -38,6 +38,7 @@ from observatory.asvo.models import TERMINAL_STATES, Job, JobState
 from observatory.asvo.pipeline import calibration_pending, remove_product, run_job
 from observatory.calib.models import CalibrationRequest
 from observatory.calib.pipeline import run_request
+from observatory.calib.requests import request_unfitted_calibrators
 from observatory.core.config import Settings
 from observatory.core.database import make_engine, mask_url, utcnow
 
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 
 #: Broken tasks (beyond Dask's own retries) before a job is given up as an error.
 MAX_TASK_FAILURES = 3
+
+#: Dask priority of bulk calibration requests (the automatic ones): after everything else.
+BULK_PRIORITY = -10
 
 #: Client states in which a Dask client will never talk to its scheduler again.
 _DEAD_CLIENT = frozenset({"closing", "closed"})
@@ -378,19 +382,31 @@ class Dispatcher:
             self._calibration_requests(session)
 
     def _calibration_requests(self, session: Session) -> None:
-        """Submit calibration fit requests that have not finished (once each per process)."""
-        pending = session.scalars(
-            select(CalibrationRequest.id).where(
+        """Submit calibration fit requests that have not finished (once each per process).
+
+        Calibrator observations in the archive that have no fit and no request get a bulk
+        request first (``request_unfitted_calibrators``). Bulk requests are low priority:
+        they are submitted only while no ASVO job task and no other request is in hand (a
+        fit of the archive's backlog would otherwise hold workers a user's job needs; Dask's
+        priority orders only tasks that wait), and then at a lower Dask priority.
+        """
+        request_unfitted_calibrators(session)
+        pending = session.execute(
+            select(CalibrationRequest.id, CalibrationRequest.bulk_request).where(
                 CalibrationRequest.calibration_completed_datetime.is_(None),
                 CalibrationRequest.calibration_error_datetime.is_(None),
             ).order_by(CalibrationRequest.bulk_request, CalibrationRequest.request_added_datetime)
         ).all()  # fmt: skip
-        for request_id in pending:
+        busy = bool(self.futures) or any(not bulk for _, bulk in pending)
+        for request_id, bulk in pending:
+            if bulk and busy:
+                continue
             if request_id not in self.calibration_futures:
                 generation = self.calibration_generations.get(request_id, 0)
                 self.calibration_futures[request_id] = self._client.submit(
                     run_request, self.settings.model_dump(), request_id,
                     key=f"calibration-request-{request_id}-{generation}", pure=False, retries=2,
+                    priority=BULK_PRIORITY if bulk else 0,
                 )  # fmt: skip
         for request_id, future in list(self.calibration_futures.items()):
             if future.done():  # finished, or broke before finishing: then submitted again

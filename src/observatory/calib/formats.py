@@ -139,8 +139,15 @@ def read_aocal(path: str | Path) -> CalSolutions:
     return CalSolutions(jones=jones, start_gps=_time_or_none(start), end_gps=_time_or_none(end))
 
 
+def _flagged_as_nan(jones: np.ndarray) -> np.ndarray:
+    """``jones`` with each flagged element NaN in both parts (NaN+NaNj, as hyperdrive writes
+    them; spec 1.2 "NaN in its doubles"), not only the real part (NaN+0j, numpy's NaN)."""
+    return np.where(np.isnan(jones.real) | np.isnan(jones.imag), complex(np.nan, np.nan), jones)
+
+
 def write_aocal(path: str | Path, solutions: CalSolutions) -> None:
-    """Write ``solutions`` as an AO-cal binary file (atomically, little-endian)."""
+    """Write ``solutions`` as an AO-cal binary file (atomically, little-endian; flagged
+    elements NaN+NaNj)."""
     header = AOCAL_HEADER.pack(
         AOCAL_MAGIC,
         0,
@@ -154,7 +161,7 @@ def write_aocal(path: str | Path, solutions: CalSolutions) -> None:
     )
     with atomic_output(path) as temporary, open(temporary, "wb") as handle:
         handle.write(header)
-        handle.write(np.ascontiguousarray(solutions.jones, dtype="<c16").tobytes())
+        handle.write(np.ascontiguousarray(_flagged_as_nan(solutions.jones), dtype="<c16").tobytes())
 
 
 def read_hyperdrive(path: str | Path) -> CalSolutions:
@@ -230,7 +237,8 @@ def write_hyperdrive(path: str | Path, solutions: CalSolutions) -> None:
     """Write ``solutions`` in hyperdrive's FITS layout (atomically).
 
     Tables whose information is unknown are written as hyperdrive does (zero
-    times, NaN frequencies); TILES always has Antenna and Flag.
+    times, NaN frequencies); TILES always has Antenna and Flag. Flagged elements are
+    NaN in both parts, and a chanblock whose every solution is flagged has ``Flag`` 1.
     """
     n_time, n_ant, n_chan = solutions.jones.shape[:3]
     primary = fits.PrimaryHDU()
@@ -239,8 +247,9 @@ def write_hyperdrive(path: str | Path, solutions: CalSolutions) -> None:
     for key, value in solutions.header.items():
         primary.header[key] = value
     raw = np.empty((n_time, n_ant, n_chan, 2 * N_POLS), dtype=np.float64)
-    raw[..., 0::2] = solutions.jones.real
-    raw[..., 1::2] = solutions.jones.imag
+    jones = _flagged_as_nan(solutions.jones)
+    raw[..., 0::2] = jones.real
+    raw[..., 1::2] = jones.imag
     hdus: list[Any] = [primary, fits.ImageHDU(raw, name="SOLUTIONS")]
     times = solutions.timeblocks_gps
     if times is None:
@@ -270,10 +279,11 @@ def write_hyperdrive(path: str | Path, solutions: CalSolutions) -> None:
         tile_columns.append(fits.Column("TileName", "8A", array=np.array(solutions.tile_names)))
     hdus.append(fits.BinTableHDU.from_columns(tile_columns, name="TILES"))
     chan_flags = (
-        solutions.chanblock_flags
+        solutions.chanblock_flags.copy()
         if solutions.chanblock_flags is not None
         else np.zeros(n_chan, bool)
     )
+    chan_flags[solutions.flagged_chanblocks()] = True
     freqs = (
         solutions.chanblock_freqs_hz
         if solutions.chanblock_freqs_hz is not None

@@ -19,11 +19,13 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from observatory.archive.models import Observation
 from observatory.calib.models import CalibrationFit, CalibrationSolution
+from observatory.calib.service import observation_tiles
+from observatory.core.config import Settings
 from observatory.core.errors import BadRequest
 from observatory.core.gpstime import gps_to_unix, utc_to_gps
 from observatory.core.web import loads_request_json
@@ -36,12 +38,27 @@ STYLES = (
 PAYLOADS = ("channel", "source", "style", "clip")
 
 
-def receivers() -> list[int]:
-    """Receiver numbers of the array."""
-    return sorted({tile.rx for tile in tile_layout()})
+def _layout_tiles() -> dict[int, tuple[str, int]]:
+    """The built-in 128-tile layout: tile id -> (name, receiver)."""
+    return {tile.tile_id: (tile.tile_name, tile.rx) for tile in tile_layout()}
 
 
-def metrics() -> list[dict[str, Any]]:
+def _tiles_of(session: Session, settings: Settings, obsid: int) -> dict[int, tuple[str, int]]:
+    """An observation's tiles: id -> (name, receiver), from its metafits (the built-in
+    layout when its metafits is not in the archive)."""
+    known = observation_tiles(session, settings, obsid)
+    return {tile: (row.tile_name, row.rx) for tile, row in known.items()} or _layout_tiles()
+
+
+def receivers(session: Session, settings: Settings) -> list[int]:
+    """Receiver numbers of the array: those of the newest fitted calibrator observation's
+    metafits (the array as it is now), or the built-in layout's without one."""
+    newest = session.scalar(select(func.max(CalibrationFit.obsid)))
+    tiles = _layout_tiles() if newest is None else _tiles_of(session, settings, newest)
+    return sorted({rx for _, rx in tiles.values()})
+
+
+def metrics(session: Session, settings: Settings) -> list[dict[str, Any]]:
     """What ``/metrics`` offers: one metric per receiver, and ``sources``."""
     payloads = [
         {"name": "channel", "label": "Coarse channel", "type": "select", "reloadMetric": False},
@@ -51,7 +68,7 @@ def metrics() -> list[dict[str, Any]]:
     ]
     found = [
         {"value": f"rec{rx:02d}", "label": f"Receiver {rx:02d}", "payloads": payloads}
-        for rx in receivers()
+        for rx in receivers(session, settings)
     ]
     return [*found, {"value": "sources", "label": "Calibrator sources", "payloads": []}]
 
@@ -101,7 +118,7 @@ def _frame(name: str, ref_id: str, times_ms: list[float], values: list[Any], kin
     }  # fmt: skip
 
 
-def query(session: Session, body: Mapping[str, Any]) -> list[dict[str, Any]]:
+def query(session: Session, settings: Settings, body: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Answer ``/query``: frames for every (visible) target."""
     first_gps, last_gps = _time_range(body)
     rows = session.execute(
@@ -127,7 +144,7 @@ def query(session: Session, body: Mapping[str, Any]) -> list[dict[str, Any]]:
             continue
         if not (name.startswith("rec") and name[3:].isdecimal()):
             raise BadRequest(f"target {name!r} is not recNN or sources")
-        frames += _receiver_frames(session, int(name[3:]), ref_id, rows, payload)
+        frames += _receiver_frames(session, settings, int(name[3:]), ref_id, rows, payload)
     return frames
 
 
@@ -146,11 +163,15 @@ def _payload(value: object) -> Mapping[str, Any]:
 
 
 def _receiver_frames(
-    session: Session, rx: int, ref_id: str, rows: Sequence[Any], payload: Mapping[str, Any]
+    session: Session,
+    settings: Settings,
+    rx: int,
+    ref_id: str,
+    rows: Sequence[Any],
+    payload: Mapping[str, Any],
 ) -> list[dict[str, Any]]:
-    tiles = {t.tile_id: t.tile_name for t in tile_layout() if t.rx == rx}
-    if not tiles:
-        raise BadRequest(f"receiver {rx} is not in the array")
+    """The frames of receiver ``rx``: its tiles in each fit are those its calibrator
+    observation's metafits puts on it (tiles move between receivers, and arrays differ)."""
     channel, source = str(payload.get("channel", "ANY")), str(payload.get("source", "ANY"))
     style = str(payload.get("style", "full"))
     if style not in {value for _, value in STYLES}:
@@ -167,13 +188,21 @@ def _receiver_frames(
     chosen = [r for r in rows if (channel == "ANY" or (channel.isdecimal() and int(channel) in (r.coarse_chans or [])))
               and (source == "ANY" or r.calibrator_source == source)]  # fmt: skip
     fits = {r.fitid: gps_to_unix(r.obsid) * 1000 for r in chosen}
-    solutions = session.scalars(
-        select(CalibrationSolution).where(CalibrationSolution.fitid.in_(fits), CalibrationSolution.tileid.in_(tiles))
-    ).all() if fits else []  # fmt: skip
+    array_of = {obsid: _tiles_of(session, settings, obsid) for obsid in {r.obsid for r in chosen}}
+    # Per fit, the tiles on this receiver: tile id -> name.
+    on_rx = {r.fitid: {tile: name for tile, (name, r_x) in array_of[r.obsid].items() if r_x == rx}
+             for r in chosen}  # fmt: skip
+    known = {r_x for tiles in array_of.values() for _, r_x in tiles.values()}
+    if rx not in known | {r_x for _, r_x in _layout_tiles().values()}:
+        raise BadRequest(f"receiver {rx} is not in the array")
+    wanted = {tile for tiles in on_rx.values() for tile in tiles}
+    solutions = [s for s in session.scalars(
+        select(CalibrationSolution).where(CalibrationSolution.fitid.in_(fits), CalibrationSolution.tileid.in_(wanted))
+    ) if s.tileid in on_rx[s.fitid]] if fits and wanted else []  # fmt: skip
     series: dict[str, list[tuple[float, float]]] = defaultdict(list)
     per_fit: dict[float, list[float]] = defaultdict(list)
     for s in sorted(solutions, key=lambda s: (fits[s.fitid], s.tileid)):
-        when, label = fits[s.fitid], tiles[s.tileid]
+        when, label = fits[s.fitid], on_rx[s.fitid][s.tileid]
         x, y = _number(s.x_delay_m), _number(s.y_delay_m)
         if style == "full":
             series[f"{label} X"].append((when, x))

@@ -14,20 +14,21 @@ channel.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from observatory import __version__
 from observatory.archive.models import Observation
 from observatory.archive.service import correlator_inputs
-from observatory.calib.fitting import fit_gain, fit_phase_line
+from observatory.calib.fitting import PhaseFit, fit_gain, fit_phase_line
 from observatory.calib.formats import CalSolutions
-from observatory.calib.models import CalibrationFit
+from observatory.calib.models import CalibrationFit, CalibrationRequest
 from observatory.calib.plots import draw_all
 from observatory.calib.service import store_fit
 from observatory.calib.solver import Solution, normal_matrices, stefcal
@@ -40,12 +41,22 @@ from observatory.preprocess.reader import ObservationMeta, open_reader
 from observatory.telescope.catalogue import lookup
 from observatory.telescope.instrument import SPEED_OF_LIGHT_M_S
 
-#: The lock kind of calibration fit requests (:func:`~observatory.core.locks.resource_lock`).
-REQUEST_LOCK_KIND = "calib.request"
+#: The lock kind of a calibrator observation's fit (:func:`~observatory.core.locks.resource_lock`):
+#: the runs of every request for one calibrator take it in turn.
+CALIBRATOR_LOCK_KIND = "calib.calibrator"
 
 #: calvin's settings (specs/calib.md 3.1): edges flagged, phase-fit iterations.
 EDGE_WIDTH_HZ = 80_000
 PHASE_FIT_NITER = 3
+#: A phase fit is a delay measurement only with at least this quality (the fraction of
+#: all chanblocks its clipping kept). Good fits keep ~0.75-0.88 (real hyperdrive
+#: solutions 0.77-0.84, specs/calib.md 3.3); a tile of noise, or a calibrator too faint
+#: for its noise, keeps ~0.3-0.6.
+MIN_PHASE_FIT_QUALITY = 0.5
+#: ... and with phase residuals spread by at most this (radians). Good fits: ~0.08 rad
+#: (real, specs/calib.md 3.3) up to ~0.3 rad on faint simulated calibrators; noise,
+#: whose phases follow no line, ~0.85-1.4 rad whatever its quality.
+MAX_PHASE_SIGMA_RESID_RAD = 0.6
 #: The solver's iteration limit: calvin runs hyperdrive with ``--max-iterations 500``.
 #: Each fit records it as its ``fit_limit`` (the summary's "Niter/Limit" column).
 SOLVER_MAX_ITERATIONS = 500
@@ -133,12 +144,53 @@ def solve_observation(
     )  # fmt: skip
 
 
-def tile_fits(solved: SolvedObservation, n_coarse_metafits: int) -> list[dict[str, object]]:
+@dataclass(frozen=True)
+class TileFits:
+    """The ``calibration_solutions`` rows of a solve, and why tiles did not calibrate."""
+
+    rows: list[dict[str, object]]
+    #: Reason -> number of tiles that did not calibrate for it.
+    failures: Counter[str]
+
+
+def delay_limit_m(meta: ObservationMeta) -> float | None:
+    """The largest cable-length residual that is physically possible, or None if unknown.
+
+    A residual is the error in the recorded electrical length of a tile's cable minus
+    that of the reference tile's. Each recorded and each real length lies between 0 and
+    the longest cable of the array, so each error is within plus or minus that length,
+    and their difference within twice it. A fitted delay beyond it is no delay at all:
+    the phase line of noise (whose FFT peak can be anywhere on its +-3750 m grid).
+    """
+    lengths = np.abs(np.asarray(meta.cable_length_m, dtype=np.float64))
+    longest = float(np.nanmax(lengths)) if lengths.size and np.isfinite(lengths).any() else 0.0
+    return 2.0 * longest if longest > 0 else None
+
+
+def _phase_problem(phase: PhaseFit, limit_m: float | None) -> str | None:
+    """Why a phase fit is no delay measurement (see the thresholds above), or None."""
+    if limit_m is not None and not abs(phase.length_m) <= limit_m:
+        return f"with a delay beyond +-{limit_m:.0f} m (twice the longest cable)"
+    if not phase.quality >= MIN_PHASE_FIT_QUALITY:
+        return f"with a phase fit quality below {MIN_PHASE_FIT_QUALITY}"
+    if not phase.sigma_resid <= MAX_PHASE_SIGMA_RESID_RAD:
+        return f"with a phase residual spread above {MAX_PHASE_SIGMA_RESID_RAD} rad"
+    return None
+
+
+def tile_fits(solved: SolvedObservation, n_coarse_metafits: int) -> TileFits:
     """One ``calibration_solutions`` row per tile, calvin's way (NaN rows for failed tiles).
 
     The per-coarse-channel arrays have ``n_coarse_metafits`` values in the metafits'
     coarse-channel order, each channel's at its place: a channel with no data file is NaN
     (specs/calib.md 3.4).
+
+    A tile calibrates when both its polarisations give a delay measurement: a phase fit
+    (at least 2 usable chanblocks) within :func:`delay_limit_m`, of quality at least
+    ``MIN_PHASE_FIT_QUALITY`` and residual spread at most ``MAX_PHASE_SIGMA_RESID_RAD``.
+    Otherwise its row is NaN (a tile whose X or Y solutions are noise is flagged as a
+    whole, as hyperdrive reads a Jones with a NaN in it). The reference tile's delay is 0
+    by construction: it counts as calibrated only when another tile did.
     """
     meta, freqs = solved.meta, solved.freqs_hz
     places = _channel_places(solved, n_coarse_metafits)
@@ -146,27 +198,42 @@ def tile_fits(solved: SolvedObservation, n_coarse_metafits: int) -> list[dict[st
     tile_ids = np.array(meta.antenna_numbers)
     usable = ~meta.flagged_antennas & np.isfinite(jones[:, :, 0]).any(axis=0)
     reference = int(np.flatnonzero(usable)[np.argmin(tile_ids[usable])]) if usable.any() else 0
-    rows = []
+    limit_m = delay_limit_m(meta)
+    nan = [math.nan] * n_coarse_metafits
+    failed_row: dict[str, object] = {f"{pol}_{name}": value for pol in ("x", "y") for name, value in (
+        ("delay_m", math.nan), ("intercept", math.nan), ("gains", nan), ("gains_pol0", nan),
+        ("gains_pol1", nan), ("gains_sigma_resid", nan), ("phase_sigma_resid", math.nan),
+        ("phase_chi2dof", math.nan), ("phase_fit_quality", math.nan),
+        ("gains_fit_quality", math.nan))}  # fmt: skip
+    rows: list[dict[str, object]] = []
+    failures: Counter[str] = Counter()
     for antenna, tileid in enumerate(tile_ids):
-        row: dict[str, object] = {"tileid": int(tileid), "antenna": antenna}
+        row: dict[str, object] = {"tileid": int(tileid), "antenna": antenna, **failed_row}
+        rows.append(row)
+        if meta.flagged_antennas[antenna]:
+            failures["flagged in the metafits"] += 1
+            continue
+        if not usable[antenna]:
+            failures["with no solution from the solver"] += 1
+            continue
+        fitted: dict[str, object] = {}
+        problem = None
         for pol, element in (("x", 0), ("y", 3)):
             raw = jones[:, antenna, element]
             with np.errstate(invalid="ignore", divide="ignore"):  # flagged chanblocks are NaN
                 referenced = raw / jones[:, reference, element]
             weights = np.isfinite(referenced).astype(np.float64)
-            nan = [math.nan] * n_coarse_metafits
-            row |= {f"{pol}_delay_m": math.nan, f"{pol}_intercept": math.nan, f"{pol}_gains": nan,
-                    f"{pol}_gains_pol0": nan, f"{pol}_gains_pol1": nan, f"{pol}_gains_sigma_resid": nan}  # fmt: skip
-            if not usable[antenna]:
-                continue
             try:
                 phase = fit_phase_line(freqs, referenced, weights, PHASE_FIT_NITER)
             except ValueError:
-                continue
+                problem = "with fewer than 2 usable chanblocks"
+                break
+            if (problem := _phase_problem(phase, limit_m)) is not None:
+                break
             gain = fit_gain(
                 freqs, raw, np.isfinite(raw).astype(np.float64), solved.chanblocks_per_coarse
             )
-            row |= {
+            fitted |= {
                 f"{pol}_delay_m": -phase.length_m,  # calvin stores minus the length
                 f"{pol}_intercept": phase.intercept,
                 f"{pol}_phase_sigma_resid": phase.sigma_resid, f"{pol}_phase_chi2dof": phase.chi2dof,
@@ -177,8 +244,15 @@ def tile_fits(solved: SolvedObservation, n_coarse_metafits: int) -> list[dict[st
                 f"{pol}_gains_sigma_resid": _pad(gain.sigma_resid, places, n_coarse_metafits),
                 f"{pol}_gains_fit_quality": gain.quality,
             }  # fmt: skip
-        rows.append(row)
-    return rows
+        if problem is not None:
+            failures[problem] += 1
+        else:
+            row |= fitted
+    calibrated = [a for a, row in enumerate(rows) if np.isfinite(float(row["x_delay_m"]))]  # type: ignore[arg-type]
+    if calibrated == [reference]:  # its 0 m is relative to no other tile
+        rows[reference] |= failed_row
+        failures["the reference tile, with no other tile calibrated"] += 1
+    return TileFits(rows, failures)
 
 
 def _channel_places(solved: SolvedObservation, n: int) -> NDArray[np.int64]:
@@ -221,6 +295,19 @@ def fit_observation(session: Session, settings: Settings, obsid: int) -> Calibra
     metafits, files = correlator_inputs(session, Storage(settings.archive_dir), obsid)
     solved = solve_observation(metafits, files, observation.calibrator_source)
     jones = solved.solution.jones()  # (chanblock, antenna, 4)
+    # A delay is the slope of phase with frequency: it needs 2 chanblocks with solutions.
+    # (Without this check such an observation fails tile by tile, which reads as if the
+    # tiles were at fault.) With fewer than 2 unflagged tiles nothing can be solved at
+    # all: that is the tiles' fault, and said so below.
+    unflagged = ~solved.meta.flagged_antennas
+    n_usable = int(np.isfinite(jones[:, unflagged, 0]).any(axis=1).sum())
+    if n_usable < 2 and unflagged.sum() >= 2:
+        raise CalibrationFailed(
+            f"observation {obsid} has {n_usable} usable chanblock(s) of the {len(jones)} in "
+            f"its data files ({len(files)} file(s), {solved.meta.fine_chan_width_hz / 1e3:g} kHz "
+            "fine channels, coarse-channel edges flagged): a delay fit needs at least 2; no "
+            "fit was stored"
+        )
     # One timeblock: hyperdrive's times are centroids, the first timestep's and the last's
     # (specs/calib.md 1.3: obsid + half an integration, ...).
     centroids = solved.time_centroids_gps
@@ -236,14 +323,20 @@ def fit_observation(session: Session, settings: Settings, obsid: int) -> Calibra
         chanblock_freqs_hz=solved.freqs_hz, obsid=obsid, tile_names=list(solved.meta.antenna_names),
         tile_flags=solved.meta.flagged_antennas.copy(),
     )  # fmt: skip
-    rows = tile_fits(solved, len(solved.meta.metafits_coarse_chans))
+    fitted = tile_fits(solved, len(solved.meta.metafits_coarse_chans))
+    rows = fitted.rows
     delays = np.array([[row["x_delay_m"], row["y_delay_m"]] for row in rows], dtype=float)
-    if not np.isfinite(delays).any():
-        n_flagged = int(solved.meta.flagged_antennas.sum())
-        raise CalibrationFailed(
-            f"no tile of observation {obsid} calibrated ({n_flagged} of {len(rows)} tiles flagged "
-            "in the metafits); no fit was stored"
+    calibrated = np.isfinite(delays).any(axis=1)
+    if not calibrated.any():
+        why = ", ".join(
+            f"{n} of {len(rows)} tiles {reason}" for reason, n in fitted.failures.most_common()
         )
+        raise CalibrationFailed(
+            f"no tile of observation {obsid} calibrated ({why}); no fit was stored"
+        )
+    # The solutions of a tile that did not calibrate are no solutions (noise, or nothing):
+    # NaN, which hyperdrive and the conversion read as a flagged tile.
+    solutions.jones[:, ~calibrated] = np.nan
     fit = store_fit(
         session, settings, obsid, solutions, rows, creator="calvin", code_version=__version__,
         fit_niter=PHASE_FIT_NITER, fit_limit=solved.max_iterations,
@@ -258,25 +351,34 @@ def run_request(settings_values: dict[str, object], request_id: int) -> str:
     """A Dask task: fit a request's calibrator and finish the request; returns ``completed``/``error``.
 
     Idempotent: a request that already finished is left as it is. A fit that fails
-    finishes the request with the reason (its callback reports it). Two runs of one
-    request never overlap: a run holds the request's lock from its first look at the
-    request until its result is stored, so a run resubmitted by a restarted dispatcher
-    waits for one still going from before, then finds the request finished.
+    finishes the request with the reason (its callback reports it). Two runs for one
+    calibrator never overlap: a run holds the calibrator's lock from its first look at
+    the request until its result is stored, so a run resubmitted by a restarted
+    dispatcher waits for one still going from before, then finds the request finished.
+
+    Requests for the same calibrator join: a fit has no parameter but the calibrator
+    observation, so the fit (or failure) of one finishes every request for that
+    calibrator not finished by then, and their runs, waiting on the lock, find them
+    finished without fitting again. Each request keeps its own ASVO job and callback.
     """
-    from observatory.core.database import make_engine
+    from observatory.core.database import make_engine, make_session_factory
 
     settings = Settings(**settings_values)  # type: ignore[arg-type]
     engine = make_engine(settings.resolved_database_url)
     try:
-        with resource_lock(settings, engine, REQUEST_LOCK_KIND, request_id):
+        with make_session_factory(engine)() as session:
+            request = session.get(CalibrationRequest, request_id)
+            if request is None:
+                return "error"
+            cal_id = request.cal_id
+        with resource_lock(settings, engine, CALIBRATOR_LOCK_KIND, cal_id):
             return _run_request_locked(settings, engine, request_id)
     finally:
         engine.dispose()
 
 
 def _run_request_locked(settings: Settings, engine: Engine, request_id: int) -> str:
-    """``run_request`` while holding the request's lock."""
-    from observatory.calib.models import CalibrationRequest
+    """``run_request`` while holding the lock of the request's calibrator."""
     from observatory.calib.requests import finish_request
     from observatory.core.database import make_session_factory, utcnow
 
@@ -286,18 +388,30 @@ def _run_request_locked(settings: Settings, engine: Engine, request_id: int) -> 
             return "error"
         if request.calibration_completed_datetime or request.calibration_error_datetime:
             return "completed" if request.calibration_fit_id else "error"
+        cal_id = request.cal_id
         request.assigned_datetime = request.assigned_datetime or utcnow()
         request.calibration_started_datetime = utcnow()
         session.commit()
         try:
-            fit = fit_observation(session, settings, request.cal_id)
-        except Exception as exc:  # recorded: the requester is told why
+            fit = fit_observation(session, settings, cal_id)
+        except Exception as exc:  # recorded: the requesters are told why
             session.rollback()
-            request = session.get(CalibrationRequest, request_id)
-            assert request is not None
-            finish_request(session, request, error=f"{exc.__class__.__name__}: {exc}")
+            for joined in _unfinished_requests(session, cal_id):
+                finish_request(session, joined, error=f"{exc.__class__.__name__}: {exc}")
             session.commit()
             return "error"
-        finish_request(session, request, fit_id=fit.fitid)
+        for joined in _unfinished_requests(session, cal_id):
+            finish_request(session, joined, fit_id=fit.fitid)
         session.commit()
         return "completed"
+
+
+def _unfinished_requests(session: Session, cal_id: int) -> list[CalibrationRequest]:
+    """The requests for calibrator ``cal_id`` that have not finished (they join its fit)."""
+    return list(session.scalars(
+        select(CalibrationRequest).where(
+            CalibrationRequest.cal_id == cal_id,
+            CalibrationRequest.calibration_completed_datetime.is_(None),
+            CalibrationRequest.calibration_error_datetime.is_(None),
+        ).order_by(CalibrationRequest.id)
+    ))  # fmt: skip

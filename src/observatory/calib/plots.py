@@ -122,6 +122,7 @@ def figure_of(session: Session, fit: CalibrationFit, kind: str) -> Figure:
         found = session.execute(
             select(*wanted).where(CalibrationSolution.fitid.in_(earlier), CalibrationSolution.tileid.in_(position))
         ).all() if earlier else []  # fmt: skip
+        earlier_values: list[np.ndarray] = []
         if found:
             # Arrays, not per-point calls: a month of hourly fits is ~100,000 points.
             alpha_of = {f: _age_alpha(fit, other, days) for f, other in earlier.items()}
@@ -133,6 +134,12 @@ def figure_of(session: Session, fit: CalibrationFit, kind: str) -> Figure:
             series = [(old_x, 0), (old_y, 1)] if kind == "timediff" else [(old_y - old_x, 0)]
             for values, pol in series:
                 axes.scatter(column, values, s=10, c=_rgba(creator, pol, alpha), lw=0)
+                earlier_values.append(values)
+            _creator_legend(axes, set(creator), ("X", "Y") if kind == "timediff" else ("Y - X",))
+        own = np.concatenate([x, y]) if kind == "timediff" else y - x
+        hidden = _robust_ylim(axes, own, np.concatenate(earlier_values or [np.empty(0)]))
+        if hidden:
+            axes.plot([], [], " ", label=f"{hidden} earlier outliers off the axis")
         if kind == "timediff":
             axes.plot(index, x, "o", color=colour_x, ms=7, label="X (this fit)")
             axes.plot(index, y, "o", color=colour_y, ms=7, mfc="none", label="Y (this fit)")
@@ -145,16 +152,44 @@ def figure_of(session: Session, fit: CalibrationFit, kind: str) -> Figure:
     else:  # gains
         _gains(session, fit, rows, axes)
     if kind != "gains":
-        axes.set_xticks(index[:: max(1, len(index) // 32)])
-        axes.set_xticklabels(
-            [str(tiles[i]) for i in index[:: max(1, len(index) // 32)]], rotation=90, fontsize=7
-        )
+        # Every tile labelled: the figure widens with the tiles (0.12 inch each), which
+        # leaves room for a 7-point label per tile however many tiles there are.
+        axes.set_xticks(index)
+        axes.set_xticklabels([str(tile) for tile in tiles], rotation=90, fontsize=7)
+        axes.set_xlim(-1, len(index))
         axes.set_xlabel("tile")
     axes.set_title(f"{kind}: fit {fit.fitid} of {fit.obsid} ({fit.creator})")
     axes.grid(alpha=0.3)
-    axes.legend(loc="upper right", fontsize=8)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     figure.tight_layout()
     return figure
+
+
+#: The history plots' y axis: this fit's values, and the earlier ones within this many
+#: robust standard deviations (1.4826 MAD) of their median, or ROBUST_MIN_HALF_M of it.
+ROBUST_SIGMAS = 6.0
+ROBUST_MIN_HALF_M = 1.0
+
+
+def _robust_ylim(axes: Axes, own: np.ndarray, earlier: np.ndarray) -> int:
+    """Set a y range that earlier outliers (a fit of noise: delays of +-3000 m) cannot set.
+
+    Every finite value of this fit is inside it; earlier values far from their median
+    are left off the axis. Returns how many earlier values are off it.
+    """
+    own, earlier = own[np.isfinite(own)], earlier[np.isfinite(earlier)]
+    if earlier.size == 0:
+        return 0
+    centre = float(np.median(earlier))
+    half = max(
+        ROBUST_SIGMAS * 1.4826 * float(np.median(np.abs(earlier - centre))), ROBUST_MIN_HALF_M
+    )
+    kept = earlier[np.abs(earlier - centre) <= half]
+    shown = np.concatenate([own, kept])
+    low, high = float(shown.min()), float(shown.max())
+    pad = max(0.05 * (high - low), 0.05)
+    axes.set_ylim(low - pad, high + pad)
+    return int(earlier.size - kept.size)
 
 
 def _gains(
@@ -183,6 +218,17 @@ def _gains(
         if by_number else "coarse channel (position in the fit)"
     )  # fmt: skip
     axes.set_ylabel("gain")
+
+
+def _creator_legend(axes: Axes, creators: set[str], pols: Sequence[str]) -> None:
+    """Legend entries for the earlier fits' colour code: one per creator shown and polarisation."""
+    for name in sorted(str(c) for c in creators):
+        for pol, label in enumerate(pols):
+            # A line, not a scatter: a proxy only, no data (the plot's collections are data).
+            axes.plot(
+                [], [], "o", ms=4, color=_colours(name)[pol], label=f"earlier {name} fits, {label}"
+            )
+    axes.plot([], [], " ", label="(fainter: older)")
 
 
 def _rgba(creator: np.ndarray, pol: int, alpha: np.ndarray) -> np.ndarray:
@@ -249,6 +295,7 @@ def _gaintimes(
             axes.scatter(
                 column[keep], values[keep], s=6, c=_rgba(creator[keep], pol, alpha[keep]), lw=0
             )
+        _creator_legend(axes, {earlier[r.fitid].creator for r in found}, ("X", "Y"))
     colour_x, colour_y = _colours(fit.creator)
     gains_x = _gain_matrix([r.x_gains for r in rows], n_chan).ravel()
     gains_y = _gain_matrix([r.y_gains for r in rows], n_chan).ravel()

@@ -14,17 +14,23 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 import httpx
-from sqlalchemy import column, select, table
+from sqlalchemy import column, func, select, table
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from observatory.archive.models import FileKind, Observation, ObservationFile
-from observatory.calib.models import MAX_CALLBACK_URL_CHARS, CalibrationRequest
-from observatory.calib.service import DEFAULT_MAX_TIME_SEPARATION_S, compatible, target_observation
+from observatory.calib.models import MAX_CALLBACK_URL_CHARS, CalibrationFit, CalibrationRequest
+from observatory.calib.service import (
+    DEFAULT_MAX_TIME_SEPARATION_S,
+    incompatibility,
+    rejection_note,
+    target_observation,
+)
 from observatory.core.config import Settings
 from observatory.core.errors import BadRequest, Conflict, NotFound
 
@@ -147,9 +153,10 @@ RECORDING_GRACE_S = 3600
 
 def _calibrators_near(
     session: Session, target: Observation, max_time_separation_s: int, *, recorded: bool
-) -> list[Observation]:
+) -> tuple[list[Observation], Counter[str]]:
     """Calibrator observations within range of ``target`` and compatible with it, nearest
-    first: those with correlator data in the archive (``recorded``), or those without."""
+    first: those with correlator data in the archive (``recorded``), or those without;
+    and how many in range each :func:`~observatory.calib.service.incompatibility` left out."""
     has_visibilities = (
         select(ObservationFile.id)
         .where(
@@ -166,10 +173,16 @@ def _calibrators_near(
             has_visibilities if recorded else ~has_visibilities,
         )
     )  # fmt: skip
-    return sorted(
-        (o for o in found if compatible(target, o)),
-        key=lambda o: (abs(o.obsid - target.obsid), -o.obsid),
-    )
+    kept: list[Observation] = []
+    rejected: Counter[str] = Counter()
+    for calibrator in found:
+        reason = incompatibility(target, calibrator)
+        if reason is None:
+            kept.append(calibrator)
+        else:
+            rejected[reason] += 1
+    kept.sort(key=lambda o: (abs(o.obsid - target.obsid), -o.obsid))
+    return kept, rejected
 
 
 def best_calibrator(
@@ -183,12 +196,12 @@ def best_calibrator(
     NotFound
         If there is none within ``max_time_separation_s``.
     """
-    matches = _calibrators_near(session, target, max_time_separation_s, recorded=True)
+    matches, rejected = _calibrators_near(session, target, max_time_separation_s, recorded=True)
     if not matches:
         raise NotFound(
             f"no calibrator observation within {max_time_separation_s} s of obs_id {target.obsid} "
-            "with the same coarse channels and attenuation and its correlator data in the "
-            "archive: no fit can be calculated"
+            "with the same coarse channels, number of tiles and attenuation and its correlator "
+            f"data in the archive: no fit can be calculated{rejection_note(rejected)}"
         )
     return matches[0]
 
@@ -222,7 +235,7 @@ def awaited_calibrator(
         The nearest such calibrator, or None when no calibrator is still to come
         (none within range, or each ended more than :data:`RECORDING_GRACE_S` ago).
     """
-    pending = _calibrators_near(session, target, max_time_separation_s, recorded=False)
+    pending, _ = _calibrators_near(session, target, max_time_separation_s, recorded=False)
     return next((o for o in pending if o.stoptime + RECORDING_GRACE_S > now_gps_s), None)
 
 
@@ -264,6 +277,69 @@ def add_cal_request(
         session.rollback()
         raise Conflict(f"could not add the calibration request: {exc.__class__.__name__}") from exc
     return request
+
+
+#: At most this many automatic requests are filed per dispatcher pass (newest calibrators
+#: first), so that a large backlog (an archive ingested at once) trickles in.
+AUTO_REQUESTS_PER_PASS = 100
+
+
+def request_unfitted_calibrators(
+    session: Session, limit: int = AUTO_REQUESTS_PER_PASS
+) -> list[CalibrationRequest]:
+    """File a bulk (low-priority) fit request for each calibrator observation that needs one.
+
+    calvin's rule (specs/calib.md 3.5, ``get_unattempted_unrequested_cal_obsids``): a
+    calibrator observation (``calibration`` true, not deleted, with a calibrator other
+    than the Sun, which calvin never calibrates on) with correlator data in the archive,
+    no fit and no request yet. Each such observation is requested once: a request that
+    failed is not filed again (a person can, with ``add_cal_request``).
+
+    Parameters
+    ----------
+    session
+        A database session; the requests are committed.
+    limit
+        At most this many requests (the newest observations first).
+
+    Returns
+    -------
+    list of CalibrationRequest
+        The requests filed (``bulk_request`` true, ``realtime`` false, for no target but
+        the calibrator itself).
+    """
+    has_visibilities = (
+        select(ObservationFile.id)
+        .where(
+            ObservationFile.obsid == Observation.obsid,
+            ObservationFile.kind.in_([FileKind.MWAX_VIS, FileKind.LEGACY_GPUBOX]),
+        )
+        .exists()
+    )
+    fitted = select(CalibrationFit.fitid).where(CalibrationFit.obsid == Observation.obsid).exists()
+    requested = (
+        select(CalibrationRequest.id).where(CalibrationRequest.cal_id == Observation.obsid).exists()
+    )
+    obsids = session.scalars(
+        select(Observation.obsid)
+        .where(
+            Observation.calibration.is_(True), Observation.deleted.is_(False),
+            Observation.calibrator_source.is_not(None),
+            func.upper(Observation.calibrator_source) != "SUN",
+            has_visibilities, ~fitted, ~requested,
+        )
+        .order_by(Observation.obsid.desc())
+        .limit(limit)
+    ).all()  # fmt: skip
+    filed = [
+        CalibrationRequest(cal_id=obsid, target_obs_id=obsid, realtime=False, bulk_request=True)
+        for obsid in obsids
+    ]
+    if filed:
+        session.add_all(filed)
+        session.commit()
+        log.info("filed fit requests for %d calibrator observation(s)", len(filed))
+    return filed
 
 
 def finish_request(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,11 +35,13 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 
 def _seconds(value: str | None) -> int:
+    """``max_time_separation``: whole seconds, 0 .. ``MAX_TIME_SEPARATION_S`` (the whole archive)."""
     if value is None or value == "":
         return service.DEFAULT_MAX_TIME_SEPARATION_S
     return whole_number_param(
-        "max_time_separation", value, what="a whole number of seconds, 0 or more"
-    )
+        "max_time_separation", value, what="a whole number of seconds, 0 or more",
+        high=service.MAX_TIME_SEPARATION_S,
+    )  # fmt: skip
 
 
 def _settings(request: Request) -> Settings:
@@ -120,13 +123,14 @@ async def add_cal_request(request: Request) -> Response:
     job = params.get("asvo_job_id") or None
     if job is not None:
         whole_number_param("asvo_job_id", job, what="a job number", high=MAX_SQL_ID)
+    separation_s = _seconds(params.get("max_time_separation"))
     settings = _settings(request)
 
     def file_request() -> None:
         with request.app.state.session_factory() as session:
             requests.add_cal_request(
                 session, settings, obsid, asvo_job_id=int(job) if job else None,
-                max_time_separation_s=_seconds(params.get("max_time_separation")),
+                max_time_separation_s=separation_s,
                 callback_url=params.get("callback_url") or None,
             )  # fmt: skip
 
@@ -158,9 +162,9 @@ def grafana_test() -> dict[str, str]:
 
 
 @router.post("/grafana/metrics")
-def grafana_metrics(_body: JsonBody) -> list[dict[str, Any]]:
+def grafana_metrics(request: Request, session: SessionDep, _body: JsonBody) -> list[dict[str, Any]]:
     """The targets a query may name: ``recNN`` per receiver, and ``sources``."""
-    return grafana.metrics()
+    return grafana.metrics(session, _settings(request))
 
 
 @router.post("/grafana/metric-payload-options")
@@ -172,9 +176,9 @@ def grafana_payload_options(session: SessionDep, body: JsonBody) -> list[dict[st
 
 
 @router.post("/grafana/query")
-def grafana_query(session: SessionDep, body: JsonBody) -> list[dict[str, Any]]:
+def grafana_query(request: Request, session: SessionDep, body: JsonBody) -> list[dict[str, Any]]:
     """Data frames for Grafana's targets over its time range."""
-    return grafana.query(session, body)
+    return grafana.query(session, _settings(request), body)
 
 
 def _latest_fit_of(session: Session, cal_id: int) -> service.CalibrationFit:
@@ -264,7 +268,8 @@ def _fit(session: Session, fitid: str) -> service.CalibrationFit:
 def fit_page(request: Request, session: SessionDep, fitid: Annotated[str, Query()]) -> HTMLResponse:
     """One fit: median residual per receiver and per tile, and its plots."""
     fit = _fit(session, fitid)
-    tiles, receivers = service.fit_residuals(fit)
+    known = service.observation_tiles(session, _settings(request), fit.obsid)
+    tiles, receivers = service.fit_residuals(fit, known)
     return templates.TemplateResponse(request, "fit.html", {
         "fit": fit, "tiles": tiles, "receivers": receivers, "kinds": plots.KINDS,
         "fit_time": service.awst_time(fit),
@@ -275,6 +280,23 @@ def fit_page(request: Request, session: SessionDep, fitid: Annotated[str, Query(
 def plot(
     request: Request, session: SessionDep, kind: str, fitid: Annotated[str, Query()]
 ) -> Response:
-    """A plot of a fit (tilediff, timediff, xydiff, gains, gaintimes) as PNG."""
+    """A plot of a fit (tilediff, timediff, xydiff, gains, gaintimes) as PNG.
+
+    With an ETag (the image's hash; a matching ``If-None-Match`` is a 304). The history
+    plots (timediff, xydiff, gaintimes) are drawn again when a fit of an earlier
+    observation joins them, so browsers revalidate them on every view (``no-cache``);
+    the others never change and are kept for a day.
+    """
     image = plots.plot_png(session, _settings(request), _fit(session, fitid), kind)
-    return Response(image, media_type="image/png", headers={"Cache-Control": "max-age=86400"})
+    etag = f'"{hashlib.sha1(image).hexdigest()}"'
+    headers = {
+        "ETag": etag,
+        "Cache-Control": "no-cache" if kind in plots.HISTORY_KINDS else "max-age=86400",
+    }
+    asked = {
+        tag.strip().removeprefix("W/")
+        for tag in request.headers.get("if-none-match", "").split(",")
+    }
+    if etag in asked:
+        return Response(status_code=304, headers=headers)
+    return Response(image, media_type="image/png", headers=headers)

@@ -1,11 +1,12 @@
 """Calibration fits: storing them, choosing the best one for a target, packaging it.
 
 The choice (specs/calib.md section 5 DESIGN, with the source document's
-defaults): fits of calibrator observations with the target's coarse channels and,
-when both are known, its analogue attenuation; within ``max_time_separation``
-(86400 s) of the target, after it too unless ``allow_after=0`` (the source
-document's default is 1); the smallest time separation, ties going to the newest
-fit. ``prefer_fitid`` names a fit to use instead, however far in time (the user chose
+defaults): fits of calibrator observations with the target's coarse channels, its
+number of tiles and, when both are known, its analogue attenuation, in which at least
+half of the tiles calibrated (``MIN_CALIBRATED_FRACTION``); within
+``max_time_separation`` (86400 s, at most ``MAX_TIME_SEPARATION_S``) of the target,
+after it too unless ``allow_after=0`` (the source document's default is 1); the
+smallest time separation, ties going to the newest fit. ``prefer_fitid`` names a fit to use instead, however far in time (the user chose
 it), but only one of a calibrator with the target's coarse channels: another's
 solutions are for other frequencies, so naming it is a 400. A fit in which no tile
 calibrated (every ``x_delay_m`` and ``y_delay_m`` NULL) is never a solution: it is not a
@@ -16,18 +17,23 @@ from __future__ import annotations
 
 import io
 import math
+import stat
 import time
 import zipfile
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta, timezone
+from functools import lru_cache
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from astropy.io import fits
-from sqlalchemy import ColumnElement, exists, or_, select
+from sqlalchemy import ColumnElement, exists, func, or_, select
 from sqlalchemy.orm import Session
 
+from observatory.archive import service as archive_service
 from observatory.archive.models import Observation
 from observatory.calib.formats import (
     CalSolutions,
@@ -39,6 +45,8 @@ from observatory.calib.formats import (
 from observatory.calib.models import CalibrationFit, CalibrationSolution
 from observatory.core.config import Settings
 from observatory.core.errors import BadRequest, NotFound
+from observatory.core.gpstime import MAX_GPS_SECONDS
+from observatory.core.storage import Storage
 from observatory.telescope.instrument import (
     COARSE_CHAN_WIDTH_HZ,
     SPEED_OF_LIGHT_M_S,
@@ -47,9 +55,20 @@ from observatory.telescope.instrument import (
 )
 
 DEFAULT_MAX_TIME_SEPARATION_S = 86_400
+#: A fit is chosen for a target only if at least this fraction of its tiles (the target's
+#: tiles: see ``incompatibility``) calibrated; among those, the nearest in time wins. A fit
+#: in which 1 of 8 tiles calibrated calibrates 1/8 of the target: a fit of all 8 a few
+#: minutes further away is better, while one of 120 of 128 tiles an hour nearer than one
+#: of all 128 is still preferred (the array changes with time).
+MIN_CALIBRATED_FRACTION = 0.5
+#: The largest ``max_time_separation`` taken: the whole range of obsids (GPS seconds), so
+#: ``obsid +- separation`` spans the archive and stays far inside a 64-bit SQL integer.
+MAX_TIME_SEPARATION_S = MAX_GPS_SECONDS
 #: Chanblock width of solutions rebuilt from the table (calvin's Birli setting).
 REBUILT_CHANBLOCK_HZ = 40_000
 OUTPUT_FORMATS = ("aocal", "auto", "hyperdrive")
+#: Permissions of the files in a solution zip (rw-r--r--).
+ZIP_MEMBER_MODE = 0o644
 #: Australian Western Standard Time (the MWA's; no daylight saving).
 AWST = timezone(timedelta(hours=8), "AWST")
 
@@ -73,6 +92,15 @@ def new_fitid() -> int:
     return time.time_ns() // 1000
 
 
+#: Fit ids below this are legacy Unix seconds (10 digits); newer ones are microseconds (16).
+_FITID_MICROSECONDS_FROM = 10**12
+
+
+def fitid_unix_s(fitid: int) -> int:
+    """The Unix second a fit ran, from its id (Unix microseconds; legacy ids are seconds already)."""
+    return fitid // 1_000_000 if fitid >= _FITID_MICROSECONDS_FROM else fitid
+
+
 def target_observation(session: Session, obsid: int) -> Observation:
     """The observation to calibrate.
 
@@ -87,15 +115,43 @@ def target_observation(session: Session, obsid: int) -> Observation:
     return observation
 
 
-def compatible(
-    target: Observation, calibrator: Observation, *, match_attenuation: bool = True
-) -> bool:
-    """Same coarse channels, and the same attenuation when both are known (and asked for)."""
+def incompatibility(
+    target: Observation,
+    calibrator: Observation,
+    *,
+    match_attenuation: bool = True,
+    fit_tiles: int | None = None,
+) -> str | None:
+    """Why ``calibrator`` (or its fit) cannot calibrate ``target``, or None when it can.
+
+    The reasons, in the order they are checked:
+
+    - ``"for other coarse channels"``: not exactly the target's;
+    - ``"for another number of tiles"``: AO-cal solutions are one per antenna index of
+      the array, so a 4-tile calibrator's cannot calibrate 8 tiles. When the target's
+      ``n_tiles`` is known, the calibrator's ``n_tiles`` and (when given) the fit's
+      ``fit_tiles`` rows must equal it. The schedule records how many tiles, not which:
+      tile ids are only in metafits, which not every caller has at hand;
+    - ``"for another attenuation"``: when both are known and ``match_attenuation``.
+    """
     if sorted(target.coarse_chans or []) != sorted(calibrator.coarse_chans or []):
-        return False
+        return "for other coarse channels"
+    if target.n_tiles:
+        if calibrator.n_tiles and calibrator.n_tiles != target.n_tiles:
+            return "for another number of tiles"
+        if fit_tiles is not None and fit_tiles != target.n_tiles:
+            return "for another number of tiles"
     if not match_attenuation or target.atten_db is None or calibrator.atten_db is None:
-        return True
-    return target.atten_db == calibrator.atten_db
+        return None
+    return None if target.atten_db == calibrator.atten_db else "for another attenuation"
+
+
+def rejection_note(rejected: Counter[str]) -> str:
+    """``rejected`` (how many candidates each reason left out) as a sentence for a 404."""
+    if not rejected:
+        return ""
+    parts = ", ".join(f"{n} {reason}" for reason, n in sorted(rejected.items()))
+    return f"; left out: {parts}"
 
 
 def has_calibrated_tile() -> ColumnElement[bool]:
@@ -123,9 +179,45 @@ def candidate_fits(
     match_attenuation: bool = True,
 ) -> list[Candidate]:
     """Every fit that may calibrate ``target``, best first (fits with no calibrated tile left out)."""
+    found, _ = _candidates(
+        session, target, max_time_separation_s=max_time_separation_s, allow_after=allow_after,
+        match_attenuation=match_attenuation,
+    )  # fmt: skip
+    return found
+
+
+def _candidates(
+    session: Session,
+    target: Observation,
+    *,
+    max_time_separation_s: int,
+    allow_after: bool,
+    match_attenuation: bool,
+) -> tuple[list[Candidate], Counter[str]]:
+    """``candidate_fits``, and how many fits in range each :func:`incompatibility` left out."""
     latest = target.obsid + (max_time_separation_s if allow_after else 0)
+    n_rows = (
+        select(func.count())
+        .where(CalibrationSolution.fitid == CalibrationFit.fitid)
+        .correlate(CalibrationFit)
+        .scalar_subquery()
+    )
+    n_calibrated = (
+        select(func.count())
+        .where(
+            CalibrationSolution.fitid == CalibrationFit.fitid,
+            or_(
+                CalibrationSolution.x_delay_m.is_not(None),
+                CalibrationSolution.y_delay_m.is_not(None),
+            ),
+        )
+        .correlate(CalibrationFit)
+        .scalar_subquery()
+    )
     rows = session.execute(
-        select(CalibrationFit.fitid, CalibrationFit.solution_file, Observation)
+        select(
+            CalibrationFit.fitid, CalibrationFit.solution_file, n_rows, n_calibrated, Observation
+        )
         .join(Observation, Observation.obsid == CalibrationFit.obsid)
         .where(
             CalibrationFit.obsid >= target.obsid - max_time_separation_s,
@@ -135,17 +227,22 @@ def candidate_fits(
             has_calibrated_tile(),
         )
     )
-    found = [
-        Candidate(
-            fitid,
-            calibrator.obsid,
-            abs(calibrator.obsid - target.obsid),
-            f"{calibrator.obsid}_solutions.fits" if filename else None,
+    found: list[Candidate] = []
+    rejected: Counter[str] = Counter()
+    for fitid, filename, fit_tiles, fit_calibrated, calibrator in rows:
+        reason = incompatibility(
+            target, calibrator, match_attenuation=match_attenuation, fit_tiles=fit_tiles
         )
-        for fitid, filename, calibrator in rows
-        if compatible(target, calibrator, match_attenuation=match_attenuation)
-    ]
-    return sorted(found, key=lambda c: (c.offset_s, -c.fitid))
+        if reason is None and fit_calibrated < MIN_CALIBRATED_FRACTION * fit_tiles:
+            reason = "with under half of their tiles calibrated"
+        if reason is not None:
+            rejected[reason] += 1
+            continue
+        found.append(Candidate(
+            fitid, calibrator.obsid, abs(calibrator.obsid - target.obsid),
+            f"{calibrator.obsid}_solutions.fits" if filename else None,
+        ))  # fmt: skip
+    return sorted(found, key=lambda c: (c.offset_s, -c.fitid)), rejected
 
 
 def best_fit(
@@ -191,7 +288,18 @@ def best_fit(
         # The default choice's channel rule, without its attenuation one: the user chose this
         # fit, and another attenuation scales the gains, while other channels are solutions
         # for frequencies the target does not have (a zip that silently does not apply).
-        if not compatible(target, calibrator, match_attenuation=False):
+        reason = incompatibility(
+            target, calibrator, match_attenuation=False, fit_tiles=len(preferred.solutions)
+        )
+        if reason == "for another number of tiles":
+            fit_tiles = len(preferred.solutions)
+            raise BadRequest(
+                f"prefer_fitid {prefer_fitid} is a fit of calibrator observation {calibrator.obsid}"
+                f" with {fit_tiles} tiles, but obs_id {target.obsid} has {target.n_tiles}: its "
+                "solutions (one per antenna of the array) cannot calibrate it",
+                extra={"obs_id_tiles": target.n_tiles, "fit_tiles": fit_tiles},
+            )
+        if reason is not None:
             fit_chans = sorted(calibrator.coarse_chans or [])
             obs_chans = sorted(target.coarse_chans or [])
             raise BadRequest(
@@ -201,15 +309,15 @@ def best_fit(
                 extra={"obs_id_coarse_chans": obs_chans, "fit_coarse_chans": fit_chans},
             )
         return target, preferred
-    candidates = candidate_fits(
+    candidates, rejected = _candidates(
         session, target, max_time_separation_s=max_time_separation_s, allow_after=allow_after,
         match_attenuation=match_attenuation,
     )  # fmt: skip
     if not candidates:
         raise NotFound(
             f"no calibration fit for obs_id {obsid} within {max_time_separation_s} s"
-            f"{'' if allow_after else ' before it'} (a calibrator with the same coarse channels "
-            "and attenuation)"
+            f"{'' if allow_after else ' before it'} (a calibrator with the same coarse channels, "
+            f"tiles and attenuation){rejection_note(rejected)}"
         )
     fit = session.get(CalibrationFit, candidates[0].fitid)
     assert fit is not None
@@ -235,7 +343,7 @@ def hyperdrive_path(settings: Settings, fit: CalibrationFit) -> Path | None:
     return path if path.is_file() else None
 
 
-def solutions_from_table(session: Session, fit: CalibrationFit) -> CalSolutions:
+def solutions_from_table(session: Session, settings: Settings, fit: CalibrationFit) -> CalSolutions:
     """AO-cal solutions rebuilt from the fit's per-tile rows (``nocache``).
 
     Per tile and polarisation the Jones element is ``exp(i(2 pi nu L / c + b)) / a(nu)``
@@ -247,7 +355,7 @@ def solutions_from_table(session: Session, fit: CalibrationFit) -> CalSolutions:
     The layout is the cached file's, from the calibrator's archive record: one
     chanblock per fine channel of its coarse channels (40 kHz when its resolution is
     not recorded), times the centroids of its first and last integrations, and the
-    tiles' names.
+    tiles' names (its metafits' when archived).
     """
     calibrator = session.get(Observation, fit.obsid)
     if calibrator is None:
@@ -276,7 +384,9 @@ def solutions_from_table(session: Session, fit: CalibrationFit) -> CalSolutions:
         if np.isfinite(jones[0, row.antenna][:, [0, 3]]).any():
             jones[0, row.antenna, :, 1:3] = 0.0
     start_gps, end_gps = _centroid_range_gps(calibrator)
-    names = tile_names([row.tileid for row in rows])
+    names = tile_names(
+        [row.tileid for row in rows], observation_tiles(session, settings, fit.obsid)
+    )
     antenna_names = [""] * n_ant  # an antenna without a row has no known tile
     for row, name in zip(rows, names, strict=True):
         antenna_names[row.antenna] = name
@@ -309,10 +419,44 @@ def _centroid_range_gps(calibrator: Observation) -> tuple[float, float]:
     return calibrator.obsid + half_s, stop - half_s
 
 
-def tile_names(tile_ids: Sequence[int]) -> list[str]:
-    """The names of tiles, by tile id (the MWA's ``TileNNN`` for an id not in the layout)."""
+def tile_names(
+    tile_ids: Sequence[int], known: Mapping[int, MetafitsInput] | None = None
+) -> list[str]:
+    """The names of tiles, by tile id: from ``known`` (an observation's metafits, see
+    :func:`observation_tiles`), else the built-in layout, else the MWA's ``TileNNN``."""
     names = {tile.tile_id: tile.tile_name for tile in tile_layout()}
+    names |= {tile: row.tile_name for tile, row in (known or {}).items()}
     return [names.get(tile_id, f"Tile{tile_id:03d}") for tile_id in tile_ids]
+
+
+def observation_tiles(session: Session, settings: Settings, obsid: int) -> dict[int, MetafitsInput]:
+    """Each tile of an archived observation, by tile id, as its metafits' TILEDATA has it
+    (name, receiver; the X input's row). Empty when the metafits is not in the archive.
+
+    The tiles' names and receivers are the observation's own: the built-in layout is one
+    128-tile configuration, while the array has had others (e.g. 144 tiles on 18 receivers).
+    """
+    try:
+        key = archive_service.metafits_key(session, obsid)
+    except NotFound:
+        return {}
+    storage = Storage(settings.archive_dir)
+    try:
+        stamp = storage.local_path(key).stat().st_mtime_ns if storage.is_local else 0
+        return dict(_archived_tiles(str(settings.archive_dir), key, stamp))
+    except (OSError, KeyError, ValueError):  # gone from disk, or no TILEDATA: the layout's
+        return {}
+
+
+@lru_cache(maxsize=256)
+def _archived_tiles(
+    archive_dir: str, key: str, stamp: int
+) -> tuple[tuple[int, MetafitsInput], ...]:
+    """``observation_tiles`` of one metafits, read once (``stamp``: its modification time;
+    a grafana query reads the metafits of every calibrator in its range)."""
+    with Storage(archive_dir).open_read(key) as stream:
+        inputs = metafits_inputs(stream)
+    return tuple((i.tile, i) for i in inputs if i.pol == "X")
 
 
 def fit_solutions(
@@ -329,7 +473,7 @@ def fit_solutions(
             return read_hyperdrive(hyperdrive)
         if (aocal := solution_path(settings, fit)) is not None:
             return read_aocal(aocal)
-    return solutions_from_table(session, fit)
+    return solutions_from_table(session, settings, fit)
 
 
 def _floats(values: Sequence[float | None] | None, n: int) -> np.ndarray:
@@ -431,22 +575,32 @@ def solution_zip(
     finder = hyperdrive_path if hyperdrive else solution_path
     cached = None if nocache else finder(settings, fit)
     name = f"{fit.obsid}_solutions.fits" if hyperdrive else f"{fit.obsid}.bin"
-    scratch = io.BytesIO()
-    with zipfile.ZipFile(scratch, "w", zipfile.ZIP_DEFLATED) as archive:
-        if cached is not None:
-            archive.write(cached, name)
-        else:
-            solutions = fit_solutions(session, settings, fit, nocache=nocache)
-            writer, suffix = (write_hyperdrive, ".fits") if hyperdrive else (write_aocal, ".bin")
-            archive.writestr(name, _file_bytes(writer, solutions, suffix))
-        tiles = flagged_tiles(fit)
-        archive.writestr(f"{target.obsid}_flagged_tiles.txt", "".join(f"{t}\n" for t in tiles))
-        archive.writestr(f"{target.obsid}_flags.py", FLAGS_SCRIPT.format(
+    if cached is not None:
+        solution_bytes = cached.read_bytes()
+    else:
+        solutions = fit_solutions(session, settings, fit, nocache=nocache)
+        writer, suffix = (write_hyperdrive, ".fits") if hyperdrive else (write_aocal, ".bin")
+        solution_bytes = _file_bytes(writer, solutions, suffix)
+    tiles = flagged_tiles(fit)
+    members: dict[str, bytes | str] = {
+        name: solution_bytes,
+        f"{target.obsid}_flagged_tiles.txt": "".join(f"{t}\n" for t in tiles),
+        f"{target.obsid}_flags.py": FLAGS_SCRIPT.format(
             obsid=target.obsid, fitid=fit.fitid, calid=fit.obsid, tile_ids=tiles,
-            tile_names=tile_names(tiles),
-        ))  # fmt: skip
-        for name, data in (extra_files or {}).items():
-            archive.writestr(name, data)
+            tile_names=tile_names(tiles, observation_tiles(session, settings, target.obsid)),
+        ),
+    }  # fmt: skip
+    members.update(extra_files or {})
+    scratch = io.BytesIO()
+    now = time.localtime()[:6]
+    with zipfile.ZipFile(scratch, "w", zipfile.ZIP_DEFLATED) as archive:
+        for member, data in members.items():
+            # Readable by all when unpacked (rw-r--r--): writestr's default is rw-------,
+            # and a cached file's own mode (its atomic write's 0600) would be copied.
+            info = zipfile.ZipInfo(member, date_time=now)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = (stat.S_IFREG | ZIP_MEMBER_MODE) << 16
+            archive.writestr(info, data)
     return scratch.getvalue()
 
 
@@ -520,46 +674,91 @@ def _nulls(row: dict[str, object]) -> dict[str, object]:
 CALIBDATA_COARSE = 24
 
 
+@dataclass(frozen=True)
+class MetafitsInput:
+    """A TILEDATA row of a metafits: one rf input (a tile's X or Y)."""
+
+    antenna: int
+    tile: int
+    tile_name: str
+    pol: str
+    rx: int
+
+
+def metafits_inputs(metafits: Path | IO[bytes]) -> list[MetafitsInput]:
+    """The TILEDATA rows of a metafits, in its order (what mwalib's rf inputs are)."""
+    with fits.open(metafits) as hdus:
+        rows = hdus["TILEDATA"].data
+        rx = rows["Rx"] if "Rx" in rows.columns.names else np.zeros(len(rows), int)
+        return [
+            MetafitsInput(int(a), int(t), str(n).strip(), str(p).strip().upper(), int(r))
+            for a, t, n, p, r in zip(
+                rows["Antenna"], rows["Tile"], rows["TileName"], rows["Pol"], rx, strict=True
+            )
+        ]
+
+
 def calibdata_hdu(
-    fit: CalibrationFit, target_obsid: int, inputs: Sequence[tuple[int, str]] | None = None
+    fit: CalibrationFit, target_obsid: int, inputs: Sequence[MetafitsInput] | None = None
 ) -> fits.BinTableHDU:
     """The fit as a metafits ``CALIBDATA`` table (specs/calib.md 3.6): one row per tile and pol.
 
-    ``inputs`` are the metafits' TILEDATA rows as (Antenna, Pol): the table's rows then
-    follow them, as mwalib 3.0 requires (it reads row i as TILEDATA's row i). Without
-    them, by antenna, Y before X.
+    ``inputs`` are the metafits' TILEDATA rows: the table's rows then follow them, as
+    mwalib 3.0 requires (it reads row i as TILEDATA's row i, and aborts when the tile
+    names differ), each with the fit's values for that tile id (NaN for a tile the fit
+    does not have). Without them, the fit's tiles by antenna, Y before X.
     """
-    by_antenna = {r.antenna: r for r in fit.solutions}
+    by_tile = {r.tileid: r for r in fit.solutions}
     if inputs is None:
-        inputs = [(antenna, pol) for antenna in sorted(by_antenna) for pol in ("Y", "X")]
-    pols = [(by_antenna[a], pol.strip().lower()) for a, pol in inputs if a in by_antenna]
-    n = len(pols)
+        ordered = sorted(fit.solutions, key=lambda r: r.antenna)
+        names = tile_names([r.tileid for r in ordered])
+        inputs = [
+            MetafitsInput(r.antenna, r.tileid, name, pol, 0)
+            for r, name in zip(ordered, names, strict=True)
+            for pol in ("Y", "X")
+        ]
+    n = len(inputs)
 
-    def column(row: CalibrationSolution, pol: str, name: str) -> np.ndarray:
-        return _floats(getattr(row, f"{pol}_{name}"), CALIBDATA_COARSE)
+    def column(tile: int, pol: str, name: str) -> np.ndarray:
+        row = by_tile.get(tile)
+        return _floats(None if row is None else getattr(row, f"{pol}_{name}"), CALIBDATA_COARSE)
 
-    def scalar(row: CalibrationSolution, pol: str, name: str) -> float:
-        value = getattr(row, f"{pol}_{name}")
+    def scalar(tile: int, pol: str, name: str) -> float:
+        row = by_tile.get(tile)
+        value = None if row is None else getattr(row, f"{pol}_{name}")
         return math.nan if value is None else float(value)
 
+    def scalars(name: str) -> np.ndarray:
+        return np.array([scalar(i.tile, i.pol.lower(), name) for i in inputs], dtype=np.float32)
+
+    def columns(name: str) -> np.ndarray:
+        return np.array([column(i.tile, i.pol.lower(), name) for i in inputs]).reshape(
+            n, CALIBDATA_COARSE
+        )
+
     table = fits.BinTableHDU.from_columns([
-        fits.Column("Antenna", "I", array=np.array([r.antenna for r, _ in pols], np.int16)),
-        fits.Column("Tile", "I", array=np.array([r.tileid for r, _ in pols], np.int16)),
-        fits.Column("TileName", "8A", array=[name[:8] for name in tile_names([r.tileid for r, _ in pols])]),
-        fits.Column("Pol", "A", array=[p.upper() for _, p in pols]),
-        fits.Column("delay_m", "E", unit="m", array=np.array([scalar(r, p, "delay_m") for r, p in pols])),
-        fits.Column("intercept", "E", unit="m", array=np.array([scalar(r, p, "intercept") for r, p in pols])),
-        fits.Column("gains", "24E", array=np.array([column(r, p, "gains") for r, p in pols]).reshape(n, 24)),
-        fits.Column("gains_pol1", "24E", array=np.array([column(r, p, "gains_pol1") for r, p in pols]).reshape(n, 24)),
-        fits.Column("gains_pol0", "24E", array=np.array([column(r, p, "gains_pol0") for r, p in pols]).reshape(n, 24)),
-        fits.Column("phase_fit_quality", "E", array=np.array([scalar(r, p, "phase_fit_quality") for r, p in pols])),
-        fits.Column("gains_fit_quality", "E", array=np.array([scalar(r, p, "gains_fit_quality") for r, p in pols])),
+        fits.Column("Antenna", "I", array=np.array([i.antenna for i in inputs], np.int16)),
+        fits.Column("Tile", "I", array=np.array([i.tile for i in inputs], np.int16)),
+        fits.Column("TileName", "8A", array=[i.tile_name[:8] for i in inputs]),
+        fits.Column("Pol", "A", array=[i.pol for i in inputs]),
+        fits.Column("delay_m", "E", unit="m", array=scalars("delay_m")),
+        fits.Column("intercept", "E", unit="m", array=scalars("intercept")),
+        fits.Column("gains", "24E", array=columns("gains")),
+        fits.Column("gains_pol1", "24E", array=columns("gains_pol1")),
+        fits.Column("gains_pol0", "24E", array=columns("gains_pol0")),
+        fits.Column("phase_fit_quality", "E", array=scalars("phase_fit_quality")),
+        fits.Column("gains_fit_quality", "E", array=scalars("gains_fit_quality")),
         # The delays and gains again under the names mwalib 3.0 reads (the older layout's).
-        fits.Column("Calib_Delay", "E", unit="m", array=np.array([scalar(r, p, "delay_m") for r, p in pols])),
-        fits.Column("Calib_Gains", "24E", array=np.array([column(r, p, "gains") for r, p in pols]).reshape(n, 24)),
+        fits.Column("Calib_Delay", "E", unit="m", array=scalars("delay_m")),
+        fits.Column("Calib_Gains", "24E", array=columns("gains")),
     ], name="CALIBDATA")  # fmt: skip
     header = table.header
-    header["CALFITID"] = (fit.fitid, "calibration fit id")
+    # mwalib (3.0) reads CALFITID as a 32-bit integer, which a fit id in Unix microseconds
+    # (16 digits) overflows, and then refuses the whole metafits. The MWA's own metafits
+    # carried seconds there (a 2022 fit: CALFITID=1664491391), so CALFITID is the fit's
+    # Unix second, and the full id (what prefer_fitid takes) is in CALFITUS.
+    header["CALFITID"] = (fitid_unix_s(fit.fitid), "fit id: Unix s of fit (full id: CALFITUS)")
+    header["CALFITUS"] = (fit.fitid, "calibration fit id (Unix microseconds)")
     header["CALOBSID"] = (fit.obsid, "calibrator observation")
     header["TAROBSID"] = (target_obsid, "target observation")
     header["FILENAME"] = (Path(fit.solution_file or f"{fit.obsid}.bin").name, "solutions file")
@@ -569,11 +768,12 @@ def calibdata_hdu(
         "fit time (AWST)",
     )
     header["CALCRTR"] = (fit.creator, "fit creator")
-    header["CALITERS"] = (
-        fit.fit_niter if fit.fit_niter is not None else -1,
-        "phase fit iterations",
-    )
-    header["CALITLIM"] = (fit.fit_limit if fit.fit_limit is not None else -1.0, "fit limit")
+    # Left out when unknown: mwalib reads CALITERS as an unsigned 16-bit number (a -1 would
+    # make it refuse the metafits), and treats a missing key as "not recorded".
+    if fit.fit_niter is not None:
+        header["CALITERS"] = (fit.fit_niter, "phase fit iterations")
+    if fit.fit_limit is not None:
+        header["CALITLIM"] = (fit.fit_limit, "fit limit")
     return table
 
 
@@ -581,10 +781,9 @@ def metafits_with_calibdata(metafits: Path, fit: CalibrationFit, target_obsid: i
     """A metafits file with the fit's ``CALIBDATA`` table added (replacing one already there)."""
     with fits.open(metafits) as hdus:
         kept = [hdu.copy() for hdu in hdus if hdu.name != "CALIBDATA"]
-        tiles = hdus["TILEDATA"].data
-        inputs = [(int(a), str(p)) for a, p in zip(tiles["Antenna"], tiles["Pol"], strict=True)]
     output = io.BytesIO()
-    fits.HDUList([*kept, calibdata_hdu(fit, target_obsid, inputs)]).writeto(output)
+    table = calibdata_hdu(fit, target_obsid, metafits_inputs(metafits))
+    fits.HDUList([*kept, table]).writeto(output)
     return output.getvalue()
 
 
@@ -621,34 +820,45 @@ def awst_time(fit: CalibrationFit) -> str:
 
 @dataclass(frozen=True)
 class TileResidual:
-    """A tile's residuals in a fit."""
+    """A tile's residuals in a fit; ``receiver`` is None when the tile is unknown."""
 
     tileid: int
     name: str
-    receiver: int
+    receiver: int | None
     x_delay_m: float | None
     y_delay_m: float | None
     quality: float | None
 
 
-def fit_residuals(fit: CalibrationFit) -> tuple[list[TileResidual], dict[int, float | None]]:
-    """Per tile, and the median residual (X and Y together) per receiver."""
+def fit_residuals(
+    fit: CalibrationFit, tiles: Mapping[int, MetafitsInput]
+) -> tuple[list[TileResidual], dict[int | None, float | None]]:
+    """Per tile, and the median residual (X and Y together) per receiver.
+
+    ``tiles`` are the calibrator observation's (:func:`observation_tiles`): each tile's
+    name and receiver are as its metafits had them. A tile it does not have (no metafits)
+    takes the built-in layout's; one in neither has no receiver (None).
+    """
     layout = {t.tile_id: t for t in tile_layout()}
-    tiles: list[TileResidual] = []
-    for row in sorted(fit.solutions, key=lambda r: r.tileid):
-        tile = layout.get(row.tileid)
+    rows = sorted(fit.solutions, key=lambda r: r.tileid)
+    names = tile_names([row.tileid for row in rows], tiles)
+    residuals: list[TileResidual] = []
+    for row, name in zip(rows, names, strict=True):
+        known, built_in = tiles.get(row.tileid), layout.get(row.tileid)
+        receiver = known.rx if known else built_in.rx if built_in else None
         qualities = [q for q in (row.x_phase_fit_quality, row.y_phase_fit_quality) if q is not None]
-        tiles.append(TileResidual(
-            row.tileid, tile.tile_name if tile else f"Tile{row.tileid:03d}", tile.rx if tile else 0,
-            row.x_delay_m, row.y_delay_m, float(np.mean(qualities)) if qualities else None,
+        residuals.append(TileResidual(
+            row.tileid, name, receiver, row.x_delay_m, row.y_delay_m,
+            float(np.mean(qualities)) if qualities else None,
         ))  # fmt: skip
-    receivers: dict[int, list[float]] = {}
-    for residual in tiles:
+    receivers: dict[int | None, list[float]] = {}
+    for residual in residuals:
         values = [
             v
             for v in (residual.x_delay_m, residual.y_delay_m)
             if v is not None and math.isfinite(v)
         ]
         receivers.setdefault(residual.receiver, []).extend(values)
-    medians = {rx: (float(np.median(v)) if v else None) for rx, v in sorted(receivers.items())}
-    return tiles, medians
+    order = sorted(receivers, key=lambda rx: (rx is None, rx or 0))
+    medians = {rx: (float(np.median(receivers[rx])) if receivers[rx] else None) for rx in order}
+    return residuals, medians
