@@ -208,8 +208,13 @@ def test_an_operator_schedules_observations_the_telescope_records_and_triggerbuf
     # goes on capturing for 16 s as an observation of its own: both reach the archive.
     capture_obsid = dump["obsid_list"][-1]
     assert dump["obsid_list"] == [start + 8, capture_obsid]
-    recorded = observe_due(session_factory, settings, now=capture_obsid + 17, limit=10)
-    assert recorded == [start + 8, capture_obsid]
+    assert observe_due(session_factory, settings, now=capture_obsid + 17, limit=10) == [
+        capture_obsid
+    ]
+    # The buffering observation once the buffer can reach it no more (later dumps could).
+    reach_end = capture_obsid + settings.trigger_buffer_s
+    assert observe_due(session_factory, settings, now=reach_end - 1, limit=10) == []
+    assert observe_due(session_factory, settings, now=reach_end, limit=10) == [start + 8]
     with session_factory() as session:
         buffered = session.get(Observation, start + 8)
         assert buffered is not None and buffered.stoptime == capture_obsid
@@ -218,31 +223,57 @@ def test_an_operator_schedules_observations_the_telescope_records_and_triggerbuf
         assert subfile_starts == list(range(start + 8, capture_obsid, 8))
 
 
-def test_a_buffering_observation_never_dumped_is_not_recorded_and_a_past_dump_is_at_once(
+def test_every_dump_of_buffering_observations_reaches_the_archive_and_vcsfree(
     settings: Settings, session_factory: sessionmaker[Session]
 ) -> None:
-    """The buffer is overwritten unless dumped; a dump of the past only (``end_time`` before
-    now) is saved at once, while the observation goes on buffering."""
+    """Two buffering observations back to back, three dumps: one reaching back into the
+    first after it ended, two of the second while it runs. Each observation keeps the
+    sub-files its dumps saved (not the gaps between them), vcsfree charges them from the
+    dump on, and one never dumped stays empty. (A second dump was lost once the first was
+    recorded; the first observation, ended undumped, was never looked at again.)"""
     start = NOON // 8 * 8 + 8
+    first, second, third = start, start + 800, start + 1600
     with session_factory() as session:
         create_project(session, "G0055", priority=5, secure_key="runner-key-1")
-        for offset, name in ((0, "never dumped"), (800, "dumped")):
+        for obsid, name in ((first, "first"), (second, "second"), (third + 3000, "never")):
             schedule_observation(
-                session, start_gps=start + offset, duration_s=800, mode="MWAX_BUFFER",
+                session, start_gps=obsid, duration_s=800, mode="MWAX_BUFFER",
                 coarse_chans=[121], project_id="C001", obsname=name, now_gps_s=NOON,
             )  # fmt: skip
         session.commit()
-        dump = service.trigger_buffer(session, settings, {
-            "project_id": "G0055", "secure_key": "runner-key-1", "pretend": "false",
-            "start_time": start + 900, "end_time": start + 940}, now=start + 1000)  # fmt: skip
-    assert dump["success"] is True, dump["errors"]
-    assert dump["obsid_list"] == [start + 800]
-    assert observe_due(session_factory, settings, now=start + 1001, limit=10) == [start + 800]
+        free = service.vcs_free_s(session, settings, now=start + 849)
+        key = {"project_id": "G0055", "secure_key": "runner-key-1", "pretend": "false"}
+        dumps = [
+            service.trigger_buffer(session, settings, {**key, "end_time": start + 840},
+                                   now=start + 850),
+            service.trigger_buffer(session, settings, {**key, "start_time": start + 900,
+                                   "end_time": start + 940}, now=start + 1000),
+            service.trigger_buffer(session, settings, {**key, "start_time": start + 1100,
+                                   "end_time": start + 1110}, now=start + 1200),
+        ]  # fmt: skip
+        assert all(d["success"] for d in dumps), [d["errors"] for d in dumps]
+        assert dumps[0]["obsid_list"] == [first, second]  # back to 610, where the buffer ends
+        # 230 + 40 + 10 s of one channel saved: charged at once, before anything is recorded.
+        charged = free - service.vcs_free_s(session, settings, now=start + 1201)
+        assert charged == pytest.approx((230 + 40 + 10) / 24, abs=1)
+    assert observe_due(session_factory, settings, now=start + 1201, limit=10) == [first]
+    late = third + settings.trigger_buffer_s
+    assert observe_due(session_factory, settings, now=late, limit=10) == [second]
+    assert observe_due(session_factory, settings, now=third + 3800 + 300, limit=10) == []
     with session_factory() as session:
-        dumped = session.get(Observation, start + 800)
-        assert dumped is not None and dumped.stoptime == start + 1600  # still buffering
-        subfile_starts = sorted({int(f.name.split("_")[1]) for f in dumped.files
-                                 if f.kind == FileKind.VOLTAGE})  # fmt: skip
-        assert subfile_starts == list(range(start + 896, start + 944, 8))
-        never = session.get(Observation, start)
-        assert never is not None and not never.files
+
+        def subfiles(obsid: int) -> list[int]:
+            observation = session.get(Observation, obsid)
+            assert observation is not None
+            return sorted({int(f.name.split("_")[1]) for f in observation.files
+                           if f.kind == FileKind.VOLTAGE})  # fmt: skip
+
+        assert subfiles(first) == list(range(start + 608, start + 800, 8))
+        assert subfiles(second) == [
+            *range(start + 800, start + 840, 8), *range(start + 896, start + 944, 8),
+            *range(start + 1096, start + 1112, 8),
+        ]  # fmt: skip
+        assert subfiles(third + 3000) == []
+        # Recorded at one tile, still charged at the full array's size.
+        after = service.vcs_free_s(session, settings, now=third + 4100)
+        assert free - after == pytest.approx(charged, abs=1)

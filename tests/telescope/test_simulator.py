@@ -492,8 +492,9 @@ def test_failed_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         ({"project_id": ""}, "project_id"),
         ({"obs_name": "caf\u00e9"}, "obs_name .* metafits header cannot hold"),
         ({"obs_name": "x" * 61}, "obs_name 61 characters"),
-        ({"voltage_span_gps": (OBSID, OBSID + 8)}, "voltage_span_gps"),  # not MWAX_VCS
-        ({"mode": "MWAX_VCS", "voltage_span_gps": (OBSID + 8, OBSID)}, "voltage_span_gps"),
+        ({"voltage_subobs_gps": [OBSID]}, "voltage_subobs_gps"),  # not MWAX_VCS
+        ({"mode": "MWAX_VCS", "voltage_subobs_gps": [OBSID + 4]}, "voltage_subobs_gps"),
+        ({"mode": "MWAX_VCS", "voltage_subobs_gps": [OBSID + 16]}, "voltage_subobs_gps"),
         ({"beamformer_delays": [0] * 15}, "beamformer_delays"),
         ({"beamformer_delays": [33] * 16}, "beamformer_delays"),
         ({"atten_db": -1.0}, "atten_db"),

@@ -7,14 +7,14 @@ Voltage captures (MWAX_VCS, VOLTAGE_BUFFER) are recorded as MWAX_VCS sub-files
 of a few tiles, unless they would exceed ``telescope_max_voltage_bytes`` (a
 voltage capture is 41 MB per tile, coarse channel and 8 s): those are left
 unrecorded, and said so once. A buffering observation (MWAX_BUFFER) holds only what
-``triggerbuffer`` dumped from the buffer: it is recorded, as those sub-files, once its
-dumps are over; one never dumped has nothing to record.
+``triggerbuffer`` dumped from the buffer: it is recorded, as the sub-files its dumps
+saved, once the buffer can reach it no more (``trigger_buffer_s`` after it ended); one
+never dumped has nothing to record.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections import defaultdict
 
@@ -26,12 +26,13 @@ from observatory.archive.service import SCHEDULED_BY_OPERATOR
 from observatory.archive.simulated import (
     BUFFER_MODE,
     VOLTAGE_MODES,
+    dumped_subobs_gps,
     observe_scheduled,
     voltage_bytes,
 )
 from observatory.core.config import Settings
 from observatory.core.gpstime import now_gps
-from observatory.trigger.models import Trigger, TriggerMode
+from observatory.trigger.service import buffer_dumps
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +42,18 @@ RECORDED_MODES = ("MWAX_CORRELATOR", *sorted(VOLTAGE_MODES))
 _SKIPPED: dict[str, set[int]] = defaultdict(set)
 
 
-def due_observations(session: Session, now: float, limit: int) -> list[Observation]:
+def due_observations(
+    session: Session, now: float, limit: int, buffer_s: float = 0.0
+) -> list[Observation]:
     """Observations a trigger or an operator scheduled that have ended and have no files,
-    oldest first (what the telescope records); and buffering observations that have
-    begun and have no files (whose dumps may be over before they end)."""
+    oldest first (what the telescope records). A buffering observation is due only
+    ``buffer_s`` after it ended: until then a dump may still save part of it."""
     return list(session.scalars(
         select(Observation)
         .where(
             or_(
                 and_(Observation.stoptime <= int(now), Observation.mode.in_(RECORDED_MODES)),
-                and_(Observation.obsid <= int(now), Observation.mode == BUFFER_MODE),
+                and_(Observation.stoptime <= int(now - buffer_s), Observation.mode == BUFFER_MODE),
             ),
             Observation.deleted.is_(False),
             Observation.created_by.in_(["trigger", SCHEDULED_BY_OPERATOR]),
@@ -59,32 +62,6 @@ def due_observations(session: Session, now: float, limit: int) -> list[Observati
         .order_by(Observation.obsid)
         .limit(limit)
     ))  # fmt: skip
-
-
-def dumped_span_gps(session: Session, observation: Observation) -> tuple[int, int] | None:
-    """The GPS seconds [start, stop) of a buffering observation that buffer dumps saved.
-
-    From the first dump's start to the last one's end, cut to the observation (a dump's
-    capture into the future is an observation of its own); None if no successful,
-    real ``triggerbuffer`` dumped it.
-    """
-    dumps = session.scalars(
-        select(Trigger).where(
-            Trigger.trigger_mode == TriggerMode.BUFFER.value,
-            Trigger.success.is_(True),
-            Trigger.pretend.is_(False),
-        )
-    )
-    spans = [
-        (math.floor(dump.params["capture_start"]), math.ceil(dump.params["capture_end"]))
-        for dump in dumps
-        if observation.obsid in dump.obsids and dump.params.get("capture_start") is not None
-    ]
-    if not spans:
-        return None
-    start = max(observation.obsid, min(span[0] for span in spans))
-    stop = min(observation.stoptime, max(span[1] for span in spans))
-    return (start, stop) if start < stop else None
 
 
 def observe_due(
@@ -101,37 +78,38 @@ def observe_due(
     """
     now = now_gps() if now is None else now
     skipped = _SKIPPED[settings.resolved_database_url]
+    buffer_s = settings.trigger_buffer_s
     with session_factory() as session:
-        due: list[tuple[int, tuple[int, int] | None]] = []
-        # Buffering observations still running come first in obsid order but may not be due.
-        for observation in due_observations(session, now, limit + len(skipped) + 8):
+        due: list[tuple[int, list[int] | None]] = []
+        dumps: dict[int, list[tuple[float, float]]] | None = None
+        for observation in due_observations(session, now, limit + len(skipped), buffer_s):
             if observation.obsid in skipped:
                 continue
-            span = None
+            subobs = None
             if observation.mode == BUFFER_MODE:
-                span = dumped_span_gps(session, observation)
-                ended = observation.stoptime <= now
-                if span is None and ended:
+                # Past the buffer's reach: every dump of it has been made.
+                dumps = buffer_dumps(session) if dumps is None else dumps
+                subobs = dumped_subobs_gps(observation, dumps.get(observation.obsid, []))
+                if not subobs:
                     skipped.add(observation.obsid)  # never dumped: the buffer kept nothing
-                if span is None or (span[1] > now and not ended):
-                    continue  # no dump yet, or one still saving
-            size = voltage_bytes(observation, settings.telescope_vcs_tiles, span)
-            voltages = observation.mode in VOLTAGE_MODES or span is not None
+                    continue
+            size = voltage_bytes(observation, settings.telescope_vcs_tiles, subobs)
+            voltages = observation.mode in VOLTAGE_MODES or subobs is not None
             if voltages and size > settings.telescope_max_voltage_bytes:
                 skipped.add(observation.obsid)
                 log.warning("not recording voltage capture %s: %d bytes is more than "
                             "telescope_max_voltage_bytes", observation.obsid, size)  # fmt: skip
                 continue
-            due.append((observation.obsid, span))
+            due.append((observation.obsid, subobs))
         due = due[:limit]
     recorded = []
-    for obsid, span in due:
+    for obsid, subobs in due:
         with session_factory() as session:
             scheduled = session.get(Observation, obsid)
             if scheduled is None:
                 continue
             try:
-                observe_scheduled(session, settings, scheduled, span)
+                observe_scheduled(session, settings, scheduled, subobs)
                 session.commit()
             except Exception:  # keep the telescope running, without retrying this one
                 session.rollback()

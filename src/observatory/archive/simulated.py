@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -109,7 +109,7 @@ def observe_scheduled(
     session: Session,
     settings: Settings,
     observation: Observation,
-    dumped_span_gps: tuple[int, int] | None = None,
+    dumped_subobs_gps: Collection[int] | None = None,
 ) -> Observation:
     """Simulate a scheduled observation that has ended, into the archive, under its own obsid.
 
@@ -122,12 +122,12 @@ def observe_scheduled(
     the calibrator of a calibrator observation, else a 10 Jy point source at the
     phase centre.
 
-    A buffering observation (``MWAX_BUFFER``) keeps only what a buffer dump saved:
-    its sub-files overlapping ``dumped_span_gps`` (GPS seconds [start, stop)).
+    A buffering observation (``MWAX_BUFFER``) keeps only what buffer dumps saved: its
+    sub-files starting at ``dumped_subobs_gps`` (see :func:`dumped_subobs_gps`).
     """
     exposure_s = observation.stoptime - observation.obsid
     buffered = observation.mode == BUFFER_MODE
-    if buffered != (dumped_span_gps is not None):
+    if buffered != (dumped_subobs_gps is not None):
         raise ValueError(
             f"observation {observation.obsid} ({observation.mode}): a dumped span is needed "
             "for, and only for, a buffering observation"
@@ -158,7 +158,7 @@ def observe_scheduled(
         pointing_radec_deg=pointing,  # type: ignore[arg-type]
         phase_centre_radec_deg=phase_centre,
         mode="MWAX_VCS" if voltages else "MWAX_CORRELATOR",
-        voltage_span_gps=dumped_span_gps,
+        voltage_subobs_gps=dumped_subobs_gps,
         beamformer_delays=_scheduled_delays(observation, n_tiles),
         atten_db=observation.atten_db if observation.atten_db is not None else 1.0,
         gain_amplitude_scatter=0.1,
@@ -199,17 +199,25 @@ def _scheduled_delays(observation: Observation, n_tiles: int) -> NDArray[np.int6
     return None
 
 
+def dumped_subobs_gps(
+    observation: Observation, spans_gps: Sequence[tuple[float, float]]
+) -> list[int]:
+    """The 8 s sub-files (their start, GPS s) of ``observation`` that overlap any of the
+    spans buffer dumps saved of it (only those: between two dumps the buffer kept nothing)."""
+    starts = np.arange(observation.obsid, observation.stoptime, MWAX_SUBOBS_S)
+    kept = np.zeros(len(starts), dtype=bool)
+    for start, end in spans_gps:
+        kept |= (starts < end) & (starts + MWAX_SUBOBS_S > start)
+    return [int(s) for s in starts[kept]]
+
+
 def voltage_bytes(
-    observation: Observation, n_tiles: int, span_gps: tuple[int, int] | None = None
+    observation: Observation, n_tiles: int, subobs_gps: Collection[int] | None = None
 ) -> int:
-    """Bytes of MWAX_VCS sub-files recording ``observation`` (or only the sub-files
-    overlapping ``span_gps``) with ``n_tiles`` tiles."""
-    start, stop = observation.obsid, observation.stoptime
-    if span_gps is not None:
-        # Whole sub-files: from the one holding the span's start to the one holding its end.
-        first = start + max(0, (span_gps[0] - start) // MWAX_SUBOBS_S) * MWAX_SUBOBS_S
-        start, stop = first, min(stop, span_gps[1])
-    n_subfiles = max(1, -(-(stop - start) // MWAX_SUBOBS_S))
+    """Bytes of MWAX_VCS sub-files recording ``observation`` (or only its sub-files
+    starting at ``subobs_gps``) with ``n_tiles`` tiles."""
+    whole = max(1, (observation.stoptime - observation.obsid) // MWAX_SUBOBS_S)
+    n_subfiles = whole if subobs_gps is None else len(subobs_gps)
     # Two inputs per tile, 8-bit real + 8-bit imaginary samples.
     per_subfile = (
         VCS_SUBFILE_HEADER_BYTES + VCS_BLOCKS_PER_SUBOBS * 2 * n_tiles * VCS_SAMPLES_PER_BLOCK * 2

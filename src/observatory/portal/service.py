@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from observatory.archive import service as archive_service
 from observatory.archive.models import Observation
 from observatory.asvo.models import TERMINAL_STATES, Job, JobType
-from observatory.asvo.service import VOLTAGE_MODES, UrlBuilder
+from observatory.asvo.service import VOLTAGE_MODES, ProductView, UrlBuilder
 from observatory.core.errors import BadRequest
 from observatory.core.gpstime import gps_to_utc, now_gps, parse_obsid
 from observatory.core.web import gps_time_param
@@ -98,17 +98,24 @@ def job_views(session: Session, user_id: int, url_for: UrlBuilder) -> list[JobVi
     """The user's jobs, newest first, with their product download links."""
     rows = session.execute(
         select(
-            Job.id, Job.obs_id, Job.job_type, Job.state, Job.created, Job.error_text, Job.product
+            Job.id,
+            Job.obs_id,
+            Job.job_type,
+            Job.state,
+            Job.created,
+            Job.error_text,
+            Job.product,
+            Job.completed,
         )
         .where(Job.user_id == user_id, Job.deleted.is_(False))
         .order_by(Job.id.desc())
     )
     views = []
     terminal = {state.value for state in TERMINAL_STATES}
-    for job_id, obs_id, job_type, state, created, error_text, product in rows:
+    for job_id, obs_id, job_type, state, created, error_text, product, completed in rows:
         files = []
         if state == "completed" and product:
-            reference = _JobReference(job_id)
+            reference = ProductView(job_id, state, product, completed)
             for entry in product.get("files", []):
                 if entry.get("type") == "acacia":
                     files.append({**entry, "url": url_for(reference, entry)})
@@ -127,13 +134,6 @@ def job_views(session: Session, user_id: int, url_for: UrlBuilder) -> list[JobVi
             )
         )
     return views
-
-
-class _JobReference:
-    """What a download URL builder reads of a job: its id."""
-
-    def __init__(self, job_id: int) -> None:
-        self.id = job_id
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ import math
 import os
 import secrets
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1242,7 +1242,7 @@ def simulate_observation(
     digital_gain_scatter: float = 0.0,
     quack_time_s: float = 0.0,
     rfi: Sequence[RfiBurst] = (),
-    voltage_span_gps: tuple[int, int] | None = None,
+    voltage_subobs_gps: Collection[int] | None = None,
     beamformer_delays: ArrayLike | None = None,
     atten_db: float = 1.0,
 ) -> SimulatedObservation:
@@ -1308,9 +1308,10 @@ def simulate_observation(
         ``pointing_radec_deg`` at the midpoint.
     atten_db
         The global analogue attenuation (metafits ``ATTEN_DB``).
-    voltage_span_gps
-        VCS only: write only the 8 s sub-files overlapping these GPS seconds [start, stop),
-        as a buffer dump saves only part of a buffering observation (default: all).
+    voltage_subobs_gps
+        VCS only: write only the 8 s sub-files starting at these GPS seconds (each on the
+        observation's 8 s grid), as buffer dumps save only parts of a buffering
+        observation (default: all).
     file_size_limit_bytes
         Start a new batch file at the next 8 s boundary once a file reaches this size.
 
@@ -1327,15 +1328,6 @@ def simulate_observation(
     # --- check everything before writing anything
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
-    if voltage_span_gps is not None and (
-        mode != "MWAX_VCS"
-        or len(voltage_span_gps) != 2
-        or voltage_span_gps[0] >= voltage_span_gps[1]
-    ):
-        raise ValueError(
-            f"voltage_span_gps {voltage_span_gps!r} must be (start, stop), start < stop, "
-            "and only with mode 'MWAX_VCS'"
-        )
     obsid = _check_int("obsid", obsid, MIN_OBSID)
     if obsid >= 10**10:
         raise ValueError(f"obsid {obsid} has more than 10 digits")
@@ -1453,6 +1445,15 @@ def simulate_observation(
         quack_time_s=_check_number("quack_time_s", quack_time_s),
         rfi=_checked_rfi(rfi, chans, fine_chan_width_hz, n_timesteps),
     )
+    if voltage_subobs_gps is not None:
+        grid = range(
+            obsid, obsid + n_timesteps * instrument.MWAX_SUBOBS_S, instrument.MWAX_SUBOBS_S
+        )
+        if mode != "MWAX_VCS" or not set(voltage_subobs_gps) <= set(grid):
+            raise ValueError(
+                f"voltage_subobs_gps {sorted(voltage_subobs_gps)!r} must be sub-file starts of "
+                "the observation (obsid + 8 s steps), and only with mode 'MWAX_VCS'"
+            )
     name = obs_name if obs_name is not None else f"sim_{obsid}"
 
     # --- write
@@ -1473,7 +1474,7 @@ def simulate_observation(
                 writer, truth, epoch, int_time_ms, project_id, file_size_limit_bytes
             )
         else:
-            _write_voltage_files(writer, truth, epoch, exposure_s, project_id, voltage_span_gps)
+            _write_voltage_files(writer, truth, epoch, exposure_s, project_id, voltage_subobs_gps)
 
         truth_name = f"{obsid}_truth.json"
         with writer.atomic(truth_name) as temp:
@@ -1592,15 +1593,13 @@ def _write_voltage_files(
     epoch: _Epoch,
     exposure_s: int,
     project_id: str,
-    span_gps: tuple[int, int] | None = None,
+    wanted_gps: Collection[int] | None = None,
 ) -> None:
     block_bytes = 2 * truth.n_tiles * VCS_SAMPLES_PER_BLOCK * 2
     utc_start = epoch.date_obs.replace("T", "-")
     for subobs_index in range(truth.n_timesteps):
         subobs_gps = truth.obsid + subobs_index * instrument.MWAX_SUBOBS_S
-        if span_gps is not None and not (
-            span_gps[0] < subobs_gps + instrument.MWAX_SUBOBS_S and subobs_gps < span_gps[1]
-        ):
+        if wanted_gps is not None and subobs_gps not in wanted_gps:
             continue
         for coarse_chan in truth.coarse_chans:
             header = _subfile_header(

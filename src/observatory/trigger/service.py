@@ -773,6 +773,28 @@ def obslist(
     ]
 
 
+def buffer_dumps(session: Session) -> dict[int, list[tuple[float, float]]]:
+    """What real ``triggerbuffer`` calls saved: for each observation a dump listed, the
+    spans (GPS seconds, start and end) its dumps captured. Cut them to the observation:
+    a dump's capture into the future is an observation of its own."""
+    dumps: dict[int, list[tuple[float, float]]] = {}
+    rows = session.execute(
+        select(Trigger.obsids, Trigger.params).where(
+            Trigger.trigger_mode == TriggerMode.BUFFER.value,
+            Trigger.success.is_(True),
+            Trigger.pretend.is_(False),
+        )
+    )
+    for obsids, params in rows:
+        if params.get("capture_start") is None:  # the null operation saved nothing
+            continue
+        for obsid in obsids:
+            dumps.setdefault(int(obsid), []).append(
+                (float(params["capture_start"]), float(params["capture_end"]))
+            )
+    return dumps
+
+
 def full_band_vcs_s(duration_s: float, n_coarse_chans: int) -> float:
     """A capture's size in seconds of 24-channel capture, the unit of ``vcsfree``."""
     return duration_s * (n_coarse_chans or MAX_COARSE_CHANS) / MAX_COARSE_CHANS
@@ -784,8 +806,9 @@ def vcs_free_s(session: Session, settings: Settings, now: float | None = None) -
     Capacity less what was captured and what is still to capture, each at the full
     array's rate (``trigger_vcs_bytes_per_s_per_chan``): every archived voltage sub-file
     (8 s of one coarse channel), every voltage capture that has ended without files (not
-    recorded yet, or too large for the simulated telescope to record), and the voltage
-    observations still to run. The archive's own files hold a few tiles and cannot say
+    recorded yet, or too large for the simulated telescope to record), what buffer dumps
+    saved of buffering observations not recorded yet, and the voltage observations still
+    to run. The archive's own files hold a few tiles and cannot say
     what the disk holds.
     """
     now = now_gps_precise() if now is None else now
@@ -804,6 +827,19 @@ def vcs_free_s(session: Session, settings: Settings, now: float | None = None) -
     captured_s = subfiles * MWAX_SUBOBS_S / MAX_COARSE_CHANS + sum(
         full_band_vcs_s(stoptime - obsid, len(chans or ())) for obsid, stoptime, chans in unrecorded
     )
+    # What dumps saved of buffering observations, until the telescope records it (if ever).
+    dumps = buffer_dumps(session)
+    if dumps:
+        buffering = session.execute(
+            select(Observation.obsid, Observation.stoptime, Observation.coarse_chans).where(
+                Observation.obsid.in_(list(dumps)), Observation.mode == "MWAX_BUFFER",
+                ~exists().where(ObservationFile.obsid == Observation.obsid),
+            )
+        )  # fmt: skip
+        for obsid, stoptime, chans in buffering:
+            for start, end in dumps[obsid]:
+                saved_s = max(0.0, min(end, stoptime, now) - max(start, obsid))
+                captured_s += full_band_vcs_s(saved_s, len(chans or ()))
     columns = (Observation.obsid, Observation.stoptime, Observation.coarse_chans, Observation.mode)
     running = session.execute(
         select(*columns).where(Observation.obsid <= math.floor(now), _live())
