@@ -531,3 +531,169 @@ def test_a_move_that_cannot_finish_is_undone_by_undo_move(
     assert "no unfinished move" in capsys.readouterr().err
     package(sb, readme, packpath, mode="copy")  # the package takes other runs again
     assert not validate_manifest(packpath)
+
+
+def fail_a_move(
+    sb: Path, readme: Path, packpath: Path, monkeypatch: pytest.MonkeyPatch, *, append: str = ""
+) -> None:
+    """A move of ``sb`` into ``packpath`` that stops at its third file (2 files moved)."""
+    real_move = qa2.move_with_symlink
+    calls = []
+
+    def failing(source: Path, destination: Path) -> None:
+        calls.append(source)
+        if len(calls) == 3:
+            raise OSError(errno.EIO, "Input/output error", str(source))
+        real_move(source, destination)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(qa2, "move_with_symlink", failing)
+        with pytest.raises(OSError, match="Input/output"):
+            package(sb, readme, packpath, mode="move", append=append)
+
+
+def test_undo_move_refuses_when_the_reduction_was_renamed(
+    tmp_path: Path, readme: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    sb = tiny_sb(tmp_path)
+    before = files_and_links(sb)
+    packpath = tmp_path / "2011.0.00229.S"
+    fail_a_move(sb, readme, packpath, monkeypatch)
+    packaged = files_and_links(packpath)
+    renamed = sb.with_name("SB-renamed")
+    sb.rename(renamed)
+    origin_links = files_and_links(renamed)
+    with pytest.raises(PackagingError, match=r"SB, the reduction .* no longer exists .*only copy"):
+        qa2.undo_move(packpath)
+    assert cli.main(["undo-move", str(packpath)]) == 1
+    assert "only copy" in capsys.readouterr().err
+    assert files_and_links(packpath) == packaged and files_and_links(renamed) == origin_links
+    assert qa2._journal_path(packpath).exists()
+    renamed.rename(sb)  # put back under its name, the move is undone
+    assert "put back 2 moved files" in qa2.undo_move(packpath)
+    assert files_and_links(sb) == before and not packpath.exists()
+
+
+@pytest.mark.parametrize("change", ["deleted", "replaced-by-a-file", "replaced-by-a-link"])
+def test_undo_move_refuses_when_an_origin_symlink_is_not_the_moved_file(
+    tmp_path: Path, readme: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    sb = tiny_sb(tmp_path)
+    before = files_and_links(sb)
+    packpath = tmp_path / "2011.0.00229.S"
+    fail_a_move(sb, readme, packpath, monkeypatch)
+    link = next(p for p in sorted(sb.rglob("*")) if p.is_symlink())
+    moved = Path(os.path.realpath(link))
+    link.unlink()
+    if change == "replaced-by-a-file":
+        link.write_bytes(b"edited")
+    elif change == "replaced-by-a-link":
+        (tmp_path / "elsewhere").write_bytes(b"other")
+        link.symlink_to(tmp_path / "elsewhere")
+    packaged = files_and_links(packpath)
+    origin = files_and_links(sb)
+    named = str(link) if change == "replaced-by-a-file" else str(moved)
+    with pytest.raises(PackagingError, match=r"holds the only copy of .*") as refused:
+        qa2.undo_move(packpath)
+    assert named in str(refused.value) and "nothing was changed" in str(refused.value)
+    assert files_and_links(packpath) == packaged and files_and_links(sb) == origin
+    assert moved.exists() and qa2._journal_path(packpath).exists()
+    link.unlink(missing_ok=True)
+    link.symlink_to(moved)  # the symlink put back, the move is undone
+    qa2.undo_move(packpath)
+    assert files_and_links(sb) == before and not packpath.exists()
+
+
+def test_undo_move_interrupted_across_file_systems_is_finished_by_running_it_again(
+    tmp_path: Path, readme: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first undo puts one file back as a copy (an inode of its own), then stops: the
+    second recognises that copy by its bytes, puts back the other and removes the package."""
+    sb = tiny_sb(tmp_path)
+    before = files_and_links(sb)
+    packpath = tmp_path / "2011.0.00229.S"
+
+    def no_link(source: object, destination: object, **kwargs: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    fail_a_move(sb, readme, packpath, monkeypatch)
+    real_put_back = qa2._put_back
+    calls = []
+
+    def interrupted(moved: Path, link: Path) -> None:
+        calls.append(link)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_put_back(moved, link)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(qa2, "_put_back", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            qa2.undo_move(packpath)
+    assert sum(p.is_symlink() for p in sb.rglob("*")) == 1
+    assert "put back 1 moved files" in qa2.undo_move(packpath)
+    assert files_and_links(sb) == before and not packpath.exists()
+
+
+def test_an_undone_move_is_taken_off_the_moved_origins_record(
+    tmp_path: Path, readme: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sb = tiny_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    record = tmp_path / f"{packpath.name}.moved-origins.json"
+    package(sb, readme, packpath, mode="copy")
+    fail_a_move(sb, readme, packpath, monkeypatch, append="member")
+    assert json.loads(record.read_text()) == [str(sb)]
+    qa2.undo_move(packpath)
+    assert not record.exists() and not (packpath / MEMBER.with_name("member_ouss_id2")).exists()
+    sb.rename(sb.with_name("SB-renamed"))  # no longer refuses clearing the package
+    package(sb.with_name("SB-renamed"), readme, packpath, mode="copy")
+    assert not validate_manifest(packpath)
+
+
+def test_undo_move_keeps_on_the_record_an_origin_still_linked_into_the_package(
+    tmp_path: Path, readme: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sb = tiny_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    record = tmp_path / f"{packpath.name}.moved-origins.json"
+    first = tiny_sb(tmp_path / "first")
+    package(first, readme, packpath, mode="move")  # another reduction, moved in whole
+    fail_a_move(sb, readme, packpath, monkeypatch, append="member")
+    # A file of sb an earlier run moved into the first member (it links there still).
+    kept = packpath / MEMBER / "qa" / "earlier_qa2.txt"
+    kept.write_text("qa2")
+    (sb / "earlier_qa2.txt").symlink_to(kept)
+    qa2.undo_move(packpath)
+    assert json.loads(record.read_text()) == [str(first), str(sb)]
+    (sb / "earlier_qa2.txt").unlink()
+    fail_a_move(sb, readme, packpath, monkeypatch, append="member")
+    qa2.undo_move(packpath)
+    assert json.loads(record.read_text()) == [str(first)]
+
+
+def test_undo_move_interrupted_before_a_put_back_link_is_in_place_is_finished_again(
+    tmp_path: Path, readme: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hard link left under the temporary name (``.<name>.qa-packager-link``) is not taken
+    for the moved file's origin: the symlink beside it is, and is put back."""
+    sb = tiny_sb(tmp_path)
+    before = files_and_links(sb)
+    packpath = tmp_path / "2011.0.00229.S"
+    fail_a_move(sb, readme, packpath, monkeypatch)
+    real_replace = os.replace
+
+    def killed(source: str, destination: str) -> None:
+        if str(source).endswith(qa2.TEMPORARY_SUFFIXES[0]):
+            raise KeyboardInterrupt
+        real_replace(source, destination)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            qa2.undo_move(packpath)
+    assert len(list(sb.rglob(f"*{qa2.TEMPORARY_SUFFIXES[0]}"))) == 1
+    assert "put back 2 moved files" in qa2.undo_move(packpath)
+    assert files_and_links(sb) == before and not packpath.exists()

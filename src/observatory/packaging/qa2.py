@@ -455,6 +455,17 @@ def _refuse_if_linked_from(origins: list[Path], packpath: Path) -> None:
     package (``<packpath>.moved-origins.json``): appending another SB after a move and
     then forgetting ``--append`` must not delete the only copy of the first.
     """
+    path = _first_link_into(origins, packpath)
+    if path is not None:
+        raise PackagingError(
+            f"{path} links into {packpath} (moved there by an earlier run): "
+            "clearing the package would lose that data; refused (to add to the "
+            "package, use append='member' or 'group')"
+        )
+
+
+def _first_link_into(origins: list[Path], packpath: Path) -> Path | None:
+    """A symlink below one of ``origins`` that names something in ``packpath``; None if none."""
     inside = packpath.resolve()
     for origin in origins:
         # Symlinked directories are followed: an earlier run may have moved files reached
@@ -470,11 +481,29 @@ def _refuse_if_linked_from(origins: list[Path], packpath: Path) -> None:
             for name in dirnames + filenames:
                 path = Path(directory, name)
                 if path.is_symlink() and Path(os.path.realpath(path)).is_relative_to(inside):
-                    raise PackagingError(
-                        f"{path} links into {packpath} (moved there by an earlier run): "
-                        "clearing the package would lose that data; refused (to add to the "
-                        "package, use append='member' or 'group')"
-                    )
+                    return path
+    return None
+
+
+def _forget_moved_origin(packpath: Path, origin: Path) -> None:
+    """Take ``origin`` off the moved-origins record once a move of it was undone.
+
+    Left on it, a clearing run would be refused for good once the reduction is renamed
+    (the package "may hold the only copy"). It stays while anything in the package is
+    still linked from it (another run's files), or when it cannot be checked (gone).
+    """
+    origins = _moved_origins(packpath)
+    absolute = os.path.realpath(origin)
+    if absolute not in origins or not origin.is_dir():
+        return
+    if packpath.exists() and _first_link_into([origin], packpath) is not None:
+        return
+    rest = [o for o in origins if o != absolute]
+    if rest:
+        _replace_with(_moved_origins_path(packpath), json.dumps(rest).encode())
+    else:
+        _moved_origins_path(packpath).unlink()
+        sync_directory(packpath.parent)
 
 
 @dataclass
@@ -1612,12 +1641,18 @@ def package(
 def undo_move(packpath: str | os.PathLike[str]) -> str:
     """Undo the unfinished move recorded for ``packpath``: put every moved file back.
 
-    For a move that cannot be finished (a file that fails the same way every time). Each
-    origin symlink into the run's member is replaced, atomically, by the file itself (a
-    hard link of the package's file, or across file systems a verified, synced copy made
-    under the move's temporary name), so at every instant each origin path is the file or
-    a symlink to it; then the run is undone as any other (its member removed, the files
-    beside the package put back). Safe to interrupt and to repeat.
+    For a move that cannot be finished (a file that fails the same way every time). First
+    every file in the run's member (the README aside) is matched to its origin: the origin
+    symlink naming it, an origin file that is it (a hard link) or, at the path the plan
+    moves it from, one with the same bytes (a copy across file systems). When one is not
+    found (the reduction renamed or moved, an origin symlink deleted or replaced) the
+    package holds its only copy: nothing is changed and the error names them. Otherwise
+    each origin symlink into the member is replaced, atomically, by the file itself (a hard
+    link of the package's file, or across file systems a verified, synced copy made under
+    the move's temporary name), so at every instant each origin path is the file or a
+    symlink to it; then the run is undone as any other (its member removed, the files
+    beside the package put back) and its reduction is taken off the moved-origins record
+    when nothing in the package links back to it. Safe to interrupt and to repeat.
 
     Returns
     -------
@@ -1627,7 +1662,9 @@ def undo_move(packpath: str | os.PathLike[str]) -> str:
     Raises
     ------
     PackagingError
-        When no unfinished move is recorded, or a file cannot be put back.
+        When no unfinished move is recorded, when a packaged file's origin cannot be
+        found (the error names them: the package holds their only copy), or when a file
+        cannot be put back.
     """
     pack = Path(packpath)
     with _lock(pack):
@@ -1636,32 +1673,131 @@ def undo_move(packpath: str | os.PathLike[str]) -> str:
             raise PackagingError(f"no unfinished move into {pack} is recorded: nothing to undo")
         member = Path(os.path.realpath(pack / journal.member))
         origin = Path(journal.origpath)
+        packaged = _packaged_files(member, Path(journal.member))
+        if packaged and not origin.is_dir():
+            raise PackagingError(
+                f"{origin}, the reduction moved into {member}, no longer exists (renamed or "
+                f"moved after the move?): the package holds the only copy of "
+                f"{_some(sorted(packaged))}; nothing was changed (put the reduction back at "
+                f"{origin}, then undo the move again)"
+            )
+        found = _find_origins(packaged, origin, member, Path(journal.member))
+        missing = sorted(f for f in packaged if f not in found.origins)
+        if missing or found.differing:
+            problems = [
+                *(f"{path} (the file moved there has other bytes now)"
+                  for path in found.differing),
+                *(f"{path} (no file of {origin} is it or a symlink to it any more: an origin "
+                  "symlink deleted or replaced?)" for path in missing),
+            ]  # fmt: skip
+            raise PackagingError(
+                f"cannot undo the move into {member}: the package holds the only copy of "
+                f"{_some(problems)}; nothing was changed (put those files back at their "
+                f"origin in {origin}, or finish the move: run it again)"
+            )
+        for link in found.temporary:  # links the move had not yet put in place
+            link.unlink()
         restored = 0
-        for directory, dirnames, filenames in os.walk(origin):
-            dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(directory, d))]
-            for name in filenames:
-                path = Path(directory, name)
-                if not path.is_symlink():
-                    continue
-                target = Path(os.path.realpath(path))
-                if not target.is_relative_to(member):
-                    continue
-                if name.endswith(TEMPORARY_SUFFIXES):  # a link the move had not yet put in place
-                    path.unlink()
-                    continue
-                _put_back(target, path)
-                restored += 1
+        for link, moved in found.links:
+            _put_back(moved, link)
+            restored += 1
+        # Removed only once every packaged file is its origin file again (a symlink put back
+        # by a copy was verified by _put_back; the others were checked above).
         left = [
-            str(Path(d, n))
-            for d, _, names in os.walk(origin)
-            for n in names
-            if os.path.islink(Path(d, n))
-            and Path(os.path.realpath(Path(d, n))).is_relative_to(member)
+            path
+            for path in found.origins.values()
+            if os.path.islink(path) or not os.path.isfile(path)
         ]
         if left:
-            raise PackagingError(f"could not put back {_some(left)}: the package is kept")
+            raise PackagingError(f"could not put back {_some(sorted(left))}: the package is kept")
         note = _undo(pack, journal)
+        _forget_moved_origin(pack, origin)
         return f"{note}; put back {restored} moved files"
+
+
+def _packaged_files(member: Path, member_relative: Path) -> set[str]:
+    """The files in ``member`` (a real path) that a move put there: every file but the
+    README the run writes and the packager's temporary names."""
+    readme = os.path.join(member, _readme_name(member_relative))
+    return {
+        path
+        for directory, _, filenames in os.walk(member)
+        for name in filenames
+        if not name.endswith(TEMPORARY_SUFFIXES)
+        and (path := os.path.join(directory, name)) != readme
+    }
+
+
+@dataclass
+class _Origins:
+    """Where the files a move put in the package are at its origin (see _find_origins)."""
+
+    #: packaged file -> the origin path that is it, or a symlink to it.
+    origins: dict[str, str] = field(default_factory=dict)
+    #: (origin symlink, packaged file it names): to be put back.
+    links: list[tuple[Path, Path]] = field(default_factory=list)
+    #: The move's temporary links into the package (never put in place).
+    temporary: list[Path] = field(default_factory=list)
+    #: Origin paths the plan moves a packaged file from that hold other bytes now.
+    differing: list[str] = field(default_factory=list)
+
+
+def _find_origins(
+    packaged: set[str], origin: Path, member: Path, member_relative: Path
+) -> _Origins:
+    """Match each of ``packaged`` (real paths in ``member``) to its origin path in ``origin``.
+
+    An origin symlink naming it, or an origin file that is it (a hard link: a move stopped
+    before its symlink, or an undo interrupted) match it. The files left (a copy across
+    file systems, whose origin is a file of its own) match the origin the plan moves them
+    from when it holds the same bytes: the plan is made again from the reduction, as a
+    resumed move makes it.
+    """
+    found = _Origins()
+    if not origin.is_dir():
+        return found
+    inodes: dict[tuple[int, int], str] = {}
+    for path in packaged:
+        status = os.lstat(path)
+        inodes[(status.st_dev, status.st_ino)] = path
+    for directory, dirnames, filenames in os.walk(origin):
+        dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(directory, d))]
+        for name in filenames:
+            path = os.path.join(directory, name)
+            status = os.lstat(path)
+            if name.endswith(TEMPORARY_SUFFIXES):
+                # Never an origin: a link a move had not yet put in place (removed), or one
+                # an interrupted _put_back made (it replaces that itself).
+                if stat.S_ISLNK(status.st_mode) and Path(os.path.realpath(path)).is_relative_to(
+                    member
+                ):
+                    found.temporary.append(Path(path))
+            elif stat.S_ISLNK(status.st_mode):
+                target = os.path.realpath(path)
+                if target in packaged:
+                    found.links.append((Path(path), Path(target)))
+                    found.origins.setdefault(target, path)
+            elif (moved := inodes.get((status.st_dev, status.st_ino))) is not None:
+                found.origins.setdefault(moved, path)
+    unmatched = packaged - found.origins.keys()
+    if not unmatched:
+        return found
+    try:
+        actions = plan_actions(plan_package(origin, member_relative), "move")
+    except (PackagingError, OSError):
+        return found  # the reduction changed: the files left are reported as not found
+    for action in actions:
+        moved = os.path.join(member, action.destination_text)
+        source = action.source_text
+        if action.kind != "move" or source is None or moved not in unmatched:
+            continue
+        if os.path.islink(source) or not os.path.isfile(source):
+            continue  # a symlink elsewhere, or not a file: not the moved file
+        if file_sha256(source) == file_sha256(moved):
+            found.origins[moved] = source
+        else:
+            found.differing.append(source)
+    return found
 
 
 def _put_back(moved: Path, link: Path) -> None:
