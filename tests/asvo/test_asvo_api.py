@@ -501,3 +501,61 @@ def test_a_download_url_is_the_same_in_every_listing_and_ends_with_the_product(
     complete(timedelta(days=app_settings.asvo_product_ttl_days, hours=2))
     reply = client.get(url_at(time.time()))
     assert reply.status_code == 403 and "expired" in reply.json()["error"]
+
+
+def test_a_download_link_works_while_its_product_does_whatever_the_lifetime_is_now(
+    client: TestClient, app_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link lasts as long as its job's product (its ``expires_at``, set at completion with
+    the lifetime of then) and an hour: checked against the current lifetime, lowering it
+    refused links to products get_jobs still listed."""
+    job_id = submit(client, "download_vis_job", obs_id=MWAX_OBS, download_type="vis").json()[
+        "job_id"
+    ]
+    name, content = f"{MWAX_OBS}_{job_id}_vis.tar", b"product" * 100
+    (app_settings.products_dir / str(job_id)).mkdir(parents=True, exist_ok=True)
+    (app_settings.products_dir / str(job_id) / name).write_bytes(content)
+
+    def complete(ago: timedelta, expires_in: timedelta) -> str:
+        """Complete the job ``ago`` with this expiry; its link, as get_jobs gives it."""
+        engine = make_engine(app_settings.resolved_database_url)
+        with make_session_factory(engine)() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            job.state, job.created = "completed", utcnow() - ago - timedelta(minutes=10)
+            job.completed, job.expires_at = utcnow() - ago, utcnow() + expires_in
+            job.product = {"files": [{"type": "acacia", "name": name, "size": len(content),
+                                      "sha1": "0" * 40}]}  # fmt: skip
+            session.commit()
+        engine.dispose()
+        (file,) = client.get("/api/get_jobs").json()[0]["row"]["product"]["files"]
+        return str(file["url"])
+
+    # Completed three days ago with a 7-day lifetime, which has since been lowered to one.
+    url = complete(timedelta(days=3), timedelta(days=4))
+    monkeypatch.setattr(app_settings, "asvo_product_ttl_days", 1.0)
+    reply = client.get(url)
+    assert reply.status_code == 200, reply.text
+    assert reply.content == content
+    assert client.get(url, headers={"Range": "bytes=7-"}).content == content[7:]
+    # Still bound to the job and the file name, and unforgeable.
+    path, _, token = url.partition("?token=")
+    value, issued, signature = token.rsplit(".", 2)
+    assert client.get(f"{path}?token={value}.{int(issued) + 86_400}.{signature}").status_code == 403
+    other = sign_value(f"{job_id}/other.tar", app_settings.secret_key_bytes(), now_s=int(issued))
+    assert client.get(f"{path}?token={other}").status_code == 403
+    forged = sign_value(f"{job_id}/{name}", b"not the key", now_s=int(issued))
+    assert client.get(f"{path}?token={forged}").status_code == 403
+    # Past the product's own expiry: an hour's grace, then refused.
+    url = complete(timedelta(days=7), -timedelta(minutes=30))
+    assert client.get(url).status_code == 200
+    url = complete(timedelta(days=7), -timedelta(hours=2))
+    reply = client.get(url)
+    assert reply.status_code == 403 and "expired" in reply.json()["error"]
+    # Nor does a link signed for an earlier job of the same id (before this one was created).
+    monkeypatch.setattr(app_settings, "asvo_product_ttl_days", 7.0)
+    url = complete(timedelta(days=3), timedelta(days=4))
+    early = sign_value(f"{job_id}/{name}", app_settings.secret_key_bytes(),
+                       now_s=time.time() - 5 * 86_400)  # fmt: skip
+    assert client.get(f"{path}?token={early}").status_code == 403
+    assert client.get(url).status_code == 200

@@ -317,10 +317,163 @@ def test_scratch_products_are_copied_when_the_path_is_local(server: Server, tmp_
     victim.write_bytes(original[: len(original) // 2])
     code, output = mwa_client("-w", str(job.id), "-d", str(out_dir), environ=server.environ())
     assert code == 0, output
-    assert "(the copy on disk did not match and was copied again, copied from" in output
+    assert (f"file: {copied} (the copy on disk did not match: 1 missing or differing file "
+            f"copied again from {file.path}, {len(original)} bytes, sizes verified; other files "
+            "left as they were)") in output  # fmt: skip
     assert victim.read_bytes() == original
     assert "Download Complete" not in output  # one spelling for every delivery
     assert not list(out_dir.glob(".*"))  # no staging directory left
+
+
+def scratch_job(server: Server) -> asvo.Job:
+    """A completed scratch delivery of OBSID's metadata (a new job, or the one there is)."""
+    with server.session() as session:
+        try:
+            job_id = session.submit_download_job(
+                OBSID, download_type="vis_meta", delivery="scratch", allow_resubmit=True
+            )
+        except asvo.AsvoError as exc:  # the same job, still running
+            assert exc.error_code == 2 and exc.job_id is not None, exc
+            job_id = exc.job_id
+        job = completed_job(session, job_id)
+    assert job.state == "completed" and job.files[0].type == "scratch", job
+    return job
+
+
+def test_a_copy_that_does_not_match_is_mended_and_the_users_files_are_kept(
+    server: Server, tmp_path: Path
+) -> None:
+    """Only the product's files that are missing or differ are copied again: the whole
+    directory was deleted and copied again, losing the user's own files in it."""
+    job = scratch_job(server)
+    (file,) = job.files
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    code, output = mwa_client("-w", str(job.id), "-d", str(out_dir), environ=server.environ())
+    assert code == 0, output
+    copy = out_dir / str(job.id)
+    (product_file,) = [p for p in copy.rglob("*") if p.is_file()]
+    original = product_file.read_bytes()
+    product_file.write_bytes(original[:100])
+    notes = copy / "mynotes.txt"
+    notes.write_text("my own notes\n")
+    (copy / "plots").mkdir()
+    (copy / "plots" / "a.png").write_bytes(b"png")
+
+    code, output = mwa_client("-w", str(job.id), "-d", str(out_dir), environ=server.environ())
+    assert code == 0, output
+    assert product_file.read_bytes() == original
+    assert notes.read_text() == "my own notes\n"
+    assert (copy / "plots" / "a.png").read_bytes() == b"png"
+    assert (f"Download complete: Job id: {job.id} file: {copy} (the copy on disk did not "
+            f"match: 1 missing or differing file copied again from {file.path}, "
+            f"{len(original)} bytes, sizes verified; other files left as they were)"
+            ) in output  # fmt: skip
+    assert not [p for p in out_dir.rglob(".*")]  # no temporary copy left
+    # The user's files are no reason to copy again.
+    code, output = mwa_client("-w", str(job.id), "-d", str(out_dir), environ=server.environ())
+    assert code == 0, output
+    assert f"file: {copy} (already copied, file sizes verified)" in output
+    # A missing file is copied too.
+    product_file.unlink()
+    code, output = mwa_client("-w", str(job.id), "-d", str(out_dir), environ=server.environ())
+    assert code == 0, output
+    assert "1 missing or differing file copied again" in output
+    assert product_file.read_bytes() == original and notes.exists()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "file"])
+def test_something_else_of_the_products_name_is_refused_naming_it_and_left_alone(
+    server: Server, tmp_path: Path, kind: str
+) -> None:
+    """A symbolic link or a file where the copy goes is not the client's to replace: it
+    failed with "4: Cannot call rmtree on a symbolic link" and left a .copying directory."""
+    job = scratch_job(server)
+    out_dir, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out_dir.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "precious.dat").write_text("keep me")
+    there = out_dir / str(job.id)
+    if kind == "file":
+        there.write_text("not a directory")
+    else:
+        there.symlink_to(elsewhere if kind == "symlink" else tmp_path / "gone")
+    what = "a file" if kind == "file" else "a symbolic link"
+    error_file = tmp_path / "errors.json"
+    code, output = mwa_client("-w", str(job.id), "-d", str(out_dir), "-e", str(error_file),
+                              environ=server.environ())  # fmt: skip
+    assert code == 4, output
+    message = (f"{there} is {what}, not a copy of the product; it was left as it is: move it "
+               "away or download into another directory")  # fmt: skip
+    assert f"Download Failed: Job id: {job.id} file: {job.id}: {message}" in output
+    assert json.loads(error_file.read_text()) == [
+        {"job_id": job.id, "obs_id": str(OBSID), "result": f"Error: {message}"}
+    ]
+    assert sorted(p.name for p in out_dir.iterdir()) == [str(job.id)]  # nothing left behind
+    assert there.is_symlink() == (kind != "file")
+    assert kind != "file" or there.read_text() == "not a directory"
+    assert [p.name for p in elsewhere.iterdir()] == ["precious.dat"]
+    assert (elsewhere / "precious.dat").read_text() == "keep me"
+
+
+def delivered(tmp_path: Path, files: dict[str, bytes]) -> tuple[asvo.Job, asvo.ProductFile]:
+    """A scratch product of these ``{relative path: content}`` files under ``tmp_path``."""
+    source = tmp_path / "scratch" / "77"
+    for relative, content in files.items():
+        (source / relative).parent.mkdir(parents=True, exist_ok=True)
+        (source / relative).write_bytes(content)
+    file = asvo.ProductFile("scratch", sum(map(len, files.values())), path=str(source))
+    return asvo.Job(77, OBSID, 1, "completed", files=(file,)), file
+
+
+def test_a_mended_copy_follows_no_symbolic_link_inside_it(tmp_path: Path) -> None:
+    """Where the product has a directory or a file, a link (or a file where it has a
+    directory) is refused naming it, before anything is written: nothing is written
+    through it, and the copy is left as it was."""
+    job, file = delivered(tmp_path, {"a.fits": b"a" * 10, "sub/b.fits": b"b" * 20})
+    out_dir, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    (out_dir / "77").mkdir(parents=True)
+    elsewhere.mkdir()
+    (elsewhere / "b.fits").write_bytes(b"mine")
+    (out_dir / "77" / "sub").symlink_to(elsewhere)
+    with pytest.raises(asvo.AsvoError, match=re.escape(
+        f"Job 77: {out_dir / '77' / 'sub'} is a symbolic link where the product has a "
+        "directory; nothing was copied and it was left as it is"
+    )):  # fmt: skip
+        asvo._copy_delivered_directory(job, file, out_dir, None)
+    assert (elsewhere / "b.fits").read_bytes() == b"mine"
+    assert sorted(p.name for p in (out_dir / "77").iterdir()) == ["sub"]  # a.fits not copied
+
+    (out_dir / "77" / "sub").unlink()
+    (out_dir / "77" / "sub").write_text("a file")
+    with pytest.raises(asvo.AsvoError, match="is a file where the product has a directory"):
+        asvo._copy_delivered_directory(job, file, out_dir, None)
+
+    (out_dir / "77" / "sub").unlink()
+    (out_dir / "77" / "sub").mkdir()
+    (out_dir / "77" / "sub" / "b.fits").symlink_to(elsewhere / "b.fits")
+    link_message = "b.fits is a symbolic link where the product has a file"
+    with pytest.raises(asvo.AsvoError, match=re.escape(link_message)):
+        asvo._copy_delivered_directory(job, file, out_dir, None)
+    assert (elsewhere / "b.fits").read_bytes() == b"mine"
+
+    (out_dir / "77" / "sub" / "b.fits").unlink()
+    (out_dir / "77" / "sub" / "b.fits").mkdir()
+    with pytest.raises(asvo.AsvoError, match=re.escape("b.fits is a directory where the product")):
+        asvo._copy_delivered_directory(job, file, out_dir, None)
+
+    # Gone: the missing files are copied, with progress counting the ones kept.
+    (out_dir / "77" / "sub" / "b.fits").rmdir()
+    (out_dir / "77" / "a.fits").write_bytes(b"a" * 10)
+    seen: list[int] = []
+    result = asvo._copy_delivered_directory(
+        job, file, out_dir, lambda _f, done, _total: seen.append(done)
+    )
+    assert (result.outcome, result.bytes_transferred, result.redownloaded, result.files_copied) == (
+        "copied", 20, True, 1,
+    )  # fmt: skip
+    assert seen == [30]
+    assert (out_dir / "77" / "sub" / "b.fits").read_bytes() == b"b" * 20
 
 
 # -- resume and verification -------------------------------------------------------------
@@ -971,9 +1124,10 @@ def test_the_server_address_from_the_environment(environ: dict[str, str], base_u
          "MWA_ASVO_HOST='https://127.0.0.1:18231' contradicts MWA_ASVO_HTTPS='0'"),
         ({"MWA_ASVO_HOST": "ftp://127.0.0.1"}, "the scheme must be http or https"),
         ({"MWA_ASVO_HOST": "https://127.0.0.1/api"},
-         "is not a host name, host:port or http[s]://host[:port]"),
+         "is not a host name, host:port, [IPv6 address]:port or http[s]://host[:port]"),
         ({"MWA_ASVO_HOST": "127.0.0.1:port"}, "its port is not a port number"),
-        ({"MWA_ASVO_PORT": "https"}, "MWA_ASVO_PORT must be a port number, not 'https'"),
+        ({"MWA_ASVO_PORT": "https"},
+         "MWA_ASVO_PORT must be a port number (1 to 65535), not 'https'"),
     ],
 )  # fmt: skip
 def test_a_server_address_that_cannot_be_used_is_refused_naming_it(
@@ -981,6 +1135,59 @@ def test_a_server_address_that_cannot_be_used_is_refused_naming_it(
 ) -> None:
     with pytest.raises(asvo.AsvoError, match=re.escape(message)):
         asvo.base_url_from_environment(environ)
+
+
+@pytest.mark.parametrize(
+    ("environ", "base_url"),
+    [
+        ({"MWA_ASVO_HOST": "::1"}, "https://[::1]:443"),
+        ({"MWA_ASVO_HOST": "::1", "MWA_ASVO_PORT": "8000", "MWA_ASVO_HTTPS": "0"},
+         "http://[::1]:8000"),
+        ({"MWA_ASVO_HOST": "[::1]:8000", "MWA_ASVO_HTTPS": "0"}, "http://[::1]:8000"),
+        ({"MWA_ASVO_HOST": "[2001:db8::5]"}, "https://[2001:db8::5]:443"),
+        ({"MWA_ASVO_HOST": "https://[::1]:18231"}, "https://[::1]:18231"),
+        ({"MWA_ASVO_HOST": "asvo.example.org:65535"}, "https://asvo.example.org:65535"),
+    ],
+)  # fmt: skip
+def test_an_ipv6_server_address_is_taken_bare_or_in_brackets(
+    environ: dict[str, str], base_url: str
+) -> None:
+    """``::1`` was refused: "its port is not a port number"."""
+    assert asvo.base_url_from_environment(environ) == base_url
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        # The user part was dropped without a word (and a password must not be echoed).
+        ({"MWA_ASVO_HOST": "alice@asvo.example.org"},
+         "MWA_ASVO_HOST (...@asvo.example.org) must not carry a user name or password"),
+        ({"MWA_ASVO_HOST": "https://alice:s3cret@asvo.example.org:443"},
+         "MWA_ASVO_HOST (...@asvo.example.org:443) must not carry a user name or password"),
+        # Port 0 was taken; one beyond 65535 was "not a port number" without the range.
+        ({"MWA_ASVO_HOST": "asvo.example.org:0"},
+         "MWA_ASVO_HOST='asvo.example.org:0': its port is not a port number (1 to 65535)"),
+        ({"MWA_ASVO_HOST": "https://asvo.example.org:65536"},
+         "MWA_ASVO_HOST='https://asvo.example.org:65536': its port is not a port number "
+         "(1 to 65535)"),
+        ({"MWA_ASVO_HOST": "asvo.example.org:"}, "its port is not a port number (1 to 65535)"),
+        ({"MWA_ASVO_PORT": "0"}, "MWA_ASVO_PORT must be a port number (1 to 65535), not '0'"),
+        ({"MWA_ASVO_PORT": "65536"},
+         "MWA_ASVO_PORT must be a port number (1 to 65535), not '65536'"),
+        ({"MWA_ASVO_HOST": "http://::1:8000"},
+         "MWA_ASVO_HOST='http://::1:8000' is not a host name, host:port, [IPv6 address]:port "
+         "or http[s]://host[:port] (with a port or a scheme, an IPv6 address goes in brackets)"),
+        ({"MWA_ASVO_HOST": "[::1"}, "MWA_ASVO_HOST='[::1' is not a host name"),
+        ({"MWA_ASVO_HOST": "[asvo.example.org]:443"},
+         "MWA_ASVO_HOST='[asvo.example.org]:443' is not a host name"),
+    ],
+)  # fmt: skip
+def test_a_server_address_with_credentials_or_no_usable_port_is_refused_naming_it(
+    environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(asvo.AsvoError, match=re.escape(message)) as refusal:
+        asvo.base_url_from_environment(environ)
+    assert "alice" not in str(refusal.value) and "s3cret" not in str(refusal.value)
 
 
 def test_downloads_over_https_with_a_private_ca(

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -52,6 +54,9 @@ PORTAL_COOKIE_NAME = "portal_session"
 COOKIE_MAX_AGE_S = SESSION_MAX_AGE_S
 #: How often the websocket looks for changed jobs.
 WEBSOCKET_POLL_S = 0.1
+#: How long a download link works after its product's expiry: a download started just
+#: before it can still finish (or resume).
+DOWNLOAD_LINK_GRACE_S = 3_600
 
 _basic = HTTPBasic(auto_error=False)
 
@@ -296,6 +301,25 @@ def _normalise_range(value: bytes, size: int) -> bytes:
     return text.encode("latin-1")
 
 
+def _download_link_alive(job: Job, token: str, settings: Settings) -> bool:
+    """Whether a download link of ``job`` (its ``token`` verified) still works.
+
+    While the job's product is alive, by the job's own ``expires_at`` (set at completion),
+    and for ``DOWNLOAD_LINK_GRACE_S`` after. A job without one (completed by an older
+    version) lasts ``asvo_product_ttl_days`` from its completion.
+    """
+    issued_s = int(token.rsplit(".", 2)[1])  # the token's own timestamp: it verified
+    # A link signed before the job was created is one to an earlier job of the same id
+    # (SQLite gives the id of a deleted last row to the next job) and the same file name.
+    if issued_s < job.created.timestamp() - DOWNLOAD_LINK_GRACE_S:
+        return False
+    expires_at = job.expires_at
+    if expires_at is None:
+        completed = job.completed or datetime.fromtimestamp(issued_s, UTC)
+        expires_at = completed + timedelta(days=settings.asvo_product_ttl_days)
+    return time.time() <= expires_at.timestamp() + DOWNLOAD_LINK_GRACE_S
+
+
 @router.head("/download/{job_id}/{name}", operation_id="asvo_download_head")
 @router.get("/download/{job_id}/{name}", operation_id="asvo_download_get")
 def download(
@@ -303,8 +327,14 @@ def download(
 ) -> FileResponse:
     """A product, by the signed URL get_jobs gave (no cookie needed); Range supported."""
     settings = _settings(request)
-    max_age_s = settings.asvo_product_ttl_days * 86_400 + 3_600
-    if unsign_value(token, settings.secret_key_bytes(), max_age_s=max_age_s) != f"{job_id}/{name}":
+    # The signature binds the link to the job and the file; how long it works is the
+    # job's own expiry below, not the age allowed by the current product lifetime: that
+    # may have been lowered since the job completed, and links to products still alive
+    # (and listed) would be refused.
+    if unsign_value(token, settings.secret_key_bytes(), max_age_s=math.inf) != f"{job_id}/{name}":
+        raise Forbidden("This download link is not valid (or has expired)")
+    job = session.get(Job, job_id)
+    if job is not None and not _download_link_alive(job, token, settings):
         raise Forbidden("This download link is not valid (or has expired)")
     path = service.product_file(session, job_id, name, settings.products_dir)
     # stat_result given to the constructor, which sets Content-Length, Last-Modified and ETag

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import ipaddress
 import json
 import logging
 import os
 import shutil
 import socket
 import ssl
+import stat
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
@@ -257,14 +259,20 @@ class DownloadResult:
     file: ProductFile
     local_path: Path | None
     #: ``downloaded``, ``resumed``, ``verified`` (already complete), ``copied``
-    #: (scratch/dug copied from a local path), ``exists`` (copied before, and its files'
-    #: names and sizes match) or ``remote`` (scratch/dug path not on this machine).
+    #: (scratch/dug copied from a local path), ``exists`` (copied before, and the
+    #: product's files are in the copy with their names and sizes) or ``remote``
+    #: (scratch/dug path not on this machine).
     outcome: str
     #: Bytes fetched (or copied) for the file as it now is (not those of a copy that
     #: failed verification).
     bytes_transferred: int = 0
-    #: Whether a file (or copied directory) on disk failed verification and was fetched again.
+    #: Whether a file on disk failed verification and was fetched again, or a copied
+    #: directory on disk lacked some of the product's files (or had them with other
+    #: sizes) and those were copied again.
     redownloaded: bool = False
+    #: scratch/dug: how many of the product's files were copied (all of them for a first
+    #: copy; for an earlier copy, those that were missing or differed).
+    files_copied: int = 0
 
 
 def base_url_from_environment(environ: Mapping[str, str] | None = None) -> str:
@@ -273,13 +281,16 @@ def base_url_from_environment(environ: Mapping[str, str] | None = None) -> str:
     Defaults: ``asvo.mwatelescope.org``, port 443, ``MWA_ASVO_HTTPS=1`` (any other
     value means plain http). ``MWA_ASVO_HOST`` may also be written as giant-squid
     takes it, ``https://host:port`` (the scheme and port then come from it; the port
-    defaults to the scheme's), or as ``host:port``.
+    defaults to the scheme's), or as ``host:port``. An IPv6 address is written bare
+    (``::1``, its port then in ``MWA_ASVO_PORT``: ``::1:8000`` is an address too) or
+    in brackets (``[::1]:8000``, ``https://[::1]:8000``).
 
     Raises
     ------
     AsvoError
-        For a value that is none of these, or a port or scheme that contradicts
-        ``MWA_ASVO_PORT`` or ``MWA_ASVO_HTTPS``.
+        For a value that is none of these, one with a user name or password (the API
+        key goes in ``MWA_ASVO_API_KEY``), a port that is not 1 to 65535, or a port or
+        scheme that contradicts ``MWA_ASVO_PORT`` or ``MWA_ASVO_HTTPS``.
     """
     env = os.environ if environ is None else environ
     host = env.get("MWA_ASVO_HOST", "asvo.mwatelescope.org").strip()
@@ -287,15 +298,39 @@ def base_url_from_environment(environ: Mapping[str, str] | None = None) -> str:
     https_text = env.get("MWA_ASVO_HTTPS")
     if not host:
         raise AsvoError("MWA_ASVO_HOST is set but empty")
-    if port_text is not None and not port_text.isdecimal():
-        raise AsvoError(f"MWA_ASVO_PORT must be a port number, not {port_text!r}")
-    forms = "a host name, host:port or http[s]://host[:port]"
+    env_port = _port_number(port_text)
+    if port_text is not None and env_port is None:
+        raise AsvoError(f"MWA_ASVO_PORT must be a port number (1 to 65535), not {port_text!r}")
+    forms = "a host name, host:port, [IPv6 address]:port or http[s]://host[:port]"
     with_scheme = "://" in host
-    parts = urlsplit(host if with_scheme else f"//{host}")
+    authority = f"[{host}]" if not with_scheme and _is_ipv6_address(host) else host
     try:
-        url_port = parts.port
-    except ValueError:
-        raise AsvoError(f"MWA_ASVO_HOST={host!r}: its port is not a port number") from None
+        parts = urlsplit(authority if with_scheme else f"//{authority}")
+    except ValueError:  # unbalanced brackets, or brackets round what is no IPv6 address
+        raise AsvoError(f"MWA_ASVO_HOST={host!r} is not {forms}") from None
+    if "@" in parts.netloc:
+        # Named without what precedes the @: it may be a password.
+        raise AsvoError(
+            f"MWA_ASVO_HOST (...@{parts.netloc.rpartition('@')[2]}) must not carry a user name "
+            "or password: the server is reached with the API key of MWA_ASVO_API_KEY"
+        )
+    # The port as written (urlsplit's takes "h:0" and "h:" for ports, and a bare IPv6
+    # address's last group for one).
+    _, bracket, after = parts.netloc.rpartition("]")
+    if bracket:
+        if after and not after.startswith(":"):
+            raise AsvoError(f"MWA_ASVO_HOST={host!r} is not {forms}")
+        url_port_text = after[1:] if after else None
+    elif parts.netloc.count(":") > 1:
+        raise AsvoError(
+            f"MWA_ASVO_HOST={host!r} is not {forms} (with a port or a scheme, an IPv6 "
+            "address goes in brackets)"
+        )
+    else:
+        url_port_text = parts.netloc.partition(":")[2] if ":" in parts.netloc else None
+    url_port = _port_number(url_port_text)
+    if url_port_text is not None and url_port is None:
+        raise AsvoError(f"MWA_ASVO_HOST={host!r}: its port is not a port number (1 to 65535)")
     if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.fragment:
         raise AsvoError(f"MWA_ASVO_HOST={host!r} is not {forms}")
     if with_scheme:
@@ -309,16 +344,34 @@ def base_url_from_environment(environ: Mapping[str, str] | None = None) -> str:
             )
     else:
         scheme = "https" if (https_text or "1") == "1" else "http"
-    if url_port is not None and port_text is not None and int(port_text) != url_port:
+    if url_port is not None and env_port is not None and env_port != url_port:
         raise AsvoError(f"MWA_ASVO_HOST={host!r} contradicts MWA_ASVO_PORT={port_text!r}; give one")
     if url_port is not None:
         port = url_port
-    elif port_text is not None:
-        port = int(port_text)
+    elif env_port is not None:
+        port = env_port
     else:  # mwa_client's default port is 443 whatever the scheme; a URL's is its scheme's
         port = (443 if scheme == "https" else 80) if with_scheme else 443
     name = parts.hostname
     return f"{scheme}://{f'[{name}]' if ':' in name else name}:{port}"
+
+
+def _port_number(text: str | None) -> int | None:
+    """The TCP port ``text`` gives (1 to 65535); None for none, or anything else."""
+    # ASCII digits only: int() also reads other scripts' digits.
+    if text is None or not (text.isascii() and text.isdigit()):
+        return None
+    port = int(text)
+    return port if 0 < port < 65536 else None
+
+
+def _is_ipv6_address(text: str) -> bool:
+    """Whether ``text`` is a bare IPv6 address (``::1``)."""
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _duration_text(seconds: float) -> str:
@@ -997,15 +1050,22 @@ def _copy_delivered_directory(
     """Copy a scratch/dug product into ``dest_dir`` when its path is on this machine.
 
     The server records only the product's total size, so a copy is checked by that
-    and by its files' names and sizes against the delivered directory's. A copy
-    already in ``dest_dir`` that passes is kept (``exists``); one that does not (an
-    interrupted or altered earlier copy, another job's directory of the same name)
-    is copied again.
+    and by its files' names and sizes against the delivered directory's. A first copy
+    is made under a temporary name and renamed when complete. A directory of the
+    product's name already in ``dest_dir`` is taken as an earlier copy: if every file
+    of the product is in it with its size, it is kept (``exists``); otherwise only the
+    product's files that are missing or differ are copied again, each replacing its
+    namesake atomically. Nothing else in it (the user's own files) is touched: the
+    client deletes or replaces only what the product has.
 
     Raises
     ------
     AsvoError
-        If the delivered directory does not hold what the server says it does.
+        If the delivered directory does not hold what the server says it does, or
+        changes while it is copied; or if the product's name in ``dest_dir``, or a
+        path in it where the product has a file or directory, is something else (a
+        symbolic link, a file where the product has a directory, ...). That is left
+        as it is, and nothing is written.
     """
     source = Path(file.path or "")
     if not file.path or not source.is_dir():
@@ -1018,17 +1078,47 @@ def _copy_delivered_directory(
             f"says {file.size_bytes}",
             job_id=job.id,
         )
-    recopied = False
-    if target.is_dir() and _file_sizes(target) == source_sizes:
-        if progress:
-            progress(file, file.size_bytes, file.size_bytes)
-        return DownloadResult(file, target, "exists")
-    if target.exists():
-        log.warning("%s does not match %s: copying it again", target, source)
-        recopied = True
-    # Copied under a temporary name, so an interrupted copy is never taken for a finished one.
-    staging = dest_dir / f".{source.name}.copying"
-    shutil.rmtree(staging, ignore_errors=True)
+    kind = _kind_of(target)
+    if kind is None:
+        return _copy_whole_directory(job, file, source, target, source_sizes, progress)
+    if kind != "a directory":
+        raise AsvoError(
+            f"Job {job.id}: {target} is {kind}, not a copy of the product; it was left as "
+            "it is: move it away or download into another directory",
+            job_id=job.id,
+        )
+    return _update_copied_directory(job, file, source, target, source_sizes, progress)
+
+
+def _kind_of(path: Path) -> str | None:
+    """What is at ``path``, without following a symbolic link: None if nothing."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "a file" if stat.S_ISREG(mode) else "not a regular file"
+
+
+def _copy_whole_directory(
+    job: Job,
+    file: ProductFile,
+    source: Path,
+    target: Path,
+    source_sizes: Mapping[str, int],
+    progress: ProgressCallback | None,
+) -> DownloadResult:
+    """The first copy of a product, into ``target`` (which does not exist)."""
+    # Copied under a temporary name, so an interrupted copy is never taken for a finished
+    # one. The name is the client's own: what is there is a run's leftover.
+    staging = target.with_name(f".{target.name}.copying")
+    if _kind_of(staging) == "a directory":
+        shutil.rmtree(staging)
+    else:  # a leftover file, or a link: unlinked, never followed
+        staging.unlink(missing_ok=True)
     copied = 0
 
     def copy_reporting(from_path: str, to_path: str) -> None:
@@ -1038,16 +1128,99 @@ def _copy_delivered_directory(
         if progress:
             progress(file, copied, file.size_bytes)
 
-    shutil.copytree(source, staging, copy_function=copy_reporting)
-    if _file_sizes(staging) != source_sizes:  # the delivered directory changed meanwhile
+    try:
+        shutil.copytree(source, staging, copy_function=copy_reporting)
+        if _file_sizes(staging) != source_sizes:  # the delivered directory changed meanwhile
+            raise AsvoError(f"Job {job.id}: {source} changed while it was copied", job_id=job.id)
+        # Fails (rather than replaces) if something other than an empty directory took the
+        # name meanwhile.
+        os.rename(staging, target)
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        raise AsvoError(f"Job {job.id}: {source} changed while it was copied", job_id=job.id)
-    if target.is_dir():
-        shutil.rmtree(target)
-    elif target.exists():
-        target.unlink()
-    os.replace(staging, target)
-    return DownloadResult(file, target, "copied", copied, recopied)
+        raise
+    return DownloadResult(file, target, "copied", copied, files_copied=len(source_sizes))
+
+
+def _update_copied_directory(
+    job: Job,
+    file: ProductFile,
+    source: Path,
+    target: Path,
+    source_sizes: Mapping[str, int],
+    progress: ProgressCallback | None,
+) -> DownloadResult:
+    """Bring the earlier copy ``target`` (a directory) up to date with ``source``.
+
+    Every path is checked before anything is written, so that a refusal leaves the
+    directory as it was; no symbolic link is followed (one where the product has a
+    directory would have the copy written elsewhere, one where it has a file replaced).
+    """
+    stale: list[str] = []
+    for relative, size in sorted(source_sizes.items()):
+        path = target / relative
+        for parent in reversed(Path(relative).parents[:-1]):  # "a/b/c": a, then a/b
+            _expect_kind(job, target / parent, ("a directory",), "a directory")
+        if _expect_kind(job, path, ("a file",), "a file") and path.stat().st_size == size:
+            continue
+        # The temporary copy's name is the client's own: a file there is a run's leftover.
+        _expect_kind(job, _copying_name(path), ("a file",), None)
+        stale.append(relative)
+    kept = file.size_bytes - sum(source_sizes[relative] for relative in stale)
+    if not stale:
+        if progress:
+            progress(file, file.size_bytes, file.size_bytes)
+        return DownloadResult(file, target, "exists")
+    log.warning(
+        "%s does not match %s: copying again the product's files missing or different there "
+        "(%d of %d); other files are left as they are",
+        target, source, len(stale), len(source_sizes),
+    )  # fmt: skip
+    copied = 0
+    for relative in stale:
+        path = target / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = _copying_name(path)
+        try:
+            shutil.copy2(source / relative, partial)
+            if partial.stat().st_size != source_sizes[relative]:
+                raise AsvoError(
+                    f"Job {job.id}: {source} changed while it was copied", job_id=job.id
+                )
+            os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        copied += source_sizes[relative]
+        if progress:
+            progress(file, kept + copied, file.size_bytes)
+    return DownloadResult(
+        file, target, "copied", copied, redownloaded=True, files_copied=len(stale)
+    )
+
+
+def _copying_name(path: Path) -> Path:
+    """The temporary name a file is copied under before it replaces ``path``."""
+    return path.with_name(f".{path.name}.copying")
+
+
+def _expect_kind(job: Job, path: Path, allowed: tuple[str, ...], product_has: str | None) -> bool:
+    """Whether ``path`` exists, as one of the ``allowed`` kinds (see ``_kind_of``).
+
+    Raises
+    ------
+    AsvoError
+        Naming ``path``, if something else is there (where the product has ``product_has``,
+        said when given).
+    """
+    kind = _kind_of(path)
+    if kind is not None and kind not in allowed:
+        where = "" if product_has is None else f" where the product has {product_has}"
+        raise AsvoError(
+            f"Job {job.id}: {path} is {kind}{where}; nothing was copied and it was left as it "
+            "is: move it away or download into another directory",
+            job_id=job.id,
+        )
+    return kind is not None
 
 
 def _file_sizes(root: Path) -> dict[str, int]:

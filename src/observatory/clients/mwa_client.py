@@ -339,7 +339,8 @@ class Downloads:
     def _download(self, job: Job, file: ProductFile) -> None:
         say = self._reporter.say
         single = dataclasses.replace(job, files=(file,))
-        exists = (self._outdir / file.name).exists()
+        # lexists: a symbolic link of the name is met too (and refused), even a dangling one.
+        exists = os.path.lexists(self._outdir / file.name)
         if file.url:
             verb = "Verifying" if exists else "Downloading"
             say(f"{verb}: Job id: {job.id} file: {file.name} size: {file.size_bytes} bytes")
@@ -352,7 +353,12 @@ class Downloads:
                 progress=lambda f, done, total: self._reporter.file_progress(job, f, done, total),
             )  # fmt: skip
         except (AsvoError, OSError) as exc:  # OSError: the local disk (full, not writable)
-            message = exc.message if isinstance(exc, AsvoError) else f"{file.name}: {exc}"
+            # The line and the error file already name the job: not "Job N: " a second time.
+            message = (
+                exc.message.removeprefix(f"Job {job.id}: ")
+                if isinstance(exc, AsvoError)
+                else f"{file.name}: {exc}"
+            )
             say(f"Download Failed: Job id: {job.id} file: {file.name}: {message}")
             with self._errors_lock:
                 self._errors.append(JobError(job.id, str(job.obs_id), f"Error: {message}"))
@@ -370,7 +376,11 @@ def _describe_download(job: Job, result: DownloadResult) -> str:
             "copied": f"copied from {file.path}, {result.bytes_transferred} bytes, sizes verified",
         }[result.outcome]
         if result.redownloaded:
-            how = "the copy on disk did not match and was copied again, " + how
+            count = result.files_copied
+            how = (f"the copy on disk did not match: {count} missing or differing "
+                   f"file{'s' if count != 1 else ''} copied again from {file.path}, "
+                   f"{result.bytes_transferred} bytes, sizes verified; other files left "
+                   "as they were")  # fmt: skip
         return f"Download complete: Job id: {job.id} file: {result.local_path} ({how})"
     algorithm, digest = file.checksum or ("checksum", "")
     how = {
