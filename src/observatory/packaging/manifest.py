@@ -246,9 +246,10 @@ def write_manifest(
         kept[f"{prefix}{file[len(root) :]}"] = known.get(file) or digests[file]
     partial = path.with_name(path.name + ".partial")
     partial.write_text("".join(f"{digest}  {name}\n" for name, digest in sorted(kept.items())))
-    sync_file(partial)  # one file per run: the record of what the package holds
+    # Not synced: it guards no data (a package cut short by a power cut fails verification
+    # and is made again), and on ext4 an fsync after a copy waits for the copy's writeback
+    # (0.1 s of a 2 GB copy's 1.2 s).
     os.replace(partial, path)
-    sync_directory(path.parent)
     return path
 
 
