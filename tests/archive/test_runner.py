@@ -277,3 +277,25 @@ def test_every_dump_of_buffering_observations_reaches_the_archive_and_vcsfree(
         # Recorded at one tile, still charged at the full array's size.
         after = service.vcs_free_s(session, settings, now=third + 4100)
         assert free - after == pytest.approx(charged, abs=1)
+
+
+def test_overlapping_dumps_are_charged_once(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """vcsfree charged each dump's span, twice where they overlap, until recorded."""
+    start = NOON // 8 * 8 + 8
+    with session_factory() as session:
+        create_project(session, "G0055", priority=5, secure_key="runner-key-1")
+        schedule_observation(
+            session, start_gps=start, duration_s=800, mode="MWAX_BUFFER",
+            coarse_chans=list(range(109, 133)), project_id="C001", obsname="b", now_gps_s=NOON,
+        )  # fmt: skip
+        session.commit()
+        free = service.vcs_free_s(session, settings, now=start + 399)
+        key = {"project_id": "G0055", "secure_key": "runner-key-1", "pretend": "false"}
+        for now, first, last in ((start + 400, 300, 360), (start + 420, 330, 390)):
+            dump = service.trigger_buffer(session, settings, {
+                **key, "start_time": start + first, "end_time": start + last}, now=now)  # fmt: skip
+            assert dump["success"] is True, dump["errors"]
+        charged = free - service.vcs_free_s(session, settings, now=start + 421)
+    assert charged == pytest.approx(90, abs=1)  # 300..390: 90 s of 24 channels

@@ -558,4 +558,8 @@ def test_a_download_link_works_while_its_product_does_whatever_the_lifetime_is_n
     early = sign_value(f"{job_id}/{name}", app_settings.secret_key_bytes(),
                        now_s=time.time() - 5 * 86_400)  # fmt: skip
     assert client.get(f"{path}?token={early}").status_code == 403
+    # Even 20 minutes before it (an id reused within the hour was let through).
+    shortly = sign_value(f"{job_id}/{name}", app_settings.secret_key_bytes(),
+                         now_s=time.time() - 3 * 86_400 - 30 * 60)  # fmt: skip
+    assert client.get(f"{path}?token={shortly}").status_code == 403
     assert client.get(url).status_code == 200

@@ -317,9 +317,11 @@ def test_scratch_products_are_copied_when_the_path_is_local(server: Server, tmp_
     victim.write_bytes(original[: len(original) // 2])
     code, output = mwa_client("-w", str(job.id), "-d", str(out_dir), environ=server.environ())
     assert code == 0, output
-    assert (f"file: {copied} (the copy on disk did not match: 1 missing or differing file "
-            f"copied again from {file.path}, {len(original)} bytes, sizes verified; other files "
-            "left as they were)") in output  # fmt: skip
+    # Every file of the product again (a measurement set must not mix two versions).
+    n_files = sum(1 for p in Path(file.path or "").rglob("*") if p.is_file())
+    assert (f"file: {copied} (the copy on disk did not match: its {n_files} file"
+            f"{'s' if n_files != 1 else ''} copied again from {file.path}, {file.size_bytes} "
+            "bytes, sizes verified; other files left as they were)") in output  # fmt: skip
     assert victim.read_bytes() == original
     assert "Download Complete" not in output  # one spelling for every delivery
     assert not list(out_dir.glob(".*"))  # no staging directory left
@@ -343,8 +345,8 @@ def scratch_job(server: Server) -> asvo.Job:
 def test_a_copy_that_does_not_match_is_mended_and_the_users_files_are_kept(
     server: Server, tmp_path: Path
 ) -> None:
-    """Only the product's files that are missing or differ are copied again: the whole
-    directory was deleted and copied again, losing the user's own files in it."""
+    """The product's files are copied again, the user's own files kept: the whole
+    directory was deleted and copied again, losing them."""
     job = scratch_job(server)
     (file,) = job.files
     out_dir = tmp_path / "out"
@@ -366,7 +368,7 @@ def test_a_copy_that_does_not_match_is_mended_and_the_users_files_are_kept(
     assert notes.read_text() == "my own notes\n"
     assert (copy / "plots" / "a.png").read_bytes() == b"png"
     assert (f"Download complete: Job id: {job.id} file: {copy} (the copy on disk did not "
-            f"match: 1 missing or differing file copied again from {file.path}, "
+            f"match: its 1 file copied again from {file.path}, "
             f"{len(original)} bytes, sizes verified; other files left as they were)"
             ) in output  # fmt: skip
     assert not [p for p in out_dir.rglob(".*")]  # no temporary copy left
@@ -378,7 +380,7 @@ def test_a_copy_that_does_not_match_is_mended_and_the_users_files_are_kept(
     product_file.unlink()
     code, output = mwa_client("-w", str(job.id), "-d", str(out_dir), environ=server.environ())
     assert code == 0, output
-    assert "1 missing or differing file copied again" in output
+    assert "its 1 file copied again" in output
     assert product_file.read_bytes() == original and notes.exists()
 
 
@@ -462,17 +464,24 @@ def test_a_mended_copy_follows_no_symbolic_link_inside_it(tmp_path: Path) -> Non
     with pytest.raises(asvo.AsvoError, match=re.escape("b.fits is a directory where the product")):
         asvo._copy_delivered_directory(job, file, out_dir, None)
 
-    # Gone: the missing files are copied, with progress counting the ones kept.
+    # Gone: every file of the product is copied again (one version of it), with progress.
     (out_dir / "77" / "sub" / "b.fits").rmdir()
-    (out_dir / "77" / "a.fits").write_bytes(b"a" * 10)
+    (out_dir / "77" / "a.fits").write_bytes(b"A" * 10)  # altered, its size kept
     seen: list[int] = []
     result = asvo._copy_delivered_directory(
         job, file, out_dir, lambda _f, done, _total: seen.append(done)
     )
     assert (result.outcome, result.bytes_transferred, result.redownloaded, result.files_copied) == (
-        "copied", 20, True, 1,
+        "copied", 30, True, 2,
     )  # fmt: skip
-    assert seen == [30]
+    assert seen == [10, 30]
+    assert (out_dir / "77" / "a.fits").read_bytes() == b"a" * 10
+    # A leftover temporary name that links elsewhere is replaced, not written through.
+    (out_dir / "77" / "a.fits").unlink()
+    (out_dir / "77" / ".a.fits.copying").hardlink_to(elsewhere / "b.fits")
+    asvo._copy_delivered_directory(job, file, out_dir, None)
+    assert (elsewhere / "b.fits").read_bytes() == b"mine"
+    assert (out_dir / "77" / "a.fits").read_bytes() == b"a" * 10
     assert (out_dir / "77" / "sub" / "b.fits").read_bytes() == b"b" * 20
 
 

@@ -296,6 +296,8 @@ def test_a_move_across_file_systems_syncs_each_copy_before_replacing_its_origin(
     journal = events.index("fsync 2011.0.00229.S.qa-packager-journal.json.partial")
     assert events[journal + 1].startswith("replace 2011.0.00229.S.qa-packager-journal.json.partial")
     assert json.loads((tmp_path / "2011.0.00229.S.moved-origins.json").read_text()) == [str(sb)]
+    # After a move the manifest holds the only checksums of the moved data: synced too.
+    assert any(e.startswith("fsync") and "manifest" in e for e in events), events
 
 
 # 7, 8, 10. delivery tars of real packages

@@ -82,7 +82,9 @@ def observe_due(
     with session_factory() as session:
         due: list[tuple[int, list[int] | None]] = []
         dumps: dict[int, list[tuple[float, float]]] | None = None
-        for observation in due_observations(session, now, limit + len(skipped), buffer_s):
+        # Room for many skipped ones: after a restart, every buffering observation never
+        # dumped is looked at once more, and must not hold the newer ones back a pass each.
+        for observation in due_observations(session, now, limit + len(skipped) + 200, buffer_s):
             if observation.obsid in skipped:
                 continue
             subobs = None

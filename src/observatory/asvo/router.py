@@ -54,6 +54,9 @@ PORTAL_COOKIE_NAME = "portal_session"
 COOKIE_MAX_AGE_S = SESSION_MAX_AGE_S
 #: How often the websocket looks for changed jobs.
 WEBSOCKET_POLL_S = 0.1
+#: How far a worker's clock may be behind the server's (a link is signed as of its job's
+#: completion, never before the job was created).
+CLOCK_SKEW_S = 60
 #: How long a download link works after its product's expiry: a download started just
 #: before it can still finish (or resume).
 DOWNLOAD_LINK_GRACE_S = 3_600
@@ -311,7 +314,7 @@ def _download_link_alive(job: Job, token: str, settings: Settings) -> bool:
     issued_s = int(token.rsplit(".", 2)[1])  # the token's own timestamp: it verified
     # A link signed before the job was created is one to an earlier job of the same id
     # (SQLite gives the id of a deleted last row to the next job) and the same file name.
-    if issued_s < job.created.timestamp() - DOWNLOAD_LINK_GRACE_S:
+    if issued_s < job.created.timestamp() - CLOCK_SKEW_S:
         return False
     expires_at = job.expires_at
     if expires_at is None:

@@ -1165,21 +1165,27 @@ def _update_copied_directory(
         # The temporary copy's name is the client's own: a file there is a run's leftover.
         _expect_kind(job, _copying_name(path), ("a file",), None)
         stale.append(relative)
-    kept = file.size_bytes - sum(source_sizes[relative] for relative in stale)
     if not stale:
         if progress:
             progress(file, file.size_bytes, file.size_bytes)
         return DownloadResult(file, target, "exists")
     log.warning(
-        "%s does not match %s: copying again the product's files missing or different there "
-        "(%d of %d); other files are left as they are",
+        "%s does not match %s (%d of %d files missing or different): copying every file of "
+        "the product again; other files are left as they are",
         target, source, len(stale), len(source_sizes),
     )  # fmt: skip
+    # Every file of the product, not only those whose size differs: a measurement set
+    # whose tables kept their sizes after an edit would otherwise mix two versions.
+    stale = sorted(source_sizes)
+    kept = 0
     copied = 0
     for relative in stale:
         path = target / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = _copying_name(path)
+        # A leftover there may be a hard or symbolic link: written through, it would
+        # overwrite what it points at. Removed, the copy makes a file of its own.
+        partial.unlink(missing_ok=True)
         try:
             shutil.copy2(source / relative, partial)
             if partial.stat().st_size != source_sizes[relative]:

@@ -377,7 +377,7 @@ def _describe_download(job: Job, result: DownloadResult) -> str:
         }[result.outcome]
         if result.redownloaded:
             count = result.files_copied
-            how = (f"the copy on disk did not match: {count} missing or differing "
+            how = (f"the copy on disk did not match: its {count} "
                    f"file{'s' if count != 1 else ''} copied again from {file.path}, "
                    f"{result.bytes_transferred} bytes, sizes verified; other files left "
                    "as they were")  # fmt: skip

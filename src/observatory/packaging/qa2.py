@@ -1958,7 +1958,9 @@ def _carry_out(
     plan.expected_size_bytes += readme_path.stat().st_size
     write_tickets(plan, pack, member, real=mode != "fake")
     if mode in ("copy", "hard", "move"):
-        write_manifest(pack, plan.member, workers=hash_workers, known=known)
+        # Synced after a move (the only copy) or when earlier members' lines are in it.
+        durable = mode == "move" or manifest_path(pack).exists()
+        write_manifest(pack, plan.member, workers=hash_workers, known=known, durable=durable)
         if verify:
             verify_against_sources(plan, pack)
 

@@ -827,19 +827,25 @@ def vcs_free_s(session: Session, settings: Settings, now: float | None = None) -
     captured_s = subfiles * MWAX_SUBOBS_S / MAX_COARSE_CHANS + sum(
         full_band_vcs_s(stoptime - obsid, len(chans or ())) for obsid, stoptime, chans in unrecorded
     )
-    # What dumps saved of buffering observations, until the telescope records it (if ever).
-    dumps = buffer_dumps(session)
-    if dumps:
-        buffering = session.execute(
-            select(Observation.obsid, Observation.stoptime, Observation.coarse_chans).where(
-                Observation.obsid.in_(list(dumps)), Observation.mode == "MWAX_BUFFER",
-                ~exists().where(ObservationFile.obsid == Observation.obsid),
-            )
-        )  # fmt: skip
-        for obsid, stoptime, chans in buffering:
-            for start, end in dumps[obsid]:
-                saved_s = max(0.0, min(end, stoptime, now) - max(start, obsid))
-                captured_s += full_band_vcs_s(saved_s, len(chans or ()))
+    # What dumps saved of buffering observations, until the telescope records it. Only
+    # unrecorded ones are looked at (no list of ids bound into the query: it only grows).
+    buffering = session.execute(
+        select(Observation.obsid, Observation.stoptime, Observation.coarse_chans).where(
+            Observation.mode == "MWAX_BUFFER", Observation.obsid <= math.floor(now), _live(),
+            ~exists().where(ObservationFile.obsid == Observation.obsid),
+        )
+    ).all()  # fmt: skip
+    dumps = buffer_dumps(session) if buffering else {}
+    for obsid, stoptime, chans in buffering:
+        # Overlapping dumps save the same seconds once (the telescope records their union).
+        saved = sorted(
+            (max(start, obsid), min(end, stoptime, now)) for start, end in dumps.get(obsid, [])
+        )
+        saved_s, reached = 0.0, float(obsid)
+        for start, end in saved:
+            saved_s += max(0.0, end - max(start, reached))
+            reached = max(reached, end)
+        captured_s += full_band_vcs_s(saved_s, len(chans or ()))
     columns = (Observation.obsid, Observation.stoptime, Observation.coarse_chans, Observation.mode)
     running = session.execute(
         select(*columns).where(Observation.obsid <= math.floor(now), _live())
