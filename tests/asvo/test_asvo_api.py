@@ -481,6 +481,7 @@ def test_a_download_url_is_the_same_in_every_listing_and_ends_with_the_product(
             job = session.get(Job, job_id)
             assert job is not None
             job.state, job.completed = "completed", utcnow() - ago
+            job.created = job.completed - timedelta(minutes=10)  # made before it completed
             job.product = {"files": [{"type": "acacia", "name": "p.tar", "size": 10240,
                                       "sha1": "0" * 40}]}  # fmt: skip
             session.commit()
