@@ -22,6 +22,7 @@ import httpx
 from sqlalchemy import column, func, select, table
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.expression import Exists
 
 from observatory.archive.models import FileKind, Observation, ObservationFile
 from observatory.calib.models import MAX_CALLBACK_URL_CHARS, CalibrationFit, CalibrationRequest
@@ -117,6 +118,18 @@ def check_callback_url(url: str, settings: Settings) -> str:
     return url
 
 
+def _has_visibilities() -> Exists:
+    """Whether an observation (the outer query's) has correlator data in the archive."""
+    return (
+        select(ObservationFile.id)
+        .where(
+            ObservationFile.obsid == Observation.obsid,
+            ObservationFile.kind.in_([FileKind.MWAX_VIS, FileKind.LEGACY_GPUBOX]),
+        )
+        .exists()
+    )
+
+
 def check_asvo_job(session: Session, asvo_job_id: int) -> int:
     """The ASVO job id, if such a job exists.
 
@@ -157,14 +170,7 @@ def _calibrators_near(
     """Calibrator observations within range of ``target`` and compatible with it, nearest
     first: those with correlator data in the archive (``recorded``), or those without;
     and how many in range each :func:`~observatory.calib.service.incompatibility` left out."""
-    has_visibilities = (
-        select(ObservationFile.id)
-        .where(
-            ObservationFile.obsid == Observation.obsid,
-            ObservationFile.kind.in_([FileKind.MWAX_VIS, FileKind.LEGACY_GPUBOX]),
-        )
-        .exists()
-    )
+    has_visibilities = _has_visibilities()
     found = session.scalars(
         select(Observation).where(
             Observation.calibration.is_(True), Observation.deleted.is_(False),
@@ -308,14 +314,7 @@ def request_unfitted_calibrators(
         The requests filed (``bulk_request`` true, ``realtime`` false, for no target but
         the calibrator itself).
     """
-    has_visibilities = (
-        select(ObservationFile.id)
-        .where(
-            ObservationFile.obsid == Observation.obsid,
-            ObservationFile.kind.in_([FileKind.MWAX_VIS, FileKind.LEGACY_GPUBOX]),
-        )
-        .exists()
-    )
+    has_visibilities = _has_visibilities()
     fitted = select(CalibrationFit.fitid).where(CalibrationFit.obsid == Observation.obsid).exists()
     requested = (
         select(CalibrationRequest.id).where(CalibrationRequest.cal_id == Observation.obsid).exists()

@@ -1415,13 +1415,9 @@ def move_with_symlink(source: Path, destination: Path) -> None:
             if exc.errno != errno.EXDEV:
                 raise
             partial = destination.with_name(destination.name + ".qa-packager-partial")
-            shutil.copy2(source, partial)
-            if file_sha256(partial) != file_sha256(source):
-                partial.unlink()
-                raise PackagingError(f"copy of {source} does not match it: not moved") from exc
             # On disk before the origin becomes a symlink to it: after a power cut the copy
             # may be the only one.
-            sync_file(partial)
+            _synced_verified_copy(source, partial, "not moved", exc)
             os.replace(partial, destination)
             sync_directory(destination.parent)
     link = source.with_name(f".{source.name}.qa-packager-link")
@@ -1810,13 +1806,19 @@ def _put_back(moved: Path, link: Path) -> None:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        shutil.copy2(moved, temporary)
-        if file_sha256(temporary) != file_sha256(moved):
-            temporary.unlink()
-            raise PackagingError(f"copy of {moved} does not match it: not put back") from exc
-        sync_file(temporary)
+        _synced_verified_copy(moved, temporary, "not put back", exc)
     os.replace(temporary, link)
     sync_directory(link.parent)
+
+
+def _synced_verified_copy(source: Path, copy: Path, outcome: str, cause: OSError) -> None:
+    """Copy ``source`` to ``copy`` across file systems (``cause``: the refused link),
+    check its sha256 and sync it; a copy that differs is removed, and ``outcome`` said."""
+    shutil.copy2(source, copy)
+    if file_sha256(copy) != file_sha256(source):
+        copy.unlink()
+        raise PackagingError(f"copy of {source} does not match it: {outcome}") from cause
+    sync_file(copy)
 
 
 def _refuse_a_stale_set_aside(packpath: Path) -> None:
