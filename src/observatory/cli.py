@@ -310,7 +310,7 @@ PARENT_PID_VARIABLE = "OBSERVATORY_CONVERSION_PARENT_PID"
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from observatory.preprocess.engine import preprocess
+    from observatory.preprocess.engine import OUTPUT_SUFFIXES, preprocess
     from observatory.preprocess.options import ConversionOptions
     from observatory.preprocess.reader import ReadError
 
@@ -326,9 +326,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         if not sep:
             raise ValueError(f"--option {item!r} is not KEY=VALUE")
         params[key.strip()] = value.strip()
-    suffix = args.out.suffix.lower()
-    if "output" not in params and suffix in {".uvfits", ".ms"}:
-        params["output"] = suffix[1:]
+    suffix_format = OUTPUT_SUFFIXES.get(args.out.suffix.lower())
+    if "output" not in params and suffix_format is not None:
+        params["output"] = suffix_format
     if args.solutions is not None:
         params["apply_di_cal"] = "true"
     options = ConversionOptions.from_params(params)

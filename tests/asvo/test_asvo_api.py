@@ -498,8 +498,8 @@ def test_a_download_url_is_the_same_in_every_listing_and_ends_with_the_product(
     assert url_at(time.time() + 60) == url_at(time.time() + 3600) == url
     # The signature holds (no such file on disk: 404, not the 403 of a bad link) ...
     assert client.get(url).status_code == 404
-    # ... until the product's lifetime (and an hour's grace) has passed since completion.
-    complete(timedelta(days=app_settings.asvo_product_ttl_days, hours=2))
+    # ... until the product's lifetime has passed since completion.
+    complete(timedelta(days=app_settings.asvo_product_ttl_days, minutes=1))
     reply = client.get(url_at(time.time()))
     assert reply.status_code == 403 and "expired" in reply.json()["error"]
 
@@ -508,7 +508,7 @@ def test_a_download_link_works_while_its_product_does_whatever_the_lifetime_is_n
     client: TestClient, app_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A link lasts as long as its job's product (its ``expires_at``, set at completion with
-    the lifetime of then) and an hour: checked against the current lifetime, lowering it
+    the lifetime of then): checked against the current lifetime, lowering it
     refused links to products get_jobs still listed."""
     job_id = submit(client, "download_vis_job", obs_id=MWAX_OBS, download_type="vis").json()[
         "job_id"
@@ -547,10 +547,10 @@ def test_a_download_link_works_while_its_product_does_whatever_the_lifetime_is_n
     assert client.get(f"{path}?token={other}").status_code == 403
     forged = sign_value(f"{job_id}/{name}", b"not the key", now_s=int(issued))
     assert client.get(f"{path}?token={forged}").status_code == 403
-    # Past the product's own expiry: an hour's grace, then refused.
-    url = complete(timedelta(days=7), -timedelta(minutes=30))
+    # Up to the product's own expiry (when the dispatcher deletes it), then refused.
+    url = complete(timedelta(days=7), timedelta(minutes=1))
     assert client.get(url).status_code == 200
-    url = complete(timedelta(days=7), -timedelta(hours=2))
+    url = complete(timedelta(days=7), -timedelta(minutes=1))
     reply = client.get(url)
     assert reply.status_code == 403 and "expired" in reply.json()["error"]
     # Nor does a link signed for an earlier job of the same id (before this one was created).

@@ -599,6 +599,8 @@ def test_undo_move_refuses_when_an_origin_symlink_is_not_the_moved_file(
     with pytest.raises(PackagingError, match=r"holds the only copy of .*") as refused:
         qa2.undo_move(packpath)
     assert named in str(refused.value) and "nothing was changed" in str(refused.value)
+    if change == "replaced-by-a-file":  # the package's file, and the origin that differs
+        assert f"{moved} (its origin {link} has other bytes now" in str(refused.value)
     assert files_and_links(packpath) == packaged and files_and_links(sb) == origin
     assert moved.exists() and qa2._journal_path(packpath).exists()
     link.unlink(missing_ok=True)

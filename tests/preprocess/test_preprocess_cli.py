@@ -40,6 +40,17 @@ def test_files_to_uvfits_with_averaging(
     assert (uvd.Ntimes, uvd.Nfreqs) == (2, 8)
 
 
+def test_an_output_named_fits_is_written_as_uvfits_under_that_name(
+    sim: SimulatedObservation, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.fits"
+    files = [str(p) for p in sim.vis_paths]
+    assert run(tmp_path, "--metafits", str(sim.metafits_path), *files, "--out", str(out),
+               "--no-rfi") == 0  # fmt: skip
+    assert not (tmp_path / "out.fits.uvfits").exists()
+    assert UVData.from_file(str(out), file_type="uvfits").Ntimes == 4
+
+
 def test_legacy_csv_keys_through_option(sim: SimulatedObservation, tmp_path: Path) -> None:
     out = tmp_path / "legacy"
     files = [str(p) for p in sim.vis_paths]

@@ -540,6 +540,12 @@ def test_output_paths_follow_the_format() -> None:
     assert output_paths("x/obs.uvfits", OutputFormat.UVFITS) == [Path("x/obs.uvfits")]
     assert output_paths("x/obs", OutputFormat.MS) == [Path("x/obs.ms")]
     assert output_paths("x/obs.ms", OutputFormat.BOTH) == [Path("x/obs.uvfits"), Path("x/obs.ms")]
+    # UVFITS files are often named .fits or .uvf: written under that name, not x.fits.uvfits.
+    assert output_paths("x/obs.fits", OutputFormat.UVFITS) == [Path("x/obs.fits")]
+    assert output_paths("x/obs.UVF", OutputFormat.UVFITS) == [Path("x/obs.UVF")]
+    assert output_paths("x/obs.fits", OutputFormat.BOTH) == [Path("x/obs.uvfits"), Path("x/obs.ms")]
+    with pytest.raises(OptionError, match="ends in .fits"):
+        output_paths("x/obs.fits", OutputFormat.MS)
     with pytest.raises(OptionError, match=r"ends in \.ms"):
         output_paths("x/obs.ms", OutputFormat.UVFITS)
 

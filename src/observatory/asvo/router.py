@@ -57,9 +57,6 @@ WEBSOCKET_POLL_S = 0.1
 #: How far a worker's clock may be behind the server's (a link is signed as of its job's
 #: completion, never before the job was created).
 CLOCK_SKEW_S = 60
-#: How long a download link works after its product's expiry: a download started just
-#: before it can still finish (or resume).
-DOWNLOAD_LINK_GRACE_S = 3_600
 
 _basic = HTTPBasic(auto_error=False)
 
@@ -307,9 +304,10 @@ def _normalise_range(value: bytes, size: int) -> bytes:
 def _download_link_alive(job: Job, token: str, settings: Settings) -> bool:
     """Whether a download link of ``job`` (its ``token`` verified) still works.
 
-    While the job's product is alive, by the job's own ``expires_at`` (set at completion),
-    and for ``DOWNLOAD_LINK_GRACE_S`` after. A job without one (completed by an older
-    version) lasts ``asvo_product_ttl_days`` from its completion.
+    Until the job's own ``expires_at`` (set at completion), when the dispatcher deletes
+    its product: a link that outlived its product would lead to a 404 instead of saying
+    it expired. A job without one (completed by an older version) lasts
+    ``asvo_product_ttl_days`` from its completion.
     """
     issued_s = int(token.rsplit(".", 2)[1])  # the token's own timestamp: it verified
     # A link signed before the job was created is one to an earlier job of the same id
@@ -320,7 +318,7 @@ def _download_link_alive(job: Job, token: str, settings: Settings) -> bool:
     if expires_at is None:
         completed = job.completed or datetime.fromtimestamp(issued_s, UTC)
         expires_at = completed + timedelta(days=settings.asvo_product_ttl_days)
-    return time.time() <= expires_at.timestamp() + DOWNLOAD_LINK_GRACE_S
+    return time.time() <= expires_at.timestamp()
 
 
 @router.head("/download/{job_id}/{name}", operation_id="asvo_download_head")

@@ -1681,8 +1681,8 @@ def undo_move(packpath: str | os.PathLike[str]) -> str:
         missing = sorted(f for f in packaged if f not in found.origins)
         if missing or found.differing:
             problems = [
-                *(f"{path} (the file moved there has other bytes now)"
-                  for path in found.differing),
+                *(f"{moved} (its origin {source} has other bytes now: written after the move?)"
+                  for moved, source in found.differing),
                 *(f"{path} (no file of {origin} is it or a symlink to it any more: an origin "
                   "symlink deleted or replaced?)" for path in missing),
             ]  # fmt: skip
@@ -1734,8 +1734,9 @@ class _Origins:
     links: list[tuple[Path, Path]] = field(default_factory=list)
     #: The move's temporary links into the package (never put in place).
     temporary: list[Path] = field(default_factory=list)
-    #: Origin paths the plan moves a packaged file from that hold other bytes now.
-    differing: list[str] = field(default_factory=list)
+    #: (packaged file, the origin path the plan moves it from) where that path holds other
+    #: bytes now.
+    differing: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _find_origins(
@@ -1792,7 +1793,7 @@ def _find_origins(
         if file_sha256(source) == file_sha256(moved):
             found.origins[moved] = source
         else:
-            found.differing.append(source)
+            found.differing.append((moved, source))
     return found
 
 

@@ -81,6 +81,11 @@ DEFAULT_CHUNK_BYTES = 32 * 1024 * 1024
 RFI_CHUNK_FACTOR = 8
 
 
+#: The suffixes that name an output's format (UVFITS files are FITS files: ``.fits`` and
+#: ``.uvf`` are common names for them too).
+OUTPUT_SUFFIXES = {".uvfits": "uvfits", ".uvf": "uvfits", ".fits": "uvfits", ".ms": "ms"}
+
+
 def output_paths(out: str | os.PathLike[str], output: OutputFormat) -> list[Path]:
     """The files a conversion writes: ``out`` itself, or ``out`` with each format's suffix.
 
@@ -92,14 +97,13 @@ def output_paths(out: str | os.PathLike[str], output: OutputFormat) -> list[Path
     path = Path(out)
     suffix = path.suffix.lower()
     if output == OutputFormat.BOTH:
-        stem = path.with_suffix("") if suffix in {".uvfits", ".ms"} else path
+        stem = path.with_suffix("") if suffix in OUTPUT_SUFFIXES else path
         return [stem.with_name(stem.name + ".uvfits"), stem.with_name(stem.name + ".ms")]
-    wanted = f".{output.value}"
-    if suffix == wanted:
+    if OUTPUT_SUFFIXES.get(suffix) == output.value:
         return [path]
-    if suffix in {".uvfits", ".ms"}:
+    if suffix in OUTPUT_SUFFIXES:
         raise OptionError("output", output.value, f"the output path {path} ends in {suffix}")
-    return [path.with_name(path.name + wanted)]
+    return [path.with_name(path.name + f".{output.value}")]
 
 
 class WorkerKilled(RuntimeError, ValueError):
@@ -569,7 +573,7 @@ def preprocess(
     options
         The conversion options (see :class:`ConversionOptions`).
     out
-        Output path; its suffix (``.uvfits``/``.ms``) must agree with
+        Output path; its suffix (``.uvfits``, ``.uvf`` or ``.fits``; ``.ms``) must agree with
         ``options.output``, and is added when missing. With ``output=both`` the
         two files share ``out``'s stem.
     solutions
@@ -656,7 +660,7 @@ def preprocess(
         ms_streams: list[MeasurementSetStream] = []
         for path in targets:
             try:  # a full disk is found here, before any work
-                if path.suffix.lower() == ".uvfits":
+                if OUTPUT_SUFFIXES.get(path.suffix.lower()) == "uvfits":
                     uvfits_streams.append(
                         stack.enter_context(
                             UvfitsStream(path, description, buffer_bytes=chunk_bytes)
