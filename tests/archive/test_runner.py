@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from observatory.app import create_app
 from observatory.archive.models import FileKind, Observation
-from observatory.archive.runner import observe_due
+from observatory.archive.runner import DUMP_SETTLE_S, observe_due
 from observatory.archive.service import schedule_observation
 from observatory.core.accounts import create_project, create_user
 from observatory.core.config import Settings
@@ -211,8 +211,9 @@ def test_an_operator_schedules_observations_the_telescope_records_and_triggerbuf
     assert observe_due(session_factory, settings, now=capture_obsid + 17, limit=10) == [
         capture_obsid
     ]
-    # The buffering observation once the buffer can reach it no more (later dumps could).
-    reach_end = capture_obsid + settings.trigger_buffer_s
+    # The buffering observation once the buffer can reach it no more (later dumps could),
+    # and a dump that read the clock just before then has been committed.
+    reach_end = capture_obsid + settings.trigger_buffer_s + DUMP_SETTLE_S
     assert observe_due(session_factory, settings, now=reach_end - 1, limit=10) == []
     assert observe_due(session_factory, settings, now=reach_end, limit=10) == [start + 8]
     with session_factory() as session:
@@ -257,7 +258,7 @@ def test_every_dump_of_buffering_observations_reaches_the_archive_and_vcsfree(
         charged = free - service.vcs_free_s(session, settings, now=start + 1201)
         assert charged == pytest.approx((230 + 40 + 10) / 24, abs=1)
     assert observe_due(session_factory, settings, now=start + 1201, limit=10) == [first]
-    late = third + settings.trigger_buffer_s
+    late = third + settings.trigger_buffer_s + DUMP_SETTLE_S
     assert observe_due(session_factory, settings, now=late, limit=10) == [second]
     assert observe_due(session_factory, settings, now=third + 3800 + 300, limit=10) == []
     with session_factory() as session:

@@ -8,8 +8,8 @@ of a few tiles, unless they would exceed ``telescope_max_voltage_bytes`` (a
 voltage capture is 41 MB per tile, coarse channel and 8 s): those are left
 unrecorded, and said so once. A buffering observation (MWAX_BUFFER) holds only what
 ``triggerbuffer`` dumped from the buffer: it is recorded, as the sub-files its dumps
-saved, once the buffer can reach it no more (``trigger_buffer_s`` after it ended); one
-never dumped has nothing to record.
+saved, once the buffer can reach it no more (``trigger_buffer_s`` after it ended, and
+``DUMP_SETTLE_S`` more); one never dumped has nothing to record.
 """
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 #: Modes the simulated telescope records.
 RECORDED_MODES = ("MWAX_CORRELATOR", *sorted(VOLTAGE_MODES))
+#: How long after the buffer loses an observation a dump of it may still be committed: a
+#: ``triggerbuffer`` call reads the clock before it waits for the schedule's lock, and a
+#: buffering observation recorded before its dump's commit would miss that dump for good.
+DUMP_SETTLE_S = 30.0
 #: Per database: observations this process will not try (again): too large, or failed once.
 _SKIPPED: dict[str, set[int]] = defaultdict(set)
 
@@ -78,7 +82,7 @@ def observe_due(
     """
     now = now_gps() if now is None else now
     skipped = _SKIPPED[settings.resolved_database_url]
-    buffer_s = settings.trigger_buffer_s
+    buffer_s = settings.trigger_buffer_s + DUMP_SETTLE_S
     with session_factory() as session:
         due: list[tuple[int, list[int] | None]] = []
         dumps: dict[int, list[tuple[float, float]]] | None = None
