@@ -34,18 +34,30 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    settings = (
-        Settings(data_dir=args.data_dir) if getattr(args, "data_dir", None) else get_settings()
-    )
+def _settings(args: argparse.Namespace, *, read_only: bool = False) -> Settings:
+    """The installation's settings; a command that only reads (``read_only``) refuses a
+    missing installation instead of making an empty one.
+
+    Raises
+    ------
+    ValueError
+        For a read-only command where there is no installation (and no database named).
+    """
+    given = getattr(args, "data_dir", None)
+    settings = Settings(data_dir=given) if given else get_settings()
     if not settings.data_dir.exists():
         # Run from the wrong directory, a command would otherwise work on a new, empty
         # installation (a user created there, "observation does not exist") without a word.
-        err_console.print(
-            f"note: no installation at {settings.data_dir.resolve()}: making a new, empty one "
-            "(OBSERVATORY_DATA_DIR names another)",
-            highlight=False,
-        )
+        where = (
+            "--data-dir" if given else
+            "OBSERVATORY_DATA_DIR" if os.environ.get("OBSERVATORY_DATA_DIR") else
+            "./observatory-data, the current directory's: run where the installation is, or "
+            "give --data-dir or OBSERVATORY_DATA_DIR"
+        )  # fmt: skip
+        place = f"no installation at {settings.data_dir.resolve()} (from {where})"
+        if read_only and not settings.database_url:
+            raise ValueError(f"{place}: nothing to read")
+        err_console.print(f"note: {place}: making a new, empty one", highlight=False)
     return settings
 
 
@@ -133,7 +145,7 @@ def cmd_projects_list(args: argparse.Namespace) -> int:
 
     from observatory.core.models import Project
 
-    settings = _settings(args)
+    settings = _settings(args, read_only=True)
     with session_scope(_session_factory(settings)) as session:
         projects = session.scalars(select(Project).order_by(Project.priority.desc(), Project.id))
         for project in projects:
@@ -240,10 +252,20 @@ def _check_free_in_schedule(session: Session, args: argparse.Namespace) -> None:
     """Refuse an observation overlapping one already in the schedule (the telescope makes
     one at a time; /metadata/find would list both)."""
     from observatory.archive.service import overlapping_observation
+    from observatory.core.gpstime import now_gps
     from observatory.telescope.instrument import MWAX_SUBOBS_S
 
     step_s = MWAX_SUBOBS_S if args.mode == "MWAX_VCS" else args.int_time
     stop = args.obsid + math.ceil(args.timesteps * step_s)
+    now = now_gps()
+    if stop > now:
+        # The archive holds what has happened: a future observation with data would show as
+        # upcoming, and a trigger overriding it would delete archived data.
+        raise ValueError(
+            f"observation {args.obsid} would end at {stop}, in the future (now {now}): the "
+            "archive holds observations that have happened (`observatory schedule observation` "
+            "puts one in the schedule; the simulated telescope records it when it ends)"
+        )
     other = overlapping_observation(session, args.obsid, stop)
     if other is not None and other.obsid != args.obsid:  # the same obsid: "already exists"
         raise ValueError(
