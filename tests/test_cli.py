@@ -244,6 +244,7 @@ def test_demo_seeds_and_serves(tmp_path: Path) -> None:
     output = "".join(printed) + output
     assert re.search(r"^API key: \S+$", output, re.M), output
     assert f"http://127.0.0.1:{port}/healthz" in output
+    assert "no installation" not in output  # making one is what the demo is for
     # Run again: the observations are kept, and said to be (users copy obsids from here).
     again = subprocess.run(
         [str(script), "--data-dir", str(tmp_path / "demo"), "demo", "--no-serve"],

@@ -34,9 +34,12 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
-def _settings(args: argparse.Namespace, *, read_only: bool = False) -> Settings:
+def _settings(
+    args: argparse.Namespace, *, read_only: bool = False, makes_one: bool = False
+) -> Settings:
     """The installation's settings; a command that only reads (``read_only``) refuses a
-    missing installation instead of making an empty one.
+    missing installation instead of making an empty one, the others say they make one
+    (but ``makes_one``, the demo, whose purpose that is).
 
     Raises
     ------
@@ -45,7 +48,7 @@ def _settings(args: argparse.Namespace, *, read_only: bool = False) -> Settings:
     """
     given = getattr(args, "data_dir", None)
     settings = Settings(data_dir=given) if given else get_settings()
-    if not settings.data_dir.exists():
+    if not settings.data_dir.exists() and not makes_one:
         # Run from the wrong directory, a command would otherwise work on a new, empty
         # installation (a user created there, "observation does not exist") without a word.
         where = (
@@ -535,7 +538,7 @@ def _exit_after_deadline(deadline_s: float) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from observatory.demo import seed_demo
 
-    settings = _settings(args)
+    settings = _settings(args, makes_one=True)
     summary = seed_demo(settings, console=console)
     base = f"http://{args.host}:{args.port}"
     console.print("\n[bold]observatory-services demo[/bold]")
