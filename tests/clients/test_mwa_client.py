@@ -1118,6 +1118,9 @@ def test_the_websocket_goes_through_the_http_proxy_of_the_environment(
         ({"MWA_ASVO_HOST": "http://127.0.0.1:8000", "MWA_ASVO_HTTPS": "0",
           "MWA_ASVO_PORT": "8000"}, "http://127.0.0.1:8000"),
         ({"MWA_ASVO_HOST": "127.0.0.1:8000", "MWA_ASVO_HTTPS": "0"}, "http://127.0.0.1:8000"),
+        # Cleared with `export MWA_ASVO_PORT=`: unset, not a bad port.
+        ({"MWA_ASVO_HOST": "https://127.0.0.1:18231", "MWA_ASVO_PORT": "", "MWA_ASVO_HTTPS": " "},
+         "https://127.0.0.1:18231"),
     ],
 )  # fmt: skip
 def test_the_server_address_from_the_environment(environ: dict[str, str], base_url: str) -> None:

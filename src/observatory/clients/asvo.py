@@ -294,8 +294,9 @@ def base_url_from_environment(environ: Mapping[str, str] | None = None) -> str:
     """
     env = os.environ if environ is None else environ
     host = env.get("MWA_ASVO_HOST", "asvo.mwatelescope.org").strip()
-    port_text = env.get("MWA_ASVO_PORT")
-    https_text = env.get("MWA_ASVO_HTTPS")
+    # Set but empty (``export MWA_ASVO_PORT=``, a common way to clear one) is unset.
+    port_text = env.get("MWA_ASVO_PORT", "").strip() or None
+    https_text = env.get("MWA_ASVO_HTTPS", "").strip() or None
     if not host:
         raise AsvoError("MWA_ASVO_HOST is set but empty")
     env_port = _port_number(port_text)
