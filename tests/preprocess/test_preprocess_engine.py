@@ -383,6 +383,17 @@ def test_small_chunks_give_the_same_result(sim: SimulatedObservation, tmp_path: 
     assert calls == [(n, 4) for n in range(1, 5)]
 
 
+def test_progress_names_the_integrations_of_the_files(
+    sim: SimulatedObservation, tmp_path: Path
+) -> None:
+    """Averaging 3 of the 4 integrations pads the last block to 6: the report said 0-5."""
+    options = ConversionOptions.from_params({**RAW, "avg_time_res": 3 * sim.truth.int_time_s})
+    reports: list[str] = []
+    preprocess(sim.metafits_path, sim.vis_paths, options, tmp_path / "a.uvfits",
+               progress=lambda _done, _total, what: reports.append(what))  # fmt: skip
+    assert sorted(reports) == [f"coarse channel {c}, integrations 0-{N_TIMES - 1}" for c in CHANS]
+
+
 @pytest.mark.parametrize(
     ("metafits", "files", "n_chans"),
     [
@@ -881,11 +892,21 @@ def table_contents(path: Path) -> dict[str, dict[str, list[object]]]:
     return contents
 
 
-@pytest.mark.parametrize("coarse_chans", [(137, 138), (137, 140)], ids=["contiguous", "picket"])
+@pytest.mark.parametrize(
+    ("coarse_chans", "chans_per_window"),
+    [((137, 138), (4, 4)), ((137, 140), (4, 4)), ((137, 140), (4, 3))],
+    ids=["contiguous", "picket", "uneven-windows"],
+)
 def test_the_streamed_measurement_set_is_what_pyuvdata_writes(
-    tmp_path: Path, coarse_chans: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    coarse_chans: tuple[int, int],
+    chans_per_window: tuple[int, int],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Every table and column as pyuvdata's write_ms of the whole output, written in pieces."""
+    """Every table and column as pyuvdata's write_ms of the whole output, written in pieces.
+
+    Windows as wide as each other (always so in the engine's outputs) make fixed-shape array
+    columns; windows of different widths, arrays shaped row by row: the same contents."""
     from observatory.preprocess import measurement_set
 
     monkeypatch.setattr(measurement_set, "_ROWS_PER_PUT", 7)  # per-row columns in pieces too
@@ -897,16 +918,16 @@ def test_the_streamed_measurement_set_is_what_pyuvdata_writes(
     obs = simulate_observation(tmp_path / "obs", OBSID, n_tiles=4, coarse_chans=coarse_chans,
                                fine_chan_khz=320, n_timesteps=2, sources=[SOURCE])  # fmt: skip
     meta = read_metadata(obs.metafits_path)
-    n_times, n_bl, n_chans = 6, meta.n_baselines, 4
-    freqs = np.concatenate([coarse_channel_freqs_hz(c, np.arange(n_chans), 320e3, n_chans)
-                            for c in coarse_chans])  # fmt: skip
+    n_times, n_bl, n_chans = 6, meta.n_baselines, sum(chans_per_window)
+    freqs = np.concatenate([coarse_channel_freqs_hz(c, np.arange(n), 320e3, 4)
+                            for c, n in zip(coarse_chans, chans_per_window, strict=True)])  # fmt: skip
     description = OutputDescription(
         meta=meta, time_centres_gps_s=OBSID + 1.0 + 2.0 * np.arange(n_times), freqs_hz=freqs,
         channel_width_hz=320e3, int_time_s=2.0, phase_centre=("3C444", SOURCE.ra_deg, SOURCE.dec_deg),
         history="a history line", calibrated=False,
     )  # fmt: skip
     rng = np.random.default_rng(5)
-    shape = (n_times, n_bl, 2 * n_chans, 4)
+    shape = (n_times, n_bl, n_chans, 4)
     vis = (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
     make_autos_hermitian(vis, meta)  # as the engine leaves them: pyuvdata checks
     weights = rng.uniform(0.5, 2.0, size=shape).astype(np.float32)
@@ -918,9 +939,9 @@ def test_the_streamed_measurement_set_is_what_pyuvdata_writes(
     streamed_path = tmp_path / "streamed.ms"
     # Chunks in an order of their own, each written in buffers of 5 rows.
     with MeasurementSetStream(
-        streamed_path, description, buffer_bytes=5 * n_chans * 4 * 21, chunk_chans=3
+        streamed_path, description, buffer_bytes=5 * 4 * 4 * 21, chunk_chans=3
     ) as stream:  # tiles of 3 channels, not the chunks' widths: any tiling holds the same data
-        for times, chans in chunks_out_of_order(n_times, 2 * n_chans):  # across both windows
+        for times, chans in chunks_out_of_order(n_times, n_chans):  # across both windows
             stream.write(times.start, chans.start, vis[times, :, chans], weights[times, :, chans],
                          flags[times, :, chans])  # fmt: skip
     ours, theirs = table_contents(streamed_path), table_contents(reference_path)
@@ -955,6 +976,12 @@ def test_the_streamed_measurement_set_is_what_pyuvdata_writes(
                     assert repr(mine) == repr(reference), (table_name, column, row)
     assert any((w == 0).all() for w in ours["MAIN"]["WEIGHT"])
     assert len(ours["SPECTRAL_WINDOW"]["NUM_CHAN"]) == (1 if coarse_chans == (137, 138) else 2)
+    from casacore.tables import table
+
+    with table(str(streamed_path), ack=False) as main:
+        fixed = chans_per_window[0] == chans_per_window[1]
+        for column in ("DATA", "FLAG", "WEIGHT_SPECTRUM", "WEIGHT", "SIGMA"):
+            assert main.isvarcol(column) != fixed, column
 
 
 def stream_description(tmp_path: Path) -> tuple[object, tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -1038,7 +1065,7 @@ def test_a_stream_refuses_a_chunk_twice_or_outside_and_publishes_nothing_incompl
 def test_a_failure_while_a_measurement_set_starts_leaves_nothing(
     sim: SimulatedObservation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Zeroing a large set's rows takes a while (a stop signal may land there): its table
+    """Adding a large set's rows takes a while (a stop signal may land there): its table
     is closed and its directory removed. Left open, casacore aborted the process later,
     when the table was destroyed after its files."""
     import gc
@@ -1048,7 +1075,7 @@ def test_a_failure_while_a_measurement_set_starts_leaves_nothing(
     def interrupted(self: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(MeasurementSetStream, "_shape_cells", interrupted)
+    monkeypatch.setattr(MeasurementSetStream, "_add_rows", interrupted)
     out_dir = tmp_path / "out"
     out_dir.mkdir()  # an output directory is not made
     with pytest.raises(KeyboardInterrupt):

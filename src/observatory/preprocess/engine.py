@@ -639,6 +639,7 @@ def preprocess(
         # As Birli: the phase centre and uvw are recorded, the data are left unrotated.
         history += " No geometric correction: the data are not phased to the recorded phase centre."
     blocks = _time_blocks(plan)
+    n_times_read = len(reader.time_start_gps_s)
     jobs = [(b, c) for b in range(len(blocks)) for c in range(n_coarse)]
 
     description = OutputDescription(
@@ -775,7 +776,8 @@ def preprocess(
                             done,
                             len(jobs),
                             f"coarse channel {plan.coarse_chans[coarse_index]}, "
-                            f"integrations {block.start}-{block.stop - 1}",
+                            # The files' integrations, not the padding of the last block.
+                            f"integrations {block.start}-{min(block.stop, n_times_read) - 1}",
                         )
         # Every output finished before any is published: a failure while finishing one
         # (a full disk, a stop signal) then publishes none.
