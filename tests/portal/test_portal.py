@@ -21,6 +21,7 @@ from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory
 from observatory.core.gpstime import now_gps
 from observatory.core.models import User
+from observatory.core.web import size_text
 
 OBS = 1320409688
 PASSWORD = "correct horse battery"
@@ -367,6 +368,14 @@ def test_every_job_state_is_shown(client: TestClient, app_settings: Settings) ->
     assert page.count('aria-label="Cancel job') == 2  # only the unfinished ones
     assert "error: it broke" in page
     assert re.search(r'href="http://testserver/api/download/\d+/1320409688_ms.tar\?token=', page)
+    assert "(2.0 MB)" in page
+
+
+def test_sizes_are_shown_in_units_that_fit() -> None:
+    """A 20 kB product was shown as (0.0 MB)."""
+    assert [size_text(n) for n in (512, 20_480, 2_000_000, 123_456_789, 4.2e9)] == [
+        "512 bytes", "20.5 kB", "2.0 MB", "123 MB", "4.2 GB"
+    ]  # fmt: skip
 
 
 def test_malformed_parameters_get_an_error_page(client: TestClient) -> None:

@@ -20,6 +20,7 @@ import pytest
 
 from browser import browser_page, screenshot
 from observatory.core.config import Settings
+from observatory.core.web import size_text
 from servers import free_port, observatory_server, seed, threaded_app_server, wait_for
 
 OBSID = 1320409688
@@ -110,6 +111,9 @@ def test_portal_in_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
             jobs = httpx.get(f"{base}/api/get_jobs", cookies=login.cookies).json()
             product = next(j["row"]["product"] for j in jobs if j["row"]["id"] == job_id)
             assert hashlib.sha1(saved.read_bytes()).hexdigest() == product["files"][0]["sha1"]
+            # The live row shows the size as a reload does (the server's size_text).
+            shown = page.inner_text(f"#job-{job_id} td.product span.muted").strip()
+            assert shown == f"({size_text(product['files'][0]['size'])})"
 
             page.get_by_role("link", name="Submit a job").click()
             page.select_option("#job_type", "conversion")

@@ -555,7 +555,7 @@ def test_output_paths_follow_the_format() -> None:
     assert output_paths("x/obs.fits", OutputFormat.UVFITS) == [Path("x/obs.fits")]
     assert output_paths("x/obs.UVF", OutputFormat.UVFITS) == [Path("x/obs.UVF")]
     assert output_paths("x/obs.fits", OutputFormat.BOTH) == [Path("x/obs.uvfits"), Path("x/obs.ms")]
-    with pytest.raises(OptionError, match="ends in .fits"):
+    with pytest.raises(OptionError, match=r"ends in \.fits"):
         output_paths("x/obs.fits", OutputFormat.MS)
     with pytest.raises(OptionError, match=r"ends in \.ms"):
         output_paths("x/obs.ms", OutputFormat.UVFITS)

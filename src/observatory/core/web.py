@@ -183,6 +183,17 @@ def gps_time_param(name: str, value: str | None) -> float | None:
     return utc_to_gps(moment)
 
 
+def size_text(size_bytes: float) -> str:
+    """``20 kB``, ``1.5 MB``, ``2.1 GB``: a file's size for people (decimal units, as
+    the products' sizes are given elsewhere in MB of 10^6 bytes)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size_bytes >= scale:
+            return f"{size_bytes / scale:.{0 if size_bytes >= 100 * scale else 1}f} {unit}"
+    return f"{size_bytes:.0f} bytes"
+
+
 def templates_for(package_dir: Path) -> Jinja2Templates:
-    """Jinja2 templates from a domain's ``templates/`` directory."""
-    return Jinja2Templates(directory=str(package_dir / "templates"))
+    """Jinja2 templates from a domain's ``templates/`` directory (with ``size_text``)."""
+    templates = Jinja2Templates(directory=str(package_dir / "templates"))
+    templates.env.filters["size_text"] = size_text
+    return templates
