@@ -45,6 +45,7 @@ def observation_info(session: SessionDep, obs_id: Annotated[str, Query()]) -> Ob
 
 @router.get("/fits", response_class=Response)
 def metafits_file(
+    request: Request,
     session: SessionDep,
     storage: StorageDep,
     obs_id: Annotated[str, Query()],
@@ -61,7 +62,7 @@ def metafits_file(
     if with_calib:
         from observatory.calib.service import best_fit, metafits_with_calibdata
 
-        _, fit = best_fit(session, obsid)
+        _, fit = best_fit(session, obsid, settings=request.app.state.settings)
         body = metafits_with_calibdata(storage.local_path(key), fit, obsid)
         return Response(body, media_type="application/fits", headers=headers)
     if storage.is_local:

@@ -347,7 +347,9 @@ class Dispatcher:
                 .order_by(Job.priority.desc(), Job.id)
             ).all()
             for job in unfinished:
-                if job.state == JobState.WAITCAL.value and calibration_pending(session, job.id):
+                if job.state == JobState.WAITCAL.value and calibration_pending(
+                    session, self.settings, job.id
+                ):
                     continue  # resumed once its calibration request has finished
                 if job.id not in self.futures:
                     self.futures[job.id] = self._client.submit(

@@ -374,7 +374,7 @@ def _calibration_solutions(settings: Settings, job: Job, tracker: _Tracker) -> C
 
     with tracker.session_factory() as session:
         try:
-            _, fit = best_fit(session, job.obs_id)
+            _, fit = best_fit(session, job.obs_id, settings=settings)
             return fit_solutions(session, settings, fit)
         except NotFound:
             pass
@@ -392,21 +392,23 @@ def _calibration_solutions(settings: Settings, job: Job, tracker: _Tracker) -> C
             try:
                 add_cal_request(session, settings, job.obs_id, asvo_job_id=job.id)
             except NotFound as exc:
-                if _awaited_calibrator(session, job.obs_id) is not None:
+                if _awaited_calibrator(session, settings, job.obs_id) is not None:
                     raise WaitForCalibration from None  # its calibrator is yet to be recorded
                 raise JobFailed(f"apply_di_cal: no calibration solution is available for observation "
                                 f"{job.obs_id}, and {exc.message}") from None  # fmt: skip
     raise WaitForCalibration
 
 
-def _awaited_calibrator(session: Session, obsid: int) -> Observation | None:
+def _awaited_calibrator(session: Session, settings: Settings, obsid: int) -> Observation | None:
     from observatory.calib.requests import awaited_calibrator
 
     target = session.get(Observation, obsid)
-    return None if target is None else awaited_calibrator(session, target, now_gps())
+    if target is None:
+        return None
+    return awaited_calibrator(session, target, now_gps(), settings=settings)
 
 
-def calibration_pending(session: Session, job_id: int) -> bool:
+def calibration_pending(session: Session, settings: Settings, job_id: int) -> bool:
     """Whether a job in ``waitcal`` still waits: for its calibration request, or, before it
     has one, for its calibrator observation to be recorded."""
     from observatory.calib.models import CalibrationRequest
@@ -417,7 +419,7 @@ def calibration_pending(session: Session, job_id: int) -> bool:
     ).first()  # fmt: skip
     if latest is None:
         job = session.get(Job, job_id)
-        return job is not None and _awaited_calibrator(session, job.obs_id) is not None
+        return job is not None and _awaited_calibrator(session, settings, job.obs_id) is not None
     return (
         latest.calibration_completed_datetime is None and latest.calibration_error_datetime is None
     )

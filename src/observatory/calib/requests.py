@@ -1,7 +1,7 @@
 """Calibration fit requests: filing one for a target, finishing it, and calling back.
 
 ``add_cal_request`` finds the calibrator observation nearest the target (same
-coarse channels and attenuation, within ``max_time_separation``) and files a
+coarse channels, tiles and attenuation, within ``max_time_separation``) and files a
 request to fit it. When the fit finishes (or fails), the request records it, and
 its callback URL, if any, gets the source document's JSON: ``cal_id``,
 ``asvo_job_id``, ``target_obs_id``, ``finished_datetime``, ``success``, ``message``.
@@ -28,7 +28,9 @@ from observatory.archive.models import FileKind, Observation, ObservationFile
 from observatory.calib.models import MAX_CALLBACK_URL_CHARS, CalibrationFit, CalibrationRequest
 from observatory.calib.service import (
     DEFAULT_MAX_TIME_SEPARATION_S,
+    antenna_tiles,
     incompatibility,
+    matching_tiles,
     rejection_note,
     target_observation,
 )
@@ -165,11 +167,21 @@ RECORDING_GRACE_S = 3600
 
 
 def _calibrators_near(
-    session: Session, target: Observation, max_time_separation_s: int, *, recorded: bool
+    session: Session,
+    target: Observation,
+    max_time_separation_s: int,
+    *,
+    recorded: bool,
+    settings: Settings | None = None,
 ) -> tuple[list[Observation], Counter[str]]:
     """Calibrator observations within range of ``target`` and compatible with it, nearest
     first: those with correlator data in the archive (``recorded``), or those without;
-    and how many in range each :func:`~observatory.calib.service.incompatibility` left out."""
+    and how many in range each :func:`~observatory.calib.service.incompatibility` left out.
+
+    With ``settings`` (where the archive is) and both metafits archived, a calibrator of
+    other tiles than the target's is left out too (its fit would be indexed by antenna
+    for another array); otherwise the number of tiles is the rule.
+    """
     has_visibilities = _has_visibilities()
     found = session.scalars(
         select(Observation).where(
@@ -179,10 +191,16 @@ def _calibrators_near(
             has_visibilities if recorded else ~has_visibilities,
         )
     )  # fmt: skip
+    target_tiles = antenna_tiles(session, settings, target.obsid)
     kept: list[Observation] = []
     rejected: Counter[str] = Counter()
     for calibrator in found:
         reason = incompatibility(target, calibrator)
+        if reason is None and target_tiles is not None:
+            # Only for a calibrator that passed the other checks: its tile ids are in its
+            # metafits, read once per calibrator (and cached while the file is unchanged).
+            same = matching_tiles(target_tiles, antenna_tiles(session, settings, calibrator.obsid))
+            reason = incompatibility(target, calibrator, same_tiles=same)
         if reason is None:
             kept.append(calibrator)
         else:
@@ -192,21 +210,31 @@ def _calibrators_near(
 
 
 def best_calibrator(
-    session: Session, target: Observation, max_time_separation_s: int
+    session: Session,
+    target: Observation,
+    max_time_separation_s: int,
+    *,
+    settings: Settings | None = None,
 ) -> Observation:
     """The calibrator observation nearest ``target`` with its settings and correlator data
     in the archive (one without cannot be fitted).
+
+    ``settings`` locates the archive: with it, a calibrator whose metafits has other tiles
+    than the target's (each antenna index the same tile id) is not taken; without it, or
+    when either metafits is not archived, only the number of tiles is compared.
 
     Raises
     ------
     NotFound
         If there is none within ``max_time_separation_s``.
     """
-    matches, rejected = _calibrators_near(session, target, max_time_separation_s, recorded=True)
+    matches, rejected = _calibrators_near(
+        session, target, max_time_separation_s, recorded=True, settings=settings
+    )
     if not matches:
         raise NotFound(
             f"no calibrator observation within {max_time_separation_s} s of obs_id {target.obsid} "
-            "with the same coarse channels, number of tiles and attenuation and its correlator "
+            "with the same coarse channels, tiles and attenuation and its correlator "
             f"data in the archive: no fit can be calculated{rejection_note(rejected)}"
         )
     return matches[0]
@@ -217,6 +245,8 @@ def awaited_calibrator(
     target: Observation,
     now_gps_s: float,
     max_time_separation_s: int = DEFAULT_MAX_TIME_SEPARATION_S,
+    *,
+    settings: Settings | None = None,
 ) -> Observation | None:
     """A calibrator observation for ``target`` that is scheduled, or has just ended, and
     whose data may still be recorded: a job waiting for calibration waits for it.
@@ -234,6 +264,9 @@ def awaited_calibrator(
         The current GPS time.
     max_time_separation_s
         How far from the target a calibrator may be.
+    settings
+        Where the archive is: with it, a calibrator whose archived metafits has other tiles
+        than the target's is not awaited (as :func:`best_calibrator` would not take it).
 
     Returns
     -------
@@ -241,7 +274,9 @@ def awaited_calibrator(
         The nearest such calibrator, or None when no calibrator is still to come
         (none within range, or each ended more than :data:`RECORDING_GRACE_S` ago).
     """
-    pending, _ = _calibrators_near(session, target, max_time_separation_s, recorded=False)
+    pending, _ = _calibrators_near(
+        session, target, max_time_separation_s, recorded=False, settings=settings
+    )
     return next((o for o in pending if o.stoptime + RECORDING_GRACE_S > now_gps_s), None)
 
 
@@ -271,7 +306,7 @@ def add_cal_request(
     if asvo_job_id is not None:
         check_asvo_job(session, asvo_job_id)
     target = target_observation(session, obsid)
-    calibrator = best_calibrator(session, target, max_time_separation_s)
+    calibrator = best_calibrator(session, target, max_time_separation_s, settings=settings)
     request = CalibrationRequest(
         cal_id=calibrator.obsid, target_obs_id=target.obsid, asvo_job_id=asvo_job_id,
         callback_url=callback_url or None, realtime=asvo_job_id is not None,

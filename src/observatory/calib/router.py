@@ -63,7 +63,8 @@ def get_cal_solution(
     """A zip with the best solution for ``obs_id``: ``<calid>.bin``, flagged tiles, a CASA flag script.
 
     ``prefer_fitid`` names the fit, at any time separation; one for other coarse channels
-    than ``obs_id``'s is a 400 listing both (``obs_id_coarse_chans``, ``fit_coarse_chans``).
+    than ``obs_id``'s is a 400 listing both (``obs_id_coarse_chans``, ``fit_coarse_chans``),
+    as is one for other tiles (``obs_id_tile_ids``, ``fit_tile_ids``).
     """
     preferred = (
         whole_number_param("prefer_fitid", prefer_fitid, what="a fit id (an integer)")
@@ -78,7 +79,7 @@ def get_cal_solution(
         session, obsid_param(obs_id),
         max_time_separation_s=_seconds(max_time_separation),
         allow_after=flag_param("allow_after", allow_after, default=True),
-        prefer_fitid=preferred,
+        prefer_fitid=preferred, settings=_settings(request),
     )  # fmt: skip
     body = service.solution_zip(
         session, _settings(request), target, fit, output_format=fmt, nocache=rebuild
@@ -91,6 +92,7 @@ def get_cal_solution(
 
 @router.get("/get_cal_fits")
 def get_cal_fits(
+    request: Request,
     session: SessionDep,
     obs_id: Annotated[str, Query()],
     max_time_separation: str | None = None,
@@ -104,6 +106,7 @@ def get_cal_fits(
     candidates = service.candidate_fits(
         session, target, max_time_separation_s=_seconds(max_time_separation),
         allow_after=flag_param("allow_after", allow_after, default=True),
+        settings=_settings(request),
     )  # fmt: skip
     if not candidates:
         raise NotFound(f"no calibration fits for obs_id {target.obsid}")
@@ -211,7 +214,9 @@ def get_calfile_for_obsid(
         "add_request", add_request, default=False
     )  # a bad value is a 400 whether or not a fit exists
     try:
-        target, fit = service.best_fit(session, obsid, match_attenuation=any_gain is None)
+        target, fit = service.best_fit(
+            session, obsid, match_attenuation=any_gain is None, settings=settings
+        )
     except NotFound as exc:
         if flag_param("add_request", add_request, default=False):
             requests.add_cal_request(session, settings, obsid)

@@ -1,16 +1,18 @@
 """Calibration fits: storing them, choosing the best one for a target, packaging it.
 
-The choice (specs/calib.md section 5 DESIGN, with the source document's
-defaults): fits of calibrator observations with the target's coarse channels, its
-number of tiles and, when both are known, its analogue attenuation, in which at least
-half of the tiles calibrated (``MIN_CALIBRATED_FRACTION``); within
-``max_time_separation`` (86400 s, at most ``MAX_TIME_SEPARATION_S``) of the target,
-after it too unless ``allow_after=0`` (the source document's default is 1); the
-smallest time separation, ties going to the newest fit. ``prefer_fitid`` names a fit to use instead, however far in time (the user chose
-it), but only one of a calibrator with the target's coarse channels: another's
-solutions are for other frequencies, so naming it is a 400. A fit in which no tile
-calibrated (every ``x_delay_m`` and ``y_delay_m`` NULL) is never a solution: it is not a
-candidate, and naming it is a 404 (the source document's "no valid calibration fit").
+The choice (specs/calib.md section 5 DESIGN, with the source document's defaults):
+fits of calibrator observations with the target's coarse channels, its number of
+tiles, when both are known its tiles (the same tile id at each metafits antenna index,
+the axis of AO-cal solutions) and its analogue attenuation, in which at least half of
+the tiles calibrated (``MIN_CALIBRATED_FRACTION``); within ``max_time_separation``
+(86400 s, at most ``MAX_TIME_SEPARATION_S``) of the target, after it too unless
+``allow_after=0`` (the source document's default is 1); the smallest time separation,
+ties going to the newest fit. ``prefer_fitid`` names a fit to use instead, however far
+in time (the user chose it), but only one of a calibrator with the target's coarse
+channels and tiles: another's solutions are for other frequencies or would be applied
+to other tiles, so naming it is a 400. A fit in which no tile calibrated (every
+``x_delay_m`` and ``y_delay_m`` NULL) is never a solution: it is not a candidate, and
+naming it is a 404 (the source document's "no valid calibration fit").
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from dataclasses import dataclass
 from datetime import timedelta, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 from astropy.io import fits
-from sqlalchemy import ColumnElement, exists, func, or_, select
+from sqlalchemy import ColumnElement, exists, func, null, or_, select, tuple_
 from sqlalchemy.orm import Session
 
 from observatory.archive import service as archive_service
@@ -115,24 +117,53 @@ def target_observation(session: Session, obsid: int) -> Observation:
     return observation
 
 
+#: Why a calibrator or fit of the target's number of tiles but other tiles, or the same
+#: tiles in another antenna order, cannot calibrate it (see :func:`incompatibility`).
+OTHER_TILES = "for other tiles"
+
+
 def incompatibility(
     target: Observation,
     calibrator: Observation,
     *,
     match_attenuation: bool = True,
     fit_tiles: int | None = None,
+    same_tiles: bool | None = None,
 ) -> str | None:
     """Why ``calibrator`` (or its fit) cannot calibrate ``target``, or None when it can.
 
-    The reasons, in the order they are checked:
+    Parameters
+    ----------
+    target, calibrator
+        The observation to calibrate, and the calibrator observation (of the fit).
+    match_attenuation
+        Whether another attenuation rules the calibrator out.
+    fit_tiles
+        How many tiles the fit has (its ``calibration_solutions`` rows), if a fit is meant.
+    same_tiles
+        Whether the calibrator (or the fit) has the target's tile id at each antenna
+        index (:func:`matching_tiles`); None when the tile ids of either are not known.
 
-    - ``"for other coarse channels"``: not exactly the target's;
-    - ``"for another number of tiles"``: AO-cal solutions are one per antenna index of
-      the array, so a 4-tile calibrator's cannot calibrate 8 tiles. When the target's
-      ``n_tiles`` is known, the calibrator's ``n_tiles`` and (when given) the fit's
-      ``fit_tiles`` rows must equal it. The schedule records how many tiles, not which:
-      tile ids are only in metafits, which not every caller has at hand;
-    - ``"for another attenuation"``: when both are known and ``match_attenuation``.
+    Returns
+    -------
+    str or None
+        The reason, the first of these that applies, in this order:
+
+        - ``"for other coarse channels"``: not exactly the target's;
+        - ``"for another number of tiles"``: AO-cal solutions are one per antenna index
+          of the array, so a 4-tile calibrator's cannot calibrate 8 tiles. When the
+          target's ``n_tiles`` is known, the calibrator's ``n_tiles`` and (when given)
+          ``fit_tiles`` must equal it;
+        - ``"for another attenuation"``: when both are known and ``match_attenuation``;
+        - :data:`OTHER_TILES` (``"for other tiles"``): ``same_tiles`` is False. The same
+          number of tiles is not enough: the array is reconfigured (the MWA's compact
+          and extended 128-tile layouts) and tiles are swapped for maintenance, and
+          solutions indexed by antenna would then be applied, silently, to other
+          tiles. The schedule records how many tiles, not which (only metafits and the
+          fit's rows do), so the count is the rule when the ids are not known. Checked
+          last: finding a calibrator's tile ids may mean reading its metafits, which
+          callers then do only for one that passed the cheaper checks.
+        - None: it can calibrate the target.
     """
     if sorted(target.coarse_chans or []) != sorted(calibrator.coarse_chans or []):
         return "for other coarse channels"
@@ -141,9 +172,60 @@ def incompatibility(
             return "for another number of tiles"
         if fit_tiles is not None and fit_tiles != target.n_tiles:
             return "for another number of tiles"
-    if not match_attenuation or target.atten_db is None or calibrator.atten_db is None:
+    if (
+        match_attenuation
+        and target.atten_db is not None
+        and calibrator.atten_db is not None
+        and target.atten_db != calibrator.atten_db
+    ):
+        return "for another attenuation"
+    return OTHER_TILES if same_tiles is False else None
+
+
+def antenna_tiles(session: Session, settings: Settings | None, obsid: int) -> dict[int, int] | None:
+    """The tile id at each antenna index of an archived observation, from its metafits.
+
+    The antenna index (TILEDATA ``Antenna``) is the antenna axis of AO-cal solutions
+    (specs/calib.md 1.2): a solution applies to an observation only when each index is
+    the same tile in both.
+
+    Parameters
+    ----------
+    session
+        A database session.
+    settings
+        Where the archive is; None when the caller has none (the ids are then unknown).
+    obsid
+        The observation.
+
+    Returns
+    -------
+    dict of int to int, or None
+        ``{antenna: tile id}``; None when not known (no settings, or no metafits with
+        TILEDATA in the archive). Read through :func:`observation_tiles`, whose parse of a
+        metafits is cached: asking again for an unchanged file costs a query and a stat.
+    """
+    if settings is None:
         return None
-    return None if target.atten_db == calibrator.atten_db else "for another attenuation"
+    tiles = observation_tiles(session, settings, obsid)
+    return {row.antenna: tile for tile, row in tiles.items()} or None
+
+
+def matching_tiles(
+    target_tiles: Mapping[int, int] | None, tiles: Mapping[int, int] | None
+) -> bool | None:
+    """Whether two ``{antenna: tile id}`` maps (:func:`antenna_tiles`) are the same array.
+
+    None when either is not known; the ``same_tiles`` of :func:`incompatibility`.
+    """
+    if target_tiles is None or tiles is None:
+        return None
+    return dict(target_tiles) == dict(tiles)
+
+
+def fit_antenna_tiles(fit: CalibrationFit) -> dict[int, int]:
+    """The tile id at each antenna index of a fit (its ``calibration_solutions`` rows)."""
+    return {row.antenna: row.tileid for row in fit.solutions}
 
 
 def rejection_note(rejected: Counter[str]) -> str:
@@ -177,11 +259,18 @@ def candidate_fits(
     max_time_separation_s: int = DEFAULT_MAX_TIME_SEPARATION_S,
     allow_after: bool = True,
     match_attenuation: bool = True,
+    settings: Settings | None = None,
 ) -> list[Candidate]:
-    """Every fit that may calibrate ``target``, best first (fits with no calibrated tile left out)."""
+    """Every fit that may calibrate ``target``, best first (fits with no calibrated tile left out).
+
+    With ``settings`` (where the archive is), a fit of other tiles than those of the
+    target's metafits is left out too; without, or with no metafits archived, only the
+    number of tiles is compared (:func:`incompatibility`).
+    """
     found, _ = _candidates(
         session, target, max_time_separation_s=max_time_separation_s, allow_after=allow_after,
         match_attenuation=match_attenuation,
+        target_tiles=antenna_tiles(session, settings, target.obsid),
     )  # fmt: skip
     return found
 
@@ -193,8 +282,13 @@ def _candidates(
     max_time_separation_s: int,
     allow_after: bool,
     match_attenuation: bool,
+    target_tiles: Mapping[int, int] | None,
 ) -> tuple[list[Candidate], Counter[str]]:
-    """``candidate_fits``, and how many fits in range each :func:`incompatibility` left out."""
+    """``candidate_fits``, and how many fits in range each :func:`incompatibility` left out.
+
+    ``target_tiles`` is the target's ``{antenna: tile id}`` (:func:`antenna_tiles`), None
+    when not known.
+    """
     latest = target.obsid + (max_time_separation_s if allow_after else 0)
     n_rows = (
         select(func.count())
@@ -214,9 +308,31 @@ def _candidates(
         .correlate(CalibrationFit)
         .scalar_subquery()
     )
+    # How many of the fit's rows are one of the target's (antenna, tile id) pairs: the fit is
+    # of the target's tiles when that is all its rows and all the target's tiles. Counted by
+    # the database, like the rows above, so that the many fits a wide range may hold cost no
+    # rows fetched and no file read; the target's metafits was read once, by the caller.
+    n_same: ColumnElement[Any] = (
+        select(func.count())
+        .where(
+            CalibrationSolution.fitid == CalibrationFit.fitid,
+            tuple_(CalibrationSolution.antenna, CalibrationSolution.tileid).in_(
+                sorted(target_tiles.items())
+            ),
+        )
+        .correlate(CalibrationFit)
+        .scalar_subquery()
+        if target_tiles
+        else null()
+    )
     rows = session.execute(
         select(
-            CalibrationFit.fitid, CalibrationFit.solution_file, n_rows, n_calibrated, Observation
+            CalibrationFit.fitid,
+            CalibrationFit.solution_file,
+            n_rows,
+            n_calibrated,
+            n_same,
+            Observation,
         )
         .join(Observation, Observation.obsid == CalibrationFit.obsid)
         .where(
@@ -229,10 +345,12 @@ def _candidates(
     )
     found: list[Candidate] = []
     rejected: Counter[str] = Counter()
-    for fitid, filename, fit_tiles, fit_calibrated, calibrator in rows:
+    for fitid, filename, fit_tiles, fit_calibrated, fit_same, calibrator in rows:
+        same_tiles = None if not target_tiles else fit_tiles == fit_same == len(target_tiles)
         reason = incompatibility(
-            target, calibrator, match_attenuation=match_attenuation, fit_tiles=fit_tiles
-        )
+            target, calibrator, match_attenuation=match_attenuation, fit_tiles=fit_tiles,
+            same_tiles=same_tiles,
+        )  # fmt: skip
         if reason is None and fit_calibrated < MIN_CALIBRATED_FRACTION * fit_tiles:
             reason = "with under half of their tiles calibrated"
         if reason is not None:
@@ -253,65 +371,37 @@ def best_fit(
     allow_after: bool = True,
     prefer_fitid: int | None = None,
     match_attenuation: bool = True,
+    settings: Settings | None = None,
 ) -> tuple[Observation, CalibrationFit]:
     """The target observation and the fit to calibrate it with.
 
     ``prefer_fitid`` is used whatever its time separation and attenuation, as long as it
-    calibrated and its calibrator has the target's coarse channels.
+    calibrated and its calibrator has the target's coarse channels and tiles.
+
+    ``settings`` locates the archive, whose metafits of the target says which tile is at
+    each antenna index: a fit of other tiles (by its rows) is then refused. Without it,
+    or when the target's metafits is not archived, the number of tiles is the rule.
 
     Raises
     ------
     BadRequest
         For an unknown obsid, or a ``prefer_fitid`` whose calibrator has other coarse
         channels than the target (the body's ``obs_id_coarse_chans`` and
-        ``fit_coarse_chans`` list both).
+        ``fit_coarse_chans`` list both), another number of tiles (``obs_id_tiles``,
+        ``fit_tiles``) or other tiles (``obs_id_tile_ids``, ``fit_tile_ids``: the tile ids
+        in antenna order).
     NotFound
         When ``prefer_fitid`` does not exist, has no calibrated tile or its calibrator
         observation is not in the archive, or no fit is within range.
     """
     target = target_observation(session, obsid)
+    # Read once for every fit considered (a metafits read per candidate would not scale).
+    target_tiles = antenna_tiles(session, settings, target.obsid)
     if prefer_fitid is not None:
-        preferred = session.get(CalibrationFit, prefer_fitid)
-        if preferred is None:
-            raise NotFound(f"prefer_fitid {prefer_fitid} is not a calibration fit")
-        if not calibrated(preferred):
-            raise NotFound(
-                f"prefer_fitid {prefer_fitid} is not a valid calibration fit: no tile of it calibrated"
-            )
-        calibrator = session.get(Observation, preferred.obsid)
-        if calibrator is None:
-            # Without its observation the fit's channels are unknown: it cannot be checked.
-            raise NotFound(
-                f"prefer_fitid {prefer_fitid} is not a valid calibration fit: its calibrator "
-                f"observation {preferred.obsid} is not in the archive"
-            )
-        # The default choice's channel rule, without its attenuation one: the user chose this
-        # fit, and another attenuation scales the gains, while other channels are solutions
-        # for frequencies the target does not have (a zip that silently does not apply).
-        reason = incompatibility(
-            target, calibrator, match_attenuation=False, fit_tiles=len(preferred.solutions)
-        )
-        if reason == "for another number of tiles":
-            fit_tiles = len(preferred.solutions)
-            raise BadRequest(
-                f"prefer_fitid {prefer_fitid} is a fit of calibrator observation {calibrator.obsid}"
-                f" with {fit_tiles} tiles, but obs_id {target.obsid} has {target.n_tiles}: its "
-                "solutions (one per antenna of the array) cannot calibrate it",
-                extra={"obs_id_tiles": target.n_tiles, "fit_tiles": fit_tiles},
-            )
-        if reason is not None:
-            fit_chans = sorted(calibrator.coarse_chans or [])
-            obs_chans = sorted(target.coarse_chans or [])
-            raise BadRequest(
-                f"prefer_fitid {prefer_fitid} is a fit of calibrator observation {calibrator.obsid}"
-                f", whose coarse channels {fit_chans} are not those of obs_id {target.obsid} "
-                f"{obs_chans}: its solutions cannot calibrate it",
-                extra={"obs_id_coarse_chans": obs_chans, "fit_coarse_chans": fit_chans},
-            )
-        return target, preferred
+        return target, _preferred_fit(session, target, prefer_fitid, target_tiles)
     candidates, rejected = _candidates(
         session, target, max_time_separation_s=max_time_separation_s, allow_after=allow_after,
-        match_attenuation=match_attenuation,
+        match_attenuation=match_attenuation, target_tiles=target_tiles,
     )  # fmt: skip
     if not candidates:
         raise NotFound(
@@ -322,6 +412,77 @@ def best_fit(
     fit = session.get(CalibrationFit, candidates[0].fitid)
     assert fit is not None
     return target, fit
+
+
+def _preferred_fit(
+    session: Session,
+    target: Observation,
+    prefer_fitid: int,
+    target_tiles: Mapping[int, int] | None,
+) -> CalibrationFit:
+    """``best_fit``'s ``prefer_fitid``, if it can calibrate ``target`` (see there)."""
+    preferred = session.get(CalibrationFit, prefer_fitid)
+    if preferred is None:
+        raise NotFound(f"prefer_fitid {prefer_fitid} is not a calibration fit")
+    if not calibrated(preferred):
+        raise NotFound(
+            f"prefer_fitid {prefer_fitid} is not a valid calibration fit: no tile of it calibrated"
+        )
+    calibrator = session.get(Observation, preferred.obsid)
+    if calibrator is None:
+        # Without its observation the fit's channels are unknown: it cannot be checked.
+        raise NotFound(
+            f"prefer_fitid {prefer_fitid} is not a valid calibration fit: its calibrator "
+            f"observation {preferred.obsid} is not in the archive"
+        )
+    # The default choice's channel and tile rules, without its attenuation one: the user
+    # chose this fit, and another attenuation scales the gains, while other channels are
+    # solutions for frequencies the target does not have, and other tiles solutions applied
+    # to the wrong tiles (a zip that silently does not apply).
+    fit_tiles = fit_antenna_tiles(preferred)
+    reason = incompatibility(
+        target, calibrator, match_attenuation=False, fit_tiles=len(fit_tiles),
+        same_tiles=matching_tiles(target_tiles, fit_tiles),
+    )  # fmt: skip
+    if reason is None:
+        return preferred
+    if reason == "for another number of tiles":
+        raise BadRequest(
+            f"prefer_fitid {prefer_fitid} is a fit of calibrator observation {calibrator.obsid}"
+            f" with {len(fit_tiles)} tiles, but obs_id {target.obsid} has {target.n_tiles}: its "
+            "solutions (one per antenna of the array) cannot calibrate it",
+            extra={"obs_id_tiles": target.n_tiles, "fit_tiles": len(fit_tiles)},
+        )
+    if reason == OTHER_TILES:
+        assert target_tiles is not None  # matching_tiles said False: both are known
+        differ = sorted(
+            a for a in target_tiles.keys() | fit_tiles.keys()
+            if target_tiles.get(a) != fit_tiles.get(a)
+        )  # fmt: skip
+        first = differ[0]
+        in_fit, in_target = (
+            "no tile" if tile is None else f"tile {tile}"
+            for tile in (fit_tiles.get(first), target_tiles.get(first))
+        )
+        raise BadRequest(
+            f"prefer_fitid {prefer_fitid} is a fit of calibrator observation {calibrator.obsid}"
+            f", whose tiles are not those of obs_id {target.obsid} ({len(differ)} of "
+            f"{len(target_tiles)} antenna indices differ; antenna {first} is {in_fit} in the "
+            f"fit, {in_target} in obs_id {target.obsid}): its solutions (one per antenna index) "
+            "would be applied to other tiles",
+            extra={
+                "obs_id_tile_ids": [target_tiles[a] for a in sorted(target_tiles)],
+                "fit_tile_ids": [fit_tiles[a] for a in sorted(fit_tiles)],
+            },
+        )
+    fit_chans = sorted(calibrator.coarse_chans or [])
+    obs_chans = sorted(target.coarse_chans or [])
+    raise BadRequest(
+        f"prefer_fitid {prefer_fitid} is a fit of calibrator observation {calibrator.obsid}"
+        f", whose coarse channels {fit_chans} are not those of obs_id {target.obsid} "
+        f"{obs_chans}: its solutions cannot calibrate it",
+        extra={"obs_id_coarse_chans": obs_chans, "fit_coarse_chans": fit_chans},
+    )
 
 
 # -- the solution files ------------------------------------------------------------------------
