@@ -18,8 +18,8 @@ from observatory.archive.models import Observation
 from observatory.cli import build_parser, main
 from observatory.core.accounts import authenticate_api_key, check_project_key
 from observatory.core.config import Settings
-from observatory.core.gpstime import now_gps
 from observatory.core.database import make_engine, make_session_factory
+from observatory.core.gpstime import now_gps
 from observatory.core.models import Project, User
 from shared_data import MWA_DATA
 
@@ -51,7 +51,9 @@ def test_users_and_projects(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     data = tmp_path / "data"
     # Listing where there is no installation (a mistyped path, the wrong directory) makes none.
     assert _run(data, "projects", "list") == 2
-    assert f"no installation at {data} (from --data-dir): nothing to read" in capsys.readouterr().err
+    assert (
+        f"no installation at {data} (from --data-dir): nothing to read" in capsys.readouterr().err
+    )
     assert not data.exists()
     assert _run(data, "users", "create", "alice") == 0
     first = capsys.readouterr()
@@ -179,7 +181,9 @@ def test_simulate_observation_registers_it(
     # Not one that has not happened yet: the archive would list it as upcoming, with data.
     later = (now_gps() // 8 + 100) * 8
     assert _run(data, "simulate", "observation", "--obsid", str(later)) == 2
-    assert re.search(rf"observation {later} would end at \d+, in the future", capsys.readouterr().err)
+    assert re.search(
+        rf"observation {later} would end at \d+, in the future", capsys.readouterr().err
+    )
     # An operator schedules a buffering observation from now on (for triggerbuffer).
     buffering = ["schedule", "observation", "--duration", "600", "--mode", "MWAX_BUFFER"]
     assert _run(data, *buffering) == 0

@@ -861,3 +861,182 @@ def test_triggerbuffer_is_refused_once_the_dump_capture_has_ended(
         session.commit()
         refused = _buffer_call(session, settings, capture.stoptime + 20.0, obstime=30)
         assert refused["success"] is False and "MWAX_CORRELATOR" in refused["errors"]["0"]
+
+
+# -- busy answers as a trigger would be decided ---------------------------------------------------
+
+
+def test_busy_is_whether_a_trigger_of_obstime_would_be_refused(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """busy(project, obstime) agrees with a pretend triggerobs of that project, made at the same
+    moment, observing for obstime seconds: an observation ending before the trigger's first start
+    is not in its way; one starting after now + obstime but before the trigger's end is."""
+    base = 1_450_324_816  # a multiple of 8
+    now = base + 4.5  # the first start is base + 16
+    with session_factory() as session:
+        _service_projects(session)
+        for start, stop, project_id, mode in (
+            (base - 200, base + 8, "D0009", "MWAX_CORRELATOR"),  # ends before the first start
+            (base + 8, base + 16, "D0009", "MWAX_VCS"),  # likewise, a capture
+            (base + 16, base + 40, "G0008", "MWAX_CORRELATOR"),
+            (base + 40, base + 80, "C001", "MWAX_CORRELATOR"),
+            (base + 80, base + 400, "D0009", "MWAX_CORRELATOR"),  # after now + 65, before its end
+        ):
+            session.add(Observation(obsid=start, stoptime=stop, project_id=project_id, mode=mode,
+                                    obsname=f"{project_id} obs"))  # fmt: skip
+        session.commit()
+        assert service.first_start_gps(now) == base + 16
+        answers = {}
+        for project_id, obstime in itertools.product(
+            ("G0055", "D0009", "C001", "G0008"), (8, 24, 60, 65, 600)
+        ):
+            busy = service.is_busy(session, project_id, obstime, now=now)
+            result = service.trigger_observations(session, settings, {
+                "project_id": project_id, "secure_key": KEYS[project_id], "alt": 90, "az": 0,
+                "nobs": 1, "exptime": obstime, "pretend": "1",  # 60 s is planned as 64, 65 as 72
+            }, vcs=False, now=now)  # fmt: skip
+            assert busy is not result["success"], (project_id, obstime, result["errors"])
+            if busy:  # refused for the schedule, nothing else
+                assert all("observation " in e for e in result["errors"].values())
+            answers[project_id, obstime] = busy
+    assert [answers["G0055", t] for t in (8, 24, 60, 65, 600)] == [False, False, False, True, True]
+    assert not any(answers["D0009", t] for t in (8, 24, 60, 65, 600))
+
+
+def test_busy_for_a_project_that_cannot_trigger(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """A project without a secure key cannot interrupt anything, whatever its priority: busy
+    whenever something is scheduled in the window (even its own), as for an unknown project;
+    not busy when nothing is."""
+    base = 1_450_324_816
+    now = base + 4.5
+    with session_factory() as session:
+        _service_projects(session)
+        create_project(session, "D0010", priority=20)  # no key
+        session.add(Observation(obsid=base - 64, stoptime=base + 64, project_id="C001",
+                                mode="MWAX_CORRELATOR", obsname="C001 obs"))  # fmt: skip
+        session.add(Observation(obsid=base + 200, stoptime=base + 400, project_id="D0010",
+                                mode="MWAX_CORRELATOR", obsname="D0010 obs"))  # fmt: skip
+        session.commit()
+        assert service.is_busy(session, "D0009", 60, now=now) is False  # it may interrupt C001
+        assert service.is_busy(session, "D0010", 60, now=now) is True
+        assert service.is_busy(session, "Z9999", 60, now=now) is True
+        assert service.is_busy(session, "D0010", 60, now=base + 64 + 4.5) is False  # nothing then
+        assert service.is_busy(session, "D0010", 60, now=base + 200 - 16.5) is True  # its own
+        result = service.trigger_observations(session, settings, {
+            "project_id": "D0010", "secure_key": "anything", "alt": 90, "az": 0, "nobs": 1,
+            "exptime": 64}, vcs=False, now=now)  # fmt: skip
+        assert result["success"] is False and "no secure key" in result["errors"]["0"]
+
+
+# -- a dump while an earlier dump's capture runs --------------------------------------------------
+
+
+def _captures(session: Session) -> list[tuple[int, int]]:
+    return [
+        (o.obsid, o.stoptime)
+        for o in session.scalars(
+            select(Observation)
+            .where(Observation.mode == "VOLTAGE_BUFFER")
+            .order_by(Observation.obsid)
+        )
+    ]
+
+
+def test_a_dump_during_a_dump_capture_continues_that_capture(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """A second triggerbuffer while the first dump's capture runs (or is about to start) is not
+    an interruption: the capture goes on, under its obsid, to the later of the two ends; the
+    VCS disk is charged only for what the second dump adds."""
+    now = 1_450_324_816 + 0.5
+    buffering = int(now) - 96
+    with session_factory() as session:
+        _service_projects(session)
+        session.add(Observation(obsid=buffering, stoptime=int(now) + 800, project_id="C001",
+                                mode="MWAX_BUFFER", obsname="buffering",
+                                coarse_chans=list(range(109, 133))))  # fmt: skip
+        session.commit()
+        first = _buffer_call(session, settings, now, obstime=60)
+        assert first["success"] is True, first["errors"]
+        ((capture, stop),) = _captures(session)
+        assert (capture, stop) == (service.first_start_gps(now), 1_450_324_880)
+        # A capture running is charged whole (what it has captured is on the disk).
+        free = service.vcs_free_s(session, settings, capture + 4)
+        assert service.vcs_free_s(session, settings, capture + 40) == free
+
+        # Asked again before the capture has begun, or while it runs, ending within it: kept.
+        for when, params in ((now + 2, {"obstime": 40}), (capture + 12.5, {"obstime": 20}),
+                             (capture + 12.5, {"end_time": capture + 9})):  # fmt: skip
+            again = _buffer_call(session, settings, when, **params)
+            assert again["success"] is True, (params, again["errors"])
+            assert again["obsid_list"] == [buffering, capture]
+            assert _captures(session) == [(capture, stop)]
+            assert service.vcs_free_s(session, settings, capture + 40) == free  # nothing new
+
+        # Ending after it: the capture is extended, never cut and replaced.
+        pretend = _buffer_call(session, settings, capture + 12.5, obstime=120, pretend="1")
+        assert pretend["success"] is True, pretend["errors"]
+        assert f"Would extend capture {capture}" in pretend["clear"]["stdout"]
+        longer = _buffer_call(session, settings, capture + 12.5, obstime=120)
+        assert longer["success"] is True, longer["errors"]
+        new_stop = 1_450_324_960  # capture + 12.5 + 120, up to a whole 8 s
+        assert _captures(session) == [(capture, new_stop)]
+        assert longer["obsid_list"] == [buffering, capture]
+        assert f"Extended capture {capture}" in longer["clear"]["stdout"]
+        # Charged for the extension only: the past it saved again is on the disk already.
+        assert service.vcs_free_s(session, settings, capture + 40) == pytest.approx(
+            free - (new_stop - stop), abs=1
+        )
+
+
+# -- the sweet spot a triggered observation points at ---------------------------------------------
+
+#: A real observation the MWA scheduled at the Sun (MWATelescope/mwax_mover, tests/data/
+#: metafits_ppd/1328239120.metafits): 32 s, GRIDNAME 'sweet', GRIDNUM 21, AZIMUTH 45.0,
+#: ALTITUDE 70.4075, RAPHASE/DECPHASE the Sun.
+REAL_SUN_OBSID, REAL_SUN_GRIDNUM = 1_328_239_120, 21
+
+
+def _trigger_the_real_sun_observation(
+    session_factory: sessionmaker[Session], settings: Settings
+) -> dict[str, Any]:
+    with session_factory() as session:
+        _service_projects(session)
+        result = service.trigger_observations(session, settings, {
+            "project_id": "C001", "secure_key": KEYS["C001"], "source": "Sun", "nobs": 1,
+            "exptime": 32, "freqspecs": "121,2", "pretend": "0"},
+            vcs=False, now=REAL_SUN_OBSID - 5.0)  # fmt: skip
+    assert result["success"] is True, result["errors"]
+    assert result["obsid_list"] == [REAL_SUN_OBSID]
+    return result
+
+
+def test_the_sweet_spot_is_the_one_the_real_scheduler_chose(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    result = _trigger_the_real_sun_observation(session_factory, settings)
+    (chosen,) = result["params"]["pointings"]
+    assert chosen["grid_number"] == REAL_SUN_GRIDNUM
+    (row,) = schedule(session_factory)
+    assert (row["az_deg"], row["el_deg"]) == (45.0, pytest.approx(70.4075, abs=0.01))
+    assert f"grid {REAL_SUN_GRIDNUM} " in result["schedule"]["stderr"]
+
+
+def test_the_metafits_names_the_sweet_spot(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """The real scheduler's metafits name the grid point the beam points at."""
+    from astropy.io import fits
+
+    from observatory.archive.runner import observe_due
+
+    _trigger_the_real_sun_observation(session_factory, settings)
+    recorder = settings.model_copy(update={"telescope_tiles": 4})
+    assert observe_due(session_factory, recorder, now=REAL_SUN_OBSID + 40) == [REAL_SUN_OBSID]
+    header = fits.getheader(
+        settings.archive_dir / str(REAL_SUN_OBSID) / f"{REAL_SUN_OBSID}.metafits"
+    )
+    assert (header["GRIDNAME"], header["GRIDNUM"]) == ("sweet", REAL_SUN_GRIDNUM)

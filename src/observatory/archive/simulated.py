@@ -160,6 +160,7 @@ def observe_scheduled(
         mode="MWAX_VCS" if voltages else "MWAX_CORRELATOR",
         voltage_subobs_gps=dumped_subobs_gps,
         beamformer_delays=_scheduled_delays(observation, n_tiles),
+        pointing_grid=_grid_point(observation),
         atten_db=observation.atten_db if observation.atten_db is not None else 1.0,
         gain_amplitude_scatter=0.1,
         delay_error_scatter_ns=2.0,
@@ -177,6 +178,18 @@ def observe_scheduled(
         observation.int_time_s = int_time_s
     session.flush()
     return observation
+
+
+def _grid_point(observation: Observation) -> tuple[str, int]:
+    """The metafits ``GRIDNAME`` and ``GRIDNUM`` of a scheduled observation: the ``sweet``
+    grid point its delays are (as the MWA's metafits name it), else the simulator's none."""
+    from observatory.trigger.pointing import sweet_grid
+
+    if observation.subarray_pointings or len(observation.delays or ()) != 16:
+        return ("sim", 0)
+    grid = sweet_grid()
+    found = np.flatnonzero((grid.delays == np.asarray(observation.delays)).all(axis=1))
+    return ("sweet", int(grid.number[found[0]])) if len(found) else ("sim", 0)
 
 
 def _scheduled_delays(observation: Observation, n_tiles: int) -> NDArray[np.int64] | None:

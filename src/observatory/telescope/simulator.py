@@ -839,6 +839,7 @@ def _write_metafits(
     phase_centre_radec_deg: tuple[float, float],
     creator: str,
     atten_db: float,
+    pointing_grid: tuple[str, int],
 ) -> None:
     from astropy.io import fits
 
@@ -871,8 +872,8 @@ def _write_metafits(
         ("SUN-DIST", epoch.sun_dist_deg, "[deg] Distance from pointing center to Sun"),
         ("MOONDIST", epoch.moon_dist_deg, "[deg] Distance from pointing center to Moon"),
         ("JUP-DIST", epoch.jupiter_dist_deg, "[deg] Distance from pointing center to Jupiter"),
-        ("GRIDNAME", "sim", "Pointing grid name"),
-        ("GRIDNUM", 0, "Pointing grid number"),
+        ("GRIDNAME", pointing_grid[0], "Pointing grid name"),
+        ("GRIDNUM", pointing_grid[1], "Pointing grid number"),
         ("CREATOR", creator, "Observation creator"),
         ("PROJECT", project_id, "Project ID"),
         ("MODE", truth.mode, "Observation mode"),
@@ -1245,6 +1246,7 @@ def simulate_observation(
     voltage_subobs_gps: Collection[int] | None = None,
     beamformer_delays: ArrayLike | None = None,
     atten_db: float = 1.0,
+    pointing_grid: tuple[str, int] = ("sim", 0),
 ) -> SimulatedObservation:
     """Write a simulated MWA observation (metafits, data files and truth JSON).
 
@@ -1308,6 +1310,9 @@ def simulate_observation(
         ``pointing_radec_deg`` at the midpoint.
     atten_db
         The global analogue attenuation (metafits ``ATTEN_DB``).
+    pointing_grid
+        The grid point the delays are (metafits ``GRIDNAME``, ``GRIDNUM``), such as
+        ``("sweet", 21)``; by default ``("sim", 0)``, none.
     voltage_subobs_gps
         VCS only: write only the 8 s sub-files starting at these GPS seconds (each on the
         observation's 8 s grid), as buffer dumps save only parts of a buffering
@@ -1465,7 +1470,7 @@ def simulate_observation(
         with writer.atomic(metafits_name) as temp:
             _write_metafits(
                 temp, truth, epoch, beam_delays, exposure_s, project_id, name, calibrator or "",
-                phase_centre_radec_deg or (ra_deg, dec_deg), creator, atten_db,
+                phase_centre_radec_deg or (ra_deg, dec_deg), creator, atten_db, pointing_grid,
             )  # fmt: skip
         writer.record(metafits_name, "metafits")
 

@@ -160,9 +160,12 @@ async def busy(request: Request, params: ParamsDep) -> Response:
         raise BadRequest(str(exc)) from exc
     # mwa_trigger's busy() and obslist() may leave obstime out: now, then.
     obstime = _number(params, "obstime", 0.0)
+    # The answer serves the whole GPS second: it is worked out for its middle, where a trigger
+    # made at any moment after the second's start would begin (at its very start it could
+    # begin 8 s sooner).
     answer = await _answer(
         request, ("busy", project_id, obstime),
-        lambda session, second: service.is_busy(session, project_id, obstime, now=second),
+        lambda session, second: service.is_busy(session, project_id, obstime, now=second + 0.5),
     )  # fmt: skip
     return _json(answer, params, request)
 

@@ -741,13 +741,30 @@ def blockers(
 
 
 def is_busy(session: Session, project_id: str, obstime_s: float, now: float | None = None) -> bool:
-    """True if ``project_id`` may not override everything scheduled in [now, now + obstime)."""
+    """True if a trigger by ``project_id`` made ``now``, observing for ``obstime_s``, would be
+    refused by the override rules (triggerservice.py: False if the project "is allowed to
+    override current observations from now for the given length of time").
+
+    The window is the one that trigger would clear: from its first start (an 8-s boundary at
+    least 4 s after now) for ``obstime_s`` rounded up to whole 8 s, as ``triggerobs`` plans
+    ``exptime=obstime``; it is judged by :func:`blockers` as the trigger is. An observation that
+    ends before that start is not in the way (no trigger can reach it); one starting before the
+    window's end is. ``obstime_s`` 0 asks about the instant of that start.
+
+    A project that may not trigger (unknown, or without a secure key) can interrupt nothing,
+    its own observations included: busy whenever anything is scheduled in the window.
+    """
     now = now_gps_precise() if now is None else now
-    observations = overlapping(session, now, now + obstime_s)
+    start = first_start_gps(now)
+    end = start + max(math.ceil(obstime_s / BOUNDARY_S) * BOUNDARY_S, 1)
+    running, inside = schedule_window(session, start, end)
+    observations = [o for o in (running, *inside) if o is not None]
     if not observations:
         return False
     project = session.get(Project, project_id)
-    return project is None or bool(blockers(project, observations, now))
+    if project is None or project.secure_key_hash is None:
+        return True
+    return bool(blockers(project, observations, now, start))
 
 
 def obslist(
@@ -795,6 +812,16 @@ def buffer_dumps(session: Session) -> dict[int, list[tuple[float, float]]]:
     return dumps
 
 
+def covered_s(spans: Sequence[tuple[float, float]], since: float, until: float) -> float:
+    """Seconds of [since, until) that the union of ``spans`` (start, end) covers."""
+    total_s, reached = 0.0, float(since)
+    for start, end in sorted(spans):
+        end = min(end, until)
+        total_s += max(0.0, end - max(start, reached))
+        reached = max(reached, end)
+    return total_s
+
+
 def full_band_vcs_s(duration_s: float, n_coarse_chans: int) -> float:
     """A capture's size in seconds of 24-channel capture, the unit of ``vcsfree``."""
     return duration_s * (n_coarse_chans or MAX_COARSE_CHANS) / MAX_COARSE_CHANS
@@ -807,9 +834,9 @@ def vcs_free_s(session: Session, settings: Settings, now: float | None = None) -
     array's rate (``trigger_vcs_bytes_per_s_per_chan``): every archived voltage sub-file
     (8 s of one coarse channel), every voltage capture that has ended without files (not
     recorded yet, or too large for the simulated telescope to record), what buffer dumps
-    saved of buffering observations not recorded yet, and the voltage observations still
-    to run. The archive's own files hold a few tiles and cannot say
-    what the disk holds.
+    saved of buffering observations not recorded yet, and the voltage observations in
+    progress (whole: what one has captured so far is on the disk) or still to run. The
+    archive's own files hold a few tiles and cannot say what the disk holds.
     """
     now = now_gps_precise() if now is None else now
     rate_per_chan = settings.trigger_vcs_bytes_per_s_per_chan
@@ -838,13 +865,7 @@ def vcs_free_s(session: Session, settings: Settings, now: float | None = None) -
     dumps = buffer_dumps(session) if buffering else {}
     for obsid, stoptime, chans in buffering:
         # Overlapping dumps save the same seconds once (the telescope records their union).
-        saved = sorted(
-            (max(start, obsid), min(end, stoptime, now)) for start, end in dumps.get(obsid, [])
-        )
-        saved_s, reached = 0.0, float(obsid)
-        for start, end in saved:
-            saved_s += max(0.0, end - max(start, reached))
-            reached = max(reached, end)
+        saved_s = covered_s(dumps.get(obsid, []), obsid, min(stoptime, now))
         captured_s += full_band_vcs_s(saved_s, len(chans or ()))
     columns = (Observation.obsid, Observation.stoptime, Observation.coarse_chans, Observation.mode)
     running = session.execute(
@@ -859,9 +880,11 @@ def vcs_free_s(session: Session, settings: Settings, now: float | None = None) -
     to_come = 0.0
     scheduled = [row for row in [running, *future] if row is not None and row.mode in VCS_MODES]
     for obsid, stoptime, chans, _mode in scheduled:
-        if stoptime <= now:
+        if stoptime <= now:  # ended: charged above, by its files or as unrecorded
             continue
-        to_come += full_band_vcs_s(stoptime - max(obsid, now), len(chans or ()))
+        # Whole, the running one too: it has no files until it ends, and what it has
+        # captured so far is on the disk already.
+        to_come += full_band_vcs_s(stoptime - obsid, len(chans or ()))
     full_band_rate = MAX_COARSE_CHANS * rate_per_chan
     free = settings.trigger_vcs_capacity_bytes - (captured_s + to_come) * full_band_rate
     return max(0, int(free // full_band_rate))
@@ -968,9 +991,17 @@ def _clear_report(
     end: int,
     running: Observation | None,
     inside: Sequence[Observation],
+    continued: tuple[Any, int] | None = None,
 ) -> dict[str, Any]:
+    """What clearing [start, end) does; ``continued``: a buffer dump's capture that goes on
+    (instead of a new one), and the stop it is to have."""
     command = f"clear_schedule.py --starttime={start} --stoptime={end} --force"
     lines = []
+    if continued is not None:
+        capture, stop = continued
+        name = f"{capture.obsid} ({capture.obsname}, {capture.project_id})"
+        lines.append(f"Extended capture {name} to stop at {stop}" if stop > capture.stoptime
+                     else f"Kept capture {name}, which stops at {capture.stoptime}")  # fmt: skip
     if running is not None:
         lines.append(
             f"Truncated {running.obsid} ({running.obsname}, {running.project_id}) to stop at {start}"
@@ -980,7 +1011,7 @@ def _clear_report(
     if request.pretend:
         stdout = "Pretending: command not run\n" + stdout.replace(
             "Truncated", "Would truncate"
-        ).replace("Deleted", "Would delete")
+        ).replace("Deleted", "Would delete").replace("Extended", "Would extend")
     return {"command": command, "commands": command, "retcode": 0, "stdout": stdout,
             "stderr": "Pretending: command not run" if request.pretend else ""}  # fmt: skip
 
@@ -1193,7 +1224,9 @@ def trigger_buffer(
     ``end_time`` both 0 is a null operation. Future observations up to the end of
     capture are deleted (or truncated); the capture into the future becomes a
     VOLTAGE_BUFFER observation with the settings of the observation in progress
-    (or the last one), which must be buffering voltages.
+    (or the last one), which must be buffering voltages. An earlier dump's capture
+    still running then is continued instead (extended if this one ends later, never
+    cut). The VCS disk must hold what the dump adds (:func:`_unsaved_s`).
     """
     now = float(now_gps_precise() if now is None else now)
     request = TriggerRequest(vcs=True)
@@ -1251,16 +1284,22 @@ def trigger_buffer(
     elif not null and capture_end < capture_start:
         errors.append(f"end_time {capture_end:.0f} is before the start of capture {capture_start:.0f} "
                       f"(the buffer holds the last {settings.trigger_buffer_s} s)")  # fmt: skip
-    needed = full_band_vcs_s(capture_end - capture_start, len(source.coarse_chans or ()))
-    if not null and needed > (free := vcs_free_s(session, settings, now)):
+    new_start = first_start_gps(now)
+    new_stop = int(math.ceil(capture_end / BOUNDARY_S) * BOUNDARY_S)
+    into_future = not null and new_stop > new_start
+    # What the dump adds to the disk: the past it saves and its capture into the future (to
+    # a whole 8 s), less what earlier dumps saved and captures already scheduled will hold (a
+    # dump during another's capture adds only what goes beyond it).
+    needed = 0.0 if null else full_band_vcs_s(
+        _unsaved_s(session, capture_start, new_stop if into_future else capture_end),
+        len(source.coarse_chans or ()),
+    )  # fmt: skip
+    if needed > (free := vcs_free_s(session, settings, now)):
         errors.append(f"the capture needs {needed:.0f} s of 24-channel capture; the VCS disk has "
                       f"room for {free} s")  # fmt: skip
     if errors:
         session.rollback()
         return record(session, request, TriggerMode.BUFFER, success=False, obsids=[])
-    new_start = first_start_gps(now)
-    new_stop = int(math.ceil(capture_end / BOUNDARY_S) * BOUNDARY_S)
-    into_future = not null and new_stop > new_start
     request.params |= {"capture_start": None if null else capture_start, "capture_end": None if null else capture_end,
                        "buffer_s": settings.trigger_buffer_s, "buffering_since": buffering_since,
                        "settings_from": source.obsid}  # fmt: skip
@@ -1271,8 +1310,16 @@ def trigger_buffer(
             .where(ScheduleLock.id == 1)
             .values(changes=ScheduleLock.changes + 1)
         )
-    running, inside = schedule_window(session, new_start, new_stop) if into_future else (None, [])
-    refused = blockers(project, [o for o in (running, *inside) if o is not None], now, new_start)
+    # An earlier dump's capture still running at the new start goes on to the later end: it
+    # is the same capture (never cut, so never refused as an interruption), under its obsid.
+    capture = _dump_capture_at(session, new_start) if into_future else None
+    clear_from = new_start if capture is None else max(new_start, capture.stoptime)
+    running, inside = (
+        schedule_window(session, clear_from, new_stop)
+        if into_future and new_stop > clear_from
+        else (None, [])
+    )
+    refused = blockers(project, [o for o in (running, *inside) if o is not None], now, clear_from)
     if refused:
         session.rollback()
         errors += refused
@@ -1282,10 +1329,12 @@ def trigger_buffer(
         if null
         else [o.obsid for o in overlapping(session, capture_start, min(capture_end, new_start))]
     )
-    obsids = past + ([new_start] if into_future else [])
+    capture_obsid = new_start if capture is None else capture.obsid
+    obsids = past + ([capture_obsid] if into_future and capture_obsid not in past else [])
     if not obsids:
         obsids = [source.obsid]  # nothing captured (the null operation): the settings' observation
-    clear = _clear_report(request, new_start, new_stop, running, inside) if into_future else {
+    continued = None if capture is None else (capture, new_stop)
+    clear = _clear_report(request, clear_from, max(new_stop, clear_from), running, inside, continued) if into_future else {
         "command": "", "commands": "", "retcode": None, "stdout": "No observations cleared", "stderr": ""}  # fmt: skip
     if not request.pretend and into_future:
         if running is not None:
@@ -1302,13 +1351,20 @@ def trigger_buffer(
                 delete(Observation).where(Observation.obsid.in_([o.obsid for o in inside]))
             )
         session.flush()
-        inherited = {c.key: getattr(source, c.key) for c in Observation.__table__.columns}
-        inherited |= {"obsid": new_start, "stoptime": new_stop, "mode": "VOLTAGE_BUFFER",
-                      "obsname": buffer_dump_name(source.obsname), "creator": "triggerbuffer",
-                      "project_id": request.project_id, "groupid": source.groupid or source.obsid,
-                      "interruptible": True, "deleted": False, "created_by": "trigger",
-                      "created_at": datetime.now(UTC)}  # fmt: skip
-        session.execute(_OBSERVATIONS.insert(), [inherited])
+        if capture is None:
+            inherited = {c.key: getattr(source, c.key) for c in Observation.__table__.columns}
+            inherited |= {"obsid": new_start, "stoptime": new_stop, "mode": "VOLTAGE_BUFFER",
+                          "obsname": buffer_dump_name(source.obsname), "creator": "triggerbuffer",
+                          "project_id": request.project_id, "groupid": source.groupid or source.obsid,
+                          "interruptible": True, "deleted": False, "created_by": "trigger",
+                          "created_at": datetime.now(UTC)}  # fmt: skip
+            session.execute(_OBSERVATIONS.insert(), [inherited])
+        elif new_stop > capture.stoptime:
+            session.execute(
+                update(Observation)
+                .where(Observation.obsid == capture.obsid)
+                .values(stoptime=new_stop)
+            )
     command = "triggerbuffer.py --start=0 --end=0" if null else (
         f"triggerbuffer.py --start={capture_start:.0f} --end={capture_end:.0f}")  # fmt: skip
     schedule = {"command": command, "commands": command, "retcode": 0,
@@ -1396,6 +1452,39 @@ def _buffering(
             break
         since = earlier.obsid
     return None, since
+
+
+def _dump_capture_at(session: Session, when: int) -> Any | None:
+    """A buffer dump's capture (``VOLTAGE_BUFFER``) running at ``when``, or ending just then;
+    else None. A later dump continues it rather than cutting it and starting another."""
+    latest = session.execute(
+        select(*_SCHEDULE_COLUMNS)
+        .where(Observation.obsid <= when, _live())
+        .order_by(Observation.obsid.desc())
+        .limit(1)
+    ).first()
+    if latest is None or latest.mode != "VOLTAGE_BUFFER" or latest.stoptime < when:
+        return None
+    return latest
+
+
+def _unsaved_s(session: Session, since: float, until: float) -> float:
+    """Seconds of [since, until) the VCS disk neither holds nor expects yet: not saved by an
+    earlier real dump of a buffering observation, nor within a voltage capture scheduled (an
+    earlier dump's capture among them). What a dump of that span adds to the disk."""
+    if until <= since:
+        return 0.0
+    found = overlapping(session, since, until)
+    held = [(float(o.obsid), float(o.stoptime)) for o in found if o.mode in VCS_MODES]
+    buffering = [o for o in found if o.mode == "MWAX_BUFFER"]
+    if buffering:
+        dumps = buffer_dumps(session)
+        held += [
+            (max(start, o.obsid), min(end, o.stoptime))
+            for o in buffering
+            for start, end in dumps.get(o.obsid, [])
+        ]
+    return (until - since) - covered_s(held, since, until)
 
 
 # -- answers to the read-only questions ----------------------------------------------------------
