@@ -1,4 +1,5 @@
-"""The ``observatory`` command."""
+"""The observatory-services command: serve the web services, run the demo, administer
+users, projects and the schedule, simulate observations, convert raw visibilities."""
 
 from __future__ import annotations
 

@@ -373,7 +373,11 @@ def test_manifest_catches_a_changed_byte(
     assert len(problems) == 2 and problems[0].startswith("changed: 2011.0.00229.S/")
     assert "not in the manifest" in problems[1]
     assert main(["verify", str(packpath)]) == 1
-    assert "changed:" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "changed:" in printed.err and printed.out.endswith(": 2 problems\n")
+    (target / "extra.fits").unlink()
+    assert main(["verify", str(packpath)]) == 1
+    assert capsys.readouterr().out.endswith(": 1 problem\n")
 
 
 def test_modern_layout(tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]) -> None:

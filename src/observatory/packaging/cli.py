@@ -165,7 +165,8 @@ def _verify(arguments: list[str]) -> int:
         return 1
     for problem in problems:
         print(problem, file=sys.stderr)
-    print(f"{args.package}: {'valid' if not problems else f'{len(problems)} problems'}")
+    verdict = "valid" if not problems else f"{len(problems)} problem{'s' * (len(problems) > 1)}"
+    print(f"{args.package}: {verdict}")
     return 1 if problems else 0
 
 
