@@ -147,6 +147,7 @@ def test_submit_validates_like_the_api_and_jobs_are_private(client: TestClient) 
     sign_in(client, "alice")
     page = client.get("/submit?obs_id=1320409688").text
     assert 'value="1320409688"' in page and 'for="job_type"' in page
+    assert "<option selected>ms</option>" in page  # the API's default (the ASVO's), not uvfits
     token = token_of(page)
     bad = {"csrf_token": token, "job_type": "conversion", "obs_id": "1320409688",
            "avg_time_res": "0.01", "output": "uvfits"}  # fmt: skip
@@ -157,6 +158,7 @@ def test_submit_validates_like_the_api_and_jobs_are_private(client: TestClient) 
     assert refused.status_code == 400 and api.status_code == 400
     assert str(escape(api.json()["error"])) in refused.text  # the same message as the API
     assert 'value="0.01"' in refused.text  # the form comes back filled in
+    assert "<option selected>uvfits</option>" in refused.text
     missing = client.post("/submit", data={**bad, "obs_id": "1111111111", "avg_time_res": "2"})
     assert "Observation 1111111111 does not exist" in missing.text
     good = {**bad, "avg_time_res": "4"}
