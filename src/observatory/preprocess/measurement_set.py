@@ -10,6 +10,16 @@ the same values. The visibilities, weights and flags come a chunk at a time, in
 any order (a block of integrations of a range of channels), and are written into
 their rows and channels at once; the per-row weights, which need every channel of
 a row, are made from the weights written when the set is finished.
+
+How the set is stored differs from ``write_ms``, not what it holds (the costs below are
+casacore's per row, which dominate with many narrow rows: an output with a window per
+coarse channel, averaged to one channel each). The data columns are tiled one chunk's
+channels wide. When every spectral window has as many channels (always, for the
+engine's outputs), the array columns are fixed-shape, as DP3 writes them: casacore
+gives each row its arrays as the row is added, where shaping them one by one took a
+third of a conversion's time. The standard storage managers have buckets of 32 KiB,
+not the skeleton's 128 bytes. Columns with one value in every row are written once
+(as the rows are added), and the POINTING table without pyuvdata's quadratic cost.
 """
 
 from __future__ import annotations
@@ -31,6 +41,10 @@ from observatory.preprocess.writer import OutputDescription, spectral_window_ids
 _TILE_SAMPLES = 32768
 #: Rows of the per-row columns written at a time when the set is finished.
 _ROWS_PER_PUT = 1 << 20
+#: casacore's ``ColumnDesc::FixedShape`` option: every cell of the column has one shape.
+_FIXED_SHAPE = 4
+#: Bucket size of the main table's standard storage managers (as DP3 and CASA's fillers).
+_SSM_BUCKET_BYTES = 32768
 #: Bytes per visibility sample held while a buffer is written (complex64 data and its
 #: conjugate, float32 weight, bool flag).
 _BYTES_PER_SAMPLE = 8 + 8 + 4 + 1
@@ -77,10 +91,17 @@ class MeasurementSetStream(AtomicStream):
             utils.pol.determine_pol_order(self.uvd.polarization_array, order="CASA"),
             allow_empty=True,
         )
+        widths = {window.stop - window.start for window in self.windows}
+        #: Channels of every row's arrays when the windows are all as wide (then the array
+        #: columns are fixed-shape); None otherwise.
+        self._cell_chans = widths.pop() if len(widths) == 1 else None
         # WEIGHT: per row and pol, the median weight over the row's channels; SIGMA follows
         # from it. write_ms keeps the medians in float32 with one window, float64 with
         # several (which rounds SIGMA differently): the same here.
         self._row_weight_dtype = np.float32 if len(self.windows) == 1 else np.float64
+        intervals = np.unique(self.uvd.integration_time)
+        #: The integration time of every row (INTERVAL and EXPOSURE), if they share one.
+        self._interval = float(intervals[0]) if len(intervals) == 1 else None
         self._context = atomic_output(self.path)
         self._temporary: Path | None = None
         self._table: Any = None
@@ -92,9 +113,9 @@ class MeasurementSetStream(AtomicStream):
         try:
             self._check_free_space()
             self._table = ms_utils.init_ms_file(str(self._temporary))
-            self._tile_by_chunk()
-            self._table.addrows(self.n_blts * len(self.windows))
-            self._shape_cells()
+            self._make_array_columns()
+            self._widen_standard_buckets()
+            self._add_rows()
         except BaseException as failure:
             # Closed before its directory goes: casacore aborts the process when a table
             # whose files were removed is destroyed later.
@@ -121,36 +142,93 @@ class MeasurementSetStream(AtomicStream):
                 f"{free_bytes / 1e9:.2f} GB are free (No space left on device)",
             )
 
-    def _tile_by_chunk(self) -> None:
-        """Store DATA, FLAG and WEIGHT_SPECTRUM in tiles one chunk's channels wide.
+    def _make_array_columns(self) -> None:
+        """Store DATA, FLAG and WEIGHT_SPECTRUM in tiles one chunk's channels wide; and when
+        every row's arrays have one shape, make the array columns fixed-shape.
 
         Each chunk then writes whole tiles. In tiles across the band (casacore's default),
         every chunk would rewrite every tile, and casacore would cache them all: the whole
-        column in memory. The columns are made again, with the same descriptions, in the
-        empty skeleton.
+        column in memory. The columns are made again in the empty skeleton, with the same
+        descriptions (fixed-shape: with their shape as well). Fixed-shape columns are kept
+        by the tiled column storage manager, which adds rows a tile at a time (the tiled
+        shape storage manager, pyuvdata's choice, adds them one by one).
         """
         from casacore import tables
 
         n_pols = len(self.uvd.polarization_array)
         tile_rows = max(1, _TILE_SAMPLES // (n_pols * self.chunk_chans))
         groups = {"DATA": "TiledData", "FLAG": "TiledFlag", "WEIGHT_SPECTRUM": "TiledWgtSpectrum"}
+        # Cell shapes in C order, (channels, pols); tile shapes in casacore's, pols first.
+        tiles = {name: [n_pols, self.chunk_chans, tile_rows] for name in groups}
+        cell_shapes: dict[str, list[int]] = {}
+        manager_type = "TiledShapeStMan"
+        if self._cell_chans is not None:
+            manager_type = "TiledColumnStMan"
+            cell_shapes = {name: [self._cell_chans, n_pols] for name in groups}
+            groups |= {"WEIGHT": "TiledWgt", "SIGMA": "TiledSigma"}  # pyuvdata's groups
+            for name in ("WEIGHT", "SIGMA"):
+                cell_shapes[name] = [n_pols]
+                tiles[name] = [n_pols, _TILE_SAMPLES // n_pols]
         descriptions = {name: self._table.getcoldesc(name) for name in groups}
         self._table.removecols(list(groups))
         for name, group in groups.items():
+            description = dict(descriptions[name])
+            if name in cell_shapes:
+                description["shape"] = np.array(cell_shapes[name])
+                description["option"] = _FIXED_SHAPE
+            self._table.addcols(
+                tables.makecoldesc(name, description),
+                {
+                    "TYPE": manager_type,
+                    "NAME": group,
+                    "SPEC": {"DEFAULTTILESHAPE": np.array(tiles[name], dtype=np.int32)},
+                },
+            )
+        for name in ("DATA", "FLAG", "WEIGHT_SPECTRUM"):
+            # A chunk writes along the rows of its tiles: a few tiles at a time suffice.
+            self._table.setmaxcachesize(name, self.buffer_bytes)
+
+    def _widen_standard_buckets(self) -> None:
+        """Keep ANTENNA1, ANTENNA2, DATA_DESC_ID and FLAG_ROW in buckets of 32 KiB.
+
+        The skeleton sizes its standard storage managers for the rows it has, none: buckets
+        of 128 bytes, a few dozen rows each, with an index (1.5 MB for 6 million rows) that
+        each row written searches and each reader loads. The columns are made again in the
+        empty skeleton with the same descriptions, managers and groups.
+        """
+        from casacore import tables
+
+        names = ["ANTENNA1", "ANTENNA2", "DATA_DESC_ID", "FLAG_ROW"]
+        descriptions = {name: self._table.getcoldesc(name) for name in names}
+        groups = {name: self._table.getdminfo(name)["NAME"] for name in names}
+        self._table.removecols(names)
+        for name in names:
             self._table.addcols(
                 tables.makecoldesc(name, descriptions[name]),
                 {
-                    "TYPE": "TiledShapeStMan",
-                    "NAME": group,
-                    "SPEC": {
-                        "DEFAULTTILESHAPE": np.array(
-                            [n_pols, self.chunk_chans, tile_rows], dtype=np.int32
-                        )
-                    },
+                    "TYPE": "StandardStMan",
+                    "NAME": groups[name],
+                    "SPEC": {"BUCKETSIZE": _SSM_BUCKET_BYTES},
                 },
             )
-            # A chunk writes along the rows of its tiles: a few tiles at a time suffice.
-            self._table.setmaxcachesize(name, self.buffer_bytes)
+
+    def _add_rows(self) -> None:
+        """Every row of the main table, with its arrays (this takes a while for a large set).
+
+        Fixed-shape columns give each row its arrays as it is added; otherwise they are
+        shaped one by one. Rows added after the first take over its values in the columns
+        of the incremental storage manager: INTERVAL and EXPOSURE, one value in every row,
+        are written once, there (FIELD_ID, the one phase centre, keeps its initial 0, as
+        ARRAY_ID does in write_ms's sets)."""
+        n_rows = self.n_blts * len(self.windows)
+        if self._interval is not None:
+            self._table.addrows(1)
+            for name in ("INTERVAL", "EXPOSURE"):
+                self._table.putcell(name, 0, self._interval)
+            n_rows -= 1
+        self._table.addrows(n_rows)
+        if self._cell_chans is None:
+            self._shape_cells()
 
     def _shape_cells(self) -> None:
         """Give every row its arrays (zeros): the tiled storage manager writes a chunk's
@@ -255,15 +333,15 @@ class MeasurementSetStream(AtomicStream):
                 columns = {
                     "ANTENNA1": uvd.ant_1_array[blts],
                     "ANTENNA2": uvd.ant_2_array[blts],
-                    "INTERVAL": uvd.integration_time[blts],
-                    "EXPOSURE": uvd.integration_time[blts],
                     "DATA_DESC_ID": np.full(n_rows, window_index),
                     "SCAN_NUMBER": uvd.scan_number_array[blts],
                     "TIME": time_mjd_s[blts],
                     "TIME_CENTROID": time_mjd_s[blts],
                     "UVW": -uvd.uvw_array[blts],  # flip_conj negates uvw too
-                    "FIELD_ID": np.zeros(n_rows, dtype=int),  # the one phase centre
-                }
+                }  # FIELD_ID: 0 in every row, as the rows were added (see _add_rows)
+                if self._interval is None:  # else written with the rows
+                    columns["INTERVAL"] = uvd.integration_time[blts]
+                    columns["EXPOSURE"] = uvd.integration_time[blts]
                 for name, values in columns.items():
                     table.putcol(name, values, row, n_rows)
         if uvd.extra_keywords:
@@ -280,7 +358,41 @@ class MeasurementSetStream(AtomicStream):
         ms_utils.write_ms_field(filepath, uvobj=uvd)
         ms_utils.write_ms_history(filepath, uvobj=uvd)
         ms_utils.write_ms_observation(filepath, uvobj=uvd)
-        ms_utils.write_ms_pointing(filepath, uvobj=uvd)
+        self._write_pointing(filepath)
         ms_utils.write_ms_polarization(filepath, pol_order=self.pol_order, uvobj=uvd)
         ms_utils.write_ms_source(filepath, uvobj=uvd)
         ms_utils.write_ms_spectral_window(filepath, uvobj=uvd)
+
+    def _write_pointing(self, filepath: str) -> None:
+        """The POINTING table as pyuvdata's ``write_ms_pointing`` writes it (every antenna
+        at every integration, pointed at the zenith), in time that grows with its rows.
+
+        ``write_ms_pointing`` puts the TARGET column row by row into casacore's incremental
+        storage manager, which takes time growing with the square of the rows (2 s for
+        16,000 rows, minutes for a long observation), and finds each integration's interval
+        by a pass over every baseline-time. Here the zenith goes into the first row before
+        the others are added, which take it over (so DIRECTION and TARGET need no further
+        writes), and the intervals come from the integrations' rows at once.
+        """
+        from casacore import tables
+
+        uvd = self.uvd
+        n_ants = int(np.max(uvd.telescope.antenna_numbers)) + 1
+        unique_jd = np.unique(uvd.time_array)
+        times = Time(unique_jd, format="jd", scale="utc").mjd * 86400.0
+        # Baseline-times are time-major: each integration's rows follow one another.
+        intervals = np.median(uvd.integration_time.reshape(len(unique_jd), -1), axis=1)
+        n_rows = n_ants * len(times)
+        zenith = np.array([[0.0], [np.pi / 2]])  # (RA/Dec pair, polynomial term)
+        with tables.table(filepath + "::POINTING", ack=False, readonly=False) as pointing:
+            pointing.addrows(1)
+            pointing.putcell("DIRECTION", 0, zenith)
+            pointing.putcell("TARGET", 0, zenith)
+            pointing.addrows(n_rows - 1)
+            pointing.putcol("ANTENNA_ID", np.tile(np.arange(n_ants, dtype=np.int32), len(times)))
+            pointing.putcol("TIME", np.repeat(times, n_ants))
+            pointing.putcol("INTERVAL", np.repeat(intervals, n_ants))
+            pointing.putcol("NAME", np.asarray(["ZENITH"] * n_rows, dtype=np.bytes_), nrow=n_rows)
+            pointing.putcol("NUM_POLY", np.zeros(n_rows, dtype=np.int32))
+            pointing.putcol("TIME_ORIGIN", np.repeat(times, n_ants))
+            pointing.putcol("TRACKING", np.zeros(n_rows, dtype=bool))
