@@ -55,6 +55,13 @@ def test_users_and_projects(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         f"no installation at {data} (from --data-dir): nothing to read" in capsys.readouterr().err
     )
     assert not data.exists()
+    config = tmp_path / "observatory.toml"
+    config.write_text(f'data_dir = "{data}"\n')
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OBSERVATORY_CONFIG", str(config))
+        patch.delenv("OBSERVATORY_DATA_DIR", raising=False)
+        assert main(["projects", "list"]) == 2
+    assert f"no installation at {data} (from data_dir in {config})" in capsys.readouterr().err
     assert _run(data, "users", "create", "alice") == 0
     first = capsys.readouterr()
     key = re.search(r"^API key: (\S+)$", first.out, re.M)

@@ -52,9 +52,12 @@ def _settings(
     if not settings.data_dir.exists() and not makes_one:
         # Run from the wrong directory, a command would otherwise work on a new, empty
         # installation (a user created there, "observation does not exist") without a word.
+        config_file = os.environ.get("OBSERVATORY_CONFIG")
         where = (
             "--data-dir" if given else
             "OBSERVATORY_DATA_DIR" if os.environ.get("OBSERVATORY_DATA_DIR") else
+            f"data_dir in {config_file}"
+            if config_file and settings.data_dir != Settings.model_fields["data_dir"].default else
             "./observatory-data, the current directory's: run where the installation is, or "
             "give --data-dir or OBSERVATORY_DATA_DIR"
         )  # fmt: skip
@@ -788,7 +791,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--metafits", type=Path, help="the observation's metafits")
     convert.add_argument("--obsid", type=int, help="convert this archived observation instead")
     convert.add_argument(
-        "--out", type=Path, required=True, help="OUT.uvfits, OUT.ms, or a stem with --output both"
+        "--out", type=Path, required=True, help="OUT.uvfits (or .uvf, .fits), OUT.ms, or a stem with --output both"
     )
     convert.add_argument(
         "--solutions", type=Path, help="apply these DI solutions (AO-cal .bin or hyperdrive FITS)"

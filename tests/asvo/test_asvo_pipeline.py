@@ -363,8 +363,8 @@ def test_products_expire(archive_settings: Settings) -> None:
             time.sleep(0.2)
         assert not (settings.products_dir / str(job_id)).exists()
         reply = download(file["url"], settings)
-        assert reply.status_code == 404
-        assert "may have expired" in reply.json()["error"]
+        assert reply.status_code == 403  # the link expired with its product
+        assert "expired" in reply.json()["error"]
 
 
 def test_scratch_delivery_is_a_directory(client: TestClient, archive_settings: Settings) -> None:

@@ -378,6 +378,8 @@ def test_sizes_are_shown_in_units_that_fit() -> None:
     assert [size_text(n) for n in (512, 20_480, 2_000_000, 123_456_789, 4.2e9)] == [
         "512 bytes", "20.5 kB", "2.0 MB", "123 MB", "4.2 GB"
     ]  # fmt: skip
+    # Rounded before the unit is chosen: not "1000 kB" nor "100.0 kB".
+    assert [size_text(n) for n in (999_600, 99_960, 2.5e12)] == ["1.0 MB", "100 kB", "2500 GB"]
 
 
 def test_malformed_parameters_get_an_error_page(client: TestClient) -> None:

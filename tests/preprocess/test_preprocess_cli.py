@@ -51,6 +51,19 @@ def test_an_output_named_fits_is_written_as_uvfits_under_that_name(
     assert UVData.from_file(str(out), file_type="uvfits").Ntimes == 4
 
 
+def test_an_output_that_is_an_input_file_is_refused(
+    sim: SimulatedObservation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--out`` naming a correlator file (they end in .fits, as UVFITS outputs may) was
+    written over it."""
+    files = [str(p) for p in sim.vis_paths]
+    before = sim.vis_paths[0].read_bytes()
+    assert run(tmp_path, "--metafits", str(sim.metafits_path), *files, "--out", files[0],
+               "--no-rfi") == 2  # fmt: skip
+    assert f"cannot write {files[0]}: it is one of the input files" in capsys.readouterr().err
+    assert sim.vis_paths[0].read_bytes() == before
+
+
 def test_legacy_csv_keys_through_option(sim: SimulatedObservation, tmp_path: Path) -> None:
     out = tmp_path / "legacy"
     files = [str(p) for p in sim.vis_paths]

@@ -305,9 +305,8 @@ def _download_link_alive(job: Job, token: str, settings: Settings) -> bool:
     """Whether a download link of ``job`` (its ``token`` verified) still works.
 
     Until the job's own ``expires_at`` (set at completion), when the dispatcher deletes
-    its product: a link that outlived its product would lead to a 404 instead of saying
-    it expired. A job without one (completed by an older version) lasts
-    ``asvo_product_ttl_days`` from its completion.
+    its product: after that the link is refused as expired. A job without one (completed
+    by an older version) lasts ``asvo_product_ttl_days`` from its completion.
     """
     issued_s = int(token.rsplit(".", 2)[1])  # the token's own timestamp: it verified
     # A link signed before the job was created is one to an earlier job of the same id

@@ -186,10 +186,16 @@ def gps_time_param(name: str, value: str | None) -> float | None:
 def size_text(size_bytes: float) -> str:
     """``20 kB``, ``1.5 MB``, ``2.1 GB``: a file's size for people (decimal units, as
     the products' sizes are given elsewhere in MB of 10^6 bytes)."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if size_bytes >= scale:
-            return f"{size_bytes / scale:.{0 if size_bytes >= 100 * scale else 1}f} {unit}"
-    return f"{size_bytes:.0f} bytes"
+    if size_bytes < 1000:
+        return f"{size_bytes:.0f} bytes"
+    text = ""
+    for unit, scale in (("kB", 1e3), ("MB", 1e6), ("GB", 1e9)):
+        value = size_bytes / scale
+        # Rounded first: 999,600 bytes is 1.0 MB, not 1000 kB.
+        text = f"{value:.{0 if value >= 99.95 else 1}f} {unit}"
+        if float(text.split()[0]) < 1000:
+            break
+    return text
 
 
 def templates_for(package_dir: Path) -> Jinja2Templates:

@@ -132,6 +132,26 @@ def _output_error(target: Path, exc: OSError) -> OutputError:
     return error
 
 
+def check_not_an_input(target: Path, inputs: Sequence[str | os.PathLike[str]]) -> None:
+    """Refuse an output that is one of the conversion's input files (``--out`` naming a
+    correlator file: UVFITS outputs may end in ``.fits`` too), before any work.
+
+    Raises
+    ------
+    OutputError
+        Naming ``target``.
+    """
+    if not target.exists():
+        return
+    for source in inputs:
+        try:
+            same = os.path.samefile(target, source)
+        except OSError:  # a missing input is reported when it is read
+            continue
+        if same:
+            raise OutputError(f"cannot write {target}: it is one of the input files")
+
+
 def check_writable(target: Path) -> None:
     """Refuse an output whose directory is missing or takes no new files, before any work.
 
@@ -166,6 +186,8 @@ class _Plan:
     resolved: ResolvedOptions
     coarse_chans: tuple[int, ...]
     chans_per_coarse: int
+    #: The files' integrations, and as many padded to whole averaging blocks.
+    n_times: int
     n_times_padded: int
     time_block: int
     #: Upper bound of one chunk's raw visibilities (with RFI flagging, RFI_CHUNK_FACTOR times
@@ -403,6 +425,7 @@ def _plan(
         resolved=resolved,
         coarse_chans=coarse_chans,
         chans_per_coarse=reader.chans_per_coarse,
+        n_times=n_times,
         n_times_padded=n_times_padded,
         time_block=time_block,
         chunk_bytes=chunk_bytes,
@@ -603,7 +626,11 @@ def preprocess(
     if workers is not None and (isinstance(workers, bool) or workers < 1):
         raise OptionError("workers", workers, "must be a positive whole number")
     targets = output_paths(out, options.output)
+    inputs = [metafits, *data_files]
+    if isinstance(solutions, (str, os.PathLike)):
+        inputs.append(solutions)
     for target in targets:
+        check_not_an_input(target, inputs)
         check_writable(target)
     for target in targets:  # what runs killed outright (kill -9, the OOM killer) left
         for leftover in remove_leftover_temporaries(target):
@@ -639,7 +666,6 @@ def preprocess(
         # As Birli: the phase centre and uvw are recorded, the data are left unrotated.
         history += " No geometric correction: the data are not phased to the recorded phase centre."
     blocks = _time_blocks(plan)
-    n_times_read = len(reader.time_start_gps_s)
     jobs = [(b, c) for b in range(len(blocks)) for c in range(n_coarse)]
 
     description = OutputDescription(
@@ -777,7 +803,7 @@ def preprocess(
                             len(jobs),
                             f"coarse channel {plan.coarse_chans[coarse_index]}, "
                             # The files' integrations, not the padding of the last block.
-                            f"integrations {block.start}-{min(block.stop, n_times_read) - 1}",
+                            f"integrations {block.start}-{min(block.stop, plan.n_times) - 1}",
                         )
         # Every output finished before any is published: a failure while finishing one
         # (a full disk, a stop signal) then publishes none.
