@@ -208,9 +208,15 @@ def test_an_operator_schedules_observations_the_telescope_records_and_triggerbuf
     # goes on capturing for 16 s as an observation of its own: both reach the archive.
     capture_obsid = dump["obsid_list"][-1]
     assert dump["obsid_list"] == [start + 8, capture_obsid]
-    assert observe_due(session_factory, settings, now=capture_obsid + 17, limit=10) == [
-        capture_obsid
-    ]
+    with session_factory() as session:
+        capture = session.get(Observation, capture_obsid)
+        assert capture is not None
+        capture_end = capture.stoptime
+    # Recorded once a dump that read the clock while it ran can no longer extend it.
+    assert observe_due(session_factory, settings, now=capture_end + DUMP_SETTLE_S - 1,
+                       limit=10) == []  # fmt: skip
+    assert observe_due(session_factory, settings, now=capture_end + DUMP_SETTLE_S,
+                       limit=10) == [capture_obsid]  # fmt: skip
     # The buffering observation once the buffer can reach it no more (later dumps could),
     # and a dump that read the clock just before then has been committed.
     reach_end = capture_obsid + settings.trigger_buffer_s + DUMP_SETTLE_S

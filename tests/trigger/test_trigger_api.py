@@ -975,6 +975,7 @@ def test_a_dump_during_a_dump_capture_continues_that_capture(
             assert again["obsid_list"] == [buffering, capture]
             assert _captures(session) == [(capture, stop)]
             assert service.vcs_free_s(session, settings, capture + 40) == free  # nothing new
+            assert again["clear"]["command"] == "" and again["clear"]["retcode"] is None
 
         # Ending after it: the capture is extended, never cut and replaced.
         pretend = _buffer_call(session, settings, capture + 12.5, obstime=120, pretend="1")
@@ -990,6 +991,23 @@ def test_a_dump_during_a_dump_capture_continues_that_capture(
         assert service.vcs_free_s(session, settings, capture + 40) == pytest.approx(
             free - (new_stop - stop), abs=1
         )
+
+        # Another project's dump meanwhile does not put its data under this capture's project:
+        # its own capture starts where this one stops (it holds the seconds before).
+        raw = {"project_id": "D0009", "secure_key": KEYS["D0009"], "pretend": "0", "obstime": 160}
+        other = service.trigger_buffer(session, settings, raw, now=capture + 20.5)
+        assert other["success"] is True, other["errors"]
+        other_stop = 1_450_325_008  # capture + 20.5 + 160, up to a whole 8 s
+        assert _captures(session) == [(capture, new_stop), (new_stop, other_stop)]
+        assert other["obsid_list"] == [buffering, capture, new_stop]
+        owners = {
+            row.obsid: row.project_id
+            for row in session.execute(
+                select(Observation.obsid, Observation.project_id)
+                .where(Observation.mode == "VOLTAGE_BUFFER")
+            )
+        }  # fmt: skip
+        assert owners == {capture: "G0055", new_stop: "D0009"}
 
 
 # -- the sweet spot a triggered observation points at ---------------------------------------------

@@ -9,7 +9,8 @@ voltage capture is 41 MB per tile, coarse channel and 8 s): those are left
 unrecorded, and said so once. A buffering observation (MWAX_BUFFER) holds only what
 ``triggerbuffer`` dumped from the buffer: it is recorded, as the sub-files its dumps
 saved, once the buffer can reach it no more (``trigger_buffer_s`` after it ended, and
-``DUMP_SETTLE_S`` more); one never dumped has nothing to record.
+``DUMP_SETTLE_S`` more); one never dumped has nothing to record. A dump's capture into
+the future is recorded ``DUMP_SETTLE_S`` after it ends (a dump may still extend it).
 """
 
 from __future__ import annotations
@@ -36,27 +37,33 @@ from observatory.trigger.service import buffer_dumps
 
 log = logging.getLogger(__name__)
 
-#: Modes the simulated telescope records.
-RECORDED_MODES = ("MWAX_CORRELATOR", *sorted(VOLTAGE_MODES))
-#: How long after the buffer loses an observation a dump of it may still be committed: a
-#: ``triggerbuffer`` call reads the clock before it waits for the schedule's lock, and a
-#: buffering observation recorded before its dump's commit would miss that dump for good.
+#: Modes the simulated telescope records as soon as they end.
+CORRELATOR_AND_VCS = ("MWAX_CORRELATOR", "MWAX_VCS")
+#: A buffer dump's capture into the future (recorded ``DUMP_SETTLE_S`` after it ends).
+CAPTURE_MODE = "VOLTAGE_BUFFER"
+#: How long after the buffer loses an observation (or a dump's capture ends) a dump of it
+#: may still be committed: a ``triggerbuffer`` call reads the clock before it waits for the
+#: schedule's lock, and an observation recorded before its dump's commit would miss that
+#: dump (or a capture that dump extends) for good.
 DUMP_SETTLE_S = 30.0
 #: Per database: observations this process will not try (again): too large, or failed once.
 _SKIPPED: dict[str, set[int]] = defaultdict(set)
 
 
 def due_observations(
-    session: Session, now: float, limit: int, buffer_s: float = 0.0
+    session: Session, now: float, limit: int, buffer_s: float = 0.0, settle_s: float = 0.0
 ) -> list[Observation]:
     """Observations a trigger or an operator scheduled that have ended and have no files,
     oldest first (what the telescope records). A buffering observation is due only
-    ``buffer_s`` after it ended: until then a dump may still save part of it."""
+    ``buffer_s`` after it ended: until then a dump may still save part of it. A dump's
+    capture (VOLTAGE_BUFFER) is due ``settle_s`` after it ended: a dump that read the clock
+    while it ran may still extend it."""
     return list(session.scalars(
         select(Observation)
         .where(
             or_(
-                and_(Observation.stoptime <= int(now), Observation.mode.in_(RECORDED_MODES)),
+                and_(Observation.stoptime <= int(now), Observation.mode.in_(CORRELATOR_AND_VCS)),
+                and_(Observation.stoptime <= int(now - settle_s), Observation.mode == CAPTURE_MODE),
                 and_(Observation.stoptime <= int(now - buffer_s), Observation.mode == BUFFER_MODE),
             ),
             Observation.deleted.is_(False),
@@ -83,12 +90,15 @@ def observe_due(
     now = now_gps() if now is None else now
     skipped = _SKIPPED[settings.resolved_database_url]
     buffer_s = settings.trigger_buffer_s + DUMP_SETTLE_S
+    settle_s = DUMP_SETTLE_S
     with session_factory() as session:
         due: list[tuple[int, list[int] | None]] = []
         dumps: dict[int, list[tuple[float, float]]] | None = None
         # Room for many skipped ones: after a restart, every buffering observation never
         # dumped is looked at once more, and must not hold the newer ones back a pass each.
-        for observation in due_observations(session, now, limit + len(skipped) + 200, buffer_s):
+        for observation in due_observations(
+            session, now, limit + len(skipped) + 200, buffer_s, settle_s
+        ):
             if observation.obsid in skipped:
                 continue
             subobs = None

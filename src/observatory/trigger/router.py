@@ -151,7 +151,10 @@ async def _answer(
 
 @_endpoint("/busy")
 async def busy(request: Request, params: ParamsDep) -> Response:
-    """``true`` if ``project_id`` may not override the schedule between now and now + obstime."""
+    """``true`` if a trigger by ``project_id`` now, observing for ``obstime`` s, would be refused
+    by the override rules (judged over the window it would clear: from its first start, for
+    obstime rounded up to 8 s); always ``true`` for a project that cannot trigger, unless
+    nothing is scheduled then."""
     if not present(params, "project_id"):
         raise BadRequest("project_id is required")
     try:

@@ -995,7 +995,10 @@ def _clear_report(
 ) -> dict[str, Any]:
     """What clearing [start, end) does; ``continued``: a buffer dump's capture that goes on
     (instead of a new one), and the stop it is to have."""
-    command = f"clear_schedule.py --starttime={start} --stoptime={end} --force"
+    # Nothing to clear (a dump ending within the capture it continues): no command run.
+    command = (
+        f"clear_schedule.py --starttime={start} --stoptime={end} --force" if end > start else ""
+    )
     lines = []
     if continued is not None:
         capture, stop = continued
@@ -1012,8 +1015,8 @@ def _clear_report(
         stdout = "Pretending: command not run\n" + stdout.replace(
             "Truncated", "Would truncate"
         ).replace("Deleted", "Would delete").replace("Extended", "Would extend")
-    return {"command": command, "commands": command, "retcode": 0, "stdout": stdout,
-            "stderr": "Pretending: command not run" if request.pretend else ""}  # fmt: skip
+    return {"command": command, "commands": command, "retcode": 0 if command else None,
+            "stdout": stdout, "stderr": "Pretending: command not run" if request.pretend else ""}  # fmt: skip
 
 
 def _schedule_report(
@@ -1310,10 +1313,14 @@ def trigger_buffer(
             .where(ScheduleLock.id == 1)
             .values(changes=ScheduleLock.changes + 1)
         )
-    # An earlier dump's capture still running at the new start goes on to the later end: it
-    # is the same capture (never cut, so never refused as an interruption), under its obsid.
-    capture = _dump_capture_at(session, new_start) if into_future else None
-    clear_from = new_start if capture is None else max(new_start, capture.stoptime)
+    # An earlier dump's capture still running at the new start is never cut (nor refused as
+    # an interruption). One of the same project goes on to the later end: the same capture,
+    # under its obsid. Another project's keeps its data: this one's capture starts after it.
+    ongoing = _dump_capture_at(session, new_start) if into_future else None
+    capture = ongoing if ongoing is not None and ongoing.project_id == request.project_id else None
+    clear_from = new_start if ongoing is None else max(new_start, ongoing.stoptime)
+    # A capture of its own from clear_from, when it is not continuing one and goes beyond it.
+    new_capture = into_future and capture is None and new_stop > clear_from
     running, inside = (
         schedule_window(session, clear_from, new_stop)
         if into_future and new_stop > clear_from
@@ -1329,8 +1336,10 @@ def trigger_buffer(
         if null
         else [o.obsid for o in overlapping(session, capture_start, min(capture_end, new_start))]
     )
-    capture_obsid = new_start if capture is None else capture.obsid
-    obsids = past + ([capture_obsid] if into_future and capture_obsid not in past else [])
+    capture_obsid = capture.obsid if capture is not None else clear_from if new_capture else None
+    obsids = past + (
+        [capture_obsid] if capture_obsid is not None and capture_obsid not in past else []
+    )
     if not obsids:
         obsids = [source.obsid]  # nothing captured (the null operation): the settings' observation
     continued = None if capture is None else (capture, new_stop)
@@ -1341,7 +1350,7 @@ def trigger_buffer(
             session.execute(
                 update(Observation)
                 .where(Observation.obsid == running.obsid)
-                .values(stoptime=new_start)
+                .values(stoptime=clear_from)
             )
         if inside:
             session.execute(
@@ -1351,15 +1360,15 @@ def trigger_buffer(
                 delete(Observation).where(Observation.obsid.in_([o.obsid for o in inside]))
             )
         session.flush()
-        if capture is None:
+        if new_capture:
             inherited = {c.key: getattr(source, c.key) for c in Observation.__table__.columns}
-            inherited |= {"obsid": new_start, "stoptime": new_stop, "mode": "VOLTAGE_BUFFER",
+            inherited |= {"obsid": clear_from, "stoptime": new_stop, "mode": "VOLTAGE_BUFFER",
                           "obsname": buffer_dump_name(source.obsname), "creator": "triggerbuffer",
                           "project_id": request.project_id, "groupid": source.groupid or source.obsid,
                           "interruptible": True, "deleted": False, "created_by": "trigger",
                           "created_at": datetime.now(UTC)}  # fmt: skip
             session.execute(_OBSERVATIONS.insert(), [inherited])
-        elif new_stop > capture.stoptime:
+        elif capture is not None and new_stop > capture.stoptime:
             session.execute(
                 update(Observation)
                 .where(Observation.obsid == capture.obsid)
@@ -1455,15 +1464,16 @@ def _buffering(
 
 
 def _dump_capture_at(session: Session, when: int) -> Any | None:
-    """A buffer dump's capture (``VOLTAGE_BUFFER``) running at ``when``, or ending just then;
-    else None. A later dump continues it rather than cutting it and starting another."""
+    """A buffer dump's capture (``VOLTAGE_BUFFER``) running at ``when`` (not ending then),
+    else None: a later dump continues it, or starts after it, rather than cutting it."""
     latest = session.execute(
         select(*_SCHEDULE_COLUMNS)
         .where(Observation.obsid <= when, _live())
         .order_by(Observation.obsid.desc())
         .limit(1)
     ).first()
-    if latest is None or latest.mode != "VOLTAGE_BUFFER" or latest.stoptime < when:
+    # Strictly running: one ending at ``when`` may be recorded before this dump commits.
+    if latest is None or latest.mode != "VOLTAGE_BUFFER" or latest.stoptime <= when:
         return None
     return latest
 
