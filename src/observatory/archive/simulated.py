@@ -21,6 +21,7 @@ from observatory.telescope.instrument import (
     VCS_SUBFILE_HEADER_BYTES,
     array_tiles,
     subarray_tiles,
+    sweet_grid_number,
     tile_layout,
 )
 from observatory.telescope.simulator import PointSource, simulate_observation
@@ -183,13 +184,10 @@ def observe_scheduled(
 def _grid_point(observation: Observation) -> tuple[str, int]:
     """The metafits ``GRIDNAME`` and ``GRIDNUM`` of a scheduled observation: the ``sweet``
     grid point its delays are (as the MWA's metafits name it), else the simulator's none."""
-    from observatory.trigger.pointing import sweet_grid
-
     if observation.subarray_pointings or len(observation.delays or ()) != 16:
         return ("sim", 0)
-    grid = sweet_grid()
-    found = np.flatnonzero((grid.delays == np.asarray(observation.delays)).all(axis=1))
-    return ("sweet", int(grid.number[found[0]])) if len(found) else ("sim", 0)
+    number = sweet_grid_number(observation.delays)
+    return ("sim", 0) if number is None else ("sweet", number)
 
 
 def _scheduled_delays(observation: Observation, n_tiles: int) -> NDArray[np.int64] | None:

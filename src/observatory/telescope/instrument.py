@@ -515,6 +515,81 @@ def beamformer_delays(az_deg: float, alt_deg: float) -> tuple[int, ...]:
     return tuple(int(s) for s in steps)
 
 
+# -- the sweet-spot grid --------------------------------------------------------------------
+# MWA beams point at "sweet spots": directions where whole 435 ps delay steps cancel the
+# geometric path exactly. They are the integer delay gradients (dx, dy), in steps per dipole
+# spacing east and south, with dx^2 + dy^2 <= 65 (elevation above about 17 deg) and
+# |dx| + |dy| <= 10 (every delay within 0..30), numbered by elevation (descending) then
+# azimuth: the 197 points of the MWA's ``sweet`` grid (specs/trigger.md section 3.1;
+# checked against the real table in the tests). The scheduler points triggers at them, and
+# metafits name them (``GRIDNAME``, ``GRIDNUM``).
+
+#: sin(zenith angle) per delay step of gradient.
+_STEP_SIN = DIPOLE_DELAY_STEP_S * SPEED_OF_LIGHT_M_S / DIPOLE_SEPARATION_M
+_COL = np.tile(np.arange(4), 4)
+_ROW = np.repeat(np.arange(4), 4)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The sweet-spot pointings: ``number``, ``az_deg``, ``el_deg`` and ``delays`` (n x 16)."""
+
+    number: NDArray[np.int64]
+    az_deg: NDArray[np.float64]
+    el_deg: NDArray[np.float64]
+    delays: NDArray[np.int64]
+
+    @property
+    def unit_vectors(self) -> NDArray[np.float64]:
+        """East, north, up unit vectors of the pointings (n x 3)."""
+        return _grid_unit_vectors()
+
+
+@cache
+def sweet_grid() -> Grid:
+    """The MWA's 197 ``sweet`` grid pointings, numbered as the MWA numbers them."""
+    gradients = [
+        (dx, dy)
+        for dx in range(-10, 11)
+        for dy in range(-10, 11)
+        if dx * dx + dy * dy <= 65 and abs(dx) + abs(dy) <= 10
+    ]
+    dx, dy = np.array(gradients).T
+    east, north = dx * _STEP_SIN, -dy * _STEP_SIN
+    az_deg = np.degrees(np.arctan2(east, north)) % 360.0
+    az_deg[(dx == 0) & (dy == 0)] = 0.0
+    el_deg = np.degrees(np.arccos(np.hypot(east, north)))
+    delays = dx[:, None] * _COL + dy[:, None] * _ROW
+    delays -= delays.min(axis=1, keepdims=True)
+    order = np.lexsort((np.round(az_deg, 6), -np.round(el_deg, 6)))
+    return Grid(np.arange(len(order)), az_deg[order], el_deg[order], delays[order])
+
+
+@cache
+def _grid_unit_vectors() -> NDArray[np.float64]:
+    grid = sweet_grid()
+    vectors = azel_to_enu(grid.az_deg, grid.el_deg)
+    vectors.setflags(write=False)
+    return vectors
+
+
+def azel_to_enu(
+    az_deg: NDArray[np.float64] | float, el_deg: NDArray[np.float64] | float
+) -> NDArray[np.float64]:
+    """East-north-up unit vectors (... x 3) of directions (azimuth from north through east)."""
+    az, el = np.radians(az_deg), np.radians(el_deg)
+    return np.stack(
+        [np.cos(el) * np.sin(az), np.cos(el) * np.cos(az), np.sin(el) * np.ones_like(az)], axis=-1
+    )
+
+
+def sweet_grid_number(delays: Sequence[int]) -> int | None:
+    """The ``sweet`` grid point whose 16 dipole delays these are; None for none."""
+    grid = sweet_grid()
+    found = np.flatnonzero((grid.delays == np.asarray(delays)).all(axis=1))
+    return int(grid.number[found[0]]) if len(found) else None
+
+
 def receivers_of(tiles: Sequence[Tile]) -> tuple[int, ...]:
     """Receiver numbers used by ``tiles`` (metafits ``RECVRS``), ascending."""
     return tuple(sorted({t.rx for t in tiles}))

@@ -1,12 +1,7 @@
 """Where triggered observations point: the sweet-spot grid, the tile beam, the Sun, calibrators.
 
-MWA beams point at "sweet spots": directions where whole 435 ps delay steps
-cancel the geometric path exactly. They are the integer delay gradients
-(dx, dy), in steps per dipole spacing east and south, with dx^2 + dy^2 <= 65
-(elevation above about 17 deg) and |dx| + |dy| <= 10 (every delay within 0..30),
-numbered by elevation (descending) then azimuth: the 197 points of the MWA's
-``sweet`` grid (specs/trigger.md section 3.1; checked against the real table in
-the tests).
+MWA beams point at "sweet spots", the 197 points of the MWA's ``sweet`` grid
+(:func:`observatory.telescope.instrument.sweet_grid`).
 
 The beam is mwa-hyperbeam's analytic tile beam. Its dipole rows run south to
 north, the reverse of the M&C order of metafits ``DELAYS`` (row 0 north), so
@@ -29,72 +24,11 @@ from numpy.typing import NDArray
 
 from observatory.core.gpstime import gps_to_unix
 from observatory.telescope.catalogue import Source, calibrators
-from observatory.telescope.instrument import (
-    DIPOLE_DELAY_STEP_S,
-    DIPOLE_SEPARATION_M,
-    SPEED_OF_LIGHT_M_S,
-)
+from observatory.telescope.instrument import azel_to_enu, sweet_grid
 from observatory.telescope.site import MWA_LATITUDE_DEG, MWA_LONGITUDE_DEG, ensure_astropy_offline
 
-#: sin(zenith angle) per delay step of gradient.
-_STEP_SIN = DIPOLE_DELAY_STEP_S * SPEED_OF_LIGHT_M_S / DIPOLE_SEPARATION_M
-_COL = np.tile(np.arange(4), 4)
-_ROW = np.repeat(np.arange(4), 4)
 #: Solar-system bodies a ``source`` may name (positions from astropy's built-in ephemeris).
 BODIES = ("sun", "moon", "mercury", "venus", "mars", "jupiter", "saturn", "uranus", "neptune")
-
-
-@dataclass(frozen=True)
-class Grid:
-    """The sweet-spot pointings: ``number``, ``az_deg``, ``el_deg`` and ``delays`` (n x 16)."""
-
-    number: NDArray[np.int64]
-    az_deg: NDArray[np.float64]
-    el_deg: NDArray[np.float64]
-    delays: NDArray[np.int64]
-
-    @property
-    def unit_vectors(self) -> NDArray[np.float64]:
-        """East, north, up unit vectors of the pointings (n x 3)."""
-        return _grid_unit_vectors()
-
-
-@cache
-def sweet_grid() -> Grid:
-    """The MWA's 197 ``sweet`` grid pointings, numbered as the MWA numbers them."""
-    gradients = [
-        (dx, dy)
-        for dx in range(-10, 11)
-        for dy in range(-10, 11)
-        if dx * dx + dy * dy <= 65 and abs(dx) + abs(dy) <= 10
-    ]
-    dx, dy = np.array(gradients).T
-    east, north = dx * _STEP_SIN, -dy * _STEP_SIN
-    az_deg = np.degrees(np.arctan2(east, north)) % 360.0
-    az_deg[(dx == 0) & (dy == 0)] = 0.0
-    el_deg = np.degrees(np.arccos(np.hypot(east, north)))
-    delays = dx[:, None] * _COL + dy[:, None] * _ROW
-    delays -= delays.min(axis=1, keepdims=True)
-    order = np.lexsort((np.round(az_deg, 6), -np.round(el_deg, 6)))
-    return Grid(np.arange(len(order)), az_deg[order], el_deg[order], delays[order])
-
-
-@cache
-def _grid_unit_vectors() -> NDArray[np.float64]:
-    grid = sweet_grid()
-    vectors = azel_to_enu(grid.az_deg, grid.el_deg)
-    vectors.setflags(write=False)
-    return vectors
-
-
-def azel_to_enu(
-    az_deg: NDArray[np.float64] | float, el_deg: NDArray[np.float64] | float
-) -> NDArray[np.float64]:
-    """East-north-up unit vectors (... x 3) of directions (azimuth from north through east)."""
-    az, el = np.radians(az_deg), np.radians(el_deg)
-    return np.stack(
-        [np.cos(el) * np.sin(az), np.cos(el) * np.cos(az), np.sin(el) * np.ones_like(az)], axis=-1
-    )
 
 
 def nearest_grid_point(az_deg: float, el_deg: float) -> int:
@@ -106,7 +40,7 @@ def nearest_grid_points(
     az_deg: NDArray[np.float64], el_deg: NDArray[np.float64]
 ) -> NDArray[np.int64]:
     """Indices (in ``sweet_grid()``) of the pointings closest to many directions."""
-    return np.argmax(azel_to_enu(az_deg, el_deg) @ _grid_unit_vectors().T, axis=1)
+    return np.argmax(azel_to_enu(az_deg, el_deg) @ sweet_grid().unit_vectors.T, axis=1)
 
 
 def beam_power(
