@@ -52,20 +52,27 @@ def _settings(
     if not settings.data_dir.exists() and not makes_one:
         # Run from the wrong directory, a command would otherwise work on a new, empty
         # installation (a user created there, "observation does not exist") without a word.
-        config_file = os.environ.get("OBSERVATORY_CONFIG")
-        where = (
-            "--data-dir" if given else
-            "OBSERVATORY_DATA_DIR" if os.environ.get("OBSERVATORY_DATA_DIR") else
-            f"data_dir in {config_file}"
-            if config_file and settings.data_dir != Settings.model_fields["data_dir"].default else
-            "./observatory-data, the current directory's: run where the installation is, or "
-            "give --data-dir or OBSERVATORY_DATA_DIR"
-        )  # fmt: skip
-        place = f"no installation at {settings.data_dir.resolve()} (from {where})"
+        source = _data_dir_source(given, settings)
+        place = f"no installation at {settings.data_dir.resolve()} (from {source})"
         if read_only and not settings.database_url:
             raise ValueError(f"{place}: nothing to read")
         err_console.print(f"note: {place}: making a new, empty one", highlight=False)
     return settings
+
+
+def _data_dir_source(given: Path | None, settings: Settings) -> str:
+    """Where ``settings.data_dir`` came from, for the no-installation message."""
+    config_file = os.environ.get("OBSERVATORY_CONFIG")
+    if given:
+        return "--data-dir"
+    if os.environ.get("OBSERVATORY_DATA_DIR"):
+        return "OBSERVATORY_DATA_DIR"
+    if config_file and settings.data_dir != Settings.model_fields["data_dir"].default:
+        return f"data_dir in {config_file}"
+    return (
+        "./observatory-data, the current directory's: run where the installation is, or "
+        "give --data-dir or OBSERVATORY_DATA_DIR"
+    )
 
 
 def _session_factory(settings: Settings) -> sessionmaker[Session]:
@@ -791,7 +798,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--metafits", type=Path, help="the observation's metafits")
     convert.add_argument("--obsid", type=int, help="convert this archived observation instead")
     convert.add_argument(
-        "--out", type=Path, required=True, help="OUT.uvfits (or .uvf, .fits), OUT.ms, or a stem with --output both"
+        "--out",
+        type=Path,
+        required=True,
+        help="OUT.uvfits (or .uvf, .fits), OUT.ms, or a stem with --output both",
     )
     convert.add_argument(
         "--solutions", type=Path, help="apply these DI solutions (AO-cal .bin or hyperdrive FITS)"

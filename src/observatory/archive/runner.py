@@ -90,14 +90,13 @@ def observe_due(
     now = now_gps() if now is None else now
     skipped = _SKIPPED[settings.resolved_database_url]
     buffer_s = settings.trigger_buffer_s + DUMP_SETTLE_S
-    settle_s = DUMP_SETTLE_S
     with session_factory() as session:
         due: list[tuple[int, list[int] | None]] = []
         dumps: dict[int, list[tuple[float, float]]] | None = None
         # Room for many skipped ones: after a restart, every buffering observation never
         # dumped is looked at once more, and must not hold the newer ones back a pass each.
         for observation in due_observations(
-            session, now, limit + len(skipped) + 200, buffer_s, settle_s
+            session, now, limit + len(skipped) + 200, buffer_s, DUMP_SETTLE_S
         ):
             if observation.obsid in skipped:
                 continue
