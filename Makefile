@@ -18,7 +18,7 @@ demo: $(STAMP)
 # pytest exits 5 when it collected no tests: that must fail too, and it does (make stops on any non-zero exit).
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/pytest -q -m "not slow" -p no:cacheprovider
+	$(BIN)/pytest -q -m "not slow" -p no:cacheprovider --numprocesses auto --maxprocesses 4
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import socket
 import ssl
@@ -25,10 +26,23 @@ BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on now.
+
+    Taken below the kernel's ephemeral range (32768 up), so no outgoing connection is
+    given it meanwhile; under pytest-xdist each worker draws from its own slice of
+    20000-31999, so two workers never probe the same port.
+    """
+    worker_number = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    slice_size = 12000 // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    first = 20000 + worker_number * slice_size
+    while True:
+        port = random.randrange(first, first + slice_size)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # taken: draw again
+                continue
+        return port
 
 
 class Process:

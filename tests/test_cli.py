@@ -206,14 +206,13 @@ def test_simulate_observation_registers_it(
 
 
 def test_demo_seeds_and_serves(tmp_path: Path) -> None:
-    import socket
     import time
 
     import httpx
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from servers import free_port
+
+    port = free_port()
     script = Path(sys.executable).parent / "observatory"
     process = subprocess.Popen(
         [str(script), "--data-dir", str(tmp_path / "demo"), "demo", "--port", str(port)],

@@ -31,6 +31,7 @@ from observatory.core.config import Settings
 from observatory.core.database import make_engine
 from observatory.core.observability import check_readiness
 from observatory.core.storage import Storage
+from servers import free_port
 
 #: Long enough for anything bounded here; a hang is anything longer.
 HANG_GUARD_S = 60
@@ -71,12 +72,6 @@ def silent_server() -> Iterator[SilentServer]:
     server = SilentServer()
     yield server
     server.close()
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def postgres_url(port: int, password: str = "S3cretPW") -> str:
@@ -200,7 +195,7 @@ def test_readyz_does_not_hang_on_a_database_that_never_answers(
 def test_readyz_names_a_refused_database(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
-    app = create_app(Settings(data_dir=data, database_url=postgres_url(closed_port())))
+    app = create_app(Settings(data_dir=data, database_url=postgres_url(free_port())))
     with TestClient(app) as client:
         reply = bounded(client.get, "/readyz")
     assert reply.status_code == 503
@@ -319,7 +314,7 @@ def one_error_line(capsys: Any) -> str:
 def test_refused_connection_is_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
-    port = closed_port()
+    port = free_port()
     monkeypatch.setenv("OBSERVATORY_DATABASE_URL", postgres_url(port))
     assert bounded(run_cli, "--data-dir", str(tmp_path), "db", "upgrade") == 2
     line = one_error_line(capsys)

@@ -64,6 +64,13 @@ def job_task_key(job_id: int, generation: int = 0) -> str:
     return f"asvo-job-{job_id}-{generation}"
 
 
+#: The dispatcher lock's advisory key: one per database and schema.
+_DISPATCHER_KEY = (
+    "hashtextextended('observatory.asvo.dispatcher:' || current_database() || ':' "
+    "|| current_schema(), 0)"
+)
+
+
 class DispatcherLock:
     """Only one dispatcher per database.
 
@@ -139,10 +146,7 @@ class DispatcherLock:
         connection = self._engine.connect()
         try:
             got = connection.execute(
-                text(
-                    "SELECT pg_try_advisory_lock(hashtextextended("
-                    "'observatory.asvo.dispatcher:' || current_database() || ':' || current_schema(), 0))"
-                )
+                text(f"SELECT pg_try_advisory_lock({_DISPATCHER_KEY})")
             ).scalar_one()
             connection.commit()  # the lock is the session's, not the transaction's
         except Exception:
@@ -168,6 +172,15 @@ class DispatcherLock:
 
     def release(self) -> None:
         """Free the lock (and its connection or file)."""
+        if self._connection is not None:
+            # Unlocked before the connection closes: the server frees a closed connection's
+            # locks only once its backend has ended, which a dispatcher taking over at once
+            # could find still running.
+            try:
+                self._connection.execute(text(f"SELECT pg_advisory_unlock({_DISPATCHER_KEY})"))
+                self._connection.commit()
+            except Exception:  # the connection broke: its end frees the lock
+                pass
         self._drop_connection()
         if self._engine is not None:
             self._engine.dispose()
