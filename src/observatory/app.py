@@ -44,6 +44,7 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool = False) -> F
             from observatory.archive.runner import TelescopeRunner
             from observatory.asvo.dispatcher import Dispatcher
             from observatory.calib.requests import CallbackSender
+            from observatory.trigger.service import buffer_dumps
 
             dispatcher = Dispatcher(settings, session_factory)
             dispatcher.start()
@@ -51,7 +52,7 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool = False) -> F
             callbacks = CallbackSender(settings, session_factory)
             callbacks.start()
             if settings.telescope_runner:
-                telescope = TelescopeRunner(settings, session_factory)
+                telescope = TelescopeRunner(settings, session_factory, buffer_dumps)
                 telescope.start()
         try:
             yield

@@ -339,15 +339,11 @@ PREPROCESS_SWITCHES = {
 }
 
 
-#: Set by an ASVO job for the conversion it starts: the process that waits for it.
-PARENT_PID_VARIABLE = "OBSERVATORY_CONVERSION_PARENT_PID"
-
-
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from observatory.preprocess.engine import OUTPUT_SUFFIXES, preprocess
-    from observatory.preprocess.options import ConversionOptions
+    from observatory.preprocess.options import PARENT_PID_VARIABLE, ConversionOptions
     from observatory.preprocess.reader import ReadError
 
     params: dict[str, object] = {}

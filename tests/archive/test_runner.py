@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -12,14 +13,16 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from observatory.app import create_app
+from observatory.archive import runner
 from observatory.archive.models import FileKind, Observation
-from observatory.archive.runner import DUMP_SETTLE_S, observe_due
+from observatory.archive.runner import DUMP_SETTLE_S
 from observatory.archive.service import schedule_observation
 from observatory.core.accounts import create_project, create_user
 from observatory.core.config import Settings
 from observatory.telescope import instrument
 from observatory.trigger import pointing, service
 
+observe_due = partial(runner.observe_due, buffer_dumps=service.buffer_dumps)
 NOON = 1_450_324_818  # a fixed time, so the pointing is the same on every run
 
 

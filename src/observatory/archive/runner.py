@@ -11,6 +11,8 @@ unrecorded, and said so once. A buffering observation (MWAX_BUFFER) holds only w
 saved, once the buffer can reach it no more (``trigger_buffer_s`` after it ended, and
 ``DUMP_SETTLE_S`` more); one never dumped has nothing to record. A dump's capture into
 the future is recorded ``DUMP_SETTLE_S`` after it ends (a dump may still extend it).
+What the dumps saved is read through ``buffer_dumps``, the trigger service's reader
+that the app hands in: the archive does not depend on the trigger domain.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
 
 from sqlalchemy import and_, exists, or_, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -33,7 +36,6 @@ from observatory.archive.simulated import (
 )
 from observatory.core.config import Settings
 from observatory.core.gpstime import now_gps
-from observatory.trigger.service import buffer_dumps
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,10 @@ CAPTURE_MODE = "VOLTAGE_BUFFER"
 DUMP_SETTLE_S = 30.0
 #: Per database: observations this process will not try (again): too large, or failed once.
 _SKIPPED: dict[str, set[int]] = defaultdict(set)
+
+#: Reads what ``triggerbuffer`` calls saved: for each observation dumped, the spans (GPS
+#: seconds, start and end) its dumps captured (``trigger.service.buffer_dumps``).
+DumpReader = Callable[[Session], Mapping[int, Sequence[tuple[float, float]]]]
 
 
 def due_observations(
@@ -79,20 +85,22 @@ def observe_due(
     session_factory: sessionmaker[Session],
     settings: Settings,
     *,
+    buffer_dumps: DumpReader,
     now: float | None = None,
     limit: int = 1,
 ) -> list[int]:
     """Record up to ``limit`` ended observations; returns their obsids.
 
     Each is simulated and registered in a transaction of its own; one that fails
-    is logged and not tried again by this process.
+    is logged and not tried again by this process. ``buffer_dumps`` says what was
+    dumped of buffering observations.
     """
     now = now_gps() if now is None else now
     skipped = _SKIPPED[settings.resolved_database_url]
     buffer_s = settings.trigger_buffer_s + DUMP_SETTLE_S
     with session_factory() as session:
         due: list[tuple[int, list[int] | None]] = []
-        dumps: dict[int, list[tuple[float, float]]] | None = None
+        dumps: Mapping[int, Sequence[tuple[float, float]]] | None = None
         # Room for many skipped ones: after a restart, every buffering observation never
         # dumped is looked at once more, and must not hold the newer ones back a pass each.
         for observation in due_observations(
@@ -140,10 +148,16 @@ class TelescopeRunner:
     """A background thread that calls ``observe_due`` every ``poll_s`` seconds."""
 
     def __init__(
-        self, settings: Settings, session_factory: sessionmaker[Session], *, poll_s: float = 5.0
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        buffer_dumps: DumpReader,
+        *,
+        poll_s: float = 5.0,
     ) -> None:
         self._settings = settings
         self._session_factory = session_factory
+        self._buffer_dumps = buffer_dumps
         self._poll_s = poll_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="telescope", daemon=True)
@@ -162,7 +176,10 @@ class TelescopeRunner:
         while not self._stop.wait(self._poll_s):
             try:
                 while (
-                    observe_due(self._session_factory, self._settings) and not self._stop.is_set()
+                    observe_due(
+                        self._session_factory, self._settings, buffer_dumps=self._buffer_dumps
+                    )
+                    and not self._stop.is_set()
                 ):
                     pass
             except Exception:  # the database may be away for a moment: try again later

@@ -268,7 +268,7 @@ def _convert(
     which it handles by removing its partial output.
     """
     from observatory.calib.formats import write_aocal, write_hyperdrive
-    from observatory.preprocess.options import ConversionOptions
+    from observatory.preprocess.options import PARENT_PID_VARIABLE, ConversionOptions
 
     options = ConversionOptions.from_params(job.params)
     solutions = _calibration_solutions(settings, job, tracker) if options.apply_di_cal else None
@@ -293,8 +293,6 @@ def _convert(
         command += ["--solutions", str(path)]
     errors = work_dir / "preprocess.stderr"
     with open(errors, "w+b") as stderr:
-        from observatory.cli import PARENT_PID_VARIABLE
-
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, cwd=work_dir,
             env={**os.environ, PARENT_PID_VARIABLE: str(os.getpid())},  # it dies with us
