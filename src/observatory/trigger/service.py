@@ -671,7 +671,19 @@ _OBSERVATIONS = cast(Table, Observation.__table__)
 _SCHEDULE_COLUMNS = (
     Observation.obsid, Observation.stoptime, Observation.obsname, Observation.creator,
     Observation.project_id, Observation.mode, Observation.groupid, Observation.interruptible,
+    Observation.coarse_chans,
 )  # fmt: skip
+
+
+def latest_started(session: Session, when: float) -> Any | None:
+    """The observation in progress at ``when``, or else the last to have started before it
+    (a row of ``_SCHEDULE_COLUMNS``); None when nothing started before ``when``."""
+    return session.execute(
+        select(*_SCHEDULE_COLUMNS)
+        .where(Observation.obsid <= math.floor(when), _live())  # whole seconds: the key's index
+        .order_by(Observation.obsid.desc())
+        .limit(1)
+    ).first()
 
 
 def overlapping(session: Session, since: float, until: float) -> list[Any]:
@@ -776,12 +788,7 @@ def obslist(
     """
     now = now_gps_precise() if now is None else now
     if current:
-        latest = session.execute(
-            select(*_SCHEDULE_COLUMNS)
-            .where(Observation.obsid <= math.floor(now), _live())
-            .order_by(Observation.obsid.desc())
-            .limit(1)
-        ).first()
+        latest = latest_started(session, now)
         found = [latest] if latest is not None else []
     else:
         found = overlapping(session, now, now + obstime_s)
@@ -827,7 +834,13 @@ def full_band_vcs_s(duration_s: float, n_coarse_chans: int) -> float:
     return duration_s * (n_coarse_chans or MAX_COARSE_CHANS) / MAX_COARSE_CHANS
 
 
-def vcs_free_s(session: Session, settings: Settings, now: float | None = None) -> int:
+def vcs_free_s(
+    session: Session,
+    settings: Settings,
+    now: float | None = None,
+    *,
+    dumps: Mapping[int, Sequence[tuple[float, float]]] | None = None,
+) -> int:
     """Seconds of 24-channel voltage capture the VCS disk can still take.
 
     Capacity less what was captured and what is still to capture, each at the full
@@ -836,7 +849,8 @@ def vcs_free_s(session: Session, settings: Settings, now: float | None = None) -
     recorded yet, or too large for the simulated telescope to record), what buffer dumps
     saved of buffering observations not recorded yet, and the voltage observations in
     progress (whole: what one has captured so far is on the disk) or still to run. The
-    archive's own files hold a few tiles and cannot say what the disk holds.
+    archive's own files hold a few tiles and cannot say what the disk holds. ``dumps``:
+    ``buffer_dumps`` already read in this transaction (read here when needed, if not given).
     """
     now = now_gps_precise() if now is None else now
     rate_per_chan = settings.trigger_vcs_bytes_per_s_per_chan
@@ -862,29 +876,26 @@ def vcs_free_s(session: Session, settings: Settings, now: float | None = None) -
             ~exists().where(ObservationFile.obsid == Observation.obsid),
         )
     ).all()  # fmt: skip
-    dumps = buffer_dumps(session) if buffering else {}
+    if dumps is None:
+        dumps = buffer_dumps(session) if buffering else {}
     for obsid, stoptime, chans in buffering:
         # Overlapping dumps save the same seconds once (the telescope records their union).
         saved_s = covered_s(dumps.get(obsid, []), obsid, min(stoptime, now))
         captured_s += full_band_vcs_s(saved_s, len(chans or ()))
-    columns = (Observation.obsid, Observation.stoptime, Observation.coarse_chans, Observation.mode)
-    running = session.execute(
-        select(*columns).where(Observation.obsid <= math.floor(now), _live())
-        .order_by(Observation.obsid.desc()).limit(1)
-    ).first()  # fmt: skip
+    running = latest_started(session, now)
     future = session.execute(  # the (mode, obsid) index
-        select(*columns).where(
+        select(*_SCHEDULE_COLUMNS).where(
             Observation.mode.in_(VCS_MODES), Observation.obsid > math.floor(now), _live()
         )
     )
     to_come = 0.0
     scheduled = [row for row in [running, *future] if row is not None and row.mode in VCS_MODES]
-    for obsid, stoptime, chans, _mode in scheduled:
-        if stoptime <= now:  # ended: charged above, by its files or as unrecorded
+    for row in scheduled:
+        if row.stoptime <= now:  # ended: charged above, by its files or as unrecorded
             continue
         # Whole, the running one too: it has no files until it ends, and what it has
         # captured so far is on the disk already.
-        to_come += full_band_vcs_s(stoptime - obsid, len(chans or ()))
+        to_come += full_band_vcs_s(row.stoptime - row.obsid, len(row.coarse_chans or ()))
     full_band_rate = MAX_COARSE_CHANS * rate_per_chan
     free = settings.trigger_vcs_capacity_bytes - (captured_s + to_come) * full_band_rate
     return max(0, int(free // full_band_rate))
@@ -1260,12 +1271,8 @@ def trigger_buffer(
     project, auth_error = _authenticate_request(session, request)
     if auth_error:
         errors.insert(0, auth_error)
-    source = session.scalars(
-        select(Observation)
-        .where(Observation.obsid <= math.floor(now), _live())
-        .order_by(Observation.obsid.desc())
-        .limit(1)
-    ).first()
+    latest = latest_started(session, now)
+    source = session.get(Observation, latest.obsid) if latest is not None else None
     buffering_since = None
     if source is None:
         errors.append("there is no current or previous observation to take the settings from")
@@ -1293,11 +1300,12 @@ def trigger_buffer(
     # What the dump adds to the disk: the past it saves and its capture into the future (to
     # a whole 8 s), less what earlier dumps saved and captures already scheduled will hold (a
     # dump during another's capture adds only what goes beyond it).
+    dumps = buffer_dumps(session)  # the source is buffering: both below need them
     needed = 0.0 if null else full_band_vcs_s(
-        _unsaved_s(session, capture_start, new_stop if into_future else capture_end),
+        _unsaved_s(session, capture_start, new_stop if into_future else capture_end, dumps),
         len(source.coarse_chans or ()),
     )  # fmt: skip
-    if needed > (free := vcs_free_s(session, settings, now)):
+    if needed > (free := vcs_free_s(session, settings, now, dumps=dumps)):
         errors.append(f"the capture needs {needed:.0f} s of 24-channel capture; the VCS disk has "
                       f"room for {free} s")  # fmt: skip
     if errors:
@@ -1466,29 +1474,29 @@ def _buffering(
 def _dump_capture_at(session: Session, when: int) -> Any | None:
     """A buffer dump's capture (``VOLTAGE_BUFFER``) running at ``when`` (not ending then),
     else None: a later dump continues it, or starts after it, rather than cutting it."""
-    latest = session.execute(
-        select(*_SCHEDULE_COLUMNS)
-        .where(Observation.obsid <= when, _live())
-        .order_by(Observation.obsid.desc())
-        .limit(1)
-    ).first()
+    latest = latest_started(session, when)
     # Strictly running: one ending at ``when`` may be recorded before this dump commits.
     if latest is None or latest.mode != "VOLTAGE_BUFFER" or latest.stoptime <= when:
         return None
     return latest
 
 
-def _unsaved_s(session: Session, since: float, until: float) -> float:
+def _unsaved_s(
+    session: Session,
+    since: float,
+    until: float,
+    dumps: Mapping[int, Sequence[tuple[float, float]]],
+) -> float:
     """Seconds of [since, until) the VCS disk neither holds nor expects yet: not saved by an
-    earlier real dump of a buffering observation, nor within a voltage capture scheduled (an
-    earlier dump's capture among them). What a dump of that span adds to the disk."""
+    earlier real dump (``dumps``, from ``buffer_dumps``) of a buffering observation, nor within
+    a voltage capture scheduled (an earlier dump's capture among them). What a dump of that
+    span adds to the disk."""
     if until <= since:
         return 0.0
     found = overlapping(session, since, until)
     held = [(float(o.obsid), float(o.stoptime)) for o in found if o.mode in VCS_MODES]
     buffering = [o for o in found if o.mode == "MWAX_BUFFER"]
     if buffering:
-        dumps = buffer_dumps(session)
         held += [
             (max(start, o.obsid), min(end, o.stoptime))
             for o in buffering
