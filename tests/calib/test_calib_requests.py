@@ -145,6 +145,45 @@ def test_callback_is_delivered_once_after_a_failing_receiver(
     receiver.server.shutdown()
 
 
+def test_two_servers_on_one_database_send_each_callback_once(
+    client: TestClient, settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """A standby server delivers callbacks too: each attempt goes to one of them only."""
+    import threading
+    import time
+
+    from observatory.calib.requests import add_cal_request
+
+    receiver = CallbackReceiver(failures=0)
+    slow_post = receiver.server.RequestHandlerClass.do_POST  # type: ignore[attr-defined]
+
+    def answer_slowly(handler: object) -> None:
+        time.sleep(0.5)  # the other server reads the pending request meanwhile
+        slow_post(handler)
+
+    receiver.server.RequestHandlerClass.do_POST = answer_slowly  # type: ignore[attr-defined]
+    settings = settings.model_copy(update={"calib_callback_hosts": ["127.0.0.1"]})
+    with session_factory() as session:
+        for _ in range(3):
+            request = add_cal_request(session, settings, TARGET, callback_url=receiver.url)
+            finish_request(session, request, fit_id=1_700_000_000_000_000)
+        session.commit()
+    accepted: list[int] = []
+    servers = [
+        threading.Thread(
+            target=lambda: accepted.append(deliver_callbacks(session_factory, settings))
+        )
+        for _ in range(2)
+    ]
+    for server in servers:
+        server.start()
+    for server in servers:
+        server.join()
+    assert len(receiver.bodies) == 3 and sum(accepted) == 3
+    assert [r.callback_attempts for r in requests_in(session_factory)] == [1, 1, 1]
+    receiver.server.shutdown()
+
+
 def assert_refused(
     client: TestClient,
     session_factory: sessionmaker[Session],

@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 import httpx
-from sqlalchemy import column, func, select, table
+from sqlalchemy import column, func, select, table, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.expression import Exists
@@ -419,6 +419,10 @@ def deliver_callbacks(
     anything else raised while building or sending it) is a failed attempt of that
     request: counted, recorded in ``callback_error_message`` and logged; the other
     requests are still called back.
+
+    Each attempt is claimed (its count raised, committed) before it is sent: of several
+    servers on one database (a standby among them), only the one whose claim succeeded
+    sends it.
     """
     now = now or datetime.now(UTC)
     accepted = 0
@@ -440,8 +444,24 @@ def deliver_callbacks(
                 )
                 if last + wait > now:
                     continue
-            request.callback_attempts += 1
-            request.callback_last_attempt_datetime = now
+            claimed = session.execute(
+                update(CalibrationRequest)
+                .where(
+                    CalibrationRequest.id == request.id,
+                    CalibrationRequest.callback_attempts == request.callback_attempts,
+                    CalibrationRequest.callback_delivered_datetime.is_(None),
+                )
+                .values(
+                    callback_attempts=CalibrationRequest.callback_attempts + 1,
+                    callback_last_attempt_datetime=now,
+                )
+                .execution_options(synchronize_session=False)
+            ).rowcount  # type: ignore[attr-defined]
+            session.commit()
+            if claimed != 1:  # another server took this attempt since the query above
+                session.expire(request)
+                continue
+            session.refresh(request)
             unforeseen: Exception | None = None
             try:
                 reply = httpx.post(
