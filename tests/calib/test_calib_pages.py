@@ -92,7 +92,10 @@ def test_summary_fit_page_and_plots(
         for kind in plots.KINDS:
             image = client.get(f"/calib/plot/{kind}.png", params={"fitid": fitids[-1]})
             assert image.status_code == 200 and image.content.startswith(b"\x89PNG"), kind
-            cached = settings.calib_dir / str(fitids[-1]) / "plots" / f"{kind}.png"
+            with session_factory() as session:
+                fit = session.get(CalibrationFit, fitids[-1])
+                assert fit is not None
+                cached = plots.cached_plot_path(session, settings, fit, kind)
             assert cached.read_bytes() == image.content  # drawn once, then read
         assert client.get("/calib/plot/pie.png", params={"fitid": fitids[-1]}).status_code == 400
         assert client.get("/calib/fit", params={"fitid": 123}).status_code == 404
@@ -158,9 +161,10 @@ def _add_calibrator(session: Session, obsid: int, chans: list[int]) -> None:
 def test_history_plots_go_by_observation_time(
     settings: Settings, session_factory: sessionmaker[Session]
 ) -> None:
-    """timediff (7 days) and xydiff (30 days) show the fits of the observations before this one,
-    whenever those fits ran: a bulk refit of old observations joins their own history, and a
-    new fit of an earlier observation is drawn into the later fits' cached history plots."""
+    """timediff (7 days) and xydiff (30 days) show the other fits of this observation and of
+    the observations before it, whenever those fits ran: a bulk refit of old observations joins
+    their own history, and a new fit of an earlier observation is drawn into the later fits'
+    cached history plots."""
     now = 1_450_000_000
     old, old_before, old_after = now - 90 * 86400, now - 90 * 86400 - 3600, now - 90 * 86400 + 3600
     month_before = old - 20 * 86400
@@ -171,8 +175,8 @@ def test_history_plots_go_by_observation_time(
         plots.draw_all(session, settings, recent)
         later_obs = _store(session, settings, old_after, 0.5, [1.0, 1.0])
         plots.draw_all(session, settings, later_obs)
-        cached = settings.calib_dir / str(later_obs.fitid) / "plots"
-        assert (cached / "timediff.png").is_file()
+        drawn_before = plots.cached_plot_path(session, settings, later_obs, "timediff")
+        assert drawn_before.is_file()
         # Bulk reprocessing, months later: fitted after ``recent``, observed long before.
         earlier_month = _store(session, settings, month_before, -2.0, [1.0, 1.0])
         earlier = _store(session, settings, old_before, -1.0, [1.0, 1.0])
@@ -189,16 +193,25 @@ def test_history_plots_go_by_observation_time(
             earlier.fitid,
             this.fitid,
         ]
-        # The later observation's history plots were dropped, to be drawn with the new fit in them.
-        assert not (cached / "timediff.png").exists() and not (cached / "xydiff.png").exists()
-        assert (cached / "tilediff.png").is_file()
-        assert (settings.calib_dir / str(recent.fitid) / "plots" / "timediff.png").is_file()
+        # The later observation's history plot is drawn again, with the new fits in it (the
+        # one drawn before is no longer read, and is removed once the new one is drawn).
+        to_draw = plots.cached_plot_path(session, settings, later_obs, "timediff")
+        assert to_draw != drawn_before and not to_draw.exists()
+        assert plots.plot_png(session, settings, later_obs, "timediff") == to_draw.read_bytes()
+        assert not drawn_before.exists()
+        assert plots.cached_plot_path(session, settings, later_obs, "tilediff").is_file()
+        assert plots.cached_plot_path(session, settings, recent, "timediff").is_file()
         figure = plots.figure_of(session, this, "timediff")
         try:
             points = np.concatenate([c.get_offsets()[:, 1] for c in figure.axes[0].collections])
         finally:
             plt.close(figure)
         assert sorted(points.tolist()) == [-1.0, -1.0, -0.5, -0.5]  # the fit 1 h before, X and Y
+        # Another fit of the same observation is in the history too (not the fit itself).
+        refit = _store(session, settings, old, 0.25, [1.0, 1.0])
+        session.commit()
+        assert [f.fitid for f in plots._history(session, this, 7)] == [earlier.fitid, refit.fitid]
+        assert [f.fitid for f in plots._history(session, refit, 7)] == [earlier.fitid, this.fitid]
 
 
 def test_gaintimes_plots_each_channel_against_the_same_channel_before(
@@ -328,9 +341,7 @@ def test_plots_label_every_tile_explain_creators_and_revalidate_history(
         finally:
             plt.close(figure)
         assert labels == [str(t) for t in ids]
-        assert {"earlier mwa fits, X", "earlier mwa fits, Y", "earlier calvin fits, X"} <= set(
-            legend
-        )
+        assert {"other mwa fits, X", "other mwa fits, Y", "other calvin fits, X"} <= set(legend)
         fitid, earlier_obs = this.fitid, now - 600
     with TestClient(create_app(settings)) as client:
         first = client.get("/calib/plot/timediff.png", params={"fitid": fitid})
@@ -342,8 +353,7 @@ def test_plots_label_every_tile_explain_creators_and_revalidate_history(
         assert still.headers["cache-control"] == "max-age=86400" and still.headers["etag"]
         with session_factory() as session:  # a fit of an earlier observation joins the history
             _add_calibrator(session, earlier_obs, [109])
-            new = _store(session, settings, earlier_obs, 3.0, [1.0])
-            plots.forget_later_history(session, settings, new)
+            _store(session, settings, earlier_obs, 3.0, [1.0])
             session.commit()
         redrawn = client.get("/calib/plot/timediff.png", params={"fitid": fitid},
                              headers={"If-None-Match": first.headers["etag"]})  # fmt: skip

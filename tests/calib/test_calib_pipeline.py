@@ -293,11 +293,12 @@ def test_a_second_fit_within_a_week_draws_its_history_plots(
             fitids.append(fit_observation(session, settings, obsid).fitid)  # draws every plot
             session.commit()
     first_id, second_id = fitids
-    for kind in plots.KINDS:
-        assert (settings.calib_dir / str(second_id) / "plots" / f"{kind}.png").is_file(), kind
     with session_factory() as session:
         first = session.get(CalibrationFit, first_id)
         second = session.get(CalibrationFit, second_id)
+        assert first is not None and second is not None
+        for kind in plots.KINDS:
+            assert plots.cached_plot_path(session, settings, second, kind).is_file(), kind
         assert first is not None and second is not None
         for fit in (first, second):  # aware UTC on every backend
             assert fit.fit_time.utcoffset() == timedelta(0) and fit.fit_time.tzinfo is UTC

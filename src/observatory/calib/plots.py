@@ -12,15 +12,18 @@ As the source document describes them:
   same tile and channel in the fits of the previous 7 days' observations.
 
 Colours follow the page's legend: ``mwa``/``msok`` fits blue (X) and green (Y),
-``calvin`` fits red (X) and orange (Y). The history plots take the fits of the
-observations before this fit's observation (by obsid, not by when the fits ran).
-A fit's plots are drawn once and cached; a new fit of an earlier observation drops
-the cached history plots of the later fits it belongs in.
+``calvin`` fits red (X) and orange (Y). The history plots take the other fits of this
+fit's observation and of the observations before it (by obsid, not by when the fits ran).
+A fit's plots are drawn once and cached; a history plot's cache names the fits it drew
+(their count and newest fit id), so a new fit in its window is drawn in when next asked
+for, whichever process stored it and whenever it was committed.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from observatory.archive.models import Observation
@@ -58,17 +61,37 @@ def _value(value: float | None) -> float:
     return np.nan if value is None else float(value)
 
 
+def _in_history(fit: CalibrationFit, days: int) -> tuple[Any, ...]:
+    """Conditions on ``CalibrationFit``: the other fits of this fit's observation and of the
+    observations of the ``days`` before it."""
+    since = fit.obsid - days * SECONDS_PER_DAY
+    return (
+        CalibrationFit.obsid >= since,
+        CalibrationFit.obsid <= fit.obsid,
+        CalibrationFit.fitid != fit.fitid,
+    )
+
+
 def _history(session: Session, fit: CalibrationFit, days: int) -> list[CalibrationFit]:
-    """Fits of the observations of the ``days`` before this fit's observation, oldest first.
+    """The other fits of this fit's observation and of the observations of the ``days``
+    before it, oldest observation first.
 
     By observation time (the obsid), not by when the fits ran: a calibrator fitted
     again later, or observations reprocessed in bulk, keep their place in time.
     """
-    since = fit.obsid - days * SECONDS_PER_DAY
     return list(session.scalars(
-        select(CalibrationFit).where(CalibrationFit.obsid >= since, CalibrationFit.obsid < fit.obsid)
+        select(CalibrationFit).where(*_in_history(fit, days))
         .order_by(CalibrationFit.obsid, CalibrationFit.fitid)
     ))  # fmt: skip
+
+
+def _history_version(session: Session, fit: CalibrationFit, days: int) -> str:
+    """What a history plot of ``fit`` was drawn from: ``<number of fits>-<newest fit id>``
+    (fits are added, never changed)."""
+    count, newest = session.execute(
+        select(func.count(), func.max(CalibrationFit.fitid)).where(*_in_history(fit, days))
+    ).one()
+    return f"{count}-{newest or 0}"
 
 
 def _age_alpha(fit: CalibrationFit, other: CalibrationFit, days: int) -> float:
@@ -221,12 +244,12 @@ def _gains(
 
 
 def _creator_legend(axes: Axes, creators: set[str], pols: Sequence[str]) -> None:
-    """Legend entries for the earlier fits' colour code: one per creator shown and polarisation."""
+    """Legend entries for the other fits' colour code: one per creator shown and polarisation."""
     for name in sorted(str(c) for c in creators):
         for pol, label in enumerate(pols):
             # A line, not a scatter: a proxy only, no data (the plot's collections are data).
             axes.plot(
-                [], [], "o", ms=4, color=_colours(name)[pol], label=f"earlier {name} fits, {label}"
+                [], [], "o", ms=4, color=_colours(name)[pol], label=f"other {name} fits, {label}"
             )
     axes.plot([], [], " ", label="(fainter: older)")
 
@@ -315,48 +338,39 @@ def draw(session: Session, fit: CalibrationFit, kind: str) -> bytes:
     return output.getvalue()
 
 
+#: The plots that show other fits, and how many days back they look.
+HISTORY_KINDS = {"timediff": 7, "gaintimes": 7, "xydiff": 30}
+
+
+def cached_plot_path(session: Session, settings: Settings, fit: CalibrationFit, kind: str) -> Path:
+    """Where ``plot_png`` keeps a plot: ``<calib dir>/<fitid>/plots/<kind>.png``, and for a
+    history plot ``<kind>.<fits drawn>.png`` (see ``_history_version``)."""
+    directory = settings.calib_dir / str(fit.fitid) / "plots"
+    if kind in HISTORY_KINDS:
+        return directory / f"{kind}.{_history_version(session, fit, HISTORY_KINDS[kind])}.png"
+    return directory / f"{kind}.png"
+
+
 def plot_png(session: Session, settings: Settings, fit: CalibrationFit, kind: str) -> bytes:
-    """A plot of ``fit``, drawn once and then read from ``<calib dir>/<fitid>/plots/``."""
+    """A plot of ``fit``, drawn once and then read from its cache (``cached_plot_path``)."""
     if kind not in KINDS:
         raise BadRequest(f"plot {kind!r} is not one of {', '.join(KINDS)}")
-    path: Path = settings.calib_dir / str(fit.fitid) / "plots" / f"{kind}.png"
+    path = cached_plot_path(session, settings, fit, kind)
     if path.is_file():
         return path.read_bytes()
     image = draw(session, fit, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
+    temporary = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
     temporary.write_bytes(image)
     temporary.replace(path)
+    if kind in HISTORY_KINDS:  # drawn from fewer fits: never read again
+        for older in path.parent.glob(f"{kind}.*.png"):
+            if older != path:
+                older.unlink(missing_ok=True)
     return image
 
 
-#: The plots that show earlier observations' fits, and how many days back they look.
-HISTORY_KINDS = {"timediff": 7, "gaintimes": 7, "xydiff": 30}
-
-
-def forget_later_history(session: Session, settings: Settings, fit: CalibrationFit) -> None:
-    """Drop the cached history plots that a new fit of an earlier observation belongs in.
-
-    The fits of observations up to 30 days after ``fit``'s get their timediff, xydiff
-    and gaintimes plots drawn again when next asked for.
-    """
-    later = session.scalars(
-        select(CalibrationFit.fitid).where(
-            CalibrationFit.obsid > fit.obsid,
-            CalibrationFit.obsid <= fit.obsid + max(HISTORY_KINDS.values()) * SECONDS_PER_DAY,
-        )
-    ).all()
-    for fitid in later:
-        for kind in HISTORY_KINDS:
-            (settings.calib_dir / str(fitid) / "plots" / f"{kind}.png").unlink(missing_ok=True)
-
-
 def draw_all(session: Session, settings: Settings, fit: CalibrationFit) -> None:
-    """Draw every plot of a new fit into the cache, so that no page view waits for one.
-
-    The history plots of fits of later observations that the new fit belongs in are
-    dropped from the cache (drawn again when next asked for).
-    """
-    forget_later_history(session, settings, fit)
+    """Draw every plot of a new fit into the cache, so that no page view waits for one."""
     for kind in KINDS:
         plot_png(session, settings, fit, kind)
