@@ -74,8 +74,22 @@ def test_summary_fit_page_and_plots(
         )
         assert (
             backwards.status_code == 400
-            and "maxtime 1480060000 is before mintime" in backwards.text
+            and "mintime 1480080000 is after maxtime 1480060000" in backwards.text
         )
+        # maxtime alone: the 7 days before it (a month ago is an empty week, not an error).
+        week = client.get("/calib/summary", params={"maxtime": now_gps() - 3 * 86400 - 60})
+        assert week.status_code == 200
+        assert [f"fit?fitid={fitid}" in week.text for fitid in fitids] == [
+            True,
+            True,
+            False,
+            False,
+            False,
+        ]
+        month_ago = client.get("/calib/summary", params={"maxtime": now_gps() - 30 * 86400})
+        assert month_ago.status_code == 200 and "fit?fitid=" not in month_ago.text
+        future = client.get("/calib/summary", params={"mintime": now_gps() + 3600})
+        assert future.status_code == 400 and "is after maxtime now (" in future.text
         fit_page = client.get("/calib/fit", params={"fitid": fitids[-1]})
         assert (
             fit_page.status_code == 200

@@ -248,14 +248,15 @@ def get_calfile_for_calid(
 def summary(
     request: Request, session: SessionDep, mintime: str | None = None, maxtime: str | None = None
 ) -> HTMLResponse:
-    """The fits of observations in a time range (default: the last 7 days)."""
-    now = now_gps()
+    """The fits of observations in a time range: ``maxtime`` (default now) and the 7 days
+    before it, or from ``mintime``."""
     first = gps_time_param("mintime", mintime)
     last = gps_time_param("maxtime", maxtime)
-    first = now - 7 * 86400 if first is None else first
-    last = now if last is None else last
-    if last < first:
-        raise BadRequest(f"maxtime {maxtime or last} is before mintime {mintime or first}")
+    last = now_gps() if last is None else last
+    first = last - 7 * 86400 if first is None else first
+    if last < first:  # only with a mintime given
+        until = maxtime if maxtime is not None else f"now ({gps_to_utc_iso(last)[:19]})"
+        raise BadRequest(f"mintime {mintime} is after maxtime {until}")
     return templates.TemplateResponse(request, "summary.html", {
         "fits": service.fits_between(session, first, last), "kinds": plots.KINDS,
         "mintime": mintime or gps_to_utc_iso(first)[:19], "maxtime": maxtime or gps_to_utc_iso(last)[:19],
