@@ -404,8 +404,8 @@ def test_solution_times_are_centroids_and_get_cal_fits_names_the_hyperdrive_file
         body = client.get(
             "/calib/get_cal_fits", params={"obs_id": CAL_OBS, "max_time_separation": 0}
         ).json()
-    assert body == {str(fitid): [CAL_OBS, 0, f"{CAL_OBS}_solutions.fits"]}
-    assert cached.with_name(body[str(fitid)][2]).is_file()
+    assert body == {str(fitid): [CAL_OBS, 0, f"{fitid}/{CAL_OBS}_solutions.fits"]}
+    assert (settings.calib_dir / body[str(fitid)][2]).is_file()
 
 
 @sqlite_only

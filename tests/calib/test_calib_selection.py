@@ -221,7 +221,7 @@ def test_get_cal_fits(client: TestClient, fits: dict[str, int]) -> None:
     assert body[str(fits["before_newer"])] == [
         TARGET - 3600,
         3600,
-        f"{TARGET - 3600}_solutions.fits",
+        f"{fits['before_newer']}/{TARGET - 3600}_solutions.fits",
     ]
     assert str(fits["other_chans"]) not in body
     assert (

@@ -79,8 +79,9 @@ AWST = timezone(timedelta(hours=8), "AWST")
 class Candidate:
     """A fit that may calibrate a target: its calibrator and how far in time it is.
 
-    ``filename`` is the name of the fit's hyperdrive FITS (``<calid>_solutions.fits``,
-    what the source document's ``get_cal_fits`` reports), None for a fit with no files.
+    ``filename`` is the fit's hyperdrive FITS in the calibration store, as the source
+    document's ``get_cal_fits`` reports it (its key in the store: ``<fitid>/<calid>_solutions.fits``,
+    one file per fit), None for a fit with no files.
     """
 
     fitid: int
@@ -358,7 +359,7 @@ def _candidates(
             continue
         found.append(Candidate(
             fitid, calibrator.obsid, abs(calibrator.obsid - target.obsid),
-            f"{calibrator.obsid}_solutions.fits" if filename else None,
+            f"{fitid}/{calibrator.obsid}_solutions.fits" if filename else None,
         ))  # fmt: skip
     return sorted(found, key=lambda c: (c.offset_s, -c.fitid)), rejected
 
