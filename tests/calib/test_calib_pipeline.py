@@ -11,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from backends import sqlite_only
+from observatory.archive.models import Observation
 from observatory.archive.simulated import catalogue_point_source, simulate_and_register
 from observatory.calib.formats import read_aocal, read_hyperdrive
 from observatory.calib.models import CalibrationFit
@@ -264,6 +265,16 @@ def test_calibdata_metafits_and_the_deprecated_services(
         )
         far = client.get("/calib/get_calfile_for_obsid", params={"obs_id": CAL_OBS + 200_000})
         assert far.status_code == 400
+        # No fit, and no calibrator to fit: add_request=1 is a 400 saying both (not a 404,
+        # which this service gives for a target with no metafits).
+        with session_factory() as session:
+            session.add(Observation(obsid=CAL_OBS + 200_000, stoptime=CAL_OBS + 200_120,
+                                    mode="MWAX_CORRELATOR", coarse_chans=list(range(109, 133))))  # fmt: skip
+            session.commit()
+        nothing = client.get(
+            "/calib/get_calfile_for_obsid", params={"obs_id": CAL_OBS + 200_000, "add_request": 1}
+        )
+        assert nothing.status_code == 400 and "no fit could be requested" in nothing.json()["error"]
 
 
 @sqlite_only

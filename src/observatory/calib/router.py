@@ -219,7 +219,11 @@ def get_calfile_for_obsid(
         )
     except NotFound as exc:
         if flag_param("add_request", add_request, default=False):
-            requests.add_cal_request(session, settings, obsid)
+            try:
+                requests.add_cal_request(session, settings, obsid)
+            except NotFound as no_calibrator:  # "no fit" is a 400 here, as the MWA's was
+                raise BadRequest(f"{exc.message}; no fit could be requested: "
+                                 f"{no_calibrator.message}") from no_calibrator  # fmt: skip
             return Response(status_code=200)
         raise BadRequest(exc.message) from exc
     metafits = Storage(settings.archive_dir).local_path(
