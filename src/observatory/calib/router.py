@@ -293,9 +293,9 @@ def plot(
     """A plot of a fit (tilediff, timediff, xydiff, gains, gaintimes) as PNG.
 
     With an ETag (the image's hash; a matching ``If-None-Match`` is a 304). The history
-    plots (timediff, xydiff, gaintimes) are drawn again when a fit of an earlier
-    observation joins them, so browsers revalidate them on every view (``no-cache``);
-    the others never change and are kept for a day.
+    plots (timediff, xydiff, gaintimes) are drawn again when another fit joins them,
+    so browsers revalidate them on every view (``no-cache``); the others never change
+    and are kept for a day. ``If-None-Match: *`` matches any plot (RFC 9110).
     """
     image = plots.plot_png(session, _settings(request), _fit(session, fitid), kind)
     etag = f'"{hashlib.sha1(image).hexdigest()}"'
@@ -307,6 +307,6 @@ def plot(
         tag.strip().removeprefix("W/")
         for tag in request.headers.get("if-none-match", "").split(",")
     }
-    if etag in asked:
+    if etag in asked or "*" in asked:
         return Response(status_code=304, headers=headers)
     return Response(image, media_type="image/png", headers=headers)
