@@ -85,6 +85,28 @@ def test_test_connection_metrics_and_payload_options(client: TestClient) -> None
     assert client.post("/calib/grafana/metrics", content=b"not json").status_code == 400
 
 
+def test_a_refit_is_one_point_of_its_observation(
+    client: TestClient, settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """Grafana gets one point per observation, from its newest fit."""
+    with session_factory() as session:
+        rows = [{"tileid": t.tile_id, "antenna": i, "x_delay_m": 5.0, "y_delay_m": 5.0}
+                for i, t in enumerate(TILES)]  # fmt: skip
+        service.store_fit(
+            session,
+            settings,
+            FIT_TIMES[0],
+            CalSolutions(jones=np.ones((1, 3, 4, 4), complex)),
+            rows,
+        )
+        session.commit()
+    times = [gps_to_unix(t) * 1000 for t in FIT_TIMES]
+    (sources,) = query(client, "sources")
+    assert sources["data"]["values"] == [times, ["HydA", "PicA"]]
+    full = {f["schema"]["name"]: f["data"]["values"] for f in query(client, "rec01", style="full")}
+    assert full[f"{TILES[0].tile_name} X"] == [times, [pytest.approx(5.0), pytest.approx(1.1)]]
+
+
 def test_query_styles_and_filters(client: TestClient) -> None:
     times = [gps_to_unix(t) * 1000 for t in FIT_TIMES]
     full = {

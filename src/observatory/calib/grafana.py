@@ -127,6 +127,8 @@ def query(session: Session, settings: Settings, body: Mapping[str, Any]) -> list
         .where(Observation.obsid >= first_gps, Observation.obsid <= last_gps)
         .order_by(Observation.obsid, CalibrationFit.fitid)
     ).all()  # fmt: skip
+    # One point per observation, from its newest fit (a refit is not another observation).
+    rows = list({row.obsid: row for row in rows}.values())
     frames: list[dict[str, Any]] = []
     targets = body.get("targets") or []
     if not isinstance(targets, list):
