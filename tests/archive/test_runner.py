@@ -115,11 +115,19 @@ def test_a_subarray_observation_records_each_tiles_own_pointing(
             "project_id": "G0055", "secure_key": "runner-key-1", "pretend": "false",
             "ra": json.dumps([(lst + 20) % 360, (lst - 20) % 360]), "dec": -26.7, "nobs": 1,
             "exptime": 8, "freqspecs": "121,1", "subarrays": '["all_north", "all_south"]',
+            "calibrator": "true", "calexptime": 8,
         }, vcs=False, now=NOON)  # fmt: skip
     assert result["success"] is True, result["errors"]
-    (obsid,) = result["obsid_list"]
-    assert observe_due(session_factory, settings, now=obsid + 9, limit=5) == [obsid]
+    obsid, calibrator_id = result["obsid_list"]
+    # The calibrator after them is observed by the whole array, and recorded too.
+    assert observe_due(session_factory, settings, now=calibrator_id + 9, limit=5) == [
+        obsid,
+        calibrator_id,
+    ]
     with session_factory() as session:
+        calibrator = session.get(Observation, calibrator_id)
+        assert calibrator is not None and calibrator.calibration
+        assert calibrator.subarray_pointings is None and calibrator.files
         observation = session.get(Observation, obsid)
         assert observation is not None and observation.subarray_pointings
         scheduled = {p["subarray"]: p["delays"] for p in observation.subarray_pointings}

@@ -643,7 +643,10 @@ def observation_rows(
             "freq_res_khz": request.freq_res_khz, "int_time_s": request.int_time_s,
             "atten_db": request.atten_db, "calibration": observation.calibration,
             "calibrator_source": observation.calibrator_source, "interruptible": True,
-            "subarray_pointings": observation.pointings if request.subarrays else None,
+            # The calibrator is observed by the whole array: one pointing, no subarrays.
+            "subarray_pointings": (
+                observation.pointings if request.subarrays and not observation.calibration else None
+            ),
             "deleted": False, "created_by": "trigger", "created_at": datetime.now(UTC),
         })  # fmt: skip
     return rows
