@@ -403,19 +403,23 @@ def test_vcsfree_and_voltage_triggers(
 ) -> None:
     free = client.get("/trigger/vcsfree").json()
     rate = 24 * settings.trigger_vcs_bytes_per_s_per_chan
-    assert free == int(settings.trigger_vcs_capacity_bytes // rate)
+    # Whole 8 s blocks (12715 s fit here): what mwa_trigger's trigger(vcsmode=True) caps
+    # exptime to must be an exposure triggervcs takes.
+    assert free == int(settings.trigger_vcs_capacity_bytes // rate) // 8 * 8 == 12712
+    capped = trigger(client, "triggervcs", nobs=1, exptime=min(20000, free), pretend="true")
+    assert capped["success"] is True, capped["errors"]
     result = trigger(
         client, "triggervcs", nobs=1, exptime=96, pretend="false"
     )  # all-sky: no target
     assert result["success"] is True, result["errors"]
     (row,) = schedule(session_factory)
     assert row["mode"] == "MWAX_VCS" and row["delays"] == [0] + [32] * 15
-    assert client.get("/trigger/vcsfree").json() == pytest.approx(free - 96, abs=1)
-    too_long = trigger(client, "triggervcs", nobs=1, exptime=(free + 8) // 8 * 8, pretend="true")
+    assert client.get("/trigger/vcsfree").json() == free - 96
+    too_long = trigger(client, "triggervcs", nobs=1, exptime=free + 8, pretend="true")
     assert too_long["success"] is False
     assert "VCS disk" in " ".join(too_long["errors"].values())
     # vcsfree counts seconds of 24-channel capture: half the channels fit twice as long.
-    half_band = trigger(client, "triggervcs", nobs=1, exptime=(free + 8) // 8 * 8,
+    half_band = trigger(client, "triggervcs", nobs=1, exptime=free + 8,
                         freqspecs="121,12", pretend="true")  # fmt: skip
     assert half_band["success"] is True, half_band["errors"]
     assert (
@@ -794,6 +798,17 @@ def test_busy_and_obslist_take_obstime_0_when_it_is_left_out(client: TestClient)
     assert client.get("/trigger/busy", params={"project_id": "C001"}).json() is False
     fraction = client.get("/trigger/show", params={"trigger_id": "2.7"})
     assert fraction.status_code == 400 and "trigger_id" in fraction.json()["error"]
+
+
+def test_obslist_without_obstime_lists_an_observation_in_its_first_second(
+    session_factory: sessionmaker[Session],
+) -> None:
+    start = 1_450_324_816
+    add_observation(session_factory, start - 96, start, "C001")
+    add_observation(session_factory, start, start + 96, "C001")
+    with session_factory() as session:
+        assert [row[0] for row in service.obslist(session, 0, now=start)] == [start]
+        assert [row[0] for row in service.obslist(session, 0, now=start - 1)] == [start - 96]
 
 
 def test_triggerbuffer_claims_no_data_from_before_buffering_began(

@@ -192,12 +192,12 @@ async def obslist(request: Request, params: ParamsDep) -> Response:
 
 @_endpoint("/vcsfree")
 async def vcsfree(request: Request, params: ParamsDep) -> Response:
-    """Seconds of voltage capture the VCS disk can still take."""
+    """Seconds of voltage capture the VCS disk can still take (whole 8 s blocks)."""
     settings = _settings(request)
     answer = await _answer(
         request,
         ("vcsfree",),
-        lambda session, second: service.vcs_free_s(session, settings, now=second),
+        lambda session, second: service.vcsfree_answer_s(session, settings, now=second),
     )
     return _json(answer, params, request)
 

@@ -794,7 +794,9 @@ def obslist(
         latest = latest_started(session, now)
         found = [latest] if latest is not None else []
     else:
-        found = overlapping(session, now, now + obstime_s)
+        # At least the instant ``now``: obstime 0 (the default) asks what runs now, and
+        # [now, now) would leave out an observation starting in this very second.
+        found = overlapping(session, now, now + max(obstime_s, 1e-3))
     return [
         [o.obsid, o.stoptime, o.obsname, o.creator, o.project_id, o.mode, o.groupid] for o in found
     ]
@@ -902,6 +904,14 @@ def vcs_free_s(
     full_band_rate = MAX_COARSE_CHANS * rate_per_chan
     free = settings.trigger_vcs_capacity_bytes - (captured_s + to_come) * full_band_rate
     return max(0, int(free // full_band_rate))
+
+
+def vcsfree_answer_s(session: Session, settings: Settings, now: float | None = None) -> int:
+    """What ``vcsfree`` answers: ``vcs_free_s`` in whole 8 s blocks, so that a client asking
+    for ``min(exptime, vcsfree)`` (mwa_trigger's ``trigger(vcsmode=True)`` does) asks for an
+    exposure ``triggervcs`` takes."""
+    free_s = vcs_free_s(session, settings, now)
+    return free_s - free_s % BOUNDARY_S
 
 
 # -- triggering -----------------------------------------------------------------------------
