@@ -215,7 +215,10 @@ def test_parameters_in_the_url_in_json_and_in_a_mislabelled_form(client: TestCli
         ({"ra": "[10, 20]", "dec": "[1, 2, 3]"}, "ra and dec must have the same number of values"),
         ({"freqspecs": "121,300"}, "freqspecs"),
         ({"exptime": 100}, "exptime: 100 s is not a positive multiple of 8 s"),
-        ({"calexptime": 7}, "calexptime: 7 s is not a positive multiple of 8 s"),
+        (
+            {"calexptime": 7, "calibrator": "true"},
+            "calexptime: 7 s is not a positive multiple of 8 s",
+        ),
         ({"source": "NoSuchThing"}, "NoSuchThing"),
         ({"subarrays": '["all_up"]'}, "unknown subarray 'all_up'"),
         ({"subarrays": '["all_ne", "all_nw"]'}, "2 subarrays for 1 targets"),
@@ -261,6 +264,15 @@ def test_a_target_below_the_horizon_at_the_start_is_refused(client: TestClient) 
     result = trigger(client, ra=ra, dec=dec, nobs=1, exptime=4 * 3600, pretend="false")
     assert result["success"] is False
     assert any("below the horizon (-" in text for text in result["errors"].values())
+
+
+def test_calexptime_is_unread_without_a_calibrator(client: TestClient) -> None:
+    """Clients send their calexptime default whether or not they ask for a calibrator."""
+    ra, dec = zenith_radec()
+    for calexptime in (100, 0):
+        result = trigger(client, ra=ra, dec=dec, nobs=1, exptime=8, calexptime=calexptime)
+        assert result["success"] is True, result["errors"]
+        assert not any("calexptime" in w for w in result["params"].get("warnings", []))
 
 
 def test_trigger_ids_are_unique_for_every_call(client: TestClient) -> None:
@@ -586,8 +598,9 @@ def test_triggerbuffer(
     # The buffer holds the past: a start to come is refused; with end_time, obstime is unread.
     future = trigger(client, "triggerbuffer", start_time=now + 50, end_time=now + 100)
     assert future["success"] is False and "in the future" in future["errors"]["0"]
-    ignored = trigger(client, "triggerbuffer", start_time=0, end_time=now + 30, obstime=-5)
-    assert "obstime" not in " ".join(ignored["errors"].values())
+    for unread in (-5, "abc"):
+        ignored = trigger(client, "triggerbuffer", start_time=0, end_time=now + 30, obstime=unread)
+        assert "obstime" not in " ".join(ignored["errors"].values())
 
 
 def test_avoidsun_puts_the_sun_in_a_null(

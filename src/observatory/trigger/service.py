@@ -207,7 +207,6 @@ def read_trigger_request(raw: Mapping[str, Any], *, vcs: bool, when_gps: int) ->
         errors.append(f"nobs: {nobs} is not at least 1 observation")
     request.nobs = int(nobs or 1)
     request.exptime_s = _exposure(request, "exptime", get("exptime"))
-    request.calexptime_s = _exposure(request, "calexptime", get("calexptime"))
     atten = attempt("atten", lambda: as_number("atten", get("atten")))
     if atten is not None and not 0.0 <= atten <= MAX_ATTEN_DB:
         errors.append(f"atten: {atten} dB is outside 0..{MAX_ATTEN_DB} dB")
@@ -284,6 +283,8 @@ def read_trigger_request(raw: Mapping[str, Any], *, vcs: bool, when_gps: int) ->
         name = str(decode_value(calibrator)).strip()
         if attempt("calibrator", lambda: catalogue.resolve(name)) is not None:
             request.calibrator = catalogue.resolve(name).name
+    if request.calibrator:  # unread without a calibrator (clients send their default)
+        request.calexptime_s = _exposure(request, "calexptime", get("calexptime"))
 
     targets_in_turn = 1 if request.subarrays else len(request.targets)
     total_s = len(request.freqspecs) * (
@@ -1265,6 +1266,9 @@ def trigger_buffer(
         errors.append(str(exc))
     times: dict[str, float | None] = {}
     for name in ("start_time", "end_time", "obstime"):
+        if name == "obstime" and present(raw, "end_time"):  # unread with end_time, as documented
+            times[name] = None
+            continue
         try:
             times[name] = as_number(name, raw[name]) if present(raw, name) else None
         except ParameterError as exc:
@@ -1276,7 +1280,7 @@ def trigger_buffer(
                       "obstime": obstime, "pretend": request.pretend}  # fmt: skip
     if end_time is None and obstime is None and not errors:
         errors.append("give end_time, or obstime (seconds to keep capturing from now)")
-    if end_time is None and obstime is not None and obstime < 0:  # with end_time, unread
+    if obstime is not None and obstime < 0:
         errors.append(f"obstime: {obstime} must not be negative")
     if start_time > now:
         errors.append(f"start_time {start_time:.0f} is in the future (now {now:.0f}): the buffer "
