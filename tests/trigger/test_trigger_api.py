@@ -1006,6 +1006,10 @@ def test_a_dump_during_a_dump_capture_continues_that_capture(
             assert _captures(session) == [(capture, stop)]
             assert service.vcs_free_s(session, settings, capture + 40) == free  # nothing new
             assert again["clear"]["command"] == "" and again["clear"]["retcode"] is None
+        # Another project's dump, before the capture has begun: the capture holds its span.
+        raw = {"project_id": "D0009", "secure_key": KEYS["D0009"], "pretend": "1", "obstime": 40}
+        early = service.trigger_buffer(session, settings, raw, now=now + 2)
+        assert early["success"] is True and early["obsid_list"] == [buffering, capture]
 
         # Ending after it: the capture is extended, never cut and replaced.
         pretend = _buffer_call(session, settings, capture + 12.5, obstime=120, pretend="1")

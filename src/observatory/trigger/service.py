@@ -1362,9 +1362,9 @@ def trigger_buffer(
         else [o.obsid for o in overlapping(session, capture_start, min(capture_end, new_start))]
     )
     capture_obsid = capture.obsid if capture is not None else clear_from if new_capture else None
-    obsids = past + (
-        [capture_obsid] if capture_obsid is not None and capture_obsid not in past else []
-    )
+    # The capture running at the new start holds part of the span, whoever's it is.
+    holding = [obsid for obsid in (ongoing.obsid if ongoing else None, capture_obsid) if obsid]
+    obsids = sorted(set(past) | set(holding))
     if not obsids:
         obsids = [source.obsid]  # nothing captured (the null operation): the settings' observation
     continued = None if capture is None else (capture, new_stop)
