@@ -279,11 +279,13 @@ def read_trigger_request(raw: Mapping[str, Any], *, vcs: bool, when_gps: int) ->
         request.calibrator = bool(attempt(
             "calibrator", lambda: as_bool("calibrator", calibrator, default=False)
         ))  # fmt: skip
+        asks_for_calibrator = request.calibrator
     else:
         name = str(decode_value(calibrator)).strip()
+        asks_for_calibrator = bool(name)
         if attempt("calibrator", lambda: catalogue.resolve(name)) is not None:
             request.calibrator = catalogue.resolve(name).name
-    if request.calibrator:  # unread without a calibrator (clients send their default)
+    if asks_for_calibrator:  # unread without a calibrator (clients send their default)
         request.calexptime_s = _exposure(request, "calexptime", get("calexptime"))
 
     targets_in_turn = 1 if request.subarrays else len(request.targets)
@@ -1083,7 +1085,10 @@ def _schedule_report(
             + f"grid {p.get('grid_number')} az {p['az_deg']:.4f} el {p['el_deg']:.4f}"
             for p in (subarrays or [target])
         )
-        info.append(f"INFO:Schedule metadata for {o.obsid}: {o.obsname} {o.mode} {o.spec} {beams}")
+        # The line ends at the obsid's colon: TraceT takes the obsid as the text after " for "
+        # less its last character (an obsname with " for " in it broke that). Details follow.
+        info.append(f"INFO:Schedule metadata for {o.obsid}:")
+        info.append(f"INFO:  {o.obsname} {o.mode} {o.spec} {beams}")
     command = " ;\n".join(lines)
     stdout = (
         "Pretending: commands not run"
