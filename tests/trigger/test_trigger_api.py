@@ -518,6 +518,11 @@ def test_find_filters_pages_and_html(client: TestClient) -> None:
     assert find(mintime_utc=in_perth.isoformat()) == ids
     in_perth = (made_at + timedelta(hours=1)).astimezone(timezone(timedelta(hours=8)))
     assert find(mintime_utc=in_perth.isoformat()) == []
+    # The creation time as shown (to the second) as maxtime takes that whole second.
+    last_shown = client.get("/trigger/show", params={"trigger_id": ids[-1]}).json()[
+        "created_datetime"
+    ]
+    assert "." not in last_shown and find(maxtime_utc=last_shown)[-1] == ids[-1]
     # TraceT's link: every filter present, most of them empty.
     tracet = client.get(f"/trigger/find/?search=search&html=1&pagesize=100&trigger_id={ids[1]}&trigger_mode="
                         "&pretend=&success=&mintime_utc=&maxtime_utc=&project_id=&obsname=&creator=")  # fmt: skip

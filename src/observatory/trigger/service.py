@@ -16,7 +16,7 @@ import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any, TypeVar, cast
 
@@ -1199,6 +1199,10 @@ def read_find_query(raw: Mapping[str, Any]) -> FindQuery:
                 raise ParameterError(
                     f"{name}: {value!r} is not an ISOT time (e.g. 2026-11-29T12:00:00)"
                 ) from None
+            if name == "maxtime_utc":
+                # The end of the time written: a whole second takes all of it, as find and
+                # show print creation times to the second.
+                when += timedelta(microseconds=1) if "." in value else timedelta(seconds=1)
             filters[name] = when  # UTCDateTime takes naive as UTC, converts zones
         else:
             filters[name] = value
@@ -1230,7 +1234,7 @@ def find_triggers(session: Session, query: FindQuery) -> tuple[list[Trigger], bo
     if "mintime_utc" in f:
         statement = statement.where(Trigger.created_at >= f["mintime_utc"])
     if "maxtime_utc" in f:
-        statement = statement.where(Trigger.created_at <= f["maxtime_utc"])
+        statement = statement.where(Trigger.created_at < f["maxtime_utc"])
     if "project_id" in f:
         statement = statement.where(Trigger.project_id == f["project_id"])
     for name, column in (("obsname", Trigger.obsname), ("creator", Trigger.creator)):
