@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
 from rich.console import Console
@@ -391,24 +391,34 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
         stop_signals: list[int] = []
 
+        def stop(signum: int) -> NoReturn:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+
         def report(done: int, total: int, what: str) -> None:
-            if stop_signals:  # its SystemExit was swallowed (see exit_on_sigterm)
-                raise SystemExit(128 + stop_signals[0])
+            if stop_signals:  # its exception was swallowed (see stop_on_signal)
+                stop(stop_signals[0])
             bar.update(task, completed=done, total=total, description=f"converted {what}")
             bar.refresh()
 
-        def exit_on_sigterm(signum: int, _frame: object) -> None:
-            """Leave through the ``finally`` blocks and context managers, as ``KeyboardInterrupt``.
+        def stop_on_signal(signum: int, _frame: object) -> None:
+            """Leave through the ``finally`` blocks and context managers: ``KeyboardInterrupt``
+            for SIGINT, ``SystemExit`` for SIGTERM.
 
-            Raised inside a callback from C (numba's compiler), the ``SystemExit`` is only
-            printed and dropped: the next chunk's progress report raises it again.
+            Raised inside a callback from C (numba's compiler) or a fork handler (logging's,
+            while workers start), the exception is only printed and dropped: the next
+            chunk's progress report raises it again.
             """
             stop_signals.append(signum)
-            raise SystemExit(128 + signum)
+            stop(signum)
 
         # A stop signal (a batch system's time limit, systemd) ends the conversion as
         # Ctrl-C does: through its cleanup, so no partial output or scratch files are left.
-        previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
+        previous = {
+            signum: signal.signal(signum, stop_on_signal)
+            for signum in (signal.SIGTERM, signal.SIGINT)
+        }
         if parent := os.environ.get(PARENT_PID_VARIABLE):
             # Started for an ASVO job: stop (through the cleanup) if that job's worker dies.
             from observatory.preprocess.engine import die_with_parent
@@ -422,7 +432,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         except ReadError as exc:
             raise ValueError(str(exc)) from None
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     for path in written:
         console.print(f"wrote {path}", highlight=False)
     return 0

@@ -197,34 +197,41 @@ def test_a_stop_signal_leaves_no_partial_output_or_scratch(
     assert list(out_dir.iterdir()) == []  # no temporary output, no hidden scratch directory
 
 
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
 def test_a_stop_signal_swallowed_by_a_callback_from_c_still_stops_the_run(
-    sim: SimulatedObservation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sim: SimulatedObservation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: str
 ) -> None:
-    """A SystemExit raised in a callback from C (numba's compiler) is printed and dropped:
-    the next progress report raises it again, and the run ends with 143 and no output."""
+    """The exception of a stop signal raised in a callback from C (numba's compiler) or a
+    fork handler (logging's) is printed and dropped: the next progress report raises it
+    again, and the run ends with 143 (SIGTERM) or 130 (SIGINT) and no output."""
     import contextlib
     import os
     import signal
 
     from observatory.preprocess import engine
 
+    signum = getattr(signal, stop)
     original = engine._process
     calls: list[int] = []
 
     def signalled_during_a_callback(*args: object, **kwargs: object) -> object:
         if not calls:
-            with contextlib.suppress(SystemExit):  # as ctypes does in a callback
-                os.kill(os.getpid(), signal.SIGTERM)
+            with contextlib.suppress(SystemExit, KeyboardInterrupt):  # as ctypes does
+                os.kill(os.getpid(), signum)
         calls.append(1)
         return original(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(engine, "_process", signalled_during_a_callback)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    with pytest.raises(SystemExit) as stopped:
-        run(tmp_path, "--metafits", str(sim.metafits_path), *map(str, sim.vis_paths),
-            "--out", str(out_dir / "o.uvfits"), "--no-rfi", "--workers", "1")  # fmt: skip
-    assert stopped.value.code == 128 + signal.SIGTERM
+    arguments = ("--metafits", str(sim.metafits_path), *map(str, sim.vis_paths),
+                 "--out", str(out_dir / "o.uvfits"), "--no-rfi", "--workers", "1")  # fmt: skip
+    if signum == signal.SIGTERM:
+        with pytest.raises(SystemExit) as stopped:
+            run(tmp_path, *arguments)
+        assert stopped.value.code == 128 + signal.SIGTERM
+    else:
+        assert run(tmp_path, *arguments) == 130
     assert len(calls) == 1 and list(out_dir.iterdir()) == []
 
 
