@@ -536,6 +536,18 @@ def _server_with_exit_deadline(config: Any) -> Any:
                 timer.start()
             super().handle_exit(sig, frame)
 
+        async def shutdown(self, sockets: Any = None) -> None:
+            # An idle TLS keep-alive connection would hold the stop for asyncio's TLS shutdown
+            # (up to 30 s waiting for the client's close_notify): with no response under
+            # way, nothing is lost by cutting it.
+            for connection in list(self.server_state.connections):
+                transport = getattr(connection, "transport", None)
+                cycle = getattr(connection, "cycle", None)
+                idle = cycle is None or cycle.response_complete
+                if idle and transport is not None and transport.get_extra_info("sslcontext"):
+                    transport.abort()
+            await super().shutdown(sockets)
+
     return DeadlineServer(config)
 
 

@@ -65,8 +65,6 @@ def test_https_login_sets_a_secure_cookie(tmp_path: Path) -> None:
     )
     try:
         wait_for(f"https://127.0.0.1:{port}/healthz", verify=str(cert))
-        # Closed before the server stops: asyncio's TLS shutdown waits for an idle
-        # keep-alive client's close_notify, and the stop took 20 s.
         with httpx.Client(
             base_url=f"https://127.0.0.1:{port}",
             verify=ssl.create_default_context(cafile=str(cert)),
@@ -77,6 +75,36 @@ def test_https_login_sets_a_secure_cookie(tmp_path: Path) -> None:
             assert client.get("/api/get_jobs").json() == []
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+    finally:
+        server.stop()
+
+
+def test_an_idle_https_keep_alive_connection_does_not_hold_a_stop(tmp_path: Path) -> None:
+    """asyncio's TLS shutdown waits up to 30 s for an idle client's close_notify: cut it."""
+    import socket
+    import subprocess
+
+    data_dir = tmp_path / "data"
+    seed(data_dir, None, [], api_key=API_KEY)
+    cert, key = self_signed_certificate(tmp_path)
+    port = free_port()
+    server = observatory_server(
+        data_dir, port, None, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)
+    )
+    try:
+        wait_for(f"https://127.0.0.1:{port}/healthz", verify=str(cert))
+        context = ssl.create_default_context(cafile=str(cert))
+        with (
+            socket.create_connection(("127.0.0.1", port)) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as idle,
+        ):
+            idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert idle.recv(4096).startswith(b"HTTP/1.1 200")  # then left open, idle
+            os.killpg(server.process.pid, signal.SIGTERM)
+            try:
+                server.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the stop waited for the idle client:\n{server.output()[-2000:]}")
     finally:
         server.stop()
 
