@@ -105,6 +105,23 @@ def test_any_line_ending_is_a_line_end() -> None:
         ]
 
 
+def test_a_quote_in_a_comment_does_not_swallow_the_lines_after_it() -> None:
+    """A comment's quote opened a csv field running to the next quote: the jobs between
+    were read as part of the comment and silently not submitted."""
+    text = (
+        '# metadata,"3 jobs\n'
+        "obs_id=1, job_type=d\n"
+        "obs_id=2, job_type=d\n"
+        '# 12" dish test\n'
+        "obs_id=3, job_type=d\n"
+    )
+    assert [(job.line_number, job.params["obs_id"]) for job in parse_job_csv(text)] == [
+        (2, "1"),
+        (3, "2"),
+        (5, "3"),
+    ]
+
+
 def test_a_byte_order_mark_is_not_part_of_the_first_key() -> None:
     # Excel's "CSV UTF-8" writes one.
     data = "obs_id=1320409688, job_type=d, download_type=vis\n".encode("utf-8-sig")

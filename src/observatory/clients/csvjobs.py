@@ -77,11 +77,11 @@ def parse_job_csv(text: str, *, allow_resubmit: bool = False) -> list[CsvJob]:
     """
     text = text.removeprefix("\ufeff")
     jobs = []
-    # Universal newlines, as reading the file in text mode gives: a bare \r is a line end
-    # (csv would refuse it inside a field).
-    reader = csv.reader(io.StringIO(text, newline=None))
-    for row in reader:
-        line_number = reader.line_num
+    # Line by line, as the file is numbered: a quote in one line (a comment's inch mark)
+    # must not open a field that runs over the lines after it, which would then be skipped
+    # with the comment. Universal newlines, as reading the file in text mode gives.
+    for line_number, line in enumerate(io.StringIO(text, newline=None), start=1):
+        row = next(csv.reader([line.rstrip("\n")]), [])
         if not row or not "".join(row).strip() or row[0].strip().startswith("#"):
             continue
         endpoint = None
