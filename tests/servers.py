@@ -148,6 +148,22 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
+@contextmanager
+def https_observatory_server(data_dir: Path) -> Iterator[tuple[Process, int, Path]]:
+    """``observatory serve`` with TLS (a self-signed certificate beside ``data_dir``) on a
+    free port, answering; yields (process, port, certificate) and stops it afterwards."""
+    cert, key = self_signed_certificate(data_dir.parent)
+    port = free_port()
+    server = observatory_server(
+        data_dir, port, None, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)
+    )
+    try:
+        wait_for(f"https://127.0.0.1:{port}/healthz", verify=str(cert))
+        yield server, port, cert
+    finally:
+        server.stop()
+
+
 def seed(
     data_dir: Path,
     database_url: str | None,

@@ -20,9 +20,9 @@ from servers import (
     dask_scheduler,
     dask_worker,
     free_port,
+    https_observatory_server,
     observatory_server,
     seed,
-    self_signed_certificate,
     wait_for,
     wait_until,
 )
@@ -58,13 +58,7 @@ def check_products(client: httpx.Client, data_dir: Path) -> None:
 def test_https_login_sets_a_secure_cookie(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     seed(data_dir, None, [], api_key=API_KEY)
-    cert, key = self_signed_certificate(tmp_path)
-    port = free_port()
-    server = observatory_server(
-        data_dir, port, None, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)
-    )
-    try:
-        wait_for(f"https://127.0.0.1:{port}/healthz", verify=str(cert))
+    with https_observatory_server(data_dir) as (_server, port, cert):
         with httpx.Client(
             base_url=f"https://127.0.0.1:{port}",
             verify=ssl.create_default_context(cafile=str(cert)),
@@ -75,8 +69,6 @@ def test_https_login_sets_a_secure_cookie(tmp_path: Path) -> None:
             assert client.get("/api/get_jobs").json() == []
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
-    finally:
-        server.stop()
 
 
 def test_an_idle_https_keep_alive_connection_does_not_hold_a_stop(tmp_path: Path) -> None:
@@ -86,13 +78,7 @@ def test_an_idle_https_keep_alive_connection_does_not_hold_a_stop(tmp_path: Path
 
     data_dir = tmp_path / "data"
     seed(data_dir, None, [], api_key=API_KEY)
-    cert, key = self_signed_certificate(tmp_path)
-    port = free_port()
-    server = observatory_server(
-        data_dir, port, None, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)
-    )
-    try:
-        wait_for(f"https://127.0.0.1:{port}/healthz", verify=str(cert))
+    with https_observatory_server(data_dir) as (server, port, cert):
         context = ssl.create_default_context(cafile=str(cert))
         with (
             socket.create_connection(("127.0.0.1", port)) as raw,
@@ -105,8 +91,6 @@ def test_an_idle_https_keep_alive_connection_does_not_hold_a_stop(tmp_path: Path
                 server.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 pytest.fail(f"the stop waited for the idle client:\n{server.output()[-2000:]}")
-    finally:
-        server.stop()
 
 
 def test_the_server_stops_on_sigterm_after_a_websocket_came_and_went(tmp_path: Path) -> None:

@@ -1208,17 +1208,11 @@ def test_downloads_over_https_with_a_private_ca(
     """TLS: the CA bundle of SSL_CERT_FILE is trusted; SSL_VERIFY=0 skips the check;
     an ``https_proxy`` is used as a CONNECT tunnel."""
     without_proxy_settings(monkeypatch)
-    from servers import self_signed_certificate
+    from servers import https_observatory_server
 
     data_dir = tmp_path / "data"
     seed(data_dir, None, [OBSID], api_key=API_KEY)
-    cert, key = self_signed_certificate(tmp_path)
-    port = free_port()
-    process = observatory_server(
-        data_dir, port, None, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)
-    )
-    try:
-        wait_for(f"https://127.0.0.1:{port}/healthz", verify=str(cert))
+    with https_observatory_server(data_dir) as (_server, port, cert):
         csv_path = tmp_path / "jobs.csv"
         csv_path.write_text(f"obs_id={OBSID}, job_type=d, download_type=vis_meta\n")
         env = {"MWA_ASVO_API_KEY": API_KEY, "MWA_ASVO_HOST": "127.0.0.1",
@@ -1263,8 +1257,6 @@ def test_downloads_over_https_with_a_private_ca(
             proxy.close()
         assert code == 0, output
         assert f"CONNECT 127.0.0.1:{port} HTTP/1.1" in proxy.request_lines
-    finally:
-        process.stop()
     assert len(list(out_dir.glob("*.tar"))) == 1
     assert len(list((tmp_path / "proxied").glob("*.tar"))) == 1
 
