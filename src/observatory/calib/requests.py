@@ -444,6 +444,7 @@ def deliver_callbacks(
                 )
                 if last + wait > now:
                     continue
+            # The ORM sets the claimed values on ``request`` too (no reading it back).
             claimed = session.execute(
                 update(CalibrationRequest)
                 .where(
@@ -455,13 +456,11 @@ def deliver_callbacks(
                     callback_attempts=CalibrationRequest.callback_attempts + 1,
                     callback_last_attempt_datetime=now,
                 )
-                .execution_options(synchronize_session=False)
             ).rowcount  # type: ignore[attr-defined]
             session.commit()
             if claimed != 1:  # another server took this attempt since the query above
-                session.expire(request)
+                session.expire(request)  # the values set on it are not the database's
                 continue
-            session.refresh(request)
             unforeseen: Exception | None = None
             try:
                 reply = httpx.post(
