@@ -29,6 +29,7 @@ from observatory.core.database import (
 )
 from observatory.core.errors import ServiceError
 from observatory.core.migrate import upgrade
+from observatory.core.text import is_ascii_digits
 from observatory.telescope.simulator import PointSource
 
 console = Console(soft_wrap=True)
@@ -311,7 +312,7 @@ def cmd_schedule_observation(args: argparse.Namespace) -> int:
 
 
 def _gps_start(text: str) -> int:
-    if not text.isdecimal():
+    if not is_ascii_digits(text):
         raise ValueError(f"--start {text!r} must be now or a GPS second")
     return int(text)
 

@@ -229,6 +229,10 @@ def test_each_job_type_is_queued_and_listed(client: TestClient) -> None:
         ("voltage_job", {"obs_id": str(VCS_OBS), "duration": "8"}, "Offset: Expected not None"),
         ("voltage_job", {"obs_id": str(VCS_OBS), "offset": "0", "duration": "999"}, "Duration: 999 is outside 1..16"),
         ("voltage_job", {"obs_id": str(VCS_OBS), "offset": "x", "duration": "8"}, "Offset: 'x' is not a whole number"),
+        # Full-width digits: int() reads them, no other MWA tool does.
+        ("download_vis_job", {"obs_id": "\uff11" * 10, "download_type": "vis"}, "not a 10-digit"),
+        ("voltage_job", {"obs_id": str(VCS_OBS), "offset": "\uff10", "duration": "8"}, "Offset: '\uff10' is not a whole number"),
+        ("voltage_job", {"obs_id": str(VCS_OBS), "offset": "0", "duration": "9" * 5000}, "Duration: '999"),
         ("voltage_job", {"obs_id": str(VCS_OBS), "offset": "0", "duration": "8", "channel_range": "true",
                          "from_channel": "200", "to_channel": "210"}, "none of the observation's coarse channels"),
         ("voltage_job", {"obs_id": str(VCS_OBS), "offset": "0", "duration": "8",

@@ -418,6 +418,8 @@ def test_wait_blocks_until_the_phase_changes(client: TestClient, app_settings: S
     assert text(job_doc(client, job_id, WAIT=30), "uws:phase") == "COMPLETED"
     assert time.monotonic() - started < 5
     assert client.get(f"/uws/asvo/{job_id}", params={"WAIT": "x"}).status_code == 400
+    assert client.get(f"/uws/asvo/{job_id}", params={"WAIT": "\uff11"}).status_code == 400
+    assert client.get(f"/uws/asvo/{job_id}", params={"WAIT": "9" * 5000}).status_code == 400
 
 
 # ----------------------------------------------------------------------------------------------

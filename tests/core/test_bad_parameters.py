@@ -16,6 +16,7 @@ from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory
 
 HUGE = "99999999999999999999999"  # more than 2**63
+FULL_WIDTH_12 = "\uff11\uff12"  # 12 in full-width digits
 
 
 @pytest.fixture
@@ -54,6 +55,13 @@ def client(settings: Settings) -> Iterator[TestClient]:
         ("/calib/add_cal_request", {"obs_id": "1", "asvo_job_id": "3000000000"}, "asvo_job_id"),
         # Anything but 1 used to mean "without the calibration", silently.
         ("/metadata/fits", {"obs_id": "1000000000", "include_calib": "true"}, "include_calib"),
+        # Other scripts' digits: isdecimal() and int() read full-width ones as numbers.
+        ("/calib/fit", {"fitid": FULL_WIDTH_12}, "fitid"),
+        ("/calib/get_cal_solution", {"obs_id": "\uff11" * 10}, "obsid"),
+        ("/metadata/find", {"mintime": FULL_WIDTH_12}, "mintime"),
+        # More digits than int() reads (4,300): its ValueError was a server error.
+        ("/metadata/find", {"page": "9" * 5000}, "page"),
+        ("/calib/fit", {"fitid": "9" * 5000}, "fitid"),
     ],
 )
 def test_out_of_range_numbers_are_a_clear_400(
@@ -89,7 +97,7 @@ def test_trigger_calls_name_a_bad_number_in_their_answer(
     assert any(named in error for error in answer["errors"].values()), answer["errors"]
 
 
-@pytest.mark.parametrize("job_id", [HUGE, "3000000000"])
+@pytest.mark.parametrize("job_id", [HUGE, "3000000000", FULL_WIDTH_12, "9" * 5000])
 def test_cancelling_a_job_id_beyond_any_database_integer(client: TestClient, job_id: str) -> None:
     assert client.post("/api/api_login", auth=("mantaray-clientv2.0", "key-of-alice")).is_success
     reply = client.get("/api/cancel_job", params={"job_id": job_id})

@@ -25,6 +25,7 @@ from observatory.core.config import Settings
 from observatory.core.database import MAX_SQL_ID, utcnow
 from observatory.core.errors import BadRequest, Forbidden, NotFound, ServiceError
 from observatory.core.gpstime import gps_to_utc_iso, now_gps
+from observatory.core.text import is_ascii_digits, is_ascii_integer
 from observatory.preprocess.options import (
     LEGACY_KEYS,
     ConversionOptions,
@@ -163,7 +164,7 @@ def _required(form: Mapping[str, str], key: str, label: str) -> str:
 
 def _observation(session: Session, form: Mapping[str, str]) -> Observation:
     text = _required(form, "obs_id", "Obs Id")
-    if not re.fullmatch(r"\d{10}", text):
+    if not re.fullmatch(r"[0-9]{10}", text):
         raise AsvoError(f"Obs Id: {text!r} is not a 10-digit observation id")
     observation = session.get(Observation, int(text))
     if observation is None or observation.deleted:
@@ -179,10 +180,9 @@ def _observation(session: Session, form: Mapping[str, str]) -> Observation:
 
 def _int_field(form: Mapping[str, str], key: str, label: str, low: int, high: int) -> int:
     text = _required(form, key, label)
-    try:
-        value = int(text)
-    except ValueError:
-        raise AsvoError(f"{label}: {text!r} is not a whole number") from None
+    if not is_ascii_integer(text):
+        raise AsvoError(f"{label}: {text!r} is not a whole number")
+    value = int(text)
     if not low <= value <= high:
         raise AsvoError(f"{label}: {value} is outside {low}..{high}")
     return value
@@ -487,12 +487,10 @@ def cancel_job(session: Session, user_id: int, job_text: str) -> Job:
     NotFound
         If the user has no such job.
     """
-    try:
-        job_id = int(job_text)
-    except (TypeError, ValueError):
-        raise AsvoError(f"Job Id: {job_text!r} is not a job id") from None
-    if not 0 < job_id <= MAX_SQL_ID:
+    text = str(job_text).strip()
+    if not is_ascii_digits(text) or not 0 < int(text) <= MAX_SQL_ID:
         raise AsvoError(f"Job Id: {job_text!r} is not a job id")
+    job_id = int(text)
     # Claimed by one UPDATE that matches only an unfinished job, so a job finishing at the same
     # moment is either cancelled or completed, never completed and then marked cancelled.
     claim = session.execute(

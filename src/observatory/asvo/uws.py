@@ -38,6 +38,7 @@ from observatory.core.config import Settings
 from observatory.core.database import utcnow
 from observatory.core.errors import BadRequest, Forbidden, NotFound
 from observatory.core.models import User
+from observatory.core.text import is_ascii_integer
 from observatory.core.web import whole_number_param
 
 UWS_NS = "http://www.ivoa.net/xml/UWS/v1.0"
@@ -99,7 +100,7 @@ UWS_JOB_TYPE = {
 #: UWS job control parameters (case-insensitive), kept apart from the ASVO parameters.
 CONTROL_PARAMETERS = frozenset({"phase", "runid"})
 
-_JOB_ID = re.compile(r"u([1-9]\d{0,8})|([1-9]\d{0,8})")
+_JOB_ID = re.compile(r"u([1-9][0-9]{0,8})|([1-9][0-9]{0,8})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,10 +241,9 @@ def parse_wait(text: str | None) -> float:
     """
     if text is None or not text.strip():
         return 0.0
-    try:
-        wait_s = int(text)
-    except ValueError:
-        raise BadRequest(f"WAIT: {text!r} is not a whole number of seconds") from None
+    if not is_ascii_integer(text.strip()):
+        raise BadRequest(f"WAIT: {text!r} is not a whole number of seconds")
+    wait_s = int(text)
     return MAX_WAIT_S if wait_s < 0 else min(float(wait_s), MAX_WAIT_S)
 
 

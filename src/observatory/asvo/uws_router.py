@@ -25,6 +25,7 @@ from observatory.asvo.router import cookie_user_id, download_url_builder
 from observatory.core.accounts import authenticate_api_key
 from observatory.core.config import Settings
 from observatory.core.errors import BadRequest, ServiceError, Unauthorized
+from observatory.core.text import is_ascii_digits
 from observatory.core.web import check_text_value, get_session, read_form
 
 XML = "text/xml"
@@ -252,7 +253,7 @@ def post_execution_duration(
     """Accepted and ignored (the server keeps 0, unlimited, as the standard allows): 303."""
     canonical = uws.canonical_id(session, user_id, job_id)
     value = _one(fields, "EXECUTIONDURATION") or ""
-    if not value.strip().isdecimal():  # 0 is "unlimited"; a negative duration means nothing
+    if not is_ascii_digits(value.strip()):  # 0 is "unlimited"; a negative duration means nothing
         raise BadRequest(f"EXECUTIONDURATION: {value!r} is not a whole number of seconds (>= 0)")
     return _see_other(f"{_jobs_url(request)}/{canonical}")
 

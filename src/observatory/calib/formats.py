@@ -17,6 +17,7 @@ import numpy as np
 from astropy.io import fits
 
 from observatory.core.storage import atomic_output
+from observatory.core.text import is_ascii_digits
 
 AOCAL_MAGIC = b"MWAOCAL\x00"
 AOCAL_HEADER = struct.Struct("<8s6I2d")  # intro, fileType, structureType, I, A, C, P, start, end
@@ -191,7 +192,7 @@ def read_hyperdrive(path: str | Path) -> CalSolutions:
         obsid_text = str(primary.get("OBSID", "")).strip()
         solutions = CalSolutions(
             jones=jones,
-            obsid=int(obsid_text) if obsid_text.isdecimal() else None,
+            obsid=int(obsid_text) if is_ascii_digits(obsid_text) else None,
             header={
                 key: primary[key]
                 for key in ("SOFTWARE", "CMDLINE", "MAXITER", "S_THRESH", "M_THRESH", "UVW_MIN", "UVW_MAX",

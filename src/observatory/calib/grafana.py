@@ -28,6 +28,7 @@ from observatory.calib.service import observation_tiles
 from observatory.core.config import Settings
 from observatory.core.errors import BadRequest
 from observatory.core.gpstime import gps_to_unix, utc_to_gps
+from observatory.core.text import is_ascii_digits
 from observatory.core.web import loads_request_json
 from observatory.telescope.instrument import tile_layout
 
@@ -144,7 +145,7 @@ def query(session: Session, settings: Settings, body: Mapping[str, Any]) -> list
             frames.append(_frame("sources", ref_id, [gps_to_unix(r.obsid) * 1000 for r in rows],
                                  [r.calibrator_source or "" for r in rows], kind="string"))  # fmt: skip
             continue
-        if not (name.startswith("rec") and name[3:].isdecimal()):
+        if not (name.startswith("rec") and is_ascii_digits(name[3:])):
             raise BadRequest(f"target {name!r} is not recNN or sources")
         frames += _receiver_frames(session, settings, int(name[3:]), ref_id, rows, payload)
     return frames
@@ -185,9 +186,9 @@ def _receiver_frames(
         raise BadRequest(f"clip {clip_text!r} is not a number or None") from None
     if clip is not None and not clip >= 0:
         raise BadRequest(f"clip {clip_text!r} must be a number of metres >= 0, or None")
-    if channel != "ANY" and not channel.isdecimal():
+    if channel != "ANY" and not is_ascii_digits(channel):
         raise BadRequest(f"channel {channel!r} is not a coarse channel number or ANY")
-    chosen = [r for r in rows if (channel == "ANY" or (channel.isdecimal() and int(channel) in (r.coarse_chans or [])))
+    chosen = [r for r in rows if (channel == "ANY" or (is_ascii_digits(channel) and int(channel) in (r.coarse_chans or [])))
               and (source == "ANY" or r.calibrator_source == source)]  # fmt: skip
     fits = {r.fitid: gps_to_unix(r.obsid) * 1000 for r in chosen}
     array_of = {obsid: _tiles_of(session, settings, obsid) for obsid in {r.obsid for r in chosen}}

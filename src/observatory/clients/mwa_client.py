@@ -126,7 +126,7 @@ def _download_job_id(value: str) -> int:
     """``-w`` value: a job id, or ``all`` / ``0`` for every ready job (0)."""
     if value.lower() == "all":
         return 0
-    if value.isdecimal():
+    if value.isascii() and value.isdecimal():
         return int(value)
     raise argparse.ArgumentTypeError(
         f"'{value}' is not valid for -w / --download-only. Try a Job Id, or 'all' for all jobs."
@@ -134,7 +134,7 @@ def _download_job_id(value: str) -> int:
 
 
 def _positive(value: str) -> int:
-    if not value.isdecimal() or int(value) < 1:
+    if not (value.isascii() and value.isdecimal()) or int(value) < 1:
         raise argparse.ArgumentTypeError(f"'{value}' must be a whole number of at least 1")
     return int(value)
 

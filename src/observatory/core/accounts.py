@@ -21,6 +21,7 @@ from observatory.core.security import (
     unsign_value,
     verify_secret,
 )
+from observatory.core.text import is_ascii_digits
 
 _USER_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,100}$")
 _PROJECT_ID = re.compile(r"^[A-Za-z0-9_]{1,20}$")
@@ -222,7 +223,7 @@ def session_user(session: Session, token: str | None, key: bytes, kind: SessionK
     if value is None:
         return None
     parts = value.split(":")
-    if len(parts) != 3 or parts[0] != kind or not parts[1].isdecimal():
+    if len(parts) != 3 or parts[0] != kind or not is_ascii_digits(parts[1]):
         return None
     user = session.get(User, int(parts[1]))
     if user is None:
@@ -231,7 +232,9 @@ def session_user(session: Session, token: str | None, key: bytes, kind: SessionK
         current = hmac.compare_digest(parts[2], user.api_key_fingerprint)
     else:
         ended = user.portal_sessions_valid_after
-        current = parts[2].isdecimal() and (ended is None or int(parts[2]) >= _microseconds(ended))
+        current = is_ascii_digits(parts[2]) and (
+            ended is None or int(parts[2]) >= _microseconds(ended)
+        )
     return user if current else None
 
 

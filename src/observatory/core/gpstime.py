@@ -12,6 +12,8 @@ from functools import lru_cache
 
 from astropy.time import Time
 
+from observatory.core.text import is_ascii_digits
+
 #: Largest GPS second we accept as an obsid (year ~2079); smaller than 2**32.
 MAX_GPS_SECONDS = 3_000_000_000
 
@@ -81,7 +83,7 @@ def parse_obsid(value: object, name: str = "obsid") -> int:
         a positive integer of at most 10 digits.
     """
     text = str(value).strip()
-    if not text.isdecimal():
+    if not is_ascii_digits(text):
         raise ValueError(f"{name} {value!r} is not a positive integer GPS second")
     obsid = int(text)
     if obsid <= 0 or obsid >= MAX_GPS_SECONDS:

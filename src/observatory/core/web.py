@@ -20,6 +20,7 @@ from observatory.core.database import MAX_SQL_INTEGER
 from observatory.core.errors import BadRequest
 from observatory.core.gpstime import parse_obsid, utc_to_gps
 from observatory.core.storage import Storage
+from observatory.core.text import is_ascii_digits
 
 
 def loads_request_json(text: str | bytes) -> Any:
@@ -131,7 +132,7 @@ def whole_number_param(
     and never above what a database column holds.
     """
     text = value.strip()
-    if not text.isdecimal():
+    if not is_ascii_digits(text):
         raise BadRequest(f"{name} must be {what}, not {value!r}")
     number = int(text)
     if number > high:
@@ -167,7 +168,7 @@ def gps_time_param(name: str, value: str | None) -> float | None:
     text = (value or "").strip()
     if not text:
         return None
-    if text.replace(".", "", 1).isdecimal():
+    if is_ascii_digits(text.replace(".", "", 1)):
         seconds = float(text)
         if seconds > MAX_SQL_INTEGER:
             raise BadRequest(f"{name} {value!r} is out of range (0 .. {MAX_SQL_INTEGER})")

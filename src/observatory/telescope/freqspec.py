@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 
+from observatory.core.text import is_ascii_digits
 from observatory.core.web import loads_request_json
 
 COARSE_CHAN_WIDTH_MHZ = 1.28
@@ -30,7 +31,7 @@ def coarse_channel_centre_mhz(channel: int) -> float:
 
 def _integer(spec: str, token: str) -> int:
     text = token.strip()
-    if not text.lstrip("-").isdecimal():  # isdigit() also takes '¹', which int() refuses
+    if not is_ascii_digits(text.lstrip("-")):  # isdigit() also takes '¹', which int() refuses
         raise FreqspecError(f"freqspec {spec!r}: token {token!r} is not an integer")
     return int(text)
 

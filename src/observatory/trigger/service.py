@@ -30,6 +30,7 @@ from observatory.core.config import Settings
 from observatory.core.database import MAX_SQL_ID, MAX_SQL_INTEGER
 from observatory.core.gpstime import gps_to_utc_iso, now_gps_precise
 from observatory.core.models import Project
+from observatory.core.text import is_ascii_digits
 from observatory.telescope import catalogue
 from observatory.telescope.freqspec import FreqspecError, coarse_channel_centre_mhz, parse_freqspec
 from observatory.telescope.instrument import (
@@ -1190,7 +1191,7 @@ def read_find_query(raw: Mapping[str, Any]) -> FindQuery:
         elif name in ("pretend", "success"):
             # The wiki's rule: 'on', 'true' or a non-zero integer mean true; anything else false.
             filters[name] = value.lower() in ("on", "true") or (
-                value.lstrip("-").isdecimal() and int(value) != 0
+                is_ascii_digits(value.lstrip("-")) and int(value) != 0
             )
         elif name in ("mintime_utc", "maxtime_utc"):
             try:
