@@ -11,6 +11,7 @@ from observatory import __version__
 from observatory.archive.router import router as metadata_router
 from observatory.asvo.models import JobState
 from observatory.asvo.router import router as asvo_router
+from observatory.asvo.service import ERROR_CODE_INVALID
 from observatory.asvo.uws_router import router as uws_router
 from observatory.calib.router import router as calib_router
 from observatory.core.config import Settings, get_settings
@@ -75,7 +76,8 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool = False) -> F
     app.state.engine = engine
     app.state.session_factory = session_factory
     app.state.archive_storage = Storage(settings.archive_dir)
-    install_error_handlers(app)
+    # The ASVO clients read error_code 0 as "invalid input" (1 makes giant-squid give up).
+    install_error_handlers(app, nul_error_codes={"/api/": ERROR_CODE_INVALID})
     install_observability(app, [state.value for state in JobState])  # /metrics, /readyz, ids
 
     @app.get("/healthz", tags=["operations"])

@@ -196,3 +196,15 @@ def test_a_negative_time_separation_is_refused_with_the_rule(client: TestClient)
     assert reply.json()["error"] == (
         "max_time_separation must be a whole number of seconds, 0 or more, not '-5'"
     )
+
+
+@pytest.mark.parametrize("endpoint", ["conversion_job", "download_vis_job", "voltage_job"])
+def test_a_nul_character_in_a_job_form_is_refused_as_invalid_input(
+    client: TestClient, endpoint: str
+) -> None:
+    """error_code 0 is the clients' "invalid input": with 1 giant-squid abandons the batch."""
+    assert client.post("/api/api_login", auth=("mantaray-clientv2.0", "key-of-alice")).is_success
+    for form in ({"obs_id": "1000000000\x00"}, {"obs_id": "1000000000", "note\x00": "x"}):
+        reply = client.post(f"/api/{endpoint}", data=form)
+        assert reply.status_code == 400, reply.text
+        assert reply.json()["error_code"] == 0 and "NUL" in reply.json()["error"], reply.json()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import logging
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -103,8 +104,9 @@ class RefuseNulParameters:
     handed on unchanged; other bodies (JSON, uploads) pass untouched.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, error_codes: Mapping[str, int] | None = None) -> None:
         self.app = app
+        self.error_codes = dict(error_codes or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -141,10 +143,14 @@ class RefuseNulParameters:
 
         await self.app(scope, replay, send)
 
-    @staticmethod
-    async def _refuse(scope: Scope, receive: Receive, send: Send) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = "request parameters must not contain NUL characters (%00)"
-        await JSONResponse(error_body(message, 1), status_code=400)(scope, receive, send)
+        path = scope.get("path", "")
+        code = next(
+            (code for prefix, code in self.error_codes.items() if path.startswith(prefix)),
+            ServiceError.error_code,
+        )
+        await JSONResponse(error_body(message, code), status_code=400)(scope, receive, send)
 
 
 class CatchUnhandledErrors:
@@ -198,15 +204,17 @@ class CatchUnhandledErrors:
             await response(scope, receive, send)
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, nul_error_codes: Mapping[str, int] | None = None) -> None:
     """Make every error reply of ``app`` JSON in the one shape (a page for browsers).
 
     Call it before :func:`~observatory.core.observability.install_observability`, so that
     unhandled errors are caught inside the request-id middleware (their log line and
-    reply carry the request's id).
+    reply carry the request's id). ``nul_error_codes`` maps path prefixes to the
+    ``error_code`` a request refused for a NUL character gets there (the ASVO's clients
+    read 0 as "invalid input", 1 as a server failure); elsewhere it is 1.
     """
     app.add_middleware(CatchUnhandledErrors)
-    app.add_middleware(RefuseNulParameters)
+    app.add_middleware(RefuseNulParameters, error_codes=nul_error_codes)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> Response:
