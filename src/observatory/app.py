@@ -19,6 +19,7 @@ from observatory.core.database import make_engine, make_session_factory
 from observatory.core.errors import install_error_handlers
 from observatory.core.observability import install_observability
 from observatory.core.storage import Storage
+from observatory.core.web import AnswerHeadAsGet
 from observatory.portal.router import router as portal_router
 from observatory.telescope.site import ensure_astropy_offline
 from observatory.trigger.router import router as trigger_router
@@ -76,6 +77,7 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool = False) -> F
     app.state.engine = engine
     app.state.session_factory = session_factory
     app.state.archive_storage = Storage(settings.archive_dir)
+    app.add_middleware(AnswerHeadAsGet)  # innermost: errors and metrics see the HEAD
     # The ASVO clients read error_code 0 as "invalid input" (1 makes giant-squid give up).
     install_error_handlers(app, nul_error_codes={"/api/": ERROR_CODE_INVALID})
     install_observability(app, [state.value for state in JobState])  # /metrics, /readyz, ids

@@ -87,6 +87,25 @@ def test_add_cal_request(
     assert no_data.status_code == 404 and "correlator data" in no_data.json()["error"]
 
 
+def test_get_calfile_for_obsid_with_any_gain_requests_a_calibrator_of_another_attenuation(
+    client: TestClient, session_factory: sessionmaker[Session]
+) -> None:
+    with session_factory() as session:
+        for obsid in (TARGET - 7200, TARGET + 3000):
+            calibrator = session.get(Observation, obsid)
+            assert calibrator is not None
+            calibrator.atten_db = 2.0
+        session.commit()
+    asked = {"obs_id": TARGET, "add_request": 1}
+    refused = client.get("/calib/get_calfile_for_obsid", params=asked)
+    assert refused.status_code == 400 and "for another attenuation" in refused.json()["error"]
+    assert requests_in(session_factory) == []
+    filed = client.get("/calib/get_calfile_for_obsid", params={**asked, "any_gain": 1})
+    assert filed.status_code == 200 and filed.content == b""
+    [request] = requests_in(session_factory)
+    assert (request.cal_id, request.target_obs_id) == (TARGET + 3000, TARGET)
+
+
 def test_callback_is_delivered_once_after_a_failing_receiver(
     client: TestClient,
     settings: Settings,

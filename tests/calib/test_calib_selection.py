@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -19,6 +20,7 @@ from observatory.calib import service
 from observatory.calib.formats import CalSolutions, read_aocal, read_hyperdrive
 from observatory.core.config import Settings
 from observatory.telescope.instrument import SPEED_OF_LIGHT_M_S, fine_chan_freqs_hz, tile_layout
+from servers import threaded_app_server
 
 TARGET = 1_400_000_000
 CHANS = list(range(109, 133))
@@ -188,6 +190,27 @@ def test_get_cal_solution_zip(client: TestClient, fits: dict[str, int], tmp_path
     )
     before = client.get("/calib/get_cal_solution", params={"obs_id": TARGET, "allow_after": 0})
     assert before.headers["x-calibration-fit-id"] == str(fits["before_newer"])
+
+
+def test_head_is_answered_as_the_get_without_its_body(
+    settings: Settings, fits: dict[str, int]
+) -> None:
+    """Served by uvicorn: HEAD was a 405 wherever a route declares only GET (RFC 9110 asks
+    every general-purpose server to answer it); routes that declare HEAD keep theirs."""
+    with threaded_app_server(create_app(settings)) as base, httpx.Client(base_url=base) as http:
+        url = f"/calib/get_cal_solution?obs_id={TARGET}"
+        got, head = http.get(url), http.head(url)
+        assert got.status_code == head.status_code == 200 and head.content == b""
+        assert head.headers["content-length"] == str(len(got.content))
+        for name in ("content-type", "content-disposition", "x-calibration-fit-id"):
+            assert head.headers[name] == got.headers[name]
+        bad = http.head("/calib/get_cal_solution?obs_id=abc")
+        assert bad.status_code == 400 and bad.content == b""
+        assert http.head("/healthz").status_code == 200
+        assert http.head("/api/api_login").status_code == 405  # POST only: no GET to answer
+        assert http.head("/no/such/page").status_code == 404
+        # The ASVO download declares HEAD itself: a forged link is refused there, not as a GET.
+        assert http.head("/api/download/1/x.tar?token=x").status_code == 403
 
 
 def test_nocache_rebuilds_the_solutions_from_the_fits(client: TestClient, tmp_path: Path) -> None:

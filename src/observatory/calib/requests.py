@@ -173,10 +173,12 @@ def _calibrators_near(
     *,
     recorded: bool,
     settings: Settings | None = None,
+    match_attenuation: bool = True,
 ) -> tuple[list[Observation], Counter[str]]:
     """Calibrator observations within range of ``target`` and compatible with it, nearest
     first: those with correlator data in the archive (``recorded``), or those without;
-    and how many in range each :func:`~observatory.calib.service.incompatibility` left out.
+    and how many in range each :func:`~observatory.calib.service.incompatibility` left out
+    (another attenuation only with ``match_attenuation``).
 
     With ``settings`` (where the archive is) and both metafits archived, a calibrator of
     other tiles than the target's is left out too (its fit would be indexed by antenna
@@ -195,12 +197,14 @@ def _calibrators_near(
     kept: list[Observation] = []
     rejected: Counter[str] = Counter()
     for calibrator in found:
-        reason = incompatibility(target, calibrator)
+        reason = incompatibility(target, calibrator, match_attenuation=match_attenuation)
         if reason is None and target_tiles is not None:
             # Only for a calibrator that passed the other checks: its tile ids are in its
             # metafits, read once per calibrator (and cached while the file is unchanged).
             same = matching_tiles(target_tiles, antenna_tiles(session, settings, calibrator.obsid))
-            reason = incompatibility(target, calibrator, same_tiles=same)
+            reason = incompatibility(
+                target, calibrator, match_attenuation=match_attenuation, same_tiles=same
+            )
         if reason is None:
             kept.append(calibrator)
         else:
@@ -215,13 +219,15 @@ def best_calibrator(
     max_time_separation_s: int,
     *,
     settings: Settings | None = None,
+    match_attenuation: bool = True,
 ) -> Observation:
     """The calibrator observation nearest ``target`` with its settings and correlator data
     in the archive (one without cannot be fitted).
 
     ``settings`` locates the archive: with it, a calibrator whose metafits has other tiles
     than the target's (each antenna index the same tile id) is not taken; without it, or
-    when either metafits is not archived, only the number of tiles is compared.
+    when either metafits is not archived, only the number of tiles is compared. Without
+    ``match_attenuation`` one of another attenuation is taken too (``any_gain``).
 
     Raises
     ------
@@ -229,12 +235,14 @@ def best_calibrator(
         If there is none within ``max_time_separation_s``.
     """
     matches, rejected = _calibrators_near(
-        session, target, max_time_separation_s, recorded=True, settings=settings
-    )
+        session, target, max_time_separation_s, recorded=True, settings=settings,
+        match_attenuation=match_attenuation,
+    )  # fmt: skip
     if not matches:
+        alike = "coarse channels, tiles and attenuation" if match_attenuation else "coarse channels and tiles"  # fmt: skip
         raise NotFound(
             f"no calibrator observation within {max_time_separation_s} s of obs_id {target.obsid} "
-            "with the same coarse channels, tiles and attenuation and its correlator "
+            f"with the same {alike} and its correlator "
             f"data in the archive: no fit can be calculated{rejection_note(rejected)}"
         )
     return matches[0]
@@ -288,8 +296,10 @@ def add_cal_request(
     asvo_job_id: int | None = None,
     max_time_separation_s: int = DEFAULT_MAX_TIME_SEPARATION_S,
     callback_url: str | None = None,
+    match_attenuation: bool = True,
 ) -> CalibrationRequest:
-    """File a request to fit the best calibrator observation for ``obsid`` (committed).
+    """File a request to fit the best calibrator observation for ``obsid`` (committed);
+    without ``match_attenuation``, the calibrator may have another attenuation.
 
     Raises
     ------
@@ -306,7 +316,10 @@ def add_cal_request(
     if asvo_job_id is not None:
         check_asvo_job(session, asvo_job_id)
     target = target_observation(session, obsid)
-    calibrator = best_calibrator(session, target, max_time_separation_s, settings=settings)
+    calibrator = best_calibrator(
+        session, target, max_time_separation_s, settings=settings,
+        match_attenuation=match_attenuation,
+    )  # fmt: skip
     request = CalibrationRequest(
         cal_id=calibrator.obsid, target_obs_id=target.obsid, asvo_job_id=asvo_job_id,
         callback_url=callback_url or None, realtime=asvo_job_id is not None,

@@ -220,7 +220,9 @@ def get_calfile_for_obsid(
     except NotFound as exc:
         if flag_param("add_request", add_request, default=False):
             try:
-                requests.add_cal_request(session, settings, obsid)
+                requests.add_cal_request(
+                    session, settings, obsid, match_attenuation=any_gain is None
+                )
             except NotFound as no_calibrator:  # "no fit" is a 400 here, as the MWA's was
                 raise BadRequest(f"{exc.message}; no fit could be requested: "
                                  f"{no_calibrator.message}") from no_calibrator  # fmt: skip

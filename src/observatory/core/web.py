@@ -15,6 +15,8 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from observatory.core.database import MAX_SQL_INTEGER
 from observatory.core.errors import BadRequest
@@ -204,3 +206,38 @@ def templates_for(package_dir: Path) -> Jinja2Templates:
     templates = Jinja2Templates(directory=str(package_dir / "templates"))
     templates.env.filters["size_text"] = size_text
     return templates
+
+
+class AnswerHeadAsGet:
+    """ASGI middleware: a HEAD request to a path only GET serves is answered as that GET,
+    without its body.
+
+    HTTP asks every general-purpose server to answer HEAD wherever it answers GET (RFC 9110,
+    9.3.2; ``curl -I`` and link checkers send it), and FastAPI's routes declare GET alone:
+    HEAD was a 405. The GET runs whole (its headers, Content-Length included, are the
+    GET's). A route that declares HEAD itself (the ASVO download, which answers without
+    reading the file) is left to do so.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD" or _routed(scope):
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
+def _routed(scope: Scope) -> bool:
+    """Whether a route of the application takes the request as it is (method and path)."""
+    routes = scope["app"].router.routes
+    return any(route.matches(scope)[0] == Match.FULL for route in routes)
