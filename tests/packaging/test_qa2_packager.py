@@ -855,6 +855,52 @@ def test_a_stray_uid_file_beside_the_execution_blocks_does_not_hide_them(
     assert listing(tmp_path / "2011.0.00229.S" / plan.member)["raw"] == EXPECTED["raw"]
 
 
+def casa_image(path: Path) -> None:
+    """A small real CASA image (python-casacore): a table whose type is ``Image``."""
+    import numpy as np
+    from casacore import images
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = images.image(str(path), shape=(1, 1, 4, 4))
+    image.putdata(np.ones((1, 1, 4, 4), dtype=np.float32))
+    del image  # flushed and closed
+
+
+def test_the_raw_asdm_and_casa_images_are_not_calibration_tables(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    """The ASDM ``importasdm`` reads sits in the EB directory, and images made from an EB's
+    data are named after it: neither is a calibration table, nor makes a products directory
+    an execution block (whose other files would be prefixed or left out)."""
+    sb = build_sb(tmp_path)
+    for asdm in (sb / "X8c" / X8C, sb / "X528" / f"{X528}.asdm.sdm"):
+        (asdm / "ASDMBinary").mkdir(parents=True)
+        (asdm / "ASDM.xml").write_text("<ASDM/>")
+        (asdm / "ASDMBinary" / "uid___A002_X3c9295_X8d").write_bytes(b"raw visibilities")
+    casa_image(sb / "X8c" / f"{X8C}.ms.split.cal.cont.image")  # a single-asdm habit
+    images = sb / "images"
+    casa_image(images / f"{X8C}.ms.split.cal.cont.image")
+    casa_image(images / "cubes" / f"{X528}.ms.split.cal.line.image")
+    (images / f"{X8C}.ms.split.cal.cont.fits").write_bytes(b"SIMPLE")
+    (images / "cubes" / "uid___A002_X3c9295_X1e0.line.fits").write_bytes(b"SIMPLE")  # other SB
+    (images / "casapy-imaging.log").write_text("log\n")
+    (images / "imaging-notes.txt").write_text("The continuum is weak.\n")
+    plan = package(sb, readme, tmp_path / "2011.0.00229.S", mode="fake")
+    member = tmp_path / "2011.0.00229.S" / plan.member
+    found = listing(member)
+    assert found["calibration"] == EXPECTED["calibration"]
+    assert sorted(p.name for p in (member / "calibration" / f"{X8C}.calibration").iterdir()) == [
+        f"{X8C}.ms.antpos", f"{X8C}.ms.split.ap_pre_bandpass", f"{X8C}.ms.split.bandpass"]  # fmt: skip
+    assert found["product"] == EXPECTED["product"] | {
+        f"{X8C}.ms.split.cal.cont.fits", "uid___A002_X3c9295_X1e0.line.fits"}  # fmt: skip
+    assert found["log"] == EXPECTED["log"] | {"casapy-imaging.log"}
+    assert "The continuum is weak." in (member / "README").read_text()
+    assert not any("ASDM" in p.name or p.name.endswith(".image") for p in member.rglob("*"))
+    notes = "\n".join(plan.notes)
+    assert f"{sb / 'X8c' / X8C} (the raw ASDM)" in notes
+    assert f"{images / X8C}.ms.split.cal.cont.image (a CASA image" in notes
+
+
 def test_every_execution_block_needs_its_split_and_its_calibration_script(
     tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
 ) -> None:

@@ -122,12 +122,46 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
+#: An execution block's own entries, after its uid: a directory holding one is an execution
+#: block's. Not any ``uid___...ms*`` name: images made from its data (``<uid>.ms.split.cal.cont.image``,
+#: their FITS) are kept in products directories too.
+EB_SUFFIXES = (".ms", ".ms.split", ".ms.split.cal", ".ms.scriptForCalibration.py")
+
+
 def eb_uid(directory: Path) -> str | None:
-    """The ASDM uid of an execution-block directory (from its ``uid___...ms*`` entries)."""
+    """The ASDM uid of an execution-block directory (from its ``<uid>`` + ``EB_SUFFIXES`` entries)."""
     for entry in sorted(directory.iterdir()):
         match = _UID.match(entry.name)
-        if match and ".ms" in entry.name:
+        if match and entry.name[match.end() :] in EB_SUFFIXES:
             return match.group(1)
+    return None
+
+
+def table_type(directory: Path) -> str | None:
+    """The casacore table type of ``directory`` (``Image``, ``Measurement Set``,
+    ``Calibration``...: its ``table.info`` first line), ``""`` for a table without one,
+    None when it is no table."""
+    if not (directory / "table.dat").is_file():
+        return None
+    try:
+        with (directory / "table.info").open(encoding="utf-8", errors="replace") as info:
+            first = info.readline()
+    except OSError:
+        return ""
+    name, separator, value = first.partition("=")
+    return value.strip() if separator and name.strip() == "Type" else ""
+
+
+def _raw_or_image(entry: Path) -> str | None:
+    """Why a directory of a reduction is not packaged although its name starts with the uid:
+    the raw ASDM (``importasdm``'s input, in the archive already) or a CASA image (its
+    FITS export is the product); None for anything else."""
+    if not entry.is_dir():
+        return None
+    if (entry / "ASDM.xml").is_file():
+        return "the raw ASDM"
+    if table_type(entry) == "Image":
+        return "a CASA image: its FITS export is the product"
     return None
 
 
@@ -151,6 +185,8 @@ def _classify_eb(plan: Plan, directory: Path, uid: str) -> None:
             plan.add(entry, "calibrated", name)
         elif name in (f"{uid}.ms", f"{uid}.ms.flagversions"):
             continue  # the raw measurement set is not delivered
+        elif (reason := _raw_or_image(entry)) is not None:
+            plan.notes.append(f"not packaged: {entry} ({reason})")
         elif name.endswith(".py"):
             plan.add(entry, "script", name, uid=uid)
         elif name.endswith(".fits"):  # a single-asdm SB keeps its images with the EB
@@ -179,11 +215,16 @@ def _classify_sb_file(plan: Plan, entry: Path, sb: Path, header: Path | None) ->
     name = entry.name
     if name == "calibrated.ms" or name.endswith(".ms"):
         return  # the combined measurement set is not packaged
-    if entry.is_dir():
-        for item in _entries(entry, recursive=True):  # products kept beside the EB directories
-            if not item.is_dir() and not any(
-                p.endswith(".ms") for p in item.relative_to(entry).parts[:-1]
-            ):
+    if entry.is_dir():  # products kept beside the EB directories, at any depth
+        if table_type(entry) is not None or (entry / "ASDM.xml").is_file():
+            # CASA images and other tables are not delivered as such (FITS exports are):
+            # each of their files would be a stray "not packaged" line.
+            plan.notes.append(f"not packaged: {entry} ({_raw_or_image(entry) or 'a CASA table'})")
+            return
+        for item in _entries(entry):
+            if item.is_dir() and item.is_symlink():  # followed only at the SB's level
+                plan.notes.append(f"not packaged: {item} (a symlinked directory inside {entry})")
+            else:
                 _classify_sb_file(plan, item, sb, header)
         return
     if header is not None and _same_file(entry, header):
