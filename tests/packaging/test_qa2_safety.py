@@ -10,6 +10,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -701,3 +706,63 @@ def test_undo_move_interrupted_before_a_put_back_link_is_in_place_is_finished_ag
     assert len(list(sb.rglob(f"*{qa2.TEMPORARY_SUFFIXES[0]}"))) == 1
     assert "put back 2 moved files" in qa2.undo_move(packpath)
     assert files_and_links(sb) == before and not packpath.exists()
+
+
+# Another user's files (fs.protected_hardlinks)
+
+NOBODY = 65534
+
+
+def _as_nobody(*arguments: str, cwd: Path = Path("/")) -> subprocess.CompletedProcess[str]:
+    """``qa-packager`` run as the user nobody (without root's right to link any file), in
+    ``cwd`` (the tests' own directories are root's alone)."""
+    code = "import sys; from observatory.packaging.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         sys.executable, "-c", code, *arguments],
+        capture_output=True, text=True, timeout=120, cwd=cwd,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def shared_reduction() -> Iterator[Path]:
+    """A reduction owned by root (files readable, not writable, by others) in a directory
+    everyone may write in: a team's shared reduction as another member sees it."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to act as another user")
+    if _as_nobody("--help").returncode != 0:
+        pytest.skip("this Python cannot be run as the user nobody")
+    if Path("/proc/sys/fs/protected_hardlinks").read_text().strip() != "1":
+        pytest.skip("fs.protected_hardlinks is off: any user may link any file")
+    root = Path(tempfile.mkdtemp(prefix="qa2-shared-", dir="/tmp"))
+    try:
+        tiny_sb(root)
+        (root / "README.header.txt").write_text("ALMA Cycle 0 data package\n")
+        for directory, _, names in os.walk(root):
+            os.chmod(directory, 0o777)
+            for name in names:
+                os.chmod(os.path.join(directory, name), 0o644)
+        yield root
+    finally:
+        shutil.rmtree(root)
+
+
+def test_hard_mode_refuses_another_users_files_before_writing(shared_reduction: Path) -> None:
+    sb, packpath = shared_reduction / "project" / "SB", shared_reduction / "2011.0.00229.S"
+    run = _as_nobody("--origpath", str(sb), "--readme", str(shared_reduction / "README.header.txt"),
+                     "--packpath", str(packpath), "--mode", "hard", cwd=shared_reduction)  # fmt: skip
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "belong to another user" in run.stderr and "fs.protected_hardlinks" in run.stderr
+    assert "mode='copy'" in run.stderr and "Traceback" not in run.stderr
+    assert sorted(p.name for p in shared_reduction.iterdir()) == ["README.header.txt", "project"]
+
+
+def test_move_mode_copies_another_users_files_it_may_not_link(shared_reduction: Path) -> None:
+    sb, packpath = shared_reduction / "project" / "SB", shared_reduction / "2011.0.00229.S"
+    before = files_and_links(sb)
+    run = _as_nobody("--origpath", str(sb), "--readme", str(shared_reduction / "README.header.txt"),
+                     "--packpath", str(packpath), "--mode", "move", cwd=shared_reduction)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert not validate_manifest(packpath)
+    for path, content in before.items():
+        assert Path(path).is_symlink() and Path(path).read_bytes().hex() == content, path

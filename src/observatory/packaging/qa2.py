@@ -1254,17 +1254,45 @@ def _through_symlinked_directories(sources: list[str], origin: Path) -> list[tup
 
 
 def _check_readable(plan: Plan, mode: str) -> None:
-    """Refuse before writing anything when a file the run must read cannot be read."""
+    """Refuse before writing anything when a file the run must read cannot be read, or
+    (hard mode) one the kernel will not let this user link.
+
+    Linux's ``fs.protected_hardlinks`` (on by default) refuses a hard link to another
+    user's file unless the linker may read and write it: in a reduction shared by a team,
+    hard mode would stop part-way at the first such file.
+    """
     reads = ("link",) if mode == "ticket" else ("copy", "link", "move")
-    unreadable = [
-        action.source_text
-        for action in plan.actions
-        if action.kind in reads
-        and action.source_text
-        and not os.access(action.source_text, os.R_OK)
+    sources = [
+        action.source_text for action in plan.actions if action.kind in reads and action.source_text
     ]
+    if mode != "hard":
+        unreadable = [source for source in sources if not os.access(source, os.R_OK)]
+    else:  # one access() per file, as for the other modes, when the files may be written
+        doubtful = [source for source in sources if not os.access(source, os.R_OK | os.W_OK)]
+        unreadable = [source for source in doubtful if not os.access(source, os.R_OK)]
+        euid = os.geteuid()
+        protected = [
+            source
+            for source in doubtful
+            if source not in unreadable and os.stat(source).st_uid != euid
+        ]
+        if protected and _protected_hardlinks():
+            raise PackagingError(
+                f"hard mode cannot link {_some(protected)}: they belong to another user and "
+                "you may not write them, so the kernel refuses to hard-link them "
+                "(fs.protected_hardlinks); nothing was written (use mode='copy', or ask their "
+                "owner to package them)"
+            )
     if unreadable:
         raise PackagingError(f"cannot read {_some(unreadable)}: nothing was written")
+
+
+def _protected_hardlinks() -> bool:
+    """Whether the kernel restricts hard links to files of other users (unknown: it does)."""
+    try:
+        return Path("/proc/sys/fs/protected_hardlinks").read_text().strip() != "0"
+    except OSError:
+        return True
 
 
 def _hard_link(
@@ -1283,6 +1311,11 @@ def _hard_link(
             raise PackagingError(
                 f"hard mode cannot link {source} into {os.path.dirname(destination)}: they are on "
                 "different file systems (use mode='copy')"
+            ) from exc
+        if exc.errno == errno.EPERM:  # changed since _check_readable, or another rule
+            raise PackagingError(
+                f"hard mode cannot link {source}: the kernel refuses (owned by another user, "
+                "or immutable); use mode='copy'"
             ) from exc
         raise
 
@@ -1432,7 +1465,8 @@ def move_with_symlink(source: Path, destination: Path) -> None:
     """Move one file and leave a symlink to it at the origin; safe to repeat after a crash.
 
     The origin path always exists: first the destination is made (a hard link on the same
-    file system, else a verified copy under a temporary name), then a symlink made under a
+    file system, else, or for another user's file the kernel will not link, a verified copy
+    under a temporary name), then a symlink made under a
     temporary name atomically replaces the origin file. Whatever point a crash interrupts,
     running this again finishes the move.
     """
@@ -1453,7 +1487,8 @@ def move_with_symlink(source: Path, destination: Path) -> None:
         try:
             os.link(source, destination)
         except OSError as exc:
-            if exc.errno != errno.EXDEV:
+            # EPERM: another user's file the kernel will not link (fs.protected_hardlinks).
+            if exc.errno not in (errno.EXDEV, errno.EPERM):
                 raise
             partial = destination.with_name(destination.name + ".qa-packager-partial")
             # On disk before the origin becomes a symlink to it: after a power cut the copy
@@ -1854,7 +1889,8 @@ def _put_back(moved: Path, link: Path) -> None:
 
 
 def _synced_verified_copy(source: Path, copy: Path, outcome: str, cause: OSError) -> None:
-    """Copy ``source`` to ``copy`` across file systems (``cause``: the refused link),
+    """Copy ``source`` to ``copy`` where it cannot be linked (``cause``: the refused link:
+    another file system, or another user's file),
     check its sha256 and sync it; a copy that differs is removed, and ``outcome`` said."""
     shutil.copy2(source, copy)
     if file_sha256(copy) != file_sha256(source):
