@@ -766,3 +766,16 @@ def test_move_mode_copies_another_users_files_it_may_not_link(shared_reduction: 
     assert not validate_manifest(packpath)
     for path, content in before.items():
         assert Path(path).is_symlink() and Path(path).read_bytes().hex() == content, path
+
+
+def test_clearing_passes_links_this_user_may_not_resolve(shared_reduction: Path) -> None:
+    """Looking for links into the package, clearing follows symlinked directories: one to
+    where links cannot be read (/proc/1/cwd, as a user) failed every clearing run."""
+    sb, packpath = shared_reduction / "project" / "SB", shared_reduction / "2011.0.00229.S"
+    arguments = ("--origpath", str(sb), "--readme", str(shared_reduction / "README.header.txt"),
+                 "--packpath", str(packpath), "--mode", "copy")  # fmt: skip
+    assert _as_nobody(*arguments, cwd=shared_reduction).returncode == 0
+    (sb / "X1" / "init").symlink_to("/proc/1")
+    again = _as_nobody(*arguments, cwd=shared_reduction)
+    assert again.returncode == 0, again.stderr
+    assert not validate_manifest(packpath)

@@ -514,15 +514,22 @@ def _first_link_into(origins: list[Path], packpath: Path) -> Path | None:
         # reduction. Each real directory is read once (a link to an ancestor is no loop).
         seen: set[str] = set()
         for directory, dirnames, filenames in os.walk(origin, followlinks=True):
-            real = os.path.realpath(directory)
+            try:
+                real = os.path.realpath(directory)
+            except OSError:  # below a link to where this user may not look (/proc/1/cwd)
+                dirnames.clear()
+                continue
             if real in seen:
                 dirnames.clear()
                 continue
             seen.add(real)
             for name in dirnames + filenames:
                 path = Path(directory, name)
-                if path.is_symlink() and Path(os.path.realpath(path)).is_relative_to(inside):
-                    return path
+                try:
+                    if path.is_symlink() and Path(os.path.realpath(path)).is_relative_to(inside):
+                        return path
+                except OSError:  # a link this user may not resolve (/proc's): not ours
+                    continue
     return None
 
 
