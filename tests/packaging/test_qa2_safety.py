@@ -16,6 +16,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -779,3 +780,67 @@ def test_clearing_passes_links_this_user_may_not_resolve(shared_reduction: Path)
     again = _as_nobody(*arguments, cwd=shared_reduction)
     assert again.returncode == 0, again.stderr
     assert not validate_manifest(packpath)
+
+
+# Ctrl-C
+
+
+def _interrupt_after(count: int, function: Any) -> Any:
+    """``function``, raising KeyboardInterrupt (Ctrl-C) once it has run ``count`` times."""
+    calls = []
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        if len(calls) == count:
+            raise KeyboardInterrupt
+        calls.append(args)
+        return function(*args, **kwargs)
+
+    return interrupted
+
+
+@pytest.mark.parametrize("mode", ["copy", "move"])
+def test_ctrl_c_says_what_the_run_left_and_exits_130(
+    tmp_path: Path,
+    readme: Path,
+    mode: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sb = tiny_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    if mode == "copy":
+        monkeypatch.setattr(qa2, "copy_and_hash", _interrupt_after(1, qa2.copy_and_hash))
+    else:
+        monkeypatch.setattr(qa2, "move_with_symlink", _interrupt_after(1, qa2.move_with_symlink))
+    arguments = ["--origpath", str(sb), "--readme", str(readme), "--packpath", str(packpath)]
+    assert cli.main([*arguments, "--mode", mode]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("qa-packager: interrupted\n") and "Traceback" not in err
+    if mode == "copy":
+        assert f"the run was undone: {packpath} is as it was before it" in err
+        assert not packpath.exists()
+    else:
+        assert "stopped part-way; nothing is lost" in err and "undo-move" in err
+        monkeypatch.undo()
+        assert cli.main([*arguments, "--mode", mode]) == 0  # the same move finishes it
+        assert not validate_manifest(packpath)
+
+
+def test_undo_move_of_the_current_directory(
+    tmp_path: Path,
+    readme: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``verify .`` inside an unfinished package says to run ``undo-move``: it must work there."""
+    sb = tiny_sb(tmp_path)
+    before = files_and_links(sb)
+    packpath = tmp_path / "2011.0.00229.S"
+    monkeypatch.setattr(qa2, "move_with_symlink", _interrupt_after(1, qa2.move_with_symlink))
+    arguments = ["--origpath", str(sb), "--readme", str(readme), "--packpath", str(packpath)]
+    assert cli.main([*arguments, "--mode", "move"]) == 130
+    monkeypatch.chdir(packpath)
+    assert cli.main(["verify", "."]) == 1
+    assert "undo-move" in capsys.readouterr().err
+    assert cli.main(["undo-move", "."]) == 0, capsys.readouterr().err
+    assert files_and_links(sb) == before

@@ -326,6 +326,13 @@ def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0 and "--max-size" in out and "20G" in out
 
 
+def test_a_bad_argument_exits_2_as_the_packagers_own(
+    capsys: pytest.CaptureFixture[str], package: Path
+) -> None:
+    code, _, err = run(capsys, "-n", NAME, str(package), "--bogus")
+    assert code == 2 and "unrecognized arguments: --bogus" in err
+
+
 def test_parse_size() -> None:
     assert parse_size("500M") == 500 * 1024**2
     assert parse_size("20G") == 20 * 1024**3

@@ -11,10 +11,23 @@ from pathlib import Path
 
 from observatory.packaging.qa2 import APPENDS, MODES, Action, package
 
+#: The exit code of a run stopped by Ctrl-C (SIGINT), as shells report one: 128 + 2.
+INTERRUPTED_EXIT_CODE = 130
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the packager (or ``qa-packager tarsplit|verify ...``); 0 on success, 1 otherwise."""
-    arguments = list(sys.argv[1:] if argv is None else argv)
+    """Run the packager (or ``qa-packager tarsplit|verify|undo-move ...``); 0 on success, 1
+    otherwise, 2 for bad arguments, 130 when interrupted (Ctrl-C), saying what it left."""
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt as exc:
+        print("qa-packager: interrupted", file=sys.stderr)
+        for note in getattr(exc, "__notes__", []):  # what the interrupted run left
+            print(_printable(f"qa-packager: {note}"), file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
+
+
+def _main(arguments: list[str]) -> int:
     if arguments[:1] == ["tarsplit"]:
         from observatory.packaging.tarsplit import main as tarsplit_main
 
@@ -181,7 +194,8 @@ def _undo_move(arguments: list[str]) -> int:
     parser.add_argument("package", type=Path, help="the package directory (its project code)")
     args = parser.parse_args(arguments)
     try:
-        print(_printable(undo_move(args.package)))
+        # Absolute, as verify takes it: the journal of "." lies beside the directory "." names.
+        print(_printable(undo_move(os.path.abspath(args.package))))
     except (ValueError, OSError) as exc:
         print(_printable(f"qa-packager undo-move: {exc}"), file=sys.stderr)
         return 1

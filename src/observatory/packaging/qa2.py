@@ -1704,7 +1704,9 @@ def package(
             unfinished = journal if journal is not None else Journal.of(pack)
             if mode != "move" and unfinished is not None:
                 _undo(pack, unfinished)
-            elif mode == "move" and isinstance(exc, Exception):
+                if isinstance(exc, KeyboardInterrupt):
+                    exc.add_note(f"the run was undone: {pack} is as it was before it")
+            elif mode == "move" and isinstance(exc, Exception | KeyboardInterrupt):
                 exc.add_note(
                     f"the move into {member} stopped part-way; nothing is lost: each file of "
                     f"{origin} is still in place or a symlink to its copy in the package. The "

@@ -62,7 +62,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import NoReturn
 
 from observatory.packaging.qa2 import PROJECT_CODE
 
@@ -825,14 +824,9 @@ def write_pieces(
     return finals
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        raise TarsplitError(message)
-
-
 def main(argv: Sequence[str]) -> int:
-    """``qa-packager tarsplit``: split a package into tars; 0 on success, 1 with the reason.
+    """``qa-packager tarsplit``: split a package into tars; 0 on success, 1 with the reason
+    (2 for bad arguments).
 
     Parameters
     ----------
@@ -844,7 +838,7 @@ def main(argv: Sequence[str]) -> int:
     int
         The exit code.
     """
-    parser = _ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="qa-packager tarsplit",
         description="Split a delivery package into tar files of bounded size "
         "(<project>_<NAME or MOUS uid>_NNN_of_MMM.tar, each with a .md5sum sidecar); the "
@@ -896,6 +890,6 @@ def main(argv: Sequence[str]) -> int:
     except (TarsplitError, OSError) as exc:
         print(f"qa-packager tarsplit: {exc}", file=sys.stderr)
         return 1
-    except SystemExit as exc:  # --help
+    except SystemExit as exc:  # --help (0), or a bad argument (2, as the packager's own)
         return exc.code if isinstance(exc.code, int) else 0
     return 0
