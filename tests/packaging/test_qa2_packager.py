@@ -1220,7 +1220,10 @@ def test_hard_mode_refuses_a_symlink_to_another_file_system_before_writing(
 
 
 def test_a_killed_run_is_undone_by_the_next(
-    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+    tmp_path: Path,
+    readme: Path,
+    build_sb: Callable[[Path], Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A copy ``append`` killed part-way: the next run removes its member and numbers it again."""
     import signal
@@ -1248,6 +1251,11 @@ def test_a_killed_run_is_undone_by_the_next(
     assert member2.is_dir() and (tmp_path / "2011.0.00229.S.qa-packager-journal.json").exists()
     plan = package(sb, readme, packpath, mode="copy", append="member", dry_run=True)
     assert plan.member.name == "member_ouss_id2" and plan.actions[0].kind == "undo"
+    journal = tmp_path / "2011.0.00229.S.qa-packager-journal.json"  # beside, not in the member
+    monkeypatch.chdir(tmp_path)  # packpath as a user gives it: relative
+    relative = package(sb, readme, packpath.name, mode="copy", append="member", dry_run=True)
+    assert relative.actions[0].describe(packpath / plan.member) == f"undo     {journal}"
+    monkeypatch.undo()
     time.sleep(0.01)
     plan = package(sb, readme, packpath, mode="copy", append="member")
     assert plan.member.name == "member_ouss_id2"
@@ -1316,7 +1324,11 @@ def test_one_run_at_a_time(tmp_path: Path, readme: Path, build_sb: Callable[[Pat
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(PackagingError, match="another qa-packager run is writing"):
             package(sb, readme, packpath, mode="copy")
-        package(sb, readme, packpath, mode="copy", dry_run=True)  # reading needs no lock
+        # A dry run takes no lock, but would plan against a package being written (and
+        # show the run's journal as one to undo): refused while a run holds it.
+        with pytest.raises(PackagingError, match="another qa-packager run is writing"):
+            package(sb, readme, packpath, mode="copy", dry_run=True)
+    package(sb, readme, packpath, mode="copy", dry_run=True)
     package(sb, readme, packpath, mode="copy")
 
 

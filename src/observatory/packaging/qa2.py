@@ -1623,6 +1623,8 @@ def package(
     # A run holds the package's lock from its first look at the package to its last write:
     # what it checks (another run's journal, what clearing would strand, the next member's
     # number) cannot change under it. A dry run only reads.
+    if dry_run:
+        _refuse_while_locked(pack)
     with contextlib.nullcontext() if dry_run else _lock(pack):
         journal = Journal.of(pack)
         undone: list[str] = []
@@ -1642,7 +1644,7 @@ def package(
             resumed = Path(journal.member)
         elif journal is not None and not journal.committed:
             if dry_run:  # planned as the package will be once the unfinished run is undone
-                undone.append(str(journal.path))
+                undone.append(os.path.abspath(journal.path))
             else:
                 undone.append(_undo(pack, journal))
                 journal = None
@@ -2004,6 +2006,31 @@ def _lock(packpath: Path) -> Iterator[None]:
         for directory in reversed(made):
             with contextlib.suppress(OSError):
                 directory.rmdir()  # only when empty
+
+
+def _refuse_while_locked(packpath: Path) -> None:
+    """A dry run, which takes no lock (it writes nothing), refuses while a run holds the
+    package: it would plan against a package being written, and show that run's journal
+    as one to undo.
+
+    Raises
+    ------
+    PackagingError
+        When another run holds the package's lock.
+    """
+    try:
+        fd = os.open(_lock_path(packpath), os.O_RDONLY)
+    except OSError:  # no lock file: no run (or one this user cannot see: it would say so)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        raise PackagingError(
+            f"another qa-packager run is writing {packpath}: wait for it to finish, then "
+            "run the dry run again"
+        ) from exc
+    finally:
+        os.close(fd)
 
 
 def _written(plan: Plan, pack: Path, mode: str) -> list[Path]:
