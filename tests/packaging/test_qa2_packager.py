@@ -582,13 +582,33 @@ def test_copies_keep_mode_and_times_and_report_progress(
     packpath = tmp_path / "2011.0.00229.S"
     plan = package(sb, readme, packpath, mode="copy", progress=done.append)
     planned = [a for a in plan.actions if a.kind != "write"]  # the README etc. are not progress
-    assert sorted(map(str, done)) == sorted(map(str, planned))
+    assert sorted(str(a) for a in done if a.kind != "hash") == sorted(map(str, planned))
+    # Copies are hashed as they are made: only the README is hashed after them.
+    assert [(a.destination_text, a.source_text) for a in done if a.kind == "hash"] == [
+        ("README", None)
+    ]
     copies = {a.source: packpath / plan.member / a.destination for a in plan.actions if a.source}
     for source in (script, big):
         copy, origin = copies[source].stat(), source.stat()
         assert copy.st_mode == origin.st_mode and copy.st_mtime_ns == origin.st_mtime_ns
         assert copies[source].read_bytes() == source.read_bytes()
     assert not validate_manifest(packpath)
+
+
+def test_a_move_reports_the_hashing_after_its_files(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    """A move hashes the whole package once its files are moved: minutes, for a big one,
+    which the progress bar showed as a silent pause."""
+    sb = build_sb(tmp_path)
+    done: list[Action] = []
+    packpath = tmp_path / "2011.0.00229.S"
+    plan = package(sb, readme, packpath, mode="move", progress=done.append)
+    member = packpath / plan.member
+    hashed = {a.destination_text: a.size_bytes for a in done if a.kind == "hash"}
+    assert done[-len(hashed) :] == [a for a in done if a.kind == "hash"]  # after the moves
+    files = [p for p in member.rglob("*") if p.is_file()]
+    assert hashed == {str(p.relative_to(member)): p.stat().st_size for p in files}
 
 
 def test_a_bad_copy_is_caught(

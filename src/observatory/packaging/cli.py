@@ -143,13 +143,23 @@ def _progress_bar(*, enabled: bool) -> Iterator[Callable[[Action], None] | None]
     if not enabled:
         yield None
         return
-    from rich.progress import Progress
+    from rich.filesize import decimal
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    with Progress(transient=True) as bar:
-        task = bar.add_task("packaging", total=None)
+    # The number of actions is not known here (the plan is made inside the run): what has
+    # been done is shown, files and bytes, and what is being done (a move's hashing, after
+    # its files, included).
+    columns = (SpinnerColumn(), TimeElapsedColumn(), TextColumn("{task.completed} done"),
+               TextColumn("{task.fields[done_bytes]}"), TextColumn("{task.description}"))  # fmt: skip
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task("packaging", total=None, done_bytes="")
+        done_bytes = 0
 
         def advance(action: Action) -> None:
-            bar.update(task, advance=1, description=f"{action.kind} {action.destination_text}")
+            nonlocal done_bytes
+            done_bytes += action.size_bytes
+            bar.update(task, advance=1, done_bytes=decimal(done_bytes),
+                       description=f"{action.kind} {action.destination_text}")  # fmt: skip
 
         yield advance
 

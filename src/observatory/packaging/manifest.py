@@ -65,21 +65,33 @@ _blocks = threading.local()
 THREADED_HASH_BYTES = 1 << 20
 
 
-def hash_files(paths: Sequence[str | os.PathLike[str]], *, workers: int = 2) -> list[str]:
+def hash_files(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    workers: int = 2,
+    on_hashed: Callable[[int, int], None] | None = None,
+) -> list[str]:
     """SHA-256 hex digests of ``paths``, in order.
 
     Large files are shared among ``workers`` threads while the calling thread hashes the
     small ones: for small files the per-file cost is Python's, which threads only contend for.
+    ``on_hashed(index, size_bytes)`` is called in the calling thread as each digest is had
+    (the small files' first, then the large ones' in order).
     """
     digests = [""] * len(paths)
-    large = [i for i, path in enumerate(paths) if os.stat(path).st_size >= THREADED_HASH_BYTES]
+    sizes = [os.stat(path).st_size for path in paths]
+    large = [i for i, size in enumerate(sizes) if size >= THREADED_HASH_BYTES]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = {i: pool.submit(file_sha256, paths[i]) for i in large}
         for i, path in enumerate(paths):
             if i not in futures:
                 digests[i] = file_sha256(path)
+                if on_hashed is not None:
+                    on_hashed(i, sizes[i])
         for i, future in futures.items():
             digests[i] = future.result()
+            if on_hashed is not None:
+                on_hashed(i, sizes[i])
     return digests
 
 
@@ -220,6 +232,7 @@ def write_manifest(
     workers: int = 2,
     known: Mapping[str, str] | None = None,
     durable: bool = False,
+    on_hashed: Callable[[str, int], None] | None = None,
 ) -> Path:
     """Hash every file of ``packpath/member`` into the package's manifest.
 
@@ -231,7 +244,8 @@ def write_manifest(
     lines). Otherwise it is not synced: a copied package a power cut left short is made
     again, and on ext4 the fsync waits for the copy's writeback (0.1 s of 2 GB's 1.2 s).
     ``known`` maps files (``os.path.join`` strings under ``packpath/member``) to digests
-    already computed, which are not hashed again.
+    already computed, which are not hashed again; ``on_hashed(file, size_bytes)`` is called
+    after each of the others is hashed (a move's whole package: progress for the user).
     """
     path = manifest_path(packpath)
     prefix = Path(packpath.name) / member
@@ -249,7 +263,10 @@ def write_manifest(
     )
     known = known or {}
     unknown = [file for file in files if file not in known]
-    digests = dict(zip(unknown, hash_files(unknown, workers=workers), strict=True))
+    report = None if on_hashed is None else (lambda i, size: on_hashed(unknown[i], size))
+    digests = dict(
+        zip(unknown, hash_files(unknown, workers=workers, on_hashed=report), strict=True)
+    )
     for file in files:
         kept[f"{prefix}{file[len(root) :]}"] = known.get(file) or digests[file]
     partial = path.with_name(path.name + ".partial")

@@ -788,7 +788,8 @@ class Action:
 
     ``kind`` is ``mkdir``, ``touch`` (a 0-byte stand-in), ``copy``, ``link`` (a hard link),
     ``split-ms`` (a measurement set rewritten with only its relevant data column) or ``move``
-    (moved, then a symlink to the destination left at the origin). The paths are kept as
+    (moved, then a symlink to the destination left at the origin); ``progress`` is also told
+    of each file hashed for the manifest after them (``hash``). The paths are kept as
     text (``source``/``destination`` give them as Paths): a plan holds an action per file,
     and building two Paths each cost as much as linking a small file.
     """
@@ -2076,7 +2077,18 @@ def _carry_out(
     if mode in ("copy", "hard", "move"):
         # Synced after a move (the only copy) or when earlier members' lines are in it.
         durable = mode == "move" or manifest_path(pack).exists()
-        write_manifest(pack, plan.member, workers=hash_workers, known=known, durable=durable)
+        hashed = None
+        if progress is not None:
+            report = progress
+            root = f"{member}/"
+
+            def hashed(file: str, size_bytes: int) -> None:
+                report(Action("hash", None, file.removeprefix(root), size_bytes))
+
+        write_manifest(
+            pack, plan.member, workers=hash_workers, known=known, durable=durable,
+            on_hashed=hashed,
+        )  # fmt: skip
         if verify:
             verify_against_sources(plan, pack)
 
