@@ -535,6 +535,12 @@ def test_ticket_files(tmp_path: Path, readme: Path, build_sb: Callable[[Path], P
             archive.read(f"{prefix}/README")
             == (tmp_path / "ticket" / "2011.0.00229.S" / ticket.member / "README").read_bytes()
         )
+    # The document's own append example is a fake run: the real tickets are kept.
+    tickets = {p: p.read_bytes() for p in (tmp_path / "ticket").glob("*.ticket.*")}
+    package(sb, readme, tmp_path / "ticket" / "2011.0.00229.S", mode="fake", append="member")
+    assert {p: p.read_bytes() for p in tickets} == tickets
+    package(sb, readme, tmp_path / "ticket" / "2011.0.00229.S", mode="fake")  # cleared: dummies
+    assert all(p.stat().st_size == 0 for p in tickets)
 
 
 def test_other_layouts_of_the_document(tmp_path: Path, readme: Path, example_project: Path) -> None:
@@ -904,7 +910,7 @@ def test_the_raw_asdm_and_casa_images_are_not_calibration_tables(
     (images / f"{X8C}.ms.split.cal.cont.fits").write_bytes(b"SIMPLE")
     (images / "cubes" / "uid___A002_X3c9295_X1e0.line.fits").write_bytes(b"SIMPLE")  # other SB
     (images / "casapy-imaging.log").write_text("log\n")
-    (images / "imaging-notes.txt").write_text("The continuum is weak.\n")
+    (images / "listobs.txt").write_text("Observed from 01-May-2012\n")  # not a note for the PI
     plan = package(sb, readme, tmp_path / "2011.0.00229.S", mode="fake")
     member = tmp_path / "2011.0.00229.S" / plan.member
     found = listing(member)
@@ -914,11 +920,13 @@ def test_the_raw_asdm_and_casa_images_are_not_calibration_tables(
     assert found["product"] == EXPECTED["product"] | {
         f"{X8C}.ms.split.cal.cont.fits", "uid___A002_X3c9295_X1e0.line.fits"}  # fmt: skip
     assert found["log"] == EXPECTED["log"] | {"casapy-imaging.log"}
-    assert "The continuum is weak." in (member / "README").read_text()
+    readme_text = (member / "README").read_text()
+    assert "Imaging notes for the PI." in readme_text and "Observed from" not in readme_text
     assert not any("ASDM" in p.name or p.name.endswith(".image") for p in member.rglob("*"))
     notes = "\n".join(plan.notes)
     assert f"{sb / 'X8c' / X8C} (the raw ASDM)" in notes
     assert f"{images / X8C}.ms.split.cal.cont.image (a CASA image" in notes
+    assert f"not packaged: {images / 'listobs.txt'}" in notes
 
 
 def test_every_execution_block_needs_its_split_and_its_calibration_script(

@@ -754,7 +754,7 @@ def test_hard_mode_refuses_another_users_files_before_writing(shared_reduction: 
                      "--packpath", str(packpath), "--mode", "hard", cwd=shared_reduction)  # fmt: skip
     assert run.returncode == 1, run.stdout + run.stderr
     assert "belong to another user" in run.stderr and "fs.protected_hardlinks" in run.stderr
-    assert "mode='copy'" in run.stderr and "Traceback" not in run.stderr
+    assert "use copy mode" in run.stderr and "Traceback" not in run.stderr
     assert sorted(p.name for p in shared_reduction.iterdir()) == ["README.header.txt", "project"]
 
 

@@ -205,12 +205,16 @@ def _classify_eb(plan: Plan, directory: Path, uid: str) -> None:
             plan.notes.append(f"not packaged: {entry}")
 
 
-def _classify_sb_file(plan: Plan, entry: Path, sb: Path, header: Path | None) -> None:
+def _classify_sb_file(
+    plan: Plan, entry: Path, sb: Path, header: Path | None, *, nested: bool = False
+) -> None:
     """A scheduling block's file (or a directory of its products) into the plan.
 
     A checklist becomes ``qa/<SB dir>.checklist.txt`` (as an execution block's is named
-    after its directory); other text files are notes for the PI, put in the README; the
-    README header itself, kept in the reduction, is not packaged (it heads the README).
+    after its directory); the SB's other text files are notes for the PI, put in the
+    README (those in its products directories, ``nested``, are not: listobs dumps, rms
+    lists); the README header itself, kept in the reduction, is not packaged (it heads the
+    README).
     """
     name = entry.name
     if name == "calibrated.ms" or name.endswith(".ms"):
@@ -225,7 +229,7 @@ def _classify_sb_file(plan: Plan, entry: Path, sb: Path, header: Path | None) ->
             if item.is_dir() and item.is_symlink():  # followed only at the SB's level
                 plan.notes.append(f"not packaged: {item} (a symlinked directory inside {entry})")
             else:
-                _classify_sb_file(plan, item, sb, header)
+                _classify_sb_file(plan, item, sb, header, nested=True)
         return
     if header is not None and _same_file(entry, header):
         plan.notes.append(f"not packaged: {entry} (the README header)")
@@ -239,7 +243,7 @@ def _classify_sb_file(plan: Plan, entry: Path, sb: Path, header: Path | None) ->
         plan.add(entry, "qa", f"{sb.name}.checklist.txt")
     elif _matches(name, QA2_PATTERNS):
         plan.add(entry, "qa", name)
-    elif name.endswith(".txt"):
+    elif name.endswith(".txt") and not nested:
         plan.notes.append(_read_text(entry, "notes file"))  # notes for the PI: into the README
     else:
         plan.notes.append(f"not packaged: {entry}")
@@ -501,7 +505,7 @@ def _refuse_if_linked_from(origins: list[Path], packpath: Path) -> None:
         raise PackagingError(
             f"{path} links into {packpath} (moved there by an earlier run): "
             "clearing the package would lose that data; refused (to add to the "
-            "package, use append='member' or 'group')"
+            "package, append a member or a group)"
         )
 
 
@@ -1162,7 +1166,7 @@ def _check_hard_mode(plan: Plan, origin: Path, packpath: Path) -> None:
     if os.stat(origin).st_dev != package_device:
         raise PackagingError(
             f"hard mode cannot link {origin} into {packpath}: they are on different file "
-            "systems (use mode='copy')"
+            "systems (use copy mode)"
         )
     elsewhere = [
         action.source_text
@@ -1174,7 +1178,7 @@ def _check_hard_mode(plan: Plan, origin: Path, packpath: Path) -> None:
     if elsewhere:
         raise PackagingError(
             f"hard mode cannot link {_some(elsewhere)} into {packpath}: on another file system "
-            "than the package (a symlink in the reduction names them; use mode='copy')"
+            "than the package (a symlink in the reduction names them; use copy mode)"
         )
     for action in plan.actions:
         if action.kind == "split-ms" and action.source is not None:
@@ -1209,7 +1213,7 @@ def _check_movable(plan: Plan, origin: Path) -> None:
     if linked:
         raise PackagingError(
             f"move mode cannot move symlinks (moved by an earlier run, or links to files "
-            f"elsewhere): {_some(linked)}; package them with mode='copy', or move the files "
+            f"elsewhere): {_some(linked)}; package them in copy mode, or move the files "
             "they name"
         )
     through = _through_symlinked_directories(moved, origin)
@@ -1219,7 +1223,7 @@ def _check_movable(plan: Plan, origin: Path) -> None:
             f"move mode cannot move files reached through a symlinked directory "
             f"({_some(directories)}): {_some([source for source, _ in through])}; moving them "
             "would move or strand what the link points at; nothing was moved (package them "
-            "with mode='copy', or put the directory itself in the reduction)"
+            "in copy mode, or put the directory itself in the reduction)"
         )
     # Each origin file is replaced by a symlink made beside it: its directory must be writable.
     directories = sorted(
@@ -1233,7 +1237,7 @@ def _check_movable(plan: Plan, origin: Path) -> None:
     if fixed:
         raise PackagingError(
             f"move mode must replace each moved file by a symlink, and cannot write in "
-            f"{_some(fixed)}: nothing was moved (make them writable, or use mode='copy')"
+            f"{_some(fixed)}: nothing was moved (make them writable, or use copy mode)"
         )
 
 
@@ -1288,7 +1292,7 @@ def _check_readable(plan: Plan, mode: str) -> None:
             raise PackagingError(
                 f"hard mode cannot link {_some(protected)}: they belong to another user and "
                 "you may not write them, so the kernel refuses to hard-link them "
-                "(fs.protected_hardlinks); nothing was written (use mode='copy', or ask their "
+                "(fs.protected_hardlinks); nothing was written (use copy mode, or ask their "
                 "owner to package them)"
             )
     if unreadable:
@@ -1318,12 +1322,12 @@ def _hard_link(
         if exc.errno == errno.EXDEV:
             raise PackagingError(
                 f"hard mode cannot link {source} into {os.path.dirname(destination)}: they are on "
-                "different file systems (use mode='copy')"
+                "different file systems (use copy mode)"
             ) from exc
         if exc.errno == errno.EPERM:  # changed since _check_readable, or another rule
             raise PackagingError(
                 f"hard mode cannot link {source}: the kernel refuses (owned by another user, "
-                "or immutable); use mode='copy'"
+                "or immutable); use copy mode"
             ) from exc
         raise
 
@@ -1519,13 +1523,20 @@ def _ticket_paths(packpath: Path) -> tuple[Path, Path]:
     )
 
 
-def write_tickets(plan: Plan, packpath: Path, member: Path, *, real: bool) -> tuple[Path, Path]:
+def write_tickets(
+    plan: Plan, packpath: Path, member: Path, *, real: bool, appending: bool = False
+) -> tuple[Path, Path]:
     """``<packpath>.ticket.tar`` and ``.ticket.zip``: README, QA files, scripts, expected size.
 
-    In fake mode (``real=False``) both are 0-byte dummies, as the source document says.
+    In fake mode (``real=False``) both are 0-byte dummies, as the source document says;
+    a fake run ``appending`` a member or group to a package leaves real ticket files of
+    an earlier run as they are (a dummy would lose them: only a run on the reduction
+    makes them again).
     """
     tar_path, zip_path = _ticket_paths(packpath)
     if not real:
+        if appending and any(p.is_file() and p.stat().st_size for p in (tar_path, zip_path)):
+            return tar_path, zip_path
         for path in (tar_path, zip_path):
             # A new file, not the old one emptied: a run sets the old one aside as a hard link.
             _replace_with(path, b"")
@@ -1699,7 +1710,10 @@ def package(
                 # A move that clears, killed between its journal and setting the old package
                 # aside (nothing has moved yet): set it aside now.
                 os.rename(pack, _set_aside(pack))
-            _carry_out(plan, pack, member, header_text, mode, progress, hash_workers, verify)
+            _carry_out(
+                plan, pack, member, header_text, mode, progress, hash_workers, verify,
+                appending=append != "",
+            )  # fmt: skip
         except BaseException as exc:
             # A run that cannot finish is undone: the package is as it was, and the next
             # ``append`` gets the same number. An interrupted move is finished by running it
@@ -1939,7 +1953,7 @@ def _refuse_to_clear_moved_data(packpath: Path, origin: Path) -> None:
         raise PackagingError(
             f"files were moved into {packpath} from {', '.join(gone)}, which no longer "
             f"exist{'s' if len(gone) == 1 else ''}: the package may hold their only copy, and "
-            "clearing it would lose them; refused (add with append='member' or 'group'; if "
+            "clearing it would lose them; refused (add to it as a member or a group; if "
             f"that data is safe elsewhere, delete {packpath} and {_moved_origins_path(packpath)} "
             "yourself)"
         )
@@ -2049,6 +2063,8 @@ def _carry_out(
     progress: Callable[[Action], None] | None,
     hash_workers: int,
     verify: bool,
+    *,
+    appending: bool,
 ) -> None:
     """Do the plan's actions, then write the README, ticket files and manifest."""
     member.mkdir(parents=True, exist_ok=True)
@@ -2073,7 +2089,7 @@ def _carry_out(
     readme_path = member / _readme_name(plan.member)
     readme_path.write_text(header_text + notes + "\n\nPackage contents:\n" + _tree(pack))
     plan.expected_size_bytes += readme_path.stat().st_size
-    write_tickets(plan, pack, member, real=mode != "fake")
+    write_tickets(plan, pack, member, real=mode != "fake", appending=appending)
     if mode in ("copy", "hard", "move"):
         # Synced after a move (the only copy) or when earlier members' lines are in it.
         durable = mode == "move" or manifest_path(pack).exists()
