@@ -100,7 +100,7 @@ def read_manifest(path: Path) -> dict[str, str]:
     if not path.exists():
         return {}
     entries: dict[str, str] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         digest, separator, name = line.partition("  ")
         if not separator or len(digest) != 64:
             raise ValueError(f"{path} line {number} is not '<sha256>  <path>': {line!r}")
@@ -270,7 +270,8 @@ def write_manifest(
     for file in files:
         kept[f"{prefix}{file[len(root) :]}"] = known.get(file) or digests[file]
     partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(f"{digest}  {name}\n" for name, digest in sorted(kept.items())))
+    lines = "".join(f"{digest}  {name}\n" for name, digest in sorted(kept.items()))
+    partial.write_text(lines, encoding="utf-8")  # names are UTF-8 (others are refused)
     if durable:
         sync_file(partial)
     os.replace(partial, path)

@@ -2087,7 +2087,9 @@ def _carry_out(
     )
     notes = "".join(f"\n{note}" for note in plan.notes if not note.startswith("not packaged:"))
     readme_path = member / _readme_name(plan.member)
-    readme_path.write_text(header_text + notes + "\n\nPackage contents:\n" + _tree(pack))
+    readme_path.write_text(
+        header_text + notes + "\n\nPackage contents:\n" + _tree(pack), encoding="utf-8"
+    )
     plan.expected_size_bytes += readme_path.stat().st_size
     write_tickets(plan, pack, member, real=mode != "fake", appending=appending)
     if mode in ("copy", "hard", "move"):
