@@ -211,8 +211,10 @@ def test_history_plots_go_by_observation_time(
         # one drawn before is no longer read, and is removed once the new one is drawn).
         to_draw = plots.cached_plot_path(session, settings, later_obs, "timediff")
         assert to_draw != drawn_before and not to_draw.exists()
+        unversioned = to_draw.with_name("timediff.png")  # as the cache named it before versions
+        unversioned.write_bytes(b"png of an older release")
         assert plots.plot_png(session, settings, later_obs, "timediff") == to_draw.read_bytes()
-        assert not drawn_before.exists()
+        assert not drawn_before.exists() and not unversioned.exists()
         assert plots.cached_plot_path(session, settings, later_obs, "tilediff").is_file()
         assert plots.cached_plot_path(session, settings, recent, "timediff").is_file()
         figure = plots.figure_of(session, this, "timediff")

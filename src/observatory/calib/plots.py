@@ -363,8 +363,8 @@ def plot_png(session: Session, settings: Settings, fit: CalibrationFit, kind: st
     temporary = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
     temporary.write_bytes(image)
     temporary.replace(path)
-    if kind in HISTORY_KINDS:  # drawn from fewer fits: never read again
-        for older in path.parent.glob(f"{kind}.*.png"):
+    if kind in HISTORY_KINDS:  # drawn from fewer fits (or, <kind>.png, before versions)
+        for older in [*path.parent.glob(f"{kind}.*.png"), path.parent / f"{kind}.png"]:
             if older != path:
                 older.unlink(missing_ok=True)
     return image
