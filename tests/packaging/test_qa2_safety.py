@@ -162,6 +162,19 @@ def test_a_name_that_is_not_utf8_is_refused_first(
     assert files_and_links(sb) == before and not packpath.exists()
 
 
+def _failing_after(count: int, function: Any, error: BaseException) -> Any:
+    """``function``, raising ``error`` once it has run ``count`` times."""
+    calls = []
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        if len(calls) == count:
+            raise error
+        calls.append(args)
+        return function(*args, **kwargs)
+
+    return failing
+
+
 def test_a_move_that_fails_says_what_state_the_reduction_is_in(
     tmp_path: Path,
     readme: Path,
@@ -170,16 +183,8 @@ def test_a_move_that_fails_says_what_state_the_reduction_is_in(
 ) -> None:
     sb = tiny_sb(tmp_path)
     packpath = tmp_path / "2011.0.00229.S"
-    real_move = qa2.move_with_symlink
-    calls = []
-
-    def failing(source: Path, destination: Path) -> None:
-        calls.append(source)
-        if len(calls) == 2:
-            raise OSError(errno.EIO, "Input/output error", str(source))
-        real_move(source, destination)
-
-    monkeypatch.setattr(qa2, "move_with_symlink", failing)
+    failure = OSError(errno.EIO, "Input/output error", "qa2_part1.png")
+    monkeypatch.setattr(qa2, "move_with_symlink", _failing_after(1, qa2.move_with_symlink, failure))
     code = cli.main(["--origpath", str(sb), "--readme", str(readme), "--packpath", str(packpath),
                      "--mode", "move"])  # fmt: skip
     err = capsys.readouterr().err
@@ -785,19 +790,6 @@ def test_clearing_passes_links_this_user_may_not_resolve(shared_reduction: Path)
 # Ctrl-C
 
 
-def _interrupt_after(count: int, function: Any) -> Any:
-    """``function``, raising KeyboardInterrupt (Ctrl-C) once it has run ``count`` times."""
-    calls = []
-
-    def interrupted(*args: Any, **kwargs: Any) -> Any:
-        if len(calls) == count:
-            raise KeyboardInterrupt
-        calls.append(args)
-        return function(*args, **kwargs)
-
-    return interrupted
-
-
 @pytest.mark.parametrize("mode", ["copy", "move"])
 def test_ctrl_c_says_what_the_run_left_and_exits_130(
     tmp_path: Path,
@@ -809,9 +801,13 @@ def test_ctrl_c_says_what_the_run_left_and_exits_130(
     sb = tiny_sb(tmp_path)
     packpath = tmp_path / "2011.0.00229.S"
     if mode == "copy":
-        monkeypatch.setattr(qa2, "copy_and_hash", _interrupt_after(1, qa2.copy_and_hash))
+        monkeypatch.setattr(
+            qa2, "copy_and_hash", _failing_after(1, qa2.copy_and_hash, KeyboardInterrupt())
+        )
     else:
-        monkeypatch.setattr(qa2, "move_with_symlink", _interrupt_after(1, qa2.move_with_symlink))
+        monkeypatch.setattr(
+            qa2, "move_with_symlink", _failing_after(1, qa2.move_with_symlink, KeyboardInterrupt())
+        )
     arguments = ["--origpath", str(sb), "--readme", str(readme), "--packpath", str(packpath)]
     assert cli.main([*arguments, "--mode", mode]) == 130
     err = capsys.readouterr().err
@@ -836,7 +832,9 @@ def test_undo_move_of_the_current_directory(
     sb = tiny_sb(tmp_path)
     before = files_and_links(sb)
     packpath = tmp_path / "2011.0.00229.S"
-    monkeypatch.setattr(qa2, "move_with_symlink", _interrupt_after(1, qa2.move_with_symlink))
+    monkeypatch.setattr(
+        qa2, "move_with_symlink", _failing_after(1, qa2.move_with_symlink, KeyboardInterrupt())
+    )
     arguments = ["--origpath", str(sb), "--readme", str(readme), "--packpath", str(packpath)]
     assert cli.main([*arguments, "--mode", "move"]) == 130
     monkeypatch.chdir(packpath)
