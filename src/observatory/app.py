@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from observatory import __version__
 from observatory.archive.router import router as metadata_router
@@ -67,7 +68,9 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool = False) -> F
                 dispatcher.stop()
             engine.dispose()
 
-    app = FastAPI(
+    # /docs and /redoc with Swagger UI and ReDoc served by the app (FastAPI's own load them
+    # from a CDN: blank pages where there is no internet, as on the observatory's nodes).
+    app = FastAPIOffline(
         title="observatory-services",
         version=__version__,
         description="Data services of an MWA-style radio observatory.",

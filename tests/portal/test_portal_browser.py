@@ -273,3 +273,30 @@ def test_another_site_cannot_use_the_portal_session(settings: Settings) -> None:
             assert state() == "cancelled"
     finally:
         engine.dispose()
+
+
+def test_the_api_docs_render_with_no_request_leaving_the_server(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """/docs and /redoc drew nothing offline: FastAPI's pages load Swagger UI and ReDoc from
+    a CDN. The app serves them itself: no script, style sheet, font or data comes from
+    elsewhere (ReDoc's "powered by" logo image does, and is simply missing offline)."""
+    needed = {"document", "script", "stylesheet", "font", "fetch", "xhr"}
+    with app_server(settings) as base, browser_page() as page:
+        elsewhere: list[str] = []
+
+        def record(request: Any) -> None:
+            own = request.url.removeprefix("blob:").startswith(base)  # blob: ReDoc's worker
+            if request.resource_type in needed and not own:
+                elsewhere.append(request.url)
+
+        page.on("request", record)
+        page.goto(f"{base}/docs")
+        conversion = page.locator(".opblock-summary-path", has_text="/api/conversion_job")
+        conversion.first.wait_for(timeout=30_000)
+        screenshot(page, "api-docs-swagger", tmp_path)
+        page.goto(f"{base}/redoc")
+        page.get_by_role("heading", name="observatory-services").first.wait_for(timeout=30_000)
+        assert page.get_by_text("/api/conversion_job").count() > 0
+        screenshot(page, "api-docs-redoc", tmp_path)
+        assert elsewhere == []
