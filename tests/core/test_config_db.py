@@ -55,6 +55,19 @@ def test_a_misspelled_setting_in_the_toml_is_an_error(
         Settings()
 
 
+def test_a_misspelled_environment_variable_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``OBSERVATORY_DATA_DRI`` was ignored: the command ran on ./observatory-data instead."""
+    monkeypatch.setenv("OBSERVATORY_DATA_DRI", "/srv/x")
+    with pytest.raises(ConfigFileError, match=r"OBSERVATORY_DATA_DRI names no setting \(did "
+                       r"you mean OBSERVATORY_DATA_DIR\?\)"):  # fmt: skip
+        Settings()
+    monkeypatch.delenv("OBSERVATORY_DATA_DRI")
+    # The project's variables that are no settings pass.
+    for name in ("OBSERVATORY_CONFIG", "OBSERVATORY_TRIGGER_URL", "OBSERVATORY_TEST_X"):
+        monkeypatch.setenv(name, "")
+    assert Settings().data_dir
+
+
 def test_migrations_from_empty(db_url: str) -> None:
     engine = make_engine(db_url)
     assert current_revision(engine) is None

@@ -11,6 +11,7 @@ import difflib
 import os
 import secrets
 import tomllib
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +26,8 @@ from pydantic_settings import (
 
 
 class ConfigFileError(ValueError):
-    """The file named by ``OBSERVATORY_CONFIG`` cannot be read as settings."""
+    """The file named by ``OBSERVATORY_CONFIG`` (or an ``OBSERVATORY_*`` variable) cannot be
+    read as settings."""
 
 
 #: Signing keys read from data directories, by path.
@@ -43,6 +45,38 @@ def _check_known_settings(path: str, document: dict[str, Any], known: set[str]) 
     raise ConfigFileError(
         f"config file {path} (OBSERVATORY_CONFIG): unknown setting {', '.join(unknown)}{hint}; "
         "keys are the settings' names without the OBSERVATORY_ prefix, in lower case"
+    )
+
+
+#: ``OBSERVATORY_*`` variables that are not settings: the config file's name, the
+#: conversion's parent process, the trigger client's URL, and the test suite's own.
+OTHER_VARIABLES = frozenset(
+    {"OBSERVATORY_CONFIG", "OBSERVATORY_CONVERSION_PARENT_PID", "OBSERVATORY_TRIGGER_URL",
+     "OBSERVATORY_SHARED_DATA"}
+)  # fmt: skip
+OTHER_VARIABLE_PREFIXES = ("OBSERVATORY_TEST_", "OBSERVATORY_REQUIRE_")
+
+
+def _check_known_variables(environ: Mapping[str, str], known: set[str]) -> None:
+    """A misspelled ``OBSERVATORY_*`` variable would be ignored, and the default used
+    without a word (``OBSERVATORY_DATA_DRI``): refuse it, naming the nearest setting."""
+    unknown = sorted(
+        name
+        for name in environ
+        if name.startswith("OBSERVATORY_")
+        and name not in OTHER_VARIABLES
+        and not name.startswith(OTHER_VARIABLE_PREFIXES)
+        and name.removeprefix("OBSERVATORY_").lower() not in known
+    )
+    if not unknown:
+        return
+    names = sorted(f"OBSERVATORY_{setting.upper()}" for setting in known)
+    nearest = difflib.get_close_matches(unknown[0], names, n=1)
+    hint = f" (did you mean {nearest[0]}?)" if nearest else ""
+    raise ConfigFileError(
+        f"environment variable {', '.join(unknown)} names no setting{hint}; a setting's "
+        "variable is OBSERVATORY_ and its name in capitals (docs/deploy.md, Settings and "
+        "secrets): unset it, or correct its name"
     )
 
 
@@ -114,6 +148,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        _check_known_variables(os.environ, set(settings_cls.model_fields))
         toml_path = os.environ.get("OBSERVATORY_CONFIG")
         if toml_path:
             if not Path(toml_path).is_file():
