@@ -323,6 +323,17 @@ def test_noise_has_the_requested_sigma_and_is_reproducible(tmp_path: Path) -> No
     assert other.vis_paths[0].read_bytes() != sim.vis_paths[0].read_bytes()
 
 
+def test_a_full_band_metafits_is_written_without_warnings(tmp_path: Path) -> None:
+    """CHANSEL of 24 channels cuts its comment as the MWA's own metafits do ("/ Indi"): astropy
+    warned of it at each observation the telescope recorded, in the server's log."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sim = simulate_observation(tmp_path, OBSID, n_tiles=4, coarse_chans=list(range(109, 133)),
+                                   fine_chan_khz=640, n_timesteps=1)  # fmt: skip
+    card = str(fits.getheader(sim.metafits_path).cards["CHANSEL"])
+    assert card.startswith("CHANSEL = '0,1,2,") and card.endswith("/ Indi")
+
+
 def test_truth_json_round_trip(sim8: SimulatedObservation) -> None:
     loaded = load_truth(sim8.truth_path)
     assert loaded.to_json_dict() == sim8.truth.to_json_dict()

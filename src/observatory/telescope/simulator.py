@@ -39,6 +39,7 @@ import math
 import os
 import secrets
 import threading
+import warnings
 from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -942,7 +943,11 @@ def _write_metafits(
         fits.Column("Calib_Gains", "24E", array=np.ones((n_rows, 24), dtype=np.float32)),
     ]
     table = fits.BinTableHDU.from_columns(columns, name="TILEDATA")
-    fits.HDUList([primary, table]).writeto(path, overwrite=True)
+    with warnings.catch_warnings():
+        # As in the MWA's own metafits, a long CHANSEL keeps only the start of its comment
+        # ("/ Indi" for 24 channels): astropy warns of it at each write, in the server's log.
+        warnings.filterwarnings("ignore", "Card is too long, comment will be truncated")
+        fits.HDUList([primary, table]).writeto(path, overwrite=True)
 
 
 def _gpubox_primary_header(
