@@ -154,6 +154,43 @@ def test_outputs_where_no_file_can_be_made_exit_2_naming_the_output(
     assert line == f"error: cannot write {out}: {reason}"
 
 
+@pytest.mark.parametrize(
+    ("name", "make", "reason"),
+    [
+        ("notes.ms", "directory", "it is a directory that holds no measurement set (no table.dat)"),
+        ("file.ms", "file", "it is a file, not a measurement set (a directory)"),
+        ("adir.uvfits", "directory", "it is a directory"),
+        ("both", "directory", "it is a directory"),  # both.uvfits, beside both.ms
+    ],
+)
+def test_an_output_of_another_kind_is_refused_before_any_work(
+    sim: SimulatedObservation,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    make: str,
+    reason: str,
+) -> None:
+    """A directory at a .ms path was deleted whatever it held; a directory at a .uvfits
+    path (or a file at a .ms path) failed with a traceback once the work was done, and with
+    --output both left the other output published."""
+    out = tmp_path / name
+    existing = out.with_suffix(".uvfits") if name == "both" else out
+    if make == "directory":
+        (existing / "sub").mkdir(parents=True)
+        (existing / "notes.txt").write_text("precious")
+    else:
+        existing.write_text("precious")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    output = ["--output", "both"] if name == "both" else []
+    code = run(tmp_path, "--metafits", str(sim.metafits_path), *map(str, sim.vis_paths),
+               "--out", str(out), "--no-rfi", *output)  # fmt: skip
+    assert code == 2
+    assert f"error: cannot write {existing}: {reason}" in capsys.readouterr().err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert "precious" in (existing / "notes.txt" if make == "directory" else existing).read_text()
+
+
 @pytest.mark.parametrize("workers", ["0", "-3"])
 def test_workers_must_be_positive(
     sim: SimulatedObservation, tmp_path: Path, capsys: pytest.CaptureFixture[str], workers: str

@@ -169,6 +169,7 @@ def check_writable(target: Path) -> None:
     if not parent.is_dir():
         what = "is not a directory" if parent.exists() else "does not exist"
         raise OutputError(f"cannot write {target}: the directory {parent} {what}")
+    _check_replaceable(target)
     try:
         with tempfile.NamedTemporaryFile(dir=parent, prefix=temporary_name(target.name, "probe")):
             pass
@@ -176,6 +177,38 @@ def check_writable(target: Path) -> None:
         if exc.errno == errno.ENOENT:  # /proc: the directory exists but takes no files
             exc = OSError(exc.errno, f"{parent} does not take new files")
         raise _output_error(target, exc) from None
+
+
+def _check_replaceable(target: Path) -> None:
+    """What is at ``target`` already may be replaced only by the same kind of output: a
+    file by a uvfits file, a measurement set by a measurement set. Anything else (a
+    directory named like a uvfits file, a file or another directory named like a
+    measurement set) is refused: it would be deleted, or fail once all the work is done.
+
+    Raises
+    ------
+    OutputError
+        Naming ``target`` and what is there.
+    """
+    if not os.path.lexists(target):
+        return
+    if OUTPUT_SUFFIXES.get(target.suffix.lower()) == "uvfits":
+        if target.is_dir():
+            raise OutputError(f"cannot write {target}: it is a directory (remove it, or "
+                              "give another --out)")  # fmt: skip
+        return
+    if target.is_symlink():
+        raise OutputError(f"cannot write {target}: it is a symlink (remove it, or give "
+                          "another --out)")  # fmt: skip
+    if not target.is_dir():
+        raise OutputError(f"cannot write {target}: it is a file, not a measurement set (a "
+                          "directory); remove it, or give another --out")  # fmt: skip
+    if not (target / "table.dat").is_file():
+        raise OutputError(
+            f"cannot write {target}: it is a directory that holds no measurement set "
+            "(no table.dat), which converting over it would delete; remove it, or give "
+            "another --out"
+        )
 
 
 @dataclass(frozen=True)
