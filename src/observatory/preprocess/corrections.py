@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from observatory.preprocess.reader import ObservationMeta
+from observatory.preprocess.reader import ObservationMeta, ReadError
 from observatory.telescope.instrument import SPEED_OF_LIGHT_M_S
 
 #: For each output pol (XX, XY, YX, YY): the pol (0 = X, 1 = Y) of antenna p and of antenna q.
@@ -166,6 +166,45 @@ def source_directions_enu(
     alt = altaz.alt.to_value(u.rad)
     az = altaz.az.to_value(u.rad)
     return np.stack([np.cos(alt) * np.sin(az), np.cos(alt) * np.cos(az), np.sin(alt)], axis=-1)
+
+
+def correlator_directions_enu(
+    meta: ObservationMeta, time_centres_gps_s: NDArray[np.float64]
+) -> NDArray[np.float64] | None:
+    """The direction (East, North, Up) the correlator phased the data to at each time, shape
+    (n_times, 3); None when it applied no geometric delays (metafits GEODEL 0).
+
+    Phasing such data to a direction ``s`` multiplies them by the factors of ``s`` minus
+    this direction (:func:`geometric_phasors` is linear in the direction): the
+    correlator's phasing is undone and the new one made in one step, and data already at
+    ``s`` are left as they are. Birli skips its correction for such data; it would then
+    leave them at the correlator's direction whatever phase centre was asked for.
+
+    Raises
+    ------
+    ReadError
+        For an ``AzElTracking`` observation whose metafits has no pointing RA and Dec, or
+        a kind of phasing mwalib does not name.
+    """
+    n_times = len(time_centres_gps_s)
+    applied = meta.geometric_delays_applied
+    if applied == "No":
+        return None
+    if applied == "Zenith":
+        return np.tile([0.0, 0.0, 1.0], (n_times, 1))
+    if applied == "TilePointing":  # the tiles' delays: a fixed azimuth and elevation
+        az, el = np.radians(meta.pointing_azel_deg)
+        direction = [np.cos(el) * np.sin(az), np.cos(el) * np.cos(az), np.sin(el)]
+        return np.tile(direction, (n_times, 1))
+    if applied == "AzElTracking":
+        if meta.pointing_radec_deg is None:
+            raise ReadError("the correlator tracked the pointing (GEODEL), whose RA and Dec "
+                            "the metafits does not give")  # fmt: skip
+        return source_directions_enu(meta.pointing_radec_deg, time_centres_gps_s)
+    raise ReadError(
+        f"geometric delays applied by the correlator as {applied!r} (GEODEL): "
+        "not a kind this converter knows"
+    )
 
 
 def geometric_phasors(

@@ -740,9 +740,11 @@ def preprocess(
         # Before the workers start: the first apparent-place computation in a process
         # parses astropy's IERS table, which takes three times as long when it competes
         # with the workers for the GIL.
-        directions = corrections.source_directions_enu(
-            plan.phase_centre[1:], native_starts + meta.int_time_s / 2
-        )
+        centres_gps = native_starts + meta.int_time_s / 2
+        directions = corrections.source_directions_enu(plan.phase_centre[1:], centres_gps)
+        applied = corrections.correlator_directions_enu(meta, centres_gps)
+        if applied is not None:  # phased by the correlator (GEODEL): phased again from there
+            directions = directions - applied
         # The workers write their chunks into the uvfits themselves (any process may write
         # its groups). A measurement set has one writer, this process: chunks come to it
         # in memory from threads, or from processes through a scratch file each (the

@@ -85,7 +85,12 @@ class ObservationMeta:
     phase_centre_radec_deg: tuple[float, float] | None
     pointing_radec_deg: tuple[float, float] | None
     cable_delays_applied: bool
-    geometric_delays_applied: bool
+    #: What the correlator phased the data to (metafits GEODEL, as mwalib names it):
+    #: ``No``, ``Zenith``, ``TilePointing`` (the pointing's fixed azimuth and elevation) or
+    #: ``AzElTracking`` (the pointing's RA and Dec, tracked).
+    geometric_delays_applied: str
+    #: The pointing's azimuth and elevation (degrees), where the tiles' delays point.
+    pointing_azel_deg: tuple[float, float]
     deripple_applied: bool
 
     @property
@@ -146,7 +151,8 @@ def read_metadata(metafits: str | os.PathLike[str]) -> ObservationMeta:
         phase_centre_radec_deg=_radec_or_none(phase_ra, phase_dec),
         pointing_radec_deg=_radec_or_none(point_ra, point_dec),
         cable_delays_applied="No" not in str(context.cable_delays_applied),
-        geometric_delays_applied="No" not in str(context.geometric_delays_applied),
+        geometric_delays_applied=str(context.geometric_delays_applied).rpartition(".")[2],
+        pointing_azel_deg=(float(context.az_deg), float(context.alt_deg)),
         deripple_applied=bool(context.deripple_applied),
     )
 
