@@ -912,14 +912,15 @@ def test_the_streamed_measurement_set_is_what_pyuvdata_writes(
     monkeypatch.setattr(measurement_set, "_ROWS_PER_PUT", 7)  # per-row columns in pieces too
     from observatory.preprocess.corrections import make_autos_hermitian
     from observatory.preprocess.measurement_set import MeasurementSetStream
-    from observatory.preprocess.reader import coarse_channel_freqs_hz, read_metadata
+    from observatory.preprocess.reader import read_metadata
     from observatory.preprocess.writer import OutputDescription, to_uvdata
+    from observatory.telescope.instrument import fine_chan_freqs_hz
 
     obs = simulate_observation(tmp_path / "obs", OBSID, n_tiles=4, coarse_chans=coarse_chans,
                                fine_chan_khz=320, n_timesteps=2, sources=[SOURCE])  # fmt: skip
     meta = read_metadata(obs.metafits_path)
     n_times, n_bl, n_chans = 6, meta.n_baselines, sum(chans_per_window)
-    freqs = np.concatenate([coarse_channel_freqs_hz(c, np.arange(n), 320e3, 4)
+    freqs = np.concatenate([fine_chan_freqs_hz(c, 320_000)[:n]
                             for c, n in zip(coarse_chans, chans_per_window, strict=True)])  # fmt: skip
     description = OutputDescription(
         meta=meta, time_centres_gps_s=OBSID + 1.0 + 2.0 * np.arange(n_times), freqs_hz=freqs,
@@ -986,13 +987,14 @@ def test_the_streamed_measurement_set_is_what_pyuvdata_writes(
 
 def stream_description(tmp_path: Path) -> tuple[object, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """A small output's description and its data (6 integrations, 8 channels)."""
-    from observatory.preprocess.reader import coarse_channel_freqs_hz, read_metadata
+    from observatory.preprocess.reader import read_metadata
     from observatory.preprocess.writer import OutputDescription
+    from observatory.telescope.instrument import fine_chan_freqs_hz
 
     obs = simulate_observation(tmp_path / "obs", OBSID, n_tiles=4, coarse_chans=(137, 138),
                                fine_chan_khz=320, n_timesteps=2, sources=[SOURCE])  # fmt: skip
     meta = read_metadata(obs.metafits_path)
-    freqs = np.concatenate([coarse_channel_freqs_hz(c, np.arange(4), 320e3, 4) for c in (137, 138)])
+    freqs = np.concatenate([fine_chan_freqs_hz(c, 320_000) for c in (137, 138)])
     description = OutputDescription(
         meta=meta, time_centres_gps_s=OBSID + 1.0 + 2.0 * np.arange(6), freqs_hz=freqs,
         channel_width_hz=320e3, int_time_s=2.0, phase_centre=("3C444", SOURCE.ra_deg, SOURCE.dec_deg),

@@ -350,3 +350,47 @@ def test_conversions_in_threads_leak_none_of_the_expected_warnings(tmp_path: Pat
     leaked = [str(w.message) for w in caught if "Recalculating uvw_array" in str(w.message)
               or "not submitted" in str(w.message) or "Fixing auto-correlations" in str(w.message)]  # fmt: skip
     assert not leaked
+
+
+def full_legacy_file(directory: Path) -> Path:
+    """The legacy test file at its metafits' 32 fine channels (the cut-down one tiled), which
+    mwalib reads: the cut-down files go through pyuvdata, which hid what mwalib's path did."""
+    mini = MWA_DATA / "1131733552_20151116182537_mini_gpubox01_00.fits"
+    path = directory / "1131733552_20151116182537_gpubox01_00.fits"
+    with fits.open(mini, do_not_scale_image_data=True) as hdus:
+        image = hdus[1]
+        tiled = fits.ImageHDU(np.tile(image.data, (32, 1)), header=image.header.copy(),
+                              do_not_scale_image_data=True)  # fmt: skip
+        fits.HDUList([hdus[0].copy(), tiled]).writeto(path)
+    return path
+
+
+def test_legacy_channels_read_by_mwalib_are_at_the_legacy_frequencies(tmp_path: Path) -> None:
+    """A legacy 40 kHz channel averages four 10 kHz ones: its centre is 15 kHz above MWAX's
+    rule (channel n/2 on the coarse centre), which mwalib's path used: cable and geometric
+    phases were made at the wrong frequencies, and the output's frequency axis was off."""
+    from pyuvdata import UVData
+
+    from observatory.preprocess.reader import MwalibReader
+
+    metafits, data = MWA_DATA / "1131733552.metafits", full_legacy_file(tmp_path)
+    reader = open_reader(metafits, [data])
+    assert isinstance(reader, MwalibReader)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pyuvdata's notes on the metafits
+        expected = UVData.from_file([str(metafits), str(data)], correct_cable_len=False,
+                                    correct_van_vleck=False, remove_dig_gains=False,
+                                    remove_coarse_band=False, flag_init=False,
+                                    phase_to_pointing_center=False,
+                                    propagate_coarse_flags=False).freq_array.ravel()  # fmt: skip
+    (coarse,) = reader.coarse_chans
+    np.testing.assert_array_equal(reader.channel_freqs_hz(coarse), expected)
+    out = tmp_path / "legacy.uvfits"
+    options = ConversionOptions.from_params(
+        {"no_rfi": "true", "avg_freq_res": "80", "allow_missing": "true"}
+    )
+    preprocess(metafits, [data], options, out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        written = UVData.from_file(str(out)).freq_array.ravel()
+    np.testing.assert_allclose(written, expected.reshape(-1, 2).mean(axis=1))

@@ -11,7 +11,8 @@ from pyuvdata import UVData
 from observatory.calib.formats import CalSolutions, write_aocal, write_hyperdrive
 from observatory.preprocess.engine import preprocess
 from observatory.preprocess.options import ConversionOptions
-from observatory.preprocess.reader import ReadError, coarse_channel_freqs_hz
+from observatory.preprocess.reader import ReadError
+from observatory.telescope.instrument import fine_chan_freqs_hz
 from observatory.telescope.simulator import PointSource, SimulatedObservation, simulate_observation
 
 OBSID = 1320409688
@@ -68,8 +69,7 @@ def scalar_jones(values: np.ndarray) -> np.ndarray:
 
 
 def band_freqs_hz(chans: tuple[int, ...], width_hz: float = 40e3) -> np.ndarray:
-    n = round(1.28e6 / width_hz)
-    return np.concatenate([coarse_channel_freqs_hz(c, np.arange(n), width_hz, n) for c in chans])
+    return np.concatenate([fine_chan_freqs_hz(c, round(width_hz)) for c in chans])
 
 
 def test_ao_cal_with_fewer_channels_than_the_data_is_refused(

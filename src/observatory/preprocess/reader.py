@@ -204,25 +204,13 @@ def _radec_or_none(ra_deg: float | None, dec_deg: float | None) -> tuple[float, 
     return None if ra_deg is None or dec_deg is None else (float(ra_deg), float(dec_deg))
 
 
-def coarse_channel_freqs_hz(
-    rec_chan: int, chan_index: NDArray[np.intp], width_hz: float, n_chans: int
-) -> NDArray[np.float64]:
-    """Centre frequencies of fine channels ``chan_index`` of a coarse channel split in ``n_chans``.
-
-    The channel with index ``n_chans // 2`` is centred on the coarse channel (MWAX
-    and mwalib's convention).
-    """
-    centre_hz = rec_chan * COARSE_CHAN_WIDTH_HZ
-    return np.asarray(centre_hz + (chan_index - n_chans // 2) * width_hz, dtype=np.float64)
-
-
 def fine_channel_indices(
     rec_chan: int, freqs_hz: NDArray[np.float64], width_hz: float
 ) -> NDArray[np.intp]:
-    """Index within coarse channel ``rec_chan`` of the fine channels centred at ``freqs_hz``.
-
-    The inverse of :func:`coarse_channel_freqs_hz` (for fine channels that split the
-    coarse channel evenly), also for the frequencies pyuvdata gives cut-down files.
+    """Index within coarse channel ``rec_chan`` of the fine channels centred at ``freqs_hz``
+    (the frequencies pyuvdata gives cut-down files): counted from the coarse channel's lower
+    edge, whichever convention places the centres (MWAX's, or the legacy correlator's
+    averages of 10 kHz channels, 15 kHz higher at 40 kHz).
     """
     lower_edge_hz = (rec_chan - 0.5) * COARSE_CHAN_WIDTH_HZ
     return np.floor((np.asarray(freqs_hz) - lower_edge_hz) / width_hz).astype(np.intp)
@@ -249,12 +237,20 @@ class MwalibReader:
             meta.int_time_s,
         )
         self.chans_per_coarse = meta.fine_chans_per_coarse
+        # mwalib's centres: the legacy correlator's channels average 10 kHz channels, so
+        # they are not MWAX's (channel n/2 on the coarse channel's centre): 15 kHz higher
+        # at 40 kHz, which the cable and geometric phases depend on.
+        described = context.metafits_context
+        all_freqs_hz = np.asarray(described.metafits_fine_chan_freqs_hz, dtype=np.float64)
+        self._freqs_hz = {
+            int(coarse.rec_chan_number): all_freqs_hz[
+                i * self.chans_per_coarse : (i + 1) * self.chans_per_coarse
+            ]
+            for i, coarse in enumerate(described.metafits_coarse_chans)
+        }
 
     def channel_freqs_hz(self, coarse_chan: int) -> NDArray[np.float64]:
-        n_chans = self.chans_per_coarse
-        return coarse_channel_freqs_hz(
-            coarse_chan, np.arange(n_chans), self.meta.fine_chan_width_hz, n_chans
-        )
+        return self._freqs_hz[coarse_chan]
 
     def read(self, coarse_chan: int, timesteps: range) -> RawChunk:
         meta = self.meta
@@ -286,9 +282,7 @@ class MwalibReader:
             vis=vis,
             weights=weights,
             chan_index=chan_index,
-            freqs_hz=coarse_channel_freqs_hz(
-                coarse_chan, chan_index, meta.fine_chan_width_hz, n_chans
-            ),
+            freqs_hz=self._freqs_hz[coarse_chan],
             time_start_gps_s=self.time_start_gps_s[timesteps.start : timesteps.stop],
         )
 
