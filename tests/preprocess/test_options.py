@@ -235,6 +235,10 @@ def test_legacy_phasecentre_is_a_custom_centre(text: str, ra_deg: float, dec_deg
         ({"phasecentre": "10.527.0"}, "expected 'RA Dec'"),  # spaces removed: ambiguous
         ({"centre_custom": "25h00m00s -10d00m00s"}, "RA must be in 0..24 h"),
         ({"phasecentre": "10 -95"}, "Dec in -90..90"),
+        # A typo, not 13:40:39 or 19h15m: it phased the data to a wrong position, silently.
+        ({"phasecentre": "12:99:99 5"}, "minutes and seconds must be below 60"),
+        ({"phasecentre": "18h75m00s -03d39m04s"}, "minutes and seconds must be below 60"),
+        ({"phasecentre": "18h33m41s -03d39m60s"}, "minutes and seconds must be below 60"),
         ({"phasecentre": "10 -9", "phase_centre_ra": "10"}, "not both"),
         ({"phasecentre": "10 -9", "centre": "pointing"}, "contradicts the other phase-centre"),
         ({"phasecentre": "10 -9", "usepcentre": "true"}, "contradicts the other phase-centre"),

@@ -98,9 +98,12 @@ _CENTRE_FORMS = (
 )
 
 
-def _sexagesimal(text: str) -> float:
-    """``12h34m56.7s`` / ``-12d34m56.7s`` / ``12:34:56.7`` / ``12.5`` as a number of units."""
+def _sexagesimal(text: str) -> float | None:
+    """``12h34m56.7s`` / ``-12d34m56.7s`` / ``12:34:56.7`` / ``12.5`` as a number of units;
+    None when minutes or seconds are not below 60 (``12:99:99`` is a typo, not 13:40:39)."""
     parts = [float(part) for part in re.split(r"[hdm:]", text.rstrip("s").lstrip("+-")) if part]
+    if any(part >= 60.0 for part in parts[1:]):
+        return None
     value = sum(part / 60.0**index for index, part in enumerate(parts))
     return -value if text.startswith("-") else value
 
@@ -120,8 +123,10 @@ def parse_centre(value: object) -> tuple[float, float]:
     if match is None:
         raise OptionError("phasecentre", value, _CENTRE_FORMS)
     ra_text, dec_text = match["ra"], match["dec"]
-    ra_deg = _sexagesimal(ra_text) * (15.0 if any(c in ra_text for c in "h:") else 1.0)
-    dec_deg = _sexagesimal(dec_text)
+    ra_units, dec_deg = _sexagesimal(ra_text), _sexagesimal(dec_text)
+    if ra_units is None or dec_deg is None:
+        raise OptionError("phasecentre", value, "minutes and seconds must be below 60")
+    ra_deg = ra_units * (15.0 if any(c in ra_text for c in "h:") else 1.0)
     if not 0.0 <= ra_deg < 360.0 or not -90.0 <= dec_deg <= 90.0:
         raise OptionError(
             "phasecentre", value, "RA must be in 0..24 h (0..360 degrees), Dec in -90..90 degrees"
