@@ -21,7 +21,7 @@ from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory
 from observatory.core.gpstime import now_gps
 from observatory.core.models import User
-from observatory.core.web import size_text
+from observatory.core.text import size_text
 
 OBS = 1320409688
 PASSWORD = "correct horse battery"

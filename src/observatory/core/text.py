@@ -1,4 +1,4 @@
-"""Reading numbers people type: ASCII digits only.
+"""Numbers as people type them (ASCII digits only) and read them (sizes).
 
 ``str.isdecimal`` and ``int`` also take other scripts' digits (``１２`` is 12 to both), so a
 check with ``isdecimal`` alone lets an obsid or a job id through in a form no other tool of
@@ -26,3 +26,18 @@ def is_ascii_integer(text: str) -> bool:
     """Whether ``text`` is a whole number in ASCII digits (at most ``MAX_DIGITS``) with an
     optional sign (``-3``, ``+5``)."""
     return _INTEGER.fullmatch(text) is not None
+
+
+def size_text(size_bytes: float) -> str:
+    """``20 kB``, ``1.5 MB``, ``2.1 GB``: a file's size for people (decimal units, as
+    the products' sizes are given elsewhere in MB of 10^6 bytes)."""
+    if size_bytes < 1000:
+        return f"{size_bytes:.0f} bytes"
+    text = ""
+    for unit, scale in (("kB", 1e3), ("MB", 1e6), ("GB", 1e9)):
+        value = size_bytes / scale
+        # Rounded first: 999,600 bytes is 1.0 MB, not 1000 kB.
+        text = f"{value:.{0 if value >= 99.95 else 1}f} {unit}"
+        if float(text.split()[0]) < 1000:
+            break
+    return text

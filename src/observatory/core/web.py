@@ -22,7 +22,7 @@ from observatory.core.database import MAX_SQL_INTEGER
 from observatory.core.errors import BadRequest
 from observatory.core.gpstime import parse_obsid, utc_to_gps
 from observatory.core.storage import Storage
-from observatory.core.text import is_ascii_digits
+from observatory.core.text import is_ascii_digits, size_text
 
 
 def loads_request_json(text: str | bytes) -> Any:
@@ -184,21 +184,6 @@ def gps_time_param(name: str, value: str | None) -> float | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return utc_to_gps(moment)
-
-
-def size_text(size_bytes: float) -> str:
-    """``20 kB``, ``1.5 MB``, ``2.1 GB``: a file's size for people (decimal units, as
-    the products' sizes are given elsewhere in MB of 10^6 bytes)."""
-    if size_bytes < 1000:
-        return f"{size_bytes:.0f} bytes"
-    text = ""
-    for unit, scale in (("kB", 1e3), ("MB", 1e6), ("GB", 1e9)):
-        value = size_bytes / scale
-        # Rounded first: 999,600 bytes is 1.0 MB, not 1000 kB.
-        text = f"{value:.{0 if value >= 99.95 else 1}f} {unit}"
-        if float(text.split()[0]) < 1000:
-            break
-    return text
 
 
 def templates_for(package_dir: Path) -> Jinja2Templates:

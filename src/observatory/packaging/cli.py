@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from observatory.core.text import size_text
 from observatory.packaging.qa2 import APPENDS, MODES, Action, package
 
 #: The exit code of a run stopped by Ctrl-C (SIGINT), as shells report one: 128 + 2.
@@ -143,7 +144,6 @@ def _progress_bar(*, enabled: bool) -> Iterator[Callable[[Action], None] | None]
     if not enabled:
         yield None
         return
-    from rich.filesize import decimal
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     # The number of actions is not known here (the plan is made inside the run): what has
@@ -158,7 +158,7 @@ def _progress_bar(*, enabled: bool) -> Iterator[Callable[[Action], None] | None]
         def advance(action: Action) -> None:
             nonlocal done_bytes
             done_bytes += action.size_bytes
-            bar.update(task, advance=1, done_bytes=decimal(done_bytes),
+            bar.update(task, advance=1, done_bytes=size_text(done_bytes),
                        description=f"{action.kind} {action.destination_text}")  # fmt: skip
 
         yield advance

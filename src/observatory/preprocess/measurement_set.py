@@ -34,11 +34,15 @@ from astropy.time import Time
 from numpy.typing import NDArray
 
 from observatory.core.storage import atomic_output
+from observatory.core.text import size_text
 from observatory.preprocess.uvfits import DEFAULT_BUFFER_BYTES, AtomicStream
 from observatory.preprocess.writer import OutputDescription, spectral_window_ids, to_uvdata
 
 #: Samples (pols x channels x rows) in a tile of the data columns (a complex tile: 256 KiB).
 _TILE_SAMPLES = 32768
+#: What a set takes beyond its rows' columns (subtables, table files): more than the 1.2 MB
+#: measured for a small one.
+_FIXED_OVERHEAD_BYTES = 4_000_000
 #: Rows of the per-row columns written at a time when the set is finished.
 _ROWS_PER_PUT = 1 << 20
 #: casacore's ``ColumnDesc::FixedShape`` option: every cell of the column has one shape.
@@ -131,15 +135,20 @@ class MeasurementSetStream(AtomicStream):
         free space is checked first (another writer can still take it meanwhile).
         """
         n_pols = len(self.uvd.polarization_array)
-        # Per sample: DATA 8 bytes, WEIGHT_SPECTRUM 4, FLAG a bit; per row about 150 bytes.
-        needed_bytes = self.n_blts * (self.n_chans * n_pols * (8 + 4 + 1 / 8) + 150)
+        # Per sample: DATA 8 bytes, WEIGHT_SPECTRUM 4, FLAG a bit; per row about 150 bytes;
+        # and the subtables, table files and tiles' rounding: about 1.2 MB for a small set,
+        # where a set of 1.6 MB by the first terms took 2.8 MB (and casacore aborted).
+        needed_bytes = (
+            self.n_blts * (self.n_chans * n_pols * (8 + 4 + 1 / 8) + 150) * 1.02
+            + _FIXED_OVERHEAD_BYTES
+        )
         stats = os.statvfs(self.path.parent)  # the temporary is made beside the target
         free_bytes = stats.f_bavail * stats.f_frsize
         if needed_bytes > free_bytes:
             raise OSError(
                 errno.ENOSPC,
-                f"cannot write {self.path}: it needs about {needed_bytes / 1e9:.2f} GB and "
-                f"{free_bytes / 1e9:.2f} GB are free (No space left on device)",
+                f"cannot write {self.path}: it needs about {size_text(needed_bytes)} and "
+                f"{size_text(free_bytes)} are free (No space left on device)",
             )
 
     def _make_array_columns(self) -> None:
