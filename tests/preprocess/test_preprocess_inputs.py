@@ -394,3 +394,24 @@ def test_legacy_channels_read_by_mwalib_are_at_the_legacy_frequencies(tmp_path: 
         warnings.simplefilter("ignore")
         written = UVData.from_file(str(out)).freq_array.ravel()
     np.testing.assert_allclose(written, expected.reshape(-1, 2).mean(axis=1))
+
+
+def test_a_truncated_cut_down_file_is_named_in_the_error(tmp_path: Path) -> None:
+    """pyuvdata's error named neither the file nor what was wrong with it."""
+    mini = MWA_DATA / "1320409688_20211108122750_mini_ch137_000.fits"
+    truncated = tmp_path / mini.name
+    truncated.write_bytes(mini.read_bytes()[:150_000])
+    options = ConversionOptions.from_params({"no_rfi": "true", "allow_missing": "true"})
+    with pytest.raises(ReadError, match=rf"cannot read {truncated} \(coarse channel 137; a "
+                       r"truncated or damaged correlator file\?\)"):  # fmt: skip
+        preprocess(MWA_DATA / "1320409688.metafits", [truncated], options, tmp_path / "o.uvfits")
+    assert not (tmp_path / "o.uvfits").exists()
+
+
+def test_the_ppds_metafits_of_a_metadata_download_is_refused_saying_which_to_give(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ReadError, match=r"_metafits_ppds.fits file lacks keys: give "
+                       r"<obsid>.metafits"):  # fmt: skip
+        open_reader(MWA_DATA / "1131733552_metafits_ppds.fits",
+                    [MWA_DATA / "1131733552_20151116182537_mini_gpubox01_00.fits"])  # fmt: skip

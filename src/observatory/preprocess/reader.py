@@ -118,7 +118,11 @@ def read_metadata(metafits: str | os.PathLike[str]) -> ObservationMeta:
     try:
         context = mwalib.MetafitsContext(str(path))
     except Exception as exc:  # mwalib raises its own exception types
-        raise ReadError(f"{path}: not a readable metafits ({exc})") from exc
+        hint = ""
+        if "QUACKTIM" in str(exc) or "_ppds" in path.name:
+            # The metafits a vis_meta download adds (<obsid>_metafits_ppds.fits) lacks keys.
+            hint = "; a _metafits_ppds.fits file lacks keys: give <obsid>.metafits"
+        raise ReadError(f"{path}: not a readable metafits ({exc}){hint}") from exc
     antennas = context.antennas
     n_ants = len(antennas)
     gains = np.ones((n_ants, 2, len(context.metafits_coarse_chans)))
@@ -334,10 +338,22 @@ class PyuvdataReader:
 
     def _read_uvdata(self, coarse_chan: int) -> Any:
         """One coarse channel's files through pyuvdata, every correction off."""
+        files = self._files[coarse_chan]
+        try:
+            return self._uvdata_from(files)
+        except (ValueError, OSError, KeyError, IndexError) as exc:
+            # pyuvdata's errors for a damaged file name neither file nor part ("cannot
+            # reshape array of size 36060 into shape (8256,8)").
+            raise ReadError(
+                f"cannot read {', '.join(map(str, files))} (coarse channel {coarse_chan}; a "
+                f"truncated or damaged correlator file?): {exc}"
+            ) from exc
+
+    def _uvdata_from(self, files: list[Path]) -> Any:
         from pyuvdata import UVData
 
         return UVData.from_file(
-            [str(self.metafits), *map(str, self._files[coarse_chan])],
+            [str(self.metafits), *map(str, files)],
             file_type="mwa_corr_fits",
             correct_cable_len=False,
             correct_van_vleck=False,
