@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from astropy.io import fits
 from astropy.time import Time
 from pyuvdata import UVData
 
@@ -335,6 +336,13 @@ def test_measurement_set_is_consistent_in_casacore_and_pyuvdata(
         ra, dec = fields.getcol("PHASE_DIR")[0, 0]
         assert np.degrees(ra) % 360 == pytest.approx(SOURCE.ra_deg, abs=1e-6)
         assert np.degrees(dec) == pytest.approx(SOURCE.dec_deg, abs=1e-6)
+    # The observation's span and project, which listobs shows (pyuvdata left [0, 0] and "").
+    with table(str(ms_path / "OBSERVATION"), ack=False) as observation:
+        start_gps = sim.truth.obsid
+        end_gps = start_gps + sim.truth.n_timesteps * sim.truth.timestep_duration_s
+        expected = Time([start_gps, end_gps], format="gps").utc.mjd * 86400.0
+        np.testing.assert_allclose(observation.getcell("TIME_RANGE", 0), expected, atol=1e-3)
+        assert observation.getcell("PROJECT", 0) == fits.getheader(sim.metafits_path)["PROJECT"]
     # The streamed uvfits carries the metadata pyuvdata itself would write for the same data.
     reference_path = tmp_path / "reference.uvfits"
     UVData.from_file(str(ms_path)).write_uvfits(str(reference_path))
@@ -753,8 +761,6 @@ def test_time_averaging_never_merges_integrations_a_minute_apart(tmp_path: Path)
 
 def _keep_timesteps(path: Path, steps: list[int]) -> None:
     """Rewrite an MWAX file with only the given timesteps (a data and a weights HDU each)."""
-    from astropy.io import fits
-
     with fits.open(path) as hdus:
         kept = [hdus[0].copy()] + [h.copy() for i in steps for h in hdus[1 + 2 * i : 3 + 2 * i]]
     fits.HDUList(kept).writeto(path, overwrite=True)
@@ -951,6 +957,13 @@ def test_the_streamed_measurement_set_is_what_pyuvdata_writes(
     all_flagged = [bool(np.all(cell)) for cell in ours["MAIN"]["FLAG"]]
     assert ours["MAIN"].pop("FLAG_ROW") == all_flagged and any(all_flagged)
     assert not any(theirs["MAIN"].pop("FLAG_ROW"))
+    # The observation's span and project; write_ms leaves [0, 0] and "".
+    observation = ours["OBSERVATION"]
+    span = Time(OBSID + np.array([0.0, 2.0 * n_times]), format="gps").utc.mjd * 86400.0
+    np.testing.assert_allclose(observation.pop("TIME_RANGE")[0], span, atol=1e-3)
+    assert observation.pop("PROJECT") == [meta.project_id]
+    assert theirs["OBSERVATION"].pop("PROJECT") == [""]
+    assert not np.any(theirs["OBSERVATION"].pop("TIME_RANGE")[0])
     # Written at different moments; and pyuvdata leaves SIGMA uninitialised where WEIGHT is 0.
     for contents in (ours, theirs):
         contents["HISTORY"].pop("TIME")
@@ -1240,8 +1253,6 @@ def test_data_the_correlator_phased_are_phased_from_where_it_left_them(
     time; now they are phased from the correlator's direction to the phase centre, so the
     output is what the same data unphased give."""
     import dataclasses
-
-    from astropy.io import fits
 
     from observatory.preprocess import corrections, engine
 

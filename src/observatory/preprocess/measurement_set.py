@@ -73,6 +73,7 @@ class MeasurementSetStream(AtomicStream):
         self.path = Path(path)
         self.buffer_bytes = buffer_bytes
         self.uvd = to_uvdata(description)  # metadata only
+        self.project_id = description.meta.project_id
         self.n_baselines = description.meta.n_baselines
         self.n_times = len(description.time_centres_gps_s)
         self.n_blts = self.n_times * self.n_baselines
@@ -367,10 +368,26 @@ class MeasurementSetStream(AtomicStream):
         ms_utils.write_ms_field(filepath, uvobj=uvd)
         ms_utils.write_ms_history(filepath, uvobj=uvd)
         ms_utils.write_ms_observation(filepath, uvobj=uvd)
+        self._write_observation_span(filepath)
         self._write_pointing(filepath)
         ms_utils.write_ms_polarization(filepath, pol_order=self.pol_order, uvobj=uvd)
         ms_utils.write_ms_source(filepath, uvobj=uvd)
         ms_utils.write_ms_spectral_window(filepath, uvobj=uvd)
+
+    def _write_observation_span(self, filepath: str) -> None:
+        """OBSERVATION's TIME_RANGE (first integration's start to last one's end, MJD
+        seconds) and PROJECT: pyuvdata leaves them [0, 0] and empty, and CASA's listobs
+        and plotms read the observation's span from there."""
+        from casacore import tables
+
+        uvd = self.uvd
+        first, last = np.argmin(uvd.time_array), np.argmax(uvd.time_array)
+        centres_s = Time(uvd.time_array[[first, last]], format="jd", scale="utc").mjd * 86400.0
+        halves_s = uvd.integration_time[[first, last]] / 2
+        span_s = np.array([centres_s[0] - halves_s[0], centres_s[1] + halves_s[1]])
+        with tables.table(filepath + "::OBSERVATION", ack=False, readonly=False) as observation:
+            observation.putcell("TIME_RANGE", 0, span_s)
+            observation.putcell("PROJECT", 0, self.project_id)
 
     def _write_pointing(self, filepath: str) -> None:
         """The POINTING table as pyuvdata's ``write_ms_pointing`` writes it (every antenna
