@@ -415,3 +415,13 @@ def test_the_ppds_metafits_of_a_metadata_download_is_refused_saying_which_to_giv
                        r"<obsid>.metafits"):  # fmt: skip
         open_reader(MWA_DATA / "1131733552_metafits_ppds.fits",
                     [MWA_DATA / "1131733552_20151116182537_mini_gpubox01_00.fits"])  # fmt: skip
+
+
+def test_a_data_file_given_twice_is_refused(sim: SimulatedObservation, tmp_path: Path) -> None:
+    """It was accepted silently (its data read twice)."""
+    (first, *rest) = sim.vis_paths
+    link = tmp_path / first.name
+    link.symlink_to(first)
+    for twice in ([first, first, *rest], [first, link, *rest]):
+        with pytest.raises(ReadError, match=r": given twice.*; give each data file once"):
+            open_reader(sim.metafits_path, twice)

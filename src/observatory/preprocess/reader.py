@@ -542,6 +542,13 @@ def open_reader(
     for path in [metafits_path, *paths]:
         if not path.is_file():
             raise ReadError(f"{path}: no such file")
+    seen: dict[tuple[int, int], Path] = {}
+    for path in paths:  # a shell glob given twice: its data would be read twice
+        found = path.stat()
+        first = seen.setdefault((found.st_dev, found.st_ino), path)
+        if first is not path:
+            also = "" if first == path else f" (as {first})"
+            raise ReadError(f"{path}: given twice{also}; give each data file once")
     meta = read_metadata(metafits_path)
     _check_obsids(metafits_path, meta.obsid, paths)
     for path in paths:
