@@ -575,3 +575,26 @@ def test_a_fit_calibrates_a_target_at_another_frequency_resolution(
     assert cached_aocal is not None
     with pytest.raises(ReadError, match="the calibration solution has 64 channels"):
         preprocess(metafits, files, options, tmp_path / "u.uvfits", solutions=cached_aocal)
+
+
+def test_a_dead_tile_with_the_lowest_id_is_not_the_reference(tmp_path: Path) -> None:
+    """A dead tile the metafits does not flag has solutions of noise: as calvin's reference
+    (the lowest tile id) it failed every other tile, and the error blamed them."""
+    from observatory.calib.pipeline import solve_observation, tile_fits
+    from observatory.telescope.simulator import simulate_observation
+
+    source = catalogue_point_source("3C353")
+    amplitudes = np.ones((16, 2, 4))
+    amplitudes[0] = 0.0  # the tile of the lowest id records nothing
+    sim = simulate_observation(tmp_path, 1450324816, n_tiles=16, coarse_chans=(109, 110, 111, 112),
+                               n_timesteps=4, sources=[source], calibrator=source.name,
+                               gain_amplitudes=amplitudes, delay_error_scatter_ns=2.0,
+                               noise_sigma_jy=1.0)  # fmt: skip
+    fits = tile_fits(solve_observation(sim.metafits_path, sim.vis_paths, source.name), 4)
+    assert dict(fits.failures) == {"with a phase residual spread above 0.6 rad": 1}
+    delays = np.array([row["x_delay_m"] for row in fits.rows], dtype=np.float64)
+    assert np.isnan(delays[0]) and np.isfinite(delays[1:]).all()
+    assert delays[1] == 0.0  # the next tile is the reference
+    errors_ns = load_truth(sim.truth_path).delay_errors_ns[:, 0]
+    expected_m = (errors_ns[1:] - errors_ns[1]) * 1e-9 * SPEED_OF_LIGHT_M_S
+    np.testing.assert_allclose(delays[1:], expected_m, atol=0.02)

@@ -178,6 +178,54 @@ def _phase_problem(phase: PhaseFit, limit_m: float | None) -> str | None:
     return None
 
 
+#: How many other tiles a reference candidate is tried against (see ``_reference_tile``).
+REFERENCE_CHECK_TILES = 3
+
+
+def _referenced_phase(
+    jones: NDArray[np.complex128], antenna: int, reference: int, element: int,
+    freqs_hz: NDArray[np.float64],
+) -> PhaseFit:  # fmt: skip
+    """The phase line of ``antenna``'s solutions relative to ``reference``'s (one Jones
+    element: 0 for X, 3 for Y). Raises ValueError with fewer than 2 usable chanblocks."""
+    with np.errstate(invalid="ignore", divide="ignore"):  # flagged chanblocks are NaN
+        referenced = jones[:, antenna, element] / jones[:, reference, element]
+    weights = np.isfinite(referenced).astype(np.float64)
+    return fit_phase_line(freqs_hz, referenced, weights, PHASE_FIT_NITER)
+
+
+def _reference_tile(
+    jones: NDArray[np.complex128], usable: NDArray[np.bool_], tile_ids: NDArray[np.int64],
+    freqs_hz: NDArray[np.float64], limit_m: float | None,
+) -> int:  # fmt: skip
+    """The reference tile: the lowest-id usable tile against which most of the next
+    ``REFERENCE_CHECK_TILES`` tiles give a delay measurement in both polarisations.
+
+    calvin's reference is the lowest tile id; but a dead tile the metafits does not flag
+    has finite solutions of noise, and every other tile referenced to it fails: one dead
+    tile lost the whole calibrator, the error blaming the others.
+    """
+    candidates = np.flatnonzero(usable)[np.argsort(tile_ids[usable], kind="stable")]
+    if len(candidates) == 0:
+        return 0
+
+    def measures(antenna: int, reference: int) -> bool:
+        try:
+            return all(
+                _phase_problem(_referenced_phase(jones, antenna, reference, element, freqs_hz),
+                               limit_m) is None
+                for element in (0, 3)
+            )  # fmt: skip
+        except ValueError:
+            return False
+
+    for candidate in candidates:
+        others = [int(a) for a in candidates if a != candidate][:REFERENCE_CHECK_TILES]
+        if not others or 2 * sum(measures(a, int(candidate)) for a in others) > len(others):
+            return int(candidate)
+    return int(candidates[0])  # none better: the tiles fail whatever the reference
+
+
 def tile_fits(solved: SolvedObservation, n_coarse_metafits: int) -> TileFits:
     """One ``calibration_solutions`` row per tile, calvin's way (NaN rows for failed tiles).
 
@@ -189,16 +237,17 @@ def tile_fits(solved: SolvedObservation, n_coarse_metafits: int) -> TileFits:
     (at least 2 usable chanblocks) within :func:`delay_limit_m`, of quality at least
     ``MIN_PHASE_FIT_QUALITY`` and residual spread at most ``MAX_PHASE_SIGMA_RESID_RAD``.
     Otherwise its row is NaN (a tile whose X or Y solutions are noise is flagged as a
-    whole, as hyperdrive reads a Jones with a NaN in it). The reference tile's delay is 0
-    by construction: it counts as calibrated only when another tile did.
+    whole, as hyperdrive reads a Jones with a NaN in it). The reference tile (the lowest
+    tile id that others measure against, :func:`_reference_tile`) has delay 0 by
+    construction: it counts as calibrated only when another tile did.
     """
     meta, freqs = solved.meta, solved.freqs_hz
     places = _channel_places(solved, n_coarse_metafits)
     jones = solved.solution.jones()  # (chan, antenna, 4): the AO-cal (inverse) solutions
     tile_ids = np.array(meta.antenna_numbers)
     usable = ~meta.flagged_antennas & np.isfinite(jones[:, :, 0]).any(axis=0)
-    reference = int(np.flatnonzero(usable)[np.argmin(tile_ids[usable])]) if usable.any() else 0
     limit_m = delay_limit_m(meta)
+    reference = _reference_tile(jones, usable, tile_ids, freqs, limit_m)
     nan = [math.nan] * n_coarse_metafits
     failed_row: dict[str, object] = {f"{pol}_{name}": value for pol in ("x", "y") for name, value in (
         ("delay_m", math.nan), ("intercept", math.nan), ("gains", nan), ("gains_pol0", nan),
@@ -220,11 +269,8 @@ def tile_fits(solved: SolvedObservation, n_coarse_metafits: int) -> TileFits:
         problem = None
         for pol, element in (("x", 0), ("y", 3)):
             raw = jones[:, antenna, element]
-            with np.errstate(invalid="ignore", divide="ignore"):  # flagged chanblocks are NaN
-                referenced = raw / jones[:, reference, element]
-            weights = np.isfinite(referenced).astype(np.float64)
             try:
-                phase = fit_phase_line(freqs, referenced, weights, PHASE_FIT_NITER)
+                phase = _referenced_phase(jones, antenna, reference, element, freqs)
             except ValueError:
                 problem = "with fewer than 2 usable chanblocks"
                 break
