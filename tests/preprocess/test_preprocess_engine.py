@@ -12,6 +12,7 @@ from astropy.io import fits
 from astropy.time import Time
 from pyuvdata import UVData
 
+from correlator_phasing import KINDS, phased_by_the_correlator
 from observatory.calib.formats import CalSolutions, write_aocal, write_hyperdrive
 from observatory.preprocess.engine import output_paths, preprocess
 from observatory.preprocess.options import ConversionOptions, OptionError, OutputFormat
@@ -1245,46 +1246,19 @@ def test_leftovers_of_killed_runs_are_removed_and_nothing_else(
     )
 
 
-@pytest.mark.parametrize("applied", ["Zenith", "TilePointing", "AzElTracking"])
+@pytest.mark.parametrize("applied", KINDS)
 def test_data_the_correlator_phased_are_phased_from_where_it_left_them(
     sim: SimulatedObservation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, applied: str
 ) -> None:
     """Metafits GEODEL: the correlator phased the data already. They were phased a second
     time; now they are phased from the correlator's direction to the phase centre, so the
     output is what the same data unphased give."""
-    import dataclasses
-
-    from observatory.preprocess import corrections, engine
-
-    header = fits.getheader(sim.metafits_path)
-    real_open = engine.open_reader
-
-    def correlator_direction(times_gps: np.ndarray) -> np.ndarray:
-        """Where the correlator pointed, from the metafits keys (not the converter's code)."""
-        if applied == "Zenith":
-            return np.tile([0.0, 0.0, 1.0], (len(times_gps), 1))
-        if applied == "TilePointing":
-            az, el = np.radians([header["AZIMUTH"], header["ALTITUDE"]])
-            return np.tile([np.cos(el) * np.sin(az), np.cos(el) * np.cos(az), np.sin(el)],
-                           (len(times_gps), 1))  # fmt: skip
-        return corrections.source_directions_enu((header["RA"], header["DEC"]), times_gps)
-
-    def phased_by_the_correlator(metafits: Path, files: list[Path]) -> object:
-        reader = real_open(metafits, files)
-        reader.meta = dataclasses.replace(reader.meta, geometric_delays_applied=applied)
-        read = reader.read
-
-        def read_phased(coarse_chan: int, timesteps: range) -> object:
-            chunk = read(coarse_chan, timesteps)
-            direction = correlator_direction(chunk.time_start_gps_s + reader.meta.int_time_s / 2)
-            chunk.vis *= corrections.geometric_phasors(reader.meta, direction, chunk.freqs_hz)
-            return chunk
-
-        reader.read = read_phased  # type: ignore[method-assign]
-        return reader
+    from observatory.preprocess import engine
 
     expected, _, _ = cube(convert(sim, tmp_path / "unphased.uvfits", no_rfi="true")[0])
-    monkeypatch.setattr(engine, "open_reader", phased_by_the_correlator)
+    monkeypatch.setattr(
+        engine, "open_reader", phased_by_the_correlator(engine.open_reader, applied)
+    )
     got, _, _ = cube(convert(sim, tmp_path / "phased.uvfits", no_rfi="true")[0])
     scale = np.abs(expected).max()
     np.testing.assert_allclose(got, expected, atol=1e-5 * scale)

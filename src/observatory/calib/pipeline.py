@@ -113,12 +113,15 @@ def solve_observation(
             cable=not meta.cable_delays_applied, digital_gains=True, passband=not meta.deripple_applied,
         )  # fmt: skip
         vis = chunk.vis * factors[None] if factors is not None else chunk.vis
+        centres = chunk.time_start_gps_s + meta.int_time_s / 2.0
+        applied = corrections.correlator_directions_enu(meta, centres)
+        if applied is not None:  # phased by the correlator (GEODEL): the model is unphased
+            vis = vis * corrections.geometric_phasors(meta, -applied, chunk.freqs_hz)
         weights = (np.asarray(chunk.weights) > 0).all(axis=-1).astype(np.float64)
         weights = np.broadcast_to(weights, vis.shape[:3]).copy()
         weights[:, meta.flagged_antennas[p] | meta.flagged_antennas[q]] = 0.0
         weights[:, :, corrections.edge_and_dc_channels(chunk.chan_index, meta.fine_chans_per_coarse,
                                                        edge_chans, False)] = 0.0  # fmt: skip
-        centres = chunk.time_start_gps_s + meta.int_time_s / 2.0
         directions = corrections.source_directions_enu((source.ra_deg, source.dec_deg), centres)
         tau = -(directions @ positions.T) / SPEED_OF_LIGHT_M_S  # (time, antenna)
         delay = tau[:, p] - tau[:, q]  # (time, baseline)
