@@ -624,3 +624,39 @@ def test_data_the_correlator_phased_give_the_same_fits(
     monkeypatch.setattr(pipeline, "open_reader", phased_by_the_correlator(pipeline.open_reader,
                                                                          applied))  # fmt: skip
     np.testing.assert_allclose(delays(), unphased, atol=1e-3)
+
+
+def test_a_calibrator_missing_a_channel_file_gives_solutions_for_the_whole_band(
+    settings: Settings, session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """Its fit is the best for targets observed with every channel: solutions for the
+    channels with files only were refused for them ("do not cover ... coarse channel 110")."""
+    from observatory.archive.models import ObservationFile
+    from observatory.preprocess.engine import preprocess
+    from observatory.preprocess.options import ConversionOptions
+
+    best = pointing.best_calibrator(CAL_OBS + 8, min_el_deg=30.0, sun_exclusion_deg=20.0)
+    assert best is not None
+    with session_factory() as session:
+        simulate_and_register(session, settings, obsid=CAL_OBS, sources=[catalogue_point_source(best[0].name)],
+                              n_tiles=8, coarse_chans=(109, 110, 111, 112), fine_chan_khz=160.0,
+                              int_time_s=2.0, n_timesteps=2, calibrator=best[0].name)  # fmt: skip
+        session.commit()
+        all_files = sorted((settings.archive_dir / str(CAL_OBS)).glob("*_ch*.fits"))
+        missing = next(f for f in session.scalars(select(ObservationFile)) if "_ch110_" in f.name)
+        session.delete(missing)
+        session.commit()
+        fit = fit_observation(session, settings, CAL_OBS)
+        session.commit()
+        cached = solution_path(settings, fit)
+    assert cached is not None
+    hyperdrive = read_hyperdrive(cached.with_name(f"{CAL_OBS}_solutions.fits"))
+    freqs = hyperdrive.chanblock_freqs_hz
+    assert freqs is not None and len(freqs) == 4 * 8 and np.all(np.diff(freqs) == 160e3)
+    for solutions in (hyperdrive, read_aocal(cached)):
+        unflagged = np.isfinite(solutions.jones[0]).all(axis=(0, 2))  # per chanblock
+        assert not unflagged[8:16].any() and unflagged[16:24].any()
+    # The calibrator's own four channels convert with these solutions (channel 110 flagged).
+    (metafits,) = (settings.archive_dir / str(CAL_OBS)).glob("*metafits*")
+    options = ConversionOptions.from_params({"no_rfi": "true", "apply_di_cal": "true"})
+    preprocess(metafits, all_files, options, tmp_path / "cal.uvfits", solutions=cached)

@@ -39,7 +39,7 @@ from observatory.core.storage import Storage
 from observatory.preprocess import corrections
 from observatory.preprocess.reader import ObservationMeta, open_reader
 from observatory.telescope.catalogue import lookup
-from observatory.telescope.instrument import SPEED_OF_LIGHT_M_S
+from observatory.telescope.instrument import COARSE_CHAN_WIDTH_HZ, SPEED_OF_LIGHT_M_S
 
 #: The lock kind of a calibrator observation's fit (:func:`~observatory.core.locks.resource_lock`):
 #: the runs of every request for one calibrator take it in turn.
@@ -325,6 +325,38 @@ def _pad(values: NDArray[np.float64], places: NDArray[np.int64], n: int) -> list
     return [float(v) for v in padded]
 
 
+def _whole_band(
+    solved: SolvedObservation, jones: NDArray[np.complex128]
+) -> tuple[NDArray[np.complex128], NDArray[np.float64]]:
+    """The solutions (chanblock, antenna, 4) and chanblock frequencies over the metafits'
+    whole band, in frequency order: a coarse channel with no data file gets NaN solutions
+    (flagged), at the frequencies its fine channels would have had.
+
+    A target observed with every channel is calibrated with the calibrator's fit: solutions
+    for the channels that had files only were refused for it ("do not cover ... coarse
+    channel(s) 110"), in every format served.
+    """
+    per_coarse = solved.chanblocks_per_coarse
+    band = sorted(solved.meta.metafits_coarse_chans)
+    solved_chans = list(solved.coarse_chans)
+    if not solved_chans or solved_chans == band or per_coarse < 1:
+        return jones, solved.freqs_hz
+    # Each channel's fine-channel offsets from its centre are the same (MWAX's or legacy's).
+    offsets_hz = solved.freqs_hz[:per_coarse] - solved_chans[0] * COARSE_CHAN_WIDTH_HZ
+    freqs_hz = (np.asarray(band, dtype=np.float64)[:, None] * COARSE_CHAN_WIDTH_HZ
+                + offsets_hz[None, :]).ravel()  # fmt: skip
+    whole = np.full((len(band) * per_coarse, *jones.shape[1:]), np.nan, dtype=jones.dtype)
+    for index, chan in enumerate(solved_chans):
+        place = band.index(chan)
+        whole[place * per_coarse : (place + 1) * per_coarse] = jones[
+            index * per_coarse : (index + 1) * per_coarse
+        ]
+        freqs_hz[place * per_coarse : (place + 1) * per_coarse] = solved.freqs_hz[
+            index * per_coarse : (index + 1) * per_coarse
+        ]
+    return whole, freqs_hz
+
+
 def fit_observation(session: Session, settings: Settings, obsid: int) -> CalibrationFit:
     """Solve and fit an archived calibrator observation, and store the fit (flushed, not committed).
 
@@ -366,10 +398,11 @@ def fit_observation(session: Session, settings: Settings, obsid: int) -> Calibra
             [observation.obsid + half, (observation.stoptime or observation.obsid) - half]
         )
     start, end = float(centroids[0]), float(centroids[-1])
+    band_jones, band_freqs_hz = _whole_band(solved, jones)
     solutions = CalSolutions(
-        jones=jones.transpose(1, 0, 2)[None], start_gps=start, end_gps=end,
+        jones=band_jones.transpose(1, 0, 2)[None], start_gps=start, end_gps=end,
         timeblocks_gps=np.array([[start, end, float(np.mean(centroids))]]),
-        chanblock_freqs_hz=solved.freqs_hz, obsid=obsid, tile_names=list(solved.meta.antenna_names),
+        chanblock_freqs_hz=band_freqs_hz, obsid=obsid, tile_names=list(solved.meta.antenna_names),
         tile_flags=solved.meta.flagged_antennas.copy(),
     )  # fmt: skip
     fitted = tile_fits(solved, len(solved.meta.metafits_coarse_chans))
