@@ -236,6 +236,28 @@ def test_nocache_rebuilds_the_solutions_from_the_fits(client: TestClient, tmp_pa
     assert read_hyperdrive(tmp_path / "h.fits").n_antennas == len(TILES)
 
 
+def test_nocache_refuses_a_fit_with_delays_but_no_gains(
+    client: TestClient, settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """One chanblock per coarse channel: calvin fits delays but no gains, and the rebuilt
+    solutions were NaN for every tile said calibrated (a whole target flagged)."""
+    with session_factory() as session:
+        jones = np.ones((1, len(TILES), 8, 4), dtype=np.complex128)
+        rows = tile_rows([0.1, -0.2, 0.3, 0.0])
+        for row in rows:
+            for key in [k for k in row if "gains" in k]:
+                row[key] = [float("nan")] * 24
+        fitid = service.store_fit(session, settings, TARGET + 1800,
+                                  CalSolutions(jones=jones, obsid=TARGET + 1800), rows,
+                                  code_version="test").fitid  # fmt: skip
+        session.commit()
+    params = {"obs_id": TARGET, "prefer_fitid": fitid}
+    refused = client.get("/calib/get_cal_solution", params={**params, "nocache": 1})
+    assert refused.status_code == 400
+    assert f"fit {fitid} has delays but no gains" in refused.json()["error"]
+    assert client.get("/calib/get_cal_solution", params=params).status_code == 200  # cached
+
+
 def test_get_cal_fits(client: TestClient, fits: dict[str, int]) -> None:
     reply = client.get("/calib/get_cal_fits", params={"obs_id": TARGET})
     assert reply.status_code == 200

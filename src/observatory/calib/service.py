@@ -518,6 +518,13 @@ def solutions_from_table(session: Session, settings: Settings, fit: CalibrationF
     chanblock per fine channel of its coarse channels (40 kHz when its resolution is
     not recorded), times the centroids of its first and last integrations, and the
     tiles' names (its metafits' when archived).
+
+    Raises
+    ------
+    NotFound
+        When the calibrator observation is not in the archive.
+    BadRequest
+        When a tile has delays but no gains (one chanblock per coarse channel).
     """
     calibrator = session.get(Observation, fit.obsid)
     if calibrator is None:
@@ -531,6 +538,7 @@ def solutions_from_table(session: Session, settings: Settings, fit: CalibrationF
     rows = sorted(fit.solutions, key=lambda r: r.antenna)
     n_ant = max((r.antenna for r in rows), default=-1) + 1
     jones = np.full((1, n_ant, len(freqs), 4), np.nan, dtype=np.complex128)
+    without_gains: list[int] = []
     for row in rows:
         for pol, element in (("x", 0), ("y", 3)):
             delay_m, intercept = getattr(row, f"{pol}_delay_m"), getattr(row, f"{pol}_intercept")
@@ -541,10 +549,21 @@ def solutions_from_table(session: Session, settings: Settings, fit: CalibrationF
             mean = _floats(getattr(row, f"{pol}_gains"), len(chans))
             line = pol0[coarse_index] + pol1[coarse_index] * freqs
             inverse_amplitude = np.where(np.isfinite(line) & (line > 0), line, mean[coarse_index])
+            if not np.isfinite(inverse_amplitude).any():
+                without_gains.append(row.tileid)
             phase = 2.0 * np.pi * freqs * (-delay_m) / SPEED_OF_LIGHT_M_S + intercept
             jones[0, row.antenna, :, element] = np.exp(1j * phase) / inverse_amplitude
         if np.isfinite(jones[0, row.antenna][:, [0, 3]]).any():
             jones[0, row.antenna, :, 1:3] = 0.0
+    if without_gains:
+        # calvin fits no gain to one chanblock per coarse channel: the rebuilt solutions
+        # would be NaN for every tile said calibrated, flagging a whole target.
+        raise BadRequest(
+            f"fit {fit.fitid} has delays but no gains for tile(s) "
+            f"{', '.join(map(str, sorted(set(without_gains))))} (its calibrator has one fine "
+            "channel per coarse channel): its solutions cannot be rebuilt from the table; "
+            "ask without nocache for the solutions the fit computed"
+        )
     start_gps, end_gps = _centroid_range_gps(calibrator)
     names = tile_names(
         [row.tileid for row in rows], observation_tiles(session, settings, fit.obsid)
