@@ -660,3 +660,43 @@ def test_a_calibrator_missing_a_channel_file_gives_solutions_for_the_whole_band(
     (metafits,) = (settings.archive_dir / str(CAL_OBS)).glob("*metafits*")
     options = ConversionOptions.from_params({"no_rfi": "true", "apply_di_cal": "true"})
     preprocess(metafits, all_files, options, tmp_path / "cal.uvfits", solutions=cached)
+
+
+def test_integrations_within_the_quack_time_are_not_solved_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The correlator's first integrations (metafits QUACKTIM) hold settling data: the
+    conversion flags them, the pipeline solved on them."""
+    from observatory.calib import pipeline
+    from observatory.calib.pipeline import solve_observation, tile_fits
+    from observatory.telescope.simulator import simulate_observation
+
+    source = catalogue_point_source("3C353")
+    sim = simulate_observation(tmp_path, 1450324816, n_tiles=8, coarse_chans=(109, 110, 111, 112),
+                               n_timesteps=4, sources=[source], calibrator=source.name,
+                               delay_error_scatter_ns=2.0, noise_sigma_jy=1.0,
+                               quack_time_s=2.0)  # fmt: skip
+
+    def delays() -> np.ndarray:
+        fits = tile_fits(solve_observation(sim.metafits_path, sim.vis_paths, source.name), 4)
+        return np.array([[row["x_delay_m"], row["y_delay_m"]] for row in fits.rows], float)
+
+    clean = delays()
+    real_open = pipeline.open_reader
+
+    def settling(metafits: Path, files: list[Path]) -> object:
+        reader = real_open(metafits, files)
+        read = reader.read
+
+        def read_settling(coarse_chan: int, timesteps: range) -> object:
+            chunk = read(coarse_chan, timesteps)
+            rng = np.random.default_rng(coarse_chan)
+            first = chunk.time_start_gps_s < sim.truth.obsid + 2.0  # within the quack time
+            chunk.vis[first] = 1e4 * rng.normal(size=chunk.vis[first].shape)
+            return chunk
+
+        reader.read = read_settling
+        return reader
+
+    monkeypatch.setattr(pipeline, "open_reader", settling)
+    np.testing.assert_allclose(delays(), clean, atol=0.02)

@@ -122,6 +122,8 @@ def solve_observation(
         weights[:, meta.flagged_antennas[p] | meta.flagged_antennas[q]] = 0.0
         weights[:, :, corrections.edge_and_dc_channels(chunk.chan_index, meta.fine_chans_per_coarse,
                                                        edge_chans, False)] = 0.0  # fmt: skip
+        # As the conversion (and Birli for calvin): integrations within the quack time.
+        weights[corrections.quack_timesteps(meta, chunk.time_start_gps_s)] = 0.0
         directions = corrections.source_directions_enu((source.ra_deg, source.dec_deg), centres)
         tau = -(directions @ positions.T) / SPEED_OF_LIGHT_M_S  # (time, antenna)
         delay = tau[:, p] - tau[:, q]  # (time, baseline)
