@@ -37,6 +37,7 @@ from observatory.core.errors import BadRequest
 from observatory.core.locks import resource_lock
 from observatory.core.storage import Storage
 from observatory.preprocess import corrections
+from observatory.preprocess.options import ConversionOptions
 from observatory.preprocess.reader import ObservationMeta, open_reader
 from observatory.telescope.catalogue import lookup
 from observatory.telescope.instrument import COARSE_CHAN_WIDTH_HZ, SPEED_OF_LIGHT_M_S
@@ -45,8 +46,8 @@ from observatory.telescope.instrument import COARSE_CHAN_WIDTH_HZ, SPEED_OF_LIGH
 #: the runs of every request for one calibrator take it in turn.
 CALIBRATOR_LOCK_KIND = "calib.calibrator"
 
-#: calvin's settings (specs/calib.md 3.1): edges flagged, phase-fit iterations.
-EDGE_WIDTH_HZ = 80_000
+#: calvin's settings (specs/calib.md 3.1): phase-fit iterations (its 80 kHz edges are the
+#: conversion's default, see ``solve_observation``).
 PHASE_FIT_NITER = 3
 #: A phase fit is a delay measurement only with at least this quality (the fraction of
 #: all chanblocks its clipping kept). Good fits keep ~0.75-0.88 (real hyperdrive
@@ -104,7 +105,12 @@ def solve_observation(
     source = lookup(source_name)
     p, q = meta.baseline_antennas()
     positions = meta.enu_m - meta.enu_m.mean(axis=0)
-    edge_chans = round(EDGE_WIDTH_HZ / meta.fine_chan_width_hz)
+    # The conversion's default edges (80 kHz rounded up to whole channels), one rule for both.
+    edge_chans = (
+        ConversionOptions()
+        .resolve(meta.int_time_s, meta.fine_chan_width_hz / 1e3, meta.fine_chans_per_coarse)
+        .edge_chans
+    )
     blocks_a, blocks_b, all_freqs = [], [], []
     for coarse_chan in reader.coarse_chans:
         chunk = reader.read(coarse_chan, range(len(reader.time_start_gps_s)))
