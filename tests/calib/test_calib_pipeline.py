@@ -700,3 +700,45 @@ def test_integrations_within_the_quack_time_are_not_solved_on(
 
     monkeypatch.setattr(pipeline, "open_reader", settling)
     np.testing.assert_allclose(delays(), clean, atol=0.02)
+
+
+def test_the_legacy_dc_channel_is_not_solved_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The legacy correlator's centre fine channel holds the PFB's DC offset: the conversion
+    flags it on legacy data (Birli's default), the pipeline solved on it."""
+    import dataclasses
+
+    from observatory.calib import pipeline
+    from observatory.calib.pipeline import solve_observation, tile_fits
+    from observatory.telescope.simulator import simulate_observation
+
+    source = catalogue_point_source("3C353")
+    sim = simulate_observation(tmp_path, 1450324816, n_tiles=8, coarse_chans=(109, 110, 111, 112),
+                               n_timesteps=4, sources=[source], calibrator=source.name,
+                               delay_error_scatter_ns=2.0, noise_sigma_jy=1.0)  # fmt: skip
+    real_open = pipeline.open_reader
+
+    def legacy(dc_offset: float) -> Callable[[Path, list[Path]], object]:
+        def open_legacy(metafits: Path, files: list[Path]) -> object:
+            reader = real_open(metafits, files)
+            reader.meta = dataclasses.replace(reader.meta, mwax=False)
+            read = reader.read
+
+            def read_with_dc(coarse_chan: int, timesteps: range) -> object:
+                chunk = read(coarse_chan, timesteps)
+                centre = chunk.chan_index == reader.meta.fine_chans_per_coarse // 2
+                chunk.vis[:, :, centre] += dc_offset
+                return chunk
+
+            reader.read = read_with_dc
+            return reader
+
+        return open_legacy
+
+    def delays(dc_offset: float) -> np.ndarray:
+        monkeypatch.setattr(pipeline, "open_reader", legacy(dc_offset))
+        fits = tile_fits(solve_observation(sim.metafits_path, sim.vis_paths, source.name), 4)
+        return np.array([[row["x_delay_m"], row["y_delay_m"]] for row in fits.rows], float)
+
+    np.testing.assert_allclose(delays(1e4), delays(0.0), atol=1e-6)

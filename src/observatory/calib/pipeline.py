@@ -105,12 +105,13 @@ def solve_observation(
     source = lookup(source_name)
     p, q = meta.baseline_antennas()
     positions = meta.enu_m - meta.enu_m.mean(axis=0)
-    # The conversion's default edges (80 kHz rounded up to whole channels), one rule for both.
-    edge_chans = (
-        ConversionOptions()
-        .resolve(meta.int_time_s, meta.fine_chan_width_hz / 1e3, meta.fine_chans_per_coarse)
-        .edge_chans
-    )
+    # The conversion's default edges (80 kHz rounded up to whole channels) and DC channel
+    # (legacy data only): one rule for both.
+    defaults = ConversionOptions()
+    edge_chans = defaults.resolve(
+        meta.int_time_s, meta.fine_chan_width_hz / 1e3, meta.fine_chans_per_coarse
+    ).edge_chans
+    flag_dc = defaults.dc_flagged(meta.mwax)
     blocks_a, blocks_b, all_freqs = [], [], []
     for coarse_chan in reader.coarse_chans:
         chunk = reader.read(coarse_chan, range(len(reader.time_start_gps_s)))
@@ -127,7 +128,7 @@ def solve_observation(
         weights = np.broadcast_to(weights, vis.shape[:3]).copy()
         weights[:, meta.flagged_antennas[p] | meta.flagged_antennas[q]] = 0.0
         weights[:, :, corrections.edge_and_dc_channels(chunk.chan_index, meta.fine_chans_per_coarse,
-                                                       edge_chans, False)] = 0.0  # fmt: skip
+                                                       edge_chans, flag_dc)] = 0.0  # fmt: skip
         # As the conversion (and Birli for calvin): integrations within the quack time.
         weights[corrections.quack_timesteps(meta, chunk.time_start_gps_s)] = 0.0
         directions = corrections.source_directions_enu((source.ra_deg, source.dec_deg), centres)

@@ -463,7 +463,7 @@ def _plan(
         time_block=time_block,
         chunk_bytes=chunk_bytes,
         phase_centre=_phase_centre(meta, options),
-        flag_dc=(not meta.mwax) if options.flag_dc is None else options.flag_dc,
+        flag_dc=options.dc_flagged(meta.mwax),
         calibration=None
         if solutions is None
         else _calibration(

@@ -378,6 +378,14 @@ class ConversionOptions:
             params[key] = str(value).lower() if isinstance(value, bool) else f"{value}"
         return params
 
+    def dc_flagged(self, mwax: bool) -> bool:
+        """Whether the DC fine channel is flagged: as asked, else on legacy data only.
+
+        The legacy correlator's centre fine channel of each coarse channel holds the
+        PFB's DC offset; MWAX's does not (Birli's default).
+        """
+        return (not mwax) if self.flag_dc is None else self.flag_dc
+
     def resolve(
         self, int_time_s: float, fine_chan_khz: float, fine_chans_per_coarse: int
     ) -> ResolvedOptions:
