@@ -742,3 +742,44 @@ def test_the_legacy_dc_channel_is_not_solved_on(
         return np.array([[row["x_delay_m"], row["y_delay_m"]] for row in fits.rows], float)
 
     np.testing.assert_allclose(delays(1e4), delays(0.0), atol=1e-6)
+
+
+def test_the_solve_reads_in_time_blocks_and_gives_the_same_fits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each coarse channel was read whole: a real observation (128 tiles, minutes at 0.5 s)
+    needs tens of GB at once. The normal matrices are sums over time, so blocks give the
+    same solutions."""
+    from observatory.calib import pipeline
+    from observatory.calib.pipeline import solve_observation
+    from observatory.telescope.simulator import simulate_observation
+
+    source = catalogue_point_source("3C353")
+    sim = simulate_observation(tmp_path, 1450324816, n_tiles=8, coarse_chans=(109, 110),
+                               n_timesteps=5, sources=[source], calibrator=source.name,
+                               delay_error_scatter_ns=2.0, noise_sigma_jy=1.0)  # fmt: skip
+    whole = solve_observation(sim.metafits_path, sim.vis_paths, source.name)
+    real_open = pipeline.open_reader
+    block_lengths: list[int] = []
+
+    def counting(metafits: Path, files: list[Path]) -> object:
+        reader = real_open(metafits, files)
+        read = reader.read
+
+        def read_counted(coarse_chan: int, timesteps: range) -> object:
+            block_lengths.append(len(timesteps))
+            return read(coarse_chan, timesteps)
+
+        reader.read = read_counted
+        return reader
+
+    monkeypatch.setattr(pipeline, "open_reader", counting)
+    one_timestep_bytes = 8 * 9 // 2 * 32 * 4 * 8  # 8 tiles' baselines with autos, 32 channels
+    blocked = solve_observation(
+        sim.metafits_path, sim.vis_paths, source.name, chunk_bytes=2 * one_timestep_bytes
+    )
+    assert block_lengths == [2, 2, 1] * 2  # 5 timesteps, 2 coarse channels
+    assert np.isfinite(whole.solution.gains).mean() > 0.5
+    np.testing.assert_allclose(
+        blocked.solution.gains, whole.solution.gains, rtol=1e-9, atol=1e-12, equal_nan=True
+    )

@@ -37,9 +37,10 @@ from observatory.core.errors import BadRequest
 from observatory.core.locks import resource_lock
 from observatory.core.storage import Storage
 from observatory.preprocess import corrections
+from observatory.preprocess.engine import DEFAULT_CHUNK_BYTES
 from observatory.preprocess.options import ConversionOptions
-from observatory.preprocess.reader import ObservationMeta, open_reader
-from observatory.telescope.catalogue import lookup
+from observatory.preprocess.reader import ObservationMeta, RawChunk, open_reader
+from observatory.telescope.catalogue import Source, lookup
 from observatory.telescope.instrument import COARSE_CHAN_WIDTH_HZ, SPEED_OF_LIGHT_M_S
 
 #: The lock kind of a calibrator observation's fit (:func:`~observatory.core.locks.resource_lock`):
@@ -83,11 +84,47 @@ class SolvedObservation:
     max_iterations: int = SOLVER_MAX_ITERATIONS
 
 
+def _normal_matrices_of(
+    chunk: RawChunk, meta: ObservationMeta, source: Source, edge_chans: int, flag_dc: bool
+) -> tuple[NDArray[np.complex128], NDArray[np.float64]]:
+    """The solver's normal matrices of one block of a coarse channel's visibilities."""
+    p, q = meta.baseline_antennas()
+    positions = meta.enu_m - meta.enu_m.mean(axis=0)
+    factors = corrections.instrument_factors(
+        meta, chunk.coarse_chan, chunk.freqs_hz, chunk.chan_index,
+        cable=not meta.cable_delays_applied, digital_gains=True, passband=not meta.deripple_applied,
+    )  # fmt: skip
+    vis = chunk.vis * factors[None] if factors is not None else chunk.vis
+    centres = chunk.time_start_gps_s + meta.int_time_s / 2.0
+    applied = corrections.correlator_directions_enu(meta, centres)
+    if applied is not None:  # phased by the correlator (GEODEL): the model is unphased
+        vis = vis * corrections.geometric_phasors(meta, -applied, chunk.freqs_hz)
+    weights = (np.asarray(chunk.weights) > 0).all(axis=-1).astype(np.float64)
+    weights = np.broadcast_to(weights, vis.shape[:3]).copy()
+    weights[:, meta.flagged_antennas[p] | meta.flagged_antennas[q]] = 0.0
+    weights[:, :, corrections.edge_and_dc_channels(chunk.chan_index, meta.fine_chans_per_coarse,
+                                                   edge_chans, flag_dc)] = 0.0  # fmt: skip
+    # As the conversion (and Birli for calvin): integrations within the quack time.
+    weights[corrections.quack_timesteps(meta, chunk.time_start_gps_s)] = 0.0
+    directions = corrections.source_directions_enu((source.ra_deg, source.dec_deg), centres)
+    tau = -(directions @ positions.T) / SPEED_OF_LIGHT_M_S  # (time, antenna)
+    delay = tau[:, p] - tau[:, q]  # (time, baseline)
+    flux = np.array([source.flux_jy(f / 1e6) for f in chunk.freqs_hz])
+    model = flux[None, None, :] * np.exp(
+        2j * np.pi * chunk.freqs_hz[None, None, :] * delay[:, :, None]
+    )
+    data = vis[..., [0, 3]]
+    two_pol_model = np.repeat(model[..., None], 2, axis=-1)
+    two_pol_weights = np.repeat(weights[..., None], 2, axis=-1)
+    return normal_matrices(data, two_pol_model, p, q, meta.n_ants, two_pol_weights)
+
+
 def solve_observation(
     metafits: Path,
     data_files: list[Path],
     source_name: str,
     max_iterations: int = SOLVER_MAX_ITERATIONS,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> SolvedObservation:
     """Solve one timeblock (the whole observation) against a catalogue point source.
 
@@ -99,12 +136,12 @@ def solve_observation(
         The calibrator: a catalogue name, the point-source model.
     max_iterations
         StEFCal's iteration limit per channel and polarisation (recorded in the result).
+    chunk_bytes
+        Upper bound of the raw visibilities read at once (the conversion's chunk).
     """
     reader = open_reader(metafits, data_files)
     meta = reader.meta
     source = lookup(source_name)
-    p, q = meta.baseline_antennas()
-    positions = meta.enu_m - meta.enu_m.mean(axis=0)
     # The conversion's default edges (80 kHz rounded up to whole channels) and DC channel
     # (legacy data only): one rule for both.
     defaults = ConversionOptions()
@@ -112,39 +149,26 @@ def solve_observation(
         meta.int_time_s, meta.fine_chan_width_hz / 1e3, meta.fine_chans_per_coarse
     ).edge_chans
     flag_dc = defaults.dc_flagged(meta.mwax)
+    # Time blocks of at most chunk_bytes of raw visibilities: the normal matrices are sums
+    # over time, so memory stays bounded whatever the observation's length and resolution.
+    raw_bytes_per_timestep = meta.n_baselines * meta.fine_chans_per_coarse * 4 * 8
+    timesteps_per_block = max(1, chunk_bytes // raw_bytes_per_timestep)
+    n_timesteps = len(reader.time_start_gps_s)
     blocks_a, blocks_b, all_freqs = [], [], []
     for coarse_chan in reader.coarse_chans:
-        chunk = reader.read(coarse_chan, range(len(reader.time_start_gps_s)))
-        factors = corrections.instrument_factors(
-            meta, coarse_chan, chunk.freqs_hz, chunk.chan_index,
-            cable=not meta.cable_delays_applied, digital_gains=True, passband=not meta.deripple_applied,
-        )  # fmt: skip
-        vis = chunk.vis * factors[None] if factors is not None else chunk.vis
-        centres = chunk.time_start_gps_s + meta.int_time_s / 2.0
-        applied = corrections.correlator_directions_enu(meta, centres)
-        if applied is not None:  # phased by the correlator (GEODEL): the model is unphased
-            vis = vis * corrections.geometric_phasors(meta, -applied, chunk.freqs_hz)
-        weights = (np.asarray(chunk.weights) > 0).all(axis=-1).astype(np.float64)
-        weights = np.broadcast_to(weights, vis.shape[:3]).copy()
-        weights[:, meta.flagged_antennas[p] | meta.flagged_antennas[q]] = 0.0
-        weights[:, :, corrections.edge_and_dc_channels(chunk.chan_index, meta.fine_chans_per_coarse,
-                                                       edge_chans, flag_dc)] = 0.0  # fmt: skip
-        # As the conversion (and Birli for calvin): integrations within the quack time.
-        weights[corrections.quack_timesteps(meta, chunk.time_start_gps_s)] = 0.0
-        directions = corrections.source_directions_enu((source.ra_deg, source.dec_deg), centres)
-        tau = -(directions @ positions.T) / SPEED_OF_LIGHT_M_S  # (time, antenna)
-        delay = tau[:, p] - tau[:, q]  # (time, baseline)
-        flux = np.array([source.flux_jy(f / 1e6) for f in chunk.freqs_hz])
-        model = flux[None, None, :] * np.exp(
-            2j * np.pi * chunk.freqs_hz[None, None, :] * delay[:, :, None]
+        chunks = (
+            reader.read(coarse_chan, range(start, min(start + timesteps_per_block, n_timesteps)))
+            for start in range(0, n_timesteps, timesteps_per_block)
         )
-        data = vis[..., [0, 3]]
-        two_pol_model = np.repeat(model[..., None], 2, axis=-1)
-        two_pol_weights = np.repeat(weights[..., None], 2, axis=-1)
-        big_a, big_b = normal_matrices(data, two_pol_model, p, q, meta.n_ants, two_pol_weights)
+        first = next(chunks)
+        big_a, big_b = _normal_matrices_of(first, meta, source, edge_chans, flag_dc)
+        for chunk in chunks:
+            block_a, block_b = _normal_matrices_of(chunk, meta, source, edge_chans, flag_dc)
+            big_a += block_a
+            big_b += block_b
         blocks_a.append(big_a)
         blocks_b.append(big_b)
-        all_freqs.append(chunk.freqs_hz)
+        all_freqs.append(first.freqs_hz)
     solution = stefcal(
         np.concatenate(blocks_a), np.concatenate(blocks_b), max_iterations=max_iterations
     )
