@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -479,6 +481,27 @@ def test_missing_coarse_channels_need_allow_missing(
     options = ConversionOptions.from_params({**RAW, "allow_missing": "true"})
     (out,) = preprocess(sim.metafits_path, only_137, options, tmp_path / "x.uvfits")
     assert cube(out)[2].Nfreqs == 32
+
+
+def test_missing_coarse_channels_are_warned_of_once(
+    sim: SimulatedObservation,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Each (forked) worker process planned again and logged the warning again, into the
+    handlers it inherited: a job's log said it once per worker more."""
+    only_137 = [p for p in sim.vis_paths if "_ch137_" in p.name]
+    flagging = {key: value for key, value in RAW.items() if key != "no_rfi"}  # in processes
+    options = ConversionOptions.from_params({**flagging, "allow_missing": "true"})
+    to_stderr = logging.StreamHandler(sys.stderr)  # as the CLI's: the workers inherit it
+    logger = logging.getLogger("observatory")
+    logger.addHandler(to_stderr)
+    try:
+        preprocess(sim.metafits_path, only_137, options, tmp_path / "x.uvfits",
+                   workers=2, chunk_bytes=1)  # fmt: skip
+    finally:
+        logger.removeHandler(to_stderr)
+    assert capfd.readouterr().err.count("no files for coarse channels 138") == 1
 
 
 @pytest.mark.parametrize("output", ["uvfits", "ms"])

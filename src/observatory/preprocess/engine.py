@@ -367,6 +367,8 @@ def _calibration(
     solutions: CalSolutions,
     solutions_name: str,
     centres_gps: NDArray[np.float64],
+    *,
+    report: bool = True,
 ) -> _Calibration:
     """The solutions for the data read by ``reader``, whose integrations are centred at ``centres_gps``.
 
@@ -386,7 +388,7 @@ def _calibration(
     bounds = _timeblock_bounds(solutions, solutions_name)
     # Only the timeblocks some integration uses: memory follows the data, not the file.
     used = np.unique(_Calibration(np.empty(0, np.complex64), bounds).timeblocks(centres_gps))
-    if solutions.n_timeblocks > 1:
+    if solutions.n_timeblocks > 1 and report:
         log.info(
             "%s: applying timeblock(s) %s of %d to the integrations they cover",
             solutions_name, ", ".join(map(str, used)), solutions.n_timeblocks,
@@ -401,7 +403,10 @@ def _plan(
     solutions: CalSolutions | None,
     chunk_bytes: int,
     solutions_name: str = "the calibration solutions",
+    *,
+    report: bool = True,
 ) -> _Plan:
+    """What a conversion does (the same in every worker); ``report`` logs what it decided."""
     meta = reader.meta
     resolved = options.resolve(
         meta.int_time_s, meta.fine_chan_width_hz / 1000.0, meta.fine_chans_per_coarse
@@ -422,7 +427,7 @@ def _plan(
     if unknown:
         raise ReadError(f"files hold coarse channels {unknown} that the metafits does not list")
     coarse_chans = converted_coarse_chans(meta.metafits_coarse_chans, reader.coarse_chans)
-    if missing:
+    if missing and report:
         flagged = sorted(set(coarse_chans) - set(reader.coarse_chans))
         left_out = sorted(set(missing) - set(flagged))
         log.warning(
@@ -472,6 +477,7 @@ def _plan(
             solutions_name,
             _padded_starts(reader.time_start_gps_s, n_times_padded, meta.int_time_s)
             + meta.int_time_s / 2,
+            report=report,
         ),
     )
 
@@ -1025,7 +1031,7 @@ def _start_worker(
 
     ensure_astropy_offline()
     reader = open_reader(metafits, data_files)
-    plan = _plan(reader, options, solutions, chunk_bytes)
+    plan = _plan(reader, options, solutions, chunk_bytes, report=False)  # the parent did
     _worker_runner = _ChunkRunner(
         reader, plan, options, directions_enu, writers, scratch is not None, scratch
     )
