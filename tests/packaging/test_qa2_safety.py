@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from observatory.packaging import cli, qa2
-from observatory.packaging.manifest import validate_manifest
+from observatory.packaging.manifest import manifest_path, read_manifest, validate_manifest
 from observatory.packaging.qa2 import PackagingError, package
 
 UID = "uid___A002_X1_X1"
@@ -842,3 +842,76 @@ def test_undo_move_of_the_current_directory(
     assert "undo-move" in capsys.readouterr().err
     assert cli.main(["undo-move", "."]) == 0, capsys.readouterr().err
     assert files_and_links(sb) == before
+
+
+# 12. the journal's record of what a run made
+
+
+def _killed_run(monkeypatch: pytest.MonkeyPatch, sb: Path, readme: Path, packpath: Path) -> None:
+    """A copy run into ``packpath`` killed part-way: nothing undone, its journal left."""
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(qa2, "write_tickets", killed)  # after the files are copied
+        patch.setattr(qa2, "_undo", lambda *args: "")  # SIGKILL: no undo runs
+        with pytest.raises(KeyboardInterrupt):
+            package(sb, readme, packpath, mode="copy")
+
+
+def test_undoing_a_killed_run_from_another_directory_removes_only_what_it_made(
+    tmp_path: Path, readme: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run given a relative packpath recorded the directory it made as typed; the next
+    run, started elsewhere, removed the same-named directory where it started."""
+    sb = tiny_sb(tmp_path)
+    first, elsewhere = tmp_path / "c", tmp_path / "d"
+    first.mkdir()
+    (elsewhere / "2011.0.00229.S").mkdir(parents=True)
+    (elsewhere / "2011.0.00229.S" / "delivered-data.txt").write_text("the only copy\n")
+    monkeypatch.chdir(first)
+    _killed_run(monkeypatch, sb, readme, Path("2011.0.00229.S"))
+    assert (first / "2011.0.00229.S").is_dir()
+    monkeypatch.chdir(elsewhere)
+    plan = package(sb, readme, first / "2011.0.00229.S", mode="fake")
+    assert any("undid an unfinished copy run" in line for line in plan.undone)
+    assert (elsewhere / "2011.0.00229.S" / "delivered-data.txt").read_text() == "the only copy\n"
+    assert (first / "2011.0.00229.S" / MEMBER).is_dir()  # made anew by the fake run
+
+
+def test_a_journal_naming_a_directory_outside_the_package_removes_nothing(
+    tmp_path: Path, readme: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sb = tiny_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    _killed_run(monkeypatch, sb, readme, packpath)
+    outside = tmp_path / "other"
+    (outside / "keep.txt").parent.mkdir()
+    (outside / "keep.txt").write_text("keep\n")
+    journal = qa2.Journal.of(packpath)
+    assert journal is not None and journal.made == str(packpath)
+    journal.made = str(outside)
+    journal.save()
+    with pytest.raises(PackagingError, match="not in the package"):
+        package(sb, readme, packpath, mode="fake")
+    assert (outside / "keep.txt").read_text() == "keep\n"
+
+
+def test_names_holding_other_line_separators_keep_the_manifest_readable(
+    tmp_path: Path, readme: Path
+) -> None:
+    """Form feed, NEL and U+2028 are not line breaks in a file name, but the manifest was
+    read with splitlines(): the package verified, split and appended to never again."""
+    sb = tiny_sb(tmp_path)
+    names = ["p\x0cq_qa2.png", "a\x85b_qa2.png", "c\u2028d_qa2.png"]
+    for name in names:
+        (sb / "X1" / "qa2" / name).write_bytes(b"png")
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb, readme, packpath, mode="copy")
+    assert not validate_manifest(packpath)
+    plan = package(sb, readme, packpath, mode="copy", append="member")
+    assert plan.member.name == "member_ouss_id2"
+    assert not validate_manifest(packpath)
+    listed = read_manifest(manifest_path(packpath))
+    assert sum(any(name in path for name in names) for path in listed) == 2 * len(names)

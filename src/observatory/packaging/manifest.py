@@ -100,7 +100,12 @@ def read_manifest(path: Path) -> dict[str, str]:
     if not path.exists():
         return {}
     entries: dict[str, str] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # Lines end in "\n" only: splitlines() would also split names at form feeds, NEL or
+    # U+2028, which file names may hold (only "\n" and "\r" are refused in them).
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    for number, line in enumerate(lines, start=1):
         digest, separator, name = line.partition("  ")
         if not separator or len(digest) != 64:
             raise ValueError(f"{path} line {number} is not '<sha256>  <path>': {line!r}")

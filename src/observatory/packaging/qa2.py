@@ -413,11 +413,11 @@ def _check_paths(origpath: Path, packpath: Path) -> None:
 def _next_member(packpath: Path, append: str, ignored: Path | None = None) -> Path:
     """The member directory this run writes (legacy layout), per the append mode.
 
-    ``ignored``: a directory an unfinished run made, which its undo will remove.
+    ``ignored``: a directory an unfinished run made (absolute), which its undo will remove.
     """
 
     def present(paths: Iterator[Path]) -> list[Path]:
-        return sorted((p for p in paths if ignored is None or not p.is_relative_to(ignored)),
+        return sorted((p for p in paths if ignored is None or not p.absolute().is_relative_to(ignored)),
                       key=_index)  # fmt: skip
 
     sg = Path("sg_ouss_id")
@@ -600,6 +600,28 @@ class Journal:
         except TypeError as exc:
             raise PackagingError(f"{path} is not a journal the packager wrote ({exc})") from exc
 
+    def made_path(self, packpath: Path) -> Path | None:
+        """The directory the run made, checked to be ``packpath`` or inside it.
+
+        Recorded absolute: a relative one would be taken from the directory the next run
+        starts in, and an undo from elsewhere would remove a same-named directory there.
+
+        Raises
+        ------
+        PackagingError
+            When the journal names a directory outside the package: nothing is removed.
+        """
+        if not self.made:
+            return None
+        made, package = Path(self.made).absolute(), packpath.absolute()
+        if made != package and not made.is_relative_to(package):
+            raise PackagingError(
+                f"{self.path} says its run made {made}, which is not in the package "
+                f"{package}: nothing was removed; check the package, then delete the journal "
+                "to go on"
+            )
+        return made
+
     def save(self) -> None:
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "path"}
         _replace_with(self.path, json.dumps(fields).encode())
@@ -680,8 +702,8 @@ def _begin(packpath: Path, origin: Path, member: Path, mode: str, *, clearing: b
     made = None
     if not clearing:
         made = next(
-            (str(d) for d in (packpath, *(packpath / p for p in reversed(member.parents[:-1])),
-                              packpath / member) if not d.exists()),
+            (str(d.absolute()) for d in (packpath, *(packpath / p for p in reversed(member.parents[:-1])),
+                                         packpath / member) if not d.exists()),
             None,
         )  # fmt: skip
     packpath.parent.mkdir(parents=True, exist_ok=True)
@@ -706,7 +728,8 @@ def _undo(packpath: Path, journal: Journal) -> str:
 
     Safe to repeat, and to interrupt: each step checks what is there.
     """
-    removed = journal.made if journal.made and os.path.lexists(journal.made) else None
+    made = journal.made_path(packpath)
+    removed = str(made) if made is not None and os.path.lexists(made) else None
     if removed:
         shutil.rmtree(removed)
     previous = _set_aside(packpath)
@@ -1661,11 +1684,11 @@ def package(
                 undone.append(_undo(pack, journal))
                 journal = None
         pending = journal if undone and dry_run else None
-        ignored = Path(pending.made) if pending is not None and pending.made else None
+        ignored = pending.made_path(pack) if pending is not None else None
         pack_exists = (
-            _set_aside(pack).exists() or (pack.exists() and ignored != pack)
+            _set_aside(pack).exists() or (pack.exists() and ignored != pack.absolute())
             if pending is not None and pending.cleared
-            else pack.exists() and ignored != pack
+            else pack.exists() and ignored != pack.absolute()
         )
         if resumed is not None:
             member_relative = resumed
@@ -1681,7 +1704,9 @@ def package(
         if clearing:
             _refuse_to_clear_moved_data(pack, origin)
         elif (
-            resumed is None and member.exists() and not (ignored and member.is_relative_to(ignored))
+            resumed is None
+            and member.exists()
+            and not (ignored and member.absolute().is_relative_to(ignored))
         ):
             raise PackagingError(f"{member} exists already: nothing is changed")
         if mode == "hard":
