@@ -915,3 +915,25 @@ def test_names_holding_other_line_separators_keep_the_manifest_readable(
     assert not validate_manifest(packpath)
     listed = read_manifest(manifest_path(packpath))
     assert sum(any(name in path for name in names) for path in listed) == 2 * len(names)
+
+
+@pytest.mark.parametrize(
+    ("checklist", "packaged_as"),
+    [
+        ("checklist.txt", "Calibration_X1.checklist.txt"),
+        ("X1.checklist.txt", "X1.checklist.txt"),
+        (f"{UID}.Checklist", f"{UID}.Checklist"),
+    ],
+)
+def test_a_checklist_named_uniquely_keeps_its_name(
+    tmp_path: Path, readme: Path, checklist: str, packaged_as: str
+) -> None:
+    """ "'X8c.checklist.txt' will not be renamed" (the source document); it was renamed
+    after an execution block's directory called Calibration_X8c."""
+    sb = tiny_sb(tmp_path)
+    eb = sb / "Calibration_X1"
+    (sb / "X1").rename(eb)
+    (eb / checklist).write_text("checked\n")
+    packpath = tmp_path / "2011.0.00229.S"
+    plan = package(sb, readme, packpath, mode="copy")
+    assert (packpath / plan.member / "qa" / packaged_as).read_text() == "checked\n"

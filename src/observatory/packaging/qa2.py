@@ -170,6 +170,13 @@ def unique_name(name: str, uid: str) -> str:
     return name if name.startswith(("uid___", "X")) else f"{uid}__{name}"
 
 
+def checklist_name(name: str, directory: Path) -> str:
+    """A checklist's name in ``qa/``: ``<directory>.checklist.txt``, unless its name is
+    unique already (starts with the uid or ``X...``): "'X8c.checklist.txt' will not be
+    renamed" (the source document)."""
+    return name if name.startswith(("uid___", "X")) else f"{directory.name}.checklist.txt"
+
+
 def _classify_eb(plan: Plan, directory: Path, uid: str) -> None:
     """An execution block's entries (and its ``qa2`` directory, at any depth) into the plan."""
     plan.execution_blocks[uid] = directory
@@ -192,7 +199,7 @@ def _classify_eb(plan: Plan, directory: Path, uid: str) -> None:
         elif name.endswith(".fits"):  # a single-asdm SB keeps its images with the EB
             plan.add(entry, "product", name, uid=uid)
         elif _matches(name, CHECKLIST_PATTERNS):
-            plan.add(entry, "qa", f"{directory.name}.checklist.txt")
+            plan.add(entry, "qa", checklist_name(name, directory))
         elif _matches(name, QA2_PATTERNS):
             plan.add(entry, "qa", unique_name(name, uid))
         elif name.endswith(".log"):
@@ -211,7 +218,7 @@ def _classify_sb_file(
     """A scheduling block's file (or a directory of its products) into the plan.
 
     A checklist becomes ``qa/<SB dir>.checklist.txt`` (as an execution block's is named
-    after its directory); the SB's other text files are notes for the PI, put in the
+    after its directory) unless its name is unique already; the SB's other text files are notes for the PI, put in the
     README (those in its products directories, ``nested``, are not: listobs dumps, rms
     lists); the README header itself, kept in the reduction, is not packaged (it heads the
     README).
@@ -240,7 +247,7 @@ def _classify_sb_file(
     elif name.endswith(".log"):
         plan.add(entry, "log", name)
     elif _matches(name, CHECKLIST_PATTERNS):
-        plan.add(entry, "qa", f"{sb.name}.checklist.txt")
+        plan.add(entry, "qa", checklist_name(name, sb))
     elif _matches(name, QA2_PATTERNS):
         plan.add(entry, "qa", name)
     elif name.endswith(".txt") and not nested:
