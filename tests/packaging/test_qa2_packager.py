@@ -537,6 +537,9 @@ def test_ticket_files(tmp_path: Path, readme: Path, build_sb: Callable[[Path], P
         )
     # The document's own append example is a fake run: the real tickets are kept.
     tickets = {p: p.read_bytes() for p in (tmp_path / "ticket").glob("*.ticket.*")}
+    dry = package(sb, readme, tmp_path / "ticket" / "2011.0.00229.S", mode="fake",
+                  append="member", dry_run=True)  # fmt: skip
+    assert not [a for a in dry.actions if a.kind == "write" and ".ticket." in str(a.destination)]
     package(sb, readme, tmp_path / "ticket" / "2011.0.00229.S", mode="fake", append="member")
     assert {p: p.read_bytes() for p in tickets} == tickets
     package(sb, readme, tmp_path / "ticket" / "2011.0.00229.S", mode="fake")  # cleared: dummies

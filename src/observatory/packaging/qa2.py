@@ -1553,6 +1553,11 @@ def _ticket_paths(packpath: Path) -> tuple[Path, Path]:
     )
 
 
+def _keeps_real_tickets(packpath: Path, appending: bool) -> bool:
+    """Whether a fake run leaves the ticket files as they are (see :func:`write_tickets`)."""
+    return appending and any(p.is_file() and p.stat().st_size for p in _ticket_paths(packpath))
+
+
 def write_tickets(
     plan: Plan, packpath: Path, member: Path, *, real: bool, appending: bool = False
 ) -> tuple[Path, Path]:
@@ -1565,7 +1570,7 @@ def write_tickets(
     """
     tar_path, zip_path = _ticket_paths(packpath)
     if not real:
-        if appending and any(p.is_file() and p.stat().st_size for p in (tar_path, zip_path)):
+        if _keeps_real_tickets(packpath, appending):
             return tar_path, zip_path
         for path in (tar_path, zip_path):
             # A new file, not the old one emptied: a run sets the old one aside as a hard link.
@@ -1726,7 +1731,10 @@ def package(
             *(Action("undo", None, path) for path in (undone if dry_run else [])),
             *([Action("remove", None, os.path.abspath(pack))] if clearing else []),
             *plan.actions,
-            *(Action("write", None, os.path.abspath(path)) for path in _written(plan, pack, mode)),
+            *(
+                Action("write", None, os.path.abspath(path))
+                for path in _written(plan, pack, mode, appending=append != "")
+            ),
         ]
         if dry_run:
             return plan
@@ -2080,10 +2088,14 @@ def _refuse_while_locked(packpath: Path) -> None:
         os.close(fd)
 
 
-def _written(plan: Plan, pack: Path, mode: str) -> list[Path]:
+def _written(plan: Plan, pack: Path, mode: str, *, appending: bool) -> list[Path]:
     """The files a run writes besides the plan's (README, ticket files, manifest), in order."""
-    written = [pack / plan.member / _readme_name(plan.member), *_ticket_paths(pack)]
-    return written + ([manifest_path(pack)] if mode in ("copy", "hard", "move") else [])
+    keeps_tickets = mode == "fake" and _keeps_real_tickets(pack, appending)
+    return [
+        pack / plan.member / _readme_name(plan.member),
+        *([] if keeps_tickets else _ticket_paths(pack)),
+        *([manifest_path(pack)] if mode in ("copy", "hard", "move") else []),
+    ]
 
 
 def _carry_out(
