@@ -433,3 +433,58 @@ def test_requests_for_one_calibrator_join_its_fit(
         == "completed"
     )
     assert fitted == [TARGET + 3000] * 2
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://0xa9fea9fe/x",  # 169.254.169.254 in hexadecimal
+        "http://2852039166/x",  # ... and in decimal
+        "http://169.254.169.254./x",
+        "http://[::ffff:169.254.169.254]/x",  # IPv4-mapped
+        "http://0/x",  # 0.0.0.0
+        "http://224.1/x",  # 224.0.0.1
+    ],
+)
+def test_a_callback_to_an_unusable_address_is_refused_however_spelled(url: str) -> None:
+    """Only the dotted and the standard IPv6 forms were recognised: any other spelling was
+    taken for a host name, filed, and called at the address it spells."""
+    from observatory.calib.requests import check_callback_url
+    from observatory.core.errors import BadRequest
+
+    with pytest.raises(BadRequest, match="not a usable address"):
+        check_callback_url(url, Settings(data_dir="/nonexistent"))
+
+
+def test_a_callback_host_name_is_checked_by_what_it_resolves_to(
+    client: TestClient,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import socket
+
+    from observatory.calib.requests import check_callback_url, unusable_destination
+
+    url = "http://metadata.example/x"
+    assert check_callback_url(url, settings) == url  # a name: filed, checked when called
+    resolved = {"metadata.example": "169.254.169.254", "receiver.example": "127.0.0.1",
+                "127.0.0.1": "127.0.0.1"}  # fmt: skip
+
+    def getaddrinfo(host: str, port: int, *args: object, **kwargs: object) -> list[tuple]:
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (resolved[host], port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    assert "resolves to 169.254.169.254" in (unusable_destination(url) or "")
+    with session_factory() as session:
+        from observatory.calib.requests import add_cal_request
+
+        request = add_cal_request(session, settings, TARGET, callback_url=url)
+        finish_request(session, request, fit_id=1_700_000_000_000_000)
+        session.commit()
+    assert deliver_callbacks(session_factory, settings) == 0  # not sent
+    (stored,) = requests_in(session_factory)
+    assert stored.callback_attempts == 1
+    assert "resolves to 169.254.169.254" in (stored.callback_error_message or "")
+    assert unusable_destination("http://receiver.example:8080/x") is None
+    assert unusable_destination("http://127.0.0.1:8080/x") is None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -109,15 +110,51 @@ def check_callback_url(url: str, settings: Settings) -> str:
             f"callback_url host {parts.hostname!r} is not allowed (allowed: {', '.join(allowed)})"
         )
     if not allowed:
-        try:
-            address = ipaddress.ip_address(parts.hostname)
-        except ValueError:
-            address = None
-        if address is not None and (
-            address.is_link_local or address.is_multicast or address.is_unspecified
-        ):
-            raise BadRequest(f"callback_url host {parts.hostname!r} is not a usable address")
+        address = _address_written(parts.hostname)
+        if address is not None and _unusable(address):
+            raise BadRequest(
+                f"callback_url host {parts.hostname!r} is not a usable address ({address})"
+            )
     return url
+
+
+def _unusable(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A link-local, multicast or unspecified address (an IPv4-mapped one by its IPv4)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_link_local or address.is_multicast or address.is_unspecified
+
+
+def _address_written(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address ``host`` is written as, in any spelling the resolver takes as one
+    (``0x7f000001``, ``2130706433``, ``127.1``, ``0``, a trailing dot), or None for a name."""
+    host = host.removesuffix(".")
+    try:
+        return ipaddress.ip_address(host.split("%")[0])  # an IPv6 zone is no other address
+    except ValueError:
+        pass
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+def unusable_destination(url: str) -> str | None:
+    """Why ``url``'s host may not be called now, by the addresses its name resolves to
+    (a name is checked when it is called, not filed); None when it may, or when it does not
+    resolve (the delivery then says so)."""
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return None
+    try:
+        found = socket.getaddrinfo(parts.hostname, parts.port or 80, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return None
+    for *_, sockaddr in found:
+        address = _address_written(str(sockaddr[0]))
+        if address is not None and _unusable(address):
+            return f"callback host {parts.hostname} resolves to {address}, not a usable address"
+    return None
 
 
 def _has_visibilities() -> Exists:
@@ -475,20 +512,31 @@ def deliver_callbacks(
                 session.expire(request)  # the values set on it are not the database's
                 continue
             unforeseen: Exception | None = None
-            try:
-                reply = httpx.post(
-                    request.callback_url or "",
-                    json=callback_body(request),
-                    timeout=CALLBACK_TIMEOUT_S,
-                )
-                ok, problem = reply.is_success, f"HTTP {reply.status_code}"
-            except httpx.HTTPError as exc:
-                ok, problem = False, f"{exc.__class__.__name__}: {exc}"
-            except Exception as exc:
-                # Anything else (a URL stored before it was checked, which httpx refuses
-                # with InvalidURL or an IDNA error; an unforeseen failure) is this request's
-                # failed attempt: counted, and never the end of the other requests' deliveries.
-                ok, problem, unforeseen = False, f"{exc.__class__.__name__}: {exc}", exc
+            # A name is checked by what it resolves to when called (and not at all for
+            # the hosts an operator allowed).
+            refusal = (
+                None
+                if settings.calib_callback_hosts
+                else unusable_destination(request.callback_url or "")
+            )
+            if refusal is not None:
+                ok, problem = False, refusal
+            else:
+                try:
+                    reply = httpx.post(
+                        request.callback_url or "",
+                        json=callback_body(request),
+                        timeout=CALLBACK_TIMEOUT_S,
+                    )
+                    ok, problem = reply.is_success, f"HTTP {reply.status_code}"
+                except httpx.HTTPError as exc:
+                    ok, problem = False, f"{exc.__class__.__name__}: {exc}"
+                except Exception as exc:
+                    # Anything else (a URL stored before it was checked, which httpx refuses
+                    # with InvalidURL or an IDNA error; an unforeseen failure) is this
+                    # request's failed attempt: counted, and never the end of the other
+                    # requests' deliveries.
+                    ok, problem, unforeseen = False, f"{exc.__class__.__name__}: {exc}", exc
             if ok:
                 request.callback_delivered_datetime, request.callback_error_message = now, None
                 accepted += 1
