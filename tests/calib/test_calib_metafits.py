@@ -44,7 +44,8 @@ def store_real_fit(session: Session, settings: Settings) -> CalibrationFit:
     rows: list[dict[str, Any]] = [
         {"tileid": tile, "antenna": antenna, "x_delay_m": tile / 10_000, "y_delay_m": -tile / 10_000,
          "x_intercept": 0.1, "y_intercept": -0.1, "x_gains": [1.0] * 24, "y_gains": [1.0] * 24,
-         "x_phase_fit_quality": 0.9, "y_phase_fit_quality": 0.9}
+         "x_phase_fit_quality": 0.9, "y_phase_fit_quality": 0.9,
+         "x_gains_fit_quality": 0.7, "y_gains_fit_quality": 0.6}
         for antenna, tile, _, _ in tiles
     ]  # fmt: skip
     jones = np.ones((1, len(tiles), 2, 4), dtype=np.complex128)
@@ -89,6 +90,9 @@ def test_the_metafits_with_a_fit_opens_in_mwalib_and_the_converter(
         assert calibration.delay_metres == pytest.approx(
             sign * calibration.rf_input.tile_id / 10_000, abs=1e-6
         )
+        # mwalib reads "Intercept" and "gain_fit_quality" (it read 0 from the MWA's names).
+        assert calibration.intercept_metres == pytest.approx(sign * 0.1)  # radians
+        assert calibration.gain_fit_quality == pytest.approx(0.7 if sign == 1 else 0.6)
     meta = read_metadata(served)  # the converter's reader (observatory preprocess --metafits)
     assert meta.obsid == REAL_OBS and len(meta.antenna_names) == len(real_tiles())
     # A legacy fit id in seconds is written as it is.

@@ -923,13 +923,19 @@ def calibdata_hdu(
         fits.Column("TileName", "8A", array=[i.tile_name[:8] for i in inputs]),
         fits.Column("Pol", "A", array=[i.pol for i in inputs]),
         fits.Column("delay_m", "E", unit="m", array=scalars("delay_m")),
-        fits.Column("intercept", "E", unit="m", array=scalars("intercept")),
+        # "Intercept": mwalib reads the column by that name, case and all (the MWA's files
+        # have "intercept", which it then reads as 0). Radians, as calvin fits it (their
+        # TUNIT says m).
+        fits.Column("Intercept", "E", unit="rad", array=scalars("intercept")),
         fits.Column("gains", "24E", array=columns("gains")),
         fits.Column("gains_pol1", "24E", array=columns("gains_pol1")),
         fits.Column("gains_pol0", "24E", array=columns("gains_pol0")),
         fits.Column("phase_fit_quality", "E", array=scalars("phase_fit_quality")),
         fits.Column("gains_fit_quality", "E", array=scalars("gains_fit_quality")),
-        # The delays and gains again under the names mwalib 3.0 reads (the older layout's).
+        # The gain fit's quality, the delays and the gains again under the names mwalib
+        # reads (gain_fit_quality; the older layout's Calib_Delay and Calib_Gains, all
+        # mwalib 3.0 reads).
+        fits.Column("gain_fit_quality", "E", array=scalars("gains_fit_quality")),
         fits.Column("Calib_Delay", "E", unit="m", array=scalars("delay_m")),
         fits.Column("Calib_Gains", "24E", array=columns("gains")),
     ], name="CALIBDATA")  # fmt: skip
