@@ -874,7 +874,8 @@ def test_triggerbuffer_is_refused_once_the_dump_capture_has_ended(
     now = 1_450_324_816 + 0.5
     with session_factory() as session:
         _service_projects(session)
-        session.add(Observation(obsid=int(now) - 96, stoptime=int(now) + 800,
+        # Buffering that ends within the capture: nothing buffers after it.
+        session.add(Observation(obsid=int(now) - 96, stoptime=int(now) + 24,
                                 project_id="C001", mode="MWAX_BUFFER", obsname="buffering"))  # fmt: skip
         session.commit()
         dump = _buffer_call(session, settings, now, obstime=30)
@@ -897,6 +898,41 @@ def test_triggerbuffer_is_refused_once_the_dump_capture_has_ended(
         session.commit()
         refused = _buffer_call(session, settings, capture.stoptime + 20.0, obstime=30)
         assert refused["success"] is False and "MWAX_CORRELATOR" in refused["errors"]["0"]
+
+
+def test_buffering_resumes_after_a_dumps_capture_and_can_be_dumped_again(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """The wiki clears the schedule "through to 'end_time' or the end of the 'obstime'": a
+    20-minute buffering observation lost its 19 minutes after a 40 s capture, and a robot's
+    second dump was refused ("not buffering")."""
+    now = 1_450_324_816 + 0.5
+    start, stop = int(now) - 96, int(now) + 1200
+    with session_factory() as session:
+        _service_projects(session)
+        session.add(Observation(obsid=start, stoptime=stop, project_id="C001", mode="MWAX_BUFFER",
+                                obsname="buffering", coarse_chans=list(range(109, 133))))  # fmt: skip
+        session.commit()
+        pretend = _buffer_call(session, settings, now, obstime=40, pretend="1")
+        assert "Would resume" in pretend["clear"]["stdout"]
+        dump = _buffer_call(session, settings, now, obstime=40)
+        assert dump["success"] is True, dump["errors"]
+        capture = session.scalars(
+            select(Observation).where(Observation.mode == "VOLTAGE_BUFFER")
+        ).one()
+        rows = session.scalars(select(Observation).order_by(Observation.obsid)).all()
+        assert [(o.obsid, o.stoptime, o.mode) for o in rows] == [
+            (start, capture.obsid, "MWAX_BUFFER"),
+            (capture.obsid, capture.stoptime, "VOLTAGE_BUFFER"),
+            (capture.stoptime, stop, "MWAX_BUFFER"),  # the rest of the buffering
+        ]
+        resumed = rows[-1]
+        assert (resumed.obsname, resumed.project_id, resumed.coarse_chans) == (
+            "buffering", "C001", list(range(109, 133)))  # fmt: skip
+        assert resumed.groupid == start
+        assert f"Resumed {start} (buffering, C001) as {capture.stoptime}" in dump["clear"]["stdout"]
+        again = _buffer_call(session, settings, capture.stoptime + 100.0, obstime=16)
+        assert again["success"] is True, again["errors"]
 
 
 # -- busy answers as a trigger would be decided ---------------------------------------------------

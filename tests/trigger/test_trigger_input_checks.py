@@ -166,6 +166,10 @@ def test_a_buffer_dump_of_a_long_named_observation_gets_a_name_the_metafits_hold
         ).one()
         assert capture.obsname.endswith(" buffer dump")
         assert len(capture.obsname) <= service.MAX_OBSNAME_CHARS
+    # A dump taking its settings from another dump's capture keeps its name, not "... buffer
+    # dump buffer dump".
+    assert service.buffer_dump_name("buffering buffer dump") == "buffering buffer dump"
+    assert service.buffer_dump_name("buffering") == "buffering buffer dump"
 
 
 # -- H3: "None" is not false --------------------------------------------------------------------

@@ -1020,9 +1020,11 @@ def _clear_report(
     running: Observation | None,
     inside: Sequence[Observation],
     continued: tuple[Any, int] | None = None,
+    resumed: tuple[Any, int] | None = None,
 ) -> dict[str, Any]:
     """What clearing [start, end) does; ``continued``: a buffer dump's capture that goes on
-    (instead of a new one), and the stop it is to have."""
+    (instead of a new one), and the stop it is to have; ``resumed``: a buffering observation
+    that goes on after the capture, and the time it resumes."""
     # Nothing to clear (a dump ending within the capture it continues): no command run.
     command = (
         f"clear_schedule.py --starttime={start} --stoptime={end} --force" if end > start else ""
@@ -1038,11 +1040,17 @@ def _clear_report(
             f"Truncated {running.obsid} ({running.obsname}, {running.project_id}) to stop at {start}"
         )
     lines += [f"Deleted {o.obsid} ({o.obsname}, {o.project_id})" for o in inside]
+    if resumed is not None:
+        buffering, at = resumed
+        lines.append(f"Resumed {buffering.obsid} ({buffering.obsname}, {buffering.project_id}) "
+                     f"as {at} after the capture, to stop at {buffering.stoptime}")  # fmt: skip
     stdout = "\n".join(lines) or "No observations cleared"
     if request.pretend:
         stdout = "Pretending: command not run\n" + stdout.replace(
             "Truncated", "Would truncate"
-        ).replace("Deleted", "Would delete").replace("Extended", "Would extend")
+        ).replace("Deleted", "Would delete").replace("Extended", "Would extend").replace(
+            "Resumed", "Would resume"
+        )
     return {"command": command, "commands": command, "retcode": 0 if command else None,
             "stdout": stdout, "stderr": "Pretending: command not run" if request.pretend else ""}  # fmt: skip
 
@@ -1378,8 +1386,22 @@ def trigger_buffer(
     if not obsids:
         obsids = [source.obsid]  # nothing captured (the null operation): the settings' observation
     continued = None if capture is None else (capture, new_stop)
-    clear = _clear_report(request, clear_from, max(new_stop, clear_from), running, inside, continued) if into_future else {
+    # The wiki clears the schedule up to the end of capture only: a buffering observation
+    # that was to go on beyond it resumes there (under the obsid of that time), so the
+    # telescope buffers again and can be dumped again.
+    beyond = next((o for o in (running, *inside) if o is not None and o.mode == "MWAX_BUFFER"
+                   and o.stoptime > new_stop > clear_from), None)  # fmt: skip
+    resumed = None if beyond is None else (beyond, new_stop)
+    clear = _clear_report(request, clear_from, max(new_stop, clear_from), running, inside, continued,
+                          resumed) if into_future else {
         "command": "", "commands": "", "retcode": None, "stdout": "No observations cleared", "stderr": ""}  # fmt: skip
+    resumed_row = None
+    if beyond is not None and not request.pretend:
+        whole = session.get(Observation, beyond.obsid)  # every column, before it is cut
+        assert whole is not None
+        resumed_row = {c.key: getattr(whole, c.key) for c in Observation.__table__.columns}
+        resumed_row |= {"obsid": new_stop, "groupid": whole.groupid or whole.obsid,
+                        "created_by": "trigger", "created_at": datetime.now(UTC)}  # fmt: skip
     if not request.pretend and into_future:
         if running is not None:
             session.execute(
@@ -1409,6 +1431,8 @@ def trigger_buffer(
                 .where(Observation.obsid == capture.obsid)
                 .values(stoptime=new_stop)
             )
+        if resumed_row is not None:
+            session.execute(_OBSERVATIONS.insert(), [resumed_row])
     command = "triggerbuffer.py --start=0 --end=0" if null else (
         f"triggerbuffer.py --start={capture_start:.0f} --end={capture_end:.0f}")  # fmt: skip
     schedule = {"command": command, "commands": command, "retcode": 0,
@@ -1456,8 +1480,11 @@ def buffer_dump_name(obsname: str) -> str:
     """The name of a buffer dump's capture: the buffering observation's, marked as a dump.
 
     Shortened as needed so that it fits the metafits like every name (a dump is never
-    refused for the length of a name it did not choose).
+    refused for the length of a name it did not choose). A dump whose settings come from
+    another dump's capture keeps that name (not "... buffer dump buffer dump").
     """
+    if obsname.endswith(BUFFER_DUMP_SUFFIX):
+        return obsname
     return obsname[: MAX_OBSNAME_CHARS - len(BUFFER_DUMP_SUFFIX)] + BUFFER_DUMP_SUFFIX
 
 
