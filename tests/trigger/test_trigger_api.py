@@ -512,6 +512,16 @@ def test_find_filters_pages_and_html(client: TestClient) -> None:
     assert find(pagesize=2, page=2) == ids[2:4]
     assert find(mintime_utc="2000-01-01T00:00:00", maxtime_utc="2100-01-01T00:00:00") == ids
     assert find(maxtime_utc="2000-01-01T00:00:00") == []
+    # The ends of time bound nothing (they were a 500: past year 9999 once made UTC or ended).
+    for latest in (
+        "9999-12-31T23:59:59",
+        "9999-12-31T23:59:59.999999",
+        "9999-12-31T23:00:00-05:00",
+    ):
+        assert find(maxtime_utc=latest) == ids
+        assert find(mintime_utc=latest) == []
+    assert find(mintime_utc="0001-01-01T00:00:00+01:00") == ids
+    assert find(maxtime_utc="0001-01-01T00:00:00+01:00") == []
     # A time with a zone is that instant (SQLite once compared its wall time as UTC).
     made_at = datetime.fromisoformat(client.get("/trigger/show", params={"trigger_id": ids[0]}).json()["created_datetime"]).replace(tzinfo=UTC)  # fmt: skip
     in_perth = (made_at - timedelta(minutes=1)).astimezone(timezone(timedelta(hours=8)))

@@ -1208,11 +1208,18 @@ def read_find_query(raw: Mapping[str, Any]) -> FindQuery:
                 raise ParameterError(
                     f"{name}: {value!r} is not an ISOT time (e.g. 2026-11-29T12:00:00)"
                 ) from None
-            if name == "maxtime_utc":
-                # The end of the time written: a whole second takes all of it, as find and
-                # show print creation times to the second.
-                when += timedelta(microseconds=1) if "." in value else timedelta(seconds=1)
-            filters[name] = when  # UTCDateTime takes naive as UTC, converts zones
+            # In UTC, naive (as UTCDateTime takes it). A time whose UTC, or whose end, falls
+            # outside years 1-9999 bounds nothing: it is the earliest or latest time there is.
+            offset = when.utcoffset() or timedelta(0)
+            try:
+                when = when.astimezone(UTC).replace(tzinfo=None) if when.tzinfo else when
+                if name == "maxtime_utc":
+                    # The end of the time written: a whole second takes all of it, as find
+                    # and show print creation times to the second.
+                    when += timedelta(microseconds=1) if "." in value else timedelta(seconds=1)
+            except OverflowError:
+                when = datetime.min if offset > timedelta(0) else datetime.max
+            filters[name] = when
         else:
             filters[name] = value
     page = int(as_number("page", raw["page"], integer=True)) if present(raw, "page") else 1
