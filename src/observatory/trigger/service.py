@@ -129,6 +129,11 @@ class Target:
     el_deg: float | None = None
 
 
+#: The wiki's defaults of ``freqres`` (kHz) and ``inttime`` (s).
+DEFAULT_FREQ_RES_KHZ = 10.0
+DEFAULT_INT_TIME_S = 0.5
+
+
 @dataclass
 class TriggerRequest:
     """A trigger call, read and checked; ``errors`` lists everything wrong with it."""
@@ -144,8 +149,8 @@ class TriggerRequest:
     exptime_s: int = 120
     calibrator: bool | str = False
     calexptime_s: int = 120
-    freq_res_khz: float | None = 10.0
-    int_time_s: float | None = 0.5
+    freq_res_khz: float | None = DEFAULT_FREQ_RES_KHZ
+    int_time_s: float | None = DEFAULT_INT_TIME_S
     avoidsun: bool = False
     obsname: str = "trigger"
     creator: str = "djmwa/trigger"
@@ -221,11 +226,13 @@ def read_trigger_request(raw: Mapping[str, Any], *, vcs: bool, when_gps: int) ->
                           "first observation, a positive number)")  # fmt: skip
         request.groupid = int(groupid) if groupid and groupid > 0 else None
 
-    # freqres and inttime: both or neither (the client's rule); defaults when neither.
-    if present(raw, "freqres") != present(raw, "inttime"):
-        errors.append("freqres and inttime must be given together (or neither, for the defaults)")
+    # freqres and inttime: the client sends both or neither; the wiki gives each its own
+    # default, which one given alone is paired with.
     freqres = attempt("freqres", lambda: as_number("freqres", get("freqres")))
     inttime = attempt("inttime", lambda: as_number("inttime", get("inttime")))
+    if present(raw, "freqres") != present(raw, "inttime"):
+        freqres = DEFAULT_FREQ_RES_KHZ if not present(raw, "freqres") else freqres
+        inttime = DEFAULT_INT_TIME_S if not present(raw, "inttime") else inttime
     if freqres is not None:
         attempt("freqres", lambda: validate_fine_chan_width_hz(freqres * 1000.0))
     if inttime is not None:
