@@ -535,3 +535,27 @@ def test_dispatch_follows_priority_then_age(archive_settings: Settings) -> None:
     dispatcher.step()  # running jobs are not submitted twice
     assert len(recorder.order) == 4
     engine.dispose()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "same size"])
+def test_a_damaged_archive_file_fails_the_job_naming_it(
+    client: TestClient, archive_settings: Settings, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A truncated raw file was delivered in a completed job, its product's checksums
+    computed over the damaged bytes (so every client reported it verified)."""
+    name = "1320409688_20211108122750_mini_ch137_000.fits"
+    (stored,) = archive_settings.archive_dir.rglob(name)
+    stored.chmod(0o644)
+    content = bytearray(stored.read_bytes())
+    if damage == "truncated":
+        del content[100_000:]
+    else:
+        content[-1] ^= 0xFF
+    stored.write_bytes(bytes(content))
+    job_id = submit(client, "download_vis_job", obs_id=CORR_OBS, download_type="vis")
+    with caplog.at_level(logging.ERROR):
+        assert watch(client, {job_id})[job_id][-1] == "error"
+    row = rows_by_id(client)[job_id]
+    assert f"{name} of observation {CORR_OBS} is damaged in the archive" in row["error_text"]
+    assert ("bytes where the catalogue records" in row["error_text"]) == (damage == "truncated")
+    assert any(name in record.getMessage() for record in caplog.records)  # for the operators

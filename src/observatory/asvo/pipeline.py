@@ -42,7 +42,7 @@ from observatory.core.database import make_engine, make_session_factory, utcnow
 from observatory.core.errors import NotFound
 from observatory.core.gpstime import now_gps
 from observatory.core.locks import resource_lock
-from observatory.core.storage import Storage, atomic_output
+from observatory.core.storage import Storage, atomic_output, sha1_of_file
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +236,22 @@ def _inputs(session: Session, storage: Storage, job: Job) -> list[Path]:
         if not path.is_file():
             raise JobFailed(
                 f"{record.name} of observation {job.obs_id} is missing from the archive"
+            )
+        # Staged files are checked against the catalogue, as the archive's staging does: a
+        # damaged file would otherwise be delivered with checksums of its damaged bytes.
+        size_bytes = path.stat().st_size
+        damage = (
+            f"{size_bytes} bytes where the catalogue records {record.size_bytes}"
+            if size_bytes != record.size_bytes
+            else f"its SHA-1 is not the catalogue's {record.sha1}"
+            if sha1_of_file(path) != record.sha1
+            else None
+        )
+        if damage is not None:
+            log.error("archive file %s (observation %d) is damaged: %s", path, job.obs_id, damage)
+            raise JobFailed(
+                f"{record.name} of observation {job.obs_id} is damaged in the archive "
+                f"({damage}); the observatory's operators have been told (in its log)"
             )
         paths.append(path)
     return paths
