@@ -25,6 +25,7 @@ import logging
 import math
 import multiprocessing
 import os
+import pickle
 import signal
 import sys
 import tempfile
@@ -1039,7 +1040,23 @@ def _start_worker(
 
 def _run_in_worker(block_index: int, coarse_index: int) -> _ChunkResult:
     assert _worker_runner is not None, "worker not initialised"
-    return _worker_runner.run(block_index, coarse_index)
+    try:
+        return _worker_runner.run(block_index, coarse_index)
+    except Exception as exc:
+        # The failure goes back to the parent pickled, with its chain once tblib's pickling
+        # is installed (Dask installs it): one that cannot be pickled (mwalib's exception
+        # types, or an error chained from one) broke the pool, reported as a killed worker.
+        try:
+            pickle.dumps(exc)
+        except Exception:
+            failure = (
+                ReadError(str(exc))
+                if isinstance(exc, ReadError)
+                else RuntimeError(f"{type(exc).__name__}: {exc}")
+            )
+        else:
+            raise
+    raise failure  # outside the handler: no chain back to what could not be pickled
 
 
 #: What a conversion process takes before any chunk: numpy, astropy, pyuvdata, mwalib,
