@@ -242,9 +242,13 @@ def test_a_truncated_data_file_is_refused_not_flagged(
     """A damaged file is an error (exit 2) naming it; only missing integrations are flagged.
     With RFI flagging, in worker processes, mwalib's exception (which cannot be pickled)
     broke the pool, reported as "a worker process was killed (out of memory?)"."""
-    # As in any process that has imported Dask's distributed: it installs tblib's exception
-    # pickling, which pickles the chain back to mwalib's exception.
-    import distributed.utils  # noqa: F401
+    # As in a process where a ReadError has passed through Dask's distributed (an earlier
+    # job's): it installs tblib's pickling for it, which pickles the chain back to mwalib's.
+    from tblib import pickling_support
+
+    from observatory.preprocess.reader import ReadError
+
+    pickling_support.install(ReadError)
     obs = simulate_observation(
         tmp_path / "obs", OBSID, n_tiles=4, coarse_chans=[137, 138], n_timesteps=8,
         sources=[PointSource(333.6069, -17.0288, 60.0)],
