@@ -1321,3 +1321,45 @@ def test_downloads_verify_blake3_and_fall_back_to_sha1(server: Server, tmp_path:
                 dataclasses.replace(job, files=(wrong_sha1,)), tmp_path / "bad"
             )
         assert not list((tmp_path / "bad").iterdir())  # neither the file nor its .part
+
+
+def test_two_processes_downloading_one_file_into_one_directory_both_succeed(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both wrote one .part file: the first to finish renamed it away under the other,
+    whose run then failed (exit 4, "Download Failed"). The second now waits, then verifies."""
+    import threading
+    import time as time_module
+
+    with server.session() as session:
+        job_id = session.submit_download_job(OBSID, download_type="vis", allow_resubmit=True)
+        job = completed_job(session, job_id)
+    real_fetch = asvo.Session._fetch_into
+
+    def slow_fetch(self: asvo.Session, *args: object, **kwargs: object) -> object:
+        time_module.sleep(0.5)  # both would be fetching at once
+        return real_fetch(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(asvo.Session, "_fetch_into", slow_fetch)
+    outcomes: list[str] = []
+    failures: list[BaseException] = []
+
+    def download() -> None:
+        try:
+            # Separate sessions, as separate processes have (the lock is per open file).
+            with server.session() as own:
+                (result,) = own.download_product(job, tmp_path)
+                outcomes.append(result.outcome)
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=download) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not failures, failures
+    assert sorted(outcomes) == ["downloaded", "verified"]
+    (file,) = job.files
+    assert sha1(tmp_path / file.name) == file.sha1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [file.name]  # no .part, no lock left

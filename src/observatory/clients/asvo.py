@@ -21,6 +21,7 @@ Example
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import http.client
 import ipaddress
@@ -778,7 +779,8 @@ class Session:
         renamed to ``<name>`` only once their checksum (``ProductFile.checksum``)
         matches the server's. An interrupted download resumes from the ``.part`` file
         with an HTTP Range request (``resume=False`` starts again). A file already at ``<name>`` is
-        verified and skipped; if it does not verify it is fetched again. Scratch and
+        verified and skipped; if it does not verify it is fetched again. A file another
+        process is downloading into ``dest`` is waited for, then verified. Scratch and
         dug products are copied from their path when it exists on this machine.
 
         Raises
@@ -796,7 +798,8 @@ class Session:
         results = []
         for file in job.files:
             if file.type == "acacia" or file.url:
-                results.append(self._download_file(job, file, dest_dir, resume, progress))
+                with _downloading_alone(dest_dir / file.name):
+                    results.append(self._download_file(job, file, dest_dir, resume, progress))
             else:
                 results.append(_copy_delivered_directory(job, file, dest_dir, progress))
         return results
@@ -1043,6 +1046,38 @@ def _open_tunnel(sock: socket.socket, host: str, port: int) -> None:
     status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
     if not status_line.split(" ")[1:2] or not status_line.split(" ")[1].startswith("2"):
         raise OSError(f"the proxy refused a tunnel to {authority}: {status_line}")
+
+
+@contextmanager
+def _downloading_alone(target: Path) -> Iterator[None]:
+    """Held while ``target`` is downloaded: another process (an overlapping cron run, a
+    second terminal) downloading it into the same directory waits for this one, then finds
+    it there and verifies it, rather than both writing one ``.part`` file.
+
+    A ``flock`` on the hidden ``.<name>.lock`` beside it (on the shared file system, so
+    runs on other nodes wait too), removed when the download ends.
+    """
+    lock_path = target.with_name(f".{target.name}.lock")
+    while True:
+        handle = open(lock_path, "a")  # noqa: SIM115 (held until the download ends)
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("%s is being downloaded by another process: waiting for it", target)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                same = os.fstat(handle.fileno()).st_ino == os.stat(lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a lock file its holder removed while this one waited
+                try:
+                    yield
+                finally:
+                    lock_path.unlink(missing_ok=True)
+                return
+        finally:
+            handle.close()
 
 
 def _copy_delivered_directory(
