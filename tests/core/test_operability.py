@@ -454,6 +454,30 @@ def test_an_unhandled_error_is_json_and_logged_with_the_request_id(
     assert any(line["request_id"] == "crash-1" and line["status"] == 500 for line in access)
 
 
+def test_a_client_that_goes_away_is_no_server_error(
+    settings: Settings, json_lines: io.StringIO
+) -> None:
+    """A client that closed its connection before its form was read was logged as an
+    "unhandled error" with a traceback, and counted a 5xx."""
+    from starlette.requests import ClientDisconnect
+
+    app: FastAPI = create_app(settings)
+
+    @app.post("/test-gone")
+    def gone() -> None:
+        raise ClientDisconnect  # what reading the form raises when the client has gone
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        client.post("/test-gone", headers={"X-Request-ID": "gone-1"})
+        metrics = client.get("/metrics").text
+    lines = [json.loads(line) for line in json_lines.getvalue().splitlines()]
+    assert not [line for line in lines if line["level"] == "ERROR"], lines
+    access = [line for line in lines if line["logger"] == "observatory.access"]
+    assert any(line["request_id"] == "gone-1" and line["status"] == 499 for line in access)
+    assert 'route="/test-gone",status_class="4xx"' in metrics
+    assert 'route="/test-gone",status_class="5xx"' not in metrics
+
+
 # ----------------------------------------------------------------------------------------------
 # 6, 7. Settings: a typo is refused, a broken file is named
 

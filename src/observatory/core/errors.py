@@ -15,11 +15,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from observatory.core.observability import current_request_id
 
 log = logging.getLogger(__name__)
+
+#: The status a request whose client went away is recorded with (nginx's).
+CLIENT_CLOSED_REQUEST = 499
 
 
 class ServiceError(Exception):
@@ -182,6 +186,14 @@ class CatchUnhandledErrors:
 
         try:
             await self.app(scope, receive, watch)
+        except ClientDisconnect:
+            # The client went away before its request was read: no fault of the server's.
+            # Answered (to no one) 499, nginx's "client closed request", so the access log
+            # and the metrics count it as the client's, not as a 5xx.
+            log.info("client closed the connection during %s %s (request id %s)",
+                     scope.get("method"), scope.get("path"), current_request_id() or "-")  # fmt: skip
+            if not started:
+                await Response(status_code=CLIENT_CLOSED_REQUEST)(scope, receive, watch)
         except Exception:
             request_id = current_request_id()
             log.exception(
