@@ -1363,3 +1363,11 @@ def test_two_processes_downloading_one_file_into_one_directory_both_succeed(
     (file,) = job.files
     assert sha1(tmp_path / file.name) == file.sha1
     assert sorted(p.name for p in tmp_path.iterdir()) == [file.name]  # no .part, no lock left
+
+
+def test_a_voltage_job_channel_range_needs_both_ends(server: Server) -> None:
+    """from_channel alone reached the server, which answered "To Channel: Expected not None"."""
+    with server.session() as session:
+        for one_end in ({"from_channel": 134}, {"to_channel": 140}):
+            with pytest.raises(ValueError, match="from_channel and to_channel go together"):
+                session.submit_voltage_job(OBSID, offset_s=0, duration_s=8, **one_end)

@@ -585,9 +585,20 @@ class Session:
     ) -> int:
         """Submit a voltage download of ``duration_s`` from ``offset_s`` after the start.
 
-        ``from_channel`` / ``to_channel`` (receiver channels, inclusive) limit it to a
-        channel range.
+        ``from_channel`` / ``to_channel`` (receiver channels, inclusive; both, or
+        neither for every channel) limit it to a channel range.
+
+        Raises
+        ------
+        ValueError
+            When only one of ``from_channel`` and ``to_channel`` is given (the server
+            would refuse it, naming the other by its form label).
         """
+        if (from_channel is None) != (to_channel is None):
+            raise ValueError(
+                "from_channel and to_channel go together: give both (the same channel twice "
+                "for one channel), or neither for every channel"
+            )
         params: dict[str, Any] = {
             "obs_id": obs_id, "download_type": "volt", "offset": offset_s,
             "duration": duration_s, "delivery": delivery, "allow_resubmit": allow_resubmit,
