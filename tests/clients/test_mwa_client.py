@@ -198,6 +198,9 @@ def test_submit_only_then_list_then_download_only(server: Server, tmp_path: Path
     assert code == 0
     header = next(line for line in output.splitlines() if "Job id" in line)
     assert header.split() == ["Job", "id", "Obs", "id", "Type", "State", "Size", "(bytes)", "Error"]
+    # Not a terminal: one tab-separated line per job, unpadded (lines were 250 columns wide).
+    assert header == "Job id\tObs id\tType\tState\tSize (bytes)\tError"
+    assert all(line == line.rstrip() for line in output.splitlines())
     row = next(line for line in output.splitlines() if line.split()[:1] == [str(job_id)])
     assert row.split() == [str(job_id), str(OTHER_OBSID), "download", "metadata", "Ready",
                            str(job.size_bytes)]  # fmt: skip

@@ -35,6 +35,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from observatory import __version__
 from observatory.clients.asvo import (
@@ -468,16 +469,27 @@ def _list_jobs(session: Session, reporter: Reporter) -> None:
     if not jobs:
         reporter.say("You have no jobs.")
         return
-    table = Table("Job id", "Obs id", "Type", "State", "Size (bytes)", "Error", box=None)
-    for job in jobs:
-        table.add_row(
+    header = ("Job id", "Obs id", "Type", "State", "Size (bytes)", "Error")
+    rows = [
+        (
             str(job.id), str(job.obs_id), job.type_name,
             "Ready" if job.state == "completed" else job.state_label.split(":")[0],
-            str(job.size_bytes) if job.files else "", job.error_text or "",
-        )  # fmt: skip
-    if not reporter.interactive:
-        reporter.console.width = 250
-    reporter.console.print(table)
+            str(job.size_bytes) if job.files else "", " ".join((job.error_text or "").split()),
+        )
+        for job in jobs
+    ]  # fmt: skip
+    if reporter.interactive:
+        table = Table(*header, box=None)
+        for row in rows:
+            table.add_row(*(Text(cell) for cell in row))  # never read as markup
+        reporter.console.print(table)
+    else:
+        # For scripts reading it: one line per job, tab-separated, neither padded nor wrapped.
+        # Written as they are: rich would expand the tabs.
+        reporter.console.file.write(
+            "".join("\t".join(row).rstrip() + "\n" for row in (header, *rows))
+        )
+        reporter.console.file.flush()
     if reporter.verbose:
         for job in jobs:
             reporter.say(reporter.job_status(job))
