@@ -114,6 +114,7 @@ def test_login_over_https_marks_the_cookie_secure(app_settings: Settings) -> Non
         ("curl/8.0", API_KEY, 400, "Unrecognised client"),
         ("mantaray-clientv1.1", API_KEY, 403, "too old"),
         ("giant-squidv1.9.9", API_KEY, 403, "too old"),
+        ("giant-squidv2.0.0-rc1", API_KEY, 403, "Client version 2.0.0-rc1 is too old"),
     ],
 )
 def test_login_refusals_are_json(
@@ -124,6 +125,15 @@ def test_login_refusals_are_json(
         assert reply.status_code == status
         assert fragment in reply.json()["error"]
         assert "set-cookie" not in reply.headers
+
+
+@pytest.mark.parametrize(
+    "user", ["giant-squidv2.5.1-rc1", "giant-squidv2.6.0-alpha.2", "giant-squidv2.5.1+git.abc"]
+)
+def test_giant_squid_pre_releases_and_builds_log_in(app_settings: Settings, user: str) -> None:
+    """Cargo versions may carry a SemVer pre-release or build: refused as "Unrecognised"."""
+    with TestClient(create_app(app_settings)) as client:
+        assert client.post("/api/api_login", headers=basic(user, API_KEY)).status_code == 200
 
 
 def test_calls_without_the_cookie_are_401(app_settings: Settings) -> None:

@@ -78,12 +78,15 @@ class AsvoError(BadRequest):
 # Login (section 1.2)
 
 _CLIENT_VERSION = re.compile(
-    r"^(?P<prefix>mantaray-clientv|giant-squidv)(?P<version>\d+(?:\.\d+)*)$"
+    r"^(?P<prefix>mantaray-clientv|giant-squidv)(?P<version>\d+(?:\.\d+)*)"
+    r"(?P<suffix>[-+][0-9A-Za-z.+-]+)?$"  # a SemVer pre-release or build (Cargo's versions)
 )
 
 
-def _version_tuple(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split("."))
+def _version_tuple(text: str, suffix: str | None = None) -> tuple[int, ...]:
+    """Comparable: a pre-release (``2.5.1-rc1``) comes before its release, as in SemVer."""
+    pre_release = suffix is not None and suffix.startswith("-")
+    return (*(int(part) for part in text.split(".")), 0 if pre_release else 1)
 
 
 def check_client_version(client: str, minimums: Mapping[str, str]) -> None:
@@ -104,9 +107,12 @@ def check_client_version(client: str, minimums: Mapping[str, str]) -> None:
             error_code=ERROR_CODE_INVALID,
         )
     minimum = minimums.get(match["prefix"])
-    if minimum is not None and _version_tuple(match["version"]) < _version_tuple(minimum):
+    version = match["version"] + (match["suffix"] or "")
+    if minimum is not None and _version_tuple(match["version"], match["suffix"]) < _version_tuple(
+        minimum
+    ):
         raise Forbidden(
-            f"Client version {match['version']} is too old; please upgrade to "
+            f"Client version {version} is too old; please upgrade to "
             f"{match['prefix'].removesuffix('v')} {minimum} or newer",
             error_code=ERROR_CODE_INVALID,
         )
