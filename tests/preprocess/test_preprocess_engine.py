@@ -182,6 +182,21 @@ def test_averaging_is_the_weighted_mean_of_the_model(
     assert np.all(uvd.nsample_array[uvd.ant_1_array == 0][0] > 0)
 
 
+@pytest.mark.parametrize(("int_time_s", "quack_time_s", "flagged"), [(8.0, 2.0, 1), (2.0, 0.5, 1),
+                                                                      (2.0, 2.0, 1), (2.0, 4.0, 2)])  # fmt: skip
+def test_an_integration_holding_any_of_the_quack_time_is_flagged(
+    tmp_path: Path, int_time_s: float, quack_time_s: float, flagged: int
+) -> None:
+    """Birli flags every integration that starts before the end of the quack time; one
+    whose centre was past it (2 s of settling in an 8 s integration) was kept."""
+    sim = simulate_observation(tmp_path / "sim", OBSID, n_tiles=3, n_timesteps=3, sources=[SOURCE],
+                               int_time_s=int_time_s, quack_time_s=quack_time_s)  # fmt: skip
+    (out,) = convert(sim, tmp_path / "q.uvfits", **RAW)
+    _, flags, _ = cube(out, n_ants=3)
+    per_time = flags.all(axis=(1, 2, 3))
+    assert per_time.tolist() == [True] * flagged + [False] * (3 - flagged)
+
+
 def test_edge_and_dc_flags_fall_exactly_where_the_rules_say(
     sim: SimulatedObservation, tmp_path: Path
 ) -> None:

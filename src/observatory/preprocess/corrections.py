@@ -130,9 +130,11 @@ def instrument_factors(
 def quack_timesteps(
     meta: ObservationMeta, time_start_gps_s: NDArray[np.float64]
 ) -> NDArray[np.bool_]:
-    """Integrations that start before the end of the quack time (flagged)."""
+    """Integrations that start before the end of the quack time (flagged), as Birli's: one
+    that holds any of the settling time is flagged (times compared to the millisecond, on
+    which MWA integrations start)."""
     good_from_s = meta.sched_start_gps_s + meta.quack_time_s
-    return time_start_gps_s + meta.int_time_s / 2 < good_from_s
+    return np.round(time_start_gps_s, 3) < np.round(good_from_s, 3)
 
 
 def edge_and_dc_channels(
