@@ -674,6 +674,15 @@ def test_dc_channel_flagging_defaults_to_legacy_data_only(
     assert (legacy.flag_dc, mwax.flag_dc, simulated.flag_dc) == (True, False, False)
     no_dc = ConversionOptions.from_params({"allow_missing": "true", "no_flag_dc": "true"})
     assert _plan(open_reader(*_real_inputs("1131733552")), no_dc, None, 1 << 20).flag_dc is False
+    # MWAX files under a metafits whose MODE still says legacy (early MWAX observations):
+    # the files decide, as in Birli (the DC channel was flagged, the legacy passband used).
+    legacy_mode = tmp_path / "legacy_mode.metafits"
+    with fits.open(sim.metafits_path) as hdus:
+        hdus[0].header["MODE"] = "HW_LFILES"
+        hdus.writeto(legacy_mode)
+    reader = open_reader(legacy_mode, sim.vis_paths)
+    assert reader.meta.mwax is True
+    assert _plan(reader, options, None, 1 << 20).flag_dc is False
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import os
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -224,9 +224,12 @@ class MwalibReader:
     """Chunks read through mwalib's ``CorrelatorContext``."""
 
     def __init__(self, metafits: Path, data_files: Sequence[Path], meta: ObservationMeta) -> None:
-        self.meta = meta
         self.context = mwalib.CorrelatorContext(str(metafits), [str(p) for p in data_files])
         context = self.context
+        # The correlator is the files' (as Birli takes it), not the metafits MODE's: early
+        # MWAX observations have MODE = 'HW_LFILES', and the DC channel and the passband
+        # depend on it.
+        self.meta = replace(meta, mwax="MWAX" in str(context.mwa_version))
         self._coarse_index = {
             int(context.coarse_chans[i].rec_chan_number): i
             for i in context.provided_coarse_chan_indices
