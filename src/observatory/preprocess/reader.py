@@ -16,8 +16,9 @@ YY, and visibilities conjugated relative to raw MWAX data so that a source in
 direction ``s`` carries ``exp(+2 pi i f (x_q - x_p) . s / c)``.
 
 Both readers give the integrations on a regular grid of the integration time,
-from the earliest integration any file holds to the latest (as pyuvdata and
-Birli do): files that start at different times, or a gap in the data, leave
+from the earliest integration any file holds to the latest (as pyuvdata does;
+Birli starts at the first integration every channel holds): files that start at
+different times, or a gap in the data, leave
 integrations for which some coarse channels have no data; those read as zeros
 with zero weight (flagged).
 """
