@@ -375,6 +375,44 @@ def test_a_modern_package_is_cut_per_member_named_after_its_mous_uid(
     assert "modern layout" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("append", "group", "member", "refusal"),
+    [
+        ("member", "X1", "X3", "exists already"),  # the same member again
+        ("group", "X9", "X3", "already a member of"),  # the same member in another group
+        ("group", "X1", "X4", "append='group' adds a group"),
+        ("member", "X9", "X4", "append='member' adds a member to a group of the package"),
+    ],
+)
+def test_a_modern_append_must_say_what_it_does(
+    tmp_path: Path, readme: Path, append: str, group: str, member: str, refusal: str
+) -> None:
+    """A member uid in two groups was accepted, and tarsplit then left one of them out of
+    every tar; --append had no effect on where a member went."""
+    packpath, _ = modern_package(tmp_path, readme)
+    before = files_and_links(packpath)
+    with pytest.raises(PackagingError, match=refusal):
+        package(tiny_sb(tmp_path / "other"), readme, packpath, mode="copy", append=append,
+                style="modern", uids=("uid://A001/X1/X0", f"uid://A001/X1/{group}",
+                                      f"uid://A001/X1/{member}"))  # fmt: skip
+    assert files_and_links(packpath) == before
+
+
+def test_tarsplit_refuses_a_member_uid_held_twice(
+    tmp_path: Path, readme: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Made by hand (or by an older packager): one of the two was left out of every tar."""
+    from observatory.packaging.tarsplit import main as tarsplit
+
+    packpath, members = modern_package(tmp_path, readme)
+    group = next(packpath.glob("science_goal.*/group.*"))
+    shutil.copytree(group, group.with_name("group.uid___A001_X1_X9"))
+    capsys.readouterr()
+    assert tarsplit([str(packpath), "--output-dir", str(tmp_path)]) == 1
+    assert f"holds member {members[0]} twice" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*_of_*.tar"))
+
+
 def test_a_legacy_package_keeps_the_documents_name(
     tmp_path: Path, readme: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

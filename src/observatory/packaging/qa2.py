@@ -477,7 +477,39 @@ def _member_path(
     if uids is None:
         raise PackagingError("style='modern' needs the science goal, group and member uids")
     sg, group, member = (file_safe_uid(uid) for uid in uids)
-    return Path(f"science_goal.{sg}", f"group.{group}", f"member.{member}")
+    path = Path(f"science_goal.{sg}", f"group.{group}", f"member.{member}")
+    if append and packpath.is_dir():
+        _check_modern_append(packpath, append, path, ignored)
+    return path
+
+
+def _check_modern_append(packpath: Path, append: str, path: Path, ignored: Path | None) -> None:
+    """An appended member's uids must say what ``append`` does: a member (MOUS) is in one
+    group only (its tars are named after its uid), ``group`` adds a group the package does
+    not hold, ``member`` a member to one it holds."""
+    present = [
+        found.relative_to(packpath)
+        for found in packpath.glob("science_goal.*/group.*/member.*")
+        if ignored is None or not found.absolute().is_relative_to(ignored)
+    ]
+    elsewhere = [found for found in present if found.name == path.name and found != path]
+    if elsewhere:
+        raise PackagingError(
+            f"{path.name.removeprefix('member.')} is already a member of {packpath}, in "
+            f"{elsewhere[0].parent}: a member (MOUS) belongs to one group; give this one its "
+            "own uid"
+        )
+    group_present = any(found.parent == path.parent for found in present)
+    if append == "group" and group_present:
+        raise PackagingError(
+            f"append='group' adds a group, but {path.parent} is already in {packpath}: "
+            "append='member' adds a member to it"
+        )
+    if append == "member" and not group_present:
+        raise PackagingError(
+            f"append='member' adds a member to a group of the package, but {packpath} holds "
+            f"no {path.parent}: append='group' adds a new group"
+        )
 
 
 def _moved_origins_path(packpath: Path) -> Path:

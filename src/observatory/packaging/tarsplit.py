@@ -335,7 +335,16 @@ def tar_sets(package: Path, name: str | None) -> list[TarSet]:
             )
         _check_tag(name)
         return [TarSet(name, None)]
-    by_uid = {member.name.removeprefix("member."): member for member in members}
+    by_uid: dict[str, Path] = {}
+    for member in members:
+        uid = member.name.removeprefix("member.")
+        if uid in by_uid:  # a set per uid: one of them would be in no tar
+            raise TarsplitError(
+                f"{package.name} holds member {uid} twice ({by_uid[uid]} and {member}): its "
+                "tars are named after its MOUS uid, which must be in one group only; move or "
+                "remove one (and its manifest lines) first"
+            )
+        by_uid[uid] = member
     _refuse_outside_members(package, members)
     if name is None:
         return [TarSet(uid, member) for uid, member in by_uid.items()]
