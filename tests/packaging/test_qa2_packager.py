@@ -805,6 +805,30 @@ def test_split_of_a_table_whose_columns_name_tables_is_casacores_deep_copy(tmp_p
     )
 
 
+def test_a_symlinked_subtable_is_copied_into_the_split(tmp_path: Path) -> None:
+    """A subtable that is a symlink to a table elsewhere: the split kept a keyword naming
+    the origin's, and a delivered copy of it had no FIELD table."""
+    from casacore import tables
+
+    from observatory.packaging.qa2 import split_measurement_set
+
+    origin = tmp_path / "origin.ms"
+    measurement_set(origin)
+    elsewhere = tmp_path / "elsewhere" / "FIELD"
+    elsewhere.parent.mkdir()
+    (origin / "FIELD").rename(elsewhere)
+    (origin / "FIELD").symlink_to(elsewhere)
+    split_measurement_set(origin, tmp_path / "split.ms", calibrated=False)
+    field = tmp_path / "split.ms" / "FIELD"
+    assert field.is_dir() and not field.is_symlink()
+    (tmp_path / "split.ms").rename(tmp_path / "moved.ms")
+    shutil.rmtree(tmp_path / "elsewhere")  # the delivered set needs nothing of the origin's
+    with tables.table(str(tmp_path / "moved.ms"), ack=False) as moved:
+        assert moved.getkeyword("FIELD") == f"Table: {tmp_path / 'moved.ms' / 'FIELD'}"
+    with tables.table(str(tmp_path / "moved.ms" / "FIELD"), ack=False) as fields:
+        assert fields.nrows() >= 0
+
+
 @pytest.mark.parametrize("calibrated", [False, True])
 def test_split_of_a_measurement_set_written_by_pyuvdata(tmp_path: Path, calibrated: bool) -> None:
     """Our own conversions write measurement sets with pyuvdata: 23 storage managers, tiled

@@ -1170,8 +1170,14 @@ def _write_without(table: Any, source: Path, destination: Path, left_out: list[s
         ]
         if not hypercolumn["HCdatanames"]:
             del hypercolumns[name]
+    # A subtable is inside when the measurement set holds it, as a directory or as a symlink
+    # to one elsewhere (copied, as the table it names: kept as a reference, the packaged set
+    # would name the origin's).
     inside = {
-        name: path for name, path in subtables.items() if path.resolve().parent == source.resolve()
+        name: path
+        for name, path in subtables.items()
+        if path.resolve().parent == source.resolve()
+        or Path(os.path.abspath(path)).parent == Path(os.path.abspath(source))
     }
     for name in inside:
         del keywords[name]  # made again below, naming the copies
