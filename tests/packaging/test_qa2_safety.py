@@ -482,6 +482,52 @@ def test_tarsplit_removes_the_leftovers_of_a_killed_run(tmp_path: Path, readme: 
                 and "lock" not in p.name]  # fmt: skip
 
 
+def test_a_tarsplit_killed_while_renaming_its_pieces_is_undone_by_the_next_run(
+    tmp_path: Path, readme: Path
+) -> None:
+    """Killed after renaming some pieces into place: they stayed under final names, and every
+    later run refused the directory ("already holds tars ...")."""
+    import subprocess
+    import sys
+
+    from observatory.packaging.tarsplit import main as tarsplit
+
+    sb = tiny_sb(tmp_path)
+    for index in range(4):
+        (sb / f"image{index}.fits").write_bytes(os.urandom(30_000))
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb, readme, packpath, mode="copy")
+    out = tmp_path / "out"
+    out.mkdir()
+    killed_after_renames = (
+        "import os, sys\n"
+        "from observatory.packaging import tarsplit\n"
+        "real, calls = os.replace, []\n"
+        "def replace(source, target):\n"
+        "    real(source, target)\n"
+        "    calls.append(target)\n"
+        "    if len(calls) == 3:\n"
+        "        os._exit(9)  # as SIGKILL: nothing of the run cleans up\n"
+        "tarsplit.os.replace = replace\n"
+        f"sys.exit(tarsplit.main(['-n', 'd', {str(packpath)!r}, '--max-size', '40K', "
+        f"'--output-dir', {str(out)!r}]))\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", killed_after_renames], capture_output=True)
+    assert killed.returncode == 9, killed.stderr
+    assert list(out.glob("*_of_*.tar*"))  # part of the set under final names
+    assert tarsplit(["-n", "d", str(packpath), "--max-size", "40K", "--output-dir", str(out),
+                     "--dry-run"]) == 0  # fmt: skip
+    assert tarsplit(["-n", "d", str(packpath), "--max-size", "40K", "--output-dir", str(out)]) == 0
+    tars = sorted(out.glob("*_of_*.tar"))
+    count = len(tars)
+    assert count > 2 and [t.name for t in tars] == [
+        f"2011.0.00229.S_d_{n:03d}_of_{count:03d}.tar" for n in range(1, count + 1)
+    ]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [t.name for t in tars] + [f"{t.name}.md5sum" for t in tars]
+    )
+
+
 # 12. verify and tarsplit of ".", "/" as packpath, a run in progress
 
 

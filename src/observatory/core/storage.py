@@ -172,31 +172,32 @@ def temporary_name(target_name: str, kind: str) -> str:
     return f".{target_name}.{kind}-{socket.gethostname()}-{os.getpid()}-"
 
 
-def remove_leftover_temporaries(target: str | Path) -> list[Path]:
-    """Remove the temporaries beside ``target`` left by processes of this host that are gone.
+def leftover_temporaries(target: str | Path) -> list[Path]:
+    """The temporaries beside ``target`` left by processes of this host that are gone.
 
     Only names made by :func:`temporary_name` are considered; those of live processes,
-    and of other hosts (a shared file system), are kept.
-
-    Returns
-    -------
-    list of Path
-        What was removed.
+    and of other hosts (a shared file system), are not leftovers.
     """
     target = Path(target)
     host = socket.gethostname()
-    removed = []
+    found = []
     for candidate in target.parent.glob(f".{glob.escape(target.name)}.*-{glob.escape(host)}-*-*"):
         # <kind>-<host>-<pid>-<random ending>; host names may hold dashes, the rest do not
         owner = candidate.name[len(f".{target.name}.") :].split("-", 1)[1].rpartition("-")[0]
         owner_host, _, pid_text = owner.rpartition("-")
-        if owner_host != host or not pid_text.isdigit() or _process_alive(int(pid_text)):
-            continue
+        if owner_host == host and pid_text.isdigit() and not _process_alive(int(pid_text)):
+            found.append(candidate)
+    return found
+
+
+def remove_leftover_temporaries(target: str | Path) -> list[Path]:
+    """Remove the :func:`leftover_temporaries` beside ``target``; what was removed."""
+    removed = leftover_temporaries(target)
+    for candidate in removed:
         if candidate.is_dir() and not candidate.is_symlink():
             shutil.rmtree(candidate, ignore_errors=True)
         else:
             candidate.unlink(missing_ok=True)
-        removed.append(candidate)
     return removed
 
 

@@ -22,7 +22,8 @@ Design choices (ours, not the document's):
   symlinks;
 * all pieces are written under temporary names in the output directory and renamed
   into place only once every piece is complete, so an interrupted run leaves no
-  tar (truncated or not) under a final name;
+  tar (truncated or not) under a final name (the renames are recorded first: a run
+  killed while renaming leaves a part of a set that the next run removes);
 * the md5 is computed from the bytes as they are written (the tar is never read
   back): the writer reads each file into a buffer, writes the buffer and hashes it
   (in a helper thread when the package is a single piece), so the digest is that of
@@ -48,6 +49,7 @@ import argparse
 import grp
 import hashlib
 import itertools
+import json
 import os
 import pwd
 import queue
@@ -63,6 +65,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+from observatory.packaging.manifest import sync_file
 from observatory.packaging.qa2 import PROJECT_CODE
 
 #: What NAME (the tag between project code and piece number) may contain.
@@ -609,8 +612,35 @@ def _write_piece(
 
 
 def _existing(output_dir: Path, project: str, name: str) -> list[str]:
+    """Tars of this project and tag under final names (not a killed run's: see _placing)."""
     pattern = re.compile(rf"^{re.escape(project)}_{re.escape(name)}_\d+_of_\d+\.tar(\.md5sum)?$")
-    return sorted(p.name for p in output_dir.iterdir() if pattern.match(p.name))
+    dead = {placed for _, names in _dead_placings(output_dir, project, name) for placed in names}
+    return sorted(
+        p.name for p in output_dir.iterdir() if pattern.match(p.name) and p.name not in dead
+    )
+
+
+def _placing(output_dir: Path, project: str, tag: str, token: str) -> Path:
+    """The hidden record of the final names a run is renaming its pieces to, written before
+    the first rename and removed after the last: a run killed in between leaves part of a
+    set under final names, which the record lets a later run recognise and remove."""
+    from observatory.core.storage import temporary_name
+
+    return output_dir / (temporary_name(f"{project}_{tag}.tars", "placing") + token)
+
+
+def _dead_placings(output_dir: Path, project: str, tag: str) -> list[tuple[Path, list[str]]]:
+    """The placing records of killed runs of this host, with the names each lists."""
+    from observatory.core.storage import leftover_temporaries
+
+    found = []
+    for record in leftover_temporaries(output_dir / f"{project}_{tag}.tars"):
+        try:
+            names = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            names = []  # cut short before its names were written: nothing was renamed yet
+        found.append((record, [n for n in names if isinstance(n, str) and "/" not in n]))
+    return found
 
 
 def _check_tag(name: str) -> None:
@@ -672,11 +702,18 @@ def _remove_leftovers(output_dir: Path, project: str, tag: str) -> list[Path]:
 
     pattern = re.compile(rf"^\.{re.escape(project)}_{re.escape(tag)}_(\d+)\.tar\.")
     indices = {int(m.group(1)) for p in output_dir.iterdir() if (m := pattern.match(p.name))}
-    return [
+    removed = [
         removed
         for index in sorted(indices)
         for removed in remove_leftover_temporaries(output_dir / f"{project}_{tag}_{index}.tar")
     ]
+    for record, names in _dead_placings(output_dir, project, tag):
+        for name in names:  # the part of a set a killed run had renamed into place
+            (output_dir / name).unlink(missing_ok=True)
+            removed.append(output_dir / name)
+        record.unlink(missing_ok=True)
+        removed.append(record)
+    return removed
 
 
 def check_manifest_covers(package: Path) -> None:
@@ -750,7 +787,8 @@ def write_pieces(
     piece is written under a temporary hidden name in the output directory (marked with
     this process: the leftovers of a killed run of the same package and tag are removed
     first); only when all are complete are they renamed into place, so a failure or
-    interruption leaves no tar under a final name.
+    interruption leaves no tar under a final name (a kill during the renames leaves a
+    record of them, by which the next run removes the part of the set it renamed).
 
     Parameters
     ----------
@@ -766,8 +804,8 @@ def write_pieces(
     max_size_bytes : int
         The largest tar file (see ``plan_pieces`` for a file larger than that).
     progress : callable, optional
-        Called as ``progress(tar_path, piece, md5_hex)`` for each tar, in order, once it
-        is in place under its final name.
+        Called as ``progress(tar_path, piece, md5_hex)`` for each tar, in order, once
+        every tar is in place under its final name.
     workers : int, optional
         How many pieces to write at once (default: one more than the CPUs available,
         at most 4).
@@ -792,6 +830,7 @@ def write_pieces(
     temps: list[Path] = []
     futures: list[Future[str]] = []
     placed: list[Path] = []
+    records: list[Path] = []
     pieces: list[Piece] = []
     finals: list[Path] = []
     cancel = threading.Event()
@@ -816,20 +855,33 @@ def write_pieces(
         digests = [future.result() for future in futures]
         for final, temp, digest in zip(finals, temps, digests, strict=True):
             Path(f"{temp}.md5sum").write_text(f"{digest}  {final.name}\n", encoding="utf-8")
-        for piece, final, temp, digest in zip(pieces, finals, temps, digests, strict=True):
+        for tar_set in sets:
+            names = [
+                name
+                for final in finals
+                if final.name.startswith(f"{project}_{tar_set.tag}_")
+                for name in (final.name, f"{final.name}.md5sum")
+            ]
+            records.append(_placing(output_dir, project, tar_set.tag, token))
+            records[-1].write_text(json.dumps(names), encoding="utf-8")
+            sync_file(records[-1])  # on disk before the first rename it lets a later run undo
+        for final, temp in zip(finals, temps, strict=True):
             os.replace(temp, final)
             placed.append(final)
             os.replace(f"{temp}.md5sum", f"{final}.md5sum")
             placed.append(Path(f"{final}.md5sum"))
-            if progress is not None:
-                progress(final, piece, digest)
+        for record in records:
+            record.unlink()
     except BaseException:
         cancel.set()
         pool.shutdown(wait=True, cancel_futures=True)
-        for path in [*temps, *(Path(f"{t}.md5sum") for t in temps), *placed]:
+        for path in [*temps, *(Path(f"{t}.md5sum") for t in temps), *placed, *records]:
             path.unlink(missing_ok=True)
         raise
     pool.shutdown(wait=True)
+    if progress is not None:
+        for piece, final, digest in zip(pieces, finals, digests, strict=True):
+            progress(final, piece, digest)
     return finals
 
 
