@@ -1000,6 +1000,22 @@ def test_the_streamed_measurement_set_is_what_pyuvdata_writes(
             stream.write(times.start, chans.start, vis[times, :, chans], weights[times, :, chans],
                          flags[times, :, chans])  # fmt: skip
     ours, theirs = table_contents(streamed_path), table_contents(reference_path)
+    # Birli's MWA tables and columns (cotter's), which write_ms does not write.
+    pointing = ours.pop("MWA_TILE_POINTING")
+    assert [d.tolist() for d in pointing["DELAYS"]] == [list(meta.beamformer_delays)]
+    np.testing.assert_allclose(
+        pointing["DIRECTION"][0], np.radians([SOURCE.ra_deg, SOURCE.dec_deg])
+    )
+    assert ours.pop("MWA_SUBBAND")["NUMBER"] == [0, 1]  # the output's coarse channels
+    mwa_columns = {
+        name: {c: ours[name].pop(c) for c in list(ours[name]) if c.startswith("MWA_")}
+        for name in ("ANTENNA", "FIELD", "OBSERVATION", "SPECTRAL_WINDOW")
+    }
+    assert mwa_columns["ANTENNA"]["MWA_TILE_NR"] == list(meta.antenna_numbers)
+    assert mwa_columns["OBSERVATION"]["MWA_GPS_TIME"] == [float(OBSID)]
+    assert set(mwa_columns["SPECTRAL_WINDOW"]["MWA_CENTRE_SUBBAND_NR"]) == {coarse_chans[1]}
+    for name in ("MWA_TILE_POINTING", "MWA_SUBBAND"):
+        assert ours["MAIN"]["keywords"][0].pop(name) == f"Table: /{name}"
     assert ours.keys() == theirs.keys()
     # FLAG_ROW where every sample of the row is flagged; write_ms leaves it false.
     all_flagged = [bool(np.all(cell)) for cell in ours["MAIN"]["FLAG"]]

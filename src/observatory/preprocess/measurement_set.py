@@ -37,6 +37,7 @@ from observatory.core.storage import atomic_output
 from observatory.core.text import size_text
 from observatory.preprocess.uvfits import DEFAULT_BUFFER_BYTES, AtomicStream
 from observatory.preprocess.writer import OutputDescription, spectral_window_ids, to_uvdata
+from observatory.telescope.instrument import COARSE_CHAN_WIDTH_HZ
 
 #: Samples (pols x channels x rows) in a tile of the data columns (a complex tile: 256 KiB).
 _TILE_SAMPLES = 32768
@@ -73,6 +74,7 @@ class MeasurementSetStream(AtomicStream):
         self.path = Path(path)
         self.buffer_bytes = buffer_bytes
         self.uvd = to_uvdata(description)  # metadata only
+        self.description = description
         self.project_id = description.meta.project_id
         self.n_baselines = description.meta.n_baselines
         self.n_times = len(description.time_centres_gps_s)
@@ -373,6 +375,93 @@ class MeasurementSetStream(AtomicStream):
         ms_utils.write_ms_polarization(filepath, pol_order=self.pol_order, uvobj=uvd)
         ms_utils.write_ms_source(filepath, uvobj=uvd)
         ms_utils.write_ms_spectral_window(filepath, uvobj=uvd)
+        self._write_mwa_tables(filepath)
+
+    def _write_mwa_tables(self, filepath: str) -> None:
+        """The MWA tables and columns Birli writes (cotter's, as Marlu emulates them).
+
+        ``MWA_TILE_POINTING`` (the beamformer delays, which EveryBeam and WSClean's MWA
+        beam read: without it ``-apply-primary-beam`` fails), ``MWA_SUBBAND``, and the
+        ``MWA_*`` columns of ANTENNA, FIELD, OBSERVATION and SPECTRAL_WINDOW, filled as
+        Birli fills them.
+        """
+        from casacore import tables
+
+        description, meta = self.description, self.description.meta
+        _, ra_deg, dec_deg = description.phase_centre
+        epoch = {"QuantumUnits": ["s"], "MEASINFO": {"type": "epoch", "Ref": "UTC"}}
+        first_centre_s = _mjd_s(description.time_centres_gps_s[:1])[0]
+        n_times = len(description.time_centres_gps_s)
+        sched_start_mjd_s = _mjd_s(np.array([meta.sched_start_gps_s]))[0]
+        coarse_chans = np.unique(np.floor(description.freqs_hz / COARSE_CHAN_WIDTH_HZ + 0.5))
+        time_factor = max(1, round(description.int_time_s / meta.int_time_s))
+        n_ants = meta.n_ants
+        rf_inputs = meta.rf_inputs if meta.rf_inputs is not None else np.zeros((n_ants, 2))
+        slots = meta.receiver_slots if meta.receiver_slots is not None else np.zeros((n_ants, 2))
+        receivers = meta.receivers if meta.receivers is not None else np.zeros(n_ants)
+        subtables: dict[str, tuple[list[Any], dict[str, Any]]] = {
+            "MWA_TILE_POINTING": (
+                [tables.makearrcoldesc("INTERVAL", 0.0, keywords=epoch),
+                 tables.makearrcoldesc("DELAYS", 0, valuetype="int"),
+                 tables.makearrcoldesc("DIRECTION", 0.0)],
+                {"INTERVAL": np.array([[first_centre_s, first_centre_s + n_times * description.int_time_s]]),
+                 "DELAYS": np.array([meta.beamformer_delays or (0,) * 16], dtype=np.int32),
+                 "DIRECTION": np.radians([[ra_deg, dec_deg]])},
+            ),
+            "MWA_SUBBAND": (
+                [tables.makescacoldesc("NUMBER", 0), tables.makescacoldesc("GAIN", 0.0),
+                 tables.makescacoldesc("FLAG_ROW", False)],
+                {"NUMBER": np.arange(len(coarse_chans), dtype=np.int32),
+                 "GAIN": np.zeros(len(coarse_chans)),  # metafits CHANGAIN, deprecated: 0
+                 "FLAG_ROW": np.zeros(len(coarse_chans), dtype=bool)},
+            ),
+        }  # fmt: skip
+        with tables.table(filepath, ack=False, readonly=False) as main:
+            for name, (columns, values) in subtables.items():
+                n_rows = len(next(iter(values.values())))
+                path = f"{filepath}/{name}"
+                with tables.table(
+                    path, tables.maketabdesc(columns), nrow=n_rows, ack=False
+                ) as subtable:
+                    for column, column_values in values.items():
+                        subtable.putcol(column, column_values)
+                main.putkeyword(name, f"Table: {path}")
+        columns_of: dict[str, tuple[list[Any], dict[str, Any]]] = {
+            "ANTENNA": (
+                [tables.makearrcoldesc("MWA_INPUT", 0, valuetype="int"),
+                 tables.makescacoldesc("MWA_TILE_NR", 0),
+                 tables.makescacoldesc("MWA_RECEIVER", 0),
+                 tables.makearrcoldesc("MWA_SLOT", 0, valuetype="int"),
+                 tables.makearrcoldesc("MWA_CABLE_LENGTH", 0.0)],
+                {"MWA_INPUT": np.asarray(rf_inputs, np.int32),
+                 "MWA_TILE_NR": np.asarray(meta.antenna_numbers, np.int32),
+                 "MWA_RECEIVER": np.asarray(receivers, np.int32),
+                 "MWA_SLOT": np.asarray(slots, np.int32),
+                 "MWA_CABLE_LENGTH": np.asarray(meta.cable_length_m, np.float64)},
+            ),
+            "FIELD": ([tables.makescacoldesc("MWA_HAS_CALIBRATOR", False)],
+                      {"MWA_HAS_CALIBRATOR": [meta.calibrator]}),
+            "OBSERVATION": (
+                [tables.makescacoldesc("MWA_GPS_TIME", 0.0),
+                 tables.makescacoldesc("MWA_FILENAME", ""),
+                 tables.makescacoldesc("MWA_OBSERVATION_MODE", ""),
+                 tables.makescacoldesc("MWA_FLAG_WINDOW_SIZE", 0),
+                 tables.makescacoldesc("MWA_DATE_REQUESTED", 0.0, keywords=epoch)],
+                {"MWA_GPS_TIME": [float(meta.sched_start_gps_s)],
+                 "MWA_FILENAME": [meta.obs_name], "MWA_OBSERVATION_MODE": [meta.mode],
+                 "MWA_FLAG_WINDOW_SIZE": [n_times * time_factor + 1],
+                 "MWA_DATE_REQUESTED": [sched_start_mjd_s]},
+            ),
+            "SPECTRAL_WINDOW": ([tables.makescacoldesc("MWA_CENTRE_SUBBAND_NR", 0)], {}),
+        }  # fmt: skip
+        for name, (columns, values) in columns_of.items():
+            with tables.table(f"{filepath}/{name}", ack=False, readonly=False) as subtable:
+                subtable.addcols(tables.maketabdesc(columns))
+                if name == "SPECTRAL_WINDOW":  # every window: the band's centre coarse channel
+                    centre = int(coarse_chans[len(coarse_chans) // 2]) if len(coarse_chans) else 0
+                    values = {"MWA_CENTRE_SUBBAND_NR": np.full(subtable.nrows(), centre, np.int32)}
+                for column, column_values in values.items():
+                    subtable.putcol(column, column_values)
 
     def _write_observation_span(self, filepath: str) -> None:
         """OBSERVATION's TIME_RANGE (first integration's start to last one's end, MJD
@@ -422,3 +511,8 @@ class MeasurementSetStream(AtomicStream):
             pointing.putcol("NUM_POLY", np.zeros(n_rows, dtype=np.int32))
             pointing.putcol("TIME_ORIGIN", np.repeat(times, n_ants))
             pointing.putcol("TRACKING", np.zeros(n_rows, dtype=bool))
+
+
+def _mjd_s(gps_s: NDArray[np.float64]) -> NDArray[np.float64]:
+    """GPS seconds as MJD seconds (UTC), a measurement set's times."""
+    return np.asarray(Time(gps_s, format="gps").utc.mjd * 86400.0, dtype=np.float64)

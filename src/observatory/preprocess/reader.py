@@ -93,6 +93,15 @@ class ObservationMeta:
     #: The pointing's azimuth and elevation (degrees), where the tiles' delays point.
     pointing_azel_deg: tuple[float, float]
     deripple_applied: bool
+    #: What Birli writes into a measurement set's MWA tables (cotter's): the beamformer
+    #: delays (metafits DELAYS, 16), each tile's X and Y receiver inputs and slots, its
+    #: receiver, the metafits MODE and whether the observation is of a calibrator.
+    beamformer_delays: tuple[int, ...] = ()
+    rf_inputs: NDArray[np.int32] | None = None
+    receiver_slots: NDArray[np.int32] | None = None
+    receivers: NDArray[np.int32] | None = None
+    mode: str = ""
+    calibrator: bool = False
 
     @property
     def n_ants(self) -> int:
@@ -159,6 +168,15 @@ def read_metadata(metafits: str | os.PathLike[str]) -> ObservationMeta:
         geometric_delays_applied=str(context.geometric_delays_applied).rpartition(".")[2],
         pointing_azel_deg=(float(context.az_deg), float(context.alt_deg)),
         deripple_applied=bool(context.deripple_applied),
+        beamformer_delays=tuple(int(d) for d in context.delays),
+        rf_inputs=np.array([(a.rfinput_x.input, a.rfinput_y.input) for a in antennas], np.int32),
+        receiver_slots=np.array(
+            [(a.rfinput_x.rec_slot_number, a.rfinput_y.rec_slot_number) for a in antennas],
+            np.int32,
+        ),
+        receivers=np.array([a.rfinput_x.rec_number for a in antennas], np.int32),
+        mode=str(context.mode).rpartition(".")[2].upper(),  # MWAMode.Hw_Lfiles -> HW_LFILES
+        calibrator=bool(context.calibrator),
     )
 
 
