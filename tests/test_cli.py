@@ -263,6 +263,20 @@ def test_demo_seeds_and_serves(tmp_path: Path) -> None:
     assert len(re.findall(r"^kept \d{10} demo_", again.stdout, re.M)) == 5, again.stdout
 
 
+def test_demo_over_https_prints_https_addresses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The banner's URLs are the ones served; a certificate without its key seeds nothing."""
+    data = tmp_path / "demo"
+    assert _run(data, "demo", "--no-serve", "--ssl-certfile", "cert.pem") == 2
+    assert "--ssl-certfile and --ssl-keyfile go together" in capsys.readouterr().err
+    assert not data.exists()
+    tls = ["--ssl-certfile", "cert.pem", "--ssl-keyfile", "key.pem"]
+    assert _run(data, "demo", "--no-serve", "--port", "8443", *tls) == 0
+    printed = capsys.readouterr().out
+    assert "https://127.0.0.1:8443/healthz" in printed and "http://" not in printed
+
+
 def _commands(
     parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
 ) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:

@@ -482,6 +482,12 @@ GRACEFUL_SHUTDOWN_S = 30
 SHUTDOWN_MARGIN_S = 15
 
 
+def _check_tls_options(args: argparse.Namespace) -> None:
+    """A certificate needs its key, and a key its certificate."""
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise ValueError("--ssl-certfile and --ssl-keyfile go together")
+
+
 def _run_server(app: object, args: argparse.Namespace, log_format: str = "text") -> None:
     """uvicorn on the chosen address, with TLS when a certificate is given (giant-squid is https-only).
 
@@ -490,8 +496,7 @@ def _run_server(app: object, args: argparse.Namespace, log_format: str = "text")
     """
     import uvicorn
 
-    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
-        raise ValueError("--ssl-certfile and --ssl-keyfile go together")
+    _check_tls_options(args)
     log_options: dict[str, Any] = {}
     if log_format == "json":
         from observatory.core.observability import json_log_config
@@ -569,9 +574,11 @@ def _exit_after_deadline(deadline_s: float) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from observatory.demo import seed_demo
 
+    _check_tls_options(args)  # before seeding and printing URLs that would not be served
     settings = _settings(args, makes_one=True)
     summary = seed_demo(settings, console=console)
-    base = f"http://{args.host}:{args.port}"
+    scheme = "https" if args.ssl_certfile else "http"
+    base = f"{scheme}://{args.host}:{args.port}"
     console.print("\n[bold]observatory-services demo[/bold]")
     console.print(f"  data directory : {settings.data_dir.resolve()}", highlight=False)
     console.print(f"  portal         : {base}/  (sign in below)", highlight=False)
@@ -584,7 +591,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     console.print(f"  demo user      : {summary.user_name}", highlight=False)
     console.print(f"  portal password: {summary.password}", highlight=False)
-    print(f"API key: {summary.api_key}")
+    print(f"API key: {summary.api_key}")  # at the line's start, for scripts: grep '^API key:'
     console.print(
         f"  trigger project: {summary.project_id} (secure key: {summary.project_key})",
         highlight=False,

@@ -446,7 +446,12 @@ def test_refusals(tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
         package(sb, readme, packpath, append="everything")
     empty = tmp_path / "empty_sb"
     empty.mkdir()
-    with pytest.raises(PackagingError, match="no execution block"):
+    with pytest.raises(PackagingError, match="no execution block") as refused:
+        package(empty, readme, packpath)
+    assert "found" not in str(refused.value)
+    (empty / "X8c").mkdir()
+    (empty / "X8c" / "X8c.ms.split").mkdir()  # named after the directory, not the uid
+    with pytest.raises(PackagingError, match=r"full ALMA uid .*; found X8c/X8c\.ms\.split$"):
         package(empty, readme, packpath)
     broken = tmp_path / "broken"
     shutil.copytree(sb, broken / "IRC10216_setup3_b6_run_x2")

@@ -960,7 +960,7 @@ def calibdata_hdu(
     if fit.fit_niter is not None:
         header["CALITERS"] = (fit.fit_niter, "phase fit iterations")
     if fit.fit_limit is not None:
-        header["CALITLIM"] = (fit.fit_limit, "fit limit")
+        header["CALITLIM"] = (float(fit.fit_limit), "fit limit")  # mwalib reads a float
     return table
 
 

@@ -368,7 +368,12 @@ def _check_execution_blocks(plan: Plan, origpath: Path) -> None:
         if step.destination.parts[0] == "raw"
     }
     if not raw and not plan.execution_blocks:
-        raise PackagingError(f"{origpath} holds no execution block (no uid___*.ms.split found)")
+        misnamed = sorted(str(path.relative_to(origpath)) for path in origpath.rglob("*.ms.split"))
+        raise PackagingError(
+            f"{origpath} holds no execution block: none of its measurement sets is named "
+            "<uid>.ms.split with a full ALMA uid (as uid___A002_X3c9295_X8c.ms.split)"
+            + (f"; found {', '.join(misnamed[:3])}" if misnamed else "")
+        )
     scripted = {
         step.destination.name.removesuffix(".ms.scriptForCalibration.py")
         for step in plan.steps
