@@ -82,7 +82,7 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool = False) -> F
     app.state.archive_storage = Storage(settings.archive_dir)
     app.add_middleware(AnswerHeadAsGet)  # innermost: errors and metrics see the HEAD
     # The ASVO clients read error_code 0 as "invalid input" (1 makes giant-squid give up).
-    install_error_handlers(app, nul_error_codes={"/api/": ERROR_CODE_INVALID})
+    install_error_handlers(app, parameter_error_codes={"/api/": ERROR_CODE_INVALID})
     install_observability(app, [state.value for state in JobState])  # /metrics, /readyz, ids
 
     @app.get("/healthz", tags=["operations"])

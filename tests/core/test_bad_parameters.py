@@ -5,10 +5,14 @@ running demo, on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from starlette.types import Message
 
 from observatory.app import create_app
 from observatory.core.accounts import create_user
@@ -208,3 +212,66 @@ def test_a_nul_character_in_a_job_form_is_refused_as_invalid_input(
         reply = client.post(f"/api/{endpoint}", data=form)
         assert reply.status_code == 400, reply.text
         assert reply.json()["error_code"] == 0 and "NUL" in reply.json()["error"], reply.json()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"obs_id=\xc3\xa9", b"obs_id=%C3%A9", b"obs_id=%c3%a9"],
+    ids=["raw-utf8", "escaped", "escaped-lower"],
+)
+def test_a_form_value_is_read_as_utf8_whether_escaped_or_not(
+    client: TestClient, body: bytes
+) -> None:
+    """``curl -d 'obs_id=é'`` sends é's two UTF-8 bytes unescaped: they were read as latin-1."""
+    assert client.post("/api/api_login", auth=("mantaray-clientv2.0", "key-of-alice")).is_success
+    reply = client.post("/api/conversion_job", content=body,
+                        headers={"content-type": "application/x-www-form-urlencoded"})  # fmt: skip
+    assert reply.status_code == 400
+    assert reply.json() == {
+        "error": "Obs Id: 'é' is not a 10-digit observation id",
+        "error_code": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "code"),
+    [("/api/conversion_job", b"obs_id=\xe9", 0), ("/api/conversion_job", b"obs_id=%E9", 0),
+     ("/trigger/busy", b"project_id=D0000&obstime=%FF60", 1)],
+)  # fmt: skip
+def test_a_form_that_is_not_utf8_is_a_clear_400(
+    client: TestClient, path: str, body: bytes, code: int
+) -> None:
+    """A latin-1 é (raw or escaped) was read as é or as U+FFFD; neither is what was meant."""
+    assert client.post("/api/api_login", auth=("mantaray-clientv2.0", "key-of-alice")).is_success
+    reply = client.post(path, content=body,
+                        headers={"content-type": "application/x-www-form-urlencoded"})  # fmt: skip
+    assert reply.status_code == 400
+    assert reply.json() == {"error": "the form body is not UTF-8 text", "error_code": code}
+
+
+def _get_raw_query(client: TestClient, path: str, query: bytes) -> tuple[int, dict[str, Any]]:
+    """GET with a query string sent byte for byte (httpx escapes or refuses non-ASCII)."""
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": query,
+             "root_path": "", "headers": [(b"host", b"testserver")],
+             "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}  # fmt: skip
+    asyncio.run(client.app(scope, receive, send))  # type: ignore[arg-type]
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(body)
+
+
+def test_a_query_string_is_read_as_utf8_and_refused_when_it_is_not(client: TestClient) -> None:
+    for query in (b"trigger_id=\xc3\xa9", b"trigger_id=%C3%A9"):
+        status, answer = _get_raw_query(client, "/trigger/show", query)
+        assert status == 400 and "'é'" in answer["error"], answer
+    for query in (b"trigger_id=%E9", b"trigger_id=\xe9"):
+        status, answer = _get_raw_query(client, "/trigger/show", query)
+        assert (status, answer["error"]) == (400, "the query string is not UTF-8 text")

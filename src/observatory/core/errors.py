@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import html
 import logging
+import re
 from collections.abc import Mapping
+from urllib.parse import unquote_to_bytes
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -99,13 +101,35 @@ def _error_page(message: str, status_code: int) -> HTMLResponse:
     )
 
 
-class RefuseNulParameters:
-    """ASGI middleware: a NUL character (``%00``) in the query string or in a form body is
-    answered 400.
+_NON_ASCII_BYTE = re.compile(rb"[\x80-\xff]")
 
-    No parameter of ours may hold one, and PostgreSQL refuses NUL in text, so such a value
-    would otherwise fail deep in a query as a server error. Form bodies are read here and
-    handed on unchanged; other bodies (JSON, uploads) pass untouched.
+
+def utf8_form_bytes(data: bytes) -> bytes | None:
+    """A query string or urlencoded body with its raw non-ASCII bytes %-escaped; None when
+    its text (raw or %-escaped) is not UTF-8.
+
+    Starlette reads a raw byte of a form or query as latin-1 (``curl -d 'x=é'`` sends the
+    two bytes of UTF-8's é unescaped, and arrived as ``Ã©``) but a %-escape as UTF-8.
+    Escaped, the raw bytes are read as UTF-8 too, as the clients that escape get them.
+    """
+    try:
+        unquote_to_bytes(data.replace(b"+", b" ")).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if not _NON_ASCII_BYTE.search(data):
+        return data
+    return _NON_ASCII_BYTE.sub(lambda byte: b"%%%02X" % byte[0][0], data)
+
+
+class CheckFormParameters:
+    """ASGI middleware: the query string and a form body must be UTF-8 text without NUL.
+
+    A NUL character (``%00``) is answered 400: no parameter of ours may hold one, and
+    PostgreSQL refuses NUL in text, so such a value would otherwise fail deep in a query as
+    a server error. Text that is not UTF-8 is answered 400 rather than read as something
+    else (Starlette would read it as latin-1, or put U+FFFD in place of an escape); raw
+    UTF-8 bytes are escaped (:func:`utf8_form_bytes`) so they are read as what was sent.
+    Form bodies are read here and handed on; other bodies (JSON, uploads) pass untouched.
     """
 
     def __init__(self, app: ASGIApp, error_codes: Mapping[str, int] | None = None) -> None:
@@ -116,9 +140,17 @@ class RefuseNulParameters:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if b"%00" in scope.get("query_string", b""):
-            await self._refuse(scope, receive, send)
-            return
+        query = scope.get("query_string", b"")
+        if query:
+            if b"%00" in query or b"\x00" in query:
+                await self._refuse(scope, receive, send, _NUL_MESSAGE)
+                return
+            escaped = utf8_form_bytes(query)
+            if escaped is None:
+                await self._refuse(scope, receive, send, "the query string is not UTF-8 text")
+                return
+            if escaped is not query:
+                scope = {**scope, "query_string": escaped}
         content_type = dict(scope["headers"]).get(b"content-type", b"")
         if not content_type.startswith(b"application/x-www-form-urlencoded"):
             await self.app(scope, receive, send)
@@ -132,7 +164,11 @@ class RefuseNulParameters:
             message = await receive()
         body = b"".join(chunks)
         if b"%00" in body or b"\x00" in body:
-            await self._refuse(scope, receive, send)
+            await self._refuse(scope, receive, send, _NUL_MESSAGE)
+            return
+        escaped_body = utf8_form_bytes(body)
+        if escaped_body is None:
+            await self._refuse(scope, receive, send, "the form body is not UTF-8 text")
             return
         replayed = False
 
@@ -143,18 +179,20 @@ class RefuseNulParameters:
             replayed = True
             if message["type"] != "http.request":
                 return message  # the client went away while sending
-            return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.request", "body": escaped_body, "more_body": False}
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        message = "request parameters must not contain NUL characters (%00)"
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, message: str) -> None:
         path = scope.get("path", "")
         code = next(
             (code for prefix, code in self.error_codes.items() if path.startswith(prefix)),
             ServiceError.error_code,
         )
         await JSONResponse(error_body(message, code), status_code=400)(scope, receive, send)
+
+
+_NUL_MESSAGE = "request parameters must not contain NUL characters (%00)"
 
 
 class CatchUnhandledErrors:
@@ -216,17 +254,20 @@ class CatchUnhandledErrors:
             await response(scope, receive, send)
 
 
-def install_error_handlers(app: FastAPI, nul_error_codes: Mapping[str, int] | None = None) -> None:
+def install_error_handlers(
+    app: FastAPI, parameter_error_codes: Mapping[str, int] | None = None
+) -> None:
     """Make every error reply of ``app`` JSON in the one shape (a page for browsers).
 
     Call it before :func:`~observatory.core.observability.install_observability`, so that
     unhandled errors are caught inside the request-id middleware (their log line and
-    reply carry the request's id). ``nul_error_codes`` maps path prefixes to the
-    ``error_code`` a request refused for a NUL character gets there (the ASVO's clients
-    read 0 as "invalid input", 1 as a server failure); elsewhere it is 1.
+    reply carry the request's id). ``parameter_error_codes`` maps path prefixes to the
+    ``error_code`` that a request refused for a NUL character, or for parameters that are
+    not UTF-8 text, gets there (the ASVO's clients read 0 as "invalid input", 1 as a server
+    failure); elsewhere it is 1.
     """
     app.add_middleware(CatchUnhandledErrors)
-    app.add_middleware(RefuseNulParameters, error_codes=nul_error_codes)
+    app.add_middleware(CheckFormParameters, error_codes=parameter_error_codes)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> Response:
