@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from astropy.coordinates import angular_separation
 from astropy.io import fits
 from astropy.time import Time
 from pyuvdata import UVData
@@ -26,6 +27,7 @@ from observatory.telescope.simulator import (
     predict_visibilities,
     simulate_observation,
 )
+from observatory.trigger.pointing import azel_at
 from shared_data import MWA_DATA
 
 OBSID = 1320409688
@@ -460,6 +462,23 @@ def test_real_observations_convert_to_uvfits_and_ms(
         np.testing.assert_allclose(
             np.sort_complex(ours[ours != 0]), np.sort_complex(theirs[theirs != 0]), rtol=1e-6
         )
+    # The POINTING table: the metafits RA/DEC (the pointing at the scheduled start) as TARGET,
+    # the sky the tiles point to at each integration as DIRECTION, which the Earth's rotation
+    # has carried from there by at most 15 degrees an hour.
+    from casacore.tables import table
+
+    header = fits.getheader(MWA_DATA / metafits)
+    with table(f"{outputs[-1]}::POINTING", ack=False) as pointing:
+        first_time_s, direction, target = (
+            pointing.getcell(c, 0) for c in ("TIME", "DIRECTION", "TARGET")
+        )
+    np.testing.assert_allclose(np.degrees(target[:, 0]), [header["RA"], header["DEC"]])
+    since_start_s = first_time_s - Time(header["GPSTIME"], format="gps").utc.mjd * 86400.0
+    drift_deg = np.degrees(angular_separation(*direction[:, 0], *target[:, 0]))
+    assert since_start_s > 0 and drift_deg < 15 / 3600 * since_start_s + 0.01, (
+        since_start_s,
+        drift_deg,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1017,6 +1036,33 @@ def test_the_streamed_measurement_set_is_what_pyuvdata_writes(
     for name in ("MWA_TILE_POINTING", "MWA_SUBBAND"):
         assert ours["MAIN"]["keywords"][0].pop(name) == f"Table: /{name}"
     assert ours.keys() == theirs.keys()
+    # Each window's reference frequency is its centre, as Birli writes it; write_ms puts the
+    # band's first channel in every window's row.
+    windows = ours["SPECTRAL_WINDOW"]
+    np.testing.assert_allclose(
+        windows.pop("REF_FREQUENCY"), [np.median(chans) for chans in windows["CHAN_FREQ"]]
+    )
+    assert set(theirs["SPECTRAL_WINDOW"].pop("REF_FREQUENCY")) == {freqs[0]}
+    # POINTING: where the tiles' fixed azimuth and elevation point at each integration (the
+    # sky drifts by); write_ms writes the celestial pole, named ZENITH, everywhere.
+    their_pointing = theirs["POINTING"]
+    assert {tuple(d.ravel()) for d in their_pointing.pop("DIRECTION")} == {(0.0, np.pi / 2)}
+    del their_pointing["TARGET"], their_pointing["NAME"]
+    pointing_rows = ours["POINTING"]
+    n_rows = len(pointing_rows["TIME"])
+    assert pointing_rows.pop("NAME") == [meta.obs_name] * n_rows
+    np.testing.assert_allclose(
+        np.array(pointing_rows.pop("TARGET"))[:, :, 0],
+        np.tile(np.radians(meta.pointing_radec_deg), (n_rows, 1)),
+    )
+    directions_deg = np.degrees(np.array(pointing_rows.pop("DIRECTION"))[:, :, 0])
+    row_times = np.repeat(description.time_centres_gps_s, n_rows // n_times)
+    assert len(np.unique(directions_deg[:, 0])) == n_times  # the RA drifts
+    az_deg, el_deg = azel_at(directions_deg[:, 0], directions_deg[:, 1], row_times)
+    assert np.degrees(
+        angular_separation(np.radians(az_deg), np.radians(el_deg),
+                           *np.radians(meta.pointing_azel_deg))
+    ).max() < 1 / 3600  # fmt: skip
     # FLAG_ROW where every sample of the row is flagged; write_ms leaves it false.
     all_flagged = [bool(np.all(cell)) for cell in ours["MAIN"]["FLAG"]]
     assert ours["MAIN"].pop("FLAG_ROW") == all_flagged and any(all_flagged)

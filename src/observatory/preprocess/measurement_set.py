@@ -459,7 +459,15 @@ class MeasurementSetStream(AtomicStream):
                 subtable.addcols(tables.maketabdesc(columns))
                 if name == "SPECTRAL_WINDOW":  # every window: the band's centre coarse channel
                     centre = int(coarse_chans[len(coarse_chans) // 2]) if len(coarse_chans) else 0
-                    values = {"MWA_CENTRE_SUBBAND_NR": np.full(subtable.nrows(), centre, np.int32)}
+                    values = {
+                        "MWA_CENTRE_SUBBAND_NR": np.full(subtable.nrows(), centre, np.int32),
+                        # Each window's own centre, as Birli (Marlu) writes it; write_ms puts
+                        # the band's first channel in every window's row.
+                        "REF_FREQUENCY": np.array(
+                            [np.median(subtable.getcell("CHAN_FREQ", row))
+                             for row in range(subtable.nrows())]  # one per window
+                        ),
+                    }  # fmt: skip
                 for column, column_values in values.items():
                     subtable.putcol(column, column_values)
 
@@ -479,35 +487,53 @@ class MeasurementSetStream(AtomicStream):
             observation.putcell("PROJECT", 0, self.project_id)
 
     def _write_pointing(self, filepath: str) -> None:
-        """The POINTING table as pyuvdata's ``write_ms_pointing`` writes it (every antenna
-        at every integration, pointed at the zenith), in time that grows with its rows.
+        """The POINTING table: every antenna at every integration, where the tiles point.
 
-        ``write_ms_pointing`` puts the TARGET column row by row into casacore's incremental
-        storage manager, which takes time growing with the square of the rows (2 s for
-        16,000 rows, minutes for a long observation), and finds each integration's interval
-        by a pass over every baseline-time. Here the zenith goes into the first row before
-        the others are added, which take it over (so DIRECTION and TARGET need no further
-        writes), and the intervals come from the integrations' rows at once.
+        The MWA's tiles hold an azimuth and elevation (the beamformer delays), so the sky
+        direction they point to drifts with the Earth's rotation: DIRECTION is that
+        direction (J2000) at each integration, TRACKING false; TARGET is the pointing
+        centre the metafits records (RA, DEC). pyuvdata's ``write_ms_pointing`` writes the
+        celestial pole ("ZENITH") for every row, and puts the columns row by row into
+        casacore's incremental storage manager, which takes time growing with the square
+        of the rows (2 s for 16,000 rows, minutes for a long observation). Here TARGET
+        goes into the first row before the others are added, which take it over, and
+        DIRECTION into all rows at once (0.2 s for 256,000 rows; a second column written
+        whole after it took minutes).
         """
         from casacore import tables
 
-        uvd = self.uvd
+        from observatory.trigger.pointing import radec_of_azel
+
+        uvd, meta = self.uvd, self.description.meta
         n_ants = int(np.max(uvd.telescope.antenna_numbers)) + 1
         unique_jd = np.unique(uvd.time_array)
         times = Time(unique_jd, format="jd", scale="utc").mjd * 86400.0
         # Baseline-times are time-major: each integration's rows follow one another.
         intervals = np.median(uvd.integration_time.reshape(len(unique_jd), -1), axis=1)
         n_rows = n_ants * len(times)
-        zenith = np.array([[0.0], [np.pi / 2]])  # (RA/Dec pair, polynomial term)
+        az_deg, el_deg = meta.pointing_azel_deg
+        ra_deg, dec_deg = radec_of_azel(
+            np.full(len(times), az_deg), np.full(len(times), el_deg),
+            np.sort(np.asarray(self.description.time_centres_gps_s, dtype=np.float64)),
+        )  # fmt: skip
+        # (rows, RA/Dec pair, polynomial term)
+        directions = np.repeat(np.radians(np.stack([ra_deg, dec_deg], axis=1))[:, :, None],
+                               n_ants, axis=0)  # fmt: skip
+        target = (
+            np.radians(np.array(meta.pointing_radec_deg))[:, None]
+            if meta.pointing_radec_deg is not None
+            else directions[len(directions) // 2]
+        )
         with tables.table(filepath + "::POINTING", ack=False, readonly=False) as pointing:
             pointing.addrows(1)
-            pointing.putcell("DIRECTION", 0, zenith)
-            pointing.putcell("TARGET", 0, zenith)
+            pointing.putcell("TARGET", 0, target)
             pointing.addrows(n_rows - 1)
+            pointing.putcol("DIRECTION", directions)
             pointing.putcol("ANTENNA_ID", np.tile(np.arange(n_ants, dtype=np.int32), len(times)))
             pointing.putcol("TIME", np.repeat(times, n_ants))
             pointing.putcol("INTERVAL", np.repeat(intervals, n_ants))
-            pointing.putcol("NAME", np.asarray(["ZENITH"] * n_rows, dtype=np.bytes_), nrow=n_rows)
+            names = np.asarray([meta.obs_name] * n_rows, dtype=np.bytes_)
+            pointing.putcol("NAME", names, nrow=n_rows)
             pointing.putcol("NUM_POLY", np.zeros(n_rows, dtype=np.int32))
             pointing.putcol("TIME_ORIGIN", np.repeat(times, n_ants))
             pointing.putcol("TRACKING", np.zeros(n_rows, dtype=bool))
