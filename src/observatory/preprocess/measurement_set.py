@@ -332,8 +332,8 @@ class MeasurementSetStream(AtomicStream):
 
         self._write_row_columns()
         uvd, table = self.uvd, self._table
-        unique_jd, time_index = np.unique(uvd.time_array, return_inverse=True)
-        time_mjd_s = (Time(unique_jd, format="jd", scale="utc").mjd * 86400.0)[time_index]
+        _, time_index = np.unique(uvd.time_array, return_inverse=True)
+        time_mjd_s = self._time_centres_mjd_s()[time_index]
         uvd._set_scan_numbers()
         table.putcolkeyword("DATA", "QuantumUnits", uvd.vis_units)
         # Rows are window-major: every baseline-time of the first window, then the next.
@@ -471,6 +471,10 @@ class MeasurementSetStream(AtomicStream):
                 for column, column_values in values.items():
                     subtable.putcol(column, column_values)
 
+    def _time_centres_mjd_s(self) -> NDArray[np.float64]:
+        """The integrations' centres in order, MJD seconds (UTC), from their GPS seconds."""
+        return _mjd_s(np.sort(np.asarray(self.description.time_centres_gps_s, np.float64)))
+
     def _write_observation_span(self, filepath: str) -> None:
         """OBSERVATION's TIME_RANGE (first integration's start to last one's end, MJD
         seconds) and PROJECT: pyuvdata leaves them [0, 0] and empty, and CASA's listobs
@@ -479,7 +483,7 @@ class MeasurementSetStream(AtomicStream):
 
         uvd = self.uvd
         first, last = np.argmin(uvd.time_array), np.argmax(uvd.time_array)
-        centres_s = Time(uvd.time_array[[first, last]], format="jd", scale="utc").mjd * 86400.0
+        centres_s = self._time_centres_mjd_s()[[0, -1]]
         halves_s = uvd.integration_time[[first, last]] / 2
         span_s = np.array([centres_s[0] - halves_s[0], centres_s[1] + halves_s[1]])
         with tables.table(filepath + "::OBSERVATION", ack=False, readonly=False) as observation:
@@ -506,10 +510,9 @@ class MeasurementSetStream(AtomicStream):
 
         uvd, meta = self.uvd, self.description.meta
         n_ants = int(np.max(uvd.telescope.antenna_numbers)) + 1
-        unique_jd = np.unique(uvd.time_array)
-        times = Time(unique_jd, format="jd", scale="utc").mjd * 86400.0
+        times = self._time_centres_mjd_s()
         # Baseline-times are time-major: each integration's rows follow one another.
-        intervals = np.median(uvd.integration_time.reshape(len(unique_jd), -1), axis=1)
+        intervals = np.median(uvd.integration_time.reshape(len(times), -1), axis=1)
         n_rows = n_ants * len(times)
         az_deg, el_deg = meta.pointing_azel_deg
         ra_deg, dec_deg = radec_of_azel(
@@ -540,5 +543,10 @@ class MeasurementSetStream(AtomicStream):
 
 
 def _mjd_s(gps_s: NDArray[np.float64]) -> NDArray[np.float64]:
-    """GPS seconds as MJD seconds (UTC), a measurement set's times."""
-    return np.asarray(Time(gps_s, format="gps").utc.mjd * 86400.0, dtype=np.float64)
+    """GPS seconds as MJD seconds (UTC), a measurement set's times.
+
+    From astropy's two-part Julian date: a single float64 Julian date (pyuvdata's
+    time_array) resolves only 40 microseconds, which left integrations 2 s +- 16 us apart.
+    """
+    utc = Time(np.asarray(gps_s, dtype=np.float64), format="gps").utc
+    return np.asarray((utc.jd1 - 2400000.5) * 86400.0 + utc.jd2 * 86400.0, dtype=np.float64)
