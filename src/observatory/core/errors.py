@@ -142,12 +142,9 @@ class CheckFormParameters:
             return
         query = scope.get("query_string", b"")
         if query:
-            if b"%00" in query or b"\x00" in query:
-                await self._refuse(scope, receive, send, _NUL_MESSAGE)
-                return
-            escaped = utf8_form_bytes(query)
-            if escaped is None:
-                await self._refuse(scope, receive, send, "the query string is not UTF-8 text")
+            escaped = _escaped_parameters(query, "the query string")
+            if isinstance(escaped, str):
+                await self._refuse(scope, receive, send, escaped)
                 return
             if escaped is not query:
                 scope = {**scope, "query_string": escaped}
@@ -162,13 +159,9 @@ class CheckFormParameters:
             if not message.get("more_body", False):
                 break
             message = await receive()
-        body = b"".join(chunks)
-        if b"%00" in body or b"\x00" in body:
-            await self._refuse(scope, receive, send, _NUL_MESSAGE)
-            return
-        escaped_body = utf8_form_bytes(body)
-        if escaped_body is None:
-            await self._refuse(scope, receive, send, "the form body is not UTF-8 text")
+        escaped_body = _escaped_parameters(b"".join(chunks), "the form body")
+        if isinstance(escaped_body, str):
+            await self._refuse(scope, receive, send, escaped_body)
             return
         replayed = False
 
@@ -192,7 +185,12 @@ class CheckFormParameters:
         await JSONResponse(error_body(message, code), status_code=400)(scope, receive, send)
 
 
-_NUL_MESSAGE = "request parameters must not contain NUL characters (%00)"
+def _escaped_parameters(data: bytes, what: str) -> bytes | str:
+    """A query string or form body as :func:`utf8_form_bytes` escapes it, or why it is refused."""
+    if b"%00" in data or b"\x00" in data:
+        return "request parameters must not contain NUL characters (%00)"
+    escaped = utf8_form_bytes(data)
+    return f"{what} is not UTF-8 text" if escaped is None else escaped
 
 
 class CatchUnhandledErrors:
