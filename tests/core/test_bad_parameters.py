@@ -222,15 +222,21 @@ def test_a_nul_character_in_a_job_form_is_refused_as_invalid_input(
 def test_a_form_value_is_read_as_utf8_whether_escaped_or_not(
     client: TestClient, body: bytes
 ) -> None:
-    """``curl -d 'obs_id=é'`` sends é's two UTF-8 bytes unescaped: they were read as latin-1."""
+    """``curl -d 'obs_id=é'`` sends é's two UTF-8 bytes unescaped: they were read as latin-1.
+    The form's type in any case, with spaces or a charset, is a form (Starlette reads it as one)."""
     assert client.post("/api/api_login", auth=("mantaray-clientv2.0", "key-of-alice")).is_success
-    reply = client.post("/api/conversion_job", content=body,
-                        headers={"content-type": "application/x-www-form-urlencoded"})  # fmt: skip
-    assert reply.status_code == 400
-    assert reply.json() == {
-        "error": "Obs Id: 'é' is not a 10-digit observation id",
-        "error_code": 0,
-    }
+    for content_type in ("application/x-www-form-urlencoded", "Application/X-WWW-Form-Urlencoded",
+                         " application/x-www-form-urlencoded ; charset=utf-8"):  # fmt: skip
+        reply = client.post("/api/conversion_job", content=body,
+                            headers={"content-type": content_type})  # fmt: skip
+        assert reply.status_code == 400
+        assert reply.json() == {
+            "error": "Obs Id: 'é' is not a 10-digit observation id",
+            "error_code": 0,
+        }, content_type
+        nul = client.post("/api/conversion_job", content=b"obs_id=1%00",
+                          headers={"content-type": content_type})  # fmt: skip
+        assert nul.status_code == 400 and "NUL" in nul.json()["error"], content_type
 
 
 @pytest.mark.parametrize(

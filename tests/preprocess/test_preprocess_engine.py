@@ -472,9 +472,9 @@ def test_real_observations_convert_to_uvfits_and_ms(
         first_time_s, direction, target = (
             pointing.getcell(c, 0) for c in ("TIME", "DIRECTION", "TARGET")
         )
-    np.testing.assert_allclose(np.degrees(target[:, 0]), [header["RA"], header["DEC"]])
+    np.testing.assert_allclose(np.degrees(target[0]), [header["RA"], header["DEC"]])
     since_start_s = first_time_s - Time(header["GPSTIME"], format="gps").utc.mjd * 86400.0
-    drift_deg = np.degrees(angular_separation(*direction[:, 0], *target[:, 0]))
+    drift_deg = np.degrees(angular_separation(*direction[0], *target[0]))
     assert since_start_s > 0 and drift_deg < 15 / 3600 * since_start_s + 0.01, (
         since_start_s,
         drift_deg,
@@ -1062,10 +1062,13 @@ def test_the_streamed_measurement_set_is_what_pyuvdata_writes(
     n_rows = len(pointing_rows["ANTENNA_ID"])
     assert pointing_rows.pop("NAME") == [meta.obs_name] * n_rows
     np.testing.assert_allclose(
-        np.array(pointing_rows.pop("TARGET"))[:, :, 0],
+        np.array(pointing_rows.pop("TARGET"))[:, 0, :],
         np.tile(np.radians(meta.pointing_radec_deg), (n_rows, 1)),
     )
-    directions_deg = np.degrees(np.array(pointing_rows.pop("DIRECTION"))[:, :, 0])
+    directions = np.array(pointing_rows.pop("DIRECTION"))
+    # Cells shaped as FIELD's PHASE_DIR (polynomial term, RA/Dec): casacore's [2, NUM_POLY + 1].
+    assert directions.shape[1:] == ours["FIELD"]["PHASE_DIR"][0].shape == (1, 2)
+    directions_deg = np.degrees(directions[:, 0, :])
     row_times = np.repeat(description.time_centres_gps_s, n_rows // n_times)
     assert len(np.unique(directions_deg[:, 0])) == n_times  # the RA drifts
     az_deg, el_deg = azel_at(directions_deg[:, 0], directions_deg[:, 1], row_times)

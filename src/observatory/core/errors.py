@@ -149,7 +149,8 @@ class CheckFormParameters:
             if escaped is not query:
                 scope = {**scope, "query_string": escaped}
         content_type = dict(scope["headers"]).get(b"content-type", b"")
-        if not content_type.startswith(b"application/x-www-form-urlencoded"):
+        # As Starlette matches it (any case, spaces around), so no form goes unchecked.
+        if content_type.split(b";")[0].strip().lower() != b"application/x-www-form-urlencoded":
             await self.app(scope, receive, send)
             return
         chunks: list[bytes] = []
@@ -163,6 +164,10 @@ class CheckFormParameters:
         if isinstance(escaped_body, str):
             await self._refuse(scope, receive, send, escaped_body)
             return
+        if len(escaped_body) != sum(map(len, chunks)):  # escaped: the length it now has
+            headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(escaped_body)).encode()))
+            scope = {**scope, "headers": headers}
         replayed = False
 
         async def replay() -> Message:

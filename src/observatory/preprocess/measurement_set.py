@@ -390,7 +390,7 @@ class MeasurementSetStream(AtomicStream):
         description, meta = self.description, self.description.meta
         _, ra_deg, dec_deg = description.phase_centre
         epoch = {"QuantumUnits": ["s"], "MEASINFO": {"type": "epoch", "Ref": "UTC"}}
-        first_centre_s = _mjd_s(description.time_centres_gps_s[:1])[0]
+        first_centre_s = self._time_centres_mjd_s()[0]
         n_times = len(description.time_centres_gps_s)
         sched_start_mjd_s = _mjd_s(np.array([meta.sched_start_gps_s]))[0]
         coarse_chans = np.unique(np.floor(description.freqs_hz / COARSE_CHAN_WIDTH_HZ + 0.5))
@@ -511,19 +511,23 @@ class MeasurementSetStream(AtomicStream):
         uvd, meta = self.uvd, self.description.meta
         n_ants = int(np.max(uvd.telescope.antenna_numbers)) + 1
         times = self._time_centres_mjd_s()
+        centres_gps_s = np.asarray(self.description.time_centres_gps_s, dtype=np.float64)
+        in_time_order = np.argsort(centres_gps_s)
         # Baseline-times are time-major: each integration's rows follow one another.
         intervals = np.median(uvd.integration_time.reshape(len(times), -1), axis=1)
+        intervals = intervals[in_time_order]
         n_rows = n_ants * len(times)
         az_deg, el_deg = meta.pointing_azel_deg
         ra_deg, dec_deg = radec_of_azel(
-            np.full(len(times), az_deg), np.full(len(times), el_deg),
-            np.sort(np.asarray(self.description.time_centres_gps_s, dtype=np.float64)),
-        )  # fmt: skip
-        # (rows, RA/Dec pair, polynomial term)
-        directions = np.repeat(np.radians(np.stack([ra_deg, dec_deg], axis=1))[:, :, None],
-                               n_ants, axis=0)  # fmt: skip
+            np.full(len(times), az_deg), np.full(len(times), el_deg), centres_gps_s[in_time_order]
+        )
+        # Cells of (polynomial term, RA/Dec), as FIELD's PHASE_DIR: casacore's [2, NUM_POLY+1].
+        # (write_ms's (2, 1) cells read as two directions, the second nonsense.)
+        directions = np.repeat(
+            np.radians(np.stack([ra_deg, dec_deg], axis=1))[:, None, :], n_ants, axis=0
+        )
         target = (
-            np.radians(np.array(meta.pointing_radec_deg))[:, None]
+            np.radians(np.array(meta.pointing_radec_deg))[None, :]
             if meta.pointing_radec_deg is not None
             else directions[len(directions) // 2]
         )
