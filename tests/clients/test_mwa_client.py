@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.server
 import io
 import itertools
 import json
@@ -13,11 +14,14 @@ import pty
 import re
 import signal
 import subprocess
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
+import httpx
 import pytest
 
 from observatory.clients import asvo
@@ -1374,3 +1378,98 @@ def test_a_voltage_job_channel_range_needs_both_ends(server: Server) -> None:
         for one_end in ({"from_channel": 134}, {"to_channel": 140}):
             with pytest.raises(ValueError, match="from_channel and to_channel go together"):
                 session.submit_voltage_job(OBSID, offset_s=0, duration_s=8, **one_end)
+
+
+@contextmanager
+def product_server(status: int, headers: dict[str, str], body: bytes) -> Iterator[str]:
+    """A server on loopback answering every GET with ``status``, ``headers`` and ``body``;
+    yields the URL of a product on it."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            for name, value in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler) as httpd:
+        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{httpd.server_port}/download/7/p.tar?token=t"
+        finally:
+            httpd.shutdown()
+
+
+def acacia_job(url: str, content: bytes) -> asvo.Job:
+    file = asvo.ProductFile("acacia", len(content), url=url, sha1=hashlib.sha1(content).hexdigest())
+    return asvo.Job(7, OBSID, 1, "completed", files=(file,))
+
+
+def test_a_resume_answered_with_a_malformed_content_range_fails_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It raised ValueError in the download thread: the file's failure went unrecorded and
+    the run ended 'successfully' (or waited for ever for the next queued file)."""
+    content = b"x" * 100
+    monkeypatch.setattr(asvo.time, "sleep", lambda _s: None)
+    (tmp_path / "p.tar.part").write_bytes(content[:40])
+    with product_server(206, {"Content-Range": "bytes */100"}, content[40:]) as url:
+        session = asvo.Session(url, httpx.Client(), verify=True)
+        with pytest.raises(asvo.AsvoError, match=r"Content-Range 'bytes \*/100'"):
+            session.download_product(acacia_job(url, content), tmp_path)
+    assert (tmp_path / "p.tar.part").read_bytes() == content[:40]  # kept for a resume
+
+
+def test_a_download_that_fails_unexpectedly_is_recorded_and_the_others_go_on(
+    tmp_path: Path,
+) -> None:
+    from observatory.clients.mwa_client import Downloads, JobError, Reporter
+
+    class Failing:
+        def download_product(self, job: asvo.Job, *_args: object, **_kwargs: object) -> None:
+            raise RuntimeError(f"a bug while fetching {job.files[0].name}")
+
+    files = tuple(asvo.ProductFile("acacia", 1, url=f"http://127.0.0.1:9/{n}.tar", sha1="0" * 40)
+                  for n in ("a", "b"))  # fmt: skip
+    errors: list[JobError] = []
+    output = io.StringIO()
+    downloads = Downloads(Failing(), tmp_path, 1, Reporter(output, False), errors)  # type: ignore[arg-type]
+    downloads.start(asvo.Job(7, OBSID, 1, "completed", files=files))
+    waiting = threading.Thread(target=downloads.wait, daemon=True)
+    waiting.start()
+    waiting.join(timeout=30)
+    assert not waiting.is_alive(), "the second file was never downloaded"
+    assert [e.result for e in errors] == [
+        f"Error: {n}.tar: unexpected error: RuntimeError('a bug while fetching {n}.tar')"
+        for n in ("a", "b")
+    ]
+    assert "Download Failed: Job id: 7 file: a.tar" in output.getvalue()
+
+
+def test_a_part_file_of_a_product_that_is_gone_is_deleted(tmp_path: Path) -> None:
+    content = b"y" * 100
+    (tmp_path / "p.tar.part").write_bytes(content[:40])
+    gone = json.dumps({"error": "Job 7's product has expired", "error_code": 1}).encode()
+    with product_server(404, {"Content-Type": "application/json"}, gone) as url:
+        session = asvo.Session(url, httpx.Client(), verify=True)
+        with pytest.raises(asvo.AsvoError, match=r"deleted p\.tar\.part, 40 bytes") as refused:
+            session.download_product(acacia_job(url, content), tmp_path)
+    assert refused.value.status_code == 404
+    assert list(tmp_path.iterdir()) == []  # no later run could resume it
+
+
+@pytest.mark.parametrize("tail", ["/..", "/."])
+def test_a_product_path_that_is_no_file_name_is_refused(tmp_path: Path, tail: str) -> None:
+    """A path ending in /.. named the destination's parent: the copy landed outside it."""
+    job, file = delivered(tmp_path, {"a.txt": b"a"})
+    job = dataclasses.replace(job, files=(dataclasses.replace(file, path=file.path + tail),))
+    dest = tmp_path / "parent" / "dest"
+    session = asvo.Session("http://127.0.0.1:9", httpx.Client(), verify=True)
+    with pytest.raises(asvo.AsvoError, match="has no usable file name"):
+        session.download_product(job, dest)
+    assert list((tmp_path / "parent").rglob("*")) == [dest]  # dest made, nothing in or beside

@@ -36,7 +36,14 @@ from observatory.asvo.schemas import (
 )
 from observatory.core.accounts import SESSION_MAX_AGE_S, api_session_token, session_user
 from observatory.core.config import Settings
-from observatory.core.errors import BadRequest, Forbidden, Unauthorized, error_body
+from observatory.core.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    ServiceError,
+    Unauthorized,
+    error_body,
+)
 from observatory.core.models import User
 from observatory.core.security import sign_value, unsign_value
 from observatory.core.web import get_session, read_form
@@ -265,10 +272,14 @@ class _LenientRangeFileResponse(FileResponse):
     chunk_size = 1024 * 1024
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = [
-            (name, _normalise_range(value, self.stat_result.st_size) if name == b"range" else value)
-            for name, value in scope["headers"]
-        ] if self.stat_result is not None else scope["headers"]  # fmt: skip
+        headers = scope["headers"]
+        if self.stat_result is not None:
+            size = self.stat_result.st_size
+            normalised = [
+                (name, _normalise_range(value, size) if name == b"range" else value)
+                for name, value in headers
+            ]
+            headers = [(name, value) for name, value in normalised if value is not None]
         requested = dict(headers).get(b"range")
         if requested is not None and self.stat_result is not None:
             # Starlette answers a malformed Range in plain text; our errors are JSON.
@@ -291,33 +302,48 @@ class _LenientRangeFileResponse(FileResponse):
         return super()._parse_range_header(http_range, file_size)
 
 
-def _normalise_range(value: bytes, size: int) -> bytes:
+def _normalise_range(value: bytes, size: int) -> bytes | None:
+    """A Range header as Starlette reads it; None to answer with the whole file.
+
+    giant-squid's ``Range: bytes=SIZE-SIZE`` comes after it found its complete file
+    corrupt and emptied it: it wants the whole file (a 416 made it log an error and ask
+    again). Any other start at or past the end is still 416.
+    """
     text = value.decode("latin-1").strip()
-    if text.lower().startswith("range:"):
+    giant_squid = text.lower().startswith("range:")
+    if giant_squid:
         text = text[len("range:") :].strip()
     match = re.fullmatch(r"bytes=(\d+)-(\d+)", text)
+    if match and giant_squid and int(match[1]) == size:
+        return None
     if match and int(match[2]) >= size:
         text = f"bytes={match[1]}-{size - 1}"
     return text.encode("latin-1")
 
 
-def _download_link_alive(job: Job, token: str, settings: Settings) -> bool:
-    """Whether a download link of ``job`` (its ``token`` verified) still works.
+def _download_link_refusal(job: Job, token: str, settings: Settings) -> ServiceError | None:
+    """Why a download link of ``job`` (its ``token`` verified) no longer works, if it does not.
 
-    Until the job's own ``expires_at`` (set at completion), when the dispatcher deletes
-    its product: after that the link is refused as expired. A job without one (completed
-    by an older version) lasts ``asvo_product_ttl_days`` from its completion.
+    It works until the job's own ``expires_at`` (set at completion), when the dispatcher
+    deletes its product: after that the product is gone, 404 (what giant-squid reports as
+    expired; specs/asvo.md section 4.1). A job without one (completed by an older version)
+    lasts ``asvo_product_ttl_days`` from its completion.
     """
     issued_s = int(token.rsplit(".", 2)[1])  # the token's own timestamp: it verified
     # A link signed before the job was created is one to an earlier job of the same id
     # (SQLite gives the id of a deleted last row to the next job) and the same file name.
     if issued_s < job.created.timestamp() - CLOCK_SKEW_S:
-        return False
+        return Forbidden("This download link is not valid (or has expired)")
     expires_at = job.expires_at
     if expires_at is None:
         completed = job.completed or datetime.fromtimestamp(issued_s, UTC)
         expires_at = completed + timedelta(days=settings.asvo_product_ttl_days)
-    return time.time() <= expires_at.timestamp()
+    if time.time() > expires_at.timestamp():
+        return NotFound(
+            f"Job {job.id}'s product has expired ({expires_at:%Y-%m-%d %H:%M} UTC): "
+            "it no longer exists; submit the job again"
+        )
+    return None
 
 
 @router.head("/download/{job_id}/{name}", operation_id="asvo_download_head")
@@ -334,8 +360,9 @@ def download(
     if unsign_value(token, settings.secret_key_bytes(), max_age_s=math.inf) != f"{job_id}/{name}":
         raise Forbidden("This download link is not valid (or has expired)")
     job = session.get(Job, job_id)
-    if job is not None and not _download_link_alive(job, token, settings):
-        raise Forbidden("This download link is not valid (or has expired)")
+    refusal = None if job is None else _download_link_refusal(job, token, settings)
+    if refusal is not None:
+        raise refusal
     path = service.product_file(session, job_id, name, settings.products_dir)
     # stat_result given to the constructor, which sets Content-Length, Last-Modified and ETag
     # from it (set afterwards, GET replies were chunked and HEAD replies had no size).

@@ -28,6 +28,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -90,6 +91,8 @@ STATE_LABELS = {
 
 #: Bytes read from the network or the disk at a time.
 CHUNK_BYTES = 1024 * 1024
+#: A 206 answer's first byte: ``Content-Range: bytes START-END/SIZE``.
+_CONTENT_RANGE_START = re.compile(r"bytes (\d+)-\d+/(?:\d+|\*)$")
 #: Attempts per file: transient network errors resume, a checksum mismatch restarts.
 DOWNLOAD_ATTEMPTS = 3
 #: Seconds to connect and upgrade the job-notification websocket.
@@ -809,6 +812,7 @@ class Session:
         results = []
         for file in job.files:
             if file.type == "acacia" or file.url:
+                _check_local_name(job, file)
                 with _downloading_alone(dest_dir / file.name):
                     results.append(self._download_file(job, file, dest_dir, resume, progress))
             else:
@@ -863,9 +867,13 @@ class Session:
                 ) from exc
             except (OSError, http.client.HTTPException, AsvoError) as exc:
                 if isinstance(exc, AsvoError) and exc.status_code in (401, 403, 404, 410):
+                    # No later run can resume it: the job's product is gone or refused.
+                    kept = partial.stat().st_size if partial.exists() else 0
+                    partial.unlink(missing_ok=True)
                     raise AsvoError(
                         f"Job {job.id}: {file.name} can no longer be downloaded ({exc.message}); "
-                        "the product may have expired",
+                        "the product may have expired"
+                        + (f" (deleted {partial.name}, {kept} bytes)" if kept else ""),
                         status_code=exc.status_code, job_id=job.id,
                     ) from exc  # fmt: skip
                 last_error = exc
@@ -941,9 +949,15 @@ class Session:
                 have = 0  # the server sent the whole file: start again
                 fetched.bytes = 0  # what was fetched before is overwritten
             elif reply.status == 206:
-                start = int(reply.getheader("content-range", "bytes 0-").split()[1].split("-")[0])
-                if start != have:
-                    raise AsvoError(f"the server resumed at byte {start}, not {have}")
+                content_range = reply.getheader("content-range", "")
+                resumed_at = _CONTENT_RANGE_START.match(content_range)
+                if resumed_at is None:
+                    raise AsvoError(
+                        f"the server answered a resumed download with Content-Range "
+                        f"{content_range!r}, not 'bytes {have}-...'"
+                    )
+                if int(resumed_at[1]) != have:
+                    raise AsvoError(f"the server resumed at byte {resumed_at[1]}, not {have}")
             else:
                 text = reply.read(65536).decode("utf-8", "replace")
                 raise _reply_error(reply.status, reply.reason, text, f"Download of {file.name}")
@@ -1091,6 +1105,20 @@ def _downloading_alone(target: Path) -> Iterator[None]:
             handle.close()
 
 
+def _check_local_name(job: Job, file: ProductFile) -> None:
+    """Refuse a product whose name (the last segment of its URL or path) is no file name.
+
+    A path ending in ``/..`` would put the product beside the destination, not in it, and
+    ``/`` would name the destination itself.
+    """
+    if file.name in ("", ".", "..") or "\x00" in file.name:
+        raise AsvoError(
+            f"Job {job.id}: the server's product {file.url or file.path!r} has no usable file "
+            f"name ({file.name!r}); nothing written",
+            job_id=job.id,
+        )
+
+
 def _copy_delivered_directory(
     job: Job, file: ProductFile, dest_dir: Path, progress: ProgressCallback | None
 ) -> DownloadResult:
@@ -1117,7 +1145,8 @@ def _copy_delivered_directory(
     source = Path(file.path or "")
     if not file.path or not source.is_dir():
         return DownloadResult(file, None, "remote")
-    target = dest_dir / source.name
+    _check_local_name(job, file)
+    target = dest_dir / file.name
     source_sizes = _file_sizes(source)
     if sum(source_sizes.values()) != file.size_bytes:
         raise AsvoError(

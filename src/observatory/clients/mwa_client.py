@@ -50,6 +50,8 @@ from observatory.clients.asvo import (
 from observatory.clients.csvjobs import CsvJob, CsvJobError, decode_job_csv, parse_job_csv
 
 EXIT_OK, EXIT_OTHER, EXIT_HTTP, EXIT_CSV, EXIT_JOB_ERRORS = 0, 1, 2, 3, 4
+log = logging.getLogger(__name__)
+
 DEFAULT_PARALLEL_DOWNLOADS = 4
 
 VERSION_STRING = f"mwa_client (observatory-services {__version__}; manta-ray-client 2.0 protocol)"
@@ -360,11 +362,19 @@ class Downloads:
                 if isinstance(exc, AsvoError)
                 else f"{file.name}: {exc}"
             )
-            say(f"Download Failed: Job id: {job.id} file: {file.name}: {message}")
-            with self._errors_lock:
-                self._errors.append(JobError(job.id, str(job.obs_id), f"Error: {message}"))
+            self._failed(job, file, message)
+            return
+        except Exception as exc:  # a failure nobody foresaw: still this file's, not the run's
+            log.exception("download of %s (job %d) failed", file.name, job.id)
+            self._failed(job, file, f"{file.name}: unexpected error: {exc!r}")
             return
         say(_describe_download(job, result))
+
+    def _failed(self, job: Job, file: ProductFile, message: str) -> None:
+        """Report a file that could not be downloaded, and record it in the error file."""
+        self._reporter.say(f"Download Failed: Job id: {job.id} file: {file.name}: {message}")
+        with self._errors_lock:
+            self._errors.append(JobError(job.id, str(job.obs_id), f"Error: {message}"))
 
 
 def _describe_download(job: Job, result: DownloadResult) -> str:
