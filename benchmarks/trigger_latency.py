@@ -39,7 +39,7 @@ from observatory.core.accounts import create_project
 from observatory.core.database import make_engine, make_session_factory, utcnow
 from observatory.core.gpstime import now_gps
 from observatory.core.migrate import upgrade
-from observatory.trigger import pointing
+from observatory.telescope import sky
 
 KEY = "benchmark-trigger-key"
 
@@ -122,7 +122,7 @@ def main() -> int:
             base = f"http://127.0.0.1:{port}/trigger"
             wait_for(f"http://127.0.0.1:{port}/healthz")
             client = httpx.Client(timeout=60)
-            lst = float(pointing.local_apparent_sidereal_deg([now_gps()])[0])
+            lst = float(sky.local_apparent_sidereal_deg([now_gps()])[0])
             form = {"project_id": "G0055", "secure_key": KEY, "pretend": "false", "nobs": "15", "exptime": "8",
                     "ra": str([round(lst, 3), round(lst + 4, 3), round(lst - 4, 3)]), "dec": "-26.7",
                     "freqspecs": '["121,24", "145,24"]', "calibrator": "true", "obsname": "bench"}  # fmt: skip

@@ -19,8 +19,8 @@ from observatory.archive.runner import DUMP_SETTLE_S
 from observatory.archive.service import schedule_observation
 from observatory.core.accounts import create_project, create_user
 from observatory.core.config import Settings
-from observatory.telescope import instrument
-from observatory.trigger import pointing, service
+from observatory.telescope import instrument, sky
+from observatory.trigger import service
 
 observe_due = partial(runner.observe_due, buffer_dumps=service.buffer_dumps)
 NOON = 1_450_324_818  # a fixed time, so the pointing is the same on every run
@@ -29,7 +29,7 @@ NOON = 1_450_324_818  # a fixed time, so the pointing is the same on every run
 def test_triggered_observations_are_recorded_and_can_be_ordered(
     settings: Settings, session_factory: sessionmaker[Session]
 ) -> None:
-    lst = float(pointing.local_apparent_sidereal_deg([NOON])[0])
+    lst = float(sky.local_apparent_sidereal_deg([NOON])[0])
     with session_factory() as session:
         create_project(session, "G0055", priority=5, secure_key="runner-key-1")
         create_user(session, "dora", "runner-api-key")
@@ -107,7 +107,7 @@ def test_a_subarray_observation_records_each_tiles_own_pointing(
     settings: Settings, session_factory: sessionmaker[Session]
 ) -> None:
     """The metafits showed the first subarray's pointing on every tile."""
-    lst = float(pointing.local_apparent_sidereal_deg([NOON])[0])
+    lst = float(sky.local_apparent_sidereal_deg([NOON])[0])
     with session_factory() as session:
         create_project(session, "G0055", priority=5, secure_key="runner-key-1")
         session.commit()

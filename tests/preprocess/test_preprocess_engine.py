@@ -27,7 +27,7 @@ from observatory.telescope.simulator import (
     predict_visibilities,
     simulate_observation,
 )
-from observatory.trigger.pointing import azel_at
+from observatory.telescope.sky import azel_at
 from shared_data import MWA_DATA
 
 OBSID = 1320409688

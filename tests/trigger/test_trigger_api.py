@@ -21,6 +21,7 @@ from observatory.archive.models import Observation
 from observatory.core.accounts import create_project
 from observatory.core.config import Settings
 from observatory.core.gpstime import now_gps, now_gps_precise
+from observatory.telescope import sky
 from observatory.trigger import pointing, service
 
 KEYS = {
@@ -45,7 +46,7 @@ def client(settings: Settings, session_factory: sessionmaker[Session]) -> Iterat
 
 def zenith_radec(offset_deg: float = 0.0) -> tuple[float, float]:
     """A position near the zenith now (RA = local sidereal time, Dec = latitude)."""
-    lst = float(pointing.local_apparent_sidereal_deg([now_gps()])[0])
+    lst = float(sky.local_apparent_sidereal_deg([now_gps()])[0])
     return round((lst + offset_deg) % 360.0, 4), -26.7
 
 
@@ -652,7 +653,7 @@ def test_avoidsun_puts_the_sun_in_a_null(
     (nearest,) = plain["params"]["pointings"]
     assert chosen["sun_power"] < settings.trigger_sun_threshold
     assert chosen["nearest_grid_number"] == nearest["grid_number"]
-    sun_az, sun_el = pointing.azel_at([sun_ra], [sun_dec], [noon + 60])
+    sun_az, sun_el = sky.azel_at([sun_ra], [sun_dec], [noon + 60])
     freq_hz = 1.28e6 * 121
     at_nearest = pointing.beam_power(nearest["delays"], sun_az, sun_el, freq_hz)[0]
     at_chosen = pointing.beam_power(chosen["delays"], sun_az, sun_el, freq_hz)[0]
@@ -668,7 +669,7 @@ def _service_projects(session: Session) -> None:
 
 
 def _zenith_at(gps: float) -> tuple[float, float]:
-    return round(float(pointing.local_apparent_sidereal_deg([gps])[0]), 4), -26.7
+    return round(float(sky.local_apparent_sidereal_deg([gps])[0]), 4), -26.7
 
 
 @pytest.mark.parametrize("pretend", ["0", "1"])
@@ -721,7 +722,7 @@ def test_avoidsun_follows_the_sun_through_an_hour_long_trigger(settings: Setting
     freq_hz = 1.28e6 * 120.5  # the middle of channels 109..132
     midpoints = np.array([o.midpoint_gps for o in planned])
     sun_ras, sun_decs = pointing.bodies_radec("sun", midpoints)
-    sun_az, sun_el = pointing.azel_at(sun_ras, sun_decs, midpoints)
+    sun_az, sun_el = sky.azel_at(sun_ras, sun_decs, midpoints)
     assert (sun_el > 0).all()
     for i, observation in enumerate(planned):
         (entry,) = observation.pointings
@@ -743,7 +744,7 @@ def test_avoidsun_checks_whether_the_sun_is_up_at_each_observation(settings: Set
     day = 1_450_324_818
     times = day - np.arange(0, 12 * 3600, 60.0)
     ras, decs = pointing.bodies_radec("sun", times)
-    _, els = pointing.azel_at(ras, decs, times)
+    _, els = sky.azel_at(ras, decs, times)
     sunrise = float(times[np.flatnonzero(els < 0)[0]])  # the last minute the Sun was down
     start = int(sunrise - 1800) // 8 * 8
     sun_ra, sun_dec = pointing.body_radec("sun", sunrise + 1800)

@@ -24,8 +24,9 @@ from observatory.archive.models import Observation
 from observatory.core.accounts import create_project
 from observatory.core.config import Settings
 from observatory.core.gpstime import now_gps
+from observatory.telescope import sky
 from observatory.telescope.simulator import simulate_observation
-from observatory.trigger import pointing, service
+from observatory.trigger import service
 from observatory.trigger.params import ParameterError, as_bool
 
 KEY = "grb-key-123"
@@ -42,7 +43,7 @@ def client(settings: Settings, session_factory: sessionmaker[Session]) -> Iterat
 
 def zenith_radec() -> tuple[float, float]:
     """A position near the zenith now: up whatever the hour."""
-    return round(float(pointing.local_apparent_sidereal_deg([now_gps()])[0]), 4), -26.7
+    return round(float(sky.local_apparent_sidereal_deg([now_gps()])[0]), 4), -26.7
 
 
 def real_trigger_params(**params: Any) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from browser import browser_page, screenshot
 from observatory.cli import main
 from observatory.clients import trigger as ts
 from observatory.core.gpstime import now_gps
-from observatory.trigger import pointing
+from observatory.telescope import sky
 from servers import free_port, observatory_server, wait_for
 
 
@@ -22,7 +22,7 @@ def test_find_and_show_in_chromium(tmp_path: Path) -> None:
     base = f"http://127.0.0.1:{port}/trigger/"
     try:
         wait_for(f"http://127.0.0.1:{port}/healthz")
-        ra = round(float(pointing.local_apparent_sidereal_deg([now_gps()])[0]), 3)
+        ra = round(float(sky.local_apparent_sidereal_deg([now_gps()])[0]), 3)
         real = ts.trigger(project_id="G0055", secure_key="page-test-key", ra=ra, dec=-26.7, nobs=2,
                           exptime=8, obsname="GRB page test", creator="browser", pretend=False, base_url=base)  # fmt: skip
         refused = ts.trigger(project_id="G0055", secure_key="wrong", ra=ra, dec=-26.7, obsname="bad key",

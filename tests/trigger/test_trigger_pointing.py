@@ -10,6 +10,7 @@ from astropy.io import fits
 from astropy.time import Time
 
 from observatory.core.gpstime import gps_to_unix
+from observatory.telescope import sky
 from observatory.telescope.instrument import beamformer_delays
 from observatory.telescope.site import mwa_location
 from observatory.trigger import pointing
@@ -72,14 +73,14 @@ def test_hyperbeam_gets_every_sweet_spot_at_full_gain(real_grid: fits.FITS_rec) 
 
 def test_azel_agrees_with_astropy() -> None:
     ra, dec = np.array([10.0, 200.0, 83.6, 300.0]), np.array([-30.0, -45.0, 22.0, -80.0])
-    az, el = pointing.azel_at(ra, dec, np.full(4, GPS))
+    az, el = sky.azel_at(ra, dec, np.full(4, GPS))
     frame = AltAz(obstime=Time(gps_to_unix(GPS), format="unix"), location=mwa_location())
     expected = SkyCoord(ra * u.deg, dec * u.deg).transform_to(frame)
     assert np.allclose(el, expected.alt.deg, atol=0.02)
     assert np.allclose(
         np.cos(np.radians(el)) * ((az - expected.az.deg + 180) % 360 - 180), 0, atol=0.02
     )
-    back_ra, back_dec = pointing.radec_of_azel(az, el, np.full(4, GPS))
+    back_ra, back_dec = sky.radec_of_azel(az, el, np.full(4, GPS))
     assert np.allclose(back_dec, dec, atol=1e-6) and np.allclose(
         ((back_ra - ra + 180) % 360) - 180, 0, atol=1e-6
     )

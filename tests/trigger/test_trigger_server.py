@@ -19,7 +19,7 @@ from observatory.cli import main
 from observatory.clients import trigger as ts
 from observatory.core.database import make_engine, make_session_factory
 from observatory.core.gpstime import now_gps
-from observatory.trigger import pointing
+from observatory.telescope import sky
 from servers import free_port, observatory_server, wait_for
 
 PROJECTS = {f"T{index:04d}": (index, f"key-of-project-{index}") for index in range(10)}
@@ -45,7 +45,7 @@ def server(tmp_path: Path, migrated_db_url: str) -> Iterator[tuple[str, str]]:
 
 
 def zenith_ra() -> float:
-    return round(float(pointing.local_apparent_sidereal_deg([now_gps()])[0]), 3)
+    return round(float(sky.local_apparent_sidereal_deg([now_gps()])[0]), 3)
 
 
 def database_schedule(database_url: str) -> list[tuple[int, int, str]]:

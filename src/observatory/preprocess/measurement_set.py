@@ -506,7 +506,7 @@ class MeasurementSetStream(AtomicStream):
         """
         from casacore import tables
 
-        from observatory.trigger.pointing import radec_of_azel
+        from observatory.telescope.sky import radec_of_azel
 
         uvd, meta = self.uvd, self.description.meta
         n_ants = int(np.max(uvd.telescope.antenna_numbers)) + 1

@@ -31,7 +31,7 @@ from observatory.core.database import MAX_SQL_ID, MAX_SQL_INTEGER
 from observatory.core.gpstime import gps_to_utc_iso, now_gps_precise
 from observatory.core.models import Project
 from observatory.core.text import is_ascii_digits
-from observatory.telescope import catalogue
+from observatory.telescope import catalogue, sky
 from observatory.telescope.freqspec import FreqspecError, coarse_channel_centre_mhz, parse_freqspec
 from observatory.telescope.instrument import (
     DIPOLE_OFF_DELAY,
@@ -542,7 +542,7 @@ def _point(request: TriggerRequest, planned: list[PlannedObservation], settings:
     az = np.array([j[1].az_deg or 0.0 for j in jobs])
     el = np.array([j[1].el_deg or 0.0 for j in jobs])
     if radec:
-        az_r, el_r = pointing.azel_at(
+        az_r, el_r = sky.azel_at(
             np.array([j[1].ra_deg for _, j in radec]), np.array([j[1].dec_deg for _, j in radec]),
             np.array([j[0].midpoint_gps for _, j in radec]),
         )  # fmt: skip
@@ -552,7 +552,7 @@ def _point(request: TriggerRequest, planned: list[PlannedObservation], settings:
     if request.avoidsun and radec:
         midpoints = np.array([j[0].midpoint_gps for j in jobs])
         sun_ra, sun_dec = pointing.bodies_radec("sun", midpoints)
-        sun_az, sun_el = pointing.azel_at(sun_ra, sun_dec, midpoints)
+        sun_az, sun_el = sky.azel_at(sun_ra, sun_dec, midpoints)
         chosen = [i for i, _ in radec if sun_el[i] > 0.0]
         centre_hz = {  # one per freqspec
             o.spec: float(np.mean([coarse_channel_centre_mhz(c) for c in o.coarse_chans])) * 1e6
@@ -571,7 +571,7 @@ def _point(request: TriggerRequest, planned: list[PlannedObservation], settings:
     if radec:
         for edge in ("obsid", "stoptime"):
             edge_gps = np.array([float(getattr(j[0], edge)) for _, j in radec])
-            _, edge_el = pointing.azel_at(
+            _, edge_el = sky.azel_at(
                 np.array([j[1].ra_deg for _, j in radec]),
                 np.array([j[1].dec_deg for _, j in radec]), edge_gps,
             )  # fmt: skip
@@ -612,7 +612,7 @@ def _point(request: TriggerRequest, planned: list[PlannedObservation], settings:
         observation.pointings.append(entry)
         entries.append(entry)
     # Where each beam centre is on the sky (metafits RA/DEC), at the observation's midpoint.
-    ra_beam, dec_beam = pointing.radec_of_azel(
+    ra_beam, dec_beam = sky.radec_of_azel(
         np.array([e["az_deg"] for e in entries]), np.array([e["el_deg"] for e in entries]),
         np.array([j[0].midpoint_gps for j in jobs]),
     )  # fmt: skip
