@@ -425,10 +425,20 @@ def test_busy_obslist_and_current(
     assert client.get("/trigger/busy", params={"obstime": 5}).status_code == 400
 
 
+def _at_the_start_of_an_8_s_window() -> None:
+    """Wait until a trigger's first start (the multiple of 8 at least 4 s ahead) has just
+    moved on: for the next 7 s, triggers start where the first one did, and a capture it
+    scheduled is not yet running at their cut."""
+    wait_s = (4.05 - now_gps_precise()) % 8
+    if wait_s > 1:
+        time.sleep(wait_s)
+
+
 def test_vcsfree_and_voltage_triggers(
     client: TestClient, settings: Settings, session_factory: sessionmaker[Session]
 ) -> None:
     free = client.get("/trigger/vcsfree").json()
+    _at_the_start_of_an_8_s_window()  # the capture below is replaced by later pretend calls
     rate = 24 * settings.trigger_vcs_bytes_per_s_per_chan
     # Whole 8 s blocks (12715 s fit here): what mwa_trigger's trigger(vcsmode=True) caps
     # exptime to must be an exposure triggervcs takes.
@@ -520,6 +530,8 @@ def test_find_filters_pages_and_html(client: TestClient) -> None:
     assert find(success="0") == [ids[3]]
     assert find(pretend="on") == [ids[0], ids[2], ids[3], ids[4]]
     assert find(pretend="false") == [ids[1]]
+    # Neither an integer nor on/true: false, as the wiki's rule says (--1 was a 500).
+    assert find(pretend="-2") == find(pretend="on") and find(pretend="--1") == [ids[1]]
     assert find(trigger_mode="MWAX_VCS") == [ids[2]]
     assert find(project_id="D0009") == [ids[4]]
     assert find(trigger_id=ids[2]) == [ids[2]]
@@ -707,6 +719,70 @@ def test_a_voltage_capture_about_to_start_is_not_cut(
         )  # fmt: skip
         assert replaced["success"] is True, replaced["errors"]
         assert f"Would delete {capture_start + 8}" in replaced["clear"]["stdout"]
+
+
+@pytest.mark.parametrize("pretend", ["0", "1"])
+def test_a_voltage_capture_replaced_by_its_own_project_needs_no_room_twice(
+    settings: Settings, session_factory: sessionmaker[Session], pretend: str
+) -> None:
+    """Re-pointing a capture that has not started (TraceT's skymap updates): the disk check
+    charged the capture being replaced as well as the new one, and refused."""
+    now = 1_450_324_816 - 3.4
+    with session_factory() as session:
+        _service_projects(session)
+        session.commit()
+        free_s = service.vcs_free_s(session, settings, now)
+        exptime_s = (free_s * 2 // 3) // 8 * 8  # two of them do not fit together
+        raw = {"project_id": "G0055", "secure_key": KEYS["G0055"], "nobs": 1,
+               "exptime": exptime_s, "pretend": "0"}  # fmt: skip
+        first = service.trigger_observations(session, settings, raw, vcs=True, now=now)
+        assert first["success"] is True, first["errors"]
+        assert service.vcs_free_s(session, settings, now) == free_s - exptime_s
+        again = service.trigger_observations(
+            session, settings, {**raw, "pretend": pretend}, vcs=True, now=now + 1
+        )
+        assert again["success"] is True, again["errors"]
+        assert f"{first['obsid_list'][0]}" in again["clear"]["stdout"]  # replaced
+        # The room it has is the disk's with the replaced capture's given back, no more.
+        too_long = service.trigger_observations(
+            session, settings, {**raw, "pretend": "1", "exptime": free_s + 8}, vcs=True, now=now + 2
+        )
+        assert too_long["success"] is False
+        assert f"the VCS disk has room for {free_s} s" in " ".join(too_long["errors"].values())
+
+
+def test_a_calibrator_found_by_the_online_name_resolver_is_observed(
+    settings: Settings, session_factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was accepted by name, then looked up in the catalogue alone: a server error. And
+    OBSERVATORY_ALLOW_INTERNET, which lets the resolver go online, made Settings refuse to
+    load ('names no setting')."""
+    from astropy.coordinates import SkyCoord
+
+    from observatory.telescope import catalogue
+
+    now = 1_450_324_816 - 3.4
+    ra, dec = _zenith_at(now)
+    asked: list[str] = []
+
+    def resolver(name: str) -> SkyCoord:  # the network stands in: nothing goes online
+        asked.append(name)
+        return SkyCoord(ra=(ra + 3) % 360, dec=dec + 2, unit="deg")
+
+    monkeypatch.setenv("OBSERVATORY_ALLOW_INTERNET", "1")
+    monkeypatch.setattr(catalogue.SkyCoord, "from_name", resolver)
+    assert Settings(data_dir=settings.data_dir).data_dir == settings.data_dir
+    with session_factory() as session:
+        _service_projects(session)
+        result = service.trigger_observations(
+            session, settings, {"project_id": "G0055", "secure_key": KEYS["G0055"], "ra": ra,
+                                "dec": dec, "nobs": 1, "exptime": 16, "pretend": "1",
+                                "calibrator": "J1234-2711"},
+            vcs=False, now=now,
+        )  # fmt: skip
+    assert result["success"] is True, result["errors"]
+    assert result["params"]["calibrator"] == "J1234-2711" == result["params"]["calname"]
+    assert asked == ["J1234-2711"]  # resolved once
 
 
 def test_avoidsun_follows_the_sun_through_an_hour_long_trigger(settings: Settings) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -147,7 +147,8 @@ class TriggerRequest:
     freqspecs: list[tuple[str, list[int]]] = field(default_factory=list)
     nobs: int = 15
     exptime_s: int = 120
-    calibrator: bool | str = False
+    #: False, True (the best standard calibrator then), or the one asked for by name.
+    calibrator: bool | catalogue.Source = False
     calexptime_s: int = 120
     freq_res_khz: float | None = DEFAULT_FREQ_RES_KHZ
     int_time_s: float | None = DEFAULT_INT_TIME_S
@@ -291,8 +292,9 @@ def read_trigger_request(raw: Mapping[str, Any], *, vcs: bool, when_gps: int) ->
     else:
         name = str(decode_value(calibrator)).strip()
         asks_for_calibrator = bool(name)
-        if attempt("calibrator", lambda: catalogue.resolve(name)) is not None:
-            request.calibrator = catalogue.resolve(name).name
+        named = attempt("calibrator", lambda: catalogue.resolve(name))
+        if named is not None:  # resolved once: the name resolver may have been asked online
+            request.calibrator = named
     if asks_for_calibrator:  # unread without a calibrator (clients send their default)
         request.calexptime_s = _exposure(request, "calexptime", get("calexptime"))
 
@@ -314,7 +316,9 @@ def read_trigger_request(raw: Mapping[str, Any], *, vcs: bool, when_gps: int) ->
         "sourcelist": _names_given(raw),
         "subarrays": request.subarrays, "freqspecs": [spec for spec, _ in request.freqspecs],
         "creator": request.creator, "obsname": request.obsname, "nobs": request.nobs,
-        "exptime": request.exptime_s, "calibrator": request.calibrator,
+        "exptime": request.exptime_s,
+        "calibrator": request.calibrator if isinstance(request.calibrator, bool)
+        else request.calibrator.name,
         "calexptime": request.calexptime_s, "freqres": request.freq_res_khz,
         "inttime": request.int_time_s, "avoidsun": request.avoidsun, "atten": request.atten_db,
         "groupid": request.groupid, "vcsmode": vcs,
@@ -513,7 +517,7 @@ def plan(request: TriggerRequest, start_gps: int, settings: Settings) -> list[Pl
                     continue
                 source = best[0]
             else:
-                source = catalogue.lookup(str(request.calibrator))
+                source = request.calibrator
             target = Target("radec", source.name, ra_deg=source.ra_deg, dec_deg=source.dec_deg)
             add(target, spec, channels, request.calexptime_s, mode="MWAX_CORRELATOR",
                 obsname=calibrator_observation_name(request.obsname, source.name, spec),
@@ -856,6 +860,7 @@ def vcs_free_s(
     now: float | None = None,
     *,
     dumps: Mapping[int, Sequence[tuple[float, float]]] | None = None,
+    replaced: Collection[int] = frozenset(),
 ) -> int:
     """Seconds of 24-channel voltage capture the VCS disk can still take.
 
@@ -867,6 +872,8 @@ def vcs_free_s(
     progress (whole: what one has captured so far is on the disk) or still to run. The
     archive's own files hold a few tiles and cannot say what the disk holds. ``dumps``:
     ``buffer_dumps`` already read in this transaction (read here when needed, if not given).
+    ``replaced``: obsids of scheduled observations a trigger would delete (their room is
+    the trigger's to use).
     """
     now = now_gps_precise() if now is None else now
     rate_per_chan = settings.trigger_vcs_bytes_per_s_per_chan
@@ -907,7 +914,7 @@ def vcs_free_s(
     to_come = 0.0
     scheduled = [row for row in [running, *future] if row is not None and row.mode in VCS_MODES]
     for row in scheduled:
-        if row.stoptime <= now:  # ended: charged above, by its files or as unrecorded
+        if row.stoptime <= now or row.obsid in replaced:  # ended: charged above
             continue
         # Whole, the running one too: it has no files until it ends, and what it has
         # captured so far is on the disk already.
@@ -966,18 +973,6 @@ def trigger_observations(
     planned: list[PlannedObservation] = []
     if not request.errors:
         planned = plan(request, start, settings)
-    if planned and vcs and not request.errors:
-        needed = sum(
-            full_band_vcs_s(o.stoptime - o.obsid, len(o.coarse_chans))
-            for o in planned
-            if o.mode == "MWAX_VCS"
-        )
-        free = vcs_free_s(session, settings, now)
-        if needed > free:
-            request.errors.append(
-                f"the voltage capture needs {needed:.0f} s of 24-channel capture; the VCS disk "
-                f"has room for {free} s"
-            )
     mode = TriggerMode.MWAX_VCS if vcs else TriggerMode.MWAX_CORRELATOR
     if request.errors or not planned:
         session.rollback()
@@ -997,6 +992,22 @@ def trigger_observations(
         )
     running, inside = schedule_window(session, start, end)
     refused = blockers(project, [o for o in (running, *inside) if o is not None], now, start)
+    if vcs:
+        # Under the lock, and with the room of the captures this trigger replaces (a project
+        # re-pointing its own capture that has not started needs no room twice), unless
+        # it may not replace them.
+        needed = sum(
+            full_band_vcs_s(o.stoptime - o.obsid, len(o.coarse_chans))
+            for o in planned
+            if o.mode == "MWAX_VCS"
+        )
+        replaced = set() if refused else {o.obsid for o in inside}
+        free = vcs_free_s(session, settings, now, replaced=replaced)
+        if needed > free:
+            refused.append(
+                f"the voltage capture needs {needed:.0f} s of 24-channel capture; the VCS disk "
+                f"has room for {free} s"
+            )
     if refused:
         session.rollback()
         request.errors += refused
@@ -1206,7 +1217,7 @@ def read_find_query(raw: Mapping[str, Any]) -> FindQuery:
         elif name in ("pretend", "success"):
             # The wiki's rule: 'on', 'true' or a non-zero integer mean true; anything else false.
             filters[name] = value.lower() in ("on", "true") or (
-                is_ascii_digits(value.lstrip("-")) and int(value) != 0
+                is_ascii_digits(value.removeprefix("-")) and int(value) != 0
             )
         elif name in ("mintime_utc", "maxtime_utc"):
             try:
