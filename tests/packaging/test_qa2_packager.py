@@ -1053,6 +1053,34 @@ def test_an_interrupted_move_resumes_under_another_spelling_of_origpath(
     assert not validate_manifest(packpath)
 
 
+def test_a_move_resumed_after_the_origin_changed_never_moves_over_a_moved_file(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    """An image moved into product/, then the run cut off; the reducer adds an image of the
+    same name at the SB level, which the new plan sends to that path: the moved file (its
+    only copy) was deleted as 'a partial copy'."""
+    sb = build_sb(tmp_path)
+    eb_image = sb / "X8c" / "Afoo.fits"
+    eb_image.write_bytes(b"the EB's image: after the move, its only copy is in the package")
+    packpath = tmp_path / "2011.0.00229.S"
+
+    def crash_after_the_image(action: Any) -> None:
+        if action.kind == "move" and action.destination_text.endswith("Afoo.fits"):
+            raise Crash
+
+    with pytest.raises(Crash):
+        package(sb, readme, packpath, mode="move", progress=crash_after_the_image)
+    assert eb_image.is_symlink()
+    (sb / "Afoo.fits").write_bytes(b"an SB-level image of the same name")
+    with pytest.raises(PackagingError, match=r"Afoo\.fits holds another file than"):
+        package(sb, readme, packpath, mode="move")
+    assert eb_image.read_bytes().startswith(b"the EB's image")  # through its symlink: kept
+    (sb / "Afoo.fits").unlink()  # the reduction as it was: the move finishes
+    package(sb, readme, packpath, mode="move")
+    assert eb_image.read_bytes().startswith(b"the EB's image")
+    assert not validate_manifest(packpath)
+
+
 def test_a_readme_header_inside_the_package_is_read_before_it_is_cleared(
     tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
 ) -> None:

@@ -1562,12 +1562,20 @@ def move_with_symlink(source: Path, destination: Path) -> None:
         if os.path.realpath(source) == str(destination) and destination.is_file():
             return  # moved by an earlier run
         raise PackagingError(f"{source} is a symlink already (not to {destination}): refused")
+    # A file already at the destination that is not this one is never a partial copy (copies
+    # are made under a temporary name): after an interrupted run whose origin has changed since,
+    # it can be the only copy of another file moved there. Refused, so nothing is lost.
     if (
         destination.exists()
         and not os.path.samefile(source, destination)
         and file_sha256(destination) != file_sha256(source)
     ):
-        destination.unlink()  # a partial copy left by an interrupted run
+        raise PackagingError(
+            f"{destination} holds another file than {source} (an earlier, interrupted move "
+            "may have put it there, and it may be its only copy): nothing was moved over it. "
+            "Put the reduction back as it was and run the move again, or undo it "
+            "(qa-packager undo-move)"
+        )
     if not destination.exists():
         try:
             os.link(source, destination)
