@@ -162,6 +162,37 @@ def test_a_name_that_is_not_utf8_is_refused_first(
     assert files_and_links(sb) == before and not packpath.exists()
 
 
+@pytest.mark.parametrize("mode", ["copy", "move"])
+def test_a_reduction_under_a_directory_whose_name_is_not_utf8_is_packaged(
+    tmp_path: Path, readme: Path, mode: str
+) -> None:
+    """Only the packaged names must be UTF-8: a parent's name (r\xe9duction) refused them all."""
+    parent = tmp_path / os.fsdecode(b"r\xe9duction")
+    sb = tiny_sb(parent)
+    packpath = tmp_path / "2011.0.00229.S"
+    plan = package(sb, readme, packpath, mode=mode)
+    assert (packpath / plan.member / "qa" / f"{UID}__qa2_part1.png").read_bytes() == b"png"
+    assert not validate_manifest(packpath)
+    assert (sb / "X1" / "qa2" / "qa2_part1.png").is_symlink() == (mode == "move")
+
+
+def test_a_symlinked_directory_inside_qa2_is_reported_not_packaged(
+    tmp_path: Path, readme: Path
+) -> None:
+    """Its files were left out without a word (directories below the SB's level are not
+    followed through symlinks; those beside the EBs were already reported)."""
+    sb = tiny_sb(tmp_path)
+    (tmp_path / "more_plots").mkdir()
+    (tmp_path / "more_plots" / "qa2_part5.png").write_bytes(b"png")
+    (sb / "X1" / "qa2" / "more").symlink_to(tmp_path / "more_plots")
+    plan = package(sb, readme, tmp_path / "2011.0.00229.S", mode="fake", dry_run=True)
+    assert (
+        f"not packaged: {sb / 'X1' / 'qa2' / 'more'} (a symlinked directory inside "
+        in "\n".join(plan.notes)
+    )
+    assert not any("qa2_part5" in action.destination_text for action in plan.actions)
+
+
 def _failing_after(count: int, function: Any, error: BaseException) -> Any:
     """``function``, raising ``error`` once it has run ``count`` times."""
     calls = []

@@ -186,6 +186,10 @@ def _classify_eb(plan: Plan, directory: Path, uid: str) -> None:
             for item in _entries(entry, recursive=True):
                 if not item.is_dir():
                     plan.add(item, "qa", unique_name(item.name, uid))
+                elif item.is_symlink():  # not followed (as everywhere below the SB's level)
+                    plan.notes.append(
+                        f"not packaged: {item} (a symlinked directory inside {entry})"
+                    )
         elif name == f"{uid}.ms.split":
             plan.add(entry, "raw", name)
         elif name == f"{uid}.ms.split.cal":
@@ -1053,12 +1057,12 @@ def _check_names(plan: Plan, member: Path, mode: str, origin: Path) -> None:
             )
         ):
             continue
-        for text in (source, action.destination_text):
-            try:
-                (text or "").encode("utf-8")
-            except UnicodeEncodeError:
-                not_utf8.append(_shown(source or text or ""))
-                break
+        # Only what is written (the packaged name) must be UTF-8: the reduction's own path,
+        # above what is packaged, may hold any bytes.
+        try:
+            action.destination_text.encode("utf-8")
+        except UnicodeEncodeError:
+            not_utf8.append(_shown(source or action.destination_text))
         else:
             destination = os.fsencode(action.destination_text)
             longest = max(len(part) for part in destination.split(b"/")) + extra
