@@ -363,7 +363,7 @@ def test_products_expire(archive_settings: Settings) -> None:
             time.sleep(0.2)
         assert not (settings.products_dir / str(job_id)).exists()
         reply = download(file["url"], settings)
-        assert reply.status_code == 403  # the link expired with its product
+        assert reply.status_code == 404  # gone with its product (giant-squid: "expired")
         assert "expired" in reply.json()["error"]
 
 

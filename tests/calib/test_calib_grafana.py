@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +19,7 @@ from observatory.calib.formats import CalSolutions
 from observatory.core.config import Settings
 from observatory.core.gpstime import gps_to_unix, gps_to_utc_iso
 from observatory.telescope.instrument import tile_layout
+from shared_data import CALIB_DATA
 
 RX = 1
 TILES = [t for t in tile_layout() if t.rx == RX][:3]
@@ -170,3 +173,29 @@ def test_query_styles_and_filters(client: TestClient) -> None:
     ):
         reply = client.post("/calib/grafana/query", json={"range": span, "targets": targets})
         assert reply.status_code == 400 and named in reply.json()["error"], (targets, reply.text)
+
+
+def test_every_receiver_metrics_offers_is_answered(
+    settings: Settings, session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """The newest fit's array (a real 144-tile metafits) has receivers 17 and 18: /metrics
+    offers them, and a query over a range without that fit was 400 'not in the array',
+    failing the whole panel."""
+    from observatory.archive.service import ingest_directory
+    from observatory.core.storage import Storage
+
+    obsid = 1_369_821_496
+    (tmp_path / "in").mkdir()
+    shutil.copy(CALIB_DATA / f"{obsid}_metafits.fits", tmp_path / "in" / f"{obsid}.metafits")
+    with session_factory() as session:
+        ingest_directory(session, Storage(settings.archive_dir), tmp_path / "in")
+        session.flush()
+        service.store_fit(
+            session, settings, obsid, CalSolutions(jones=np.ones((1, 3, 4, 4), complex)), []
+        )
+        session.commit()
+    with TestClient(create_app(settings)) as client:
+        offered = [m["value"] for m in client.post("/calib/grafana/metrics", json={}).json()]
+        assert offered[-3:] == ["rec17", "rec18", "sources"]
+        for target in offered[:-1]:  # a range without the fit: no frames, and no refusal
+            assert query(client, target, style="full") == [], target

@@ -24,14 +24,16 @@ CHANS = list(range(109, 133))
 @pytest.fixture
 def client(settings: Settings, session_factory: sessionmaker[Session]) -> Iterator[TestClient]:
     with session_factory() as session:
-        # TARGET + 1000 is the nearest calibrator but has no visibilities archived: never chosen.
-        for obsid, calibration, chans, archived in (
-            (TARGET, False, CHANS, True), (TARGET - 7200, True, CHANS, True),
-            (TARGET + 3000, True, CHANS, True), (TARGET - 100, True, [1, 2], True),
-            (TARGET + 1000, True, CHANS, False),
+        # TARGET + 1000 is the nearest calibrator but has no visibilities archived, and
+        # TARGET + 500 is of the Sun, which the fit has no model of: neither is ever chosen.
+        for obsid, calibration, chans, archived, source in (
+            (TARGET, False, CHANS, True, None), (TARGET - 7200, True, CHANS, True, "HydA"),
+            (TARGET + 3000, True, CHANS, True, "HydA"), (TARGET - 100, True, [1, 2], True, "HydA"),
+            (TARGET + 1000, True, CHANS, False, "HydA"), (TARGET + 500, True, CHANS, True, "Sun"),
         ):  # fmt: skip
             session.add(Observation(obsid=obsid, stoptime=obsid + 120, mode="MWAX_CORRELATOR",
-                                    coarse_chans=chans, calibration=calibration, atten_db=1.0))  # fmt: skip
+                                    coarse_chans=chans, calibration=calibration, atten_db=1.0,
+                                    calibrator_source=source))  # fmt: skip
             if archived:
                 session.add(ObservationFile(obsid=obsid, name=f"{obsid}_ch{chans[0]}_000.fits",
                                             kind=FileKind.MWAX_VIS, size_bytes=1, sha1="0" * 40,
@@ -64,6 +66,11 @@ def test_add_cal_request(
         "/calib/add_cal_request", params={"obs_id": TARGET, "max_time_separation": 60}
     )
     assert none_near.status_code == 404 and "no calibrator observation" in none_near.json()["error"]
+    only_the_sun = client.get(
+        "/calib/add_cal_request", params={"obs_id": TARGET, "max_time_separation": 600}
+    )
+    assert only_the_sun.status_code == 404
+    assert "1 for a source the fit has no model of" in only_the_sun.json()["error"]
     for bad in (
         "ftp://127.0.0.1/x",
         "http://user:pw@127.0.0.1/x",

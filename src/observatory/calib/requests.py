@@ -37,6 +37,7 @@ from observatory.calib.service import (
 )
 from observatory.core.config import Settings
 from observatory.core.errors import BadRequest, Conflict, NotFound
+from observatory.telescope import catalogue
 
 log = logging.getLogger(__name__)
 CALLBACK_TIMEOUT_S = 30.0
@@ -234,7 +235,11 @@ def _calibrators_near(
     kept: list[Observation] = []
     rejected: Counter[str] = Counter()
     for calibrator in found:
-        reason = incompatibility(target, calibrator, match_attenuation=match_attenuation)
+        reason = (
+            incompatibility(target, calibrator, match_attenuation=match_attenuation)
+            if fittable_source(calibrator.calibrator_source)
+            else UNMODELLED_SOURCE
+        )
         if reason is None and target_tiles is not None:
             # Only for a calibrator that passed the other checks: its tile ids are in its
             # metafits, read once per calibrator (and cached while the file is unchanged).
@@ -248,6 +253,25 @@ def _calibrators_near(
             rejected[reason] += 1
     kept.sort(key=lambda o: (abs(o.obsid - target.obsid), -o.obsid))
     return kept, rejected
+
+
+#: Why a calibrator whose source the fit has no model of is left out (as the
+#: ``incompatibility`` reasons read: "N left out: 1 for ...").
+UNMODELLED_SOURCE = (
+    "for a source the fit has no model of (none recorded, the Sun, or not catalogued)"
+)
+
+
+def fittable_source(name: str | None) -> bool:
+    """Whether the pipeline can fit a calibrator observation of ``name``: its point-source
+    model is a catalogue entry (the Sun, and observations without a source, have none)."""
+    if not name or name.strip().upper() == "SUN":
+        return False
+    try:
+        catalogue.lookup(name)
+    except catalogue.UnknownSourceError:
+        return False
+    return True
 
 
 def best_calibrator(
