@@ -157,6 +157,10 @@ def flag_param(name: str, value: str | None, *, default: bool) -> bool:
     return value.strip() == "1"
 
 
+#: 9999-12-31T23:59:59 UTC in GPS seconds: the latest time a UTC date shows.
+LAST_UTC_GPS_S = 253_086_336_017.0
+
+
 def gps_time_param(name: str, value: str | None) -> float | None:
     """GPS seconds from a value holding GPS seconds or an ISO time (blank or absent: None).
 
@@ -172,8 +176,10 @@ def gps_time_param(name: str, value: str | None) -> float | None:
         return None
     if is_ascii_digits(text.replace(".", "", 1)):
         seconds = float(text)
-        if seconds > MAX_SQL_INTEGER:
-            raise BadRequest(f"{name} {value!r} is out of range (0 .. {MAX_SQL_INTEGER})")
+        if seconds > LAST_UTC_GPS_S:  # a time no UTC date can show (the pages show both)
+            raise BadRequest(
+                f"{name} {value!r} is out of range (0 .. {LAST_UTC_GPS_S:.0f}, 9999-12-31)"
+            )
         return seconds
     try:
         moment = datetime.fromisoformat(text)
