@@ -449,6 +449,9 @@ def test_requests_for_one_calibrator_join_its_fit(
         "http://2852039166/x",  # ... and in decimal
         "http://169.254.169.254./x",
         "http://[::ffff:169.254.169.254]/x",  # IPv4-mapped
+        "http://[64:ff9b::a9fe:a9fe]/x",  # ... in NAT64's prefix
+        "http://[2002:a9fe:a9fe::1]/x",  # ... in 6to4's
+        "http://[fd00:ec2::254]/x",  # AWS's instance metadata over IPv6
         "http://0/x",  # 0.0.0.0
         "http://224.1/x",  # 224.0.0.1
     ],

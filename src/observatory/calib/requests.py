@@ -119,10 +119,23 @@ def check_callback_url(url: str, settings: Settings) -> str:
     return url
 
 
+#: NAT64's well-known prefix (RFC 6052): its last 32 bits are an IPv4 address.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+#: A cloud's instance metadata service at a unique-local IPv6 address (AWS's; its IPv4 one,
+#: 169.254.169.254, is link-local).
+_METADATA_SERVICES = frozenset({ipaddress.IPv6Address("fd00:ec2::254")})
+
+
 def _unusable(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """A link-local, multicast or unspecified address (an IPv4-mapped one by its IPv4)."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """A link-local, multicast or unspecified address, or a cloud's metadata service; an
+    IPv6 address that carries an IPv4 one (mapped, 6to4, NAT64) by that IPv4 address."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in _METADATA_SERVICES:
+            return True
+        carried = address.ipv4_mapped or address.sixtofour
+        if carried is None and address in _NAT64:
+            carried = ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF)
+        address = carried or address
     return address.is_link_local or address.is_multicast or address.is_unspecified
 
 
