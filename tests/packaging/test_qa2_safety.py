@@ -193,6 +193,35 @@ def test_a_symlinked_directory_inside_qa2_is_reported_not_packaged(
     assert not any("qa2_part5" in action.destination_text for action in plan.actions)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
+def test_a_packpath_that_is_a_mount_point_is_refused_before_anything_is_written(
+    tmp_path: Path, readme: Path
+) -> None:
+    """Setting the package aside renames packpath, which a mount point refuses (EBUSY): a
+    move run then left a journal whose 'run the same move again' failed the same way."""
+    sb = tiny_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    packpath.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(packpath)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:  # a container without CAP_SYS_ADMIN
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        before = files_and_links(sb)
+        for mode in ("fake", "copy", "move"):
+            with pytest.raises(
+                PackagingError, match=r"is a mount point: .*give a directory inside"
+            ):
+                package(sb, readme, packpath, mode=mode)
+        assert files_and_links(sb) == before and list(packpath.iterdir()) == []
+        assert not list(tmp_path.glob("*.qa-packager-journal.json"))
+        inside = packpath / "2011.0.00229.S"  # what the message proposes works
+        plan = package(sb, readme, inside, mode="copy")
+        assert (inside / plan.member / "README").is_file()
+    finally:
+        subprocess.run(["umount", str(packpath)], check=True)
+
+
 def _failing_after(count: int, function: Any, error: BaseException) -> Any:
     """``function``, raising ``error`` once it has run ``count`` times."""
     calls = []

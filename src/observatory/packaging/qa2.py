@@ -1719,6 +1719,13 @@ def package(
             raise PackagingError(f"{name} must not end in /")
     origin, pack, header = Path(origpath), Path(packpath), Path(readme)
     _check_paths(origin, pack)
+    if append == "" and os.path.ismount(pack):
+        # A run starting again sets the package aside by renaming it, which a mount point
+        # refuses (EBUSY) after the run has begun: refused first, naming what to do.
+        raise PackagingError(
+            f"packpath {pack} is a mount point: a new package (append '') replaces packpath "
+            f"as a whole; give a directory inside it, e.g. {pack / pack.name}"
+        )
     if not header.is_file():
         raise PackagingError(f"readme {header} is not a file")
     header_text = _read_text(header, "readme")  # now: it may lie inside packpath, cleared below
