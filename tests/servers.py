@@ -326,6 +326,18 @@ class ForwardProxy(_LoopbackProxy):
         await asyncio.gather(_pipe(client_r, server_w), _pipe(server_r, client_w))
 
 
+@contextmanager
+def handler_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[int]:
+    """``handler`` answering on a loopback port, in a thread; yields the port."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 class CallbackReceiver:
     """A loopback HTTP receiver of JSON POSTs that answers 500 to its first ``failures`` calls."""
 

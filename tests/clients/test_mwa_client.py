@@ -31,6 +31,7 @@ from servers import (
     ForwardProxy,
     StallingProxy,
     free_port,
+    handler_server,
     observatory_server,
     seed,
     wait_for,
@@ -1396,13 +1397,8 @@ def product_server(status: int, headers: dict[str, str], body: bytes) -> Iterato
         def log_message(self, *_args: object) -> None:
             pass
 
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler) as httpd:
-        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield f"http://127.0.0.1:{httpd.server_port}/download/7/p.tar?token=t"
-        finally:
-            httpd.shutdown()
+    with handler_server(Handler) as port:
+        yield f"http://127.0.0.1:{port}/download/7/p.tar?token=t"
 
 
 def acacia_job(url: str, content: bytes) -> asvo.Job:

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import io
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,14 @@ import pytest
 from browser import browser_page, screenshot
 from observatory.core.config import Settings
 from observatory.core.web import size_text
-from servers import free_port, observatory_server, seed, threaded_app_server, wait_for
+from servers import (
+    free_port,
+    handler_server,
+    observatory_server,
+    seed,
+    threaded_app_server,
+    wait_for,
+)
 
 OBSID = 1320409688
 PASSWORD = "portal-password-1"
@@ -175,14 +181,8 @@ def another_site(pages: dict[str, str]) -> Iterator[str]:
         def log_message(self, *_args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Pages)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://localhost:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with handler_server(Pages) as port:
+        yield f"http://localhost:{port}"
 
 
 def test_another_site_cannot_use_the_portal_session(settings: Settings) -> None:
