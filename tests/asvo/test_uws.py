@@ -476,8 +476,10 @@ BAD_SUBMISSIONS = [
     ({"job_type": "download_vis", "obs_id": MWAX_OBS, "download_type": "raw"}, "Download Type: 'raw' is not one of vis, vis_meta"),
     ({"job_type": "download_vis", "download_type": "vis"}, "Obs Id: Expected not None"),
     ({"job_type": "download_vis", "obs_id": "1000000000", "download_type": "vis"}, "Observation 1000000000 does not exist"),
-    ({"job_type": "conversion", "obs_id": MWAX_OBS, "avg_time_res": "3"}, "avg_time_res=3.0 is not valid"),
-    ({"job_type": "voltage", "obs_id": str(VCS_OBS), "offset": "0", "duration": "999"}, "Duration: 999 is outside 1..16"),
+    ({"job_type": "conversion", "obs_id": MWAX_OBS, "avg_time_res": "3"},
+     f"Unable to submit job. Observation {MWAX_OBS}: avg_time_res=3.0 is not valid"),
+    ({"job_type": "voltage", "obs_id": str(VCS_OBS), "offset": "0", "duration": "999"},
+     f"Unable to submit job. Observation {VCS_OBS}: Duration: 999 is outside 1..16"),
     ({**VIS, "PHASE": "ABORT"}, "PHASE: 'ABORT' at creation can only be RUN"),
     # An XML document cannot hold ESC: the job, and the user's whole job list, were unreadable.
     ({**VIS, "RUNID": "x\x1bx"}, "RUNID holds a control character"),

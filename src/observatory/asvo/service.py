@@ -168,6 +168,13 @@ def _required(form: Mapping[str, str], key: str, label: str) -> str:
     return value
 
 
+def _refused_for(obsid: int | str, reason: str) -> AsvoError:
+    """A refusal about one observation, worded as the ASVO words them: giant-squid goes on
+    to the next obsid of its batch only after a message that starts so (any other refusal
+    ends the batch, specs/asvo.md section 2.2)."""
+    return AsvoError(f"Unable to submit job. Observation {obsid}: {reason}")
+
+
 def _observation(session: Session, form: Mapping[str, str]) -> Observation:
     text = _required(form, "obs_id", "Obs Id")
     if not re.fullmatch(r"[0-9]{10}", text):
@@ -177,9 +184,10 @@ def _observation(session: Session, form: Mapping[str, str]) -> Observation:
         raise AsvoError(f"Observation {text} does not exist")
     if observation.stoptime > now_gps() and not observation.files:
         # Scheduled, not yet recorded: the job would fail when it ran, finding no files.
-        raise AsvoError(
-            f"Observation {text} has not been observed yet: it ends at "
-            f"{gps_to_utc_iso(observation.stoptime)[:19]} UTC; submit the job after that"
+        raise _refused_for(
+            text,
+            f"it has not been observed yet: it ends at "
+            f"{gps_to_utc_iso(observation.stoptime)[:19]} UTC; submit the job after that",
         )
     return observation
 
@@ -220,15 +228,18 @@ DEFAULT_CONVERSION_OUTPUT = "ms"
 
 def _conversion_params(form: Mapping[str, str], observation: Observation) -> dict[str, Any]:
     if observation.mode not in CORRELATOR_MODES:
-        raise AsvoError(
-            f"Observation {observation.obsid} is a {observation.mode} observation: it has no "
-            "visibilities to convert"
+        raise _refused_for(
+            observation.obsid,
+            f"it is a {observation.mode} observation: it has no visibilities to convert",
         )
     named = {LEGACY_KEYS.get(k.strip().lower(), k.strip().lower()): v for k, v in form.items()}
     if not str(named.get("output", "")).strip():  # nor cotter's ``conversion``
         form = {**form, "output": DEFAULT_CONVERSION_OUTPUT}
     try:
         options = ConversionOptions.from_params(form)
+    except OptionError as exc:
+        raise AsvoError(str(exc)) from None
+    try:  # options that do not fit this observation (its integration time, channels)
         if observation.int_time_s and observation.freq_res_khz:
             options.resolve(
                 observation.int_time_s,
@@ -236,7 +247,7 @@ def _conversion_params(form: Mapping[str, str], observation: Observation) -> dic
                 round(1280 / observation.freq_res_khz),
             )
     except OptionError as exc:
-        raise AsvoError(str(exc)) from None
+        raise _refused_for(observation.obsid, str(exc)) from None
     # Always recorded: our engine's default (uvfits) is not the ASVO's (ms), so a job row
     # without it would read as the other format.
     return {**options.to_params(), "output": options.output.value}
@@ -244,13 +255,22 @@ def _conversion_params(form: Mapping[str, str], observation: Observation) -> dic
 
 def _voltage_params(form: Mapping[str, str], observation: Observation) -> dict[str, Any]:
     if observation.mode not in VOLTAGE_MODES:
-        raise AsvoError(
-            f"Observation {observation.obsid} is a {observation.mode} observation: it has no "
-            "voltages"
+        raise _refused_for(
+            observation.obsid, f"it is a {observation.mode} observation: it has no voltages"
         )
     length_s = observation.stoptime - observation.obsid
-    offset = _int_field(form, "offset", "Offset", 0, max(length_s - 1, 0))
-    duration = _int_field(form, "duration", "Duration", 1, length_s - offset)
+    offset = _int_field(form, "offset", "Offset", 0, MAX_SQL_ID)
+    duration = _int_field(form, "duration", "Duration", 1, MAX_SQL_ID)
+    # Bounds of this observation's length: giant-squid sends one offset and duration for
+    # every obsid of its batch.
+    if offset > max(length_s - 1, 0):
+        raise _refused_for(
+            observation.obsid, f"Offset: {offset} is outside 0..{max(length_s - 1, 0)}"
+        )
+    if duration > length_s - offset:
+        raise _refused_for(
+            observation.obsid, f"Duration: {duration} is outside 1..{length_s - offset}"
+        )
     params: dict[str, Any] = {"offset": offset, "duration": duration, "download_type": "volt"}
     # giant-squid sends channel_range=true with the channels; a CSV row may give the channels
     # alone, which must not quietly become every channel (terabytes of voltages).
@@ -262,9 +282,10 @@ def _voltage_params(form: Mapping[str, str], observation: Observation) -> dict[s
         high = _int_field(form, "to_channel", "To Channel", low, 255)
         observed = set(observation.coarse_chans)
         if observed and not observed & set(range(low, high + 1)):
-            raise AsvoError(
-                f"Channels {low}-{high} hold none of the observation's coarse channels "
-                f"({', '.join(map(str, sorted(observed)))})"
+            raise _refused_for(
+                observation.obsid,
+                f"channels {low}-{high} hold none of the observation's coarse channels "
+                f"({', '.join(map(str, sorted(observed)))})",
             )
         params.update(channel_range=True, from_channel=low, to_channel=high)
     return params
@@ -302,9 +323,9 @@ def submit_job(
             job_type = JobType.DOWNLOAD_METADATA
         observation = _observation(session, form)
         if download_type == "vis" and observation.mode not in CORRELATOR_MODES:
-            raise AsvoError(
-                f"Observation {observation.obsid} is a {observation.mode} observation: it has no "
-                "visibilities to download"
+            raise _refused_for(
+                observation.obsid,
+                f"it is a {observation.mode} observation: it has no visibilities to download",
             )
         params["download_type"] = download_type
     else:
