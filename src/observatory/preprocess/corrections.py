@@ -75,28 +75,55 @@ def _passband_shape(name: str) -> NDArray[np.float64]:
 def passband_gains(meta: ObservationMeta, chan_index: NDArray[np.intp]) -> NDArray[np.float64]:
     """The polyphase filterbank's response at each channel (1 at the coarse-channel centre).
 
-    The shapes are the ones pyuvdata ships: MWAX at 40 kHz (averaged for wider
-    channels, interpolated for narrower ones) and the legacy correlator's at 10 kHz.
+    The shapes are the ones pyuvdata ships. Legacy: the correlator's at 10 kHz, averaged in
+    blocks for wider channels (as pyuvdata does). MWAX: the 40 kHz and 80 kHz ones, as they
+    are at those widths; for wider channels the 80 kHz (or 40 kHz) one averaged over each
+    channel's band, which is centred on its channel (MWAX's middle channel sits on the
+    coarse-channel centre, so blocks of the finer shape would be half a channel off: up to
+    9 % at 80 kHz); for narrower ones the 40 kHz one interpolated.
     """
     n_chans = meta.fine_chans_per_coarse
     width_hz = meta.fine_chan_width_hz
-    if meta.mwax:
-        shape = _passband_shape("mwax_pfb_bandpass_40kHz")
-        shape_width_hz = 40_000.0
-    else:
+    if not meta.mwax:
         shape = _passband_shape("MWA_rev_cb_10khz_doubles")
-        shape_width_hz = 10_000.0
-    factor = width_hz / shape_width_hz
-    if factor >= 1 and abs(factor - round(factor)) < 1e-6 and len(shape) % round(factor) == 0:
+        factor = width_hz / 10_000.0
+        if abs(factor - round(factor)) > 1e-6 or len(shape) % round(factor):
+            raise ValueError(f"no legacy passband for {width_hz / 1e3:g} kHz channels")
         gains = shape.reshape(-1, round(factor)).mean(axis=1)
     else:
-        # Channel centres relative to the coarse-channel centre, in units of the shape's channels.
-        n_shape = len(shape)
-        centres = (np.arange(n_chans) - n_chans // 2) * factor + n_shape // 2
-        gains = np.interp(centres, np.arange(n_shape), shape)
+        coarser = width_hz >= 80_000 and abs(width_hz / 80_000 - round(width_hz / 80_000)) < 1e-6
+        shape_width_hz = 80_000.0 if coarser else 40_000.0
+        shape = _passband_shape(f"mwax_pfb_bandpass_{shape_width_hz / 1e3:.0f}kHz")
+        gains = _centred_channels(shape, width_hz / shape_width_hz, n_chans)
     if len(gains) != n_chans:
         raise ValueError(f"passband of {len(gains)} channels for {n_chans} fine channels")
     return gains[chan_index]
+
+
+def _centred_channels(
+    shape: NDArray[np.float64], factor: float, n_chans: int
+) -> NDArray[np.float64]:
+    """``shape`` (a coarse channel's response, middle channel on its centre) seen by
+    ``n_chans`` channels ``factor`` times as wide, also with the middle one on the centre.
+
+    Wider: the mean of the shape over each channel's band (its channels as steps, the
+    coarse channel's neighbours continuing it periodically at the edges). Narrower: the
+    shape interpolated at each channel's centre.
+    """
+    n_shape = len(shape)
+    centres = (np.arange(n_chans) - n_chans // 2) * factor + n_shape // 2
+    if abs(factor - 1) < 1e-9:
+        return shape.copy()
+    if factor < 1:
+        return np.interp(centres, np.arange(n_shape), shape)
+    periodic = np.concatenate([shape, shape, shape])
+    edges = (
+        np.arange(3 * n_shape + 1) - 0.5 - n_shape
+    )  # each step's lower edge, and the last's upper
+    integral = np.concatenate([[0.0], np.cumsum(periodic)])
+    upper = np.interp(centres + factor / 2, edges, integral)
+    lower = np.interp(centres - factor / 2, edges, integral)
+    return np.asarray((upper - lower) / factor, dtype=np.float64)
 
 
 def instrument_factors(
