@@ -72,15 +72,21 @@ def band_freqs_hz(chans: tuple[int, ...], width_hz: float = 40e3) -> np.ndarray:
     return np.concatenate([fine_chan_freqs_hz(c, round(width_hz)) for c in chans])
 
 
-def test_ao_cal_with_fewer_channels_than_the_data_is_refused(
-    sim: SimulatedObservation, tmp_path: Path
+def test_ao_cal_of_coarser_channels_covers_blocks_of_the_data_channels(
+    sim: SimulatedObservation, tmp_path: Path, raw: np.ndarray
 ) -> None:
-    """One coarse channel's 32 solutions are not stretched over the data's 64 channels."""
-    write_aocal(tmp_path / "cal32.bin", CalSolutions(jones=scalar_jones(np.ones((1, 32)))))
-    message = "the calibration solution has 32 channels, but the data has 64 channels"
+    """Birli's channel ratio: 32 solutions (a calibration averaged to 80 kHz) for the data's
+    64 channels each cover two consecutive ones (they were refused); a count that does not
+    divide the band's is still refused, and nothing is written."""
+    values = 1.0 + np.arange(32)[None, :] / 32
+    write_aocal(tmp_path / "cal32.bin", CalSolutions(jones=scalar_jones(values)))
+    data = calibrate(sim, tmp_path / "cal32.bin", tmp_path / "c32.uvfits")
+    np.testing.assert_allclose(data, raw * np.repeat(values[0], 2) ** 2, rtol=1e-5)
+    write_aocal(tmp_path / "cal24.bin", CalSolutions(jones=scalar_jones(np.ones((1, 24)))))
+    message = "the calibration solution has 24 channels, but the data has 64 channels"
     with pytest.raises(ReadError, match=message):
-        calibrate(sim, tmp_path / "cal32.bin", tmp_path / "x.uvfits")
-    assert not list(tmp_path.glob("*.uvfits"))
+        calibrate(sim, tmp_path / "cal24.bin", tmp_path / "x.uvfits")
+    assert not (tmp_path / "x.uvfits").exists()
 
 
 def test_ao_cal_with_one_channel_per_data_channel_applies_in_order(

@@ -304,8 +304,9 @@ def _band_chanblocks(
 
     With chanblock frequencies (hyperdrive), a channel takes the chanblock whose
     frequency is within half a chanblock width of its own; without them (AO-cal), the
-    solutions must have one chanblock per fine channel, of the whole band or of the
-    channels the data hold, in frequency order (Birli's rule).
+    solutions have one chanblock per fine channel, of the whole band or of the channels
+    the data hold, in frequency order, or one per block of consecutive fine channels of
+    the band when their number divides it (Birli's rule: solutions averaged in frequency).
 
     Raises
     ------
@@ -352,13 +353,21 @@ def _band_chanblocks(
         block[:] = np.arange(n_band)
     elif n_blocks == len(data_columns):
         block[data_columns] = np.arange(n_blocks)
+    elif n_blocks < n_band and n_band % n_blocks == 0:
+        # Birli's channel ratio: solutions of coarser channels (a calibration averaged in
+        # frequency) each cover that many consecutive fine channels of the band.
+        block[:] = np.arange(n_band) // (n_band // n_blocks)
+        log.info(
+            "%s: %d solution channels for the band's %d: each covers %d fine channels",
+            solutions_name, n_blocks, n_band, n_band // n_blocks,
+        )  # fmt: skip
     else:
         whole = f" ({len(data_columns)} with data)" if len(data_columns) != n_band else ""
         raise ReadError(
             f"{solutions_name}: the calibration solution has {n_blocks} channels, but the data "
             f"has {n_band} channels{whole} ({len(band)} coarse channels of "
             f"{meta.fine_chans_per_coarse}); without chanblock frequencies the solutions need "
-            "one channel per fine channel"
+            "one channel per fine channel, or a number of channels that divides the band's"
         )
     return block
 
