@@ -427,11 +427,16 @@ def test_rows_written_outside_the_orm_are_listed(
 
 
 def test_a_conversion_that_names_no_output_is_a_measurement_set(client: TestClient) -> None:
-    """The ASVO's default (specs/asvo.md section 5); ``conversion=`` (cotter's name) counts."""
+    """The ASVO's default (specs/asvo.md section 5); ``conversion=`` (cotter's name) counts,
+    and an empty one (or ``Output=``) names none: it was refused as contradicting the default."""
     for form in ({}, {"conversion": "uvfits"}, {"output": "both"}):
         assert submit(client, "conversion_job", obs_id=MWAX_OBS, **form).status_code == 200
     outputs = [e["row"]["job_params"]["output"] for e in client.get("/api/get_jobs").json()]
     assert outputs == ["ms", "uvfits", "both"]
+    # Empty ones are the first's job again (a duplicate: code 2), not a contradiction.
+    for empty in ({"conversion": ""}, {"Output": " "}):
+        again = submit(client, "conversion_job", obs_id=MWAX_OBS, **empty)
+        assert again.json()["error_code"] == 2, again.text
 
 
 FORM = "application/x-www-form-urlencoded"

@@ -190,6 +190,9 @@ def test_phase_run_at_creation_and_sub_resources(client: TestClient) -> None:
     assert client.get(f"/uws/asvo/{job_id}/executionduration").text == "0"
     reply = client.post(f"/uws/asvo/{job_id}/destruction", data={"DESTRUCTION": "soon"})
     assert reply.status_code == 400 and "DESTRUCTION: 'soon'" in reply.text
+    reply = client.post(f"/uws/asvo/{job_id}/destruction",
+                        data={"DESTRUCTION": "0001-01-01T00:00:00+01:00"})  # fmt: skip
+    assert reply.status_code == 400 and "outside years 1-9999" in reply.text
 
 
 def test_parameters_change_while_pending_only(client: TestClient) -> None:
@@ -357,6 +360,9 @@ def test_job_list_filters(client: TestClient, app_settings: Settings) -> None:
         ({"PHASE": "RUNNING"}, "PHASE: 'RUNNING' is not one of PENDING"),
         ({"LAST": "0"}, "LAST: '0' is not a whole number greater than 0"),
         ({"AFTER": "yesterday"}, "AFTER: 'yesterday' is not an ISO 8601"),
+        # Valid ISO instants whose UTC is outside years 1-9999 (they were a server error).
+        ({"AFTER": "0001-01-01T00:00:00+01:00"}, "AFTER: '0001-01-01T00:00:00+01:00' falls"),
+        ({"AFTER": "9999-12-31T23:59:59-01:00"}, "AFTER: '9999-12-31T23:59:59-01:00' falls"),
     ):
         reply = client.get("/uws/asvo", params=params)
         assert reply.status_code == 400 and reply.text.startswith(message)

@@ -232,9 +232,14 @@ def _conversion_params(form: Mapping[str, str], observation: Observation) -> dic
             observation.obsid,
             f"it is a {observation.mode} observation: it has no visibilities to convert",
         )
-    named = {LEGACY_KEYS.get(k.strip().lower(), k.strip().lower()): v for k, v in form.items()}
-    if not str(named.get("output", "")).strip():  # nor cotter's ``conversion``
-        form = {**form, "output": DEFAULT_CONVERSION_OUTPUT}
+
+    def names_output(key: str) -> bool:  # output, or cotter's conversion, in any case
+        return LEGACY_KEYS.get(key.strip().lower(), key.strip().lower()) == "output"
+
+    if not any(names_output(k) and str(v).strip() for k, v in form.items()):
+        # None given (an empty one is none, not a second one contradicting the default).
+        form = {k: v for k, v in form.items() if not names_output(k)}
+        form["output"] = DEFAULT_CONVERSION_OUTPUT
     try:
         options = ConversionOptions.from_params(form)
     except OptionError as exc:

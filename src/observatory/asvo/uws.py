@@ -185,9 +185,13 @@ def parse_instant(text: str, name: str) -> datetime:
         Naming ``name`` if ``text`` is not an ISO 8601 date and time.
     """
     try:
-        return _utc(datetime.fromisoformat(text.strip()))
+        moment = datetime.fromisoformat(text.strip())
     except ValueError:
         raise BadRequest(f"{name}: {text!r} is not an ISO 8601 date and time") from None
+    try:
+        return _utc(moment)
+    except OverflowError:  # 0001-01-01T00:00+01:00 is before year 1 in UTC
+        raise BadRequest(f"{name}: {text!r} falls outside years 1-9999 in UTC") from None
 
 
 def parse_phases(phases: Iterable[str]) -> frozenset[Phase]:
