@@ -145,6 +145,30 @@ def test_two_runs_of_one_job_at_once_complete_it_once(
     assert not (seeded.work_dir / str(job_id)).exists()
 
 
+def test_a_job_that_fails_after_delivering_leaves_no_product(
+    seeded: Settings, factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The product was written, then recording the completion failed (the database went
+    away, say): the job ended in error and its tar stayed on disk for good."""
+    from observatory.asvo import pipeline
+    from observatory.asvo.models import JobState
+
+    job_id = queue_job(factory, seeded, JobType.DOWNLOAD_VISIBILITIES,
+                       {"obs_id": str(CORR_OBS), "download_type": "vis"})  # fmt: skip
+    move = pipeline._Tracker.move
+
+    def completion_fails(self: Any, state: JobState, **fields: Any) -> None:
+        if state == JobState.COMPLETED:
+            assert list((seeded.products_dir / str(job_id)).iterdir())  # delivered by now
+            raise RuntimeError("the database went away")
+        move(self, state, **fields)
+
+    monkeypatch.setattr(pipeline._Tracker, "move", completion_fails)
+    assert run_job(seeded.model_dump(), job_id) == "error"
+    assert job_state(factory, job_id) == "error"
+    assert not (seeded.products_dir / str(job_id)).exists()
+
+
 def test_an_outage_is_logged_once_and_retried_with_back_off(
     seeded: Settings, factory: sessionmaker[Session], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -445,6 +445,7 @@ class Dispatcher:
             job.error_code = 1
             job.error_text = f"internal error: {reason}"
             job.completed = utcnow()
+            remove_product(self.settings, job)  # delivered, perhaps, before the run died
         # Runs that died (a worker killed for its memory, say) cleaned nothing up: their
         # attempt directories, conversion scratch included, would stay in work/ for good.
         shutil.rmtree(self.settings.work_dir / str(job_id), ignore_errors=True)

@@ -179,6 +179,9 @@ def _run_locked(settings: Settings, engine: Engine, job_id: int) -> str:
             tracker.move(JobState.ERROR, error_code=1, error_text=message, completed=utcnow())
         except JobCancelled:
             return JobState.CANCELLED.value
+        # A product delivered before the failure (its completion not recorded) is no one's:
+        # nothing expires a job in error, and it would stay on disk for good.
+        remove_product(settings, tracker.load())
         return JobState.ERROR.value
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -543,7 +546,7 @@ def _replaced_directory(target: Path) -> Iterator[Path]:
 
 
 def remove_product(settings: Settings, job: Job) -> None:
-    """Delete a job's product (cancelled or expired); nothing is left half-written."""
+    """Delete a job's product (cancelled, failed or expired); nothing is left half-written."""
     if job.delivery == "acacia":
         shutil.rmtree(settings.products_dir / str(job.id), ignore_errors=True)
     else:
