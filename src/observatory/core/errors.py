@@ -104,23 +104,6 @@ def _error_page(message: str, status_code: int) -> HTMLResponse:
 _NON_ASCII_BYTE = re.compile(rb"[\x80-\xff]")
 
 
-def utf8_form_bytes(data: bytes) -> bytes | None:
-    """A query string or urlencoded body with its raw non-ASCII bytes %-escaped; None when
-    its text (raw or %-escaped) is not UTF-8.
-
-    Starlette reads a raw byte of a form or query as latin-1 (``curl -d 'x=é'`` sends the
-    two bytes of UTF-8's é unescaped, and arrived as ``Ã©``) but a %-escape as UTF-8.
-    Escaped, the raw bytes are read as UTF-8 too, as the clients that escape get them.
-    """
-    try:
-        unquote_to_bytes(data.replace(b"+", b" ")).decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    if not _NON_ASCII_BYTE.search(data):
-        return data
-    return _NON_ASCII_BYTE.sub(lambda byte: b"%%%02X" % byte[0][0], data)
-
-
 class CheckFormParameters:
     """ASGI middleware: the query string and a form body must be UTF-8 text without NUL.
 
@@ -128,7 +111,7 @@ class CheckFormParameters:
     PostgreSQL refuses NUL in text, so such a value would otherwise fail deep in a query as
     a server error. Text that is not UTF-8 is answered 400 rather than read as something
     else (Starlette would read it as latin-1, or put U+FFFD in place of an escape); raw
-    UTF-8 bytes are escaped (:func:`utf8_form_bytes`) so they are read as what was sent.
+    UTF-8 bytes are escaped (:func:`_escaped_parameters`) so they are read as what was sent.
     Form bodies are read here and handed on; other bodies (JSON, uploads) pass untouched.
     """
 
@@ -191,11 +174,22 @@ class CheckFormParameters:
 
 
 def _escaped_parameters(data: bytes, what: str) -> bytes | str:
-    """A query string or form body as :func:`utf8_form_bytes` escapes it, or why it is refused."""
+    """A query string or urlencoded body with its raw non-ASCII bytes %-escaped, or why it is
+    refused: a NUL, or text (raw or %-escaped) that is not UTF-8.
+
+    Starlette reads a raw byte of a form or query as latin-1 (``curl -d 'x=é'`` sends the
+    two bytes of UTF-8's é unescaped, and arrived as ``Ã©``) but a %-escape as UTF-8.
+    Escaped, the raw bytes are read as UTF-8 too, as the clients that escape get them.
+    """
     if b"%00" in data or b"\x00" in data:
         return "request parameters must not contain NUL characters (%00)"
-    escaped = utf8_form_bytes(data)
-    return f"{what} is not UTF-8 text" if escaped is None else escaped
+    try:
+        unquote_to_bytes(data.replace(b"+", b" ")).decode("utf-8")
+    except UnicodeDecodeError:
+        return f"{what} is not UTF-8 text"
+    if not _NON_ASCII_BYTE.search(data):
+        return data
+    return _NON_ASCII_BYTE.sub(lambda byte: b"%%%02X" % byte[0][0], data)
 
 
 class CatchUnhandledErrors:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from observatory.preprocess.options import is_multiple
 from observatory.preprocess.reader import ObservationMeta, ReadError
 from observatory.telescope.instrument import SPEED_OF_LIGHT_M_S
 
@@ -86,13 +87,11 @@ def passband_gains(meta: ObservationMeta, chan_index: NDArray[np.intp]) -> NDArr
     width_hz = meta.fine_chan_width_hz
     if not meta.mwax:
         shape = _passband_shape("MWA_rev_cb_10khz_doubles")
-        factor = width_hz / 10_000.0
-        if abs(factor - round(factor)) > 1e-6 or len(shape) % round(factor):
+        if not is_multiple(width_hz, 10_000.0) or len(shape) % round(width_hz / 10_000.0):
             raise ValueError(f"no legacy passband for {width_hz / 1e3:g} kHz channels")
-        gains = shape.reshape(-1, round(factor)).mean(axis=1)
+        gains = shape.reshape(-1, round(width_hz / 10_000.0)).mean(axis=1)
     else:
-        coarser = width_hz >= 80_000 and abs(width_hz / 80_000 - round(width_hz / 80_000)) < 1e-6
-        shape_width_hz = 80_000.0 if coarser else 40_000.0
+        shape_width_hz = 80_000.0 if is_multiple(width_hz, 80_000.0) else 40_000.0
         shape = _passband_shape(f"mwax_pfb_bandpass_{shape_width_hz / 1e3:.0f}kHz")
         gains = _centred_channels(shape, width_hz / shape_width_hz, n_chans)
     if len(gains) != n_chans:
@@ -110,10 +109,10 @@ def _centred_channels(
     coarse channel's neighbours continuing it periodically at the edges). Narrower: the
     shape interpolated at each channel's centre.
     """
-    n_shape = len(shape)
-    centres = (np.arange(n_chans) - n_chans // 2) * factor + n_shape // 2
     if abs(factor - 1) < 1e-9:
         return shape.copy()
+    n_shape = len(shape)
+    centres = (np.arange(n_chans) - n_chans // 2) * factor + n_shape // 2
     if factor < 1:
         return np.interp(centres, np.arange(n_shape), shape)
     periodic = np.concatenate([shape, shape, shape])

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import os
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -333,7 +334,7 @@ class MeasurementSetStream(AtomicStream):
         self._write_row_columns()
         uvd, table = self.uvd, self._table
         _, time_index = np.unique(uvd.time_array, return_inverse=True)
-        time_mjd_s = self._time_centres_mjd_s()[time_index]
+        time_mjd_s = self._time_centres_mjd_s[time_index]
         uvd._set_scan_numbers()
         table.putcolkeyword("DATA", "QuantumUnits", uvd.vis_units)
         # Rows are window-major: every baseline-time of the first window, then the next.
@@ -390,10 +391,11 @@ class MeasurementSetStream(AtomicStream):
         description, meta = self.description, self.description.meta
         _, ra_deg, dec_deg = description.phase_centre
         epoch = {"QuantumUnits": ["s"], "MEASINFO": {"type": "epoch", "Ref": "UTC"}}
-        first_centre_s = self._time_centres_mjd_s()[0]
+        first_centre_s = self._time_centres_mjd_s[0]
         n_times = len(description.time_centres_gps_s)
         sched_start_mjd_s = _mjd_s(np.array([meta.sched_start_gps_s]))[0]
         coarse_chans = np.unique(np.floor(description.freqs_hz / COARSE_CHAN_WIDTH_HZ + 0.5))
+        centre_chan = int(coarse_chans[len(coarse_chans) // 2]) if len(coarse_chans) else 0
         time_factor = max(1, round(description.int_time_s / meta.int_time_s))
         n_ants = meta.n_ants
         rf_inputs = meta.rf_inputs if meta.rf_inputs is not None else np.zeros((n_ants, 2))
@@ -452,25 +454,23 @@ class MeasurementSetStream(AtomicStream):
                  "MWA_FLAG_WINDOW_SIZE": [n_times * time_factor + 1],
                  "MWA_DATE_REQUESTED": [sched_start_mjd_s]},
             ),
-            "SPECTRAL_WINDOW": ([tables.makescacoldesc("MWA_CENTRE_SUBBAND_NR", 0)], {}),
+            "SPECTRAL_WINDOW": (
+                [tables.makescacoldesc("MWA_CENTRE_SUBBAND_NR", 0)],
+                # Every window: the band's centre coarse channel; and each window's own centre
+                # as its REF_FREQUENCY, as Birli (Marlu) writes it (write_ms puts the band's
+                # first channel in every window's row).
+                {"MWA_CENTRE_SUBBAND_NR": np.full(len(self.windows), centre_chan, np.int32),
+                 "REF_FREQUENCY": np.array([np.median(description.freqs_hz[window])
+                                           for window in self.windows])},
+            ),
         }  # fmt: skip
         for name, (columns, values) in columns_of.items():
             with tables.table(f"{filepath}/{name}", ack=False, readonly=False) as subtable:
                 subtable.addcols(tables.maketabdesc(columns))
-                if name == "SPECTRAL_WINDOW":  # every window: the band's centre coarse channel
-                    centre = int(coarse_chans[len(coarse_chans) // 2]) if len(coarse_chans) else 0
-                    values = {
-                        "MWA_CENTRE_SUBBAND_NR": np.full(subtable.nrows(), centre, np.int32),
-                        # Each window's own centre, as Birli (Marlu) writes it; write_ms puts
-                        # the band's first channel in every window's row.
-                        "REF_FREQUENCY": np.array(
-                            [np.median(subtable.getcell("CHAN_FREQ", row))
-                             for row in range(subtable.nrows())]  # one per window
-                        ),
-                    }  # fmt: skip
                 for column, column_values in values.items():
                     subtable.putcol(column, column_values)
 
+    @cached_property
     def _time_centres_mjd_s(self) -> NDArray[np.float64]:
         """The integrations' centres in order, MJD seconds (UTC), from their GPS seconds."""
         return _mjd_s(np.sort(np.asarray(self.description.time_centres_gps_s, np.float64)))
@@ -483,7 +483,7 @@ class MeasurementSetStream(AtomicStream):
 
         uvd = self.uvd
         first, last = np.argmin(uvd.time_array), np.argmax(uvd.time_array)
-        centres_s = self._time_centres_mjd_s()[[0, -1]]
+        centres_s = self._time_centres_mjd_s[[0, -1]]
         halves_s = uvd.integration_time[[first, last]] / 2
         span_s = np.array([centres_s[0] - halves_s[0], centres_s[1] + halves_s[1]])
         with tables.table(filepath + "::OBSERVATION", ack=False, readonly=False) as observation:
@@ -510,7 +510,7 @@ class MeasurementSetStream(AtomicStream):
 
         uvd, meta = self.uvd, self.description.meta
         n_ants = int(np.max(uvd.telescope.antenna_numbers)) + 1
-        times = self._time_centres_mjd_s()
+        times = self._time_centres_mjd_s
         centres_gps_s = np.asarray(self.description.time_centres_gps_s, dtype=np.float64)
         in_time_order = np.argsort(centres_gps_s)
         # Baseline-times are time-major: each integration's rows follow one another.
