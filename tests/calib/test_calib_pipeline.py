@@ -57,7 +57,9 @@ def test_fit_recovers_injected_delays_and_gains(
             continue
         row = rows[tileid]
         for pol, name in ((0, "x"), (1, "y")):
-            injected_m = (
+            # A tile late by dtau: hyperdrive's solutions' phase rises by 2 pi f dtau, the
+            # fitted length is +c dtau and calvin stores minus it.
+            injected_m = -(
                 (truth.delay_errors_ns[antenna, pol] - truth.delay_errors_ns[reference, pol])
                 * 1e-9
                 * SPEED_OF_LIGHT_M_S
@@ -601,7 +603,7 @@ def test_a_dead_tile_with_the_lowest_id_is_not_the_reference(tmp_path: Path) -> 
     assert np.isnan(delays[0]) and np.isfinite(delays[1:]).all()
     assert delays[1] == 0.0  # the next tile is the reference
     errors_ns = load_truth(sim.truth_path).delay_errors_ns[:, 0]
-    expected_m = (errors_ns[1:] - errors_ns[1]) * 1e-9 * SPEED_OF_LIGHT_M_S
+    expected_m = -(errors_ns[1:] - errors_ns[1]) * 1e-9 * SPEED_OF_LIGHT_M_S
     np.testing.assert_allclose(delays[1:], expected_m, atol=0.02)
 
 
@@ -787,3 +789,65 @@ def test_the_solve_reads_in_time_blocks_and_gives_the_same_fits(
     np.testing.assert_allclose(
         blocked.solution.gains, whole.solution.gains, rtol=1e-9, atol=1e-12, equal_nan=True
     )
+
+
+def test_our_solutions_are_in_hyperdrive_s_convention_and_calibrate_their_data(
+    tmp_path: Path,
+) -> None:
+    """hyperdrive solves on the raw data (mwalib's, unconjugated), so its solutions are the
+    inverse of the raw data's gains, not of pyuvdata's conjugated ones. Ours are written the
+    same way (the fits, the AO-cal and hyperdrive files), and the conversion applies such
+    solutions back to the gain-free sky: ours were the conjugate, and the conversion applied
+    hyperdrive's conjugated."""
+    from observatory.calib.formats import CalSolutions, write_aocal
+    from observatory.calib.pipeline import solve_observation
+    from observatory.preprocess.engine import preprocess
+    from observatory.preprocess.options import ConversionOptions
+    from observatory.telescope.simulator import predict_visibilities, simulate_observation
+
+    source = catalogue_point_source("3C353")
+    chans = (109, 110)
+    sim = simulate_observation(tmp_path / "sim", CAL_OBS, n_tiles=8, coarse_chans=chans,
+                               n_timesteps=4, sources=[source], calibrator=source.name,
+                               gain_amplitude_scatter=0.2, delay_error_scatter_ns=3.0, seed=5)  # fmt: skip
+    solved = solve_observation(sim.metafits_path, sim.vis_paths, source.name)
+    jones = solved.file_jones()  # (chanblock, antenna, 4), one chanblock per fine channel
+    raw_gains = np.concatenate([sim.truth.complex_gains(c, "mwax") for c in chans], axis=2)
+    solved_chans = np.isfinite(jones[:, :, 0]).all(axis=1)
+    assert solved_chans.sum() > 0.8 * len(solved_chans)  # all but the coarse-channel edges
+    reference = solved.solution.reference_antenna
+    for element, pol in ((0, 0), (3, 1)):
+        solutions = jones[solved_chans][:, :, element]
+        referenced = solutions / solutions[:, reference, None]
+        expected = (raw_gains[reference, pol] / raw_gains[:, pol]).T[solved_chans]  # g_ref / g_a
+        np.testing.assert_allclose(referenced, expected, rtol=1e-3)
+        assert np.abs(np.angle(expected)).max() > 1  # the conjugate would fail: the delays show
+
+    solutions_path = tmp_path / "solutions.bin"
+    write_aocal(solutions_path, CalSolutions(jones=jones.transpose(1, 0, 2)[None]))
+    options = ConversionOptions.from_params(
+        {"no_rfi": "true", "no_geometric_delay": "true", "apply_di_cal": "true"}
+    )
+    (written,) = preprocess(sim.metafits_path, sim.vis_paths, options, tmp_path / "cal.uvfits",
+                            solutions=solutions_path)  # fmt: skip
+    from pyuvdata import UVData
+
+    uvd = UVData.from_file(str(written))
+    assert uvd.Nfreqs == len(jones)
+    xx = list(uvd.polarization_array).index(-5)
+    times = np.unique(uvd.time_array)
+    for t, time in enumerate(times):
+        expected_sky = np.concatenate(
+            [predict_visibilities(sim.truth, t, c, domain="uvdata", include_cable=False,
+                                  include_gains=False) for c in chans], axis=1,
+        )  # fmt: skip
+        rows = np.flatnonzero(uvd.time_array == time)
+        p, q = uvd.ant_1_array[rows], uvd.ant_2_array[rows]
+        cross = p != q
+        n = sim.truth.n_tiles
+        baseline = p * n - p * (p - 1) // 2 + (q - p)  # the simulator's (p <= q) order
+        data = uvd.data_array[rows][cross][:, :, xx]
+        flags = uvd.flag_array[rows][cross][:, :, xx]
+        want = expected_sky[baseline[cross], :, 0]
+        np.testing.assert_allclose(data[~flags], want[~flags], rtol=1e-3, atol=1e-3)
+        assert (~flags).sum() > 0.8 * flags.size

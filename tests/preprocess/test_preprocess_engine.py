@@ -234,8 +234,9 @@ def test_true_gains_as_ao_cal_solutions_give_the_gain_free_sky(tmp_path: Path) -
         noise_sigma_jy=noise_jy, seed=3,
     )  # fmt: skip
     truth = gained.truth
-    # Solutions are the inverse of the gains (pyuvdata's convention), one chanblock per channel.
-    gains = np.concatenate([truth.complex_gains(c, "uvdata") for c in CHANS], axis=2)  # (A, 2, C)
+    # Solutions as hyperdrive makes them: the inverse of the gains of the raw data (not of
+    # pyuvdata's conjugated ones), one chanblock per channel.
+    gains = np.concatenate([truth.complex_gains(c, "mwax") for c in CHANS], axis=2)  # (A, 2, C)
     jones = np.zeros((1, N_TILES, 64, 4), np.complex128)
     jones[0, :, :, 0] = 1 / gains[:, 0]
     jones[0, :, :, 3] = 1 / gains[:, 1]
@@ -270,8 +271,11 @@ def test_true_gains_as_ao_cal_solutions_give_the_gain_free_sky(tmp_path: Path) -
 
 
 def test_hyperdrive_solutions_apply_like_ao_cal(tmp_path: Path, sim: SimulatedObservation) -> None:
+    """As Birli applies them, ``J_p V J_q^H`` on the raw data: on pyuvdata's conjugated
+    data that is ``conj(J_p) V J_q^T``."""
+    phases = np.linspace(0.0, 2.0, N_TILES)  # per tile, so the convention shows
     jones = np.zeros((1, N_TILES, 64, 4), np.complex128)  # one chanblock per channel
-    jones[..., 0] = 2.0
+    jones[..., 0] = 2.0 * np.exp(1j * phases)[None, :, None]
     jones[..., 3] = 0.5j
     write_hyperdrive(tmp_path / "hyp.fits", CalSolutions(jones=jones))
     options = ConversionOptions.from_params(RAW)
@@ -284,8 +288,10 @@ def test_hyperdrive_solutions_apply_like_ao_cal(tmp_path: Path, sim: SimulatedOb
     )
     data, _, _ = cube(out)
     raw = model(sim)
-    np.testing.assert_allclose(data[..., 0], 4 * raw[..., 0], rtol=1e-5, atol=1e-3)  # 2 x 2*
-    np.testing.assert_allclose(data[..., 1], 2 * -0.5j * raw[..., 1], rtol=1e-5, atol=1e-3)
+    p, q = np.triu_indices(N_TILES)
+    turn = np.exp(-1j * (phases[p] - phases[q]))[None, :, None]  # conj(e^i(phi_p)) e^i(phi_q)
+    assert np.abs(turn - 1).max() > 1  # the test tells the conventions apart
+    np.testing.assert_allclose(data[..., 0], 4 * turn * raw[..., 0], rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(data[..., 3], 0.25 * raw[..., 3], rtol=1e-5, atol=1e-3)
 
 

@@ -6,7 +6,9 @@ lengths, digital gains, passband unless flat) with the coarse-channel edges
 catalogue point source, unphased, in the same (pyuvdata) convention:
 ``M_pq = S(f) exp(2 pi i f (tau_p - tau_q))`` with ``tau_p = -(x_p . s) / c``.
 StEFCal gives each tile's gains per fine channel; the AO-cal solutions are their
-inverse; calvin's fits on them give ``x_delay_m`` (minus the fitted length of the
+inverse, conjugated into the raw data's convention as hyperdrive writes them (so a
+tile whose signal arrives late by ``dtau`` has a fitted length of ``+c dtau``, and
+``x_delay_m = -c dtau`` as calvin's); calvin's fits on them give ``x_delay_m`` (minus the fitted length of the
 solutions referenced to the lowest unflagged Tile ID) and the gains per coarse
 channel.
 """
@@ -82,6 +84,15 @@ class SolvedObservation:
     time_centroids_gps: NDArray[np.float64] | None = None
     #: The iteration limit StEFCal ran with.
     max_iterations: int = SOLVER_MAX_ITERATIONS
+
+    def file_jones(self) -> NDArray[np.complex128]:
+        """The solutions as AO-cal and hyperdrive files hold them, (chanblock, antenna, 4).
+
+        The inverse gains, in the convention of the raw data hyperdrive solves on (the
+        solve ran on the reader's conjugated data): what Birli applies, and what calvin
+        fits its delays on.
+        """
+        return np.asarray(corrections.convert_solution_convention(self.solution.jones()))
 
 
 def _normal_matrices_of(
@@ -279,7 +290,7 @@ def tile_fits(solved: SolvedObservation, n_coarse_metafits: int) -> TileFits:
     """
     meta, freqs = solved.meta, solved.freqs_hz
     places = _channel_places(solved, n_coarse_metafits)
-    jones = solved.solution.jones()  # (chan, antenna, 4): the AO-cal (inverse) solutions
+    jones = solved.file_jones()
     tile_ids = np.array(meta.antenna_numbers)
     usable = ~meta.flagged_antennas & np.isfinite(jones[:, :, 0]).any(axis=0)
     limit_m = delay_limit_m(meta)
@@ -408,7 +419,7 @@ def fit_observation(session: Session, settings: Settings, obsid: int) -> Calibra
         raise BadRequest(f"observation {obsid} is not a calibrator observation in the archive")
     metafits, files = correlator_inputs(session, Storage(settings.archive_dir), obsid)
     solved = solve_observation(metafits, files, observation.calibrator_source)
-    jones = solved.solution.jones()  # (chanblock, antenna, 4)
+    jones = solved.file_jones()
     # A delay is the slope of phase with frequency: it needs 2 chanblocks with solutions.
     # (Without this check such an observation fails tile by tile, which reads as if the
     # tiles were at fault.) With fewer than 2 unflagged tiles nothing can be solved at

@@ -255,6 +255,22 @@ def geometric_phasors(
     return (np.conj(per_antenna[:, p]) * per_antenna[:, q])[..., None]
 
 
+def convert_solution_convention(
+    jones: NDArray[np.complexfloating[Any, Any]],
+) -> NDArray[np.complexfloating[Any, Any]]:
+    """Calibration solutions from the files' convention to the reader's, or back: the conjugate.
+
+    hyperdrive solves, and Birli applies, on mwalib's visibilities as the correlator
+    wrote them (baseline ``p - q``, unconjugated; hyperdrive conjugates a uvfits or
+    measurement set in pyuvdata's convention on reading). The reader conjugates them into
+    pyuvdata's convention, in which the same instrument has the conjugate gains. So an
+    AO-cal or hyperdrive file's ``J`` applies to the reader's data as ``conj(J)``, and
+    solutions solved on the reader's data are written as their conjugate. Conjugating
+    twice is the identity, so one function goes both ways.
+    """
+    return np.conj(jones)
+
+
 def apply_jones(
     vis: NDArray[np.complex64],
     jones: NDArray[np.complex64] | NDArray[np.complex128],
@@ -262,7 +278,8 @@ def apply_jones(
 ) -> None:
     """Apply direction-independent solutions in place: ``V <- J_p V J_q^H``.
 
-    ``jones`` has shape (n_ants, n_chans, 2, 2); a NaN anywhere in ``J_p`` or
+    ``jones`` has shape (n_ants, n_chans, 2, 2), in the reader's convention (a file's
+    solutions through :func:`convert_solution_convention`); a NaN anywhere in ``J_p`` or
     ``J_q`` makes the result NaN, which the caller flags.
     """
     p, q = meta.baseline_antennas()

@@ -253,8 +253,9 @@ class _Calibration:
     Attributes
     ----------
     jones
-        complex64, (timeblocks, n_ants, channels of the metafits band, 2, 2); channels
-        without data hold an arbitrary chanblock (they are never read).
+        complex64, (timeblocks, n_ants, channels of the metafits band, 2, 2), in the
+        reader's convention (the file's conjugated); channels without data hold an
+        arbitrary chanblock (they are never read).
     bounds_gps
         (timeblocks, 2): the GPS interval of integration centres each timeblock covers.
     """
@@ -403,7 +404,9 @@ def _calibration(
             "%s: applying timeblock(s) %s of %d to the integrations they cover",
             solutions_name, ", ".join(map(str, used)), solutions.n_timeblocks,
         )  # fmt: skip
-    matrices = solutions.jones_matrices()[used][:, :, chanblocks]
+    matrices = corrections.convert_solution_convention(
+        solutions.jones_matrices()[used][:, :, chanblocks]
+    )
     return _Calibration(np.asarray(matrices, dtype=np.complex64), bounds[used])
 
 
