@@ -1426,3 +1426,27 @@ def test_data_the_correlator_phased_are_phased_from_where_it_left_them(
     got, _, _ = cube(convert(sim, tmp_path / "phased.uvfits", no_rfi="true")[0])
     scale = np.abs(expected).max()
     np.testing.assert_allclose(got, expected, atol=1e-5 * scale)
+
+
+def test_uvfits_baseline_parameter_names_each_pair_as_birli_does(
+    sim: SimulatedObservation, tmp_path: Path
+) -> None:
+    """``BASELINE`` is ``256 a1 + a2`` (1-based), and MIRIAD's ``2048 a1 + a2 + 65536`` once
+    ``a2`` is over 255: the MWA's 256 tiles made ``256 a1 + 256`` the next tile's autocorrelation."""
+    from observatory.preprocess.uvfits import uvfits_baselines
+
+    (out,) = convert(sim, tmp_path / "b.uvfits", **RAW)
+    with fits.open(out) as hdus:
+        groups = hdus[0].data
+        first = np.asarray(groups.par("ANTENNA1"), np.int64) + 1
+        second = np.asarray(groups.par("ANTENNA2"), np.int64) + 1
+        np.testing.assert_array_equal(groups.par("BASELINE"), 256 * first + second)
+    p, q = np.triu_indices(256)  # every pair of a 256-tile array
+    encoded = uvfits_baselines(p, q)
+    assert len(np.unique(encoded)) == len(encoded) and encoded.max() < 2**24
+    small = q < 255
+    np.testing.assert_array_equal(encoded[small], 256 * (p[small] + 1) + q[small] + 1)
+    decoded_second = np.where(encoded > 65_535, (encoded - 65_536) % 2048, encoded % 256)
+    decoded_first = np.where(encoded > 65_535, (encoded - 65_536) // 2048, encoded // 256)
+    np.testing.assert_array_equal(decoded_first, p + 1)
+    np.testing.assert_array_equal(decoded_second, q + 1)

@@ -240,6 +240,7 @@ class UvfitsStream(AtomicStream):
         self.first_time_jd = first_time_jd
         self.n_spws = _n_spws(self.freqs_hz, self.channel_width_hz)
         self.p, self.q = meta.baseline_antennas()
+        self.baselines = uvfits_baselines(self.p, self.q)
         self.antenna_positions_m = antenna_positions_ecef(meta, self.location)
         #: Apparent (RA, Dec) of the phase centre at each integration, as its groups are made.
         self.app_radec_deg = np.full((self.n_times, 2), np.nan)
@@ -366,7 +367,7 @@ class UvfitsStream(AtomicStream):
                 parameters[:, 3], parameters[:, 4] = _float32_pair(
                     (times_jd - self.jd_midnight)[time_index]
                 )
-                parameters[:, 8] = 256 * (self.p[baseline_index] + 1) + (self.q[baseline_index] + 1)
+                parameters[:, 8] = self.baselines[baseline_index]
                 parameters[:, 9] = 1  # SOURCE: the one phase centre
                 parameters[:, 10] = self.p[baseline_index]
                 parameters[:, 11] = self.q[baseline_index]
@@ -568,6 +569,18 @@ class UvfitsStream(AtomicStream):
         buffer = io.BytesIO()
         fits.HDUList([fits.PrimaryHDU(), *tables]).writeto(buffer)
         self._handle.write(buffer.getbuffer()[_BLOCK:])
+
+
+def uvfits_baselines(p: NDArray[np.integer], q: NDArray[np.integer]) -> NDArray[np.int64]:
+    """The uvfits ``BASELINE`` of antenna indices ``p <= q`` (0-based), as Birli writes it.
+
+    ``256 a1 + a2`` with the 1-based ``a1, a2``; when ``a2`` is over 255 (arrays of more
+    than 255 antennas, the MWA's 256 tiles) MIRIAD's ``2048 a1 + a2 + 65536``, which 256
+    alone would make ambiguous. Every value is exact in float32 (below 2^24).
+    """
+    first = np.asarray(p, dtype=np.int64) + 1
+    second = np.asarray(q, dtype=np.int64) + 1
+    return np.where(second > 255, 2048 * first + second + 65_536, 256 * first + second)
 
 
 def _float32_pair(values: NDArray[np.float64]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
