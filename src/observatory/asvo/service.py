@@ -283,6 +283,15 @@ def _voltage_params(form: Mapping[str, str], observation: Observation) -> dict[s
     if "channel_range" in form and not _bool_field(form, "channel_range") and given_channels:
         raise AsvoError("from_channel/to_channel were given with channel_range=false: drop one")
     if _bool_field(form, "channel_range") or given_channels:
+        # A range with one end given (giant-squid's -f without -t) is refused in the API's
+        # words, with what to do: which end was meant open is anyone's guess.
+        for key, label, other in (("from_channel", "From Channel", "to_channel"),
+                                  ("to_channel", "To Channel", "from_channel")):  # fmt: skip
+            if not str(form.get(key, "")).strip() and str(form.get(other, "")).strip():
+                raise AsvoError(
+                    f"{label}: Expected not None: a channel range needs both from_channel and "
+                    "to_channel (inclusive; the same number for one channel)"
+                )
         low = _int_field(form, "from_channel", "From Channel", 0, 255)
         high = _int_field(form, "to_channel", "To Channel", low, 255)
         observed = set(observation.coarse_chans)
