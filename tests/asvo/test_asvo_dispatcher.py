@@ -254,3 +254,41 @@ def test_the_dispatcher_reconnects_after_a_long_scheduler_outage(
         dispatcher.stop()
         for process in processes:
             process.stop()
+
+
+def test_the_job_feed_sends_changes_stamped_by_a_worker_whose_clock_is_behind(
+    seeded: Settings, factory: sessionmaker[Session]
+) -> None:
+    """``updated`` is stamped by the process that commits, a worker on another node: one
+    whose clock was more than a second behind the server's had its change never sent."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from observatory.asvo.service import JobWatch, changed_rows
+    from observatory.core.database import utcnow
+
+    job_id = queue_job(factory, seeded, JobType.DOWNLOAD_VISIBILITIES,
+                       {"obs_id": str(CORR_OBS), "download_type": "vis"})  # fmt: skip
+    watch = JobWatch()
+
+    def worker_moves(state: str, behind: timedelta) -> list[tuple[str, str]]:
+        with factory() as session:
+            session.execute(
+                update(Job).where(Job.id == job_id).values(state=state, updated=utcnow() - behind)
+            )
+            session.commit()
+        return [(f["action"], f["row"]["job_state"]) for f in changed_rows(factory, 1, watch)]
+
+    assert [(f["action"], f["row"]["id"]) for f in changed_rows(factory, 1, watch)] == [
+        ("INSERT", job_id)
+    ]
+    assert worker_moves("staging", timedelta(seconds=5)) == [("UPDATE", "staging")]
+    assert worker_moves("staging", timedelta(0)) == []  # read again, not sent again
+    # Far behind: the next look that reads every job sends it.
+    assert worker_moves("staged", timedelta(minutes=5)) == []
+    watch.next_full_look = 0.0
+    assert [(f["action"], f["row"]["job_state"]) for f in changed_rows(factory, 1, watch)] == [
+        ("UPDATE", "staged")
+    ]
+    assert changed_rows(factory, 1, watch) == []

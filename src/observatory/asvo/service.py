@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -560,12 +561,23 @@ def unsupported(kind: str) -> ServiceError:
     return AsvoError(f"{kind} jobs are not offered by this server")
 
 
+#: A websocket's look reads the jobs updated since its previous look less this overlap: a
+#: commit that raced the look, or a worker whose clock is a little behind the server's
+#: (``updated`` is stamped by the process that commits), is read again, not missed.
+WATCH_OVERLAP = timedelta(seconds=10)
+#: ... and every this many seconds it reads all the user's jobs, whatever their stamps: a
+#: worker whose clock is further behind has its changes sent at the latest then.
+WATCH_FULL_LOOK_S = 60.0
+
+
 class JobWatch:
-    """What a websocket has sent: the (state, error_text) per job, and when it last looked."""
+    """What a websocket has sent: the (state, error_text) per job, when it last looked,
+    and when it is next to read every job (a monotonic time)."""
 
     def __init__(self) -> None:
         self.sent: dict[int, tuple[str, str | None]] = {}
         self.since: datetime | None = None
+        self.next_full_look = time.monotonic() + WATCH_FULL_LOOK_S
 
 
 def changed_rows(
@@ -577,14 +589,18 @@ def changed_rows(
     """Websocket frames for the user's jobs that changed since the last call.
 
     The first call sends every current row; later calls read only jobs updated
-    since the previous look (with a second of overlap, so a commit that raced the
-    look is not missed). A deleted job gets a DELETE frame.
+    since the previous look (less ``WATCH_OVERLAP``), and every ``WATCH_FULL_LOOK_S``
+    all of them again; a row is sent only when its state or error changed. A deleted
+    job gets a DELETE frame.
     """
     frames = []
     now = utcnow()
     query = select(Job).where(Job.user_id == user_id).order_by(Job.id)
+    if time.monotonic() >= watch.next_full_look:
+        watch.since = None
+        watch.next_full_look = time.monotonic() + WATCH_FULL_LOOK_S
     if watch.since is not None:
-        query = query.where(Job.updated >= watch.since - timedelta(seconds=1))
+        query = query.where(Job.updated >= watch.since - WATCH_OVERLAP)
     with session_factory() as session:
         for job in session.scalars(query):
             if job.deleted:
