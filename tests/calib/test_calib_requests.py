@@ -345,11 +345,24 @@ def test_calibrator_observations_without_a_fit_are_requested_once_in_bulk(
     from observatory.calib.requests import request_unfitted_calibrators
 
     wanted, fitted, requested, sun, no_data, target, deleted = (TARGET + 8 * k for k in range(7))
+    # The newest: calibrators the catalogue has no model of (the ad-hoc rule, fittable_source).
+    uncatalogued, blank = TARGET + 8 * 7, TARGET + 8 * 8
+    sources = {sun: "Sun", uncatalogued: "NotInTheCatalogue", blank: " "}
     with session_factory() as session:
-        for obsid in (wanted, fitted, requested, sun, no_data, target, deleted):
+        for obsid in (
+            wanted,
+            fitted,
+            requested,
+            sun,
+            no_data,
+            target,
+            deleted,
+            uncatalogued,
+            blank,
+        ):
             session.add(Observation(
                 obsid=obsid, stoptime=obsid + 8, mode="MWAX_CORRELATOR", coarse_chans=CHANS,
-                calibration=obsid != target, calibrator_source="Sun" if obsid == sun else "HydA",
+                calibration=obsid != target, calibrator_source=sources.get(obsid, "HydA"),
                 deleted=obsid == deleted,
             ))  # fmt: skip
             if obsid != no_data:
@@ -368,6 +381,8 @@ def test_calibrator_observations_without_a_fit_are_requested_once_in_bulk(
                 return type("Future", (), {"done": lambda self: False})()
 
         dispatcher._client = Client()
+        # The pass's limit counts requests filed: the newest, unfittable, take none of it.
+        assert [r.cal_id for r in request_unfitted_calibrators(session, limit=1)] == [wanted]
         dispatcher._calibration_requests(session)
         (auto,) = session.scalars(
             select(CalibrationRequest).where(CalibrationRequest.cal_id == wanted)

@@ -12,6 +12,7 @@ and never repeated after that.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import logging
 import socket
 import threading
@@ -419,7 +420,8 @@ def request_unfitted_calibrators(
 
     calvin's rule (specs/calib.md 3.5, ``get_unattempted_unrequested_cal_obsids``): a
     calibrator observation (``calibration`` true, not deleted, with a calibrator other
-    than the Sun, which calvin never calibrates on) with correlator data in the archive,
+    than the Sun, which calvin never calibrates on, and, as :func:`fittable_source`
+    says, one the catalogue has a model of) with correlator data in the archive,
     no fit and no request yet. Each such observation is requested once: a request that
     failed is not filed again (a person can, with ``add_cal_request``).
 
@@ -441,8 +443,8 @@ def request_unfitted_calibrators(
     requested = (
         select(CalibrationRequest.id).where(CalibrationRequest.cal_id == Observation.obsid).exists()
     )
-    obsids = session.scalars(
-        select(Observation.obsid)
+    candidates = session.execute(
+        select(Observation.obsid, Observation.calibrator_source)
         .where(
             Observation.calibration.is_(True), Observation.deleted.is_(False),
             Observation.calibrator_source.is_not(None),
@@ -450,8 +452,11 @@ def request_unfitted_calibrators(
             has_visibilities, ~fitted, ~requested,
         )
         .order_by(Observation.obsid.desc())
-        .limit(limit)
-    ).all()  # fmt: skip
+    )  # fmt: skip
+    # The same rule as a person's request (fittable_source): a calibrator the catalogue has
+    # no model of cannot be fitted, and is left out rather than filed to fail.
+    fittable = (obsid for obsid, source in candidates if fittable_source(source))
+    obsids = list(itertools.islice(fittable, limit))
     filed = [
         CalibrationRequest(cal_id=obsid, target_obs_id=obsid, realtime=False, bulk_request=True)
         for obsid in obsids
