@@ -277,6 +277,44 @@ def test_get_cal_fits(client: TestClient, fits: dict[str, int]) -> None:
     )
 
 
+def test_get_cal_json_is_the_best_fit_and_its_tiles(
+    client: TestClient, fits: dict[str, int]
+) -> None:
+    """The MWA's service answers get_cal_json with a fit, or 404 "no fit found" (specs/calib.md
+    4): ours 404'd for every obsid."""
+    reply = client.get("/calib/get_cal_json", params={"obs_id": TARGET})
+    assert reply.status_code == 200, reply.text
+    fit = reply.json()
+    assert fit["fitid"] == fits["after"] and fit["cal_obs_id"] == TARGET + 1800
+    assert fit["obs_id"] == TARGET and fit["time_separation_s"] == 1800
+    assert fit["creator"] == "calvin" and fit["code_version"] == "test"
+    assert fit["coarse_chans"] == CHANS and fit["flagged_tiles"] == [TILES[1]]
+    names = {tile.tile_id: tile.tile_name for tile in tile_layout()}
+    assert [(t["tileid"], t["tile_name"], t["antenna"]) for t in fit["solutions"]] == [
+        (tile, names[tile], antenna) for antenna, tile in enumerate(TILES)
+    ]
+    first, flagged = fit["solutions"][0], fit["solutions"][1]
+    assert first["x_delay_m"] == 0.1 and first["y_intercept"] == -0.2
+    assert first["x_gains"] == [0.5] * 24 and first["y_gains_pol0"] == [0.25] * 24
+    assert flagged["x_delay_m"] is None and flagged["x_gains"] == [None] * 24  # NaN: null
+    # A calibrator's own fit; a preferred one; parameters as get_cal_solution's.
+    own = client.get(
+        "/calib/get_cal_json", params={"obs_id": TARGET - 3600, "max_time_separation": 0}
+    )
+    assert own.json()["fitid"] == fits["before_newer"] and own.json()["time_separation_s"] == 0
+    preferred = client.get(
+        "/calib/get_cal_json", params={"obs_id": TARGET, "prefer_fitid": fits["far"]}
+    )
+    assert preferred.json()["fitid"] == fits["far"]
+    none_near = client.get(
+        "/calib/get_cal_json", params={"obs_id": TARGET, "max_time_separation": 10}
+    )
+    assert none_near.status_code == 404 and "no calibration fit" in none_near.json()["error"]
+    for bad in ({"obs_id": "x"}, {"obs_id": TARGET, "allow_after": "maybe"}):
+        assert client.get("/calib/get_cal_json", params=bad).status_code == 400
+    assert client.get("/calib/get_cal_json", params={"obs_id": 1_399_999_992}).status_code == 400
+
+
 def test_a_fit_in_which_no_tile_calibrated_is_never_chosen(
     settings: Settings, fits: dict[str, int], session_factory: sessionmaker[Session]
 ) -> None:

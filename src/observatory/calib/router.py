@@ -49,6 +49,28 @@ def _settings(request: Request) -> Settings:
     return settings
 
 
+def _best_fit(
+    request: Request,
+    session: Session,
+    obs_id: str,
+    prefer_fitid: str | None,
+    max_time_separation: str | None,
+    allow_after: str | None,
+) -> tuple[service.Observation, service.CalibrationFit]:
+    """The target and its best fit from the query parameters (``service.best_fit``)."""
+    preferred = (
+        whole_number_param("prefer_fitid", prefer_fitid, what="a fit id (an integer)")
+        if prefer_fitid
+        else None
+    )
+    return service.best_fit(
+        session, obsid_param(obs_id),
+        max_time_separation_s=_seconds(max_time_separation),
+        allow_after=flag_param("allow_after", allow_after, default=True),
+        prefer_fitid=preferred, settings=_settings(request),
+    )  # fmt: skip
+
+
 @router.get("/get_cal_solution", response_class=Response)
 def get_cal_solution(
     request: Request,
@@ -66,21 +88,13 @@ def get_cal_solution(
     than ``obs_id``'s is a 400 listing both (``obs_id_coarse_chans``, ``fit_coarse_chans``),
     as is one for other tiles (``obs_id_tile_ids``, ``fit_tile_ids``).
     """
-    preferred = (
-        whole_number_param("prefer_fitid", prefer_fitid, what="a fit id (an integer)")
-        if prefer_fitid
-        else None
-    )
     # Every parameter is checked before the fit is looked up: a bad one is a 400 whether
     # or not a fit exists, not a 404 "no fit" that turns into a 400 once one does.
     fmt = service.check_output_format(output_format)
     rebuild = flag_param("nocache", nocache, default=False)
-    target, fit = service.best_fit(
-        session, obsid_param(obs_id),
-        max_time_separation_s=_seconds(max_time_separation),
-        allow_after=flag_param("allow_after", allow_after, default=True),
-        prefer_fitid=preferred, settings=_settings(request),
-    )  # fmt: skip
+    target, fit = _best_fit(
+        request, session, obs_id, prefer_fitid, max_time_separation, allow_after
+    )
     body = service.solution_zip(
         session, _settings(request), target, fit, output_format=fmt, nocache=rebuild
     )
@@ -88,6 +102,26 @@ def get_cal_solution(
         "Content-Disposition": f'attachment; filename="{target.obsid}_calibration.zip"',
         "X-Calibration-Fit-Id": str(fit.fitid), "X-Calibrator-Obs-Id": str(fit.obsid),
     })  # fmt: skip
+
+
+@router.get("/get_cal_json")
+def get_cal_json(
+    request: Request,
+    session: SessionDep,
+    obs_id: Annotated[str, Query()],
+    prefer_fitid: str | None = None,
+    max_time_separation: str | None = None,
+    allow_after: str | None = None,
+) -> dict[str, object]:
+    """The best fit for ``obs_id`` (``get_cal_solution``'s choice) as JSON: the fit and its tiles.
+
+    A calibrator observation's own fit: its obsid with ``max_time_separation=0``. 404 when
+    no fit is in range, as clients of the MWA's service read it ("no fit found").
+    """
+    target, fit = _best_fit(
+        request, session, obs_id, prefer_fitid, max_time_separation, allow_after
+    )
+    return service.fit_json(session, _settings(request), target, fit)
 
 
 @router.get("/get_cal_fits")

@@ -664,6 +664,54 @@ def _floats(values: Sequence[float | None] | None, n: int) -> np.ndarray:
     return array
 
 
+#: The per-tile values of a fit in ``fit_json``, in the ``calibration_solutions`` table's names.
+SOLUTION_JSON_FIELDS = tuple(
+    f"{pol}_{name}" for pol in ("x", "y") for name in (
+        "delay_m", "intercept", "gains", "gains_pol0", "gains_pol1", "gains_sigma_resid",
+        "phase_sigma_resid", "phase_chi2dof", "phase_fit_quality", "gains_fit_quality",
+    )
+)  # fmt: skip
+
+
+def fit_json(
+    session: Session, settings: Settings, target: Observation, fit: CalibrationFit
+) -> dict[str, object]:
+    """A fit as JSON (``get_cal_json``): what the fit was, and each tile's delay and gain fits.
+
+    The tiles are in the calibrator's metafits Antenna order, with their names (the
+    calibrator's metafits, else the built-in layout); the per-coarse-channel arrays are in
+    the order of ``coarse_chans`` (the metafits'); NaN (a flagged tile, a channel that could
+    not be fitted) is null.
+    """
+    calibrator = session.get(Observation, fit.obsid)
+    rows = list(fit.solutions)
+    names = tile_names(
+        [row.tileid for row in rows], observation_tiles(session, settings, fit.obsid)
+    )
+    return {
+        "obs_id": target.obsid,
+        "fitid": fit.fitid,
+        "cal_obs_id": fit.obsid,
+        "time_separation_s": fit.obsid - target.obsid,
+        "creator": fit.creator,
+        "code_version": fit.code_version,
+        "fit_time": fit.fit_time.isoformat(),
+        "fit_niter": fit.fit_niter,
+        "fit_limit": _nulls({"v": fit.fit_limit})["v"],
+        "source_list": fit.source_list,
+        "num_sources": fit.num_sources,
+        "calibration_command": fit.calibration_command,
+        "gain_max_cutoff": _nulls({"v": fit.gain_max_cutoff})["v"],
+        "coarse_chans": list(calibrator.coarse_chans) if calibrator is not None else None,
+        "flagged_tiles": flagged_tiles(fit),
+        "solutions": [
+            _nulls({"tileid": row.tileid, "tile_name": name, "antenna": row.antenna}
+                   | {field: getattr(row, field) for field in SOLUTION_JSON_FIELDS})
+            for row, name in zip(rows, names, strict=True)
+        ],
+    }  # fmt: skip
+
+
 def flagged_tiles(fit: CalibrationFit) -> list[int]:
     """Tile ids of the tiles that did not calibrate (no delay fit in either polarisation)."""
 
@@ -845,7 +893,7 @@ def _nulls(row: dict[str, object]) -> dict[str, object]:
         if isinstance(value, float) and not math.isfinite(value):
             return None
         if isinstance(value, list | tuple | np.ndarray):
-            return [clean(float(v)) for v in value]
+            return [None if v is None else clean(float(v)) for v in value]
         return value
 
     return {key: clean(value) for key, value in row.items()}
