@@ -764,7 +764,8 @@ def test_the_solve_reads_in_time_blocks_and_gives_the_same_fits(
     sim = simulate_observation(tmp_path, 1450324816, n_tiles=8, coarse_chans=(109, 110),
                                n_timesteps=5, sources=[source], calibrator=source.name,
                                delay_error_scatter_ns=2.0, noise_sigma_jy=1.0)  # fmt: skip
-    whole = solve_observation(sim.metafits_path, sim.vis_paths, source.name)
+    # Without RFI flagging: AOFlagger's flags depend on the stretch of time it is given.
+    whole = solve_observation(sim.metafits_path, sim.vis_paths, source.name, flag_rfi=False)
     real_open = pipeline.open_reader
     block_lengths: list[int] = []
 
@@ -782,7 +783,11 @@ def test_the_solve_reads_in_time_blocks_and_gives_the_same_fits(
     monkeypatch.setattr(pipeline, "open_reader", counting)
     one_timestep_bytes = 8 * 9 // 2 * 32 * 4 * 8  # 8 tiles' baselines with autos, 32 channels
     blocked = solve_observation(
-        sim.metafits_path, sim.vis_paths, source.name, chunk_bytes=2 * one_timestep_bytes
+        sim.metafits_path,
+        sim.vis_paths,
+        source.name,
+        chunk_bytes=2 * one_timestep_bytes,
+        flag_rfi=False,
     )
     assert block_lengths == [2, 2, 1] * 2  # 5 timesteps, 2 coarse channels
     assert np.isfinite(whole.solution.gains).mean() > 0.5
@@ -851,3 +856,24 @@ def test_our_solutions_are_in_hyperdrive_s_convention_and_calibrate_their_data(
         want = expected_sky[baseline[cross], :, 0]
         np.testing.assert_allclose(data[~flags], want[~flags], rtol=1e-3, atol=1e-3)
         assert (~flags).sum() > 0.8 * flags.size
+
+
+def test_interference_in_a_few_channels_is_flagged_out_of_the_fit(tmp_path: Path) -> None:
+    """As the conversion (and Birli before calvin's hyperdrive): AOFlagger's flags. A strong
+    narrow-band transmitter in 3 fine channels of one coarse channel took that channel's
+    gain fits 90 % off."""
+    from observatory.calib.pipeline import solve_observation, tile_fits
+    from observatory.telescope.simulator import RfiBurst, simulate_observation
+
+    source = catalogue_point_source("3C353")
+    burst = RfiBurst(coarse_chan=110, fine_chans=(12, 15), timesteps=(2, 6), amplitude_jy=20_000.0)
+    sim = simulate_observation(tmp_path, CAL_OBS, n_tiles=16, coarse_chans=(109, 110, 111, 112),
+                               n_timesteps=8, sources=[source], calibrator=source.name,
+                               gain_amplitude_scatter=0.2, delay_error_scatter_ns=2.0,
+                               noise_sigma_jy=2.0, rfi=[burst], seed=3)  # fmt: skip
+    fits = tile_fits(solve_observation(sim.metafits_path, sim.vis_paths, source.name), 4)
+    assert not fits.failures
+    truth = load_truth(sim.truth_path)
+    for pol, name in ((0, "x"), (1, "y")):
+        gains = np.array([row[f"{name}_gains"] for row in fits.rows], dtype=np.float64)
+        np.testing.assert_allclose(gains, truth.gain_amplitudes[:, pol], rtol=0.01)

@@ -39,9 +39,10 @@ from observatory.core.errors import BadRequest
 from observatory.core.locks import resource_lock
 from observatory.core.storage import Storage
 from observatory.preprocess import corrections
-from observatory.preprocess.engine import DEFAULT_CHUNK_BYTES
+from observatory.preprocess.engine import DEFAULT_CHUNK_BYTES, RFI_CHUNK_FACTOR
 from observatory.preprocess.options import ConversionOptions
 from observatory.preprocess.reader import ObservationMeta, RawChunk, open_reader
+from observatory.preprocess.rfi import aoflagger_flags
 from observatory.telescope.catalogue import Source, lookup
 from observatory.telescope.instrument import COARSE_CHAN_WIDTH_HZ, SPEED_OF_LIGHT_M_S
 
@@ -96,8 +97,9 @@ class SolvedObservation:
 
 
 def _normal_matrices_of(
-    chunk: RawChunk, meta: ObservationMeta, source: Source, edge_chans: int, flag_dc: bool
-) -> tuple[NDArray[np.complex128], NDArray[np.float64]]:
+    chunk: RawChunk, meta: ObservationMeta, source: Source, edge_chans: int, flag_dc: bool,
+    flag_rfi: bool,
+) -> tuple[NDArray[np.complex128], NDArray[np.float64]]:  # fmt: skip
     """The solver's normal matrices of one block of a coarse channel's visibilities."""
     p, q = meta.baseline_antennas()
     positions = meta.enu_m - meta.enu_m.mean(axis=0)
@@ -106,10 +108,6 @@ def _normal_matrices_of(
         cable=not meta.cable_delays_applied, digital_gains=True, passband=not meta.deripple_applied,
     )  # fmt: skip
     vis = chunk.vis * factors[None] if factors is not None else chunk.vis
-    centres = chunk.time_start_gps_s + meta.int_time_s / 2.0
-    applied = corrections.correlator_directions_enu(meta, centres)
-    if applied is not None:  # phased by the correlator (GEODEL): the model is unphased
-        vis = vis * corrections.geometric_phasors(meta, -applied, chunk.freqs_hz)
     weights = (np.asarray(chunk.weights) > 0).all(axis=-1).astype(np.float64)
     weights = np.broadcast_to(weights, vis.shape[:3]).copy()
     weights[:, meta.flagged_antennas[p] | meta.flagged_antennas[q]] = 0.0
@@ -117,6 +115,16 @@ def _normal_matrices_of(
                                                    edge_chans, flag_dc)] = 0.0  # fmt: skip
     # As the conversion (and Birli for calvin): integrations within the quack time.
     weights[corrections.quack_timesteps(meta, chunk.time_start_gps_s)] = 0.0
+    # ... and AOFlagger's flags, as the conversion's (Birli's before hyperdrive, for calvin):
+    # interference in a few fine channels pulled their solutions, and the gain fits, off.
+    if flag_rfi:
+        flagged = weights == 0.0
+        cross = np.flatnonzero((p != q) & ~flagged.all(axis=(0, 2)))
+        weights[aoflagger_flags(vis, flagged, cross)] = 0.0
+    centres = chunk.time_start_gps_s + meta.int_time_s / 2.0
+    applied = corrections.correlator_directions_enu(meta, centres)
+    if applied is not None:  # phased by the correlator (GEODEL): the model is unphased
+        vis = vis * corrections.geometric_phasors(meta, -applied, chunk.freqs_hz)
     directions = corrections.source_directions_enu((source.ra_deg, source.dec_deg), centres)
     tau = -(directions @ positions.T) / SPEED_OF_LIGHT_M_S  # (time, antenna)
     delay = tau[:, p] - tau[:, q]  # (time, baseline)
@@ -136,6 +144,7 @@ def solve_observation(
     source_name: str,
     max_iterations: int = SOLVER_MAX_ITERATIONS,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    flag_rfi: bool = True,
 ) -> SolvedObservation:
     """Solve one timeblock (the whole observation) against a catalogue point source.
 
@@ -148,7 +157,12 @@ def solve_observation(
     max_iterations
         StEFCal's iteration limit per channel and polarisation (recorded in the result).
     chunk_bytes
-        Upper bound of the raw visibilities read at once (the conversion's chunk).
+        Upper bound of the raw visibilities read at once (the conversion's chunk; with
+        ``flag_rfi``, ``RFI_CHUNK_FACTOR`` times it, as the conversion's).
+    flag_rfi
+        Weight out the samples AOFlagger flags (the conversion's default, and Birli's before
+        calvin's hyperdrive). Without it, solving in blocks of time gives exactly the
+        solutions of the whole: AOFlagger's flags depend on the stretch of time it sees.
     """
     reader = open_reader(metafits, data_files)
     meta = reader.meta
@@ -160,6 +174,8 @@ def solve_observation(
         meta.int_time_s, meta.fine_chan_width_hz / 1e3, meta.fine_chans_per_coarse
     ).edge_chans
     flag_dc = defaults.dc_flagged(meta.mwax)
+    if flag_rfi:  # AOFlagger judges each sample against its neighbours: longer blocks, as
+        chunk_bytes *= RFI_CHUNK_FACTOR  # the conversion's
     # Time blocks of at most chunk_bytes of raw visibilities: the normal matrices are sums
     # over time, so memory stays bounded whatever the observation's length and resolution.
     raw_bytes_per_timestep = meta.n_baselines * meta.fine_chans_per_coarse * 4 * 8
@@ -172,9 +188,11 @@ def solve_observation(
             for start in range(0, n_timesteps, timesteps_per_block)
         )
         first = next(chunks)
-        big_a, big_b = _normal_matrices_of(first, meta, source, edge_chans, flag_dc)
+        big_a, big_b = _normal_matrices_of(first, meta, source, edge_chans, flag_dc, flag_rfi)
         for chunk in chunks:
-            block_a, block_b = _normal_matrices_of(chunk, meta, source, edge_chans, flag_dc)
+            block_a, block_b = _normal_matrices_of(
+                chunk, meta, source, edge_chans, flag_dc, flag_rfi
+            )
             big_a += block_a
             big_b += block_b
         blocks_a.append(big_a)
