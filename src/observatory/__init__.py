@@ -1,3 +1,3 @@
 """observatory-services: the data services of an MWA-style radio observatory."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -877,3 +877,50 @@ def test_interference_in_a_few_channels_is_flagged_out_of_the_fit(tmp_path: Path
     for pol, name in ((0, "x"), (1, "y")):
         gains = np.array([row[f"{name}_gains"] for row in fits.rows], dtype=np.float64)
         np.testing.assert_allclose(gains, truth.gain_amplitudes[:, pol], rtol=0.01)
+
+
+def test_an_upgrade_turns_the_conjugated_pipeline_s_fits_into_hyperdrive_s_convention(
+    db_url: str,
+) -> None:
+    """Fits of version 0.1.0's pipeline had the other sign of delay and intercept, and cached
+    files the conversion would now apply with each gain's phase doubled. The migration
+    corrects the former and stops serving the latter; fits from elsewhere stay as they are."""
+    from sqlalchemy import text
+
+    from observatory.core.database import make_engine
+    from observatory.core.migrate import upgrade
+
+    upgrade(db_url, "0010")
+    engine = make_engine(db_url)
+    ours = "StEFCal against the catalogue point source HydA"
+    fits = [(1, "0.1.0", ours), (2, "1.7.30", "hyperdrive di-calibrate ..."), (3, "0.1.0", "msok")]
+    with engine.begin() as connection:
+        for fitid, version, command in fits:
+            connection.execute(
+                text(
+                    "INSERT INTO calibration_fits (fitid, obsid, creator, code_version, fit_time, "
+                    "calibration_command, solution_file) VALUES (:fitid, 1400000000, 'calvin', "
+                    ":version, CURRENT_TIMESTAMP, :command, :file)"
+                ),
+                {"fitid": fitid, "version": version, "command": command, "file": f"{fitid}/x.bin"},
+            )
+            connection.execute(text(
+                "INSERT INTO calibration_solutions (fitid, tileid, obsid, antenna, x_delay_m, "
+                "x_intercept, y_delay_m, y_intercept, x_gains, y_gains, x_gains_pol0, "
+                "x_gains_pol1, y_gains_pol0, y_gains_pol1, x_gains_sigma_resid, "
+                "y_gains_sigma_resid) VALUES (:fitid, 11, 1400000000, 0, 1.5, 0.25, -2.0, NULL, "
+                "'[0.5]', '[0.5]', '[]', '[]', '[]', '[]', '[]', '[]')"
+            ), {"fitid": fitid})  # fmt: skip
+    upgrade(db_url)
+    with engine.connect() as connection:
+        rows = connection.execute(text(
+            "SELECT f.fitid, f.solution_file, s.x_delay_m, s.x_intercept, s.y_delay_m, "
+            "s.y_intercept FROM calibration_fits f JOIN calibration_solutions s "
+            "ON s.fitid = f.fitid ORDER BY f.fitid"
+        )).all()  # fmt: skip
+    engine.dispose()
+    assert [tuple(row) for row in rows] == [
+        (1, None, -1.5, -0.25, 2.0, None),
+        (2, "2/x.bin", 1.5, 0.25, -2.0, None),
+        (3, "3/x.bin", 1.5, 0.25, -2.0, None),
+    ]
