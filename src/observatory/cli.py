@@ -811,7 +811,7 @@ def build_parser() -> argparse.ArgumentParser:
     observation.add_argument("--project", default="D0000", help="project id (D0000)")
     observation.add_argument(
         "--seed", type=int, default=0,
-        help="random seed of the noise and the injected gain and delay errors (0)",
+        help="random seed of the noise (the gains and delay errors are the array's, the same in every observation) (0)",
     )  # fmt: skip
 
     convert = add(

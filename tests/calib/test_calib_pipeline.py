@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -20,7 +21,7 @@ from observatory.calib.pipeline import fit_observation
 from observatory.calib.service import solution_path
 from observatory.core.config import Settings
 from observatory.telescope.instrument import SPEED_OF_LIGHT_M_S
-from observatory.telescope.simulator import load_truth
+from observatory.telescope.simulator import SimulationTruth, load_truth
 from observatory.trigger import pointing
 
 CAL_OBS = 1_450_324_816  # 2025-12-21 04:00 UTC: 3C353 is 60 deg up
@@ -808,7 +809,7 @@ def test_our_solutions_are_in_hyperdrive_s_convention_and_calibrate_their_data(
     from observatory.calib.pipeline import solve_observation
     from observatory.preprocess.engine import preprocess
     from observatory.preprocess.options import ConversionOptions
-    from observatory.telescope.simulator import predict_visibilities, simulate_observation
+    from observatory.telescope.simulator import simulate_observation
 
     source = catalogue_point_source("3C353")
     chans = (109, 110)
@@ -837,25 +838,70 @@ def test_our_solutions_are_in_hyperdrive_s_convention_and_calibrate_their_data(
                             solutions=solutions_path)  # fmt: skip
     from pyuvdata import UVData
 
-    uvd = UVData.from_file(str(written))
-    assert uvd.Nfreqs == len(jones)
+    assert UVData.from_file(str(written)).Nfreqs == len(jones)
+    data, want = xx_and_gain_free_sky(written, sim.truth)
+    np.testing.assert_allclose(data, want, rtol=1e-3, atol=1e-3)
+
+
+def xx_and_gain_free_sky(
+    path: Path, truth: SimulationTruth
+) -> tuple[NDArray[np.complex128], NDArray[np.complex128]]:
+    """The unflagged XX cross-correlations of an unphased, unaveraged uvfits, and the same
+    samples of the simulated sky without the instrument's gains and cables."""
+    from pyuvdata import UVData
+
+    from observatory.telescope.simulator import predict_visibilities
+
+    uvd = UVData.from_file(str(path))
     xx = list(uvd.polarization_array).index(-5)
-    times = np.unique(uvd.time_array)
-    for t, time in enumerate(times):
-        expected_sky = np.concatenate(
-            [predict_visibilities(sim.truth, t, c, domain="uvdata", include_cable=False,
-                                  include_gains=False) for c in chans], axis=1,
+    n = truth.n_tiles
+    got, wanted = [], []
+    for t, time in enumerate(np.unique(uvd.time_array)):
+        sky = np.concatenate(
+            [predict_visibilities(truth, t, c, domain="uvdata", include_cable=False,
+                                  include_gains=False) for c in truth.coarse_chans], axis=1,
         )  # fmt: skip
         rows = np.flatnonzero(uvd.time_array == time)
         p, q = uvd.ant_1_array[rows], uvd.ant_2_array[rows]
         cross = p != q
-        n = sim.truth.n_tiles
         baseline = p * n - p * (p - 1) // 2 + (q - p)  # the simulator's (p <= q) order
-        data = uvd.data_array[rows][cross][:, :, xx]
         flags = uvd.flag_array[rows][cross][:, :, xx]
-        want = expected_sky[baseline[cross], :, 0]
-        np.testing.assert_allclose(data[~flags], want[~flags], rtol=1e-3, atol=1e-3)
         assert (~flags).sum() > 0.8 * flags.size
+        got.append(uvd.data_array[rows][cross][:, :, xx][~flags])
+        wanted.append(sky[baseline[cross], :, 0][~flags])
+    return np.concatenate(got), np.concatenate(wanted)
+
+
+def test_a_calibrator_s_fit_calibrates_a_target_of_the_same_array(
+    settings: Settings, session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """The simulated array has one instrument: each observation drew its own gains and
+    cable errors, so a target calibrated with its calibrator's fit (the demo's and the
+    ASVO's apply_di_cal) came out with the phases of two unrelated instruments."""
+    from observatory.archive.service import correlator_inputs
+    from observatory.calib.service import fit_solutions
+    from observatory.core.storage import Storage
+    from observatory.preprocess.engine import preprocess
+    from observatory.preprocess.options import ConversionOptions
+
+    target_obs = CAL_OBS + 600
+    with session_factory() as session:
+        fit = fit_small_calibrator(session, settings)
+        simulate_and_register(session, settings, obsid=target_obs, sources=[catalogue_point_source("3C444")],
+                              n_tiles=8, coarse_chans=(109, 110), int_time_s=2.0, n_timesteps=2,
+                              seed=7)  # fmt: skip
+        session.commit()
+        solutions = fit_solutions(session, settings, fit)
+        metafits, files = correlator_inputs(session, Storage(settings.archive_dir), target_obs)
+    options = ConversionOptions.from_params(
+        {"no_rfi": "true", "no_geometric_delay": "true", "apply_di_cal": "true"}
+    )
+    (written,) = preprocess(metafits, files, options, tmp_path / "t.uvfits", solutions=solutions)
+    truth = load_truth(settings.archive_dir / str(target_obs) / f"{target_obs}_truth.json")
+    data, sky = xx_and_gain_free_sky(written, truth)
+    phase_error = np.abs(np.angle(data / sky))
+    assert np.median(phase_error) < 0.05 and phase_error.max() < 0.3
+    np.testing.assert_allclose(np.median(np.abs(data) / np.abs(sky)), 1.0, rtol=0.02)
 
 
 def test_interference_in_a_few_channels_is_flagged_out_of_the_fit(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from observatory.telescope.catalogue import lookup
 from observatory.telescope.instrument import (
     DIPOLE_OFF_DELAY,
     MWAX_SUBOBS_S,
+    N_TILES,
     VCS_BLOCKS_PER_SUBOBS,
     VCS_SAMPLES_PER_BLOCK,
     VCS_SUBFILE_HEADER_BYTES,
@@ -32,6 +33,31 @@ VOLTAGE_MODES = frozenset({"MWAX_VCS", "VOLTAGE_BUFFER"})
 BUFFER_MODE = "MWAX_BUFFER"
 #: Brightness given to a triggered target (not in the catalogue), Jy at 150 MHz.
 TARGET_FLUX_JY = 10.0
+
+
+#: Seed of the simulated array's instrument (any fixed number): its tiles' gains and cable-delay
+#: errors are the same in every observation it records.
+INSTRUMENT_SEED = 1_480_000_000
+#: Scatter of the tiles' gain amplitudes about 1 and of their cable-delay errors about 0.
+GAIN_AMPLITUDE_SCATTER = 0.1
+DELAY_ERROR_SCATTER_NS = 2.0
+
+
+def instrument_gains(
+    n_tiles: int, coarse_chans: Sequence[int]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """The simulated array's gain amplitudes (n_tiles, 2, channels) and delay errors (n_tiles, 2), ns.
+
+    The same for a tile and receiver channel in every observation, as a real array's are from
+    one observation to the next: a calibrator's fit then calibrates the observations near it
+    (each observation drew its own, so a target calibrated with its calibrator's solutions
+    came out with the phases of two unrelated instruments).
+    """
+    rng = np.random.default_rng(INSTRUMENT_SEED)
+    amplitudes = np.abs(1.0 + GAIN_AMPLITUDE_SCATTER * rng.standard_normal((N_TILES, 2, 256)))
+    delays_ns = DELAY_ERROR_SCATTER_NS * rng.standard_normal((N_TILES, 2))
+    chans = np.asarray(coarse_chans, dtype=np.intp)
+    return amplitudes[:n_tiles][:, :, chans], delays_ns[:n_tiles]
 
 
 def catalogue_point_source(name: str) -> PointSource:
@@ -64,13 +90,14 @@ def simulate_and_register(
 ) -> Observation:
     """Simulate an observation into ``<archive>/<obsid>/`` and register it like an ingest.
 
-    The telescope points at the first source. Per-tile gain amplitudes (10 %
-    scatter) and cable-delay errors (2 ns scatter) are injected; the truth is
-    archived beside the data as ``<obsid>_truth.json``.
+    The telescope points at the first source. The array's per-tile gain amplitudes
+    and cable-delay errors (:func:`instrument_gains`) are injected; ``seed`` draws the
+    noise. The truth is archived beside the data as ``<obsid>_truth.json``.
     """
     if session.get(Observation, obsid) is not None:
         raise ValueError(f"observation {obsid} already exists in the archive")
     out_dir = settings.archive_dir / str(obsid)
+    amplitudes, delays_ns = instrument_gains(n_tiles, coarse_chans)
     simulate_observation(
         out_dir,
         obsid,
@@ -81,8 +108,8 @@ def simulate_and_register(
         n_timesteps=n_timesteps,
         sources=sources,
         mode=mode,
-        gain_amplitude_scatter=0.1,
-        delay_error_scatter_ns=2.0,
+        gain_amplitudes=amplitudes,
+        delay_errors_ns=delays_ns,
         noise_sigma_jy=noise_sigma_jy,
         seed=seed,
         project_id=project_id,
@@ -145,6 +172,7 @@ def observe_scheduled(
     else:
         sources = [PointSource(*phase_centre, TARGET_FLUX_JY, -0.8, "target")]
     out_dir = settings.archive_dir / str(observation.obsid)
+    amplitudes, delays_ns = instrument_gains(n_tiles, observation.coarse_chans)
     pointing = None if observation.ra_deg is None else (observation.ra_deg, observation.dec_deg)
     simulate_observation(
         out_dir,
@@ -163,8 +191,8 @@ def observe_scheduled(
         beamformer_delays=_scheduled_delays(observation, n_tiles),
         pointing_grid=_grid_point(observation),
         atten_db=observation.atten_db if observation.atten_db is not None else 1.0,
-        gain_amplitude_scatter=0.1,
-        delay_error_scatter_ns=2.0,
+        gain_amplitudes=amplitudes,
+        delay_errors_ns=delays_ns,
         noise_sigma_jy=1.0,
         seed=observation.obsid % 2**31,
         project_id=observation.project_id,
