@@ -37,7 +37,8 @@ def main() -> int:
             Path(tmp), OBSID, n_tiles=args.tiles, coarse_chans=chans,
             n_timesteps=args.timesteps, sources=[source], calibrator=source.name,
             gain_amplitude_scatter=0.1, delay_error_scatter_ns=2.0, noise_sigma_jy=2.0,
-            rfi=[RfiBurst(chans[0], (12, 15), (2, 6), 20_000.0)],
+            rfi=[RfiBurst(chans[0], (12, 15), (args.timesteps // 4, args.timesteps // 2 + 1),
+                          20_000.0)],
         )  # fmt: skip
         times: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(3):

@@ -377,3 +377,20 @@ def test_plots_label_every_tile_explain_creators_and_revalidate_history(
         redrawn = client.get("/calib/plot/timediff.png", params={"fitid": fitid},
                              headers={"If-None-Match": first.headers["etag"]})  # fmt: skip
         assert redrawn.status_code == 200 and redrawn.headers["etag"] != first.headers["etag"]
+
+
+def test_plots_cached_before_the_upgrade_that_negated_old_delays_are_drawn_again(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """Migration 0011 negated the delays of version 0.1.0's fits; their cached plots (and
+    other fits' history plots) showed the old sign for good."""
+    with session_factory() as session:
+        _add_calibrator(session, 1_450_000_000, [109, 110])
+        fit = _store(session, settings, 1_450_000_000, 1.0, [1.0, 1.0])
+        session.commit()
+        for kind in ("tilediff", "timediff"):
+            stale = settings.calib_dir / str(fit.fitid) / "plots" / f"{kind}.png"
+            stale.parent.mkdir(parents=True, exist_ok=True)
+            stale.write_bytes(b"png drawn before the upgrade")
+            drawn = plots.plot_png(session, settings, fit, kind)
+            assert drawn.startswith(b"\x89PNG") and drawn == plots.draw(session, fit, kind)

@@ -795,6 +795,18 @@ def test_the_solve_reads_in_time_blocks_and_gives_the_same_fits(
     np.testing.assert_allclose(
         blocked.solution.gains, whole.solution.gains, rtol=1e-9, atol=1e-12, equal_nan=True
     )
+    # With RFI flagging, blocks RFI_CHUNK_FACTOR times longer (AOFlagger wants stretches of
+    # time), as far as the process's memory holds SOLVE_PEAK_PER_RAW_BYTE times them.
+    for limit_timesteps, blocks in ((10, [5]), (3, [3, 2])):  # 8 timesteps; 3
+        block_lengths.clear()
+        monkeypatch.setattr(
+            pipeline, "memory_limit_bytes",
+            lambda n=limit_timesteps: pipeline.PROCESS_BASE_BYTES
+            + n * one_timestep_bytes * pipeline.SOLVE_PEAK_PER_RAW_BYTE,
+        )  # fmt: skip
+        solve_observation(sim.metafits_path, sim.vis_paths, source.name,
+                          chunk_bytes=one_timestep_bytes)  # fmt: skip
+        assert block_lengths == blocks * 2, limit_timesteps
 
 
 def test_our_solutions_are_in_hyperdrive_s_convention_and_calibrate_their_data(
@@ -862,7 +874,7 @@ def xx_and_gain_free_sky(
                                   include_gains=False) for c in truth.coarse_chans], axis=1,
         )  # fmt: skip
         rows = np.flatnonzero(uvd.time_array == time)
-        p, q = uvd.ant_1_array[rows], uvd.ant_2_array[rows]
+        p, q = uvd.ant_1_array[rows] - 1, uvd.ant_2_array[rows] - 1  # uvfits numbers from 1
         cross = p != q
         baseline = p * n - p * (p - 1) // 2 + (q - p)  # the simulator's (p <= q) order
         flags = uvd.flag_array[rows][cross][:, :, xx]
@@ -870,6 +882,18 @@ def xx_and_gain_free_sky(
         got.append(uvd.data_array[rows][cross][:, :, xx][~flags])
         wanted.append(sky[baseline[cross], :, 0][~flags])
     return np.concatenate(got), np.concatenate(wanted)
+
+
+def test_the_simulated_array_has_one_gain_per_tile_and_channel() -> None:
+    """In whatever order an observation's channels are given (the simulator sorts them)."""
+    from observatory.archive.simulated import instrument_gains
+
+    both, delays = instrument_gains(4, [140, 130])
+    low, same_delays = instrument_gains(4, [130])
+    np.testing.assert_array_equal(both[:, :, :1], low)
+    np.testing.assert_array_equal(delays, same_delays)
+    with pytest.raises(ValueError, match="outside the receiver channels"):
+        instrument_gains(4, [256])
 
 
 def test_a_calibrator_s_fit_calibrates_a_target_of_the_same_array(

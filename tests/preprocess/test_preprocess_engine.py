@@ -83,7 +83,11 @@ def cube(path: Path, n_ants: int = N_TILES) -> tuple[np.ndarray, np.ndarray, UVD
     kwargs = {"ignore_single_chan": False} if path.suffix == ".ms" else {}
     uvd = UVData.from_file(str(path), **kwargs)
     pols = [list(uvd.polarization_array).index(code) for code in (-5, -7, -8, -6)]
-    p, q = uvd.ant_1_array, uvd.ant_2_array
+    # Antenna numbers to metafits indices (uvfits numbers them from 1, a measurement set's
+    # ANTENNA rows from 0), both in metafits order.
+    index_of = {number: i for i, number in enumerate(uvd.telescope.antenna_numbers)}
+    p = np.array([index_of[a] for a in uvd.ant_1_array])
+    q = np.array([index_of[a] for a in uvd.ant_2_array])
     assert np.all(p <= q)
     baseline = p * n_ants - p * (p - 1) // 2 + (q - p)
     times = np.unique(uvd.time_array)
@@ -182,7 +186,7 @@ def test_averaging_is_the_weighted_mean_of_the_model(
     assert not flags[:, good].any() and flags[:, ~good].all()
     assert uvd.integration_time == pytest.approx(4.0)
     assert uvd.channel_width == pytest.approx(160e3)
-    assert np.all(uvd.nsample_array[uvd.ant_1_array == 0][0] > 0)
+    assert np.all(uvd.nsample_array[uvd.ant_1_array == 1][0] > 0)  # uvfits: from 1
 
 
 @pytest.mark.parametrize(("int_time_s", "quack_time_s", "flagged"), [(8.0, 2.0, 1), (2.0, 0.5, 1),
@@ -387,8 +391,9 @@ def test_measurement_set_is_consistent_in_casacore_and_pyuvdata(
         ours.telescope.antenna_positions, reference.telescope.antenna_positions, atol=1e-6
     )
     assert list(ours.telescope.antenna_names) == list(reference.telescope.antenna_names)
+    # Birli's numbers, from 1; pyuvdata numbers a measurement set's antennas by row, from 0.
     np.testing.assert_array_equal(
-        ours.telescope.antenna_numbers, reference.telescope.antenna_numbers
+        ours.telescope.antenna_numbers, reference.telescope.antenna_numbers + 1
     )
     np.testing.assert_allclose(ours.freq_array, reference.freq_array)
     np.testing.assert_allclose(ours.channel_width, reference.channel_width)
@@ -1432,15 +1437,24 @@ def test_uvfits_baseline_parameter_names_each_pair_as_birli_does(
     sim: SimulatedObservation, tmp_path: Path
 ) -> None:
     """``BASELINE`` is ``256 a1 + a2`` (1-based), and MIRIAD's ``2048 a1 + a2 + 65536`` once
-    ``a2`` is over 255: the MWA's 256 tiles made ``256 a1 + 256`` the next tile's autocorrelation."""
+    ``a2`` is over 255: the MWA's 256 tiles made ``256 a1 + 256`` the next tile's autocorrelation.
+    Its antennas are looked up in the AN table's NOSTA (hyperdrive's reading): NOSTA from 0
+    gave every baseline the next tiles (and the last tile none)."""
     from observatory.preprocess.uvfits import uvfits_baselines
 
     (out,) = convert(sim, tmp_path / "b.uvfits", **RAW)
     with fits.open(out) as hdus:
-        groups = hdus[0].data
-        first = np.asarray(groups.par("ANTENNA1"), np.int64) + 1
-        second = np.asarray(groups.par("ANTENNA2"), np.int64) + 1
-        np.testing.assert_array_equal(groups.par("BASELINE"), 256 * first + second)
+        groups, antennas = hdus[0].data, hdus["AIPS AN"].data
+        row_of = {int(number): row for row, number in enumerate(antennas["NOSTA"])}
+        baselines = np.asarray(groups.par("BASELINE"), np.int64)
+        first, second = baselines // 256, baselines % 256  # fewer than 256 tiles here
+        p, q = np.triu_indices(N_TILES)  # each integration's baselines, in this order
+        n_times = len(baselines) // len(p)
+        np.testing.assert_array_equal([row_of[a] for a in first], np.tile(p, n_times))
+        np.testing.assert_array_equal([row_of[a] for a in second], np.tile(q, n_times))
+        np.testing.assert_array_equal(groups.par("ANTENNA1"), first)  # the same numbers
+        np.testing.assert_array_equal(groups.par("ANTENNA2"), second)
+        assert list(antennas["ANNAME"]) == [tile.tile_name for tile in sim.truth.tiles]
     p, q = np.triu_indices(256)  # every pair of a 256-tile array
     encoded = uvfits_baselines(p, q)
     assert len(np.unique(encoded)) == len(encoded) and encoded.max() < 2**24

@@ -24,6 +24,7 @@ from observatory.telescope.instrument import (
     subarray_tiles,
     sweet_grid_number,
     tile_layout,
+    validate_coarse_chans,
 )
 from observatory.telescope.simulator import PointSource, simulate_observation
 
@@ -56,7 +57,8 @@ def instrument_gains(
     rng = np.random.default_rng(INSTRUMENT_SEED)
     amplitudes = np.abs(1.0 + GAIN_AMPLITUDE_SCATTER * rng.standard_normal((N_TILES, 2, 256)))
     delays_ns = DELAY_ERROR_SCATTER_NS * rng.standard_normal((N_TILES, 2))
-    chans = np.asarray(coarse_chans, dtype=np.intp)
+    # In the simulator's order (ascending), with its errors for bad channel numbers.
+    chans = np.asarray(validate_coarse_chans(coarse_chans), dtype=np.intp)
     return amplitudes[:n_tiles][:, :, chans], delays_ns[:n_tiles]
 
 

@@ -39,7 +39,12 @@ from observatory.core.errors import BadRequest
 from observatory.core.locks import resource_lock
 from observatory.core.storage import Storage
 from observatory.preprocess import corrections
-from observatory.preprocess.engine import DEFAULT_CHUNK_BYTES, RFI_CHUNK_FACTOR
+from observatory.preprocess.engine import (
+    DEFAULT_CHUNK_BYTES,
+    PROCESS_BASE_BYTES,
+    RFI_CHUNK_FACTOR,
+    memory_limit_bytes,
+)
 from observatory.preprocess.options import ConversionOptions
 from observatory.preprocess.reader import ObservationMeta, RawChunk, open_reader
 from observatory.preprocess.rfi import aoflagger_flags
@@ -65,6 +70,11 @@ MAX_PHASE_SIGMA_RESID_RAD = 0.6
 #: The solver's iteration limit: calvin runs hyperdrive with ``--max-iterations 500``.
 #: Each fit records it as its ``fit_limit`` (the summary's "Niter/Limit" column).
 SOLVER_MAX_ITERATIONS = 500
+
+
+#: The solve's peak memory per byte of a block of raw visibilities (measured about 6: the
+#: block, its corrected copy, the weights and the normal matrices' products).
+SOLVE_PEAK_PER_RAW_BYTE = 8
 
 
 class CalibrationFailed(Exception):
@@ -158,7 +168,8 @@ def solve_observation(
         StEFCal's iteration limit per channel and polarisation (recorded in the result).
     chunk_bytes
         Upper bound of the raw visibilities read at once (the conversion's chunk; with
-        ``flag_rfi``, ``RFI_CHUNK_FACTOR`` times it, as the conversion's).
+        ``flag_rfi``, up to ``RFI_CHUNK_FACTOR`` times it, as the conversion's, when the
+        process's memory limit holds ``SOLVE_PEAK_PER_RAW_BYTE`` times that).
     flag_rfi
         Weight out the samples AOFlagger flags (the conversion's default, and Birli's before
         calvin's hyperdrive). Without it, solving in blocks of time gives exactly the
@@ -174,8 +185,11 @@ def solve_observation(
         meta.int_time_s, meta.fine_chan_width_hz / 1e3, meta.fine_chans_per_coarse
     ).edge_chans
     flag_dc = defaults.dc_flagged(meta.mwax)
-    if flag_rfi:  # AOFlagger judges each sample against its neighbours: longer blocks, as
-        chunk_bytes *= RFI_CHUNK_FACTOR  # the conversion's
+    if flag_rfi:
+        # AOFlagger judges each sample against its neighbours: longer blocks, as the
+        # conversion's, as far as the memory this process may use holds them.
+        room = (memory_limit_bytes() - PROCESS_BASE_BYTES) // SOLVE_PEAK_PER_RAW_BYTE
+        chunk_bytes = max(chunk_bytes, min(chunk_bytes * RFI_CHUNK_FACTOR, room))
     # Time blocks of at most chunk_bytes of raw visibilities: the normal matrices are sums
     # over time, so memory stays bounded whatever the observation's length and resolution.
     raw_bytes_per_timestep = meta.n_baselines * meta.fine_chans_per_coarse * 4 * 8

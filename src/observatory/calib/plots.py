@@ -342,10 +342,16 @@ def draw(session: Session, fit: CalibrationFit, kind: str) -> bytes:
 HISTORY_KINDS = {"timediff": 7, "gaintimes": 7, "xydiff": 30}
 
 
+#: The directory of a fit's cached plots: renamed whenever stored fits change in a way the
+#: plots show, so that every plot is drawn again (2: migration 0011 negated the delays of
+#: version 0.1.0's fits, whose plots, and other fits' history plots, showed the old sign).
+PLOTS_DIRECTORY = "plots.2"
+
+
 def cached_plot_path(session: Session, settings: Settings, fit: CalibrationFit, kind: str) -> Path:
-    """Where ``plot_png`` keeps a plot: ``<calib dir>/<fitid>/plots/<kind>.png``, and for a
-    history plot ``<kind>.<fits drawn>.png`` (see ``_history_version``)."""
-    directory = settings.calib_dir / str(fit.fitid) / "plots"
+    """Where ``plot_png`` keeps a plot: ``<calib dir>/<fitid>/<PLOTS_DIRECTORY>/<kind>.png``,
+    and for a history plot ``<kind>.<fits drawn>.png`` (see ``_history_version``)."""
+    directory = settings.calib_dir / str(fit.fitid) / PLOTS_DIRECTORY
     if kind in HISTORY_KINDS:
         return directory / f"{kind}.{_history_version(session, fit, HISTORY_KINDS[kind])}.png"
     return directory / f"{kind}.png"

@@ -369,8 +369,9 @@ class UvfitsStream(AtomicStream):
                 )
                 parameters[:, 8] = self.baselines[baseline_index]
                 parameters[:, 9] = 1  # SOURCE: the one phase centre
-                parameters[:, 10] = self.p[baseline_index]
-                parameters[:, 11] = self.q[baseline_index]
+                # Antenna numbers from 1, as BASELINE and NOSTA have them (Birli's).
+                parameters[:, 10] = self.p[baseline_index] + 1
+                parameters[:, 11] = self.q[baseline_index] + 1
                 parameters[:, 12] = 1
                 parameters[:, 13] = self.int_time_s
                 parameters[:, 14], parameters[:, 15] = _float32_pair(np.degrees(lst)[time_index])
@@ -483,7 +484,9 @@ class UvfitsStream(AtomicStream):
             [
                 fits.Column(name="ANNAME", format="8A", array=list(meta.antenna_names)),
                 fits.Column(name="STABXYZ", format="3D", array=rotated),
-                fits.Column(name="NOSTA", format="1J", array=np.arange(n)),  # as pyuvdata writes
+                # Numbered from 1 as BASELINE's antennas are: hyperdrive (and AIPS) look those
+                # up in NOSTA, and from 0 every baseline went to the next tiles.
+                fits.Column(name="NOSTA", format="1J", array=np.arange(1, n + 1)),
                 fits.Column(name="MNTSTA", format="1J", array=np.full(n, 6)),  # phased array
                 fits.Column(name="STAXOF", format="1E", array=np.zeros(n)),
                 fits.Column(name="POLTYA", format="1A", array=["X"] * n),
