@@ -164,6 +164,8 @@ def test_guide_example_csv_runs_end_to_end(server: Server, tmp_path: Path) -> No
     assert error["obs_id"] == str(OBSID) and isinstance(error["job_id"], int)
     assert error["result"].startswith("Error: ") and "calibration" in error["result"]
     assert "There were errors:" in output
+    # As the MWA's client says, once the socket is open.
+    assert "Connecting to MWA ASVO Notifier...\nConnected to MWA ASVO Notifier\n" in output
 
     with server.session() as session:
         jobs = {job.id: job for job in session.get_jobs()}
@@ -213,8 +215,9 @@ def test_submit_only_then_list_then_download_only(server: Server, tmp_path: Path
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     error_file = tmp_path / "errors.json"
+    # Padded, as printf/awk output gives it (the MWA's client takes what int() takes).
     code, output = mwa_client(
-        "-w", str(job_id), "-d", str(out_dir), "-e", str(error_file), environ=server.environ()
+        "-w", f" +{job_id} ", "-d", str(out_dir), "-e", str(error_file), environ=server.environ()
     )
     assert code == 0, output
     assert json.loads(error_file.read_text()) == []  # written, empty, when nothing failed
@@ -424,6 +427,36 @@ def test_something_else_of_the_products_name_is_refused_naming_it_and_left_alone
     assert kind != "file" or there.read_text() == "not a directory"
     assert [p.name for p in elsewhere.iterdir()] == ["precious.dat"]
     assert (elsewhere / "precious.dat").read_text() == "keep me"
+
+
+def test_a_directory_where_the_product_goes_is_named_and_left_alone(
+    server: Server, tmp_path: Path
+) -> None:
+    """It was taken for a copy that did not verify ("does not match the server's blake3:
+    downloading it again") and the download failed on removing it: "Is a directory"."""
+    with server.session() as session:
+        job = completed_job(
+            session,
+            session.submit_download_job(OTHER_OBSID, download_type="vis_meta", allow_resubmit=True),
+        )
+    (file,) = job.files
+    out_dir = tmp_path / "out"
+    (out_dir / file.name / "mine").mkdir(parents=True)
+    code, output = mwa_client("-w", str(job.id), "-d", str(out_dir), environ=server.environ())
+    assert code == 4, output
+    assert (f"cannot save {file.name} in {out_dir}: {out_dir / file.name} is a directory "
+            "(or another non-file) of that name; move it away and download again") in output  # fmt: skip
+    assert "does not match" not in output and "Is a directory" not in output
+    assert (out_dir / file.name / "mine").is_dir()
+
+
+def test_a_refused_job_is_listed_without_a_job_id(server: Server, tmp_path: Path) -> None:
+    """It printed Python's None: "Job id: None Obs id: 999: Error: ..."."""
+    csv_path = tmp_path / "jobs.csv"
+    csv_path.write_text("obs_id=1234567890, job_type=d, download_type=vis\n")
+    code, output = mwa_client("-c", str(csv_path), "-d", str(tmp_path), environ=server.environ())
+    assert code == 4, output
+    assert "Job id:  Obs id: 1234567890: Error: " in output and "None" not in output
 
 
 def delivered(tmp_path: Path, files: dict[str, bytes]) -> tuple[asvo.Job, asvo.ProductFile]:
@@ -968,7 +1001,7 @@ def test_python_api(server: Server, tmp_path: Path) -> None:
         job_id = session.submit_download_job(OTHER_OBSID, download_type="vis_meta",
                                              allow_resubmit=True)  # fmt: skip
         with pytest.raises(asvo.AsvoError) as duplicate:
-            session.submit_download_job(OTHER_OBSID, download_type="vis_meta")
+            session.submit_download_job(OTHER_OBSID, download_type="vis_meta", allow_resubmit=True)
         assert duplicate.value.error_code == 2 and duplicate.value.job_id is not None
         with pytest.raises(asvo.AsvoError) as invalid:
             session.submit_download_job(OTHER_OBSID, download_type="everything")

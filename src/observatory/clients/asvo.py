@@ -645,6 +645,7 @@ class Session:
         poll_interval_s: float = 10.0,
         resync_interval_s: float = 60.0,
         outage_limit_s: float = WATCH_OUTAGE_LIMIT_S,
+        on_connected: Callable[[], None] | None = None,
     ) -> Iterator[JobUpdate]:
         """Job changes as they happen, for as long as the caller iterates.
 
@@ -653,7 +654,8 @@ class Session:
         drops, this polls ``get_jobs`` every ``poll_interval_s`` and yields the jobs
         that changed, trying the socket again now and then; while the socket is
         quiet for ``resync_interval_s``, it also checks ``get_jobs`` so that nothing
-        is missed. An unchanged job is never yielded twice in a row.
+        is missed. An unchanged job is never yielded twice in a row. ``on_connected`` is
+        called each time the websocket opens (mwa_client says so, as the MWA's does).
 
         A server that cannot be reached (or answers 502, 503 or 504: restarting, or
         behind a proxy) is asked again, at growing intervals up to
@@ -711,6 +713,8 @@ class Session:
                 try:
                     with self._open_websocket() as socket:
                         log.info("watching jobs over the websocket")
+                        if on_connected is not None:
+                            on_connected()
                         while True:
                             try:
                                 message = socket.recv(timeout=resync_interval_s)
@@ -834,6 +838,12 @@ class Session:
         target = dest_dir / file.name
         partial = target.with_name(target.name + ".part")
         redownloaded = False
+        if target.exists() and not target.is_file():
+            raise AsvoError(
+                f"Job {job.id}: cannot save {file.name} in {dest_dir}: {target} is a directory "
+                "(or another non-file) of that name; move it away and download again",
+                job_id=job.id,
+            )
         if target.exists():
             if (
                 target.stat().st_size == file.size_bytes

@@ -126,11 +126,17 @@ def _error_file_of(argv: Sequence[str] | None) -> str | None:
 
 
 def _download_job_id(value: str) -> int:
-    """``-w`` value: a job id, or ``all`` / ``0`` for every ready job (0)."""
-    if value.lower() == "all":
+    """``-w`` value: a job id, or ``all`` / ``0`` for every ready job (0).
+
+    Spaces around it and a ``+`` are taken, as the MWA's client (Python's ``int``) takes
+    them: ids from ``printf``/``awk`` output come padded.
+    """
+    text = value.strip()
+    if text.lower() == "all":
         return 0
-    if value.isascii() and value.isdecimal():
-        return int(value)
+    digits = text.removeprefix("+")
+    if digits.isascii() and digits.isdecimal():
+        return int(digits)
     raise argparse.ArgumentTypeError(
         f"'{value}' is not valid for -w / --download-only. Try a Job Id, or 'all' for all jobs."
     )
@@ -451,7 +457,9 @@ def _follow(
     if not pending:
         return
     reporter.say("Connecting to MWA ASVO Notifier...")
-    for update in session.watch():
+    for update in session.watch(
+        on_connected=lambda: reporter.say("Connected to MWA ASVO Notifier")
+    ):
         job = update.job
         if job.id not in pending:
             continue
@@ -633,7 +641,8 @@ def run(
     if errors:
         reporter.say("There were errors:")
         for error in errors:
-            reporter.say(f"Job id: {error.job_id} Obs id: {error.obs_id}: {error.result}")
+            job_id = "" if error.job_id is None else error.job_id  # a refused job has none
+            reporter.say(f"Job id: {job_id} Obs id: {error.obs_id}: {error.result}")
         return EXIT_JOB_ERRORS
     reporter.say("mwa_client finished successfully")
     return EXIT_OK
