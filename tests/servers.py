@@ -343,6 +343,8 @@ class CallbackReceiver:
 
     def __init__(self, failures: int) -> None:
         self.bodies: list[dict[str, Any]] = []
+        #: The Host header of each call.
+        self.hosts: list[str | None] = []
         self.failures = failures
         receiver = self
 
@@ -350,6 +352,7 @@ class CallbackReceiver:
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 receiver.bodies.append(body)
+                receiver.hosts.append(self.headers["Host"])
                 status = 500 if len(receiver.bodies) <= receiver.failures else 200
                 self.send_response(status)
                 self.end_headers()

@@ -299,14 +299,14 @@ def test_a_callback_that_cannot_be_sent_fails_alone_and_is_counted(
 
     receiver = CallbackReceiver(failures=0)
     broken = receiver.url + "/broken"  # stands in for any unforeseen failure to send
-    real_post = calib_requests.httpx.post
+    real_post = calib_requests._post_callback
 
-    def post(url: str, **kwargs: object) -> object:
+    def post(url: str, body: dict[str, object], pinned: str | None) -> object:
         if url == broken:
             raise RuntimeError("something unforeseen")
-        return real_post(url, **kwargs)  # type: ignore[arg-type]
+        return real_post(url, body, pinned)
 
-    monkeypatch.setattr(calib_requests.httpx, "post", post)
+    monkeypatch.setattr(calib_requests, "_post_callback", post)
     bad_urls = [receiver.url + "/\r\nX:y", "http://xn--/x", broken]
     now = datetime.now(UTC)
     with session_factory() as session:
@@ -479,6 +479,40 @@ def test_a_callback_to_an_unusable_address_is_refused_however_spelled(url: str) 
 
     with pytest.raises(BadRequest, match="not a usable address"):
         check_callback_url(url, Settings(data_dir="/nonexistent"))
+
+
+def test_a_callback_goes_to_the_address_that_was_checked(
+    client: TestClient,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DNS rebinding: a name answering a usable address to the check, then another one
+    (here a loopback address nothing listens on; in an attack, a link-local one) to the
+    HTTP client's own lookup. The call now goes to the address checked, named by its host."""
+    import socket
+
+    from observatory.calib.requests import add_cal_request
+
+    receiver = CallbackReceiver(failures=0)
+    port = receiver.server.server_address[1]
+    answers = iter(["127.0.0.1", "127.0.0.2", "127.0.0.2"])
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host: str, *args: object, **kwargs: object) -> list[tuple]:
+        if host == "rebinding.example":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))]
+        return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    url = f"http://rebinding.example:{port}/calibrated"
+    with session_factory() as session:
+        request = add_cal_request(session, settings, TARGET, callback_url=url)
+        finish_request(session, request, fit_id=1_700_000_000_000_000)
+        session.commit()
+    assert deliver_callbacks(session_factory, settings) == 1
+    assert len(receiver.bodies) == 1 and receiver.hosts == [f"rebinding.example:{port}"]
+    receiver.server.shutdown()
 
 
 def test_a_callback_host_name_is_checked_by_what_it_resolves_to(

@@ -158,18 +158,50 @@ def unusable_destination(url: str) -> str | None:
     """Why ``url``'s host may not be called now, by the addresses its name resolves to
     (a name is checked when it is called, not filed); None when it may, or when it does not
     resolve (the delivery then says so)."""
+    return _resolve_callback_host(url)[1]
+
+
+def _resolve_callback_host(url: str) -> tuple[str | None, str | None]:
+    """``(address to connect to, None)`` when every address ``url``'s host resolves to is
+    usable; ``(None, why not)`` when one is not; ``(None, None)`` when it does not resolve
+    (or is no name)."""
     parts = urlsplit(url)
     if not parts.hostname:
-        return None
+        return None, None
     try:
         found = socket.getaddrinfo(parts.hostname, parts.port or 80, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
-        return None
+        return None, None
     for *_, sockaddr in found:
         address = _address_written(str(sockaddr[0]))
         if address is not None and _unusable(address):
-            return f"callback host {parts.hostname} resolves to {address}, not a usable address"
-    return None
+            return (
+                None,
+                f"callback host {parts.hostname} resolves to {address}, not a usable address",
+            )
+    return (str(found[0][4][0]) if found else None), None
+
+
+def _post_callback(url: str, body: dict[str, object], pinned: str | None) -> httpx.Response:
+    """POST ``body`` to ``url``, connecting to the ``pinned`` address when given.
+
+    The address checked is the one called: a name resolved again by the HTTP client could
+    answer differently the second time (DNS rebinding: a public address for the check, then
+    a link-local one for the call). The request keeps the name in its Host header and, over
+    https, in the TLS server name the certificate is checked against.
+    """
+    target = httpx.URL(url)
+    extensions: dict[str, object] = {}
+    if pinned is not None and target.host != pinned:
+        if target.scheme == "https":
+            extensions["sni_hostname"] = target.host
+        headers = {"Host": target.netloc.decode("ascii")}
+        target = target.copy_with(host=pinned)
+    else:
+        headers = {}
+    request = httpx.Request("POST", target, json=body, headers=headers, extensions=extensions)
+    with httpx.Client(timeout=CALLBACK_TIMEOUT_S) as client:
+        return client.send(request)
 
 
 def _has_visibilities() -> Exists:
@@ -556,19 +588,17 @@ def deliver_callbacks(
             unforeseen: Exception | None = None
             # A name is checked by what it resolves to when called (and not at all for
             # the hosts an operator allowed).
-            refusal = (
-                None
+            pinned, refusal = (
+                (None, None)
                 if settings.calib_callback_hosts
-                else unusable_destination(request.callback_url or "")
+                else _resolve_callback_host(request.callback_url or "")
             )
             if refusal is not None:
                 ok, problem = False, refusal
             else:
                 try:
-                    reply = httpx.post(
-                        request.callback_url or "",
-                        json=callback_body(request),
-                        timeout=CALLBACK_TIMEOUT_S,
+                    reply = _post_callback(
+                        request.callback_url or "", callback_body(request), pinned
                     )
                     ok, problem = reply.is_success, f"HTTP {reply.status_code}"
                 except httpx.HTTPError as exc:
