@@ -6,11 +6,10 @@ lengths, digital gains, passband unless flat) with the coarse-channel edges
 catalogue point source, unphased, in the same (pyuvdata) convention:
 ``M_pq = S(f) exp(2 pi i f (tau_p - tau_q))`` with ``tau_p = -(x_p . s) / c``.
 StEFCal gives each tile's gains per fine channel; the AO-cal solutions are their
-inverse, conjugated into the raw data's convention as hyperdrive writes them (so a
-tile whose signal arrives late by ``dtau`` has a fitted length of ``+c dtau``, and
-``x_delay_m = -c dtau`` as calvin's); calvin's fits on them give ``x_delay_m`` (minus the fitted length of the
-solutions referenced to the lowest unflagged Tile ID) and the gains per coarse
-channel.
+inverse, conjugated into the raw data's convention as hyperdrive writes them.
+calvin's fits on them give ``x_delay_m`` (minus the fitted length of the solutions
+referenced to the lowest unflagged Tile ID: ``-c dtau`` for a tile whose signal
+arrives late by ``dtau``) and the gains per coarse channel.
 """
 
 from __future__ import annotations

@@ -697,11 +697,11 @@ def fit_json(
         "code_version": fit.code_version,
         "fit_time": fit.fit_time.isoformat(),
         "fit_niter": fit.fit_niter,
-        "fit_limit": _nulls({"v": fit.fit_limit})["v"],
+        "fit_limit": _null(fit.fit_limit),
         "source_list": fit.source_list,
         "num_sources": fit.num_sources,
         "calibration_command": fit.calibration_command,
-        "gain_max_cutoff": _nulls({"v": fit.gain_max_cutoff})["v"],
+        "gain_max_cutoff": _null(fit.gain_max_cutoff),
         "coarse_chans": list(calibrator.coarse_chans) if calibrator is not None else None,
         "flagged_tiles": flagged_tiles(fit),
         "solutions": [
@@ -886,17 +886,18 @@ def store_fit(
     return fit
 
 
+def _null(value: object) -> object:
+    """NaN (a scalar, or the items of a list) to None: JSON and SQL have no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list | tuple | np.ndarray):
+        return [None if v is None else _null(float(v)) for v in value]
+    return value
+
+
 def _nulls(row: dict[str, object]) -> dict[str, object]:
-    """NaN (scalars and list items) to None: JSON and SQL have no NaN."""
-
-    def clean(value: object) -> object:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, list | tuple | np.ndarray):
-            return [None if v is None else clean(float(v)) for v in value]
-        return value
-
-    return {key: clean(value) for key, value in row.items()}
+    """:func:`_null` of every value of ``row``."""
+    return {key: _null(value) for key, value in row.items()}
 
 
 #: Coarse channels a CALIBDATA row holds (the receivers' maximum).
