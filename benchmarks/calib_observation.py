@@ -1,10 +1,12 @@
-"""What AOFlagger adds to a calibrator's solve: the whole solve of a simulated observation.
+"""What AOFlagger adds to a calibrator's solve, and what worker processes win back.
 
 Simulates a calibrator observation (``--tiles`` tiles, ``--chans`` coarse channels of
 40 kHz fine channels, ``--timesteps`` 2-s integrations, noise and a narrow-band
 transmitter) and times ``solve_observation`` (reading, corrections, normal matrices,
-StEFCal) without and with RFI flagging, alternating three times; reports the medians
-and their ratio. The anchor is the solve without flagging, which the earlier versions did.
+StEFCal) without RFI flagging (the anchor, as the earlier versions did), with it one
+coarse channel at a time (``workers=1``, as inside a Dask worker's thread before), and
+with it in the default worker processes (one per CPU, as ``observatory calib-solve``
+runs it for a fit); alternating three times, medians and ratios.
 
 Run: .venv/bin/python benchmarks/calib_observation.py [--tiles 32] [--chans 4] [--timesteps 16]
 """
@@ -12,6 +14,7 @@ Run: .venv/bin/python benchmarks/calib_observation.py [--tiles 32] [--chans 4] [
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -40,16 +43,19 @@ def main() -> int:
             rfi=[RfiBurst(chans[0], (12, 15), (args.timesteps // 4, args.timesteps // 2 + 1),
                           20_000.0)],
         )  # fmt: skip
-        times: dict[bool, list[float]] = {False: [], True: []}
+        runs = {"plain": (False, None), "one": (True, 1), "processes": (True, None)}
+        times: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(3):
-            for flag_rfi in (False, True):
+            for name, (flag_rfi, workers) in runs.items():
                 started = time.perf_counter()
-                solve_observation(sim.metafits_path, sim.vis_paths, source.name, flag_rfi=flag_rfi)
-                times[flag_rfi].append(time.perf_counter() - started)
-    plain, flagged = statistics.median(times[False]), statistics.median(times[True])
+                solve_observation(sim.metafits_path, sim.vis_paths, source.name,
+                                  flag_rfi=flag_rfi, workers=workers)  # fmt: skip
+                times[name].append(time.perf_counter() - started)
+    plain, one, processes = (statistics.median(times[name]) for name in runs)
     print(f"solve of {args.tiles} tiles x {args.chans} coarse channels x {args.timesteps} "
-          f"integrations: {plain:.2f} s without RFI flagging, {flagged:.2f} s with "
-          f"({flagged / plain:.2f} x)")  # fmt: skip
+          f"integrations: {plain:.2f} s without RFI flagging; with it {one:.2f} s one channel "
+          f"at a time ({one / plain:.2f} x), {processes:.2f} s in {os.cpu_count()} worker "
+          f"processes ({processes / plain:.2f} x; {one / processes:.2f} x faster)")  # fmt: skip
     return 0
 
 

@@ -343,8 +343,9 @@ PREPROCESS_SWITCHES = {
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from observatory.core.processes import die_with_starter
     from observatory.preprocess.engine import OUTPUT_SUFFIXES, preprocess
-    from observatory.preprocess.options import PARENT_PID_VARIABLE, ConversionOptions
+    from observatory.preprocess.options import ConversionOptions
     from observatory.preprocess.reader import ReadError
 
     params: dict[str, object] = {}
@@ -420,11 +421,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
             signum: signal.signal(signum, stop_on_signal)
             for signum in (signal.SIGTERM, signal.SIGINT)
         }
-        if parent := os.environ.get(PARENT_PID_VARIABLE):
-            # Started for an ASVO job: stop (through the cleanup) if that job's worker dies.
-            from observatory.preprocess.engine import die_with_parent
-
-            die_with_parent(int(parent), signal.SIGTERM)
+        # Started for an ASVO job: stop (through the cleanup) if that job's worker dies.
+        die_with_starter(signal.SIGTERM)
         try:
             written = preprocess(
                 metafits, files, options, args.out,
@@ -437,6 +435,25 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
                 signal.signal(signum, handler)
     for path in written:
         console.print(f"wrote {path}", highlight=False)
+    return 0
+
+
+def cmd_calib_solve(args: argparse.Namespace) -> int:
+    from observatory.calib.pipeline import solve_observation
+    from observatory.core.processes import die_with_starter
+    from observatory.preprocess.reader import ReadError
+
+    die_with_starter()  # started for a fit request: nothing to finish once its worker is gone
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be at least 1 (got {args.workers})")
+    try:
+        solved = solve_observation(
+            args.metafits, args.files, args.source, flag_rfi=not args.no_rfi, workers=args.workers
+        )
+    except ReadError as exc:
+        raise ValueError(str(exc)) from None
+    solved.save(args.out)
+    console.print(f"wrote {args.out}", highlight=False)
     return 0
 
 
@@ -845,6 +862,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--option", action="append", default=[], metavar="KEY=VALUE",
         help="any ASVO conversion key, as in an mwa_client CSV (repeatable)",
     )  # fmt: skip
+
+    solve = add(
+        "calib-solve",
+        cmd_calib_solve,
+        "solve a calibrator observation against its catalogue point source (the calibration "
+        "pipeline's solve, which a fit request runs in a process of its own); writes an npz "
+        "the pipeline reads",
+    )
+    solve.add_argument("files", nargs="+", type=Path, help="correlator data files")
+    solve.add_argument("--metafits", type=Path, required=True, help="the observation's metafits")
+    solve.add_argument(
+        "--source", required=True, help="the calibrator's catalogue name (e.g. HydA)"
+    )
+    solve.add_argument("--out", type=Path, required=True, help="the npz file to write")
+    solve.add_argument(
+        "--workers", type=int,
+        help="coarse channels solved at once (default: one per CPU, fewer if memory would not hold them)",
+    )  # fmt: skip
+    solve.add_argument(
+        "--no-rfi", action="store_true", help="do not flag RFI with AOFlagger before solving"
+    )
 
     archive = add("archive", lambda _a: 0, "the observation archive")
     archive_commands = archive.add_subparsers(

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import secrets
 import shutil
-import signal
-import subprocess
 import sys
 import tarfile
 from collections.abc import Iterator
@@ -42,6 +39,7 @@ from observatory.core.database import make_engine, make_session_factory, utcnow
 from observatory.core.errors import NotFound
 from observatory.core.gpstime import now_gps
 from observatory.core.locks import resource_lock
+from observatory.core.processes import CommandFailed, run_command
 from observatory.core.storage import Storage, atomic_output, sha1_of_file
 
 log = logging.getLogger(__name__)
@@ -269,25 +267,18 @@ def _subfile_overlaps(name: str, start_s: int, stop_s: int) -> bool:
     return gps_s < stop_s and gps_s + 8 > start_s
 
 
-#: How often a running conversion looks for the job's cancellation.
-CANCEL_POLL_S = 1.0
-#: How long a cancelled conversion has to clean up after SIGTERM before it is killed.
-STOP_GRACE_S = 30.0
-
-
 def _convert(
     settings: Settings, job: Job, inputs: list[Path], work_dir: Path, tracker: _Tracker
 ) -> list[tuple[Path, str]]:
     """Run the preprocessing engine; returns the outputs as (path, name in the product).
 
-    The conversion runs as ``observatory preprocess`` in a process of its own, as the MWA's
-    ASVO runs Birli: a native library that aborts the process (casacore's C++ ``terminate``
-    on an I/O error, a Rust panic in mwalib on a damaged file) then fails this job, not the
-    server or Dask worker running every other job. Cancellation stops it with SIGTERM,
-    which it handles by removing its partial output.
+    The conversion runs as ``observatory preprocess`` in a process of its own
+    (:func:`~observatory.core.processes.run_command`), as the MWA's ASVO runs Birli: a
+    native crash fails this job only. Cancellation stops it with SIGTERM, which it handles
+    by removing its partial output.
     """
     from observatory.calib.formats import write_aocal, write_hyperdrive
-    from observatory.preprocess.options import PARENT_PID_VARIABLE, ConversionOptions
+    from observatory.preprocess.options import ConversionOptions
 
     options = ConversionOptions.from_params(job.params)
     solutions = _calibration_solutions(settings, job, tracker) if options.apply_di_cal else None
@@ -310,65 +301,18 @@ def _convert(
         path = work_dir / ("solutions.fits" if with_freqs else "solutions.bin")
         (write_hyperdrive if with_freqs else write_aocal)(path, solutions)
         command += ["--solutions", str(path)]
-    errors = work_dir / "preprocess.stderr"
-    with open(errors, "w+b") as stderr:
-        process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, cwd=work_dir,
-            env={**os.environ, PARENT_PID_VARIABLE: str(os.getpid())},  # it dies with us
-        )  # fmt: skip
-        try:
-            while True:
-                try:
-                    stdout, _ = process.communicate(timeout=CANCEL_POLL_S)
-                    break
-                except subprocess.TimeoutExpired:
-                    tracker.check_cancelled()
-        except BaseException:
-            _stop(process)
-            raise
-        stderr.seek(0)
-        message = _last_error_line(stderr.read().decode(errors="replace"))
-    if process.returncode != 0:
-        if process.returncode < 0:
-            name = signal.Signals(-process.returncode).name
-            raise JobFailed(
-                f"the conversion process died of {name}"
-                + (
-                    f" ({message})"
-                    if message
-                    else " (a crash in a native library, or out of memory)"
-                )
-            )
-        raise JobFailed(message or f"the conversion failed (exit status {process.returncode})")
+    try:
+        stdout = run_command(command, cwd=work_dir, what="conversion", poll=tracker.check_cancelled)
+    except CommandFailed as exc:
+        raise JobFailed(str(exc)) from None
     written = [
         Path(line.removeprefix("wrote ").strip())
-        for line in stdout.decode().splitlines()
+        for line in stdout.splitlines()
         if line.startswith("wrote ")
     ]
     if not written or not all(path.exists() for path in written):
-        raise JobFailed(f"the conversion reported no output ({stdout.decode()!r})")
+        raise JobFailed(f"the conversion reported no output ({stdout!r})")
     return [(path, path.name) for path in written]
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM (the conversion removes its partial output), then SIGKILL if it lingers."""
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def _last_error_line(stderr: str) -> str:
-    """The conversion's one-line error (``error: ...``), else the last line it printed."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if line.startswith("error:"):
-            return line.removeprefix("error:").strip()
-    return lines[-1] if lines else ""
 
 
 class WaitForCalibration(Exception):

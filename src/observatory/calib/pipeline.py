@@ -14,8 +14,16 @@ arrives late by ``dtau``) and the gains per coarse channel.
 
 from __future__ import annotations
 
+import functools
 import math
+import multiprocessing
+import os
+import sys
+import tempfile
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,16 +44,26 @@ from observatory.calib.solver import Solution, normal_matrices, stefcal
 from observatory.core.config import Settings
 from observatory.core.errors import BadRequest
 from observatory.core.locks import resource_lock
-from observatory.core.storage import Storage
+from observatory.core.processes import (
+    CommandFailed,
+    WorkerClosing,
+    die_with_parent,
+    forking_is_safe,
+    run_command,
+    stop_if_worker_closing,
+)
+from observatory.core.storage import Storage, atomic_output
 from observatory.preprocess import corrections
 from observatory.preprocess.engine import (
     DEFAULT_CHUNK_BYTES,
     PROCESS_BASE_BYTES,
     RFI_CHUNK_FACTOR,
+    default_workers,
     memory_limit_bytes,
+    picklable_failure,
 )
 from observatory.preprocess.options import ConversionOptions
-from observatory.preprocess.reader import ObservationMeta, RawChunk, open_reader
+from observatory.preprocess.reader import ObservationMeta, RawChunk, VisibilityReader, open_reader
 from observatory.preprocess.rfi import aoflagger_flags
 from observatory.telescope.catalogue import Source, lookup
 from observatory.telescope.instrument import COARSE_CHAN_WIDTH_HZ, SPEED_OF_LIGHT_M_S
@@ -77,7 +95,7 @@ SOLVE_PEAK_PER_RAW_BYTE = 8
 
 
 class CalibrationFailed(Exception):
-    """A calibrator observation in which no tile calibrated: no fit is stored."""
+    """A calibrator observation that gave no fit (no tile calibrated, or its solve failed)."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +122,35 @@ class SolvedObservation:
         """
         return np.asarray(corrections.convert_solution_convention(self.solution.jones()))
 
+    def save(self, path: Path) -> None:
+        """Write it (but its metafits' ``meta``) to an npz file; :meth:`load` reads it back."""
+        solution = self.solution
+        centroids = self.time_centroids_gps
+        with atomic_output(path) as temporary, open(temporary, "wb") as out:
+            np.savez(
+                out, freqs_hz=self.freqs_hz, gains=solution.gains, iterations=solution.iterations,
+                converged=solution.converged, precision=solution.precision,
+                reference_antenna=solution.reference_antenna,
+                chanblocks_per_coarse=self.chanblocks_per_coarse,
+                coarse_chans=np.asarray(self.coarse_chans, dtype=np.int64),
+                time_centroids_gps=np.asarray([] if centroids is None else centroids, np.float64),
+                max_iterations=self.max_iterations,
+            )  # fmt: skip
+
+    @classmethod
+    def load(cls, path: Path, meta: ObservationMeta) -> SolvedObservation:
+        """What :meth:`save` wrote, with the ``meta`` of its observation's metafits."""
+        with np.load(path, allow_pickle=False) as saved:
+            return cls(
+                meta, saved["freqs_hz"],
+                Solution(saved["gains"], saved["iterations"], saved["converged"],
+                         saved["precision"], int(saved["reference_antenna"])),
+                int(saved["chanblocks_per_coarse"]),
+                coarse_chans=tuple(int(c) for c in saved["coarse_chans"]),
+                time_centroids_gps=saved["time_centroids_gps"],
+                max_iterations=int(saved["max_iterations"]),
+            )  # fmt: skip
+
 
 def _normal_matrices_of(
     chunk: RawChunk, meta: ObservationMeta, source: Source, edge_chans: int, flag_dc: bool,
@@ -127,9 +174,7 @@ def _normal_matrices_of(
     # ... and AOFlagger's flags, as the conversion's (Birli's before hyperdrive, for calvin):
     # interference in a few fine channels pulled their solutions, and the gain fits, off.
     if flag_rfi:
-        flagged = weights == 0.0
-        cross = np.flatnonzero((p != q) & ~flagged.all(axis=(0, 2)))
-        weights[aoflagger_flags(vis, flagged, cross)] = 0.0
+        weights[aoflagger_flags(vis, weights == 0.0, p, q)] = 0.0
     centres = chunk.time_start_gps_s + meta.int_time_s / 2.0
     applied = corrections.correlator_directions_enu(meta, centres)
     if applied is not None:  # phased by the correlator (GEODEL): the model is unphased
@@ -154,6 +199,7 @@ def solve_observation(
     max_iterations: int = SOLVER_MAX_ITERATIONS,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     flag_rfi: bool = True,
+    workers: int | None = None,
 ) -> SolvedObservation:
     """Solve one timeblock (the whole observation) against a catalogue point source.
 
@@ -173,6 +219,10 @@ def solve_observation(
         Weight out the samples AOFlagger flags (the conversion's default, and Birli's before
         calvin's hyperdrive). Without it, solving in blocks of time gives exactly the
         solutions of the whole: AOFlagger's flags depend on the stretch of time it sees.
+    workers
+        Coarse channels read, flagged and summed at once (default: one per CPU, as many as
+        the memory holds). In worker processes forked from a program's main thread
+        (AOFlagger holds the GIL), else in threads. The result does not depend on it.
     """
     reader = open_reader(metafits, data_files)
     meta = reader.meta
@@ -193,33 +243,129 @@ def solve_observation(
     # over time, so memory stays bounded whatever the observation's length and resolution.
     raw_bytes_per_timestep = meta.n_baselines * meta.fine_chans_per_coarse * 4 * 8
     timesteps_per_block = max(1, chunk_bytes // raw_bytes_per_timestep)
-    n_timesteps = len(reader.time_start_gps_s)
-    blocks_a, blocks_b, all_freqs = [], [], []
-    for coarse_chan in reader.coarse_chans:
-        chunks = (
-            reader.read(coarse_chan, range(start, min(start + timesteps_per_block, n_timesteps)))
-            for start in range(0, n_timesteps, timesteps_per_block)
+    coarse_chans = [int(c) for c in reader.coarse_chans]
+    task = _ChanTask(source_name, timesteps_per_block, edge_chans, flag_dc, flag_rfi)
+    n_workers = max(1, min(
+        len(coarse_chans), workers or default_workers(chunk_bytes, SOLVE_PEAK_PER_RAW_BYTE)
+    ))  # fmt: skip
+    pool: Executor
+    if n_workers > 1 and flag_rfi and forking_is_safe():
+        # Forked after the first apparent place and AOFlagger's import: astropy's IERS
+        # table is parsed, and AOFlagger loaded, once.
+        corrections.source_directions_enu(
+            (source.ra_deg, source.dec_deg), reader.time_start_gps_s[:1]
         )
-        first = next(chunks)
-        big_a, big_b = _normal_matrices_of(first, meta, source, edge_chans, flag_dc, flag_rfi)
-        for chunk in chunks:
-            block_a, block_b = _normal_matrices_of(
-                chunk, meta, source, edge_chans, flag_dc, flag_rfi
-            )
-            big_a += block_a
-            big_b += block_b
-        blocks_a.append(big_a)
-        blocks_b.append(big_b)
-        all_freqs.append(first.freqs_hz)
+        import aoflagger  # noqa: F401
+
+        pool = ProcessPoolExecutor(
+            max_workers=n_workers, mp_context=multiprocessing.get_context("fork"),
+            initializer=_start_solve_worker, initargs=(os.getpid(), metafits, data_files),
+        )  # fmt: skip
+        run: Callable[[int], _ChanSums] = functools.partial(_chan_sums_in_worker, task)
+    else:  # numpy releases the GIL: threads share the rest of the work
+        pool = ThreadPoolExecutor(max_workers=n_workers)
+        run = functools.partial(_chan_sums, reader, task)
+    try:
+        with pool:
+            sums = list(pool.map(run, coarse_chans))
+    except BrokenProcessPool as exc:  # the OOM killer, or a kill -9: the worker says nothing
+        raise RuntimeError("a solve worker process was killed (out of memory?)") from exc
     solution = stefcal(
-        np.concatenate(blocks_a), np.concatenate(blocks_b), max_iterations=max_iterations
+        np.concatenate([big_a for big_a, _, _ in sums]),
+        np.concatenate([big_b for _, big_b, _ in sums]),
+        max_iterations=max_iterations,
     )
     return SolvedObservation(
-        meta, np.concatenate(all_freqs), solution, meta.fine_chans_per_coarse,
-        coarse_chans=tuple(int(c) for c in reader.coarse_chans),
+        meta, np.concatenate([freqs for _, _, freqs in sums]), solution, meta.fine_chans_per_coarse,
+        coarse_chans=tuple(coarse_chans),
         time_centroids_gps=np.asarray(reader.time_start_gps_s, np.float64) + meta.int_time_s / 2.0,
         max_iterations=max_iterations,
     )  # fmt: skip
+
+
+def solve_in_process(
+    metafits: Path, data_files: list[Path], source_name: str, work_dir: Path
+) -> SolvedObservation:
+    """:func:`solve_observation` in a process of its own (``observatory calib-solve``).
+
+    As a conversion: a native crash (mwalib on a damaged file, AOFlagger, the OOM killer)
+    fails this solve, not the Dask worker running other jobs; and the solve runs in that
+    process's main thread, where it may fork workers to flag channels on every core.
+
+    Raises
+    ------
+    CommandFailed
+        If the solve failed (its message) or its process died.
+    WorkerClosing
+        If the Dask worker running this closes meanwhile (the solve is stopped).
+    """
+    out = work_dir.absolute() / "solved.npz"
+    run_command(  # stopped if its Dask worker closes: the request is run again after
+        [
+            sys.executable, "-m", "observatory", "calib-solve", "--source", source_name,
+            "--out", str(out), "--metafits", str(Path(metafits).absolute()),
+            *(str(Path(f).absolute()) for f in data_files),
+        ],
+        cwd=work_dir, what="calibration solve", poll=stop_if_worker_closing,
+    )  # fmt: skip
+    return SolvedObservation.load(out, open_reader(metafits, data_files).meta)
+
+
+@dataclass(frozen=True)
+class _ChanTask:
+    """What each coarse channel's sums take beside the reader."""
+
+    source_name: str
+    timesteps_per_block: int
+    edge_chans: int
+    flag_dc: bool
+    flag_rfi: bool
+
+
+#: A coarse channel's normal matrices (A, B) and its channel frequencies.
+_ChanSums = tuple[NDArray[np.complex128], NDArray[np.float64], NDArray[np.float64]]
+
+
+def _chan_sums(reader: VisibilityReader, task: _ChanTask, coarse_chan: int) -> _ChanSums:
+    """The normal matrices of one coarse channel, summed over its blocks of time."""
+    meta = reader.meta
+    source = lookup(task.source_name)
+    n_timesteps = len(reader.time_start_gps_s)
+    step = task.timesteps_per_block
+    big_a, big_b, freqs_hz = None, None, None
+    for start in range(0, n_timesteps, step):
+        chunk = reader.read(coarse_chan, range(start, min(start + step, n_timesteps)))
+        block_a, block_b = _normal_matrices_of(
+            chunk, meta, source, task.edge_chans, task.flag_dc, task.flag_rfi
+        )
+        if big_a is None or big_b is None:
+            big_a, big_b, freqs_hz = block_a, block_b, chunk.freqs_hz
+        else:
+            big_a += block_a
+            big_b += block_b
+    assert big_a is not None and big_b is not None and freqs_hz is not None, "no timesteps"
+    return big_a, big_b, freqs_hz
+
+
+_solve_worker_reader: VisibilityReader | None = None
+
+
+def _start_solve_worker(parent_pid: int, metafits: Path, data_files: list[Path]) -> None:
+    """Process-pool initializer: die with the parent; open the files as it did."""
+    global _solve_worker_reader
+    die_with_parent(parent_pid)
+    _solve_worker_reader = open_reader(metafits, data_files)
+
+
+def _chan_sums_in_worker(task: _ChanTask, coarse_chan: int) -> _ChanSums:
+    assert _solve_worker_reader is not None, "worker not initialised"
+    try:
+        return _chan_sums(_solve_worker_reader, task, coarse_chan)
+    except Exception as exc:
+        failure = picklable_failure(exc)
+        if failure is exc:
+            raise
+    raise failure  # outside the handler: no chain back to what could not be pickled
 
 
 @dataclass(frozen=True)
@@ -449,7 +595,12 @@ def fit_observation(session: Session, settings: Settings, obsid: int) -> Calibra
     if observation is None or not observation.calibration or not observation.calibrator_source:
         raise BadRequest(f"observation {obsid} is not a calibrator observation in the archive")
     metafits, files = correlator_inputs(session, Storage(settings.archive_dir), obsid)
-    solved = solve_observation(metafits, files, observation.calibrator_source)
+    settings.work_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=settings.work_dir, prefix=f"calib-{obsid}-") as work:
+        try:
+            solved = solve_in_process(metafits, files, observation.calibrator_source, Path(work))
+        except CommandFailed as exc:
+            raise CalibrationFailed(f"observation {obsid} could not be solved: {exc}") from None
     jones = solved.file_jones()
     # A delay is the slope of phase with frequency: it needs 2 chanblocks with solutions.
     # (Without this check such an observation fails tile by tile, which reads as if the
@@ -551,6 +702,9 @@ def _run_request_locked(settings: Settings, engine: Engine, request_id: int) -> 
         session.commit()
         try:
             fit = fit_observation(session, settings, cal_id)
+        except WorkerClosing:  # not the request's failure: it is run again after a restart
+            session.rollback()
+            raise
         except Exception as exc:  # recorded: the requesters are told why
             session.rollback()
             for joined in _unfinished_requests(session, cal_id):

@@ -19,17 +19,14 @@ then each block of integrations is streamed to the uvfits and/or measurement set
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import math
 import multiprocessing
 import os
 import pickle
-import signal
 import sys
 import tempfile
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import (
     FIRST_COMPLETED,
@@ -47,6 +44,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from observatory.calib.formats import CalSolutions, read_solutions
+from observatory.core.processes import die_with_parent, forking_is_safe
 from observatory.core.storage import remove_leftover_temporaries, temporary_name
 from observatory.preprocess import corrections
 from observatory.preprocess.measurement_set import MeasurementSetStream
@@ -591,8 +589,7 @@ def _process(
     # 5. RFI
     rfi_count = 0
     if not options.no_rfi:
-        cross = np.flatnonzero((p != q) & ~flags.all(axis=(0, 2)))
-        found = aoflagger_flags(vis, flags, cross)
+        found = aoflagger_flags(vis, flags, p, q)
         rfi_count = int(np.count_nonzero(found & ~flags))
         flags |= found
     # 6. phasing
@@ -770,12 +767,7 @@ def preprocess(
         # pickled copies cost each side the chunk's size again), removed once written.
         writers = [stream.groups for stream in uvfits_streams]
         pool: Executor
-        if (
-            options.no_rfi
-            or n_workers == 1
-            or multiprocessing.current_process().daemon
-            or threading.current_thread() is not threading.main_thread()
-        ):
+        if options.no_rfi or n_workers == 1 or not forking_is_safe():
             # numpy releases the GIL: threads share the work without copying chunks around.
             # Processes are forked only from a program's main thread: inside a service
             # (a Dask worker thread, a daemonic worker process) forking is not safe.
@@ -881,25 +873,30 @@ def memory_limit_bytes() -> int:
     for cgroup_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         with contextlib.suppress(OSError, ValueError):  # absent, or "max": no cgroup limit
             limits.append(int(Path(cgroup_file).read_text().strip()))
-    with contextlib.suppress(ImportError, ValueError, AttributeError):  # not in a Dask worker
+    # Without distributed imported, no Dask worker runs in this process (and importing it
+    # would cost a conversion's or solve's process half a second).
+    if "distributed" in sys.modules:
         from distributed import get_worker
 
-        worker = get_worker()
-        if worker.memory_manager.memory_limit:
-            limits.append(int(worker.memory_manager.memory_limit) // max(1, worker.state.nthreads))
+        with contextlib.suppress(ValueError, AttributeError):  # not in a Dask worker's task
+            worker = get_worker()
+            if worker.memory_manager.memory_limit:
+                limits.append(
+                    int(worker.memory_manager.memory_limit) // max(1, worker.state.nthreads)
+                )
     return min(limits)
 
 
-def default_workers(chunk_bytes: int) -> int:
+def default_workers(chunk_bytes: int, peak_per_chunk_byte: int = 2) -> int:
     """Chunks processed at once when the caller does not say: one per CPU, as many as fit.
 
-    Each worker needs about twice a chunk (``chunk_bytes`` of raw visibilities, RFI
-    factor included: the chunk it processes and the result of one waiting to be
-    written), beside the process itself. Inside a 4 GiB Dask worker on a big node, one per
-    CPU would not fit.
+    Each worker needs about ``peak_per_chunk_byte`` times a chunk (``chunk_bytes`` of raw
+    visibilities, RFI factor included; for the conversion twice: the chunk it processes
+    and the result of one waiting to be written), beside the process itself. Inside a
+    4 GiB Dask worker on a big node, one per CPU would not fit.
     """
     allowance = memory_limit_bytes() - PROCESS_BASE_BYTES
-    return max(1, min(os.cpu_count() or 1, allowance // (2 * chunk_bytes)))
+    return max(1, min(os.cpu_count() or 1, allowance // (peak_per_chunk_byte * chunk_bytes)))
 
 
 def _time_blocks(plan: _Plan) -> list[range]:
@@ -998,34 +995,6 @@ def _load_scratch(path: Path) -> _ChunkArrays:
 _worker_runner: _ChunkRunner | None = None
 
 
-#: prctl(2) option: the signal this process gets when its parent dies (linux/prctl.h).
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(parent_pid: int, signum: int = signal.SIGKILL) -> None:
-    """Have the kernel send ``signum`` to this process when its parent dies (Linux only).
-
-    Without it a process outlives a parent killed outright (``kill -9``, the OOM killer):
-    a chunk worker holding its memory, asleep on the pipe to the parent forever, or an
-    ASVO job's conversion running on for a job its killed Dask worker will run again. The
-    kernel sends the signal when the *thread* that forked this process ends: the pool's
-    workers are forked by the thread that submits the chunks, the conversion's (main)
-    thread, and a job's conversion by the worker thread that waits for it.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
-            log.debug("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
-            return
-    except (OSError, AttributeError):  # no C library or no prctl: nothing to set
-        return
-    if os.getppid() != parent_pid:
-        # The parent died before the signal was set: nothing would send it now.
-        os.kill(os.getpid(), signum)
-
-
 def _start_worker(
     parent_pid: int,
     metafits: Path,
@@ -1055,20 +1024,29 @@ def _run_in_worker(block_index: int, coarse_index: int) -> _ChunkResult:
     try:
         return _worker_runner.run(block_index, coarse_index)
     except Exception as exc:
-        # The failure goes back to the parent pickled, with its chain once tblib's pickling
-        # is installed (Dask installs it): one that cannot be pickled (mwalib's exception
-        # types, or an error chained from one) broke the pool, reported as a killed worker.
-        try:
-            pickle.dumps(exc)
-        except Exception:
-            failure = (
-                ReadError(str(exc))
-                if isinstance(exc, ReadError)
-                else RuntimeError(f"{type(exc).__name__}: {exc}")
-            )
-        else:
+        failure = picklable_failure(exc)
+        if failure is exc:
             raise
     raise failure  # outside the handler: no chain back to what could not be pickled
+
+
+def picklable_failure(exc: Exception) -> Exception:
+    """``exc``, or one like it that a worker process can send back to its parent.
+
+    The failure goes back pickled, with its chain once tblib's pickling is installed
+    (Dask installs it): one that cannot be pickled (mwalib's exception types, or an
+    error chained from one) would break the pool, reported as a killed worker. Raise
+    the replacement outside the ``except`` block, so that it carries no such chain.
+    """
+    try:
+        pickle.dumps(exc)
+    except Exception:
+        return (
+            ReadError(str(exc))
+            if isinstance(exc, ReadError)
+            else RuntimeError(f"{type(exc).__name__}: {exc}")
+        )
+    return exc
 
 
 #: What a conversion process takes before any chunk: numpy, astropy, pyuvdata, mwalib,

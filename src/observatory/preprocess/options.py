@@ -19,9 +19,6 @@ from enum import StrEnum
 #: Tolerance for "exact multiple" checks (Birli uses 1e-6).
 MULTIPLE_TOLERANCE = 1e-6
 DEFAULT_FLAG_EDGE_WIDTH_KHZ = 80.0
-#: Set by an ASVO job for the ``observatory preprocess`` it starts: the process that waits
-#: for it, with which the conversion dies (``engine.die_with_parent``).
-PARENT_PID_VARIABLE = "OBSERVATORY_CONVERSION_PARENT_PID"
 
 
 class OptionError(ValueError):

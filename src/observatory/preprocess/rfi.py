@@ -27,9 +27,10 @@ def _strategy() -> tuple[Any, Any]:
 def aoflagger_flags(
     vis: NDArray[np.complex64],
     flags: NDArray[np.bool_],
-    baselines: NDArray[np.intp],
+    ant1: NDArray[np.integer],
+    ant2: NDArray[np.integer],
 ) -> NDArray[np.bool_]:
-    """Flags AOFlagger raises on the given baselines of a chunk.
+    """Flags AOFlagger raises on the cross-correlations of a chunk not already flagged whole.
 
     Parameters
     ----------
@@ -37,14 +38,15 @@ def aoflagger_flags(
         Visibilities, shape (n_times, n_baselines, n_chans, 4).
     flags
         Flags already set, shape (n_times, n_baselines, n_chans); AOFlagger takes them as input.
-    baselines
-        Indices of the baselines to flag (cross-correlations not already flagged).
+    ant1, ant2
+        Each baseline's antennas (autocorrelations, where they are equal, are not flagged).
 
     Returns
     -------
     numpy.ndarray
         bool, shape (n_times, n_baselines, n_chans): the new flags (all pols together).
     """
+    baselines = np.flatnonzero((ant1 != ant2) & ~flags.all(axis=(0, 2)))
     n_times, _, n_chans, _ = vis.shape
     flagger, strategy = _strategy()
     found = np.zeros(vis.shape[:3], dtype=bool)
