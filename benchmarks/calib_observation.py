@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from observatory.archive.simulated import catalogue_point_source
-from observatory.calib.pipeline import solve_observation
+from observatory.calib.solving import solve_observation
 from observatory.telescope.simulator import RfiBurst, simulate_observation
 
 OBSID = 1_450_324_816  # 3C353 60 degrees up

@@ -122,8 +122,8 @@ def real_meta_subset() -> Any:
 
 def solved_real(gains: np.ndarray, freqs_hz: np.ndarray) -> Any:
     """A SolvedObservation of ``real_meta_subset``'s tiles with the given gains (chan, antenna, 2)."""
-    from observatory.calib.pipeline import SolvedObservation
     from observatory.calib.solver import Solution
+    from observatory.calib.solving import SolvedObservation
 
     n_chan = len(freqs_hz)
     solution = Solution(gains=gains, iterations=np.zeros((n_chan, 2), np.int64),

@@ -357,7 +357,8 @@ def test_a_calibrator_in_which_no_tile_calibrates_is_a_failed_fit(
 
 def test_a_missing_coarse_channel_file_is_nan_at_its_own_channel(tmp_path: Path) -> None:
     """Channel 110's file is missing: its gains are NaN, and 111 and 112 keep their own (spec 3.4)."""
-    from observatory.calib.pipeline import solve_observation, tile_fits
+    from observatory.calib.pipeline import tile_fits
+    from observatory.calib.solving import solve_observation
     from observatory.telescope.simulator import simulate_observation
 
     best = pointing.best_calibrator(CAL_OBS + 8, min_el_deg=30.0, sun_exclusion_deg=20.0)
@@ -433,8 +434,9 @@ def test_a_fit_records_its_iteration_limit_and_the_summary_shows_niter_over_limi
     from fastapi.testclient import TestClient
 
     from observatory.app import create_app
-    from observatory.calib.pipeline import PHASE_FIT_NITER, SOLVER_MAX_ITERATIONS
+    from observatory.calib.pipeline import PHASE_FIT_NITER
     from observatory.calib.service import calibdata_hdu
+    from observatory.calib.solving import SOLVER_MAX_ITERATIONS
 
     with session_factory() as session:
         fit = fit_small_calibrator(session, settings)
@@ -588,7 +590,8 @@ def test_a_fit_calibrates_a_target_at_another_frequency_resolution(
 def test_a_dead_tile_with_the_lowest_id_is_not_the_reference(tmp_path: Path) -> None:
     """A dead tile the metafits does not flag has solutions of noise: as calvin's reference
     (the lowest tile id) it failed every other tile, and the error blamed them."""
-    from observatory.calib.pipeline import solve_observation, tile_fits
+    from observatory.calib.pipeline import tile_fits
+    from observatory.calib.solving import solve_observation
     from observatory.telescope.simulator import simulate_observation
 
     source = catalogue_point_source("3C353")
@@ -614,8 +617,9 @@ def test_data_the_correlator_phased_give_the_same_fits(
 ) -> None:
     """Metafits GEODEL: the model is of unphased data; phased ones gave delays metres off,
     every tile reported calibrated."""
-    from observatory.calib import pipeline
-    from observatory.calib.pipeline import solve_observation, tile_fits
+    from observatory.calib import solving
+    from observatory.calib.pipeline import tile_fits
+    from observatory.calib.solving import solve_observation
     from observatory.telescope.simulator import simulate_observation
 
     source = catalogue_point_source("3C353")
@@ -628,7 +632,7 @@ def test_data_the_correlator_phased_give_the_same_fits(
         return np.array([[row["x_delay_m"], row["y_delay_m"]] for row in fits.rows], float)
 
     unphased = delays()
-    monkeypatch.setattr(pipeline, "open_reader", phased_by_the_correlator(pipeline.open_reader,
+    monkeypatch.setattr(solving, "open_reader", phased_by_the_correlator(solving.open_reader,
                                                                          applied))  # fmt: skip
     np.testing.assert_allclose(delays(), unphased, atol=1e-3)
 
@@ -674,8 +678,9 @@ def test_integrations_within_the_quack_time_are_not_solved_on(
 ) -> None:
     """The correlator's first integrations (metafits QUACKTIM) hold settling data: the
     conversion flags them, the pipeline solved on them."""
-    from observatory.calib import pipeline
-    from observatory.calib.pipeline import solve_observation, tile_fits
+    from observatory.calib import solving
+    from observatory.calib.pipeline import tile_fits
+    from observatory.calib.solving import solve_observation
     from observatory.telescope.simulator import simulate_observation
 
     source = catalogue_point_source("3C353")
@@ -689,7 +694,7 @@ def test_integrations_within_the_quack_time_are_not_solved_on(
         return np.array([[row["x_delay_m"], row["y_delay_m"]] for row in fits.rows], float)
 
     clean = delays()
-    real_open = pipeline.open_reader
+    real_open = solving.open_reader
 
     def settling(metafits: Path, files: list[Path]) -> object:
         reader = real_open(metafits, files)
@@ -705,7 +710,7 @@ def test_integrations_within_the_quack_time_are_not_solved_on(
         reader.read = read_settling
         return reader
 
-    monkeypatch.setattr(pipeline, "open_reader", settling)
+    monkeypatch.setattr(solving, "open_reader", settling)
     np.testing.assert_allclose(delays(), clean, atol=0.02)
 
 
@@ -716,15 +721,16 @@ def test_the_legacy_dc_channel_is_not_solved_on(
     flags it on legacy data (Birli's default), the pipeline solved on it."""
     import dataclasses
 
-    from observatory.calib import pipeline
-    from observatory.calib.pipeline import solve_observation, tile_fits
+    from observatory.calib import solving
+    from observatory.calib.pipeline import tile_fits
+    from observatory.calib.solving import solve_observation
     from observatory.telescope.simulator import simulate_observation
 
     source = catalogue_point_source("3C353")
     sim = simulate_observation(tmp_path, 1450324816, n_tiles=8, coarse_chans=(109, 110, 111, 112),
                                n_timesteps=4, sources=[source], calibrator=source.name,
                                delay_error_scatter_ns=2.0, noise_sigma_jy=1.0)  # fmt: skip
-    real_open = pipeline.open_reader
+    real_open = solving.open_reader
 
     def legacy(dc_offset: float) -> Callable[[Path, list[Path]], object]:
         def open_legacy(metafits: Path, files: list[Path]) -> object:
@@ -744,7 +750,7 @@ def test_the_legacy_dc_channel_is_not_solved_on(
         return open_legacy
 
     def delays(dc_offset: float) -> np.ndarray:
-        monkeypatch.setattr(pipeline, "open_reader", legacy(dc_offset))
+        monkeypatch.setattr(solving, "open_reader", legacy(dc_offset))
         fits = tile_fits(solve_observation(sim.metafits_path, sim.vis_paths, source.name), 4)
         return np.array([[row["x_delay_m"], row["y_delay_m"]] for row in fits.rows], float)
 
@@ -757,8 +763,8 @@ def test_the_solve_reads_in_time_blocks_and_gives_the_same_fits(
     """Each coarse channel was read whole: a real observation (128 tiles, minutes at 0.5 s)
     needs tens of GB at once. The normal matrices are sums over time, so blocks give the
     same solutions."""
-    from observatory.calib import pipeline
-    from observatory.calib.pipeline import solve_observation
+    from observatory.calib import solving
+    from observatory.calib.solving import solve_observation
     from observatory.telescope.simulator import simulate_observation
 
     source = catalogue_point_source("3C353")
@@ -767,7 +773,7 @@ def test_the_solve_reads_in_time_blocks_and_gives_the_same_fits(
                                delay_error_scatter_ns=2.0, noise_sigma_jy=1.0)  # fmt: skip
     # Without RFI flagging: AOFlagger's flags depend on the stretch of time it is given.
     whole = solve_observation(sim.metafits_path, sim.vis_paths, source.name, flag_rfi=False)
-    real_open = pipeline.open_reader
+    real_open = solving.open_reader
     block_lengths: list[int] = []
 
     def counting(metafits: Path, files: list[Path]) -> object:
@@ -781,7 +787,7 @@ def test_the_solve_reads_in_time_blocks_and_gives_the_same_fits(
         reader.read = read_counted
         return reader
 
-    monkeypatch.setattr(pipeline, "open_reader", counting)
+    monkeypatch.setattr(solving, "open_reader", counting)
     one_timestep_bytes = 8 * 9 // 2 * 32 * 4 * 8  # 8 tiles' baselines with autos, 32 channels
     blocked = solve_observation(
         sim.metafits_path,
@@ -801,9 +807,9 @@ def test_the_solve_reads_in_time_blocks_and_gives_the_same_fits(
     for limit_timesteps, blocks in ((10, [5]), (3, [3, 2])):  # 8 timesteps; 3
         block_lengths.clear()
         monkeypatch.setattr(
-            pipeline, "memory_limit_bytes",
-            lambda n=limit_timesteps: pipeline.PROCESS_BASE_BYTES
-            + n * one_timestep_bytes * pipeline.SOLVE_PEAK_PER_RAW_BYTE,
+            solving, "memory_limit_bytes",
+            lambda n=limit_timesteps: solving.PROCESS_BASE_BYTES
+            + n * one_timestep_bytes * solving.SOLVE_PEAK_PER_RAW_BYTE,
         )  # fmt: skip
         solve_observation(sim.metafits_path, sim.vis_paths, source.name,
                           chunk_bytes=one_timestep_bytes, workers=1)  # fmt: skip
@@ -819,7 +825,7 @@ def test_our_solutions_are_in_hyperdrive_s_convention_and_calibrate_their_data(
     solutions back to the gain-free sky: ours were the conjugate, and the conversion applied
     hyperdrive's conjugated."""
     from observatory.calib.formats import CalSolutions, write_aocal
-    from observatory.calib.pipeline import solve_observation
+    from observatory.calib.solving import solve_observation
     from observatory.preprocess.engine import preprocess
     from observatory.preprocess.options import ConversionOptions
     from observatory.telescope.simulator import simulate_observation
@@ -933,7 +939,8 @@ def test_interference_in_a_few_channels_is_flagged_out_of_the_fit(tmp_path: Path
     """As the conversion (and Birli before calvin's hyperdrive): AOFlagger's flags. A strong
     narrow-band transmitter in 3 fine channels of one coarse channel took that channel's
     gain fits 90 % off."""
-    from observatory.calib.pipeline import solve_observation, tile_fits
+    from observatory.calib.pipeline import tile_fits
+    from observatory.calib.solving import solve_observation
     from observatory.telescope.simulator import RfiBurst, simulate_observation
 
     source = catalogue_point_source("3C353")

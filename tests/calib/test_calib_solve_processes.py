@@ -17,13 +17,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from backends import sqlite_only
 from observatory.archive.simulated import catalogue_point_source, simulate_and_register
-from observatory.calib import pipeline
-from observatory.calib.pipeline import (
-    CalibrationFailed,
-    SolvedObservation,
-    fit_observation,
-    solve_observation,
-)
+from observatory.calib import pipeline, solving
+from observatory.calib.pipeline import CalibrationFailed, fit_observation
+from observatory.calib.solving import SolvedObservation, solve_observation
 from observatory.core.config import Settings
 from observatory.preprocess.reader import open_reader
 from observatory.telescope.simulator import RfiBurst, SimulatedObservation, simulate_observation
@@ -58,13 +54,13 @@ def test_channels_are_flagged_and_summed_in_forked_processes_with_the_same_resul
     assert np.isfinite(one_by_one.solution.gains).mean() > 0.5
     started = tmp_path / "started"
     started.mkdir()
-    real_start = pipeline._start_solve_worker
+    real_start = solving._start_solve_worker
 
     def recording_start(*args: Any) -> None:
         (started / str(os.getpid())).touch()
         real_start(*args)
 
-    monkeypatch.setattr(pipeline, "_start_solve_worker", recording_start)
+    monkeypatch.setattr(solving, "_start_solve_worker", recording_start)
     in_processes = solve_observation(sim.metafits_path, sim.vis_paths, SOURCE.name, workers=2)
     workers = {int(p.name) for p in started.iterdir()}
     assert len(workers) == 2 and os.getpid() not in workers
@@ -211,4 +207,9 @@ def test_a_solve_stops_when_its_dask_worker_closes_and_its_request_stays_to_run_
     while _solve_processes():  # SIGTERM'd (it dies of it at once: nothing to clean up)
         assert time.monotonic() < deadline, "the solve process was left running"
         time.sleep(0.05)
+    assert not list(settings.work_dir.glob("calib-*"))  # the stopped run's scratch removed
+    # A run whose worker was killed outright left its scratch: the next run removes it.
+    stale = settings.work_dir / f"calib-{CAL_OBS}-killed"
+    (stale / "solved.npz.tmp").mkdir(parents=True)
     assert pipeline.run_request(settings.model_dump(), request_id) == "completed"
+    assert not stale.exists()

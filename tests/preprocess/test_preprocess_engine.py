@@ -1319,18 +1319,22 @@ def test_a_full_disk_fails_at_the_start_naming_what_the_output_needs(
     assert processed == [] and list(out_dir.iterdir()) == []
 
 
-def test_default_workers_fit_a_dask_workers_memory() -> None:
+def test_default_workers_fit_a_dask_workers_memory(tmp_path: Path) -> None:
     """One per CPU, unless the memory (here a Dask worker's limit, shared by its 2 threads)
-    holds fewer: the conversion that took a 4 GiB worker past its limit."""
+    holds fewer: the conversion that took a 4 GiB worker past its limit. A command the
+    task starts (a conversion, a calibrator's solve) keeps to the task's share too: its
+    memory is its own process's, which the worker neither counts nor limits."""
     import os
+    import sys
 
     from distributed import Client, LocalCluster
 
-    from observatory.preprocess.engine import (
-        PROCESS_BASE_BYTES,
-        default_workers,
-        memory_limit_bytes,
-    )
+    from observatory.core.processes import memory_limit_bytes, run_command
+    from observatory.preprocess.engine import PROCESS_BASE_BYTES, default_workers
+
+    def command_share() -> int:
+        probe = "from observatory.core.processes import memory_limit_bytes as m; print(m())"
+        return int(run_command([sys.executable, "-c", probe], cwd=tmp_path, what="probe"))
 
     rfi_chunk = 256 * 2**20
     cpus = os.cpu_count() or 1
@@ -1345,7 +1349,8 @@ def test_default_workers_fit_a_dask_workers_memory() -> None:
     ):  # fmt: skip
         share = client.submit(memory_limit_bytes, pure=False).result(timeout=30)
         inside = client.submit(default_workers, rfi_chunk, pure=False).result(timeout=30)
-    assert share == 2 * 2**30 // 2
+        started = client.submit(command_share, pure=False).result(timeout=60)
+    assert share == 2 * 2**30 // 2 == started
     assert inside == max(1, (share - PROCESS_BASE_BYTES) // (2 * rfi_chunk)) == 1
 
 

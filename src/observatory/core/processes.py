@@ -9,6 +9,7 @@ the GIL, so threads of a Dask worker flag on one core.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import multiprocessing
@@ -25,6 +26,9 @@ log = logging.getLogger(__name__)
 #: Set for a command started by :func:`run_command`: the process that waits for it, with
 #: which the command dies (:func:`die_with_parent`).
 PARENT_PID_VARIABLE = "OBSERVATORY_PARENT_PID"
+#: Set for a command started by :func:`run_command`: the memory its caller's task may use
+#: (a Dask worker's share), which the command keeps to (:func:`memory_limit_bytes`).
+MEMORY_LIMIT_VARIABLE = "OBSERVATORY_MEMORY_LIMIT_BYTES"
 #: How often a running command's caller is asked whether to stop it (``poll``).
 POLL_INTERVAL_S = 1.0
 #: How long a stopped command has to clean up after SIGTERM before it is killed.
@@ -48,7 +52,7 @@ def run_command(
     command
         The program and its arguments.
     cwd
-        Its working directory (where its stderr is kept, as ``<what>.stderr``).
+        Its working directory (its stderr is written there, as ``<what>.stderr``).
     what
         What it does, for the messages (``conversion``: "the conversion failed ...").
     poll
@@ -62,11 +66,18 @@ def run_command(
         If it exits with a non-zero status (the message is its one-line ``error: ...``, or
         the last line it printed) or dies of a signal.
     """
-    # What it prints on stderr is kept in a file beside its work, for whoever looks into it.
+    # Its stderr goes to a file, not a pipe: a command that prints much and is not read
+    # would block on a full pipe.
     with open(cwd / f"{what.replace(' ', '-')}.stderr", "w+b") as stderr:
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, cwd=cwd,
-            env={**os.environ, PARENT_PID_VARIABLE: str(os.getpid())},  # it dies with us
+            env={
+                **os.environ,
+                PARENT_PID_VARIABLE: str(os.getpid()),  # it dies with us
+                # Its memory is this task's share: a Dask worker's memory monitor does not
+                # see a child's, and the worker's other tasks need theirs.
+                MEMORY_LIMIT_VARIABLE: str(memory_limit_bytes()),
+            },
         )  # fmt: skip
         try:
             while True:
@@ -134,6 +145,33 @@ def stop_if_worker_closing() -> None:
         return
     if worker.status in (Status.closing, Status.closing_gracefully, Status.closed):
         raise WorkerClosing(f"the Dask worker running this task is {worker.status.name}")
+
+
+def memory_limit_bytes() -> int:
+    """The memory one task of this process may use.
+
+    The least of the machine's memory, its cgroup's limit, inside a Dask worker the
+    worker's ``memory_limit`` shared by the tasks its threads run at once, and in a
+    command started by :func:`run_command` what its caller's task had.
+    """
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    for cgroup_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):  # absent, or "max": no cgroup limit
+            limits.append(int(Path(cgroup_file).read_text().strip()))
+    with contextlib.suppress(KeyError, ValueError):  # not started by run_command
+        limits.append(int(os.environ[MEMORY_LIMIT_VARIABLE]))
+    # Without distributed imported, no Dask worker runs in this process (and importing it
+    # would cost a conversion's or solve's process half a second).
+    if "distributed" in sys.modules:
+        from distributed import get_worker
+
+        with contextlib.suppress(ValueError, AttributeError):  # not in a Dask worker's task
+            worker = get_worker()
+            if worker.memory_manager.memory_limit:
+                limits.append(
+                    int(worker.memory_manager.memory_limit) // max(1, worker.state.nthreads)
+                )
+    return min(limits)
 
 
 def die_with_parent(parent_pid: int, signum: int = signal.SIGKILL) -> None:

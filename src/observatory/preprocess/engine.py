@@ -25,7 +25,6 @@ import math
 import multiprocessing
 import os
 import pickle
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import (
@@ -44,7 +43,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from observatory.calib.formats import CalSolutions, read_solutions
-from observatory.core.processes import die_with_parent, forking_is_safe
+from observatory.core.processes import die_with_parent, forking_is_safe, memory_limit_bytes
 from observatory.core.storage import remove_leftover_temporaries, temporary_name
 from observatory.preprocess import corrections
 from observatory.preprocess.measurement_set import MeasurementSetStream
@@ -861,30 +860,6 @@ def preprocess(
     if not options.no_rfi:
         log.info("AOFlagger flagged %d samples of obsid %d", rfi_flagged, meta.obsid)
     return targets
-
-
-def memory_limit_bytes() -> int:
-    """The memory one task of this process may use.
-
-    The least of the machine's memory, its cgroup's limit and, inside a Dask worker,
-    the worker's ``memory_limit`` shared by the tasks its threads run at once.
-    """
-    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
-    for cgroup_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        with contextlib.suppress(OSError, ValueError):  # absent, or "max": no cgroup limit
-            limits.append(int(Path(cgroup_file).read_text().strip()))
-    # Without distributed imported, no Dask worker runs in this process (and importing it
-    # would cost a conversion's or solve's process half a second).
-    if "distributed" in sys.modules:
-        from distributed import get_worker
-
-        with contextlib.suppress(ValueError, AttributeError):  # not in a Dask worker's task
-            worker = get_worker()
-            if worker.memory_manager.memory_limit:
-                limits.append(
-                    int(worker.memory_manager.memory_limit) // max(1, worker.state.nthreads)
-                )
-    return min(limits)
 
 
 def default_workers(chunk_bytes: int, peak_per_chunk_byte: int = 2) -> int:
