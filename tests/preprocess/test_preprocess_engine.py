@@ -1322,22 +1322,28 @@ def test_a_full_disk_fails_at_the_start_naming_what_the_output_needs(
 def test_default_workers_fit_a_dask_workers_memory(tmp_path: Path) -> None:
     """One per CPU, unless the memory (here a Dask worker's limit, shared by its 2 threads)
     holds fewer: the conversion that took a 4 GiB worker past its limit. A command the
-    task starts (a conversion, a calibrator's solve) keeps to the task's share too: its
-    memory is its own process's, which the worker neither counts nor limits."""
+    task starts (a conversion, a calibrator's solve) keeps to the task's share of memory
+    and CPUs too: its memory is its own process's, which the worker neither counts nor
+    limits, and each of a worker's tasks forked a worker per CPU of the node."""
     import os
     import sys
 
     from distributed import Client, LocalCluster
 
-    from observatory.core.processes import memory_limit_bytes, run_command
+    from observatory.core.processes import cpu_share, memory_limit_bytes, run_command
     from observatory.preprocess.engine import PROCESS_BASE_BYTES, default_workers
 
-    def command_share() -> int:
-        probe = "from observatory.core.processes import memory_limit_bytes as m; print(m())"
-        return int(run_command([sys.executable, "-c", probe], cwd=tmp_path, what="probe"))
+    def command_share() -> list[int]:
+        probe = (
+            "from observatory.core.processes import cpu_share, memory_limit_bytes\n"
+            "print(memory_limit_bytes(), cpu_share())"
+        )
+        printed = run_command([sys.executable, "-c", probe], cwd=tmp_path, what="probe")
+        return [int(n) for n in printed.split()]
 
     rfi_chunk = 256 * 2**20
-    cpus = os.cpu_count() or 1
+    cpus = cpu_share()  # outside Dask: the CPUs this process may run on
+    assert cpus == len(os.sched_getaffinity(0))
     if memory_limit_bytes() > cpus * 2 * rfi_chunk + PROCESS_BASE_BYTES:
         assert default_workers(rfi_chunk) == cpus  # memory enough for one per CPU
     with (
@@ -1349,8 +1355,11 @@ def test_default_workers_fit_a_dask_workers_memory(tmp_path: Path) -> None:
     ):  # fmt: skip
         share = client.submit(memory_limit_bytes, pure=False).result(timeout=30)
         inside = client.submit(default_workers, rfi_chunk, pure=False).result(timeout=30)
+        cpus_inside = client.submit(cpu_share, pure=False).result(timeout=30)
         started = client.submit(command_share, pure=False).result(timeout=60)
-    assert share == 2 * 2**30 // 2 == started
+    assert share == 2 * 2**30 // 2
+    assert cpus_inside == max(1, cpus // 2)  # the worker's 2 threads share the CPUs
+    assert started == [share, cpus_inside]
     assert inside == max(1, (share - PROCESS_BASE_BYTES) // (2 * rfi_chunk)) == 1
 
 

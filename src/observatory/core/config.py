@@ -49,12 +49,12 @@ def _check_known_settings(path: str, document: dict[str, Any], known: set[str]) 
 
 
 #: ``OBSERVATORY_*`` variables that are not settings: the config file's name, the parent
-#: of a service's command and its memory share (``core.processes``), the trigger client's URL, whether astropy
+#: of a service's command and its memory and CPU share (``core.processes``), the trigger client's URL, whether astropy
 #: may go online (read before any settings, when astropy is configured), and the test
 #: suite's own.
 OTHER_VARIABLES = frozenset(
     {"OBSERVATORY_CONFIG", "OBSERVATORY_PARENT_PID",
-     "OBSERVATORY_MEMORY_LIMIT_BYTES", "OBSERVATORY_TRIGGER_URL",
+     "OBSERVATORY_MEMORY_LIMIT_BYTES", "OBSERVATORY_CPU_SHARE", "OBSERVATORY_TRIGGER_URL",
      "OBSERVATORY_ALLOW_INTERNET", "OBSERVATORY_SHARED_DATA"}
 )  # fmt: skip
 OTHER_VARIABLE_PREFIXES = ("OBSERVATORY_TEST_", "OBSERVATORY_REQUIRE_")

@@ -29,6 +29,8 @@ PARENT_PID_VARIABLE = "OBSERVATORY_PARENT_PID"
 #: Set for a command started by :func:`run_command`: the memory its caller's task may use
 #: (a Dask worker's share), which the command keeps to (:func:`memory_limit_bytes`).
 MEMORY_LIMIT_VARIABLE = "OBSERVATORY_MEMORY_LIMIT_BYTES"
+#: ... and the CPUs its caller's task may use (:func:`cpu_share`).
+CPU_SHARE_VARIABLE = "OBSERVATORY_CPU_SHARE"
 #: How often a running command's caller is asked whether to stop it (``poll``).
 POLL_INTERVAL_S = 1.0
 #: How long a stopped command has to clean up after SIGTERM before it is killed.
@@ -74,9 +76,10 @@ def run_command(
             env={
                 **os.environ,
                 PARENT_PID_VARIABLE: str(os.getpid()),  # it dies with us
-                # Its memory is this task's share: a Dask worker's memory monitor does not
-                # see a child's, and the worker's other tasks need theirs.
+                # Its memory and CPUs are this task's share: a Dask worker's memory monitor
+                # does not see a child's, and the worker's other tasks need theirs.
                 MEMORY_LIMIT_VARIABLE: str(memory_limit_bytes()),
+                CPU_SHARE_VARIABLE: str(cpu_share()),
             },
         )  # fmt: skip
         try:
@@ -172,6 +175,28 @@ def memory_limit_bytes() -> int:
                     int(worker.memory_manager.memory_limit) // max(1, worker.state.nthreads)
                 )
     return min(limits)
+
+
+def cpu_share() -> int:
+    """The CPUs one task of this process may keep busy (at least 1).
+
+    The CPUs this process may run on, inside a Dask worker shared by the tasks its
+    threads run at once, and in a command started by :func:`run_command` what its
+    caller's task had: a worker of 8 threads on 8 CPUs running 8 conversions had each
+    fork 8 workers.
+    """
+    shares = [
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ]
+    with contextlib.suppress(KeyError, ValueError):  # not started by run_command
+        shares.append(int(os.environ[CPU_SHARE_VARIABLE]))
+    if "distributed" in sys.modules:  # else no Dask worker in this process
+        from distributed import get_worker
+
+        with contextlib.suppress(ValueError, AttributeError):  # not in a Dask worker's task
+            worker = get_worker()
+            shares.append(shares[0] // max(1, worker.state.nthreads))
+    return max(1, min(shares))
 
 
 def die_with_parent(parent_pid: int, signum: int = signal.SIGKILL) -> None:

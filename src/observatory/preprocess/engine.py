@@ -43,7 +43,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from observatory.calib.formats import CalSolutions, read_solutions
-from observatory.core.processes import die_with_parent, forking_is_safe, memory_limit_bytes
+from observatory.core.processes import (
+    cpu_share,
+    die_with_parent,
+    forking_is_safe,
+    memory_limit_bytes,
+)
 from observatory.core.storage import remove_leftover_temporaries, temporary_name
 from observatory.preprocess import corrections
 from observatory.preprocess.measurement_set import MeasurementSetStream
@@ -863,7 +868,8 @@ def preprocess(
 
 
 def default_workers(chunk_bytes: int, peak_per_chunk_byte: int = 2) -> int:
-    """Chunks processed at once when the caller does not say: one per CPU, as many as fit.
+    """Chunks processed at once when the caller does not say: one per CPU of the task's
+    share (:func:`~observatory.core.processes.cpu_share`), as many as fit.
 
     Each worker needs about ``peak_per_chunk_byte`` times a chunk (``chunk_bytes`` of raw
     visibilities, RFI factor included; for the conversion twice: the chunk it processes
@@ -871,7 +877,7 @@ def default_workers(chunk_bytes: int, peak_per_chunk_byte: int = 2) -> int:
     4 GiB Dask worker on a big node, one per CPU would not fit.
     """
     allowance = memory_limit_bytes() - PROCESS_BASE_BYTES
-    return max(1, min(os.cpu_count() or 1, allowance // (peak_per_chunk_byte * chunk_bytes)))
+    return max(1, min(cpu_share(), allowance // (peak_per_chunk_byte * chunk_bytes)))
 
 
 def _time_blocks(plan: _Plan) -> list[range]:
