@@ -38,8 +38,8 @@ from observatory.preprocess.engine import (
     DEFAULT_CHUNK_BYTES,
     PROCESS_BASE_BYTES,
     RFI_CHUNK_FACTOR,
+    call_for_parent,
     default_workers,
-    picklable_failure,
 )
 from observatory.preprocess.options import ConversionOptions
 from observatory.preprocess.reader import ObservationMeta, RawChunk, VisibilityReader, open_reader
@@ -202,7 +202,7 @@ def solve_observation(
     raw_bytes_per_timestep = meta.n_baselines * meta.fine_chans_per_coarse * 4 * 8
     timesteps_per_block = max(1, chunk_bytes // raw_bytes_per_timestep)
     coarse_chans = [int(c) for c in reader.coarse_chans]
-    task = _ChanTask(source_name, timesteps_per_block, edge_chans, flag_dc, flag_rfi)
+    task = _ChanTask(source, timesteps_per_block, edge_chans, flag_dc, flag_rfi)
     n_workers = max(1, min(
         len(coarse_chans), workers or default_workers(chunk_bytes, SOLVE_PEAK_PER_RAW_BYTE)
     ))  # fmt: skip
@@ -273,7 +273,7 @@ def solve_in_process(
 class _ChanTask:
     """What each coarse channel's sums take beside the reader."""
 
-    source_name: str
+    source: Source
     timesteps_per_block: int
     edge_chans: int
     flag_dc: bool
@@ -287,14 +287,13 @@ _ChanSums = tuple[NDArray[np.complex128], NDArray[np.float64], NDArray[np.float6
 def _chan_sums(reader: VisibilityReader, task: _ChanTask, coarse_chan: int) -> _ChanSums:
     """The normal matrices of one coarse channel, summed over its blocks of time."""
     meta = reader.meta
-    source = lookup(task.source_name)
     n_timesteps = len(reader.time_start_gps_s)
     step = task.timesteps_per_block
     big_a, big_b, freqs_hz = None, None, None
     for start in range(0, n_timesteps, step):
         chunk = reader.read(coarse_chan, range(start, min(start + step, n_timesteps)))
         block_a, block_b = _normal_matrices_of(
-            chunk, meta, source, task.edge_chans, task.flag_dc, task.flag_rfi
+            chunk, meta, task.source, task.edge_chans, task.flag_dc, task.flag_rfi
         )
         if big_a is None or big_b is None:
             big_a, big_b, freqs_hz = block_a, block_b, chunk.freqs_hz
@@ -317,10 +316,4 @@ def _start_solve_worker(parent_pid: int, metafits: Path, data_files: list[Path])
 
 def _chan_sums_in_worker(task: _ChanTask, coarse_chan: int) -> _ChanSums:
     assert _solve_worker_reader is not None, "worker not initialised"
-    try:
-        return _chan_sums(_solve_worker_reader, task, coarse_chan)
-    except Exception as exc:
-        failure = picklable_failure(exc)
-        if failure is exc:
-            raise
-    raise failure  # outside the handler: no chain back to what could not be pickled
+    return call_for_parent(_chan_sums, _solve_worker_reader, task, coarse_chan)

@@ -20,6 +20,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -137,17 +138,27 @@ def stop_if_worker_closing() -> None:
     command running in its in-process worker's thread (a calibrator's solve: minutes),
     and a worker told to stop would be killed with it running.
     """
-    if "distributed" not in sys.modules:  # not imported: no Dask worker in this process
+    worker = _dask_worker()
+    if worker is None:
         return
-    from distributed import get_worker
     from distributed.core import Status
 
-    try:
-        worker = get_worker()
-    except ValueError:  # not in a worker's task
-        return
     if worker.status in (Status.closing, Status.closing_gracefully, Status.closed):
         raise WorkerClosing(f"the Dask worker running this task is {worker.status.name}")
+
+
+def _dask_worker() -> Any:
+    """The Dask worker whose task this thread runs, or None."""
+    # Without distributed imported, no Dask worker runs in this process (and importing it
+    # would cost a conversion's or solve's process half a second).
+    if "distributed" not in sys.modules:
+        return None
+    from distributed import get_worker
+
+    try:
+        return get_worker()
+    except ValueError:  # not in a worker's task
+        return None
 
 
 def memory_limit_bytes() -> int:
@@ -163,17 +174,9 @@ def memory_limit_bytes() -> int:
             limits.append(int(Path(cgroup_file).read_text().strip()))
     with contextlib.suppress(KeyError, ValueError):  # not started by run_command
         limits.append(int(os.environ[MEMORY_LIMIT_VARIABLE]))
-    # Without distributed imported, no Dask worker runs in this process (and importing it
-    # would cost a conversion's or solve's process half a second).
-    if "distributed" in sys.modules:
-        from distributed import get_worker
-
-        with contextlib.suppress(ValueError, AttributeError):  # not in a Dask worker's task
-            worker = get_worker()
-            if worker.memory_manager.memory_limit:
-                limits.append(
-                    int(worker.memory_manager.memory_limit) // max(1, worker.state.nthreads)
-                )
+    worker = _dask_worker()
+    if worker is not None and worker.memory_manager.memory_limit:
+        limits.append(int(worker.memory_manager.memory_limit) // max(1, worker.state.nthreads))
     return min(limits)
 
 
@@ -190,12 +193,9 @@ def cpu_share() -> int:
     ]
     with contextlib.suppress(KeyError, ValueError):  # not started by run_command
         shares.append(int(os.environ[CPU_SHARE_VARIABLE]))
-    if "distributed" in sys.modules:  # else no Dask worker in this process
-        from distributed import get_worker
-
-        with contextlib.suppress(ValueError, AttributeError):  # not in a Dask worker's task
-            worker = get_worker()
-            shares.append(shares[0] // max(1, worker.state.nthreads))
+    worker = _dask_worker()
+    if worker is not None:
+        shares.append(shares[0] // max(1, worker.state.nthreads))
     return max(1, min(shares))
 
 

@@ -38,6 +38,7 @@ from concurrent.futures import (
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -1002,32 +1003,35 @@ def _start_worker(
 
 def _run_in_worker(block_index: int, coarse_index: int) -> _ChunkResult:
     assert _worker_runner is not None, "worker not initialised"
-    try:
-        return _worker_runner.run(block_index, coarse_index)
-    except Exception as exc:
-        failure = picklable_failure(exc)
-        if failure is exc:
-            raise
-    raise failure  # outside the handler: no chain back to what could not be pickled
+    return call_for_parent(_worker_runner.run, block_index, coarse_index)
 
 
-def picklable_failure(exc: Exception) -> Exception:
-    """``exc``, or one like it that a worker process can send back to its parent.
+_Result = TypeVar("_Result")
+
+
+def call_for_parent(function: Callable[..., _Result], *args: Any) -> _Result:
+    """``function(*args)`` in a pool's worker process, failing with what its parent can read.
 
     The failure goes back pickled, with its chain once tblib's pickling is installed
     (Dask installs it): one that cannot be pickled (mwalib's exception types, or an
-    error chained from one) would break the pool, reported as a killed worker. Raise
-    the replacement outside the ``except`` block, so that it carries no such chain.
+    error chained from one) would break the pool, reported as a killed worker. It is
+    replaced by one like it, raised outside the ``except`` block so that it carries no
+    such chain.
     """
     try:
-        pickle.dumps(exc)
-    except Exception:
-        return (
-            ReadError(str(exc))
-            if isinstance(exc, ReadError)
-            else RuntimeError(f"{type(exc).__name__}: {exc}")
-        )
-    return exc
+        return function(*args)
+    except Exception as exc:
+        try:
+            pickle.dumps(exc)
+        except Exception:
+            failure = (
+                ReadError(str(exc))
+                if isinstance(exc, ReadError)
+                else RuntimeError(f"{type(exc).__name__}: {exc}")
+            )
+        else:
+            raise
+    raise failure
 
 
 #: What a conversion process takes before any chunk: numpy, astropy, pyuvdata, mwalib,
