@@ -66,6 +66,10 @@ def test_lists() -> None:
         ("100;100", "channel 100 is selected twice"),
         ("100;;101", "empty entry"),
         ("100:130", "selects 31 channels"),
+        # Refused before the range is made: this one was gigabytes of channels, then a 500.
+        ("1:99999999999999999", "channel 99999999999999999 is outside 0..255"),
+        ("0:255", "range '0:255' selects 256 channels"),
+        ("-5:3", "channel -5 is outside"),
     ],
 )
 def test_errors_name_the_problem(spec: str, fragment: str) -> None:

@@ -342,3 +342,46 @@ def test_a_source_list_holding_no_name_is_an_error_in_the_answer(
     result = post(client, **real_trigger_params(source=source, pretend="1"))
     assert result["success"] is False
     assert "source: " in errors_of(result) and "is not a name" in errors_of(result)
+
+
+UNBUILDABLE_LITERAL = "[{[]: 1}]"  # a Python list literal whose dict key is unhashable
+HUGE_INTEGER = "9" * 4301  # int() refuses more than 4,300 digits
+
+
+@pytest.mark.parametrize("name", ["ra", "source", "nobs", "exptime", "freqspecs", "subarrays"])
+def test_a_literal_that_cannot_be_built_is_an_error_in_the_answer(
+    client: TestClient, name: str
+) -> None:
+    """It was a 500: the Python-literal fallback raised TypeError for an unhashable key."""
+    result = post(client, **real_trigger_params(pretend="1", **{name: UNBUILDABLE_LITERAL}))
+    assert result["success"] is False
+    assert f"{name}: " in errors_of(result)
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("/trigger/busy", {"project_id": "G0055", "obstime": UNBUILDABLE_LITERAL}),
+        ("/trigger/show", {"trigger_id": UNBUILDABLE_LITERAL}),
+        ("/trigger/find", {"page": UNBUILDABLE_LITERAL}),
+        ("/trigger/obslist", {"current": HUGE_INTEGER}),
+        ("/trigger/find", {"trigger_id": UNBUILDABLE_LITERAL}),
+    ],
+)
+def test_unreadable_queries_are_bad_requests_naming_the_parameter(
+    client: TestClient, path: str, params: dict[str, str]
+) -> None:
+    reply = client.get(path, params=params)
+    assert reply.status_code == 400, reply.text
+    assert list(params)[-1] in reply.text
+
+
+def test_a_huge_integer_for_a_boolean_is_refused_as_such(client: TestClient) -> None:
+    with pytest.raises(ParameterError, match=r"pretend: .* is not a boolean"):
+        as_bool("pretend", HUGE_INTEGER, default=True)
+    result = post(client, "triggerbuffer", project_id="G0055", secure_key=KEY,
+                  pretend=HUGE_INTEGER, obstime=8)  # fmt: skip
+    assert result["success"] is False and "pretend: " in errors_of(result)
+    # pretty takes any value as "indent" (find?pretty): a huge one too, not a 500.
+    indented = client.get("/trigger/vcsfree", params={"pretty": HUGE_INTEGER})
+    assert indented.status_code == 200 and indented.json() >= 0

@@ -36,6 +36,11 @@ def _integer(spec: str, token: str) -> int:
     return int(text)
 
 
+def _check_channel(spec: str, channel: int) -> None:
+    if not 0 <= channel <= MAX_CHANNEL:
+        raise FreqspecError(f"freqspec {spec!r}: channel {channel} is outside 0..{MAX_CHANNEL}")
+
+
 def _positive(spec: str, token: str, what: str) -> int:
     value = _integer(spec, token)
     if value <= 0:
@@ -67,7 +72,16 @@ def _entry_channels(spec: str, entry: str) -> list[int]:
         increment = _positive(spec, parts[2], "increment") if len(parts) == 3 else 1
         if start > stop:
             raise FreqspecError(f"freqspec {spec!r}: range {entry!r} starts after it stops")
-        return list(range(start, stop + 1, increment))
+        # Checked before the list is made: 1:99999999999 would be gigabytes of channels.
+        for channel in (start, stop):
+            _check_channel(spec, channel)
+        picked = range(start, stop + 1, increment)
+        if len(picked) > MAX_SELECTED:
+            raise FreqspecError(
+                f"freqspec {spec!r}: range {entry!r} selects {len(picked)} channels; "
+                f"the receivers keep at most {MAX_SELECTED}"
+            )
+        return list(picked)
     if "," in entry:
         parts = entry.split(",")
         if len(parts) not in (2, 3):
@@ -99,10 +113,7 @@ def parse_freqspec(spec: str) -> list[int]:
         if not entry.strip():
             raise FreqspecError(f"freqspec {spec!r}: empty entry between ';'")
         for channel in _entry_channels(spec, entry.strip()):
-            if not 0 <= channel <= MAX_CHANNEL:
-                raise FreqspecError(
-                    f"freqspec {spec!r}: channel {channel} is outside 0..{MAX_CHANNEL}"
-                )
+            _check_channel(spec, channel)
             if channel in channels:
                 raise FreqspecError(f"freqspec {spec!r}: channel {channel} is selected twice")
             channels.append(channel)

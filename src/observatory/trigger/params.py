@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl, unquote_plus
 from fastapi import Request
 from starlette.exceptions import HTTPException
 
+from observatory.core.text import is_ascii_integer
 from observatory.core.web import loads_request_json
 from observatory.telescope.instrument import metafits_text_problem
 
@@ -36,8 +37,6 @@ _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 _MULTIPART = "multipart/form-data"
 #: A trigger takes some 25 parameters; a multipart form is refused far beyond that.
 MAX_FORM_FIELDS = 1000
-#: An integer written out (ASCII digits only: int() also reads other scripts' digits).
-_INTEGER = re.compile(r"[+-]?[0-9]+")
 _NUMPY_SCALAR = re.compile(r"np\.(?:float|int)\d*\(([^()]*)\)")
 #: No trigger parameter is meaningful beyond this (2**53, the largest whole number a float
 #: holds exactly); it keeps times and ids computed from them inside a database integer.
@@ -198,7 +197,8 @@ def decode_value(value: Any) -> Any:
         return text  # "145,24" is a freqspec, not a Python tuple
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        # TypeError: a literal that cannot be built ("[{[]: 1}]", an unhashable key)
         return text
 
 
@@ -238,7 +238,7 @@ def as_bool(name: str, value: Any, *, default: bool | None = None) -> bool:
         return True
     if text in FALSE_WORDS:
         return False
-    if _INTEGER.fullmatch(text):
+    if is_ascii_integer(text):  # at most MAX_DIGITS: int() refuses over 4,300
         if abs(int(text)) > LARGEST_NUMBER:
             raise ParameterError(f"{name}: {value!r} is out of range")
         return int(text) != 0
@@ -256,7 +256,7 @@ def is_bool_word(value: Any) -> bool:
     if value is None or isinstance(value, bool | int | float):
         return True
     text = str(value).strip().lower()
-    return text in TRUE_WORDS | FALSE_WORDS | UNSET_WORDS or bool(_INTEGER.fullmatch(text))
+    return text in TRUE_WORDS | FALSE_WORDS | UNSET_WORDS or is_ascii_integer(text)
 
 
 def as_text(
