@@ -142,6 +142,9 @@ def test_calls_without_the_cookie_are_401(app_settings: Settings) -> None:
         client.cookies.set("MWA_JOB_COOKIE", "user:1.1700000000.forged")
         reply = client.get("/api/get_jobs")
         assert reply.status_code == 401 and "api_login" in reply.json()["error"]
+        # A signature hmac.compare_digest cannot compare (non-ASCII) was a 500.
+        raw = {"Cookie": "MWA_JOB_COOKIE=api:1:0.1700000000.\u00e9".encode()}
+        assert client.get("/api/get_jobs", headers=raw).status_code == 401
         assert client.post("/api/api_login").status_code == 401
         # Validly signed, but tied to no key (the old format, which nothing could end) or a
         # portal sign-in (which must not open cancel_job): refused.
@@ -587,6 +590,7 @@ def test_a_download_link_works_while_its_product_does_whatever_the_lifetime_is_n
     assert client.get(f"{path}?token={other}").status_code == 403
     forged = sign_value(f"{job_id}/{name}", b"not the key", now_s=int(issued))
     assert client.get(f"{path}?token={forged}").status_code == 403
+    assert client.get(f"{path}?token={value}.{issued}.%C3%A9").status_code == 403  # was a 500
     # Up to the product's own expiry (when the dispatcher deletes it), then refused.
     url = complete(timedelta(days=7), timedelta(minutes=1))
     assert client.get(url).status_code == 200

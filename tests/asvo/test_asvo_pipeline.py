@@ -30,7 +30,7 @@ from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory
 from observatory.core.gpstime import now_gps
 from observatory.core.storage import Storage
-from observatory.telescope.simulator import PointSource, _zenith_radec_deg
+from observatory.telescope.simulator import PointSource, _zenith_radec_deg, simulate_observation
 from shared_data import MWA_DATA
 
 API_KEY = "pipeline-test-key"
@@ -403,6 +403,29 @@ def test_scratch_paths_are_absolute_when_the_data_dir_is_relative(
         (file,) = rows_by_id(client)[job_id]["product"]["files"]
     assert file["path"] == str(tmp_path / "relative-dug" / "user1" / "asvo" / str(job_id))
     assert Path(file["path"]).is_dir()
+
+
+@sqlite_only
+def test_a_metafits_archived_as_obsid_metafits_fits_is_converted(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The archive takes ``<obsid>_metafits.fits`` as the metafits (and serves it by that
+    name); the conversion looked for ``.metafits`` only and failed the job."""
+    incoming = tmp_path / "incoming"
+    simulate_observation(incoming, SIM_OBS, n_tiles=4, coarse_chans=(133,), n_timesteps=2,
+                         sources=[overhead(SIM_OBS)])  # fmt: skip
+    (incoming / f"{SIM_OBS}.metafits").rename(incoming / f"{SIM_OBS}_metafits.fits")
+    engine = make_engine(settings.resolved_database_url)
+    with make_session_factory(engine)() as session:
+        ingest_directory(session, Storage(settings.archive_dir), incoming)
+        create_user(session, "carol", API_KEY)
+        session.commit()
+    engine.dispose()
+    with TestClient(create_app(settings, run_jobs=True)) as client:
+        client.post("/api/api_login", headers=basic("giant-squidv2.5.1", API_KEY))
+        job_id = submit(client, "conversion_job", obs_id=SIM_OBS, no_rfi="true")
+        states = watch(client, {job_id})[job_id]
+        assert states[-1] == "completed", rows_by_id(client)[job_id]["error_text"]
 
 
 @sqlite_only

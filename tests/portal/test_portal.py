@@ -141,6 +141,9 @@ def test_profile_makes_a_new_api_key_shown_once_and_stored_hashed(
     engine.dispose()
     refused = client.post("/profile/api-key", data={"csrf_token": "0" * 64})
     assert refused.status_code == 400
+    # A token hmac.compare_digest cannot compare (non-ASCII) was a 500.
+    refused = client.post("/profile/api-key", data={"csrf_token": "\u00e9" * 64})
+    assert refused.status_code == 400 and "security token" in refused.json()["error"]
 
 
 def test_submit_validates_like_the_api_and_jobs_are_private(client: TestClient) -> None:

@@ -145,7 +145,7 @@ def _run_locked(settings: Settings, engine: Engine, job_id: int) -> str:
             tracker.move(JobState.PREPROCESSING)
             members = _convert(settings, job, inputs, work_dir, tracker)
         else:
-            members = [(path, path.name) for path in inputs]
+            members = [(path, path.name) for path, _ in inputs]
         tracker.check_cancelled()
         tracker.move(JobState.DELIVERING)
         product, location = _deliver(settings, job, members)
@@ -187,8 +187,8 @@ def _run_locked(settings: Settings, engine: Engine, job_id: int) -> str:
             job_dir.rmdir()  # only if empty
 
 
-def _inputs(session: Session, storage: Storage, job: Job) -> list[Path]:
-    """The archived files a job needs, as local paths."""
+def _inputs(session: Session, storage: Storage, job: Job) -> list[tuple[Path, FileKind]]:
+    """The archived files a job needs, as local paths, with what each holds."""
     observation = session.get(Observation, job.obs_id)
     if observation is None or observation.deleted:
         raise JobFailed(f"Observation {job.obs_id} does not exist")
@@ -254,7 +254,7 @@ def _inputs(session: Session, storage: Storage, job: Job) -> list[Path]:
                 f"{record.name} of observation {job.obs_id} is damaged in the archive "
                 f"({damage}); the observatory's operators have been told (in its log)"
             )
-        paths.append(path)
+        paths.append((path, FileKind(record.kind)))
     return paths
 
 
@@ -268,7 +268,11 @@ def _subfile_overlaps(name: str, start_s: int, stop_s: int) -> bool:
 
 
 def _convert(
-    settings: Settings, job: Job, inputs: list[Path], work_dir: Path, tracker: _Tracker
+    settings: Settings,
+    job: Job,
+    inputs: list[tuple[Path, FileKind]],
+    work_dir: Path,
+    tracker: _Tracker,
 ) -> list[tuple[Path, str]]:
     """Run the preprocessing engine; returns the outputs as (path, name in the product).
 
@@ -282,8 +286,9 @@ def _convert(
 
     options = ConversionOptions.from_params(job.params)
     solutions = _calibration_solutions(settings, job, tracker) if options.apply_di_cal else None
-    metafits = [p for p in inputs if p.name.endswith(".metafits")]
-    data = [p for p in inputs if p.suffix == ".fits" and not p.name.endswith(".metafits")]
+    # By the catalogue's kind, not the name: a metafits may be <obsid>_metafits.fits.
+    metafits = [path for path, kind in inputs if kind == FileKind.METAFITS]
+    data = [path for path, kind in inputs if kind in (FileKind.MWAX_VIS, FileKind.LEGACY_GPUBOX)]
     if not metafits:
         raise JobFailed(f"Observation {job.obs_id} has no metafits in the archive")
     # Absolute paths: the conversion runs in the work directory, and the data directory

@@ -87,6 +87,17 @@ def key_fingerprint(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()[:16]
 
 
+def texts_match(received: str, expected: str) -> bool:
+    """Whether a secret text from a request equals the expected one, in constant time.
+
+    Any text compares (as UTF-8): ``hmac.compare_digest`` raises for a string holding
+    non-ASCII characters, which a forged cookie or token may.
+    """
+    return hmac.compare_digest(
+        received.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
+    )
+
+
 def sign_value(value: str, key: bytes, *, now_s: float | None = None) -> str:
     """``value`` with a timestamp and an HMAC-SHA256 signature: ``value.timestamp.signature``."""
     timestamp = str(int(time.time() if now_s is None else now_s))
@@ -104,8 +115,8 @@ def unsign_value(
         issued_s = int(timestamp)
     except ValueError:
         return None
-    expected = hmac.new(key, f"{value}.{timestamp}".encode(), hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected, signature):
+    payload = f"{value}.{timestamp}".encode("utf-8", "surrogatepass")
+    if not texts_match(signature, hmac.new(key, payload, hashlib.sha256).hexdigest()):
         return None
     age_s = (time.time() if now_s is None else now_s) - issued_s
     if not 0 <= age_s <= max_age_s:

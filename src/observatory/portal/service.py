@@ -18,6 +18,7 @@ from observatory.asvo.models import TERMINAL_STATES, Job, JobType
 from observatory.asvo.service import VOLTAGE_MODES, ProductView, UrlBuilder
 from observatory.core.errors import BadRequest
 from observatory.core.gpstime import gps_to_utc, now_gps, parse_obsid
+from observatory.core.security import texts_match
 from observatory.core.web import gps_time_param
 
 JOB_TYPE_LABELS = {
@@ -55,7 +56,9 @@ def forgery_token(key: bytes, cookie_value: str) -> str:
     A page on another site can make the browser send the cookie but can neither read it nor
     compute its HMAC without the server's key.
     """
-    return hmac.new(key, b"csrf:" + cookie_value.encode(), hashlib.sha256).hexdigest()
+    return hmac.new(
+        key, b"csrf:" + cookie_value.encode("utf-8", "surrogatepass"), hashlib.sha256
+    ).hexdigest()
 
 
 def check_forgery_token(key: bytes, cookie_value: str | None, token: str | None) -> None:
@@ -66,11 +69,7 @@ def check_forgery_token(key: bytes, cookie_value: str | None, token: str | None)
     BadRequest
         When the cookie or the token is missing or they do not match.
     """
-    if (
-        not cookie_value
-        or not token
-        or not hmac.compare_digest(forgery_token(key, cookie_value), token)
-    ):
+    if not cookie_value or not token or not texts_match(token, forgery_token(key, cookie_value)):
         raise BadRequest(
             "the form's security token is missing or out of date: reload the page and try again"
         )
