@@ -11,14 +11,17 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 from sqlalchemy import select
 
 from observatory.app import create_app
 from observatory.archive.models import Observation
 from observatory.asvo.models import Job
+from observatory.asvo.service import check_client_version
 from observatory.core.accounts import reset_api_key
-from observatory.core.config import Settings
+from observatory.core.config import Settings, settings_from
 from observatory.core.database import make_engine, make_session_factory, utcnow
+from observatory.core.errors import Forbidden
 from observatory.core.gpstime import now_gps
 from observatory.core.models import User
 from observatory.core.security import sign_value
@@ -115,6 +118,7 @@ def test_login_over_https_marks_the_cookie_secure(app_settings: Settings) -> Non
         ("mantaray-clientv1.1", API_KEY, 403, "too old"),
         ("giant-squidv1.9.9", API_KEY, 403, "too old"),
         ("giant-squidv2.0.0-rc1", API_KEY, 403, "Client version 2.0.0-rc1 is too old"),
+        ("giant-squidv" + "9" * 5000, API_KEY, 400, "Unrecognised client"),  # int() refuses it
     ],
 )
 def test_login_refusals_are_json(
@@ -125,6 +129,44 @@ def test_login_refusals_are_json(
         assert reply.status_code == status
         assert fragment in reply.json()["error"]
         assert "set-cookie" not in reply.headers
+
+
+@pytest.mark.parametrize(
+    ("client", "minimum", "accepted"),
+    [
+        ("giant-squidv2.5.0", "2.5", True),  # was refused: (2, 5, 0, 1) < (2, 5, 1)
+        ("giant-squidv3.0.0", "3.0", True),
+        ("mantaray-clientv2.0", "2", True),
+        ("giant-squidv2.5", "2.5.0", True),
+        ("giant-squidv2.5.1", "2.5", True),
+        ("giant-squidv2.4.9", "2.5", False),
+        ("giant-squidv2.5.0-rc1", "2.5", False),
+        ("mantaray-clientv1.9", "2", False),
+    ],
+)
+def test_a_minimum_version_with_fewer_parts_compares_as_padded_with_zeros(
+    client: str, minimum: str, accepted: bool
+) -> None:
+    prefix = client[: client.index("v") + 1]
+    if accepted:
+        check_client_version(client, {prefix: minimum})
+    else:
+        with pytest.raises(Forbidden, match="too old"):
+            check_client_version(client, {prefix: minimum})
+
+
+@pytest.mark.parametrize(
+    ("minimums", "fragment"),
+    [
+        ({"giant-squidv": "2.5-beta"}, "is not a version of numbers and dots"),
+        ({"giant-squid": "2.5"}, "unknown client 'giant-squid'"),
+    ],
+)
+def test_a_minimum_version_that_cannot_be_compared_is_refused_at_start(
+    minimums: dict[str, str], fragment: str
+) -> None:
+    with pytest.raises(ValidationError, match=fragment):
+        settings_from(asvo_min_client_versions=minimums)
 
 
 @pytest.mark.parametrize(

@@ -862,6 +862,20 @@ def test_a_csv_that_is_not_utf8_is_a_csv_error(tmp_path: Path) -> None:
     assert error["result"].startswith(f"Error: {latin1} line 2")
 
 
+def test_a_cell_longer_than_csv_reads_is_a_csv_error_naming_the_line(tmp_path: Path) -> None:
+    """It was a traceback, exit 1 and no error file (csv's field size limit)."""
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text(f"# jobs\nobs_id={OBSID}, job_type=d, note={'x' * 140_000}\n")
+    error_file = tmp_path / "errors.json"
+    code, output = mwa_client(
+        "-c", str(jobs), "-s", "-e", str(error_file), environ=offline_environ()
+    )
+    assert code == 3, output
+    assert f"Error: {jobs} line 2: cannot be read as CSV: field larger than field limit" in output
+    (error,) = json.loads(error_file.read_text())
+    assert error["result"].startswith(f"Error: {jobs} line 2")
+
+
 @pytest.mark.parametrize(
     ("where", "message"),
     [

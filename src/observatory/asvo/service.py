@@ -79,15 +79,19 @@ class AsvoError(BadRequest):
 # Login (section 1.2)
 
 _CLIENT_VERSION = re.compile(
-    r"^(?P<prefix>mantaray-clientv|giant-squidv)(?P<version>\d+(?:\.\d+)*)"
+    r"^(?P<prefix>mantaray-clientv|giant-squidv)(?P<version>[0-9]{1,9}(?:\.[0-9]{1,9})*)"
     r"(?P<suffix>[-+][0-9A-Za-z.+-]+)?$"  # a SemVer pre-release or build (Cargo's versions)
 )
 
 
-def _version_tuple(text: str, suffix: str | None = None) -> tuple[int, ...]:
-    """Comparable: a pre-release (``2.5.1-rc1``) comes before its release, as in SemVer."""
+def _version_key(text: str, suffix: str | None = None) -> tuple[tuple[int, ...], int]:
+    """Comparable: ``2.5`` is ``2.5.0``, and a pre-release (``2.5.1-rc1``) comes before its
+    release, as in SemVer."""
+    numbers = [int(part) for part in text.split(".")]
+    while len(numbers) > 1 and numbers[-1] == 0:
+        numbers.pop()
     pre_release = suffix is not None and suffix.startswith("-")
-    return (*(int(part) for part in text.split(".")), 0 if pre_release else 1)
+    return tuple(numbers), 0 if pre_release else 1
 
 
 def check_client_version(client: str, minimums: Mapping[str, str]) -> None:
@@ -109,7 +113,7 @@ def check_client_version(client: str, minimums: Mapping[str, str]) -> None:
         )
     minimum = minimums.get(match["prefix"])
     version = match["version"] + (match["suffix"] or "")
-    if minimum is not None and _version_tuple(match["version"], match["suffix"]) < _version_tuple(
+    if minimum is not None and _version_key(match["version"], match["suffix"]) < _version_key(
         minimum
     ):
         raise Forbidden(

@@ -81,7 +81,10 @@ def parse_job_csv(text: str, *, allow_resubmit: bool = False) -> list[CsvJob]:
     # must not open a field that runs over the lines after it, which would then be skipped
     # with the comment. Universal newlines, as reading the file in text mode gives.
     for line_number, line in enumerate(io.StringIO(text, newline=None), start=1):
-        row = next(csv.reader([line.rstrip("\n")]), [])
+        try:
+            row = next(csv.reader([line.rstrip("\n")]), [])
+        except csv.Error as exc:  # a cell over csv's field size limit (131,072 characters)
+            raise CsvJobError(line_number, None, f"cannot be read as CSV: {exc}") from None
         if not row or not "".join(row).strip() or row[0].strip().startswith("#"):
             continue
         endpoint = None

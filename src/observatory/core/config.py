@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import secrets
 import tomllib
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -101,6 +102,22 @@ class Settings(BaseSettings):
     asvo_min_client_versions: dict[str, str] = Field(
         default_factory=lambda: {"mantaray-clientv": "1.2", "giant-squidv": "2.0.0"}
     )
+
+    @field_validator("asvo_min_client_versions")
+    @classmethod
+    def _client_versions_are_numbers(cls, minimums: dict[str, str]) -> dict[str, str]:
+        # Refused at start: a minimum that cannot be compared failed every login.
+        for prefix, version in minimums.items():
+            if prefix not in ("mantaray-clientv", "giant-squidv"):
+                raise ValueError(
+                    f"unknown client {prefix!r}: the clients are mantaray-clientv and giant-squidv"
+                )
+            if not re.fullmatch(r"[0-9]{1,9}(\.[0-9]{1,9})*", version):
+                raise ValueError(
+                    f"{prefix}: {version!r} is not a version of numbers and dots (2.5.0)"
+                )
+        return minimums
+
     #: ``none``, ``partial`` (no acacia delivery) or ``full`` (no submissions): the real messages.
     #: Anything else is refused at start (a typo must not mean "no outage").
     asvo_outage: Literal["none", "partial", "full"] = "none"
