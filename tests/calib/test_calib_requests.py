@@ -307,7 +307,9 @@ def test_a_callback_that_cannot_be_sent_fails_alone_and_is_counted(
         return real_post(url, body, pinned)
 
     monkeypatch.setattr(calib_requests, "_post_callback", post)
-    bad_urls = [receiver.url + "/\r\nX:y", "http://xn--/x", broken]
+    # A port out of range and an unclosed IPv6 bracket stopped the whole pass, unrecorded.
+    bad_urls = [receiver.url + "/\r\nX:y", "http://xn--/x", broken, "http://127.0.0.1:99999/cb",
+                "http://[::1/cb"]  # fmt: skip
     now = datetime.now(UTC)
     with session_factory() as session:
         for url in [*bad_urls, receiver.url]:  # the good one last: the bad ones come first
@@ -321,14 +323,16 @@ def test_a_callback_that_cannot_be_sent_fails_alone_and_is_counted(
     assert len(receiver.bodies) == 1
     *failed, delivered = requests_in(session_factory)
     assert delivered.callback_delivered_datetime is not None and delivered.callback_attempts == 1
-    for request, problem in zip(failed, ["InvalidURL", "IDNAError", "RuntimeError"], strict=True):
+    problems = ["InvalidURL", "IDNAError", "RuntimeError", "port 99999 is out of range",
+                "InvalidURL"]  # fmt: skip
+    for request, problem in zip(failed, problems, strict=True):
         assert request.callback_attempts == 1 and request.callback_delivered_datetime is None
         assert problem in (request.callback_error_message or "")
         assert f"calibration request {request.id} failed" in caplog.text
     # The next due pass tries the failed ones again (counted), and never the delivered one.
     later = now + timedelta(seconds=settings.calib_callback_backoff_s + 1)
     assert deliver_callbacks(session_factory, settings, now=later) == 0
-    assert [r.callback_attempts for r in requests_in(session_factory)] == [2, 2, 2, 1]
+    assert [r.callback_attempts for r in requests_in(session_factory)] == [2, 2, 2, 2, 2, 1]
     assert len(receiver.bodies) == 1
     receiver.server.shutdown()
 
@@ -448,6 +452,10 @@ def test_requests_for_one_calibrator_join_its_fit(
         f"http://127.0.0.1:18150/done/{n}" for n in range(3)
     ]
     assert all(callback_body(r)["success"] for r in finished)
+    # Each was started by the one run of the fit they all joined (the joined ones had none).
+    started = {r.calibration_started_datetime for r in finished}
+    assert len(started) == 1 and None not in started
+    assert all(r.assigned_datetime is not None for r in finished)
     # A request filed after the fit finished is a new fit (a refit).
     assert client.get("/calib/add_cal_request", params={"obs_id": TARGET}).status_code == 200
     assert (
@@ -523,7 +531,7 @@ def test_a_callback_host_name_is_checked_by_what_it_resolves_to(
 ) -> None:
     import socket
 
-    from observatory.calib.requests import check_callback_url, unusable_destination
+    from observatory.calib.requests import CallbackRefused, callback_address, check_callback_url
 
     url = "http://metadata.example/x"
     assert check_callback_url(url, settings) == url  # a name: filed, checked when called
@@ -534,7 +542,8 @@ def test_a_callback_host_name_is_checked_by_what_it_resolves_to(
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (resolved[host], port))]
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    assert "resolves to 169.254.169.254" in (unusable_destination(url) or "")
+    with pytest.raises(CallbackRefused, match=r"resolves to 169\.254\.169\.254"):
+        callback_address(url)
     with session_factory() as session:
         from observatory.calib.requests import add_cal_request
 
@@ -545,5 +554,62 @@ def test_a_callback_host_name_is_checked_by_what_it_resolves_to(
     (stored,) = requests_in(session_factory)
     assert stored.callback_attempts == 1
     assert "resolves to 169.254.169.254" in (stored.callback_error_message or "")
-    assert unusable_destination("http://receiver.example:8080/x") is None
-    assert unusable_destination("http://127.0.0.1:8080/x") is None
+    assert callback_address("http://receiver.example:8080/x") == "127.0.0.1"
+    assert callback_address("http://127.0.0.1:8080/x") == "127.0.0.1"
+
+
+def test_a_callback_host_that_does_not_resolve_is_not_called(
+    client: TestClient,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Never sent unchecked: the HTTP client would look the name up again, and a resolver
+    that failed the check's lookup may answer the second with an address refused here."""
+    import socket
+
+    from observatory.calib.requests import add_cal_request
+
+    receiver = CallbackReceiver(failures=0)
+    lookups: list[str] = []
+
+    def getaddrinfo(host: str, port: int, *args: object, **kwargs: object) -> list[tuple]:
+        lookups.append(host)
+        if len(lookups) == 1:
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    url = receiver.url.replace("127.0.0.1", "rebinding.example")
+    with session_factory() as session:
+        request = add_cal_request(session, settings, TARGET, callback_url=url)
+        finish_request(session, request, fit_id=1_700_000_000_000_000)
+        session.commit()
+    assert deliver_callbacks(session_factory, settings) == 0
+    assert lookups == ["rebinding.example"] and receiver.bodies == []
+    (stored,) = requests_in(session_factory)
+    assert stored.callback_attempts == 1
+    assert "callback host rebinding.example does not resolve" in (
+        stored.callback_error_message or ""
+    )
+    receiver.server.shutdown()
+
+
+def test_a_callback_host_is_resolved_as_the_http_client_sends_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """IDNA 2008 (httpx) writes faß.de as xn--fa-hia.de, IDNA 2003 (Python's codec) as
+    fass.de: another domain, whose address the call was pinned to."""
+    import socket
+
+    from observatory.calib.requests import callback_address
+
+    looked_up: list[str] = []
+
+    def getaddrinfo(host: str, port: int, *args: object, **kwargs: object) -> list[tuple]:
+        looked_up.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    assert callback_address("https://fa\u00df.de/x") == "127.0.0.1"
+    assert looked_up == ["xn--fa-hia.de"]

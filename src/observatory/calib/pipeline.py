@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -403,8 +404,10 @@ def _run_request_locked(settings: Settings, engine: Engine, request_id: int) -> 
         # (kill -9, the OOM killer): no run of it is going on while this one holds its lock.
         for stale in settings.work_dir.glob(f"calib-{cal_id}-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        request.assigned_datetime = request.assigned_datetime or utcnow()
-        request.calibration_started_datetime = utcnow()
+        started = utcnow()
+        # Every unfinished request of this calibrator joins this run's fit: each is started
+        # now (those filed while it runs, when it ends), not only the one that runs it.
+        _join_unfinished_requests(session, cal_id, started)
         session.commit()
         try:
             fit = fit_observation(session, settings, cal_id)
@@ -413,14 +416,27 @@ def _run_request_locked(settings: Settings, engine: Engine, request_id: int) -> 
             raise
         except Exception as exc:  # recorded: the requesters are told why
             session.rollback()
-            for joined in _unfinished_requests(session, cal_id):
+            for joined in _join_unfinished_requests(session, cal_id, started):
                 finish_request(session, joined, error=f"{exc.__class__.__name__}: {exc}")
             session.commit()
             return "error"
-        for joined in _unfinished_requests(session, cal_id):
+        for joined in _join_unfinished_requests(session, cal_id, started):
             finish_request(session, joined, fit_id=fit.fitid)
         session.commit()
         return "completed"
+
+
+def _join_unfinished_requests(
+    session: Session, cal_id: int, started: datetime
+) -> list[CalibrationRequest]:
+    """The unfinished requests of calibrator ``cal_id``, marked as started at ``started``
+    (the run of its fit they join; a run holds the calibrator's lock, so no other started
+    them since)."""
+    joined = _unfinished_requests(session, cal_id)
+    for request in joined:
+        request.assigned_datetime = request.assigned_datetime or started
+        request.calibration_started_datetime = started
+    return joined
 
 
 def _unfinished_requests(session: Session, cal_id: int) -> list[CalibrationRequest]:

@@ -154,32 +154,46 @@ def _address_written(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address
         return None
 
 
-def unusable_destination(url: str) -> str | None:
-    """Why ``url``'s host may not be called now, by the addresses its name resolves to
-    (a name is checked when it is called, not filed); None when it may, or when it does not
-    resolve (the delivery then says so)."""
-    return _resolve_callback_host(url)[1]
+class CallbackRefused(Exception):
+    """A callback that may not be sent now; the message says why."""
 
 
-def _resolve_callback_host(url: str) -> tuple[str | None, str | None]:
-    """``(address to connect to, None)`` when every address ``url``'s host resolves to is
-    usable; ``(None, why not)`` when one is not; ``(None, None)`` when it does not resolve
-    (or is no name)."""
-    parts = urlsplit(url)
-    if not parts.hostname:
-        return None, None
+def callback_address(url: str) -> str:
+    """The address to call ``url`` at: the first its host resolves to, when every one it
+    resolves to is usable (a name is checked when it is called, not filed).
+
+    The host resolved is the one the HTTP client sends (its IDNA 2008 form: ``faß.de`` is
+    ``xn--fa-hia.de``, not IDNA 2003's ``fass.de``).
+
+    Raises
+    ------
+    CallbackRefused
+        If the host does not resolve, or resolves to an address that is not usable.
+    httpx.InvalidURL
+        For a URL the HTTP client cannot send (one stored before URLs were checked).
+    """
+    target = httpx.URL(url)
+    host = target.raw_host.decode("ascii")
+    if not host:
+        raise CallbackRefused(f"callback URL {url!r} has no host")
+    port = target.port or (443 if target.scheme == "https" else 80)
+    if not 0 < port <= 65535:  # httpx takes any number, and the connection wraps it round
+        raise CallbackRefused(f"callback URL {url!r}: port {port} is out of range")
     try:
-        found = socket.getaddrinfo(parts.hostname, parts.port or 80, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
-        return None, None
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError, OverflowError) as exc:
+        # Never sent unchecked: the HTTP client would resolve it again, and a resolver
+        # that failed once may answer the second time with an address refused here.
+        raise CallbackRefused(f"callback host {target.host} does not resolve ({exc})") from None
     for *_, sockaddr in found:
         address = _address_written(str(sockaddr[0]))
         if address is not None and _unusable(address):
-            return (
-                None,
-                f"callback host {parts.hostname} resolves to {address}, not a usable address",
+            raise CallbackRefused(
+                f"callback host {target.host} resolves to {address}, not a usable address"
             )
-    return (str(found[0][4][0]) if found else None), None
+    if not found:
+        raise CallbackRefused(f"callback host {target.host} does not resolve")
+    return str(found[0][4][0])
 
 
 def _post_callback(url: str, body: dict[str, object], pinned: str | None) -> httpx.Response:
@@ -586,29 +600,23 @@ def deliver_callbacks(
                 session.expire(request)  # the values set on it are not the database's
                 continue
             unforeseen: Exception | None = None
-            # A name is checked by what it resolves to when called (and not at all for
-            # the hosts an operator allowed).
-            pinned, refusal = (
-                (None, None)
-                if settings.calib_callback_hosts
-                else _resolve_callback_host(request.callback_url or "")
-            )
-            if refusal is not None:
-                ok, problem = False, refusal
-            else:
-                try:
-                    reply = _post_callback(
-                        request.callback_url or "", callback_body(request), pinned
-                    )
-                    ok, problem = reply.is_success, f"HTTP {reply.status_code}"
-                except httpx.HTTPError as exc:
-                    ok, problem = False, f"{exc.__class__.__name__}: {exc}"
-                except Exception as exc:
-                    # Anything else (a URL stored before it was checked, which httpx refuses
-                    # with InvalidURL or an IDNA error; an unforeseen failure) is this
-                    # request's failed attempt: counted, and never the end of the other
-                    # requests' deliveries.
-                    ok, problem, unforeseen = False, f"{exc.__class__.__name__}: {exc}", exc
+            url = request.callback_url or ""
+            try:
+                # A name is checked by what it resolves to when called (and not at all for
+                # the hosts an operator allowed).
+                pinned = None if settings.calib_callback_hosts else callback_address(url)
+                reply = _post_callback(url, callback_body(request), pinned)
+                ok, problem = reply.is_success, f"HTTP {reply.status_code}"
+            except CallbackRefused as exc:
+                ok, problem = False, str(exc)
+            except httpx.HTTPError as exc:
+                ok, problem = False, f"{exc.__class__.__name__}: {exc}"
+            except Exception as exc:
+                # Anything else (a URL stored before it was checked, which httpx refuses
+                # with InvalidURL or an IDNA error; an unforeseen failure) is this
+                # request's failed attempt: counted, and never the end of the other
+                # requests' deliveries.
+                ok, problem, unforeseen = False, f"{exc.__class__.__name__}: {exc}", exc
             if ok:
                 request.callback_delivered_datetime, request.callback_error_message = now, None
                 accepted += 1
