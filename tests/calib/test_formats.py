@@ -86,6 +86,20 @@ def test_hyperdrive_round_trip(tmp_path: Path) -> None:
     np.testing.assert_array_equal(again.chanblock_freqs_hz, original.chanblock_freqs_hz)
     np.testing.assert_array_equal(again.results, original.results)
     assert again.obsid == 1369821496
+    # Every table column of hyperdrive's file comes back (the dipole columns were dropped).
+    with fits.open(HYPERDRIVE_FILE) as before, fits.open(out) as after:
+        for name in ("TIMEBLOCKS", "TILES", "CHANBLOCKS"):
+            assert after[name].columns.names == before[name].columns.names, name
+            for column in before[name].columns.names:
+                expected = before[name].data[column]
+                if (name, column) == ("CHANBLOCKS", "Flag"):  # ours also flags all-NaN ones
+                    expected = expected | np.isin(np.arange(len(expected)),
+                                                  original.flagged_chanblocks())  # fmt: skip
+                np.testing.assert_array_equal(after[name].data[column], expected)
+        for name in ("RESULTS", "BASELINES"):
+            np.testing.assert_array_equal(after[name].data, before[name].data)
+    assert original.dipole_gains is not None and original.dipole_gains.shape == (144, 32)
+    assert original.dipole_delays is not None and original.dipole_delays.shape == (144, 16)
     assert fits.getheader(out)["OBSID"] == "1369821496"  # a string, as hyperdrive writes it
 
 

@@ -44,6 +44,10 @@ class CalSolutions:
         Per timeblock (start, end, average), GPS seconds, when known.
     tile_names, tile_flags
         Per antenna (metafits Antenna order), when known.
+    dipole_gains, dipole_delays
+        Per antenna, when known (hyperdrive's TILES columns): the beam's dipole gains,
+        shape (antennas, 32), 16 X then 16 Y, 0 for a dead dipole; its dipole delays,
+        shape (antennas, 16).
     chanblock_freqs_hz, chanblock_flags
         Per chanblock, when known.
     results
@@ -62,6 +66,8 @@ class CalSolutions:
     timeblocks_gps: np.ndarray | None = None
     tile_names: list[str] | None = None
     tile_flags: np.ndarray | None = None
+    dipole_gains: np.ndarray | None = None
+    dipole_delays: np.ndarray | None = None
     chanblock_freqs_hz: np.ndarray | None = None
     chanblock_flags: np.ndarray | None = None
     results: np.ndarray | None = None
@@ -214,8 +220,13 @@ def read_hyperdrive(path: str | Path) -> CalSolutions:
             table = hdus["TILES"].data
             _check_rows(path, "TILES", len(table), n_ant)
             solutions.tile_flags = np.asarray(table["Flag"], dtype=bool)
-            if "TileName" in table.columns.names:
+            columns = table.columns.names
+            if "TileName" in columns:
                 solutions.tile_names = [str(name).strip() for name in table["TileName"]]
+            if "DipoleGains" in columns:
+                solutions.dipole_gains = np.asarray(table["DipoleGains"], dtype=np.float64)
+            if "DipoleDelays" in columns:
+                solutions.dipole_delays = np.asarray(table["DipoleDelays"], dtype=np.int32)
         if "CHANBLOCKS" in names:
             table = hdus["CHANBLOCKS"].data
             _check_rows(path, "CHANBLOCKS", len(table), n_chan)
@@ -238,7 +249,8 @@ def write_hyperdrive(path: str | Path, solutions: CalSolutions) -> None:
     """Write ``solutions`` in hyperdrive's FITS layout (atomically).
 
     Tables whose information is unknown are written as hyperdrive does (zero
-    times, NaN frequencies); TILES always has Antenna and Flag. Flagged elements are
+    times, NaN frequencies); TILES always has Antenna and Flag, and TileName, DipoleGains
+    and DipoleDelays when known. Flagged elements are
     NaN in both parts, and a chanblock whose every solution is flagged has ``Flag`` 1.
     """
     n_time, n_ant, n_chan = solutions.jones.shape[:3]
@@ -278,6 +290,10 @@ def write_hyperdrive(path: str | Path, solutions: CalSolutions) -> None:
     ]
     if solutions.tile_names is not None:
         tile_columns.append(fits.Column("TileName", "8A", array=np.array(solutions.tile_names)))
+    if solutions.dipole_gains is not None:
+        tile_columns.append(fits.Column("DipoleGains", "32D", array=solutions.dipole_gains))
+    if solutions.dipole_delays is not None:
+        tile_columns.append(fits.Column("DipoleDelays", "16J", array=solutions.dipole_delays))
     hdus.append(fits.BinTableHDU.from_columns(tile_columns, name="TILES"))
     chan_flags = (
         solutions.chanblock_flags.copy()
