@@ -248,7 +248,11 @@ def test_every_dump_of_buffering_observations_reaches_the_archive_and_vcsfree(
     first after it ended, two of the second while it runs. Each observation keeps the
     sub-files its dumps saved (not the gaps between them), vcsfree charges them from the
     dump on, and one never dumped stays empty. (A second dump was lost once the first was
-    recorded; the first observation, ended undumped, was never looked at again.)"""
+    recorded; the first observation, ended undumped, was never looked at again.)
+
+    The buffer holds 80 s here, not 240: every sub-file dumped is simulated (41 MB each).
+    """
+    settings = settings.model_copy(update={"trigger_buffer_s": 80})
     start = NOON // 8 * 8 + 8
     first, second, third = start, start + 800, start + 1600
     with session_factory() as session:
@@ -265,15 +269,16 @@ def test_every_dump_of_buffering_observations_reaches_the_archive_and_vcsfree(
             service.trigger_buffer(session, settings, {**key, "end_time": start + 840},
                                    now=start + 850),
             service.trigger_buffer(session, settings, {**key, "start_time": start + 900,
-                                   "end_time": start + 940}, now=start + 1000),
+                                   "end_time": start + 940}, now=start + 960),
             service.trigger_buffer(session, settings, {**key, "start_time": start + 1100,
-                                   "end_time": start + 1110}, now=start + 1200),
+                                   "end_time": start + 1110}, now=start + 1150),
         ]  # fmt: skip
         assert all(d["success"] for d in dumps), [d["errors"] for d in dumps]
-        assert dumps[0]["obsid_list"] == [first, second]  # back to 610, where the buffer ends
-        # 230 + 40 + 10 s of one channel saved: charged at once, before anything is recorded.
+        assert dumps[0]["obsid_list"] == [first, second]  # back to 770, where the buffer ends
+        # The sub-files of 70 + 40 + 10 s of one channel (72 + 48 + 16 s) saved: charged at
+        # once, before anything is recorded (vcsfree's whole seconds of the full band).
         charged = free - service.vcs_free_s(session, settings, now=start + 1201)
-        assert charged == pytest.approx((230 + 40 + 10) / 24, abs=1)
+        assert charged == pytest.approx((72 + 48 + 16) / 24, abs=1)
     assert observe_due(session_factory, settings, now=start + 1201, limit=10) == [first]
     late = third + settings.trigger_buffer_s + DUMP_SETTLE_S
     assert observe_due(session_factory, settings, now=late, limit=10) == [second]
@@ -286,7 +291,7 @@ def test_every_dump_of_buffering_observations_reaches_the_archive_and_vcsfree(
             return sorted({int(f.name.split("_")[1]) for f in observation.files
                            if f.kind == FileKind.VOLTAGE})  # fmt: skip
 
-        assert subfiles(first) == list(range(start + 608, start + 800, 8))
+        assert subfiles(first) == list(range(start + 768, start + 800, 8))
         assert subfiles(second) == [
             *range(start + 800, start + 840, 8), *range(start + 896, start + 944, 8),
             *range(start + 1096, start + 1112, 8),
