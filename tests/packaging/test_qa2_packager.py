@@ -1454,6 +1454,26 @@ def test_classification_of_the_reviewers_trees(
         package(sb, header, packpath, mode="fake", dry_run=True)
 
 
+@pytest.mark.parametrize("level", ["SB", "EB"])
+def test_checklists_are_named_after_the_directory_when_origpath_is_dot(
+    tmp_path: Path,
+    readme: Path,
+    build_sb: Callable[[Path], Path],
+    monkeypatch: pytest.MonkeyPatch,
+    level: str,
+) -> None:
+    """``--origpath .`` has no name of its own: the checklist was packaged as the hidden
+    ``qa/.checklist.txt``."""
+    sb = build_sb(tmp_path)
+    (sb / "checklist.txt").write_text("SB checked\n")
+    origin = sb if level == "SB" else sb / "X8c"
+    monkeypatch.chdir(origin)
+    plan = package(".", readme, tmp_path / "2011.0.00229.S", mode="copy")
+    qa = listing(tmp_path / "2011.0.00229.S" / plan.member)["qa"]
+    assert f"{origin.name}.checklist.txt" in qa
+    assert not any(name.startswith(".") for name in qa)
+
+
 def test_an_execution_block_without_its_split_and_script_is_refused(
     tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
 ) -> None:

@@ -173,8 +173,11 @@ def unique_name(name: str, uid: str) -> str:
 def checklist_name(name: str, directory: Path) -> str:
     """A checklist's name in ``qa/``: ``<directory>.checklist.txt``, unless its name is
     unique already (starts with the uid or ``X...``): "'X8c.checklist.txt' will not be
-    renamed" (the source document)."""
-    return name if name.startswith(("uid___", "X")) else f"{directory.name}.checklist.txt"
+    renamed" (the source document). The directory's own name, however it was given
+    (``--origpath .`` has no name of its own)."""
+    if name.startswith(("uid___", "X")):
+        return name
+    return f"{os.path.basename(os.path.abspath(directory))}.checklist.txt"
 
 
 def _classify_eb(plan: Plan, directory: Path, uid: str) -> None:
