@@ -615,6 +615,42 @@ def test_verify_of_the_current_directory_and_a_run_in_progress(
         package(sb, readme, "/", mode="copy", dry_run=True)
 
 
+def test_no_run_starts_on_a_package_while_tarsplit_or_verify_reads_it(
+    tmp_path: Path, readme: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tarsplit looked at the lock once, at its start: a run appending a member meanwhile
+    put part of its files into "successful" tars, which verify then found valid."""
+    from observatory.packaging import tarsplit
+
+    sb = tiny_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb, readme, packpath, mode="copy")
+    refusals: list[str] = []
+    copy_data = tarsplit._copy_data
+
+    def copy_while_a_run_tries_to_start(*args: Any, **kwargs: Any) -> None:
+        try:
+            package(sb, readme, packpath, append="member", mode="copy")
+        except PackagingError as exc:
+            refusals.append(str(exc))
+        copy_data(*args, **kwargs)
+
+    monkeypatch.setattr(tarsplit, "_copy_data", copy_while_a_run_tries_to_start)
+    out = tmp_path / "tars"
+    out.mkdir()
+    tars = tarsplit.write_pieces(packpath, "2012-06-20", out, 1 << 30, workers=1)
+    assert tars and refusals and all("or reading it (tarsplit, verify)" in r for r in refusals)
+    assert not (packpath / "sg_ouss_id" / "group_ouss_id" / "member_ouss_id2").exists()
+    with qa2.reading_package(packpath), qa2.reading_package(packpath):  # readers share it
+        assert not validate_manifest(packpath)
+        with pytest.raises(PackagingError, match="or reading it"):
+            package(sb, readme, packpath, append="member", mode="copy")
+    # The last reader removed the lock file; a run starts once the reading is done.
+    assert not qa2._lock_path(packpath).exists()
+    package(sb, readme, packpath, append="member", mode="copy")
+    assert (packpath / "sg_ouss_id" / "group_ouss_id" / "member_ouss_id2").is_dir()
+
+
 # 9. an undone run leaves nothing set aside
 
 

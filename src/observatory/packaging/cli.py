@@ -174,16 +174,15 @@ def _verify(arguments: list[str]) -> int:
     parser.add_argument("package", type=Path, help="the package directory (its project code)")
     parser.add_argument("--workers", type=int, default=2, help="hashing threads (default 2)")
     args = parser.parse_args(arguments)
-    from observatory.packaging.qa2 import unfinished_run
+    from observatory.packaging.qa2 import reading_package
 
     # Absolute, as tarsplit takes it: the manifest of "." lies beside the directory "." names.
     package = Path(os.path.abspath(args.package))
     try:
-        if (reason := unfinished_run(package)) is not None:
-            print(f"qa-packager verify: {reason}", file=sys.stderr)
-            return 1
-        problems = validate_manifest(package, workers=args.workers)
-    except (ValueError, OSError) as exc:  # an unreadable or malformed manifest
+        # Held for reading: a run starting to write it now would be found "damaged".
+        with reading_package(package):
+            problems = validate_manifest(package, workers=args.workers)
+    except (ValueError, OSError) as exc:  # a run on it, an unreadable or malformed manifest
         print(f"qa-packager verify: {exc}", file=sys.stderr)
         return 1
     for problem in problems:

@@ -678,21 +678,13 @@ class Journal:
         _replace_with(self.path, json.dumps(fields).encode())
 
 
-def unfinished_run(packpath: Path) -> str | None:
+def unfinished_run(packpath: Path, *, locked: bool = False) -> str | None:
     """Why ``packpath`` cannot be read as a finished package now (for tarsplit and verify):
-    a run writing it, or one that did not finish; None when neither."""
+    a run writing it, or one that did not finish; None when neither. ``locked``: the
+    caller holds the package for reading (:func:`reading_package`), so no run writes it."""
     # The lock first: a run in progress has a journal too, and is not to be run again.
-    try:
-        fd = os.open(_lock_path(packpath), os.O_RDONLY)
-    except FileNotFoundError:
-        pass
-    else:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return f"a qa-packager run is writing {packpath} now: wait for it to finish"
-        finally:
-            os.close(fd)
+    if not locked and _held_by_a_run(packpath):
+        return f"a qa-packager run is writing {packpath} now: wait for it to finish"
     journal = Journal.of(packpath)
     if journal is not None and not journal.committed:
         return (
@@ -2098,34 +2090,82 @@ def _lock(packpath: Path) -> Iterator[None]:
             with contextlib.suppress(FileExistsError):
                 directory.mkdir()
                 made.append(directory)
-    path = _lock_path(packpath)
     fd: int | None = None
     try:
-        while fd is None:
-            candidate = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(candidate, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                current = os.stat(path).st_ino
-            except (BlockingIOError, FileNotFoundError) as exc:
-                os.close(candidate)
-                if isinstance(exc, BlockingIOError):
-                    raise PackagingError(
-                        f"another qa-packager run is writing {packpath}: wait for it to finish"
-                    ) from exc
-                continue  # removed by the run that held it: take the new file's lock
-            if os.fstat(candidate).st_ino == current:
-                fd = candidate
-            else:
-                os.close(candidate)
+        try:
+            fd = _take_lock_file(_lock_path(packpath), fcntl.LOCK_EX)
+        except BlockingIOError as exc:
+            raise PackagingError(
+                f"another qa-packager run is writing {packpath}, or reading it (tarsplit, "
+                "verify): wait for it to finish"
+            ) from exc
         yield
     finally:
         if fd is not None:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)  # while holding it (see above)
+                os.unlink(_lock_path(packpath))  # while holding it (see above)
             os.close(fd)
         for directory in reversed(made):
             with contextlib.suppress(OSError):
                 directory.rmdir()  # only when empty
+
+
+def _take_lock_file(path: Path, operation: int) -> int:
+    """An open descriptor of the lock file ``path`` (made if need be) holding ``flock``
+    ``operation`` (``LOCK_EX`` or ``LOCK_SH``), the file still at that name.
+
+    Raises
+    ------
+    BlockingIOError
+        When another process holds a lock that conflicts.
+    """
+    while True:
+        candidate = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(candidate, operation | fcntl.LOCK_NB)
+            current = os.stat(path).st_ino
+        except (BlockingIOError, FileNotFoundError) as exc:
+            os.close(candidate)
+            if isinstance(exc, BlockingIOError):
+                raise
+            continue  # removed by the run that held it: take the new file's lock
+        if os.fstat(candidate).st_ino == current:
+            return candidate
+        os.close(candidate)
+
+
+@contextlib.contextmanager
+def reading_package(packpath: Path) -> Iterator[None]:
+    """Hold a finished package for reading (tarsplit, verify): no run starts writing it
+    until the reading is done (a shared ``flock`` of the lock file the runs take).
+
+    Raises
+    ------
+    PackagingError
+        When a run is writing it or did not finish (:func:`unfinished_run`'s reason), or
+        its journal is damaged.
+    """
+    try:
+        fd: int | None = _take_lock_file(_lock_path(packpath), fcntl.LOCK_SH)
+    except OSError:
+        # A run writes it (BlockingIOError: unfinished_run says so), or no lock file can be
+        # made here (a package this user may only read, or none at all): looked at once.
+        fd = None
+    try:
+        if (reason := unfinished_run(packpath, locked=fd is not None)) is not None:
+            raise PackagingError(reason)
+        yield
+    finally:
+        if fd is not None:
+            try:
+                # The last reader removes the file, as a run does; not while others read.
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(_lock_path(packpath))
+            os.close(fd)
 
 
 def _refuse_while_locked(packpath: Path) -> None:
@@ -2138,19 +2178,26 @@ def _refuse_while_locked(packpath: Path) -> None:
     PackagingError
         When another run holds the package's lock.
     """
-    try:
-        fd = os.open(_lock_path(packpath), os.O_RDONLY)
-    except OSError:  # no lock file: no run (or one this user cannot see: it would say so)
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError as exc:
+    if _held_by_a_run(packpath):
         raise PackagingError(
             f"another qa-packager run is writing {packpath}: wait for it to finish, then "
             "run the dry run again"
-        ) from exc
+        )
+
+
+def _held_by_a_run(packpath: Path) -> bool:
+    """Whether a run holds the package's lock now (a look, holding nothing)."""
+    try:
+        fd = os.open(_lock_path(packpath), os.O_RDONLY)
+    except OSError:  # no lock file: no run (or one this user cannot see: it would say so)
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
     finally:
         os.close(fd)
+    return False
 
 
 def _written(plan: Plan, pack: Path, mode: str, *, appending: bool) -> list[Path]:

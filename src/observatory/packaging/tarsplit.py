@@ -46,6 +46,7 @@ See ``benchmarks/qa2_tarsplit.py`` for the comparison with GNU ``tar -cf``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import grp
 import hashlib
 import itertools
@@ -654,16 +655,9 @@ def _check_tag(name: str) -> None:
 def _check_request(
     package: Path, name: str | None, output_dir: Path | None
 ) -> tuple[Path, Path, list[TarSet]]:
-    """The package, the output directory and the tar sets of a valid request."""
-    from observatory.packaging.qa2 import PackagingError, unfinished_run
-
+    """The package, the output directory and the tar sets of a valid request (made while
+    the package is held for reading: :func:`_reading`)."""
     package = _check_package(package)
-    try:
-        reason = unfinished_run(package)
-    except PackagingError as exc:  # its journal is damaged
-        raise TarsplitError(str(exc)) from exc
-    if reason is not None:
-        raise TarsplitError(reason)
     if name is not None:
         _check_tag(name)
     sets = tar_sets(package, name)
@@ -685,6 +679,26 @@ def _check_request(
                 "remove them or choose another NAME"
             )
     return package, output_dir, sets
+
+
+@contextlib.contextmanager
+def _reading(package: Path) -> Iterator[None]:
+    """Hold ``package`` for reading while it is archived: no packager run starts writing it
+    (one doing so would put half its files in the tars).
+
+    Raises
+    ------
+    TarsplitError
+        When a run is writing it or did not finish, or its journal is damaged.
+    """
+    from observatory.packaging.qa2 import PackagingError, reading_package
+
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(reading_package(package))
+        except PackagingError as exc:
+            raise TarsplitError(str(exc)) from exc
+        yield
 
 
 def _temporary(output_dir: Path, project: str, tag: str, index: int, token: str) -> Path:
@@ -823,6 +837,20 @@ def write_pieces(
     OSError
         If reading the package or writing the output fails.
     """
+    package = _check_package(package)
+    with _reading(package):
+        return _write_held_pieces(package, name, output_dir, max_size_bytes, progress, workers)
+
+
+def _write_held_pieces(
+    package: Path,
+    name: str | None,
+    output_dir: Path | None,
+    max_size_bytes: int,
+    progress: Callable[[Path, Piece, str], None] | None,
+    workers: int | None,
+) -> list[Path]:
+    """:func:`write_pieces` of a package held for reading."""
     package, output_dir, sets = _check_request(package, name, output_dir)
     project, token = package.name, secrets.token_hex(4)
     for tar_set in sets:
@@ -929,25 +957,28 @@ def main(argv: Sequence[str]) -> int:
         max_size_bytes = (
             DEFAULT_MAX_SIZE_BYTES if args.max_size is None else parse_size(args.max_size)
         )
-        package, _, sets = _check_request(args.package, args.name, args.output_dir)
-        check_manifest_covers(package)
-        if args.dry_run:
-            total, count = 0, 0
-            for tar_set in sets:
-                pieces = plan_pieces(package, max_size_bytes, tar_set.member)
-                for piece in pieces:
-                    note = "  (one file larger than --max-size)" if piece.oversized else ""
-                    print(f"{piece.tar_name(tar_set.tag)}  {len(piece.members)} members  "
-                          f"{piece.size_bytes} bytes{note}")  # fmt: skip
-                total += sum(piece.size_bytes for piece in pieces)
-                count += len(pieces)
-            print(f"dry run: {count} tars, {total} bytes; nothing written")
-            return 0
+        package = _check_package(args.package)
+        with _reading(package):
+            package, output_dir, sets = _check_request(package, args.name, args.output_dir)
+            check_manifest_covers(package)
+            if args.dry_run:
+                total, count = 0, 0
+                for tar_set in sets:
+                    pieces = plan_pieces(package, max_size_bytes, tar_set.member)
+                    for piece in pieces:
+                        note = "  (one file larger than --max-size)" if piece.oversized else ""
+                        print(f"{piece.tar_name(tar_set.tag)}  {len(piece.members)} members  "
+                              f"{piece.size_bytes} bytes{note}")  # fmt: skip
+                    total += sum(piece.size_bytes for piece in pieces)
+                    count += len(pieces)
+                print(f"dry run: {count} tars, {total} bytes; nothing written")
+                return 0
 
-        def report(path: Path, piece: Piece, digest: str) -> None:
-            print(f"{path}  {len(piece.members)} members  {piece.size_bytes} bytes  md5 {digest}")
+            def report(path: Path, piece: Piece, digest: str) -> None:
+                print(f"{path}  {len(piece.members)} members  {piece.size_bytes} bytes  "
+                      f"md5 {digest}")  # fmt: skip
 
-        write_pieces(args.package, args.name, args.output_dir, max_size_bytes, progress=report)
+            _write_held_pieces(package, args.name, output_dir, max_size_bytes, report, None)
     except (TarsplitError, OSError) as exc:
         print(f"qa-packager tarsplit: {exc}", file=sys.stderr)
         return 1
