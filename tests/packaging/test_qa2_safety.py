@@ -1060,6 +1060,48 @@ def test_undoing_a_killed_run_from_another_directory_removes_only_what_it_made(
     assert (first / "2011.0.00229.S" / MEMBER).is_dir()  # made anew by the fake run
 
 
+def test_a_dry_run_after_a_killed_run_plans_as_the_run_will(
+    tmp_path: Path, readme: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a killed run that cleared the package, the dry run read the half-written new
+    package: it planned another member number than the run then took."""
+    sb = tiny_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb, readme, packpath, mode="copy")
+    package(sb, readme, packpath, append="member", mode="copy")  # member_ouss_id2
+    _killed_run(monkeypatch, sb, readme, packpath)  # append '': the package set aside
+    dry = package(sb, readme, packpath, append="member", mode="copy", dry_run=True)
+    real = package(sb, readme, packpath, append="member", mode="copy")
+    assert dry.member == real.member == MEMBER.with_name("member_ouss_id3")
+
+
+def test_a_dry_run_after_a_killed_run_lists_the_ticket_writes_the_run_makes(
+    tmp_path: Path, readme: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a killed run that wrote real ticket files, the dry run took them for the ones
+    its undo puts back (0-byte ones): it listed no ticket writes; the run wrote both."""
+    sb = tiny_sb(tmp_path)
+    fake_pack = tmp_path / "fake" / "2011.0.00229.S"
+    package(sb, readme, fake_pack, mode="fake")  # 0-byte ticket files
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # a copy run killed after writing real tickets
+        patch.setattr(qa2, "write_manifest", killed)
+        patch.setattr(qa2, "_undo", lambda *args: "")
+        with pytest.raises(KeyboardInterrupt):
+            package(sb, readme, fake_pack, append="member", mode="copy")
+    assert all(path.stat().st_size for path in qa2._ticket_paths(fake_pack))
+    dry = package(sb, readme, fake_pack, append="member", mode="fake", dry_run=True)
+    writes = {a.destination_text for a in dry.actions if a.kind == "write"}
+    assert {str(path) for path in qa2._ticket_paths(fake_pack)} <= writes
+    real = package(sb, readme, fake_pack, append="member", mode="fake")
+    assert [a for a in real.actions if a.kind == "write"] == [
+        a for a in dry.actions if a.kind == "write"
+    ]
+
+
 def test_a_journal_naming_a_directory_outside_the_package_removes_nothing(
     tmp_path: Path, readme: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1603,9 +1603,14 @@ def _ticket_paths(packpath: Path) -> tuple[Path, Path]:
     )
 
 
-def _keeps_real_tickets(packpath: Path, appending: bool) -> bool:
-    """Whether a fake run leaves the ticket files as they are (see :func:`write_tickets`)."""
-    return appending and any(p.is_file() and p.stat().st_size for p in _ticket_paths(packpath))
+def _keeps_real_tickets(packpath: Path, appending: bool, pending: Journal | None = None) -> bool:
+    """Whether a fake run leaves the ticket files as they are (see :func:`write_tickets`);
+    with the ``pending`` journal of an unfinished run, as they will be once it is undone (a
+    dry run): the ones it set aside, put back, and no others."""
+    tickets: tuple[Path, ...] = _ticket_paths(packpath)
+    if pending is not None:
+        tickets = tuple(_set_aside(p) for p in tickets if p.name in pending.existed)
+    return appending and any(p.is_file() and p.stat().st_size for p in tickets)
 
 
 def write_tickets(
@@ -1759,10 +1764,13 @@ def package(
             if pending is not None and pending.cleared
             else pack.exists() and ignored != pack.absolute()
         )
+        # The package as this run will find it: for a dry run after a run that cleared it
+        # and did not finish, the package that run set aside (its undo puts it back).
+        found = _set_aside(pack) if pending is not None and pending.cleared else pack
         if resumed is not None:
             member_relative = resumed
         else:
-            member_relative = _member_path(pack, append, style, uids, ignored=ignored)
+            member_relative = _member_path(found, append, style, uids, ignored=ignored)
         plan = plan_package(origin, member_relative, header)
         plan.undone = [] if dry_run else undone
         plan.actions = plan_actions(plan, mode)
@@ -1774,7 +1782,7 @@ def package(
             _refuse_to_clear_moved_data(pack, origin)
         elif (
             resumed is None
-            and member.exists()
+            and (found / member_relative).exists()
             and not (ignored and member.absolute().is_relative_to(ignored))
         ):
             raise PackagingError(f"{member} exists already: nothing is changed")
@@ -1790,7 +1798,7 @@ def package(
             *plan.actions,
             *(
                 Action("write", None, os.path.abspath(path))
-                for path in _written(plan, pack, mode, appending=append != "")
+                for path in _written(plan, pack, mode, appending=append != "", pending=pending)
             ),
         ]
         if dry_run:
@@ -2200,9 +2208,12 @@ def _held_by_a_run(packpath: Path) -> bool:
     return False
 
 
-def _written(plan: Plan, pack: Path, mode: str, *, appending: bool) -> list[Path]:
-    """The files a run writes besides the plan's (README, ticket files, manifest), in order."""
-    keeps_tickets = mode == "fake" and _keeps_real_tickets(pack, appending)
+def _written(
+    plan: Plan, pack: Path, mode: str, *, appending: bool, pending: Journal | None = None
+) -> list[Path]:
+    """The files a run writes besides the plan's (README, ticket files, manifest), in order
+    (``pending``: see :func:`_keeps_real_tickets`)."""
+    keeps_tickets = mode == "fake" and _keeps_real_tickets(pack, appending, pending)
     return [
         pack / plan.member / _readme_name(plan.member),
         *([] if keeps_tickets else _ticket_paths(pack)),
