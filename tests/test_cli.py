@@ -263,6 +263,22 @@ def test_demo_seeds_and_serves(tmp_path: Path) -> None:
     assert len(re.findall(r"^kept \d{10} demo_", again.stdout, re.M)) == 5, again.stdout
 
 
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_serve_and_demo_log_in_the_configured_format(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """The demo serves as serve does: it ignored OBSERVATORY_LOG_FORMAT."""
+    from observatory import cli
+
+    formats: list[str] = []
+    monkeypatch.setattr(
+        cli, "_run_server", lambda app, args, *, log_format: formats.append(log_format)
+    )
+    monkeypatch.setenv("OBSERVATORY_LOG_FORMAT", "json")
+    assert _run(tmp_path / "data", command) == 0
+    assert formats == ["json"]
+
+
 def test_demo_over_https_prints_https_addresses(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

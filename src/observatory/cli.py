@@ -507,7 +507,7 @@ def _check_tls_options(args: argparse.Namespace) -> None:
         raise ValueError("--ssl-certfile and --ssl-keyfile go together")
 
 
-def _run_server(app: object, args: argparse.Namespace, log_format: str = "text") -> None:
+def _run_server(app: object, args: argparse.Namespace, *, log_format: str) -> None:
     """uvicorn on the chosen address, with TLS when a certificate is given (giant-squid is https-only).
 
     ``log_format`` ``json`` (``OBSERVATORY_LOG_FORMAT``): every log line a JSON object with
@@ -620,7 +620,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     from observatory.app import create_app
 
-    _run_server(create_app(_serving(settings, args), run_jobs=True), args)
+    _run_server(
+        create_app(_serving(settings, args), run_jobs=True), args, log_format=settings.log_format
+    )
     return 0
 
 

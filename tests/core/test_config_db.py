@@ -53,6 +53,14 @@ def test_a_misspelled_setting_in_the_toml_is_an_error(
         ConfigFileError, match=r"unknown setting dask_schedular \(did you mean dask_scheduler\?\)"
     ):
         Settings()
+    # The README lists it among the settings: the file's key says where it is read.
+    config.write_text("allow_internet = true\n")
+    with pytest.raises(
+        ConfigFileError,
+        match=r"unknown setting allow_internet \(OBSERVATORY_ALLOW_INTERNET is read from the "
+        r"environment only\)",
+    ):
+        Settings()
 
 
 def test_a_misspelled_environment_variable_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:

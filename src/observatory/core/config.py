@@ -43,6 +43,8 @@ def _check_known_settings(path: str, document: dict[str, Any], known: set[str]) 
         return
     nearest = difflib.get_close_matches(unknown[0], sorted(known), n=1)
     hint = f" (did you mean {nearest[0]}?)" if nearest else ""
+    if f"OBSERVATORY_{unknown[0].upper()}" in OTHER_VARIABLES:
+        hint = f" (OBSERVATORY_{unknown[0].upper()} is read from the environment only)"
     raise ConfigFileError(
         f"config file {path} (OBSERVATORY_CONFIG): unknown setting {', '.join(unknown)}{hint}; "
         "keys are the settings' names without the OBSERVATORY_ prefix, in lower case"

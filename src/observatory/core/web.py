@@ -189,7 +189,12 @@ def gps_time_param(name: str, value: str | None) -> float | None:
         ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return utc_to_gps(moment)
+    try:
+        return utc_to_gps(moment)
+    except (OverflowError, ValueError):  # its zone moves it past year 1 or 9999
+        raise BadRequest(
+            f"{name} {value!r} is out of range (0 .. {LAST_UTC_GPS_S:.0f}, 9999-12-31)"
+        ) from None
 
 
 def templates_for(package_dir: Path) -> Jinja2Templates:
