@@ -201,7 +201,14 @@ def test_sign_out_ends_the_session_in_every_browser(client: TestClient) -> None:
     sign_in(laptop, "alice")
     api = api_client(client, "alice")  # a client's login (API key) is another matter
     page = client.get("/jobs").text
-    client.post("/logout", data={"csrf_token": token_of(page)})
+    with laptop.websocket_connect(
+        "/api/job_results", headers={"cookie": f"portal_session={laptop.cookies['portal_session']}"}
+    ) as open_socket:  # the laptop's jobs page, open: it streamed on after the sign-out
+        client.post("/logout", data={"csrf_token": token_of(page)})
+        with pytest.raises(WebSocketDisconnect) as closed:
+            for _ in range(1000):
+                open_socket.receive_text()
+        assert closed.value.code == 4401
     replayed = TestClient(client.app, cookies={"portal_session": saved})
     assert replayed.get("/profile", follow_redirects=False).status_code == 303  # to /login
     assert replayed.get("/jobs", follow_redirects=False).status_code == 303

@@ -61,6 +61,8 @@ PORTAL_COOKIE_NAME = "portal_session"
 COOKIE_MAX_AGE_S = SESSION_MAX_AGE_S
 #: How often the websocket looks for changed jobs.
 WEBSOCKET_POLL_S = 0.1
+#: How often an open /api/job_results socket checks that its cookie is still valid.
+WEBSOCKET_SESSION_CHECK_S = 1.0
 #: How far a worker's clock may be behind the server's (a link is signed as of its job's
 #: completion, never before the job was created).
 CLOCK_SKEW_S = 60
@@ -390,7 +392,15 @@ async def job_results(websocket: WebSocket) -> None:
     url_for = download_url_builder(websocket)
 
     async def send_changes() -> None:
+        checked = time.monotonic()
         while True:
+            if time.monotonic() - checked >= WEBSOCKET_SESSION_CHECK_S:
+                # A sign-out, a new password or API key ends the cookie, and this socket:
+                # its frames carry signed download links.
+                if await run_in_threadpool(cookie_user_id, websocket, None, portal=True) != user_id:
+                    await websocket.close(code=4401, reason="signed out")
+                    return
+                checked = time.monotonic()
             frames = await run_in_threadpool(
                 service.changed_rows, session_factory, user_id, watch, url_for
             )
