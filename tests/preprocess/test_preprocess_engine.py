@@ -299,6 +299,30 @@ def test_hyperdrive_solutions_apply_like_ao_cal(tmp_path: Path, sim: SimulatedOb
     np.testing.assert_allclose(data[..., 3], 0.25 * raw[..., 3], rtol=1e-5, atol=1e-3)
 
 
+def test_rfi_in_the_last_integrations_is_flagged_when_the_observation_is_cut_in_blocks(
+    tmp_path: Path,
+) -> None:
+    """16 integrations in blocks of at most 5 were cut 5 + 5 + 5 + 1: AOFlagger, given one
+    integration, flagged nothing of a burst in it. Now 4 x 4."""
+    from observatory.preprocess.engine import RFI_CHUNK_FACTOR, _plan, _time_blocks
+
+    burst = RfiBurst(coarse_chan=137, fine_chans=(12, 14), timesteps=(15, 16), amplitude_jy=300.0)
+    noisy = simulate_observation(
+        tmp_path / "sim", OBSID, n_tiles=16, coarse_chans=[137], n_timesteps=16,
+        sources=[SOURCE], noise_sigma_jy=2.0, rfi=[burst], seed=4,
+    )  # fmt: skip
+    options = ConversionOptions.from_params({k: v for k, v in RAW.items() if k != "no_rfi"})
+    five_integrations = 5 * 136 * 32 * 4 * 8 // RFI_CHUNK_FACTOR
+    reader = open_reader(noisy.metafits_path, noisy.vis_paths)
+    plan = _plan(reader, options, None, five_integrations, report=False)
+    assert [len(block) for block in _time_blocks(plan)] == [4, 4, 4, 4]
+    (out,) = preprocess(noisy.metafits_path, noisy.vis_paths, options, tmp_path / "rfi.uvfits",
+                        workers=1, chunk_bytes=five_integrations)  # fmt: skip
+    _, flags, _ = cube(out, 16)
+    p, q = np.triu_indices(16)
+    assert flags[15, p != q][:, 12:14].mean() > 0.95
+
+
 def test_aoflagger_flags_an_rfi_burst_and_little_else(tmp_path: Path) -> None:
     burst = RfiBurst(coarse_chan=137, fine_chans=(12, 14), timesteps=(6, 9), amplitude_jy=300.0)
     noisy = simulate_observation(
@@ -608,6 +632,18 @@ def test_solutions_for_another_array_are_refused(sim: SimulatedObservation, tmp_
             tmp_path / "x.uvfits",
             solutions=tmp_path / "s.bin",
         )
+
+
+@pytest.mark.parametrize(("shape", "said"), [((1, 8, 0, 4), "no channels"),
+                                             ((0, 8, 64, 4), "no timeblocks")])  # fmt: skip
+def test_solutions_holding_nothing_are_refused(
+    sim: SimulatedObservation, tmp_path: Path, shape: tuple[int, ...], said: str
+) -> None:
+    """0 chanblocks was a ZeroDivisionError, a traceback from the command."""
+    write_aocal(tmp_path / "s.bin", CalSolutions(jones=np.ones(shape, np.complex128)))
+    with pytest.raises(ReadError, match=rf"{tmp_path / 's.bin'}: the solutions hold {said}"):
+        preprocess(sim.metafits_path, sim.vis_paths, ConversionOptions.from_params(RAW),
+                   tmp_path / "x.uvfits", solutions=tmp_path / "s.bin")  # fmt: skip
 
 
 def test_data_files_of_another_observation_are_refused(tmp_path: Path) -> None:

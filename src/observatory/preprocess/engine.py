@@ -393,6 +393,10 @@ def _calibration(
         channels, or have timeblocks they give no times for (naming ``solutions_name``).
     """
     meta = reader.meta
+    empty = [f"no {axis}" for axis, n in (("timeblocks", solutions.n_timeblocks),
+                                          ("channels", solutions.n_chanblocks)) if n == 0]  # fmt: skip
+    if empty:
+        raise ReadError(f"{solutions_name}: the solutions hold {' and '.join(empty)}")
     if solutions.n_antennas != meta.n_ants:
         raise ReadError(
             f"{solutions_name}: the solutions are for {solutions.n_antennas} antennas, "
@@ -473,7 +477,11 @@ def _plan(
         # stretches (the whole observation when it fits in RFI_CHUNK_FACTOR chunks).
         chunk_bytes *= RFI_CHUNK_FACTOR
     blocks_per_chunk = max(1, chunk_bytes // (bytes_per_time * factor))
-    time_block = min(n_times_padded, blocks_per_chunk * factor)
+    longest_block = min(n_times_padded, blocks_per_chunk * factor)
+    # Blocks of equal length, none longer than memory allows: a remainder block of one
+    # integration (32 = 31 + 1) gives AOFlagger nothing to compare with, and its RFI stayed.
+    n_blocks = math.ceil(n_times_padded / longest_block)
+    time_block = math.ceil(n_times_padded / (n_blocks * factor)) * factor
     return _Plan(
         meta=meta,
         resolved=resolved,
