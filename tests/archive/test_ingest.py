@@ -131,6 +131,49 @@ def test_changed_contents_are_refused(session: Session, tmp_path: Path) -> None:
         ingest_directory(session, storage, directory)
 
 
+def test_an_mwax_flag_file_is_named_by_its_receiver_channel(
+    session: Session, tmp_path: Path
+) -> None:
+    """Birli names an MWAX observation's .mwaf by receiver channel (<obsid>_137.mwaf): ingest
+    read 137 as a gpubox number and refused the whole directory."""
+    directory = _copy_obs(tmp_path, "1320409688")
+    for channel in (137, 99):  # 99 is not one of the observation's channels
+        flags = directory / f"1320409688_{channel}.mwaf"
+        shutil.copy(MWA_DATA / "1131733552_mini_06.mwaf", flags)
+        with fits.open(flags, mode="update") as hdus:
+            for key in ("OBSID", "GPSTIME"):
+                if key in hdus[0].header:
+                    hdus[0].header[key] = 1320409688
+    with pytest.raises(
+        IngestError, match=r"receiver channel 99 is not one of observation 1320409688"
+    ):
+        ingest_directory(session, Storage(tmp_path / "archive"), directory)
+    session.rollback()
+    (directory / "1320409688_99.mwaf").unlink()
+    ingest_directory(session, Storage(tmp_path / "archive"), directory)
+    (flag_file,) = [
+        f for f in get_observation(session, 1320409688).files if f.kind == FileKind.MWAF
+    ]
+    assert flag_file.coarse_chan == 137
+
+
+def test_one_name_found_twice_is_archived_once_or_refused(session: Session, tmp_path: Path) -> None:
+    """A second file of one name (another subdirectory) was dropped, counted as archived."""
+    directory = _copy_obs(tmp_path, "1131733552")
+    (directory / "b").mkdir()
+    shutil.copy(directory / "1131733552_mini_01.mwaf", directory / "b" / "1131733552_mini_01.mwaf")
+    report = ingest_directory(session, Storage(tmp_path / "archive"), directory)
+    assert (str(directory / "b" / "1131733552_mini_01.mwaf"),
+            f"the same file as {directory / '1131733552_mini_01.mwaf'}") in report.skipped  # fmt: skip
+    session.rollback()
+    other = directory / "b" / "1131733552_mini_01.mwaf"
+    with fits.open(other, mode="update") as hdus:
+        hdus[0].header["MARKER"] = 1
+    with pytest.raises(IngestError, match="has this name with other contents"):
+        ingest_directory(session, Storage(tmp_path / "archive2"), directory)
+    assert _counts(session) == (0, 0)
+
+
 def test_obsid_mismatch_is_refused(session: Session, tmp_path: Path) -> None:
     directory = tmp_path / "incoming"
     directory.mkdir()

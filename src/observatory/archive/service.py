@@ -6,7 +6,7 @@ import json
 import os
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +211,7 @@ def ingest_directory(session: Session, storage: Storage, directory: Path) -> Ing
         receiver_channels = (
             existing.coarse_chans if existing is not None else metafits_fields["coarse_chans"]  # type: ignore[index]
         )
+        mode = str(existing.mode if existing is not None else metafits_fields["mode"])  # type: ignore[index]
         gpubox_map = legacy_gpubox_channels(receiver_channels)
         for path, parsed in entries:
             if parsed.kind not in (FileKind.METAFITS, FileKind.PPDS):
@@ -219,6 +220,15 @@ def ingest_directory(session: Session, storage: Storage, directory: Path) -> Ing
                 except ValueError as exc:
                     problems.append((str(path), str(exc)))
                     continue
+            if parsed.kind == FileKind.MWAF and mode.startswith("MWAX"):
+                # Birli names an MWAX observation's flag files by receiver channel
+                # (<obsid>_137.mwaf), a legacy one's by gpubox number (<obsid>_06.mwaf).
+                channel = parsed.gpubox_number
+                if channel not in receiver_channels:
+                    problems.append((str(path), f"receiver channel {channel} is not one of "
+                                                f"observation {obsid}'s {receiver_channels}"))  # fmt: skip
+                    continue
+                parsed = replace(parsed, coarse_chan=channel, gpubox_number=None)
             if parsed.gpubox_number is not None:
                 if not 1 <= parsed.gpubox_number <= len(gpubox_map):
                     problems.append(
@@ -239,6 +249,19 @@ def ingest_directory(session: Session, storage: Storage, directory: Path) -> Ing
             if parsed.note:
                 report.warnings.append((str(path), parsed.note))
             planned.append(_PlannedFile(path, parsed, path.stat().st_size, sha1_of_file(path)))
+
+    # One name of an observation found twice (in two subdirectories): the same file is
+    # archived once; different contents are refused (the second was dropped unsaid).
+    first_of: dict[tuple[int, str], _PlannedFile] = {}
+    for item in list(planned):
+        first = first_of.setdefault((item.parsed.obsid, item.path.name), item)
+        if first is item:
+            continue
+        planned.remove(item)
+        if first.sha1 == item.sha1:
+            report.skipped.append((str(item.path), f"the same file as {first.path}"))
+        else:
+            problems.append((str(item.path), f"{first.path} has this name with other contents"))
 
     for item in planned:
         existing_file = session.scalar(
