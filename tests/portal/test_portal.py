@@ -6,6 +6,7 @@ import io
 import json
 import re
 from collections.abc import Iterator
+from urllib.parse import unquote
 
 import pytest
 from fastapi.testclient import TestClient
@@ -405,6 +406,38 @@ def test_malformed_parameters_get_an_error_page(client: TestClient) -> None:
     assert reply.status_code == 400 and 'id="error-message"' in reply.text
     as_json = client.get("/observations?page=abc")
     assert as_json.status_code == 400 and "page" in as_json.json()["error"]
+
+
+def test_unknown_pages_and_methods_get_an_error_page_in_a_browser(client: TestClient) -> None:
+    page = {"Accept": "text/html"}
+    missing = client.get("/no-such-page", headers=page)
+    assert missing.status_code == 404 and 'id="error-message"' in missing.text
+    wrong = client.get("/profile/api-key", headers=page)
+    assert wrong.status_code == 405 and 'id="error-message"' in wrong.text
+    assert wrong.headers["allow"] == "POST"
+    assert client.get("/no-such-page").json()["error"] == "Not Found"  # clients: JSON
+
+
+def test_a_form_posted_after_the_sign_in_ended_comes_back_after_signing_in(
+    client: TestClient,
+) -> None:
+    """The sign-in sent the browser back to the address the form was posted to, which it
+    then asked for with a GET: 405, and the submission form's input was lost."""
+    token = token_of(client.get("/login").text)  # a page left open, its sign-in ended
+    profile = client.post("/profile/api-key", data={"csrf_token": token}, follow_redirects=False)
+    assert profile.headers["location"] == "/login?next=/profile"
+    cancel = client.post("/jobs/7/cancel", data={"csrf_token": token}, follow_redirects=False)
+    assert cancel.headers["location"] == "/login?next=/jobs"
+    form = {"job_type": "conversion_job", "obs_id": "1320409688", "avg_time_res": "4",
+            "no_rfi": "true", "csrf_token": token}  # fmt: skip
+    submit = client.post("/submit", data=form, follow_redirects=False)
+    location = submit.headers["location"]
+    assert location.startswith("/login?next=/submit%3F")
+    sign_in(client, "alice")
+    back = client.get(unquote(location.partition("next=")[2]))
+    assert back.status_code == 200
+    assert 'value="1320409688"' in back.text and 'name="avg_time_res" value="4"' in back.text
+    assert 'name="no_rfi" type="checkbox" value="true" checked' in back.text
 
 
 def test_live_rows_are_named_with_the_server_labels(

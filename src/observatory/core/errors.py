@@ -282,10 +282,13 @@ def install_error_handlers(
         return JSONResponse(error_body(f"invalid request: {problems}", 1), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         # Its headers too: a 405 must say which methods are allowed (RFC 9110 section 15.5.6).
-        return JSONResponse(
-            error_body(str(exc.detail), exc.status_code),
-            status_code=exc.status_code,
-            headers=exc.headers,
-        )
+        response: Response
+        if _wants_html(request):
+            response = _error_page(str(exc.detail), exc.status_code)
+        else:
+            body = error_body(str(exc.detail), exc.status_code)
+            response = JSONResponse(body, status_code=exc.status_code)
+        response.headers.update(exc.headers or {})
+        return response

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
@@ -115,8 +115,11 @@ async def _checked_form(request: Request) -> dict[str, str]:
 FormDep = Annotated[dict[str, str], Depends(_checked_form)]
 
 
-def _to_login(request: Request) -> RedirectResponse:
-    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+def _to_login(request: Request, back_to: str | None = None) -> RedirectResponse:
+    """To the sign-in form, then back to this page; a form posted after the sign-in
+    ended goes back to the page of the form (``back_to``: the browser would GET the
+    address it was posted to)."""
+    target = back_to or request.url.path + (f"?{request.url.query}" if request.url.query else "")
     return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
 
 
@@ -189,7 +192,7 @@ def new_api_key(request: Request, session: SessionDep, _form: FormDep) -> Respon
     clients' logins made with it; this browser stays signed in (a password session)."""
     user = _signed_in(request, session)
     if user is None:
-        return _to_login(request)
+        return _to_login(request, "/profile")
     key = reset_api_key(session, user)
     session.commit()
     return _page(
@@ -216,7 +219,7 @@ def cancel(request: Request, session: SessionDep, job_id: int, _form: FormDep) -
     """Cancel one of the user's jobs, then back to the jobs page."""
     user = _signed_in(request, session)
     if user is None:
-        return _to_login(request)
+        return _to_login(request, "/jobs")
     asvo_service.cancel_job(session, user.id, str(job_id))
     session.commit()
     return RedirectResponse("/jobs", status_code=303)
@@ -224,12 +227,14 @@ def cancel(request: Request, session: SessionDep, job_id: int, _form: FormDep) -
 
 @router.get("/submit", response_class=HTMLResponse)
 def submit_page(request: Request, session: SessionDep, obs_id: str = "") -> Response:
-    """The job submission form."""
+    """The job submission form, filled in from the query (``obs_id``, the form's fields)."""
     user = _signed_in(request, session)
     if user is None:
         return _to_login(request)
-    job_type = service.job_type_for(session, obs_id)
-    context = {"user": user, "form": {"obs_id": obs_id, "job_type": job_type}, "error": None}
+    given = dict(request.query_params)
+    job_type = given.get("job_type") or service.job_type_for(session, obs_id)
+    context = {"user": user, "form": {**given, "obs_id": obs_id, "job_type": job_type},
+               "error": None}  # fmt: skip
     return _page(request, "submit.html", context)
 
 
@@ -238,7 +243,9 @@ def submit(request: Request, session: SessionDep, form: FormDep) -> Response:
     """Submit a job with the API's validation; the form comes back with its message if refused."""
     user = _signed_in(request, session)
     if user is None:
-        return _to_login(request)
+        # Back to the form as it was filled in (not to a GET of this address).
+        filled = {key: value for key, value in form.items() if value}  # the token is gone
+        return _to_login(request, f"/submit?{urlencode(filled)}")
     try:
         job_type = asvo_service.job_type_named(form.get("job_type", ""))
         job = asvo_service.submit_job(session, _settings(request), user.id, job_type, form)
