@@ -2,7 +2,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from observatory.app import create_app
-from observatory.archive.service import ingest_directory
+from observatory.archive.service import ingest_directory, schedule_observation
 from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory
 from observatory.core.storage import Storage
@@ -75,6 +75,22 @@ def test_obs_page(client: TestClient) -> None:
     assert "high_EoRSLS_2457342" in reply.text
     assert "2015-11-16 18:25:35" in reply.text
     assert "1131733552_mini_01.mwaf" in reply.text
+    assert "<td>40 kHz, 0.5 s</td>" in reply.text
+
+
+def test_the_page_of_an_observation_not_yet_recorded(
+    client: TestClient, settings: Settings
+) -> None:
+    """It showed "None kHz, None s": the schedule knows no resolution until it is recorded."""
+    engine = make_engine(settings.resolved_database_url)
+    with make_session_factory(engine)() as session:
+        schedule_observation(session, start_gps=2000000000, duration_s=120, mode="MWAX_VCS",
+                             coarse_chans=[121], project_id="C001", obsname="later",
+                             now_gps_s=1999999000)  # fmt: skip
+        session.commit()
+    engine.dispose()
+    page = client.get("/metadata/obs_page", params={"obs_id": 2000000000}).text
+    assert "<td>-, -</td>" in page and "None" not in page
 
 
 def test_find(client: TestClient) -> None:
