@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +42,13 @@ from observatory.preprocess.engine import (
     default_workers,
 )
 from observatory.preprocess.options import ConversionOptions
-from observatory.preprocess.reader import ObservationMeta, RawChunk, VisibilityReader, open_reader
+from observatory.preprocess.reader import (
+    ObservationMeta,
+    RawChunk,
+    VisibilityReader,
+    open_reader,
+    read_metadata,
+)
 from observatory.preprocess.rfi import aoflagger_flags
 from observatory.telescope.catalogue import Source, lookup
 from observatory.telescope.instrument import SPEED_OF_LIGHT_M_S
@@ -81,7 +87,8 @@ class SolvedObservation:
         return np.asarray(corrections.convert_solution_convention(self.solution.jones()))
 
     def save(self, path: Path) -> None:
-        """Write it (but its metafits' ``meta``) to an npz file; :meth:`load` reads it back."""
+        """Write it to an npz file (of ``meta`` only what the data files, not the metafits,
+        say: the correlator); :meth:`load` reads it back."""
         solution = self.solution
         centroids = self.time_centroids_gps
         with atomic_output(path) as temporary, open(temporary, "wb") as out:
@@ -92,15 +99,16 @@ class SolvedObservation:
                 chanblocks_per_coarse=self.chanblocks_per_coarse,
                 coarse_chans=np.asarray(self.coarse_chans, dtype=np.int64),
                 time_centroids_gps=np.asarray([] if centroids is None else centroids, np.float64),
-                max_iterations=self.max_iterations,
+                max_iterations=self.max_iterations, mwax=self.meta.mwax,
             )  # fmt: skip
 
     @classmethod
-    def load(cls, path: Path, meta: ObservationMeta) -> SolvedObservation:
-        """What :meth:`save` wrote, with the ``meta`` of its observation's metafits."""
+    def load(cls, path: Path, metafits: Path) -> SolvedObservation:
+        """What :meth:`save` wrote, with the metadata of its observation's ``metafits``
+        (read alone: the data files are not opened again)."""
         with np.load(path, allow_pickle=False) as saved:
             return cls(
-                meta, saved["freqs_hz"],
+                replace(read_metadata(metafits), mwax=bool(saved["mwax"])), saved["freqs_hz"],
                 Solution(saved["gains"], saved["iterations"], saved["converged"],
                          saved["precision"], int(saved["reference_antenna"])),
                 int(saved["chanblocks_per_coarse"]),
@@ -266,7 +274,7 @@ def solve_in_process(
         ],
         cwd=work_dir, what="calibration solve", poll=stop_if_worker_closing,
     )  # fmt: skip
-    return SolvedObservation.load(out, open_reader(metafits, data_files).meta)
+    return SolvedObservation.load(out, metafits)
 
 
 @dataclass(frozen=True)
