@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +25,14 @@ _SITES_JSON = "coordinates/sites.json"
 def allow_internet() -> bool:
     """Whether the installation may go online (``OBSERVATORY_ALLOW_INTERNET=1``)."""
     return os.environ.get("OBSERVATORY_ALLOW_INTERNET", "").lower() in {"1", "true", "yes"}
+
+
+def _in_cache(url: str) -> bool:
+    """Whether astropy's download cache holds ``url``; quietly False on a machine that has
+    no cache yet (astropy 8 warns of it; seeding the cache makes it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", astropy_data.CacheMissingWarning)
+        return bool(astropy_data.is_url_in_cache(url))
 
 
 def configure_astropy_offline(sites: Mapping[str, Mapping[str, Any]]) -> None:
@@ -46,14 +55,14 @@ def configure_astropy_offline(sites: Mapping[str, Mapping[str, Any]]) -> None:
     if not allow_internet():
         astropy_data.conf.allow_internet = False
     urls = [astropy_data.conf.dataurl + _SITES_JSON, astropy_data.conf.dataurl_mirror + _SITES_JSON]
-    if all(astropy_data.is_url_in_cache(url) for url in urls):
+    if all(_in_cache(url) for url in urls):
         return
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(dict(sites), handle)
         seeded_path = handle.name
     try:
         for url in urls:
-            if not astropy_data.is_url_in_cache(url):
+            if not _in_cache(url):
                 astropy_data.import_file_to_cache(url, seeded_path, remove_original=False)
     finally:
         os.unlink(seeded_path)
