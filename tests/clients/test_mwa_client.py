@@ -1496,6 +1496,24 @@ def test_a_download_that_fails_unexpectedly_is_recorded_and_the_others_go_on(
     assert "Download Failed: Job id: 7 file: a.tar" in output.getvalue()
 
 
+def test_a_symbolic_link_at_the_part_or_lock_name_is_never_written_through(tmp_path: Path) -> None:
+    """In a shared directory another user can plant links at the predictable .part and
+    lock names: the download appended the product to the link's target."""
+    content = b"z" * 100
+    victim, lock_victim = tmp_path / "victim.txt", tmp_path / "created-by-the-lock"
+    victim.write_text("someone's notes\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "p.tar.part").symlink_to(victim)
+    (out / ".p.tar.lock").symlink_to(lock_victim)
+    with product_server(200, {}, content) as url:
+        session = asvo.Session(url, httpx.Client(), verify=True)
+        session.download_product(acacia_job(url, content), out)
+    assert victim.read_text() == "someone's notes\n" and not lock_victim.exists()
+    assert (out / "p.tar").read_bytes() == content
+    assert sorted(p.name for p in out.iterdir()) == ["p.tar"]
+
+
 def test_a_part_file_of_a_product_that_is_gone_is_deleted(tmp_path: Path) -> None:
     content = b"y" * 100
     (tmp_path / "p.tar.part").write_bytes(content[:40])

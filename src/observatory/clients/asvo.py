@@ -21,6 +21,7 @@ Example
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import http.client
@@ -857,6 +858,17 @@ class Session:
             )
             target.unlink()
             redownloaded = True
+        if partial.is_symlink():
+            # Never written through: a link planted in a shared directory (the name is
+            # predictable) would have its target overwritten.
+            log.warning("%s is a symbolic link, not a partial download: removed", partial)
+            partial.unlink()
+        elif partial.exists() and not partial.is_file():
+            raise AsvoError(
+                f"Job {job.id}: cannot download {file.name} in {dest_dir}: {partial} is a "
+                "directory (or another non-file) of that name; move it away and download again",
+                job_id=job.id,
+            )
         if not resume:
             partial.unlink(missing_ok=True)
 
@@ -978,7 +990,9 @@ class Session:
             received = 0
             # One buffer, filled straight from the socket: no per-block allocation or copy.
             buffer = memoryview(bytearray(CHUNK_BYTES))
-            with partial.open("r+b" if resumed else "wb") as stream:
+            # O_NOFOLLOW: a symbolic link put here since the check above is refused (ELOOP).
+            descriptor = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(descriptor, "r+b") as stream:
                 stream.seek(have)
                 stream.truncate()
                 while count := reply.readinto(buffer):
@@ -1094,7 +1108,18 @@ def _downloading_alone(target: Path) -> Iterator[None]:
     """
     lock_path = target.with_name(f".{target.name}.lock")
     while True:
-        handle = open(lock_path, "a")  # noqa: SIM115 (held until the download ends)
+        try:
+            # O_NOFOLLOW: a symbolic link planted at the lock's name would have its target
+            # created; it is removed instead.
+            descriptor = os.open(
+                lock_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644
+            )
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            lock_path.unlink()
+            continue
+        handle = os.fdopen(descriptor, "a")
         try:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
