@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import random
@@ -295,11 +296,13 @@ class ForwardProxy(_LoopbackProxy):
 
     Plain requests arrive with an absolute URL and are forwarded (one request per
     connection: ``Connection: close`` is added); ``CONNECT host:port`` opens a tunnel.
-    The request lines seen are kept in ``request_lines``.
+    The request lines seen are kept in ``request_lines``. With ``credentials``
+    (``user:password``) a request without them (Basic ``Proxy-Authorization``) gets 407.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, credentials: str | None = None) -> None:
         self.request_lines: list[str] = []
+        self.credentials = credentials
         super().__init__()
 
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
@@ -307,6 +310,16 @@ class ForwardProxy(_LoopbackProxy):
         request_line, *header_lines = head.decode("latin-1").split("\r\n")
         self.request_lines.append(request_line)
         method, target, version = request_line.split(" ")
+        if self.credentials is not None:
+            expected = "Basic " + base64.b64encode(self.credentials.encode()).decode()
+            given = [h.split(":", 1)[1].strip() for h in header_lines
+                     if h.lower().startswith("proxy-authorization:")]  # fmt: skip
+            if given != [expected]:
+                client_w.write(b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                               b"Proxy-Authenticate: Basic\r\nContent-Length: 0\r\n\r\n")  # fmt: skip
+                await client_w.drain()
+                client_w.close()
+                return
         if method == "CONNECT":
             host, port = target.rsplit(":", 1)
             assert host in ("127.0.0.1", "localhost"), "loopback only"

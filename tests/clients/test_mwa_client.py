@@ -1118,9 +1118,9 @@ def test_downloads_go_through_the_http_proxy_of_the_environment(
     server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     without_proxy_settings(monkeypatch)
-    proxy = ForwardProxy()
+    proxy = ForwardProxy(credentials="reader:p@ss")  # the downloads ignored them: 407
     try:
-        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.port}")
+        monkeypatch.setenv("http_proxy", f"http://reader:p%40ss@127.0.0.1:{proxy.port}")
         with server.session() as session:
             job_id = session.submit_download_job(
                 OBSID, download_type="vis_meta", allow_resubmit=True
@@ -1146,10 +1146,10 @@ def test_the_websocket_goes_through_the_http_proxy_of_the_environment(
     a CONNECT tunnel. It used to connect directly, which a site that allows only its
     proxy out refuses."""
     without_proxy_settings(monkeypatch)
-    proxy = ForwardProxy()
+    proxy = ForwardProxy(credentials="reader:secret")  # the tunnel ignored them: 407
     caplog.set_level(logging.INFO, logger="observatory.clients.asvo")
     try:
-        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.port}")
+        monkeypatch.setenv("http_proxy", f"http://reader:secret@127.0.0.1:{proxy.port}")
         with server.session() as session:
             job_id = session.submit_download_job(OBSID, download_type="vis_meta",
                                                  allow_resubmit=True)  # fmt: skip

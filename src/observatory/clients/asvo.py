@@ -21,6 +21,7 @@ Example
 
 from __future__ import annotations
 
+import base64
 import errno
 import fcntl
 import hashlib
@@ -41,7 +42,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import blake3
 import httpx
@@ -759,13 +760,13 @@ class Session:
         cookie = self._client.cookies.get("MWA_JOB_COOKIE")
         # Through the proxy of the environment, as the API calls and downloads go: a
         # CONNECT tunnel (as browsers open websockets through a proxy).
-        proxy = _proxy_address(parts.scheme, host)
+        proxy = _proxy_for(parts.scheme, host)
         sock: socket.socket = socket.create_connection(
-            proxy or (host, port), timeout=WEBSOCKET_OPEN_TIMEOUT_S
+            proxy.address if proxy else (host, port), timeout=WEBSOCKET_OPEN_TIMEOUT_S
         )
         try:
             if proxy:
-                _open_tunnel(sock, host, port)
+                _open_tunnel(sock, host, port, proxy.headers)
             if secure:
                 sock = _tls_context(self._verify).wrap_socket(sock, server_hostname=host)
             connection = websockets.sync.client.connect(
@@ -1034,17 +1035,19 @@ def _http_get(
         https = parts.scheme == "https"
         port = parts.port or (443 if https else 80)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
-        proxy_address = _proxy_address(parts.scheme, host)
+        proxy = _proxy_for(parts.scheme, host)
+        request_headers = dict(headers)
         connection: http.client.HTTPConnection
-        if proxy_address:
+        if proxy:
             if https:  # a CONNECT tunnel through the proxy, TLS end to end
                 connection = http.client.HTTPSConnection(
-                    *proxy_address, timeout=60, context=_tls_context(verify)
+                    *proxy.address, timeout=60, context=_tls_context(verify)
                 )
-                connection.set_tunnel(host, port)
+                connection.set_tunnel(host, port, headers=proxy.headers)
             else:  # a plain proxy request with the absolute URL
-                connection = http.client.HTTPConnection(*proxy_address, timeout=60)
+                connection = http.client.HTTPConnection(*proxy.address, timeout=60)
                 target = url
+                request_headers.update(proxy.headers)
         elif https:
             connection = http.client.HTTPSConnection(
                 host, port, timeout=60, context=_tls_context(verify)
@@ -1052,7 +1055,7 @@ def _http_get(
         else:
             connection = http.client.HTTPConnection(host, port, timeout=60)
         try:
-            connection.request("GET", target, headers=dict(headers))
+            connection.request("GET", target, headers=request_headers)
             reply = connection.getresponse()
             location = reply.getheader("location")
             if reply.status in (301, 302, 303, 307, 308) and location:
@@ -1065,19 +1068,39 @@ def _http_get(
     raise AsvoError(f"too many redirects from {url}")
 
 
-def _proxy_address(scheme: str, host: str) -> tuple[str, int] | None:
-    """The proxy (host, port) the ``*_proxy`` variables give for ``scheme`` URLs to ``host``."""
+@dataclass(frozen=True)
+class _Proxy:
+    """A proxy of the ``*_proxy`` variables: where it is, and the headers it wants."""
+
+    host: str
+    port: int
+    #: ``Proxy-Authorization`` when the variable names a user (``http://u:p@proxy:3128``),
+    #: as httpx sends it for the API calls.
+    headers: dict[str, str]
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+
+def _proxy_for(scheme: str, host: str) -> _Proxy | None:
+    """The proxy the ``*_proxy`` variables give for ``scheme`` URLs to ``host``."""
     if urllib.request.proxy_bypass(host):
         return None
     proxy = urllib.request.getproxies().get(scheme)
     if not proxy:
         return None
     parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-    return parts.hostname or "", parts.port or 80
+    headers = {}
+    if parts.username is not None:
+        credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        headers["Proxy-Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
+    return _Proxy(parts.hostname or "", parts.port or 80, headers)
 
 
-def _open_tunnel(sock: socket.socket, host: str, port: int) -> None:
-    """Ask the proxy at the other end of ``sock`` for a tunnel to ``host:port`` (CONNECT).
+def _open_tunnel(sock: socket.socket, host: str, port: int, headers: Mapping[str, str]) -> None:
+    """Ask the proxy at the other end of ``sock`` for a tunnel to ``host:port`` (CONNECT),
+    with ``headers`` (its authorisation).
 
     Raises
     ------
@@ -1085,7 +1108,8 @@ def _open_tunnel(sock: socket.socket, host: str, port: int) -> None:
         If the proxy refuses (its status line is in the message) or closes.
     """
     authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{extra}\r\n".encode())
     head = b""
     while b"\r\n\r\n" not in head:
         block = sock.recv(4096)
