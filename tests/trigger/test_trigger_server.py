@@ -69,6 +69,11 @@ def test_the_client_library_calls(server: tuple[str, str]) -> None:
     assert pretend is not None and pretend["success"] is True, pretend
     assert len(pretend["obsid_list"]) == 4 and pretend["params"]["obsname"] == "lib test"
     assert pretend["params"]["sourcelist"] == ["HydA"]
+    # Tuples, as the Sequence type hints allow, are sent as the lists are.
+    as_tuples = ts.trigger(project_id=project, secure_key=key, ra=(zenith_ra(),) * 2, dec=(-26.7, -20.0),
+                           freqspecs=("121,24", "145,24"), subarray_list=("all_north", "all_south"),
+                           nobs=1, exptime=8, pretend=True, base_url=base)  # fmt: skip
+    assert as_tuples is not None and as_tuples["success"] is True, as_tuples
     real = ts.trigger(project_id=project, secure_key=key, ra=zenith_ra(), dec=-26.7, nobs=2, exptime=16,
                       calibrator=False, pretend=False, group_id=1234567896, base_url=base)  # fmt: skip
     assert real is not None and real["success"] is True, real
@@ -142,3 +147,43 @@ def test_concurrent_triggers_never_double_book(server: tuple[str, str]) -> None:
     actual = database_schedule(database_url)
     assert actual == expected
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(actual))  # no overlaps
+
+
+def _broken_reply_server(status: int, headers: dict[str, str], body: bytes, sent: int) -> Any:
+    """A loopback server answering every request with ``status`` and the first ``sent``
+    bytes of ``body`` (its Content-Length is the whole body's), then closing."""
+    from http.server import BaseHTTPRequestHandler
+
+    from servers import handler_server
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            for name, value in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body[:sent])
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    return handler_server(Handler)
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "body", "sent"),
+    [
+        (200, {"Content-Type": "application/json"}, b"[" + b"1," * 50 + b"1]", 5),  # cut short
+        (500, {"Content-Type": "text/plain"}, b"internal error " * 10, 5),  # its error cut short
+        (200, {"Content-Type": "application/json; charset=utf-8"}, b'"\xff\xfe"', 4),
+        (200, {"Content-Type": "application/json; charset=no-such"}, b"[]", 2),
+    ],
+)
+def test_a_broken_reply_is_none_logged_as_the_library_promises(
+    status: int, headers: dict[str, str], body: bytes, sent: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Robots (TraceT) take None as "web API error": these raised IncompleteRead,
+    UnicodeDecodeError or LookupError instead."""
+    with _broken_reply_server(status, headers, body, sent) as port:
+        assert ts.obslist(obstime=600, base_url=f"http://127.0.0.1:{port}/trigger/") is None
+    assert caplog.records and caplog.records[-1].levelname == "ERROR"

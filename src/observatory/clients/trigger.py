@@ -17,6 +17,7 @@ False
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -47,12 +48,18 @@ def web_api(
         with urlopen(request, timeout=TIMEOUT_S) as reply:
             text = reply.read().decode(reply.headers.get_content_charset() or "latin-1")
     except HTTPError as error:
-        logger.error(
-            "HTTP error from %s: code=%d, response: %s", url, error.code, error.read()[:2000]
-        )
+        try:
+            body = error.read()[:2000]
+        except (OSError, http.client.HTTPException) as cut:  # the error's body cut short
+            body = f"(unreadable: {cut!r})".encode()
+        logger.error("HTTP error from %s: code=%d, response: %s", url, error.code, body)
         return None
-    except (URLError, OSError) as error:
+    except (URLError, OSError, http.client.HTTPException) as error:
+        # HTTPException: a reply cut short (IncompleteRead) or malformed.
         logger.error("URL or network error for %s: %s", url, error)
+        return None
+    except (UnicodeDecodeError, LookupError) as error:  # not the text (or charset) it says
+        logger.error("unreadable reply from %s: %s", url, error)
         return None
     try:
         return json.loads(text)
@@ -151,13 +158,20 @@ def trigger(
         "freqres": freqres, "inttime": inttime, "calibrator": calibrator, "avoidsun": avoidsun,
         "pretend": pretend, "vcsmode": vcsmode,
     }  # fmt: skip
-    postdict |= {key: value for key, value in optional.items() if value is not None}
+    # A tuple is sent as a list is (str() of a tuple is no list the server reads).
+    postdict |= {
+        key: list(value) if isinstance(value, tuple) else value
+        for key, value in optional.items()
+        if value is not None
+    }
     if subarray_list is not None:
         postdict["subarrays"] = (
-            json.dumps(subarray_list) if isinstance(subarray_list, list) else subarray_list
+            subarray_list if isinstance(subarray_list, str) else json.dumps(list(subarray_list))
         )
     if freqspecs is not None:
-        postdict["freqspecs"] = json.dumps(freqspecs) if isinstance(freqspecs, list) else freqspecs
+        postdict["freqspecs"] = (
+            freqspecs if isinstance(freqspecs, str) else json.dumps(list(freqspecs))
+        )
     endpoint = "triggervcs" if vcsmode else "triggerobs"
     result: dict[str, Any] | None = web_api(
         _url(base_url, endpoint), urldict, postdict, logger=logger
