@@ -562,6 +562,29 @@ def test_dispatch_follows_priority_then_age(archive_settings: Settings) -> None:
     engine.dispose()
 
 
+def test_a_metadata_download_of_an_observation_not_recorded_fails_saying_so(
+    client: TestClient, archive_settings: Settings
+) -> None:
+    """It completed, with an empty tar (an ended observation whose files have not reached
+    the archive: the recording's lag, a buffer never dumped)."""
+    from observatory.archive.service import schedule_observation
+
+    ended = now_gps() // 8 * 8 - 800
+    engine = make_engine(archive_settings.resolved_database_url)
+    with make_session_factory(engine)() as session:
+        schedule_observation(session, start_gps=ended, duration_s=8, mode="MWAX_CORRELATOR",
+                             coarse_chans=[121], project_id="C001", obsname="not recorded",
+                             now_gps_s=ended - 100)  # fmt: skip
+        session.commit()
+    engine.dispose()
+    job_id = submit(client, "download_vis_job", obs_id=ended, download_type="vis_meta")
+    assert watch(client, {job_id})[job_id][-1] == "error"
+    assert (
+        f"Observation {ended} has no metafits in the archive"
+        in rows_by_id(client)[job_id]["error_text"]
+    )
+
+
 @pytest.mark.parametrize("damage", ["truncated", "same size"])
 def test_a_damaged_archive_file_fails_the_job_naming_it(
     client: TestClient, archive_settings: Settings, damage: str, caplog: pytest.LogCaptureFixture
