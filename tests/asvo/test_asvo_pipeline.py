@@ -466,6 +466,41 @@ def test_a_task_that_keeps_breaking_ends_the_job_in_error(
     assert not (archive_settings.work_dir / str(job_id)).exists()  # given up: nothing left
 
 
+def test_a_calibration_request_whose_task_keeps_breaking_fails_with_the_reason(
+    archive_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was submitted again for ever (71 times in 15 s), and the ASVO jobs waiting for it
+    stayed in waitcal for good."""
+    import observatory.asvo.dispatcher as dispatcher_module
+    from observatory.calib.models import CalibrationRequest
+
+    def broken(_settings: dict[str, Any], _request_id: int) -> str:
+        raise RuntimeError("worker lost")
+
+    monkeypatch.setattr(dispatcher_module, "run_request", broken)
+    engine = make_engine(archive_settings.resolved_database_url)
+    factory = make_session_factory(engine)
+    with factory() as session:
+        added = CalibrationRequest(cal_id=SIM_OBS, target_obs_id=SIM_OBS)
+        session.add(added)
+        session.commit()
+        request_id = added.id
+    try:
+        with TestClient(create_app(archive_settings, run_jobs=True)):
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                with factory() as session:
+                    request = session.get(CalibrationRequest, request_id)
+                    assert request is not None
+                    if request.calibration_error_datetime is not None:
+                        break
+                time.sleep(0.2)
+        assert request.calibration_error_datetime is not None, "never given up"
+        assert request.calibration_error_message == "internal error: worker lost"
+    finally:
+        engine.dispose()
+
+
 def test_apply_di_cal_fails_clearly_without_a_calibrator_in_range(
     client: TestClient, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -38,7 +38,7 @@ from observatory.asvo.models import TERMINAL_STATES, Job, JobState
 from observatory.asvo.pipeline import calibration_pending, remove_product, run_job
 from observatory.calib.models import CalibrationRequest
 from observatory.calib.pipeline import run_request
-from observatory.calib.requests import request_unfitted_calibrators
+from observatory.calib.requests import finish_request, request_unfitted_calibrators
 from observatory.core.config import Settings
 from observatory.core.database import make_engine, mask_url, utcnow
 
@@ -216,6 +216,8 @@ class Dispatcher:
         self.generations: dict[int, int] = {}
         self.calibration_futures: dict[int, Any] = {}
         self.calibration_generations: dict[int, int] = {}
+        #: Failed tasks per calibration request (see _record_calibration_failure).
+        self.calibration_failures: dict[int, int] = {}
         #: Calibration requests seen finishing with a fit stored (the metric of that name).
         self.calibration_fits_stored = 0
         self.lock = DispatcherLock(settings.resolved_database_url)
@@ -431,7 +433,29 @@ class Dispatcher:
                 )
                 if future.status == "finished" and future.result() == "completed":
                     self.calibration_fits_stored += 1
+                elif future.status == "error":
+                    self._record_calibration_failure(session, request_id, future.exception())
                 future.release()
+
+    def _record_calibration_failure(
+        self, session: Session, request_id: int, reason: object
+    ) -> None:
+        """A request whose task keeps breaking (its worker killed, the task itself broken)
+        fails after ``MAX_TASK_FAILURES``, with the reason: submitted again for ever, the
+        ASVO jobs waiting for it (``waitcal``) never ended."""
+        failures = self.calibration_failures.get(request_id, 0) + 1
+        self.calibration_failures[request_id] = failures
+        log.warning("calibration request %d: task failed (%s)", request_id, reason)
+        if failures < MAX_TASK_FAILURES:
+            return
+        request = session.get(CalibrationRequest, request_id)
+        if (
+            request is not None
+            and request.calibration_completed_datetime is None
+            and (request.calibration_error_datetime is None)
+        ):
+            finish_request(session, request, error=f"internal error: {reason}")
+            session.commit()
 
     def _record_failure(self, session: Session, job_id: int, reason: object) -> None:
         failures = self.failures.get(job_id, 0) + 1
