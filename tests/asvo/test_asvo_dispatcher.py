@@ -169,6 +169,57 @@ def test_a_job_that_fails_after_delivering_leaves_no_product(
     assert not (seeded.products_dir / str(job_id)).exists()
 
 
+def test_a_job_cancelled_after_its_run_died_leaves_nothing(
+    seeded: Settings, factory: sessionmaker[Session]
+) -> None:
+    """A run killed mid-job (out of memory, kill -9) left its scratch and product; the job
+    was then cancelled, and the next run found it finished and left them for good."""
+    from observatory.asvo.service import cancel_job
+
+    job_id = queue_job(factory, seeded, JobType.DOWNLOAD_VISIBILITIES,
+                       {"obs_id": str(CORR_OBS), "download_type": "vis"})  # fmt: skip
+    scratch = seeded.work_dir / str(job_id) / "attempt-dead" / "x.ms"
+    scratch.mkdir(parents=True)
+    product = seeded.products_dir / str(job_id) / "x.tar"
+    product.parent.mkdir(parents=True)
+    product.write_bytes(b"half a tar")
+    with factory() as session:
+        cancel_job(session, 1, str(job_id))
+        session.commit()
+    assert run_job(seeded.model_dump(), job_id) == "cancelled"
+    assert not (seeded.work_dir / str(job_id)).exists()
+    assert not product.parent.exists()
+
+
+def test_a_run_that_lost_its_lock_does_not_undo_what_another_run_finished(
+    seeded: Settings, factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose lock went with its PostgreSQL connection ran on beside the next run:
+    its failure set the job the other had completed to error (and removed its product)."""
+    from observatory.asvo import pipeline
+    from observatory.asvo.models import JobState
+
+    job_id = queue_job(factory, seeded, JobType.DOWNLOAD_VISIBILITIES,
+                       {"obs_id": str(CORR_OBS), "download_type": "vis"})  # fmt: skip
+    deliver = pipeline._deliver
+
+    def completed_meanwhile_then_failing(*args: Any, **kwargs: Any) -> Any:
+        delivered = deliver(*args, **kwargs)
+        with factory() as session:  # the other run completes the job, with this product
+            job = session.get(Job, job_id)
+            assert job is not None
+            job.state, job.product, job.product_location = "completed", delivered[0], delivered[1]
+            session.commit()
+        raise RuntimeError("this run's scratch was removed under it")
+
+    monkeypatch.setattr(pipeline, "_deliver", completed_meanwhile_then_failing)
+    assert run_job(seeded.model_dump(), job_id) == JobState.COMPLETED.value
+    with factory() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.state == "completed" and job.error_text is None
+    assert list((seeded.products_dir / str(job_id)).iterdir())  # the product is kept
+
+
 def test_an_outage_is_logged_once_and_retried_with_back_off(
     seeded: Settings, factory: sessionmaker[Session], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -379,11 +379,12 @@ class Dispatcher:
             active_ids = {job.id for job in unfinished}
             for job_id, future in list(self.futures.items()):
                 if job_id not in active_ids:
-                    # Cancelled (or finished): a queued task need not start at all.
-                    if not future.done():
-                        future.cancel()
-                    del self.futures[job_id]
-                    self.generations.pop(job_id, None)
+                    # Cancelled (or finished). A task not yet started is kept, not cancelled:
+                    # it takes the job's lock and removes what a run that died left of it
+                    # (its scratch; its product, once the job is cancelled), then ends.
+                    if future.done():
+                        del self.futures[job_id]
+                        self.generations.pop(job_id, None)
                 elif future.done():
                     # The task ended without leaving the job finished (its worker died and
                     # Dask's retries ran out, the task itself broke, or it waits for a

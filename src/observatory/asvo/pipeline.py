@@ -65,6 +65,15 @@ class JobFailed(Exception):
     """The job cannot be done; the message becomes the job's ``error_text``."""
 
 
+class JobEndedElsewhere(Exception):
+    """Another run of the job ended it (one that held its lock after this one lost it:
+    a PostgreSQL connection cut); its state is that run's."""
+
+    def __init__(self, state: str) -> None:
+        super().__init__(state)
+        self.state = state
+
+
 class _Tracker:
     """Records the job's progress in the database, and notices cancellation."""
 
@@ -85,20 +94,35 @@ class _Tracker:
             raise JobCancelled
 
     def move(self, state: JobState, **fields: Any) -> None:
-        """Set the state (unless the job was cancelled meanwhile) and other columns.
+        """Set the state (unless the job was cancelled or ended meanwhile) and other columns.
 
-        The row is claimed first by an UPDATE that matches only an uncancelled job, in the
-        transaction that then writes the state: a cancel cannot land between the check and
-        the write (a plain read-then-write lost cancels on SQLite, whose reads take no lock).
+        The row is claimed first by an UPDATE that matches only an uncancelled, unfinished
+        job, in the transaction that then writes the state: a cancel cannot land between
+        the check and the write (a plain read-then-write lost cancels on SQLite, whose
+        reads take no lock), nor can a job another run completed be set in error.
+
+        Raises
+        ------
+        JobCancelled
+            If the user cancelled it.
+        JobEndedElsewhere
+            If another run ended it.
         """
         with self.session_factory() as session:
             claim = session.execute(
                 update(Job)
-                .where(Job.id == self.job_id, Job.cancel_requested.is_(False))
+                .where(
+                    Job.id == self.job_id,
+                    Job.cancel_requested.is_(False),
+                    Job.state.not_in([s.value for s in TERMINAL_STATES]),
+                )
                 .values(cancel_requested=False)
             )
             if claim.rowcount == 0:  # type: ignore[attr-defined]
-                raise JobCancelled
+                now = self.load()
+                if now.cancel_requested:
+                    raise JobCancelled
+                raise JobEndedElsewhere(now.state)
             job = session.get(Job, self.job_id, populate_existing=True)
             assert job is not None
             job.state = state.value
@@ -131,11 +155,14 @@ def _run_locked(settings: Settings, engine: Engine, job_id: int) -> str:
     work_dir = job_dir / f"attempt-{secrets.token_hex(6)}"
     try:
         job = tracker.load()
-        if job.state in TERMINAL_STATES:
-            return job.state
         # A previous run of this job may have died half-way (worker or server killed); its
         # lock is free, so nothing of it runs any more.
         shutil.rmtree(job_dir, ignore_errors=True)
+        if job.state in TERMINAL_STATES:
+            # Cancelled (or given up) after a run died: what it delivered is no one's.
+            if job.state != JobState.COMPLETED.value:
+                remove_product(settings, job)
+            return job.state
         tracker.move(JobState.STAGING, started=job.started or utcnow())
         with session_factory() as session:
             inputs = _inputs(session, Storage(settings.archive_dir), job)
@@ -162,10 +189,17 @@ def _run_locked(settings: Settings, engine: Engine, job_id: int) -> str:
             tracker.move(JobState.WAITCAL)
         except JobCancelled:
             return JobState.CANCELLED.value
+        except JobEndedElsewhere as ended:
+            return ended.state
         return JobState.WAITCAL.value
     except JobCancelled:
         remove_product(settings, tracker.load())
         return JobState.CANCELLED.value
+    except JobEndedElsewhere as ended:
+        log.warning("ASVO job %d was ended (%s) by another run of it", job_id, ended.state)
+        if ended.state != JobState.COMPLETED.value:
+            remove_product(settings, tracker.load())  # this run's, if it delivered
+        return ended.state
     except Exception as exc:  # any failure ends the job in error, with a message for the user
         if isinstance(exc, JobFailed):  # the user's request cannot be met: no server fault
             message = str(exc)
@@ -177,6 +211,8 @@ def _run_locked(settings: Settings, engine: Engine, job_id: int) -> str:
             tracker.move(JobState.ERROR, error_code=1, error_text=message, completed=utcnow())
         except JobCancelled:
             return JobState.CANCELLED.value
+        except JobEndedElsewhere as ended:  # its product is that run's: left alone
+            return ended.state
         # A product delivered before the failure (its completion not recorded) is no one's:
         # nothing expires a job in error, and it would stay on disk for good.
         remove_product(settings, tracker.load())
