@@ -86,6 +86,11 @@ def test_test_connection_metrics_and_payload_options(client: TestClient) -> None
     )
     assert client.post("/calib/grafana/metric-payload-options", json={}).status_code == 400
     assert client.post("/calib/grafana/metrics", content=b"not json").status_code == 400
+    # A zone that moves a time past year 9999: 400 naming the range (it was a 500).
+    beyond = client.post("/calib/grafana/query", json={
+        "range": {"from": "2024-01-01T00:00:00Z", "to": "9999-12-31T23:59:59-12:00"},
+        "targets": [{"target": "rec01", "refId": "A"}]})  # fmt: skip
+    assert beyond.status_code == 400 and "range.from and range.to" in beyond.json()["error"]
 
 
 def test_a_refit_is_one_point_of_its_observation(

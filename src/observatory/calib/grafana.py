@@ -103,9 +103,10 @@ def _time_range(body: Mapping[str, Any]) -> tuple[float, float]:
         start, stop = (
             datetime.fromisoformat(str(span[k]).replace("Z", "+00:00")) for k in ("from", "to")
         )
-    except (KeyError, TypeError, ValueError) as exc:
+        # OverflowError: a zone that moves a time past the calendar's ends (9999, year 1).
+        return utc_to_gps(start), utc_to_gps(stop)
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise BadRequest("query needs range.from and range.to as ISO-8601 times") from exc
-    return utc_to_gps(start), utc_to_gps(stop)
 
 
 def _frame(name: str, ref_id: str, times_ms: list[float], values: list[Any], kind: str = "number",
