@@ -7,6 +7,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -258,6 +259,20 @@ def test_gaintimes_plots_each_channel_against_the_same_channel_before(
         [(columns[1], 5.0), (columns[2], 6.0), (columns[4], 5.0), (columns[5], 6.0)]
     )
     assert sorted(y_points[:, 1].tolist()) == [10.0, 10.0, 12.0, 12.0]
+
+
+def test_the_summary_says_when_a_range_holds_more_fits_than_it_lists(
+    settings: Settings, session_factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It listed the newest 1,000 and left the older ones out without a word."""
+    fitids = seed_fits(settings, session_factory)
+    monkeypatch.setattr(service, "SUMMARY_MAX_FITS", 3)
+    with TestClient(create_app(settings)) as client:
+        page = client.get("/calib/summary").text
+        assert page.count("fit?fitid=") == 3 and 'id="more-fits"' in page
+        assert all(f"fitid={fitid}" in page for fitid in fitids[-3:])  # the newest
+        monkeypatch.setattr(service, "SUMMARY_MAX_FITS", 5)
+        assert 'id="more-fits"' not in client.get("/calib/summary").text
 
 
 def test_summary_obsid_link_downloads_that_rows_fit(

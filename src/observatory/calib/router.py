@@ -297,8 +297,11 @@ def summary(
     if last < first:  # only with a mintime given
         until = maxtime if maxtime is not None else f"now ({gps_to_utc_iso(last)[:19]})"
         raise BadRequest(f"mintime {mintime} is after maxtime {until}")
+    # One more than is shown: whether the range holds more than the page lists.
+    fits = service.fits_between(session, first, last, service.SUMMARY_MAX_FITS + 1)
     return templates.TemplateResponse(request, "summary.html", {
-        "fits": service.fits_between(session, first, last), "kinds": plots.KINDS,
+        "fits": fits[: service.SUMMARY_MAX_FITS], "more": len(fits) > service.SUMMARY_MAX_FITS,
+        "max_fits": service.SUMMARY_MAX_FITS, "kinds": plots.KINDS,
         "mintime": mintime or gps_to_utc_iso(first)[:19], "maxtime": maxtime or gps_to_utc_iso(last)[:19],
     })  # fmt: skip
 

@@ -1035,10 +1035,15 @@ class FitSummary:
     fit_time_awst: str
 
 
+#: The most fits the summary page lists; it says so when a range holds more.
+SUMMARY_MAX_FITS = 1000
+
+
 def fits_between(
-    session: Session, first_gps: float, last_gps: float, limit: int = 1000
+    session: Session, first_gps: float, last_gps: float, limit: int = SUMMARY_MAX_FITS
 ) -> list[FitSummary]:
-    """Fits of observations that started between two GPS times, newest first."""
+    """Fits of observations that started between two GPS times, newest first (at most
+    ``limit``)."""
     rows = session.execute(
         select(CalibrationFit, Observation.obsname)
         .join(Observation, Observation.obsid == CalibrationFit.obsid, isouter=True)
