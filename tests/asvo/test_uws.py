@@ -269,6 +269,11 @@ def test_error_found_at_run_is_the_jobs_error_summary(
     job = asvo_id(job_doc(client, first))
     update_job(app_settings, job, state="error", error_text="disk on fire", error_code=1)
     assert text(job_doc(client, first), "uws:errorSummary/uws:message") == "disk on fire"
+    # An error text XML cannot hold (a command's output quoted, ESC included): the document
+    # stays well-formed and valid (it was unreadable for good), the character replaced.
+    update_job(app_settings, job, error_text="colour \x1b[31mred\x1b[0m\ufffe")
+    message = text(job_doc(client, first), "uws:errorSummary/uws:message")
+    assert message == "colour \ufffd[31mred\ufffd[0m\ufffd"
 
 
 def test_results_are_the_signed_product_urls(client: TestClient, app_settings: Settings) -> None:
@@ -582,6 +587,24 @@ def test_pyvo_round_trip(app_settings: Settings) -> None:
                 job.wait(timeout=10)
             url = job.url
         assert session.get(url).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("query", "form", "named"),
+    [
+        ("?%01evil=1", {}, "a field name"),  # a name is checked as a value is
+        ("", {"note": "\ufffe"}, "note"),  # a non-character XML 1.0 cannot hold
+        ("?note=%EF%BF%BF", {}, "note"),  # U+FFFF
+    ],
+)
+def test_a_field_xml_cannot_hold_is_refused_at_creation(
+    client: TestClient, query: str, form: dict[str, str], named: str
+) -> None:
+    """Accepted (303), then every document of the job was malformed XML (pyvo could not
+    read it)."""
+    reply = client.post(f"/uws/asvo{query}", data={**VIS, **form}, follow_redirects=False)
+    assert reply.status_code == 400, reply.text
+    assert reply.text.startswith(f"{named} holds a control character"), reply.text
 
 
 def test_a_parameter_given_twice_or_out_of_range_is_a_400(client: TestClient) -> None:

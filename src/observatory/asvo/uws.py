@@ -646,7 +646,19 @@ def _instant(parent: ET.Element, tag: str, moment: datetime | None) -> None:
     _add(parent, tag, None if moment is None else format_instant(moment))
 
 
+#: What XML 1.0 cannot hold (control characters, lone surrogates, U+FFFE, U+FFFF).
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
 def _serialise(root: ET.Element) -> bytes:
+    """The document, always well-formed: ElementTree writes any character, and a value
+    stored before it was checked (a failed job's error text, which may quote a command's
+    output) would make the job's document unreadable for good (U+FFFD in their place)."""
+    for element in root.iter():
+        if element.text:
+            element.text = _NOT_XML.sub("\ufffd", element.text)
+        for name, value in element.attrib.items():
+            element.attrib[name] = _NOT_XML.sub("\ufffd", value)
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
 
 

@@ -121,7 +121,10 @@ def _one(fields: dict[str, str], name: str) -> str | None:
 
 async def _fields(request: Request) -> dict[str, str]:
     """The query parameters and the posted form fields (the form wins)."""
-    fields = {key: check_text_value(key, value) for key, value in request.query_params.items()}
+    fields = {
+        check_text_value("a field name", key): check_text_value(key, value)
+        for key, value in request.query_params.items()
+    }
     fields.update(await read_form(request))
     return fields
 

@@ -43,9 +43,10 @@ def loads_request_json(text: str | bytes) -> Any:
 #: megabytes in the job's row).
 MAX_FORM_FIELDS = 100
 MAX_FORM_VALUE_CHARS = 10_000
-#: Control characters other than tab, line feed and carriage return: XML 1.0 (UWS job
-#: documents) cannot hold them, and PostgreSQL refuses NUL in text.
-_CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+#: Control characters other than tab, line feed and carriage return, lone surrogates and
+#: the non-characters U+FFFE and U+FFFF: XML 1.0 (UWS job documents) cannot hold them,
+#: and PostgreSQL refuses NUL in text.
+_CONTROL_CHARACTER = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff\ufffe\uffff]")
 _JSON_TYPE = re.compile(r"application/(?:[\w.+-]*\+)?json\b")
 
 
@@ -59,7 +60,9 @@ def check_text_value(name: str, value: str) -> str:
         Naming ``name`` and what is wrong with its value.
     """
     if _CONTROL_CHARACTER.search(value):
-        raise BadRequest(f"{name} holds a control character (such as NUL or ESC)")
+        raise BadRequest(
+            f"{name} holds a control character (such as NUL or ESC) or a non-character"
+        )
     if len(value) > MAX_FORM_VALUE_CHARS:
         raise BadRequest(f"{name} is longer than {MAX_FORM_VALUE_CHARS} characters")
     return value
