@@ -1514,6 +1514,29 @@ def test_a_symbolic_link_at_the_part_or_lock_name_is_never_written_through(tmp_p
     assert sorted(p.name for p in out.iterdir()) == ["p.tar"]
 
 
+def test_local_problems_of_the_python_api_are_asvo_errors(tmp_path: Path) -> None:
+    """docs/mwa_client.md: every failure of the API raises AsvoError. A CA file that cannot
+    be read, an IPv6 host and a download directory that cannot be made raised
+    FileNotFoundError, httpx.InvalidURL and PermissionError."""
+    with pytest.raises(
+        asvo.AsvoError, match=r"CA certificates /nonexistent/ca\.pem .*cannot be read"
+    ):
+        asvo._tls_context("/nonexistent/ca.pem")
+    asvo._tls_context(str(tmp_path))  # a directory of CA certificates, as requests takes it
+    with pytest.raises(
+        asvo.AsvoError, match=r"Cannot reach the MWA ASVO server at http://\[::1\]:9"
+    ):
+        asvo.Session.login("key", host="::1", port=9, https=False)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    content = b"q" * 10
+    job = acacia_job("http://127.0.0.1:9/download/7/p.tar?token=t", content)
+    with pytest.raises(asvo.AsvoError, match=r"Job 7: cannot save its product in .*a-file/out"):
+        asvo.Session("http://127.0.0.1:9", httpx.Client(), verify=True).download_product(
+            job, blocked / "out"
+        )
+
+
 def test_a_part_file_of_a_product_that_is_gone_is_deleted(tmp_path: Path) -> None:
     content = b"y" * 100
     (tmp_path / "p.tar.part").write_bytes(content[:40])

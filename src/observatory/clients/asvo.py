@@ -480,7 +480,8 @@ class Session:
         """
         if not api_key:
             raise AsvoError("An API key is required")
-        url = base_url or f"{'https' if https else 'http'}://{host}:{port}"
+        authority = f"[{host}]" if _is_ipv6_address(host) else host
+        url = base_url or f"{'https' if https else 'http'}://{authority}:{port}"
         # A TLS context costs ~35 ms (the system's CA certificates): only for https.
         tls = _tls_context(verify) if urlsplit(url).scheme == "https" else False
         client = httpx.Client(
@@ -814,15 +815,23 @@ class Session:
                 f"Job {job.id} is not ready for download (it is {job.state})", job_id=job.id
             )
         dest_dir = Path(dest)
-        dest_dir.mkdir(parents=True, exist_ok=True)
         results = []
-        for file in job.files:
-            if file.type == "acacia" or file.url:
-                _check_local_name(job, file)
-                with _downloading_alone(dest_dir / file.name):
-                    results.append(self._download_file(job, file, dest_dir, resume, progress))
-            else:
-                results.append(_copy_delivered_directory(job, file, dest_dir, progress))
+        try:
+            dest_dir.mkdir(parents=True, exist_ok=True)
+            for file in job.files:
+                if file.type == "acacia" or file.url:
+                    _check_local_name(job, file)
+                    with _downloading_alone(dest_dir / file.name):
+                        results.append(self._download_file(job, file, dest_dir, resume, progress))
+                else:
+                    results.append(_copy_delivered_directory(job, file, dest_dir, progress))
+        except OSError as exc:  # the local disk (not writable, full): an AsvoError, as promised
+            where = exc.filename or dest_dir
+            raise AsvoError(
+                f"Job {job.id}: cannot save its product in {dest_dir}: {exc.strerror or exc} "
+                f"({where})",
+                job_id=job.id,
+            ) from exc
         return results
 
     def _download_file(
@@ -1409,11 +1418,28 @@ def _certificate_message(url: str, refusal: ssl.SSLCertVerificationError) -> str
 
 
 def _tls_context(verify: Verify) -> ssl.SSLContext:
-    """A TLS context that checks certificates (against the CA files ``verify`` names) or not."""
+    """A TLS context that checks certificates (against the CA files or directories
+    ``verify`` names, as requests takes them) or not.
+
+    Raises
+    ------
+    AsvoError
+        If a CA file or directory cannot be read (naming it).
+    """
     bundles = (verify,) if isinstance(verify, str) else verify if isinstance(verify, tuple) else ()
-    context = ssl.create_default_context(cafile=bundles[0] if bundles else None)
-    for bundle in bundles[1:]:
-        context.load_verify_locations(cafile=bundle)
+    context = (
+        ssl.create_default_context() if not bundles else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    )
+    for bundle in bundles:
+        kind = "capath" if os.path.isdir(bundle) else "cafile"
+        try:
+            context.load_verify_locations(**{kind: bundle})
+        except (OSError, ssl.SSLError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise AsvoError(
+                f"the CA certificates {bundle} (SSL_CERT_FILE or REQUESTS_CA_BUNDLE) cannot be "
+                f"read: {reason}"
+            ) from exc
     if verify is False:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
