@@ -220,6 +220,39 @@ def test_a_run_that_lost_its_lock_does_not_undo_what_another_run_finished(
     assert list((seeded.products_dir / str(job_id)).iterdir())  # the product is kept
 
 
+def test_two_identical_submissions_at_once_queue_one_job(
+    seeded: Settings, factory: sessionmaker[Session]
+) -> None:
+    """Both passed the duplicate check before either committed (PostgreSQL): two jobs of
+    one request. Now the second waits for the first's commit, then is refused."""
+    from observatory.asvo.service import AsvoError
+
+    form = {"obs_id": str(CORR_OBS), "download_type": "vis"}
+    first = factory()
+    job = submit_job(first, seeded, 1, JobType.DOWNLOAD_VISIBILITIES, form)
+    outcome: list[object] = []
+
+    def second_submission() -> None:
+        with factory() as session:
+            try:
+                submit_job(session, seeded, 1, JobType.DOWNLOAD_VISIBILITIES, form)
+                session.commit()
+                outcome.append("queued")
+            except AsvoError as exc:
+                outcome.append(exc)
+
+    other = threading.Thread(target=second_submission)
+    other.start()
+    other.join(timeout=1.0)  # on PostgreSQL it waits for the first one's commit
+    first.commit()
+    first.close()
+    other.join(timeout=30)
+    assert not other.is_alive()
+    (refused,) = outcome
+    assert isinstance(refused, AsvoError) and refused.error_code == 2, refused
+    assert refused.extra == {"job_id": job.id}
+
+
 def test_an_outage_is_logged_once_and_retried_with_back_off(
     seeded: Settings, factory: sessionmaker[Session], caplog: pytest.LogCaptureFixture
 ) -> None:

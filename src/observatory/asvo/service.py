@@ -26,6 +26,7 @@ from observatory.core.config import Settings
 from observatory.core.database import MAX_SQL_ID, utcnow
 from observatory.core.errors import BadRequest, Forbidden, NotFound, ServiceError
 from observatory.core.gpstime import gps_to_utc_iso, now_gps
+from observatory.core.models import User
 from observatory.core.text import is_ascii_digits, is_ascii_integer
 from observatory.preprocess.options import (
     LEGACY_KEYS,
@@ -355,6 +356,11 @@ def submit_job(
             params.update(_voltage_params(form, observation))
     allow_resubmit = _bool_field(form, "allow_resubmit")
     key = _request_key(user_id, job_type, observation.obsid, params)
+    # One submission of a user at a time, to its commit: two identical ones at once both
+    # passed the duplicate check (and the active-job limit). A write to the user's row
+    # (changing nothing) takes PostgreSQL's row lock and SQLite's write lock, both held to
+    # the commit: the second submission's checks then see the first one's job.
+    session.execute(update(User).where(User.id == user_id).values(name=User.name))
     _refuse_duplicate(session, user_id, key, allow_resubmit)
     active = session.scalar(
         select(func.count())
