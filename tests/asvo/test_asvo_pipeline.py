@@ -517,6 +517,44 @@ def test_apply_di_cal_fails_clearly_without_a_calibrator_in_range(
 
 
 @sqlite_only
+def test_a_job_waits_for_calibration_before_anything_is_staged(
+    archive_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ASVO's order is queued -> (waitcal) -> staging: the job went staging, staged,
+    downloading, preprocessing, then waitcal (and staged its files again after)."""
+    from observatory.asvo import pipeline
+    from observatory.asvo.models import JobState, JobType
+    from observatory.asvo.service import submit_job
+
+    target = (now_gps() - 1200) // 8 * 8
+    engine = make_engine(archive_settings.resolved_database_url)
+    with make_session_factory(engine)() as session:
+        simulate_and_register(session, archive_settings, obsid=target, sources=[overhead(target)],
+                              n_tiles=4, n_timesteps=2)  # fmt: skip
+        recorded = session.get(Observation, target)
+        assert recorded is not None
+        session.add(Observation(  # its calibrator, scheduled and not recorded yet
+            obsid=target + 600, stoptime=target + 720, obsname="cal", creator="test",
+            project_id=recorded.project_id, mode="MWAX_CORRELATOR", calibration=True,
+            calibrator_source="3C444", delays=[0] * 16, coarse_chans=recorded.coarse_chans,
+        ))  # fmt: skip
+        job = submit_job(session, archive_settings, 1, JobType.CONVERSION,
+                         {"obs_id": str(target), "apply_di_cal": "true", "no_rfi": "true"})  # fmt: skip
+        session.commit()
+        job_id = job.id
+    engine.dispose()
+    moves: list[str] = []
+    move = pipeline._Tracker.move
+
+    def recorded_move(self: Any, state: JobState, **fields: Any) -> None:
+        moves.append(state.value)
+        move(self, state, **fields)
+
+    monkeypatch.setattr(pipeline._Tracker, "move", recorded_move)
+    assert pipeline.run_job(archive_settings.model_dump(), job_id) == "waitcal"
+    assert moves == ["waitcal"]
+
+
 def test_apply_di_cal_waits_for_a_calibrator_still_to_be_recorded(
     archive_settings: Settings,
 ) -> None:

@@ -163,6 +163,10 @@ def _run_locked(settings: Settings, engine: Engine, job_id: int) -> str:
             if job.state != JobState.COMPLETED.value:
                 remove_product(settings, job)
             return job.state
+        # A conversion that applies calibration waits for its solutions before anything is
+        # staged: queued -> (waitcal) -> staging ..., the ASVO's order (it went preprocessing
+        # -> waitcal -> staging, and checked the staged files twice).
+        solutions = _calibration_solutions(settings, job, tracker) if _applies_di_cal(job) else None
         tracker.move(JobState.STAGING, started=job.started or utcnow())
         with session_factory() as session:
             inputs = _inputs(session, Storage(settings.archive_dir), job)
@@ -170,7 +174,7 @@ def _run_locked(settings: Settings, engine: Engine, job_id: int) -> str:
         tracker.move(JobState.DOWNLOADING)
         if job.job_type == JobType.CONVERSION:
             tracker.move(JobState.PREPROCESSING)
-            members = _convert(settings, job, inputs, work_dir, tracker)
+            members = _convert(settings, job, inputs, solutions, work_dir, tracker)
         else:
             members = [(path, path.name) for path, _ in inputs]
         tracker.check_cancelled()
@@ -311,6 +315,7 @@ def _convert(
     settings: Settings,
     job: Job,
     inputs: list[tuple[Path, FileKind]],
+    solutions: CalSolutions | None,
     work_dir: Path,
     tracker: _Tracker,
 ) -> list[tuple[Path, str]]:
@@ -325,7 +330,6 @@ def _convert(
     from observatory.preprocess.options import ConversionOptions
 
     options = ConversionOptions.from_params(job.params)
-    solutions = _calibration_solutions(settings, job, tracker) if options.apply_di_cal else None
     # By the catalogue's kind, not the name: a metafits may be <obsid>_metafits.fits.
     metafits = [path for path, kind in inputs if kind == FileKind.METAFITS]
     data = [path for path, kind in inputs if kind in (FileKind.MWAX_VIS, FileKind.LEGACY_GPUBOX)]
@@ -362,6 +366,16 @@ def _convert(
 
 class WaitForCalibration(Exception):
     """The job needs a calibration fit that has been requested and is not ready yet."""
+
+
+def _applies_di_cal(job: Job) -> bool:
+    """Whether the job is a conversion that applies calibration solutions."""
+    from observatory.preprocess.options import ConversionOptions
+
+    return (
+        job.job_type == JobType.CONVERSION
+        and ConversionOptions.from_params(job.params).apply_di_cal
+    )
 
 
 def _calibration_solutions(settings: Settings, job: Job, tracker: _Tracker) -> CalSolutions:
