@@ -458,6 +458,30 @@ def test_a_modern_append_must_say_what_it_does(
     assert files_and_links(packpath) == before
 
 
+def test_one_uid_written_in_another_case_or_under_another_science_goal_is_refused(
+    tmp_path: Path, readme: Path
+) -> None:
+    """uid://A001/X1/X1c and .../X1C are one MOUS: the second was packaged as another
+    member; and one group was accepted under a second (mistyped) science goal."""
+    packpath, _ = modern_package(tmp_path, readme)
+    other = tiny_sb(tmp_path / "other")
+    package(other, readme, packpath, mode="copy", append="member", style="modern",
+            uids=("uid://A001/X1/X0", "uid://A001/X1/X1", "uid://A001/X1/X1c"))  # fmt: skip
+    assert (packpath / "science_goal.uid___A001_X1_X0/group.uid___A001_X1_X1/"
+            "member.uid___A001_X1_X1c").is_dir()  # fmt: skip
+    before = files_and_links(packpath)
+    for append, uids, refusal in (
+        ("member", ("uid://A001/X1/X0", "uid://A001/X1/X1", "uid://A001/X1/X1C"), "exists already"),
+        ("group", ("uid://A001/X1/X2A", "uid://A001/X1/X1", "uid://A001/X1/X9"),
+         "already a group of .* belongs to one science goal"),
+        ("member", ("uid://A001/X1/X0", "uid___A001_X1/X9", "uid://A001/X1/X9"), "not an ALMA uid"),
+    ):  # fmt: skip
+        with pytest.raises(PackagingError, match=refusal):
+            package(other, readme, packpath, mode="copy", append=append, style="modern", uids=uids)
+    assert files_and_links(packpath) == before
+    assert qa2.file_safe_uid("uid://A001/X1284/X1EF2") == "uid___A001_X1284_X1ef2"
+
+
 def test_tarsplit_refuses_a_member_uid_held_twice(
     tmp_path: Path, readme: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

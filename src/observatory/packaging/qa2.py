@@ -452,16 +452,22 @@ def _next_member(packpath: Path, append: str, ignored: Path | None = None) -> Pa
     return sg / "group_ouss_id" / "member_ouss_id"
 
 
-#: An ALMA uid in either form: ``uid://A001/X1284/X1ef2`` or ``uid___A001_X1284_X1ef2``.
-_ANY_UID = re.compile(r"^uid(?:://|___)([A-Za-z0-9]+)[/_](X[0-9a-fA-F]+)[/_](X[0-9a-fA-F]+)$")
+#: An ALMA uid in either form, its separators not mixed: ``uid://A001/X1284/X1ef2`` or
+#: ``uid___A001_X1284_X1ef2``.
+_ANY_UID = re.compile(
+    r"^uid(?:://([A-Za-z0-9]+)/X([0-9a-fA-F]+)/X([0-9a-fA-F]+)"
+    r"|___([A-Za-z0-9]+)_X([0-9a-fA-F]+)_X([0-9a-fA-F]+))$"
+)
 
 
 def file_safe_uid(uid: str) -> str:
-    """``uid://A002/X3c9295/X8c`` -> ``uid___A002_X3c9295_X8c`` (the file-safe form kept as is)."""
+    """``uid://A002/X3c9295/X8c`` -> ``uid___A002_X3c9295_X8c``; the hexadecimal parts in
+    lower case, as the archive writes them (``X1C`` is ``X1c``: one MOUS, one name)."""
     match = _ANY_UID.match(uid)
     if match is None:
         raise PackagingError(f"{uid!r} is not an ALMA uid (uid://A001/X1284/X1ef2)")
-    return "uid___" + "_".join(match.groups())
+    archive, first, second = (part for part in match.groups() if part is not None)
+    return f"uid___{archive}_X{first.lower()}_X{second.lower()}"
 
 
 def _member_path(
@@ -504,12 +510,25 @@ def _check_modern_append(packpath: Path, append: str, path: Path, ignored: Path 
         for found in packpath.glob("science_goal.*/group.*/member.*")
         if ignored is None or not found.absolute().is_relative_to(ignored)
     ]
-    elsewhere = [found for found in present if found.name == path.name and found != path]
+    # Compared without case: a package made before uids were put in lower case.
+    elsewhere = [
+        found for found in present if found.name.lower() == path.name.lower() and found != path
+    ]
     if elsewhere:
         raise PackagingError(
             f"{path.name.removeprefix('member.')} is already a member of {packpath}, in "
             f"{elsewhere[0].parent}: a member (MOUS) belongs to one group; give this one its "
             "own uid"
+        )
+    other_goal = [
+        found.parent for found in present
+        if found.parent.name.lower() == path.parent.name.lower() and found.parent != path.parent
+    ]  # fmt: skip
+    if other_goal:
+        raise PackagingError(
+            f"{path.parent.name.removeprefix('group.')} is already a group of {packpath}, in "
+            f"{other_goal[0].parent}: a group (OUS) belongs to one science goal; check the "
+            "science goal's uid"
         )
     group_present = any(found.parent == path.parent for found in present)
     if append == "group" and group_present:
