@@ -673,6 +673,26 @@ def test_a_calibrator_missing_a_channel_file_gives_solutions_for_the_whole_band(
     preprocess(metafits, all_files, options, tmp_path / "cal.uvfits", solutions=cached)
 
 
+def test_every_tile_of_a_320_khz_calibrator_calibrates(tmp_path: Path) -> None:
+    """The coarse channels' edges (80 kHz each side: half of the four 320 kHz channels) were
+    counted against each phase fit's quality, which then could not reach 0.5: good tiles
+    were left uncalibrated."""
+    from observatory.calib.pipeline import tile_fits
+    from observatory.calib.solving import solve_observation
+    from observatory.telescope.simulator import simulate_observation
+
+    source = catalogue_point_source("3C353")
+    sim = simulate_observation(tmp_path, 1450324816, n_tiles=8, coarse_chans=(109, 110, 111, 112),
+                               fine_chan_khz=320.0, n_timesteps=2, sources=[source],
+                               calibrator=source.name, delay_error_scatter_ns=2.0,
+                               noise_sigma_jy=1.0)  # fmt: skip
+    solved = solve_observation(sim.metafits_path, sim.vis_paths, source.name, flag_rfi=False,
+                               workers=1)  # fmt: skip
+    fits = tile_fits(solved, len(solved.meta.metafits_coarse_chans))
+    assert dict(fits.failures) == {}
+    assert all(np.isfinite(row["x_delay_m"]) and np.isfinite(row["y_delay_m"]) for row in fits.rows)
+
+
 def test_integrations_within_the_quack_time_are_not_solved_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

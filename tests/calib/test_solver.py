@@ -59,6 +59,23 @@ def test_stefcal_recovers_gains_to_a_phase_reference() -> None:
     assert np.isnan(solution.jones()[:, 5]).all()
 
 
+def test_a_channel_without_the_reference_antenna_is_solved_for_the_others() -> None:
+    """The reference antenna with no data in one channel (its packets lost, its baselines
+    flagged there) made every antenna's solution in that channel NaN."""
+    sim = simulate(n_ant=6)
+    weights = sim["weights"].copy()
+    weights[:, (sim["ant1"] == 0) | (sim["ant2"] == 0), 7] = 0.0  # antenna 0, channel 7
+    big_a, big_b = normal_matrices(sim["data"], sim["model"], sim["ant1"], sim["ant2"], 6, weights)
+    solution = stefcal(big_a, big_b, tolerance=1e-9)
+    assert solution.reference_antenna == 0
+    assert np.isnan(solution.gains[7, 0]).all() and np.isfinite(solution.gains[7, 1:]).all()
+    # Right to a common phase, as every channel is: ratios between antennas are the truth's.
+    ratios = solution.gains[7, 2:] / solution.gains[7, 1:2]
+    truth = sim["gains"][7, 2:] / sim["gains"][7, 1:2]
+    assert np.allclose(ratios, truth, rtol=2e-3, atol=2e-3)
+    assert np.isfinite(solution.gains[[6, 8], :]).all()
+
+
 def test_calvin_fits_recover_delays_and_gains() -> None:
     # A full 24-channel band: over 30.72 MHz, 0.02 m of cable is 0.013 rad of phase change.
     sim = simulate(n_ant=12, chans=tuple(range(109, 133)), n_time=2, noise=0.05)

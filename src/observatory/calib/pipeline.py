@@ -113,11 +113,18 @@ def _referenced_phase(
     freqs_hz: NDArray[np.float64],
 ) -> PhaseFit:  # fmt: skip
     """The phase line of ``antenna``'s solutions relative to ``reference``'s (one Jones
-    element: 0 for X, 3 for Y). Raises ValueError with fewer than 2 usable chanblocks."""
+    element: 0 for X, 3 for Y). Raises ValueError with fewer than 2 usable chanblocks.
+
+    Over the chanblocks solved for some tile: those flagged for every tile by design (the
+    coarse channels' edges and DC) are no part of a fit's quality. At 320 kHz the edges
+    are half of each coarse channel, and counted, they held every fit below
+    ``MIN_PHASE_FIT_QUALITY``: good tiles were left uncalibrated.
+    """
+    solved = np.isfinite(jones[:, :, element]).any(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):  # flagged chanblocks are NaN
-        referenced = jones[:, antenna, element] / jones[:, reference, element]
+        referenced = jones[solved, antenna, element] / jones[solved, reference, element]
     weights = np.isfinite(referenced).astype(np.float64)
-    return fit_phase_line(freqs_hz, referenced, weights, PHASE_FIT_NITER)
+    return fit_phase_line(freqs_hz[solved], referenced, weights, PHASE_FIT_NITER)
 
 
 def _reference_tile(

@@ -147,6 +147,14 @@ def stefcal(
         with_data = np.flatnonzero(~no_data.all(axis=(0, 2)))
         reference_antenna = int(with_data[0]) if with_data.size else 0
     reference = gains[:, reference_antenna : reference_antenna + 1, :]
+    # Where the reference antenna has no solution (no data in that channel: lost packets,
+    # all its baselines flagged), that channel is referenced to its first antenna with one:
+    # a phase common to a channel's antennas cancels in J_p V J_q^H. It made every
+    # antenna's solution there NaN.
+    first_solved = np.argmax(np.isfinite(gains), axis=1)[:, None, :]  # (chan, 1, pol)
+    reference = np.where(
+        np.isfinite(reference), reference, np.take_along_axis(gains, first_solved, axis=1)
+    )
     with np.errstate(divide="ignore", invalid="ignore"):
         gains = gains * np.conj(reference) / np.abs(reference)
     return Solution(gains, iterations, converged, precision, reference_antenna)
