@@ -245,7 +245,7 @@ def _inputs(session: Session, storage: Storage, job: Job) -> list[tuple[Path, Fi
             raise JobFailed(f"Observation {job.obs_id} has no visibility files in the archive")
     elif job.job_type == JobType.DOWNLOAD_METADATA:
         chosen = [f for f in files if f.kind in (FileKind.METAFITS, FileKind.PPDS, FileKind.MWAF)]
-        if not any(f.kind == FileKind.METAFITS for f in chosen):
+        if not any(f.kind in (FileKind.METAFITS, FileKind.PPDS) for f in chosen):
             # Not recorded (yet): an ended observation's files reach the archive later,
             # and a buffer never dumped, or a capture too large to record, never does.
             raise JobFailed(f"Observation {job.obs_id} has no metafits in the archive")
