@@ -92,6 +92,12 @@ def test_the_client_library_calls(server: tuple[str, str]) -> None:
                         pretend=True, base_url=base)  # fmt: skip
     assert buffer is not None and buffer["success"] is False  # nothing is buffering
     assert "no current or previous observation" in " ".join(buffer["errors"].values())
+    # Without exptime: no obstime is sent (0 was), and the server says what is missing.
+    untimed = ts.trigger(project_id=project, secure_key=key, vcsmode=True, buffered=True,
+                         pretend=True, base_url=base)  # fmt: skip
+    assert untimed is not None and "give end_time, or obstime" in " ".join(
+        untimed["errors"].values()
+    )
     assert (
         ts.trigger(project_id=project, secure_key=key, freqres=10.0, base_url=base) is None
     )  # client rule

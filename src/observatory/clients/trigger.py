@@ -140,8 +140,10 @@ def trigger(
     clear, schedule, trigger_id, obsid_list.
     """
     if vcsmode and buffered:
+        # Without exptime no obstime is sent (0 was): the server then says what is missing.
+        obstime = None if exptime is None else (nobs or 1) * exptime
         return triggerbuffer(project_id=project_id, secure_key=secure_key, pretend=pretend,
-                             obstime=(nobs or 1) * (exptime or 0), logger=logger, base_url=base_url)  # fmt: skip
+                             obstime=obstime, logger=logger, base_url=base_url)  # fmt: skip
     if project_id is None or secure_key is None:
         logger.error("trigger() must be passed a project_id and a secure_key")
         return None
