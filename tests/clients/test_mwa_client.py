@@ -246,6 +246,24 @@ def test_submit_only_and_list_only_ignore_the_download_directory(
     assert code == 1 and f"Error: Output directory {missing} is invalid." in output
 
 
+def test_a_download_directory_that_cannot_be_written_is_refused_before_submitting(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It failed only once the jobs had completed (the tests run as root: the directory's
+    permissions are what os.access says)."""
+    environ = fresh_user_environ(server)
+    csv_path = tmp_path / "jobs.csv"
+    csv_path.write_text(f"obs_id={OTHER_OBSID}, job_type=d, download_type=vis_meta\n")
+    locked = tmp_path / "read-only"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked
+                        and real_access(path, mode))  # fmt: skip
+    code, output = mwa_client("-c", str(csv_path), "-d", str(locked), environ=environ)
+    assert code == 1 and f"Error: Output directory {locked} is not writable." in output
+    assert "Submitted job" not in output
+
+
 def test_verbose_submit_only_shows_the_submitted_parameters(server: Server, tmp_path: Path) -> None:
     environ = fresh_user_environ(server)
     csv_path = tmp_path / "jobs.csv"

@@ -660,6 +660,9 @@ def _run(
     downloads_anything = full or download_only
     if downloads_anything and args.outdir and not outdir.is_dir():
         raise UsageError(f"Error: Output directory {args.outdir} is invalid.")
+    if downloads_anything and not os.access(outdir, os.W_OK | os.X_OK):
+        # Said before any job is submitted: it failed only once the jobs had completed.
+        raise UsageError(f"Error: Output directory {outdir} is not writable.")
     for variable in ("ASVO_USER", "ASVO_PASS"):
         if env.get(variable):
             reporter.say(OBSOLETE_VARIABLE.format(variable))
