@@ -220,6 +220,40 @@ def test_a_run_that_lost_its_lock_does_not_undo_what_another_run_finished(
     assert list((seeded.products_dir / str(job_id)).iterdir())  # the product is kept
 
 
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # a lock SQLite cannot lose
+def test_a_run_whose_lock_connection_is_cut_stops_without_writing(
+    seeded: Settings, factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its advisory lock went with its connection (a PostgreSQL restart, a cut link); the
+    run went on unaware beside the next run, and their writes crossed."""
+    from sqlalchemy import text
+
+    from observatory.asvo import pipeline
+
+    job_id = queue_job(factory, seeded, JobType.DOWNLOAD_VISIBILITIES,
+                       {"obs_id": str(CORR_OBS), "download_type": "vis"})  # fmt: skip
+    deliver = pipeline._deliver
+
+    def delivered_then_lock_cut(*args: Any, **kwargs: Any) -> Any:
+        delivered = deliver(*args, **kwargs)
+        with factory() as session:  # the backend holding this job's advisory lock
+            session.execute(text(
+                "WITH k AS (SELECT hashtextextended(current_database() || ':' || "
+                "current_schema() || ':' || :name, 0) AS key) "
+                "SELECT pg_terminate_backend(l.pid) FROM pg_locks l, k "
+                "WHERE l.locktype = 'advisory' AND l.objsubid = 1 "
+                "AND l.classid::bigint = ((k.key >> 32) & 4294967295) "
+                "AND l.objid::bigint = (k.key & 4294967295)"
+            ), {"name": f"observatory.asvo.job:{job_id}"}).all()  # fmt: skip
+        return delivered
+
+    monkeypatch.setattr(pipeline, "_deliver", delivered_then_lock_cut)
+    assert run_job(seeded.model_dump(), job_id) == "delivering"
+    with factory() as session:  # left for the next run, which holds the lock
+        job = session.get(Job, job_id)
+        assert job is not None and job.state == "delivering" and job.error_text is None
+
+
 def test_two_identical_submissions_at_once_queue_one_job(
     seeded: Settings, factory: sessionmaker[Session]
 ) -> None:

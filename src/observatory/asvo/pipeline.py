@@ -18,7 +18,7 @@ import secrets
 import shutil
 import sys
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import timedelta
 from pathlib import Path
@@ -38,7 +38,7 @@ from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory, utcnow
 from observatory.core.errors import NotFound
 from observatory.core.gpstime import now_gps
-from observatory.core.locks import resource_lock
+from observatory.core.locks import LockLost, resource_lock
 from observatory.core.processes import CommandFailed, run_command
 from observatory.core.storage import Storage, atomic_output, sha1_of_file
 
@@ -77,9 +77,16 @@ class JobEndedElsewhere(Exception):
 class _Tracker:
     """Records the job's progress in the database, and notices cancellation."""
 
-    def __init__(self, session_factory: sessionmaker[Session], job_id: int) -> None:
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        job_id: int,
+        still_held: Callable[[], None] = lambda: None,
+    ) -> None:
         self.session_factory = session_factory
         self.job_id = job_id
+        #: Raises LockLost once the run's lock is gone: then nothing more is written.
+        self.still_held = still_held
 
     def load(self) -> Job:
         with self.session_factory() as session:
@@ -108,6 +115,7 @@ class _Tracker:
         JobEndedElsewhere
             If another run ended it.
         """
+        self.still_held()
         with self.session_factory() as session:
             claim = session.execute(
                 update(Job)
@@ -140,16 +148,18 @@ def run_job(settings_values: dict[str, Any], job_id: int) -> str:
     settings = Settings(**settings_values)
     engine = make_engine(settings.resolved_database_url)
     try:
-        with resource_lock(settings, engine, JOB_LOCK_KIND, job_id):
-            return _run_locked(settings, engine, job_id)
+        with resource_lock(settings, engine, JOB_LOCK_KIND, job_id) as still_held:
+            return _run_locked(settings, engine, job_id, still_held)
     finally:
         engine.dispose()
 
 
-def _run_locked(settings: Settings, engine: Engine, job_id: int) -> str:
-    """``run_job`` while holding the job's lock."""
+def _run_locked(
+    settings: Settings, engine: Engine, job_id: int, still_held: Callable[[], None]
+) -> str:
+    """``run_job`` while holding the job's lock (``still_held`` raises LockLost once not)."""
     session_factory = make_session_factory(engine)
-    tracker = _Tracker(session_factory, job_id)
+    tracker = _Tracker(session_factory, job_id, still_held)
     job_dir = settings.work_dir / str(job_id)
     # This run's own scratch: a run that outlived its lock never loses files to this one.
     work_dir = job_dir / f"attempt-{secrets.token_hex(6)}"
@@ -195,10 +205,16 @@ def _run_locked(settings: Settings, engine: Engine, job_id: int) -> str:
             return JobState.CANCELLED.value
         except JobEndedElsewhere as ended:
             return ended.state
+        except LockLost as lost:
+            log.warning("ASVO job %d: this run stops: %s", job_id, lost)
+            return tracker.load().state
         return JobState.WAITCAL.value
     except JobCancelled:
         remove_product(settings, tracker.load())
         return JobState.CANCELLED.value
+    except LockLost as lost:  # the job is the next run's: its state and product left alone
+        log.warning("ASVO job %d: this run stops: %s", job_id, lost)
+        return tracker.load().state
     except JobEndedElsewhere as ended:
         log.warning("ASVO job %d was ended (%s) by another run of it", job_id, ended.state)
         if ended.state != JobState.COMPLETED.value:
@@ -217,6 +233,9 @@ def _run_locked(settings: Settings, engine: Engine, job_id: int) -> str:
             return JobState.CANCELLED.value
         except JobEndedElsewhere as ended:  # its product is that run's: left alone
             return ended.state
+        except LockLost as lost:  # its failure may be the next run's doing (its scratch)
+            log.warning("ASVO job %d: this run stops: %s", job_id, lost)
+            return tracker.load().state
         # A product delivered before the failure (its completion not recorded) is no one's:
         # nothing expires a job in error, and it would stay on disk for good.
         remove_product(settings, tracker.load())

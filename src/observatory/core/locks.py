@@ -12,7 +12,7 @@ import fcntl
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
 from sqlalchemy import Engine, text
@@ -35,11 +35,19 @@ _TRY_LOCK = text(f"SELECT pg_try_advisory_lock({_LOCK_KEY})")
 _UNLOCK = text(f"SELECT pg_advisory_unlock({_LOCK_KEY})")
 
 
+class LockLost(Exception):
+    """A run's lock went with its database connection (a PostgreSQL restart, a cut
+    connection): another run may hold it now, and the work is that run's."""
+
+
 @contextmanager
 def resource_lock(
     settings: Settings, engine: Engine, kind: str, resource_id: int
-) -> Iterator[None]:
+) -> Iterator[Callable[[], None]]:
     """Hold the lock of ``kind`` ``resource_id`` for the block, waiting while another run holds it.
+
+    Yields a function that raises :class:`LockLost` when the lock is no longer held: a
+    run calls it before each write that only the lock's holder may make.
 
     Parameters
     ----------
@@ -87,7 +95,20 @@ def resource_lock(
                 if taken:
                     break
                 waiting()
-            yield
+
+            def still_held() -> None:
+                # A session lock lives as long as its connection: one that still answers
+                # holds it.
+                try:
+                    connection.execute(text("SELECT 1"))
+                    connection.commit()
+                except Exception as exc:
+                    raise LockLost(
+                        f"{kind} {resource_id}: the database connection holding its lock is "
+                        f"gone ({exc.__class__.__name__}); another run may hold the lock now"
+                    ) from exc
+
+            yield still_held
             with suppress(Exception):  # a broken connection has freed the lock already
                 connection.execute(_UNLOCK, key)
                 connection.commit()
@@ -105,6 +126,6 @@ def resource_lock(
             except BlockingIOError:
                 waiting()
         try:
-            yield
+            yield lambda: None  # a file lock lasts as long as this process
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
