@@ -233,6 +233,7 @@ def test_dry_run_prints_what_the_run_does(
     from observatory.packaging.cli import main
 
     sb = build_sb(tmp_path)
+    (sb / "X8c" / "cont.dat").write_text("0 1\n")  # left out: said by the dry run too
     packpath = tmp_path / "2011.0.00229.S"
     arguments = ["--origpath", str(sb), "--readme", str(readme), "--packpath", str(packpath)]
     for mode in MODES:
@@ -241,7 +242,11 @@ def test_dry_run_prints_what_the_run_does(
         assert not packpath.exists() and not list(tmp_path.glob("2011.0.00229.S.*"))
         done = package(sb, readme, packpath, mode=mode)
         member = packpath / done.member
-        assert printed[:-1] == [action.describe(member) for action in done.actions]
+        summary = next(i for i, line in enumerate(printed) if " actions; package size " in line)
+        assert printed[:summary] == [action.describe(member) for action in done.actions]
+        left_out = [note for note in done.notes if note.startswith("not packaged:")]
+        assert printed[summary + 1 :] == left_out
+        assert f"not packaged: {sb / 'X8c' / 'cont.dat'}" in left_out
         if mode == "move":
             break  # the origin is now links; the other modes ran on the original
         shutil.rmtree(packpath)

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from observatory.core.text import size_text
-from observatory.packaging.qa2 import APPENDS, MODES, Action, package
+from observatory.packaging.qa2 import APPENDS, MODES, Action, Plan, package
 
 #: The exit code of a run stopped by Ctrl-C (SIGINT), as shells report one: 128 + 2.
 INTERRUPTED_EXIT_CODE = 130
@@ -123,14 +123,20 @@ def _main(arguments: list[str]) -> int:
             print(
                 f"{len(plan.actions)} actions; package size {plan.expected_size_bytes} bytes{estimate}"
             )
+            _print_left_out(plan)  # as the run says them: known before anything is written
         except BrokenPipeError:  # ``qa-packager --dry-run ... | head``: the reader has enough
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     print(f"packaged {len(plan.steps)} entries into {member} ({args.mode} mode)")
+    _print_left_out(plan)
+    return 0
+
+
+def _print_left_out(plan: Plan) -> None:
+    """The reduction's entries the package leaves out (``not packaged: ...``)."""
     for note in plan.notes:
         if note.startswith("not packaged:"):
             print(_printable(note))
-    return 0
 
 
 def _printable(text: str) -> str:
