@@ -870,28 +870,27 @@ def test_a_csv_that_is_not_utf8_is_a_csv_error(tmp_path: Path) -> None:
             "latin-1"
         )
     )
-    error_file = tmp_path / "errors.json"
+    output = _refused_csv(latin1, tmp_path / "errors.json", line=2)
+    assert f"Error: {latin1} line 2: byte 0xe9 at column 10 is not UTF-8 text" in output
+
+
+def _refused_csv(jobs: Path, error_file: Path, line: int) -> str:
+    """What mwa_client -s prints for a CSV it refuses: exit 3, the error file naming the line."""
     code, output = mwa_client(
-        "-c", str(latin1), "-s", "-e", str(error_file), environ=offline_environ()
+        "-c", str(jobs), "-s", "-e", str(error_file), environ=offline_environ()
     )
     assert code == 3, output
-    assert f"Error: {latin1} line 2: byte 0xe9 at column 10 is not UTF-8 text" in output
     (error,) = json.loads(error_file.read_text())
-    assert error["result"].startswith(f"Error: {latin1} line 2")
+    assert error["result"].startswith(f"Error: {jobs} line {line}")
+    return output
 
 
 def test_a_cell_longer_than_csv_reads_is_a_csv_error_naming_the_line(tmp_path: Path) -> None:
     """It was a traceback, exit 1 and no error file (csv's field size limit)."""
     jobs = tmp_path / "jobs.csv"
     jobs.write_text(f"# jobs\nobs_id={OBSID}, job_type=d, note={'x' * 140_000}\n")
-    error_file = tmp_path / "errors.json"
-    code, output = mwa_client(
-        "-c", str(jobs), "-s", "-e", str(error_file), environ=offline_environ()
-    )
-    assert code == 3, output
+    output = _refused_csv(jobs, tmp_path / "errors.json", line=2)
     assert f"Error: {jobs} line 2: cannot be read as CSV: field larger than field limit" in output
-    (error,) = json.loads(error_file.read_text())
-    assert error["result"].startswith(f"Error: {jobs} line 2")
 
 
 @pytest.mark.parametrize(

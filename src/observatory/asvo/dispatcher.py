@@ -444,10 +444,7 @@ class Dispatcher:
         """A request whose task keeps breaking (its worker killed, the task itself broken)
         fails after ``MAX_TASK_FAILURES``, with the reason: submitted again for ever, the
         ASVO jobs waiting for it (``waitcal``) never ended."""
-        failures = self.calibration_failures.get(request_id, 0) + 1
-        self.calibration_failures[request_id] = failures
-        log.warning("calibration request %d: task failed (%s)", request_id, reason)
-        if failures < MAX_TASK_FAILURES:
+        if not _given_up(self.calibration_failures, request_id, "calibration request", reason):
             return
         request = session.get(CalibrationRequest, request_id)
         if (
@@ -459,10 +456,7 @@ class Dispatcher:
             session.commit()
 
     def _record_failure(self, session: Session, job_id: int, reason: object) -> None:
-        failures = self.failures.get(job_id, 0) + 1
-        self.failures[job_id] = failures
-        log.warning("ASVO job %d: task failed (%s)", job_id, reason)
-        if failures < MAX_TASK_FAILURES:
+        if not _given_up(self.failures, job_id, "ASVO job", reason):
             return
         job = session.get(Job, job_id)
         if job is not None and job.state not in TERMINAL_STATES:
@@ -484,3 +478,11 @@ class Dispatcher:
         for job in due:
             remove_product(self.settings, job)
             job.state = JobState.EXPIRED.value
+
+
+def _given_up(failures: dict[int, int], key: int, what: str, reason: object) -> bool:
+    """Count a failed task of ``what`` ``key`` in ``failures``; whether that makes
+    ``MAX_TASK_FAILURES`` (then it is given up, with the reason)."""
+    failures[key] = failures.get(key, 0) + 1
+    log.warning("%s %d: task failed (%s)", what, key, reason)
+    return failures[key] >= MAX_TASK_FAILURES
