@@ -966,6 +966,29 @@ def test_the_raw_asdm_and_casa_images_are_not_calibration_tables(
     assert f"not packaged: {images / 'listobs.txt'}" in notes
 
 
+def test_a_calibration_table_not_named_after_the_block_is_packaged_with_the_uid(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
+) -> None:
+    """The document: the block's directory holds "all calibration tables", and names that do
+    not start with the uid get it in front; other such files (CASA's ``.last``) stay out."""
+    from casacore import tables
+
+    sb = build_sb(tmp_path)
+    description = tables.maketabdesc([tables.makearrcoldesc("CPARAM", 0j, ndim=2)])
+    with tables.table(str(sb / "X8c" / "bandpass.bcal"), description, nrow=2, ack=False) as cal:
+        cal.putinfo({"type": "Calibration", "subType": "B Jones", "readme": ""})
+    (sb / "X8c" / "applycal.last").write_text("vis = 'x'\n")
+    plan = package(sb, readme, tmp_path / "2011.0.00229.S", mode="copy")
+    tables_dir = tmp_path / "2011.0.00229.S" / plan.member / "calibration" / f"{X8C}.calibration"
+    assert sorted(p.name for p in tables_dir.iterdir()) == [
+        f"{X8C}.ms.antpos", f"{X8C}.ms.split.ap_pre_bandpass", f"{X8C}.ms.split.bandpass",
+        f"{X8C}__bandpass.bcal"]  # fmt: skip
+    with tables.table(str(tables_dir / f"{X8C}__bandpass.bcal"), ack=False) as packaged:
+        assert packaged.info()["type"] == "Calibration" and packaged.nrows() == 2
+    assert f"not packaged: {sb / 'X8c' / 'applycal.last'}" in plan.notes
+    assert not validate_manifest(tmp_path / "2011.0.00229.S")
+
+
 def test_every_execution_block_needs_its_split_and_its_calibration_script(
     tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
 ) -> None:

@@ -230,12 +230,16 @@ def die_with_starter(signum: int = signal.SIGKILL) -> None:
 
 
 def forking_is_safe() -> bool:
-    """Whether this process may fork worker processes: from a program's main thread only.
+    """Whether this process may fork worker processes: from a program's main thread, while
+    no other thread runs.
 
-    Inside a service (a Dask worker thread, a daemonic worker process) forking is not
-    safe: another thread may hold a lock the child would inherit taken.
+    Inside a service (a Dask worker thread, a daemonic worker process), or beside any
+    other thread (a notebook kernel's, a caller's background thread), forking is not
+    safe: another thread may hold a lock the child would inherit taken, and wait for it
+    there forever (CPython warns of this from 3.12 on).
     """
     return (
         not multiprocessing.current_process().daemon
         and threading.current_thread() is threading.main_thread()
+        and threading.active_count() == 1
     )

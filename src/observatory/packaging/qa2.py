@@ -215,6 +215,10 @@ def _classify_eb(plan: Plan, directory: Path, uid: str) -> None:
             plan.add(entry, "calibration", f"{uid}.calibration.plots", name)
         elif name.startswith(uid):
             plan.add(entry, "calibration", f"{uid}.calibration", name)
+        elif entry.is_dir() and table_type(entry) == "Calibration":
+            # "all calibration tables" belong to the block, whatever the reducer named
+            # them (``bandpass.bcal``); their names are made unique as any other's.
+            plan.add(entry, "calibration", f"{uid}.calibration", unique_name(name, uid))
         else:
             plan.notes.append(f"not packaged: {entry}")
 

@@ -782,8 +782,9 @@ def preprocess(
         pool: Executor
         if options.no_rfi or n_workers == 1 or not forking_is_safe():
             # numpy releases the GIL: threads share the work without copying chunks around.
-            # Processes are forked only from a program's main thread: inside a service
-            # (a Dask worker thread, a daemonic worker process) forking is not safe.
+            # Processes are forked only from a program's main thread running alone:
+            # inside a service (a Dask worker thread, a daemonic worker process) or beside
+            # another thread forking is not safe.
             runner = _ChunkRunner(reader, plan, options, directions, writers, bool(ms_streams))
             pool, run = ThreadPoolExecutor(max_workers=n_workers), runner.run
         else:
