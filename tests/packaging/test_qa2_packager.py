@@ -1206,6 +1206,13 @@ def test_a_name_with_a_line_break_is_refused(
     (sb / "X8c" / "qa2" / "bad\nname_qa2.txt").write_text("qa2")
     with pytest.raises(PackagingError, match="has a line break in its name"):
         package(sb, readme, tmp_path / "2011.0.00229.S", mode="copy", dry_run=True)
+    (sb / "X8c" / "qa2" / "bad\nname_qa2.txt").unlink()
+    (sb / "X8c" / "qa2" / "50% done%0a_qa2.txt").write_text("qa2")  # bagit reads %0A as \n
+    with pytest.raises(PackagingError, match="has %0A or %0D in its name"):
+        package(sb, readme, tmp_path / "2011.0.00229.S", mode="copy", dry_run=True)
+    (sb / "X8c" / "qa2" / "50% done%0a_qa2.txt").rename(sb / "X8c" / "qa2" / "50% done_qa2.txt")
+    package(sb, readme, tmp_path / "2011.0.00229.S", mode="copy")  # a plain % is a name
+    assert not validate_manifest(tmp_path / "2011.0.00229.S")
 
 
 def test_the_size_record_is_the_size_of_the_package_made(

@@ -513,7 +513,9 @@ def test_a_legacy_package_keeps_the_documents_name(
     ]
 
 
-@pytest.mark.parametrize("case", ["fake", "ticket", "unlisted", "missing"])
+@pytest.mark.parametrize(
+    "case", ["fake", "ticket", "unlisted", "missing", "file-linked", "linked-directory", "pipe"]
+)
 def test_tarsplit_refuses_a_package_its_manifest_does_not_cover(
     tmp_path: Path, readme: Path, capsys: pytest.CaptureFixture[str], case: str
 ) -> None:
@@ -521,22 +523,36 @@ def test_tarsplit_refuses_a_package_its_manifest_does_not_cover(
 
     sb = tiny_sb(tmp_path)
     packpath = tmp_path / "2011.0.00229.S"
-    package(sb, readme, packpath, mode="copy" if case in ("unlisted", "missing") else case)
+    package(sb, readme, packpath, mode=case if case in ("fake", "ticket") else "copy")
     member = packpath / MEMBER
+    script = member / "script" / "scriptForImaging.py"
     if case == "unlisted":
         (member / "product").mkdir()
         (member / "product" / "late.fits").write_bytes(b"SIMPLE")
     elif case == "missing":
-        (member / "script" / "scriptForImaging.py").unlink()
+        script.unlink()
+    elif case == "file-linked":  # the tar would hold a link to a file it does not deliver
+        script.rename(tmp_path / "elsewhere.py")
+        script.symlink_to(tmp_path / "elsewhere.py")
+    elif case == "linked-directory":
+        (member / "etc").symlink_to("/etc")
+    elif case == "pipe":
+        os.mkfifo(member / "script" / "pipe")
     before = sorted(tmp_path.iterdir())
     for dry_run in ([], ["--dry-run"]):
         assert tarsplit(["-n", "2012-06-20", str(packpath), *dry_run]) == 1
         err = capsys.readouterr().err
         expected = {"fake": "has no manifest", "ticket": "has no manifest",
                     "unlisted": "not in the manifest: 2011.0.00229.S/sg_ouss_id/",
-                    "missing": "missing: 2011.0.00229.S/"}[case]  # fmt: skip
+                    "missing": "missing: 2011.0.00229.S/",
+                    "file-linked": f"not a file: 2011.0.00229.S/{MEMBER}/script/scriptForImaging.py (a symbolic link)",
+                    "linked-directory": f"not a file: 2011.0.00229.S/{MEMBER}/etc (a symbolic link)",
+                    "pipe": f"not a file: 2011.0.00229.S/{MEMBER}/script/pipe (a named pipe)"}[case]  # fmt: skip
         assert expected in err
     assert sorted(tmp_path.iterdir()) == before
+    if case.startswith(("file", "linked", "pipe")):  # what verify says, tarsplit's advice
+        problems = validate_manifest(packpath)
+        assert [p for p in problems if p.startswith(expected.removesuffix(")"))] == problems
 
 
 def test_tarsplit_removes_the_leftovers_of_a_killed_run(tmp_path: Path, readme: Path) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import random
 import re
+import shlex
 import shutil
 import subprocess
 import tarfile
@@ -28,7 +30,7 @@ WROTE = re.compile(r"^(\S+)  (\d+) members  (\d+) bytes")
 
 
 def build_package(root: Path) -> Path:
-    """A small legacy-layout package: MS-like directories, a long name, a symlink, a hard link."""
+    """A small legacy-layout package: MS-like directories, a long name, a hard link."""
     rng = random.Random(229)
     package = root / PROJECT
     member = package / "sg_ouss_id" / "group_ouss_id" / "member_ouss_id"
@@ -58,7 +60,6 @@ def build_package(root: Path) -> Path:
         < len(f"{PROJECT}/{product.relative_to(package)}/{LONG_NAME}")
     )
     (package / BIG_FILE).write_bytes(rng.randbytes(100_000))
-    (product / "latest.fits").symlink_to(LONG_NAME)
     # Hard mode: the package's file is a second name of one in the reduction directory.
     reduction = root / "reduction"
     reduction.mkdir()
@@ -81,7 +82,7 @@ def out_dir(tmp_path: Path) -> Path:
 
 
 def package_paths(package: Path) -> dict[str, Path]:
-    """Every path of the package (itself, directories, files, symlinks) by tar member name."""
+    """Every path of the package (itself, directories, files) by tar member name."""
     paths = {PROJECT: package}
     for directory, dirnames, filenames in os.walk(package):
         for entry in dirnames + filenames:
@@ -140,14 +141,12 @@ def test_each_piece_extracts_alone_to_identical_files(
                 archive.extractall(dest)
         for name in names:
             source, copy = sources[name], dest / name
-            if source.is_symlink():
-                assert copy.is_symlink() and os.readlink(copy) == os.readlink(source)
-            elif source.is_dir():
+            if source.is_dir():
                 assert copy.is_dir()
             else:
                 assert copy.read_bytes() == source.read_bytes(), name
                 extracted.add(name)
-    files = {n for n, p in sources.items() if p.is_file() and not p.is_symlink()}
+    files = {n for n, p in sources.items() if p.is_file()}
     assert extracted == files
 
 
@@ -162,7 +161,7 @@ def test_gnu_tar_extracts_each_piece_alone(
         subprocess.run(["tar", "-xf", str(tar), "-C", str(dest)], check=True)
         for path in dest.rglob("*"):
             source = package.parent / path.relative_to(dest)
-            if path.is_file() and not path.is_symlink():
+            if path.is_file():
                 assert path.read_bytes() == source.read_bytes()
 
 
@@ -234,8 +233,6 @@ def test_no_hard_link_members_and_pax_long_names(
     # Paths over 100 bytes whose last part is shorter fit ustar's prefix field: no PAX.
     split = [m for m in members if len(m.name) > 100 and len(m.name.rsplit("/", 1)[-1]) < 90]
     assert split and not any(m.pax_headers for m in split)
-    link = by_name[f"{PROJECT}/sg_ouss_id/group_ouss_id/member_ouss_id/product/latest.fits"]
-    assert link.type == tarfile.SYMTYPE and link.linkname == LONG_NAME
     assert all(m.name == PROJECT or m.name.startswith(f"{PROJECT}/") for m in members)
 
 
@@ -418,3 +415,65 @@ def test_a_file_changed_while_being_copied_fails_and_writes_nothing(
     ):
         write_pieces(package, NAME, out_dir, MAX_BYTES, workers=2)
     assert list(out_dir.iterdir()) == []
+
+
+def test_no_piece_of_directories_only(tmp_path: Path) -> None:
+    """A file larger than the limit after nothing but its directories: one piece, not a
+    piece of those directories (repeated in the next) and then the file's."""
+    package = tmp_path / PROJECT
+    (package / BIG_FILE).parent.mkdir(parents=True)
+    (package / BIG_FILE).write_bytes(bytes(200_000))
+    pieces = plan_pieces(package, MAX_BYTES)
+    assert len(pieces) == 1 and pieces[0].oversized
+    assert [m.info.name for m in pieces[0].members if not m.info.isdir()] == [
+        f"{PROJECT}/{BIG_FILE}"
+    ]
+
+
+def test_owner_names_longer_than_ustar_holds_are_kept_whole() -> None:
+    info = tarfile.TarInfo(f"{PROJECT}/README")
+    info.uname = "firstname.lastname.with.a.long.ldap.name"
+    info.gname = "astronomers-of-the-long-group-names"
+    with tarfile.open(fileobj=io.BytesIO(tarsplit._header(info) + bytes(1024))) as archive:
+        member = archive.next()
+    assert member is not None
+    assert (member.uname, member.gname) == (info.uname, info.gname)
+
+
+def test_a_reader_that_stops_reading_does_not_fail_the_run(package: Path, out_dir: Path) -> None:
+    """``qa-packager tarsplit ... | head -1``: the tars are all in place, and it exits 0."""
+    import sys
+
+    for dry_run in (["--dry-run"], []):
+        done = subprocess.run(
+            f"{shlex.quote(str(Path(sys.executable).parent / 'qa-packager'))} tarsplit -n {NAME} "
+            f"{shlex.quote(str(package))} --max-size 10K --output-dir {shlex.quote(str(out_dir))} "
+            f"{' '.join(dry_run)} | head -1; exit ${{PIPESTATUS[0]}}",
+            shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == "" and len(done.stdout.splitlines()) == 1
+    tars = sorted(out_dir.glob("*.tar"))
+    assert len(tars) > 2 and len(list(out_dir.glob("*.tar.md5sum"))) == len(tars)
+
+
+def test_one_run_at_a_time_writes_a_set(
+    capsys: pytest.CaptureFixture[str], package: Path, out_dir: Path
+) -> None:
+    """Two runs of one package and tag at once both passed the check for existing tars and
+    placed two sets (or one over the other): the second now waits for nothing, it is refused."""
+    import fcntl
+
+    from observatory.packaging.qa2 import take_lock_file
+
+    lock = out_dir / f".{PROJECT}_{NAME}.tarsplit-lock"
+    held = take_lock_file(lock, fcntl.LOCK_EX)
+    try:
+        code, _, err = run(capsys, "-n", NAME, str(package), "--output-dir", str(out_dir))
+    finally:
+        lock.unlink()
+        os.close(held)
+    assert code == 1 and "another qa-packager tarsplit is writing the tars of" in err
+    assert not list(out_dir.iterdir())
+    written_tars(capsys, package, out_dir)  # once the other run is gone
+    assert not list(out_dir.glob(".*lock"))

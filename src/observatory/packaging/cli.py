@@ -109,10 +109,10 @@ def _main(arguments: list[str]) -> int:
             print(_printable(f"qa-packager: {note}"), file=sys.stderr)
         return 1
     member = Path(args.packpath) / plan.member
-    for note in plan.undone:
-        print(note)
-    if args.dry_run:
-        try:
+    with reader_may_leave():  # ``qa-packager ... | head``: the reader has what it wanted
+        for note in plan.undone:
+            print(note)
+        if args.dry_run:
             for action in plan.actions:
                 print(action.describe(member))
             estimate = " before the README" + (
@@ -124,12 +124,23 @@ def _main(arguments: list[str]) -> int:
                 f"{len(plan.actions)} actions; package size {plan.expected_size_bytes} bytes{estimate}"
             )
             _print_left_out(plan)  # as the run says them: known before anything is written
-        except BrokenPipeError:  # ``qa-packager --dry-run ... | head``: the reader has enough
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    print(f"packaged {len(plan.steps)} entries into {member} ({args.mode} mode)")
-    _print_left_out(plan)
+            return 0
+        print(f"packaged {len(plan.steps)} entries into {member} ({args.mode} mode)")
+        _print_left_out(plan)
     return 0
+
+
+@contextmanager
+def reader_may_leave() -> Iterator[None]:
+    """Printing to a reader that stops reading (``| head``) ends quietly, the work done.
+
+    The rest of the output goes nowhere: without a place to go, Python would report the
+    broken pipe again when it flushes standard output at exit.
+    """
+    try:
+        yield
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _print_left_out(plan: Plan) -> None:

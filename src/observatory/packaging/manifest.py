@@ -15,6 +15,7 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -285,25 +286,68 @@ def write_manifest(
     return path
 
 
+_NOT_A_FILE = {
+    stat.S_IFLNK: "a symbolic link",
+    stat.S_IFIFO: "a named pipe",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a device",
+    stat.S_IFBLK: "a device",
+}
+
+
+def not_a_file(mode: int) -> str:
+    """What an entry of this ``st_mode`` is, said of one a package must not hold."""
+    return _NOT_A_FILE.get(stat.S_IFMT(mode), "not a file")
+
+
+def package_entries(packpath: Path) -> tuple[set[str], dict[str, str]]:
+    """The package's regular files, and its other entries that are not directories (name ->
+    what it is), named as in the manifest (from the package's own name on).
+
+    Symbolic links are not followed, to directories either: the packager makes files and
+    directories only, and a link (a hand edit) would deliver a name without its data.
+    """
+    files: set[str] = set()
+    others: dict[str, str] = {}
+    pending = [(os.fspath(packpath), os.path.basename(os.path.abspath(packpath)))]
+    while pending:
+        directory, name = pending.pop()
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                entry_name = f"{name}/{entry.name}"
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append((entry.path, entry_name))
+                elif entry.is_file(follow_symlinks=False):
+                    files.add(entry_name)
+                else:
+                    others[entry_name] = not_a_file(entry.stat(follow_symlinks=False).st_mode)
+    return files, others
+
+
 def validate_manifest(packpath: Path, *, workers: int = 2) -> list[str]:
     """Re-hash the whole package against its manifest; the problems found (empty when valid).
 
-    A full validation: every byte is read (a same-size change is caught), files missing from
-    the package and files the manifest does not list are reported.
+    A full validation: every byte is read (a same-size change is caught); files missing from
+    the package, files the manifest does not list and entries that are neither files nor
+    directories (a symbolic link put in place of a file or beside them) are reported.
     """
     path = manifest_path(packpath)
     if not path.exists():
         return [f"{path} does not exist"]
     expected = read_manifest(path)
+    files, others = package_entries(packpath)
     listed = sorted(expected)
-    present = [packpath.parent / name for name in listed if (packpath.parent / name).is_file()]
-    problems = [f"missing: {name}" for name in listed if not (packpath.parent / name).is_file()]
-    for file, digest in zip(present, hash_files(present, workers=workers), strict=True):
-        name = str(file.relative_to(packpath.parent))
+    present = [name for name in listed if name in files]
+    problems = [f"missing: {name}" for name in listed if name not in files and name not in others]
+    paths = [packpath.parent / name for name in present]
+    for name, digest in zip(present, hash_files(paths, workers=workers), strict=True):
         if digest != expected[name]:
             problems.append(f"changed: {name} (manifest {expected[name]}, file {digest})")
-    on_disk = {str(p.relative_to(packpath.parent)) for p in packpath.rglob("*") if p.is_file()}
-    problems += [f"not in the manifest: {name}" for name in sorted(on_disk - set(expected))]
+    problems += [f"not in the manifest: {name}" for name in sorted(files - set(expected))]
+    problems += [
+        f"not a file: {name} ({what}; a package holds files and directories only)"
+        for name, what in sorted(others.items())
+    ]
     return problems
 
 

@@ -1012,10 +1012,19 @@ def plan_actions(plan: Plan, mode: str) -> list[Action]:
 
 
 def _refuse_line_breaks(name: str, directory: Path | None = None) -> None:
-    """A name with a line break cannot be a line of the manifest (nor of ``sha256sum``'s)."""
+    """A name with a line break cannot be a line of the manifest (nor of ``sha256sum``'s);
+    nor can one holding ``%0A`` or ``%0D``, which BagIt readers decode to line breaks."""
+    where = name if directory is None else f"{directory}/{name}"
     if "\n" in name or "\r" in name:
-        where = name if directory is None else f"{directory}/{name}"
         raise PackagingError(f"{where!r} has a line break in its name: rename it to package it")
+    if _ENCODED_LINE_BREAK.search(name):
+        raise PackagingError(
+            f"{where!r} has %0A or %0D in its name, which BagIt readers of the manifest take "
+            "for a line break: rename it to package it"
+        )
+
+
+_ENCODED_LINE_BREAK = re.compile("%0[ad]", re.IGNORECASE)
 
 
 #: What a move adds to a name for an instant: ``<name>.qa-packager-partial`` in the package
@@ -2124,7 +2133,7 @@ def _lock(packpath: Path) -> Iterator[None]:
     fd: int | None = None
     try:
         try:
-            fd = _take_lock_file(_lock_path(packpath), fcntl.LOCK_EX)
+            fd = take_lock_file(_lock_path(packpath), fcntl.LOCK_EX)
         except BlockingIOError as exc:
             raise PackagingError(
                 f"another qa-packager run is writing {packpath}, or reading it (tarsplit, "
@@ -2141,7 +2150,7 @@ def _lock(packpath: Path) -> Iterator[None]:
                 directory.rmdir()  # only when empty
 
 
-def _take_lock_file(path: Path, operation: int) -> int:
+def take_lock_file(path: Path, operation: int) -> int:
     """An open descriptor of the lock file ``path`` (made if need be) holding ``flock``
     ``operation`` (``LOCK_EX`` or ``LOCK_SH``), the file still at that name.
 
@@ -2177,7 +2186,7 @@ def reading_package(packpath: Path) -> Iterator[None]:
         its journal is damaged.
     """
     try:
-        fd: int | None = _take_lock_file(_lock_path(packpath), fcntl.LOCK_SH)
+        fd: int | None = take_lock_file(_lock_path(packpath), fcntl.LOCK_SH)
     except OSError:
         # A run writes it (BlockingIOError: unfinished_run says so), or no lock file can be
         # made here (a package this user may only read, or none at all): looked at once.

@@ -18,8 +18,9 @@ Design choices (ours, not the document's):
   of its own, which is then larger than the limit;
 * every regular file is stored as a regular file, never as a hard link (the
   packager's hard mode links package files to the reduction directory, and a
-  hard-link member would point into another piece); symlinks are stored as
-  symlinks;
+  hard-link member would point into another piece); a package holds files and
+  directories only: a symbolic link (which the packager never makes) is refused, as it
+  would deliver a name without its data, or point into another piece;
 * all pieces are written under temporary names in the output directory and renamed
   into place only once every piece is complete, so an interrupted run leaves no
   tar (truncated or not) under a final name (the renames are recorded first: a run
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import grp
 import hashlib
 import itertools
@@ -66,7 +68,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from observatory.packaging.manifest import sync_file
+from observatory.packaging.manifest import not_a_file, package_entries, sync_file
 from observatory.packaging.qa2 import PROJECT_CODE
 
 #: What NAME (the tag between project code and piece number) may contain.
@@ -224,11 +226,10 @@ def _member(source: Path, arcname: str, st: os.stat_result, owners: _Owners) -> 
         info.size = st.st_size
     elif stat.S_ISDIR(st.st_mode):
         info.type = tarfile.DIRTYPE
-    elif stat.S_ISLNK(st.st_mode):
-        info.type = tarfile.SYMTYPE
-        info.linkname = os.readlink(source)
-    else:
-        raise TarsplitError(f"{source}: not a file, directory or symlink; cannot be delivered")
+    else:  # a package holds files and directories: a link would deliver a name, no data
+        raise TarsplitError(
+            f"{source}: {not_a_file(st.st_mode)}, not a file or directory; cannot be delivered"
+        )
     info.mode = stat.S_IMODE(st.st_mode)
     info.uid, info.gid = st.st_uid, st.st_gid
     info.uname, info.gname = owners.user(st.st_uid), owners.group(st.st_gid)
@@ -237,18 +238,26 @@ def _member(source: Path, arcname: str, st: os.stat_result, owners: _Owners) -> 
     return Member(source, info, _header(info))
 
 
+#: ustar's uname and gname fields: longer names (directory services') go in a PAX header.
+_USTAR_OWNER_NAME_BYTES = 32
+
+
 def _header(info: tarfile.TarInfo) -> bytes:
     """The member's header: ustar when it can hold it, else PAX (a superset of ustar).
 
     ustar holds ASCII names of up to 255 bytes (split at a '/' into its prefix and name
-    fields), link names of up to 100, sizes below 8 GiB: most package members, whose
+    fields), owner names of up to 32, sizes below 8 GiB: most package members, whose
     paths are often over 100 bytes. One block instead of a PAX header's three, and
     half the encoding time, which is most of the walk's.
     """
-    if all(text.isascii() for text in (info.name, info.linkname, info.uname, info.gname)):
+    if (
+        all(text.isascii() for text in (info.name, info.uname, info.gname))
+        # tarfile cuts longer owner names to ustar's 32 bytes instead of refusing them
+        and max(len(info.uname), len(info.gname)) <= _USTAR_OWNER_NAME_BYTES
+    ):
         try:
             return info.tobuf(tarfile.USTAR_FORMAT, _ENCODING, _ERRORS)
-        except ValueError:  # a name or link name too long, or a number too large
+        except ValueError:  # a name too long, or a number too large
             pass
     return info.tobuf(tarfile.PAX_FORMAT, _ENCODING, _ERRORS)
 
@@ -408,7 +417,7 @@ def plan_pieces(package: Path, max_size_bytes: int, within: Path | None = None) 
     ------
     TarsplitError
         If the package's name is not a project code, it is not a directory, or it holds
-        something that is not a file, directory or symlink.
+        something that is not a file or directory.
     """
     package = _check_package(package)
     groups = list(_groups(package, max_size_bytes, within))
@@ -428,18 +437,23 @@ def _groups(
     directories: dict[str, Member] = {}
     current: list[Member] = []
     current_bytes = 0
+    holds_a_file = False  # a piece of directories only would be delivered for nothing
     # The walk is depth first, so a member's directories are already in the current
     # piece; only a new piece needs them repeated.
     for member in _walk(package, within):
-        if current and _tar_file_bytes(current_bytes + member.tar_bytes) > max_size_bytes:
+        is_directory = member.info.type == tarfile.DIRTYPE
+        if holds_a_file and _tar_file_bytes(current_bytes + member.tar_bytes) > max_size_bytes:
             yield current
+            holds_a_file = False
             parts = member.info.name.split("/")[:-1]
             current = [directories["/".join(parts[: n + 1])] for n in range(len(parts))]
             current_bytes = sum(m.tar_bytes for m in current)
         current.append(member)
         current_bytes += member.tar_bytes
-        if member.info.type == tarfile.DIRTYPE:
+        if is_directory:
             directories[member.info.name] = member
+        else:
+            holds_a_file = True
     yield current  # never empty: the package directory itself is a member
 
 
@@ -756,13 +770,10 @@ def check_manifest_covers(package: Path) -> None:
         listed = set(read_manifest(path))
     except (ValueError, UnicodeDecodeError) as exc:
         raise TarsplitError(f"{path} cannot be read as a manifest: {exc}") from exc
-    on_disk = {
-        os.path.relpath(os.path.join(directory, name), package.parent)
-        for directory, _, names in os.walk(package)
-        for name in names
-    }
-    problems = [f"not in the manifest: {n}" for n in sorted(on_disk - listed)]
-    problems += [f"missing: {n}" for n in sorted(listed - on_disk)]
+    files, others = package_entries(package)
+    problems = [f"not in the manifest: {n}" for n in sorted(files - listed)]
+    problems += [f"missing: {n}" for n in sorted(listed - files - set(others))]
+    problems += [f"not a file: {n} ({what})" for n, what in sorted(others.items())]
     if problems:
         raise TarsplitError(
             f"the manifest {path} does not cover {package} ({len(problems)} problems: "
@@ -850,8 +861,53 @@ def _write_held_pieces(
     progress: Callable[[Path, Piece, str], None] | None,
     workers: int | None,
 ) -> list[Path]:
-    """:func:`write_pieces` of a package held for reading."""
+    """:func:`write_pieces` of a package held for reading; one run at a time writes a set."""
     package, output_dir, sets = _check_request(package, name, output_dir)
+    with contextlib.ExitStack() as writing:
+        for tar_set in sets:
+            writing.enter_context(_writing_set(output_dir, package.name, tar_set.tag))
+        # Again, holding the sets: a run that held one may have placed its tars meanwhile.
+        package, output_dir, sets = _check_request(package, name, output_dir)
+        return _write_checked_pieces(package, output_dir, sets, max_size_bytes, progress, workers)
+
+
+@contextlib.contextmanager
+def _writing_set(output_dir: Path, project: str, tag: str) -> Iterator[None]:
+    """Hold a set's tars for writing: ``flock`` of a hidden file in the output directory
+    (removed by its holder, as the packager's lock file is).
+
+    Raises
+    ------
+    TarsplitError
+        When another run is writing that set.
+    """
+    from observatory.packaging.qa2 import take_lock_file
+
+    path = output_dir / f".{project}_{tag}.tarsplit-lock"
+    try:
+        fd = take_lock_file(path, fcntl.LOCK_EX)
+    except BlockingIOError as exc:
+        raise TarsplitError(
+            f"another qa-packager tarsplit is writing the tars of {project} named {tag!r} into "
+            f"{output_dir}: wait for it to finish"
+        ) from exc
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # while holding it (see take_lock_file)
+        os.close(fd)
+
+
+def _write_checked_pieces(
+    package: Path,
+    output_dir: Path,
+    sets: list[TarSet],
+    max_size_bytes: int,
+    progress: Callable[[Path, Piece, str], None] | None,
+    workers: int | None,
+) -> list[Path]:
+    """:func:`write_pieces` of a checked request, its package and sets held."""
     project, token = package.name, secrets.token_hex(4)
     for tar_set in sets:
         _remove_leftovers(output_dir, project, tar_set.tag)
@@ -927,6 +983,8 @@ def main(argv: Sequence[str]) -> int:
     int
         The exit code.
     """
+    from observatory.packaging.cli import reader_may_leave
+
     parser = argparse.ArgumentParser(
         prog="qa-packager tarsplit",
         description="Split a delivery package into tar files of bounded size "
@@ -963,20 +1021,22 @@ def main(argv: Sequence[str]) -> int:
             check_manifest_covers(package)
             if args.dry_run:
                 total, count = 0, 0
-                for tar_set in sets:
-                    pieces = plan_pieces(package, max_size_bytes, tar_set.member)
-                    for piece in pieces:
-                        note = "  (one file larger than --max-size)" if piece.oversized else ""
-                        print(f"{piece.tar_name(tar_set.tag)}  {len(piece.members)} members  "
-                              f"{piece.size_bytes} bytes{note}")  # fmt: skip
-                    total += sum(piece.size_bytes for piece in pieces)
-                    count += len(pieces)
-                print(f"dry run: {count} tars, {total} bytes; nothing written")
+                with reader_may_leave():
+                    for tar_set in sets:
+                        pieces = plan_pieces(package, max_size_bytes, tar_set.member)
+                        for piece in pieces:
+                            note = "  (one file larger than --max-size)" if piece.oversized else ""
+                            print(f"{piece.tar_name(tar_set.tag)}  {len(piece.members)} members  "
+                                  f"{piece.size_bytes} bytes{note}")  # fmt: skip
+                        total += sum(piece.size_bytes for piece in pieces)
+                        count += len(pieces)
+                    print(f"dry run: {count} tars, {total} bytes; nothing written")
                 return 0
 
             def report(path: Path, piece: Piece, digest: str) -> None:
-                print(f"{path}  {len(piece.members)} members  {piece.size_bytes} bytes  "
-                      f"md5 {digest}")  # fmt: skip
+                with reader_may_leave():  # printed once every tar is in place
+                    print(f"{path}  {len(piece.members)} members  {piece.size_bytes} bytes  "
+                          f"md5 {digest}")  # fmt: skip
 
             _write_held_pieces(package, args.name, output_dir, max_size_bytes, report, None)
     except (TarsplitError, OSError) as exc:
