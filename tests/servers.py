@@ -138,12 +138,14 @@ def observatory_server(
 
 
 def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    """A certificate for localhost and 127.0.0.1 (openssl), as (certificate, key)."""
+    """A certificate for localhost and 127.0.0.1 (openssl), as (certificate, key): not a CA's,
+    as rustls (giant-squid) demands of a server's (docs/asvo.md)."""
     cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
          "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+         "-addext", "basicConstraints=critical,CA:FALSE"],
         check=True, capture_output=True,
     )  # fmt: skip
     return cert, key

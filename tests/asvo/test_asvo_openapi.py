@@ -81,7 +81,9 @@ def test_the_documented_fields_are_there(client: TestClient) -> None:
 
     for endpoint in SUBMISSIONS:
         assert {"obs_id", "delivery", "delivery_format", "allow_resubmit"} <= set(fields(endpoint))
-        assert fields(endpoint)["delivery"]["enum"] == ["acacia", "scratch", "dug"]
+        deliveries = ["scratch"] if endpoint == "voltage_job" else ["acacia", "scratch", "dug"]
+        assert fields(endpoint)["delivery"]["enum"] == deliveries
+        assert fields(endpoint)["delivery"]["default"] == deliveries[0]
     assert fields("download_vis_job")["download_type"]["enum"] == ["vis", "vis_meta"]
     assert {"offset", "duration", "channel_range", "from_channel", "to_channel"} <= set(
         fields("voltage_job")

@@ -150,6 +150,9 @@ def test_every_job_type_completes_with_a_checksummed_product(
         "volt": {f"{VCS_OBS}.metafits", f"{VCS_OBS}_{VCS_OBS + 8}_133.sub"},
         "conversion": {f"{SIM_OBS}.uvfits"},
     }  # fmt: skip
+    (volt,) = rows[jobs.pop("volt")]["product"]["files"]  # voltages are left on scratch
+    assert volt["type"] == "scratch" and rows_by_id(client)[int(Path(volt["path"]).name)]
+    assert {p.name for p in Path(volt["path"]).iterdir()} == expected_members["volt"]
     for kind, job_id in jobs.items():
         (file,) = rows[job_id]["product"]["files"]
         assert file["type"] == "acacia"
@@ -383,6 +386,52 @@ def test_scratch_delivery_is_a_directory(client: TestClient, archive_settings: S
         "1320409688_20211108122750_mini_ch137_000.fits",
     }
     assert file["size"] == sum(p.stat().st_size for p in path.iterdir())
+
+
+def test_delivery_format_tar_puts_one_tar_in_the_directory(
+    client: TestClient, archive_settings: Settings
+) -> None:
+    """giant-squid's ``delivery_format=tar`` ("deliver a tar of the files, rather than all of
+    the individual files"): it was accepted and ignored, and made a duplicate of the plain job."""
+    plain = submit(
+        client, "download_vis_job", obs_id=CORR_OBS, download_type="vis", delivery="scratch"
+    )
+    tarred = submit(client, "download_vis_job", obs_id=CORR_OBS, download_type="vis",
+                    delivery="scratch", delivery_format="tar")  # fmt: skip
+    assert tarred != plain
+    watch(client, {plain, tarred})
+    rows = rows_by_id(client)
+    assert rows[tarred]["job_params"]["delivery_format"] == "tar"
+    (file,) = rows[tarred]["product"]["files"]
+    path = Path(file["path"])
+    (tar_path,) = path.iterdir()
+    assert (
+        tar_path.name == f"{CORR_OBS}_{tarred}_vis.tar" and file["size"] == tar_path.stat().st_size
+    )
+    with tarfile.open(tar_path) as tar:
+        assert set(tar.getnames()) == {
+            p.name for p in Path(rows[plain]["product"]["files"][0]["path"]).iterdir()
+        }
+    # acacia is a tar whatever is asked: the same job
+    acacia = submit(client, "download_vis_job", obs_id=CORR_OBS, download_type="vis")
+    again = client.post("/api/download_vis_job", data={"obs_id": CORR_OBS, "download_type": "vis",
+                                                       "delivery_format": "tar"})  # fmt: skip
+    assert again.status_code == 400 and again.json()["job_id"] == acacia
+
+
+def test_voltage_jobs_are_left_on_scratch_only(client: TestClient) -> None:
+    """As the MWA ASVO's clients say: a voltage job without a delivery goes to scratch, and
+    acacia or dug are refused (error_code 0, which mwa_client reports and skips)."""
+    for delivery in ("acacia", "dug"):
+        refused = client.post("/api/voltage_job", data={"obs_id": VCS_OBS, "offset": 8,
+                                                        "duration": 8, "delivery": delivery})  # fmt: skip
+        assert refused.status_code == 400
+        assert refused.json() == {
+            "error": f"Delivery: voltage jobs are delivered to scratch only, not {delivery!r}",
+            "error_code": 0,
+        }
+    job_id = submit(client, "voltage_job", obs_id=VCS_OBS, offset=8, duration=8)
+    assert rows_by_id(client)[job_id]["job_params"]["delivery"] == "scratch"
 
 
 def test_scratch_paths_are_absolute_when_the_data_dir_is_relative(

@@ -516,13 +516,8 @@ def _deliver(
         path = settings.products_dir / str(job.id) / name
         # Only the finished product may be left: not the temporaries of a run that died.
         shutil.rmtree(path.parent, ignore_errors=True)
-        with atomic_output(path) as temporary, open(temporary, "wb") as raw:
-            writer = _HashingWriter(raw)
-            # Uncompressed: giant-squid untars the stream as it downloads.
-            with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-                for source, arcname in members:
-                    tar.add(source, arcname=arcname)
-            writer.flush()
+        with atomic_output(path) as temporary:
+            writer = _write_tar(temporary, members)
         product = {
             "files": [
                 {
@@ -537,14 +532,29 @@ def _deliver(
         return product, str(path)
     target = settings.delivery_root(job.delivery) / _group(job) / "asvo" / str(job.id)
     with _replaced_directory(target) as temporary:
-        for source, arcname in members:
-            destination = temporary / arcname
-            if source.is_dir():
-                shutil.copytree(source, destination)
-            else:
-                shutil.copy2(source, destination)
+        if job.params.get("delivery_format") == "tar":  # one tar, as acacia's, in the directory
+            _write_tar(temporary / _product_name(job), members)
+        else:
+            for source, arcname in members:
+                destination = temporary / arcname
+                if source.is_dir():
+                    shutil.copytree(source, destination)
+                else:
+                    shutil.copy2(source, destination)
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
     return {"files": [{"type": job.delivery, "path": str(target), "size": size}]}, str(target)
+
+
+def _write_tar(path: Path, members: list[tuple[Path, str]]) -> _HashingWriter:
+    """Write ``members`` (source, name in the tar) as an uncompressed tar at ``path``: giant-squid
+    untars the stream as it downloads. Returns the writer, with the tar's size and hashes."""
+    with open(path, "wb") as raw:
+        writer = _HashingWriter(raw)
+        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+            for source, arcname in members:
+                tar.add(source, arcname=arcname)
+        writer.flush()
+    return writer
 
 
 def _group(job: Job) -> str:

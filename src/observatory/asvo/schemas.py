@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from observatory.asvo.models import JobState
-from observatory.asvo.service import DEFAULT_CONVERSION_OUTPUT, DELIVERIES
+from observatory.asvo.service import DEFAULT_CONVERSION_OUTPUT, DELIVERIES, VOLTAGE_DELIVERY
 from observatory.core.openapi import DeclaredParameter, body_openapi
 from observatory.preprocess.options import (
     COTTER_SWITCHES,
@@ -97,7 +97,9 @@ COMMON_FIELDS = (
         default=DELIVERIES[0],
     ),
     DeclaredParameter(
-        "delivery_format", {**_STRING, "enum": ["tar"]}, "Only tar (acacia is always a tar)."
+        "delivery_format",
+        {**_STRING, "enum": ["tar"]},
+        "tar: scratch and dug get one tar of the files, not the files (acacia is always a tar).",
     ),
     DeclaredParameter(
         "allow_resubmit",
@@ -118,7 +120,17 @@ DOWNLOAD_VIS_FIELDS = (
 )
 
 VOLTAGE_FIELDS = (
-    *COMMON_FIELDS,
+    *(
+        DeclaredParameter(
+            "delivery",
+            {**_STRING, "enum": [VOLTAGE_DELIVERY]},
+            "scratch: a directory (voltages are left on scratch only).",
+            default=VOLTAGE_DELIVERY,
+        )
+        if field.name == "delivery"
+        else field
+        for field in COMMON_FIELDS
+    ),
     DeclaredParameter(
         "offset",
         {**_INTEGER, "minimum": 0},

@@ -216,15 +216,36 @@ def _bool_field(form: Mapping[str, str], key: str) -> bool:
 
 
 def _common(form: Mapping[str, str], settings: Settings, job_type: JobType) -> dict[str, Any]:
-    delivery = form.get("delivery", "").strip().lower() or "acacia"
+    voltage = job_type == JobType.DOWNLOAD_VOLTAGE
+    delivery = form.get("delivery", "").strip().lower() or default_delivery(job_type)
     if delivery not in DELIVERIES:
         raise AsvoError(f"Delivery: {delivery!r} is not one of {', '.join(DELIVERIES)}")
+    if voltage and delivery != VOLTAGE_DELIVERY:
+        # As the MWA ASVO: voltages are left on scratch (giant-squid: "The only valid
+        # value for a voltage job is scratch"; mwa_client: "always left on /scratch").
+        raise AsvoError(
+            f"Delivery: voltage jobs are delivered to {VOLTAGE_DELIVERY} only, not {delivery!r}"
+        )
     if settings.asvo_outage == "partial" and delivery == "acacia":
         raise AsvoError(OUTAGE_MESSAGES["partial"])
     delivery_format = form.get("delivery_format", "").strip().lower()
     if delivery_format not in ("", "tar"):
         raise AsvoError(f"Delivery Format: {delivery_format!r} is not supported (only tar)")
-    return {"delivery": delivery, "job_type": PARAMS_JOB_TYPE[job_type], "priority": 1}
+    params: dict[str, Any] = {
+        "delivery": delivery, "job_type": PARAMS_JOB_TYPE[job_type], "priority": 1
+    }  # fmt: skip
+    if delivery_format and delivery != "acacia":  # acacia delivers a tar whatever is asked
+        params["delivery_format"] = delivery_format
+    return params
+
+
+#: Where voltage jobs go, the only place they may (their files are far too large to download).
+VOLTAGE_DELIVERY = "scratch"
+
+
+def default_delivery(job_type: JobType) -> str:
+    """A job's delivery when the submission names none: acacia, voltages scratch."""
+    return VOLTAGE_DELIVERY if job_type == JobType.DOWNLOAD_VOLTAGE else DELIVERIES[0]
 
 
 #: The ASVO's output of a conversion that names none (specs/asvo.md section 5; giant-squid
