@@ -1,7 +1,9 @@
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import MetaData, Table, inspect, text
+from sqlalchemy import types as sa_types
 from sqlalchemy.orm import Session
 
 from observatory.core.accounts import (
@@ -85,6 +87,45 @@ def test_migrations_from_empty(db_url: str) -> None:
     assert {"users", "projects", "observations", "files", "alembic_version"} <= tables
     upgrade(db_url)  # a second run is a no-op
     assert current_revision(engine) == head_revision()
+    engine.dispose()
+
+
+def _filled_row(table: Table, **given: object) -> dict[str, object]:
+    """A row of ``table`` with a plain value in every required column not ``given``."""
+    values: dict[type, object] = {
+        sa_types.Integer: 1, sa_types.String: "x", sa_types.Text: "x", sa_types.Boolean: False,
+        sa_types.Float: 0.0, sa_types.JSON: {}, sa_types.DateTime: datetime(2026, 1, 1, tzinfo=UTC),
+    }  # fmt: skip
+    row = dict(given)
+    for column in table.columns:
+        if column.name in row or column.nullable or column.server_default is not None:
+            continue
+        if column.primary_key and isinstance(column.type, sa_types.Integer):
+            continue
+        kind = next(k for k in values if isinstance(column.type, k))
+        row[column.name] = values[kind]
+    return row
+
+
+def test_a_sqlite_migration_rebuilding_a_table_keeps_the_rows_referencing_it(
+    tmp_path: Path,
+) -> None:
+    """0009 rebuilds ``users`` (copy, drop, rename): with foreign keys on, dropping it deleted
+    every ASVO job of every user (ON DELETE CASCADE)."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    upgrade(url, "0008")
+    engine = make_engine(url)
+    tables = MetaData()
+    tables.reflect(engine)
+    with engine.begin() as connection:
+        users, jobs = tables.tables["users"], tables.tables["asvo_jobs"]
+        connection.execute(users.insert().values(_filled_row(users, id=7, name="alice")))
+        connection.execute(jobs.insert().values(_filled_row(jobs, id=3, user_id=7)))
+    upgrade(url)
+    assert current_revision(engine) == head_revision()
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT id, user_id FROM asvo_jobs")).all() == [(3, 7)]
+        assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
     engine.dispose()
 
 

@@ -34,19 +34,54 @@ def upgrade(database_url: str, revision: str = "head") -> None:
     """
     engine = make_engine(database_url)
     try:
-        with engine.begin() as connection:
-            config = alembic_config(database_url)
-            config.attributes["connection"] = connection
+        with engine.connect() as connection:
+            sqlite = connection.dialect.name == "sqlite"
+            if sqlite:
+                # A batch migration rebuilds a table (copy, drop, rename): with foreign keys
+                # on, dropping ``users`` deleted every job referencing it (ON DELETE CASCADE).
+                # Off before the transaction (SQLite ignores the pragma inside one); the
+                # references are checked before the migration commits.
+                connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                connection.commit()
             try:
-                command.upgrade(config, revision)
-            except CommandError as exc:
-                raise UnknownRevisionError(
-                    f"cannot migrate the database at {mask_url(database_url)}: {exc} (this "
-                    f"version's newest revision is {head_revision()}; was the database "
-                    "migrated by a newer version of observatory-services?)"
-                ) from None
+                with connection.begin():
+                    _upgrade_on(connection, database_url, revision)
+                    if sqlite:
+                        _check_references(connection, database_url)
+            finally:
+                if sqlite:
+                    connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                    connection.commit()
     finally:
         engine.dispose()
+
+
+def _upgrade_on(connection: Connection, database_url: str, revision: str) -> None:
+    config = alembic_config(database_url)
+    config.attributes["connection"] = connection
+    try:
+        command.upgrade(config, revision)
+    except CommandError as exc:
+        raise UnknownRevisionError(
+            f"cannot migrate the database at {mask_url(database_url)}: {exc} (this "
+            f"version's newest revision is {head_revision()}; was the database "
+            "migrated by a newer version of observatory-services?)"
+        ) from None
+
+
+def _check_references(connection: Connection, database_url: str) -> None:
+    """Refuse (roll back) a SQLite migration that left a row referencing a missing one."""
+    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+    if broken:
+        tables = sorted({str(row[0]) for row in broken})
+        raise MigrationError(
+            f"migrating the database at {mask_url(database_url)} would leave {len(broken)} "
+            f"rows of {', '.join(tables)} referencing rows that do not exist; nothing was changed"
+        )
+
+
+class MigrationError(ValueError):
+    """A migration that would leave the database inconsistent (rolled back)."""
 
 
 class UnknownRevisionError(ValueError):
