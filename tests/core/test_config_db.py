@@ -2,6 +2,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import MetaData, Table, inspect, text
 from sqlalchemy import types as sa_types
 from sqlalchemy.orm import Session
@@ -62,6 +63,53 @@ def test_a_misspelled_setting_in_the_toml_is_an_error(
         match=r"unknown setting allow_internet \(OBSERVATORY_ALLOW_INTERNET is read from the "
         r"environment only\)",
     ):
+        Settings()
+
+
+def test_the_signing_key_made_by_processes_starting_together_is_one_and_whole(
+    tmp_path: Path,
+) -> None:
+    """A process starting while another was writing the new key file read it empty, and
+    signed (and accepted) sessions with an empty key for its whole life."""
+    import threading
+
+    for round_number in range(30):
+        path = tmp_path / str(round_number) / "secret_key"
+        start = threading.Barrier(6)
+        keys: list[bytes] = []
+
+        def read(target: Path = path, barrier: threading.Barrier = start) -> None:
+            barrier.wait()
+            keys.append(Settings._read_or_create_key(target))
+
+        threads = [threading.Thread(target=read) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(set(keys)) == 1 and len(keys[0]) >= 16, keys
+        assert [p.name for p in path.parent.iterdir()] == ["secret_key"]  # no drafts left
+    path.write_text("\n")  # emptied by hand: refused, never an empty key
+    with pytest.raises(ValueError, match="holds no signing key"):
+        Settings._read_or_create_key(path)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("OBSERVATORY_ASVO_PRODUCT_TTL_DAYS", "inf", "finite number"),
+        ("OBSERVATORY_ASVO_PRODUCT_TTL_DAYS", "3e6", "less than or equal to 36500"),
+        ("OBSERVATORY_TELESCOPE_TILES", "0", "greater than or equal to 1"),
+        ("OBSERVATORY_ASVO_MAX_ACTIVE_JOBS", "0", "greater than or equal to 1"),
+        ("OBSERVATORY_SECRET_KEY", "short", "under 16 characters"),
+    ],
+)
+def test_settings_that_would_break_the_services_later_are_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, expected: str
+) -> None:
+    """A product lifetime of ``inf`` was taken, and every job then failed at its end."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError, match=expected):
         Settings()
 
 

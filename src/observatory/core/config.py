@@ -7,6 +7,7 @@ variables win over the file.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import re
@@ -86,6 +87,10 @@ def _check_known_variables(environ: Mapping[str, str], known: set[str]) -> None:
     )
 
 
+#: The shortest signing key taken (``OBSERVATORY_SECRET_KEY`` or the data directory's file).
+MIN_SECRET_KEY_CHARS = 16
+
+
 class Settings(BaseSettings):
     """Configuration of one observatory-services installation."""
 
@@ -104,6 +109,17 @@ class Settings(BaseSettings):
     asvo_min_client_versions: dict[str, str] = Field(
         default_factory=lambda: {"mantaray-clientv": "1.2", "giant-squidv": "2.0.0"}
     )
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_key_is_long_enough(cls, key: str | None) -> str | None:
+        if not key:
+            return None  # empty: a key made in the data directory
+        if len(key) < MIN_SECRET_KEY_CHARS:
+            raise ValueError(
+                f"under {MIN_SECRET_KEY_CHARS} characters: too easily guessed to sign sessions"
+            )
+        return key
 
     @field_validator("asvo_min_client_versions")
     @classmethod
@@ -124,41 +140,41 @@ class Settings(BaseSettings):
     #: Anything else is refused at start (a typo must not mean "no outage").
     asvo_outage: Literal["none", "partial", "full"] = "none"
     #: Jobs a user may have queued or running at once.
-    asvo_max_active_jobs: int = 100
+    asvo_max_active_jobs: int = Field(default=100, ge=1)
     #: Days a product stays downloadable.
-    asvo_product_ttl_days: float = 7.0
+    asvo_product_ttl_days: float = Field(default=7.0, gt=0, le=36_500, allow_inf_nan=False)
     #: Shared file systems for ``scratch`` and ``dug`` delivery (default: inside the data dir);
     #: products land in ``<root>/<group>/asvo/<job_id>``.
     asvo_scratch_root: Path | None = None
     asvo_dug_root: Path | None = None
     #: Triggered targets must be at least this high at each observation's midpoint.
-    trigger_min_elevation_deg: float = 0.0
+    trigger_min_elevation_deg: float = Field(default=0.0, ge=-90, le=90)
     #: Automatically chosen calibrators: at least this high, this far from a risen Sun.
-    trigger_calibrator_min_elevation_deg: float = 30.0
-    trigger_sun_exclusion_deg: float = 20.0
+    trigger_calibrator_min_elevation_deg: float = Field(default=30.0, ge=-90, le=90)
+    trigger_sun_exclusion_deg: float = Field(default=20.0, ge=0, le=180)
     #: ``avoidsun``: the Sun's zenith-normalised beam power must fall below this.
-    trigger_sun_threshold: float = 1e-3
+    trigger_sun_threshold: float = Field(default=1e-3, ge=0, allow_inf_nan=False)
     #: Voltage capture: disk for VCS data, and its rate per coarse channel (128 tiles,
     #: 2 polarisations, 1.28 Msample/s of 8+8-bit samples).
-    trigger_vcs_capacity_bytes: float = 200e12
-    trigger_vcs_bytes_per_s_per_chan: float = 655.36e6
+    trigger_vcs_capacity_bytes: float = Field(default=200e12, ge=0, allow_inf_nan=False)
+    trigger_vcs_bytes_per_s_per_chan: float = Field(default=655.36e6, gt=0, allow_inf_nan=False)
     #: How much of the past the MWAX voltage buffer holds (triggerbuffer), seconds.
-    trigger_buffer_s: int = 240
+    trigger_buffer_s: int = Field(default=240, ge=0)
     #: Hosts that calibration callbacks may be sent to (empty: any host); never URLs with
     #: credentials, only http(s).
     calib_callback_hosts: list[str] = Field(default_factory=list)
     #: Callback delivery: attempts before giving up, first retry delay (doubling), seconds.
-    calib_callback_attempts: int = 8
-    calib_callback_backoff_s: float = 30.0
+    calib_callback_attempts: int = Field(default=8, ge=1)
+    calib_callback_backoff_s: float = Field(default=30.0, ge=0, le=86_400, allow_inf_nan=False)
     #: The simulated telescope of ``observatory serve``: it records each scheduled
     #: correlator observation once it has ended, with this many tiles, no finer than this.
     telescope_runner: bool = True
-    telescope_tiles: int = 16
-    telescope_min_fine_chan_khz: float = 40.0
-    telescope_min_int_time_s: float = 2.0
+    telescope_tiles: int = Field(default=16, ge=1, le=256)
+    telescope_min_fine_chan_khz: float = Field(default=40.0, gt=0, allow_inf_nan=False)
+    telescope_min_int_time_s: float = Field(default=2.0, gt=0, allow_inf_nan=False)
     #: Voltage captures: tiles recorded, and the largest capture recorded at all (bytes).
-    telescope_vcs_tiles: int = 1
-    telescope_max_voltage_bytes: int = 4 * 2**30
+    telescope_vcs_tiles: int = Field(default=1, ge=1, le=256)
+    telescope_max_voltage_bytes: int = Field(default=4 * 2**30, ge=0)
 
     @classmethod
     def settings_customise_sources(
@@ -208,19 +224,41 @@ class Settings(BaseSettings):
 
     @staticmethod
     def _read_or_create_key(path: Path) -> bytes:
+        """The key in ``path``, made first if there is none.
+
+        Written whole under another name, then linked to ``path`` (which fails if another
+        process linked its key first: both then read that one). Created in place, another
+        process starting at the same moment read the empty file before the key was in it,
+        and signed with an empty key for its whole life.
+
+        Raises
+        ------
+        ValueError
+            When the file holds no key (emptied by hand): anyone could sign with it.
+        """
         if not path.exists():
             # The data directory, but never its parents: a data directory on a share that is
             # not mounted must not grow on the local disk below the mount point.
             path.parent.mkdir(exist_ok=True)
-            # O_EXCL: two processes starting at once must not write two different keys.
+            draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+            descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                pass
-            else:
                 with os.fdopen(descriptor, "w") as handle:
                     handle.write(secrets.token_urlsafe(48))
-        return path.read_text().strip().encode()
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                with contextlib.suppress(FileExistsError):
+                    os.link(draft, path)
+            finally:
+                draft.unlink()
+        key = path.read_text().strip().encode()
+        if len(key) < MIN_SECRET_KEY_CHARS:
+            raise ValueError(
+                f"{path} holds no signing key (or one under {MIN_SECRET_KEY_CHARS} "
+                "characters): remove it to have a new one made (sessions and links signed "
+                "with the old one end), or set OBSERVATORY_SECRET_KEY"
+            )
+        return key
 
     @property
     def calib_dir(self) -> Path:
