@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import select
 
 from observatory.archive.models import Observation
@@ -287,7 +288,18 @@ def test_demo_over_https_prints_https_addresses(
     assert _run(data, "demo", "--no-serve", "--ssl-certfile", "cert.pem") == 2
     assert "--ssl-certfile and --ssl-keyfile go together" in capsys.readouterr().err
     assert not data.exists()
-    tls = ["--ssl-certfile", "cert.pem", "--ssl-keyfile", "key.pem"]
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    for certificate, says in (("missing.pem", "--ssl-certfile missing.pem: no such file"),
+                              (str(tmp_path / "junk.pem"), "not a PEM certificate and its private key")):  # fmt: skip
+        assert _run(data, "demo", "--no-serve", "--ssl-certfile", certificate,
+                    "--ssl-keyfile", str(tmp_path / "junk.pem")) == 2  # fmt: skip
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err
+    assert not data.exists()
+    from servers import self_signed_certificate
+
+    cert, key = self_signed_certificate(tmp_path)
+    tls = ["--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
     assert _run(data, "demo", "--no-serve", "--port", "8443", *tls) == 0
     printed = capsys.readouterr().out
     assert "https://127.0.0.1:8443/healthz" in printed and "http://" not in printed
@@ -321,3 +333,52 @@ def test_the_readme_lists_every_command_and_option() -> None:
         missing = [option for option in options if option not in section]
         assert not missing, f"{command}: {missing} not in README.md"
     assert "--data-dir" in section
+
+
+def test_bad_input_to_the_command_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each of these gave a traceback, or did something else than asked, without a word."""
+    data = tmp_path / "data"
+    with pytest.raises(SystemExit) as caught:  # it listened on port 70000 - 65536 = 4464
+        _run(data, "serve", "--port", "70000")
+    assert (
+        caught.value.code == 2 and "70000 is out of range (1 .. 65535)" in capsys.readouterr().err
+    )
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    assert _run(a_file, "users", "create", "alice") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    for name in ("bob\n", "G1\n"):  # a trailing line break passed, and no one could use them
+        command = (
+            ["users", "create"]
+            if name.startswith("b")
+            else ["projects", "create", "--priority", "1"]
+        )
+        assert _run(data, *command, name) == 2
+        assert "must be 1-" in capsys.readouterr().err
+    assert _run(data, "users", "create", "alice", "--api-key", "sharedkey123") == 0
+    assert _run(data, "users", "create", "bob", "--api-key", "sharedkey123") == 2
+    assert "that API key is another user's" in capsys.readouterr().err
+    with _sessions(data)() as session:
+        assert authenticate_api_key(session, "sharedkey123").name == "alice"
+        assert session.scalar(select(User).where(User.name == "bob")) is None
+
+
+def test_the_data_directory_is_where_its_database_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A '?' or '%' in the data directory's path ended up in the database URL as the URL's
+    own: the database went to another file, outside the data directory."""
+    for name in ("a?b", "e%41f"):
+        data = tmp_path / name
+        assert _run(data, "users", "create", "alice") == 0
+        assert (data / "observatory.sqlite3").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a?b", "e%41f"]
+    monkeypatch.setenv("OBSERVATORY_DATA_DIR", "")  # was the current directory
+    with pytest.raises(ValidationError, match="empty: give a directory"):
+        Settings()
+    monkeypatch.setenv("OBSERVATORY_DATA_DIR", str(tmp_path / "x"))
+    monkeypatch.setenv("OBSERVATORY_BENCH_POSTGRES_URL", "postgresql+psycopg://b/c")
+    assert Settings().data_dir == tmp_path / "x"  # a benchmark's variable is no setting

@@ -4,6 +4,7 @@ users, projects and the schedule, simulate observations, convert raw visibilitie
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import signal
@@ -502,9 +503,32 @@ SHUTDOWN_MARGIN_S = 15
 
 
 def _check_tls_options(args: argparse.Namespace) -> None:
-    """A certificate needs its key, and a key its certificate."""
+    """A certificate needs its key, and a key its certificate; both must load (PEM).
+
+    Raises
+    ------
+    ValueError
+        Naming the option and file at fault (uvicorn's own errors name neither).
+    """
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise ValueError("--ssl-certfile and --ssl-keyfile go together")
+    if not args.ssl_certfile:
+        return
+    import ssl
+
+    for option, path in (
+        ("--ssl-certfile", args.ssl_certfile),
+        ("--ssl-keyfile", args.ssl_keyfile),
+    ):
+        if not os.path.isfile(path):
+            raise ValueError(f"{option} {path}: no such file")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(args.ssl_certfile, args.ssl_keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(
+            f"--ssl-certfile {args.ssl_certfile} with --ssl-keyfile {args.ssl_keyfile}: not a "
+            f"PEM certificate and its private key ({exc})"
+        ) from None
 
 
 def _run_server(app: object, args: argparse.Namespace, *, log_format: str) -> None:
@@ -533,6 +557,10 @@ def _run_server(app: object, args: argparse.Namespace, *, log_format: str) -> No
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         **log_options,
     )
+    if log_format == "text":  # uvicorn's access lines (configured by uvicorn.Config)
+        from observatory.core.observability import WithoutQueryStrings
+
+        logging.getLogger("uvicorn.access").addFilter(WithoutQueryStrings())
     server = _server_with_exit_deadline(config)
     server.run()
     if not server.started:
@@ -688,7 +716,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = add("demo", cmd_demo, "seed a demo archive, print URLs and an API key, then serve")
     for server in (serve, demo):
         server.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
-        server.add_argument("--port", type=int, default=8000, help="port to listen on (8000)")
+        server.add_argument(
+            "--port", type=_int_in(1, 65535), default=8000, help="port to listen on (8000)"
+        )
         server.add_argument("--ssl-certfile", help="serve https with this certificate (PEM)")
         server.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
         server.add_argument(
@@ -911,8 +941,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except (
-        ServiceError, ValueError, FileNotFoundError, UnknownSourceError, SQLAlchemyError,
-        OverflowError,
+        ServiceError, ValueError, OSError, UnknownSourceError, SQLAlchemyError, OverflowError,
     ) as exc:  # fmt: skip
         err_console.print(f"[red]error:[/red] {_one_line(exc, args)}", highlight=False)
         return 2

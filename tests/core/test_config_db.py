@@ -78,9 +78,11 @@ def test_the_signing_key_made_by_processes_starting_together_is_one_and_whole(
         start = threading.Barrier(6)
         keys: list[bytes] = []
 
-        def read(target: Path = path, barrier: threading.Barrier = start) -> None:
+        def read(
+            target: Path = path, barrier: threading.Barrier = start, found: list[bytes] = keys
+        ) -> None:
             barrier.wait()
-            keys.append(Settings._read_or_create_key(target))
+            found.append(Settings._read_or_create_key(target))
 
         threads = [threading.Thread(target=read) for _ in range(6)]
         for thread in threads:

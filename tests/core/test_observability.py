@@ -334,3 +334,33 @@ def test_websockets_pass_through_with_a_request_id(
         frame = json.loads(socket.receive_text())
         assert frame["row"]["job_state"] == "queued"
         assert (b"x-request-id", b"ws-1") in (socket.extra_headers or [])
+
+
+def test_text_access_lines_leave_the_query_string_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvicorn's access lines (the default text logs) held trigger calls' ``secure_key``
+    and download links' tokens; JSON logs left the query out already."""
+    import argparse
+    import logging
+
+    from observatory import cli
+    from observatory.core.observability import WithoutQueryStrings
+
+    class StartedServer:
+        started = True
+
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setattr(cli, "_server_with_exit_deadline", lambda config: StartedServer())
+    access = logging.getLogger("uvicorn.access")
+    monkeypatch.setattr(access, "filters", [])
+    args = argparse.Namespace(host="127.0.0.1", port=8000, ssl_certfile=None, ssl_keyfile=None)
+    cli._run_server(object(), args, log_format="text")
+    (only,) = [f for f in access.filters if isinstance(f, WithoutQueryStrings)]
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5000", "GET", "/trigger/triggerobs?project_id=G0055&secure_key=s3cret", "1.1", 200),
+        None,
+    )  # fmt: skip
+    assert only.filter(record)
+    assert record.getMessage() == '127.0.0.1:5000 - "GET /trigger/triggerobs HTTP/1.1" 200'

@@ -327,6 +327,8 @@ def test_refused_connection_is_one_line(
         ("postgres://observatory:S3cretPW@127.0.0.1/obs", "no backend 'postgres'"),
         ("mysql://observatory:S3cretPW@127.0.0.1/obs", "driver is not installed"),
         ("nonsense", "is not a URL"),
+        # an unescaped '@' in the password: its rest was printed as the host
+        ("postgresql+psycopg://observatory:S3cret@S3cretPW@127.0.0.1/obs", "more than one '@'"),
     ],
 )
 def test_unsupported_urls_are_one_line(

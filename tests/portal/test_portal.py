@@ -96,6 +96,9 @@ def test_sign_in_sets_a_safe_session_cookie(client: TestClient) -> None:
     assert wrong.status_code == 401 and "unknown user name or wrong password" in wrong.text
     unknown = client.post("/login", data={**form, "username": "mallory", "csrf_token": token})
     assert unknown.status_code == 401 and "unknown user name or wrong password" in unknown.text
+    for name in ("mallory", "alice"):  # an empty password was a 500 for unknown names only
+        empty = client.post("/login", data={**form, "username": name, "password": "", "csrf_token": token})  # fmt: skip
+        assert empty.status_code == 401 and "unknown user name or wrong password" in empty.text
     reply = client.post("/login", data={**form, "csrf_token": token}, follow_redirects=False)
     assert reply.status_code == 303 and reply.headers["location"] == "/profile"
     session_cookie = reply.headers["set-cookie"]

@@ -198,6 +198,18 @@ def test_none_null_and_empty_booleans_mean_the_default(
     assert client.get("/trigger/obslist?obstime=60&current=None").status_code == 200
 
 
+def test_a_secure_key_that_is_not_text_is_a_wrong_key(client: TestClient) -> None:
+    """A JSON body may hold a lone surrogate (``"\\ud800"``): hashing it failed with a 500."""
+    ra, dec = zenith_radec()
+    body = '{"project_id": "G0055", "secure_key": "\\ud800abc", ' + (
+        f'"ra": {ra!r}, "dec": {dec!r}, "nobs": 1, "exptime": 8}}'
+    )
+    reply = client.post("/trigger/triggerobs", content=body,
+                        headers={"Content-Type": "application/json"})  # fmt: skip
+    assert reply.status_code != 500
+    assert reply.json()["success"] is False and "secure_key" in str(reply.json()["errors"])
+
+
 def test_none_and_null_mean_the_default_for_every_parameter(client: TestClient) -> None:
     """Not only the yes/no ones: ``exptime=None`` was "not a number", and ``obsname=None``
     was stored as the name "None"."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import re
 from datetime import UTC, datetime, timedelta
@@ -23,8 +24,8 @@ from observatory.core.security import (
 )
 from observatory.core.text import is_ascii_digits
 
-_USER_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,100}$")
-_PROJECT_ID = re.compile(r"^[A-Za-z0-9_]{1,20}$")
+_USER_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,100}")
+_PROJECT_ID = re.compile(r"[A-Za-z0-9_]{1,20}")
 
 
 def create_user(
@@ -43,13 +44,11 @@ def create_user(
     Conflict
         If a user of that name exists.
     """
-    if not _USER_NAME.match(name):
+    if not _USER_NAME.fullmatch(name):
         raise ValueError(f"user name {name!r} must be 1-100 characters of A-Z a-z 0-9 _ . @ -")
     if session.scalar(select(User).where(User.name == name)) is not None:
         raise Conflict(f"user {name!r} already exists")
-    key = api_key if api_key is not None else new_api_key()
-    if len(key) < 8:
-        raise ValueError("an API key must be at least 8 characters long")
+    key = _usable_api_key(session, api_key)
     user = User(
         name=name,
         email=email,
@@ -59,6 +58,28 @@ def create_user(
     session.add(user)
     session.flush()
     return user, key
+
+
+def _usable_api_key(session: Session, api_key: str | None, owner: User | None = None) -> str:
+    """``api_key`` (a new random one if None), checked to be long enough and no other user's:
+    a key two users share signs in as one of them.
+
+    Raises
+    ------
+    ValueError
+        If the key is too short.
+    Conflict
+        If another user has it.
+    """
+    if api_key is None:
+        return new_api_key()
+    if len(api_key) < 8:
+        raise ValueError("an API key must be at least 8 characters long")
+    with contextlib.suppress(Unauthorized):
+        holder = authenticate_api_key(session, api_key)
+        if holder is not owner:
+            raise Conflict("that API key is another user's: choose another (or let one be made)")
+    return api_key
 
 
 def authenticate_api_key(session: Session, api_key: str) -> User:
@@ -96,7 +117,7 @@ def create_project(
     Conflict
         If the project exists.
     """
-    if not _PROJECT_ID.match(project_id):
+    if not _PROJECT_ID.fullmatch(project_id):
         raise ValueError(f"project id {project_id!r} must be 1-20 characters of A-Z a-z 0-9 _")
     if session.get(Project, project_id) is not None:
         raise Conflict(f"project {project_id!r} already exists")
@@ -123,9 +144,7 @@ def reset_api_key(session: Session, user: User, api_key: str | None = None) -> s
 
     The old key stops working, and so do the logins made with it (:func:`api_session_token`).
     """
-    key = api_key if api_key is not None else new_api_key()
-    if len(key) < 8:
-        raise ValueError("an API key must be at least 8 characters long")
+    key = _usable_api_key(session, api_key, user)
     user.api_key_hash = hash_secret(key)
     user.api_key_fingerprint = key_fingerprint(key)
     session.flush()
@@ -167,7 +186,7 @@ def authenticate_password(session: Session, name: str, password: str) -> User:
     """
     user = session.scalar(select(User).where(User.name == name))
     if user is None or user.password_hash is None:
-        hash_secret(password)  # the same time as a real check, for unknown names too
+        hash_secret(password or "-")  # the same time as a real check, for unknown names too
     elif verify_secret(password, user.password_hash):
         return user
     raise Unauthorized("unknown user name or wrong password")

@@ -25,6 +25,7 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from sqlalchemy.engine import URL
 
 
 class ConfigFileError(ValueError):
@@ -55,13 +56,13 @@ def _check_known_settings(path: str, document: dict[str, Any], known: set[str]) 
 #: ``OBSERVATORY_*`` variables that are not settings: the config file's name, the parent
 #: of a service's command and its memory and CPU share (``core.processes``), the trigger client's URL, whether astropy
 #: may go online (read before any settings, when astropy is configured), and the test
-#: suite's own.
+#: suite's and benchmarks' own.
 OTHER_VARIABLES = frozenset(
     {"OBSERVATORY_CONFIG", "OBSERVATORY_PARENT_PID",
      "OBSERVATORY_MEMORY_LIMIT_BYTES", "OBSERVATORY_CPU_SHARE", "OBSERVATORY_TRIGGER_URL",
      "OBSERVATORY_ALLOW_INTERNET", "OBSERVATORY_SHARED_DATA"}
 )  # fmt: skip
-OTHER_VARIABLE_PREFIXES = ("OBSERVATORY_TEST_", "OBSERVATORY_REQUIRE_")
+OTHER_VARIABLE_PREFIXES = ("OBSERVATORY_TEST_", "OBSERVATORY_REQUIRE_", "OBSERVATORY_BENCH_")
 
 
 def _check_known_variables(environ: Mapping[str, str], known: set[str]) -> None:
@@ -109,6 +110,15 @@ class Settings(BaseSettings):
     asvo_min_client_versions: dict[str, str] = Field(
         default_factory=lambda: {"mantaray-clientv": "1.2", "giant-squidv": "2.0.0"}
     )
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _data_dir_is_given(cls, value: object) -> object:
+        # An empty OBSERVATORY_DATA_DIR meant the current directory: the database and keys
+        # landed beside whatever was there, with no word of it.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("empty: give a directory (the default is ./observatory-data)")
+        return value
 
     @field_validator("secret_key")
     @classmethod
@@ -208,7 +218,9 @@ class Settings(BaseSettings):
         """The database URL; by default a SQLite file inside the data directory."""
         if self.database_url:
             return self.database_url
-        return f"sqlite:///{(self.data_dir / 'observatory.sqlite3').resolve()}"
+        # Made, not pasted: a '?' or '%' in the path would be read as the URL's own.
+        database = str((self.data_dir / "observatory.sqlite3").resolve())
+        return URL.create("sqlite", database=database).render_as_string(hide_password=False)
 
     def secret_key_bytes(self) -> bytes:
         """The signing key: ``secret_key``, else a random one created once in the data dir.

@@ -144,6 +144,8 @@ def where(database_url: str | URL) -> str:
         return mask_url(database_url)
     if url.get_backend_name() == "sqlite":
         return f"SQLite file {url.database}" if url.database else "an in-memory SQLite database"
+    if url.host and "@" in url.host:  # the rest of a password (see _parse_url)
+        return "a host its URL does not name (more than one '@')"
     port = url.port or (5432 if url.get_backend_name() == "postgresql" else "(default port)")
     return f"{url.host or 'localhost'}:{port}/{url.database or ''}"
 
@@ -161,6 +163,13 @@ def _parse_url(database_url: str | URL) -> URL:
         raise DatabaseURLError(
             f"database URL {mask_url(database_url)!r} is not a URL ({exc}); use {SUPPORTED_URLS}"
         ) from None
+    if url.host and "@" in url.host:
+        # The URL's first '@' ended the password: the rest of it was taken for the host,
+        # and printed as such in every message.
+        raise DatabaseURLError(
+            "database URL: more than one '@' before the host; write an '@' in the user name "
+            f"or password as %40; use {SUPPORTED_URLS}"
+        )
     return url
 
 

@@ -535,6 +535,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str, ensure_ascii=False)
 
 
+class WithoutQueryStrings(logging.Filter):
+    """uvicorn's access lines (text logs) without the query string: a trigger call may carry
+    its project's ``secure_key`` there, a download link its token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # uvicorn's access record: (client, method, path with query, HTTP version, status)
+        if isinstance(record.args, tuple) and len(record.args) == 5:
+            client, method, path, version, status = record.args
+            record.args = (client, method, str(path).split("?", 1)[0], version, status)
+        return True
+
+
 def json_log_config(level: str = "INFO") -> dict[str, Any]:
     """A :func:`logging.config.dictConfig` for uvicorn: everything as JSON lines on stderr.
 

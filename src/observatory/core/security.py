@@ -21,13 +21,19 @@ def new_api_key() -> str:
     return secrets.token_urlsafe(32)
 
 
+def _utf8(text: str) -> bytes:
+    """``text`` as UTF-8, lone surrogates too (a JSON body may hold ``"\\ud800"``): a secret
+    that is not valid text simply matches nothing, rather than failing the request."""
+    return text.encode("utf-8", "surrogatepass")
+
+
 def hash_secret(secret: str) -> str:
     """Hash ``secret`` for storage: ``scrypt$N$r$p$<salt hex>$<hash hex>``."""
     if not secret:
         raise ValueError("a secret must not be empty")
     salt = secrets.token_bytes(16)
     digest = hashlib.scrypt(
-        secret.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P, dklen=_SCRYPT_DKLEN
+        _utf8(secret), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P, dklen=_SCRYPT_DKLEN
     )
     return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${salt.hex()}${digest.hex()}"
 
@@ -46,7 +52,7 @@ def verify_secret(secret: str, stored: str) -> bool:
     Successful checks are remembered in this process (a keyed digest, never the
     secret), so repeating one costs microseconds; a changed hash is a new entry.
     """
-    remembered = hmac.new(_VERIFIED_KEY, f"{stored}\0{secret}".encode(), "sha256").digest()
+    remembered = hmac.new(_VERIFIED_KEY, _utf8(f"{stored}\0{secret}"), "sha256").digest()
     with _VERIFIED_LOCK:
         if remembered in _VERIFIED:
             _VERIFIED.move_to_end(remembered)
@@ -68,7 +74,7 @@ def _verify_scrypt(secret: str, stored: str) -> bool:
     if scheme != "scrypt":
         return False
     candidate = hashlib.scrypt(
-        secret.encode(),
+        _utf8(secret),
         salt=bytes.fromhex(salt_hex),
         n=int(n),
         r=int(r),
@@ -84,7 +90,7 @@ def key_fingerprint(secret: str) -> str:
     Lets the server find the one row to verify with scrypt instead of trying
     every user's hash.
     """
-    return hashlib.sha256(secret.encode()).hexdigest()[:16]
+    return hashlib.sha256(_utf8(secret)).hexdigest()[:16]
 
 
 def texts_match(received: str, expected: str) -> bool:
