@@ -362,7 +362,12 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--option {item!r} is not KEY=VALUE")
-        params[key.strip()] = value.strip()
+        key, value = key.strip(), value.strip()
+        if key in params and params[key] != value:  # it silently won over --output, say
+            raise ValueError(
+                f"--option {item!r} contradicts the option giving {key}={params[key]}: give one"
+            )
+        params[key] = value
     suffix_format = OUTPUT_SUFFIXES.get(args.out.suffix.lower())
     if "output" not in params and suffix_format is not None:
         params["output"] = suffix_format

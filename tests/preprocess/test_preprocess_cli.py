@@ -96,6 +96,11 @@ def test_archived_obsid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         ),
         (["--option", "avg_freq_res"], "is not KEY=VALUE"),
         (["--output", "ms"], "ends in .uvfits"),
+        # it silently won: --option output=ms wrote a measurement set
+        (
+            ["--output", "uvfits", "--option", "output=ms"],
+            "contradicts the option giving output=uvfits",
+        ),
     ],
 )
 def test_bad_options_exit_2_naming_the_key(

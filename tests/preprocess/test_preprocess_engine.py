@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -145,6 +146,29 @@ def test_cable_and_digital_gain_corrections_undo_the_injected_values(
     (raw,) = convert(sim, tmp_path / "raw.uvfits", **RAW)
     uncorrected, _, _ = cube(raw)
     assert np.abs(uncorrected[:, good] - expected[:, good]).max() > 0.1 * scale
+
+
+def test_an_input_with_a_digital_gain_of_zero_has_its_baselines_flagged(
+    sim: SimulatedObservation, tmp_path: Path
+) -> None:
+    """Nothing can be divided out of a zero gain: the zeros were written unflagged, with
+    the full weight, as data."""
+    metafits = tmp_path / sim.metafits_path.name
+    shutil.copy(sim.metafits_path, metafits)
+    with fits.open(metafits, mode="update") as hdus:
+        tiles = hdus["TILEDATA"].data
+        row = np.flatnonzero((tiles["Antenna"] == 2) & (tiles["Pol"] == "X"))[0]
+        tiles["Gains"][row, 0] = 0  # the first of CHANNELS: coarse channel 137
+    options = ConversionOptions.from_params({**RAW, "no_digital_gains": "false"})
+    (out,) = preprocess(metafits, sim.vis_paths, options, tmp_path / "zero_gain.uvfits")
+    _, flags, _ = cube(out)
+    p, q = np.triu_indices(N_TILES)
+    with_zero = (p == 2) | (q == 2)
+    assert flags[:, with_zero, :32].all()  # every sample of 137 on antenna 2's baselines
+    others = unflagged_baselines() & ~with_zero
+    assert (
+        not flags[1:, others].any() and not flags[1:, with_zero & unflagged_baselines(), 32:].any()
+    )
 
 
 def test_phasing_to_a_source_leaves_its_flux_with_zero_phase(tmp_path: Path) -> None:

@@ -64,6 +64,12 @@ def digital_gain_factors(meta: ObservationMeta, coarse_chan: int) -> NDArray[np.
     return factors[:, None, :].astype(np.float32)
 
 
+def baselines_without_digital_gain(meta: ObservationMeta, coarse_chan: int) -> NDArray[np.bool_]:
+    """Baselines with an input whose digital gain is 0 in ``coarse_chan``, shape (n_baselines,):
+    their samples are zeros nothing can be divided out of (flagged, never data of weight 1)."""
+    return np.asarray((digital_gain_factors(meta, coarse_chan)[:, 0, :] == 0).any(axis=-1))
+
+
 @cache
 def _passband_shape(name: str) -> NDArray[np.float64]:
     import h5py

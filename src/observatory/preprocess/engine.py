@@ -587,6 +587,8 @@ def _process(
         chunk.chan_index, meta.fine_chans_per_coarse, plan.resolved.edge_chans, plan.flag_dc
     )
     flags[:, :, edge] = True
+    if not options.no_digital_gains:
+        flags[:, corrections.baselines_without_digital_gain(meta, chunk.coarse_chan)] = True
     # 2-4. instrumental corrections, combined into one factor per (baseline, channel, pol)
     factors = corrections.instrument_factors(
         meta,
