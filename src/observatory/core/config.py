@@ -54,11 +54,11 @@ def _check_known_settings(path: str, document: dict[str, Any], known: set[str]) 
 
 
 #: ``OBSERVATORY_*`` variables that are not settings: the config file's name, the parent
-#: of a service's command and its memory and CPU share (``core.processes``), the trigger client's URL, whether astropy
+#: of a service's command and its memory and CPU share (``core.processes``), the trigger and calibration clients' URLs, whether astropy
 #: may go online (read before any settings, when astropy is configured), and the test
 #: suite's and benchmarks' own.
 OTHER_VARIABLES = frozenset(
-    {"OBSERVATORY_CONFIG", "OBSERVATORY_PARENT_PID",
+    {"OBSERVATORY_CONFIG", "OBSERVATORY_PARENT_PID", "OBSERVATORY_CALIB_URL",
      "OBSERVATORY_MEMORY_LIMIT_BYTES", "OBSERVATORY_CPU_SHARE", "OBSERVATORY_TRIGGER_URL",
      "OBSERVATORY_ALLOW_INTERNET", "OBSERVATORY_SHARED_DATA"}
 )  # fmt: skip
