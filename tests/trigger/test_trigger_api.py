@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -1188,6 +1189,97 @@ def test_a_dump_during_a_dump_capture_continues_that_capture(
         assert owners == {capture: "G0055", new_stop: "D0009"}
 
 
+def _owned_captures(session: Session) -> list[tuple[int, int, str]]:
+    return [
+        (o.obsid, o.stoptime, o.project_id)
+        for o in session.scalars(
+            select(Observation)
+            .where(Observation.mode == "VOLTAGE_BUFFER")
+            .order_by(Observation.obsid)
+        )
+    ]
+
+
+def test_a_dump_never_cuts_a_capture_queued_behind_the_running_one(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """G0055 dumps, D0009 dumps a second later (its capture queued after G0055's), G0055 dumps
+    again for longer: it was refused, "observation ... (project D0009) is a voltage capture in
+    progress", though that capture had not started. Its own capture cannot grow into D0009's:
+    a new one of its own follows the queue, and nothing is cut."""
+    now = 1_450_324_816 + 0.5
+    buffering = int(now) - 96
+    with session_factory() as session:
+        _service_projects(session)
+        session.add(Observation(obsid=buffering, stoptime=int(now) + 1200, project_id="G0008",
+                                mode="MWAX_BUFFER", obsname="buffering",
+                                coarse_chans=list(range(109, 133))))  # fmt: skip
+        session.commit()
+        first = _buffer_call(session, settings, now, obstime=60)
+        assert first["success"] is True, first["errors"]
+        raw = {"project_id": "D0009", "secure_key": KEYS["D0009"], "pretend": "0", "obstime": 200}
+        second = service.trigger_buffer(session, settings, raw, now=now + 1)
+        assert second["success"] is True, second["errors"]
+        ((x, x_stop, _), (y, y_stop, _)) = queued = _owned_captures(session)
+        assert queued == [(x, x_stop, "G0055"), (x_stop, y_stop, "D0009")]
+
+        free = service.vcs_free_s(session, settings, now + 2)
+        for pretend in ("1", "0"):
+            third = _buffer_call(session, settings, now + 2, obstime=300, pretend=pretend)
+            assert third["success"] is True, third["errors"]
+        z_stop = 1_450_325_120  # now + 2 + 300, up to a whole 8 s
+        assert _owned_captures(session) == [
+            (x, x_stop, "G0055"), (y, y_stop, "D0009"), (y_stop, z_stop, "G0055")
+        ]  # fmt: skip
+        assert third["obsid_list"] == [buffering, x, y, y_stop]
+        # Charged for what goes beyond the queue only: the queue holds the seconds before.
+        assert service.vcs_free_s(session, settings, now + 2) == pytest.approx(
+            free - (z_stop - y_stop), abs=1
+        )
+        # Buffering goes on after the last capture, as after any dump.
+        resumed = session.get(Observation, z_stop)
+        assert resumed is not None and resumed.mode == "MWAX_BUFFER"
+
+        # A dump ending within the queue adds nothing and cuts nothing.
+        within = _buffer_call(session, settings, now + 3, obstime=100)
+        assert within["success"] is True, within["errors"]
+        assert within["obsid_list"] == [buffering, x, y]
+        assert f"Kept capture {x}" in within["clear"]["stdout"]
+        assert len(_owned_captures(session)) == 3
+
+
+def test_a_dump_continues_its_projects_capture_queued_behind_another(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """D0009 dumps, G0055 dumps (its capture queued behind D0009's), G0055 dumps again: it was
+    refused by its own queued capture instead of extending it."""
+    now = 1_450_324_816 + 0.5
+    buffering = int(now) - 96
+    with session_factory() as session:
+        _service_projects(session)
+        session.add(Observation(obsid=buffering, stoptime=int(now) + 1200, project_id="G0008",
+                                mode="MWAX_BUFFER", obsname="buffering",
+                                coarse_chans=list(range(109, 133))))  # fmt: skip
+        session.commit()
+        raw = {"project_id": "D0009", "secure_key": KEYS["D0009"], "pretend": "0", "obstime": 60}
+        assert service.trigger_buffer(session, settings, raw, now=now)["success"] is True
+        queued = _buffer_call(session, settings, now + 1, obstime=200)
+        assert queued["success"] is True, queued["errors"]
+        ((a, a_stop, _), (b, b_stop, _)) = _owned_captures(session)
+        assert (b, b_stop) == (a_stop, 1_450_325_024)  # behind it: now + 1 + 200, to 8 s
+
+        longer = _buffer_call(session, settings, now + 2, obstime=300)
+        assert longer["success"] is True, longer["errors"]
+        new_stop = 1_450_325_120  # now + 2 + 300, up to a whole 8 s
+        assert _owned_captures(session) == [(a, a_stop, "D0009"), (b, new_stop, "G0055")]
+        assert f"Extended capture {b}" in longer["clear"]["stdout"]
+        assert longer["obsid_list"] == [buffering, a, b]
+        shorter = _buffer_call(session, settings, now + 3, obstime=100)
+        assert shorter["success"] is True, shorter["errors"]
+        assert f"Kept capture {b}" in shorter["clear"]["stdout"]
+        assert _owned_captures(session) == [(a, a_stop, "D0009"), (b, new_stop, "G0055")]
+
+
 # -- the sweet spot a triggered observation points at ---------------------------------------------
 
 #: A real observation the MWA scheduled at the Sun (MWATelescope/mwax_mover, tests/data/
@@ -1238,3 +1330,77 @@ def test_the_metafits_names_the_sweet_spot(
         settings.archive_dir / str(REAL_SUN_OBSID) / f"{REAL_SUN_OBSID}.metafits"
     )
     assert (header["GRIDNAME"], header["GRIDNUM"]) == ("sweet", REAL_SUN_GRIDNUM)
+
+
+# -- a solar-system body as the target ---------------------------------------------------------
+
+#: The Moon rising at the MWA (a multiple of 8): 0.46 deg below the horizon seen from the site,
+#: 0.46 deg above it seen from the Earth's centre (its parallax), where the service placed it.
+MOON_RISING_GPS = 1_450_482_616
+
+
+def _moon_seen_from_the_mwa(gps: float) -> tuple[float, float, float, float]:
+    """The Moon's RA, Dec (GCRS), azimuth and elevation seen from the MWA, by astropy alone."""
+    from astropy.coordinates import AltAz, get_body
+    from astropy.time import Time
+
+    from observatory.telescope.site import mwa_location
+
+    when = Time(gps, format="gps")
+    moon = get_body("moon", when, mwa_location())
+    seen = moon.transform_to(AltAz(obstime=when, location=mwa_location()))
+    return float(moon.ra.deg), float(moon.dec.deg), float(seen.az.deg), float(seen.alt.deg)
+
+
+def test_the_moon_below_the_horizon_seen_from_the_mwa_is_refused(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """Placed at the Earth's centre, the Moon 0.45 deg below the horizon was 0.45 deg above it,
+    and a real trigger was accepted."""
+    now = MOON_RISING_GPS - 5.0
+    assert _moon_seen_from_the_mwa(MOON_RISING_GPS + 8)[3] < -0.4
+    with session_factory() as session:
+        _service_projects(session)
+        result = service.trigger_observations(session, settings, {
+            "project_id": "G0055", "secure_key": KEYS["G0055"], "source": "Moon", "nobs": 1,
+            "exptime": 16, "pretend": "0"}, vcs=False, now=now)  # fmt: skip
+        assert result["success"] is False
+        assert "Moon is below the horizon" in " ".join(result["errors"].values())
+        assert session.scalars(select(Observation)).all() == []
+
+
+def test_each_observation_of_the_moon_points_where_it_then_is(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """The Moon's position at the request time was used for every observation of the trigger:
+    over 15 x 1200 s it had moved 2 deg from the phase centre and the beam."""
+    now = MOON_RISING_GPS + 2 * 3600 - 5.0
+    with session_factory() as session:
+        _service_projects(session)
+        result = service.trigger_observations(session, settings, {
+            "project_id": "G0055", "secure_key": KEYS["G0055"], "source": "moon", "nobs": 15,
+            "exptime": 1200, "pretend": "0"}, vcs=False, now=now)  # fmt: skip
+    assert result["success"] is True, result["errors"]
+    rows = schedule(session_factory)
+    assert len(rows) == 15
+    grid = pointing.sweet_grid()
+    for row in rows:
+        ra, dec, az, el = _moon_seen_from_the_mwa((row["obsid"] + row["stoptime"]) / 2)
+        assert (row["ra_phase_deg"], row["dec_phase_deg"]) == pytest.approx((ra, dec), abs=0.005)
+        nearest = pointing.nearest_grid_point(az, el)
+        assert (row["az_deg"], row["el_deg"]) == (grid.az_deg[nearest], grid.el_deg[nearest])
+    # Each observation's command line gives its own phase centre.
+    lines = result["schedule"]["command"].split(" ;\n")
+    for row, line in zip(rows, lines, strict=True):
+        assert line.startswith(f"schedule_observation.py --starttime={row['obsid']} ")
+        assert f"--ra={row['ra_phase_deg']:.6f} --dec={row['dec_phase_deg']:.6f}" in line
+    moved_deg = math.hypot(
+        (rows[-1]["ra_phase_deg"] - rows[0]["ra_phase_deg"])
+        * math.cos(math.radians(rows[-1]["dec_phase_deg"])),
+        rows[-1]["dec_phase_deg"] - rows[0]["dec_phase_deg"],
+    )
+    assert moved_deg > 1.5  # what the one position got wrong
+    (first,) = result["params"]["pointings"]
+    assert first["target_el_deg"] == pytest.approx(
+        _moon_seen_from_the_mwa((rows[0]["obsid"] + rows[0]["stoptime"]) / 2)[3], abs=0.005
+    )

@@ -127,6 +127,35 @@ def test_calibrator_observation_names_are_shortened_to_fit_the_metafits(client: 
     assert service.calibrator_observation_name("GRB", "HydA", "145,24") == "GRB Cal: HydA at 145,24"
 
 
+def test_a_calibrator_name_keeps_its_freqspec_once_the_obsname_has_given_way() -> None:
+    """The obsname part gives way first: the freqspec was dropped whenever the suffix was
+    over 30 characters, and two calibrator observations at different freqspecs got one name."""
+    names = [
+        service.calibrator_observation_name("G" * 40, "PKS2356-61", spec)
+        for spec in ("101:112;141:152", "109:120;149:160")
+    ]
+    assert names == [
+        "G" * 25 + " Cal: PKS2356-61 at 101:112;141:152",
+        "G" * 25 + " Cal: PKS2356-61 at 109:120;149:160",
+    ]
+    assert all(len(name) == service.MAX_OBSNAME_CHARS for name in names)
+    # All of the obsname may give way; a name cut where it had a space does not keep it.
+    spec = "57:68;93:104;121:132;145:156"  # " Cal: PKS2356-61 at <spec>": 48 characters
+    assert service.calibrator_observation_name("GRB 1234567 890", "PKS2356-61", spec) == (
+        "GRB 1234567 Cal: PKS2356-61 at " + spec
+    )
+    assert service.calibrator_observation_name("GRB 1", "PKS2356-61", "1;" * 26) == (
+        "GRB 1 Cal: PKS2356-61"  # the freqspec cannot fit whatever the obsname
+    )
+    longest = "1;" * 22 + "1"  # " Cal: HydA at <spec>": 59 characters
+    assert (
+        service.calibrator_observation_name("GRB", "HydA", longest) == f"G Cal: HydA at {longest}"
+    )
+    assert service.calibrator_observation_name("GRB", "HydA", longest + "2") == (
+        f"Cal: HydA at {longest}2"  # 60 with the space before it, which goes
+    )
+
+
 @pytest.mark.filterwarnings("ignore:Card is too long, comment will be truncated")
 def test_the_longest_accepted_name_is_one_the_simulated_telescope_records(
     tmp_path: Path,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import astropy.units as u
 import numpy as np
 import pytest
-from astropy.coordinates import AltAz, SkyCoord
+from astropy.coordinates import AltAz, SkyCoord, get_body
 from astropy.io import fits
 from astropy.time import Time
 
@@ -149,3 +149,30 @@ def test_bodies_radec_agrees_with_body_radec() -> None:
     ra, dec = pointing.bodies_radec("sun", times)
     for t, r, d in zip(times, ra, dec, strict=True):
         assert (r, d) == pytest.approx(pointing.body_radec("sun", float(t)))
+
+
+#: The Moon rising at the MWA: 0.46 deg below the horizon seen from the site, 0.46 deg above it
+#: seen from the Earth's centre (its parallax).
+MOON_RISING_GPS = 1_450_482_616
+
+
+def _moon_seen_from_the_mwa(gps: float) -> SkyCoord:
+    when = Time(gps, format="gps")
+    moon = get_body("moon", when, mwa_location())
+    return moon.transform_to(AltAz(obstime=when, location=mwa_location()))
+
+
+def test_the_moon_is_where_it_is_seen_from_the_mwa_at_each_time() -> None:
+    """It was placed at the Earth's centre, and taken at the middle of ten minutes."""
+    times = MOON_RISING_GPS + np.array([0.0, 299.0, 4 * 3600.0])
+    ras, decs = pointing.bodies_radec("Moon", times)
+    az, el = sky.azel_at(ras, decs, times)
+    for gps, ra, dec, a, e in zip(times, ras, decs, az, el, strict=True):
+        seen = _moon_seen_from_the_mwa(gps)
+        assert e == pytest.approx(seen.alt.deg, abs=0.005)
+        offset_deg = SkyCoord(a * u.deg, e * u.deg).separation(
+            SkyCoord(seen.az.deg * u.deg, seen.alt.deg * u.deg)
+        )
+        assert offset_deg.deg < 0.005
+        assert (ra, dec) == pytest.approx(pointing.body_radec("moon", float(gps)))
+    assert el[0] < -0.4  # the case the service got wrong

@@ -17,14 +17,13 @@ from functools import cache, lru_cache
 from typing import Any
 
 import numpy as np
-from astropy.coordinates import get_body
+from astropy.coordinates import EarthLocation, get_body
 from astropy.time import Time
 from numpy.typing import NDArray
 
-from observatory.core.gpstime import gps_to_unix
 from observatory.telescope.catalogue import Source, calibrators
 from observatory.telescope.instrument import azel_to_enu, sweet_grid
-from observatory.telescope.site import MWA_LATITUDE_DEG, ensure_astropy_offline
+from observatory.telescope.site import MWA_LATITUDE_DEG, ensure_astropy_offline, mwa_location
 from observatory.telescope.sky import azel_at
 
 #: Solar-system bodies a ``source`` may name (positions from astropy's built-in ephemeris).
@@ -75,19 +74,20 @@ def _analytic_beam() -> Any:
 
 
 def body_radec(name: str, gps_seconds: float) -> tuple[float, float]:
-    """J2000 (GCRS) RA and Dec of a solar-system body, from astropy's built-in ephemeris.
+    """RA and Dec (GCRS, J2000 axes) of a solar-system body as seen from the MWA at a time.
 
-    Cached per body and ten minutes (the Moon moves 0.1 deg in that time).
+    Topocentric, from astropy's built-in ephemeris: the Moon seen from the site is up to
+    1 deg from where it is seen from the Earth's centre (its parallax), enough to put a
+    Moon just below the horizon above it. See :func:`bodies_radec` for when the position
+    is worked out.
     """
-    return _body_radec(name.lower(), int(gps_seconds // 600) * 600 + 300)
+    ra, dec = bodies_radec(name, [gps_seconds])
+    return float(ra[0]), float(dec[0])
 
 
-@lru_cache(maxsize=256)
-def _body_radec(name: str, gps_seconds: int) -> tuple[float, float]:
-    ensure_astropy_offline()
-    when = Time(gps_to_unix(gps_seconds), format="unix", scale="utc")
-    body = get_body(name, when)
-    return float(body.ra.deg), float(body.dec.deg)
+#: How long the position of a body other than the Moon is reused: the Sun and planets move
+#: seconds of arc in ten minutes, and their parallax from the MWA is under one arcminute.
+BODY_REUSE_S = 600
 
 
 def bodies_radec(
@@ -95,26 +95,37 @@ def bodies_radec(
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """``body_radec`` at many times: one astropy ephemeris call for all of them.
 
-    Positions are taken at the middle of each time's ten minutes (as ``body_radec``).
+    The Moon is worked out at each time itself: it moves 0.5 deg an hour, and its
+    parallax from the MWA changes as the Earth turns. Other bodies are taken at the
+    middle of each time's ten minutes (``BODY_REUSE_S``), so that triggers made within
+    them share one ephemeris call.
     """
     gps = np.atleast_1d(np.asarray(gps_seconds, dtype=np.float64))
-    buckets = (gps // 600).astype(np.int64) * 600 + 300
-    unique, index = np.unique(buckets, return_inverse=True)
-    ra, dec = _bodies_radec(name.lower(), tuple(int(b) for b in unique))
+    body = name.lower()
+    if body != "moon":
+        gps = (gps // BODY_REUSE_S) * BODY_REUSE_S + BODY_REUSE_S / 2
+    unique, index = np.unique(gps, return_inverse=True)
+    ra, dec = _bodies_radec(body, tuple(float(g) for g in unique))
     return ra[index.ravel()], dec[index.ravel()]
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=256)
 def _bodies_radec(
-    name: str, gps_seconds: tuple[int, ...]
+    name: str, gps_seconds: tuple[float, ...]
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    if len(gps_seconds) == 1:
-        ra, dec = _body_radec(name, gps_seconds[0])
-        return np.array([ra]), np.array([dec])
     ensure_astropy_offline()
-    unix = [gps_to_unix(float(g)) for g in gps_seconds]
-    body = get_body(name, Time(unix, format="unix", scale="utc"))
-    return np.asarray(body.ra.deg, dtype=np.float64), np.asarray(body.dec.deg, dtype=np.float64)
+    when = Time(np.array(gps_seconds), format="gps")
+    body = get_body(name, when, location=_mwa_site())
+    ra = np.asarray(body.ra.deg, dtype=np.float64)
+    dec = np.asarray(body.dec.deg, dtype=np.float64)
+    # Shared by every caller through the cache: nobody may change them in place.
+    ra.flags.writeable = dec.flags.writeable = False
+    return ra, dec
+
+
+@cache
+def _mwa_site() -> EarthLocation:
+    return mwa_location()
 
 
 @dataclass(frozen=True)

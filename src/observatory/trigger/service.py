@@ -21,6 +21,7 @@ from functools import cache
 from typing import Any, TypeVar, cast
 
 import numpy as np
+from numpy.typing import NDArray
 from sqlalchemy import Table, delete, exists, func, select, update
 from sqlalchemy.orm import Session
 
@@ -127,6 +128,10 @@ class Target:
     dec_deg: float | None = None
     az_deg: float | None = None
     el_deg: float | None = None
+    #: A solar-system body (``pointing.BODIES``): it moves, so each observation points
+    #: where it is then, seen from the MWA; ``ra_deg``/``dec_deg`` are where it was
+    #: when the trigger was made.
+    body: str | None = None
 
 
 #: The wiki's defaults of ``freqres`` (kHz) and ``inttime`` (s).
@@ -425,7 +430,7 @@ def _read_targets(raw: Mapping[str, Any], errors: list[str], when_gps: int) -> l
         for name in names:
             if name.lower() in pointing.BODIES:
                 ra, dec = pointing.body_radec(name, when_gps)
-                targets.append(Target("radec", name, ra_deg=ra, dec_deg=dec))
+                targets.append(Target("radec", name, ra_deg=ra, dec_deg=dec, body=name.lower()))
                 continue
             try:
                 source = catalogue.resolve(name)
@@ -543,14 +548,27 @@ def _point(request: TriggerRequest, planned: list[PlannedObservation], settings:
         else:
             jobs.append((observation, observation.target, None))
     radec = [(i, j) for i, j in enumerate(jobs) if j[1].kind == "radec"]
+    rows = np.array([i for i, _ in radec], dtype=np.int64)
     az = np.array([j[1].az_deg or 0.0 for j in jobs])
     el = np.array([j[1].el_deg or 0.0 for j in jobs])
+    # Each RA/Dec job's position at its start, midpoint and stop (a body's where it is then:
+    # the Moon moves 0.5 deg an hour), in one ephemeris call per body.
+    edges = ("obsid", "midpoint_gps", "stoptime")
+    edge_gps = {edge: np.array([float(getattr(j[0], edge)) for _, j in radec]) for edge in edges}
+    ra_all, dec_all = _radec_at(
+        [j[1] for _, j in radec] * len(edges), np.concatenate([edge_gps[e] for e in edges])
+    )
+    edge_ra = dict(zip(edges, np.split(ra_all, len(edges)), strict=True))
+    edge_dec = dict(zip(edges, np.split(dec_all, len(edges)), strict=True))
+    # The phase centre: where the target is at the observation's midpoint.
+    phase_centre = {
+        int(i): (float(ra), float(dec))
+        for i, ra, dec in zip(rows, edge_ra["midpoint_gps"], edge_dec["midpoint_gps"], strict=True)
+    }
     if radec:
-        az_r, el_r = sky.azel_at(
-            np.array([j[1].ra_deg for _, j in radec]), np.array([j[1].dec_deg for _, j in radec]),
-            np.array([j[0].midpoint_gps for _, j in radec]),
-        )  # fmt: skip
-        az[[i for i, _ in radec]], el[[i for i, _ in radec]] = az_r, el_r
+        az[rows], el[rows] = sky.azel_at(
+            edge_ra["midpoint_gps"], edge_dec["midpoint_gps"], edge_gps["midpoint_gps"]
+        )
     # avoidsun: the Sun where it is at each observation's own midpoint; jobs whose Sun is up.
     avoiding: dict[int, pointing.SunAvoidance] = {}
     if request.avoidsun and radec:
@@ -574,14 +592,9 @@ def _point(request: TriggerRequest, planned: list[PlannedObservation], settings:
     lowest_el, lowest_gps = el.copy(), np.array([j[0].midpoint_gps for j in jobs])
     if radec:
         for edge in ("obsid", "stoptime"):
-            edge_gps = np.array([float(getattr(j[0], edge)) for _, j in radec])
-            _, edge_el = sky.azel_at(
-                np.array([j[1].ra_deg for _, j in radec]),
-                np.array([j[1].dec_deg for _, j in radec]), edge_gps,
-            )  # fmt: skip
-            rows = np.array([i for i, _ in radec])
+            _, edge_el = sky.azel_at(edge_ra[edge], edge_dec[edge], edge_gps[edge])
             lower = edge_el < lowest_el[rows]
-            lowest_el[rows[lower]], lowest_gps[rows[lower]] = edge_el[lower], edge_gps[lower]
+            lowest_el[rows[lower]], lowest_gps[rows[lower]] = edge_el[lower], edge_gps[edge][lower]
     below_horizon: set[str] = set()
     for index, (observation, target, subarray) in enumerate(jobs):
         low = target.kind != "allsky" and lowest_el[index] < settings.trigger_min_elevation_deg
@@ -612,7 +625,7 @@ def _point(request: TriggerRequest, planned: list[PlannedObservation], settings:
             entry |= {"grid_number": int(grid.number[number]), "az_deg": float(grid.az_deg[number]),
                       "el_deg": float(grid.el_deg[number]), "delays": [int(d) for d in grid.delays[number]]}  # fmt: skip
         if target.kind == "radec":
-            entry |= {"ra_phase_deg": target.ra_deg, "dec_phase_deg": target.dec_deg}
+            entry["ra_phase_deg"], entry["dec_phase_deg"] = phase_centre[index]
         observation.pointings.append(entry)
         entries.append(entry)
     # Where each beam centre is on the sky (metafits RA/DEC), at the observation's midpoint.
@@ -622,6 +635,22 @@ def _point(request: TriggerRequest, planned: list[PlannedObservation], settings:
     )  # fmt: skip
     for entry, ra, dec in zip(entries, ra_beam, dec_beam, strict=True):
         entry["ra_deg"], entry["dec_deg"] = round(float(ra), 5), round(float(dec), 5)
+
+
+def _radec_at(
+    targets: Sequence[Target], gps_seconds: NDArray[np.float64]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Where RA/Dec targets are, each at its time (arrays of one length).
+
+    A solar-system body is where it is then, seen from the MWA; any other target where it
+    was given.
+    """
+    ra = np.array([t.ra_deg for t in targets], dtype=np.float64)
+    dec = np.array([t.dec_deg for t in targets], dtype=np.float64)
+    for body in sorted({t.body for t in targets if t.body}):
+        matching = np.array([t.body == body for t in targets])
+        ra[matching], dec[matching] = pointing.bodies_radec(body, gps_seconds[matching])
+    return ra, dec
 
 
 def first_pointings(planned: Sequence[PlannedObservation]) -> list[dict[str, Any]]:
@@ -1097,8 +1126,10 @@ def _schedule_report(
                 parts.append(f"--ra={p['ra_phase_deg']:.6f} --dec={p['dec_phase_deg']:.6f}")
         if not subarrays:
             parts.append(f"--alt={target['el_deg']:.6f} --az={target['az_deg']:.6f}")
-            if o.target.kind == "radec":
-                parts.append(f"--ra={o.target.ra_deg:.6f} --dec={o.target.dec_deg:.6f}")
+            if target.get("ra_phase_deg") is not None:  # a body's moves: this observation's
+                parts.append(
+                    f"--ra={target['ra_phase_deg']:.6f} --dec={target['dec_phase_deg']:.6f}"
+                )
         if o.calibration:
             parts.append(
                 f'--calibration --calibrators={o.calibrator_source} --source="{o.calibrator_source}"'
@@ -1295,9 +1326,10 @@ def trigger_buffer(
     ``end_time`` both 0 is a null operation. Future observations up to the end of
     capture are deleted (or truncated); the capture into the future becomes a
     VOLTAGE_BUFFER observation with the settings of the observation in progress
-    (or the last one), which must be buffering voltages. An earlier dump's capture
-    still running then is continued instead (extended if this one ends later, never
-    cut). The VCS disk must hold what the dump adds (:func:`_unsaved_s`).
+    (or the last one), which must be buffering voltages. Earlier dumps' captures running
+    then, or queued back to back behind the one running, are never cut: the last of them is
+    continued if it is this project's (extended if this one ends later), else this dump's
+    capture follows them. The VCS disk must hold what the dump adds (:func:`_unsaved_s`).
     """
     now = float(now_gps_precise() if now is None else now)
     request = TriggerRequest(vcs=True)
@@ -1381,12 +1413,25 @@ def trigger_buffer(
             .where(ScheduleLock.id == 1)
             .values(changes=ScheduleLock.changes + 1)
         )
-    # An earlier dump's capture still running at the new start is never cut (nor refused as
-    # an interruption). One of the same project goes on to the later end: the same capture,
-    # under its obsid. Another project's keeps its data: this one's capture starts after it.
-    ongoing = _dump_capture_at(session, new_start) if into_future else None
-    capture = ongoing if ongoing is not None and ongoing.project_id == request.project_id else None
-    clear_from = new_start if ongoing is None else max(new_start, ongoing.stoptime)
+    # Earlier dumps' captures running at the new start, and those queued back to back behind
+    # it, are never cut (nor refused as interruptions): they hold the seconds up to the end
+    # of the queue, whoever's they are. Beyond it, the last one goes on to the later end if
+    # it is this project's (the same capture, under its obsid); otherwise this dump's own
+    # capture starts there, so that no project's data are put under another's.
+    queue = _dump_captures_from(session, new_start) if into_future else []
+    clear_from = queue[-1].stoptime if queue else new_start
+    # The captures that hold part of this dump's span, and the one it continues, if any: the
+    # last of the queue to extend, or, when the queue holds all of it, its own latest in it.
+    holding = [o for o in queue if o.obsid < new_stop]
+    own = [o for o in holding if o.project_id == request.project_id]
+    # Only the last of the queue can grow (into what is cleared after it); one kept keeps its
+    # stop, which a later capture of the queue may follow.
+    if new_stop > clear_from:
+        capture = queue[-1] if queue and queue[-1].project_id == request.project_id else None
+        capture_stop = new_stop
+    else:
+        capture = own[-1] if own else None
+        capture_stop = capture.stoptime if capture is not None else new_stop
     # A capture of its own from clear_from, when it is not continuing one and goes beyond it.
     new_capture = into_future and capture is None and new_stop > clear_from
     running, inside = (
@@ -1405,12 +1450,12 @@ def trigger_buffer(
         else [o.obsid for o in overlapping(session, capture_start, min(capture_end, new_start))]
     )
     capture_obsid = capture.obsid if capture is not None else clear_from if new_capture else None
-    # The capture running at the new start holds part of the span, whoever's it is.
-    holding = [obsid for obsid in (ongoing.obsid if ongoing else None, capture_obsid) if obsid]
-    obsids = sorted(set(past) | set(holding))
+    obsids = sorted(set(past) | {int(o.obsid) for o in holding})
+    if capture_obsid is not None:
+        obsids = sorted({*obsids, capture_obsid})
     if not obsids:
         obsids = [source.obsid]  # nothing captured (the null operation): the settings' observation
-    continued = None if capture is None else (capture, new_stop)
+    continued = None if capture is None else (capture, capture_stop)
     # The wiki clears the schedule up to the end of capture only: a buffering observation
     # that was to go on beyond it resumes there (under the obsid of that time), so the
     # telescope buffers again and can be dumped again.
@@ -1450,11 +1495,11 @@ def trigger_buffer(
                           "interruptible": True, "deleted": False, "created_by": "trigger",
                           "created_at": datetime.now(UTC)}  # fmt: skip
             session.execute(_OBSERVATIONS.insert(), [inherited])
-        elif capture is not None and new_stop > capture.stoptime:
+        elif capture is not None and capture_stop > capture.stoptime:
             session.execute(
                 update(Observation)
                 .where(Observation.obsid == capture.obsid)
-                .values(stoptime=new_stop)
+                .values(stoptime=capture_stop)
             )
         if resumed_row is not None:
             session.execute(_OBSERVATIONS.insert(), [resumed_row])
@@ -1491,14 +1536,18 @@ def calibrator_observation_name(obsname: str, calibrator: str, freqspec: str) ->
 
     The target's name gives way first, then the freqspec: a trigger is never refused for
     the length of a name the service makes (robots send ``calibrator=True`` with names
-    of their own).
+    of their own). The freqspec is kept whenever it fits, however little of the obsname
+    is left: it is what tells one calibrator observation of a trigger from the next.
     """
-    suffix = f" Cal: {calibrator} at {freqspec}"
-    if len(obsname) + len(suffix) <= MAX_OBSNAME_CHARS:
-        return obsname + suffix
-    if len(suffix) > MAX_OBSNAME_CHARS // 2:
-        suffix = f" Cal: {calibrator}"
-    return (obsname[: max(MAX_OBSNAME_CHARS - len(suffix), 0)] + suffix)[:MAX_OBSNAME_CHARS]
+    for suffix in (f" Cal: {calibrator} at {freqspec}", f" Cal: {calibrator}"):
+        room = MAX_OBSNAME_CHARS - len(suffix)
+        if len(obsname) <= room:
+            return obsname + suffix
+        if room >= 0:
+            # A name cut short ends where it was cut, not in a space (" Cal:" follows).
+            return (obsname[:room].rstrip() + suffix).lstrip()
+    # Not even "Cal: <calibrator>" fits (a long name from the online resolver): cut it.
+    return f"Cal: {calibrator}"[:MAX_OBSNAME_CHARS]
 
 
 def buffer_dump_name(obsname: str) -> str:
@@ -1558,6 +1607,26 @@ def _dump_capture_at(session: Session, when: int) -> Any | None:
     if latest is None or latest.mode != "VOLTAGE_BUFFER" or latest.stoptime <= when:
         return None
     return latest
+
+
+def _dump_captures_from(session: Session, when: int) -> list[Any]:
+    """The buffer dump's capture running at ``when`` (:func:`_dump_capture_at`) and those
+    queued back to back behind it (a dump by another project starts where the one before it
+    stops), in time order; [] when none is running then."""
+    first = _dump_capture_at(session, when)
+    if first is None:
+        return []
+    queue = [first]
+    later = session.execute(  # the (mode, obsid) index; only captures still to start
+        select(*_SCHEDULE_COLUMNS)
+        .where(Observation.mode == "VOLTAGE_BUFFER", Observation.obsid > first.obsid, _live())
+        .order_by(Observation.obsid)
+    ).all()
+    for row in later:
+        if row.obsid != queue[-1].stoptime:
+            break
+        queue.append(row)
+    return queue
 
 
 def _unsaved_s(
