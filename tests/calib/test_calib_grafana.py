@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from observatory.app import create_app
 from observatory.archive.models import Observation
-from observatory.calib import service
+from observatory.calib import grafana, service
 from observatory.calib.formats import CalSolutions
 from observatory.core.config import Settings
 from observatory.core.gpstime import gps_to_unix, gps_to_utc_iso
@@ -204,3 +204,67 @@ def test_every_receiver_metrics_offers_is_answered(
         assert offered[-3:] == ["rec17", "rec18", "sources"]
         for target in offered[:-1]:  # a range without the fit: no frames, and no refusal
             assert query(client, target, style="full") == [], target
+
+
+def test_variables_are_the_values_the_other_endpoints_take(client: TestClient) -> None:
+    """POST /variable (a dashboard variable of type Query) was a 404 (specs/calib.md 6):
+    its answer is ``[{"__text", "__value"}]``, which the datasource reads as a frame."""
+
+    def values(target: object, **extra: object) -> list[dict[str, str]]:
+        reply = client.post("/calib/grafana/variable", json={"payload": {"target": target}} | extra)
+        assert reply.status_code == 200, reply.text
+        found = reply.json()
+        assert all(set(v) == {"__text", "__value"} for v in found)
+        return found
+
+    receivers = [v["__value"] for v in values("receivers")]
+    offered = [m["value"] for m in client.post("/calib/grafana/metrics", json={}).json()]
+    assert receivers == offered[:-1] and receivers[0] == "rec01"  # every target but sources
+    assert [v["__value"] for v in values("sources")] == ["ANY", "HydA", "PicA"]
+    assert [v["__value"] for v in values("channels")] == ["ANY", *map(str, range(109, 133))]
+    assert [v["__value"] for v in values("styles")] == [value for _, value in grafana.STYLES]
+    # Calibrator observations with a fit, newest first; within the dashboard's range.
+    assert [v["__value"] for v in values("obsids")] == [str(t) for t in reversed(FIT_TIMES)]
+    span = {"from": gps_to_utc_iso(FIT_TIMES[1] - 10) + "Z", "to": gps_to_utc_iso(FIT_TIMES[1] + 10) + "Z",
+            "raw": {"from": "now-7d", "to": "now"}}  # fmt: skip
+    assert [v["__value"] for v in values("obsids", range=span)] == [str(FIT_TIMES[1])]
+    tiles = values("tiles")
+    assert len(tiles) == 128 and {TILES[0].tile_name, TILES[1].tile_name} <= {
+        v["__value"] for v in tiles
+    }
+    # The variable editor's JSON mode can send the target's name alone.
+    as_text = client.post("/calib/grafana/variable", json={"payload": "sources"})
+    assert [v["__value"] for v in as_text.json()] == ["ANY", "HydA", "PicA"]
+
+
+def test_ad_hoc_filters_are_none(client: TestClient) -> None:
+    """POST /tag-keys and /tag-values were 404s: the queries apply no ad-hoc filter, so
+    there are no keys, and no values of any key."""
+    for body in ({}, {"filters": [], "timeRange": {"from": "now-6h", "to": "now"}}):
+        reply = client.post("/calib/grafana/tag-keys", json=body)
+        assert reply.status_code == 200 and reply.json() == []
+    assert client.post("/calib/grafana/tag-keys", content=b"").json() == []
+    reply = client.post("/calib/grafana/tag-values", json={"key": "City"})
+    assert reply.status_code == 200 and reply.json() == []
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "named"),
+    [
+        ("variable", {}, "payload.target"),
+        ("variable", {"payload": {"target": "planets"}}, "payload.target"),
+        ("variable", {"payload": {"target": 3}}, "payload.target"),
+        ("variable", {"payload": [1]}, "payload.target"),
+        ("variable", {"payload": {"target": "obsids"}, "range": {"from": "yesterday"}}, "range"),
+        ("tag-values", {}, "key"),
+        ("tag-values", {"key": 5}, "key"),
+        ("tag-keys", [1], "JSON object"),
+    ],
+)
+def test_malformed_variable_and_tag_requests_are_400s(
+    client: TestClient, path: str, body: object, named: str
+) -> None:
+    reply = client.post(f"/calib/grafana/{path}", json=body)
+    assert reply.status_code == 400 and named in reply.json()["error"], reply.text
+    not_json = client.post(f"/calib/grafana/{path}", content=b"{not json")
+    assert not_json.status_code == 400 and "not JSON" in not_json.json()["error"]

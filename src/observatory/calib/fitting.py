@@ -2,7 +2,9 @@
 
 specs/calib.md sections 3.3 (phase line: FFT coarse estimate on a 0.01 m delay
 grid, wrapped-phase least squares, clipping) and 3.4 (gains: per coarse channel,
-inverted amplitudes, weighted mean and a weighted straight line).
+inverted amplitudes, weighted mean and a weighted straight line). Solutions finer
+than calvin's 40 kHz chanblocks are averaged to them before the phase line is
+fitted, as Birli averages calvin's data (specs/calib.md 3.1).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from observatory.telescope.instrument import SPEED_OF_LIGHT_M_S
 
 #: Delay resolution of the FFT coarse estimate (metres of cable).
 DELAY_GRID_M = 0.01
+#: The widest chanblock the phase line is fitted on: calvin's (Birli's ``freq_res_khz=40``,
+#: specs/calib.md 3.1). Finer solutions are averaged to chanblocks at most this wide.
+PHASE_FIT_CHANBLOCK_HZ = 40_000.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,81 @@ def wrap(phase: NDArray[np.float64]) -> NDArray[np.float64]:
     return (phase + np.pi) % (2.0 * np.pi) - np.pi
 
 
+def chanblock_factor(fine_chan_hz: float) -> int:
+    """How many channels ``fine_chan_hz`` apart the phase fit averages into one chanblock.
+
+    The most that keeps a chanblock no wider than :data:`PHASE_FIT_CHANBLOCK_HZ`
+    (40 kHz): 40 at 1 kHz, 4 at 10 kHz, 1 (no averaging) at 40 kHz and coarser.
+    """
+    if not fine_chan_hz > 0:
+        raise ValueError(f"a channel width must be positive, not {fine_chan_hz} Hz")
+    return max(1, math.floor(PHASE_FIT_CHANBLOCK_HZ / fine_chan_hz))
+
+
+def delay_fft_length(chanblock_hz: float) -> int:
+    """Length of the FFT whose peak is the phase fit's coarse delay estimate.
+
+    A grid of :data:`DELAY_GRID_M` (0.01 m) in delay, spanning the delays that
+    chanblocks ``chanblock_hz`` apart tell apart (+-3750 m at 40 kHz): 750,000 points
+    at 40 kHz, inversely proportional to the chanblock width. The fit passes the width
+    of its (averaged) chanblocks, so at most 1,500,000 whatever the channels' width.
+    """
+    nu_max_hz = 0.5 / (DELAY_GRID_M / SPEED_OF_LIGHT_M_S)
+    return 2 * round(nu_max_hz / chanblock_hz)
+
+
+def _chanblocks(
+    freqs_hz: NDArray[np.float64],
+    values: NDArray[np.complex128],
+    weights: NDArray[np.float64],
+    fine_chan_hz: float,
+) -> tuple[NDArray[np.float64], NDArray[np.complex128], NDArray[np.float64], float]:
+    """Average sorted solutions finer than 40 kHz into chanblocks, as calvin fits them.
+
+    Each run of :func:`chanblock_factor` channels (counted on the grid ``fine_chan_hz``
+    from the lowest frequency) becomes one chanblock: its value the weighted mean of
+    its usable (finite, positively weighted) channels' unit phasors, at their weighted
+    mean frequency, with the mean weight of all its channels (a flagged one counts 0).
+    A chanblock with no usable channel is NaN with weight 0: it still counts in the
+    fit's quality, as a flagged chanblock of calvin's does.
+
+    Returns
+    -------
+    freqs_hz, values, weights, chanblock_hz
+        Unchanged (and ``fine_chan_hz``) at 40 kHz and coarser: the fit there is calvin's.
+    """
+    factor = chanblock_factor(fine_chan_hz)
+    if factor == 1:
+        return freqs_hz, values, weights, fine_chan_hz
+    # On the channel grid first (exact for regular channels), then whole runs of it.
+    grid = np.round((freqs_hz - freqs_hz[0]) / fine_chan_hz)
+    _, block = np.unique(np.floor(grid / factor), return_inverse=True)
+    n_blocks = int(block.max()) + 1
+    members = np.bincount(block, minlength=n_blocks).astype(np.float64)
+    magnitude = np.abs(values)
+    # A solution of exactly 0 has no phase: flagged, like a NaN.
+    usable = np.isfinite(values) & (weights > 0) & (magnitude > 0)
+    w_usable = np.where(usable, weights, 0.0)
+    weighted = w_usable * np.where(usable, values / np.where(usable, magnitude, 1.0), 0.0)
+    w_sum = np.bincount(block, w_usable, n_blocks)
+    safe_sum = np.where(w_sum > 0, w_sum, 1.0)
+    mean = (
+        np.bincount(block, weighted.real, n_blocks)
+        + 1j * np.bincount(block, weighted.imag, n_blocks)
+    ) / safe_sum
+    # Phasors that cancel exactly leave no phase either.
+    good = (w_sum > 0) & (np.abs(mean) > 0)
+    # A chanblock's frequency: where its usable channels are (its middle without any).
+    centroid = np.bincount(block, w_usable * freqs_hz, n_blocks) / safe_sum
+    middle = np.bincount(block, freqs_hz, n_blocks) / members
+    return (
+        np.where(good, centroid, middle),
+        np.where(good, mean, np.nan + 0j),
+        np.where(good, w_sum / members, 0.0),
+        factor * fine_chan_hz,
+    )
+
+
 def fit_phase_line(
     freqs_hz: NDArray[np.float64],
     solution: NDArray[np.complex128],
@@ -55,6 +135,25 @@ def fit_phase_line(
 ) -> PhaseFit:
     """Fit ``exp(i(m nu + b))`` to the phases of one tile's referenced solutions.
 
+    Channels finer than 40 kHz are first averaged to chanblocks of at most 40 kHz
+    (:func:`_chanblocks`), the resolution calvin fits at. The FFT of the coarse estimate
+    then has ``delay_fft_length(chanblock width)`` points, at most 1,500,000 (750,000
+    for 1 kHz channels, where it had 30 million, 4 GB, fitting on the channels
+    themselves), and ``sigma_resid`` and ``quality`` are those of ~40 kHz chanblocks,
+    which the pipeline's thresholds are set for. At 40 kHz and coarser nothing is
+    averaged.
+
+    Parameters
+    ----------
+    freqs_hz
+        Channel centre frequencies (Hz), any order.
+    solution
+        The referenced solutions at ``freqs_hz``; NaN where flagged.
+    weights
+        Per channel; 0 leaves a channel out.
+    niter
+        Rounds of fitting and 2-sigma clipping.
+
     Raises
     ------
     ValueError
@@ -62,9 +161,10 @@ def fit_phase_line(
     """
     order = np.argsort(freqs_hz)
     freqs, values, w = freqs_hz[order], solution[order], weights[order]
-    total = len(freqs)
     steps = np.diff(freqs)
     d_nu = float(steps[steps > 0].min()) if np.any(steps > 0) else 1.0
+    freqs, values, w, d_nu = _chanblocks(freqs, values, w, d_nu)
+    total = len(freqs)
     usable = np.isfinite(values) & (w > 0)
     if usable.sum() < 2:
         raise ValueError("fewer than 2 usable chanblocks")
@@ -72,15 +172,16 @@ def fit_phase_line(
     samples = values / np.abs(values) * w
 
     # Coarse estimate: the peak of the delay spectrum on a 0.01 m grid.
-    nu_max = 0.5 / (DELAY_GRID_M / SPEED_OF_LIGHT_M_S)
-    n_fft = 2 * round(nu_max / d_nu)
+    n_fft = delay_fft_length(d_nu)
     bins = np.round(freqs / d_nu).astype(np.int64)
     bins -= bins[len(bins) // 2]
     spectrum = np.zeros(n_fft, dtype=np.complex128)
     np.add.at(spectrum, bins % n_fft, samples)
-    delays_m = np.fft.fftshift(SPEED_OF_LIGHT_M_S * -np.fft.fftfreq(n_fft, d_nu))
     peak = int(np.argmax(np.abs(np.fft.fftshift(np.fft.ifft(spectrum)))))
-    slope = 2.0 * np.pi * delays_m[peak] / SPEED_OF_LIGHT_M_S
+    # The delay at the peak of fftshift(c * -fftfreq(n_fft, d_nu)) (n_fft even), computed
+    # as numpy does, without an array of all n_fft delays.
+    delay_m = SPEED_OF_LIGHT_M_S * -((peak - n_fft // 2) * (1.0 / (n_fft * d_nu)))
+    slope = 2.0 * np.pi * delay_m / SPEED_OF_LIGHT_M_S
     intercept = float(np.angle(np.mean(samples / np.exp(1j * slope * freqs))))
 
     # Refinement on the wrapped phases. Parameterised about the band centre: slope and

@@ -8,6 +8,10 @@ include), ``source`` (ANY, or a calibrator), ``style`` (``full``: X and Y per ti
 Y; ``quality``: the phase-fit quality) and ``clip`` (None, or drop values beyond
 it). Frames are Grafana data frames in JSON: ``{"schema": {...}, "data": {"values":
 [times, values]}}``.
+
+Dashboard variables (``/variable``, its payload's ``target``): the values the other
+endpoints take (:data:`VARIABLES`). Ad-hoc filters (``/tag-keys``, ``/tag-values``): none;
+the channel and calibrator are chosen by each target's payload instead.
 """
 
 from __future__ import annotations
@@ -37,6 +41,12 @@ STYLES = (
     ("Phase Fit Quality", "quality"),
 )  # fmt: skip
 PAYLOADS = ("channel", "source", "style", "clip")
+#: The targets of ``/variable`` (a dashboard variable's query): ``receivers`` (the query
+#: targets ``recNN``), the payloads' choices (``sources``, ``channels``, ``styles``),
+#: ``obsids`` (the calibrator observations fitted in the time range, newest first: the
+#: ``obs_id`` of get_cal_json and get_cal_solution) and ``tiles`` (the names of the
+#: array's tiles, as the frames of the receivers name them).
+VARIABLES = ("receivers", "sources", "channels", "styles", "obsids", "tiles")
 
 
 def _layout_tiles() -> dict[int, tuple[str, int]]:
@@ -95,6 +105,71 @@ def payload_options(session: Session, name: str) -> list[dict[str, Any]]:
             {"label": str(c), "value": str(c)} for c in chans
         ]
     raise BadRequest(f"payload {name!r} is not one of {', '.join(PAYLOADS)}")
+
+
+def variable(session: Session, settings: Settings, body: Mapping[str, Any]) -> list[dict[str, str]]:
+    """Answer ``/variable``: the values a dashboard variable can take, ``{"__text", "__value"}``.
+
+    Parameters
+    ----------
+    body
+        ``{"payload": {"target": one of VARIABLES}, "range": {"from", "to"}}``, as the
+        datasource sends it (the payload may also be the target's name as a string, as
+        the variable editor's JSON mode can send it). ``range`` bounds ``obsids``
+        (all fits without one).
+
+    Raises
+    ------
+    BadRequest
+        A payload without a known target, or a malformed range.
+    """
+    payload = body.get("payload")
+    target = payload.get("target") if isinstance(payload, Mapping) else payload
+    if not isinstance(target, str) or target.strip() not in VARIABLES:
+        raise BadRequest(
+            f"variable needs payload.target, one of {', '.join(VARIABLES)}, not {target!r}"
+        )
+    target = target.strip()
+    if target == "receivers":
+        return [{"__text": m["label"], "__value": m["value"]}
+                for m in metrics(session, settings) if m["value"] != "sources"]  # fmt: skip
+    if target in ("sources", "channels", "styles"):
+        options = payload_options(session, target.removesuffix("s"))
+        return [{"__text": str(o["label"]), "__value": str(o["value"])} for o in options]
+    if target == "tiles":
+        newest = session.scalar(select(func.max(CalibrationFit.obsid)))
+        tiles = _layout_tiles() if newest is None else _tiles_of(session, settings, newest)
+        return [{"__text": name, "__value": name} for _tile, (name, _rx) in sorted(tiles.items())]
+    found = select(Observation.obsid, Observation.obsname).join(
+        CalibrationFit, CalibrationFit.obsid == Observation.obsid
+    )
+    if body.get("range") is not None:
+        first_gps, last_gps = _time_range(body)
+        found = found.where(Observation.obsid >= first_gps, Observation.obsid <= last_gps)
+    rows = session.execute(found.distinct().order_by(Observation.obsid.desc())).all()
+    return [{"__text": f"{obsid}={name}" if name else str(obsid), "__value": str(obsid)}
+            for obsid, name in rows]  # fmt: skip
+
+
+def tag_keys() -> list[dict[str, str]]:
+    """Answer ``/tag-keys``: the keys of the ad-hoc filters ``/query`` applies (none)."""
+    return []
+
+
+def tag_values(body: Mapping[str, Any]) -> list[dict[str, str]]:
+    """Answer ``/tag-values`` (``{"key": str}``): the values of an ad-hoc filter key.
+
+    No key is offered (:func:`tag_keys`), so any key has none.
+
+    Raises
+    ------
+    BadRequest
+        Without a ``key`` string.
+    """
+    key = body.get("key")
+    if not isinstance(key, str):
+        raise BadRequest(f"tag-values needs the filter's key, a string, not {key!r}")
+    return []
 
 
 def _time_range(body: Mapping[str, Any]) -> tuple[float, float]:

@@ -218,6 +218,25 @@ def grafana_query(request: Request, session: SessionDep, body: JsonBody) -> list
     return grafana.query(session, _settings(request), body)
 
 
+@router.post("/grafana/variable")
+def grafana_variable(request: Request, session: SessionDep, body: JsonBody) -> list[dict[str, str]]:
+    """A dashboard variable's values (``payload.target``: receivers, sources, channels,
+    styles, obsids in the range, tiles) as ``[{"__text", "__value"}]``."""
+    return grafana.variable(session, _settings(request), body)
+
+
+@router.post("/grafana/tag-keys")
+def grafana_tag_keys(_body: JsonBody) -> list[dict[str, str]]:
+    """The keys of the ad-hoc filters the queries apply: none (``[]``)."""
+    return grafana.tag_keys()
+
+
+@router.post("/grafana/tag-values")
+def grafana_tag_values(body: JsonBody) -> list[dict[str, str]]:
+    """The values of an ad-hoc filter key (``{"key": ...}``): none, as no key is offered."""
+    return grafana.tag_values(body)
+
+
 def _latest_fit_of(session: Session, cal_id: int) -> service.CalibrationFit:
     fit = session.scalars(
         select(service.CalibrationFit)

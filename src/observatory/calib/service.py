@@ -680,8 +680,9 @@ def fit_json(
 
     The tiles are in the calibrator's metafits Antenna order, with their names (the
     calibrator's metafits, else the built-in layout); the per-coarse-channel arrays are in
-    the order of ``coarse_chans`` (the metafits'); NaN (a flagged tile, a channel that could
-    not be fitted) is null.
+    the order of ``coarse_chans``: ascending, as mwalib orders the metafits' channels and
+    the pipeline the arrays, whatever the order of the metafits' ``CHANNELS`` (which the
+    archive keeps); NaN (a flagged tile, a channel that could not be fitted) is null.
     """
     calibrator = session.get(Observation, fit.obsid)
     rows = list(fit.solutions)
@@ -702,7 +703,7 @@ def fit_json(
         "num_sources": fit.num_sources,
         "calibration_command": fit.calibration_command,
         "gain_max_cutoff": _null(fit.gain_max_cutoff),
-        "coarse_chans": list(calibrator.coarse_chans) if calibrator is not None else None,
+        "coarse_chans": sorted(calibrator.coarse_chans or []) if calibrator is not None else None,
         "flagged_tiles": flagged_tiles(fit),
         "solutions": [
             _nulls({"tileid": row.tileid, "tile_name": name, "antenna": row.antenna}
