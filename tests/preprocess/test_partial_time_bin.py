@@ -71,3 +71,6 @@ def test_the_last_partial_bin_is_on_birlis_grid_and_its_weights_say_what_it_hold
     ms_gps = Time(times_mjd_s / 86400.0, format="mjd", scale="utc").gps
     np.testing.assert_allclose(ms_gps, expected_gps, rtol=0, atol=1e-3)
     np.testing.assert_allclose(centroids_mjd_s, times_mjd_s, rtol=0, atol=1e-6)
+    with table(str(ms_path / "OBSERVATION"), ack=False) as observation:
+        # Birli's num_sel_timesteps + 1: the 3 integrations, not the 4 of two full bins
+        assert observation.getcol("MWA_FLAG_WINDOW_SIZE").tolist() == [N_TIMES + 1]

@@ -1120,7 +1120,7 @@ def test_the_streamed_measurement_set_is_what_pyuvdata_writes(
     description = OutputDescription(
         meta=meta, time_centres_gps_s=OBSID + 1.0 + 2.0 * np.arange(n_times), freqs_hz=freqs,
         channel_width_hz=320e3, int_time_s=2.0, phase_centre=("3C444", SOURCE.ra_deg, SOURCE.dec_deg),
-        history="a history line", calibrated=False,
+        history="a history line", native_times=6, calibrated=False,
     )  # fmt: skip
     rng = np.random.default_rng(5)
     shape = (n_times, n_bl, n_chans, 4)
@@ -1256,7 +1256,7 @@ def stream_description(tmp_path: Path) -> tuple[object, tuple[np.ndarray, np.nda
     description = OutputDescription(
         meta=meta, time_centres_gps_s=OBSID + 1.0 + 2.0 * np.arange(6), freqs_hz=freqs,
         channel_width_hz=320e3, int_time_s=2.0, phase_centre=("3C444", SOURCE.ra_deg, SOURCE.dec_deg),
-        history="a history line", calibrated=False,
+        history="a history line", native_times=6, calibrated=False,
     )  # fmt: skip
     rng = np.random.default_rng(6)
     shape = (6, meta.n_baselines, 8, 4)

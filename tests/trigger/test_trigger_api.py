@@ -1110,14 +1110,7 @@ def test_busy_for_a_project_that_cannot_trigger(
 
 
 def _captures(session: Session) -> list[tuple[int, int]]:
-    return [
-        (o.obsid, o.stoptime)
-        for o in session.scalars(
-            select(Observation)
-            .where(Observation.mode == "VOLTAGE_BUFFER")
-            .order_by(Observation.obsid)
-        )
-    ]
+    return [(obsid, stop) for obsid, stop, _ in _owned_captures(session)]
 
 
 def test_a_dump_during_a_dump_capture_continues_that_capture(
@@ -1190,6 +1183,7 @@ def test_a_dump_during_a_dump_capture_continues_that_capture(
 
 
 def _owned_captures(session: Session) -> list[tuple[int, int, str]]:
+    """The voltage captures (obsid, stop, project), in order."""
     return [
         (o.obsid, o.stoptime, o.project_id)
         for o in session.scalars(

@@ -740,6 +740,7 @@ def preprocess(
         int_time_s=meta.int_time_s * resolved.time_factor,
         phase_centre=plan.phase_centre,
         history=history,
+        native_times=len(reader.time_start_gps_s),
         calibrated=plan.calibration is not None,
     )
     rfi_flagged = 0

@@ -396,7 +396,6 @@ class MeasurementSetStream(AtomicStream):
         sched_start_mjd_s = _mjd_s(np.array([meta.sched_start_gps_s]))[0]
         coarse_chans = np.unique(np.floor(description.freqs_hz / COARSE_CHAN_WIDTH_HZ + 0.5))
         centre_chan = int(coarse_chans[len(coarse_chans) // 2]) if len(coarse_chans) else 0
-        time_factor = max(1, round(description.int_time_s / meta.int_time_s))
         n_ants = meta.n_ants
         rf_inputs = meta.rf_inputs if meta.rf_inputs is not None else np.zeros((n_ants, 2))
         slots = meta.receiver_slots if meta.receiver_slots is not None else np.zeros((n_ants, 2))
@@ -451,7 +450,8 @@ class MeasurementSetStream(AtomicStream):
                  tables.makescacoldesc("MWA_DATE_REQUESTED", 0.0, keywords=epoch)],
                 {"MWA_GPS_TIME": [float(meta.sched_start_gps_s)],
                  "MWA_FILENAME": [meta.obs_name], "MWA_OBSERVATION_MODE": [meta.mode],
-                 "MWA_FLAG_WINDOW_SIZE": [n_times * time_factor + 1],
+                 # Birli's num_sel_timesteps + 1: the integrations held, not the padding
+                 "MWA_FLAG_WINDOW_SIZE": [description.native_times + 1],
                  "MWA_DATE_REQUESTED": [sched_start_mjd_s]},
             ),
             "SPECTRAL_WINDOW": (

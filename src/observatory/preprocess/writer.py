@@ -25,6 +25,9 @@ class OutputDescription:
         Centre of each output integration.
     phase_centre
         (name, RA deg, Dec deg) of the phase centre recorded with the data.
+    native_times
+        The observation's integrations the output holds (its last averaging bin may hold
+        fewer than the others: Birli's ``num_sel_timesteps``).
     """
 
     meta: ObservationMeta
@@ -34,6 +37,7 @@ class OutputDescription:
     int_time_s: float
     phase_centre: tuple[str, float, float]
     history: str
+    native_times: int
     calibrated: bool = False
 
 
