@@ -3,8 +3,6 @@ counts, contradictory options, killed processes; each a one-line error (exit 2).
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -251,34 +249,36 @@ def test_expected_pyuvdata_warnings_do_not_reach_the_user(tmp_path: Path) -> Non
         assert not [m for m in messages if expected in m], messages
 
 
-def test_a_killed_worker_exits_2_with_one_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+#: ``observatory preprocess`` in a fresh interpreter (this one may keep other tests' threads,
+#: beside which nothing is forked), its workers killing themselves on channel 134's chunk.
+_KILLED_ON_134 = """
+import os, signal, sys
+from observatory import cli
+from observatory.preprocess import engine
+original = engine._process
+def killed_on_134(chunk, *args):
+    if getattr(chunk, "coarse_chan", None) == 134:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(chunk, *args)
+engine._process = killed_on_134  # the forked workers inherit it
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_worker_exits_2_with_one_line(tmp_path: Path) -> None:
     """A worker killed outright (the OOM killer's SIGKILL, here sent by the worker itself
     to itself on its chunk of channel 134) breaks the pool: one line, exit 2, no output."""
     obs = simulate(tmp_path / "obs", coarse_chans=(133, 134, 135, 136), n_timesteps=4)
-    original = engine._process
-
-    def killed_on_134(chunk: object, *args: object) -> object:
-        if getattr(chunk, "coarse_chan", None) == 134:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original(chunk, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(engine, "_process", killed_on_134)  # forked workers inherit it
     out = tmp_path / "out" / "o.uvfits"
     out.parent.mkdir()
-    code = run(
-        tmp_path,
-        "--metafits",
-        str(obs.metafits_path),
-        *map(str, obs.vis_paths),
-        "--out",
-        str(out),
-        "--workers",
-        "2",
-    )  # fmt: skip (RFI on: a process pool)
-    assert code == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    done = subprocess.run(
+        [sys.executable, "-c", _KILLED_ON_134, "--data-dir", str(tmp_path / "data"), "preprocess",
+         "--metafits", str(obs.metafits_path), *map(str, obs.vis_paths), "--out", str(out),
+         "--workers", "2"],  # RFI on: a process pool
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error" in line]
     assert errors == ["error: a worker process was killed (out of memory?); nothing was written"]
     assert list(out.parent.iterdir()) == []
 
