@@ -40,7 +40,8 @@ import mwalib
 import numpy as np
 from numpy.typing import NDArray
 
-from observatory.archive.filenames import parse_file_name
+from observatory.archive.filenames import legacy_gpubox_channels, parse_file_name
+from observatory.archive.models import FileKind
 from observatory.telescope.instrument import COARSE_CHAN_WIDTH_HZ
 
 log = logging.getLogger(__name__)
@@ -332,12 +333,22 @@ class PyuvdataReader:
             if info is None or number is None:
                 raise ReadError(f"{path}: not an MWA correlator file name")
             groups.setdefault((info.kind, number), []).append(path)
-        # The receiver channel of a legacy gpubox file depends on the metafits channel
-        # order; pyuvdata knows it, so ask it (headers only) for each group's frequencies.
+        # The receiver channel comes from the file name, not from pyuvdata's frequencies:
+        # pyuvdata places a file by its position in the metafits channel list, counted
+        # from the metafits centre as if the channels were contiguous: a picket-fence
+        # observation's files landed on other channels, and a file of a channel that the
+        # metafits does not list was read at 0 Hz.
         self._files: dict[int, list[Path]] = {}
         self._freqs_hz: dict[int, NDArray[np.float64]] = {}
         time_axes = []
-        for group in groups.values():
+        freqs_by_correlator: dict[bool, dict[int, NDArray[np.float64]]] = {}
+        for (kind, number), group in groups.items():
+            rec_chan = _rec_chan_of_file(kind, number, group[0], meta)
+            if rec_chan in self._files:
+                raise ReadError(
+                    f"{group[0]} and {self._files[rec_chan][0]}: both hold coarse channel "
+                    f"{rec_chan}; give the files of one correlator"
+                )
             prepare_pyuvdata()
             header = UVData.from_file(
                 [str(metafits), *map(str, group)],
@@ -345,9 +356,15 @@ class PyuvdataReader:
                 read_data=False,
                 remove_coarse_band=False,  # the engine's choice, not pyuvdata's (DERIPPLE)
             )
-            rec_chan = _rec_chan_of(float(np.mean(header.freq_array)))
+            # pyuvdata reads a file's fine channels as the first of its coarse channel
+            # (cut-down files hold fewer than the metafits says); their frequencies are
+            # mwalib's, as the other reader's, for the correlator that wrote the files.
+            mwax = kind == FileKind.MWAX_VIS
+            if mwax not in freqs_by_correlator:
+                freqs_by_correlator[mwax] = _fine_chan_freqs_hz(metafits, mwax)
+            all_freqs_hz = freqs_by_correlator[mwax]
             self._files[rec_chan] = group
-            self._freqs_hz[rec_chan] = np.asarray(header.freq_array, dtype=np.float64).ravel()
+            self._freqs_hz[rec_chan] = all_freqs_hz[rec_chan][: int(header.Nfreqs)]
             time_axes.append(np.unique(header.time_array))
             self.chans_per_coarse = int(header.Nfreqs)
         self.coarse_chans = tuple(sorted(self._files))
@@ -425,7 +442,8 @@ class PyuvdataReader:
         weight_out = np.zeros(vis.shape, dtype=np.float32)
         vis[time_rows, baseline] = data
         weight_out[time_rows, baseline] = weights
-        freqs_hz = np.asarray(uvd.freq_array, dtype=np.float64).ravel()
+        # Not uvd.freq_array: pyuvdata's frequencies are wrong for picket-fence observations.
+        freqs_hz = self._freqs_hz[coarse_chan]
         chan_index = fine_channel_indices(coarse_chan, freqs_hz, meta.fine_chan_width_hz)
         return RawChunk(coarse_chan, vis, weight_out, chan_index, freqs_hz, self.time_start_gps_s)
 
@@ -524,9 +542,49 @@ def regular_time_grid(
     return np.asarray(times[0] + int_time_s * np.arange(int(slots[-1]) + 1), dtype=np.float64)
 
 
-def _rec_chan_of(freq_hz: float) -> int:
-    """Receiver channel whose 1.28 MHz band holds ``freq_hz`` (centred on n x 1.28 MHz)."""
-    return int(np.floor(freq_hz / COARSE_CHAN_WIDTH_HZ + 0.5))
+def _rec_chan_of_file(kind: str, number: int, path: Path, meta: ObservationMeta) -> int:
+    """Receiver channel of a correlator file, from the number in its name.
+
+    An MWAX file's name gives the receiver channel (``ch137``); a legacy file's gives its
+    gpubox number, the position (from 1) in the legacy correlator's channel order: the
+    metafits channels up to 128 ascending, then those above 128 descending.
+
+    Raises
+    ------
+    ReadError
+        If the channel is not one of the metafits' (naming the file).
+    """
+    channels = meta.metafits_coarse_chans
+    if kind == FileKind.MWAX_VIS:
+        rec_chan = number
+    else:
+        gpubox_channels = legacy_gpubox_channels(list(channels))
+        if not 1 <= number <= len(gpubox_channels):
+            raise ReadError(
+                f"{path}: gpubox {number:02d} does not exist in an observation of "
+                f"{len(gpubox_channels)} coarse channels (gpubox01 to {len(gpubox_channels):02d})"
+            )
+        rec_chan = gpubox_channels[number - 1]
+    if rec_chan not in channels:
+        raise ReadError(
+            f"{path}: coarse channel {rec_chan} is not one of the metafits' channels "
+            f"({', '.join(map(str, channels))})"
+        )
+    return rec_chan
+
+
+def _fine_chan_freqs_hz(metafits: Path, mwax: bool) -> dict[int, NDArray[np.float64]]:
+    """Centre frequencies of every metafits coarse channel's fine channels, by receiver
+    channel, as mwalib places them for an MWAX or a legacy correlator (whose 40 kHz
+    channels average 10 kHz ones, 15 kHz higher than MWAX's)."""
+    version = mwalib.MWAVersion.CorrMWAXv2 if mwax else mwalib.MWAVersion.CorrLegacy
+    context = mwalib.MetafitsContext(str(metafits), version)
+    n_chans = int(context.num_corr_fine_chans_per_coarse)
+    all_freqs_hz = np.asarray(context.metafits_fine_chan_freqs_hz, dtype=np.float64)
+    return {
+        int(coarse.rec_chan_number): all_freqs_hz[i * n_chans : (i + 1) * n_chans]
+        for i, coarse in enumerate(context.metafits_coarse_chans)
+    }
 
 
 def _jd_to_gps(jd: NDArray[np.float64]) -> NDArray[np.float64]:
