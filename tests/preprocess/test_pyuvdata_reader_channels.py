@@ -167,3 +167,28 @@ def test_a_gpubox_number_beyond_the_observation_is_refused_naming_it(tmp_path: P
     message = r"gpubox25_00\.fits: gpubox 25 does not exist in an observation of 24 coarse"
     with pytest.raises(ReadError, match=message):
         open_reader(LEGACY_METAFITS, [stray])
+
+
+def test_the_correlator_is_the_files_not_the_metafits_mode(tmp_path: Path) -> None:
+    """Early MWAX observations have MODE = 'HW_LFILES': the DC channel and the passband are
+    the MWAX correlator's when its files are read, as with mwalib (it took the MODE's)."""
+    metafits = tmp_path / MWAX_METAFITS.name
+    with fits.open(MWAX_METAFITS) as hdus:
+        hdus[0].header["MODE"] = "HW_LFILES"
+        hdus.writeto(metafits)
+    reader = open_fallback(metafits, [MWAX_FILE])
+    assert reader.meta.mwax
+    np.testing.assert_array_equal(reader.channel_freqs_hz(137), [lower_edge_hz(137)])
+    legacy = open_fallback(LEGACY_METAFITS, LEGACY_FILES)
+    assert not legacy.meta.mwax
+
+
+def test_files_of_two_correlators_are_refused(tmp_path: Path) -> None:
+    from observatory.preprocess.reader import read_metadata
+
+    meta = read_metadata(MWAX_METAFITS)
+    legacy_named = renamed(
+        LEGACY_FILES[0], tmp_path, "1320409688_20211108122750_mini_gpubox01_00.fits"
+    )
+    with pytest.raises(ReadError, match=r"two correlators .* give the files of one"):
+        PyuvdataReader(MWAX_METAFITS, [MWAX_FILE, legacy_named], meta)

@@ -324,7 +324,6 @@ class PyuvdataReader:
     def __init__(self, metafits: Path, data_files: Sequence[Path], meta: ObservationMeta) -> None:
         from pyuvdata import UVData
 
-        self.meta = meta
         self.metafits = metafits
         groups: dict[tuple[str, int], list[Path]] = {}
         for path in data_files:
@@ -333,6 +332,15 @@ class PyuvdataReader:
             if info is None or number is None:
                 raise ReadError(f"{path}: not an MWA correlator file name")
             groups.setdefault((info.kind, number), []).append(path)
+        kinds = {kind for kind, _ in groups}
+        if len(kinds) > 1:
+            raise ReadError(
+                "the files are of two correlators (MWAX chNNN and legacy gpuboxNN names); "
+                "give the files of one"
+            )
+        # The correlator is the files', as MwalibReader's: the DC channel and the passband
+        # depend on it, and early MWAX observations have MODE = 'HW_LFILES'.
+        self.meta = meta = replace(meta, mwax=kinds == {FileKind.MWAX_VIS})
         # The receiver channel comes from the file name, not from pyuvdata's frequencies:
         # pyuvdata places a file by its position in the metafits channel list, counted
         # from the metafits centre as if the channels were contiguous: a picket-fence
@@ -341,14 +349,9 @@ class PyuvdataReader:
         self._files: dict[int, list[Path]] = {}
         self._freqs_hz: dict[int, NDArray[np.float64]] = {}
         time_axes = []
-        freqs_by_correlator: dict[bool, dict[int, NDArray[np.float64]]] = {}
+        all_freqs_hz = _fine_chan_freqs_hz(metafits, meta.mwax)
         for (kind, number), group in groups.items():
             rec_chan = _rec_chan_of_file(kind, number, group[0], meta)
-            if rec_chan in self._files:
-                raise ReadError(
-                    f"{group[0]} and {self._files[rec_chan][0]}: both hold coarse channel "
-                    f"{rec_chan}; give the files of one correlator"
-                )
             prepare_pyuvdata()
             header = UVData.from_file(
                 [str(metafits), *map(str, group)],
@@ -359,10 +362,6 @@ class PyuvdataReader:
             # pyuvdata reads a file's fine channels as the first of its coarse channel
             # (cut-down files hold fewer than the metafits says); their frequencies are
             # mwalib's, as the other reader's, for the correlator that wrote the files.
-            mwax = kind == FileKind.MWAX_VIS
-            if mwax not in freqs_by_correlator:
-                freqs_by_correlator[mwax] = _fine_chan_freqs_hz(metafits, mwax)
-            all_freqs_hz = freqs_by_correlator[mwax]
             self._files[rec_chan] = group
             self._freqs_hz[rec_chan] = all_freqs_hz[rec_chan][: int(header.Nfreqs)]
             time_axes.append(np.unique(header.time_array))
