@@ -555,7 +555,14 @@ def test_tarsplit_refuses_a_package_its_manifest_does_not_cover(
         assert [p for p in problems if p.startswith(expected.removesuffix(")"))] == problems
 
 
-def test_tarsplit_removes_the_leftovers_of_a_killed_run(tmp_path: Path, readme: Path) -> None:
+@pytest.mark.parametrize("owner", ["dead-pid", "other-host", "live-pid"])
+def test_tarsplit_removes_the_leftovers_of_a_killed_run_whatever_its_host_or_pid(
+    tmp_path: Path, readme: Path, owner: str
+) -> None:
+    """A run killed while renaming its pieces, on this host (its PID gone), on another host
+    of a shared file system, or in a container (its PID now a live process's): its hidden
+    pieces and placing record were taken for a live run's, and every later run refused
+    ("already holds tars") for ever. The run holding the set's lock knows they are dead."""
     import socket
     import subprocess
     import sys
@@ -567,19 +574,33 @@ def test_tarsplit_removes_the_leftovers_of_a_killed_run(tmp_path: Path, readme: 
     package(sb, readme, packpath, mode="copy")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-    host = socket.gethostname()
-    stem = ".2011.0.00229.S_2012-06-20_1.tar.partial"
+    host, pid = {
+        "dead-pid": (socket.gethostname(), dead),
+        "other-host": ("node-a.cluster", str(os.getpid())),  # alive here: not the point
+        "live-pid": (socket.gethostname(), str(os.getppid())),  # a PID reused
+    }[owner]
+    mark = f"{host}-{pid}-0a1b2c3d"
+    stem = ".2011.0.00229.S_2012-06-20_2.tar.partial"
+    placed = ["2011.0.00229.S_2012-06-20_001_of_002.tar",
+              "2011.0.00229.S_2012-06-20_001_of_002.tar.md5sum"]  # fmt: skip
     left = [
-        tmp_path / f"{stem}-{host}-{dead}-0a1b2c3d",
-        tmp_path / f"{stem}-{host}-{dead}-0a1b2c3d.md5sum",
+        tmp_path / f"{stem}-{mark}",
+        tmp_path / f"{stem}-{mark}.md5sum",
+        *(tmp_path / name for name in placed),
     ]
-    live = tmp_path / f"{stem}-{host}-{os.getpid()}-0a1b2c3d"  # a run still writing it
-    for path in (*left, live):
+    for path in left:
         path.write_bytes(b"half a tar")
+    record = tmp_path / f".2011.0.00229.S_2012-06-20.tars.placing-{mark}"
+    record.write_text(json.dumps(placed))
+    other_set = tmp_path / f".2011.0.00229.S_2012-06-21_1.tar.partial-{mark}"  # not this set
+    other_set.write_bytes(b"another set's")
+    assert tarsplit(["-n", "2012-06-20", str(packpath), "--dry-run"]) == 0
     assert tarsplit(["-n", "2012-06-20", str(packpath)]) == 0
-    assert not any(p.exists() for p in left) and live.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".2011") and p != live
-                and "lock" not in p.name]  # fmt: skip
+    assert not any(p.exists() for p in (*left, record)) and other_set.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if "2012-06-20" in p.name) == [
+        "2011.0.00229.S_2012-06-20_001_of_001.tar",
+        "2011.0.00229.S_2012-06-20_001_of_001.tar.md5sum",
+    ]
 
 
 def test_a_tarsplit_killed_while_renaming_its_pieces_is_undone_by_the_next_run(
@@ -1199,3 +1220,126 @@ def test_a_checklist_named_uniquely_keeps_its_name(
     packpath = tmp_path / "2011.0.00229.S"
     plan = package(sb, readme, packpath, mode="copy")
     assert (packpath / plan.member / "qa" / packaged_as).read_text() == "checked\n"
+
+
+# 13. a run that finished survives a power cut: what it wrote is on disk before its commit
+
+
+def trace_syncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, str]]:
+    """Record ``os.fsync`` (the real path synced, the thread) and ``os.replace`` (source,
+    destination) calls, in order."""
+    import threading
+
+    events: list[tuple[str, str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        events.append(("fsync", path, threading.current_thread().name))
+        real_fsync(fd)
+
+    def replace(source: str | Path, destination: str | Path, **kwargs: Any) -> None:
+        events.append(("replace", os.path.realpath(source), os.path.realpath(destination)))
+        real_replace(source, destination, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def commit_index(events: list[tuple[str, str, str]], packpath: Path) -> int:
+    """Where the run's journal was last synced: its commit."""
+    journal = os.path.realpath(qa2._journal_path(packpath)) + ".partial"
+    return max(i for i, (call, path, _) in enumerate(events) if call == "fsync" and path == journal)
+
+
+def synced_at(events: list[tuple[str, str, str]], path: Path | str) -> list[int]:
+    real = os.path.realpath(path)
+    return [i for i, (call, synced, _) in enumerate(events) if call == "fsync" and synced == real]
+
+
+@pytest.mark.parametrize("append", ["", "member"])
+def test_copies_and_the_package_directories_are_on_disk_before_the_commit(
+    tmp_path: Path, readme: Path, monkeypatch: pytest.MonkeyPatch, append: str
+) -> None:
+    """No package file was synced in copy mode, yet an append synced the manifest and the
+    journal committed the run: after a power cut the package looked complete and held a
+    truncated file. Each copy is synced by the thread that made it, then the directories
+    holding the new names, before the manifest is written and the run committed."""
+    import threading
+
+    sb = tiny_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    if append:
+        package(sb, readme, packpath, mode="copy")
+    events = trace_syncs(monkeypatch)
+    plan = package(sb, readme, packpath, mode="copy", append=append)
+    member = packpath / plan.member
+    copies = [member / action.destination_text for action in plan.actions if action.kind == "copy"]
+    assert len(copies) >= 4
+    manifest = os.path.realpath(manifest_path(packpath))
+    manifest_written = next(
+        i for i, (call, _, target) in enumerate(events) if call == "replace" and target == manifest
+    )
+    commit = commit_index(events, packpath)
+    last_copy_synced = 0
+    for copy in copies:
+        synced = synced_at(events, copy)
+        assert synced and synced[0] < manifest_written, copy
+        assert events[synced[0]][2] != threading.main_thread().name  # overlapping the copies
+        last_copy_synced = max(last_copy_synced, synced[0])
+    directories = [Path(d) for d, _, _ in os.walk(member)]
+    directories += [*member.parents[: len(plan.member.parts)], packpath.parent]
+    for directory in directories:  # the new names, once all are made
+        assert any(last_copy_synced < i < commit for i in synced_at(events, directory)), directory
+
+
+@pytest.mark.parametrize("mode", ["fake", "copy", "hard", "move", "ticket"])
+def test_the_readme_and_ticket_files_are_on_disk_before_the_commit(
+    tmp_path: Path, readme: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """The README and ticket files were written unsynced before the commit, and no later
+    run rewrites them (after a move the reduction is links): a power cut after the run
+    left them empty. Each is synced, renamed into place and its directory synced first."""
+    sb = tiny_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    events = trace_syncs(monkeypatch)
+    plan = package(sb, readme, packpath, mode=mode)
+    commit = commit_index(events, packpath)
+    written = [packpath / plan.member / "README", *qa2._ticket_paths(packpath)]
+    for path in written:
+        partial = os.path.realpath(path.with_name(path.name + ".partial"))
+        placed = events.index(("replace", partial, os.path.realpath(path)))
+        assert any(i < placed for i in synced_at(events, partial)), path
+        assert any(placed < i < commit for i in synced_at(events, path.parent)), path
+
+
+def test_tarsplit_refuses_a_package_whose_files_are_not_the_size_packaged(
+    tmp_path: Path, readme: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file of an appended member a power cut left short (its data never reached the
+    disk), under a manifest that was synced: tarsplit delivered it with md5s of the short
+    file. The bag-info's Payload-Oxum (BagIt's total bytes and file count) is checked
+    against the sizes, without hashing again."""
+    from observatory.packaging.manifest import bag_info_path
+    from observatory.packaging.tarsplit import main as tarsplit
+
+    sb = tiny_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb, readme, packpath, mode="copy")
+    plan = package(sb, readme, packpath, mode="copy", append="member")
+    files = [p for p in packpath.rglob("*") if p.is_file()]
+    total = sum(p.stat().st_size for p in files)
+    assert bag_info_path(packpath).read_text() == f"Payload-Oxum: {total}.{len(files)}\n"
+    short = packpath / plan.member / "raw" / f"{UID}.ms.split" / "table.f0"
+    with open(short, "r+b") as file:
+        file.truncate(4)
+    before = sorted(tmp_path.iterdir())
+    for dry_run in ([], ["--dry-run"]):
+        assert tarsplit(["-n", "2012-06-20", str(packpath), *dry_run]) == 1
+        err = capsys.readouterr().err
+        assert f"says {total} bytes in {len(files)} files (Payload-Oxum" in err, err
+        assert f"add up to {total - len('visibilities') + 4} bytes in {len(files)} files" in err
+    assert sorted(tmp_path.iterdir()) == before
+    assert any(p.startswith(f"changed: 2011.0.00229.S/{plan.member}/raw/") for p in
+               validate_manifest(packpath))  # fmt: skip

@@ -377,6 +377,67 @@ def test_failure_while_renaming_removes_what_was_placed(
     assert list(out_dir.iterdir()) == []
 
 
+def test_each_tar_and_sidecar_is_on_disk_before_its_rename_and_the_names_after(
+    monkeypatch: pytest.MonkeyPatch, package: Path, out_dir: Path
+) -> None:
+    """A power cut after a run that succeeded left empty or short tars under final names
+    (renamed unsynced) and sidecars that lost their md5: every tar and sidecar is synced
+    before its rename (the tars by their own threads), the output directory after the
+    placing record is written, after the renames and after the record is removed."""
+    import threading
+
+    events: list[tuple[str, str, str]] = []  # (call, path, thread)
+    real_fsync, real_replace, real_unlink = os.fsync, os.replace, os.unlink
+
+    def fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        events.append(("fsync", path, threading.current_thread().name))
+        real_fsync(fd)
+
+    def replace(source: str | Path, destination: str | Path) -> None:
+        events.append(("replace", f"{source}", f"{destination}"))
+        real_replace(source, destination)
+
+    def unlink(path: str | Path, **kwargs: object) -> None:
+        events.append(("unlink", f"{path}", ""))
+        real_unlink(path, **kwargs)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", fsync)
+        patch.setattr(os, "replace", replace)
+        patch.setattr(os, "unlink", unlink)
+        tars = write_pieces(package, NAME, out_dir, MAX_BYTES, workers=2)
+    assert len(tars) > 3
+    synced = [path for call, path, _ in events if call == "fsync"]
+
+    def at(call: str, path: str) -> int:
+        return next(i for i, (c, p, _) in enumerate(events) if c == call and p == path)
+
+    renames = [
+        (i, source, target) for i, (c, source, target) in enumerate(events) if c == "replace"
+    ]
+    assert {Path(target) for _, _, target in renames} == {
+        *tars,
+        *(Path(f"{tar}.md5sum") for tar in tars),
+    }
+    for index, source, _ in renames:  # the bytes on disk before the name
+        assert at("fsync", source) < index, source
+    tar_threads = {
+        thread
+        for call, path, thread in events
+        if call == "fsync" and ".tar.partial-" in path and not path.endswith(".md5sum")
+    }
+    assert tar_threads and threading.main_thread().name not in tar_threads  # as written
+    record = next(p for p in synced if ".tars.placing-" in p)
+    directory = str(out_dir)
+    first_rename, last_rename = renames[0][0], renames[-1][0]
+    removed = at("unlink", record)
+    directory_syncs = [i for i, (c, p, _) in enumerate(events) if c == "fsync" and p == directory]
+    assert any(at("fsync", record) < i < first_rename for i in directory_syncs)
+    assert any(last_rename < i < removed for i in directory_syncs)
+    assert any(removed < i for i in directory_syncs)
+
+
 def test_progress_reports_each_tar_in_order(package: Path, out_dir: Path) -> None:
     seen: list[tuple[Path, int, str]] = []
     tars = write_pieces(package, NAME, out_dir, MAX_BYTES,

@@ -172,27 +172,47 @@ def temporary_name(target_name: str, kind: str) -> str:
     return f".{target_name}.{kind}-{socket.gethostname()}-{os.getpid()}-"
 
 
-def leftover_temporaries(target: str | Path) -> list[Path]:
-    """The temporaries beside ``target`` left by processes of this host that are gone.
+def leftover_temporaries(target: str | Path, *, any_owner: bool = False) -> list[Path]:
+    """The temporaries beside ``target`` left by processes of this host that are gone
+    (by any process, with ``any_owner``).
 
     Only names made by :func:`temporary_name` are considered; those of live processes,
-    and of other hosts (a shared file system), are not leftovers.
+    and of other hosts (a shared file system), are not leftovers unless ``any_owner``.
+
+    Parameters
+    ----------
+    target : str or Path
+        The file the temporaries were made for.
+    any_owner : bool
+        The caller holds a lock that every writer of these temporaries holds while it
+        writes them: every one is a dead run's, whatever host or PID its name carries
+        (a run killed on another host of a shared file system, or in a container, whose
+        PID a new process may have now, would otherwise be taken for a live one forever).
+
+    Returns
+    -------
+    list[Path]
+        The leftovers found.
     """
     target = Path(target)
     host = socket.gethostname()
+    owner_glob = "*" if any_owner else glob.escape(host)
     found = []
-    for candidate in target.parent.glob(f".{glob.escape(target.name)}.*-{glob.escape(host)}-*-*"):
+    for candidate in target.parent.glob(f".{glob.escape(target.name)}.*-{owner_glob}-*-*"):
         # <kind>-<host>-<pid>-<random ending>; host names may hold dashes, the rest do not
         owner = candidate.name[len(f".{target.name}.") :].split("-", 1)[1].rpartition("-")[0]
         owner_host, _, pid_text = owner.rpartition("-")
-        if owner_host == host and pid_text.isdigit() and not _process_alive(int(pid_text)):
+        if not (owner_host and pid_text.isdigit()):
+            continue  # not a name temporary_name made
+        if any_owner or (owner_host == host and not _process_alive(int(pid_text))):
             found.append(candidate)
     return found
 
 
-def remove_leftover_temporaries(target: str | Path) -> list[Path]:
-    """Remove the :func:`leftover_temporaries` beside ``target``; what was removed."""
-    removed = leftover_temporaries(target)
+def remove_leftover_temporaries(target: str | Path, *, any_owner: bool = False) -> list[Path]:
+    """Remove the :func:`leftover_temporaries` beside ``target`` (``any_owner``: see there);
+    what was removed."""
+    removed = leftover_temporaries(target, any_owner=any_owner)
     for candidate in removed:
         if candidate.is_dir() and not candidate.is_symlink():
             shutil.rmtree(candidate, ignore_errors=True)

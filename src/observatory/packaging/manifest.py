@@ -33,6 +33,63 @@ def manifest_path(packpath: Path) -> Path:
     return packpath.parent / f"{packpath.name}.manifest-sha256.txt"
 
 
+def bag_info_path(packpath: Path) -> Path:
+    """Where the ``bag-info.txt`` of ``packpath`` lives (beside it, as its manifest)."""
+    return packpath.parent / f"{packpath.name}.bag-info.txt"
+
+
+#: BagIt's record of a payload's size: ``<total bytes>.<number of files>``.
+PAYLOAD_OXUM = "Payload-Oxum"
+
+
+def read_payload_oxum(packpath: Path) -> tuple[int, int] | None:
+    """``(bytes, files)`` from the Payload-Oxum of the package's bag-info (None without one).
+
+    Raises
+    ------
+    ValueError
+        When the bag-info cannot be read, or its Payload-Oxum is not ``<bytes>.<files>``.
+    """
+    path = bag_info_path(packpath)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    for line in text.split("\n"):
+        name, separator, value = line.partition(":")
+        if separator and name.strip() == PAYLOAD_OXUM:
+            size_text, dot, count_text = value.strip().partition(".")
+            if not (dot and size_text.isdigit() and count_text.isdigit()):
+                raise ValueError(f"{path}: malformed {PAYLOAD_OXUM} {value.strip()!r}")
+            return int(size_text), int(count_text)
+    return None
+
+
+def payload_oxum_problem(packpath: Path, sizes: Mapping[str, int]) -> str | None:
+    """What is wrong when the package's files (``sizes``: name -> bytes, as
+    :func:`package_entries` gives them) do not add up to its bag-info's Payload-Oxum; None
+    when they do, or when there is none to compare (a package made before it was written).
+
+    A cheap check, without reading the files: a file a power cut left short (its data never
+    reached the disk) is found without hashing the package again.
+
+    Raises
+    ------
+    ValueError
+        When the bag-info cannot be read (see :func:`read_payload_oxum`).
+    """
+    expected = read_payload_oxum(packpath)
+    found = (sum(sizes.values()), len(sizes))
+    if expected is None or found == expected:
+        return None
+    return (
+        f"its files add up to {found[0]} bytes in {found[1]} files, but "
+        f"{bag_info_path(packpath)} says {expected[0]} bytes in {expected[1]} files "
+        f"({PAYLOAD_OXUM} {expected[0]}.{expected[1]}): a file is shorter or longer than when it "
+        "was packaged (its data lost in a power cut?)"
+    )
+
+
 def sync_file(path: str | os.PathLike[str]) -> None:
     """``fsync`` a file: its bytes are on disk when this returns."""
     fd = os.open(path, os.O_RDONLY)
@@ -189,10 +246,15 @@ def _read_exactly(fd: int, buffer: bytearray, count: int, offset: int) -> bool:
 
 
 def copy_and_hash(
-    origin: str | os.PathLike[str], copy: str | os.PathLike[str], *, verify: bool = True
+    origin: str | os.PathLike[str],
+    copy: str | os.PathLike[str],
+    *,
+    verify: bool = True,
+    durable: bool = False,
 ) -> str:
     """Copy ``origin`` to ``copy`` (data, then permissions and times as ``shutil.copy2``);
-    the SHA-256 of the bytes copied.
+    the SHA-256 of the bytes copied. With ``durable`` the copy is on disk (``fsync``)
+    when this returns (its name is not: the caller syncs its directory).
 
     Block by block: the kernel copies the block (``sendfile``, no trip through user
     space), then the copy's block is read, compared with the origin's (``verify``) and
@@ -227,7 +289,9 @@ def copy_and_hash(
                     )
             digest.update(memoryview(copy_block)[:n])
             offset += n
-    shutil.copystat(origin, copy)
+        shutil.copystat(origin, copy)
+        if durable:
+            os.fsync(copy_fd)  # after copystat: its mode and times are on disk too
     return digest.hexdigest()
 
 
@@ -247,18 +311,22 @@ def write_manifest(
     reported by the validation); this member's lines are replaced. The file is replaced
     atomically; with ``durable`` it is on disk when this returns (after a move, where
     the package holds the only copy, or an append, where it holds earlier members'
-    lines). Otherwise it is not synced: a copied package a power cut left short is made
-    again, and on ext4 the fsync waits for the copy's writeback (0.1 s of 2 GB's 1.2 s).
+    lines). Otherwise it is not synced: a manifest a power cut left short describes a
+    package that is refused (tarsplit, verify) and made again.
     ``known`` maps files (``os.path.join`` strings under ``packpath/member``) to digests
     already computed, which are not hashed again; ``on_hashed(file, size_bytes)`` is called
     after each of the others is hashed (a move's whole package: progress for the user).
+
+    Beside the manifest, ``<packpath>.bag-info.txt`` gets the package's Payload-Oxum (its
+    files' total bytes and number, as BagIt's ``bag-info.txt``), by which tarsplit refuses,
+    without hashing, a package whose files are not the size they were (see
+    :func:`payload_oxum_problem`); written as the manifest is, just before it.
     """
     path = manifest_path(packpath)
     prefix = Path(packpath.name) / member
+    previous = read_manifest(path)
     kept = {
-        name: digest
-        for name, digest in read_manifest(path).items()
-        if not Path(name).is_relative_to(prefix)
+        name: digest for name, digest in previous.items() if not Path(name).is_relative_to(prefix)
     }
     # Plain strings, not Paths: with tens of thousands of files pathlib costs more than hashing.
     # Names are the member's name in the manifest followed by the path below the member
@@ -273,17 +341,59 @@ def write_manifest(
     digests = dict(
         zip(unknown, hash_files(unknown, workers=workers, on_hashed=report), strict=True)
     )
+    oxum = _kept_payload_oxum(packpath, previous, kept)
+    if oxum is not None:
+        sizes = [os.stat(file).st_size for file in files]
+        oxum = (oxum[0] + sum(sizes), oxum[1] + len(files))
     for file in files:
         kept[f"{prefix}{file[len(root) :]}"] = known.get(file) or digests[file]
-    partial = path.with_name(path.name + ".partial")
+    bag_info = bag_info_path(packpath)
+    if oxum is None:  # cannot be known: no record rather than a wrong one
+        bag_info.unlink(missing_ok=True)
+    else:
+        _replace_file(bag_info, f"{PAYLOAD_OXUM}: {oxum[0]}.{oxum[1]}\n", durable=durable)
     lines = "".join(f"{digest}  {name}\n" for name, digest in sorted(kept.items()))
-    partial.write_text(lines, encoding="utf-8")  # names are UTF-8 (others are refused)
-    if durable:
-        sync_file(partial)
-    os.replace(partial, path)
+    _replace_file(path, lines, durable=durable)  # names are UTF-8 (others are refused)
     if durable:
         sync_directory(path.parent)
     return path
+
+
+def _replace_file(path: Path, text: str, *, durable: bool) -> None:
+    """Replace ``path`` atomically through ``<path>.partial`` (synced with ``durable``; its
+    name is not: the caller syncs the directory)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    if durable:
+        sync_file(partial)
+    os.replace(partial, path)
+
+
+def _kept_payload_oxum(
+    packpath: Path, previous: Mapping[str, str], kept: Mapping[str, str]
+) -> tuple[int, int] | None:
+    """``(bytes, files)`` of the files of the manifest lines ``kept`` (other members'), or
+    None when that cannot be known (one of them is missing).
+
+    The previous bag-info's figure when it describes exactly those lines (the record of the
+    run that wrote them: a file of theirs cut short since is not taken for the truth);
+    otherwise their sizes now.
+    """
+    if not kept:
+        return 0, 0
+    try:
+        recorded = read_payload_oxum(packpath)
+    except (OSError, ValueError):
+        recorded = None
+    if recorded is not None and recorded[1] == len(kept) and previous.keys() == kept.keys():
+        return recorded
+    total = 0
+    for name in kept:
+        try:
+            total += os.stat(packpath.parent / name).st_size
+        except FileNotFoundError:
+            return None
+    return total, len(kept)
 
 
 _NOT_A_FILE = {
@@ -300,12 +410,15 @@ def not_a_file(mode: int) -> str:
     return _NOT_A_FILE.get(stat.S_IFMT(mode), "not a file")
 
 
-def package_entries(packpath: Path) -> tuple[set[str], dict[str, str]]:
+def package_entries(
+    packpath: Path, sizes: dict[str, int] | None = None
+) -> tuple[set[str], dict[str, str]]:
     """The package's regular files, and its other entries that are not directories (name ->
     what it is), named as in the manifest (from the package's own name on).
 
     Symbolic links are not followed, to directories either: the packager makes files and
     directories only, and a link (a hand edit) would deliver a name without its data.
+    ``sizes``, when given, gets each regular file's size (name -> bytes).
     """
     files: set[str] = set()
     others: dict[str, str] = {}
@@ -319,6 +432,8 @@ def package_entries(packpath: Path) -> tuple[set[str], dict[str, str]]:
                     pending.append((entry.path, entry_name))
                 elif entry.is_file(follow_symlinks=False):
                     files.add(entry_name)
+                    if sizes is not None:
+                        sizes[entry_name] = entry.stat(follow_symlinks=False).st_size
                 else:
                     others[entry_name] = not_a_file(entry.stat(follow_symlinks=False).st_mode)
     return files, others
@@ -335,7 +450,8 @@ def validate_manifest(packpath: Path, *, workers: int = 2) -> list[str]:
     if not path.exists():
         return [f"{path} does not exist"]
     expected = read_manifest(path)
-    files, others = package_entries(packpath)
+    sizes: dict[str, int] = {}
+    files, others = package_entries(packpath, sizes)
     listed = sorted(expected)
     present = [name for name in listed if name in files]
     problems = [f"missing: {name}" for name in listed if name not in files and name not in others]
@@ -348,7 +464,13 @@ def validate_manifest(packpath: Path, *, workers: int = 2) -> list[str]:
         f"not a file: {name} ({what}; a package holds files and directories only)"
         for name, what in sorted(others.items())
     ]
-    return problems
+    if problems:
+        return problems  # each named: the sizes' sum would only repeat them
+    try:
+        oxum = payload_oxum_problem(packpath, sizes)
+    except (OSError, ValueError) as exc:
+        oxum = f"its bag-info cannot be read: {exc}"
+    return [] if oxum is None else [f"size: {oxum}"]  # as tarsplit refuses it
 
 
 def verify_against_sources(plan: Plan, packpath: Path) -> None:

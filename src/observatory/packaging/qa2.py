@@ -41,6 +41,7 @@ from typing import Any
 
 from observatory.packaging.manifest import (
     THREADED_HASH_BYTES,
+    bag_info_path,
     copy_and_hash,
     file_sha256,
     link_and_hash,
@@ -754,8 +755,8 @@ def _journal_path(packpath: Path) -> Path:
 
 
 def _beside(packpath: Path) -> list[Path]:
-    """The files a run writes beside the package: manifest and ticket files."""
-    return [manifest_path(packpath), *_ticket_paths(packpath)]
+    """The files a run writes beside the package: manifest, bag-info and ticket files."""
+    return [manifest_path(packpath), bag_info_path(packpath), *_ticket_paths(packpath)]
 
 
 def _set_aside(path: Path) -> Path:
@@ -785,7 +786,8 @@ def _begin(packpath: Path, origin: Path, member: Path, mode: str, *, clearing: b
             os.link(path, _set_aside(path))
     if clearing:
         os.rename(packpath, _set_aside(packpath))
-        manifest_path(packpath).unlink(missing_ok=True)  # it described what was cleared
+        for described in (manifest_path(packpath), bag_info_path(packpath)):
+            described.unlink(missing_ok=True)  # they described what was cleared
     return journal
 
 
@@ -1453,6 +1455,7 @@ def _execute(action: Action, member: Path, mode: str) -> None:
             _hard_link(source, target, cwd_fd=cwd_fd)
         except (OSError, PackagingError):  # e.g. another file system: the ticket's files
             shutil.copy2(source, target)  # are small, a copy (of what a symlink names) does
+            sync_file(target)  # on disk before the run is committed (see _carry_out)
         finally:
             os.close(cwd_fd)
     elif action.kind == "split-ms":
@@ -1502,7 +1505,8 @@ def _copy_or_link_chunk(
         target = f"{member_path}/{action.destination_text}"
         try:
             if action.kind == "copy":
-                digest = copy_and_hash(source, target, verify=verify)
+                # Synced here, in the worker, so that the syncs overlap the other copies.
+                digest = copy_and_hash(source, target, verify=verify, durable=True)
             else:
                 digest = link_and_hash(source, target, make_link=make_link)
             known[target] = digest
@@ -1673,25 +1677,31 @@ def write_tickets(
                 (str(prefix / step.destination), (member / step.destination).read_bytes())
             )
     entries.append((f"{packpath.name}/expected_size.txt", f"{plan.expected_size_bytes}\n".encode()))
-    for path, write in ((tar_path, _write_tar), (zip_path, _write_zip)):
-        partial = path.with_name(path.name + ".partial")
-        write(partial, entries)
-        os.replace(partial, path)
+    for path, archived in ((tar_path, _tar_bytes), (zip_path, _zip_bytes)):
+        # On disk before the run is committed: no later run rewrites them (a move's
+        # reduction is links by then), so a power cut must not leave them short.
+        _replace_with(path, archived(entries))
     return tar_path, zip_path
 
 
-def _write_tar(path: Path, entries: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as archive:
+def _tar_bytes(entries: list[tuple[str, bytes]]) -> bytes:
+    """A PAX tar of ``entries`` (name, content), in memory (they are small: see write_tickets)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
         for name, content in entries:
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode = len(content), int(time.time()), 0o644
             archive.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
 
 
-def _write_zip(path: Path, entries: list[tuple[str, bytes]]) -> None:
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+def _zip_bytes(entries: list[tuple[str, bytes]]) -> bytes:
+    """A deflated zip of ``entries`` (name, content), in memory."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for name, content in entries:
             archive.writestr(name, content)
+    return buffer.getvalue()
 
 
 def _readme_name(member: Path) -> str:
@@ -1954,12 +1964,13 @@ def _packaged_files(member: Path, member_relative: Path) -> set[str]:
     """The files in ``member`` (a real path) that a move put there: every file but the
     README the run writes and the packager's temporary names."""
     readme = os.path.join(member, _readme_name(member_relative))
+    written = {readme, f"{readme}.partial"}  # the README, and its new text a kill left
     return {
         path
         for directory, _, filenames in os.walk(member)
         for name in filenames
         if not name.endswith(TEMPORARY_SUFFIXES)
-        and (path := os.path.join(directory, name)) != readme
+        and (path := os.path.join(directory, name)) not in written
     }
 
 
@@ -2249,7 +2260,7 @@ def _written(
     return [
         pack / plan.member / _readme_name(plan.member),
         *([] if keeps_tickets else _ticket_paths(pack)),
-        *([manifest_path(pack)] if mode in ("copy", "hard", "move") else []),
+        *([manifest_path(pack), bag_info_path(pack)] if mode in ("copy", "hard", "move") else []),
     ]
 
 
@@ -2265,31 +2276,49 @@ def _carry_out(
     *,
     appending: bool,
 ) -> None:
-    """Do the plan's actions, then write the README, ticket files and manifest."""
+    """Do the plan's actions, then write the README, ticket files and manifest.
+
+    Everything the run wrote is on disk before the manifest is written and the run
+    committed (the journal says so): each copy (synced as it is made), each split
+    measurement set, then the directories holding their names, the README and the ticket
+    files. A power cut after a run that finished must not leave a package that looks
+    complete but holds a short file (tarsplit would deliver it with correct-looking md5s).
+    Hard links and moved files are their origin's data: only their names are new.
+    """
     member.mkdir(parents=True, exist_ok=True)
     parallel = ("copy", "link") if mode == "hard" else ("copy",)
-    for action in plan.actions:
-        if action.kind in ("remove", "write", *parallel):
-            continue  # removal done before, writes after; copies and links below, in threads
-        _execute(action, member, mode)
-        if action.kind == "split-ms":  # the package holds the split, smaller than its origin
-            written = sum(size for _, _, size, _ in _walk(member / action.destination_text))
-            plan.expected_size_bytes += written - action.size_bytes
-        if progress is not None:
-            progress(action)
-    known = _copy_or_link_all(
-        [action for action in plan.actions if action.kind in parallel],
-        member,
-        workers=hash_workers,
-        verify=verify,
-        progress=progress,
-    )
+    # casacore does not sync the measurement sets it writes: they are synced in a thread
+    # of their own, each while the next one is split and the files are linked.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qa-packager-sync") as syncer:
+        synced = []
+        for action in plan.actions:
+            if action.kind in ("remove", "write", *parallel):
+                continue  # removal done before, writes after; copies and links below, in threads
+            _execute(action, member, mode)
+            if action.kind == "split-ms":  # the package holds the split, smaller than its origin
+                split = member / action.destination_text
+                synced.append(syncer.submit(_sync_files, split))
+                written = sum(size for _, _, size, _ in _walk(split))
+                plan.expected_size_bytes += written - action.size_bytes
+            if progress is not None:
+                progress(action)
+        known = _copy_or_link_all(
+            [action for action in plan.actions if action.kind in parallel],
+            member,
+            workers=hash_workers,
+            verify=verify,
+            progress=progress,
+        )
+        for future in synced:
+            future.result()
+    _sync_directories(pack, member)
     notes = "".join(f"\n{note}" for note in plan.notes if not note.startswith("not packaged:"))
     readme_path = member / _readme_name(plan.member)
-    readme_path.write_text(
-        header_text + notes + "\n\nPackage contents:\n" + _tree(pack), encoding="utf-8"
-    )
-    plan.expected_size_bytes += readme_path.stat().st_size
+    # A kill's new README text, left beside it, is not listed in the tree (nor kept).
+    readme_path.with_name(readme_path.name + ".partial").unlink(missing_ok=True)
+    readme = (header_text + notes + "\n\nPackage contents:\n" + _tree(pack)).encode("utf-8")
+    _replace_with(readme_path, readme)  # on disk, as the ticket files, before the commit
+    plan.expected_size_bytes += len(readme)
     write_tickets(plan, pack, member, real=mode != "fake", appending=appending)
     if mode in ("copy", "hard", "move"):
         # Synced after a move (the only copy) or when earlier members' lines are in it.
@@ -2308,6 +2337,23 @@ def _carry_out(
         )  # fmt: skip
         if verify:
             verify_against_sources(plan, pack)
+
+
+def _sync_files(root: Path) -> None:
+    """``fsync`` every file below ``root`` (a measurement set the run wrote)."""
+    for directory, _, filenames in os.walk(root):
+        for name in filenames:
+            sync_file(os.path.join(directory, name))
+
+
+def _sync_directories(pack: Path, member: Path) -> None:
+    """``fsync`` the directories a run added names to: every one of ``member``, those
+    leading to it from ``pack`` (a new group or member) and the package's parent (a new
+    package). The names must reach the disk before the commit, as the data they name."""
+    for directory, _, _ in os.walk(member):
+        sync_directory(directory)
+    for leading in (*member.parents[: len(member.relative_to(pack).parts)], pack.parent):
+        sync_directory(leading)
 
 
 def QA_Packager(  # noqa: N802 (the source document's name)

@@ -24,7 +24,10 @@ Design choices (ours, not the document's):
 * all pieces are written under temporary names in the output directory and renamed
   into place only once every piece is complete, so an interrupted run leaves no
   tar (truncated or not) under a final name (the renames are recorded first: a run
-  killed while renaming leaves a part of a set that the next run removes);
+  killed while renaming leaves a part of a set that the next run removes, whatever
+  host or process it ran as: only the run holding the set's lock writes those names);
+  each tar and md5 sidecar is synced before its rename and the output directory after
+  the renames, so a run that succeeded survives a power cut;
 * the md5 is computed from the bytes as they are written (the tar is never read
   back): the writer reads each file into a buffer, writes the buffer and hashes it
   (in a helper thread when the package is a single piece), so the digest is that of
@@ -68,7 +71,12 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from observatory.packaging.manifest import not_a_file, package_entries, sync_file
+from observatory.packaging.manifest import (
+    not_a_file,
+    package_entries,
+    payload_oxum_problem,
+    sync_directory,
+)
 from observatory.packaging.qa2 import PROJECT_CODE
 
 #: What NAME (the tag between project code and piece number) may contain.
@@ -614,6 +622,9 @@ def _write_piece(
                 _copy_data(member, out, cancel)
         out.write(bytes(_tar_file_bytes(out.tell()) - out.tell()))
         digest = out.hexdigest()
+        # On disk before it is renamed to its final name: a power cut after the run must not
+        # leave a short tar there. Here, in the piece's thread, so the pieces' syncs overlap.
+        os.fsync(fd)
     finally:
         out.close()
         os.close(fd)
@@ -626,10 +637,21 @@ def _write_piece(
     return digest
 
 
+def _write_synced(path: Path, content: bytes) -> None:
+    """Write a new file (a sidecar, a placing record) whose bytes are on disk when this
+    returns (its name is not: the caller syncs the directory)."""
+    with open(path, "xb") as file:
+        file.write(content)
+        file.flush()
+        os.fsync(file.fileno())
+
+
 def _existing(output_dir: Path, project: str, name: str) -> list[str]:
-    """Tars of this project and tag under final names (not a killed run's: see _placing)."""
+    """Tars of this project and tag under final names, but for those a placing record lists
+    (see :func:`_placing`): a killed run's, removed by the next run once it holds the set, or
+    a live run's, which holds the set (the next run is refused when it tries to take it)."""
     pattern = re.compile(rf"^{re.escape(project)}_{re.escape(name)}_\d+_of_\d+\.tar(\.md5sum)?$")
-    dead = {placed for _, names in _dead_placings(output_dir, project, name) for placed in names}
+    dead = {placed for _, names in _placings(output_dir, project, name) for placed in names}
     return sorted(
         p.name for p in output_dir.iterdir() if pattern.match(p.name) and p.name not in dead
     )
@@ -644,12 +666,14 @@ def _placing(output_dir: Path, project: str, tag: str, token: str) -> Path:
     return output_dir / (temporary_name(f"{project}_{tag}.tars", "placing") + token)
 
 
-def _dead_placings(output_dir: Path, project: str, tag: str) -> list[tuple[Path, list[str]]]:
-    """The placing records of killed runs of this host, with the names each lists."""
+def _placings(output_dir: Path, project: str, tag: str) -> list[tuple[Path, list[str]]]:
+    """The placing records of this project and tag, with the names each lists: whatever
+    host or PID made them, as only a run holding the set writes one (a record found while
+    holding the set is a killed run's)."""
     from observatory.core.storage import leftover_temporaries
 
     found = []
-    for record in leftover_temporaries(output_dir / f"{project}_{tag}.tars"):
+    for record in leftover_temporaries(output_dir / f"{project}_{tag}.tars", any_owner=True):
         try:
             names = json.loads(record.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -716,8 +740,9 @@ def _reading(package: Path) -> Iterator[None]:
 
 
 def _temporary(output_dir: Path, project: str, tag: str, index: int, token: str) -> Path:
-    """The hidden name piece ``index`` is written under, marked with this process
-    (``core.storage.temporary_name``), so a later run can tell a dead run's leftover."""
+    """The hidden name piece ``index`` is written under, marked with this host and process
+    (``core.storage.temporary_name``): who left a leftover (which the next run holding the
+    set removes, whoever left it)."""
     from observatory.core.storage import temporary_name
 
     return output_dir / (temporary_name(f"{project}_{tag}_{index}.tar", "partial") + token)
@@ -725,7 +750,13 @@ def _temporary(output_dir: Path, project: str, tag: str, index: int, token: str)
 
 def _remove_leftovers(output_dir: Path, project: str, tag: str) -> list[Path]:
     """Remove the pieces (and md5 sidecars) of this package and tag left under their hidden
-    names by a run of this host that was killed; those of live runs are kept."""
+    names by a killed run, and the part of its set it had renamed into place.
+
+    Called holding the set (:func:`_writing_set`), which every run writing it holds: each
+    hidden piece and placing record of the set is a dead run's, whatever host or PID its
+    name carries (a run killed on another host of a shared file system, or in a container,
+    whose PID another process may have now).
+    """
     from observatory.core.storage import remove_leftover_temporaries
 
     pattern = re.compile(rf"^\.{re.escape(project)}_{re.escape(tag)}_(\d+)\.tar\.")
@@ -733,9 +764,11 @@ def _remove_leftovers(output_dir: Path, project: str, tag: str) -> list[Path]:
     removed = [
         removed
         for index in sorted(indices)
-        for removed in remove_leftover_temporaries(output_dir / f"{project}_{tag}_{index}.tar")
+        for removed in remove_leftover_temporaries(
+            output_dir / f"{project}_{tag}_{index}.tar", any_owner=True
+        )
     ]
-    for record, names in _dead_placings(output_dir, project, tag):
+    for record, names in _placings(output_dir, project, tag):
         for name in names:  # the part of a set a killed run had renamed into place
             (output_dir / name).unlink(missing_ok=True)
             removed.append(output_dir / name)
@@ -749,7 +782,10 @@ def check_manifest_covers(package: Path) -> None:
 
     A delivery tar must hold a real, verified package: one made in fake or ticket mode
     (0-byte stand-ins) has no manifest, and a file the manifest does not list (or a listed
-    one that is gone) was never verified. Names only: ``qa-packager verify`` re-hashes.
+    one that is gone) was never verified. Names, and the files' sizes against the total
+    the packager recorded with the manifest (the Payload-Oxum of
+    ``<package>.bag-info.txt``: a file a power cut left short would otherwise be delivered
+    with a correct-looking md5); ``qa-packager verify`` re-hashes.
 
     Raises
     ------
@@ -770,10 +806,21 @@ def check_manifest_covers(package: Path) -> None:
         listed = set(read_manifest(path))
     except (ValueError, UnicodeDecodeError) as exc:
         raise TarsplitError(f"{path} cannot be read as a manifest: {exc}") from exc
-    files, others = package_entries(package)
+    sizes: dict[str, int] = {}
+    files, others = package_entries(package, sizes)
     problems = [f"not in the manifest: {n}" for n in sorted(files - listed)]
     problems += [f"missing: {n}" for n in sorted(listed - files - set(others))]
     problems += [f"not a file: {n} ({what})" for n, what in sorted(others.items())]
+    if not problems:
+        try:
+            oxum = payload_oxum_problem(package, sizes)
+        except (OSError, ValueError) as exc:
+            oxum = f"its bag-info cannot be read ({exc})"
+        if oxum is not None:
+            raise TarsplitError(
+                f"{package} is not the package its manifest {path} describes: {oxum}; "
+                "qa-packager verify names the file; package it again"
+            )
     if problems:
         raise TarsplitError(
             f"the manifest {path} does not cover {package} ({len(problems)} problems: "
@@ -810,10 +857,13 @@ def write_pieces(
     computed from the bytes as they are written and stored in ``<tar>.md5sum`` as
     ``md5sum`` prints it, so ``md5sum -c`` in the output directory checks it. Every
     piece is written under a temporary hidden name in the output directory (marked with
-    this process: the leftovers of a killed run of the same package and tag are removed
-    first); only when all are complete are they renamed into place, so a failure or
+    this host and process; the leftovers of a killed run of the same package and tag are
+    removed first); only when all are complete are they renamed into place, so a failure or
     interruption leaves no tar under a final name (a kill during the renames leaves a
-    record of them, by which the next run removes the part of the set it renamed).
+    record of them, by which the next run removes the part of the set it renamed). The
+    leftovers are those of any host and process: only a run holding the set (a lock in
+    the output directory) writes them. Each tar and sidecar is on disk before its
+    rename, and the names once the run returns.
 
     Parameters
     ----------
@@ -938,7 +988,7 @@ def _write_checked_pieces(
                 finals.append(output_dir / pieces[-1].tar_name(tar_set.tag))
         digests = [future.result() for future in futures]
         for final, temp, digest in zip(finals, temps, digests, strict=True):
-            Path(f"{temp}.md5sum").write_text(f"{digest}  {final.name}\n", encoding="utf-8")
+            _write_synced(Path(f"{temp}.md5sum"), f"{digest}  {final.name}\n".encode())
         for tar_set in sets:
             names = [
                 name
@@ -947,15 +997,20 @@ def _write_checked_pieces(
                 for name in (final.name, f"{final.name}.md5sum")
             ]
             records.append(_placing(output_dir, project, tar_set.tag, token))
-            records[-1].write_text(json.dumps(names), encoding="utf-8")
-            sync_file(records[-1])  # on disk before the first rename it lets a later run undo
+            # On disk, under its name, before the first rename it lets a later run undo.
+            _write_synced(records[-1], json.dumps(names).encode())
+        sync_directory(output_dir)
         for final, temp in zip(finals, temps, strict=True):
             os.replace(temp, final)
             placed.append(final)
             os.replace(f"{temp}.md5sum", f"{final}.md5sum")
             placed.append(Path(f"{final}.md5sum"))
+        # The final names on disk before the records that would let a later run remove them
+        # go: a power cut in between leaves the whole set, or a part a later run undoes.
+        sync_directory(output_dir)
         for record in records:
             record.unlink()
+        sync_directory(output_dir)  # a "successful" run's set is not undone after a power cut
     except BaseException:
         cancel.set()
         pool.shutdown(wait=True, cancel_futures=True)
