@@ -42,7 +42,7 @@ from numpy.typing import NDArray
 
 from observatory.archive.filenames import legacy_gpubox_channels, parse_file_name
 from observatory.archive.models import FileKind
-from observatory.telescope.instrument import COARSE_CHAN_WIDTH_HZ
+from observatory.telescope.instrument import COARSE_CHAN_WIDTH_HZ, ensure_astropy_offline
 
 log = logging.getLogger(__name__)
 
@@ -476,9 +476,14 @@ _EXPECTED_PYUVDATA_WARNINGS = (
 
 
 def prepare_pyuvdata() -> None:
-    """Get pyuvdata ready for a conversion: quiet where expected, compiled once per install.
+    """Get pyuvdata ready for a conversion: offline, quiet where expected, compiled once
+    per install.
 
-    Two things, both process-wide and repeatable:
+    Three things, all process-wide and repeatable:
+
+    * astropy offline, with the MWA in its site registry (pyuvdata looks the telescope
+      up there), in this process: in a Dask worker or a pool's process too, where nothing
+      else may have done it (:func:`~observatory.telescope.site.ensure_astropy_offline`).
 
     * Ignore :data:`_EXPECTED_PYUVDATA_WARNINGS` (those only). Not
       ``warnings.catch_warnings``: it swaps the whole process's filters and puts the old
@@ -492,6 +497,7 @@ def prepare_pyuvdata() -> None:
       in the user's cache directory when those are read-only, and recompiles when they
       change.
     """
+    ensure_astropy_offline()
     present = {
         entry[1].pattern
         for entry in warnings.filters
@@ -601,8 +607,9 @@ def open_reader(
     ------
     ReadError
         If no data file is given, a file is missing or is a ``.mwaf`` flag file, a file is
-        from another observation than the metafits or laid out for another array or
-        resolution, or neither reader accepts the files.
+        from another observation than the metafits, of a coarse channel (or gpubox) it does
+        not list, or laid out for another array or resolution, or neither reader accepts
+        the files.
     """
     metafits_path = Path(metafits)
     paths = [Path(p) for p in data_files]
@@ -631,9 +638,11 @@ def open_reader(
     meta = read_metadata(metafits_path)
     _check_obsids(metafits_path, meta.obsid, paths)
     for path in paths:
-        # Before mwalib sees them: a file laid out for another array or resolution makes
-        # it panic and abort the whole process (a Dask worker with it).
+        # Before mwalib sees them: a file laid out for another array or resolution, or of
+        # a coarse channel the metafits does not list (left over from another recording of
+        # the obsid), makes it panic and abort the whole process (a Dask worker with it).
         _check_layout(metafits_path, meta, path)
+        _check_channel(meta, path)
     try:
         return MwalibReader(metafits_path, paths, meta)
     except Exception as mwalib_error:  # mwalib's own error types
@@ -646,6 +655,23 @@ def open_reader(
             raise ReadError(
                 f"cannot read the correlator files: mwalib says {mwalib_error}; pyuvdata says {exc}"
             ) from exc
+
+
+def _check_channel(meta: ObservationMeta, path: Path) -> None:
+    """Refuse a correlator file whose name gives a coarse channel (or gpubox) the metafits
+    does not list; a name that is not an MWA correlator file's is left to the readers.
+
+    Raises
+    ------
+    ReadError
+        Naming the file, its channel and the metafits' (from :func:`_rec_chan_of_file`).
+    """
+    info = parse_file_name(path.name)
+    if info is None or info.kind not in (FileKind.MWAX_VIS, FileKind.LEGACY_GPUBOX):
+        return
+    number = info.coarse_chan if info.kind == FileKind.MWAX_VIS else info.gpubox_number
+    if number is not None:
+        _rec_chan_of_file(info.kind, number, path, meta)
 
 
 def _file_obsids(path: Path) -> set[int]:
