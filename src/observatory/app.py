@@ -36,6 +36,10 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool = False) -> F
     """
     settings = settings or get_settings()
     ensure_astropy_offline()
+    if run_jobs and settings.telescope_runner:
+        from observatory.archive.runner import check_telescope_settings
+
+        check_telescope_settings(settings)  # refused now, not in every observation
     engine = make_engine(settings.resolved_database_url)
     session_factory = make_session_factory(engine)
 

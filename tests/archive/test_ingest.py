@@ -221,3 +221,45 @@ def test_not_mwa_names(name: str) -> None:
 
 def test_legacy_channel_order() -> None:
     assert legacy_gpubox_channels([127, 128, 129, 130]) == [127, 128, 130, 129]
+
+
+def test_files_of_channels_the_metafits_does_not_list_are_skipped(
+    session: Session, tmp_path: Path
+) -> None:
+    """One obsid simulated twice into a directory (channels 133 and 134, then 140): the
+    metafits was written again, the old files stayed and were registered, and mwalib then
+    panicked (aborting the process) on opening them. The same for a voltage sub-file of a
+    channel the metafits does not list and a legacy gpubox number beyond the channel count."""
+    from observatory.telescope.simulator import simulate_observation
+
+    obsid = 1480000032
+    directory = _copy_obs(tmp_path, "1131733552")  # 24 coarse channels: gpubox01..24
+    simulate_observation(directory, obsid, n_tiles=4, coarse_chans=(133, 134), n_timesteps=1)
+    again = simulate_observation(directory, obsid, n_tiles=4, coarse_chans=(140,), n_timesteps=1)
+    stale = sorted(p for p in directory.glob(f"{obsid}_*_ch13[34]_000.fits"))
+    assert len(stale) == 2
+    subfile = directory / f"{obsid}_{obsid}_133.sub"
+    subfile.write_bytes(b"\0" * 4096)
+    gpubox25 = directory / "1131733552_20151116182537_mini_gpubox25_00.fits"
+    shutil.copy(directory / "1131733552_20151116182537_mini_gpubox01_00.fits", gpubox25)
+    storage = Storage(tmp_path / "archive")
+
+    for _ in range(2):  # and again: still skipped, nothing refused
+        report = ingest_directory(session, storage, directory)
+        session.commit()
+        reasons = dict(report.skipped)
+        for path, channel in [(stale[0], 133), (stale[1], 134), (subfile, 133)]:
+            assert reasons[str(path)].startswith(
+                f"receiver channel {channel} is not one of observation {obsid}'s channels (140)"
+            )
+        assert reasons[str(gpubox25)].startswith(
+            "gpubox number 25 is not in 1..24 (observation 1131733552 has 24 coarse channels)"
+        )
+        assert all("not registered" in reasons[str(p)] for p in [*stale, subfile, gpubox25])
+
+    names = sorted(f.name for f in get_observation(session, obsid).files)
+    assert names == sorted(f.path.name for f in again.files)
+    legacy = {f.name for f in get_observation(session, 1131733552).files}
+    assert gpubox25.name not in legacy and len(legacy) == 6
+    assert not any(key.endswith((".sub", "_ch133_000.fits", "_ch134_000.fits"))
+                   for key in storage.list())  # fmt: skip

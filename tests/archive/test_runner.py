@@ -186,6 +186,9 @@ def test_an_operator_schedules_observations_the_telescope_records_and_triggerbuf
     start = NOON // 8 * 8 + 8
     with session_factory() as session:
         create_project(session, "G0055", priority=5, secure_key="runner-key-1")
+        # The buffering's project (priority 0, as an unknown one had): with projects registered,
+        # the schedule takes only theirs.
+        create_project(session, "C001", priority=0)
         correlator = schedule_observation(
             session, start_gps=start, duration_s=8, mode="MWAX_CORRELATOR",
             coarse_chans=[121, 122], project_id="G0055", obsname="by hand", now_gps_s=NOON,
@@ -258,6 +261,9 @@ def test_every_dump_of_buffering_observations_reaches_the_archive_and_vcsfree(
     first, second, third = start, start + 800, start + 1600
     with session_factory() as session:
         create_project(session, "G0055", priority=5, secure_key="runner-key-1")
+        # The buffering's project (priority 0, as an unknown one had): with projects registered,
+        # the schedule takes only theirs.
+        create_project(session, "C001", priority=0)
         for obsid, name in ((first, "first"), (second, "second"), (third + 3000, "never")):
             schedule_observation(
                 session, start_gps=obsid, duration_s=800, mode="MWAX_BUFFER",
@@ -310,6 +316,9 @@ def test_overlapping_dumps_are_charged_once(
     start = NOON // 8 * 8 + 8
     with session_factory() as session:
         create_project(session, "G0055", priority=5, secure_key="runner-key-1")
+        # The buffering's project (priority 0, as an unknown one had): with projects registered,
+        # the schedule takes only theirs.
+        create_project(session, "C001", priority=0)
         schedule_observation(
             session, start_gps=start, duration_s=800, mode="MWAX_BUFFER",
             coarse_chans=list(range(109, 133)), project_id="C001", obsname="b", now_gps_s=NOON,
@@ -323,3 +332,36 @@ def test_overlapping_dumps_are_charged_once(
             assert dump["success"] is True, dump["errors"]
         charged = free - service.vcs_free_s(session, settings, now=start + 421)
     assert charged == pytest.approx(90, abs=1)  # 300..390: 90 s of 24 channels
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "expected"),
+    [
+        ("telescope_tiles", 200, r"TELESCOPE_TILES .* n_tiles 200 is out of range \(1\.\.128\)"),
+        ("telescope_vcs_tiles", 129, r"VCS_TILES .* n_tiles 129 is out of range \(1\.\.128\)"),
+        ("telescope_min_fine_chan_khz", 50, r"FINE_CHAN_KHZ .* 50000\.0 Hz is not valid"),
+        ("telescope_min_int_time_s", 3, r"INT_TIME_S .* 3000\.0 ms is not valid"),
+    ],
+)
+def test_a_server_whose_telescope_could_record_nothing_does_not_start(
+    tmp_path: Path, setting: str, value: float, expected: str
+) -> None:
+    """``telescope_tiles = 200`` was taken (up to 256 were), the server started, and every
+    observation then failed in the simulator, logged "not trying again"."""
+    settings = Settings(data_dir=tmp_path, **{setting: value})
+    with pytest.raises(ValueError, match=expected):
+        create_app(settings, run_jobs=True)
+    runner.check_telescope_settings(Settings(data_dir=tmp_path, telescope_runner=True))
+    # The whole array, and the finest widths and shortest integrations MWAX has.
+    runner.check_telescope_settings(
+        Settings(
+            data_dir=tmp_path,
+            telescope_tiles=128,
+            telescope_vcs_tiles=128,
+            telescope_min_fine_chan_khz=0.2,
+            telescope_min_int_time_s=0.25,
+        )
+    )
+    create_app(
+        Settings(data_dir=tmp_path, telescope_runner=False, **{setting: value}), run_jobs=True
+    )

@@ -13,6 +13,9 @@ saved, once the buffer can reach it no more (``trigger_buffer_s`` after it ended
 the future is recorded ``DUMP_SETTLE_S`` after it ends (a dump may still extend it).
 What the dumps saved is read through ``buffer_dumps``, the trigger service's reader
 that the app hands in: the archive does not depend on the trigger domain.
+
+Stopping the runner cancels the recording in hand (the simulator removes what it wrote):
+it is recorded afresh at the next start, as any ended observation without files is.
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ from observatory.archive.simulated import (
 )
 from observatory.core.config import Settings
 from observatory.core.gpstime import now_gps
+from observatory.telescope.instrument import (
+    array_tiles,
+    validate_fine_chan_width_hz,
+    validate_int_time_ms,
+)
+from observatory.telescope.simulator import SimulationCancelled, cancelled_by
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +57,11 @@ CAPTURE_MODE = "VOLTAGE_BUFFER"
 #: schedule's lock, and an observation recorded before its dump's commit would miss that
 #: dump (or a capture that dump extends) for good.
 DUMP_SETTLE_S = 30.0
+#: Longest :meth:`TelescopeRunner.stop` waits for the recording in hand to be cancelled
+#: (between two integrations or files, normally well under a second). Well below the 45 s
+#: after which ``observatory serve`` exits regardless (``cli.GRACEFUL_SHUTDOWN_S +
+#: SHUTDOWN_MARGIN_S``), as the callback sender and dispatcher stop after the telescope.
+STOP_WAIT_S = 10.0
 #: Per database: observations this process will not try (again): too large, or failed once.
 _SKIPPED: dict[str, set[int]] = defaultdict(set)
 
@@ -88,12 +102,20 @@ def observe_due(
     buffer_dumps: DumpReader,
     now: float | None = None,
     limit: int = 1,
+    cancel: threading.Event | None = None,
 ) -> list[int]:
     """Record up to ``limit`` ended observations; returns their obsids.
 
     Each is simulated and registered in a transaction of its own; one that fails
     is logged and not tried again by this process. ``buffer_dumps`` says what was
     dumped of buffering observations.
+
+    Parameters
+    ----------
+    cancel
+        Once set, the recording in hand stops between two integrations (its files are
+        removed) and no other is started; what was not recorded stays due, for the next
+        call or the next start.
     """
     now = now_gps() if now is None else now
     skipped = _SKIPPED[settings.resolved_database_url]
@@ -127,13 +149,22 @@ def observe_due(
         due = due[:limit]
     recorded = []
     for obsid, subobs in due:
+        if cancel is not None and cancel.is_set():
+            break
         with session_factory() as session:
             scheduled = session.get(Observation, obsid)
             if scheduled is None:
                 continue
             try:
-                observe_scheduled(session, settings, scheduled, subobs)
+                with cancelled_by(cancel):
+                    observe_scheduled(session, settings, scheduled, subobs)
                 session.commit()
+            except SimulationCancelled:
+                # Not a failure: not skipped, so it is due again (it has no files), as after
+                # a kill, and is recorded at the next start.
+                session.rollback()
+                log.info("stopped recording observation %s: recorded at the next start", obsid)
+                break
             except Exception:  # keep the telescope running, without retrying this one
                 session.rollback()
                 skipped.add(obsid)
@@ -144,8 +175,49 @@ def observe_due(
     return recorded
 
 
+#: The settings of the simulated telescope, and the instrument's rule each must follow.
+_TELESCOPE_SETTINGS: dict[str, Callable[[Settings], object]] = {
+    "telescope_tiles": lambda settings: array_tiles(n_tiles=settings.telescope_tiles),
+    "telescope_vcs_tiles": lambda settings: array_tiles(n_tiles=settings.telescope_vcs_tiles),
+    # converted as observe_scheduled converts them
+    "telescope_min_fine_chan_khz": lambda settings: validate_fine_chan_width_hz(
+        settings.telescope_min_fine_chan_khz * 1000.0
+    ),
+    "telescope_min_int_time_s": lambda settings: validate_int_time_ms(
+        settings.telescope_min_int_time_s * 1000.0
+    ),
+}
+
+
+def check_telescope_settings(settings: Settings) -> None:
+    """Refuse telescope settings the simulator would refuse for every observation.
+
+    Checked by the instrument's own rules when the server starts: taken as they were (up
+    to 256 tiles, any positive width or integration time), the server ran on while every
+    observation failed in the simulator, logged "not trying again".
+
+    Raises
+    ------
+    ValueError
+        Naming the setting (its environment variable and config-file key) and the rule.
+    """
+    for name, rule in _TELESCOPE_SETTINGS.items():
+        try:
+            rule(settings)
+        except ValueError as exc:
+            raise ValueError(
+                f"invalid settings: OBSERVATORY_{name.upper()} (or {name} in the "
+                f"OBSERVATORY_CONFIG file): not what the simulated telescope can record: {exc}"
+            ) from None
+
+
 class TelescopeRunner:
-    """A background thread that calls ``observe_due`` every ``poll_s`` seconds."""
+    """A background thread that calls ``observe_due`` every ``poll_s`` seconds.
+
+    :meth:`stop` cancels the recording in hand rather than waiting for it: a default
+    triggered observation can take most of a minute to simulate on a busy machine, longer
+    than a stopping server is given before it exits (which left a hidden ``.part`` file).
+    """
 
     def __init__(
         self,
@@ -167,17 +239,27 @@ class TelescopeRunner:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop after the observation in hand (waits up to a minute)."""
+        """Stop observing, cancelling the observation being recorded, if any.
+
+        The cancelled observation's files (finished and partial) are removed and it is
+        recorded at the next start. Waits at most :data:`STOP_WAIT_S` seconds for the
+        thread to end; it normally does within a second.
+        """
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join(60)
+            self._thread.join(STOP_WAIT_S)
+            if self._thread.is_alive():  # in the database, or registering files
+                log.warning("the telescope did not stop within %g s", STOP_WAIT_S)
 
     def _run(self) -> None:
         while not self._stop.wait(self._poll_s):
             try:
                 while (
                     observe_due(
-                        self._session_factory, self._settings, buffer_dumps=self._buffer_dumps
+                        self._session_factory,
+                        self._settings,
+                        buffer_dumps=self._buffer_dumps,
+                        cancel=self._stop,
                     )
                     and not self._stop.is_set()
                 ):

@@ -16,8 +16,10 @@ from sqlalchemy.orm import Session, selectinload
 
 from observatory.archive.filenames import ParsedFileName, legacy_gpubox_channels, parse_file_name
 from observatory.archive.models import FileKind, Observation, ObservationFile, ObservationMode
+from observatory.core.accounts import project_id_problem
 from observatory.core.database import MAX_SQL_INTEGER
 from observatory.core.errors import BadRequest, NotFound
+from observatory.core.models import Project
 from observatory.core.storage import Storage, sha1_of_file
 from observatory.telescope.instrument import metafits_text_problem, validate_coarse_chans
 
@@ -141,12 +143,35 @@ def _check_data_file(path: Path, parsed: ParsedFileName) -> None:
         raise ValueError(f"header says obsid {header_obsid}, the name says {parsed.obsid}")
 
 
+def _unobserved_channel(parsed: ParsedFileName, receiver_channels: list[int]) -> str | None:
+    """Why a correlator or voltage file is of a coarse channel the observation does not have
+    (its receiver channel is not in the metafits ``CHANNELS``, or its gpubox number is
+    beyond the channel count), else None."""
+    if parsed.kind in (FileKind.MWAX_VIS, FileKind.VOLTAGE) and parsed.coarse_chan is not None:
+        if parsed.coarse_chan not in receiver_channels:
+            return (
+                f"receiver channel {parsed.coarse_chan} is not one of observation "
+                f"{parsed.obsid}'s channels ({', '.join(map(str, receiver_channels))})"
+            )
+    elif parsed.kind == FileKind.LEGACY_GPUBOX and parsed.gpubox_number is not None:
+        n_chans = len(receiver_channels)
+        if not 1 <= parsed.gpubox_number <= n_chans:
+            return (
+                f"gpubox number {parsed.gpubox_number} is not in 1..{n_chans} "
+                f"(observation {parsed.obsid} has {n_chans} coarse channels)"
+            )
+    return None
+
+
 def ingest_directory(session: Session, storage: Storage, directory: Path) -> IngestReport:
     """Register the observations and files found under ``directory`` (recursively).
 
     Every file is checked before anything is written: if any is bad, an
     :class:`IngestError` lists them all and neither the database nor the
-    archive changes. Files are copied into ``storage`` under
+    archive changes. A correlator or voltage file of a coarse channel the
+    observation does not have (not in its metafits ``CHANNELS``; a legacy
+    gpubox number beyond the channel count) is not registered: it is listed in
+    :attr:`IngestReport.skipped` with the reason. Files are copied into ``storage`` under
     ``<obsid>/<name>`` (in place if they are already there). Running it again
     on the same files changes nothing.
 
@@ -214,6 +239,15 @@ def ingest_directory(session: Session, storage: Storage, directory: Path) -> Ing
         mode = str(existing.mode if existing is not None else metafits_fields["mode"])  # type: ignore[index]
         gpubox_map = legacy_gpubox_channels(receiver_channels)
         for path, parsed in entries:
+            unobserved = _unobserved_channel(parsed, receiver_channels)
+            if unobserved is not None:
+                # Left over from another recording of the obsid (a metafits written again
+                # with other channels): mwalib panics on such a file, aborting the process
+                # that opens it (an ASVO worker). Not registered, and said so; the rest of
+                # the observation is.
+                reason = f"{unobserved}; not registered (it is not part of this observation)"
+                report.skipped.append((str(path), reason))
+                continue
             if parsed.kind not in (FileKind.METAFITS, FileKind.PPDS):
                 try:
                     _check_data_file(path, parsed)
@@ -538,7 +572,8 @@ def schedule_observation(
     coarse_chans
         Receiver channels (1..255, at most 24).
     project_id, obsname
-        Its project and name (the name as a metafits holds it: printable ASCII).
+        Its project (see :func:`project_id_problem`; once projects are registered, one of
+        them) and name (the name as a metafits holds it: printable ASCII).
     now_gps_s
         The current GPS time.
 
@@ -552,7 +587,8 @@ def schedule_observation(
     ------
     ValueError
         Naming what is wrong: a start or duration off the 8-s grid, a start in the past,
-        an unknown mode, bad channels or name, or an overlap with the schedule.
+        an unknown mode, bad channels or name, a malformed or unknown project, or an overlap
+        with the schedule.
     """
     if start_gps % 8 or duration_s <= 0 or duration_s % 8:
         raise ValueError(
@@ -567,6 +603,17 @@ def schedule_observation(
     problem = metafits_text_problem(obsname) if obsname else "is empty"
     if problem:
         raise ValueError(f"obsname {problem}")
+    # Refused here, not when the telescope fails to record it (which it only logs).
+    problem = project_id_problem(project_id)
+    if problem:
+        raise ValueError(problem)
+    # As a trigger's project is checked; a fresh installation with no projects registered
+    # (the CLI's default D0000) takes any well-formed id.
+    if (
+        session.get(Project, project_id) is None
+        and session.scalar(select(Project.id).limit(1)) is not None
+    ):
+        raise ValueError(f"project_id {project_id!r} is not a known project")
     stop_gps = start_gps + duration_s
     other = overlapping_observation(session, start_gps, stop_gps)
     if other is not None:

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import contextlib
+import logging
+from collections.abc import Collection, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 from sqlalchemy.orm import Session
 
 from observatory.archive.models import Observation
-from observatory.archive.service import get_observation, ingest_directory
+from observatory.archive.service import (
+    get_observation,
+    ingest_directory,
+    metafits_observation_fields,
+)
+from observatory.core.accounts import project_id_problem
 from observatory.core.config import Settings
 from observatory.core.storage import Storage
-from observatory.telescope.catalogue import lookup
+from observatory.telescope.catalogue import UnknownSourceError, lookup
 from observatory.telescope.instrument import (
     DIPOLE_OFF_DELAY,
     MWAX_SUBOBS_S,
@@ -26,7 +34,9 @@ from observatory.telescope.instrument import (
     tile_layout,
     validate_coarse_chans,
 )
-from observatory.telescope.simulator import PointSource, simulate_observation
+from observatory.telescope.simulator import PointSource, SimulatedObservation, simulate_observation
+
+log = logging.getLogger(__name__)
 
 #: Scheduled modes recorded as voltages (MWAX_VCS sub-files).
 VOLTAGE_MODES = frozenset({"MWAX_VCS", "VOLTAGE_BUFFER"})
@@ -62,6 +72,19 @@ def instrument_gains(
     return amplitudes[:n_tiles][:, :, chans], delays_ns[:n_tiles]
 
 
+def _calibrator_point_source(name: str, phase_centre: tuple[float, float] | None) -> PointSource:
+    """The calibrator of a calibrator observation: its catalogue entry, else (a name a
+    trigger resolved online, which the offline catalogue lacks) a point source at the
+    observation's phase centre, where the trigger put the calibrator."""
+    try:
+        return catalogue_point_source(name)
+    except UnknownSourceError:
+        if phase_centre is None:
+            raise
+        log.info("calibrator %r is not in the catalogue: simulated at the phase centre", name)
+        return PointSource(*phase_centre, TARGET_FLUX_JY, -0.8, name)
+
+
 def catalogue_point_source(name: str) -> PointSource:
     """A catalogue source as a point source (its catalogue spectrum, or 1 Jy, alpha -0.8)."""
     entry = lookup(name)
@@ -69,6 +92,43 @@ def catalogue_point_source(name: str) -> PointSource:
         entry.ra_deg, entry.dec_deg, entry.flux_jy_150mhz or 1.0, entry.spectral_index or -0.8,
         entry.name,
     )  # fmt: skip
+
+
+def _register(session: Session, settings: Settings, out_dir: Path) -> None:
+    """Register what was simulated into ``out_dir``; log the files left unregistered (no
+    one reads the report here)."""
+    report = ingest_directory(session, Storage(settings.archive_dir), out_dir)
+    for path, reason in report.skipped:
+        log.warning("not registered: %s: %s", path, reason)
+
+
+def _check_project_id(project_id: str) -> None:
+    """Refuse, before anything is written, a project id the archive cannot register."""
+    problem = project_id_problem(project_id)
+    if problem:
+        raise ValueError(problem)
+
+
+def _remove_stale_parts(out_dir: Path, obsid: int) -> None:
+    """Remove the hidden ``.<obsid>...part`` files a simulation of ``obsid`` killed while
+    writing left behind: ingest skips dot-files, so nothing else ever removes them."""
+    for part in out_dir.glob(f".{obsid}*.part"):
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
+            log.info("removed %s, left by an interrupted simulation", part)
+
+
+@contextlib.contextmanager
+def _removed_unless_registered(simulated: SimulatedObservation) -> Iterator[None]:
+    """Remove the files of ``simulated`` if registering them fails: left in the archive
+    unregistered, a later ingest of the directory would register them."""
+    try:
+        yield
+    except BaseException:
+        for written in simulated.files:
+            with contextlib.suppress(FileNotFoundError):
+                written.path.unlink()
+        raise
 
 
 def simulate_and_register(
@@ -95,12 +155,25 @@ def simulate_and_register(
     The telescope points at the first source. The array's per-tile gain amplitudes
     and cable-delay errors (:func:`instrument_gains`) are injected; ``seed`` draws the
     noise. The truth is archived beside the data as ``<obsid>_truth.json``.
+
+    If registering fails, the files simulated are removed again (nothing of the
+    observation stays in the archive unregistered); so are the hidden ``.part`` files an
+    earlier simulation of ``obsid`` killed while writing left.
+
+    Raises
+    ------
+    ValueError
+        If the observation exists, ``project_id`` is not a valid project id (see
+        :func:`~observatory.core.accounts.project_id_problem`), or the simulator refuses
+        a parameter.
     """
     if session.get(Observation, obsid) is not None:
         raise ValueError(f"observation {obsid} already exists in the archive")
+    _check_project_id(project_id)
     out_dir = settings.archive_dir / str(obsid)
+    _remove_stale_parts(out_dir, obsid)
     amplitudes, delays_ns = instrument_gains(n_tiles, coarse_chans)
-    simulate_observation(
+    simulated = simulate_observation(
         out_dir,
         obsid,
         n_tiles=n_tiles,
@@ -119,10 +192,11 @@ def simulate_and_register(
         calibrator=calibrator,
         flagged_antennas=flagged_antennas,
     )
-    ingest_directory(session, Storage(settings.archive_dir), out_dir)
-    observation = get_observation(session, obsid)
-    observation.created_by = "simulator"
-    session.flush()
+    with _removed_unless_registered(simulated):
+        _register(session, settings, out_dir)
+        observation = get_observation(session, obsid)
+        observation.created_by = "simulator"
+        session.flush()
     return observation
 
 
@@ -154,6 +228,18 @@ def observe_scheduled(
 
     A buffering observation (``MWAX_BUFFER``) keeps only what buffer dumps saved: its
     sub-files starting at ``dumped_subobs_gps`` (see :func:`dumped_subobs_gps`).
+
+    The record's pointing and phase centre are set to the metafits' (an operator's
+    observation is scheduled without them). If registering fails, the files simulated are
+    removed again; so are the hidden ``.part`` files an earlier, killed recording left.
+
+    Raises
+    ------
+    ValueError
+        If a dumped span is given for other than a buffering observation (or none for
+        one), its project id is not valid (see
+        :func:`~observatory.core.accounts.project_id_problem`), or the simulator
+        refuses its parameters.
     """
     exposure_s = observation.stoptime - observation.obsid
     buffered = observation.mode == BUFFER_MODE
@@ -166,17 +252,19 @@ def observe_scheduled(
     int_time_s = max(observation.int_time_s or 0.0, settings.telescope_min_int_time_s)
     fine_chan_khz = max(observation.freq_res_khz or 0.0, settings.telescope_min_fine_chan_khz)
     n_tiles = settings.telescope_vcs_tiles if voltages else settings.telescope_tiles
+    _check_project_id(observation.project_id)
     phase_centre = _phase_centre(observation)
     if observation.calibration and observation.calibrator_source:
-        sources = [catalogue_point_source(observation.calibrator_source)]
+        sources = [_calibrator_point_source(observation.calibrator_source, phase_centre)]
     elif phase_centre is None:
         sources = []
     else:
         sources = [PointSource(*phase_centre, TARGET_FLUX_JY, -0.8, "target")]
     out_dir = settings.archive_dir / str(observation.obsid)
+    _remove_stale_parts(out_dir, observation.obsid)
     amplitudes, delays_ns = instrument_gains(n_tiles, observation.coarse_chans)
     pointing = None if observation.ra_deg is None else (observation.ra_deg, observation.dec_deg)
-    simulate_observation(
+    simulated = simulate_observation(
         out_dir,
         observation.obsid,
         n_tiles=n_tiles,
@@ -202,12 +290,19 @@ def observe_scheduled(
         creator=observation.creator or "simulator",
         calibrator=observation.calibrator_source if observation.calibration else None,
     )
-    ingest_directory(session, Storage(settings.archive_dir), out_dir)
-    observation.n_tiles = n_tiles
-    if not voltages:
-        observation.freq_res_khz = fine_chan_khz
-        observation.int_time_s = int_time_s
-    session.flush()
+    with _removed_unless_registered(simulated):
+        _register(session, settings, out_dir)
+        recorded = metafits_observation_fields(simulated.metafits_path)
+        observation.n_tiles = n_tiles
+        if not voltages:
+            observation.freq_res_khz = fine_chan_khz
+            observation.int_time_s = int_time_s
+        # Where the telescope pointed and phased, as the metafits says: an operator's
+        # observation is scheduled without a position, and /metadata/obs and find showed
+        # none for it once recorded.
+        for column in ("ra_deg", "dec_deg", "ra_phase_deg", "dec_phase_deg"):
+            setattr(observation, column, recorded[column])
+        session.flush()
     return observation
 
 

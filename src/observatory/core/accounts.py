@@ -100,6 +100,18 @@ def authenticate_api_key(session: Session, api_key: str) -> User:
     raise Unauthorized("invalid API key")
 
 
+def project_id_problem(project_id: object) -> str | None:
+    """What is wrong with a project id, or None: 1-20 characters of A-Z a-z 0-9 _.
+
+    The rule projects are created with; the telescope also writes the id into the metafits
+    (``PROJECT``), and the database holds 20 characters (PostgreSQL refuses more, SQLite
+    does not check).
+    """
+    if isinstance(project_id, str) and _PROJECT_ID.fullmatch(project_id):
+        return None
+    return f"project id {project_id!r} must be 1-20 characters of A-Z a-z 0-9 _"
+
+
 def create_project(
     session: Session,
     project_id: str,
@@ -117,8 +129,9 @@ def create_project(
     Conflict
         If the project exists.
     """
-    if not _PROJECT_ID.fullmatch(project_id):
-        raise ValueError(f"project id {project_id!r} must be 1-20 characters of A-Z a-z 0-9 _")
+    problem = project_id_problem(project_id)
+    if problem:
+        raise ValueError(problem)
     if session.get(Project, project_id) is not None:
         raise Conflict(f"project {project_id!r} already exists")
     project = Project(

@@ -34,13 +34,14 @@ the same gains read ``V = G_p M conj(G_q)`` with ``G = conj(g) = A exp(+2 pi i f
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import math
 import os
 import secrets
 import threading
 import warnings
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,10 +66,13 @@ from observatory.telescope.site import ensure_astropy_offline, mwa_location
 __all__ = [
     "MODES",
     "MWAX_POLS",
+    "CancelRequest",
     "PointSource",
     "SimulatedObservation",
+    "SimulationCancelled",
     "SimulationTruth",
     "WrittenFile",
+    "cancelled_by",
     "load_truth",
     "predict_visibilities",
     "simulate_observation",
@@ -693,6 +697,69 @@ def predict_visibilities(
 
 
 # ----------------------------------------------------------------------------------------------
+# Cancellation
+
+
+class SimulationCancelled(Exception):
+    """A simulation stopped because its caller asked it to (``cancel``), before it finished.
+
+    Nothing it wrote is left: neither finished files nor hidden ``.part`` files.
+    """
+
+
+#: How a caller asks a running simulation to stop: an event it sets, or a callable that
+#: returns True from then on.
+CancelRequest = threading.Event | Callable[[], bool]
+
+#: The request that simulations started in this context obey when they are given none
+#: (see :func:`cancelled_by`).
+_CANCEL: contextvars.ContextVar[CancelRequest | None] = contextvars.ContextVar(
+    "observatory_simulation_cancel", default=None
+)
+
+
+@contextlib.contextmanager
+def cancelled_by(cancel: CancelRequest | None) -> Iterator[None]:
+    """Make ``cancel`` stop every simulation started inside the block.
+
+    For callers that reach :func:`simulate_observation` through code that passes no
+    ``cancel`` of its own (the archive's ``observe_scheduled``, which the telescope
+    runner calls): without it a recording could not be stopped before it had finished,
+    up to a minute later.
+
+    Parameters
+    ----------
+    cancel
+        Set (or returning True) once the simulations should stop; None: they run to
+        the end.
+    """
+    token = _CANCEL.set(cancel)
+    try:
+        yield
+    finally:
+        _CANCEL.reset(token)
+
+
+def _never() -> bool:
+    return False
+
+
+def _cancel_check(cancel: CancelRequest | None) -> Callable[[], bool]:
+    """``cancel`` as a function that says whether to stop (cheap: it runs per integration)."""
+    if cancel is None:
+        return _never
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set
+    return cancel
+
+
+def _stop_if(cancelled: Callable[[], bool]) -> None:
+    """Raise :class:`SimulationCancelled` once the caller asked to stop."""
+    if cancelled():
+        raise SimulationCancelled("simulation cancelled")
+
+
+# ----------------------------------------------------------------------------------------------
 # File writing
 
 
@@ -1027,6 +1094,7 @@ def _write_vis_file(
     unix_start_ms: int,
     int_time_ms: int,
     project_id: str,
+    cancelled: Callable[[], bool] = _never,
 ) -> None:
     truth = engine.truth
     coarse_index = truth._coarse_index(coarse_chan)
@@ -1051,6 +1119,9 @@ def _write_vis_file(
         )
         pending: Future[None] | None = None
         for t in timesteps:
+            # Between integrations: a file of many integrations takes tens of seconds,
+            # longer than a server being stopped can wait.
+            _stop_if(cancelled)
             vis = engine.visibilities(t, coarse_chan, include_cable=truth.cable_delays_in_data)
             # FITS is big-endian; swapping in place avoids another copy of the biggest array.
             vis.view(np.uint32).byteswap(inplace=True)
@@ -1121,10 +1192,12 @@ def _write_subfile(
     subobs_index: int,
     coarse_chan: int,
     header: bytes,
+    cancelled: Callable[[], bool] = _never,
 ) -> None:
     """Header, a zero delay block, then 160 blocks of [input][sample][re, im] int8 noise.
 
-    Inputs are in mwalib's ``subfile_order`` (antenna-major, X then Y).
+    Inputs are in mwalib's ``subfile_order`` (antenna-major, X then Y). Stops between
+    blocks (raising :class:`SimulationCancelled`) once ``cancelled()`` says so.
     """
     n_inputs = 2 * truth.n_tiles
     block_bytes = n_inputs * VCS_SAMPLES_PER_BLOCK * 2
@@ -1134,6 +1207,7 @@ def _write_subfile(
         handle.write(header)
         handle.write(b"\0" * block_bytes)  # delay table: no delays applied
         for _ in range(VCS_BLOCKS_PER_SUBOBS):
+            _stop_if(cancelled)  # a sub-file of many tiles is gigabytes
             samples = _gaussian_noise(rng, block_bytes)
             samples *= np.float32(truth.vcs_rms_counts)
             np.rint(samples, out=samples)
@@ -1252,6 +1326,7 @@ def simulate_observation(
     beamformer_delays: ArrayLike | None = None,
     atten_db: float = 1.0,
     pointing_grid: tuple[str, int] = ("sim", 0),
+    cancel: CancelRequest | None = None,
 ) -> SimulatedObservation:
     """Write a simulated MWA observation (metafits, data files and truth JSON).
 
@@ -1324,6 +1399,10 @@ def simulate_observation(
         observation (default: all).
     file_size_limit_bytes
         Start a new batch file at the next 8 s boundary once a file reaches this size.
+    cancel
+        Stop early once this event is set (or this callable returns True): checked between
+        integrations and files. Default: the request of an enclosing :func:`cancelled_by`,
+        if any.
 
     Returns
     -------
@@ -1334,7 +1413,11 @@ def simulate_observation(
     ------
     ValueError
         Naming the parameter, for any invalid parameter. Nothing is written then.
+    SimulationCancelled
+        When ``cancel`` asked to stop before the simulation finished. Everything it
+        wrote (finished and partial files) has been removed.
     """
+    cancelled = _cancel_check(cancel if cancel is not None else _CANCEL.get())
     # --- check everything before writing anything
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
@@ -1471,6 +1554,7 @@ def simulate_observation(
     out_path.mkdir(parents=True, exist_ok=True)
     writer = _Writer(out_path)
     try:
+        _stop_if(cancelled)
         metafits_name = f"{obsid}.metafits"
         with writer.atomic(metafits_name) as temp:
             _write_metafits(
@@ -1481,15 +1565,23 @@ def simulate_observation(
 
         if mode == "MWAX_CORRELATOR":
             _write_correlator_files(
-                writer, truth, epoch, int_time_ms, project_id, file_size_limit_bytes
+                writer, truth, epoch, int_time_ms, project_id, file_size_limit_bytes, cancelled
             )
         else:
-            _write_voltage_files(writer, truth, epoch, exposure_s, project_id, voltage_subobs_gps)
+            _write_voltage_files(
+                writer, truth, epoch, exposure_s, project_id, voltage_subobs_gps, cancelled
+            )
+        _stop_if(cancelled)
 
         truth_name = f"{obsid}_truth.json"
         with writer.atomic(truth_name) as temp:
             temp.write_text(json.dumps(truth.to_json_dict(), indent=1) + "\n", encoding="utf-8")
         writer.record(truth_name, "truth")
+    except SimulationCancelled:
+        writer.remove_all()
+        raise SimulationCancelled(
+            f"simulation of observation {obsid} cancelled: its files were removed"
+        ) from None
     except BaseException:
         writer.remove_all()
         raise
@@ -1551,6 +1643,7 @@ def _write_correlator_files(
     int_time_ms: int,
     project_id: str,
     file_size_limit_bytes: int,
+    cancelled: Callable[[], bool] = _never,
 ) -> None:
     engine = _VisibilityEngine(truth)
     n_bl, n_fine = engine.n_baselines, engine.n_fine
@@ -1564,9 +1657,17 @@ def _write_correlator_files(
 
     def write_one(batch_number: int, timesteps: range, coarse_chan: int) -> None:
         file_name = f"{truth.obsid}_{stamp}_ch{coarse_chan:03d}_{batch_number:03d}.fits"
+        _stop_if(cancelled)
         with writer.atomic(file_name) as temp:
             _write_vis_file(
-                temp, engine, coarse_chan, timesteps, unix_start_ms, int_time_ms, project_id
+                temp,
+                engine,
+                coarse_chan,
+                timesteps,
+                unix_start_ms,
+                int_time_ms,
+                project_id,
+                cancelled,
             )
         writer.record(file_name, "mwax_vis", coarse_chan=coarse_chan, batch=batch_number)
 
@@ -1604,6 +1705,7 @@ def _write_voltage_files(
     exposure_s: int,
     project_id: str,
     wanted_gps: Collection[int] | None = None,
+    cancelled: Callable[[], bool] = _never,
 ) -> None:
     block_bytes = 2 * truth.n_tiles * VCS_SAMPLES_PER_BLOCK * 2
     utc_start = epoch.date_obs.replace("T", "-")
@@ -1624,5 +1726,5 @@ def _write_voltage_files(
             )
             file_name = f"{truth.obsid}_{subobs_gps}_{coarse_chan}.sub"
             with writer.atomic(file_name) as temp:
-                _write_subfile(temp, truth, subobs_index, coarse_chan, header)
+                _write_subfile(temp, truth, subobs_index, coarse_chan, header, cancelled)
             writer.record(file_name, "voltage", coarse_chan=coarse_chan, gps_time_s=subobs_gps)
