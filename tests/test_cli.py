@@ -276,8 +276,51 @@ def test_serve_and_demo_log_in_the_configured_format(
         cli, "_run_server", lambda app, args, *, log_format: formats.append(log_format)
     )
     monkeypatch.setenv("OBSERVATORY_LOG_FORMAT", "json")
-    assert _run(tmp_path / "data", command) == 0
+    from servers import free_port
+
+    # A free port: the demo checks it can listen before seeding (8000 may be taken here).
+    assert _run(tmp_path / "data", command, "--port", str(free_port())) == 0
     assert formats == ["json"]
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()
+    }
+
+
+def test_demo_on_a_port_in_use_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second demo on a taken port re-seeded first (a new API key, password and project
+    key: the running demo's stopped working), then failed to listen (exit 3)."""
+    import socket
+
+    from servers import free_port
+
+    data = tmp_path / "demo"
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        assert _run(data, "demo", "--port", str(port)) == 2
+        err = capsys.readouterr().err
+        assert f"cannot listen on 127.0.0.1:{port}" in err and "already in use" in err.lower()
+        assert "nothing was seeded or changed" in err and "Traceback" not in err
+        assert not data.exists()
+        # With a demo there already: its credentials and files stay as they were.
+        assert _run(data, "demo", "--no-serve") == 0
+        key = re.search(r"^API key: (\S+)$", capsys.readouterr().out, re.M)
+        assert key is not None
+        before = _files(data)
+        assert _run(data, "demo", "--port", str(port)) == 2
+        assert f"127.0.0.1:{port}" in capsys.readouterr().err
+        assert _files(data) == before
+    with _sessions(data)() as session:
+        assert authenticate_api_key(session, key.group(1)).name == "demo"
+    # A host that is not this machine's is refused the same way, naming it.
+    assert _run(data, "demo", "--host", "192.0.2.1", "--port", str(port)) == 2
+    assert f"cannot listen on 192.0.2.1:{port}" in capsys.readouterr().err
 
 
 def test_demo_over_https_prints_https_addresses(

@@ -627,6 +627,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from observatory.demo import seed_demo
 
     _check_tls_options(args)  # before seeding and printing URLs that would not be served
+    if not args.no_serve:
+        # Seeding makes a new API key, portal password and project key: done on the way to
+        # a port that is taken, it would cut off the demo already serving there for nothing.
+        _check_port_free(args.host, args.port)
     settings = _settings(args, makes_one=True)
     summary = seed_demo(settings, console=console)
     scheme = "https" if args.ssl_certfile else "http"
@@ -657,6 +661,55 @@ def cmd_demo(args: argparse.Namespace) -> int:
         create_app(_serving(settings, args), run_jobs=True), args, log_format=settings.log_format
     )
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Whether uvicorn will be able to listen on ``host``:``port``, tried as it will bind.
+
+    The port is only tried, not kept: another program may still take it before uvicorn
+    binds (then the server fails to start, as it always did).
+
+    Raises
+    ------
+    ValueError
+        Naming the address and why it cannot be listened on (in use, not this machine's,
+        a name that does not resolve).
+    """
+    import errno
+    import socket
+
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def refused(exc: OSError) -> ValueError:
+        hint = (
+            ": is a server (an earlier demo?) running there? Stop it or choose another --port"
+            if exc.errno == errno.EADDRINUSE
+            else ""
+        )
+        return ValueError(
+            f"--host {host} --port {port}: cannot listen on {address} "
+            f"({exc.strerror or exc}); nothing was seeded or changed{hint}"
+        )
+
+    # As asyncio's create_server, which uvicorn listens with: every address the host name
+    # has (localhost: IPv4 and IPv6), SO_REUSEADDR (so a port in TIME_WAIT after a server
+    # stopped counts as free, as it does for uvicorn), IPv6 sockets IPv6-only.
+    try:
+        found = socket.getaddrinfo(
+            host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise refused(exc) from None
+    for family, kind, protocol, _name, sockaddr in dict.fromkeys(found):
+        try:
+            with socket.socket(family, kind, protocol) as probe:
+                if os.name == "posix":  # asyncio's default (on Windows it would share a port)
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(sockaddr)
+        except OSError as exc:
+            raise refused(exc) from None
 
 
 def _int_in(low: int, high: int) -> Callable[[str], int]:

@@ -1,7 +1,17 @@
-import pytest
-from astropy.coordinates import SkyCoord
+import re
 
-from observatory.telescope.catalogue import UnknownSourceError, calibrators, lookup, resolve
+import pytest
+from astropy.coordinates import FK4, SkyCoord
+
+from observatory.telescope.catalogue import (
+    Source,
+    UnknownSourceError,
+    _key,
+    all_sources,
+    calibrators,
+    lookup,
+    resolve,
+)
 
 
 @pytest.mark.parametrize(
@@ -56,3 +66,74 @@ def test_resolve_online_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(SkyCoord, "from_name", lambda name: SkyCoord(10.68, 41.27, unit="deg"))
     source = resolve("M31", allow_online=True)
     assert (source.name, round(source.ra_deg, 2), round(source.dec_deg, 2)) == ("M31", 10.68, 41.27)
+
+
+@pytest.mark.parametrize("name", ["3C 143", "3C143", "3c-143"])
+def test_pictor_a_has_no_3c_name(name: str) -> None:
+    """Pictor A (Dec -45.8) is south of the 3C survey: "3C 143" is another source."""
+    with pytest.raises(UnknownSourceError):
+        lookup(name)
+    assert not any(alias.upper().startswith("3C") for alias in lookup("Pictor A").aliases)
+
+
+def test_no_name_belongs_to_two_sources() -> None:
+    """A name given to two entries would silently look up only the last of them."""
+    owners: dict[str, set[str]] = {}
+    for source in all_sources():
+        for name in (source.name, *source.aliases):
+            owners.setdefault(_key(name), set()).add(source.name)
+    assert {key: names for key, names in owners.items() if len(names) > 1} == {}
+
+
+_THREE_C = re.compile(r"3C\s*(\d+)$", re.IGNORECASE)
+_B1950_NAME = re.compile(r"(?:PKS|PSR\s*B)\s*(\d{2})(\d{2})([+-])(\d{2})$", re.IGNORECASE)
+_J2000_NAME = re.compile(r"(?:PSR\s*)?J(\d{2})(\d{2})([+-])(\d{2})(\d{2})$", re.IGNORECASE)
+
+
+def _names() -> list[tuple[Source, str]]:
+    return [(source, name) for source in all_sources() for name in (source.name, *source.aliases)]
+
+
+def test_3c_names_are_in_the_3c_survey_and_in_its_order() -> None:
+    """The 3C survey (Edge et al. 1959) covered Dec -22 to +71 deg and numbered its sources
+    by right ascension (B1950): a 3C name on a source outside either is a wrong alias."""
+    numbered: dict[int, Source] = {}
+    for source, name in _names():
+        match = _THREE_C.match(name)
+        if match:
+            assert -23 < source.dec_deg < 72, f"{name} on {source.name} at Dec {source.dec_deg}"
+            numbered[int(match.group(1))] = source
+    assert len(numbered) >= 10
+    ras = [_b1950(numbered[n]).ra.deg for n in sorted(numbered)]
+    assert ras == sorted(ras), sorted(numbered)
+
+
+def test_coordinate_names_match_the_positions() -> None:
+    """PKS 2211-17, PSR B0833-45 (B1950) and PSR J0835-4510 (J2000) spell out where the
+    source is: hours and minutes of right ascension, declination, truncated."""
+    checked = 0
+    for source, name in _names():
+        if match := _B1950_NAME.match(name):
+            position = _b1950(source)
+            hours, minutes, sign, degrees = match.groups()
+            dec_named = int(degrees)
+            dec_minutes = None
+        elif match := _J2000_NAME.match(name):
+            position = source.skycoord()
+            hours, minutes, sign, degrees, dec_minutes = match.groups()
+            dec_named = int(degrees)
+        else:
+            continue
+        checked += 1
+        ra_minutes = position.ra.hour * 60
+        assert int(hours) * 60 + int(minutes) == int(ra_minutes), (name, position)
+        dec = abs(position.dec.deg)
+        assert ("-" if position.dec.deg < 0 else "+") == sign, (name, position)
+        assert int(dec) == dec_named, (name, position)
+        if dec_minutes is not None:
+            assert int(round((dec - int(dec)) * 60, 6)) == int(dec_minutes), (name, position)
+    assert checked >= 6
+
+
+def _b1950(source: Source) -> SkyCoord:
+    return source.skycoord().transform_to(FK4(equinox="B1950"))

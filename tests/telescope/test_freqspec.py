@@ -70,6 +70,11 @@ def test_lists() -> None:
         ("1:99999999999999999", "channel 99999999999999999 is outside 0..255"),
         ("0:255", "range '0:255' selects 256 channels"),
         ("-5:3", "channel -5 is outside"),
+        # More than one sign: int() refused these with a bare ValueError naming neither.
+        ("--5", "freqspec '--5': token '--5' is not an integer"),
+        ("1,--2", "freqspec '1,--2': token '--2' is not an integer"),
+        ("5:--7", "freqspec '5:--7': token '--7' is not an integer"),
+        ("-", "token '-' is not an integer"),
     ],
 )
 def test_errors_name_the_problem(spec: str, fragment: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import warnings
 from pathlib import Path
 
@@ -13,9 +14,11 @@ from astropy.io import fits
 from astropy.time import Time
 
 from observatory.telescope import simulator
+from observatory.telescope.instrument import VCS_BLOCKS_PER_SUBOBS
 from observatory.telescope.simulator import (
     PointSource,
     SimulatedObservation,
+    SimulationCancelled,
     load_truth,
     predict_visibilities,
     simulate_observation,
@@ -467,6 +470,68 @@ def test_failed_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(simulator, "_write_vis_file", explode)
     with pytest.raises(OSError, match="disk full"):
         simulate_observation(tmp_path, OBSID, n_tiles=2, coarse_chans=[100, 101])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cancelled_run_stops_between_integrations_and_leaves_nothing(tmp_path: Path) -> None:
+    """A simulation could not be stopped: a server told to stop while the telescope was
+    recording waited for the whole observation, then exited by its deadline with a hidden
+    ``.part`` file left behind."""
+    asked: list[int] = []
+
+    def cancel_at_the_third_integration() -> bool:
+        asked.append(1)
+        return len(asked) >= 3
+
+    with pytest.raises(SimulationCancelled, match=str(OBSID)):
+        simulate_observation(
+            tmp_path, OBSID, n_tiles=2, n_timesteps=50, cancel=cancel_at_the_third_integration
+        )
+    assert len(asked) == 3  # stopped the first time it was told to
+    assert list(tmp_path.iterdir()) == []  # the metafits, the open file: nothing is left
+
+
+def test_a_simulation_is_cancelled_by_an_event_of_its_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through code that passes no ``cancel`` (as the archive's ``observe_scheduled``), with
+    files written in parallel, one per coarse channel."""
+    cancel = threading.Event()
+    original = simulator._VisibilityEngine.visibilities
+    computed: list[int] = []
+
+    def visibilities(self: object, timestep: int, *args: object, **kwargs: object) -> object:
+        computed.append(timestep)
+        if len(computed) == 4:
+            cancel.set()
+        return original(self, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(simulator._VisibilityEngine, "visibilities", visibilities)
+    with simulator.cancelled_by(cancel), pytest.raises(SimulationCancelled):
+        simulate_observation(tmp_path, OBSID, n_tiles=2, coarse_chans=[100, 101], n_timesteps=50)
+    assert len(computed) < 20  # each file's thread stopped at its next integration
+    assert list(tmp_path.iterdir()) == []
+    # Outside the block, and with the event clear, it runs to the end.
+    cancel.clear()
+    simulate_observation(tmp_path, OBSID, n_tiles=2, n_timesteps=2, cancel=cancel)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+
+
+def test_a_cancelled_voltage_capture_leaves_nothing(tmp_path: Path) -> None:
+    cancel = threading.Event()
+    written: list[int] = []
+
+    def stop_in_the_second_subfile() -> bool:
+        written.append(1)  # asked per 50 ms block of each sub-file
+        if len(written) > VCS_BLOCKS_PER_SUBOBS + 10:
+            cancel.set()
+        return cancel.is_set()
+
+    with pytest.raises(SimulationCancelled):
+        simulate_observation(
+            tmp_path, OBSID, n_tiles=1, mode="MWAX_VCS", n_timesteps=3,
+            cancel=stop_in_the_second_subfile,
+        )  # fmt: skip
     assert list(tmp_path.iterdir()) == []
 
 

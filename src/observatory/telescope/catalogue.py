@@ -57,7 +57,8 @@ class Source:
 _SOURCES = (
     # Calibrators
     Source("3C444", 333.6071, -17.0266, 60.0, -0.9, True, ("3C 444", "PKS2211-17")),
-    Source("PicA", 79.9572, -45.7788, 440.0, -0.85, True, ("Pictor A", "3C 143", "PKS0518-45")),
+    # No 3C name: at Dec -45.8 it is south of the 3C survey (3C 143 is another source).
+    Source("PicA", 79.9572, -45.7788, 440.0, -0.85, True, ("Pictor A", "PKS0518-45")),
     Source("HydA", 139.5236, -12.0956, 320.0, -0.9, True, ("Hydra A", "3C218", "3C 218")),
     Source("HerA", 252.7838, 4.9926, 420.0, -1.0, True, ("Hercules A", "3C348", "3C 348")),
     Source("VirA", 187.7059, 12.3911, 1100.0, -0.8, True, ("Virgo A", "M87", "3C274", "3C 274")),

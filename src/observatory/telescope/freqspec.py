@@ -30,8 +30,17 @@ def coarse_channel_centre_mhz(channel: int) -> float:
 
 
 def _integer(spec: str, token: str) -> int:
+    """``token`` as an integer: ASCII digits after at most one minus sign.
+
+    Raises
+    ------
+    FreqspecError
+        Naming ``spec`` and ``token`` when it is anything else.
+    """
     text = token.strip()
-    if not is_ascii_digits(text.lstrip("-")):  # isdigit() also takes '¹', which int() refuses
+    # One sign only: lstrip("-") let "--5" through to int(), whose bare ValueError named
+    # neither the spec nor the token. isdigit() would also take '¹', which int() refuses.
+    if not is_ascii_digits(text.removeprefix("-")):
         raise FreqspecError(f"freqspec {spec!r}: token {token!r} is not an integer")
     return int(text)
 
