@@ -36,6 +36,10 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool = False) -> F
     """
     settings = settings or get_settings()
     ensure_astropy_offline()
+    if not settings.secret_key and (settings.data_dir / "secret_key").exists():
+        # An emptied key file is refused now: the server started and answered every sign-in
+        # with a 500. (A missing one is made at the first sign-in, in the data directory.)
+        settings.secret_key_bytes()
     if run_jobs and settings.telescope_runner:
         from observatory.archive.runner import check_telescope_settings
 

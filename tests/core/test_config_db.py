@@ -97,6 +97,34 @@ def test_the_signing_key_made_by_processes_starting_together_is_one_and_whole(
 
 
 @pytest.mark.parametrize(
+    "value",
+    [
+        '["calib-consumer.internal", "b.example"]',
+        "[calib-consumer.internal, b.example]",  # an env file's JSON, its quotes stripped
+        "calib-consumer.internal, b.example",
+    ],
+)
+def test_callback_hosts_are_a_json_list_or_names_separated_by_commas(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """The env file's example, sourced by a shell, lost its quotes, and every command failed:
+    'error parsing value for field "calib_callback_hosts"'."""
+    monkeypatch.setenv("OBSERVATORY_CALIB_CALLBACK_HOSTS", value)
+    assert Settings().calib_callback_hosts == ["calib-consumer.internal", "b.example"]
+    monkeypatch.setenv("OBSERVATORY_CALIB_CALLBACK_HOSTS", "")
+    assert Settings().calib_callback_hosts == []
+
+
+def test_a_server_whose_key_file_was_emptied_does_not_start(tmp_path: Path) -> None:
+    """It started, answered /readyz with 200, and every sign-in with a 500."""
+    from observatory.app import create_app
+
+    (tmp_path / "secret_key").write_text("\n")
+    with pytest.raises(ValueError, match="secret_key holds no signing key"):
+        create_app(Settings(data_dir=tmp_path, telescope_runner=False))
+
+
+@pytest.mark.parametrize(
     ("variable", "value", "expected"),
     [
         ("OBSERVATORY_ASVO_PRODUCT_TTL_DAYS", "inf", "finite number"),

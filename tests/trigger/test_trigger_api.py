@@ -282,6 +282,23 @@ def test_a_target_below_the_horizon_at_the_start_is_refused(client: TestClient) 
     assert any("below the horizon (-" in text for text in result["errors"].values())
 
 
+def test_a_target_below_the_configured_elevation_is_refused_naming_it(
+    settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """With OBSERVATORY_TRIGGER_MIN_ELEVATION_DEG=80, a target 70 deg up was refused as
+    "below the horizon (70.0 deg)"."""
+    with session_factory() as session:
+        create_project(session, "G0055", priority=5, secure_key=KEYS["G0055"])
+        session.commit()
+    high = settings.model_copy(update={"trigger_min_elevation_deg": 80.0})
+    ra, dec = zenith_radec(offset_deg=20.0)  # about 70 deg up
+    with TestClient(create_app(high)) as test_client:
+        result = trigger(test_client, ra=ra, dec=dec, nobs=1, exptime=8, pretend="false")
+    assert result["success"] is False, result
+    errors = " ".join(result["errors"].values())
+    assert "below the lowest elevation allowed (80 deg) (7" in errors, errors
+
+
 def test_calexptime_is_unread_without_a_calibrator(client: TestClient) -> None:
     """Clients send their calexptime default whether or not they ask for a calibrator."""
     ra, dec = zenith_radec()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
 import os
 import re
 import secrets
@@ -16,11 +17,12 @@ import tomllib
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -120,6 +122,20 @@ class Settings(BaseSettings):
             raise ValueError("empty: give a directory (the default is ./observatory-data)")
         return value
 
+    @field_validator("calib_callback_hosts", mode="before")
+    @classmethod
+    def _hosts_from_text(cls, value: object) -> object:
+        # From the environment: a JSON list, or names separated by commas. A shell sourcing
+        # an env file strips the JSON's quotes ("[a.example]"), which failed every command.
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("["):
+            with contextlib.suppress(ValueError):
+                return json.loads(text)
+            text = text.removeprefix("[").removesuffix("]")
+        return [host.strip().strip("\"'") for host in text.split(",") if host.strip()]
+
     @field_validator("secret_key")
     @classmethod
     def _secret_key_is_long_enough(cls, key: str | None) -> str | None:
@@ -172,7 +188,7 @@ class Settings(BaseSettings):
     trigger_buffer_s: int = Field(default=240, ge=0)
     #: Hosts that calibration callbacks may be sent to (empty: any host); never URLs with
     #: credentials, only http(s).
-    calib_callback_hosts: list[str] = Field(default_factory=list)
+    calib_callback_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     #: Callback delivery: attempts before giving up, first retry delay (doubling), seconds.
     calib_callback_attempts: int = Field(default=8, ge=1)
     calib_callback_backoff_s: float = Field(default=30.0, ge=0, le=86_400, allow_inf_nan=False)

@@ -600,7 +600,15 @@ def _point(request: TriggerRequest, planned: list[PlannedObservation], settings:
         low = target.kind != "allsky" and lowest_el[index] < settings.trigger_min_elevation_deg
         if low and target.label not in below_horizon:
             below_horizon.add(target.label)
-            _problem(request, f"{target.label} is below the horizon ({lowest_el[index]:.1f} deg) "
+            # The limit is named when it is not the horizon (OBSERVATORY_TRIGGER_MIN_ELEVATION_DEG):
+            # "below the horizon (70.0 deg)" read as a contradiction.
+            limit_deg = settings.trigger_min_elevation_deg
+            below = (
+                "the horizon"
+                if limit_deg == 0
+                else f"the lowest elevation allowed ({limit_deg:g} deg)"
+            )
+            _problem(request, f"{target.label} is below {below} ({lowest_el[index]:.1f} deg) "
                      f"at {gps_to_utc_iso(float(lowest_gps[index]))}")  # fmt: skip
         entry: dict[str, Any] = {"target": target.label, "target_az_deg": round(float(az[index]), 4),
                                  "target_el_deg": round(float(el[index]), 4)}  # fmt: skip
