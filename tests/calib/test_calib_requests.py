@@ -613,3 +613,36 @@ def test_a_callback_host_is_resolved_as_the_http_client_sends_it(
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     assert callback_address("https://fa\u00df.de/x") == "127.0.0.1"
     assert looked_up == ["xn--fa-hia.de"]
+
+
+def test_an_attempt_in_flight_is_not_taken_again_by_another_server(
+    client: TestClient, settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """A claim was stamped with the pass's time: with the receiver slow to answer (up to
+    CALLBACK_TIMEOUT_S) and the back-off no longer, a standby server on the same database
+    claimed the retry while the first attempt was still in flight, and the receiver got
+    the callback twice."""
+    from observatory.calib import requests as calib_requests
+    from observatory.calib.requests import add_cal_request
+
+    settings = settings.model_copy(
+        update={"calib_callback_hosts": ["127.0.0.1"], "calib_callback_backoff_s": 30.0}
+    )
+    with session_factory() as session:
+        request = add_cal_request(session, settings, TARGET, callback_url="http://127.0.0.1:9/")
+        finish_request(session, request, fit_id=1_700_000_000_000_000)
+        session.commit()
+        request_id = request.id
+    start = datetime.now(UTC)
+    with session_factory() as session:  # server A claims the first attempt
+        claimed = calib_requests._claim_due_callbacks(session, settings, start)
+        assert [r.id for r in claimed] == [request_id]
+    for seconds in (31, calib_requests.CALLBACK_TIMEOUT_S + 1):  # A's attempt may be in flight
+        with session_factory() as session:  # server B
+            later = start + timedelta(seconds=seconds)
+            assert calib_requests._claim_due_callbacks(session, settings, later) == []
+    with session_factory() as session:  # A never finished it (it died): B takes it over
+        later = start + timedelta(seconds=calib_requests.CALLBACK_CLAIM_LEASE_S + 31)
+        assert [r.id for r in calib_requests._claim_due_callbacks(session, settings, later)] == [
+            request_id
+        ]

@@ -34,6 +34,7 @@ import observatory.all_models  # noqa: F401
 from observatory.archive.models import FileKind, Observation, ObservationFile
 from observatory.asvo.models import TERMINAL_STATES, Job, JobState, JobType
 from observatory.calib.formats import CalSolutions
+from observatory.calib.models import CalibrationRequest
 from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory, utcnow
 from observatory.core.errors import NotFound
@@ -198,9 +199,16 @@ def _run_locked(
             expires_at=utcnow() + timedelta(days=settings.asvo_product_ttl_days),
         )
         return JobState.COMPLETED.value
-    except WaitForCalibration:
+    except WaitForCalibration as waiting:
         try:
-            tracker.move(JobState.WAITCAL)
+            # The request the job just filed is recorded with the state, in one write: it
+            # is the only one whose outcome is the job's (see ``CALIBRATION_REQUEST_PARAM``).
+            filed = (
+                {}
+                if waiting.request_id is None
+                else {"params": {**job.params, CALIBRATION_REQUEST_PARAM: waiting.request_id}}
+            )
+            tracker.move(JobState.WAITCAL, **filed)
         except JobCancelled:
             return JobState.CANCELLED.value
         except JobEndedElsewhere as ended:
@@ -384,7 +392,28 @@ def _convert(
 
 
 class WaitForCalibration(Exception):
-    """The job needs a calibration fit that has been requested and is not ready yet."""
+    """The job needs a calibration fit that has been requested and is not ready yet.
+
+    Parameters
+    ----------
+    request_id
+        The id of the calibration request the job has just filed, to be recorded in the
+        job (:data:`CALIBRATION_REQUEST_PARAM`); None when it filed none now (it waits
+        for a request filed earlier, or for its calibrator observation to be recorded).
+    """
+
+    def __init__(self, request_id: int | None = None) -> None:
+        super().__init__(request_id)
+        self.request_id = request_id
+
+
+#: The key of a job's ``params`` that holds the id of the calibration request the job filed
+#: for itself (``apply_di_cal``). Only that request's outcome is the job's: anyone may file a
+#: request naming an ASVO job (``add_cal_request``'s ``asvo_job_id``, which the MWA's service
+#: takes from anyone and only echoes in the callback), so requests are never matched to a
+#: job by that column. A submitted job cannot set this key (its params are rebuilt from the
+#: known options), and the request it names must carry the job's id besides.
+CALIBRATION_REQUEST_PARAM = "calibration_request_id"
 
 
 def _applies_di_cal(job: Job) -> bool:
@@ -403,11 +432,13 @@ def _calibration_solutions(settings: Settings, job: Job, tracker: _Tracker) -> C
     Raises
     ------
     WaitForCalibration
-        When a fit has been requested (now, or earlier for this job) and has not finished.
+        When a fit has been requested (now, or earlier by this job) and has not finished,
+        or the calibrator observation is yet to be recorded.
     JobFailed
-        When there is no calibrator observation in range, or the requested fit failed.
+        When there is no calibrator observation in range, or the fit the job requested
+        failed (or finished without one that applies). Requests filed by anyone else,
+        even naming this job, never decide this.
     """
-    from observatory.calib.models import CalibrationRequest
     from observatory.calib.requests import add_cal_request
     from observatory.calib.service import best_fit, fit_solutions
 
@@ -417,25 +448,50 @@ def _calibration_solutions(settings: Settings, job: Job, tracker: _Tracker) -> C
             return fit_solutions(session, settings, fit)
         except NotFound:
             pass
-        previous = session.scalars(
-            select(CalibrationRequest).where(CalibrationRequest.asvo_job_id == job.id)
-            .order_by(CalibrationRequest.id.desc()).limit(1)
-        ).first()  # fmt: skip
-        if previous is not None and previous.calibration_error_datetime is not None:
-            raise JobFailed(f"apply_di_cal: the calibration fit of observation {previous.cal_id} failed: "
-                            f"{previous.calibration_error_message}")  # fmt: skip
-        if previous is not None and previous.calibration_completed_datetime is not None:
-            raise JobFailed(f"apply_di_cal: the calibration fit of observation {previous.cal_id} finished "
+        own = _own_calibration_request(session, job)
+        if own is not None and own.calibration_error_datetime is not None:
+            raise JobFailed(f"apply_di_cal: the calibration fit of observation {own.cal_id} failed: "
+                            f"{own.calibration_error_message}")  # fmt: skip
+        if own is not None and own.calibration_completed_datetime is not None:
+            raise JobFailed(f"apply_di_cal: the calibration fit of observation {own.cal_id} finished "
                             "but does not apply to this observation")  # fmt: skip
-        if previous is None:
+        if own is None:
             try:
-                add_cal_request(session, settings, job.obs_id, asvo_job_id=job.id)
+                filed = add_cal_request(session, settings, job.obs_id, asvo_job_id=job.id)
             except NotFound as exc:
                 if _awaited_calibrator(session, settings, job.obs_id) is not None:
                     raise WaitForCalibration from None  # its calibrator is yet to be recorded
                 raise JobFailed(f"apply_di_cal: no calibration solution is available for observation "
                                 f"{job.obs_id}, and {exc.message}") from None  # fmt: skip
+            raise WaitForCalibration(filed.id)
     raise WaitForCalibration
+
+
+def _own_calibration_request(session: Session, job: Job) -> CalibrationRequest | None:
+    """The calibration request ``job`` filed for itself, if it has filed one.
+
+    Parameters
+    ----------
+    session
+        A database session.
+    job
+        The job, as loaded (its ``params`` hold the request's id once it filed one).
+
+    Returns
+    -------
+    CalibrationRequest or None
+        The request whose id the job recorded (:data:`CALIBRATION_REQUEST_PARAM`), or None
+        when it recorded none or that request is gone, or names another job.
+    """
+    request_id = job.params.get(CALIBRATION_REQUEST_PARAM)
+    if not isinstance(request_id, int) or isinstance(request_id, bool):
+        return None
+    request = session.get(CalibrationRequest, request_id)
+    # The request was filed with the job's id: one that is not (the row's id reused after
+    # a deletion, a value from anywhere else) is no request of this job.
+    if request is None or request.asvo_job_id != job.id:
+        return None
+    return request
 
 
 def _awaited_calibrator(session: Session, settings: Settings, obsid: int) -> Observation | None:
@@ -448,20 +504,19 @@ def _awaited_calibrator(session: Session, settings: Settings, obsid: int) -> Obs
 
 
 def calibration_pending(session: Session, settings: Settings, job_id: int) -> bool:
-    """Whether a job in ``waitcal`` still waits: for its calibration request, or, before it
-    has one, for its calibrator observation to be recorded."""
-    from observatory.calib.models import CalibrationRequest
+    """Whether a job in ``waitcal`` still waits: for the calibration request it filed, or,
+    before it has filed one, for its calibrator observation to be recorded.
 
-    latest = session.scalars(
-        select(CalibrationRequest).where(CalibrationRequest.asvo_job_id == job_id)
-        .order_by(CalibrationRequest.id.desc()).limit(1)
-    ).first()  # fmt: skip
-    if latest is None:
-        job = session.get(Job, job_id)
-        return job is not None and _awaited_calibrator(session, settings, job.obs_id) is not None
-    return (
-        latest.calibration_completed_datetime is None and latest.calibration_error_datetime is None
-    )
+    Only the job's own request counts (:func:`_own_calibration_request`): one filed by
+    anyone else with the job's id as ``asvo_job_id`` neither holds the job nor releases it.
+    """
+    job = session.get(Job, job_id)
+    if job is None:
+        return False
+    own = _own_calibration_request(session, job)
+    if own is None:
+        return _awaited_calibrator(session, settings, job.obs_id) is not None
+    return own.calibration_completed_datetime is None and own.calibration_error_datetime is None
 
 
 #: Blocks in which a product's bytes are hashed and written.

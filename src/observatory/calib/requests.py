@@ -6,17 +6,23 @@ request to fit it. When the fit finishes (or fails), the request records it, and
 its callback URL, if any, gets the source document's JSON: ``cal_id``,
 ``asvo_job_id``, ``target_obs_id``, ``finished_datetime``, ``success``, ``message``.
 Deliveries are retried with exponential backoff until one is accepted (2xx),
-and never repeated after that.
+and never repeated after that. Each attempt is bounded: it must end within
+``CALLBACK_TIMEOUT_S`` overall and its answer may be at most
+``CALLBACK_REPLY_MAX_BYTES`` long, and up to ``CALLBACK_WORKERS`` are sent at once, so
+that no receiver, however slow or verbose, holds up the others or the server's memory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import itertools
 import logging
 import socket
 import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
@@ -41,7 +47,22 @@ from observatory.core.errors import BadRequest, Conflict, NotFound
 from observatory.telescope import catalogue
 
 log = logging.getLogger(__name__)
+#: The longest one callback attempt may take, from connecting to the last byte of the
+#: answer read (not per read: a receiver trickling its answer a byte at a time would
+#: otherwise hold the attempt for ever). An attempt cut off by it has failed.
 CALLBACK_TIMEOUT_S = 30.0
+#: The most of a receiver's answer that is read. Only its status matters; an answer longer
+#: than this is not read further, and the attempt has failed (a receiver answering
+#: hundreds of megabytes would otherwise have them all held in the server's memory).
+CALLBACK_REPLY_MAX_BYTES = 16 * 1024
+#: How many callbacks are sent at once: a slow receiver holds up one of these for at most
+#: ``CALLBACK_TIMEOUT_S``, and the others' callbacks go on meanwhile.
+CALLBACK_WORKERS = 8
+#: How long a claimed attempt is its server's: another server (a standby on the same
+#: database) claims no attempt of that request meanwhile. Longer than an attempt may take
+#: (``CALLBACK_TIMEOUT_S``), so that a receiver slow to answer is not sent the callback
+#: twice; the pass's own stamp replaces it once the attempt has ended.
+CALLBACK_CLAIM_LEASE_S = CALLBACK_TIMEOUT_S + 15.0
 #: The ASVO jobs table, only for checking that a job exists (see ``check_asvo_job``).
 _ASVO_JOBS = table("asvo_jobs", column("id"))
 
@@ -196,13 +217,43 @@ def callback_address(url: str) -> str:
     return str(found[0][4][0])
 
 
-def _post_callback(url: str, body: dict[str, object], pinned: str | None) -> httpx.Response:
+class CallbackCutOff(Exception):
+    """A callback exchange stopped at a limit (``CALLBACK_TIMEOUT_S`` or
+    ``CALLBACK_REPLY_MAX_BYTES``); the message says which."""
+
+
+@dataclass(frozen=True)
+class CallbackReply:
+    """What a callback receiver answered: its status and the answer's bytes (all of them,
+    as it is at most ``CALLBACK_REPLY_MAX_BYTES`` long)."""
+
+    status_code: int
+    content: bytes
+
+    @property
+    def is_success(self) -> bool:
+        """Whether the receiver accepted the callback (a 2xx status)."""
+        return 200 <= self.status_code < 300
+
+
+def _post_callback(url: str, body: dict[str, object], pinned: str | None) -> CallbackReply:
     """POST ``body`` to ``url``, connecting to the ``pinned`` address when given.
 
     The address checked is the one called: a name resolved again by the HTTP client could
     answer differently the second time (DNS rebinding: a public address for the check, then
     a link-local one for the call). The request keeps the name in its Host header and, over
     https, in the TLS server name the certificate is checked against.
+
+    The whole exchange (connecting, sending, the status and headers, the answer's body) must
+    end within ``CALLBACK_TIMEOUT_S``, and the body is read, as it streams in, up to
+    ``CALLBACK_REPLY_MAX_BYTES`` only.
+
+    Raises
+    ------
+    CallbackCutOff
+        If the exchange did not end in time, or the answer is longer than allowed.
+    httpx.HTTPError
+        If the receiver could not be reached or answered malformed HTTP.
     """
     target = httpx.URL(url)
     extensions: dict[str, object] = {}
@@ -214,8 +265,47 @@ def _post_callback(url: str, body: dict[str, object], pinned: str | None) -> htt
     else:
         headers = {}
     request = httpx.Request("POST", target, json=body, headers=headers, extensions=extensions)
-    with httpx.Client(timeout=CALLBACK_TIMEOUT_S) as client:
-        return client.send(request)
+    # Read when called, not bound at import: an operator's (or a test's) change applies.
+    deadline_s, limit = CALLBACK_TIMEOUT_S, CALLBACK_REPLY_MAX_BYTES
+    try:
+        # asyncio's timeout cancels whatever the exchange is waiting on (a connection, a
+        # header line, a chunk of the body): httpx's own timeouts are per read, and a
+        # receiver sending a byte just within each would never be cut off.
+        return asyncio.run(_exchange(request, deadline_s, limit))
+    except TimeoutError:
+        raise CallbackCutOff(
+            f"no complete answer within {deadline_s:g} s (connecting, sending and reading "
+            "the answer together): cut off"
+        ) from None
+
+
+async def _exchange(request: httpx.Request, deadline_s: float, limit: int) -> CallbackReply:
+    """Send ``request`` and read at most ``limit`` bytes of the answer, all within
+    ``deadline_s`` seconds (``TimeoutError`` when not).
+
+    Raises
+    ------
+    CallbackCutOff
+        If the answer is longer than ``limit`` bytes (the rest is not read).
+    """
+    async with asyncio.timeout(deadline_s):
+        async with httpx.AsyncClient(timeout=deadline_s) as client:
+            response = await client.send(request, stream=True)
+            try:
+                content = bytearray()
+                # Raw bytes, not decoded: a small compressed answer could inflate to any size.
+                async for chunk in response.aiter_raw():
+                    if len(content) + len(chunk) > limit:
+                        raise CallbackCutOff(
+                            f"HTTP {response.status_code} with an answer longer than {limit} "
+                            "bytes: cut off, the rest not read"
+                        )
+                    content += chunk
+            finally:
+                # Closes the connection of an answer not read to its end: nothing more of
+                # it is received.
+                await response.aclose()
+    return CallbackReply(response.status_code, bytes(content))
 
 
 def _has_visibilities() -> Exists:
@@ -250,8 +340,11 @@ def check_asvo_job(session: Session, asvo_job_id: int) -> int:
     BadRequest
         Naming ``asvo_job_id``, when there is no such ASVO job.
     """
-    # An ASVO job waiting for calibration finds its fit request by this id: a request
-    # filed for a job that does not exist (yet) would later be taken as that job's own.
+    # The id only labels the request (the callback echoes it, as the MWA's service does):
+    # a number that is no job is a mistake in the request, refused as the documentation
+    # says. It gives no hold on the job: an ASVO job waiting for calibration follows only
+    # the request it filed itself, by that request's id (asvo.pipeline), never requests
+    # found by this column, which anyone may set.
     # The table is named rather than imported: calib must not depend on asvo.
     found = session.scalar(select(_ASVO_JOBS.c.id).where(_ASVO_JOBS.c.id == asvo_job_id))
     if found is None:
@@ -553,80 +646,132 @@ def deliver_callbacks(
 
     A request is due when it has a callback URL, is not delivered, has attempts
     left, and its backoff (``calib_callback_backoff_s`` doubling per attempt) has passed.
-    Any failure to send one request's callback (an HTTP error, a URL httpx refuses,
-    anything else raised while building or sending it) is a failed attempt of that
-    request: counted, recorded in ``callback_error_message`` and logged; the other
-    requests are still called back.
+    Any failure to send one request's callback (an HTTP error, a URL httpx refuses, an
+    exchange cut off at ``CALLBACK_TIMEOUT_S`` or ``CALLBACK_REPLY_MAX_BYTES``, anything
+    else raised while building or sending it) is a failed attempt of that request:
+    counted, recorded in ``callback_error_message`` and logged; the other requests are
+    still called back.
 
     Each attempt is claimed (its count raised, committed) before it is sent: of several
     servers on one database (a standby among them), only the one whose claim succeeded
-    sends it.
+    sends it. The attempts claimed are sent by up to ``CALLBACK_WORKERS`` threads at once
+    (the network only; the database is written from this thread), so that a receiver that
+    is slow to answer holds up no other's callback.
     """
     now = now or datetime.now(UTC)
     accepted = 0
     with session_factory() as session:
-        pending = session.scalars(
-            select(CalibrationRequest).where(
-                CalibrationRequest.callback_url.is_not(None),
-                CalibrationRequest.callback_delivered_datetime.is_(None),
-                CalibrationRequest.callback_attempts < settings.calib_callback_attempts,
-                (CalibrationRequest.calibration_completed_datetime.is_not(None))
-                | (CalibrationRequest.calibration_error_datetime.is_not(None)),
-            )
-        ).all()
-        for request in pending:
-            last = request.callback_last_attempt_datetime
-            if last is not None:
-                wait = timedelta(
-                    seconds=settings.calib_callback_backoff_s * 2 ** (request.callback_attempts - 1)
-                )
-                if last + wait > now:
-                    continue
-            # The ORM sets the claimed values on ``request`` too (no reading it back).
-            claimed = session.execute(
-                update(CalibrationRequest)
-                .where(
-                    CalibrationRequest.id == request.id,
-                    CalibrationRequest.callback_attempts == request.callback_attempts,
-                    CalibrationRequest.callback_delivered_datetime.is_(None),
-                )
-                .values(
-                    callback_attempts=CalibrationRequest.callback_attempts + 1,
-                    callback_last_attempt_datetime=now,
-                )
-            ).rowcount  # type: ignore[attr-defined]
-            session.commit()
-            if claimed != 1:  # another server took this attempt since the query above
-                session.expire(request)  # the values set on it are not the database's
-                continue
-            unforeseen: Exception | None = None
-            url = request.callback_url or ""
-            try:
-                # A name is checked by what it resolves to when called (and not at all for
-                # the hosts an operator allowed).
-                pinned = None if settings.calib_callback_hosts else callback_address(url)
-                reply = _post_callback(url, callback_body(request), pinned)
-                ok, problem = reply.is_success, f"HTTP {reply.status_code}"
-            except CallbackRefused as exc:
-                ok, problem = False, str(exc)
-            except httpx.HTTPError as exc:
-                ok, problem = False, f"{exc.__class__.__name__}: {exc}"
-            except Exception as exc:
-                # Anything else (a URL stored before it was checked, which httpx refuses
-                # with InvalidURL or an IDNA error; an unforeseen failure) is this
-                # request's failed attempt: counted, and never the end of the other
-                # requests' deliveries.
-                ok, problem, unforeseen = False, f"{exc.__class__.__name__}: {exc}", exc
-            if ok:
-                request.callback_delivered_datetime, request.callback_error_message = now, None
-                accepted += 1
-            else:
-                request.callback_error_message = problem
-                log.warning("callback for calibration request %s failed (%s), attempt %d",
-                            request.id, problem, request.callback_attempts,
-                            exc_info=unforeseen)  # fmt: skip
-            session.commit()
+        claimed = _claim_due_callbacks(session, settings, now)
+        if not claimed:
+            return 0
+        with ThreadPoolExecutor(
+            max_workers=min(CALLBACK_WORKERS, len(claimed)), thread_name_prefix="calib-callback"
+        ) as pool:
+            # The body is built here: the ORM objects stay in this thread's session.
+            attempts = {
+                pool.submit(
+                    _attempt_callback, request.callback_url or "", callback_body(request), settings
+                ): request
+                for request in claimed
+            }
+            for done in as_completed(attempts):
+                request = attempts[done]
+                ok, problem, unforeseen = done.result()
+                request.callback_last_attempt_datetime = now  # the lease ends: back-off from now
+                if ok:
+                    request.callback_delivered_datetime, request.callback_error_message = now, None
+                    accepted += 1
+                else:
+                    request.callback_error_message = problem
+                    log.warning("callback for calibration request %s failed (%s), attempt %d",
+                                request.id, problem, request.callback_attempts,
+                                exc_info=unforeseen)  # fmt: skip
+                session.commit()
     return accepted
+
+
+def _claim_due_callbacks(
+    session: Session, settings: Settings, now: datetime
+) -> list[CalibrationRequest]:
+    """Claim an attempt of every request whose callback is due (committed), and return
+    those claimed: a request another server claimed meanwhile is left to it.
+
+    At most ``CALLBACK_WORKERS``, so that each claimed attempt is sent at once (the others
+    are due at the next pass). A claim stamps the request's last attempt
+    ``CALLBACK_CLAIM_LEASE_S`` ahead: while its attempt may be in flight, no server takes
+    the next one (stamped with the pass's time, a second server took the retry of an
+    attempt still waiting for a slow receiver, which then got the callback twice).
+    """
+    pending = session.scalars(
+        select(CalibrationRequest).where(
+            CalibrationRequest.callback_url.is_not(None),
+            CalibrationRequest.callback_delivered_datetime.is_(None),
+            CalibrationRequest.callback_attempts < settings.calib_callback_attempts,
+            (CalibrationRequest.calibration_completed_datetime.is_not(None))
+            | (CalibrationRequest.calibration_error_datetime.is_not(None)),
+        )
+    ).all()
+    claimed: list[CalibrationRequest] = []
+    for request in pending:
+        if len(claimed) == CALLBACK_WORKERS:
+            break
+        last = request.callback_last_attempt_datetime
+        if last is not None:
+            wait = timedelta(
+                seconds=settings.calib_callback_backoff_s * 2 ** (request.callback_attempts - 1)
+            )
+            if last + wait > now:
+                continue
+        # The ORM sets the claimed values on ``request`` too (no reading it back).
+        won = session.execute(
+            update(CalibrationRequest)
+            .where(
+                CalibrationRequest.id == request.id,
+                CalibrationRequest.callback_attempts == request.callback_attempts,
+                CalibrationRequest.callback_delivered_datetime.is_(None),
+            )
+            .values(
+                callback_attempts=CalibrationRequest.callback_attempts + 1,
+                callback_last_attempt_datetime=now + timedelta(seconds=CALLBACK_CLAIM_LEASE_S),
+            )
+        ).rowcount  # type: ignore[attr-defined]
+        session.commit()
+        if won != 1:  # another server took this attempt since the query above
+            session.expire(request)  # the values set on it are not the database's
+            continue
+        claimed.append(request)
+    return claimed
+
+
+def _attempt_callback(
+    url: str, body: dict[str, object], settings: Settings
+) -> tuple[bool, str | None, Exception | None]:
+    """Send one callback attempt (in a worker thread: no database here).
+
+    Returns
+    -------
+    tuple of (bool, str or None, Exception or None)
+        Whether the receiver accepted it; if not, why (for ``callback_error_message``),
+        and the exception when the failure was unforeseen (logged with its traceback).
+    """
+    try:
+        # A name is checked by what it resolves to when called (and not at all for
+        # the hosts an operator allowed).
+        pinned = None if settings.calib_callback_hosts else callback_address(url)
+        reply = _post_callback(url, body, pinned)
+    except (CallbackRefused, CallbackCutOff) as exc:
+        return False, str(exc), None
+    except httpx.HTTPError as exc:
+        return False, f"{exc.__class__.__name__}: {exc}", None
+    except Exception as exc:
+        # Anything else (a URL stored before it was checked, which httpx refuses
+        # with InvalidURL or an IDNA error; an unforeseen failure) is this
+        # request's failed attempt: counted, and never the end of the other
+        # requests' deliveries.
+        return False, f"{exc.__class__.__name__}: {exc}", exc
+    if reply.is_success:
+        return True, None, None
+    return False, f"HTTP {reply.status_code}", None
 
 
 class CallbackSender:

@@ -157,6 +157,9 @@ async def add_cal_request(request: Request) -> Response:
     if "obs_id" not in params:
         raise BadRequest("obs_id is required")
     obsid = obsid_param(params["obs_id"])
+    # Taken from anyone, as the MWA's service takes it: it only labels the request and is
+    # echoed in its callback. An ASVO job never adopts a request by this id (it follows
+    # the one it filed, by the request's own id), so it needs no login here.
     job = params.get("asvo_job_id") or None
     if job is not None:
         whole_number_param("asvo_job_id", job, what="a job number", high=MAX_SQL_ID)
