@@ -73,8 +73,10 @@ def test_stopping_the_telescope_while_it_records_cancels_the_recording(
     telescope.start()
     started, fast_again = slow_integrations
     assert started.wait(60), "the telescope never began recording"
-    out_dir = Path(settings.archive_dir) / str(start)
-    assert [p.name for p in out_dir.iterdir() if p.name.endswith(".part")]  # mid-file
+    archive = Path(settings.archive_dir)
+    out_dir = archive / str(start)
+    # Mid-file, in the recording's own staging directory (moved into out_dir once registered).
+    assert [p.name for p in archive.glob(f".{start}.staging-*/*") if p.name.endswith(".part")]
 
     stopping = threading.Thread(target=telescope.stop)
     began = time.monotonic()
@@ -82,7 +84,9 @@ def test_stopping_the_telescope_while_it_records_cancels_the_recording(
     stopping.join(20)
     assert not stopping.is_alive(), "stop waited for the whole observation"
     assert time.monotonic() - began < 20
-    assert list(out_dir.iterdir()) == []  # no .part file, nor the metafits written before
+    # No .part file, nor the metafits written before, nor the staging directory.
+    assert [p for p in archive.rglob("*") if p != out_dir] == []
+    assert not out_dir.exists() or list(out_dir.iterdir()) == []
     with session_factory() as session:
         observation = session.get(Observation, start)
         assert observation is not None and not observation.files

@@ -410,3 +410,255 @@ def test_the_job_feed_sends_changes_stamped_by_a_worker_whose_clock_is_behind(
         ("UPDATE", "staged")
     ]
     assert changed_rows(factory, 1, watch) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# The dispatcher's own writes against a user's (or a run's) committed meanwhile: what a
+# reviewer reproduced on PostgreSQL was a cancel overwritten by the give-up of a broken task.
+
+#: Long enough for anything these tests wait for; never reached when the code is right.
+JOIN_S = 60.0
+
+
+class _BrokenTask:
+    """A Dask future whose task broke; reading why (``exception``) first runs ``meanwhile``
+    (once per client): what another process commits between the step's read of the jobs and
+    its write."""
+
+    status = "error"
+
+    def __init__(self, meanwhile: Callable[[], None]) -> None:
+        self.meanwhile = meanwhile
+
+    def done(self) -> bool:
+        return True
+
+    def exception(self) -> BaseException:
+        self.meanwhile()  # (its client's: once)
+        return RuntimeError("KilledWorker: the worker died three times")
+
+    def release(self) -> None:
+        pass
+
+
+class _BrokenTasksClient(RecordingClient):
+    def __init__(self, meanwhile: Callable[[], None]) -> None:
+        super().__init__()
+        self.pending: list[Callable[[], None]] = [meanwhile]
+
+    def meanwhile(self) -> None:
+        while self.pending:
+            self.pending.pop()()
+
+    def submit(self, _function: Any, _settings: Any, _job_id: int, **options: Any) -> Any:
+        self.keys.append(options["key"])
+        return _BrokenTask(self.meanwhile)
+
+
+def _in_thread(target: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    """Start ``target`` in a thread; the list gets its result or the exception it raised."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(target())
+        except BaseException as exc:  # examined by the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_cancel_committed_while_the_dispatcher_gives_the_job_up_stays_cancelled(
+    seeded: Settings, factory: sessionmaker[Session]
+) -> None:
+    """The step read the job (queued), the user cancelled it, then the job's task broke a
+    third time: the give-up wrote ``error`` over the cancel from the job the step had read."""
+    from observatory.asvo.dispatcher import MAX_TASK_FAILURES
+    from observatory.asvo.service import cancel_job
+
+    job_id = queue_job(factory, seeded, JobType.DOWNLOAD_VISIBILITIES,
+                       {"obs_id": str(CORR_OBS), "download_type": "vis"})  # fmt: skip
+    product = seeded.products_dir / str(job_id) / "x.tar"  # delivered before its run died
+    product.parent.mkdir(parents=True)
+    product.write_bytes(b"a tar no one will download")
+
+    def user_cancels() -> None:
+        with factory() as session:  # GET /api/cancel_job on a web worker
+            cancel_job(session, 1, str(job_id))
+            session.commit()
+
+    dispatcher = Dispatcher(seeded, factory)
+    dispatcher._client = _BrokenTasksClient(user_cancels)
+    dispatcher.failures[job_id] = MAX_TASK_FAILURES - 1
+    try:
+        dispatcher.step()
+    finally:
+        dispatcher.lock.release()
+    with factory() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        assert (job.state, job.cancel_requested, job.error_text) == ("cancelled", True, None)
+    assert not product.parent.exists()  # a cancelled job's product is no one's
+
+
+def test_a_cancel_in_flight_while_the_dispatcher_gives_the_job_up_wins(
+    seeded: Settings, factory: sessionmaker[Session]
+) -> None:
+    """The cancel's transaction has changed the row and not yet committed when the give-up
+    writes: the give-up waits for it, then finds the job cancelled."""
+    from observatory.asvo.dispatcher import MAX_TASK_FAILURES
+    from observatory.asvo.service import cancel_job
+
+    job_id = queue_job(factory, seeded, JobType.DOWNLOAD_VISIBILITIES,
+                       {"obs_id": str(CORR_OBS), "download_type": "vis"})  # fmt: skip
+    dispatcher = Dispatcher(seeded, factory)
+    dispatcher.failures[job_id] = MAX_TASK_FAILURES - 1
+    web = factory()
+    step = factory()
+    try:
+        step.get(Job, job_id)  # the step's read: the job, queued
+        cancel_job(web, 1, str(job_id))
+        web.flush()  # the row is the cancel's until it commits
+
+        def give_up() -> None:
+            dispatcher._record_failure(step, job_id, "KilledWorker")
+            step.commit()
+
+        thread, outcome = _in_thread(give_up)
+        thread.join(1.0)  # (lets a give-up that does not wait write before the commit)
+        web.commit()
+        thread.join(JOIN_S)
+        assert outcome == [None]
+    finally:
+        web.close()
+        step.close()
+    with factory() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and (job.state, job.error_text) == ("cancelled", None)
+
+
+def test_a_calibration_request_fitted_while_the_dispatcher_gives_it_up_keeps_its_fit(
+    seeded: Settings, factory: sessionmaker[Session]
+) -> None:
+    """The run of a request's calibrator stores its fit (finishing every joined request)
+    as the dispatcher gives the request up after its own task broke three times: the request
+    ended with both its fit and an error, and its callback said it had failed."""
+    from datetime import UTC, datetime
+
+    from observatory.asvo.dispatcher import MAX_TASK_FAILURES
+    from observatory.calib.models import CalibrationRequest
+
+    with factory() as session:
+        request = CalibrationRequest(cal_id=CORR_OBS, target_obs_id=CORR_OBS)
+        session.add(request)
+        session.commit()
+        request_id = request.id
+    dispatcher = Dispatcher(seeded, factory)
+    dispatcher.calibration_failures[request_id] = MAX_TASK_FAILURES - 1
+    run = factory()
+    step = factory()
+    try:
+        step.get(CalibrationRequest, request_id)  # read by the step, unfinished
+        fitted = run.get(CalibrationRequest, request_id)
+        assert fitted is not None
+        fitted.calibration_completed_datetime, fitted.calibration_fit_id = datetime.now(UTC), 7
+        run.flush()  # the run's commit is on its way
+
+        thread, outcome = _in_thread(
+            lambda: dispatcher._record_calibration_failure(step, request_id, "KilledWorker")
+        )
+        thread.join(1.0)  # (lets a give-up that does not wait write before the commit)
+        run.commit()
+        thread.join(JOIN_S)
+        assert outcome == [None]
+    finally:
+        run.close()
+        step.close()
+    with factory() as session:
+        request = session.get(CalibrationRequest, request_id)
+        assert request is not None and request.calibration_fit_id == 7
+        assert request.calibration_completed_datetime is not None
+        assert (request.calibration_error_datetime, request.calibration_error_message) == (
+            None,
+            None,
+        )
+
+
+def test_a_broken_calibration_request_is_still_given_up(
+    seeded: Settings, factory: sessionmaker[Session]
+) -> None:
+    from observatory.asvo.dispatcher import MAX_TASK_FAILURES
+    from observatory.calib.models import CalibrationRequest
+
+    with factory() as session:
+        request = CalibrationRequest(cal_id=CORR_OBS, target_obs_id=CORR_OBS)
+        session.add(request)
+        session.commit()
+        request_id = request.id
+    dispatcher = Dispatcher(seeded, factory)
+    with factory() as session:
+        for _ in range(MAX_TASK_FAILURES):
+            dispatcher._record_calibration_failure(session, request_id, "KilledWorker")
+    with factory() as session:
+        request = session.get(CalibrationRequest, request_id)
+        assert request is not None and request.calibration_completed_datetime is None
+        assert request.calibration_error_message == "internal error: KilledWorker"
+
+
+def test_a_job_changed_while_the_dispatcher_expires_it_is_left_as_changed(
+    seeded: Settings, factory: sessionmaker[Session]
+) -> None:
+    """``_expire`` read the completed jobs past their expiry and wrote ``expired`` (and removed
+    the product) whatever had been committed since: here the product's life is extended."""
+    from datetime import timedelta
+
+    from observatory.asvo.models import JobState
+    from observatory.core.database import utcnow
+
+    job_id = queue_job(factory, seeded, JobType.DOWNLOAD_VISIBILITIES,
+                       {"obs_id": str(CORR_OBS), "download_type": "vis"})  # fmt: skip
+    with factory() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.state, job.expires_at = JobState.COMPLETED.value, utcnow() - timedelta(hours=1)
+        job.product = {"files": []}
+        session.commit()
+    product = seeded.products_dir / str(job_id) / "x.tar"
+    product.parent.mkdir(parents=True)
+    product.write_bytes(b"a product kept for another week")
+    dispatcher = Dispatcher(seeded, factory)
+    extend = factory()
+    step = factory()
+    try:
+        extended = extend.get(Job, job_id)
+        assert extended is not None
+        extended.expires_at = utcnow() + timedelta(days=7)
+        extend.flush()  # committed once the dispatcher has read the job as due
+
+        def expire() -> None:
+            dispatcher._expire(step)
+            step.commit()
+
+        thread, outcome = _in_thread(expire)
+        thread.join(1.0)  # (lets an expiry that does not wait write before the commit)
+        extend.commit()
+        thread.join(JOIN_S)
+        assert outcome == [None]
+    finally:
+        extend.close()
+        step.close()
+    assert job_state(factory, job_id) == "completed"
+    assert product.exists()
+    # Past its (new) expiry it does expire, product and all.
+    with factory() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.expires_at = utcnow() - timedelta(seconds=1)
+        session.commit()
+    with factory() as session:
+        dispatcher._expire(session)
+        session.commit()
+    assert job_state(factory, job_id) == "expired"
+    assert not product.parent.exists()

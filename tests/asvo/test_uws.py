@@ -627,3 +627,207 @@ def test_a_parameter_given_twice_or_out_of_range_is_a_400(client: TestClient) ->
         follow_redirects=False,
     )
     assert negative.status_code == 400 and negative.text.startswith("EXECUTIONDURATION")
+
+
+# ----------------------------------------------------------------------------------------------
+# Two requests changing one job at once (two web workers): exactly one wins, the other sees
+# what it made. What a reviewer reproduced on PostgreSQL: RUN and ABORT of a PENDING job both
+# answered 303 and the job was submitted, and stayed queued, although the user had aborted.
+
+#: Long enough for anything these tests wait for; never reached when the code is right.
+JOIN_S = 60.0
+
+
+@pytest.fixture
+def uws_sessions(app_settings: Settings) -> Iterator[Any]:
+    engine = make_engine(app_settings.resolved_database_url)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def _pending(app_settings: Settings, factory: Any, **fields: str) -> str:
+    from observatory.asvo import uws
+
+    with factory() as session:
+        row = uws.create_job(session, app_settings, 1, {**VIS, **fields})
+        session.commit()
+        return f"u{row.id}"
+
+
+def _request(
+    factory: Any, change: Callable[[Any], object]
+) -> tuple[threading.Thread, list[object]]:
+    """``change(session)`` then commit, as a request on another web worker: in a thread; the
+    list gets its result or the exception it raised."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            with factory() as session:
+                result = change(session)
+                session.commit()
+                outcome.append(result)
+        except BaseException as exc:  # examined by the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def _paused_once(
+    monkeypatch: pytest.MonkeyPatch, owner: Any, name: str
+) -> tuple[threading.Event, threading.Event]:
+    """The first call of ``owner.name`` after this pauses (after doing its work): the first
+    event is set once it is there, the second lets it return."""
+    real = getattr(owner, name)
+    there, go_on = threading.Event(), threading.Event()
+    first = threading.Lock()
+
+    def paused(*args: Any, **kwargs: Any) -> Any:
+        result = real(*args, **kwargs)
+        if first.acquire(blocking=False):
+            there.set()
+            go_on.wait(JOIN_S)
+        return result
+
+    monkeypatch.setattr(owner, name, paused)
+    return there, go_on
+
+
+def _final(factory: Any, job_id: str) -> tuple[str, str | None]:
+    """The job's UWS phase, and its ASVO job's state (None without one)."""
+    from observatory.asvo import uws
+
+    with factory() as session:
+        row = session.get(UwsJob, int(job_id[1:]))
+        assert row is not None
+        job = None if row.asvo_job_id is None else session.get(Job, row.asvo_job_id)
+        return uws.job_phase(session, 1, job_id), None if job is None else job.state
+
+
+def _race(
+    factory: Any,
+    there: threading.Event,
+    go_on: threading.Event,
+    first: Callable[[Any], object],
+    second: Callable[[Any], object],
+) -> tuple[list[object], list[object]]:
+    """``first`` until it pauses (holding what it holds), ``second`` meanwhile, then both."""
+    first_thread, first_outcome = _request(factory, first)
+    assert there.wait(JOIN_S)
+    second_thread, second_outcome = _request(factory, second)
+    second_thread.join(1.0)  # (lets a second that does not wait finish before the first)
+    go_on.set()
+    first_thread.join(JOIN_S)
+    second_thread.join(JOIN_S)
+    return first_outcome, second_outcome
+
+
+def test_an_abort_while_run_submits_the_job_cancels_what_run_submitted(
+    app_settings: Settings, uws_sessions: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from observatory.asvo import service, uws
+
+    job_id = _pending(app_settings, uws_sessions)
+    there, go_on = _paused_once(monkeypatch, service, "submit_job")  # RUN has submitted
+    run, abort = _race(
+        uws_sessions, there, go_on,
+        lambda s: uws.change_phase(s, app_settings, 1, job_id, "RUN"),
+        lambda s: uws.change_phase(s, app_settings, 1, job_id, "ABORT"),
+    )  # fmt: skip
+    assert run == [job_id] and abort == [job_id]
+    assert _final(uws_sessions, job_id) == ("ABORTED", "cancelled")
+
+
+def test_a_run_while_abort_aborts_the_job_submits_nothing(
+    app_settings: Settings, uws_sessions: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from observatory.asvo import uws
+
+    job_id = _pending(app_settings, uws_sessions)
+    there, go_on = _paused_once(monkeypatch, uws, "utcnow")  # ABORT is stamping its end
+    abort, run = _race(
+        uws_sessions, there, go_on,
+        lambda s: uws.change_phase(s, app_settings, 1, job_id, "ABORT"),
+        lambda s: uws.change_phase(s, app_settings, 1, job_id, "RUN"),
+    )  # fmt: skip
+    assert abort == [job_id] and run == [job_id]
+    assert _final(uws_sessions, job_id) == ("ABORTED", None)
+    with uws_sessions() as session:
+        assert session.query(Job).count() == 0
+
+
+def test_a_delete_while_run_submits_the_job_cancels_it(
+    app_settings: Settings, uws_sessions: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from observatory.asvo import service, uws
+
+    job_id = _pending(app_settings, uws_sessions)
+    there, go_on = _paused_once(monkeypatch, service, "submit_job")
+    run, delete = _race(
+        uws_sessions, there, go_on,
+        lambda s: uws.change_phase(s, app_settings, 1, job_id, "RUN"),
+        lambda s: uws.delete_job(s, 1, job_id),
+    )  # fmt: skip
+    assert run == [job_id] and delete == [None]
+    with uws_sessions() as session:
+        row = session.get(UwsJob, int(job_id[1:]))
+        assert row is not None and row.deleted and row.asvo_job_id is not None
+        job = session.get(Job, row.asvo_job_id)
+        assert job is not None and job.state == "cancelled"
+
+
+def test_parameters_posted_while_run_submits_the_job_are_refused(
+    app_settings: Settings, uws_sessions: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Else the job document shows parameters the job does not run with."""
+    from observatory.asvo import service, uws
+    from observatory.core.errors import Forbidden
+
+    job_id = _pending(app_settings, uws_sessions)
+    there, go_on = _paused_once(monkeypatch, service, "submit_job")
+    run, change = _race(
+        uws_sessions, there, go_on,
+        lambda s: uws.change_phase(s, app_settings, 1, job_id, "RUN"),
+        lambda s: uws.update_parameters(s, app_settings, 1, job_id, {"download_type": "vis_meta"}),
+    )  # fmt: skip
+    assert run == [job_id]
+    (refused,) = change
+    assert isinstance(refused, Forbidden) and "is QUEUED" in str(refused), refused
+    with uws_sessions() as session:
+        row = session.get(UwsJob, int(job_id[1:]))
+        assert row is not None and row.params["download_type"] == "vis"
+
+
+def test_run_and_abort_at_the_same_moment_always_end_aborted(
+    app_settings: Settings, uws_sessions: Any
+) -> None:
+    """The reviewer's race without a pause: both start together at a barrier, each round."""
+    from observatory.asvo import uws
+
+    for round_number in range(6):
+        # Another delivery each round: a job left queued by a lost abort would make the next
+        # round's RUN a duplicate of it.
+        delivery = ("acacia", "scratch", "dug")[round_number % 3]
+        job_id = _pending(app_settings, uws_sessions, delivery=delivery)
+        barrier = threading.Barrier(2)
+
+        def at_barrier(
+            phase: str, job_id: str = job_id, barrier: threading.Barrier = barrier
+        ) -> Callable[[Any], object]:
+            def change(session: Any) -> object:
+                barrier.wait(JOIN_S)
+                return uws.change_phase(session, app_settings, 1, job_id, phase)
+
+            return change
+
+        requests = [
+            _request(uws_sessions, at_barrier("RUN")),
+            _request(uws_sessions, at_barrier("ABORT")),
+        ]
+        for thread, _ in requests:
+            thread.join(JOIN_S)
+        assert [outcome for _, outcome in requests] == [[job_id], [job_id]]
+        phase, state = _final(uws_sessions, job_id)
+        assert phase == "ABORTED" and state in (None, "cancelled"), (round_number, phase, state)

@@ -1,4 +1,4 @@
-"""The schedule (observations) and the archive of their files."""
+"""The schedule (observations), its lock, and the archive of their files."""
 
 from __future__ import annotations
 
@@ -143,3 +143,20 @@ class ObservationFile(Base):
             "coarse_chan": self.coarse_chan,
             "batch": self.batch,
         }
+
+
+class ScheduleLock(Base):
+    """One row (id 1, made by migration 0004); every schedule change updates it first, so
+    changes happen one at a time (:func:`observatory.archive.service.take_schedule_lock`).
+
+    An UPDATE takes PostgreSQL's row lock and SQLite's write lock alike, so the
+    check "does this fit / may this project override what is there?" and the write that
+    follows cannot interleave with another change's: a trigger's (``trigger.service``) or
+    an operator's (``archive.service.schedule_observation``). It lives here, below both,
+    because the archive may not import the trigger domain.
+    """
+
+    __tablename__ = "schedule_lock"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    changes: Mapped[int] = mapped_column(BigInteger, default=0)

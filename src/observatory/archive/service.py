@@ -11,11 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from astropy.io import fits
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from observatory.archive.filenames import ParsedFileName, legacy_gpubox_channels, parse_file_name
-from observatory.archive.models import FileKind, Observation, ObservationFile, ObservationMode
+from observatory.archive.models import (
+    FileKind,
+    Observation,
+    ObservationFile,
+    ObservationMode,
+    ScheduleLock,
+)
 from observatory.core.accounts import project_id_problem
 from observatory.core.database import MAX_SQL_INTEGER
 from observatory.core.errors import BadRequest, NotFound
@@ -163,7 +169,9 @@ def _unobserved_channel(parsed: ParsedFileName, receiver_channels: list[int]) ->
     return None
 
 
-def ingest_directory(session: Session, storage: Storage, directory: Path) -> IngestReport:
+def ingest_directory(
+    session: Session, storage: Storage, directory: Path, *, move_files: bool = False
+) -> IngestReport:
     """Register the observations and files found under ``directory`` (recursively).
 
     Every file is checked before anything is written: if any is bad, an
@@ -173,7 +181,14 @@ def ingest_directory(session: Session, storage: Storage, directory: Path) -> Ing
     gpubox number beyond the channel count) is not registered: it is listed in
     :attr:`IngestReport.skipped` with the reason. Files are copied into ``storage`` under
     ``<obsid>/<name>`` (in place if they are already there). Running it again
-    on the same files changes nothing.
+    on the same files changes nothing. Hidden files, and files in hidden directories
+    (a simulation's staging directory), are not looked at.
+
+    The rows are flushed before any file is put in the archive: they hold their
+    ``(obsid, name)`` until the transaction ends (PostgreSQL's unique index, SQLite's write
+    lock), so an ingest that loses a race for the same names (another transaction
+    registered them first) fails at the flush, having replaced no file the other
+    registered; and on a failure it removes only the files it put there itself.
 
     Parameters
     ----------
@@ -183,6 +198,9 @@ def ingest_directory(session: Session, storage: Storage, directory: Path) -> Ing
         The archive's storage.
     directory
         Where to look for metafits and data files.
+    move_files
+        The files are a private copy (a simulation's staging directory): they are moved
+        into the archive (renamed, on local storage) rather than copied.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -191,7 +209,7 @@ def ingest_directory(session: Session, storage: Storage, directory: Path) -> Ing
     problems: list[tuple[str, str]] = []
     by_obsid: dict[int, list[tuple[Path, ParsedFileName]]] = defaultdict(list)
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        if path.name.startswith("."):
+        if any(part.startswith(".") for part in path.relative_to(directory).parts):
             continue
         parsed = parse_file_name(path.name)
         if parsed is None:
@@ -319,42 +337,62 @@ def ingest_directory(session: Session, storage: Storage, directory: Path) -> Ing
             report.observations_added.append(obsid)
     session.flush()
 
-    copied: list[str] = []
+    to_place: list[tuple[Path, str]] = []
+    for item in planned:
+        key = f"{item.parsed.obsid}/{item.path.name}"
+        already = session.scalar(
+            select(ObservationFile).where(
+                ObservationFile.obsid == item.parsed.obsid,
+                ObservationFile.name == item.path.name,
+            )
+        )
+        if already is not None:
+            report.files_unchanged.append(str(item.path))
+            continue
+        if not _is_same_file(storage, key, item.path):
+            to_place.append((item.path, key))
+        session.add(
+            ObservationFile(
+                obsid=item.parsed.obsid,
+                name=item.path.name,
+                kind=item.parsed.kind.value,
+                size_bytes=item.size_bytes,
+                sha1=item.sha1,
+                storage_key=key,
+                coarse_chan=item.parsed.coarse_chan,
+                batch=item.parsed.batch,
+            )
+        )
+        report.files_added.append(str(item.path))
+    # The rows first: a transaction registering the same names at the same moment makes
+    # this flush fail (after its commit), before a file of its is replaced here. Copied
+    # first, the loser of two recordings of one observation wrote over the winner's files,
+    # then removed them on its way out: catalogue rows without files.
+    session.flush()
+    placed: list[str] = []
     try:
-        for item in planned:
-            key = f"{item.parsed.obsid}/{item.path.name}"
-            already = session.scalar(
-                select(ObservationFile).where(
-                    ObservationFile.obsid == item.parsed.obsid,
-                    ObservationFile.name == item.path.name,
-                )
-            )
-            if already is not None:
-                report.files_unchanged.append(str(item.path))
-                continue
-            if not _is_same_file(storage, key, item.path):
-                storage.put_file(item.path, key)
-                copied.append(key)
-            session.add(
-                ObservationFile(
-                    obsid=item.parsed.obsid,
-                    name=item.path.name,
-                    kind=item.parsed.kind.value,
-                    size_bytes=item.size_bytes,
-                    sha1=item.sha1,
-                    storage_key=key,
-                    coarse_chan=item.parsed.coarse_chan,
-                    batch=item.parsed.batch,
-                )
-            )
-            report.files_added.append(str(item.path))
-        session.flush()
+        for path, key in to_place:
+            _place(storage, path, key, move=move_files)
+            placed.append(key)
     except BaseException:
-        # The database rolls back with the caller's transaction; take the copies back too.
-        for key in copied:
+        # The database rolls back with the caller's transaction; take the files back too.
+        # Only this ingest's: its rows hold these names until then.
+        for key in placed:
             storage.delete(key)
         raise
     return report
+
+
+def _place(storage: Storage, path: Path, key: str, *, move: bool) -> None:
+    """Put ``path`` in ``storage`` under ``key`` (moved, if ``move``: renamed on local storage)."""
+    if move and storage.is_local:
+        target = storage.local_path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        return
+    storage.put_file(path, key)
+    if move:
+        path.unlink()
 
 
 def _is_same_file(storage: Storage, key: str, path: Path) -> bool:
@@ -533,6 +571,40 @@ SCHEDULABLE_MODES = ("MWAX_CORRELATOR", "MWAX_VCS", "MWAX_BUFFER")
 SCHEDULED_BY_OPERATOR = "schedule"
 
 
+#: The id of the schedule lock's one row (made by migration 0004).
+SCHEDULE_LOCK_ID = 1
+
+
+def take_schedule_lock(session: Session) -> None:
+    """Hold the schedule's lock until ``session``'s transaction ends.
+
+    Every change of the schedule takes it before it reads what it checks (overlaps,
+    override rules, disk room): a trigger's (``trigger.service``) and an operator's
+    (:func:`schedule_observation`). Without it, two changes each checked the schedule
+    before the other had written: overlapping observations, or a trigger and an operator
+    inserting the same obsid (the loser's commit failed, a trigger answered 500).
+
+    An UPDATE of the lock's row: PostgreSQL's row lock, SQLite's write lock (either
+    way held to the commit or rollback). Make it the transaction's first statement: on
+    SQLite a transaction that read before it writes may find its snapshot stale.
+
+    Raises
+    ------
+    RuntimeError
+        If the lock's row is missing (a database not made by the migrations): an UPDATE
+        of no row would lock nothing, and changes would interleave unnoticed.
+    """
+    taken = session.execute(
+        update(ScheduleLock)
+        .where(ScheduleLock.id == SCHEDULE_LOCK_ID)
+        .values(changes=ScheduleLock.changes + 1)
+    )
+    if taken.rowcount != 1:  # type: ignore[attr-defined]
+        raise RuntimeError(
+            "the schedule lock's row is missing (schedule_lock id 1): run observatory db upgrade"
+        )
+
+
 def overlapping_observation(session: Session, start_gps: int, stop_gps: int) -> Observation | None:
     """An observation of the schedule (not deleted) running at some time in
     ``[start_gps, stop_gps)``, or None: the telescope makes one observation at a time."""
@@ -560,10 +632,16 @@ def schedule_observation(
 ) -> Observation:
     """Put an observation in the schedule by hand, as an operator does.
 
+    The checks that read the schedule are made under the schedule's lock
+    (:func:`take_schedule_lock`), the one triggers take, and the caller's commit (or
+    rollback) frees it: an overlap check and its insert cannot interleave with another
+    operator's or a trigger's.
+
     Parameters
     ----------
     session
-        A database session.
+        A database session; best with no transaction open (the lock is then its
+        transaction's first statement). The caller commits or rolls back.
     start_gps, duration_s
         When it starts (its obsid) and how long it lasts: whole multiples of 8 s, in the
         future.
@@ -607,6 +685,9 @@ def schedule_observation(
     problem = project_id_problem(project_id)
     if problem:
         raise ValueError(problem)
+    # Everything above reads no table. From here the schedule is read and written under
+    # its lock: another change waits for this one's commit and then sees this row.
+    take_schedule_lock(session)
     # As a trigger's project is checked; a fresh installation with no projects registered
     # (the CLI's default D0000) takes any well-formed id.
     if (

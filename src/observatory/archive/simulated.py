@@ -1,9 +1,20 @@
-"""Simulated observations written straight into the archive and registered there."""
+"""Simulated observations written into the archive and registered there.
+
+A simulation is written into a directory of its own (a hidden staging directory beside the
+observation's, ``.<obsid>.staging-<host>-<pid>-<random>``), and its files are moved into
+the observation's directory only once their rows are flushed (``ingest_directory`` with
+``move_files``): two recordings of one observation at once (two job runners' telescopes)
+never write over each other's files, and the one whose registration fails removes only the
+files it moved into the archive itself, never those the other registered.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import secrets
+import shutil
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
@@ -19,7 +30,7 @@ from observatory.archive.service import (
 )
 from observatory.core.accounts import project_id_problem
 from observatory.core.config import Settings
-from observatory.core.storage import Storage
+from observatory.core.storage import Storage, remove_leftover_temporaries, temporary_name
 from observatory.telescope.catalogue import UnknownSourceError, lookup
 from observatory.telescope.instrument import (
     DIPOLE_OFF_DELAY,
@@ -94,10 +105,11 @@ def catalogue_point_source(name: str) -> PointSource:
     )  # fmt: skip
 
 
-def _register(session: Session, settings: Settings, out_dir: Path) -> None:
-    """Register what was simulated into ``out_dir``; log the files left unregistered (no
-    one reads the report here)."""
-    report = ingest_directory(session, Storage(settings.archive_dir), out_dir)
+def _register(session: Session, settings: Settings, staged: Path) -> None:
+    """Register what was simulated into the staging directory ``staged``, moving the files
+    into the archive once their rows are flushed; log the files left unregistered (no one
+    reads the report here)."""
+    report = ingest_directory(session, Storage(settings.archive_dir), staged, move_files=True)
     for path, reason in report.skipped:
         log.warning("not registered: %s: %s", path, reason)
 
@@ -119,15 +131,52 @@ def _remove_stale_parts(out_dir: Path, obsid: int) -> None:
 
 
 @contextlib.contextmanager
-def _removed_unless_registered(simulated: SimulatedObservation) -> Iterator[None]:
-    """Remove the files of ``simulated`` if registering them fails: left in the archive
-    unregistered, a later ingest of the directory would register them."""
+def _staging(settings: Settings, obsid: int) -> Iterator[Path]:
+    """A new directory of this run's own to simulate ``obsid`` into; removed at the end
+    (with whatever of the simulation was not moved into the archive).
+
+    Beside ``<archive>/<obsid>``, hidden (ingest skips hidden directories), named as
+    :func:`~observatory.core.storage.temporary_name` names temporaries: the staging
+    directories of runs on this host that were killed are removed first.
+    """
+    target = settings.archive_dir / str(obsid)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftover_temporaries(target)
+    staged = target.with_name(temporary_name(target.name, "staging") + secrets.token_hex(4))
+    staged.mkdir()
+    try:
+        yield staged
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _removed_unless_registered(
+    simulated: SimulatedObservation, settings: Settings
+) -> Iterator[None]:
+    """If registering ``simulated`` fails, remove the files of it this run moved into the
+    archive: left there unregistered, a later ingest of the directory would register them.
+
+    Only those: a file is this run's if it is the very file it simulated (the same inode:
+    a move keeps it), so a file of the same name another run wrote and registered is never
+    removed (two telescopes recording one observation: the loser removed the winner's files,
+    leaving catalogue rows without files). And no other run can have registered a file this
+    run moved into place: its rows, flushed before the move, hold those names until this
+    transaction ends, and the caller rolls back only after this.
+    """
+    ours = set()
+    for written in simulated.files:
+        status = written.path.stat()
+        ours.add((status.st_dev, status.st_ino))
     try:
         yield
     except BaseException:
         for written in simulated.files:
+            placed = settings.archive_dir / str(simulated.obsid) / written.path.name
             with contextlib.suppress(FileNotFoundError):
-                written.path.unlink()
+                status = os.stat(placed)
+                if (status.st_dev, status.st_ino) in ours:
+                    placed.unlink()
         raise
 
 
@@ -156,9 +205,11 @@ def simulate_and_register(
     and cable-delay errors (:func:`instrument_gains`) are injected; ``seed`` draws the
     noise. The truth is archived beside the data as ``<obsid>_truth.json``.
 
-    If registering fails, the files simulated are removed again (nothing of the
-    observation stays in the archive unregistered); so are the hidden ``.part`` files an
-    earlier simulation of ``obsid`` killed while writing left.
+    The simulation is written into a staging directory of its own and its files are moved
+    into ``<archive>/<obsid>/`` once registered (flushed). If registering fails, the files
+    simulated are removed again (nothing of the observation stays in the archive
+    unregistered, and no file another run registered is touched); so are the hidden
+    ``.part`` files an earlier simulation of ``obsid`` killed while writing left.
 
     Raises
     ------
@@ -170,33 +221,33 @@ def simulate_and_register(
     if session.get(Observation, obsid) is not None:
         raise ValueError(f"observation {obsid} already exists in the archive")
     _check_project_id(project_id)
-    out_dir = settings.archive_dir / str(obsid)
-    _remove_stale_parts(out_dir, obsid)
+    _remove_stale_parts(settings.archive_dir / str(obsid), obsid)
     amplitudes, delays_ns = instrument_gains(n_tiles, coarse_chans)
-    simulated = simulate_observation(
-        out_dir,
-        obsid,
-        n_tiles=n_tiles,
-        coarse_chans=coarse_chans,
-        fine_chan_khz=fine_chan_khz,
-        int_time_s=int_time_s,
-        n_timesteps=n_timesteps,
-        sources=sources,
-        mode=mode,
-        gain_amplitudes=amplitudes,
-        delay_errors_ns=delays_ns,
-        noise_sigma_jy=noise_sigma_jy,
-        seed=seed,
-        project_id=project_id,
-        obs_name=obsname,
-        calibrator=calibrator,
-        flagged_antennas=flagged_antennas,
-    )
-    with _removed_unless_registered(simulated):
-        _register(session, settings, out_dir)
-        observation = get_observation(session, obsid)
-        observation.created_by = "simulator"
-        session.flush()
+    with _staging(settings, obsid) as staged:
+        simulated = simulate_observation(
+            staged,
+            obsid,
+            n_tiles=n_tiles,
+            coarse_chans=coarse_chans,
+            fine_chan_khz=fine_chan_khz,
+            int_time_s=int_time_s,
+            n_timesteps=n_timesteps,
+            sources=sources,
+            mode=mode,
+            gain_amplitudes=amplitudes,
+            delay_errors_ns=delays_ns,
+            noise_sigma_jy=noise_sigma_jy,
+            seed=seed,
+            project_id=project_id,
+            obs_name=obsname,
+            calibrator=calibrator,
+            flagged_antennas=flagged_antennas,
+        )
+        with _removed_unless_registered(simulated, settings):
+            _register(session, settings, staged)
+            observation = get_observation(session, obsid)
+            observation.created_by = "simulator"
+            session.flush()
     return observation
 
 
@@ -230,8 +281,11 @@ def observe_scheduled(
     sub-files starting at ``dumped_subobs_gps`` (see :func:`dumped_subobs_gps`).
 
     The record's pointing and phase centre are set to the metafits' (an operator's
-    observation is scheduled without them). If registering fails, the files simulated are
-    removed again; so are the hidden ``.part`` files an earlier, killed recording left.
+    observation is scheduled without them). As in :func:`simulate_and_register`, the
+    recording is written into a staging directory of its own and moved into the archive
+    once registered; if registering fails, the files this run moved there are removed again
+    (never a file another recording of it registered); so are the hidden ``.part`` files an
+    earlier, killed recording left.
 
     Raises
     ------
@@ -260,49 +314,50 @@ def observe_scheduled(
         sources = []
     else:
         sources = [PointSource(*phase_centre, TARGET_FLUX_JY, -0.8, "target")]
-    out_dir = settings.archive_dir / str(observation.obsid)
-    _remove_stale_parts(out_dir, observation.obsid)
+    _remove_stale_parts(settings.archive_dir / str(observation.obsid), observation.obsid)
     amplitudes, delays_ns = instrument_gains(n_tiles, observation.coarse_chans)
     pointing = None if observation.ra_deg is None else (observation.ra_deg, observation.dec_deg)
-    simulated = simulate_observation(
-        out_dir,
-        observation.obsid,
-        n_tiles=n_tiles,
-        coarse_chans=observation.coarse_chans,
-        fine_chan_khz=fine_chan_khz,
-        int_time_s=int_time_s,
-        # Correlator: integrations; voltages: 8-s sub-files.
-        n_timesteps=max(1, int(exposure_s // (MWAX_SUBOBS_S if voltages else int_time_s))),
-        sources=sources,
-        pointing_radec_deg=pointing,  # type: ignore[arg-type]
-        phase_centre_radec_deg=phase_centre,
-        mode="MWAX_VCS" if voltages else "MWAX_CORRELATOR",
-        voltage_subobs_gps=dumped_subobs_gps,
-        beamformer_delays=_scheduled_delays(observation, n_tiles),
-        pointing_grid=_grid_point(observation),
-        atten_db=observation.atten_db if observation.atten_db is not None else 1.0,
-        gain_amplitudes=amplitudes,
-        delay_errors_ns=delays_ns,
-        noise_sigma_jy=1.0,
-        seed=observation.obsid % 2**31,
-        project_id=observation.project_id,
-        obs_name=observation.obsname,
-        creator=observation.creator or "simulator",
-        calibrator=observation.calibrator_source if observation.calibration else None,
-    )
-    with _removed_unless_registered(simulated):
-        _register(session, settings, out_dir)
+    with _staging(settings, observation.obsid) as staged:
+        simulated = simulate_observation(
+            staged,
+            observation.obsid,
+            n_tiles=n_tiles,
+            coarse_chans=observation.coarse_chans,
+            fine_chan_khz=fine_chan_khz,
+            int_time_s=int_time_s,
+            # Correlator: integrations; voltages: 8-s sub-files.
+            n_timesteps=max(1, int(exposure_s // (MWAX_SUBOBS_S if voltages else int_time_s))),
+            sources=sources,
+            pointing_radec_deg=pointing,  # type: ignore[arg-type]
+            phase_centre_radec_deg=phase_centre,
+            mode="MWAX_VCS" if voltages else "MWAX_CORRELATOR",
+            voltage_subobs_gps=dumped_subobs_gps,
+            beamformer_delays=_scheduled_delays(observation, n_tiles),
+            pointing_grid=_grid_point(observation),
+            atten_db=observation.atten_db if observation.atten_db is not None else 1.0,
+            gain_amplitudes=amplitudes,
+            delay_errors_ns=delays_ns,
+            noise_sigma_jy=1.0,
+            seed=observation.obsid % 2**31,
+            project_id=observation.project_id,
+            obs_name=observation.obsname,
+            creator=observation.creator or "simulator",
+            calibrator=observation.calibrator_source if observation.calibration else None,
+        )
+        # Read before the files move into the archive.
         recorded = metafits_observation_fields(simulated.metafits_path)
-        observation.n_tiles = n_tiles
-        if not voltages:
-            observation.freq_res_khz = fine_chan_khz
-            observation.int_time_s = int_time_s
-        # Where the telescope pointed and phased, as the metafits says: an operator's
-        # observation is scheduled without a position, and /metadata/obs and find showed
-        # none for it once recorded.
-        for column in ("ra_deg", "dec_deg", "ra_phase_deg", "dec_phase_deg"):
-            setattr(observation, column, recorded[column])
-        session.flush()
+        with _removed_unless_registered(simulated, settings):
+            _register(session, settings, staged)
+            observation.n_tiles = n_tiles
+            if not voltages:
+                observation.freq_res_khz = fine_chan_khz
+                observation.int_time_s = int_time_s
+            # Where the telescope pointed and phased, as the metafits says: an operator's
+            # observation is scheduled without a position, and /metadata/obs and find showed
+            # none for it once recorded.
+            for column in ("ra_deg", "dec_deg", "ra_phase_deg", "dec_phase_deg"):
+                setattr(observation, column, recorded[column])
+            session.flush()
     return observation
 
 

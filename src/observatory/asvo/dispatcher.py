@@ -21,26 +21,31 @@ logged once too. A Dask client that gave up on its scheduler (Dask closes it aft
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import os
 import shutil
 import threading
 import time
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from sqlalchemy import Connection, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from observatory.archive.runner import SingleRunnerLock
 from observatory.asvo.models import TERMINAL_STATES, Job, JobState
-from observatory.asvo.pipeline import calibration_pending, remove_product, run_job
+from observatory.asvo.pipeline import (
+    JobCancelled,
+    JobEndedElsewhere,
+    JobFailed,
+    _Tracker,
+    calibration_pending,
+    remove_product,
+    run_job,
+)
 from observatory.calib.models import CalibrationRequest
 from observatory.calib.pipeline import run_request
 from observatory.calib.requests import finish_request, request_unfitted_calibrators
 from observatory.core.config import Settings
-from observatory.core.database import make_engine, mask_url, utcnow
+from observatory.core.database import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -64,132 +69,18 @@ def job_task_key(job_id: int, generation: int = 0) -> str:
     return f"asvo-job-{job_id}-{generation}"
 
 
-#: The dispatcher lock's advisory key: one per database and schema.
-_DISPATCHER_KEY = (
-    "hashtextextended('observatory.asvo.dispatcher:' || current_database() || ':' "
-    "|| current_schema(), 0)"
-)
+class DispatcherLock(SingleRunnerLock):
+    """Only one dispatcher per database (see :class:`SingleRunnerLock`).
 
-
-class DispatcherLock:
-    """Only one dispatcher per database.
-
-    PostgreSQL: a session-level advisory lock (keyed by the database and the schema) on
-    a connection of its own; the server frees it when the holder's connection ends,
-    however the process ended. SQLite: an exclusive ``flock`` on
-    ``<database>.dispatcher-lock`` beside the database file, freed when the process ends.
+    PostgreSQL: the advisory lock ``observatory.asvo.dispatcher:<database>:<schema>``;
+    SQLite: ``<database>.dispatcher-lock`` beside the database file (the key and the file
+    it has always had: a job runner of an earlier version still excludes this one). The
+    mechanism lives in the archive, below both, because the simulated telescope holds a
+    lock of its own of the same kind.
     """
 
     def __init__(self, database_url: str) -> None:
-        self.database_url = database_url
-        url = make_url(database_url)
-        self._postgres = url.get_backend_name() == "postgresql"
-        self._lock_path: Path | None = None
-        if not self._postgres and url.database and url.database != ":memory:":
-            self._lock_path = (
-                Path(url.database).resolve().with_name(Path(url.database).name + ".dispatcher-lock")
-            )
-        self._engine: Any = None
-        self._connection: Connection | None = None
-        self._file: IO[str] | None = None
-        self.held = False
-
-    @property
-    def description(self) -> str:
-        """What is locked, for log lines."""
-        if self._postgres:
-            return f"a PostgreSQL advisory lock on {mask_url(self.database_url)}"
-        return (
-            f"the lock file {self._lock_path}"
-            if self._lock_path
-            else "nothing (in-memory database)"
-        )
-
-    def acquire(self) -> bool:
-        """Whether this process holds the lock (taking it if free; never blocks).
-
-        Raises when the database cannot be reached. On PostgreSQL a held lock is
-        checked first: if its connection broke, the lock is gone and taken again if free.
-        """
-        if self._postgres:
-            return self._acquire_postgres()
-        if self._lock_path is None:
-            self.held = True
-            return True
-        if self._file is None:
-            self._lock_path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(self._lock_path, "a+")  # noqa: SIM115 (kept open while held)
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
-                return False
-            handle.truncate(0)
-            handle.write(f"{os.getpid()}\n")
-            handle.flush()
-            self._file = handle
-        self.held = True
-        return True
-
-    def _acquire_postgres(self) -> bool:
-        if self._connection is not None:
-            try:
-                self._connection.execute(text("SELECT 1"))
-                self._connection.rollback()  # not idle in a transaction between checks
-                return True
-            except Exception:
-                log.error("ASVO dispatcher: lost its database connection, and with it %s",
-                          self.description)  # fmt: skip
-                self._drop_connection()
-        if self._engine is None:
-            self._engine = make_engine(self.database_url)
-        connection = self._engine.connect()
-        try:
-            got = connection.execute(
-                text(f"SELECT pg_try_advisory_lock({_DISPATCHER_KEY})")
-            ).scalar_one()
-            connection.commit()  # the lock is the session's, not the transaction's
-        except Exception:
-            connection.invalidate()
-            connection.close()
-            raise
-        if not got:
-            connection.close()
-            return False
-        self._connection = connection
-        self.held = True
-        return True
-
-    def _drop_connection(self) -> None:
-        self.held = False
-        if self._connection is not None:
-            try:
-                self._connection.invalidate()  # never back to the pool: it may hold the lock
-                self._connection.close()
-            except Exception:
-                pass
-            self._connection = None
-
-    def release(self) -> None:
-        """Free the lock (and its connection or file)."""
-        if self._connection is not None:
-            # Unlocked before the connection closes: the server frees a closed connection's
-            # locks only once its backend has ended, which a dispatcher taking over at once
-            # could find still running.
-            try:
-                self._connection.execute(text(f"SELECT pg_advisory_unlock({_DISPATCHER_KEY})"))
-                self._connection.commit()
-            except Exception:  # the connection broke: its end frees the lock
-                pass
-        self._drop_connection()
-        if self._engine is not None:
-            self._engine.dispose()
-            self._engine = None
-        if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
-        self.held = False
+        super().__init__(database_url, "asvo.dispatcher", what="ASVO dispatcher")
 
 
 class Dispatcher:
@@ -446,38 +337,77 @@ class Dispatcher:
         ASVO jobs waiting for it (``waitcal``) never ended."""
         if not _given_up(self.calibration_failures, request_id, "calibration request", reason):
             return
-        request = session.get(CalibrationRequest, request_id)
-        if (
-            request is not None
-            and request.calibration_completed_datetime is None
-            and (request.calibration_error_datetime is None)
-        ):
-            finish_request(session, request, error=f"internal error: {reason}")
-            session.commit()
+        # Claimed first, as a job's run claims its job (pipeline._Tracker.move): an UPDATE
+        # that matches only an unfinished request takes its row (PostgreSQL's row lock,
+        # SQLite's write lock) and waits for a run finishing it at this moment. A read
+        # first (the request as this step loaded it, or a read racing that run's commit)
+        # set a request that had just got its fit in error too.
+        claim = session.execute(
+            update(CalibrationRequest)
+            .where(
+                CalibrationRequest.id == request_id,
+                CalibrationRequest.calibration_completed_datetime.is_(None),
+                CalibrationRequest.calibration_error_datetime.is_(None),
+            )
+            .values(calibration_error_datetime=None)
+        )
+        if claim.rowcount == 0:  # type: ignore[attr-defined]
+            session.rollback()  # finished meanwhile (or gone): as its run left it
+            return
+        request = session.get(CalibrationRequest, request_id, populate_existing=True)
+        assert request is not None  # the claim matched it, and holds it
+        finish_request(session, request, error=f"internal error: {reason}")
+        session.commit()
 
     def _record_failure(self, session: Session, job_id: int, reason: object) -> None:
+        """Count a broken task of a job; at ``MAX_TASK_FAILURES`` give the job up as an error.
+
+        Unless it was cancelled or ended meanwhile: the state is written by the runs' own
+        claim (``pipeline._Tracker.move``), an UPDATE that matches only an uncancelled,
+        unfinished job, in its own transaction. The job as this step loaded it (``session``'s
+        identity map) may be stale: written from it, a user's cancel committed since was
+        overwritten with ``error``.
+        """
         if not _given_up(self.failures, job_id, "ASVO job", reason):
             return
-        job = session.get(Job, job_id)
-        if job is not None and job.state not in TERMINAL_STATES:
-            job.state = JobState.ERROR.value
-            job.error_code = 1
-            job.error_text = f"internal error: {reason}"
-            job.completed = utcnow()
-            remove_product(self.settings, job)  # delivered, perhaps, before the run died
+        # Cancelled, ended by another run, or gone: its state stays as it is.
+        with contextlib.suppress(JobCancelled, JobEndedElsewhere, JobFailed):
+            _Tracker(self.session_factory, job_id).move(
+                JobState.ERROR, error_code=1, error_text=f"internal error: {reason}",
+                completed=utcnow(),
+            )  # fmt: skip
+        job = session.get(Job, job_id, populate_existing=True)
+        if job is not None and job.state != JobState.COMPLETED.value:
+            # Delivered, perhaps, before the run died: a product of a job given up or
+            # cancelled is no one's (no run of it comes after this to remove it).
+            remove_product(self.settings, job)
         # Runs that died (a worker killed for its memory, say) cleaned nothing up: their
         # attempt directories, conversion scratch included, would stay in work/ for good.
         shutil.rmtree(self.settings.work_dir / str(job_id), ignore_errors=True)
 
     def _expire(self, session: Session) -> None:
-        """Completed jobs past their expiry lose their product and become ``expired``."""
+        """Completed jobs past their expiry lose their product and become ``expired``.
+
+        Each is claimed by an UPDATE that matches it only while it is still completed and
+        past its expiry (waiting for a transaction changing it at this moment), and loses
+        its product only then: a job changed since it was read is left as it is now.
+        """
         now = utcnow()
         due = session.scalars(
             select(Job).where(Job.state == JobState.COMPLETED.value, Job.expires_at < now)
         ).all()
         for job in due:
-            remove_product(self.settings, job)
-            job.state = JobState.EXPIRED.value
+            claim = session.execute(
+                update(Job)
+                .where(
+                    Job.id == job.id,
+                    Job.state == JobState.COMPLETED.value,
+                    Job.expires_at < now,
+                )
+                .values(state=JobState.EXPIRED.value)
+            )
+            if claim.rowcount == 1:  # type: ignore[attr-defined]
+                remove_product(self.settings, job)
 
 
 def _given_up(failures: dict[int, int], key: int, what: str, reason: object) -> bool:

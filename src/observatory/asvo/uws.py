@@ -21,6 +21,7 @@ of ``service``; the mapping (docs/uws.md says the same for users):
 
 from __future__ import annotations
 
+import contextlib
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
@@ -29,7 +30,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import exists, select
+from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session
 
 from observatory.asvo import service
@@ -526,9 +527,39 @@ def create_job(
     return row
 
 
+def _claim_pending(session: Session, row: UwsJob) -> bool:
+    """Whether ``row`` is still PENDING (no ASVO job yet): then this transaction holds it.
+
+    An UPDATE that matches the row only while it is PENDING, not submitted and not deleted:
+    PostgreSQL's row lock, SQLite's write lock, either way held to the commit. Of two
+    requests changing one job at once (``PHASE=RUN`` and ``PHASE=ABORT`` on two web
+    workers), the second waits for the first's commit and then finds the job no longer
+    PENDING. Read unlocked, both went on: the job was submitted, and stayed queued, although
+    the user's ABORT had been answered. ``row`` is read again either way: after a claim that
+    failed it is as the winner left it.
+    """
+    claim = session.execute(
+        update(UwsJob)
+        .where(
+            UwsJob.id == row.id,
+            UwsJob.phase == Phase.PENDING.value,
+            UwsJob.asvo_job_id.is_(None),
+            UwsJob.deleted.is_(False),
+        )
+        .values(phase=Phase.PENDING.value)
+        .execution_options(synchronize_session=False)
+    )
+    session.refresh(row)
+    return bool(claim.rowcount == 1)  # type: ignore[attr-defined]
+
+
 def _run(session: Session, settings: Settings, row: UwsJob) -> None:
-    """Submit a PENDING job as an ASVO job; a refusal puts it in ERROR with the message."""
-    if row.asvo_job_id is not None or row.phase != Phase.PENDING:
+    """Submit a PENDING job as an ASVO job; a refusal puts it in ERROR with the message.
+
+    A job no longer PENDING (run, aborted or deleted by another request, perhaps at this
+    very moment: see :func:`_claim_pending`) is left as it is.
+    """
+    if not _claim_pending(session, row):
         return
     try:
         job = service.submit_job(session, settings, row.user_id, _job_type(row.params), row.params)
@@ -565,11 +596,23 @@ def change_phase(
 
 
 def _abort(session: Session, user_id: int, row: UwsJob | None, job: Job | None) -> None:
-    if job is not None:
-        if job.state not in TERMINAL_STATES:
+    """Cancel the job: a PENDING one becomes ABORTED, an unfinished ASVO job is cancelled.
+
+    A PENDING job is claimed first (:func:`_claim_pending`): if a ``PHASE=RUN`` submitted
+    it meanwhile, its ASVO job is cancelled instead; a finished job is left as it is.
+    """
+    if job is None and row is not None:
+        if _claim_pending(session, row):
+            row.phase, row.ended = Phase.ABORTED.value, utcnow()
+            return
+        if row.asvo_job_id is None:
+            return  # aborted, or refused at RUN, by another request: nothing left to cancel
+        job = session.get(Job, row.asvo_job_id, populate_existing=True)
+    if job is not None and job.state not in TERMINAL_STATES:
+        # Refused if it finished between the read above and the cancel's own claim (an
+        # UPDATE of an unfinished job only): an ABORT of a finished job changes nothing.
+        with contextlib.suppress(service.AsvoError):
             service.cancel_job(session, user_id, str(job.id))
-    elif row is not None and row.phase == Phase.PENDING:
-        row.phase, row.ended = Phase.ABORTED.value, utcnow()
 
 
 def delete_job(session: Session, user_id: int, job_id: str) -> None:
@@ -607,7 +650,9 @@ def update_parameters(
         If the ASVO service would refuse the changed job (its message).
     """
     row, job = _lookup(session, user_id, job_id)
-    if row is None or job is not None or row.phase != Phase.PENDING:
+    # Claimed (see _claim_pending): parameters changed while a RUN submits the job at the same
+    # moment would be shown as the job's, and not be the ones it runs with.
+    if row is None or job is not None or not _claim_pending(session, row):
         phase = job_phase(session, user_id, job_id)
         raise Forbidden(f"Job {job_id} is {phase}: parameters can only be changed while PENDING")
     params, control = split_fields(fields)

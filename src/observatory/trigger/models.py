@@ -1,7 +1,9 @@
-"""Trigger records and the schedule lock.
+"""Trigger records.
 
 The schedule itself is the ``observations`` table (archive.models.Observation):
-a row per observation, scheduled or observed, keyed by its GPS start second.
+a row per observation, scheduled or observed, keyed by its GPS start second. Its lock,
+``ScheduleLock``, is the archive's too (an operator's ``observatory schedule observation``
+takes it): it lives in ``archive.models`` and is re-exported here for the trigger service.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Index, Integer, String
+from sqlalchemy import JSON, Boolean, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
+from observatory.archive.models import ScheduleLock
 from observatory.core.database import Base, UTCDateTime, utcnow
+
+__all__ = ["ScheduleLock", "Trigger", "TriggerMode"]
 
 
 class TriggerMode(enum.StrEnum):
@@ -43,17 +48,3 @@ class Trigger(Base):
     #: The reply the caller got, whole.
     result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
-
-
-class ScheduleLock(Base):
-    """One row; every schedule change updates it first, so changes happen one at a time.
-
-    An UPDATE takes PostgreSQL's row lock and SQLite's write lock alike, so the
-    check "may this project override what is there?" and the write that follows
-    cannot interleave with another trigger's.
-    """
-
-    __tablename__ = "schedule_lock"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    changes: Mapped[int] = mapped_column(BigInteger, default=0)
