@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import html
 import logging
-import re
 from collections.abc import Mapping
-from urllib.parse import unquote_to_bytes
+from urllib.parse import quote_from_bytes, unquote_to_bytes
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from observatory.core.observability import current_request_id
@@ -26,6 +27,20 @@ log = logging.getLogger(__name__)
 
 #: The status a request whose client went away is recorded with (nginx's).
 CLIENT_CLOSED_REQUEST = 499
+
+#: The most bytes a form body (``application/x-www-form-urlencoded``) may hold; a trigger
+#: call's body too, whatever its type (:func:`observatory.trigger.params.read_request_parameters`).
+#: DESIGN: the largest real forms, an ASVO job (a dozen fields) and a trigger call with
+#: tens of targets, are a few KB; a form is refused at 1 MiB while it is read, so a
+#: huge one costs neither memory nor time (nginx lets 16 MiB through, for everything).
+#: A module constant rather than a setting: no deployment needs another value.
+MAX_FORM_BODY_BYTES = 1 << 20
+#: The most bytes a form body :class:`CheckFormParameters` passes on may hold: it %-escapes
+#: each raw non-ASCII byte, three bytes in place of one.
+MAX_ESCAPED_FORM_BODY_BYTES = 3 * MAX_FORM_BODY_BYTES
+#: Form bodies above this many bytes are checked and escaped in a worker thread: the
+#: check's %-decoding is Python work per escape, which must not hold up the event loop.
+_CHECK_IN_THREAD_BYTES = 64 << 10
 
 
 class ServiceError(Exception):
@@ -79,6 +94,17 @@ class Forbidden(ServiceError):
     status_code = 403
 
 
+class PayloadTooLarge(ServiceError):
+    """The request body is larger than the service reads (HTTP 413)."""
+
+    status_code = 413
+
+
+def body_too_large_message(what: str, limit: int) -> str:
+    """Why a body of more than ``limit`` bytes is refused; ``what`` names the body."""
+    return f"{what} is larger than {limit} bytes ({limit / (1 << 20):g} MiB), the most it may hold"
+
+
 def error_body(message: str, error_code: int) -> dict[str, object]:
     """The JSON body of every error reply."""
     return {"error": message, "error_code": error_code}
@@ -101,23 +127,39 @@ def _error_page(message: str, status_code: int) -> HTMLResponse:
     )
 
 
-_NON_ASCII_BYTE = re.compile(rb"[\x80-\xff]")
+#: The bytes a query string or form body keeps as they are: all of ASCII (``%``, ``+``,
+#: ``&`` and ``=`` included); only raw non-ASCII bytes are %-escaped.
+_ASCII_BYTES = bytes(range(0x80))
 
 
 class CheckFormParameters:
-    """ASGI middleware: the query string and a form body must be UTF-8 text without NUL.
+    """ASGI middleware: the query string and a form body must be UTF-8 text without NUL, and a
+    form body at most ``max_body_bytes`` (:data:`MAX_FORM_BODY_BYTES`) long.
 
     A NUL character (``%00``) is answered 400: no parameter of ours may hold one, and
     PostgreSQL refuses NUL in text, so such a value would otherwise fail deep in a query as
     a server error. Text that is not UTF-8 is answered 400 rather than read as something
     else (Starlette would read it as latin-1, or put U+FFFD in place of an escape); raw
     UTF-8 bytes are escaped (:func:`_escaped_parameters`) so they are read as what was sent.
-    Form bodies are read here and handed on; other bodies (JSON, uploads) pass untouched.
+
+    Form bodies are read here and handed on, only for a request some route takes (method
+    and path): any other (a POST to a GET-only path, an unknown path) is answered 405 or
+    404 by the router without its body being read. A form body is read only up to the
+    limit: one that declares more (``Content-Length``) is refused before any of it is
+    read, one that sends more is refused at the first chunk beyond it, 413 with
+    ``Connection: close`` (the server then drops the rest instead of reading it). Other
+    bodies (JSON, uploads) pass untouched, at any size.
     """
 
-    def __init__(self, app: ASGIApp, error_codes: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        error_codes: Mapping[str, int] | None = None,
+        max_body_bytes: int = MAX_FORM_BODY_BYTES,
+    ) -> None:
         self.app = app
         self.error_codes = dict(error_codes or {})
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -133,21 +175,40 @@ class CheckFormParameters:
                 scope = {**scope, "query_string": escaped}
         content_type = dict(scope["headers"]).get(b"content-type", b"")
         # As Starlette matches it (any case, spaces around), so no form goes unchecked.
-        if content_type.split(b";")[0].strip().lower() != b"application/x-www-form-urlencoded":
+        is_form = (
+            content_type.split(b";")[0].strip().lower() == b"application/x-www-form-urlencoded"
+        )
+        if not is_form or not _routed(scope):
             await self.app(scope, receive, send)
             return
+        too_large = body_too_large_message("the form body", self.max_body_bytes)
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_body_bytes:
+            await self._refuse(scope, receive, send, too_large, status_code=413)
+            return
         chunks: list[bytes] = []
+        size = 0
         message = await receive()
         while message["type"] == "http.request":
-            chunks.append(message.get("body", b""))
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:  # a chunked body, or one longer than declared
+                await self._refuse(scope, receive, send, too_large, status_code=413)
+                return
+            chunks.append(chunk)
             if not message.get("more_body", False):
                 break
             message = await receive()
-        escaped_body = _escaped_parameters(b"".join(chunks), "the form body")
+        body = b"".join(chunks)
+        escaped_body = (
+            await anyio.to_thread.run_sync(_escaped_parameters, body, "the form body")
+            if size > _CHECK_IN_THREAD_BYTES
+            else _escaped_parameters(body, "the form body")
+        )
         if isinstance(escaped_body, str):
             await self._refuse(scope, receive, send, escaped_body)
             return
-        if len(escaped_body) != sum(map(len, chunks)):  # escaped: the length it now has
+        if len(escaped_body) != size:  # escaped: the length it now has
             headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
             headers.append((b"content-length", str(len(escaped_body)).encode()))
             scope = {**scope, "headers": headers}
@@ -164,13 +225,46 @@ class CheckFormParameters:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, message: str) -> None:
+    async def _refuse(
+        self, scope: Scope, receive: Receive, send: Send, message: str, status_code: int = 400
+    ) -> None:
+        """Answer ``message`` in the one error shape (a page for browsers)."""
         path = scope.get("path", "")
         code = next(
             (code for prefix, code in self.error_codes.items() if path.startswith(prefix)),
             ServiceError.error_code,
         )
-        await JSONResponse(error_body(message, code), status_code=400)(scope, receive, send)
+        response: Response
+        if _wants_html(Request(scope)):
+            response = _error_page(message, status_code)
+        else:
+            response = JSONResponse(error_body(message, code), status_code=status_code)
+        if status_code == 413:
+            # The rest of the body is never read: the connection cannot carry another
+            # request after it, and closing it spares the server reading it to discard it.
+            response.headers["connection"] = "close"
+        await response(scope, receive, send)
+
+
+def _routed(scope: Scope) -> bool:
+    """Whether a route of the application takes the request as it is (method and path).
+
+    True when the application is not known (the middleware around a bare ASGI app):
+    then every form is checked.
+    """
+    router = getattr(scope.get("app"), "router", None)
+    if router is None:
+        return True
+    return any(route.matches(scope)[0] == Match.FULL for route in router.routes)
+
+
+def _content_length(scope: Scope) -> int | None:
+    """The body length a request declares, if it declares a readable one."""
+    for name, value in scope["headers"]:
+        if name.lower() == b"content-length":
+            text = value.strip()
+            return int(text) if text.isdigit() else None
+    return None
 
 
 def _escaped_parameters(data: bytes, what: str) -> bytes | str:
@@ -180,6 +274,8 @@ def _escaped_parameters(data: bytes, what: str) -> bytes | str:
     Starlette reads a raw byte of a form or query as latin-1 (``curl -d 'x=é'`` sends the
     two bytes of UTF-8's é unescaped, and arrived as ``Ã©``) but a %-escape as UTF-8.
     Escaped, the raw bytes are read as UTF-8 too, as the clients that escape get them.
+    The escape is ``quote_from_bytes`` keeping all of ASCII: a table look-up per byte done
+    in C (``%C3%A9``, upper case, as before), not a Python call per byte.
     """
     if b"%00" in data or b"\x00" in data:
         return "request parameters must not contain NUL characters (%00)"
@@ -187,9 +283,9 @@ def _escaped_parameters(data: bytes, what: str) -> bytes | str:
         unquote_to_bytes(data.replace(b"+", b" ")).decode("utf-8")
     except UnicodeDecodeError:
         return f"{what} is not UTF-8 text"
-    if not _NON_ASCII_BYTE.search(data):
+    if data.isascii():
         return data
-    return _NON_ASCII_BYTE.sub(lambda byte: b"%%%02X" % byte[0][0], data)
+    return quote_from_bytes(data, safe=_ASCII_BYTES).encode("ascii")
 
 
 class CatchUnhandledErrors:
@@ -268,10 +364,15 @@ def install_error_handlers(
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> Response:
+        response: Response
         if _wants_html(request):
-            return _error_page(exc.message, exc.status_code)
-        body = {**error_body(exc.message, exc.error_code), **exc.extra}
-        return JSONResponse(body, status_code=exc.status_code)
+            response = _error_page(exc.message, exc.status_code)
+        else:
+            body = {**error_body(exc.message, exc.error_code), **exc.extra}
+            response = JSONResponse(body, status_code=exc.status_code)
+        if isinstance(exc, PayloadTooLarge):  # the rest of the body is never read
+            response.headers["connection"] = "close"
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

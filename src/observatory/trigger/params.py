@@ -20,8 +20,16 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote_plus
 
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.types import Message
 
+from observatory.core.errors import (
+    MAX_ESCAPED_FORM_BODY_BYTES,
+    MAX_FORM_BODY_BYTES,
+    PayloadTooLarge,
+    body_too_large_message,
+)
 from observatory.core.text import is_ascii_integer
 from observatory.core.web import loads_request_json
 from observatory.telescope.instrument import metafits_text_problem
@@ -35,9 +43,14 @@ UNSET_WORDS = frozenset({"", "none", "null"})
 #: A form field's name (every trigger parameter is one); random bytes labelled JSON are not.
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 _MULTIPART = "multipart/form-data"
-#: A trigger takes some 25 parameters; a multipart form is refused far beyond that.
+#: A trigger takes some 25 parameters; a form (multipart or urlencoded) is refused far
+#: beyond that.
 MAX_FORM_FIELDS = 1000
 _NUMPY_SCALAR = re.compile(r"np\.(?:float|int)\d*\(([^()]*)\)")
+#: Bodies above this many bytes are parsed in a worker thread: unescaping a form is Python
+#: work per %-escape (some 0.7 s for a 1 MiB form of raw UTF-8), which must not hold up
+#: the event loop.
+_PARSE_IN_THREAD_BYTES = 64 << 10
 #: No trigger parameter is meaningful beyond this (2**53, the largest whole number a float
 #: holds exactly); it keeps times and ids computed from them inside a database integer.
 LARGEST_NUMBER = 2.0**53
@@ -51,7 +64,9 @@ async def read_request_parameters(request: Request) -> dict[str, Any]:
     """The parameters of a request: its query string merged with its body.
 
     A ``multipart/form-data`` body (``curl -F``) is read as a form; any other body by
-    :func:`merge_request_parameters`, whatever its ``Content-Type`` says.
+    :func:`merge_request_parameters`, whatever its ``Content-Type`` says. Any body is read
+    only up to :data:`~observatory.core.errors.MAX_FORM_BODY_BYTES` as sent
+    (:func:`read_body_within`).
 
     Parameters
     ----------
@@ -67,21 +82,81 @@ async def read_request_parameters(request: Request) -> dict[str, Any]:
     ------
     ParameterError
         If the body cannot be read, or a multipart field is a file.
+    PayloadTooLarge
+        If the body is larger than a trigger call's can be.
     """
     query = list(request.query_params.multi_items())
     content_type = request.headers.get("content-type", "").strip().lower()
+    # Read here, within the limit, whatever the type: triggerservice.py labels its forms
+    # JSON, which the form middleware lets through at any size. A body labelled a form
+    # was held to the limit as sent by the middleware, which may have made it up to three
+    # times longer by escaping its raw UTF-8.
+    is_form = content_type.split(";")[0].strip() == "application/x-www-form-urlencoded"
+    limit = MAX_ESCAPED_FORM_BODY_BYTES if is_form else MAX_FORM_BODY_BYTES
+    body = await read_body_within(request, limit)
     if not content_type.startswith(_MULTIPART):
-        return merge_request_parameters(query, await request.body())
+        if len(body) > _PARSE_IN_THREAD_BYTES:
+            return await run_in_threadpool(merge_request_parameters, query, body)
+        return merge_request_parameters(query, body)
+    replayed = False
+
+    async def replay() -> Message:  # the body already read, for the multipart parser
+        nonlocal replayed
+        if replayed:
+            return {"type": "http.disconnect"}
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
     try:
-        form = await request.form(max_files=MAX_FORM_FIELDS, max_fields=MAX_FORM_FIELDS)
+        form = await Request(request.scope, replay).form(
+            max_files=MAX_FORM_FIELDS, max_fields=MAX_FORM_FIELDS
+        )
     except HTTPException as exc:  # starlette's answer to a malformed multipart body
         raise ParameterError(f"the multipart/form-data body cannot be read: {exc.detail}") from exc
-    fields: list[tuple[str, str]] = []
-    for key, value in form.multi_items():
-        if not isinstance(value, str):
-            raise ParameterError(f"{key}: a file was uploaded; give the value as text")
-        fields.append((key, value))
+    try:
+        fields: list[tuple[str, str]] = []
+        for key, value in form.multi_items():
+            if not isinstance(value, str):
+                raise ParameterError(f"{key}: a file was uploaded; give the value as text")
+            fields.append((key, value))
+    finally:
+        await form.close()  # an uploaded file's spool: this Request is not closed for us
     return merge_request_parameters(query, b"", form=fields)
+
+
+async def read_body_within(request: Request, limit: int) -> bytes:
+    """A request's body, read only while it holds at most ``limit`` bytes.
+
+    Parameters
+    ----------
+    request
+        The HTTP request, its body unread.
+    limit
+        The most bytes the body may hold.
+
+    Returns
+    -------
+    bytes
+        The body.
+
+    Raises
+    ------
+    PayloadTooLarge
+        Before reading any of it when its ``Content-Length`` says more than ``limit``,
+        else at the first chunk beyond ``limit`` (the rest is never read).
+    """
+    too_large = PayloadTooLarge(body_too_large_message("the request body", limit))
+    declared = request.headers.get("content-length", "").strip()
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def merge_request_parameters(
@@ -145,6 +220,11 @@ def _read_body(text: str) -> dict[str, Any]:
             raise ParameterError("a JSON request body must be an object")
         return document
     pieces = [piece for piece in text.split("&") if piece]
+    if len(pieces) > MAX_FORM_FIELDS:  # as a multipart form (each field is Python work)
+        raise ParameterError(
+            f"the request body is a form of {len(pieces)} fields; at most {MAX_FORM_FIELDS} "
+            "are allowed"
+        )
     for piece in pieces:
         name, equals, _ = piece.partition("=")
         if not equals or not _FIELD_NAME.fullmatch(unquote_plus(name)):
@@ -311,20 +391,46 @@ def echo_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
-def as_float_list(name: str, value: Any) -> list[float]:
+def as_float_list(name: str, value: Any, *, max_items: int | None = None) -> list[float]:
     """One number or a list of numbers (JSON, Python list, or repeated keys).
+
+    Parameters
+    ----------
+    name
+        The parameter, for messages.
+    value
+        What was sent.
+    max_items
+        The most values it may hold, if limited.
 
     Raises
     ------
     ParameterError
-        Naming the value that is not a number.
+        Naming the value that is not a number, or the number of values and ``max_items``
+        when there are more (before any is read as a number).
     """
-    return [float(as_number(name, item)) for item in _as_list(value)]
+    return [float(as_number(name, item)) for item in _as_list(name, value, max_items)]
 
 
-def as_str_list(name: str, value: Any) -> list[str]:
-    """One string or a list of strings (JSON, single-quoted Python list, repeated keys)."""
-    items = _as_list(value)
+def as_str_list(name: str, value: Any, *, max_items: int | None = None) -> list[str]:
+    """One string or a list of strings (JSON, single-quoted Python list, repeated keys).
+
+    Parameters
+    ----------
+    name
+        The parameter, for messages.
+    value
+        What was sent.
+    max_items
+        The most values it may hold, if limited.
+
+    Raises
+    ------
+    ParameterError
+        Naming a value that is not a name, or the number of values and ``max_items``
+        when there are more.
+    """
+    items = _as_list(name, value, max_items)
     strings = []
     for item in items:
         if not isinstance(item, str | int | float) or isinstance(item, bool):
@@ -335,15 +441,27 @@ def as_str_list(name: str, value: Any) -> list[str]:
     return strings
 
 
-def _as_list(value: Any) -> list[Any]:
+def _as_list(name: str, value: Any, max_items: int | None = None) -> list[Any]:
+    """The values of a list parameter, refused as soon as there are more than ``max_items``:
+    counted before each repeated key's value is decoded, and again once flattened."""
     if isinstance(value, list | tuple):
-        return [item for part in value for item in _as_list(decode_value(part))]
-    decoded = decode_value(value)
-    if isinstance(decoded, list | tuple):
-        return list(decoded)
-    if decoded is None or decoded == "":
-        return []
-    return [decoded]
+        _check_count(name, len(value), max_items)
+        items = [item for part in value for item in _as_list(name, decode_value(part), max_items)]
+    else:
+        decoded = decode_value(value)
+        if isinstance(decoded, list | tuple):
+            items = list(decoded)
+        elif decoded is None or decoded == "":
+            items = []
+        else:
+            items = [decoded]
+    _check_count(name, len(items), max_items)
+    return items
+
+
+def _check_count(name: str, count: int, max_items: int | None) -> None:
+    if max_items is not None and count > max_items:
+        raise ParameterError(f"{name}: {count} values; at most {max_items} are allowed")
 
 
 def as_number(name: str, value: Any, *, integer: bool = False) -> float:

@@ -98,6 +98,23 @@ MAX_CREATOR_CHARS = 100
 MAX_PROJECT_ID_CHARS = 20
 BUFFER_DUMP_SUFFIX = " buffer dump"
 
+#: DESIGN: the most targets one trigger may name: in each of ``ra``, ``dec``, ``alt``,
+#: ``az`` and ``source``, and in all. The real system schedules at most tens of
+#: observations per call (TraceT's gravitational-wave follow-up: four pointings), and
+#: every value is work before anything is checked (a body's position, a name looked up);
+#: a list of 50,000 sources took seconds and was stored whole. Like MAX_TRIGGER_S, nothing
+#: in the real system's documents says.
+MAX_TARGETS = 100
+#: DESIGN: the most freqspecs: the 256 coarse channels hold ten separate 24-channel bands;
+#: this leaves room for overlapping and picket-fence ones.
+MAX_FREQSPECS = 24
+#: A refused call is stored (and answered, and served by find and show) with what was
+#: sent, which may be anything: each of its values (as JSON, if not text) and error
+#: messages is cut to this many characters, with a marker saying how much was left out...
+MAX_RECORDED_CHARS = 1000
+#: ...and its errors after this many: a row of a refused call stays some tens of KB.
+MAX_RECORDED_ERRORS = 50
+
 DEFAULTS: dict[str, Any] = {
     "project_id": "C001",
     "pretend": True,
@@ -245,7 +262,9 @@ def read_trigger_request(raw: Mapping[str, Any], *, vcs: bool, when_gps: int) ->
         attempt("inttime", lambda: validate_int_time_ms(inttime * 1000.0))
     request.freq_res_khz, request.int_time_s = freqres, inttime
 
-    specs = attempt("freqspecs", lambda: as_str_list("freqspecs", get("freqspecs")))
+    specs = attempt("freqspecs", lambda: as_str_list(
+        "freqspecs", get("freqspecs"), max_items=MAX_FREQSPECS
+    ))  # fmt: skip
     for spec in specs or []:
         channels = attempt("freqspecs", lambda spec=spec: parse_freqspec(spec))
         if channels is None:
@@ -267,7 +286,10 @@ def read_trigger_request(raw: Mapping[str, Any], *, vcs: bool, when_gps: int) ->
     if not request.targets and vcs:
         request.targets = [Target("allsky", "all sky", az_deg=0.0, el_deg=90.0)]
     if present(raw, "subarrays"):
-        names = attempt("subarrays", lambda: as_str_list("subarrays", raw["subarrays"])) or []
+        # One per target, and no two may share tiles: never more than there are subarrays.
+        names = attempt("subarrays", lambda: as_str_list(
+            "subarrays", raw["subarrays"], max_items=len(SUBARRAYS)
+        )) or []  # fmt: skip
         unknown = [name for name in names if name not in SUBARRAYS]
         if unknown:
             errors.append(f"subarrays: unknown subarray {', '.join(map(repr, unknown))} "
@@ -394,8 +416,8 @@ def _read_targets(raw: Mapping[str, Any], errors: list[str], when_gps: int) -> l
             errors.append(f"{first} and {second} must be given together")
             continue
         try:
-            firsts = as_float_list(first, raw[first])
-            seconds = as_float_list(second, raw[second])
+            firsts = as_float_list(first, raw[first], max_items=MAX_TARGETS)
+            seconds = as_float_list(second, raw[second], max_items=MAX_TARGETS)
         except ParameterError as exc:
             errors.append(str(exc))
             continue
@@ -423,7 +445,7 @@ def _read_targets(raw: Mapping[str, Any], errors: list[str], when_gps: int) -> l
                 )
     if present(raw, "source"):
         try:
-            names = as_str_list("source", raw["source"])
+            names = as_str_list("source", raw["source"], max_items=MAX_TARGETS)
         except ParameterError as exc:
             errors.append(str(exc))
             names = []
@@ -440,6 +462,9 @@ def _read_targets(raw: Mapping[str, Any], errors: list[str], when_gps: int) -> l
             targets.append(
                 Target("radec", source.name, ra_deg=source.ra_deg, dec_deg=source.dec_deg)
             )
+    if len(targets) > MAX_TARGETS:
+        errors.append(f"ra/dec, alt/az and source: {len(targets)} targets in all; at most "
+                      f"{MAX_TARGETS} are allowed")  # fmt: skip
     return targets
 
 
@@ -1180,11 +1205,17 @@ def record(
     clear: dict[str, Any] | None = None,
     schedule: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Store the call (in the session's transaction) and commit; returns the reply."""
-    errors = {str(i): message for i, message in enumerate(request.errors)}
+    """Store the call (in the session's transaction) and commit; returns the reply.
+
+    A refused call's parameters and errors are stored and answered cut short
+    (:func:`_recorded_errors`, :func:`_recorded_value`): they hold what was sent.
+    """
+    errors = _recorded_errors(request.errors)
     params = json.loads(json.dumps(request.params, default=str))  # plain JSON, never the key
-    # Only a refused call's values can exceed the columns (its errors say so, and params
-    # holds them whole); a successful call's were checked to fit.
+    if not success:  # a successful call's values were all checked, and are needed whole
+        params = {name: _recorded_value(value) for name, value in params.items()}
+    # Only a refused call's values can exceed the columns (its errors say so); a
+    # successful call's were checked to fit.
     trigger = Trigger(project_id=request.project_id[:MAX_PROJECT_ID_CHARS], pretend=request.pretend,
                       success=success, creator=request.creator[:MAX_CREATOR_CHARS],
                       obsname=request.obsname[:200], trigger_mode=mode.value,
@@ -1196,6 +1227,29 @@ def record(
     trigger.result = result
     session.commit()
     return result
+
+
+def _recorded_errors(messages: Sequence[str]) -> dict[str, str]:
+    """The ``errors`` of a reply and its row: the first :data:`MAX_RECORDED_ERRORS` messages,
+    each cut to :data:`MAX_RECORDED_CHARS`, then one saying how many more there were."""
+    kept = [_cut(message) for message in messages[:MAX_RECORDED_ERRORS]]
+    if len(messages) > MAX_RECORDED_ERRORS:
+        kept.append(f"... and {len(messages) - MAX_RECORDED_ERRORS} more errors")
+    return {str(i): message for i, message in enumerate(kept)}
+
+
+def _recorded_value(value: Any) -> Any:
+    """A refused call's parameter as stored: itself, or, when it (as JSON, if not text) is
+    longer than :data:`MAX_RECORDED_CHARS`, its text cut short with a marker."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return value if len(text) <= MAX_RECORDED_CHARS else _cut(text)
+
+
+def _cut(text: str) -> str:
+    """``text`` cut to :data:`MAX_RECORDED_CHARS` characters, saying how many were left out."""
+    if len(text) <= MAX_RECORDED_CHARS:
+        return text
+    return f"{text[:MAX_RECORDED_CHARS]}... ({len(text) - MAX_RECORDED_CHARS} more characters)"
 
 
 # -- past triggers -----------------------------------------------------------------------------
@@ -1534,7 +1588,7 @@ def _names_given(raw: Mapping[str, Any]) -> list[str]:
     if not present(raw, "source"):
         return []
     try:
-        return as_str_list("source", raw["source"])
+        return as_str_list("source", raw["source"], max_items=MAX_TARGETS)
     except ParameterError:
         return []
 
