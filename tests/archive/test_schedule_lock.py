@@ -199,10 +199,10 @@ def test_a_trigger_waits_for_an_operator_inserting_its_obsid(
 def test_the_schedule_lock_is_one_table_for_both_domains(
     session_factory: sessionmaker[Session],
 ) -> None:
-    """The trigger service's ScheduleLock is the archive's (moved below both, same table)."""
-    from observatory.trigger import models as trigger_models
+    """The lock the trigger service takes is the archive's (moved below both, same table)."""
+    from observatory.trigger import service as trigger_service
 
-    assert trigger_models.ScheduleLock is ScheduleLock
+    assert trigger_service.take_schedule_lock is service.take_schedule_lock
     assert ScheduleLock.__tablename__ == "schedule_lock"
     with session_factory() as session:
         before = session.scalar(select(ScheduleLock.changes).where(ScheduleLock.id == 1))

@@ -1415,3 +1415,22 @@ def test_each_observation_of_the_moon_points_where_it_then_is(
     assert first["target_el_deg"] == pytest.approx(
         _moon_seen_from_the_mwa((rows[0]["obsid"] + rows[0]["stoptime"]) / 2)[3], abs=0.005
     )
+
+
+def test_a_trigger_that_waited_for_the_schedule_lock_plans_from_the_time_it_got_it(
+    settings: Settings, session_factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clock was read before the lock was waited for: a trigger queued behind others
+    scheduled observations starting in the past, and deleted a voltage capture that had
+    started meanwhile (one in progress is never interrupted)."""
+    sent_gps = 1_450_324_816 - 3.4
+    clock = iter([sent_gps, sent_gps + 20.0])  # read when sent, then when the lock is held
+    monkeypatch.setattr(service, "now_gps_precise", lambda: next(clock))
+    with session_factory() as session:
+        _service_projects(session)
+        session.commit()
+        raw = {"project_id": "G0055", "secure_key": KEYS["G0055"], "nobs": 1, "exptime": 64,
+               "alt": 90, "az": 0, "pretend": "0"}  # fmt: skip
+        result = service.trigger_observations(session, settings, raw, vcs=False)
+    assert result["success"] is True, result["errors"]
+    assert result["obsid_list"][0] >= service.first_start_gps(sent_gps + 20.0)

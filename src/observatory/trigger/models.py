@@ -1,9 +1,10 @@
 """Trigger records.
 
 The schedule itself is the ``observations`` table (archive.models.Observation):
-a row per observation, scheduled or observed, keyed by its GPS start second. Its lock,
-``ScheduleLock``, is the archive's too (an operator's ``observatory schedule observation``
-takes it): it lives in ``archive.models`` and is re-exported here for the trigger service.
+a row per observation, scheduled or observed, keyed by its GPS start second. Its lock
+is the archive's (``archive.models.ScheduleLock``, taken with
+``archive.service.take_schedule_lock``): an operator's ``observatory schedule observation``
+takes it too.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from observatory.archive.models import ScheduleLock
 from observatory.core.database import Base, UTCDateTime, utcnow
 
-__all__ = ["ScheduleLock", "Trigger", "TriggerMode"]
+__all__ = ["Trigger", "TriggerMode"]
 
 
 class TriggerMode(enum.StrEnum):

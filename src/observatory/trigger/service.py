@@ -26,6 +26,7 @@ from sqlalchemy import Table, delete, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from observatory.archive.models import FileKind, Observation, ObservationFile
+from observatory.archive.service import take_schedule_lock
 from observatory.core.accounts import check_project_key
 from observatory.core.config import Settings
 from observatory.core.database import MAX_SQL_ID, MAX_SQL_INTEGER
@@ -45,7 +46,7 @@ from observatory.telescope.instrument import (
     validate_int_time_ms,
 )
 from observatory.trigger import pointing
-from observatory.trigger.models import ScheduleLock, Trigger, TriggerMode
+from observatory.trigger.models import Trigger, TriggerMode
 from observatory.trigger.params import (
     ParameterError,
     as_bool,
@@ -1013,6 +1014,21 @@ def authenticate(
     return project, None
 
 
+def _hold_schedule(session: Session, now: float, clock_now: bool) -> float:
+    """Take the schedule's lock (:func:`~observatory.archive.service.take_schedule_lock`)
+    before what a trigger checks is read (the schedule, the override rules, the VCS disk's
+    room, the observation in progress); the time then, read again unless it was given.
+
+    Taken after those reads, two triggers at once each found room for its capture on the
+    VCS disk, and a trigger that waited for the lock planned from the time it was sent: its
+    observations started in the past, and a voltage capture that had started meanwhile was
+    deleted, though one in progress is never interrupted.
+    """
+    session.commit()  # the lock must be the write transaction's first statement
+    take_schedule_lock(session)
+    return float(now_gps_precise()) if clock_now else now
+
+
 def trigger_observations(
     session: Session,
     settings: Settings,
@@ -1026,11 +1042,14 @@ def trigger_observations(
     Returns the reply (also recorded): success, errors, params, clear, schedule,
     trigger_id, obsid_list. ``session`` should hold no open transaction.
     """
+    clock_now = now is None
     now = float(now_gps_precise() if now is None else now)
     request = read_trigger_request(raw, vcs=vcs, when_gps=int(now))
     project, auth_error = _authenticate_request(session, request)
     if auth_error:
         request.errors.insert(0, auth_error)
+    if not request.errors and not request.pretend:
+        now = _hold_schedule(session, now, clock_now)
     start = first_start_gps(now)
     planned: list[PlannedObservation] = []
     if not request.errors:
@@ -1045,13 +1064,6 @@ def trigger_observations(
     request.params |= {"groupid": groupid, "starttime": start, "stoptime": end,
                        "calname": next((o.calibrator_source for o in planned if o.calibration), None),
                        "warnings": request.warnings, "pointings": first_pointings(planned)}  # fmt: skip
-    session.commit()  # end the read transaction: the lock must be the write transaction's first step
-    if not request.pretend:
-        session.execute(
-            update(ScheduleLock)
-            .where(ScheduleLock.id == 1)
-            .values(changes=ScheduleLock.changes + 1)
-        )
     running, inside = schedule_window(session, start, end)
     refused = blockers(project, [o for o in (running, *inside) if o is not None], now, start)
     if vcs:
@@ -1393,6 +1405,7 @@ def trigger_buffer(
     continued if it is this project's (extended if this one ends later), else this dump's
     capture follows them. The VCS disk must hold what the dump adds (:func:`_unsaved_s`).
     """
+    clock_now = now is None
     now = float(now_gps_precise() if now is None else now)
     request = TriggerRequest(vcs=True)
     errors = request.errors
@@ -1425,6 +1438,8 @@ def trigger_buffer(
     project, auth_error = _authenticate_request(session, request)
     if auth_error:
         errors.insert(0, auth_error)
+    if not errors and not request.pretend:
+        now = _hold_schedule(session, now, clock_now)
     latest = latest_started(session, now)
     source = session.get(Observation, latest.obsid) if latest is not None else None
     buffering_since = None
@@ -1468,13 +1483,6 @@ def trigger_buffer(
     request.params |= {"capture_start": None if null else capture_start, "capture_end": None if null else capture_end,
                        "buffer_s": settings.trigger_buffer_s, "buffering_since": buffering_since,
                        "settings_from": source.obsid}  # fmt: skip
-    session.commit()  # the lock must be the write transaction's first step
-    if not request.pretend:
-        session.execute(
-            update(ScheduleLock)
-            .where(ScheduleLock.id == 1)
-            .values(changes=ScheduleLock.changes + 1)
-        )
     # Earlier dumps' captures running at the new start, and those queued back to back behind
     # it, are never cut (nor refused as interruptions): they hold the seconds up to the end
     # of the queue, whoever's they are. Beyond it, the last one goes on to the later end if
