@@ -126,6 +126,50 @@ def test_the_server_stops_on_sigterm_after_a_websocket_came_and_went(tmp_path: P
         server.stop()
 
 
+def test_the_jobs_websocket_refuses_pages_of_other_origins(tmp_path: Path) -> None:
+    """uvicorn answers a socket the handler refuses before accepting it with 403. Programs
+    (no Origin, or websocket-client's: the origin of the address it connects to) and the
+    portal's own page get in; over https behind a proxy the page's origin is https, as
+    ``observatory serve`` believes X-Forwarded-Proto from 127.0.0.1 (docs/deploy.md)."""
+    import websockets.exceptions
+    import websockets.sync.client
+    from websockets.typing import Origin
+
+    data_dir = tmp_path / "data"
+    seed(data_dir, None, [], api_key=API_KEY)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = observatory_server(data_dir, port, None, "--no-telescope")
+
+    def opens(origin: str | None, **headers: str) -> bool:
+        try:
+            with websockets.sync.client.connect(
+                f"ws://127.0.0.1:{port}/api/job_results",
+                origin=None if origin is None else Origin(origin),
+                additional_headers={"Cookie": f"MWA_JOB_COOKIE={cookie}", **headers},
+            ) as socket:
+                with pytest.raises(TimeoutError):
+                    socket.recv(timeout=0.3)  # no jobs: open and quiet
+                return True
+        except websockets.exceptions.InvalidStatus as refused:
+            assert refused.response.status_code == 403
+            return False
+
+    try:
+        wait_for(f"{base}/healthz")
+        cookie = login(base).cookies["MWA_JOB_COOKIE"]
+        assert opens(None) and opens(base)
+        assert not opens(f"http://127.0.0.1:{free_port()}")  # another port: the same site
+        assert not opens("http://evil.example") and not opens(f"https://127.0.0.1:{port}")
+        assert opens(f"https://127.0.0.1:{port}", **{"X-Forwarded-Proto": "https"})
+        assert not opens(base, **{"X-Forwarded-Proto": "https"})
+        assert "refused a job_results websocket from origin 'http://evil.example'" in (
+            server.output()
+        )
+    finally:
+        server.stop()
+
+
 def test_jobs_finish_after_the_server_is_killed_and_restarted(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     obsids = [1320409688, 1320409720]  # 16 integrations of 2 s apart

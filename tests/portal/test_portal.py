@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator
 from urllib.parse import unquote
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from markupsafe import escape
@@ -358,8 +359,9 @@ def test_users_set_password_command(
     monkeypatch.setattr("sys.stdin", io.StringIO("carol-password\n"))
     assert main(["--data-dir", data_dir, "users", "create", "carol", "--password"]) == 0
     with TestClient(create_app(app_settings)) as client:
-        token = token_of(client.get("/login").text)
         for name, password in (("bob", "a-new-password"), ("carol", "carol-password")):
+            # A fresh form each time: a token is bound to the sign-in it was shown with.
+            token = token_of(client.get("/login").text)
             form = {"username": name, "password": password, "csrf_token": token}
             assert client.post("/login", data=form, follow_redirects=False).status_code == 303
 
@@ -481,3 +483,193 @@ def test_the_submit_form_offers_allow_missing(client: TestClient, app_settings: 
         (job,) = session.scalars(select(Job)).all()
         assert ConversionOptions.from_params(job.params).allow_missing is True
     engine.dispose()
+
+
+def socket_reply(client: TestClient, url: str = "/api/job_results", **headers: str) -> object:
+    """The job ids of the jobs websocket's first frame, or ``(close code, reason)`` when it
+    is refused."""
+    try:
+        with client.websocket_connect(url, headers=headers) as socket:
+            frame = json.loads(socket.receive_text())
+    except WebSocketDisconnect as exc:
+        return exc.code, exc.reason
+    return [envelope["row"]["id"] for envelope in (frame if isinstance(frame, list) else [frame])]
+
+
+def submitted_job(client: TestClient, download_type: str = "vis") -> int:
+    """A job submitted through the portal by the signed-in user of ``client``."""
+    form = {"csrf_token": token_of(client.get("/submit").text), "job_type": "download_vis",
+            "obs_id": str(OBS), "download_type": download_type}  # fmt: skip
+    reply = client.post("/submit", data=form, follow_redirects=False)
+    assert reply.status_code == 303, reply.text
+    return int(reply.headers["location"].rsplit("=", 1)[1])
+
+
+FOREIGN = (4403, "origin not allowed: not this site's page")
+
+
+def test_the_jobs_websocket_opens_only_for_pages_of_this_site(client: TestClient) -> None:
+    """A page of the same *site* (another port of the host, a sibling subdomain) gets the
+    SameSite=Lax sign-in cookie sent with its websocket: it read the user's jobs and their
+    signed download links. Only this origin's pages (and programs, which send no Origin)
+    may open it."""
+    sign_in(client, "alice")
+    job_id = submitted_job(client)
+    portal = {"cookie": f"portal_session={client.cookies['portal_session']}"}
+    api = {"cookie": f"MWA_JOB_COOKIE={api_client(client, 'alice').cookies['MWA_JOB_COOKIE']}"}
+    browser = TestClient(client.app)  # no cookie jar: each socket sends only the cookie given
+    # The jobs page's own socket; the clients' (no Origin); websocket-client's (the real
+    # mwa_client's library: the origin of the address it connects to, default port and all).
+    for origin in ("http://testserver", "http://TestServer:80", None):
+        for cookie in (portal, api):
+            headers = cookie if origin is None else {**cookie, "origin": origin}
+            assert socket_reply(browser, **headers) == [job_id], origin
+    for origin in (
+        "http://evil.example",  # the reviewer's
+        "http://testserver:8080",  # another port of this host: the same site
+        "http://sub.testserver",  # a sibling subdomain
+        "https://testserver",  # another scheme
+        "null",  # a sandboxed frame
+        "http://testserver/jobs",  # no origin has a path
+        "http://alice@testserver",
+        "http://testserver:99999",
+        "testserver",
+    ):
+        for cookie in (portal, api):
+            assert socket_reply(browser, **cookie, origin=origin) == FOREIGN, origin
+    # Two Origin headers: no browser sends them; which one counts is unclear, so neither.
+    both = httpx.Headers([("cookie", portal["cookie"]), ("origin", "http://testserver"),
+                          ("origin", "http://evil.example")])  # fmt: skip
+    with (
+        pytest.raises(WebSocketDisconnect) as refused,
+        browser.websocket_connect("/api/job_results", headers=both) as socket,
+    ):
+        socket.receive_text()
+    assert (refused.value.code, refused.value.reason) == FOREIGN
+    # Refused before the cookie is looked at; a foreign page without a sign-in is refused too.
+    assert socket_reply(browser, origin="http://evil.example") == FOREIGN
+    assert socket_reply(browser, origin="http://testserver") == (4401, "not logged in")
+
+
+def test_the_jobs_websocket_compares_the_origin_with_the_scheme_the_proxy_gave(
+    client: TestClient,
+) -> None:
+    """Over https the page's origin is https://host: the scheme is the one uvicorn takes
+    from a trusted proxy's X-Forwarded-Proto (``--proxy-headers``, docs/deploy.md), and the
+    host is the Host header nginx passes on."""
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+    sign_in(client, "alice")
+    job_id = submitted_job(client)
+    cookie = f"portal_session={client.cookies['portal_session']}"
+    direct = TestClient(client.app, base_url="https://testserver")  # TLS in uvicorn itself
+    url = "wss://testserver/api/job_results"
+    assert socket_reply(direct, url, cookie=cookie, origin="https://testserver") == [job_id]
+    assert socket_reply(direct, url, cookie=cookie, origin="http://testserver") == FOREIGN
+    # Behind nginx: plain ws to the worker, the original scheme and host in the headers.
+    proxied = TestClient(ProxyHeadersMiddleware(client.app, trusted_hosts="*"))  # type: ignore[arg-type]
+    behind = {"cookie": cookie, "host": "observatory.example.org", "x-forwarded-proto": "https"}
+    page = "https://observatory.example.org"
+    assert socket_reply(proxied, **behind, origin=page) == [job_id]
+    assert socket_reply(proxied, **behind, origin=page + ":443") == [job_id]
+    for origin in ("http://observatory.example.org", "https://testserver", page + ":8443"):
+        assert socket_reply(proxied, **behind, origin=origin) == FOREIGN, origin
+    # An untrusted X-Forwarded-Proto (the worker's port reached directly) is not believed.
+    untrusted = TestClient(ProxyHeadersMiddleware(client.app, trusted_hosts="10.0.0.1"))  # type: ignore[arg-type]
+    assert socket_reply(untrusted, **behind, origin=page) == FOREIGN
+
+
+def test_a_forgery_token_is_bound_to_the_sign_in(
+    client: TestClient, app_settings: Settings
+) -> None:
+    """The token was an HMAC of the anti-forgery cookie alone: a cookie and token obtained
+    anonymously (GET /login) worked with any user's sign-in, so a page that can set
+    cookies for this host (a sibling subdomain, plain http) could forge every form."""
+    anonymous = TestClient(client.app)
+    planted_token = token_of(anonymous.get("/login").text)
+    planted_cookie = anonymous.cookies["portal_csrf"]
+    alice = client
+    sign_in(alice, "alice")
+    alice_page = alice.get("/submit").text
+    bob = TestClient(client.app)
+    sign_in(bob, "bob")
+    form = {"job_type": "download_vis", "obs_id": str(OBS), "download_type": "vis"}
+
+    def jobs_of(name: str) -> int:
+        engine = make_engine(app_settings.resolved_database_url)
+        with make_session_factory(engine)() as session:
+            count = len(session.scalars(select(Job).join(User).where(User.name == name)).all())
+        engine.dispose()
+        return count
+
+    # The reviewer's forgery: bob's sign-in, the anonymous pair.
+    bob.cookies.delete("portal_csrf")  # planted in its place
+    bob.cookies.set("portal_csrf", planted_cookie)
+    forged = bob.post("/submit", data={**form, "csrf_token": planted_token},
+                      follow_redirects=False)  # fmt: skip
+    assert forged.status_code == 400 and "security token" in forged.json()["error"]
+    # Nor does another user's pair (alice's cookie and her page's token) open bob's.
+    bob.cookies.delete("portal_csrf")
+    bob.cookies.set("portal_csrf", alice.cookies["portal_csrf"])
+    for path, data in (("/submit", form), ("/profile/api-key", {}), ("/logout", {})):
+        stolen = bob.post(path, data={**data, "csrf_token": token_of(alice_page)},
+                          follow_redirects=False)  # fmt: skip
+        assert stolen.status_code == 400, path
+    assert jobs_of("bob") == 0 and ">bob<" in bob.get("/profile").text  # nothing happened
+    # A user's own token works (with whatever anti-forgery cookie the page was shown with).
+    own = bob.post("/submit", data={**form, "csrf_token": token_of(bob.get("/submit").text)},
+                   follow_redirects=False)  # fmt: skip
+    assert own.status_code == 303 and jobs_of("bob") == 1
+    assert alice.post("/submit", data={**form, "csrf_token": token_of(alice_page)},
+                      follow_redirects=False).status_code == 303  # fmt: skip
+    # The sign-in form's token is a pre-session one: it signs in, and then no longer
+    # passes, bound to no sign-in; signing in gives a new anti-forgery cookie.
+    carol = TestClient(client.app)
+    login_token = token_of(carol.get("/login").text)
+    before = carol.cookies["portal_csrf"]
+    signed = carol.post("/login", data={"username": "alice", "password": PASSWORD + "alice",
+                                        "csrf_token": login_token}, follow_redirects=False)  # fmt: skip
+    assert signed.status_code == 303
+    assert any(value.startswith("portal_csrf=") and "HttpOnly" in value and "SameSite=strict"
+               in value for value in signed.headers.get_list("set-cookie"))  # fmt: skip
+    assert carol.cookies["portal_csrf"] != before
+    late = carol.post("/submit", data={**form, "csrf_token": login_token}, follow_redirects=False)
+    assert late.status_code == 400
+    # A form shown while signed in, posted after the sign-in ended (signed out in another
+    # browser), still goes to the sign-in form and back, filled in.
+    page = carol.get("/submit").text
+    carol_too = TestClient(client.app)
+    sign_in(carol_too, "alice")
+    carol_too.post("/logout", data={"csrf_token": token_of(carol_too.get("/jobs").text)})
+    ended = carol.post("/submit", data={**form, "csrf_token": token_of(page)},
+                       follow_redirects=False)  # fmt: skip
+    assert ended.status_code == 303 and ended.headers["location"].startswith("/login?next=/submit")
+
+
+def test_the_forgery_cookie_is_host_prefixed_over_https(client: TestClient) -> None:
+    """Over https the anti-forgery cookie is ``__Host-portal_csrf`` (Secure, Path=/, no
+    Domain), which a sibling subdomain or a plain http page cannot set; a plain
+    ``portal_csrf`` planted beside it is not read."""
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+    secure = TestClient(client.app, base_url="https://testserver")
+    login = secure.get("/login")
+    (cookie,) = login.headers.get_list("set-cookie")
+    assert cookie.startswith("__Host-portal_csrf=")
+    assert all(part in cookie for part in ("HttpOnly", "Path=/", "SameSite=strict", "Secure"))
+    assert "domain" not in cookie.lower()
+    sign_in(secure, "alice")
+    job_id = submitted_job(secure)  # the portal works over https with it
+    http = TestClient(client.app)  # a pair from plain http, planted beside the real cookie
+    planted = token_of(http.get("/login").text)
+    secure.cookies.set("portal_csrf", http.cookies["portal_csrf"])
+    refused = secure.post(f"/jobs/{job_id}/cancel", data={"csrf_token": planted})
+    assert refused.status_code == 400
+    # Behind nginx the scheme is the one X-Forwarded-Proto gives.
+    proxied = TestClient(ProxyHeadersMiddleware(client.app, trusted_hosts="*"))  # type: ignore[arg-type]
+    (behind,) = proxied.get("/login", headers={"x-forwarded-proto": "https"}).headers.get_list(
+        "set-cookie"
+    )
+    assert behind.startswith("__Host-portal_csrf=") and "Secure" in behind
+    (plain,) = proxied.get("/login").headers.get_list("set-cookie")
+    assert plain.startswith("portal_csrf=") and "Secure" not in plain

@@ -166,8 +166,12 @@ def app_server(settings: Settings) -> Iterator[str]:
 
 
 @contextmanager
-def another_site(pages: dict[str, str]) -> Iterator[str]:
-    """Pages served at ``http://localhost:<port>``: another site than ``127.0.0.1``."""
+def another_site(
+    pages: dict[str, str], host: str = "localhost", cookies: dict[str, str] | None = None
+) -> Iterator[str]:
+    """Pages served at ``http://localhost:<port>``: another site than ``127.0.0.1``; with
+    ``host`` 127.0.0.1, the same site on another port. ``cookies``: a ``Set-Cookie`` value
+    sent with the page of each path named."""
 
     class Pages(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -175,6 +179,8 @@ def another_site(pages: dict[str, str]) -> Iterator[str]:
             self.send_response(200 if body else 404)
             self.send_header("Content-Type", "text/html; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))
+            if self.path in (cookies or {}):
+                self.send_header("Set-Cookie", (cookies or {})[self.path])
             self.end_headers()
             self.wfile.write(body)
 
@@ -182,19 +188,28 @@ def another_site(pages: dict[str, str]) -> Iterator[str]:
             pass
 
     with handler_server(Pages) as port:
-        yield f"http://localhost:{port}"
+        yield f"http://{host}:{port}"
 
 
-def test_another_site_cannot_use_the_portal_session(settings: Settings) -> None:
-    """A signed-in user visits a page on another site that navigates to GET
-    /api/cancel_job (the browser sends the SameSite=Lax session cookie along), posts the
-    portal's cancel form and opens the jobs websocket: the job stays queued and nothing is
-    read. The portal itself still shows jobs live (named as after a reload) and cancels."""
-    from sqlalchemy import select
+def socket_attack(base: str) -> str:
+    """A page that opens the jobs websocket of ``base`` and shows what it read, if anything."""
+    ws_base = "ws" + base.removeprefix("http")
+    return f'''<p id="result">waiting</p><script>
+        const socket = new WebSocket("{ws_base}/api/job_results");
+        const result = document.getElementById("result");
+        socket.onmessage = (event) => {{ result.textContent = "read: " + event.data; }};
+        socket.onclose = () => {{
+          if (result.textContent === "waiting") result.textContent = "refused";
+        }};
+        </script>'''
 
+
+def seed_erin(settings: Settings) -> tuple[Any, Any, int]:
+    """Erin (with a portal password), the observation and a queued job of hers: the engine
+    (to dispose of), a session factory and the job's id."""
     from observatory.archive.models import Observation
     from observatory.asvo import service as asvo_service
-    from observatory.asvo.models import Job, JobType
+    from observatory.asvo.models import JobType
     from observatory.core.accounts import create_user
     from observatory.core.accounts import set_password as store_password
     from observatory.core.database import make_engine, make_session_factory
@@ -216,6 +231,27 @@ def test_another_site_cannot_use_the_portal_session(settings: Settings) -> None:
             {"obs_id": str(OBSID), "download_type": "vis"},
         ).id  # fmt: skip
         session.commit()
+    return engine, sessions, job_id
+
+
+def sign_in_erin(page: Any, base: str) -> None:
+    page.goto(f"{base}/login")
+    page.get_by_label("User name").fill("erin")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.click("#sign-in")
+    page.wait_for_url(f"{base}/jobs")
+
+
+def test_another_site_cannot_use_the_portal_session(settings: Settings) -> None:
+    """A signed-in user visits a page on another site that navigates to GET
+    /api/cancel_job (the browser sends the SameSite=Lax session cookie along), posts the
+    portal's cancel form and opens the jobs websocket: the job stays queued and nothing is
+    read. The portal itself still shows jobs live (named as after a reload) and cancels."""
+    from sqlalchemy import select
+
+    from observatory.asvo.models import Job
+
+    engine, sessions, job_id = seed_erin(settings)
 
     def state() -> str:
         with sessions() as session:
@@ -223,25 +259,13 @@ def test_another_site_cannot_use_the_portal_session(settings: Settings) -> None:
 
     try:
         with app_server(settings) as base, browser_page() as page:
-            page.goto(f"{base}/login")
-            page.get_by_label("User name").fill("erin")
-            page.get_by_label("Password").fill(PASSWORD)
-            page.click("#sign-in")
-            page.wait_for_url(f"{base}/jobs")
+            sign_in_erin(page, base)
             assert page.locator(f"#job-{job_id} td.state").inner_text() == "queued"
-            ws_base = "ws" + base.removeprefix("http")
             attack = {
                 "/navigate": f'<script>location = "{base}/api/cancel_job?job_id={job_id}";</script>',
                 "/post": f'''<form method="post" action="{base}/jobs/{job_id}/cancel"></form>
                     <script>document.forms[0].submit();</script>''',
-                "/socket": f'''<p id="result">waiting</p><script>
-                    const socket = new WebSocket("{ws_base}/api/job_results");
-                    const result = document.getElementById("result");
-                    socket.onmessage = (event) => {{ result.textContent = "read: " + event.data; }};
-                    socket.onclose = () => {{
-                      if (result.textContent === "waiting") result.textContent = "refused";
-                    }};
-                    </script>''',
+                "/socket": socket_attack(base),
             }  # fmt: skip
             with another_site(attack) as evil:
                 page.goto(f"{evil}/navigate")
@@ -271,6 +295,71 @@ def test_another_site_cannot_use_the_portal_session(settings: Settings) -> None:
             page.get_by_role("button", name=f"Cancel job {job_id}").click()
             page.wait_for_url(f"{base}/jobs")
             assert state() == "cancelled"
+    finally:
+        engine.dispose()
+
+
+def test_a_page_on_another_port_of_this_host_cannot_use_the_portal_session(
+    settings: Settings,
+) -> None:
+    """Another port of the portal's host is the same *site*: the browser sends the
+    SameSite cookies with its websocket and its form posts, and it may set cookies for the
+    host (cookies know no ports). Such a page read the jobs websocket (signed download
+    links), and planted an anti-forgery cookie whose token it got anonymously, then
+    submitted a job in the user's name. Both are refused; the portal goes on working,
+    planted cookie and all."""
+    import re
+
+    from sqlalchemy import func, select
+
+    from observatory.asvo.models import Job
+
+    engine, sessions, job_id = seed_erin(settings)
+
+    def job_count() -> int:
+        with sessions() as session:
+            return int(session.scalar(select(func.count()).select_from(Job)) or 0)
+
+    try:
+        with app_server(settings) as base, browser_page() as page:
+            sign_in_erin(page, base)
+            anonymous = httpx.get(f"{base}/login")  # what anyone can get
+            token = re.search(r'name="csrf_token" value="([0-9a-f]+)"', anonymous.text)
+            assert token is not None
+            fields = {"csrf_token": token.group(1), "job_type": "download_vis",
+                      "obs_id": str(OBSID), "download_type": "vis_meta"}  # fmt: skip
+            inputs = "".join(
+                f'<input type="hidden" name="{name}" value="{value}">'
+                for name, value in fields.items()
+            )
+            attack = {
+                "/socket": socket_attack(base),
+                "/post": f'''<form method="post" action="{base}/submit">{inputs}</form>
+                    <script>document.forms[0].submit();</script>''',
+            }
+            planted = (f"portal_csrf={anonymous.cookies['portal_csrf']}; Path=/; HttpOnly; "
+                       "SameSite=Strict")  # fmt: skip
+            with another_site(attack, "127.0.0.1", {"/post": planted}) as evil:
+                assert evil.startswith("http://127.0.0.1:") and evil != base
+                page.goto(f"{evil}/socket")
+                page.locator("#result").filter(has_not_text="waiting").wait_for(timeout=10_000)
+                assert page.inner_text("#result") == "refused"
+                page.goto(f"{evil}/post")
+                page.wait_for_url(lambda url: url.startswith(base))  # refused, or on to /jobs
+                assert job_count() == 1, "a job was submitted in erin's name"
+                assert page.url == f"{base}/submit" and "security token" in page.content()
+            page.goto(f"{base}/jobs")  # the portal itself, with the planted cookie
+            page.evaluate("window.notReloaded = true")
+            with httpx.Client(base_url=base) as api:
+                login = api.post("/api/api_login", auth=("mantaray-clientv2.0", "api-key-of-erin"))
+                assert login.status_code == 200
+                live = api.post("/api/download_vis_job", data={"obs_id": OBSID,
+                                "download_type": "vis_meta"}).json()["job_id"]  # fmt: skip
+            page.locator(f"#job-{live}").wait_for(timeout=10_000)  # its own websocket works
+            assert page.evaluate("window.notReloaded === true")
+            page.get_by_role("button", name=f"Cancel job {job_id}").click()
+            page.wait_for_url(f"{base}/jobs")
+            page.locator(f"#job-{job_id} td.state").filter(has_text="cancelled").wait_for()
     finally:
         engine.dispose()
 

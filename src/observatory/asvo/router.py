@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -12,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import anyio
 from fastapi import APIRouter, Depends, Query, Request, Response, WebSocket, WebSocketDisconnect
@@ -49,6 +50,7 @@ from observatory.core.security import sign_value, unsign_value
 from observatory.core.web import get_session, read_form
 
 router = APIRouter(prefix="/api", tags=["asvo"])
+log = logging.getLogger(__name__)
 
 #: The cookie ``/api/api_login`` sets (an ``api`` session: it ends when the API key changes).
 COOKIE_NAME = "MWA_JOB_COOKIE"
@@ -373,6 +375,64 @@ def download(
     )
 
 
+#: The close code of a websocket opened by a page of another origin (4000 + HTTP's 403).
+WEBSOCKET_FOREIGN_ORIGIN_CODE = 4403
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+#: A websocket's scheme as the scheme of the pages that may open it (a page at
+#: ``https://host`` opens ``wss://host``). uvicorn's ``--proxy-headers`` has already set it
+#: from a trusted proxy's ``X-Forwarded-Proto`` (``wss`` behind nginx's TLS).
+_PAGE_SCHEMES = {"ws": "http", "wss": "https", "http": "http", "https": "https"}
+
+
+def _origin_triple(scheme: str, netloc: str) -> tuple[str, str, int] | None:
+    """``(scheme, host, port)`` of an origin, default port filled in; None if malformed."""
+    if scheme not in _DEFAULT_PORTS:
+        return None
+    try:
+        parts = urlsplit(f"//{netloc}")
+        port = parts.port
+    except ValueError:  # a port that is no number or out of range, an unclosed [
+        return None
+    if not parts.hostname or "@" in parts.netloc or parts.path or parts.query or parts.fragment:
+        return None
+    return scheme, parts.hostname, port or _DEFAULT_PORTS[scheme]
+
+
+def _own_origin(websocket: WebSocket) -> str:
+    """The origin of the pages that may open ``websocket``: ``http[s]://`` and its Host."""
+    scheme = _PAGE_SCHEMES.get(websocket.scope.get("scheme", ""), "?")
+    return f"{scheme}://{websocket.headers.get('host', '?')}"
+
+
+def foreign_origin(websocket: WebSocket) -> str | None:
+    """The ``Origin`` of a websocket opened by a page of another origin; None when it may open.
+
+    A browser sends the portal's sign-in cookie (SameSite=Lax) with a websocket opened by
+    any page of the same *site*: another port of this host, a sibling subdomain. Such a
+    page must not read the user's jobs and their signed download links, so a browser's
+    socket is accepted only from this origin: the scheme, host and port the request came
+    to (its ``Host`` header, which nginx passes on as the client sent it, and the scheme
+    uvicorn took from a trusted proxy's ``X-Forwarded-Proto``).
+
+    Every browser sends an ``Origin`` with a websocket; a socket without one is a
+    program's (this package's client sends none, and authenticates with
+    ``MWA_JOB_COOKIE``), and no page can make a browser open one. websocket-client, the
+    library of the real mwa_client, sends the origin of the address it connects to,
+    which is this one.
+    """
+    origins = websocket.headers.getlist("origin")
+    if not origins:
+        return None
+    own_scheme, _, own_host = _own_origin(websocket).partition("://")
+    own = _origin_triple(own_scheme, own_host)
+    if len(origins) == 1 and own is not None:
+        scheme, _, netloc = origins[0].strip().partition("://")
+        # "null" (a sandboxed frame, a file), a path or anything else malformed: refused.
+        if _origin_triple(scheme.lower(), netloc) == own:
+            return None
+    return ", ".join(origins)
+
+
 @router.websocket("/job_results")
 async def job_results(websocket: WebSocket) -> None:
     """Job rows as they change: every current row on connect, then one frame per change.
@@ -380,8 +440,21 @@ async def job_results(websocket: WebSocket) -> None:
     The rows are sent by one task while another receives: only a receive notices that
     the client has gone (a send finds out only when a row changes, which may be never),
     and a handler that outlives its client polls for ever and holds up server shutdown.
-    The portal's jobs page uses it with its sign-in cookie (it only reads).
+    The portal's jobs page uses it with its sign-in cookie (it only reads); a page of
+    another origin may not open it (:func:`foreign_origin`).
     """
+    origin = foreign_origin(websocket)
+    if origin is not None:
+        # Refused before the cookie is even looked at. A page's origin is public, and an
+        # operator whose proxy does not pass X-Forwarded-Proto finds the cause here.
+        log.warning(
+            "refused a job_results websocket from origin %r: this site is %r",
+            origin, _own_origin(websocket),
+        )  # fmt: skip
+        await websocket.close(
+            code=WEBSOCKET_FOREIGN_ORIGIN_CODE, reason="origin not allowed: not this site's page"
+        )
+        return
     user_id = await run_in_threadpool(cookie_user_id, websocket, None, portal=True)
     if user_id is None:
         await websocket.close(code=4401, reason="not logged in")

@@ -5,7 +5,8 @@ SameSite=Lax, Secure over https). Besides these pages it opens only the ``/api``
 change nothing (the jobs page's ``job_results`` websocket, ``get_jobs``): a browser sends it
 on top-level navigations from other sites too, so it must not open ``GET /api/cancel_job``.
 Signing out ends the user's portal sessions in every browser. Every form carries a forgery
-token (an HMAC of a separate HttpOnly anti-forgery cookie) that the POST handlers check.
+token (an HMAC of a separate HttpOnly anti-forgery cookie and of the sign-in cookie) that the
+POST handlers check.
 """
 
 from __future__ import annotations
@@ -61,7 +62,12 @@ class _PageRoute(APIRoute):
 
 router = APIRouter(tags=["portal"], include_in_schema=False, route_class=_PageRoute)
 templates = templates_for(Path(__file__).parent)
+#: The anti-forgery cookie over plain http.
 FORGERY_COOKIE = "portal_csrf"
+#: Its name over https. Browsers accept a ``__Host-`` cookie only from this host over https,
+#: Secure, for ``/`` and without ``Domain``: a sibling subdomain or a plain http page cannot
+#: set (or overwrite) it. Over http the prefix is not allowed (it requires Secure).
+SECURE_FORGERY_COOKIE = "__Host-portal_csrf"
 
 SessionDep = Annotated[Session, Depends(get_session)]
 
@@ -81,33 +87,59 @@ def _secure(request: Request) -> bool:
     return request.url.scheme == "https"
 
 
+def _forgery_cookie_name(request: Request) -> str:
+    """The anti-forgery cookie's name: ``__Host-`` prefixed over https (the scheme uvicorn
+    took from a trusted proxy's ``X-Forwarded-Proto``)."""
+    return SECURE_FORGERY_COOKIE if _secure(request) else FORGERY_COOKIE
+
+
+def _set_forgery_cookie(request: Request, response: Response, value: str) -> None:
+    # Path "/" and no Domain, as the __Host- prefix requires (Starlette's defaults).
+    response.set_cookie(
+        _forgery_cookie_name(request),
+        value,
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=_secure(request),
+    )
+
+
 def _page(
     request: Request, name: str, context: dict[str, Any], *, status_code: int = 200
 ) -> HTMLResponse:
-    """Render a page with a forgery token for its forms (setting the cookie it derives from)."""
-    cookie = request.cookies.get(FORGERY_COOKIE)
+    """Render a page with a forgery token for its forms (setting the cookie it derives from).
+
+    The token is bound to the sign-in cookie the page is shown with, as
+    :func:`_checked_form` checks it.
+    """
+    cookie = request.cookies.get(_forgery_cookie_name(request))
     fresh = cookie is None
     if cookie is None:
         cookie = service.new_forgery_secret()
-    token = service.forgery_token(_settings(request).secret_key_bytes(), cookie)
+    token = service.forgery_token(
+        _settings(request).secret_key_bytes(),
+        cookie,
+        session=request.cookies.get(PORTAL_COOKIE_NAME),
+    )
     response = templates.TemplateResponse(
         request, name, {"csrf_token": token, **context}, status_code=status_code
     )
     response.headers["Cache-Control"] = "no-store"  # pages hold keys and tokens
     if fresh:
-        response.set_cookie(
-            FORGERY_COOKIE, cookie, httponly=True, samesite="strict", secure=_secure(request)
-        )
+        _set_forgery_cookie(request, response, cookie)
     return response
 
 
 async def _checked_form(request: Request) -> dict[str, str]:
-    """The posted form, once its forgery token matches the anti-forgery cookie."""
+    """The posted form, once its forgery token matches the anti-forgery cookie and the
+    sign-in cookie this request carries (the one the handler then acts for)."""
     form = await read_form(request)
     service.check_forgery_token(
         _settings(request).secret_key_bytes(),
-        request.cookies.get(FORGERY_COOKIE),
+        request.cookies.get(_forgery_cookie_name(request)),
         form.pop("csrf_token", None),
+        session=request.cookies.get(PORTAL_COOKIE_NAME),
     )
     return form
 
@@ -159,6 +191,10 @@ def login(request: Request, session: SessionDep, form: FormDep) -> Response:
         secure=_secure(request),
         samesite="lax",
     )
+    # A new anti-forgery cookie with the new sign-in: the one of the sign-in form may have
+    # been planted by another page (its tokens no longer match anyway, being bound to the
+    # sign-in cookie; this makes the pair wholly new).
+    _set_forgery_cookie(request, response, service.new_forgery_secret())
     return response
 
 

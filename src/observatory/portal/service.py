@@ -50,26 +50,43 @@ def new_forgery_secret() -> str:
     return secrets.token_urlsafe(24)
 
 
-def forgery_token(key: bytes, cookie_value: str) -> str:
-    """The token forms must carry: an HMAC of the anti-forgery cookie (signed double submit).
+def forgery_token(key: bytes, cookie_value: str, *, session: str | None) -> str:
+    """The token forms must carry: an HMAC of the anti-forgery cookie and the sign-in.
 
-    A page on another site can make the browser send the cookie but can neither read it nor
-    compute its HMAC without the server's key.
+    ``session`` is the value of the portal's sign-in cookie the page was shown with (None
+    or empty before signing in: the sign-in form's pre-session token). A page on another
+    site can make the browser send the cookies but can neither read them nor compute the
+    HMAC without the server's key. Binding the token to the sign-in matters against a
+    page that can *set* cookies for this host (a sibling subdomain, plain http, another
+    port): it may plant an anti-forgery cookie whose token it got anonymously, but that
+    token is not the one for the user's sign-in cookie, which it cannot read (a sign-in
+    cookie it planted instead would sign the browser in as someone else, not the user).
     """
-    return hmac.new(
-        key, b"csrf:" + cookie_value.encode("utf-8", "surrogatepass"), hashlib.sha256
-    ).hexdigest()
+    session = session or ""
+    # Lengths first: no other (session, cookie) pair makes the same message.
+    message = f"csrf:{len(session)}:{session}:{cookie_value}"
+    return hmac.new(key, message.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
 
 
-def check_forgery_token(key: bytes, cookie_value: str | None, token: str | None) -> None:
-    """Raise ``BadRequest`` unless ``token`` matches the anti-forgery cookie.
+def check_forgery_token(
+    key: bytes, cookie_value: str | None, token: str | None, *, session: str | None
+) -> None:
+    """Raise ``BadRequest`` unless ``token`` is the one for this anti-forgery cookie and
+    sign-in (``session``: the request's portal sign-in cookie, None without one).
+
+    The sign-in cookie need not be valid any more: a form posted after the sign-in ended
+    passes, and its handler sends the browser to the sign-in form.
 
     Raises
     ------
     BadRequest
         When the cookie or the token is missing or they do not match.
     """
-    if not cookie_value or not token or not texts_match(token, forgery_token(key, cookie_value)):
+    if (
+        not cookie_value
+        or not token
+        or not texts_match(token, forgery_token(key, cookie_value, session=session))
+    ):
         raise BadRequest(
             "the form's security token is missing or out of date: reload the page and try again"
         )
