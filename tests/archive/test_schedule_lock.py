@@ -22,6 +22,7 @@ from observatory.archive.models import Observation, ScheduleLock
 from observatory.core.accounts import create_project
 from observatory.core.config import Settings
 from observatory.telescope import sky
+from threads import in_thread
 
 #: A moment the trigger tests use too (a multiple of 8 less 3.4 s).
 NOW = 1_450_324_816 - 3.4
@@ -75,21 +76,6 @@ def held_after_check(
     go_on.set()
 
 
-def _in_thread(target: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
-    """Start ``target`` in a thread; the list gets its result or the exception it raised."""
-    outcome: list[object] = []
-
-    def run() -> None:
-        try:
-            outcome.append(target())
-        except BaseException as exc:  # examined by the test
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, outcome
-
-
 def _committed(
     session_factory: sessionmaker[Session], change: Callable[[Session], object]
 ) -> Callable[[], object]:
@@ -108,12 +94,10 @@ def test_two_operators_cannot_schedule_overlapping_observations(
 ) -> None:
     checked, go_on = held_after_check
     start = 1_450_324_816 + 600
-    first, first_outcome = _in_thread(
-        _committed(session_factory, lambda s: _schedule(s, start, 32))
-    )
+    first, first_outcome = in_thread(_committed(session_factory, lambda s: _schedule(s, start, 32)))
     assert checked.wait(JOIN_S)
     # The first holds the lock between its check and its commit: the second waits for it.
-    second, second_outcome = _in_thread(
+    second, second_outcome = in_thread(
         _committed(session_factory, lambda s: _schedule(s, start + 8, 16))
     )
     second.join(1.0)  # (lets a second that does not wait run to its end before the first)
@@ -144,8 +128,8 @@ def test_operators_scheduling_at_the_same_moment_never_overlap(
             return change
 
         threads = [
-            _in_thread(_committed(session_factory, operator(0, 32))),
-            _in_thread(_committed(session_factory, operator(8, 16))),
+            in_thread(_committed(session_factory, operator(0, 32))),
+            in_thread(_committed(session_factory, operator(8, 16))),
         ]
         for thread, _ in threads:
             thread.join(JOIN_S)
@@ -171,14 +155,14 @@ def test_a_trigger_waits_for_an_operator_inserting_its_obsid(
         session.commit()
     start = trigger_service.first_start_gps(NOW)
     checked, go_on = held_after_check
-    operator, operator_outcome = _in_thread(
+    operator, operator_outcome = in_thread(
         _committed(session_factory, lambda s: _schedule(s, start, 16))
     )
     assert checked.wait(JOIN_S)
     ra = round(float(sky.local_apparent_sidereal_deg([NOW])[0]), 4)
     raw = {"project_id": "D0009", "secure_key": "director-key", "ra": ra, "dec": -26.7,
            "nobs": 1, "exptime": 64, "pretend": "0", "obsname": "trig"}  # fmt: skip
-    trigger, trigger_outcome = _in_thread(
+    trigger, trigger_outcome = in_thread(
         _committed(
             session_factory,
             lambda s: trigger_service.trigger_observations(s, settings, raw, vcs=False, now=NOW),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from observatory.core.gpstime import now_gps
 from observatory.core.storage import Storage, sha1_of_file
 from observatory.telescope.simulator import simulate_observation
 from servers import wait_until
+from threads import in_thread
 
 OBSID = 1480000000
 #: Long enough for anything these tests wait for; never reached when the code is right.
@@ -68,21 +68,6 @@ def _registered_files_on_disk(
         ]
 
 
-def _in_thread(target: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
-    """Start ``target`` in a thread; the list gets its result or the exception it raised."""
-    outcome: list[object] = []
-
-    def run() -> None:
-        try:
-            outcome.append(target())
-        except BaseException as exc:  # examined by the test
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, outcome
-
-
 def test_two_recordings_of_one_observation_at_once_leave_one_whole_recording(
     settings: Settings, session_factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -105,7 +90,7 @@ def test_two_recordings_of_one_observation_at_once_leave_one_whole_recording(
     monkeypatch.setattr(simulated, "simulate_observation", simulate_then_wait)
     observe = partial(runner.observe_due, session_factory, settings, buffer_dumps=no_dumps,
                       now=OBSID + 100)  # fmt: skip
-    recordings = [_in_thread(observe), _in_thread(observe)]
+    recordings = [in_thread(observe), in_thread(observe)]
     for thread, _ in recordings:
         thread.join(JOIN_S)
     outcomes = [outcome for _, outcome in recordings]

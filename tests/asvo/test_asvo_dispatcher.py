@@ -27,6 +27,7 @@ from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory
 from observatory.telescope.simulator import PointSource, _zenith_radec_deg
 from servers import dask_scheduler, dask_worker, free_port, wait_until
+from threads import in_thread
 
 CORR_OBS = 1320409688  # the real MWAX mini file (seed_archive)
 VCS_OBS = 1320416040
@@ -455,21 +456,6 @@ class _BrokenTasksClient(RecordingClient):
         return _BrokenTask(self.meanwhile)
 
 
-def _in_thread(target: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
-    """Start ``target`` in a thread; the list gets its result or the exception it raised."""
-    outcome: list[object] = []
-
-    def run() -> None:
-        try:
-            outcome.append(target())
-        except BaseException as exc:  # examined by the test
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, outcome
-
-
 def test_a_cancel_committed_while_the_dispatcher_gives_the_job_up_stays_cancelled(
     seeded: Settings, factory: sessionmaker[Session]
 ) -> None:
@@ -526,7 +512,7 @@ def test_a_cancel_in_flight_while_the_dispatcher_gives_the_job_up_wins(
             dispatcher._record_failure(step, job_id, "KilledWorker")
             step.commit()
 
-        thread, outcome = _in_thread(give_up)
+        thread, outcome = in_thread(give_up)
         thread.join(1.0)  # (lets a give-up that does not wait write before the commit)
         web.commit()
         thread.join(JOIN_S)
@@ -566,7 +552,7 @@ def test_a_calibration_request_fitted_while_the_dispatcher_gives_it_up_keeps_its
         fitted.calibration_completed_datetime, fitted.calibration_fit_id = datetime.now(UTC), 7
         run.flush()  # the run's commit is on its way
 
-        thread, outcome = _in_thread(
+        thread, outcome = in_thread(
             lambda: dispatcher._record_calibration_failure(step, request_id, "KilledWorker")
         )
         thread.join(1.0)  # (lets a give-up that does not wait write before the commit)
@@ -641,7 +627,7 @@ def test_a_job_changed_while_the_dispatcher_expires_it_is_left_as_changed(
             dispatcher._expire(step)
             step.commit()
 
-        thread, outcome = _in_thread(expire)
+        thread, outcome = in_thread(expire)
         thread.join(1.0)  # (lets an expiry that does not wait write before the commit)
         extend.commit()
         thread.join(JOIN_S)
