@@ -390,24 +390,32 @@ class Dispatcher:
 
         Each is claimed by an UPDATE that matches it only while it is still completed and
         past its expiry (waiting for a transaction changing it at this moment), and loses
-        its product only then: a job changed since it was read is left as it is now.
+        its product only then: a job changed since it was read is left as it is now. The
+        claim changes nothing; the state is written through the ORM, as every job write
+        is, so that the stored get_jobs row and the change stamp the websocket reads
+        follow it (written by the UPDATE, clients were shown the job completed for good).
         """
         now = utcnow()
         due = session.scalars(
-            select(Job).where(Job.state == JobState.COMPLETED.value, Job.expires_at < now)
+            select(Job.id).where(Job.state == JobState.COMPLETED.value, Job.expires_at < now)
         ).all()
-        for job in due:
+        for job_id in due:
             claim = session.execute(
                 update(Job)
                 .where(
-                    Job.id == job.id,
+                    Job.id == job_id,
                     Job.state == JobState.COMPLETED.value,
                     Job.expires_at < now,
                 )
-                .values(state=JobState.EXPIRED.value)
+                .values(state=JobState.COMPLETED.value)
             )
-            if claim.rowcount == 1:  # type: ignore[attr-defined]
-                remove_product(self.settings, job)
+            if claim.rowcount == 0:  # type: ignore[attr-defined]
+                continue
+            job = session.get(Job, job_id, populate_existing=True)
+            assert job is not None  # the claim matched it, and holds it
+            job.state = JobState.EXPIRED.value
+            session.flush()
+            remove_product(self.settings, job)
 
 
 def _given_up(failures: dict[int, int], key: int, what: str, reason: object) -> bool:
