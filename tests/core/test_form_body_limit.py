@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 
 import pytest
 from fastapi.testclient import TestClient
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Message
 
 from observatory.app import create_app
 from observatory.core.accounts import create_user
 from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory
-from observatory.core.errors import CheckFormParameters, _escaped_parameters
+from observatory.core.errors import _escaped_parameters
 
 #: The limit the docs give (docs/deploy.md): written out, so these tests state it.
 LIMIT = 1 << 20
@@ -68,8 +68,10 @@ def _post_in_chunks(
     chunk: bytes = b"a" * CHUNK,
     declared_length: int | None = None,
     extra_headers: tuple[tuple[bytes, bytes], ...] = (),
+    head: bytes = b"",
 ) -> Exchange:
-    """POST ``chunks`` chunks of ``chunk`` to ``app`` (chunked, or with a Content-Length)."""
+    """POST ``chunks`` chunks of ``chunk`` to ``app`` (chunked, or with a Content-Length),
+    the first beginning with ``head``."""
     exchange = Exchange()
 
     async def receive() -> Message:
@@ -77,7 +79,8 @@ def _post_in_chunks(
             return {"type": "http.disconnect"}
         exchange.chunks_read += 1
         more = exchange.chunks_read < chunks
-        return {"type": "http.request", "body": chunk, "more_body": more}
+        body = head + chunk[len(head) :] if exchange.chunks_read == 1 else chunk
+        return {"type": "http.request", "body": body, "more_body": more}
 
     async def send(message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -183,25 +186,64 @@ def test_a_trigger_body_labelled_json_over_the_limit_is_refused_before_it_is_rea
 
 
 @pytest.mark.parametrize(
-    "content_type",
-    [b"application/json", b"multipart/form-data; boundary=x", b"application/octet-stream"],
+    ("path", "content_type"),
+    [
+        ("/calib/grafana/query", b"application/json"),  # Grafana's JSON, read by calib
+        ("/calib/add_cal_request", b"multipart/form-data; boundary=x"),  # anonymous
+    ],
 )
-def test_other_bodies_pass_the_form_middleware_whole_at_any_size(content_type: bytes) -> None:
-    """Only forms are limited here: JSON and uploads reach the app as sent."""
-    received: list[bytes] = []
+def test_any_body_over_the_limit_is_refused_before_it_is_read_whole(
+    client: TestClient, path: str, content_type: bytes
+) -> None:
+    """Not forms only: a JSON body was read whole into memory, and a multipart form's file
+    parts were spooled to disk, whatever their size (to an endpoint anyone may call)."""
+    # A multipart form whose one part is a file that goes on and on.
+    head = (b'--x\r\nContent-Disposition: form-data; name="obs_id"; filename="f"\r\n'
+            b"Content-Type: application/octet-stream\r\n\r\n")  # fmt: skip
+    reply = _post_in_chunks(client.app, path, content_type=content_type, head=head)
+    assert reply.status == 413, reply.body
+    assert reply.json() == {
+        "error": "the request body is larger than 1048576 bytes (1 MiB), the most it may hold",
+        "error_code": 1,
+    }
+    assert reply.chunks_read == LIMIT // CHUNK + 1 < CHUNKS
+    assert reply.headers["connection"] == "close"
+    declared = _post_in_chunks(client.app, path, content_type=content_type,
+                               declared_length=CHUNKS * CHUNK)  # fmt: skip
+    assert declared.status == 413 and declared.chunks_read == 0
 
-    async def echo(scope: Scope, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            received.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
 
-    reply = _post_in_chunks(CheckFormParameters(echo), "/upload", content_type=content_type)
-    assert reply.status == 200 and reply.chunks_read == CHUNKS
-    assert b"".join(received) == b"a" * (CHUNKS * CHUNK)
+def test_a_body_within_the_limit_passes_the_count(client: TestClient) -> None:
+    """Counted, not refused: a Grafana query of nearly 1 MiB is answered."""
+    when = {"from": "2020-01-01T00:00:00Z", "to": "2020-01-02T00:00:00Z"}
+    body = json.dumps({"range": when, "targets": [], "padding": "x" * (LIMIT - 200)}).encode()
+    assert len(body) <= LIMIT
+    reply = client.post("/calib/grafana/query", content=body,
+                        headers={"content-type": "application/json"})  # fmt: skip
+    assert reply.status_code == 200, reply.text
+
+
+@pytest.mark.parametrize(("path", "status"), [("/healthz", 405), ("/no/such/page", 404)])
+def test_an_unrouted_body_declared_over_the_limit_gets_the_routers_answer(
+    client: TestClient, path: str, status: int
+) -> None:
+    """Only requests a route takes are refused for their size; nothing of it is read."""
+    reply = _post_in_chunks(client.app, path, content_type=b"application/json",
+                            declared_length=CHUNKS * CHUNK)  # fmt: skip
+    assert reply.status == status, reply.body
+    assert reply.chunks_read == 0
+
+
+def test_a_fit_request_form_is_checked_as_every_form_is(client: TestClient) -> None:
+    """add_cal_request read its form with no check: a file or a repeated field went through."""
+    files = {"obs_id": ("obs.txt", b"1234567890", "text/plain")}
+    reply = client.post("/calib/add_cal_request", files=files)
+    assert reply.status_code == 400 and "obs_id is a file" in reply.json()["error"]
+    reply = client.post(
+        "/calib/add_cal_request", content=b"obs_id=1&obs_id=2",
+        headers={"content-type": FORM.decode()},
+    )  # fmt: skip
+    assert reply.status_code == 400 and "more than once" in reply.json()["error"]
 
 
 def _old_escape(data: bytes) -> bytes:

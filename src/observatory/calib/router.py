@@ -25,6 +25,7 @@ from observatory.core.web import (
     gps_time_param,
     loads_request_json,
     obsid_param,
+    read_form,
     templates_for,
     whole_number_param,
 )
@@ -153,7 +154,7 @@ async def add_cal_request(request: Request) -> Response:
     """File a request to fit the best calibrator for ``obs_id``; 200 with no data."""
     params = dict(request.query_params)
     if request.method == "POST":
-        params |= {k: str(v) for k, v in (await request.form()).items()}
+        params |= await read_form(request)
     if "obs_id" not in params:
         raise BadRequest("obs_id is required")
     obsid = obsid_param(params["obs_id"])

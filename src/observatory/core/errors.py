@@ -28,16 +28,13 @@ log = logging.getLogger(__name__)
 #: The status a request whose client went away is recorded with (nginx's).
 CLIENT_CLOSED_REQUEST = 499
 
-#: The most bytes a form body (``application/x-www-form-urlencoded``) may hold; a trigger
-#: call's body too, whatever its type (:func:`observatory.trigger.params.read_request_parameters`).
-#: DESIGN: the largest real forms, an ASVO job (a dozen fields) and a trigger call with
-#: tens of targets, are a few KB; a form is refused at 1 MiB while it is read, so a
-#: huge one costs neither memory nor time (nginx lets 16 MiB through, for everything).
+#: The most bytes a request body may hold, as sent, whatever its type (a form, JSON, a
+#: multipart form: no route takes an upload). DESIGN: the largest real bodies, an ASVO job
+#: (a dozen fields), a trigger call with tens of targets, a Grafana query, are a few KB; a
+#: body is refused at 1 MiB while it is read, so a huge one costs neither memory, disk
+#: (Starlette spools a multipart form's files to disk) nor time (nginx lets 16 MiB through).
 #: A module constant rather than a setting: no deployment needs another value.
 MAX_FORM_BODY_BYTES = 1 << 20
-#: The most bytes a form body :class:`CheckFormParameters` passes on may hold: it %-escapes
-#: each raw non-ASCII byte, three bytes in place of one.
-MAX_ESCAPED_FORM_BODY_BYTES = 3 * MAX_FORM_BODY_BYTES
 #: Form bodies above this many bytes are checked and escaped in a worker thread: the
 #: check's %-decoding is Python work per escape, which must not hold up the event loop.
 _CHECK_IN_THREAD_BYTES = 64 << 10
@@ -133,8 +130,8 @@ _ASCII_BYTES = bytes(range(0x80))
 
 
 class CheckFormParameters:
-    """ASGI middleware: the query string and a form body must be UTF-8 text without NUL, and a
-    form body at most ``max_body_bytes`` (:data:`MAX_FORM_BODY_BYTES`) long.
+    """ASGI middleware: the query string and a form body must be UTF-8 text without NUL, and
+    any request body at most ``max_body_bytes`` (:data:`MAX_FORM_BODY_BYTES`) long.
 
     A NUL character (``%00``) is answered 400: no parameter of ours may hold one, and
     PostgreSQL refuses NUL in text, so such a value would otherwise fail deep in a query as
@@ -144,11 +141,12 @@ class CheckFormParameters:
 
     Form bodies are read here and handed on, only for a request some route takes (method
     and path): any other (a POST to a GET-only path, an unknown path) is answered 405 or
-    404 by the router without its body being read. A form body is read only up to the
-    limit: one that declares more (``Content-Length``) is refused before any of it is
-    read, one that sends more is refused at the first chunk beyond it, 413 with
-    ``Connection: close`` (the server then drops the rest instead of reading it). Other
-    bodies (JSON, uploads) pass untouched, at any size.
+    404 by the router without its body being read. A body is read only up to the limit:
+    one that declares more (``Content-Length``) is refused before any of it is read, one
+    that sends more is refused at the first chunk beyond it, 413 with ``Connection:
+    close`` (the server then drops the rest instead of reading it). Other bodies (JSON,
+    multipart forms) are handed on as they arrive, counted: the handler reading past the
+    limit gets :class:`PayloadTooLarge`, answered as every service error is.
     """
 
     def __init__(
@@ -178,13 +176,19 @@ class CheckFormParameters:
         is_form = (
             content_type.split(b";")[0].strip().lower() == b"application/x-www-form-urlencoded"
         )
-        if not is_form or not _routed(scope):
+        too_large = body_too_large_message(
+            "the form body" if is_form else "the request body", self.max_body_bytes
+        )
+        declared = _content_length(scope)
+        # Matching the routes costs a little per request: only for a form, or a refusal.
+        if (is_form or (declared or 0) > self.max_body_bytes) and not _routed(scope):
             await self.app(scope, receive, send)
             return
-        too_large = body_too_large_message("the form body", self.max_body_bytes)
-        declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
             await self._refuse(scope, receive, send, too_large, status_code=413)
+            return
+        if not is_form:  # the router answers an unrouted one without reading its body
+            await self.app(scope, self._counted(scope, receive, too_large), send)
             return
         chunks: list[bytes] = []
         size = 0
@@ -225,15 +229,34 @@ class CheckFormParameters:
 
         await self.app(scope, replay, send)
 
+    def _counted(self, scope: Scope, receive: Receive, too_large: str) -> Receive:
+        """``receive``, raising :class:`PayloadTooLarge` at the first chunk beyond the limit."""
+        size = 0
+
+        async def counted() -> Message:
+            nonlocal size
+            message = await receive()
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > self.max_body_bytes:
+                    raise PayloadTooLarge(too_large, error_code=self._error_code(scope))
+            return message
+
+        return counted
+
+    def _error_code(self, scope: Scope) -> int:
+        """The ``error_code`` of a refusal under this path (the ASVO's 0 under ``/api/``)."""
+        path = scope.get("path", "")
+        return next(
+            (code for prefix, code in self.error_codes.items() if path.startswith(prefix)),
+            ServiceError.error_code,
+        )
+
     async def _refuse(
         self, scope: Scope, receive: Receive, send: Send, message: str, status_code: int = 400
     ) -> None:
         """Answer ``message`` in the one error shape (a page for browsers)."""
-        path = scope.get("path", "")
-        code = next(
-            (code for prefix, code in self.error_codes.items() if path.startswith(prefix)),
-            ServiceError.error_code,
-        )
+        code = self._error_code(scope)
         response: Response
         if _wants_html(Request(scope)):
             response = _error_page(message, status_code)

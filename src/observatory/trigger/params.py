@@ -24,12 +24,6 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import Message
 
-from observatory.core.errors import (
-    MAX_ESCAPED_FORM_BODY_BYTES,
-    MAX_FORM_BODY_BYTES,
-    PayloadTooLarge,
-    body_too_large_message,
-)
 from observatory.core.text import is_ascii_integer
 from observatory.core.web import loads_request_json
 from observatory.telescope.instrument import metafits_text_problem
@@ -65,8 +59,8 @@ async def read_request_parameters(request: Request) -> dict[str, Any]:
 
     A ``multipart/form-data`` body (``curl -F``) is read as a form; any other body by
     :func:`merge_request_parameters`, whatever its ``Content-Type`` says. Any body is read
-    only up to :data:`~observatory.core.errors.MAX_FORM_BODY_BYTES` as sent
-    (:func:`read_body_within`).
+    only up to :data:`~observatory.core.errors.MAX_FORM_BODY_BYTES` as sent (by
+    :class:`~observatory.core.errors.CheckFormParameters`).
 
     Parameters
     ----------
@@ -82,18 +76,15 @@ async def read_request_parameters(request: Request) -> dict[str, Any]:
     ------
     ParameterError
         If the body cannot be read, or a multipart field is a file.
-    PayloadTooLarge
-        If the body is larger than a trigger call's can be.
+    observatory.core.errors.PayloadTooLarge
+        If the body is larger than any request's may be.
     """
     query = list(request.query_params.multi_items())
     content_type = request.headers.get("content-type", "").strip().lower()
-    # Read here, within the limit, whatever the type: triggerservice.py labels its forms
-    # JSON, which the form middleware lets through at any size. A body labelled a form
-    # was held to the limit as sent by the middleware, which may have made it up to three
-    # times longer by escaping its raw UTF-8.
-    is_form = content_type.split(";")[0].strip() == "application/x-www-form-urlencoded"
-    limit = MAX_ESCAPED_FORM_BODY_BYTES if is_form else MAX_FORM_BODY_BYTES
-    body = await read_body_within(request, limit)
+    # Held to the limit as sent by the middleware, whatever its type (triggerservice.py
+    # labels its forms JSON); a form may have been made up to three times longer there,
+    # by the escape of its raw UTF-8.
+    body = await request.body()
     if not content_type.startswith(_MULTIPART):
         if len(body) > _PARSE_IN_THREAD_BYTES:
             return await run_in_threadpool(merge_request_parameters, query, body)
@@ -122,41 +113,6 @@ async def read_request_parameters(request: Request) -> dict[str, Any]:
     finally:
         await form.close()  # an uploaded file's spool: this Request is not closed for us
     return merge_request_parameters(query, b"", form=fields)
-
-
-async def read_body_within(request: Request, limit: int) -> bytes:
-    """A request's body, read only while it holds at most ``limit`` bytes.
-
-    Parameters
-    ----------
-    request
-        The HTTP request, its body unread.
-    limit
-        The most bytes the body may hold.
-
-    Returns
-    -------
-    bytes
-        The body.
-
-    Raises
-    ------
-    PayloadTooLarge
-        Before reading any of it when its ``Content-Length`` says more than ``limit``,
-        else at the first chunk beyond ``limit`` (the rest is never read).
-    """
-    too_large = PayloadTooLarge(body_too_large_message("the request body", limit))
-    declared = request.headers.get("content-length", "").strip()
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def merge_request_parameters(
