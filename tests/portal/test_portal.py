@@ -561,7 +561,9 @@ def test_the_jobs_websocket_compares_the_origin_with_the_scheme_the_proxy_gave(
 
     sign_in(client, "alice")
     job_id = submitted_job(client)
-    cookie = f"portal_session={client.cookies['portal_session']}"
+    value = client.cookies["portal_session"]
+    # Over https the sign-in cookie is __Host-portal_session (plain http's name beside it).
+    cookie = f"portal_session={value}; __Host-portal_session={value}"
     direct = TestClient(client.app, base_url="https://testserver")  # TLS in uvicorn itself
     url = "wss://testserver/api/job_results"
     assert socket_reply(direct, url, cookie=cookie, origin="https://testserver") == [job_id]
@@ -673,3 +675,37 @@ def test_the_forgery_cookie_is_host_prefixed_over_https(client: TestClient) -> N
     assert behind.startswith("__Host-portal_csrf=") and "Secure" in behind
     (plain,) = proxied.get("/login").headers.get_list("set-cookie")
     assert plain.startswith("portal_csrf=") and "Secure" not in plain
+
+
+def test_the_sign_in_cookie_is_host_prefixed_over_https(client: TestClient) -> None:
+    """Over https the sign-in cookie is ``__Host-portal_session`` (Secure, Path=/, no Domain):
+    a sibling subdomain or a plain http page cannot plant one (a sign-in of their choosing,
+    "login CSRF"); a plain ``portal_session`` beside it is not read there."""
+    secure = TestClient(client.app, base_url="https://testserver")
+    token = token_of(secure.get("/login").text)
+    reply = secure.post(
+        "/login",
+        data={"username": "alice", "password": PASSWORD + "alice", "csrf_token": token},
+        follow_redirects=False,
+    )
+    (session_cookie,) = [
+        cookie for cookie in reply.headers.get_list("set-cookie") if "portal_csrf" not in cookie
+    ]
+    assert session_cookie.startswith("__Host-portal_session=")
+    assert all(part in session_cookie for part in ("HttpOnly", "Path=/", "Secure"))
+    assert "domain" not in session_cookie.lower()
+    job_id = submitted_job(secure)  # signed in: the portal's pages work with it
+    value = secure.cookies["__Host-portal_session"]
+    wss = "wss://testserver/api/job_results"
+    assert socket_reply(secure, wss, cookie=f"__Host-portal_session={value}") == [job_id]
+    assert socket_reply(secure, wss, cookie=f"portal_session={value}") == (4401, "not logged in")
+    # A valid sign-in of another user, planted under the plain name, is not read over https.
+    http = TestClient(client.app)
+    sign_in(http, "bob")
+    planted = TestClient(client.app, base_url="https://testserver")
+    planted.cookies.set("portal_session", http.cookies["portal_session"])
+    assert planted.get("/jobs", follow_redirects=False).status_code == 303
+    # Signing out deletes the prefixed cookie.
+    out = secure.post("/logout", data={"csrf_token": token_of(secure.get("/jobs").text)},
+                      follow_redirects=False)  # fmt: skip
+    assert any(c.startswith('__Host-portal_session=""') for c in out.headers.get_list("set-cookie"))

@@ -47,14 +47,15 @@ from observatory.core.errors import (
 )
 from observatory.core.models import User
 from observatory.core.security import sign_value, unsign_value
-from observatory.core.web import get_session, read_form
+from observatory.core.web import get_session, host_cookie_name, read_form
 
 router = APIRouter(prefix="/api", tags=["asvo"])
 log = logging.getLogger(__name__)
 
 #: The cookie ``/api/api_login`` sets (an ``api`` session: it ends when the API key changes).
 COOKIE_NAME = "MWA_JOB_COOKIE"
-#: The portal's sign-in cookie (a ``portal`` session, set by ``POST /login``). A browser sends
+#: The portal's sign-in cookie (a ``portal`` session, set by ``POST /login``; its name over
+#: https is ``__Host-`` prefixed, :func:`~observatory.core.web.host_cookie_name`). A browser sends
 #: it on top-level navigations from other sites too (SameSite=Lax), so besides the portal's
 #: pages it opens only the ``/api`` calls that change nothing: ``get_jobs`` and the
 #: ``job_results`` websocket; never ``cancel_job``, a GET that changes a job.
@@ -77,6 +78,12 @@ def _settings(request: Request) -> Settings:
     return settings
 
 
+def portal_cookie(connection: HTTPConnection) -> str | None:
+    """The portal's sign-in cookie a request or websocket carries (its ``__Host-`` name
+    over https)."""
+    return connection.cookies.get(host_cookie_name(connection, PORTAL_COOKIE_NAME))
+
+
 def cookie_user_id(
     connection: HTTPConnection, session: Session | None = None, *, portal: bool = False
 ) -> int | None:
@@ -93,7 +100,7 @@ def cookie_user_id(
             session = stack.enter_context(connection.app.state.session_factory())
         user = session_user(session, connection.cookies.get(COOKIE_NAME), key, "api")
         if user is None and portal:
-            user = session_user(session, connection.cookies.get(PORTAL_COOKIE_NAME), key, "portal")
+            user = session_user(session, portal_cookie(connection), key, "portal")
         return None if user is None else user.id
 
 

@@ -15,6 +15,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import HTTPConnection
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -99,6 +100,22 @@ async def read_form(request: Request) -> dict[str, str]:
             raise BadRequest(f"{key} is given more than once; give it once")
         fields[key] = check_text_value(key, value)
     return fields
+
+
+def is_secure(connection: HTTPConnection) -> bool:
+    """Whether the client reached us over TLS (``https``, ``wss``: the scheme uvicorn took
+    from a trusted proxy's ``X-Forwarded-Proto``)."""
+    return connection.url.scheme in ("https", "wss")
+
+
+def host_cookie_name(connection: HTTPConnection, name: str) -> str:
+    """``name``, ``__Host-`` prefixed over TLS.
+
+    Browsers accept a ``__Host-`` cookie only from this host over https, Secure, for ``/``
+    and without ``Domain``: a sibling subdomain or a plain http page cannot set (or
+    overwrite) it. Over plain http the prefix is not allowed (it requires Secure).
+    """
+    return f"__Host-{name}" if is_secure(connection) else name
 
 
 def get_session(request: Request) -> Iterator[Session]:

@@ -1,7 +1,7 @@
 """The portal's pages (``/``): sign-in, profile and API key, jobs, submission, observations.
 
 Signing in sets the portal's own signed session cookie (``portal_session``: HttpOnly,
-SameSite=Lax, Secure over https). Besides these pages it opens only the ``/api`` calls that
+SameSite=Lax; over https ``__Host-portal_session``, Secure). Besides these pages it opens only the ``/api`` calls that
 change nothing (the jobs page's ``job_results`` websocket, ``get_jobs``): a browser sends it
 on top-level navigations from other sites too, so it must not open ``GET /api/cancel_job``.
 Signing out ends the user's portal sessions in every browser. Every form carries a forgery
@@ -23,7 +23,12 @@ from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session
 
 from observatory.asvo import service as asvo_service
-from observatory.asvo.router import COOKIE_MAX_AGE_S, PORTAL_COOKIE_NAME, download_url_builder
+from observatory.asvo.router import (
+    COOKIE_MAX_AGE_S,
+    PORTAL_COOKIE_NAME,
+    download_url_builder,
+    portal_cookie,
+)
 from observatory.core.accounts import (
     authenticate_password,
     end_portal_sessions,
@@ -35,7 +40,13 @@ from observatory.core.config import Settings
 from observatory.core.errors import BadRequest, ServiceError
 from observatory.core.models import User
 from observatory.core.security import key_fingerprint
-from observatory.core.web import get_session, read_form, templates_for
+from observatory.core.web import (
+    get_session,
+    host_cookie_name,
+    is_secure,
+    read_form,
+    templates_for,
+)
 from observatory.portal import service
 
 
@@ -62,12 +73,8 @@ class _PageRoute(APIRoute):
 
 router = APIRouter(tags=["portal"], include_in_schema=False, route_class=_PageRoute)
 templates = templates_for(Path(__file__).parent)
-#: The anti-forgery cookie over plain http.
+#: The anti-forgery cookie (``__Host-portal_csrf`` over https: :func:`host_cookie_name`).
 FORGERY_COOKIE = "portal_csrf"
-#: Its name over https. Browsers accept a ``__Host-`` cookie only from this host over https,
-#: Secure, for ``/`` and without ``Domain``: a sibling subdomain or a plain http page cannot
-#: set (or overwrite) it. Over http the prefix is not allowed (it requires Secure).
-SECURE_FORGERY_COOKIE = "__Host-portal_csrf"
 
 SessionDep = Annotated[Session, Depends(get_session)]
 
@@ -80,28 +87,18 @@ def _settings(request: Request) -> Settings:
 def _signed_in(request: Request, session: Session) -> User | None:
     """The user of the portal's sign-in cookie, while it is valid (not signed out since)."""
     key = _settings(request).secret_key_bytes()
-    return session_user(session, request.cookies.get(PORTAL_COOKIE_NAME), key, "portal")
-
-
-def _secure(request: Request) -> bool:
-    return request.url.scheme == "https"
-
-
-def _forgery_cookie_name(request: Request) -> str:
-    """The anti-forgery cookie's name: ``__Host-`` prefixed over https (the scheme uvicorn
-    took from a trusted proxy's ``X-Forwarded-Proto``)."""
-    return SECURE_FORGERY_COOKIE if _secure(request) else FORGERY_COOKIE
+    return session_user(session, portal_cookie(request), key, "portal")
 
 
 def _set_forgery_cookie(request: Request, response: Response, value: str) -> None:
     # Path "/" and no Domain, as the __Host- prefix requires (Starlette's defaults).
     response.set_cookie(
-        _forgery_cookie_name(request),
+        host_cookie_name(request, FORGERY_COOKIE),
         value,
         path="/",
         httponly=True,
         samesite="strict",
-        secure=_secure(request),
+        secure=is_secure(request),
     )
 
 
@@ -113,14 +110,14 @@ def _page(
     The token is bound to the sign-in cookie the page is shown with, as
     :func:`_checked_form` checks it.
     """
-    cookie = request.cookies.get(_forgery_cookie_name(request))
+    cookie = request.cookies.get(host_cookie_name(request, FORGERY_COOKIE))
     fresh = cookie is None
     if cookie is None:
         cookie = service.new_forgery_secret()
     token = service.forgery_token(
         _settings(request).secret_key_bytes(),
         cookie,
-        session=request.cookies.get(PORTAL_COOKIE_NAME),
+        session=portal_cookie(request),
     )
     response = templates.TemplateResponse(
         request, name, {"csrf_token": token, **context}, status_code=status_code
@@ -137,9 +134,9 @@ async def _checked_form(request: Request) -> dict[str, str]:
     form = await read_form(request)
     service.check_forgery_token(
         _settings(request).secret_key_bytes(),
-        request.cookies.get(_forgery_cookie_name(request)),
+        request.cookies.get(host_cookie_name(request, FORGERY_COOKIE)),
         form.pop("csrf_token", None),
-        session=request.cookies.get(PORTAL_COOKIE_NAME),
+        session=portal_cookie(request),
     )
     return form
 
@@ -184,11 +181,11 @@ def login(request: Request, session: SessionDep, form: FormDep) -> Response:
         return _page(request, "login.html", context, status_code=401)
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(
-        PORTAL_COOKIE_NAME,
+        host_cookie_name(request, PORTAL_COOKIE_NAME),
         portal_session_token(user, _settings(request).secret_key_bytes()),
         max_age=COOKIE_MAX_AGE_S,
         httponly=True,
-        secure=_secure(request),
+        secure=is_secure(request),
         samesite="lax",
     )
     # A new anti-forgery cookie with the new sign-in: the one of the sign-in form may have
@@ -208,7 +205,11 @@ def logout(request: Request, session: SessionDep, _form: FormDep) -> Response:
         session.commit()
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(
-        PORTAL_COOKIE_NAME, httponly=True, secure=_secure(request), samesite="lax"
+        host_cookie_name(request, PORTAL_COOKIE_NAME),
+        path="/",
+        httponly=True,
+        secure=is_secure(request),
+        samesite="lax",
     )
     return response
 
