@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import xmlschema
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from observatory.app import create_app
 from observatory.asvo.models import Job, UwsJob
@@ -831,3 +832,30 @@ def test_run_and_abort_at_the_same_moment_always_end_aborted(
         assert [outcome for _, outcome in requests] == [[job_id], [job_id]]
         phase, state = _final(uws_sessions, job_id)
         assert phase == "ABORTED" and state in (None, "cancelled"), (round_number, phase, state)
+
+
+def test_two_deletes_of_an_asvo_job_at_once_both_succeed(
+    app_settings: Settings, uws_sessions: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job submitted through /api has no UWS row until a DELETE marks it hidden: two
+    DELETEs at once both inserted the mark, and the second was a 500 (the unique ASVO job)."""
+    from observatory.asvo import service, uws
+    from observatory.asvo.models import JobType
+
+    with uws_sessions() as session:
+        form = {"obs_id": MWAX_OBS, "download_type": "vis"}
+        asvo_job = service.submit_job(session, app_settings, 1, JobType.DOWNLOAD_VISIBILITIES, form)
+        session.commit()
+        job_id = str(asvo_job.id)
+    there, go_on = _paused_once(monkeypatch, uws, "_abort")  # each has found no mark
+    first, second = _race(
+        uws_sessions, there, go_on,
+        lambda s: uws.delete_job(s, 1, job_id),
+        lambda s: uws.delete_job(s, 1, job_id),
+    )  # fmt: skip
+    assert first == [None] and second == [None], (first, second)
+    with uws_sessions() as session:
+        (mark,) = session.scalars(select(UwsJob).where(UwsJob.asvo_job_id == int(job_id)))
+        assert mark.deleted
+        job = session.get(Job, int(job_id))
+        assert job is not None and job.state == "cancelled"

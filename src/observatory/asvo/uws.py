@@ -31,6 +31,7 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import exists, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from observatory.asvo import service
@@ -629,8 +630,15 @@ def delete_job(session: Session, user_id: int, job_id: str) -> None:
     _abort(session, user_id, row, job)
     if row is None:
         assert job is not None
-        row = UwsJob(user_id=user_id, params={}, asvo_job_id=job.id, created=job.created)
-        session.add(row)
+        try:
+            with session.begin_nested():
+                row = UwsJob(user_id=user_id, params={}, asvo_job_id=job.id, created=job.created)
+                session.add(row)
+        except IntegrityError:
+            # Another DELETE of this job made its mark meanwhile (the ASVO job is unique
+            # there): a second insert was a 500. That mark is this one's too.
+            row = session.scalar(select(UwsJob).where(UwsJob.asvo_job_id == job.id))
+            assert row is not None
     row.deleted = True
     session.flush()
 
