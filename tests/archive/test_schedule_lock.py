@@ -110,6 +110,30 @@ def test_two_operators_cannot_schedule_overlapping_observations(
     assert _rows(session_factory) == [(start, start + 32, "C001")]
 
 
+def test_a_start_that_passed_while_the_lock_was_waited_for_is_refused(
+    session_factory: sessionmaker[Session],
+    held_after_check: tuple[threading.Event, threading.Event],
+) -> None:
+    """The "in the past" check is made with the time after the lock was taken: checked
+    before, an operator waiting behind a trigger booked an observation that had begun."""
+    import time
+
+    checked, go_on = held_after_check
+    later = 1_450_324_816 + 600
+    first, first_outcome = in_thread(_committed(session_factory, lambda s: _schedule(s, later, 32)))
+    assert checked.wait(JOIN_S)
+    soon = 1_450_324_816  # 3.4 s after NOW: in the future when the call begins
+    second, second_outcome = in_thread(_committed(session_factory, lambda s: _schedule(s, soon, 8)))
+    time.sleep(4.0)  # the first holds the lock past ``soon``
+    go_on.set()
+    first.join(JOIN_S)
+    second.join(JOIN_S)
+    assert first_outcome == [later]
+    (refused,) = second_outcome
+    assert isinstance(refused, ValueError) and f"start {soon} is in the past" in str(refused)
+    assert _rows(session_factory) == [(later, later + 32, "C001")]
+
+
 def test_operators_scheduling_at_the_same_moment_never_overlap(
     session_factory: sessionmaker[Session],
 ) -> None:

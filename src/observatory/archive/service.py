@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -653,7 +654,7 @@ def schedule_observation(
         Its project (see :func:`project_id_problem`; once projects are registered, one of
         them) and name (the name as a metafits holds it: printable ASCII).
     now_gps_s
-        The current GPS time.
+        The current GPS time (advanced by the time the lock was waited for).
 
     Returns
     -------
@@ -673,8 +674,7 @@ def schedule_observation(
             f"start {start_gps} and duration {duration_s} s must be whole multiples of 8 s "
             "(observations start and stop on 8-second boundaries)"
         )
-    if start_gps < now_gps_s:
-        raise ValueError(f"start {start_gps} is in the past (now {int(now_gps_s)})")
+    called = time.monotonic()
     if mode not in SCHEDULABLE_MODES:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(SCHEDULABLE_MODES)}")
     channels = list(validate_coarse_chans(coarse_chans))
@@ -688,6 +688,11 @@ def schedule_observation(
     # Everything above reads no table. From here the schedule is read and written under
     # its lock: another change waits for this one's commit and then sees this row.
     take_schedule_lock(session)
+    # The time now, not when the call began: the lock may have been waited for (a trigger
+    # planning under it), and an observation must not be booked after its start.
+    now_gps_s += time.monotonic() - called
+    if start_gps < now_gps_s:
+        raise ValueError(f"start {start_gps} is in the past (now {int(now_gps_s)})")
     # As a trigger's project is checked; a fresh installation with no projects registered
     # (the CLI's default D0000) takes any well-formed id.
     if (
