@@ -425,3 +425,33 @@ def test_the_data_directory_is_where_its_database_is(
     monkeypatch.setenv("OBSERVATORY_DATA_DIR", str(tmp_path / "x"))
     monkeypatch.setenv("OBSERVATORY_BENCH_POSTGRES_URL", "postgresql+psycopg://b/c")
     assert Settings().data_dir == tmp_path / "x"  # a benchmark's variable is no setting
+
+
+def test_serve_says_once_what_it_finds_of_a_missing_data_directory(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    migrated_db_url: str,
+) -> None:
+    """With SQLite's default database the migration makes the directory: a note says so.
+    With a database elsewhere nothing makes it: a warning says it is missing (the note said
+    "making a new, empty one" there too, and the warning then contradicted it)."""
+    import observatory.cli as cli
+
+    served: list[object] = []
+    monkeypatch.setattr(cli, "_run_server", lambda app, *_a, **_k: served.append(app))
+    monkeypatch.delenv("OBSERVATORY_DATABASE_URL", raising=False)
+    made = tmp_path / "made"
+    assert _run(made, "serve", "--no-telescope") == 0
+    err = capsys.readouterr().err
+    assert f"no installation at {made} (from --data-dir): made a new, empty one" in err
+    assert "does not exist" not in err and made.is_dir()
+    if migrated_db_url.startswith("sqlite"):
+        return  # the rest is of a database outside the data directory
+    monkeypatch.setenv("OBSERVATORY_DATABASE_URL", migrated_db_url)
+    unmounted = tmp_path / "unmounted"
+    assert _run(unmounted, "serve", "--no-telescope") == 0
+    err = capsys.readouterr().err
+    assert "no installation" not in err and "making" not in err and "made" not in err
+    assert f"data directory {unmounted} does not exist (is the shared file system" in err
+    assert not unmounted.exists() and len(served) == 2

@@ -469,8 +469,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from observatory.app import create_app
 
-    settings = _settings(args)
+    # Whether a missing data directory is made (SQLite's default database is in it) is
+    # known only after the migration: said then, once (the usual note claimed a new one
+    # was being made, and the warning below then said it did not exist).
+    settings = _settings(args, makes_one=True)
+    missing = not settings.data_dir.exists()
     upgrade(settings.resolved_database_url)
+    if missing and settings.data_dir.is_dir():
+        source = _data_dir_source(getattr(args, "data_dir", None), settings)
+        err_console.print(
+            f"note: no installation at {settings.data_dir.resolve()} (from {source}): "
+            "made a new, empty one",
+            highlight=False,
+        )
     _warn_if_no_data_dir(settings)
     _run_server(
         create_app(_serving(settings, args), run_jobs=True), args, log_format=settings.log_format
