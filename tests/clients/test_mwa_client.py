@@ -1544,6 +1544,16 @@ def test_local_problems_of_the_python_api_are_asvo_errors(tmp_path: Path) -> Non
         asvo.AsvoError, match=r"Cannot reach the MWA ASVO server at http://\[::1\]:9"
     ):
         asvo.Session.login("key", host="::1", port=9, https=False)
+    with pytest.MonkeyPatch.context() as patch:  # through a proxy, the proxy is named
+        for name in ("no_proxy", "NO_PROXY", "http_proxy"):
+            patch.delenv(name, raising=False)
+        patch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+        with pytest.raises(
+            asvo.AsvoError,
+            match=r"server at http://asvo\.example\.org:8080 through the proxy 127\.0\.0\.1:9 "
+            r"\(from http_proxy\)",
+        ):
+            asvo.Session.login("key", host="asvo.example.org", port=8080, https=False)
     blocked = tmp_path / "a-file"
     blocked.write_text("not a directory")
     content = b"q" * 10

@@ -494,7 +494,14 @@ class Session:
             client.close()
             if (refusal := _certificate_refusal(exc)) is not None:
                 raise AsvoError(_certificate_message(url, refusal)) from exc
-            raise AsvoError(f"Cannot reach the MWA ASVO server at {url}: {exc}") from exc
+            parts = urlsplit(url)
+            proxy = _proxy_for(parts.scheme, parts.hostname or "")
+            # Through a proxy the failure may be the proxy's: "Connection refused" alone
+            # sent people looking at the server.
+            via = "" if proxy is None else (
+                f" through the proxy {proxy.host}:{proxy.port} (from {parts.scheme}_proxy)"
+            )  # fmt: skip
+            raise AsvoError(f"Cannot reach the MWA ASVO server at {url}{via}: {exc}") from exc
         if not reply.is_success:
             client.close()
         _raise_for_reply(reply, "Login failed")
