@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from backends import sqlite_only
 from observatory.app import create_app
 from observatory.asvo import service
 from observatory.asvo.schemas import (
@@ -115,6 +116,7 @@ def key_like_constants() -> set[str]:
     }
 
 
+@sqlite_only
 def test_the_parser_reads_exactly_the_declared_fields(client: TestClient) -> None:
     """A bad value of a declared field is refused (error_code 0); of any other key, ignored.
 

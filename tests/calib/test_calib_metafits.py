@@ -13,6 +13,7 @@ import pytest
 from astropy.io import fits
 from sqlalchemy.orm import Session, sessionmaker
 
+from backends import sqlite_only
 from observatory.archive.models import Observation
 from observatory.archive.service import ingest_directory
 from observatory.calib import service
@@ -206,6 +207,7 @@ def test_receivers_and_names_are_the_calibrators_metafits(
         assert names == {name for name, rx in tiles.values() if rx == 2} and "HexE17" in names
 
 
+@sqlite_only
 def test_real_mwax_data_with_too_few_chanblocks_fails_saying_so(
     settings: Settings, session_factory: sessionmaker[Session], tmp_path: Path
 ) -> None:

@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
+from backends import sqlite_only
 from browser import browser_page, screenshot
 from observatory.app import create_app
 from observatory.archive.models import Observation
@@ -344,6 +345,7 @@ def test_an_earlier_fit_of_noise_does_not_set_the_history_plots_axis(
                 assert "4 earlier outliers off the axis" in labels
 
 
+@sqlite_only
 def test_plots_label_every_tile_explain_creators_and_revalidate_history(
     settings: Settings, session_factory: sessionmaker[Session]
 ) -> None:

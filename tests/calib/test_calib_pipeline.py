@@ -27,6 +27,7 @@ from observatory.trigger import pointing
 CAL_OBS = 1_450_324_816  # 2025-12-21 04:00 UTC: 3C353 is 60 deg up
 
 
+@sqlite_only
 def test_fit_recovers_injected_delays_and_gains(
     settings: Settings, session_factory: sessionmaker[Session]
 ) -> None:
@@ -321,6 +322,7 @@ def test_a_second_fit_within_a_week_draws_its_history_plots(
         assert [f.fitid for f in plots._history(session, second, 7)] == [first_id]
 
 
+@sqlite_only
 def test_a_calibrator_in_which_no_tile_calibrates_is_a_failed_fit(
     settings: Settings, session_factory: sessionmaker[Session]
 ) -> None:
@@ -637,6 +639,7 @@ def test_data_the_correlator_phased_give_the_same_fits(
     np.testing.assert_allclose(delays(), unphased, atol=1e-3)
 
 
+@sqlite_only
 def test_a_calibrator_missing_a_channel_file_gives_solutions_for_the_whole_band(
     settings: Settings, session_factory: sessionmaker[Session], tmp_path: Path
 ) -> None:
@@ -923,6 +926,7 @@ def test_the_simulated_array_has_one_gain_per_tile_and_channel() -> None:
         instrument_gains(4, [256])
 
 
+@sqlite_only
 def test_a_calibrator_s_fit_calibrates_a_target_of_the_same_array(
     settings: Settings, session_factory: sessionmaker[Session], tmp_path: Path
 ) -> None:

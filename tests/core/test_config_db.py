@@ -1,5 +1,6 @@
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -250,13 +251,70 @@ def test_projects(session: Session) -> None:
         create_project(session, "bad id", priority=1)
 
 
-def test_migrations_match_models(migrated_db_url: str) -> None:
+def test_migrations_match_models(db_url: str) -> None:
     """Every model change comes with a migration: autogenerate finds nothing to add."""
     from alembic import command
 
     from observatory.core.migrate import alembic_config
 
-    command.check(alembic_config(migrated_db_url))
+    upgrade(db_url)  # the migrations as a deployment runs them
+    command.check(alembic_config(db_url))
+
+
+def _table_shape(look: Any, table: str) -> tuple[object, ...]:
+    """The columns, primary key, foreign keys, indexes, unique and check constraints."""
+    columns = [
+        (c["name"], str(c["type"]), c["nullable"], str(c.get("default")))
+        for c in look.get_columns(table)
+    ]
+    foreign = sorted(
+        (tuple(k["constrained_columns"]), k["referred_table"], tuple(k["referred_columns"]),
+         str(k.get("options")))
+        for k in look.get_foreign_keys(table)
+    )  # fmt: skip
+    indexes = sorted(
+        (i["name"], tuple(i["column_names"]), i["unique"]) for i in look.get_indexes(table)
+    )
+    uniques = sorted(
+        (u["name"], tuple(u["column_names"])) for u in look.get_unique_constraints(table)
+    )
+    checks = sorted(str(c["sqltext"]) for c in look.get_check_constraints(table))
+    primary = look.get_pk_constraint(table)["constrained_columns"]
+    return columns, primary, foreign, indexes, uniques, checks
+
+
+def _schema(url: str) -> dict[str, object]:
+    """Everything the inspector sees of the tables at ``url``, and the revision."""
+    engine = make_engine(url)
+    try:
+        look = inspect(engine)
+        found: dict[str, object] = {
+            table: _table_shape(look, table) for table in sorted(look.get_table_names())
+        }
+        found["revision"] = current_revision(engine)
+        return found
+    finally:
+        engine.dispose()
+
+
+def test_the_suites_migration_sql_makes_what_the_migrations_make(
+    db_url: str, tmp_path: Path
+) -> None:
+    """The suite's PostgreSQL schemas are made by the migrations' SQL in one go
+    (tests/backends.py): the same tables, columns, keys, indexes and revision as the
+    migrations run as a deployment runs them."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("the suite migrates SQLite by copying a migrated file")
+    from backends import migrate_postgres_schema
+
+    upgrade(db_url)
+    online = _schema(db_url)
+    with make_engine(db_url).begin() as connection:
+        for table in inspect(connection).get_table_names():
+            connection.execute(text(f'DROP TABLE "{table}" CASCADE'))
+    migrate_postgres_schema(db_url)
+    assert _schema(db_url) == online
+    assert online["revision"] == head_revision()
 
 
 def test_sqlite_savepoint_transactions_wait_for_other_writers(tmp_path: Path) -> None:

@@ -37,6 +37,21 @@ def test_hash_and_verify() -> None:
     assert len(key_fingerprint(key)) == 16
 
 
+def test_the_service_hashes_with_scrypt_at_its_full_work_factor() -> None:
+    """The suite lowers the factor for its own hashes (tests/conftest.py); the package, as
+    any process of the services runs it, hashes at N=2**14, r=8, p=1."""
+    import subprocess
+    import sys
+
+    made = subprocess.run(
+        [sys.executable, "-c",
+         "from observatory.core.security import hash_secret; print(hash_secret('a key'))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert made.startswith("scrypt$16384$8$1$")
+    assert verify_secret("a key", made) and not verify_secret("a kez", made)
+
+
 def test_session_tokens_end_with_the_key_and_with_signing_out(session: Session) -> None:
     """The cookies of /api/api_login and of the portal: signed, of one kind each, and
     revocable (a new API key ends the first; signing out or a new password the second)."""

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from backends import sqlite_only
 from browser import browser_page, screenshot
 from observatory.core.config import Settings
 from observatory.core.web import size_text
@@ -242,6 +243,7 @@ def sign_in_erin(page: Any, base: str) -> None:
     page.wait_for_url(f"{base}/jobs")
 
 
+@sqlite_only
 def test_another_site_cannot_use_the_portal_session(settings: Settings) -> None:
     """A signed-in user visits a page on another site that navigates to GET
     /api/cancel_job (the browser sends the SameSite=Lax session cookie along), posts the
@@ -299,6 +301,7 @@ def test_another_site_cannot_use_the_portal_session(settings: Settings) -> None:
         engine.dispose()
 
 
+@sqlite_only
 def test_a_page_on_another_port_of_this_host_cannot_use_the_portal_session(
     settings: Settings,
 ) -> None:
@@ -364,6 +367,7 @@ def test_a_page_on_another_port_of_this_host_cannot_use_the_portal_session(
         engine.dispose()
 
 
+@sqlite_only
 def test_the_api_docs_render_with_no_request_leaving_the_server(
     settings: Settings, tmp_path: Path
 ) -> None:
