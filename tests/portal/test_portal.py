@@ -709,3 +709,18 @@ def test_the_sign_in_cookie_is_host_prefixed_over_https(client: TestClient) -> N
     out = secure.post("/logout", data={"csrf_token": token_of(secure.get("/jobs").text)},
                       follow_redirects=False)  # fmt: skip
     assert any(c.startswith('__Host-portal_session=""') for c in out.headers.get_list("set-cookie"))
+
+
+def test_sign_in_is_throttled_after_five_wrong_passwords(client: TestClient) -> None:
+    """A robot guessing a password gets five tries, then waits that double (429 and
+    Retry-After; the page says so). Its later guesses are refused unchecked."""
+    statuses = []
+    while 429 not in statuses:  # the waits double: one is soon longer than a slow attempt
+        assert len(statuses) < 16, statuses
+        token = token_of(client.get("/login").text)
+        reply = client.post("/login", data={"username": "alice", "password": "guess-guess",
+                                            "csrf_token": token}, headers={"accept": "text/html"})  # fmt: skip
+        statuses.append(reply.status_code)
+    assert statuses[:5] == [401] * 5 and set(statuses) == {401, 429}
+    wait_s = reply.headers["retry-after"]
+    assert f"too many failed sign-ins under this name: try again in {wait_s} s" in reply.text

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
+import math
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from observatory.core.database import utcnow
-from observatory.core.errors import Conflict, Unauthorized
-from observatory.core.models import Project, User
+from observatory.core.errors import Conflict, TooManyRequests, Unauthorized
+from observatory.core.models import Project, SignInFailures, User
 from observatory.core.security import (
     hash_secret,
     key_fingerprint,
@@ -186,22 +189,86 @@ def set_password(session: Session, user: User, password: str) -> None:
         raise ValueError(f"a password must be at least {MIN_PASSWORD_LENGTH} characters long")
     user.password_hash = hash_secret(password)
     end_portal_sessions(session, user)
+    session.execute(delete(SignInFailures).where(SignInFailures.name_digest == _digest(user.name)))
 
 
-def authenticate_password(session: Session, name: str, password: str) -> User:
+#: Failed sign-ins under a name that are answered at once; after them each attempt waits
+#: ``SIGN_IN_FIRST_WAIT_S`` seconds after the last failure, doubling with every further
+#: failure up to ``SIGN_IN_MAX_WAIT_S``. DESIGN: a person who mistypes gets five tries
+#: and then seconds; a robot guessing one user's password gets about a hundred guesses a
+#: day (scrypt bounds only how fast each is checked), and a victim whose name a robot
+#: tries can still sign in every 15 minutes (a lock-out would let anyone lock anyone out).
+SIGN_IN_FREE_FAILURES = 5
+SIGN_IN_FIRST_WAIT_S = 1
+SIGN_IN_MAX_WAIT_S = 900
+#: Failures older than this are forgotten (and their rows deleted).
+SIGN_IN_FORGET_AFTER = timedelta(days=1)
+
+
+def _digest(name: str) -> str:
+    return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def sign_in_wait_s(failures: int) -> int:
+    """Seconds an attempt must wait after the last of ``failures`` failed sign-ins."""
+    if failures < SIGN_IN_FREE_FAILURES:
+        return 0
+    doublings = min(failures - SIGN_IN_FREE_FAILURES, 30)
+    return int(min(SIGN_IN_MAX_WAIT_S, SIGN_IN_FIRST_WAIT_S * 2**doublings))
+
+
+def _record_sign_in_failure(session: Session, digest: str, now: datetime) -> None:
+    """Count a failure under ``digest``: one statement (an upsert), so that attempts at the
+    same moment each count (a read and a write would let one lose the other's)."""
+    session.execute(
+        delete(SignInFailures).where(SignInFailures.last_failure < now - SIGN_IN_FORGET_AFTER)
+    )
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    insert = dialect.insert(SignInFailures).values(name_digest=digest, failures=1, last_failure=now)
+    session.execute(
+        insert.on_conflict_do_update(
+            index_elements=[SignInFailures.name_digest],
+            set_={"failures": SignInFailures.failures + 1, "last_failure": now},
+        )
+    )
+
+
+def authenticate_password(
+    session: Session, name: str, password: str, *, now: datetime | None = None
+) -> User:
     """The user signing in to the portal with ``name`` and ``password``.
+
+    Failures are counted per name, known or not (:data:`SIGN_IN_FREE_FAILURES`); a
+    success clears them.
 
     Raises
     ------
+    TooManyRequests
+        While the name's failures make attempts wait (checked before the password, and
+        not counted as a failure).
     Unauthorized
         For an unknown name, a user without a password or a wrong password (one message
         for all three, so the reply does not tell which names exist).
     """
+    now = now or utcnow()
+    digest = _digest(name)
+    failed = session.get(SignInFailures, digest)
+    if failed is not None and failed.last_failure >= now - SIGN_IN_FORGET_AFTER:
+        ready_at = failed.last_failure + timedelta(seconds=sign_in_wait_s(failed.failures))
+        if ready_at > now:
+            wait_s = math.ceil((ready_at - now).total_seconds())
+            raise TooManyRequests(
+                f"too many failed sign-ins under this name: try again in {wait_s} s",
+                retry_after_s=wait_s,
+            )
     user = session.scalar(select(User).where(User.name == name))
     if user is None or user.password_hash is None:
         hash_secret(password or "-")  # the same time as a real check, for unknown names too
     elif verify_secret(password, user.password_hash):
+        if failed is not None:
+            session.delete(failed)
         return user
+    _record_sign_in_failure(session, digest, now)
     raise Unauthorized("unknown user name or wrong password")
 
 

@@ -97,6 +97,16 @@ class PayloadTooLarge(ServiceError):
     status_code = 413
 
 
+class TooManyRequests(ServiceError):
+    """Refused for now: asked too often (HTTP 429); ``retry_after_s`` says when to try again."""
+
+    status_code = 429
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 def body_too_large_message(what: str, limit: int) -> str:
     """Why a body of more than ``limit`` bytes is refused; ``what`` names the body."""
     return f"{what} is larger than {limit} bytes ({limit / (1 << 20):g} MiB), the most it may hold"
@@ -395,6 +405,8 @@ def install_error_handlers(
             response = JSONResponse(body, status_code=exc.status_code)
         if isinstance(exc, PayloadTooLarge):  # the rest of the body is never read
             response.headers["connection"] = "close"
+        if isinstance(exc, TooManyRequests):
+            response.headers["retry-after"] = str(exc.retry_after_s)
         return response
 
     @app.exception_handler(RequestValidationError)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Integer, String, Text
+from sqlalchemy import Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from observatory.core.database import Base, UTCDateTime, utcnow
@@ -39,3 +39,19 @@ class Project(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)
     secure_key_hash: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class SignInFailures(Base):
+    """Failed portal sign-ins under one user name, known or not: the sign-in throttle.
+
+    Keyed by a digest of the name as typed (any length), so that a name no user has is
+    throttled as a user's is: the replies must not tell which names exist.
+    """
+
+    __tablename__ = "sign_in_failures"
+    __table_args__ = (Index("ix_sign_in_failures_last_failure", "last_failure"),)
+
+    name_digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: Failures since the last success (or since the row was forgotten).
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_failure: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -37,7 +37,7 @@ from observatory.core.accounts import (
     session_user,
 )
 from observatory.core.config import Settings
-from observatory.core.errors import BadRequest, ServiceError
+from observatory.core.errors import BadRequest, ServiceError, TooManyRequests
 from observatory.core.models import User
 from observatory.core.security import key_fingerprint
 from observatory.core.web import (
@@ -175,10 +175,13 @@ def login(request: Request, session: SessionDep, form: FormDep) -> Response:
     target = _local_target(form.get("next", "/jobs"))
     try:
         user = authenticate_password(session, form.get("username", ""), form.get("password", ""))
-    except ServiceError as exc:
+    except ServiceError as exc:  # Unauthorized, or TooManyRequests (with its Retry-After)
         context = {"user": None, "next": target, "error": exc.message,
                    "username": form.get("username", "")}  # fmt: skip
-        return _page(request, "login.html", context, status_code=401)
+        page = _page(request, "login.html", context, status_code=exc.status_code)
+        if isinstance(exc, TooManyRequests):
+            page.headers["retry-after"] = str(exc.retry_after_s)
+        return page
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(
         host_cookie_name(request, PORTAL_COOKIE_NAME),
