@@ -94,17 +94,18 @@ def test_other_names_are_not_held_up(session: Session, alice: User) -> None:
 
 def test_failures_a_day_old_are_forgotten_and_deleted(session: Session, alice: User) -> None:
     then = utcnow() - timedelta(days=2)
-    for _ in range(SIGN_IN_FREE_FAILURES + 5):
-        _fail(session, "alice", then)
+    for attempt in range(SIGN_IN_FREE_FAILURES + 5):  # each once the wait before it is over
+        _fail(session, "alice", then + timedelta(seconds=attempt * SIGN_IN_MAX_WAIT_S))
     _fail(session, "someone-else", utcnow())  # a failure prunes the old rows
     assert [row.failures for row in session.scalars(select(SignInFailures))] == [1]
     assert authenticate_password(session, "alice", PASSWORD) is alice
 
 
 def test_a_new_password_clears_the_failures(session: Session, alice: User) -> None:
-    now = utcnow()
-    for _ in range(SIGN_IN_FREE_FAILURES + 5):
-        _fail(session, "alice", now)
+    start = utcnow() - timedelta(hours=3)
+    for attempt in range(SIGN_IN_FREE_FAILURES + 5):
+        _fail(session, "alice", start + timedelta(seconds=attempt * SIGN_IN_MAX_WAIT_S))
+    now = start + timedelta(seconds=(SIGN_IN_FREE_FAILURES + 4) * SIGN_IN_MAX_WAIT_S + 1)
     with pytest.raises(TooManyRequests):
         authenticate_password(session, "alice", PASSWORD, now=now)
     session.rollback()

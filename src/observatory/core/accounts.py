@@ -252,7 +252,8 @@ def authenticate_password(
     """
     now = now or utcnow()
     digest = _digest(name)
-    failed = session.get(SignInFailures, digest)
+    # As the database has it now (the failures are counted by statements, not this object).
+    failed = session.get(SignInFailures, digest, populate_existing=True)
     if failed is not None and failed.last_failure >= now - SIGN_IN_FORGET_AFTER:
         ready_at = failed.last_failure + timedelta(seconds=sign_in_wait_s(failed.failures))
         if ready_at > now:
