@@ -143,3 +143,36 @@ def test_a_1_khz_calibrator_s_tiles_fit_their_injected_delays(tmp_path: Path) ->
                 * SPEED_OF_LIGHT_M_S
             )
             assert row[f"{name}_delay_m"] == pytest.approx(injected_m, abs=0.02), (antenna, name)
+
+
+def test_the_delay_spectrum_peak_is_the_full_fft_s() -> None:
+    """The coarse delay is found without the 750,000-point FFT (a quarter of a second per
+    tile and polarisation): the same peak, on bands with gaps, noise, picket fences and
+    delays at the grid's edges."""
+    from observatory.calib.fitting import delay_fft_length, delay_spectrum_peak
+
+    def full_fft_peak(bins: np.ndarray, samples: np.ndarray, n_fft: int) -> int:
+        spectrum = np.zeros(n_fft, dtype=np.complex128)
+        np.add.at(spectrum, bins % n_fft, samples)
+        return int(np.argmax(np.abs(np.fft.fftshift(np.fft.ifft(spectrum))))) - n_fft // 2
+
+    rng = np.random.default_rng(7)
+    n_fft = delay_fft_length(40_000)
+    cases = 0
+    for delay_index in (0, 1, -1, 123_456, -374_990, 374_999, -375_000, 250_001):
+        for layout in ("contiguous", "gaps", "picket fence"):
+            if layout == "contiguous":
+                bins = np.arange(768)
+            elif layout == "gaps":
+                bins = np.sort(rng.choice(768, size=600, replace=False))
+            else:  # 24 coarse channels of 32 chanblocks spread over 150 MHz
+                starts = np.sort(rng.choice(150_000_000 // 40_000 // 32, 24, replace=False))
+                bins = (starts[:, None] * 32 + np.arange(32)).ravel()
+            bins = bins - bins[len(bins) // 2]
+            noise = 0.3 * (rng.normal(size=len(bins)) + 1j * rng.normal(size=len(bins)))
+            samples = np.exp(-2j * np.pi * bins * delay_index / n_fft) + noise
+            samples /= np.abs(samples)
+            expected = full_fft_peak(bins, samples, n_fft)
+            assert delay_spectrum_peak(bins, samples, n_fft) == expected, (delay_index, layout)
+            cases += 1
+    assert cases == 24
