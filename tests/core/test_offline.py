@@ -75,14 +75,16 @@ def _python(home: Path, *script: str, **environ: str) -> subprocess.CompletedPro
 def _seed_users_cache(registry: Mapping[str, object], *, mirror_too: bool = False) -> str:
     """Script lines that put ``registry`` into the user's cache, as astropy would have."""
     return f"""
-import tempfile
-with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-    json.dump({registry!r}, handle)
+import os, pathlib
+# In the test's home (a temporary directory of its own): one in /tmp was left behind.
+registry_file = pathlib.Path(os.environ["HOME"]) / "sites-to-import.json"
+registry_file.write_text(json.dumps({registry!r}))
 urls = [astropy_data.conf.dataurl + "{SITES_JSON}"]
 if {mirror_too!r}:
     urls.append(astropy_data.conf.dataurl_mirror + "{SITES_JSON}")
 for url in urls:
-    astropy_data.import_file_to_cache(url, handle.name)
+    astropy_data.import_file_to_cache(url, str(registry_file))
+registry_file.unlink()
 before = snapshot()
 """
 
