@@ -60,6 +60,11 @@ class ServiceError(Exception):
         #: More keys for the JSON body (e.g. the ASVO's ``job_id`` of a duplicate job).
         self.extra = extra or {}
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the answer carries, whatever its form (JSON, or a page)."""
+        return {}
+
 
 class BadRequest(ServiceError):
     """The request is malformed or names impossible values (HTTP 400)."""
@@ -96,6 +101,10 @@ class PayloadTooLarge(ServiceError):
 
     status_code = 413
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"connection": "close"}  # the rest of the body is never read
+
 
 class TooManyRequests(ServiceError):
     """Refused for now: asked too often (HTTP 429); ``retry_after_s`` says when to try again."""
@@ -105,6 +114,10 @@ class TooManyRequests(ServiceError):
     def __init__(self, message: str, *, retry_after_s: int) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(self.retry_after_s)}
 
 
 def body_too_large_message(what: str, limit: int) -> str:
@@ -403,10 +416,7 @@ def install_error_handlers(
         else:
             body = {**error_body(exc.message, exc.error_code), **exc.extra}
             response = JSONResponse(body, status_code=exc.status_code)
-        if isinstance(exc, PayloadTooLarge):  # the rest of the body is never read
-            response.headers["connection"] = "close"
-        if isinstance(exc, TooManyRequests):
-            response.headers["retry-after"] = str(exc.retry_after_s)
+        response.headers.update(exc.headers)
         return response
 
     @app.exception_handler(RequestValidationError)

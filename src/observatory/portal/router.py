@@ -37,7 +37,7 @@ from observatory.core.accounts import (
     session_user,
 )
 from observatory.core.config import Settings
-from observatory.core.errors import BadRequest, ServiceError, TooManyRequests
+from observatory.core.errors import BadRequest, ServiceError
 from observatory.core.models import User
 from observatory.core.security import key_fingerprint
 from observatory.core.web import (
@@ -179,8 +179,7 @@ def login(request: Request, session: SessionDep, form: FormDep) -> Response:
         context = {"user": None, "next": target, "error": exc.message,
                    "username": form.get("username", "")}  # fmt: skip
         page = _page(request, "login.html", context, status_code=exc.status_code)
-        if isinstance(exc, TooManyRequests):
-            page.headers["retry-after"] = str(exc.retry_after_s)
+        page.headers.update(exc.headers)
         return page
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(
