@@ -88,22 +88,37 @@ def _committed(
     return run
 
 
+def _second_behind_first(
+    session_factory: sessionmaker[Session],
+    held_after_check: tuple[threading.Event, threading.Event],
+    first: Callable[[Session], object],
+    second: Callable[[Session], object],
+    hold_s: float = 1.0,
+) -> tuple[list[object], list[object]]:
+    """``first`` until it pauses after its overlap check (holding the lock), ``second``
+    meanwhile, for at least ``hold_s`` (a second that does not wait runs to its end before
+    the first), then both: their outcomes."""
+    checked, go_on = held_after_check
+    first_thread, first_outcome = in_thread(_committed(session_factory, first))
+    assert checked.wait(JOIN_S)
+    second_thread, second_outcome = in_thread(_committed(session_factory, second))
+    second_thread.join(hold_s)
+    go_on.set()
+    first_thread.join(JOIN_S)
+    second_thread.join(JOIN_S)
+    return first_outcome, second_outcome
+
+
 def test_two_operators_cannot_schedule_overlapping_observations(
     session_factory: sessionmaker[Session],
     held_after_check: tuple[threading.Event, threading.Event],
 ) -> None:
-    checked, go_on = held_after_check
     start = 1_450_324_816 + 600
-    first, first_outcome = in_thread(_committed(session_factory, lambda s: _schedule(s, start, 32)))
-    assert checked.wait(JOIN_S)
     # The first holds the lock between its check and its commit: the second waits for it.
-    second, second_outcome = in_thread(
-        _committed(session_factory, lambda s: _schedule(s, start + 8, 16))
-    )
-    second.join(1.0)  # (lets a second that does not wait run to its end before the first)
-    go_on.set()
-    first.join(JOIN_S)
-    second.join(JOIN_S)
+    first_outcome, second_outcome = _second_behind_first(
+        session_factory, held_after_check,
+        lambda s: _schedule(s, start, 32), lambda s: _schedule(s, start + 8, 16),
+    )  # fmt: skip
     assert first_outcome == [start]
     (refused,) = second_outcome
     assert isinstance(refused, ValueError) and f"overlaps observation {start}" in str(refused)
@@ -116,18 +131,13 @@ def test_a_start_that_passed_while_the_lock_was_waited_for_is_refused(
 ) -> None:
     """The "in the past" check is made with the time after the lock was taken: checked
     before, an operator waiting behind a trigger booked an observation that had begun."""
-    import time
-
-    checked, go_on = held_after_check
     later = 1_450_324_816 + 600
-    first, first_outcome = in_thread(_committed(session_factory, lambda s: _schedule(s, later, 32)))
-    assert checked.wait(JOIN_S)
     soon = 1_450_324_816  # 3.4 s after NOW: in the future when the call begins
-    second, second_outcome = in_thread(_committed(session_factory, lambda s: _schedule(s, soon, 8)))
-    time.sleep(4.0)  # the first holds the lock past ``soon``
-    go_on.set()
-    first.join(JOIN_S)
-    second.join(JOIN_S)
+    first_outcome, second_outcome = _second_behind_first(
+        session_factory, held_after_check,
+        lambda s: _schedule(s, later, 32), lambda s: _schedule(s, soon, 8),
+        hold_s=4.0,  # the first holds the lock past ``soon``
+    )  # fmt: skip
     assert first_outcome == [later]
     (refused,) = second_outcome
     assert isinstance(refused, ValueError) and f"start {soon} is in the past" in str(refused)
