@@ -36,7 +36,6 @@ ensure_astropy_offline()
 #: with them (a server started by a test checks these at their factor too), so the code
 #: under test is the same; the production factor is what tests/core/test_security_storage.py
 #: checks. It saves about a fifth of the suite's time (66 ms a hash, several a test).
-PRODUCTION_SCRYPT_N = security._SCRYPT_N
 security._SCRYPT_N = 2**10
 
 
