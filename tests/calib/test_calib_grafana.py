@@ -65,6 +65,9 @@ def test_test_connection_metrics_and_payload_options(client: TestClient) -> None
     metrics = client.post("/calib/grafana/metrics", json={}).json()
     values = [m["value"] for m in metrics]
     assert values[0] == "rec01" and values[-1] == "sources" and len(values) == 17
+    # The documentation's plain URL (a browser, curl) lists the same targets.
+    assert client.get("/calib/grafana/metrics").json() == metrics
+    assert client.get("/calib/grafana/query").status_code == 405  # needs Grafana's body
     assert [p["name"] for p in metrics[0]["payloads"]] == ["channel", "source", "style", "clip"]
     assert all(set(p) >= {"name", "type"} for p in metrics[0]["payloads"])
     style = client.post("/calib/grafana/metric-payload-options", json={

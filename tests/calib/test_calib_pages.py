@@ -345,6 +345,20 @@ def test_an_earlier_fit_of_noise_does_not_set_the_history_plots_axis(
                 assert "4 earlier outliers off the axis" in labels
 
 
+def test_earlier_values_on_the_drawn_axis_are_not_counted_as_off_it() -> None:
+    """The reference tile's earlier Y-X values are 0, far from the others' common offset,
+    but this fit's own 0 takes the axis out to them: they are drawn, not "off the axis"."""
+    figure, axes = plt.subplots()
+    try:
+        earlier = np.array([0.0, -2.53, -2.17, -2.15, -2.16, 40.0])
+        hidden = plots._robust_ylim(axes, np.array([0.0, -2.2]), earlier)
+        low, high = axes.get_ylim()
+    finally:
+        plt.close(figure)
+    assert low < -2.53 and 0.0 < high < 40.0
+    assert hidden == 1  # only the 40 m value is off the axis
+
+
 @sqlite_only
 def test_plots_label_every_tile_explain_creators_and_revalidate_history(
     settings: Settings, session_factory: sessionmaker[Session]

@@ -190,6 +190,13 @@ def test_get_cal_solution_zip(client: TestClient, fits: dict[str, int], tmp_path
     )
     before = client.get("/calib/get_cal_solution", params={"obs_id": TARGET, "allow_after": 0})
     assert before.headers["x-calibration-fit-id"] == str(fits["before_newer"])
+    # A form's blanks are the defaults, output_format's as the others'.
+    blanks = {name: "" for name in ("prefer_fitid", "max_time_separation", "allow_after",
+                                    "nocache", "output_format")}  # fmt: skip
+    blank = client.get("/calib/get_cal_solution", params={"obs_id": TARGET, **blanks})
+    default = client.get("/calib/get_cal_solution", params={"obs_id": TARGET})
+    assert blank.status_code == 200, blank.text
+    assert blank.content == default.content
 
 
 def test_head_is_answered_as_the_get_without_its_body(

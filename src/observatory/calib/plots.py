@@ -198,7 +198,8 @@ def _robust_ylim(axes: Axes, own: np.ndarray, earlier: np.ndarray) -> int:
     """Set a y range that earlier outliers (a fit of noise: delays of +-3000 m) cannot set.
 
     Every finite value of this fit is inside it; earlier values far from their median
-    are left off the axis. Returns how many earlier values are off it.
+    are left off the axis, unless this fit's values take the axis out to them. Returns how
+    many earlier values are off the axis as drawn.
     """
     own, earlier = own[np.isfinite(own)], earlier[np.isfinite(earlier)]
     if earlier.size == 0:
@@ -212,7 +213,7 @@ def _robust_ylim(axes: Axes, own: np.ndarray, earlier: np.ndarray) -> int:
     low, high = float(shown.min()), float(shown.max())
     pad = max(0.05 * (high - low), 0.05)
     axes.set_ylim(low - pad, high + pad)
-    return int(earlier.size - kept.size)
+    return int(np.count_nonzero((earlier < low - pad) | (earlier > high + pad)))
 
 
 def _gains(

@@ -208,6 +208,12 @@ def grafana_metrics(request: Request, session: SessionDep, _body: JsonBody) -> l
     return grafana.metrics(session, _settings(request))
 
 
+@router.get("/grafana/metrics", operation_id="calib_grafana_metrics_listing")
+def grafana_metrics_listing(request: Request, session: SessionDep) -> list[dict[str, Any]]:
+    """The same list for a plain URL, as the service's documentation gives it (a browser, curl)."""
+    return grafana.metrics(session, _settings(request))
+
+
 @router.post("/grafana/metric-payload-options")
 def grafana_payload_options(session: SessionDep, body: JsonBody) -> list[dict[str, Any]]:
     """The choices of one payload option (``name``: channel, source, style or clip)."""

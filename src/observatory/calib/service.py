@@ -757,18 +757,21 @@ def check_output_format(output_format: str) -> str:
     Parameters
     ----------
     output_format
-        As the caller gave it.
+        As the caller gave it; empty means the default, ``aocal`` (as an empty value of
+        the other optional parameters does: forms send blanks for what was not filled in).
 
     Returns
     -------
     str
-        ``output_format``, unchanged.
+        ``output_format`` (``aocal`` for an empty one).
 
     Raises
     ------
     BadRequest
         Naming ``output_format`` and the formats there are.
     """
+    if output_format == "":
+        return OUTPUT_FORMATS[0]
     if output_format not in OUTPUT_FORMATS:
         raise BadRequest(
             f"output_format {output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}"
@@ -800,7 +803,7 @@ def solution_zip(
     BadRequest
         For an unknown ``output_format``.
     """
-    check_output_format(output_format)
+    output_format = check_output_format(output_format)
     hyperdrive = output_format == "hyperdrive"
     finder = hyperdrive_path if hyperdrive else solution_path
     cached = None if nocache else finder(settings, fit)
