@@ -193,6 +193,26 @@ def test_a_symlinked_directory_inside_qa2_is_reported_not_packaged(
     assert not any("qa2_part5" in action.destination_text for action in plan.actions)
 
 
+@pytest.mark.parametrize("where", ["qa2", "measurement set"])
+@pytest.mark.parametrize("mode", ["fake", "copy", "hard", "move", "ticket"])
+def test_a_named_pipe_in_the_reduction_is_refused_before_anything_is_written(
+    tmp_path: Path, readme: Path, mode: str, where: str
+) -> None:
+    """A copy or move opened it and waited for a writer forever; a move had by then turned
+    the other origins into links, and its re-runs and undo-move stopped at the pipe."""
+    sb = tiny_sb(tmp_path)
+    directory = sb / "X1" / ("qa2" if where == "qa2" else f"{UID}.ms.split")
+    os.mkfifo(directory / "stream.png")
+    before, entries = files_and_links(sb), sorted(tmp_path.iterdir())
+    packpath = tmp_path / "2011.0.00229.S"
+    for dry_run in (True, False):
+        with pytest.raises(PackagingError, match=r"stream\.png is a named pipe, which a package"):
+            package(sb, readme, packpath, mode=mode, dry_run=dry_run)
+    assert sorted(tmp_path.iterdir()) == entries and files_and_links(sb) == before
+    (directory / "stream.png").unlink()
+    package(sb, readme, packpath, mode=mode)  # the same reduction without it is packaged
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
 def test_a_packpath_that_is_a_mount_point_is_refused_before_anything_is_written(
     tmp_path: Path, readme: Path

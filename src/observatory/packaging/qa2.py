@@ -46,6 +46,7 @@ from observatory.packaging.manifest import (
     file_sha256,
     link_and_hash,
     manifest_path,
+    not_a_file,
     sync_directory,
     sync_file,
     verify_against_sources,
@@ -956,9 +957,17 @@ def _walk(directory: str | os.PathLike[str]) -> Iterator[tuple[str, bool, int, i
 
 
 def _stat(path: str | os.PathLike[str]) -> os.stat_result:
-    """``os.stat`` (symlinks followed); a clear error for a symlink whose file has gone."""
+    """``os.stat`` of a file to package (symlinks followed).
+
+    Raises
+    ------
+    PackagingError
+        For a symlink whose file has gone, and for anything that is not a regular file (a
+        named pipe, socket or device): reading a pipe would wait for a writer forever, part
+        way through a copy or a move, and a package holds files and directories only.
+    """
     try:
-        return os.stat(path)
+        found = os.stat(path)
     except FileNotFoundError as exc:
         if os.path.islink(path):
             raise PackagingError(
@@ -966,6 +975,12 @@ def _stat(path: str | os.PathLike[str]) -> os.stat_result:
                 "the file or remove the link"
             ) from exc
         raise
+    if not stat.S_ISREG(found.st_mode):
+        raise PackagingError(
+            f"{path} is {not_a_file(found.st_mode)}, which a package cannot hold (files and "
+            "directories only): move it out of the reduction to package it; nothing was written"
+        )
+    return found
 
 
 def plan_actions(plan: Plan, mode: str) -> list[Action]:
