@@ -422,11 +422,19 @@ def test_append_member_and_group_never_touch_what_exists(
     assert not validate_manifest(packpath)  # the manifest covers both members
     manifest = manifest_path(packpath).read_text()
     assert "/member_ouss_id/README" in manifest and "/member_ouss_id2/README" in manifest
-    package(second, readme, packpath, append="group", mode="fake")
+    # A fake (or ticket) member would stay in the real package as dummies, failing its
+    # verification: refused, dry run included; the real mode's dry run is the preview.
+    for mode, dry_run in (("fake", True), ("fake", False), ("ticket", False)):
+        with pytest.raises(PackagingError, match=r"is a real package .*--dry-run"):
+            package(second, readme, packpath, append="group", mode=mode, dry_run=dry_run)
+    assert [p.name for p in (packpath / "sg_ouss_id").iterdir()] == ["group_ouss_id"]
+    preview = package(second, readme, packpath, append="group", mode="copy", dry_run=True)
+    assert package(second, readme, packpath, append="group", mode="copy").member == preview.member
     assert sorted(p.name for p in (packpath / "sg_ouss_id").iterdir()) == [
         "group_ouss_id",
         "group_ouss_id2",
     ]
+    assert not validate_manifest(packpath)
     assert (
         packpath / "sg_ouss_id" / "group_ouss_id2" / "member_ouss_id" / "raw" / f"{uid}.ms.split"
     ).is_dir()
@@ -1767,7 +1775,9 @@ def test_undo_restores_real_tickets_after_a_fake_run(
 ) -> None:
     from observatory.packaging import qa2
 
-    sb, _second, packpath = sb2_packaged(tmp_path, readme, build_sb)
+    sb = build_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb.parent / "IRC10216_setup4_b6_run_x2", readme, packpath, mode="ticket")
     tickets = {p: p.read_bytes() for p in tmp_path.glob("2011.0.00229.S.ticket.*")}
     assert all(tickets.values())
     monkeypatch.setattr(qa2, "_commit", lambda *args: (_ for _ in ()).throw(Crash()))
@@ -1776,7 +1786,7 @@ def test_undo_restores_real_tickets_after_a_fake_run(
     with pytest.raises(Crash):
         package(sb, readme, packpath, mode="fake", append="member")
     monkeypatch.undo()
-    plan = package(sb, readme, packpath, mode="copy", append="member", dry_run=True)
+    plan = package(sb, readme, packpath, mode="ticket", append="member", dry_run=True)
     assert plan.actions[0].kind == "undo"
     from observatory.packaging.cli import main as cli_main
     from observatory.packaging.tarsplit import write_pieces
@@ -1789,7 +1799,6 @@ def test_undo_restores_real_tickets_after_a_fake_run(
     qa2._undo(packpath, journal)  # what the next run does first
     assert {p: p.read_bytes() for p in tickets} == tickets  # the real ones, not emptied
     assert not list(tmp_path.glob("*.partial"))
-    assert not validate_manifest(packpath)
 
 
 def test_an_append_keeps_reporting_what_went_missing_from_earlier_members(

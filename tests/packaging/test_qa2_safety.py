@@ -213,6 +213,27 @@ def test_a_named_pipe_in_the_reduction_is_refused_before_anything_is_written(
     package(sb, readme, packpath, mode=mode)  # the same reduction without it is packaged
 
 
+@pytest.mark.parametrize("first", ["fake", "ticket"])
+@pytest.mark.parametrize("append", ["member", "group"])
+def test_a_real_member_is_not_appended_to_a_package_of_dummies(
+    tmp_path: Path, readme: Path, first: str, append: str
+) -> None:
+    """Its manifest would not cover the dummies beside it: the package would never verify."""
+    sb = tiny_sb(tmp_path)
+    packpath = tmp_path / "2011.0.00229.S"
+    package(sb, readme, packpath, mode=first)
+    before = files_and_links(tmp_path)
+    for mode in ("copy", "hard", "move"):
+        for dry_run in (True, False):
+            with pytest.raises(PackagingError, match=r"made in fake or ticket mode .*append ''"):
+                package(sb, readme, packpath, mode=mode, append=append, dry_run=dry_run)
+    assert files_and_links(tmp_path) == before
+    package(sb, readme, packpath, mode="fake", append=append)  # dummies beside dummies
+    package(sb, readme, packpath, mode="copy")  # made again for real, as the message says
+    package(sb, readme, packpath, mode="copy", append=append)
+    assert not validate_manifest(packpath)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
 def test_a_packpath_that_is_a_mount_point_is_refused_before_anything_is_written(
     tmp_path: Path, readme: Path
@@ -1168,11 +1189,10 @@ def test_a_dry_run_after_a_killed_run_lists_the_ticket_writes_the_run_makes(
     def killed(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    with monkeypatch.context() as patch:  # a copy run killed after writing real tickets
-        patch.setattr(qa2, "write_manifest", killed)
-        patch.setattr(qa2, "_undo", lambda *args: "")
+    with monkeypatch.context() as patch:  # a ticket run killed after writing real tickets
+        patch.setattr(qa2, "_commit", killed)
         with pytest.raises(KeyboardInterrupt):
-            package(sb, readme, fake_pack, append="member", mode="copy")
+            package(sb, readme, fake_pack, append="member", mode="ticket")
     assert all(path.stat().st_size for path in qa2._ticket_paths(fake_pack))
     dry = package(sb, readme, fake_pack, append="member", mode="fake", dry_run=True)
     writes = {a.destination_text for a in dry.actions if a.kind == "write"}

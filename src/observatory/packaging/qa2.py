@@ -549,6 +549,57 @@ def _check_modern_append(packpath: Path, append: str, path: Path, ignored: Path 
         )
 
 
+#: The modes whose packages hold the data and a manifest, and those of dummies.
+_REAL_MODES = ("copy", "hard", "move")
+
+
+def _check_append_mode(
+    found: Path, pack: Path, mode: str, pending: Journal | None, ignored: Path | None
+) -> None:
+    """Refuse an append that would mix real members with dummy ones (fake or ticket mode).
+
+    A package is real when it has a manifest (copy, hard and move write one). A dummy
+    member appended to it stays there, fails verification and stops tarsplit, and no run
+    can take it out again without clearing the package; a real member appended to a
+    package of dummies gets a manifest that does not cover them. ``found`` is the package
+    as this run finds it, ``pending`` the journal of an unfinished run a dry run plans
+    past (its undo puts back the manifest it set aside), ``ignored`` what that run made.
+
+    Raises
+    ------
+    PackagingError
+        Naming the package's kind and what to do instead.
+    """
+    members = [
+        member
+        for pattern in (
+            "sg_ouss_id/group_ouss_id*/member_ouss_id*",
+            "science_goal.*/group.*/member.*",
+        )
+        for member in found.glob(pattern)
+        if ignored is None or not member.absolute().is_relative_to(ignored)
+    ]
+    if not members:
+        return
+    manifest = manifest_path(pack)
+    if pending is not None:  # as the manifest will be once the unfinished run is undone
+        real = manifest.name in pending.existed and _set_aside(manifest).exists()
+    else:
+        real = manifest.exists()
+    if real and mode not in _REAL_MODES:
+        raise PackagingError(
+            f"{pack} is a real package (it has a manifest): a {mode}-mode member appended to "
+            "it would stay in it as dummy files and the package would no longer verify; "
+            "preview the append with --dry-run, then append in copy, hard or move mode"
+        )
+    if not real and mode in _REAL_MODES:
+        raise PackagingError(
+            f"{pack} was made in fake or ticket mode (dummy files, no manifest): a real member "
+            "appended to it would sit beside dummies its manifest does not cover; package the "
+            "first reduction again for real (append ''), then append to that"
+        )
+
+
 def _moved_origins_path(packpath: Path) -> Path:
     """``<packpath>.moved-origins.json``: the reductions moved into the package (a list)."""
     return packpath.parent / f"{packpath.name}.moved-origins.json"
@@ -1828,6 +1879,8 @@ def package(
             member_relative = resumed
         else:
             member_relative = _member_path(found, append, style, uids, ignored=ignored)
+        if resumed is None and append != "":
+            _check_append_mode(found, pack, mode, pending, ignored)
         plan = plan_package(origin, member_relative, header)
         plan.undone = [] if dry_run else undone
         plan.actions = plan_actions(plan, mode)
