@@ -442,6 +442,19 @@ def test_append_member_and_group_never_touch_what_exists(
     assert sorted(p.name for p in (packpath / "sg_ouss_id").iterdir()) == ["group_ouss_id"]
 
 
+def test_a_project_directory_given_as_origpath_is_refused_naming_its_scheduling_blocks(
+    tmp_path: Path, readme: Path, example_project: Path
+) -> None:
+    """The message blamed the measurement sets' names, then listed well-named ones."""
+    with pytest.raises(PackagingError) as refused:
+        package(example_project, readme, tmp_path / "2011.0.00229.S", mode="fake", dry_run=True)
+    message = str(refused.value)
+    assert "no execution block of its own" in message and "append='member'" in message
+    assert str(example_project / "IRC10216_setup3_b6_run_x2") in message
+    assert str(example_project / "IRC10216_setup4_b6_run_x2") in message
+    assert "named <uid>.ms.split" not in message
+
+
 def test_refusals(tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]) -> None:
     sb = build_sb(tmp_path)
     before = origin_digests(sb)

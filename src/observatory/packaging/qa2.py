@@ -381,7 +381,22 @@ def _check_execution_blocks(plan: Plan, origpath: Path) -> None:
         if step.destination.parts[0] == "raw"
     }
     if not raw and not plan.execution_blocks:
-        misnamed = sorted(str(path.relative_to(origpath)) for path in origpath.rglob("*.ms.split"))
+        found_sets = sorted(origpath.rglob("*.ms.split"))
+        # Well named but too deep: origpath is a project, above its scheduling blocks.
+        scheduling_blocks = sorted(
+            {path.parent.parent for path in found_sets if _UID.match(path.name)} - {origpath}
+        )
+        if scheduling_blocks:
+            raise PackagingError(
+                f"{origpath} holds no execution block of its own: its measurement sets are "
+                "further down, in the scheduling blocks "
+                + ", ".join(str(sb) for sb in scheduling_blocks[:3])
+                + ("..." if len(scheduling_blocks) > 3 else "")
+                + "; origpath is one scheduling block's reduction directory (the directory "
+                "of its execution blocks): package each of them, the next ones with "
+                "append='member'"
+            )
+        misnamed = [str(path.relative_to(origpath)) for path in found_sets]
         raise PackagingError(
             f"{origpath} holds no execution block: none of its measurement sets is named "
             "<uid>.ms.split with a full ALMA uid (as uid___A002_X3c9295_X8c.ms.split)"
