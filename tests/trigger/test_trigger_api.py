@@ -23,6 +23,7 @@ from observatory.core.accounts import create_project
 from observatory.core.config import Settings
 from observatory.core.gpstime import now_gps, now_gps_precise
 from observatory.telescope import sky
+from observatory.telescope.instrument import tile_layout
 from observatory.trigger import pointing, service
 
 KEYS = {
@@ -905,6 +906,12 @@ def test_subarray_quarters_and_halves_are_even() -> None:
     assert set(tiles["all_se"]) | set(tiles["all_sw"]) == set(tiles["all_south"])
     assert set(tiles["all_north"]).isdisjoint(tiles["all_south"])
     assert set(tiles["all_east"]).isdisjoint(tiles["all_west"])
+    # Each quarter is its two halves' share: a half and the quarter opposite are disjoint.
+    for quarter, halves in (("all_ne", ("all_north", "all_east")), ("all_nw", ("all_north", "all_west")),
+                            ("all_se", ("all_south", "all_east")), ("all_sw", ("all_south", "all_west"))):  # fmt: skip
+        assert set(tiles[quarter]) == set(tiles[halves[0]]) & set(tiles[halves[1]]), quarter
+    east = {index: tile.east_m for index, tile in enumerate(tile_layout())}
+    assert sum(east[i] for i in tiles["all_east"]) > sum(east[i] for i in tiles["all_west"])
 
 
 def test_subarray_schedule_commands_name_every_subarray_pointing(client: TestClient) -> None:

@@ -344,10 +344,13 @@ def array_tiles(
 def subarray_tiles() -> dict[str, tuple[int, ...]]:
     """The antennas (tile_layout() indices) of each named subarray.
 
-    Halves: the northern / eastern 64 tiles and the rest. Quarters: each half
-    north and south split again into its eastern and western halves, so every
-    quarter has a quarter of the tiles (32 of 128), as the wiki says; two
-    independent median splits would not (the array is not symmetric).
+    Quarters: the northern and southern halves each split into its eastern and
+    western halves, so every quarter has a quarter of the tiles (32 of 128), as the
+    wiki says; two independent median splits would not (the array is not symmetric:
+    north-east would hold 24). Halves: north and south by the median, east and west
+    the union of the quarters on that side, so each quarter lies in both its halves
+    (``all_ne`` is the north half's and the east half's share): a half and the
+    opposite quarter (``all_west`` with ``all_ne``) share no tile.
     """
     tiles = tile_layout()
     north = np.array([t.north_m for t in tiles])
@@ -359,11 +362,10 @@ def subarray_tiles() -> dict[str, tuple[int, ...]]:
         upper = (len(ordered) + 1) // 2
         return {int(i) for i in ordered[:upper]}, {int(i) for i in ordered[upper:]}
 
-    everything = np.arange(len(tiles))
-    northern, southern = split(everything, north)
-    eastern, western = split(everything, east)
+    northern, southern = split(np.arange(len(tiles)), north)
     ne, nw = split(np.array(sorted(northern)), east)
     se, sw = split(np.array(sorted(southern)), east)
+    eastern, western = ne | se, nw | sw
     members = {"all_north": northern, "all_south": southern, "all_east": eastern,
                "all_west": western, "all_ne": ne, "all_nw": nw, "all_se": se, "all_sw": sw}  # fmt: skip
     return {name: tuple(sorted(tiles_)) for name, tiles_ in members.items()}
