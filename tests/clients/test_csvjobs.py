@@ -143,3 +143,24 @@ def test_a_file_that_is_not_utf8_names_the_line() -> None:
         "line 2: byte 0xe9 at column 6 is not UTF-8 text: save the file as UTF-8"
     )
     assert decode_job_csv("# café\n".encode()) == "# café\n"
+
+
+@pytest.mark.parametrize(
+    "whitespace", ["\u00a0", "\u2003", "\u3000", "\u202f", "\u00a0 \t"]
+)  # no-break, em, ideographic, narrow no-break spaces; mixed
+def test_unicode_whitespace_around_keys_and_values_is_ignored_as_the_server_strips_it(
+    whitespace: str,
+) -> None:
+    """A non-breaking space pasted from a web page after a comma: "no job_type cell"."""
+    w = whitespace
+    (job,) = parse_job_csv(f"obs_id=1480332008,{w}job_type=d, download_type{w}={w}vis_meta{w}\n")
+    assert job == CsvJob(
+        1, "download_vis_job",
+        {"obs_id": "1480332008", "download_type": "vis_meta", "allow_resubmit": "false"},
+    )  # fmt: skip
+
+
+def test_characters_the_server_does_not_strip_stay() -> None:
+    """Only whitespace goes (str.strip, as the server's): a zero-width space is no space."""
+    (job,) = parse_job_csv("obs_id=1480332008, job_type=d, download_type=vis_meta\u200b\n")
+    assert job.params["download_type"] == "vis_meta\u200b"

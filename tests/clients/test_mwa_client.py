@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import http.server
@@ -12,20 +14,26 @@ import logging
 import os
 import pty
 import re
+import shutil
 import signal
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import blake3
 import httpx
 import pytest
 
+from observatory.asvo.models import Job
 from observatory.clients import asvo
+from observatory.clients.csvjobs import parse_job_csv
 from observatory.clients.mwa_client import run
+from observatory.core.config import Settings
+from observatory.core.database import make_engine, make_session_factory, utcnow
 from servers import (
     BIN,
     ForwardProxy,
@@ -225,6 +233,77 @@ def test_submit_only_then_list_then_download_only(server: Server, tmp_path: Path
     assert output.rstrip().endswith("mwa_client finished successfully")
 
 
+class SubmittingFirstProxy(ForwardProxy):
+    """A forward proxy that, when the first submission of ``endpoint`` passes through it,
+    first runs ``submit_first`` (another run submitting the same job a moment ahead)."""
+
+    def __init__(self, endpoint: str, submit_first: Callable[[], None]) -> None:
+        self.endpoint = endpoint
+        self.submit_first = submit_first
+        self.submitted_first = False
+        super().__init__()
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        head = await client_r.readuntil(b"\r\n\r\n")
+        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        if (not self.submitted_first and request_line.startswith("POST ")
+                and f"/api/{self.endpoint} " in request_line):  # fmt: skip
+            self.submitted_first = True
+            await asyncio.get_running_loop().run_in_executor(None, self.submit_first)
+        # The forward proxy reads the request head itself: it is handed the head again,
+        # then the rest of the connection.
+        replay = asyncio.StreamReader()
+        replay.feed_data(head)
+
+        async def copy_the_rest() -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await client_r.read(65536):
+                    replay.feed_data(data)
+            replay.feed_eof()
+
+        copying = asyncio.ensure_future(copy_the_rest())
+        try:
+            await super()._handle(replay, client_w)
+        finally:
+            copying.cancel()
+
+
+def test_a_duplicate_submitted_by_another_run_after_this_one_started_is_followed(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two full-mode runs of one job file started together: the one whose submission was
+    the duplicate printed "Skipping: N already running or complete.", downloaded nothing
+    and exited 0 (its job was not in the job list it read before submitting)."""
+    environ = fresh_user_environ(server)
+    csv_text = f"obs_id={OTHER_OBSID}, job_type=d, download_type=vis_meta\n"
+    csv_path = tmp_path / "jobs.csv"
+    csv_path.write_text(csv_text)
+    (csv_job,) = parse_job_csv(csv_text)
+    other_run = asvo.Session.login(environ["MWA_ASVO_API_KEY"], base_url=server.base_url)
+    other_job_ids: list[int] = []
+    without_proxy_settings(monkeypatch)
+    proxy = SubmittingFirstProxy(
+        csv_job.endpoint,
+        lambda: other_job_ids.append(other_run.submit(csv_job.endpoint, csv_job.params)),
+    )
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    try:
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.port}")
+        code, output = mwa_client("-c", str(csv_path), "-d", str(out_dir), environ=environ)
+    finally:
+        proxy.close()
+    assert proxy.submitted_first
+    (job_id,) = other_job_ids
+    assert code == 0, output
+    assert f"Following: {job_id} already queued, processing or complete (job #1, line 1)." in output
+    job = completed_job(other_run, job_id)
+    other_run.close()
+    (file,) = job.files
+    assert sha1(out_dir / file.name) == file.sha1
+    assert f"Download complete: Job id: {job_id} file: {out_dir / file.name}" in output
+
+
 def test_submit_only_and_list_only_ignore_the_download_directory(
     server: Server, tmp_path: Path
 ) -> None:
@@ -300,6 +379,59 @@ def test_download_only_reports_jobs_it_cannot_download(server: Server, tmp_path:
         "job_id": job_id, "obs_id": str(OBSID),
         "result": "Error: Invalid job state- job not ready for download",
     }]  # fmt: skip
+
+
+def expire_now(server: Server, session: asvo.Session, job_id: int) -> None:
+    """Bring a completed job's expiry to now; the server's dispatcher then expires it (its
+    product deleted, its state ``expired``), as it does when a product's lifetime ends.
+    ``session`` is its owner's."""
+    engine = make_engine(Settings(data_dir=server.data_dir).resolved_database_url)
+    try:
+        with make_session_factory(engine)() as database:
+            job = database.get(Job, job_id)
+            assert job is not None and job.state == "completed", job
+            job.expires_at = utcnow() - timedelta(seconds=1)
+            database.commit()
+    finally:
+        engine.dispose()
+
+    def expired() -> bool:
+        job = session.get_job(job_id)
+        return job is not None and job.state == "expired"
+
+    wait_until(expired, 60, f"job {job_id} to expire")
+
+
+def test_download_only_of_an_expired_job_says_so_and_deletes_its_part_file(
+    server: Server, tmp_path: Path
+) -> None:
+    """It said "Invalid job state- job not ready for download" and left the .part file of
+    an interrupted download, which no run could resume."""
+    environ = fresh_user_environ(server)
+    session = asvo.Session.login(environ["MWA_ASVO_API_KEY"], base_url=server.base_url)
+    with session:
+        job = completed_job(
+            session, session.submit_download_job(OTHER_OBSID, download_type="vis_meta")
+        )
+        (file,) = job.files
+        out_dir = tmp_path / "out"
+        out_dir.mkdir()
+        partial = out_dir / f"{file.name}.part"
+        partial.write_bytes(b"x" * 100)  # an interrupted download of it
+        not_its = out_dir / f"{OTHER_OBSID}_{job.id + 1}_vis_meta.tar.part"  # another job's
+        not_its.write_bytes(b"y" * 10)
+        expire_now(server, session, job.id)
+    error_file = tmp_path / "errors.json"
+    code, output = mwa_client("-w", str(job.id), "-d", str(out_dir), "-e", str(error_file),
+                              environ=environ)  # fmt: skip
+    assert code == 4, output
+    message = (f"Error: Job Id {job.id} has expired: its product is gone and can no longer be "
+               f"downloaded (deleted {partial.name}, 100 bytes)")  # fmt: skip
+    assert json.loads(error_file.read_text()) == [
+        {"job_id": job.id, "obs_id": str(OTHER_OBSID), "result": message}
+    ]
+    assert f"Job id: {job.id} Obs id: {OTHER_OBSID}: {message}" in output
+    assert sorted(p.name for p in out_dir.iterdir()) == [not_its.name]
 
 
 def test_another_users_jobs_are_neither_listed_nor_downloadable(
@@ -411,6 +543,48 @@ def test_a_copy_that_does_not_match_is_mended_and_the_users_files_are_kept(
     assert code == 0, output
     assert "its 1 file copied again" in output
     assert product_file.read_bytes() == original and notes.exists()
+
+
+def someone_waits_for(lock_path: Path) -> bool:
+    """Whether a process or thread is blocked on the ``flock`` of ``lock_path``."""
+    inode = lock_path.stat().st_ino
+    return any(
+        " -> FLOCK " in line and f":{inode} " in line
+        for line in Path("/proc/locks").read_text().splitlines()
+    )
+
+
+def test_a_second_run_waits_for_the_first_runs_copy_and_keeps_it(
+    server: Server, tmp_path: Path
+) -> None:
+    """Two `-w all` runs into one directory: the second took the first's temporary copy for
+    a leftover and deleted it under it; both exited 4 with shutil.Error tuples and the
+    product ended in neither. The second now waits on the first's lock, then verifies."""
+    job = scratch_job(server)
+    (file,) = job.files
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    target = out_dir / file.name
+    staging = out_dir / f".{file.name}.copying"
+    results: list[tuple[int, str]] = []
+    second_run = threading.Thread(target=lambda: results.append(
+        mwa_client("-w", str(job.id), "-d", str(out_dir), environ=server.environ())
+    ))  # fmt: skip
+    with asvo._downloading_alone(target):  # the first run, copying
+        shutil.copytree(file.path or "", staging)
+        first_copy = {p.relative_to(staging): p.stat().st_ino for p in staging.rglob("*")}
+        second_run.start()
+        lock = out_dir / f".{file.name}.lock"
+        wait_until(lambda: not second_run.is_alive() or someone_waits_for(lock), 60,
+                   "the second run to wait for the lock, or to end")  # fmt: skip
+        assert second_run.is_alive(), f"the second run did not wait for the first: {results}"
+        os.rename(staging, target)  # the first run's copy is complete
+    second_run.join(60)
+    ((code, output),) = results
+    assert code == 0, output
+    assert f"Download complete: Job id: {job.id} file: {target} (already copied" in output
+    assert {p.relative_to(target): p.stat().st_ino for p in target.rglob("*")} == first_copy
+    assert sorted(p.name for p in out_dir.iterdir()) == [file.name]  # no lock, no staging
 
 
 @pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "file"])
@@ -542,6 +716,22 @@ def test_a_mended_copy_follows_no_symbolic_link_inside_it(tmp_path: Path) -> Non
     assert (elsewhere / "b.fits").read_bytes() == b"mine"
     assert (out_dir / "77" / "a.fits").read_bytes() == b"a" * 10
     assert (out_dir / "77" / "sub" / "b.fits").read_bytes() == b"b" * 20
+
+
+def test_a_copy_that_fails_names_the_files_it_could_not_copy(tmp_path: Path) -> None:
+    """The message was shutil.Error's list of (source, destination, reason) tuples."""
+    job, file = delivered(tmp_path, {"a.fits": b"a" * 10})
+    source = Path(file.path or "")
+    (source / "b.fits").symlink_to(tmp_path / "nowhere")  # a file that cannot be read
+    out_dir = tmp_path / "out"
+    session = asvo.Session("http://127.0.0.1:9", httpx.Client(), verify=True)
+    with pytest.raises(asvo.AsvoError) as failed:
+        session.download_product(job, out_dir)
+    assert failed.value.message.startswith(
+        f"Job 77: could not copy {source}: {source / 'b.fits'}: [Errno 2] No such file or directory"
+    ), failed.value.message
+    assert "[(" not in failed.value.message
+    assert list(out_dir.iterdir()) == []  # nothing of the copy kept, no lock left
 
 
 # -- resume and verification -------------------------------------------------------------
@@ -885,6 +1075,23 @@ def _refused_csv(jobs: Path, error_file: Path, line: int) -> str:
     return output
 
 
+def test_whitespace_copied_from_a_web_page_is_ignored_as_the_server_ignores_it(
+    server: Server, tmp_path: Path
+) -> None:
+    """A non-breaking space after a comma: "line 1: no job_type cell"."""
+    environ = fresh_user_environ(server)
+    csv_path = tmp_path / "jobs.csv"
+    csv_path.write_text(
+        f"obs_id={OTHER_OBSID},\u00a0job_type=d,\u2003download_type\u00a0=vis_meta\n"
+    )
+    code, output = mwa_client("-c", str(csv_path), "-s", environ=environ)
+    assert code == 0, output
+    job_id = int(re.search(r"Submitted job: (\d+)", output)[1])  # type: ignore[index]
+    with asvo.Session.login(environ["MWA_ASVO_API_KEY"], base_url=server.base_url) as session:
+        job = session.get_job(job_id)
+    assert job is not None and job.params["download_type"] == "vis_meta"
+
+
 def test_a_cell_longer_than_csv_reads_is_a_csv_error_naming_the_line(tmp_path: Path) -> None:
     """It was a traceback, exit 1 and no error file (csv's field size limit)."""
     jobs = tmp_path / "jobs.csv"
@@ -913,6 +1120,38 @@ def test_an_error_file_that_cannot_be_written_stops_before_any_work(
     assert code == 1, output
     assert message.format(path=tmp_path / where) in output.splitlines()
     assert "Connecting" not in output and "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    "named", ["by the same name", "relatively", "by a hard link", "by a symbolic link"]
+)
+def test_the_job_file_is_refused_as_the_error_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, named: str
+) -> None:
+    """`-c jobs.csv -e jobs.csv` replaced the job file with the error file's `[]`."""
+    monkeypatch.chdir(tmp_path)
+    csv_file = tmp_path / "jobs.csv"
+    jobs = f"obs_id={OBSID}, job_type=d, download_type=vis\n"
+    csv_file.write_text(jobs)
+    error_file = {
+        "by the same name": str(csv_file), "relatively": "./jobs.csv",
+        "by a hard link": str(tmp_path / "hard.json"), "by a symbolic link": str(tmp_path / "sym.json"),
+    }[named]  # fmt: skip
+    if named == "by a hard link":
+        os.link(csv_file, error_file)
+    elif named == "by a symbolic link":
+        os.symlink(csv_file, error_file)
+    code, output = mwa_client("-s", "-c", str(csv_file), "-e", error_file,
+                              environ=offline_environ())  # fmt: skip
+    assert code == 1, output
+    assert (f"Error: the error file {error_file} is the csv job file {csv_file}; writing the "
+            "errors would replace its jobs: name another error file") in output.splitlines()  # fmt: skip
+    assert "Connecting" not in output
+    assert csv_file.read_text() == jobs
+    # Nor is it written over on a usage error.
+    with pytest.raises(SystemExit):
+        mwa_client("-s", "-l", "-c", str(csv_file), "-e", error_file, environ=offline_environ())
+    assert csv_file.read_text() == jobs
 
 
 def test_usage_errors_write_the_error_file(tmp_path: Path) -> None:

@@ -1139,9 +1139,10 @@ def _open_tunnel(sock: socket.socket, host: str, port: int, headers: Mapping[str
 
 @contextmanager
 def _downloading_alone(target: Path) -> Iterator[None]:
-    """Held while ``target`` is downloaded: another process (an overlapping cron run, a
-    second terminal) downloading it into the same directory waits for this one, then finds
-    it there and verifies it, rather than both writing one ``.part`` file.
+    """Held while ``target`` is downloaded or copied: another process (an overlapping cron
+    run, a second terminal) fetching it into the same directory waits for this one, then
+    finds it there and verifies it, rather than both writing one ``.part`` file (or one
+    temporary copy of a delivered directory).
 
     A ``flock`` on the hidden ``.<name>.lock`` beside it (on the shared file system, so
     runs on other nodes wait too), removed when the download ends.
@@ -1229,16 +1230,20 @@ def _copy_delivered_directory(
             f"says {file.size_bytes}",
             job_id=job.id,
         )
-    kind = _kind_of(target)
-    if kind is None:
-        return _copy_whole_directory(job, file, source, target, source_sizes, progress)
-    if kind != "a directory":
-        raise AsvoError(
-            f"Job {job.id}: {target} is {kind}, not a copy of the product; it was left as "
-            "it is: move it away or download into another directory",
-            job_id=job.id,
-        )
-    return _update_copied_directory(job, file, source, target, source_sizes, progress)
+    # Another run copying this product here (an overlapping `-w all`) holds the lock: this
+    # one waits, then finds that run's copy and verifies it, instead of taking its
+    # temporary copy for a leftover and deleting it under it.
+    with _downloading_alone(target):
+        kind = _kind_of(target)
+        if kind is None:
+            return _copy_whole_directory(job, file, source, target, source_sizes, progress)
+        if kind != "a directory":
+            raise AsvoError(
+                f"Job {job.id}: {target} is {kind}, not a copy of the product; it was left as "
+                "it is: move it away or download into another directory",
+                job_id=job.id,
+            )
+        return _update_copied_directory(job, file, source, target, source_sizes, progress)
 
 
 def _kind_of(path: Path) -> str | None:
@@ -1262,9 +1267,19 @@ def _copy_whole_directory(
     source_sizes: Mapping[str, int],
     progress: ProgressCallback | None,
 ) -> DownloadResult:
-    """The first copy of a product, into ``target`` (which does not exist)."""
+    """The first copy of a product, into ``target`` (which does not exist).
+
+    Called with the product's lock held (``_downloading_alone``).
+
+    Raises
+    ------
+    AsvoError
+        If the copy fails (naming the files that could not be copied) or the delivered
+        directory changes meanwhile; nothing of the copy is left.
+    """
     # Copied under a temporary name, so an interrupted copy is never taken for a finished
-    # one. The name is the client's own: what is there is a run's leftover.
+    # one. The name is the client's own and the lock is held: what is there is the
+    # leftover of a run that was stopped.
     staging = target.with_name(f".{target.name}.copying")
     if _kind_of(staging) == "a directory":
         shutil.rmtree(staging)
@@ -1280,7 +1295,12 @@ def _copy_whole_directory(
             progress(file, copied, file.size_bytes)
 
     try:
-        shutil.copytree(source, staging, copy_function=copy_reporting)
+        try:
+            shutil.copytree(source, staging, copy_function=copy_reporting)
+        except shutil.Error as exc:  # an OSError whose text is a list of tuples
+            raise AsvoError(
+                f"Job {job.id}: could not copy {source}: {_copy_failures(exc)}", job_id=job.id
+            ) from exc
         if _file_sizes(staging) != source_sizes:  # the delivered directory changed meanwhile
             raise AsvoError(f"Job {job.id}: {source} changed while it was copied", job_id=job.id)
         # Fails (rather than replaces) if something other than an empty directory took the
@@ -1290,6 +1310,16 @@ def _copy_whole_directory(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return DownloadResult(file, target, "copied", copied, files_copied=len(source_sizes))
+
+
+def _copy_failures(error: shutil.Error, shown: int = 3) -> str:
+    """What ``shutil.copytree`` could not copy, readably: ``PATH: reason`` for the first
+    ``shown`` files, and how many more there were."""
+    failures = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    described = [f"{source}: {reason}" for source, _destination, reason in failures[:shown]]
+    if len(failures) > shown:
+        described.append(f"and {len(failures) - shown} more")
+    return "; ".join(described) if described else str(error)
 
 
 def _update_copied_directory(

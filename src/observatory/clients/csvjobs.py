@@ -1,7 +1,8 @@
 """The mwa_client CSV job file: one job per line, ``key=value`` cells.
 
 The format of manta-ray-client's ``mwa_client`` (its README and ``parse_csv``):
-cells separated by commas, spaces anywhere ignored, blank lines and lines whose
+cells separated by commas, spaces anywhere ignored (and any Unicode whitespace around
+a key or a value, as the server strips them), blank lines and lines whose
 first cell starts with ``#`` skipped, ``job_type`` ``c`` / ``d`` / ``v`` choosing
 the endpoint, a cell with an empty key or value ignored, ``allow_resubmit`` added
 from the command line unless the line sets it. The cotter-era keys of older job
@@ -91,13 +92,16 @@ def parse_job_csv(text: str, *, allow_resubmit: bool = False) -> list[CsvJob]:
         params: dict[str, str] = {}
         given: dict[str, tuple[str, str]] = {}  # key (after renaming) -> (key, value) as written
         for raw_cell in row:
-            cell = raw_cell.replace(" ", "").replace("\t", "")
+            # Spaces anywhere go, as mwa_client removes them; other whitespace (a
+            # non-breaking space pasted from a web page, an em space) around a key or a
+            # value goes too, as the server strips each with str.strip().
+            cell = raw_cell.replace(" ", "").replace("\t", "").strip()
             if not cell:
                 continue
             parts = cell.split("=")
             if len(parts) != 2:
                 raise CsvJobError(line_number, raw_cell.strip(), "a cell must be key=value")
-            key, value = parts
+            key, value = (part.strip() for part in parts)
             if not key or not value:
                 continue  # an option not given (as mwa_client reads it)
             if key == "job_type":

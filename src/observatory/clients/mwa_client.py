@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import queue
+import stat
 import sys
 import threading
 from collections.abc import Mapping, Sequence
@@ -109,20 +110,26 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _ErrorFileParser(argparse.ArgumentParser):
-    """Finds ``-e FILE`` in a command line that the full parser refused."""
+    """Finds ``-e FILE`` (and ``-c FILE``) in a command line that the full parser refused."""
 
     def error(self, message: str) -> NoReturn:
         raise ValueError(message)
 
 
-def _error_file_of(argv: Sequence[str] | None) -> str | None:
+def _error_and_csv_files_of(argv: Sequence[str] | None) -> tuple[str | None, str | None]:
+    """The ``-e`` and ``-c`` files of a command line the full parser refused (None if not
+    given, or if even they cannot be read from it)."""
     parser = _ErrorFileParser(add_help=False)
     parser.add_argument("-e", "--error-file", "--errfile", dest="errfile")
+    parser.add_argument("-c", "--csv", dest="csvfile")
     try:
         known, _ = parser.parse_known_args(argv)
     except ValueError:
-        return None
-    return known.errfile if isinstance(known.errfile, str) else None
+        return None, None
+    return (
+        known.errfile if isinstance(known.errfile, str) else None,
+        known.csvfile if isinstance(known.csvfile, str) else None,
+    )
 
 
 def _download_job_id(value: str) -> int:
@@ -415,10 +422,21 @@ def _describe_download(job: Job, result: DownloadResult) -> str:
 
 
 def _submit_jobs(
-    session: Session, jobs: Sequence[CsvJob], reporter: Reporter, errors: list[JobError]
+    session: Session,
+    jobs: Sequence[CsvJob],
+    reporter: Reporter,
+    errors: list[JobError],
+    *,
+    follow_duplicates: bool,
 ) -> list[int]:
-    """Submit the CSV's jobs; returns the ids to follow (new, or adopted duplicates)."""
-    existing = {job.id for job in session.get_jobs()}
+    """Submit the CSV's jobs; returns the ids to follow (new, or adopted duplicates).
+
+    A duplicate (``error_code`` 2) names the job already queued, running or complete. With
+    ``follow_duplicates`` (full mode) that job is followed and downloaded as a new one
+    would be, wherever it came from: an earlier run, or another run submitting the same
+    file at this moment. ``-s`` follows nothing, so it says "Skipping" as the guide's
+    client does.
+    """
     tracked: list[int] = []
     for number, job in enumerate(jobs, start=1):
         obs_id = job.params.get("obs_id")
@@ -432,9 +450,15 @@ def _submit_jobs(
                 raise
             error_text = exc.detail
             if exc.error_code == 2 and exc.job_id is not None:
-                if exc.job_id in existing and exc.job_id not in tracked:
+                if not follow_duplicates:
+                    reporter.say(f"Skipping: {exc.job_id} already running or complete.")
+                    continue
+                if exc.job_id not in tracked:
                     tracked.append(exc.job_id)
-                reporter.say(f"Skipping: {exc.job_id} already running or complete.")
+                reporter.say(
+                    f"Following: {exc.job_id} already queued, processing or complete "
+                    f"(job #{number}, line {job.line_number})."
+                )
                 continue
             reporter.say(f"Skipping: job #{number} (line {job.line_number}) - {error_text}.")
             errors.append(JobError(None, obs_id, f"Error: {error_text}"))
@@ -514,9 +538,13 @@ def _list_jobs(session: Session, reporter: Reporter) -> None:
 
 
 def _ready_jobs(
-    session: Session, job_id: int, reporter: Reporter, errors: list[JobError]
+    session: Session, job_id: int, outdir: Path, reporter: Reporter, errors: list[JobError]
 ) -> list[Job]:
-    """The jobs ``-w`` downloads: every completed one (0), or the one asked for."""
+    """The jobs ``-w`` downloads: every completed one (0), or the one asked for.
+
+    An expired job asked for by its id is an error saying so, and the ``.part`` files of
+    its product in ``outdir`` are deleted: no run could resume them.
+    """
     jobs = session.get_jobs()
     if job_id == 0:
         ready = [job for job in jobs if job.state == "completed"]
@@ -530,6 +558,15 @@ def _ready_jobs(
         errors.append(JobError(job_id, "N/A", f"Error: Job Id {job_id} is not a valid job, "
                                               "has expired or is not owned by you."))  # fmt: skip
         return []
+    if wanted.state == "expired":
+        deleted = "".join(
+            f" (deleted {path.name}, {size} bytes)"
+            for path, size in _delete_partial_downloads(outdir, wanted)
+        )
+        errors.append(JobError(job_id, str(wanted.obs_id),
+                               f"Error: Job Id {job_id} has expired: its product is gone and can "
+                               f"no longer be downloaded{deleted}"))  # fmt: skip
+        return []
     if wanted.state != "completed":
         errors.append(JobError(job_id, str(wanted.obs_id),
                                "Error: Invalid job state- job not ready for download"))  # fmt: skip
@@ -539,13 +576,41 @@ def _ready_jobs(
     return [wanted]
 
 
+def _delete_partial_downloads(outdir: Path, job: Job) -> list[tuple[Path, int]]:
+    """Delete the ``.part`` files of ``job``'s product in ``outdir``; returns them and their sizes.
+
+    An expired job lists no files, so its products are known by the name the ASVO gives
+    them, ``<obsid>_<jobid>_<kind>.tar``. Only regular files are deleted: a link or a
+    directory of such a name is not a partial download of this client's.
+    """
+    deleted = []
+    for path in sorted(outdir.glob(f"{job.obs_id}_{job.id}_*.part")):
+        try:
+            details = path.lstat()
+            if not stat.S_ISREG(details.st_mode):
+                continue
+            path.unlink()
+        except FileNotFoundError:  # another run deleted it meanwhile
+            continue
+        deleted.append((path, details.st_size))
+    return deleted
+
+
 def _write_error_file(path: str | None, errors: Sequence[JobError]) -> None:
     if path:
         Path(path).write_text(json.dumps([e.as_json() for e in errors], indent=4) + "\n")
 
 
-def _check_error_file(path: str | None) -> None:
+def _check_error_file(path: str | None, csv_path: str | None) -> None:
     """Make sure the error file can be written, before any work is done.
+
+    Parameters
+    ----------
+    path
+        The ``-e`` file, if any.
+    csv_path
+        The ``-c`` job file, if any: the error file must not be it, as writing the errors
+        would replace the jobs.
 
     Raises
     ------
@@ -555,6 +620,11 @@ def _check_error_file(path: str | None) -> None:
     if not path:
         return
     target = Path(path)
+    if csv_path and _same_file(target, Path(csv_path)):
+        raise UsageError(
+            f"Error: the error file {path} is the csv job file {csv_path}; writing the errors "
+            "would replace its jobs: name another error file"
+        )
     if target.is_dir():
         raise UsageError(f"Error: the error file {path} is a directory")
     existed = target.exists()
@@ -567,6 +637,19 @@ def _check_error_file(path: str | None) -> None:
         ) from None
     if not existed:
         target.unlink(missing_ok=True)
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    """Whether two names are one file: by device and inode when both exist (a hard or
+    symbolic link, ``./`` or not), else by their resolved paths."""
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # one does not exist (yet), or cannot be looked at
+        pass
+    try:
+        return first.resolve() == second.resolve()
+    except (OSError, RuntimeError):  # a symbolic link loop (RuntimeError before Python 3.13)
+        return False
 
 
 def _error_result(message: str) -> str:
@@ -591,9 +674,11 @@ def run(
     except SystemExit as exc:
         # A usage error: the error file is written all the same (scripts always read it).
         message = getattr(parser, "error_message", None)
-        errfile = _error_file_of(argv)
+        errfile, csvfile = _error_and_csv_files_of(argv)
         if exc.code not in (0, None) and message and errfile:
-            with contextlib.suppress(OSError):
+            # Not over the job file (-e and -c naming one file), nor anywhere it cannot go.
+            with contextlib.suppress(OSError, UsageError):
+                _check_error_file(errfile, csvfile)
                 _write_error_file(errfile, [JobError(None, None, f"Error: {message}")])
         raise
     reporter = Reporter(out, args.verbose)
@@ -604,7 +689,7 @@ def run(
     errors: list[JobError] = []
     reporter.say(VERSION_STRING)
     try:
-        _check_error_file(args.errfile)
+        _check_error_file(args.errfile, args.csvfile)
     except UsageError as exc:
         reporter.say(str(exc))
         return EXIT_OTHER
@@ -692,15 +777,17 @@ def _run(
             _list_jobs(session, reporter)
             return EXIT_OK
         if args.submit_only:
-            _submit_jobs(session, jobs_to_submit, reporter, errors)
+            _submit_jobs(session, jobs_to_submit, reporter, errors, follow_duplicates=False)
             return EXIT_OK
         downloads = Downloads(session, outdir, args.parallel, reporter, errors)
         try:
             if download_only:
-                for job in _ready_jobs(session, args.download_job_id, reporter, errors):
+                for job in _ready_jobs(session, args.download_job_id, outdir, reporter, errors):
                     downloads.start(job)
             else:
-                tracked = _submit_jobs(session, jobs_to_submit, reporter, errors)
+                tracked = _submit_jobs(
+                    session, jobs_to_submit, reporter, errors, follow_duplicates=True
+                )
                 _follow(session, tracked, downloads, reporter, errors)
             downloads.wait()
         finally:
