@@ -295,16 +295,22 @@ def _check_free_in_schedule(session: Session, args: argparse.Namespace) -> None:
 def cmd_schedule_observation(args: argparse.Namespace) -> int:
     from observatory.archive.service import schedule_observation
     from observatory.core.gpstime import now_gps_precise
-    from observatory.trigger.service import first_start_gps
+    from observatory.trigger.service import first_start_gps, vcs_free_s
 
     settings = _settings(args)
     now = now_gps_precise()
     start = first_start_gps(now) if args.start == "now" else _gps_start(args.start)
+
+    def read_vcs_free_s(session: Session, now_gps_s: float) -> int:
+        # The VCS disk's room as triggervcs reads it, on this installation's settings.
+        return vcs_free_s(session, settings, now_gps_s)
+
     with session_scope(_session_factory(settings)) as session:
         observation = schedule_observation(
             session, start_gps=start, duration_s=args.duration, mode=args.mode,
             coarse_chans=args.coarse_chans, project_id=args.project,
             obsname=args.obsname or f"{args.mode.lower()}_{start}", now_gps_s=now,
+            vcs_free_s=read_vcs_free_s,
         )  # fmt: skip
         console.print(
             f"scheduled {observation.obsid} {observation.obsname} ({observation.mode}) until "
@@ -870,7 +876,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     scheduled.add_argument(
         "--duration", type=_int_in(8, MAX_SQL_INTEGER), required=True,
-        help="seconds (a multiple of 8)",
+        help="seconds (a multiple of 8; at most 2 days)",
     )  # fmt: skip
     scheduled.add_argument(
         "--mode", choices=("MWAX_CORRELATOR", "MWAX_VCS", "MWAX_BUFFER"), default="MWAX_CORRELATOR"

@@ -6,6 +6,7 @@ from observatory.archive.service import ingest_directory, schedule_observation
 from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory
 from observatory.core.storage import Storage
+from observatory.trigger.service import vcs_free_s
 from shared_data import MWA_DATA
 
 
@@ -86,7 +87,8 @@ def test_the_page_of_an_observation_not_yet_recorded(
     with make_session_factory(engine)() as session:
         schedule_observation(session, start_gps=2000000000, duration_s=120, mode="MWAX_VCS",
                              coarse_chans=[121], project_id="C001", obsname="later",
-                             now_gps_s=1999999000)  # fmt: skip
+                             now_gps_s=1999999000,
+                             vcs_free_s=lambda s, now: vcs_free_s(s, settings, now))  # fmt: skip
         session.commit()
     engine.dispose()
     page = client.get("/metadata/obs_page", params={"obs_id": 2000000000}).text

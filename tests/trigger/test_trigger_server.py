@@ -6,6 +6,7 @@ import itertools
 import os
 import random
 import re
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -102,6 +103,60 @@ def test_the_client_library_calls(server: tuple[str, str]) -> None:
         ts.trigger(project_id=project, secure_key=key, freqres=10.0, base_url=base) is None
     )  # client rule
     assert ts.busy(project_id=project, obstime="soon", base_url=base) is None  # type: ignore[arg-type]
+
+
+#: 24 receiver channels: a voltage capture of the full band, the unit of vcsfree.
+FULL_BAND_CHANS = ",".join(str(chan) for chan in range(109, 133))
+
+
+def _schedule_full_band_capture(
+    data_dir: Path, database_url: str, start_gps: int, duration_s: int, project_id: str
+) -> None:
+    """An operator's 24-channel voltage capture, as `observatory schedule observation` makes it."""
+    os.environ["OBSERVATORY_DATABASE_URL"] = database_url
+    try:
+        assert main(["--data-dir", str(data_dir), "schedule", "observation", "--start", str(start_gps),
+                     "--duration", str(duration_s), "--mode", "MWAX_VCS", "--coarse-chans",
+                     FULL_BAND_CHANS, "--project", project_id]) == 0  # fmt: skip
+    finally:
+        del os.environ["OBSERVATORY_DATABASE_URL"]
+
+
+def test_a_voltage_trigger_is_capped_at_vcsfree_as_triggerservice_caps_it(
+    server: tuple[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """mwa_trigger's trigger(vcsmode=True) asks for min(exptime, vcsfree()), in triggervcs
+    and in the buffered path's obstime = nobs * exptime, and sends nothing when that is no
+    time at all. Ours sent exptime whole: the server refused what the real client caps."""
+    base, database_url = server
+    project, (_, key) = "T0005", PROJECTS["T0005"]
+    # The VCS disk (12715 s of 24-channel capture) nearly full: a capture a day from now
+    # leaves 115 s, which vcsfree answers in whole 8 s blocks.
+    later = (now_gps() // 8 + 86400 // 8) * 8
+    _schedule_full_band_capture(tmp_path / "data", database_url, later, 12600, project)
+    assert ts.vcsfree(base_url=base) == 112
+    voltage = {"project_id": project, "secure_key": key, "vcsmode": True, "pretend": True,
+               "base_url": base}  # fmt: skip
+    capped = ts.trigger(**voltage, freqspecs="121,24", nobs=1, exptime=900)  # all-sky: no target
+    assert capped is not None and capped["success"] is True, capped
+    assert capped["params"]["exptime"] == 112
+    buffered = ts.trigger(**voltage, buffered=True, nobs=2, exptime=900)
+    assert buffered is not None and buffered["params"]["obstime"] == 2 * 112
+    # Full: 3 s of room, no whole 8 s block. Nothing is sent; None, logged, as the real one.
+    _schedule_full_band_capture(tmp_path / "data", database_url, later + 12600, 112, project)
+    second = now_gps()
+    while now_gps() == second:  # the server reuses a vcsfree answer within its GPS second
+        time.sleep(0.02)
+    assert ts.vcsfree(base_url=base) == 0
+    caplog.clear()
+    assert ts.trigger(**voltage, freqspecs="121,24", nobs=1, exptime=8) is None
+    assert ts.trigger(**voltage, buffered=True, nobs=1, exptime=8) is None
+    assert [r.levelname for r in caplog.records] == ["ERROR", "ERROR"]
+    assert "leaves no time: nothing triggered" in caplog.records[0].getMessage()
+    # A correlator trigger writes nothing to the VCS disk: it is neither capped nor refused.
+    correlator = ts.trigger(project_id=project, secure_key=key, freqspecs="121,24", nobs=1,
+                            exptime=8, ra=zenith_ra(), dec=-26.7, pretend=True, base_url=base)  # fmt: skip
+    assert correlator is not None and correlator["success"] is True, correlator
 
 
 def _stops(reply: dict[str, Any]) -> dict[int, int]:

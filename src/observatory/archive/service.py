@@ -6,7 +6,7 @@ import json
 import os
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,11 @@ from observatory.core.database import MAX_SQL_INTEGER
 from observatory.core.errors import BadRequest, NotFound
 from observatory.core.models import Project
 from observatory.core.storage import Storage, sha1_of_file
-from observatory.telescope.instrument import metafits_text_problem, validate_coarse_chans
+from observatory.telescope.instrument import (
+    MAX_COARSE_CHANS,
+    metafits_text_problem,
+    validate_coarse_chans,
+)
 
 #: Metafits keys mwalib refuses to open a file without.
 REQUIRED_METAFITS_KEYS = (
@@ -570,6 +574,17 @@ def find_observations(
 SCHEDULABLE_MODES = ("MWAX_CORRELATOR", "MWAX_VCS", "MWAX_BUFFER")
 #: ``created_by`` of observations scheduled by hand (the simulated telescope records them).
 SCHEDULED_BY_OPERATOR = "schedule"
+#: DESIGN: the longest observation an operator may schedule by hand, 2 days: the longest a
+#: trigger may observe (``trigger.service.MAX_TRIGGER_S``; the archive may not import the
+#: trigger domain, which sits above it, and a test keeps the two equal). Nothing in the real
+#: system's documents gives a limit; a longer observation only blocks the schedule (one of
+#: 99999999999992 s, three million years, was accepted), and a voltage capture that long
+#: claims the whole VCS disk.
+MAX_SCHEDULED_OBSERVATION_S = 2 * 86400
+#: How many seconds of 24-channel voltage capture the VCS disk can still take at a GPS time,
+#: read in the given session (``trigger.service.vcs_free_s`` with the settings bound, which
+#: the ``observatory`` command hands in): the archive does not depend on the trigger domain.
+VcsFreeReader = Callable[[Session, float], int]
 
 
 #: The id of the schedule lock's one row (made by migration 0004).
@@ -630,6 +645,7 @@ def schedule_observation(
     project_id: str,
     obsname: str,
     now_gps_s: float,
+    vcs_free_s: VcsFreeReader | None = None,
 ) -> Observation:
     """Put an observation in the schedule by hand, as an operator does.
 
@@ -645,9 +661,10 @@ def schedule_observation(
         transaction's first statement). The caller commits or rolls back.
     start_gps, duration_s
         When it starts (its obsid) and how long it lasts: whole multiples of 8 s, in the
-        future.
+        future, lasting at most :data:`MAX_SCHEDULED_OBSERVATION_S`.
     mode
-        One of :data:`SCHEDULABLE_MODES`.
+        One of :data:`SCHEDULABLE_MODES`. A voltage capture (``MWAX_VCS``) must fit on the
+        VCS disk, as a ``triggervcs`` capture must.
     coarse_chans
         Receiver channels (1..255, at most 24).
     project_id, obsname
@@ -655,6 +672,8 @@ def schedule_observation(
         them) and name (the name as a metafits holds it: printable ASCII).
     now_gps_s
         The current GPS time (advanced by the time the lock was waited for).
+    vcs_free_s
+        Reads the VCS disk's room (:data:`VcsFreeReader`); required for ``MWAX_VCS``.
 
     Returns
     -------
@@ -666,17 +685,29 @@ def schedule_observation(
     ------
     ValueError
         Naming what is wrong: a start or duration off the 8-s grid, a start in the past,
-        an unknown mode, bad channels or name, a malformed or unknown project, or an overlap
-        with the schedule.
+        a duration over :data:`MAX_SCHEDULED_OBSERVATION_S`, an unknown mode, bad channels
+        or name, a malformed or unknown project, an overlap with the schedule, or a voltage
+        capture the VCS disk has no room for.
+    TypeError
+        For ``MWAX_VCS`` without ``vcs_free_s``.
     """
     if start_gps % 8 or duration_s <= 0 or duration_s % 8:
         raise ValueError(
             f"start {start_gps} and duration {duration_s} s must be whole multiples of 8 s "
             "(observations start and stop on 8-second boundaries)"
         )
+    if duration_s > MAX_SCHEDULED_OBSERVATION_S:
+        raise ValueError(
+            f"duration {duration_s} s is longer than the {MAX_SCHEDULED_OBSERVATION_S} s "
+            "(2 days) one observation may last: schedule several"
+        )
     called = time.monotonic()
     if mode not in SCHEDULABLE_MODES:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(SCHEDULABLE_MODES)}")
+    # MWAX_BUFFER writes nothing to the VCS disk until a triggerbuffer dump, which checks it.
+    captures_voltages = mode == "MWAX_VCS"
+    if captures_voltages and vcs_free_s is None:
+        raise TypeError("scheduling an MWAX_VCS capture needs vcs_free_s to read the VCS disk")
     channels = list(validate_coarse_chans(coarse_chans))
     problem = metafits_text_problem(obsname) if obsname else "is empty"
     if problem:
@@ -707,6 +738,16 @@ def schedule_observation(
             f"{start_gps} to {stop_gps} overlaps observation {other.obsid} ({other.obsname}, "
             f"{other.obsid} to {other.stoptime})"
         )
+    if captures_voltages and vcs_free_s is not None:  # (checked above: it is given)
+        # Under the lock, as triggervcs checks its capture, and in the unit of vcsfree:
+        # seconds of 24-channel capture (trigger.service.full_band_vcs_s).
+        needed_s = duration_s * len(channels) / MAX_COARSE_CHANS
+        free_s = vcs_free_s(session, now_gps_s)
+        if needed_s > free_s:
+            raise ValueError(
+                f"the voltage capture needs {needed_s:.0f} s of 24-channel capture; the VCS "
+                f"disk has room for {free_s} s"
+            )
     observation = Observation(
         obsid=start_gps, stoptime=stop_gps, obsname=obsname, creator="operator",
         project_id=project_id, mode=mode, delays=[0] * 16, coarse_chans=channels,

@@ -69,6 +69,19 @@ _SOURCES = (
     Source("3C353", 260.1173, -0.9793, 272.0, -0.7, True, ("3C 353",)),
     Source("3C409", 303.6150, 23.5814, 53.0, -0.6, True, ("3C 409",)),
     Source("PKS2356-61", 359.7680, -60.9165, 90.0, -0.8, True, ("PKS 2356-61",)),
+    # Fornax A (NGC 1316) at 03h22m41.7s -37d12m30s. 750 Jy at 154 MHz, measured with the
+    # MWA (McKinley et al. 2015, MNRAS 446, 3478), spectral index -0.825 as the A-team sky
+    # models built on that measurement take it: 765 Jy at 150 MHz. Its lobes span about a
+    # degree, which the MWA's own calibration models resolve; here, as every entry, it is a
+    # point of its integrated flux, which is what the simulator writes and the solver fits,
+    # so it needs no rule of its own in the choice of calibrator (the MWA calibrates on it).
+    Source("ForA", 50.6738, -37.2083, 765.0, -0.825, True, ("Fornax A", "NGC1316", "PKS0320-37")),
+    # At 21h57m05.98s -69d41m23.7s; GLEAM J215706-694117 (Hurley-Walker et al. 2017), one
+    # of the few extragalactic GLEAM sources above 87 Jy at 154 MHz: 131 Jy at 145 MHz with
+    # spectral index -0.56 in MWA calibrator tables, 129 Jy at 150 MHz. "PKS2153-69" is the
+    # MWA's name for it (its B1950 position, 21h52m58s -69d55m41s, rounded); the Parkes
+    # catalogue's is PKS 2152-699.
+    Source("PKS2153-69", 329.2749, -69.6899, 129.0, -0.56, True, ("PKS2152-69", "PKS2152-699")),
     # Named targets (positions only)
     Source("TauA", 83.6331, 22.0145, aliases=("Crab", "Crab Nebula", "M1", "3C144")),
     Source("CasA", 350.8664, 58.8117, aliases=("Cassiopeia A", "3C461")),
