@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 from fastapi_offline import FastAPIOffline
 
 from observatory import __version__
@@ -20,7 +20,7 @@ from observatory.core.database import make_engine, make_session_factory
 from observatory.core.errors import install_error_handlers
 from observatory.core.observability import install_observability
 from observatory.core.storage import Storage
-from observatory.core.web import AnswerHeadAsGet
+from observatory.core.web import AnswerHeadAsGet, RefuseFraming
 from observatory.portal.router import router as portal_router
 from observatory.telescope.site import ensure_astropy_offline
 from observatory.trigger.router import router as trigger_router
@@ -92,6 +92,13 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool = False) -> F
     # The ASVO clients read error_code 0 as "invalid input" (1 makes giant-squid give up).
     install_error_handlers(app, parameter_error_codes={"/api/": ERROR_CODE_INVALID})
     install_observability(app, [state.value for state in JobState])  # /metrics, /readyz, ids
+    app.add_middleware(RefuseFraming)  # outermost: every answer, errors included
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        """No icon (204): browsers ask every site for one, and a 404 is an error in the
+        console of every page."""
+        return Response(status_code=204, headers={"Cache-Control": "public, max-age=86400"})
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, str]:

@@ -60,6 +60,13 @@ def token_of(page: str) -> str:
     return match.group(1)
 
 
+def key_form(page: str) -> dict[str, str]:
+    """The profile page's new-key form: its token and the key it replaces."""
+    match = re.search(r'name="replaces" value="([0-9a-f]+)"', page)
+    assert match, "the page has no new-key form"
+    return {"csrf_token": token_of(page), "replaces": match.group(1)}
+
+
 def api_client(client: TestClient, name: str, key: str | None = None) -> TestClient:
     """Another client of the same app, logged in as mwa_client does (the MWA_JOB_COOKIE)."""
     api = TestClient(client.app)
@@ -111,6 +118,19 @@ def test_sign_in_sets_a_safe_session_cookie(client: TestClient) -> None:
     assert client.get("/api/get_jobs").status_code == 200
 
 
+def test_no_page_may_be_framed_by_another_site(client: TestClient) -> None:
+    """A page on another port of the host framed /profile invisibly and had the user click
+    "Generate a new API key". Every answer, errors and JSON included, refuses framing."""
+    sign_in(client, "alice")
+    for path in ("/profile", "/jobs", "/login", "/no-such-page", "/api/get_jobs",
+                 "/calib/summary", "/metadata/find", "/healthz"):  # fmt: skip
+        reply = client.get(path, headers={"Accept": "text/html"})
+        assert reply.headers["x-frame-options"] == "DENY", path
+        assert reply.headers["content-security-policy"] == "frame-ancestors 'none'", path
+        assert reply.headers["x-content-type-options"] == "nosniff", path
+        assert len(reply.headers.get_list("x-frame-options")) == 1
+
+
 def test_no_open_redirect_and_pages_need_a_session(client: TestClient) -> None:
     for path in ("/jobs", "/profile", "/submit"):
         reply = client.get(path, follow_redirects=False)
@@ -129,13 +149,17 @@ def test_profile_makes_a_new_api_key_shown_once_and_stored_hashed(
     sign_in(client, "alice")
     page = client.get("/profile").text
     assert "api-key-of-alice" not in page and 'id="key-fingerprint"' in page
-    reply = client.post("/profile/api-key", data={"csrf_token": token_of(page)})
+    reply = client.post("/profile/api-key", data=key_form(page))
     key = re.search(r'id="api-key">([^<]+)<', reply.text).group(1)  # type: ignore[union-attr]
     assert reply.headers["cache-control"] == "no-store"
     assert key not in client.get("/profile").text  # never again
+    # Reloading the new key's page sends its form again: nothing changes, and it says so.
+    again = client.post("/profile/api-key", data=key_form(page))
+    assert again.status_code == 200 and 'id="key-kept"' in again.text
+    assert key not in again.text and 'id="api-key"' not in again.text
     api = TestClient(create_app(app_settings))
     auth = ("mantaray-clientv2.0", key)
-    assert api.post("/api/api_login", auth=auth).status_code == 200
+    assert api.post("/api/api_login", auth=auth).status_code == 200  # after the reload too
     old = api.post("/api/api_login", auth=("mantaray-clientv2.0", "api-key-of-alice"))
     assert old.status_code == 401
     engine = make_engine(app_settings.resolved_database_url)
@@ -251,7 +275,7 @@ def test_a_new_api_key_ends_the_logins_made_with_the_old_one(client: TestClient)
     assert old_login.get("/api/get_jobs").status_code == 200
     sign_in(client, "alice")
     page = client.get("/profile").text
-    reply = client.post("/profile/api-key", data={"csrf_token": token_of(page)})
+    reply = client.post("/profile/api-key", data=key_form(page))
     key = re.search(r'id="api-key">([^<]+)<', reply.text).group(1)  # type: ignore[union-attr]
     refused = old_login.get("/api/get_jobs")
     assert refused.status_code == 401 and "api_login" in refused.json()["error"]
@@ -646,6 +670,28 @@ def test_a_forgery_token_is_bound_to_the_sign_in(
     ended = carol.post("/submit", data={**form, "csrf_token": token_of(page)},
                        follow_redirects=False)  # fmt: skip
     assert ended.status_code == 303 and ended.headers["location"].startswith("/login?next=/submit")
+    # The same after signing out in this browser, or its cookie expiring: the browser no
+    # longer sends the cookie the form's token was bound to (this was a 400, the form lost).
+    sign_in(carol, "alice")
+    page = carol.get("/submit").text
+    profile = carol.get("/profile").text
+    carol.post("/logout", data={"csrf_token": token_of(carol.get("/jobs").text)})
+    assert "portal_session" not in carol.cookies
+    for path, data, back in (("/submit", {**form, "csrf_token": token_of(page)}, "/submit"),
+                             ("/profile/api-key", key_form(profile), "/profile"),
+                             ("/jobs/1/cancel", {"csrf_token": token_of(page)}, "/jobs"),
+                             ("/logout", {"csrf_token": token_of(page)}, "")):  # fmt: skip
+        after = carol.post(path, data=data, follow_redirects=False)
+        assert after.status_code == 303, (path, after.text)
+        assert after.headers["location"].startswith(f"/login{'?next=' + back if back else ''}")
+    sign_in(carol, "alice")
+    assert jobs_of("alice") == 1  # nothing was done for anyone meanwhile
+    # Signing in itself is always checked: a page elsewhere cannot sign a browser in.
+    stranger = TestClient(client.app)
+    stranger.get("/login")
+    forged_sign_in = stranger.post("/login", data={"username": "alice", "password": PASSWORD + "alice",
+                                                   "csrf_token": "0" * 64}, follow_redirects=False)  # fmt: skip
+    assert forged_sign_in.status_code == 400
 
 
 def test_the_forgery_cookie_is_host_prefixed_over_https(client: TestClient) -> None:

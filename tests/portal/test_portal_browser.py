@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler
@@ -275,7 +276,9 @@ def test_another_site_cannot_use_the_portal_session(settings: Settings) -> None:
                 assert "Not logged in" in page.content()
                 assert state() == "queued"
                 page.goto(f"{evil}/post")
-                page.wait_for_url(f"{base}/jobs/{job_id}/cancel")
+                # Sent without the sign-in cookie (SameSite=Lax): it acts for nobody and
+                # leads to the sign-in form.
+                page.wait_for_url(re.compile(re.escape(f"{base}/login?next=/jobs")))
                 assert state() == "queued"
                 page.goto(f"{evil}/socket")
                 page.locator("#result").filter(has_not_text="waiting").wait_for(timeout=10_000)
@@ -302,6 +305,56 @@ def test_another_site_cannot_use_the_portal_session(settings: Settings) -> None:
 
 
 @sqlite_only
+def test_the_jobs_page_says_when_its_user_was_signed_out(settings: Settings) -> None:
+    """Its live updates stopped with "reconnecting..." for ever. Signed out elsewhere (the
+    socket closed with 4401), or refused before it opened (signed out while the page
+    was away), it says so and links to the sign-in form. No page logs a console error
+    (the browser's request for /favicon.ico was a 404)."""
+    from sqlalchemy import select
+
+    from observatory.core.accounts import end_portal_sessions
+    from observatory.core.models import User
+
+    engine, sessions, _job_id = seed_erin(settings)
+
+    def sign_out_elsewhere() -> None:
+        with sessions() as session:
+            end_portal_sessions(
+                session, session.scalars(select(User).where(User.name == "erin")).one()
+            )
+            session.commit()
+
+    try:
+        with app_server(settings) as base, browser_page() as page:
+            errors: list[str] = []
+            page.on(
+                "console", lambda message: message.type == "error" and errors.append(message.text)
+            )
+            sign_in_erin(page, base)
+            page.locator("#live-status").filter(has_text="update").wait_for()
+            sign_out_elsewhere()
+            again = page.locator("#sign-in-again")
+            again.wait_for(timeout=10_000)
+            assert "signed out" in page.inner_text("#live-status")
+            assert again.get_attribute("href") == "/login?next=%2Fjobs"
+            # Refused before the socket opens: the page asks itself whether it is signed in.
+            sign_in_erin(page, base)
+            page.evaluate(
+                "() => { window.WebSocket = class extends WebSocket {"
+                " constructor(url) { super(url + '-refused'); } }; }"
+            )
+            page.evaluate("connect(1000)")  # a socket the server refuses to open (no such path)
+            page.wait_for_timeout(500)
+            assert page.locator("#sign-in-again").count() == 0  # signed in: it retries
+            sign_out_elsewhere()
+            page.locator("#sign-in-again").wait_for(timeout=10_000)
+            # Only the refused sockets this test made are errors (no missing favicon).
+            assert [error for error in errors if "-refused" not in error] == []
+    finally:
+        engine.dispose()
+
+
+@sqlite_only
 def test_a_page_on_another_port_of_this_host_cannot_use_the_portal_session(
     settings: Settings,
 ) -> None:
@@ -311,8 +364,6 @@ def test_a_page_on_another_port_of_this_host_cannot_use_the_portal_session(
     links), and planted an anti-forgery cookie whose token it got anonymously, then
     submitted a job in the user's name. Both are refused; the portal goes on working,
     planted cookie and all."""
-    import re
-
     from sqlalchemy import func, select
 
     from observatory.asvo.models import Job

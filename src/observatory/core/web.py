@@ -257,3 +257,35 @@ def _routed(scope: Scope) -> bool:
     """Whether a route of the application takes the request as it is (method and path)."""
     routes = scope["app"].router.routes
     return any(route.matches(scope)[0] == Match.FULL for route in routes)
+
+
+#: Headers every answer carries: no page of the site may be shown inside another site's
+#: frame (a page can frame a signed-in portal page invisibly and have the user click its
+#: buttons: a new API key, a cancel), and no answer is taken for another type than it says.
+_PROTECTIVE_HEADERS = (
+    (b"x-frame-options", b"DENY"),
+    (b"content-security-policy", b"frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+)
+
+
+class RefuseFraming:
+    """ASGI middleware adding :data:`_PROTECTIVE_HEADERS` to every HTTP answer (errors too),
+    unless the answer set one of them itself."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def protected(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                extra = [header for header in _PROTECTIVE_HEADERS if header[0] not in present]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, protected)

@@ -39,7 +39,7 @@ from observatory.core.accounts import (
 from observatory.core.config import Settings
 from observatory.core.errors import BadRequest, ServiceError
 from observatory.core.models import User
-from observatory.core.security import key_fingerprint
+from observatory.core.security import key_fingerprint, texts_match
 from observatory.core.web import (
     get_session,
     host_cookie_name,
@@ -129,19 +129,42 @@ def _page(
 
 
 async def _checked_form(request: Request) -> dict[str, str]:
-    """The posted form, once its forgery token matches the anti-forgery cookie and the
-    sign-in cookie this request carries (the one the handler then acts for)."""
+    """The posted form of a signed-in page, once its forgery token matches the anti-forgery
+    cookie and the sign-in cookie this request carries (the one the handler acts for).
+
+    A request without a sign-in cookie passes unchecked: its handler acts for nobody and
+    sends the browser to the sign-in form, then back to the form's page. That is where a
+    form sent after this browser signed out (in another tab) or its cookie expired must
+    lead, not to an error losing what was filled in; its token was bound to the cookie
+    the browser no longer sends, so it cannot match.
+    """
     form = await read_form(request)
-    service.check_forgery_token(
-        _settings(request).secret_key_bytes(),
-        request.cookies.get(host_cookie_name(request, FORGERY_COOKIE)),
-        form.pop("csrf_token", None),
-        session=portal_cookie(request),
-    )
+    token = form.pop("csrf_token", None)
+    signed_in_cookie = portal_cookie(request)
+    if signed_in_cookie:
+        _check_token(request, token, signed_in_cookie)
     return form
 
 
+async def _checked_sign_in_form(request: Request) -> dict[str, str]:
+    """The posted sign-in form, its forgery token always checked (against the pre-session
+    token when there is no sign-in cookie): a page elsewhere must not sign the browser in."""
+    form = await read_form(request)
+    _check_token(request, form.pop("csrf_token", None), portal_cookie(request))
+    return form
+
+
+def _check_token(request: Request, token: str | None, signed_in_cookie: str | None) -> None:
+    service.check_forgery_token(
+        _settings(request).secret_key_bytes(),
+        request.cookies.get(host_cookie_name(request, FORGERY_COOKIE)),
+        token,
+        session=signed_in_cookie,
+    )
+
+
 FormDep = Annotated[dict[str, str], Depends(_checked_form)]
+SignInFormDep = Annotated[dict[str, str], Depends(_checked_sign_in_form)]
 
 
 def _to_login(request: Request, back_to: str | None = None) -> RedirectResponse:
@@ -170,7 +193,7 @@ def login_page(request: Request, next: str = "/jobs") -> Response:
 
 
 @router.post("/login", response_class=HTMLResponse)
-def login(request: Request, session: SessionDep, form: FormDep) -> Response:
+def login(request: Request, session: SessionDep, form: SignInFormDep) -> Response:
     """Check the name and password; set the portal's session cookie and go on to ``next``."""
     target = _local_target(form.get("next", "/jobs"))
     try:
@@ -226,12 +249,20 @@ def profile(request: Request, session: SessionDep) -> Response:
 
 
 @router.post("/profile/api-key", response_class=HTMLResponse)
-def new_api_key(request: Request, session: SessionDep, _form: FormDep) -> Response:
+def new_api_key(request: Request, session: SessionDep, form: FormDep) -> Response:
     """Make a new API key and show it, this once. The old key stops working, and so do the
-    clients' logins made with it; this browser stays signed in (a password session)."""
+    clients' logins made with it; this browser stays signed in (a password session).
+
+    The form names the key it replaces (``replaces``: its fingerprint); a form whose key
+    was replaced already changes nothing. Reloading the page of a new key sends its form
+    again, which would otherwise make another key, silently ending the one just shown
+    and perhaps copied.
+    """
     user = _signed_in(request, session)
     if user is None:
         return _to_login(request, "/profile")
+    if not texts_match(form.get("replaces", ""), user.api_key_fingerprint):
+        return _page(request, "profile.html", {"user": user, "new_key": None, "stale_form": True})
     key = reset_api_key(session, user)
     session.commit()
     return _page(
