@@ -77,6 +77,7 @@ def test_obs_page(client: TestClient) -> None:
     assert "2015-11-16 18:25:35" in reply.text
     assert "1131733552_mini_01.mwaf" in reply.text
     assert "<td>40 kHz, 0.5 s</td>" in reply.text
+    assert 'href="fits?obs_id=1131733552">Download metafits</a>' in reply.text
 
 
 def test_the_page_of_an_observation_not_yet_recorded(
@@ -93,6 +94,8 @@ def test_the_page_of_an_observation_not_yet_recorded(
     engine.dispose()
     page = client.get("/metadata/obs_page", params={"obs_id": 2000000000}).text
     assert "<td>-, -</td>" in page and "None" not in page
+    # No link to a metafits the archive does not have (it was a 404).
+    assert "Download metafits" not in page and "No metafits in the archive yet" in page
 
 
 def test_find(client: TestClient) -> None:

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from starlette.websockets import WebSocketDisconnect
 
 from observatory.app import create_app
-from observatory.archive.models import Observation
+from observatory.archive.models import FileKind, Observation, ObservationFile
 from observatory.asvo.models import Job
 from observatory.core.accounts import create_user, set_password
 from observatory.core.config import Settings
@@ -345,21 +345,30 @@ def test_observations_browser(client: TestClient) -> None:
 
 
 def test_submission_links_fit_the_observation(client: TestClient, app_settings: Settings) -> None:
-    """No link to submit a job for an observation still to come (the ASVO refuses it), and a
-    voltage observation's form starts as a voltage download (a conversion is refused)."""
-    future, vcs = (now_gps() + 86_400) // 8 * 8, OBS + 800
+    """No link to submit a job for an observation still to come (the ASVO refuses it), nor
+    for one ended whose files are not in the archive yet (the job failed, finding none);
+    and a voltage observation's form starts as a voltage download (a conversion is refused)."""
+    future, vcs, unarchived = (now_gps() + 86_400) // 8 * 8, OBS + 800, OBS + 1600
     engine = make_engine(app_settings.resolved_database_url)
     with make_session_factory(engine)() as session:
-        for obsid, mode, name in ((future, "MWAX_CORRELATOR", "to_come"), (vcs, "MWAX_VCS", "vcs")):
+        for obsid, mode, name in ((future, "MWAX_CORRELATOR", "to_come"), (vcs, "MWAX_VCS", "vcs"),
+                                  (unarchived, "MWAX_CORRELATOR", "on_its_way")):  # fmt: skip
             session.add(Observation(
                 obsid=obsid, stoptime=obsid + 16, obsname=name, creator="test", project_id="G0001",
                 mode=mode, delays=[0] * 16, coarse_chans=[133, 134],
+            ))  # fmt: skip
+        session.flush()
+        for obsid in (OBS, vcs):
+            session.add(ObservationFile(
+                obsid=obsid, name=f"{obsid}.metafits", kind=FileKind.METAFITS, size_bytes=1,
+                sha1="0" * 40, storage_key=f"{obsid}/{obsid}.metafits",
             ))  # fmt: skip
         session.commit()
     engine.dispose()
     sign_in(client, "alice")
     listed = client.get("/observations").text
     assert f"/submit?obs_id={OBS}" in listed and f"/submit?obs_id={future}" not in listed
+    assert f"/submit?obs_id={unarchived}" not in listed and "no files in the archive yet" in listed
     assert "scheduled" in listed
     form = client.get("/submit", params={"obs_id": str(vcs)}).text
     assert '<option value="voltage" selected>' in form

@@ -355,6 +355,29 @@ def test_the_jobs_page_says_when_its_user_was_signed_out(settings: Settings) -> 
 
 
 @sqlite_only
+def test_a_voltage_job_needs_its_offset_and_duration_before_it_is_sent(settings: Settings) -> None:
+    """Left empty they were sent, and came back as "Offset: Expected not None" (the API's
+    words) at the top of the form; the browser now asks for them, and only for them when
+    the job is a voltage job."""
+    engine, _sessions, _job_id = seed_erin(settings)
+    try:
+        with app_server(settings) as base, browser_page() as page:
+            sign_in_erin(page, base)
+            page.goto(f"{base}/submit?obs_id={OBSID}")
+            page.select_option("#job_type", "voltage")
+            page.click("#submit-job")
+            assert page.url == f"{base}/submit?obs_id={OBSID}"  # not sent
+            assert page.evaluate("document.querySelector('#offset').matches(':invalid')")
+            assert page.evaluate("document.activeElement.id") == "offset"
+            page.select_option("#job_type", "download_vis")  # hidden, so not asked for
+            page.select_option("#download_type", "vis_meta")  # (erin has a "vis" one queued)
+            page.click("#submit-job")
+            page.wait_for_url(re.compile(re.escape(f"{base}/jobs?submitted=")))
+    finally:
+        engine.dispose()
+
+
+@sqlite_only
 def test_a_page_on_another_port_of_this_host_cannot_use_the_portal_session(
     settings: Settings,
 ) -> None:

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from observatory.archive import service as archive_service
-from observatory.archive.models import Observation
+from observatory.archive.models import Observation, ObservationFile
 from observatory.asvo.models import TERMINAL_STATES, Job, JobType
 from observatory.asvo.service import VOLTAGE_MODES, ProductView, UrlBuilder
 from observatory.core.errors import BadRequest
@@ -164,6 +164,8 @@ class ObservationView:
     mode: str
     #: Ended: its data can be asked for (the ASVO refuses a job for one still to come).
     observed: bool
+    #: Has files in the archive: a job for it can run (they arrive after it ends).
+    archived: bool
 
 
 def search_observations(
@@ -181,6 +183,13 @@ def search_observations(
         page_size=100,
     )
     now = now_gps()
+    archived = set(
+        session.scalars(
+            select(ObservationFile.obsid)
+            .where(ObservationFile.obsid.in_([row.obsid for row in rows]))
+            .distinct()
+        )
+    )
     views = [
         ObservationView(
             obsid=row.obsid,
@@ -190,6 +199,7 @@ def search_observations(
             project_id=row.project_id,
             mode=row.mode,
             observed=row.stoptime <= now,
+            archived=row.obsid in archived,
         )
         for row in rows
     ]
