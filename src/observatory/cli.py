@@ -354,7 +354,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
     from observatory.core.processes import die_with_starter
     from observatory.preprocess.engine import OUTPUT_SUFFIXES, preprocess
-    from observatory.preprocess.options import ConversionOptions
+    from observatory.preprocess.options import ConversionOptions, parse_bool
     from observatory.preprocess.reader import ReadError
 
     params: dict[str, object] = {}
@@ -378,6 +378,12 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     if "output" not in params and suffix_format is not None:
         params["output"] = suffix_format
     if args.solutions is not None:
+        given = params.get("apply_di_cal")
+        if given is not None and not parse_bool("apply_di_cal", given):
+            raise ValueError(
+                f"--solutions applies the solutions, which contradicts --option "
+                f"apply_di_cal={given}: give one"
+            )
         params["apply_di_cal"] = "true"
     options = ConversionOptions.from_params(params)
 
@@ -443,7 +449,18 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
                 solutions=args.solutions, progress=report, workers=args.workers,
             )  # fmt: skip
         except ReadError as exc:
+            if stop_signals:
+                stop(stop_signals[0])
             raise ValueError(str(exc)) from None
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception:
+            # A stop signal whose exception a library swallowed (raised in a callback from
+            # C) can leave it to fail on half-written state: the run was stopped, and says so
+            # (status 130 or 143), not an invented error.
+            if stop_signals:
+                stop(stop_signals[0])
+            raise
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)

@@ -168,6 +168,78 @@ def test_solutions_for_another_array_name_the_file(
     assert "apply_di_cal=" not in error and not out.exists()
 
 
+def test_solutions_with_apply_di_cal_false_is_a_contradiction(
+    sim: SimulatedObservation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--solutions silently won: the output was calibrated, its history saying true."""
+    out = tmp_path / "c.uvfits"
+    code = run(tmp_path, "--metafits", str(sim.metafits_path), *map(str, sim.vis_paths),
+               "--out", str(out), "--solutions", str(tmp_path / "any.bin"),
+               "--option", "apply_di_cal=false", "--no-rfi")  # fmt: skip
+    assert code == 2 and not out.exists()
+    assert "contradicts --option apply_di_cal=false" in capsys.readouterr().err
+
+
+INTERRUPTED_WHILE_A_SUBTABLE_IS_OPEN = """
+import sys
+from casacore import tables
+import pyuvdata.utils.io.ms as ms_utils
+
+original = ms_utils.write_ms_field
+
+def interrupted(filepath, **kwargs):
+    original(filepath, **kwargs)
+    field = tables.table(filepath + "/FIELD", readonly=False, ack=False)
+    field.addrows(1)  # not flushed yet: its destructor writes it
+    raise KeyboardInterrupt  # Ctrl-C while pyuvdata holds a subtable open
+
+ms_utils.write_ms_field = interrupted
+from observatory.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+STOPPED_THEN_FAILING = """
+import os, signal, sys
+import pyuvdata.utils.io.ms as ms_utils
+
+def stopped(filepath, **kwargs):
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises SystemExit here...
+    except BaseException:
+        pass  # ...which a callback from C drops
+    raise RuntimeError(filepath + " not found or not recognized as an MS table")
+
+ms_utils.write_ms_field = stopped
+from observatory.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("script", "status"), [(INTERRUPTED_WHILE_A_SUBTABLE_IS_OPEN, 130), (STOPPED_THEN_FAILING, 143)]
+)
+def test_a_stop_while_the_measurement_sets_subtables_are_written_is_a_clean_stop(
+    sim: SimulatedObservation, tmp_path: Path, script: str, status: int
+) -> None:
+    """casacore aborted the process (status 134, "table.dat_tmp does not exist and cannot
+    be created"): the temporary set was removed while an interrupted pyuvdata writer still
+    held a table of it open, which casacore flushed when it was destroyed, later. And a
+    stop whose exception a library dropped, then failing on what it left, was reported as
+    that failure (status 2), not as the stop."""
+    import subprocess
+    import sys
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    command = [sys.executable, "-c", script, "--data-dir",
+               str(tmp_path / "data"), "preprocess", "--metafits", str(sim.metafits_path),
+               *map(str, sim.vis_paths), "--out", str(out_dir / "o.ms"), "--no-rfi"]  # fmt: skip
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == status, finished.stderr
+    assert "AipsError" not in finished.stderr and "MS table" not in finished.stderr
+    assert list(out_dir.iterdir()) == []
+
+
 @pytest.mark.parametrize(("stop", "status"), [("SIGTERM", 143), ("SIGINT", 130)])
 def test_a_stop_signal_leaves_no_partial_output_or_scratch(
     tmp_path: Path, stop: str, status: int

@@ -15,8 +15,10 @@ geometry (apparent coordinates, LST, uvw) comes from pyuvdata's own phasing func
 from __future__ import annotations
 
 import errno
+import gc
 import io
 import os
+import traceback
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,8 +114,16 @@ class AtomicStream:
         self._finished = True
 
     def _abandon(self, failure: BaseException) -> None:
-        """Close and remove the temporary output after ``failure``."""
+        """Close and remove the temporary output after ``failure``.
+
+        The finished frames ``failure`` passed through are cleared first: a library that
+        was writing (pyuvdata's measurement-set subtables, interrupted by a stop signal)
+        may hold an open table in one of them, which casacore flushes when it is
+        destroyed; destroyed after its directory is removed, it aborts the process.
+        """
         self._close()
+        traceback.clear_frames(failure.__traceback__)
+        gc.collect()  # tables held in reference cycles too, while their files are there
         self._context.__exit__(type(failure), failure, failure.__traceback__)
 
     def __exit__(
