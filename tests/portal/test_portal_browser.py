@@ -344,8 +344,9 @@ def test_the_jobs_page_says_when_its_user_was_signed_out(settings: Settings) -> 
                 " constructor(url) { super(url + '-refused'); } }; }"
             )
             page.evaluate("connect(1000)")  # a socket the server refuses to open (no such path)
-            page.wait_for_timeout(500)
-            assert page.locator("#sign-in-again").count() == 0  # signed in: it retries
+            # Signed in: the page asks, is told so, and retries.
+            page.locator("#live-status").filter(has_text="reconnecting").wait_for(timeout=10_000)
+            assert page.locator("#sign-in-again").count() == 0
             sign_out_elsewhere()
             page.locator("#sign-in-again").wait_for(timeout=10_000)
             # Only the refused sockets this test made are errors (no missing favicon).

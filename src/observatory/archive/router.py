@@ -81,6 +81,7 @@ def observation_page(
         "observation.html",
         {
             "obs": _detail(observation),
+            "has_metafits": service.metafits_file(observation) is not None,
             "start_utc": gps_to_utc(observation.obsid),
             "stop_utc": gps_to_utc(observation.stoptime),
         },

@@ -432,14 +432,19 @@ def metafits_key(session: Session, obsid: int) -> str:
     NotFound
         If the observation or its metafits is unknown.
     """
-    observation = get_observation(session, obsid)
+    found = metafits_file(get_observation(session, obsid))
+    if found is None:
+        raise NotFound(f"Observation {obsid} has no metafits file in the archive")
+    return found.storage_key
+
+
+def metafits_file(observation: Observation) -> ObservationFile | None:
+    """An observation's archived metafits (``<obsid>.metafits`` preferred over PPDS), if any."""
     candidates = sorted(
         (f for f in observation.files if f.kind in (FileKind.METAFITS, FileKind.PPDS)),
         key=lambda f: f.kind != FileKind.METAFITS,
     )
-    if not candidates:
-        raise NotFound(f"Observation {obsid} has no metafits file in the archive")
-    return candidates[0].storage_key
+    return candidates[0] if candidates else None
 
 
 def correlator_inputs(session: Session, storage: Storage, obsid: int) -> tuple[Path, list[Path]]:
