@@ -486,6 +486,28 @@ def test_a_conversion_that_names_no_output_is_a_measurement_set(client: TestClie
         assert again.json()["error_code"] == 2, again.text
 
 
+def test_a_conversion_spelling_out_its_defaults_is_a_duplicate(client: TestClient) -> None:
+    """giant-squid sends avg_freq_res and flag_edge_width always; a CSV line leaves them out.
+    Meaning the same conversion of this observation, the second was queued as a new job."""
+    observation = client.get("/metadata/obs", params={"obs_id": MWAX_OBS}).json()
+    native = {"avg_time_res": f"{observation['int_time_s']:g}",
+              "avg_freq_res": f"{observation['freq_res_khz']:g}"}  # fmt: skip
+    first = submit(client, "conversion_job", obs_id=MWAX_OBS, output="uvfits").json()["job_id"]
+    for spelled in (native, {"flag_edge_width": "80"}, {**native, "flag_edge_width": "80"}):
+        again = submit(client, "conversion_job", obs_id=MWAX_OBS, output="uvfits", **spelled)
+        assert again.json() == {"error": "Job already queued, processing or complete",
+                                "error_code": 2, "job_id": first}, spelled  # fmt: skip
+    # The job records what was asked: the first job's parameters, not the resolution.
+    (row,) = [e["row"] for e in client.get("/api/get_jobs").json()]
+    assert "avg_freq_res" not in row["job_params"] and "resolved" not in row["job_params"]
+    # Another averaging or edge width is another conversion.
+    wider = f"{2 * observation['freq_res_khz']:g}"
+    assert set(submit(client, "conversion_job", obs_id=MWAX_OBS, output="uvfits",
+                      avg_freq_res=wider).json()) == {"job_id"}  # fmt: skip
+    assert set(submit(client, "conversion_job", obs_id=MWAX_OBS, output="uvfits",
+                      flag_edge_width="0").json()) == {"job_id"}  # fmt: skip
+
+
 FORM = "application/x-www-form-urlencoded"
 
 

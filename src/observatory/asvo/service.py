@@ -32,6 +32,7 @@ from observatory.preprocess.options import (
     LEGACY_KEYS,
     ConversionOptions,
     OptionError,
+    ResolvedOptions,
     parse_bool,
 )
 
@@ -253,7 +254,11 @@ def default_delivery(job_type: JobType) -> str:
 DEFAULT_CONVERSION_OUTPUT = "ms"
 
 
-def _conversion_params(form: Mapping[str, str], observation: Observation) -> dict[str, Any]:
+def _conversion_params(
+    form: Mapping[str, str], observation: Observation
+) -> tuple[dict[str, Any], ResolvedOptions | None]:
+    """A conversion's parameters as the job records them, and the options resolved against
+    the observation (None when its resolution is not known yet)."""
     if observation.mode not in CORRELATOR_MODES:
         raise _refused_for(
             observation.obsid,
@@ -272,17 +277,40 @@ def _conversion_params(form: Mapping[str, str], observation: Observation) -> dic
     except OptionError as exc:
         raise AsvoError(str(exc)) from None
     try:  # options that do not fit this observation (its integration time, channels)
-        if observation.int_time_s and observation.freq_res_khz:
+        resolved = (
             options.resolve(
                 observation.int_time_s,
                 observation.freq_res_khz,
                 round(1280 / observation.freq_res_khz),
             )
+            if observation.int_time_s and observation.freq_res_khz
+            else None
+        )
     except OptionError as exc:
         raise _refused_for(observation.obsid, str(exc)) from None
     # Always recorded: our engine's default (uvfits) is not the ASVO's (ms), so a job row
     # without it would read as the other format.
-    return {**options.to_params(), "output": options.output.value}
+    return {**options.to_params(), "output": options.output.value}, resolved
+
+
+#: A conversion's parameters that the duplicate check compares as what they mean for the
+#: observation (averaging factors, edge channels), not as they were written.
+_RESOLVED_KEYS = ("avg_time_res", "avg_freq_res", "flag_edge_width")
+
+
+def _conversion_identity(
+    params: Mapping[str, Any], resolved: ResolvedOptions | None
+) -> dict[str, Any]:
+    """``params`` as the duplicate check compares them: with the averaging and edge width
+    as the factors and channels they resolve to, so that ``avg_freq_res=80`` on an
+    observation of 80 kHz channels (what giant-squid sends) is the same request as a CSV
+    line that leaves it out. Unresolved (no resolution known), they are compared as given."""
+    if resolved is None:
+        return dict(params)
+    return {
+        **{key: value for key, value in params.items() if key not in _RESOLVED_KEYS},
+        "resolved": [resolved.time_factor, resolved.freq_factor, resolved.edge_chans],
+    }
 
 
 def _voltage_params(form: Mapping[str, str], observation: Observation) -> dict[str, Any]:
@@ -356,6 +384,7 @@ def submit_job(
     if settings.asvo_outage == "full":
         raise AsvoError(OUTAGE_MESSAGES["full"])
     params = _common(form, settings, job_type)
+    resolved: ResolvedOptions | None = None
     if job_type == JobType.DOWNLOAD_VISIBILITIES:
         download_type = _required(form, "download_type", "Download Type").lower()
         if download_type not in ("vis", "vis_meta"):
@@ -372,11 +401,13 @@ def submit_job(
     else:
         observation = _observation(session, form)
         if job_type == JobType.CONVERSION:
-            params.update(_conversion_params(form, observation))
+            conversion, resolved = _conversion_params(form, observation)
+            params.update(conversion)
         elif job_type == JobType.DOWNLOAD_VOLTAGE:
             params.update(_voltage_params(form, observation))
     allow_resubmit = _bool_field(form, "allow_resubmit")
-    key = _request_key(user_id, job_type, observation.obsid, params)
+    identity = _conversion_identity(params, resolved) if job_type == JobType.CONVERSION else params
+    key = _request_key(user_id, job_type, observation.obsid, identity)
     # One submission of a user at a time, to its commit: two identical ones at once both
     # passed the duplicate check (and the active-job limit). A write to the user's row
     # (changing nothing) takes PostgreSQL's row lock and SQLite's write lock, both held to
