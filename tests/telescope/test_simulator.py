@@ -411,6 +411,32 @@ def test_metafits_has_real_structure(sim8: SimulatedObservation) -> None:
         midpoint = Time(OBSID + 3.0, format="gps", location=mwa_location())
         assert header["LST"] == pytest.approx(midpoint.sidereal_time("apparent").deg, abs=1e-6)
         assert header["CALIBSRC"] == "3C444" and header["CALIBRAT"]
+        # HA with the real files' sign, RA - LST (real 1320409688: LST - RA = +15.1 deg,
+        # HA = -00:58:07.98).
+        east_of_meridian = (header["RA"] - header["LST"] + 180) % 360 - 180
+        assert header["HA"].startswith("-") == (east_of_meridian < 0)
+        assert real[0].header["HA"].startswith("-")
+        hours, minutes, seconds = (abs(float(part)) for part in header["HA"].split(":"))
+        # (the HA is of the apparent place, RA of J2000: 0.3 deg of precession apart)
+        assert 15 * (hours + minutes / 60 + seconds / 3600) == pytest.approx(
+            abs(east_of_meridian), abs=0.5
+        )
+
+
+def test_a_tiles_polarisations_share_its_digital_gains(tmp_path: Path) -> None:
+    """As in every real metafits: pyuvdata divides both polarisations by the X row's gains,
+    and read YY wrong by up to 80% when the simulation drew one gain per polarisation."""
+    sim = simulate_observation(
+        tmp_path, OBSID, n_tiles=4, coarse_chans=[137, 138], n_timesteps=1,
+        digital_gain_scatter=0.2, seed=5,
+    )  # fmt: skip
+    with fits.open(sim.metafits_path) as ours:
+        gains = ours[1].data["Gains"]
+    assert (gains[0::2] == gains[1::2]).all() and len(np.unique(gains)) > 2
+    for real_path in sorted(MWA_DATA.glob("*.metafits")):
+        with fits.open(real_path) as real:
+            real_gains = real[1].data["Gains"]
+        assert (real_gains[0::2] == real_gains[1::2]).all(), real_path.name
 
 
 def test_vis_file_headers_have_real_keys(sim8: SimulatedObservation) -> None:

@@ -880,7 +880,9 @@ def _epoch(obsid: int, duration_s: float, ra_deg: float, dec_deg: float) -> _Epo
         date_obs=gps_to_utc_iso(obsid)[:19],
         mjd=float(start.utc.mjd),
         lst_deg=float(mid.sidereal_time("apparent").to_value(u.deg)),
-        hour_angle=_hms(float(hadec.ha.wrap_at(180 * u.deg).to_value(u.deg))),
+        # With the sign the MWA's metafits give it, RA - LST (the opposite of the usual
+        # hour angle): 1369821496, pointed west of the meridian, holds HA = -01:25:02.
+        hour_angle=_hms(-float(hadec.ha.wrap_at(180 * u.deg).to_value(u.deg))),
         az_deg=float(altaz.az.to_value(u.deg)),
         alt_deg=float(altaz.alt.to_value(u.deg)),
         sun_dist_deg=_separation_deg(sun, pointing),
@@ -1593,13 +1595,19 @@ def simulate_observation(
 def _digital_gains(
     seed: int, scatter: float, shape: tuple[int, int, int]
 ) -> NDArray[np.float64] | None:
-    """Seeded digital gains around 1, in the metafits' steps of 1/64; None for unity."""
+    """Seeded digital gains around 1, in the metafits' steps of 1/64; None for unity.
+
+    ``shape`` is (antennas, polarisations, coarse channels); a tile's two polarisations
+    get the same gain, as in every real metafits (the receiver sets one per tile and
+    coarse channel), which pyuvdata relies on: it divides both by the X row's gains.
+    """
     scatter = _check_number("digital_gain_scatter", scatter)
     if scatter == 0.0:
         return None
+    n_ant, n_pols, n_coarse = shape
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(3,)))
-    gains = np.rint(64 * np.abs(1.0 + scatter * rng.standard_normal(shape))) / 64
-    return np.maximum(gains, 1 / 64)
+    per_tile = np.rint(64 * np.abs(1.0 + scatter * rng.standard_normal((n_ant, 1, n_coarse)))) / 64
+    return np.repeat(np.maximum(per_tile, 1 / 64), n_pols, axis=1)
 
 
 def _checked_rfi(
