@@ -427,6 +427,45 @@ def test_the_data_directory_is_where_its_database_is(
     assert Settings().data_dir == tmp_path / "x"  # a benchmark's variable is no setting
 
 
+def test_a_command_with_a_database_elsewhere_does_not_claim_to_make_a_new_installation(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    migrated_db_url: str,
+) -> None:
+    """It said "making a new, empty one", made no directory, and put the user into the
+    database OBSERVATORY_DATABASE_URL names, which was neither new nor empty."""
+    monkeypatch.setenv("OBSERVATORY_DATABASE_URL", migrated_db_url)
+    missing = tmp_path / "missing"
+    assert _run(missing, "users", "create", "dave") == 0
+    err = capsys.readouterr().err
+    assert f"no installation at {missing} (from --data-dir); the database is " in err
+    assert "making a new" not in err and "password" not in err.split("database is ")[1]
+
+
+def test_with_json_logging_every_line_a_server_writes_at_start_is_json(tmp_path: Path) -> None:
+    """The missing-data-directory warning was a plain line among the JSON ones (``| jq``
+    stopped at it). The server then fails to start on a taken port, after its warning."""
+    import json
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "OBSERVATORY_LOG_FORMAT": "json",
+               "OBSERVATORY_DATABASE_URL": f"sqlite:///{tmp_path / 'elsewhere.sqlite3'}"}  # fmt: skip
+        finished = subprocess.run(
+            [sys.executable, "-m", "observatory.cli", "--data-dir", str(tmp_path / "unmounted"),
+             "serve", "--no-telescope", "--port", str(port)],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    lines = [line for line in finished.stderr.splitlines() if line.strip()]
+    assert finished.returncode == 3 and lines, finished.stderr
+    records = [json.loads(line) for line in lines]  # each line is one JSON object
+    assert any("does not exist (is the shared file system" in r["message"] for r in records)
+
+
 def test_serve_says_once_what_it_finds_of_a_missing_data_directory(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],

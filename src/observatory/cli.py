@@ -60,7 +60,13 @@ def _settings(
         place = f"no installation at {settings.data_dir.resolve()} (from {source})"
         if read_only and not settings.database_url:
             raise ValueError(f"{place}: nothing to read")
-        err_console.print(f"note: {place}: making a new, empty one", highlight=False)
+        if settings.database_url:  # the database is elsewhere: nothing new is made of it
+            err_console.print(
+                f"note: {place}; the database is {mask_url(settings.database_url)}",
+                highlight=False,
+            )
+        else:
+            err_console.print(f"note: {place}: making a new, empty one", highlight=False)
     return settings
 
 
@@ -496,14 +502,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # known only after the migration: said then, once (the usual note claimed a new one
     # was being made, and the warning below then said it did not exist).
     settings = _settings(args, makes_one=True)
+    if settings.log_format == "json":  # from the first line on (uvicorn configures it again)
+        from logging.config import dictConfig
+
+        from observatory.core.observability import json_log_config
+
+        dictConfig(json_log_config())
     missing = not settings.data_dir.exists()
     upgrade(settings.resolved_database_url)
     if missing and settings.data_dir.is_dir():
         source = _data_dir_source(getattr(args, "data_dir", None), settings)
-        err_console.print(
-            f"note: no installation at {settings.data_dir.resolve()} (from {source}): "
+        _server_note(
+            settings,
+            logging.INFO,
+            f"no installation at {settings.data_dir.resolve()} (from {source}): "
             "made a new, empty one",
-            highlight=False,
         )
     _warn_if_no_data_dir(settings)
     _run_server(
@@ -520,11 +533,22 @@ def _warn_if_no_data_dir(settings: Settings) -> None:
     """
     path = settings.data_dir.absolute()
     if not path.is_dir():
-        err_console.print(
-            f"[yellow]warning:[/yellow] data directory {path} does not exist (is the shared "
-            "file system mounted?); /readyz reports not ready until it does",
-            highlight=False,
+        _server_note(
+            settings,
+            logging.WARNING,
+            f"data directory {path} does not exist (is the shared file system mounted?); "
+            "/readyz reports not ready until it does",
         )
+
+
+def _server_note(settings: Settings, level: int, text: str) -> None:
+    """A server's note or warning at start: a JSON log line with ``OBSERVATORY_LOG_FORMAT=json``
+    (every line of its stderr is one, for ``jq``), else a line for a person."""
+    if settings.log_format == "json":
+        logging.getLogger("observatory.cli").log(level, text)
+    else:
+        label = "[yellow]warning:[/yellow]" if level >= logging.WARNING else "note:"
+        err_console.print(f"{label} {text}", highlight=False)
 
 
 def _serving(settings: Settings, args: argparse.Namespace) -> Settings:

@@ -62,6 +62,20 @@ def test_the_reported_three_million_year_observation_is_refused_naming_the_limit
     assert "duration 99999999999992 s is longer than the 172800 s (2 days)" in error
 
 
+def test_a_start_no_service_takes_for_an_obsid_is_refused(
+    tmp_path: Path,
+    migrated_db_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--start 9999999999992`` was scheduled, then refused by /metadata/obs (out of range)."""
+    monkeypatch.setenv("OBSERVATORY_DATABASE_URL", migrated_db_url)
+    command = ["--data-dir", str(tmp_path / "data"), "schedule", "observation",
+               "--start", "9999999999992", "--duration", "64", "--project", "G0001"]  # fmt: skip
+    assert main(command) == 2
+    assert "start 9999999999992 is out of range (1 .. 2999999999)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("mode", service.SCHEDULABLE_MODES)
 def test_two_days_is_the_longest_observation_of_every_mode(
     session: Session, settings: Settings, mode: str

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import socket
 import threading
@@ -116,6 +117,33 @@ def test_readyz_refuses_an_unmigrated_database(db_url: str, tmp_path: Path) -> N
     assert body["database"].startswith("not migrated")
     assert "observatory db upgrade" in body["database"]
     assert body["data_dir"] == "ok"
+
+
+def test_readyz_names_a_database_migrated_by_a_newer_version(
+    migrated_db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It advised `observatory db upgrade`, which then failed (a revision it does not ship);
+    and every probe logged Alembic's two context lines without a request id."""
+    from sqlalchemy import text
+
+    engine = make_engine(migrated_db_url)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '0099_future'"))
+    engine.dispose()
+    data = tmp_path / "data"
+    data.mkdir()
+    with (
+        caplog.at_level(logging.INFO),
+        TestClient(create_app(Settings(data_dir=data, database_url=migrated_db_url))) as client,
+    ):
+        reply = client.get("/readyz")
+    assert reply.status_code == 503, reply.text
+    state = reply.json()["database"]
+    assert state.startswith("migrated by a newer version (at revision 0099_future")
+    assert "db upgrade" not in state
+    assert not [
+        r for r in caplog.records if r.getMessage().startswith(("Context impl", "Will assume"))
+    ]
 
 
 def test_readyz_ready_when_migrated(migrated_db_url: str, tmp_path: Path) -> None:

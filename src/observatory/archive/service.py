@@ -26,6 +26,7 @@ from observatory.archive.models import (
 from observatory.core.accounts import project_id_problem
 from observatory.core.database import MAX_SQL_INTEGER
 from observatory.core.errors import BadRequest, NotFound
+from observatory.core.gpstime import parse_obsid
 from observatory.core.models import Project
 from observatory.core.storage import Storage, sha1_of_file
 from observatory.telescope.instrument import (
@@ -701,6 +702,9 @@ def schedule_observation(
             f"start {start_gps} and duration {duration_s} s must be whole multiples of 8 s "
             "(observations start and stop on 8-second boundaries)"
         )
+    # An obsid every service accepts (a start past year 2065 was taken, then refused by
+    # /metadata/obs and the ASVO; and no command removes it from the schedule).
+    parse_obsid(start_gps, "start")
     if duration_s > MAX_SCHEDULED_OBSERVATION_S:
         raise ValueError(
             f"duration {duration_s} s is longer than the {MAX_SCHEDULED_OBSERVATION_S} s "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from functools import cache
 
 from alembic import command
@@ -103,3 +104,23 @@ def current_revision_on(connection: Connection) -> str | None:
 def head_revision() -> str | None:
     """The newest revision shipped with the package."""
     return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+@cache
+def shipped_revisions() -> frozenset[str]:
+    """Every revision shipped with the package (a database at another was migrated by a
+    newer version, or belongs to something else)."""
+    scripts = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    return frozenset(script.revision for script in scripts.walk_revisions())
+
+
+class _WithoutContextNotes(logging.Filter):
+    """Drops the two lines Alembic logs whenever it looks at a database ("Context impl
+    PostgresqlImpl.", "Will assume transactional DDL."): ``/readyz`` looks at every probe,
+    and they said nothing an operator acts on. A migration's own lines stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(("Context impl ", "Will assume "))
+
+
+logging.getLogger("alembic.runtime.migration").addFilter(_WithoutContextNotes())

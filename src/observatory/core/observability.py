@@ -51,7 +51,7 @@ from sqlalchemy import Boolean, Engine, column, func, select, table
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from observatory.core.database import make_probe_engine
-from observatory.core.migrate import current_revision_on, head_revision
+from observatory.core.migrate import current_revision_on, head_revision, shipped_revisions
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("observatory.access")
@@ -362,6 +362,11 @@ def _database_state(engine: Engine, timeout_s: float) -> str:
         revision = current_revision_on(connection)
         connection.rollback()
     head = head_revision()
+    if revision is not None and revision not in shipped_revisions():
+        return (
+            f"migrated by a newer version (at revision {revision}, which this version does not "
+            f"ship; its newest is {head}): run the newer version, or restore the database"
+        )
     if revision != head:
         return (
             f"not migrated (at revision {revision or 'none: empty'}, this version needs "
