@@ -107,6 +107,12 @@ def test_users_and_projects(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
             assert old is None or not check_project_key(project, old)
     assert _run(data, "projects", "set-key", "G0056", "--remove") == 0
     capsys.readouterr()
+    # An empty key was taken as none: set-key made a random one, create a project that
+    # cannot trigger, both without a word.
+    for command in (("set-key", "G0056"), ("create", "G0057", "--priority", "1")):
+        with pytest.raises(SystemExit) as refused:
+            _run(data, "projects", *command, "--secure-key", " ")
+        assert refused.value.code == 2 and "an empty key" in capsys.readouterr().err
     assert _run(data, "projects", "list") == 0
     listed = capsys.readouterr().out
     assert re.search(r"^G0055\tpriority 3\tkey set", listed, re.M), listed
@@ -156,10 +162,16 @@ def test_users_create_has_no_admin_option(
         assert user is not None and user.email == "carol@example.org"
 
 
-def test_bad_arguments_exit_2(tmp_path: Path) -> None:
+def test_bad_arguments_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as caught:
         _run(tmp_path, "simulate", "observation", "--obsid", "abc")
     assert caught.value.code == 2
+    # "cannot convert float NaN to integer" came from inside the simulation.
+    for option, value in (("--int-time", "nan"), ("--int-time", "-2"), ("--fine-chan-khz", "inf")):
+        with pytest.raises(SystemExit) as caught:
+            _run(tmp_path, "simulate", "observation", "--obsid", "1320409688", option, value)
+        assert caught.value.code == 2
+        assert f"{option}: {value} is not a finite number above 0" in capsys.readouterr().err
 
 
 def test_simulate_observation_registers_it(

@@ -7,6 +7,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from rich.console import Console
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -785,6 +787,27 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def _positive_number(text: str) -> float:
+    """An argparse type: a finite number above 0 (``nan`` and ``inf`` parse as floats)."""
+    try:
+        number = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(number) or number <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number above 0")
+    return number
+
+
+def _secure_key(text: str) -> str:
+    """An argparse type: a project's key, not empty (an empty one was taken as none given)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "an empty key: give one, or leave --secure-key out (set-key then makes a random "
+            "one; a project made without one cannot trigger)"
+        )
+    return text
+
+
 def _comma_ints(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
@@ -883,8 +906,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a trigger may interrupt observations of projects of lower priority",
     )  # fmt: skip
     create_project.add_argument(
-        "--secure-key", help="the key its triggers must carry (without one it cannot trigger)"
-    )
+        "--secure-key", type=_secure_key,
+        help="the key its triggers must carry (without one it cannot trigger)",
+    )  # fmt: skip
     create_project.add_argument("--description", default="", help="free text")
     add("list", cmd_projects_list, "list the projects, their priorities and keys", project_commands)
     set_key = add(
@@ -895,7 +919,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     set_key.add_argument("id", help="project id")
     key_choice = set_key.add_mutually_exclusive_group()
-    key_choice.add_argument("--secure-key", help="this key (default: a new random one)")
+    key_choice.add_argument(
+        "--secure-key", type=_secure_key, help="this key (default: a new random one)"
+    )
     key_choice.add_argument(
         "--remove", action="store_true", help="no key: the project can no longer trigger"
     )
@@ -953,10 +979,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="receiver channel numbers, comma separated (133,134)",
     )
     observation.add_argument(
-        "--fine-chan-khz", type=float, default=40.0, help="fine channel width (kHz; 40)"
+        "--fine-chan-khz", type=_positive_number, default=40.0, help="fine channel width (kHz; 40)"
     )
     observation.add_argument(
-        "--int-time", type=float, default=None,
+        "--int-time", type=_positive_number, default=None,
         help="correlator integration time (s; 2); not with --mode MWAX_VCS, whose sub-files "
         "are always 8 s",
     )  # fmt: skip
@@ -1076,6 +1102,12 @@ def _one_line(exc: BaseException, args: argparse.Namespace) -> str:
             for error in exc.errors()
         )
         return f"invalid settings: {problems}"
+    parsed = re.match(r'error parsing value for field "(\w+)" from source "(\w+)"', str(exc))
+    if isinstance(exc, SettingsError) and parsed:  # a list or mapping setting, not JSON
+        return (
+            f"invalid settings: {_setting_name((parsed.group(1),))}: not valid JSON, which this "
+            "setting is written in (a JSON object or list)"
+        )
     if isinstance(exc, SQLAlchemyError):
         try:
             url = _settings(args).resolved_database_url

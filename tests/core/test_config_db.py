@@ -1,3 +1,4 @@
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,23 @@ def test_environment_and_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 def test_missing_toml_is_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("OBSERVATORY_CONFIG", str(tmp_path / "nope.toml"))
     with pytest.raises(FileNotFoundError, match=r"nope\.toml"):
+        Settings()
+
+
+def test_a_config_that_is_a_directory_or_not_utf8_is_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A directory was said not to exist; a Latin-1 file gave "'utf-8' codec can't decode
+    ...", naming no file."""
+    monkeypatch.setenv("OBSERVATORY_CONFIG", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="is a directory, not a file"):
+        Settings()
+    config = tmp_path / "obs.toml"
+    config.write_bytes('data_dir = "/srv/donn\u00e9es"\n'.encode("latin-1"))
+    monkeypatch.setenv("OBSERVATORY_CONFIG", str(config))
+    with pytest.raises(
+        ConfigFileError, match=rf"config file {re.escape(str(config))} .* not UTF-8"
+    ):
         Settings()
 
 

@@ -525,6 +525,17 @@ def test_an_unknown_outage_is_refused(
     assert repr(value) in line
 
 
+def test_a_setting_written_in_json_that_is_not_json_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """Every other setting named its variable; this one said 'error parsing value for field
+    "asvo_min_client_versions" from source "EnvSettingsSource"'."""
+    monkeypatch.setenv("OBSERVATORY_ASVO_MIN_CLIENT_VERSIONS", "notjson")
+    assert run_cli("--data-dir", str(tmp_path), "db", "upgrade") == 2
+    line = one_error_line(capsys)
+    assert "OBSERVATORY_ASVO_MIN_CLIENT_VERSIONS" in line and "not valid JSON" in line
+
+
 @pytest.mark.parametrize("value", ["none", "partial", "full"])
 def test_the_documented_outages_are_accepted(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OBSERVATORY_ASVO_OUTAGE", value)

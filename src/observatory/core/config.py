@@ -217,7 +217,12 @@ class Settings(BaseSettings):
         if toml_path:
             if not Path(toml_path).is_file():
                 raise FileNotFoundError(
-                    f"OBSERVATORY_CONFIG names {toml_path}, which does not exist"
+                    f"OBSERVATORY_CONFIG names {toml_path}, which "
+                    + (
+                        "is a directory, not a file"
+                        if Path(toml_path).is_dir()
+                        else "does not exist"
+                    )
                 )
             try:
                 sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
@@ -225,6 +230,11 @@ class Settings(BaseSettings):
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigFileError(
                     f"config file {toml_path} (OBSERVATORY_CONFIG) is not valid TOML: {exc}"
+                ) from None
+            except UnicodeDecodeError as exc:
+                raise ConfigFileError(
+                    f"config file {toml_path} (OBSERVATORY_CONFIG) is not UTF-8 text "
+                    f"(byte {exc.start}); TOML files are UTF-8"
                 ) from None
             _check_known_settings(toml_path, document, set(settings_cls.model_fields))
         return tuple(sources)
