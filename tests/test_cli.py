@@ -204,8 +204,15 @@ def test_simulate_observation_registers_it(
     assert re.search(
         rf"observation {later} would end at \d+, in the future", capsys.readouterr().err
     )
+    # Once projects are registered, an unknown one is refused, as schedule refuses it (it
+    # was recorded).
+    assert _run(data, "projects", "create", "G0001", "--priority", "1") == 0
+    capsys.readouterr()
+    assert _run(data, "simulate", "observation", "--obsid", "1320409000", "--project", "NOPE") == 2
+    assert "project_id 'NOPE' is not a known project" in capsys.readouterr().err
     # An operator schedules a buffering observation from now on (for triggerbuffer).
-    buffering = ["schedule", "observation", "--duration", "600", "--mode", "MWAX_BUFFER"]
+    buffering = ["schedule", "observation", "--duration", "600", "--mode", "MWAX_BUFFER",
+                 "--project", "G0001"]  # fmt: skip
     assert _run(data, *buffering) == 0
     assert re.search(
         r"^scheduled \d{10} mwax_buffer_\d{10} \(MWAX_BUFFER\)", capsys.readouterr().out, re.M
@@ -213,7 +220,18 @@ def test_simulate_observation_registers_it(
     assert _run(data, *buffering) == 2
     assert "overlaps observation" in capsys.readouterr().err
     assert (
-        _run(data, "simulate", "observation", "--obsid", "1320409704", "--fine-chan-khz", "33") == 2
+        _run(
+            data,
+            "simulate",
+            "observation",
+            "--obsid",
+            "1320409704",
+            "--fine-chan-khz",
+            "33",
+            "--project",
+            "G0001",
+        )
+        == 2
     )
     assert "33" in capsys.readouterr().err
 

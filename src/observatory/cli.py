@@ -232,6 +232,7 @@ DEFAULT_SIMULATED_INT_TIME_S = 2.0
 
 
 def cmd_simulate_observation(args: argparse.Namespace) -> int:
+    from observatory.archive.service import check_project_known
     from observatory.archive.simulated import catalogue_point_source, simulate_and_register
 
     if args.obsid % 8:
@@ -249,6 +250,7 @@ def cmd_simulate_observation(args: argparse.Namespace) -> int:
         args.int_time = DEFAULT_SIMULATED_INT_TIME_S
     settings = _settings(args)
     with session_scope(_session_factory(settings)) as session:
+        check_project_known(session, args.project)  # as schedule observation checks it
         _check_free_in_schedule(session, args)
         obs = simulate_and_register(
             session,

@@ -641,6 +641,23 @@ def overlapping_observation(session: Session, start_gps: int, stop_gps: int) -> 
     ).first()
 
 
+def check_project_known(session: Session, project_id: str) -> None:
+    """Refuse an observation for a project that is not registered, as a trigger's project is
+    checked; a fresh installation with no projects registered (the CLI's default D0000)
+    takes any well-formed id.
+
+    Raises
+    ------
+    ValueError
+        Naming the project.
+    """
+    if (
+        session.get(Project, project_id) is None
+        and session.scalar(select(Project.id).limit(1)) is not None
+    ):
+        raise ValueError(f"project_id {project_id!r} is not a known project")
+
+
 def schedule_observation(
     session: Session,
     *,
@@ -733,13 +750,7 @@ def schedule_observation(
     now_gps_s += time.monotonic() - called
     if start_gps < now_gps_s:
         raise ValueError(f"start {start_gps} is in the past (now {int(now_gps_s)})")
-    # As a trigger's project is checked; a fresh installation with no projects registered
-    # (the CLI's default D0000) takes any well-formed id.
-    if (
-        session.get(Project, project_id) is None
-        and session.scalar(select(Project.id).limit(1)) is not None
-    ):
-        raise ValueError(f"project_id {project_id!r} is not a known project")
+    check_project_known(session, project_id)
     stop_gps = start_gps + duration_s
     other = overlapping_observation(session, start_gps, stop_gps)
     if other is not None:
