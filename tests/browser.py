@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
+from servers import required_executable
 
 
 def chromium_path() -> str:
     """The Chromium executable; skips the test when there is none (fails when CI requires it)."""
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        message = "Chromium is not installed (apt-get install chromium)"
-        if os.environ.get("OBSERVATORY_REQUIRE_CHROMIUM") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return required_executable(
+        ("chromium", "chromium-browser"), "OBSERVATORY_REQUIRE_CHROMIUM", "apt-get install chromium"
+    )
 
 
 @contextmanager

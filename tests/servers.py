@@ -22,8 +22,24 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import pytest
 
 BIN = Path(sys.executable).parent
+
+
+def required_executable(names: tuple[str, ...], required_by: str, install_hint: str) -> str:
+    """The first of ``names`` on PATH (or in /usr/sbin); skips the test when there is none,
+    and fails it when the environment variable ``required_by`` is 1 (CI, which installs it)."""
+    import shutil
+
+    for name in names:
+        path = shutil.which(name) or shutil.which(name, path="/usr/sbin")
+        if path is not None:
+            return path
+    message = f"{names[0]} is not installed ({install_hint})"
+    if os.environ.get(required_by) == "1":
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def free_port() -> int:

@@ -6,9 +6,7 @@ listening ports, the certificate (self-signed) and the log path.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import ssl
 import subprocess
 from collections.abc import Iterator
@@ -16,7 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import pytest
 from websockets.sync.client import connect
 
 from backends import sqlite_only
@@ -24,23 +21,10 @@ from observatory.app import create_app
 from observatory.core.accounts import create_user
 from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory
-from servers import free_port, threaded_app_server, wait_until
+from servers import free_port, required_executable, threaded_app_server, wait_until
 
 DEPLOYED = Path(__file__).resolve().parents[1] / "deploy" / "nginx.conf"
 API_KEY = "key-of-alice-behind-nginx"
-
-
-def nginx_path() -> str:
-    """The nginx executable; skips the test when there is none (fails when CI requires it)."""
-    path = shutil.which("nginx") or (
-        "/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None
-    )
-    if path is None:
-        message = "nginx is not installed (apt-get install nginx-light)"
-        if os.environ.get("OBSERVATORY_REQUIRE_NGINX") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 def deployed_config(app_port: int, http_port: int, https_port: int, directory: Path) -> str:
@@ -61,7 +45,9 @@ def deployed_config(app_port: int, http_port: int, https_port: int, directory: P
 @contextmanager
 def nginx_in_front(app_base: str, directory: Path) -> Iterator[str]:
     """nginx with the deployed configuration in front of ``app_base``; yields its https URL."""
-    executable = nginx_path()
+    executable = required_executable(
+        ("nginx",), "OBSERVATORY_REQUIRE_NGINX", "apt-get install nginx-light"
+    )
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
          "-subj", "/CN=observatory.example.org", "-keyout", str(directory / "privkey.pem"),

@@ -48,32 +48,29 @@ def test_the_cap_is_the_one_a_trigger_has() -> None:
     assert service.MAX_SCHEDULED_OBSERVATION_S == trigger_service.MAX_TRIGGER_S == 2 * 86400
 
 
-def test_the_reported_three_million_year_observation_is_refused_naming_the_limit(
+@pytest.mark.parametrize(
+    ("start", "duration", "message"),
+    [
+        # Three million years, accepted: it blocked the whole schedule.
+        (str(START_GPS), "99999999999992", "duration 99999999999992 s is longer than the 172800 s (2 days)"),
+        # Scheduled, then refused by /metadata/obs (out of range).
+        ("9999999999992", "64", "start 9999999999992 is out of range (1 .. 2999999999)"),
+    ],
+)  # fmt: skip
+def test_the_reported_schedule_commands_are_refused_naming_the_limit(
     tmp_path: Path,
     migrated_db_url: str,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    start: str,
+    duration: str,
+    message: str,
 ) -> None:
     monkeypatch.setenv("OBSERVATORY_DATABASE_URL", migrated_db_url)
     command = ["--data-dir", str(tmp_path / "data"), "schedule", "observation",
-               "--start", str(START_GPS), "--duration", "99999999999992", "--project", "G0001"]  # fmt: skip
+               "--start", start, "--duration", duration, "--project", "G0001"]  # fmt: skip
     assert main(command) == 2
-    error = capsys.readouterr().err
-    assert "duration 99999999999992 s is longer than the 172800 s (2 days)" in error
-
-
-def test_a_start_no_service_takes_for_an_obsid_is_refused(
-    tmp_path: Path,
-    migrated_db_url: str,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    """``--start 9999999999992`` was scheduled, then refused by /metadata/obs (out of range)."""
-    monkeypatch.setenv("OBSERVATORY_DATABASE_URL", migrated_db_url)
-    command = ["--data-dir", str(tmp_path / "data"), "schedule", "observation",
-               "--start", "9999999999992", "--duration", "64", "--project", "G0001"]  # fmt: skip
-    assert main(command) == 2
-    assert "start 9999999999992 is out of range (1 .. 2999999999)" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode", service.SCHEDULABLE_MODES)

@@ -30,7 +30,7 @@ from observatory.core.gpstime import parse_obsid
 from observatory.core.models import Project
 from observatory.core.storage import Storage, sha1_of_file
 from observatory.telescope.instrument import (
-    MAX_COARSE_CHANS,
+    full_band_vcs_s,
     metafits_text_problem,
     validate_coarse_chans,
 )
@@ -759,9 +759,8 @@ def schedule_observation(
             f"{other.obsid} to {other.stoptime})"
         )
     if captures_voltages and vcs_free_s is not None:  # (checked above: it is given)
-        # Under the lock, as triggervcs checks its capture, and in the unit of vcsfree:
-        # seconds of 24-channel capture (trigger.service.full_band_vcs_s).
-        needed_s = duration_s * len(channels) / MAX_COARSE_CHANS
+        # Under the lock, as triggervcs checks its capture, and in the unit of vcsfree.
+        needed_s = full_band_vcs_s(duration_s, len(channels))
         free_s = vcs_free_s(session, now_gps_s)
         if needed_s > free_s:
             raise ValueError(

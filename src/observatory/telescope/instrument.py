@@ -371,6 +371,12 @@ def subarray_tiles() -> dict[str, tuple[int, ...]]:
     return {name: tuple(sorted(tiles_)) for name, tiles_ in members.items()}
 
 
+def full_band_vcs_s(duration_s: float, n_coarse_chans: int) -> float:
+    """A voltage capture's size in seconds of 24-channel capture, the unit of ``vcsfree``
+    (no channels: the full band)."""
+    return duration_s * (n_coarse_chans or MAX_COARSE_CHANS) / MAX_COARSE_CHANS
+
+
 def validate_coarse_chans(coarse_chans: Iterable[int]) -> tuple[int, ...]:
     """Check receiver channel numbers; return them sorted ascending.
 

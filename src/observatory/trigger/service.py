@@ -40,6 +40,7 @@ from observatory.telescope.instrument import (
     MAX_COARSE_CHANS,
     MAX_METAFITS_NAME_CHARS,
     MWAX_SUBOBS_S,
+    full_band_vcs_s,
     subarray_tiles,
     validate_coarse_chans,
     validate_fine_chan_width_hz,
@@ -910,11 +911,6 @@ def covered_s(spans: Sequence[tuple[float, float]], since: float, until: float) 
         total_s += max(0.0, end - max(start, reached))
         reached = max(reached, end)
     return total_s
-
-
-def full_band_vcs_s(duration_s: float, n_coarse_chans: int) -> float:
-    """A capture's size in seconds of 24-channel capture, the unit of ``vcsfree``."""
-    return duration_s * (n_coarse_chans or MAX_COARSE_CHANS) / MAX_COARSE_CHANS
 
 
 def vcs_free_s(
