@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import warnings
 from pathlib import Path
@@ -299,9 +300,13 @@ def test_flagged_tile_is_flagged_in_both_readers(sim8: SimulatedObservation) -> 
     context = correlator_context(sim8)
     baselines = [(b.ant1_index, b.ant2_index) for b in meta.baselines]
     with_3 = np.array([3 in b for b in baselines])
+    # As in real MWAX files (1320409688 flags tile 49 in its metafits): the correlator's
+    # weights do not know the metafits' flags.
     weights = context.read_weights_by_baseline(0, 0).reshape(len(baselines), 4)
-    assert np.all(weights[with_3] == 0) and np.all(weights[~with_3] == 1)
-    assert np.all(complex_mwalib(context, 0, 0)[with_3] == 0)
+    assert np.all(weights == 1)
+    # A dead tile: without noise (sim8 has none) its baselines hold nothing of the sky.
+    data = complex_mwalib(context, 0, 0)
+    assert np.all(data[with_3] == 0) and np.all(np.abs(data[~with_3][:, :, [0, 3]]) > 0)
 
     uvd = read_uvdata(sim8, **CORRECTIONS_OFF)
     involved = (uvd.ant_1_array == flagged_tile.tile_id) | (uvd.ant_2_array == flagged_tile.tile_id)
@@ -324,6 +329,33 @@ def test_noise_has_the_requested_sigma_and_is_reproducible(tmp_path: Path) -> No
     other = simulate_observation(tmp_path / "c", OBSID, noise_sigma_jy=2.0, seed=6, **kwargs)
     assert same.vis_paths[0].read_bytes() == sim.vis_paths[0].read_bytes()
     assert other.vis_paths[0].read_bytes() != sim.vis_paths[0].read_bytes()
+
+
+def test_autocorrelations_hold_the_noise_power_as_the_radiometer_equation_says(
+    tmp_path: Path,
+) -> None:
+    """Real MWAX autocorrelations are positive (system temperature); ours were noise about 0."""
+    amplitudes = np.linspace(0.5, 1.5, 8 * 2).reshape(8, 2, 1)
+    sim = simulate_observation(tmp_path, OBSID, n_tiles=8, coarse_chans=[140], fine_chan_khz=40,
+                               int_time_s=2.0, n_timesteps=1, noise_sigma_jy=2.0, seed=3,
+                               sources=SOURCES, gain_amplitudes=amplitudes,
+                               flagged_antennas=[6])  # fmt: skip
+    sefd_jy = 2.0 * math.sqrt(2 * 40e3 * 2.0)  # sigma sqrt(2 bandwidth t): 800 Jy
+    assert sim.truth.system_sefd_jy == pytest.approx(sefd_jy)
+    context = correlator_context(sim)
+    data = complex_mwalib(context, 0, 0)
+    clean = predict_visibilities(sim.truth, 0, 140)
+    autos = [
+        i for i, b in enumerate(context.metafits_context.baselines) if b.ant1_index == b.ant2_index
+    ]
+    excess = (data - clean)[autos][:, :, [0, 3]]  # (antenna, fine channel, XX/YY)
+    assert np.all(excess.imag == 0)
+    expected_power = amplitudes[:, :, 0] ** 2 * sefd_jy  # the dead tile 6 too: its receiver
+    np.testing.assert_allclose(excess.real.mean(axis=1), expected_power, atol=4 * 2.0)
+    residual = excess.real - expected_power[:, None, :]
+    assert np.std(residual) == pytest.approx(2.0 * math.sqrt(2), rel=0.15)
+    assert np.all(data[autos][:, :, [0, 3]].real > 0)
+    np.testing.assert_array_equal(data, predict_visibilities(sim.truth, 0, 140, include_noise=True))
 
 
 def test_a_full_band_metafits_is_written_without_warnings(tmp_path: Path) -> None:

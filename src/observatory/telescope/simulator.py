@@ -226,6 +226,16 @@ class SimulationTruth:
         """Length of one timestep: the integration, or an 8 s sub-file for VCS."""
         return float(instrument.MWAX_SUBOBS_S) if self.mode == "MWAX_VCS" else self.int_time_s
 
+    @property
+    def system_sefd_jy(self) -> float:
+        """The system equivalent flux density that makes ``noise_sigma_jy`` (Jy).
+
+        By the radiometer equation a baseline's noise per real and imaginary part is
+        ``SEFD / sqrt(2 bandwidth t)`` for one fine channel and integration; the
+        autocorrelations carry the SEFD itself (times the tile's gain squared).
+        """
+        return self.noise_sigma_jy * math.sqrt(2.0 * self.fine_chan_width_hz * self.int_time_s)
+
     def timestep_centres_gps(self) -> NDArray[np.float64]:
         """GPS time (s) of the centre of each timestep."""
         offsets_s = (np.arange(self.n_timesteps, dtype=np.float64) + 0.5) * self.timestep_duration_s
@@ -534,9 +544,8 @@ class _VisibilityEngine:
         p_idx, q_idx = np.triu_indices(n_ant)  # row-major upper triangle = MWAX baseline order
         self.upper_flat = p_idx * n_ant + q_idx  # index into a flattened n_ant x n_ant matrix
         self.auto_rows = np.flatnonzero(p_idx == q_idx)
-        flagged = np.zeros(n_ant, dtype=bool)
-        flagged[list(truth.flagged_antennas)] = True
-        self.flagged_rows = np.flatnonzero(flagged[p_idx] | flagged[q_idx])
+        self.flagged = np.zeros(n_ant, dtype=bool)
+        self.flagged[list(truth.flagged_antennas)] = True
         self.n_baselines = len(p_idx)
         self.n_fine = COARSE_CHAN_WIDTH_HZ // truth.fine_chan_width_hz
         self.directions, self.above_horizon = _sources_enu(truth, truth.timestep_centres_gps())
@@ -547,10 +556,12 @@ class _VisibilityEngine:
         }  # (n_fine, n_src)
 
     def weights(self) -> NDArray[np.float32]:
-        """MWAX weights [baseline][pol]: 1, or 0 on baselines with a flagged tile."""
-        weights = np.ones((self.n_baselines, 4), dtype=np.float32)
-        weights[self.flagged_rows] = 0.0
-        return weights
+        """MWAX weights [baseline][pol]: 1 everywhere.
+
+        The correlator's weights say how much of each integration arrived; it does not know
+        the metafits' tile flags, so real files give a flagged tile's baselines weight 1 too.
+        """
+        return np.ones((self.n_baselines, 4), dtype=np.float32)
 
     def visibilities(
         self,
@@ -575,6 +586,11 @@ class _VisibilityEngine:
             )
             noise *= np.float32(sigma)
             vis = noise.view(np.complex64).reshape(shape)
+            # By the radiometer equation an autocorrelation's XX and YY are noisier than a
+            # baseline's by sqrt(2) (their imaginary parts are dropped below).
+            auto_noise = vis[self.auto_rows]
+            auto_noise[:, :, [0, 3]] *= np.float32(math.sqrt(2.0))
+            vis[self.auto_rows] = auto_noise
         else:
             vis = np.zeros(shape, dtype=np.complex64)
 
@@ -593,6 +609,8 @@ class _VisibilityEngine:
         tile_factor = amplitude.T[:, None, :] * np.exp(
             -2j * np.pi * freqs_hz[None, :, None] * delay_s.T[:, None, :]
         )
+        # A flagged tile is a dead one: its receiver's noise and nothing of the sky.
+        tile_factor[:, :, self.flagged] = 0.0
 
         if truth.sources:
             geometric_delay_s = -(self.enu_m @ self.directions[timestep].T) / SPEED_OF_LIGHT_M_S
@@ -611,13 +629,18 @@ class _VisibilityEngine:
 
         if include_rfi:
             self._add_rfi(vis, timestep, coarse_chan)
-        # Autocorrelations are Hermitian: XX, YY real and YX = conj(XY).
+        # Autocorrelations are Hermitian: XX, YY real and YX = conj(XY). They also hold the
+        # power of the noise itself, the system's SEFD, which makes them positive as real
+        # ones are.
         autos = vis[self.auto_rows]
+        autos[:, :, 2] = np.conj(autos[:, :, 1])
+        if sigma > 0.0:
+            system_power_jy = amplitude.T**2 * truth.system_sefd_jy  # (2 pols, n_ant)
+            autos[:, :, 0] += system_power_jy[0][:, None]
+            autos[:, :, 3] += system_power_jy[1][:, None]
         autos[:, :, 0].imag = 0.0
         autos[:, :, 3].imag = 0.0
-        autos[:, :, 2] = np.conj(autos[:, :, 1])
         vis[self.auto_rows] = autos
-        vis[self.flagged_rows] = 0.0
         return vis
 
     def _add_rfi(self, vis: NDArray[np.complex64], timestep: int, coarse_chan: int) -> None:
@@ -674,7 +697,7 @@ def predict_visibilities(
     -------
     numpy.ndarray
         complex64, shape (n_baselines, n_fine, 4): MWAX baseline order and pols
-        XX, XY, YX, YY. Baselines with a flagged tile are 0.
+        XX, XY, YX, YY. A flagged tile's baselines hold no sky (only noise, when included).
     """
     if truth.mode != "MWAX_CORRELATOR":
         raise ValueError(f"mode {truth.mode!r} has no visibilities")
@@ -1373,9 +1396,12 @@ def simulate_observation(
     gain_amplitude_scatter, delay_error_scatter_ns
         Add seeded random scatter: amplitudes x |1 + N(0, scatter)|, delays + N(0, scatter).
     flagged_antennas
-        Antenna indices (0..n_tiles-1) to flag: ``Flag=1`` in TILEDATA, zero data and weights.
+        Antenna indices (0..n_tiles-1) to flag: ``Flag=1`` in TILEDATA. As real flagged
+        tiles often are, they are dead: their data hold noise (and its power in the
+        autocorrelations) but no sky; their weights are 1, as in real files.
     noise_sigma_jy
-        Standard deviation of the Gaussian noise of each real and imaginary part.
+        Standard deviation of the Gaussian noise of each real and imaginary part of a
+        baseline; the autocorrelations hold its power (:attr:`SimulationTruth.system_sefd_jy`).
     seed
         Seed of all random numbers (noise, scatter, voltages).
     include_cable_delays
