@@ -83,6 +83,13 @@ def test_a_misspelled_setting_in_the_toml_is_an_error(
         r"environment only\)",
     ):
         Settings()
+    # A config file cannot name another one: the key was taken, and did nothing.
+    config.write_text('config = "/srv/other.toml"\n')
+    with pytest.raises(
+        ConfigFileError,
+        match=r"unknown setting config \(OBSERVATORY_CONFIG is read from the environment only\)",
+    ):
+        Settings()
 
 
 def test_the_signing_key_made_by_processes_starting_together_is_one_and_whole(

@@ -102,7 +102,6 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path("./observatory-data"))
     database_url: str | None = None
     dask_scheduler: str | None = None
-    config: Path | None = None
     #: Key that signs cookies and download URLs; by default a random key kept in the data dir.
     secret_key: str | None = None
     #: Log lines of ``observatory serve``: uvicorn's ``text``, or ``json`` (one object per
