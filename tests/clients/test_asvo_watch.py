@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -117,3 +120,91 @@ def test_watch_does_not_retry_a_refusal(
     with pytest.raises(asvo.AsvoError, match="401"):
         next(session.watch())
     assert clock.sleeps == []
+
+
+# -- downloads wait out an unreachable server as watch does ------------------------------
+
+
+def product_job(tmp_path_url: str = "http://127.0.0.1:9/p/1104585920_7_vis.tar") -> asvo.Job:
+    file = asvo.ProductFile(type="acacia", size_bytes=100, url=tmp_path_url, sha1="0" * 40)
+    return asvo.Job(id=7, obs_id=1104585920, job_type=1, state="completed", files=(file,))
+
+
+def test_a_download_waits_out_a_refusing_server_then_gives_up_keeping_the_part_file(
+    session: asvo.Session, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """It gave up after three attempts within two seconds, though the job list waits out a
+    server that is restarting for ten minutes."""
+    calls = []
+
+    def refused_fetch(*_args: object) -> None:
+        calls.append(clock.now)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(asvo.Session, "_fetch_into", refused_fetch)
+    partial = tmp_path / "1104585920_7_vis.tar.part"
+    partial.write_bytes(b"x" * 40)
+    with pytest.raises(asvo.AsvoError) as caught:
+        session.download_product(product_job(), tmp_path, outage_limit_s=300)
+    message = str(caught.value)
+    assert "has not answered for 5 minutes" in message and "Connection refused" in message
+    assert "1104585920_7_vis.tar.part is kept" in message
+    assert calls[-1] - calls[0] >= 300 and len(calls) > asvo.DOWNLOAD_ATTEMPTS
+    # Backing off as watch does, and no wait after giving up.
+    assert clock.sleeps == sorted(clock.sleeps) and len(clock.sleeps) == len(calls) - 1
+    assert max(clock.sleeps) <= asvo.WATCH_BACKOFF_MAX_S
+    assert partial.read_bytes() == b"x" * 40
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        ConnectionResetError(104, "Connection reset by peer"),
+        TimeoutError("timed out"),
+        asvo.AsvoError("Download of x: HTTP 503: restarting", status_code=503),
+    ],
+    ids=["reset", "timeout", "503"],
+)
+def test_a_download_resumes_after_an_outage_longer_than_its_attempts(
+    session: asvo.Session, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    failure: Exception,
+) -> None:  # fmt: skip
+    content = b"product bytes" * 10
+    failures = asvo.DOWNLOAD_ATTEMPTS + 3
+
+    def fetch(
+        _self: asvo.Session, _file: asvo.ProductFile, _algorithm: str, partial: Path, *_rest: object
+    ) -> tuple[bool, str]:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise failure
+        partial.write_bytes(content)
+        return False, hashlib.sha1(content).hexdigest()
+
+    monkeypatch.setattr(asvo.Session, "_fetch_into", fetch)
+    file = asvo.ProductFile(
+        type="acacia", size_bytes=len(content), url="http://127.0.0.1:9/p/a.tar",
+        sha1=hashlib.sha1(content).hexdigest(),
+    )  # fmt: skip
+    job = asvo.Job(id=7, obs_id=1104585920, job_type=1, state="completed", files=(file,))
+    (result,) = session.download_product(job, tmp_path)
+    assert result.outcome == "downloaded" and (tmp_path / "a.tar").read_bytes() == content
+    assert len(clock.sleeps) == asvo.DOWNLOAD_ATTEMPTS + 3
+
+
+def test_a_disk_error_is_not_waited_out(
+    session: asvo.Session, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A full disk is no outage of the server: tried DOWNLOAD_ATTEMPTS times, as before."""
+    calls = 0
+
+    def disk_full(*_args: object) -> None:
+        nonlocal calls
+        calls += 1
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(asvo.Session, "_fetch_into", disk_full)
+    with pytest.raises(asvo.AsvoError, match="failed after 3 attempts"):
+        session.download_product(product_job(), tmp_path)
+    assert calls == asvo.DOWNLOAD_ATTEMPTS

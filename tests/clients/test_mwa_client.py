@@ -922,16 +922,18 @@ def test_a_checksum_that_never_matches_promises_no_download_after_the_last_attem
     assert not list(tmp_path.iterdir())
 
 
-def test_an_interrupted_download_neither_waits_nor_promises_a_retry_after_the_last_attempt(
+def test_a_failed_download_neither_waits_nor_promises_a_retry_after_the_last_attempt(
     server: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
+    """An answer the client cannot use is tried DOWNLOAD_ATTEMPTS times (an unreachable
+    server is waited out instead: test_asvo_watch.py, test_asvo_download_outage.py)."""
     with server.session() as session:
         job_id = session.submit_download_job(OBSID, download_type="vis_meta", allow_resubmit=True)
         job = completed_job(session, job_id)
 
         def dropped(*_args: object) -> None:
-            raise ConnectionResetError("connection reset by peer")
+            raise asvo.AsvoError("Download of x: HTTP 500: Internal Server Error", status_code=500)
 
         waits: list[float] = []
         monkeypatch.setattr(asvo.Session, "_fetch_into", dropped)

@@ -95,15 +95,23 @@ STATE_LABELS = {
 CHUNK_BYTES = 1024 * 1024
 #: A 206 answer's first byte: ``Content-Range: bytes START-END/SIZE``.
 _CONTENT_RANGE_START = re.compile(r"bytes (\d+)-\d+/(?:\d+|\*)$")
-#: Attempts per file: transient network errors resume, a checksum mismatch restarts.
+#: Attempts per file for failures other than an unreachable server (a checksum mismatch
+#: restarts the file, an answer the client cannot use is asked again). A server that cannot
+#: be reached (restarting, a network outage) is waited out as ``watch`` waits it out.
 DOWNLOAD_ATTEMPTS = 3
 #: Seconds to connect and upgrade the job-notification websocket.
 WEBSOCKET_OPEN_TIMEOUT_S = 30.0
-#: ``watch``: how long an unreachable server is waited for before giving up, and the
-#: first and longest wait between attempts meanwhile (doubling from the first).
+#: ``watch`` and downloads: how long an unreachable server is waited for before giving up,
+#: and the first and longest wait between attempts meanwhile (doubling from the first).
 WATCH_OUTAGE_LIMIT_S = 600.0
 WATCH_BACKOFF_FIRST_S = 1.0
 WATCH_BACKOFF_MAX_S = 60.0
+#: HTTP answers that mean the server is restarting or its proxy cannot reach it: waited out.
+OUTAGE_STATUS_CODES = frozenset({502, 503, 504})
+#: ``errno`` values of a network that cannot reach the server (not ``ConnectionError``s).
+_NETWORK_ERRNOS = frozenset({
+    errno.ENETDOWN, errno.ENETUNREACH, errno.ENETRESET, errno.EHOSTDOWN, errno.EHOSTUNREACH,
+})  # fmt: skip
 
 
 class AsvoError(Exception):
@@ -384,6 +392,64 @@ def _is_ipv6_address(text: str) -> bool:
 def _duration_text(seconds: float) -> str:
     """``45 seconds`` or, from two minutes, ``10 minutes``."""
     return f"{seconds:.0f} seconds" if seconds < 120 else f"{seconds / 60:.0f} minutes"
+
+
+class _Outage:
+    """A run of failed attempts to reach the server, and how long it is waited out.
+
+    One policy for the job list (``watch``) and downloads: a server that is restarting, or
+    a network outage, is asked again after ``WATCH_BACKOFF_FIRST_S``, then at doubling
+    intervals of up to ``WATCH_BACKOFF_MAX_S``, until ``limit_s`` have passed since the
+    first failure of the run.
+    """
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self.since_s: float | None = None
+        self.failures = 0
+
+    def failed(self) -> float | None:
+        """Count a failure: the seconds to wait before asking again, or None to give up.
+
+        Returns
+        -------
+        float or None
+            None once the server has been unreachable for ``limit_s``.
+        """
+        now_s = time.monotonic()
+        if self.since_s is None:
+            self.since_s = now_s
+        self.failures += 1
+        if now_s - self.since_s >= self.limit_s:
+            return None
+        return min(WATCH_BACKOFF_MAX_S, WATCH_BACKOFF_FIRST_S * 2 ** (self.failures - 1))
+
+    @property
+    def lasted_s(self) -> float:
+        """Seconds since the first failure of the run (0 when there is none)."""
+        return 0.0 if self.since_s is None else time.monotonic() - self.since_s
+
+    def ended(self) -> bool:
+        """The server answered: forget the run of failures; returns whether there was one."""
+        was = self.failures > 0
+        self.since_s, self.failures = None, 0
+        return was
+
+
+def _server_unreachable(exc: BaseException) -> bool:
+    """Whether a download failed because the server could not be reached or the connection
+    broke (refused, reset, timed out, a network down; 502/503/504 from a restarting server
+    or its proxy): what waiting can mend, unlike a refusal or a wrong answer."""
+    if isinstance(exc, AsvoError):
+        return exc.status_code in OUTAGE_STATUS_CODES
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return False
+    if isinstance(
+        exc,
+        (ConnectionError, TimeoutError, socket.gaierror, http.client.HTTPException, ssl.SSLError),
+    ):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _NETWORK_ERRNOS
 
 
 def _raise_for_reply(reply: httpx.Response, what: str) -> None:
@@ -678,31 +744,31 @@ class Session:
             the request (e.g. 401 when the session is no longer valid).
         """
         last: dict[int, Job] = {}
-        outage: dict[str, float] = {}  # "since": first failure, "failures": how many in a row
+        outage = _Outage(outage_limit_s)
+        backoff_s = 0.0  # the wait before asking again after the last failure
 
         def poll() -> list[Job] | None:
             """``get_jobs``, or None while the server is unreachable (within the limit)."""
+            nonlocal backoff_s
             try:
                 jobs = self.get_jobs()
             except AsvoError as exc:
-                if exc.status_code not in (None, 502, 503, 504):
+                if exc.status_code is not None and exc.status_code not in OUTAGE_STATUS_CODES:
                     raise
-                now = time.monotonic()
-                since = outage.setdefault("since", now)
-                outage["failures"] = outage.get("failures", 0) + 1
-                if now - since >= outage_limit_s:
+                wait_s = outage.failed()
+                if wait_s is None:
                     raise AsvoError(
                         f"The MWA ASVO server at {self.base_url} has not answered for "
-                        f"{_duration_text(now - since)} ({exc.message}); giving up. Your "
+                        f"{_duration_text(outage.lasted_s)} ({exc.message}); giving up. Your "
                         "jobs carry on on the server: download them later with -w all.",
                         status_code=None,
                     ) from exc
-                if outage["failures"] == 1:
+                backoff_s = wait_s
+                if outage.failures == 1:
                     log.warning("%s; trying again (the jobs carry on on the server)", exc)
                 return None
-            if outage:
+            if outage.ended():
                 log.warning("the server answers again")
-                outage.clear()
             return jobs
 
         def changes(jobs: list[Job]) -> Iterator[JobUpdate]:
@@ -749,8 +815,7 @@ class Session:
                 yield from changes(jobs)
                 time.sleep(poll_interval_s)
             else:  # unreachable: try again sooner at first, then less and less often
-                failures = int(outage["failures"])
-                time.sleep(min(WATCH_BACKOFF_MAX_S, WATCH_BACKOFF_FIRST_S * 2 ** (failures - 1)))
+                time.sleep(backoff_s)
 
     def _open_websocket(self) -> websockets.sync.client.ClientConnection:
         """The ``/api/job_results`` websocket, over a socket this client opened itself.
@@ -800,6 +865,7 @@ class Session:
         *,
         resume: bool = True,
         progress: ProgressCallback | None = None,
+        outage_limit_s: float = WATCH_OUTAGE_LIMIT_S,
     ) -> list[DownloadResult]:
         """Fetch every file of a completed job's product into the directory ``dest``.
 
@@ -811,11 +877,17 @@ class Session:
         process is downloading into ``dest`` is waited for, then verified. Scratch and
         dug products are copied from their path when it exists on this machine.
 
+        A server that cannot be reached or drops the connection (restarting, a network
+        outage; or answering 502, 503 or 504) is waited out as ``watch`` waits it out:
+        asked again at growing intervals for up to ``outage_limit_s`` seconds, each
+        attempt resuming from the ``.part`` file.
+
         Raises
         ------
         AsvoError
-            If the job is not completed, or a file cannot be fetched or never verifies
-            (``ChecksumError``) after ``DOWNLOAD_ATTEMPTS`` attempts.
+            If the job is not completed, the server has been unreachable for
+            ``outage_limit_s``, or a file cannot be fetched for another reason or never
+            verifies (``ChecksumError``) after ``DOWNLOAD_ATTEMPTS`` attempts.
         """
         if job.state != "completed":
             raise AsvoError(
@@ -829,7 +901,9 @@ class Session:
                 if file.type == "acacia" or file.url:
                     _check_local_name(job, file)
                     with _downloading_alone(dest_dir / file.name):
-                        results.append(self._download_file(job, file, dest_dir, resume, progress))
+                        results.append(self._download_file(
+                            job, file, dest_dir, resume, progress, outage_limit_s
+                        ))  # fmt: skip
                 else:
                     results.append(_copy_delivered_directory(job, file, dest_dir, progress))
         except OSError as exc:  # the local disk (not writable, full): an AsvoError, as promised
@@ -848,6 +922,7 @@ class Session:
         dest_dir: Path,
         resume: bool,
         progress: ProgressCallback | None,
+        outage_limit_s: float,
     ) -> DownloadResult:
         checksum = file.checksum
         if not file.url or checksum is None:
@@ -894,7 +969,13 @@ class Session:
         fetched = _Fetched()
         resumed = False
         last_error: Exception | None = None
-        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        # An unreachable server (restarting, a network outage) is waited out as the job list
+        # is (``watch``), resuming from the .part file each time; only other failures count
+        # against DOWNLOAD_ATTEMPTS.
+        outage = _Outage(outage_limit_s)
+        attempt = 0
+        while attempt < DOWNLOAD_ATTEMPTS:
+            had_bytes = partial.stat().st_size if partial.exists() else 0
             try:
                 was_resumed, digest = self._fetch_into(file, algorithm, partial, progress, fetched)
                 resumed = resumed or was_resumed
@@ -916,6 +997,10 @@ class Session:
                         status_code=exc.status_code, job_id=job.id,
                     ) from exc  # fmt: skip
                 last_error = exc
+                if _server_unreachable(exc):
+                    self._wait_out(job, file, partial, exc, outage, had_bytes)
+                    continue
+                attempt += 1
                 if attempt == DOWNLOAD_ATTEMPTS:  # no retry follows: say so, and do not wait
                     log.warning(
                         "download of %s interrupted (%s); attempt %d of %d, giving up "
@@ -929,6 +1014,9 @@ class Session:
                 )  # fmt: skip
                 time.sleep(min(2.0**attempt, 10.0) * 0.25)
                 continue
+            if outage.ended():
+                log.warning("download of %s: the server answers again", file.name)
+            attempt += 1
             if partial.stat().st_size == file.size_bytes and digest == expected_digest:
                 os.replace(partial, target)
                 outcome = "resumed" if resumed else "downloaded"
@@ -959,6 +1047,49 @@ class Session:
             f"{last_error}",
             job_id=job.id,
         )
+
+    def _wait_out(
+        self,
+        job: Job,
+        file: ProductFile,
+        partial: Path,
+        exc: Exception,
+        outage: _Outage,
+        had_bytes: int,
+    ) -> None:
+        """Wait before the next attempt at a download the server's absence interrupted.
+
+        An attempt that added to the ``.part`` file reached the server: the outage (if
+        any) ended, and this failure starts a new one.
+
+        Raises
+        ------
+        AsvoError
+            Once the server has been unreachable for ``outage.limit_s`` (the ``.part`` file
+            is kept: a later run resumes it).
+        """
+        if (partial.stat().st_size if partial.exists() else 0) > had_bytes:
+            outage.ended()
+        wait_s = outage.failed()
+        if wait_s is None:
+            log.warning(
+                "download of %s interrupted (%s); the server has not answered for %s, "
+                "giving up (the .part file is kept: the next run resumes it)",
+                file.name, exc, _duration_text(outage.lasted_s),
+            )  # fmt: skip
+            raise AsvoError(
+                f"Job {job.id}: download of {file.name} stopped: the server has not answered "
+                f"for {_duration_text(outage.lasted_s)} ({exc}); {partial.name} is kept, and "
+                "a later download resumes it",
+                job_id=job.id,
+            ) from exc
+        if outage.failures == 1:
+            log.warning(
+                "download of %s interrupted (%s); waiting for the server (up to %s), then "
+                "resuming from the .part file",
+                file.name, exc, _duration_text(outage.limit_s),
+            )  # fmt: skip
+        time.sleep(wait_s)
 
     def _fetch_into(
         self,
@@ -1021,7 +1152,8 @@ class Session:
                     if progress:
                         progress(file, have + received, file.size_bytes)
         if have + received < file.size_bytes:
-            raise AsvoError(
+            # A broken connection (a server stopped mid-transfer): waited out and resumed.
+            raise ConnectionAbortedError(
                 f"the connection closed after {have + received} of {file.size_bytes} bytes"
             )
         return resumed, digest.hexdigest()
