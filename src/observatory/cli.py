@@ -480,7 +480,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_calib_solve(args: argparse.Namespace) -> int:
-    from observatory.calib.solving import solve_observation
+    from observatory.calib.solving import check_solvable, solve_observation
     from observatory.core.processes import die_with_starter
     from observatory.preprocess.reader import ReadError
 
@@ -491,6 +491,9 @@ def cmd_calib_solve(args: argparse.Namespace) -> int:
         solved = solve_observation(
             args.metafits, args.files, args.source, flag_rfi=not args.no_rfi, workers=args.workers
         )
+        # Nothing solved (every gain NaN) is a failure, as the pipeline's, not an output:
+        # check_solvable raises Unsolvable (a ValueError: an error line, exit status 2).
+        check_solvable(solved, len(args.files))
         solved.save(args.out)
     except (ReadError, RuntimeError, OSError) as exc:  # one line for the fit's error
         raise ValueError(str(exc) or exc.__class__.__name__) from None

@@ -35,7 +35,12 @@ from observatory.calib.formats import CalSolutions
 from observatory.calib.models import CalibrationFit, CalibrationRequest
 from observatory.calib.plots import draw_all
 from observatory.calib.service import store_fit
-from observatory.calib.solving import SolvedObservation, solve_in_process
+from observatory.calib.solving import (
+    SolvedObservation,
+    Unsolvable,
+    check_solvable,
+    solve_in_process,
+)
 from observatory.core.config import Settings
 from observatory.core.errors import BadRequest
 from observatory.core.locks import resource_lock
@@ -312,18 +317,14 @@ def fit_observation(session: Session, settings: Settings, obsid: int) -> Calibra
             raise CalibrationFailed(f"observation {obsid} could not be solved: {exc}") from None
     jones = solved.file_jones()
     # A delay is the slope of phase with frequency: it needs 2 chanblocks with solutions.
-    # (Without this check such an observation fails tile by tile, which reads as if the
-    # tiles were at fault.) With fewer than 2 unflagged tiles nothing can be solved at
-    # all: that is the tiles' fault, and said so below.
-    unflagged = ~solved.meta.flagged_antennas
-    n_usable = int(np.isfinite(jones[:, unflagged, 0]).any(axis=1).sum())
-    if n_usable < 2 and unflagged.sum() >= 2:
-        raise CalibrationFailed(
-            f"observation {obsid} has {n_usable} usable chanblock(s) of the {len(jones)} in "
-            f"its data files ({len(files)} file(s), {solved.meta.fine_chan_width_hz / 1e3:g} kHz "
-            "fine channels, coarse-channel edges flagged): a delay fit needs at least 2; no "
-            "fit was stored"
-        )
+    # calib-solve refuses such a solve itself (the message comes through CommandFailed
+    # above); checked again here, by the same rule, for a solve made otherwise. With fewer
+    # than 2 unflagged tiles nothing can be solved at all: that is the tiles' fault, and
+    # said so below.
+    try:
+        check_solvable(solved, len(files))
+    except Unsolvable as exc:
+        raise CalibrationFailed(f"{exc}; no fit was stored") from None
     # One timeblock: hyperdrive's times are centroids, the first timestep's and the last's
     # (specs/calib.md 1.3: obsid + half an integration, ...).
     centroids = solved.time_centroids_gps

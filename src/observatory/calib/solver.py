@@ -35,9 +35,10 @@ class Solution:
     iterations
         Iterations used per (channel, polarisation).
     converged
-        Per (channel, polarisation): the relative change fell below the tolerance.
+        Per (channel, polarisation): the relative change fell below the tolerance
+        (False where there was no data to solve).
     precision
-        Last relative change per (channel, polarisation).
+        Last relative change per (channel, polarisation); NaN where there was no data.
     """
 
     gains: NDArray[np.complex128]
@@ -116,9 +117,11 @@ def stefcal(
     n_chan, n_pol, n_ant, _ = big_a.shape
     has_data = big_b.sum(axis=3) > 0  # (n_chan, n_pol, n_ant)
     gains = np.where(has_data, 1.0 + 0.0j, 0.0)
-    active = np.ones((n_chan, n_pol), dtype=bool)
+    # A channel and polarisation with no data (flagged) has nothing to solve: it is not
+    # iterated, and stays unconverged with NaN precision (its zero update read as converged).
+    active = has_data.any(axis=2)
     iterations = np.zeros((n_chan, n_pol), dtype=np.int64)
-    precision = np.full((n_chan, n_pol), np.inf)
+    precision = np.where(active, np.inf, np.nan)
     for iteration in range(1, max_iterations + 1):
         idx = np.flatnonzero(active.ravel())
         if idx.size == 0:

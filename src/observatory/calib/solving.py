@@ -118,6 +118,47 @@ class SolvedObservation:
             )  # fmt: skip
 
 
+class Unsolvable(ValueError):
+    """A solve that produced no solution a fit could use (see :func:`check_solvable`)."""
+
+
+#: A delay is the slope of phase with frequency: a fit needs at least this many chanblocks.
+MIN_USABLE_CHANBLOCKS = 2
+
+
+def usable_chanblocks(solved: SolvedObservation) -> int:
+    """How many chanblocks have a solution for some tile the metafits does not flag."""
+    jones = solved.file_jones()
+    unflagged = ~solved.meta.flagged_antennas
+    return int(np.isfinite(jones[:, unflagged, 0]).any(axis=1).sum())
+
+
+def check_solvable(solved: SolvedObservation, n_files: int) -> None:
+    """Refuse a solve whose data hold too few usable chanblocks for a delay fit.
+
+    With fewer than :data:`MIN_USABLE_CHANBLOCKS` chanblocks solved (e.g. one fine channel
+    per coarse channel, and that one flagged as the coarse channel's edge or DC), every
+    gain is NaN: nothing was solved. With fewer than 2 unflagged tiles nothing can be
+    solved either, but that is the tiles' fault: the fit says so, tile by tile, and it is
+    not refused here.
+
+    Raises
+    ------
+    Unsolvable
+        Naming the observation, how many chanblocks were usable and why a fit needs more.
+    """
+    unflagged = ~solved.meta.flagged_antennas
+    n_usable = usable_chanblocks(solved)
+    if n_usable < MIN_USABLE_CHANBLOCKS and unflagged.sum() >= 2:
+        meta = solved.meta
+        raise Unsolvable(
+            f"observation {meta.obsid} has {n_usable} usable chanblock(s) of the "
+            f"{len(solved.freqs_hz)} in its data files ({n_files} file(s), "
+            f"{meta.fine_chan_width_hz / 1e3:g} kHz fine channels, coarse-channel edges "
+            f"flagged): a delay fit needs at least {MIN_USABLE_CHANBLOCKS}"
+        )
+
+
 def _normal_matrices_of(
     chunk: RawChunk, meta: ObservationMeta, source: Source, edge_chans: int, flag_dc: bool,
     flag_rfi: bool,
