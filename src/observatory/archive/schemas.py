@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -47,6 +48,12 @@ class ObservationOut(BaseModel):
     atten_db: float | None
     calibration: bool
     calibrator_source: str | None
+    #: False when no trigger may interrupt it (an operator's ``--not-interruptible``).
+    interruptible: bool
+    #: With subarrays: each subarray's target and pointing (``subarray``, ``target``,
+    #: ``az_deg``, ``el_deg``, ``delays``, ...; once recorded, ``recorded_tile_ids``: the
+    #: tiles of it the metafits holds); null for an observation of the whole array.
+    subarray_pointings: list[dict[str, Any]] | None
     deleted: bool
     created_by: str
     created_at: datetime

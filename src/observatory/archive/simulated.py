@@ -15,10 +15,12 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from astropy.io import fits
 from numpy.typing import NDArray
 from sqlalchemy.orm import Session
 
@@ -33,13 +35,11 @@ from observatory.core.config import Settings
 from observatory.core.storage import Storage, remove_leftover_temporaries, temporary_name
 from observatory.telescope.catalogue import UnknownSourceError, lookup
 from observatory.telescope.instrument import (
-    DIPOLE_OFF_DELAY,
     MWAX_SUBOBS_S,
     N_TILES,
     VCS_BLOCKS_PER_SUBOBS,
     VCS_SAMPLES_PER_BLOCK,
     VCS_SUBFILE_HEADER_BYTES,
-    array_tiles,
     subarray_tiles,
     sweet_grid_number,
     tile_layout,
@@ -66,7 +66,7 @@ DELAY_ERROR_SCATTER_NS = 2.0
 
 
 def instrument_gains(
-    n_tiles: int, coarse_chans: Sequence[int]
+    n_tiles: int, coarse_chans: Sequence[int], *, antennas: Sequence[int] | None = None
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """The simulated array's gain amplitudes (n_tiles, 2, channels) and delay errors (n_tiles, 2), ns.
 
@@ -74,13 +74,28 @@ def instrument_gains(
     one observation to the next: a calibrator's fit then calibrates the observations near it
     (each observation drew its own, so a target calibrated with its calibrator's solutions
     came out with the phases of two unrelated instruments).
+
+    Parameters
+    ----------
+    n_tiles
+        The first ``n_tiles`` tiles of the layout (``array_tiles(n_tiles=...)``).
+    coarse_chans
+        Receiver channels, in any order (the result is in ascending order, the simulator's).
+    antennas
+        Or these tiles: their indices in :func:`~observatory.telescope.instrument.tile_layout`
+        (then ``n_tiles`` is ignored); the rows are in ascending order, which is the
+        simulator's (the layout is sorted by tile id), so a tile has the same gains whichever
+        tiles it is recorded with.
     """
     rng = np.random.default_rng(INSTRUMENT_SEED)
     amplitudes = np.abs(1.0 + GAIN_AMPLITUDE_SCATTER * rng.standard_normal((N_TILES, 2, 256)))
     delays_ns = DELAY_ERROR_SCATTER_NS * rng.standard_normal((N_TILES, 2))
     # In the simulator's order (ascending), with its errors for bad channel numbers.
     chans = np.asarray(validate_coarse_chans(coarse_chans), dtype=np.intp)
-    return amplitudes[:n_tiles][:, :, chans], delays_ns[:n_tiles]
+    if antennas is None:
+        return amplitudes[:n_tiles][:, :, chans], delays_ns[:n_tiles]
+    rows = np.asarray(sorted(antennas), dtype=np.intp)
+    return amplitudes[rows][:, :, chans], delays_ns[rows]
 
 
 def _calibrator_point_source(name: str, phase_centre: tuple[float, float] | None) -> PointSource:
@@ -277,6 +292,12 @@ def observe_scheduled(
     the calibrator of a calibrator observation, else a 10 Jy point source at the
     phase centre.
 
+    An observation with subarrays records their tiles only, those tiles shared out equally
+    among its subarrays (:func:`subarray_shares`; at least one each), each tile with its own
+    subarray's delays (TILEDATA ``Delays``). The header (RA/DEC, AZIMUTH/ALTITUDE,
+    RAPHASE/DECPHASE and ``DELAYS``) is the first subarray's pointing, and the record's
+    ``subarray_pointings`` name the tiles recorded of each (``recorded_tile_ids``).
+
     A buffering observation (``MWAX_BUFFER``) keeps only what buffer dumps saved: its
     sub-files starting at ``dumped_subobs_gps`` (see :func:`dumped_subobs_gps`).
 
@@ -315,13 +336,21 @@ def observe_scheduled(
     else:
         sources = [PointSource(*phase_centre, TARGET_FLUX_JY, -0.8, "target")]
     _remove_stale_parts(settings.archive_dir / str(observation.obsid), observation.obsid)
-    amplitudes, delays_ns = instrument_gains(n_tiles, observation.coarse_chans)
+    subarrays = observation.subarray_pointings or []
+    shares = subarray_shares(subarrays, n_tiles)
+    # With subarrays, their tiles (tile_layout() indices, ascending: the simulator's order).
+    antennas = sorted(a for share in shares for a in share) if subarrays else None
+    if antennas is not None:
+        n_tiles = len(antennas)
+    amplitudes, delays_ns = instrument_gains(n_tiles, observation.coarse_chans, antennas=antennas)
     pointing = None if observation.ra_deg is None else (observation.ra_deg, observation.dec_deg)
+    layout = tile_layout()
     with _staging(settings, observation.obsid) as staged:
         simulated = simulate_observation(
             staged,
             observation.obsid,
             n_tiles=n_tiles,
+            tile_ids=None if antennas is None else [layout[a].tile_id for a in antennas],
             coarse_chans=observation.coarse_chans,
             fine_chan_khz=fine_chan_khz,
             int_time_s=int_time_s,
@@ -332,7 +361,7 @@ def observe_scheduled(
             phase_centre_radec_deg=phase_centre,
             mode="MWAX_VCS" if voltages else "MWAX_CORRELATOR",
             voltage_subobs_gps=dumped_subobs_gps,
-            beamformer_delays=_scheduled_delays(observation, n_tiles),
+            beamformer_delays=_scheduled_delays(observation, n_tiles, shares),
             pointing_grid=_grid_point(observation),
             atten_db=observation.atten_db if observation.atten_db is not None else 1.0,
             gain_amplitudes=amplitudes,
@@ -344,21 +373,84 @@ def observe_scheduled(
             creator=observation.creator or "simulator",
             calibrator=observation.calibrator_source if observation.calibration else None,
         )
+        if subarrays:
+            # The header's pointing is the first subarray's throughout (RA/DEC, AZIMUTH/
+            # ALTITUDE, RAPHASE/DECPHASE are): the simulator writes the first tile's delays,
+            # which may be another subarray's.
+            _set_header_delays(simulated.metafits_path, subarrays[0]["delays"])
         # Read before the files move into the archive.
         recorded = metafits_observation_fields(simulated.metafits_path)
         with _removed_unless_registered(simulated, settings):
             _register(session, settings, staged)
-            observation.n_tiles = n_tiles
+            observation.n_tiles = recorded["n_tiles"]
             if not voltages:
                 observation.freq_res_khz = fine_chan_khz
                 observation.int_time_s = int_time_s
             # Where the telescope pointed and phased, as the metafits says: an operator's
             # observation is scheduled without a position, and /metadata/obs and find showed
             # none for it once recorded.
-            for column in ("ra_deg", "dec_deg", "ra_phase_deg", "dec_phase_deg"):
+            for column in RECORDED_POINTING_COLUMNS:
                 setattr(observation, column, recorded[column])
+            if subarrays:
+                # A new list: SQLAlchemy sees a JSON column change only when it is assigned.
+                observation.subarray_pointings = [
+                    {**entry, "recorded_tile_ids": [layout[a].tile_id for a in share]}
+                    for entry, share in zip(subarrays, shares, strict=True)
+                ]
             session.flush()
     return observation
+
+
+#: The columns of a recorded observation's record set to what its metafits says.
+RECORDED_POINTING_COLUMNS = (
+    "ra_deg", "dec_deg", "ra_phase_deg", "dec_phase_deg", "az_deg", "el_deg", "delays",
+)  # fmt: skip
+
+
+def subarray_shares(pointings: Sequence[Mapping[str, Any]], n_tiles: int) -> list[tuple[int, ...]]:
+    """The tiles the simulated telescope records of each subarray of an observation.
+
+    Parameters
+    ----------
+    pointings
+        The observation's ``subarray_pointings`` (each names its ``subarray``).
+    n_tiles
+        How many tiles the telescope records: shared out equally (the first subarrays
+        take what does not divide), at least one each, so every subarray's target has data.
+
+    Returns
+    -------
+    list of tuple of int
+        For each pointing, the first tiles of its subarray in layout order
+        (:func:`~observatory.telescope.instrument.tile_layout` indices; at most the
+        subarray's size), none of an earlier pointing's.
+
+    Raises
+    ------
+    ValueError
+        Naming a subarray that is not one of
+        :func:`~observatory.telescope.instrument.subarray_tiles`.
+    """
+    members = subarray_tiles()
+    taken: set[int] = set()
+    shares = []
+    for index, entry in enumerate(pointings):
+        name = entry.get("subarray")
+        if name not in members:
+            raise ValueError(
+                f"subarray {name!r} is not one of {', '.join(members)}: its tiles are unknown"
+            )
+        share = max(1, n_tiles // len(pointings) + (index < n_tiles % len(pointings)))
+        chosen = tuple([a for a in members[name] if a not in taken][:share])
+        taken.update(chosen)
+        shares.append(chosen)
+    return shares
+
+
+def _set_header_delays(metafits: Path, delays: Sequence[int]) -> None:
+    """Set the metafits ``DELAYS`` (in place: one card, the header keeps its size)."""
+    with fits.open(metafits, mode="update") as hdus:
+        hdus[0].header["DELAYS"] = ",".join(str(int(d)) for d in delays)
 
 
 def _grid_point(observation: Observation) -> tuple[str, int]:
@@ -370,23 +462,23 @@ def _grid_point(observation: Observation) -> tuple[str, int]:
     return ("sim", 0) if number is None else ("sweet", number)
 
 
-def _scheduled_delays(observation: Observation, n_tiles: int) -> NDArray[np.int64] | None:
+def _scheduled_delays(
+    observation: Observation, n_tiles: int, shares: Sequence[Sequence[int]]
+) -> NDArray[np.int64] | None:
     """The dipole delays the recorded tiles were set to, one row per antenna (the
     simulator's order: by tile id): the schedule's pointing (a sweet spot, all-sky's
-    single dipole), or with subarrays each tile's subarray's, a tile in none switched off.
-    None when the record has no delays (the simulator points at the RA/Dec then)."""
-    tiles = array_tiles(n_tiles=n_tiles)
+    single dipole), or with subarrays each tile's subarray's (``shares``: the tiles recorded
+    of each, :func:`subarray_shares`). None when the record has no delays (the simulator
+    points at the RA/Dec then)."""
     if observation.subarray_pointings:
-        layout_index = {tile.tile_id: index for index, tile in enumerate(tile_layout())}
-        members = subarray_tiles()
-        delays = np.full((len(tiles), 16), DIPOLE_OFF_DELAY, dtype=np.int64)
-        for pointing in observation.subarray_pointings:
-            inside = set(members[pointing["subarray"]])
-            rows = [i for i, t in enumerate(tiles) if layout_index[t.tile_id] in inside]
-            delays[rows] = pointing["delays"]
-        return delays
+        rows = {
+            antenna: pointing["delays"]
+            for pointing, share in zip(observation.subarray_pointings, shares, strict=True)
+            for antenna in share
+        }
+        return np.array([rows[antenna] for antenna in sorted(rows)], dtype=np.int64)
     if len(observation.delays or ()) == 16:
-        return np.broadcast_to(np.asarray(observation.delays, dtype=np.int64), (len(tiles), 16))
+        return np.broadcast_to(np.asarray(observation.delays, dtype=np.int64), (n_tiles, 16))
     return None
 
 
