@@ -369,16 +369,35 @@ def test_download_only_reports_jobs_it_cannot_download(server: Server, tmp_path:
         "result": "Error: Job Id 999999 is not a valid job, has expired or is not owned by you.",
     }]  # fmt: skip
 
+    # A failed or cancelled job is named as such: "not ready for download" suggested that
+    # waiting would help.
     with server.session() as session:
         job_id = session.submit_conversion_job(OBSID, apply_di_cal=True, avg_time_res=4)
-        assert completed_job(session, job_id).state == "error"
-    code, _ = mwa_client("-w", str(job_id), "-e", str(error_file), "-d", str(tmp_path),
-                         environ=server.environ())  # fmt: skip
+        failed = completed_job(session, job_id)
+        assert failed.state == "error" and failed.error_text
+    code, output = mwa_client("-w", str(job_id), "-e", str(error_file), "-d", str(tmp_path),
+                              environ=server.environ())  # fmt: skip
+    assert code == 4
+    reason = " ".join(failed.error_text.split())
+    assert json.loads(error_file.read_text()) == [{
+        "job_id": job_id, "obs_id": str(OBSID),
+        "result": f"Error: Job Id {job_id} failed: {reason}; it has no product to download",
+    }]  # fmt: skip
+    assert "not ready for download" not in output
+
+    environ = fresh_user_environ(server)
+    with asvo.Session.login(environ["MWA_ASVO_API_KEY"], base_url=server.base_url) as session:
+        job_id = session.submit_conversion_job(OBSID, avg_time_res=2, avg_freq_res=40)
+        session.cancel_job(job_id)
+        assert completed_job(session, job_id).state == "cancelled"
+    code, output = mwa_client("-w", str(job_id), "-e", str(error_file), "-d", str(tmp_path),
+                              environ=environ)  # fmt: skip
     assert code == 4
     assert json.loads(error_file.read_text()) == [{
         "job_id": job_id, "obs_id": str(OBSID),
-        "result": "Error: Invalid job state- job not ready for download",
+        "result": f"Error: Job Id {job_id} was cancelled; it has no product to download",
     }]  # fmt: skip
+    assert "not ready for download" not in output
 
 
 def expire_now(server: Server, session: asvo.Session, job_id: int) -> None:

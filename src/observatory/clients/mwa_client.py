@@ -543,7 +543,9 @@ def _ready_jobs(
     """The jobs ``-w`` downloads: every completed one (0), or the one asked for.
 
     An expired job asked for by its id is an error saying so, and the ``.part`` files of
-    its product in ``outdir`` are deleted: no run could resume them.
+    its product in ``outdir`` are deleted: no run could resume them. A cancelled or failed
+    one is an error naming its state (and a failure's reason); one still running keeps
+    the guide's "not ready for download".
     """
     jobs = session.get_jobs()
     if job_id == 0:
@@ -566,6 +568,18 @@ def _ready_jobs(
         errors.append(JobError(job_id, str(wanted.obs_id),
                                f"Error: Job Id {job_id} has expired: its product is gone and can "
                                f"no longer be downloaded{deleted}"))  # fmt: skip
+        return []
+    if wanted.state in ("cancelled", "error"):
+        # Finished without a product: waiting would not help, as the guide's "not ready
+        # for download" suggests.
+        why = (
+            "was cancelled"
+            if wanted.state == "cancelled"
+            else f"failed: {' '.join((wanted.error_text or 'no reason given').split())}"
+        )
+        errors.append(JobError(job_id, str(wanted.obs_id),
+                               f"Error: Job Id {job_id} {why}; it has no product to "
+                               "download"))  # fmt: skip
         return []
     if wanted.state != "completed":
         errors.append(JobError(job_id, str(wanted.obs_id),
