@@ -271,3 +271,29 @@ def test_malformed_variable_and_tag_requests_are_400s(
     assert reply.status_code == 400 and named in reply.json()["error"], reply.text
     not_json = client.post(f"/calib/grafana/{path}", content=b"{not json")
     assert not_json.status_code == 400 and "not JSON" in not_json.json()["error"]
+
+
+def test_malformed_targets_and_null_payload_values(client: TestClient) -> None:
+    """``"targets": {}`` (an object, not a list) answered 200 ``[]``, as did ``"source":
+    null`` (read as the calibrator named "None"). A malformed query is a 400 naming what
+    is wrong; a null value is an absent one."""
+    span = {"from": "2020-01-01T00:00:00Z", "to": "2030-01-01T00:00:00Z"}
+    for targets, named in (
+        ({}, "targets must be a list"),
+        ({"target": "rec01"}, "not an object"),
+        ("", "not a string"),
+        (0, "not a number"),
+        ([{"target": "rec01", "payload": {"source": ["HydA"]}}], "payload source"),
+        ([{"target": "rec01", "payload": {"style": {}}}], "payload style"),
+        ([{"target": "rec01", "payload": {"channel": True}}], "payload channel"),
+    ):
+        reply = client.post("/calib/grafana/query", json={"range": span, "targets": targets})
+        assert reply.status_code == 400, (targets, reply.text)
+        assert named in reply.json()["error"], (targets, reply.text)
+    for absent in ({"range": span}, {"range": span, "targets": None}):
+        reply = client.post("/calib/grafana/query", json=absent)
+        assert reply.status_code == 200 and reply.json() == []
+    explicit = query(client, f"rec{RX:02d}", style="full", source="ANY", channel="ANY", clip="None")
+    nulls = query(client, f"rec{RX:02d}", style=None, source=None, channel=None, clip=None)
+    assert nulls == explicit and len(explicit) == 2 * len(TILES)
+    assert query(client, f"rec{RX:02d}", style="full", channel=120) == explicit  # a number

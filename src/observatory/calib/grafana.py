@@ -216,9 +216,15 @@ def query(session: Session, settings: Settings, body: Mapping[str, Any]) -> list
             tiles[obsid] = _tiles_of(session, settings, obsid)
         return tiles[obsid]
 
-    targets = body.get("targets") or []
+    # Absent or null: no targets (a null value is an absent one, as in the payloads). Any
+    # other non-list (an object, an empty one included, or a string) is malformed.
+    targets = body.get("targets")
+    if targets is None:
+        targets = []
     if not isinstance(targets, list):
-        raise BadRequest("targets must be a list of objects with a target name")
+        raise BadRequest(
+            f"targets must be a list of objects with a target name, not {_json_type(targets)}"
+        )
     for target in targets:
         if not isinstance(target, Mapping):
             raise BadRequest(f"each of targets must be an object, not {target!r}")
@@ -236,6 +242,43 @@ def query(session: Session, settings: Settings, body: Mapping[str, Any]) -> list
             session, settings, int(name[3:]), ref_id, rows, payload, tiles_of
         )
     return frames
+
+
+def _json_type(value: object) -> str:
+    """What a JSON value is, for a message (``an object``, ``a string``...)."""
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "a list"
+    return "null" if value is None else type(value).__name__
+
+
+def _payload_text(payload: Mapping[str, Any], key: str, default: str) -> str:
+    """A payload option as text: ``default`` when absent or null (a null value is an
+    absent one: ``{"source": null}`` is any source), a string as it is, a number (a
+    channel, a clip) as its text.
+
+    Raises
+    ------
+    BadRequest
+        For any other JSON value (an object, a list, a boolean), naming the option.
+    """
+    value = payload.get(key)
+    if value is None:
+        return default
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise BadRequest(
+        f"payload {key} must be a string (or null for {default}), not {_json_type(value)}"
+    )
 
 
 def _payload(value: object) -> Mapping[str, Any]:
@@ -264,11 +307,14 @@ def _receiver_frames(
     """The frames of receiver ``rx``: its tiles in each fit are those its calibrator
     observation's metafits puts on it (tiles move between receivers, and arrays differ).
     ``tiles_of``: an observation's tiles (:func:`_tiles_of`, read once per query)."""
-    channel, source = str(payload.get("channel", "ANY")), str(payload.get("source", "ANY"))
-    style = str(payload.get("style", "full"))
+    channel, source = (
+        _payload_text(payload, "channel", "ANY"),
+        _payload_text(payload, "source", "ANY"),
+    )
+    style = _payload_text(payload, "style", "full")
     if style not in {value for _, value in STYLES}:
         raise BadRequest(f"style {style!r} is not one of {', '.join(v for _, v in STYLES)}")
-    clip_text = str(payload.get("clip", "None") or "None")
+    clip_text = _payload_text(payload, "clip", "None") or "None"
     try:
         clip = None if clip_text in ("None", "") else float(clip_text)
     except ValueError:
