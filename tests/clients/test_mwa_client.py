@@ -31,7 +31,7 @@ import pytest
 from observatory.asvo.models import Job
 from observatory.clients import asvo
 from observatory.clients.csvjobs import parse_job_csv
-from observatory.clients.mwa_client import run
+from observatory.clients.mwa_client import VERSION_STRING, run
 from observatory.core.config import Settings
 from observatory.core.database import make_engine, make_session_factory, utcnow
 from servers import (
@@ -128,9 +128,24 @@ def fresh_user_environ(server: Server) -> dict[str, str]:
 
 
 def mwa_client(*args: str, environ: dict[str, str]) -> tuple[int, str]:
-    out = io.StringIO()
-    code = run(list(args), environ=environ, stdout=out)
-    return code, out.getvalue()
+    """Exit code, and stdout followed by stderr (where -l into a file says what it does)."""
+    code, out, err = mwa_client_streams(*args, environ=environ)
+    return code, out + err
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def mwa_client_streams(
+    *args: str, environ: dict[str, str], terminal: bool = False
+) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr (stdout a terminal with ``terminal``)."""
+    out = _Terminal() if terminal else io.StringIO()
+    err = io.StringIO()
+    code = run(list(args), environ=environ, stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
 
 
 def sha1(path: Path) -> str:
@@ -302,6 +317,40 @@ def test_a_duplicate_submitted_by_another_run_after_this_one_started_is_followed
     (file,) = job.files
     assert sha1(out_dir / file.name) == file.sha1
     assert f"Download complete: Job id: {job_id} file: {out_dir / file.name}" in output
+
+
+def test_a_listing_into_a_file_holds_only_the_listing(server: Server) -> None:
+    """`mwa_client -l > list.txt` had the version, "Connecting to MWA ASVO (...)...",
+    "Connected to MWA ASVO" and "mwa_client finished successfully" lines among the jobs."""
+    header = "Job id\tObs id\tType\tState\tSize (bytes)\tError"
+    code, out, err = mwa_client_streams("-l", environ=server.environ())
+    assert code == 0, out + err
+    lines = out.splitlines()
+    assert lines[0] == header and len(lines) > 1
+    assert all(re.match(r"\d+\t\d+\t", line) for line in lines[1:]), lines
+    for status in (VERSION_STRING, "Connecting to MWA ASVO (", "Connected to MWA ASVO",
+                   "mwa_client finished successfully"):  # fmt: skip
+        assert status in err and status not in out
+
+    # No jobs: a header and no rows; the sentence goes with the status lines.
+    code, out, err = mwa_client_streams("-l", environ=fresh_user_environ(server))
+    assert code == 0 and out == header + "\n" and "You have no jobs." in err
+
+    # An error too: stdout stays empty.
+    code, out, err = mwa_client_streams(
+        "-l", environ=server.environ(MWA_ASVO_API_KEY="not-the-right-key")
+    )
+    assert code == 2 and out == "" and "Error: Login failed: HTTP 401" in err
+
+    # On a terminal, as the guide shows it: everything on stdout.
+    code, out, err = mwa_client_streams("-l", environ=server.environ(), terminal=True)
+    assert code == 0 and err == ""
+    assert VERSION_STRING in out and "Job id" in out
+    assert out.rstrip().endswith("mwa_client finished successfully")
+
+    # The other modes keep their status lines on stdout, file or not.
+    code, out, err = mwa_client_streams("-w", "999999", environ=server.environ())
+    assert code == 4 and VERSION_STRING in out and "Connected to MWA ASVO" in out and err == ""
 
 
 def test_submit_only_and_list_only_ignore_the_download_directory(

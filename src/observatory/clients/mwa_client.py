@@ -217,15 +217,26 @@ class JobError:
 
 
 class Reporter:
-    """Status lines, and progress bars when stdout is a terminal (plain lines otherwise)."""
+    """Status lines, and progress bars when stdout is a terminal (plain lines otherwise).
 
-    def __init__(self, stream: TextIO, verbose: bool) -> None:
+    ``status_stream``, when given, takes the status lines (``say``) instead of ``stream``:
+    ``-l`` into a file or a pipe keeps stdout for the listing alone.
+    """
+
+    def __init__(self, stream: TextIO, verbose: bool, status_stream: TextIO | None = None) -> None:
         self.verbose = verbose
         self.interactive = stream.isatty()
         self.console = Console(
             file=stream, highlight=False, soft_wrap=True,
             force_terminal=self.interactive, no_color=not self.interactive,
         )  # fmt: skip
+        self._status_console = self.console
+        if status_stream is not None:
+            status_terminal = status_stream.isatty()
+            self._status_console = Console(
+                file=status_stream, highlight=False, soft_wrap=True,
+                force_terminal=status_terminal, no_color=not status_terminal,
+            )  # fmt: skip
         self._lock = threading.Lock()
         self._progress: Progress | None = None
         self._overall: TaskID | None = None
@@ -237,7 +248,7 @@ class Reporter:
             if self._progress is not None:
                 self._progress.console.print(message, markup=False)
             else:
-                self.console.print(message, markup=False)
+                self._status_console.print(message, markup=False)
 
     def job_line(self, job: Job) -> str:
         """``Job id: N Obs id: M type: T`` (with params when verbose)."""
@@ -507,11 +518,15 @@ def _follow(
 
 
 def _list_jobs(session: Session, reporter: Reporter) -> None:
+    """The ``-l`` listing on stdout: a table on a terminal, tab-separated lines otherwise."""
     jobs = session.get_jobs()
+    header = ("Job id", "Obs id", "Type", "State", "Size (bytes)", "Error")
     if not jobs:
         reporter.say("You have no jobs.")
+        if not reporter.interactive:  # a script reads a header and no rows
+            reporter.console.file.write("\t".join(header) + "\n")
+            reporter.console.file.flush()
         return
-    header = ("Job id", "Obs id", "Type", "State", "Size (bytes)", "Error")
     rows = [
         (
             str(job.id), str(job.obs_id), job.type_name,
@@ -532,9 +547,9 @@ def _list_jobs(session: Session, reporter: Reporter) -> None:
             "".join("\t".join(row).rstrip() + "\n" for row in (header, *rows))
         )
         reporter.console.file.flush()
-    if reporter.verbose:
+    if reporter.verbose:  # part of the listing asked for: on stdout with it
         for job in jobs:
-            reporter.say(reporter.job_status(job))
+            reporter.console.print(reporter.job_status(job), markup=False)
 
 
 def _ready_jobs(
@@ -678,8 +693,15 @@ def run(
     *,
     environ: Mapping[str, str] | None = None,
     stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
 ) -> int:
-    """Run mwa_client with these arguments; returns the exit code."""
+    """Run mwa_client with these arguments; returns the exit code.
+
+    Everything goes to ``stdout`` (default ``sys.stdout``), as the guide's client prints
+    it, except under ``-l`` into a file or a pipe: stdout then holds only the listing, for
+    scripts, and the status lines (version, connecting, errors, "finished successfully")
+    go to ``stderr`` (default ``sys.stderr``).
+    """
     env = os.environ if environ is None else environ
     out = stdout or sys.stdout
     parser = build_parser()
@@ -695,7 +717,8 @@ def run(
                 _check_error_file(errfile, csvfile)
                 _write_error_file(errfile, [JobError(None, None, f"Error: {message}")])
         raise
-    reporter = Reporter(out, args.verbose)
+    listing_for_a_script = args.list_only and not out.isatty()
+    reporter = Reporter(out, args.verbose, (stderr or sys.stderr) if listing_for_a_script else None)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="mwa_client: %(message)s", stream=sys.stderr,
