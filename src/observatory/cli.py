@@ -320,11 +320,11 @@ def cmd_schedule_observation(args: argparse.Namespace) -> int:
             session, start_gps=start, duration_s=args.duration, mode=args.mode,
             coarse_chans=args.coarse_chans, project_id=args.project,
             obsname=args.obsname or f"{args.mode.lower()}_{start}", now_gps_s=now,
-            vcs_free_s=read_vcs_free_s,
+            vcs_free_s=read_vcs_free_s, interruptible=args.interruptible,
         )  # fmt: skip
         console.print(
             f"scheduled {observation.obsid} {observation.obsname} ({observation.mode}) until "
-            f"{observation.stoptime}",
+            f"{observation.stoptime}" + ("" if args.interruptible else ", not interruptible"),
             highlight=False,
         )
     return 0
@@ -959,6 +959,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     scheduled.add_argument("--project", default="D0000", help="project id (D0000)")
     scheduled.add_argument("--obsname", help="name (default: <mode>_<start>)")
+    scheduled.add_argument(
+        "--not-interruptible", dest="interruptible", action="store_false",
+        help="no other project's trigger may interrupt it, whatever its priority",
+    )  # fmt: skip
 
     simulate = add("simulate", lambda _a: 0, "simulated telescope")
     simulate_commands = simulate.add_subparsers(

@@ -669,6 +669,7 @@ def schedule_observation(
     obsname: str,
     now_gps_s: float,
     vcs_free_s: VcsFreeReader | None = None,
+    interruptible: bool = True,
 ) -> Observation:
     """Put an observation in the schedule by hand, as an operator does.
 
@@ -697,6 +698,9 @@ def schedule_observation(
         The current GPS time (advanced by the time the lock was waited for).
     vcs_free_s
         Reads the VCS disk's room (:data:`VcsFreeReader`); required for ``MWAX_VCS``.
+    interruptible
+        False protects it from triggers: no other project's trigger may truncate or delete
+        it, whatever its priority (``trigger.service.blockers``); its own project's may.
 
     Returns
     -------
@@ -770,7 +774,8 @@ def schedule_observation(
     observation = Observation(
         obsid=start_gps, stoptime=stop_gps, obsname=obsname, creator="operator",
         project_id=project_id, mode=mode, delays=[0] * 16, coarse_chans=channels,
-        el_deg=90.0, az_deg=0.0, deleted=False, created_by=SCHEDULED_BY_OPERATOR,
+        el_deg=90.0, az_deg=0.0, interruptible=interruptible, deleted=False,
+        created_by=SCHEDULED_BY_OPERATOR,
     )  # fmt: skip
     session.add(observation)
     session.flush()
