@@ -459,8 +459,8 @@ def test_vcsfree_and_voltage_triggers(
     free = client.get("/trigger/vcsfree").json()
     _at_the_start_of_an_8_s_window()  # the capture below is replaced by later pretend calls
     rate = 24 * settings.trigger_vcs_bytes_per_s_per_chan
-    # Whole 8 s blocks (12715 s fit here): what mwa_trigger's trigger(vcsmode=True) caps
-    # exptime to must be an exposure triggervcs takes.
+    # Whole 8 s blocks (12715 s fit here): a caller who caps exptime at vcsfree must ask
+    # for an exposure triggervcs takes.
     assert free == int(settings.trigger_vcs_capacity_bytes // rate) // 8 * 8 == 12712
     capped = trigger(client, "triggervcs", nobs=1, exptime=min(20000, free), pretend="true")
     assert capped["success"] is True, capped["errors"]
@@ -769,7 +769,38 @@ def test_a_voltage_capture_replaced_by_its_own_project_needs_no_room_twice(
             session, settings, {**raw, "pretend": "1", "exptime": free_s + 8}, vcs=True, now=now + 2
         )
         assert too_long["success"] is False
-        assert f"the VCS disk has room for {free_s} s" in " ".join(too_long["errors"].values())
+        # Named in whole 8 s blocks, as vcsfree counts the room.
+        room_s = free_s - free_s % 8
+        assert f"the VCS disk has room for {room_s} s" in " ".join(too_long["errors"].values())
+
+
+def test_vcsfree_and_the_refusals_name_the_same_room(
+    client: TestClient, settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """vcsfree answered 12712 (whole 8 s blocks) while triggervcs, in the same state, refused
+    a capture saying "the VCS disk has room for 12715 s" (its own count, unrounded): one
+    computation now, so a capture of vcsfree seconds is taken and one 8 s longer is refused
+    naming the number vcsfree gave; triggerbuffer names it too."""
+    rate = 24 * settings.trigger_vcs_bytes_per_s_per_chan
+    assert int(settings.trigger_vcs_capacity_bytes // rate) % 8 != 0  # a part block: 12715 s
+    free = client.get("/trigger/vcsfree").json()
+    assert free % 8 == 0
+    taken = trigger(client, "triggervcs", nobs=1, exptime=free, pretend="true")
+    assert taken["success"] is True, taken["errors"]
+    refused = trigger(client, "triggervcs", nobs=1, exptime=free + 8, pretend="true")
+    assert refused["success"] is False
+    assert f"the VCS disk has room for {free} s" in " ".join(refused["errors"].values())
+    # A dump of a buffering telescope, capturing for longer than there is room for.
+    now = 1_450_324_816 + 0.5
+    with session_factory() as session:
+        session.add(Observation(obsid=1_450_324_816 - 96, stoptime=1_450_324_816 + 800,
+                                project_id="C001", mode="MWAX_BUFFER", obsname="buffering",
+                                coarse_chans=list(range(109, 133))))  # fmt: skip
+        session.commit()
+        assert service.vcsfree_answer_s(session, settings, now) == free
+        dump = _buffer_call(session, settings, now, obstime=free + 8, pretend="1")
+    assert dump["success"] is False
+    assert f"the VCS disk has room for {free} s" in " ".join(dump["errors"].values())
 
 
 def test_a_calibrator_found_by_the_online_name_resolver_is_observed(

@@ -122,38 +122,46 @@ def _schedule_full_band_capture(
         del os.environ["OBSERVATORY_DATABASE_URL"]
 
 
-def test_a_voltage_trigger_is_capped_at_vcsfree_as_triggerservice_caps_it(
+def test_a_voltage_trigger_sends_exptime_as_given_and_the_server_decides(
     server: tuple[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """mwa_trigger's trigger(vcsmode=True) asks for min(exptime, vcsfree()), in triggervcs
-    and in the buffered path's obstime = nobs * exptime, and sends nothing when that is no
-    time at all. Ours sent exptime whole: the server refused what the real client caps."""
+    """mwa_trigger's trigger(vcsmode=True) (triggerservice.py on its master branch) posts
+    exptime as given, in triggervcs and in the buffered path's obstime = nobs * exptime, and
+    returns the server's answer. Ours capped exptime at vcsfree() first, and sent nothing
+    (None) when that left no time: a capture the caller asked for was silently shortened."""
     base, database_url = server
     project, (_, key) = "T0005", PROJECTS["T0005"]
     # The VCS disk (12715 s of 24-channel capture) nearly full: a capture a day from now
     # leaves 115 s, which vcsfree answers in whole 8 s blocks.
     later = (now_gps() // 8 + 86400 // 8) * 8
     _schedule_full_band_capture(tmp_path / "data", database_url, later, 12600, project)
-    assert ts.vcsfree(base_url=base) == 112
+    free_s = ts.vcsfree(base_url=base)
+    assert free_s == 112
     voltage = {"project_id": project, "secure_key": key, "vcsmode": True, "pretend": True,
                "base_url": base}  # fmt: skip
-    capped = ts.trigger(**voltage, freqspecs="121,24", nobs=1, exptime=900)  # all-sky: no target
+    caplog.clear()
+    too_long = ts.trigger(**voltage, freqspecs="121,24", nobs=1, exptime=904)  # all-sky
+    assert too_long is not None and too_long["success"] is False, too_long
+    assert too_long["params"]["exptime"] == 904  # sent unchanged: the server refused it
+    assert "the VCS disk has room for" in " ".join(too_long["errors"].values())
+    # A caller that wants what fits caps exptime itself, at vcsfree: then it is taken.
+    capped = ts.trigger(**voltage, freqspecs="121,24", nobs=1, exptime=min(904, free_s))
     assert capped is not None and capped["success"] is True, capped
     assert capped["params"]["exptime"] == 112
-    buffered = ts.trigger(**voltage, buffered=True, nobs=2, exptime=900)
-    assert buffered is not None and buffered["params"]["obstime"] == 2 * 112
-    # Full: 3 s of room, no whole 8 s block. Nothing is sent; None, logged, as the real one.
+    buffered = ts.trigger(**voltage, buffered=True, nobs=2, exptime=904)
+    assert buffered is not None and buffered["params"]["obstime"] == 2 * 904
+    # Full: 3 s of room, no whole 8 s block. The request is still sent, and the server's
+    # refusal returned (not None, which robots read as "web API error").
     _schedule_full_band_capture(tmp_path / "data", database_url, later + 12600, 112, project)
     second = now_gps()
     while now_gps() == second:  # the server reuses a vcsfree answer within its GPS second
         time.sleep(0.02)
     assert ts.vcsfree(base_url=base) == 0
-    caplog.clear()
-    assert ts.trigger(**voltage, freqspecs="121,24", nobs=1, exptime=8) is None
-    assert ts.trigger(**voltage, buffered=True, nobs=1, exptime=8) is None
-    assert [r.levelname for r in caplog.records] == ["ERROR", "ERROR"]
-    assert "leaves no time: nothing triggered" in caplog.records[0].getMessage()
-    # A correlator trigger writes nothing to the VCS disk: it is neither capped nor refused.
+    full = ts.trigger(**voltage, freqspecs="121,24", nobs=1, exptime=8)
+    assert full is not None and full["success"] is False, full
+    assert "the VCS disk has room for" in " ".join(full["errors"].values())
+    assert not [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    # A correlator trigger writes nothing to the VCS disk: it is not refused for room.
     correlator = ts.trigger(project_id=project, secure_key=key, freqspecs="121,24", nobs=1,
                             exptime=8, ra=zenith_ra(), dec=-26.7, pretend=True, base_url=base)  # fmt: skip
     assert correlator is not None and correlator["success"] is True, correlator

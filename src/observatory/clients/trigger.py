@@ -139,24 +139,12 @@ def trigger(
     ``obstime = nobs * exptime``. Returns the reply: success, errors, params,
     clear, schedule, trigger_id, obsid_list.
 
-    With ``vcsmode``, ``exptime`` is first capped at :func:`vcsfree`, as
-    ``triggerservice.py`` does: each exposure, not ``nobs * exptime`` (the server
-    refuses captures that do not fit in all). Nothing is sent, and None returned
-    (logged), when that leaves no time or ``vcsfree`` cannot be had.
+    ``exptime`` is sent as given, with ``vcsmode`` too, as mwa_trigger's
+    ``triggerservice.py`` sends it: the server decides, and ``triggervcs`` (or
+    ``triggerbuffer``) answers ``success: false`` naming the room the VCS disk has when
+    the capture does not fit. A caller that wants the longest capture that fits asks
+    :func:`vcsfree` first and passes ``min(exptime, vcsfree())``.
     """
-    if vcsmode and exptime is not None:
-        # Without exptime there is nothing to cap: the server's default or its error
-        # stands (triggerservice.py's min(None, ...) would raise).
-        free_s = vcsfree(logger, base_url=base_url)
-        if not isinstance(free_s, int):  # None (logged by web_api), or a reply not a number
-            logger.error("vcsfree answered %r, not seconds: nothing triggered", free_s)
-            return None
-        capped_exptime = min(exptime, free_s)
-        if capped_exptime <= 0:
-            logger.error("exptime %d s capped at vcsfree (%d s of room on the VCS disk) leaves "
-                         "no time: nothing triggered", exptime, free_s)  # fmt: skip
-            return None
-        exptime = capped_exptime
     if vcsmode and buffered:
         # Without exptime no obstime is sent (0 was): the server then says what is missing.
         obstime = None if exptime is None else (nobs or 1) * exptime

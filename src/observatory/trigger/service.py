@@ -983,11 +983,40 @@ def vcs_free_s(
     return max(0, int(free // full_band_rate))
 
 
-def vcsfree_answer_s(session: Session, settings: Settings, now: float | None = None) -> int:
-    """What ``vcsfree`` answers: ``vcs_free_s`` in whole 8 s blocks, so that a client asking
-    for ``min(exptime, vcsfree)`` (mwa_trigger's ``trigger(vcsmode=True)`` does) asks for an
-    exposure ``triggervcs`` takes."""
-    free_s = vcs_free_s(session, settings, now)
+def vcsfree_answer_s(
+    session: Session,
+    settings: Settings,
+    now: float | None = None,
+    *,
+    dumps: Mapping[int, Sequence[tuple[float, float]]] | None = None,
+    replaced: Collection[int] = frozenset(),
+) -> int:
+    """The VCS disk's room for a trigger: :func:`vcs_free_s` in whole 8 s blocks.
+
+    What ``vcsfree`` answers, and the room ``triggervcs`` and ``triggerbuffer`` check a
+    capture against and name when they refuse one: one computation, so that a caller
+    who caps ``exptime`` at ``vcsfree`` asks for an exposure (a multiple of 8 s) that
+    fits, and a refusal names the number ``vcsfree`` gave.
+
+    Parameters
+    ----------
+    session
+        The database session (the schedule's lock held, for a trigger).
+    settings
+        The VCS disk's capacity and data rate.
+    now
+        GPS seconds; the clock if None.
+    dumps
+        ``buffer_dumps`` already read in this transaction, if any.
+    replaced
+        Obsids of scheduled captures the trigger would delete (their room is its to use).
+
+    Returns
+    -------
+    int
+        Seconds of 24-channel voltage capture, a multiple of 8 (0 when no whole 8 s fits).
+    """
+    free_s = vcs_free_s(session, settings, now, dumps=dumps, replaced=replaced)
     return free_s - free_s % BOUNDARY_S
 
 
@@ -1072,7 +1101,7 @@ def trigger_observations(
             if o.mode == "MWAX_VCS"
         )
         replaced = set() if refused else {o.obsid for o in inside}
-        free = vcs_free_s(session, settings, now, replaced=replaced)
+        free = vcsfree_answer_s(session, settings, now, replaced=replaced)
         if needed > free:
             refused.append(
                 f"the voltage capture needs {needed:.0f} s of 24-channel capture; the VCS disk "
@@ -1470,7 +1499,7 @@ def trigger_buffer(
         _unsaved_s(session, capture_start, new_stop if into_future else capture_end, dumps),
         len(source.coarse_chans or ()),
     )  # fmt: skip
-    if needed > (free := vcs_free_s(session, settings, now, dumps=dumps)):
+    if needed > (free := vcsfree_answer_s(session, settings, now, dumps=dumps)):
         errors.append(f"the capture needs {needed:.0f} s of 24-channel capture; the VCS disk has "
                       f"room for {free} s")  # fmt: skip
     if errors:
