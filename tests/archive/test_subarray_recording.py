@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from observatory.app import create_app
 from observatory.archive import runner, simulated
+from observatory.archive.models import Observation
 from observatory.core.accounts import create_project
 from observatory.core.config import Settings
 from observatory.telescope import instrument, sky
@@ -138,3 +139,16 @@ def test_subarray_shares_give_every_subarray_tiles() -> None:
     assert [len(s) for s in simulated.subarray_shares(pointings, 1)] == [1, 1, 1, 1]
     with pytest.raises(ValueError, match=r"subarray 'all_up' is not one of all_north"):
         simulated.subarray_shares([{"subarray": "all_up"}], 4)
+
+
+def test_a_subarray_voltage_capture_is_sized_with_the_tiles_it_records() -> None:
+    """The size limit (telescope_max_voltage_bytes) counted telescope_vcs_tiles (1) tiles,
+    while a capture of four subarrays records one tile of each: four times as many bytes."""
+    pointings = [{"subarray": name} for name in ("all_nw", "all_ne", "all_sw", "all_se")]
+    start = NOON // 8 * 8
+    capture = Observation(obsid=start, stoptime=start + 16, mode="MWAX_VCS",
+                          coarse_chans=[121, 122], subarray_pointings=pointings)  # fmt: skip
+    whole_array = Observation(obsid=start, stoptime=start + 16, mode="MWAX_VCS",
+                              coarse_chans=[121, 122])  # fmt: skip
+    assert simulated.voltage_bytes(capture, 1) == simulated.voltage_bytes(whole_array, 4)
+    assert simulated.voltage_bytes(whole_array, 4) > simulated.voltage_bytes(whole_array, 1)

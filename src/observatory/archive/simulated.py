@@ -338,8 +338,7 @@ def observe_scheduled(
     _remove_stale_parts(settings.archive_dir / str(observation.obsid), observation.obsid)
     subarrays = observation.subarray_pointings or []
     shares = subarray_shares(subarrays, n_tiles)
-    # With subarrays, their tiles (tile_layout() indices, ascending: the simulator's order).
-    antennas = sorted(a for share in shares for a in share) if subarrays else None
+    antennas = _recorded_antennas(shares) if subarrays else None
     if antennas is not None:
         n_tiles = len(antennas)
     amplitudes, delays_ns = instrument_gains(n_tiles, observation.coarse_chans, antennas=antennas)
@@ -494,11 +493,20 @@ def dumped_subobs_gps(
     return [int(s) for s in starts[kept]]
 
 
+def _recorded_antennas(shares: Sequence[tuple[int, ...]]) -> list[int]:
+    """The tiles of all subarrays' shares (tile_layout() indices, ascending: the
+    simulator's order)."""
+    return sorted(a for share in shares for a in share)
+
+
 def voltage_bytes(
     observation: Observation, n_tiles: int, subobs_gps: Collection[int] | None = None
 ) -> int:
     """Bytes of MWAX_VCS sub-files recording ``observation`` (or only its sub-files
-    starting at ``subobs_gps``) with ``n_tiles`` tiles."""
+    starting at ``subobs_gps``) with ``n_tiles`` tiles (or, with subarrays, the tiles
+    :func:`subarray_shares` gives them: at least one each)."""
+    if observation.subarray_pointings:
+        n_tiles = len(_recorded_antennas(subarray_shares(observation.subarray_pointings, n_tiles)))
     whole = max(1, (observation.stoptime - observation.obsid) // MWAX_SUBOBS_S)
     n_subfiles = whole if subobs_gps is None else len(subobs_gps)
     # Two inputs per tile, 8-bit real + 8-bit imaginary samples.
