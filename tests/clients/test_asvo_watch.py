@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import socket
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -193,18 +195,30 @@ def test_a_download_resumes_after_an_outage_longer_than_its_attempts(
     assert len(clock.sleeps) == asvo.DOWNLOAD_ATTEMPTS + 3
 
 
-def test_a_disk_error_is_not_waited_out(
-    session: asvo.Session, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """A full disk is no outage of the server: tried DOWNLOAD_ATTEMPTS times, as before."""
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+        ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"),
+        asvo.AsvoError("Download of x: HTTP 500: Internal Server Error", status_code=500),
+    ],
+    ids=["disk-full", "unknown-host", "tls-mismatch", "500"],
+)
+def test_what_waiting_cannot_mend_is_not_waited_out(
+    session: asvo.Session, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    failure: Exception,
+) -> None:  # fmt: skip
+    """A full disk, a host name that does not resolve, a TLS mismatch, a 500: no outage of
+    the server, so tried DOWNLOAD_ATTEMPTS times, as before."""
     calls = 0
 
-    def disk_full(*_args: object) -> None:
+    def failing(*_args: object) -> None:
         nonlocal calls
         calls += 1
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise failure
 
-    monkeypatch.setattr(asvo.Session, "_fetch_into", disk_full)
+    monkeypatch.setattr(asvo.Session, "_fetch_into", failing)
     with pytest.raises(asvo.AsvoError, match="failed after 3 attempts"):
         session.download_product(product_job(), tmp_path)
     assert calls == asvo.DOWNLOAD_ATTEMPTS

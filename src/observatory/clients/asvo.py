@@ -442,12 +442,13 @@ def _server_unreachable(exc: BaseException) -> bool:
     or its proxy): what waiting can mend, unlike a refusal or a wrong answer."""
     if isinstance(exc, AsvoError):
         return exc.status_code in OUTAGE_STATUS_CODES
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return False
-    if isinstance(
-        exc,
-        (ConnectionError, TimeoutError, socket.gaierror, http.client.HTTPException, ssl.SSLError),
-    ):
+    if isinstance(exc, socket.gaierror):  # a name that does not resolve is no outage; a
+        return exc.errno == socket.EAI_AGAIN  # resolver that cannot be reached is
+    # A connection cut mid-body or mid-TLS record; not a TLS setup that fails (a certificate,
+    # a protocol mismatch): waiting would not mend that.
+    broken = (http.client.IncompleteRead, ssl.SSLEOFError, ssl.SSLZeroReturnError,
+              ssl.SSLSyscallError)  # fmt: skip
+    if isinstance(exc, (ConnectionError, TimeoutError, *broken)):
         return True
     return isinstance(exc, OSError) and exc.errno in _NETWORK_ERRNOS
 
