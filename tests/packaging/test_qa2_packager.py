@@ -119,6 +119,17 @@ def _write_sb(root: Path) -> Path:
     return sb
 
 
+def another_sb(project: Path, name: str, uid: str) -> Path:
+    """A copy of the second scheduling block (``IRC10216_setup4_b6_run_x2``) named ``name``,
+    its execution block renamed ``uid``: the same execution block is never appended twice."""
+    second_uid = "uid___A002_X3c9295_X1e0"
+    other = project / name
+    shutil.copytree(project / "IRC10216_setup4_b6_run_x2", other, symlinks=True)
+    for path in sorted(other.rglob(f"{second_uid}*"), reverse=True):
+        path.rename(path.with_name(path.name.replace(second_uid, uid)))
+    return other
+
+
 def listing(member: Path) -> dict[str, set[str]]:
     return {section.name: {e.name + ("/" if e.is_dir() else "") for e in section.iterdir()}
             for section in member.iterdir() if section.is_dir()}  # fmt: skip
@@ -410,7 +421,7 @@ def test_append_member_and_group_never_touch_what_exists(
 ) -> None:
     sb = build_sb(tmp_path)
     second = tmp_path / "project229" / "IRC10216_setup4_b6_run_x2"
-    uid = "uid___A002_X3c9295_X1e0"
+    uid = "uid___A002_X3c9295_X1f0"  # the third SB's
     packpath = tmp_path / "2011.0.00229.S"
     package(sb, readme, packpath, mode="copy")
     first = packpath / "sg_ouss_id" / "group_ouss_id" / "member_ouss_id"
@@ -428,8 +439,9 @@ def test_append_member_and_group_never_touch_what_exists(
         with pytest.raises(PackagingError, match=r"is a real package .*--dry-run"):
             package(second, readme, packpath, append="group", mode=mode, dry_run=dry_run)
     assert [p.name for p in (packpath / "sg_ouss_id").iterdir()] == ["group_ouss_id"]
-    preview = package(second, readme, packpath, append="group", mode="copy", dry_run=True)
-    assert package(second, readme, packpath, append="group", mode="copy").member == preview.member
+    third = another_sb(sb.parent, "IRC10216_setup5_b6_run_x2", "uid___A002_X3c9295_X1f0")
+    preview = package(third, readme, packpath, append="group", mode="copy", dry_run=True)
+    assert package(third, readme, packpath, append="group", mode="copy").member == preview.member
     assert sorted(p.name for p in (packpath / "sg_ouss_id").iterdir()) == [
         "group_ouss_id",
         "group_ouss_id2",
@@ -534,6 +546,54 @@ def test_command_line(
     assert "needs --sg-uid, --group-uid and --member-uid" in capsys.readouterr().err
 
 
+def test_an_execution_block_already_in_the_package_is_not_appended_again(
+    tmp_path: Path, readme: Path, capsys: pytest.CaptureFixture[str],
+    build_sb: Callable[[Path], Path],
+) -> None:  # fmt: skip
+    """The same SB appended again (as a member, or in a new group) was accepted silently:
+    its measurement sets were in three members, verify said valid, tarsplit delivered all."""
+    from observatory.packaging.cli import main
+
+    sb = build_sb(tmp_path)
+    second = sb.parent / "IRC10216_setup4_b6_run_x2"
+    packpath = tmp_path / "2011.0.00229.S"
+
+    def run(origin: Path, *options: str) -> int:
+        return main(["--origpath", str(origin), "--readme", str(readme), "--packpath",
+                     str(packpath), *options])  # fmt: skip
+
+    assert run(sb, "--mode", "copy") == 0
+    assert run(second, "--append", "member", "--mode", "copy") == 0
+    before = package_state(tmp_path, packpath)
+    capsys.readouterr()
+    for origin, held, options in (
+        (second, "uid___A002_X3c9295_X1e0", ("--append", "group", "--mode", "hard")),
+        (second, "uid___A002_X3c9295_X1e0", ("--append", "member", "--mode", "copy")),
+        (second, "uid___A002_X3c9295_X1e0", ("--append", "member", "--mode", "copy", "--dry-run")),
+        (sb, X8C, ("--append", "group", "--mode", "move")),
+    ):
+        assert run(origin, *options) == 1, options
+        err = capsys.readouterr().err
+        member = "member_ouss_id2" if origin == second else "member_ouss_id"
+        assert f"{held} (in {packpath}/sg_ouss_id/group_ouss_id/{member})" in err, err
+        assert "nothing was written" in err
+    assert package_state(tmp_path, packpath) == before
+    assert len(list(packpath.rglob("uid___A002_X3c9295_X1e0.ms.split"))) == 1
+    assert not (packpath / "sg_ouss_id" / "group_ouss_id2").exists()
+    # A dummy package too (the document's fake appends), and the modern layout under a new
+    # member uid.
+    fake = tmp_path / "fake" / "2011.0.00229.S"
+    package(second, readme, fake, mode="fake")
+    with pytest.raises(PackagingError, match=r"uid___A002_X3c9295_X1e0 \(in .*/member_ouss_id\)"):
+        package(second, readme, fake, mode="fake", append="member")
+    modern = tmp_path / "modern" / "2011.0.00229.S"
+    package(second, readme, modern, style="modern", uids=("uid://A001/X1/X2", "uid://A001/X1/X3",
+                                                          "uid://A001/X1/X4"))  # fmt: skip
+    with pytest.raises(PackagingError, match="already in the package"):
+        package(second, readme, modern, append="member", style="modern",
+                uids=("uid://A001/X1/X2", "uid://A001/X1/X3", "uid://A001/X1/X5"))  # fmt: skip
+
+
 def test_ticket_files(tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]) -> None:
     import tarfile
     import zipfile
@@ -569,10 +629,11 @@ def test_ticket_files(tmp_path: Path, readme: Path, build_sb: Callable[[Path], P
         )
     # The document's own append example is a fake run: the real tickets are kept.
     tickets = {p: p.read_bytes() for p in (tmp_path / "ticket").glob("*.ticket.*")}
-    dry = package(sb, readme, tmp_path / "ticket" / "2011.0.00229.S", mode="fake",
+    second = sb.parent / "IRC10216_setup4_b6_run_x2"
+    dry = package(second, readme, tmp_path / "ticket" / "2011.0.00229.S", mode="fake",
                   append="member", dry_run=True)  # fmt: skip
     assert not [a for a in dry.actions if a.kind == "write" and ".ticket." in str(a.destination)]
-    package(sb, readme, tmp_path / "ticket" / "2011.0.00229.S", mode="fake", append="member")
+    package(second, readme, tmp_path / "ticket" / "2011.0.00229.S", mode="fake", append="member")
     assert {p: p.read_bytes() for p in tickets} == tickets
     package(sb, readme, tmp_path / "ticket" / "2011.0.00229.S", mode="fake")  # cleared: dummies
     assert all(p.stat().st_size == 0 for p in tickets)
@@ -1119,7 +1180,7 @@ def test_move_refuses_symlinks_before_moving_anything(
     (sb / "scriptForImaging.py").unlink()
     (sb / "scriptForImaging.py").write_text("# imaging\n")
     package(sb, readme, packpath, mode="move")
-    with pytest.raises(PackagingError, match="moved by an earlier run"):  # the same SB again
+    with pytest.raises(PackagingError, match="already in the package"):  # the same SB again
         package(sb, readme, packpath, append="member", mode="move")
     assert not (packpath / "sg_ouss_id" / "group_ouss_id" / "member_ouss_id2").exists()
     assert not (tmp_path / "2011.0.00229.S.qa-packager-journal.json").exists()
@@ -1489,8 +1550,9 @@ def test_a_run_killed_after_clearing_is_undone_or_committed_by_the_next(
     monkeypatch.undo()
     assert real is getattr(qa2, crash_in)
     assert (tmp_path / ".2011.0.00229.S.qa-packager-previous").is_dir()
+    second = sb.parent / "IRC10216_setup4_b6_run_x2"
     if crash_in == "_carry_out":
-        plan = package(sb, readme, packpath, mode="copy", append="member")
+        plan = package(second, readme, packpath, mode="copy", append="member")
         assert plan.undone and "restored the package it cleared" in plan.undone[0]
         after = package_state(tmp_path, packpath)
         inside = f"{packpath.name}/"  # the package (its manifest and tickets now list member 2)
@@ -1500,7 +1562,7 @@ def test_a_run_killed_after_clearing_is_undone_or_committed_by_the_next(
         assert not validate_manifest(packpath)
     else:  # the copy finished: it stays, and what it set aside goes
         assert not validate_manifest(packpath)
-        package(sb, readme, packpath, mode="copy", append="member")
+        package(second, readme, packpath, mode="copy", append="member")
         assert not (tmp_path / "2011.0.00229.S.qa-packager-journal.json").exists()
     assert not list(tmp_path.glob(".*qa-packager-previous*"))
 

@@ -45,6 +45,17 @@ def tiny_sb(root: Path, *, eb_elsewhere: Path | None = None) -> Path:
     return sb
 
 
+def another_sb(sb: Path, number: int) -> Path:
+    """A copy of ``sb`` beside it (``SB<number>``) whose execution block is another one,
+    ``uid___A002_X1_X<number>``: the same execution block is never appended twice."""
+    uid = f"uid___A002_X1_X{number}"
+    other = sb.with_name(f"{sb.name}{number}")
+    shutil.copytree(sb, other, symlinks=True)
+    for path in sorted(other.rglob(f"{UID}*"), reverse=True):
+        path.rename(path.with_name(path.name.replace(UID, uid)))
+    return other
+
+
 @pytest.fixture
 def readme(tmp_path: Path) -> Path:
     path = tmp_path / "README.header.txt"
@@ -228,9 +239,9 @@ def test_a_real_member_is_not_appended_to_a_package_of_dummies(
             with pytest.raises(PackagingError, match=r"made in fake or ticket mode .*append ''"):
                 package(sb, readme, packpath, mode=mode, append=append, dry_run=dry_run)
     assert files_and_links(tmp_path) == before
-    package(sb, readme, packpath, mode="fake", append=append)  # dummies beside dummies
+    package(another_sb(sb, 2), readme, packpath, mode="fake", append=append)  # dummies beside
     package(sb, readme, packpath, mode="copy")  # made again for real, as the message says
-    package(sb, readme, packpath, mode="copy", append=append)
+    package(another_sb(sb, 3), readme, packpath, mode="copy", append=append)
     assert not validate_manifest(packpath)
 
 
@@ -421,6 +432,7 @@ def modern_package(tmp_path: Path, readme: Path) -> tuple[Path, list[str]]:
     packpath = tmp_path / "2011.0.00229.S"
     members = ["uid___A001_X1_X2", "uid___A001_X1_X3"]
     for append, member in zip(("", "member"), members, strict=True):
+        sb = another_sb(sb, 2) if append else sb
         package(sb, readme, packpath, mode="copy", append=append, style="modern",
                 uids=("uid://A001/X1/X0", "uid://A001/X1/X1", member))  # fmt: skip
     return packpath, members
@@ -493,7 +505,7 @@ def test_a_modern_append_must_say_what_it_does(
     packpath, _ = modern_package(tmp_path, readme)
     before = files_and_links(packpath)
     with pytest.raises(PackagingError, match=refusal):
-        package(tiny_sb(tmp_path / "other"), readme, packpath, mode="copy", append=append,
+        package(another_sb(tiny_sb(tmp_path / "other"), 4), readme, packpath, mode="copy", append=append,
                 style="modern", uids=("uid://A001/X1/X0", f"uid://A001/X1/{group}",
                                       f"uid://A001/X1/{member}"))  # fmt: skip
     assert files_and_links(packpath) == before
@@ -505,7 +517,7 @@ def test_one_uid_written_in_another_case_or_under_another_science_goal_is_refuse
     """uid://A001/X1/X1c and .../X1C are one MOUS: the second was packaged as another
     member; and one group was accepted under a second (mistyped) science goal."""
     packpath, _ = modern_package(tmp_path, readme)
-    other = tiny_sb(tmp_path / "other")
+    other = another_sb(tiny_sb(tmp_path / "other"), 4)
     package(other, readme, packpath, mode="copy", append="member", style="modern",
             uids=("uid://A001/X1/X0", "uid://A001/X1/X1", "uid://A001/X1/X1c"))  # fmt: skip
     assert (packpath / "science_goal.uid___A001_X1_X0/group.uid___A001_X1_X1/"
@@ -726,7 +738,7 @@ def test_no_run_starts_on_a_package_while_tarsplit_or_verify_reads_it(
 
     sb = tiny_sb(tmp_path)
     packpath = tmp_path / "2011.0.00229.S"
-    package(sb, readme, packpath, mode="copy")
+    package(another_sb(sb, 2), readme, packpath, mode="copy")  # another SB first
     refusals: list[str] = []
     copy_data = tarsplit._copy_data
 
@@ -761,7 +773,7 @@ def test_an_undone_run_leaves_no_set_aside_files(
 ) -> None:
     sb = tiny_sb(tmp_path)
     packpath = tmp_path / "2011.0.00229.S"
-    package(sb, readme, packpath, mode="copy")
+    package(another_sb(sb, 2), readme, packpath, mode="copy")  # another SB first
     beside = {p.name: p.read_bytes() for p in tmp_path.glob("2011.0.00229.S.*")}
 
     def full(*args: object, **kwargs: object) -> None:
@@ -940,7 +952,7 @@ def test_an_undone_move_is_taken_off_the_moved_origins_record(
     sb = tiny_sb(tmp_path)
     packpath = tmp_path / "2011.0.00229.S"
     record = tmp_path / f"{packpath.name}.moved-origins.json"
-    package(sb, readme, packpath, mode="copy")
+    package(another_sb(sb, 2), readme, packpath, mode="copy")  # another SB first
     fail_a_move(sb, readme, packpath, monkeypatch, append="member")
     assert json.loads(record.read_text()) == [str(sb)]
     qa2.undo_move(packpath)
@@ -956,7 +968,7 @@ def test_undo_move_keeps_on_the_record_an_origin_still_linked_into_the_package(
     sb = tiny_sb(tmp_path)
     packpath = tmp_path / "2011.0.00229.S"
     record = tmp_path / f"{packpath.name}.moved-origins.json"
-    first = tiny_sb(tmp_path / "first")
+    first = another_sb(tiny_sb(tmp_path / "first"), 2)
     package(first, readme, packpath, mode="move")  # another reduction, moved in whole
     fail_a_move(sb, readme, packpath, monkeypatch, append="member")
     # A file of sb an earlier run moved into the first member (it links there still).
@@ -1169,8 +1181,8 @@ def test_a_dry_run_after_a_killed_run_plans_as_the_run_will(
     package: it planned another member number than the run then took."""
     sb = tiny_sb(tmp_path)
     packpath = tmp_path / "2011.0.00229.S"
-    package(sb, readme, packpath, mode="copy")
-    package(sb, readme, packpath, append="member", mode="copy")  # member_ouss_id2
+    package(another_sb(sb, 2), readme, packpath, mode="copy")  # another SB first
+    package(another_sb(sb, 3), readme, packpath, append="member", mode="copy")  # member 2
     _killed_run(monkeypatch, sb, readme, packpath)  # append '': the package set aside
     dry = package(sb, readme, packpath, append="member", mode="copy", dry_run=True)
     real = package(sb, readme, packpath, append="member", mode="copy")
@@ -1184,7 +1196,7 @@ def test_a_dry_run_after_a_killed_run_lists_the_ticket_writes_the_run_makes(
     its undo puts back (0-byte ones): it listed no ticket writes; the run wrote both."""
     sb = tiny_sb(tmp_path)
     fake_pack = tmp_path / "fake" / "2011.0.00229.S"
-    package(sb, readme, fake_pack, mode="fake")  # 0-byte ticket files
+    package(another_sb(sb, 2), readme, fake_pack, mode="fake")  # 0-byte ticket files
 
     def killed(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
@@ -1231,7 +1243,7 @@ def test_names_holding_other_line_separators_keep_the_manifest_readable(
     for name in names:
         (sb / "X1" / "qa2" / name).write_bytes(b"png")
     packpath = tmp_path / "2011.0.00229.S"
-    package(sb, readme, packpath, mode="copy")
+    package(another_sb(sb, 2), readme, packpath, mode="copy")  # another SB first
     assert not validate_manifest(packpath)
     plan = package(sb, readme, packpath, mode="copy", append="member")
     assert plan.member.name == "member_ouss_id2"
@@ -1311,7 +1323,7 @@ def test_copies_and_the_package_directories_are_on_disk_before_the_commit(
     sb = tiny_sb(tmp_path)
     packpath = tmp_path / "2011.0.00229.S"
     if append:
-        package(sb, readme, packpath, mode="copy")
+        package(another_sb(sb, 2), readme, packpath, mode="copy")  # another SB first
     events = trace_syncs(monkeypatch)
     plan = package(sb, readme, packpath, mode="copy", append=append)
     member = packpath / plan.member
@@ -1366,7 +1378,7 @@ def test_tarsplit_refuses_a_package_whose_files_are_not_the_size_packaged(
 
     sb = tiny_sb(tmp_path)
     packpath = tmp_path / "2011.0.00229.S"
-    package(sb, readme, packpath, mode="copy")
+    package(another_sb(sb, 2), readme, packpath, mode="copy")  # another SB first
     plan = package(sb, readme, packpath, mode="copy", append="member")
     files = [p for p in packpath.rglob("*") if p.is_file()]
     total = sum(p.stat().st_size for p in files)

@@ -566,6 +566,61 @@ def _check_modern_append(packpath: Path, append: str, path: Path, ignored: Path 
 
 #: The modes whose packages hold the data and a manifest, and those of dummies.
 _REAL_MODES = ("copy", "hard", "move")
+#: Where a package's member directories are, in the legacy and the modern layout.
+_MEMBER_PATTERNS = ("sg_ouss_id/group_ouss_id*/member_ouss_id*", "science_goal.*/group.*/member.*")
+#: The entries that say a member holds an execution block: section and suffix after the uid.
+_EB_ENTRIES = (
+    ("raw", ".ms.split"),
+    ("calibrated", ".ms.split.cal"),
+    ("script", ".ms.scriptForCalibration.py"),
+)
+
+
+def _members(found: Path, ignored: Path | None) -> list[Path]:
+    """The member directories of the package ``found``, sorted, less those below
+    ``ignored`` (what an unfinished run made, which its undo removes)."""
+    return sorted(
+        member
+        for pattern in _MEMBER_PATTERNS
+        for member in found.glob(pattern)
+        if ignored is None or not member.absolute().is_relative_to(ignored)
+    )
+
+
+def _refuse_packaged_execution_blocks(
+    plan: Plan, found: Path, pack: Path, ignored: Path | None
+) -> None:
+    """Refuse an append whose execution blocks a member of the package holds already.
+
+    Appending the same reduction again (as another member, or in a new group) would put
+    its measurement sets in the package twice: ``verify`` finds nothing wrong with that and
+    ``tarsplit`` delivers every copy. An execution block is delivered once.
+
+    Raises
+    ------
+    PackagingError
+        Naming each execution block and the member that holds it; nothing is written.
+    """
+    wanted = {uid.lower(): uid for uid in plan.execution_blocks}
+    held: dict[str, Path] = {}
+    for member in _members(found, ignored):
+        for section, suffix in _EB_ENTRIES:
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                for entry in os.scandir(member / section):
+                    match = _UID.match(entry.name)
+                    if match and entry.name[match.end() :] == suffix:
+                        uid = match.group(1).lower()
+                        if uid in wanted:
+                            held.setdefault(wanted[uid], member.relative_to(found))
+    if held:
+        listed = "; ".join(f"{uid} (in {pack / member})" for uid, member in sorted(held.items()))
+        raise PackagingError(
+            f"the execution block{'s' * (len(held) > 1)} of this reduction "
+            f"{'are' if len(held) > 1 else 'is'} already in the package: {listed}; an "
+            "execution block is delivered once (appended again, it would be in the package "
+            "twice and tarsplit would deliver both); nothing was written (to package it "
+            "anew, start again with append='')"
+        )
 
 
 def _check_append_mode(
@@ -585,16 +640,7 @@ def _check_append_mode(
     PackagingError
         Naming the package's kind and what to do instead.
     """
-    members = [
-        member
-        for pattern in (
-            "sg_ouss_id/group_ouss_id*/member_ouss_id*",
-            "science_goal.*/group.*/member.*",
-        )
-        for member in found.glob(pattern)
-        if ignored is None or not member.absolute().is_relative_to(ignored)
-    ]
-    if not members:
+    if not _members(found, ignored):
         return
     manifest = manifest_path(pack)
     if pending is not None:  # as the manifest will be once the unfinished run is undone
@@ -1911,6 +1957,8 @@ def package(
             and not (ignored and member.absolute().is_relative_to(ignored))
         ):
             raise PackagingError(f"{member} exists already: nothing is changed")
+        if resumed is None and append != "":
+            _refuse_packaged_execution_blocks(plan, found, pack, ignored)
         if mode == "hard":
             _check_hard_mode(plan, origin, pack)
         if mode == "move" and resumed is None:
