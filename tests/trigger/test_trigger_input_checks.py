@@ -340,6 +340,31 @@ def test_group_ids_and_vcsmode_are_checked(
     assert schedule(session_factory) == []
 
 
+@pytest.mark.parametrize("endpoint", ["triggerobs", "triggervcs"])
+def test_group_id_and_groupid_with_different_values_are_refused_naming_both(
+    client: TestClient, session_factory: sessionmaker[Session], endpoint: str
+) -> None:
+    """One parameter under two names, given two values: groupid won in silence."""
+    params = real_trigger_params()
+    reply = client.post(f"/trigger/{endpoint}?project_id=G0055&group_id=111",
+                        data={k: str(v) for k, v in params.items() if k != "project_id"}
+                        | {"groupid": "222"})  # fmt: skip
+    # Answered as every parameter problem of a trigger call is (triggerservice.py loses
+    # the message of a 4xx): 200, success false, the reason in errors.
+    assert reply.status_code == 200, reply.text
+    result = reply.json()
+    assert result["success"] is False
+    assert "group_id and groupid: given both, with different values ('111' and '222')" in (
+        errors_of(result)
+    )
+    assert schedule(session_factory) == []
+    # The same value under both names says one thing: taken.
+    same = post(client, endpoint, **real_trigger_params(group_id="111", groupid=" 111 ",
+                                                        pretend="1"))  # fmt: skip
+    assert same["success"] is True, same["errors"]
+    assert same["params"]["groupid"] == 111
+
+
 def test_vcsmode_as_triggerservice_sends_it_is_accepted(client: TestClient) -> None:
     for endpoint, vcsmode in (("triggerobs", "False"), ("triggervcs", "True")):
         params = real_trigger_params(vcsmode=vcsmode, pretend="1")

@@ -12,6 +12,7 @@ from observatory.trigger.params import (
     as_float_list,
     as_number,
     as_str_list,
+    conflicting_group_ids,
     decode_value,
     is_bool_word,
     merge_request_parameters,
@@ -28,6 +29,19 @@ def test_triggerservice_form_body_labelled_json_merges_with_the_query() -> None:
     assert as_str_list("source", merged["source"]) == ["Sun", "Moon"]
     assert as_str_list("freqspecs", merged["freqspecs"]) == ["121,24", "145,24"]
     assert merged["groupid"] == "1234567896" and "group_id" not in merged
+
+
+def test_group_id_is_renamed_groupid_unless_the_two_differ() -> None:
+    assert merge_request_parameters([("group_id", "111")], b"groupid=111") == {"groupid": "111"}
+    assert merge_request_parameters([("group_id", "111")], b'{"groupid": 111}') == {"groupid": 111}
+    # An unset name (empty, None, null) is as if not sent: the other one stands.
+    assert merge_request_parameters([("group_id", "")], b"groupid=222") == {"groupid": "222"}
+    assert merge_request_parameters([("group_id", "111")], b"groupid=None") == {"groupid": "111"}
+    differ = merge_request_parameters([("group_id", "111")], b"groupid=222")
+    assert differ == {"group_id": "111", "groupid": "222"}
+    assert conflicting_group_ids(differ) is not None
+    assert "'111' and '222'" in (conflicting_group_ids(differ) or "")
+    assert conflicting_group_ids({"group_id": "111", "groupid": 111}) is None
 
 
 def test_json_bodies_repeated_keys_and_numpy_reprs() -> None:

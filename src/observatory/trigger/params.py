@@ -122,7 +122,9 @@ def merge_request_parameters(
 
     The body is read as JSON when it is a JSON object, otherwise as a form
     (whatever ``Content-Type`` says: triggerservice.py labels its forms JSON). A key given
-    several times becomes a list. ``group_id`` is renamed ``groupid``.
+    several times becomes a list. ``group_id`` (triggerservice.py's name) is renamed
+    ``groupid`` (the wiki's); given both, with values that differ, both are kept, for the
+    trigger to refuse (:func:`conflicting_group_ids`) rather than one silently winning.
 
     Parameters
     ----------
@@ -156,11 +158,53 @@ def merge_request_parameters(
         ) from None
     if text:
         merged.update(_read_body(text))
-    if "group_id" in merged:
-        merged.setdefault("groupid", merged.pop("group_id"))
+    _merge_group_id(merged)
     if _holds_nul(merged):  # PostgreSQL refuses NUL in text
         raise ParameterError("parameters must not contain NUL characters")
     return merged
+
+
+def _merge_group_id(merged: dict[str, Any]) -> None:
+    """``group_id`` renamed ``groupid``, unless both were given with different values."""
+    if "group_id" not in merged:
+        return
+    if not present(merged, "group_id"):  # unset: as if not sent, whatever groupid says
+        del merged["group_id"]
+    elif not present(merged, "groupid"):
+        merged["groupid"] = merged.pop("group_id")
+    elif same_value(merged["group_id"], merged["groupid"]):
+        del merged["group_id"]
+
+
+def same_value(first: Any, second: Any) -> bool:
+    """Whether two sendings of a parameter say the same (``"111"`` and JSON's 111 do)."""
+    return bool(decode_value(first) == decode_value(second))
+
+
+def conflicting_group_ids(params: Mapping[str, Any]) -> str | None:
+    """The error when ``group_id`` and ``groupid`` were both given, with different values.
+
+    They are one parameter under two names (the client posts ``group_id``, the wiki
+    documents ``groupid``): two values for it are refused, as one parameter given twice is.
+
+    Parameters
+    ----------
+    params
+        The merged parameters (:func:`merge_request_parameters`).
+
+    Returns
+    -------
+    str or None
+        The message naming both and their values, or None when there is no conflict.
+    """
+    if not (present(params, "group_id") and present(params, "groupid")):
+        return None
+    first, second = params["group_id"], params["groupid"]
+    if same_value(first, second):
+        return None
+    return (f"group_id and groupid: given both, with different values ({echo_text(first)!r} "
+            f"and {echo_text(second)!r}); they are one parameter, the obsid of the group's "
+            "first observation: give one")  # fmt: skip
 
 
 def _read_body(text: str) -> dict[str, Any]:

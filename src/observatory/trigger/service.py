@@ -55,6 +55,7 @@ from observatory.trigger.params import (
     as_number,
     as_str_list,
     as_text,
+    conflicting_group_ids,
     decode_value,
     echo_text,
     is_bool_word,
@@ -242,8 +243,12 @@ def read_trigger_request(raw: Mapping[str, Any], *, vcs: bool, when_gps: int) ->
     if atten is not None and not 0.0 <= atten <= MAX_ATTEN_DB:
         errors.append(f"atten: {atten} dB is outside 0..{MAX_ATTEN_DB} dB")
     request.atten_db = float(atten if atten is not None else 1.0)
-    if present(raw, "groupid"):
-        groupid = attempt("groupid", lambda: as_number("groupid", raw["groupid"], integer=True))
+    if conflict := conflicting_group_ids(raw):
+        errors.append(conflict)
+    elif present(raw, "groupid") or present(raw, "group_id"):
+        # group_id: a caller of this function that did not merge the names as a request is.
+        name = "groupid" if present(raw, "groupid") else "group_id"
+        groupid = attempt("groupid", lambda: as_number("groupid", raw[name], integer=True))
         # A group is named by the obsid (GPS start) of its first observation. It need not
         # exist any more: a follow-up trigger may have replaced the first one's observations.
         if groupid is not None and groupid < 1:
