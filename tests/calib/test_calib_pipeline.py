@@ -77,6 +77,9 @@ def test_fit_recovers_injected_delays_and_gains(
             )
             assert getattr(row, f"{name}_phase_fit_quality") > 0.5
     assert fit.creator == "calvin" and fit.obsid == CAL_OBS and fit.source_list == source.name
+    # The tile the delays are referenced to is recorded (its own are 0 m).
+    assert fit.reference_tileid == tile_ids[reference]
+    assert rows[tile_ids[reference]].x_delay_m == rows[tile_ids[reference]].y_delay_m == 0.0
 
 
 def test_a_request_is_fitted_and_called_back(
@@ -603,8 +606,10 @@ def test_a_dead_tile_with_the_lowest_id_is_not_the_reference(tmp_path: Path) -> 
                                n_timesteps=4, sources=[source], calibrator=source.name,
                                gain_amplitudes=amplitudes, delay_error_scatter_ns=2.0,
                                noise_sigma_jy=1.0)  # fmt: skip
-    fits = tile_fits(solve_observation(sim.metafits_path, sim.vis_paths, source.name), 4)
+    solved = solve_observation(sim.metafits_path, sim.vis_paths, source.name)
+    fits = tile_fits(solved, 4)
     assert dict(fits.failures) == {"with a phase residual spread above 0.6 rad": 1}
+    assert fits.reference_tileid == int(solved.meta.antenna_numbers[1])  # recorded for the fit
     delays = np.array([row["x_delay_m"] for row in fits.rows], dtype=np.float64)
     assert np.isnan(delays[0]) and np.isfinite(delays[1:]).all()
     assert delays[1] == 0.0  # the next tile is the reference

@@ -17,8 +17,9 @@ the channel and calibrator are chosen by each target's payload instead.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -199,13 +200,15 @@ def query(session: Session, settings: Settings, body: Mapping[str, Any]) -> list
     """Answer ``/query``: frames for every (visible) target."""
     first_gps, last_gps = _time_range(body)
     rows = session.execute(
-        select(Observation.obsid, Observation.calibrator_source, Observation.coarse_chans, CalibrationFit.fitid)
+        select(Observation.obsid, Observation.calibrator_source, Observation.coarse_chans, CalibrationFit.fitid,
+               CalibrationFit.reference_tileid)
         .join(CalibrationFit, CalibrationFit.obsid == Observation.obsid)
         .where(Observation.obsid >= first_gps, Observation.obsid <= last_gps)
         .order_by(Observation.obsid, CalibrationFit.fitid)
     ).all()  # fmt: skip
     # One point per observation, from its newest fit (a refit is not another observation).
     rows = list({row.obsid: row for row in rows}.values())
+    reference = _common_reference(session, rows)
     frames: list[dict[str, Any]] = []
     # Each calibrator's tiles read once per query, however many receivers are asked for
     # (past the metafits cache's size, every target read every metafits again).
@@ -239,9 +242,47 @@ def query(session: Session, settings: Settings, body: Mapping[str, Any]) -> list
         if not (name.startswith("rec") and is_ascii_digits(name[3:])):
             raise BadRequest(f"target {name!r} is not recNN or sources")
         frames += _receiver_frames(
-            session, settings, int(name[3:]), ref_id, rows, payload, tiles_of
+            session, settings, int(name[3:]), ref_id, rows, payload, tiles_of, reference
         )
     return frames
+
+
+@dataclass(frozen=True)
+class CommonReference:
+    """The tile a query's delays are referenced to, and each fit's delays of it.
+
+    ``shift_m[fitid]`` is ``(x, y)``: that fit's delays of ``tileid``, subtracted from its
+    other tiles' to reference them to ``tileid``; a fit in which ``tileid`` did not
+    calibrate is not in it (its delays are left as stored, in series of their own).
+    """
+
+    tileid: int | None
+    shift_m: Mapping[int, tuple[float, float]]
+
+
+def _common_reference(session: Session, rows: Sequence[Any]) -> CommonReference:
+    """The reference tile most of the query's fits have (ties: the lowest tile id), and
+    each fit's delays of that tile (:class:`CommonReference`).
+
+    A fit's delays are relative to its own reference tile. When that tile is flagged in an
+    observation the reference moves to another, and every tile's residual jumps by the
+    delay between the two: a step in every series that no cable made. Referenced to one
+    tile throughout (``d_t - d_ref``, per polarisation), the series show the tiles.
+    """
+    counts = Counter(r.reference_tileid for r in rows if r.reference_tileid is not None)
+    if not counts:
+        return CommonReference(None, {})
+    tileid = min(counts, key=lambda tile: (-counts[tile], tile))
+    found = session.execute(
+        select(CalibrationSolution.fitid, CalibrationSolution.x_delay_m, CalibrationSolution.y_delay_m)
+        .where(CalibrationSolution.fitid.in_([r.fitid for r in rows]), CalibrationSolution.tileid == tileid)
+    ).all()  # fmt: skip
+    shift_m = {
+        fitid: (float(x), float(y))
+        for fitid, x, y in found
+        if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)
+    }
+    return CommonReference(tileid, shift_m)
 
 
 def _json_type(value: object) -> str:
@@ -303,10 +344,16 @@ def _receiver_frames(
     rows: Sequence[Any],
     payload: Mapping[str, Any],
     tiles_of: Callable[[int], dict[int, tuple[str, int]]],
+    reference: CommonReference,
 ) -> list[dict[str, Any]]:
     """The frames of receiver ``rx``: its tiles in each fit are those its calibrator
     observation's metafits puts on it (tiles move between receivers, and arrays differ).
-    ``tiles_of``: an observation's tiles (:func:`_tiles_of`, read once per query)."""
+    ``tiles_of``: an observation's tiles (:func:`_tiles_of`, read once per query).
+
+    Delays are referenced to ``reference.tileid`` (:func:`_common_reference`); those of a
+    fit in which that tile did not calibrate are as stored, in series of their own, named
+    after that fit's reference (``Tile011 X (ref tile 12)``), so that no series mixes two
+    references. The phase-fit quality is no delay: it is never moved."""
     channel, source = (
         _payload_text(payload, "channel", "ANY"),
         _payload_text(payload, "source", "ANY"),
@@ -342,33 +389,58 @@ def _receiver_frames(
         select(CalibrationSolution).where(CalibrationSolution.fitid.in_(fits), CalibrationSolution.tileid.in_(wanted))
     ) if s.tileid in on_rx[s.fitid]] if fits and wanted else []  # fmt: skip
     series: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    per_fit: dict[float, list[float]] = defaultdict(list)
+    # The reference each series is relative to: the common one, or the fit's own.
+    series_reference: dict[str, str] = {}
+    per_fit: dict[tuple[float, str], list[float]] = defaultdict(list)
+    own_reference = {r.fitid: r.reference_tileid for r in chosen}
+    common = "" if reference.tileid is None else str(reference.tileid)
+
+    def add(name: str, point: tuple[float, float], relative_to: str) -> None:
+        series[name].append(point)
+        series_reference[name] = relative_to
+
     for s in sorted(solutions, key=lambda s: (fits[s.fitid], s.tileid)):
         when, label = fits[s.fitid], on_rx[s.fitid][s.tileid]
         x, y = _number(s.x_delay_m), _number(s.y_delay_m)
+        shift = reference.shift_m.get(s.fitid)
+        suffix, relative_to = "", common
+        if shift is not None:
+            x, y = x - shift[0], y - shift[1]
+        elif reference.tileid is not None and style != "quality":
+            own = own_reference[s.fitid]
+            relative_to = "unknown" if own is None else str(own)
+            suffix = f" (ref tile {relative_to})"
         if style == "full":
-            series[f"{label} X"].append((when, x))
-            series[f"{label} Y"].append((when, y))
+            add(f"{label} X{suffix}", (when, x), relative_to)
+            add(f"{label} Y{suffix}", (when, y), relative_to)
         elif style == "Y-X":
-            series[f"{label} Y-X"].append((when, y - x))
+            add(f"{label} Y-X{suffix}", (when, y - x), relative_to)
         elif style == "tilemean":
-            series[label].append(
-                (when, float(np.nanmean([x, y])) if np.isfinite([x, y]).any() else math.nan)
-            )
+            add(f"{label}{suffix}",
+                (when, float(np.nanmean([x, y])) if np.isfinite([x, y]).any() else math.nan), relative_to)  # fmt: skip
         elif style == "quality":
-            series[f"{label} quality"].append((when, float(np.nanmean([_number(s.x_phase_fit_quality),
-                                                                       _number(s.y_phase_fit_quality)]))))  # fmt: skip
-        else:  # recmean
-            per_fit[when] += [v for v in (x, y) if math.isfinite(v)]
+            add(f"{label} quality", (when, float(np.nanmean([_number(s.x_phase_fit_quality),
+                                                              _number(s.y_phase_fit_quality)]))), "")  # fmt: skip
+        else:  # recmean: one mean per fit, of values relative to one tile
+            per_fit[(when, relative_to if suffix else "")] += [
+                v for v in (x, y) if math.isfinite(v)
+            ]
     if style == "recmean":
-        series[f"rec{rx:02d} mean"] = [
-            (when, float(np.mean(v))) for when, v in sorted(per_fit.items()) if v
-        ]
+        for (when, own), values in sorted(per_fit.items()):
+            if values:
+                name = f"rec{rx:02d} mean" + (f" (ref tile {own})" if own else "")
+                add(name, (when, float(np.mean(values))), own or common)
     frames = []
     for label, points in series.items():
         kept = [(t, v) for t, v in points if math.isfinite(v) and (clip is None or abs(v) <= clip)]
-        frames.append(_frame(label, ref_id, [t for t, _ in kept], [v for _, v in kept],
-                             labels={"receiver": f"rec{rx:02d}", "style": style}))  # fmt: skip
+        if not kept and series_reference[label] not in ("", common):
+            continue  # a fit's own reference's series, of nothing (e.g. that tile flagged)
+        labels = {"receiver": f"rec{rx:02d}", "style": style}
+        if series_reference[label]:
+            labels["reference_tile"] = series_reference[label]
+        frames.append(
+            _frame(label, ref_id, [t for t, _ in kept], [v for _, v in kept], labels=labels)
+        )
     return frames
 
 

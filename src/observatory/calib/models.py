@@ -31,6 +31,9 @@ class CalibrationFit(Base):
     gain_max_cutoff: Mapped[float | None] = mapped_column(Float)
     #: The solver's AO-cal file, relative to the calibration store (the cached solution).
     solution_file: Mapped[str | None] = mapped_column(String(500))
+    #: The tile id the fit's delays are referenced to (its own are 0 m by construction: the
+    #: lowest unflagged tile others measure against, as calvin's); None when not known.
+    reference_tileid: Mapped[int | None] = mapped_column(Integer)
 
     solutions: Mapped[list[CalibrationSolution]] = relationship(
         back_populates="fit", cascade="all, delete-orphan", order_by="CalibrationSolution.antenna"

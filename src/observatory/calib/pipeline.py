@@ -82,6 +82,9 @@ class TileFits:
     rows: list[dict[str, object]]
     #: Reason -> number of tiles that did not calibrate for it.
     failures: Counter[str]
+    #: The tile id the delays are referenced to (0 m by construction); None when it did
+    #: not calibrate (no other tile did).
+    reference_tileid: int | None = None
 
 
 def delay_limit_m(meta: ObservationMeta) -> float | None:
@@ -236,7 +239,11 @@ def tile_fits(solved: SolvedObservation, n_coarse_metafits: int) -> TileFits:
     if calibrated == [reference]:  # its 0 m is relative to no other tile
         rows[reference] |= failed_row
         failures["the reference tile, with no other tile calibrated"] += 1
-    return TileFits(rows, failures)
+    # The reference is recorded only when it calibrated (another tile measured against it).
+    reference_tileid = (
+        int(tile_ids[reference]) if reference in calibrated and len(calibrated) > 1 else None
+    )
+    return TileFits(rows, failures, reference_tileid)
 
 
 def _channel_places(solved: SolvedObservation, n: int) -> NDArray[np.int64]:
@@ -359,6 +366,7 @@ def fit_observation(session: Session, settings: Settings, obsid: int) -> Calibra
         session, settings, obsid, solutions, rows, creator="calvin", code_version=__version__,
         fit_niter=PHASE_FIT_NITER, fit_limit=solved.max_iterations,
         source_list=observation.calibrator_source, num_sources=1,
+        reference_tileid=fitted.reference_tileid,
         calibration_command=f"StEFCal against the catalogue point source {observation.calibrator_source}",
     )  # fmt: skip
     draw_all(session, settings, fit)  # the summary pages never wait for a plot

@@ -136,7 +136,7 @@ def figure_of(session: Session, fit: CalibrationFit, kind: str) -> Figure:
         axes.scatter(columns, np.tile(everything, len(index)), s=3, color="0.75", lw=0)
         axes.plot(index, x, "o", color=colour_x, ms=7, label="X")
         axes.plot(index, y, "o", color=colour_y, ms=7, mfc="none", label="Y")
-        axes.set_ylabel("cable length residual (m)")
+        axes.set_ylabel(f"cable length residual (m){_relative_to(fit)}")
     elif kind in ("timediff", "xydiff"):
         days = 30 if kind == "xydiff" else 7
         earlier = {f.fitid: f for f in _history(session, fit, days)}
@@ -154,11 +154,24 @@ def figure_of(session: Session, fit: CalibrationFit, kind: str) -> Figure:
             creator = np.array([earlier[r.fitid].creator for r in found])
             old_x = np.array([r.x_delay_m for r in found], dtype=float)  # None becomes NaN
             old_y = np.array([r.y_delay_m for r in found], dtype=float)
-            series = [(old_x, 0), (old_y, 1)] if kind == "timediff" else [(old_y - old_x, 0)]
-            for values, pol in series:
-                axes.scatter(column, values, s=10, c=_rgba(creator, pol, alpha), lw=0)
+            old_x, old_y, moved = rereference(
+                np.array([r.fitid for r in found]), np.array([r.tileid for r in found]),
+                old_x, old_y, fit.reference_tileid,
+            )  # fmt: skip
+            both: np.ndarray = np.logical_and(moved[:, 0], moved[:, 1])
+            series: list[tuple[np.ndarray, int, np.ndarray]] = (
+                [(old_x, 0, moved[:, 0]), (old_y, 1, moved[:, 1])] if kind == "timediff"
+                else [(old_y - old_x, 0, both)]
+            )  # fmt: skip
+            for values, pol, kept in series:
+                # Earlier fits that could not be put on this fit's reference: as stored, as x.
+                for marker, chosen in (("o", kept), ("x", ~kept)):
+                    if chosen.any():
+                        axes.scatter(column[chosen], values[chosen], s=10, marker=marker,
+                                     c=_rgba(creator[chosen], pol, alpha[chosen]), lw=0 if marker == "o" else 1)  # fmt: skip
                 earlier_values.append(values)
             _creator_legend(axes, set(creator), ("X", "Y") if kind == "timediff" else ("Y - X",))
+            _reference_legend(axes, fit, earlier, found, moved)
         own = np.concatenate([x, y]) if kind == "timediff" else y - x
         hidden = _robust_ylim(axes, own, np.concatenate(earlier_values or [np.empty(0)]))
         if hidden:
@@ -166,10 +179,10 @@ def figure_of(session: Session, fit: CalibrationFit, kind: str) -> Figure:
         if kind == "timediff":
             axes.plot(index, x, "o", color=colour_x, ms=7, label="X (this fit)")
             axes.plot(index, y, "o", color=colour_y, ms=7, mfc="none", label="Y (this fit)")
-            axes.set_ylabel("cable length residual (m)")
+            axes.set_ylabel(f"cable length residual (m){_relative_to(fit)}")
         else:
             axes.plot(index, y - x, "o", color=colour_x, ms=7, label="Y - X (this fit)")
-            axes.set_ylabel("Y - X residual (m)")
+            axes.set_ylabel(f"Y - X residual (m){_relative_to(fit)}")
     elif kind == "gaintimes":
         _gaintimes(session, fit, rows, axes)
     else:  # gains
@@ -181,11 +194,86 @@ def figure_of(session: Session, fit: CalibrationFit, kind: str) -> Figure:
         axes.set_xticklabels([str(tile) for tile in tiles], rotation=90, fontsize=7)
         axes.set_xlim(-1, len(index))
         axes.set_xlabel("tile")
-    axes.set_title(f"{kind}: fit {fit.fitid} of {fit.obsid} ({fit.creator})")
+    reference = "" if fit.reference_tileid is None else f", reference tile {fit.reference_tileid}"
+    axes.set_title(f"{kind}: fit {fit.fitid} of {fit.obsid} ({fit.creator}{reference})")
     axes.grid(alpha=0.3)
     axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     figure.tight_layout()
     return figure
+
+
+def rereference(
+    fitids: np.ndarray, tileids: np.ndarray, x_m: np.ndarray, y_m: np.ndarray,
+    common: int | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Delays of several fits (one row per fit and tile) referenced to the tile ``common``.
+
+    A fit's delays are relative to its own reference tile (0 m there). Relative to tile
+    ``c`` instead they are ``d_t - d_c`` (per polarisation): exact, whatever the fit's own
+    reference was (recorded or not), and nothing changes for a fit already referenced to
+    ``c``. When ``c`` did not calibrate in a fit (no ``d_c``, the usual reason its
+    reference moved), that fit's delays cannot be moved: they are returned as stored.
+
+    Parameters
+    ----------
+    fitids, tileids, x_m, y_m
+        One entry per (fit, tile): the fit, the tile, its X and Y delays (NaN: none). The
+        rows of ``common`` must be among them.
+    common
+        The tile to reference to; None leaves every delay as stored (``moved`` all False).
+
+    Returns
+    -------
+    x_m, y_m, moved
+        The delays referenced to ``common`` where possible; ``moved`` (n, 2) says, per row
+        and polarisation, whether its fit had ``common`` calibrated (the value is relative
+        to ``common``) or not (as stored, relative to another tile).
+    """
+    moved = np.zeros((len(fitids), 2), dtype=bool)
+    if common is None or len(fitids) == 0:
+        return x_m, y_m, moved
+    fits, inverse = np.unique(fitids, return_inverse=True)
+    shift = np.full((len(fits), 2), np.nan)
+    is_common = tileids == common
+    shift[inverse[is_common], 0] = x_m[is_common]
+    shift[inverse[is_common], 1] = y_m[is_common]
+    per_row = shift[inverse]  # (n, 2): each row's fit's delays of tile ``common``
+    moved = np.isfinite(per_row)
+    return (
+        np.where(moved[:, 0], x_m - per_row[:, 0], x_m),
+        np.where(moved[:, 1], y_m - per_row[:, 1], y_m),
+        moved,
+    )
+
+
+def _relative_to(fit: CalibrationFit) -> str:
+    """The y axis's note of the reference tile (empty when it is not recorded)."""
+    return "" if fit.reference_tileid is None else f", relative to tile {fit.reference_tileid}"
+
+
+def _reference_legend(
+    axes: Axes, fit: CalibrationFit, earlier: dict[int, CalibrationFit], found: Sequence[Any],
+    moved: np.ndarray,
+) -> None:  # fmt: skip
+    """Legend lines saying which earlier fits were put on this fit's reference, and which not."""
+    if fit.reference_tileid is None:
+        axes.plot([], [], " ", label="reference tile not recorded: earlier fits as stored")
+        return
+    shown = {r.fitid for r in found}
+    both: np.ndarray = np.logical_and(moved[:, 0], moved[:, 1])
+    unmoved = {r.fitid for r, ok in zip(found, both.tolist(), strict=True) if not ok}
+    other = {f for f in shown if earlier[f].reference_tileid != fit.reference_tileid}
+    if moved_fits := len(other - unmoved):
+        axes.plot(
+            [],
+            [],
+            " ",
+            label=f"{moved_fits} earlier fits re-referenced to tile {fit.reference_tileid}",
+        )
+    if unmoved:
+        axes.plot([], [], "x", color="0.4", ms=4,
+                  label=f"{len(unmoved)} earlier fits without tile {fit.reference_tileid}: "
+                        "as stored (another reference)")  # fmt: skip
 
 
 #: The history plots' y axis: this fit's values, and the earlier ones within this many
@@ -345,8 +433,9 @@ HISTORY_KINDS = {"timediff": 7, "gaintimes": 7, "xydiff": 30}
 
 #: The directory of a fit's cached plots: renamed whenever stored fits change in a way the
 #: plots show, so that every plot is drawn again (2: migration 0011 negated the delays of
-#: version 0.1.0's fits, whose plots, and other fits' history plots, showed the old sign).
-PLOTS_DIRECTORY = "plots.2"
+#: version 0.1.0's fits, whose plots, and other fits' history plots, showed the old sign;
+#: 3: the history plots put earlier fits on this fit's reference tile, migration 0013).
+PLOTS_DIRECTORY = "plots.3"
 
 
 def cached_plot_path(session: Session, settings: Settings, fit: CalibrationFit, kind: str) -> Path:

@@ -348,9 +348,10 @@ def fit_page(request: Request, session: SessionDep, fitid: Annotated[str, Query(
     fit = _fit(session, fitid)
     known = service.observation_tiles(session, _settings(request), fit.obsid)
     tiles, receivers = service.fit_residuals(fit, known)
+    reference = next((tile for tile in tiles if tile.reference), None)
     return templates.TemplateResponse(request, "fit.html", {
         "fit": fit, "tiles": tiles, "receivers": receivers, "kinds": plots.KINDS,
-        "fit_time": service.awst_time(fit),
+        "fit_time": service.awst_time(fit), "reference": reference,
     })  # fmt: skip
 
 

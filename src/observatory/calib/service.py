@@ -683,12 +683,15 @@ def fit_json(
     the order of ``coarse_chans``: ascending, as mwalib orders the metafits' channels and
     the pipeline the arrays, whatever the order of the metafits' ``CHANNELS`` (which the
     archive keeps); NaN (a flagged tile, a channel that could not be fitted) is null.
+    ``reference_tileid`` and ``reference_tile_name`` name the tile the delays are
+    referenced to (null when not known).
     """
     calibrator = session.get(Observation, fit.obsid)
     rows = list(fit.solutions)
-    names = tile_names(
-        [row.tileid for row in rows], observation_tiles(session, settings, fit.obsid)
-    )
+    known = observation_tiles(session, settings, fit.obsid)
+    names = tile_names([row.tileid for row in rows], known)
+    reference = fit.reference_tileid
+    reference_name = None if reference is None else tile_names([reference], known)[0]
     return {
         "obs_id": target.obsid,
         "fitid": fit.fitid,
@@ -705,6 +708,10 @@ def fit_json(
         "gain_max_cutoff": _null(fit.gain_max_cutoff),
         "coarse_chans": sorted(calibrator.coarse_chans or []) if calibrator is not None else None,
         "flagged_tiles": flagged_tiles(fit),
+        # The tile the delays are referenced to (its own are 0 m): residuals of fits with
+        # different references differ by the delays between those tiles.
+        "reference_tileid": fit.reference_tileid,
+        "reference_tile_name": reference_name,
         "solutions": [
             _nulls({"tileid": row.tileid, "tile_name": name, "antenna": row.antenna}
                    | {field: getattr(row, field) for field in SOLUTION_JSON_FIELDS})
@@ -861,13 +868,15 @@ def store_fit(
     num_sources: int | None = None,
     calibration_command: str = "",
     gain_max_cutoff: float | None = None,
+    reference_tileid: int | None = None,
 ) -> CalibrationFit:
     """Record a fit: its AO-cal file in the calibration store, its row and one row per tile.
 
     ``tile_rows`` hold ``calibration_solutions`` columns (``tileid``, ``antenna``,
     ``x_delay_m``, ...); NaN becomes NULL. ``fit_niter`` and ``fit_limit`` are the fit's
     parameters the summary shows as "Niter/Limit" (our pipeline: the phase-fit iterations
-    and the solver's iteration limit).
+    and the solver's iteration limit). ``reference_tileid`` is the tile the delays are
+    referenced to (None: not known).
     """
     fitid = new_fitid()
     while session.get(CalibrationFit, fitid) is not None:
@@ -882,7 +891,7 @@ def store_fit(
         fitid=fitid, obsid=obsid, creator=creator, code_version=code_version, fit_niter=fit_niter,
         fit_limit=fit_limit, source_list=source_list, num_sources=num_sources,
         calibration_command=calibration_command, gain_max_cutoff=gain_max_cutoff,
-        solution_file=relative,
+        solution_file=relative, reference_tileid=reference_tileid,
     )  # fmt: skip
     fit.solutions = [CalibrationSolution(obsid=obsid, **_nulls(row)) for row in tile_rows]
     session.add(fit)
@@ -1065,7 +1074,10 @@ def awst_time(fit: CalibrationFit) -> str:
 
 @dataclass(frozen=True)
 class TileResidual:
-    """A tile's residuals in a fit; ``receiver`` is None when the tile is unknown."""
+    """A tile's residuals in a fit; ``receiver`` is None when the tile is unknown.
+
+    ``reference`` marks the tile the fit's delays are referenced to (0 m by construction).
+    """
 
     tileid: int
     name: str
@@ -1073,16 +1085,36 @@ class TileResidual:
     x_delay_m: float | None
     y_delay_m: float | None
     quality: float | None
+    reference: bool = False
+
+
+@dataclass(frozen=True)
+class ReceiverMedian:
+    """A receiver's median cable-length residuals in a fit, X and Y apart (None: no tile).
+
+    ``n_x`` and ``n_y`` count the tiles each median is of (the reference tile left out).
+    """
+
+    x_delay_m: float | None
+    y_delay_m: float | None
+    n_x: int
+    n_y: int
 
 
 def fit_residuals(
     fit: CalibrationFit, tiles: Mapping[int, MetafitsInput]
-) -> tuple[list[TileResidual], dict[int | None, float | None]]:
-    """Per tile, and the median residual (X and Y together) per receiver.
+) -> tuple[list[TileResidual], dict[int | None, ReceiverMedian]]:
+    """Per tile, and the median residual per receiver, X and Y apart.
 
     ``tiles`` are the calibrator observation's (:func:`observation_tiles`): each tile's
     name and receiver are as its metafits had them. A tile it does not have (no metafits)
     takes the built-in layout's; one in neither has no receiver (None).
+
+    The reference tile (``fit.reference_tileid``) is in the tiles, marked, but not in its
+    receiver's medians: its 0 m is the reference itself, not a measurement, and would pull
+    the median of its receiver towards 0. X and Y are not pooled: each polarisation has its
+    own cable path and its own reference (the reference tile's X, or Y), and pooling hides a
+    receiver whose X and Y disagree.
     """
     layout = {t.tile_id: t for t in tile_layout()}
     rows = sorted(fit.solutions, key=lambda r: r.tileid)
@@ -1095,15 +1127,26 @@ def fit_residuals(
         residuals.append(TileResidual(
             row.tileid, name, receiver, row.x_delay_m, row.y_delay_m,
             float(np.mean(qualities)) if qualities else None,
+            reference=row.tileid == fit.reference_tileid,
         ))  # fmt: skip
-    receivers: dict[int | None, list[float]] = {}
+    receivers: dict[int | None, tuple[list[float], list[float]]] = {}
     for residual in residuals:
-        values = [
-            v
-            for v in (residual.x_delay_m, residual.y_delay_m)
-            if v is not None and math.isfinite(v)
-        ]
-        receivers.setdefault(residual.receiver, []).extend(values)
+        x_values, y_values = receivers.setdefault(residual.receiver, ([], []))
+        if residual.reference:
+            continue
+        for values, value in ((x_values, residual.x_delay_m), (y_values, residual.y_delay_m)):
+            if value is not None and math.isfinite(value):
+                values.append(value)
     order = sorted(receivers, key=lambda rx: (rx is None, rx or 0))
-    medians = {rx: (float(np.median(receivers[rx])) if receivers[rx] else None) for rx in order}
+
+    def median(values: list[float]) -> float | None:
+        return float(np.median(values)) if values else None
+
+    medians = {
+        rx: ReceiverMedian(
+            median(receivers[rx][0]), median(receivers[rx][1]),
+            len(receivers[rx][0]), len(receivers[rx][1]),
+        )
+        for rx in order
+    }  # fmt: skip
     return residuals, medians

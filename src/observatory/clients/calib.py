@@ -335,7 +335,9 @@ def get_cal_json(
     -------
     dict
         ``obs_id``, ``fitid``, ``cal_obs_id``, ``time_separation_s``, ``creator``,
-        ``code_version``, ``fit_time``, ``coarse_chans``, ``flagged_tiles``... and
+        ``code_version``, ``fit_time``, ``coarse_chans``, ``flagged_tiles``,
+        ``reference_tileid`` and ``reference_tile_name`` (the tile the delays are
+        referenced to; None when not recorded)... and
         ``solutions``: per tile (Antenna order) ``tileid``, ``tile_name``, ``antenna``,
         ``x_delay_m``, ``x_intercept``, ``x_gains`` (per coarse channel), their ``y_``
         twins and fit qualities; None where the fit has no value.
