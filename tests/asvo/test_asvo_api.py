@@ -298,6 +298,10 @@ def test_each_job_type_is_queued_and_listed(client: TestClient) -> None:
                          "from_channel": "133"}, "To Channel: Expected not None: a channel range needs both"),
         ("voltage_job", {"obs_id": str(VCS_OBS), "offset": "0", "duration": "8", "channel_range": "true",
                          "to_channel": "133"}, "From Channel: Expected not None: a channel range needs both"),
+        # It said "To Channel: 133 is outside 134..255", as if channels stopped at 134.
+        ("voltage_job", {"obs_id": str(VCS_OBS), "offset": "0", "duration": "8", "channel_range": "true",
+                         "from_channel": "134", "to_channel": "133"},
+         "To Channel: 133 is below From Channel 134: to_channel must not be below from_channel"),
         ("beamformer_job", {"obs_id": MWAX_OBS}, "Beamformer jobs are not offered"),
         ("imaging_job", {"obs_id": MWAX_OBS}, "Imaging jobs are not offered"),
     ],
@@ -508,6 +512,31 @@ def test_a_conversion_spelling_out_its_defaults_is_a_duplicate(client: TestClien
                       flag_edge_width="0").json()) == {"job_id"}  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("obs_id", "default_dc"),
+    [(MWAX_OBS, "no_flag_dc"), (LEGACY_OBS, "flag_dc")],
+    ids=["mwax", "legacy"],
+)
+def test_a_dc_flag_choice_that_is_the_datas_default_is_a_duplicate(
+    client: TestClient, obs_id: str, default_dc: str
+) -> None:
+    """flag_dc=false on MWAX data (true on legacy data) is what a conversion does anyway:
+    it was queued as a new job beside the same conversion without it."""
+    first = submit(client, "conversion_job", obs_id=obs_id, output="uvfits").json()["job_id"]
+    same = {"no_flag_dc": {"flag_dc": "false"}, "flag_dc": {"flag_dc": "true"}}[default_dc]
+    spellings = [same, {"flagdcchannels": same["flag_dc"]}]
+    if default_dc == "no_flag_dc":
+        spellings.append({"no_flag_dc": "true"})
+    for spelled in spellings:
+        again = submit(client, "conversion_job", obs_id=obs_id, output="uvfits", **spelled)
+        assert again.json() == {"error": "Job already queued, processing or complete",
+                                "error_code": 2, "job_id": first}, spelled  # fmt: skip
+    # The other choice is another conversion.
+    other = {"no_flag_dc": "true", "flag_dc": "false"}[default_dc]
+    reply = submit(client, "conversion_job", obs_id=obs_id, output="uvfits", flag_dc=other)
+    assert set(reply.json()) == {"job_id"}, reply.json()
+
+
 FORM = "application/x-www-form-urlencoded"
 
 
@@ -536,6 +565,28 @@ def test_a_form_that_cannot_be_read_as_sent_is_a_clear_400(
     # the job without a word, and giant-squid abandoned the rest of its batch).
     assert reply.json()["error_code"] == 0
     assert "UploadFile" not in reply.text
+    assert client.get("/api/get_jobs").json() == []
+
+
+@pytest.mark.parametrize("endpoint", ["download_vis_job", "conversion_job", "voltage_job"])
+def test_fields_in_the_query_string_are_refused_naming_the_form_body(
+    client: TestClient, endpoint: str
+) -> None:
+    """`curl -X POST '.../api/download_vis_job?obs_id=...&download_type=vis'` was told
+    "Download Type: Expected not None", as if download_type had not been given."""
+    reply = client.post(
+        f"/api/{endpoint}", params={"obs_id": str(MWAX_OBS), "download_type": "vis"}
+    )
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert "must be sent as a form body" in error and "not in the query string" in error
+    assert "(found: obs_id, download_type)" in error and "Expected not None" not in error
+    assert reply.json()["error_code"] == 0
+    # With a form body as well: which of the two was meant is unclear, so refused too.
+    reply = client.post(
+        f"/api/{endpoint}", params={"download_type": "vis"}, data={"obs_id": str(MWAX_OBS)}
+    )
+    assert reply.status_code == 400 and "(found: download_type)" in reply.json()["error"]
     assert client.get("/api/get_jobs").json() == []
 
 

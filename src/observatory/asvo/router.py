@@ -159,7 +159,18 @@ async def read_submission_form(request: Request) -> dict[str, str]:
 
     0 is the clients' "invalid input" (specs/asvo.md section 2.2): with the services'
     usual 1, mwa_client drops the job without a word and giant-squid abandons the batch.
+
+    Fields in the query string (``curl -X POST '...?obs_id=...'``) are refused, naming
+    them: read as a form they were missing, and the error named the first required one
+    ("Download Type: Expected not None") as if it had not been given.
     """
+    if request.query_params:
+        names = ", ".join(dict.fromkeys(request.query_params.keys()))
+        raise service.AsvoError(
+            f"job parameters must be sent as a form body (application/x-www-form-urlencoded "
+            f"or multipart/form-data, as curl -d or -F sends them), not in the query string "
+            f"(found: {names})"
+        )
     try:
         return await read_form(request)
     except BadRequest as exc:

@@ -298,17 +298,33 @@ def _conversion_params(
 _RESOLVED_KEYS = ("avg_time_res", "avg_freq_res", "flag_edge_width")
 
 
+#: Observing modes whose visibilities come from the MWAX correlator (``HW_LFILES`` is the
+#: legacy one): their DC fine channel is not flagged unless asked (``dc_flagged``).
+MWAX_CORRELATOR_MODES = frozenset({ObservationMode.MWAX_CORRELATOR, ObservationMode.MWAX_CORR_BF})
+
+
 def _conversion_identity(
-    params: Mapping[str, Any], resolved: ResolvedOptions | None
+    params: Mapping[str, Any], resolved: ResolvedOptions | None, observation: Observation
 ) -> dict[str, Any]:
     """``params`` as the duplicate check compares them: with the averaging and edge width
     as the factors and channels they resolve to, so that ``avg_freq_res=80`` on an
     observation of 80 kHz channels (what giant-squid sends) is the same request as a CSV
-    line that leaves it out. Unresolved (no resolution known), they are compared as given."""
+    line that leaves it out. Unresolved (no resolution known), they are compared as given.
+
+    A DC-flag choice that is this observation's default (``flag_dc=false`` on MWAX data,
+    ``true`` on legacy data) is the same request as none, and compared as none: so the keys
+    of jobs submitted without one stay as they were.
+    """
+    identity = dict(params)
+    default_dc = ConversionOptions().dc_flagged(observation.mode in MWAX_CORRELATOR_MODES)
+    if "no_flag_dc" in identity and default_dc is False:
+        del identity["no_flag_dc"]
+    if "flag_dc" in identity and default_dc is True:
+        del identity["flag_dc"]
     if resolved is None:
-        return dict(params)
+        return identity
     return {
-        **{key: value for key, value in params.items() if key not in _RESOLVED_KEYS},
+        **{key: value for key, value in identity.items() if key not in _RESOLVED_KEYS},
         "resolved": [resolved.time_factor, resolved.freq_factor, resolved.edge_chans],
     }
 
@@ -348,7 +364,12 @@ def _voltage_params(form: Mapping[str, str], observation: Observation) -> dict[s
                     "to_channel (inclusive; the same number for one channel)"
                 )
         low = _int_field(form, "from_channel", "From Channel", 0, 255)
-        high = _int_field(form, "to_channel", "To Channel", low, 255)
+        high = _int_field(form, "to_channel", "To Channel", 0, 255)
+        if high < low:  # "outside 134..255" read as a limit of the channel numbers
+            raise AsvoError(
+                f"To Channel: {high} is below From Channel {low}: to_channel must not be below "
+                "from_channel (the range is inclusive; the same number for one channel)"
+            )
         observed = set(observation.coarse_chans)
         if observed and not observed & set(range(low, high + 1)):
             raise _refused_for(
@@ -406,7 +427,11 @@ def submit_job(
         elif job_type == JobType.DOWNLOAD_VOLTAGE:
             params.update(_voltage_params(form, observation))
     allow_resubmit = _bool_field(form, "allow_resubmit")
-    identity = _conversion_identity(params, resolved) if job_type == JobType.CONVERSION else params
+    identity = (
+        _conversion_identity(params, resolved, observation)
+        if job_type == JobType.CONVERSION
+        else params
+    )
     key = _request_key(user_id, job_type, observation.obsid, identity)
     # One submission of a user at a time, to its commit: two identical ones at once both
     # passed the duplicate check (and the active-job limit). A write to the user's row
