@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import blake3
 import httpx
@@ -351,6 +352,34 @@ def test_a_listing_into_a_file_holds_only_the_listing(server: Server) -> None:
     # The other modes keep their status lines on stdout, file or not.
     code, out, err = mwa_client_streams("-w", "999999", environ=server.environ())
     assert code == 4 and VERSION_STRING in out and "Connected to MWA ASVO" in out and err == ""
+
+
+@pytest.mark.parametrize(
+    ("refusal", "line"),
+    [
+        ("Your job cannot be submitted as there is a full outage in progress.",
+         "Skipping: job #1 (line 1) - Your job cannot be submitted as there is a full outage "
+         "in progress."),
+        ("Observation 1000000000 does not exist",
+         "Skipping: job #1 (line 1) - Observation 1000000000 does not exist."),
+    ],
+)  # fmt: skip
+def test_a_refusal_is_one_sentence_with_one_full_stop(refusal: str, line: str) -> None:
+    """ "... full outage in progress.." had two."""
+    from observatory.clients.mwa_client import Reporter, _submit_jobs
+
+    class Refusing:
+        def submit(self, _endpoint: str, _params: object) -> int:
+            raise asvo.AsvoError(
+                f"Job refused: HTTP 400: {refusal}", status_code=400, error_code=0, detail=refusal
+            )
+
+    out = io.StringIO()
+    errors: list[Any] = []
+    jobs = parse_job_csv(f"obs_id={OBSID}, job_type=d, download_type=vis\n")
+    _submit_jobs(Refusing(), jobs, Reporter(out, False), errors, follow_duplicates=False)  # type: ignore[arg-type]
+    assert out.getvalue() == line + "\n"
+    assert errors[0].result == f"Error: {refusal}"
 
 
 def test_submit_only_and_list_only_ignore_the_download_directory(

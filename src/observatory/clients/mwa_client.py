@@ -471,7 +471,11 @@ def _submit_jobs(
                     f"(job #{number}, line {job.line_number})."
                 )
                 continue
-            reporter.say(f"Skipping: job #{number} (line {job.line_number}) - {error_text}.")
+            # The server's sentence may end with its own full stop (the outage messages).
+            ending = "" if error_text.rstrip().endswith((".", "!", "?")) else "."
+            reporter.say(
+                f"Skipping: job #{number} (line {job.line_number}) - {error_text.rstrip()}{ending}"
+            )
             errors.append(JobError(None, obs_id, f"Error: {error_text}"))
             continue
         if reporter.verbose:
