@@ -410,6 +410,46 @@ def test_a_source_list_holding_no_name_is_an_error_in_the_answer(
     assert "source: " in errors_of(result) and "is not a name" in errors_of(result)
 
 
+@pytest.mark.parametrize("endpoint", ["triggervcs", "triggerobs"])
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"source": "\xa0"}, "source: '\\xa0' is blank"),  # source=%C2%A0
+        ({"source": " "}, "source: ' ' is blank"),
+        ({"source": "['Sun', ' ']"}, "source: ' ' is a blank name"),
+        ({"source": "['']"}, "source: '' is a blank name"),
+        ({"source": "[]"}, "source: [] names no source"),
+        ({"ra": " ", "dec": " "}, "ra: ' ' is blank"),
+    ],
+)
+def test_a_blank_target_is_an_error_not_an_all_sky_capture(
+    client: TestClient,
+    session_factory: sessionmaker[Session],
+    endpoint: str,
+    params: dict[str, str],
+    message: str,
+) -> None:
+    """A source of spaces was read as no source: triggervcs, given no target, captured the
+    whole sky (success, sourcelist []), where triggerobs said "no target"."""
+    result = post(client, endpoint, project_id="G0055", secure_key=KEY, nobs=1, exptime=8,
+                  pretend="0", **params)  # fmt: skip
+    assert result["success"] is False, result
+    assert message in errors_of(result), result["errors"]
+    assert schedule(session_factory) == []
+
+
+def test_triggervcs_without_a_target_parameter_still_captures_the_whole_sky(
+    client: TestClient,
+) -> None:
+    """The documented all-sky mode: no target parameter at all, or one unset (empty, None,
+    null: what a client sends for an argument it did not set)."""
+    for unset in ({}, {"source": ""}, {"source": "None"}):
+        result = post(client, "triggervcs", project_id="G0055", secure_key=KEY, nobs=1,
+                      exptime=8, pretend="1", **unset)  # fmt: skip
+        assert result["success"] is True, (unset, result["errors"])
+        assert result["params"]["sourcelist"] == [] and result["params"]["ralist"] == []
+
+
 UNBUILDABLE_LITERAL = "[{[]: 1}]"  # a Python list literal whose dict key is unhashable
 HUGE_INTEGER = "9" * 4301  # int() refuses more than 4,300 digits
 

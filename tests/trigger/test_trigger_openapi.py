@@ -186,6 +186,11 @@ def test_the_documented_parameters_are_there(openapi: dict[str, Any]) -> None:
 # No drift: the handlers read exactly the declared parameters
 
 
+#: Other names of a declared parameter, read under them too: ``group_id`` (what
+#: triggerservice.py posts) is ``groupid``, looked up to refuse the two given different values.
+ALIASES = {"group_id": "groupid"}
+
+
 class RecordingParameters(dict[str, Any]):
     """Merged parameters that note every name a handler (or the service) looks up."""
 
@@ -193,16 +198,19 @@ class RecordingParameters(dict[str, Any]):
         super().__init__(items)
         self.read = read
 
+    def _note(self, key: object) -> None:
+        self.read.add(ALIASES.get(str(key), str(key)))
+
     def __getitem__(self, key: str) -> Any:
-        self.read.add(key)
+        self._note(key)
         return super().__getitem__(key)
 
     def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
-        self.read.add(key)
+        self._note(key)
         return super().get(key, default)
 
     def __contains__(self, key: object) -> bool:
-        self.read.add(str(key))
+        self._note(key)
         return super().__contains__(key)
 
 

@@ -412,7 +412,9 @@ def as_float_list(name: str, value: Any, *, max_items: int | None = None) -> lis
     return [float(as_number(name, item)) for item in _as_list(name, value, max_items)]
 
 
-def as_str_list(name: str, value: Any, *, max_items: int | None = None) -> list[str]:
+def as_str_list(
+    name: str, value: Any, *, max_items: int | None = None, blank_ok: bool = True
+) -> list[str]:
     """One string or a list of strings (JSON, single-quoted Python list, repeated keys).
 
     Parameters
@@ -423,12 +425,15 @@ def as_str_list(name: str, value: Any, *, max_items: int | None = None) -> list[
         What was sent.
     max_items
         The most values it may hold, if limited.
+    blank_ok
+        Whether an item that is empty or only spaces is left out (else it is refused: a
+        source name lost on its way must not be read as no source).
 
     Raises
     ------
     ParameterError
-        Naming a value that is not a name, or the number of values and ``max_items``
-        when there are more.
+        Naming a value that is not a name (or is blank, unless ``blank_ok``), or the number
+        of values and ``max_items`` when there are more.
     """
     items = _as_list(name, value, max_items)
     strings = []
@@ -438,7 +443,18 @@ def as_str_list(name: str, value: Any, *, max_items: int | None = None) -> list[
         text = str(item).strip()
         if text:
             strings.append(text)
+        elif not blank_ok:
+            raise ParameterError(f"{name}: {item!r} is a blank name (nothing but spaces)")
     return strings
+
+
+def is_blank(value: Any) -> bool:
+    """Whether ``value`` is text of spaces only (``" "``, a no-break space): not empty.
+
+    :func:`present` reads it as not given, as it reads ``""``; where that would change
+    what is done (a target lost makes ``triggervcs`` capture the whole sky) it is refused.
+    """
+    return isinstance(value, str) and value != "" and not value.strip()
 
 
 def _as_list(name: str, value: Any, max_items: int | None = None) -> list[Any]:

@@ -58,6 +58,7 @@ from observatory.trigger.params import (
     conflicting_group_ids,
     decode_value,
     echo_text,
+    is_blank,
     is_bool_word,
     present,
 )
@@ -154,6 +155,9 @@ class Target:
     body: str | None = None
 
 
+#: The parameters that name targets; ``triggervcs`` without any of them captures the whole sky.
+TARGET_PARAMETERS = ("ra", "dec", "alt", "az", "source")
+
 #: The wiki's defaults of ``freqres`` (kHz) and ``inttime`` (s).
 DEFAULT_FREQ_RES_KHZ = 10.0
 DEFAULT_INT_TIME_S = 0.5
@@ -245,10 +249,8 @@ def read_trigger_request(raw: Mapping[str, Any], *, vcs: bool, when_gps: int) ->
     request.atten_db = float(atten if atten is not None else 1.0)
     if conflict := conflicting_group_ids(raw):
         errors.append(conflict)
-    elif present(raw, "groupid") or present(raw, "group_id"):
-        # group_id: a caller of this function that did not merge the names as a request is.
-        name = "groupid" if present(raw, "groupid") else "group_id"
-        groupid = attempt("groupid", lambda: as_number("groupid", raw[name], integer=True))
+    elif present(raw, "groupid"):  # group_id is merged into it (params.merge_request_parameters)
+        groupid = attempt("groupid", lambda: as_number("groupid", raw["groupid"], integer=True))
         # A group is named by the obsid (GPS start) of its first observation. It need not
         # exist any more: a follow-up trigger may have replaced the first one's observations.
         if groupid is not None and groupid < 1:
@@ -414,8 +416,17 @@ def _exposure(request: TriggerRequest, name: str, value: Any) -> int:
 
 
 def _read_targets(raw: Mapping[str, Any], errors: list[str], when_gps: int) -> list[Target]:
-    """RA/Dec targets first, then alt/az, then named sources (triggerservice.py's order)."""
+    """RA/Dec targets first, then alt/az, then named sources (triggerservice.py's order).
+
+    A target parameter sent blank (only spaces) or naming no source is an error: read as
+    not given, it would turn a targeted ``triggervcs`` into an all-sky capture. Left
+    out (or empty, ``None``, ``null``: a client's unset argument) it is not given.
+    """
     targets: list[Target] = []
+    for name in TARGET_PARAMETERS:
+        if is_blank(raw.get(name)):
+            errors.append(f"{name}: {raw[name]!r} is blank (nothing but spaces); give a value, "
+                          f"or leave {name} out")  # fmt: skip
     for first, second, kind in (("ra", "dec", "radec"), ("alt", "az", "azel")):
         if not (present(raw, first) or present(raw, second)):
             continue
@@ -452,10 +463,14 @@ def _read_targets(raw: Mapping[str, Any], errors: list[str], when_gps: int) -> l
                 )
     if present(raw, "source"):
         try:
-            names = as_str_list("source", raw["source"], max_items=MAX_TARGETS)
+            names = as_str_list("source", raw["source"], max_items=MAX_TARGETS, blank_ok=False)
         except ParameterError as exc:
             errors.append(str(exc))
             names = []
+        else:
+            if not names:  # an empty list: no source named, where one was asked for
+                errors.append(f"source: {echo_text(raw['source'])} names no source; give a "
+                              "name, or leave source out")  # fmt: skip
         for name in names:
             if name.lower() in pointing.BODIES:
                 ra, dec = pointing.body_radec(name, when_gps)
