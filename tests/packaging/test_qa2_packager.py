@@ -1085,7 +1085,7 @@ def test_the_raw_asdm_and_casa_images_are_not_calibration_tables(
         f"{X8C}.ms.antpos", f"{X8C}.ms.split.ap_pre_bandpass", f"{X8C}.ms.split.bandpass"]  # fmt: skip
     assert found["product"] == EXPECTED["product"] | {
         f"{X8C}.ms.split.cal.cont.fits", "uid___A002_X3c9295_X1e0.line.fits"}  # fmt: skip
-    assert found["log"] == EXPECTED["log"] | {"casapy-imaging.log"}
+    assert found["log"] == EXPECTED["log"]  # products only are looked for in images/
     readme_text = (member / "README").read_text()
     assert "Imaging notes for the PI." in readme_text and "Observed from" not in readme_text
     assert not any("ASDM" in p.name or p.name.endswith(".image") for p in member.rglob("*"))
@@ -1093,6 +1093,51 @@ def test_the_raw_asdm_and_casa_images_are_not_calibration_tables(
     assert f"{sb / 'X8c' / X8C} (the raw ASDM)" in notes
     assert f"{images / X8C}.ms.split.cal.cont.image (a CASA image" in notes
     assert f"not packaged: {images / 'listobs.txt'}" in notes
+    assert f"not packaged: {images / 'casapy-imaging.log'} (in a products directory" in notes
+
+
+@pytest.mark.parametrize("mode", ["fake", "copy", "hard"])
+def test_hidden_files_and_what_the_document_does_not_look_for_are_not_packaged(
+    tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path], mode: str
+) -> None:
+    """A notebook's checkpoint went to script/, an editor's swap file to qa/; any file in
+    qa2/ was a QA2 file, and a products directory's old scripts were the scripts."""
+    sb = build_sb(tmp_path)
+    checkpoints = sb / ".ipynb_checkpoints"
+    checkpoints.mkdir()
+    (checkpoints / "scriptForImaging-checkpoint.py").write_text("# an older imaging script\n")
+    (sb / "X8c" / "qa2" / ".textfile.txt.swp").write_bytes(b"swap")
+    (sb / "X8c" / "qa2" / "notes.docx").write_bytes(b"PK")
+    (sb / ".hidden_qa2.txt").write_text("qa2")
+    plots = sb / "X8c" / f"{X8C}.ms.split.ap_pre_bandpass.plots"
+    (plots / ".DS_Store").write_bytes(b"finder")
+    (sb / "X8c" / f"{X8C}.ms.split" / ".swp").write_bytes(b"in a measurement set")
+    old_try = sb / "old_try"
+    old_try.mkdir()
+    (old_try / "scriptForImaging_v1.py").write_text("# an old try\n")
+    (old_try / "ipython-old.log").write_text("log\n")
+    (old_try / "cube.fits").write_bytes(b"SIMPLE")  # products in sibling directories are found
+    packpath = tmp_path / "2011.0.00229.S"
+    plan = package(sb, readme, packpath, mode=mode)
+    member = packpath / plan.member
+    found = listing(member)
+    assert found["script"] == EXPECTED["script"] and found["qa"] == EXPECTED["qa"]
+    assert found["log"] == EXPECTED["log"]
+    assert found["product"] == EXPECTED["product"] | {"cube.fits"}
+    assert not [p for p in member.rglob(".*")]
+    if mode != "fake":
+        assert not validate_manifest(packpath)
+    notes = [note for note in plan.notes if note.startswith("not packaged:")]
+    for path, reason in (
+        (checkpoints, "hidden"), (sb / ".hidden_qa2.txt", "hidden"),
+        (sb / "X8c" / "qa2" / ".textfile.txt.swp", "hidden"), (plots / ".DS_Store", "hidden"),
+        (sb / "X8c" / f"{X8C}.ms.split" / ".swp", "hidden"),
+        (sb / "X8c" / "qa2" / "notes.docx", "in qa2/, but no QA2 file"),
+        (old_try / "scriptForImaging_v1.py", "in a products directory"),
+        (old_try / "ipython-old.log", "in a products directory"),
+    ):  # fmt: skip
+        assert any(note.startswith(f"not packaged: {path} ({reason}") for note in notes), path
+    assert not any("checkpoint.py" in note for note in notes)  # its directory is reported
 
 
 def test_a_calibration_table_not_named_after_the_block_is_packaged_with_the_uid(

@@ -114,10 +114,24 @@ class Plan:
 TEMPORARY_SUFFIXES = (".qa-packager-link", ".qa-packager-partial")
 
 
-def _entries(directory: Path, *, recursive: bool = False) -> list[Path]:
-    """A directory's entries, sorted, without the packager's own temporary names."""
-    found = directory.rglob("*") if recursive else directory.iterdir()
-    return sorted(p for p in found if not p.name.endswith(TEMPORARY_SUFFIXES))
+def _entries(directory: Path, plan: Plan, *, recursive: bool = False) -> list[Path]:
+    """A directory's entries, sorted, without the packager's own temporary names and
+    without hidden ones (``.ipynb_checkpoints/``, an editor's ``.textfile.txt.swp``: names
+    starting with ``.``), which go to the plan's notes as not packaged (a hidden
+    directory's contents are left out with it)."""
+    found = sorted(directory.rglob("*") if recursive else directory.iterdir())
+    kept = []
+    for path in found:
+        if path.name.endswith(TEMPORARY_SUFFIXES):
+            continue
+        parts = path.relative_to(directory).parts
+        if any(part.startswith(".") for part in parts[:-1]):
+            continue  # inside a hidden directory, which is reported itself
+        if path.name.startswith("."):
+            plan.notes.append(f"not packaged: {path} (hidden)")
+            continue
+        kept.append(path)
+    return kept
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -185,12 +199,18 @@ def checklist_name(name: str, directory: Path) -> str:
 def _classify_eb(plan: Plan, directory: Path, uid: str) -> None:
     """An execution block's entries (and its ``qa2`` directory, at any depth) into the plan."""
     plan.execution_blocks[uid] = directory
-    for entry in _entries(directory):
+    for entry in _entries(directory, plan):
         name = entry.name
         if entry.is_dir() and name == "qa2":
-            for item in _entries(entry, recursive=True):
+            for item in _entries(entry, plan, recursive=True):
                 if not item.is_dir():
-                    plan.add(item, "qa", unique_name(item.name, uid))
+                    if _matches(item.name, QA2_PATTERNS + CHECKLIST_PATTERNS):
+                        plan.add(item, "qa", unique_name(item.name, uid))
+                    else:  # the document: QA2 files "should match one of" its patterns
+                        plan.notes.append(
+                            f"not packaged: {item} (in qa2/, but no QA2 file: its name matches "
+                            f"none of {', '.join(QA2_PATTERNS)})"
+                        )
                 elif item.is_symlink():  # not followed (as everywhere below the SB's level)
                     plan.notes.append(
                         f"not packaged: {item} (a symlinked directory inside {entry})"
@@ -231,10 +251,11 @@ def _classify_sb_file(
     """A scheduling block's file (or a directory of its products) into the plan.
 
     A checklist becomes ``qa/<SB dir>.checklist.txt`` (as an execution block's is named
-    after its directory) unless its name is unique already; the SB's other text files are notes for the PI, put in the
-    README (those in its products directories, ``nested``, are not: listobs dumps, rms
-    lists); the README header itself, kept in the reduction, is not packaged (it heads the
-    README).
+    after its directory) unless its name is unique already; the SB's other text files are
+    notes for the PI, put in the README; the README header itself, kept in the reduction,
+    is not packaged (it heads the README). In its products directories (``nested``) only
+    FITS files are packaged, as the document finds "data products in those directories"
+    (scripts, logs, QA2 files and notes there, such as an old try's script, are not).
     """
     name = entry.name
     if name == "calibrated.ms" or name.endswith(".ms"):
@@ -245,7 +266,7 @@ def _classify_sb_file(
             # each of their files would be a stray "not packaged" line.
             plan.notes.append(f"not packaged: {entry} ({_raw_or_image(entry) or 'a CASA table'})")
             return
-        for item in _entries(entry):
+        for item in _entries(entry, plan):
             if item.is_dir() and item.is_symlink():  # followed only at the SB's level
                 plan.notes.append(f"not packaged: {item} (a symlinked directory inside {entry})")
             else:
@@ -255,6 +276,14 @@ def _classify_sb_file(
         plan.notes.append(f"not packaged: {entry} (the README header)")
     elif name.endswith(".fits"):
         plan.add(entry, "product", name)
+    elif nested:
+        # The document finds data products in directories beside the execution blocks;
+        # scripts, logs and QA2 files at the SB level and in the blocks' directories (an
+        # old try's ``old_try/scriptForImaging_v1.py`` is not the script that was run).
+        plan.notes.append(
+            f"not packaged: {entry} (in a products directory, where only FITS products are "
+            "looked for)"
+        )
     elif name.endswith(".py"):
         plan.add(entry, "script", name)
     elif name.endswith(".log"):
@@ -263,7 +292,7 @@ def _classify_sb_file(
         plan.add(entry, "qa", checklist_name(name, sb))
     elif _matches(name, QA2_PATTERNS):
         plan.add(entry, "qa", name)
-    elif name.endswith(".txt") and not nested:
+    elif name.endswith(".txt"):
         plan.notes.append(_read_text(entry, "notes file"))  # notes for the PI: into the README
     else:
         plan.notes.append(f"not packaged: {entry}")
@@ -295,7 +324,7 @@ def plan_package(origpath: Path, member: Path, header: Path | None = None) -> Pl
     ``header`` is the README header file, not packaged when it lies in the reduction.
     """
     plan = Plan(member=member)
-    entries = _entries(origpath)
+    entries = _entries(origpath, plan)
     execution_blocks = {
         entry: uid for entry in entries if entry.is_dir() and (uid := eb_uid(entry)) is not None
     }
@@ -1041,12 +1070,16 @@ def _is_table(directory: Path) -> bool:
     return (directory / "table.dat").is_file()
 
 
-def _walk(directory: str | os.PathLike[str]) -> Iterator[tuple[str, bool, int, int]]:
+def _walk(
+    directory: str | os.PathLike[str], hidden: list[str] | None = None
+) -> Iterator[tuple[str, bool, int, int]]:
     """``(relative path, is a directory, bytes, st_dev)`` below ``directory``, depth first, sorted.
 
     Symlinks are followed (a moved file is packaged as what it points at); the packager's
-    own temporary names are skipped. ``os.scandir`` and plain strings give the type and
-    size without the per-path cost of pathlib, which matters with tens of thousands of files.
+    own temporary names and hidden names (starting with ``.``: an editor's swap file, a
+    notebook's checkpoints) are skipped, the hidden ones added to ``hidden`` (their paths).
+    ``os.scandir`` and plain strings give the type and size without the per-path cost of
+    pathlib, which matters with tens of thousands of files.
 
     Raises
     ------
@@ -1059,9 +1092,12 @@ def _walk(directory: str | os.PathLike[str]) -> Iterator[tuple[str, bool, int, i
             key=lambda entry: entry.name,
         )
     for entry in entries:
-        if entry.is_dir():
+        if entry.name.startswith("."):
+            if hidden is not None:
+                hidden.append(entry.path)
+        elif entry.is_dir():
             yield entry.name, True, 0, -1
-            for relative, is_directory, size, device in _walk(entry.path):
+            for relative, is_directory, size, device in _walk(entry.path, hidden):
                 yield f"{entry.name}/{relative}", is_directory, size, device
         else:
             found = _stat(entry.path)
@@ -1109,6 +1145,7 @@ def plan_actions(plan: Plan, mode: str) -> list[Action]:
     for section in SECTIONS:
         if any(step.destination.parts[0] == section for step in plan.steps):
             mkdir(Path(section))
+    hidden: list[str] = []  # inside the directories packaged: left out, as everywhere
     for step in plan.steps:
         section = step.destination.parts[0]
         if mode == "ticket":
@@ -1122,11 +1159,11 @@ def plan_actions(plan: Plan, mode: str) -> list[Action]:
             found = _stat(source)
             actions.append(Action(file_kind, source, destination, found.st_size, found.st_dev))
         elif mode == "hard" and section in ("raw", "calibrated") and _is_table(step.source):
-            size = sum(size for _, _, size, _ in _walk(step.source))
+            size = sum(size for _, _, size, _ in _walk(step.source, hidden))
             actions.append(Action("split-ms", source, destination, size))
         else:
             mkdir(step.destination)
-            for relative, is_directory, size, device in _walk(step.source):
+            for relative, is_directory, size, device in _walk(step.source, hidden):
                 _refuse_line_breaks(relative, step.source)
                 if is_directory:
                     mkdir(step.destination / relative)
@@ -1137,6 +1174,7 @@ def plan_actions(plan: Plan, mode: str) -> list[Action]:
                             device,
                         )
                     )  # fmt: skip
+    plan.notes += [f"not packaged: {path} (hidden)" for path in hidden]
     return actions
 
 
@@ -1362,7 +1400,9 @@ def _write_without(table: Any, source: Path, destination: Path, left_out: list[s
                 path,
                 destination / name,
                 copy_function=_copy_writable,
-                ignore=shutil.ignore_patterns(*(f"*{suffix}" for suffix in TEMPORARY_SUFFIXES)),
+                ignore=shutil.ignore_patterns(
+                    ".*", *(f"*{suffix}" for suffix in TEMPORARY_SUFFIXES)
+                ),  # hidden names are not packaged (see _walk)
             )
             _make_directories_writable(destination / name)
             written.putkeyword(name, f"Table: {destination.absolute() / name}")
