@@ -146,6 +146,41 @@ def test_a_packaged_name_too_long_for_the_file_system_is_refused_first(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.header.txt", "project"]
 
 
+def deep_file(directory: Path, name: str, *, depth: int = 20) -> None:
+    """``name`` below ``depth`` directories of 250 bytes each: a path longer than PATH_MAX
+    (4096), made through directory descriptors (no system call takes the whole path)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d" * 250, dir_fd=fd)
+            inner = os.open("d" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        os.close(os.open(name, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("where", ["qa2", "measurement set"])
+@pytest.mark.parametrize("mode", ["fake", "copy", "hard"])
+def test_a_path_longer_than_path_max_in_the_reduction_is_refused_first(
+    tmp_path: Path, readme: Path, mode: str, where: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It failed with the raw "[Errno 36] File name too long", not the refusal of names too
+    long that names the path."""
+    sb = tiny_sb(tmp_path)
+    deep_file(sb / "X1" / ("qa2" if where == "qa2" else f"{UID}.ms.split"), "qa2_part1.png")
+    arguments = ["--origpath", str(sb), "--readme", str(readme), "--packpath",
+                 str(tmp_path / "2011.0.00229.S"), "--mode", mode]  # fmt: skip
+    for dry_run in ([], ["--dry-run"]):
+        assert cli.main([*arguments, *dry_run]) == 1
+        err = capsys.readouterr().err
+        assert "names too long for the file system" in err and "4096 a path" in err, err
+        assert f"in the reduction, which cannot be read: {sb}/X1/" in err and "Errno" not in err
+        assert "nothing was written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.header.txt", "project"]
+
+
 def test_a_name_a_move_cannot_make_its_temporary_link_for_is_refused(
     tmp_path: Path, readme: Path
 ) -> None:

@@ -1214,6 +1214,42 @@ def _shown(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+def _too_long_message(
+    member: Path, paths: list[str], extra: int = 0, where: str = "once packaged"
+) -> str:
+    """The refusal of names too long for the file system (see :func:`_check_names`)."""
+    name_max = _limit(member, "PC_NAME_MAX", 255)
+    path_max = _limit(member, "PC_PATH_MAX", 4096)
+    return (
+        f"names too long for the file system (at most {name_max} bytes a name"
+        f"{f', {extra} of them for the temporary suffix a move adds' if extra else ''}, "
+        f"{path_max} a path) {where}: {_some(paths)}; rename them (or use a shorter "
+        "packpath); nothing was written"
+    )
+
+
+@contextlib.contextmanager
+def _refusing_paths_too_long(member: Path) -> Iterator[None]:
+    """Discovery of a reduction holding a path longer than ``PATH_MAX`` (which no system call
+    takes: the file can be neither read nor packaged) fails as :func:`_check_names` refuses
+    names too long, naming the path, instead of with the raw ``ENAMETOOLONG``.
+
+    Raises
+    ------
+    PackagingError
+        Naming the path too long.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        where = _shown(os.fspath(exc.filename)) if exc.filename is not None else "a path"
+        raise PackagingError(
+            _too_long_message(member, [where], where="in the reduction, which cannot be read")
+        ) from exc
+
+
 def _check_names(plan: Plan, member: Path, mode: str, origin: Path) -> None:
     """Refuse, before anything is written, a name the run could not write (in every mode).
 
@@ -1244,6 +1280,7 @@ def _check_names(plan: Plan, member: Path, mode: str, origin: Path) -> None:
             and (source is None or source.isascii())
             and len(packaged) + extra <= name_max
             and len(root) + 1 + len(packaged) + extra < path_max
+            and (source is None or len(source) < path_max)
             and (
                 mode != "move"
                 or source is None
@@ -1268,6 +1305,7 @@ def _check_names(plan: Plan, member: Path, mode: str, origin: Path) -> None:
             if (
                 longest > name_max
                 or len(root) + 1 + len(destination) + extra >= path_max
+                or (source is not None and len(os.fsencode(source)) >= path_max)
                 or link_bytes > origin_name_max
             ):
                 too_long.append(
@@ -1279,12 +1317,7 @@ def _check_names(plan: Plan, member: Path, mode: str, origin: Path) -> None:
             f"files list them as UTF-8 text): {_some(not_utf8)}; rename them; nothing was written"
         )
     if too_long:
-        raise PackagingError(
-            f"names too long for the file system (at most {name_max} bytes a name"
-            f"{f', {extra} of them for the temporary suffix a move adds' if extra else ''}, "
-            f"{path_max} a path) once packaged: {_some(too_long)}; rename them (or use a shorter "
-            "packpath); nothing was written"
-        )
+        raise PackagingError(_too_long_message(member, too_long, extra))
 
 
 def relevant_data_column(source: Path, *, calibrated: bool) -> str:
@@ -1982,11 +2015,12 @@ def package(
             member_relative = _member_path(found, append, style, uids, ignored=ignored)
         if resumed is None and append != "":
             _check_append_mode(found, pack, mode, pending, ignored)
-        plan = plan_package(origin, member_relative, header)
-        plan.undone = [] if dry_run else undone
-        plan.actions = plan_actions(plan, mode)
-        plan.expected_size_bytes = sum(action.size_bytes for action in plan.actions)
         member = pack / member_relative
+        with _refusing_paths_too_long(member):
+            plan = plan_package(origin, member_relative, header)
+            plan.actions = plan_actions(plan, mode)
+        plan.undone = [] if dry_run else undone
+        plan.expected_size_bytes = sum(action.size_bytes for action in plan.actions)
         _check_names(plan, member, mode, origin)
         clearing = resumed is None and append == "" and pack_exists
         if clearing:
