@@ -1432,3 +1432,33 @@ def test_tarsplit_refuses_a_package_whose_files_are_not_the_size_packaged(
     assert sorted(tmp_path.iterdir()) == before
     assert any(p.startswith(f"changed: 2011.0.00229.S/{plan.member}/raw/") for p in
                validate_manifest(packpath))  # fmt: skip
+
+
+@pytest.mark.parametrize("workers", ["0", "-3"])
+def test_verify_refuses_workers_below_one(
+    tmp_path: Path, readme: Path, workers: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--workers 0`` and ``-3`` were accepted silently."""
+    packpath = tmp_path / "2011.0.00229.S"
+    package(tiny_sb(tmp_path), readme, packpath, mode="copy")
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["verify", str(packpath), "--workers", workers])
+    assert exited.value.code == 2
+    assert f"--workers must be 1 or more (hashing threads), not {workers}" in (
+        capsys.readouterr().err
+    )
+    assert cli.main(["verify", str(packpath), "--workers", "1"]) == 0
+
+
+def test_verify_of_no_package_directory_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``verify nope`` reported "1 problem ... nope.manifest-sha256.txt does not exist"."""
+    (tmp_path / "afile").write_text("x")
+    for name, what in (("nope", "does not exist"), ("afile", "is not a directory")):
+        assert cli.main(["verify", str(tmp_path / name)]) == 1
+        captured = capsys.readouterr()
+        assert captured.err == (
+            f"qa-packager verify: no package directory {tmp_path / name}: it {what}\n"
+        )
+        assert "manifest" not in captured.out + captured.err

@@ -191,10 +191,17 @@ def _verify(arguments: list[str]) -> int:
     parser.add_argument("package", type=Path, help="the package directory (its project code)")
     parser.add_argument("--workers", type=int, default=2, help="hashing threads (default 2)")
     args = parser.parse_args(arguments)
+    if args.workers < 1:
+        parser.error(f"--workers must be 1 or more (hashing threads), not {args.workers}")
     from observatory.packaging.qa2 import reading_package
 
     # Absolute, as tarsplit takes it: the manifest of "." lies beside the directory "." names.
     package = Path(os.path.abspath(args.package))
+    if not package.is_dir():
+        what = "is not a directory" if os.path.lexists(package) else "does not exist"
+        print(_printable(f"qa-packager verify: no package directory {args.package}: it {what}"),
+              file=sys.stderr)  # fmt: skip
+        return 1
     try:
         # Held for reading: a run starting to write it now would be found "damaged".
         with reading_package(package):
