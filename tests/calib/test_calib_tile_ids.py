@@ -112,7 +112,7 @@ def test_a_fit_of_other_tiles_is_refused(
         assert fit.fitid == fits["far"]  # the same tile ids: accepted, though farthest
         chosen = service.candidate_fits(session, target, settings=settings)
         assert [c.fitid for c in chosen] == [fits["far"]]
-        with pytest.raises(NotFound, match=r"; left out: 2 for other tiles$"):
+        with pytest.raises(NotFound, match=r"; 2 within range passed over: 2 for other tiles$"):
             service.best_fit(session, TARGET, max_time_separation_s=600, settings=settings)
         # Named by the user: a 400 listing both arrays' tile ids in antenna order.
         with pytest.raises(BadRequest, match="applied to other tiles") as refused:
@@ -139,7 +139,7 @@ def test_a_calibrator_of_other_tiles_is_not_requested(
         assert target is not None
         calibrator = requests.best_calibrator(session, target, 86_400, settings=settings)
         assert calibrator.obsid == FAR
-        with pytest.raises(NotFound, match=r"; left out: 1 for other tiles$"):
+        with pytest.raises(NotFound, match=r"; 1 within range passed over: 1 for other tiles$"):
             requests.best_calibrator(session, target, 600, settings=settings)
         request = requests.add_cal_request(session, settings, TARGET)
         assert request.cal_id == FAR
@@ -157,7 +157,7 @@ def test_the_services_refuse_other_tiles(
             "/calib/get_cal_solution", params={"obs_id": TARGET, "max_time_separation": 600}
         )
         assert near.status_code == 404
-        assert near.json()["error"].endswith("; left out: 2 for other tiles")
+        assert near.json()["error"].endswith("; 2 within range passed over: 2 for other tiles")
         listed = client.get("/calib/get_cal_fits", params={"obs_id": TARGET})
         assert list(listed.json()) == [str(fits["far"])]
         preferred = client.get(
@@ -194,7 +194,7 @@ def test_unknown_tile_ids_fall_back_to_the_number_of_tiles(
         assert target is not None
         _, fit = service.best_fit(session, TARGET, settings=settings)
         assert fit.fitid == near
-        with pytest.raises(NotFound, match=r"; left out: 1 for another number of tiles$"):
+        with pytest.raises(NotFound, match=r"; 1 within range passed over: 1 for another number of tiles$"):
             service.best_fit(session, TARGET, max_time_separation_s=200, settings=settings)
         _, preferred = service.best_fit(session, TARGET, prefer_fitid=near, settings=settings)
         assert preferred.fitid == near

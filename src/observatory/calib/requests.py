@@ -409,7 +409,7 @@ def _calibrators_near(
 
 
 #: Why a calibrator whose source the fit has no model of is left out (as the
-#: ``incompatibility`` reasons read: "N left out: 1 for ...").
+#: ``incompatibility`` reasons read: "N within range passed over: 1 for ...").
 UNMODELLED_SOURCE = (
     "for a source the fit has no model of (none recorded, the Sun, or not catalogued)"
 )

@@ -230,11 +230,15 @@ def fit_antenna_tiles(fit: CalibrationFit) -> dict[int, int]:
 
 
 def rejection_note(rejected: Counter[str]) -> str:
-    """``rejected`` (how many candidates each reason left out) as a sentence for a 404."""
+    """``rejected`` (how many candidates each reason left out) as a sentence for a 404.
+
+    For example ``"; 3 within range passed over: 2 for other coarse channels, 1 for another
+    attenuation"``.
+    """
     if not rejected:
         return ""
     parts = ", ".join(f"{n} {reason}" for reason, n in sorted(rejected.items()))
-    return f"; left out: {parts}"
+    return f"; {sum(rejected.values())} within range passed over: {parts}"
 
 
 def has_calibrated_tile() -> ColumnElement[bool]:
