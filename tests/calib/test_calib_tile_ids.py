@@ -194,7 +194,9 @@ def test_unknown_tile_ids_fall_back_to_the_number_of_tiles(
         assert target is not None
         _, fit = service.best_fit(session, TARGET, settings=settings)
         assert fit.fitid == near
-        with pytest.raises(NotFound, match=r"; 1 within range passed over: 1 for another number of tiles$"):
+        with pytest.raises(
+            NotFound, match=r"; 1 within range passed over: 1 for another number of tiles$"
+        ):
             service.best_fit(session, TARGET, max_time_separation_s=200, settings=settings)
         _, preferred = service.best_fit(session, TARGET, prefer_fitid=near, settings=settings)
         assert preferred.fitid == near
