@@ -490,7 +490,9 @@ def test_refusals(tmp_path: Path, readme: Path, build_sb: Callable[[Path], Path]
     assert "found" not in str(refused.value)
     (empty / "X8c").mkdir()
     (empty / "X8c" / "X8c.ms.split").mkdir()  # named after the directory, not the uid
-    with pytest.raises(PackagingError, match=r"full ALMA uid .*; found X8c/X8c\.ms\.split$"):
+    with pytest.raises(
+        PackagingError, match=r"full ALMA uid .*; found X8c/X8c\.ms\.split \(name them"
+    ):
         package(empty, readme, packpath)
     broken = tmp_path / "broken"
     shutil.copytree(sb, broken / "IRC10216_setup3_b6_run_x2")

@@ -1462,3 +1462,22 @@ def test_verify_of_no_package_directory_says_so(
             f"qa-packager verify: no package directory {tmp_path / name}: it {what}\n"
         )
         assert "manifest" not in captured.out + captured.err
+
+
+@pytest.mark.parametrize("with_script", [False, True])
+def test_sets_named_as_the_documents_prose_spells_them_get_a_hint(
+    tmp_path: Path, readme: Path, with_script: bool
+) -> None:
+    """``uid___xxx.split`` (the prose's spelling) was refused with no hint of what was found;
+    the document's example trees name them ``<uid>.ms.split``."""
+    sb = tiny_sb(tmp_path)
+    eb = sb / "X1"
+    (eb / f"{UID}.ms.split").rename(eb / f"{UID}.split")
+    (eb / f"{UID}.split.cal").mkdir()
+    if not with_script:
+        (eb / f"{UID}.ms.scriptForCalibration.py").unlink()
+        match = rf"found X1/{UID}\.split, X1/{UID}\.split\.cal \(name them <uid>\.ms\.split"
+    else:
+        match = rf"missing: {UID}\.ms\.split \(found {UID}\.split: name it {UID}\.ms\.split"
+    with pytest.raises(PackagingError, match=match):
+        package(sb, readme, tmp_path / "2011.0.00229.S")

@@ -425,11 +425,24 @@ def _check_execution_blocks(plan: Plan, origpath: Path) -> None:
                 "of its execution blocks): package each of them, the next ones with "
                 "append='member'"
             )
-        misnamed = [str(path.relative_to(origpath)) for path in found_sets]
+        # The document's prose says uid___xxx.split and uid___xxx.split.cal; its example
+        # trees (input and package) name them <uid>.ms.split and <uid>.ms.split.cal.
+        misnamed = sorted(
+            {
+                str(path.relative_to(origpath))
+                for pattern in ("*.split", "*.split.cal")
+                for path in origpath.rglob(pattern)
+            }
+        )
         raise PackagingError(
             f"{origpath} holds no execution block: none of its measurement sets is named "
             "<uid>.ms.split with a full ALMA uid (as uid___A002_X3c9295_X8c.ms.split)"
-            + (f"; found {', '.join(misnamed[:3])}" if misnamed else "")
+            + (
+                f"; found {_some(misnamed)} (name them <uid>.ms.split and <uid>.ms.split.cal, "
+                "as the document's example trees do)"
+                if misnamed
+                else ""
+            )
         )
     scripted = {
         step.destination.name.removesuffix(".ms.scriptForCalibration.py")
@@ -439,7 +452,16 @@ def _check_execution_blocks(plan: Plan, origpath: Path) -> None:
     }
     found = set(plan.execution_blocks)
     missing = [f"{uid}.ms.scriptForCalibration.py" for uid in sorted((raw | found) - scripted)]
-    missing += [f"{uid}.ms.split" for uid in sorted((scripted | found) - raw)]
+    missing += [
+        f"{uid}.ms.split"
+        + (
+            f" (found {uid}.split: name it {uid}.ms.split, as the document's example trees do)"
+            if uid in plan.execution_blocks
+            and (plan.execution_blocks[uid] / f"{uid}.split").exists()
+            else ""
+        )
+        for uid in sorted((scripted | found) - raw)
+    ]
     if missing:
         raise PackagingError(
             f"{origpath}: each execution block needs its .ms.split and its calibration script; "
