@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 
 from observatory.packaging.manifest import manifest_path, read_manifest, validate_manifest
-from observatory.packaging.qa2 import Action, PackagingError, QA_Packager, package
+from observatory.packaging.qa2 import (
+    Action,
+    PackagingError,
+    QA_Packager,
+    estimated_split_bytes,
+    package,
+    split_measurement_set,
+)
 
 X8C = "uid___A002_X3c9295_X8c"
 X528 = "uid___A002_X3dc0e7_X528"
@@ -606,13 +613,20 @@ def test_ticket_files(tmp_path: Path, readme: Path, build_sb: Callable[[Path], P
     real_size = sum(p.stat().st_size for p in member.rglob("*") if p.is_file())
     assert copied.expected_size_bytes == real_size
 
+    # Fake and ticket modes describe the package the document pairs them with, hard mode's,
+    # whose measurement sets are split (smaller): they said the copy's size, 2.7 times a real
+    # hard-mode package of data, model and corrected columns.
+    hard = package(sb, readme, tmp_path / "hard" / "2011.0.00229.S", mode="hard")
+    hard_member = tmp_path / "hard" / "2011.0.00229.S" / hard.member
+    hard_size = sum(p.stat().st_size for p in hard_member.rglob("*") if p.is_file())
+    assert hard.expected_size_bytes == hard_size < real_size
     faked = package(sb, readme, tmp_path / "fake" / "2011.0.00229.S", mode="fake")
-    assert faked.expected_size_bytes == real_size  # the same record in every mode
+    assert faked.expected_size_bytes == pytest.approx(hard_size, rel=0.01)
     assert (tmp_path / "fake" / "2011.0.00229.S.ticket.tar").stat().st_size == 0  # dummies
     assert (tmp_path / "fake" / "2011.0.00229.S.ticket.zip").stat().st_size == 0
 
     ticket = package(sb, readme, tmp_path / "ticket" / "2011.0.00229.S", mode="ticket")
-    assert ticket.expected_size_bytes == real_size
+    assert ticket.expected_size_bytes == faked.expected_size_bytes  # the same record
     with tarfile.open(tmp_path / "ticket" / "2011.0.00229.S.ticket.tar") as archive:
         names = set(archive.getnames())
         size_record = archive.extractfile("2011.0.00229.S/expected_size.txt").read()  # type: ignore[union-attr]
@@ -622,7 +636,7 @@ def test_ticket_files(tmp_path: Path, readme: Path, build_sb: Callable[[Path], P
     expected |= {f"{prefix}/qa/{name}" for name in EXPECTED["qa"]}
     expected |= {f"{prefix}/script/{name}" for name in EXPECTED["script"]}
     assert names == expected  # nothing from raw/, calibrated/ or product/
-    assert int(size_record) == real_size and qa_file == b"all checked\n"  # real content
+    assert int(size_record) == ticket.expected_size_bytes and qa_file == b"all checked\n"
     with zipfile.ZipFile(tmp_path / "ticket" / "2011.0.00229.S.ticket.zip") as archive:
         assert set(archive.namelist()) == expected
         assert (
@@ -1932,3 +1946,19 @@ def test_an_append_keeps_reporting_what_went_missing_from_earlier_members(
     package(sb, readme, packpath, mode="copy", append="member")
     problems = validate_manifest(packpath)
     assert problems == [f"missing: {gone.relative_to(tmp_path)}"]
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["shared-manager", "own-managers"])
+@pytest.mark.parametrize("calibrated", [False, True], ids=["raw", "calibrated"])
+def test_the_split_size_is_estimated_without_splitting(
+    tmp_path: Path, tiled: bool, calibrated: bool
+) -> None:
+    """What fake and ticket modes record of a split measurement set, against the split."""
+    origin = tmp_path / "uid___A002_X1.ms.split"
+    measurement_set(origin, tiled=tiled)
+    split_measurement_set(origin, tmp_path / "split.ms", calibrated=calibrated)
+    written = sum(p.stat().st_size for p in (tmp_path / "split.ms").rglob("*") if p.is_file())
+    origin_bytes = sum(p.stat().st_size for p in origin.rglob("*") if p.is_file())
+    estimate = estimated_split_bytes(origin, calibrated=calibrated)
+    assert estimate == pytest.approx(written, rel=0.01)
+    assert estimate < origin_bytes
