@@ -101,6 +101,7 @@ def test_the_signing_key_made_by_processes_starting_together_is_one_and_whole(
 
     for round_number in range(30):
         path = tmp_path / str(round_number) / "secret_key"
+        path.parent.mkdir()
         start = threading.Barrier(6)
         keys: list[bytes] = []
 
@@ -120,6 +121,20 @@ def test_the_signing_key_made_by_processes_starting_together_is_one_and_whole(
     path.write_text("\n")  # emptied by hand: refused, never an empty key
     with pytest.raises(ValueError, match="holds no signing key"):
         Settings._read_or_create_key(path)
+
+
+def test_the_signing_key_is_never_made_in_a_missing_data_dir(tmp_path: Path) -> None:
+    """A web worker whose share was not mounted made the data directory with a new random
+    key, then said it was ready and signed with another key than the other workers."""
+    from observatory.core.config import DataDirectoryMissing
+
+    data = tmp_path / "mnt" / "observatory"
+    (tmp_path / "mnt").mkdir()
+    with pytest.raises(DataDirectoryMissing, match="is the shared file system mounted"):
+        Settings(data_dir=data).secret_key_bytes()
+    assert not data.exists()
+    data.mkdir()  # mounted: the key is made inside it
+    assert len(Settings(data_dir=data).secret_key_bytes()) >= 16
 
 
 @pytest.mark.parametrize(

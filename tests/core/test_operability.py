@@ -177,6 +177,31 @@ def test_readyz_names_a_missing_data_dir_and_serving_does_not_create_it(
     assert not data.exists()  # nothing was made on the disk below the mount point
 
 
+def test_a_page_needing_the_signing_key_answers_503_while_the_data_dir_is_missing(
+    migrated_db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """GET /login made the missing data directory with a new random key; /readyz then said
+    ready, and this worker signed with another key than the others."""
+    (tmp_path / "mnt").mkdir()
+    data = tmp_path / "mnt" / "observatory"  # the share is not mounted
+    app = create_app(Settings(data_dir=data, database_url=migrated_db_url))
+    with caplog.at_level(logging.INFO), TestClient(app) as client:
+        page = client.get("/login", headers={"accept": "text/html"})
+        api = client.get("/login")
+        ready = client.get("/readyz")
+    assert page.status_code == 503, page.text
+    assert "is the shared file system mounted?" in page.text
+    assert page.headers["content-type"].startswith("text/html")
+    assert api.status_code == 503
+    assert api.json()["error"].startswith(f"data directory {data} does not exist")
+    assert api.json()["error_code"] == 503
+    assert api.headers["retry-after"]
+    assert not data.exists()
+    assert ready.status_code == 503 and ready.json()["status"] == "not ready: data_dir"
+    warnings = [r for r in caplog.records if r.name == "observatory.core.errors"]
+    assert warnings and all(r.levelno == logging.WARNING and not r.exc_info for r in warnings)
+
+
 def test_storage_makes_its_root_but_not_a_missing_parent(tmp_path: Path) -> None:
     Storage(tmp_path / "archive")
     assert (tmp_path / "archive").is_dir()

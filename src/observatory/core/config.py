@@ -35,6 +35,11 @@ class ConfigFileError(ValueError):
     read as settings."""
 
 
+class DataDirectoryMissing(FileNotFoundError):
+    """The data directory is not there (a shared file system not mounted): what needs it,
+    the signing key first, waits for it rather than making a new one on the local disk."""
+
+
 #: Signing keys read from data directories, by path.
 _KEY_CACHE: dict[Path, bytes] = {}
 
@@ -270,13 +275,22 @@ class Settings(BaseSettings):
 
         Raises
         ------
+        DataDirectoryMissing
+            When the directory that holds ``path`` is not there: it is never made here.
         ValueError
             When the file holds no key (emptied by hand): anyone could sign with it.
         """
+        if not path.parent.is_dir():
+            # Never made here: on a web worker whose share is not mounted, a new directory
+            # with a new random key made /readyz say ready while this worker signed sessions
+            # and download links with another key than the others. ``demo`` makes the data
+            # directory, and so does the migration of the default SQLite database.
+            raise DataDirectoryMissing(
+                f"data directory {path.parent} does not exist (is the shared file system "
+                "mounted?): the signing key is kept there; /readyz reports not ready until "
+                "it does"
+            )
         if not path.exists():
-            # The data directory, but never its parents: a data directory on a share that is
-            # not mounted must not grow on the local disk below the mount point.
-            path.parent.mkdir(exist_ok=True)
             draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
             descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:

@@ -21,6 +21,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from observatory.core.config import DataDirectoryMissing
 from observatory.core.observability import current_request_id
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,22 @@ class TooManyRequests(ServiceError):
     status_code = 429
 
     def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(self.retry_after_s)}
+
+
+class ServiceUnavailable(ServiceError):
+    """Something the service needs is away for now (HTTP 503): the database, the data
+    directory. ``retry_after_s`` says when to try again."""
+
+    status_code = 503
+    error_code = 503
+
+    def __init__(self, message: str, *, retry_after_s: int = 30) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
@@ -410,14 +427,13 @@ def install_error_handlers(
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> Response:
-        response: Response
-        if _wants_html(request):
-            response = _error_page(exc.message, exc.status_code)
-        else:
-            body = {**error_body(exc.message, exc.error_code), **exc.extra}
-            response = JSONResponse(body, status_code=exc.status_code)
-        response.headers.update(exc.headers)
-        return response
+        return _service_error_response(request, exc)
+
+    @app.exception_handler(DataDirectoryMissing)
+    async def _data_dir_missing(request: Request, exc: DataDirectoryMissing) -> Response:
+        # An outage of the installation, not a bug: one line without a traceback.
+        _log_unavailable(request, str(exc))
+        return _service_error_response(request, ServiceUnavailable(str(exc)))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -438,3 +454,27 @@ def install_error_handlers(
             response = JSONResponse(body, status_code=exc.status_code)
         response.headers.update(exc.headers or {})
         return response
+
+
+def _service_error_response(request: Request, exc: ServiceError) -> Response:
+    """``exc`` in the one error shape (a page for browsers), with its headers."""
+    response: Response
+    if _wants_html(request):
+        response = _error_page(exc.message, exc.status_code)
+    else:
+        body = {**error_body(exc.message, exc.error_code), **exc.extra}
+        response = JSONResponse(body, status_code=exc.status_code)
+    response.headers.update(exc.headers)
+    return response
+
+
+def _log_unavailable(request: Request, message: str) -> None:
+    """The WARNING line of a request answered 503 because something it needs is away."""
+    log.warning(
+        "service unavailable answering %s %s (request id %s): %s",
+        request.method,
+        request.url.path,
+        current_request_id() or "-",
+        message,
+        extra={"method": request.method, "path": request.url.path},
+    )
