@@ -256,6 +256,68 @@ def test_readyz_names_a_refused_database(tmp_path: Path) -> None:
     assert reply.json()["status"] == "not ready: database"
 
 
+def test_pages_and_api_answer_503_while_the_database_is_away(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stopped database gave '500 internal server error' on every page and API call,
+    each logged as an ERROR with a traceback."""
+    data = tmp_path / "data"
+    data.mkdir()
+    app = create_app(Settings(data_dir=data, database_url=postgres_url(free_port())))
+    with caplog.at_level(logging.INFO), TestClient(app) as client:
+        api = bounded(client.get, "/metadata/obs", params={"obs_id": "1320409688"})
+        page = bounded(client.get, "/observations", headers={"accept": "text/html"})
+        ready = bounded(client.get, "/readyz")
+        alive = client.get("/healthz")
+    assert api.status_code == 503, api.text
+    assert api.json() == {
+        "error": "database unavailable: it cannot be reached (OperationalError); try again later",
+        "error_code": 503,
+    }
+    assert api.headers["retry-after"]
+    assert page.status_code == 503 and page.headers["content-type"].startswith("text/html")
+    assert "database unavailable" in page.text
+    assert ready.status_code == 503 and ready.json()["database"].startswith("unreachable")
+    assert alive.status_code == 200
+    logged = [r for r in caplog.records if r.name == "observatory.core.errors"]
+    assert len(logged) == 2
+    assert all(r.levelno == logging.WARNING and not r.exc_info for r in logged)
+    assert "S3cretPW" not in caplog.text
+
+
+def test_an_unmigrated_database_is_answered_503_naming_the_upgrade(
+    db_url: str, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    with TestClient(create_app(Settings(data_dir=data, database_url=db_url))) as client:
+        reply = client.get("/metadata/obs", params={"obs_id": "1320409688"})
+    assert reply.status_code == 503, reply.text
+    assert "schema is not migrated" in reply.json()["error"]
+    assert "observatory db upgrade" in reply.json()["error"]
+
+
+def test_a_bad_query_is_not_taken_for_an_unavailable_database(tmp_path: Path) -> None:
+    """Only connection-level errors and missing tables are outages: a bug stays a 500."""
+    from sqlalchemy.exc import DBAPIError
+
+    from observatory.core.errors import database_unavailable_reason
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("CREATE TABLE t (a INTEGER)"))
+            for bad in ("SELEC 1", "SELECT b FROM t"):
+                with pytest.raises(DBAPIError) as caught:
+                    connection.execute(text(bad))
+                assert database_unavailable_reason(caught.value) is None, bad
+            with pytest.raises(DBAPIError) as caught:
+                connection.execute(text("SELECT a FROM missing"))
+            assert database_unavailable_reason(caught.value) is not None
+    finally:
+        engine.dispose()
+
+
 def test_a_database_check_is_waited_for_with_a_timeout_and_one_at_a_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,6 +16,7 @@ import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, ProgrammingError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
@@ -429,6 +430,17 @@ def install_error_handlers(
     async def _service_error(request: Request, exc: ServiceError) -> Response:
         return _service_error_response(request, exc)
 
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(ProgrammingError)
+    async def _database_error(request: Request, exc: Exception) -> Response:
+        reason = database_unavailable_reason(exc) if isinstance(exc, DBAPIError) else None
+        if reason is None:
+            raise exc  # a bug (bad SQL, a missing column): a 500 with its traceback
+        message, detail = reason
+        _log_unavailable(request, f"{message} ({detail})")
+        return _service_error_response(request, ServiceUnavailable(message))
+
     @app.exception_handler(DataDirectoryMissing)
     async def _data_dir_missing(request: Request, exc: DataDirectoryMissing) -> Response:
         # An outage of the installation, not a bug: one line without a traceback.
@@ -466,6 +478,60 @@ def _service_error_response(request: Request, exc: ServiceError) -> Response:
         response = JSONResponse(body, status_code=exc.status_code)
     response.headers.update(exc.headers)
     return response
+
+
+#: PostgreSQL error codes (SQLSTATE) of a server that is away for now: connection
+#: exceptions (class 08), too little memory, disk or connections (class 53), shut down or
+#: starting (57P01 to 57P03).
+_UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "53", "57P01", "57P02", "57P03")
+#: A table the query needs is not there: the schema was never migrated (PostgreSQL's
+#: undefined_table, SQLite's message).
+_UNDEFINED_TABLE_SQLSTATE = "42P01"
+#: SQLite's messages of a database file that cannot be used for now.
+_SQLITE_UNAVAILABLE = ("unable to open database file", "database is locked", "disk i/o error")
+
+
+def database_unavailable_reason(exc: DBAPIError) -> tuple[str, str] | None:
+    """Why ``exc`` means the database is unavailable, or None when it is a bug of ours.
+
+    Only a connection that cannot be made or was lost, a server shutting down or out of
+    resources, and a missing table (the schema not migrated) count: a syntax error or a
+    missing column stays an error of the code, answered 500 with its traceback.
+
+    Returns
+    -------
+    tuple of str, or None
+        The message for the caller (``database unavailable: ...``; no host or user
+        names), and the driver's first line of detail for the log.
+    """
+    original = exc.orig
+    detail = (str(original).strip().splitlines() or [type(original).__name__])[0]
+    sqlstate = getattr(original, "sqlstate", None)
+    lowered = detail.lower()
+    if sqlstate == _UNDEFINED_TABLE_SQLSTATE or lowered.startswith("no such table"):
+        return (
+            "database unavailable: its schema is not migrated (a table is missing); the "
+            "operator must run observatory db upgrade",
+            detail,
+        )
+    from_psycopg = type(original).__module__.startswith("psycopg")
+    connection_lost = (
+        exc.connection_invalidated
+        or ("connection" in lowered and ("closed" in lowered or "lost" in lowered))
+        # psycopg: a failed connect has no SQLSTATE (refused, timed out, name unknown).
+        or (
+            isinstance(exc, OperationalError)
+            and from_psycopg
+            and (sqlstate is None or sqlstate.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES))
+        )
+        or (isinstance(exc, OperationalError) and lowered.startswith(_SQLITE_UNAVAILABLE))
+    )
+    if not connection_lost:
+        return None
+    return (
+        f"database unavailable: it cannot be reached ({type(original).__name__}); try again later",
+        detail,
+    )
 
 
 def _log_unavailable(request: Request, message: str) -> None:
