@@ -73,6 +73,20 @@ def add_job(session: Session, user_id: int, state: str, number: int, deleted: bo
 # /metrics
 
 
+def test_a_head_request_is_recorded_with_its_route(
+    client: TestClient, json_lines: io.StringIO
+) -> None:
+    """HEAD is answered as the GET, on a copy of the request's scope: the route was set on
+    the copy, and metrics and access lines said "unmatched" for every HEAD."""
+    assert client.head("/healthz", headers={"X-Request-ID": "head-1"}).status_code == 200
+    samples = scrape(client)
+    assert value(samples, "observatory_http_request_duration_seconds_count", route="/healthz",
+                 method="HEAD", status_class="2xx") == 1  # fmt: skip
+    lines = [json.loads(line) for line in json_lines.getvalue().splitlines()]
+    (access,) = [line for line in lines if line.get("request_id") == "head-1"]
+    assert access["method"] == "HEAD" and access["route"] == "/healthz"
+
+
 def test_metrics_label_routes_by_template_and_count_the_database(
     client: TestClient, session_factory: sessionmaker[Session]
 ) -> None:

@@ -250,7 +250,15 @@ class AnswerHeadAsGet:
                 message = {"type": "http.response.body", "body": b"", "more_body": False}
             await send(message)
 
-        await self.app({**scope, "method": "GET"}, receive, headers_only)
+        as_get = {**scope, "method": "GET"}
+        try:
+            await self.app(as_get, receive, headers_only)
+        finally:
+            # The router records the route it chose on the scope it was given: handed back,
+            # metrics and the access line name it (they said "unmatched" for every HEAD).
+            for key in ("route", "endpoint", "path_params"):
+                if key in as_get:
+                    scope[key] = as_get[key]
 
 
 def _routed(scope: Scope) -> bool:
