@@ -356,6 +356,39 @@ def test_the_jobs_page_says_when_its_user_was_signed_out(settings: Settings) -> 
 
 
 @sqlite_only
+def test_a_delivered_path_stays_on_the_jobs_page_after_its_live_update(
+    settings: Settings,
+) -> None:
+    """A scratch delivery's location, rendered by the server, vanished a moment after
+    every reload: the websocket's update emptied the product cell and then skipped every
+    file without a download URL."""
+    from datetime import UTC, datetime
+
+    from observatory.asvo.models import Job, JobState
+
+    engine, sessions, job_id = seed_erin(settings)
+    delivered = f"/group/scratch/erin/asvo/{job_id}"
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.state = JobState.COMPLETED
+        job.completed = datetime.now(UTC)
+        job.product = {"files": [{"type": "scratch", "path": delivered, "size": 1234}]}
+        session.commit()
+    try:
+        with app_server(settings) as base, browser_page() as page:
+            sign_in_erin(page, base)
+            product = page.locator(f"#job-{job_id} td.product")
+            rendered = product.inner_text()
+            assert rendered.strip() == delivered
+            # update() marks the state cell when the websocket's row for the job arrives.
+            page.locator(f"#job-{job_id} td.state[data-state='completed']").wait_for(timeout=10_000)
+            assert product.inner_text() == rendered
+    finally:
+        engine.dispose()
+
+
+@sqlite_only
 def test_a_voltage_job_needs_its_offset_and_duration_before_it_is_sent(settings: Settings) -> None:
     """Left empty they were sent, and came back as "Offset: Expected not None" (the API's
     words) at the top of the form; the browser now asks for them, and only for them when
