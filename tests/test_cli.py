@@ -48,6 +48,20 @@ def test_console_script_installed(tmp_path: Path) -> None:
     assert (tmp_path / "d" / "observatory.sqlite3").is_file()
 
 
+def test_db_upgrade_says_from_which_revision_to_which_it_migrated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a fresh database it said only "... is up to date", as if nothing had been done."""
+    from observatory.core.migrate import head_revision
+
+    head = head_revision()
+    assert _run(tmp_path / "d", "db", "upgrade") == 0
+    assert f"migrated from revision none (empty) to {head}" in capsys.readouterr().out
+    assert _run(tmp_path / "d", "db", "upgrade") == 0
+    out = capsys.readouterr().out
+    assert f"is up to date (at revision {head})" in out and "migrated" not in out
+
+
 def test_users_and_projects(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "data"
     # Listing where there is no installation (a mistyped path, the wrong directory) makes none.

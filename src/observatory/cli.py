@@ -95,10 +95,17 @@ def _session_factory(settings: Settings) -> sessionmaker[Session]:
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    upgrade(settings.resolved_database_url)
-    console.print(
-        f"database at {mask_url(settings.resolved_database_url)} is up to date", highlight=False
-    )
+    before, after = upgrade(settings.resolved_database_url)
+    where = f"database at {mask_url(settings.resolved_database_url)}"
+    if before == after:
+        console.print(f"{where} is up to date (at revision {after})", highlight=False)
+    else:
+        # Said, because every other command migrates silently first: this is the one an
+        # operator runs to see what a new version changed.
+        console.print(
+            f"{where} migrated from revision {before or 'none (empty)'} to {after}: up to date",
+            highlight=False,
+        )
     return 0
 
 

@@ -24,8 +24,14 @@ def alembic_config(database_url: str) -> Config:
     return config
 
 
-def upgrade(database_url: str, revision: str = "head") -> None:
+def upgrade(database_url: str, revision: str = "head") -> tuple[str | None, str | None]:
     """Bring the database at ``database_url`` up to ``revision`` (creating it if empty).
+
+    Returns
+    -------
+    tuple of (str or None, str or None)
+        The revision the database was at before (None: empty) and the one it is at now;
+        equal when there was nothing to do.
 
     Raises
     ------
@@ -46,7 +52,9 @@ def upgrade(database_url: str, revision: str = "head") -> None:
                 connection.commit()
             try:
                 with connection.begin():
+                    before = current_revision_on(connection)
                     _upgrade_on(connection, database_url, revision)
+                    after = current_revision_on(connection)
                     if sqlite:
                         _check_references(connection, database_url)
             finally:
@@ -55,6 +63,7 @@ def upgrade(database_url: str, revision: str = "head") -> None:
                     connection.commit()
     finally:
         engine.dispose()
+    return before, after
 
 
 def _upgrade_on(connection: Connection, database_url: str, revision: str) -> None:
