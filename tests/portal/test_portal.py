@@ -779,3 +779,34 @@ def test_sign_in_is_throttled_after_five_wrong_passwords(client: TestClient) -> 
     assert statuses[:5] == [401] * 5 and set(statuses) == {401, 429}
     wait_s = reply.headers["retry-after"]
     assert f"too many failed sign-ins under this name: try again in {wait_s} s" in reply.text
+
+
+def test_the_header_sign_in_link_comes_back_to_the_page(client: TestClient) -> None:
+    """Signing in from /observations?... landed on /jobs: the header's link had no next."""
+    page = client.get("/observations?obs_id=1320409688&limit=5").text
+    assert 'href="/login?next=/observations%3Fobs_id%3D1320409688%26limit%3D5"' in page
+    login = client.get("/login?next=/observations%3Fobs_id%3D1").text
+    assert 'href="/login?next=/observations%3Fobs_id%3D1"' in login  # not to /login itself
+    assert 'name="next" value="/observations?obs_id=1"' in login
+
+
+def test_only_the_users_own_submitted_job_is_announced(client: TestClient) -> None:
+    """/jobs?submitted=99999 said "Job 99999 submitted." for any number."""
+    sign_in(client, "alice")
+    assert "submitted." not in client.get("/jobs?submitted=99999").text
+    job_id = submitted_job(client)
+    assert f"Job {job_id} submitted." in client.get(f"/jobs?submitted={job_id}").text
+    bob = TestClient(client.app)
+    sign_in(bob, "bob")
+    assert "submitted." not in bob.get(f"/jobs?submitted={job_id}").text
+
+
+def test_an_empty_observation_id_is_named_as_required(client: TestClient) -> None:
+    """It said "Obs Id: Expected not None"."""
+    sign_in(client, "alice")
+    form = {"csrf_token": token_of(client.get("/submit").text), "job_type": "download_vis",
+            "obs_id": " ", "download_type": "vis"}  # fmt: skip
+    refused = client.post("/submit", data=form)
+    assert refused.status_code == 400
+    assert "The observation ID is required" in refused.text
+    assert "Expected not None" not in refused.text

@@ -279,6 +279,8 @@ def jobs(request: Request, session: SessionDep, submitted: int | None = None) ->
     if user is None:
         return _to_login(request)
     views = service.job_views(session, user.id, download_url_builder(request))
+    if not any(view.job_id == submitted for view in views):
+        submitted = None  # "Job 99999 submitted." was shown for any number in the address
     context = {"user": user, "jobs": views, "submitted": submitted,
                "job_type_labels": service.job_type_labels()}  # fmt: skip
     return _page(request, "jobs.html", context)
@@ -317,6 +319,9 @@ def submit(request: Request, session: SessionDep, form: FormDep) -> Response:
         filled = {key: value for key, value in form.items() if value}  # the token is gone
         return _to_login(request, f"/submit?{urlencode(filled)}")
     try:
+        if not form.get("obs_id", "").strip():
+            # The API's own words were "Obs Id: Expected not None".
+            raise BadRequest("The observation ID is required: enter the obsid (GPS seconds)")
         job_type = asvo_service.job_type_named(form.get("job_type", ""))
         job = asvo_service.submit_job(session, _settings(request), user.id, job_type, form)
     except ServiceError as exc:
