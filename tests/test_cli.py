@@ -538,3 +538,26 @@ def test_serve_says_once_what_it_finds_of_a_missing_data_directory(
     assert "no installation" not in err and "making" not in err and "made" not in err
     assert f"data directory {unmounted} does not exist (is the shared file system" in err
     assert not unmounted.exists() and len(served) == 2
+
+
+def test_users_revoke_key_ends_the_key_and_its_logins_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """There was no way for an operator to stop a leaked key short of making a new one."""
+    from fastapi.testclient import TestClient
+
+    from observatory.app import create_app
+
+    data = tmp_path / "data"
+    assert _run(data, "users", "create", "carol", "--api-key", "key-of-carol-1234") == 0
+    auth = ("mantaray-clientv2.0", "key-of-carol-1234")
+    with TestClient(create_app(Settings(data_dir=data))) as client:
+        assert client.post("/api/api_login", auth=auth).status_code == 200
+        assert client.get("/api/get_jobs").status_code == 200
+        capsys.readouterr()
+        assert _run(data, "users", "revoke-key", "carol") == 0
+        assert "API key of carol revoked" in capsys.readouterr().out
+        assert client.get("/api/get_jobs").status_code in (401, 403)  # its login ended
+        assert client.post("/api/api_login", auth=auth).status_code in (401, 403)
+    assert _run(data, "users", "revoke-key", "nobody") != 0
+    assert "no user named 'nobody'" in capsys.readouterr().err

@@ -153,6 +153,26 @@ def cmd_users_set_password(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_users_revoke_key(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from observatory.core.accounts import revoke_api_key
+    from observatory.core.models import User
+
+    settings = _settings(args)
+    with session_scope(_session_factory(settings)) as session:
+        user = session.scalar(select(User).where(User.name == args.name))
+        if user is None:
+            raise ValueError(f"no user named {args.name!r}")
+        revoke_api_key(session, user)
+    console.print(
+        f"API key of {args.name} revoked: it, and the clients' logins made with it, stop "
+        "working now; they can make a new key on their portal profile",
+        highlight=False,
+    )
+    return 0
+
+
 def cmd_projects_create(args: argparse.Namespace) -> int:
     from observatory.core.accounts import create_project
 
@@ -904,6 +924,13 @@ def build_parser() -> argparse.ArgumentParser:
         user_commands,
     )
     set_password.add_argument("name", help="user name")
+    revoke_key = add(
+        "revoke-key",
+        cmd_users_revoke_key,
+        "revoke a user's API key at once (and the clients' logins made with it)",
+        user_commands,
+    )
+    revoke_key.add_argument("name", help="user name")
 
     projects = add("projects", lambda _a: 0, "observing projects")
     project_commands = projects.add_subparsers(
