@@ -595,17 +595,21 @@ def test_a_fit_calibrates_a_target_at_another_frequency_resolution(
 def test_a_dead_tile_with_the_lowest_id_is_not_the_reference(tmp_path: Path) -> None:
     """A dead tile the metafits does not flag has solutions of noise: as calvin's reference
     (the lowest tile id) it failed every other tile, and the error blamed them."""
+    from astropy.io import fits as pyfits
+
     from observatory.calib.pipeline import tile_fits
     from observatory.calib.solving import solve_observation
     from observatory.telescope.simulator import simulate_observation
 
     source = catalogue_point_source("3C353")
-    amplitudes = np.ones((16, 2, 4))
-    amplitudes[0] = 0.0  # the tile of the lowest id records nothing
+    # The tile of the lowest id records only its receiver's noise: the simulator's dead
+    # (flagged) tile, whose flag the metafits then loses.
     sim = simulate_observation(tmp_path, 1450324816, n_tiles=16, coarse_chans=(109, 110, 111, 112),
                                n_timesteps=4, sources=[source], calibrator=source.name,
-                               gain_amplitudes=amplitudes, delay_error_scatter_ns=2.0,
+                               flagged_antennas=[0], delay_error_scatter_ns=2.0,
                                noise_sigma_jy=1.0)  # fmt: skip
+    with pyfits.open(sim.metafits_path, mode="update") as metafits:
+        metafits["TILEDATA"].data["Flag"][:] = 0
     solved = solve_observation(sim.metafits_path, sim.vis_paths, source.name)
     fits = tile_fits(solved, 4)
     assert dict(fits.failures) == {"with a phase residual spread above 0.6 rad": 1}

@@ -76,6 +76,22 @@ def test_a_channel_without_the_reference_antenna_is_solved_for_the_others() -> N
     assert np.isfinite(solution.gains[[6, 8], :]).all()
 
 
+def test_an_antenna_whose_data_are_all_zero_has_no_solution_and_is_not_the_reference() -> None:
+    """Data written as zeros (a dead receiver, packets that never arrived) with weight 1: its
+    gain converged to 0 and, as the default reference (the first antenna), made every
+    antenna's solution NaN."""
+    sim = simulate(n_ant=6)
+    data = sim["data"].copy()
+    data[:, (sim["ant1"] == 0) | (sim["ant2"] == 0)] = 0.0
+    big_a, big_b = normal_matrices(data, sim["model"], sim["ant1"], sim["ant2"], 6, sim["weights"])
+    solution = stefcal(big_a, big_b, tolerance=1e-9)
+    assert np.isnan(solution.gains[:, 0]).all() and np.isfinite(solution.gains[:, 1:]).all()
+    assert solution.reference_antenna == 1
+    ratios = solution.gains[:, 2:] / solution.gains[:, 1:2]
+    truth = sim["gains"][:, 2:] / sim["gains"][:, 1:2]
+    assert np.allclose(ratios, truth, rtol=5e-3, atol=5e-3)
+
+
 def test_calvin_fits_recover_delays_and_gains() -> None:
     # A full 24-channel band: over 30.72 MHz, 0.02 m of cable is 0.013 rad of phase change.
     sim = simulate(n_ant=12, chans=tuple(range(109, 133)), n_time=2, noise=0.05)

@@ -352,8 +352,18 @@ def test_autocorrelations_hold_the_noise_power_as_the_radiometer_equation_says(
     assert np.all(excess.imag == 0)
     expected_power = amplitudes[:, :, 0] ** 2 * sefd_jy  # the dead tile 6 too: its receiver
     np.testing.assert_allclose(excess.real.mean(axis=1), expected_power, atol=4 * 2.0)
-    residual = excess.real - expected_power[:, None, :]
+    # The noise is the receivers', before the gains: an autocorrelation's is sqrt(2) times a
+    # baseline's, both scaled by the tiles' gains as the sky is (it was the same everywhere).
+    residual = (excess.real - expected_power[:, None, :]) / amplitudes[:, None, :, 0] ** 2
     assert np.std(residual) == pytest.approx(2.0 * math.sqrt(2), rel=0.15)
+    p, q = np.triu_indices(8)
+    cross = (data - clean)[p != q][:, :, [0, 3]] / (
+        amplitudes[p[p != q], None, :, 0] * amplitudes[q[p != q], None, :, 0]
+    )
+    assert np.std(cross.real) == pytest.approx(2.0, rel=0.1)
+    gain_products = amplitudes[p[p != q], 0, 0] * amplitudes[q[p != q], 0, 0]
+    spread = np.std((data - clean)[p != q][:, :, 0].real, axis=1)
+    assert np.corrcoef(gain_products, spread)[0, 1] > 0.9
     assert np.all(data[autos][:, :, [0, 3]].real > 0)
     np.testing.assert_array_equal(data, predict_visibilities(sim.truth, 0, 140, include_noise=True))
 
@@ -716,3 +726,37 @@ def test_sources_below_the_horizon_add_nothing(tmp_path: Path) -> None:
     np.testing.assert_allclose(
         predict_visibilities(two.truth, 0, 69), predict_visibilities(one.truth, 0, 69), rtol=1e-6
     )
+
+
+def test_the_metafits_pointing_and_centre_frequency_follow_the_real_files(tmp_path: Path) -> None:
+    """The real 1320409688 (120 s) gives AZIMUTH, ALTITUDE and HA at its start, LST at its
+    middle, and FREQCENT by the MWA's rule (CENTCHAN's lower edge + (FINECHAN - 10 kHz)/2);
+    ours gave the pointing at the middle, and FREQCENT between the first and last channel:
+    for a picket fence, in no observed channel."""
+    real = fits.getheader(MWA_DATA / "1320409688.metafits")
+    sim = simulate_observation(
+        tmp_path / "real-like", OBSID, n_tiles=2, coarse_chans=list(range(131, 155)),
+        fine_chan_khz=40, int_time_s=8.0, n_timesteps=15,
+        pointing_radec_deg=(real["RA"], real["DEC"]),
+    )  # fmt: skip
+    ours = fits.getheader(sim.metafits_path)
+    assert ours["EXPOSURE"] == real["EXPOSURE"] == 120
+    for key in ("CENTCHAN", "FREQCENT", "DELAYS"):
+        assert ours[key] == real[key], key
+
+    def hour_angle_s(text: str) -> float:
+        hours, minutes, seconds = (abs(float(part)) for part in text.split(":"))
+        return (-1.0 if text.startswith("-") else 1.0) * (hours * 3600 + minutes * 60 + seconds)
+
+    assert hour_angle_s(ours["HA"]) == pytest.approx(hour_angle_s(real["HA"]), abs=0.5)
+    assert ours["AZIMUTH"] == pytest.approx(real["AZIMUTH"], abs=2e-3)
+    assert ours["ALTITUDE"] == pytest.approx(real["ALTITUDE"], abs=2e-3)
+    assert ours["LST"] == pytest.approx(real["LST"], abs=1e-3)
+
+    fence = simulate_observation(tmp_path / "fence", OBSID, n_tiles=2,
+                                 coarse_chans=[62, 63, 69, 70, 140], fine_chan_khz=40,
+                                 n_timesteps=1)  # fmt: skip
+    header = fits.getheader(fence.metafits_path)
+    assert header["CENTCHAN"] == 69 and header["FREQCENT"] == pytest.approx(87.695)
+    # Pointed at the zenith (no source): the azimuth of the zenith is 0, as real files say.
+    assert header["ALTITUDE"] == 90.0 and header["AZIMUTH"] == 0.0

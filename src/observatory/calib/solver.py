@@ -146,8 +146,12 @@ def stefcal(
     no_data = ~has_data.transpose(0, 2, 1)
     gains[no_data] = np.nan
     gains[~converged[:, None, :].repeat(n_ant, axis=1)] = np.nan
+    # An antenna whose data are all zero (a dead receiver, data that never arrived, written
+    # as zeros) converges to a gain of 0: no solution. As the default reference it made
+    # every antenna's solution NaN (a phase of 0 + 0j).
+    gains[gains == 0] = np.nan
     if reference_antenna is None:
-        with_data = np.flatnonzero(~no_data.all(axis=(0, 2)))
+        with_data = np.flatnonzero(np.isfinite(gains).any(axis=(0, 2)))
         reference_antenna = int(with_data[0]) if with_data.size else 0
     reference = gains[:, reference_antenna : reference_antenna + 1, :]
     # Where the reference antenna has no solution (no data in that channel: lost packets,

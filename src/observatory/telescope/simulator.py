@@ -11,7 +11,7 @@ Raw MWAX data are neither phase-tracked nor cable-corrected (``DELAYMOD =
 'NODELAYS'``, ``CABLEDEL = GEODEL = 0``). For baseline (p, q), p <= q in
 Antenna order, the file holds
 
-    V_pq(f) = g_p(f) M_pq(f) conj(g_q(f)) + noise,
+    V_pq(f) = g_p(f) (M_pq(f) + noise) conj(g_q(f)),
     M_pq(f) = sum_k S_k(f) exp(-2 pi i f (tau_pk - tau_qk)),
 
 where ``tau_pk = -(x_p . s_k) / c + L_p / c`` is the delay of source k's signal at
@@ -102,7 +102,8 @@ _CBF_VER = "1.0.3"
 _DB2F_VER = "0.10.2"
 
 _CONVENTION = (
-    "MWAX file domain: V_pq = g_p M_pq conj(g_q) + noise for p <= q (Antenna order), "
+    "MWAX file domain: V_pq = g_p M_pq conj(g_q) + |g_p| |g_q| noise for p <= q "
+    "(Antenna order; the autocorrelations' XX, YY also |g_p|^2 SEFD), "
     "M_pq = sum_k S_k exp(-2 pi i f (tau_pk - tau_qk)), tau_pk = -(x_p . s_k)/c + L_p/c "
     "(L_p = metafits EL_ length, included when cable_delays_in_data), "
     "g_p = A[p, pol, coarse] exp(-2 pi i f delay_error_ns[p, pol] 1e-9). "
@@ -542,6 +543,7 @@ class _VisibilityEngine:
         self.enu_m = enu_m - enu_m.mean(axis=0)
         self.cable_delay_s = np.array([t.cable_length_m for t in truth.tiles]) / SPEED_OF_LIGHT_M_S
         p_idx, q_idx = np.triu_indices(n_ant)  # row-major upper triangle = MWAX baseline order
+        self.p_idx, self.q_idx = p_idx, q_idx
         self.upper_flat = p_idx * n_ant + q_idx  # index into a flattened n_ant x n_ant matrix
         self.auto_rows = np.flatnonzero(p_idx == q_idx)
         self.flagged = np.zeros(n_ant, dtype=bool)
@@ -578,24 +580,6 @@ class _VisibilityEngine:
         truth = self.truth
         freqs_hz = self.freqs_hz[coarse_chan]
         shape = (self.n_baselines, self.n_fine, 4)
-        sigma = truth.noise_sigma_jy if include_noise else 0.0
-        if sigma > 0.0:
-            seed = np.random.SeedSequence(truth.seed, spawn_key=(0, coarse_chan, timestep))
-            noise = _gaussian_noise(
-                np.random.Generator(np.random.SFC64(seed)), 2 * math.prod(shape)
-            )
-            noise *= np.float32(sigma)
-            vis = noise.view(np.complex64).reshape(shape)
-            # By the radiometer equation an autocorrelation's XX and YY are noisier than a
-            # baseline's by sqrt(2) (their imaginary parts are dropped below).
-            auto_noise = vis[self.auto_rows]
-            auto_noise[:, :, [0, 3]] *= np.float32(math.sqrt(2.0))
-            vis[self.auto_rows] = auto_noise
-        else:
-            vis = np.zeros(shape, dtype=np.complex64)
-
-        # Per-tile, per-pol factor e = gain x cable phase, (2, n_fine, n_ant), in float64 so
-        # large phases stay exact before the products drop to complex64.
         delay_s = np.zeros((truth.n_tiles, 2))
         if include_cable:
             delay_s += self.cable_delay_s[:, None]
@@ -606,6 +590,30 @@ class _VisibilityEngine:
             amplitude = np.ones((truth.n_tiles, 2))
         if include_digital_gains and truth.digital_gains is not None:
             amplitude = amplitude * truth.digital_gains[:, :, truth._coarse_index(coarse_chan)]
+
+        sigma = truth.noise_sigma_jy if include_noise else 0.0
+        if sigma > 0.0:
+            seed = np.random.SeedSequence(truth.seed, spawn_key=(0, coarse_chan, timestep))
+            noise = _gaussian_noise(
+                np.random.Generator(np.random.SFC64(seed)), 2 * math.prod(shape)
+            )
+            vis = noise.view(np.complex64).reshape(shape)
+            # The noise is the receivers', before their gains, as the sky is: a baseline's
+            # scales with both tiles' gains (XX, XY, YX, YY: X X, X Y, Y X, Y Y), and by the
+            # radiometer equation an autocorrelation's XX and YY are sqrt(2) noisier than a
+            # baseline's (their imaginary parts are dropped below).
+            first, second = amplitude[self.p_idx], amplitude[self.q_idx]  # (n_baselines, 2)
+            scale = sigma * np.stack(
+                [first[:, 0] * second[:, 0], first[:, 0] * second[:, 1],
+                 first[:, 1] * second[:, 0], first[:, 1] * second[:, 1]], axis=1,
+            )  # fmt: skip
+            scale[self.auto_rows[:, None], [0, 3]] *= math.sqrt(2.0)
+            vis *= scale.astype(np.float32)[:, None, :]
+        else:
+            vis = np.zeros(shape, dtype=np.complex64)
+
+        # Per-tile, per-pol factor e = gain x cable phase, (2, n_fine, n_ant), in float64 so
+        # large phases stay exact before the products drop to complex64.
         tile_factor = amplitude.T[:, None, :] * np.exp(
             -2j * np.pi * freqs_hz[None, :, None] * delay_s.T[:, None, :]
         )
@@ -882,7 +890,9 @@ class _Epoch:
 
 
 def _epoch(obsid: int, duration_s: float, ra_deg: float, dec_deg: float) -> _Epoch:
-    """Pointing alt/az, LST and hour angle at the observation midpoint; start time strings."""
+    """Pointing alt/az and hour angle at the observation's start, LST at its midpoint (as
+    real MWAX metafits give them: 1320409688's AZIMUTH, ALTITUDE and HA are its start's);
+    start time strings."""
     ensure_astropy_offline()
     import astropy.units as u
     from astropy.coordinates import AltAz, HADec, SkyCoord, get_body
@@ -892,8 +902,11 @@ def _epoch(obsid: int, duration_s: float, ra_deg: float, dec_deg: float) -> _Epo
     start = Time(obsid, format="gps", location=location)
     mid = Time(obsid + duration_s / 2.0, format="gps", location=location)
     pointing = SkyCoord(ra=ra_deg * u.deg, dec=dec_deg * u.deg, frame="icrs")
-    altaz = pointing.transform_to(AltAz(obstime=mid, location=location))
-    hadec = pointing.transform_to(HADec(obstime=mid, location=location))
+    altaz = pointing.transform_to(AltAz(obstime=start, location=location))
+    hadec = pointing.transform_to(HADec(obstime=start, location=location))
+    alt_deg = float(altaz.alt.to_value(u.deg))
+    # At the zenith the azimuth means nothing: real metafits write 0.
+    az_deg = 0.0 if round(alt_deg, 4) >= 90.0 else float(altaz.az.to_value(u.deg))
     sun = get_body("sun", mid, location)
     moon = get_body("moon", mid, location)
     jupiter = get_body("jupiter", mid, location)
@@ -906,13 +919,25 @@ def _epoch(obsid: int, duration_s: float, ra_deg: float, dec_deg: float) -> _Epo
         # With the sign the MWA's metafits give it, RA - LST (the opposite of the usual
         # hour angle): 1369821496, pointed west of the meridian, holds HA = -01:25:02.
         hour_angle=_hms(-float(hadec.ha.wrap_at(180 * u.deg).to_value(u.deg))),
-        az_deg=float(altaz.az.to_value(u.deg)),
-        alt_deg=float(altaz.alt.to_value(u.deg)),
+        az_deg=az_deg,
+        alt_deg=alt_deg,
         sun_dist_deg=_separation_deg(sun, pointing),
         sun_alt_deg=float(sun_altaz.alt.to_value(u.deg)),
         moon_dist_deg=_separation_deg(moon, pointing),
         jupiter_dist_deg=_separation_deg(jupiter, pointing),
     )
+
+
+def _freqcent_mhz(centre_chan: int, fine_chan_width_hz: int) -> float:
+    """The metafits FREQCENT of an observation whose CENTCHAN is ``centre_chan``.
+
+    The MWA's rule, as every real metafits has it (and pyuvdata's ``mwa_corr_fits``
+    reads it): CENTCHAN's lower edge plus half of (fine channel width - 10 kHz);
+    1320409688 (CENTCHAN 143, 40 kHz) says 182.415. For a picket fence it is in CENTCHAN,
+    not between the pickets where no channel is.
+    """
+    low_edge_hz = centre_chan * COARSE_CHAN_WIDTH_HZ - COARSE_CHAN_WIDTH_HZ / 2
+    return round((low_edge_hz + (fine_chan_width_hz - 10_000) / 2) / 1e6, 6)
 
 
 def _separation_deg(body: Any, pointing: Any) -> float:
@@ -985,7 +1010,11 @@ def _write_metafits(
         ("NINPUTS", 2 * truth.n_tiles, "Number of inputs into the correlation products"),
         ("NCHANS", n_coarse * n_fine, "Number of (averaged) fine channels in spectrum"),
         ("BANDWDTH", n_coarse * COARSE_CHAN_WIDTH_HZ / 1e6, "[MHz] Total bandwidth"),
-        ("FREQCENT", (chans[0] + chans[-1]) / 2 * COARSE_CHAN_WIDTH_HZ / 1e6, "[MHz] Center freq"),
+        (
+            "FREQCENT",
+            _freqcent_mhz(chans[n_coarse // 2], truth.fine_chan_width_hz),
+            "[MHz] Center freq",
+        ),
         ("TIMEOFF", 0, "[s] Deprecated, use QUACKTIM or GOODTIME"),
         ("DATESTRT", epoch.date_obs, "[UT] Date and time of correlations start"),
         ("RAWSCALE", 1.0, "Raw visibilities multiplied by this value"),
@@ -1401,7 +1430,8 @@ def simulate_observation(
         autocorrelations) but no sky; their weights are 1, as in real files.
     noise_sigma_jy
         Standard deviation of the Gaussian noise of each real and imaginary part of a
-        baseline; the autocorrelations hold its power (:attr:`SimulationTruth.system_sefd_jy`).
+        baseline of tiles of unit gain, before the tiles' gains (which scale it as they scale
+        the sky); the autocorrelations hold its power (:attr:`SimulationTruth.system_sefd_jy`).
     seed
         Seed of all random numbers (noise, scatter, voltages).
     include_cable_delays
@@ -1506,7 +1536,7 @@ def simulate_observation(
         if the_sources:
             pointing_radec_deg = (the_sources[0].ra_deg, the_sources[0].dec_deg)
         else:
-            pointing_radec_deg = _zenith_radec_deg(obsid + duration_s / 2.0)
+            pointing_radec_deg = _zenith_radec_deg(obsid)  # at the start, as the metafits
     try:
         ra_deg, dec_deg = (float(v) for v in pointing_radec_deg)
     except (TypeError, ValueError):
