@@ -121,5 +121,8 @@ def session(session_factory: sessionmaker[Session]) -> Iterator[Session]:
 
 @pytest.fixture
 def settings(tmp_path: Path, migrated_db_url: str) -> Settings:
-    """Settings for a fresh installation in a temporary data directory."""
-    return Settings(data_dir=tmp_path / "data", database_url=migrated_db_url)
+    """Settings for a fresh installation in a temporary data directory, which is there as an
+    installed one's is: the signing key of every sign-in is kept in it, and never made with it."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    return Settings(data_dir=data_dir, database_url=migrated_db_url)
