@@ -35,6 +35,7 @@ from observatory.core.migrate import upgrade
 from observatory.core.text import is_ascii_digits
 
 if TYPE_CHECKING:  # the simulator's imports cost every command (a conversion's) 0.3 s
+    from observatory.core.models import User
     from observatory.telescope.simulator import PointSource
 
 console = Console(soft_wrap=True)
@@ -137,34 +138,34 @@ def _read_password(name: str) -> str:
     return first
 
 
-def cmd_users_set_password(args: argparse.Namespace) -> int:
+def _named_user(session: Session, name: str) -> User:
+    """The user called ``name``; a ValueError naming it when there is none."""
     from sqlalchemy import select
 
-    from observatory.core.accounts import set_password
     from observatory.core.models import User
+
+    user = session.scalar(select(User).where(User.name == name))
+    if user is None:
+        raise ValueError(f"no user named {name!r}")
+    return user
+
+
+def cmd_users_set_password(args: argparse.Namespace) -> int:
+    from observatory.core.accounts import set_password
 
     settings = _settings(args)
     with session_scope(_session_factory(settings)) as session:
-        user = session.scalar(select(User).where(User.name == args.name))
-        if user is None:
-            raise ValueError(f"no user named {args.name!r}")
-        set_password(session, user, _read_password(args.name))
+        set_password(session, _named_user(session, args.name), _read_password(args.name))
     console.print(f"password set for {args.name}: they can sign in to the portal", highlight=False)
     return 0
 
 
 def cmd_users_revoke_key(args: argparse.Namespace) -> int:
-    from sqlalchemy import select
-
     from observatory.core.accounts import revoke_api_key
-    from observatory.core.models import User
 
     settings = _settings(args)
     with session_scope(_session_factory(settings)) as session:
-        user = session.scalar(select(User).where(User.name == args.name))
-        if user is None:
-            raise ValueError(f"no user named {args.name!r}")
-        revoke_api_key(session, user)
+        revoke_api_key(session, _named_user(session, args.name))
     console.print(
         f"API key of {args.name} revoked: it, and the clients' logins made with it, stop "
         "working now; they can make a new key on their portal profile",
