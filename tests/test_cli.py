@@ -62,6 +62,22 @@ def test_db_upgrade_says_from_which_revision_to_which_it_migrated(
     assert f"is up to date (at revision {head})" in out and "migrated" not in out
 
 
+def test_db_upgrade_makes_the_data_directory_for_a_database_elsewhere(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With PostgreSQL nothing made it (serving does not, on purpose): every sign-in of a
+    new installation was a 503 until the operator made it by hand."""
+    monkeypatch.setenv("OBSERVATORY_DATABASE_URL", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    data = tmp_path / "data"
+    assert _run(data, "db", "upgrade") == 0
+    assert data.is_dir() and f"made the data directory {data}" in capsys.readouterr().out
+    # Not below a missing mount point: that is said, and nothing is made.
+    unmounted = tmp_path / "mnt" / "observatory"
+    assert _run(unmounted, "db", "upgrade") == 2
+    assert "(is the shared file system mounted?)" in capsys.readouterr().err
+    assert not unmounted.parent.exists()
+
+
 def test_users_and_projects(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "data"
     # Listing where there is no installation (a mistyped path, the wrong directory) makes none.

@@ -107,6 +107,19 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
             f"{where} migrated from revision {before or 'none (empty)'} to {after}: up to date",
             highlight=False,
         )
+    # The installation's first step makes its data directory (the signing key is kept
+    # there): with a database elsewhere nothing else would, and serving does not, so that
+    # an unmounted share is not replaced by the local disk. Not its parents: a missing
+    # mount point is an error to see.
+    if not settings.data_dir.is_dir():
+        try:
+            settings.data_dir.mkdir()
+        except FileNotFoundError:
+            raise ValueError(
+                f"data directory {settings.data_dir}: its parent {settings.data_dir.parent} "
+                "does not exist (is the shared file system mounted?)"
+            ) from None
+        console.print(f"made the data directory {settings.data_dir}", highlight=False)
     return 0
 
 

@@ -190,16 +190,19 @@ def test_a_page_needing_the_signing_key_answers_503_while_the_data_dir_is_missin
         api = client.get("/login")
         ready = client.get("/readyz")
     assert page.status_code == 503, page.text
-    assert "is the shared file system mounted?" in page.text
+    assert "storage is not available" in page.text and str(data) not in page.text
     assert page.headers["content-type"].startswith("text/html")
     assert api.status_code == 503
-    assert api.json()["error"].startswith(f"data directory {data} does not exist")
+    # The path is for the operator (the log line), not for every visitor.
+    assert api.json()["error"] == "service unavailable: its storage is not available"
     assert api.json()["error_code"] == 503
     assert api.headers["retry-after"]
     assert not data.exists()
     assert ready.status_code == 503 and ready.json()["status"] == "not ready: data_dir"
     warnings = [r for r in caplog.records if r.name == "observatory.core.errors"]
     assert warnings and all(r.levelno == logging.WARNING and not r.exc_info for r in warnings)
+    assert f"data directory {data} does not exist" in warnings[0].getMessage()
+    assert "is the shared file system mounted?" in warnings[0].getMessage()
 
 
 def test_storage_makes_its_root_but_not_a_missing_parent(tmp_path: Path) -> None:
@@ -295,6 +298,27 @@ def test_an_unmigrated_database_is_answered_503_naming_the_upgrade(
     assert reply.status_code == 503, reply.text
     assert "schema is not migrated" in reply.json()["error"]
     assert "observatory db upgrade" in reply.json()["error"]
+
+
+def test_a_missing_table_in_a_migrated_database_is_a_bug_not_an_upgrade_to_run(
+    migrated_db_url: str, tmp_path: Path
+) -> None:
+    """Any missing table was answered 503 'run observatory db upgrade', a database at the
+    head revision too (a model without its migration), which db upgrade cannot mend."""
+    from observatory.core.database import make_engine as engine_for
+
+    data = tmp_path / "data"
+    data.mkdir()
+    engine = engine_for(migrated_db_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("ALTER TABLE observations RENAME TO observations_gone"))
+    finally:
+        engine.dispose()
+    app = create_app(Settings(data_dir=data, database_url=migrated_db_url))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        reply = client.get("/metadata/obs", params={"obs_id": "1320409688"})
+    assert reply.status_code == 500, reply.text
 
 
 def test_a_bad_query_is_not_taken_for_an_unavailable_database(tmp_path: Path) -> None:

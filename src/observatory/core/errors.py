@@ -16,6 +16,7 @@ import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, ProgrammingError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -435,6 +436,11 @@ def install_error_handlers(
     @app.exception_handler(ProgrammingError)
     async def _database_error(request: Request, exc: Exception) -> Response:
         reason = database_unavailable_reason(exc) if isinstance(exc, DBAPIError) else None
+        if reason is not None and reason[0] == SCHEMA_NOT_MIGRATED:
+            engine = getattr(request.app.state, "engine", None)
+            if engine is not None and await anyio.to_thread.run_sync(_at_head, engine):
+                reason = None  # migrated, and still a table missing: a bug (a model without
+                # its migration, a misspelt table), not something db upgrade mends
         if reason is None:
             raise exc  # a bug (bad SQL, a missing column): a 500 with its traceback
         message, detail = reason
@@ -443,9 +449,12 @@ def install_error_handlers(
 
     @app.exception_handler(DataDirectoryMissing)
     async def _data_dir_missing(request: Request, exc: DataDirectoryMissing) -> Response:
-        # An outage of the installation, not a bug: one line without a traceback.
+        # An outage of the installation, not a bug: one line without a traceback. The path
+        # is the operator's to know (the log), not every visitor's.
         _log_unavailable(request, str(exc))
-        return _service_error_response(request, ServiceUnavailable(str(exc)))
+        return _service_error_response(
+            request, ServiceUnavailable("service unavailable: its storage is not available")
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -491,12 +500,31 @@ _UNDEFINED_TABLE_SQLSTATE = "42P01"
 _SQLITE_UNAVAILABLE = ("unable to open database file", "database is locked", "disk i/o error")
 
 
+#: The 503's message of a missing table in a database not at the shipped head revision.
+SCHEMA_NOT_MIGRATED = (
+    "database unavailable: its schema is not migrated (a table is missing); the operator "
+    "must run observatory db upgrade"
+)
+
+
+def _at_head(engine: Engine) -> bool:
+    """Whether the database is at the newest revision this version ships (or cannot say)."""
+    from observatory.core.migrate import current_revision, head_revision
+
+    try:
+        return current_revision(engine) == head_revision()
+    except DBAPIError:
+        return False
+
+
 def database_unavailable_reason(exc: DBAPIError) -> tuple[str, str] | None:
     """Why ``exc`` means the database is unavailable, or None when it is a bug of ours.
 
     Only a connection that cannot be made or was lost, a server shutting down or out of
-    resources, and a missing table (the schema not migrated) count: a syntax error or a
-    missing column stays an error of the code, answered 500 with its traceback.
+    resources, and a missing table (:data:`SCHEMA_NOT_MIGRATED`; the handler then checks
+    that the database is not at the head revision, where a missing table is a bug) count:
+    a syntax error or a missing column stays an error of the code, answered 500 with its
+    traceback.
 
     Returns
     -------
@@ -509,16 +537,11 @@ def database_unavailable_reason(exc: DBAPIError) -> tuple[str, str] | None:
     sqlstate = getattr(original, "sqlstate", None)
     lowered = detail.lower()
     if sqlstate == _UNDEFINED_TABLE_SQLSTATE or lowered.startswith("no such table"):
-        return (
-            "database unavailable: its schema is not migrated (a table is missing); the "
-            "operator must run observatory db upgrade",
-            detail,
-        )
+        return SCHEMA_NOT_MIGRATED, detail
     from_psycopg = type(original).__module__.startswith("psycopg")
     connection_lost = (
         exc.connection_invalidated
-        or ("connection" in lowered and ("closed" in lowered or "lost" in lowered))
-        # psycopg: a failed connect has no SQLSTATE (refused, timed out, name unknown).
+        # psycopg: a failed connect, or a connection the server closed, has no SQLSTATE.
         or (
             isinstance(exc, OperationalError)
             and from_psycopg
