@@ -158,6 +158,34 @@ def test_a_download_waits_out_a_refusing_server_then_gives_up_keeping_the_part_f
     assert partial.read_bytes() == b"x" * 40
 
 
+def test_a_server_gone_for_good_is_given_up_once_per_session_not_once_per_file(
+    session: asvo.Session, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each file waited its own ten minutes: sixteen files, two hours and forty minutes."""
+
+    def refused_fetch(*_args: object) -> None:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(asvo.Session, "_fetch_into", refused_fetch)
+    jobs = [
+        asvo.Job(id=n, obs_id=1104585920, job_type=1, state="completed", files=(
+            asvo.ProductFile(type="acacia", size_bytes=100, sha1="0" * 40,
+                             url=f"http://127.0.0.1:9/p/1104585920_{n}_vis.tar"),
+        ))
+        for n in range(1, 5)
+    ]  # fmt: skip
+    started = clock.now
+    for job in jobs:
+        with pytest.raises(asvo.AsvoError, match="has not answered"):
+            session.download_product(job, tmp_path, outage_limit_s=300)
+    assert clock.now - started < 2 * 300  # the first file's wait, and none more
+    # A server that answers again starts a new outage.
+    session._outage.ended()
+    with pytest.raises(asvo.AsvoError, match="has not answered for 5 minutes"):
+        session.download_product(jobs[0], tmp_path, outage_limit_s=300)
+    assert clock.now - started >= 2 * 300
+
+
 @pytest.mark.parametrize(
     "failure",
     [

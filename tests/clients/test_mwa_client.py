@@ -231,7 +231,7 @@ def test_submit_only_then_list_then_download_only(server: Server, tmp_path: Path
     assert header.split() == ["Job", "id", "Obs", "id", "Type", "State", "Size", "(bytes)", "Error"]
     # Not a terminal: one tab-separated line per job, unpadded (lines were 250 columns wide).
     assert header == "Job id\tObs id\tType\tState\tSize (bytes)\tError"
-    assert all(line == line.rstrip() for line in output.splitlines())
+    assert not any(line.endswith(" ") for line in output.splitlines())
     row = next(line for line in output.splitlines() if line.split()[:1] == [str(job_id)])
     assert row.split() == [str(job_id), str(OTHER_OBSID), "download", "metadata", "Ready",
                            str(job.size_bytes)]  # fmt: skip
@@ -329,9 +329,16 @@ def test_a_listing_into_a_file_holds_only_the_listing(server: Server) -> None:
     lines = out.splitlines()
     assert lines[0] == header and len(lines) > 1
     assert all(re.match(r"\d+\t\d+\t", line) for line in lines[1:]), lines
+    # Every row has the header's six fields, an empty error too (rows had four or five).
+    assert all(len(line.split("\t")) == 6 for line in lines), lines
     for status in (VERSION_STRING, "Connecting to MWA ASVO (", "Connected to MWA ASVO",
                    "mwa_client finished successfully"):  # fmt: skip
         assert status in err and status not in out
+    # -v's status lines too: they followed the rows on stdout.
+    code, out, err = mwa_client_streams("-l", "-v", environ=server.environ())
+    assert code == 0 and out.splitlines()[0] == header
+    assert all(re.match(r"\d+\t\d+\t", line) for line in out.splitlines()[1:]), out
+    assert "params: {" in err
 
     # No jobs: a header and no rows; the sentence goes with the status lines.
     code, out, err = mwa_client_streams("-l", environ=fresh_user_environ(server))

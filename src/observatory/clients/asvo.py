@@ -35,6 +35,7 @@ import shutil
 import socket
 import ssl
 import stat
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
@@ -401,28 +402,36 @@ class _Outage:
     a network outage, is asked again after ``WATCH_BACKOFF_FIRST_S``, then at doubling
     intervals of up to ``WATCH_BACKOFF_MAX_S``, until ``limit_s`` have passed since the
     first failure of the run.
+
+    One per session, shared by the job list and every download (threads): a server that
+    is gone is given up on ``limit_s`` after it first failed to answer, whichever request
+    saw that, not ``limit_s`` per file.
     """
 
     def __init__(self, limit_s: float) -> None:
         self.limit_s = limit_s
         self.since_s: float | None = None
         self.failures = 0
+        self._lock = threading.Lock()
 
-    def failed(self) -> float | None:
+    def failed(self, limit_s: float | None = None) -> float | None:
         """Count a failure: the seconds to wait before asking again, or None to give up.
+
+        ``limit_s`` overrides the run's limit for this caller.
 
         Returns
         -------
         float or None
-            None once the server has been unreachable for ``limit_s``.
+            None once the server has been unreachable for the limit.
         """
-        now_s = time.monotonic()
-        if self.since_s is None:
-            self.since_s = now_s
-        self.failures += 1
-        if now_s - self.since_s >= self.limit_s:
-            return None
-        return min(WATCH_BACKOFF_MAX_S, WATCH_BACKOFF_FIRST_S * 2 ** (self.failures - 1))
+        with self._lock:
+            now_s = time.monotonic()
+            if self.since_s is None:
+                self.since_s = now_s
+            self.failures += 1
+            if now_s - self.since_s >= (self.limit_s if limit_s is None else limit_s):
+                return None
+            return min(WATCH_BACKOFF_MAX_S, WATCH_BACKOFF_FIRST_S * 2 ** (self.failures - 1))
 
     @property
     def lasted_s(self) -> float:
@@ -431,9 +440,10 @@ class _Outage:
 
     def ended(self) -> bool:
         """The server answered: forget the run of failures; returns whether there was one."""
-        was = self.failures > 0
-        self.since_s, self.failures = None, 0
-        return was
+        with self._lock:
+            was = self.failures > 0
+            self.since_s, self.failures = None, 0
+            return was
 
 
 def _server_unreachable(exc: BaseException) -> bool:
@@ -509,6 +519,8 @@ class Session:
         self.base_url = base_url.rstrip("/")
         self._client = client
         self._verify = verify
+        # The server's absence, as the job list and every download of this session see it.
+        self._outage = _Outage(WATCH_OUTAGE_LIMIT_S)
 
     # -- connection ---------------------------------------------------------------
 
@@ -745,7 +757,7 @@ class Session:
             the request (e.g. 401 when the session is no longer valid).
         """
         last: dict[int, Job] = {}
-        outage = _Outage(outage_limit_s)
+        outage = self._outage
         backoff_s = 0.0  # the wait before asking again after the last failure
 
         def poll() -> list[Job] | None:
@@ -756,7 +768,7 @@ class Session:
             except AsvoError as exc:
                 if exc.status_code is not None and exc.status_code not in OUTAGE_STATUS_CODES:
                     raise
-                wait_s = outage.failed()
+                wait_s = outage.failed(outage_limit_s)
                 if wait_s is None:
                     raise AsvoError(
                         f"The MWA ASVO server at {self.base_url} has not answered for "
@@ -973,7 +985,7 @@ class Session:
         # An unreachable server (restarting, a network outage) is waited out as the job list
         # is (``watch``), resuming from the .part file each time; only other failures count
         # against DOWNLOAD_ATTEMPTS.
-        outage = _Outage(outage_limit_s)
+        outage = self._outage
         attempt = 0
         while attempt < DOWNLOAD_ATTEMPTS:
             had_bytes = partial.stat().st_size if partial.exists() else 0
@@ -999,7 +1011,7 @@ class Session:
                     ) from exc  # fmt: skip
                 last_error = exc
                 if _server_unreachable(exc):
-                    self._wait_out(job, file, partial, exc, outage, had_bytes)
+                    self._wait_out(job, file, partial, exc, outage, had_bytes, outage_limit_s)
                     continue
                 attempt += 1
                 if attempt == DOWNLOAD_ATTEMPTS:  # no retry follows: say so, and do not wait
@@ -1057,6 +1069,7 @@ class Session:
         exc: Exception,
         outage: _Outage,
         had_bytes: int,
+        limit_s: float,
     ) -> None:
         """Wait before the next attempt at a download the server's absence interrupted.
 
@@ -1066,12 +1079,12 @@ class Session:
         Raises
         ------
         AsvoError
-            Once the server has been unreachable for ``outage.limit_s`` (the ``.part`` file
-            is kept: a later run resumes it).
+            Once the server has been unreachable for ``limit_s`` (the ``.part`` file is
+            kept: a later run resumes it).
         """
         if (partial.stat().st_size if partial.exists() else 0) > had_bytes:
             outage.ended()
-        wait_s = outage.failed()
+        wait_s = outage.failed(limit_s)
         if wait_s is None:
             log.warning(
                 "download of %s interrupted (%s); the server has not answered for %s, "
@@ -1088,7 +1101,7 @@ class Session:
             log.warning(
                 "download of %s interrupted (%s); waiting for the server (up to %s), then "
                 "resuming from the .part file",
-                file.name, exc, _duration_text(outage.limit_s),
+                file.name, exc, _duration_text(limit_s),
             )  # fmt: skip
         time.sleep(wait_s)
 

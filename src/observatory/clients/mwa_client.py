@@ -547,13 +547,15 @@ def _list_jobs(session: Session, reporter: Reporter) -> None:
     else:
         # For scripts reading it: one line per job, tab-separated, neither padded nor wrapped.
         # Written as they are: rich would expand the tabs.
-        reporter.console.file.write(
-            "".join("\t".join(row).rstrip() + "\n" for row in (header, *rows))
-        )
+        # Every row has the header's fields, empty ones too (a job without an error).
+        reporter.console.file.write("".join("\t".join(row) + "\n" for row in (header, *rows)))
         reporter.console.file.flush()
-    if reporter.verbose:  # part of the listing asked for: on stdout with it
+    if reporter.verbose:  # on a terminal part of the listing; for a script, status lines
         for job in jobs:
-            reporter.console.print(reporter.job_status(job), markup=False)
+            if reporter.interactive:
+                reporter.console.print(reporter.job_status(job), markup=False)
+            else:
+                reporter.say(reporter.job_status(job))
 
 
 def _ready_jobs(
