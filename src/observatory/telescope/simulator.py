@@ -652,13 +652,15 @@ class _VisibilityEngine:
         return vis
 
     def _add_rfi(self, vis: NDArray[np.complex64], timestep: int, coarse_chan: int) -> None:
+        # A dead (flagged) tile picks up no interference either: only its receiver's noise.
+        alive = ~(self.flagged[self.p_idx] | self.flagged[self.q_idx])
         for number, burst in enumerate(self.truth.rfi):
             start, stop = burst.timesteps
             if burst.coarse_chan != coarse_chan or not start <= timestep < stop:
                 continue
             seed = np.random.SeedSequence(self.truth.seed, spawn_key=(2, number))
             phase = np.random.default_rng(seed).uniform(0, 2 * np.pi, self.n_baselines)
-            signal = (burst.amplitude_jy * np.exp(1j * phase)).astype(np.complex64)
+            signal = (burst.amplitude_jy * alive * np.exp(1j * phase)).astype(np.complex64)
             chans = slice(*burst.fine_chans)
             vis[:, chans, 0] += signal[:, None]
             vis[:, chans, 3] += signal[:, None]
@@ -890,9 +892,9 @@ class _Epoch:
 
 
 def _epoch(obsid: int, duration_s: float, ra_deg: float, dec_deg: float) -> _Epoch:
-    """Pointing alt/az and hour angle at the observation's start, LST at its midpoint (as
-    real MWAX metafits give them: 1320409688's AZIMUTH, ALTITUDE and HA are its start's);
-    start time strings."""
+    """Pointing alt/az, LST and hour angle at the observation's midpoint, as the MWA's
+    current metafits give them (1369821496, 2023, VERSION 2.4; those of 2021, 1320409688,
+    gave alt/az and HA at the start); start time strings."""
     ensure_astropy_offline()
     import astropy.units as u
     from astropy.coordinates import AltAz, HADec, SkyCoord, get_body
@@ -902,8 +904,8 @@ def _epoch(obsid: int, duration_s: float, ra_deg: float, dec_deg: float) -> _Epo
     start = Time(obsid, format="gps", location=location)
     mid = Time(obsid + duration_s / 2.0, format="gps", location=location)
     pointing = SkyCoord(ra=ra_deg * u.deg, dec=dec_deg * u.deg, frame="icrs")
-    altaz = pointing.transform_to(AltAz(obstime=start, location=location))
-    hadec = pointing.transform_to(HADec(obstime=start, location=location))
+    altaz = pointing.transform_to(AltAz(obstime=mid, location=location))
+    hadec = pointing.transform_to(HADec(obstime=mid, location=location))
     alt_deg = float(altaz.alt.to_value(u.deg))
     # At the zenith the azimuth means nothing: real metafits write 0.
     az_deg = 0.0 if round(alt_deg, 4) >= 90.0 else float(altaz.az.to_value(u.deg))
@@ -928,16 +930,15 @@ def _epoch(obsid: int, duration_s: float, ra_deg: float, dec_deg: float) -> _Epo
     )
 
 
-def _freqcent_mhz(centre_chan: int, fine_chan_width_hz: int) -> float:
+def _freqcent_mhz(centre_chan: int) -> float:
     """The metafits FREQCENT of an observation whose CENTCHAN is ``centre_chan``.
 
-    The MWA's rule, as every real metafits has it (and pyuvdata's ``mwa_corr_fits``
-    reads it): CENTCHAN's lower edge plus half of (fine channel width - 10 kHz);
-    1320409688 (CENTCHAN 143, 40 kHz) says 182.415. For a picket fence it is in CENTCHAN,
-    not between the pickets where no channel is.
+    As the MWA's current metafits have it: CENTCHAN's lower edge (1369821496, 2023, a
+    picket fence with CENTCHAN 115: 146.56 MHz). For a picket fence it is in CENTCHAN, not
+    between the pickets where no channel is. (Metafits of 2021 add half of the fine channel
+    width less 10 kHz: 1320409688, CENTCHAN 143 at 40 kHz, says 182.415.)
     """
-    low_edge_hz = centre_chan * COARSE_CHAN_WIDTH_HZ - COARSE_CHAN_WIDTH_HZ / 2
-    return round((low_edge_hz + (fine_chan_width_hz - 10_000) / 2) / 1e6, 6)
+    return round((centre_chan * COARSE_CHAN_WIDTH_HZ - COARSE_CHAN_WIDTH_HZ / 2) / 1e6, 6)
 
 
 def _separation_deg(body: Any, pointing: Any) -> float:
@@ -1012,7 +1013,7 @@ def _write_metafits(
         ("BANDWDTH", n_coarse * COARSE_CHAN_WIDTH_HZ / 1e6, "[MHz] Total bandwidth"),
         (
             "FREQCENT",
-            _freqcent_mhz(chans[n_coarse // 2], truth.fine_chan_width_hz),
+            _freqcent_mhz(chans[n_coarse // 2]),
             "[MHz] Center freq",
         ),
         ("TIMEOFF", 0, "[s] Deprecated, use QUACKTIM or GOODTIME"),
@@ -1536,7 +1537,7 @@ def simulate_observation(
         if the_sources:
             pointing_radec_deg = (the_sources[0].ra_deg, the_sources[0].dec_deg)
         else:
-            pointing_radec_deg = _zenith_radec_deg(obsid)  # at the start, as the metafits
+            pointing_radec_deg = _zenith_radec_deg(obsid + duration_s / 2.0)  # as the metafits
     try:
         ra_deg, dec_deg = (float(v) for v in pointing_radec_deg)
     except (TypeError, ValueError):
