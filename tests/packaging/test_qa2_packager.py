@@ -1962,3 +1962,57 @@ def test_the_split_size_is_estimated_without_splitting(
     estimate = estimated_split_bytes(origin, calibrated=calibrated)
     assert estimate == pytest.approx(written, rel=0.01)
     assert estimate < origin_bytes
+
+
+def test_the_size_estimate_never_stops_fake_mode_on_a_set_hard_mode_reads_or_refuses(
+    tmp_path: Path,
+) -> None:
+    """A total-power set (FLOAT_DATA, no DATA) was refused by fake and ticket mode once they
+    estimated the split, and a set whose MODEL_DATA was never written failed to be read."""
+    import numpy as np
+    from casacore import tables
+
+    float_only = tmp_path / "uid___A002_X1_X2.ms.split"
+    description = tables.maketabdesc(
+        [tables.makearrcoldesc("FLOAT_DATA", 0.0, ndim=2, shape=[4, 2])]
+    )
+    with tables.default_ms(str(float_only), description) as ms:
+        ms.addrows(3)
+    origin_bytes = sum(p.stat().st_size for p in float_only.rglob("*") if p.is_file())
+    assert estimated_split_bytes(float_only, calibrated=False) == origin_bytes
+
+    unwritten = tmp_path / "uid___A002_X1_X3.ms.split"
+    columns = [
+        tables.makearrcoldesc(name, 0j, ndim=2, valuetype="complex")
+        for name in ("DATA", "MODEL_DATA")
+    ]
+    with tables.default_ms(str(unwritten), tables.maketabdesc(columns)) as ms:
+        ms.addrows(3)
+        ms.putcol("DATA", np.ones((3, 4, 2), dtype=complex))
+    origin_bytes = sum(p.stat().st_size for p in unwritten.rglob("*") if p.is_file())
+    assert 0 < estimated_split_bytes(unwritten, calibrated=False) <= origin_bytes
+
+
+def test_qa2_reports_of_ten_parts_or_more_and_the_left_out_are_said_by_the_documents_call(
+    tmp_path: Path,
+    readme: Path,
+    build_sb: Callable[[Path], Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Parts 10 and up of a QA2 report were left out (the document's pattern takes one
+    character), and QA_Packager, the document's call, said nothing of what it left out."""
+    sb = build_sb(tmp_path)
+    qa2 = sb / "X8c" / "qa2"
+    (qa2 / "qa2_part10.png").write_bytes(b"png")
+    (qa2 / "notes.docx").write_bytes(b"doc")
+    plan = QA_Packager(str(sb), str(readme), str(tmp_path / "fake" / "2011.0.00229.S"))
+    member = tmp_path / "fake" / "2011.0.00229.S" / plan.member
+    assert (member / "qa" / "uid___A002_X3c9295_X8c__qa2_part10.png").exists()
+    printed = capsys.readouterr().out
+    assert f"not packaged: {qa2 / 'notes.docx'} (in qa2/, but no QA2 file" in printed
+    assert printed.count("notes.docx") == 1
+    # An execution block given as origpath: each hidden entry said once (it was said twice).
+    (sb / "X8c" / ".DS_Store").write_bytes(b"")
+    capsys.readouterr()
+    QA_Packager(str(sb / "X8c"), str(readme), str(tmp_path / "eb" / "2011.0.00229.S"))
+    assert capsys.readouterr().out.count(".DS_Store (hidden)") == 1

@@ -10,7 +10,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from observatory.core.text import size_text
-from observatory.packaging.qa2 import APPENDS, MODES, Action, Plan, package
+from observatory.packaging.qa2 import (
+    APPENDS,
+    MODES,
+    Action,
+    package,
+    print_left_out,
+    printable,
+)
 
 #: The exit code of a run stopped by Ctrl-C (SIGINT), as shells report one: 128 + 2.
 INTERRUPTED_EXIT_CODE = 130
@@ -24,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print("qa-packager: interrupted", file=sys.stderr)
         for note in getattr(exc, "__notes__", []):  # what the interrupted run left
-            print(_printable(f"qa-packager: {note}"), file=sys.stderr)
+            print(printable(f"qa-packager: {note}"), file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
 
 
@@ -104,9 +111,9 @@ def _main(arguments: list[str]) -> int:
                 verify=not args.no_verify,
             )
     except (ValueError, OSError) as exc:  # PackagingError, or a malformed earlier manifest
-        print(_printable(f"qa-packager: {exc}"), file=sys.stderr)
+        print(printable(f"qa-packager: {exc}"), file=sys.stderr)
         for note in getattr(exc, "__notes__", []):  # e.g. what a failed move leaves
-            print(_printable(f"qa-packager: {note}"), file=sys.stderr)
+            print(printable(f"qa-packager: {note}"), file=sys.stderr)
         return 1
     member = Path(args.packpath) / plan.member
     with reader_may_leave():  # ``qa-packager ... | head``: the reader has what it wanted
@@ -123,10 +130,10 @@ def _main(arguments: list[str]) -> int:
             print(
                 f"{len(plan.actions)} actions; package size {plan.expected_size_bytes} bytes{estimate}"
             )
-            _print_left_out(plan)  # as the run says them: known before anything is written
+            print_left_out(plan)  # as the run says them: known before anything is written
             return 0
         print(f"packaged {len(plan.steps)} entries into {member} ({args.mode} mode)")
-        _print_left_out(plan)
+        print_left_out(plan)
     return 0
 
 
@@ -141,18 +148,6 @@ def reader_may_leave() -> Iterator[None]:
         yield
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
-def _print_left_out(plan: Plan) -> None:
-    """The reduction's entries the package leaves out (``not packaged: ...``)."""
-    for note in plan.notes:
-        if note.startswith("not packaged:"):
-            print(_printable(note))
-
-
-def _printable(text: str) -> str:
-    """``text`` with the bytes of file names that are not UTF-8 shown as ``\\xe9``."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 @contextmanager
@@ -199,7 +194,7 @@ def _verify(arguments: list[str]) -> int:
     package = Path(os.path.abspath(args.package))
     if not package.is_dir():
         what = "is not a directory" if os.path.lexists(package) else "does not exist"
-        print(_printable(f"qa-packager verify: no package directory {args.package}: it {what}"),
+        print(printable(f"qa-packager verify: no package directory {args.package}: it {what}"),
               file=sys.stderr)  # fmt: skip
         return 1
     try:
@@ -228,9 +223,9 @@ def _undo_move(arguments: list[str]) -> int:
     args = parser.parse_args(arguments)
     try:
         # Absolute, as verify takes it: the journal of "." lies beside the directory "." names.
-        print(_printable(undo_move(os.path.abspath(args.package))))
+        print(printable(undo_move(os.path.abspath(args.package))))
     except (ValueError, OSError) as exc:
-        print(_printable(f"qa-packager undo-move: {exc}"), file=sys.stderr)
+        print(printable(f"qa-packager undo-move: {exc}"), file=sys.stderr)
         return 1
     return 0
 
