@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sb_copies import copy_with_execution_block
 
 from observatory.packaging.manifest import manifest_path, read_manifest, validate_manifest
 from observatory.packaging.qa2 import (
@@ -129,12 +130,9 @@ def _write_sb(root: Path) -> Path:
 def another_sb(project: Path, name: str, uid: str) -> Path:
     """A copy of the second scheduling block (``IRC10216_setup4_b6_run_x2``) named ``name``,
     its execution block renamed ``uid``: the same execution block is never appended twice."""
-    second_uid = "uid___A002_X3c9295_X1e0"
-    other = project / name
-    shutil.copytree(project / "IRC10216_setup4_b6_run_x2", other, symlinks=True)
-    for path in sorted(other.rglob(f"{second_uid}*"), reverse=True):
-        path.rename(path.with_name(path.name.replace(second_uid, uid)))
-    return other
+    return copy_with_execution_block(
+        project / "IRC10216_setup4_b6_run_x2", project / name, "uid___A002_X3c9295_X1e0", uid
+    )
 
 
 def listing(member: Path) -> dict[str, set[str]]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sb_copies import copy_with_execution_block
 
 from observatory.packaging import cli, qa2
 from observatory.packaging.manifest import manifest_path, read_manifest, validate_manifest
@@ -48,12 +49,9 @@ def tiny_sb(root: Path, *, eb_elsewhere: Path | None = None) -> Path:
 def another_sb(sb: Path, number: int) -> Path:
     """A copy of ``sb`` beside it (``SB<number>``) whose execution block is another one,
     ``uid___A002_X1_X<number>``: the same execution block is never appended twice."""
-    uid = f"uid___A002_X1_X{number}"
-    other = sb.with_name(f"{sb.name}{number}")
-    shutil.copytree(sb, other, symlinks=True)
-    for path in sorted(other.rglob(f"{UID}*"), reverse=True):
-        path.rename(path.with_name(path.name.replace(UID, uid)))
-    return other
+    return copy_with_execution_block(
+        sb, sb.with_name(f"{sb.name}{number}"), UID, f"uid___A002_X1_X{number}"
+    )
 
 
 @pytest.fixture
