@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sb_copies import copy_with_execution_block
 
 from observatory.packaging.manifest import manifest_path, read_manifest, validate_manifest
 from observatory.packaging.qa2 import (
@@ -24,6 +23,7 @@ from observatory.packaging.qa2 import (
     package,
     split_measurement_set,
 )
+from sb_copies import copy_with_execution_block
 
 X8C = "uid___A002_X3c9295_X8c"
 X528 = "uid___A002_X3dc0e7_X528"

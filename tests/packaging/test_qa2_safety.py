@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sb_copies import copy_with_execution_block
 
 from observatory.packaging import cli, qa2
 from observatory.packaging.manifest import manifest_path, read_manifest, validate_manifest
 from observatory.packaging.qa2 import PackagingError, package
+from sb_copies import copy_with_execution_block
 
 UID = "uid___A002_X1_X1"
 MEMBER = Path("sg_ouss_id", "group_ouss_id", "member_ouss_id")
