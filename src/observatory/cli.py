@@ -174,11 +174,13 @@ def cmd_users_set_password(args: argparse.Namespace) -> int:
 
 
 def cmd_users_revoke_key(args: argparse.Namespace) -> int:
-    from observatory.core.accounts import revoke_api_key
+    from observatory.core.accounts import reset_api_key
 
     settings = _settings(args)
     with session_scope(_session_factory(settings)) as session:
-        revoke_api_key(session, _named_user(session, args.name))
+        # A new random key that is never shown: the row always holds a key's hash, and
+        # nobody holds a working one until the user makes one on their portal profile.
+        reset_api_key(session, _named_user(session, args.name))
     console.print(
         f"API key of {args.name} revoked: it, and the clients' logins made with it, stop "
         "working now; they can make a new key on their portal profile",

@@ -400,36 +400,33 @@ class _Outage:
 
     One policy for the job list (``watch``) and downloads: a server that is restarting, or
     a network outage, is asked again after ``WATCH_BACKOFF_FIRST_S``, then at doubling
-    intervals of up to ``WATCH_BACKOFF_MAX_S``, until ``limit_s`` have passed since the
-    first failure of the run.
+    intervals of up to ``WATCH_BACKOFF_MAX_S``, until the caller's limit has passed since
+    the first failure of the run.
 
     One per session, shared by the job list and every download (threads): a server that
-    is gone is given up on ``limit_s`` after it first failed to answer, whichever request
-    saw that, not ``limit_s`` per file.
+    is gone is given up on once the limit has passed since it first failed to answer,
+    whichever request saw that, not a limit per file.
     """
 
-    def __init__(self, limit_s: float) -> None:
-        self.limit_s = limit_s
+    def __init__(self) -> None:
         self.since_s: float | None = None
         self.failures = 0
         self._lock = threading.Lock()
 
-    def failed(self, limit_s: float | None = None) -> float | None:
+    def failed(self, limit_s: float) -> float | None:
         """Count a failure: the seconds to wait before asking again, or None to give up.
-
-        ``limit_s`` overrides the run's limit for this caller.
 
         Returns
         -------
         float or None
-            None once the server has been unreachable for the limit.
+            None once the server has been unreachable for ``limit_s``.
         """
         with self._lock:
             now_s = time.monotonic()
             if self.since_s is None:
                 self.since_s = now_s
             self.failures += 1
-            if now_s - self.since_s >= (self.limit_s if limit_s is None else limit_s):
+            if now_s - self.since_s >= limit_s:
                 return None
             return min(WATCH_BACKOFF_MAX_S, WATCH_BACKOFF_FIRST_S * 2 ** (self.failures - 1))
 
@@ -520,7 +517,7 @@ class Session:
         self._client = client
         self._verify = verify
         # The server's absence, as the job list and every download of this session see it.
-        self._outage = _Outage(WATCH_OUTAGE_LIMIT_S)
+        self._outage = _Outage()
 
     # -- connection ---------------------------------------------------------------
 
@@ -985,7 +982,6 @@ class Session:
         # An unreachable server (restarting, a network outage) is waited out as the job list
         # is (``watch``), resuming from the .part file each time; only other failures count
         # against DOWNLOAD_ATTEMPTS.
-        outage = self._outage
         attempt = 0
         while attempt < DOWNLOAD_ATTEMPTS:
             had_bytes = partial.stat().st_size if partial.exists() else 0
@@ -1011,7 +1007,7 @@ class Session:
                     ) from exc  # fmt: skip
                 last_error = exc
                 if _server_unreachable(exc):
-                    self._wait_out(job, file, partial, exc, outage, had_bytes, outage_limit_s)
+                    self._wait_out(job, file, partial, exc, had_bytes, outage_limit_s)
                     continue
                 attempt += 1
                 if attempt == DOWNLOAD_ATTEMPTS:  # no retry follows: say so, and do not wait
@@ -1027,7 +1023,7 @@ class Session:
                 )  # fmt: skip
                 time.sleep(min(2.0**attempt, 10.0) * 0.25)
                 continue
-            if outage.ended():
+            if self._outage.ended():
                 log.warning("download of %s: the server answers again", file.name)
             attempt += 1
             if partial.stat().st_size == file.size_bytes and digest == expected_digest:
@@ -1067,7 +1063,6 @@ class Session:
         file: ProductFile,
         partial: Path,
         exc: Exception,
-        outage: _Outage,
         had_bytes: int,
         limit_s: float,
     ) -> None:
@@ -1082,6 +1077,7 @@ class Session:
             Once the server has been unreachable for ``limit_s`` (the ``.part`` file is
             kept: a later run resumes it).
         """
+        outage = self._outage
         if (partial.stat().st_size if partial.exists() else 0) > had_bytes:
             outage.ended()
         wait_s = outage.failed(limit_s)

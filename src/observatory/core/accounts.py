@@ -167,17 +167,6 @@ def reset_api_key(session: Session, user: User, api_key: str | None = None) -> s
     return key
 
 
-def revoke_api_key(session: Session, user: User) -> None:
-    """Revoke ``user``'s API key at once: the key stops working, and so do the clients'
-    logins made with it.
-
-    The key is replaced by a random one that is never shown (the row always holds a key's
-    hash), so nobody holds a working key until the user makes a new one on their portal
-    profile. Their portal sessions (signed in with a password) are not touched.
-    """
-    reset_api_key(session, user)
-
-
 def set_project_key(session: Session, project: Project, secure_key: str | None) -> None:
     """Protect ``project`` with ``secure_key`` (stored hashed), or open it with None."""
     project.secure_key_hash = hash_secret(secure_key) if secure_key else None

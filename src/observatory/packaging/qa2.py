@@ -1415,11 +1415,20 @@ def estimated_split_bytes(source: Path, *, calibrated: bool) -> int:
     column (which hard mode refuses to split), counts as its origin's size: fake and ticket
     modes package what they packaged before, and hard mode says what is wrong.
     """
+    origin_bytes = sum(size for _, is_directory, size, _ in _walk(source) if not is_directory)
+    return origin_bytes - _split_saving_bytes(source, calibrated=calibrated)
+
+
+def _split_saving_bytes(source: Path, *, calibrated: bool) -> int:
+    """Bytes of ``source`` that hard mode's split leaves out (see
+    :func:`estimated_split_bytes`; 0 for a set that cannot be read or has no ``DATA``)."""
     from casacore import tables
 
-    files = [(name, size) for name, is_directory, size, _ in _walk(source) if not is_directory]
-    total = sum(size for _, size in files)
     try:
+        # A storage manager's files (table.fN, table.fN_TSM0..., table.fNi) lie in the
+        # table's own directory.
+        with os.scandir(source) as scan:
+            root_files = [(e.name, e.stat().st_size) for e in scan if e.is_file()]
         with tables.table(str(source), ack=False) as table:
             names = table.colnames()
             keep = _column_to_keep(source, names, calibrated=calibrated)
@@ -1429,17 +1438,17 @@ def estimated_split_bytes(source: Path, *, calibrated: bool) -> int:
             for manager in table.getdminfo().values():
                 dropped = [name for name in manager["COLUMNS"] if name in left_out]
                 if dropped and len(dropped) == len(manager["COLUMNS"]):
-                    own = f"table.f{manager['SEQNR']}"  # and own_TSM0..., owni (its index)
+                    own = f"table.f{manager['SEQNR']}"
                     saved += sum(
                         size
-                        for name, size in files
+                        for name, size in root_files
                         if name == own or name.startswith((f"{own}_", f"{own}i"))
                     )
                 elif dropped and n_rows:
                     saved += sum(_cell_bytes(table, name) * n_rows for name in dropped)
     except (PackagingError, RuntimeError, UnicodeError, OSError):
-        return total
-    return total - saved
+        return 0
+    return saved
 
 
 def _cell_bytes(table: Any, column: str) -> int:
@@ -1452,9 +1461,8 @@ def _cell_bytes(table: Any, column: str) -> int:
 def _split_bytes_saved(plan: Plan) -> int:
     """How many bytes fewer than their origins hard mode's split measurement sets take
     (estimated; negative), for the expected size of fake and ticket modes' packages."""
-    return sum(
-        estimated_split_bytes(step.source, calibrated=section == "calibrated")
-        - sum(size for _, _, size, _ in _walk(step.source))
+    return -sum(
+        _split_saving_bytes(step.source, calibrated=section == "calibrated")
         for step in plan.steps
         if step.is_directory
         and (section := step.destination.parts[0]) in ("raw", "calibrated")
