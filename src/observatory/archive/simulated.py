@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from astropy.io import fits
 from numpy.typing import NDArray
 from sqlalchemy.orm import Session
 
@@ -361,6 +360,9 @@ def observe_scheduled(
             mode="MWAX_VCS" if voltages else "MWAX_CORRELATOR",
             voltage_subobs_gps=dumped_subobs_gps,
             beamformer_delays=_scheduled_delays(observation, n_tiles, shares),
+            # The header's pointing is the first subarray's throughout (RA/DEC, AZIMUTH/
+            # ALTITUDE, RAPHASE/DECPHASE), its DELAYS too.
+            header_delays=subarrays[0]["delays"] if subarrays else None,
             pointing_grid=_grid_point(observation),
             atten_db=observation.atten_db if observation.atten_db is not None else 1.0,
             gain_amplitudes=amplitudes,
@@ -372,11 +374,6 @@ def observe_scheduled(
             creator=observation.creator or "simulator",
             calibrator=observation.calibrator_source if observation.calibration else None,
         )
-        if subarrays:
-            # The header's pointing is the first subarray's throughout (RA/DEC, AZIMUTH/
-            # ALTITUDE, RAPHASE/DECPHASE are): the simulator writes the first tile's delays,
-            # which may be another subarray's.
-            _set_header_delays(simulated.metafits_path, subarrays[0]["delays"])
         # Read before the files move into the archive.
         recorded = metafits_observation_fields(simulated.metafits_path)
         with _removed_unless_registered(simulated, settings):
@@ -444,12 +441,6 @@ def subarray_shares(pointings: Sequence[Mapping[str, Any]], n_tiles: int) -> lis
         taken.update(chosen)
         shares.append(chosen)
     return shares
-
-
-def _set_header_delays(metafits: Path, delays: Sequence[int]) -> None:
-    """Set the metafits ``DELAYS`` (in place: one card, the header keeps its size)."""
-    with fits.open(metafits, mode="update") as hdus:
-        hdus[0].header["DELAYS"] = ",".join(str(int(d)) for d in delays)
 
 
 def _grid_point(observation: Observation) -> tuple[str, int]:

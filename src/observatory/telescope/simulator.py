@@ -951,6 +951,7 @@ def _write_metafits(
     truth: SimulationTruth,
     epoch: _Epoch,
     delays: NDArray[np.int64],
+    pointing_delays: NDArray[np.int64],
     exposure_s: int,
     project_id: str,
     obs_name: str,
@@ -997,7 +998,7 @@ def _write_metafits(
         ("PROJECT", project_id, "Project ID"),
         ("MODE", truth.mode, "Observation mode"),
         ("RECVRS", ",".join(map(str, instrument.receivers_of(truth.tiles))), "Active receivers"),
-        ("DELAYS", ",".join(map(str, delays[0])), "Beamformer delays"),
+        ("DELAYS", ",".join(map(str, pointing_delays)), "Beamformer delays"),
         ("CALIBRAT", bool(calibrator), "Intended for calibration"),
         ("CALIBSRC", calibrator, "Calibrator source"),
         ("CENTCHAN", chans[n_coarse // 2], "Center coarse channel"),
@@ -1379,6 +1380,7 @@ def simulate_observation(
     rfi: Sequence[RfiBurst] = (),
     voltage_subobs_gps: Collection[int] | None = None,
     beamformer_delays: ArrayLike | None = None,
+    header_delays: Sequence[int] | None = None,
     atten_db: float = 1.0,
     pointing_grid: tuple[str, int] = ("sim", 0),
     cancel: CancelRequest | None = None,
@@ -1445,8 +1447,12 @@ def simulate_observation(
         The 16 dipole delays the tiles were set to (metafits ``DELAYS``): a scheduled
         observation's own, such as a sweet-spot pointing's or all-sky's; or 16 per tile
         (n_tiles x 16, in antenna order) when subarrays point apart (TILEDATA ``Delays``;
-        ``DELAYS`` then holds the first tile's); default those pointing the tiles at
-        ``pointing_radec_deg`` at the midpoint.
+        ``DELAYS`` then holds the first tile's, or ``header_delays``); default those
+        pointing the tiles at ``pointing_radec_deg`` at the midpoint.
+    header_delays
+        The metafits ``DELAYS`` when the tiles point apart: those of the pointing the header
+        names (RA/DEC, AZIMUTH/ALTITUDE), such as the first subarray's; default the first
+        tile's.
     atten_db
         The global analogue attenuation (metafits ``ATTEN_DB``).
     pointing_grid
@@ -1565,6 +1571,11 @@ def simulate_observation(
         except ValueError as error:
             raise ValueError(f"pointing_radec_deg {pointing_radec_deg!r}: {error}") from None
         beam_delays = np.broadcast_to(np.asarray(pointed, dtype=np.int64), (n_ant, 16))
+    pointing_delays = beam_delays[0]
+    if header_delays is not None:
+        pointing_delays = np.asarray(header_delays, dtype=np.int64)
+        if pointing_delays.shape != (16,) or np.any((pointing_delays < 0) | (pointing_delays > 32)):
+            raise ValueError(f"header_delays {header_delays!r} must be 16 values in 0..32")
     atten_db = _check_number("atten_db", atten_db)
 
     if gain_amplitude_scatter > 0 or delay_error_scatter_ns > 0:
@@ -1617,7 +1628,8 @@ def simulate_observation(
         metafits_name = f"{obsid}.metafits"
         with writer.atomic(metafits_name) as temp:
             _write_metafits(
-                temp, truth, epoch, beam_delays, exposure_s, project_id, name, calibrator or "",
+                temp, truth, epoch, beam_delays, pointing_delays, exposure_s, project_id, name,
+                calibrator or "",
                 phase_centre_radec_deg or (ra_deg, dec_deg), creator, atten_db, pointing_grid,
             )  # fmt: skip
         writer.record(metafits_name, "metafits")
